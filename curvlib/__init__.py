@@ -1,0 +1,59 @@
+"""curvlib: curvature for JAX.
+
+Three layers, each built only on the one below:
+
+1. operators (:mod:`curvlib.operators`): Hessian-, Gauss-Newton- and
+   microbatched curvature products on pytrees;
+2. algorithms (:mod:`curvlib.krylov`): Lanczos, thick-restart eigsh, power
+   iteration, CG, Hutchinson and stochastic Lanczos quadrature on any matvec;
+3. uses: second-order optax transforms and :mod:`curvlib.landscape`.
+"""
+
+__version__ = "0.1.0"
+
+from curvlib.krylov import (
+    CGResult,
+    EigshResult,
+    LanczosResult,
+    PowerIterationResult,
+    SpectralDensity,
+    StochasticEstimate,
+    cg,
+    eigsh,
+    hutchinson_diag,
+    hutchinson_trace,
+    lanczos,
+    power_iteration,
+    spectral_density,
+)
+from curvlib.operators import (
+    ggn_matvec,
+    gradient,
+    hessian_matvec,
+    hvp,
+    microbatch_mean,
+)
+
+__all__ = [
+    "__version__",
+    # operators
+    "hvp",
+    "hessian_matvec",
+    "ggn_matvec",
+    "gradient",
+    "microbatch_mean",
+    # algorithms
+    "lanczos",
+    "LanczosResult",
+    "eigsh",
+    "EigshResult",
+    "power_iteration",
+    "PowerIterationResult",
+    "cg",
+    "CGResult",
+    "hutchinson_trace",
+    "hutchinson_diag",
+    "StochasticEstimate",
+    "spectral_density",
+    "SpectralDensity",
+]

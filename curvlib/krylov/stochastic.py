@@ -1,0 +1,239 @@
+"""Randomised estimators: Hutchinson / Hutch++ trace, diagonal, and stochastic Lanczos quadrature."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from curvlib import _tree
+from curvlib.krylov import lanczos as _lz
+
+PyTree = Any
+
+
+class StochasticEstimate(NamedTuple):
+    """A Monte Carlo estimate with its standard error.
+
+    Attributes:
+      estimate: the estimate (scalar for a trace, pytree for a diagonal).
+      stderr: its standard error (same structure as ``estimate``).
+      num_matvecs: products used.
+    """
+
+    estimate: Any
+    stderr: Any
+    num_matvecs: int
+
+
+class SpectralDensity(NamedTuple):
+    """Output of :func:`spectral_density`.
+
+    Attributes:
+      grid: evaluation points ``t`` (shape ``(num_points,)``).
+      density: Gaussian-broadened spectral density on ``grid``; integrates to ~1.
+      nodes: Ritz values per probe (shape ``(num_probes, num_matvecs)``).
+      weights: Gauss quadrature weights per probe (rows sum to 1).
+      sigma: broadening width used.
+    """
+
+    grid: jax.Array
+    density: jax.Array
+    nodes: jax.Array
+    weights: jax.Array
+    sigma: jax.Array
+
+
+def _check_probes(num_probes):
+    if not isinstance(num_probes, int) or num_probes <= 0:
+        raise ValueError(f"`num_probes` must be a positive int; got {num_probes!r}.")
+
+
+def _block_matvec(matvec, V, batch_size):
+    if batch_size is None:
+        return jax.vmap(matvec)(V)
+    return jax.lax.map(matvec, V, batch_size=batch_size)
+
+
+def _probes(key, v_like, num):
+    keys = jax.random.split(key, num)
+    return jax.vmap(lambda k: _tree.rademacher_like(k, v_like))(keys)
+
+
+def hutchinson_trace(
+    matvec: Callable[[PyTree], PyTree],
+    v_like: PyTree,
+    key: jax.Array,
+    num_probes: int,
+    *,
+    method: str = "hutch++",
+    batch_size: int | None = None,
+) -> StochasticEstimate:
+    """Unbiased estimate of ``tr(A)`` from matrix-vector products.
+
+    ``"hutchinson"``: ``tr(A) ~ (1/s) sum_i z_i^T A z_i`` with Rademacher ``z_i``
+    (Hutchinson 1989); variance ``2 (||A||_F^2 - sum_i A_ii^2) / s``.
+
+    ``"hutch++"`` (default): spend a third of the products on a sketch
+    ``Y = A S``, orthonormalise it (Cholesky-QR, twice), take the trace on its
+    range exactly, ``tr(Q^T A Q)``, and Hutchinson on the deflated remainder
+    ``(I - QQ^T) A (I - QQ^T)`` (Meyer et al. 2021). For matrices with decaying
+    spectra, such as neural-network Hessians, the error falls like ``1/s``
+    instead of ``1/sqrt(s)``. The standard error reported is that of the
+    Hutchinson part (the exact part has none).
+
+    Cost: ``num_probes`` products, evaluated as one ``vmap``-ed block (or
+    ``lax.map`` chunks of ``batch_size``); memory ``num_probes`` vectors.
+
+    Args:
+      matvec: symmetric operator on pytrees shaped like ``v_like``.
+      v_like: any pytree with the operator's shapes and dtypes.
+      key: PRNG key for the probes.
+      num_probes: total products (``>= 3`` for Hutch++).
+      method: ``"hutch++"`` or ``"hutchinson"``.
+      batch_size: optional chunking of the block product.
+
+    Returns:
+      :class:`StochasticEstimate` with scalar ``estimate`` and ``stderr``.
+    """
+    _check_probes(num_probes)
+    _tree.check_float_tree(v_like, "v_like")
+    if method not in ("hutch++", "hutchinson"):
+        raise ValueError(f"`method` must be 'hutch++' or 'hutchinson'; got {method!r}.")
+    acc = jnp.promote_types(_tree.dtype(v_like), jnp.float32)
+    if method == "hutchinson" or num_probes < 3:
+        Z = _probes(key, v_like, num_probes)
+        AZ = _block_matvec(matvec, Z, batch_size)
+        samples = jnp.diagonal(_tree.basis_gram(Z, AZ, acc))
+        est = jnp.mean(samples)
+        se = jnp.std(samples, ddof=1) / jnp.sqrt(num_probes) if num_probes > 1 else jnp.inf
+        return StochasticEstimate(est, jnp.asarray(se, acc), num_probes)
+    s = num_probes // 3
+    g = num_probes - 2 * s
+    k1, k2 = jax.random.split(key)
+    S = _probes(k1, v_like, s)
+    Y = _block_matvec(matvec, S, batch_size)
+    Q = _orthonormal_rows(Y, acc)
+    AQ = _block_matvec(matvec, Q, batch_size)
+    exact = jnp.trace(_tree.basis_gram(Q, AQ, acc))
+    G = _probes(k2, v_like, g)
+    G = _tree.sub(G, _tree.basis_matmul(_tree.basis_gram(G, Q, acc), Q))
+    AG = _block_matvec(matvec, G, batch_size)
+    samples = jnp.diagonal(_tree.basis_gram(G, AG, acc))
+    est = exact + jnp.mean(samples)
+    se = jnp.std(samples, ddof=1) / jnp.sqrt(g) if g > 1 else jnp.asarray(jnp.inf, acc)
+    return StochasticEstimate(est, se, num_probes)
+
+
+def _orthonormal_rows(Y, acc):
+    """Orthonormalise the rows of a basis by Cholesky-QR applied twice (rank-safe)."""
+    def chol_qr(Y):
+        G = _tree.basis_gram(Y, Y, acc)
+        scale = jnp.trace(G) / G.shape[0]
+        G = G + jnp.eye(G.shape[0], dtype=acc) * jnp.finfo(acc).eps * 10 * (scale + 1e-30)
+        L = jnp.linalg.cholesky(G)
+        Linv = jax.scipy.linalg.solve_triangular(L, jnp.eye(G.shape[0], dtype=acc), lower=True)
+        return _tree.basis_matmul(Linv, Y)
+
+    return chol_qr(chol_qr(Y))
+
+
+def hutchinson_diag(
+    matvec: Callable[[PyTree], PyTree],
+    v_like: PyTree,
+    key: jax.Array,
+    num_probes: int,
+    *,
+    batch_size: int | None = None,
+) -> StochasticEstimate:
+    """Unbiased estimate of ``diag(A)`` as a pytree: ``(1/s) sum_i z_i * (A z_i)``.
+
+    With Rademacher probes, entry ``j`` has variance ``sum_{l != j} A_jl^2 / s``
+    (Bekas, Kokiopoulou & Saad 2007); the per-entry standard error is returned.
+    No ``N x N`` matrix is ever formed. Cost: ``num_probes`` products.
+
+    Args:
+      matvec: symmetric operator on pytrees shaped like ``v_like``.
+      v_like: pytree with the operator's shapes.
+      key: PRNG key.
+      num_probes: number of probes (``>= 1``; ``>= 2`` for a standard error).
+      batch_size: optional chunking of the block product.
+
+    Returns:
+      :class:`StochasticEstimate` whose ``estimate`` and ``stderr`` are pytrees.
+    """
+    _check_probes(num_probes)
+    _tree.check_float_tree(v_like, "v_like")
+    Z = _probes(key, v_like, num_probes)
+    AZ = _block_matvec(matvec, Z, batch_size)
+    prod = jax.tree.map(jnp.multiply, Z, AZ)
+    est = jax.tree.map(lambda x: jnp.mean(x, axis=0), prod)
+    if num_probes > 1:
+        se = jax.tree.map(lambda x: jnp.std(x, axis=0, ddof=1) / jnp.sqrt(num_probes), prod)
+    else:
+        se = jax.tree.map(lambda x: jnp.full(x.shape[1:], jnp.inf, x.dtype), prod)
+    return StochasticEstimate(est, se, num_probes)
+
+
+def spectral_density(
+    matvec: Callable[[PyTree], PyTree],
+    v_like: PyTree,
+    key: jax.Array,
+    *,
+    num_matvecs: int,
+    num_probes: int,
+    num_points: int = 512,
+    sigma: float | None = None,
+    grid: jax.Array | None = None,
+) -> SpectralDensity:
+    """Spectral density of a symmetric operator by stochastic Lanczos quadrature.
+
+    For each Gaussian probe ``v`` (normalised), ``m`` Lanczos steps give
+    ``T = Y diag(theta) Y^T``; the nodes ``theta_j`` with weights ``Y_{0j}^2``
+    form an ``m``-point Gauss quadrature of the measure ``v^T delta(t - A) v``,
+    whose expectation is the spectral density ``(1/N) sum_i delta(t - lambda_i)``
+    (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019). Each delta is
+    broadened to a Gaussian of width ``sigma``; probes are averaged.
+
+    Cost: ``num_probes * num_matvecs`` products, the probes run as one ``vmap``;
+    memory ``num_probes * (num_matvecs + 2)`` vectors.
+
+    Args:
+      matvec: symmetric operator on pytrees shaped like ``v_like``.
+      v_like: pytree with the operator's shapes.
+      key: PRNG key for the probes.
+      num_matvecs: Lanczos depth per probe.
+      num_probes: number of probes.
+      num_points: size of the default grid.
+      sigma: broadening; default ``(max - min) / 100`` of the Ritz values' range.
+      grid: explicit evaluation points (overrides ``num_points``).
+
+    Returns:
+      :class:`SpectralDensity`.
+    """
+    _check_probes(num_probes)
+    _tree.check_float_tree(v_like, "v_like")
+    n = _tree.size(v_like)
+    if not isinstance(num_matvecs, int) or not 1 <= num_matvecs <= n:
+        raise ValueError(f"`num_matvecs` must be an int in [1, {n}]; got {num_matvecs!r}.")
+    keys = jax.random.split(key, num_probes)
+
+    def one(k):
+        v = _tree.normal_like(k, v_like)
+        res = _lz.lanczos(matvec, v, num_matvecs)
+        T = jnp.diag(res.alphas) + jnp.diag(res.betas, 1) + jnp.diag(res.betas, -1)
+        theta, Y = jnp.linalg.eigh(T)
+        return theta, Y[0] ** 2
+
+    nodes, weights = jax.vmap(one)(keys)
+    lo, hi = jnp.min(nodes), jnp.max(nodes)
+    width = jnp.maximum(hi - lo, jnp.finfo(nodes.dtype).eps * (1 + jnp.abs(hi)))
+    s = width / 100.0 if sigma is None else jnp.asarray(sigma, nodes.dtype)
+    if grid is None:
+        grid = jnp.linspace(lo - 5 * s, hi + 5 * s, num_points)
+    grid = jnp.asarray(grid, nodes.dtype)
+    z = (grid[:, None, None] - nodes[None]) / s
+    kern = jnp.exp(-0.5 * z**2) / (s * jnp.sqrt(2 * jnp.pi))
+    density = jnp.sum(kern * weights[None], axis=(1, 2)) / num_probes
+    return SpectralDensity(grid, density, nodes, weights, s)

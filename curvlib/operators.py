@@ -1,0 +1,341 @@
+"""Layer 1: curvature operators on pytrees.
+
+Every operator turns a scalar loss (or a model and an output loss) at a point
+into a *linear function on pytrees*: ``v -> C v`` with ``v`` shaped like the
+parameters. The returned matvecs are :class:`jax.tree_util.Partial` objects:
+their arrays (parameters, batch, linearisation residuals) are pytree leaves,
+so passing a matvec into a ``jax.jit``-compiled function keeps those arrays
+traced inputs instead of baking them into the program as constants.
+
+Costs, in units of one gradient evaluation ``G`` (forward + backward):
+
+=================  ==========================  ==============================
+operator           one product                 memory held between products
+=================  ==========================  ==============================
+``"linearize"``    ~1 G (tangent pass only)    the linearisation residuals
+``"fwd-rev"``      ~2-3 G (forward-over-rev)   params and batch only
+``"rev-rev"``      ~3-4 G (reverse-over-rev)   params and batch only
+``ggn_matvec``     1 jvp + 1 vjp of the model  model residuals
+=================  ==========================  ==============================
+
+References:
+  Pearlmutter, *Fast exact multiplication by the Hessian*, Neural Comput. 1994.
+  Schraudolph, *Fast curvature matrix-vector products for second-order gradient
+  descent*, Neural Comput. 2002.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.tree_util import Partial
+
+from curvlib import _tree
+
+PyTree = Any
+
+MODES = ("linearize", "fwd-rev", "rev-rev")
+
+
+# ------------------------------------------------------------------ checks
+
+
+def _check_scalar(fun: Callable, name: str, *example) -> None:
+    out = jax.eval_shape(fun, *example)
+    leaves = jax.tree.leaves(out)
+    if len(leaves) != 1 or leaves[0].shape != ():
+        shapes = [x.shape for x in leaves]
+        raise TypeError(
+            f"`{name}` must return a scalar (shape ()) loss; it returned leaves of shapes "
+            f"{shapes}. Reduce it, e.g. with jnp.mean, before asking for curvature."
+        )
+    if not jnp.issubdtype(leaves[0].dtype, jnp.floating):
+        raise TypeError(f"`{name}` must return a real floating scalar; got dtype {leaves[0].dtype}.")
+
+
+def _cast_like(v: PyTree, like: PyTree) -> PyTree:
+    return jax.tree.map(lambda x, p: jnp.asarray(x).astype(jnp.result_type(p)), v, like)
+
+
+# ---------------------------------------------------------------- products
+
+
+def hvp(fun: Callable, params: PyTree, tangent: PyTree, *args) -> PyTree:
+    """One Hessian-vector product ``H v`` of ``fun(params, *args)``, forward-over-reverse.
+
+    ``H v = d/de grad f(params + e v) |_{e=0}``, computed as ``jax.jvp`` of
+    ``jax.grad`` (Pearlmutter 1994). Cost: about two to three gradient
+    evaluations; memory: one gradient's activations.
+
+    Args:
+      fun: scalar function ``fun(params, *args)``.
+      params: the point, any pytree of float arrays.
+      tangent: the vector ``v``, same structure and shapes as ``params``.
+      *args: extra arguments of ``fun`` (batch, targets, ...); not differentiated.
+
+    Returns:
+      ``H v`` as a pytree shaped like ``params``.
+
+    Raises:
+      ValueError: if ``tangent`` and ``params`` differ in structure or shapes.
+      TypeError: if ``fun`` does not return a scalar.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> f = lambda p: jnp.sum(p["w"] ** 3)
+      >>> hvp(f, {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([1.0, 0.0])})["w"]
+      Array([6., 0.], dtype=float32)
+    """
+    _tree.check_same_structure(params, tangent, "params", "tangent")
+    _check_scalar(fun, "fun", params, *args)
+    return _hvp_fwd_rev(fun)(params, args, _cast_like(tangent, params))
+
+
+@functools.lru_cache(maxsize=512)
+def _hvp_fwd_rev(fun):
+    def matvec(params, args, v):
+        grad = lambda p: jax.grad(fun)(p, *args)
+        return jax.jvp(grad, (params,), (_cast_like(v, params),))[1]
+
+    return matvec
+
+
+@functools.lru_cache(maxsize=512)
+def _hvp_rev_rev(fun):
+    def matvec(params, args, v):
+        v = _cast_like(v, params)
+        inner = lambda p: _tree.vdot(jax.grad(fun)(p, *args), v)
+        return jax.grad(inner)(params)
+
+    return matvec
+
+
+def _call_linearized(lin, v):
+    return lin(v)
+
+
+# ----------------------------------------------------------- microbatching
+
+
+def microbatch_mean(fn: Callable, batch: PyTree, microbatch_size: int | None) -> PyTree:
+    """Mean of ``fn`` over microbatches of ``batch``, weighted by their sizes.
+
+    For ``fn(b)`` that is itself a mean over the leading axis of ``b`` (a mean
+    loss, its gradient, a curvature product), the result equals ``fn(batch)``
+    while peak memory is that of one microbatch: full chunks run under
+    ``lax.scan``; a shorter final chunk, if any, runs once more with its own
+    weight.
+
+    Args:
+      fn: ``fn(chunk) -> pytree`` of float arrays.
+      batch: pytree whose leaves share a leading (sample) axis of length ``n``.
+      microbatch_size: samples per chunk; ``None`` or ``>= n`` calls ``fn(batch)``.
+
+    Returns:
+      ``sum_c (n_c / n) fn(chunk_c)``.
+    """
+    leaves = jax.tree.leaves(batch)
+    if not leaves:
+        raise ValueError("`batch` is an empty pytree; expected arrays with a leading sample axis.")
+    n = leaves[0].shape[0]
+    for x in leaves:
+        if x.shape[:1] != (n,):
+            raise ValueError(
+                f"every leaf of `batch` must share the leading sample axis; got {n} and {x.shape}."
+            )
+    if microbatch_size is None or microbatch_size >= n:
+        return fn(batch)
+    if microbatch_size < 1:
+        raise ValueError(f"`microbatch_size` must be >= 1; got {microbatch_size}.")
+    num_full = n // microbatch_size
+    rem = n - num_full * microbatch_size
+    head = jax.tree.map(
+        lambda x: x[: num_full * microbatch_size].reshape(
+            (num_full, microbatch_size) + x.shape[1:]
+        ),
+        batch,
+    )
+    out_shape = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], head))
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+
+    def body(acc, chunk):
+        return jax.tree.map(jnp.add, acc, fn(chunk)), None
+
+    total, _ = jax.lax.scan(body, init, head)
+    out = jax.tree.map(lambda t: t * (microbatch_size / n), total)
+    if rem:
+        tail = jax.tree.map(lambda x: x[num_full * microbatch_size :], batch)
+        out = jax.tree.map(lambda o, t: o + t * (rem / n), out, fn(tail))
+    return out
+
+
+@functools.lru_cache(maxsize=512)
+def _microbatched(product, microbatch_size):
+    def matvec(params, args, v):
+        batch, rest = args[0], args[1:]
+        return microbatch_mean(
+            lambda b: product(params, (b,) + tuple(rest), v), batch, microbatch_size
+        )
+
+    return matvec
+
+
+# ------------------------------------------------------------------ public
+
+
+def hessian_matvec(
+    fun: Callable,
+    params: PyTree,
+    *args,
+    mode: str | None = None,
+    microbatch_size: int | None = None,
+) -> Partial:
+    """The Hessian of ``fun(params, *args)`` as a reusable linear function ``v -> H v``.
+
+    With the default ``mode="linearize"`` the gradient is linearised once
+    (``jax.linearize(jax.grad(fun))``) and each product replays only the
+    tangent pass, reusing the stored residuals: the cheapest product when many
+    are needed (Lanczos, CG). ``"fwd-rev"`` recomputes ``jax.jvp(jax.grad)``
+    each time (no residual memory) and ``"rev-rev"`` differentiates
+    ``<grad f, v>`` in reverse mode; both are offered for benchmarking and for
+    memory-bound models.
+
+    Microbatching: with ``microbatch_size`` set, ``args[0]`` is a batch (pytree
+    with a leading sample axis) over which ``fun`` is a *mean*; every product is
+    accumulated over chunks under ``lax.scan`` so memory is bounded by one chunk.
+    The default mode is then ``"fwd-rev"`` (a linearisation would store every
+    chunk's residuals).
+
+    The result is a :class:`jax.tree_util.Partial`: pass it as an argument to
+    jitted code and its arrays stay traced inputs. It composes with ``jax.vmap``
+    over tangents (a block product ``V -> H V``).
+
+    Args:
+      fun: scalar function ``fun(params, *args)``.
+      params: the point; any pytree of float arrays.
+      *args: extra, non-differentiated arguments of ``fun``.
+      mode: ``"linearize"``, ``"fwd-rev"`` or ``"rev-rev"``.
+      microbatch_size: optional chunk size over the leading axis of ``args[0]``.
+
+    Returns:
+      ``matvec`` with ``matvec(v) == H v`` for ``v`` shaped like ``params``.
+
+    Raises:
+      TypeError: if ``fun`` does not return a float scalar.
+      ValueError: for an unknown ``mode`` or a microbatched linearisation.
+    """
+    _tree.check_float_tree(params, "params")
+    _check_scalar(fun, "fun", params, *args)
+    if mode is None:
+        mode = "linearize" if microbatch_size is None else "fwd-rev"
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}; got {mode!r}.")
+    if microbatch_size is not None:
+        if not args:
+            raise ValueError("`microbatch_size` needs a batch as the first extra argument of `fun`.")
+        if mode == "linearize":
+            raise ValueError(
+                "`mode='linearize'` stores every microbatch's residuals; use 'fwd-rev' or "
+                "'rev-rev' with `microbatch_size`."
+            )
+    if mode == "linearize":
+        _, lin = jax.linearize(lambda p: jax.grad(fun)(p, *args), params)
+        return Partial(_call_linearized, lin)
+    product = _hvp_fwd_rev(fun) if mode == "fwd-rev" else _hvp_rev_rev(fun)
+    if microbatch_size is not None:
+        product = _microbatched(product, int(microbatch_size))
+    return Partial(product, params, tuple(args))
+
+
+@functools.lru_cache(maxsize=512)
+def _ggn_product(model_fn, loss_fn):
+    def matvec(params, args, loss_args, v):
+        v = _cast_like(v, params)
+        outputs, jvp_fn = jax.linearize(lambda p: model_fn(p, *args), params)
+        jv = jvp_fn(v)
+        loss_grad = lambda o: jax.grad(loss_fn)(o, *loss_args)
+        hjv = jax.jvp(loss_grad, (outputs,), (jv,))[1]
+        (out,) = jax.linear_transpose(jvp_fn, params)(hjv)
+        return out
+
+    return matvec
+
+
+def _ggn_microbatched(model_fn, loss_fn, microbatch_size):
+    product = _ggn_product(model_fn, loss_fn)
+    return _ggn_mb(product, microbatch_size)
+
+
+@functools.lru_cache(maxsize=512)
+def _ggn_mb(product, microbatch_size):
+    def matvec(params, args, loss_args, v):
+        batch = (args, loss_args)
+        return microbatch_mean(
+            lambda b: product(params, b[0], b[1], v), batch, microbatch_size
+        )
+
+    return matvec
+
+
+def ggn_matvec(
+    model_fn: Callable,
+    loss_fn: Callable,
+    params: PyTree,
+    *args,
+    loss_args: tuple = (),
+    microbatch_size: int | None = None,
+) -> Partial:
+    """Generalised Gauss-Newton product ``v -> J^T H_l J v``.
+
+    ``J`` is the Jacobian of ``outputs = model_fn(params, *args)`` with respect to
+    ``params`` and ``H_l`` the Hessian of ``loss_fn(outputs, *loss_args)`` with
+    respect to the outputs (Schraudolph 2002; Martens 2010). For a mean squared
+    error ``loss_fn(o) = sum(o**2) / (2n)`` this is ``J^T J / n``; for any convex
+    ``loss_fn`` it is positive semi-definite, which makes it the curvature of
+    choice for Hessian-free optimisation.
+
+    Cost per product: one linearised forward pass of the model, one tangent
+    (jvp) pass, one transposed (vjp) pass, and an output-space HVP of the loss.
+
+    Args:
+      model_fn: ``model_fn(params, *args) -> outputs`` (any pytree).
+      loss_fn: ``loss_fn(outputs, *loss_args) -> scalar``.
+      params: the point.
+      *args: inputs of ``model_fn``.
+      loss_args: extra inputs of ``loss_fn`` (targets, masks).
+      microbatch_size: optional chunk size over the leading axis of *every*
+        array in ``args`` and ``loss_args`` (the loss must be a mean over it).
+
+    Returns:
+      ``matvec`` (a :class:`jax.tree_util.Partial`) with ``matvec(v) = G v``.
+    """
+    _tree.check_float_tree(params, "params")
+    loss_args = tuple(loss_args)
+    out_shape = jax.eval_shape(lambda p: model_fn(p, *args), params)
+    example_out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+    _check_scalar(loss_fn, "loss_fn", example_out, *loss_args)
+    if microbatch_size is None:
+        product = _ggn_product(model_fn, loss_fn)
+    else:
+        if not args:
+            raise ValueError("`microbatch_size` needs batched inputs in `args`.")
+        product = _ggn_microbatched(model_fn, loss_fn, int(microbatch_size))
+    return Partial(product, params, tuple(args), loss_args)
+
+
+def gradient(fun: Callable, params: PyTree, *args, microbatch_size: int | None = None):
+    """``(value, grad)`` of a mean loss, optionally accumulated over microbatches of ``args[0]``.
+
+    A convenience used by the landscape and optimiser layers; with
+    ``microbatch_size`` the memory is bounded by one chunk and the result equals
+    the full-batch ``jax.value_and_grad``.
+    """
+    _check_scalar(fun, "fun", params, *args)
+    vg = jax.value_and_grad(fun)
+    if microbatch_size is None:
+        return vg(params, *args)
+    batch, rest = args[0], args[1:]
+    return microbatch_mean(lambda b: vg(params, b, *rest), batch, microbatch_size)
