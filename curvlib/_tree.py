@@ -62,9 +62,24 @@ def dtype(tree: PyTree):
 # ------------------------------------------------------------- vector algebra
 
 
+def acc_dtype(*dts):
+    """The accumulation dtype for inner products: the promoted dtype, at least float32.
+
+    Half-precision leaves (bfloat16, float16) are *stored* as they are but their
+    inner products, norms and projections accumulate in float32.
+    """
+    return jnp.promote_types(jnp.result_type(*dts), jnp.float32)
+
+
 def vdot(a: PyTree, b: PyTree) -> jax.Array:
-    """Real inner product ``<a, b>`` summed over all leaves."""
-    parts = [jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+    """Real inner product ``<a, b>`` summed over all leaves.
+
+    Accumulates in :func:`acc_dtype` of the leaves (float32 for bfloat16 leaves).
+    """
+    parts = [
+        jnp.vdot(x, y, preferred_element_type=acc_dtype(x, y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    ]
     return sum(parts[1:], parts[0])
 
 

@@ -27,7 +27,8 @@ References:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +116,49 @@ def _hvp_rev_rev(fun):
 
 def _call_linearized(lin, v):
     return lin(v)
+
+
+# ---------------------------------------------------------------- sharding
+
+
+def _param_shardings(params: PyTree):
+    """``(treedef, shardings)`` of concrete params placed with ``NamedSharding``s, else ``None``.
+
+    Only partitioned layouts on meshes whose axes are all ``AxisType.Auto`` are
+    recorded: there the partitioner is free to return a product all-reduced
+    (replicated on every device) where the parameters were sharded (FSDP), so
+    the products are constrained back to the parameters' layout (a
+    reduce-scatter). Traced params (inside ``jit``) and single-device,
+    replicated or explicitly typed arrays already carry the right layout.
+    """
+    shardings = []
+    for x in jax.tree.leaves(params):
+        s = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
+        if isinstance(x, jax.core.Tracer) or not isinstance(s, jax.sharding.NamedSharding):
+            return None
+        if any(t != jax.sharding.AxisType.Auto for t in s.mesh.axis_types):
+            return None
+        shardings.append(s)
+    if all(s.is_fully_replicated for s in shardings):
+        return None
+    return jax.tree.structure(params), tuple(shardings)
+
+
+@functools.lru_cache(maxsize=512)
+def _sharded(product, layout):
+    """``product`` with its output constrained to ``layout`` (from :func:`_param_shardings`)."""
+    if layout is None:
+        return product
+    treedef, shardings = layout
+
+    def matvec(*args):
+        out = jax.tree.leaves(product(*args))
+        return jax.tree.unflatten(
+            treedef,
+            [jax.lax.with_sharding_constraint(o, s) for o, s in zip(out, shardings, strict=True)],
+        )
+
+    return matvec
 
 
 # ----------------------------------------------------------- microbatching
@@ -213,6 +257,11 @@ def hessian_matvec(
     jitted code and its arrays stay traced inputs. It composes with ``jax.vmap``
     over tangents (a block product ``V -> H V``).
 
+    Sharding: when ``params`` are arrays placed with ``NamedSharding`` on an
+    ``Auto`` mesh (FSDP-style), every product is constrained to the parameters'
+    layout, so ``H v`` stays sharded like ``params`` instead of being
+    all-reduced onto every device.
+
     Args:
       fun: scalar function ``fun(params, *args)``.
       params: the point; any pytree of float arrays.
@@ -241,13 +290,14 @@ def hessian_matvec(
                 "`mode='linearize'` stores every microbatch's residuals; use 'fwd-rev' or "
                 "'rev-rev' with `microbatch_size`."
             )
+    layout = _param_shardings(params)
     if mode == "linearize":
         _, lin = jax.linearize(lambda p: jax.grad(fun)(p, *args), params)
-        return Partial(_call_linearized, lin)
+        return Partial(_sharded(_call_linearized, layout), lin)
     product = _hvp_fwd_rev(fun) if mode == "fwd-rev" else _hvp_rev_rev(fun)
     if microbatch_size is not None:
         product = _microbatched(product, int(microbatch_size))
-    return Partial(product, params, tuple(args))
+    return Partial(_sharded(product, layout), params, tuple(args))
 
 
 @functools.lru_cache(maxsize=512)
@@ -323,7 +373,7 @@ def ggn_matvec(
         if not args:
             raise ValueError("`microbatch_size` needs batched inputs in `args`.")
         product = _ggn_microbatched(model_fn, loss_fn, int(microbatch_size))
-    return Partial(product, params, tuple(args), loss_args)
+    return Partial(_sharded(product, _param_shardings(params)), params, tuple(args), loss_args)
 
 
 def gradient(fun: Callable, params: PyTree, *args, microbatch_size: int | None = None):
