@@ -1,0 +1,136 @@
+"""Shared helpers of :mod:`curvlib.landscape`: the data convention and input checks.
+
+Data convention (issue 4): ``loss_fn(params, batch)`` is the *mean* loss over
+the leading axis of ``batch``; ``data`` is a pytree of arrays whose leading axis
+is the sample order, and ``L_k(w) = loss_fn(w, data[:k])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from curvlib import _tree
+from curvlib.operators import microbatch_mean
+
+PyTree = Any
+
+
+def num_samples(data: PyTree) -> int:
+    """Length of the shared leading (sample) axis of ``data``."""
+    leaves = jax.tree.leaves(data)
+    if not leaves:
+        raise ValueError("`data` is an empty pytree; expected arrays with a leading sample axis.")
+    shapes = [jnp.shape(x) for x in leaves]
+    if any(len(s) == 0 for s in shapes):
+        raise ValueError("every leaf of `data` needs a leading sample axis; got a scalar leaf.")
+    n = shapes[0][0]
+    if any(s[0] != n for s in shapes):
+        raise ValueError(
+            f"every leaf of `data` must share the leading sample axis; got lengths "
+            f"{sorted({s[0] for s in shapes})}."
+        )
+    return int(n)
+
+
+def take(data: PyTree, start: int, stop: int) -> PyTree:
+    """``data[start:stop]`` along the sample axis (static bounds)."""
+    return jax.tree.map(lambda x: x[start:stop], data)
+
+
+def check_k(k, data: PyTree) -> int:
+    """Validate ``1 <= k`` and ``k + 1 <= n``: both ``L_k`` and ``L_{k+1}`` must exist."""
+    n = num_samples(data)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise ValueError(f"`k` must be a Python int (a static sample count); got {k!r}.")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"`k` must be >= 1 (L_k is a mean over the first k samples); got {k}.")
+    if k + 1 > n:
+        raise ValueError(
+            f"`k + 1` = {k + 1} exceeds the number of samples in `data` ({n}); the increment "
+            "L_{k+1} - L_k needs sample k+1."
+        )
+    return k
+
+
+def check_dim(dim, params: PyTree, name: str = "dim") -> int:
+    """Validate ``1 <= dim < N`` (N = parameter count)."""
+    n = _tree.size(params)
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise ValueError(f"`{name}` must be a positive int; got {dim!r}.")
+    if dim >= n:
+        raise ValueError(
+            f"`{name}` = {dim} must be smaller than the parameter count ({n}); with dim = N "
+            "the full-space criterion `delta2_full_mc` is the same quantity."
+        )
+    return int(dim)
+
+
+def check_microbatch(microbatch_size) -> int | None:
+    if microbatch_size is None:
+        return None
+    if isinstance(microbatch_size, bool) or not isinstance(microbatch_size, (int, np.integer)):
+        raise ValueError(
+            f"`microbatch_size` must be a positive int or None; got {microbatch_size!r}."
+        )
+    if microbatch_size < 1:
+        raise ValueError(f"`microbatch_size` must be >= 1; got {microbatch_size}.")
+    return int(microbatch_size)
+
+
+def check_num_samples(num_samples) -> int:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
+        raise ValueError(f"`num_samples` must be a positive int; got {num_samples!r}.")
+    if num_samples < 2:
+        raise ValueError(
+            f"`num_samples` must be >= 2 (a standard error needs two draws); got {num_samples}."
+        )
+    return int(num_samples)
+
+
+def check_sigma(sigma, dtype=None) -> jax.Array:
+    """``sigma`` as an array (scalar or 1-D grid); concrete values must be finite and > 0."""
+    s = jnp.asarray(sigma) if dtype is None else jnp.asarray(sigma, dtype)
+    if not jnp.issubdtype(s.dtype, jnp.floating):
+        s = s.astype(jnp.result_type(float))
+    if s.ndim > 1:
+        raise ValueError(f"`sigma` must be a scalar or a 1-D grid; got shape {s.shape}.")
+    if not isinstance(s, jax.core.Tracer):
+        v = np.asarray(s)
+        if v.size == 0:
+            raise ValueError("`sigma` is empty.")
+        if not np.all(np.isfinite(v)) or np.any(v <= 0):
+            raise ValueError(
+                f"`sigma` (the probe's per-coordinate standard deviation) must be finite and "
+                f"> 0; got {v.tolist()}."
+            )
+    return s
+
+
+def check_key(key) -> jax.Array:
+    if key is None:
+        raise ValueError("`key` is required (an explicit PRNG key; there is no default key).")
+    return key
+
+
+def mean_loss(loss_fn: Callable, params: PyTree, batch: PyTree, microbatch_size) -> jax.Array:
+    """``loss_fn(params, batch)``, accumulated over microbatches when asked."""
+    return microbatch_mean(lambda b: loss_fn(params, b), batch, microbatch_size)
+
+
+def increment(
+    loss_fn: Callable, params: PyTree, data: PyTree, k: int, microbatch_size
+) -> jax.Array:
+    """``L_{k+1}(w) - L_k(w)`` through the identity ``(l_{k+1}(w) - L_k(w)) / (k + 1)``.
+
+    For a mean loss the identity is exact; it costs ``k + 1`` per-sample
+    evaluations instead of ``2k + 1`` and never subtracts two nearly equal means.
+    """
+    Lk = mean_loss(loss_fn, params, take(data, 0, k), microbatch_size)
+    l1 = loss_fn(params, take(data, k, k + 1))
+    return (l1 - Lk) / (k + 1)

@@ -1,0 +1,460 @@
+"""Estimators of ``Delta_1``, ``Delta_2`` and ``Delta_2^(D)`` (Kiselev & Grabovoy 2026).
+
+``Delta_p(k+1) = E_{w ~ q} |L_{k+1}(w) - L_k(w)|^p`` for three probing laws:
+
+=====================  ===  =============================================
+criterion              p    probe ``w``
+=====================  ===  =============================================
+``delta1``             1    ``w*`` (point mass)
+``delta2_full_mc``     2    ``w* + e``, ``e ~ N(0, sigma^2 I_N)``
+``delta2_*`` (D)       2    ``w* + U_D^T z``, ``z ~ N(0, sigma^2 I_D)``
+=====================  ===  =============================================
+
+Every estimator accepts a grid of ``sigma`` values and evaluates it in one
+compiled program; Monte Carlo draws are shared across the grid (common random
+numbers) and, by default, used in antithetic pairs ``(z, -z)``, which removes the
+odd (``a c^T z``) part of the variance without bias. Subspace draws are made
+coordinate by coordinate (``z_i`` from ``fold_in(key, i)``), so the same ``key``
+gives the same ``z`` prefix for every ``D``: the quadratic and the direct Monte
+Carlo estimators see identical samples, and nested ``D`` are nested draws.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from curvlib import _tree
+from curvlib.landscape import _common
+from curvlib.landscape.coefficients import _check_basis, check_mean_loss
+
+PyTree = Any
+
+
+class MonteCarloEstimate(NamedTuple):
+    """A Monte Carlo estimate over a ``sigma`` grid.
+
+    Attributes:
+      mean: the estimate, shaped like ``sigma``.
+      stderr: its standard error (sample standard deviation of the independent
+        draws, or antithetic pair means, over ``sqrt(num_samples)``).
+      num_samples: independent draws (pairs when antithetic).
+      num_evaluations: loss-increment (or quadratic-model) evaluations per sigma.
+    """
+
+    mean: jax.Array
+    stderr: jax.Array
+    num_samples: int
+    num_evaluations: int
+
+
+class ClosedFormTerms(NamedTuple):
+    """The Gaussian-moment value as a polynomial in ``sigma^2``; the three terms add up to it.
+
+    Attributes:
+      constant: ``a^2`` (``= Delta_1^2``; what the value tends to as ``sigma -> 0``).
+      sigma2: ``sigma^2 (a tr B + ||c||^2)`` (may be negative through ``a tr B``).
+      sigma4: ``sigma^4 (2 tr B^2 + (tr B)^2) / 4`` (the curvature part, >= 0).
+    """
+
+    constant: jax.Array
+    sigma2: jax.Array
+    sigma4: jax.Array
+
+
+# ------------------------------------------------------------ closed form
+
+
+def delta2_closed_form_terms(a, c, B, sigma) -> ClosedFormTerms:
+    """The three ``sigma``-terms of :func:`delta2_closed_form`, each shaped like ``sigma``.
+
+    Near ``sigma -> 0`` the sum tends to ``a^2``, which hides the curvature
+    part unless the terms are shown on their own.
+    """
+    a = jnp.asarray(a)
+    c = jnp.asarray(c)
+    B = jnp.asarray(B)
+    s2 = _common.check_sigma(sigma, jnp.result_type(a, c, B)) ** 2
+    trB = jnp.trace(B)
+    trB2 = jnp.sum(B * B.T)  # tr(B B) without forming the product
+    constant = jnp.broadcast_to(a * a, s2.shape)
+    sigma2 = s2 * (a * trB + jnp.dot(c, c))
+    sigma4 = s2 * s2 * (2.0 * trB2 + trB * trB) / 4.0
+    return ClosedFormTerms(constant, sigma2, sigma4)
+
+
+def delta2_closed_form(a, c, B, sigma) -> jax.Array:
+    """Gaussian-moment closed form of ``Delta_2^(D)``: the exact mean of the quadratic surrogate.
+
+    For ``q(z) = a + c^T z + 1/2 z^T B z`` and ``z ~ N(0, sigma^2 I_D)``
+    (Isserlis' theorem)::
+
+        E q^2 = a^2 + sigma^2 (a tr B + ||c||^2) + sigma^4 (2 tr B^2 + (tr B)^2) / 4
+
+    Cost ``O(D^2)`` once ``(a, c, B)`` exist (:func:`increment_coefficients`);
+    a ``sigma`` grid is one vectorised call. Nested ``D``: pass ``c[:D]``,
+    ``B[:D, :D]`` (:meth:`IncrementCoefficients.prefix`).
+
+    Args:
+      a: scalar ``L_{k+1}(w*) - L_k(w*)``.
+      c: ``(D,)`` projected gradient increment.
+      B: ``(D, D)`` projected, symmetrised Hessian increment.
+      sigma: scalar or 1-D grid of per-coordinate standard deviations (> 0).
+
+    Returns:
+      ``Delta_2^(D)`` shaped like ``sigma``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> delta2_closed_form(0.0, jnp.zeros(2), jnp.diag(jnp.array([1.0, 1.0])), 1.0)
+      Array(2., dtype=float32)
+
+    References:
+      N. Kiselev and A. Grabovoy, *Curvature-Aligned Probing for Local
+      Loss-Landscape Stabilization*, arXiv:2604.14870 (2026).
+    """
+    t = delta2_closed_form_terms(a, c, B, sigma)
+    return t.constant + t.sigma2 + t.sigma4
+
+
+def delta2_spectral(eigenvalues_k, eigenvalues_k1, sigma) -> jax.Array:
+    """The spectral corollary ``sigma^4/4 (2 sum delta_i^2 + (sum delta_i)^2)``.
+
+    ``delta_i = lambda_i^(k+1) - lambda_i^(k)`` for the top-``D`` eigenvalues of the
+    two Hessians. Exact for ``Delta_2^(D)`` when both Hessians share those
+    eigenvectors and ``a = 0``, ``c = 0`` (e.g. at a common minimiser of a
+    commuting family); otherwise a curvature-only approximation.
+
+    Args:
+      eigenvalues_k: ``(D,)`` eigenvalues of ``H^(k)``.
+      eigenvalues_k1: ``(D,)`` eigenvalues of ``H^(k+1)``, matched index by index.
+      sigma: scalar or 1-D grid (> 0).
+
+    Returns:
+      An array shaped like ``sigma``.
+    """
+    lk = jnp.asarray(eigenvalues_k)
+    lk1 = jnp.asarray(eigenvalues_k1)
+    if lk.shape != lk1.shape or lk.ndim != 1:
+        raise ValueError(
+            f"eigenvalue vectors must be 1-D of equal length; got {lk.shape} and {lk1.shape}."
+        )
+    d = lk1 - lk
+    s2 = _common.check_sigma(sigma, d.dtype) ** 2
+    return s2 * s2 / 4.0 * (2.0 * jnp.sum(d * d) + jnp.sum(d) ** 2)
+
+
+def delta2_bound(k, sigma, dim, max_loss, max_grad, max_hess) -> jax.Array:
+    """The theorem's bound ``(12 M_l^2 + 3 sigma^2 M_g^2 + 3 sigma^4 (D^2 + 2D) M_H^2) / (k+1)^2``.
+
+    Holds for the quadratic model under the Gaussian probe when
+    ``|l_i(w*)| <= M_l`` for every sample, ``||H_i(w*)||_2 <= M_H`` for every sample
+    and ``||grad l_{k+1}(w*) - g^(k)(w*)|| <= M_g`` (the per-sample gradient when
+    ``w*`` is stationary for ``L_k``; ``2 max_i ||grad l_i(w*)||`` always works).
+
+    Args:
+      k: sample count (scalar or array).
+      sigma: scalar or grid.
+      dim: subspace dimension ``D``.
+      max_loss, max_grad, max_hess: ``M_l``, ``M_g``, ``M_H``.
+    """
+    s2 = _common.check_sigma(sigma) ** 2
+    k = jnp.asarray(k)
+    num = 12 * max_loss**2 + 3 * s2 * max_grad**2 + 3 * s2 * s2 * (dim**2 + 2 * dim) * max_hess**2
+    return num / (k + 1.0) ** 2
+
+
+# -------------------------------------------------------- sampling helpers
+
+
+def subspace_normals(key: jax.Array, num_samples: int, dim: int, dtype=jnp.float32) -> jax.Array:
+    """Standard normal draws ``(num_samples, dim)``, column ``i`` from ``fold_in(key, i)``.
+
+    Prefix-consistent: the first ``d`` columns do not depend on ``dim >= d``.
+    """
+    cols = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (num_samples,), dtype))(
+        jnp.arange(dim)
+    )
+    return cols.T
+
+
+def _signs(antithetic: bool, dtype):
+    return jnp.asarray([1.0, -1.0] if antithetic else [1.0], dtype)
+
+
+def _summarise(vals, num_samples):
+    """``vals`` (G, S, P): average the P antithetic partners, then mean/stderr over S."""
+    per = jnp.mean(vals, axis=-1)
+    mean = jnp.mean(per, axis=-1)
+    std = jnp.std(per, axis=-1, ddof=1)
+    return mean, std / np.sqrt(num_samples)
+
+
+def _grid(sigma, dtype):
+    s = _common.check_sigma(sigma, dtype)
+    return s, jnp.atleast_1d(s)
+
+
+# ------------------------------------------------------------ quadratic MC
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples", "antithetic"))
+def _quadratic_mc(a, c, B, sig, key, num_samples, antithetic):
+    dt = jnp.result_type(a, c, B)
+    z = subspace_normals(key, num_samples, c.shape[0], dt)  # (S, D)
+    lin = z @ c  # (S,)
+    quad = jnp.einsum("si,ij,sj->s", z, B, z)  # (S,)
+    sg = _signs(antithetic, dt)  # (P,)
+    s = sig[:, None, None]
+    q = a + s * sg[None, None, :] * lin[None, :, None] + 0.5 * s * s * quad[None, :, None]
+    return _summarise(q * q, num_samples)
+
+
+def delta2_quadratic_mc(
+    a, c, B, sigma, *, key: jax.Array, num_samples: int, antithetic: bool = True
+) -> MonteCarloEstimate:
+    """Monte Carlo mean of ``(a + c^T z + 1/2 z^T B z)^2``, ``z ~ N(0, sigma^2 I_D)``.
+
+    Converges to :func:`delta2_closed_form` at rate ``num_samples^-1/2``; useful
+    as a check of the closed form and as the quadratic model's share of
+    :func:`delta2_direct_mc` (same ``key`` = same draws). One compiled program
+    for the whole ``sigma`` grid; cost ``O(S D^2)``.
+
+    Args:
+      a, c, B: coefficients from :func:`increment_coefficients`.
+      sigma: scalar or 1-D grid (> 0).
+      key: PRNG key.
+      num_samples: independent draws ``S`` (antithetic pairs when ``antithetic``).
+      antithetic: evaluate each draw at ``z`` and ``-z``.
+
+    Returns:
+      :class:`MonteCarloEstimate` shaped like ``sigma``.
+    """
+    a, c, B = jnp.asarray(a), jnp.asarray(c), jnp.asarray(B)
+    if c.ndim != 1 or B.shape != (c.shape[0], c.shape[0]) or a.ndim != 0:
+        raise ValueError(
+            f"expected a scalar, c of shape (D,), B of shape (D, D); got {a.shape}, "
+            f"{c.shape}, {B.shape}."
+        )
+    S = _common.check_num_samples(num_samples)
+    _common.check_key(key)
+    dt = jnp.result_type(a, c, B)
+    s0, sig = _grid(sigma, dt)
+    mean, se = _quadratic_mc(a.astype(dt), c.astype(dt), B.astype(dt), sig, key, S,
+                             bool(antithetic))
+    P = 2 if antithetic else 1
+    return MonteCarloEstimate(mean.reshape(s0.shape), se.reshape(s0.shape), S, S * P)
+
+
+# --------------------------------------------------------------- direct MC
+
+
+def _evaluate(f, xs, sample_batch_size):
+    if sample_batch_size is None:
+        return jax.vmap(f)(xs)
+    return jax.lax.map(f, xs, batch_size=sample_batch_size)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("loss_fn", "k", "num_samples", "antithetic", "microbatch_size",
+                     "sample_batch_size"),
+)
+def _direct_mc(loss_fn, params, data, k, U, dim, sig, key, num_samples, antithetic,
+               microbatch_size, sample_batch_size):
+    dt = _tree.dtype(params)
+    D = _tree.basis_size(U)
+    z = subspace_normals(key, num_samples, D, dt)
+    z = jnp.where(jnp.arange(D)[None, :] < dim, z, 0.0)
+    sg = _signs(antithetic, dt)
+    G, P = sig.shape[0], sg.shape[0]
+    # flatten (sigma, sample, sign) so one map covers the whole grid
+    coef = (sig[:, None, None] * sg[None, None, :])[..., None] * z[None, :, None, :]
+    coef = coef.reshape(G * num_samples * P, D)
+
+    def one(zc):
+        w = jax.tree.map(jnp.add, params, _tree.basis_combine(U, zc, like=params))
+        return _common.increment(loss_fn, w, data, k, microbatch_size) ** 2
+
+    vals = _evaluate(one, coef, sample_batch_size).reshape(G, num_samples, P)
+    return _summarise(vals, num_samples)
+
+
+def delta2_direct_mc(
+    loss_fn: Callable,
+    params: PyTree,
+    data: PyTree,
+    k: int,
+    eigenvectors: PyTree,
+    sigma,
+    *,
+    key: jax.Array,
+    num_samples: int,
+    dim: int | None = None,
+    antithetic: bool = True,
+    microbatch_size: int | None = None,
+    sample_batch_size: int | None = None,
+    check_mean: bool = True,
+) -> MonteCarloEstimate:
+    """Direct subspace Monte Carlo ``Delta_2^(D)``: the reference, with no quadratic assumption.
+
+    ``(1/S) sum_s (L_{k+1}(w_s) - L_k(w_s))^2`` with ``w_s = w* + U^T z_s``,
+    ``z_s ~ N(0, sigma^2 I_D)``. Every (``sigma``, draw, sign) evaluation runs in
+    one compiled program: ``vmap`` over all of them, or ``lax.map`` in chunks of
+    ``sample_batch_size`` to bound memory; the ``k``-sample mean is microbatched
+    when ``microbatch_size`` is set. Each increment costs ``k + 1`` per-sample
+    forward passes (the mean identity), so the total is
+    ``len(sigma) * S * (2 if antithetic else 1) * (k + 1)`` sample forwards.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch)``, the mean loss over the batch's leading axis.
+      params: the point ``w*``.
+      data: ordered samples.
+      k: ``1 <= k < n``.
+      eigenvectors: orthonormal basis (leading axis ``Dmax``), e.g.
+        ``curvature_subspace(...).eigenvectors``.
+      sigma: scalar or 1-D grid (> 0).
+      key: PRNG key; the same key as :func:`delta2_quadratic_mc` gives the same draws.
+      num_samples: independent draws ``S``.
+      dim: use only the first ``dim`` vectors (nested subspaces share one compiled
+        program); default all.
+      antithetic: evaluate each draw at ``z`` and ``-z``.
+      microbatch_size: chunk size over the ``k`` samples.
+      sample_batch_size: evaluations per vectorised chunk (default: all at once).
+      check_mean: verify the mean-loss identity at ``params`` first.
+
+    Returns:
+      :class:`MonteCarloEstimate` shaped like ``sigma``.
+    """
+    k = _common.check_k(k, data)
+    mb = _common.check_microbatch(microbatch_size)
+    S = _common.check_num_samples(num_samples)
+    _common.check_key(key)
+    _tree.check_float_tree(params, "params")
+    Dmax = _check_basis(eigenvectors, params)
+    if dim is None:
+        dim = Dmax
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= Dmax:
+        raise ValueError(f"`dim` must be an int in [1, {Dmax}]; got {dim!r}.")
+    if sample_batch_size is not None:
+        sample_batch_size = _common.check_microbatch(sample_batch_size)
+    dt = _tree.dtype(params)
+    s0, sig = _grid(sigma, dt)
+    if check_mean:
+        check_mean_loss(loss_fn, params, data, k, microbatch_size=mb)
+    U = _tree.astype(eigenvectors, dt)
+    mean, se = _direct_mc(loss_fn, params, data, k, U, jnp.asarray(dim), sig, key, S,
+                          bool(antithetic), mb, sample_batch_size)
+    P = 2 if antithetic else 1
+    return MonteCarloEstimate(mean.reshape(s0.shape), se.reshape(s0.shape), S, S * P)
+
+
+# ------------------------------------------------------------- full space
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("loss_fn", "k", "num_samples", "antithetic", "microbatch_size",
+                     "sample_batch_size"),
+)
+def _full_mc(loss_fn, params, data, k, sig, key, num_samples, antithetic, microbatch_size,
+             sample_batch_size):
+    dt = _tree.dtype(params)
+    sg = _signs(antithetic, dt)
+    G, P = sig.shape[0], sg.shape[0]
+    keys = jax.random.split(key, num_samples)
+    gi, si, pi = jnp.meshgrid(jnp.arange(G), jnp.arange(num_samples), jnp.arange(P),
+                              indexing="ij")
+    scale = (sig[gi] * sg[pi]).reshape(-1)
+    ks = keys[si.reshape(-1)]
+
+    def one(x):
+        s, kk = x
+        e = _tree.normal_like(kk, params)
+        w = jax.tree.map(lambda p, n: p + (s * n).astype(p.dtype), params, e)
+        return _common.increment(loss_fn, w, data, k, microbatch_size) ** 2
+
+    vals = _evaluate(one, (scale, ks), sample_batch_size).reshape(G, num_samples, P)
+    return _summarise(vals, num_samples)
+
+
+def delta2_full_mc(
+    loss_fn: Callable,
+    params: PyTree,
+    data: PyTree,
+    k: int,
+    sigma,
+    *,
+    key: jax.Array,
+    num_samples: int,
+    antithetic: bool = True,
+    microbatch_size: int | None = None,
+    sample_batch_size: int | None = None,
+    check_mean: bool = True,
+) -> MonteCarloEstimate:
+    """Full-space Monte Carlo ``Delta_2``: isotropic probe ``w* + e``, ``e ~ N(0, sigma^2 I_N)``.
+
+    ``E ||w - w*||^2 = N sigma^2`` (versus ``D sigma^2`` in a subspace). The
+    baseline that ``Delta_2^(D)`` is compared with. One compiled program for the
+    grid; each draw regenerates its ``N`` normals from its own key (no ``S x N``
+    buffer). Cost as :func:`delta2_direct_mc`.
+
+    Args:
+      loss_fn, params, data, k: as :func:`delta2_direct_mc`.
+      sigma: scalar or 1-D grid (> 0).
+      key: PRNG key.
+      num_samples: independent draws ``S``.
+      antithetic: evaluate each draw at ``e`` and ``-e``.
+      microbatch_size: chunk size over the ``k`` samples.
+      sample_batch_size: evaluations per vectorised chunk (default: all at once).
+      check_mean: verify the mean-loss identity at ``params`` first.
+
+    Returns:
+      :class:`MonteCarloEstimate` shaped like ``sigma``.
+    """
+    k = _common.check_k(k, data)
+    mb = _common.check_microbatch(microbatch_size)
+    S = _common.check_num_samples(num_samples)
+    _common.check_key(key)
+    _tree.check_float_tree(params, "params")
+    if sample_batch_size is not None:
+        sample_batch_size = _common.check_microbatch(sample_batch_size)
+    dt = _tree.dtype(params)
+    s0, sig = _grid(sigma, dt)
+    if check_mean:
+        check_mean_loss(loss_fn, params, data, k, microbatch_size=mb)
+    mean, se = _full_mc(loss_fn, params, data, k, sig, key, S, bool(antithetic), mb,
+                        sample_batch_size)
+    P = 2 if antithetic else 1
+    return MonteCarloEstimate(mean.reshape(s0.shape), se.reshape(s0.shape), S, S * P)
+
+
+# --------------------------------------------------------------- pointwise
+
+
+def delta1(
+    loss_fn: Callable,
+    params: PyTree,
+    data: PyTree,
+    k: int,
+    *,
+    microbatch_size: int | None = None,
+    check_mean: bool = True,
+) -> jax.Array:
+    """Pointwise criterion ``Delta_1(k+1) = |L_{k+1}(params) - L_k(params)|``.
+
+    Cost: ``k + 1`` per-sample forward passes (the mean identity). Its square is
+    the ``sigma -> 0`` limit of every ``Delta_2`` variant.
+    """
+    from curvlib.landscape.coefficients import _loss_increment
+
+    k = _common.check_k(k, data)
+    mb = _common.check_microbatch(microbatch_size)
+    if check_mean:
+        check_mean_loss(loss_fn, params, data, k, microbatch_size=mb)
+    return jnp.abs(_loss_increment(loss_fn, params, data, k, mb))
