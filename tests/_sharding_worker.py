@@ -1,0 +1,193 @@
+"""Multi-device checks run in a fresh process by ``tests/test_sharding.py``.
+
+The main pytest process has already initialised JAX with one CPU device, so
+the sharded runs live here: ``python tests/_sharding_worker.py OUT.json`` with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``. Each check compares a
+sharded run with the single-device answer and records the output layouts; the
+test file asserts on the JSON. Nothing runs on import (pytest's doctest
+collection imports this module).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+
+def _setup():
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)
+    k1, k2, k3, k4, k5 = jax.random.split(jax.random.PRNGKey(0), 5)
+    d, h, n = 8, 16, 64
+    params = {
+        "w1": jax.random.normal(k1, (d, h)) / 3,
+        "b1": 0.1 * jax.random.normal(k5, (h,)),
+        "w2": jax.random.normal(k2, (h, 8)) / 4,
+    }
+    x = jax.random.normal(k3, (n, d))
+    y = jax.random.normal(k4, (n, 8))
+
+    def model(p, x):
+        return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+
+    def out_loss(o, y):
+        return 0.5 * jnp.mean(jnp.sum((o - y) ** 2, axis=-1))
+
+    def loss(p, x, y):
+        return out_loss(model(p, x), y)
+
+    v0 = jax.tree.map(lambda p: jnp.ones_like(p) + 0.01 * jnp.arange(p.size).reshape(p.shape),
+                      params)
+    b = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape),
+                     params)
+    return params, x, y, model, out_loss, loss, v0, b
+
+
+def _computations(params, x, y, model, out_loss, loss, v0, b):
+    """Every quantity compared between layouts: name -> (value pytree, kind)."""
+    import jax
+
+    import curvlib
+
+    hv = curvlib.hessian_matvec(loss, params, x, y)
+    hv_fr = curvlib.hessian_matvec(loss, params, x, y, mode="fwd-rev")
+    hv_mb = curvlib.hessian_matvec(
+        lambda p, batch: loss(p, *batch), params, (x, y), microbatch_size=16
+    )
+    gv = curvlib.ggn_matvec(model, out_loss, params, x, loss_args=(y,))
+    jit_apply = jax.jit(lambda mv, v: mv(v))
+    eig = jax.jit(lambda mv, v: curvlib.eigsh(mv, v, 3, num_matvecs=20, max_restarts=50))
+    lz = jax.jit(lambda mv, v: curvlib.lanczos(mv, v, 12))
+    cg = jax.jit(lambda mv, b: curvlib.cg(mv, b, damping=0.5, rtol=1e-10))
+    out = {
+        "hvp_linearize": hv(v0),
+        "hvp_linearize_jit": jit_apply(hv, v0),
+        "hvp_fwd_rev": hv_fr(v0),
+        "hvp_microbatched": hv_mb(v0),
+        "ggn": gv(v0),
+        "ggn_jit": jit_apply(gv, v0),
+    }
+    e = eig(hv, v0)
+    out["eigsh_values"] = e.eigenvalues
+    out["eigsh_vectors"] = e.eigenvectors
+    out["eigsh_converged"] = e.converged
+    l = lz(hv, v0)
+    out["lanczos_alphas"] = l.alphas
+    out["lanczos_basis"] = l.basis
+    c = cg(gv, b)
+    out["cg_x"] = c.x
+    out["cg_converged"] = c.converged
+    out.update(_optional_uses(params, x, y, loss, hv))
+    return out
+
+
+def _optional_uses(params, x, y, loss, hv):
+    """Checks on the use layer (optimizers, landscape), added once those modules exist."""
+    return {}
+
+
+def _compare(ref, got):
+    import jax
+    import numpy as np
+
+    errs = []
+    for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
+        r = np.asarray(r, np.float64)
+        g = np.asarray(g, np.float64)
+        errs.append(float(np.max(np.abs(r - g)) / max(1.0, float(np.max(np.abs(r))))))
+    return max(errs)
+
+
+def _layout(tree, param_specs, basis):
+    """Record each leaf's spec and whether it matches the parameter layout and is split."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    recs = []
+    for leaf, want in zip(jax.tree.leaves(tree), param_specs, strict=True):
+        spec = tuple(leaf.sharding.spec)
+        want = tuple(P(None, *want)) if basis else tuple(want)
+        # trailing Nones are equivalent
+        trim = lambda s: tuple(s[: max([i + 1 for i, a in enumerate(s) if a is not None] or [0])])
+        shard_elems = max(int(np.prod(s.data.shape)) for s in leaf.addressable_shards)
+        recs.append(
+            {
+                "spec": str(leaf.sharding.spec),
+                "matches": trim(spec) == trim(want),
+                "max_shard_fraction": shard_elems / max(1, leaf.size),
+            }
+        )
+    return recs
+
+
+
+def main(path):
+    import jax
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    assert jax.device_count() == 8, jax.devices()
+    params, x, y, model, out_loss, loss, v0, b = _setup()
+    ref = _computations(params, x, y, model, out_loss, loss, v0, b)
+    ref = jax.tree.map(np.asarray, ref)
+
+    mesh1 = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    mesh2 = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    layouts = {
+        # batch split over all devices, parameters replicated
+        "data_parallel": (mesh1, P("data"), {"w1": P(), "b1": P(), "w2": P()}),
+        # FSDP: batch and parameters split over the same axis
+        "fsdp": (mesh1, P("data"), {"w1": P(None, "data"), "b1": P("data"), "w2": P("data")}),
+        # 2-D: batch over "data", parameters over "model"
+        "data_x_model": (
+            mesh2, P("data"), {"w1": P(None, "model"), "b1": P("model"), "w2": P("model")}
+        ),
+    }
+    result = {"devices": jax.device_count(), "layouts": {}}
+    for name, (mesh, batch_spec, pspecs) in layouts.items():
+        put = lambda t, mesh=mesh, pspecs=pspecs: jax.device_put(
+            t, {k: NamedSharding(mesh, s) for k, s in pspecs.items()}
+        )
+        sp, sv0, sb = put(params), put(v0), put(b)
+        sx = jax.device_put(x, NamedSharding(mesh, batch_spec))
+        sy = jax.device_put(y, NamedSharding(mesh, batch_spec))
+        got = _computations(sp, sx, sy, model, out_loss, loss, sv0, sb)
+        param_specs = [pspecs[k] for k in sorted(pspecs)]
+        recs = {}
+        for key, val in got.items():
+            rec = {}
+            if key == "eigsh_vectors":
+                # compare up to sign, per eigenvector
+                signs = np.sign(
+                    sum(
+                        (np.asarray(a) * np.asarray(r)).reshape(len(ref["eigsh_values"]), -1)
+                        .sum(axis=1)
+                        for a, r in zip(jax.tree.leaves(val), jax.tree.leaves(ref[key]),
+                                        strict=True)
+                    )
+                )
+                aligned = jax.tree.map(
+                    lambda a, s=signs: np.asarray(a) * s.reshape((-1,) + (1,) * (a.ndim - 1)),
+                    val,
+                )
+                rec["err"] = _compare(ref[key], aligned)
+            elif key.endswith("converged"):
+                rec["value"] = bool(val)
+            else:
+                rec["err"] = _compare(ref[key], val)
+            if isinstance(val, dict):
+                rec["layout"] = _layout(
+                    val, param_specs, basis=key in ("eigsh_vectors", "lanczos_basis")
+                )
+            recs[key] = rec
+        result["layouts"][name] = recs
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

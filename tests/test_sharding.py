@@ -1,0 +1,85 @@
+"""Multi-device runs give the single-device answer and keep their shardings.
+
+The pytest process has one CPU device, so the work runs once, in a fresh
+process with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
+(``tests/_sharding_worker.py``), for three layouts on ``Auto`` meshes:
+
+* ``data_parallel``: batch split 8 ways, parameters replicated;
+* ``fsdp``: batch *and* parameters split 8 ways over the same axis;
+* ``data_x_model``: a ``(2, 4)`` mesh, batch over ``data``, parameters over ``model``.
+
+For each layout the worker computes Hessian products (linearize, fwd-rev,
+microbatched, eager and jitted), GGN products, ``eigsh``, ``lanczos`` and a damped
+``cg`` solve, and compares them with the same computation on unsharded arrays.
+Here we assert (1) agreement to a few float64 ulps-times-dimension and (2) that
+every parameter-shaped output (products, eigenvectors, the Krylov basis, the CG
+solution) carries the parameters' ``PartitionSpec`` (with a leading unsplit axis
+for stacked vectors), so each device holds only its shard: nothing is gathered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("_sharding_worker.py")
+LAYOUTS = ("data_parallel", "fsdp", "data_x_model")
+SPLIT = {"data_parallel": 1.0, "fsdp": 1 / 8, "data_x_model": 1 / 4}
+VECTORS = (
+    "hvp_linearize", "hvp_linearize_jit", "hvp_fwd_rev", "hvp_microbatched", "ggn", "ggn_jit",
+    "eigsh_vectors", "lanczos_basis", "cg_x",
+)
+SCALARS = ("eigsh_values", "lanczos_alphas")
+# float64 throughout; sums are reordered across devices, and eigsh/cg iterate
+TOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharding") / "report.json"
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"sharding worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(out.read_text())
+
+
+def test_worker_saw_eight_devices(report):
+    assert report["devices"] == 8
+    assert set(report["layouts"]) == set(LAYOUTS)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", VECTORS + SCALARS)
+def test_sharded_matches_single_device(report, layout, name):
+    rec = report["layouts"][layout][name]
+    assert rec["err"] < TOL, (layout, name, rec)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", VECTORS)
+def test_outputs_keep_parameter_sharding(report, layout, name):
+    for leaf in report["layouts"][layout][name]["layout"]:
+        assert leaf["matches"], (layout, name, leaf)
+        # each device holds 1/8 (fsdp) or 1/4 (2-D) of every parameter-shaped output
+        assert leaf["max_shard_fraction"] == pytest.approx(SPLIT[layout]), (layout, name, leaf)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sharded_solvers_converge(report, layout):
+    assert report["layouts"][layout]["eigsh_converged"]["value"]
+    assert report["layouts"][layout]["cg_converged"]["value"]
