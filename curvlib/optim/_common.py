@@ -1,0 +1,167 @@
+"""Shared plumbing of the optax transforms in :mod:`curvlib.optim`.
+
+The extra-argument convention is optax's (``scale_by_zoom_linesearch``):
+``update(updates, state, params, *, value_fn, **extra_args)`` where
+``value_fn(params, **kwargs)`` is the loss on the current batch and ``kwargs``
+are the entries of ``extra_args`` whose names appear in ``value_fn``'s
+signature (all of them, but the reserved ``value``/``grad``, when it takes
+``**kwargs``). The same routing feeds the model and output-loss functions of a
+Gauss-Newton split.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from curvlib import _tree
+from curvlib.operators import ggn_matvec, hessian_matvec
+
+PyTree = Any
+
+# extra arguments that optax's line searches consume and that are never routed to value_fn
+RESERVED = ("value", "grad")
+
+
+# ----------------------------------------------------------------- validation
+
+
+def is_concrete(x) -> bool:
+    """True unless ``x`` is a tracer (a hyperparameter injected under ``jit``)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_nonnegative(name: str, x) -> None:
+    if x is not None and is_concrete(x) and not bool(jnp.all(jnp.asarray(x) >= 0)):
+        raise ValueError(f"`{name}` must be >= 0; got {x}.")
+
+
+def check_positive(name: str, x) -> None:
+    if x is not None and is_concrete(x) and not bool(jnp.all(jnp.asarray(x) > 0)):
+        raise ValueError(f"`{name}` must be > 0; got {x}.")
+
+
+def check_in_range(name: str, x, lo, hi) -> None:
+    if is_concrete(x) and not (lo <= float(x) <= hi):
+        raise ValueError(f"`{name}` must lie in [{lo}, {hi}]; got {x}.")
+
+
+def check_int(name: str, x, minimum: int) -> None:
+    if x is None or not is_concrete(x):
+        return
+    if isinstance(x, bool) or int(x) != x or int(x) < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {x}.")
+
+
+def check_ggn(ggn) -> None:
+    if ggn is None:
+        return
+    if not (isinstance(ggn, tuple) and len(ggn) == 2 and all(callable(f) for f in ggn)):
+        raise ValueError(
+            "`ggn` must be a pair `(model_fn, loss_fn)` with "
+            "`loss_fn(model_fn(params, **kw), **kw) == value_fn(params, **kw)`; "
+            f"got {ggn!r}."
+        )
+
+
+def require_value_fn(name: str, value_fn) -> Callable:
+    if value_fn is None:
+        raise TypeError(
+            f"`{name}.update` needs the loss: call "
+            "`update(grads, state, params, value_fn=loss_fn, **batch_kwargs)` where "
+            "`loss_fn(params, **batch_kwargs)` returns the scalar loss on the current batch "
+            "(the convention of optax's line searches)."
+        )
+    if not callable(value_fn):
+        raise TypeError(f"`value_fn` must be callable; got {type(value_fn).__name__}.")
+    return value_fn
+
+
+def require_params(name: str, params) -> PyTree:
+    if params is None:
+        raise ValueError(f"`{name}.update` needs `params` (the current parameters).")
+    return params
+
+
+# -------------------------------------------------------------- kwarg routing
+
+
+def kwargs_for(fn: Callable, extra_args: dict) -> dict:
+    """The entries of ``extra_args`` that ``fn`` accepts by name."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins, some C callables
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return {k: v for k, v in extra_args.items() if k not in RESERVED}
+    return {k: v for k, v in extra_args.items() if k in params and k not in RESERVED}
+
+
+@functools.lru_cache(maxsize=256)
+def _kw_call(fn: Callable) -> Callable:
+    """``(x, kw) -> fn(x, **kw)``; cached so operator-level caches see one object per ``fn``."""
+
+    def call(x, kw):
+        return fn(x, **kw)
+
+    return call
+
+
+def call(fn: Callable, x, extra_args: dict):
+    return fn(x, **kwargs_for(fn, extra_args))
+
+
+def value_at(value_fn: Callable, params: PyTree, extra_args: dict, dt) -> jax.Array:
+    """``value_fn(params)``, reusing an explicit ``value=`` extra argument when given."""
+    if extra_args.get("value") is not None:
+        return jnp.asarray(extra_args["value"]).astype(dt)
+    return jnp.asarray(call(value_fn, params, extra_args)).astype(dt)
+
+
+def curvature_matvec(
+    value_fn: Callable,
+    ggn,
+    params: PyTree,
+    extra_args: dict,
+    *,
+    hvp_mode: str | None,
+    microbatch_size: int | None,
+):
+    """``v -> C v``: the Hessian of ``value_fn`` or the GGN of a ``(model_fn, loss_fn)`` split."""
+    if ggn is None:
+        kw = kwargs_for(value_fn, extra_args)
+        return hessian_matvec(
+            _kw_call(value_fn), params, kw, mode=hvp_mode, microbatch_size=microbatch_size
+        )
+    model_fn, loss_fn = ggn
+    mkw = kwargs_for(model_fn, extra_args)
+    lkw = kwargs_for(loss_fn, extra_args)
+    return ggn_matvec(
+        _kw_call(model_fn), _kw_call(loss_fn), params, mkw, loss_args=(lkw,),
+        microbatch_size=microbatch_size,
+    )
+
+
+# -------------------------------------------------------------------- misc
+
+
+def float_dtype(params: PyTree):
+    return jnp.result_type(*[jnp.result_type(x) for x in jax.tree.leaves(params)])
+
+
+def select_tree(c, a: PyTree, b: PyTree) -> PyTree:
+    """``a`` where ``c`` else ``b``, leafwise, keeping ``b``'s dtypes."""
+    return jax.tree.map(lambda x, y: jnp.where(c, x, y).astype(jnp.result_type(y)), a, b)
+
+
+def all_finite(*trees) -> jax.Array:
+    out = jnp.asarray(True)
+    for t in trees:
+        if jax.tree.leaves(t):
+            out = out & _tree.all_finite(t)
+    return out

@@ -1,0 +1,231 @@
+r"""Dense BFGS (inverse-Hessian form) as an optax transform.
+
+Keeps the dense inverse-Hessian approximation :math:`H_k \approx \nabla^2
+f^{-1}` and outputs :math:`p_k = H_k g_k`. With :math:`s = \theta_k -
+\theta_{k-1}`, :math:`y = g_k - g_{k-1}` and :math:`\rho = 1/(s^\top y)` the
+update (Nocedal & Wright 2006, eq. 6.17) is
+
+.. math::
+
+    H_k = (I - \rho\, s y^\top) H_{k-1} (I - \rho\, y s^\top) + \rho\, s s^\top,
+
+applied only when the curvature condition
+:math:`s^\top y > \texttt{curvature\_rtol}\,\|s\|\,\|y\|` holds (otherwise the
+pair is skipped, ``info.updated`` is ``False``). Before the first accepted
+pair, :math:`H_0 = (s^\top y / y^\top y) I` (eq. 6.20); before any pair exists
+the direction is the gradient scaled by ``min(1, 1/||g||)`` (as
+:func:`optax.scale_by_lbfgs`).
+
+Like :func:`optax.scale_by_lbfgs`, the state is updated from the parameters and
+gradient it *receives*, so a line search later in the chain sees only
+accepted steps. Cost: ``O(n^2)`` time and memory per step (no extra loss or
+gradient evaluations); for large models use :func:`optax.lbfgs`.
+
+References:
+  J. Nocedal and S. Wright, *Numerical Optimization*, 2nd ed., 2006, ch. 6.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+
+from curvlib import _tree
+from curvlib.optim import _common
+
+PyTree = Any
+
+
+class BFGSInfo(NamedTuple):
+    """Diagnostics of the last :func:`scale_by_bfgs` step.
+
+    Attributes:
+      curvature: ``s^T y`` of the last pair.
+      updated: the inverse Hessian was updated (curvature condition held).
+      skipped: the loss or gradient was non-finite; the step output zeros and
+        the state was left as it was.
+      loss: the loss at the incoming ``params``.
+    """
+
+    curvature: jax.Array
+    updated: jax.Array
+    skipped: jax.Array
+    loss: jax.Array
+
+
+class ScaleByBFGSState(NamedTuple):
+    """State of :func:`scale_by_bfgs`.
+
+    Attributes:
+      count: number of ``update`` calls.
+      num_updates: accepted ``(s, y)`` pairs so far.
+      inv_hessian: the dense ``(n, n)`` inverse-Hessian approximation.
+      prev_params: the parameters at the last (finite) step.
+      prev_grad: the gradient at the last (finite) step (named so that
+        :func:`optax.value_and_grad_from_state` finds only the line search's).
+      info: :class:`BFGSInfo`.
+    """
+
+    count: jax.Array
+    num_updates: jax.Array
+    inv_hessian: jax.Array
+    prev_params: PyTree
+    prev_grad: PyTree
+    info: BFGSInfo
+
+
+def bfgs_inverse_update(H, s, y, rho):
+    """``(I - rho s y^T) H (I - rho y s^T) + rho s s^T`` in ``O(n^2)``."""
+    Hy = H @ y
+    yHy = y @ Hy
+    return (
+        H
+        - rho * (jnp.outer(s, Hy) + jnp.outer(Hy, s))
+        + (rho * rho * yHy + rho) * jnp.outer(s, s)
+    )
+
+
+def scale_by_bfgs(
+    *,
+    curvature_rtol: float = 1e-10,
+    max_params: int = 4096,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Dense BFGS direction ``H_k g_k`` with skipped updates on failed curvature.
+
+    ``update(updates, state, params, *, value_fn, **extra_args)``: ``value_fn``
+    is used only to detect a non-finite loss (``value=`` is reused when given,
+    as optax's line searches require anyway).
+
+    Args:
+      curvature_rtol: a pair is used only if ``s^T y > curvature_rtol ||s|| ||y||``.
+      max_params: refuse (``ValueError`` at ``init``) above this many
+        parameters (``O(n^2)`` memory).
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` with state
+      :class:`ScaleByBFGSState`.
+
+    Raises:
+      ValueError: invalid settings at construction; too many parameters at init.
+      TypeError: from ``update`` when ``value_fn`` is missing.
+    """
+    _common.check_nonnegative("curvature_rtol", curvature_rtol)
+    _common.check_int("max_params", max_params, 1)
+
+    def init_fn(params):
+        n = _tree.size(params)
+        if _common.is_concrete(max_params) and n > int(max_params):
+            raise ValueError(
+                f"scale_by_bfgs stores a dense {n} x {n} matrix ({n} parameters > "
+                f"max_params={int(max_params)}); use optax.lbfgs or raise `max_params`."
+            )
+        dt = _common.float_dtype(params)
+        zero = jnp.zeros((), dt)
+        return ScaleByBFGSState(
+            count=jnp.zeros((), jnp.int32),
+            num_updates=jnp.zeros((), jnp.int32),
+            inv_hessian=jnp.eye(n, dtype=dt),
+            prev_params=_tree.zeros_like(params),
+            prev_grad=_tree.zeros_like(params),
+            info=BFGSInfo(zero, jnp.asarray(False), jnp.asarray(False), zero),
+        )
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        value_fn = _common.require_value_fn("scale_by_bfgs", value_fn)
+        params = _common.require_params("scale_by_bfgs", params)
+        dt = _common.float_dtype(params)
+        value = _common.value_at(value_fn, params, extra_args, dt)
+        x, _ = ravel_pytree(params)
+        g, unravel = ravel_pytree(updates)
+        x = x.astype(dt)
+        g = g.astype(dt)
+        x_prev = ravel_pytree(state.prev_params)[0].astype(dt)
+        g_prev = ravel_pytree(state.prev_grad)[0].astype(dt)
+        finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(x))
+
+        s = x - x_prev
+        y = g - g_prev
+        sy = s @ y
+        yy = y @ y
+        ok = (
+            finite
+            & (state.count > 0)
+            & (sy > curvature_rtol * jnp.sqrt(s @ s) * jnp.sqrt(yy))
+            & (yy > 0)
+        )
+        H = state.inv_hessian
+        H0 = jnp.where(state.num_updates == 0, (sy / jnp.where(yy > 0, yy, 1.0)) * jnp.eye(
+            H.shape[0], dtype=dt), H)
+        rho = 1.0 / jnp.where(ok, sy, 1.0)
+        H_new = jnp.where(ok, bfgs_inverse_update(H0, s, y, rho), H)
+        num_updates = state.num_updates + ok.astype(jnp.int32)
+
+        gnorm = jnp.sqrt(g @ g)
+        first_scale = jnp.minimum(1.0, 1.0 / jnp.where(gnorm > 0, gnorm, 1.0))
+        p = jnp.where(num_updates == 0, first_scale * g, H_new @ g)
+        finite = finite & jnp.all(jnp.isfinite(p))
+        p = jnp.where(finite, p, 0.0)
+
+        new_state = ScaleByBFGSState(
+            count=optax.safe_increment(state.count),
+            num_updates=jnp.where(finite, num_updates, state.num_updates),
+            inv_hessian=jnp.where(finite, H_new, state.inv_hessian).astype(dt),
+            prev_params=_common.select_tree(finite, params, state.prev_params),
+            prev_grad=_common.select_tree(finite, updates, state.prev_grad),
+            info=BFGSInfo(
+                curvature=jnp.where(finite, sy, 0.0).astype(dt),
+                updated=ok & finite,
+                skipped=~finite,
+                loss=value,
+            ),
+        )
+        return unravel(p.astype(jnp.result_type(g))), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# the default line search of the alias (optax.lbfgs's own)
+_DEFAULT_LINESEARCH = optax.scale_by_zoom_linesearch(
+    max_linesearch_steps=20, initial_guess_strategy="one"
+)
+
+
+def bfgs(
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    *,
+    curvature_rtol: float = 1e-10,
+    max_params: int = 4096,
+    linesearch: optax.GradientTransformationExtraArgs | optax.GradientTransformation | None = (
+        _DEFAULT_LINESEARCH
+    ),
+) -> optax.GradientTransformationExtraArgs:
+    """Dense BFGS: ``chain(scale_by_bfgs, -lr, zoom line search)``, built as :func:`optax.lbfgs`.
+
+    With the default zoom line search, ``update`` needs ``value=``, ``grad=``
+    and ``value_fn=`` (use :func:`optax.value_and_grad_from_state`, exactly as
+    for :func:`optax.lbfgs`).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from curvlib.optim import bfgs
+      >>> f = lambda p: (1 - p[0]) ** 2 + 100 * (p[1] - p[0] ** 2) ** 2
+      >>> opt = bfgs(); p = jnp.array([-1.2, 1.0]); s = opt.init(p)
+      >>> vg = optax.value_and_grad_from_state(f)
+      >>> for _ in range(60):
+      ...     v, g = vg(p, state=s)
+      ...     u, s = opt.update(g, s, p, value=v, grad=g, value_fn=f)
+      ...     p = optax.apply_updates(p, u)
+      >>> bool(jnp.allclose(p, 1.0, atol=1e-3))
+      True
+    """
+    base_scaling = (
+        optax.scale(-1.0) if learning_rate is None else optax.scale_by_learning_rate(learning_rate)
+    )
+    parts = [scale_by_bfgs(curvature_rtol=curvature_rtol, max_params=max_params), base_scaling]
+    if linesearch is not None:
+        parts.append(linesearch)
+    return optax.chain(*parts)
