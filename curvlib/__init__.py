@@ -33,6 +33,24 @@ from curvlib.operators import (
     hvp,
     microbatch_mean,
 )
+from curvlib.optim import (
+    BFGSInfo,
+    NewtonCGInfo,
+    NewtonInfo,
+    ScaleByBFGSState,
+    ScaleByNewtonCGState,
+    ScaleByNewtonState,
+    ScaleBySVRGState,
+    SVRGInfo,
+    bfgs,
+    newton,
+    newton_cg,
+    scale_by_bfgs,
+    scale_by_newton,
+    scale_by_newton_cg,
+    scale_by_svrg,
+    svrg,
+)
 
 __all__ = [
     "__version__",
@@ -56,4 +74,21 @@ __all__ = [
     "StochasticEstimate",
     "spectral_density",
     "SpectralDensity",
+    # optimizers (optax transforms)
+    "scale_by_newton_cg",
+    "newton_cg",
+    "ScaleByNewtonCGState",
+    "NewtonCGInfo",
+    "scale_by_newton",
+    "newton",
+    "ScaleByNewtonState",
+    "NewtonInfo",
+    "scale_by_bfgs",
+    "bfgs",
+    "ScaleByBFGSState",
+    "BFGSInfo",
+    "scale_by_svrg",
+    "svrg",
+    "ScaleBySVRGState",
+    "SVRGInfo",
 ]
