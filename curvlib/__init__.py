@@ -42,14 +42,21 @@ from curvlib.optim import (
     ScaleByNewtonState,
     ScaleBySVRGState,
     SVRGInfo,
+    TrackCurvatureInfo,
+    TrackCurvatureState,
     bfgs,
+    curvature_history,
+    curvature_info,
+    format_curvature_table,
     newton,
     newton_cg,
+    plot_curvature,
     scale_by_bfgs,
     scale_by_newton,
     scale_by_newton_cg,
     scale_by_svrg,
     svrg,
+    track_curvature,
 )
 
 __all__ = [
@@ -91,4 +98,12 @@ __all__ = [
     "svrg",
     "ScaleBySVRGState",
     "SVRGInfo",
+    # curvature monitoring
+    "track_curvature",
+    "TrackCurvatureState",
+    "TrackCurvatureInfo",
+    "curvature_info",
+    "curvature_history",
+    "format_curvature_table",
+    "plot_curvature",
 ]

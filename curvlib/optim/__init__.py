@@ -21,6 +21,15 @@ from curvlib.optim.newton_cg import (
     scale_by_newton_cg,
 )
 from curvlib.optim.svrg import ScaleBySVRGState, SVRGInfo, scale_by_svrg, svrg
+from curvlib.optim.track import (
+    TrackCurvatureInfo,
+    TrackCurvatureState,
+    curvature_history,
+    curvature_info,
+    format_curvature_table,
+    plot_curvature,
+    track_curvature,
+)
 
 __all__ = [
     "scale_by_newton_cg",
@@ -39,4 +48,11 @@ __all__ = [
     "svrg",
     "ScaleBySVRGState",
     "SVRGInfo",
+    "track_curvature",
+    "TrackCurvatureState",
+    "TrackCurvatureInfo",
+    "curvature_info",
+    "curvature_history",
+    "format_curvature_table",
+    "plot_curvature",
 ]
