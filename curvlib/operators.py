@@ -54,7 +54,41 @@ def _check_scalar(fun: Callable, name: str, *example) -> None:
             f"{shapes}. Reduce it, e.g. with jnp.mean, before asking for curvature."
         )
     if not jnp.issubdtype(leaves[0].dtype, jnp.floating):
-        raise TypeError(f"`{name}` must return a real floating scalar; got dtype {leaves[0].dtype}.")
+        raise TypeError(
+            f"`{name}` must return a real floating scalar; got dtype {leaves[0].dtype}."
+        )
+
+
+def _signature(tree: PyTree):
+    """Hashable (structure, leaf shapes) of ``tree``: what a tangent must match."""
+    return jax.tree.structure(tree), tuple(tuple(jnp.shape(x)) for x in jax.tree.leaves(tree))
+
+
+@functools.lru_cache(maxsize=512)
+def _checked(product: Callable, signature) -> Callable:
+    """``product(*data, v)`` that first checks ``v`` against the parameters' signature.
+
+    Cached so that the same product and signature give the *same* function object:
+    a :class:`~jax.tree_util.Partial` built on it has an equal tree definition
+    across calls, and jitted code taking it as an argument is not recompiled.
+    The check is static (structure and shapes), so it costs nothing under jit
+    and sees per-example shapes under ``vmap``.
+    """
+    treedef, shapes = signature
+
+    def matvec(*args):
+        *data, v = args
+        vdef = jax.tree.structure(v)
+        vshapes = tuple(tuple(jnp.shape(x)) for x in jax.tree.leaves(v))
+        if vdef != treedef or vshapes != shapes:
+            raise ValueError(
+                "the tangent must match `params` in pytree structure and leaf shapes; got "
+                f"params: {treedef} with shapes {shapes} and tangent: {vdef} with shapes "
+                f"{vshapes}."
+            )
+        return product(*data, v)
+
+    return matvec
 
 
 def _cast_like(v: PyTree, like: PyTree) -> PyTree:
@@ -116,6 +150,36 @@ def _hvp_rev_rev(fun):
 
 def _call_linearized(lin, v):
     return lin(v)
+
+
+class _SameProgram:
+    """A linearised function's static part, equal to another that replays the same program.
+
+    ``jax.linearize`` returns a :class:`~jax.tree_util.Partial` whose residuals
+    are leaves but whose function (holding the tangent jaxpr) is a fresh object
+    on every call, so two linearisations at different points would make a
+    jitted consumer recompile. Comparing by the printed program instead lets
+    every product with the same model and shapes share one compilation.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.key = repr(fn)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __eq__(self, other):
+        return isinstance(other, _SameProgram) and self.key == other.key
+
+    def __hash__(self):
+        return hash(self.key)
+
+
+def _stable_linearized(lin):
+    if isinstance(lin, Partial):
+        return Partial(_SameProgram(lin.func), *lin.args, **lin.keywords)
+    return lin
 
 
 # ---------------------------------------------------------------- sharding
@@ -284,7 +348,9 @@ def hessian_matvec(
         raise ValueError(f"`mode` must be one of {MODES}; got {mode!r}.")
     if microbatch_size is not None:
         if not args:
-            raise ValueError("`microbatch_size` needs a batch as the first extra argument of `fun`.")
+            raise ValueError(
+                "`microbatch_size` needs a batch as the first extra argument of `fun`."
+            )
         if mode == "linearize":
             raise ValueError(
                 "`mode='linearize'` stores every microbatch's residuals; use 'fwd-rev' or "
@@ -293,11 +359,12 @@ def hessian_matvec(
     layout = _param_shardings(params)
     if mode == "linearize":
         _, lin = jax.linearize(lambda p: jax.grad(fun)(p, *args), params)
-        return Partial(_sharded(_call_linearized, layout), lin)
+        lin = _stable_linearized(lin)
+        return Partial(_checked(_sharded(_call_linearized, layout), _signature(params)), lin)
     product = _hvp_fwd_rev(fun) if mode == "fwd-rev" else _hvp_rev_rev(fun)
     if microbatch_size is not None:
         product = _microbatched(product, int(microbatch_size))
-    return Partial(_sharded(product, layout), params, tuple(args))
+    return Partial(_checked(_sharded(product, layout), _signature(params)), params, tuple(args))
 
 
 @functools.lru_cache(maxsize=512)
@@ -373,7 +440,8 @@ def ggn_matvec(
         if not args:
             raise ValueError("`microbatch_size` needs batched inputs in `args`.")
         product = _ggn_microbatched(model_fn, loss_fn, int(microbatch_size))
-    return Partial(_sharded(product, _param_shardings(params)), params, tuple(args), loss_args)
+    product = _checked(_sharded(product, _param_shardings(params)), _signature(params))
+    return Partial(product, params, tuple(args), loss_args)
 
 
 def gradient(fun: Callable, params: PyTree, *args, microbatch_size: int | None = None):

@@ -1,0 +1,288 @@
+"""Layer 1 against dense oracles: Hessians and Jacobians from ``jax.hessian`` / ``jax.jacfwd``.
+
+Every product is compared with the dense matrix of the *flattened* problem
+(``ravel_pytree`` is fine in a test) on pytrees that mix dicts, tuples and
+shapes. Tolerances come from the dtype: 1e-10 in float64, 1e-4 in float32.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import curvlib
+from curvlib import ggn_matvec, gradient, hessian_matvec, hvp, microbatch_mean
+
+RTOL = {jnp.float64: 1e-10, jnp.float32: 1e-4}
+N = 10  # samples: microbatch 4 leaves a remainder chunk of 2
+
+
+def _params(key, dtype):
+    k = jax.random.split(key, 4)
+    return {
+        "w": 0.5 * jax.random.normal(k[0], (3, 4), dtype),
+        "b": 0.1 * jax.random.normal(k[1], (4,), dtype),
+        "head": (
+            0.5 * jax.random.normal(k[2], (4, 2), dtype),
+            0.1 * jax.random.normal(k[3], (2,), dtype),
+        ),
+    }
+
+
+def _model(p, x):
+    h = jnp.tanh(x @ p["w"] + p["b"])
+    return h @ p["head"][0] + p["head"][1]
+
+
+def _loss(p, x, y):
+    """A non-quadratic mean loss with parameter coupling across leaves."""
+    out = _model(p, x)
+    return jnp.mean(jnp.sum((out - y) ** 2, axis=-1)) + 0.1 * jnp.sum(jnp.sin(p["b"]) ** 2)
+
+
+def _loss_batch(p, batch):
+    """``_loss`` with the batch as one pytree: ``args[0]`` is what microbatching chunks."""
+    return _loss(p, *batch)
+
+
+def _data(key, dtype):
+    kx, ky = jax.random.split(jax.random.fold_in(key, 1))
+    return jax.random.normal(kx, (N, 3), dtype), jax.random.normal(ky, (N, 2), dtype)
+
+
+def _dense_hessian(fun, params, *args):
+    """The oracle, in float64 regardless of the input dtype."""
+    p64 = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+    a64 = jax.tree.map(lambda x: x.astype(jnp.float64), args)
+    flat, unravel = ravel_pytree(p64)
+    return np.asarray(jax.jit(jax.hessian(lambda f: fun(unravel(f), *a64)))(flat))
+
+
+def _flat(tree):
+    return np.asarray(ravel_pytree(jax.tree.map(lambda x: x.astype(jnp.float64), tree))[0])
+
+
+@jax.jit
+def _apply(matvec, v):
+    return matvec(v)
+
+
+def _rel(a, b):
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.fixture(scope="module", params=[jnp.float64, jnp.float32], ids=["f64", "f32"])
+def problem(request):
+    dtype = request.param
+    key = jax.random.PRNGKey(0)
+    params = _params(key, dtype)
+    x, y = _data(key, dtype)
+    tangents = [
+        jax.tree.map(lambda p, i=i: jax.random.normal(jax.random.PRNGKey(10 + i), p.shape, dtype),
+                     params)
+        for i in range(3)
+    ]
+    H = _dense_hessian(_loss, params, x, y)
+    return dtype, params, (x, y), tangents, H
+
+
+@pytest.mark.parametrize("mode", ["linearize", "fwd-rev", "rev-rev"])
+def test_hessian_matvec_matches_dense_hessian(problem, mode):
+    dtype, params, args, tangents, H = problem
+    Hv = hessian_matvec(_loss, params, *args, mode=mode)
+    for i, v in enumerate(tangents):
+        out = Hv(v) if i == 0 else _apply(Hv, v)  # eager once, then jitted
+        assert jax.tree.structure(out) == jax.tree.structure(params)
+        assert all(o.dtype == dtype and o.shape == p.shape
+                   for o, p in zip(jax.tree.leaves(out), jax.tree.leaves(params), strict=True))
+        assert _rel(_flat(out), H @ _flat(v)) <= RTOL[dtype]
+
+
+def test_hvp_matches_dense_hessian(problem):
+    dtype, params, args, tangents, H = problem
+    for v in tangents:
+        assert _rel(_flat(hvp(_loss, params, v, *args)), H @ _flat(v)) <= RTOL[dtype]
+
+
+def test_jit_and_vmap_over_tangents(problem):
+    dtype, params, args, tangents, H = problem
+    if dtype == jnp.float32:
+        pytest.skip("composition is dtype-independent; float64 suffices")
+    Hv = hessian_matvec(_loss, params, *args)
+    V = jax.tree.map(lambda *xs: jnp.stack(xs), *tangents)  # a block, leading axis 3
+    block = jax.jit(lambda mv, V: jax.vmap(mv)(V))(Hv, V)
+    for i, v in enumerate(tangents):
+        got = _flat(jax.tree.map(lambda b, i=i: b[i], block))
+        assert _rel(got, H @ _flat(v)) <= RTOL[dtype]
+    # vmap of a fwd-rev product too
+    Hv2 = hessian_matvec(_loss, params, *args, mode="fwd-rev")
+    block2 = jax.vmap(Hv2)(V)
+    assert _rel(_flat(block2), _flat(block)) <= RTOL[dtype]
+
+
+def test_microbatched_equals_full_batch(problem):
+    dtype, params, args, tangents, H = problem
+    if dtype == jnp.float32:
+        pytest.skip("chunking is dtype-independent; float64 suffices")
+    v = tangents[0]
+    ref = H @ _flat(v)
+    for mode in ("fwd-rev", "rev-rev"):
+        mb = hessian_matvec(_loss_batch, params, args, mode=mode, microbatch_size=4)  # 4+4+2
+        assert _rel(_flat(_apply(mb, v)), ref) <= RTOL[dtype]
+    # gradient accumulation
+    val, g = jax.jit(lambda p, b: gradient(_loss_batch, p, b, microbatch_size=3))(params, args)
+    val_ref, g_ref = jax.value_and_grad(_loss)(params, *args)
+    assert abs(float(val) - float(val_ref)) <= RTOL[dtype] * abs(float(val_ref))
+    assert _rel(_flat(g), _flat(g_ref)) <= RTOL[dtype]
+
+
+def test_microbatch_mean_weights_the_remainder():
+    x = jnp.arange(10.0)
+    for size in (1, 3, 4, 9, 10, 20, None):
+        assert np.isclose(float(microbatch_mean(jnp.mean, x, size)), 4.5, rtol=1e-12)
+    with pytest.raises(ValueError, match="microbatch_size"):
+        microbatch_mean(jnp.mean, x, 0)
+    with pytest.raises(ValueError, match="leading"):
+        microbatch_mean(lambda b: jnp.mean(b[0]), (x, jnp.ones(3)), 2)
+
+
+# ------------------------------------------------------------------ GGN
+
+
+def _ce(logits, labels):
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+
+@pytest.fixture(scope="module")
+def ggn_problem():
+    key = jax.random.PRNGKey(3)
+    params = _params(key, jnp.float64)
+    x, y = _data(key, jnp.float64)
+    flat, unravel = ravel_pytree(params)
+    J = np.asarray(jax.jacfwd(lambda f: _model(unravel(f), x).reshape(-1))(flat))  # (N*2, P)
+    return params, x, y, J, unravel
+
+
+def _dense_of(matvec, unravel, P):
+    cols = jax.vmap(lambda e: ravel_pytree(matvec(unravel(e)))[0])(jnp.eye(P))
+    return np.asarray(cols).T
+
+
+def test_ggn_mse_is_jtj_over_n(ggn_problem):
+    params, x, y, J, unravel = ggn_problem
+    mse = lambda o, t: jnp.sum((o - t) ** 2) / (2 * o.shape[0])
+    G = ggn_matvec(_model, mse, params, x, loss_args=(y,))
+    dense = _dense_of(G, unravel, J.shape[1])
+    oracle = J.T @ J / N
+    assert _rel(dense, oracle) <= 1e-10
+    # microbatched (4 + 4 + 2) and jitted
+    Gmb = ggn_matvec(_model, mse, params, x, loss_args=(y,), microbatch_size=4)
+    v = unravel(jnp.asarray(np.random.default_rng(0).standard_normal(J.shape[1])))
+    got = _flat(_apply(Gmb, v))
+    assert _rel(got, oracle @ _flat(v)) <= 1e-10
+
+
+def test_ggn_cross_entropy_is_psd_and_matches_jt_h_j(ggn_problem):
+    params, x, _, J, unravel = ggn_problem
+    labels = jnp.arange(N) % 2
+    G = ggn_matvec(_model, _ce, params, x, loss_args=(labels,))
+    dense = _dense_of(G, unravel, J.shape[1])
+    logits = _model(params, x)
+    Hl = np.asarray(jax.hessian(lambda o: _ce(o.reshape(N, 2), labels))(logits.reshape(-1)))
+    assert _rel(dense, J.T @ Hl @ J) <= 1e-10
+    assert np.allclose(dense, dense.T, atol=1e-12)
+    evals = np.linalg.eigvalsh(dense)
+    assert evals.min() >= -1e-12 * evals.max()
+    # the full Hessian of the same loss is indefinite here: the GGN is not the Hessian
+    H = _dense_hessian(lambda p: _ce(_model(p, x), labels), params)
+    assert not np.allclose(H, dense, atol=1e-6)
+
+
+# ------------------------------------------------- residuals stay traced inputs
+
+
+def _constant_sizes(hlo_text):
+    """Element counts of every ``constant`` in a StableHLO module."""
+    sizes = []
+    for line in hlo_text.splitlines():
+        if "constant" not in line:
+            continue
+        m = re.search(r"tensor<([0-9x]*)x?[a-z]+[0-9]*>", line)
+        dims = [int(d) for d in m.group(1).split("x") if d] if m else []
+        sizes.append(int(np.prod(dims)) if dims else 1)
+    return sizes
+
+
+def test_hessian_matvec_keeps_residuals_as_jit_inputs():
+    key = jax.random.PRNGKey(1)
+    params = {"w": jax.random.normal(key, (40, 30)), "b": jnp.zeros(30)}
+    x = jax.random.normal(jax.random.fold_in(key, 1), (64, 40))
+    f = lambda p, x: jnp.mean(jnp.tanh(x @ p["w"] + p["b"]) ** 2)
+    apply = lambda mv, v: mv(v)
+    traces = []
+
+    @jax.jit
+    def jitted(mv, v):
+        traces.append(1)
+        return apply(mv, v)
+
+    for mode in ("linearize", "fwd-rev", "rev-rev"):
+        Hv = hessian_matvec(f, params, x, mode=mode)
+        sizes = _constant_sizes(jax.jit(apply).lower(Hv, params).as_text())
+        assert max(sizes, default=0) < 64, (mode, sorted(sizes)[-3:])
+    # the anti-pattern the test must be able to see: a closure over jax.linearize output
+    _, lin = jax.linearize(lambda p: jax.grad(f)(p, x), params)
+    baked = _constant_sizes(jax.jit(lambda v: lin(v)).lower(params).as_text())
+    assert max(baked) >= 64 * 30
+    # new residuals (another point, another batch) reuse the compiled program
+    traces.clear()
+    for s in range(3):
+        p = jax.tree.map(lambda a, s=s: a + s, params)
+        jitted(hessian_matvec(f, p, x + s), params)
+    assert len(traces) == 1
+
+
+# -------------------------------------------------------------- bad input
+
+
+def test_bad_inputs():
+    p = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
+    f = lambda p: jnp.sum(p["a"] ** 3) + jnp.sum(p["b"] ** 4)
+    with pytest.raises(ValueError, match=r"params.*tangent"):
+        hvp(f, p, {"a": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"params.*tangent"):
+        hvp(f, p, {"a": jnp.ones(3), "b": jnp.ones(4)})
+    Hv = hessian_matvec(f, p)
+    for mode in ("linearize", "fwd-rev", "rev-rev"):
+        Hv = hessian_matvec(f, p, mode=mode)
+        with pytest.raises(ValueError, match=r"params.*tangent"):
+            Hv({"a": jnp.ones(3), "c": jnp.ones((2, 2))})
+        with pytest.raises(ValueError, match=r"params.*tangent"):
+            Hv({"a": jnp.ones(3), "b": jnp.ones((4,))})
+    G = ggn_matvec(lambda p: p["a"] * jnp.sum(p["b"]), lambda o: jnp.sum(o**2), p)
+    with pytest.raises(ValueError, match=r"params.*tangent"):
+        G({"a": jnp.ones(2), "b": jnp.ones((2, 2))})
+    vec_loss = lambda p: p["a"] ** 2
+    with pytest.raises(TypeError, match="scalar"):
+        hvp(vec_loss, p, p)
+    with pytest.raises(TypeError, match="scalar"):
+        hessian_matvec(vec_loss, p)
+    with pytest.raises(TypeError, match="scalar"):
+        ggn_matvec(lambda p: p["a"], lambda o: o * 2, p)
+    with pytest.raises(TypeError, match="scalar"):
+        gradient(vec_loss, p)
+    with pytest.raises(ValueError, match="mode"):
+        hessian_matvec(f, p, mode="bogus")
+    with pytest.raises(ValueError, match="linearize"):
+        hessian_matvec(lambda p, x: f(p) * jnp.mean(x), p, jnp.ones(4), mode="linearize",
+                       microbatch_size=2)
+
+
+def test_public_surface():
+    for name in curvlib.__all__:
+        assert getattr(curvlib, name) is not None
+        if not name.startswith("__") and name[0].islower():
+            assert getattr(curvlib, name).__doc__, name
