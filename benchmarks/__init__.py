@@ -1,0 +1,1 @@
+"""curvlib benchmarks: ``python -m benchmarks.run [--quick]`` (see README.md)."""

@@ -1,0 +1,336 @@
+"""Shared benchmark machinery: timing, metadata, JSON results, Markdown summary, plots.
+
+Method (see README.md): every timed callable is warmed up first (compilation and
+first-call effects excluded), then run ``repeats`` times; each repeat calls it
+``number`` times and blocks on the result (``jax.block_until_ready``). We report
+the median per-call time and the spread (min, max, IQR) over repeats. Ratios are
+ratios of medians measured in the same process, one after the other.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+
+# Flags set by run.py; read by the cases.
+QUICK = False
+
+
+def repeats(default: int = 5) -> int:
+    """Number of timed repeats: never below 5 (the method's floor), 5 in --quick mode."""
+    return 5 if QUICK else max(5, default)
+
+
+# -------------------------------------------------------------------- timing
+
+
+def _block(x):
+    try:
+        import jax
+
+        return jax.block_until_ready(x)
+    except Exception:  # noqa: BLE001 - non-jax outputs (torch, numpy)
+        return x
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    *,
+    repeats: int = 5,
+    number: int | None = None,
+    warmup: int = 1,
+    min_repeat_s: float = 0.05,
+) -> dict:
+    """Median wall time of ``fn()`` per call, after ``warmup`` calls.
+
+    ``number`` calls make one repeat (auto-chosen so one repeat lasts at least
+    ``min_repeat_s``, to keep timer and dispatch noise small for millisecond
+    products). Outputs are blocked on with ``jax.block_until_ready``.
+    """
+    for _ in range(warmup):
+        _block(fn())
+    if number is None:
+        t0 = time.perf_counter()
+        _block(fn())
+        one = time.perf_counter() - t0
+        number = max(1, int(np.ceil(min_repeat_s / max(one, 1e-9))))
+        number = min(number, 1000)
+    times = []
+    out = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            out = fn()
+        _block(out)
+        times.append((time.perf_counter() - t0) / number)
+    return summarize(times, number=number)
+
+
+def summarize(times, **extra) -> dict:
+    t = np.asarray(times, float)
+    q1, q3 = np.percentile(t, [25, 75])
+    return {
+        "median_s": float(np.median(t)),
+        "min_s": float(t.min()),
+        "max_s": float(t.max()),
+        "iqr_s": float(q3 - q1),
+        "repeats": int(len(t)),
+        "times_s": [float(x) for x in t],
+        **extra,
+    }
+
+
+def time_compile(jitted, *args) -> float:
+    """Seconds to lower and compile ``jitted`` for ``args`` (tracing included)."""
+    t0 = time.perf_counter()
+    jitted.lower(*args).compile()
+    return time.perf_counter() - t0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (MiB), from ``getrusage``."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024.0 if sys.platform != "darwin" else r / 2**20
+
+
+def current_rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+# ------------------------------------------------------------------ metadata
+
+
+def _version(mod: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(mod)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True, stderr=subprocess.DEVNULL
+        ).strip()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def threads() -> dict:
+    """Thread settings in force: env vars, torch intra/inter-op threads, cores visible."""
+    out = {
+        k: os.environ.get(k)
+        for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "XLA_FLAGS")
+    }
+    out["os_cpu_count"] = os.cpu_count()
+    try:
+        out["sched_affinity"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    if "torch" in sys.modules:
+        import torch
+
+        out["torch_num_threads"] = torch.get_num_threads()
+        out["torch_num_interop_threads"] = torch.get_num_interop_threads()
+    return out
+
+
+def metadata() -> dict:
+    import jax
+
+    meta = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "versions": {
+            m: _version(m)
+            for m in ("curvlib", "jax", "jaxlib", "numpy", "scipy", "matfree", "torch", "flax",
+                      "optax")
+        },
+        "threads": threads(),
+        "quick": QUICK,
+    }
+    try:
+        import psutil
+
+        meta["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+        meta["load_avg_1m_at_start"] = os.getloadavg()[0]
+    except Exception:  # noqa: BLE001
+        pass
+    return meta
+
+
+# ------------------------------------------------------------------- results
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if hasattr(x, "shape") and hasattr(x, "dtype"):  # jax arrays
+        return np.asarray(x).tolist()
+    if isinstance(x, float) and not np.isfinite(x):
+        return None if np.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
+
+
+def write_result(case: str, payload: dict) -> Path:
+    """Write ``results/<case>.json`` with metadata attached; returns the path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {"case": case, "meta": metadata(), **payload}
+    path = RESULTS / f"{case}.json"
+    path.write_text(json.dumps(_jsonable(out), indent=2) + "\n")
+    return path
+
+
+def ratio(slow: float | None, fast: float | None) -> float | None:
+    if not slow or not fast:
+        return None
+    return float(slow) / float(fast)
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+# ------------------------------------------------------------------- summary
+
+
+def _fmt_s(s) -> str:
+    if s is None:
+        return "n/a"
+    s = float(s)
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} us"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.2f} s"
+
+
+def _fmt_x(r) -> str:
+    return "n/a" if r is None else f"{float(r):.2f}x"
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(str(c) for c in r) + " |")
+    return "\n".join(lines)
+
+
+def load_results() -> dict[str, dict]:
+    out = {}
+    for p in sorted(RESULTS.glob("*.json")):
+        try:
+            out[p.stem] = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def render_summary(results: dict[str, dict] | None = None) -> str:
+    """Markdown summary of every ``results/*.json`` that carries a ``summary`` block."""
+    results = load_results() if results is None else results
+    parts = ["# curvlib benchmark summary", ""]
+    metas = [r["meta"] for r in results.values() if "meta" in r]
+    if metas:
+        m = metas[0]
+        th = m.get("threads", {})
+        parts += [
+            f"Machine: {m.get('processor')} / {m.get('platform')}, "
+            f"{th.get('sched_affinity', th.get('os_cpu_count'))} cores visible, "
+            f"{m.get('memory_gb')} GiB; JAX {m['versions'].get('jax')} ({m.get('jax_backend')}), "
+            f"torch {m['versions'].get('torch')} ({th.get('torch_num_threads')} threads), "
+            f"matfree {m['versions'].get('matfree')}, scipy {m['versions'].get('scipy')}. "
+            f"Commit {m.get('git_commit')}, {m.get('date_utc')}"
+            f"{' (quick mode)' if m.get('quick') else ''}.",
+            "",
+            "Times are medians over the listed repeats after warm-up; ratios are "
+            "peer / curvlib (above 1 means curvlib is faster), measured in one run.",
+            "",
+        ]
+    headline = []
+    for name, r in results.items():
+        for row in r.get("headline", []):
+            headline.append([name] + row)
+    if headline:
+        parts += ["## Headline", "", md_table(
+            ["case", "what", "curvlib", "peer", "peer time", "ratio", "accuracy (curvlib / peer)",
+             "repeats", "goal"], headline), ""]
+    for name, r in results.items():
+        if "summary_md" in r:
+            parts += [f"## {r.get('title', name)}", "", r["summary_md"], ""]
+        for note in r.get("notes", []):
+            parts.append(f"- {note}")
+        if r.get("notes"):
+            parts.append("")
+        for plot in r.get("plots", []):
+            parts += [f"![{name}]({plot})", ""]
+    return "\n".join(parts)
+
+
+def write_summary() -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "SUMMARY.md"
+    path.write_text(render_summary())
+    return path
+
+
+def loglog_plot(path: Path, series: dict[str, tuple], *, xlabel: str, ylabel: str, title: str):
+    """Log-log plot of ``{label: (x, y)}``; returns the file name (relative to results/)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for label, (x, y) in series.items():
+        ax.loglog(x, y, "o-", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def fit_slope(x, y) -> float:
+    """Least-squares slope of log y against log x."""
+    lx, ly = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))
+    return float(np.polyfit(lx, ly, 1)[0])
+
+
+def median(xs):
+    return statistics.median(xs)

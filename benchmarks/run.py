@@ -1,0 +1,62 @@
+"""Run every benchmark case and render ``results/SUMMARY.md``.
+
+Usage (from the repository root)::
+
+    pip install -e '.[bench]'
+    python -m benchmarks.run            # everything
+    python -m benchmarks.run --quick    # short smoke run (fewer sizes and repeats)
+    python -m benchmarks.run --only products eigsh
+
+Each case writes ``benchmarks/results/<case>.json``; the summary is re-rendered
+from all JSON files present, so cases can be re-run one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import time
+import traceback
+
+CASES = ("products", "eigsh", "landscape", "scaling")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short run: fewer sizes and repeats")
+    ap.add_argument("--only", nargs="*", choices=CASES, help="run only these cases")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: all cores visible, as XLA uses)")
+    args = ap.parse_args(argv)
+
+    from . import _common as C
+
+    C.QUICK = args.quick
+    try:
+        import torch
+
+        n = args.threads or len(os.sched_getaffinity(0))
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+
+    failed = []
+    for name in args.only or CASES:
+        t0 = time.perf_counter()
+        C.log(f"== {name} ==")
+        try:
+            importlib.import_module(f"benchmarks.{name}").run(quick=args.quick)
+        except Exception:  # noqa: BLE001 - keep running the other cases, report at the end
+            traceback.print_exc()
+            failed.append(name)
+        C.log(f"== {name}: {time.perf_counter() - t0:.1f} s ==")
+    path = C.write_summary()
+    C.log(f"summary: {path}")
+    if failed:
+        C.log(f"FAILED cases: {failed}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
