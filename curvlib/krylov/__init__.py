@@ -1,6 +1,7 @@
 """Layer 2: matrix-free algorithms on any symmetric matvec over pytrees."""
 
 from curvlib.krylov.cg import CGResult, cg
+from curvlib.krylov.checks import SymmetryCheck, check_symmetric
 from curvlib.krylov.eigsh import EigshResult, eigsh
 from curvlib.krylov.lanczos import LanczosResult, lanczos
 from curvlib.krylov.power import PowerIterationResult, power_iteration
@@ -15,6 +16,8 @@ from curvlib.krylov.stochastic import (
 __all__ = [
     "CGResult",
     "cg",
+    "SymmetryCheck",
+    "check_symmetric",
     "EigshResult",
     "eigsh",
     "LanczosResult",
