@@ -108,6 +108,7 @@ def k_curve(
     num_matvecs: int | None = None,
     tol: float | None = None,
     next_subspace: bool = True,
+    flatten: bool = False,
     progress: bool = True,
 ) -> KCurve:
     """Run every landscape criterion along a grid of sample counts ``k``.
@@ -137,6 +138,7 @@ def k_curve(
       tol: eigensolver tolerance.
       next_subspace: also build the subspace at ``k + 1`` (for the corollary and the
         principal angles); skipped automatically where ``k + 2 > n``.
+      flatten: passed to :func:`curvature_subspace` (faster compiles for small models).
       progress: show a tqdm progress bar (if tqdm is installed).
 
     Returns:
@@ -179,13 +181,15 @@ def k_curve(
         t0 = time.perf_counter()
         sub = _block(curvature_subspace(loss_fn, p, data, k, Dmax, key=k_sub,
                                         microbatch_size=microbatch_size,
-                                        num_matvecs=num_matvecs, tol=tol))
+                                        num_matvecs=num_matvecs, tol=tol,
+                                        flatten=flatten))
         conv = bool(sub.converged)
         out["eigenvalues"][i] = np.asarray(sub.eigenvalues)
         if next_subspace and k + 2 <= n:
             nxt = _block(curvature_subspace(loss_fn, p, data, k + 1, Dmax, key=k_next,
                                             microbatch_size=microbatch_size,
-                                            num_matvecs=num_matvecs, tol=tol))
+                                            num_matvecs=num_matvecs, tol=tol,
+                                        flatten=flatten))
             conv = conv and bool(nxt.converged)
             out["eigenvalues_next"][i] = np.asarray(nxt.eigenvalues)
             for j, d in enumerate(dims):

@@ -375,7 +375,7 @@ def _full_mc(loss_fn, params, data, k, sig, key, num_samples, antithetic, microb
 
     def one(x):
         s, kk = x
-        e = _tree.normal_like(kk, params)
+        e = _common.normal_like(kk, params)
         w = jax.tree.map(lambda p, n: p + (s * n).astype(p.dtype), params, e)
         return _common.increment(loss_fn, w, data, k, microbatch_size) ** 2
 

@@ -1,0 +1,16 @@
+"""``python -m curvlib.demo``: the Delta2(D) probe of a small transformer, and a spectrum demo.
+
+* :mod:`curvlib.demo.data` — offline data: the Python documentation text
+  (``pydoc_data``, shipped with CPython) and scikit-learn's bundled digits;
+* :mod:`curvlib.demo.models` — a flax decoder-only transformer and an MLP, their
+  mean losses, and a compiled training loop (reused by the benchmarks);
+* :mod:`curvlib.demo.probe` — the transformer probe (the default task);
+* :mod:`curvlib.demo.spectrum` — top Hessian eigenvalues and spectral density
+  (``--task spectrum``).
+
+Needs the ``demo`` extra (flax, scikit-learn, matplotlib, tqdm).
+"""
+
+from curvlib.demo.cli import main
+
+__all__ = ["main"]
