@@ -12,15 +12,14 @@ as :func:`optax.lbfgs` is built. States are ``ScaleBy<Algo>State`` with an
 :func:`optax.lbfgs` in the same loop.
 """
 
-from curvlib.optim.bfgs import BFGSInfo, ScaleByBFGSState, bfgs, scale_by_bfgs
-from curvlib.optim.newton import NewtonInfo, ScaleByNewtonState, newton, scale_by_newton
-from curvlib.optim.newton_cg import (
+from curvlib.optim.dense_newton import NewtonInfo, ScaleByNewtonState, newton, scale_by_newton
+from curvlib.optim.hessian_free import (
     NewtonCGInfo,
     ScaleByNewtonCGState,
     newton_cg,
     scale_by_newton_cg,
 )
-from curvlib.optim.svrg import ScaleBySVRGState, SVRGInfo, scale_by_svrg, svrg
+from curvlib.optim.quasi_newton import BFGSInfo, ScaleByBFGSState, bfgs, scale_by_bfgs
 from curvlib.optim.track import (
     TrackCurvatureInfo,
     TrackCurvatureState,
@@ -30,6 +29,7 @@ from curvlib.optim.track import (
     plot_curvature,
     track_curvature,
 )
+from curvlib.optim.variance_reduced import ScaleBySVRGState, SVRGInfo, scale_by_svrg, svrg
 
 __all__ = [
     "scale_by_newton_cg",

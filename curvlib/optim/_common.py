@@ -18,6 +18,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 from curvlib import _tree
 from curvlib.operators import ggn_matvec, hessian_matvec
@@ -37,24 +39,25 @@ def is_concrete(x) -> bool:
 
 
 def check_nonnegative(name: str, x) -> None:
-    if x is not None and is_concrete(x) and not bool(jnp.all(jnp.asarray(x) >= 0)):
+    if x is not None and is_concrete(x) and not bool(np.all(np.asarray(x) >= 0)):
         raise ValueError(f"`{name}` must be >= 0; got {x}.")
 
 
 def check_positive(name: str, x) -> None:
-    if x is not None and is_concrete(x) and not bool(jnp.all(jnp.asarray(x) > 0)):
+    if x is not None and is_concrete(x) and not bool(np.all(np.asarray(x) > 0)):
         raise ValueError(f"`{name}` must be > 0; got {x}.")
 
 
 def check_in_range(name: str, x, lo, hi) -> None:
-    if is_concrete(x) and not (lo <= float(x) <= hi):
+    if is_concrete(x) and not (lo <= float(np.asarray(x)) <= hi):
         raise ValueError(f"`{name}` must lie in [{lo}, {hi}]; got {x}.")
 
 
 def check_int(name: str, x, minimum: int) -> None:
     if x is None or not is_concrete(x):
         return
-    if isinstance(x, bool) or int(x) != x or int(x) < minimum:
+    v = np.asarray(x)
+    if isinstance(x, bool) or v.shape != () or int(v) != v or int(v) < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}; got {x}.")
 
 
@@ -165,3 +168,29 @@ def all_finite(*trees) -> jax.Array:
         if jax.tree.leaves(t):
             out = out & _tree.all_finite(t)
     return out
+
+
+def _strong(x):
+    if isinstance(x, jax.Array) and getattr(x, "weak_type", False):
+        return jnp.array(x, dtype=x.dtype)
+    return x
+
+
+def strongly_typed(tx):
+    """``tx`` whose ``init`` returns no weakly-typed leaves.
+
+    optax's line searches initialise some ``info`` scalars as weakly typed and
+    return them strongly typed from ``update``; under ``jax.jit`` that flips the
+    state's abstract signature and retraces the second step. Wrapping the line
+    search of an alias keeps one compiled step.
+    """
+    if tx is None:
+        return None
+    init = tx.init
+
+    def init_fn(params):
+        return jax.tree.map(_strong, init(params))
+
+    if isinstance(tx, optax.GradientTransformationExtraArgs):
+        return optax.GradientTransformationExtraArgs(init_fn, tx.update)
+    return optax.GradientTransformation(init_fn, tx.update)

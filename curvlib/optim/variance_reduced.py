@@ -150,7 +150,7 @@ def scale_by_svrg(snapshot_every: int = 100) -> optax.GradientTransformationExtr
             raise TypeError(
                 "`scale_by_svrg.update` needs exactly one of `full_value_fn=` (the full-data "
                 "loss, a function of params) or `full_grad_fn=` (its gradient) to refresh the "
-                "snapshot; see curvlib.optim.svrg."
+                "snapshot; see curvlib.optim.variance_reduced."
             )
         dt = _common.float_dtype(params)
         full_grad = full_grad_fn if full_grad_fn is not None else jax.grad(full_value_fn)
@@ -193,7 +193,7 @@ def svrg(
 ) -> optax.GradientTransformationExtraArgs:
     """SVRG: ``chain(scale_by_svrg(snapshot_every), scale_by_learning_rate(learning_rate))``.
 
-    See :mod:`curvlib.optim.svrg` for the ``full_value_fn`` / ``full_grad_fn``
+    See :mod:`curvlib.optim.variance_reduced` for the ``full_value_fn`` / ``full_grad_fn``
     extra-argument contract and :func:`scale_by_svrg` for an example.
     """
     return optax.chain(

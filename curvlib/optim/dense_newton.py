@@ -2,7 +2,7 @@ r"""Exact dense Newton's method for small models, as an optax transform.
 
 Each step forms the full curvature matrix ``C`` (the Hessian of ``value_fn``,
 or the Gauss-Newton matrix of a ``(model_fn, loss_fn)`` split, see
-:mod:`curvlib.optim.newton_cg`) column by column as ``vmap`` of the product
+:mod:`curvlib.optim.hessian_free`) column by column as ``vmap`` of the product
 operator over the identity, takes its eigendecomposition
 :math:`C = Q \Lambda Q^\top` and outputs
 
@@ -15,7 +15,11 @@ operator over the identity, takes its eigendecomposition
       \max(\mu, \mu_{\min})   & \texttt{"clip"}
     \end{cases}
 
-so indefinite Hessians give a descent direction (eigenvalue modification,
+with the floor :math:`\mu_{\min} = \max(\texttt{min\_eigenvalue},
+\sqrt{\epsilon}\,\max_i|\mu_i|)` (``epsilon`` the dtype's machine epsilon: a
+numerical-rank threshold that keeps null directions of a singular Hessian, e.g.
+softmax's shift invariance, from blowing up the step), so indefinite Hessians
+give a descent direction (eigenvalue modification,
 Nocedal & Wright 2006, sec. 3.4; the absolute value is the saddle-free Newton
 of Dauphin et al. 2014). With a positive definite ``C`` and ``damping=0`` this is
 the exact Newton step.
@@ -54,7 +58,7 @@ class NewtonInfo(NamedTuple):
     Attributes:
       min_eigenvalue: smallest eigenvalue of the unmodified curvature.
       max_eigenvalue: largest eigenvalue of the unmodified curvature.
-      num_modified: eigenvalues below ``min_eigenvalue`` that were modified.
+      num_modified: eigenvalues below the floor (raised to it, or to ``|mu|``).
       skipped: the loss, gradient or curvature was non-finite; the step output
         zeros.
       loss: the loss at the incoming ``params``.
@@ -85,10 +89,17 @@ def dense_curvature(matvec: Callable, params: PyTree) -> jax.Array:
 def modified_newton_direction(C, g, damping, min_eigenvalue, modification="abs"):
     """``Q diag(1/(phi(Lambda) + damping)) Q^T g`` and the eigenvalues of ``C``."""
     w, Q = jnp.linalg.eigh(C)
+    floor = eigenvalue_floor(w, min_eigenvalue)
     mod = jnp.abs(w) if modification == "abs" else w
-    wt = jnp.maximum(mod, min_eigenvalue) + damping
+    wt = jnp.maximum(mod, floor) + damping
     coef = (Q.T @ g) / jnp.where(wt > 0, wt, 1.0)
     return Q @ coef, w
+
+
+def eigenvalue_floor(w, min_eigenvalue):
+    """``max(min_eigenvalue, sqrt(eps) * max|w|)``: the numerical-rank threshold."""
+    rel = jnp.sqrt(jnp.finfo(w.dtype).eps) * jnp.max(jnp.abs(w))
+    return jnp.maximum(min_eigenvalue, rel)
 
 
 def scale_by_newton(
@@ -107,7 +118,8 @@ def scale_by_newton(
 
     Args:
       damping: ``lambda >= 0`` added to the modified eigenvalues (traceable).
-      min_eigenvalue: floor ``mu_min > 0`` of the modified eigenvalues.
+      min_eigenvalue: absolute floor of the modified eigenvalues (the floor is
+        also at least ``sqrt(eps) * max|mu|``).
       modification: ``"abs"`` (``|mu|``, saddle-free) or ``"clip"``
         (``max(mu, mu_min)``).
       max_params: refuse (``ValueError`` at ``init``) above this many
@@ -145,7 +157,7 @@ def scale_by_newton(
         if _common.is_concrete(max_params) and n > int(max_params):
             raise ValueError(
                 f"scale_by_newton forms the dense {n} x {n} curvature matrix ({n} parameters > "
-                f"max_params={int(max_params)}); use curvlib.optim.newton_cg for large models "
+                f"max_params={int(max_params)}); use curvlib.newton_cg for large models "
                 "or raise `max_params`."
             )
         dt = _common.float_dtype(params)
@@ -175,13 +187,19 @@ def scale_by_newton(
         info = NewtonInfo(
             min_eigenvalue=w[0].astype(dt),
             max_eigenvalue=w[-1].astype(dt),
-            num_modified=jnp.sum(w < min_eigenvalue).astype(jnp.int32),
+            num_modified=jnp.sum(w < eigenvalue_floor(w, min_eigenvalue)).astype(jnp.int32),
             skipped=~finite,
             loss=value,
         )
         return unravel(p), ScaleByNewtonState(optax.safe_increment(state.count), info)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# the default line search of the alias: Armijo backtracking from the full step
+_DEFAULT_LINESEARCH = optax.scale_by_backtracking_linesearch(
+    max_backtracking_steps=20, decrease_factor=0.5
+)
 
 
 def newton(
@@ -193,14 +211,29 @@ def newton(
     max_params: int = 4096,
     ggn: tuple[Callable, Callable] | None = None,
     hvp_mode: str | None = None,
-    linesearch: optax.GradientTransformationExtraArgs | optax.GradientTransformation | None = None,
+    linesearch: optax.GradientTransformationExtraArgs | optax.GradientTransformation | None = (
+        _DEFAULT_LINESEARCH
+    ),
 ) -> optax.GradientTransformationExtraArgs:
     """Dense Newton: ``chain(scale_by_newton, -lr, linesearch)`` (see :func:`scale_by_newton`).
 
-    ``learning_rate=None`` takes the full Newton step; pass e.g.
-    ``optax.scale_by_backtracking_linesearch(max_backtracking_steps=20)`` as
-    ``linesearch`` (with ``value=`` and ``grad=`` extra arguments) for a
-    globalised method on non-convex losses.
+    The default line search is optax's Armijo backtracking starting from the
+    full Newton step (so a quadratic is still solved in one step, while the far
+    field of e.g. a logistic loss, where pure Newton overshoots, is
+    globalised); ``update`` then needs ``value=``, ``grad=`` and ``value_fn=``.
+    ``linesearch=None`` gives the pure (modified) Newton iteration.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from curvlib.optim import newton
+      >>> f = lambda p: jnp.sum(jnp.logaddexp(0.0, -p)) + 0.05 * jnp.sum(p ** 2)
+      >>> opt = newton(); p = jnp.full(3, 5.0); s = opt.init(p)
+      >>> for _ in range(8):
+      ...     v, g = jax.value_and_grad(f)(p)
+      ...     u, s = opt.update(g, s, p, value=v, grad=g, value_fn=f)
+      ...     p = optax.apply_updates(p, u)
+      >>> bool(jnp.linalg.norm(jax.grad(f)(p)) < 1e-5)
+      True
     """
     base_scaling = (
         optax.scale(-1.0) if learning_rate is None else optax.scale_by_learning_rate(learning_rate)
@@ -213,5 +246,5 @@ def newton(
         base_scaling,
     ]
     if linesearch is not None:
-        parts.append(linesearch)
+        parts.append(_common.strongly_typed(linesearch))
     return optax.chain(*parts)

@@ -227,5 +227,5 @@ def bfgs(
     )
     parts = [scale_by_bfgs(curvature_rtol=curvature_rtol, max_params=max_params), base_scaling]
     if linesearch is not None:
-        parts.append(linesearch)
+        parts.append(_common.strongly_typed(linesearch))
     return optax.chain(*parts)

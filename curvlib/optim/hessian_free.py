@@ -75,6 +75,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from curvlib import _tree
@@ -133,9 +134,9 @@ def _validate(damping, damping_increase, damping_decrease, min_damping, max_damp
     _common.check_nonnegative("min_damping", min_damping)
     _common.check_positive("max_damping", max_damping)
     _common.check_positive("cg_rtol", cg_rtol)
-    if _common.is_concrete(damping_increase) and float(damping_increase) < 1:
+    if _common.is_concrete(damping_increase) and float(np.asarray(damping_increase)) < 1:
         raise ValueError(f"`damping_increase` must be >= 1; got {damping_increase}.")
-    if _common.is_concrete(damping_decrease) and not 0 < float(damping_decrease) <= 1:
+    if _common.is_concrete(damping_decrease) and not 0 < float(np.asarray(damping_decrease)) <= 1:
         raise ValueError(f"`damping_decrease` must lie in (0, 1]; got {damping_decrease}.")
     _common.check_in_range("warm_start_decay", warm_start_decay, 0.0, 1.0)
     if max_cg_steps is not None and not _common.is_concrete(max_cg_steps):
@@ -386,5 +387,5 @@ def newton_cg(
         base_scaling,
     ]
     if linesearch is not None:
-        parts.append(linesearch)
+        parts.append(_common.strongly_typed(linesearch))
     return optax.chain(*parts)

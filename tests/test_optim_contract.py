@@ -1,0 +1,207 @@
+"""The shared optax contract suite: every curvlib transform behaves like optax's own.
+
+Each case is an alias (``newton_cg``, ``newton``, ``bfgs``, ``svrg``) trained on a
+small softmax regression whose parameters are a dict pytree; the extra
+arguments follow each transform's documented contract. Checked for every case:
+jit with no retrace on the second step, ``optax.chain``,
+``optax.inject_hyperparams``, ``optax.apply_if_finite`` with a NaN loss,
+``optax.MultiSteps``, dtype/shape stability of the state in float32 and float64,
+and a flax ``nnx.Optimizer`` training step (modelled on optax's ``alias_test.py``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from curvlib import optim
+
+N, D, K = 24, 4, 3
+
+
+def _data(dtype):
+    kx, kw = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, (N, D), dtype)
+    labels = jnp.argmax(x @ jax.random.normal(kw, (D, K), dtype), axis=-1)
+    return x, jax.nn.one_hot(labels, K, dtype=dtype)
+
+
+def _params(dtype):
+    return {"w": jnp.zeros((D, K), dtype), "b": jnp.zeros((K,), dtype)}
+
+
+def loss(params, batch):
+    x, y = batch
+    logits = x @ params["w"] + params["b"]
+    l2 = 1e-2 * (jnp.sum(params["w"] ** 2) + jnp.sum(params["b"] ** 2))
+    return jnp.mean(optax.softmax_cross_entropy(logits, y)) + l2
+
+
+def _extra(name, batch, full_batch):
+    """The documented extra arguments of each transform for one step."""
+    if name == "svrg":
+        return {"batch": batch, "full_value_fn": lambda p: loss(p, full_batch)}
+    return {"batch": batch}
+
+
+CASES = {
+    "newton_cg": lambda lr=None: optim.newton_cg(lr),
+    "newton": lambda lr=None: optim.newton(lr),
+    "bfgs": lambda lr=None: optim.bfgs(lr),
+    "svrg": lambda lr=None: optim.svrg(0.5 if lr is None else lr, snapshot_every=4),
+}
+SCALE_BY = {
+    "newton_cg": optim.scale_by_newton_cg,
+    "newton": optim.scale_by_newton,
+    "bfgs": optim.scale_by_bfgs,
+    "svrg": lambda: optim.scale_by_svrg(snapshot_every=4),
+}
+STATE_TYPES = {
+    "newton_cg": optim.ScaleByNewtonCGState,
+    "newton": optim.ScaleByNewtonState,
+    "bfgs": optim.ScaleByBFGSState,
+    "svrg": optim.ScaleBySVRGState,
+}
+
+
+def _make_step(name, opt, counter=None):
+    def step(params, state, batch, full_batch):
+        if counter is not None:
+            counter.append(1)
+        value, grad = jax.value_and_grad(loss)(params, batch)
+        updates, state = opt.update(
+            grad, state, params, value=value, grad=grad, value_fn=loss,
+            **_extra(name, batch, full_batch),
+        )
+        return optax.apply_updates(params, updates), state, value
+
+    return step
+
+
+def _signature(tree):
+    return jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), tree)
+
+
+def _all_finite(tree):
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
+               if jnp.issubdtype(jnp.result_type(x), jnp.inexact))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_jit_no_retrace_and_stable_state(name, dtype):
+    batch = _data(dtype)
+    opt = CASES[name]()
+    params = _params(dtype)
+    state = opt.init(params)
+    assert any(isinstance(s, STATE_TYPES[name]) for s in state)
+    sig = _signature(state)
+    traces = []
+    step = jax.jit(_make_step(name, opt, traces))
+    losses = []
+    for _ in range(3):
+        params, state, value = step(params, state, batch, batch)
+        losses.append(float(value))
+        assert _signature(state) == sig
+        assert jax.tree.map(lambda x: x.dtype, params) == {"w": dtype, "b": dtype}
+    assert len(traces) == 1, "the second jitted step retraced"
+    assert losses[-1] < losses[0]
+    assert _all_finite(state)
+
+
+@pytest.mark.parametrize("name", list(SCALE_BY))
+def test_chain_with_other_transforms(name):
+    batch = _data(jnp.float64)
+    opt = optax.chain(optax.clip_by_global_norm(100.0), SCALE_BY[name](), optax.scale(-0.5))
+    step = jax.jit(_make_step(name, opt))
+    params, state = _params(jnp.float64), opt.init(_params(jnp.float64))
+    first = float(loss(params, batch))
+    for _ in range(3):
+        params, state, _ = step(params, state, batch, batch)
+    assert float(loss(params, batch)) < first
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_inject_hyperparams(name):
+    batch = _data(jnp.float64)
+    opt = optax.inject_hyperparams(CASES[name])(lr=0.5)
+    params = _params(jnp.float64)
+    state = opt.init(params)
+    step = jax.jit(_make_step(name, opt))
+    p1, s1, _ = step(params, state, batch, batch)
+    state = state._replace(hyperparams={**state.hyperparams, "lr": jnp.asarray(0.0)})
+    p0, _, _ = step(params, state, batch, batch)
+    # a zero learning rate leaves the params; the injected value is a traced input
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), p0, params))
+    assert float(loss(p1, batch)) < float(loss(params, batch))
+    assert _all_finite(s1)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_apply_if_finite_with_nan_loss(name):
+    x, y = _data(jnp.float64)
+    opt = optax.apply_if_finite(CASES[name](), max_consecutive_errors=5)
+    step = jax.jit(_make_step(name, opt))
+    params = _params(jnp.float64)
+    state = opt.init(params)
+    params, state, _ = step(params, state, (x, y), (x, y))
+    bad = (x.at[0, 0].set(jnp.nan), y)
+    p_bad, state, value = step(params, state, bad, (x, y))
+    assert not np.isfinite(float(value))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), p_bad, params))
+    assert int(state.notfinite_count) == 1
+    before = float(loss(p_bad, (x, y)))
+    for _ in range(2):
+        p_bad, state, _ = step(p_bad, state, (x, y), (x, y))
+    assert _all_finite(p_bad) and _all_finite(state.inner_state)
+    assert float(loss(p_bad, (x, y))) < before
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_multisteps(name):
+    batch = _data(jnp.float64)
+    opt = optax.MultiSteps(CASES[name](), every_k_schedule=2)
+    step = jax.jit(_make_step(name, opt))
+    params = _params(jnp.float64)
+    state = opt.init(params)
+    p1, state, _ = step(params, state, batch, batch)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), p1, params))
+    p2, state, _ = step(p1, state, batch, batch)
+    assert float(loss(p2, batch)) < float(loss(params, batch))
+    assert _all_finite(state)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_flax_nnx_optimizer_step(name):
+    nnx = pytest.importorskip("flax.nnx")
+    x, y = _data(jnp.float32)
+
+    model = nnx.Linear(D, K, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, CASES[name](), wrt=nnx.Param)
+    graphdef, _ = nnx.split(model)
+
+    def model_loss(m, batch):
+        bx, by = batch
+        l2 = 1e-2 * (jnp.sum(m.kernel[...] ** 2) + jnp.sum(m.bias[...] ** 2))
+        return jnp.mean(optax.softmax_cross_entropy(m(bx), by)) + l2
+
+    def value_fn(params, batch):  # params: the pure nnx.Param state the optimizer passes
+        return model_loss(nnx.merge(graphdef, params), batch)
+
+    @nnx.jit
+    def train_step(model, optimizer, batch):
+        value, grads = nnx.value_and_grad(model_loss)(model, batch)
+        extra = {"batch": batch}
+        if name == "svrg":
+            extra["full_value_fn"] = lambda p: value_fn(p, (x, y))
+        grad_arrays = nnx.as_pure(nnx.state(grads, nnx.Param))
+        optimizer.update(model, grads, value=value, grad=grad_arrays, value_fn=value_fn, **extra)
+        return value
+
+    first = float(train_step(model, optimizer, (x, y)))
+    for _ in range(3):
+        last = float(train_step(model, optimizer, (x, y)))
+    assert last < first
