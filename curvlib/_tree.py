@@ -28,12 +28,21 @@ def check_same_structure(a: PyTree, b: PyTree, name_a: str, name_b: str) -> None
             f"`{name_a}` and `{name_b}` must have the same pytree structure; got "
             f"{name_a}: {ta} and {name_b}: {tb}."
         )
-    for i, (x, y) in enumerate(zip(jax.tree.leaves(a), jax.tree.leaves(b))):
+    for i, (x, y) in enumerate(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)):
         if jnp.shape(x) != jnp.shape(y):
             raise ValueError(
                 f"`{name_a}` and `{name_b}` must have matching leaf shapes; leaf {i} "
                 f"has shape {jnp.shape(x)} in {name_a} and {jnp.shape(y)} in {name_b}."
             )
+
+
+def check_matvec(matvec, v: PyTree, name: str) -> None:
+    """Raise ``ValueError`` unless ``matvec(v)`` has ``v``'s structure and leaf shapes.
+
+    Uses ``jax.eval_shape``: one abstract trace of ``matvec``, no computation.
+    """
+    out = jax.eval_shape(matvec, v)
+    check_same_structure(v, out, name, "matvec(" + name + ")")
 
 
 def check_float_tree(tree: PyTree, name: str) -> None:
@@ -127,7 +136,7 @@ def normal_like(key: jax.Array, a: PyTree, dt=None) -> PyTree:
     keys = jax.random.split(key, len(leaves))
     out = [
         jax.random.normal(k, jnp.shape(x), dt or jnp.result_type(x))
-        for k, x in zip(keys, leaves)
+        for k, x in zip(keys, leaves, strict=True)
     ]
     return jax.tree.unflatten(treedef, out)
 
@@ -138,7 +147,7 @@ def rademacher_like(key: jax.Array, a: PyTree, dt=None) -> PyTree:
     keys = jax.random.split(key, len(leaves))
     out = [
         jax.random.rademacher(k, jnp.shape(x), dt or jnp.result_type(x))
-        for k, x in zip(keys, leaves)
+        for k, x in zip(keys, leaves, strict=True)
     ]
     return jax.tree.unflatten(treedef, out)
 
@@ -162,7 +171,7 @@ def basis_set(Q: PyTree, i, v: PyTree) -> PyTree:
 def basis_project(Q: PyTree, v: PyTree, acc_dtype=None) -> jax.Array:
     """Coefficients ``Q v`` (shape ``(m,)``): one matrix-vector product per leaf."""
     parts = []
-    for q, x in zip(jax.tree.leaves(Q), jax.tree.leaves(v)):
+    for q, x in zip(jax.tree.leaves(Q), jax.tree.leaves(v), strict=True):
         q2 = q.reshape(q.shape[0], -1)
         x1 = x.reshape(-1)
         dt = acc_dtype or jnp.result_type(q2, x1)
@@ -191,7 +200,7 @@ def basis_matmul(C: jax.Array, Q: PyTree) -> PyTree:
 def basis_gram(P: PyTree, Q: PyTree, acc_dtype=None) -> jax.Array:
     """Gram matrix ``P Q^T`` of two bases (shape ``(p, q)``)."""
     parts = []
-    for a, b in zip(jax.tree.leaves(P), jax.tree.leaves(Q)):
+    for a, b in zip(jax.tree.leaves(P), jax.tree.leaves(Q), strict=True):
         a2 = a.reshape(a.shape[0], -1)
         b2 = b.reshape(b.shape[0], -1)
         dt = acc_dtype or jnp.result_type(a2, b2)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +82,8 @@ def cg(
       damping: ``lambda >= 0`` added to the diagonal (traceable).
       rtol: relative tolerance on ``||r|| / ||b||``.
       atol: absolute tolerance on ``||r||``.
-      max_steps: iteration cap; default the dimension of ``b``.
+      max_steps: iteration cap; default ``10 * dim`` (SciPy's choice: in floating
+        point CG can need more than ``dim`` steps).
       preconditioner: optional SPD ``M^{-1}`` applied to residuals.
 
     Returns:
@@ -89,6 +91,16 @@ def cg(
 
     Raises:
       ValueError: if ``x0`` does not match ``b`` or ``max_steps`` < 1.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> A = jnp.array([[4.0, 1.0], [1.0, 3.0]])
+      >>> cg(lambda v: A @ v, jnp.array([1.0, 2.0]), rtol=1e-6).x
+      Array([0.09090909, 0.6363636 ], dtype=float32)
+      >>> indefinite = jnp.diag(jnp.array([1.0, -1.0]))
+      >>> res = cg(lambda v: indefinite @ v, jnp.array([1.0, 1.0]))
+      >>> bool(res.negative_curvature), res.curvature_direction
+      (True, Array([1., 1.], dtype=float32))
 
     References:
       T. Steihaug, *The conjugate gradient method and trust regions in large
@@ -99,8 +111,10 @@ def cg(
         x0 = _tree.zeros_like(b)
     else:
         _tree.check_same_structure(b, x0, "b", "x0")
+    _tree.check_matvec(matvec, b, "b")
     if max_steps is None:
-        max_steps = _tree.size(b)
+        # finite-precision CG loses conjugacy and may need more than ``dim`` steps
+        max_steps = 10 * _tree.size(b)
     if int(max_steps) < 1:
         raise ValueError(f"`max_steps` must be >= 1; got {max_steps}.")
     precond = preconditioner if preconditioner is not None else (lambda v: v)
@@ -133,7 +147,8 @@ def cg(
         Ap = op(s.p)
         finite = _tree.all_finite(Ap)
         pAp = _tree.vdot(s.p, Ap).astype(acc)
-        negcurv = finite & (pAp <= 0)
+        # p = 0 only when r = 0 (exact convergence with a zero tolerance): not curvature
+        negcurv = finite & (pAp <= 0) & (s.rnorm > 0)
         good = finite & ~negcurv
         alpha = s.rz / jnp.where(good, pAp, 1.0)
         x = _tree.add_scale(s.x, alpha, s.p)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import importlib
+import operator
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _tree
-from curvlib.krylov import lanczos as _lz
+
+# the package re-exports the *function* ``lanczos`` under the submodule's name, so
+# ``from curvlib.krylov import lanczos`` may yield the function: import the module itself.
+_lz = importlib.import_module("curvlib.krylov.lanczos")
 
 PyTree = Any
 
@@ -60,6 +66,16 @@ def _ritz(state: _lz._Krylov, k, which, tol):
     return theta_o, Y_o, res, conv, anorm
 
 
+def _static_int(x, name: str) -> int:
+    """``x`` as a Python int (accepts NumPy integers), else a ``ValueError``."""
+    if isinstance(x, bool):
+        raise ValueError(f"`{name}` must be an int; got {x!r}.")
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise ValueError(f"`{name}` must be a static int; got {x!r}.") from None
+
+
 def eigsh(
     matvec: Callable[[PyTree], PyTree],
     v0: PyTree,
@@ -105,27 +121,43 @@ def eigsh(
     Raises:
       ValueError: for ``k`` or ``num_matvecs`` out of range or an unknown ``which``.
 
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> A = jnp.diag(jnp.arange(-50.0, 50.0))  # dominant negative eigenvalues
+      >>> res = eigsh(lambda v: A @ v, jnp.ones(100), k=3, which="LA")
+      >>> res.eigenvalues, bool(res.converged)
+      (Array([49., 48., 47.], dtype=float32), True)
+      >>> eigsh(lambda v: A @ v, jnp.ones(100), k=2, which="SA").eigenvalues
+      Array([-50., -49.], dtype=float32)
+
     References:
       K. Wu and H. Simon, *Thick-restart Lanczos method for large symmetric
       eigenvalue problems*, SIAM J. Matrix Anal. Appl. 2000.
     """
     _tree.check_float_tree(v0, "v0")
     n = _tree.size(v0)
+    _tree.check_matvec(matvec, v0, "v0")
     if which not in WHICH:
         raise ValueError(f"`which` must be one of {WHICH}; got {which!r}.")
-    if not isinstance(k, int) or k < 1:
+    k = _static_int(k, "k")
+    if k < 1:
         raise ValueError(f"`k` must be a positive int; got {k!r}.")
     if k >= n:
         raise ValueError(
             f"`k`={k} must be smaller than the dimension of `v0` ({n}); for all "
             "eigenpairs use a dense eigendecomposition."
         )
-    m = min(n, max(2 * k + 1, 20)) if num_matvecs is None else num_matvecs
-    if not isinstance(m, int) or m <= k or m > n:
+    if num_matvecs is None:
+        m = min(n, max(2 * k + 1, 20))
+    else:
+        m = _static_int(num_matvecs, "num_matvecs")
+    if m <= k or m > n:
         raise ValueError(
             f"`num_matvecs` must satisfy k < num_matvecs <= dim (k={k}, dim={n}); got {m!r}."
         )
-    keep = k + (m - k) // 2 if num_keep is None else num_keep
+    keep = k + (m - k) // 2 if num_keep is None else _static_int(num_keep, "num_keep")
+    if isinstance(max_restarts, int) and max_restarts < 0:  # may also be traced
+        raise ValueError(f"`max_restarts` must be >= 0; got {max_restarts!r}.")
     if not (k <= keep < m):
         raise ValueError(f"`num_keep` must satisfy k <= num_keep < num_matvecs; got {keep}.")
     acc = _lz._acc_dtype(v0)
@@ -133,7 +165,7 @@ def eigsh(
         tol = float(np.sqrt(np.finfo(_tree.dtype(v0)).eps))
 
     state = _lz._init_state(v0, m, acc)
-    state = _lz._extend(matvec, state, 0, m, jnp.asarray(1.0, acc))
+    state = _lz._extend(matvec, state, 0, m)
     theta, Y, res, conv, anorm = _ritz(state, k, which, tol)
 
     def cond(c):
@@ -145,7 +177,9 @@ def eigsh(
         C = jnp.zeros((m, m), acc).at[:keep].set(Y[:, :keep].T)
         Q = _tree.basis_matmul(C, state.Q)
         H = jnp.zeros((m, m), acc).at[jnp.arange(keep), jnp.arange(keep)].set(theta[:keep])
-        new = _lz._Krylov(Q, H, state.r, state.beta, state.breakdown, state.finite)
+        new = _lz._Krylov(
+            Q, H, state.r, state.beta, state.breakdown, state.finite, state.anorm
+        )
         new = _lz._extend(matvec, new, keep, m, anorm)
         theta_n, Y_n, _, conv_n, anorm_n = _ritz(new, k, which, tol)
         ok = new.finite & jnp.all(jnp.isfinite(theta_n))
@@ -165,7 +199,7 @@ def eigsh(
     return EigshResult(
         eigenvalues=vals,
         eigenvectors=X,
-        residual_norms=jnp.where(jnp.isfinite(res[:k]), res[:k], jnp.inf),
+        residual_norms=jnp.where(jnp.isfinite(res[:k]) & finite, res[:k], jnp.inf),
         num_matvecs=(m + it * (m - keep)).astype(jnp.int32),
         num_restarts=it,
         converged=conv & finite,

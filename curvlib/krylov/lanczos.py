@@ -10,7 +10,8 @@ two basis-times-vector products per step rather than a loop over the basis.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,9 @@ class _Krylov(NamedTuple):
     beta: jax.Array  # ||r||
     breakdown: jax.Array
     finite: jax.Array
+    # running max of ||A q_j|| (before orthogonalisation): the scale against which a
+    # small ``beta`` counts as a breakdown. ``None`` means "unknown" (treated as 0).
+    anorm: jax.Array | None = None
 
 
 def _random_direction(key_int, like):
@@ -77,35 +81,49 @@ def _orthogonalize(Q, w, acc_dtype):
 def _extend_step(matvec: Callable, j, state: _Krylov, scale) -> _Krylov:
     """Append ``q_j = r / beta`` to the basis and compute ``r <- A q_j`` orthogonalised.
 
-    On breakdown (``beta`` below ``eps * scale``) the new vector is a
-    deterministic random direction orthogonalised against the basis, and the
-    coupling ``beta`` is recorded as zero: the projected matrix stays exact.
+    A breakdown is ``beta <= 10 sqrt(m) eps ||A||``, with ``||A||`` estimated by
+    the largest ``||A q_i||`` seen so far (``state.anorm``): the test is relative
+    to the operator's own scale, so operators of tiny or huge norm (a float32
+    Hessian with entries ~1e-6) are treated alike. ``scale`` is unused and kept
+    for signature compatibility. On breakdown the new vector is a deterministic
+    random direction orthogonalised against the basis and the coupling is
+    recorded as zero; since ``A q_i`` lies in ``span(Q)`` to working precision,
+    the projected matrix and the Lanczos relation stay exact. A zero or
+    non-finite start vector is a breakdown at ``j = 0``.
     """
+    del scale
     Q, H, r, beta = state.Q, state.H, state.r, state.beta
     acc = H.dtype
     eps = jnp.finfo(acc).eps
-    broke = beta <= 10 * eps * jnp.maximum(scale, 1.0) * jnp.sqrt(jnp.asarray(H.shape[0], acc))
+    anorm = state.anorm
+    thresh = 10 * eps * jnp.sqrt(jnp.asarray(H.shape[0], acc)) * anorm
+    broke = ~(beta > thresh)  # also catches a NaN beta
+
     def fresh_direction(_):
-        fresh, _ = _orthogonalize(Q, _random_direction(j, r), acc)
-        return _orthogonalize(Q, fresh, acc)[0]
+        return _orthogonalize(Q, _random_direction(j, r), acc)[0]
 
     r = jax.lax.cond(broke, fresh_direction, lambda _: r, None)
     nr = _tree.norm(r).astype(acc)
     q = _tree.scale(1.0 / jnp.where(nr > 0, nr, 1.0), r)
     Q = _tree.basis_set(Q, j, q)
     w = matvec(q)
-    w = _tree.astype(w, _tree.dtype(r)) if _tree.dtype(w) != _tree.dtype(r) else w
+    # cast leaf by leaf (a pytree may mix dtypes; the loop carry must keep them)
+    w = jax.tree.map(lambda x, y: jnp.asarray(x).astype(y.dtype), w, r)
     finite = state.finite & _tree.all_finite(w)
     w = _tree.where(finite, w, _tree.zeros_like(w))
+    anorm = jnp.maximum(anorm, _tree.norm(w).astype(acc))
     w, h = _orthogonalize(Q, w, acc)
     # only rows <= j are meaningful
     mask = jnp.arange(H.shape[0]) <= j
     H = H.at[:, j].set(jnp.where(mask, h, 0.0))
     new_beta = _tree.norm(w).astype(acc)
-    return _Krylov(Q, H, w, new_beta, state.breakdown | (broke & (j > 0)), finite)
+    return _Krylov(Q, H, w, new_beta, state.breakdown | (broke & (j > 0)), finite, anorm)
 
 
-def _extend(matvec, state: _Krylov, start, stop, scale) -> _Krylov:
+def _extend(matvec, state: _Krylov, start, stop, scale=None) -> _Krylov:
+    """Steps ``start .. stop-1`` of :func:`_extend_step` under one ``fori_loop``."""
+    if state.anorm is None:
+        state = state._replace(anorm=jnp.zeros((), state.H.dtype))
     return jax.lax.fori_loop(
         start, stop, lambda j, s: _extend_step(matvec, j, s, scale), state
     )
@@ -131,6 +149,7 @@ def _init_state(v0, m, acc_dtype):
         beta=nv,
         breakdown=jnp.asarray(False),
         finite=_tree.all_finite(v0),
+        anorm=jnp.zeros((), acc_dtype),
     )
 
 
@@ -183,6 +202,7 @@ def lanczos(
         raise ValueError(
             f"`num_matvecs`={num_matvecs} exceeds the dimension of `v0` ({n})."
         )
+    _tree.check_matvec(matvec, v0, "v0")
     if reortho not in ("full", "none"):
         raise ValueError(f"`reortho` must be 'full' or 'none'; got {reortho!r}.")
     acc = _acc_dtype(v0)

@@ -1,14 +1,19 @@
-"""Randomised estimators: Hutchinson / Hutch++ trace, diagonal, and stochastic Lanczos quadrature."""
+"""Randomised estimators: Hutchinson / Hutch++ trace and diagonal, stochastic Lanczos quadrature."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import importlib
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from curvlib import _tree
-from curvlib.krylov import lanczos as _lz
+
+# the package re-exports the *function* ``lanczos`` under the submodule's name, so
+# ``from curvlib.krylov import lanczos`` may yield the function: import the module itself.
+_lz = importlib.import_module("curvlib.krylov.lanczos")
 
 PyTree = Any
 
@@ -20,11 +25,13 @@ class StochasticEstimate(NamedTuple):
       estimate: the estimate (scalar for a trace, pytree for a diagonal).
       stderr: its standard error (same structure as ``estimate``).
       num_matvecs: products used.
+      finite: every product was finite (if not, the estimate is not meaningful).
     """
 
     estimate: Any
     stderr: Any
     num_matvecs: int
+    finite: Any = True
 
 
 class SpectralDensity(NamedTuple):
@@ -36,6 +43,8 @@ class SpectralDensity(NamedTuple):
       nodes: Ritz values per probe (shape ``(num_probes, num_matvecs)``).
       weights: Gauss quadrature weights per probe (rows sum to 1).
       sigma: broadening width used.
+      finite: every product was finite (if not, the Lanczos runs stopped at the
+        first non-finite product and the density is not meaningful).
     """
 
     grid: jax.Array
@@ -43,6 +52,7 @@ class SpectralDensity(NamedTuple):
     nodes: jax.Array
     weights: jax.Array
     sigma: jax.Array
+    finite: Any = True
 
 
 def _check_probes(num_probes):
@@ -54,6 +64,15 @@ def _block_matvec(matvec, V, batch_size):
     if batch_size is None:
         return jax.vmap(matvec)(V)
     return jax.lax.map(matvec, V, batch_size=batch_size)
+
+
+def _rowdots(P, Q, acc):
+    """``(p_i . q_i)_i`` for two bases with the same leading axis: ``O(s N)``, no Gram matrix."""
+    parts = [
+        jnp.sum((a * b).reshape(a.shape[0], -1), axis=1, dtype=acc)
+        for a, b in zip(jax.tree.leaves(P), jax.tree.leaves(Q), strict=True)
+    ]
+    return sum(parts[1:], parts[0])
 
 
 def _probes(key, v_like, num):
@@ -99,16 +118,17 @@ def hutchinson_trace(
     """
     _check_probes(num_probes)
     _tree.check_float_tree(v_like, "v_like")
+    _tree.check_matvec(matvec, v_like, "v_like")
     if method not in ("hutch++", "hutchinson"):
         raise ValueError(f"`method` must be 'hutch++' or 'hutchinson'; got {method!r}.")
     acc = jnp.promote_types(_tree.dtype(v_like), jnp.float32)
     if method == "hutchinson" or num_probes < 3:
         Z = _probes(key, v_like, num_probes)
         AZ = _block_matvec(matvec, Z, batch_size)
-        samples = jnp.diagonal(_tree.basis_gram(Z, AZ, acc))
+        samples = _rowdots(Z, AZ, acc)
         est = jnp.mean(samples)
         se = jnp.std(samples, ddof=1) / jnp.sqrt(num_probes) if num_probes > 1 else jnp.inf
-        return StochasticEstimate(est, jnp.asarray(se, acc), num_probes)
+        return StochasticEstimate(est, jnp.asarray(se, acc), num_probes, _tree.all_finite(AZ))
     s = num_probes // 3
     g = num_probes - 2 * s
     k1, k2 = jax.random.split(key)
@@ -120,10 +140,11 @@ def hutchinson_trace(
     G = _probes(k2, v_like, g)
     G = _tree.sub(G, _tree.basis_matmul(_tree.basis_gram(G, Q, acc), Q))
     AG = _block_matvec(matvec, G, batch_size)
-    samples = jnp.diagonal(_tree.basis_gram(G, AG, acc))
+    samples = _rowdots(G, AG, acc)
     est = exact + jnp.mean(samples)
     se = jnp.std(samples, ddof=1) / jnp.sqrt(g) if g > 1 else jnp.asarray(jnp.inf, acc)
-    return StochasticEstimate(est, se, num_probes)
+    finite = _tree.all_finite(Y) & _tree.all_finite(AQ) & _tree.all_finite(AG)
+    return StochasticEstimate(est, se, num_probes, finite)
 
 
 def _orthonormal_rows(Y, acc):
@@ -165,6 +186,7 @@ def hutchinson_diag(
     """
     _check_probes(num_probes)
     _tree.check_float_tree(v_like, "v_like")
+    _tree.check_matvec(matvec, v_like, "v_like")
     Z = _probes(key, v_like, num_probes)
     AZ = _block_matvec(matvec, Z, batch_size)
     prod = jax.tree.map(jnp.multiply, Z, AZ)
@@ -173,7 +195,7 @@ def hutchinson_diag(
         se = jax.tree.map(lambda x: jnp.std(x, axis=0, ddof=1) / jnp.sqrt(num_probes), prod)
     else:
         se = jax.tree.map(lambda x: jnp.full(x.shape[1:], jnp.inf, x.dtype), prod)
-    return StochasticEstimate(est, se, num_probes)
+    return StochasticEstimate(est, se, num_probes, _tree.all_finite(AZ))
 
 
 def spectral_density(
@@ -214,6 +236,7 @@ def spectral_density(
     """
     _check_probes(num_probes)
     _tree.check_float_tree(v_like, "v_like")
+    _tree.check_matvec(matvec, v_like, "v_like")
     n = _tree.size(v_like)
     if not isinstance(num_matvecs, int) or not 1 <= num_matvecs <= n:
         raise ValueError(f"`num_matvecs` must be an int in [1, {n}]; got {num_matvecs!r}.")
@@ -224,9 +247,9 @@ def spectral_density(
         res = _lz.lanczos(matvec, v, num_matvecs)
         T = jnp.diag(res.alphas) + jnp.diag(res.betas, 1) + jnp.diag(res.betas, -1)
         theta, Y = jnp.linalg.eigh(T)
-        return theta, Y[0] ** 2
+        return theta, Y[0] ** 2, res.finite
 
-    nodes, weights = jax.vmap(one)(keys)
+    nodes, weights, finite = jax.vmap(one)(keys)
     lo, hi = jnp.min(nodes), jnp.max(nodes)
     width = jnp.maximum(hi - lo, jnp.finfo(nodes.dtype).eps * (1 + jnp.abs(hi)))
     s = width / 100.0 if sigma is None else jnp.asarray(sigma, nodes.dtype)
@@ -236,4 +259,4 @@ def spectral_density(
     z = (grid[:, None, None] - nodes[None]) / s
     kern = jnp.exp(-0.5 * z**2) / (s * jnp.sqrt(2 * jnp.pi))
     density = jnp.sum(kern * weights[None], axis=(1, 2)) / num_probes
-    return SpectralDensity(grid, density, nodes, weights, s)
+    return SpectralDensity(grid, density, nodes, weights, s, jnp.all(finite))

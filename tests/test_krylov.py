@@ -1,0 +1,537 @@
+"""Layer 2 against dense oracles: ``numpy.linalg.eigh`` / ``solve`` and exact identities.
+
+Every operator is a dense symmetric matrix with a *designed* spectrum, applied
+to pytrees that mix a dict, a vector and a matrix leaf (``ravel_pytree`` in the
+test only). Jitted entry points take the matrix as an argument so that one
+compilation serves every spectrum of a given size.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from curvlib import (
+    cg,
+    eigsh,
+    hutchinson_diag,
+    hutchinson_trace,
+    lanczos,
+    power_iteration,
+    spectral_density,
+)
+
+EPS64 = np.finfo(np.float64).eps
+
+
+def _like(n, dtype=jnp.float64):
+    """A pytree of total size ``n``: a dict holding a vector and a matrix."""
+    r = 4 if n % 4 == 0 else 1
+    b = min(n // 2 // r, 20) * r
+    return {"a": jnp.zeros(n - b, dtype), "b": jnp.zeros((r, b // r), dtype)}
+
+
+def _tree_op(A, like):
+    unravel = ravel_pytree(like)[1]
+    return lambda v: unravel(A @ ravel_pytree(v)[0])
+
+
+def _rows(basis):
+    """A basis pytree with leading axis ``m`` as an ``(m, n)`` numpy array."""
+    return np.asarray(jax.vmap(lambda v: ravel_pytree(v)[0])(basis))
+
+
+@functools.lru_cache(maxsize=8)
+def _orthogonal(n, seed):
+    """A Haar-random orthogonal matrix (cached: the big ones are shared by several spectra)."""
+    Q, R = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
+    return Q * np.sign(np.diag(R))
+
+
+def _sym(evals, seed):
+    """``U diag(evals) U^T`` with a Haar-random orthogonal ``U``."""
+    Q = _orthogonal(len(evals), seed)
+    A = (Q * evals) @ Q.T
+    return (A + A.T) / 2
+
+
+def _start(like, seed):
+    flat, unravel = ravel_pytree(like)
+    v = np.random.default_rng(seed).standard_normal(flat.shape[0])
+    return unravel(jnp.asarray(v, flat.dtype))
+
+
+# ------------------------------------------------------------ designed spectra
+
+N_BIG = 1000
+
+
+def _spectra():
+    n = N_BIG
+    rng = np.random.default_rng(1)
+    decaying = 0.85 ** np.arange(n)
+    clustered = np.concatenate([
+        10.0 - 1e-3 * np.arange(5),  # a tight cluster
+        5.0 - 1e-3 * np.arange(5),  # and another
+        rng.uniform(0.0, 1.0, n - 10),
+    ])
+    indefinite = np.concatenate([
+        -10.0 * np.arange(10, 0, -1),  # dominant negatives -100 .. -10
+        19.5 - np.arange(10.0),  # top positives 19.5 .. 10.5
+        rng.uniform(-1.0, 1.0, n - 20),
+    ])
+    return {"decaying": decaying, "clustered": clustered, "indefinite": indefinite}
+
+
+@pytest.fixture(scope="module")
+def big_operators():
+    out = {}
+    for name, ev in _spectra().items():
+        A = _sym(ev, seed=0)
+        out[name] = (jnp.asarray(A), np.linalg.eigvalsh(A))  # oracle: dense LAPACK eigh
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("k", "which"))
+def _eigsh_dense(A, v0, k, which):
+    return eigsh(_tree_op(A, v0), v0, k, which=which)
+
+
+def _wanted(evals, k, which):
+    if which == "LA":
+        return np.sort(evals)[::-1][:k]
+    if which == "SA":
+        return np.sort(evals)[:k]
+    return evals[np.argsort(-np.abs(evals), kind="stable")][:k]
+
+
+@pytest.mark.parametrize(
+    "name,which",
+    [("decaying", "LA"), ("clustered", "LA"), ("indefinite", "LA"), ("indefinite", "SA"),
+     ("indefinite", "LM")],
+)
+def test_eigsh_designed_spectra_match_eigh(big_operators, name, which):
+    A, evals = big_operators[name]
+    k = 10
+    v0 = _start(_like(N_BIG), seed=3)
+    res = _eigsh_dense(A, v0, k, which)
+    want = _wanted(evals, k, which)
+    got = np.asarray(res.eigenvalues)
+    assert bool(res.converged) and bool(res.finite)
+    assert np.max(np.abs(got - want) / np.abs(want)) <= 1e-8
+    # explicit residuals, against the operator itself, within tol * scale
+    X = _rows(res.eigenvectors)
+    R = X @ np.asarray(A) - got[:, None] * X
+    explicit = np.linalg.norm(R, axis=1)
+    tol = np.sqrt(EPS64)
+    scale = np.maximum(np.abs(got), np.max(np.abs(evals)) * EPS64 ** (2 / 3))
+    assert np.all(explicit <= tol * scale * 1.01 + 1e3 * EPS64 * np.max(np.abs(evals)))
+    # the reported residuals are the true ones
+    assert np.allclose(np.asarray(res.residual_norms), explicit,
+                       atol=1e3 * EPS64 * np.max(np.abs(evals)))
+    assert np.max(np.abs(X @ X.T - np.eye(k))) <= 1e-10
+    assert jax.tree.structure(res.eigenvectors) == jax.tree.structure(v0)
+    # the memory bound: restarts happened only as needed, products were counted
+    assert int(res.num_matvecs) >= 20
+    if which == "LA" and name == "indefinite":
+        assert np.all(got > 0)  # the dominant negatives never displace the top positives
+
+
+def test_eigsh_float32_pytree():
+    ev = np.concatenate([np.array([8.0, 6.0, 4.0, 3.0, 2.5]), np.linspace(-1.0, 1.0, 195)])
+    A = _sym(ev, seed=5)
+    like = _like(200, jnp.float32)
+    res = _eigsh_dense(jnp.asarray(A, jnp.float32), _start(like, 0), 3, "LA")
+    assert res.eigenvalues.dtype == jnp.float32
+    assert bool(res.converged)
+    assert np.allclose(np.asarray(res.eigenvalues), [8.0, 6.0, 4.0], rtol=1e-4)
+    X = _rows(res.eigenvectors).astype(np.float64)
+    assert np.max(np.abs(X @ X.T - np.eye(3))) <= 1e-5
+
+
+def test_eigsh_tiny_norm_operator_float32():
+    """A Hessian with entries ~1e-6 in float32 must not be mistaken for a breakdown."""
+    ev = 1e-6 * np.concatenate([[2.0, 1.9, 1.8], np.linspace(0.0, 1.0, 57)])
+    A = jnp.asarray(_sym(ev, seed=6), jnp.float32)
+    res = _eigsh_dense(A, _start(_like(60, jnp.float32), 1), 3, "LA")
+    assert bool(res.converged)
+    assert np.allclose(np.asarray(res.eigenvalues), 1e-6 * np.array([2.0, 1.9, 1.8]), rtol=1e-4)
+
+
+def test_eigsh_exhaustive_and_zero_start():
+    """``num_matvecs == dim`` is one exact Lanczos pass; a zero ``v0`` still works."""
+    ev = np.arange(1.0, 13.0)
+    A = jnp.asarray(_sym(ev, seed=7))
+    res = eigsh(_tree_op(A, jnp.zeros(12)), jnp.zeros(12), 4, which="SA", num_matvecs=12)
+    assert np.allclose(np.asarray(res.eigenvalues), [1, 2, 3, 4], rtol=1e-10)
+    assert bool(res.converged) and int(res.num_restarts) == 0
+
+
+# ------------------------------------------------------------------ Lanczos
+
+
+@pytest.fixture(scope="module")
+def lanczos_operator():
+    # well separated extremes (fast Ritz convergence) over a bulk
+    ev = np.concatenate([100.0 * 0.8 ** np.arange(12), np.linspace(-1.0, 1.0, 188)])
+    return jnp.asarray(_sym(ev, seed=11))
+
+
+@functools.partial(jax.jit, static_argnames=("m", "reortho"))
+def _lanczos_dense(A, v0, m, reortho):
+    return lanczos(_tree_op(A, v0), v0, m, reortho=reortho)
+
+
+def _tridiag(res):
+    a, b = np.asarray(res.alphas), np.asarray(res.betas)
+    return np.diag(a) + np.diag(b, 1) + np.diag(b, -1)
+
+
+def test_lanczos_relation_and_orthonormality(lanczos_operator):
+    A = np.asarray(lanczos_operator)
+    like = _like(200)
+    m = 60
+    res = _lanczos_dense(lanczos_operator, _start(like, 2), m, "full")
+    Q = _rows(res.basis)
+    assert Q.shape == (m, 200)
+    assert np.max(np.abs(Q @ Q.T - np.eye(m))) <= 1e-12
+    # A Q^T = Q^T T + r e_m^T
+    r = np.asarray(ravel_pytree(res.residual)[0])
+    E = A @ Q.T - Q.T @ _tridiag(res)
+    E[:, -1] -= r
+    assert np.max(np.abs(E)) <= 1e-12 * np.abs(A).max() * np.sqrt(200)
+    assert np.isclose(float(res.residual_norm), np.linalg.norm(r))
+    assert np.max(np.abs(Q @ r)) <= 1e-12 * max(np.linalg.norm(r), 1.0)
+    assert res.num_matvecs == m and not bool(res.breakdown) and bool(res.finite)
+    # the extreme Ritz value has converged to the top eigenvalue
+    assert np.isclose(np.linalg.eigvalsh(_tridiag(res))[-1], 100.0, rtol=1e-12)
+
+
+def test_lanczos_without_reorthogonalisation_loses_orthogonality(lanczos_operator):
+    m = 60
+    v0 = _start(_like(200), 2)
+    plain = _lanczos_dense(lanczos_operator, v0, m, "none")
+    Q = _rows(plain.basis)
+    assert np.max(np.abs(Q @ Q.T - np.eye(m))) > 1e-2
+    # ... and duplicates converged eigenvalues ("ghosts")
+    theta = np.linalg.eigvalsh(_tridiag(plain))
+    assert np.sum(np.abs(theta - 100.0) < 1e-6) >= 2
+    full = _lanczos_dense(lanczos_operator, v0, m, "full")
+    assert np.sum(np.abs(np.linalg.eigvalsh(_tridiag(full)) - 100.0) < 1e-6) == 1
+
+
+def test_lanczos_invariant_subspace_breakdown():
+    """Three distinct eigenvalues: the Krylov space is invariant after 3 steps."""
+    ev = np.repeat([1.0, 2.0, 3.0], [10, 10, 12])
+    A = jnp.asarray(_sym(ev, seed=12))
+    like = {"x": jnp.zeros(16), "y": jnp.zeros((4, 4))}
+    res = lanczos(_tree_op(A, like), _start(like, 4), 8)
+    assert bool(res.breakdown) and bool(res.finite)
+    Q = _rows(res.basis)
+    assert np.max(np.abs(Q @ Q.T - np.eye(8))) <= 1e-12
+    assert abs(float(res.betas[2])) <= 1e-12
+    theta = np.linalg.eigvalsh(_tridiag(res))
+    for lam in (1.0, 2.0, 3.0):
+        assert np.min(np.abs(theta - lam)) <= 1e-12
+    E = np.asarray(A) @ Q.T - Q.T @ _tridiag(res)
+    E[:, -1] -= np.asarray(ravel_pytree(res.residual)[0])
+    assert np.max(np.abs(E)) <= 1e-12
+
+
+def test_lanczos_tiny_norm_float32_is_not_a_breakdown():
+    ev = 1e-6 * np.linspace(1.0, 2.0, 40)
+    A = jnp.asarray(_sym(ev, seed=13), jnp.float32)
+    like = jnp.zeros(40, jnp.float32)
+    res = lanczos(_tree_op(A, like), _start(like, 5), 10)
+    assert not bool(res.breakdown)
+    assert np.all(np.asarray(res.betas) > 1e-9)
+    Q = _rows(res.basis).astype(np.float64)
+    E = np.asarray(A, np.float64) @ Q.T - Q.T @ _tridiag(res)
+    E[:, -1] -= np.asarray(res.residual, np.float64)
+    assert np.max(np.abs(E)) <= 1e-5 * 2e-6
+
+
+# ----------------------------------------------------------------------- CG
+
+
+@functools.partial(jax.jit, static_argnames=("precond",))
+def _cg_dense(A, b, x0, damping, rtol, precond=False):
+    op = _tree_op(A, b)
+    pre = None
+    if precond:
+        d = jnp.diag(A) + damping
+        unravel = ravel_pytree(b)[1]
+        pre = lambda r: unravel(ravel_pytree(r)[0] / d)
+    return cg(op, b, x0=x0, damping=damping, rtol=rtol, preconditioner=pre)
+
+
+def _q(A, b, x):
+    return 0.5 * x @ A @ x - b @ x
+
+
+@pytest.fixture(scope="module")
+def spd():
+    n = 60
+    rng = np.random.default_rng(21)
+    A = _sym(np.geomspace(1.0, 100.0, n), seed=21)
+    d = np.geomspace(1.0, 1e3, n)
+    rng.shuffle(d)
+    scaled = np.sqrt(d)[:, None] * A * np.sqrt(d)[None, :]  # badly scaled, SPD
+    return A, scaled, _start(_like(n), 22)
+
+
+def test_cg_matches_solve_with_damping(spd):
+    A, _, b = spd
+    bf = np.asarray(ravel_pytree(b)[0])
+    zero = jax.tree.map(jnp.zeros_like, b)
+    for damping in (0.0, 0.7):
+        res = _cg_dense(jnp.asarray(A), b, zero, damping, 1e-12)
+        assert bool(res.converged)
+        x = np.asarray(ravel_pytree(res.x)[0])
+        ref = np.linalg.solve(A + damping * np.eye(len(bf)), bf)
+        assert np.linalg.norm(x - ref) <= 1e-9 * np.linalg.norm(ref)
+        assert bool(res.converged) and not bool(res.negative_curvature)
+        true_res = np.linalg.norm(bf - (A + damping * np.eye(len(bf))) @ x)
+        assert true_res <= 1e-10 * np.linalg.norm(bf)
+        assert jax.tree.structure(res.x) == jax.tree.structure(b)
+
+
+def test_cg_preconditioner_and_warm_start(spd):
+    _, S, b = spd
+    bf = np.asarray(ravel_pytree(b)[0])
+    ref = np.linalg.solve(S, bf)
+    zero = jax.tree.map(jnp.zeros_like, b)
+    plain = _cg_dense(jnp.asarray(S), b, zero, 0.0, 1e-10)
+    jacobi = _cg_dense(jnp.asarray(S), b, zero, 0.0, 1e-10, precond=True)
+    for res in (plain, jacobi):
+        assert np.linalg.norm(np.asarray(ravel_pytree(res.x)[0]) - ref) <= 1e-6 * np.linalg.norm(
+            ref)
+    assert int(jacobi.num_steps) < int(plain.num_steps)
+    # warm start at the solution: nothing to do; near it: fewer steps
+    unravel = ravel_pytree(b)[1]
+    at = _cg_dense(jnp.asarray(S), b, unravel(jnp.asarray(ref)), 0.0, 1e-8)
+    assert int(at.num_steps) == 0 and bool(at.converged)
+    near = unravel(jnp.asarray(ref + 1e-4 * np.random.default_rng(0).standard_normal(len(ref))))
+    warm = _cg_dense(jnp.asarray(S), b, near, 0.0, 1e-10)
+    assert int(warm.num_steps) < int(plain.num_steps) and bool(warm.converged)
+
+
+def test_cg_negative_curvature_exit():
+    ev = np.concatenate([[-1.0, -0.5], np.linspace(0.1, 10.0, 38)])
+    A = _sym(ev, seed=23)
+    b = _start(_like(40), 24)
+    bf = np.asarray(ravel_pytree(b)[0])
+    res = _cg_dense(jnp.asarray(A), b, jax.tree.map(jnp.zeros_like, b), 0.0, 1e-10)
+    assert bool(res.negative_curvature) and not bool(res.converged)
+    x = np.asarray(ravel_pytree(res.x)[0])
+    assert np.all(np.isfinite(x))
+    assert _q(A, bf, x) <= 0.0  # the returned iterate still decreases the model
+    p = np.asarray(ravel_pytree(res.curvature_direction)[0])
+    assert np.linalg.norm(p) > 0 and p @ A @ p <= 0.0
+    # enough damping makes the system SPD again: plain convergence to solve()
+    damped = _cg_dense(jnp.asarray(A), b, jax.tree.map(jnp.zeros_like, b), 1.5, 1e-12)
+    assert bool(damped.converged) and not bool(damped.negative_curvature)
+    ref = np.linalg.solve(A + 1.5 * np.eye(40), bf)
+    assert np.allclose(np.asarray(ravel_pytree(damped.x)[0]), ref, rtol=1e-8, atol=1e-10)
+
+
+# ------------------------------------------------------------ power iteration
+
+
+def test_power_iteration_signed_and_deflated():
+    ev = np.concatenate([[-30.0, 20.0, 10.0], np.linspace(-1.0, 1.0, 37)])
+    A = jnp.asarray(_sym(ev, seed=31))
+    like = _like(40)
+    op = _tree_op(A, like)
+    res = jax.jit(lambda v: power_iteration(op, v, 3, num_iters=300, tol=1e-8))(_start(like, 1))
+    assert np.allclose(np.asarray(res.eigenvalues), [-30.0, 20.0, 10.0], rtol=1e-10)
+    assert bool(np.all(res.converged)) and bool(res.finite)
+    X = _rows(res.eigenvectors)
+    assert np.max(np.abs(X @ X.T - np.eye(3))) <= 1e-8
+    R = X @ np.asarray(A) - np.asarray(res.eigenvalues)[:, None] * X
+    assert np.allclose(np.linalg.norm(R, axis=1), np.asarray(res.residual_norms), atol=1e-9)
+    # eigsh "LA" is not fooled by the dominant negative eigenvalue
+    la = eigsh(op, _start(like, 1), 1, which="LA")
+    assert np.isclose(float(la.eigenvalues[0]), 20.0, rtol=1e-10)
+
+
+# ------------------------------------------------------- stochastic estimators
+
+
+@pytest.fixture(scope="module")
+def decaying_100():
+    ev = 10.0 * 0.7 ** np.arange(100) + 0.01
+    return _sym(ev, seed=41)
+
+
+@functools.partial(jax.jit, static_argnames=("num_probes", "method"))
+def _traces(A, keys, num_probes, method):
+    like = _like(A.shape[0])
+    f = lambda k: hutchinson_trace(_tree_op(A, like), like, k, num_probes, method=method)
+    return jax.vmap(f)(keys)
+
+
+def test_hutchinson_and_hutchpp_are_unbiased(decaying_100):
+    A = decaying_100
+    tr = np.trace(A)
+    keys = jax.random.split(jax.random.PRNGKey(0), 300)
+    for method in ("hutchinson", "hutch++"):
+        out = _traces(jnp.asarray(A), keys, 24, method)
+        est = np.asarray(out.estimate)
+        sem = est.std(ddof=1) / np.sqrt(len(est))
+        assert abs(est.mean() - tr) <= 4 * sem, method
+        # the reported standard error matches the spread of the estimates
+        ratio = np.mean(np.asarray(out.stderr) ** 2) / est.var(ddof=1)
+        assert 0.5 <= ratio <= 2.0, (method, ratio)
+        assert bool(np.all(out.finite))
+    plain = np.asarray(_traces(jnp.asarray(A), keys, 24, "hutchinson").estimate)
+    pp = np.asarray(_traces(jnp.asarray(A), keys, 24, "hutch++").estimate)
+    rmse = lambda e: np.sqrt(np.mean((e - tr) ** 2))
+    assert rmse(pp) < 0.4 * rmse(plain)  # measured: ~0.2
+
+
+def test_hutchinson_trace_exact_on_low_rank():
+    """Hutch++ captures a rank-3 matrix exactly with its sketch (even in float32)."""
+    rng = np.random.default_rng(3)
+    U = np.linalg.qr(rng.standard_normal((50, 3)))[0]
+    A = (U * np.array([5.0, 2.0, 1.0])) @ U.T
+    for dtype, tol in ((jnp.float64, 1e-10), (jnp.float32, 1e-4)):
+        like = jnp.zeros(50, dtype)
+        est = hutchinson_trace(_tree_op(jnp.asarray(A, dtype), like), like,
+                               jax.random.PRNGKey(1), 15)
+        assert abs(float(est.estimate) - 8.0) <= tol * 8.0
+
+
+def test_hutchinson_diag(decaying_100):
+    A = decaying_100
+    like = _like(100)
+    out = hutchinson_diag(_tree_op(jnp.asarray(A), like), like, jax.random.PRNGKey(2), 2000)
+    est = np.asarray(ravel_pytree(out.estimate)[0])
+    se = np.asarray(ravel_pytree(out.stderr)[0])
+    assert jax.tree.structure(out.estimate) == jax.tree.structure(like)
+    assert np.all(np.abs(est - np.diag(A)) <= 5 * se)
+    # exact for a diagonal operator (z * z = 1 for Rademacher probes)
+    d = jnp.arange(1.0, 101.0)
+    exact = hutchinson_diag(lambda v: d * v, jnp.zeros(100), jax.random.PRNGKey(3), 3)
+    assert np.allclose(np.asarray(exact.estimate), np.asarray(d), rtol=1e-14)
+
+
+def test_spectral_density_integrates_to_one_and_matches_histogram():
+    rng = np.random.default_rng(5)
+    ev = np.concatenate([
+        rng.uniform(0.0, 1.0, 200), rng.uniform(3.0, 4.0, 150), 10.0 + 0.2 * rng.standard_normal(50)
+    ])
+    A = jnp.asarray(_sym(ev, seed=51))
+    like = _like(400)
+    grid = jnp.linspace(-2.0, 13.0, 3001)
+    out = jax.jit(lambda A, k: spectral_density(
+        _tree_op(A, like), like, k, num_matvecs=40, num_probes=30, sigma=0.05, grid=grid
+    ))(A, jax.random.PRNGKey(0))
+    dens, t = np.asarray(out.density), np.asarray(out.grid)
+    assert bool(out.finite) and np.all(dens >= 0)
+    assert abs(np.trapezoid(dens, t) - 1.0) <= 1e-3
+    assert np.allclose(np.asarray(out.weights).sum(axis=1), 1.0, atol=1e-10)
+    # mass between spectral gaps vs the true fractions 0.5 / 0.375 / 0.125
+    cdf = np.concatenate([[0.0], np.cumsum((dens[1:] + dens[:-1]) / 2 * np.diff(t))])
+    for a, b in ((-2.0, 2.0), (2.0, 6.0), (6.0, 13.0)):
+        mass = np.interp(b, t, cdf) - np.interp(a, t, cdf)
+        true = np.mean((ev >= a) & (ev < b))
+        assert abs(mass - true) <= 0.03, (a, b, mass, true)
+    # a unit-width histogram
+    edges = np.arange(-2.0, 14.0, 1.0)
+    est_hist = np.diff(np.interp(edges, t, cdf))
+    true_hist = np.histogram(ev, edges)[0] / len(ev)
+    assert np.abs(est_hist - true_hist).sum() <= 0.15
+
+
+# --------------------------------------------------------------- bad input
+
+
+def test_bad_inputs():
+    like = {"a": jnp.zeros(3), "b": jnp.zeros((2,))}
+    I = lambda v: v
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match="k"):
+        eigsh(I, like, 5)  # k >= dim
+    with pytest.raises(ValueError, match="num_matvecs"):
+        eigsh(I, jnp.ones(30), 5, num_matvecs=4)  # num_matvecs < k
+    with pytest.raises(ValueError, match="num_matvecs"):
+        eigsh(I, jnp.ones(30), 5, num_matvecs=5)  # no room for a residual
+    with pytest.raises(ValueError, match="which"):
+        eigsh(I, jnp.ones(30), 2, which="BE")
+    with pytest.raises(ValueError, match="k"):
+        power_iteration(I, like, 5)
+    with pytest.raises(ValueError, match="num_matvecs"):
+        lanczos(I, like, 6)
+    with pytest.raises(ValueError, match="num_matvecs"):
+        lanczos(I, like, 0)
+    with pytest.raises(ValueError, match="reortho"):
+        lanczos(I, like, 2, reortho="partial")
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="num_probes"):
+            hutchinson_trace(I, like, key, bad)
+        with pytest.raises(ValueError, match="num_probes"):
+            hutchinson_diag(I, like, key, bad)
+        with pytest.raises(ValueError, match="num_probes"):
+            spectral_density(I, like, key, num_matvecs=2, num_probes=bad)
+    with pytest.raises(ValueError, match=r"b.*x0"):
+        cg(I, like, x0={"a": jnp.zeros(3)})
+    with pytest.raises(ValueError, match=r"b.*x0"):
+        cg(I, like, x0={"a": jnp.zeros(3), "b": jnp.zeros(4)})
+    # a matvec whose output does not match the vector space
+    drop = lambda v: {"a": v["a"]}
+    with pytest.raises(ValueError, match=r"v0.*matvec"):
+        eigsh(drop, like, 1)
+    with pytest.raises(ValueError, match=r"v0.*matvec"):
+        lanczos(drop, like, 2)
+    with pytest.raises(ValueError, match=r"b.*matvec"):
+        cg(drop, like)
+    with pytest.raises(TypeError):
+        eigsh(I, jnp.arange(10), 2)  # integer vectors
+
+
+def test_non_finite_products_are_flagged_inside_jit():
+    nan_op = lambda v: jax.tree.map(lambda x: x * jnp.nan, v)
+    like = {"a": jnp.ones(12), "b": jnp.ones((2, 3))}
+
+    @jax.jit
+    def run(v):
+        return (
+            eigsh(nan_op, v, 2, num_matvecs=8),
+            lanczos(nan_op, v, 5),
+            cg(nan_op, v),
+            power_iteration(nan_op, v, 2),
+            spectral_density(nan_op, v, jax.random.PRNGKey(0), num_matvecs=4, num_probes=2),
+            hutchinson_trace(nan_op, v, jax.random.PRNGKey(0), 6),
+        )
+
+    e, lz, c, p, s, h = run(like)
+    assert not bool(e.converged) and not bool(e.finite)
+    assert np.all(np.isfinite(np.asarray(e.eigenvalues)))
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(e.eigenvectors))
+    assert np.all(np.isinf(np.asarray(e.residual_norms)))
+    assert not bool(lz.finite)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(lz.basis))
+    assert not bool(c.converged) and not bool(c.finite)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(c.x))
+    assert not bool(np.any(p.converged)) and not bool(p.finite)
+    assert np.all(np.isfinite(np.asarray(p.eigenvalues)))
+    assert not bool(s.finite) and not bool(h.finite)
+
+
+def test_zero_start_vectors():
+    A = jnp.asarray(_sym(np.arange(1.0, 21.0), seed=71))
+    op = lambda v: A @ v
+    z = jnp.zeros(20)
+    res = eigsh(op, z, 2, num_matvecs=10)
+    assert bool(res.converged) and np.allclose(np.asarray(res.eigenvalues), [20.0, 19.0])
+    lz = lanczos(op, z, 5)
+    Q = np.asarray(lz.basis)
+    assert np.max(np.abs(Q @ Q.T - np.eye(5))) <= 1e-12 and bool(lz.finite)
+    p = power_iteration(op, z, 1, num_iters=2000, tol=1e-8)
+    assert np.isclose(float(p.eigenvalues[0]), 20.0, rtol=1e-8)
+    c = cg(op, z)
+    assert bool(c.converged) and int(c.num_steps) == 0
