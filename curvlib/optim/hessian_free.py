@@ -27,7 +27,10 @@ chain). The Hessian-free ingredients of Martens (2010):
   clipped to ``[min_damping, max_damping]``. A step that does not decrease the
   loss (``rho <= 0`` or a non-finite trial loss) is *rejected*: the transform
   outputs zeros, so the parameters stay put and the next step retries with more
-  damping (a trust-region safeguard; ``info.accepted`` reports it).
+  damping (a trust-region safeguard; ``info.accepted`` reports it); ``lambda``
+  is then also raised at least to the curvature scale of the rejected
+  direction, :math:`|p^\top C p| / \|p\|^2`, which roughly halves the next
+  step whatever ``lambda`` was.
 * **CG warm start** from ``warm_start_decay`` times the previous solution.
 * **CG step cap** (``max_cg_steps``) and **relative-residual tolerance**
   ``||r|| <= eta ||g||`` with the superlinear forcing
@@ -172,7 +175,7 @@ def scale_by_newton_cg(
     damping: float = 1.0,
     *,
     damping_increase: float = 1.5,
-    damping_decrease: float = 2.0 / 3.0,
+    damping_decrease: float = 1.0 / 3.0,
     min_damping: float = 1e-8,
     max_damping: float = 1e8,
     cg_rtol: float = 0.5,
@@ -291,7 +294,12 @@ def scale_by_newton_cg(
         factor = jnp.where(
             rho < 0.25, damping_increase, jnp.where(rho > 0.75, damping_decrease, 1.0)
         )
-        new_lam = jnp.clip(lam * factor, min_damping, max_damping).astype(dt)
+        new_lam = lam * factor
+        # a rejected step raises lambda at least to the curvature scale of its direction, so
+        # recovery from a tiny lambda takes O(1) steps, not O(log(1 / lambda))
+        rayleigh = jnp.abs(pcp) / jnp.maximum(_tree.vdot(p, p), tiny)
+        new_lam = jnp.where(accepted, new_lam, jnp.maximum(new_lam, rayleigh))
+        new_lam = jnp.clip(new_lam, min_damping, max_damping).astype(dt)
         new_lam = jnp.where(finite, new_lam, lam)
 
         zeros = _tree.zeros_like(p)
@@ -324,7 +332,7 @@ def newton_cg(
     damping: float = 1.0,
     *,
     damping_increase: float = 1.5,
-    damping_decrease: float = 2.0 / 3.0,
+    damping_decrease: float = 1.0 / 3.0,
     min_damping: float = 1e-8,
     max_damping: float = 1e8,
     cg_rtol: float = 0.5,
