@@ -95,12 +95,12 @@ def cg(
     Examples:
       >>> import jax.numpy as jnp
       >>> A = jnp.array([[4.0, 1.0], [1.0, 3.0]])
-      >>> cg(lambda v: A @ v, jnp.array([1.0, 2.0]), rtol=1e-6).x
-      Array([0.09090909, 0.6363636 ], dtype=float32)
+      >>> cg(lambda v: A @ v, jnp.array([1.0, 2.0]), rtol=1e-6).x.round(4).tolist()
+      [0.0909, 0.6364]
       >>> indefinite = jnp.diag(jnp.array([1.0, -1.0]))
       >>> res = cg(lambda v: indefinite @ v, jnp.array([1.0, 1.0]))
-      >>> bool(res.negative_curvature), res.curvature_direction
-      (True, Array([1., 1.], dtype=float32))
+      >>> bool(res.negative_curvature), res.curvature_direction.tolist()
+      (True, [1.0, 1.0])
 
     References:
       T. Steihaug, *The conjugate gradient method and trust regions in large

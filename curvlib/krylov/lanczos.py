@@ -188,7 +188,19 @@ def lanczos(
       A :class:`LanczosResult`.
 
     Raises:
-      ValueError: if ``num_matvecs`` < 1 or exceeds the dimension, or ``reortho`` is unknown.
+      ValueError: if ``num_matvecs`` < 1 or exceeds the dimension, ``reortho`` is
+        unknown, or ``matvec(v0)`` is not shaped like ``v0``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> A = jnp.diag(jnp.arange(1.0, 21.0))
+      >>> res = lanczos(lambda v: {"x": A @ v["x"]}, {"x": jnp.ones(20)}, 20)  # T ~ A
+      >>> res.basis["x"].shape, round(float(jnp.abs(res.basis["x"] @ res.basis["x"].T
+      ...                                              - jnp.eye(20)).max()), 4)
+      ((20, 20), 0.0)
+      >>> T = jnp.diag(res.alphas) + jnp.diag(res.betas, 1) + jnp.diag(res.betas, -1)
+      >>> jnp.linalg.eigvalsh(T)[-3:].round(3).tolist()
+      [18.0, 19.0, 20.0]
 
     References:
       C. Lanczos, *An iteration method for the solution of the eigenvalue problem

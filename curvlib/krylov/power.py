@@ -86,8 +86,8 @@ def power_iteration(
       >>> import jax.numpy as jnp
       >>> A = jnp.diag(jnp.array([-3.0, 2.0, 1.0, 0.5]))
       >>> res = power_iteration(lambda v: A @ v, jnp.ones(4), k=2, num_iters=500, tol=1e-5)
-      >>> res.eigenvalues.round(4)  # signed, by magnitude
-      Array([-3.,  2.], dtype=float32)
+      >>> res.eigenvalues.round(4).tolist()  # signed, by magnitude
+      [-3.0, 2.0]
 
     References:
       R. von Mises and H. Pollaczek-Geiringer, *Praktische Verfahren der
