@@ -95,7 +95,8 @@ def cg(
     Examples:
       >>> import jax.numpy as jnp
       >>> A = jnp.array([[4.0, 1.0], [1.0, 3.0]])
-      >>> cg(lambda v: A @ v, jnp.array([1.0, 2.0]), rtol=1e-6).x.round(4).tolist()
+      >>> x = cg(lambda v: A @ v, jnp.array([1.0, 2.0]), rtol=1e-6).x
+      >>> [round(float(xi), 4) for xi in x]
       [0.0909, 0.6364]
       >>> indefinite = jnp.diag(jnp.array([1.0, -1.0]))
       >>> res = cg(lambda v: indefinite @ v, jnp.array([1.0, 1.0]))
