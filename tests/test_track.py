@@ -1,0 +1,380 @@
+"""Tests of curvlib.track_curvature: dense oracles, cold-start agreement, warm-start savings,
+the optax contract (jit, chain, inject_hyperparams, vmap, MultiSteps, apply_if_finite), bad
+input, the history/plot helpers and the edge of stability (Cohen et al. 2021)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import curvlib
+from curvlib.optim.track import TrackCurvatureInfo, warm_start_vector
+
+# ---------------------------------------------------------------- problems
+
+
+def _quadratic(seed=0, n=12):
+    """``0.5 p^T A p - b^T p`` on a dict/tuple pytree with a dense SPD-indefinite A."""
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    evals = np.concatenate([[9.0, 6.0, 4.0], np.linspace(-1.0, 2.0, n - 3)])
+    A = (Q * evals) @ Q.T
+    b = rng.standard_normal(n)
+
+    def flat(p):
+        return jnp.concatenate([p["w"].reshape(-1), p["b"][0], p["b"][1]])
+
+    def loss(p):
+        x = flat(p)
+        return 0.5 * x @ (jnp.asarray(A) @ x) - jnp.asarray(b) @ x
+
+    params = {"w": jnp.ones((2, 4)), "b": (jnp.ones(3), jnp.ones(1))}
+    return loss, params, A, b, flat
+
+
+@functools.cache
+def _digits(num=200):
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = X[:num] / 16.0
+    X = X - X.mean(0)
+    return X, np.eye(10)[y[:num]]
+
+
+def _mlp(sizes=(64, 16, 10), scale=0.5, seed=0, num=200, dtype=jnp.float64):
+    X, Y = _digits(num)
+    X, Y = jnp.asarray(X, dtype), jnp.asarray(Y, dtype)
+    key = jax.random.PRNGKey(seed)
+    params = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        key, k = jax.random.split(key)
+        w = scale * jax.random.normal(k, (a, b), dtype) / np.sqrt(a)
+        params.append({"w": w, "b": jnp.zeros(b, dtype)})
+
+    def apply(ps, x):
+        for p in ps[:-1]:
+            x = jnp.tanh(x @ p["w"] + p["b"])
+        return x @ ps[-1]["w"] + ps[-1]["b"]
+
+    def loss(ps):
+        return 0.5 * jnp.mean(jnp.sum((apply(ps, X) - Y) ** 2, -1))
+
+    return loss, params
+
+
+def _gd_step(opt, loss):
+    @jax.jit
+    def step(params, state):
+        g = jax.grad(loss)(params)
+        updates, state = opt.update(g, state, params, value_fn=loss)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def _cold(loss, params, k, key, tol):
+    return curvlib.eigsh(
+        curvlib.hessian_matvec(loss, params), curvlib._tree.normal_like(key, params), k, tol=tol
+    )
+
+
+# ------------------------------------------------------------ dense oracles
+
+
+def test_quadratic_matches_dense_oracle():
+    loss, params, A, b, flat = _quadratic()
+    k = 3
+    opt = curvlib.track_curvature(every=1, k=k, key=jax.random.PRNGKey(0), tol=1e-8,
+                                  num_probes=12)
+    state = opt.init(params)
+    g = jax.grad(loss)(params)
+    updates, state = jax.jit(functools.partial(opt.update, value_fn=loss))(g, state, params)
+    # updates pass through unchanged
+    jax.tree.map(lambda u, v: np.testing.assert_array_equal(u, v), updates, g)
+    info = curvlib.curvature_info(state)
+    evals, evecs = np.linalg.eigh(A)
+    np.testing.assert_allclose(info.eigenvalues, evals[::-1][:k], rtol=1e-10)
+    assert int(info.step) == 0 and bool(info.converged) and not bool(info.skipped)
+    # trace: Hutch++ on n=12 with 12 probes spans the whole space exactly up to rounding
+    assert abs(float(info.trace) - np.trace(A)) <= 5 * float(info.trace_stderr) + 1e-8
+    # gradient fraction in the top-k eigenspace, from the dense eigenvectors
+    gx = np.asarray(flat(g))
+    V = evecs[:, ::-1][:, :k]
+    np.testing.assert_allclose(info.grad_fraction, np.sum((V.T @ gx) ** 2) / (gx @ gx),
+                               rtol=1e-8)
+    np.testing.assert_allclose(info.grad_norm, np.linalg.norm(gx), rtol=1e-12)
+    np.testing.assert_allclose(info.loss, loss(params), rtol=1e-12)
+    # eigenvectors kept in the state (pytree, leading axis k) are the dense ones up to sign
+    X = np.stack([np.asarray(flat(jax.tree.map(lambda x: x[i], state.eigenvectors)))
+                  for i in range(k)])
+    np.testing.assert_allclose(np.abs(np.sum(X * V.T, axis=1)), 1.0, atol=1e-8)
+
+
+def test_warm_start_vector_is_the_block_sum_or_random():
+    _, params, *_ = _quadratic()
+    key = jax.random.PRNGKey(3)
+    zero = jax.tree.map(lambda x: jnp.zeros((2,) + x.shape, x.dtype), params)
+    cold = warm_start_vector(key, zero, params, 1e-2)
+    np.testing.assert_allclose(curvlib._tree.norm(cold), 1.0, rtol=1e-12)
+    X = jax.tree.map(lambda x: jnp.stack([jnp.full(x.shape, 2.0), jnp.zeros(x.shape)]), params)
+    warm = warm_start_vector(key, X, params, 0.0)
+    n = curvlib._tree.size(params)
+    jax.tree.map(lambda w: np.testing.assert_allclose(w, 1.0 / np.sqrt(n)), warm)
+
+
+# ------------------------------------------- agreement with a cold start, cost
+
+
+def test_tracked_eigenvalues_match_cold_eigsh_and_warm_start_is_cheaper():
+    """GD on a tanh MLP: each refresh equals a cold eigsh at the same point, for fewer products.
+
+    Products are compared at the same tolerance (``tol=1e-3``); the eigenvalues
+    are compared with a tightly converged cold solve (their error is ~tol^2).
+    """
+    loss, params = _mlp()
+    k, every, tol = 3, 10, 1e-3
+    opt = optax.chain(
+        curvlib.track_curvature(every, k, key=jax.random.PRNGKey(1), tol=tol, num_probes=0),
+        optax.sgd(0.5),
+    )
+    step = _gd_step(opt, loss)
+    cold = jax.jit(lambda p, key, tol: _cold(loss, p, k, key, tol))
+    state = opt.init(params)
+    warm_counts, cold_counts = [], []
+    for t in range(61):
+        before = params
+        params, state = step(params, state)
+        if t % every:
+            continue
+        info = curvlib.curvature_info(state)
+        assert int(info.step) == t and bool(info.converged)
+        exact = cold(before, jax.random.PRNGKey(100 + t), 1e-10)
+        np.testing.assert_allclose(info.eigenvalues, exact.eigenvalues, rtol=2e-5)
+        same_tol = cold(before, jax.random.PRNGKey(200 + t), tol)
+        assert bool(same_tol.converged)
+        if t > 0:  # the first refresh is itself a cold start
+            warm_counts.append(int(info.eigsh_matvecs))
+            cold_counts.append(int(same_tol.num_matvecs))
+    # warm refreshes need markedly fewer products than cold solves at the same points
+    counts = (warm_counts, cold_counts)
+    assert np.sum(warm_counts) <= 0.8 * np.sum(cold_counts), counts
+    assert max(warm_counts) <= max(cold_counts), counts
+
+
+# ----------------------------------------------------------- optax contract
+
+
+def _poisonable_quadratic():
+    loss, params, *_ = _quadratic()
+
+    def value_fn(p, poison=False):
+        jax.debug.callback(lambda: _CALLS.append(1))
+        return jnp.where(poison, jnp.nan, loss(p))
+
+    return loss, value_fn, params
+
+
+_CALLS: list = []
+_TRACES: list = []
+
+
+@functools.cache
+def _shared_step():
+    """One compiled tracked step reused by the schedule, NaN and history tests."""
+    loss, value_fn, params = _poisonable_quadratic()
+    opt = optax.chain(
+        curvlib.track_curvature(4, 2, key=jax.random.PRNGKey(0), num_probes=3),
+        optax.adam(1e-2),
+    )
+
+    @jax.jit
+    def step(params, state, poison):
+        _TRACES.append(1)
+        g = jax.grad(loss)(params)
+        u, state = opt.update(g, state, params, value_fn=value_fn, poison=poison)
+        return optax.apply_updates(params, u), state
+
+    return opt, step, params
+
+
+def test_refresh_schedule_zero_cost_between_and_no_recompilation():
+    opt, step, params = _shared_step()
+    state = opt.init(params)
+    shapes = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    steps, states = [], []
+    _CALLS.clear()
+    num_traces = len(_TRACES)
+    for _ in range(10):
+        params, state = step(params, state, False)
+        jax.block_until_ready(state)
+        states.append(state)
+        steps.append(int(curvlib.curvature_info(state).step))
+        assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == shapes
+    assert len(_TRACES) - num_traces <= 1  # no recompilation after the first step
+    assert steps == [0, 0, 0, 0, 4, 4, 4, 4, 8, 8]
+    assert int(curvlib.curvature_info(state).num_refreshes) == 3
+    # value_fn ran only at the three refreshes: the lax.cond branch is skipped otherwise
+    assert 0 < len(_CALLS) <= 3 * 2, len(_CALLS)
+    # collect the run into columns and a table, and plot it
+    hist = curvlib.curvature_history(states)
+    np.testing.assert_array_equal(hist["step"], [0, 4, 8])
+    assert hist["eigenvalues"].shape == (3, 2)
+    np.testing.assert_allclose(hist["sharpness"], 9.0, rtol=1e-5)
+    assert np.all(np.isfinite(hist["trace"]))
+    table = curvlib.format_curvature_table(hist)
+    assert len(table.splitlines()) == 4 and "sharpness" in table
+
+
+def test_plot_curvature(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    n = 5
+    hist = {
+        "step": np.arange(n) * 10, "loss": np.linspace(1, 0.1, n),
+        "eigenvalues": np.linspace(1, 2, 2 * n).reshape(n, 2), "trace": np.ones(n),
+        "grad_fraction": np.full(n, 0.5),
+    }
+    fig = curvlib.plot_curvature(hist, learning_rate=1.0)
+    fig.savefig(tmp_path / "curv.png")
+    assert (tmp_path / "curv.png").stat().st_size > 0
+
+
+def test_nan_loss_at_refresh_keeps_previous_values_with_flag():
+    opt, step, params = _shared_step()
+    state = opt.init(params)
+    params, state = step(params, state, False)  # refresh at step 0
+    good = curvlib.curvature_info(state)
+    for _ in range(3):
+        params, state = step(params, state, False)
+    p_before, vecs_before = params, state[0].eigenvectors
+    params, state = step(params, state, True)  # the refresh at step 4 sees a NaN loss
+    bad = curvlib.curvature_info(state)
+    assert bool(bad.skipped) and int(bad.num_skipped) == 1
+    assert int(bad.step) == 0 and int(bad.num_refreshes) == 1
+    np.testing.assert_array_equal(bad.eigenvalues, good.eigenvalues)
+    jax.tree.map(np.testing.assert_array_equal, state[0].eigenvectors, vecs_before)
+    # training continued: the update was applied
+    assert not np.allclose(params["w"], p_before["w"])
+    for _ in range(4):
+        params, state = step(params, state, False)  # the refresh at step 8 succeeds again
+    info = curvlib.curvature_info(state)
+    assert not bool(info.skipped) and int(info.step) == 8 and int(info.num_skipped) == 1
+
+
+def test_readable_with_tree_get_and_through_wrappers():
+    loss, params, *_ = _quadratic()
+    # inject_hyperparams around the tracker itself (shape-fixing ints are static_args),
+    # next to an injected optimiser, inside apply_if_finite and MultiSteps
+    tracker = optax.inject_hyperparams(
+        curvlib.track_curvature, static_args=("k", "num_probes", "max_restarts")
+    )(every=3, k=2, key=jax.random.PRNGKey(0), tol=1e-6, num_probes=0)
+    inner = optax.chain(tracker, optax.inject_hyperparams(optax.sgd)(learning_rate=0.05))
+    opt = optax.MultiSteps(optax.apply_if_finite(inner, 3), every_k_schedule=1)
+    update = jax.jit(functools.partial(opt.update, value_fn=loss))
+    state = opt.init(params)
+    p = params
+    for _ in range(4):
+        g = jax.grad(loss)(p)
+        u, state = update(g, state, p)
+        p = optax.apply_updates(p, u)
+    info = curvlib.curvature_info(state)
+    assert isinstance(info, TrackCurvatureInfo)
+    assert int(info.step) == 3 and int(info.num_refreshes) == 2
+    assert float(info.eigenvalues[0]) == pytest.approx(9.0, rel=1e-6)
+    got = optax.tree_utils.tree_get(inner.init(params), "info")
+    assert isinstance(got, TrackCurvatureInfo)
+
+
+def test_vmap_over_seeds_matches_unbatched():
+    """Under vmap the refresh runs every step (cond -> select) but commits the same values."""
+    loss, p0, *_ = _quadratic()
+    params = [jax.tree.map(lambda x, s=s: x * (1.0 + s), p0) for s in (0.0, 0.5)]
+    batched = jax.tree.map(lambda *x: jnp.stack(x), *params)
+    opt = optax.chain(
+        curvlib.track_curvature(2, 2, key=jax.random.PRNGKey(0), num_probes=0), optax.sgd(0.05)
+    )
+
+    def step(p, s):
+        g = jax.grad(loss)(p)
+        u, s = opt.update(g, s, p, value_fn=loss)
+        return optax.apply_updates(p, u), s
+
+    p_b, s_b = batched, jax.vmap(opt.init)(batched)
+    vstep = jax.jit(jax.vmap(step))
+    for _ in range(3):
+        p_b, s_b = vstep(p_b, s_b)
+    info_b = curvlib.curvature_info(s_b)
+    assert info_b.eigenvalues.shape == (2, 2)
+    assert np.all(np.asarray(info_b.step) == 2) and np.all(np.asarray(info_b.num_refreshes) == 2)
+    one = jax.jit(step)
+    for i, p in enumerate(params):
+        s = opt.init(p)
+        for _ in range(3):
+            p, s = one(p, s)
+        info = curvlib.curvature_info(s)
+        np.testing.assert_allclose(info_b.eigenvalues[i], info.eigenvalues, rtol=1e-7)
+        np.testing.assert_allclose(info_b.grad_fraction[i], info.grad_fraction, rtol=1e-5,
+                                   atol=1e-10)
+        jax.tree.map(lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-10), p_b, p)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("every,k", [(0, 2), (-3, 2), (2, 0), (1.5, 2), (2, 2.5)])
+def test_bad_static_arguments(every, k):
+    with pytest.raises(ValueError):
+        curvlib.track_curvature(every, k, key=jax.random.PRNGKey(0))
+
+
+def test_k_at_least_parameter_count_raises_at_init():
+    _, params, *_ = _quadratic()  # 12 parameters
+    with pytest.raises(ValueError, match="number of parameters"):
+        curvlib.track_curvature(5, 12, key=jax.random.PRNGKey(0)).init(params)
+    curvlib.track_curvature(5, 11, key=jax.random.PRNGKey(0), num_probes=0).init(params)
+
+
+def test_missing_value_fn_raises():
+    _, params, *_ = _quadratic()
+    opt = curvlib.track_curvature(5, 2, key=jax.random.PRNGKey(0))
+    with pytest.raises(TypeError, match="value_fn"):
+        opt.update(params, opt.init(params), params)
+
+
+# -------------------------------------------------------- edge of stability
+
+
+def test_edge_of_stability_sharpness_hovers_at_two_over_eta():
+    """Full-batch GD on a tanh MLP (digits, MSE): sharpness rises, then hovers near 2/eta."""
+    eta, num_steps, every = 0.8, 800, 20
+    loss, params = _mlp(sizes=(64, 32, 10), scale=0.5, num=500, dtype=jnp.float32)
+    opt = optax.chain(
+        curvlib.track_curvature(every, 1, key=jax.random.PRNGKey(0), num_probes=0),
+        optax.sgd(eta),
+    )
+
+    def body(carry, _):
+        p, s = carry
+        g = jax.grad(loss)(p)
+        u, s = opt.update(g, s, p, value_fn=loss)
+        return (optax.apply_updates(p, u), s), curvlib.curvature_info(s)
+
+    _, infos = jax.jit(lambda p, s: jax.lax.scan(body, (p, s), None, length=num_steps))(
+        params, opt.init(params))
+    hist = curvlib.curvature_history(infos)
+    sharp, steps = hist["sharpness"], hist["step"]
+    assert len(steps) == num_steps // every
+    edge = 2.0 / eta
+    # progressive sharpening: starts well below the edge and rises to it
+    assert sharp[0] < 0.75 * edge
+    assert np.max(sharp[: len(sharp) // 2]) > 0.95 * edge
+    # then hovers at the edge: within +-15% of 2/eta over the last 40% of training
+    late = sharp[steps >= 0.6 * num_steps]
+    assert np.all(np.abs(late / edge - 1.0) <= 0.15), late / edge
