@@ -10,6 +10,8 @@ static settings, and skipped (flagged) steps on non-finite loss or curvature.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -371,3 +373,39 @@ def test_public_surface():
     for name in optim.__all__:
         assert getattr(curvlib, name) is getattr(optim, name) or name not in curvlib.__all__
     assert {"newton_cg", "scale_by_newton_cg", "svrg", "bfgs", "newton"} <= set(curvlib.__all__)
+
+
+def test_microbatched_curvature_matches_the_full_batch():
+    X, Y = _digits()
+    X, Y = X[:64], Y[:64]
+    model_fn = lambda p, X: X @ p["w"] + p["b"]
+    loss_fn = lambda logits, Y: jnp.mean(optax.softmax_cross_entropy(logits, Y))
+    value_fn = lambda p, X, Y: loss_fn(model_fn(p, X), Y)
+    p0 = {"w": jnp.full((64, 10), 0.01, jnp.float64), "b": jnp.zeros(10, jnp.float64)}
+    g = jax.grad(value_fn)(p0, X, Y)
+    kw = dict(damping=1e-2, cg_rtol=1e-10, max_cg_steps=20)
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def direction(ggn, microbatch_size):
+        tx = optim.scale_by_newton_cg(ggn=ggn, microbatch_size=microbatch_size, **kw)
+        return tx.update(g, tx.init(p0), p0, value_fn=value_fn, X=X, Y=Y)[0]
+
+    for ggn in (None, (model_fn, loss_fn)):
+        full = direction(ggn, None)
+        chunked = direction(ggn, 16)
+        for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(chunked), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)  # CG amplifies round-off
+
+
+def test_cg_step_cap_is_static_under_inject_hyperparams():
+    f = lambda p: jnp.sum((p - 1.0) ** 2) + jnp.sum(p**4)
+    p = jnp.zeros(4, jnp.float64)
+    opt = optax.inject_hyperparams(optim.newton_cg, static_args=("max_cg_steps",))(
+        learning_rate=1.0, max_cg_steps=2
+    )
+    s = opt.init(p)
+    _, s = jax.jit(lambda p, s: opt.update(jax.grad(f)(p), s, p, value_fn=f))(p, s)
+    assert int(s.inner_state[0].info.num_cg_steps) <= 2
+    traced = optax.inject_hyperparams(optim.newton_cg)(learning_rate=1.0, max_cg_steps=2)
+    with pytest.raises(ValueError, match="static_args"):
+        jax.jit(lambda p, s: traced.update(jax.grad(f)(p), s, p, value_fn=f))(p, traced.init(p))

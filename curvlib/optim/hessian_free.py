@@ -142,13 +142,13 @@ def _validate(damping, damping_increase, damping_decrease, min_damping, max_damp
     if _common.is_concrete(damping_decrease) and not 0 < float(np.asarray(damping_decrease)) <= 1:
         raise ValueError(f"`damping_decrease` must lie in (0, 1]; got {damping_decrease}.")
     _common.check_in_range("warm_start_decay", warm_start_decay, 0.0, 1.0)
-    if max_cg_steps is not None and not _common.is_concrete(max_cg_steps):
-        raise ValueError(
-            "`max_cg_steps` is a loop bound and must be a static int; with "
-            "`optax.inject_hyperparams` list it in `static_args=('max_cg_steps',)`."
-        )
-    _common.check_int("max_cg_steps", max_cg_steps, 1)
-    _common.check_int("microbatch_size", microbatch_size, 1)
+    for name, value in (("max_cg_steps", max_cg_steps), ("microbatch_size", microbatch_size)):
+        if value is not None and not _common.is_concrete(value):
+            raise ValueError(
+                f"`{name}` shapes the computation and must be a static int; with "
+                f"`optax.inject_hyperparams` list it in `static_args=('{name}',)`."
+            )
+        _common.check_int(name, value, 1)
     if hvp_mode not in (None, "linearize", "fwd-rev", "rev-rev"):
         raise ValueError(
             f"`hvp_mode` must be None, 'linearize', 'fwd-rev' or 'rev-rev'; got {hvp_mode!r}."
