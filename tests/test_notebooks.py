@@ -42,3 +42,13 @@ def test_second_order_optimizers_notebook():
     for name in ("adam(1e-2)", "optax.lbfgs", "newton_cg (GGN)", "bfgs", "svrg"):
         assert name in text
     assert "accepted" in text
+
+
+def test_edge_of_stability_notebook():
+    nb = _execute("edge_of_stability.ipynb")
+    outputs = [out for cell in nb.cells if cell.cell_type == "code"
+               for out in cell.get("outputs", [])]
+    text = "".join(out.get("text", "") for out in outputs)
+    assert "quick=True" in text
+    assert "late sharpness / (2/eta)" in text  # the cell asserting the +-15% band ran
+    assert sum("image/png" in out.get("data", {}) for out in outputs) >= 2  # the figures
