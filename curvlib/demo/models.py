@@ -67,7 +67,8 @@ class DecoderLM(nn.Module):
         c = self.config
         T = tokens.shape[-1]
         x = nn.Embed(c.vocab_size, c.d_model, name="embed")(tokens)
-        pos = self.param("pos", nn.initializers.normal(0.02), (c.seq_len, c.d_model))
+        pos = self.param("pos", nn.initializers.normal(0.02), (c.seq_len, c.d_model),
+                         jnp.float32)
         x = x + pos[:T]
         for i in range(c.num_layers):
             x = Block(c.d_model, c.num_heads, c.mlp_ratio, name=f"block{i}")(x)

@@ -223,8 +223,14 @@ def increment_coefficients(
     _check_basis(eigenvectors, params)
     if check_mean:
         check_mean_loss(loss_fn, params, data, k, microbatch_size=mb)
-    U = _tree.astype(eigenvectors, _tree.dtype(params))
+    U = _cast_basis(eigenvectors, params)
     return _coefficients(loss_fn, params, data, k, U, mb, mode)
+
+
+def _cast_basis(eigenvectors: PyTree, params: PyTree) -> PyTree:
+    """Each basis leaf in its parameter leaf's dtype (models may mix float32 and float64)."""
+    return jax.tree.map(lambda e, p: jnp.asarray(e).astype(jnp.result_type(p)), eigenvectors,
+                        params)
 
 
 def _check_basis(eigenvectors: PyTree, params: PyTree) -> int:
