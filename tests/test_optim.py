@@ -182,6 +182,13 @@ def test_gauss_newton_split_equals_hessian_for_a_linear_model():
     for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-10)
     np.testing.assert_allclose(s1.info.rho, s2.info.rho, rtol=1e-6)
+    # dense Newton takes the same split
+    newton_h, newton_g = optim.scale_by_newton(damping=1e-2), optim.scale_by_newton(
+        damping=1e-2, ggn=(model_fn, loss_fn))
+    n1 = jax.jit(lambda: newton_h.update(g, newton_h.init(p0), p0, value_fn=value_fn, X=X, Y=Y))()
+    n2 = jax.jit(lambda: newton_g.update(g, newton_g.init(p0), p0, value_fn=value_fn, X=X, Y=Y))()
+    for a, b in zip(jax.tree.leaves(n1[0]), jax.tree.leaves(n2[0]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-12)
 
 
 def test_optax_lbfgs_runs_in_the_same_loop():
@@ -237,6 +244,13 @@ def test_svrg_converges_linearly_where_sgd_stalls():
         return np.asarray(errs)
 
     e_svrg = train(optim.svrg(lr, snapshot_every=2 * n // batch))
+    # the gradient-returning form of the contract gives the same iterates
+    opt = optim.scale_by_svrg(snapshot_every=8)
+    w = jnp.ones(d, jnp.float64)
+    g = jax.grad(loss)(w, idx[0])
+    a, _ = opt.update(g, opt.init(w), w, value_fn=loss, idx=idx[0], full_value_fn=full)
+    b, _ = opt.update(g, opt.init(w), w, value_fn=loss, idx=idx[0], full_grad_fn=jax.grad(full))
+    np.testing.assert_allclose(a, b, rtol=1e-12)
     e_sgd = train(optax.with_extra_args_support(optax.sgd(lr)))
     floor = np.median(e_sgd[steps // 2:])
     assert floor > 1e-2  # SGD's noise floor with a constant step
