@@ -152,6 +152,25 @@ def test_eigsh_float32_pytree():
     assert np.max(np.abs(X @ X.T - np.eye(3))) <= 1e-5
 
 
+def test_eigsh_half_precision_leaves():
+    """bfloat16 leaves (alone or mixed with float32): default tol from the least precise leaf."""
+    ev = np.concatenate([[5.0, 4.0], np.linspace(-1.0, 1.0, 38)])
+    A = jnp.asarray(_sym(ev, seed=8), jnp.float32)
+
+    def op(v):
+        x = jnp.concatenate([v["a"].astype(jnp.float32), v["b"].astype(jnp.float32)])
+        y = A @ x
+        return {"a": y[:30].astype(v["a"].dtype), "b": y[30:].astype(v["b"].dtype)}
+
+    rng = np.random.default_rng(0)
+    for db in (jnp.bfloat16, jnp.float32):
+        v0 = {"a": jnp.asarray(rng.standard_normal(30), jnp.bfloat16),
+              "b": jnp.asarray(rng.standard_normal(10), db)}
+        res = eigsh(op, v0, 2)
+        assert bool(res.converged) and res.eigenvectors["a"].dtype == jnp.bfloat16
+        assert np.allclose(np.asarray(res.eigenvalues, np.float64), [5.0, 4.0], rtol=2e-2)
+
+
 def test_eigsh_tiny_norm_operator_float32():
     """A Hessian with entries ~1e-6 in float32 must not be mistaken for a breakdown."""
     ev = 1e-6 * np.concatenate([[2.0, 1.9, 1.8], np.linspace(0.0, 1.0, 57)])

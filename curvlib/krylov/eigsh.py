@@ -110,7 +110,8 @@ def eigsh(
       which: ``"LA"`` (largest algebraic), ``"SA"`` (smallest algebraic) or
         ``"LM"`` (largest magnitude).
       num_matvecs: basis size ``m``, ``k < m <= dim``; default ``min(dim, max(2k + 1, 20))``.
-      tol: relative residual tolerance; default ``sqrt(eps)`` of ``v0``'s dtype.
+      tol: relative residual tolerance; default ``sqrt(eps)`` of the least precise
+        leaf dtype of ``v0`` (a bfloat16 basis cannot certify more).
       max_restarts: cap on thick restarts.
       num_keep: Ritz vectors kept per restart, ``k <= num_keep < m``;
         default ``k + (m - k) // 2``.
@@ -162,7 +163,8 @@ def eigsh(
         raise ValueError(f"`num_keep` must satisfy k <= num_keep < num_matvecs; got {keep}.")
     acc = _lz._acc_dtype(v0)
     if tol is None:
-        tol = float(np.sqrt(np.finfo(_tree.dtype(v0)).eps))
+        # the least precise leaf bounds the basis accuracy (jnp.finfo knows bfloat16)
+        tol = float(np.sqrt(max(float(jnp.finfo(x.dtype).eps) for x in jax.tree.leaves(v0))))
 
     state = _lz._init_state(v0, m, acc)
     state = _lz._extend(matvec, state, 0, m)
