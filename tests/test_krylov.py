@@ -496,6 +496,9 @@ def test_bad_inputs():
             hutchinson_diag(I, like, key, bad)
         with pytest.raises(ValueError, match="num_probes"):
             spectral_density(I, like, key, num_matvecs=2, num_probes=bad)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="sigma"):
+            spectral_density(I, like, key, num_matvecs=2, num_probes=1, sigma=bad)
     with pytest.raises(ValueError, match=r"b.*x0"):
         cg(I, like, x0={"a": jnp.zeros(3)})
     with pytest.raises(ValueError, match=r"b.*x0"):

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from curvlib import _tree
 
@@ -58,6 +59,15 @@ class SpectralDensity(NamedTuple):
 def _check_probes(num_probes):
     if not isinstance(num_probes, int) or num_probes <= 0:
         raise ValueError(f"`num_probes` must be a positive int; got {num_probes!r}.")
+
+
+def _check_sigma(sigma):
+    """A concrete ``sigma`` must be a positive finite scalar (a traced one is taken as is)."""
+    if sigma is None or isinstance(sigma, jax.core.Tracer):
+        return
+    s = np.asarray(sigma)
+    if s.ndim != 0 or not np.isfinite(s) or not s > 0:
+        raise ValueError(f"`sigma` must be a positive, finite scalar; got {sigma!r}.")
 
 
 def _block_matvec(matvec, V, batch_size):
@@ -269,7 +279,8 @@ def spectral_density(
       :class:`SpectralDensity`.
 
     Raises:
-      ValueError: if ``num_probes <= 0`` or ``num_matvecs`` is not in ``[1, dim]``.
+      ValueError: if ``num_probes <= 0``, ``num_matvecs`` is not in ``[1, dim]``, or
+        a concrete ``sigma`` is not a positive finite scalar.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -289,6 +300,7 @@ def spectral_density(
       density*, ICML 2019.
     """
     _check_probes(num_probes)
+    _check_sigma(sigma)
     _tree.check_float_tree(v_like, "v_like")
     _tree.check_matvec(matvec, v_like, "v_like")
     n = _tree.size(v_like)
