@@ -1,0 +1,187 @@
+"""Overhead of ``curvlib.track_curvature(every=100, k=5)`` on a training step.
+
+Two models: a tanh MLP classifier on scikit-learn digits and the small
+decoder-only transformer of :mod:`curvlib.demo.models` on random tokens. For
+each, the same optimiser (SGD with momentum) runs without the tracker and with it,
+at its defaults (``tol=1e-3``, 6 Hutch++ trace probes) and lean (``tol=1e-2``,
+no trace); ``value_fn`` is the loss on the step's own mini-batch (the usual
+way to use it). Training runs as a jitted ``lax.scan`` over chunks of ``every``
+steps, so each timed chunk holds exactly one (warm-started) refresh and Python
+dispatch is excluded; one chunk is run first to compile and to do the cold
+first refresh. Reported: the median per-step time over >= 5 repeats of each
+variant, the overhead ``tracked / plain - 1``, the products a refresh used,
+the cost of one refresh in training steps and the period ``every`` at which
+that cost would be 10%.
+
+Usage::
+
+    python -m benchmarks.track_overhead           # writes results/track_overhead.json
+    python -m benchmarks.track_overhead --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import _common as C
+
+EVERY = 100
+K = 5
+
+
+def _mlp_case(quick: bool):
+    from sklearn.datasets import load_digits
+
+    from curvlib.demo.models import MLP, classifier_loss_fn
+
+    X, y = load_digits(return_X_y=True)
+    X = jnp.asarray((X / 16.0 - (X / 16.0).mean(0)), jnp.float32)
+    y = jnp.asarray(y, jnp.int32)
+    model = MLP(hidden=(128, 128) if quick else (256, 256))
+    params = model.init(jax.random.PRNGKey(0), X[:1])["params"]
+    loss_fn = classifier_loss_fn(model)
+    batch_size = 128
+
+    def sample(key):
+        idx = jax.random.randint(key, (batch_size,), 0, X.shape[0])
+        return (X[idx], y[idx])
+
+    return "mlp_digits", params, loss_fn, sample, 0.05
+
+
+def _transformer_case(quick: bool):
+    from curvlib.demo.models import TransformerConfig, init_transformer, lm_loss_fn
+
+    cfg = TransformerConfig()
+    model, params = init_transformer(cfg, jax.random.PRNGKey(0))
+    loss_fn = lm_loss_fn(model)
+    batch_size = 8 if quick else 16
+
+    def sample(key):
+        return jax.random.randint(key, (batch_size, cfg.seq_len + 1), 0, cfg.vocab_size)
+
+    return "transformer_lm", params, loss_fn, sample, 0.05
+
+
+def _chunk_runner(opt, loss_fn, sample, tracked: bool):
+    def step(carry, key):
+        p, s = carry
+        batch = sample(key)
+        g = jax.grad(loss_fn)(p, batch)
+        if tracked:
+            u, s = opt.update(g, s, p, value_fn=loss_fn, batch=batch)
+        else:
+            u, s = opt.update(g, s, p)
+        return (optax.apply_updates(p, u), s), None
+
+    @jax.jit
+    def run(params, state, key):
+        (p, s), _ = jax.lax.scan(step, (params, state), jax.random.split(key, EVERY))
+        return p, s
+
+    return run
+
+
+def _measure(name, params, loss_fn, sample, lr, repeats):
+    import curvlib
+
+    base = optax.sgd(lr, momentum=0.9)
+    key = jax.random.PRNGKey(1)
+    variants = {
+        "plain": (base, False),
+        # defaults: tol=1e-3, Hutch++ trace with 6 probes
+        "tracked": (optax.chain(curvlib.track_curvature(EVERY, K, key=key), base), True),
+        # eigenvalues only, looser tolerance (eigenvalue error ~ tol^2)
+        "tracked_lean": (
+            optax.chain(curvlib.track_curvature(EVERY, K, key=key, tol=1e-2, num_probes=0), base),
+            True,
+        ),
+    }
+    out = {"num_params": int(sum(x.size for x in jax.tree.leaves(params)))}
+    runners = {}
+    for v, (opt, tracked) in variants.items():
+        run = _chunk_runner(opt, loss_fn, sample, tracked)
+        state = opt.init(params)
+        # compile + first chunk (holds the cold first refresh for the tracked variant)
+        p, s = jax.block_until_ready(run(params, state, jax.random.PRNGKey(2)))
+        runners[v] = (run, p, s)
+        if tracked:
+            out.setdefault(v, {})["cold_refresh_matvecs"] = int(
+                curvlib.curvature_info(s).num_matvecs)
+    # interleave the variants' repeats so drifting machine load hits both alike
+    times = {v: [] for v in runners}
+    keys = iter(jax.random.split(jax.random.PRNGKey(3), len(runners) * repeats))
+    for _ in range(repeats):
+        for v, (run, p, s) in runners.items():
+            k = next(keys)
+            r = C.time_fn(lambda run=run, p=p, s=s, k=k: run(p, s, k), repeats=1, number=1,
+                          warmup=0)
+            times[v].append(r["median_s"] / EVERY)
+    plain = float(np.median(times["plain"]))
+    out["plain"] = C.summarize(times["plain"], unit="seconds per training step")
+    for v in ("tracked", "tracked_lean"):
+        d = out[v]
+        d.update(C.summarize(times[v], unit="seconds per training step"))
+        run, p, s = runners[v]
+        _, s2 = run(p, s, jax.random.PRNGKey(4))
+        info = curvlib.curvature_info(s2)
+        d["warm_refresh_matvecs"] = int(info.num_matvecs)
+        d["warm_refresh_eigsh_matvecs"] = int(info.eigsh_matvecs)
+        d["sharpness"] = float(info.eigenvalues[0])
+        d["overhead"] = d["median_s"] / plain - 1.0
+        # one refresh costs (tracked - plain) * EVERY; the period that would make it 10%
+        d["refresh_cost_in_steps"] = d["overhead"] * EVERY
+        d["every_for_10pct"] = max(1, int(np.ceil(d["refresh_cost_in_steps"] / 0.10)))
+        C.log(
+            f"{name} [{v}]: {out['num_params']} params, plain {plain * 1e3:.3f} ms/step, "
+            f"tracked {d['median_s'] * 1e3:.3f} ms/step, overhead {100 * d['overhead']:.1f}% "
+            f"(warm refresh {d['warm_refresh_matvecs']} products, cold "
+            f"{d['cold_refresh_matvecs']}; a refresh costs {d['refresh_cost_in_steps']:.0f} "
+            f"steps, <=10% from every={d['every_for_10pct']})"
+        )
+    out["overhead"] = out["tracked"]["overhead"]
+    return out
+
+
+def run(quick: bool = False) -> dict:
+    repeats = C.repeats(7)
+    cases = {}
+    for make in (_mlp_case, _transformer_case):
+        try:
+            name, params, loss_fn, sample, lr = make(quick)
+        except ImportError as e:  # the demo models need flax
+            C.log(f"skipping {make.__name__}: {e}")
+            continue
+        cases[name] = _measure(name, params, loss_fn, sample, lr, repeats)
+    overheads = [c["tracked"]["overhead"] for c in cases.values()]
+    lean = [c["tracked_lean"]["overhead"] for c in cases.values()]
+    payload = {
+        "description": (
+            f"training-step time with optax.chain(track_curvature(every={EVERY}, k={K}), "
+            "sgd(momentum=0.9)) vs sgd(momentum=0.9) alone; value_fn = loss on the step's "
+            f"mini-batch; jitted lax.scan chunks of {EVERY} steps, each holding one warm refresh"
+        ),
+        "every": EVERY,
+        "k": K,
+        "goal_average_overhead": 0.10,
+        "average_overhead": float(np.mean(overheads)) if overheads else None,
+        "average_overhead_lean": float(np.mean(lean)) if lean else None,
+        "cases": cases,
+    }
+    path = C.write_result("track_overhead", payload)
+    C.log(f"average overhead {100 * payload['average_overhead']:.1f}% (lean "
+          f"{100 * payload['average_overhead_lean']:.1f}%)  -> {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    C.QUICK = args.quick
+    run(quick=args.quick)
