@@ -52,3 +52,16 @@ def test_edge_of_stability_notebook():
     assert "quick=True" in text
     assert "late sharpness / (2/eta)" in text  # the cell asserting the +-15% band ran
     assert sum("image/png" in out.get("data", {}) for out in outputs) >= 2  # the figures
+
+
+def test_delta2_transformer_notebook():
+    nb = _execute("delta2_transformer.ipynb")
+    text = "".join(
+        out.get("text", "")
+        for cell in nb.cells if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+    )
+    assert "quick mode: True" in text
+    for needle in ("k-curve in", "largest principal angle", "signed top eigenvalues",
+                   "GM speed-up over direct MC"):
+        assert needle in text
