@@ -11,6 +11,7 @@ Three layers, each built only on the one below:
 
 __version__ = "0.1.0"
 
+from curvlib import landscape as landscape  # its own namespace: curvlib.landscape.*
 from curvlib.krylov import (
     CGResult,
     EigshResult,
