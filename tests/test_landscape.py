@@ -6,6 +6,8 @@ and quadratic problems are the oracles; float64 is on (conftest).
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import itertools
 import json
 
@@ -568,3 +570,11 @@ def test_demo_main_tiny(tmp_path):
     saved = json.loads((tmp_path / "delta2_transformer.json").read_text())
     assert saved["k"] == 3
     assert (tmp_path / "delta2_transformer.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", ["curvlib.landscape.coefficients", "curvlib.landscape.subspace",
+                                  "curvlib.landscape.estimators", "curvlib.landscape.curve"])
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

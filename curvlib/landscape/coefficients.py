@@ -140,8 +140,8 @@ def loss_increment(
       >>> import jax.numpy as jnp
       >>> loss = lambda w, x: jnp.mean((x - w) ** 2)
       >>> x = jnp.array([0.0, 1.0, 2.0])
-      >>> float(loss_increment(loss, jnp.array(0.0), x, 2))   # (0+1+4)/3 - (0+1)/2
-      1.167
+      >>> round(float(loss_increment(loss, jnp.array(0.0), x, 2)), 4)  # 5/3 - 1/2
+      1.1667
     """
     k = _common.check_k(k, data)
     return _loss_increment(loss_fn, params, data, k, _common.check_microbatch(microbatch_size))

@@ -111,8 +111,8 @@ def delta2_closed_form(a, c, B, sigma) -> jax.Array:
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> delta2_closed_form(0.0, jnp.zeros(2), jnp.diag(jnp.array([1.0, 1.0])), 1.0)
-      Array(2., dtype=float32)
+      >>> float(delta2_closed_form(0.0, jnp.zeros(2), jnp.eye(2), 1.0))  # (2*2 + 2^2)/4
+      2.0
 
     References:
       N. Kiselev and A. Grabovoy, *Curvature-Aligned Probing for Local
