@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.tree_util import Partial
 
 from curvlib import _tree
@@ -264,10 +265,16 @@ def microbatch_mean(fn: Callable, batch: PyTree, microbatch_size: int | None) ->
             raise ValueError(
                 f"every leaf of `batch` must share the leading sample axis; got {n} and {x.shape}."
             )
+    if microbatch_size is not None:
+        if isinstance(microbatch_size, bool) or not isinstance(
+            microbatch_size, (int, np.integer)
+        ):
+            raise ValueError(f"`microbatch_size` must be an int or None; got {microbatch_size!r}.")
+        microbatch_size = int(microbatch_size)
+        if microbatch_size < 1:
+            raise ValueError(f"`microbatch_size` must be >= 1; got {microbatch_size}.")
     if microbatch_size is None or microbatch_size >= n:
         return fn(batch)
-    if microbatch_size < 1:
-        raise ValueError(f"`microbatch_size` must be >= 1; got {microbatch_size}.")
     num_full = n // microbatch_size
     rem = n - num_full * microbatch_size
     head = jax.tree.map(
@@ -277,17 +284,19 @@ def microbatch_mean(fn: Callable, batch: PyTree, microbatch_size: int | None) ->
         batch,
     )
     out_shape = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], head))
-    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+    # accumulate half-precision outputs in float32 (many bfloat16 partial sums lose digits)
+    acc_dt = lambda dt: _tree.acc_dtype(dt) if jnp.issubdtype(dt, jnp.floating) else dt
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, acc_dt(s.dtype)), out_shape)
 
     def body(acc, chunk):
-        return jax.tree.map(jnp.add, acc, fn(chunk)), None
+        return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, fn(chunk)), None
 
     total, _ = jax.lax.scan(body, init, head)
     out = jax.tree.map(lambda t: t * (microbatch_size / n), total)
     if rem:
         tail = jax.tree.map(lambda x: x[num_full * microbatch_size :], batch)
-        out = jax.tree.map(lambda o, t: o + t * (rem / n), out, fn(tail))
-    return out
+        out = jax.tree.map(lambda o, t: o + t.astype(o.dtype) * (rem / n), out, fn(tail))
+    return jax.tree.map(lambda o, s: o.astype(s.dtype), out, out_shape)
 
 
 @functools.lru_cache(maxsize=512)

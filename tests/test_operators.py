@@ -145,6 +145,13 @@ def test_microbatch_mean_weights_the_remainder():
         assert np.isclose(float(microbatch_mean(jnp.mean, x, size)), 4.5, rtol=1e-12)
     with pytest.raises(ValueError, match="microbatch_size"):
         microbatch_mean(jnp.mean, x, 0)
+    with pytest.raises(ValueError, match="microbatch_size"):
+        microbatch_mean(jnp.mean, x, 2.5)
+    # bfloat16 partial results are accumulated in float32: 1024 chunks of one sample
+    u = jnp.asarray(np.random.default_rng(0).uniform(0.0, 1.0, 1024), jnp.bfloat16)
+    got = microbatch_mean(jnp.mean, u, 1)
+    assert got.dtype == jnp.bfloat16
+    assert abs(float(got) - float(jnp.mean(u.astype(jnp.float32)))) <= 4e-3
     with pytest.raises(ValueError, match="leading"):
         microbatch_mean(lambda b: jnp.mean(b[0]), (x, jnp.ones(3)), 2)
 
