@@ -1,0 +1,519 @@
+"""A catalogue of hostile inputs, each with its documented behaviour.
+
+The contract (docs/scaling.md, "Hostile inputs"): every bad input either raises
+a clear ``ValueError``/``TypeError`` naming the argument *before* any work, or
+produces a result that says so (``finite=False``, ``converged=False``,
+``skipped=True``, a NaN that propagates) -- never finite-looking garbage, and
+never an optimizer state that differs from the one before the bad step.
+
+Rows of the catalogue, in order: non-finite values (params, loss, data,
+tangent / start vector, products); mismatched and empty pytrees; integer and
+complex dtypes; sizes (``k = 0``, ``k >= dim``, ``dim = 0``, ``dim >= N``);
+scales (``sigma <= 0``, huge ``sigma``, negative damping); zero start vectors;
+non-symmetric matvecs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import curvlib
+from curvlib import landscape, optim
+
+# ------------------------------------------------------------------ fixtures
+
+
+def _loss(p, x, y):
+    h = jnp.tanh(x @ p["w"] + p["b"])
+    return 0.5 * jnp.mean((h @ p["v"] - y) ** 2)
+
+
+def _problem():
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(3), 4)
+    params = {
+        "w": jax.random.normal(k1, (3, 4)) / 2,
+        "b": jnp.zeros(4),
+        "v": jax.random.normal(k2, (4,)),
+    }
+    x = jax.random.normal(k3, (16, 3))
+    y = jax.random.normal(k4, (16,))
+    return params, x, y
+
+
+def _poison(tree, value, leaf="w"):
+    return {**tree, leaf: tree[leaf].at[(0,) * tree[leaf].ndim].set(value)}
+
+
+def _diag_op(d):
+    d = jnp.asarray(d)
+    return (lambda v: {"a": d * v["a"]}), {"a": jnp.ones_like(d)}
+
+
+def _all_finite(tree):
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+
+
+# ------------------------------------------------- non-finite params / data / loss
+
+
+@pytest.mark.parametrize(
+    "where, bad",
+    [("params", jnp.nan), ("params", jnp.inf), ("data", jnp.nan), ("data", -jnp.inf),
+     ("loss", jnp.nan), ("loss", jnp.inf)],
+)
+def test_nonfinite_problem_flags_eigsh_and_cg(where, bad):
+    """A NaN/Inf in params, data or the loss value propagates into the products,
+    and the solvers flag it: ``finite=False``, ``converged=False``, finite outputs."""
+    params, x, y = _problem()
+    loss = _loss
+    if where == "params":
+        # ``v`` enters linearly: a saturating unit (tanh of an infinite pre-activation)
+        # can turn an infinite weight into finite, meaningful derivatives
+        params = _poison(params, bad, leaf="v")
+    elif where == "data":
+        x = x.at[2, 1].set(bad)
+    else:
+        loss = lambda p, x, y: _loss(p, x, y) + bad * jnp.sum(p["w"] ** 2)
+    mv = curvlib.hessian_matvec(loss, params, x, y)
+    v0 = jax.tree.map(jnp.ones_like, params)
+    hv = mv(v0)
+    assert not _all_finite(hv)  # propagated, not hidden
+    e = curvlib.eigsh(mv, v0, 2, num_matvecs=8, max_restarts=5)
+    assert not bool(e.finite) and not bool(e.converged)
+    assert _all_finite(e.eigenvectors) and bool(jnp.all(jnp.isfinite(e.eigenvalues)))
+    c = curvlib.cg(mv, v0, damping=1.0)
+    assert not bool(c.finite) and not bool(c.converged)
+    assert _all_finite(c.x)
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_nonfinite_tangent_propagates_through_products(bad):
+    params, x, y = _problem()
+    v = _poison(jax.tree.map(jnp.ones_like, params), bad)
+    for mv in (
+        curvlib.hessian_matvec(_loss, params, x, y),
+        curvlib.hessian_matvec(_loss, params, x, y, mode="fwd-rev"),
+        curvlib.ggn_matvec(
+            lambda p, x: jnp.tanh(x @ p["w"] + p["b"]) @ p["v"],
+            lambda o, y: 0.5 * jnp.mean((o - y) ** 2), params, x, loss_args=(y,),
+        ),
+    ):
+        assert not _all_finite(mv(v))
+    assert not _all_finite(curvlib.hvp(lambda p: _loss(p, x, y), params, v))
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_nonfinite_start_vector_is_flagged(bad):
+    mv, v0 = _diag_op(jnp.arange(1.0, 11.0))
+    v0 = {"a": v0["a"].at[3].set(bad)}
+    e = curvlib.eigsh(mv, v0, 2)
+    assert not bool(e.finite) and not bool(e.converged)
+    l = curvlib.lanczos(mv, v0, 4)
+    assert not bool(l.finite)
+    c = curvlib.cg(mv, v0)
+    assert not bool(c.finite) and not bool(c.converged) and _all_finite(c.x)
+    p = curvlib.power_iteration(mv, v0, 1, num_iters=5)
+    assert not bool(jnp.any(p.converged)) and not bool(p.finite)
+
+
+def test_nonfinite_product_mid_run_keeps_last_finite_iterate():
+    """A matvec that goes non-finite on some inputs (here: large ones): cg stops, says
+    so, and returns the last finite iterate, never a NaN-laden vector."""
+    d = jnp.arange(1.0, 31.0)
+    mv = lambda v: {"a": jnp.where(jnp.linalg.norm(v["a"]) > 3.0, jnp.nan, 1.0) * d * v["a"]}
+    c = curvlib.cg(mv, {"a": jnp.ones(30) * 2.0}, rtol=1e-12)
+    assert not bool(c.finite) and not bool(c.converged)
+    assert _all_finite(c.x) and _all_finite(c.curvature_direction)
+
+
+def test_hutchinson_and_slq_do_not_hide_nonfinite_products():
+    nanmv = lambda v: {"a": jnp.nan * v["a"]}
+    v = {"a": jnp.ones(10)}
+    key = jax.random.PRNGKey(0)
+    t = curvlib.hutchinson_trace(nanmv, v, key, 6)
+    assert not bool(jnp.isfinite(t.estimate))
+    dg = curvlib.hutchinson_diag(nanmv, v, key, 4)
+    assert not _all_finite(dg.estimate)
+    sd = curvlib.spectral_density(nanmv, v, key, num_matvecs=4, num_probes=2)
+    flagged = (hasattr(sd, "finite") and not bool(sd.finite)) or not bool(
+        jnp.all(jnp.isfinite(sd.density))
+    )
+    assert flagged, "spectral_density returned a finite density from NaN products"
+
+
+# ------------------------------------------------------ mismatched / empty trees
+
+
+def test_mismatched_trees_raise_value_error():
+    params, x, y = _problem()
+    f = lambda p: _loss(p, x, y)
+    wrong_struct = {"w": params["w"], "b": params["b"]}
+    wrong_shape = {**params, "v": jnp.ones(5)}
+    for t in (wrong_struct, wrong_shape):
+        with pytest.raises(ValueError, match="tangent"):
+            curvlib.hvp(f, params, t)
+        with pytest.raises(ValueError, match="tangent"):
+            curvlib.hessian_matvec(_loss, params, x, y)(t)
+        with pytest.raises(ValueError, match="x0"):
+            curvlib.cg(curvlib.hessian_matvec(_loss, params, x, y), params, x0=t)
+    with pytest.raises(ValueError, match="eigenvectors"):
+        landscape.increment_coefficients(
+            lambda p, b: _loss(p, *b), params, (x, y), 8, {"w": params["w"][None]}
+        )
+
+
+@pytest.mark.parametrize("solver", ["eigsh", "lanczos", "cg", "power_iteration"])
+def test_matvec_returning_the_wrong_tree_raises(solver):
+    """A matvec whose output does not match its input is a user error: raise, don't compute."""
+    v0 = {"a": jnp.ones(6)}
+    bad = lambda v: {"a": v["a"], "extra": v["a"]}
+    call = {
+        "eigsh": lambda: curvlib.eigsh(bad, v0, 2),
+        "lanczos": lambda: curvlib.lanczos(bad, v0, 3),
+        "cg": lambda: curvlib.cg(bad, v0),
+        "power_iteration": lambda: curvlib.power_iteration(bad, v0, 1),
+    }[solver]
+    with pytest.raises((ValueError, TypeError)):
+        call()
+
+
+def test_empty_pytrees_raise_value_error():
+    mv = lambda v: v
+    key = jax.random.PRNGKey(0)
+    for call in (
+        lambda: curvlib.hessian_matvec(lambda p: 0.0, {}),
+        lambda: curvlib.ggn_matvec(lambda p: 0.0, lambda o: o, {}),
+        lambda: curvlib.eigsh(mv, {}, 1),
+        lambda: curvlib.lanczos(mv, {}, 1),
+        lambda: curvlib.cg(mv, {}),
+        lambda: curvlib.power_iteration(mv, {}, 1),
+        lambda: curvlib.hutchinson_trace(mv, {}, key, 3),
+        lambda: curvlib.check_symmetric(mv, {}, key),
+        lambda: curvlib.microbatch_mean(lambda b: b, {}, 2),
+    ):
+        with pytest.raises(ValueError, match="empty"):
+            call()
+
+
+# --------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.complex64, jnp.bool_])
+def test_non_real_float_leaves_raise_type_error(dtype):
+    ones = {"a": jnp.ones(4, dtype)}
+    f = lambda p: jnp.sum(jnp.abs(p["a"]) ** 2).real.astype(jnp.float32)
+    mv = lambda v: v
+    for call in (
+        lambda: curvlib.hessian_matvec(f, ones),
+        lambda: curvlib.ggn_matvec(lambda p: p["a"], lambda o: jnp.sum(o).real, ones),
+        lambda: curvlib.eigsh(mv, ones, 1),
+        lambda: curvlib.lanczos(mv, ones, 2),
+        lambda: curvlib.cg(mv, ones),
+        lambda: curvlib.power_iteration(mv, ones, 1),
+        lambda: curvlib.hutchinson_trace(mv, ones, jax.random.PRNGKey(0), 3),
+    ):
+        with pytest.raises(TypeError):
+            call()
+    # the optimizers' init accepts any leaves; their first update raises
+    f = lambda p: jnp.sum(jnp.abs(p["a"]) ** 2).real.astype(jnp.float32)
+    tx = optim.scale_by_newton_cg()
+    with pytest.raises(TypeError):
+        tx.update(ones, tx.init(ones), ones, value_fn=f)
+
+
+def test_non_float_loss_raises_type_error():
+    params, x, y = _problem()
+    with pytest.raises(TypeError, match="floating"):
+        curvlib.hessian_matvec(lambda p: jnp.sum(p["w"]).astype(jnp.int32), params)
+    with pytest.raises(TypeError, match="scalar"):
+        curvlib.hessian_matvec(lambda p: p["w"], params)
+
+
+# ---------------------------------------------------------------------- sizes
+
+
+def test_k_and_num_matvecs_out_of_range_raise():
+    mv, v0 = _diag_op(jnp.arange(1.0, 11.0))
+    for call in (
+        lambda: curvlib.eigsh(mv, v0, 0),
+        lambda: curvlib.eigsh(mv, v0, 10),  # k >= dim
+        lambda: curvlib.eigsh(mv, v0, 2, num_matvecs=2),  # m <= k
+        lambda: curvlib.eigsh(mv, v0, 2, num_matvecs=11),  # m > dim
+        lambda: curvlib.lanczos(mv, v0, 0),
+        lambda: curvlib.lanczos(mv, v0, 11),
+        lambda: curvlib.power_iteration(mv, v0, 0),
+        lambda: curvlib.power_iteration(mv, v0, 10),
+        lambda: curvlib.cg(mv, v0, max_steps=0),
+        lambda: curvlib.hutchinson_trace(mv, v0, jax.random.PRNGKey(0), 0),
+        lambda: curvlib.spectral_density(mv, v0, jax.random.PRNGKey(0), num_matvecs=0,
+                                         num_probes=1),
+    ):
+        with pytest.raises(ValueError):
+            call()
+
+
+def test_largest_legal_sizes_are_exact():
+    """k = dim - 1 and num_matvecs = dim: the Krylov space is everything; answers are exact."""
+    d = jnp.arange(1.0, 11.0)
+    mv, v0 = _diag_op(d)
+    e = curvlib.eigsh(mv, {"a": jnp.linspace(1.0, 2.0, 10)}, 9)
+    np.testing.assert_allclose(e.eigenvalues, d[::-1][:9], rtol=1e-10)
+    l = curvlib.lanczos(mv, {"a": jnp.linspace(1.0, 2.0, 10)}, 10)
+    T = np.diag(l.alphas) + np.diag(l.betas, 1) + np.diag(l.betas, -1)
+    np.testing.assert_allclose(np.linalg.eigvalsh(T), d, rtol=1e-10)
+
+
+def test_zero_size_leaves_are_carried_along():
+    """A pytree may contain size-0 leaves (an empty bias); they take no part and stay empty."""
+    d = jnp.arange(1.0, 11.0)
+    mv = lambda v: {"a": d * v["a"], "e": 3.0 * v["e"]}
+    v0 = {"a": jnp.ones(10), "e": jnp.ones((0, 4))}
+    e = curvlib.eigsh(mv, v0, 2)
+    np.testing.assert_allclose(e.eigenvalues, [10.0, 9.0], rtol=1e-10)
+    assert e.eigenvectors["e"].shape == (2, 0, 4)
+    c = curvlib.cg(mv, v0, rtol=1e-12)
+    np.testing.assert_allclose(c.x["a"], 1.0 / d, rtol=1e-10)
+
+
+def test_dimension_zero_raises():
+    """``dim = 0``: a pytree with no entries at all, or a subspace dimension of 0."""
+    mv = lambda v: v
+    z = {"a": jnp.ones((0,))}
+    for call in (
+        lambda: curvlib.eigsh(mv, z, 1),
+        lambda: curvlib.lanczos(mv, z, 1),
+        lambda: curvlib.power_iteration(mv, z, 1),
+    ):
+        with pytest.raises(ValueError):
+            call()
+    params, x, y = _problem()
+    loss_b = lambda p, b: _loss(p, *b)
+    with pytest.raises(ValueError, match="dim"):
+        landscape.curvature_subspace(loss_b, params, (x, y), 8, 0, key=jax.random.PRNGKey(0))
+
+
+def test_landscape_dim_at_least_parameter_count_raises():
+    params, x, y = _problem()
+    n = sum(p.size for p in jax.tree.leaves(params))
+    loss_b = lambda p, b: _loss(p, *b)
+    for dim in (n, n + 5):
+        with pytest.raises(ValueError, match="parameter count"):
+            landscape.curvature_subspace(loss_b, params, (x, y), 8, dim,
+                                         key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="k"):
+        landscape.curvature_subspace(loss_b, params, (x, y), 0, 2, key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="key"):
+        landscape.curvature_subspace(loss_b, params, (x, y), 8, 2, key=None)
+
+
+# --------------------------------------------------------------------- scales
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, float("nan"), float("inf")])
+def test_nonpositive_or_nonfinite_sigma_raises(sigma):
+    a, c, B = jnp.asarray(0.1), jnp.ones(2), jnp.eye(2)
+    with pytest.raises(ValueError, match="sigma"):
+        landscape.delta2_closed_form(a, c, B, sigma)
+    with pytest.raises(ValueError, match="sigma"):
+        landscape.delta2_quadratic_mc(a, c, B, sigma, key=jax.random.PRNGKey(0), num_samples=4)
+    with pytest.raises(ValueError, match="sigma"):
+        landscape.delta2_closed_form(a, c, B, jnp.array([1e-3, sigma]))
+    mv, v0 = _diag_op(jnp.arange(1.0, 11.0))
+    with pytest.raises(ValueError, match="sigma"):
+        curvlib.spectral_density(mv, v0, jax.random.PRNGKey(0), num_matvecs=4, num_probes=2,
+                                 sigma=sigma)
+
+
+def test_huge_sigma_is_finite_or_overflows_visibly():
+    """Huge sigma: the closed form is a polynomial in sigma^2; it stays exact while it fits
+    and overflows to +inf (never NaN, never a wrapped value) when it does not."""
+    a, c, B = jnp.asarray(0.1), jnp.array([1.0, 2.0]), jnp.diag(jnp.array([1.0, 3.0]))
+    s = 1e3
+    want = a**2 + a * s**2 * 4.0 + s**2 * 5.0 + s**4 / 4 * (2 * 10.0 + 16.0)
+    np.testing.assert_allclose(landscape.delta2_closed_form(a, c, B, s), want, rtol=1e-12)
+    big = landscape.delta2_closed_form(
+        a.astype(jnp.float32), c.astype(jnp.float32), B.astype(jnp.float32), jnp.float32(1e30)
+    )
+    assert bool(jnp.isposinf(big))
+    mv, v0 = _diag_op(jnp.arange(1.0, 11.0))
+    sd = curvlib.spectral_density(mv, v0, jax.random.PRNGKey(0), num_matvecs=4, num_probes=2,
+                                  sigma=1e6)
+    assert bool(jnp.all(jnp.isfinite(sd.density))) and bool(jnp.all(sd.density >= 0))
+    mass = jnp.sum(sd.density) * (sd.grid[1] - sd.grid[0])
+    np.testing.assert_allclose(mass, 1.0, rtol=1e-2)
+
+
+def test_negative_damping_makes_cg_exit_on_negative_curvature():
+    mv, b = _diag_op(jnp.arange(1.0, 11.0))
+    c = curvlib.cg(mv, b, damping=-100.0)
+    assert bool(c.negative_curvature) and not bool(c.converged)
+    assert _all_finite(c.x)
+    with pytest.raises(ValueError):
+        optim.scale_by_newton_cg(damping=-1.0)
+
+
+# ------------------------------------------------------------- zero start vectors
+
+
+def test_zero_start_vector_restarts_from_a_random_direction():
+    d = jnp.arange(1.0, 11.0)
+    mv, _ = _diag_op(d)
+    z = {"a": jnp.zeros(10)}
+    e = curvlib.eigsh(mv, z, 2)
+    assert bool(e.converged)
+    np.testing.assert_allclose(e.eigenvalues, [10.0, 9.0], rtol=1e-8)
+    l = curvlib.lanczos(mv, z, 5)
+    Q = np.asarray(l.basis["a"])
+    np.testing.assert_allclose(Q @ Q.T, np.eye(5), atol=1e-12)
+    c = curvlib.cg(mv, z)
+    assert bool(c.converged) and int(c.num_steps) == 0
+    np.testing.assert_array_equal(c.x["a"], 0.0)
+    p = curvlib.power_iteration(mv, z, 1, num_iters=500, tol=1e-10)
+    np.testing.assert_allclose(p.eigenvalues, [10.0], rtol=1e-3)
+
+
+# ------------------------------------------------------------- non-symmetric ops
+
+
+def test_nonsymmetric_matvec_is_detected():
+    key = jax.random.PRNGKey(0)
+    A = jax.random.normal(key, (12, 12))
+    S = A + A.T
+    v = {"a": jnp.zeros(12)}
+    bad = curvlib.check_symmetric(lambda v: {"a": A @ v["a"]}, v, key)
+    assert not bool(bad.symmetric) and float(bad.relative) > 1e-2
+    assert bad.num_matvecs == 2
+    good = curvlib.check_symmetric(lambda v: {"a": S @ v["a"]}, v, key, num_pairs=3)
+    assert bool(good.symmetric) and float(good.relative) < 1e-12
+    # a tiny asymmetry relative to ||A|| is caught in float64 (rtol = sqrt(eps))
+    E = S + 1e-5 * (A - A.T)
+    assert not bool(curvlib.check_symmetric(lambda v: {"a": E @ v["a"]}, v, key).symmetric)
+    nan = curvlib.check_symmetric(lambda v: {"a": jnp.nan * v["a"]}, v, key)
+    assert not bool(nan.symmetric) and not bool(nan.finite)
+    with pytest.raises(ValueError):
+        curvlib.check_symmetric(lambda v: {"a": S @ v["a"]}, v, key, num_pairs=0)
+
+
+def test_hessian_and_ggn_products_pass_the_symmetry_check():
+    params, x, y = _problem()
+    key = jax.random.PRNGKey(1)
+    for mode in ("linearize", "fwd-rev", "rev-rev"):
+        mv = curvlib.hessian_matvec(_loss, params, x, y, mode=mode)
+        assert bool(curvlib.check_symmetric(mv, params, key, num_pairs=2).symmetric), mode
+    gv = curvlib.ggn_matvec(
+        lambda p, x: jnp.tanh(x @ p["w"] + p["b"]) @ p["v"],
+        lambda o, y: 0.5 * jnp.mean((o - y) ** 2), params, x, loss_args=(y,),
+    )
+    assert bool(curvlib.check_symmetric(gv, params, key).symmetric)
+
+
+def test_check_symmetric_is_jittable():
+    S = jnp.diag(jnp.arange(1.0, 5.0))
+    f = jax.jit(lambda k: curvlib.check_symmetric(lambda v: S @ v, jnp.zeros(4), k).relative)
+    assert float(f(jax.random.PRNGKey(0))) < 1e-12
+
+
+# ----------------------------------------------- optimizer states survive bad steps
+
+
+def _quadratic_problem():
+    A = jnp.diag(jnp.array([1.0, 2.0, 3.0, 4.0]))
+
+    def f(p, x):
+        return 0.5 * (p["w"] @ A @ p["w"]) * x + jnp.sum(jnp.sin(p["w"]))
+
+    return f, {"w": jnp.ones(4)}
+
+
+def _without_info(state):
+    """The parts of a (possibly chained) state that must not move on a skipped step."""
+    def strip(s):
+        if hasattr(s, "_fields"):
+            return {f: strip(getattr(s, f)) for f in s._fields if f not in ("info", "count")}
+        if isinstance(s, (tuple, list)):
+            return [strip(t) for t in s]
+        return s
+    return strip(state)
+
+
+TRANSFORMS = {
+    "newton_cg": lambda: optim.scale_by_newton_cg(),
+    "newton": lambda: optim.scale_by_newton(),
+    "bfgs": lambda: optim.scale_by_bfgs(),
+    "svrg": lambda: optim.scale_by_svrg(snapshot_every=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_optimizer_state_survives_nonfinite_batch(name, bad):
+    """A non-finite batch: zero update, ``info.skipped``, the state unchanged (except the
+    step counter and the diagnostics), and the next good step is the one it would have been."""
+    f, p0 = _quadratic_problem()
+    tx = optax.chain(TRANSFORMS[name](), optax.scale(-0.5))
+    extra = {"full_value_fn": lambda p: f(p, 1.0)} if name == "svrg" else {}
+
+    def step(params, state, x):
+        g = jax.grad(f)(params, x)
+        u, state = tx.update(g, state, params, value_fn=f, x=x, **extra)
+        return optax.apply_updates(params, u), state, u
+
+    params, state, _ = step(p0, tx.init(p0), 1.0)
+    p_bad, s_bad, u_bad = step(params, state, bad)
+    assert all(bool(jnp.all(l == 0)) for l in jax.tree.leaves(u_bad))
+    assert bool(s_bad[0].info.skipped)
+    jax.tree.map(np.testing.assert_array_equal, _without_info(s_bad), _without_info(state))
+    jax.tree.map(np.testing.assert_array_equal, p_bad, params)
+    # recovery: the next finite step equals the step taken without the bad batch
+    p_next, s_next, _ = step(p_bad, s_bad, 1.0)
+    p_ref, s_ref, _ = step(params, state, 1.0)
+    jax.tree.map(np.testing.assert_array_equal, p_next, p_ref)
+    jax.tree.map(np.testing.assert_array_equal, _without_info(s_next), _without_info(s_ref))
+    assert not bool(s_next[0].info.skipped)
+
+
+@pytest.mark.parametrize("name", ["newton_cg", "newton", "bfgs"])
+def test_optimizer_nonfinite_params_are_skipped(name):
+    f, p0 = _quadratic_problem()
+    tx = TRANSFORMS[name]()
+    state = tx.init(p0)
+    bad = {"w": p0["w"].at[1].set(jnp.nan)}
+    g = jax.grad(f)(bad, 1.0)
+    u, s = tx.update(g, state, bad, value_fn=f, x=1.0)
+    assert all(bool(jnp.all(l == 0)) for l in jax.tree.leaves(u))
+    assert bool(s.info.skipped)
+    jax.tree.map(np.testing.assert_array_equal, _without_info(s), _without_info(state))
+
+
+def test_optimizer_missing_value_fn_raises():
+    f, p0 = _quadratic_problem()
+    for name in ("newton_cg", "newton", "bfgs"):
+        tx = TRANSFORMS[name]()
+        with pytest.raises(TypeError, match="value_fn"):
+            tx.update(p0, tx.init(p0), p0)
+
+
+# --------------------------------------------------- landscape on non-finite data
+
+
+def test_landscape_nonfinite_data_is_flagged_or_raises():
+    params, x, y = _problem()
+    loss_b = lambda p, b: _loss(p, *b)
+    key = jax.random.PRNGKey(0)
+    xb = x.at[3, 1].set(jnp.nan)
+    e = landscape.curvature_subspace(loss_b, params, (xb, y), 8, 2, key=key)
+    assert not bool(e.finite) and not bool(e.converged)
+    # a NaN *beyond* the first k+1 samples is never read
+    e2 = landscape.curvature_subspace(loss_b, params, (x.at[12, 1].set(jnp.nan), y), 8, 2,
+                                      key=key)
+    assert bool(e2.finite)
+    good = landscape.curvature_subspace(loss_b, params, (x, y), 8, 2, key=key)
+    with pytest.raises(ValueError):
+        landscape.increment_coefficients(loss_b, params, (xb, y), 8, good.eigenvectors)
+    co = landscape.increment_coefficients(loss_b, params, (xb, y), 8, good.eigenvectors,
+                                          check_mean=False)
+    assert not bool(jnp.isfinite(co.a))  # NaN propagates into the coefficients
