@@ -322,9 +322,11 @@ def plot_report(r, path):
         ax.loglog(sig, np.asarray(r["direct_rel_stderr"][d]), f"C{j}:", lw=1)
         ax.loglog(sig, np.maximum(np.asarray(r["model_error_same_draws"][d]), 1e-12),
                   f"C{j}--", lw=1)
-    ax.axhline(1e-2, color="k", lw=0.8, ls="--")
+    ax.axhline(1e-2, color="0.5", lw=0.8, ls="-.", label="1%")
     ax.set(xlabel="sigma", ylabel="relative error",
-           title="model validity (dotted: MC s.e.; dashed: same-draw model error)")
+           title="validity of the quadratic model")
+    ax.plot([], [], "k:", lw=1, label="MC standard error / GM")
+    ax.plot([], [], "k--", lw=1, label="|direct - quad MC| / GM (same draws)")
     ax.legend(fontsize=8)
     ax = axes[1, 0]
     dl = dims[-1]
