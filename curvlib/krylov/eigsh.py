@@ -166,35 +166,49 @@ def eigsh(
         # the least precise leaf bounds the basis accuracy (jnp.finfo knows bfloat16)
         tol = float(np.sqrt(max(float(jnp.finfo(x.dtype).eps) for x in jax.tree.leaves(v0))))
 
-    state = _lz._init_state(v0, m, acc)
-    state = _lz._extend(matvec, state, 0, m)
-    theta, Y, res, conv, anorm = _ritz(state, k, which, tol)
+    fl = _lz._flat_leaves(matvec, v0)  # per-leaf 1-D basis: in-place row updates
+    matvec = fl.matvec
+    # One loop holds the only call site of ``matvec`` (so the compiled program
+    # contains the product once): round 0 extends the empty basis from row 0,
+    # every later round is a thick restart extending from row ``keep``. Each round
+    # ends by compressing the basis to its ``keep`` wanted Ritz vectors, so on exit
+    # the first ``k`` rows are the answer.
+    state = _lz._init_state(fl.v0, m, acc)
 
     def cond(c):
-        state, it, conv, *_ = c
-        return (~conv) & (it < max_restarts) & state.finite
+        state, it, conv = c[0], c[1], c[2]
+        return (it == 0) | ((~conv) & (it <= max_restarts) & state.finite)
 
     def body(c):
-        state, it, conv, theta, Y, anorm = c
-        C = jnp.zeros((m, m), acc).at[:keep].set(Y[:, :keep].T)
-        Q = _tree.basis_matmul(C, state.Q)
-        H = jnp.zeros((m, m), acc).at[jnp.arange(keep), jnp.arange(keep)].set(theta[:keep])
-        new = _lz._Krylov(
-            Q, H, state.r, state.beta, state.breakdown, state.finite, state.anorm
+        state, it, conv, theta, Y, res, anorm = c
+        first = it == 0
+        new = _lz._extend(matvec, state, jnp.where(first, 0, keep), m, anorm)
+        theta_n, Y_n, res_n, conv_n, anorm_n = _ritz(new, k, which, tol)
+        # keep the last finite state if a product went non-finite (round 0 always counts)
+        ok = (new.finite & jnp.all(jnp.isfinite(theta_n))) | first
+        C = jnp.zeros((m, m), acc).at[:keep].set(Y_n[:, :keep].T)
+        H = jnp.zeros((m, m), acc).at[jnp.arange(keep), jnp.arange(keep)].set(theta_n[:keep])
+        compressed = new._replace(Q=_tree.basis_matmul(C, new.Q), H=H)
+        new = jax.tree.map(
+            lambda a, b: jnp.where(ok, a, b), compressed, state._replace(finite=new.finite)
         )
-        new = _lz._extend(matvec, new, keep, m, anorm)
-        theta_n, Y_n, _, conv_n, anorm_n = _ritz(new, k, which, tol)
-        ok = new.finite & jnp.all(jnp.isfinite(theta_n))
-        # keep the last finite state if a product went non-finite
-        new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state._replace(finite=new.finite))
-        theta_n = jnp.where(ok, theta_n, theta)
-        Y_n = jnp.where(ok, Y_n, Y)
-        return new, it + 1, conv_n & ok, theta_n, Y_n, jnp.where(ok, anorm_n, anorm)
+        return (
+            new,
+            it + 1,
+            conv_n & ok & new.finite,
+            jnp.where(ok, theta_n, theta),
+            jnp.where(ok, Y_n, Y),
+            jnp.where(ok, res_n, res),
+            jnp.where(ok, anorm_n, anorm),
+        )
 
-    init = (state, jnp.asarray(0), conv & state.finite, theta, Y, anorm)
-    state, it, conv, theta, Y, _ = jax.lax.while_loop(cond, body, init)
-    res = jnp.abs(state.beta * Y[-1, :])
-    X = _tree.basis_matmul(Y[:, :k].T, state.Q)
+    init = (
+        state, jnp.asarray(0), jnp.asarray(False), jnp.zeros(m, acc), jnp.eye(m, dtype=acc),
+        jnp.full(m, jnp.inf, acc), jnp.zeros((), acc),
+    )
+    state, rounds, conv, theta, Y, res, _ = jax.lax.while_loop(cond, body, init)
+    it = rounds - 1  # thick restarts performed
+    X = fl.unflat_basis(jax.tree.map(lambda q: q[:k], state.Q))
     vals = theta[:k]
     finite = state.finite
     vals = jnp.where(jnp.isfinite(vals), vals, 0.0)

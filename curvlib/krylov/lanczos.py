@@ -158,6 +158,48 @@ def _acc_dtype(v0):
     return jnp.promote_types(dt, jnp.float32)
 
 
+class _LeafFlat(NamedTuple):
+    """Per-leaf 1-D view of a Krylov problem (internal; see :func:`_flat_leaves`)."""
+
+    v0: PyTree
+    matvec: Callable
+    unflat: Callable  # vector with 1-D leaves -> shaped like the original v0
+    unflat_basis: Callable  # basis with (m, size) leaves -> (m, *shape) leaves
+
+
+def _flat_leaves(matvec: Callable, v0: PyTree) -> _LeafFlat:
+    """Reshape every leaf of ``v0`` to 1-D and wrap ``matvec`` to match.
+
+    Performance, not semantics: with a basis leaf of shape ``(m, *shape)`` for a
+    multi-dimensional leaf, XLA (CPU) inserts whole-basis copies around the
+    in-place row update inside the Lanczos loop (three copies of the basis per
+    step on a transformer's parameters, about 3x the step's reorthogonalisation
+    cost). With ``(m, size)`` leaves the update is in place. Leaves are *not*
+    concatenated (no ``ravel_pytree``): the pytree structure is kept.
+    """
+    leaves, treedef = jax.tree.flatten(v0)
+    shapes = [jnp.shape(x) for x in leaves]
+
+    def flat(v):
+        parts = treedef.flatten_up_to(v)
+        return jax.tree.unflatten(treedef, [jnp.reshape(x, (-1,)) for x in parts])
+
+    def unflat(v):
+        parts = treedef.flatten_up_to(v)
+        return jax.tree.unflatten(
+            treedef, [jnp.reshape(x, s) for x, s in zip(parts, shapes, strict=True)]
+        )
+
+    def unflat_basis(Q):
+        parts = treedef.flatten_up_to(Q)
+        return jax.tree.unflatten(
+            treedef,
+            [jnp.reshape(x, (x.shape[0],) + s) for x, s in zip(parts, shapes, strict=True)],
+        )
+
+    return _LeafFlat(flat(v0), lambda v: flat(matvec(unflat(v))), unflat, unflat_basis)
+
+
 def lanczos(
     matvec: Callable[[PyTree], PyTree],
     v0: PyTree,
@@ -218,15 +260,16 @@ def lanczos(
     if reortho not in ("full", "none"):
         raise ValueError(f"`reortho` must be 'full' or 'none'; got {reortho!r}.")
     acc = _acc_dtype(v0)
-    state = _init_state(v0, num_matvecs, acc)
     if reortho == "full":
-        state = _extend(matvec, state, 0, num_matvecs, jnp.asarray(1.0, acc))
+        fl = _flat_leaves(matvec, v0)
+        state = _init_state(fl.v0, num_matvecs, acc)
+        state = _extend(fl.matvec, state, 0, num_matvecs, jnp.asarray(1.0, acc))
         T = projected_matrix(state.H)
         alphas = jnp.diag(T)
         betas = jnp.diag(T, -1)
         return LanczosResult(
-            state.Q, alphas, betas, state.r, state.beta, state.breakdown, num_matvecs,
-            state.finite,
+            fl.unflat_basis(state.Q), alphas, betas, fl.unflat(state.r), state.beta,
+            state.breakdown, num_matvecs, state.finite,
         )
     return _lanczos_plain(matvec, v0, num_matvecs, acc)
 
