@@ -299,9 +299,20 @@ def render_summary(results: dict[str, dict] | None = None) -> str:
 
 
 def write_summary() -> Path:
+    """Render ``results/SUMMARY.md`` and refresh the headline table in ``README.md``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "SUMMARY.md"
-    path.write_text(render_summary())
+    text = render_summary()
+    path.write_text(text)
+    readme = ROOT / "README.md"
+    start, end = "<!-- headline:start -->", "<!-- headline:end -->"
+    if readme.exists() and "## Headline" in text:
+        body = text.split("## Headline", 1)[1].split("\n## ", 1)[0].strip()
+        r = readme.read_text()
+        if start in r and end in r:
+            head, rest = r.split(start, 1)
+            _, tail = rest.split(end, 1)
+            readme.write_text(f"{head}{start}\n{body}\n{end}{tail}")
     return path
 
 

@@ -218,16 +218,23 @@ def make_transformer(
 def torch_port(problem: Problem):
     """The same model in PyTorch: ``(params, loss_fn(params) -> scalar)`` with the same weights."""
     import torch
-    import torch.nn.functional as F
 
     tp = {k: torch.from_numpy(np.array(v)).requires_grad_(True) for k, v in problem.params.items()}
     x, y = (torch.from_numpy(np.array(a)).long() if a.dtype.kind == "i"
             else torch.from_numpy(np.array(a)) for a in problem.batch)
+    f = torch_forward(problem)
+    return tp, lambda p: f(p, x, y)
+
+
+def torch_forward(problem: Problem):
+    """``f(params, x, y) -> mean loss``: the problem's architecture in PyTorch."""
+    import torch
+    import torch.nn.functional as F
 
     if problem.name == "mlp":
-        n = len(tp) // 2
 
-        def forward(p):
+        def forward(p, x, y):
+            n = len(p) // 2
             h = x
             for i in range(n):
                 h = h @ p[f"w{i}"] + p[f"b{i}"]
@@ -235,7 +242,7 @@ def torch_port(problem: Problem):
                     h = torch.tanh(h)
             return F.cross_entropy(h, y)
 
-        return tp, forward
+        return forward
 
     heads = problem.config["heads"]
     layers = problem.config["layers"]
@@ -245,7 +252,7 @@ def torch_port(problem: Problem):
         var = ((h - mu) ** 2).mean(-1, keepdim=True)
         return (h - mu) / torch.sqrt(var + LN_EPS) * g + b
 
-    def forward(p):
+    def forward(p, x, y):
         B, T = x.shape
         h = p["tok_emb"][x] + p["pos_emb"][:T]
         d = h.shape[-1]
@@ -266,7 +273,7 @@ def torch_port(problem: Problem):
         logits = h @ p["head"]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
-    return tp, forward
+    return forward
 
 
 def check_port(problem: Problem) -> float:

@@ -22,6 +22,22 @@ import time
 import numpy as np
 
 
+def hvp_time(loss_fn, params: dict, v0: dict, repeats=5, number=5) -> list:
+    """Seconds per double-backprop HVP (graph built once, as PyHessian), ``repeats`` medians."""
+    import torch
+
+    ps = list(params.values())
+    grads = torch.autograd.grad(loss_fn(params), ps, create_graph=True)
+    v = [torch.from_numpy(np.array(v0[n])) for n in params]
+    out = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            torch.autograd.grad(grads, ps, grad_outputs=v, retain_graph=True)
+        out.append((time.perf_counter() - t0) / number)
+    return out[1:]
+
+
 def _dot(xs, ys):
     return sum((x * y).sum() for x, y in zip(xs, ys, strict=True))
 
@@ -38,7 +54,8 @@ def _orthnormal(w, vs):
 
 
 def power_iteration(
-    loss_fn, params: dict, v0: dict, k: int, *, tol=1e-3, max_iters=1000, criterion="residual"
+    loss_fn, params: dict, v0: dict, k: int, *, tol=1e-3, max_iters=1000, criterion="residual",
+    log=None,
 ):
     """Deflated power iteration; returns eigenvalues, eigenvectors (numpy dicts), products, time.
 
@@ -59,7 +76,7 @@ def power_iteration(
         return torch.autograd.grad(grads, ps, grad_outputs=v, only_inputs=True, retain_graph=True)
 
     gen = torch.Generator().manual_seed(0)
-    base = [torch.as_tensor(np.asarray(v0[n])) for n in names]
+    base = [torch.from_numpy(np.array(v0[n])) for n in names]
     eigvals, eigvecs, iters, converged = [], [], [], []
     num = 0
     for i in range(k):
@@ -85,6 +102,9 @@ def power_iteration(
         eigvecs.append([x.detach() for x in v])
         iters.append(it + 1)
         converged.append(ok)
+        if log is not None:
+            log(f"    torch pair {i}: theta={theta:.4f} iters={it + 1} converged={ok} "
+                f"({time.perf_counter() - t0:.1f}s)")
     elapsed = time.perf_counter() - t0
     vecs = [{n: x.numpy() for n, x in zip(names, vec, strict=True)} for vec in eigvecs]
     return {
