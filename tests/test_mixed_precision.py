@@ -1,0 +1,155 @@
+"""Mixed precision: half-precision storage, float32 accumulation, float64 references.
+
+Parameters and activations in ``bfloat16`` (or ``float32``); every inner
+product, norm, basis projection and the Lanczos tridiagonal accumulate in at
+least ``float32`` (``curvlib._tree.acc_dtype``), while vectors and the Krylov
+basis stay in the parameters' dtype -- the basis is *stored* in lower precision
+than the inner products accumulate in. Each result is compared with the same
+computation in float64, with tolerances ``c * eps(dtype)`` relative to the
+operator's scale (``eps = 2^-7`` for bfloat16, ``2^-23`` for float32).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import curvlib
+from curvlib import _tree
+
+DTYPES = [jnp.bfloat16, jnp.float32]
+
+
+def eps(dt) -> float:
+    return float(jnp.finfo(dt).eps)
+
+
+def _cast(tree, dt):
+    return jax.tree.map(lambda a: a.astype(dt), tree)
+
+
+def _problem():
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    params = {
+        "w1": jax.random.normal(k[0], (16, 32), jnp.float64) / 4,
+        "w2": jax.random.normal(k[1], (32, 4), jnp.float64) / 6,
+    }
+    x = jax.random.normal(k[2], (64, 16), jnp.float64)
+    y = jax.random.normal(k[3], (64, 4), jnp.float64)
+    return params, x, y
+
+
+def _model(p, x):
+    return jnp.tanh(x @ p["w1"]) @ p["w2"]
+
+
+def _out_loss(o, y):
+    return 0.5 * jnp.mean(jnp.sum((o - y) ** 2, -1))
+
+
+def _loss(p, x, y):
+    return _out_loss(_model(p, x), y)
+
+
+def _rel(a, b):
+    a64, b64 = _cast(a, jnp.float64), _cast(b, jnp.float64)
+    return float(_tree.norm(_tree.sub(a64, b64)) / _tree.norm(b64))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    params, x, y = _problem()
+    mv = curvlib.hessian_matvec(_loss, params, x, y)
+    v = jax.tree.map(jnp.ones_like, params)
+    e = curvlib.eigsh(mv, v, 3, num_matvecs=20)
+    gv = curvlib.ggn_matvec(_model, _out_loss, params, x, loss_args=(y,))
+    c = curvlib.cg(gv, v, damping=0.5, rtol=1e-12)
+    return {"hv": mv(v), "eig": e.eigenvalues, "cg": c.x, "matvec": mv}
+
+
+def _half(dt):
+    params, x, y = _problem()
+    return _cast(params, dt), x.astype(dt), y.astype(dt)
+
+
+def test_half_precision_inner_products_accumulate_in_float32():
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.uniform(0.5, 1.5, 200_000), jnp.bfloat16)
+    exact = float(np.dot(np.asarray(a, np.float64), np.asarray(a, np.float64)))
+    got = _tree.vdot({"a": a}, {"a": a})
+    assert got.dtype == jnp.float32
+    assert abs(float(got) - exact) / exact < 10 * eps(jnp.float32)
+    # the naive bfloat16 reduction is far off: the test would notice a regression
+    naive = float(jnp.vdot(a, a))
+    assert abs(naive - exact) / exact > 100 * eps(jnp.float32)
+    assert _tree.acc_dtype(a) == jnp.float32
+    assert _tree.acc_dtype(jnp.zeros(2, jnp.float64)) == jnp.float64
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_products_in_half_precision_match_float64(dt, reference):
+    params, x, y = _half(dt)
+    v = jax.tree.map(jnp.ones_like, params)
+    hv = curvlib.hessian_matvec(_loss, params, x, y)(v)
+    assert all(l.dtype == dt for l in jax.tree.leaves(hv))
+    # a forward + backward + tangent pass in dt: a few roundings per layer
+    assert _rel(hv, reference["hv"]) < 4 * eps(dt)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_lanczos_stores_basis_in_dt_and_accumulates_tridiagonal_in_float32(dt):
+    params, x, y = _half(dt)
+    mv = curvlib.hessian_matvec(_loss, params, x, y)
+    v = jax.tree.map(jnp.ones_like, params)
+    m = 10
+    l = curvlib.lanczos(mv, v, m)
+    assert all(q.dtype == dt for q in jax.tree.leaves(l.basis))
+    assert l.alphas.dtype == jnp.float32 and l.betas.dtype == jnp.float32
+    Q = np.concatenate(
+        [np.asarray(l.basis[k], np.float64).reshape(m, -1) for k in sorted(l.basis)], axis=1
+    )
+    # orthonormal to the storage precision (rows rounded to dt after orthogonalisation)
+    assert np.max(np.abs(Q @ Q.T - np.eye(m))) < 2 * eps(dt)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_eigsh_in_half_precision_matches_float64(dt, reference):
+    params, x, y = _half(dt)
+    mv = curvlib.hessian_matvec(_loss, params, x, y)
+    v = jax.tree.map(jnp.ones_like, params)
+    e = curvlib.eigsh(mv, v, 3, num_matvecs=20, max_restarts=50)
+    assert bool(e.finite)
+    assert e.eigenvalues.dtype == jnp.float32
+    assert all(q.dtype == dt for q in jax.tree.leaves(e.eigenvectors))
+    lam = np.asarray(reference["eig"])
+    err = np.max(np.abs(np.asarray(e.eigenvalues, np.float64) - lam)) / abs(lam[0])
+    # Weyl: |dlambda| <= ||E|| for the product error E (~ eps(dt) ||A||), plus the basis
+    # rounding and the default residual tolerance sqrt(eps) (an O(res^2 / gap) error)
+    assert err < 4 * eps(dt)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_cg_in_half_precision_matches_float64(dt, reference):
+    params, x, y = _half(dt)
+    gv = curvlib.ggn_matvec(_model, _out_loss, params, x, loss_args=(y,))
+    v = jax.tree.map(jnp.ones_like, params)
+    rtol = max(4 * eps(dt), 1e-5)
+    c = curvlib.cg(gv, v, damping=0.5, rtol=rtol, max_steps=200)
+    assert bool(c.finite)
+    assert c.residual_norm.dtype == jnp.float32
+    assert all(q.dtype == dt for q in jax.tree.leaves(c.x))
+    # the damped GGN here has condition number ~10: error ~ cond * max(eps(dt), rtol)
+    assert _rel(c.x, reference["cg"]) < max(20 * eps(dt), 10 * rtol)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_trace_estimate_in_half_precision_matches_float64(dt, reference):
+    params, x, y = _half(dt)
+    mv = curvlib.hessian_matvec(_loss, params, x, y)
+    key = jax.random.PRNGKey(1)
+    t = curvlib.hutchinson_trace(mv, params, key, 30)
+    t64 = curvlib.hutchinson_trace(reference["matvec"], _problem()[0], key, 30)
+    assert t.estimate.dtype == jnp.float32
+    assert abs(float(t.estimate) - float(t64.estimate)) / abs(float(t64.estimate)) < 4 * eps(dt)
