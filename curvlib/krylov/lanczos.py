@@ -97,7 +97,7 @@ def _extend_step(matvec: Callable, j, state: _Krylov, scale) -> _Krylov:
     eps = jnp.finfo(acc).eps
     anorm = state.anorm
     thresh = 10 * eps * jnp.sqrt(jnp.asarray(H.shape[0], acc)) * anorm
-    broke = ~(beta > thresh)  # also catches a NaN beta
+    broke = ~(beta > thresh) | ~jnp.isfinite(beta)  # NaN or Inf (an infinite v0) too
 
     def fresh_direction(_):
         return _orthogonalize(Q, _random_direction(j, r), acc)[0]
