@@ -176,9 +176,17 @@ def _flat_leaves(matvec: Callable, v0: PyTree) -> _LeafFlat:
     step on a transformer's parameters, about 3x the step's reorthogonalisation
     cost). With ``(m, size)`` leaves the update is in place. Leaves are *not*
     concatenated (no ``ravel_pytree``): the pytree structure is kept.
+
+    Only on a single device: merging the axes of a leaf sharded along a minor
+    axis (FSDP's ``P(None, "data")``) has no block layout, so the partitioner
+    would replicate the whole basis (``tests/test_sharding.py``). With more than
+    one device the leaves keep their shapes and the identity view is returned.
     """
     leaves, treedef = jax.tree.flatten(v0)
     shapes = [jnp.shape(x) for x in leaves]
+    if jax.device_count() > 1 or all(len(s) <= 1 for s in shapes):
+        identity = lambda t: t
+        return _LeafFlat(v0, matvec, identity, identity)
 
     def flat(v):
         parts = treedef.flatten_up_to(v)
