@@ -153,3 +153,25 @@ def test_trace_estimate_in_half_precision_matches_float64(dt, reference):
     t64 = curvlib.hutchinson_trace(reference["matvec"], _problem()[0], key, 30)
     assert t.estimate.dtype == jnp.float32
     assert abs(float(t.estimate) - float(t64.estimate)) / abs(float(t64.estimate)) < 4 * eps(dt)
+
+
+def test_bfloat16_basis_for_a_float32_model(reference):
+    """A float32 model with the Krylov basis stored in bfloat16 (half the basis memory).
+
+    Pass a bfloat16 start vector and a matvec that computes in float32 and rounds its
+    output: the basis, eigenvectors and all Lanczos vectors are bfloat16, the
+    tridiagonal and every inner product float32, the products themselves float32.
+    """
+    params, x, y = _half(jnp.float32)
+    mv32 = curvlib.hessian_matvec(_loss, params, x, y)
+    mv = lambda v: _cast(mv32(_cast(v, jnp.float32)), jnp.bfloat16)
+    v0 = _cast(jax.tree.map(jnp.ones_like, params), jnp.bfloat16)
+    l = curvlib.lanczos(mv, v0, 10)
+    assert all(q.dtype == jnp.bfloat16 for q in jax.tree.leaves(l.basis))
+    assert l.alphas.dtype == jnp.float32
+    e = curvlib.eigsh(mv, v0, 3, num_matvecs=20, max_restarts=50)
+    assert e.eigenvalues.dtype == jnp.float32
+    assert all(q.dtype == jnp.bfloat16 for q in jax.tree.leaves(e.eigenvectors))
+    lam = np.asarray(reference["eig"])
+    err = np.max(np.abs(np.asarray(e.eigenvalues, np.float64) - lam)) / abs(lam[0])
+    assert err < 4 * eps(jnp.bfloat16)
