@@ -86,8 +86,34 @@ def _computations(params, x, y, model, out_loss, loss, v0, b):
 
 
 def _optional_uses(params, x, y, loss, hv):
-    """Checks on the use layer (optimizers, landscape), added once those modules exist."""
-    return {}
+    """The use layer: one jitted Newton-CG step and the Delta2(D) pipeline."""
+    import jax
+
+    from curvlib import landscape, optim
+
+    tx = optim.scale_by_newton_cg(damping=0.1, max_cg_steps=10)
+
+    @jax.jit
+    def step(p, s, x, y):
+        return tx.update(jax.grad(loss)(p, x, y), s, p, value_fn=loss, x=x, y=y)
+
+    u, s = step(params, tx.init(params), x, y)
+    loss_b = lambda p, b: loss(p, *b)
+    data = (x, y)
+    sub = landscape.curvature_subspace(loss_b, params, data, 40, 3, key=jax.random.PRNGKey(0))
+    co = landscape.increment_coefficients(loss_b, params, data, 40, sub.eigenvectors)
+    return {
+        "newton_cg_update": u,
+        "newton_cg_solution": s.solution,
+        "newton_cg_accepted": s.info.accepted,
+        "landscape_eigenvalues": sub.eigenvalues,
+        "landscape_eigenvectors": sub.eigenvectors,
+        "landscape_converged": sub.converged,
+        # c = U b and B = U A U^T depend on the eigenvectors' signs; |c|, |B| do not
+        "landscape_c": abs(co.c),
+        "landscape_B": abs(co.B),
+        "landscape_delta2": landscape.delta2_closed_form(co.a, co.c, co.B, 1e-3),
+    }
 
 
 def _compare(ref, got):
@@ -98,7 +124,7 @@ def _compare(ref, got):
     for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
         r = np.asarray(r, np.float64)
         g = np.asarray(g, np.float64)
-        errs.append(float(np.max(np.abs(r - g)) / max(1.0, float(np.max(np.abs(r))))))
+        errs.append(float(np.max(np.abs(r - g)) / max(float(np.max(np.abs(r))), 1e-300)))
     return max(errs)
 
 
@@ -160,11 +186,11 @@ def main(path):
         recs = {}
         for key, val in got.items():
             rec = {}
-            if key == "eigsh_vectors":
+            if key in ("eigsh_vectors", "landscape_eigenvectors"):
                 # compare up to sign, per eigenvector
                 signs = np.sign(
                     sum(
-                        (np.asarray(a) * np.asarray(r)).reshape(len(ref["eigsh_values"]), -1)
+                        (np.asarray(a) * np.asarray(r)).reshape(np.shape(a)[0], -1)
                         .sum(axis=1)
                         for a, r in zip(jax.tree.leaves(val), jax.tree.leaves(ref[key]),
                                         strict=True)
@@ -175,13 +201,14 @@ def main(path):
                     val,
                 )
                 rec["err"] = _compare(ref[key], aligned)
-            elif key.endswith("converged"):
+            elif key.endswith(("converged", "accepted")):
                 rec["value"] = bool(val)
             else:
                 rec["err"] = _compare(ref[key], val)
             if isinstance(val, dict):
                 rec["layout"] = _layout(
-                    val, param_specs, basis=key in ("eigsh_vectors", "lanczos_basis")
+                    val, param_specs,
+                    basis=key in ("eigsh_vectors", "lanczos_basis", "landscape_eigenvectors"),
                 )
             recs[key] = rec
         result["layouts"][name] = recs

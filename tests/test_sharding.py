@@ -9,8 +9,11 @@ process with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
 * ``data_x_model``: a ``(2, 4)`` mesh, batch over ``data``, parameters over ``model``.
 
 For each layout the worker computes Hessian products (linearize, fwd-rev,
-microbatched, eager and jitted), GGN products, ``eigsh``, ``lanczos`` and a damped
-``cg`` solve, and compares them with the same computation on unsharded arrays.
+microbatched, eager and jitted), GGN products, ``eigsh``, ``lanczos``, a damped
+``cg`` solve, one jitted ``scale_by_newton_cg`` step and the ``Delta2(D)``
+pipeline (``curvature_subspace``, ``increment_coefficients``,
+``delta2_closed_form``), and compares them with the same computation on
+unsharded arrays.
 Here we assert (1) agreement to a few float64 ulps-times-dimension and (2) that
 every parameter-shaped output (products, eigenvectors, the Krylov basis, the CG
 solution) carries the parameters' ``PartitionSpec`` (with a leading unsplit axis
@@ -33,8 +36,12 @@ SPLIT = {"data_parallel": 1.0, "fsdp": 1 / 8, "data_x_model": 1 / 4}
 VECTORS = (
     "hvp_linearize", "hvp_linearize_jit", "hvp_fwd_rev", "hvp_microbatched", "ggn", "ggn_jit",
     "eigsh_vectors", "lanczos_basis", "cg_x",
+    "newton_cg_update", "newton_cg_solution", "landscape_eigenvectors",
 )
-SCALARS = ("eigsh_values", "lanczos_alphas")
+SCALARS = (
+    "eigsh_values", "lanczos_alphas",
+    "landscape_eigenvalues", "landscape_c", "landscape_B", "landscape_delta2",
+)
 # float64 throughout; sums are reordered across devices, and eigsh/cg iterate
 TOL = 1e-10
 
@@ -81,5 +88,6 @@ def test_outputs_keep_parameter_sharding(report, layout, name):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_sharded_solvers_converge(report, layout):
-    assert report["layouts"][layout]["eigsh_converged"]["value"]
-    assert report["layouts"][layout]["cg_converged"]["value"]
+    rec = report["layouts"][layout]
+    for name in ("eigsh_converged", "cg_converged", "newton_cg_accepted", "landscape_converged"):
+        assert rec[name]["value"], name
