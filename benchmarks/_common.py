@@ -80,6 +80,36 @@ def time_fn(
     return summarize(times, number=number)
 
 
+def time_paired(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, repeats: int = 15,
+                number: int | None = None, min_repeat_s: float = 0.05) -> dict:
+    """Interleaved A/B timing for a noisy, shared host: each repeat times A then B back to back.
+
+    Returns both sides' summaries and the median (and IQR) of the per-repeat ratios
+    ``t_b / t_a``; load that changes between repeats hits both sides of a pair alike.
+    """
+    for f in (fn_a, fn_b):
+        _block(f())
+    if number is None:
+        t0 = time.perf_counter()
+        _block(fn_a())
+        number = min(1000, max(1, int(np.ceil(min_repeat_s / max(time.perf_counter() - t0,
+                                                                    1e-9)))))
+    ta, tb = [], []
+    for i in range(repeats):
+        pair = [(fn_a, ta), (fn_b, tb)]
+        for f, acc in (pair if i % 2 == 0 else pair[::-1]):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                out = f()
+            _block(out)
+            acc.append((time.perf_counter() - t0) / number)
+    r = np.asarray(tb) / np.asarray(ta)
+    q1, q3 = np.percentile(r, [25, 75])
+    return {"a": summarize(ta, number=number), "b": summarize(tb, number=number),
+            "ratio_b_over_a_median": float(np.median(r)), "ratio_iqr": float(q3 - q1),
+            "repeats": repeats}
+
+
 def summarize(times, **extra) -> dict:
     t = np.asarray(times, float)
     q1, q3 = np.percentile(t, [25, 75])

@@ -306,8 +306,8 @@ def _row(res, peer, label, goal):
 def run(quick: bool = False) -> dict:
     reps = C.repeats(5)
     problems = [M.make_transformer(batch_size=4)]
-    out = [bench_problem(p, reps, quick, torch_reps=5, torch_max_iters=60 if quick else 300,
-                         torch_budget=60 if quick else 600) for p in problems]
+    out = [bench_problem(p, reps, quick, torch_reps=5, torch_max_iters=60 if quick else 150,
+                         torch_budget=60 if quick else 300) for p in problems]
 
     headline, rows, notes = [], [], []
     for res in out:

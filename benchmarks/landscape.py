@@ -166,8 +166,10 @@ def run(quick: bool = False) -> dict:
     ref = torch_pipeline(prob, data, params)
     ref_res = chk.residuals(ref["eigenvalues"], ref["eigenvectors"])
     C.log(f"  torch pipeline {ref['time_s']:.1f}s, subspace max rel residual {ref_res.max():.2e}")
-    torch_times = [ref["time_s"]] + [torch_pipeline(prob, data, params)["time_s"]
-                                     for _ in range(reps - 1)]
+    torch_times = [ref["time_s"]]
+    budget = 30 if quick else 180  # the reference is slow: repeat it only while this allows
+    while len(torch_times) < reps and sum(torch_times) + ref["time_s"] < budget:
+        torch_times.append(torch_pipeline(prob, data, params)["time_s"])
 
     # --- curvlib, tolerance no looser than the reference's achieved residual ---
     tol = float(min(1e-3, ref_res.max()))
@@ -187,13 +189,14 @@ def run(quick: bool = False) -> dict:
                               / np.abs(ref["values"][D]))) for D in DIMS}
 
     # --- evaluation stage: closed form vs direct Monte Carlo on the grid ---
-    S = 8 if quick else 32
+    S = 8 if quick else 16
     cf = jax.jit(lambda a, c, B: [L.delta2_closed_form(a, c[:D], B[:D, :D], jnp.asarray(SIGMAS))
                                   for D in DIMS])
     cf_t = C.time_fn(lambda: cf(coef.a, coef.c, coef.B), repeats=reps)
     dmc = jax.jit(lambda p, d, U, D: L.delta2_direct_mc(
         loss, p, d, K_SAMPLES, U, jnp.asarray(SIGMAS), key=jax.random.PRNGKey(3),
-        num_samples=S, dim=D, antithetic=False, check_mean=False), static_argnums=3)
+        num_samples=S, dim=D, antithetic=False, check_mean=False, sample_batch_size=16),
+        static_argnums=3)
 
     def direct_all():
         return [dmc(params, data, sub.eigenvectors, D) for D in DIMS]
@@ -257,6 +260,9 @@ def run(quick: bool = False) -> dict:
             + " (differences come from the reference's less converged subspace).",
             f"Torch direct MC was timed with {S if not quick else 4} draws per grid point and "
             f"scaled to S={S}.",
+            f"The torch reference pipeline was repeated {len(torch_times)} time(s) (a time "
+            "budget caps its repeats on this shared 2-core host); curvlib's median is over "
+            f"{reps} repeats.",
         ],
     }
     C.write_result("landscape", payload)

@@ -60,6 +60,11 @@ def bench_problem(prob: M.Problem, reps: int) -> dict:
         rows[f"hessian_matvec[{mode}]"] = row
         errors[mode] = _rel(apply(mv, v), ref)
 
+    # the goal's comparison, interleaved (A/B alternating) so host load hits both alike
+    lin = jax.jit(lambda p, *b: curvlib.hessian_matvec(loss, p, *b))(params, *batch)
+    paired = C.time_paired(lambda: apply(lin, v), lambda: jvp_grad(params, v, *batch),
+                           repeats=max(reps, 15))
+
     make_ggn = jax.jit(
         lambda p, x, y: curvlib.ggn_matvec(prob.model_fn, prob.loss_fn, p, x, loss_args=(y,))
     )
@@ -77,6 +82,7 @@ def bench_problem(prob: M.Problem, reps: int) -> dict:
         "config": prob.config,
         "timings": rows,
         "rel_error_vs_jvp_grad": errors,
+        "paired_default_vs_jvp_grad": paired,
     }
 
 
@@ -94,13 +100,14 @@ def run(quick: bool = False) -> dict:
                 res["model"], f"{res['num_params']:,}", name, C._fmt_s(r["median_s"]),
                 f"{r['per_grad']:.2f}", f"{r['per_jvp_grad']:.2f}", setup, r["repeats"],
             ])
-        d = t["hessian_matvec[linearize]"]
-        ok = d["median_s"] <= t["jvp(grad)"]["median_s"]
+        pr = res["paired_default_vs_jvp_grad"]
+        r = pr["ratio_b_over_a_median"]
+        ok = r >= 1.0
         headline.append([
-            f"1. default product, {res['model']}", C._fmt_s(d["median_s"]), "jax.jvp(jax.grad)",
-            C._fmt_s(t["jvp(grad)"]["median_s"]),
-            C._fmt_x(C.ratio(t["jvp(grad)"]["median_s"], d["median_s"])),
-            f"exact (rel. diff {res['rel_error_vs_jvp_grad']['linearize']:.1e})", d["repeats"],
+            f"1. default product, {res['model']} (interleaved pairs)",
+            C._fmt_s(pr["a"]["median_s"]), "jax.jvp(jax.grad)", C._fmt_s(pr["b"]["median_s"]),
+            f"{C._fmt_x(r)} (IQR {pr['ratio_iqr']:.2f})",
+            f"exact (rel. diff {res['rel_error_vs_jvp_grad']['linearize']:.1e})", pr["repeats"],
             "no slower: " + ("met" if ok else "MISSED"),
         ])
         notes.append(
@@ -119,6 +126,9 @@ def run(quick: bool = False) -> dict:
         "headline": headline,
         "summary_md": md,
         "notes": notes + [
+            "Headline ratios come from interleaved A/B pairs (median of per-pair ratios), the "
+            "table from separate runs; on this shared host the table's columns can differ by "
+            "tens of percent (fwd-rev and jvp(grad) are the same computation).",
             "`linearize` setup (one linearisation, amortised over all products of a solve) is "
             "reported separately; per-product time excludes it."
         ],

@@ -27,16 +27,21 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="short run: fewer sizes and repeats")
     ap.add_argument("--only", nargs="*", choices=CASES, help="run only these cases")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads (default: all cores visible, as XLA uses)")
+                    help="intra-op threads for torch (default: all cores visible, as XLA "
+                         "uses); 1 also makes XLA single-threaded")
     args = ap.parse_args(argv)
 
+    n = args.threads or len(os.sched_getaffinity(0))
+    if args.threads == 1:
+        # one intra-op thread for XLA too (set before jax is imported), so both sides match
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
+                                   "=false intra_op_parallelism_threads=1").strip()
     from . import _common as C
 
     C.QUICK = args.quick
     try:
         import torch
 
-        n = args.threads or len(os.sched_getaffinity(0))
         torch.set_num_threads(n)
     except ImportError:
         pass
