@@ -135,9 +135,9 @@ def test_hutchinson_and_slq_do_not_hide_nonfinite_products():
     v = {"a": jnp.ones(10)}
     key = jax.random.PRNGKey(0)
     t = curvlib.hutchinson_trace(nanmv, v, key, 6)
-    assert not bool(jnp.isfinite(t.estimate))
+    assert not bool(jnp.isfinite(t.estimate)) and not bool(t.finite)
     dg = curvlib.hutchinson_diag(nanmv, v, key, 4)
-    assert not _all_finite(dg.estimate)
+    assert not _all_finite(dg.estimate) and not bool(dg.finite)
     sd = curvlib.spectral_density(nanmv, v, key, num_matvecs=4, num_probes=2)
     flagged = (hasattr(sd, "finite") and not bool(sd.finite)) or not bool(
         jnp.all(jnp.isfinite(sd.density))
