@@ -12,6 +12,7 @@ Three layers, each built only on the one below:
 __version__ = "0.1.0"
 
 from curvlib import landscape as landscape  # its own namespace: curvlib.landscape.*
+from curvlib import optim
 from curvlib.krylov import (
     CGResult,
     EigshResult,
@@ -36,31 +37,7 @@ from curvlib.operators import (
     hvp,
     microbatch_mean,
 )
-from curvlib.optim import (
-    BFGSInfo,
-    NewtonCGInfo,
-    NewtonInfo,
-    ScaleByBFGSState,
-    ScaleByNewtonCGState,
-    ScaleByNewtonState,
-    ScaleBySVRGState,
-    SVRGInfo,
-    TrackCurvatureInfo,
-    TrackCurvatureState,
-    bfgs,
-    curvature_history,
-    curvature_info,
-    format_curvature_table,
-    newton,
-    newton_cg,
-    plot_curvature,
-    scale_by_bfgs,
-    scale_by_newton,
-    scale_by_newton_cg,
-    scale_by_svrg,
-    svrg,
-    track_curvature,
-)
+from curvlib.optim import *  # noqa: F403  (the names in optim.__all__, listed there once)
 
 __all__ = [
     "__version__",
@@ -86,29 +63,6 @@ __all__ = [
     "StochasticEstimate",
     "spectral_density",
     "SpectralDensity",
-    # optimizers (optax transforms)
-    "scale_by_newton_cg",
-    "newton_cg",
-    "ScaleByNewtonCGState",
-    "NewtonCGInfo",
-    "scale_by_newton",
-    "newton",
-    "ScaleByNewtonState",
-    "NewtonInfo",
-    "scale_by_bfgs",
-    "bfgs",
-    "ScaleByBFGSState",
-    "BFGSInfo",
-    "scale_by_svrg",
-    "svrg",
-    "ScaleBySVRGState",
-    "SVRGInfo",
-    # curvature monitoring
-    "track_curvature",
-    "TrackCurvatureState",
-    "TrackCurvatureInfo",
-    "curvature_info",
-    "curvature_history",
-    "format_curvature_table",
-    "plot_curvature",
 ]
+# optimizers (optax transforms) and curvature monitoring: re-exported from curvlib.optim
+__all__ += optim.__all__
