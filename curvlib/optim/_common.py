@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +148,41 @@ def curvature_matvec(
         _kw_call(model_fn), _kw_call(loss_fn), params, mkw, loss_args=(lkw,),
         microbatch_size=microbatch_size,
     )
+
+
+class CurvatureSetup(NamedTuple):
+    """What :func:`curvature_setup` hands a curvature transform's ``update``."""
+
+    value_fn: Callable
+    dtype: Any
+    value: jax.Array
+    matvec: Callable
+
+
+def curvature_setup(
+    name: str,
+    value_fn: Callable | None,
+    params: PyTree,
+    extra_args: dict,
+    *,
+    ggn,
+    hvp_mode: str | None,
+    microbatch_size: int | None,
+) -> CurvatureSetup:
+    """The common opening of a Hessian/GGN step (``scale_by_newton_cg``, ``scale_by_newton``).
+
+    Checks ``value_fn`` and ``params`` (errors name the transform ``name``), then
+    returns the loss dtype, the loss at ``params`` (:func:`value_at`) and the
+    curvature product at ``params`` (:func:`curvature_matvec`).
+    """
+    value_fn = require_value_fn(name, value_fn)
+    params = require_params(name, params)
+    dt = float_dtype(params)
+    value = value_at(value_fn, params, extra_args, dt)
+    matvec = curvature_matvec(
+        value_fn, ggn, params, extra_args, hvp_mode=hvp_mode, microbatch_size=microbatch_size
+    )
+    return CurvatureSetup(value_fn, dt, value, matvec)
 
 
 # -------------------------------------------------------------------- misc

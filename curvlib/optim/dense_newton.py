@@ -168,12 +168,9 @@ def scale_by_newton(
         )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        value_fn = _common.require_value_fn("scale_by_newton", value_fn)
-        params = _common.require_params("scale_by_newton", params)
-        dt = _common.float_dtype(params)
-        value = _common.value_at(value_fn, params, extra_args, dt)
-        matvec = _common.curvature_matvec(
-            value_fn, ggn, params, extra_args, hvp_mode=hvp_mode, microbatch_size=None
+        value_fn, dt, value, matvec = _common.curvature_setup(
+            "scale_by_newton", value_fn, params, extra_args,
+            ggn=ggn, hvp_mode=hvp_mode, microbatch_size=None,
         )
         C = dense_curvature(matvec, params)
         g, unravel = ravel_pytree(updates)

@@ -265,14 +265,11 @@ def scale_by_newton_cg(
         )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        value_fn = _common.require_value_fn("scale_by_newton_cg", value_fn)
-        params = _common.require_params("scale_by_newton_cg", params)
-        dt = _common.float_dtype(params)
-        g = updates
-        value = _common.value_at(value_fn, params, extra_args, dt)
-        matvec = _common.curvature_matvec(
-            value_fn, ggn, params, extra_args, hvp_mode=hvp_mode, microbatch_size=microbatch_size
+        value_fn, dt, value, matvec = _common.curvature_setup(
+            "scale_by_newton_cg", value_fn, params, extra_args,
+            ggn=ggn, hvp_mode=hvp_mode, microbatch_size=microbatch_size,
         )
+        g = updates
         lam = state.damping
         max_steps = max_cg_steps
         if max_steps is None:
