@@ -200,6 +200,39 @@ def _grid(sigma, dtype):
     return s, jnp.atleast_1d(s)
 
 
+def _estimate(mean, stderr, sigma, num_samples, antithetic) -> MonteCarloEstimate:
+    """Package grid results as a :class:`MonteCarloEstimate` shaped like ``sigma``."""
+    P = 2 if antithetic else 1
+    return MonteCarloEstimate(
+        mean.reshape(sigma.shape), stderr.reshape(sigma.shape), num_samples, num_samples * P
+    )
+
+
+class _SampledSetup(NamedTuple):
+    k: int
+    microbatch_size: int | None
+    num_samples: int
+    sample_batch_size: int | None
+    dtype: Any
+    sigma: jax.Array  # as given (scalar or 1-D): the output shape
+    grid: jax.Array  # 1-D
+
+
+def _check_sampled(params, data, k, sigma, key, num_samples, microbatch_size,
+                   sample_batch_size) -> _SampledSetup:
+    """Input checks shared by the loss-sampling estimators (direct and full-space MC)."""
+    k = _common.check_k(k, data)
+    mb = _common.check_microbatch(microbatch_size)
+    S = _common.check_num_samples(num_samples)
+    _common.check_key(key)
+    _tree.check_float_tree(params, "params")
+    if sample_batch_size is not None:
+        sample_batch_size = _common.check_microbatch(sample_batch_size)
+    dt = _tree.dtype(params)
+    s0, sig = _grid(sigma, dt)
+    return _SampledSetup(k, mb, S, sample_batch_size, dt, s0, sig)
+
+
 # ------------------------------------------------------------ quadratic MC
 
 
@@ -247,8 +280,7 @@ def delta2_quadratic_mc(
     s0, sig = _grid(sigma, dt)
     mean, se = _quadratic_mc(a.astype(dt), c.astype(dt), B.astype(dt), sig, key, S,
                              bool(antithetic))
-    P = 2 if antithetic else 1
-    return MonteCarloEstimate(mean.reshape(s0.shape), se.reshape(s0.shape), S, S * P)
+    return _estimate(mean, se, s0, S, antithetic)
 
 
 # --------------------------------------------------------------- direct MC
@@ -349,36 +381,29 @@ def delta2_direct_mc(
     Returns:
       :class:`MonteCarloEstimate` shaped like ``sigma``.
     """
-    k = _common.check_k(k, data)
-    mb = _common.check_microbatch(microbatch_size)
-    S = _common.check_num_samples(num_samples)
-    _common.check_key(key)
-    _tree.check_float_tree(params, "params")
+    st = _check_sampled(params, data, k, sigma, key, num_samples, microbatch_size,
+                        sample_batch_size)
     Dmax = _check_basis(eigenvectors, params)
     if dim is None:
         dim = Dmax
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= Dmax:
         raise ValueError(f"`dim` must be an int in [1, {Dmax}]; got {dim!r}.")
-    if sample_batch_size is not None:
-        sample_batch_size = _common.check_microbatch(sample_batch_size)
-    dt = _tree.dtype(params)
-    s0, sig = _grid(sigma, dt)
     if check_mean:
-        check_mean_loss(loss_fn, params, data, k, microbatch_size=mb)
+        check_mean_loss(loss_fn, params, data, st.k, microbatch_size=st.microbatch_size)
     U = _cast_basis(eigenvectors, params)
     control = None
     if control_variate is not None:
-        a, c, B = (jnp.asarray(x, dt) for x in control_variate)
+        a, c, B = (jnp.asarray(x, st.dtype) for x in control_variate)
         if a.shape != () or c.shape != (Dmax,) or B.shape != (Dmax, Dmax):
             raise ValueError(
                 f"`control_variate` must be (a, c, B) for the same {Dmax}-vector basis; got "
                 f"shapes {a.shape}, {c.shape}, {B.shape}."
             )
         control = (a, c, B)
-    mean, se = _direct_mc(loss_fn, params, data, k, U, jnp.asarray(dim), sig, key, S,
-                          bool(antithetic), mb, sample_batch_size, control)
-    P = 2 if antithetic else 1
-    return MonteCarloEstimate(mean.reshape(s0.shape), se.reshape(s0.shape), S, S * P)
+    mean, se = _direct_mc(loss_fn, params, data, st.k, U, jnp.asarray(dim), st.grid, key,
+                          st.num_samples, bool(antithetic), st.microbatch_size,
+                          st.sample_batch_size, control)
+    return _estimate(mean, se, st.sigma, st.num_samples, antithetic)
 
 
 # ------------------------------------------------------------- full space
@@ -444,21 +469,13 @@ def delta2_full_mc(
     Returns:
       :class:`MonteCarloEstimate` shaped like ``sigma``.
     """
-    k = _common.check_k(k, data)
-    mb = _common.check_microbatch(microbatch_size)
-    S = _common.check_num_samples(num_samples)
-    _common.check_key(key)
-    _tree.check_float_tree(params, "params")
-    if sample_batch_size is not None:
-        sample_batch_size = _common.check_microbatch(sample_batch_size)
-    dt = _tree.dtype(params)
-    s0, sig = _grid(sigma, dt)
-    if check_mean:
-        check_mean_loss(loss_fn, params, data, k, microbatch_size=mb)
-    mean, se = _full_mc(loss_fn, params, data, k, sig, key, S, bool(antithetic), mb,
+    st = _check_sampled(params, data, k, sigma, key, num_samples, microbatch_size,
                         sample_batch_size)
-    P = 2 if antithetic else 1
-    return MonteCarloEstimate(mean.reshape(s0.shape), se.reshape(s0.shape), S, S * P)
+    if check_mean:
+        check_mean_loss(loss_fn, params, data, st.k, microbatch_size=st.microbatch_size)
+    mean, se = _full_mc(loss_fn, params, data, st.k, st.grid, key, st.num_samples,
+                        bool(antithetic), st.microbatch_size, st.sample_batch_size)
+    return _estimate(mean, se, st.sigma, st.num_samples, antithetic)
 
 
 # --------------------------------------------------------------- pointwise
