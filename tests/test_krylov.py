@@ -357,6 +357,37 @@ def test_cg_negative_curvature_exit():
     assert np.allclose(np.asarray(ravel_pytree(damped.x)[0]), ref, rtol=1e-8, atol=1e-10)
 
 
+def test_cg_traced_max_steps_matches_static(spd):
+    """``max_steps`` may be a jit argument: one compilation serves every cap, and each
+    cap gives the result of the same cap passed as a static int."""
+    A, _, b = spd
+    A = jnp.asarray(A)
+    traces = [0]
+
+    def solve(A, b, m):
+        traces[0] += 1
+        return cg(_tree_op(A, b), b, rtol=1e-12, max_steps=m)
+
+    traced = jax.jit(solve)
+    for m in (1, 5, 17, 600):
+        res = traced(A, b, jnp.asarray(m))
+        ref = jax.jit(functools.partial(solve, m=m))(A, b)
+        assert int(res.num_steps) == int(ref.num_steps) <= m
+        assert bool(res.converged) == bool(ref.converged)
+        np.testing.assert_allclose(ravel_pytree(res.x)[0], ravel_pytree(ref.x)[0],
+                                   rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(res.residual_norm, ref.residual_norm, rtol=1e-12)
+    assert int(traced(A, b, jnp.asarray(5)).num_steps) == 5
+    assert bool(traced(A, b, jnp.asarray(600)).converged)
+    # 1 trace for the traced cap (4 + 2 calls), 4 for the static caps
+    assert traces[0] == 1 + 4
+    # a traced cap below 1 takes no steps; a non-integer traced cap is refused
+    zero = traced(A, b, jnp.asarray(0))
+    assert int(zero.num_steps) == 0 and not bool(zero.converged)
+    with pytest.raises(ValueError, match="max_steps"):
+        traced(A, b, jnp.asarray(5.0))
+
+
 # ------------------------------------------------------------ power iteration
 
 

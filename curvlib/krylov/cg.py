@@ -83,14 +83,17 @@ def cg(
       rtol: relative tolerance on ``||r|| / ||b||``.
       atol: absolute tolerance on ``||r||``.
       max_steps: iteration cap; default ``10 * dim`` (SciPy's choice: in floating
-        point CG can need more than ``dim`` steps).
+        point CG can need more than ``dim`` steps). May be a traced integer
+        scalar (a ``jit`` argument): it only bounds the ``lax.while_loop``, so
+        changing it does not recompile; a traced value is not validated, and
+        one below 1 takes no steps.
       preconditioner: optional SPD ``M^{-1}`` applied to residuals.
 
     Returns:
       A :class:`CGResult`.
 
     Raises:
-      ValueError: if ``x0`` does not match ``b`` or ``max_steps`` < 1.
+      ValueError: if ``x0`` does not match ``b`` or a concrete ``max_steps`` < 1.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -116,7 +119,15 @@ def cg(
     if max_steps is None:
         # finite-precision CG loses conjugacy and may need more than ``dim`` steps
         max_steps = 10 * _tree.size(b)
-    if int(max_steps) < 1:
+    elif isinstance(max_steps, jax.core.Tracer):
+        # a traced cap (e.g. a jit argument) only bounds the while_loop; it cannot be checked
+        max_steps = jnp.asarray(max_steps)
+        if max_steps.shape != () or not jnp.issubdtype(max_steps.dtype, jnp.integer):
+            raise ValueError(
+                f"a traced `max_steps` must be an integer scalar; got {max_steps.dtype}"
+                f"{list(max_steps.shape)}."
+            )
+    if not isinstance(max_steps, jax.core.Tracer) and int(max_steps) < 1:
         raise ValueError(f"`max_steps` must be >= 1; got {max_steps}.")
     precond = preconditioner if preconditioner is not None else (lambda v: v)
     acc = jnp.promote_types(_tree.dtype(b), jnp.float32)
