@@ -517,3 +517,44 @@ def test_landscape_nonfinite_data_is_flagged_or_raises():
     co = landscape.increment_coefficients(loss_b, params, (xb, y), 8, good.eigenvectors,
                                           check_mean=False)
     assert not bool(jnp.isfinite(co.a))  # NaN propagates into the coefficients
+
+
+@pytest.mark.parametrize("where", ["data", "params", "loss"])
+def test_landscape_nonfinite_losses_are_named_not_called_a_non_mean(where):
+    """NaN/Inf in the first k+1 samples, in params or in the loss: the mean-loss check
+    (on by default) says which, instead of "does not behave as a mean"; with
+    ``check_mean=False`` the NaN/Inf propagates into the result."""
+    params, x, y = _problem()
+    loss_b = lambda p, b: _loss(p, *b)
+    if where == "data":
+        x = x.at[3, 1].set(jnp.nan).at[5, 0].set(-jnp.inf)
+        match = (r"`data` has NaN/Inf entries in 2 of its first k\+1 = 9 samples "
+                 r"\(sample indices 3, 5\)")
+    elif where == "params":
+        params = _poison(params, jnp.nan)
+        match = "`params` has NaN/Inf entries"
+    else:
+        loss_b = lambda p, b: _loss(p, *b) + jnp.inf
+        match = "`loss_fn` returned NaN/Inf on finite `params` and `data`"
+    data, k, key = (x, y), 8, jax.random.PRNGKey(0)
+    basis = jax.tree.map(lambda p: jnp.ones((2,) + p.shape, p.dtype), params)
+    for call in (
+        lambda: landscape.check_mean_loss(loss_b, params, data, k),
+        lambda: landscape.increment_coefficients(loss_b, params, data, k, basis),
+        lambda: landscape.delta1(loss_b, params, data, k),
+        lambda: landscape.delta2_direct_mc(loss_b, params, data, k, basis, 0.1, key=key,
+                                           num_samples=2),
+        lambda: landscape.delta2_full_mc(loss_b, params, data, k, 0.1, key=key, num_samples=2),
+    ):
+        with pytest.raises(ValueError, match=match) as err:
+            call()
+        assert "check_mean=False" in str(err.value)
+        assert "does not behave as a mean" not in str(err.value)
+    assert not bool(jnp.isfinite(landscape.delta1(loss_b, params, data, k, check_mean=False)))
+    full = landscape.delta2_full_mc(loss_b, params, data, k, 0.1, key=key, num_samples=2,
+                                    check_mean=False)
+    assert not bool(jnp.isfinite(full.mean))
+    # a NaN beyond the first k+1 samples is never read, so it cannot fail the check
+    if where == "data":
+        landscape.check_mean_loss(loss_b, params, (x.at[3].set(0.0).at[5].set(0.0)
+                                                   .at[12, 1].set(jnp.nan), y), k)

@@ -96,13 +96,19 @@ def check_mean_loss(
         ``10 sqrt(eps)`` of the loss dtype.
 
     Raises:
-      ValueError: if the identity fails, or for a bad ``k``.
+      ValueError: if the identity fails, or for a bad ``k``; also if any of the
+        three losses is NaN/Inf, where the identity cannot be checked: the
+        message names the source (``params``, the first ``k + 1`` samples of
+        ``data``, or ``loss_fn`` itself). The estimators' ``check_mean=False``
+        skips the check, and the NaN/Inf then propagates into their results.
     """
     k = _common.check_k(k, data)
     mb = _common.check_microbatch(microbatch_size)
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, data))):
         return  # inside a user's jit: nothing concrete to compare
     L1, Lk, l1 = (float(x) for x in _identity_parts(loss_fn, params, data, k, mb))
+    if not all(np.isfinite(v) for v in (L1, Lk, l1)):
+        raise ValueError(_non_finite_message(params, data, k, L1, Lk, l1))
     dt = jnp.result_type(*jax.tree.leaves(params))
     eps = float(jnp.finfo(dt).eps)
     rtol = 10.0 * np.sqrt(eps) if rtol is None else float(rtol)
@@ -116,6 +122,33 @@ def check_mean_loss(
             "criteria assume L_m(w) = (1/m) sum_i l_i(w); reduce the batch with a mean "
             "(e.g. jnp.mean) instead of a sum."
         )
+
+
+def _non_finite_message(params, data, k, L1, Lk, l1) -> str:
+    """Why the losses of :func:`check_mean_loss` are NaN/Inf: ``params``, ``data`` or the loss."""
+    causes = []
+    if not _tree.all_finite(params):
+        causes.append("`params` has NaN/Inf entries")
+    bad = set()
+    for x in jax.tree.leaves(data):
+        x = np.asarray(x[: k + 1])
+        if x.size and np.issubdtype(x.dtype, np.inexact):
+            bad.update(np.flatnonzero(~np.isfinite(x.reshape(k + 1, -1)).all(axis=1)).tolist())
+    if bad:
+        idx = sorted(bad)
+        shown = ", ".join(map(str, idx[:5])) + (", ..." if len(idx) > 5 else "")
+        causes.append(
+            f"`data` has NaN/Inf entries in {len(idx)} of its first k+1 = {k + 1} samples "
+            f"(sample indices {shown})"
+        )
+    if not causes:
+        causes.append("`loss_fn` returned NaN/Inf on finite `params` and `data`")
+    return (
+        f"the loss is not finite at the probe point (L_k={Lk:.6g}, L_{{k+1}}={L1:.6g}, "
+        f"l_{{k+1}}={l1:.6g}, k={k}): {'; '.join(causes)}. The mean-loss check cannot run on "
+        "non-finite losses; clean the inputs, or pass `check_mean=False` to compute anyway "
+        "(the NaN/Inf then propagates into the result)."
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "k", "microbatch_size"))
@@ -215,7 +248,8 @@ def increment_coefficients(
 
     Raises:
       ValueError: bad ``k``, a basis that does not match ``params``, or a
-        ``loss_fn`` that is not a mean.
+        ``loss_fn`` that is not a mean; with ``check_mean``, also NaN/Inf
+        losses at ``params`` (:func:`check_mean_loss` names the source).
     """
     k = _common.check_k(k, data)
     mb = _common.check_microbatch(microbatch_size)
