@@ -52,17 +52,39 @@ def _order(theta, which):
     return jnp.argsort(key, stable=True)
 
 
-def _ritz(state: _lz._Krylov, k, which, tol):
+def _ritz(state: _lz._Krylov, k, which, tol, filled=None):
+    """Ritz pairs of the filled ``filled x filled`` block of the projected matrix.
+
+    Rows and columns ``>= filled`` of ``H`` are zero (not yet built); they are
+    given a sentinel diagonal outside the spectrum's wanted end (below
+    ``-2 ||T||_inf`` for ``"LA"``, above ``+2 ||T||_inf`` for ``"SA"``, zero for
+    ``"LM"``) so their unit eigenvectors are never among the wanted ``k``. The
+    residual of Ritz pair ``i`` is ``|beta y_{filled-1, i}|`` (Lanczos relation
+    ``A Q^T = Q^T T + r e_{filled-1}^T``); no extra product is needed, so
+    convergence can be tested after every step.
+    """
+    m = state.H.shape[0]
+    filled = m if filled is None else filled
+    valid = jnp.arange(m) < filled
     T = _lz.projected_matrix(state.H)
+    T = jnp.where(valid[:, None] & valid[None, :], T, 0.0)
+    span = jnp.max(jnp.sum(jnp.abs(T), axis=1))  # ||T||_inf bounds every Ritz value
+    tiny = jnp.finfo(T.dtype).tiny
+    sentinel = {"LA": -2 * span - tiny, "SA": 2 * span + tiny, "LM": 0.0}[which]
+    T = T + jnp.diag(jnp.where(valid, 0.0, sentinel).astype(T.dtype))
     theta, Y = jnp.linalg.eigh(T)
     order = _order(theta, which)
     theta_o = theta[order]
     Y_o = Y[:, order]
-    res = jnp.abs(state.beta * Y_o[-1, :])
-    anorm = jnp.max(jnp.abs(theta))
+    last = jnp.take(Y_o, jnp.maximum(filled - 1, 0), axis=0)
+    res = jnp.abs(state.beta * last)
+    anorm = jnp.max(jnp.where(valid, jnp.abs(jnp.diag(T)), 0.0))
+    anorm = jnp.maximum(anorm, jnp.max(jnp.abs(jnp.where(valid, theta, 0.0))))
     eps = jnp.finfo(theta.dtype).eps
     thresh = tol * jnp.maximum(jnp.abs(theta_o[:k]), anorm * eps ** (2.0 / 3.0))
-    conv = jnp.all(res[:k] <= thresh)
+    # a wanted pair must live in the filled block (matters only for "LM" ties at 0)
+    inside = jnp.sum(jnp.where(valid[:, None], Y_o[:, :k] ** 2, 0.0), axis=0) > 0.5
+    conv = jnp.all((res[:k] <= thresh) & inside) & (filled > k)
     return theta_o, Y_o, res, conv, anorm
 
 
@@ -99,9 +121,17 @@ def eigsh(
     with ``which="LA"`` a Hessian's dominant *negative* eigenvalues never
     displace its largest positive ones (power iteration's failure mode).
 
-    Cost: ``m + r (m - num_keep)`` products for ``r`` restarts; memory ``(m + 2)``
-    vectors; ``O(m^2 N)`` work per restart to rotate the basis; one ``m x m``
-    dense eigendecomposition per restart.
+    The wanted pairs are tested after every Lanczos step (every ``ceil(m / 64)``
+    steps for larger bases; an ``m x m`` ``eigh`` on the projected matrix, no
+    product), so the run stops at the
+    first Krylov depth that certifies them rather than at the end of a restart
+    cycle: a basis large enough to need no restart uses the same number of
+    products as the smallest adequate fixed-depth Lanczos run.
+
+    Cost: at most ``m + r (m - num_keep)`` products for ``r`` restarts (fewer
+    when the pairs converge inside a cycle); memory ``(m + 2)`` vectors;
+    ``O(m N)`` reorthogonalisation work per product, ``O(m^2 N)`` per restart to
+    rotate the basis; one ``m x m`` dense eigendecomposition per step.
 
     Args:
       matvec: symmetric linear operator on pytrees shaped like ``v0``.
@@ -109,7 +139,9 @@ def eigsh(
       k: number of wanted pairs, ``1 <= k < dim``.
       which: ``"LA"`` (largest algebraic), ``"SA"`` (smallest algebraic) or
         ``"LM"`` (largest magnitude).
-      num_matvecs: basis size ``m``, ``k < m <= dim``; default ``min(dim, max(2k + 1, 20))``.
+      num_matvecs: basis size ``m``, ``k < m <= dim``; default ``min(dim, max(4k, 20))``
+        (a top-10 Hessian spectrum typically converges in 40-50 products, so the
+        default rarely restarts; lower it to bound memory: ``m`` vectors).
       tol: relative residual tolerance; default ``sqrt(eps)`` of the least precise
         leaf dtype of ``v0`` (a bfloat16 basis cannot certify more).
       max_restarts: cap on thick restarts.
@@ -149,7 +181,7 @@ def eigsh(
             "eigenpairs use a dense eigendecomposition."
         )
     if num_matvecs is None:
-        m = min(n, max(2 * k + 1, 20))
+        m = min(n, max(4 * k, 20))
     else:
         m = _static_int(num_matvecs, "num_matvecs")
     if m <= k or m > n:
@@ -175,15 +207,52 @@ def eigsh(
     # the first ``k`` rows are the answer.
     state = _lz._init_state(fl.v0, m, acc)
 
+    eps = float(jnp.finfo(acc).eps)
+    # the test costs one m x m eigh; above m = 64 a dense eigh on CPU costs as much
+    # as a small model's product, so large bases test every few steps (the run may
+    # then overshoot the certifying depth by at most check_every - 1 products)
+    check_every = max(1, -(-m // 64))
+
+    def extend(state, start, anorm):
+        """Lanczos steps from row ``start`` until row ``m`` or convergence.
+
+        The wanted Ritz pairs are tested after every step (every
+        ``ceil(m / 64)`` steps; one ``m x m`` ``eigh``, no product), so a run
+        stops at the first Krylov depth that certifies them instead of at the
+        end of a restart cycle.
+        """
+
+        def step_cond(c):
+            j, _, conv = c
+            return (j < m) & ~conv & c[1].finite
+
+        def step(c):
+            j, s, _ = c
+            s = _lz._extend_step(matvec, j, s, None)
+            # an (almost) invariant subspace has zero residuals without holding
+            # the wanted pairs (a deficient v0): never stop early on a breakdown;
+            # the next step continues from a fresh random direction instead.
+            alive = s.beta > 10 * eps * np.sqrt(m) * s.anorm
+            due = ((j + 1 - start) % check_every == 0) & (j + 1 > k) & (j + 1 < m) & alive
+            conv = jax.lax.cond(
+                due, lambda s: _ritz(s, k, which, tol, j + 1)[3], lambda s: jnp.asarray(False), s
+            )
+            return j + 1, s, conv
+
+        s = state._replace(anorm=jnp.maximum(state.anorm, anorm))
+        j, s, _ = jax.lax.while_loop(step_cond, step, (start, s, jnp.asarray(False)))
+        return s, j
+
     def cond(c):
         state, it, conv = c[0], c[1], c[2]
         return (it == 0) | ((~conv) & (it <= max_restarts) & state.finite)
 
     def body(c):
-        state, it, conv, theta, Y, res, anorm = c
+        state, it, conv, theta, Y, res, anorm, count = c
         first = it == 0
-        new = _lz._extend(matvec, state, jnp.where(first, 0, keep), m, anorm)
-        theta_n, Y_n, res_n, conv_n, anorm_n = _ritz(new, k, which, tol)
+        start = jnp.where(first, 0, keep)
+        new, filled = extend(state, start, anorm)
+        theta_n, Y_n, res_n, conv_n, anorm_n = _ritz(new, k, which, tol, filled)
         # keep the last finite state if a product went non-finite (round 0 always counts)
         ok = (new.finite & jnp.all(jnp.isfinite(theta_n))) | first
         C = jnp.zeros((m, m), acc).at[:keep].set(Y_n[:, :keep].T)
@@ -200,13 +269,14 @@ def eigsh(
             jnp.where(ok, Y_n, Y),
             jnp.where(ok, res_n, res),
             jnp.where(ok, anorm_n, anorm),
+            count + (filled - start),
         )
 
     init = (
         state, jnp.asarray(0), jnp.asarray(False), jnp.zeros(m, acc), jnp.eye(m, dtype=acc),
-        jnp.full(m, jnp.inf, acc), jnp.zeros((), acc),
+        jnp.full(m, jnp.inf, acc), jnp.zeros((), acc), jnp.asarray(0, jnp.int32),
     )
-    state, rounds, conv, theta, Y, res, _ = jax.lax.while_loop(cond, body, init)
+    state, rounds, conv, theta, Y, res, _, count = jax.lax.while_loop(cond, body, init)
     it = rounds - 1  # thick restarts performed
     X = fl.unflat_basis(jax.tree.map(lambda q: q[:k], state.Q))
     vals = theta[:k]
@@ -216,7 +286,7 @@ def eigsh(
         eigenvalues=vals,
         eigenvectors=X,
         residual_norms=jnp.where(jnp.isfinite(res[:k]) & finite, res[:k], jnp.inf),
-        num_matvecs=(m + it * (m - keep)).astype(jnp.int32),
+        num_matvecs=count,
         num_restarts=it,
         converged=conv & finite,
         finite=finite,
