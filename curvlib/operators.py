@@ -27,6 +27,7 @@ References:
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,46 @@ from curvlib import _tree
 PyTree = Any
 
 MODES = ("linearize", "fwd-rev", "rev-rev")
+
+
+# ------------------------------------------------------------------ caching
+
+
+def _weak_cache(factory: Callable) -> Callable:
+    """Memoise ``factory(fn, *rest)`` without keeping ``fn`` (a user callable) alive.
+
+    The product builders below return closures over a user function; caching
+    them makes equal calls return the *same* object, so a
+    :class:`~jax.tree_util.Partial` built on it has an equal tree definition and
+    jitted code taking it is not recompiled. ``functools.lru_cache`` would hold
+    every user function (and the arrays its closure captures) until evicted.
+    Here the entries are keyed *weakly* by ``fn`` and hold the results weakly
+    too (a result closes over ``fn``, so a strong value would keep its own key
+    alive): an entry lives exactly as long as something else (a matvec in use,
+    a jit cache holding its tree definition) uses the result. ``fn`` that cannot
+    be weakly referenced or hashed, unhashable ``rest`` and results that cannot
+    be weakly referenced are simply not cached.
+    """
+    cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @functools.wraps(factory)
+    def cached(fn, *rest):
+        try:
+            entries = cache.get(fn)
+            if entries is None:
+                entries = cache[fn] = weakref.WeakValueDictionary()
+            out = entries.get(rest)
+        except TypeError:  # unhashable, or not weakly referenceable
+            return factory(fn, *rest)
+        if out is None:
+            out = factory(fn, *rest)
+            try:
+                entries[rest] = out
+            except TypeError:  # a result that cannot be weakly referenced
+                pass
+        return out
+
+    return cached
 
 
 # ------------------------------------------------------------------ checks
@@ -65,7 +106,7 @@ def _signature(tree: PyTree):
     return jax.tree.structure(tree), tuple(tuple(jnp.shape(x)) for x in jax.tree.leaves(tree))
 
 
-@functools.lru_cache(maxsize=512)
+@_weak_cache
 def _checked(product: Callable, signature) -> Callable:
     """``product(*data, v)`` that first checks ``v`` against the parameters' signature.
 
@@ -130,7 +171,7 @@ def hvp(fun: Callable, params: PyTree, tangent: PyTree, *args) -> PyTree:
     return _hvp_fwd_rev(fun)(params, args, _cast_like(tangent, params))
 
 
-@functools.lru_cache(maxsize=512)
+@_weak_cache
 def _hvp_fwd_rev(fun):
     def matvec(params, args, v):
         grad = lambda p: jax.grad(fun)(p, *args)
@@ -139,7 +180,7 @@ def _hvp_fwd_rev(fun):
     return matvec
 
 
-@functools.lru_cache(maxsize=512)
+@_weak_cache
 def _hvp_rev_rev(fun):
     def matvec(params, args, v):
         v = _cast_like(v, params)
@@ -209,7 +250,7 @@ def _param_shardings(params: PyTree):
     return jax.tree.structure(params), tuple(shardings)
 
 
-@functools.lru_cache(maxsize=512)
+@_weak_cache
 def _sharded(product, layout):
     """``product`` with its output constrained to ``layout`` (from :func:`_param_shardings`)."""
     if layout is None:
@@ -299,7 +340,7 @@ def microbatch_mean(fn: Callable, batch: PyTree, microbatch_size: int | None) ->
     return jax.tree.map(lambda o, s: o.astype(s.dtype), out, out_shape)
 
 
-@functools.lru_cache(maxsize=512)
+@_weak_cache
 def _microbatched(product, microbatch_size):
     def matvec(params, args, v):
         batch, rest = args[0], args[1:]
@@ -397,7 +438,7 @@ def hessian_matvec(
     return Partial(_checked(_sharded(product, layout), _signature(params)), params, tuple(args))
 
 
-@functools.lru_cache(maxsize=512)
+@_weak_cache
 def _ggn_product(model_fn, loss_fn):
     def matvec(params, args, loss_args, v):
         v = _cast_like(v, params)
@@ -416,7 +457,7 @@ def _ggn_microbatched(model_fn, loss_fn, microbatch_size):
     return _ggn_mb(product, microbatch_size)
 
 
-@functools.lru_cache(maxsize=512)
+@_weak_cache
 def _ggn_mb(product, microbatch_size):
     def matvec(params, args, loss_args, v):
         batch = (args, loss_args)

@@ -5,7 +5,9 @@ Every product is compared with the dense matrix of the *flattened* problem
 shapes. Tolerances come from the dtype: 1e-10 in float64, 1e-4 in float32.
 """
 
+import gc
 import re
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ from jax.flatten_util import ravel_pytree
 
 import curvlib
 from curvlib import ggn_matvec, gradient, hessian_matvec, hvp, microbatch_mean
+from curvlib.optim import _common as optim_common
 
 RTOL = {jnp.float64: 1e-10, jnp.float32: 1e-4}
 N = 10  # samples: microbatch 4 leaves a remainder chunk of 2
@@ -250,6 +253,84 @@ def test_hessian_matvec_keeps_residuals_as_jit_inputs():
         p = jax.tree.map(lambda a, s=s: a + s, params)
         jitted(hessian_matvec(f, p, x + s), params)
     assert len(traces) == 1
+
+
+# ------------------------------------------ caches do not keep user functions alive
+
+
+def test_product_caches_release_user_functions():
+    """Equal builder calls still give the same matvec object (so jitted consumers do not
+    recompile), but the caches hold user functions weakly: a loss closing over a large
+    array is freed once the matvecs built on it are gone."""
+    key = jax.random.PRNGKey(2)
+    params = _params(key, jnp.float64)
+    x, y = _data(key, jnp.float64)
+    v = jax.tree.map(jnp.ones_like, params)
+
+    def make():
+        big = jnp.ones(1_000_000)  # what a leak would keep alive
+        loss = lambda p, x, y: _loss(p, x, y) + 0.0 * big[0]
+        model = lambda p, x: _model(p, x) + 0.0 * big[0]
+        out_loss = lambda o, y: jnp.mean(jnp.sum((o - y) ** 2, axis=-1)) + 0.0 * big[0]
+        return loss, model, out_loss
+
+    loss, model, out_loss = make()
+    refs = [weakref.ref(f) for f in (loss, model, out_loss)]
+    mvs = [hessian_matvec(loss, params, x, y, mode=m) for m in ("linearize", "fwd-rev", "rev-rev")]
+    mvs += [
+        hessian_matvec(lambda p, b, f=loss: f(p, *b), params, (x, y), microbatch_size=4),
+        ggn_matvec(model, out_loss, params, x, loss_args=(y,)),
+        ggn_matvec(model, out_loss, params, x, loss_args=(y,), microbatch_size=4),
+        # the optimizers' keyword routing wraps user functions in cached adapters too
+        optim_common.curvature_matvec(loss, None, params, {"x": x, "y": y},
+                                      hvp_mode="fwd-rev", microbatch_size=None),
+        optim_common.curvature_matvec(loss, (model, out_loss), params, {"x": x, "y": y},
+                                      hvp_mode=None, microbatch_size=None),
+    ]
+    # still memoised while in use
+    assert hessian_matvec(loss, params, x, y, mode="fwd-rev").func is mvs[1].func
+    assert ggn_matvec(model, out_loss, params, x, loss_args=(y,)).func is mvs[4].func
+    H = _dense_hessian(_loss, params, x, y)
+    for mv in mvs[:4]:
+        assert _rel(_flat(mv(v)), H @ _flat(v)) < 1e-10
+    for mv in mvs[4:]:
+        mv(v)
+    hvp(loss, params, v, x, y)
+    del mvs, mv, loss, model, out_loss
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
+
+
+def test_product_caches_keep_one_compilation_and_accept_any_callable():
+    key = jax.random.PRNGKey(3)
+    params = _params(key, jnp.float64)
+    x, y = _data(key, jnp.float64)
+    v = jax.tree.map(jnp.ones_like, params)
+    traces = []
+
+    @jax.jit
+    def jitted(mv, v):
+        traces.append(1)
+        return mv(v)
+
+    # each matvec is dropped after its call; the next one (new point and batch) is equal
+    for mode in ("fwd-rev", "rev-rev"):
+        traces.clear()
+        for s in range(3):
+            jitted(hessian_matvec(_loss, params, x + s, y, mode=mode), v)
+        assert len(traces) == 1, mode
+
+    # an unhashable callable (which functools.lru_cache refused) is just not cached
+    class Unhashable:
+        __hash__ = None
+
+        def __call__(self, p, x, y):
+            return _loss(p, x, y)
+
+    H = _dense_hessian(_loss, params, x, y)
+    for mode in ("fwd-rev", "rev-rev"):
+        Hv = hessian_matvec(Unhashable(), params, x, y, mode=mode)
+        assert _rel(_flat(Hv(v)), H @ _flat(v)) < 1e-10
 
 
 # -------------------------------------------------------------- bad input

@@ -11,7 +11,6 @@ Gauss-Newton split.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -22,7 +21,7 @@ import numpy as np
 import optax
 
 from curvlib import _tree
-from curvlib.operators import ggn_matvec, hessian_matvec
+from curvlib.operators import _weak_cache, ggn_matvec, hessian_matvec
 
 PyTree = Any
 
@@ -105,9 +104,12 @@ def kwargs_for(fn: Callable, extra_args: dict) -> dict:
     return {k: v for k, v in extra_args.items() if k in params and k not in RESERVED}
 
 
-@functools.lru_cache(maxsize=256)
+@_weak_cache
 def _kw_call(fn: Callable) -> Callable:
-    """``(x, kw) -> fn(x, **kw)``; cached so operator-level caches see one object per ``fn``."""
+    """``(x, kw) -> fn(x, **kw)``; cached so operator-level caches see one object per ``fn``.
+
+    Weakly (:func:`curvlib.operators._weak_cache`): the cache does not keep ``fn`` alive.
+    """
 
     def call(x, kw):
         return fn(x, **kw)
