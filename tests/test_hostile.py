@@ -218,11 +218,41 @@ def test_non_real_float_leaves_raise_type_error(dtype):
     ):
         with pytest.raises(TypeError):
             call()
-    # the optimizers' init accepts any leaves; their first update raises
-    f = lambda p: jnp.sum(jnp.abs(p["a"]) ** 2).real.astype(jnp.float32)
-    tx = optim.scale_by_newton_cg()
+    # the optimizers refuse them at init (test_optimizer_init_refuses_non_real_float_params)
     with pytest.raises(TypeError):
-        tx.update(ones, tx.init(ones), ones, value_fn=f)
+        optim.scale_by_newton_cg().init(ones)
+
+
+INIT_TRANSFORMS = {
+    "newton_cg": lambda: optim.newton_cg(),
+    "scale_by_newton_cg": lambda: optim.scale_by_newton_cg(),
+    "newton": lambda: optim.newton(),
+    "scale_by_newton": lambda: optim.scale_by_newton(),
+    "bfgs": lambda: optim.bfgs(),
+    "scale_by_bfgs": lambda: optim.scale_by_bfgs(),
+    "svrg": lambda: optim.svrg(0.1),
+    "scale_by_svrg": lambda: optim.scale_by_svrg(),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.complex64, jnp.bool_])
+@pytest.mark.parametrize("name", sorted(INIT_TRANSFORMS))
+def test_optimizer_init_refuses_non_real_float_params(name, dtype):
+    """``init`` raises a ``ValueError`` (also a ``TypeError``, like every other dtype error)
+    naming ``params`` and the expected dtype, instead of failing at the first update."""
+    tx = INIT_TRANSFORMS[name]()
+    good = {"b": jnp.zeros(2), "w": jnp.ones(3)}
+    bad = {**good, "w": jnp.ones(3, dtype)}
+    transform = "scale_by_" + name.removeprefix("scale_by_")
+    for init in (tx.init, jax.jit(tx.init)):
+        with pytest.raises(ValueError, match=rf"{transform}\.init: `params`.*floating") as err:
+            init(bad)
+        assert isinstance(err.value, TypeError)
+        assert jnp.dtype(dtype).name in str(err.value)
+    with pytest.raises(ValueError, match="empty"):
+        tx.init({})
+    tx.init(good)  # real floating leaves of any width are fine
+    tx.init({"b": jnp.zeros(2, jnp.bfloat16), "w": jnp.ones(3, jnp.float32)})
 
 
 def test_non_float_loss_raises_type_error():

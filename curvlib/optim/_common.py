@@ -84,6 +84,29 @@ def require_value_fn(name: str, value_fn) -> Callable:
     return value_fn
 
 
+class ParamsDtypeError(ValueError, TypeError):
+    """``params`` with a leaf that is not real floating, refused by an optimizer's ``init``.
+
+    A ``ValueError`` (what ``init`` documents) and a ``TypeError`` (what the rest
+    of curvlib raises for a dtype, e.g. :func:`curvlib.hessian_matvec`).
+    """
+
+
+def check_params(name: str, params) -> None:
+    """Raise unless ``params`` is a non-empty pytree of real floating arrays (``init``'s check).
+
+    Integer, bool or complex leaves would otherwise pass ``init`` and fail only
+    at the first ``update``; ``name`` is the transform, for the message.
+    """
+    try:
+        _tree.check_float_tree(params, "params")
+    except TypeError as e:
+        raise ParamsDtypeError(
+            f"{name}.init: {e} Cast `params` to a real floating dtype (float32, float64, "
+            "bfloat16, ...) before `init`."
+        ) from None
+
+
 def require_params(name: str, params) -> PyTree:
     if params is None:
         raise ValueError(f"`{name}.update` needs `params` (the current parameters).")

@@ -134,6 +134,8 @@ def scale_by_newton(
     Raises:
       ValueError: invalid settings at construction; too many parameters at
         ``init``.
+      ValueError: from ``init``, for ``params`` with integer, bool or complex
+        leaves (a :class:`TypeError` too) or an empty ``params``.
       TypeError: from ``update`` when ``value_fn`` is missing.
 
     Examples:
@@ -153,6 +155,7 @@ def scale_by_newton(
     _common.check_ggn(ggn)
 
     def init_fn(params):
+        _common.check_params("scale_by_newton", params)
         n = _tree.size(params)
         if _common.is_concrete(max_params) and n > int(max_params):
             raise ValueError(

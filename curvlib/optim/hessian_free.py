@@ -227,6 +227,8 @@ def scale_by_newton_cg(
     Raises:
       ValueError: at construction, for negative damping, ``max_cg_steps < 1``
         and other invalid static settings.
+      ValueError: from ``init``, for ``params`` with integer, bool or complex
+        leaves (a :class:`TypeError` too) or an empty ``params``.
       TypeError: from ``update`` when ``value_fn`` is missing.
 
     Examples:
@@ -246,6 +248,7 @@ def scale_by_newton_cg(
               cg_rtol, warm_start_decay, max_cg_steps, microbatch_size, hvp_mode, ggn)
 
     def init_fn(params):
+        _common.check_params("scale_by_newton_cg", params)
         dt = _common.float_dtype(params)
         zero = jnp.zeros((), dt)
         return ScaleByNewtonCGState(

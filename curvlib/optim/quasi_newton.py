@@ -111,12 +111,15 @@ def scale_by_bfgs(
 
     Raises:
       ValueError: invalid settings at construction; too many parameters at init.
+      ValueError: from ``init``, for ``params`` with integer, bool or complex
+        leaves (a :class:`TypeError` too) or an empty ``params``.
       TypeError: from ``update`` when ``value_fn`` is missing.
     """
     _common.check_nonnegative("curvature_rtol", curvature_rtol)
     _common.check_int("max_params", max_params, 1)
 
     def init_fn(params):
+        _common.check_params("scale_by_bfgs", params)
         n = _tree.size(params)
         if _common.is_concrete(max_params) and n > int(max_params):
             raise ValueError(

@@ -112,6 +112,8 @@ def scale_by_svrg(snapshot_every: int = 100) -> optax.GradientTransformationExtr
 
     Raises:
       ValueError: if ``snapshot_every < 1``.
+      ValueError: from ``init``, for ``params`` with integer, bool or complex
+        leaves (a :class:`TypeError` too) or an empty ``params``.
       TypeError: from ``update`` when ``value_fn`` or both of
         ``full_value_fn``/``full_grad_fn`` are missing.
 
@@ -133,6 +135,7 @@ def scale_by_svrg(snapshot_every: int = 100) -> optax.GradientTransformationExtr
     _common.check_int("snapshot_every", snapshot_every, 1)
 
     def init_fn(params):
+        _common.check_params("scale_by_svrg", params)
         dt = _common.float_dtype(params)
         return ScaleBySVRGState(
             count=jnp.zeros((), jnp.int32),
