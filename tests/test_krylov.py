@@ -58,6 +58,12 @@ def _sym(evals, seed):
     return (A + A.T) / 2
 
 
+def _like_rows(M, like=None):
+    """Rows of an ``(d, n)`` array as a basis pytree shaped like ``_like(n)``."""
+    unravel = ravel_pytree(like if like is not None else _like(M.shape[1]))[1]
+    return jax.vmap(unravel)(jnp.asarray(M))
+
+
 def _start(like, seed):
     flat, unravel = ravel_pytree(like)
     v = np.random.default_rng(seed).standard_normal(flat.shape[0])
@@ -443,6 +449,39 @@ def test_hutchinson_and_hutchpp_are_unbiased(decaying_100):
     assert rmse(pp) < 0.4 * rmse(plain)  # measured: ~0.2
 
 
+def test_deflated_trace_is_unbiased_and_free_sketch_helps(decaying_100):
+    """Deflation by any orthonormal Q is unbiased; by the top eigenvectors (trace known
+    from their eigenvalues, no product) it beats Hutch++ at the same product count."""
+    A = decaying_100
+    tr = np.trace(A)
+    w, V = np.linalg.eigh(A)
+    like = _like(100)
+    keys = jax.random.split(jax.random.PRNGKey(5), 300)
+    Qr = np.linalg.qr(np.random.default_rng(0).standard_normal((100, 6)))[0].T  # random span
+
+    def run(Q, qtrace, num):
+        f = lambda k: hutchinson_trace(_tree_op(jnp.asarray(A), like), like, k, num,
+                                       deflate=_like_rows(Q), deflate_trace=qtrace)
+        return jax.jit(jax.vmap(f))(keys)
+
+    out = run(Qr, None, 12)  # tr(Q A Q^T) by 6 extra products
+    est = np.asarray(out.estimate)
+    assert abs(est.mean() - tr) <= 4 * est.std(ddof=1) / np.sqrt(len(est))
+    assert np.all(np.asarray(out.num_matvecs) == 18) and bool(np.all(out.finite))
+    top = V[:, -10:].T
+    defl = np.asarray(run(top, jnp.sum(jnp.asarray(w[-10:])), 24).estimate)
+    pp = np.asarray(_traces(jnp.asarray(A), keys, 24, "hutch++").estimate)
+    rmse = lambda e: np.sqrt(np.mean((e - tr) ** 2))
+    assert abs(defl.mean() - tr) <= 4 * defl.std(ddof=1) / np.sqrt(len(defl))
+    assert rmse(defl) < 0.5 * rmse(pp)
+    with pytest.raises(ValueError, match="deflate"):
+        hutchinson_trace(_tree_op(jnp.asarray(A), like), like, keys[0], 4, method="hutch++",
+                         deflate=_like_rows(top))
+    with pytest.raises(ValueError, match="deflate"):
+        hutchinson_trace(_tree_op(jnp.asarray(A), like), like, keys[0], 4,
+                         deflate={"a": jnp.zeros((3, 99)), "b": jnp.zeros((3, 4, 5))})
+
+
 def test_hutchinson_trace_exact_on_low_rank():
     """Hutch++ captures a rank-3 matrix exactly with its sketch (even in float32)."""
     rng = np.random.default_rng(3)
@@ -588,3 +627,53 @@ def test_zero_start_vectors():
     assert np.isclose(float(p.eigenvalues[0]), 20.0, rtol=1e-8)
     c = cg(op, z)
     assert bool(c.converged) and int(c.num_steps) == 0
+
+
+def test_eigsh_stops_at_the_smallest_certifying_depth():
+    """Without restarts eigsh uses exactly the products of the shallowest adequate Lanczos run.
+
+    Oracle: plain ``lanczos`` at depth ``d`` gives Ritz pairs whose residuals are
+    ``|beta_d y_{d-1,i}|``; the smallest ``d`` at which the top-``k`` all meet the
+    tolerance is what a fixed-depth solver would have to guess. eigsh (basis large
+    enough to need no restart) must stop there, and ARPACK on the same operator
+    must not need fewer products.
+    """
+    import scipy.sparse.linalg as sla
+
+    ev = np.concatenate([np.array([10.0, 9.0, 8.5, 8.0, 7.0]), np.linspace(-2.0, 5.0, 295)])
+    A = _sym(ev, seed=11)
+    v0 = np.random.default_rng(4).standard_normal(300)
+    k, tol = 5, 1e-6
+    # m <= 64: the test runs after every step (above, every ceil(m / 64) steps)
+    res = eigsh(lambda v: jnp.asarray(A) @ v, jnp.asarray(v0), k, num_matvecs=64, tol=tol)
+    assert bool(res.converged) and int(res.num_restarts) == 0
+
+    def certified(d):
+        lz = lanczos(lambda v: jnp.asarray(A) @ v, jnp.asarray(v0), d)
+        T = np.diag(np.asarray(lz.alphas)) + np.diag(np.asarray(lz.betas), 1)
+        T = T + np.diag(np.asarray(lz.betas), -1)
+        th, Y = np.linalg.eigh(T)
+        top = np.argsort(-th)[:k]
+        r = np.abs(float(lz.residual_norm) * Y[-1, top])
+        return np.all(r <= tol * np.abs(th[top]))
+
+    depth = next(d for d in range(k + 1, 65) if certified(d))
+    assert int(res.num_matvecs) == depth
+    count = [0]
+
+    def mv(x):
+        count[0] += 1
+        return A @ x
+
+    sla.eigsh(sla.LinearOperator((300, 300), matvec=mv, dtype=np.float64), k=k, which="LA",
+              v0=v0, tol=tol)
+    assert int(res.num_matvecs) <= count[0]
+
+
+def test_eigsh_deficient_start_does_not_stop_on_an_invariant_subspace():
+    """v0 inside a low invariant subspace: residuals vanish there, yet the top pairs are found."""
+    A = jnp.diag(jnp.arange(1.0, 101.0))
+    v0 = jnp.zeros(100).at[:4].set(1.0)  # spans eigenvalues 1..4 only
+    res = eigsh(lambda v: A @ v, v0, 3, num_matvecs=30)
+    assert bool(res.converged)
+    assert np.allclose(np.asarray(res.eigenvalues), [100.0, 99.0, 98.0])

@@ -96,8 +96,10 @@ def hutchinson_trace(
     key: jax.Array,
     num_probes: int,
     *,
-    method: str = "hutch++",
+    method: str | None = None,
     batch_size: int | None = None,
+    deflate: PyTree | None = None,
+    deflate_trace: jax.Array | None = None,
 ) -> StochasticEstimate:
     """Unbiased estimate of ``tr(A)`` from matrix-vector products.
 
@@ -112,6 +114,16 @@ def hutchinson_trace(
     instead of ``1/sqrt(s)``. The standard error reported is that of the
     Hutchinson part (the exact part has none).
 
+    Deflated (``deflate=Q`` given, orthonormal rows ``q_1 .. q_d``, e.g. the
+    eigenvectors from :func:`curvlib.eigsh`): ``tr(A) = tr(Q A Q^T) +
+    tr(P A P)`` with ``P = I - Q^T Q`` exactly, so
+    ``tr(A) ~ tr(Q A Q^T) + (1/s) sum_i (P z_i)^T A (P z_i)`` is unbiased for
+    any orthonormal ``Q``; all ``num_probes`` products go to the remainder.
+    ``tr(Q A Q^T)`` is ``deflate_trace`` when known (for Ritz vectors it is the
+    sum of their Ritz values, so the sketch costs nothing), else ``d`` more
+    products. This is Hutch++ with a sketch that a top-eigenspace computation
+    has already paid for.
+
     Cost: ``num_probes`` products, evaluated as one ``vmap``-ed block (or
     ``lax.map`` chunks of ``batch_size``); memory ``num_probes`` vectors.
 
@@ -120,14 +132,20 @@ def hutchinson_trace(
       v_like: any pytree with the operator's shapes and dtypes.
       key: PRNG key for the probes.
       num_probes: total products (``>= 3`` for Hutch++).
-      method: ``"hutch++"`` or ``"hutchinson"``.
+      method: ``"hutch++"`` (default without ``deflate``) or ``"hutchinson"``
+        (the only choice with ``deflate``).
       batch_size: optional chunking of the block product.
+      deflate: optional orthonormal basis (pytree shaped like ``v_like`` with a
+        leading axis ``d``) whose span is traced exactly.
+      deflate_trace: optional known ``tr(Q A Q^T)`` for ``deflate``.
 
     Returns:
       :class:`StochasticEstimate` with scalar ``estimate`` and ``stderr``.
 
     Raises:
-      ValueError: if ``num_probes <= 0`` or ``method`` is unknown.
+      ValueError: if ``num_probes <= 0``, ``method`` is unknown, ``"hutch++"``
+        is asked for together with ``deflate``, or ``deflate`` does not match
+        ``v_like``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -149,9 +167,18 @@ def hutchinson_trace(
     _check_probes(num_probes)
     _tree.check_float_tree(v_like, "v_like")
     _tree.check_matvec(matvec, v_like, "v_like")
-    if method not in ("hutch++", "hutchinson"):
+    if method not in (None, "hutch++", "hutchinson"):
         raise ValueError(f"`method` must be 'hutch++' or 'hutchinson'; got {method!r}.")
     acc = jnp.promote_types(_tree.dtype(v_like), jnp.float32)
+    if deflate is not None:
+        if method == "hutch++":
+            raise ValueError(
+                "`deflate` replaces the Hutch++ sketch: use method='hutchinson' (or leave "
+                "`method` unset) with `deflate`."
+            )
+        return _deflated_trace(matvec, v_like, key, num_probes, deflate, deflate_trace,
+                               batch_size, acc)
+    method = method or "hutch++"
     if method == "hutchinson" or num_probes < 3:
         Z = _probes(key, v_like, num_probes)
         AZ = _block_matvec(matvec, Z, batch_size)
@@ -175,6 +202,36 @@ def hutchinson_trace(
     se = jnp.std(samples, ddof=1) / jnp.sqrt(g) if g > 1 else jnp.asarray(jnp.inf, acc)
     finite = _tree.all_finite(Y) & _tree.all_finite(AQ) & _tree.all_finite(AG)
     return StochasticEstimate(est, se, num_probes, finite)
+
+
+def _deflated_trace(matvec, v_like, key, num_probes, Q, exact, batch_size, acc):
+    """``tr(Q A Q^T)`` plus Hutchinson on ``P A P``, ``P = I - Q^T Q`` (see ``hutchinson_trace``)."""
+    lv, lq = jax.tree.structure(v_like), jax.tree.structure(Q)
+    if lv != lq:
+        raise ValueError(
+            f"`deflate` must have the structure of `v_like` ({lv}) with a leading axis; got {lq}."
+        )
+    for x, q in zip(jax.tree.leaves(v_like), jax.tree.leaves(Q), strict=True):
+        if jnp.shape(q)[1:] != jnp.shape(x):
+            raise ValueError(
+                "`deflate` leaves must be `v_like` leaves with a leading axis; got shape "
+                f"{jnp.shape(q)} for a leaf of shape {jnp.shape(x)}."
+            )
+    finite = jnp.asarray(True)
+    used = num_probes
+    if exact is None:
+        used += int(jax.tree.leaves(Q)[0].shape[0])
+        AQ = _block_matvec(matvec, Q, batch_size)
+        exact = jnp.trace(_tree.basis_gram(Q, AQ, acc))
+        finite = _tree.all_finite(AQ)
+    G = _probes(key, v_like, num_probes)
+    G = _tree.sub(G, _tree.basis_matmul(_tree.basis_gram(G, Q, acc), Q))
+    AG = _block_matvec(matvec, G, batch_size)
+    samples = _rowdots(G, AG, acc)
+    est = jnp.asarray(exact, acc) + jnp.mean(samples)
+    se = (jnp.std(samples, ddof=1) / jnp.sqrt(num_probes) if num_probes > 1
+          else jnp.asarray(jnp.inf, acc))
+    return StochasticEstimate(est, jnp.asarray(se, acc), used, finite & _tree.all_finite(AG))
 
 
 def _orthonormal_rows(Y, acc):

@@ -38,7 +38,7 @@ from curvlib.optim import _common
 
 PyTree = Any
 
-TRACE_METHODS = ("hutch++", "hutchinson")
+TRACE_METHODS = ("deflated", "hutch++", "hutchinson")
 
 
 class TrackCurvatureInfo(NamedTuple):
@@ -53,8 +53,8 @@ class TrackCurvatureInfo(NamedTuple):
       eigenvalues: top-``k`` Hessian eigenvalues, largest first (shape ``(k,)``);
         ``eigenvalues[0]`` is the sharpness.
       residual_norms: ``||H x_i - lambda_i x_i||`` of the tracked pairs (shape ``(k,)``).
-      trace: Hutch++ (or Hutchinson) estimate of ``tr(H)``; NaN when
-        ``num_probes=0``.
+      trace: estimate of ``tr(H)`` (deflated Hutchinson by default, see
+        ``trace_method``); NaN when ``num_probes=0``.
       trace_stderr: its standard error.
       grad_fraction: ``||V g||^2 / ||g||^2`` with ``V`` the ``k`` tracked
         eigenvectors and ``g`` the gradient of ``value_fn`` (Gur-Ari et al. 2018).
@@ -201,21 +201,22 @@ def _refresh(
             value_fn, None, params, extra_args, hvp_mode=hvp_mode, microbatch_size=None
         )
         v0 = warm_start_vector(k_start, state.eigenvectors, params, warm_noise)
-        n = _tree.size(params)
-        m_warm = min(n, max(2 * k + 1, k + 6)) if num_matvecs is None else num_matvecs
-        m_cold = max(m_warm, min(n, max(2 * k + 1, 20)))
-
-        def solve(m):
-            return lambda v: eigsh(
-                matvec, v, k, which=which, num_matvecs=m, tol=tol, max_restarts=max_restarts
-            )
-
-        if m_cold == m_warm:
-            res = solve(m_warm)(v0)
-        else:  # a cold start (no vectors yet) gets a larger basis
-            res = jax.lax.cond(old.num_refreshes > 0, solve(m_warm), solve(m_cold), v0)
+        # eigsh stops at the first Krylov depth certifying the k pairs, so a warm
+        # start (few steps) and a cold one (more steps) share one basis size
+        res = eigsh(
+            matvec, v0, k, which=which, num_matvecs=num_matvecs, tol=tol,
+            max_restarts=max_restarts,
+        )
         vecs = jax.tree.map(lambda e, x: e.astype(x.dtype), res.eigenvectors, state.eigenvectors)
-        if num_probes:
+        if num_probes and trace_method == "deflated":
+            # tr(H) = sum of the Ritz values (x_i^T H x_i, exact) + Hutchinson on the
+            # complement of the tracked eigenspace: the sketch is already paid for
+            tr = hutchinson_trace(
+                matvec, params, k_trace, num_probes, deflate=res.eigenvectors,
+                deflate_trace=jnp.sum(res.eigenvalues),
+            )
+            trace, trace_se = tr.estimate, tr.stderr
+        elif num_probes:
             tr = hutchinson_trace(matvec, params, k_trace, num_probes, method=trace_method)
             trace, trace_se = tr.estimate, tr.stderr
         else:
@@ -270,7 +271,7 @@ def track_curvature(
     tol=1e-3,
     max_restarts: int = 100,
     num_probes: int = 6,
-    trace_method: str = "hutch++",
+    trace_method: str = "deflated",
     hvp_mode: str | None = None,
     warm_noise=1e-2,
 ) -> optax.GradientTransformationExtraArgs:
@@ -286,7 +287,10 @@ def track_curvature(
       the previous refresh (:func:`warm_start_vector`); ``lambda_1`` is the
       sharpness, which full-batch gradient descent with step ``eta`` drives to
       ``2 / eta`` (the edge of stability, Cohen et al. 2021);
-    * ``tr(H)`` by Hutch++ with ``num_probes`` products (Meyer et al. 2021);
+    * ``tr(H)``: the sum of the ``k`` Ritz values (exact on the tracked
+      eigenspace) plus Hutchinson with ``num_probes`` products on its
+      orthogonal complement (Hutch++ of Meyer et al. 2021 with the eigsh
+      result as the sketch, so the sketch costs no product);
     * the gradient's alignment ``||V g||^2 / ||g||^2``, ``V = [x_1 .. x_k]``
       (Gur-Ari et al. 2018).
 
@@ -330,15 +334,16 @@ def track_curvature(
       k: number of tracked eigenpairs, ``1 <= k <`` number of parameters (static).
       key: PRNG key for the cold start, the warm-start noise and the trace probes.
       which: ``"LA"`` (largest algebraic, default), ``"SA"`` or ``"LM"``.
-      num_matvecs: Lanczos basis size ``m`` of a warm refresh (static); default
-        ``max(2k + 1, k + 6)``. The first (cold) refresh uses ``max(m, 20)``
-        (eigsh's default), since a small basis from a random start can miss an
-        eigenvalue of a clustered spectrum.
+      num_matvecs: Lanczos basis size ``m`` (static); default eigsh's
+        ``max(4k, 20)``. eigsh stops as soon as the ``k`` pairs are certified,
+        so a larger basis costs memory, not products.
       tol: relative residual tolerance of eigsh (traceable); the eigenvalue
         error is about ``tol**2 * lambda**2 / gap``.
       max_restarts: cap on eigsh's thick restarts per refresh (static).
       num_probes: trace products per refresh (static); ``0`` skips the trace.
-      trace_method: ``"hutch++"`` or ``"hutchinson"``.
+      trace_method: ``"deflated"`` (default: Ritz values plus Hutchinson on the
+        complement), ``"hutch++"`` (its own sketch, a third of the probes) or
+        ``"hutchinson"``.
       hvp_mode: product mode of :func:`curvlib.hessian_matvec`
         (``"linearize"`` by default; ``"fwd-rev"`` holds no residuals).
       warm_noise: norm of the random part of a warm start, relative to one
