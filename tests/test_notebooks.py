@@ -4,10 +4,42 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+class NotebookCase(NamedTuple):
+    """One notebook and what its quick run must print or draw."""
+
+    name: str
+    quick_marker: str  # the notebook's own report that it ran in quick mode
+    needles: tuple[str, ...]  # strings its text output must contain
+    min_figures: int = 0  # image/png outputs it must produce
+
+
+CASES = [
+    NotebookCase(
+        "second_order_optimizers.ipynb",
+        "quick=True",
+        ("adam(1e-2)", "optax.lbfgs", "newton_cg (GGN)", "bfgs", "svrg", "accepted"),
+    ),
+    NotebookCase(
+        "edge_of_stability.ipynb",
+        "quick=True",
+        # the cell asserting the +-15% band ran
+        ("late sharpness / (2/eta)",),
+        min_figures=2,
+    ),
+    NotebookCase(
+        "delta2_transformer.ipynb",
+        "quick mode: True",
+        ("k-curve in", "largest principal angle", "signed top eigenvalues",
+         "GM speed-up over direct MC"),
+    ),
+]
 
 
 def _execute(name: str, timeout: int = 600):
@@ -31,37 +63,14 @@ def _execute(name: str, timeout: int = 600):
     return nb
 
 
-def test_second_order_optimizers_notebook():
-    nb = _execute("second_order_optimizers.ipynb")
-    text = "".join(
-        out.get("text", "")
-        for cell in nb.cells if cell.cell_type == "code"
-        for out in cell.get("outputs", [])
-    )
-    assert "quick=True" in text
-    for name in ("adam(1e-2)", "optax.lbfgs", "newton_cg (GGN)", "bfgs", "svrg"):
-        assert name in text
-    assert "accepted" in text
-
-
-def test_edge_of_stability_notebook():
-    nb = _execute("edge_of_stability.ipynb")
+@pytest.mark.parametrize("case", CASES, ids=[c.name.removesuffix(".ipynb") for c in CASES])
+def test_notebook(case: NotebookCase):
+    nb = _execute(case.name)
     outputs = [out for cell in nb.cells if cell.cell_type == "code"
                for out in cell.get("outputs", [])]
     text = "".join(out.get("text", "") for out in outputs)
-    assert "quick=True" in text
-    assert "late sharpness / (2/eta)" in text  # the cell asserting the +-15% band ran
-    assert sum("image/png" in out.get("data", {}) for out in outputs) >= 2  # the figures
-
-
-def test_delta2_transformer_notebook():
-    nb = _execute("delta2_transformer.ipynb")
-    text = "".join(
-        out.get("text", "")
-        for cell in nb.cells if cell.cell_type == "code"
-        for out in cell.get("outputs", [])
-    )
-    assert "quick mode: True" in text
-    for needle in ("k-curve in", "largest principal angle", "signed top eigenvalues",
-                   "GM speed-up over direct MC"):
+    assert case.quick_marker in text
+    for needle in case.needles:
         assert needle in text
+    figures = sum("image/png" in out.get("data", {}) for out in outputs)
+    assert figures >= case.min_figures  # the figures
