@@ -4,6 +4,14 @@ Vectors are pytrees of arrays; a *basis* (a stack of vectors) is a pytree whose
 leaves carry one extra leading axis ``(m, ...)``. Everything here is plain
 ``jax.tree.map`` / ``tensordot`` work, so sharded leaves stay sharded: nothing
 is ever ravelled into one flat array.
+
+Leaves typed on a mesh with ``AxisType.Explicit`` axes (``jax.typeof(x)``
+carries their sharding) take a separate path: inner products contract over all
+axes of a leaf with ``tensordot`` (no reshape of a sharded axis) and name their
+replicated scalar/``(m,)`` output with ``out_sharding``; new bases and random
+vectors are created with the vector's sharding (the basis axis unsplit). As JAX
+requires for explicit sharding, such code runs under ``jax.set_mesh(mesh)``.
+Leaves on single devices or ``Auto`` meshes take exactly the old path.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 PyTree = Any
 
@@ -68,6 +77,51 @@ def dtype(tree: PyTree):
     return jnp.result_type(*jax.tree.leaves(tree))
 
 
+# ------------------------------------------------------ explicit sharding types
+
+
+def explicit_sharding(x) -> NamedSharding | None:
+    """``x``'s sharding *type* when it lives on a mesh with ``Explicit`` axes, else ``None``.
+
+    Read from ``jax.typeof(x)`` (works on tracers and concrete arrays alike).
+    Single-device arrays, NumPy arrays, Python scalars and arrays on all-``Auto``
+    meshes give ``None``: for them every function here takes its default path.
+    """
+    s = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(s, "mesh", None)
+    if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
+        return None
+    return s
+
+
+def _full_spec(s: NamedSharding, ndim: int) -> tuple:
+    spec = tuple(s.spec)
+    return spec + (None,) * (ndim - len(spec))
+
+
+def _replicated(s: NamedSharding) -> NamedSharding:
+    """The replicated sharding on ``s``'s mesh (for small reduced outputs)."""
+    return NamedSharding(s.mesh, PartitionSpec())
+
+
+def _stacked(s: NamedSharding, ndim: int) -> NamedSharding:
+    """``s`` with an extra unsplit leading axis (a basis of vectors typed ``s``)."""
+    return NamedSharding(s.mesh, PartitionSpec(None, *_full_spec(s, ndim)))
+
+
+def _unstacked(s: NamedSharding, ndim: int) -> NamedSharding:
+    """A basis sharding (``ndim`` axes, basis axis first) less its leading axis."""
+    return NamedSharding(s.mesh, PartitionSpec(*_full_spec(s, ndim)[1:]))
+
+
+def _like(y, s: NamedSharding, ndim: int):
+    """``y`` resharded to ``s`` where its explicit spec differs (contractions need equal specs)."""
+    t = explicit_sharding(y)
+    if t is not None and _full_spec(t, ndim) == _full_spec(s, ndim):
+        return y
+    return jax.sharding.reshard(y, NamedSharding(s.mesh, PartitionSpec(*_full_spec(s, ndim))))
+
+
 # ------------------------------------------------------------- vector algebra
 
 
@@ -85,11 +139,22 @@ def vdot(a: PyTree, b: PyTree) -> jax.Array:
 
     Accumulates in :func:`acc_dtype` of the leaves (float32 for bfloat16 leaves).
     """
-    parts = [
-        jnp.vdot(x, y, preferred_element_type=acc_dtype(x, y))
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    ]
+    parts = [_leaf_vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
     return sum(parts[1:], parts[0])
+
+
+def _leaf_vdot(x, y):
+    dt = acc_dtype(x, y)
+    s = explicit_sharding(x) or explicit_sharding(y)
+    if s is None:
+        return jnp.vdot(x, y, preferred_element_type=dt)
+    # explicit types: no ravel (it would merge sharded axes); contract every axis,
+    # the scalar result replicated
+    nd = jnp.ndim(x)
+    return jnp.tensordot(
+        _like(x, s, nd), _like(y, s, nd), axes=nd,
+        preferred_element_type=dt, out_sharding=_replicated(s),
+    )
 
 
 def norm(a: PyTree) -> jax.Array:
@@ -130,23 +195,29 @@ def all_finite(a: PyTree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def _sharding_kw(x) -> dict:
+    """``{"out_sharding": ...}`` for a leaf with an explicit sharding type, else ``{}``."""
+    s = explicit_sharding(x)
+    return {} if s is None else {"out_sharding": s}
+
+
 def normal_like(key: jax.Array, a: PyTree, dt=None) -> PyTree:
-    """Standard normal pytree shaped like ``a`` (one independent key per leaf)."""
+    """Standard normal pytree shaped (and explicitly sharded) like ``a``; one key per leaf."""
     leaves, treedef = jax.tree.flatten(a)
     keys = jax.random.split(key, len(leaves))
     out = [
-        jax.random.normal(k, jnp.shape(x), dt or jnp.result_type(x))
+        jax.random.normal(k, jnp.shape(x), dt or jnp.result_type(x), **_sharding_kw(x))
         for k, x in zip(keys, leaves, strict=True)
     ]
     return jax.tree.unflatten(treedef, out)
 
 
 def rademacher_like(key: jax.Array, a: PyTree, dt=None) -> PyTree:
-    """Rademacher (+-1) pytree shaped like ``a``."""
+    """Rademacher (+-1) pytree shaped (and explicitly sharded) like ``a``."""
     leaves, treedef = jax.tree.flatten(a)
     keys = jax.random.split(key, len(leaves))
     out = [
-        jax.random.rademacher(k, jnp.shape(x), dt or jnp.result_type(x))
+        jax.random.rademacher(k, jnp.shape(x), dt or jnp.result_type(x), **_sharding_kw(x))
         for k, x in zip(keys, leaves, strict=True)
     ]
     return jax.tree.unflatten(treedef, out)
@@ -156,8 +227,19 @@ def rademacher_like(key: jax.Array, a: PyTree, dt=None) -> PyTree:
 
 
 def basis_zeros(a: PyTree, m: int, dt=None) -> PyTree:
-    """A basis of ``m`` zero vectors shaped like ``a``."""
-    return jax.tree.map(lambda x: jnp.zeros((m,) + jnp.shape(x), dt or x.dtype), a)
+    """A basis of ``m`` zero vectors shaped like ``a``.
+
+    A leaf with an explicit sharding type gives a basis leaf typed like it, with
+    the leading (basis) axis unsplit: ``P(None, *spec)``.
+    """
+    def zeros(x):
+        shape = (m,) + jnp.shape(x)
+        s = explicit_sharding(x)
+        if s is None:
+            return jnp.zeros(shape, dt or x.dtype)
+        return jnp.zeros(shape, dt or x.dtype, out_sharding=_stacked(s, jnp.ndim(x)))
+
+    return jax.tree.map(zeros, a)
 
 
 def basis_get(Q: PyTree, i) -> PyTree:
@@ -172,6 +254,17 @@ def basis_project(Q: PyTree, v: PyTree, acc_dtype=None) -> jax.Array:
     """Coefficients ``Q v`` (shape ``(m,)``): one matrix-vector product per leaf."""
     parts = []
     for q, x in zip(jax.tree.leaves(Q), jax.tree.leaves(v), strict=True):
+        sx, sq = explicit_sharding(x), explicit_sharding(q)
+        if sx is not None or sq is not None:
+            # explicit types: contract all vector axes in place (no reshape)
+            nd = jnp.ndim(x)
+            s = sx if sx is not None else _unstacked(sq, nd + 1)
+            dt = acc_dtype or jnp.result_type(q, x)
+            parts.append(jnp.tensordot(
+                _like(q, _stacked(s, nd), nd + 1), _like(x, s, nd).astype(q.dtype), axes=nd,
+                preferred_element_type=dt, out_sharding=_replicated(s),
+            ))
+            continue
         q2 = q.reshape(q.shape[0], -1)
         x1 = x.reshape(-1)
         dt = acc_dtype or jnp.result_type(q2, x1)
@@ -201,6 +294,19 @@ def basis_gram(P: PyTree, Q: PyTree, acc_dtype=None) -> jax.Array:
     """Gram matrix ``P Q^T`` of two bases (shape ``(p, q)``)."""
     parts = []
     for a, b in zip(jax.tree.leaves(P), jax.tree.leaves(Q), strict=True):
+        s = explicit_sharding(a) or explicit_sharding(b)
+        if s is not None:
+            # explicit types: contract all vector axes in place (no reshape); both
+            # bases laid out as P(None, *vector spec)
+            nd = jnp.ndim(a)
+            s = _stacked(_unstacked(s, nd), nd - 1)
+            dt = acc_dtype or jnp.result_type(a, b)
+            axes = tuple(range(1, nd))
+            parts.append(jnp.tensordot(
+                _like(a, s, nd), _like(b, s, nd), axes=(axes, axes),
+                preferred_element_type=dt, out_sharding=_replicated(s),
+            ))
+            continue
         a2 = a.reshape(a.shape[0], -1)
         b2 = b.reshape(b.shape[0], -1)
         dt = acc_dtype or jnp.result_type(a2, b2)

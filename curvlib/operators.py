@@ -102,8 +102,22 @@ def _check_scalar(fun: Callable, name: str, *example) -> None:
 
 
 def _signature(tree: PyTree):
-    """Hashable (structure, leaf shapes) of ``tree``: what a tangent must match."""
-    return jax.tree.structure(tree), tuple(tuple(jnp.shape(x)) for x in jax.tree.leaves(tree))
+    """Hashable (structure, leaf shapes, explicit specs) of ``tree``: what a tangent must match."""
+    leaves = jax.tree.leaves(tree)
+    return (
+        jax.tree.structure(tree),
+        tuple(tuple(jnp.shape(x)) for x in leaves),
+        tuple(_explicit_spec(x) for x in leaves),
+    )
+
+
+def _explicit_spec(x):
+    """``(mesh axis names, padded spec)`` of an explicitly typed leaf, else ``None``."""
+    s = _tree.explicit_sharding(x)
+    if s is None:
+        return None
+    spec = tuple(s.spec) + (None,) * (jnp.ndim(x) - len(s.spec))
+    return tuple(s.mesh.axis_names), spec
 
 
 @_weak_cache
@@ -114,20 +128,34 @@ def _checked(product: Callable, signature) -> Callable:
     a :class:`~jax.tree_util.Partial` built on it has an equal tree definition
     across calls, and jitted code taking it as an argument is not recompiled.
     The check is static (structure and shapes), so it costs nothing under jit
-    and sees per-example shapes under ``vmap``.
+    and sees per-example shapes under ``vmap``. Where ``params`` carry an explicit
+    sharding type (a mesh with ``AxisType.Explicit`` axes), the tangent must carry
+    the same one: JAX's differentiation rejects a tangent typed otherwise, and the
+    error here names the leaf and both types.
     """
-    treedef, shapes = signature
+    treedef, shapes, specs = signature
 
     def matvec(*args):
         *data, v = args
         vdef = jax.tree.structure(v)
-        vshapes = tuple(tuple(jnp.shape(x)) for x in jax.tree.leaves(v))
+        leaves = jax.tree.leaves(v)
+        vshapes = tuple(tuple(jnp.shape(x)) for x in leaves)
         if vdef != treedef or vshapes != shapes:
             raise ValueError(
                 "the tangent must match `params` in pytree structure and leaf shapes; got "
                 f"params: {treedef} with shapes {shapes} and tangent: {vdef} with shapes "
                 f"{vshapes}."
             )
+        for i, (x, want) in enumerate(zip(leaves, specs, strict=True)):
+            if want is not None and _explicit_spec(x) != want:
+                raise ValueError(
+                    "`params` have explicit sharding types (a mesh with AxisType.Explicit "
+                    "axes), so the tangent must carry the same sharding; leaf "
+                    f"{i} of the tangent is typed {jax.typeof(x).str_short()} but the params' "
+                    f"leaf has spec {want[1]} on mesh axes {want[0]}. Place start vectors like "
+                    "the params (`jax.device_put(v, params_sharding)` or "
+                    "`jax.sharding.reshard`)."
+                )
         return product(*data, v)
 
     return matvec
@@ -318,16 +346,11 @@ def microbatch_mean(fn: Callable, batch: PyTree, microbatch_size: int | None) ->
         return fn(batch)
     num_full = n // microbatch_size
     rem = n - num_full * microbatch_size
-    head = jax.tree.map(
-        lambda x: x[: num_full * microbatch_size].reshape(
-            (num_full, microbatch_size) + x.shape[1:]
-        ),
-        batch,
-    )
+    head = jax.tree.map(lambda x: _chunks(x, num_full, microbatch_size), batch)
     out_shape = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], head))
     # accumulate half-precision outputs in float32 (many bfloat16 partial sums lose digits)
     acc_dt = lambda dt: _tree.acc_dtype(dt) if jnp.issubdtype(dt, jnp.floating) else dt
-    init = jax.tree.map(lambda s: jnp.zeros(s.shape, acc_dt(s.dtype)), out_shape)
+    init = jax.tree.map(lambda s: _zeros_typed(s, acc_dt(s.dtype)), out_shape)
 
     def body(acc, chunk):
         return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, fn(chunk)), None
@@ -338,6 +361,47 @@ def microbatch_mean(fn: Callable, batch: PyTree, microbatch_size: int | None) ->
         tail = jax.tree.map(lambda x: x[num_full * microbatch_size :], batch)
         out = jax.tree.map(lambda o, t: o + t.astype(o.dtype) * (rem / n), out, fn(tail))
     return jax.tree.map(lambda o, s: o.astype(s.dtype), out, out_shape)
+
+
+def _chunks(x, num_full: int, size: int):
+    """``x[:num_full * size]`` as chunks of ``size`` samples, shape ``(num_full, size, ...)``.
+
+    Contiguous chunks, except for a leaf whose sample axis is split over mesh
+    axes of an explicit sharding type: there a contiguous chunk would straddle
+    devices (a reshape JAX rejects), so the chunks are taken *strided* (chunk
+    ``c`` holds samples ``c, c + num_full, c + 2 num_full, ...``). Each chunk is
+    then split over the same devices as the batch and no data moves; the mean
+    over chunks is unchanged.
+    """
+    s = _tree.explicit_sharding(x)
+    spec = None if s is None else tuple(s.spec) + (None,) * (x.ndim - len(s.spec))
+    if spec is None or spec[0] is None:
+        return x[: num_full * size].reshape((num_full, size) + x.shape[1:])
+    names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    shards = int(np.prod([s.mesh.shape[a] for a in names]))
+    n = x.shape[0]
+    if n != num_full * size or size % shards:
+        raise ValueError(
+            f"the batch's sample axis (length {n}) is explicitly sharded over {shards} devices "
+            f"(mesh axes {names}); `microbatch_size` must then divide it and be a multiple of "
+            f"{shards}; got {size}. (JAX's explicit sharding cannot slice a sharded axis into "
+            "pieces that do not split evenly over its devices.)"
+        )
+    strided = jax.sharding.NamedSharding(
+        s.mesh, jax.sharding.PartitionSpec(spec[0], None, *spec[1:])
+    )
+    return jnp.swapaxes(jnp.reshape(x, (size, num_full) + x.shape[1:], out_sharding=strided), 0, 1)
+
+
+def _zeros_typed(s, dt):
+    """Zeros shaped like ``s`` (a ``ShapeDtypeStruct``), keeping an explicit sharding type."""
+    sh = getattr(s, "sharding", None)
+    mesh = getattr(sh, "mesh", None)
+    if mesh is not None and not mesh.empty and jax.sharding.AxisType.Explicit in tuple(
+        mesh.axis_types
+    ):
+        return jnp.zeros(s.shape, dt, out_sharding=sh)
+    return jnp.zeros(s.shape, dt)
 
 
 @_weak_cache

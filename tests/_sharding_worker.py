@@ -89,7 +89,7 @@ def _optional_uses(params, x, y, loss, hv):
     """The use layer: one jitted Newton-CG step and the Delta2(D) pipeline."""
     import jax
 
-    from curvlib import landscape, optim
+    from curvlib import optim
 
     tx = optim.scale_by_newton_cg(damping=0.1, max_cg_steps=10)
 
@@ -98,14 +98,28 @@ def _optional_uses(params, x, y, loss, hv):
         return tx.update(jax.grad(loss)(p, x, y), s, p, value_fn=loss, x=x, y=y)
 
     u, s = step(params, tx.init(params), x, y)
+    out = {
+        "newton_cg_update": u,
+        "newton_cg_solution": s.solution,
+        "newton_cg_accepted": s.info.accepted,
+    }
+    try:
+        out.update(_landscape(params, x, y, loss))
+    except Exception as e:  # recorded; test_sharding.py decides which layouts may fail
+        out["landscape_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    return out
+
+
+def _landscape(params, x, y, loss):
+    import jax
+
+    from curvlib import landscape
+
     loss_b = lambda p, b: loss(p, *b)
     data = (x, y)
     sub = landscape.curvature_subspace(loss_b, params, data, 40, 3, key=jax.random.PRNGKey(0))
     co = landscape.increment_coefficients(loss_b, params, data, 40, sub.eigenvectors)
     return {
-        "newton_cg_update": u,
-        "newton_cg_solution": s.solution,
-        "newton_cg_accepted": s.info.accepted,
         "landscape_eigenvalues": sub.eigenvalues,
         "landscape_eigenvectors": sub.eigenvectors,
         "landscape_converged": sub.converged,
@@ -114,6 +128,27 @@ def _optional_uses(params, x, y, loss, hv):
         "landscape_B": abs(co.B),
         "landscape_delta2": landscape.delta2_closed_form(co.a, co.c, co.B, 1e-3),
     }
+
+
+def _explicit_errors(loss, params, x, y, v_unsharded):
+    """On an Explicit mesh: the messages of the two documented ``ValueError``s."""
+    import curvlib
+
+    out = {}
+    hv = curvlib.hessian_matvec(loss, params, x, y)
+    try:  # a tangent without the params' sharding type
+        hv(v_unsharded)
+        out["tangent_type_error"] = ""
+    except ValueError as e:
+        out["tangent_type_error"] = str(e)
+    try:  # 64 samples split 8 ways cannot be cut into chunks of 12
+        curvlib.hessian_matvec(
+            lambda p, batch: loss(p, *batch), params, (x, y), microbatch_size=12
+        )(params)
+        out["microbatch_error"] = ""
+    except ValueError as e:
+        out["microbatch_error"] = str(e)
+    return out
 
 
 def _compare(ref, got):
@@ -163,15 +198,19 @@ def main(path):
 
     mesh1 = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
     mesh2 = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    mesh_x = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    fsdp_specs = {"w1": P(None, "data"), "b1": P("data"), "w2": P("data")}
     layouts = {
         # batch split over all devices, parameters replicated
         "data_parallel": (mesh1, P("data"), {"w1": P(), "b1": P(), "w2": P()}),
         # FSDP: batch and parameters split over the same axis
-        "fsdp": (mesh1, P("data"), {"w1": P(None, "data"), "b1": P("data"), "w2": P("data")}),
+        "fsdp": (mesh1, P("data"), fsdp_specs),
         # 2-D: batch over "data", parameters over "model"
         "data_x_model": (
             mesh2, P("data"), {"w1": P(None, "model"), "b1": P("model"), "w2": P("model")}
         ),
+        # FSDP on an Explicit mesh: sharding is part of every array's type
+        "fsdp_explicit": (mesh_x, P("data"), fsdp_specs),
     }
     result = {"devices": jax.device_count(), "layouts": {}}
     for name, (mesh, batch_spec, pspecs) in layouts.items():
@@ -181,7 +220,19 @@ def main(path):
         sp, sv0, sb = put(params), put(v0), put(b)
         sx = jax.device_put(x, NamedSharding(mesh, batch_spec))
         sy = jax.device_put(y, NamedSharding(mesh, batch_spec))
-        got = _computations(sp, sx, sy, model, out_loss, loss, sv0, sb)
+        if AxisType.Explicit in mesh.axis_types:
+            # explicit FSDP as JAX writes it: the model all-gathers each weight before
+            # use (batch and weight sharded over one axis is otherwise a type error), and
+            # everything runs under ``jax.set_mesh``
+            rep = NamedSharding(mesh, P())
+            gather = lambda p, rep=rep: jax.tree.map(lambda w: jax.sharding.reshard(w, rep), p)
+            xmodel = lambda p, x, gather=gather: model(gather(p), x)
+            xloss = lambda p, x, y, xmodel=xmodel: out_loss(xmodel(p, x), y)
+            with jax.set_mesh(mesh):
+                got = _computations(sp, sx, sy, xmodel, out_loss, xloss, sv0, sb)
+                got.update(_explicit_errors(xloss, sp, sx, sy, v0))
+        else:
+            got = _computations(sp, sx, sy, model, out_loss, loss, sv0, sb)
         param_specs = [pspecs[k] for k in sorted(pspecs)]
         recs = {}
         for key, val in got.items():
@@ -203,6 +254,8 @@ def main(path):
                 rec["err"] = _compare(ref[key], aligned)
             elif key.endswith(("converged", "accepted")):
                 rec["value"] = bool(val)
+            elif key.endswith("_error"):
+                rec["message"] = val
             else:
                 rec["err"] = _compare(ref[key], val)
             if isinstance(val, dict):

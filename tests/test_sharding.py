@@ -2,11 +2,15 @@
 
 The pytest process has one CPU device, so the work runs once, in a fresh
 process with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
-(``tests/_sharding_worker.py``), for three layouts on ``Auto`` meshes:
+(``tests/_sharding_worker.py``), for three layouts on ``Auto`` meshes and one on
+an ``Explicit`` mesh:
 
 * ``data_parallel``: batch split 8 ways, parameters replicated;
 * ``fsdp``: batch *and* parameters split 8 ways over the same axis;
-* ``data_x_model``: a ``(2, 4)`` mesh, batch over ``data``, parameters over ``model``.
+* ``data_x_model``: a ``(2, 4)`` mesh, batch over ``data``, parameters over ``model``;
+* ``fsdp_explicit``: ``fsdp`` on a mesh with ``AxisType.Explicit`` axes, run under
+  ``jax.set_mesh`` with a model that all-gathers each weight (``reshard`` to
+  ``P()``) before use, as explicit-mode FSDP is written.
 
 For each layout the worker computes Hessian products (linearize, fwd-rev,
 microbatched, eager and jitted), GGN products, ``eigsh``, ``lanczos``, a damped
@@ -31,8 +35,18 @@ from pathlib import Path
 import pytest
 
 WORKER = Path(__file__).with_name("_sharding_worker.py")
-LAYOUTS = ("data_parallel", "fsdp", "data_x_model")
-SPLIT = {"data_parallel": 1.0, "fsdp": 1 / 8, "data_x_model": 1 / 4}
+LAYOUTS = ("data_parallel", "fsdp", "data_x_model", "fsdp_explicit")
+SPLIT = {"data_parallel": 1.0, "fsdp": 1 / 8, "data_x_model": 1 / 4, "fsdp_explicit": 1 / 8}
+LANDSCAPE = (
+    "landscape_eigenvalues", "landscape_eigenvectors", "landscape_converged",
+    "landscape_c", "landscape_B", "landscape_delta2",
+)
+# The Delta2(D) pipeline on an Explicit mesh is not supported yet (docs/scaling.md):
+# ``curvlib.landscape._common.normal_like`` draws an unsharded start vector (a
+# tangent whose type differs from the sharded params), and ``increment_coefficients``
+# slices the 64-sample batch to ``k + 1 = 41`` rows, which explicit sharding rejects
+# for an axis split 8 ways. The worker records the error instead of the results.
+LANDSCAPE_UNSUPPORTED = ("fsdp_explicit",)
 VECTORS = (
     "hvp_linearize", "hvp_linearize_jit", "hvp_fwd_rev", "hvp_microbatched", "ggn", "ggn_jit",
     "eigsh_vectors", "lanczos_basis", "cg_x",
@@ -70,17 +84,27 @@ def test_worker_saw_eight_devices(report):
     assert set(report["layouts"]) == set(LAYOUTS)
 
 
+def _record(report, layout, name):
+    recs = report["layouts"][layout]
+    if name in LANDSCAPE and "landscape_error" in recs:
+        assert layout in LANDSCAPE_UNSUPPORTED, (layout, recs["landscape_error"])
+        # the documented, named error (not an arbitrary crash)
+        assert "explicit sharding types" in recs["landscape_error"]["message"], recs
+        pytest.xfail(f"Delta2(D) pipeline on {layout}: {recs['landscape_error']['message']}")
+    return recs[name]
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", VECTORS + SCALARS)
 def test_sharded_matches_single_device(report, layout, name):
-    rec = report["layouts"][layout][name]
+    rec = _record(report, layout, name)
     assert rec["err"] < TOL, (layout, name, rec)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", VECTORS)
 def test_outputs_keep_parameter_sharding(report, layout, name):
-    for leaf in report["layouts"][layout][name]["layout"]:
+    for leaf in _record(report, layout, name)["layout"]:
         assert leaf["matches"], (layout, name, leaf)
         # each device holds 1/8 (fsdp) or 1/4 (2-D) of every parameter-shaped output
         assert leaf["max_shard_fraction"] == pytest.approx(SPLIT[layout]), (layout, name, leaf)
@@ -88,6 +112,14 @@ def test_outputs_keep_parameter_sharding(report, layout, name):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_sharded_solvers_converge(report, layout):
-    rec = report["layouts"][layout]
     for name in ("eigsh_converged", "cg_converged", "newton_cg_accepted", "landscape_converged"):
-        assert rec[name]["value"], name
+        assert _record(report, layout, name)["value"], name
+
+
+def test_explicit_mesh_errors_are_named(report):
+    """What explicit sharding cannot do raises a ``ValueError`` that says why."""
+    recs = report["layouts"]["fsdp_explicit"]
+    msg = recs["tangent_type_error"]["message"]
+    assert "tangent must carry the same sharding" in msg and "float64[16]" in msg, msg
+    msg = recs["microbatch_error"]["message"]
+    assert "explicitly sharded over 8 devices" in msg and "got 12" in msg, msg
