@@ -302,24 +302,29 @@ def track_curvature(
 
     Cost: between refreshes nothing (the measurement sits in a ``lax.cond``
     branch that is not executed). A refresh costs one gradient, the eigsh
-    products (``m + r (m - num_keep)`` for ``r`` thick restarts, with
-    ``num_keep = k + (m - k) // 2``) and ``num_probes`` trace products, as
-    reported in ``info.num_matvecs``. On a tanh MLP a warm refresh with
-    ``k = 3`` and ``tol = 1e-3`` took 12-21 products where a cold eigsh at the
-    same point and tolerance took 20-29 (``tests/test_track.py``); the saving
-    shrinks for tight tolerances and clustered spectra (near the edge of
-    stability), where the basis size, not the start, limits convergence.
+    products (eigsh stops at the first Krylov depth certifying the ``k`` pairs)
+    and ``num_probes`` trace products, as reported in ``info.num_matvecs``. On
+    a tanh MLP a warm refresh with ``k = 3`` and ``tol = 1e-3`` needs fewer
+    products than a cold eigsh at the same point and tolerance
+    (``tests/test_track.py`` asserts at most 0.8x); the saving shrinks for
+    tight tolerances and clustered spectra (near the edge of stability).
     Memory: ``k`` vectors in the state, ``m + 2`` during eigsh, ``num_probes``
     during the trace.
 
-    A Hessian-vector product costs about two to three training steps, so a
-    refresh costs tens of steps: ``benchmarks/track_overhead.py`` measured
-    60-140 steps per refresh for ``k = 5`` (84% overhead at ``every=100`` on an
-    MLP, 137% on a small transformer; 61% / 70% with ``tol=1e-2,
-    num_probes=0``). For an overhead below 10% choose ``every`` of several
-    hundred to a thousand steps, or a smaller ``k``. With a mini-batch
+    Each product costs about one to three training steps (a product is a
+    gradient's forward-and-backward pass differentiated once more, plus the
+    basis reorthogonalisation), so a refresh costs tens of steps.
+    ``benchmarks/track_overhead.py`` (``k = 5``, ``every = 100``, the step's
+    own mini-batch as ``value_fn``) measured 26 products and 73 steps per
+    refresh on an MLP, 38 products and 71 steps on a small transformer: 72%
+    average overhead (58% with ``tol=1e-2, num_probes=0``). Since even a
+    perfect warm start needs ``k`` products for one Rayleigh-Ritz step, the
+    overhead at ``every = 100`` cannot fall below about ``k`` steps per
+    refresh; for an overhead below 10% choose ``every`` of several hundred
+    steps (about 600-750 here), or a smaller ``k``. With a mini-batch
     ``value_fn`` the Hessian changes with the batch and a warm start saves
-    little; a fixed measurement batch keeps the warm start effective.
+    little (the transformer's warm and cold refreshes both took 38
+    products); a fixed measurement batch keeps the warm start effective.
 
     ``vmap``: under ``jax.vmap`` over seeds the step counter is batched and
     ``lax.cond`` becomes a ``select`` that evaluates *both* branches, so every
