@@ -275,14 +275,21 @@ def basis_project(Q: PyTree, v: PyTree, acc_dtype=None) -> jax.Array:
 
 
 def basis_combine(Q: PyTree, c: jax.Array, like: PyTree | None = None) -> PyTree:
-    """``Q^T c``: the combination ``sum_i c_i q_i`` as a vector pytree."""
-    def comb(q):
-        out = jnp.tensordot(c.astype(q.dtype), q, axes=1)
-        return out
-    out = jax.tree.map(comb, Q)
-    if like is not None:
-        out = jax.tree.map(lambda o, x: o.astype(jnp.result_type(x)), out, like)
-    return out
+    """``Q^T c``: the combination ``sum_i c_i q_i`` as a vector pytree.
+
+    With ``like``, the result has ``like``'s leaf dtypes and accumulates in them:
+    a basis stored in a lower precision (``basis_dtype``) is combined without
+    rounding the result to the storage dtype.
+    """
+    if like is None:
+        return jax.tree.map(lambda q: jnp.tensordot(c.astype(q.dtype), q, axes=1), Q)
+
+    def comb(q, x):
+        dt = jnp.result_type(x)
+        out = jnp.tensordot(c.astype(q.dtype), q, axes=1, preferred_element_type=dt)
+        return out.astype(dt)
+
+    return jax.tree.map(comb, Q, like)
 
 
 def basis_matmul(C: jax.Array, Q: PyTree) -> PyTree:

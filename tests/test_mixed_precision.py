@@ -175,3 +175,39 @@ def test_bfloat16_basis_for_a_float32_model(reference):
     lam = np.asarray(reference["eig"])
     err = np.max(np.abs(np.asarray(e.eigenvalues, np.float64) - lam)) / abs(lam[0])
     assert err < 4 * eps(jnp.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "param_dtype,basis_dtype,rtol",
+    [(jnp.float64, jnp.float32, 1e-6), (jnp.float32, jnp.bfloat16, 3e-2)],
+)
+def test_lower_precision_basis_storage(param_dtype, basis_dtype, rtol):
+    """``basis_dtype``: the basis is stored narrower, inner products stay wide.
+
+    Oracle: numpy eigh in float64. The stored basis has the narrow dtype (the
+    memory saving is real), the eigenvectors come back in the parameters' dtype,
+    and the eigenvalues are as accurate as the basis precision allows.
+    """
+    from curvlib import eigsh, lanczos
+
+    rng = np.random.default_rng(7)
+    ev = np.concatenate([[9.0, 7.0, 6.0, 5.5], rng.uniform(-1.0, 3.0, 196)])
+    Qm = np.linalg.qr(rng.standard_normal((200, 200)))[0]
+    A = (Qm * ev) @ Qm.T
+    Aj = jnp.asarray(A, param_dtype)
+    op = lambda v: {"w": (Aj @ v["w"].reshape(-1)).reshape(v["w"].shape)}
+    v0 = {"w": jnp.asarray(rng.standard_normal((20, 10)), param_dtype)}
+    lz = lanczos(op, v0, 30, basis_dtype=basis_dtype)
+    assert lz.basis["w"].dtype == basis_dtype and lz.basis["w"].shape == (30, 20, 10)
+    res = eigsh(op, v0, 3, basis_dtype=basis_dtype)
+    assert res.eigenvectors["w"].dtype == param_dtype
+    assert bool(res.converged) and bool(res.finite)
+    np.testing.assert_allclose(np.asarray(res.eigenvalues, np.float64), [9.0, 7.0, 6.0],
+                               rtol=rtol)
+    X = np.asarray(res.eigenvectors["w"], np.float64).reshape(3, -1)
+    R = X @ A - np.asarray(res.eigenvalues, np.float64)[:, None] * X
+    # explicit residuals against the float64 operator, at the basis precision
+    assert np.max(np.linalg.norm(R, axis=1) / 9.0) <= 10 * np.sqrt(
+        float(jnp.finfo(basis_dtype).eps))
+    with pytest.raises(ValueError, match="basis_dtype"):
+        eigsh(op, v0, 3, basis_dtype=jnp.int32)

@@ -108,6 +108,7 @@ def eigsh(
     tol: float | None = None,
     max_restarts: int = 200,
     num_keep: int | None = None,
+    basis_dtype=None,
 ) -> EigshResult:
     """Top-``k`` eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -147,6 +148,13 @@ def eigsh(
       max_restarts: cap on thick restarts.
       num_keep: Ritz vectors kept per restart, ``k <= num_keep < m``;
         default ``k + (m - k) // 2``.
+      basis_dtype: storage dtype of the Krylov basis (default: ``v0``'s). A
+        lower precision halves the basis memory (``m N`` entries, the bulk of
+        eigsh's memory for large models) while inner products and the
+        projected matrix accumulate in float32 or wider; the attainable
+        relative residual is then about ``sqrt(eps)`` of ``basis_dtype``
+        (float32: ~3e-4; bfloat16: ~9e-2), which is also the default ``tol``.
+        Eigenvectors are returned in ``v0``'s dtypes.
 
     Returns:
       An :class:`EigshResult`.
@@ -194,9 +202,13 @@ def eigsh(
     if not (k <= keep < m):
         raise ValueError(f"`num_keep` must satisfy k <= num_keep < num_matvecs; got {keep}.")
     acc = _lz._acc_dtype(v0)
+    basis_dtype = _lz._check_basis_dtype(basis_dtype)
     if tol is None:
-        # the least precise leaf bounds the basis accuracy (jnp.finfo knows bfloat16)
-        tol = float(np.sqrt(max(float(jnp.finfo(x.dtype).eps) for x in jax.tree.leaves(v0))))
+        # the least precise leaf (or the basis storage) bounds the basis accuracy
+        eps_max = max(float(jnp.finfo(x.dtype).eps) for x in jax.tree.leaves(v0))
+        if basis_dtype is not None:
+            eps_max = max(eps_max, float(jnp.finfo(basis_dtype).eps))
+        tol = float(np.sqrt(eps_max))
 
     fl = _lz._flat_leaves(matvec, v0)  # per-leaf 1-D basis: in-place row updates
     matvec = fl.matvec
@@ -205,7 +217,7 @@ def eigsh(
     # every later round is a thick restart extending from row ``keep``. Each round
     # ends by compressing the basis to its ``keep`` wanted Ritz vectors, so on exit
     # the first ``k`` rows are the answer.
-    state = _lz._init_state(fl.v0, m, acc)
+    state = _lz._init_state(fl.v0, m, acc, basis_dtype)
 
     eps = float(jnp.finfo(acc).eps)
     # the test costs one m x m eigh; above m = 64 a dense eigh on CPU costs as much
@@ -278,7 +290,7 @@ def eigsh(
     )
     state, rounds, conv, theta, Y, res, _, count = jax.lax.while_loop(cond, body, init)
     it = rounds - 1  # thick restarts performed
-    X = fl.unflat_basis(jax.tree.map(lambda q: q[:k], state.Q))
+    X = fl.unflat_basis(_lz._upcast_basis(jax.tree.map(lambda q: q[:k], state.Q), fl.v0))
     vals = theta[:k]
     finite = state.finite
     vals = jnp.where(jnp.isfinite(vals), vals, 0.0)

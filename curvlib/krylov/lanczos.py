@@ -140,10 +140,10 @@ def projected_matrix(H: jax.Array) -> jax.Array:
     return upper + jnp.triu(H, 1).T
 
 
-def _init_state(v0, m, acc_dtype):
+def _init_state(v0, m, acc_dtype, basis_dtype=None):
     nv = _tree.norm(v0).astype(acc_dtype)
     return _Krylov(
-        Q=_tree.basis_zeros(v0, m),
+        Q=_tree.basis_zeros(v0, m, basis_dtype),
         H=jnp.zeros((m, m), acc_dtype),
         r=v0,
         beta=nv,
@@ -156,6 +156,24 @@ def _init_state(v0, m, acc_dtype):
 def _acc_dtype(v0):
     dt = _tree.dtype(v0)
     return jnp.promote_types(dt, jnp.float32)
+
+
+def _check_basis_dtype(basis_dtype):
+    """``None`` or a real floating dtype (the storage type of the Krylov basis)."""
+    if basis_dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(basis_dtype)
+    except TypeError:
+        raise ValueError(f"`basis_dtype` must be a floating dtype; got {basis_dtype!r}.") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"`basis_dtype` must be a real floating dtype; got {dt}.")
+    return dt
+
+
+def _upcast_basis(Q, like):
+    """Basis rows back in the dtypes of ``like``'s leaves (after lower-precision storage)."""
+    return jax.tree.map(lambda q, x: q.astype(jnp.result_type(x)), Q, like)
 
 
 class _LeafFlat(NamedTuple):
@@ -214,6 +232,7 @@ def lanczos(
     num_matvecs: int,
     *,
     reortho: str = "full",
+    basis_dtype=None,
 ) -> LanczosResult:
     """Lanczos tridiagonalisation ``A Q^T = Q^T T + r e_m^T`` of a symmetric operator.
 
@@ -233,6 +252,13 @@ def lanczos(
       num_matvecs: Krylov depth ``m`` (static).
       reortho: ``"full"`` (default) or ``"none"`` (three-term recurrence only,
         for comparison; loses orthogonality as eigenvalues converge).
+      basis_dtype: storage dtype of the basis (default: that of ``v0``'s leaves).
+        A lower precision (float32 for float64 parameters, bfloat16 for
+        float32) halves the ``m N`` basis memory; inner products and ``T``
+        still accumulate in ``float32`` or wider, but orthogonality, and so the
+        attainable accuracy of ``T``'s eigenvalues, is limited to about the
+        basis dtype's epsilon times ``||A||``. The basis is returned in this
+        dtype.
 
     Returns:
       A :class:`LanczosResult`.
@@ -268,9 +294,12 @@ def lanczos(
     if reortho not in ("full", "none"):
         raise ValueError(f"`reortho` must be 'full' or 'none'; got {reortho!r}.")
     acc = _acc_dtype(v0)
+    basis_dtype = _check_basis_dtype(basis_dtype)
+    if basis_dtype is not None and reortho != "full":
+        raise ValueError("`basis_dtype` needs reortho='full'.")
     if reortho == "full":
         fl = _flat_leaves(matvec, v0)
-        state = _init_state(fl.v0, num_matvecs, acc)
+        state = _init_state(fl.v0, num_matvecs, acc, basis_dtype)
         state = _extend(fl.matvec, state, 0, num_matvecs, jnp.asarray(1.0, acc))
         T = projected_matrix(state.H)
         alphas = jnp.diag(T)

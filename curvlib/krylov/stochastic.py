@@ -78,8 +78,9 @@ def _block_matvec(matvec, V, batch_size):
 
 def _rowdots(P, Q, acc):
     """``(p_i . q_i)_i`` for two bases with the same leading axis: ``O(s N)``, no Gram matrix."""
+    # sum over every non-leading axis (no reshape: explicitly sharded axes stay put)
     parts = [
-        jnp.sum((a * b).reshape(a.shape[0], -1), axis=1, dtype=acc)
+        jnp.sum(a * b, axis=tuple(range(1, jnp.ndim(a))), dtype=acc)
         for a, b in zip(jax.tree.leaves(P), jax.tree.leaves(Q), strict=True)
     ]
     return sum(parts[1:], parts[0])
