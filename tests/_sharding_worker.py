@@ -81,8 +81,35 @@ def _computations(params, x, y, model, out_loss, loss, v0, b):
     c = cg(gv, b)
     out["cg_x"] = c.x
     out["cg_converged"] = c.converged
+    out.update(_stochastic(hv, v0))
     out.update(_optional_uses(params, x, y, loss, hv))
     return out
+
+
+def _stochastic(hv, v0):
+    """The randomised estimators: Hutchinson / Hutch++ trace, diagonal, SLQ density."""
+    import jax
+
+    import curvlib
+
+    key = jax.random.PRNGKey(1)
+
+    @jax.jit
+    def run(mv, v):
+        tr = curvlib.hutchinson_trace(mv, v, key, 6, method="hutchinson")
+        pp = curvlib.hutchinson_trace(mv, v, key, 9)  # Hutch++
+        dg = curvlib.hutchinson_diag(mv, v, key, 4)
+        sd = curvlib.spectral_density(mv, v, key, num_matvecs=8, num_probes=2)
+        return tr, pp, dg, sd
+
+    tr, pp, dg, sd = run(hv, v0)
+    return {
+        "hutchinson_trace": tr.estimate,
+        "hutchpp_trace": pp.estimate,
+        "hutchinson_diag": dg.estimate,
+        "slq_nodes": sd.nodes,
+        "slq_density": sd.density,
+    }
 
 
 def _optional_uses(params, x, y, loss, hv):

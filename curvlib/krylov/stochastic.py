@@ -321,7 +321,10 @@ def spectral_density(
     broadened to a Gaussian of width ``sigma``; probes are averaged.
 
     Cost: ``num_probes * num_matvecs`` products, the probes run as one ``vmap``;
-    memory ``num_probes * (num_matvecs + 2)`` vectors.
+    memory ``num_probes * (num_matvecs + 2)`` vectors. Where ``v_like`` has
+    explicit sharding types (a mesh with ``AxisType.Explicit`` axes), the probes
+    run one after another (``lax.map``) instead: same results, memory
+    ``num_matvecs + 2`` vectors.
 
     Args:
       matvec: symmetric operator on pytrees shaped like ``v_like``.
@@ -373,7 +376,13 @@ def spectral_density(
         theta, Y = jnp.linalg.eigh(T)
         return theta, Y[0] ** 2, res.finite
 
-    nodes, weights, finite = jax.vmap(one)(keys)
+    if any(_tree.explicit_sharding(x) is not None for x in jax.tree.leaves(v_like)):
+        # explicit sharding types: ``vmap`` of Lanczos's breakdown ``lax.cond`` (a batched
+        # predicate on explicitly sharded operands) does not type-check in JAX (0.10.2);
+        # run the probes one after another instead (same results, one probe's memory)
+        nodes, weights, finite = jax.lax.map(one, keys)
+    else:
+        nodes, weights, finite = jax.vmap(one)(keys)
     lo, hi = jnp.min(nodes), jnp.max(nodes)
     width = jnp.maximum(hi - lo, jnp.finfo(nodes.dtype).eps * (1 + jnp.abs(hi)))
     s = width / 100.0 if sigma is None else jnp.asarray(sigma, nodes.dtype)

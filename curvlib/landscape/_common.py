@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from curvlib import _tree
 from curvlib.operators import microbatch_mean
@@ -38,8 +39,37 @@ def num_samples(data: PyTree) -> int:
 
 
 def take(data: PyTree, start: int, stop: int) -> PyTree:
-    """``data[start:stop]`` along the sample axis (static bounds)."""
-    return jax.tree.map(lambda x: x[start:stop], data)
+    """``data[start:stop]`` along the sample axis (static bounds).
+
+    A leaf whose sample axis is split over mesh axes of an explicit sharding
+    type (``AxisType.Explicit``) stays split when ``stop - start`` is a multiple
+    of the number of devices it is split over. Otherwise (JAX cannot slice a
+    sharded axis into a length that does not split evenly) the smallest
+    evenly-splitting window holding the samples is gathered, so the slice has
+    its sample axis unsplit (each device then holds, and evaluates the loss on,
+    all of its ``stop - start`` samples); its other axes keep their sharding.
+    Values are those of the single-device slice.
+    """
+    return jax.tree.map(lambda x: _take_leaf(x, start, stop), data)
+
+
+def _take_leaf(x, start: int, stop: int):
+    s = _tree.explicit_sharding(x)
+    spec = None if s is None else tuple(s.spec) + (None,) * (jnp.ndim(x) - len(s.spec))
+    if spec is None or spec[0] is None:
+        return x[start:stop]
+    names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    shards = int(np.prod([s.mesh.shape[a] for a in names]))
+    m, n = stop - start, jnp.shape(x)[0]
+    if m % shards == 0:
+        return jax.lax.slice_in_dim(x, start, stop)
+    # an evenly splitting window [lo, lo + w) around the samples (w <= n: an
+    # explicitly sharded axis splits evenly), gathered, then cut to length
+    w = -(-m // shards) * shards
+    lo = min(start, n - w)
+    window = jax.lax.slice_in_dim(x, lo, lo + w)
+    unsplit = NamedSharding(s.mesh, PartitionSpec(None, *spec[1:]))
+    return jax.lax.slice_in_dim(jax.sharding.reshard(window, unsplit), start - lo, stop - lo)
 
 
 def check_k(k, data: PyTree) -> int:
@@ -124,6 +154,13 @@ def normal_like(key: jax.Array, like: PyTree) -> PyTree:
     Same distribution as :func:`curvlib._tree.normal_like` (independent entries),
     but a single random-bits call site instead of one per leaf: for a model with
     tens of leaves this keeps XLA compile time of the enclosing program low.
+
+    A leaf of ``like`` with an explicit sharding type (a mesh with
+    ``AxisType.Explicit`` axes) gets its part resharded to that type, so the
+    vector can be a tangent of such parameters. The numbers are the same on
+    every layout (a key gives the single-device draw); the price is that the
+    ``N`` numbers are drawn unsplit (replicated) before each device keeps its
+    shard.
     """
     leaves, treedef = jax.tree.flatten(like)
     dt = _tree.dtype(like)
@@ -131,10 +168,16 @@ def normal_like(key: jax.Array, like: PyTree) -> PyTree:
     flat = jax.random.normal(key, (sum(sizes),), dt)
     parts = jnp.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) > 1 else [flat]
     out = [
-        p.reshape(jnp.shape(x)).astype(jnp.result_type(x))
+        _typed_like(p.reshape(jnp.shape(x)).astype(jnp.result_type(x)), x)
         for p, x in zip(parts, leaves, strict=True)
     ]
     return jax.tree.unflatten(treedef, out)
+
+
+def _typed_like(y: jax.Array, x) -> jax.Array:
+    """``y`` resharded to ``x``'s explicit sharding type, if ``x`` has one."""
+    s = _tree.explicit_sharding(x)
+    return y if s is None else jax.sharding.reshard(y, s)
 
 
 def mean_loss(loss_fn: Callable, params: PyTree, batch: PyTree, microbatch_size) -> jax.Array:
