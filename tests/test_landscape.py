@@ -153,6 +153,33 @@ def test_coefficients_match_dense_oracle(lsq):
         np.testing.assert_allclose(p, q, rtol=1e-10, atol=1e-13)
 
 
+def test_coefficients_with_ritz_values_skip_the_k_sample_products(lsq):
+    """Ritz pairs of H^(k) (even unconverged: a short Krylov run) give U H^(k) U^T = diag(theta),
+    so passing their Ritz values reproduces B of the dense oracle without those products."""
+    x, y, theta = lsq
+    k, D = 9, 3
+    w = _unflat(theta)
+    # loose tolerance and a tiny basis: Ritz pairs, not eigenpairs
+    sub = ls.curvature_subspace(ls_loss, w, (x, y), k, D, key=jax.random.PRNGKey(0),
+                                num_matvecs=D + 1, tol=0.5, max_restarts=0)
+    E = sub.eigenvectors
+    U = np.concatenate([np.asarray(E["w"]), np.asarray(E["b"])[:, None]], axis=1)
+    _, _, B = np_coefficients(theta, np.asarray(x), np.asarray(y), k, U)
+    fast = ls.increment_coefficients(ls_loss, w, (x, y), k, sub.eigenvectors,
+                                     eigenvalues=sub.eigenvalues)
+    full = ls.increment_coefficients(ls_loss, w, (x, y), k, sub.eigenvectors)
+    np.testing.assert_allclose(fast.B, B, rtol=1e-9, atol=1e-12)
+    for p, q in zip(fast, full, strict=True):
+        np.testing.assert_allclose(p, q, rtol=1e-9, atol=1e-12)
+    # the shortcut is only for Ritz values: wrong values give a different B
+    off = ls.increment_coefficients(ls_loss, w, (x, y), k, sub.eigenvectors,
+                                    eigenvalues=sub.eigenvalues * 1.1)
+    assert not np.allclose(off.B, B, rtol=1e-6)
+    with pytest.raises(ValueError, match="eigenvalues"):
+        ls.increment_coefficients(ls_loss, w, (x, y), k, sub.eigenvectors,
+                                  eigenvalues=sub.eigenvalues[:2])
+
+
 # ----------------------------------------------- fact 2: GM = lim quad MC
 
 

@@ -188,7 +188,7 @@ def _block(matvec, U, sequential):
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "k", "microbatch_size", "mode"))
-def _coefficients(loss_fn, params, data, k, U, microbatch_size, mode):
+def _coefficients(loss_fn, params, data, k, U, microbatch_size, mode, ritz_values=None):
     data_k = _common.take(data, 0, k)
     data_1 = _common.take(data, k, k + 1)
     Lk, gk = gradient(loss_fn, params, data_k, microbatch_size=microbatch_size)
@@ -196,12 +196,17 @@ def _coefficients(loss_fn, params, data, k, U, microbatch_size, mode):
     a = (l1 - Lk) / (k + 1)
     b = jax.tree.map(lambda x, y: (x - y) / (k + 1), g1, gk)
     c = _tree.basis_project(U, b)
-    mv_k = hessian_matvec(loss_fn, params, data_k, mode=mode, microbatch_size=microbatch_size)
     mv_1 = hessian_matvec(loss_fn, params, data_1, mode=mode)
     seq = microbatch_size is not None
-    HU_k = _block(mv_k, U, seq)
     HU_1 = _block(mv_1, U, seq)
-    M = (_tree.basis_gram(U, HU_1) - _tree.basis_gram(U, HU_k)) / (k + 1)
+    G1 = _tree.basis_gram(U, HU_1)
+    if ritz_values is None:
+        mv_k = hessian_matvec(loss_fn, params, data_k, mode=mode,
+                              microbatch_size=microbatch_size)
+        Gk = _tree.basis_gram(U, _block(mv_k, U, seq))
+    else:  # U are Ritz vectors of H^(k): U H^(k) U^T = diag(theta), no product needed
+        Gk = jnp.diag(jnp.asarray(ritz_values).astype(G1.dtype))
+    M = (G1 - Gk) / (k + 1)
     B = 0.5 * (M + M.T)
     return IncrementCoefficients(a, c, B)
 
@@ -216,6 +221,7 @@ def increment_coefficients(
     microbatch_size: int | None = None,
     mode: str | None = None,
     check_mean: bool = True,
+    eigenvalues: jax.Array | None = None,
 ) -> IncrementCoefficients:
     """``(a, c, B)``: the increment's quadratic model at ``params`` in the span of ``eigenvectors``.
 
@@ -230,6 +236,15 @@ def increment_coefficients(
     vectors (products run one at a time when microbatching, all ``D`` at once
     under ``vmap`` otherwise).
 
+    With ``eigenvalues`` (the Ritz values that came with ``eigenvectors`` from
+    :func:`curvature_subspace` on the same ``params``, ``data`` and ``k``) the
+    ``D`` products with ``H^(k)``, the expensive ones (``k`` samples each), are
+    skipped: Rayleigh-Ritz makes ``x_i^T H^(k) x_j = theta_i delta_ij`` for
+    Ritz pairs *whatever their residual* (``x_i = Q^T y_i`` with ``y_i``
+    eigenvectors of ``T = Q H^(k) Q^T``), so ``U H^(k) U^T = diag(theta)`` to
+    rounding. Pass them only for such Ritz pairs; for any other basis the
+    result would be wrong.
+
     Args:
       loss_fn: ``loss_fn(params, batch)``, the mean loss over the batch's leading axis.
       params: the point ``w*``.
@@ -242,6 +257,9 @@ def increment_coefficients(
       mode: Hessian product mode of :func:`curvlib.hessian_matvec`.
       check_mean: verify the increment identity on ``params`` first
         (:func:`check_mean_loss`).
+      eigenvalues: optional Ritz values of ``H^(k)`` for ``eigenvectors``
+        (shape ``(D,)``), e.g. ``curvature_subspace(...).eigenvalues``; saves
+        the ``D`` products with ``H^(k)``.
 
     Returns:
       :class:`IncrementCoefficients`.
@@ -257,8 +275,14 @@ def increment_coefficients(
     _check_basis(eigenvectors, params)
     if check_mean:
         check_mean_loss(loss_fn, params, data, k, microbatch_size=mb)
+    D = _check_basis(eigenvectors, params)
+    if eigenvalues is not None and jnp.shape(eigenvalues) != (D,):
+        raise ValueError(
+            f"`eigenvalues` must have shape ({D},), one per eigenvector; got "
+            f"{jnp.shape(eigenvalues)}."
+        )
     U = _cast_basis(eigenvectors, params)
-    return _coefficients(loss_fn, params, data, k, U, mb, mode)
+    return _coefficients(loss_fn, params, data, k, U, mb, mode, eigenvalues)
 
 
 def _cast_basis(eigenvectors: PyTree, params: PyTree) -> PyTree:

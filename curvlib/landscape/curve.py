@@ -200,9 +200,10 @@ def k_curve(
         timings["subspace"][i] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        # Ritz values of H^(k) for these vectors: the D products with H^(k) are skipped
         coef = _block(increment_coefficients(loss_fn, p, data, k, sub.eigenvectors,
                                               microbatch_size=microbatch_size,
-                                              check_mean=False))
+                                              check_mean=False, eigenvalues=sub.eigenvalues))
         timings["coefficients"][i] = time.perf_counter() - t0
         out["delta1"][i] = abs(float(coef.a))
 
