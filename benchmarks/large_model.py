@@ -143,5 +143,10 @@ def main(argv=None) -> dict:
     return payload
 
 
+def run(quick: bool = False) -> dict:
+    """Entry point of ``benchmarks.run --only large_model`` (quick: a ~2M-parameter model)."""
+    return main(["--d", "192", "--layers", "4"] if quick else [])
+
+
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ Usage (from the repository root)::
     python -m benchmarks.run            # everything
     python -m benchmarks.run --quick    # short smoke run (fewer sizes and repeats)
     python -m benchmarks.run --only products eigsh
+    python -m benchmarks.run --only large_model   # the 10.9M-parameter case (minutes)
 
 Each case writes ``benchmarks/results/<case>.json``; the summary is re-rendered
 from all JSON files present, so cases can be re-run one at a time.
@@ -19,13 +20,16 @@ import os
 import time
 import traceback
 
-CASES = ("products", "eigsh", "landscape", "scaling")
+CASES = ("products", "eigsh", "landscape", "scaling", "optimizers", "track_overhead")
+# long (minutes of compile and a ~5 GiB peak): only when named with --only
+EXTRA = ("large_model",)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short run: fewer sizes and repeats")
-    ap.add_argument("--only", nargs="*", choices=CASES, help="run only these cases")
+    ap.add_argument("--only", nargs="*", choices=CASES + EXTRA,
+                    help="run only these cases (large_model runs only when named)")
     ap.add_argument("--threads", type=int, default=None,
                     help="intra-op threads for torch (default: all cores visible, as XLA "
                          "uses); 1 also makes XLA single-threaded")
