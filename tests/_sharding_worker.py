@@ -158,8 +158,11 @@ def _landscape(params, x, y, loss):
 
 
 def _explicit_errors(loss, params, x, y, v_unsharded):
-    """On an Explicit mesh: the messages of the two documented ``ValueError``s."""
+    """On an Explicit mesh: the messages of the documented ``ValueError``s."""
+    import jax
+
     import curvlib
+    from curvlib import landscape
 
     out = {}
     hv = curvlib.hessian_matvec(loss, params, x, y)
@@ -175,7 +178,37 @@ def _explicit_errors(loss, params, x, y, v_unsharded):
         out["microbatch_error"] = ""
     except ValueError as e:
         out["microbatch_error"] = str(e)
+    try:  # the ravelled eigensolver cannot ravel explicitly sharded params
+        landscape.curvature_subspace(
+            lambda p, batch: loss(p, *batch), params, (x, y), 40, 3,
+            key=jax.random.PRNGKey(0), flatten=True,
+        )
+        out["flatten_error"] = ""
+    except ValueError as e:
+        out["flatten_error"] = str(e)
     return out
+
+
+def _explicit_slices(x_sharded, x):
+    """On an Explicit mesh: sample slices of the batch (64 samples split 8 ways).
+
+    ``landscape._common.take`` keeps a slice split when its length splits evenly
+    and otherwise gathers the smallest evenly-splitting window (which, for a
+    slice near the end, starts before it).
+    """
+    import jax
+    import numpy as np
+
+    from curvlib.landscape import _common
+
+    out = {}
+    for start, stop in ((0, 40), (0, 41), (40, 41), (59, 62)):
+        got = _common.take(x_sharded, start, stop)
+        out[f"{start}:{stop}"] = {
+            "err": float(np.max(np.abs(np.asarray(got) - np.asarray(x)[start:stop]))),
+            "type": jax.typeof(got).str_short(),
+        }
+    return {"explicit_take": out}
 
 
 def _compare(ref, got):
@@ -258,6 +291,7 @@ def main(path):
             with jax.set_mesh(mesh):
                 got = _computations(sp, sx, sy, xmodel, out_loss, xloss, sv0, sb)
                 got.update(_explicit_errors(xloss, sp, sx, sy, v0))
+                got.update(_explicit_slices(sx, x))
         else:
             got = _computations(sp, sx, sy, model, out_loss, loss, sv0, sb)
         param_specs = [pspecs[k] for k in sorted(pspecs)]
@@ -283,9 +317,11 @@ def main(path):
                 rec["value"] = bool(val)
             elif key.endswith("_error"):
                 rec["message"] = val
+            elif key.startswith("explicit_"):
+                rec["value"] = val
             else:
                 rec["err"] = _compare(ref[key], val)
-            if isinstance(val, dict):
+            if isinstance(val, dict) and not key.startswith("explicit_"):
                 rec["layout"] = _layout(
                     val, param_specs,
                     basis=key in ("eigsh_vectors", "lanczos_basis", "landscape_eigenvectors"),

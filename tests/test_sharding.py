@@ -118,3 +118,14 @@ def test_explicit_mesh_errors_are_named(report):
     assert "tangent must carry the same sharding" in msg and "float64[16]" in msg, msg
     msg = recs["microbatch_error"]["message"]
     assert "explicitly sharded over 8 devices" in msg and "got 12" in msg, msg
+    msg = recs["flatten_error"]["message"]
+    assert "`flatten=True`" in msg and "float64[16@data]" in msg, msg
+
+
+def test_explicit_uneven_sample_slices(report):
+    """Slicing the explicitly split sample axis: kept split when even, else gathered, exact."""
+    got = report["layouts"]["fsdp_explicit"]["explicit_take"]["value"]
+    assert all(r["err"] == 0.0 for r in got.values()), got
+    assert got["0:40"]["type"] == "float64[40@data,8]", got
+    for key, n in (("0:41", 41), ("40:41", 1), ("59:62", 3)):
+        assert got[key]["type"] == f"float64[{n},8]", got

@@ -93,16 +93,28 @@ def curvature_subspace(
         algebra is per leaf, and XLA's compile time grows with the number of
         leaves: for a small, unsharded model with tens of leaves ``True``
         compiles about ten times faster. Leave ``False`` for sharded or large
-        models (ravelling gathers and copies every parameter).
+        models (ravelling gathers and copies every parameter); parameters
+        with explicit sharding types (a mesh with ``AxisType.Explicit`` axes)
+        cannot be ravelled at all.
 
     Returns:
       :class:`curvlib.EigshResult`; check ``converged``.
 
     Raises:
-      ValueError: ``k < 1``, ``k + 1 > n``, ``dim >= N``, or a missing key.
+      ValueError: ``k < 1``, ``k + 1 > n``, ``dim >= N``, a missing key, or
+        ``flatten=True`` with explicitly sharded ``params``.
     """
     k = _common.check_k(k, data)
     _tree.check_float_tree(params, "params")
+    if flatten:
+        for i, x in enumerate(jax.tree.leaves(params)):
+            if _tree.explicit_sharding(x) is not None:
+                raise ValueError(
+                    "`flatten=True` ravels `params` into one vector, which JAX rejects for "
+                    "explicit sharding types (a reshape merging sharded axes); leaf "
+                    f"{i} of `params` is typed {jax.typeof(x).str_short()}. Use the default "
+                    "`flatten=False` on a mesh with AxisType.Explicit axes."
+                )
     dim = _common.check_dim(dim, params)
     _common.check_key(key)
     mb = _common.check_microbatch(microbatch_size)
