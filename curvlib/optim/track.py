@@ -315,16 +315,17 @@ def track_curvature(
     gradient's forward-and-backward pass differentiated once more, plus the
     basis reorthogonalisation), so a refresh costs tens of steps.
     ``benchmarks/track_overhead.py`` (``k = 5``, ``every = 100``, the step's
-    own mini-batch as ``value_fn``) measured 26 products and 73 steps per
-    refresh on an MLP, 38 products and 71 steps on a small transformer: 72%
-    average overhead (58% with ``tol=1e-2, num_probes=0``). Since even a
+    own mini-batch as ``value_fn``) measured 26 products and 70 steps per
+    refresh on an MLP, 39 products and 57 steps on a small transformer: 64%
+    average overhead (48% with ``tol=1e-2, num_probes=0``). Since even a
     perfect warm start needs ``k`` products for one Rayleigh-Ritz step, the
     overhead at ``every = 100`` cannot fall below about ``k`` steps per
     refresh; for an overhead below 10% choose ``every`` of several hundred
-    steps (about 600-750 here), or a smaller ``k``. With a mini-batch
-    ``value_fn`` the Hessian changes with the batch and a warm start saves
-    little (the transformer's warm and cold refreshes both took 38
-    products); a fixed measurement batch keeps the warm start effective.
+    steps (about 400-800 here), or a smaller ``k``. The warm start pays when
+    the Hessian moves slowly: on the MLP with a fixed measurement batch a warm
+    refresh took 28 products where the cold one took 54; with the step's own
+    mini-batch (the Hessian changes with the batch), or early in training, it
+    saves little.
 
     ``vmap``: under ``jax.vmap`` over seeds the step counter is batched and
     ``lax.cond`` becomes a ``select`` that evaluates *both* branches, so every
