@@ -128,7 +128,8 @@ def main(argv=None) -> dict:
             "params": n * itemsize / 2**20,
             "krylov_basis": (args.num_matvecs + 2) * n * bdt.itemsize / 2**20,
         },
-        "title": f"Scale: top-{args.k} Hessian eigenpairs, {n / 1e6:.1f}M-parameter transformer",
+        "title": f"Scale: top-{args.k} Hessian eigenpairs, {n / 1e6:.1f}M-parameter transformer"
+                 + (f" (basis {args.basis_dtype}, tol {args.tol})" if args.basis_dtype else ""),
     }
     payload["summary_md"] = C.md_table(
         ["parameters", "basis dtype", "products", "restarts", "converged", "first call",

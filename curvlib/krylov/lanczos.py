@@ -254,11 +254,13 @@ def lanczos(
         for comparison; loses orthogonality as eigenvalues converge).
       basis_dtype: storage dtype of the basis (default: that of ``v0``'s leaves).
         A lower precision (float32 for float64 parameters, bfloat16 for
-        float32) halves the ``m N`` basis memory; inner products and ``T``
+        float32) halves the stored ``m N`` basis; inner products and ``T``
         still accumulate in ``float32`` or wider, but orthogonality, and so the
         attainable accuracy of ``T``'s eigenvalues, is limited to about the
         basis dtype's epsilon times ``||A||``. The basis is returned in this
-        dtype.
+        dtype. On XLA:CPU the compiled loop adds widened temporaries around
+        the mixed-precision contractions, so *peak* memory did not drop there
+        (``docs/scaling.md``).
 
     Returns:
       A :class:`LanczosResult`.
