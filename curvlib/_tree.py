@@ -269,9 +269,23 @@ def basis_project(Q: PyTree, v: PyTree, acc_dtype=None) -> jax.Array:
         x1 = x.reshape(-1)
         dt = acc_dtype or jnp.result_type(q2, x1)
         parts.append(
-            jnp.dot(q2, x1.astype(q2.dtype), preferred_element_type=dt)
+            jnp.dot(q2, x1.astype(q2.dtype), preferred_element_type=_dot_dtype(q2, dt)).astype(dt)
         )
     return sum(parts[1:], parts[0])
+
+
+def _dot_dtype(q, dt):
+    """Accumulation type of a contraction with basis leaf ``q`` toward result type ``dt``.
+
+    A basis stored in float32 under wider vectors (``basis_dtype=float32`` for a
+    float64 model) contracts natively in float32: asking for float64 output
+    makes XLA:CPU widen the whole basis leaf into a temporary, which undoes the
+    storage saving, while the basis itself only carries float32 accuracy.
+    Narrower storage (bfloat16) keeps the float32-or-wider accumulation.
+    """
+    if jnp.dtype(q.dtype).itemsize >= 4 and jnp.dtype(q.dtype).itemsize < jnp.dtype(dt).itemsize:
+        return q.dtype
+    return dt
 
 
 def basis_combine(Q: PyTree, c: jax.Array, like: PyTree | None = None) -> PyTree:
@@ -286,7 +300,8 @@ def basis_combine(Q: PyTree, c: jax.Array, like: PyTree | None = None) -> PyTree
 
     def comb(q, x):
         dt = jnp.result_type(x)
-        out = jnp.tensordot(c.astype(q.dtype), q, axes=1, preferred_element_type=dt)
+        out = jnp.tensordot(c.astype(q.dtype), q, axes=1,
+                            preferred_element_type=_dot_dtype(q, dt))
         return out.astype(dt)
 
     return jax.tree.map(comb, Q, like)

@@ -211,3 +211,23 @@ def test_lower_precision_basis_storage(param_dtype, basis_dtype, rtol):
         float(jnp.finfo(basis_dtype).eps))
     with pytest.raises(ValueError, match="basis_dtype"):
         eigsh(op, v0, 3, basis_dtype=jnp.int32)
+
+
+def test_float32_basis_lowers_compiled_memory_of_a_float64_eigsh():
+    """The storage saving survives compilation: XLA's memory analysis of eigsh on a
+    float64 operator shows smaller temporaries with ``basis_dtype=float32`` by at
+    least a third of the float64 basis (no widened copy of the basis per step)."""
+    n, m = 200_000, 30
+    d = jnp.linspace(0.0, 1.0, n, dtype=jnp.float64)
+    op = lambda v: d * v
+    v0 = jnp.ones(n, jnp.float64)
+
+    def temp_bytes(bdt):
+        f = jax.jit(lambda v: curvlib.eigsh(op, v, 3, num_matvecs=m, basis_dtype=bdt))
+        ma = f.lower(v0).compile().memory_analysis()
+        if ma is None:
+            pytest.skip("this backend reports no memory analysis")
+        return ma.temp_size_in_bytes
+
+    wide, narrow = temp_bytes(None), temp_bytes(jnp.float32)
+    assert narrow < wide - (m * n * 8) / 3, (wide, narrow)

@@ -151,8 +151,8 @@ def eigsh(
       basis_dtype: storage dtype of the Krylov basis (default: ``v0``'s). A
         lower precision halves the stored basis (``m N`` entries) while inner
         products and the projected matrix accumulate in float32 or wider (on
-        XLA:CPU widened temporaries offset the saving in peak memory:
-        ``docs/scaling.md``); the attainable
+        XLA:CPU the saving survives for a float32 basis of a float64 model,
+        not for bfloat16: ``docs/scaling.md``); the attainable
         relative residual is then about ``sqrt(eps)`` of ``basis_dtype``
         (float32: ~3e-4; bfloat16: ~9e-2), which is also the default ``tol``.
         Eigenvectors are returned in ``v0``'s dtypes.

@@ -258,9 +258,9 @@ def lanczos(
         still accumulate in ``float32`` or wider, but orthogonality, and so the
         attainable accuracy of ``T``'s eigenvalues, is limited to about the
         basis dtype's epsilon times ``||A||``. The basis is returned in this
-        dtype. On XLA:CPU the compiled loop adds widened temporaries around
-        the mixed-precision contractions, so *peak* memory did not drop there
-        (``docs/scaling.md``).
+        dtype. Measured on XLA:CPU: a float32 basis under float64 vectors
+        lowers the compiled program's memory; a bfloat16 one does not (the
+        CPU backend widens bfloat16 to float32; ``docs/scaling.md``).
 
     Returns:
       A :class:`LanczosResult`.
