@@ -22,8 +22,9 @@ which do not split evenly over 8 devices, ``delta2_closed_form``), and compares
 them with the same computation on unsharded arrays.
 Here we assert (1) agreement to a few float64 ulps-times-dimension and (2) that
 every parameter-shaped output (products, eigenvectors, the Krylov basis, the CG
-solution, the Hutchinson diagonal) carries the parameters' ``PartitionSpec`` (with a leading unsplit axis
-for stacked vectors), so each device holds only its shard: nothing is gathered.
+solution, the Hutchinson diagonal) carries the parameters' ``PartitionSpec``
+(with a leading unsplit axis for stacked vectors), so each device holds only its
+shard: nothing is gathered.
 """
 
 from __future__ import annotations

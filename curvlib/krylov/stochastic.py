@@ -206,7 +206,7 @@ def hutchinson_trace(
 
 
 def _deflated_trace(matvec, v_like, key, num_probes, Q, exact, batch_size, acc):
-    """``tr(Q A Q^T)`` plus Hutchinson on ``P A P``, ``P = I - Q^T Q`` (see ``hutchinson_trace``)."""
+    """``tr(Q A Q^T)`` plus Hutchinson on ``P A P``, ``P = I - Q^T Q`` (``hutchinson_trace``)."""
     lv, lq = jax.tree.structure(v_like), jax.tree.structure(Q)
     if lv != lq:
         raise ValueError(
