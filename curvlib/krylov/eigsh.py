@@ -220,7 +220,6 @@ def eigsh(
     # the first ``k`` rows are the answer.
     state = _lz._init_state(fl.v0, m, acc, basis_dtype)
 
-    eps = float(jnp.finfo(acc).eps)
     # the test costs one m x m eigh; above m = 64 a dense eigh on CPU costs as much
     # as a small model's product, so large bases test every few steps (the run may
     # then overshoot the certifying depth by at most check_every - 1 products)
@@ -245,7 +244,7 @@ def eigsh(
             # an (almost) invariant subspace has zero residuals without holding
             # the wanted pairs (a deficient v0): never stop early on a breakdown;
             # the next step continues from a fresh random direction instead.
-            alive = s.beta > 10 * eps * np.sqrt(m) * s.anorm
+            alive = ~_lz._is_breakdown(s.beta, s.anorm, m)
             due = ((j + 1 - start) % check_every == 0) & (j + 1 > k) & (j + 1 < m) & alive
             conv = jax.lax.cond(
                 due, lambda s: _ritz(s, k, which, tol, j + 1)[3], lambda s: jnp.asarray(False), s

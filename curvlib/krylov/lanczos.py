@@ -78,6 +78,13 @@ def _orthogonalize(Q, w, acc_dtype):
     return w, h1 + h2
 
 
+def _is_breakdown(beta, anorm, m):
+    """``beta <= 10 sqrt(m) eps ||A||`` (or non-finite): the next vector is numerically zero."""
+    eps = jnp.finfo(jnp.result_type(beta)).eps
+    thresh = 10 * eps * jnp.sqrt(jnp.asarray(m, jnp.result_type(beta))) * anorm
+    return ~(beta > thresh) | ~jnp.isfinite(beta)  # NaN or Inf (an infinite v0) too
+
+
 def _extend_step(matvec: Callable, j, state: _Krylov, scale) -> _Krylov:
     """Append ``q_j = r / beta`` to the basis and compute ``r <- A q_j`` orthogonalised.
 
@@ -94,10 +101,8 @@ def _extend_step(matvec: Callable, j, state: _Krylov, scale) -> _Krylov:
     del scale
     Q, H, r, beta = state.Q, state.H, state.r, state.beta
     acc = H.dtype
-    eps = jnp.finfo(acc).eps
     anorm = state.anorm
-    thresh = 10 * eps * jnp.sqrt(jnp.asarray(H.shape[0], acc)) * anorm
-    broke = ~(beta > thresh) | ~jnp.isfinite(beta)  # NaN or Inf (an infinite v0) too
+    broke = _is_breakdown(beta, anorm, H.shape[0])
 
     def fresh_direction(_):
         return _orthogonalize(Q, _random_direction(j, r), acc)[0]
