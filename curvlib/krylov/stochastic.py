@@ -1,20 +1,14 @@
-"""Randomised estimators: Hutchinson / Hutch++ trace and diagonal, stochastic Lanczos quadrature."""
+"""Randomised estimators: Hutchinson / Hutch++ trace and diagonal."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from curvlib import _tree
-
-# the package re-exports the *function* ``lanczos`` under the submodule's name, so
-# ``from curvlib.krylov import lanczos`` may yield the function: import the module itself.
-_lz = importlib.import_module("curvlib.krylov.lanczos")
 
 PyTree = Any
 
@@ -35,39 +29,9 @@ class StochasticEstimate(NamedTuple):
     finite: Any = True
 
 
-class SpectralDensity(NamedTuple):
-    """Output of :func:`spectral_density`.
-
-    Attributes:
-      grid: evaluation points ``t`` (shape ``(num_points,)``).
-      density: Gaussian-broadened spectral density on ``grid``; integrates to ~1.
-      nodes: Ritz values per probe (shape ``(num_probes, num_matvecs)``).
-      weights: Gauss quadrature weights per probe (rows sum to 1).
-      sigma: broadening width used.
-      finite: every product was finite (if not, the Lanczos runs stopped at the
-        first non-finite product and the density is not meaningful).
-    """
-
-    grid: jax.Array
-    density: jax.Array
-    nodes: jax.Array
-    weights: jax.Array
-    sigma: jax.Array
-    finite: Any = True
-
-
 def _check_probes(num_probes):
     if not isinstance(num_probes, int) or num_probes <= 0:
         raise ValueError(f"`num_probes` must be a positive int; got {num_probes!r}.")
-
-
-def _check_sigma(sigma):
-    """A concrete ``sigma`` must be a positive finite scalar (a traced one is taken as is)."""
-    if sigma is None or isinstance(sigma, jax.core.Tracer):
-        return
-    s = np.asarray(sigma)
-    if s.ndim != 0 or not np.isfinite(s) or not s > 0:
-        raise ValueError(f"`sigma` must be a positive, finite scalar; got {sigma!r}.")
 
 
 def _block_matvec(matvec, V, batch_size):
@@ -298,98 +262,3 @@ def hutchinson_diag(
     else:
         se = jax.tree.map(lambda x: jnp.full(x.shape[1:], jnp.inf, x.dtype), prod)
     return StochasticEstimate(est, se, num_probes, _tree.all_finite(AZ))
-
-
-def spectral_density(
-    matvec: Callable[[PyTree], PyTree],
-    v_like: PyTree,
-    key: jax.Array,
-    *,
-    num_matvecs: int,
-    num_probes: int,
-    num_points: int = 512,
-    sigma: float | None = None,
-    grid: jax.Array | None = None,
-) -> SpectralDensity:
-    """Spectral density of a symmetric operator by stochastic Lanczos quadrature.
-
-    For each Gaussian probe ``v`` (normalised), ``m`` Lanczos steps give
-    ``T = Y diag(theta) Y^T``; the nodes ``theta_j`` with weights ``Y_{0j}^2``
-    form an ``m``-point Gauss quadrature of the measure ``v^T delta(t - A) v``,
-    whose expectation is the spectral density ``(1/N) sum_i delta(t - lambda_i)``
-    (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019). Each delta is
-    broadened to a Gaussian of width ``sigma``; probes are averaged.
-
-    Cost: ``num_probes * num_matvecs`` products, the probes run as one ``vmap``;
-    memory ``num_probes * (num_matvecs + 2)`` vectors. Where ``v_like`` has
-    explicit sharding types (a mesh with ``AxisType.Explicit`` axes), the probes
-    run one after another (``lax.map``) instead: same results, memory
-    ``num_matvecs + 2`` vectors.
-
-    Args:
-      matvec: symmetric operator on pytrees shaped like ``v_like``.
-      v_like: pytree with the operator's shapes.
-      key: PRNG key for the probes.
-      num_matvecs: Lanczos depth per probe.
-      num_probes: number of probes.
-      num_points: size of the default grid.
-      sigma: broadening; default ``(max - min) / 100`` of the Ritz values' range.
-      grid: explicit evaluation points (overrides ``num_points``).
-
-    Returns:
-      :class:`SpectralDensity`.
-
-    Raises:
-      ValueError: if ``num_probes <= 0``, ``num_matvecs`` is not in ``[1, dim]``, or
-        a concrete ``sigma`` is not a positive finite scalar.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> d = jnp.concatenate([jnp.zeros(50), jnp.full(50, 4.0)])  # two atoms
-      >>> sd = spectral_density(lambda v: d * v, jnp.zeros(100), jax.random.PRNGKey(0),
-      ...                       num_matvecs=8, num_probes=4, sigma=0.1)
-      >>> dt = sd.grid[1] - sd.grid[0]
-      >>> round(float(jnp.sum(sd.density) * dt), 3)  # integrates to one
-      1.0
-      >>> round(float(jnp.sum(jnp.where(sd.grid > 2.0, sd.density, 0.0)) * dt), 1)
-      0.5
-
-    References:
-      L. Lin, Y. Saad and C. Yang, *Approximating spectral densities of large
-      matrices*, SIAM Review 2016; B. Ghorbani, S. Krishnan and Y. Xiao, *An
-      investigation into neural net optimization via Hessian eigenvalue
-      density*, ICML 2019.
-    """
-    _check_probes(num_probes)
-    _check_sigma(sigma)
-    _tree.check_float_tree(v_like, "v_like")
-    _tree.check_matvec(matvec, v_like, "v_like")
-    n = _tree.size(v_like)
-    if not isinstance(num_matvecs, int) or not 1 <= num_matvecs <= n:
-        raise ValueError(f"`num_matvecs` must be an int in [1, {n}]; got {num_matvecs!r}.")
-    keys = jax.random.split(key, num_probes)
-
-    def one(k):
-        v = _tree.normal_like(k, v_like)
-        res = _lz.lanczos(matvec, v, num_matvecs)
-        T = jnp.diag(res.alphas) + jnp.diag(res.betas, 1) + jnp.diag(res.betas, -1)
-        theta, Y = jnp.linalg.eigh(T)
-        return theta, Y[0] ** 2, res.finite
-
-    if any(_tree.explicit_sharding(x) is not None for x in jax.tree.leaves(v_like)):
-        # explicit sharding types: ``vmap`` of Lanczos's breakdown ``lax.cond`` (a batched
-        # predicate on explicitly sharded operands) does not type-check in JAX (0.10.2);
-        # run the probes one after another instead (same results, one probe's memory)
-        nodes, weights, finite = jax.lax.map(one, keys)
-    else:
-        nodes, weights, finite = jax.vmap(one)(keys)
-    lo, hi = jnp.min(nodes), jnp.max(nodes)
-    width = jnp.maximum(hi - lo, jnp.finfo(nodes.dtype).eps * (1 + jnp.abs(hi)))
-    s = width / 100.0 if sigma is None else jnp.asarray(sigma, nodes.dtype)
-    if grid is None:
-        grid = jnp.linspace(lo - 5 * s, hi + 5 * s, num_points)
-    grid = jnp.asarray(grid, nodes.dtype)
-    z = (grid[:, None, None] - nodes[None]) / s
-    kern = jnp.exp(-0.5 * z**2) / (s * jnp.sqrt(2 * jnp.pi))
-    density = jnp.sum(kern * weights[None], axis=(1, 2)) / num_probes
-    return SpectralDensity(grid, density, nodes, weights, s, jnp.all(finite))
