@@ -27,8 +27,8 @@ class CGResult(NamedTuple):
       num_steps: CG iterations taken (one product each).
       residual_norm: the *true* residual ``||b - (A + damping I) x||`` of the
         returned ``x``, from a direct product at exit (not the recurrence's, which
-        drifts from it in floating point and on inconsistent systems); NaN if that
-        product is not finite.
+        drifts from it in floating point and on inconsistent systems); NaN if ``b``
+        or that product is not finite.
       converged: ``finite`` and ``residual_norm <= max(rtol ||b||, atol)``.
       negative_curvature: a direction with ``p^T (A + damping I) p <= 0`` was
         met; ``x`` is the last iterate before it (Steihaug 1983).
@@ -115,6 +115,7 @@ def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc):
     rnorm0 = _tree.norm(rhs).astype(acc)
     tol = jnp.maximum(rtol * rnorm0, atol)
     finite0 = jnp.isfinite(rnorm0)
+    rnorm0 = jnp.where(finite0, rnorm0, jnp.nan)  # a non-finite b has no residual to report
     if x0 is None:
         x0, phase0 = zeros, jnp.where(max_steps >= 1, _STEP, _DONE)
     else:
