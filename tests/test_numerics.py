@@ -167,11 +167,12 @@ def test_cg_vmaps_over_right_hand_sides_dampings_and_operators(spd30):
     Aj = jnp.asarray(A)
     X = jax.vmap(lambda b, lam: cg(lambda v: Aj @ v, b, damping=lam, rtol=1e-12).x)(
         jnp.asarray(B), jnp.asarray(lams))
-    ref = np.stack([np.linalg.solve(A + lam * np.eye(30), b) for b, lam in zip(B, lams)])
+    ref = np.stack([np.linalg.solve(A + lam * np.eye(30), b)
+                    for b, lam in zip(B, lams, strict=True)])
     np.testing.assert_allclose(np.asarray(X), ref, rtol=1e-9, atol=1e-12)
     G = jax.vmap(jax.grad(lambda A: cg(lambda v: A @ v, jnp.asarray(B[0]), rtol=1e-12).x[0]))(
         jnp.stack([Aj, 2.0 * Aj]))
-    for s, g in zip((1.0, 2.0), np.asarray(G)):  # d x_0 / dA = -(A^{-1} e_0) x^T
+    for s, g in zip((1.0, 2.0), np.asarray(G), strict=True):  # d x_0 / dA = -(A^{-1} e_0) x^T
         x = np.linalg.solve(s * A, B[0])
         np.testing.assert_allclose(g, -np.outer(np.linalg.solve(s * A, np.eye(30)[0]), x),
                                    rtol=1e-8, atol=1e-12)

@@ -244,10 +244,13 @@ def cg(
     is exact when both solves converge, and not the derivative of a truncated
     or negative-curvature iterate.
 
-    Cost: one product (and one preconditioner application) per step, one for a
-    warm start, one for the true residual; memory: six vectors. Runs as one
+    Cost: one product (and one preconditioner application) per step, plus one
+    for a warm start and one for the true residual (``num_matvecs`` counts
+    them); memory: ``b``, ``x0`` and four state vectors (``x``, ``r``, ``p``,
+    the curvature direction), plus a step's temporaries. Runs as one
     ``lax.while_loop`` that applies the operator at a single call site (the
-    compiled program holds the operator once); jit- and vmap-compatible.
+    compiled program holds the operator once); jit- and vmap-compatible. The
+    backward pass costs one more solve.
 
     Args:
       matvec: symmetric linear operator on pytrees shaped like ``b``.
