@@ -611,8 +611,12 @@ def test_non_finite_products_are_flagged_inside_jit():
     assert not bool(c.converged) and not bool(c.finite)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(c.x))
     assert not bool(np.any(p.converged)) and not bool(p.finite)
-    assert np.all(np.isfinite(np.asarray(p.eigenvalues)))
+    # no pair was computed: NaN, never zeros that look like eigenvalues
+    assert np.all(np.isnan(np.asarray(p.eigenvalues)))
+    assert np.all(np.isnan(np.asarray(p.residual_norms)))
+    assert all(np.all(np.isnan(np.asarray(x))) for x in jax.tree.leaves(p.eigenvectors))
     assert not bool(s.finite) and not bool(h.finite)
+    assert np.isnan(float(h.estimate)) and np.isnan(float(h.stderr))
 
 
 def test_zero_start_vectors():
@@ -624,7 +628,7 @@ def test_zero_start_vectors():
     lz = lanczos(op, z, 5)
     Q = np.asarray(lz.basis)
     assert np.max(np.abs(Q @ Q.T - np.eye(5))) <= 1e-12 and bool(lz.finite)
-    p = power_iteration(op, z, 1, num_iters=2000, tol=1e-8)
+    p = power_iteration(op, z, 1, num_iters=2000, tol=1e-8, key=jax.random.PRNGKey(0))
     assert np.isclose(float(p.eigenvalues[0]), 20.0, rtol=1e-8)
     c = cg(op, z)
     assert bool(c.converged) and int(c.num_steps) == 0
