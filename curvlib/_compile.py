@@ -248,3 +248,47 @@ def enable_compilation_cache(path: str | os.PathLike | None = None, *,
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def function(*, static: Sequence[str] = (), operators: Mapping[str, str] | None = None,
+             precheck: Callable | None = None):
+    """Decorate a *public* function so that its eager calls are compiled once and cached.
+
+    Like :func:`entry`, but the whole function (its shape and option checks
+    included) runs under ``jax.jit``: checks that depend only on static options
+    and shapes then run once per compilation. Checks of concrete *values* that
+    stay traced inside (a negative ``damping``, say) go in ``precheck``, which
+    is called eagerly with the bound arguments on every call.
+    """
+    operators = dict(operators or {})
+    static = tuple(static)
+
+    def deco(public):
+        sig = inspect.signature(public)
+        jitted = jax.jit(public, static_argnames=static)
+
+        @functools.wraps(public)
+        def call(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = dict(bound.arguments)
+            if precheck is not None:
+                precheck(**a)
+            dynamic = [v for n, v in a.items() if n not in static and n not in operators]
+            ops = [a[n] for n in operators]
+            if is_traced(dynamic) or any(
+                o is not None and is_pytree_operator(o) and is_traced(o) for o in ops
+            ) or any(getattr(o, "host_driven", False) for o in ops):
+                return public(**a)
+            for op_name, ex_name in operators.items():
+                a[op_name] = as_operator(a[op_name], a[ex_name], op_name, ex_name)
+            try:
+                hash(tuple(a[n] for n in static))
+            except TypeError:  # an unhashable static option: no caching, same result
+                return public(**a)
+            return jitted(**a)
+
+        call.uncached = public
+        return call
+
+    return deco

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _tree
+from curvlib import _compile, _tree
 from curvlib._validate import nonneg_number, static_int
 
 PyTree = Any
@@ -191,6 +191,15 @@ def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc):
     return s.x, aux
 
 
+def _precheck(matvec, b, x0, damping, rtol, atol, max_steps, preconditioner):
+    """The value checks of :func:`cg` that must run eagerly (the rest runs at trace time)."""
+    _check_config(damping, "damping")
+    _check_config(rtol, "rtol")
+    _check_config(atol, "atol")
+    _check_max_steps(max_steps, _tree.size(b))
+
+
+@_compile.function(operators={"matvec": "b", "preconditioner": "b"}, precheck=_precheck)
 def cg(
     matvec: Callable[[PyTree], PyTree],
     b: PyTree,

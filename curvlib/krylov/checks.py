@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _tree
+from curvlib import _compile, _tree
 from curvlib._validate import nonneg_number, static_int
 
 PyTree = Any
@@ -35,6 +35,12 @@ class SymmetryCheck(NamedTuple):
     num_matvecs: int
 
 
+def _precheck(matvec, v_like, key, num_pairs, rtol):
+    if rtol is not None and not isinstance(rtol, jax.Array):
+        nonneg_number(rtol, "rtol")
+
+
+@_compile.function(static=("num_pairs",), operators={"matvec": "v_like"}, precheck=_precheck)
 def check_symmetric(
     matvec: Callable[[PyTree], PyTree],
     v_like: PyTree,

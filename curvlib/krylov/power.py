@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _tree
+from curvlib import _compile, _tree
 from curvlib._validate import nonneg_number, optional_int, static_int
 
 PyTree = Any
@@ -91,6 +91,13 @@ def _start(X, i, v0, key, acc):
     return _unit(_tree.where(good, v, rnd), acc), jnp.asarray(True)
 
 
+def _precheck(matvec, v0, k, key, max_matvecs, num_iters, tol):
+    if not isinstance(tol, jax.Array):  # a JAX array may be computed at run time
+        nonneg_number(tol, "tol")
+
+
+@_compile.function(static=("k", "max_matvecs", "num_iters"), operators={"matvec": "v0"},
+                   precheck=_precheck)
 def power_iteration(
     matvec: Callable[[PyTree], PyTree],
     v0: PyTree,

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _tree
+from curvlib import _compile, _tree
 from curvlib._validate import one_of, optional_int, static_int
 
 PyTree = Any
@@ -177,6 +177,8 @@ def _nan_unless(finite, est, se):
     return jax.tree.map(nan, est), jax.tree.map(nan, se)
 
 
+@_compile.function(static=("num_probes", "method", "batch_size"),
+                   operators={"matvec": "v_like"})
 def hutchinson_trace(
     matvec: Callable[[PyTree], PyTree],
     v_like: PyTree,
@@ -371,6 +373,7 @@ def _orthonormal_rows(Y, acc):
     return chol_qr(chol_qr(Y))
 
 
+@_compile.function(static=("num_probes", "batch_size"), operators={"matvec": "v_like"})
 def hutchinson_diag(
     matvec: Callable[[PyTree], PyTree],
     v_like: PyTree,
