@@ -37,6 +37,12 @@ from curvlib.operators import (
     hvp,
     microbatch_mean,
 )
+from curvlib.operators import (
+    empirical_fisher_matvec,
+    fisher_matvec,
+    jacobian_matvec,
+    jacobian_transpose_matvec,
+)
 from curvlib.optim import *  # noqa: F403  (the names in optim.__all__, listed there once)
 
 __all__ = [
@@ -47,6 +53,10 @@ __all__ = [
     "ggn_matvec",
     "gradient",
     "microbatch_mean",
+    "fisher_matvec",
+    "empirical_fisher_matvec",
+    "jacobian_matvec",
+    "jacobian_transpose_matvec",
     # algorithms
     "lanczos",
     "LanczosResult",
