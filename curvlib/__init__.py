@@ -38,10 +38,12 @@ from curvlib.operators import (
     microbatch_mean,
 )
 from curvlib.operators import (
+    block_eigsh,
     empirical_fisher_matvec,
     fisher_matvec,
     jacobian_matvec,
     jacobian_transpose_matvec,
+    restrict,
 )
 from curvlib.optim import *  # noqa: F403  (the names in optim.__all__, listed there once)
 
@@ -57,6 +59,8 @@ __all__ = [
     "empirical_fisher_matvec",
     "jacobian_matvec",
     "jacobian_transpose_matvec",
+    "restrict",
+    "block_eigsh",
     # algorithms
     "lanczos",
     "LanczosResult",

@@ -43,6 +43,7 @@ Examples:
 """
 
 from curvlib.operators._common import _weak_cache
+from curvlib.operators.blocks import block_eigsh, restrict
 from curvlib.operators.gauss_newton import empirical_fisher_matvec, fisher_matvec, ggn_matvec
 from curvlib.operators.hessian import gradient, hessian_matvec, hvp
 from curvlib.operators.jacobian import jacobian_matvec, jacobian_transpose_matvec
@@ -58,6 +59,8 @@ __all__ = [
     "jacobian_matvec",
     "jacobian_transpose_matvec",
     "microbatch_mean",
+    "restrict",
+    "block_eigsh",
 ]
 
 MODES = ("linearize", "fwd-rev", "rev-rev")  # hessian_matvec's modes, as before

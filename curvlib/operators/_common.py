@@ -169,6 +169,7 @@ def check_same_tree(a: PyTree, b: PyTree, name_a: str, name_b: str) -> None:
 
 def check_scalar(fun: Callable, name: str, *example, has_aux: bool = False) -> None:
     """Raise ``TypeError`` unless ``fun(*example)`` is a real floating scalar (or ``(scalar, aux)``)."""
+    check_has_aux(has_aux)
     out = jax.eval_shape(fun, *example)
     if has_aux:
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
@@ -203,9 +204,13 @@ def value_only(fun: Callable) -> Callable:
     return f
 
 
-def drop_aux(fun: Callable, has_aux: bool) -> Callable:
+def check_has_aux(has_aux) -> None:
     if not isinstance(has_aux, bool):
         raise ValueError(f"`has_aux` must be a bool; got {has_aux!r}.")
+
+
+def drop_aux(fun: Callable, has_aux: bool) -> Callable:
+    check_has_aux(has_aux)
     return value_only(fun) if has_aux else fun
 
 
@@ -232,16 +237,28 @@ def explicit_spec(x):
     return tuple(s.mesh.axis_names), spec
 
 
-def check_tangent(v: PyTree, sig, like: str = "params", name: str = "tangent") -> None:
-    """Static check of ``v`` against ``signature(like)``; errors name the leaf path."""
+def check_tangent(v: PyTree, sig, like: str = "params", name: str = "tangent",
+                  by_path: bool = False) -> None:
+    """Static check of ``v`` against ``signature(like)``; errors name the leaf path.
+
+    With ``by_path`` only the leaves' key paths and shapes must match (``None``
+    subtrees may be written at any level, as in a block's sub-pytree).
+    """
     treedef, paths, shapes, specs = sig
-    vdef = jax.tree.structure(v)
-    leaves = jax.tree.leaves(v)
+    vleaves = leaves_with_paths(v)
+    leaves = [x for _, x in vleaves]
     vshapes = tuple(tuple(jnp.shape(x)) for x in leaves)
-    if vdef != treedef:
+    if by_path:
+        vpaths = tuple(p for p, _ in vleaves)
+        if vpaths != paths:
+            raise ValueError(
+                f"the {name} must have the leaves of `{like}` (by key path, in order): "
+                f"{list(paths)}; got {list(vpaths)}."
+            )
+    elif jax.tree.structure(v) != treedef:
         raise ValueError(
             f"the {name} must match `{like}` in pytree structure and leaf shapes; got "
-            f"{like}: {treedef} and {name}: {vdef}."
+            f"{like}: {treedef} and {name}: {jax.tree.structure(v)}."
         )
     for path, got, want in zip(paths, vshapes, shapes, strict=True):
         if got != want:

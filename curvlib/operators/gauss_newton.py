@@ -189,8 +189,7 @@ def ggn_matvec(
 
 def _check_model(model_fn, params, args, has_aux) -> bool:
     """Validate ``has_aux`` against what ``model_fn`` returns; True when it has an aux part."""
-    if not isinstance(has_aux, bool):
-        raise ValueError(f"`has_aux` must be a bool; got {has_aux!r}.")
+    C.check_has_aux(has_aux)
     if has_aux:
         out = jax.eval_shape(lambda p: model_fn(p, *args), params)
         if not (isinstance(out, (tuple, list)) and len(out) == 2):

@@ -106,22 +106,45 @@ def check_batched(args: tuple, argnums: tuple[int, ...], name: str = "args",
             f"microbatching needs batched arrays, but the batched arguments ({name}"
             f"{list(argnums)}) hold no array."
         )
-    where0, x0 = flat[0]
-    n = _leading_axis(x0)
-    fits = [
-        i for i, a in enumerate(args)
-        if jax.tree.leaves(a) and all(_leading_axis(x) == n for x in jax.tree.leaves(a))
-    ]
-    for where, x in flat:
-        if n is None or _leading_axis(x) != n:
-            what = "the sample axis" if n is None else f"the batch size {n} (leading axis of `{where0}`)"
-            raise ValueError(
-                f"`microbatch_size` chunks every batched argument along its leading (sample) "
-                f"axis, but `{where}` has {_describe(x)}, which does not carry {what}. Pass "
-                f"`batch_argnums` to name the batched arguments (here perhaps "
-                f"`batch_argnums={tuple(fits)}`); the others are passed whole to every "
-                "microbatch."
+    axes = [_leading_axis(x) for _, x in flat]
+    counts = {}
+    for a in axes:
+        if a is not None:
+            counts[a] = counts.get(a, 0) + 1
+    # the batch size: the leading axis most batched leaves share (the first such on ties)
+    n = max(counts, key=lambda a: (counts[a], -axes.index(a))) if counts else None
+    where0 = next((w for (w, _), a in zip(flat, axes, strict=True) if a == n), flat[0][0])
+    for (where, x), a in zip(flat, axes, strict=True):
+        if n is not None and a == n:
+            continue
+        arg = where[: where.index("]") + 1]
+        whole = all(
+            _leading_axis(y) != n for w, y in flat if w[: w.index("]") + 1] == arg
+        )
+        fits = tuple(
+            i for i, t in enumerate(args)
+            if jax.tree.leaves(t) and all(_leading_axis(y) == n for y in jax.tree.leaves(t))
+        )
+        if whole and arg.startswith(name) and fits:
+            fix = (
+                f"Pass `batch_argnums` to name the batched arguments (here "
+                f"`batch_argnums={fits}`); the others are passed whole to every microbatch."
             )
+        elif whole:
+            fix = "Close over it (unbatched constants of the loss are not chunked)."
+        else:
+            fix = (
+                f"Take it out of `{arg}` (pass it as a separate argument, left out of "
+                "`batch_argnums`) or close over it."
+            )
+        what = (
+            "a leading sample axis" if n is None
+            else f"the batch size {n} (leading axis of `{where0}`)"
+        )
+        raise ValueError(
+            f"`microbatch_size` chunks every batched argument along its leading (sample) "
+            f"axis, but `{where}` has {_describe(x)}, which does not carry {what}. {fix}"
+        )
     return int(n)
 
 
