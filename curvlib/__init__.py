@@ -38,10 +38,13 @@ from curvlib.operators import (
     microbatch_mean,
 )
 from curvlib.operators import (
+    InverseMatvec,
+    InverseSolve,
     block_eigsh,
     empirical_fisher_matvec,
     fisher_matvec,
     jacobian_matvec,
+    inverse_matvec,
     jacobian_transpose_matvec,
     restrict,
 )
@@ -61,6 +64,9 @@ __all__ = [
     "jacobian_transpose_matvec",
     "restrict",
     "block_eigsh",
+    "inverse_matvec",
+    "InverseMatvec",
+    "InverseSolve",
     # algorithms
     "lanczos",
     "LanczosResult",

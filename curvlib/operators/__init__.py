@@ -46,6 +46,7 @@ from curvlib.operators._common import _weak_cache
 from curvlib.operators.blocks import block_eigsh, restrict
 from curvlib.operators.gauss_newton import empirical_fisher_matvec, fisher_matvec, ggn_matvec
 from curvlib.operators.hessian import gradient, hessian_matvec, hvp
+from curvlib.operators.inverse import InverseMatvec, InverseSolve, inverse_matvec
 from curvlib.operators.jacobian import jacobian_matvec, jacobian_transpose_matvec
 from curvlib.operators.microbatch import microbatch_mean
 
@@ -61,6 +62,9 @@ __all__ = [
     "microbatch_mean",
     "restrict",
     "block_eigsh",
+    "inverse_matvec",
+    "InverseMatvec",
+    "InverseSolve",
 ]
 
 MODES = ("linearize", "fwd-rev", "rev-rev")  # hessian_matvec's modes, as before
