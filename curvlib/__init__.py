@@ -39,6 +39,7 @@ from curvlib.operators import (
 )
 from curvlib.operators import (
     InverseMatvec,
+    StreamMatvec,
     InverseSolve,
     block_eigsh,
     empirical_fisher_matvec,
@@ -47,6 +48,9 @@ from curvlib.operators import (
     inverse_matvec,
     jacobian_transpose_matvec,
     restrict,
+    stream_gradient,
+    stream_matvec,
+    stream_mean,
 )
 from curvlib.optim import *  # noqa: F403  (the names in optim.__all__, listed there once)
 
@@ -67,6 +71,10 @@ __all__ = [
     "inverse_matvec",
     "InverseMatvec",
     "InverseSolve",
+    "stream_mean",
+    "stream_matvec",
+    "stream_gradient",
+    "StreamMatvec",
     # algorithms
     "lanczos",
     "LanczosResult",

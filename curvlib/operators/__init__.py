@@ -49,6 +49,7 @@ from curvlib.operators.hessian import gradient, hessian_matvec, hvp
 from curvlib.operators.inverse import InverseMatvec, InverseSolve, inverse_matvec
 from curvlib.operators.jacobian import jacobian_matvec, jacobian_transpose_matvec
 from curvlib.operators.microbatch import microbatch_mean
+from curvlib.operators.streams import StreamMatvec, stream_gradient, stream_matvec, stream_mean
 
 __all__ = [
     "hvp",
@@ -65,6 +66,10 @@ __all__ = [
     "inverse_matvec",
     "InverseMatvec",
     "InverseSolve",
+    "stream_mean",
+    "stream_matvec",
+    "stream_gradient",
+    "StreamMatvec",
 ]
 
 MODES = ("linearize", "fwd-rev", "rev-rev")  # hessian_matvec's modes, as before
