@@ -40,7 +40,8 @@ def tanh_mlp():
     k = jax.random.split(jax.random.PRNGKey(1), 5)
     params = {
         "hidden": (0.8 * jax.random.normal(k[0], (3, 5)), 0.1 * jax.random.normal(k[1], (5,))),
-        "out": {"w": 0.8 * jax.random.normal(k[2], (5, C)), "b": 0.1 * jax.random.normal(k[3], (C,))},
+        "out": {"w": 0.8 * jax.random.normal(k[2], (5, C)),
+                "b": 0.1 * jax.random.normal(k[3], (C,))},
     }
     x = jax.random.normal(k[4], (N, 3))
 

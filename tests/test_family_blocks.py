@@ -14,8 +14,10 @@ from curvlib import block_eigsh, restrict
 def _problem():
     k = jax.random.split(jax.random.PRNGKey(11), 7)
     params = {
-        "in": {"w": 0.6 * jax.random.normal(k[0], (4, 4)), "b": 0.2 * jax.random.normal(k[1], (4,))},
-        "mid": {"w": 0.6 * jax.random.normal(k[2], (4, 4)), "b": 0.2 * jax.random.normal(k[3], (4,))},
+        "in": {"w": 0.6 * jax.random.normal(k[0], (4, 4)),
+               "b": 0.2 * jax.random.normal(k[1], (4,))},
+        "mid": {"w": 0.6 * jax.random.normal(k[2], (4, 4)),
+                "b": 0.2 * jax.random.normal(k[3], (4,))},
         "out": {"w": 0.6 * jax.random.normal(k[4], (4, 2))},
     }
     x = jax.random.normal(k[5], (12, 4))

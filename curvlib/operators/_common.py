@@ -168,7 +168,7 @@ def check_same_tree(a: PyTree, b: PyTree, name_a: str, name_b: str) -> None:
 
 
 def check_scalar(fun: Callable, name: str, *example, has_aux: bool = False) -> None:
-    """Raise ``TypeError`` unless ``fun(*example)`` is a real floating scalar (or ``(scalar, aux)``)."""
+    """Raise ``TypeError`` unless ``fun(*example)`` is a float scalar (or ``(scalar, aux)``)."""
     check_has_aux(has_aux)
     out = jax.eval_shape(fun, *example)
     if has_aux:

@@ -344,7 +344,7 @@ def fisher_matvec(
     event dimensions (``"gaussian"``, ``f`` are means); a Gaussian output with a
     single axis ``(n,)`` holds ``n`` scalar predictions. With ``N`` examples,
 
-        ``F = (1/N) sum_i J_i^T E_{y ~ p(.|f_i)}[g_i g_i^T] J_i``,  ``g_i = grad_f (-log p(y|f_i))``,
+        ``F = (1/N) sum_i J_i^T E_{y ~ p(.|f_i)}[g_i g_i^T] J_i``, ``g_i = grad_f -log p(y|f_i)``,
 
     the Fisher of the *mean* negative log-likelihood over the examples (for a
     sequence model's logits ``(batch, time, classes)``: the mean over all

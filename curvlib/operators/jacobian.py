@@ -1,4 +1,4 @@
-"""The model's Jacobian ``J = d model_fn(params, *args) / d params`` and its transpose, as operators.
+"""The model's Jacobian ``J = d model_fn(params, *args) / d params`` and its transpose as operators.
 
 Both linearise the model once (``jax.linearize``) and replay only the tangent
 pass (``J v``, forward mode) or its transpose (``J^T u``, reverse mode) per

@@ -45,7 +45,9 @@ def batch_size(tree: PyTree, name: str) -> int:
     """
     leaves = leaves_with_paths(tree)
     if not leaves:
-        raise ValueError(f"`{name}` is an empty pytree; expected arrays with a leading sample axis.")
+        raise ValueError(
+            f"`{name}` is an empty pytree; expected arrays with a leading sample axis."
+        )
     first_path, first = leaves[0]
     n = _leading_axis(first)
     if n is None:

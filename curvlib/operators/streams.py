@@ -34,7 +34,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from curvlib import _tree
 from curvlib.operators import _common as C
