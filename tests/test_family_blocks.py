@@ -142,6 +142,13 @@ def test_block_eigsh_batches_blocks_of_equal_shape():
     assert n == 2 * one_bias and list(by_layer) == ["in", "mid", "out"]
     assert by_layer["mid"].eigenvectors["mid"]["w"].shape == (1, 4, 4)
     assert by_layer["mid"].eigenvectors["in"] == {"b": None, "w": None}
+    # one block after another (lax.map): still one product call site per shape
+    calls.clear()
+    jax.eval_shape(lambda: block_eigsh(counted, params, 1, key=jax.random.key(0),
+                                       blocks=lambda path, leaf: path[0].key, batch_size=1))
+    assert len(calls) == 2 * one_bias
+    with pytest.raises(ValueError, match="batch_size"):
+        block_eigsh(Hv, params, 1, key=jax.random.key(0), batch_size=0)
     with pytest.raises(ValueError, match=r"block 'in/b' has 4 entries; k=4"):
         block_eigsh(Hv, params, 4, key=jax.random.key(0))
     with pytest.raises(ValueError, match="no leaf"):
@@ -169,3 +176,15 @@ def test_block_products_are_the_dense_blocks():
             out = product(vals, jnp.arange(2))
             cols.append(np.concatenate([np.asarray(out[0][b]), np.asarray(out[1][b]).ravel()]))
         np.testing.assert_allclose(np.asarray(cols).T, H[np.ix_(idx, idx)], atol=1e-12)
+
+
+def test_block_eigsh_one_block_at_a_time():
+    """``batch_size=1`` (``lax.map`` over equal-shaped blocks) gives the same pairs."""
+    d = {"a": jnp.arange(1.0, 9.0), "b": jnp.arange(11.0, 19.0), "c": jnp.arange(2.0, 8.0)}
+    mv = lambda v: jax.tree.map(lambda di, vi: di * vi, d, v)
+    params = jax.tree.map(jnp.zeros_like, d)
+    out = block_eigsh(mv, params, 2, key=jax.random.key(0), batch_size=1, tol=1e-10)
+    got = {n: np.asarray(r.eigenvalues) for n, r in out.items()}
+    np.testing.assert_allclose(got["a"], [8.0, 7.0], rtol=1e-10)
+    np.testing.assert_allclose(got["b"], [18.0, 17.0], rtol=1e-10)
+    np.testing.assert_allclose(got["c"], [7.0, 6.0], rtol=1e-10)
