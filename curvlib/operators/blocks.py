@@ -110,6 +110,39 @@ def _closed(matvec, fn):
     return apply
 
 
+class HostDrivenRestriction:
+    """:func:`restrict` of a host-driven operator: host-driven too (``host_driven = True``).
+
+    ``op(v_B)`` makes one pass of the underlying operator; ``op.params`` is the
+    block's sub-pytree (the shapes of ``v_B``).
+    """
+
+    host_driven = True
+
+    def __init__(self, fn, matvec, sub):
+        self._fn, self.matvec, self.params = fn, matvec, sub
+
+    def __call__(self, v):
+        return self._fn(self.matvec, v)
+
+    def matmat(self, V):
+        """``C_BB V`` for vectors stacked on a leading axis: one pass of the operator."""
+        full = self.matvec.matmat(_embed_block(self.matvec.params, self.params, V))
+        paths = {p for p, _ in C.leaves_with_paths(self.params)}
+        picked = [x for p, x in C.leaves_with_paths(full) if p in paths]
+        return jax.tree.unflatten(jax.tree.structure(V), picked)
+
+
+def _embed_block(params, sub, V):
+    """Stacked block vectors ``V`` placed in stacked zeros shaped like ``params``."""
+    k = jnp.shape(jax.tree.leaves(V)[0])[0]
+    it = iter(jax.tree.leaves(V))
+    paths = {p for p, _ in C.leaves_with_paths(sub)}
+    leaves = [next(it) if p in paths else jnp.zeros((k,) + jnp.shape(x), jnp.result_type(x))
+              for p, x in C.leaves_with_paths(params)]
+    return jax.tree.unflatten(jax.tree.structure(params), leaves)
+
+
 def restrict(matvec: Callable, params: PyTree, where) -> Partial:
     """The operator restricted to a parameter block: ``v_B -> C_BB v_B``.
 
@@ -137,7 +170,9 @@ def restrict(matvec: Callable, params: PyTree, where) -> Partial:
     Returns:
       A :class:`jax.tree_util.Partial` ``matvec_B`` with
       ``matvec_B(v_B) = C_BB v_B`` on sub-pytrees (pass it into jitted code: its
-      arrays stay traced inputs when ``matvec`` is itself a ``Partial``).
+      arrays stay traced inputs when ``matvec`` is itself a ``Partial``); for a
+      host-driven ``matvec`` (:func:`curvlib.stream_matvec`), a host-driven
+      :class:`HostDrivenRestriction`.
 
     Raises:
       ValueError: when ``where`` selects no leaf, is not a pytree of bools
@@ -164,6 +199,8 @@ def restrict(matvec: Callable, params: PyTree, where) -> Partial:
     specs = tuple(_leaf_spec(x) for x in leaves)
     sub = _sub_tree(treedef, leaves, mask)
     fn = _restricted(treedef, mask, specs, C.signature(sub))
+    if getattr(matvec, "host_driven", False):
+        return HostDrivenRestriction(fn, matvec, sub)
     if isinstance(matvec, Partial):
         return Partial(fn, matvec)
     if not callable(matvec):
@@ -310,6 +347,9 @@ def block_eigsh(
                 f"block {names[lab]!r} has {dim} entries; k={k} eigenpairs need more than k. "
                 "Lower `k`, or merge the block with another (`blocks=`)."
             )
+    if getattr(matvec, "host_driven", False):
+        return _block_eigsh_host(matvec, params, k, key, labels, order, names, which,
+                                 eigsh_options)
     if not isinstance(matvec, Partial):
         if not callable(matvec):
             raise TypeError(f"`matvec` must be callable; got {type(matvec).__name__}.")
@@ -322,6 +362,19 @@ def block_eigsh(
     else:
         out = _block_eigsh_jit(matvec, params, key, labels, k, which, options, batch_size)
     return {names[lab]: out[i] for i, lab in enumerate(order)}
+
+
+def _block_eigsh_host(matvec, params, k, key, labels, order, names, which, options):
+    """Host-driven operators: one :func:`curvlib.eigsh` per block, driven from the host."""
+    leaves, treedef = jax.tree.flatten(params)
+    out = {}
+    for n, (lab, idx) in enumerate(order.items()):
+        mask = tuple(i in idx for i in range(len(leaves)))
+        where = jax.tree.unflatten(treedef, list(mask))
+        sub = _sub_tree(treedef, leaves, mask)
+        v0 = _tree.normal_like(jax.random.fold_in(key, n), sub)
+        out[names[lab]] = eigsh(restrict(matvec, params, where), v0, k, which=which, **options)
+    return out
 
 
 def _block_order(labels) -> dict:
