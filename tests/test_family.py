@@ -308,3 +308,32 @@ def test_jacobian_products_on_pytree_outputs_with_aux():
     assert rel(np.asarray(ravel_pytree(JTu(unravel_out(jnp.asarray(u))))[0]), J.T @ u) < 1e-12
     with pytest.raises(ValueError, match=r"cotangent\['energy'\] has shape \(5,\)"):
         JTu({"logits": jnp.ones((N, C)), "energy": jnp.ones(5)})
+
+
+def test_new_points_reuse_one_compilation():
+    """Operators built at new points (new parameters, new batch) are equal pytree types:
+    a jitted consumer compiles once per operator kind."""
+    model_fn, params, x = tanh_mlp()
+    per_example = lambda p, ex: jnp.sum(model_fn(p, ex[None]) ** 2)
+    out_loss = lambda o: jnp.mean(o**2)  # defined once (a new lambda per call is a new program)
+    builders = {
+        "fisher": lambda p, x: curvlib.fisher_matvec(model_fn, p, x),
+        "mc fisher": lambda p, x: curvlib.fisher_matvec(model_fn, p, x, key=jax.random.key(0)),
+        "gaussian": lambda p, x: curvlib.fisher_matvec(model_fn, p, x, likelihood="gaussian"),
+        "ggn": lambda p, x: curvlib.ggn_matvec(model_fn, out_loss, p, x),
+        "empirical fisher": lambda p, x: curvlib.empirical_fisher_matvec(per_example, p, x),
+        "jacobian": lambda p, x: curvlib.jacobian_matvec(model_fn, p, x),
+    }
+    v = jax.tree.map(jnp.ones_like, params)
+    for name, build in builders.items():
+        traces = []
+
+        @jax.jit
+        def apply(mv, v, traces=traces):
+            traces.append(1)
+            return mv(v)
+
+        for s in range(3):
+            p = jax.tree.map(lambda a, s=s: a * (1 + 0.1 * s), params)
+            apply(build(p, x + s), v)
+        assert len(traces) == 1, name
