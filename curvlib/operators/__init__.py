@@ -42,7 +42,7 @@ Examples:
   [1.0, 1.0]
 """
 
-from curvlib.operators._common import _weak_cache
+from curvlib.operators._common import _weak_cache  # noqa: F401  (used by curvlib.optim)
 from curvlib.operators.blocks import block_eigsh, restrict
 from curvlib.operators.gauss_newton import empirical_fisher_matvec, fisher_matvec, ggn_matvec
 from curvlib.operators.hessian import gradient, hessian_matvec, hvp
@@ -72,5 +72,4 @@ __all__ = [
     "StreamMatvec",
 ]
 
-MODES = ("linearize", "fwd-rev", "rev-rev")  # hessian_matvec's modes, as before
-_ = _weak_cache  # re-exported for curvlib.optim
+from curvlib.operators.hessian import MODES  # noqa: E402,F401  (hessian_matvec's modes)
