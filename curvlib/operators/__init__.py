@@ -45,7 +45,7 @@ Examples:
 from curvlib.operators._common import _weak_cache  # noqa: F401  (used by curvlib.optim)
 from curvlib.operators.blocks import block_eigsh, restrict
 from curvlib.operators.gauss_newton import empirical_fisher_matvec, fisher_matvec, ggn_matvec
-from curvlib.operators.hessian import gradient, hessian_matvec, hvp
+from curvlib.operators.hessian import MODES, gradient, hessian_matvec, hvp  # noqa: F401
 from curvlib.operators.inverse import InverseMatvec, InverseSolve, inverse_matvec
 from curvlib.operators.jacobian import jacobian_matvec, jacobian_transpose_matvec
 from curvlib.operators.microbatch import microbatch_mean
@@ -71,5 +71,3 @@ __all__ = [
     "stream_gradient",
     "StreamMatvec",
 ]
-
-from curvlib.operators.hessian import MODES  # noqa: E402,F401  (hessian_matvec's modes)
