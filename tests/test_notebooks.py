@@ -39,6 +39,14 @@ CASES = [
         ("k-curve in", "largest principal angle", "signed top eigenvalues",
          "GM speed-up over direct MC"),
     ),
+    NotebookCase(
+        "influence_functions.ipynb",
+        "quick mode: True",
+        # the dense-solve check and the leave-one-out comparison (its cell asserts r > 0.95)
+        ("inverse_matvec vs numpy.linalg.solve", "leave-one-out retrainings",
+         "Pearson correlation, Hessian influence vs leave-one-out retraining"),
+        min_figures=1,
+    ),
 ]
 
 
