@@ -199,7 +199,7 @@ def test_stream_caches_reuse_compilations_and_release_user_functions():
 
 def test_restricted_and_block_spectra_of_a_streamed_operator():
     """``restrict`` keeps a streamed operator host-driven; ``block_eigsh`` hands its blocks to
-    ``curvlib.eigsh`` one by one (checked once eigsh drives host-driven operators)."""
+    ``curvlib.eigsh`` one by one, which drives each from the host."""
     params, x, y, model, ce, loss, batches = _setup()
     full = (jnp.asarray(x), jnp.asarray(y))
     H = curvlib.stream_matvec(lambda p, b: curvlib.hessian_matvec(loss, p, b), params, batches)
@@ -213,14 +213,36 @@ def test_restricted_and_block_spectra_of_a_streamed_operator():
     V = {"w": None, "head": (jnp.stack([u, jnp.eye(5, C)]), None)}
     block = Hb.matmat(V)
     _close(jax.tree.map(lambda a: a[1], block), ref({"w": None, "head": (jnp.eye(5, C), None)}))
-    try:
-        spectra = curvlib.block_eigsh(H, params, 2, key=jax.random.key(0), tol=1e-10)
-    except TypeError as e:
-        if "host-driven" not in str(e):
-            raise
-        pytest.skip("curvlib.eigsh does not drive host-driven operators yet")
+    spectra = curvlib.block_eigsh(H, params, 2, key=jax.random.key(0), tol=1e-10)
     flat, unravel = ravel_pytree(params)
     dense = np.asarray(jax.hessian(lambda f: loss(unravel(f), full))(flat))
-    idx = np.arange(20)  # "w": the first 20 entries in ravel order
+    mask = ravel_pytree({"w": jnp.ones((4, 5)), "head": (jnp.zeros((5, C)), jnp.zeros(C))})[0]
+    idx = np.flatnonzero(np.asarray(mask))  # "w" in ravel order (after "head": keys sort)
     np.testing.assert_allclose(np.asarray(spectra["w"].eigenvalues),
                                np.linalg.eigvalsh(dense[np.ix_(idx, idx)])[::-1][:2], rtol=1e-8)
+
+
+def test_krylov_algorithms_run_on_a_streamed_operator():
+    """eigsh, lanczos, spectral_density and the Hutchinson estimators drive a streamed Hessian
+    from the host and agree with the in-memory operator on the same data."""
+    params, x, y, model, ce, loss, batches = _setup()
+    full = (jnp.asarray(x), jnp.asarray(y))
+    H = curvlib.stream_matvec(lambda p, b: curvlib.hessian_matvec(loss, p, b), params, batches)
+    M = curvlib.hessian_matvec(loss, params, full)
+    v0 = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape) + 0.1,
+                      params)
+    key = jax.random.key(3)
+    es, em = (curvlib.eigsh(op, v0, 3, key=key, tol=1e-10) for op in (H, M))
+    assert bool(es.converged) and bool(em.converged)
+    np.testing.assert_allclose(np.asarray(es.eigenvalues), np.asarray(em.eigenvalues), rtol=1e-9)
+    ls, lm = (curvlib.lanczos(op, v0, 6) for op in (H, M))
+    np.testing.assert_allclose(np.asarray(ls.alphas), np.asarray(lm.alphas), rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(ls.betas), np.asarray(lm.betas), rtol=1e-9)
+    ds, dm = (curvlib.spectral_density(op, v0, key, num_matvecs=5, num_probes=2, sigma=0.1)
+              for op in (H, M))
+    np.testing.assert_allclose(np.asarray(ds.nodes), np.asarray(dm.nodes), rtol=1e-8, atol=1e-12)
+    ts, tm = (curvlib.hutchinson_trace(op, v0, key, 6) for op in (H, M))
+    np.testing.assert_allclose(float(ts.estimate), float(tm.estimate), rtol=1e-10)
+    gs, gm = (curvlib.hutchinson_diag(op, v0, key, 3) for op in (H, M))
+    _close(gs.estimate, gm.estimate, tol=1e-10)
+    assert bool(curvlib.check_symmetric(H, v0, key).symmetric)

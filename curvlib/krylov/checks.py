@@ -107,7 +107,13 @@ def check_symmetric(
         _tree.check_same_structure(v_like, out, "v_like", "matvec(v_like)")
         return jax.tree.map(lambda y, x: jnp.asarray(y).astype(x.dtype), out, v)
 
-    products = jax.vmap(product)(probes)
+    if getattr(matvec, "host_driven", False):  # streamed data: one pass for the whole block
+        products = matvec.matmat(probes) if hasattr(matvec, "matmat") else jax.tree.map(
+            lambda *r: jnp.stack(r),
+            *[matvec(jax.tree.map(lambda x, i=i: x[i], probes)) for i in range(2 * num_pairs)])
+        products = jax.tree.map(lambda y, x: jnp.asarray(y).astype(x.dtype), products, probes)
+    else:
+        products = jax.vmap(product)(probes)
     U = jax.tree.map(lambda x: x[:num_pairs], probes)
     V = jax.tree.map(lambda x: x[num_pairs:], probes)
     AU = jax.tree.map(lambda x: x[:num_pairs], products)

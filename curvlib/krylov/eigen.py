@@ -418,7 +418,7 @@ def eigsh(
         an eager call with a new closure of the same program reuses the
         compiled code; a Python scalar it closes over is part of the program.
       v0: non-zero start vector (e.g. ``jax.random.normal``-filled params).
-      k: number of wanted pairs, ``1 <= k < dim - 1``.
+      k: number of wanted pairs, ``1 <= k < dim``.
       which: ``"LA"`` (largest algebraic), ``"SA"`` (smallest algebraic) or
         ``"LM"`` (largest magnitude).
       key: PRNG key for the verification blocks and for restarts after a
@@ -427,7 +427,9 @@ def eigsh(
         precise leaf dtype of ``v0`` (or of ``basis_dtype``); ``0`` for machine
         precision. May be traced.
       basis_size: Krylov basis size ``m`` (vectors stored), ``k + 2 <= m <= dim``;
-        default ``min(dim, max(4k, 20))``.
+        default ``min(dim, max(4k, 20))``. With ``m = dim`` the basis spans the
+        whole space and the answer is exact without verification (``dim``
+        products at most).
       max_matvecs: product budget; default ``100 m``. May be traced.
       max_restarts: cap on thick restarts. May be traced.
       num_keep: Ritz vectors kept per restart, ``k <= num_keep < m - 1``;
@@ -476,10 +478,10 @@ def eigsh(
     n = _tree.size(v0)
     _validate.one_of(which, "which", WHICH)
     k = _validate.static_int(k, "k", minimum=1)
-    if k > n - 2:
+    if k > n - 1:
         raise ValueError(
-            f"`k`={k} must be at most dim - 2 = {n - 2} (dim = {n}, the size of `v0`); for "
-            "all eigenpairs use a dense eigendecomposition (jnp.linalg.eigh)."
+            f"`k`={k} must be smaller than dim = {n} (the size of `v0`); for all eigenpairs "
+            "use a dense eigendecomposition (jnp.linalg.eigh)."
         )
     if num_matvecs is not None:
         if basis_size is not None:
@@ -495,8 +497,8 @@ def eigsh(
     if basis_size is None:
         m = min(n, max(4 * k, 20))
     else:
-        m = _validate.static_int(basis_size, "basis_size", minimum=k + 2, maximum=n,
-                                 what=f"k + 2 <= basis_size <= dim, k={k}, dim={n}")
+        m = _validate.static_int(basis_size, "basis_size", minimum=min(k + 2, n), maximum=n,
+                                 what=f"k + 2 <= basis_size <= dim (or = dim), k={k}, dim={n}")
     keep = k + (m - k) // 2 if num_keep is None else _validate.static_int(
         num_keep, "num_keep", minimum=k, maximum=m - 2, what="k <= num_keep < basis_size - 1")
     keep = min(keep, m - 2)

@@ -76,7 +76,19 @@ def _t975(dof: int) -> float:
 
 
 def _block_matvec(matvec, V, batch_size, like):
-    """``A v`` for every row of the basis ``V``: one ``vmap`` (or ``lax.map`` chunks)."""
+    """``A v`` for every row of the basis ``V``: one ``vmap`` (or ``lax.map`` chunks).
+
+    A host-driven operator (data streamed from the host) takes the whole block
+    in one pass over its data (``matvec.matmat``), or row by row.
+    """
+    if getattr(matvec, "host_driven", False):
+        if hasattr(matvec, "matmat"):
+            out = matvec.matmat(V)
+        else:
+            n = jax.tree.leaves(V)[0].shape[0]
+            rows = [matvec(jax.tree.map(lambda x, i=i: x[i], V)) for i in range(n)]
+            out = jax.tree.map(lambda *r: jnp.stack(r), *rows)
+        return jax.tree.map(lambda a, b: jnp.asarray(a).astype(b.dtype), out, V)
 
     def one(v):
         out = matvec(v)
