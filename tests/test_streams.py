@@ -246,3 +246,8 @@ def test_krylov_algorithms_run_on_a_streamed_operator():
     gs, gm = (curvlib.hutchinson_diag(op, v0, key, 3) for op in (H, M))
     _close(gs.estimate, gm.estimate, tol=1e-10)
     assert bool(curvlib.check_symmetric(H, v0, key).symmetric)
+    cs, cm = (curvlib.cg(op, v0, damping=2.0, rtol=1e-10) for op in (H, M))
+    assert bool(cs.converged) and int(cs.num_steps) == int(cm.num_steps)
+    _close(cs.x, cm.x, tol=1e-9)
+    ps, pm = (curvlib.power_iteration(op, v0, 1, key=key, num_iters=50) for op in (H, M))
+    np.testing.assert_allclose(np.asarray(ps.eigenvalues), np.asarray(pm.eigenvalues), rtol=1e-9)

@@ -64,3 +64,18 @@ def drive(request, update, running, cfg, matvec, state):
     if is_host_driven(matvec):
         return run_host(request, update, running, cfg, matvec, state)
     return run(request, update, running, cfg, matvec, state)
+
+
+def while_loop(cond, body, init, *, host: bool):
+    """``lax.while_loop``, or for a host-driven operator the same loop run from Python.
+
+    For algorithms written as one loop body (CG, power iteration): with a
+    host-driven product the body cannot be traced, so it runs eagerly, its
+    vector algebra dispatched op by op (each op compiled once and cached).
+    """
+    if not host:
+        return jax.lax.while_loop(cond, body, init)
+    state = init
+    while bool(cond(state)):
+        state = body(state)
+    return state

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _compile, _tree
+from curvlib.krylov import _driver
 from curvlib._validate import nonneg_number, static_int
 
 PyTree = Any
@@ -103,7 +104,7 @@ def _check_max_steps(max_steps, n: int):
     return min(static_int(max_steps, "max_steps", minimum=1), _MAX_STEPS_CAP)
 
 
-def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc):
+def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False):
     """CG on ``op x = rhs`` with every product at one call site; returns ``(x, aux)``.
 
     One ``lax.while_loop`` whose body applies ``op`` once, to the vector its phase
@@ -185,7 +186,7 @@ def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc):
             negdir=_tree.where(negcurv, p, s.negdir), finite=finite,
         )
 
-    s = jax.lax.while_loop(cond, body, init)
+    s = _driver.while_loop(cond, body, init, host=host)
     converged = s.finite & (s.rnorm <= tol)
     aux = (s.step, s.num_matvecs, s.rnorm, converged, s.negcurv, s.negdir, s.finite)
     return s.x, aux
@@ -333,7 +334,11 @@ def cg(
         return _cg_solve(op_, rhs, x0=x0, precond=precond, rtol=rtol, atol=atol,
                          max_steps=max_steps, acc=acc)
 
-    x, aux = jax.lax.custom_linear_solve(op, b, solve, symmetric=True, has_aux=True)
+    if _driver.is_host_driven(matvec):  # streamed data: a host loop, no derivative rule
+        x, aux = _cg_solve(op, b, x0=x0, precond=precond, rtol=rtol, atol=atol,
+                           max_steps=max_steps, acc=acc, host=True)
+    else:
+        x, aux = jax.lax.custom_linear_solve(op, b, solve, symmetric=True, has_aux=True)
     step, nmv, rnorm, converged, negcurv, negdir, finite = jax.lax.stop_gradient(aux)
     return CGResult(
         x=x,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _compile, _tree
+from curvlib.krylov import _driver
 from curvlib._validate import nonneg_number, optional_int, static_int
 
 PyTree = Any
@@ -254,7 +255,7 @@ def power_iteration(
         i=jnp.zeros((), jnp.int32), x=x, it=jnp.zeros((), jnp.int32),
         total=jnp.zeros((), jnp.int32), started=ok, finite=finite0,
     )
-    s = jax.lax.while_loop(cond, body, init)
+    s = _driver.while_loop(cond, body, init, host=_driver.is_host_driven(matvec))
     found = jnp.arange(k) < s.i
     X, thetas, res, conv = s.X, s.thetas, s.res, s.conv
     if k > 1:
