@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _compile, _tree
-from curvlib.krylov import _driver
 from curvlib._validate import nonneg_number, static_int
+from curvlib.krylov import _driver
 
 PyTree = Any
 
