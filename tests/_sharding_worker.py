@@ -60,7 +60,7 @@ def _computations(params, x, y, model, out_loss, loss, v0, b):
     )
     gv = curvlib.ggn_matvec(model, out_loss, params, x, loss_args=(y,))
     jit_apply = jax.jit(lambda mv, v: mv(v))
-    eig = jax.jit(lambda mv, v: curvlib.eigsh(mv, v, 3, num_matvecs=20, max_restarts=50))
+    eig = jax.jit(lambda mv, v: curvlib.eigsh(mv, v, 3, basis_size=20, max_restarts=50))
     lz = jax.jit(lambda mv, v: curvlib.lanczos(mv, v, 12))
     cg = jax.jit(lambda mv, b: curvlib.cg(mv, b, damping=0.5, rtol=1e-10))
     out = {

@@ -67,7 +67,8 @@ def _all_finite(tree):
 )
 def test_nonfinite_problem_flags_eigsh_and_cg(where, bad):
     """A NaN/Inf in params, data or the loss value propagates into the products,
-    and the solvers flag it: ``finite=False``, ``converged=False``, finite outputs."""
+    and the solvers flag it: ``finite=False``, ``converged=False``, finite vectors and NaN
+    (never plausible) eigenvalues."""
     params, x, y = _problem()
     loss = _loss
     if where == "params":
@@ -82,9 +83,9 @@ def test_nonfinite_problem_flags_eigsh_and_cg(where, bad):
     v0 = jax.tree.map(jnp.ones_like, params)
     hv = mv(v0)
     assert not _all_finite(hv)  # propagated, not hidden
-    e = curvlib.eigsh(mv, v0, 2, num_matvecs=8, max_restarts=5)
+    e = curvlib.eigsh(mv, v0, 2, basis_size=8, max_restarts=5)
     assert not bool(e.finite) and not bool(e.converged)
-    assert _all_finite(e.eigenvectors) and bool(jnp.all(jnp.isfinite(e.eigenvalues)))
+    assert _all_finite(e.eigenvectors) and bool(jnp.all(jnp.isnan(e.eigenvalues)))
     c = curvlib.cg(mv, v0, damping=1.0)
     assert not bool(c.finite) and not bool(c.converged)
     assert _all_finite(c.x)
@@ -270,26 +271,28 @@ def test_non_float_loss_raises_type_error():
 
 def test_k_and_num_matvecs_out_of_range_raise():
     mv, v0 = _diag_op(jnp.arange(1.0, 11.0))
-    for call in (
-        lambda: curvlib.eigsh(mv, v0, 0),
-        lambda: curvlib.eigsh(mv, v0, 10),  # k >= dim
-        lambda: curvlib.eigsh(mv, v0, 2, num_matvecs=2),  # m <= k
-        lambda: curvlib.eigsh(mv, v0, 2, num_matvecs=11),  # m > dim
-        lambda: curvlib.lanczos(mv, v0, 0),
-        lambda: curvlib.lanczos(mv, v0, 11),
-        lambda: curvlib.power_iteration(mv, v0, 0),
-        lambda: curvlib.power_iteration(mv, v0, 10),
-        lambda: curvlib.cg(mv, v0, max_steps=0),
-        lambda: curvlib.hutchinson_trace(mv, v0, jax.random.PRNGKey(0), 0),
-        lambda: curvlib.spectral_density(mv, v0, jax.random.PRNGKey(0), num_matvecs=0,
-                                         num_probes=1),
-    ):
-        with pytest.raises(ValueError):
+    key = jax.random.PRNGKey(0)
+    cases = [
+        (lambda: curvlib.eigsh(mv, v0, 0), r"`k` must be >= 1"),
+        (lambda: curvlib.eigsh(mv, v0, 10), r"`k`=10 must be smaller than dim = 10"),
+        (lambda: curvlib.eigsh(mv, v0, 2, basis_size=2), r"`basis_size` must be in \[4, 10\]"),
+        (lambda: curvlib.eigsh(mv, v0, 2, basis_size=11), r"`basis_size` must be in \[4, 10\]"),
+        (lambda: curvlib.lanczos(mv, v0, 0), r"`num_matvecs` must be in \[1, 10\]"),
+        (lambda: curvlib.lanczos(mv, v0, 11), r"`num_matvecs` must be in \[1, 10\]"),
+        (lambda: curvlib.power_iteration(mv, v0, 0), r"`k` must be in \[1, 9\]"),
+        (lambda: curvlib.power_iteration(mv, v0, 10), r"`k` must be in \[1, 9\]"),
+        (lambda: curvlib.cg(mv, v0, max_steps=0), r"`max_steps` must be >= 1"),
+        (lambda: curvlib.hutchinson_trace(mv, v0, key, 0), r"`num_probes` must be >= 3"),
+        (lambda: curvlib.spectral_density(mv, v0, key, num_matvecs=0, num_probes=1),
+         r"`num_matvecs` must be in \[1, 10\]"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
             call()
 
 
 def test_largest_legal_sizes_are_exact():
-    """k = dim - 1 and num_matvecs = dim: the Krylov space is everything; answers are exact."""
+    """k = dim - 1 and a basis of dim vectors: the Krylov space is everything; answers exact."""
     d = jnp.arange(1.0, 11.0)
     mv, v0 = _diag_op(d)
     e = curvlib.eigsh(mv, {"a": jnp.linspace(1.0, 2.0, 10)}, 9)

@@ -39,7 +39,7 @@ def _vec(rng, n):
 
 @functools.partial(jax.jit, static_argnames=("which",))
 def _eigsh(A, v0, which):
-    return eigsh(_op(A, v0), v0, 2, which=which, num_matvecs=min(A.shape[0], 10))
+    return eigsh(_op(A, v0), v0, 2, which=which, basis_size=min(A.shape[0], 10))
 
 
 @jax.jit

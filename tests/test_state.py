@@ -61,7 +61,7 @@ def _results():
     v0 = jax.tree.map(jnp.ones_like, params)
     out = {
         "lanczos": curvlib.lanczos(mv, v0, 6),
-        "eigsh": curvlib.eigsh(mv, v0, 2, num_matvecs=10),
+        "eigsh": curvlib.eigsh(mv, v0, 2, basis_size=10),
         "cg": curvlib.cg(mv, v0, damping=0.1),
         "power": curvlib.power_iteration(mv, v0, 1, num_iters=20),
         "trace": curvlib.hutchinson_trace(mv, v0, key, 6),
@@ -238,7 +238,7 @@ def _keyed_results(key):
     sub = landscape.curvature_subspace(_loss_b, params, (x, y), 12, 2, key=k4)
     co = landscape.increment_coefficients(_loss_b, params, (x, y), 12, sub.eigenvectors)
     return {
-        "eigsh": curvlib.eigsh(mv, v0, 2, num_matvecs=10),
+        "eigsh": curvlib.eigsh(mv, v0, 2, basis_size=10),
         "hutch++": curvlib.hutchinson_trace(mv, params, k2, 9),
         "slq": curvlib.spectral_density(mv, params, k3, num_matvecs=6, num_probes=3,
                                         num_points=32),

@@ -100,11 +100,12 @@ class Space:
             )
         return jax.tree.unflatten(self.treedef, self._split(x, axis=0, lead=()))
 
-    def _split(self, x, axis, lead):
+    def _split(self, x, axis, lead, cast=True):
         out, start = [], 0
         for size, shape, dt in zip(self.sizes, self.shapes, self.dtypes, strict=True):
             part = jax.lax.slice_in_dim(x, start, start + size, axis=axis)
-            out.append(jnp.reshape(part, lead + shape).astype(dt))
+            part = jnp.reshape(part, lead + shape)
+            out.append(part.astype(dt) if cast else part)
             start += size
         return out
 
@@ -165,7 +166,7 @@ class Space:
     # ----------------------------------------------------------------- bases
 
     def unflatten_basis(self, Q) -> PyTree:
-        """A basis (leading axis ``m``) back in the user's leaf shapes (and dtypes)."""
+        """A basis (leading axis ``m``) back in the user's leaf shapes (dtype kept)."""
         if self.layout == "identity":
             return Q
         if self.layout == "leaves":
@@ -176,7 +177,7 @@ class Space:
                                                                       strict=True)],
             )
         m = Q.shape[0]
-        return jax.tree.unflatten(self.treedef, self._split(Q, axis=1, lead=(m,)))
+        return jax.tree.unflatten(self.treedef, self._split(Q, axis=1, lead=(m,), cast=False))
 
     def flatten_basis(self, U: PyTree):
         """A user basis (leading axis) in the internal layout."""

@@ -111,7 +111,7 @@ class _State(NamedTuple):
 
 
 def _thresholds(cfg: _Cfg, band: _band.Band, theta, valid, tol):
-    """``max(tol |theta_i|, floor)`` with ``floor = max(c eps, tol eps^(2/3)) ||A||``.
+    """``max(tol |theta_i|, floor)``, ``floor = max(min(c eps, sqrt(eps)), tol eps^(2/3)) ||A||``.
 
     ``c eps ||A||`` (``c = 10 m``) is the residual level rounding
     allows, so ``tol = 0`` (machine precision) and eigenvalues near zero both
@@ -126,7 +126,8 @@ def _thresholds(cfg: _Cfg, band: _band.Band, theta, valid, tol):
     eps = jnp.asarray(eps, acc)
     anorm = jnp.maximum(band.anorm, jnp.max(jnp.where(valid, jnp.abs(theta), 0.0)))
     c = 10 * jnp.asarray(cfg.m, acc)
-    floor = jnp.maximum(c * eps, tol * eps ** (2.0 / 3.0)) * anorm
+    # (capped at sqrt(eps) ||A||: for a coarse basis dtype c eps would exceed the spectrum)
+    floor = jnp.maximum(jnp.minimum(c * eps, jnp.sqrt(eps)), tol * eps ** (2.0 / 3.0)) * anorm
     return jnp.maximum(tol * jnp.abs(theta), floor)
 
 
