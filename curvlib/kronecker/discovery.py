@@ -357,13 +357,12 @@ def _find_layers(model_fn, params, args) -> KfacLayers:
     p_structs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in p_leaves]
     b_structs = [_example_struct(a_leaves[i]) for i in arrays]
     program = _program.trace(fn, p_structs, b_structs)
-    out_avals = [_aval_of(program, a) for a in program.outputs]
-    if len(out_avals) != 1:
+    if len(program.outputs) != 1:
         raise ValueError(
             f"`model_fn` must return one array (the model's outputs); it returned "
-            f"{len(out_avals)} leaves."
+            f"{len(program.outputs)} leaves."
         )
-    out_aval = out_avals[0]
+    out_aval = _aval_of(program, program.outputs[0])
     if not out_aval.shape or out_aval.shape[0] != 1:
         raise ValueError(
             "`model_fn` must keep the leading example axis of its inputs in its output; on a "

@@ -68,14 +68,14 @@ from curvlib.kronecker.curvature import (
     METHODS,
     Eigen,
     Factors,
+    Inverses,
     batch_leaves,
     check_options,
     eigen,
     factor_dtype,
-    from_blocks,
-    precondition_blocks,
+    factored_inverses,
+    precondition,
     statistics,
-    to_blocks,
     zero_factors,
 )
 from curvlib.kronecker.discovery import KfacLayers, _find_layers
@@ -120,7 +120,10 @@ class ScaleByKfacState(NamedTuple):
       count: number of ``update`` calls.
       factors: exponentially weighted sums of the factors (:class:`Factors`).
       ema_weight: the sum of their weights (``1 - ema_decay^t``).
-      eigen: eigendecompositions of the normalised factors at the last refresh.
+      inverses: the preconditioner refreshed every ``inverse_every`` steps: the
+        factors' eigendecompositions (:class:`~curvlib.kronecker.curvature.Eigen`,
+        ``inverse="exact"``) or their damped inverses
+        (:class:`~curvlib.kronecker.curvature.Inverses`, ``"factored"``).
       damping: the Levenberg-Marquardt ``lambda`` for the next step.
       velocity: the last step ``u`` (the momentum direction).
       key: PRNG key data for the Monte-Carlo statistics (unused for the exact Fisher).
@@ -130,7 +133,7 @@ class ScaleByKfacState(NamedTuple):
     count: jax.Array
     factors: Factors
     ema_weight: jax.Array
-    eigen: Eigen
+    inverses: Eigen | Inverses
     damping: jax.Array
     velocity: PyTree
     key: jax.Array
@@ -163,7 +166,7 @@ def scale_by_kfac(
     ema_decay: float = 0.95,
     statistics_every: int = 1,
     inverse_every: int = 5,
-    inverse: str = "exact",
+    inverse: str = "factored",
     key: jax.Array | None = None,
     num_samples: int = 1,
     convention: str = "reduce",
@@ -207,7 +210,11 @@ def scale_by_kfac(
       ema_decay: decay ``beta`` of the factor averages, in ``[0, 1)``.
       statistics_every: steps between factor statistics.
       inverse_every: steps between eigendecompositions.
-      inverse: ``"exact"`` damped Kronecker inverse or ``"factored"`` Tikhonov damping.
+      inverse: ``"factored"``: Martens & Grosse's factored Tikhonov damping,
+        inverses refreshed with the damping of the refresh step (Cholesky; two
+        matrix products per layer per step); ``"exact"``: the damped Kronecker
+        block inverted exactly through the factors' eigendecompositions, with
+        the current damping (``eigh``; four products per layer per step).
       key: ``None`` for exact-Fisher statistics (one backward pass per output
         entry of an example), or a PRNG key for Monte-Carlo statistics with
         ``num_samples`` sampled targets (one backward pass per sample).
@@ -287,14 +294,14 @@ def scale_by_kfac(
         layers, _ = layers_for(params, example_inputs)
         dt = factor_dtype(layers)
         zeros = zero_factors(layers, dt)
-        eig = eigen(layers, zeros)
+        pre = _refresh(layers, zeros, jnp.asarray(damping, dt))
         zero = jnp.zeros((), dt)
         nan = jnp.full((), jnp.nan, dt)
         return ScaleByKfacState(
             count=jnp.zeros((), jnp.int32),
             factors=zeros,
             ema_weight=zero,
-            eigen=eig,
+            inverses=pre,
             damping=jnp.asarray(damping, dt),
             velocity=_tree.zeros_like(params),
             key=jnp.asarray(key_data),
@@ -320,20 +327,20 @@ def scale_by_kfac(
 
         # 1. statistics
         stat_key, next_key = _split(state.key) if monte_carlo else (None, state.key)
-        factors, weight, stats_ok = jax.lax.cond(
-            count % statistics_every == 0,
+        factors, weight, stats_ok = _every(
+            statistics_every, count,
             lambda: _accumulate(layers, state, params, batched, consts, stat_key, dt),
             lambda: (state.factors, state.ema_weight, jnp.asarray(False)),
         )
         # 2. refresh
         refresh = count % inverse_every == 0
-        eig = jax.lax.cond(
-            refresh,
-            lambda: eigen(layers, _normalised(factors, weight)),
-            lambda: state.eigen,
+        pre = _every(
+            inverse_every, count,
+            lambda: _refresh(layers, _normalised(factors, weight), lam),
+            lambda: state.inverses,
         )
         # 3. precondition
-        delta = _precondition(layers, eig, g, lam, inverse, dt)
+        delta = precondition(layers, pre, g, lam, dt)
         # 4. step
         u_prev = state.velocity
         if needs_quad:
@@ -354,9 +361,8 @@ def scale_by_kfac(
         known = extra_args.get("value")
         value0 = jnp.full((), jnp.nan, dt) if known is None else jnp.asarray(known).astype(dt)
         if adaptive_damping:
-            adapt = (count % damping_every) == (damping_every - 1)
-            new_lam, rho, value = jax.lax.cond(
-                adapt,
+            new_lam, rho, value = _every(
+                damping_every, count + 1,
                 lambda: _adapt_damping(
                     model_fn, likelihood, variance, value_fn, params, kw, extra_args, g, u,
                     quad if needs_quad else None, lam, known, damping_decay**damping_every,
@@ -384,7 +390,7 @@ def scale_by_kfac(
             count=optax.safe_increment(count),
             factors=factors,
             ema_weight=weight,
-            eigen=eig,
+            inverses=pre,
             damping=jnp.asarray(new_lam, dt),
             velocity=velocity,
             key=next_key,
@@ -405,10 +411,25 @@ def scale_by_kfac(
         weight = jnp.where(ok, beta * state.ema_weight + (1 - beta), state.ema_weight)
         return new, weight.astype(dt), ok
 
+    def _refresh(layers, factors, lam):
+        if inverse == "exact":
+            return eigen(layers, factors)
+        return factored_inverses(layers, factors, lam)
+
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # --------------------------------------------------------------------------- named steps
+
+
+def _every(every, count, run, skip):
+    """``run()`` when ``count % every == 0`` (in a ``lax.cond``), else ``skip()``.
+
+    A static ``every == 1`` runs unconditionally (no ``cond``).
+    """
+    if isinstance(every, (int, np.integer)) and int(every) == 1:
+        return run()
+    return jax.lax.cond(count % every == 0, run, skip)
 
 
 def _split(key_data):
@@ -437,12 +458,6 @@ def _check_state(layers: KfacLayers, state) -> None:
 def _normalised(factors: Factors, weight):
     w = jnp.maximum(weight, jnp.finfo(weight.dtype).tiny)
     return jax.tree.map(lambda f: f / w, factors)
-
-
-def _precondition(layers, eig, g, lam, method, dt):
-    mats, diag = to_blocks(layers, g, dt)
-    pm, pd = precondition_blocks(layers, eig, mats, diag, lam, method)
-    return from_blocks(layers, pm, pd, g)
 
 
 def _lr(learning_rate, count, dt):
@@ -550,7 +565,7 @@ def kfac(
     ema_decay: float = 0.95,
     statistics_every: int = 1,
     inverse_every: int = 5,
-    inverse: str = "exact",
+    inverse: str = "factored",
     key: jax.Array | None = None,
     num_samples: int = 1,
     convention: str = "reduce",
