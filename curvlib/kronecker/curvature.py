@@ -462,7 +462,7 @@ class KfacCurvature:
             pre = eigen(self.layers, self.factors)
         else:
             pre = factored_inverses(self.layers, self.factors, damping)
-        return Partial(_inverse_matvec, pre, self.layers, damping)
+        return KfacInverse(pre, damping, self.layers)
 
     def __repr__(self):
         return f"KfacCurvature({self.layers!r})"
@@ -484,8 +484,28 @@ def precondition(layers, pre, tree, damping, dtype=None):
     return from_blocks(layers, out_m, out_d, tree)
 
 
-def _inverse_matvec(pre, layers, damping, v):
-    return precondition(layers, pre, v, damping)
+@register_pytree_node_class
+class KfacInverse:
+    """``v -> (C + damping I)^{-1} v``: a callable pytree (arrays as leaves, structure static)."""
+
+    def __init__(self, pre, damping, layers: KfacLayers):
+        self.pre = pre
+        self.damping = damping
+        self.layers = layers
+
+    def tree_flatten(self):
+        return (self.pre, self.damping), self.layers
+
+    @classmethod
+    def tree_unflatten(cls, layers, children):
+        return cls(*children, layers)
+
+    def __call__(self, v):
+        return precondition(self.layers, self.pre, v, self.damping)
+
+    def __repr__(self):
+        kind = "exact" if isinstance(self.pre, Eigen) else "factored"
+        return f"KfacInverse({kind}, {self.layers!r})"
 
 
 def kfac_curvature(
