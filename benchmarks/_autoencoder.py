@@ -35,7 +35,7 @@ def init_params(seed: int = 0) -> list:
     """Glorot-normal weights and zero biases, as numpy float32 (a list of ``{"w", "b"}``)."""
     rng = np.random.default_rng(seed)
     params = []
-    for din, dout in zip(SIZES[:-1], SIZES[1:]):
+    for din, dout in zip(SIZES[:-1], SIZES[1:], strict=True):
         std = np.sqrt(2.0 / (din + dout))
         params.append({
             "w": (std * rng.standard_normal((din, dout))).astype(np.float32),

@@ -6,8 +6,9 @@ imported by curvlib. Create it once and run this script from the repository
 root::
 
     python3 -m venv /work/kfacenv
-    /work/kfacenv/bin/pip install jax==0.9.1 jaxlib==0.9.1 kfac-jax==0.0.8 optax scikit-learn
-    OPENBLAS_NUM_THREADS=1 /work/kfacenv/bin/python -m benchmarks.kfac_jax_ref           # both parts
+    /work/kfacenv/bin/pip install jax==0.9.1 jaxlib==0.9.1 kfac-jax==0.0.8 \
+        optax scikit-learn
+    OPENBLAS_NUM_THREADS=1 /work/kfacenv/bin/python -m benchmarks.kfac_jax_ref  # both parts
     OPENBLAS_NUM_THREADS=1 /work/kfacenv/bin/python -m benchmarks.kfac_jax_ref --only factors
 
 It writes

@@ -24,8 +24,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import curvlib
-from curvlib.kronecker import kfac_curvature
 from curvlib.kronecker import curvature as cv
+from curvlib.kronecker import kfac_curvature
 
 
 def _dense(matvec, params):

@@ -198,7 +198,7 @@ def layer_rows(layers: KfacLayers, params, batched, cotangents, *, keys=None, co
 
 
 def _layer_factors(layer: Layer, a, g, convention, dt):
-    """``(A, G)`` from rows ``a`` ``(N, R, d_in)`` (ids ``(N, R)``) and ``g`` ``(N, S, R, d_out)``."""
+    """``(A, G)`` from rows ``a`` ``(N, R, d_in)`` (ids ``(N, R)``), ``g`` ``(N, S, R, d_out)``."""
     n = g.shape[0]
     hi = jax.lax.Precision.HIGHEST
     if layer.kind == "embedding":
@@ -340,7 +340,7 @@ def _diag_inverse(D, diag, damping):
 
 
 class Inverses(NamedTuple):
-    r"""Factored-damping inverses: ``(A + pi sqrt(lambda) I)^{-1}`` and ``(G + sqrt(lambda)/pi I)^{-1}``.
+    r"""Factored-damping inverses ``(A + pi sqrt(lam) I)^{-1}`` and ``(G + sqrt(lam)/pi I)^{-1}``.
 
     ``A[i]`` is a vector (the inverted diagonal) for an embedding. ``D``: the
     diagonal blocks themselves (damped when applied).
@@ -352,7 +352,10 @@ class Inverses(NamedTuple):
 
 
 def pi_factor(trace_a, dim_a, trace_g, dim_g):
-    r"""Martens & Grosse's :math:`\pi = \sqrt{(\operatorname{tr}A/\dim A)/(\operatorname{tr}G/\dim G)}`."""
+    r"""Martens & Grosse's :math:`\pi = \sqrt{(\mathrm{tr}A / \dim A) / (\mathrm{tr}G / \dim G)}`.
+
+    ``1`` when either mean eigenvalue is zero.
+    """
     ma, mg = trace_a / dim_a, trace_g / dim_g
     ok = (ma > 0) & (mg > 0)
     return jnp.where(ok, jnp.sqrt(jnp.where(ok, ma / jnp.where(ok, mg, 1.0), 1.0)), 1.0)

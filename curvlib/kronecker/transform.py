@@ -88,14 +88,17 @@ class KfacInfo(NamedTuple):
     """Diagnostics of the last :func:`scale_by_kfac` step.
 
     Attributes:
-      loss: the loss at the incoming ``params`` (NaN when neither ``value=`` was
-        passed nor the damping was adapted this step).
+      loss: the loss at the incoming ``params`` (``value=`` when passed, else
+        ``value_fn(params)``; NaN when neither is given).
       damping: the ``lambda`` used in this step.
       learning_rate: the ``alpha`` of the step (from the quadratic model or given).
       momentum: the ``mu`` of the step.
-      quad_change: the undamped quadratic model's change ``q(-u)`` (NaN when
-        not computed this step).
-      rho: reduction ratio of a damping-adaptation step (NaN otherwise).
+      quad_change: the undamped quadratic model's change ``q(-u)`` (computed every
+        step with an adaptive learning rate or momentum, else on damping
+        adaptations only; 0 when not computed).
+      rho: reduction ratio of the damping adaptation (0 when ``damping_adapted``
+        is false; ``-inf`` when the trial loss was not finite).
+      damping_adapted: the damping was adapted (``rho`` computed) this step.
       statistics_updated: the factor averages took this batch's statistics.
       refreshed: the eigendecompositions were recomputed.
       skipped: the gradient, the step or the loss was non-finite; the step
@@ -108,6 +111,7 @@ class KfacInfo(NamedTuple):
     momentum: jax.Array
     quad_change: jax.Array
     rho: jax.Array
+    damping_adapted: jax.Array
     statistics_updated: jax.Array
     refreshed: jax.Array
     skipped: jax.Array
@@ -296,7 +300,6 @@ def scale_by_kfac(
         zeros = zero_factors(layers, dt)
         pre = _refresh(layers, zeros, jnp.asarray(damping, dt))
         zero = jnp.zeros((), dt)
-        nan = jnp.full((), jnp.nan, dt)
         return ScaleByKfacState(
             count=jnp.zeros((), jnp.int32),
             factors=zeros,
@@ -306,8 +309,9 @@ def scale_by_kfac(
             velocity=_tree.zeros_like(params),
             key=jnp.asarray(key_data),
             info=KfacInfo(
-                loss=nan, damping=jnp.asarray(damping, dt), learning_rate=zero, momentum=zero,
-                quad_change=nan, rho=nan, statistics_updated=jnp.asarray(False),
+                loss=zero, damping=jnp.asarray(damping, dt), learning_rate=zero, momentum=zero,
+                quad_change=zero, rho=zero, damping_adapted=jnp.asarray(False),
+                statistics_updated=jnp.asarray(False),
                 refreshed=jnp.asarray(False), skipped=jnp.asarray(False),
             ),
         )
@@ -352,30 +356,29 @@ def scale_by_kfac(
         else:
             alpha = _lr(learning_rate, count, dt)
             mu = jnp.asarray(momentum, dt)
-            quad = jnp.full((), jnp.nan, dt)
+            quad = jnp.zeros((), dt)
             if norm_constraint is not None:
                 sq = alpha**2 * _tree.vdot(g, delta).astype(dt)
                 alpha = alpha * jnp.minimum(1.0, jnp.sqrt(norm_constraint / jnp.maximum(sq, 1e-30)))
         u = _tree.add(_tree.scale(alpha, delta), _tree.scale(mu, u_prev))
         # 5. damping
-        known = extra_args.get("value")
-        value0 = jnp.full((), jnp.nan, dt) if known is None else jnp.asarray(known).astype(dt)
+        value = _value(value_fn, params, extra_args, dt)
         if adaptive_damping:
-            new_lam, rho, value = _every(
+            new_lam, rho, quad, adapted = _every(
                 damping_every, count + 1,
                 lambda: _adapt_damping(
                     model_fn, likelihood, variance, value_fn, params, kw, extra_args, g, u,
-                    quad if needs_quad else None, lam, known, damping_decay**damping_every,
+                    quad if needs_quad else None, lam, value, damping_decay**damping_every,
                     min_damping, max_damping, dt,
                 ),
-                lambda: (lam, jnp.full((), jnp.nan, dt), value0),
+                lambda: (lam, jnp.zeros((), dt), quad, jnp.asarray(False)),
             )
         else:
-            new_lam, rho, value = lam, jnp.full((), jnp.nan, dt), value0
+            new_lam, rho, adapted = lam, jnp.zeros((), dt), jnp.asarray(False)
         # 6. guard
         finite = _common.all_finite(g, u) & jnp.isfinite(alpha) & jnp.isfinite(mu)
-        if known is not None:
-            finite = finite & jnp.isfinite(value0)
+        if value_fn is not None or extra_args.get("value") is not None:
+            finite = finite & jnp.isfinite(value)
         new_lam = jnp.where(finite & jnp.isfinite(new_lam), new_lam, lam)
         out = _common.select_tree(finite, u, _tree.zeros_like(u))
         out = jax.tree.map(lambda o, x: o.astype(jnp.result_type(x)), out, updates)
@@ -384,7 +387,8 @@ def scale_by_kfac(
             loss=jnp.asarray(value, dt), damping=jnp.asarray(lam, dt),
             learning_rate=jnp.asarray(alpha, dt), momentum=jnp.asarray(mu, dt),
             quad_change=jnp.asarray(quad, dt), rho=jnp.asarray(rho, dt),
-            statistics_updated=stats_ok, refreshed=refresh, skipped=~finite,
+            damping_adapted=adapted, statistics_updated=stats_ok,
+            refreshed=jnp.asarray(refresh), skipped=~finite,
         )
         new_state = ScaleByKfacState(
             count=optax.safe_increment(count),
@@ -518,20 +522,25 @@ def _quadratic_step(model_fn, likelihood, variance, params, kw, g, delta, u_prev
     return alpha.astype(dt), mu.astype(dt), quad.astype(dt)
 
 
-def _adapt_damping(model_fn, likelihood, variance, value_fn, params, kw, extra_args, g, u, quad,
-                   lam, known, decay, min_damping, max_damping, dt):
-    """``(new lambda, rho, loss at params)`` by the Levenberg-Marquardt rule.
+def _value(value_fn, params, extra_args, dt):
+    """The loss at ``params``: ``value=`` when passed, else ``value_fn``, else NaN (unknown)."""
+    if extra_args.get("value") is not None:
+        return jnp.asarray(extra_args["value"]).astype(dt)
+    if value_fn is not None:
+        return jnp.asarray(_common.call(value_fn, params, extra_args)).astype(dt)
+    return jnp.full((), jnp.nan, dt)
 
-    ``quad``: the undamped model change of the step, or ``None`` to compute it here.
+
+def _adapt_damping(model_fn, likelihood, variance, value_fn, params, kw, extra_args, g, u, quad,
+                   lam, value, decay, min_damping, max_damping, dt):
+    """``(new lambda, rho, quad, True)`` by the Levenberg-Marquardt rule.
+
+    ``rho = (h(params - u) - h(params)) / q(-u)`` against the undamped model
+    change ``quad`` (computed here from the exact Fisher when ``None``); ``lambda``
+    shrinks by ``decay`` when ``rho > 3/4`` and grows by ``1 / decay`` when
+    ``rho < 1/4`` (a non-finite trial loss gives ``rho = -inf``).
     """
-    trial_params = _tree.sub(params, u)
-    if known is None:
-        both = _stack(params, trial_params)
-        vals = jax.vmap(lambda p: jnp.asarray(_common.call(value_fn, p, extra_args)))(both)
-        value, trial = vals[0].astype(dt), vals[1].astype(dt)
-    else:
-        value = jnp.asarray(known).astype(dt)
-        trial = jnp.asarray(_common.call(value_fn, trial_params, extra_args)).astype(dt)
+    trial = jnp.asarray(_common.call(value_fn, _tree.sub(params, u), extra_args)).astype(dt)
     if quad is None:
         quad = _undamped_change(model_fn, likelihood, variance, params, kw, g, u, dt)
     tiny = jnp.finfo(dt).tiny
@@ -540,7 +549,7 @@ def _adapt_damping(model_fn, likelihood, variance, value_fn, params, kw, extra_a
     factor = jnp.where(rho > 0.75, decay, jnp.where(rho < 0.25, 1.0 / decay, 1.0))
     new_lam = jnp.clip(lam * factor, min_damping, max_damping).astype(dt)
     new_lam = jnp.where(jnp.isfinite(value), new_lam, lam)
-    return new_lam, rho, value
+    return new_lam, rho, jnp.asarray(quad, dt), jnp.asarray(True)
 
 
 def _undamped_change(model_fn, likelihood, variance, params, kw, g, u, dt):
