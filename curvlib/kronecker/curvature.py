@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial, register_pytree_node_class
 
-from curvlib.kronecker import _likelihood, _program
+from curvlib.kronecker import _likelihood, _program, _sharding
 from curvlib.kronecker.discovery import (
     KfacLayers,
     Layer,
@@ -428,16 +428,17 @@ class KfacCurvature:
         the parameters. Cost: two matrix products per layer.
     """
 
-    def __init__(self, factors: Factors, layers: KfacLayers):
+    def __init__(self, factors: Factors, layers: KfacLayers, shardings=None):
         self.factors = factors
         self.layers = layers
+        self.shardings = None if shardings is None else tuple(shardings)
 
     def tree_flatten(self):
-        return (self.factors,), self.layers
+        return (self.factors,), (self.layers, self.shardings)
 
     @classmethod
-    def tree_unflatten(cls, layers, children):
-        return cls(children[0], layers)
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], *aux)
 
     @property
     def matvec(self) -> Partial:
@@ -465,7 +466,7 @@ class KfacCurvature:
             pre = eigen(self.layers, self.factors)
         else:
             pre = factored_inverses(self.layers, self.factors, damping)
-        return KfacInverse(pre, damping, self.layers)
+        return KfacInverse(pre, damping, self.layers, self.shardings)
 
     def __repr__(self):
         return f"KfacCurvature({self.layers!r})"
@@ -474,7 +475,14 @@ class KfacCurvature:
 def _matvec(curv: KfacCurvature, v):
     mats, diag = to_blocks(curv.layers, v, factor_dtype(curv.layers))
     out_m, out_d = multiply_blocks(curv.layers, curv.factors, mats, diag)
-    return from_blocks(curv.layers, out_m, out_d, v)
+    return _like_params(from_blocks(curv.layers, out_m, out_d, v), curv.layers, curv.shardings)
+
+
+def _like_params(tree, layers, shardings):
+    """Products keep the parameters' layout (sharded parameters give sharded products)."""
+    if shardings is None:
+        return tree
+    return _sharding.with_shardings(tree, jax.tree.unflatten(layers.treedef, shardings))
 
 
 def precondition(layers, pre, tree, damping, dtype=None):
@@ -491,20 +499,22 @@ def precondition(layers, pre, tree, damping, dtype=None):
 class KfacInverse:
     """``v -> (C + damping I)^{-1} v``: a callable pytree (arrays as leaves, structure static)."""
 
-    def __init__(self, pre, damping, layers: KfacLayers):
+    def __init__(self, pre, damping, layers: KfacLayers, shardings=None):
         self.pre = pre
         self.damping = damping
         self.layers = layers
+        self.shardings = shardings
 
     def tree_flatten(self):
-        return (self.pre, self.damping), self.layers
+        return (self.pre, self.damping), (self.layers, self.shardings)
 
     @classmethod
-    def tree_unflatten(cls, layers, children):
-        return cls(*children, layers)
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
 
     def __call__(self, v):
-        return precondition(self.layers, self.pre, v, self.damping)
+        out = precondition(self.layers, self.pre, v, self.damping)
+        return _like_params(out, self.layers, self.shardings)
 
     def __repr__(self):
         kind = "exact" if isinstance(self.pre, Eigen) else "factored"
@@ -583,7 +593,7 @@ def kfac_curvature(
     factors, _ = _statistics_jit(layers, params, batch_leaves(args),
                                  tuple(layers.program.consts.values()), likelihood, key,
                                  num_samples, convention, variance)
-    return KfacCurvature(factors, layers)
+    return KfacCurvature(factors, layers, _sharding.param_shardings(params))
 
 
 def batch_leaves(args) -> list:

@@ -63,7 +63,7 @@ import numpy as np
 import optax
 
 from curvlib import _tree
-from curvlib.kronecker import _likelihood
+from curvlib.kronecker import _likelihood, _sharding
 from curvlib.kronecker.curvature import (
     METHODS,
     Eigen,
@@ -286,6 +286,9 @@ def scale_by_kfac(
         else (jnp.asarray(key) if monte_carlo else jnp.zeros((2,), jnp.uint32))
     )
 
+    # where the state lives when `init` saw parameters sharded on a mesh (_sharding module)
+    placement: dict = {}
+
     def layers_for(params, kw):
         kw = _common.kwargs_for(model_fn, kw)
         try:
@@ -300,7 +303,7 @@ def scale_by_kfac(
         zeros = zero_factors(layers, dt)
         pre = _refresh(layers, zeros, jnp.asarray(damping, dt))
         zero = jnp.zeros((), dt)
-        return ScaleByKfacState(
+        state = ScaleByKfacState(
             count=jnp.zeros((), jnp.int32),
             factors=zeros,
             ema_weight=zero,
@@ -315,6 +318,14 @@ def scale_by_kfac(
                 refreshed=jnp.asarray(False), skipped=jnp.asarray(False),
             ),
         )
+        shardings = _sharding.param_shardings(params)
+        placement.clear()
+        if shardings is not None:
+            placement["layers"] = layers
+            placement["state"] = _state_shardings(layers, shardings, state, params)
+            placement["params"] = jax.tree.unflatten(layers.treedef, shardings)
+            state = _sharding.with_shardings(state, placement["state"])
+        return state
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         params = _common.require_params("scale_by_kfac", params)
@@ -400,6 +411,9 @@ def scale_by_kfac(
             key=next_key,
             info=info,
         )
+        if placement.get("layers") == layers:
+            new_state = _sharding.with_shardings(new_state, placement["state"])
+            out = _sharding.with_shardings(out, placement["params"])
         return out, new_state
 
     def _accumulate(layers, state, params, batched, consts, k, dt):
@@ -434,6 +448,28 @@ def _every(every, count, run, skip):
     if isinstance(every, (int, np.integer)) and int(every) == 1:
         return run()
     return jax.lax.cond(count % every == 0, run, skip)
+
+
+def _state_shardings(layers, shardings, state, params):
+    """The :class:`ScaleByKfacState` of shardings: factors as the parameters are."""
+    A, G, D = _sharding.factor_shardings(layers, shardings)
+    rep = _sharding.replicated(shardings)
+    if isinstance(state.inverses, Eigen):
+        inv = Eigen(tuple(A[i] if l.kind != "embedding" else rep
+                          for i, l in enumerate(layers.layers)),
+                    tuple(rep for _ in A), tuple(G), tuple(rep for _ in G), tuple(D))
+    else:
+        inv = Inverses(tuple(A), tuple(G), tuple(D))
+    return ScaleByKfacState(
+        count=rep,
+        factors=Factors(tuple(A), tuple(G), tuple(D)),
+        ema_weight=rep,
+        inverses=inv,
+        damping=rep,
+        velocity=jax.tree.unflatten(layers.treedef, shardings),
+        key=rep,
+        info=jax.tree.map(lambda _: rep, state.info),
+    )
 
 
 def _split(key_data):
