@@ -150,8 +150,7 @@ def _kfac_jax(python, steps, quick):
     res = json.loads(path.read_text())
     runs = res["runs"]
     losses = np.asarray(runs[0]["losses"])
-    times = np.median(np.asarray([r["step_times"] for r in runs]), axis=0)
-    times[0] = np.median(times[1:])  # the first step includes compilation, reported apart
+    times = np.median(np.asarray([r["step_times"] for r in runs]), axis=0)  # warm runs
     return {"losses": losses, "step_times": times, "compile_s": res["compile_s"], "raw": res}
 
 

@@ -39,6 +39,13 @@ CASES = [
         ("k-curve in", "largest principal angle", "signed top eigenvalues",
          "GM speed-up over direct MC"),
     ),
+    NotebookCase(
+        "kfac_autoencoder.ipynb",
+        "quick mode: True",
+        ("Kronecker-factored layer", "steps to target", "between refreshes",
+         "max |curvlib - kfac-jax|"),
+        min_figures=1,
+    ),
 ]
 
 
