@@ -177,8 +177,8 @@ def autoencoder(num_steps: int, initial_damping: float, seed: int, repeats: int)
     compile_s = None
     for r in range(repeats + 1):  # run 0 warms up (kfac-jax compiles several step variants)
         t0 = time.perf_counter()
-        state = opt.init(params, rng, x)
-        p = params
+        p = jax.tree.map(jnp.copy, params)  # kfac-jax donates the params' buffers
+        state = opt.init(p, rng, x)
         losses, step_times = [], []
         for step in range(num_steps):
             ts = time.perf_counter()

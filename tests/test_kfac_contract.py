@@ -60,9 +60,9 @@ def _same(a, b):
     return jax.tree.all(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-@pytest.mark.parametrize("inverse", ["factored", "exact"])
-def test_jit_no_retrace_and_stable_state(dtype, inverse):
+@pytest.mark.parametrize("inverse, dtype", [("factored", jnp.float32), ("factored", jnp.float64),
+                                            ("exact", jnp.float64), ("ekfac", jnp.float32)])
+def test_jit_no_retrace_and_stable_state(inverse, dtype):
     batch = _data(dtype)
     opt = make(inverse=inverse)
     params = _params(dtype)

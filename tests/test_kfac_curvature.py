@@ -222,3 +222,28 @@ def test_bad_arguments_are_named():
     curv = kfac_curvature(model, params, x, likelihood="gaussian")
     with pytest.raises(ValueError, match="`method` must be one of"):
         curv.inverse_matvec(0.1, method="cholesky")
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_ekfac_scales_are_the_fisher_diagonal_in_the_kronecker_eigenbasis(shared):
+    """EK-FAC (George et al. 2018): diag(Q^T F Q) for Q = Q_A (x) Q_G, F the exact Fisher."""
+    kw, kb, kx = jax.random.split(jax.random.PRNGKey(7), 3)
+    params = {"w": jax.random.normal(kw, (3, 4)), "b": jax.random.normal(kb, (4,))}
+    if shared:  # a layer at 3 positions, mean-pooled: per-example gradients sum over them
+        x = jax.random.normal(kx, (5, 3, 3))
+        model = lambda p, x: jnp.mean(jnp.tanh(x) @ p["w"] + p["b"], axis=1)
+    else:
+        x = jax.random.normal(kx, (5, 3))
+        model = lambda p, x: jnp.tanh(x) @ p["w"] + p["b"]
+    curv = kfac_curvature(model, params, x, likelihood="categorical")
+    eig = cv.eigen(curv.layers, curv.factors)
+    _, _, scales = cv.statistics(curv.layers, params, cv.batch_leaves((x,)),
+                                 likelihood="categorical", eigenbasis=eig)
+    ce = lambda o: jnp.mean(jnp.sum(-jax.nn.log_softmax(o) * jax.nn.softmax(
+        jax.lax.stop_gradient(o)), -1))  # any loss with the categorical output Hessian
+    F = _dense(curvlib.ggn_matvec(model, ce, params, x), params)  # ravel order: b, then w
+    perm = np.concatenate([np.arange(4, 16), np.arange(4)])  # to the [w; b] matrix order
+    F = F[np.ix_(perm, perm)]
+    Q = np.kron(np.asarray(eig.QA[0]), np.asarray(eig.QG[0]))
+    want = np.diag(Q.T @ F @ Q).reshape(4, 4)
+    np.testing.assert_allclose(scales[0], want, rtol=1e-9, atol=1e-12)

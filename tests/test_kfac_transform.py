@@ -178,7 +178,7 @@ def test_invalid_settings_and_calls_raise_named_errors():
     with pytest.raises(ValueError, match="`inverse_every` must be an integer >= 1"):
         scale_by_kfac(model, example_inputs=ex, inverse_every=0)
     with pytest.raises(ValueError, match="`inverse` must be one of"):
-        scale_by_kfac(model, example_inputs=ex, inverse="ekfac")
+        scale_by_kfac(model, example_inputs=ex, inverse="cholesky")
     with pytest.raises(ValueError, match="`momentum` must be 'adaptive', a float or None"):
         scale_by_kfac(model, example_inputs=ex, momentum="nesterov")
     with pytest.raises(ValueError, match="`ema_decay` must lie in"):
@@ -198,3 +198,29 @@ def test_invalid_settings_and_calls_raise_named_errors():
     with pytest.raises(ValueError, match="scale_by_kfac: .*share the leading example axis"):
         scale_by_kfac(lambda p, x, z: model(p, x), example_inputs={"x": x, "z": x[:3]}).init(
             params)
+
+
+def test_ekfac_scalings_restart_at_refresh_and_average_between():
+    from curvlib.kronecker import curvature as cv
+
+    params, x, y = _problem()
+    beta = 0.7
+    tx = scale_by_kfac(model, example_inputs={"x": x}, learning_rate=0.5, damping=0.1,
+                       adaptive_damping=False, inverse="ekfac", inverse_every=2, ema_decay=beta)
+    step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p, x, y), s, p, value_fn=loss, x=x, y=y))
+    s0 = tx.init(params)
+    u0, s1 = step(params, s0)
+    eig = s1.inverses
+    for s, la, lg in zip(s1.scales, eig.lA, eig.lG, strict=True):  # a refresh: lA lG^T
+        np.testing.assert_allclose(s, la[:, None] * lg[None, :], rtol=1e-12)
+    p1 = optax.apply_updates(params, jax.tree.map(lambda t: -t, u0))
+    u1, s2 = step(p1, s1)
+    assert not bool(s2.info.refreshed)
+    layers = cv._find_layers(model, p1, (x,))
+    _, _, batch = cv.statistics(layers, p1, cv.batch_leaves((x,)), likelihood="categorical",
+                                eigenbasis=eig)
+    for got, old, b in zip(s2.scales, s1.scales, batch, strict=True):
+        np.testing.assert_allclose(got, beta * old + (1 - beta) * b, rtol=1e-12, atol=1e-15)
+    want = cv.precondition(layers, eig, jax.grad(loss)(p1, x, y), 0.1, scales=s2.scales)
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, 0.5 * b, rtol=1e-10, atol=1e-13)

@@ -98,3 +98,13 @@ def with_shardings(tree, shardings):
         return jax.device_put(x, s)
 
     return jax.tree.map(put, tree, shardings)
+
+
+def outer(a: NamedSharding, g: NamedSharding) -> NamedSharding:
+    """A ``(rows of A, rows of G)`` matrix's sharding: rows as ``a``'s, columns as ``g``'s."""
+    ra = a.spec[0] if len(a.spec) else None
+    rg = g.spec[0] if len(g.spec) else None
+    names = lambda x: set(x if isinstance(x, tuple) else (x,)) if x is not None else set()
+    if names(ra) & names(rg):
+        rg = None
+    return NamedSharding(a.mesh, P(ra, rg))

@@ -68,6 +68,7 @@ PyTree = Any
 
 CONVENTIONS = ("reduce", "expand")
 METHODS = ("exact", "factored")
+INVERSES = METHODS + ("ekfac",)
 
 
 class Factors(NamedTuple):
@@ -118,6 +119,7 @@ def statistics(
     num_samples: int = 1,
     convention: str = "reduce",
     variance=1.0,
+    eigenbasis: Eigen | None = None,
 ) -> tuple[Factors, jax.Array]:
     """The factors of one batch (means over its examples) and the model outputs.
 
@@ -126,6 +128,8 @@ def statistics(
     output Hessian's square root (exact, ``key=None``) or per sample.
     ``batched``: the array leaves of the batch (:func:`batch_leaves`);
     ``consts``: the program's constants (default: those traced).
+    With ``eigenbasis``, also returns the batch's EK-FAC scalings in that basis
+    (:func:`eigenbasis_scales`) as a third output.
     """
     n = batched[0].shape[0]
 
@@ -145,7 +149,46 @@ def statistics(
         A.append(A_l)
         G.append(G_l * weight)
     D = tuple(jnp.mean(d, axis=0) * weight for d in dsq)
+    if eigenbasis is not None:
+        scales = eigenbasis_scales(layers, eigenbasis, rows_a, rows_g, weight, dt)
+        return Factors(tuple(A), tuple(G), D), outs, scales
     return Factors(tuple(A), tuple(G), D), outs
+
+
+def eigenbasis_scales(layers: KfacLayers, eig: Eigen, rows_a, rows_g, weight, dt) -> tuple:
+    r"""EK-FAC's second moments of per-example gradients in the Kronecker eigenbasis.
+
+    Per layer, :math:`s = \tfrac1N \sum_n \sum_c (Q_A^\top \nabla_n Q_G)^{\odot 2}`
+    (times ``weight``: ``1 / S`` for ``S`` Monte-Carlo samples), where
+    :math:`\nabla_n = \sum_r a_{n,r} g_{n,c,r}^\top` is example ``n``'s gradient of
+    the layer's matrix: the exact diagonal of the Fisher in that basis (George et
+    al. 2018), whatever the weight-sharing convention. Embeddings use the
+    per-position squares ("expand"), which avoids ``(N, vocab, d)`` per-example
+    gradients. Cost: ``O(N S d_in d_out)`` per layer (one per-example gradient).
+    """
+    hi = jax.lax.Precision.HIGHEST
+    out = []
+    for i, (l, a, g) in enumerate(zip(layers.layers, rows_a, rows_g, strict=True)):
+        n = g.shape[0]
+        gt = jnp.matmul(g.astype(dt), eig.QG[i], precision=hi)  # (N, S, R, d_out)
+        if l.kind == "embedding":
+            ids = a.reshape(n, -1)
+            sq = jnp.sum(jnp.square(gt), axis=1)  # (N, R, d_out): summed over samples
+            s = jnp.zeros((l.in_dim, l.out_dim), dt).at[ids.reshape(-1)].add(
+                sq.reshape(-1, l.out_dim), mode="drop")
+        else:
+            a = a.astype(dt)
+            if l.bias is not None:
+                a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), dt)], axis=-1)
+            at = jnp.matmul(a, eig.QA[i], precision=hi)  # (N, R, a_dim)
+            if l.positions == 1:
+                s = jnp.einsum("ni,nso->io", jnp.square(at[:, 0]), jnp.square(gt[:, :, 0]),
+                               precision=hi)
+            else:
+                per = jnp.einsum("nri,nsro->nsio", at, gt, precision=hi)
+                s = jnp.sum(jnp.square(per), axis=(0, 1))
+        out.append(s * (weight / n))
+    return tuple(out)
 
 
 def layer_rows(layers: KfacLayers, params, batched, cotangents, *, keys=None, consts=None):
@@ -485,11 +528,12 @@ def _like_params(tree, layers, shardings):
     return _sharding.with_shardings(tree, jax.tree.unflatten(layers.treedef, shardings))
 
 
-def precondition(layers, pre, tree, damping, dtype=None):
-    """``(C + damping I)^{-1} tree`` from :class:`Eigen` (exact) or :class:`Inverses` (factored)."""
+def precondition(layers, pre, tree, damping, dtype=None, scales=None):
+    """``(C + damping I)^{-1} tree`` from :class:`Eigen` (exact; EK-FAC with ``scales``)
+    or :class:`Inverses` (factored)."""
     mats, diag = to_blocks(layers, tree, factor_dtype(layers) if dtype is None else dtype)
     if isinstance(pre, Eigen):
-        out_m, out_d = precondition_eigen(layers, pre, mats, diag, damping)
+        out_m, out_d = precondition_eigen(layers, pre, mats, diag, damping, scales)
     else:
         out_m, out_d = precondition_inverses(layers, pre, mats, diag, damping)
     return from_blocks(layers, out_m, out_d, tree)

@@ -65,7 +65,7 @@ import optax
 from curvlib import _tree
 from curvlib.kronecker import _likelihood, _sharding
 from curvlib.kronecker.curvature import (
-    METHODS,
+    INVERSES,
     Eigen,
     Factors,
     Inverses,
@@ -128,6 +128,8 @@ class ScaleByKfacState(NamedTuple):
         factors' eigendecompositions (:class:`~curvlib.kronecker.curvature.Eigen`,
         ``inverse="exact"``) or their damped inverses
         (:class:`~curvlib.kronecker.curvature.Inverses`, ``"factored"``).
+      scales: EK-FAC's per-layer scalings in the eigenbasis (``(a_dim, d_out)``;
+        an empty tuple unless ``inverse="ekfac"``).
       damping: the Levenberg-Marquardt ``lambda`` for the next step.
       velocity: the last step ``u`` (the momentum direction).
       key: PRNG key data for the Monte-Carlo statistics (unused for the exact Fisher).
@@ -138,6 +140,7 @@ class ScaleByKfacState(NamedTuple):
     factors: Factors
     ema_weight: jax.Array
     inverses: Eigen | Inverses
+    scales: tuple
     damping: jax.Array
     velocity: PyTree
     key: jax.Array
@@ -218,7 +221,13 @@ def scale_by_kfac(
         inverses refreshed with the damping of the refresh step (Cholesky; two
         matrix products per layer per step); ``"exact"``: the damped Kronecker
         block inverted exactly through the factors' eigendecompositions, with
-        the current damping (``eigh``; four products per layer per step).
+        the current damping (``eigh``; four products per layer per step);
+        ``"ekfac"``: the eigenbasis of ``"exact"`` with EK-FAC's rescaling
+        (George et al. 2018): the eigenvalues ``lA lG^T`` replaced by a moving
+        average of the squared per-example gradients in the eigenbasis, reset
+        to ``lA lG^T`` at each refresh (so it differs from ``"exact"`` only when
+        ``statistics_every < inverse_every``; one per-example gradient per
+        layer and statistics step).
       key: ``None`` for exact-Fisher statistics (one backward pass per output
         entry of an example), or a PRNG key for Monte-Carlo statistics with
         ``num_samples`` sampled targets (one backward pass per sample).
@@ -264,8 +273,8 @@ def scale_by_kfac(
     if _common.is_concrete(ema_decay) and float(np.asarray(ema_decay)) >= 1:
         raise ValueError(f"`ema_decay` must lie in [0, 1); got {ema_decay}.")
     _common.check_in_range("damping_decay", damping_decay, 0.0, 1.0)
-    if inverse not in METHODS:
-        raise ValueError(f"`inverse` must be one of {METHODS}; got {inverse!r}.")
+    if inverse not in INVERSES:
+        raise ValueError(f"`inverse` must be one of {INVERSES}; got {inverse!r}.")
     if not isinstance(example_inputs, dict):
         raise ValueError(
             "`example_inputs` must be a dict of the extra arguments `update` will receive "
@@ -301,13 +310,14 @@ def scale_by_kfac(
         layers, _ = layers_for(params, example_inputs)
         dt = factor_dtype(layers)
         zeros = zero_factors(layers, dt)
-        pre = _refresh(layers, zeros, jnp.asarray(damping, dt))
+        pre, scales = _refresh(layers, zeros, jnp.asarray(damping, dt))
         zero = jnp.zeros((), dt)
         state = ScaleByKfacState(
             count=jnp.zeros((), jnp.int32),
             factors=zeros,
             ema_weight=zero,
             inverses=pre,
+            scales=scales,
             damping=jnp.asarray(damping, dt),
             velocity=_tree.zeros_like(params),
             key=jnp.asarray(key_data),
@@ -340,22 +350,22 @@ def scale_by_kfac(
         batched = batch_leaves((kw,))
         consts = tuple(layers.program.consts.values())
 
-        # 1. statistics
+        # 1. statistics (EK-FAC: with the scalings in the current eigenbasis)
         stat_key, next_key = _split(state.key) if monte_carlo else (None, state.key)
-        factors, weight, stats_ok = _every(
+        factors, weight, stats_ok, batch_scales = _every(
             statistics_every, count,
             lambda: _accumulate(layers, state, params, batched, consts, stat_key, dt),
-            lambda: (state.factors, state.ema_weight, jnp.asarray(False)),
+            lambda: (state.factors, state.ema_weight, jnp.asarray(False), state.scales),
         )
-        # 2. refresh
+        # 2. refresh (EK-FAC: a new eigenbasis restarts the scalings from lA lG^T)
         refresh = count % inverse_every == 0
-        pre = _every(
+        pre, scales = _every(
             inverse_every, count,
             lambda: _refresh(layers, _normalised(factors, weight), lam),
-            lambda: state.inverses,
+            lambda: (state.inverses, _scales_average(state.scales, batch_scales, stats_ok, dt)),
         )
         # 3. precondition
-        delta = precondition(layers, pre, g, lam, dt)
+        delta = precondition(layers, pre, g, lam, dt, scales if inverse == "ekfac" else None)
         # 4. step
         u_prev = state.velocity
         if needs_quad:
@@ -406,6 +416,7 @@ def scale_by_kfac(
             factors=factors,
             ema_weight=weight,
             inverses=pre,
+            scales=scales,
             damping=jnp.asarray(new_lam, dt),
             velocity=velocity,
             key=next_key,
@@ -419,20 +430,36 @@ def scale_by_kfac(
     def _accumulate(layers, state, params, batched, consts, k, dt):
         if k is not None:
             k = jax.random.wrap_key_data(k)
-        f, _ = statistics(layers, params, batched, consts=consts, likelihood=likelihood, key=k,
-                          num_samples=num_samples, convention=convention, variance=variance)
-        ok = _common.all_finite(f)
+        basis = state.inverses if inverse == "ekfac" else None
+        out = statistics(layers, params, batched, consts=consts, likelihood=likelihood, key=k,
+                         num_samples=num_samples, convention=convention, variance=variance,
+                         eigenbasis=basis)
+        f = out[0]
+        batch_scales = tuple(x.astype(dt) for x in out[2]) if basis is not None else ()
+        ok = _common.all_finite(f) & _common.all_finite(batch_scales)
         beta = jnp.asarray(ema_decay, dt)
         new = jax.tree.map(lambda old, x: beta * old + (1 - beta) * x.astype(dt),
                            state.factors, f)
         new = _common.select_tree(ok, new, state.factors)
         weight = jnp.where(ok, beta * state.ema_weight + (1 - beta), state.ema_weight)
-        return new, weight.astype(dt), ok
+        return new, weight.astype(dt), ok, batch_scales
+
+    def _scales_average(old, batch, ok, dt):
+        if inverse != "ekfac":
+            return old
+        beta = jnp.asarray(ema_decay, dt)
+        return tuple(jnp.where(ok, beta * o + (1 - beta) * b, o) for o, b in
+                     zip(old, batch, strict=True))
 
     def _refresh(layers, factors, lam):
+        """The new preconditioner and EK-FAC scalings (``()`` unless ``inverse="ekfac"``)."""
+        if inverse == "factored":
+            return factored_inverses(layers, factors, lam), ()
+        eig = eigen(layers, factors)
         if inverse == "exact":
-            return eigen(layers, factors)
-        return factored_inverses(layers, factors, lam)
+            return eig, ()
+        return eig, tuple(la[:, None] * lg[None, :] for la, lg in
+                          zip(eig.lA, eig.lG, strict=True))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -460,11 +487,13 @@ def _state_shardings(layers, shardings, state, params):
                     tuple(rep for _ in A), tuple(G), tuple(rep for _ in G), tuple(D))
     else:
         inv = Inverses(tuple(A), tuple(G), tuple(D))
+    scales = tuple(_sharding.outer(a, g) for a, g, _ in zip(A, G, state.scales, strict=False))
     return ScaleByKfacState(
         count=rep,
         factors=Factors(tuple(A), tuple(G), tuple(D)),
         ema_weight=rep,
         inverses=inv,
+        scales=scales,
         damping=rep,
         velocity=jax.tree.unflatten(layers.treedef, shardings),
         key=rep,
