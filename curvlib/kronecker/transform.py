@@ -7,12 +7,18 @@ Each ``update`` is a list of named steps (Martens & Grosse 2015):
    exact Fisher or Monte Carlo with the state's key) enter a bias-corrected
    exponential moving average, :math:`\bar F_t = \beta \bar F_{t-1} + (1 - \beta) F_t`
    normalised by :math:`1 - \beta^t`. A non-finite batch leaves the average as it was.
-2. **Refresh** (every ``inverse_every`` steps, in a ``lax.cond``): the
-   eigendecompositions of the averaged factors.
-3. **Precondition**: :math:`\Delta = (\tilde F + \lambda I)^{-1} g`, with the
-   damped Kronecker block inverted exactly through the eigendecompositions
-   (``inverse="exact"``; damping changes need no refresh) or with the factored
-   Tikhonov damping of Martens & Grosse (``"factored"``).
+2. **Refresh** (every ``inverse_every`` steps, in a ``lax.cond``): with
+   ``inverse="factored"`` (default) the inverses :math:`(A + \pi\sqrt\lambda I)^{-1}`
+   and :math:`(G + \sqrt\lambda/\pi\, I)^{-1}` (Martens & Grosse's factored
+   Tikhonov damping, by Cholesky, with the damping of that step); with
+   ``"exact"`` or ``"ekfac"`` the eigendecompositions of the averaged factors
+   (EK-FAC's eigenbasis scalings restart from :math:`\lambda_A \lambda_G^\top`).
+3. **Precondition**: :math:`\Delta = (\tilde F + \lambda I)^{-1} g`: two small
+   matrix products per layer with the stored inverses, or, through the
+   eigendecompositions, the damped Kronecker block inverted exactly with the
+   current damping (``"exact"``) or with EK-FAC's scalings (``"ekfac"``, George
+   et al. 2018; the scalings are a moving average of the squared per-example
+   gradients in the eigenbasis, updated with the statistics).
 4. **Step from the quadratic model** (``learning_rate=None``): the update
    :math:`u = \alpha \Delta + \mu u_{t-1}` with :math:`(\alpha, \mu)` minimising
    the damped quadratic model
@@ -39,10 +45,11 @@ Cost per step, in forward/backward passes of the model on the batch: the
 statistics one forward and one backward per sample (Monte Carlo) or per
 output entry (exact, ``key=None``), one forward and two tangent passes for the
 quadratic model (``learning_rate=None``), one forward pass for
-:math:`\rho` every ``damping_every`` steps (two unless ``value=`` is passed);
-``O(d^3)`` per factor every ``inverse_every`` steps; four ``(d x d)`` matrix
-products per layer. Memory: the factors and their eigenvectors
-(``2 (d_in^2 + d_out^2)`` per layer) and one parameter-sized velocity.
+:math:`\rho` every ``damping_every`` steps (and one per step to report
+the loss when ``value=`` is not passed); ``O(d^3)`` per factor every
+``inverse_every`` steps; two (factored) or four (exact, EK-FAC) ``(d x d)``
+matrix products per layer. Memory: the factors and their inverses or
+eigenvectors (``2 (d_in^2 + d_out^2)`` per layer) and one parameter-sized velocity.
 
 References:
   J. Martens and R. Grosse, *Optimizing neural networks with Kronecker-factored
@@ -234,7 +241,7 @@ def scale_by_kfac(
       num_samples: Monte-Carlo targets per example.
       convention: weight sharing, ``"reduce"`` or ``"expand"``.
       variance: the Gaussian likelihood's variance.
-      norm_constraint: with a fixed ``learning_rate``, scale the step so that
+      norm_constraint: with a fixed ``learning_rate`` and ``momentum``, scale the step so that
         ``lr^2 g^T Delta <= norm_constraint`` (``None``: no constraint).
 
     Returns:
