@@ -113,18 +113,21 @@ def _train(opt, x, p0, loss, steps, repeats):
     jax.block_until_ready(step(p0, s0))
     compile_s = time.perf_counter() - t0
     times = np.zeros((repeats, steps))
+    cpu = []
     losses = None
     for r in range(repeats):
         p, s = p0, s0
         ls = []
+        c0 = time.process_time()
         for k in range(steps):
             t = time.perf_counter()
             p, s, v = step(p, s)
             ls.append(float(v))  # blocks on this step
             times[r, k] = time.perf_counter() - t
+        cpu.append((time.process_time() - c0) / steps)
         losses = ls if losses is None else losses
         assert ls == losses, "the run is not deterministic"
-    return np.asarray(losses), np.median(times, axis=0), compile_s
+    return np.asarray(losses), np.median(times, axis=0), compile_s, float(np.median(cpu))
 
 
 def _step_costs(opt, adam, x, p0, loss, repeats):
@@ -189,7 +192,9 @@ def _kfac_jax(python, steps, quick):
     runs = res["runs"]
     losses = np.asarray(runs[0]["losses"])
     times = np.median(np.asarray([r["step_times"] for r in runs]), axis=0)  # warm runs
-    return {"losses": losses, "step_times": times, "compile_s": res["compile_s"], "raw": res}
+    cpu = float(np.median([r.get("cpu_s_per_step", np.nan) for r in runs]))
+    return {"losses": losses, "step_times": times, "compile_s": res["compile_s"], "raw": res,
+            "cpu_s_per_step": cpu}
 
 
 def run(quick: bool = False, kfac_jax_python: str | None = None) -> dict:
@@ -199,25 +204,27 @@ def run(quick: bool = False, kfac_jax_python: str | None = None) -> dict:
     steps = QUICK_STEPS if quick else STEPS
     repeats = 1 if quick else 3
     x, p0, model, loss, out_loss = _problem()
-    runs = {}
+    runs, kj = {}, None
     for name, (opt, key) in optimisers(model, out_loss, x).items():
         reps = repeats if not name.startswith("adam") else 1
-        losses, times, comp = _train(opt, x, p0, loss, steps[key], reps)
+        losses, times, comp, cpu = _train(opt, x, p0, loss, steps[key], reps)
         runs[name] = {"losses": losses, "step_times": times, "compile_s": comp,
-                      "repeats": reps}
+                      "repeats": reps, "cpu_s_per_step": cpu}
         C.log(f"{name:22s} loss {losses[0]:.3f} -> {losses[-1]:.3f}, median step "
-              f"{1e3 * np.median(times):.2f} ms, compile {comp:.1f} s")
+              f"{1e3 * np.median(times):.2f} ms ({1e3 * cpu:.2f} CPU ms), compile {comp:.1f} s")
+        if name == "kfac":  # kfac-jax right after, to keep the machine's load comparable
+            kj = _kfac_jax(kfac_jax_python, steps["kfac_jax"], quick)
     adams = {k: v for k, v in runs.items() if k.startswith("adam")}
     best = min(adams, key=lambda k: adams[k]["losses"].min())
     # the tuned Adam: its timing re-measured with the same number of repeats as the others
-    losses, times, comp = _train(optimisers(model, out_loss, x)[best][0], x, p0, loss,
-                                 steps["adam"], repeats)
-    runs[best].update(step_times=times, repeats=repeats)
+    _, times, _, cpu = _train(optimisers(model, out_loss, x)[best][0], x, p0, loss,
+                              steps["adam"], repeats)
+    runs[best].update(step_times=times, repeats=repeats, cpu_s_per_step=cpu)
     target = float(runs[best]["losses"].min())
-    kj = _kfac_jax(kfac_jax_python, steps["kfac_jax"], quick)
     if kj is not None:
         runs["kfac-jax"] = {"losses": kj["losses"], "step_times": kj["step_times"],
-                            "compile_s": kj["compile_s"], "repeats": len(kj["raw"]["runs"])}
+                            "compile_s": kj["compile_s"], "repeats": len(kj["raw"]["runs"]),
+                            "cpu_s_per_step": kj["cpu_s_per_step"]}
 
     adam_step = float(np.median(runs[best]["step_times"][1:]))
     table, reached = [], {}
@@ -225,7 +232,7 @@ def run(quick: bool = False, kfac_jax_python: str | None = None) -> dict:
         k, t = _to_target(r["losses"], r["step_times"], target)
         reached[name] = (k, t)
         table.append([name, len(r["losses"]), f"{r['losses'][-1]:.3f}",
-                      C._fmt_s(np.median(r["step_times"][1:])),
+                      C._fmt_s(np.median(r["step_times"][1:])), C._fmt_s(r["cpu_s_per_step"]),
                       "-" if k is None else k + 1, C._fmt_s(t), f"{r['compile_s']:.1f} s"])
 
     step_rows, ratios = [], {}
@@ -261,10 +268,12 @@ def run(quick: bool = False, kfac_jax_python: str | None = None) -> dict:
     if "kfac-jax" in runs:
         k, t = reached["kfac"]
         kk, tk = reached["kfac-jax"]
+        cpu_ratio = runs["kfac-jax"]["cpu_s_per_step"] / runs["kfac"]["cpu_s_per_step"]
         headline.append([
             "autoencoder, equal settings: curvlib kfac vs kfac-jax (to the target)",
             C._fmt_s(t), "kfac-jax 0.0.8", C._fmt_s(tk), C._fmt_x(C.ratio(tk, t)),
-            f"{'-' if k is None else k + 1} / {'-' if kk is None else kk + 1} steps",
+            f"{'-' if k is None else k + 1} / {'-' if kk is None else kk + 1} steps; CPU time "
+            f"per step kfac-jax / curvlib {cpu_ratio:.2f}x",
             f"{repeats} / {runs['kfac-jax']['repeats']}",
             ">= 1x: " + ("met" if t is not None and tk is not None and t <= tk else "MISSED"),
         ])
@@ -272,8 +281,8 @@ def run(quick: bool = False, kfac_jax_python: str | None = None) -> dict:
     summary = "\n\n".join([
         f"Target: the tuned Adam ({best}, best of {', '.join(adams)}) after "
         f"{steps['adam']} steps: loss {target:.3f}.",
-        C.md_table(["optimiser", "steps run", "final loss", "median step", "steps to target",
-                    "time to target", "compile"], table),
+        C.md_table(["optimiser", "steps run", "final loss", "median step", "CPU time / step",
+                    "steps to target", "time to target", "compile"], table),
         "K-FAC step time / Adam step time, interleaved pairs (median ratio of 15), by the "
         f"step's position in a refresh cycle of {INVERSE_EVERY}: steps 1-{INVERSE_EVERY - 2} "
         f"are between refreshes, step {INVERSE_EVERY - 1} adapts the damping, step "

@@ -180,6 +180,7 @@ def autoencoder(num_steps: int, initial_damping: float, seed: int, repeats: int)
         p = jax.tree.map(jnp.copy, params)  # kfac-jax donates the params' buffers
         state = opt.init(p, rng, x)
         losses, step_times = [], []
+        c0 = time.process_time()
         for step in range(num_steps):
             ts = time.perf_counter()
             p, state, stats = opt.step(p, state, jax.random.fold_in(rng, step), batch=x,
@@ -187,6 +188,7 @@ def autoencoder(num_steps: int, initial_damping: float, seed: int, repeats: int)
             loss = float(stats["loss"])  # blocks: the loss of the step's incoming params
             step_times.append(time.perf_counter() - ts)
             losses.append(loss)
+        cpu_per_step = (time.process_time() - c0) / num_steps
         final = float(AE.bernoulli_nll(AE.model(p, x, jnp), x, jnp))
         if r == 0:
             compile_s = time.perf_counter() - t0 - float(np.median(step_times)) * num_steps
@@ -194,7 +196,8 @@ def autoencoder(num_steps: int, initial_damping: float, seed: int, repeats: int)
             print(f"warm-up run: compile and first calls {compile_s:.1f} s")
             continue
         assert losses == warm, "kfac-jax's run is not deterministic"
-        runs.append({"losses": losses, "step_times": step_times, "final_loss": final})
+        runs.append({"losses": losses, "step_times": step_times, "final_loss": final,
+                     "cpu_s_per_step": cpu_per_step})
         print(f"repeat {r}: loss {losses[0]:.3f} -> {final:.3f}; median step "
               f"{1e3 * np.median(step_times):.2f} ms")
     return {
