@@ -247,3 +247,29 @@ def test_ekfac_scales_are_the_fisher_diagonal_in_the_kronecker_eigenbasis(shared
     Q = np.kron(np.asarray(eig.QA[0]), np.asarray(eig.QG[0]))
     want = np.diag(Q.T @ F @ Q).reshape(4, 4)
     np.testing.assert_allclose(scales[0], want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "gaussian", "bernoulli"])
+def test_likelihood_square_roots_samples_and_quadratic_forms(likelihood):
+    """``B B^T`` and the Monte-Carlo second moment are the NLL's output Hessian."""
+    from curvlib.kronecker import _likelihood as lik
+
+    f = jax.random.normal(jax.random.PRNGKey(8), (2, 3))  # two positions of three outputs
+    var = 0.7
+    if likelihood == "categorical":
+        nll = lambda f, y: -jnp.sum(y * jax.nn.log_softmax(f, -1))
+        y = jax.nn.one_hot(jnp.array([0, 2]), 3)
+    elif likelihood == "gaussian":
+        nll = lambda f, y: jnp.sum((f - y) ** 2) / (2 * var)
+        y = jnp.zeros_like(f)
+    else:
+        nll = lambda f, y: jnp.sum(optax.sigmoid_binary_cross_entropy(f, y))
+        y = jnp.ones_like(f)
+    H = jax.hessian(nll)(f, y).reshape(6, 6)
+    B = lik.sqrt_hessian(likelihood, f, var).reshape(-1, 6)
+    np.testing.assert_allclose(B.T @ B, H, atol=1e-12)
+    g = lik.sampled_gradients(likelihood, f, jax.random.PRNGKey(9), 100000, var).reshape(-1, 6)
+    np.testing.assert_allclose(g.T @ g / len(g), H, atol=0.02 * np.max(np.abs(H)))
+    t1, t2 = jax.random.normal(jax.random.PRNGKey(10), (2, 1, 2, 3))  # a batch of one example
+    want = t1.reshape(-1) @ H @ t2.reshape(-1)
+    np.testing.assert_allclose(lik.quadratic(likelihood, f[None], t1, t2, var), want, rtol=1e-12)

@@ -80,12 +80,16 @@ def test_einsum_attention_projections_and_lhs_weight():
     def model(p, x):  # x: (n, t, d)
         q = jnp.einsum("ntd,dhk->nthk", x, p["wq"])  # DenseGeneral-style kernel
         o = jnp.einsum("nthk,hkd->ntd", q, p["wo"])  # contract two weight axes
-        return jnp.einsum("od,ntd->nto", p["head"], o)  # weight as the lhs operand
+        h = jnp.einsum("od,ntd->nto", p["head"], o)
+        z = jax.lax.dot_general(p["lhs"], h, (((1,), (2,)), ((), ())))  # the weight as lhs
+        return jnp.transpose(z, (1, 2, 0))
 
-    wq, wo, head, x = _normal(jax.random.PRNGKey(1), (4, 2, 3), (2, 3, 4), (5, 4), (2, 7, 4))
-    found, errs = _gradient_identity(model, {"wq": wq, "wo": wo, "head": head}, x)
+    wq, wo, head, lhs, x = _normal(jax.random.PRNGKey(1), (4, 2, 3), (2, 3, 4), (5, 4), (3, 5),
+                                   (2, 7, 4))
+    found, errs = _gradient_identity(model, {"wq": wq, "wo": wo, "head": head, "lhs": lhs}, x)
     dims = {l.weight_path: (l.in_dim, l.out_dim, l.positions) for l in found.layers}
-    assert dims == {"['wq']": (4, 6, 7), "['wo']": (6, 4, 7), "['head']": (4, 5, 7)}
+    assert dims == {"['wq']": (4, 6, 7), "['wo']": (6, 4, 7), "['head']": (4, 5, 7),
+                    "['lhs']": (5, 3, 7)}
     assert max(errs.values()) < 1e-13, errs
 
 
@@ -97,14 +101,20 @@ def test_convolutions_any_layout_stride_dilation_padding():
         z = jax.lax.conv_general_dilated(x_nhwc, p["k2"], (2, 1), ((1, 0), (2, 1)),
                                          rhs_dilation=(1, 2),
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y.mean((2, 3)) @ p["o"] + z.mean((1, 2))
+        t = jax.lax.conv_general_dilated(x_nhwc, p["k3"], (1, 1), ((1, 1), (0, 0)),
+                                         lhs_dilation=(2, 1),  # a transposed convolution
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y.mean((2, 3)) @ p["o"] + z.mean((1, 2)) + t.mean((1, 2))
 
-    k1, b1, k2, o, x1, x2 = _normal(jax.random.PRNGKey(2), (3, 2, 3, 3), (3,), (3, 2, 2, 4),
-                                    (3, 4), (2, 2, 5, 6), (2, 7, 6, 2))
-    found, errs = _gradient_identity(model, {"k1": k1, "b1": b1, "k2": k2, "o": o}, x1, x2)
+    k1, b1, k2, k3, o, x1, x2 = _normal(jax.random.PRNGKey(2), (3, 2, 3, 3), (3,),
+                                        (3, 2, 2, 4), (3, 1, 2, 4), (3, 4), (2, 2, 5, 6),
+                                        (2, 7, 6, 2))
+    found, errs = _gradient_identity(model, {"k1": k1, "b1": b1, "k2": k2, "k3": k3, "o": o},
+                                     x1, x2)
     kinds = {l.weight_path: (l.kind, l.bias_path, l.in_dim, l.out_dim) for l in found.layers}
     assert kinds["['k1']"] == ("conv", "['b1']", 2 * 9, 3)
     assert kinds["['k2']"] == ("conv", None, 2 * 3 * 2, 4)
+    assert kinds["['k3']"] == ("conv", None, 2 * 3, 4)
     assert max(errs.values()) < 1e-13, errs
 
 
