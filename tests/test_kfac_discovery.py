@@ -58,18 +58,22 @@ def test_plain_mlp_transposed_weight_and_fallbacks():
     def model(p, x):
         h = jnp.tanh(x @ p["w1"] + p["b1"])
         h = h * p["scale"] + p["shift"]  # norm-like parameters: diagonal
-        return h @ p["w2"].T  # torch layout (out, in)
+        h = jnp.tanh(h @ p["w2"].T)  # torch layout (out, in)
+        return h @ p["flat"].reshape(4, 2).astype(jnp.float32).astype(h.dtype)  # stored flat
 
-    w1, b1, w2, scale, shift, x = _normal(jax.random.PRNGKey(0), (3, 5), (5,), (4, 5), (5,), (5,),
-                                          (6, 3))
-    p = {"w1": w1, "b1": b1, "w2": w2, "scale": scale, "shift": shift, "unused": jnp.ones(2)}
+    w1, b1, w2, scale, shift, flat, x = _normal(jax.random.PRNGKey(0), (3, 5), (5,), (4, 5),
+                                                (5,), (5,), (8,), (6, 3))
+    p = {"w1": w1, "b1": b1, "w2": w2, "scale": scale, "shift": shift, "flat": flat,
+         "unused": jnp.ones(2)}
     found, errs = _gradient_identity(model, p, x)
     assert [(l.kind, l.weight_path, l.bias_path, l.in_dim, l.out_dim) for l in found.layers] == [
-        ("dense", "['w1']", "['b1']", 3, 5), ("dense", "['w2']", None, 5, 4)]
+        ("dense", "['flat']", None, 4, 2), ("dense", "['w1']", "['b1']", 3, 5),
+        ("dense", "['w2']", None, 5, 4)]
     reasons = {f.path: f.reason for f in found.diagonal}
     assert reasons == {"['scale']": "enters `mul`", "['shift']": "enters `add`",
                        "['unused']": "unused by the model"}
-    assert max(errs.values()) < 1e-13, errs
+    assert max(errs.values()) < 1e-6, errs  # "flat" passes through float32
+    assert max(v for k, v in errs.items() if k != "['flat']") < 1e-13, errs
     text = format_layers(found)
     for needle in ("['w1']", "dense", "3 x 5", "['b1']", "diagonal", "enters `mul`",
                    "unused by the model"):
