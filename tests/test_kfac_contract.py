@@ -12,9 +12,7 @@ the extra arguments to size its factors.
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +22,35 @@ import pytest
 
 from curvlib import kronecker
 
-_spec = importlib.util.spec_from_file_location(
-    "_optim_contract", Path(__file__).with_name("test_optim_contract.py"))
-contract = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(contract)  # the shared problem and helpers, not its tests
+# the problem of tests/test_optim_contract.py (softmax regression on a dict pytree)
+N, D, K = 24, 4, 3
 
-loss, _data, _params = contract.loss, contract._data, contract._params
-_signature, _all_finite = contract._signature, contract._all_finite
+
+def _data(dtype):
+    kx, kw = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, (N, D), dtype)
+    labels = jnp.argmax(x @ jax.random.normal(kw, (D, K), dtype), axis=-1)
+    return x, jax.nn.one_hot(labels, K, dtype=dtype)
+
+
+def _params(dtype):
+    return {"w": jnp.zeros((D, K), dtype), "b": jnp.zeros((K,), dtype)}
+
+
+def loss(params, batch):
+    x, y = batch
+    logits = x @ params["w"] + params["b"]
+    l2 = 1e-2 * (jnp.sum(params["w"] ** 2) + jnp.sum(params["b"] ** 2))
+    return jnp.mean(optax.softmax_cross_entropy(logits, y)) + l2
+
+
+def _signature(tree):
+    return jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), tree)
+
+
+def _all_finite(tree):
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
+               if jnp.issubdtype(jnp.result_type(x), jnp.inexact))
 
 
 def model(params, batch):
@@ -169,7 +189,7 @@ def test_multisteps():
 def test_flax_nnx_optimizer_step():
     nnx = pytest.importorskip("flax.nnx")
     x, y = _data(jnp.float32)
-    net = nnx.Linear(contract.D, contract.K, rngs=nnx.Rngs(0))
+    net = nnx.Linear(D, K, rngs=nnx.Rngs(0))
     graphdef, _ = nnx.split(net)
 
     def model_fn(params, batch):
