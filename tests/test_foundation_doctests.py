@@ -12,8 +12,9 @@ import pytest
 
 MODULES = [
     "curvlib.operators",
-    "curvlib.krylov.lanczos",
-    "curvlib.krylov.eigsh",
+    "curvlib.krylov.tridiag",
+    "curvlib.krylov.eigen",
+    "curvlib.krylov.density",
     "curvlib.krylov.power",
     "curvlib.krylov.cg",
     "curvlib.krylov.stochastic",

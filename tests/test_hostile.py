@@ -118,6 +118,7 @@ def test_nonfinite_start_vector_is_flagged(bad):
     assert not bool(c.finite) and not bool(c.converged) and _all_finite(c.x)
     p = curvlib.power_iteration(mv, v0, 1, num_iters=5)
     assert not bool(jnp.any(p.converged)) and not bool(p.finite)
+    assert bool(jnp.all(jnp.isnan(p.eigenvalues))) and bool(jnp.all(jnp.isnan(p.residual_norms)))
 
 
 def test_nonfinite_product_mid_run_keeps_last_finite_iterate():
@@ -135,9 +136,10 @@ def test_hutchinson_and_slq_do_not_hide_nonfinite_products():
     v = {"a": jnp.ones(10)}
     key = jax.random.PRNGKey(0)
     t = curvlib.hutchinson_trace(nanmv, v, key, 6)
-    assert not bool(jnp.isfinite(t.estimate)) and not bool(t.finite)
+    assert bool(jnp.isnan(t.estimate)) and bool(jnp.isnan(t.stderr)) and not bool(t.finite)
     dg = curvlib.hutchinson_diag(nanmv, v, key, 4)
-    assert not _all_finite(dg.estimate) and not bool(dg.finite)
+    assert bool(jnp.all(jnp.isnan(dg.estimate["a"]))) and not bool(dg.finite)
+    assert bool(jnp.all(jnp.isnan(dg.stderr["a"])))
     sd = curvlib.spectral_density(nanmv, v, key, num_matvecs=4, num_probes=2)
     flagged = (hasattr(sd, "finite") and not bool(sd.finite)) or not bool(
         jnp.all(jnp.isfinite(sd.density))
@@ -377,9 +379,12 @@ def test_huge_sigma_is_finite_or_overflows_visibly():
     np.testing.assert_allclose(mass, 1.0, rtol=1e-2)
 
 
-def test_negative_damping_makes_cg_exit_on_negative_curvature():
+def test_negative_damping_is_refused_and_indefinite_cg_exits_on_negative_curvature():
     mv, b = _diag_op(jnp.arange(1.0, 11.0))
-    c = curvlib.cg(mv, b, damping=-100.0)
+    with pytest.raises(ValueError, match="damping"):
+        curvlib.cg(mv, b, damping=-100.0)
+    neg, _ = _diag_op(jnp.arange(1.0, 11.0) - 100.0)
+    c = curvlib.cg(neg, b)
     assert bool(c.negative_curvature) and not bool(c.converged)
     assert _all_finite(c.x)
     with pytest.raises(ValueError):
@@ -402,7 +407,7 @@ def test_zero_start_vector_restarts_from_a_random_direction():
     c = curvlib.cg(mv, z)
     assert bool(c.converged) and int(c.num_steps) == 0
     np.testing.assert_array_equal(c.x["a"], 0.0)
-    p = curvlib.power_iteration(mv, z, 1, num_iters=500, tol=1e-10)
+    p = curvlib.power_iteration(mv, z, 1, num_iters=500, tol=1e-10, key=jax.random.PRNGKey(0))
     np.testing.assert_allclose(p.eigenvalues, [10.0], rtol=1e-3)
 
 
@@ -424,7 +429,7 @@ def test_nonsymmetric_matvec_is_detected():
     assert not bool(curvlib.check_symmetric(lambda v: {"a": E @ v["a"]}, v, key).symmetric)
     nan = curvlib.check_symmetric(lambda v: {"a": jnp.nan * v["a"]}, v, key)
     assert not bool(nan.symmetric) and not bool(nan.finite)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="num_pairs"):
         curvlib.check_symmetric(lambda v: {"a": S @ v["a"]}, v, key, num_pairs=0)
 
 

@@ -187,10 +187,10 @@ def test_eigsh_tiny_norm_operator_float32():
 
 
 def test_eigsh_exhaustive_and_zero_start():
-    """``num_matvecs == dim`` is one exact Lanczos pass; a zero ``v0`` still works."""
+    """``basis_size == dim`` is one exact Lanczos pass (nothing to verify); a zero ``v0`` works."""
     ev = np.arange(1.0, 13.0)
     A = jnp.asarray(_sym(ev, seed=7))
-    res = eigsh(_tree_op(A, jnp.zeros(12)), jnp.zeros(12), 4, which="SA", num_matvecs=12)
+    res = eigsh(_tree_op(A, jnp.zeros(12)), jnp.zeros(12), 4, which="SA", basis_size=12)
     assert np.allclose(np.asarray(res.eigenvalues), [1, 2, 3, 4], rtol=1e-10)
     assert bool(res.converged) and int(res.num_restarts) == 0
 
@@ -545,10 +545,10 @@ def test_bad_inputs():
     key = jax.random.PRNGKey(0)
     with pytest.raises(ValueError, match="k"):
         eigsh(I, like, 5)  # k >= dim
-    with pytest.raises(ValueError, match="num_matvecs"):
-        eigsh(I, jnp.ones(30), 5, num_matvecs=4)  # num_matvecs < k
-    with pytest.raises(ValueError, match="num_matvecs"):
-        eigsh(I, jnp.ones(30), 5, num_matvecs=5)  # no room for a residual
+    with pytest.raises(ValueError, match="basis_size"):
+        eigsh(I, jnp.ones(30), 5, basis_size=4)  # basis_size < k
+    with pytest.raises(ValueError, match="basis_size"):
+        eigsh(I, jnp.ones(30), 5, basis_size=6)  # no room for a residual and a guard
     with pytest.raises(ValueError, match="which"):
         eigsh(I, jnp.ones(30), 2, which="BE")
     with pytest.raises(ValueError, match="k"):
@@ -592,7 +592,7 @@ def test_non_finite_products_are_flagged_inside_jit():
     @jax.jit
     def run(v):
         return (
-            eigsh(nan_op, v, 2, num_matvecs=8),
+            eigsh(nan_op, v, 2, basis_size=8),
             lanczos(nan_op, v, 5),
             cg(nan_op, v),
             power_iteration(nan_op, v, 2),
@@ -602,41 +602,47 @@ def test_non_finite_products_are_flagged_inside_jit():
 
     e, lz, c, p, s, h = run(like)
     assert not bool(e.converged) and not bool(e.finite)
-    assert np.all(np.isfinite(np.asarray(e.eigenvalues)))
+    # NaN, never plausible numbers (zeros would look like eigenvalues)
+    assert np.all(np.isnan(np.asarray(e.eigenvalues)))
+    assert np.all(np.isnan(np.asarray(e.residual_norms)))
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(e.eigenvectors))
-    assert np.all(np.isinf(np.asarray(e.residual_norms)))
-    assert not bool(lz.finite)
+    assert not bool(lz.finite) and np.all(np.isnan(np.asarray(lz.alphas)))
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(lz.basis))
     assert not bool(c.converged) and not bool(c.finite)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(c.x))
     assert not bool(np.any(p.converged)) and not bool(p.finite)
-    assert np.all(np.isfinite(np.asarray(p.eigenvalues)))
+    # no pair was computed: NaN, never zeros that look like eigenvalues
+    assert np.all(np.isnan(np.asarray(p.eigenvalues)))
+    assert np.all(np.isnan(np.asarray(p.residual_norms)))
+    assert all(np.all(np.isnan(np.asarray(x))) for x in jax.tree.leaves(p.eigenvectors))
     assert not bool(s.finite) and not bool(h.finite)
+    assert np.isnan(float(h.estimate)) and np.isnan(float(h.stderr))
 
 
 def test_zero_start_vectors():
     A = jnp.asarray(_sym(np.arange(1.0, 21.0), seed=71))
     op = lambda v: A @ v
     z = jnp.zeros(20)
-    res = eigsh(op, z, 2, num_matvecs=10)
+    res = eigsh(op, z, 2, basis_size=10)
     assert bool(res.converged) and np.allclose(np.asarray(res.eigenvalues), [20.0, 19.0])
     lz = lanczos(op, z, 5)
     Q = np.asarray(lz.basis)
     assert np.max(np.abs(Q @ Q.T - np.eye(5))) <= 1e-12 and bool(lz.finite)
-    p = power_iteration(op, z, 1, num_iters=2000, tol=1e-8)
+    p = power_iteration(op, z, 1, num_iters=2000, tol=1e-8, key=jax.random.PRNGKey(0))
     assert np.isclose(float(p.eigenvalues[0]), 20.0, rtol=1e-8)
     c = cg(op, z)
     assert bool(c.converged) and int(c.num_steps) == 0
 
 
 def test_eigsh_stops_at_the_smallest_certifying_depth():
-    """Without restarts eigsh uses exactly the products of the shallowest adequate Lanczos run.
+    """Without restarts eigsh certifies at exactly the shallowest adequate Lanczos depth.
 
     Oracle: plain ``lanczos`` at depth ``d`` gives Ritz pairs whose residuals are
     ``|beta_d y_{d-1,i}|``; the smallest ``d`` at which the top-``k`` all meet the
     tolerance is what a fixed-depth solver would have to guess. eigsh (basis large
-    enough to need no restart) must stop there, and ARPACK on the same operator
-    must not need fewer products.
+    enough to need no restart) must certify there (its verification products are
+    reported apart), and ARPACK on the same operator must not need fewer products
+    for what eigsh certifies without verification.
     """
     import scipy.sparse.linalg as sla
 
@@ -645,8 +651,9 @@ def test_eigsh_stops_at_the_smallest_certifying_depth():
     v0 = np.random.default_rng(4).standard_normal(300)
     k, tol = 5, 1e-6
     # m <= 64: the test runs after every step (above, every ceil(m / 64) steps)
-    res = eigsh(lambda v: jnp.asarray(A) @ v, jnp.asarray(v0), k, num_matvecs=64, tol=tol)
-    assert bool(res.converged) and int(res.num_restarts) == 0
+    res = eigsh(lambda v: jnp.asarray(A) @ v, jnp.asarray(v0), k, basis_size=64, tol=tol)
+    assert bool(res.converged) and int(res.num_verifications) == 1
+    search = int(res.num_matvecs) - int(res.verification_matvecs)
 
     def certified(d):
         lz = lanczos(lambda v: jnp.asarray(A) @ v, jnp.asarray(v0), d)
@@ -658,7 +665,7 @@ def test_eigsh_stops_at_the_smallest_certifying_depth():
         return np.all(r <= tol * np.abs(th[top]))
 
     depth = next(d for d in range(k + 1, 65) if certified(d))
-    assert int(res.num_matvecs) == depth
+    assert search == depth
     count = [0]
 
     def mv(x):
@@ -667,13 +674,13 @@ def test_eigsh_stops_at_the_smallest_certifying_depth():
 
     sla.eigsh(sla.LinearOperator((300, 300), matvec=mv, dtype=np.float64), k=k, which="LA",
               v0=v0, tol=tol)
-    assert int(res.num_matvecs) <= count[0]
+    assert search <= count[0]
 
 
 def test_eigsh_deficient_start_does_not_stop_on_an_invariant_subspace():
     """v0 inside a low invariant subspace: residuals vanish there, yet the top pairs are found."""
     A = jnp.diag(jnp.arange(1.0, 101.0))
     v0 = jnp.zeros(100).at[:4].set(1.0)  # spans eigenvalues 1..4 only
-    res = eigsh(lambda v: A @ v, v0, 3, num_matvecs=30)
+    res = eigsh(lambda v: A @ v, v0, 3, basis_size=30)
     assert bool(res.converged)
     assert np.allclose(np.asarray(res.eigenvalues), [100.0, 99.0, 98.0])

@@ -40,6 +40,14 @@ CASES = [
          "GM speed-up over direct MC"),
     ),
     NotebookCase(
+        "influence_functions.ipynb",
+        "quick mode: True",
+        # the dense-solve check and the leave-one-out comparison (its cell asserts r > 0.95)
+        ("inverse_matvec vs numpy.linalg.solve", "leave-one-out retrainings",
+         "Pearson correlation, Hessian influence vs leave-one-out retraining"),
+        min_figures=1,
+    ),
+    NotebookCase(
         "kfac_autoencoder.ipynb",
         "quick mode: True",
         ("Kronecker-factored layer", "steps to target", "between refreshes",

@@ -1,4 +1,4 @@
-"""Conjugate gradients with damping and a negative-curvature (Steihaug) exit."""
+"""Conjugate gradients: damping, a negative-curvature (Steihaug) exit, implicit derivatives."""
 
 from __future__ import annotations
 
@@ -7,10 +7,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from curvlib import _tree
+from curvlib import _compile, _tree
+from curvlib._validate import nonneg_number, static_int
 
 PyTree = Any
+
+# the step and product counters are int32 on every backend (with or without x64): a cap
+# leaves room for the two products outside the CG steps (warm start, true residual)
+_MAX_STEPS_CAP = int(np.iinfo(np.int32).max) - 2
 
 
 class CGResult(NamedTuple):
@@ -19,13 +25,19 @@ class CGResult(NamedTuple):
     Attributes:
       x: the approximate solution of ``(A + damping I) x = b``; always finite.
       num_steps: CG iterations taken (one product each).
-      residual_norm: ``||b - (A + damping I) x||`` from the recurrence.
-      converged: the residual met ``max(rtol ||b||, atol)``.
+      residual_norm: the *true* residual ``||b - (A + damping I) x||`` of the
+        returned ``x``, from a direct product at exit (not the recurrence's, which
+        drifts from it in floating point and on inconsistent systems); NaN if ``b``
+        or that product is not finite.
+      converged: ``finite`` and ``residual_norm <= max(rtol ||b||, atol)``.
       negative_curvature: a direction with ``p^T (A + damping I) p <= 0`` was
         met; ``x`` is the last iterate before it (Steihaug 1983).
       curvature_direction: that direction ``p`` (zeros when none was met): a
         descent-and-negative-curvature direction a trust-region method can use.
-      finite: every product was finite; if not, ``x`` is the last finite iterate.
+      finite: ``b`` and every product were finite; if not, ``x`` is the last
+        finite iterate and ``converged=False``.
+      num_matvecs: products used: ``num_steps``, plus one for a warm start
+        ``x0``, plus one for the true residual when ``x`` moved.
     """
 
     x: PyTree
@@ -35,21 +47,159 @@ class CGResult(NamedTuple):
     negative_curvature: jax.Array
     curvature_direction: PyTree
     finite: jax.Array
+    num_matvecs: jax.Array = 0
+
+
+# phases of the single product loop
+_WARM, _STEP, _CHECK, _DONE = 0, 1, 2, 3
 
 
 class _CGState(NamedTuple):
+    phase: jax.Array  # which vector the next product is applied to (see _WARM ... _DONE)
     x: PyTree
-    r: PyTree
-    z: PyTree
-    p: PyTree
-    rz: jax.Array
+    r: PyTree  # residual of x: exact after _WARM/_CHECK, recurrence after _STEP
+    p: PyTree  # last search direction
+    rz: jax.Array  # <r, M r> of the last accepted step (1 before the first)
     rnorm: jax.Array
+    moved: jax.Array  # x changed since its residual was last computed by a product
     step: jax.Array
+    num_matvecs: jax.Array
     negcurv: jax.Array
     negdir: PyTree
     finite: jax.Array
 
 
+def _check_config(x, name: str) -> None:
+    """A Python/NumPy number given by the user must be finite and ``>= 0``.
+
+    JAX arrays (traced or not) are taken as they are: they may be computed at run
+    time (an optimizer's adaptive damping or tolerance), where a bad value must
+    show up in the result's flags, not as an exception in the middle of a run.
+    """
+    if not isinstance(x, jax.Array):
+        nonneg_number(x, name)
+
+
+def _cast_like(y: PyTree, like: PyTree) -> PyTree:
+    return jax.tree.map(lambda a, b: jnp.asarray(a).astype(b.dtype), y, like)
+
+
+def _check_max_steps(max_steps, n: int):
+    """A Python/NumPy int (validated, capped to int32) or a traced integer scalar (capped)."""
+    if max_steps is None:
+        # finite-precision CG loses conjugacy and may need more than ``dim`` steps (SciPy's
+        # choice is 10 * dim); capped so that the int32 counters cannot overflow
+        return min(10 * n, _MAX_STEPS_CAP)
+    if isinstance(max_steps, jax.core.Tracer):
+        # a traced cap (e.g. a jit argument) only bounds the while_loop: one program serves
+        # every value; it cannot be validated, and one below 1 takes no steps
+        ms = jnp.asarray(max_steps)
+        if ms.shape != () or not jnp.issubdtype(ms.dtype, jnp.integer):
+            raise ValueError(
+                f"a traced `max_steps` must be an integer scalar; got {ms.dtype}"
+                f"{list(ms.shape)}."
+            )
+        return jnp.minimum(ms, _MAX_STEPS_CAP).astype(jnp.int32)
+    return min(static_int(max_steps, "max_steps", minimum=1), _MAX_STEPS_CAP)
+
+
+def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc):
+    """CG on ``op x = rhs`` with every product at one call site; returns ``(x, aux)``.
+
+    One ``lax.while_loop`` whose body applies ``op`` once, to the vector its phase
+    names: the warm start (``_WARM``), the next search direction (``_STEP``), or the
+    final iterate for the true residual (``_CHECK``). A compiled program thus holds
+    the operator once, however many roles its products play.
+    """
+    zeros = _tree.zeros_like(rhs)
+    rnorm0 = _tree.norm(rhs).astype(acc)
+    tol = jnp.maximum(rtol * rnorm0, atol)
+    finite0 = jnp.isfinite(rnorm0)
+    rnorm0 = jnp.where(finite0, rnorm0, jnp.nan)  # a non-finite b has no residual to report
+    if x0 is None:
+        x0, phase0 = zeros, jnp.where(max_steps >= 1, _STEP, _DONE)
+    else:
+        # a non-finite warm start is dropped (x0 = 0), not multiplied
+        ok = _tree.all_finite(x0)
+        x0 = _tree.where(ok, x0, zeros)
+        phase0 = jnp.where(ok, _WARM, _STEP).astype(jnp.int32)
+    phase0 = jnp.where(finite0 & ~(rnorm0 <= tol), phase0, _DONE).astype(jnp.int32)
+    init = _CGState(
+        phase=phase0, x=zeros, r=rhs, p=zeros, rz=jnp.ones((), acc), rnorm=rnorm0,
+        moved=jnp.asarray(False), step=jnp.zeros((), jnp.int32),
+        num_matvecs=jnp.zeros((), jnp.int32), negcurv=jnp.asarray(False), negdir=zeros,
+        finite=finite0,
+    )
+
+    def cond(s: _CGState):
+        return s.phase != _DONE
+
+    def body(s: _CGState):
+        in_step = s.phase == _STEP
+        # the next search direction p = M r + beta p_prev (used only in the _STEP phase)
+        z = jax.lax.cond(in_step, lambda r: _cast_like(precond(r), r), lambda r: r, s.r)
+        rz = _tree.vdot(s.r, z).astype(acc)
+        beta = jnp.where(s.step > 0, rz / jnp.where(s.rz != 0, s.rz, 1.0), 0.0)
+        p = _tree.add_scale(z, beta, s.p)
+        v = _tree.where(in_step, p, _tree.where(s.phase == _WARM, x0, s.x))
+        w = op(v)  # the one product of this iteration
+        fin = _tree.all_finite(w)
+        vw = _tree.vdot(v, w).astype(acc)
+
+        # _WARM: x = c x0 with c minimising the quadratic model along x0 (0 when the
+        # curvature along x0 is not positive or the product is not finite)
+        c = jnp.where(fin & (vw > 0), _tree.vdot(x0, rhs).astype(acc)
+                      / jnp.where(vw > 0, vw, 1.0), 0.0)
+        w_safe = _tree.where(fin, w, zeros)
+        x_warm = _tree.scale(c, x0)
+        r_warm = _tree.add_scale(rhs, -c, w_safe)
+
+        # _STEP: a CG step, rejected on non-positive curvature or a non-finite product
+        negcurv = in_step & fin & (vw <= 0) & (s.rnorm > 0)
+        good = in_step & fin & ~negcurv
+        alpha = rz / jnp.where(good, vw, 1.0)
+        x_step = _tree.add_scale(s.x, alpha, p)
+        r_step = _tree.add_scale(s.r, -alpha, w_safe)
+
+        # _CHECK: the true residual of the returned iterate
+        r_true = _tree.sub(rhs, w_safe)
+
+        is_warm, is_check = s.phase == _WARM, s.phase == _CHECK
+        x = _tree.where(is_warm, x_warm, _tree.where(good, x_step, s.x))
+        r = _tree.where(is_warm, r_warm, _tree.where(
+            good, r_step, _tree.where(is_check & fin, r_true, s.r)))
+        rnorm = _tree.norm(r).astype(acc)
+        rnorm = jnp.where(is_check & ~fin, jnp.nan, rnorm)
+        step = s.step + in_step.astype(jnp.int32)
+        negcurv_all = s.negcurv | negcurv
+        # a non-finite warm-start product only drops the warm start
+        finite = s.finite & (fin | is_warm)
+        moved = jnp.where(is_warm | is_check, False, s.moved | good)
+        stop = ~(rnorm > tol) | (step >= max_steps) | negcurv_all | ~finite
+        after = jnp.where(stop, jnp.where(moved, _CHECK, _DONE), _STEP)
+        phase = jnp.where(is_check, _DONE, after).astype(jnp.int32)
+        return _CGState(
+            phase=phase, x=x, r=r, p=_tree.where(good, p, s.p),
+            rz=jnp.where(good, rz, s.rz), rnorm=rnorm, moved=moved, step=step,
+            num_matvecs=s.num_matvecs + 1, negcurv=negcurv_all,
+            negdir=_tree.where(negcurv, p, s.negdir), finite=finite,
+        )
+
+    s = jax.lax.while_loop(cond, body, init)
+    converged = s.finite & (s.rnorm <= tol)
+    aux = (s.step, s.num_matvecs, s.rnorm, converged, s.negcurv, s.negdir, s.finite)
+    return s.x, aux
+
+
+def _precheck(matvec, b, x0, damping, rtol, atol, max_steps, preconditioner):
+    """The value checks of :func:`cg` that must run eagerly (the rest runs at trace time)."""
+    _check_config(damping, "damping")
+    _check_config(rtol, "rtol")
+    _check_config(atol, "atol")
+    _check_max_steps(max_steps, _tree.size(b))
+
+
+@_compile.function(operators={"matvec": "b", "preconditioner": "b"}, precheck=_precheck)
 def cg(
     matvec: Callable[[PyTree], PyTree],
     b: PyTree,
@@ -61,7 +211,7 @@ def cg(
     max_steps: int | None = None,
     preconditioner: Callable[[PyTree], PyTree] | None = None,
 ) -> CGResult:
-    """Solve ``(A + damping I) x = b`` by (preconditioned) conjugate gradients.
+    r"""Solve ``(A + damping I) x = b`` by (preconditioned) conjugate gradients.
 
     Minimises ``q(x) = 1/2 x^T (A + lambda I) x - b^T x`` over growing Krylov
     spaces (Hestenes & Stiefel 1952). ``A`` need not be definite: when a search
@@ -71,32 +221,77 @@ def cg(
     to a saddle or to infinity. A non-finite product likewise stops the loop
     with the last finite iterate and ``finite=False``.
 
-    Cost: one product (and one preconditioner application) per step; memory:
-    five vectors. Runs as one ``lax.while_loop`` (jit-, vmap- and
-    grad-compatible in ``b``'s values).
+    The iteration stops when the recurrence's residual meets
+    ``max(rtol ||b||, atol)``; the residual *reported*, and judged by
+    ``converged``, is the true ``||b - (A + lambda I) x||``, from one more
+    product. The two differ by rounding (the true residual cannot fall below
+    about ``eps ||A|| ||x||``; the recurrence's can), and on an inconsistent
+    (singular) system, where the recurrence's residual falls while the true one
+    stays put. ``converged=False`` with a small ``residual_norm`` says that the
+    tolerance asked for lies below what the arithmetic can certify.
+
+    A warm start ``x0`` is used as a direction: CG starts from ``c x0`` with
+    ``c = x0^T b / x0^T (A + lambda I) x0`` (the minimiser of ``q`` along
+    ``x0``; ``c = 0`` when that curvature is not positive), so a warm start is
+    never worse than the zero start in the energy norm, and ``c = 1`` for an
+    ``x0`` that already solves the system. A non-finite ``x0`` (or product
+    ``(A + lambda I) x0``) is dropped.
+
+    **Derivatives.** ``cg`` is differentiable, in forward and reverse mode, with
+    respect to ``b``, ``damping`` and every array the operator depends on
+    (arrays it closes over, or the leaves of a :class:`jax.tree_util.Partial`),
+    by implicit differentiation of the exact solution (``jax.lax.custom_linear_solve``):
+
+    .. math::
+        dx = (A + \lambda I)^{-1} (db - dA\,x - d\lambda\,x),
+
+    where the solve is one more ``cg`` call with the same settings (``A`` is
+    symmetric, so the transposed solve is the solve). ``x0``, ``rtol``,
+    ``atol``, ``max_steps`` and ``preconditioner`` are not differentiated (the
+    exact solution does not depend on them), nor are the diagnostics (they are
+    ``stop_gradient``-ed). The derivative is that of the exact solution: it
+    is exact when both solves converge, and not the derivative of a truncated
+    or negative-curvature iterate.
+
+    Cost: one product (and one preconditioner application) per step, plus one
+    for a warm start and one for the true residual (``num_matvecs`` counts
+    them); memory: ``b``, ``x0`` and four state vectors (``x``, ``r``, ``p``,
+    the curvature direction), plus a step's temporaries. Runs as one
+    ``lax.while_loop`` that applies the operator at a single call site (the
+    compiled program holds the operator once); jit- and vmap-compatible. The
+    backward pass costs one more solve.
 
     Args:
       matvec: symmetric linear operator on pytrees shaped like ``b``.
       b: right-hand side pytree.
       x0: optional warm start (e.g. the previous solve in Hessian-free).
-      damping: ``lambda >= 0`` added to the diagonal (traceable).
-      rtol: relative tolerance on ``||r|| / ||b||``.
-      atol: absolute tolerance on ``||r||``.
-      max_steps: iteration cap; default ``10 * dim`` (SciPy's choice: in floating
-        point CG can need more than ``dim`` steps). May be a traced integer
-        scalar (a ``jit`` argument): it only bounds the ``lax.while_loop``, so
-        changing it does not recompile; a traced value is not validated, and
-        one below 1 takes no steps.
+      damping: ``lambda >= 0`` added to the diagonal (traceable). A negative or
+        non-finite Python/NumPy number is refused; a JAX array is not checked
+        (it may be computed at run time: a negative value makes ``A + lambda I``
+        what it is, and the negative-curvature exit handles it).
+      rtol: relative tolerance on ``||r|| / ||b||`` (traceable, ``>= 0``; checked
+        like ``damping``).
+      atol: absolute tolerance on ``||r||`` (traceable, ``>= 0``; checked like
+        ``damping``).
+      max_steps: iteration cap; default ``min(10 * dim, 2**31 - 3)`` (SciPy's
+        ``10 * dim``: in floating point CG can need more than ``dim`` steps;
+        capped so the int32 counters cannot overflow on huge models). May be a
+        traced integer scalar (a ``jit`` argument): it only bounds the
+        ``lax.while_loop``, so changing it does not recompile; a traced value is
+        not validated, and one below 1 takes no steps.
       preconditioner: optional SPD ``M^{-1}`` applied to residuals.
 
     Returns:
       A :class:`CGResult`.
 
     Raises:
-      ValueError: if ``x0`` does not match ``b`` or a concrete ``max_steps`` < 1.
+      ValueError: if ``x0`` or ``matvec(b)`` does not match ``b``, a concrete
+        ``max_steps`` is not an int ``>= 1``, or ``damping``, ``rtol`` or
+        ``atol`` is a negative or non-finite Python/NumPy number.
+      TypeError: for non-float leaves of ``b``.
 
     Examples:
-      >>> import jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp
       >>> A = jnp.array([[4.0, 1.0], [1.0, 3.0]])
       >>> x = cg(lambda v: A @ v, jnp.array([1.0, 2.0]), rtol=1e-6).x
       >>> [round(float(xi), 4) for xi in x]
@@ -106,85 +301,47 @@ def cg(
       >>> bool(res.negative_curvature), res.curvature_direction.tolist()
       (True, [1.0, 1.0])
 
+      Derivatives of the solution, here ``d/db sum(A^{-1} b) = A^{-1} 1``:
+
+      >>> g = jax.grad(lambda b: cg(lambda v: A @ v, b, rtol=1e-6).x.sum())(jnp.ones(2))
+      >>> [round(float(gi), 4) for gi in g]
+      [0.1818, 0.2727]
+
     References:
-      T. Steihaug, *The conjugate gradient method and trust regions in large
-      scale optimization*, SIAM J. Numer. Anal. 1983.
+      M. R. Hestenes and E. Stiefel, *Methods of conjugate gradients for solving
+      linear systems*, J. Res. NBS 1952; T. Steihaug, *The conjugate gradient
+      method and trust regions in large scale optimization*, SIAM J. Numer.
+      Anal. 1983.
     """
     _tree.check_float_tree(b, "b")
-    if x0 is None:
-        x0 = _tree.zeros_like(b)
-    else:
+    if x0 is not None:
         _tree.check_same_structure(b, x0, "b", "x0")
-    _tree.check_matvec(matvec, b, "b")
-    if max_steps is None:
-        # finite-precision CG loses conjugacy and may need more than ``dim`` steps
-        max_steps = 10 * _tree.size(b)
-    elif isinstance(max_steps, jax.core.Tracer):
-        # a traced cap (e.g. a jit argument) only bounds the while_loop; it cannot be checked
-        max_steps = jnp.asarray(max_steps)
-        if max_steps.shape != () or not jnp.issubdtype(max_steps.dtype, jnp.integer):
-            raise ValueError(
-                f"a traced `max_steps` must be an integer scalar; got {max_steps.dtype}"
-                f"{list(max_steps.shape)}."
-            )
-    if not isinstance(max_steps, jax.core.Tracer) and int(max_steps) < 1:
-        raise ValueError(f"`max_steps` must be >= 1; got {max_steps}.")
+    _check_config(damping, "damping")
+    _check_config(rtol, "rtol")
+    _check_config(atol, "atol")
+    max_steps = _check_max_steps(max_steps, _tree.size(b))
     precond = preconditioner if preconditioner is not None else (lambda v: v)
     acc = jnp.promote_types(_tree.dtype(b), jnp.float32)
 
     def op(v):
-        return _tree.add_scale(matvec(v), damping, v)
+        out = matvec(v)
+        # checked here, at the operator's first (abstract) trace: no extra trace of it
+        _tree.check_same_structure(b, out, "b", "matvec(b)")
+        return jax.tree.map(lambda a, x: (a + damping * x).astype(x.dtype), _cast_like(out, v), v)
 
-    bnorm = _tree.norm(b).astype(acc)
-    tol = jnp.maximum(rtol * bnorm, atol)
-    x0_finite = _tree.all_finite(x0)
-    x0 = _tree.where(x0_finite, x0, _tree.zeros_like(b))
-    r0 = _tree.sub(b, op(x0))
-    fin0 = _tree.all_finite(r0)
-    # if the warm start is unusable, fall back to x0 = 0
-    x0 = _tree.where(fin0, x0, _tree.zeros_like(b))
-    r0 = _tree.where(fin0, r0, b)
-    z0 = precond(r0)
-    rz0 = _tree.vdot(r0, z0).astype(acc)
-    init = _CGState(
-        x=x0, r=r0, z=z0, p=z0, rz=rz0, rnorm=_tree.norm(r0).astype(acc),
-        step=jnp.asarray(0), negcurv=jnp.asarray(False), negdir=_tree.zeros_like(b),
-        finite=_tree.all_finite(b),
-    )
+    def solve(op_, rhs):
+        return _cg_solve(op_, rhs, x0=x0, precond=precond, rtol=rtol, atol=atol,
+                         max_steps=max_steps, acc=acc)
 
-    def cond(s: _CGState):
-        return (s.rnorm > tol) & (s.step < max_steps) & ~s.negcurv & s.finite
-
-    def body(s: _CGState):
-        Ap = op(s.p)
-        finite = _tree.all_finite(Ap)
-        pAp = _tree.vdot(s.p, Ap).astype(acc)
-        # p = 0 only when r = 0 (exact convergence with a zero tolerance): not curvature
-        negcurv = finite & (pAp <= 0) & (s.rnorm > 0)
-        good = finite & ~negcurv
-        alpha = s.rz / jnp.where(good, pAp, 1.0)
-        x = _tree.add_scale(s.x, alpha, s.p)
-        r = _tree.add_scale(s.r, -alpha, Ap)
-        z = precond(r)
-        rz = _tree.vdot(r, z).astype(acc)
-        beta = rz / jnp.where(s.rz != 0, s.rz, 1.0)
-        p = _tree.add_scale(z, beta, s.p)
-        stepped = (x, r, z, p, rz, _tree.norm(r).astype(acc))
-        kept = (s.x, s.r, s.z, s.p, s.rz, s.rnorm)
-        # a rejected step (negative curvature, non-finite product) keeps the last iterate
-        x, r, z, p, rz, rnorm = jax.tree.map(lambda a, o: jnp.where(good, a, o), stepped, kept)
-        return _CGState(
-            x=x, r=r, z=z, p=p, rz=rz, rnorm=rnorm, step=s.step + 1, negcurv=negcurv,
-            negdir=_tree.where(negcurv, s.p, s.negdir), finite=finite,
-        )
-
-    s = jax.lax.while_loop(cond, body, init)
+    x, aux = jax.lax.custom_linear_solve(op, b, solve, symmetric=True, has_aux=True)
+    step, nmv, rnorm, converged, negcurv, negdir, finite = jax.lax.stop_gradient(aux)
     return CGResult(
-        x=s.x,
-        num_steps=s.step,
-        residual_norm=s.rnorm,
-        converged=(s.rnorm <= tol) & s.finite,
-        negative_curvature=s.negcurv,
-        curvature_direction=s.negdir,
-        finite=s.finite,
+        x=x,
+        num_steps=step,
+        residual_norm=rnorm,
+        converged=converged,
+        negative_curvature=negcurv,
+        curvature_direction=negdir,
+        finite=finite,
+        num_matvecs=nmv,
     )

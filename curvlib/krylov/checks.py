@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _tree
+from curvlib import _compile, _tree
+from curvlib._validate import nonneg_number, static_int
 
 PyTree = Any
 
@@ -20,7 +21,8 @@ class SymmetryCheck(NamedTuple):
     Attributes:
       asymmetry: ``max_i |<u_i, A v_i> - <v_i, A u_i>|`` over the probe pairs.
       relative: the same, each term divided by ``||u_i|| ||A v_i|| + ||v_i|| ||A u_i||``
-        (``0`` for the zero operator); scale-free, in ``[0, 1]``.
+        (``0`` for the zero operator); scale-free, in ``[0, 1]``. ``asymmetry`` and
+        ``relative`` are NaN when a product was not finite.
       symmetric: ``relative <= rtol`` and every product finite.
       finite: every product was finite.
       num_matvecs: products used (``2 * num_pairs``).
@@ -33,6 +35,12 @@ class SymmetryCheck(NamedTuple):
     num_matvecs: int
 
 
+def _precheck(matvec, v_like, key, num_pairs, rtol):
+    if rtol is not None and not isinstance(rtol, jax.Array):
+        nonneg_number(rtol, "rtol")
+
+
+@_compile.function(static=("num_pairs",), operators={"matvec": "v_like"}, precheck=_precheck)
 def check_symmetric(
     matvec: Callable[[PyTree], PyTree],
     v_like: PyTree,
@@ -68,8 +76,9 @@ def check_symmetric(
       A :class:`SymmetryCheck`.
 
     Raises:
-      ValueError: for ``num_pairs < 1``, an empty ``v_like`` or a matvec whose
-        output is not shaped like its input.
+      ValueError: if ``num_pairs`` is not an int ``>= 1`` (``np.int64`` is
+        accepted, ``True`` is not), ``rtol`` is a negative Python/NumPy number,
+        ``v_like`` is empty, or the matvec's output is not shaped like its input.
       TypeError: for non-float leaves.
 
     Examples:
@@ -83,17 +92,28 @@ def check_symmetric(
       True
     """
     _tree.check_float_tree(v_like, "v_like")
-    if isinstance(num_pairs, bool) or not isinstance(num_pairs, (int, np.integer)) or num_pairs < 1:
-        raise ValueError(f"`num_pairs` must be a positive int; got {num_pairs!r}.")
-    out = jax.eval_shape(matvec, v_like)
-    _tree.check_same_structure(v_like, out, "v_like", "matvec(v_like)")
+    num_pairs = static_int(num_pairs, "num_pairs", minimum=1)
+    if rtol is not None and not isinstance(rtol, jax.Array):
+        nonneg_number(rtol, "rtol")
     acc = _tree.acc_dtype(*jax.tree.leaves(v_like))
     if rtol is None:
         rtol = float(np.sqrt(np.finfo(acc).eps))
     keys = jax.random.split(key, 2 * num_pairs)
     probes = jax.vmap(lambda k: _tree.normal_like(k, v_like))(keys)
-    products = jax.vmap(matvec)(probes)
-    products = jax.tree.map(lambda y, x: y.astype(x.dtype), products, probes)
+
+    def product(v):
+        out = matvec(v)
+        # checked at the operator's (only) trace
+        _tree.check_same_structure(v_like, out, "v_like", "matvec(v_like)")
+        return jax.tree.map(lambda y, x: jnp.asarray(y).astype(x.dtype), out, v)
+
+    if getattr(matvec, "host_driven", False):  # streamed data: one pass for the whole block
+        products = matvec.matmat(probes) if hasattr(matvec, "matmat") else jax.tree.map(
+            lambda *r: jnp.stack(r),
+            *[matvec(jax.tree.map(lambda x, i=i: x[i], probes)) for i in range(2 * num_pairs)])
+        products = jax.tree.map(lambda y, x: jnp.asarray(y).astype(x.dtype), products, probes)
+    else:
+        products = jax.vmap(product)(probes)
     U = jax.tree.map(lambda x: x[:num_pairs], probes)
     V = jax.tree.map(lambda x: x[num_pairs:], probes)
     AU = jax.tree.map(lambda x: x[:num_pairs], products)
@@ -104,7 +124,7 @@ def check_symmetric(
     scale = nrm(U) * nrm(AV) + nrm(V) * nrm(AU)
     diff = jnp.abs(uav - vau)
     rel = jnp.where(scale > 0, diff / jnp.where(scale > 0, scale, 1.0), 0.0)
-    finite = jnp.all(jnp.isfinite(uav)) & jnp.all(jnp.isfinite(vau))
+    finite = _tree.all_finite(products) & jnp.all(jnp.isfinite(uav)) & jnp.all(jnp.isfinite(vau))
     asym = jnp.max(diff)
     rel_max = jnp.max(rel)
     return SymmetryCheck(
@@ -112,5 +132,5 @@ def check_symmetric(
         relative=jnp.where(finite, rel_max, jnp.nan),
         symmetric=finite & (rel_max <= rtol),
         finite=finite,
-        num_matvecs=2 * int(num_pairs),
+        num_matvecs=2 * num_pairs,
     )

@@ -7,27 +7,37 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from curvlib import _tree
+from curvlib import _compile, _tree
+from curvlib._validate import nonneg_number, optional_int, static_int
 
 PyTree = Any
+
+_INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 class PowerIterationResult(NamedTuple):
     """Output of :func:`power_iteration`.
 
     Attributes:
-      eigenvalues: signed Rayleigh quotients ``x_i^T A x_i`` (shape ``(k,)``),
-        in the order found (largest magnitude of the deflated operator first).
-      eigenvectors: pytree with leading axis ``k``, unit norm, mutually orthogonal.
-      residual_norms: ``||A x_i - theta_i x_i||`` (shape ``(k,)``).
+      eigenvalues: signed Rayleigh quotients ``theta_i = x_i^T A x_i`` (shape
+        ``(k,)``), largest magnitude first (Ritz values of the pairs' span when
+        all ``k`` were found, else in the order found); NaN for a pair that was
+        never computed (see ``finite``).
+      eigenvectors: pytree with leading axis ``k``, unit norm, mutually
+        orthogonal; NaN rows for pairs never computed.
+      residual_norms: the true residuals ``||A x_i - theta_i x_i||`` (shape
+        ``(k,)``), from the pairs' products (no recurrence); NaN for pairs never
+        computed.
       num_matvecs: products used in total.
-      converged: per pair, whether the residual of the *deflated* operator,
-        ``||P A x_i - theta_i x_i||``, is at most ``tol |theta_i|`` (the true
-        residual of a later pair cannot fall below those of the earlier ones).
-      finite: every product was finite; if not, the pairs found before the
-        first non-finite product are kept, the rest are zero with
-        ``converged=False``.
+      converged: per pair, ``residual_norms[i] <= tol |theta_i|`` (the true
+        residual, not the deflated operator's).
+      finite: ``v0`` and every product were finite. If not, the pairs completed
+        before the first non-finite product are kept and every later one is NaN
+        with ``converged=False``. (A pair is also NaN, with ``finite=True``, when
+        the product budget ran out before it started, or when its start was
+        degenerate and no ``key`` was given.)
     """
 
     eigenvalues: jax.Array
@@ -38,56 +48,138 @@ class PowerIterationResult(NamedTuple):
     finite: jax.Array
 
 
-def _random_direction(i, like):
-    """Deterministic fallback start (only used when ``v0`` lies in the found subspace)."""
-    key = jax.random.fold_in(jax.random.PRNGKey(7919), i)
-    return _tree.normal_like(key, like)
+class _PowerState(NamedTuple):
+    X: PyTree  # (k, ...) pairs found so far (zero rows beyond them)
+    AX: PyTree  # their products A x_i (from the pair's last iteration)
+    thetas: jax.Array
+    res: jax.Array
+    conv: jax.Array
+    i: jax.Array  # the pair being computed
+    x: PyTree  # its current unit iterate, orthogonal to the rows of X
+    it: jax.Array  # products spent on pair i
+    total: jax.Array
+    started: jax.Array  # pair i has a usable start
+    finite: jax.Array
 
 
+def _project_out(X, v, acc):
+    """``v`` minus its components along the rows of ``X``, classical Gram-Schmidt twice."""
+    for _ in range(2):
+        v = _tree.sub(v, _tree.basis_combine(X, _tree.basis_project(X, v, acc), like=v))
+    return v
+
+
+def _unit(v, acc):
+    nv = _tree.norm(v).astype(acc)
+    return _tree.scale(1.0 / jnp.where(nv > 0, nv, 1.0), v)
+
+
+def _start(X, i, v0, key, acc):
+    """Unit start for pair ``i``: ``v0`` deflated, or a keyed random direction if that vanishes.
+
+    Returns ``(x, ok)``; ``ok`` is False when the deflated ``v0`` is negligible
+    (``<= 10 eps ||v0||``: ``v0`` is zero or lies in the span of the pairs found)
+    and there is no ``key`` to draw another direction from.
+    """
+    eps = jnp.finfo(acc).eps
+    v = _project_out(X, v0, acc)
+    n0 = _tree.norm(v0).astype(acc)
+    good = _tree.norm(v).astype(acc) > 10 * eps * n0
+    if key is None:
+        return _unit(v, acc), good
+    rnd = _project_out(X, _tree.normal_like(jax.random.fold_in(key, i), v0), acc)
+    return _unit(_tree.where(good, v, rnd), acc), jnp.asarray(True)
+
+
+def _precheck(matvec, v0, k, key, max_matvecs, num_iters, tol):
+    if not isinstance(tol, jax.Array):  # a JAX array may be computed at run time
+        nonneg_number(tol, "tol")
+
+
+@_compile.function(static=("k", "max_matvecs", "num_iters"), operators={"matvec": "v0"},
+                   precheck=_precheck)
 def power_iteration(
     matvec: Callable[[PyTree], PyTree],
     v0: PyTree,
     k: int = 1,
     *,
-    num_iters: int = 100,
-    tol: float = 1e-4,
+    key: jax.Array | None = None,
+    max_matvecs: int | None = None,
+    num_iters: int | None = None,
+    tol=1e-4,
 ) -> PowerIterationResult:
     """``k`` dominant eigenpairs by power iteration with deflation.
 
-    For pair ``i`` iterate ``x <- P A P x / ||P A P x||`` with ``P`` the
-    projector onto the complement of the pairs already found (Hotelling /
-    Wielandt deflation by orthogonalisation) until the residual
-    ``||P A x - theta x|| <= tol |theta|`` with the *signed* Rayleigh quotient
+    For pair ``i`` iterate ``x <- P A x / ||P A x||`` with ``P`` the projector
+    onto the complement of the pairs already found (Hotelling / Wielandt
+    deflation by orthogonalisation) and the *signed* Rayleigh quotient
     ``theta = x^T A x``. This is the method PyHessian and most loss-landscape
     code use; it finds the largest-*magnitude* eigenvalues (a dominant negative
     Hessian eigenvalue comes first) and converges at the rate
     ``|lambda_{i+1} / lambda_i|``. It is kept as a baseline:
     :func:`curvlib.eigsh` is faster and targets the algebraically largest values.
 
-    Cost: at most ``k * num_iters`` products (each iteration reuses its product
-    for the Rayleigh quotient and the residual); memory ``k + 2`` vectors.
+    A pair stops iterating when the residual of the *deflated* operator,
+    ``||P A x - theta x||``, is at most ``tol |theta|`` (iterating further
+    cannot lower the true residual: its component along the pairs already found
+    is fixed by their own residuals), or at its product cap. ``converged``
+    judges the *true* residual ``||A x - theta x|| <= tol |theta|`` of the
+    returned pairs.
+
+    When all ``k`` pairs are found, a final Rayleigh-Ritz step on their span
+    (``X A X^T = Y Theta Y^T``, from the products already computed) rotates
+    them into the Ritz pairs of that span: this removes the couplings
+    ``x_j^T A x_i`` that each pair's residual leaves in the later ones, so the
+    later pairs' true residuals drop to their deflated ones.
+
+    Every pair runs in one ``lax.while_loop`` with one product per iteration:
+    the compiled program holds the operator once, whatever ``k``.
+
+    Cost: at most ``max_matvecs`` products (each iteration's product serves its
+    Rayleigh quotient, both residuals and the next iterate; the Rayleigh-Ritz
+    step reuses each pair's last product); memory ``2k + 3`` vectors.
 
     Args:
       matvec: symmetric operator on pytrees shaped like ``v0``.
-      v0: start vector, shared by all pairs (orthogonalised per pair); a zero
-        ``v0`` (or one inside the found subspace) is replaced by a deterministic
-        pseudo-random direction.
+      v0: start vector, shared by all pairs (deflated per pair).
       k: number of pairs (static, ``1 <= k < dim``).
-      num_iters: iteration cap per pair (static, ``>= 1``).
-      tol: relative residual tolerance (traceable).
+      key: PRNG key for a fresh random start when the deflated ``v0`` vanishes
+        (a zero ``v0``, or one inside the span of the pairs found). Without a key
+        such a pair, and every later one, is NaN with ``converged=False``.
+      max_matvecs: total product budget over all pairs (static, ``>= 1``);
+        default ``k * num_iters``. A pair cut short by it is returned with its
+        current (unconverged) values; pairs never started are NaN.
+      num_iters: product cap per pair (static, ``>= 1``); default 100 when
+        ``max_matvecs`` is not given either, else no per-pair cap.
+      tol: relative residual tolerance (traceable, ``>= 0``; a negative or
+        non-finite Python/NumPy number is refused).
 
     Returns:
       A :class:`PowerIterationResult`.
 
     Raises:
-      ValueError: if ``k`` is not in ``[1, dim)`` or ``num_iters < 1``.
+      ValueError: if ``k`` is not an int in ``[1, dim)``, ``max_matvecs`` or
+        ``num_iters`` is not an int ``>= 1``, ``tol`` is a negative Python/NumPy
+        number, or ``matvec(v0)`` does not match ``v0``.
+      TypeError: for non-float leaves of ``v0``.
 
     Examples:
-      >>> import jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp
       >>> A = jnp.diag(jnp.array([-3.0, 2.0, 1.0, 0.5]))
       >>> res = power_iteration(lambda v: A @ v, jnp.ones(4), k=2, num_iters=500, tol=1e-5)
       >>> res.eigenvalues.round(4).tolist()  # signed, by magnitude
       [-3.0, 2.0]
+      >>> res.converged.tolist()  # judged on the true residuals ||A x - theta x||
+      [True, True]
+      >>> bool(jnp.all(res.residual_norms <= 1e-5 * jnp.abs(res.eigenvalues)))
+      True
+
+      A zero start needs a key to draw a direction from:
+
+      >>> res = power_iteration(lambda v: A @ v, jnp.zeros(4), key=jax.random.PRNGKey(0),
+      ...                       max_matvecs=1000, tol=1e-6)
+      >>> round(float(res.eigenvalues[0]), 4)
+      -3.0
 
     References:
       R. von Mises and H. Pollaczek-Geiringer, *Praktische Verfahren der
@@ -95,74 +187,111 @@ def power_iteration(
     """
     _tree.check_float_tree(v0, "v0")
     n = _tree.size(v0)
-    _tree.check_matvec(matvec, v0, "v0")
-    if not isinstance(k, int) or k < 1 or k >= n:
-        raise ValueError(f"`k` must be an int with 1 <= k < dim ({n}); got {k!r}.")
-    if not isinstance(num_iters, int) or num_iters < 1:
-        raise ValueError(f"`num_iters` must be a positive int; got {num_iters!r}.")
+    k = static_int(k, "k", minimum=1, maximum=n - 1, what=f"the dimension of v0 is {n}")
+    num_iters = optional_int(num_iters, "num_iters", minimum=1)
+    max_matvecs = optional_int(max_matvecs, "max_matvecs", minimum=1)
+    if not isinstance(tol, jax.Array):  # a JAX array may be computed at run time
+        nonneg_number(tol, "tol")
+    if max_matvecs is None:
+        num_iters = 100 if num_iters is None else num_iters
+        max_matvecs = k * num_iters
+    elif num_iters is None:
+        num_iters = max_matvecs
+    max_matvecs = min(max_matvecs, _INT32_MAX)
+    num_iters = min(num_iters, _INT32_MAX)
     acc = _tree.acc_dtype(_tree.dtype(v0))
-    eps = jnp.finfo(acc).eps
+
+    finite0 = _tree.all_finite(v0)
+    v0 = _tree.where(finite0, v0, _tree.zeros_like(v0))
     X = _tree.basis_zeros(v0, k)
-    thetas = jnp.zeros(k, acc)
+    x, ok = _start(X, 0, v0, key, acc)
 
-    def project_out(X, v):
-        c = _tree.basis_project(X, v, acc)
-        return _tree.sub(v, _tree.basis_combine(X, c, like=v))
+    def product(x):
+        out = matvec(x)
+        # checked at the operator's (only) trace: no separate shape-checking trace
+        _tree.check_same_structure(v0, out, "v0", "matvec(v0)")
+        return jax.tree.map(lambda a, b: jnp.asarray(a).astype(b.dtype), out, x)
 
-    def unit(v):
-        nv = _tree.norm(v).astype(acc)
-        return _tree.scale(1.0 / jnp.where(nv > 0, nv, 1.0), v)
+    def cond(s: _PowerState):
+        return (s.i < k) & s.started & s.finite & (s.total < max_matvecs)
 
-    def product(X, x):
-        raw = jax.tree.map(lambda a, b: jnp.asarray(a).astype(b.dtype), matvec(x), x)
+    def body(s: _PowerState):
+        raw = product(s.x)  # the one product of this iteration
         fin = _tree.all_finite(raw)
         raw = _tree.where(fin, raw, _tree.zeros_like(raw))
-        Ax = project_out(X, raw)  # the deflated product P A x (x is already in range(P))
-        theta = _tree.vdot(x, raw).astype(acc)
-        # stopping uses the deflated residual (the true one is floored by the residuals
-        # of the pairs already found); the reported one is that of A itself
-        res = _tree.norm(_tree.add_scale(Ax, -theta, x)).astype(acc)
-        return Ax, theta, res, fin, raw
+        theta = _tree.vdot(s.x, raw).astype(acc)
+        true_res = _tree.norm(_tree.add_scale(raw, -theta, s.x)).astype(acc)
+        # the deflated product P A x (x is already in range(P)); rows of X past i are zero
+        defl = _tree.sub(raw, _tree.basis_combine(s.X, _tree.basis_project(s.X, raw, acc),
+                                                  like=raw))
+        defl_res = _tree.norm(_tree.add_scale(defl, -theta, s.x)).astype(acc)
+        it, total = s.it + 1, s.total + 1
+        done = fin & ((defl_res <= tol * jnp.abs(theta)) | (it >= num_iters)
+                      | (total >= max_matvecs))
+        store = lambda B, v: jax.tree.map(
+            lambda q, y: jnp.where(done, q.at[s.i].set(y.astype(q.dtype)), q), B, v)
+        X, AX = store(s.X, s.x), store(s.AX, raw)
+        thetas = jnp.where(done, s.thetas.at[s.i].set(theta), s.thetas)
+        res = jnp.where(done, s.res.at[s.i].set(true_res), s.res)
+        conv = jnp.where(done, s.conv.at[s.i].set(true_res <= tol * jnp.abs(theta)), s.conv)
+        i = s.i + done.astype(jnp.int32)
 
-    total = jnp.zeros((), jnp.int32)
-    finite = _tree.all_finite(v0)
-    v0 = _tree.where(finite, v0, _tree.zeros_like(v0))
-    conv_all, res_all = [], []
-    for i in range(k):
-        x = project_out(X, v0)
-        small = ~(_tree.norm(x).astype(acc) > 10 * eps * _tree.norm(v0).astype(acc))
-        x = jax.lax.cond(
-            small, lambda X=X, i=i: project_out(X, _random_direction(i, v0)), lambda x=x: x
+        def next_pair(_):
+            return _start(X, i, v0, key, acc)
+
+        def same_pair(_):
+            return _unit(defl, acc), jnp.asarray(True)
+
+        x, started = jax.lax.cond(done & (i < k), next_pair, same_pair, None)
+        return _PowerState(
+            X=X, AX=AX, thetas=thetas, res=res, conv=conv, i=i, x=x,
+            it=jnp.where(done, 0, it).astype(jnp.int32), total=total, started=started,
+            finite=s.finite & fin,
         )
-        x = unit(project_out(X, x))
 
-        def cond(c):
-            _, _, theta, res, fin, it, _ = c
-            return (it < num_iters) & fin & ~(res <= tol * jnp.abs(theta))
-
-        def body(c, X=X):
-            x, Ax, _, _, _, it, _ = c
-            x = unit(Ax)
-            Ax, theta, res, fin, raw = product(X, x)
-            return x, Ax, theta, res, fin, it + 1, raw
-
-        Ax, theta, res, fin, raw = product(X, x)
-        x, Ax, theta, res, fin, it, raw = jax.lax.while_loop(
-            cond, body, (x, Ax, theta, res, fin & finite, jnp.ones((), jnp.int32), raw)
-        )
-        finite = finite & fin
-        ok = finite
-        conv_all.append(ok & (res <= tol * jnp.abs(theta)))
-        true_res = _tree.norm(_tree.add_scale(raw, -theta, x)).astype(acc)
-        res_all.append(jnp.where(ok, true_res, jnp.inf))
-        X = _tree.basis_set(X, i, _tree.where(ok, x, _tree.zeros_like(x)))
-        thetas = thetas.at[i].set(jnp.where(ok, theta, 0.0))
-        total = total + it
-    return PowerIterationResult(
-        eigenvalues=thetas,
-        eigenvectors=X,
-        residual_norms=jnp.stack(res_all),
-        num_matvecs=total,
-        converged=jnp.stack(conv_all),
-        finite=finite,
+    init = _PowerState(
+        X=X, AX=X, thetas=jnp.zeros(k, acc), res=jnp.zeros(k, acc), conv=jnp.zeros(k, bool),
+        i=jnp.zeros((), jnp.int32), x=x, it=jnp.zeros((), jnp.int32),
+        total=jnp.zeros((), jnp.int32), started=ok, finite=finite0,
     )
+    s = jax.lax.while_loop(cond, body, init)
+    found = jnp.arange(k) < s.i
+    X, thetas, res, conv = s.X, s.thetas, s.res, s.conv
+    if k > 1:
+        # Rayleigh-Ritz on the span of the pairs, from their stored products (no new
+        # product): removes the couplings x_j^T A x_i = r_j^T x_i that the earlier pairs'
+        # residuals leave in the later ones
+        Xr, thr, resr = _rayleigh_ritz(s.X, s.AX, acc)
+        use = s.finite & (s.i == k)
+        X = jax.tree.map(lambda a, b: jnp.where(use, a, b), Xr, X)
+        thetas = jnp.where(use, thr, thetas)
+        res = jnp.where(use, resr, res)
+        conv = jnp.where(use, resr <= tol * jnp.abs(thr), conv)
+    nan = jnp.asarray(jnp.nan, acc)
+    return PowerIterationResult(
+        eigenvalues=jnp.where(found, thetas, nan),
+        eigenvectors=jax.tree.map(
+            lambda q: jnp.where(found.reshape((k,) + (1,) * (q.ndim - 1)), q, jnp.nan), X),
+        residual_norms=jnp.where(found, res, nan),
+        num_matvecs=s.total,
+        converged=found & conv,
+        finite=s.finite,
+    )
+
+
+def _rayleigh_ritz(X, AX, acc):
+    """Ritz pairs of ``A`` on the span of ``X``'s orthonormal rows, given ``AX``; by ``|theta|``.
+
+    Returns ``(X Y, theta, ||A X Y - X Y theta||)`` with ``Y`` the eigenvectors of
+    ``X A X^T`` (symmetrised), sorted by decreasing magnitude of ``theta``.
+    """
+    H = _tree.basis_gram(X, AX, acc)
+    theta, Y = jnp.linalg.eigh(0.5 * (H + H.T))
+    order = jnp.argsort(-jnp.abs(theta), stable=True)
+    theta, Y = theta[order], Y[:, order]
+    Xr = _tree.basis_matmul(Y.T, X)
+    AXr = _tree.basis_matmul(Y.T, AX)
+    R = jax.tree.map(
+        lambda a, x: a - theta.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype) * x, AXr, Xr)
+    res = jnp.sqrt(jnp.diagonal(_tree.basis_gram(R, R, acc)))
+    return Xr, theta, res

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from curvlib import _tree
-from curvlib.krylov.eigsh import EigshResult, eigsh
+from curvlib.krylov.eigen import EigshResult, eigsh
 from curvlib.landscape import _common
 from curvlib.operators import hessian_matvec
 

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from curvlib import _tree
-from curvlib.krylov.eigsh import eigsh
+from curvlib.krylov.eigen import eigsh
 from curvlib.krylov.stochastic import hutchinson_trace
 from curvlib.optim import _common
 

@@ -1,0 +1,155 @@
+"""Time to first answer: first call, eager second call and warm jitted call of every algorithm.
+
+A notebook user calls ``curvlib.eigsh(...)`` un-jitted, re-running the cell with a
+freshly built operator. Three figures per public algorithm, each measured in a
+*fresh Python process* (so "first" really is the first compile of the session;
+the persistent compilation cache is off):
+
+* ``first_s``: the first eager call (trace + compile + run);
+* ``eager_second_s``: the same eager call again with a freshly built operator of
+  the same kind (what re-running the cell costs); ``build_s`` is the time to
+  build that operator (the user's model traced by ``jax.linearize``), shown
+  apart because it is the user's cost, not the algorithm's;
+* ``warm_jit_s``: the call inside ``jax.jit``, compiled, median of repeats.
+
+Peers in the same run: matfree's ``eig.eigh_partial(decomp.tridiag_sym(m))``
+(first call = jit trace + compile + run, and warm), and SciPy ARPACK on the
+same jitted product (eager). Model: a tanh MLP with ~700 parameters on the
+scikit-learn digits (the size at which compile time dominates interactive work).
+The landscape pipeline's first-call figures are in ``benchmarks/landscape.py``.
+
+Run: ``python -m benchmarks.run --only first_answer``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from . import _common as C
+
+WIDTH, DEPTH = 9, 1  # digits 64 -> 9 -> 10: 685 parameters
+K, M = 5, 40  # eigenpairs; matfree's Krylov depth
+
+_PRELUDE = textwrap.dedent(f"""
+    import json, time, os, sys
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import numpy as np, jax, jax.numpy as jnp
+    import curvlib
+    from benchmarks._models import make_mlp
+    prob = make_mlp(width={WIDTH}, depth={DEPTH}, n=512)
+    params, batch, loss = prob.params, prob.batch, prob.loss
+    def build():
+        return curvlib.hessian_matvec(loss, params, *batch)
+    v0 = jax.tree.map(lambda x: jnp.asarray(np.random.default_rng(0).standard_normal(x.shape),
+                                            x.dtype), params)
+    key = jax.random.PRNGKey(0)
+    def block(x):
+        return jax.block_until_ready(x)
+    def timed(f):
+        t = time.perf_counter(); out = block(f()); return time.perf_counter() - t, out
+    out = {{}}
+""")
+
+# each case: (name, eager call on (mv) -> result, jittable call on (mv, v0, key))
+_CASES = {
+    "eigsh": "lambda mv: curvlib.eigsh(mv, v0, {K})",
+    "lanczos": "lambda mv: curvlib.lanczos(mv, v0, {M})",
+    "power_iteration": "lambda mv: curvlib.power_iteration(mv, v0, 3, key=key)",
+    "cg": "lambda mv: curvlib.cg(mv, v0, damping=1e-2)",
+    "hutchinson_trace": "lambda mv: curvlib.hutchinson_trace(mv, v0, key, 30)",
+    "hutchinson_diag": "lambda mv: curvlib.hutchinson_diag(mv, v0, key, 30)",
+    "spectral_density": ("lambda mv: curvlib.spectral_density(mv, v0, key, num_matvecs=30, "
+                         "num_probes=8)"),
+}
+
+_CURVLIB = _PRELUDE + textwrap.dedent("""
+    call = {call}
+    mv = build()
+    out["first_s"], res = timed(lambda: call(mv))
+    t = time.perf_counter(); mv2 = build(); block(mv2); out["build_s"] = time.perf_counter() - t
+    out["eager_second_s"], _ = timed(lambda: call(mv2))
+    jitted = jax.jit(lambda mv: call(mv))
+    block(jitted(mv))
+    ts = []
+    for _ in range(7):
+        ts.append(timed(lambda: jitted(mv))[0])
+    out["warm_jit_s"] = float(np.median(ts))
+    nm = getattr(res, "num_matvecs", None)
+    out["num_matvecs"] = None if nm is None else int(np.asarray(nm))
+    print("RESULT" + json.dumps(out))
+""")
+
+_MATFREE = _PRELUDE + textwrap.dedent(f"""
+    from matfree import decomp, eig
+    from jax.flatten_util import ravel_pytree
+    flat0, unravel = ravel_pytree(v0)
+    def solve(mv, v):
+        f = lambda x: ravel_pytree(mv(unravel(x)))[0]
+        return eig.eigh_partial(decomp.tridiag_sym({M}))(f, ravel_pytree(v)[0])
+    jitted = jax.jit(solve)
+    mv = build()
+    out["first_s"], _ = timed(lambda: jitted(mv, v0))
+    ts = [timed(lambda: jitted(mv, v0))[0] for _ in range(7)]
+    out["warm_jit_s"] = float(np.median(ts))
+    out["num_matvecs"] = {M}
+    print("RESULT" + json.dumps(out))
+""")
+
+_ARPACK = _PRELUDE + textwrap.dedent(f"""
+    from scipy.sparse.linalg import LinearOperator, eigsh as arpack
+    from jax.flatten_util import ravel_pytree
+    flat0, unravel = ravel_pytree(v0)
+    mv = build()
+    prod = jax.jit(lambda mv, x: ravel_pytree(mv(unravel(x)))[0])
+    count = [0]
+    def f(x):
+        count[0] += 1
+        return np.asarray(prod(mv, jnp.asarray(x, flat0.dtype)), np.float64)
+    op = LinearOperator((flat0.size,) * 2, matvec=f, dtype=np.float64)
+    x0 = np.asarray(flat0, np.float64)
+    out["first_s"], _ = timed(lambda: arpack(op, k={K}, which="LA", v0=x0, tol=1e-3))
+    count[0] = 0
+    out["eager_second_s"], _ = timed(lambda: arpack(op, k={K}, which="LA", v0=x0, tol=1e-3))
+    out["num_matvecs"] = count[0]
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def _run(code: str) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=str(C.ROOT.parent), env=env, timeout=1800)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT"):
+            return json.loads(line[len("RESULT"):])
+    raise RuntimeError(f"benchmark subprocess failed:\n{proc.stdout}\n{proc.stderr[-3000:]}")
+
+
+def run(quick: bool = False) -> dict:
+    rows = {}
+    for name, call in _CASES.items():
+        C.log(f"first_answer: {name}")
+        rows[name] = _run(_CURVLIB.format(call=call.format(K=K, M=M)))
+    C.log("first_answer: matfree")
+    rows["matfree_eigh_partial"] = _run(_MATFREE)
+    C.log("first_answer: scipy ARPACK")
+    rows["scipy_arpack"] = _run(_ARPACK)
+    mf = rows["matfree_eigh_partial"]["first_s"]
+    ratios = {
+        "eigsh_first_over_matfree_first": C.ratio(rows["eigsh"]["first_s"], mf),
+        "spectral_density_first_over_matfree_first": C.ratio(
+            rows["spectral_density"]["first_s"], mf),
+        "eager_second_minus_warm_ms": {
+            n: 1e3 * (r["eager_second_s"] - r["warm_jit_s"]) for n, r in rows.items()
+            if "eager_second_s" in r and "warm_jit_s" in r
+        },
+    }
+    payload = {"model": f"tanh MLP {WIDTH}x{DEPTH} on digits", "k": K, "matfree_depth": M,
+               "rows": rows, "ratios": ratios, "metadata": C.metadata()}
+    C.write_result("first_answer", payload)
+    return payload

@@ -1,0 +1,358 @@
+"""The Krylov engine every Lanczos-type algorithm in curvlib shares.
+
+A *band* Krylov basis (Ruhe 1979) built one product at a time, with full
+reorthogonalisation. The basis ``Q`` has ``m`` rows filled in order (``nbas``
+of them used); each used row is
+
+* *multiplied* (``mult``): ``A q_i`` is known through its Gram-Schmidt
+  coefficients, column ``i`` of ``H``;
+* *pending*: orthonormal, waiting to be multiplied. A plain Lanczos chain has
+  one pending row (its normalised residual); every extra pending row is
+  another Krylov chain (a block of starting vectors);
+
+Each step multiplies the first pending row ``q = Q[j]``, orthogonalises
+``w = A q`` against every row (classical Gram-Schmidt twice, as two
+basis-times-block products), stores the coefficients as column ``j`` of
+``H`` and appends ``w / ||w||`` as a new pending row with ``H[nbas, j] =
+||w||``. Rows are created in index order and multiplied first-in first-out,
+so for ``i < j`` the entry ``H[i, j] = <q_i, A q_j>`` was computed when ``j`` was
+multiplied, and rows created after a product are orthogonal to it (but for its
+own remainder): exactly (to rounding)
+
+    A q_j = sum_i H[i, j] q_i   for every multiplied j,
+
+the projected matrix ``T = Q_mul A Q_mul^T`` is the mirrored upper triangle of
+the multiplied block of ``H``, and the residual of a Ritz pair
+``(theta, x = Q_mul^T y)`` is ``A x - theta x = Q_pend^T F y`` with ``F`` the
+pending rows of ``H``: ``||A x - theta x|| = ||F y||``, no product needed. For
+one chain ``F`` has a single non-zero, ``beta``, and this is the classical
+``|beta y_last|``. Thick restarts (Wu & Simon 2000) keep Ritz vectors and the
+pending rows with their rotated coupling ``F Y`` (the "arrowhead"). A fresh
+vector appended as a new pending row has zero coupling to every multiplied
+row (their products lie in the span of the basis), so new chains can start at
+any time without breaking the relation.
+
+A restart may also *drop* the pending rows (:func:`curvlib.eigsh` does, to run
+a verification block against locked pairs without the old chain). A kept
+vector ``x_i`` then has ``A x_i = theta_i x_i + c_i d`` with ``d`` outside the
+basis; the couplings ``c`` are kept as a column of ``E`` (one signed column per
+dropped vector, later ones folded into the last by absolute values), and
+residual norms become the rigorous bound ``||F y|| + sum_c |E[:, c] . y|``.
+
+Fresh directions are orthogonalised together with the product of the step
+(one block Gram-Schmidt for both), so starting a chain costs no extra pass
+over the basis and the compiled program holds one orthogonalisation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from curvlib import _tree
+
+PyTree = Any
+
+
+
+class Band(NamedTuple):
+    """State of a band Krylov basis (see the module docstring)."""
+
+    Q: PyTree  # (m, ...) rows; zero beyond nbas
+    H: jax.Array  # (m, m) H[i, j] = <q_i, A q_j> for multiplied j
+    E: jax.Array  # (m, c) couplings of multiplied rows to dropped vectors (c >= 1 columns)
+    D: PyTree | None  # (c, ...) the dropped unit vectors (None when dropping is not used)
+    ndrop: jax.Array  # int32: vectors dropped so far (beyond c they are folded: bound only)
+    mult: jax.Array  # (m,) bool: multiplied rows
+    nbas: jax.Array  # int32: used rows
+    anorm: jax.Array  # running max ||A q_j|| (a lower bound of ||A||)
+    finite: jax.Array  # every product finite so far
+    breakdowns: jax.Array  # int32: products whose remainder was numerically zero
+
+
+def acc_dtype(v):
+    """Accumulation dtype of inner products and of ``H``: the vector dtype, at least float32."""
+    return jnp.promote_types(_tree.dtype(v), jnp.float32)
+
+
+def size(band: Band) -> int:
+    return int(band.H.shape[0])
+
+
+def init(v0, m: int, acc, basis_dtype=None, num_external: int = 0) -> Band:
+    """A basis of ``m`` rows holding ``v0 / ||v0||`` as its one pending row (``v0 != 0``).
+
+    ``num_external`` dropped vectors (:func:`compress` with ``drop_pending``) are
+    stored, so that :func:`exact_residuals` can report true residual norms.
+    """
+    Q = _tree.basis_zeros(v0, m, basis_dtype)
+    nv = _tree.norm(v0).astype(acc)
+    Q = _tree.basis_set(Q, 0, _tree.scale(1.0 / jnp.where(nv > 0, nv, 1.0), v0))
+    f = jnp.zeros(m, bool)
+    return Band(
+        Q=Q, H=jnp.zeros((m, m), acc), E=jnp.zeros((m, max(num_external, 1)), acc),
+        D=_tree.basis_zeros(v0, num_external, basis_dtype) if num_external else None,
+        ndrop=jnp.zeros((), jnp.int32), mult=f,
+        nbas=jnp.asarray(1, jnp.int32),
+        anorm=jnp.zeros((), acc), finite=_tree.all_finite(v0),
+        breakdowns=jnp.zeros((), jnp.int32),
+    )
+
+
+def used(band: Band):
+    return jnp.arange(size(band)) < band.nbas
+
+
+def pending(band: Band):
+    return used(band) & ~band.mult
+
+
+def next_row(band: Band):
+    """``(j, any)``: the first pending row and whether there is one."""
+    p = pending(band)
+    return jnp.argmax(p), jnp.any(p)
+
+
+def request(band: Band, like: PyTree) -> PyTree:
+    """The next vector to multiply (the first pending row), or zero if none is pending."""
+    j, some = next_row(band)
+    q = _tree.basis_get(band.Q, j)
+    return jax.tree.map(lambda a, b: jnp.where(some, a, 0).astype(jnp.result_type(b)), q, like)
+
+
+def _orthogonalize_block(Q, W, acc):
+    """Two classical Gram-Schmidt passes of the rows of ``W`` against ``Q``: ``(W_perp, W Q^T)``."""
+    h1 = _tree.basis_gram(W, Q, acc)
+    W = _tree.sub(W, _tree.basis_matmul(h1, Q))
+    h2 = _tree.basis_gram(W, Q, acc)
+    W = _tree.sub(W, _tree.basis_matmul(h2, Q))
+    return W, h1 + h2
+
+
+def breakdown_threshold(band: Band):
+    """``10 sqrt(m) eps ||A||``: below it a remainder is numerically zero."""
+    acc = band.H.dtype
+    eps = jnp.finfo(acc).eps
+    return 10 * eps * jnp.sqrt(jnp.asarray(size(band), acc)) * band.anorm
+
+
+def _write_row(Q, slot, q, ok):
+    return jax.tree.map(
+        lambda Qi, qi: Qi.at[slot].set(jnp.where(ok, qi.astype(Qi.dtype), Qi[slot])), Q, q
+    )
+
+
+def absorb(band: Band, w: PyTree, z: PyTree | None = None):
+    """Record the product ``w = A q`` of the row ``q`` requested last.
+
+    Orthogonalises ``w`` against the basis (two passes), stores the
+    coefficients as that row's column of ``H``, marks it multiplied, and
+    appends the normalised remainder as a new pending row unless it is
+    numerically zero (a *breakdown*: the chain has reached an invariant
+    subspace) or the basis is full (callers compress first: :func:`has_room`).
+    A non-finite product is replaced by zero and clears ``finite``. If no row
+    was pending the request was zero, and nothing changes but the count.
+
+    With ``z`` (a candidate fresh direction), ``z`` is orthogonalised in the
+    same block passes and returned as a unit vector orthogonal to the new basis
+    together with whether it is usable (it may lie in the span), ready for
+    :func:`inject`; otherwise ``(band, None, None)``.
+    """
+    acc = band.H.dtype
+    m = size(band)
+    j, some = next_row(band)
+    finite = band.finite & _tree.all_finite(w)
+    w = _tree.where(finite, w, _tree.zeros_like(w))
+    anorm = jnp.maximum(band.anorm, _tree.norm(w).astype(acc))
+    stack = lambda *vs: jax.tree.map(lambda *x: jnp.stack(x), *vs)
+    W = stack(w) if z is None else stack(w, z)
+    W, h = _orthogonalize_block(band.Q, W, acc)
+    w = _tree.basis_get(W, 0)
+    rows = jnp.arange(m)
+    H = band.H.at[:, j].set(jnp.where(some & (rows < band.nbas), h[0], band.H[:, j]))
+    beta = _tree.norm(w).astype(acc)
+    band = band._replace(anorm=anorm)
+    broke = ~(beta > breakdown_threshold(band)) | ~jnp.isfinite(beta)
+    append = some & ~broke & (band.nbas < m)
+    q = _tree.scale(1.0 / jnp.where(append, beta, 1.0), w)
+    slot = jnp.minimum(band.nbas, m - 1)
+    Q = _write_row(band.Q, slot, q, append)
+    H = H.at[slot, j].set(jnp.where(append, beta, H[slot, j]))
+    band = band._replace(
+        Q=Q, H=H, mult=band.mult.at[j].set(band.mult[j] | some),
+        nbas=band.nbas + append.astype(jnp.int32), finite=finite,
+        breakdowns=band.breakdowns + (some & broke & finite).astype(jnp.int32),
+    )
+    if z is None:
+        return band, None, None
+    zp = _tree.basis_get(W, 1)
+    # orthogonal to the old rows; now also to the row just appended
+    c = jnp.where(append, _tree.vdot(q, zp).astype(acc), 0.0)
+    zp = _tree.add_scale(zp, -c, q)
+    nz = _tree.norm(z).astype(acc)
+    nr = _tree.norm(zp).astype(acc)
+    eps = jnp.finfo(acc).eps
+    usable = (nr > 10 * eps * jnp.sqrt(jnp.asarray(m, acc)) * nz) & jnp.isfinite(nr)
+    return band, _tree.scale(1.0 / jnp.where(usable, nr, 1.0), zp), usable
+
+
+def inject(band: Band, q: PyTree, ok) -> Band:
+    """Append the unit vector ``q`` (orthogonal to the basis) as a new pending row if ``ok``.
+
+    Its coupling to every multiplied row is zero (their products lie in the
+    span of the basis), so ``H`` gets no new entries.
+    """
+    m = size(band)
+    ok = ok & (band.nbas < m)
+    slot = jnp.minimum(band.nbas, m - 1)
+    return band._replace(Q=_write_row(band.Q, slot, q, ok),
+                         nbas=band.nbas + ok.astype(jnp.int32))
+
+
+def has_room(band: Band):
+    """Whether the next product's remainder can be stored (a free row exists)."""
+    return band.nbas < size(band)
+
+
+def projected(band: Band):
+    """``T = Q_mul A Q_mul^T`` (``m x m``, zero outside the multiplied rows and columns)."""
+    mm = band.mult[:, None] & band.mult[None, :]
+    return jnp.where(mm, jnp.triu(band.H) + jnp.triu(band.H, 1).T, 0.0)
+
+
+def residual_norms(band: Band, Y):
+    """Bounds of ``||A x_i - theta_i x_i||`` for Ritz vectors ``x_i = Q^T Y[:, i]``.
+
+    ``||F y||`` exactly, plus ``sum_c |E[:, c] . y|`` when vectors were dropped.
+    """
+    F = jnp.where(pending(band)[:, None] & band.mult[None, :], band.H, 0.0)
+    E = jnp.where(band.mult[:, None], band.E, 0.0)
+    return jnp.sqrt(jnp.sum((F @ Y) ** 2, axis=0)) + jnp.sum(jnp.abs(E.T @ Y), axis=0)
+
+
+class Order:
+    """Wanted-first ordering of Ritz values for ``which`` in ``("LA", "SA", "LM")``."""
+
+    def __init__(self, which: str):
+        self.which = which
+
+    def key(self, theta):
+        """Ascending key: wanted values first."""
+        return {"LA": -theta, "SA": theta, "LM": -jnp.abs(theta)}[self.which]
+
+    def sentinel(self, span):
+        """A diagonal value for unused rows beyond the unwanted end of the spectrum."""
+        return {"LA": -2 * span, "SA": 2 * span, "LM": 0.0 * span}[self.which]
+
+    def gain(self, new, old):
+        """How much more wanted ``new`` is than ``old`` (positive = better)."""
+        return {"LA": new - old, "SA": old - new, "LM": jnp.abs(new) - jnp.abs(old)}[self.which]
+
+
+def ritz(band: Band, order: Order):
+    """Ritz pairs of the multiplied rows, wanted first: ``(theta, Y, res, valid)``.
+
+    Other rows get a sentinel diagonal beyond the unwanted end of the spectrum;
+    an eigenvector is *valid* when its weight on the multiplied rows exceeds
+    1/2, and invalid ones sort last whatever their value. One ``m x m`` ``eigh``.
+    """
+    T = projected(band)
+    span = jnp.max(jnp.sum(jnp.abs(T), axis=1)) + jnp.finfo(T.dtype).tiny
+    T = T + jnp.diag(jnp.where(band.mult, 0.0, order.sentinel(span)).astype(T.dtype))
+    theta, Y = jnp.linalg.eigh(T)
+    valid = jnp.sum(jnp.where(band.mult[:, None], Y**2, 0.0), axis=0) > 0.5
+    idx = jnp.argsort(jnp.where(valid, order.key(theta), jnp.inf), stable=True)
+    theta, Y, valid = theta[idx], Y[:, idx], valid[idx]
+    return theta, Y, residual_norms(band, Y), valid
+
+
+def compress(band: Band, Y, K, drop_pending=False) -> Band:
+    """Thick restart: keep the ``K`` (traced) Ritz vectors ``Q^T Y[:, :K]`` and the pending rows.
+
+    New rows: ``[0, K)`` the Ritz vectors (multiplied, ``H`` block ``Y^T T Y``:
+    diagonal for Ritz vectors), then the pending rows with their coupling
+    ``F Y`` to the kept vectors. With ``drop_pending`` (traced) the pending rows
+    are dropped instead (as many as there are free slots for stored dropped
+    vectors; any others stay pending), their coupling moving to ``E``.
+
+    Stored dropped vectors are first projected off the current basis (their
+    components along kept and pending rows are accounted for exactly in the
+    new ``H``), so that the relation ``A x_i = theta_i x_i + Q_pend^T F[:, i] +
+    sum_c E[i, c] d_c`` holds exactly for the kept vectors.
+    """
+    m = size(band)
+    acc = band.H.dtype
+    rows = jnp.arange(m)
+    pend = pending(band)
+    keep = rows < K
+    Yk = jnp.where(keep[None, :] & band.mult[:, None], Y, 0.0)  # (old rows, new cols)
+    F = jnp.where(pend[:, None] & band.mult[None, :], band.H, 0.0) @ Yk  # old pending x new cols
+    E = Yk.T @ jnp.where(band.mult[:, None], band.E, 0.0)  # new cols x c
+    D, ndrop, drop = band.D, band.ndrop, jnp.zeros(m, bool)
+    if band.D is not None:
+        c = E.shape[1]
+        # (I - P_Q) d_c: the parts along current rows move into F (pending) or vanish
+        # into T (multiplied: already in the Ritz values); the rest stays external
+        G = jnp.where(used(band)[None, :], _tree.basis_gram(band.D, band.Q, acc), 0.0)  # (c, m)
+        Dp = _tree.sub(band.D, _tree.basis_matmul(G, band.Q))
+        nu = jnp.sqrt(jnp.maximum(jnp.diagonal(_tree.basis_gram(Dp, Dp, acc)), 0.0))
+        live = (jnp.arange(c) < band.ndrop) & (nu > 0)
+        F = F + jnp.where(pend[:, None], G.T @ E.T, 0.0)
+        E = jnp.where(live[None, :], E * nu[None, :], 0.0)
+        scale = jnp.where(live, 1.0 / jnp.where(nu > 0, nu, 1.0), 0.0)
+        D = _tree.basis_matmul(jnp.diag(scale), Dp)
+        # dropped pending row p takes the free column ndrop + (its rank among pending rows)
+        slot = band.ndrop + jnp.cumsum(pend) - 1
+        drop = pend & (slot < c) & drop_pending
+        S = ((jnp.arange(c)[:, None] == slot[None, :]) & drop[None, :]).astype(acc)  # (c, m)
+        E = E + F.T @ S.T
+        taken = jnp.any(S > 0, axis=1)
+        D = jax.tree.map(
+            lambda d, new: jnp.where(taken.reshape((-1,) + (1,) * (d.ndim - 1)),
+                                     new.astype(d.dtype), d),
+            D, _tree.basis_matmul(S, band.Q))
+        ndrop = band.ndrop + jnp.sum(drop).astype(jnp.int32)
+    carried = pend & ~drop  # contiguous: the first pending rows that were not dropped... any order
+    n_car = jnp.sum(carried)
+    src = jnp.argsort(jnp.where(carried, rows, m + rows))  # carried rows in index order
+    t = rows - K
+    moved = (rows >= K) & (t < n_car)
+    P = jnp.where(moved[:, None] & (rows[None, :] == src[jnp.clip(t, 0, m - 1)][:, None]),
+                  1.0, 0.0).astype(acc)
+    Q = _tree.basis_matmul(Yk.T + P, band.Q)
+    newT = Yk.T @ projected(band) @ Yk
+    H = jnp.where(keep[:, None] & keep[None, :], newT, 0.0) + P @ F
+    return band._replace(Q=Q, H=H, E=E, D=D, ndrop=ndrop, mult=keep,
+                         nbas=(K + n_car).astype(jnp.int32))
+
+
+def exact_residuals(band: Band, Y):
+    """True ``||A x_i - theta_i x_i||`` for Ritz vectors ``x_i = Q^T Y[:, i]`` (columns of ``Y``).
+
+    Without dropped vectors this is :func:`residual_norms`. With them,
+    ``A x - theta x = Q_pend^T F y + sum_c (E[:, c] . y) (I - P_mul) d_c``:
+    the dropped vectors are projected off the multiplied rows once (``O(c m N)``)
+    and the norms follow from a small Gram matrix. If more vectors were dropped
+    than stored, the bound of :func:`residual_norms` is returned instead.
+    """
+    if band.D is None:
+        return residual_norms(band, Y)
+    acc = band.H.dtype
+    pend = pending(band)
+    F = jnp.where(pend[:, None] & band.mult[None, :], band.H, 0.0)
+    E = jnp.where(band.mult[:, None], band.E, 0.0)
+    c = E.shape[1]
+    live = jnp.arange(c) < band.ndrop
+    G = jnp.where(band.mult[None, :], _tree.basis_gram(band.D, band.Q, acc), 0.0)  # (c, m)
+    Dp = _tree.sub(band.D, _tree.basis_matmul(G, band.Q))  # (I - P_mul) d_c
+    Gp = _tree.basis_gram(Dp, band.Q, acc)  # components on the pending rows (and zero else)
+    Gd = _tree.basis_gram(Dp, Dp, acc)
+    e = jnp.where(live[:, None], E.T @ Y, 0.0)  # (c, cols)
+    a = F @ Y  # (m, cols): pending-row coordinates of the Krylov part
+    # ||Q^T a + sum_c e_c Dp_c||^2 = ||a||^2 + 2 a . (Gp^T e) + e^T Gd e
+    sq = jnp.sum(a * a, axis=0) + 2 * jnp.sum(a * (Gp.T @ e), axis=0) + jnp.sum(e * (Gd @ e),
+                                                                                   axis=0)
+    exact = jnp.sqrt(jnp.maximum(sq, 0.0))
+    return jnp.where(band.ndrop <= c, exact, residual_norms(band, Y))

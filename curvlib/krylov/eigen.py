@@ -1,0 +1,551 @@
+"""``eigsh``: a few extreme eigenpairs of a symmetric operator, certified.
+
+Thick-restart Lanczos (Wu & Simon 2000) on the band Krylov engine of
+:mod:`curvlib.krylov._band`, written as one product loop (the user's product
+appears once in the compiled program), with
+
+* a convergence test after every product (an ``m x m`` ``eigh``, no product),
+  so the run stops at the first Krylov depth that certifies the wanted pairs;
+* thresholds that the floating-point format can reach (``tol = 0`` means
+  machine precision, as in SciPy), so zero eigenvalues converge;
+* a **verification** phase that makes ``converged=True`` mean that no copy of
+  a repeated eigenvalue (and no eigenvalue beyond the wanted ones) was missed:
+  a single Krylov chain started from ``v0`` sees only one direction of each
+  eigenspace, so once the wanted pairs are certified they are locked, the
+  chain is dropped, and a *fresh* block of random vectors (from ``key``) is
+  run against them until the best unwanted Ritz value is certified to lie
+  beyond the wanted ones. If the fresh block finds new wanted values, another
+  round follows, with a block as large as the largest cluster of equal
+  values found (a block of ``b`` random vectors sees ``b`` directions of every
+  eigenspace); a round that finds fewer new values than its block size ends
+  the run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from curvlib import _compile, _tree, _validate
+from curvlib.krylov import _band, _driver, _space
+
+PyTree = Any
+
+WHICH = ("LA", "SA", "LM")
+
+
+class EigshResult(NamedTuple):
+    """Output of :func:`eigsh`.
+
+    Attributes:
+      eigenvalues: shape ``(k,)``; for ``"LA"`` algebraically largest first, for
+        ``"SA"`` smallest first, for ``"LM"`` largest magnitude first. Signed.
+        NaN if a product was not finite.
+      eigenvectors: pytree shaped like ``v0`` with a leading axis ``k``; orthonormal.
+      residual_norms: ``||A x_i - theta_i x_i||`` (shape ``(k,)``), from the Krylov
+        relation without extra products: the true residuals to rounding
+        (convergence is judged on rigorous upper bounds of them).
+      num_matvecs: products used (int32 scalar).
+      num_restarts: thick restarts performed (verification restarts included).
+      converged: every residual is below its threshold (see :func:`eigsh`) *and*
+        the verification phase found no missing eigenvalue.
+      finite: every product was finite; if not, eigenvalues are NaN and
+        ``converged=False``.
+      num_verifications: verification rounds run (each one fresh random block).
+      verification_matvecs: the part of ``num_matvecs`` spent after the wanted
+        pairs were first certified, on verification (its cost).
+    """
+
+    eigenvalues: jax.Array
+    eigenvectors: PyTree
+    residual_norms: jax.Array
+    num_matvecs: jax.Array
+    num_restarts: jax.Array
+    converged: jax.Array
+    finite: jax.Array
+    num_verifications: jax.Array
+    verification_matvecs: jax.Array
+
+
+class _Cfg(NamedTuple):
+    """Static configuration (hashable: a compile-cache key)."""
+
+    k: int
+    which: str
+    m: int  # basis rows
+    keep: int  # Ritz vectors kept by a thick restart
+    check_every: int
+    max_inject: int
+    layout: str
+    basis_dtype: Any
+    dim: int  # N, for the verification's probability bound
+
+
+class _State(NamedTuple):
+    band: _band.Band
+    z: PyTree  # the next fresh random direction (internal layout), redrawn after each use
+    key: jax.Array  # uint32 seed: fresh direction i is Space.gaussian(key, i)
+    draws: jax.Array  # fresh directions used so far
+    phase: jax.Array  # 0 search, 1 verify, 2 done
+    ref: jax.Array  # (k,) wanted values at the start of the verification round
+    injected: jax.Array  # block size of this verification round
+    to_inject: jax.Array  # fresh directions still to add (one per product)
+    fresh: jax.Array  # products since this verification round started
+    rounds: jax.Array
+    verify_count: jax.Array  # products since the first verification round started
+    restarts: jax.Array
+    since: jax.Array  # products since the last (re)start
+    count: jax.Array  # products in total
+    tol: jax.Array
+    max_matvecs: jax.Array
+    max_restarts: jax.Array
+    theta: jax.Array  # (m,) Ritz values of the last test, wanted first
+    Y: jax.Array  # (m, m) their vectors in the current basis
+    like: PyTree  # zeros shaped like v0 (user layout): dtypes and shapes of products
+
+
+# --------------------------------------------------------------------- pieces
+
+
+def _thresholds(cfg: _Cfg, band: _band.Band, theta, valid, tol):
+    """``max(tol |theta_i|, floor)`` with ``floor = max(c eps, tol eps^(2/3)) ||A||``.
+
+    ``c eps ||A||`` (``c = 10 m``) is the residual level rounding
+    allows, so ``tol = 0`` (machine precision) and eigenvalues near zero both
+    converge; ``tol eps^(2/3) ||A||`` is ARPACK's floor for small eigenvalues.
+    ``eps`` is that of the basis storage when it is coarser than the
+    accumulation type.
+    """
+    acc = band.H.dtype
+    eps = jnp.finfo(acc).eps
+    if cfg.basis_dtype is not None:
+        eps = max(float(eps), float(jnp.finfo(cfg.basis_dtype).eps))
+    eps = jnp.asarray(eps, acc)
+    anorm = jnp.maximum(band.anorm, jnp.max(jnp.where(valid, jnp.abs(theta), 0.0)))
+    c = 10 * jnp.asarray(cfg.m, acc)
+    floor = jnp.maximum(c * eps, tol * eps ** (2.0 / 3.0)) * anorm
+    return jnp.maximum(tol * jnp.abs(theta), floor)
+
+
+def _count_new(order, new, ref, thr_new, thr_ref):
+    """Wanted values in ``new`` that no value of ``ref`` accounts for (within tolerance).
+
+    Rayleigh-Ritz values only improve as the space grows, so a new value
+    either matches an old one or pushes in from beyond: with ``n(t)`` the
+    number of new values at least as wanted as ``t`` and ``r(t)`` the same for
+    the old ones (widened by their tolerance), the count is ``max_t n(t) - r(t)``
+    over the new values ``t`` (a multiset difference, vectorised).
+    """
+    tol = 2 * (thr_new[:, None] + thr_ref[None, :])
+    n_at = jnp.sum(order.gain(new[None, :], new[:, None]) >= 0, axis=1)  # new_j at least new_i
+    r_at = jnp.sum(order.gain(ref[None, :], new[:, None]) >= -tol, axis=1)
+    return jnp.maximum(jnp.max(n_at - r_at), 0)
+
+
+def _largest_cluster(theta, thr):
+    """Size of the largest group of wanted values equal within their thresholds."""
+    close = jnp.abs(theta[None, :] - theta[:, None]) <= 2 * (thr[None, :] + thr[:, None])
+    return jnp.max(jnp.sum(close, axis=1))
+
+
+FAILURE_PROBABILITY = 1e-6  # of the verification's probabilistic certificate
+NUM_DROPPED = 4  # dropped chain vectors stored for exact final residuals
+
+
+def _unseen_unlikely(cfg: _Cfg, s: _State, theta, valid, thr):
+    """Whether, with probability >= 1 - FAILURE_PROBABILITY, no eigenvalue is missed.
+
+    After ``j`` Lanczos steps from a random start, the largest Ritz value
+    ``theta_1`` of a symmetric operator with spectrum in ``[lambda_n, lambda_1]``
+    satisfies (Kuczynski & Wozniakowski 1992, Thm. 4.2)
+    ``P(lambda_1 - theta_1 >= eps (lambda_1 - lambda_n)) <= 1.648 sqrt(N) exp(-sqrt(eps)(2j - 1))``.
+    Applied to the fresh block of a verification round (each of its ``b``
+    chains has had ``j = products / b`` steps) with ``theta_1`` its best Ritz
+    value (the guard) and ``eps`` the distance from the guard to the last wanted
+    value (plus its threshold) over the Ritz spread: if the bound is below the
+    failure probability, an unseen eigenvalue beyond the wanted ones is that
+    unlikely. Only for ``"LA"``/``"SA"``. Thick restarts inside the round keep
+    the best Ritz vectors (the guard's value never decreases) and act as a
+    polynomial filter that damps the interior of the spectrum, so ``j`` counts
+    the round's products across restarts; strictly, the bound is proven for
+    unrestarted Lanczos only.
+    """
+    if cfg.which == "LM":
+        return jnp.asarray(False)
+    k = cfg.k
+    order = _band.Order(cfg.which)
+    big = jnp.where(valid, theta, -jnp.inf)
+    small = jnp.where(valid, theta, jnp.inf)
+    spread = jnp.max(big) - jnp.min(small)
+    gap = order.gain(theta[k - 1], theta[k]) + thr[k - 1]
+    eps = jnp.clip(gap / jnp.where(spread > 0, spread, 1.0), 0.0, 1.0)
+    b = jnp.maximum(s.injected, 1)
+    j = (jnp.maximum(s.fresh - b + 1, 0) // b).astype(theta.dtype)  # products per fresh chain
+    need = float(np.log(1.648 * np.sqrt(cfg.dim) / FAILURE_PROBABILITY))
+    return (s.phase == 1) & (jnp.sqrt(eps) * (2 * j - 1) >= need)
+
+
+class _Eval(NamedTuple):
+    """What a convergence test decides (all scalars but ``theta``, ``Y``)."""
+
+    search_cert: jax.Array  # search phase: the wanted pairs are certified
+    verify_cert: jax.Array  # verification phase: wanted pairs and the guard certified
+    finish: jax.Array  # a verification round found fewer new values than its block size
+    n_inject: jax.Array  # block size of the next verification round
+    theta: jax.Array  # (m,) Ritz values, wanted first
+    Y: jax.Array  # (m, m) their vectors
+
+
+def _evaluate(cfg: _Cfg, s: _State, band: _band.Band) -> _Eval:
+    """Ritz pairs, thresholds, and the phase decisions of :func:`_update` (one ``m x m`` eigh)."""
+    order = _band.Order(cfg.which)
+    theta, Y, res, valid = _band.ritz(band, order)
+    thr = _thresholds(cfg, band, theta, valid, s.tol)
+    k = cfg.k
+    ok = valid & (res <= thr)
+    nmul = jnp.sum(band.mult)
+    certified = jnp.all(ok[:k]) & (nmul > k)
+    guard_ok = valid[k] & (ok[k] | _unseen_unlikely(cfg, s, theta, valid, thr))
+    # a basis spanning the whole space holds every eigenpair: nothing to verify. When the
+    # basis can hold it (basis_size == dim), the chain simply runs until it does.
+    whole = certified & (nmul >= cfg.dim)
+    search_cert = certified & (s.phase == 0) & ~whole & (cfg.m < cfg.dim)
+    verify_cert = certified & guard_ok & (s.phase == 1) & (s.to_inject == 0) & (
+        nmul >= k + s.injected)
+    thr_ref = _thresholds(cfg, band, s.ref, jnp.ones(k, bool), s.tol)
+    n_new = _count_new(order, theta[:k], s.ref, thr[:k], thr_ref)
+    cluster = _largest_cluster(theta[:k], thr[:k])
+    return _Eval(
+        search_cert=search_cert, verify_cert=verify_cert,
+        finish=(verify_cert & (n_new < s.injected)) | whole,
+        n_inject=jnp.clip(cluster, 1, cfg.max_inject).astype(jnp.int32), theta=theta, Y=Y,
+    )
+
+
+def _no_eval(cfg: _Cfg, s: _State, band: _band.Band) -> _Eval:
+    m, acc = cfg.m, band.H.dtype
+    f = jnp.asarray(False)
+    return _Eval(f, f, f, jnp.ones((), jnp.int32), jnp.zeros(m, acc), jnp.zeros((m, m), acc))
+
+
+# ---------------------------------------------------------------- the machine
+
+
+def _request(cfg: _Cfg, s: _State):
+    space = _space.Space(s.like, cfg.layout)
+    return space.unflatten(_band.request(s.band, space.flatten(s.like)))
+
+
+def _running(cfg: _Cfg, s: _State):
+    return (
+        (s.phase < 2) & (s.count < s.max_matvecs) & s.band.finite
+        & (s.restarts <= s.max_restarts)
+    )
+
+
+def _update(cfg: _Cfg, s: _State, product) -> _State:
+    """Absorb one product, test convergence, restart or start a verification round."""
+    space = _space.Space(s.like, cfg.layout)
+    k = cfg.k
+    band, zq, z_ok = _band.absorb(s.band, space.flatten(product), s.z)
+    count, since = s.count + 1, s.since + 1
+    # (a basis of dim rows spans the space: the last remainders are zero, no restart needed)
+    full = ~_band.has_room(band) & (band.nbas < cfg.dim)
+    last = count >= s.max_matvecs  # the final answer is read from this step's test
+    due = full | last | ((since % cfg.check_every == 0) & (jnp.sum(band.mult) > k))
+    s_now = s._replace(since=since, fresh=s.fresh + 1)
+    ev = jax.lax.cond(due, lambda b: _evaluate(cfg, s_now, b), lambda b: _no_eval(cfg, s_now, b),
+                      band)
+    finish = ev.finish
+    new_round = ev.search_cert | (ev.verify_cert & ~finish)
+    restart = full & ~finish & ~new_round
+
+    def compress(band):
+        rest = jnp.sum(_band.pending(band))
+        K = jnp.where(new_round, k, jnp.minimum(cfg.keep, cfg.m - rest - 1))
+        return _band.compress(band, ev.Y, K, drop_pending=new_round)
+
+    band = jax.lax.cond(new_round | restart, compress, lambda b: b, band)
+    # after a restart the kept Ritz vectors are the first rows, in the same order
+    m = cfg.m
+    kept = jnp.where(new_round, k, jnp.sum(band.mult))
+    eye = jnp.where((jnp.arange(m) < kept)[None, :], jnp.eye(m, dtype=ev.Y.dtype), 0.0)
+    Y = jnp.where(new_round | restart, eye, jnp.where(due, ev.Y, s.Y))
+    theta = jnp.where(due, ev.theta, s.theta)
+    # one fresh direction per product: the verification block, or a new chain when the
+    # only chain broke down
+    to_inject = jnp.where(new_round, ev.n_inject, s.to_inject)
+    _, some = _band.next_row(band)
+    want = (to_inject > 0) | ~some
+    # (a fresh row must leave a free row for the remainder of the next product)
+    band = _band.inject(band, zq, want & z_ok & (band.nbas < cfg.m - 1))
+    used_z = want & z_ok
+    # a used (or unusable) direction is replaced by a new draw; no draw otherwise
+    redraw = want
+    z = jax.lax.cond(redraw, lambda: space.gaussian(s.key, s.draws), lambda: s.z)
+    phase = jnp.where(finish, 2, jnp.where(new_round, 1, s.phase))
+    return s._replace(
+        band=band, z=z, draws=s.draws + redraw.astype(jnp.int32),
+        phase=phase.astype(jnp.int32),
+        ref=jnp.where(new_round, ev.theta[:k], s.ref),
+        injected=jnp.where(new_round, ev.n_inject, s.injected),
+        to_inject=jnp.maximum(to_inject - used_z.astype(jnp.int32), 0),
+        fresh=jnp.where(new_round, 0, s.fresh + 1),
+        rounds=s.rounds + new_round.astype(jnp.int32),
+        verify_count=s.verify_count + (s.phase >= 1).astype(jnp.int32),
+        restarts=s.restarts + (new_round | restart).astype(jnp.int32),
+        since=jnp.where(new_round | restart, 0, since), count=count, theta=theta, Y=Y,
+    )
+
+
+def _setup(cfg: _Cfg, v0, key, tol, max_matvecs, max_restarts) -> _State:
+    space = _space.Space(v0, cfg.layout)
+    # every random direction comes from ``key`` (or, without one, from v0's values)
+    seed = _space.seed_from_vector(v0) if key is None else _space.seed_from_key(key)
+    z0 = space.gaussian(seed, 0)
+    x0 = space.flatten(v0)
+    nv = _tree.norm(x0)
+    usable = (nv > 0) & jnp.isfinite(nv)  # a zero or non-finite v0: start at random instead
+    x0 = _tree.where(usable, x0, z0)
+    acc = _band.acc_dtype(x0)
+    band = _band.init(x0, cfg.m, acc, cfg.basis_dtype, num_external=NUM_DROPPED)
+    band = band._replace(finite=_tree.all_finite(v0))
+    z = jnp.zeros((), jnp.int32)
+    return _State(
+        band=band, z=jax.lax.cond(usable, lambda: z0, lambda: space.gaussian(seed, 1)),
+        key=seed, draws=jnp.where(usable, 1, 2).astype(jnp.int32), phase=z,
+        ref=jnp.zeros(cfg.k, acc),
+        injected=z, to_inject=z, fresh=z, rounds=z, verify_count=z, restarts=z, since=z,
+        count=z,
+        tol=jnp.asarray(tol, acc), max_matvecs=jnp.asarray(max_matvecs, jnp.int32),
+        max_restarts=jnp.asarray(max_restarts, jnp.int32), theta=jnp.zeros(cfg.m, acc),
+        Y=jnp.zeros((cfg.m, cfg.m), acc), like=_tree.zeros_like(v0),
+    )
+
+
+def _finish(cfg: _Cfg, s: _State) -> EigshResult:
+    space = _space.Space(s.like, cfg.layout)
+    k = cfg.k
+    band = s.band
+    theta, Y = s.theta, s.Y  # the last test's Ritz pairs (the loop ends on a tested step)
+    valid = jnp.sum(jnp.where(band.mult[:, None], Y**2, 0.0), axis=0) > 0.5
+    res = _band.exact_residuals(band, Y[:, :k])
+    X = space.unflatten_basis(_tree.basis_matmul(Y[:, :k].T, band.Q))
+    X = jax.tree.map(lambda q, x: q.astype(jnp.result_type(x)), X, s.like)
+    finite = band.finite & jnp.all(jnp.isfinite(theta[:k]))
+    ok = finite & jnp.all(valid[:k])
+    return EigshResult(
+        eigenvalues=jnp.where(ok, theta[:k], jnp.nan),
+        eigenvectors=X,
+        residual_norms=jnp.where(ok, res, jnp.nan),
+        num_matvecs=s.count,
+        num_restarts=s.restarts,
+        converged=(s.phase == 2) & ok,
+        finite=finite,
+        num_verifications=s.rounds,
+        verification_matvecs=s.verify_count,
+    )
+
+
+def _solve(cfg: _Cfg, matvec, v0, key, tol, max_matvecs, max_restarts) -> EigshResult:
+    state = _setup(cfg, v0, key, tol, max_matvecs, max_restarts)
+    state = _driver.run(_request, _update, _running, cfg, matvec, state)
+    return _finish(cfg, state)
+
+
+_compiled = _compile.entry(static=("cfg",), operators={"matvec": "v0"})(_solve)
+
+
+# --------------------------------------------------------------------- public
+
+
+def eigsh(
+    matvec,
+    v0: PyTree,
+    k: int = 6,
+    *,
+    which: str = "LA",
+    key: jax.Array | None = None,
+    tol: float | None = None,
+    basis_size: int | None = None,
+    max_matvecs: int | None = None,
+    max_restarts: int = 1000,
+    num_keep: int | None = None,
+    basis_dtype=None,
+    num_matvecs: int | None = None,
+) -> EigshResult:
+    """Top-``k`` eigenpairs of a symmetric operator by certified thick-restart Lanczos.
+
+    A Krylov basis of at most ``m = basis_size`` vectors is built from ``v0``
+    with full reorthogonalisation; Rayleigh-Ritz on the projected matrix
+    ``T = Q A Q^T`` gives Ritz pairs ``(theta_i, x_i = Q^T y_i)`` whose residuals
+    ``||A x_i - theta_i x_i||`` follow from the Krylov relation without extra
+    products. They are tested after every product (every ``ceil(m / 64)``
+    for large bases), so the run stops at the first depth that certifies them;
+    when the basis is full it is compressed to its best ``num_keep`` Ritz
+    vectors and re-extended (Wu & Simon 2000). Eigenvalues are signed and
+    ordered algebraically: with ``which="LA"`` a Hessian's dominant *negative*
+    eigenvalues never displace its largest positive ones.
+
+    A pair is certified when its residual is at most
+    ``max(tol |theta_i|, max(10 m eps, tol eps^(2/3)) ||A||)``: relative
+    to the eigenvalue, with a floor the floating-point format can reach, so
+    eigenvalues at (numerical) zero converge and ``tol=0`` means machine
+    precision as in SciPy. Then **verification** runs (module docstring): the
+    certified pairs are locked and a fresh block of random vectors from
+    ``key`` is run until the best remaining Ritz value is certified to lie
+    beyond them; copies of repeated eigenvalues that one Krylov chain cannot
+    see are found this way, and ``converged`` is ``True`` only after a round
+    that finds nothing more than its block could hold.
+
+    Cost: the products to certify the pairs from ``v0`` (for a top-10 Hessian
+    spectrum typically 30-60), plus each verification round's products (a
+    fresh block until the next eigenvalue is resolved from the wanted ones:
+    about the number of products that takes, typically 10-30 for separated
+    spectra, more for a clustered one). Memory: ``m + 2`` vectors. Work per
+    product: ``O(m N)`` reorthogonalisation and one ``m x m`` ``eigh``; per
+    restart ``O(m^2 N)``.
+
+    Args:
+      matvec: symmetric linear operator on pytrees shaped like ``v0``: a curvlib
+        operator (a :class:`jax.tree_util.Partial`), a host-driven operator
+        over streamed data (``host_driven = True``), or any function. A plain
+        function or closure is traced once per call to identify its program
+        (a few milliseconds) and the arrays it closes over become inputs, so
+        an eager call with a new closure of the same program reuses the
+        compiled code; a Python scalar it closes over is part of the program.
+      v0: non-zero start vector (e.g. ``jax.random.normal``-filled params).
+      k: number of wanted pairs, ``1 <= k < dim``.
+      which: ``"LA"`` (largest algebraic), ``"SA"`` (smallest algebraic) or
+        ``"LM"`` (largest magnitude).
+      key: PRNG key for the verification blocks and for restarts after a
+        breakdown; default: derived from ``v0``'s values (deterministic).
+      tol: relative residual tolerance; default ``sqrt(eps)`` of the least
+        precise leaf dtype of ``v0`` (or of ``basis_dtype``); ``0`` for machine
+        precision. May be traced.
+      basis_size: Krylov basis size ``m`` (vectors stored), ``k + 2 <= m <= dim``;
+        default ``min(dim, max(4k, 20))``. With ``m = dim`` the basis spans the
+        whole space and the answer is exact without verification (``dim``
+        products at most).
+      max_matvecs: product budget; default ``100 m``. May be traced.
+      max_restarts: cap on thick restarts. May be traced.
+      num_keep: Ritz vectors kept per restart, ``k <= num_keep < m - 1``;
+        default ``k + (m - k) // 2``.
+      basis_dtype: storage dtype of the Krylov basis (default: ``v0``'s). A
+        lower precision halves the stored basis (``m N`` entries) while inner
+        products and the projected matrix accumulate in float32 or wider; the
+        attainable relative residual is then about ``sqrt(eps)`` of
+        ``basis_dtype`` (float32: ~3e-4; bfloat16: ~9e-2), which is also the
+        default ``tol``. Eigenvectors are returned in ``v0``'s dtypes.
+      num_matvecs: deprecated name of ``basis_size`` (it was never a product count).
+
+    Returns:
+      An :class:`EigshResult`.
+
+    Raises:
+      ValueError: for ``k``, ``basis_size``, ``num_keep`` or ``max_matvecs`` out of
+        range, an unknown ``which``, or a matvec whose output is not shaped like ``v0``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import curvlib
+      >>> A = jnp.diag(jnp.arange(-50.0, 50.0))  # dominant negative eigenvalues
+      >>> res = curvlib.eigsh(lambda v: A @ v, jnp.ones(100), k=3, which="LA")
+      >>> res.eigenvalues.round(3).tolist(), bool(res.converged)
+      ([49.0, 48.0, 47.0], True)
+      >>> res = curvlib.eigsh(lambda v: A @ v, jnp.ones(100), k=2, which="SA")
+      >>> res.eigenvalues.round(6).tolist()
+      [-50.0, -49.0]
+
+      A repeated eigenvalue: one Krylov chain sees a single copy; verification
+      finds the others.
+
+      >>> D = jnp.concatenate([jnp.full(4, 5.0), jnp.linspace(0.0, 4.5, 196)])
+      >>> res = curvlib.eigsh(lambda v: D * v, jnp.ones(200), k=4)
+      >>> res.eigenvalues.round(6).tolist(), bool(res.converged)
+      ([5.0, 5.0, 5.0, 5.0], True)
+
+    References:
+      K. Wu and H. Simon, *Thick-restart Lanczos method for large symmetric
+      eigenvalue problems*, SIAM J. Matrix Anal. Appl. 2000; A. Ruhe,
+      *Implementation aspects of band Lanczos algorithms for computation of
+      eigenvalues of large sparse symmetric matrices*, Math. Comp. 1979.
+    """
+    _tree.check_float_tree(v0, "v0")
+    n = _tree.size(v0)
+    _validate.one_of(which, "which", WHICH)
+    k = _validate.static_int(k, "k", minimum=1)
+    if k > n - 1:
+        raise ValueError(
+            f"`k`={k} must be smaller than dim = {n} (the size of `v0`); for all eigenpairs "
+            "use a dense eigendecomposition (jnp.linalg.eigh)."
+        )
+    if num_matvecs is not None:
+        if basis_size is not None:
+            raise ValueError("pass `basis_size` only (`num_matvecs` is its deprecated name).")
+        import warnings
+
+        warnings.warn(
+            "eigsh(num_matvecs=...) is deprecated: it was the Krylov basis size, not a number of "
+            "products; use basis_size= (and max_matvecs= for a product budget).",
+            DeprecationWarning, stacklevel=2,
+        )
+        basis_size = num_matvecs
+    if basis_size is None:
+        m = min(n, max(4 * k, 20))
+    else:
+        m = _validate.static_int(basis_size, "basis_size", minimum=min(k + 2, n), maximum=n,
+                                 what=f"k + 2 <= basis_size <= dim (or = dim), k={k}, dim={n}")
+    keep = k + (m - k) // 2 if num_keep is None else _validate.static_int(
+        num_keep, "num_keep", minimum=k, maximum=m - 2, what="k <= num_keep < basis_size - 1")
+    keep = min(keep, m - 2)
+    if max_matvecs is None:
+        max_matvecs = 100 * m
+    elif not isinstance(max_matvecs, jax.core.Tracer):
+        max_matvecs = _validate.static_int(max_matvecs, "max_matvecs", minimum=1)
+    if not isinstance(max_restarts, jax.core.Tracer):
+        max_restarts = _validate.static_int(max_restarts, "max_restarts", minimum=0)
+    basis_dtype = _check_basis_dtype(basis_dtype)
+    if tol is None:
+        eps_max = max(float(jnp.finfo(x.dtype).eps) for x in jax.tree.leaves(v0))
+        if basis_dtype is not None:
+            eps_max = max(eps_max, float(jnp.finfo(basis_dtype).eps))
+        tol = float(np.sqrt(eps_max))
+    else:
+        _validate.nonneg_number(tol, "tol")
+    if _driver.is_host_driven(matvec):
+        layout = _space.choose_layout(v0)
+    else:
+        layout = _space.choose_layout(v0)
+        _compile.check_operator(matvec, v0, "matvec")
+    cfg = _Cfg(
+        k=k, which=which, m=m, keep=keep, check_every=max(1, -(-m // 64)),
+        max_inject=max(1, min(k, (m - k) // 2)), layout=layout, basis_dtype=basis_dtype, dim=n,
+    )
+    if _driver.is_host_driven(matvec):
+        return _solve_host(cfg, matvec, v0, key, tol, max_matvecs, max_restarts)
+    return _compiled(cfg, matvec, v0, key, tol, max_matvecs, max_restarts)
+
+
+def _solve_host(cfg, matvec, v0, key, tol, max_matvecs, max_restarts):
+    setup = _driver._jitted(_setup, cfg)
+    finish = _driver._jitted(_finish, cfg)
+    state = setup(v0, key, tol, max_matvecs, max_restarts)
+    state = _driver.run_host(_request, _update, _running, cfg, matvec, state)
+    return finish(state)
+
+
+def _check_basis_dtype(basis_dtype):
+    """``None`` or a real floating dtype (the storage type of the Krylov basis)."""
+    if basis_dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(basis_dtype)
+    except TypeError:
+        raise ValueError(f"`basis_dtype` must be a floating dtype; got {basis_dtype!r}.") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"`basis_dtype` must be a real floating dtype; got {dt}.")
+    return dt

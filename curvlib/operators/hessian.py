@@ -1,0 +1,297 @@
+"""The Hessian of a scalar loss: one product, a reusable operator, and the gradient.
+
+``H v = d/de grad f(params + e v) |_{e=0}`` (Pearlmutter 1994), in three modes:
+
+=================  ==========================  ==============================
+mode               one product                 memory held between products
+=================  ==========================  ==============================
+``"linearize"``    ~1 G (tangent pass only)    the linearisation residuals
+``"fwd-rev"``      ~2-3 G (forward-over-rev)   params and batch only
+``"rev-rev"``      ~3-4 G (reverse-over-rev)   params and batch only
+=================  ==========================  ==============================
+
+(``G``: one gradient evaluation.) Every function here accepts a loss that
+returns ``(loss, aux)`` with ``has_aux=True`` (the auxiliary output is ignored
+by curvature products and returned by :func:`gradient`), and microbatching
+over every batched argument (:mod:`curvlib.operators.microbatch`).
+
+References:
+  B. Pearlmutter, *Fast exact multiplication by the Hessian*, Neural Comput. 1994.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.tree_util import Partial
+
+from curvlib import _tree
+from curvlib.operators import _common as C
+from curvlib.operators.microbatch import (
+    _replace,
+    check_batched,
+    microbatch_mean,
+    microbatched,
+    normalize_argnums,
+)
+
+PyTree = Any
+
+MODES = ("linearize", "fwd-rev", "rev-rev")
+
+
+@C._weak_cache
+def _hvp_fwd_rev(fun):
+    def matvec(params, args, v):
+        grad = lambda p: jax.grad(fun)(p, *args)
+        return jax.jvp(grad, (params,), (C.cast_like(v, params),))[1]
+
+    return matvec
+
+
+@C._weak_cache
+def _hvp_rev_rev(fun):
+    def matvec(params, args, v):
+        v = C.cast_like(v, params)
+        inner = lambda p: _tree.vdot(jax.grad(fun)(p, *args), v)
+        return jax.grad(inner)(params)
+
+    return matvec
+
+
+def hvp(fun: Callable, params: PyTree, tangent: PyTree, *args, has_aux: bool = False) -> PyTree:
+    """One Hessian-vector product ``H v`` of ``fun(params, *args)``, forward-over-reverse.
+
+    ``H v = d/de grad f(params + e v) |_{e=0}``, computed as ``jax.jvp`` of
+    ``jax.grad`` (Pearlmutter 1994). Cost: about two to three gradient
+    evaluations; memory: one gradient's activations.
+
+    Args:
+      fun: scalar function ``fun(params, *args)`` (``(loss, aux)`` with ``has_aux``).
+      params: the point, any pytree of float arrays.
+      tangent: the vector ``v``, same structure and shapes as ``params``.
+      *args: extra arguments of ``fun`` (batch, targets, ...); not differentiated.
+      has_aux: ``fun`` returns ``(loss, aux)``; ``aux`` is ignored.
+
+    Returns:
+      ``H v`` as a pytree shaped like ``params``.
+
+    Raises:
+      ValueError: if ``tangent`` and ``params`` differ in structure or shapes
+        (the message names the leaf path).
+      TypeError: if ``fun`` does not return a scalar, or ``params`` has a
+        non-real-floating leaf.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib import hvp
+      >>> f = lambda p: jnp.sum(p["w"] ** 3)
+      >>> hvp(f, {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([1.0, 0.0])})["w"].tolist()
+      [6.0, 0.0]
+    """
+    C.check_params(params)
+    C.check_same_tree(params, tangent, "params", "tangent")
+    C.check_scalar(fun, "fun", params, *args, has_aux=has_aux)
+    fun = C.drop_aux(fun, has_aux)
+    return _hvp_fwd_rev(fun)(params, args, C.cast_like(tangent, params))
+
+
+def _check_microbatch(microbatch_size, args, batch_argnums, what: str = "fun"):
+    """Validated ``(microbatch_size, argnums)``, or ``(None, None)`` without microbatching."""
+    if microbatch_size is None:
+        return None, None
+    size = C.static_int(microbatch_size, "microbatch_size", minimum=1)
+    if not args:
+        raise ValueError(
+            f"`microbatch_size` needs a batch: pass the batch as an extra argument of `{what}` "
+            f"(`{what}(params, batch, ...)`)."
+        )
+    argnums = normalize_argnums(batch_argnums, len(args))
+    check_batched(args, argnums)
+    return size, argnums
+
+
+def hessian_matvec(
+    fun: Callable,
+    params: PyTree,
+    *args,
+    mode: str | None = None,
+    microbatch_size: int | None = None,
+    batch_argnums: int | tuple[int, ...] | None = None,
+    has_aux: bool = False,
+) -> Partial:
+    """The Hessian of ``fun(params, *args)`` as a reusable linear function ``v -> H v``.
+
+    With the default ``mode="linearize"`` the gradient is linearised once
+    (``jax.linearize(jax.grad(fun))``) and each product replays only the
+    tangent pass, reusing the stored residuals: the cheapest product when many
+    are needed (Lanczos, CG). ``"fwd-rev"`` recomputes ``jax.jvp(jax.grad)``
+    each time (no residual memory) and ``"rev-rev"`` differentiates
+    ``<grad f, v>`` in reverse mode; both are offered for benchmarking and for
+    memory-bound models.
+
+    Microbatching: with ``microbatch_size`` set, ``fun`` must be a *mean* over
+    the leading (sample) axis of its batched arguments: by default every
+    argument in ``args`` (``loss(params, x, y)`` is chunked in ``x`` and ``y``
+    together); ``batch_argnums`` names them when some are not batched (a PRNG
+    key, a constant), which are then passed whole to every chunk. Every product
+    is accumulated over chunks under ``lax.scan`` so memory is bounded by one
+    chunk. The default mode is then ``"fwd-rev"`` (a linearisation would store
+    every chunk's residuals).
+
+    The result is a :class:`jax.tree_util.Partial`: pass it as an argument to
+    jitted code and its arrays stay traced inputs. It composes with ``jax.vmap``
+    over tangents (a block product ``V -> H V``).
+
+    Sharding: when ``params`` are arrays placed with ``NamedSharding`` on an
+    ``Auto`` mesh (FSDP-style), every product is constrained to the parameters'
+    layout, so ``H v`` stays sharded like ``params`` instead of being
+    all-reduced onto every device.
+
+    Args:
+      fun: scalar function ``fun(params, *args)`` (``(loss, aux)`` with ``has_aux``).
+      params: the point; any pytree of float arrays.
+      *args: extra, non-differentiated arguments of ``fun``.
+      mode: ``"linearize"``, ``"fwd-rev"`` or ``"rev-rev"``.
+      microbatch_size: optional chunk size over the leading axis of the batched
+        arguments.
+      batch_argnums: which of ``args`` are batched (an int or a tuple of
+        ints); default all of them. Used only with ``microbatch_size``.
+      has_aux: ``fun`` returns ``(loss, aux)``; ``aux`` is ignored.
+
+    Returns:
+      ``matvec`` with ``matvec(v) == H v`` for ``v`` shaped like ``params``.
+
+    Raises:
+      TypeError: if ``fun`` does not return a float scalar, or ``params`` has a
+        non-real-floating leaf (named by its path).
+      ValueError: for an unknown ``mode``, a microbatched linearisation or a
+        batched argument without the shared leading axis (named by its path);
+        when called, for a tangent whose structure or shapes differ from
+        ``params``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from curvlib import hessian_matvec
+      >>> loss = lambda p, x: jnp.mean((x @ p["w"]) ** 2)  # H = 2 x^T x / n
+      >>> x = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+      >>> Hv = hessian_matvec(loss, {"w": jnp.zeros(2)}, x)
+      >>> Hv({"w": jnp.array([1.0, 1.0])})["w"].tolist()
+      [1.0, 4.0]
+      >>> jax.jit(lambda mv, v: mv(v))(Hv, {"w": jnp.array([0.0, 1.0])})["w"].tolist()
+      [0.0, 4.0]
+
+      Microbatching chunks every batched argument; a loss with an auxiliary output:
+
+      >>> def loss2(p, x, y):
+      ...     r = x @ p["w"] - y
+      ...     return jnp.mean(r ** 2), {"max_residual": jnp.max(jnp.abs(r))}
+      >>> Hmb = hessian_matvec(loss2, {"w": jnp.zeros(2)}, x, jnp.ones(2), has_aux=True,
+      ...                      microbatch_size=1)
+      >>> Hmb({"w": jnp.array([1.0, 1.0])})["w"].tolist()
+      [1.0, 4.0]
+    """
+    C.check_params(params)
+    C.check_scalar(fun, "fun", params, *args, has_aux=has_aux)
+    fun = C.drop_aux(fun, has_aux)
+    if mode is None:
+        mode = "linearize" if microbatch_size is None else "fwd-rev"
+    C.check_mode(mode, MODES)
+    size, argnums = _check_microbatch(microbatch_size, args, batch_argnums)
+    if size is not None and mode == "linearize":
+        raise ValueError(
+            "`mode='linearize'` stores every microbatch's residuals; use 'fwd-rev' or "
+            "'rev-rev' with `microbatch_size`."
+        )
+    if mode == "linearize":
+        _, lin = jax.linearize(lambda p: jax.grad(fun)(p, *args), params)
+        return C.params_operator(C.call_linearized, params, C.stable_linearized(lin))
+    product = _hvp_fwd_rev(fun) if mode == "fwd-rev" else _hvp_rev_rev(fun)
+    if size is not None:
+        product = microbatched(product, size, argnums)
+    return C.params_operator(product, params, params, tuple(args))
+
+
+def _value_and_grad(fun, has_aux):
+    vg = jax.value_and_grad(fun, has_aux=has_aux)
+    if not has_aux:
+        return vg
+
+    def f(*a):
+        (value, aux), g = vg(*a)
+        return value, aux, g
+
+    return f
+
+
+def gradient(
+    fun: Callable,
+    params: PyTree,
+    *args,
+    microbatch_size: int | None = None,
+    batch_argnums: int | tuple[int, ...] | None = None,
+    has_aux: bool = False,
+):
+    """``(value, grad)`` of a mean loss, optionally accumulated over microbatches.
+
+    A convenience used by the landscape and optimiser layers; with
+    ``microbatch_size`` the memory is bounded by one chunk and the result equals
+    the full-batch ``jax.value_and_grad``. Cost: one gradient evaluation.
+
+    With ``has_aux=True`` the result is ``((value, aux), grad)``, as from
+    ``jax.value_and_grad(fun, has_aux=True)``. Under microbatching ``aux`` is
+    averaged over the chunks with the same weights as the loss, so it must be a
+    pytree of floating *means* over the batch (an accuracy, a mean activation);
+    a non-floating ``aux`` is refused there.
+
+    Args:
+      fun: scalar mean loss ``fun(params, *args)`` (``(loss, aux)`` with ``has_aux``).
+      params: the point.
+      *args: extra arguments.
+      microbatch_size: optional chunk size over the leading axis of the batched
+        arguments (all of ``args`` unless ``batch_argnums`` says otherwise).
+      batch_argnums: which of ``args`` are batched; default all of them.
+      has_aux: ``fun`` returns ``(loss, aux)``.
+
+    Returns:
+      ``(value, grad)`` (or ``((value, aux), grad)``) with ``grad`` shaped like ``params``.
+
+    Raises:
+      TypeError: if ``fun`` does not return a float scalar (or a pair with
+        ``has_aux``), or under microbatching if ``aux`` has a non-floating leaf.
+      ValueError: for a batched argument without the shared leading axis.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib import gradient
+      >>> loss = lambda p, x: jnp.mean((x - p) ** 2)
+      >>> value, g = gradient(loss, 1.0, jnp.arange(5.0), microbatch_size=2)
+      >>> round(float(value), 6), round(float(g), 6)
+      (3.0, -2.0)
+      >>> aux_loss = lambda p, x: (loss(p, x), {"mean_x": jnp.mean(x)})
+      >>> (value, aux), g = gradient(aux_loss, 1.0, jnp.arange(5.0), microbatch_size=2,
+      ...                            has_aux=True)
+      >>> round(float(aux["mean_x"]), 6)
+      2.0
+    """
+    C.check_params(params)
+    C.check_scalar(fun, "fun", params, *args, has_aux=has_aux)
+    size, argnums = _check_microbatch(microbatch_size, args, batch_argnums)
+    vg = _value_and_grad(fun, has_aux)
+    if size is None:
+        out = vg(params, *args)
+        return ((out[0], out[1]), out[2]) if has_aux else out
+    if has_aux:
+        aux_shape = jax.eval_shape(fun, params, *args)[1]
+        for path, s in C.leaves_with_paths(aux_shape):
+            if not jnp.issubdtype(s.dtype, jnp.floating):
+                raise TypeError(
+                    f"under microbatching `aux` is averaged over the chunks like the loss, so "
+                    f"its leaves must be floating means; `aux{path}` has dtype {s.dtype}."
+                )
+    batched = tuple(args[i] for i in argnums)
+    out = microbatch_mean(lambda b: vg(params, *_replace(args, argnums, b)), batched, size)
+    return ((out[0], out[1]), out[2]) if has_aux else out

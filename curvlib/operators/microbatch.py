@@ -1,0 +1,272 @@
+"""Microbatching: means over chunks of a batch, and which arguments of a loss are batched.
+
+Every operator of :mod:`curvlib.operators` that takes ``microbatch_size``
+chunks its *batched* arguments along their leading (sample) axis and passes the
+others whole to every chunk. By default every extra argument is batched (a loss
+``loss(params, x, y)`` is chunked in ``x`` and ``y`` together); ``batch_argnums``
+names the batched ones when some are not (a PRNG key, a temperature, a lookup
+table). Each batched leaf must have the same leading axis length; a leaf that
+does not is reported by its pytree path (``args[2]``, ``args[0]['mask']``) with
+the ``batch_argnums`` that would fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from curvlib import _tree
+from curvlib.operators._common import _is_key_dtype, _weak_cache, leaves_with_paths
+
+PyTree = Any
+
+
+def _leading_axis(x):
+    shape = tuple(jnp.shape(x))
+    return shape[0] if shape else None
+
+
+def _describe(x) -> str:
+    dt = getattr(x, "dtype", None)
+    if dt is not None and _is_key_dtype(dt):
+        return f"a PRNG key of shape {tuple(jnp.shape(x))}"
+    return f"shape {tuple(jnp.shape(x))}"
+
+
+def batch_size(tree: PyTree, name: str) -> int:
+    """The shared leading (sample) axis length of every leaf of ``tree``.
+
+    Raises:
+      ValueError: for an empty tree or a leaf without that leading axis (named by path).
+    """
+    leaves = leaves_with_paths(tree)
+    if not leaves:
+        raise ValueError(
+            f"`{name}` is an empty pytree; expected arrays with a leading sample axis."
+        )
+    first_path, first = leaves[0]
+    n = _leading_axis(first)
+    if n is None:
+        raise ValueError(
+            f"every leaf of `{name}` needs a leading sample axis; `{name}{first_path}` has "
+            f"{_describe(first)}."
+        )
+    for path, x in leaves[1:]:
+        if _leading_axis(x) != n:
+            raise ValueError(
+                f"every leaf of `{name}` must share the leading sample axis; "
+                f"`{name}{first_path}` has length {n} but `{name}{path}` has {_describe(x)}."
+            )
+    return int(n)
+
+
+def normalize_argnums(batch_argnums, num_args: int, name: str = "args") -> tuple[int, ...]:
+    """``batch_argnums`` (``None``, an int or a sequence of ints) as a sorted tuple of indices."""
+    if batch_argnums is None:
+        return tuple(range(num_args))
+    nums = (batch_argnums,) if isinstance(batch_argnums, (int, np.integer)) else batch_argnums
+    try:
+        nums = tuple(nums)
+    except TypeError:
+        raise ValueError(
+            f"`batch_argnums` must be None, an int or a tuple of ints; got {batch_argnums!r}."
+        ) from None
+    out = []
+    for i in nums:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise ValueError(f"`batch_argnums` must hold ints; got {batch_argnums!r}.")
+        j = int(i) + num_args if int(i) < 0 else int(i)
+        if not 0 <= j < num_args:
+            raise ValueError(
+                f"`batch_argnums` entry {int(i)} is out of range: the function receives "
+                f"{num_args} extra argument(s) `{name}`."
+            )
+        out.append(j)
+    if not out:
+        raise ValueError("`batch_argnums` names no argument; microbatching needs a batch.")
+    return tuple(sorted(set(out)))
+
+
+def check_batched(args: tuple, argnums: tuple[int, ...], name: str = "args",
+                  extra: tuple = (), extra_name: str = "loss_args") -> int:
+    """Validate the batched arguments; return the batch size ``n``.
+
+    Every leaf of ``args[i]`` for ``i`` in ``argnums`` (and of every entry of
+    ``extra``, for the loss arguments of a Gauss-Newton split) must carry the
+    same leading axis length ``n``. The error names the first leaf that does
+    not, and suggests the ``batch_argnums`` that would fit.
+    """
+    named = [(f"{name}[{i}]", args[i]) for i in argnums]
+    named += [(f"{extra_name}[{j}]", a) for j, a in enumerate(extra)]
+    flat = [(f"{base}{path}", x) for base, tree in named for path, x in leaves_with_paths(tree)]
+    if not flat:
+        raise ValueError(
+            f"microbatching needs batched arrays, but the batched arguments ({name}"
+            f"{list(argnums)}) hold no array."
+        )
+    axes = [_leading_axis(x) for _, x in flat]
+    counts = {}
+    for a in axes:
+        if a is not None:
+            counts[a] = counts.get(a, 0) + 1
+    # the batch size: the leading axis most batched leaves share (the first such on ties)
+    n = max(counts, key=lambda a: (counts[a], -axes.index(a))) if counts else None
+    where0 = next((w for (w, _), a in zip(flat, axes, strict=True) if a == n), flat[0][0])
+    for (where, x), a in zip(flat, axes, strict=True):
+        if n is not None and a == n:
+            continue
+        arg = where[: where.index("]") + 1]
+        whole = all(
+            _leading_axis(y) != n for w, y in flat if w[: w.index("]") + 1] == arg
+        )
+        fits = tuple(
+            i for i, t in enumerate(args)
+            if jax.tree.leaves(t) and all(_leading_axis(y) == n for y in jax.tree.leaves(t))
+        )
+        if whole and arg.startswith(name) and fits:
+            fix = (
+                f"Pass `batch_argnums` to name the batched arguments (here "
+                f"`batch_argnums={fits}`); the others are passed whole to every microbatch."
+            )
+        elif whole:
+            fix = "Close over it (unbatched constants of the loss are not chunked)."
+        else:
+            fix = (
+                f"Take it out of `{arg}` (pass it as a separate argument, left out of "
+                "`batch_argnums`) or close over it."
+            )
+        what = (
+            "a leading sample axis" if n is None
+            else f"the batch size {n} (leading axis of `{where0}`)"
+        )
+        raise ValueError(
+            f"`microbatch_size` chunks every batched argument along its leading (sample) "
+            f"axis, but `{where}` has {_describe(x)}, which does not carry {what}. {fix}"
+        )
+    return int(n)
+
+
+def microbatch_mean(fn: Callable, batch: PyTree, microbatch_size: int | None) -> PyTree:
+    """Mean of ``fn`` over microbatches of ``batch``, weighted by their sizes.
+
+    For ``fn(b)`` that is itself a mean over the leading axis of ``b`` (a mean
+    loss, its gradient, a curvature product), the result equals ``fn(batch)``
+    while peak memory is that of one microbatch: full chunks run under
+    ``lax.scan``; a shorter final chunk, if any, runs once more with its own
+    weight.
+
+    Args:
+      fn: ``fn(chunk) -> pytree`` of float arrays.
+      batch: pytree whose leaves share a leading (sample) axis of length ``n``.
+      microbatch_size: samples per chunk; ``None`` or ``>= n`` calls ``fn(batch)``.
+
+    Returns:
+      ``sum_c (n_c / n) fn(chunk_c)``.
+
+    Raises:
+      ValueError: for an empty ``batch``, leaves without a shared leading axis
+        (named by their pytree path), or ``microbatch_size < 1``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib import microbatch_mean
+      >>> x = jnp.arange(10.0)  # chunks of 4, 4 and a remainder of 2
+      >>> float(microbatch_mean(jnp.mean, x, 4)), float(jnp.mean(x))
+      (4.5, 4.5)
+    """
+    n = batch_size(batch, "batch")
+    if microbatch_size is not None:
+        if isinstance(microbatch_size, bool) or not isinstance(
+            microbatch_size, (int, np.integer)
+        ):
+            raise ValueError(f"`microbatch_size` must be an int or None; got {microbatch_size!r}.")
+        microbatch_size = int(microbatch_size)
+        if microbatch_size < 1:
+            raise ValueError(f"`microbatch_size` must be >= 1; got {microbatch_size}.")
+    if microbatch_size is None or microbatch_size >= n:
+        return fn(batch)
+    num_full = n // microbatch_size
+    rem = n - num_full * microbatch_size
+    head = jax.tree.map(lambda x: _chunks(x, num_full, microbatch_size), batch)
+    out_shape = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], head))
+    # accumulate half-precision outputs in float32 (many bfloat16 partial sums lose digits)
+    acc_dt = lambda dt: _tree.acc_dtype(dt) if jnp.issubdtype(dt, jnp.floating) else dt
+    init = jax.tree.map(lambda s: _zeros_typed(s, acc_dt(s.dtype)), out_shape)
+
+    def body(acc, chunk):
+        return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, fn(chunk)), None
+
+    total, _ = jax.lax.scan(body, init, head)
+    out = jax.tree.map(lambda t: t * (microbatch_size / n), total)
+    if rem:
+        tail = jax.tree.map(lambda x: x[num_full * microbatch_size :], batch)
+        out = jax.tree.map(lambda o, t: o + t.astype(o.dtype) * (rem / n), out, fn(tail))
+    return jax.tree.map(lambda o, s: o.astype(s.dtype), out, out_shape)
+
+
+def _chunks(x, num_full: int, size: int):
+    """``x[:num_full * size]`` as chunks of ``size`` samples, shape ``(num_full, size, ...)``.
+
+    Contiguous chunks, except for a leaf whose sample axis is split over mesh
+    axes of an explicit sharding type: there a contiguous chunk would straddle
+    devices (a reshape JAX rejects), so the chunks are taken *strided* (chunk
+    ``c`` holds samples ``c, c + num_full, c + 2 num_full, ...``). Each chunk is
+    then split over the same devices as the batch and no data moves; the mean
+    over chunks is unchanged.
+    """
+    s = _tree.explicit_sharding(x)
+    spec = None if s is None else tuple(s.spec) + (None,) * (x.ndim - len(s.spec))
+    if spec is None or spec[0] is None:
+        return x[: num_full * size].reshape((num_full, size) + x.shape[1:])
+    names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    shards = int(np.prod([s.mesh.shape[a] for a in names]))
+    n = x.shape[0]
+    if n != num_full * size or size % shards:
+        raise ValueError(
+            f"the batch's sample axis (length {n}) is explicitly sharded over {shards} devices "
+            f"(mesh axes {names}); `microbatch_size` must then divide it and be a multiple of "
+            f"{shards}; got {size}. (JAX's explicit sharding cannot slice a sharded axis into "
+            "pieces that do not split evenly over its devices.)"
+        )
+    strided = jax.sharding.NamedSharding(
+        s.mesh, jax.sharding.PartitionSpec(spec[0], None, *spec[1:])
+    )
+    return jnp.swapaxes(jnp.reshape(x, (size, num_full) + x.shape[1:], out_sharding=strided), 0, 1)
+
+
+def _zeros_typed(s, dt):
+    """Zeros shaped like ``s`` (a ``ShapeDtypeStruct``), keeping an explicit sharding type."""
+    sh = getattr(s, "sharding", None)
+    mesh = getattr(sh, "mesh", None)
+    if mesh is not None and not mesh.empty and jax.sharding.AxisType.Explicit in tuple(
+        mesh.axis_types
+    ):
+        return jnp.zeros(s.shape, dt, out_sharding=sh)
+    return jnp.zeros(s.shape, dt)
+
+
+def _replace(args: tuple, argnums: tuple[int, ...], values: tuple) -> tuple:
+    out = list(args)
+    for i, a in zip(argnums, values, strict=True):
+        out[i] = a
+    return tuple(out)
+
+
+@_weak_cache
+def microbatched(product: Callable, microbatch_size: int, argnums: tuple[int, ...]) -> Callable:
+    """``product(params, args, *rest, v)`` averaged over chunks of ``args[i]``, ``i in argnums``.
+
+    The unbatched arguments and ``rest`` are passed whole to every chunk.
+    """
+
+    def matvec(params, args, *rest):
+        batched = tuple(args[i] for i in argnums)
+        return microbatch_mean(
+            lambda b: product(params, _replace(args, argnums, b), *rest), batched, microbatch_size
+        )
+
+    return matvec

@@ -1,0 +1,431 @@
+"""Operators over a dataset streamed from the host: means over batches, accumulated per product.
+
+When the data do not fit in device memory, a curvature operator over the
+whole dataset is the weighted mean of its per-batch operators,
+
+    ``C v = sum_b (n_b / n) C_b v``,   ``n = sum_b n_b``,
+
+for every loss that is a mean over its batch (then ``C`` is exactly the
+operator of the full-batch mean loss). Here the batches come from a *host
+iterator* (NumPy arrays; grain, tf.data, a PyTorch ``DataLoader`` converted
+to NumPy, a memory-mapped file): every product makes one pass over them,
+each batch's work is one call of a jitted function (compiled once per batch
+shape: a ragged last batch adds one compilation, no more), and the running
+sum stays on the device. Dispatch is asynchronous, so the host reads the next
+batch while the device computes.
+
+* :func:`stream_mean`: the weighted mean over a stream of any jitted per-batch function;
+* :func:`stream_matvec`: an operator ``v -> C v`` over a stream (a
+  :class:`StreamMatvec`, *host-driven*: ``host_driven = True``), from any
+  in-memory builder: ``lambda p, batch: curvlib.hessian_matvec(loss, p, batch)``;
+* :func:`stream_gradient`: the loss and its gradient over a stream.
+
+A host-driven operator cannot run inside ``jit``/``vmap`` (it loops over host
+data); curvlib's Krylov algorithms drive it from the host, keeping their
+per-step work compiled. Its products equal the full-batch operator's to
+rounding (the test suite checks ``1e-12`` in float64).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from curvlib import _tree
+from curvlib.operators import _common as C
+from curvlib.operators.hessian import _value_and_grad
+from curvlib.operators.microbatch import batch_size
+
+PyTree = Any
+
+
+# ------------------------------------------------------------------ streams
+
+
+def _pass_factory(batches) -> Callable[[], Iterable]:
+    """``batches`` as a zero-argument callable that starts a fresh pass over the data."""
+    if isinstance(batches, Iterator):
+        raise TypeError(
+            "`batches` is a one-shot iterator (a generator or `iter(...)`), but every product "
+            "makes a new pass over the data. Pass a function that returns a fresh iterator "
+            "(`lambda: iter(loader)`, a generator function) or a re-iterable object (a list, "
+            "a tf.data.Dataset, a grain DataLoader)."
+        )
+    if callable(batches):
+        return batches
+    if isinstance(batches, Iterable):
+        return lambda: batches
+    raise TypeError(
+        "`batches` must be a function returning an iterable of batches, or a re-iterable of "
+        f"batches; got {type(batches).__name__}."
+    )
+
+
+def _check_concrete(tree: PyTree, name: str) -> None:
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree)):
+        raise TypeError(
+            f"a host-driven operator (data streamed from the host) cannot be called with traced "
+            f"`{name}` (inside jax.jit, vmap, grad or eval_shape): every product loops over "
+            "host data. Call it eagerly, or hand it to a curvlib algorithm that drives "
+            "host-driven operators from the host."
+        )
+
+
+def _call(fn, with_key: bool, batch, args, key, index):
+    if with_key:
+        return fn(batch, *args, jax.random.fold_in(key, index))
+    return fn(batch, *args)
+
+
+def _per_batch(kind: str, user_fn: Callable) -> Callable:
+    """The per-batch function ``fn(batch, *args[, key_b])`` of a stream of a given ``kind``."""
+    if kind == "mean":
+        return user_fn
+    if kind == "product":  # user_fn = build(params, batch[, key]) -> matvec
+        return lambda batch, params, v, *key: user_fn(params, batch, *key)(v)
+    if kind == "block":
+        return lambda batch, params, V, *key: jax.vmap(user_fn(params, batch, *key))(V)
+    has_aux = kind == "value_and_grad_aux"  # user_fn = fun(params, batch)
+    return lambda batch, params: _value_and_grad(user_fn, has_aux)(params, batch)
+
+
+# jitted per-batch steps, keyed weakly by the user's function; a step refers to that function
+# only through a weak reference, so the cache never keeps a user function (or what its
+# closure holds) alive, and an entry lives exactly as long as the function
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _entries(user_fn: Callable):
+    """``(cache dict for user_fn, a getter of user_fn)``: weakly held when possible."""
+    try:
+        return _STEPS.setdefault(user_fn, {}), weakref.ref(user_fn)
+    except TypeError:  # not hashable or not weakly referenceable: not cached
+        return {}, (lambda: user_fn)
+
+
+def _avals(tree):
+    return jax.tree.structure(tree), tuple(
+        (tuple(jnp.shape(x)), jnp.result_type(x)) for x in jax.tree.leaves(tree))
+
+
+def _out_shape(user_fn, kind, with_key, batch, args, key):
+    """The per-batch outputs' shapes and dtypes (one abstract trace, cached per input shapes)."""
+    entries, _ = _entries(user_fn)
+    sig = ("shape", kind, with_key, _avals(batch), _avals(args))
+    if sig not in entries:
+        fn = _per_batch(kind, user_fn)
+        entries[sig] = jax.eval_shape(
+            lambda b, a, k: _call(fn, with_key, b, a, k, 0), batch, args, key
+        )
+    return entries[sig]
+
+
+def _step(user_fn: Callable, kind: str, with_key: bool):
+    """The jitted ``acc + n_b * fn(batch, *args[, key_b])`` (``acc``'s dtypes) for ``user_fn``."""
+    entries, get = _entries(user_fn)
+    if (kind, with_key) not in entries:
+
+        def step(acc, batch, n, args, key, index):
+            out = _call(_per_batch(kind, get()), with_key, batch, args, key, index)
+            return jax.tree.map(lambda a, o: a + n * o.astype(a.dtype), acc, out)
+
+        entries[(kind, with_key)] = jax.jit(step)
+    return entries[(kind, with_key)]
+
+
+@jax.jit(static_argnums=2)
+def _divide(acc, total, dtypes):
+    return [(a / total).astype(dt) for a, dt in zip(acc, dtypes, strict=True)]
+
+
+def _mean(acc, total, like):
+    """``acc / total`` in the dtypes of ``like`` (the per-batch outputs' shapes and dtypes)."""
+    leaves, treedef = jax.tree.flatten(acc)
+    dtypes = tuple(jnp.dtype(s.dtype) for s in jax.tree.leaves(like))
+    return jax.tree.unflatten(treedef, _divide(leaves, total, dtypes))
+
+
+def _acc_zeros(out_shape: PyTree) -> PyTree:
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, _tree.acc_dtype(s.dtype)), out_shape)
+
+
+def _stream_sum(user_fn, kind, batches, args, *, key, sharding, what: str, out_shape=None,
+                step=None):
+    """``(sum_b n_b fn(batch_b, *args), n, number of batches, output shapes)``: one host pass.
+
+    Batch ``b`` (0-based) gets the key ``fold_in(key, b)`` when ``key`` is given.
+    ``out_shape`` (``fn``'s output shapes and dtypes), when known, spares a trace
+    of ``fn`` per pass; ``step`` is the jitted step when the caller holds it.
+    """
+    start = _pass_factory(batches)
+    with_key = key is not None
+    step = _step(user_fn, kind, with_key) if step is None else step
+    key = jnp.zeros((2,), jnp.uint32) if key is None else key
+    acc = treedef = None
+    total = count = 0
+    for i, batch in enumerate(start()):
+        if treedef is None:
+            treedef = jax.tree.structure(batch)
+        elif jax.tree.structure(batch) != treedef:
+            raise ValueError(
+                f"batch {i} of the stream has structure {jax.tree.structure(batch)} but the "
+                f"first batch had {treedef}; every batch must have the same pytree structure."
+            )
+        n = batch_size(batch, f"batch {i}")
+        if n < 1:
+            raise ValueError(f"batch {i} of the stream is empty.")
+        if sharding is not None:
+            batch = jax.device_put(batch, sharding)
+        if acc is None and out_shape is None:
+            out_shape = _out_shape(user_fn, kind, with_key, batch, args, key)
+        if acc is None:
+            for path, o in C.leaves_with_paths(out_shape):
+                if not jnp.issubdtype(o.dtype, jnp.floating):
+                    raise TypeError(
+                        f"{what} averages its per-batch outputs over the stream, so they must "
+                        f"be floating means; output{path} has dtype {o.dtype}."
+                    )
+            acc = _acc_zeros(out_shape)
+        acc = step(acc, batch, n, args, key, i)
+        total += n
+        count += 1
+    if acc is None:
+        raise ValueError(f"the stream of batches yielded no batch; {what} needs at least one.")
+    return acc, total, count, out_shape
+
+
+def stream_mean(fn: Callable, batches, *args, key=None, sharding=None) -> PyTree:
+    """The weighted mean ``sum_b (n_b / n) fn(batch_b, *args)`` over a stream of batches.
+
+    The streaming counterpart of :func:`curvlib.microbatch_mean`: for an ``fn``
+    that is a mean over its batch (a mean loss, its gradient, a curvature
+    product), the result is ``fn`` of the whole dataset. One pass over
+    ``batches``; ``fn`` runs as one jitted call per batch (compiled once per
+    batch shape), ``args`` are traced arguments of that call (parameters,
+    tangents: never baked into the program), and the sum is accumulated on the
+    device in at least float32. The result has ``fn``'s output dtypes.
+
+    Args:
+      fn: ``fn(batch, *args) -> pytree`` of float arrays, or ``fn(batch, *args,
+        key_b)`` when ``key`` is given.
+      batches: a function returning a fresh iterable of batches (``lambda:
+        iter(loader)``), or a re-iterable (a list, a ``tf.data.Dataset``, a grain
+        ``DataLoader``). A batch is a pytree of NumPy (or JAX) arrays with a
+        shared leading axis ``n_b >= 1``, its weight.
+      *args: further arguments of ``fn``.
+      key: optional PRNG key; batch ``b`` (counting from 0) then receives
+        ``jax.random.fold_in(key, b)`` as ``fn``'s last argument (the same key
+        on every pass over the same stream).
+      sharding: optional ``jax.sharding.Sharding`` (or pytree of them matching a
+        batch) to place every batch with (``jax.device_put``), e.g.
+        ``NamedSharding(mesh, P("data"))`` for data parallelism.
+
+    Returns:
+      The weighted mean, shaped like ``fn``'s output.
+
+    Raises:
+      TypeError: for a one-shot iterator (a product needs a fresh pass) or
+        traced ``args``.
+      ValueError: for an empty stream, an empty batch, batches of differing
+        structures or leaves without a shared leading axis (named by batch and path).
+
+    Examples:
+      >>> import numpy as np
+      >>> from curvlib import stream_mean
+      >>> data = np.arange(10.0)
+      >>> batches = lambda: (data[i:i + 4] for i in range(0, 10, 4))   # 4 + 4 + 2
+      >>> float(stream_mean(lambda b, c: (b - c).mean(), batches, 1.0))
+      3.5
+    """
+    _check_concrete(args, "args")
+    acc, total, _, out_shape = _stream_sum(fn, "mean", batches, args, key=key,
+                                           sharding=sharding, what="stream_mean")
+    return _mean(acc, total, out_shape)
+
+
+# ---------------------------------------------------------------- operators
+
+
+class StreamMatvec:
+    """A host-driven operator ``v -> C v = sum_b (n_b / n) C_b v`` over a stream of batches.
+
+    Build it with :func:`stream_matvec`. The interface every host-driven
+    operator offers (what curvlib's algorithms detect):
+
+    * ``host_driven = True`` (a class attribute);
+    * ``op(v) -> pytree``: one product, one pass over the data, ``v`` shaped
+      like ``params`` (concrete arrays: not under ``jit``/``vmap``);
+    * ``op.matmat(V) -> pytree``: the products of a block of vectors (leaves
+      with a leading axis) in one pass;
+    * ``op.params``: the point (the shapes and dtypes of ``v``);
+    * ``op.num_examples`` / ``op.num_batches``: what the last pass saw (``None``
+      before the first); a later pass over a stream of another size raises.
+    """
+
+    host_driven = True
+
+    def __init__(self, build, params, batches, key, sharding):
+        self.params = params
+        self._build = build
+        self._batches = batches
+        self._key = key
+        self._sharding = sharding
+        self._signature = C.signature(params)
+        self._layout = C.param_shardings(params)
+        # held here: products never retrace, whatever the cache does with `build`
+        self._steps = {kind: _step(build, kind, key is not None) for kind in ("product", "block")}
+        self.num_examples = None
+        self.num_batches = None
+
+    def __repr__(self):
+        return (f"StreamMatvec(num_examples={self.num_examples}, "
+                f"num_batches={self.num_batches})")
+
+    def _run(self, kind, v):
+        out_shape = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), v)
+        acc, total, count, out_shape = _stream_sum(
+            self._build, kind, self._batches, (self.params, v), key=self._key,
+            sharding=self._sharding, what="a streamed product", out_shape=out_shape,
+            step=self._steps[kind],
+        )
+        if self.num_examples is not None and (total, count) != (
+                self.num_examples, self.num_batches):
+            raise ValueError(
+                f"the stream changed between products: this pass had {total} examples in "
+                f"{count} batches, the previous one {self.num_examples} in {self.num_batches}. "
+                "A streamed operator needs the same data on every pass (a fixed order is not "
+                "required, but the same examples are)."
+            )
+        self.num_examples, self.num_batches = total, count
+        out = _mean(acc, total, out_shape)
+        if self._layout is not None and jax.tree.structure(out) == self._layout[0]:
+            out = jax.tree.unflatten(self._layout[0], [
+                jax.device_put(o, s) for o, s in zip(jax.tree.leaves(out), self._layout[1],
+                                                     strict=True)])
+        return out
+
+    def __call__(self, v: PyTree) -> PyTree:
+        _check_concrete(v, "v")
+        C.check_tangent(v, self._signature, "params", "vector")
+        return self._run("product", C.cast_like(v, self.params))
+
+    def matmat(self, V: PyTree) -> PyTree:
+        """``C V`` for a block of vectors ``V`` (leaves with a leading axis ``k``): one pass."""
+        _check_concrete(V, "V")
+        rows = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(V)}
+        if len(rows) != 1 or None in rows:
+            raise ValueError(
+                "`V` must hold vectors shaped like `params` stacked on a shared leading axis; "
+                f"got leading axes {sorted(map(str, rows))}."
+            )
+        C.check_tangent(jax.tree.map(lambda x: x[0], V), self._signature, "params", "vector")
+        V = jax.tree.map(lambda x, p: jnp.asarray(x).astype(jnp.result_type(p)), V, self.params)
+        return self._run("block", V)
+
+
+def stream_matvec(build: Callable, params: PyTree, batches, *, key=None,
+                  sharding=None) -> StreamMatvec:
+    """Any curvature operator over a dataset streamed from the host, as a host-driven operator.
+
+    ``build(params, batch)`` returns the in-memory operator of one batch (a
+    mean over it), e.g. ``curvlib.hessian_matvec(loss, params, batch)``,
+    ``curvlib.ggn_matvec(...)``, ``curvlib.fisher_matvec(...)``,
+    ``curvlib.empirical_fisher_matvec(...)`` or a :func:`curvlib.restrict` of
+    one of them. Every product of the result makes one pass over ``batches``:
+
+        ``C v = sum_b (n_b / n) build(params, batch_b)(v)``,
+
+    which is the operator of the whole dataset's mean loss (equal to the
+    full-batch operator to rounding). Building and applying the batch
+    operator is one jitted call per batch (compiled once per batch shape;
+    the ``"linearize"`` modes linearise inside that call, costing about one
+    ``"fwd-rev"`` product per batch). Memory on the device: one batch's
+    operator plus two vectors.
+
+    The Monte-Carlo Fisher over a stream draws fresh targets per batch: pass
+    ``key`` and a three-argument ``build(params, batch, key_b)``; batch ``b``
+    gets ``jax.random.fold_in(key, b)``, the same on every pass, so the
+    operator is fixed.
+
+    Args:
+      build: ``build(params, batch) -> matvec`` (``build(params, batch, key_b)``
+        with ``key``); must be traceable (it runs inside ``jax.jit``).
+      params: the point.
+      batches: a function returning a fresh iterable of batches, or a
+        re-iterable (see :func:`stream_mean`). Every pass must yield the same
+        examples.
+      key: optional PRNG key (see above).
+      sharding: optional placement of every batch (see :func:`stream_mean`).
+
+    Returns:
+      A :class:`StreamMatvec` (``host_driven = True``).
+
+    Raises:
+      TypeError: for a one-shot iterator; when called, for traced vectors.
+      ValueError: when called, for a vector that does not match ``params``, an
+        empty stream, or a stream whose size changed since the last pass.
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> import curvlib
+      >>> x = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 0.0]])
+      >>> loss = lambda w, xb: jnp.mean((xb @ w) ** 2)            # H = 2 x^T x / n
+      >>> H = curvlib.stream_matvec(lambda w, xb: curvlib.hessian_matvec(loss, w, xb),
+      ...                           jnp.zeros(2), [x[:3], x[3:]])  # batches of 3 and 1
+      >>> H.host_driven, H(jnp.array([1.0, 0.0])).tolist()
+      (True, [1.0, 0.5])
+      >>> curvlib.hessian_matvec(loss, jnp.zeros(2), x)(jnp.array([1.0, 0.0])).tolist()
+      [1.0, 0.5]
+    """
+    if not callable(build):
+        raise TypeError(f"`build` must be callable; got {type(build).__name__}.")
+    C.check_params(params)
+    _check_concrete(params, "params")
+    _pass_factory(batches)  # one-shot iterators are refused now, not at the first product
+    return StreamMatvec(build, params, batches, key, sharding)
+
+
+def stream_gradient(fun: Callable, params: PyTree, batches, *, has_aux: bool = False,
+                    sharding=None):
+    """``(value, grad)`` of a mean loss over a dataset streamed from the host.
+
+    ``fun(params, batch)`` is a mean over its batch; the result is the
+    weighted mean over the stream, i.e. the value and gradient of the whole
+    dataset's mean loss (one pass, one jitted ``jax.value_and_grad`` call per
+    batch). With ``has_aux=True`` the result is ``((value, aux), grad)`` with
+    ``aux`` averaged like the loss (its leaves must be floating means).
+
+    Args:
+      fun: ``fun(params, batch) -> scalar`` (``(scalar, aux)`` with ``has_aux``).
+      params: the point.
+      batches: a function returning a fresh iterable of batches, or a re-iterable.
+      has_aux: ``fun`` returns ``(loss, aux)``.
+      sharding: optional placement of every batch (see :func:`stream_mean`).
+
+    Returns:
+      ``(value, grad)`` or ``((value, aux), grad)``.
+
+    Raises:
+      TypeError: for a one-shot iterator or traced ``params``.
+      ValueError: for an empty stream or malformed batches.
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> from curvlib import stream_gradient
+      >>> data = np.arange(5.0)
+      >>> loss = lambda p, b: jnp.mean((b - p) ** 2)
+      >>> value, g = stream_gradient(loss, 1.0, [data[:3], data[3:]])
+      >>> round(float(value), 6), round(float(g), 6)
+      (3.0, -2.0)
+    """
+    C.check_has_aux(has_aux)
+    _check_concrete(params, "params")
+    kind = "value_and_grad_aux" if has_aux else "value_and_grad"
+    acc, total, _, out_shape = _stream_sum(fun, kind, batches, (params,), key=None,
+                                           sharding=sharding, what="stream_gradient")
+    out = _mean(acc, total, out_shape)
+    return ((out[0], out[1]), out[2]) if has_aux else out

@@ -1,0 +1,190 @@
+"""Parameter blocks against the dense Hessian: ``restrict`` gives the dense sub-block,
+``block_eigsh`` gives numpy's eigenpairs of every block and batches equal shapes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import curvlib
+from curvlib import block_eigsh, restrict
+
+
+def _problem():
+    k = jax.random.split(jax.random.PRNGKey(11), 7)
+    params = {
+        "in": {"w": 0.6 * jax.random.normal(k[0], (4, 4)),
+               "b": 0.2 * jax.random.normal(k[1], (4,))},
+        "mid": {"w": 0.6 * jax.random.normal(k[2], (4, 4)),
+                "b": 0.2 * jax.random.normal(k[3], (4,))},
+        "out": {"w": 0.6 * jax.random.normal(k[4], (4, 2))},
+    }
+    x = jax.random.normal(k[5], (12, 4))
+    y = jax.random.normal(k[6], (12, 2))
+
+    def loss(p, x, y):
+        h = jnp.tanh(x @ p["in"]["w"] + p["in"]["b"])
+        h = jnp.tanh(h @ p["mid"]["w"] + p["mid"]["b"])
+        return jnp.mean((jnp.tanh(h @ p["out"]["w"]) - y) ** 2 * jnp.array([1.0, 3.0]))
+
+    flat, unravel = ravel_pytree(params)
+    H = np.asarray(jax.jit(jax.hessian(lambda f: loss(unravel(f), x, y)))(flat))
+    return loss, params, x, y, H
+
+
+def _indices(params, selected):
+    """Flat indices (``ravel_pytree`` order) of the leaves whose key path is in ``selected``."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    out, start = [], 0
+    for path, x in flat:
+        if jax.tree_util.keystr(path, simple=True, separator="/") in selected:
+            out.extend(range(start, start + x.size))
+        start += x.size
+    return np.asarray(out)
+
+
+def test_restrict_is_the_dense_sub_block():
+    loss, params, x, y, H = _problem()
+    Hv = curvlib.hessian_matvec(loss, params, x, y)
+    cases = {
+        "predicate": (lambda path, leaf: path[0].key == "mid" or leaf.ndim == 1,
+                      {"in/b", "mid/w", "mid/b"}),
+        "prefix tree": ({"in": False, "mid": {"w": True, "b": False}, "out": True},
+                        {"mid/w", "out/w"}),
+    }
+    apply = jax.jit(lambda mv, v: mv(v))
+    for name, (where, selected) in cases.items():
+        Hb = restrict(Hv, params, where)
+        idx = _indices(params, selected)
+        sub = jax.tree_util.tree_map_with_path(
+            lambda p, a, s=selected: a
+            if jax.tree_util.keystr(p, simple=True, separator="/") in s else None, params)
+        _, unravel_sub = ravel_pytree(sub)
+        cols = [ravel_pytree(apply(Hb, unravel_sub(e)))[0] for e in np.eye(len(idx))]
+        got = np.asarray(cols).T
+        np.testing.assert_allclose(got, H[np.ix_(idx, idx)], rtol=0, atol=1e-12, err_msg=name)
+        out = Hb(unravel_sub(np.ones(len(idx))))
+        assert jax.tree.structure(out) == jax.tree.structure(sub)
+    # a plain-function operator is restricted too (closed over statically)
+    plain = lambda v: Hv(v)
+    Hb = restrict(plain, params, {"in": False, "mid": False, "out": True})
+    v = {"in": None, "mid": None, "out": {"w": jnp.ones((4, 2))}}
+    idx = _indices(params, {"out/w"})
+    np.testing.assert_allclose(np.asarray(apply(Hb, v)["out"]["w"]).reshape(-1),
+                               H[np.ix_(idx, idx)] @ np.ones(8), atol=1e-12)
+    with pytest.raises(ValueError, match="selects no leaf"):
+        restrict(Hv, params, lambda path, leaf: False)
+    with pytest.raises(ValueError, match="pytree of bools"):
+        restrict(Hv, params, {"in": True})
+    with pytest.raises(ValueError, match=r"restricted vector\[.out.\]\[.w.\] has shape \(8,\)"):
+        Hb({"in": None, "mid": None, "out": {"w": jnp.ones(8)}})
+
+
+def test_block_eigsh_matches_numpy_on_every_block():
+    """One compiled call (3 distinct leaf shapes: 3 vmapped eigsh), every block vs numpy."""
+    loss, params, x, y, H = _problem()
+    Hv = curvlib.hessian_matvec(loss, params, x, y)
+    k = 2
+    traces = []
+    counted = lambda mv, v: (traces.append(1), mv(v))[1]  # counts traces of the product
+    spectra = block_eigsh(jax.tree_util.Partial(counted, Hv), params, k, key=jax.random.key(0),
+                          tol=1e-10)
+    assert list(spectra) == ["in/b", "in/w", "mid/b", "mid/w", "out/w"]
+    for name, res in spectra.items():
+        idx = _indices(params, {name})
+        evals, evecs = np.linalg.eigh(H[np.ix_(idx, idx)])
+        np.testing.assert_allclose(np.asarray(res.eigenvalues), evals[::-1][:k], rtol=1e-9,
+                                   atol=1e-12, err_msg=name)
+        assert bool(res.converged) and bool(res.finite), name
+        # eigenvectors are sub-pytrees: the block's leaves with a leading k, None elsewhere
+        present = {jax.tree_util.keystr(p, simple=True, separator="/")
+                   for p, _ in jax.tree_util.tree_flatten_with_path(res.eigenvectors)[0]}
+        assert present == {name}
+        vecs = np.stack([np.asarray(ravel_pytree(jax.tree.map(lambda a, i=i: a[i],
+                                                              res.eigenvectors))[0])
+                         for i in range(k)])
+        overlap = np.abs(vecs @ evecs[:, ::-1][:, :k])
+        np.testing.assert_allclose(np.diag(overlap), 1.0, atol=1e-8, err_msg=name)
+    # an eager second call at a new point (a new operator of the same kind) reuses the program
+    n = len(traces)
+    params2 = jax.tree.map(lambda a: 1.1 * a, params)
+    H2 = jax.tree_util.Partial(counted, curvlib.hessian_matvec(loss, params2, x, y))
+    block_eigsh(H2, params2, k, key=jax.random.key(1), tol=1e-10)
+    assert n > 0 and len(traces) == n
+
+
+def test_block_eigsh_batches_blocks_of_equal_shape():
+    """Traced, not compiled (``eval_shape``): blocks of equal shapes share one product call
+    site; labels, names and sub-pytrees follow ``blocks``."""
+    loss, params, x, y, H = _problem()
+    Hv = curvlib.hessian_matvec(loss, params, x, y)
+    calls = []
+
+    def counted(v):
+        calls.append(1)
+        return Hv(v)
+
+    def traced(blocks, k=1):
+        calls.clear()
+        out = jax.eval_shape(lambda: block_eigsh(counted, params, k, key=jax.random.key(0),
+                                                 blocks=blocks))
+        return out, len(calls)
+
+    _, per_leaf = traced(None)  # 5 leaves, 3 distinct shapes
+    _, two_biases = traced(lambda path, leaf: "/".join(p.key for p in path)
+                           if leaf.ndim == 1 else None)
+    _, one_bias = traced(lambda path, leaf: "b" if path[0].key == "mid" and leaf.ndim == 1
+                         else None)
+    assert two_biases == one_bias > 0 and per_leaf == 3 * one_bias
+    # one block per layer from a prefix tree of labels ("in" and "mid" are batched)
+    by_layer, n = traced({"in": "in", "mid": "mid", "out": "out"})
+    assert n == 2 * one_bias and list(by_layer) == ["in", "mid", "out"]
+    assert by_layer["mid"].eigenvectors["mid"]["w"].shape == (1, 4, 4)
+    assert by_layer["mid"].eigenvectors["in"] == {"b": None, "w": None}
+    # one block after another (lax.map): still one product call site per shape
+    calls.clear()
+    jax.eval_shape(lambda: block_eigsh(counted, params, 1, key=jax.random.key(0),
+                                       blocks=lambda path, leaf: path[0].key, batch_size=1))
+    assert len(calls) == 2 * one_bias
+    with pytest.raises(ValueError, match="batch_size"):
+        block_eigsh(Hv, params, 1, key=jax.random.key(0), batch_size=0)
+    with pytest.raises(ValueError, match=r"block 'in/b' has 4 entries; k=4"):
+        block_eigsh(Hv, params, 4, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="no leaf"):
+        block_eigsh(Hv, params, 1, key=jax.random.key(0), blocks=lambda p, x: None)
+    with pytest.raises(ValueError, match="`blocks` must be"):
+        block_eigsh(Hv, params, 1, key=jax.random.key(0), blocks={"in": "a"})
+
+
+def test_block_products_are_the_dense_blocks():
+    """The vmapped product of a group (layers "in" and "mid", two leaves each) gives each
+    layer's dense block of the Hessian."""
+    from curvlib.operators.blocks import _group_product
+
+    loss, params, x, y, H = _problem()
+    Hv = curvlib.hessian_matvec(loss, params, x, y)
+    leaves, treedef = jax.tree.flatten(params)  # in/b, in/w, mid/b, mid/w, out/w
+    specs = tuple((a.shape, a.dtype, None) for a in leaves)
+    product = jax.jit(jax.vmap(_group_product(Hv, treedef, specs, ((0, 1), (2, 3)))))
+    for b, layer in enumerate(("in", "mid")):
+        idx = _indices(params, {f"{layer}/b", f"{layer}/w"})
+        cols = []
+        for e in np.eye(20):
+            vals = (jnp.zeros((2, 4)).at[b].set(e[:4]), jnp.zeros((2, 4, 4)).at[b].set(
+                e[4:].reshape(4, 4)))
+            out = product(vals, jnp.arange(2))
+            cols.append(np.concatenate([np.asarray(out[0][b]), np.asarray(out[1][b]).ravel()]))
+        np.testing.assert_allclose(np.asarray(cols).T, H[np.ix_(idx, idx)], atol=1e-12)
+
+
+def test_block_eigsh_one_block_at_a_time():
+    """``batch_size=1`` (``lax.map`` over equal-shaped blocks) gives the same pairs."""
+    d = {"a": jnp.arange(1.0, 9.0), "b": jnp.arange(11.0, 19.0), "c": jnp.arange(2.0, 8.0)}
+    mv = lambda v: jax.tree.map(lambda di, vi: di * vi, d, v)
+    params = jax.tree.map(jnp.zeros_like, d)
+    out = block_eigsh(mv, params, 2, key=jax.random.key(0), batch_size=1, tol=1e-10)
+    got = {n: np.asarray(r.eigenvalues) for n, r in out.items()}
+    np.testing.assert_allclose(got["a"], [8.0, 7.0], rtol=1e-10)
+    np.testing.assert_allclose(got["b"], [18.0, 17.0], rtol=1e-10)
+    np.testing.assert_allclose(got["c"], [7.0, 6.0], rtol=1e-10)

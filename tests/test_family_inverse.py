@@ -1,0 +1,117 @@
+"""Inverse products against ``numpy.linalg.solve`` (float64, a tiny tanh MLP)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import curvlib
+from curvlib import inverse_matvec
+
+
+def _problem(n=12):
+    k = jax.random.split(jax.random.PRNGKey(21), 4)
+    params = {"w": 0.7 * jax.random.normal(k[0], (3, 4)), "v": 0.7 * jax.random.normal(k[1], (4,))}
+    x = jax.random.normal(k[2], (n, 3))
+    y = jax.random.normal(k[3], (n,))
+    model = lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"]
+    loss = lambda p, x, y: jnp.mean((model(p, x) - y) ** 2)
+    return model, loss, params, x, y
+
+
+def _dense(matvec, params):
+    flat, unravel = ravel_pytree(params)
+    cols = jax.vmap(lambda e: ravel_pytree(matvec(unravel(e)))[0])(jnp.eye(flat.size))
+    return np.asarray(cols).T, unravel
+
+
+def test_cg_inverse_matches_numpy_solve():
+    model, loss, params, x, y = _problem()
+    G = curvlib.ggn_matvec(model, lambda o, y: jnp.mean((o - y) ** 2), params, x, loss_args=(y,))
+    D, unravel = _dense(G, params)
+    lam = 1e-2
+    inv = inverse_matvec(G, damping=lam, rtol=1e-12)
+    # densified by vmap over right-hand sides, and passed into jit as an argument
+    Dinv = np.asarray(jax.jit(jax.vmap(lambda op, e: ravel_pytree(op(unravel(e)))[0],
+                                       (None, 0)))(inv, jnp.eye(D.shape[0]))).T
+    ref = np.linalg.solve(D + lam * np.eye(D.shape[0]), np.eye(D.shape[0]))
+    assert np.linalg.norm(Dinv - ref) <= 1e-9 * np.linalg.norm(ref)
+    b = unravel(jnp.asarray(np.random.default_rng(0).standard_normal(D.shape[0])))
+    res = inv.solve(b)
+    assert bool(res.converged) and bool(res.finite)
+    bf = np.asarray(ravel_pytree(b)[0])
+    assert np.allclose(ravel_pytree(res.x)[0], np.linalg.solve(D + lam * np.eye(len(bf)), bf),
+                       rtol=1e-9, atol=0)
+    # a warm start from a nearby right-hand side's solution saves products, same answer
+    b2 = jax.tree.map(lambda a: a * (1 + 1e-4), b)
+    cold, warm = inv.solve(b2), inv.solve(b2, x0=res.x)
+    assert int(warm.num_matvecs) < int(cold.num_matvecs)
+    assert np.allclose(ravel_pytree(warm.x)[0], ravel_pytree(cold.x)[0], rtol=1e-9)
+
+
+def test_cg_inverse_of_an_indefinite_operator_is_nan_with_a_flag():
+    model, loss, params, x, y = _problem()
+    H = curvlib.hessian_matvec(lambda p, x, y: -loss(p, x, y), params, x, y)  # mostly negative
+    D, unravel = _dense(H, params)
+    assert np.linalg.eigvalsh(D).min() < -1e-3
+    b = jax.tree.map(jnp.ones_like, params)
+    res = inverse_matvec(H, damping=1e-3).solve(b)
+    assert not bool(res.converged)
+    assert all(bool(jnp.all(jnp.isnan(a))) for a in jax.tree.leaves(res.x))
+    shift = -np.linalg.eigvalsh(D).min() + 1.0  # enough damping makes it definite
+    x_ok = inverse_matvec(H, damping=shift, rtol=1e-12)(b)
+    bf = np.asarray(ravel_pytree(b)[0])
+    assert np.allclose(ravel_pytree(x_ok)[0], np.linalg.solve(D + shift * np.eye(len(bf)), bf),
+                       rtol=1e-9)
+
+
+def test_lowrank_inverse_is_the_inverse_of_the_damped_projection():
+    model, loss, params, x, y = _problem(n=3)
+    per_example = lambda p, ex: (model(p, ex[0][None])[0] - ex[1]) ** 2
+    EF = curvlib.empirical_fisher_matvec(per_example, params, (x, y))  # rank 3 of 16
+    D, unravel = _dense(EF, params)
+    P = D.shape[0]
+    lam = 0.1
+    theta, U = np.linalg.eigh(D)
+    b = np.random.default_rng(1).standard_normal(P)
+    v0 = unravel(jnp.asarray(np.random.default_rng(2).standard_normal(P)))
+    # rank 3 = rank(EF): exact
+    exact = inverse_matvec(EF, damping=lam, method="lowrank", rank=3, v0=v0, tol=1e-10)
+
+    got = np.asarray(ravel_pytree(exact(unravel(jnp.asarray(b))))[0])
+    assert np.allclose(got, np.linalg.solve(D + lam * np.eye(P), b), rtol=1e-8, atol=1e-10)
+    assert bool(exact.solve(unravel(jnp.asarray(b))).converged)
+    # rank 2: the inverse of U2 diag(theta2) U2^T + lam I (the top two of those eigenpairs)
+    top2 = jax.tree.map(lambda a: a[:2], exact.eigenvectors)
+    eig = curvlib.EigshResult(exact.eigenvalues[:2], top2, jnp.zeros(2), jnp.asarray(0),
+                              jnp.asarray(0), jnp.asarray(True), jnp.asarray(True))
+    approx = inverse_matvec(EF, damping=lam, method="lowrank", eigenpairs=eig)
+    U2, t2 = U[:, -2:], theta[-2:]
+    want = np.linalg.solve(U2 @ np.diag(t2) @ U2.T + lam * np.eye(P), b)
+    got = np.asarray(ravel_pytree(approx(unravel(jnp.asarray(b))))[0])
+    assert np.allclose(got, want, rtol=1e-8)
+    res = approx.solve(unravel(jnp.asarray(b)))
+    assert int(res.num_matvecs) == 0 and np.isnan(float(res.residual_norm))
+    # eigenpairs as a plain pair; jit with the operator as an argument
+    pair = inverse_matvec(EF, damping=lam, method="lowrank",
+                          eigenpairs=(eig.eigenvalues, eig.eigenvectors))
+    got = jax.jit(lambda op, v: op(v))(pair, unravel(jnp.asarray(b)))
+    assert np.allclose(ravel_pytree(got)[0], want, rtol=1e-8)
+
+
+def test_inverse_matvec_bad_input():
+    A = lambda v: 2.0 * v
+    with pytest.raises(ValueError, match="method"):
+        inverse_matvec(A, damping=1.0, method="svd")
+    with pytest.raises(ValueError, match=r"`damping` must be >= 0"):
+        inverse_matvec(A, damping=-1.0)
+    with pytest.raises(ValueError, match=r"`damping` must be > 0 for method='lowrank'"):
+        inverse_matvec(A, damping=0.0, method="lowrank", rank=1, v0=jnp.ones(3))
+    with pytest.raises(ValueError, match="needs the eigenpairs"):
+        inverse_matvec(A, damping=1.0, method="lowrank")
+    with pytest.raises(ValueError, match="lowrank' only"):
+        inverse_matvec(A, damping=1.0, rank=2)
+    with pytest.raises(ValueError, match=r"leading axis of length 2.*eigenvectors\['a'\]"):
+        inverse_matvec(A, damping=1.0, method="lowrank",
+                       eigenpairs=(jnp.ones(2), {"a": jnp.ones((3, 4))}))
