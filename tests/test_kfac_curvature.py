@@ -256,8 +256,8 @@ def test_likelihood_square_roots_samples_and_quadratic_forms(likelihood):
 
     f = jax.random.normal(jax.random.PRNGKey(8), (2, 3))  # two positions of three outputs
     var = 0.7
-    if likelihood == "categorical":
-        nll = lambda f, y: -jnp.sum(y * jax.nn.log_softmax(f, -1))
+    if likelihood == "categorical":  # the mean over the two positions
+        nll = lambda f, y: -jnp.sum(y * jax.nn.log_softmax(f, -1)) / 2
         y = jax.nn.one_hot(jnp.array([0, 2]), 3)
     elif likelihood == "gaussian":
         nll = lambda f, y: jnp.sum((f - y) ** 2) / (2 * var)
@@ -273,3 +273,20 @@ def test_likelihood_square_roots_samples_and_quadratic_forms(likelihood):
     t1, t2 = jax.random.normal(jax.random.PRNGKey(10), (2, 1, 2, 3))  # a batch of one example
     want = t1.reshape(-1) @ H @ t2.reshape(-1)
     np.testing.assert_allclose(lik.quadratic(likelihood, f[None], t1, t2, var), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("convention", ["reduce", "expand"])
+def test_one_sequence_with_repeated_inputs_equals_fisher_matvec(convention):
+    """Normalisation of :func:`curvlib.fisher_matvec`: the mean cross-entropy over tokens.
+
+    A dense layer at 5 positions whose inputs coincide: both conventions are exact
+    for one example, and equal the exact Fisher of the per-token mean.
+    """
+    kw, kb, kx = jax.random.split(jax.random.PRNGKey(11), 3)
+    params = {"w": jax.random.normal(kw, (3, 4)), "b": jax.random.normal(kb, (4,))}
+    x = jnp.broadcast_to(jax.random.normal(kx, (1, 1, 3)), (1, 5, 3))
+    pos = jnp.arange(5.0)[None, :, None] / 5  # position-dependent logits, same layer input
+    model = lambda p, x: x @ p["w"] + p["b"] + pos
+    curv = kfac_curvature(model, params, x, likelihood="categorical", convention=convention)
+    F = _dense(curvlib.fisher_matvec(model, params, x), params)
+    np.testing.assert_allclose(_dense(curv.matvec, params), F, atol=1e-12)

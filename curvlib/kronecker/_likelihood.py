@@ -5,7 +5,9 @@ negative log-likelihood ``l(y | f)`` has output Hessian ``H(f)`` (the Fisher
 in output space, since these are canonical-link likelihoods):
 
 * ``"categorical"``: softmax over the last axis of ``f``, every other axis an
-  independent position; ``H = diag(p) - p p^T`` per position.
+  independent position, the NLL *averaged* over positions (a mean
+  cross-entropy over tokens, as :func:`curvlib.fisher_matvec` defines it);
+  ``H = (diag(p) - p p^T) / T`` per position, ``T`` positions per example.
 * ``"gaussian"``: ``N(f, variance I)``, ``l = ||f - y||^2 / (2 variance)``;
   ``H = I / variance``.
 * ``"bernoulli"``: sigmoid of each entry of ``f`` (binary cross-entropy on
@@ -52,12 +54,13 @@ def sqrt_hessian(likelihood: str, f: jax.Array, variance=1.0) -> jax.Array:
         s = jax.nn.sigmoid(f).reshape(-1)
         root = jnp.sqrt(s * (1 - s))
         return (jnp.eye(size, dtype=f.dtype) * root[:, None]).reshape((size,) + shape)
-    # categorical: per position t, B_t = diag(sqrt p) - p sqrt(p)^T (column c: sqrt(p_c)(e_c - p))
+    # categorical: per position t, B_t = (diag(sqrt p) - p sqrt(p)^T) / sqrt(T)
+    # (column c: sqrt(p_c)(e_c - p)), the NLL being the mean over the T positions
     c = shape[-1]
     p = jax.nn.softmax(f.reshape(-1, c), axis=-1)  # (T, C)
     t = p.shape[0]
-    rp = jnp.sqrt(p)
-    bt = jax.vmap(lambda p, r: jnp.diag(r) - p[:, None] * r[None, :])(p, rp)  # (T, C_row, C_col)
+    rp = jnp.sqrt(p / t)
+    bt = jax.vmap(lambda p, r: jnp.diag(r) - p[:, None] * r[None, :])(p, rp)  # (T, C, C)
     cols = jnp.einsum("ts,trc->tcsr", jnp.eye(t, dtype=f.dtype), bt)  # (T, C_col, T, C_row)
     return cols.reshape((t * c,) + shape)
 
@@ -74,7 +77,8 @@ def sampled_gradients(likelihood: str, f: jax.Array, key, num_samples: int, vari
         return s - y
     p = jax.nn.softmax(f, axis=-1)
     y = jax.random.categorical(key, f, axis=-1, shape=shape[:-1])
-    return p - jax.nn.one_hot(y, f.shape[-1], dtype=f.dtype)
+    positions = f.size // f.shape[-1]
+    return (p - jax.nn.one_hot(y, f.shape[-1], dtype=f.dtype)) / jnp.sqrt(positions)
 
 
 def quadratic(likelihood: str, f: jax.Array, t1: jax.Array, t2: jax.Array, variance=1.0):
@@ -87,4 +91,5 @@ def quadratic(likelihood: str, f: jax.Array, t1: jax.Array, t2: jax.Array, varia
     p = jax.nn.softmax(f, axis=-1)
     pt1 = jnp.sum(p * t1, axis=-1)
     pt2 = jnp.sum(p * t2, axis=-1)
-    return jnp.sum(p * t1 * t2) - jnp.sum(pt1 * pt2)
+    positions = f[0].size // f.shape[-1]  # per example
+    return (jnp.sum(p * t1 * t2) - jnp.sum(pt1 * pt2)) / positions

@@ -585,10 +585,11 @@ def kfac_curvature(
     model (Monte-Carlo Fisher, unbiased for ``G`` given the inputs).
 
     The loss whose curvature this is: ``mean over examples of NLL(y | f)`` with
-    ``f = model_fn(params, *args)``, the NLL summed over the output entries of
-    one example (``likelihood``: ``"categorical"`` softmax cross-entropy over
-    the last axis, ``"gaussian"`` ``||f - y||^2 / (2 variance)``,
-    ``"bernoulli"`` sigmoid cross-entropy).
+    ``f = model_fn(params, *args)`` (the normalisation of :func:`curvlib.fisher_matvec`):
+    ``"categorical"``, softmax cross-entropy over the last axis, averaged over
+    any other (position) axes, i.e. the mean over tokens; ``"gaussian"``,
+    ``||f - y||^2 / (2 variance)`` summed over the output entries;
+    ``"bernoulli"``, sigmoid cross-entropy summed over the output entries.
 
     Cost: one forward pass over the batch and one backward pass per column of
     the output-Hessian square root (the output size per example; e.g. the
