@@ -215,7 +215,7 @@ def test_bad_arguments_are_named():
         kfac_curvature(model, params, x, likelihood="poisson")
     with pytest.raises(ValueError, match="`convention` must be one of"):
         kfac_curvature(model, params, x, convention="sum")
-    with pytest.raises(ValueError, match="`num_samples` must be an int >= 1"):
+    with pytest.raises(ValueError, match="`num_samples` must be >= 1; got 0"):
         kfac_curvature(model, params, x, num_samples=0)
     with pytest.raises(ValueError, match="`variance` must be > 0"):
         kfac_curvature(model, params, x, likelihood="gaussian", variance=0.0)

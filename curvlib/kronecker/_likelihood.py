@@ -24,12 +24,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from curvlib import _validate
+
 LIKELIHOODS = ("categorical", "gaussian", "bernoulli")
 
 
 def check(likelihood: str, variance) -> None:
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"`likelihood` must be one of {LIKELIHOODS}; got {likelihood!r}.")
+    _validate.one_of(likelihood, "likelihood", LIKELIHOODS)
     if variance is not None and not isinstance(variance, jax.core.Tracer):
         if not float(variance) > 0:
             raise ValueError(f"`variance` must be > 0; got {variance}.")

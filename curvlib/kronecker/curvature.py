@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial, register_pytree_node_class
 
+from curvlib import _validate
 from curvlib.kronecker import _likelihood, _program, _sharding
 from curvlib.kronecker.discovery import (
     KfacLayers,
@@ -100,12 +101,11 @@ def zero_factors(layers: KfacLayers, dtype=None) -> Factors:
 # ----------------------------------------------------------------- statistics
 
 
-def check_options(likelihood, convention, num_samples, variance):
+def check_options(likelihood, convention, num_samples, variance) -> int:
+    """Validate the shared options; returns ``num_samples`` as an int (it fixes shapes)."""
     _likelihood.check(likelihood, variance)
-    if convention not in CONVENTIONS:
-        raise ValueError(f"`convention` must be one of {CONVENTIONS}; got {convention!r}.")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"`num_samples` must be an int >= 1; got {num_samples!r}.")
+    _validate.one_of(convention, "convention", CONVENTIONS)
+    return _validate.static_int(num_samples, "num_samples", minimum=1)
 
 
 def statistics(
@@ -633,7 +633,7 @@ def kfac_curvature(
     References:
       J. Martens and R. Grosse, ICML 2015; R. Eschenhagen et al., NeurIPS 2023.
     """
-    check_options(likelihood, convention, num_samples, variance)
+    num_samples = check_options(likelihood, convention, num_samples, variance)
     layers = _find_layers(model_fn, params, args)
     factors, _ = _statistics_jit(layers, params, batch_leaves(args),
                                  tuple(layers.program.consts.values()), likelihood, key,

@@ -269,7 +269,7 @@ def scale_by_kfac(
       >>> jnp.round(optax.apply_updates(p, u)["w"], 3).tolist()  # one natural-gradient step
       [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
     """
-    check_options(likelihood, convention, num_samples, variance)
+    num_samples = check_options(likelihood, convention, num_samples, variance)
     for name, value in (("damping_every", damping_every), ("statistics_every", statistics_every),
                         ("inverse_every", inverse_every)):
         _check_every(name, value)
