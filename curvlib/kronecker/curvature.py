@@ -426,8 +426,16 @@ def factored_inverses(layers: KfacLayers, factors: Factors, damping) -> Inverses
 
 
 def _spd_inverse(m, shift):
-    """``(m + shift I)^{-1}`` for symmetric PSD ``m``, by Cholesky."""
-    eye = jnp.eye(m.shape[0], dtype=m.dtype)
+    """``(m + shift I)^{-1}`` for symmetric PSD ``m``, by Cholesky.
+
+    The shift is floored at ``d * eps`` times the mean eigenvalue, so round-off in
+    a singular factor (fewer examples than inputs) cannot break the factorisation
+    when the damping is tiny.
+    """
+    n = m.shape[0]
+    eye = jnp.eye(n, dtype=m.dtype)
+    mean_eig = jnp.abs(jnp.trace(m)) / n
+    shift = jnp.maximum(shift, n * jnp.finfo(m.dtype).eps * mean_eig)
     c = jax.scipy.linalg.cho_factor(_sym(m) + shift * eye, lower=True)
     return _sym(jax.scipy.linalg.cho_solve(c, eye))
 
@@ -487,7 +495,7 @@ class KfacCurvature:
     def matvec(self) -> Partial:
         return Partial(_matvec, self)
 
-    def inverse_matvec(self, damping, *, method: str = "exact") -> Partial:
+    def inverse_matvec(self, damping, *, method: str = "exact") -> KfacInverse:
         r"""The damped inverse ``v -> (C + damping I)^{-1} v`` as an operator.
 
         ``method="exact"`` inverts the damped block exactly through the
