@@ -224,3 +224,27 @@ def test_ekfac_scalings_restart_at_refresh_and_average_between():
     want = cv.precondition(layers, eig, jax.grad(loss)(p1, x, y), 0.1, scales=s2.scales)
     for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, 0.5 * b, rtol=1e-10, atol=1e-13)
+
+
+def test_a_whole_training_loop_in_one_jit():
+    """K-FAC inside ``lax.scan`` under the user's ``jit`` (refreshes, damping: ``lax.cond``s)."""
+    params, x, y = _problem()
+    tx = kfac(model_fn=model, example_inputs={"x": x}, key=jax.random.PRNGKey(0), damping=0.1,
+              inverse_every=2, damping_every=2)
+
+    def step(carry, _):
+        p, s = carry
+        value, g = jax.value_and_grad(loss)(p, x, y)
+        u, s = tx.update(g, s, p, value=value, value_fn=loss, x=x, y=y)
+        return (optax.apply_updates(p, u), s), value
+
+    (p, s), values = jax.jit(lambda p, s: jax.lax.scan(step, (p, s), None, length=6))(
+        params, tx.init(params))
+    assert values.shape == (6,) and float(values[-1]) < 0.8 * float(values[0])
+    assert int(s[0].count) == 6 and bool(jnp.all(jnp.isfinite(values)))
+    p2, s2 = params, tx.init(params)
+    jstep = jax.jit(lambda c: step(c, None))
+    for _ in range(6):
+        (p2, s2), _ = jstep((p2, s2))
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
