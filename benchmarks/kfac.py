@@ -298,8 +298,7 @@ def run(quick: bool = False, kfac_jax_python: str | None = None) -> dict:
         "target": target,
         "tuned_adam": best,
         "blas_threads_limited": blas_limited,
-        "runs": {k: {kk: (vv.tolist() if isinstance(vv, np.ndarray) else vv)
-                     for kk, vv in v.items()} for k, v in runs.items()},
+        "runs": {k: _compact(v) for k, v in runs.items()},
         "notes": [
             "Every step is timed alone (blocking on its loss); curvlib's side runs in this "
             "process, kfac-jax's in its own (jax 0.9.1), both with one OpenBLAS thread.",
@@ -309,6 +308,18 @@ def run(quick: bool = False, kfac_jax_python: str | None = None) -> dict:
     path = C.write_result("kfac", payload)
     C.log(f"wrote {path}")
     return payload
+
+
+def _compact(run: dict) -> dict:
+    """A run for the JSON: curves at ~200 log-spaced steps (the plot uses every step)."""
+    n = len(run["losses"])
+    idx = np.unique(np.round(np.logspace(0, np.log10(n), 200)).astype(int) - 1)
+    out = {k: v for k, v in run.items() if k not in ("losses", "step_times")}
+    out["curve_steps"] = (idx + 1).tolist()
+    out["losses"] = np.round(np.asarray(run["losses"])[idx], 5).tolist()
+    out["cumulative_time_s"] = np.round(np.cumsum(run["step_times"])[idx], 6).tolist()
+    out["median_step_s"] = float(np.median(run["step_times"][1:]))
+    return out
 
 
 def _plot(runs, target, best):
