@@ -11,8 +11,17 @@ Three layers, each built only on the one below:
 
 __version__ = "0.1.0"
 
+from curvlib import kronecker as kronecker  # K-FAC; its own namespace: curvlib.kronecker.*
 from curvlib import landscape as landscape  # its own namespace: curvlib.landscape.*
 from curvlib import optim
+from curvlib.kronecker import (
+    KfacCurvature,
+    KfacInfo,
+    ScaleByKfacState,
+    kfac,
+    kfac_curvature,
+    scale_by_kfac,
+)
 from curvlib.krylov import (
     CGResult,
     EigshResult,
@@ -92,3 +101,6 @@ __all__ = [
 ]
 # optimizers (optax transforms) and curvature monitoring: re-exported from curvlib.optim
 __all__ += optim.__all__
+# K-FAC (curvlib.kronecker: layer discovery, factors, the optax transform)
+__all__ += ["kfac_curvature", "KfacCurvature", "scale_by_kfac", "kfac", "ScaleByKfacState",
+            "KfacInfo"]

@@ -47,6 +47,13 @@ CASES = [
          "Pearson correlation, Hessian influence vs leave-one-out retraining"),
         min_figures=1,
     ),
+    NotebookCase(
+        "kfac_autoencoder.ipynb",
+        "quick mode: True",
+        ("Kronecker-factored layer", "steps to target", "between refreshes",
+         "max |curvlib - kfac-jax|"),
+        min_figures=1,
+    ),
 ]
 
 

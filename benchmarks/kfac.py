@@ -1,0 +1,365 @@
+"""K-FAC (issue 15) on the deep autoencoder: step time, and loss against steps and wall-clock.
+
+The problem (``benchmarks/_autoencoder.py``): scikit-learn's digits, a
+64-32-16-8-16-32-64 tanh autoencoder, Bernoulli negative log-likelihood, full
+batch of 1792 (deterministic, as in kfac-jax's own MNIST autoencoder example),
+float32, one set of initial weights for every optimiser.
+
+Optimisers, each a Python loop over one jitted training step (the loss of the
+step's incoming parameters is read back every step, as kfac-jax reports it):
+
+* ``adam``: ``optax.adam`` over a learning-rate grid; the best final loss is the
+  tuned Adam and its final loss is the **target**;
+* ``kfac``: ``curvlib.kfac`` with Martens & Grosse's adaptive learning rate,
+  momentum and Levenberg-Marquardt damping, Monte-Carlo Fisher (one sample),
+  statistics every step, inverses every 5 (kfac-jax's example settings);
+* ``kfac (amortised)``: ``curvlib.kfac(0.1, momentum=0.9)``, statistics,
+  inverses and damping adaptation every 5 steps;
+* ``newton_cg (GGN)``: ``curvlib.newton_cg(ggn=(model, loss))``, 20 CG steps;
+* ``kfac-jax``: ``kfac_jax.Optimizer`` with the same settings as ``kfac``, run by
+  ``benchmarks/kfac_jax_ref.py`` in its own environment (jax 0.9.1); pass
+  ``--kfac-jax-python /path/to/venv/bin/python`` to run it from here, back to
+  back, or the last ``results/kfac_jax.json`` is read.
+
+Reported (``results/kfac.json``, ``results/kfac_autoencoder.png``): per-step times
+(median over repeats of every step), the K-FAC step time against Adam's between
+inverse refreshes and amortised over refresh cycles (goals: <= 1.5x and <= 3x),
+steps and wall-clock to the target (goal: fewer and less than Adam), and
+curvlib's K-FAC against kfac-jax at equal settings (goal: no slower). Compile
+times are excluded from the step times and reported apart.
+
+Usage::
+
+    python -m benchmarks.kfac [--quick] [--kfac-jax-python /work/kfacenv/bin/python]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from . import _autoencoder as AE
+from . import _common as C
+
+DAMPING = 1.0
+INVERSE_EVERY = 5
+ADAM_LRS = (1e-2, 2e-2, 3e-2, 5e-2)
+STEPS = {"adam": 3000, "kfac": 400, "kfac_amortised": 1000, "newton_cg": 200, "kfac_jax": 400}
+QUICK_STEPS = {"adam": 300, "kfac": 60, "kfac_amortised": 100, "newton_cg": 20, "kfac_jax": 60}
+
+
+def _limit_blas_threads():
+    """One OpenBLAS thread: jaxlib's CPU eigh/cholesky call scipy's OpenBLAS, whose threads
+    fight XLA's on small machines (kfac_jax_ref.py does the same for kfac-jax)."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1, user_api="blas")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _problem():
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray(AE.data())
+    p0 = jax.tree.map(jnp.asarray, AE.init_params(0))
+    model = lambda p, x: AE.model(p, x, jnp)
+    loss = lambda p, x: AE.bernoulli_nll(model(p, x), x, jnp)
+    out_loss = lambda logits, x: AE.bernoulli_nll(logits, x, jnp)
+    return x, p0, model, loss, out_loss
+
+
+def optimisers(model, out_loss, x):
+    """name -> (optax transform, steps key)."""
+    import jax
+    import optax
+
+    import curvlib
+
+    kw = dict(model_fn=model, likelihood="bernoulli", example_inputs={"x": x[:4]},
+              key=jax.random.PRNGKey(0), damping=DAMPING, inverse_every=INVERSE_EVERY)
+    out = {f"adam({lr:g})": (optax.adam(lr), "adam") for lr in ADAM_LRS}
+    out["kfac"] = (curvlib.kfac(**kw), "kfac")
+    out["kfac (amortised)"] = (
+        curvlib.kfac(0.1, momentum=0.9, statistics_every=INVERSE_EVERY,
+                     damping_every=INVERSE_EVERY, **kw), "kfac_amortised")
+    out["newton_cg (GGN)"] = (curvlib.newton_cg(ggn=(model, out_loss), max_cg_steps=20),
+                              "newton_cg")
+    return out
+
+
+def _train(opt, x, p0, loss, steps, repeats):
+    """Loss of each step's incoming params, per-step times (median over repeats), compile s."""
+    import jax
+    import optax
+
+    @jax.jit
+    def step(p, s):
+        v, g = jax.value_and_grad(loss)(p, x)
+        u, s = opt.update(g, s, p, value=v, value_fn=loss, x=x)
+        return optax.apply_updates(p, u), s, v
+
+    s0 = opt.init(p0)
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(p0, s0))
+    compile_s = time.perf_counter() - t0
+    times = np.zeros((repeats, steps))
+    cpu = []
+    losses = None
+    for r in range(repeats):
+        p, s = p0, s0
+        ls = []
+        c0 = time.process_time()
+        for k in range(steps):
+            t = time.perf_counter()
+            p, s, v = step(p, s)
+            ls.append(float(v))  # blocks on this step
+            times[r, k] = time.perf_counter() - t
+        cpu.append((time.process_time() - c0) / steps)
+        losses = ls if losses is None else losses
+        assert ls == losses, "the run is not deterministic"
+    return np.asarray(losses), np.median(times, axis=0), compile_s, float(np.median(cpu))
+
+
+def _step_costs(opt, adam, x, p0, loss, repeats):
+    """Interleaved Adam / K-FAC timing of each kind of K-FAC step of one refresh cycle.
+
+    The K-FAC state is advanced to counts ``1 .. INVERSE_EVERY`` and each step
+    is timed (from that state, so always the same kind of step) back to back
+    with an Adam step: the median ratio per count. Counts ``1 .. INVERSE_EVERY - 2``
+    are between refreshes, ``INVERSE_EVERY - 1`` adapts the damping and
+    ``INVERSE_EVERY`` refreshes (with the statistics in the amortised setting).
+    """
+    import jax
+    import optax
+
+    def make(tx):
+        @jax.jit
+        def step(p, s):
+            v, g = jax.value_and_grad(loss)(p, x)
+            u, s = tx.update(g, s, p, value=v, value_fn=loss, x=x)
+            return optax.apply_updates(p, u), s, v
+
+        return step
+
+    k_step, a_step = make(opt), make(adam)
+    a_state = adam.init(p0)
+    p, s = p0, opt.init(p0)
+    states = []
+    for _ in range(INVERSE_EVERY):
+        p, s, _ = k_step(p, s)
+        states.append((p, s))
+    ratios, times = [], []
+    for p_k, s_k in states:
+        r = C.time_paired(lambda: a_step(p_k, a_state)[2], lambda: k_step(p_k, s_k)[2],
+                          repeats=repeats)
+        ratios.append(r["ratio_b_over_a_median"])
+        times.append(r["b"]["median_s"])
+    return {"ratios": ratios, "kfac_s": times, "between": float(np.median(ratios[:-2])),
+            "amortised": float(np.mean(ratios))}
+
+
+def _to_target(losses, step_times, target):
+    hit = np.nonzero(np.asarray(losses) <= target)[0]
+    if not len(hit):
+        return None, None
+    k = int(hit[0])
+    return k, float(np.sum(step_times[: k + 1]))
+
+
+def _kfac_jax(python, steps, quick):
+    path = C.RESULTS / "kfac_jax.json"
+    if python:
+        cmd = [python, "-m", "benchmarks.kfac_jax_ref", "--only", "autoencoder",
+               "--steps", str(steps), "--damping", str(DAMPING),
+               "--repeats", "1" if quick else "3"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX", "XLA"))}
+        env["OPENBLAS_NUM_THREADS"] = "1"
+        C.log("running kfac-jax:", " ".join(cmd))
+        subprocess.run(cmd, cwd=C.ROOT.parent, env=env, check=True)
+    if not path.exists():
+        return None
+    res = json.loads(path.read_text())
+    runs = res["runs"]
+    losses = np.asarray(runs[0]["losses"])
+    times = np.median(np.asarray([r["step_times"] for r in runs]), axis=0)  # warm runs
+    cpu = float(np.median([r.get("cpu_s_per_step", np.nan) for r in runs]))
+    return {"losses": losses, "step_times": times, "compile_s": res["compile_s"], "raw": res,
+            "cpu_s_per_step": cpu}
+
+
+def run(quick: bool = False, kfac_jax_python: str | None = None) -> dict:
+    blas_limited = _limit_blas_threads()
+    import jax
+
+    steps = QUICK_STEPS if quick else STEPS
+    repeats = 1 if quick else 3
+    x, p0, model, loss, out_loss = _problem()
+    runs, kj = {}, None
+    for name, (opt, key) in optimisers(model, out_loss, x).items():
+        reps = repeats if not name.startswith("adam") else 1
+        losses, times, comp, cpu = _train(opt, x, p0, loss, steps[key], reps)
+        runs[name] = {"losses": losses, "step_times": times, "compile_s": comp,
+                      "repeats": reps, "cpu_s_per_step": cpu}
+        C.log(f"{name:22s} loss {losses[0]:.3f} -> {losses[-1]:.3f}, median step "
+              f"{1e3 * np.median(times):.2f} ms ({1e3 * cpu:.2f} CPU ms), compile {comp:.1f} s")
+        if name == "kfac":  # kfac-jax right after, to keep the machine's load comparable
+            kj = _kfac_jax(kfac_jax_python, steps["kfac_jax"], quick)
+    adams = {k: v for k, v in runs.items() if k.startswith("adam")}
+    best = min(adams, key=lambda k: adams[k]["losses"].min())
+    # the tuned Adam: its timing re-measured with the same number of repeats as the others
+    _, times, _, cpu = _train(optimisers(model, out_loss, x)[best][0], x, p0, loss,
+                              steps["adam"], repeats)
+    runs[best].update(step_times=times, repeats=repeats, cpu_s_per_step=cpu)
+    target = float(runs[best]["losses"].min())
+    if kj is not None:
+        runs["kfac-jax"] = {"losses": kj["losses"], "step_times": kj["step_times"],
+                            "compile_s": kj["compile_s"], "repeats": len(kj["raw"]["runs"]),
+                            "cpu_s_per_step": kj["cpu_s_per_step"]}
+
+    adam_step = float(np.median(runs[best]["step_times"][1:]))
+    table, reached = [], {}
+    for name, r in runs.items():
+        k, t = _to_target(r["losses"], r["step_times"], target)
+        reached[name] = (k, t)
+        table.append([name, len(r["losses"]), f"{r['losses'][-1]:.3f}",
+                      C._fmt_s(np.median(r["step_times"][1:])), C._fmt_s(r["cpu_s_per_step"]),
+                      "-" if k is None else k + 1, C._fmt_s(t), f"{r['compile_s']:.1f} s"])
+
+    step_rows, ratios = [], {}
+    import optax
+
+    adam = optax.adam(float(best[5:-1]))
+    opts = optimisers(model, out_loss, x)
+    for name in ("kfac", "kfac (amortised)"):
+        costs = _step_costs(opts[name][0], adam, x, p0, loss, 5 if quick else 15)
+        ratios[name] = (costs["between"], costs["amortised"])
+        runs[name]["step_costs"] = costs
+        step_rows.append([name] + [f"{r:.2f}x" for r in costs["ratios"]]
+                         + [f"{costs['between']:.2f}x", f"{costs['amortised']:.2f}x"])
+    headline = []
+    k_a, t_a = reached[best]
+    for name in ("kfac", "kfac (amortised)"):
+        k, t = reached[name]
+        headline.append([
+            f"autoencoder to the tuned {best}'s loss {target:.3f}: {name} vs Adam",
+            C._fmt_s(t), best, C._fmt_s(t_a), C._fmt_x(C.ratio(t_a, t)),
+            f"{'-' if k is None else k + 1} / {k_a + 1} steps", repeats,
+            "fewer steps, less time: " + ("met" if k is not None and k < k_a and t < t_a
+                                          else "MISSED"),
+        ])
+    for name in ("kfac", "kfac (amortised)"):
+        b, a = ratios[name]
+        headline.append([
+            f"autoencoder step time, {name}: between refreshes / amortised", C._fmt_s(
+                np.median(runs[name]["step_times"][1:])), best, C._fmt_s(adam_step),
+            f"{b:.2f}x / {a:.2f}x (K-FAC / Adam, interleaved)", "-", "15 pairs",
+            "<= 1.5x / <= 3x: " + ("met" if b <= 1.5 and a <= 3 else "MISSED"),
+        ])
+    if "kfac-jax" in runs:
+        k, t = reached["kfac"]
+        kk, tk = reached["kfac-jax"]
+        cpu_ratio = runs["kfac-jax"]["cpu_s_per_step"] / runs["kfac"]["cpu_s_per_step"]
+        headline.append([
+            "autoencoder, equal settings: curvlib kfac vs kfac-jax (to the target)",
+            C._fmt_s(t), "kfac-jax 0.0.8", C._fmt_s(tk), C._fmt_x(C.ratio(tk, t)),
+            f"{'-' if k is None else k + 1} / {'-' if kk is None else kk + 1} steps; CPU time "
+            f"per step kfac-jax / curvlib {cpu_ratio:.2f}x",
+            f"{repeats} / {runs['kfac-jax']['repeats']}",
+            ">= 1x: " + ("met" if t is not None and tk is not None and t <= tk else "MISSED"),
+        ])
+    plot = _plot(runs, target, best)
+    summary = "\n\n".join([
+        f"Target: the tuned Adam ({best}, best of {', '.join(adams)}) after "
+        f"{steps['adam']} steps: loss {target:.3f}.",
+        C.md_table(["optimiser", "steps run", "final loss", "median step", "CPU time / step",
+                    "steps to target", "time to target", "compile"], table),
+        "K-FAC step time / Adam step time, interleaved pairs (median ratio of 15), by the "
+        f"step's position in a refresh cycle of {INVERSE_EVERY}: steps 1-{INVERSE_EVERY - 2} "
+        f"are between refreshes, step {INVERSE_EVERY - 1} adapts the damping, step "
+        f"{INVERSE_EVERY} refreshes the inverses (and takes the statistics, amortised).",
+        C.md_table(["K-FAC setting"] + [f"step {i + 1}" for i in range(INVERSE_EVERY)]
+                   + ["between refreshes", "amortised"], step_rows),
+    ])
+    payload = {
+        "title": "K-FAC on the digits autoencoder (issue 15)",
+        "headline": headline,
+        "summary_md": summary,
+        "plots": [plot],
+        "target": target,
+        "tuned_adam": best,
+        "blas_threads_limited": blas_limited,
+        "runs": {k: _compact(v) for k, v in runs.items()},
+        "notes": [
+            "Every step is timed alone (blocking on its loss); curvlib's side runs in this "
+            "process, kfac-jax's in its own (jax 0.9.1), both with one OpenBLAS thread.",
+            f"jax {jax.__version__}; kfac-jax: {kj['raw']['versions'] if kj else 'not run'}.",
+        ],
+    }
+    path = C.write_result("kfac", payload)
+    C.log(f"wrote {path}")
+    return payload
+
+
+def _compact(run: dict) -> dict:
+    """A run for the JSON: curves at ~200 log-spaced steps (the plot uses every step)."""
+    n = len(run["losses"])
+    idx = np.unique(np.round(np.logspace(0, np.log10(n), 200)).astype(int) - 1)
+    out = {k: v for k, v in run.items() if k not in ("losses", "step_times")}
+    out["curve_steps"] = (idx + 1).tolist()
+    out["losses"] = np.round(np.asarray(run["losses"])[idx], 5).tolist()
+    out["cumulative_time_s"] = np.round(np.cumsum(run["step_times"])[idx], 6).tolist()
+    out["median_step_s"] = float(np.median(run["step_times"][1:]))
+    return out
+
+
+def _plot(runs, target, best):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in runs.items():
+        if name.startswith("adam") and name != best:
+            continue
+        t = np.cumsum(r["step_times"])
+        axes[0].plot(np.arange(1, len(r["losses"]) + 1), r["losses"], label=name)
+        axes[1].plot(t, r["losses"], label=name)
+    for ax, xl in zip(axes, ("step", "wall-clock (s, compile excluded)"), strict=True):
+        ax.axhline(target, color="gray", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_ylim(target - 1.0, 30)
+        ax.set_xlabel(xl)
+        ax.set_ylabel("training loss (Bernoulli NLL)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("digits autoencoder 64-32-16-8-16-32-64, full batch")
+    fig.tight_layout()
+    path = C.RESULTS / "kfac_autoencoder.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--kfac-jax-python", default=None,
+                    help="python of the kfac-jax environment: run kfac_jax_ref.py first")
+    args = ap.parse_args(argv)
+    C.QUICK = args.quick
+    run(quick=args.quick, kfac_jax_python=args.kfac_jax_python)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

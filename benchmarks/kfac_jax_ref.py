@@ -1,0 +1,235 @@
+"""kfac-jax reference numbers for curvlib's K-FAC (run in kfac-jax's own environment).
+
+kfac-jax 0.0.8 declares ``jax>=0.4.27`` but does not run on jax >= 0.9.2, so it is
+a benchmark-only dependency living in a separate virtual environment, never
+imported by curvlib. Create it once and run this script from the repository
+root::
+
+    python3 -m venv /work/kfacenv
+    /work/kfacenv/bin/pip install jax==0.9.1 jaxlib==0.9.1 kfac-jax==0.0.8 \
+        optax scikit-learn
+    OPENBLAS_NUM_THREADS=1 /work/kfacenv/bin/python -m benchmarks.kfac_jax_ref  # both parts
+    OPENBLAS_NUM_THREADS=1 /work/kfacenv/bin/python -m benchmarks.kfac_jax_ref --only factors
+
+It writes
+
+1. ``tests/data/kfac_jax_reference.npz`` (``--only factors``): kfac-jax's exact
+   Fisher ("fisher_exact") Kronecker factors of a small tanh MLP on a fixed batch
+   (softmax cross-entropy and squared error), and its curvature products
+   ``multiply`` (``A (x) G v``), ``multiply_inverse`` with pi-adjusted factored
+   damping, and with exact damping (eigendecompositions), together with the
+   parameters, batch and vector, in float64. ``tests/test_kfac_reference.py``
+   recomputes curvlib's side from the same arrays, so CI never needs kfac-jax.
+2. ``benchmarks/results/kfac_jax.json`` (``--only autoencoder``): kfac-jax's
+   optimizer on the digits autoencoder (``benchmarks/_autoencoder.py``, full
+   batch, the settings of kfac-jax's own MNIST autoencoder example: adaptive
+   learning rate, momentum and damping, Monte-Carlo Fisher with one sample):
+   the loss after every step, the wall-clock of every step (after a warm-up run that
+   compiles kfac-jax's step variants) and the compile time.
+   ``benchmarks/kfac.py`` reads it.
+
+``OPENBLAS_NUM_THREADS=1``: jaxlib's CPU linear algebra (``eigh``, ``cholesky``)
+calls scipy's OpenBLAS, whose threads fight XLA's on a small machine; both sides
+of the comparison run with one OpenBLAS thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+FACTORS_PATH = ROOT / "tests" / "data" / "kfac_jax_reference.npz"
+RESULTS_PATH = ROOT / "benchmarks" / "results" / "kfac_jax.json"
+
+# the small MLP of the factor comparison: 5 -> 7 (tanh) -> 4, batch of 6
+D_IN, D_HID, D_OUT, N = 5, 7, 4, 6
+DAMPING = 0.1
+
+
+def _mlp_problem():
+    rng = np.random.default_rng(0)
+    params = {
+        "l1": {"w": rng.standard_normal((D_IN, D_HID)) / 2, "b": rng.standard_normal(D_HID) / 4},
+        "l2": {"w": rng.standard_normal((D_HID, D_OUT)) / 2, "b": rng.standard_normal(D_OUT) / 4},
+    }
+    x = rng.standard_normal((N, D_IN))
+    labels = rng.integers(0, D_OUT, N)
+    y_reg = rng.standard_normal((N, D_OUT))
+    vector = {
+        "l1": {"w": rng.standard_normal((D_IN, D_HID)), "b": rng.standard_normal(D_HID)},
+        "l2": {"w": rng.standard_normal((D_HID, D_OUT)), "b": rng.standard_normal(D_OUT)},
+    }
+    return params, x, labels, y_reg, vector
+
+
+def factors():
+    import jax
+    import jax.numpy as jnp
+    import kfac_jax
+
+    jax.config.update("jax_enable_x64", True)
+    params, x, labels, y_reg, vector = _mlp_problem()
+    params = jax.tree.map(jnp.asarray, params)
+    vector = jax.tree.map(jnp.asarray, vector)
+
+    def model(p, x):
+        h = jnp.tanh(x @ p["l1"]["w"] + p["l1"]["b"])
+        return h @ p["l2"]["w"] + p["l2"]["b"]
+
+    def loss_ce(p, batch):
+        x, labels = batch
+        logits = model(p, x)
+        kfac_jax.register_softmax_cross_entropy_loss(logits, labels)
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+
+    def loss_se(p, batch):
+        x, y = batch
+        pred = model(p, x)
+        # 0.5 * sum of squares: kfac-jax's weight 0.5 (the Gaussian of unit variance)
+        kfac_jax.register_squared_error_loss(pred, y, weight=0.5)
+        return 0.5 * jnp.mean(jnp.sum((pred - y) ** 2, axis=-1))
+
+    out = {"damping": np.asarray(DAMPING)}
+    for name, fn, batch in (("categorical", loss_ce, (jnp.asarray(x), jnp.asarray(labels))),
+                            ("gaussian", loss_se, (jnp.asarray(x), jnp.asarray(y_reg)))):
+        est = kfac_jax.BlockDiagonalCurvature(fn, default_estimation_mode="fisher_exact")
+        rng = jax.random.PRNGKey(0)
+        state = est.init(rng, (params, batch), exact_powers_to_cache=None,
+                         approx_powers_to_cache=None, cache_eigenvalues=False)
+        state = est.update_curvature_matrix_estimate(
+            state, ema_old=0.0, ema_new=1.0, identity_weight=0.0, batch_size=N, rng=rng,
+            func_args=(params, batch), estimation_mode="fisher_exact",
+        )
+        for i, bs in enumerate(state.blocks_states):
+            a, g = (f.value / f.weight for f in bs.factors)
+            out[f"{name}_A{i}"] = np.asarray(a)
+            out[f"{name}_G{i}"] = np.asarray(g)
+        mul = est.multiply(state, vector, identity_weight=0.0, exact_power=True,
+                           use_cached=False, pmap_axis_name=None)
+        inv_pi = est.multiply_inverse(state, vector, identity_weight=DAMPING, exact_power=False,
+                                      use_cached=False, pmap_axis_name=None)
+        inv_exact = est.multiply_inverse(state, vector, identity_weight=DAMPING,
+                                         exact_power=True, use_cached=False,
+                                         pmap_axis_name=None)
+        for tag, tree in (("multiply", mul), ("inverse_factored", inv_pi),
+                          ("inverse_exact", inv_exact)):
+            for layer in ("l1", "l2"):
+                for leaf in ("w", "b"):
+                    out[f"{name}_{tag}_{layer}_{leaf}"] = np.asarray(tree[layer][leaf])
+        out[f"{name}_blocks"] = np.asarray([str(b.__class__.__name__) for b in est.blocks])
+    for layer in ("l1", "l2"):
+        for leaf in ("w", "b"):
+            out[f"params_{layer}_{leaf}"] = np.asarray(params[layer][leaf])
+            out[f"vector_{layer}_{leaf}"] = np.asarray(vector[layer][leaf])
+    out["x"], out["labels"], out["y_reg"] = x, labels, y_reg
+    out["kfac_jax_version"] = np.asarray(kfac_jax.__version__)
+    out["jax_version"] = np.asarray(jax.__version__)
+    FACTORS_PATH.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(FACTORS_PATH, **out)
+    print(f"wrote {FACTORS_PATH} ({len(out)} arrays)")
+
+
+def autoencoder(num_steps: int, initial_damping: float, seed: int, repeats: int):
+    import jax
+    import jax.numpy as jnp
+    import kfac_jax
+
+    from benchmarks import _autoencoder as AE
+
+    x = jnp.asarray(AE.data())
+    params = jax.tree.map(jnp.asarray, AE.init_params(seed))
+
+    def loss_fn(p, batch):
+        logits = AE.model(p, batch, jnp)
+        kfac_jax.register_sigmoid_cross_entropy_loss(logits, batch)
+        return AE.bernoulli_nll(logits, batch, jnp)
+
+    def make():
+        return kfac_jax.Optimizer(
+            value_and_grad_func=jax.value_and_grad(loss_fn),
+            l2_reg=0.0,
+            use_adaptive_learning_rate=True,
+            use_adaptive_momentum=True,
+            use_adaptive_damping=True,
+            initial_damping=initial_damping,
+            min_damping=1e-6,
+            max_damping=1e6,
+            damping_adaptation_interval=5,
+            damping_adaptation_decay=0.95,
+            curvature_ema=0.95,
+            inverse_update_period=5,
+            num_burnin_steps=0,
+            estimation_mode="fisher_gradients",
+            multi_device=False,
+        )
+
+    rng = jax.random.PRNGKey(seed)
+    opt = make()  # one instance: its jitted step variants compile once, in the warm-up run
+    runs = []
+    compile_s = None
+    for r in range(repeats + 1):  # run 0 warms up (kfac-jax compiles several step variants)
+        t0 = time.perf_counter()
+        p = jax.tree.map(jnp.copy, params)  # kfac-jax donates the params' buffers
+        state = opt.init(p, rng, x)
+        losses, step_times = [], []
+        c0 = time.process_time()
+        for step in range(num_steps):
+            ts = time.perf_counter()
+            p, state, stats = opt.step(p, state, jax.random.fold_in(rng, step), batch=x,
+                                       global_step_int=step)
+            loss = float(stats["loss"])  # blocks: the loss of the step's incoming params
+            step_times.append(time.perf_counter() - ts)
+            losses.append(loss)
+        cpu_per_step = (time.process_time() - c0) / num_steps
+        final = float(AE.bernoulli_nll(AE.model(p, x, jnp), x, jnp))
+        if r == 0:
+            compile_s = time.perf_counter() - t0 - float(np.median(step_times)) * num_steps
+            warm = losses
+            print(f"warm-up run: compile and first calls {compile_s:.1f} s")
+            continue
+        assert losses == warm, "kfac-jax's run is not deterministic"
+        runs.append({"losses": losses, "step_times": step_times, "final_loss": final,
+                     "cpu_s_per_step": cpu_per_step})
+        print(f"repeat {r}: loss {losses[0]:.3f} -> {final:.3f}; median step "
+              f"{1e3 * np.median(step_times):.2f} ms")
+    return {
+        "model": "digits autoencoder 64-32-16-8-16-32-64, full batch 1792, Bernoulli NLL",
+        "optimizer": "kfac_jax.Optimizer(adaptive lr, momentum, damping; fisher_gradients)",
+        "initial_damping": initial_damping,
+        "num_steps": num_steps,
+        "compile_s": compile_s,
+        "runs": runs,
+        "versions": {"kfac_jax": kfac_jax.__version__, "jax": jax.__version__},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "load_avg": os.getloadavg(),
+                    "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")},
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=("factors", "autoencoder"))
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--damping", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.only in (None, "factors"):
+        factors()
+    if args.only in (None, "autoencoder"):
+        res = autoencoder(args.steps, args.damping, args.seed, args.repeats)
+        RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS_PATH.write_text(json.dumps(res, indent=1))
+        print(f"wrote {RESULTS_PATH}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""K-FAC: Kronecker-factored curvature without layer tags, and the optax transform."""
+
+from curvlib.kronecker.curvature import Factors, KfacCurvature, kfac_curvature
+from curvlib.kronecker.discovery import Fallback, KfacLayers, Layer, find_layers
+from curvlib.kronecker.report import format_layers
+from curvlib.kronecker.transform import KfacInfo, ScaleByKfacState, kfac, scale_by_kfac
+
+__all__ = [
+    "find_layers",
+    "format_layers",
+    "KfacLayers",
+    "Layer",
+    "Fallback",
+    "kfac_curvature",
+    "KfacCurvature",
+    "Factors",
+    "scale_by_kfac",
+    "kfac",
+    "ScaleByKfacState",
+    "KfacInfo",
+]
