@@ -83,10 +83,11 @@ def static_int(name: str, x, minimum: int) -> int:
     ``optax.inject_hyperparams`` such an argument must be listed in
     ``static_args`` (the message says so).
     """
-    if isinstance(x, jax.core.Tracer):
+    if isinstance(x, (jax.core.Tracer, jax.Array)):
         raise ValueError(
-            f"`{name}` fixes array shapes or loop bounds and must be a static int; with "
-            f"`optax.inject_hyperparams` list it in `static_args=('{name}',)`."
+            f"`{name}` fixes array shapes or loop bounds and must be a static Python int; got "
+            f"a JAX array ({x!r}). With `optax.inject_hyperparams` list it in "
+            f"`static_args=('{name}',)`."
         )
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)) or x < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}; got {x!r}.")

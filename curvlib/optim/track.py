@@ -295,8 +295,7 @@ def _commit(ok, vecs, info, state):
 
 def _validate(every, k, which, num_matvecs, tol, max_restarts, num_probes, trace_method,
               hvp_mode, microbatch_size, warm_noise) -> _Config:
-    if not isinstance(every, jax.core.Tracer):
-        _common.static_int("every", every, 1)
+    _common.check_int("every", every, 1)  # traceable: may be injected
     k = _common.static_int("k", k, 1)
     num_probes = _common.static_int("num_probes", num_probes, 0)
     max_restarts = _common.static_int("max_restarts", max_restarts, 0)
