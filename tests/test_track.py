@@ -325,16 +325,6 @@ def test_vmap_over_seeds_matches_unbatched():
         jax.tree.map(lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-10), p_b, p)
 
 
-def test_docstring_examples():
-    import doctest
-
-    import curvlib.optim.track as module
-
-    flags = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
-    result = doctest.testmod(module, optionflags=flags, report=True)
-    assert result.attempted > 0 and result.failed == 0
-
-
 # ---------------------------------------------------------------- bad input
 
 

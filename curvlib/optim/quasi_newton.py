@@ -79,7 +79,16 @@ class ScaleByBFGSState(NamedTuple):
 
 
 def bfgs_inverse_update(H, s, y, rho):
-    """``(I - rho s y^T) H (I - rho y s^T) + rho s s^T`` in ``O(n^2)``."""
+    """``(I - rho s y^T) H (I - rho y s^T) + rho s s^T`` in ``O(n^2)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.optim.quasi_newton import bfgs_inverse_update
+      >>> s, y = jnp.array([1.0, 0.0]), jnp.array([2.0, 1.0])
+      >>> H = bfgs_inverse_update(jnp.eye(2), s, y, 1.0 / (s @ y))
+      >>> (H @ y).tolist()  # the secant equation H y = s
+      [1.0, 0.0]
+    """
     Hy = H @ y
     yHy = y @ Hy
     return (
@@ -256,11 +265,14 @@ def bfgs(
       >>> from curvlib.optim import bfgs
       >>> f = lambda p: (1 - p[0]) ** 2 + 100 * (p[1] - p[0] ** 2) ** 2
       >>> opt = bfgs(); p = jnp.array([-1.2, 1.0]); s = opt.init(p)
-      >>> vg = optax.value_and_grad_from_state(f)
-      >>> for _ in range(60):
+      >>> vg = optax.value_and_grad_from_state(f)  # the loop optax.lbfgs documents
+      >>> @jax.jit
+      ... def step(p, s):
       ...     v, g = vg(p, state=s)
       ...     u, s = opt.update(g, s, p, value=v, grad=g, value_fn=f)
-      ...     p = optax.apply_updates(p, u)
+      ...     return optax.apply_updates(p, u), s
+      >>> for _ in range(60):
+      ...     p, s = step(p, s)
       >>> bool(jnp.allclose(p, 1.0, atol=1e-3))
       True
     """

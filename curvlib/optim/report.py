@@ -65,10 +65,14 @@ def curvature_history(records: Any) -> dict[str, np.ndarray]:
       >>> opt = optax.chain(curvlib.track_curvature(2, 1, key=jax.random.PRNGKey(0),
       ...                                           num_probes=0), optax.sgd(0.1))
       >>> loss = lambda p: jnp.sum(jnp.array([4.0, 1.0]) * p ** 2)
+      >>> @jax.jit
+      ... def step(p, state):
+      ...     u, state = opt.update(jax.grad(loss)(p), state, p, value_fn=loss)
+      ...     return optax.apply_updates(p, u), state
       >>> p = jnp.ones(2); state = opt.init(p); infos = []
       >>> for _ in range(5):
-      ...     u, state = opt.update(jax.grad(loss)(p), state, p, value_fn=loss)
-      ...     p = optax.apply_updates(p, u); infos.append(curvlib.curvature_info(state))
+      ...     p, state = step(p, state)
+      ...     infos.append(curvlib.curvature_info(state))
       >>> h = curvlib.curvature_history(infos)
       >>> h["step"].tolist(), h["sharpness"].round(3).tolist()
       ([0, 2, 4], [8.0, 8.0, 8.0])

@@ -102,6 +102,16 @@ def snapshot(refresh, full_grad, params, state):
 
     ``full_grad`` runs inside a ``lax.cond`` branch: paid only on refresh steps
     (except under ``vmap``, where both branches run).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from curvlib.optim import scale_by_svrg
+      >>> from curvlib.optim.variance_reduced import snapshot
+      >>> state = scale_by_svrg().init(jnp.zeros(2))
+      >>> full_grad = jax.grad(lambda w: jnp.sum((w - 1.0) ** 2))
+      >>> snap, mu = snapshot(jnp.asarray(True), full_grad, jnp.array([3.0, 1.0]), state)
+      >>> snap.tolist(), mu.tolist()
+      ([3.0, 1.0], [4.0, 0.0])
     """
 
     def do_refresh(_):
@@ -141,16 +151,20 @@ def scale_by_svrg(
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from curvlib.optim import svrg
+      >>> from curvlib.optim import scale_by_svrg
       >>> X = jax.random.normal(jax.random.PRNGKey(0), (64, 3)); y = X @ jnp.ones(3)
       >>> loss = lambda w, idx: 0.5 * jnp.mean((X[idx] @ w - y[idx]) ** 2)
       >>> full = lambda w: 0.5 * jnp.mean((X @ w - y) ** 2)
-      >>> opt = svrg(0.1, snapshot_every=16); w = jnp.zeros(3); s = opt.init(w)
-      >>> for t in range(320):
-      ...     idx = jax.random.randint(jax.random.PRNGKey(t), (8,), 0, 64)
+      >>> opt = optax.chain(scale_by_svrg(snapshot_every=16), optax.scale(-0.1))
+      >>> @jax.jit
+      ... def step(w, s, key):
+      ...     idx = jax.random.randint(key, (8,), 0, 64)
       ...     g = jax.grad(loss)(w, idx)
       ...     u, s = opt.update(g, s, w, value_fn=loss, idx=idx, full_value_fn=full)
-      ...     w = optax.apply_updates(w, u)
+      ...     return optax.apply_updates(w, u), s
+      >>> w = jnp.zeros(3); s = opt.init(w)
+      >>> for t in range(320):
+      ...     w, s = step(w, s, jax.random.PRNGKey(t))
       >>> bool(full(w) < 1e-8)
       True
     """
