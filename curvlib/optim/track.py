@@ -155,7 +155,7 @@ def warm_start_vector(key: jax.Array, eigenvectors: PyTree, like: PyTree, noise)
       >>> v["w"].tolist()
       [1.0, 1.0, 0.0]
     """
-    z = _tree.normal_like(key, like)
+    z = _common.normal_like(key, like)  # one generator call (compile time)
     z = _tree.scale(1.0 / _tree.norm(z), z)
     acc = jnp.promote_types(_tree.dtype(like), jnp.float32)
     norms = jnp.sqrt(jnp.diagonal(_tree.basis_gram(eigenvectors, eigenvectors, acc)))
