@@ -59,9 +59,22 @@ def test_readme_section_runs_verbatim(title):
         assert int(info.num_refreshes) == 2 and int(namespace["state"].step) == 10
 
 
-def test_flax_notebook_runs():
-    from test_notebooks import _execute
+def _execute(name: str, timeout: int = 900):
+    """Run ``notebooks/<name>`` in a fresh kernel in quick mode; the executed notebook."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CURVLIB_NOTEBOOK_QUICK", "1")  # the kernel inherits the environment
+        nbclient.NotebookClient(
+            nb, timeout=timeout, kernel_name="python3",
+            resources={"metadata": {"path": str(ROOT / "notebooks")}},
+        ).execute()
+    return nb
 
+
+def test_flax_notebook_runs():
     pytest.importorskip("flax.nnx")
     nb = _execute("flax_nnx_and_linen.ipynb")
     text = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
