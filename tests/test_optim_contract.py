@@ -254,7 +254,7 @@ def test_the_loop_optax_lbfgs_documents(name):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_flax_nnx_optimizer_step_with_value_fn_only(name):
-    """``nnx.Optimizer(model, tx, wrt=nnx.Param).update(model, grads, value_fn=...)``: nothing else."""
+    """``nnx.Optimizer(model, tx, wrt=nnx.Param).update(model, grads, value_fn=...)`` alone."""
     nnx = pytest.importorskip("flax.nnx")
     x, y = _data(jnp.float32)
 

@@ -98,6 +98,63 @@ def bfgs_inverse_update(H, s, y, rho):
     )
 
 
+def secant_update(state: ScaleByBFGSState, x, g, finite, curvature_rtol):
+    r"""The inverse Hessian after the pair ``s = x - x_prev``, ``y = g - g_prev``.
+
+    Skipped (the old matrix kept) unless :math:`s^\top y > \texttt{curvature\_rtol}
+    \|s\|\|y\|` and the step is finite; before the first accepted pair the
+    matrix is first reset to :math:`(s^\top y / y^\top y) I` (Nocedal & Wright,
+    eq. 6.20).
+
+    Returns:
+      ``(inv_hessian, num_updates, s^T y, accepted)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.optim import scale_by_bfgs
+      >>> from curvlib.optim.quasi_newton import secant_update
+      >>> state = scale_by_bfgs().init(jnp.zeros(2))
+      >>> state = state._replace(count=jnp.asarray(1))  # one step taken from x_prev = 0
+      >>> H, n, sy, ok = secant_update(state, jnp.array([1.0, 0.0]), jnp.array([2.0, 1.0]),
+      ...                              jnp.asarray(True), 1e-10)
+      >>> (H @ jnp.array([2.0, 1.0])).tolist(), int(n), bool(ok)  # H y = s
+      ([1.0, 0.0], 1, True)
+    """
+    dt = x.dtype
+    s = x - ravel_pytree(state.prev_params)[0].astype(dt)
+    y = g - ravel_pytree(state.prev_grad)[0].astype(dt)
+    sy, yy = s @ y, y @ y
+    ok = (
+        finite
+        & (state.count > 0)
+        & (sy > curvature_rtol * jnp.sqrt(s @ s) * jnp.sqrt(yy))
+        & (yy > 0)
+    )
+    H = state.inv_hessian
+    eye = jnp.eye(H.shape[0], dtype=dt)
+    H0 = jnp.where(state.num_updates == 0, (sy / jnp.where(yy > 0, yy, 1.0)) * eye, H)
+    rho = 1.0 / jnp.where(ok, sy, 1.0)
+    H_new = jnp.where(ok, bfgs_inverse_update(H0, s, y, rho), H)
+    return H_new, state.num_updates + ok.astype(jnp.int32), sy, ok
+
+
+def bfgs_direction(inv_hessian, g, num_updates):
+    """``H g``, or before any pair ``min(1, 1/||g||) g`` (as :func:`optax.scale_by_lbfgs`).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.optim.quasi_newton import bfgs_direction
+      >>> g = jnp.array([3.0, 4.0])
+      >>> [round(v, 6) for v in bfgs_direction(jnp.eye(2), g, 0).tolist()]  # unit length
+      [0.6, 0.8]
+      >>> bfgs_direction(2.0 * jnp.eye(2), g, 1).tolist()
+      [6.0, 8.0]
+    """
+    gnorm = jnp.sqrt(g @ g)
+    first_scale = jnp.minimum(1.0, 1.0 / jnp.where(gnorm > 0, gnorm, 1.0))
+    return jnp.where(num_updates == 0, first_scale * g, inv_hessian @ g)
+
+
 def scale_by_bfgs(
     *,
     curvature_rtol: float = 1e-10,
@@ -168,37 +225,13 @@ def scale_by_bfgs(
         params = _common.require_params(name, params)
         dt = _common.float_dtype(params)
         value = _common.loss_value(loss, params, extra_args, dt)
-        x, _ = ravel_pytree(params)
         g, unravel = ravel_pytree(updates)
-        x = x.astype(dt)
-        g = g.astype(dt)
-        x_prev = ravel_pytree(state.prev_params)[0].astype(dt)
-        g_prev = ravel_pytree(state.prev_grad)[0].astype(dt)
+        x, g = ravel_pytree(params)[0].astype(dt), g.astype(dt)
         finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(x))
-
-        s = x - x_prev
-        y = g - g_prev
-        sy = s @ y
-        yy = y @ y
-        ok = (
-            finite
-            & (state.count > 0)
-            & (sy > curvature_rtol * jnp.sqrt(s @ s) * jnp.sqrt(yy))
-            & (yy > 0)
-        )
-        H = state.inv_hessian
-        H0 = jnp.where(state.num_updates == 0, (sy / jnp.where(yy > 0, yy, 1.0)) * jnp.eye(
-            H.shape[0], dtype=dt), H)
-        rho = 1.0 / jnp.where(ok, sy, 1.0)
-        H_new = jnp.where(ok, bfgs_inverse_update(H0, s, y, rho), H)
-        num_updates = state.num_updates + ok.astype(jnp.int32)
-
-        gnorm = jnp.sqrt(g @ g)
-        first_scale = jnp.minimum(1.0, 1.0 / jnp.where(gnorm > 0, gnorm, 1.0))
-        p = jnp.where(num_updates == 0, first_scale * g, H_new @ g)
+        H_new, num_updates, sy, ok = secant_update(state, x, g, finite, curvature_rtol)
+        p = bfgs_direction(H_new, g, num_updates)
         finite = finite & jnp.all(jnp.isfinite(p))
         p = jnp.where(finite, p, 0.0)
-
         new_state = ScaleByBFGSState(
             count=optax.safe_increment(state.count),
             num_updates=jnp.where(finite, num_updates, state.num_updates),

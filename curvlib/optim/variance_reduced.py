@@ -45,6 +45,13 @@ the next step.
 Cost per step: one extra minibatch gradient, plus a full gradient every
 ``snapshot_every`` steps; memory: two parameter-sized pytrees.
 
+Wrappers: ``snapshot_every`` is read at every step (``optax.inject_hyperparams``
+may schedule it). Under ``optax.MultiSteps`` the incoming update is the mean of
+the micro-batch gradients while ``value_fn`` is the last micro-batch's loss, so
+the correction :math:`\nabla f_B(\tilde\theta)` would not match the
+averaged gradient: pass a ``value_fn`` over the whole accumulated batch at the
+last micro-step (or give SVRG the larger batch directly).
+
 References:
   R. Johnson and T. Zhang, *Accelerating stochastic gradient descent using
   predictive variance reduction*, NeurIPS 2013.
