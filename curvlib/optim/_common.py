@@ -543,16 +543,16 @@ def curvature_setup(
 
     Checks ``value_fn``, its routing and ``params`` (errors name the transform
     ``name``), then returns the loss, its value and gradient at ``params``
-    (reused from ``value=``/``grad=``) and the curvature product. For the
-    default Hessian product without ``value=``/``grad=`` one linearisation
-    serves all three (:func:`linearized_loss`); otherwise the product comes
-    from :func:`curvature_matvec`.
+    and the curvature product. For the default Hessian product one
+    linearisation serves all three (:func:`linearized_loss`); otherwise the
+    loss and gradient are reused from ``value=``/``grad=`` (or computed) and
+    the product comes from :func:`curvature_matvec`.
     """
     loss = bind_loss(name, value_fn, extra_args, has_aux=has_aux)
     params = require_params(name, params)
     dt = float_dtype(params)
-    given = extra_args.get("value") is not None and extra_args.get("grad") is not None
-    if ggn is None and microbatch_size is None and hvp_mode in (None, "linearize") and not given:
+    if ggn is None and microbatch_size is None and hvp_mode in (None, "linearize"):
+        # the linearisation evaluates the loss and gradient anyway: value=/grad= add nothing
         value, grad, matvec = linearized_loss(loss, params)
         return CurvatureSetup(loss, dt, jnp.asarray(value).astype(dt), grad, matvec)
     value, grad = value_and_grad(loss, params, extra_args, dt)

@@ -316,10 +316,11 @@ def scale_by_newton_cg(
 
     ``update(updates, state, params, *, value_fn, **extra_args)``: ``value_fn``
     is the loss on the current batch, called as ``value_fn(params, **kw)`` with
-    the extra arguments it names (optax's line-search convention); ``value=``
-    and ``grad=``, when given, are reused as its loss and gradient at ``params``
-    (otherwise computed: with the default Hessian product, from the same
-    linearisation as the products).
+    the extra arguments it names (optax's line-search convention). Its loss and
+    gradient at ``params`` come free from the linearisation that serves the
+    default Hessian products; with a Gauss-Newton split, another ``hvp_mode``
+    or ``microbatch_size``, ``value=`` and ``grad=`` are reused when given
+    (else one gradient evaluation).
 
     Args:
       damping: initial Levenberg-Marquardt ``lambda >= 0`` (traceable). ``0``
