@@ -483,7 +483,11 @@ def newton_cg(
     computed once and shared by every link. It runs in the loop
     :func:`optax.lbfgs` documents (:func:`optax.value_and_grad_from_state`),
     under ``optax.inject_hyperparams(newton_cg)(learning_rate=..., damping=...)``
-    and inside ``nnx.Optimizer.update(model, grads, value_fn=...)``.
+    and inside ``nnx.Optimizer.update(model, grads, value_fn=...)``. For the
+    ``optax.lbfgs`` loop the state holds, without a line search, a
+    ``value = +inf`` marker with a zero gradient placeholder
+    (:class:`curvlib.optim._common.RecomputeState`: one parameter-sized buffer);
+    ``optax.chain(scale_by_newton_cg(...), optax.scale(-lr))`` does without it.
 
     Args:
       learning_rate: optional scale or schedule; ``None`` means 1.
