@@ -485,9 +485,10 @@ def newton_cg(
     under ``optax.inject_hyperparams(newton_cg)(learning_rate=..., damping=...)``
     and inside ``nnx.Optimizer.update(model, grads, value_fn=...)``. For the
     ``optax.lbfgs`` loop the state holds, without a line search, a
-    ``value = +inf`` marker with a zero gradient placeholder
-    (:class:`curvlib.optim._common.RecomputeState`: one parameter-sized buffer);
-    ``optax.chain(scale_by_newton_cg(...), optax.scale(-lr))`` does without it.
+    ``value = +inf`` marker with a zero gradient placeholder (one
+    parameter-sized buffer) that tells :func:`optax.value_and_grad_from_state`
+    to evaluate them afresh; ``optax.chain(scale_by_newton_cg(...),
+    optax.scale(-lr))`` does without it.
 
     Args:
       learning_rate: optional scale or schedule; ``None`` means 1.
