@@ -52,8 +52,7 @@ def _extra(name, batch, full_batch):
 
 
 def _tracked(lr=None):
-    # no trace probes: the contract is about the transform, test_track covers the estimators
-    tracker = optim.track_curvature(2, 2, key=jax.random.PRNGKey(0), num_probes=0)
+    tracker = optim.track_curvature(2, 2, key=jax.random.PRNGKey(0), num_probes=3)
     return optax.chain(tracker, optax.sgd(0.5 if lr is None else lr))
 
 
@@ -69,8 +68,7 @@ SCALE_BY = {
     "newton": optim.scale_by_newton,
     "bfgs": optim.scale_by_bfgs,
     "svrg": lambda: optim.scale_by_svrg(snapshot_every=4),
-    "track_curvature": lambda: optim.track_curvature(1, 1, key=jax.random.PRNGKey(0),
-                                                     num_probes=0),
+    "track_curvature": lambda: optim.track_curvature(1, 1, key=jax.random.PRNGKey(0)),
 }
 STATE_TYPES = {
     "newton_cg": optim.ScaleByNewtonCGState,
@@ -228,8 +226,7 @@ def test_the_loop_optax_lbfgs_documents(name):
     """
     batch = _data(jnp.float64)
     if name == "track_curvature":
-        opt = optax.chain(optim.track_curvature(2, 2, key=jax.random.PRNGKey(0), num_probes=0),
-                          optax.lbfgs())
+        opt = optax.chain(optim.track_curvature(2, 2, key=jax.random.PRNGKey(0)), optax.lbfgs())
     else:
         opt = CASES[name]()
     value_and_grad = optax.value_and_grad_from_state(loss)
