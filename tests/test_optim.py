@@ -3,9 +3,14 @@
 Dense oracles and reference solvers on small problems: one-step Newton on a
 quadratic, scipy's trust-ncg on an ill-conditioned logistic regression,
 Rosenbrock, SVRG's linear rate against SGD's noise floor, and Hessian-free with
-Gauss-Newton curvature against Adam on an MLP on scikit-learn's digits. Plus the
-bad-input contract: TypeError without ``value_fn``, ValueError for invalid
-static settings, and skipped (flagged) steps on non-finite loss or curvature.
+Gauss-Newton curvature against Adam on an MLP on scikit-learn's digits; dense
+Newton's eigenvalue floor against the dense oracle and Brown's badly scaled
+function against scipy (issue 12). Plus the bad-input contract: TypeError without
+``value_fn``, routing errors that list the extra arguments received (GGN splits
+included), non-scalar and ``(loss, aux)`` losses, ``params`` dtype errors by
+pytree path, ValueError for invalid static settings, and skipped (flagged) steps
+on non-finite loss or curvature; ``has_aux``, microbatching over every batched
+argument, injected damping, ``MultiSteps`` and the docstring examples (issue 13).
 """
 
 from __future__ import annotations
