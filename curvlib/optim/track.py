@@ -2,11 +2,13 @@
 
 :func:`track_curvature` is an optax transform that leaves the updates alone and,
 every ``every`` steps, measures the Hessian of the loss at the current
-parameters: its top-``k`` eigenvalues (the largest is the *sharpness*), a
-Hutch++ estimate of its trace, and the fraction of the gradient's squared norm
-that lies in the top-``k`` eigenspace. Each refresh warm-starts the Lanczos
-process from the eigenvectors kept in the state, so once training moves slowly
-a refresh costs a handful of Hessian-vector products instead of a cold solve.
+parameters: its top-``k`` eigenvalues (the largest is the *sharpness*), an
+estimate of its trace (the Ritz values plus Hutchinson on the complement of
+the tracked eigenspace: Hutch++ with the eigsh result as its sketch), and the
+fraction of the gradient's squared norm that lies in the top-``k`` eigenspace.
+Each refresh warm-starts the Lanczos process from the eigenvectors kept in the
+state, so once training moves slowly a refresh costs a handful of
+Hessian-vector products instead of a cold solve.
 
 :func:`curvature_info` reads the diagnostics out of any (nested) optimiser
 state, flax nnx's mutable optimizer state included; :mod:`curvlib.optim.report`
