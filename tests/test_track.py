@@ -405,6 +405,11 @@ def test_k_at_least_parameter_count_raises_at_init():
     with pytest.raises(ValueError, match="number of parameters"):
         curvlib.track_curvature(5, 12, key=jax.random.PRNGKey(0)).init(params)
     curvlib.track_curvature(5, 11, key=jax.random.PRNGKey(0), num_probes=0).init(params)
+    # the Lanczos basis size: more than k vectors, at most the parameter count
+    with pytest.raises(ValueError, match=r"`basis_size` must be an integer >= 4"):
+        curvlib.track_curvature(5, 3, key=jax.random.PRNGKey(0), basis_size=3)
+    with pytest.raises(ValueError, match=r"`basis_size`=13 exceeds the number of parameters"):
+        curvlib.track_curvature(5, 3, key=jax.random.PRNGKey(0), basis_size=13).init(params)
 
 
 def test_missing_value_fn_raises():

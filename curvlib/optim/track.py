@@ -175,7 +175,7 @@ class _Config(NamedTuple):
 
     k: int
     which: str
-    num_matvecs: int | None
+    basis_size: int | None
     tol: Any
     max_restarts: int
     num_probes: int
@@ -253,7 +253,8 @@ def _measure(loss, params, extra_args, state: TrackCurvatureState, cfg: _Config)
         # eigsh stops at the first Krylov depth certifying the k pairs, so a warm
         # start (few steps) and a cold one (more steps) share one basis size
         res = eigsh(
-            matvec, v0, cfg.k, which=cfg.which, num_matvecs=cfg.num_matvecs, tol=cfg.tol,
+            # eigsh's basis-size argument (named num_matvecs until the Krylov core renames it)
+            matvec, v0, cfg.k, which=cfg.which, num_matvecs=cfg.basis_size, tol=cfg.tol,
             max_restarts=cfg.max_restarts,
         )
         vecs = jax.tree.map(lambda e, x: e.astype(x.dtype), res.eigenvectors, state.eigenvectors)
@@ -295,14 +296,14 @@ def _commit(ok, vecs, info, state):
     return vecs, info
 
 
-def _validate(every, k, which, num_matvecs, tol, max_restarts, num_probes, trace_method,
+def _validate(every, k, which, basis_size, tol, max_restarts, num_probes, trace_method,
               hvp_mode, microbatch_size, warm_noise) -> _Config:
     _common.check_int("every", every, 1)  # traceable: may be injected
     k = _common.static_int("k", k, 1)
     num_probes = _common.static_int("num_probes", num_probes, 0)
     max_restarts = _common.static_int("max_restarts", max_restarts, 0)
-    if num_matvecs is not None:
-        num_matvecs = _common.static_int("num_matvecs", num_matvecs, k + 1)
+    if basis_size is not None:
+        basis_size = _common.static_int("basis_size", basis_size, k + 1)
     if which not in ("LA", "SA", "LM"):
         raise ValueError(f"`which` must be 'LA', 'SA' or 'LM'; got {which!r}.")
     if trace_method not in TRACE_METHODS:
@@ -311,7 +312,7 @@ def _validate(every, k, which, num_matvecs, tol, max_restarts, num_probes, trace
     _common.check_nonnegative("warm_noise", warm_noise)
     _common.check_hvp_mode(hvp_mode)
     microbatch_size = _common.check_microbatch_size(microbatch_size)
-    return _Config(k, which, num_matvecs, tol, max_restarts, num_probes, trace_method,
+    return _Config(k, which, basis_size, tol, max_restarts, num_probes, trace_method,
                    hvp_mode, microbatch_size, warm_noise)
 
 
@@ -321,7 +322,7 @@ def track_curvature(
     *,
     key: jax.Array,
     which: str = "LA",
-    num_matvecs: int | None = None,
+    basis_size: int | None = None,
     tol=1e-3,
     max_restarts: int = 100,
     num_probes: int = 6,
@@ -399,7 +400,7 @@ def track_curvature(
     Wrappers: under ``optax.inject_hyperparams`` the traced arguments
     (``every``, ``tol``, ``warm_noise``) take effect at the next step; ``key``
     is the *initial* key, copied into ``state.key`` at ``init`` (to change it,
-    replace ``state.key``); ``k``, ``num_matvecs``, ``max_restarts``,
+    replace ``state.key``); ``k``, ``basis_size``, ``max_restarts``,
     ``num_probes`` and ``microbatch_size`` fix shapes and loops and belong in
     ``static_args``. Under ``optax.MultiSteps`` the tracker measures the
     ``value_fn`` of the micro-step at which the accumulated update is emitted.
@@ -411,7 +412,7 @@ def track_curvature(
       key: PRNG key for the cold start, the warm-start noise and the trace
         probes; refresh ``t`` uses ``fold_in(key, t)``.
       which: ``"LA"`` (largest algebraic, default), ``"SA"`` or ``"LM"``.
-      num_matvecs: Lanczos basis size ``m`` (static); default eigsh's
+      basis_size: Lanczos basis size ``m`` (static); default eigsh's
         ``max(4k, 20)``. eigsh stops as soon as the ``k`` pairs are certified,
         so a larger basis costs memory, not products.
       tol: relative residual tolerance of eigsh (traceable); the eigenvalue
@@ -465,7 +466,7 @@ def track_curvature(
       Cohen et al., ICLR 2021; Gur-Ari, Roberts & Dyer 2018; Meyer, Musco,
       Musco & Woodruff, *Hutch++*, SOSA 2021; Sorensen 1992.
     """
-    cfg = _validate(every, k, which, num_matvecs, tol, max_restarts, num_probes, trace_method,
+    cfg = _validate(every, k, which, basis_size, tol, max_restarts, num_probes, trace_method,
                     hvp_mode, microbatch_size, warm_noise)
     name = "track_curvature"
 
@@ -476,9 +477,9 @@ def track_curvature(
             raise ValueError(
                 f"`k`={cfg.k} must be smaller than the number of parameters ({n})."
             )
-        if cfg.num_matvecs is not None and cfg.num_matvecs > n:
+        if cfg.basis_size is not None and cfg.basis_size > n:
             raise ValueError(
-                f"`num_matvecs`={cfg.num_matvecs} exceeds the number of parameters ({n})."
+                f"`basis_size`={cfg.basis_size} exceeds the number of parameters ({n})."
             )
         dt = jnp.promote_types(_tree.dtype(params), jnp.float32)
         return TrackCurvatureState(
