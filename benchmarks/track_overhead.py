@@ -14,15 +14,28 @@ repeats of each variant, the overhead ``tracked / plain - 1``, the products a
 refresh used, the cost of one refresh in training steps and the period
 ``every`` at which that cost would be 10%.
 
+Time to first step (issue 11's goal: the tracked step's first call <= 2x the
+plain step's first call plus one eigsh compile): ``--first-step`` times, each in
+a fresh interpreter, the first call (trace + compile + run) of a jitted
+``nnx.Optimizer`` step of a 25k-parameter nnx MLP with Adam, the same step with
+``track_curvature(every=50, k=5)`` chained in, and ``jax.jit(eigsh)`` (k=5) on
+the same model's Hessian; wall and CPU (process) seconds, the latter less
+sensitive to a shared machine.
+
 Usage::
 
     python -m benchmarks.track_overhead           # writes results/track_overhead.json
     python -m benchmarks.track_overhead --quick
+    python -m benchmarks.track_overhead --first-step   # the time-to-first-step rows only
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -224,9 +237,97 @@ def run(quick: bool = False) -> dict:
     return payload
 
 
+# ------------------------------------------------------------ time to first step
+
+
+def _first_step_child(variant: str) -> dict:
+    """Time the first call of one variant in this (fresh) interpreter."""
+    from flax import nnx
+
+    import curvlib
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(128, 128, rngs=rngs)
+            self.l2 = nnx.Linear(128, 64, rngs=rngs)
+            self.l3 = nnx.Linear(64, 10, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l3(jnp.tanh(self.l2(jnp.tanh(self.l1(x)))))
+
+    model = MLP(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (256, 128))
+    y = jax.random.randint(jax.random.PRNGKey(2), (256,), 0, 10)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def model_loss(m, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
+    def value_fn(p, x, y):
+        return model_loss(nnx.merge(graphdef, p, rest), x, y)
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    if variant == "eigsh":
+        solve = jax.jit(lambda p, x, y: curvlib.eigsh(
+            curvlib.hessian_matvec(value_fn, p, x, y), p, K, tol=1e-3))
+        jax.block_until_ready(solve(nnx.as_pure(params), x, y))
+    else:
+        tx = optax.adam(1e-3)
+        if variant == "tracked":
+            tx = optax.chain(curvlib.track_curvature(50, K, key=jax.random.PRNGKey(0)), tx)
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+        @nnx.jit
+        def step(model, optimizer, x, y):
+            loss, grads = nnx.value_and_grad(model_loss)(model, x, y)
+            optimizer.update(model, grads, value_fn=value_fn, x=x, y=y)
+            return loss
+
+        jax.block_until_ready(step(model, optimizer, x, y))
+    return {
+        "wall_s": time.perf_counter() - t0,
+        "cpu_s": time.process_time() - c0,
+        "num_params": int(sum(a.size for a in jax.tree.leaves(params))),
+    }
+
+
+def first_step(repeats: int = 1) -> dict:
+    """First-call times of the plain step, the tracked step and eigsh, each in a new process."""
+    out = {}
+    for variant in ("plain", "tracked", "eigsh"):
+        runs = []
+        for _ in range(repeats):
+            res = subprocess.run(
+                [sys.executable, "-m", "benchmarks.track_overhead", "--first-step-child",
+                 variant], capture_output=True, text=True, check=True,
+            )
+            runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        out[variant] = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+    for t in ("wall_s", "cpu_s"):
+        budget = 2 * out["plain"][t] + out["eigsh"][t]
+        out[f"goal_{t}"] = budget
+        out[f"tracked_over_goal_{t}"] = out["tracked"][t] / budget
+    C.log(
+        "first step (wall / cpu s): plain {:.2f} / {:.2f}, tracked {:.2f} / {:.2f}, eigsh "
+        "{:.2f} / {:.2f}; goal 2 plain + eigsh = {:.2f} / {:.2f}".format(
+            out["plain"]["wall_s"], out["plain"]["cpu_s"], out["tracked"]["wall_s"],
+            out["tracked"]["cpu_s"], out["eigsh"]["wall_s"], out["eigsh"]["cpu_s"],
+            out["goal_wall_s"], out["goal_cpu_s"])
+    )
+    return out
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--first-step", action="store_true",
+                    help="time the first tracked / plain / eigsh call only")
+    ap.add_argument("--first-step-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     C.QUICK = args.quick
-    run(quick=args.quick)
+    if args.first_step_child:
+        print(json.dumps(_first_step_child(args.first_step_child)))
+    elif args.first_step:
+        C.write_result("track_first_step", first_step(C.repeats(3)))
+    else:
+        run(quick=args.quick)

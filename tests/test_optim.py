@@ -3,9 +3,14 @@
 Dense oracles and reference solvers on small problems: one-step Newton on a
 quadratic, scipy's trust-ncg on an ill-conditioned logistic regression,
 Rosenbrock, SVRG's linear rate against SGD's noise floor, and Hessian-free with
-Gauss-Newton curvature against Adam on an MLP on scikit-learn's digits. Plus the
-bad-input contract: TypeError without ``value_fn``, ValueError for invalid
-static settings, and skipped (flagged) steps on non-finite loss or curvature.
+Gauss-Newton curvature against Adam on an MLP on scikit-learn's digits; dense
+Newton's eigenvalue floor against the dense oracle and Brown's badly scaled
+function against scipy (issue 12). Plus the bad-input contract: TypeError without
+``value_fn``, routing errors that list the extra arguments received (GGN splits
+included), non-scalar and ``(loss, aux)`` losses, ``params`` dtype errors by
+pytree path, ValueError for invalid static settings, and skipped (flagged) steps
+on non-finite loss or curvature; ``has_aux``, microbatching over every batched
+argument, injected damping, ``MultiSteps`` and the docstring examples (issue 13).
 """
 
 from __future__ import annotations
@@ -90,22 +95,77 @@ def test_newton_and_newton_cg_solve_a_quadratic_in_one_step():
         np.testing.assert_allclose(ravel_pytree(p1)[0], x_star, rtol=1e-8, atol=1e-10)
 
 
-def test_newton_modifies_indefinite_eigenvalues_like_the_dense_oracle():
+@pytest.mark.parametrize(
+    "floor_kw, floor",
+    [
+        ({}, 5 * np.finfo(np.float64).eps * 3.0),  # default: n eps max|w|
+        ({"eigenvalue_rtol": 0.1}, 0.3),  # raised relative floor
+        ({"min_eigenvalue": 1.0}, 1.0),  # raised absolute floor
+        ({"eigenvalue_rtol": 0.0}, 0.0),  # lowered: every computed eigenvalue trusted
+    ],
+    ids=["default", "rtol", "absolute", "none"],
+)
+def test_newton_modifies_indefinite_eigenvalues_like_the_dense_oracle(floor_kw, floor):
     q, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(3), (5, 5), jnp.float64))
-    lam = jnp.array([-3.0, -0.5, 1e-12, 2.0, 4.0])
+    lam = jnp.array([-3.0, -0.5, 1e-12, 0.2, 2.0])
     A = (q * lam) @ q.T
     f = lambda x: 0.5 * x @ A @ x + jnp.sum(x)
     x = jax.random.normal(jax.random.PRNGKey(4), (5,), jnp.float64)
     g = jax.grad(f)(x)
     w, Q = np.linalg.eigh(np.asarray(A))
-    floor = max(1e-8, np.sqrt(np.finfo(np.float64).eps) * np.abs(w).max())
     for mode, phi in (("abs", np.abs(w)), ("clip", w)):
-        tx = optim.scale_by_newton(damping=0.1, modification=mode)
+        tx = optim.scale_by_newton(damping=0.1, modification=mode, **floor_kw)
         p, s = tx.update(g, tx.init(x), x, value_fn=f)
         oracle = Q @ ((Q.T @ np.asarray(g)) / (np.maximum(phi, floor) + 0.1))
         np.testing.assert_allclose(p, oracle, rtol=1e-8)
-        assert int(s.info.num_modified) == 3  # eigenvalues below the floor
+        assert int(s.info.num_modified) == int(np.sum(w < floor))
         np.testing.assert_allclose(s.info.min_eigenvalue, -3.0, rtol=1e-8)
+
+
+def _brown(x):
+    """Brown's badly scaled function (More, Garbow & Hillstrom 1981): minimiser (1e6, 2e-6)."""
+    return (x[0] - 1e6) ** 2 + (x[1] - 2e-6) ** 2 + (x[0] * x[1] - 2) ** 2
+
+
+def test_newton_floor_keeps_a_small_true_eigenvalue_on_a_badly_scaled_hessian():
+    """At Brown's minimiser H has eigenvalues ~2 and ~2e12: the Newton step is H^-1 g exactly.
+
+    The old floor sqrt(eps) * max|lambda| (3e4 here) replaced the eigenvalue 2,
+    shrinking the step along its eigenvector 1.5e4-fold.
+    """
+    x = jnp.array([1e6 + 3.0, 2e-6 - 1e-6], jnp.float64)
+    H = np.asarray(jax.hessian(_brown)(x))
+    g = np.asarray(jax.grad(_brown)(x))
+    assert np.linalg.eigvalsh(H)[0] < 10 and np.linalg.cond(H) > 1e11
+    tx = optim.scale_by_newton()
+    p, s = tx.update(jnp.asarray(g), tx.init(x), x, value_fn=_brown)
+    np.testing.assert_allclose(p, np.linalg.solve(H, g), rtol=1e-6)
+    assert int(s.info.num_modified) == 0
+
+
+def test_newton_solves_browns_badly_scaled_function_like_scipy():
+    """From the standard start (1, 1): the known minimiser (1e6, 2e-6), as scipy's Newton-CG.
+
+    The old floor stalled (~5e5 after hundreds of steps); scipy takes 4-5 iterations,
+    curvlib's dense Newton with its default backtracking line search about 10.
+    """
+    scipy_optimize = pytest.importorskip("scipy.optimize")
+    x0 = np.ones(2)
+    ref = scipy_optimize.minimize(
+        lambda x: float(_brown(jnp.asarray(x))), x0,
+        jac=lambda x: np.asarray(jax.grad(_brown)(jnp.asarray(x))),
+        hessp=lambda x, v: np.asarray(jax.jvp(jax.grad(_brown), (jnp.asarray(x),),
+                                              (jnp.asarray(v),))[1]),
+        method="Newton-CG", options={"xtol": 1e-14},
+    )
+    x_star = np.array([1e6, 2e-6])
+    np.testing.assert_allclose(ref.x, x_star, rtol=1e-9)
+    close = lambda p: jnp.all(jnp.abs(p - x_star) <= 1e-9 * jnp.abs(x_star))
+    for opt in (optim.newton(), optim.newton(linesearch=None)):
+        p, _, steps = _run(opt, _brown, jnp.asarray(x0), 30, stop=close)
+        assert bool(close(p)), (p, steps)
+        np.testing.assert_allclose(p, ref.x, rtol=1e-9)
+        assert steps <= 20
 
 
 def test_bfgs_satisfies_the_secant_equation():
@@ -423,3 +483,251 @@ def test_cg_step_cap_is_static_under_inject_hyperparams():
     traced = optax.inject_hyperparams(optim.newton_cg)(learning_rate=1.0, max_cg_steps=2)
     with pytest.raises(ValueError, match="static_args"):
         jax.jit(lambda p, s: traced.update(jax.grad(f)(p), s, p, value_fn=f))(p, traced.init(p))
+
+
+# ------------------------------------------------- one calling convention: errors
+
+
+def _tiny_regression(dtype=jnp.float64):
+    kx, kw = jax.random.split(jax.random.PRNGKey(21))
+    x = jax.random.normal(kx, (16, 3), dtype)
+    y = jnp.tanh(x @ jax.random.normal(kw, (3, 2), dtype))
+    params = {"w": jnp.full((3, 2), 0.1, dtype), "b": jnp.zeros(2, dtype)}
+    model_fn = lambda p, x: jnp.tanh(x @ p["w"] + p["b"])
+    loss_fn = lambda out, y: 0.5 * jnp.mean(jnp.sum((out - y) ** 2, -1))
+    return params, x, y, model_fn, loss_fn
+
+
+def test_ggn_split_without_routed_inputs_says_what_to_pass():
+    """The README's closure step with ``ggn=(model_fn, loss_fn)``: a TypeError naming the
+    missing input, what ``update`` received, and the two ways to pass it."""
+    params, x, y, model_fn, loss_fn = _tiny_regression()
+    value_fn = lambda p: loss_fn(model_fn(p, x), y)  # closes over the batch
+    g = jax.grad(value_fn)(params)
+    for opt in (optim.newton_cg(ggn=(model_fn, loss_fn)), optim.newton(ggn=(model_fn, loss_fn))):
+        with pytest.raises(
+            TypeError,
+            match=r"(?s)`ggn model_fn`.*missing a required argument: 'x'.*received the extra "
+                  r"arguments \[\].*value_fn=loss, x=x, y=y.*lambda p: model_fn\(p, x\)",
+        ):
+            opt.update(g, opt.init(params), params, value_fn=value_fn)
+    # routed by name, the same split works in the same step
+    routed = lambda p, x, y: loss_fn(model_fn(p, x), y)
+    opt = optim.newton_cg(ggn=(model_fn, loss_fn))
+    u, s = jax.jit(lambda p, s: opt.update(g, s, p, value_fn=routed, x=x, y=y))(
+        params, opt.init(params))
+    assert bool(s[0].info.accepted)
+
+
+@pytest.mark.parametrize("name", ["newton_cg", "newton", "bfgs", "svrg", "track_curvature"])
+def test_value_fn_binding_error_lists_the_extra_arguments(name):
+    params, x, y, model_fn, loss_fn = _tiny_regression()
+    make = {
+        "newton_cg": optim.newton_cg, "newton": optim.newton, "bfgs": optim.bfgs,
+        "svrg": lambda: optim.svrg(0.1),
+        "track_curvature": lambda: optim.track_curvature(1, 1, key=jax.random.PRNGKey(0)),
+    }[name]
+    opt = make()
+    value_fn = lambda p, inputs, targets: loss_fn(model_fn(p, inputs), targets)
+    extra = {"full_value_fn": lambda p: 0.0} if name == "svrg" else {}
+    with pytest.raises(TypeError, match=r"(?s)`value_fn`.*missing a required argument: "
+                                        r"'inputs'.*received the extra arguments "
+                                        r"\[(?:'full_value_fn', )?'mask', 'x', 'y'\]"):
+        opt.update(params, opt.init(params), params, value_fn=value_fn, x=x, y=y, mask=1.0,
+                   **extra)
+
+
+@pytest.mark.parametrize("name", ["newton_cg", "newton", "bfgs", "track_curvature"])
+def test_non_scalar_or_aux_loss_is_a_clear_type_error(name):
+    params, x, y, model_fn, loss_fn = _tiny_regression()
+    make = {
+        "newton_cg": optim.newton_cg, "newton": optim.newton, "bfgs": optim.bfgs,
+        "track_curvature": lambda: optim.track_curvature(1, 1, key=jax.random.PRNGKey(0)),
+    }[name]
+    opt = make()
+    per_sample = lambda p, x, y: 0.5 * jnp.sum((model_fn(p, x) - y) ** 2, -1)  # shape (16,)
+    with pytest.raises(TypeError, match=r"`value_fn` must return a scalar loss \(shape \(\)\); "
+                                        r"it returned shape \(16,\).*jnp.mean"):
+        opt.update(params, opt.init(params), params, value_fn=per_sample, x=x, y=y)
+    with_aux = lambda p, x, y: (loss_fn(model_fn(p, x), y), {"out": model_fn(p, x)})
+    with pytest.raises(TypeError, match="has_aux=True"):
+        opt.update(params, opt.init(params), params, value_fn=with_aux, x=x, y=y)
+
+
+def test_params_dtype_errors_name_the_leaf_and_never_advise_casting_a_key():
+    good = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}}
+    keyed = {**good, "rngs": {"default": jax.random.key(0)}}
+    counted = {**good, "step": jnp.zeros((), jnp.int32)}
+    for make in (optim.newton_cg, optim.newton, optim.bfgs, lambda: optim.svrg(0.1),
+                 lambda: optim.track_curvature(1, 1, key=jax.random.PRNGKey(0))):
+        tx = make()
+        with pytest.raises(ValueError, match=r"`params\['rngs'\]\['default'\]` is a PRNG key") \
+                as err:
+            tx.init(keyed)
+        assert "cast" not in str(err.value) and "nnx.Param" in str(err.value)
+        with pytest.raises(ValueError, match=r"`params\['step'\]` has dtype int32.*outside "
+                                             r"`params`.*only if it really is a parameter"):
+            tx.init(counted)
+
+
+# ------------------------------------------------------------------ has_aux
+
+
+@pytest.mark.parametrize("name", ["newton_cg", "newton_cg_ggn", "newton", "bfgs", "svrg",
+                                  "track_curvature"])
+def test_has_aux_gives_the_steps_of_the_plain_loss(name):
+    params, x, y, model_fn, loss_fn = _tiny_regression()
+    plain = lambda p, x, y: loss_fn(model_fn(p, x), y)
+    with_aux = lambda p, x, y: (plain(p, x, y), {"pred": model_fn(p, x)})
+
+    def make(has_aux):
+        return {
+            "newton_cg": lambda: optim.newton_cg(has_aux=has_aux),
+            "newton_cg_ggn": lambda: optim.newton_cg(ggn=(model_fn, loss_fn), has_aux=has_aux),
+            "newton": lambda: optim.newton(has_aux=has_aux),
+            "bfgs": lambda: optim.bfgs(has_aux=has_aux),
+            "svrg": lambda: optim.svrg(0.2, snapshot_every=2, has_aux=has_aux),
+            "track_curvature": lambda: optax.chain(
+                optim.track_curvature(1, 1, key=jax.random.PRNGKey(0), has_aux=has_aux),
+                optax.sgd(0.1)),
+        }[name]()
+
+    def run(has_aux):
+        opt, f = make(has_aux), with_aux if has_aux else plain
+        extra = {"full_value_fn": lambda p: f(p, x, y)} if name == "svrg" else {}
+
+        @jax.jit
+        def step(p, s):
+            g = jax.grad(plain)(p, x, y)
+            u, s = opt.update(g, s, p, value_fn=f, x=x, y=y, **extra)
+            return optax.apply_updates(p, u), s
+
+        p, s = params, opt.init(params)
+        for _ in range(2):
+            p, s = step(p, s)
+        return p, s
+
+    (p0, s0), (p1, s1) = run(False), run(True)
+    for a, b in zip(jax.tree.leaves((p0, s0)), jax.tree.leaves((p1, s1)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    assert float(plain(p1, x, y)) < float(plain(params, x, y))
+
+
+# ------------------------------------------- microbatching every batched argument
+
+
+def test_microbatching_splits_every_batched_argument_and_passes_the_rest_whole():
+    """``loss(p, x, y, scale)``: x and y are chunked, the scalar ``scale`` and the
+    ``(3,)`` feature weights are passed whole; equal to the full-batch direction."""
+    params, x, y, model_fn, loss_fn = _tiny_regression()
+    feature_w = jnp.array([1.0, 0.5, 2.0], jnp.float64)
+    value_fn = lambda p, x, y, scale, fw: scale * loss_fn(model_fn(p, x * fw), y)
+    model_w = lambda p, x, fw: model_fn(p, x * fw)
+    loss_w = lambda out, y, scale: scale * loss_fn(out, y)
+    kw = dict(x=x, y=y, scale=2.0, fw=feature_w)
+    g = jax.grad(value_fn)(params, **kw)
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def direction(ggn, microbatch_size):
+        tx = optim.scale_by_newton_cg(damping=0.1, cg_rtol=1e-12, max_cg_steps=8, ggn=ggn,
+                                      microbatch_size=microbatch_size)
+        return tx.update(g, tx.init(params), params, value_fn=value_fn, **kw)[0]
+
+    for ggn in (None, (model_w, loss_w)):
+        full, chunked = direction(ggn, None), direction(ggn, 5)  # 16 = 5 + 5 + 5 + 1
+        for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(chunked), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-13)
+    # the tracker: gradient and products accumulated over chunks, same eigenvalues
+    infos = []
+    for mb in (None, 4):
+        tr = optim.track_curvature(1, 2, key=jax.random.PRNGKey(0), tol=1e-8, num_probes=0,
+                                   microbatch_size=mb)
+        _, s = jax.jit(lambda p, s, tr=tr: tr.update(g, s, p, value_fn=value_fn, **kw))(
+            params, tr.init(params))
+        infos.append(s.info)
+    np.testing.assert_allclose(infos[0].eigenvalues, infos[1].eigenvalues, rtol=1e-8)
+    np.testing.assert_allclose(infos[0].grad_norm, infos[1].grad_norm, rtol=1e-10)
+    with pytest.raises(ValueError, match="none of"):
+        tx = optim.scale_by_newton_cg(microbatch_size=4)
+        tx.update(g, tx.init(params), params, value_fn=lambda p, scale: scale * jnp.sum(
+            p["w"] ** 2), scale=1.0)
+
+
+# ----------------------------------------------------- hyperparameters, wrappers
+
+
+def test_injected_damping_takes_effect_at_the_next_step():
+    params, x, y, model_fn, loss_fn = _tiny_regression()
+    value_fn = lambda p, x, y: loss_fn(model_fn(p, x), y)
+    opt = optax.inject_hyperparams(optim.newton_cg)(learning_rate=1.0, damping=1.0)
+
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(value_fn)(p, x, y)
+        u, s = opt.update(g, s, p, value_fn=value_fn, x=x, y=y)
+        return optax.apply_updates(p, u), s
+
+    p, s = params, opt.init(params)
+    for _ in range(3):
+        p, s = step(p, s)
+    adapted = float(s.inner_state[0].damping)
+    assert adapted != pytest.approx(1.0)  # the rule moved it
+    s = s._replace(hyperparams={**s.hyperparams, "damping": jnp.asarray(7.0)})
+    p, s = step(p, s)
+    assert float(s.inner_state[0].info.damping) == pytest.approx(7.0)  # used at once
+    adapted_from_seven = float(s.inner_state[0].damping)
+    p, s = step(p, s)  # the setting is unchanged: the rule adapts from 7, no second reset
+    assert float(s.inner_state[0].info.damping) == pytest.approx(adapted_from_seven)
+    assert adapted_from_seven in [pytest.approx(7.0 * f) for f in (1.5, 1.0, 1.0 / 3.0)]
+
+
+def test_multisteps_rho_compares_the_last_batch_with_its_own_model():
+    """Under MultiSteps the inner step gets the mean gradient of two micro-batches and the
+    last micro-batch's ``value_fn``: the direction is (H_B + lambda)^-1 mean(g), and rho is
+    f_B's actual decrease over f_B's own quadratic model (its own gradient), as a dense
+    oracle computes it."""
+    params, x, y, model_fn, loss_fn = _tiny_regression()
+    value_fn = lambda p, x, y: loss_fn(model_fn(p, x), y)
+    batches = [(x[:8], y[:8]), (x[8:], y[8:])]
+    lam = 0.3
+    opt = optax.MultiSteps(optim.newton_cg(damping=lam, cg_rtol=1e-13, max_cg_steps=8), 2)
+    step = jax.jit(lambda p, s, bx, by: opt.update(
+        jax.grad(value_fn)(p, bx, by), s, p, value_fn=value_fn, x=bx, y=by))
+    s = opt.init(params)
+    _, s = step(params, s, *batches[0])
+    u, s = step(params, s, *batches[1])
+    flat, unravel = ravel_pytree(params)
+    f_b = lambda z: value_fn(unravel(z), *batches[1])
+    H = np.asarray(jax.hessian(f_b)(flat))
+    g_b = np.asarray(jax.grad(f_b)(flat))
+    g_mean = 0.5 * (np.asarray(jax.grad(lambda z: value_fn(unravel(z), *batches[0]))(flat))
+                    + g_b)
+    p = np.linalg.solve(H + lam * np.eye(H.size // len(H)), g_mean)
+    predicted = -g_b @ p + 0.5 * p @ H @ p
+    rho = (float(f_b(flat - p)) - float(f_b(flat))) / predicted
+    info = s.inner_opt_state[0].info
+    np.testing.assert_allclose(ravel_pytree(u)[0], -p, rtol=1e-7)
+    np.testing.assert_allclose(info.rho, rho, rtol=1e-6)
+
+
+# --------------------------------------------------------------- documentation
+
+
+def test_every_public_function_in_optim_has_a_runnable_example():
+    import doctest
+    import importlib
+    import inspect
+
+    names = ["hessian_free", "dense_newton", "quasi_newton", "variance_reduced", "track",
+             "report"]
+    missing = []
+    for name in names:
+        module = importlib.import_module(f"curvlib.optim.{name}")
+        for fname, fn in inspect.getmembers(module, inspect.isfunction):
+            if fn.__module__ == module.__name__ and not fname.startswith("_"):
+                if "Examples:" not in (fn.__doc__ or "") or ">>> " not in fn.__doc__:
+                    missing.append(f"{name}.{fname}")
+        flags = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
+        result = doctest.testmod(module, optionflags=flags)
+        assert result.attempted > 0 and result.failed == 0, name
+    assert not missing, missing

@@ -1,12 +1,15 @@
 """The shared optax contract suite: every curvlib transform behaves like optax's own.
 
-Each case is an alias (``newton_cg``, ``newton``, ``bfgs``, ``svrg``) trained on a
-small softmax regression whose parameters are a dict pytree; the extra
-arguments follow each transform's documented contract. Checked for every case:
-jit with no retrace on the second step, ``optax.chain``,
-``optax.inject_hyperparams``, ``optax.apply_if_finite`` with a NaN loss,
-``optax.MultiSteps``, dtype/shape stability of the state in float32 and float64,
-and a flax ``nnx.Optimizer`` training step (modelled on optax's ``alias_test.py``).
+Each case is an alias (``newton_cg``, ``newton``, ``bfgs``, ``svrg``, and
+``track_curvature`` chained with SGD) trained on a small softmax regression whose
+parameters are a dict pytree; the extra arguments follow each transform's
+documented contract. Checked for every case: jit with no retrace on the second
+step, ``optax.chain``, ``optax.inject_hyperparams``, ``optax.apply_if_finite``
+with a NaN loss, ``optax.MultiSteps``, dtype/shape stability of the state in
+float32 and float64 (modelled on optax's ``alias_test.py``), and the one calling
+convention: ``value_fn`` alone (equal to passing ``value=``/``grad=``), the loop
+``optax.lbfgs`` documents (``optax.value_and_grad_from_state``) and a flax
+``nnx.Optimizer.update(model, grads, value_fn=...)`` step.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import optax
 import pytest
 
 from curvlib import optim
+from curvlib.optim._common import RecomputeState
 
 N, D, K = 24, 4, 3
 
@@ -47,34 +51,42 @@ def _extra(name, batch, full_batch):
     return {"batch": batch}
 
 
+def _tracked(lr=None):
+    tracker = optim.track_curvature(2, 2, key=jax.random.PRNGKey(0), num_probes=3)
+    return optax.chain(tracker, optax.sgd(0.5 if lr is None else lr))
+
+
 CASES = {
     "newton_cg": lambda lr=None: optim.newton_cg(lr),
     "newton": lambda lr=None: optim.newton(lr),
     "bfgs": lambda lr=None: optim.bfgs(lr),
     "svrg": lambda lr=None: optim.svrg(0.5 if lr is None else lr, snapshot_every=4),
+    "track_curvature": _tracked,
 }
 SCALE_BY = {
     "newton_cg": optim.scale_by_newton_cg,
     "newton": optim.scale_by_newton,
     "bfgs": optim.scale_by_bfgs,
     "svrg": lambda: optim.scale_by_svrg(snapshot_every=4),
+    "track_curvature": lambda: optim.track_curvature(1, 1, key=jax.random.PRNGKey(0)),
 }
 STATE_TYPES = {
     "newton_cg": optim.ScaleByNewtonCGState,
     "newton": optim.ScaleByNewtonState,
     "bfgs": optim.ScaleByBFGSState,
     "svrg": optim.ScaleBySVRGState,
+    "track_curvature": optim.TrackCurvatureState,
 }
 
 
-def _make_step(name, opt, counter=None):
+def _make_step(name, opt, counter=None, *, pass_value_and_grad=True):
     def step(params, state, batch, full_batch):
         if counter is not None:
             counter.append(1)
         value, grad = jax.value_and_grad(loss)(params, batch)
+        given = {"value": value, "grad": grad} if pass_value_and_grad else {}
         updates, state = opt.update(
-            grad, state, params, value=value, grad=grad, value_fn=loss,
-            **_extra(name, batch, full_batch),
+            grad, state, params, value_fn=loss, **given, **_extra(name, batch, full_batch),
         )
         return optax.apply_updates(params, updates), state, value
 
@@ -86,6 +98,16 @@ def _signature(tree):
 
 
 def _all_finite(tree):
+    """Every floating leaf finite, but the documented ``+inf`` of the aliases' recompute marker.
+
+    (``RecomputeState.value = +inf`` is how an alias without a line search tells
+    ``optax.value_and_grad_from_state`` to evaluate the loss and gradient itself.)
+    """
+    tree = jax.tree.map(
+        lambda s: s._replace(value=jnp.zeros_like(s.value))
+        if isinstance(s, RecomputeState) else s,
+        tree, is_leaf=lambda s: isinstance(s, RecomputeState),
+    )
     return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
                if jnp.issubdtype(jnp.result_type(x), jnp.inexact))
 
@@ -175,7 +197,64 @@ def test_multisteps(name):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_flax_nnx_optimizer_step(name):
+def test_value_fn_alone_gives_the_same_steps(name):
+    """``update(grads, state, params, value_fn=loss, batch=...)`` without ``value=``/``grad=``:
+    the transform computes them itself, and the iterates equal those with them passed."""
+    batch = _data(jnp.float64)
+    runs = []
+    for given in (True, False):
+        opt = CASES[name]()
+        traces = []
+        step = jax.jit(_make_step(name, opt, traces, pass_value_and_grad=given))
+        params, state = _params(jnp.float64), opt.init(_params(jnp.float64))
+        for _ in range(3):
+            params, state, _ = step(params, state, batch, batch)
+        assert len(traces) == 1
+        runs.append(params)
+    for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert float(loss(runs[1], batch)) < float(loss(_params(jnp.float64), batch))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_loop_optax_lbfgs_documents(name):
+    """``optax.value_and_grad_from_state`` + ``update(..., value=, grad=, value_fn=)``.
+
+    The value it hands back is the loss at the current parameters (a stored one
+    is reused only when it is that), and the loss decreases. For the tracker the
+    loop's optimiser is ``chain(track_curvature, optax.lbfgs())``.
+    """
+    batch = _data(jnp.float64)
+    if name == "track_curvature":
+        opt = optax.chain(optim.track_curvature(2, 2, key=jax.random.PRNGKey(0)), optax.lbfgs())
+    else:
+        opt = CASES[name]()
+    value_and_grad = optax.value_and_grad_from_state(loss)
+    extra = _extra(name, batch, batch)
+
+    @jax.jit
+    def step(params, state):
+        value, grad = value_and_grad(params, batch, state=state)
+        updates, state = opt.update(grad, state, params, value=value, grad=grad,
+                                    value_fn=loss, **extra)
+        return optax.apply_updates(params, updates), state, value, grad
+
+    params = _params(jnp.float64)
+    state = opt.init(params)
+    first = float(loss(params, batch))
+    for _ in range(4):
+        before = params
+        params, state, value, grad = step(params, state)
+        np.testing.assert_allclose(value, loss(before, batch), rtol=1e-12)
+        for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(jax.grad(loss)(before, batch)),
+                        strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert float(loss(params, batch)) < first
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_flax_nnx_optimizer_step_with_value_fn_only(name):
+    """``nnx.Optimizer(model, tx, wrt=nnx.Param).update(model, grads, value_fn=...)`` alone."""
     nnx = pytest.importorskip("flax.nnx")
     x, y = _data(jnp.float32)
 
@@ -197,8 +276,7 @@ def test_flax_nnx_optimizer_step(name):
         extra = {"batch": batch}
         if name == "svrg":
             extra["full_value_fn"] = lambda p: value_fn(p, (x, y))
-        grad_arrays = nnx.as_pure(nnx.state(grads, nnx.Param))
-        optimizer.update(model, grads, value=value, grad=grad_arrays, value_fn=value_fn, **extra)
+        optimizer.update(model, grads, value_fn=value_fn, **extra)
         return value
 
     first = float(train_step(model, optimizer, (x, y)))

@@ -173,7 +173,8 @@ def _train(tx, params, x, y, steps, state=None):
     @jax.jit
     def step(p, s):
         value, g = jax.value_and_grad(_loss)(p, x, y)
-        u, s = tx.update(g, s, p, value=value, grad=g, value_fn=_loss, x=x, y=y)
+        u, s = tx.update(g, s, p, value=value, grad=g, value_fn=_loss, x=x, y=y,
+                         full_value_fn=lambda q: _loss(q, x, y))
         return optax.apply_updates(p, u), s
 
     s = tx.init(params) if state is None else state
@@ -185,13 +186,16 @@ def _train(tx, params, x, y, steps, state=None):
 
 @pytest.mark.parametrize(
     "name, how",
-    [("newton_cg", "flax"), ("newton_cg", "pickle"), ("bfgs", "flax"), ("track_curvature", "flax")],
+    [("newton_cg", "flax"), ("newton_cg", "pickle"), ("newton", "flax"), ("bfgs", "flax"),
+     ("svrg", "flax"), ("track_curvature", "flax")],
 )
 def test_checkpoint_resume_is_bit_identical(name, how, tmp_path):
     params, x, y = _problem()
     make = {
         "newton_cg": lambda: optim.newton_cg(1.0, damping=0.5, max_cg_steps=8),
+        "newton": lambda: optim.newton(0.5),
         "bfgs": lambda: optim.bfgs(0.5),
+        "svrg": lambda: optim.svrg(0.1, snapshot_every=2),
         "track_curvature": lambda: optax.chain(
             optim.track_curvature(key=jax.random.PRNGKey(5), every=2, k=1), optax.sgd(0.1)
         ),

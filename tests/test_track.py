@@ -234,16 +234,82 @@ def test_refresh_schedule_zero_cost_between_and_no_recompilation():
 def test_plot_curvature(tmp_path):
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # the test's choice; the library never sets a backend
+    from matplotlib.container import ErrorbarContainer
+
     n = 5
     hist = {
         "step": np.arange(n) * 10, "loss": np.linspace(1, 0.1, n),
         "eigenvalues": np.linspace(1, 2, 2 * n).reshape(n, 2), "trace": np.ones(n),
-        "grad_fraction": np.full(n, 0.5),
+        "trace_stderr": np.full(n, 0.1), "grad_fraction": np.full(n, 0.5),
     }
     fig = curvlib.plot_curvature(hist, learning_rate=1.0)
     fig.savefig(tmp_path / "curv.png")
     assert (tmp_path / "curv.png").stat().st_size > 0
+    trace_ax = fig.axes[2]
+    assert "Hutch++" not in trace_ax.get_title()  # the default estimator is deflated Hutchinson
+    bars = [c for c in trace_ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 1 and bars[0].has_yerr
+
+
+def test_report_module_is_separate_from_the_algorithm():
+    """Plotting and tables live in curvlib.optim.report; track.py imports no matplotlib/numpy
+    report code and sets no backend."""
+    import inspect
+
+    import curvlib.optim.report as report
+    import curvlib.optim.track as track
+
+    src = inspect.getsource(track)
+    assert "matplotlib" not in src and "def plot_curvature" not in src
+    assert "matplotlib.use" not in inspect.getsource(report).replace('matplotlib.use("Agg")  #', "")
+    assert curvlib.plot_curvature is report.plot_curvature
+
+
+def test_nnx_optimizer_history_has_one_row_per_refresh():
+    """nnx.Optimizer keeps the state in mutable Variables: curvature_info reads them out, so
+    infos appended after each step are a history, not aliases of the last step."""
+    nnx = pytest.importorskip("flax.nnx")
+    x = jax.random.normal(jax.random.PRNGKey(1), (16, 3))
+    y = jnp.sin(x[:, :2])
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    graphdef, _ = nnx.split(model)
+    model_loss = lambda m: jnp.mean((m(x) - y) ** 2)
+    value_fn = lambda state: model_loss(nnx.merge(graphdef, state))
+    tx = optax.chain(curvlib.track_curvature(2, 1, key=jax.random.PRNGKey(0), num_probes=0),
+                     optax.sgd(0.05))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+        grads = nnx.grad(model_loss)(model)
+        optimizer.update(model, grads, value_fn=value_fn)
+
+    infos = []
+    for _ in range(5):
+        step(model, optimizer)
+        infos.append(curvlib.curvature_info(optimizer.opt_state))
+    assert [int(i.step) for i in infos] == [0, 0, 2, 2, 4]
+    hist = curvlib.curvature_history(infos)
+    np.testing.assert_array_equal(hist["step"], [0, 2, 4])
+    assert len(set(np.round(hist["loss"], 12))) == 3  # three different points
+
+
+def test_a_refresh_traces_the_loss_once():
+    """The loss, the gradient and every product of a refresh come from one linearisation:
+    compiling a tracked step traces ``value_fn`` once (the step's own gradient uses
+    another function here), so the model is compiled once for the tracker."""
+    loss, params, *_ = _quadratic()
+    calls = []
+
+    def value_fn(p):
+        calls.append(1)
+        return loss(p)
+
+    opt = optax.chain(curvlib.track_curvature(3, 2, key=jax.random.PRNGKey(0)), optax.sgd(0.1))
+    step = jax.jit(lambda p, s: opt.update(jax.grad(loss)(p), s, p, value_fn=value_fn))
+    step.lower(params, opt.init(params))
+    assert len(calls) == 1, len(calls)
 
 
 def test_nan_loss_at_refresh_keeps_previous_values_with_flag():
@@ -325,16 +391,6 @@ def test_vmap_over_seeds_matches_unbatched():
         jax.tree.map(lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-10), p_b, p)
 
 
-def test_docstring_examples():
-    import doctest
-
-    import curvlib.optim.track as module
-
-    flags = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
-    result = doctest.testmod(module, optionflags=flags, report=True)
-    assert result.attempted > 0 and result.failed == 0
-
-
 # ---------------------------------------------------------------- bad input
 
 
@@ -349,6 +405,11 @@ def test_k_at_least_parameter_count_raises_at_init():
     with pytest.raises(ValueError, match="number of parameters"):
         curvlib.track_curvature(5, 12, key=jax.random.PRNGKey(0)).init(params)
     curvlib.track_curvature(5, 11, key=jax.random.PRNGKey(0), num_probes=0).init(params)
+    # the Lanczos basis size: more than k vectors, at most the parameter count
+    with pytest.raises(ValueError, match=r"`basis_size` must be an integer >= 4"):
+        curvlib.track_curvature(5, 3, key=jax.random.PRNGKey(0), basis_size=3)
+    with pytest.raises(ValueError, match=r"`basis_size`=13 exceeds the number of parameters"):
+        curvlib.track_curvature(5, 3, key=jax.random.PRNGKey(0), basis_size=13).init(params)
 
 
 def test_missing_value_fn_raises():

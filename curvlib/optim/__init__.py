@@ -1,4 +1,4 @@
-"""Layer 3: second-order optimisers as optax transforms.
+"""Layer 3: second-order optimisers as optax transforms, and curvature monitoring.
 
 Every transform follows optax's contract: ``scale_by_<algo>(...)`` returns an
 :class:`optax.GradientTransformationExtraArgs` whose
@@ -10,6 +10,22 @@ direction with the gradient's sign; ``<algo>(learning_rate, ...)`` is the
 as :func:`optax.lbfgs` is built. States are ``ScaleBy<Algo>State`` with an
 ``info`` NamedTuple of diagnostics. L-BFGS is not re-implemented: use
 :func:`optax.lbfgs` in the same loop.
+
+One calling convention for all of them (``newton_cg``, ``newton``, ``bfgs``,
+``svrg``, ``track_curvature``): ``value_fn`` is the only extra argument they
+need. ``value=``/``grad=`` (the loss and gradient at ``params``) are reused
+when passed, so they run unchanged in
+
+* a plain step: ``opt.update(grads, state, params, value_fn=loss, batch=batch)``;
+* the loop :func:`optax.lbfgs` documents, with
+  :func:`optax.value_and_grad_from_state`;
+* flax: ``nnx.Optimizer(model, opt, wrt=nnx.Param).update(model, grads,
+  value_fn=loss)`` (``loss`` then takes the ``nnx.Param`` state) or a linen
+  ``TrainState`` step.
+
+``has_aux=True`` accepts a ``value_fn`` returning ``(loss, aux)``. Every error
+about the call names the argument and what to pass (the extra arguments that
+were received, a leaf of ``params`` by its pytree path).
 """
 
 from curvlib.optim.dense_newton import NewtonInfo, ScaleByNewtonState, newton, scale_by_newton
@@ -20,13 +36,11 @@ from curvlib.optim.hessian_free import (
     scale_by_newton_cg,
 )
 from curvlib.optim.quasi_newton import BFGSInfo, ScaleByBFGSState, bfgs, scale_by_bfgs
+from curvlib.optim.report import curvature_history, format_curvature_table, plot_curvature
 from curvlib.optim.track import (
     TrackCurvatureInfo,
     TrackCurvatureState,
-    curvature_history,
     curvature_info,
-    format_curvature_table,
-    plot_curvature,
     track_curvature,
 )
 from curvlib.optim.variance_reduced import ScaleBySVRGState, SVRGInfo, scale_by_svrg, svrg

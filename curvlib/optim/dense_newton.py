@@ -16,10 +16,17 @@ operator over the identity, takes its eigendecomposition
     \end{cases}
 
 with the floor :math:`\mu_{\min} = \max(\texttt{min\_eigenvalue},
-\sqrt{\epsilon}\,\max_i|\mu_i|)` (``epsilon`` the dtype's machine epsilon: a
-numerical-rank threshold that keeps null directions of a singular Hessian, e.g.
-softmax's shift invariance, from blowing up the step), so indefinite Hessians
-give a descent direction (eigenvalue modification,
+\texttt{eigenvalue\_rtol}\cdot\max_i|\mu_i|)`. The default relative floor is
+:math:`n\,\epsilon` (``n`` parameters, ``epsilon`` the dtype's machine
+epsilon): the numerical-rank threshold of a symmetric eigensolver
+(``numpy.linalg.matrix_rank``'s default), below which a computed eigenvalue is
+indistinguishable from zero, so null directions of a singular Hessian (e.g.
+softmax's shift invariance) do not blow up the step while every eigenvalue the
+dtype resolves is used as it is (Brown's badly scaled function, condition
+:math:`10^{12}`, is solved in float64). Both floors can be raised or lowered
+(``0`` disables them); a direction whose modified eigenvalue plus ``damping``
+is exactly zero is left out of the step (the pseudo-inverse). Indefinite
+Hessians give a descent direction (eigenvalue modification,
 Nocedal & Wright 2006, sec. 3.4; the absolute value is the saddle-free Newton
 of Dauphin et al. 2014). With a positive definite ``C`` and ``damping=0`` this is
 the exact Newton step.
@@ -36,6 +43,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -45,6 +53,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from curvlib import _tree
+from curvlib.operators import _weak_cache
 from curvlib.optim import _common
 
 PyTree = Any
@@ -79,37 +88,87 @@ class ScaleByNewtonState(NamedTuple):
 
 
 def dense_curvature(matvec: Callable, params: PyTree) -> jax.Array:
-    """The ``(n, n)`` matrix of ``matvec`` in the ravelled basis of ``params`` (symmetrised)."""
+    """The ``(n, n)`` matrix of ``matvec`` in the ravelled basis of ``params`` (symmetrised).
+
+    Cost: ``n`` products (``vmap`` over the identity), ``O(n^2)`` memory.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from curvlib.optim.dense_newton import dense_curvature
+      >>> f = lambda p: p["a"] ** 2 * p["b"][0] + p["b"][1] ** 2
+      >>> p = {"a": jnp.asarray(1.0), "b": jnp.array([3.0, 0.0])}
+      >>> hvp = lambda v: jax.jvp(jax.grad(f), (p,), (v,))[1]
+      >>> dense_curvature(hvp, p).tolist()
+      [[6.0, 2.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 2.0]]
+    """
     flat, unravel = ravel_pytree(params)
     eye = jnp.eye(flat.size, dtype=flat.dtype)
     cols = jax.vmap(lambda e: ravel_pytree(matvec(unravel(e)))[0])(eye)
     return 0.5 * (cols + cols.T)
 
 
-def modified_newton_direction(C, g, damping, min_eigenvalue, modification="abs"):
-    """``Q diag(1/(phi(Lambda) + damping)) Q^T g`` and the eigenvalues of ``C``."""
+def modified_newton_direction(C, g, damping, min_eigenvalue, modification="abs",
+                              eigenvalue_rtol=None):
+    """``Q diag(1/(phi(Lambda) + damping)) Q^T g`` and the eigenvalues of ``C``.
+
+    Components whose modified eigenvalue plus ``damping`` is zero are dropped
+    (the pseudo-inverse on an exactly singular, undamped, unfloored ``C``).
+    Cost: one ``O(n^3)`` symmetric eigendecomposition.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.optim.dense_newton import modified_newton_direction
+      >>> C = jnp.diag(jnp.array([-2.0, 4.0])); g = jnp.array([1.0, 1.0])
+      >>> p, w = modified_newton_direction(C, g, 0.0, 0.0, "abs")
+      >>> p.tolist(), w.tolist()  # |-2| = 2: a descent direction, g^T p > 0
+      ([0.5, 0.25], [-2.0, 4.0])
+    """
     w, Q = jnp.linalg.eigh(C)
-    floor = eigenvalue_floor(w, min_eigenvalue)
+    floor = eigenvalue_floor(w, min_eigenvalue, eigenvalue_rtol)
     mod = jnp.abs(w) if modification == "abs" else w
     wt = jnp.maximum(mod, floor) + damping
-    coef = (Q.T @ g) / jnp.where(wt > 0, wt, 1.0)
+    coef = jnp.where(wt > 0, (Q.T @ g) / jnp.where(wt > 0, wt, 1.0), 0.0)
     return Q @ coef, w
 
 
-def eigenvalue_floor(w, min_eigenvalue):
-    """``max(min_eigenvalue, sqrt(eps) * max|w|)``: the numerical-rank threshold."""
-    rel = jnp.sqrt(jnp.finfo(w.dtype).eps) * jnp.max(jnp.abs(w))
-    return jnp.maximum(min_eigenvalue, rel)
+def default_eigenvalue_rtol(n: int, dtype) -> float:
+    """``n * eps``: the numerical-rank threshold of an ``n x n`` symmetric eigensolve.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.optim.dense_newton import default_eigenvalue_rtol
+      >>> default_eigenvalue_rtol(10, jnp.float32) == 10 * float(jnp.finfo(jnp.float32).eps)
+      True
+    """
+    return float(n * jnp.finfo(dtype).eps)
+
+
+def eigenvalue_floor(w, min_eigenvalue, eigenvalue_rtol=None):
+    """``max(min_eigenvalue, eigenvalue_rtol * max|w|)`` (default ``eigenvalue_rtol = n eps``).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.optim.dense_newton import eigenvalue_floor
+      >>> w = jnp.array([2.0, 2e12])  # Brown's badly scaled Hessian at its minimiser
+      >>> float(eigenvalue_floor(w, 0.0, 1e-6)), float(eigenvalue_floor(w, 5.0, 0.0))
+      (2000000.0, 5.0)
+    """
+    if eigenvalue_rtol is None:
+        eigenvalue_rtol = default_eigenvalue_rtol(w.shape[0], w.dtype)
+    rel = jnp.asarray(eigenvalue_rtol, w.dtype) * jnp.max(jnp.abs(w))
+    return jnp.maximum(jnp.asarray(min_eigenvalue, w.dtype), rel)
 
 
 def scale_by_newton(
     damping: float = 0.0,
     *,
-    min_eigenvalue: float = 1e-8,
+    min_eigenvalue: float = 0.0,
+    eigenvalue_rtol: float | None = None,
     modification: str = "abs",
     max_params: int = 4096,
     ggn: tuple[Callable, Callable] | None = None,
     hvp_mode: str | None = None,
+    has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Dense Newton direction with damping and eigenvalue modification.
 
@@ -118,14 +177,20 @@ def scale_by_newton(
 
     Args:
       damping: ``lambda >= 0`` added to the modified eigenvalues (traceable).
-      min_eigenvalue: absolute floor of the modified eigenvalues (the floor is
-        also at least ``sqrt(eps) * max|mu|``).
+      min_eigenvalue: absolute floor ``>= 0`` of the modified eigenvalues
+        (traceable; default ``0``: only the relative floor).
+      eigenvalue_rtol: relative floor ``>= 0``: eigenvalues below
+        ``eigenvalue_rtol * max|mu|`` are raised to it (traceable). Default
+        ``n * eps`` of the parameters' dtype (the numerical-rank threshold);
+        raise it to regularise more, lower it (even to ``0``) to trust every
+        computed eigenvalue.
       modification: ``"abs"`` (``|mu|``, saddle-free) or ``"clip"``
         (``max(mu, mu_min)``).
       max_params: refuse (``ValueError`` at ``init``) above this many
         parameters: the method is ``O(n^3)`` time and ``O(n^2)`` memory.
       ggn: optional ``(model_fn, loss_fn)`` Gauss-Newton split.
       hvp_mode: Hessian product mode of :func:`curvlib.hessian_matvec`.
+      has_aux: ``value_fn`` returns ``(loss, aux)``; ``aux`` is ignored.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with state
@@ -134,9 +199,10 @@ def scale_by_newton(
     Raises:
       ValueError: invalid settings at construction; too many parameters at
         ``init``.
-      ValueError: from ``init``, for ``params`` with integer, bool or complex
-        leaves (a :class:`TypeError` too) or an empty ``params``.
-      TypeError: from ``update`` when ``value_fn`` is missing.
+      ValueError: from ``init``, for ``params`` with integer, bool, complex or
+        key leaves (a :class:`TypeError` too) or an empty ``params``.
+      TypeError: from ``update`` when ``value_fn`` is missing, cannot take the
+        extra arguments passed, or does not return a scalar loss.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -144,20 +210,23 @@ def scale_by_newton(
       >>> f = lambda p: 0.5 * p @ jnp.array([[3.0, 1.0], [1.0, 2.0]]) @ p - p.sum()
       >>> tx = scale_by_newton(); p = jnp.zeros(2); s = tx.init(p)
       >>> u, s = tx.update(jax.grad(f)(p), s, p, value_fn=f)
-      >>> p - u
-      Array([0.2, 0.4], dtype=float32)
+      >>> [round(float(x), 5) for x in p - u]  # the exact minimiser A^-1 1
+      [0.2, 0.4]
     """
     _common.check_nonnegative("damping", damping)
-    _common.check_positive("min_eigenvalue", min_eigenvalue)
+    _common.check_nonnegative("min_eigenvalue", min_eigenvalue)
+    _common.check_nonnegative("eigenvalue_rtol", eigenvalue_rtol)
     if modification not in MODIFICATIONS:
         raise ValueError(f"`modification` must be one of {MODIFICATIONS}; got {modification!r}.")
-    _common.check_int("max_params", max_params, 1)
+    _common.static_int("max_params", max_params, 1)
     _common.check_ggn(ggn)
+    _common.check_hvp_mode(hvp_mode)
+    name = "scale_by_newton"
 
     def init_fn(params):
-        _common.check_params("scale_by_newton", params)
+        _common.check_params(name, params)
         n = _tree.size(params)
-        if _common.is_concrete(max_params) and n > int(max_params):
+        if n > int(max_params):
             raise ValueError(
                 f"scale_by_newton forms the dense {n} x {n} curvature matrix ({n} parameters > "
                 f"max_params={int(max_params)}); use curvlib.newton_cg for large models "
@@ -171,80 +240,145 @@ def scale_by_newton(
         )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        value_fn, dt, value, matvec = _common.curvature_setup(
-            "scale_by_newton", value_fn, params, extra_args,
-            ggn=ggn, hvp_mode=hvp_mode, microbatch_size=None,
+        setup = _common.curvature_setup(
+            name, value_fn, params, extra_args,
+            ggn=ggn, hvp_mode=hvp_mode, microbatch_size=None, has_aux=has_aux,
         )
-        C = dense_curvature(matvec, params)
+        C = dense_curvature(setup.matvec, params)
         g, unravel = ravel_pytree(updates)
-        finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(C))
+        finite = jnp.isfinite(setup.value) & jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(C))
         C = jnp.where(finite, C, jnp.eye(C.shape[0], dtype=C.dtype))
         p, w = modified_newton_direction(
-            C, g.astype(C.dtype), damping, min_eigenvalue, modification
+            C, g.astype(C.dtype), damping, min_eigenvalue, modification, eigenvalue_rtol
         )
         finite = finite & jnp.all(jnp.isfinite(p))
         p = jnp.where(finite, p, 0.0).astype(g.dtype)
+        floor = eigenvalue_floor(w, min_eigenvalue, eigenvalue_rtol)
         info = NewtonInfo(
-            min_eigenvalue=w[0].astype(dt),
-            max_eigenvalue=w[-1].astype(dt),
-            num_modified=jnp.sum(w < eigenvalue_floor(w, min_eigenvalue)).astype(jnp.int32),
+            min_eigenvalue=w[0].astype(setup.dtype),
+            max_eigenvalue=w[-1].astype(setup.dtype),
+            num_modified=jnp.sum(w < floor).astype(jnp.int32),
             skipped=~finite,
-            loss=value,
+            loss=setup.value,
         )
         return unravel(p), ScaleByNewtonState(optax.safe_increment(state.count), info)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-# the default line search of the alias: Armijo backtracking from the full step
-_DEFAULT_LINESEARCH = optax.scale_by_backtracking_linesearch(
-    max_backtracking_steps=20, decrease_factor=0.5
-)
+@_weak_cache
+def _loss_in_default_float(fn: Callable) -> Callable:
+    """``fn`` with its value cast to JAX's default float (``jnp.result_type(float)``).
+
+    optax's backtracking line search with ``store_grad=True`` transposes the
+    loss's linearisation with the cotangent ``1.0``, a Python float; under
+    ``jax_enable_x64`` that is a float64 while a float32 model's loss is
+    float32, and the transpose fails. A loss in the default float matches it;
+    the gradient keeps the parameters' dtype.
+    """
+
+    @functools.wraps(fn)
+    def loss(params, *args, **kwargs):
+        return jnp.asarray(fn(params, *args, **kwargs), jnp.result_type(float))
+
+    return loss
+
+
+def default_linesearch() -> optax.GradientTransformationExtraArgs:
+    """The line search of :func:`newton`: Armijo backtracking from the full step, storing grad.
+
+    optax's :func:`optax.scale_by_backtracking_linesearch` (halving, at most 20
+    backtracking steps) with ``store_grad=True``: the loss and gradient at the
+    accepted point stay in the state, so the loop :func:`optax.lbfgs`
+    documents (:func:`optax.value_and_grad_from_state`) reuses them instead of
+    evaluating the gradient again (with ``store_grad=False`` that loop fails:
+    "Value or gradient not found").
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` with optax's
+      ``ScaleByBacktrackingLinesearchState``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.optim.dense_newton import default_linesearch
+      >>> state = default_linesearch().init(jnp.zeros(2))
+      >>> float(state.value), state.grad.tolist()  # +inf: value_and_grad_from_state recomputes
+      (inf, [0.0, 0.0])
+    """
+    ls = optax.scale_by_backtracking_linesearch(
+        max_backtracking_steps=20, decrease_factor=0.5, store_grad=True
+    )
+
+    def update_fn(updates, state, params=None, *, value_fn, **extra_args):
+        return ls.update(updates, state, params, value_fn=_loss_in_default_float(value_fn),
+                         **extra_args)
+
+    return optax.GradientTransformationExtraArgs(ls.init, update_fn)
+
+
+_DEFAULT = object()
 
 
 def newton(
     learning_rate: optax.ScalarOrSchedule | None = None,
     damping: float = 0.0,
     *,
-    min_eigenvalue: float = 1e-8,
+    min_eigenvalue: float = 0.0,
+    eigenvalue_rtol: float | None = None,
     modification: str = "abs",
     max_params: int = 4096,
     ggn: tuple[Callable, Callable] | None = None,
     hvp_mode: str | None = None,
-    linesearch: optax.GradientTransformationExtraArgs | optax.GradientTransformation | None = (
-        _DEFAULT_LINESEARCH
-    ),
+    has_aux: bool = False,
+    linesearch: Any = _DEFAULT,
 ) -> optax.GradientTransformationExtraArgs:
     """Dense Newton: ``chain(scale_by_newton, -lr, linesearch)`` (see :func:`scale_by_newton`).
 
-    The default line search is optax's Armijo backtracking starting from the
-    full Newton step (so a quadratic is still solved in one step, while the far
-    field of e.g. a logistic loss, where pure Newton overshoots, is
-    globalised); ``update`` then needs ``value=``, ``grad=`` and ``value_fn=``.
-    ``linesearch=None`` gives the pure (modified) Newton iteration.
+    The default line search (:func:`default_linesearch`) is optax's Armijo
+    backtracking starting from the full Newton step (so a quadratic is still
+    solved in one step, while the far field of e.g. a logistic loss, where
+    pure Newton overshoots, is globalised). ``update(grads, state, params,
+    value_fn=loss, **batch)`` is all it needs: the loss and gradient the line
+    search takes are computed when ``value=``/``grad=`` are not passed. It
+    stores the loss and gradient at the new point, so the loop of
+    :func:`optax.lbfgs` (:func:`optax.value_and_grad_from_state`) works
+    unchanged. ``linesearch=None`` gives the pure (modified) Newton iteration.
+
+    Args:
+      learning_rate: optional scale or schedule; ``None`` means 1.
+      damping, min_eigenvalue, eigenvalue_rtol, modification, max_params, ggn,
+      hvp_mode: see :func:`scale_by_newton`.
+      has_aux: ``value_fn`` returns ``(loss, aux)``.
+      linesearch: an optax line search, ``None``, or the default.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`; ``state[0]`` is the
+      :class:`ScaleByNewtonState`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
       >>> from curvlib.optim import newton
       >>> f = lambda p: jnp.sum(jnp.logaddexp(0.0, -p)) + 0.05 * jnp.sum(p ** 2)
       >>> opt = newton(); p = jnp.full(3, 5.0); s = opt.init(p)
-      >>> for _ in range(8):
-      ...     v, g = jax.value_and_grad(f)(p)
+      >>> vg = optax.value_and_grad_from_state(f)  # the loop optax.lbfgs documents
+      >>> @jax.jit
+      ... def step(p, s):
+      ...     v, g = vg(p, state=s)
       ...     u, s = opt.update(g, s, p, value=v, grad=g, value_fn=f)
-      ...     p = optax.apply_updates(p, u)
+      ...     return optax.apply_updates(p, u), s
+      >>> for _ in range(8):
+      ...     p, s = step(p, s)
       >>> bool(jnp.linalg.norm(jax.grad(f)(p)) < 1e-5)
       True
     """
-    base_scaling = (
-        optax.scale(-1.0) if learning_rate is None else optax.scale_by_learning_rate(learning_rate)
+    if linesearch is _DEFAULT:
+        linesearch = default_linesearch()
+    direction = scale_by_newton(
+        damping, min_eigenvalue=min_eigenvalue, eigenvalue_rtol=eigenvalue_rtol,
+        modification=modification, max_params=max_params, ggn=ggn, hvp_mode=hvp_mode,
+        has_aux=has_aux,
     )
-    parts = [
-        scale_by_newton(
-            damping, min_eigenvalue=min_eigenvalue, modification=modification,
-            max_params=max_params, ggn=ggn, hvp_mode=hvp_mode,
-        ),
-        base_scaling,
-    ]
-    if linesearch is not None:
-        parts.append(_common.strongly_typed(linesearch))
-    return optax.chain(*parts)
+    return _common.alias(
+        "newton", [direction, _common.learning_rate_link(learning_rate)],
+        linesearch=linesearch, has_aux=has_aux,
+    )

@@ -58,10 +58,38 @@ its batch once. ``C = J^T H_l J`` with ``J`` the Jacobian of ``model_fn`` and
 ``H_l`` the Hessian of ``loss_fn`` in the outputs (:func:`curvlib.ggn_matvec`):
 positive semi-definite for a convex output loss (Schraudolph 2002).
 
-Cost per step (``k`` CG steps): one gradient-sized linearisation, ``k + 1``
-curvature products (one for :math:`\rho`), one loss evaluation at the trial
-point (and one at ``params`` unless ``value=`` is passed, as optax's line
-searches require anyway). Memory: the linearisation residuals plus five
+The reduction ratio compares the loss ``value_fn`` with *its own* quadratic
+model: ``g`` in :math:`q` is the gradient of ``value_fn`` at ``params``
+(``grad=`` when passed), not the incoming update, so ``rho`` stays meaningful
+when the update is a clipped or accumulated gradient.
+
+Hyperparameters and wrappers
+----------------------------
+* ``optax.inject_hyperparams(newton_cg)(damping=...)``: every numeric
+  argument is read at each step; ``damping`` is the *initial* value of an
+  adapted quantity kept in the state, and a newly injected value (different
+  from the one seen at the previous step, ``state.damping_setting``) replaces
+  the adapted damping, which then adapts from it. ``max_cg_steps`` and
+  ``microbatch_size`` fix loop bounds and shapes: list them in
+  ``static_args``.
+* ``optax.MultiSteps(newton_cg(), k)`` averages the gradient over ``k``
+  micro-batches but passes the inner update only the last micro-step's extra
+  arguments. The step then solves ``(C_B + lambda I) p = mean gradient`` with
+  ``C_B`` the curvature of the last micro-batch's ``value_fn``, and ``rho``
+  compares that ``value_fn`` with its own model (consistent: curvature, loss
+  and model gradient all from one batch; a sub-sampled-curvature Newton step,
+  Byrd et al. 2011). MultiSteps also runs the inner update, CG solve included,
+  at every micro-step and keeps only the last. To use a large batch at bounded
+  memory prefer ``microbatch_size`` (the curvature of the whole batch,
+  accumulated chunk by chunk); for the full-batch step under MultiSteps pass a
+  ``value_fn`` over the whole accumulated batch at the last micro-step.
+
+Cost per step (``k`` CG steps): one linearisation of the loss's gradient (it
+also gives the loss and gradient at ``params``), ``k + 1`` curvature products
+(one for :math:`\rho`), one loss evaluation at the trial point. With a
+Gauss-Newton split, another ``hvp_mode`` or ``microbatch_size``, the loss and
+gradient at ``params`` cost one gradient evaluation unless ``value=`` and
+``grad=`` are passed. Memory: the linearisation residuals plus five
 parameter-sized CG vectors and the stored warm start.
 
 References:
@@ -71,6 +99,8 @@ References:
   T. Steihaug, *The conjugate gradient method and trust regions in large scale
   optimization*, SIAM J. Numer. Anal. 1983.
   J. Nocedal and S. Wright, *Numerical Optimization*, 2nd ed., 2006, ch. 7.
+  R. Byrd, G. Chin, W. Neveitt and J. Nocedal, *On the use of stochastic Hessian
+  information in optimization methods for machine learning*, SIAM J. Optim. 2011.
 """
 
 from __future__ import annotations
@@ -122,13 +152,17 @@ class ScaleByNewtonCGState(NamedTuple):
 
     Attributes:
       count: number of ``update`` calls.
-      damping: the Levenberg-Marquardt ``lambda`` for the next step.
+      damping: the Levenberg-Marquardt ``lambda`` for the next step (adapted).
+      damping_setting: the ``damping`` argument seen at the last step; when the
+        argument changes (e.g. a new value injected with
+        ``optax.inject_hyperparams``) the adapted ``damping`` restarts from it.
       solution: the last CG solution (the next warm start, before decay).
       info: :class:`NewtonCGInfo` of the last step.
     """
 
     count: jax.Array
     damping: jax.Array
+    damping_setting: jax.Array
     solution: PyTree
     info: NewtonCGInfo
 
@@ -144,22 +178,45 @@ def _validate(damping, damping_increase, damping_decrease, min_damping, max_damp
     if _common.is_concrete(damping_decrease) and not 0 < float(np.asarray(damping_decrease)) <= 1:
         raise ValueError(f"`damping_decrease` must lie in (0, 1]; got {damping_decrease}.")
     _common.check_in_range("warm_start_decay", warm_start_decay, 0.0, 1.0)
-    for name, value in (("max_cg_steps", max_cg_steps), ("microbatch_size", microbatch_size)):
-        if value is not None and not _common.is_concrete(value):
-            raise ValueError(
-                f"`{name}` shapes the computation and must be a static int; with "
-                f"`optax.inject_hyperparams` list it in `static_args=('{name}',)`."
-            )
-        _common.check_int(name, value, 1)
-    if hvp_mode not in (None, "linearize", "fwd-rev", "rev-rev"):
-        raise ValueError(
-            f"`hvp_mode` must be None, 'linearize', 'fwd-rev' or 'rev-rev'; got {hvp_mode!r}."
-        )
+    if max_cg_steps is not None:
+        _common.static_int("max_cg_steps", max_cg_steps, 1)
+    _common.check_microbatch_size(microbatch_size)
+    _common.check_hvp_mode(hvp_mode)
     _common.check_ggn(ggn)
 
 
+# ------------------------------------------------------------- named steps
+
+
+def current_damping(state: ScaleByNewtonCGState, damping) -> jax.Array:
+    """The ``lambda`` of this step: the adapted one, or ``damping`` when the setting changed.
+
+    ``damping`` is the transform's argument (a traced value under
+    ``optax.inject_hyperparams``); a value different from ``state.damping_setting``
+    is a new setting and replaces the adapted damping.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.optim import scale_by_newton_cg
+      >>> from curvlib.optim.hessian_free import current_damping
+      >>> state = scale_by_newton_cg(damping=1.0).init(jnp.zeros(2))
+      >>> state = state._replace(damping=jnp.asarray(0.1))  # adapted since
+      >>> round(float(current_damping(state, 1.0)), 6), float(current_damping(state, 5.0))
+      (0.1, 5.0)
+    """
+    setting = jnp.asarray(damping).astype(state.damping.dtype)
+    return jnp.where(setting != state.damping_setting, setting, state.damping)
+
+
 def _solve(matvec, g, x0, damping, rtol, max_steps):
-    """Truncated CG for ``(C + damping I) p = g`` with the descent fallback (testable helper)."""
+    """Truncated CG for ``(C + damping I) p = g`` with the descent fallback.
+
+    Returns ``(p, cg_result)``. When CG's iterate is not a descent direction
+    (``g^T p <= 0``: negative curvature at the first step, a bad warm start),
+    ``p`` is the gradient scaled by its absolute Rayleigh quotient,
+    ``g ||g||^2 / (|g^T C g| + damping ||g||^2)`` (one product, in a ``lax.cond``
+    branch).
+    """
     res = cg(matvec, g, x0=x0, damping=damping, rtol=rtol, max_steps=max_steps)
     descent = _tree.vdot(g, res.x) > 0
 
@@ -171,6 +228,69 @@ def _solve(matvec, g, x0, damping, rtol, max_steps):
 
     p = jax.lax.cond(descent, lambda _: res.x, fallback, None)
     return p, res
+
+
+def model_decrease(grad, p, matvec):
+    r"""``(q(-p), p^T C p)``: the undamped quadratic model of the loss along the step ``-p``.
+
+    :math:`q(-p) = -\nabla f^\top p + \tfrac12 p^\top C p`, with ``grad`` the
+    gradient of the loss whose curvature ``C`` is (so the model and the
+    measured decrease describe the same function). One product.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.optim.hessian_free import model_decrease
+      >>> C = jnp.diag(jnp.array([2.0, 4.0])); g = jnp.array([2.0, 4.0])
+      >>> p = jnp.linalg.solve(C, g)  # the Newton step: q(-p) = -g^T C^-1 g / 2
+      >>> [float(v) for v in model_decrease(g, p, lambda v: C @ v)]
+      [-3.0, 6.0]
+    """
+    pcp = _tree.vdot(p, matvec(p))
+    return -_tree.vdot(grad, p) + 0.5 * pcp, pcp
+
+
+def reduction_ratio(actual, predicted, dt) -> jax.Array:
+    """``rho = actual / predicted``; ``-inf`` when non-finite (a model that never decreases).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.optim.hessian_free import reduction_ratio
+      >>> float(reduction_ratio(jnp.asarray(-1.5), jnp.asarray(-3.0), jnp.float32))
+      0.5
+      >>> float(reduction_ratio(jnp.asarray(jnp.nan), jnp.asarray(-3.0), jnp.float32))
+      -inf
+    """
+    tiny = jnp.finfo(dt).tiny
+    rho = actual / jnp.minimum(predicted, -tiny)
+    return jnp.where(jnp.isfinite(rho), rho, -jnp.inf).astype(dt)
+
+
+def new_damping(lam, rho, accepted, pcp, p, *, increase, decrease, min_damping, max_damping):
+    r"""The Levenberg-Marquardt rule (Martens 2010, sec. 4.1) with a rejection floor.
+
+    ``lam * increase`` for ``rho < 1/4``, ``lam * decrease`` for ``rho > 3/4``;
+    a rejected step raises ``lam`` at least to the curvature scale of its
+    direction, :math:`|p^\top C p| / \|p\|^2`, so recovery from a tiny ``lam``
+    takes O(1) steps instead of O(log(1/lam)); clipped to
+    ``[min_damping, max_damping]``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.optim.hessian_free import new_damping
+      >>> kw = dict(increase=1.5, decrease=0.5, min_damping=1e-8, max_damping=1e8)
+      >>> p = jnp.array([1.0, 0.0]); pcp = jnp.asarray(10.0)  # curvature 10 along p
+      >>> lam = jnp.asarray(1.0)
+      >>> float(new_damping(lam, jnp.asarray(0.9), jnp.asarray(True), pcp, p, **kw))
+      0.5
+      >>> float(new_damping(lam, jnp.asarray(-1.0), jnp.asarray(False), pcp, p, **kw))
+      10.0
+    """
+    dt = lam.dtype
+    factor = jnp.where(rho < 0.25, increase, jnp.where(rho > 0.75, decrease, 1.0))
+    lam_new = lam * factor
+    rayleigh = jnp.abs(pcp) / jnp.maximum(_tree.vdot(p, p), jnp.finfo(dt).tiny)
+    lam_new = jnp.where(accepted, lam_new, jnp.maximum(lam_new, rayleigh))
+    return jnp.clip(lam_new, min_damping, max_damping).astype(dt)
 
 
 def scale_by_newton_cg(
@@ -186,21 +306,27 @@ def scale_by_newton_cg(
     ggn: tuple[Callable, Callable] | None = None,
     hvp_mode: str | None = None,
     microbatch_size: int | None = None,
+    has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Hessian-free / truncated Newton-CG direction with adaptive LM damping.
 
-    Outputs :math:`p \approx (C + \lambda I)^{-1} g` where ``g`` is the incoming
-    update (the gradient of ``value_fn``); see the module docstring for the
-    damping rule, the step acceptance and the Gauss-Newton split.
+    Outputs :math:`p \approx (C + \lambda I)^{-1} u` where ``u`` is the incoming
+    update (usually the gradient); see the module docstring for the damping
+    rule, the step acceptance and the Gauss-Newton split.
 
     ``update(updates, state, params, *, value_fn, **extra_args)``: ``value_fn``
     is the loss on the current batch, called as ``value_fn(params, **kw)`` with
-    the extra arguments it names (optax's line-search convention); ``value=``,
-    when given, is reused as the loss at ``params``.
+    the extra arguments it names (optax's line-search convention). Its loss and
+    gradient at ``params`` come free from the linearisation that serves the
+    default Hessian products; with a Gauss-Newton split, another ``hvp_mode``
+    or ``microbatch_size``, ``value=`` and ``grad=`` are reused when given
+    (else one gradient evaluation).
 
     Args:
       damping: initial Levenberg-Marquardt ``lambda >= 0`` (traceable). ``0``
-        with enough CG steps gives the exact Newton step.
+        with enough CG steps gives the exact Newton step. Under
+        ``optax.inject_hyperparams`` a new value takes effect at the next step
+        (the adaptation restarts from it).
       damping_increase: factor (``>= 1``) applied when ``rho < 1/4``.
       damping_decrease: factor in ``(0, 1]`` applied when ``rho > 3/4``.
         Martens (2010) uses 3/2 and 2/3; the default 1/3 reaches the
@@ -210,15 +336,17 @@ def scale_by_newton_cg(
         ``damping`` as given).
       max_damping: upper clip of the adapted ``lambda``.
       cg_rtol: relative residual tolerance cap; the solve stops at
-        ``||r|| <= min(cg_rtol, sqrt(||g||)) ||g||``.
+        ``||r|| <= min(cg_rtol, sqrt(||u||)) ||u||``.
       max_cg_steps: static CG step cap (default ``min(100, dim)``).
       warm_start_decay: CG starts from ``warm_start_decay *`` the previous
         solution (``0`` disables the warm start).
       ggn: ``None`` for the Hessian of ``value_fn``, or ``(model_fn, loss_fn)``
         for the Gauss-Newton matrix of that split (module docstring).
       hvp_mode: Hessian product mode of :func:`curvlib.hessian_matvec`.
-      microbatch_size: accumulate curvature products over chunks of the
-        leading axis of every array extra argument the loss functions take.
+      microbatch_size: accumulate curvature products over chunks of every
+        batched extra argument (the leaves sharing the batch's leading axis;
+        other arguments are passed whole), at the memory of one chunk.
+      has_aux: ``value_fn`` returns ``(loss, aux)``; ``aux`` is ignored.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with state
@@ -227,38 +355,42 @@ def scale_by_newton_cg(
     Raises:
       ValueError: at construction, for negative damping, ``max_cg_steps < 1``
         and other invalid static settings.
-      ValueError: from ``init``, for ``params`` with integer, bool or complex
-        leaves (a :class:`TypeError` too) or an empty ``params``.
-      TypeError: from ``update`` when ``value_fn`` is missing.
+      ValueError: from ``init``, for ``params`` with integer, bool, complex or
+        key leaves (a :class:`TypeError` too) or an empty ``params``.
+      TypeError: from ``update`` when ``value_fn`` is missing, cannot take the
+        extra arguments passed, or does not return a scalar loss.
 
     Examples:
-      >>> import jax.numpy as jnp, optax
+      >>> import jax, jax.numpy as jnp, optax
       >>> from curvlib.optim import scale_by_newton_cg
       >>> f = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 10.0]) * p ** 2)
       >>> tx = optax.chain(scale_by_newton_cg(damping=0.0, cg_rtol=1e-6), optax.scale(-1.0))
       >>> p = jnp.array([1.0, 1.0]); state = tx.init(p)
       >>> u, state = tx.update(jax.grad(f)(p), state, p, value_fn=f)
-      >>> optax.apply_updates(p, u)
-      Array([0., 0.], dtype=float32)
+      >>> bool(jnp.allclose(optax.apply_updates(p, u), 0.0, atol=1e-6))  # the minimiser
+      True
 
     References:
       Martens, *Deep learning via Hessian-free optimization*, ICML 2010.
     """
     _validate(damping, damping_increase, damping_decrease, min_damping, max_damping,
               cg_rtol, warm_start_decay, max_cg_steps, microbatch_size, hvp_mode, ggn)
+    name = "scale_by_newton_cg"
 
     def init_fn(params):
-        _common.check_params("scale_by_newton_cg", params)
+        _common.check_params(name, params)
         dt = _common.float_dtype(params)
         zero = jnp.zeros((), dt)
+        lam = jnp.asarray(damping, dt)
         return ScaleByNewtonCGState(
             count=jnp.zeros((), jnp.int32),
-            damping=jnp.asarray(damping, dt),
+            damping=lam,
+            damping_setting=lam,
             solution=_tree.zeros_like(params),
             info=NewtonCGInfo(
                 num_cg_steps=jnp.zeros((), jnp.int32),
                 residual_norm=zero,
-                damping=jnp.asarray(damping, dt),
+                damping=lam,
                 rho=zero,
                 negative_curvature=jnp.asarray(False),
                 accepted=jnp.asarray(False),
@@ -268,49 +400,28 @@ def scale_by_newton_cg(
         )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        value_fn, dt, value, matvec = _common.curvature_setup(
-            "scale_by_newton_cg", value_fn, params, extra_args,
-            ggn=ggn, hvp_mode=hvp_mode, microbatch_size=microbatch_size,
+        setup = _common.curvature_setup(
+            name, value_fn, params, extra_args, ggn=ggn, hvp_mode=hvp_mode,
+            microbatch_size=microbatch_size, has_aux=has_aux,
         )
-        g = updates
-        lam = state.damping
-        max_steps = max_cg_steps
-        if max_steps is None:
-            max_steps = min(DEFAULT_MAX_CG_STEPS, _tree.size(params))
-        gnorm = _tree.norm(g)
-        rtol = jnp.minimum(cg_rtol, jnp.sqrt(gnorm))
+        dt = setup.dtype
+        lam = current_damping(state, damping)
+        max_steps = max_cg_steps or min(DEFAULT_MAX_CG_STEPS, _tree.size(params))
+        rtol = jnp.minimum(cg_rtol, jnp.sqrt(_tree.norm(updates)))
         x0 = _tree.scale(jnp.asarray(warm_start_decay, dt), state.solution)
-        p, res = _solve(matvec, g, x0, lam, rtol, int(max_steps))
-
-        # reduction ratio against the undamped quadratic model q(-p)
-        gp = _tree.vdot(g, p)
-        pcp = _tree.vdot(p, matvec(p))
-        predicted = -gp + 0.5 * pcp
-        trial = jnp.asarray(_common.call(value_fn, _tree.sub(params, p), extra_args)).astype(dt)
-        actual = trial - value
-        tiny = jnp.finfo(dt).tiny
-        rho = actual / jnp.minimum(predicted, -tiny)
-        rho = jnp.where(jnp.isfinite(rho), rho, -jnp.inf).astype(dt)
-
+        p, res = _solve(setup.matvec, updates, x0, lam, rtol, int(max_steps))
+        predicted, pcp = model_decrease(setup.grad, p, setup.matvec)
+        trial = jnp.asarray(setup.loss(_tree.sub(params, p))).astype(dt)
+        rho = reduction_ratio(trial - setup.value, predicted, dt)
         finite = (
-            _common.all_finite(value, g, p) & res.finite & jnp.isfinite(pcp)
+            _common.all_finite(setup.value, setup.grad, updates, p)
+            & res.finite & jnp.isfinite(pcp)
         )
-        accepted = finite & jnp.isfinite(trial) & (actual <= 0)
-        factor = jnp.where(
-            rho < 0.25, damping_increase, jnp.where(rho > 0.75, damping_decrease, 1.0)
+        accepted = finite & jnp.isfinite(trial) & (trial - setup.value <= 0)
+        lam_next = new_damping(
+            lam, rho, accepted, pcp, p, increase=damping_increase, decrease=damping_decrease,
+            min_damping=min_damping, max_damping=max_damping,
         )
-        new_lam = lam * factor
-        # a rejected step raises lambda at least to the curvature scale of its direction, so
-        # recovery from a tiny lambda takes O(1) steps, not O(log(1 / lambda))
-        rayleigh = jnp.abs(pcp) / jnp.maximum(_tree.vdot(p, p), tiny)
-        new_lam = jnp.where(accepted, new_lam, jnp.maximum(new_lam, rayleigh))
-        new_lam = jnp.clip(new_lam, min_damping, max_damping).astype(dt)
-        new_lam = jnp.where(finite, new_lam, lam)
-
-        zeros = _tree.zeros_like(p)
-        out = _common.select_tree(accepted, p, zeros)
-        out = jax.tree.map(lambda o, u: o.astype(jnp.result_type(u)), out, updates)
-        solution = _common.select_tree(finite, p, state.solution)
         info = NewtonCGInfo(
             num_cg_steps=jnp.asarray(res.num_steps, jnp.int32),
             residual_norm=jnp.asarray(res.residual_norm, dt),
@@ -319,17 +430,27 @@ def scale_by_newton_cg(
             negative_curvature=res.negative_curvature,
             accepted=accepted,
             skipped=~finite,
-            loss=value,
+            loss=setup.value,
         )
-        new_state = ScaleByNewtonCGState(
-            count=optax.safe_increment(state.count),
-            damping=new_lam,
-            solution=solution,
-            info=info,
-        )
-        return out, new_state
+        return _commit(updates, state, p, lam_next, finite, accepted, info, damping)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _commit(updates, state, p, lam_next, finite, accepted, info, damping):
+    """Output ``p`` if accepted (else zeros); advance the state unless the step was non-finite."""
+    out = _common.select_tree(accepted, p, _tree.zeros_like(p))
+    out = jax.tree.map(lambda o, u: o.astype(jnp.result_type(u)), out, updates)
+    dt = state.damping.dtype
+    setting = jnp.asarray(damping).astype(dt)
+    new_state = ScaleByNewtonCGState(
+        count=optax.safe_increment(state.count),
+        damping=jnp.where(finite, lam_next, state.damping).astype(dt),
+        damping_setting=jnp.where(finite, setting, state.damping_setting).astype(dt),
+        solution=_common.select_tree(finite, p, state.solution),
+        info=info,
+    )
+    return out, new_state
 
 
 def newton_cg(
@@ -346,6 +467,7 @@ def newton_cg(
     ggn: tuple[Callable, Callable] | None = None,
     hvp_mode: str | None = None,
     microbatch_size: int | None = None,
+    has_aux: bool = False,
     linesearch: optax.GradientTransformationExtraArgs | optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Newton-CG / Hessian-free optimiser: ``chain(scale_by_newton_cg, -lr, linesearch)``.
@@ -354,51 +476,63 @@ def newton_cg(
     :func:`scale_by_newton_cg`, then :func:`optax.scale_by_learning_rate` (or
     ``scale(-1)`` when ``learning_rate`` is ``None``: the full Newton step,
     globalised by the adaptive damping and step rejection), then an optional
-    optax line search (e.g. :func:`optax.scale_by_zoom_linesearch`, which needs
-    ``value=`` and ``grad=`` extra arguments). Works under
-    ``optax.inject_hyperparams(newton_cg)(learning_rate=...)``.
+    optax line search (e.g. :func:`optax.scale_by_zoom_linesearch`).
+
+    ``update(grads, state, params, value_fn=loss, **batch)`` is all it needs:
+    with a line search and no ``value=``/``grad=``, the loss and gradient are
+    computed once and shared by every link. It runs in the loop
+    :func:`optax.lbfgs` documents (:func:`optax.value_and_grad_from_state`),
+    under ``optax.inject_hyperparams(newton_cg)(learning_rate=..., damping=...)``
+    and inside ``nnx.Optimizer.update(model, grads, value_fn=...)``. For the
+    ``optax.lbfgs`` loop the state holds, without a line search, a
+    ``value = +inf`` marker with a zero gradient placeholder (one
+    parameter-sized buffer) that tells :func:`optax.value_and_grad_from_state`
+    to evaluate them afresh; ``optax.chain(scale_by_newton_cg(...),
+    optax.scale(-lr))`` does without it.
 
     Args:
       learning_rate: optional scale or schedule; ``None`` means 1.
-      damping: initial Levenberg-Marquardt damping.
+      damping: initial Levenberg-Marquardt damping (a new injected value takes
+        effect at the next step, see :func:`scale_by_newton_cg`).
       damping_increase, damping_decrease, min_damping, max_damping, cg_rtol,
       max_cg_steps, warm_start_decay, ggn, hvp_mode, microbatch_size: see
         :func:`scale_by_newton_cg`.
+      has_aux: ``value_fn`` returns ``(loss, aux)``.
       linesearch: optional optax line search appended to the chain.
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs`.
+      An :class:`optax.GradientTransformationExtraArgs`; its state is the
+      chain's tuple, ``state[0]`` the :class:`ScaleByNewtonCGState`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
       >>> from curvlib.optim import newton_cg
       >>> f = lambda p: jnp.sum((p - 1.0) ** 4) + jnp.sum((p - 1.0) ** 2)
       >>> opt = newton_cg(); p = jnp.zeros(3); state = opt.init(p)
-      >>> for _ in range(10):
+      >>> @jax.jit
+      ... def step(p, state):
       ...     u, state = opt.update(jax.grad(f)(p), state, p, value_fn=f)
-      ...     p = optax.apply_updates(p, u)
+      ...     return optax.apply_updates(p, u), state
+      >>> for _ in range(10):
+      ...     p, state = step(p, state)
       >>> bool(jnp.allclose(p, 1.0, atol=1e-3))
       True
     """
-    base_scaling = (
-        optax.scale(-1.0) if learning_rate is None else optax.scale_by_learning_rate(learning_rate)
+    direction = scale_by_newton_cg(
+        damping,
+        damping_increase=damping_increase,
+        damping_decrease=damping_decrease,
+        min_damping=min_damping,
+        max_damping=max_damping,
+        cg_rtol=cg_rtol,
+        max_cg_steps=max_cg_steps,
+        warm_start_decay=warm_start_decay,
+        ggn=ggn,
+        hvp_mode=hvp_mode,
+        microbatch_size=microbatch_size,
+        has_aux=has_aux,
     )
-    parts = [
-        scale_by_newton_cg(
-            damping,
-            damping_increase=damping_increase,
-            damping_decrease=damping_decrease,
-            min_damping=min_damping,
-            max_damping=max_damping,
-            cg_rtol=cg_rtol,
-            max_cg_steps=max_cg_steps,
-            warm_start_decay=warm_start_decay,
-            ggn=ggn,
-            hvp_mode=hvp_mode,
-            microbatch_size=microbatch_size,
-        ),
-        base_scaling,
-    ]
-    if linesearch is not None:
-        parts.append(_common.strongly_typed(linesearch))
-    return optax.chain(*parts)
+    return _common.alias(
+        "newton_cg", [direction, _common.learning_rate_link(learning_rate)],
+        linesearch=linesearch, has_aux=has_aux,
+    )

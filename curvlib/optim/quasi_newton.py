@@ -79,7 +79,16 @@ class ScaleByBFGSState(NamedTuple):
 
 
 def bfgs_inverse_update(H, s, y, rho):
-    """``(I - rho s y^T) H (I - rho y s^T) + rho s s^T`` in ``O(n^2)``."""
+    """``(I - rho s y^T) H (I - rho y s^T) + rho s s^T`` in ``O(n^2)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.optim.quasi_newton import bfgs_inverse_update
+      >>> s, y = jnp.array([1.0, 0.0]), jnp.array([2.0, 1.0])
+      >>> H = bfgs_inverse_update(jnp.eye(2), s, y, 1.0 / (s @ y))
+      >>> (H @ y).tolist()  # the secant equation H y = s
+      [1.0, 0.0]
+    """
     Hy = H @ y
     yHy = y @ Hy
     return (
@@ -89,10 +98,68 @@ def bfgs_inverse_update(H, s, y, rho):
     )
 
 
+def secant_update(state: ScaleByBFGSState, x, g, finite, curvature_rtol):
+    r"""The inverse Hessian after the pair ``s = x - x_prev``, ``y = g - g_prev``.
+
+    Skipped (the old matrix kept) unless :math:`s^\top y > \texttt{curvature\_rtol}
+    \|s\|\|y\|` and the step is finite; before the first accepted pair the
+    matrix is first reset to :math:`(s^\top y / y^\top y) I` (Nocedal & Wright,
+    eq. 6.20).
+
+    Returns:
+      ``(inv_hessian, num_updates, s^T y, accepted)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.optim import scale_by_bfgs
+      >>> from curvlib.optim.quasi_newton import secant_update
+      >>> state = scale_by_bfgs().init(jnp.zeros(2))
+      >>> state = state._replace(count=jnp.asarray(1))  # one step taken from x_prev = 0
+      >>> H, n, sy, ok = secant_update(state, jnp.array([1.0, 0.0]), jnp.array([2.0, 1.0]),
+      ...                              jnp.asarray(True), 1e-10)
+      >>> (H @ jnp.array([2.0, 1.0])).tolist(), int(n), bool(ok)  # H y = s
+      ([1.0, 0.0], 1, True)
+    """
+    dt = x.dtype
+    s = x - ravel_pytree(state.prev_params)[0].astype(dt)
+    y = g - ravel_pytree(state.prev_grad)[0].astype(dt)
+    sy, yy = s @ y, y @ y
+    ok = (
+        finite
+        & (state.count > 0)
+        & (sy > curvature_rtol * jnp.sqrt(s @ s) * jnp.sqrt(yy))
+        & (yy > 0)
+    )
+    H = state.inv_hessian
+    eye = jnp.eye(H.shape[0], dtype=dt)
+    H0 = jnp.where(state.num_updates == 0, (sy / jnp.where(yy > 0, yy, 1.0)) * eye, H)
+    rho = 1.0 / jnp.where(ok, sy, 1.0)
+    H_new = jnp.where(ok, bfgs_inverse_update(H0, s, y, rho), H)
+    return H_new, state.num_updates + ok.astype(jnp.int32), sy, ok
+
+
+def bfgs_direction(inv_hessian, g, num_updates):
+    """``H g``, or before any pair ``min(1, 1/||g||) g`` (as :func:`optax.scale_by_lbfgs`).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.optim.quasi_newton import bfgs_direction
+      >>> g = jnp.array([3.0, 4.0])
+      >>> [round(v, 6) for v in bfgs_direction(jnp.eye(2), g, 0).tolist()]  # unit length
+      [0.6, 0.8]
+      >>> bfgs_direction(2.0 * jnp.eye(2), g, 1).tolist()
+      [6.0, 8.0]
+    """
+    gnorm = jnp.sqrt(g @ g)
+    first_scale = jnp.minimum(1.0, 1.0 / jnp.where(gnorm > 0, gnorm, 1.0))
+    return jnp.where(num_updates == 0, first_scale * g, inv_hessian @ g)
+
+
 def scale_by_bfgs(
     *,
     curvature_rtol: float = 1e-10,
     max_params: int = 4096,
+    has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Dense BFGS direction ``H_k g_k`` with skipped updates on failed curvature.
 
@@ -104,6 +171,7 @@ def scale_by_bfgs(
       curvature_rtol: a pair is used only if ``s^T y > curvature_rtol ||s|| ||y||``.
       max_params: refuse (``ValueError`` at ``init``) above this many
         parameters (``O(n^2)`` memory).
+      has_aux: ``value_fn`` returns ``(loss, aux)``; ``aux`` is ignored.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with state
@@ -111,17 +179,32 @@ def scale_by_bfgs(
 
     Raises:
       ValueError: invalid settings at construction; too many parameters at init.
-      ValueError: from ``init``, for ``params`` with integer, bool or complex
-        leaves (a :class:`TypeError` too) or an empty ``params``.
-      TypeError: from ``update`` when ``value_fn`` is missing.
+      ValueError: from ``init``, for ``params`` with integer, bool, complex or
+        key leaves (a :class:`TypeError` too) or an empty ``params``.
+      TypeError: from ``update`` when ``value_fn`` is missing, cannot take the
+        extra arguments passed, or does not return a scalar loss.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from curvlib.optim import scale_by_bfgs
+      >>> A = jnp.array([[2.0, 0.5], [0.5, 1.0]])
+      >>> f = lambda p: 0.5 * p @ A @ p
+      >>> tx = scale_by_bfgs(); p0, p1 = jnp.array([1.0, 1.0]), jnp.array([0.9, 0.8])
+      >>> s = tx.init(p0)
+      >>> _, s = tx.update(jax.grad(f)(p0), s, p0, value_fn=f)
+      >>> _, s = tx.update(jax.grad(f)(p1), s, p1, value_fn=f)
+      >>> # the secant equation H y = s holds after the update
+      >>> bool(jnp.allclose(s.inv_hessian @ (A @ (p1 - p0)), p1 - p0, atol=1e-6))
+      True
     """
     _common.check_nonnegative("curvature_rtol", curvature_rtol)
-    _common.check_int("max_params", max_params, 1)
+    _common.static_int("max_params", max_params, 1)
+    name = "scale_by_bfgs"
 
     def init_fn(params):
-        _common.check_params("scale_by_bfgs", params)
+        _common.check_params(name, params)
         n = _tree.size(params)
-        if _common.is_concrete(max_params) and n > int(max_params):
+        if n > int(max_params):
             raise ValueError(
                 f"scale_by_bfgs stores a dense {n} x {n} matrix ({n} parameters > "
                 f"max_params={int(max_params)}); use optax.lbfgs or raise `max_params`."
@@ -138,41 +221,17 @@ def scale_by_bfgs(
         )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        value_fn = _common.require_value_fn("scale_by_bfgs", value_fn)
-        params = _common.require_params("scale_by_bfgs", params)
+        loss = _common.bind_loss(name, value_fn, extra_args, has_aux=has_aux)
+        params = _common.require_params(name, params)
         dt = _common.float_dtype(params)
-        value = _common.value_at(value_fn, params, extra_args, dt)
-        x, _ = ravel_pytree(params)
+        value = _common.loss_value(loss, params, extra_args, dt)
         g, unravel = ravel_pytree(updates)
-        x = x.astype(dt)
-        g = g.astype(dt)
-        x_prev = ravel_pytree(state.prev_params)[0].astype(dt)
-        g_prev = ravel_pytree(state.prev_grad)[0].astype(dt)
+        x, g = ravel_pytree(params)[0].astype(dt), g.astype(dt)
         finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(x))
-
-        s = x - x_prev
-        y = g - g_prev
-        sy = s @ y
-        yy = y @ y
-        ok = (
-            finite
-            & (state.count > 0)
-            & (sy > curvature_rtol * jnp.sqrt(s @ s) * jnp.sqrt(yy))
-            & (yy > 0)
-        )
-        H = state.inv_hessian
-        H0 = jnp.where(state.num_updates == 0, (sy / jnp.where(yy > 0, yy, 1.0)) * jnp.eye(
-            H.shape[0], dtype=dt), H)
-        rho = 1.0 / jnp.where(ok, sy, 1.0)
-        H_new = jnp.where(ok, bfgs_inverse_update(H0, s, y, rho), H)
-        num_updates = state.num_updates + ok.astype(jnp.int32)
-
-        gnorm = jnp.sqrt(g @ g)
-        first_scale = jnp.minimum(1.0, 1.0 / jnp.where(gnorm > 0, gnorm, 1.0))
-        p = jnp.where(num_updates == 0, first_scale * g, H_new @ g)
+        H_new, num_updates, sy, ok = secant_update(state, x, g, finite, curvature_rtol)
+        p = bfgs_direction(H_new, g, num_updates)
         finite = finite & jnp.all(jnp.isfinite(p))
         p = jnp.where(finite, p, 0.0)
-
         new_state = ScaleByBFGSState(
             count=optax.safe_increment(state.count),
             num_updates=jnp.where(finite, num_updates, state.num_updates),
@@ -191,10 +250,20 @@ def scale_by_bfgs(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-# the default line search of the alias (optax.lbfgs's own)
-_DEFAULT_LINESEARCH = optax.scale_by_zoom_linesearch(
-    max_linesearch_steps=20, initial_guess_strategy="one"
-)
+def default_linesearch() -> optax.GradientTransformationExtraArgs:
+    """The line search of :func:`bfgs`: optax's zoom (strong Wolfe), as in :func:`optax.lbfgs`.
+
+    Examples:
+      >>> from curvlib.optim.quasi_newton import default_linesearch
+      >>> import jax.numpy as jnp
+      >>> state = default_linesearch().init(jnp.zeros(2))
+      >>> float(state.value)  # +inf: optax.value_and_grad_from_state computes it afresh
+      inf
+    """
+    return optax.scale_by_zoom_linesearch(max_linesearch_steps=20, initial_guess_strategy="one")
+
+
+_DEFAULT = object()
 
 
 def bfgs(
@@ -202,33 +271,50 @@ def bfgs(
     *,
     curvature_rtol: float = 1e-10,
     max_params: int = 4096,
-    linesearch: optax.GradientTransformationExtraArgs | optax.GradientTransformation | None = (
-        _DEFAULT_LINESEARCH
-    ),
+    has_aux: bool = False,
+    linesearch: Any = _DEFAULT,
 ) -> optax.GradientTransformationExtraArgs:
     """Dense BFGS: ``chain(scale_by_bfgs, -lr, zoom line search)``, built as :func:`optax.lbfgs`.
 
-    With the default zoom line search, ``update`` needs ``value=``, ``grad=``
-    and ``value_fn=`` (use :func:`optax.value_and_grad_from_state`, exactly as
-    for :func:`optax.lbfgs`).
+    ``update(grads, state, params, value_fn=loss, **batch)`` is all it needs:
+    the loss and gradient the zoom line search takes are computed when
+    ``value=``/``grad=`` are not passed. In the loop of :func:`optax.lbfgs`,
+    :func:`optax.value_and_grad_from_state` reuses the ones the line search
+    stored.
+
+    Args:
+      learning_rate: optional scale or schedule; ``None`` means 1.
+      curvature_rtol, max_params: see :func:`scale_by_bfgs`.
+      has_aux: ``value_fn`` returns ``(loss, aux)``.
+      linesearch: an optax line search, ``None``, or the default
+        (:func:`default_linesearch`).
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`; ``state[0]`` is the
+      :class:`ScaleByBFGSState`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
       >>> from curvlib.optim import bfgs
       >>> f = lambda p: (1 - p[0]) ** 2 + 100 * (p[1] - p[0] ** 2) ** 2
       >>> opt = bfgs(); p = jnp.array([-1.2, 1.0]); s = opt.init(p)
-      >>> vg = optax.value_and_grad_from_state(f)
-      >>> for _ in range(60):
+      >>> vg = optax.value_and_grad_from_state(f)  # the loop optax.lbfgs documents
+      >>> @jax.jit
+      ... def step(p, s):
       ...     v, g = vg(p, state=s)
       ...     u, s = opt.update(g, s, p, value=v, grad=g, value_fn=f)
-      ...     p = optax.apply_updates(p, u)
+      ...     return optax.apply_updates(p, u), s
+      >>> for _ in range(60):
+      ...     p, s = step(p, s)
       >>> bool(jnp.allclose(p, 1.0, atol=1e-3))
       True
     """
-    base_scaling = (
-        optax.scale(-1.0) if learning_rate is None else optax.scale_by_learning_rate(learning_rate)
+    if linesearch is _DEFAULT:
+        linesearch = default_linesearch()
+    direction = scale_by_bfgs(
+        curvature_rtol=curvature_rtol, max_params=max_params, has_aux=has_aux
     )
-    parts = [scale_by_bfgs(curvature_rtol=curvature_rtol, max_params=max_params), base_scaling]
-    if linesearch is not None:
-        parts.append(_common.strongly_typed(linesearch))
-    return optax.chain(*parts)
+    return _common.alias(
+        "bfgs", [direction, _common.learning_rate_link(learning_rate)],
+        linesearch=linesearch, has_aux=has_aux,
+    )

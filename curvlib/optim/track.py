@@ -2,15 +2,19 @@
 
 :func:`track_curvature` is an optax transform that leaves the updates alone and,
 every ``every`` steps, measures the Hessian of the loss at the current
-parameters: its top-``k`` eigenvalues (the largest is the *sharpness*), a
-Hutch++ estimate of its trace, and the fraction of the gradient's squared norm
-that lies in the top-``k`` eigenspace. Each refresh warm-starts the Lanczos
-process from the eigenvectors kept in the state, so once training moves slowly
-a refresh costs a handful of Hessian-vector products instead of a cold solve.
+parameters: its top-``k`` eigenvalues (the largest is the *sharpness*), an
+estimate of its trace (the Ritz values plus Hutchinson on the complement of
+the tracked eigenspace: Hutch++ with the eigsh result as its sketch), and the
+fraction of the gradient's squared norm that lies in the top-``k`` eigenspace.
+Each refresh warm-starts the Lanczos process from the eigenvectors kept in the
+state, so once training moves slowly a refresh costs a handful of
+Hessian-vector products instead of a cold solve.
 
 :func:`curvature_info` reads the diagnostics out of any (nested) optimiser
-state, :func:`curvature_history` collects them over a run into NumPy columns
-and :func:`plot_curvature` draws them (matplotlib, imported lazily).
+state, flax nnx's mutable optimizer state included; :mod:`curvlib.optim.report`
+collects them over a run (:func:`~curvlib.optim.report.curvature_history`),
+prints (:func:`~curvlib.optim.report.format_curvature_table`) and draws them
+(:func:`~curvlib.optim.report.plot_curvature`).
 
 References:
   J. Cohen, S. Kaur, Y. Li, J. Z. Kolter and A. Talwalkar, *Gradient descent on
@@ -23,17 +27,15 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import sys
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from curvlib import _tree
-from curvlib.krylov.eigen import eigsh
-from curvlib.krylov.stochastic import hutchinson_trace
+from curvlib.krylov import eigsh, hutchinson_trace
 from curvlib.optim import _common
 
 PyTree = Any
@@ -105,17 +107,6 @@ class TrackCurvatureState(NamedTuple):
     info: TrackCurvatureInfo
 
 
-def _check_static_int(name: str, x, minimum: int) -> int:
-    if isinstance(x, jax.core.Tracer):
-        raise ValueError(
-            f"`{name}` fixes array shapes and must be a static int; with "
-            f"`optax.inject_hyperparams` list it in `static_args`."
-        )
-    if isinstance(x, bool) or int(x) != x or int(x) < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {x!r}.")
-    return int(x)
-
-
 def _empty_info(k: int, dt) -> TrackCurvatureInfo:
     nan = jnp.asarray(jnp.nan, dt)
     return TrackCurvatureInfo(
@@ -157,8 +148,16 @@ def warm_start_vector(key: jax.Array, eigenvectors: PyTree, like: PyTree, noise)
 
     Returns:
       The start vector, a pytree shaped like ``like``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from curvlib.optim.track import warm_start_vector
+      >>> X = {"w": jnp.eye(3)[:2]}  # two tracked unit vectors e_0, e_1
+      >>> v = warm_start_vector(jax.random.PRNGKey(0), X, {"w": jnp.zeros(3)}, 0.0)
+      >>> v["w"].tolist()
+      [1.0, 1.0, 0.0]
     """
-    z = _tree.normal_like(key, like)
+    z = _common.normal_like(key, like)  # one generator call (compile time)
     z = _tree.scale(1.0 / _tree.norm(z), z)
     acc = jnp.promote_types(_tree.dtype(like), jnp.float32)
     norms = jnp.sqrt(jnp.diagonal(_tree.basis_gram(eigenvectors, eigenvectors, acc)))
@@ -168,64 +167,100 @@ def warm_start_vector(key: jax.Array, eigenvectors: PyTree, like: PyTree, noise)
     return _tree.add_scale(block, jnp.where(have, noise, 1.0), z)
 
 
-def _refresh(
-    value_fn: Callable,
-    params: PyTree,
-    extra_args: dict,
-    state: TrackCurvatureState,
-    *,
-    k: int,
-    which: str,
-    num_matvecs: int | None,
-    tol,
-    max_restarts: int,
-    num_probes: int,
-    trace_method: str,
-    hvp_mode: str | None,
-    warm_noise,
-) -> tuple[PyTree, TrackCurvatureInfo]:
-    """One measurement: eigsh (warm-started), trace and gradient alignment.
+# ------------------------------------------------------------- named steps
 
-    Returns the new eigenvectors and info; on a non-finite loss, gradient or
-    product the previous ones are returned with ``skipped=True``.
+
+class _Config(NamedTuple):
+    """The static and traced settings of one :func:`track_curvature`."""
+
+    k: int
+    which: str
+    basis_size: int | None
+    tol: Any
+    max_restarts: int
+    num_probes: int
+    trace_method: str
+    hvp_mode: str | None
+    microbatch_size: int | None
+    warm_noise: Any
+
+
+def _loss_grad_and_matvec(loss: _common.Loss, params: PyTree, extra_args: dict, cfg: _Config):
+    """The loss, its gradient and the Hessian product at ``params``, the model traced once.
+
+    Default: one linearisation of ``value_and_grad`` (the products replay its
+    tangent program). Another ``hvp_mode`` or ``microbatch_size``: the gradient
+    and the product separately (microbatched over every batched argument).
+    """
+    if cfg.microbatch_size is None and cfg.hvp_mode in (None, "linearize"):
+        return _common.linearized_loss(loss, params)
+    if cfg.microbatch_size is None:
+        value, grad = jax.value_and_grad(loss)(params)
+    else:
+        value, grad = _common.microbatched_value_and_grad(loss, params, cfg.microbatch_size)
+    matvec = _common.curvature_matvec(
+        loss.fn, None, params, extra_args, hvp_mode=cfg.hvp_mode,
+        microbatch_size=cfg.microbatch_size,
+    )
+    return value, grad, matvec
+
+
+def _trace(matvec, params, key, res, cfg: _Config, dt):
+    """``(estimate, stderr)`` of ``tr(H)``: deflated by the eigsh pairs, or Hutch++/Hutchinson."""
+    if not cfg.num_probes:
+        nan = jnp.asarray(jnp.nan, dt)
+        return nan, nan
+    if cfg.trace_method == "deflated":
+        # tr(H) = sum of the Ritz values (x_i^T H x_i, exact) + Hutchinson on the
+        # complement of the tracked eigenspace: the sketch is already paid for
+        tr = hutchinson_trace(
+            matvec, params, key, cfg.num_probes, deflate=res.eigenvectors,
+            deflate_trace=jnp.sum(res.eigenvalues),
+        )
+    else:
+        tr = hutchinson_trace(matvec, params, key, cfg.num_probes, method=cfg.trace_method)
+    return tr.estimate, tr.stderr
+
+
+def grad_fraction(eigenvectors: PyTree, grad: PyTree, dt) -> jax.Array:
+    """``||V g||^2 / ||g||^2``: the share of the gradient in the tracked eigenspace (no products).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.optim.track import grad_fraction
+      >>> V = {"w": jnp.eye(3)[:1]}  # the tracked space: e_0
+      >>> round(float(grad_fraction(V, {"w": jnp.array([3.0, 4.0, 0.0])}, jnp.float32)), 6)
+      0.36
+    """
+    gnorm2 = _tree.vdot(grad, grad).astype(dt)
+    coef = _tree.basis_project(eigenvectors, grad, dt)
+    return jnp.sum(coef**2) / jnp.where(gnorm2 > 0, gnorm2, 1.0)
+
+
+def _measure(loss, params, extra_args, state: TrackCurvatureState, cfg: _Config):
+    """One refresh: loss, gradient and products, eigsh (warm-started), trace, alignment.
+
+    Returns ``(eigenvectors, info)``; on a non-finite loss, gradient or product
+    the previous ones, flagged (:func:`_commit`).
     """
     old = state.info
     dt = old.eigenvalues.dtype
-    kw = _common.kwargs_for(value_fn, extra_args)
-    loss, grad = jax.value_and_grad(lambda p: value_fn(p, **kw))(params)
-    rkey = jax.random.fold_in(state.key, state.count)
-    k_start, k_trace = jax.random.split(rkey)
+    loss_value, grad, matvec = _loss_grad_and_matvec(loss, params, extra_args, cfg)
+    k_start, k_trace = jax.random.split(jax.random.fold_in(state.key, state.count))
 
-    def measure(_):
-        matvec = _common.curvature_matvec(
-            value_fn, None, params, extra_args, hvp_mode=hvp_mode, microbatch_size=None
-        )
-        v0 = warm_start_vector(k_start, state.eigenvectors, params, warm_noise)
+    def solve(_):
+        v0 = warm_start_vector(k_start, state.eigenvectors, params, cfg.warm_noise)
         # eigsh stops at the first Krylov depth certifying the k pairs, so a warm
         # start (few steps) and a cold one (more steps) share one basis size
         res = eigsh(
-            matvec, v0, k, which=which, num_matvecs=num_matvecs, tol=tol,
-            max_restarts=max_restarts,
+            # eigsh's basis-size argument (named num_matvecs until the Krylov core renames it)
+            matvec, v0, cfg.k, which=cfg.which, num_matvecs=cfg.basis_size, tol=cfg.tol,
+            max_restarts=cfg.max_restarts,
         )
         vecs = jax.tree.map(lambda e, x: e.astype(x.dtype), res.eigenvectors, state.eigenvectors)
-        if num_probes and trace_method == "deflated":
-            # tr(H) = sum of the Ritz values (x_i^T H x_i, exact) + Hutchinson on the
-            # complement of the tracked eigenspace: the sketch is already paid for
-            tr = hutchinson_trace(
-                matvec, params, k_trace, num_probes, deflate=res.eigenvectors,
-                deflate_trace=jnp.sum(res.eigenvalues),
-            )
-            trace, trace_se = tr.estimate, tr.stderr
-        elif num_probes:
-            tr = hutchinson_trace(matvec, params, k_trace, num_probes, method=trace_method)
-            trace, trace_se = tr.estimate, tr.stderr
-        else:
-            trace = trace_se = jnp.asarray(jnp.nan, dt)
-        gnorm2 = _tree.vdot(grad, grad).astype(dt)
-        coef = _tree.basis_project(vecs, grad, dt)
-        frac = jnp.sum(coef**2) / jnp.where(gnorm2 > 0, gnorm2, 1.0)
+        trace, trace_se = _trace(matvec, params, k_trace, res, cfg, dt)
         ok = res.finite & jnp.all(jnp.isfinite(res.eigenvalues))
-        if num_probes:
+        if cfg.num_probes:
             ok = ok & jnp.isfinite(trace)
         info = TrackCurvatureInfo(
             step=state.count.astype(jnp.int32),
@@ -233,10 +268,10 @@ def _refresh(
             residual_norms=res.residual_norms.astype(dt),
             trace=jnp.asarray(trace).astype(dt),
             trace_stderr=jnp.asarray(trace_se).astype(dt),
-            grad_fraction=frac.astype(dt),
-            grad_norm=jnp.sqrt(gnorm2),
-            loss=jnp.asarray(loss).astype(dt),
-            num_matvecs=(res.num_matvecs + num_probes).astype(jnp.int32),
+            grad_fraction=grad_fraction(vecs, grad, dt).astype(dt),
+            grad_norm=jnp.sqrt(_tree.vdot(grad, grad)).astype(dt),
+            loss=jnp.asarray(loss_value).astype(dt),
+            num_matvecs=(res.num_matvecs + cfg.num_probes).astype(jnp.int32),
             eigsh_matvecs=res.num_matvecs.astype(jnp.int32),
             converged=res.converged,
             num_refreshes=old.num_refreshes + 1,
@@ -248,8 +283,8 @@ def _refresh(
     def skip(_):
         return _commit(jnp.asarray(False), state.eigenvectors, old, state)
 
-    finite = jnp.isfinite(loss) & _tree.all_finite(grad)
-    return jax.lax.cond(finite, measure, skip, None)
+    finite = jnp.isfinite(loss_value) & _tree.all_finite(grad)
+    return jax.lax.cond(finite, solve, skip, None)
 
 
 def _commit(ok, vecs, info, state):
@@ -261,18 +296,40 @@ def _commit(ok, vecs, info, state):
     return vecs, info
 
 
+def _validate(every, k, which, basis_size, tol, max_restarts, num_probes, trace_method,
+              hvp_mode, microbatch_size, warm_noise) -> _Config:
+    _common.check_int("every", every, 1)  # traceable: may be injected
+    k = _common.static_int("k", k, 1)
+    num_probes = _common.static_int("num_probes", num_probes, 0)
+    max_restarts = _common.static_int("max_restarts", max_restarts, 0)
+    if basis_size is not None:
+        basis_size = _common.static_int("basis_size", basis_size, k + 1)
+    if which not in ("LA", "SA", "LM"):
+        raise ValueError(f"`which` must be 'LA', 'SA' or 'LM'; got {which!r}.")
+    if trace_method not in TRACE_METHODS:
+        raise ValueError(f"`trace_method` must be one of {TRACE_METHODS}; got {trace_method!r}.")
+    _common.check_positive("tol", tol)
+    _common.check_nonnegative("warm_noise", warm_noise)
+    _common.check_hvp_mode(hvp_mode)
+    microbatch_size = _common.check_microbatch_size(microbatch_size)
+    return _Config(k, which, basis_size, tol, max_restarts, num_probes, trace_method,
+                   hvp_mode, microbatch_size, warm_noise)
+
+
 def track_curvature(
     every,
     k: int,
     *,
     key: jax.Array,
     which: str = "LA",
-    num_matvecs: int | None = None,
+    basis_size: int | None = None,
     tol=1e-3,
     max_restarts: int = 100,
     num_probes: int = 6,
     trace_method: str = "deflated",
     hvp_mode: str | None = None,
+    microbatch_size: int | None = None,
+    has_aux: bool = False,
     warm_noise=1e-2,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Monitor the Hessian's top eigenvalues, trace and gradient alignment during training.
@@ -292,16 +349,21 @@ def track_curvature(
       orthogonal complement (Hutch++ of Meyer et al. 2021 with the eigsh
       result as the sketch, so the sketch costs no product);
     * the gradient's alignment ``||V g||^2 / ||g||^2``, ``V = [x_1 .. x_k]``
-      (Gur-Ari et al. 2018).
+      (Gur-Ari et al. 2018, :func:`grad_fraction`).
 
     The results live in the state's ``info`` (:class:`TrackCurvatureInfo`),
-    readable after a jitted step with :func:`curvature_info` or
-    ``optax.tree_utils.tree_get(state, "info")`` when no other link of the
-    chain has an ``info``. Place it anywhere in an :func:`optax.chain`; the
-    loss arrives as the keyword extra argument ``value_fn``.
+    readable after a jitted step with :func:`curvature_info` (also from a flax
+    ``nnx.Optimizer``'s ``opt_state``). Place it anywhere in an
+    :func:`optax.chain`; the loss arrives as the keyword extra argument
+    ``value_fn``, as for every transform of :mod:`curvlib.optim`.
 
-    Cost: between refreshes nothing (the measurement sits in a ``lax.cond``
-    branch that is not executed). A refresh costs one gradient, the eigsh
+    Compilation: a refresh linearises ``value_and_grad`` of the loss once; the
+    loss, the gradient and every Hessian product of eigsh and of the trace come
+    from that one linearisation, so the model is traced and compiled once for
+    the refresh (the step's own gradient is a second copy). The refresh sits in
+    one ``lax.cond`` branch; the other branch computes nothing.
+
+    Cost: between refreshes nothing. A refresh costs one gradient, the eigsh
     products (eigsh stops at the first Krylov depth certifying the ``k`` pairs)
     and ``num_probes`` trace products, as reported in ``info.num_matvecs``. On
     a tanh MLP a warm refresh with ``k = 3`` and ``tol = 1e-3`` needs fewer
@@ -309,7 +371,8 @@ def track_curvature(
     (``tests/test_track.py`` asserts at most 0.8x); the saving shrinks for
     tight tolerances and clustered spectra (near the edge of stability).
     Memory: ``k`` vectors in the state, ``m + 2`` during eigsh, ``num_probes``
-    during the trace.
+    during the trace, and the linearisation residuals (``microbatch_size``
+    bounds them by one chunk).
 
     Each product costs about one to three training steps (a product is a
     gradient's forward-and-backward pass differentiated once more, plus the
@@ -334,13 +397,22 @@ def track_curvature(
     between refreshes, map over seeds outside the tracked step or use
     ``every`` large.
 
+    Wrappers: under ``optax.inject_hyperparams`` the traced arguments
+    (``every``, ``tol``, ``warm_noise``) take effect at the next step; ``key``
+    is the *initial* key, copied into ``state.key`` at ``init`` (to change it,
+    replace ``state.key``); ``k``, ``basis_size``, ``max_restarts``,
+    ``num_probes`` and ``microbatch_size`` fix shapes and loops and belong in
+    ``static_args``. Under ``optax.MultiSteps`` the tracker measures the
+    ``value_fn`` of the micro-step at which the accumulated update is emitted.
+
     Args:
       every: refresh period in steps (``>= 1``); refreshes happen at steps
         ``0, every, 2 every, ...``. May be an injected (traced) hyperparameter.
       k: number of tracked eigenpairs, ``1 <= k <`` number of parameters (static).
-      key: PRNG key for the cold start, the warm-start noise and the trace probes.
+      key: PRNG key for the cold start, the warm-start noise and the trace
+        probes; refresh ``t`` uses ``fold_in(key, t)``.
       which: ``"LA"`` (largest algebraic, default), ``"SA"`` or ``"LM"``.
-      num_matvecs: Lanczos basis size ``m`` (static); default eigsh's
+      basis_size: Lanczos basis size ``m`` (static); default eigsh's
         ``max(4k, 20)``. eigsh stops as soon as the ``k`` pairs are certified,
         so a larger basis costs memory, not products.
       tol: relative residual tolerance of eigsh (traceable); the eigenvalue
@@ -352,6 +424,10 @@ def track_curvature(
         ``"hutchinson"``.
       hvp_mode: product mode of :func:`curvlib.hessian_matvec`
         (``"linearize"`` by default; ``"fwd-rev"`` holds no residuals).
+      microbatch_size: accumulate the gradient and every product over chunks of
+        every batched extra argument of ``value_fn`` (static; the loss must be
+        a mean over the batch).
+      has_aux: ``value_fn`` returns ``(loss, aux)``; ``aux`` is ignored.
       warm_noise: norm of the random part of a warm start, relative to one
         unit eigenvector (traceable).
 
@@ -361,8 +437,10 @@ def track_curvature(
 
     Raises:
       ValueError: ``every < 1`` or ``k < 1`` (here), ``k >=`` the number of
-        parameters (at ``init``), a bad ``which``/``trace_method``/``num_probes``.
-      TypeError: at ``update`` when ``value_fn`` is missing.
+        parameters (at ``init``), a bad ``which``/``trace_method``/``num_probes``;
+        non-floating or key leaves in ``params`` (at ``init``, naming the leaf).
+      TypeError: at ``update`` when ``value_fn`` is missing, cannot take the
+        extra arguments passed, or does not return a scalar loss.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -388,59 +466,41 @@ def track_curvature(
       Cohen et al., ICLR 2021; Gur-Ari, Roberts & Dyer 2018; Meyer, Musco,
       Musco & Woodruff, *Hutch++*, SOSA 2021; Sorensen 1992.
     """
-    if not isinstance(every, jax.core.Tracer):
-        _check_static_int("every", every, 1)
-    k = _check_static_int("k", k, 1)
-    num_probes = _check_static_int("num_probes", num_probes, 0)
-    max_restarts = _check_static_int("max_restarts", max_restarts, 0)
-    if num_matvecs is not None:
-        num_matvecs = _check_static_int("num_matvecs", num_matvecs, k + 1)
-    if which not in ("LA", "SA", "LM"):
-        raise ValueError(f"`which` must be 'LA', 'SA' or 'LM'; got {which!r}.")
-    if trace_method not in TRACE_METHODS:
-        raise ValueError(f"`trace_method` must be one of {TRACE_METHODS}; got {trace_method!r}.")
-    _common.check_positive("tol", tol)
-    _common.check_nonnegative("warm_noise", warm_noise)
+    cfg = _validate(every, k, which, basis_size, tol, max_restarts, num_probes, trace_method,
+                    hvp_mode, microbatch_size, warm_noise)
+    name = "track_curvature"
 
     def init_fn(params):
-        _tree.check_float_tree(params, "params")
+        _common.check_params(name, params)
         n = _tree.size(params)
-        if k >= n:
+        if cfg.k >= n:
             raise ValueError(
-                f"`k`={k} must be smaller than the number of parameters ({n})."
+                f"`k`={cfg.k} must be smaller than the number of parameters ({n})."
             )
-        if num_matvecs is not None and num_matvecs > n:
-            raise ValueError(f"`num_matvecs`={num_matvecs} exceeds the number of parameters ({n}).")
+        if cfg.basis_size is not None and cfg.basis_size > n:
+            raise ValueError(
+                f"`basis_size`={cfg.basis_size} exceeds the number of parameters ({n})."
+            )
         dt = jnp.promote_types(_tree.dtype(params), jnp.float32)
         return TrackCurvatureState(
             count=jnp.zeros([], jnp.int32),
             key=jnp.asarray(key),
-            eigenvectors=_tree.basis_zeros(params, k),
-            info=_empty_info(k, dt),
+            eigenvectors=_tree.basis_zeros(params, cfg.k),
+            info=_empty_info(cfg.k, dt),
         )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        value_fn = _common.require_value_fn("track_curvature", value_fn)
-        params = _common.require_params("track_curvature", params)
-
-        def refresh(_):
-            return _refresh(
-                value_fn, params, extra_args, state, k=k, which=which,
-                num_matvecs=num_matvecs, tol=tol, max_restarts=max_restarts,
-                num_probes=num_probes, trace_method=trace_method, hvp_mode=hvp_mode,
-                warm_noise=warm_noise,
-            )
-
-        def keep(_):
-            return state.eigenvectors, state.info
-
+        loss = _common.bind_loss(name, value_fn, extra_args, has_aux=has_aux)
+        params = _common.require_params(name, params)
         due = (state.count % jnp.asarray(every, jnp.int32)) == 0
-        vecs, info = jax.lax.cond(due, refresh, keep, None)
+        vecs, info = jax.lax.cond(
+            due,
+            lambda _: _measure(loss, params, extra_args, state, cfg),
+            lambda _: (state.eigenvectors, state.info),
+            None,
+        )
         new_state = TrackCurvatureState(
-            count=optax.safe_increment(state.count),
-            key=state.key,
-            eigenvectors=vecs,
-            info=info,
+            count=optax.safe_increment(state.count), key=state.key, eigenvectors=vecs, info=info
         )
         return updates, new_state
 
@@ -450,135 +510,63 @@ def track_curvature(
 # ------------------------------------------------------------ reading results
 
 
-def curvature_info(state: PyTree) -> TrackCurvatureInfo:
-    """The :class:`TrackCurvatureInfo` inside any (nested) optimiser state.
+def _snapshot(x):
+    """A plain, immutable array for ``x``: flax ``Variable`` values and JAX refs are read out."""
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(x, nnx.Variable):
+        x = x.get_value()
+    if isinstance(x, jax.Ref):
+        x = x[...]
+    return x
 
-    Works through ``optax.chain``, ``inject_hyperparams``, ``MultiSteps`` and
-    ``vmap`` (leaves then carry the batch axis). Unlike
-    ``optax.tree_utils.tree_get(state, "info")`` it does not clash with the
-    ``info`` of another link of the chain.
+
+def _is_variable(x) -> bool:
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(x, nnx.Variable)
+
+
+def curvature_info(state: PyTree) -> TrackCurvatureInfo:
+    """The :class:`TrackCurvatureInfo` inside any (nested) optimiser state, as plain arrays.
+
+    Works through ``optax.chain``, ``inject_hyperparams``, ``MultiSteps``,
+    ``vmap`` (leaves then carry the batch axis) and flax: a
+    ``nnx.Optimizer``'s ``opt_state`` holds *mutable* ``Variable`` objects
+    that the next step overwrites in place, so the values are read out here
+    and the returned info is a snapshot (appending ``curvature_info(...)``
+    after every step collects one row per step, not aliases of the last).
+    Unlike ``optax.tree_utils.tree_get(state, "info")`` it does not clash with
+    the ``info`` of another link of the chain.
+
+    Args:
+      state: an optimiser state (any pytree) holding one
+        :class:`TrackCurvatureState`.
+
+    Returns:
+      Its :class:`TrackCurvatureInfo`, every field a plain ``jax.Array``.
 
     Raises:
       KeyError: if the state holds no :class:`TrackCurvatureInfo`, or several.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, curvlib
+      >>> opt = optax.chain(curvlib.track_curvature(1, 1, key=jax.random.PRNGKey(0),
+      ...                                           num_probes=0), optax.sgd(0.1))
+      >>> p = jnp.array([1.0, 2.0]); loss = lambda p: jnp.sum(p ** 2)
+      >>> _, state = opt.update(jax.grad(loss)(p), opt.init(p), p, value_fn=loss)
+      >>> info = curvlib.curvature_info(state)
+      >>> int(info.step), round(float(info.eigenvalues[0]), 4)
+      (0, 2.0)
     """
     found = []
 
     def visit(x):
         if isinstance(x, TrackCurvatureInfo):
             found.append(x)
-            return None
-        return x
+        return None
 
-    jax.tree.map(visit, state, is_leaf=lambda x: isinstance(x, TrackCurvatureInfo))
+    jax.tree.map(
+        visit, state, is_leaf=lambda x: isinstance(x, TrackCurvatureInfo) or _is_variable(x)
+    )
     if len(found) != 1:
         raise KeyError(f"expected one TrackCurvatureInfo in the state; found {len(found)}.")
-    return found[0]
-
-
-_COLUMNS = (
-    "step", "loss", "eigenvalues", "residual_norms", "trace", "trace_stderr",
-    "grad_fraction", "grad_norm", "num_matvecs", "eigsh_matvecs", "converged", "skipped",
-)
-
-
-def curvature_history(records: Any) -> dict[str, np.ndarray]:
-    """Collect tracked values over a run into NumPy columns, one row per refresh.
-
-    Args:
-      records: a sequence of optimiser states or :class:`TrackCurvatureInfo`
-        (e.g. appended after every step), or one info/state whose leaves carry
-        a leading time axis (the stacked output of ``lax.scan``). Rows that
-        repeat a step (the values held between refreshes) or precede the first
-        refresh are dropped.
-
-    Returns:
-      A dict of arrays with one row per refresh, ordered by step: ``step``,
-      ``loss``, ``sharpness`` (``eigenvalues[:, 0]``), ``eigenvalues``
-      (``(T, k)``), ``residual_norms``, ``trace``, ``trace_stderr``,
-      ``grad_fraction``, ``grad_norm``, ``num_matvecs``, ``eigsh_matvecs``,
-      ``converged``, ``skipped``. ``pandas.DataFrame({c: h[c] for c in ...})``
-      or :func:`format_curvature_table` turn it into a table.
-    """
-    if isinstance(records, (list, tuple)) and not isinstance(records, TrackCurvatureInfo):
-        infos = [r if isinstance(r, TrackCurvatureInfo) else curvature_info(r) for r in records]
-        if not infos:
-            raise ValueError("`records` is empty.")
-        stacked = {c: np.stack([np.asarray(getattr(i, c)) for i in infos]) for c in _COLUMNS}
-    else:
-        info = records if isinstance(records, TrackCurvatureInfo) else curvature_info(records)
-        stacked = {c: np.asarray(getattr(info, c)) for c in _COLUMNS}
-        if stacked["step"].ndim == 0:
-            stacked = {c: v[None] for c, v in stacked.items()}
-    if stacked["step"].ndim != 1:
-        raise ValueError(
-            "expected one run (a leading time axis only); for vmapped runs index one "
-            f"seed first (step has shape {stacked['step'].shape})."
-        )
-    steps = stacked["step"]
-    _, first = np.unique(steps, return_index=True)
-    rows = np.sort(first[steps[first] >= 0])
-    rows = rows[np.argsort(steps[rows], kind="stable")]
-    out = {c: v[rows] for c, v in stacked.items()}
-    out["sharpness"] = out["eigenvalues"][:, 0]
-    return out
-
-
-def format_curvature_table(history: dict[str, np.ndarray], max_rows: int | None = None) -> str:
-    """A plain-text table of :func:`curvature_history` (one line per refresh)."""
-    cols = ["step", "loss", "sharpness", "trace", "grad_fraction", "num_matvecs"]
-    lines = [" ".join(f"{c:>13}" for c in cols)]
-    n = len(history["step"]) if max_rows is None else min(max_rows, len(history["step"]))
-    for i in range(n):
-        cells = []
-        for c in cols:
-            v = history[c][i]
-            cells.append(f"{int(v):>13d}" if np.issubdtype(np.asarray(v).dtype, np.integer)
-                         else f"{float(v):>13.5g}")
-        lines.append(" ".join(cells))
-    return "\n".join(lines)
-
-
-def plot_curvature(
-    history: dict[str, np.ndarray],
-    *,
-    learning_rate: float | None = None,
-    axes: Sequence[Any] | None = None,
-):
-    """Plot a :func:`curvature_history`: loss, top-k eigenvalues (with ``2/eta``), trace, alignment.
-
-    Args:
-      history: the output of :func:`curvature_history`.
-      learning_rate: if given, the edge-of-stability line ``2 / learning_rate``
-        is drawn on the eigenvalue panel.
-      axes: four matplotlib axes to draw on; a new 1 x 4 figure by default.
-
-    Returns:
-      The matplotlib figure.
-    """
-    import matplotlib.pyplot as plt
-
-    if axes is None:
-        fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-    else:
-        fig = axes[0].figure
-    s = history["step"]
-    axes[0].plot(s, history["loss"])
-    axes[0].set_yscale("log")
-    axes[0].set_title("loss")
-    ev = history["eigenvalues"]
-    for i in range(ev.shape[1]):
-        axes[1].plot(s, ev[:, i], lw=1.5 if i == 0 else 0.8,
-                     label="sharpness" if i == 0 else None)
-    if learning_rate is not None:
-        axes[1].axhline(2.0 / learning_rate, ls="--", c="k", label=r"$2/\eta$")
-    axes[1].set_title(f"top-{ev.shape[1]} Hessian eigenvalues")
-    axes[1].legend()
-    axes[2].plot(s, history["trace"])
-    axes[2].set_title("trace (Hutch++)")
-    axes[3].plot(s, history["grad_fraction"])
-    axes[3].set_ylim(0, 1.05)
-    axes[3].set_title("gradient fraction in top-k space")
-    for a in axes:
-        a.set_xlabel("step")
-    fig.tight_layout()
-    return fig
+    return jax.tree.map(_snapshot, found[0], is_leaf=_is_variable)

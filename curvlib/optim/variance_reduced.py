@@ -45,6 +45,13 @@ the next step.
 Cost per step: one extra minibatch gradient, plus a full gradient every
 ``snapshot_every`` steps; memory: two parameter-sized pytrees.
 
+Wrappers: ``snapshot_every`` is read at every step (``optax.inject_hyperparams``
+may schedule it). Under ``optax.MultiSteps`` the incoming update is the mean of
+the micro-batch gradients while ``value_fn`` is the last micro-batch's loss, so
+the correction :math:`\nabla f_B(\tilde\theta)` would not match the
+averaged gradient: pass a ``value_fn`` over the whole accumulated batch at the
+last micro-step (or give SVRG the larger batch directly).
+
 References:
   R. Johnson and T. Zhang, *Accelerating stochastic gradient descent using
   predictive variance reduction*, NeurIPS 2013.
@@ -97,7 +104,36 @@ class ScaleBySVRGState(NamedTuple):
     info: SVRGInfo
 
 
-def scale_by_svrg(snapshot_every: int = 100) -> optax.GradientTransformationExtraArgs:
+def snapshot(refresh, full_grad, params, state):
+    """``(snapshot, mu)``: ``(params, full_grad(params))`` on a refresh, else the stored pair.
+
+    ``full_grad`` runs inside a ``lax.cond`` branch: paid only on refresh steps
+    (except under ``vmap``, where both branches run).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from curvlib.optim import scale_by_svrg
+      >>> from curvlib.optim.variance_reduced import snapshot
+      >>> state = scale_by_svrg().init(jnp.zeros(2))
+      >>> full_grad = jax.grad(lambda w: jnp.sum((w - 1.0) ** 2))
+      >>> snap, mu = snapshot(jnp.asarray(True), full_grad, jnp.array([3.0, 1.0]), state)
+      >>> snap.tolist(), mu.tolist()
+      ([3.0, 1.0], [4.0, 0.0])
+    """
+
+    def do_refresh(_):
+        mu = jax.tree.map(lambda m, p: jnp.asarray(m).astype(p.dtype), full_grad(params), params)
+        return params, mu
+
+    def keep(_):
+        return state.snapshot_params, state.snapshot_grad
+
+    return jax.lax.cond(refresh, do_refresh, keep, None)
+
+
+def scale_by_svrg(
+    snapshot_every: int = 100, *, has_aux: bool = False
+) -> optax.GradientTransformationExtraArgs:
     """SVRG direction ``grad f_B(theta) - grad f_B(snapshot) + full_grad(snapshot)``.
 
     See the module docstring for the extra-argument contract.
@@ -105,6 +141,8 @@ def scale_by_svrg(snapshot_every: int = 100) -> optax.GradientTransformationExtr
     Args:
       snapshot_every: successful steps between full-gradient refreshes
         (``>= 1``; traceable, so ``inject_hyperparams`` may schedule it).
+      has_aux: ``value_fn`` (and ``full_value_fn``) return ``(loss, aux)``;
+        ``aux`` is ignored.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with state
@@ -112,30 +150,36 @@ def scale_by_svrg(snapshot_every: int = 100) -> optax.GradientTransformationExtr
 
     Raises:
       ValueError: if ``snapshot_every < 1``.
-      ValueError: from ``init``, for ``params`` with integer, bool or complex
-        leaves (a :class:`TypeError` too) or an empty ``params``.
+      ValueError: from ``init``, for ``params`` with integer, bool, complex or
+        key leaves (a :class:`TypeError` too) or an empty ``params``.
       TypeError: from ``update`` when ``value_fn`` or both of
-        ``full_value_fn``/``full_grad_fn`` are missing.
+        ``full_value_fn``/``full_grad_fn`` are missing, or ``value_fn`` cannot
+        take the extra arguments passed.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from curvlib.optim import svrg
+      >>> from curvlib.optim import scale_by_svrg
       >>> X = jax.random.normal(jax.random.PRNGKey(0), (64, 3)); y = X @ jnp.ones(3)
       >>> loss = lambda w, idx: 0.5 * jnp.mean((X[idx] @ w - y[idx]) ** 2)
       >>> full = lambda w: 0.5 * jnp.mean((X @ w - y) ** 2)
-      >>> opt = svrg(0.1, snapshot_every=16); w = jnp.zeros(3); s = opt.init(w)
-      >>> for t in range(320):
-      ...     idx = jax.random.randint(jax.random.PRNGKey(t), (8,), 0, 64)
+      >>> opt = optax.chain(scale_by_svrg(snapshot_every=16), optax.scale(-0.1))
+      >>> @jax.jit
+      ... def step(w, s, key):
+      ...     idx = jax.random.randint(key, (8,), 0, 64)
       ...     g = jax.grad(loss)(w, idx)
       ...     u, s = opt.update(g, s, w, value_fn=loss, idx=idx, full_value_fn=full)
-      ...     w = optax.apply_updates(w, u)
+      ...     return optax.apply_updates(w, u), s
+      >>> w = jnp.zeros(3); s = opt.init(w)
+      >>> for t in range(320):
+      ...     w, s = step(w, s, jax.random.PRNGKey(t))
       >>> bool(full(w) < 1e-8)
       True
     """
     _common.check_int("snapshot_every", snapshot_every, 1)
+    name = "scale_by_svrg"
 
     def init_fn(params):
-        _common.check_params("scale_by_svrg", params)
+        _common.check_params(name, params)
         dt = _common.float_dtype(params)
         return ScaleBySVRGState(
             count=jnp.zeros((), jnp.int32),
@@ -147,8 +191,8 @@ def scale_by_svrg(snapshot_every: int = 100) -> optax.GradientTransformationExtr
 
     def update_fn(updates, state, params=None, *, value_fn=None, full_value_fn=None,
                   full_grad_fn=None, **extra_args):
-        value_fn = _common.require_value_fn("scale_by_svrg", value_fn)
-        params = _common.require_params("scale_by_svrg", params)
+        loss = _common.bind_loss(name, value_fn, extra_args, has_aux=has_aux)
+        params = _common.require_params(name, params)
         if (full_value_fn is None) == (full_grad_fn is None):
             raise TypeError(
                 "`scale_by_svrg.update` needs exactly one of `full_value_fn=` (the full-data "
@@ -156,19 +200,13 @@ def scale_by_svrg(snapshot_every: int = 100) -> optax.GradientTransformationExtr
                 "snapshot; see curvlib.optim.variance_reduced."
             )
         dt = _common.float_dtype(params)
-        full_grad = full_grad_fn if full_grad_fn is not None else jax.grad(full_value_fn)
+        if full_grad_fn is not None:
+            full_grad = full_grad_fn
+        else:
+            full_grad = jax.grad(_common.strip_aux(full_value_fn, has_aux))
         refresh = state.since_snapshot >= snapshot_every
-
-        def do_refresh(_):
-            mu = jax.tree.map(lambda m, p: m.astype(p.dtype), full_grad(params), params)
-            return params, mu
-
-        def keep(_):
-            return state.snapshot_params, state.snapshot_grad
-
-        snap, mu = jax.lax.cond(refresh, do_refresh, keep, None)
-        kw = _common.kwargs_for(value_fn, extra_args)
-        g_snap = jax.grad(lambda p: value_fn(p, **kw))(snap)
+        snap, mu = snapshot(refresh, full_grad, params, state)
+        g_snap = jax.grad(loss)(snap)
         correction = _tree.sub(updates, g_snap)
         v = _tree.add(correction, mu)
         finite = _common.all_finite(v, mu)
@@ -192,13 +230,51 @@ def scale_by_svrg(snapshot_every: int = 100) -> optax.GradientTransformationExtr
 
 
 def svrg(
-    learning_rate: optax.ScalarOrSchedule, snapshot_every: int = 100
+    learning_rate: optax.ScalarOrSchedule,
+    snapshot_every: int = 100,
+    *,
+    has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """SVRG: ``chain(scale_by_svrg(snapshot_every), scale_by_learning_rate(learning_rate))``.
 
-    See :mod:`curvlib.optim.variance_reduced` for the ``full_value_fn`` / ``full_grad_fn``
-    extra-argument contract and :func:`scale_by_svrg` for an example.
+    See :mod:`curvlib.optim.variance_reduced` for the ``full_value_fn`` /
+    ``full_grad_fn`` extra-argument contract. The state also holds a
+    ``value = +inf`` marker, so the alias runs unchanged in the loop
+    :func:`optax.lbfgs` documents (:func:`optax.value_and_grad_from_state`
+    then evaluates the loss and gradient itself).
+
+    Args:
+      learning_rate: scale or schedule.
+      snapshot_every: see :func:`scale_by_svrg`.
+      has_aux: ``value_fn`` and ``full_value_fn`` return ``(loss, aux)``.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`; ``state[0]`` is the
+      :class:`ScaleBySVRGState`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from curvlib.optim import svrg
+      >>> X = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]])
+      >>> y = X @ jnp.array([1.0, -1.0]) + jnp.array([0.1, -0.1, 0.2, 0.0])
+      >>> loss = lambda w, i: 0.5 * (X[i] @ w - y[i]) ** 2  # one sample per step
+      >>> full = lambda w: 0.5 * jnp.mean((X @ w - y) ** 2)
+      >>> opt = svrg(0.2, snapshot_every=8)
+      >>> @jax.jit
+      ... def step(w, s, i):
+      ...     u, s = opt.update(jax.grad(loss)(w, i), s, w, value_fn=loss, i=i,
+      ...                       full_value_fn=full)
+      ...     return optax.apply_updates(w, u), s
+      >>> w = jnp.zeros(2); s = opt.init(w)
+      >>> for t in range(400):
+      ...     w, s = step(w, s, t % 4)
+      >>> w_star = jnp.linalg.lstsq(X, y)[0]  # SGD with this step would stall near it
+      >>> bool(jnp.allclose(w, w_star, atol=1e-5))
+      True
     """
-    return optax.chain(
-        scale_by_svrg(snapshot_every), optax.scale_by_learning_rate(learning_rate)
+    return _common.alias(
+        "svrg",
+        [scale_by_svrg(snapshot_every, has_aux=has_aux),
+         optax.scale_by_learning_rate(learning_rate)],
+        has_aux=has_aux,
     )

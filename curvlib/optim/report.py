@@ -1,0 +1,190 @@
+"""Reports of :func:`curvlib.track_curvature`: history columns, a text table, a figure.
+
+Nothing here runs inside a training step: these functions take the
+:class:`~curvlib.optim.track.TrackCurvatureInfo` read out of optimiser states
+(:func:`curvlib.curvature_info`) and turn them into NumPy columns
+(:func:`curvature_history`), a plain-text table (:func:`format_curvature_table`)
+or a matplotlib figure (:func:`plot_curvature`; matplotlib is imported when
+called, and the backend is left to the caller).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from curvlib.optim.track import TrackCurvatureInfo, curvature_info
+
+COLUMNS = (
+    "step", "loss", "eigenvalues", "residual_norms", "trace", "trace_stderr",
+    "grad_fraction", "grad_norm", "num_matvecs", "eigsh_matvecs", "converged", "skipped",
+)
+
+
+def _stack(records: Any) -> dict[str, np.ndarray]:
+    """The info columns of ``records`` with a leading time axis (one entry per record)."""
+    if isinstance(records, (list, tuple)) and not isinstance(records, TrackCurvatureInfo):
+        infos = [r if isinstance(r, TrackCurvatureInfo) else curvature_info(r) for r in records]
+        if not infos:
+            raise ValueError("`records` is empty; expected states or infos appended per step.")
+        return {c: np.stack([np.asarray(getattr(i, c)) for i in infos]) for c in COLUMNS}
+    info = curvature_info(records)
+    stacked = {c: np.asarray(getattr(info, c)) for c in COLUMNS}
+    if stacked["step"].ndim == 0:
+        stacked = {c: v[None] for c, v in stacked.items()}
+    return stacked
+
+
+def curvature_history(records: Any) -> dict[str, np.ndarray]:
+    """Collect tracked values over a run into NumPy columns, one row per refresh.
+
+    Args:
+      records: a sequence of optimiser states or :class:`TrackCurvatureInfo`
+        (e.g. ``curvature_info(state)`` appended after every step; flax nnx
+        optimizer states are read out by :func:`curvlib.curvature_info`, so
+        rows are never aliases of the last step), or one info/state whose
+        leaves carry a leading time axis (the stacked output of ``lax.scan``).
+        Rows that repeat a step (the values held between refreshes) or precede
+        the first refresh are dropped.
+
+    Returns:
+      A dict of arrays with one row per refresh, ordered by step: ``step``,
+      ``loss``, ``sharpness`` (``eigenvalues[:, 0]``), ``eigenvalues``
+      (``(T, k)``), ``residual_norms``, ``trace``, ``trace_stderr``,
+      ``grad_fraction``, ``grad_norm``, ``num_matvecs``, ``eigsh_matvecs``,
+      ``converged``, ``skipped``. ``pandas.DataFrame({c: h[c] for c in ...})``
+      or :func:`format_curvature_table` turn it into a table.
+
+    Raises:
+      ValueError: for an empty sequence, or vmapped records (index one seed first).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, curvlib
+      >>> opt = optax.chain(curvlib.track_curvature(2, 1, key=jax.random.PRNGKey(0),
+      ...                                           num_probes=0), optax.sgd(0.1))
+      >>> loss = lambda p: jnp.sum(jnp.array([4.0, 1.0]) * p ** 2)
+      >>> @jax.jit
+      ... def step(p, state):
+      ...     u, state = opt.update(jax.grad(loss)(p), state, p, value_fn=loss)
+      ...     return optax.apply_updates(p, u), state
+      >>> p = jnp.ones(2); state = opt.init(p); infos = []
+      >>> for _ in range(5):
+      ...     p, state = step(p, state)
+      ...     infos.append(curvlib.curvature_info(state))
+      >>> h = curvlib.curvature_history(infos)
+      >>> h["step"].tolist(), h["sharpness"].round(3).tolist()
+      ([0, 2, 4], [8.0, 8.0, 8.0])
+    """
+    stacked = _stack(records)
+    if stacked["step"].ndim != 1:
+        raise ValueError(
+            "expected one run (a leading time axis only); for vmapped runs index one "
+            f"seed first (step has shape {stacked['step'].shape})."
+        )
+    steps = stacked["step"]
+    _, first = np.unique(steps, return_index=True)
+    rows = np.sort(first[steps[first] >= 0])
+    rows = rows[np.argsort(steps[rows], kind="stable")]
+    out = {c: v[rows] for c, v in stacked.items()}
+    out["sharpness"] = out["eigenvalues"][:, 0]
+    return out
+
+
+TABLE_COLUMNS = ("step", "loss", "sharpness", "trace", "grad_fraction", "num_matvecs")
+
+
+def format_curvature_table(history: dict[str, np.ndarray], max_rows: int | None = None) -> str:
+    """A plain-text table of :func:`curvature_history`, one line per refresh (84 columns).
+
+    Args:
+      history: the output of :func:`curvature_history`.
+      max_rows: print at most this many rows (the first ones).
+
+    Returns:
+      The table, a header line and one line per row.
+
+    Examples:
+      >>> import numpy as np, curvlib
+      >>> h = {"step": np.array([0, 10]), "loss": np.array([1.0, 0.5]),
+      ...      "sharpness": np.array([8.0, 9.5]), "trace": np.array([20.0, 21.0]),
+      ...      "grad_fraction": np.array([0.9, 0.7]), "num_matvecs": np.array([30, 12])}
+      >>> print(curvlib.format_curvature_table(h))  # doctest: +NORMALIZE_WHITESPACE
+         step  loss  sharpness  trace  grad_fraction  num_matvecs
+            0     1          8     20            0.9           30
+           10   0.5        9.5     21            0.7           12
+    """
+    lines = [" ".join(f"{c:>13}" for c in TABLE_COLUMNS)]
+    n = len(history["step"]) if max_rows is None else min(max_rows, len(history["step"]))
+    for i in range(n):
+        cells = []
+        for c in TABLE_COLUMNS:
+            v = history[c][i]
+            cells.append(f"{int(v):>13d}" if np.issubdtype(np.asarray(v).dtype, np.integer)
+                         else f"{float(v):>13.5g}")
+        lines.append(" ".join(cells))
+    return "\n".join(lines)
+
+
+def plot_curvature(
+    history: dict[str, np.ndarray],
+    *,
+    learning_rate: float | None = None,
+    axes: Sequence[Any] | None = None,
+):
+    """Plot a :func:`curvature_history`: loss, top-k eigenvalues (with ``2/eta``), trace, alignment.
+
+    The trace panel draws the estimate with error bars of one standard error
+    (``trace_stderr``, when the history has it); the estimate is whatever
+    ``trace_method`` the tracker used (the deflated Hutchinson estimator by
+    default).
+
+    Args:
+      history: the output of :func:`curvature_history`.
+      learning_rate: if given, the edge-of-stability line ``2 / learning_rate``
+        is drawn on the eigenvalue panel.
+      axes: four matplotlib axes to draw on; a new 1 x 4 figure by default.
+
+    Returns:
+      The matplotlib figure.
+
+    Examples:
+      >>> import matplotlib; matplotlib.use("Agg")  # a script without a display
+      >>> import numpy as np, curvlib
+      >>> h = {"step": np.array([0, 10, 20]), "loss": np.array([1.0, 0.5, 0.3]),
+      ...      "eigenvalues": np.array([[8.0, 3.0], [9.0, 3.5], [9.5, 3.6]]),
+      ...      "trace": np.array([20.0, 21.0, 21.5]), "trace_stderr": np.array([1.0, 0.8, 0.9]),
+      ...      "grad_fraction": np.array([0.9, 0.7, 0.6])}
+      >>> fig = curvlib.plot_curvature(h, learning_rate=0.2)
+      >>> [ax.get_title() for ax in fig.axes][2]
+      'Hessian trace (± 1 s.e.)'
+    """
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    else:
+        fig = axes[0].figure
+    s = history["step"]
+    axes[0].plot(s, history["loss"])
+    axes[0].set_yscale("log")
+    axes[0].set_title("loss")
+    ev = history["eigenvalues"]
+    for i in range(ev.shape[1]):
+        axes[1].plot(s, ev[:, i], lw=1.5 if i == 0 else 0.8,
+                     label="sharpness" if i == 0 else None)
+    if learning_rate is not None:
+        axes[1].axhline(2.0 / learning_rate, ls="--", c="k", label=r"$2/\eta$")
+    axes[1].set_title(f"top-{ev.shape[1]} Hessian eigenvalues")
+    axes[1].legend()
+    stderr = history.get("trace_stderr")
+    axes[2].errorbar(s, history["trace"], yerr=stderr, capsize=2)
+    axes[2].set_title("Hessian trace (± 1 s.e.)" if stderr is not None else "Hessian trace")
+    axes[3].plot(s, history["grad_fraction"])
+    axes[3].set_ylim(0, 1.05)
+    axes[3].set_title("gradient fraction in top-k space")
+    for a in axes:
+        a.set_xlabel("step")
+    fig.tight_layout()
+    return fig
