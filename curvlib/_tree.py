@@ -201,26 +201,39 @@ def _sharding_kw(x) -> dict:
     return {} if s is None else {"out_sharding": s}
 
 
-def normal_like(key: jax.Array, a: PyTree, dt=None) -> PyTree:
-    """Standard normal pytree shaped (and explicitly sharded) like ``a``; one key per leaf."""
+def _draw_like(sampler, key: jax.Array, a: PyTree, dt=None) -> PyTree:
+    """``sampler(key, shape, dtype, **sharding)`` shaped like ``a``.
+
+    One draw of ``N`` numbers split over the leaves (one random-bits call site:
+    XLA compiles each generator call separately, so a per-leaf draw costs a
+    model with many leaves seconds of compile time). Leaves with explicit
+    sharding types get their own draws, created with their sharding.
+    """
     leaves, treedef = jax.tree.flatten(a)
-    keys = jax.random.split(key, len(leaves))
-    out = [
-        jax.random.normal(k, jnp.shape(x), dt or jnp.result_type(x), **_sharding_kw(x))
-        for k, x in zip(keys, leaves, strict=True)
-    ]
+    if not leaves:
+        return a
+    if any(explicit_sharding(x) is not None for x in leaves):
+        keys = jax.random.split(key, len(leaves))
+        out = [sampler(k, jnp.shape(x), dt or jnp.result_type(x), **_sharding_kw(x))
+               for k, x in zip(keys, leaves, strict=True)]
+        return jax.tree.unflatten(treedef, out)
+    sizes = [int(np.prod(jnp.shape(x), dtype=np.int64)) for x in leaves]
+    wide = jnp.result_type(*[dt or jnp.result_type(x) for x in leaves])
+    flat = sampler(key, (sum(sizes),), wide)
+    parts = jnp.split(flat, np.cumsum(sizes)[:-1].tolist()) if len(sizes) > 1 else [flat]
+    out = [p.reshape(jnp.shape(x)).astype(dt or jnp.result_type(x))
+           for p, x in zip(parts, leaves, strict=True)]
     return jax.tree.unflatten(treedef, out)
+
+
+def normal_like(key: jax.Array, a: PyTree, dt=None) -> PyTree:
+    """Standard normal pytree shaped (and explicitly sharded) like ``a``."""
+    return _draw_like(jax.random.normal, key, a, dt)
 
 
 def rademacher_like(key: jax.Array, a: PyTree, dt=None) -> PyTree:
     """Rademacher (+-1) pytree shaped (and explicitly sharded) like ``a``."""
-    leaves, treedef = jax.tree.flatten(a)
-    keys = jax.random.split(key, len(leaves))
-    out = [
-        jax.random.rademacher(k, jnp.shape(x), dt or jnp.result_type(x), **_sharding_kw(x))
-        for k, x in zip(keys, leaves, strict=True)
-    ]
-    return jax.tree.unflatten(treedef, out)
+    return _draw_like(jax.random.rademacher, key, a, dt)
 
 
 # --------------------------------------------------------- basis (leading m)

@@ -253,9 +253,8 @@ def _measure(loss, params, extra_args, state: TrackCurvatureState, cfg: _Config)
         # eigsh stops at the first Krylov depth certifying the k pairs, so a warm
         # start (few steps) and a cold one (more steps) share one basis size
         res = eigsh(
-            # eigsh's basis-size argument (named num_matvecs until the Krylov core renames it)
-            matvec, v0, cfg.k, which=cfg.which, num_matvecs=cfg.basis_size, tol=cfg.tol,
-            max_restarts=cfg.max_restarts,
+            matvec, v0, cfg.k, which=cfg.which, basis_size=cfg.basis_size, tol=cfg.tol,
+            max_restarts=cfg.max_restarts, key=jax.random.fold_in(k_start, 1),
         )
         vecs = jax.tree.map(lambda e, x: e.astype(x.dtype), res.eigenvectors, state.eigenvectors)
         trace, trace_se = _trace(matvec, params, k_trace, res, cfg, dt)
