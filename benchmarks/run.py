@@ -20,7 +20,8 @@ import os
 import time
 import traceback
 
-CASES = ("products", "eigsh", "landscape", "scaling", "optimizers", "track_overhead")
+CASES = ("first_answer", "products", "eigsh", "landscape", "family", "kfac", "scaling",
+         "optimizers", "track_overhead")
 # long (minutes of compile and a ~5 GiB peak): only when named with --only
 EXTRA = ("large_model",)
 
@@ -30,6 +31,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="short run: fewer sizes and repeats")
     ap.add_argument("--only", nargs="*", choices=CASES + EXTRA,
                     help="run only these cases (large_model runs only when named)")
+    ap.add_argument("--no-compilation-cache", action="store_true",
+                    help="do not use JAX's persistent compilation cache (on by default, in "
+                         "$CURVLIB_CACHE_DIR or ~/.cache/curvlib/jax; first-call figures are "
+                         "always measured in fresh processes without it)")
     ap.add_argument("--threads", type=int, default=None,
                     help="intra-op threads for torch (default: all cores visible, as XLA "
                          "uses); 1 also makes XLA single-threaded")
@@ -41,6 +46,11 @@ def main(argv=None) -> int:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
                                    "=false intra_op_parallelism_threads=1").strip()
     from . import _common as C
+
+    if not args.no_compilation_cache:
+        import curvlib
+
+        C.log(f"persistent compilation cache: {curvlib.enable_compilation_cache()}")
 
     C.QUICK = args.quick
     try:

@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 from curvlib import kronecker as kronecker  # K-FAC; its own namespace: curvlib.kronecker.*
 from curvlib import landscape as landscape  # its own namespace: curvlib.landscape.*
 from curvlib import optim
+from curvlib._compile import enable_compilation_cache
 from curvlib.kronecker import (
     KfacCurvature,
     KfacInfo,
@@ -63,6 +64,7 @@ from curvlib.optim import *  # noqa: F403  (the names in optim.__all__, listed t
 
 __all__ = [
     "__version__",
+    "enable_compilation_cache",
     # operators
     "hvp",
     "hessian_matvec",

@@ -289,6 +289,7 @@ def function(*, static: Sequence[str] = (), operators: Mapping[str, str] | None 
             return jitted(**a)
 
         call.uncached = public
+        call.jitted = jitted
         return call
 
     return deco

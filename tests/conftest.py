@@ -1,9 +1,23 @@
 """Test configuration: float64 is enabled here, never inside the library."""
 
+import os
+
 import jax
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+
+# JAX's persistent compilation cache, shared by the xdist workers of one run (and by later
+# runs on the same machine): a program one worker compiled is loaded by the other.
+# CURVLIB_TEST_CACHE=0 turns it off; CURVLIB_CACHE_DIR chooses the directory.
+if os.environ.get("CURVLIB_TEST_CACHE", "1") != "0":
+    import curvlib
+
+    curvlib.enable_compilation_cache(
+        os.environ.get("CURVLIB_CACHE_DIR")
+        or os.path.join(os.path.dirname(__file__), "..", ".jax_cache"),
+        min_compile_time_secs=0.2,
+    )
 
 
 @pytest.fixture
