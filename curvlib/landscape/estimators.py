@@ -294,7 +294,7 @@ def _evaluate(f, xs, sample_batch_size):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("loss_fn", "k", "num_samples", "antithetic", "microbatch_size",
+    static_argnames=("loss_fn", "num_samples", "antithetic", "microbatch_size",
                      "sample_batch_size"),
 )
 def _direct_mc(loss_fn, params, data, k, U, dim, sig, key, num_samples, antithetic,
@@ -308,10 +308,11 @@ def _direct_mc(loss_fn, params, data, k, U, dim, sig, key, num_samples, antithet
     # flatten (sigma, sample, sign) so one map covers the whole grid
     coef = (sig[:, None, None] * sg[None, None, :])[..., None] * z[None, :, None, :]
     coef = coef.reshape(G * num_samples * P, D)
+    inc = _common.increment_fn(loss_fn, data, k, microbatch_size, _common.weight_dtype(params))
 
     def one(zc):
         w = jax.tree.map(jnp.add, params, _tree.basis_combine(U, zc, like=params))
-        f = _common.increment(loss_fn, w, data, k, microbatch_size) ** 2
+        f = inc(w) ** 2
         if control is None:
             return f
         a, c, B = control
@@ -411,7 +412,7 @@ def delta2_direct_mc(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("loss_fn", "k", "num_samples", "antithetic", "microbatch_size",
+    static_argnames=("loss_fn", "num_samples", "antithetic", "microbatch_size",
                      "sample_batch_size"),
 )
 def _full_mc(loss_fn, params, data, k, sig, key, num_samples, antithetic, microbatch_size,
@@ -424,12 +425,13 @@ def _full_mc(loss_fn, params, data, k, sig, key, num_samples, antithetic, microb
                               indexing="ij")
     scale = (sig[gi] * sg[pi]).reshape(-1)
     ks = keys[si.reshape(-1)]
+    inc = _common.increment_fn(loss_fn, data, k, microbatch_size, _common.weight_dtype(params))
 
     def one(x):
         s, kk = x
         e = _common.normal_like(kk, params)
         w = jax.tree.map(lambda p, n: p + (s * n).astype(p.dtype), params, e)
-        return _common.increment(loss_fn, w, data, k, microbatch_size) ** 2
+        return inc(w) ** 2
 
     vals = _evaluate(one, (scale, ks), sample_batch_size).reshape(G, num_samples, P)
     return _summarise(vals, num_samples)
