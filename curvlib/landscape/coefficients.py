@@ -56,7 +56,10 @@ class IncrementCoefficients(NamedTuple):
         """
         d = int(self.c.shape[-1])
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= d:
-            raise ValueError(f"`dim` must be an int in [1, {d}]; got {dim!r}.")
+            raise ValueError(
+                f"`dim` (the nested subspace dimension) must be an int in [1, D] with D = {d} "
+                f"the size of these coefficients; got {dim!r}."
+            )
         return IncrementCoefficients(self.a, self.c[..., :dim], self.B[..., :dim, :dim])
 
 

@@ -176,8 +176,12 @@ def plan_curve(params: PyTree, data: PyTree, ks: Sequence[int], dims: Sequence[i
     _common.check_microbatch(config.microbatch_size)
     _common.check_microbatch(config.sample_batch_size, "sample_batch_size")
     n = _common.num_samples(data)
-    used = min(n, max(ks) + (2 if config.next_subspace else 1))
-    if used < n:  # one static slice for the whole curve: later samples are never touched
+    # one static slice for the whole curve, to the power of two holding the samples it
+    # needs: later samples are never touched, and curves whose largest k differ a little
+    # share their compiled programs (at most twice the samples that a step needs)
+    need = max(ks) + (2 if config.next_subspace else 1)
+    used = min(n, 1 << (need - 1).bit_length())
+    if used < n:
         data = _common.take(data, 0, used)
     return _Plan(ks, dims, sig, data, used, config)
 
@@ -363,9 +367,10 @@ def k_curve(
 
     ``k`` is data in every compiled program, so the whole curve compiles each
     stage once, however many ``k`` it has. ``data`` is cut once to the first
-    ``max(ks) + 2`` samples; without ``microbatch_size`` each step evaluates
-    all of them (unused ones at zero weight), with it only the chunks holding
-    the samples that step needs.
+    ``2^ceil(log2(max(ks) + 2))`` samples (so curves with nearby largest ``k``
+    share programs); without ``microbatch_size`` each step evaluates all of
+    them (unused ones at zero weight), with it only the chunks holding the
+    samples that step needs.
 
     Args:
       loss_fn: ``loss_fn(params, batch)``, mean over the batch's leading axis.

@@ -8,6 +8,7 @@ extra) and never changes its backend.
 from __future__ import annotations
 
 import json
+import textwrap
 
 import numpy as np
 
@@ -122,8 +123,8 @@ def curve_table(curve: KCurve, sigma=None) -> str:
                               + [_fmt(np.degrees(curve.max_angle[i, j]), "10.2f")
                                  for j in range(len(dims))]))
     slopes = curve_slopes(curve, curve.sigmas[s])
-    lines.append("slopes: " + ", ".join(f"{k} {v:+.2f}" for k, v in slopes.items()
-                                        if np.isfinite(v)))
+    text = "slopes: " + ", ".join(f"{k} {v:+.2f}" for k, v in slopes.items() if np.isfinite(v))
+    lines += textwrap.wrap(text, 100, subsequent_indent="  ")
     return "\n".join(lines)
 
 
