@@ -254,16 +254,16 @@ def subspace_stage(cfg, loss_fn, params, data, keys, log):
 
 
 def coefficient_stage(cfg, loss_fn, params, data, sub, log):
-    """``(a, c, B)`` for ``Dmax`` (one linearisation of the increment, ``Dmax`` tangent passes)."""
+    """``(a, c, B)`` for ``Dmax``: one gradient and ``Dmax`` single-sample products."""
     Dmax = max(cfg.dims)
-    # with microbatching the Ritz values replace U H^(k) U^T (products over one chunk)
-    ritz = sub.eigenvalues if cfg.microbatch_size is not None else None
+    # the Ritz values give U H^(k) U^T = diag(theta): only sample k+1's Hessian is applied
     fn = lambda p, d, U, e: ls.increment_coefficients(
         loss_fn, p, d, cfg.k, U, microbatch_size=cfg.microbatch_size, check_mean=False,
         eigenvalues=e)
-    coef, t_compile, t_run, _ = _run(fn, params, data, sub.eigenvectors, ritz)
+    coef, t_compile, t_run, _ = _run(fn, params, data, sub.eigenvectors, sub.eigenvalues)
     log(f"coefficients (a, c, B) for D={Dmax}: {t_run:.2f} s + {t_compile:.1f} s compile "
-        f"(one gradient and {Dmax} Hessian-vector products of the increment)")
+        f"(one gradient of the increment, {Dmax} single-sample Hessian-vector products; "
+        "U H^(k) U^T = diag(Ritz values))")
     return coef, t_compile, t_run
 
 

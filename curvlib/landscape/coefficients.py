@@ -290,21 +290,18 @@ def _coefficients(loss_fn, params, data, k, U, microbatch_size, mode, ritz_value
         M = _tree.basis_gram(U, AU)
     else:
         # U are Ritz vectors of H^(k): U H^(k) U^T = diag(theta), so only the products
-        # with the single-sample Hessian are needed (one chunk when microbatching)
+        # with the single-sample Hessian are needed
         def grad_chunk(xs, ws):
             return jax.value_and_grad(
                 lambda p: _common.weighted_loss(loss_fn, p, xs, ws, safe))(params)
 
         a, b = _common.accumulate(grad_chunk, (zero, _zeros_acc(params)), data, w_inc,
                                   microbatch_size, 0, k1)
-        w_one = _common.sample_weights(n, k, _common.SAMPLE, dt)
-
-        def prod_chunk(xs, ws):
-            f = lambda p: _common.weighted_loss(loss_fn, p, xs, ws, safe)
-            return _value_grad_products(f, params, U, mode, seq)[2]
-
-        HU = _common.accumulate(prod_chunk, _zeros_acc(U), data, w_one, microbatch_size,
-                                k1 - 1, k1)
+        # sample k+1 alone (a static one-sample batch whatever k is): D products cost one
+        # sample each
+        one = jax.tree.map(lambda x: x[None], safe)
+        f1 = lambda p: jnp.asarray(loss_fn(p, one)).astype(dt)
+        HU = _value_grad_products(f1, params, U, mode, seq)[2]
         theta = jnp.asarray(ritz_values).astype(dt)
         M = (_tree.basis_gram(U, HU).astype(dt) - jnp.diag(theta)) / k1.astype(dt)
     c = _tree.basis_project(U, b)
@@ -344,14 +341,14 @@ def increment_coefficients(
 
     With ``eigenvalues`` (the Ritz values that came with ``eigenvectors`` from
     :func:`curvature_subspace` on the same ``params``, ``data`` and ``k``) the
-    products are taken with the single-sample Hessian ``H_{k+1}`` only, and
-    ``U H^(k) U^T = diag(theta)`` (Rayleigh-Ritz makes ``x_i^T H^(k) x_j =
-    theta_i delta_ij`` for Ritz pairs *whatever their residual*). With
-    microbatching this is the cheap route for large ``k``: the products touch
-    only the chunk holding sample ``k + 1``. Without microbatching every
-    product evaluates all of ``data`` anyway, so it saves nothing and compiles
-    a second product. Pass them only for such Ritz pairs; for any other basis
-    the result would be wrong.
+    ``D`` products are taken with the Hessian of the single sample ``k + 1``
+    only (one sample each, whatever ``k``), and ``U H^(k) U^T = diag(theta)``:
+    Rayleigh-Ritz makes ``x_i^T H^(k) x_j = theta_i delta_ij`` for Ritz pairs
+    *whatever their residual* (``x_i = Q^T y_i`` with ``y_i`` eigenvectors of
+    ``T = Q H^(k) Q^T``). The cheap route after :func:`curvature_subspace`;
+    the program then holds a gradient and a separate single-sample product
+    (a little more to compile). Pass them only for such Ritz pairs; for any
+    other basis the result would be wrong.
 
     Args:
       loss_fn: ``loss_fn(params, batch)``, the mean loss over the batch's leading axis.

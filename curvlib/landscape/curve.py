@@ -226,14 +226,13 @@ def subspace_step(loss_fn, params, plan: _Plan, k: int, key) -> dict:
 def coefficient_step(loss_fn, params, plan: _Plan, k: int, sub) -> IncrementCoefficients:
     """``(a, c, B)`` for the ``Dmax`` subspace (the mean-loss check has already run).
 
-    With microbatching the Ritz values stand in for ``U H^(k) U^T``, so the
-    products touch only the chunk holding sample ``k + 1``.
+    The Ritz values stand in for ``U H^(k) U^T``, so the ``Dmax`` products are
+    single-sample ones.
     """
-    mb = plan.config.microbatch_size
-    ritz = sub.eigenvalues if mb is not None else None
     return jax.block_until_ready(increment_coefficients(
-        loss_fn, params, plan.data, k, sub.eigenvectors, microbatch_size=mb, check_mean=False,
-        eigenvalues=ritz))
+        loss_fn, params, plan.data, k, sub.eigenvectors,
+        microbatch_size=plan.config.microbatch_size, check_mean=False,
+        eigenvalues=sub.eigenvalues))
 
 
 def closed_form_step(coef: IncrementCoefficients, plan: _Plan, eigenvalues, eigenvalues_next):
