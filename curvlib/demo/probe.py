@@ -173,13 +173,9 @@ def parameter_count(config: _models.TransformerConfig) -> int:
     return V * d + T * d + config.num_layers * block + 2 * d + d * V + V
 
 
-def _run(fn, *args):
-    """``(out, compile_s, run_s)``: ``jax.jit(fn)`` lowered and compiled, then run once."""
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    t1 = time.perf_counter()
-    out = jax.block_until_ready(compiled(*args))
-    return out, t1 - t0, time.perf_counter() - t1, compiled
+def _abstract(tree):
+    """Shapes and dtypes of ``tree`` (for lowering before the values exist)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
 
 
 def _best(compiled, args, repeats):
@@ -192,13 +188,93 @@ def _best(compiled, args, repeats):
     return best
 
 
-def train_transformer(cfg: ProbeConfig, log=print, corpus=None):
-    """Train the demo transformer; returns ``(model, params, loss_fn, corpus, info)``."""
-    corpus = corpus if corpus is not None else _data.load_corpus(max_chars=cfg.max_chars)
-    key = jax.random.PRNGKey(cfg.seed)
-    k_init, k_train = jax.random.split(key)
+def _timed(compiled, *args):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    return out, time.perf_counter() - t0
+
+
+class Stages:
+    """The probe's compiled stages, compiled in one background thread.
+
+    Every stage is ``jax.jit`` of a call to the public :mod:`curvlib.landscape`
+    function, lowered from the shapes alone (the initial parameters have the
+    trained ones' shapes), so compilation runs while the model trains: on two
+    cores the compile work overlaps the training instead of following it.
+    ``get(name)`` waits for a stage and returns ``(compiled, compile_seconds)``.
+    """
+
+    ORDER = ("subspace", "coefficients", "closed_form", "quadratic_mc", "direct_mc", "full_mc")
+
+    def __init__(self, cfg: ProbeConfig, loss_fn, params, data, data_k1, key):
+        from concurrent.futures import ThreadPoolExecutor
+
+        dims, Dmax, k, mb = tuple(cfg.dims), max(cfg.dims), cfg.k, cfg.microbatch_size
+        dt = jnp.float32
+        U = jax.tree.map(lambda p: jax.ShapeDtypeStruct((Dmax,) + p.shape, p.dtype), params)
+        theta = jax.ShapeDtypeStruct((Dmax,), dt)
+        a, c, B = (jax.ShapeDtypeStruct(s, dt) for s in ((), (Dmax,), (Dmax, Dmax)))
+        sig = jax.ShapeDtypeStruct((cfg.num_sigmas,), dt)
+        p, d, d1, key = _abstract(params), _abstract(data), _abstract(data_k1), _abstract(key)
+        mc = dict(microbatch_size=mb, sample_batch_size=cfg.sample_batch_size, check_mean=False)
+        self.stages = {
+            "subspace": (lambda p, d, k, key: ls.curvature_subspace(
+                loss_fn, p, d, k, Dmax, key=key, microbatch_size=mb, basis_size=cfg.basis_size,
+                tol=cfg.eig_tol, flatten=True), (p, d, k, key)),
+            # the Ritz values give U H^(k) U^T = diag(theta): only sample k+1's Hessian is used
+            "coefficients": (lambda p, d, U, e: ls.increment_coefficients(
+                loss_fn, p, d, k, U, microbatch_size=mb, check_mean=False, eigenvalues=e),
+                (p, d1, U, theta)),
+            "closed_form": (lambda a, c, B, s: [ls.delta2_closed_form_terms(
+                a, c[:D], B[:D, :D], s) for D in dims], (a, c, B, sig)),
+            "quadratic_mc": (lambda a, c, B, s, key: [ls.delta2_quadratic_mc(
+                a, c[:D], B[:D, :D], s, key=key, num_samples=cfg.num_samples) for D in dims],
+                (a, c, B, sig, key)),
+            # `dim` is data: one program for every nested D
+            "direct_mc": (lambda p, d, U, s, key, D: ls.delta2_direct_mc(
+                loss_fn, p, d, k, U, s, key=key, num_samples=cfg.num_samples, dim=D, **mc),
+                (p, d1, U, sig, key, dims[0])),
+            "full_mc": (lambda p, d, s, key: ls.delta2_full_mc(
+                loss_fn, p, d, k, s, key=key, num_samples=cfg.full_samples, **mc),
+                (p, d1, sig, key)),
+        }
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="curvlib-demo-compile")
+        self._futures = {name: self._pool.submit(self._compile, name) for name in self.ORDER}
+        # eager helpers compile on their first call: make that call here too
+        if cfg.next_subspace:
+            zeros = [jax.tree.map(lambda p, D=D: jnp.zeros((D,) + p.shape, p.dtype), params)
+                     for D in dims]
+            self._pool.submit(lambda: [ls.principal_angles(z, z) for z in zeros])
+        self._pool.submit(ls.check_mean_loss, loss_fn, params, data, k, microbatch_size=mb)
+
+    def _compile(self, name):
+        fn, args = self.stages[name]
+        t0 = time.perf_counter()
+        compiled = jax.jit(fn).lower(*args).compile()
+        return compiled, time.perf_counter() - t0
+
+    def get(self, name):
+        return self._futures[name].result()
+
+    def close(self):
+        self._pool.shutdown(wait=True)
+
+
+def init_transformer(cfg: ProbeConfig, corpus: _data.CharCorpus):
+    """``(model, initial params, loss_fn)`` of the demo transformer."""
+    k_init, _ = jax.random.split(jax.random.PRNGKey(cfg.seed))
     model, params = _models.init_transformer(cfg.model_config(corpus.vocab_size), k_init)
-    loss_fn = _models.lm_loss_fn(model)
+    return model, params, _models.lm_loss_fn(model)
+
+
+def train_transformer(cfg: ProbeConfig, log=print, corpus=None, initial=None):
+    """Train the demo transformer; returns ``(model, params, loss_fn, corpus, info)``.
+
+    ``initial``: ``(model, params, loss_fn)`` from :func:`init_transformer`.
+    """
+    corpus = corpus if corpus is not None else _data.load_corpus(max_chars=cfg.max_chars)
+    model, params, loss_fn = initial if initial is not None else init_transformer(cfg, corpus)
+    _, k_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
     toks = jnp.asarray(corpus.train)
     span = cfg.seq_len + 1
 
@@ -212,7 +288,7 @@ def train_transformer(cfg: ProbeConfig, log=print, corpus=None):
     losses = np.asarray(jax.block_until_ready(losses))
     t_train = time.perf_counter() - t0
     held = jnp.asarray(_data.sequence_samples(corpus.held_out, 64, cfg.seq_len, cfg.seed + 1))
-    held_loss = float(loss_fn(params, held))
+    held_loss = float(jax.jit(loss_fn)(params, held))
     n_params = _tree.size(params)
     first = float(losses[0]) if len(losses) else float("nan")
     final = float(losses[-20:].mean()) if len(losses) else float("nan")
@@ -230,21 +306,17 @@ def train_transformer(cfg: ProbeConfig, log=print, corpus=None):
 # ------------------------------------------------------------------ stages
 
 
-def subspace_stage(cfg, loss_fn, params, data, keys, log):
+def subspace_stage(cfg, stages: Stages, params, data, keys, log):
     """Top-``Dmax`` eigenpairs at ``k`` (and ``k + 1``): one compiled program for both."""
     Dmax = max(cfg.dims)
-    fn = lambda p, d, k, key: ls.curvature_subspace(
-        loss_fn, p, d, k, Dmax, key=key, microbatch_size=cfg.microbatch_size,
-        basis_size=cfg.basis_size, tol=cfg.eig_tol, flatten=True)
-    sub, t_compile, t_run, compiled = _run(fn, params, data, cfg.k, keys[0])
+    compiled, t_compile = stages.get("subspace")
+    sub, t_run = _timed(compiled, params, data, cfg.k, keys[0])
     out = dict(sub=sub, compile=t_compile, run=t_run)
     log(f"subspace: top-{Dmax} eigenpairs of H^({cfg.k}) in {t_run:.2f} s + {t_compile:.1f} s "
         f"compile ({int(sub.num_matvecs)} Hessian-vector products, {int(sub.num_restarts)} "
         f"restarts, converged={bool(sub.converged)})")
     if cfg.next_subspace:
-        t0 = time.perf_counter()
-        out["next"] = jax.block_until_ready(compiled(params, data, cfg.k + 1, keys[1]))
-        out["run_next"] = time.perf_counter() - t0
+        out["next"], out["run_next"] = _timed(compiled, params, data, cfg.k + 1, keys[1])
         out["angles"] = {d: float(jnp.max(ls.principal_angles(
             jax.tree.map(lambda x, d=d: x[:d], sub.eigenvectors),
             jax.tree.map(lambda x, d=d: x[:d], out["next"].eigenvectors)))) for d in cfg.dims}
@@ -253,51 +325,36 @@ def subspace_stage(cfg, loss_fn, params, data, keys, log):
     return out
 
 
-def coefficient_stage(cfg, loss_fn, params, data, sub, log):
+def coefficient_stage(cfg, stages: Stages, params, data, sub, log):
     """``(a, c, B)`` for ``Dmax``: one gradient and ``Dmax`` single-sample products."""
-    Dmax = max(cfg.dims)
-    # the Ritz values give U H^(k) U^T = diag(theta): only sample k+1's Hessian is applied
-    fn = lambda p, d, U, e: ls.increment_coefficients(
-        loss_fn, p, d, cfg.k, U, microbatch_size=cfg.microbatch_size, check_mean=False,
-        eigenvalues=e)
-    coef, t_compile, t_run, _ = _run(fn, params, data, sub.eigenvectors, sub.eigenvalues)
-    log(f"coefficients (a, c, B) for D={Dmax}: {t_run:.2f} s + {t_compile:.1f} s compile "
-        f"(one gradient of the increment, {Dmax} single-sample Hessian-vector products; "
-        "U H^(k) U^T = diag(Ritz values))")
+    compiled, t_compile = stages.get("coefficients")
+    coef, t_run = _timed(compiled, params, data, sub.eigenvectors, sub.eigenvalues)
+    log(f"coefficients (a, c, B) for D={max(cfg.dims)}: {t_run:.2f} s + {t_compile:.1f} s "
+        f"compile (one gradient of the increment, {max(cfg.dims)} single-sample Hessian-vector "
+        "products; U H^(k) U^T = diag(Ritz values))")
     return coef, t_compile, t_run
 
 
-def evaluation_stage(cfg, loss_fn, params, data, sub, coef, keys):
+def evaluation_stage(cfg, stages: Stages, params, data, sub, coef, keys):
     """GM, quadratic MC, direct MC (every D) and full-space MC on the sigma grid; timed."""
-    dims = tuple(cfg.dims)
     sig = jnp.asarray(cfg.sigmas, jnp.float32)
     k_q, k_full = keys
-    gm_fn = lambda a, c, B, s: [ls.delta2_closed_form_terms(a, c[:d], B[:d, :d], s)
-                                for d in dims]
-    terms, gm_compile, _, gm_c = _run(gm_fn, coef.a, coef.c, coef.B, sig)
+    gm_c, gm_compile = stages.get("closed_form")
+    terms, _ = _timed(gm_c, coef.a, coef.c, coef.B, sig)
     gm_run = _best(gm_c, (coef.a, coef.c, coef.B, sig), max(cfg.timing_repeats, 20))
-    quad_fn = lambda a, c, B, s, key: [ls.delta2_quadratic_mc(
-        a, c[:d], B[:d, :d], s, key=key, num_samples=cfg.num_samples) for d in dims]
-    quad, quad_compile, _, quad_c = _run(quad_fn, coef.a, coef.c, coef.B, sig, k_q)
+    quad_c, quad_compile = stages.get("quadratic_mc")
+    quad, _ = _timed(quad_c, coef.a, coef.c, coef.B, sig, k_q)
     quad_run = _best(quad_c, (coef.a, coef.c, coef.B, sig, k_q), cfg.timing_repeats)
     # direct MC with the quadratic MC's key: the same draws, so their difference is the
-    # quadratic model's own error; `dim` is data: one compiled program for every D
-    direct_fn = lambda p, d, U, s, key, D: ls.delta2_direct_mc(
-        loss_fn, p, d, cfg.k, U, s, key=key, num_samples=cfg.num_samples, dim=D,
-        microbatch_size=cfg.microbatch_size, sample_batch_size=cfg.sample_batch_size,
-        check_mean=False)
-    args = (params, data, sub.eigenvectors, sig, k_q)
-    first, direct_compile, direct_run, direct_c = _run(direct_fn, *args, dims[0])
-    direct = [first]
-    for D in dims[1:]:
-        t0 = time.perf_counter()
-        direct.append(jax.block_until_ready(direct_c(*args, D)))
-        direct_run += time.perf_counter() - t0
-    full_fn = lambda p, d, s, key: ls.delta2_full_mc(
-        loss_fn, p, d, cfg.k, s, key=key, num_samples=cfg.full_samples,
-        microbatch_size=cfg.microbatch_size, sample_batch_size=cfg.sample_batch_size,
-        check_mean=False)
-    full, full_compile, full_run, _ = _run(full_fn, params, data, sig, k_full)
+    # quadratic model's own error
+    direct_c, direct_compile = stages.get("direct_mc")
+    direct, direct_run = [], 0.0
+    for D in cfg.dims:
+        est, t = _timed(direct_c, params, data, sub.eigenvectors, sig, k_q, D)
+        direct.append(est)
+        direct_run += t
+    full_c, full_compile = stages.get("full_mc")
+    full, full_run = _timed(full_c, params, data, sig, k_full)
     timings = dict(closed_form=gm_run, closed_form_compile=gm_compile, quadratic_mc=quad_run,
                    quadratic_mc_compile=quad_compile, direct_mc=direct_run,
                    direct_mc_compile=direct_compile, full_mc=full_run,
@@ -316,31 +373,38 @@ def run_probe(cfg: ProbeConfig, log=print) -> dict[str, Any]:
     cfg.validate(corpus)
     dims = tuple(int(d) for d in cfg.dims)
     sig = cfg.sigmas
-    model, params, loss_fn, corpus, train_info = train_transformer(cfg, log, corpus)
     k = cfg.k
     # k + 2 ordered sequences: the subspace at k + 1 needs sample k + 2; the coefficients
     # and the Monte Carlo estimators need only the first k + 1
     data = jnp.asarray(_data.sequence_samples(corpus.train, k + 2, cfg.seq_len, cfg.seed))
     data_k1 = data[: k + 1]
     keys = jax.random.split(jax.random.PRNGKey(cfg.seed + 17), 5)
-    report: dict[str, Any] = dict(config=dataclasses.asdict(cfg), sigmas=sig.tolist(),
-                                  dims=list(dims), k=k, model=train_info)
-    report["config"]["dims"] = list(dims)
-    ls.check_mean_loss(loss_fn, params, data, k, microbatch_size=cfg.microbatch_size)
+    initial = init_transformer(cfg, corpus)
+    stages = Stages(cfg, initial[2], initial[1], data, data_k1, keys[0])  # compiles meanwhile
+    try:
+        model, params, loss_fn, corpus, train_info = train_transformer(cfg, log, corpus,
+                                                                       initial)
+        report: dict[str, Any] = dict(config=dataclasses.asdict(cfg), sigmas=sig.tolist(),
+                                      dims=list(dims), k=k, model=train_info)
+        report["config"]["dims"] = list(dims)
+        ls.check_mean_loss(loss_fn, params, data, k, microbatch_size=cfg.microbatch_size)
 
-    s = subspace_stage(cfg, loss_fn, params, data, keys[:2], log)
-    sub = s["sub"]
-    report["eigenvalues"] = np.asarray(sub.eigenvalues).tolist()
-    report["eigsh"] = dict(num_matvecs=int(sub.num_matvecs), num_restarts=int(sub.num_restarts),
-                           converged=bool(sub.converged),
-                           max_relative_residual=float(jnp.max(
-                               sub.residual_norms / jnp.abs(sub.eigenvalues))))
-    if cfg.next_subspace:
-        report["eigenvalues_next"] = np.asarray(s["next"].eigenvalues).tolist()
-        report["max_principal_angle"] = {str(d): a for d, a in s["angles"].items()}
-    coef, coef_compile, coef_run = coefficient_stage(cfg, loss_fn, params, data_k1, sub, log)
-    terms, quad, direct, full, ev_times = evaluation_stage(cfg, loss_fn, params, data_k1, sub,
-                                                           coef, (keys[2], keys[4]))
+        s = subspace_stage(cfg, stages, params, data, keys[:2], log)
+        sub = s["sub"]
+        report["eigenvalues"] = np.asarray(sub.eigenvalues).tolist()
+        report["eigsh"] = dict(num_matvecs=int(sub.num_matvecs),
+                               num_restarts=int(sub.num_restarts),
+                               converged=bool(sub.converged),
+                               max_relative_residual=float(jnp.max(
+                                   sub.residual_norms / jnp.abs(sub.eigenvalues))))
+        if cfg.next_subspace:
+            report["eigenvalues_next"] = np.asarray(s["next"].eigenvalues).tolist()
+            report["max_principal_angle"] = {str(d): a for d, a in s["angles"].items()}
+        coef, coef_compile, coef_run = coefficient_stage(cfg, stages, params, data_k1, sub, log)
+        terms, quad, direct, full, ev_times = evaluation_stage(cfg, stages, params, data_k1,
+                                                               sub, coef, (keys[2], keys[4]))
+    finally:
+        stages.close()
     timings = dict(subspace=s["run"], subspace_compile=s["compile"],
                    coefficients=coef_run, coefficients_compile=coef_compile, **ev_times)
     if cfg.next_subspace:
