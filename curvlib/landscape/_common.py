@@ -419,6 +419,46 @@ def increment(loss_fn: Callable, params: PyTree, data: PyTree, k,
     return increment_fn(loss_fn, data, k, microbatch_size, weight_dtype(params))(params)
 
 
+# ------------------------------------------------------------- layouts
+
+
+def param_layout(params: PyTree) -> tuple | None:
+    """The ``NamedSharding`` of every leaf of concrete, partitioned ``params`` on ``Auto`` meshes.
+
+    ``None`` for traced params (inside ``jit``), single-device, replicated or
+    explicitly typed arrays: those already carry their layout. For the rest the
+    partitioner may return vectors replicated where the parameters were split
+    (FSDP), so the landscape programs constrain their parameter-shaped vectors
+    (start vector, products, eigenvectors) to this layout.
+    """
+    out = []
+    for x in jax.tree.leaves(params):
+        s = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
+        if isinstance(x, jax.core.Tracer) or not isinstance(s, NamedSharding):
+            return None
+        if any(t != jax.sharding.AxisType.Auto for t in s.mesh.axis_types):
+            return None
+        out.append(s)
+    if all(s.is_fully_replicated for s in out):
+        return None
+    return tuple(out)
+
+
+def constrain(tree: PyTree, layout: tuple | None, stacked: bool = False) -> PyTree:
+    """``tree``'s leaves constrained to ``layout`` (with a leading unsplit axis if ``stacked``)."""
+    if layout is None:
+        return tree
+    leaves, treedef = jax.tree.flatten(tree)
+
+    def one(x, s):
+        if stacked:
+            spec = tuple(s.spec) + (None,) * (x.ndim - 1 - len(s.spec))
+            s = NamedSharding(s.mesh, PartitionSpec(None, *spec))
+        return jax.lax.with_sharding_constraint(x, s)
+
+    return jax.tree.unflatten(treedef, [one(x, s) for x, s in zip(leaves, layout, strict=True)])
+
+
 # --------------------------------------------------------------- random
 
 

@@ -62,16 +62,18 @@ def weighted_hessian_matvec(loss_fn: Callable, params: PyTree, data: PyTree, k, 
 @functools.partial(
     jax.jit,
     static_argnames=("loss_fn", "dim", "microbatch_size", "mode", "basis_size", "tol",
-                     "max_restarts", "flatten"),
+                     "max_restarts", "flatten", "layout"),
 )
 def _subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, basis_size, tol,
-              max_restarts, flatten):
+              max_restarts, flatten, layout=None):
     if not flatten:
-        matvec = weighted_hessian_matvec(loss_fn, params, data, k, _common.MEAN,
-                                         microbatch_size, mode)
-        v0 = _common.normal_like(key, params)
-        return eigsh(matvec, v0, dim, which="LA", num_matvecs=basis_size, tol=tol,
-                     max_restarts=max_restarts)
+        product = weighted_hessian_matvec(loss_fn, params, data, k, _common.MEAN,
+                                          microbatch_size, mode)
+        matvec = lambda v: _common.constrain(product(v), layout)
+        v0 = _common.constrain(_common.normal_like(key, params), layout)
+        res = eigsh(matvec, v0, dim, which="LA", num_matvecs=basis_size, tol=tol,
+                    max_restarts=max_restarts)
+        return res._replace(eigenvectors=_common.constrain(res.eigenvectors, layout, True))
     flat, unravel = ravel_pytree(params)
     flat_loss = lambda theta, batch: loss_fn(unravel(theta), batch)
     matvec = weighted_hessian_matvec(flat_loss, flat, data, k, _common.MEAN, microbatch_size,
@@ -200,7 +202,8 @@ def curvature_subspace(
     mb = _common.check_microbatch(microbatch_size)
     mode = _common.check_mode(mode, mb)
     return _subspace(loss_fn, params, data, k, dim, key, mb, mode, basis_size,
-                     None if tol is None else float(tol), int(max_restarts), bool(flatten))
+                     None if tol is None else float(tol), int(max_restarts), bool(flatten),
+                     None if flatten else _common.param_layout(params))
 
 
 # ------------------------------------------------------------ principal angles
