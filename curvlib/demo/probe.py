@@ -239,13 +239,14 @@ class Stages:
                 (p, d1, sig, key)),
         }
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="curvlib-demo-compile")
+        # eager helpers compile on their first call: make that call here (in the order the
+        # probe needs them), on the initial parameters
+        self._pool.submit(ls.check_mean_loss, loss_fn, params, data, k, microbatch_size=mb)
         self._futures = {name: self._pool.submit(self._compile, name) for name in self.ORDER}
-        # eager helpers compile on their first call: make that call here too
         if cfg.next_subspace:
             zeros = [jax.tree.map(lambda p, D=D: jnp.zeros((D,) + p.shape, p.dtype), params)
                      for D in dims]
             self._pool.submit(lambda: [ls.principal_angles(z, z) for z in zeros])
-        self._pool.submit(ls.check_mean_loss, loss_fn, params, data, k, microbatch_size=mb)
 
     def _compile(self, name):
         fn, args = self.stages[name]
