@@ -287,6 +287,15 @@ def principal_angles(U: PyTree, V: PyTree) -> jax.Array:
       >>> round(float(principal_angles(U, V)[-1]) / t, 4)  # arccos of the cosine gives 0
       1.0
     """
-    _tree.check_same_structure(jax.tree.map(lambda x: x[0], U),
-                               jax.tree.map(lambda x: x[0], V), "U[0]", "V[0]")
+    if jax.tree.structure(U) != jax.tree.structure(V):
+        raise ValueError(
+            f"`U` and `V` must have the same pytree structure; got {jax.tree.structure(U)} and "
+            f"{jax.tree.structure(V)}."
+        )
+    for i, (u, v) in enumerate(zip(jax.tree.leaves(U), jax.tree.leaves(V), strict=True)):
+        if jnp.ndim(u) < 1 or jnp.shape(u)[1:] != jnp.shape(v)[1:]:
+            raise ValueError(
+                "`U` and `V` must be bases of the same vectors (a leading basis axis, then "
+                f"matching shapes); leaf {i} has shapes {jnp.shape(u)} and {jnp.shape(v)}."
+            )
     return _principal_angles(U, V)
