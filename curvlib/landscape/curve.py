@@ -310,7 +310,7 @@ def _progress(iterable, enabled, desc):
     if not enabled:
         return iterable
     try:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
     except ImportError:  # optional dependency
         return iterable
     return tqdm(iterable, desc=desc)
