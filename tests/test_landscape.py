@@ -117,12 +117,19 @@ def test_increment_identity_at_any_point(lsq):
 def test_non_mean_loss_is_detected(lsq):
     x, y, theta = lsq
     w = _unflat(theta)
-    with pytest.raises(ValueError, match="mean over the leading axis"):
+    msg = "does not behave as a mean over the leading axis"
+    with pytest.raises(ValueError, match=msg):
         ls.check_mean_loss(ls_sum_loss, w, (x, y), 4)
-    with pytest.raises(ValueError, match="mean"):
+    with pytest.raises(ValueError, match=msg):
+        ls.check_mean_loss(ls_sum_loss, w, (x, y), 4, microbatch_size=5)
+    with pytest.raises(ValueError, match=msg):
         ls.delta1(ls_sum_loss, w, (x, y), 4)
-    with pytest.raises(ValueError, match="mean"):
+    with pytest.raises(ValueError, match=msg):
         ls.increment_coefficients(ls_sum_loss, w, (x, y), 4, jax.tree.map(lambda p: p[None], w))
+    # unequal weights of the samples (a weighted mean) are caught too
+    weighted = lambda p, b: ls_loss(p, b) * b[0].shape[0] / (b[0].shape[0] + 1.0)
+    with pytest.raises(ValueError, match=msg):
+        ls.check_mean_loss(weighted, w, (x, y), 4)
     # a sample-independent penalty leaves every increment unchanged: accepted
     penalised = lambda p, b: ls_loss(p, b) + 0.1 * jnp.sum(p["w"] ** 2)
     ls.check_mean_loss(penalised, w, (x, y), 4)
@@ -161,7 +168,7 @@ def test_coefficients_with_ritz_values_skip_the_k_sample_products(lsq):
     w = _unflat(theta)
     # loose tolerance and a tiny basis: Ritz pairs, not eigenpairs
     sub = ls.curvature_subspace(ls_loss, w, (x, y), k, D, key=jax.random.PRNGKey(0),
-                                num_matvecs=D + 1, tol=0.5, max_restarts=0)
+                                basis_size=D + 1, tol=0.5, max_restarts=0)
     E = sub.eigenvectors
     U = np.concatenate([np.asarray(E["w"]), np.asarray(E["b"])[:, None]], axis=1)
     _, _, B = np_coefficients(theta, np.asarray(x), np.asarray(y), k, U)
@@ -175,9 +182,14 @@ def test_coefficients_with_ritz_values_skip_the_k_sample_products(lsq):
     off = ls.increment_coefficients(ls_loss, w, (x, y), k, sub.eigenvectors,
                                     eigenvalues=sub.eigenvalues * 1.1)
     assert not np.allclose(off.B, B, rtol=1e-6)
-    with pytest.raises(ValueError, match="eigenvalues"):
+    with pytest.raises(ValueError, match=r"`eigenvalues` must have shape \(3,\)"):
         ls.increment_coefficients(ls_loss, w, (x, y), k, sub.eigenvectors,
                                   eigenvalues=sub.eigenvalues[:2])
+    # microbatched: the products run over the one chunk holding sample k+1, same numbers
+    mb = ls.increment_coefficients(ls_loss, w, (x, y), k, sub.eigenvectors,
+                                   eigenvalues=sub.eigenvalues, microbatch_size=4)
+    for p, q in zip(mb, fast, strict=True):
+        np.testing.assert_allclose(p, q, rtol=1e-9, atol=1e-12)
 
 
 # ----------------------------------------------- fact 2: GM = lim quad MC
@@ -422,32 +434,230 @@ def test_k_curve_driver(tmp_path, lsq):
     c = ls.k_curve(ls_loss, w, data, ks, dims=[1, 3], sigmas=sig, key=jax.random.PRNGKey(0),
                    num_samples=8, full_samples=8, progress=False)
     assert c.closed_form.shape == (2, 2, 2) and np.all(c.converged)
-    assert np.all(np.isfinite(c.max_angle)) and np.all(np.isfinite(c.direct_mean))
+    assert np.all(np.isfinite(c.direct_mean)) and np.all(np.isfinite(c.full_mean))
     x, y = np.asarray(x), np.asarray(y)
     for i, k in enumerate(ks):
         # the driver's numbers are the estimators' numbers
         _, _, Hk = np_loss_grad_hess(theta, x[:k], y[:k])
         _, _, Hk1 = np_loss_grad_hess(theta, x[: k + 1], y[: k + 1])
-        np.testing.assert_allclose(c.eigenvalues[i], np.linalg.eigvalsh(Hk)[::-1][:3], rtol=1e-8)
-        np.testing.assert_allclose(c.eigenvalues_next[i], np.linalg.eigvalsh(Hk1)[::-1][:3],
-                                   rtol=1e-8)
+        lam_k, V_k = np.linalg.eigh(Hk)
+        lam_k1, V_k1 = np.linalg.eigh(Hk1)
+        np.testing.assert_allclose(c.eigenvalues[i], lam_k[::-1][:3], rtol=1e-8)
+        np.testing.assert_allclose(c.eigenvalues_next[i], lam_k1[::-1][:3], rtol=1e-8)
         np.testing.assert_allclose(c.delta1[i], ls.delta1(ls_loss, w, data, k), rtol=1e-10)
         for j, d in enumerate(c.dims):
             assert np.all(c.closed_form[i, j] <= ls.delta2_bound(k, sig, d, **consts))
+            # overlap of the top-d eigenspaces of H^(k) and H^(k+1): dense oracle
+            want = np.max(subspace_angles(V_k[:, ::-1][:, :d], V_k1[:, ::-1][:, :d]))
+            assert want > 1e-3  # the subspaces do move: a zero angle would fail below
+            np.testing.assert_allclose(c.max_angle[i, j], want, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(
+                c.spectral[i, j], ls.delta2_spectral(lam_k[::-1][:d], lam_k1[::-1][:d], sig),
+                rtol=1e-8)
         # exact quadratic: direct MC within its error of the closed form
         assert np.all(np.abs(c.direct_mean[i] - c.closed_form[i]) <= 5 * c.direct_stderr[i]
                       + 1e-9 * c.closed_form[i])
     np.testing.assert_allclose(c.constant + c.sigma2 + c.sigma4, c.closed_form, rtol=1e-12)
-    # params as a function of k, and the reports
+    assert set(c.timings) == {"subspace", "coefficients", "closed_form", "direct_mc", "full_mc"}
+    # params as a function of k, options from a config object, and the reports
+    cfg = ls.KCurveConfig(next_subspace=False, progress=False)
     c2 = ls.k_curve(ls_loss, lambda k: w, data, ks[:1], dims=[1, 3], sigmas=sig,
-                    key=jax.random.PRNGKey(0), next_subspace=False, progress=False)
-    np.testing.assert_allclose(c2.closed_form[0, 0], c.closed_form[0, 0], rtol=1e-8)
-    assert "slopes" in ls.curve_table(c, 0.3)
+                    key=jax.random.PRNGKey(0), config=cfg)
+    np.testing.assert_allclose(c2.closed_form[0], c.closed_form[0], rtol=1e-8)
+    assert np.all(np.isnan(c2.max_angle)) and np.all(np.isnan(c2.direct_mean))
+    table = ls.curve_table(c, 0.3)
+    assert "slopes" in table and "angle D=3" in table
+    assert max(len(line) for line in table.splitlines()) <= 100
     ls.save_curve_json(c, tmp_path / "curve.json")
     loaded = json.loads((tmp_path / "curve.json").read_text())
     assert loaded["ks"] == ks and "sigma=0.3" in loaded["slopes"]
+    np.testing.assert_allclose(loaded["max_angle"], c.max_angle)
+    import matplotlib
+
+    backend = matplotlib.get_backend()
     ls.plot_curve(c, sigma=0.3, path=tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 0
+    assert matplotlib.get_backend() == backend  # a library never switches the backend
+
+
+def test_k_curve_options(lsq):
+    x, y, theta = lsq
+    w = _unflat(theta)
+    kw = dict(dims=[1, 2], sigmas=[0.1], key=jax.random.PRNGKey(0))
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['num_sample'\]; "
+                                        r"its options are \['num_samples'"):
+        ls.k_curve(ls_loss, w, (x, y), [4], num_sample=3, **kw)
+    with pytest.raises(ValueError, match=r"`dims` must be positive ints .*got \[0, 2\]"):
+        ls.k_curve(ls_loss, w, (x, y), [4], **{**kw, "dims": [0, 2]})
+    with pytest.raises(ValueError, match=r"`num_samples` must be >= 2"):
+        ls.k_curve(ls_loss, w, (x, y), [4], num_samples=1, **kw)
+    with pytest.raises(ValueError, match=r"`k \+ 1` = 25 exceeds"):
+        ls.k_curve(ls_loss, w, (x, y), [4, 24], **kw)
+    with pytest.raises(ValueError, match=r"`max\(dims\)` = 6 \(the subspace dimension D\)"):
+        ls.k_curve(ls_loss, w, (x, y), [4], **{**kw, "dims": [1, 6]})
+    with pytest.warns(DeprecationWarning, match="basis_size"):
+        c = ls.k_curve(ls_loss, w, (x, y), [4], num_matvecs=4, progress=False,
+                       next_subspace=False, **kw)
+    c2 = ls.k_curve(ls_loss, w, (x, y), [4], config=ls.KCurveConfig(
+        basis_size=4, progress=False, next_subspace=False), **kw)
+    np.testing.assert_array_equal(c.eigenvalues, c2.eigenvalues)
+
+
+# ------------------------------- one compiled program for every k
+
+
+class _Counted:
+    """A loss that counts its traces (the Python body runs once per trace)."""
+
+    def __init__(self, fn):
+        self.fn, self.traces = fn, 0
+
+    def __call__(self, params, batch):
+        self.traces += 1
+        return self.fn(params, batch)
+
+
+class _Compiles:
+    """Counts XLA backend compilations while active."""
+
+    def __enter__(self):
+        self.count = 0
+        self._cb = lambda name, *a, **kw: setattr(
+            self, "count", self.count + (name == "/jax/core/compile/backend_compile_duration"))
+        jax.monitoring.register_event_duration_secs_listener(self._cb)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._cb)
+
+
+def test_every_function_compiles_once_for_all_k(lsq):
+    """A second (eager) call at another k neither retraces the loss nor compiles anything."""
+    x, y, theta = lsq
+    w = _unflat(theta)
+    data = (x, y)
+    key = jax.random.PRNGKey(0)
+    loss = _Counted(lambda p, b: ls_loss(p, b))
+    sub = ls.curvature_subspace(loss, w, data, 3, 2, key=key)
+    U = sub.eigenvectors
+    sig = jnp.asarray([0.01, 0.1])
+    calls = {
+        "check_mean_loss": lambda k: ls.check_mean_loss(loss, w, data, k),
+        "loss_increment": lambda k: ls.loss_increment(loss, w, data, k),
+        "delta1": lambda k: ls.delta1(loss, w, data, k),
+        "curvature_subspace": lambda k: ls.curvature_subspace(loss, w, data, k, 2, key=key),
+        "increment_coefficients": lambda k: ls.increment_coefficients(loss, w, data, k, U),
+        "increment_coefficients(ritz, microbatched)": lambda k: ls.increment_coefficients(
+            loss, w, data, k, U, eigenvalues=sub.eigenvalues, microbatch_size=5),
+        "delta2_direct_mc": lambda k: ls.delta2_direct_mc(loss, w, data, k, U, sig, key=key,
+                                                          num_samples=4),
+        "delta2_full_mc": lambda k: ls.delta2_full_mc(loss, w, data, k, sig, key=key,
+                                                      num_samples=4, microbatch_size=7),
+    }
+    for name, call in calls.items():
+        jax.block_until_ready(call(3))
+        before = loss.traces
+        assert before > 0
+        with _Compiles() as compiles:
+            for k in (5, 17):
+                jax.block_until_ready(call(k))
+        assert loss.traces == before, (name, "retraced the loss")
+        assert compiles.count == 0, (name, "compiled again")
+
+
+def test_k_curve_compiles_once(lsq):
+    """Six values of k cost the traces of one: every stage's program serves all k."""
+    x, y, theta = lsq
+    w = _unflat(theta)
+    kw = dict(dims=[1, 2], sigmas=[1e-3, 0.1], key=jax.random.PRNGKey(0), num_samples=4,
+              full_samples=4, progress=False)
+    one, six = _Counted(lambda p, b: ls_loss(p, b)), _Counted(lambda p, b: ls_loss(p, b))
+    ls.k_curve(one, w, (x, y), [4], **kw)
+    ls.k_curve(six, w, (x, y), [2, 4, 7, 11, 16, 21], **kw)
+    assert six.traces == one.traces > 0
+    with _Compiles() as compiles:
+        c = ls.k_curve(six, w, (x, y), [3, 5, 8, 13, 19, 22], **kw)
+    assert compiles.count == 0 and six.traces == one.traces
+    assert np.all(np.isfinite(c.closed_form)) and np.all(np.isfinite(c.max_angle))
+
+
+# ------------------------------------ masked means: rounding, chunks, traced k
+
+
+def _offset_problem(n, dtype):
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(n, N_FEAT))
+    y = rng.normal(size=n)
+    w = {"w": jnp.asarray(rng.normal(size=N_FEAT), dtype), "b": jnp.asarray(0.0, dtype)}
+    return w, (jnp.asarray(x, dtype), jnp.asarray(y, dtype))
+
+
+def _offset_loss(params, batch):
+    """Per-sample losses ~1000 with O(1) spread: increments are tiny next to the means."""
+    return ls_loss(params, batch) + 1000.0
+
+
+def test_masked_means_equal_plain_means_to_rounding():
+    from curvlib.landscape import _common
+
+    k, n = 1000, 1010
+    w32, data32 = _offset_problem(n, jnp.float32)
+    w64, data64 = _offset_problem(n, jnp.float64)
+    eps = float(np.finfo(np.float32).eps)
+    L = lambda w, d, m: _offset_loss(w, (d[0][:m], d[1][:m]))
+    # L_k as a masked weighted sum over all n samples = the plain mean over data[:k]
+    plain = float(L(w32, data32, k))
+    for mb in (None, 64, 70):
+        masked = _common.weighted_value_fn(_offset_loss, data32, k, "mean", mb,
+                                           jnp.float32)(w32)
+        assert abs(float(masked) - plain) <= 4 * eps * abs(plain), mb
+    # the increment through the identity keeps its digits (error ~ eps max|l| / (k+1));
+    # the difference of the two means does not (error ~ eps max|l|)
+    exact = float(L(w64, data64, k + 1) - L(w64, data64, k))
+    tol = 4 * eps * 1010.0 / (k + 1)
+    naive = float(L(w32, data32, k + 1)) - plain
+    assert abs(naive - exact) > 10 * tol  # the cancellation is real here
+    for mb in (None, 64, 70):
+        got = float(ls.loss_increment(_offset_loss, w32, data32, k, microbatch_size=mb))
+        assert abs(got - exact) <= tol, (mb, got, exact)
+        coef = ls.increment_coefficients(_offset_loss, w32, data32, k,
+                                         jax.tree.map(lambda p: jnp.ones((1,) + p.shape), w32),
+                                         microbatch_size=mb)
+        assert abs(float(coef.a) - exact) <= tol, mb
+
+
+def test_microbatched_chunks_and_samples_past_k(lsq):
+    """Chunk loops (k+1 at and past chunk boundaries, a last chunk that overlaps its
+    predecessor) give the unchunked numbers, and samples past k+1 (NaN) never reach a result."""
+    x, y, theta = lsq
+    w = _unflat(theta)
+    key = jax.random.PRNGKey(0)
+    sig = np.array([0.05, 0.5])
+    bad = (x.at[14:].set(jnp.nan), y.at[14:].set(jnp.nan))
+
+    def run(data, k, mb):
+        sub = ls.curvature_subspace(ls_loss, w, data, k, 2, key=key, microbatch_size=mb)
+        coef = ls.increment_coefficients(ls_loss, w, data, k, U, microbatch_size=mb)
+        mc = ls.delta2_direct_mc(ls_loss, w, data, k, U, sig, key=key, num_samples=4,
+                                 microbatch_size=mb)
+        return sub.eigenvalues, *coef, mc.mean
+
+    U = ls.curvature_subspace(ls_loss, w, (x, y), 8, 2, key=key).eigenvectors
+    for k, data in ((4, bad), (6, bad), (12, bad), (20, (x, y)), (22, (x, y))):
+        ref = run((x, y), k, None)  # clean data, no chunks: the same compiled programs
+        for mb in (None, 7):  # chunks [0,7) [7,14) [14,21) and the window [17,24)
+            for got, want in zip(run(data, k, mb), ref, strict=True):
+                np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-13)
+
+
+def test_traced_k_inside_jit(lsq):
+    x, y, theta = lsq
+    w = _unflat(theta)
+    f = jax.jit(lambda k: ls.loss_increment(ls_loss, w, (x, y), k))
+    for k in (3, 11):
+        np.testing.assert_allclose(f(k), ls.loss_increment(ls_loss, w, (x, y), k), rtol=1e-12)
+    # out of range: NaN, never a plausible number
+    assert np.isnan(f(0)) and np.isnan(f(24))
 
 
 # ------------------------------- fact 7: eigenpairs vs eigh of the explicit Hessian
@@ -501,10 +711,53 @@ def test_algebraically_largest_not_largest_magnitude():
 
 def test_principal_angles_match_scipy():
     rng = np.random.default_rng(12)
-    A = _random_orthonormal(rng, 3, 7)
-    B = _random_orthonormal(rng, 3, 7)
-    got = np.asarray(ls.principal_angles(jnp.asarray(A), jnp.asarray(B)))
-    np.testing.assert_allclose(got, np.sort(subspace_angles(A.T, B.T)), atol=1e-7)
+    for p, q in ((3, 3), (2, 4), (4, 2)):
+        A = _random_orthonormal(rng, p, 7)
+        B = _random_orthonormal(rng, q, 7)
+        got = np.asarray(ls.principal_angles(jnp.asarray(A), jnp.asarray(B)))
+        np.testing.assert_allclose(got, np.sort(subspace_angles(A.T, B.T)), atol=1e-12)
+    with pytest.raises(ValueError, match=r"leaf 0 has shapes \(4, 7\) and \(2, 6\)"):
+        ls.principal_angles(jnp.asarray(A), jnp.asarray(B)[:, :6])
+
+
+def _rotated_pair(angles, N, seed, dtype):
+    """Orthonormal bases U, V (as {"w": (p, N-1), "b": (p,)} pytrees) at the given angles.
+
+    U spans e_1..e_p and V the vectors cos(t_i) e_i + sin(t_i) e_{p+i}, both rotated by one
+    random orthogonal Q (computed in float64, then rounded to ``dtype``).
+    """
+    p = len(angles)
+    Q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(N, N)))
+    U = np.eye(N)[:p]
+    V = np.zeros((p, N))
+    for i, t in enumerate(angles):
+        V[i, i], V[i, p + i] = np.cos(t), np.sin(t)
+    tree = lambda M: {"w": jnp.asarray((M @ Q)[:, :-1], dtype), "b": jnp.asarray((M @ Q)[:, -1],
+                                                                                  dtype)}
+    return tree(U), tree(V)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("small", [1e-4, 1e-6])
+def test_principal_angles_small_angles(dtype, small):
+    """The sine form keeps small angles to ~eps absolute; arccos of the cosine loses them
+    (in float32, cos(1e-4) = 1 - 5e-9 rounds to 1: arccos gives 0 or ~3e-4)."""
+    angles = np.array([small, 3 * small, 0.5, 1.4])
+    U, V = _rotated_pair(angles, 40, 0, dtype)
+    got = np.asarray(ls.principal_angles(U, V), np.float64)
+    # oracle: the angles between the spans of the *rounded* bases, in float64 by the sine form
+    # on re-orthonormalised bases (scipy.linalg.subspace_angles is off by ~3e-13 at 1e-4)
+    flat = lambda T: np.concatenate([np.asarray(T["w"], np.float64),
+                                     np.asarray(T["b"], np.float64)[:, None]], 1).T
+    Qu, Qv = np.linalg.qr(flat(U))[0], np.linalg.qr(flat(V))[0]
+    sin = np.sort(np.linalg.svd(Qv - Qu @ (Qu.T @ Qv), compute_uv=False))
+    cos = np.linalg.svd(Qu.T @ Qv, compute_uv=False)
+    want = np.arctan2(sin, cos)
+    eps = float(np.finfo(dtype).eps)
+    np.testing.assert_allclose(want, angles, atol=4 * eps)  # the construction
+    # absolute accuracy a few eps: at 1e-6 in float32 (eps 1.2e-7) a zero would fail
+    np.testing.assert_allclose(got, want, rtol=0, atol=3 * eps)
+    assert np.asarray(ls.principal_angles(U, V)).dtype == dtype
 
 
 # ------------------------------------------------------------------ bad input
@@ -515,28 +768,55 @@ def test_bad_input_raises_clear_errors(lsq):
     w = _unflat(theta)
     key = jax.random.PRNGKey(0)
     U = jax.tree.map(lambda p: jnp.zeros((2,) + p.shape).at[0].set(1.0), w)
-    with pytest.raises(ValueError, match=">= 1"):
+    with pytest.raises(ValueError, match=r"`k` must be >= 1 .*got 0"):
         ls.delta1(ls_loss, w, (x, y), 0)
-    with pytest.raises(ValueError, match="exceeds the number of samples"):
+    with pytest.raises(ValueError, match=r"`k` \(the sample count\) must be an int; got 2.0"):
+        ls.loss_increment(ls_loss, w, (x, y), 2.0)
+    with pytest.raises(ValueError, match=r"`k \+ 1` = 25 exceeds the number of samples .*\(24\)"):
         ls.curvature_subspace(ls_loss, w, (x, y), 24, 2, key=key)
-    with pytest.raises(ValueError, match="smaller than the parameter count"):
+    # D and N are named as what they are (not eigsh's `k=..., dim=...`)
+    with pytest.raises(ValueError, match=r"`dim` = 6 \(the subspace dimension D\) must be "
+                                         r"smaller than the parameter count N = 6"):
         ls.curvature_subspace(ls_loss, w, (x, y), 5, 6, key=key)
-    with pytest.raises(ValueError, match="sigma"):
+    with pytest.raises(ValueError, match=r"`basis_size` = 3 must satisfy D < basis_size <= N"
+                                         r".* D = 3 wanted eigenvectors .* N = 6 parameters"):
+        ls.curvature_subspace(ls_loss, w, (x, y), 5, 3, key=key, basis_size=3)
+    with pytest.raises(ValueError, match=r"`basis_size` = 7 must satisfy"):
+        ls.curvature_subspace(ls_loss, w, (x, y), 5, 3, key=key, basis_size=7)
+    with pytest.raises(ValueError, match=r"`mode='linearize'` stores every microbatch"):
+        ls.curvature_subspace(ls_loss, w, (x, y), 5, 2, key=key, microbatch_size=2,
+                              mode="linearize")
+    with pytest.raises(ValueError, match=r"`sigma` \(the probe's .*\[0.1, 0.0\]"):
         ls.delta2_closed_form(0.1, jnp.zeros(2), jnp.eye(2), [0.1, 0.0])
-    with pytest.raises(ValueError, match="sigma"):
+    with pytest.raises(ValueError, match=r"`sigma` \(the probe's .*got -1.0"):
         ls.delta2_direct_mc(ls_loss, w, (x, y), 5, U, -1.0, key=key, num_samples=4)
-    with pytest.raises(ValueError, match="sigma"):
+    with pytest.raises(ValueError, match=r"`sigma` \(the probe's .*got nan"):
         ls.delta2_full_mc(ls_loss, w, (x, y), 5, float("nan"), key=key, num_samples=4)
-    with pytest.raises(ValueError, match="num_samples"):
+    with pytest.raises(ValueError, match=r"`num_samples` must be >= 2 .*got 1"):
         ls.delta2_quadratic_mc(0.1, jnp.zeros(2), jnp.eye(2), 0.1, key=key, num_samples=1)
-    with pytest.raises(ValueError, match="key"):
+    with pytest.raises(ValueError, match=r"`key` is required"):
         ls.delta2_quadratic_mc(0.1, jnp.zeros(2), jnp.eye(2), 0.1, key=None, num_samples=8)
-    with pytest.raises(ValueError, match="extra leading axis"):
+    with pytest.raises(ValueError, match=r"matching `params` leaf with one extra leading axis D; "
+                                         r"at `eigenvectors\['b'\]` got shape \(\)"):
         ls.increment_coefficients(ls_loss, w, (x, y), 5, w)
-    with pytest.raises(ValueError, match="dim"):
+    with pytest.raises(ValueError, match=r"`dim` \(the nested subspace dimension\) must be an "
+                                         r"int in \[1, D\] with D = 2 the number of "
+                                         r"`eigenvectors`; got 3"):
         ls.delta2_direct_mc(ls_loss, w, (x, y), 5, U, 0.1, key=key, num_samples=4, dim=3)
-    with pytest.raises(ValueError, match="sample axis"):
+    with pytest.raises(ValueError, match=r"share the leading sample axis; got lengths \[23, 24\]"):
         ls.delta1(ls_loss, w, (x, y[:-1]), 5)
+
+
+def test_num_matvecs_is_a_deprecated_basis_size(lsq):
+    x, y, theta = lsq
+    w = _unflat(theta)
+    key = jax.random.PRNGKey(0)
+    new = ls.curvature_subspace(ls_loss, w, (x, y), 8, 3, key=key, basis_size=5)
+    with pytest.warns(DeprecationWarning, match=r"`num_matvecs` is deprecated.*`basis_size`"):
+        old = ls.curvature_subspace(ls_loss, w, (x, y), 8, 3, key=key, num_matvecs=5)
+    np.testing.assert_array_equal(old.eigenvalues, new.eigenvalues)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="pass `basis_size`"):
+        ls.curvature_subspace(ls_loss, w, (x, y), 8, 3, key=key, basis_size=5, num_matvecs=6)
 
 
 # ------------------------------------------------------ control variate
@@ -577,31 +857,27 @@ def test_control_variate_is_unbiased_and_tighter(lsq):
     assert np.all(e.stderr < 1e-9 * e.mean)
 
 
-# ------------------------------------------------------------ demo smoke
-
-
-def test_demo_main_tiny(tmp_path):
-    from curvlib.demo import main
-
-    r = main(["--d-model", "8", "--layers", "1", "--heads", "2", "--seq-len", "8",
-              "--train-steps", "3", "--batch-size", "4", "--k", "3", "--dims", "1,2",
-              "--num-sigmas", "3", "--num-samples", "4", "--full-samples", "4",
-              "--num-matvecs", "6", "--no-overlap", "--out", str(tmp_path)])
-    assert r["dims"] == [1, 2] and len(r["sigmas"]) == 3
-    for key in ("delta1", "delta2_full", "closed_form", "terms", "quadratic_mc", "direct_mc",
-                "ratio_to_full", "direct_vs_closed_form_rel_error", "timings",
-                "speedup_closed_form_vs_direct", "model_error_same_draws"):
-        assert key in r
-    # sigma -> 0: every Delta2 tends to Delta1^2
-    np.testing.assert_allclose(r["closed_form"]["2"][0], r["delta1"] ** 2, rtol=1e-3)
-    saved = json.loads((tmp_path / "delta2_transformer.json").read_text())
-    assert saved["k"] == 3
-    assert (tmp_path / "delta2_transformer.png").stat().st_size > 0
-
-
 @pytest.mark.parametrize("name", ["curvlib.landscape.coefficients", "curvlib.landscape.subspace",
-                                  "curvlib.landscape.estimators", "curvlib.landscape.curve"])
+                                  "curvlib.landscape.estimators", "curvlib.landscape.curve",
+                                  "curvlib.landscape.report"])
 def test_docstring_examples(name):
     module = importlib.import_module(name)
-    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    # empty globals: every example must import what it uses
+    result = doctest.testmod(module, globs={},
+                             optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_every_public_function_has_an_example_and_docs_stay_in_the_repository():
+    import inspect
+
+    for name in ls.__all__:
+        obj = getattr(ls, name)
+        if inspect.isfunction(obj):
+            doc = inspect.getdoc(obj) or ""
+            assert "Examples:" in doc and ">>> from curvlib.landscape import" in doc, name
+    for mod in ("curvlib.landscape", "curvlib.landscape._common", "curvlib.landscape.subspace",
+                "curvlib.landscape.coefficients", "curvlib.landscape.estimators",
+                "curvlib.landscape.curve", "curvlib.landscape.report"):
+        src = inspect.getsource(importlib.import_module(mod))
+        assert "shared/spec" not in src and "delta2.md" not in src, mod

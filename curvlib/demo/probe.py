@@ -8,8 +8,12 @@ then at ``k`` ordered sequences measure, over a sigma grid and nested D:
   and direct subspace Monte Carlo, with the closed form's three sigma-terms,
 * the ratio ``Delta_2^(D) / Delta_2`` and the direct-vs-GM relative error (the
   validity of the local quadratic model),
-* the time of each stage and the closed form's speed-up over direct Monte Carlo,
+* the time of each stage, compilation apart, and the speed-up of the
+  closed-form route (subspace + coefficients + GM) over the direct Monte Carlo
+  route (subspace + direct MC), every stage counted,
 * the overlap (principal angles) of the top-D eigenspaces at ``k`` and ``k + 1``.
+
+The console summary and the figure come from :mod:`curvlib.demo.report`.
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ from curvlib import _tree
 from curvlib import landscape as ls
 from curvlib.demo import data as _data
 from curvlib.demo import models as _models
+from curvlib.demo import report as _report
 
 
 @dataclasses.dataclass
 class ProbeConfig:
-    """Options of the transformer probe (the CLI's flags)."""
+    """Options of the transformer probe (the CLI's flags); :meth:`validate` checks them all."""
 
     d_model: int = 64
     num_layers: int = 2
@@ -48,7 +53,7 @@ class ProbeConfig:
     num_sigmas: int = 9
     num_samples: int = 32
     full_samples: int = 32
-    num_matvecs: int = 48
+    basis_size: int = 48
     eig_tol: float = 1e-3
     sample_batch_size: int = 64
     microbatch_size: int | None = None
@@ -63,30 +68,214 @@ class ProbeConfig:
     def sigmas(self) -> np.ndarray:
         return np.logspace(np.log10(self.sigma_min), np.log10(self.sigma_max), self.num_sigmas)
 
+    def model_config(self, vocab_size: int) -> _models.TransformerConfig:
+        return _models.TransformerConfig(vocab_size=vocab_size, seq_len=self.seq_len,
+                                         d_model=self.d_model, num_layers=self.num_layers,
+                                         num_heads=self.num_heads)
 
-def _timed(fn, repeats=1):
-    """``(result, first_call_seconds, best_repeat_seconds)``: compile+run, then run only."""
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    best = first
-    for _ in range(max(0, repeats)):
+    def validate(self, corpus: _data.CharCorpus | None = None) -> int:
+        """Check every option before any work; returns the model's parameter count ``N``.
+
+        Raises ``ValueError`` naming the option (and its CLI flag) and what was
+        expected. Cheap (milliseconds): the parameter count is counted from the
+        configuration (:func:`parameter_count`), the corpus size from the text
+        (``corpus`` is loaded when not given).
+        """
+        _positive_ints(self, "d_model", "num_layers", "num_heads", "seq_len", "batch_size", "k",
+                       "num_sigmas", "basis_size", "sample_batch_size")
+        _nonnegative_ints(self, "train_steps", "timing_repeats", "seed")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model (--d-model) = {self.d_model} must be a multiple of num_heads "
+                f"(--heads) = {self.num_heads}: each head gets d_model / num_heads features."
+            )
+        for name in ("num_samples", "full_samples"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 2:
+                raise ValueError(f"{_flag(name)} must be an int >= 2 (a standard error needs "
+                                 f"two draws); got {v!r}.")
+        if self.microbatch_size is not None:
+            _positive_ints(self, "microbatch_size")
+        _positive_floats(self, "learning_rate", "sigma_min", "sigma_max", "eig_tol")
+        if self.sigma_max < self.sigma_min or (self.num_sigmas > 1
+                                               and self.sigma_max == self.sigma_min):
+            raise ValueError(
+                f"sigma_max (--sigma-max) = {self.sigma_max!r} must be larger than sigma_min "
+                f"(--sigma-min) = {self.sigma_min!r} (equal only with --num-sigmas 1)."
+            )
+        dims = tuple(self.dims)
+        if not dims or not all(_is_int(d) and d >= 1 for d in dims):
+            raise ValueError(f"dims (--dims) must be positive ints, e.g. 1,4,16; got {dims!r}.")
+        if list(dims) != sorted(set(dims)):
+            raise ValueError(f"dims (--dims) must be increasing (nested subspaces); got {dims!r}.")
+        corpus = corpus if corpus is not None else _data.load_corpus(max_chars=self.max_chars)
+        windows = len(corpus.train) // (self.seq_len + 1)
+        if windows < self.k + 2:
+            raise ValueError(
+                f"k (--k) = {self.k} needs k + 2 = {self.k + 2} sequences of seq_len + 1 = "
+                f"{self.seq_len + 1} characters; the corpus holds {windows}."
+            )
+        n = parameter_count(self.model_config(corpus.vocab_size))
+        if max(dims) >= n:
+            raise ValueError(f"max(dims) (--dims) = {max(dims)} must be smaller than the "
+                             f"model's parameter count N = {n}.")
+        if not self.basis_size > max(dims):
+            raise ValueError(
+                f"basis_size (--basis-size) = {self.basis_size} must exceed the largest subspace "
+                f"dimension max(dims) = {max(dims)} (the Krylov basis holds the D wanted "
+                "eigenvectors and more)."
+            )
+        if self.basis_size > n:
+            raise ValueError(f"basis_size (--basis-size) = {self.basis_size} must be at most the "
+                             f"model's parameter count N = {n}.")
+        return n
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _flag(name: str) -> str:
+    flags = {"num_layers": "--layers", "num_heads": "--heads", "basis_size": "--basis-size"}
+    return f"{name} ({flags.get(name, '--' + name.replace('_', '-'))})"
+
+
+def _positive_ints(cfg, *names):
+    for name in names:
+        v = getattr(cfg, name)
+        if not _is_int(v) or v < 1:
+            raise ValueError(f"{_flag(name)} must be a positive int; got {v!r}.")
+
+
+def _nonnegative_ints(cfg, *names):
+    for name in names:
+        v = getattr(cfg, name)
+        if not _is_int(v) or v < 0:
+            raise ValueError(f"{_flag(name)} must be an int >= 0; got {v!r}.")
+
+
+def _positive_floats(cfg, *names):
+    for name in names:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
+            raise ValueError(f"{_flag(name)} must be a finite number > 0; got {v!r}.")
+
+
+def parameter_count(config: _models.TransformerConfig) -> int:
+    """Parameters of :class:`~curvlib.demo.models.DecoderLM`, counted without building it.
+
+    Embeddings ``V d + T d``; per block two LayerNorms ``4 d``, attention
+    ``4 d^2`` (no biases) and the MLP ``2 r d^2 + r d + d``; the final
+    LayerNorm ``2 d`` and the head ``d V + V``.
+    """
+    d, V, T, r = config.d_model, config.vocab_size, config.seq_len, config.mlp_ratio
+    block = 4 * d + 4 * d * d + 2 * r * d * d + r * d + d
+    return V * d + T * d + config.num_layers * block + 2 * d + d * V + V
+
+
+def _abstract(tree):
+    """Shapes and dtypes of ``tree`` (for lowering before the values exist)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
+
+
+def _best(compiled, args, repeats):
+    """Best of ``repeats`` runs of a compiled function (for the sub-millisecond stages)."""
+    best = np.inf
+    for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
-        out = jax.block_until_ready(fn())
+        jax.block_until_ready(compiled(*args))
         best = min(best, time.perf_counter() - t0)
-    return out, first, best
+    return best
 
 
-def train_transformer(cfg: ProbeConfig, log=print):
-    """Train the demo transformer; returns ``(model, params, loss_fn, corpus, info)``."""
-    corpus = _data.load_corpus(max_chars=cfg.max_chars)
-    tcfg = _models.TransformerConfig(vocab_size=corpus.vocab_size, seq_len=cfg.seq_len,
-                                     d_model=cfg.d_model, num_layers=cfg.num_layers,
-                                     num_heads=cfg.num_heads)
-    key = jax.random.PRNGKey(cfg.seed)
-    k_init, k_train = jax.random.split(key)
-    model, params = _models.init_transformer(tcfg, k_init)
-    loss_fn = _models.lm_loss_fn(model)
+def _timed(compiled, *args):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    return out, time.perf_counter() - t0
+
+
+class Stages:
+    """The probe's compiled stages, compiled in one background thread.
+
+    Every stage is ``jax.jit`` of a call to the public :mod:`curvlib.landscape`
+    function, lowered from the shapes alone (the initial parameters have the
+    trained ones' shapes), so compilation runs while the model trains: on two
+    cores the compile work overlaps the training instead of following it.
+    ``get(name)`` waits for a stage and returns ``(compiled, compile_seconds)``.
+    """
+
+    ORDER = ("subspace", "coefficients", "closed_form", "quadratic_mc", "direct_mc", "full_mc")
+
+    def __init__(self, cfg: ProbeConfig, loss_fn, params, data, data_k1, key):
+        from concurrent.futures import ThreadPoolExecutor
+
+        dims, Dmax, k, mb = tuple(cfg.dims), max(cfg.dims), cfg.k, cfg.microbatch_size
+        dt = jnp.float32
+        U = jax.tree.map(lambda p: jax.ShapeDtypeStruct((Dmax,) + p.shape, p.dtype), params)
+        theta = jax.ShapeDtypeStruct((Dmax,), dt)
+        a, c, B = (jax.ShapeDtypeStruct(s, dt) for s in ((), (Dmax,), (Dmax, Dmax)))
+        sig = jax.ShapeDtypeStruct((cfg.num_sigmas,), dt)
+        p, d, d1, key = _abstract(params), _abstract(data), _abstract(data_k1), _abstract(key)
+        mc = dict(microbatch_size=mb, sample_batch_size=cfg.sample_batch_size, check_mean=False)
+        self.stages = {
+            "subspace": (lambda p, d, k, key: ls.curvature_subspace(
+                loss_fn, p, d, k, Dmax, key=key, microbatch_size=mb, basis_size=cfg.basis_size,
+                tol=cfg.eig_tol, flatten=True), (p, d, k, key)),
+            # the Ritz values give U H^(k) U^T = diag(theta): only sample k+1's Hessian is used
+            "coefficients": (lambda p, d, U, e: ls.increment_coefficients(
+                loss_fn, p, d, k, U, microbatch_size=mb, check_mean=False, eigenvalues=e),
+                (p, d1, U, theta)),
+            "closed_form": (lambda a, c, B, s: [ls.delta2_closed_form_terms(
+                a, c[:D], B[:D, :D], s) for D in dims], (a, c, B, sig)),
+            "quadratic_mc": (lambda a, c, B, s, key: [ls.delta2_quadratic_mc(
+                a, c[:D], B[:D, :D], s, key=key, num_samples=cfg.num_samples) for D in dims],
+                (a, c, B, sig, key)),
+            # `dim` is data: one program for every nested D
+            "direct_mc": (lambda p, d, U, s, key, D: ls.delta2_direct_mc(
+                loss_fn, p, d, k, U, s, key=key, num_samples=cfg.num_samples, dim=D, **mc),
+                (p, d1, U, sig, key, dims[0])),
+            "full_mc": (lambda p, d, s, key: ls.delta2_full_mc(
+                loss_fn, p, d, k, s, key=key, num_samples=cfg.full_samples, **mc),
+                (p, d1, sig, key)),
+        }
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="curvlib-demo-compile")
+        # eager helpers compile on their first call: make that call here (in the order the
+        # probe needs them), on the initial parameters
+        self._pool.submit(ls.check_mean_loss, loss_fn, params, data, k, microbatch_size=mb)
+        self._futures = {name: self._pool.submit(self._compile, name) for name in self.ORDER}
+        if cfg.next_subspace:
+            zeros = [jax.tree.map(lambda p, D=D: jnp.zeros((D,) + p.shape, p.dtype), params)
+                     for D in dims]
+            self._pool.submit(lambda: [ls.principal_angles(z, z) for z in zeros])
+
+    def _compile(self, name):
+        fn, args = self.stages[name]
+        t0 = time.perf_counter()
+        compiled = jax.jit(fn).lower(*args).compile()
+        return compiled, time.perf_counter() - t0
+
+    def get(self, name):
+        return self._futures[name].result()
+
+    def close(self):
+        self._pool.shutdown(wait=True)
+
+
+def init_transformer(cfg: ProbeConfig, corpus: _data.CharCorpus):
+    """``(model, initial params, loss_fn)`` of the demo transformer."""
+    k_init, _ = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    model, params = _models.init_transformer(cfg.model_config(corpus.vocab_size), k_init)
+    return model, params, _models.lm_loss_fn(model)
+
+
+def train_transformer(cfg: ProbeConfig, log=print, corpus=None, initial=None):
+    """Train the demo transformer; returns ``(model, params, loss_fn, corpus, info)``.
+
+    ``initial``: ``(model, params, loss_fn)`` from :func:`init_transformer`.
+    """
+    corpus = corpus if corpus is not None else _data.load_corpus(max_chars=cfg.max_chars)
+    model, params, loss_fn = initial if initial is not None else init_transformer(cfg, corpus)
+    _, k_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
     toks = jnp.asarray(corpus.train)
     span = cfg.seq_len + 1
 
@@ -100,153 +289,137 @@ def train_transformer(cfg: ProbeConfig, log=print):
     losses = np.asarray(jax.block_until_ready(losses))
     t_train = time.perf_counter() - t0
     held = jnp.asarray(_data.sequence_samples(corpus.held_out, 64, cfg.seq_len, cfg.seed + 1))
-    held_loss = float(loss_fn(params, held))
+    held_loss = float(jax.jit(loss_fn)(params, held))
     n_params = _tree.size(params)
+    first = float(losses[0]) if len(losses) else float("nan")
+    final = float(losses[-20:].mean()) if len(losses) else float("nan")
     log(f"model: decoder-only transformer, {cfg.num_layers} layers, d_model {cfg.d_model}, "
         f"{cfg.num_heads} heads, {n_params:,} parameters; corpus {len(corpus.train):,} "
         "training characters (Python docs, pydoc_data)")
-    log(f"trained {cfg.train_steps} steps in {t_train:.1f} s: loss {losses[0]:.3f} -> "
-        f"{losses[-20:].mean():.3f} (held-out {held_loss:.3f} nats/char)")
-    info = dict(parameters=n_params, train_seconds=t_train, first_loss=float(losses[0]),
-                final_loss=float(losses[-20:].mean()), held_out_loss=held_loss,
-                corpus_chars=int(len(corpus.train)), vocab_size=corpus.vocab_size)
+    log(f"trained {cfg.train_steps} steps in {t_train:.1f} s: loss {first:.3f} -> "
+        f"{final:.3f} (held-out {held_loss:.3f} nats/char)")
+    info = dict(parameters=n_params, train_seconds=t_train, first_loss=first, final_loss=final,
+                held_out_loss=held_loss, corpus_chars=int(len(corpus.train)),
+                vocab_size=corpus.vocab_size)
     return model, params, loss_fn, corpus, info
 
 
-def run_probe(cfg: ProbeConfig, log=print) -> dict[str, Any]:
-    """Run the whole probe; returns the report (also written as JSON and PNG under ``cfg.out``)."""
-    t_start = time.perf_counter()
-    dims = tuple(int(d) for d in cfg.dims)
-    Dmax = max(dims)
-    sig = cfg.sigmas
-    model, params, loss_fn, corpus, train_info = train_transformer(cfg, log)
-    n_needed = cfg.k + 2
-    data = jnp.asarray(_data.sequence_samples(corpus.train, n_needed, cfg.seq_len, cfg.seed))
-    key = jax.random.PRNGKey(cfg.seed + 17)
-    k_sub, k_next, k_q, k_mc, k_full = jax.random.split(key, 5)
-    k = cfg.k
-    mb = cfg.microbatch_size
-    report: dict[str, Any] = dict(config=dataclasses.asdict(cfg), sigmas=sig.tolist(),
-                                  dims=list(dims), k=k, model=train_info)
-    report["config"]["dims"] = list(dims)
-    timings: dict[str, float] = {}
+# ------------------------------------------------------------------ stages
 
-    # --- stage 1: subspace (top-Dmax eigenpairs of H^(k) by thick-restart Lanczos)
-    ls.check_mean_loss(loss_fn, params, data, k, microbatch_size=mb)
-    sub_fn = lambda kk, key: ls.curvature_subspace(
-        loss_fn, params, data, kk, Dmax, key=key, microbatch_size=mb,
-        num_matvecs=min(cfg.num_matvecs, _tree.size(params) - 1), tol=cfg.eig_tol,
-        flatten=True)
-    sub, t_first, t_run = _timed(lambda: sub_fn(k, k_sub), 0)
-    timings["subspace"] = t_first
-    log(f"subspace: top-{Dmax} eigenpairs of H^({k}) in {t_first:.1f} s "
-        f"({int(sub.num_matvecs)} Hessian-vector products, {int(sub.num_restarts)} restarts, "
-        f"converged={bool(sub.converged)})")
-    report["eigenvalues"] = np.asarray(sub.eigenvalues).tolist()
-    report["eigsh"] = dict(num_matvecs=int(sub.num_matvecs), num_restarts=int(sub.num_restarts),
-                           converged=bool(sub.converged),
-                           max_relative_residual=float(jnp.max(
-                               sub.residual_norms / jnp.abs(sub.eigenvalues))))
+
+def subspace_stage(cfg, stages: Stages, params, data, keys, log):
+    """Top-``Dmax`` eigenpairs at ``k`` (and ``k + 1``): one compiled program for both."""
+    Dmax = max(cfg.dims)
+    compiled, t_compile = stages.get("subspace")
+    sub, t_run = _timed(compiled, params, data, cfg.k, keys[0])
+    out = dict(sub=sub, compile=t_compile, run=t_run)
+    log(f"subspace: top-{Dmax} eigenpairs of H^({cfg.k}) in {t_run:.2f} s + {t_compile:.1f} s "
+        f"compile ({int(sub.num_matvecs)} Hessian-vector products, {int(sub.num_restarts)} "
+        f"restarts, converged={bool(sub.converged)})")
     if cfg.next_subspace:
-        t0 = time.perf_counter()
-        nxt = jax.block_until_ready(sub_fn(k + 1, k_next))
-        timings["subspace_next"] = time.perf_counter() - t0
-        angles = {}
-        for d in dims:
-            U = jax.tree.map(lambda x, d=d: x[:d], sub.eigenvectors)
-            V = jax.tree.map(lambda x, d=d: x[:d], nxt.eigenvectors)
-            angles[d] = float(jnp.max(ls.principal_angles(U, V)))
-        report["eigenvalues_next"] = np.asarray(nxt.eigenvalues).tolist()
-        report["max_principal_angle"] = {str(d): a for d, a in angles.items()}
+        out["next"], out["run_next"] = _timed(compiled, params, data, cfg.k + 1, keys[1])
+        out["angles"] = {d: float(jnp.max(ls.principal_angles(
+            jax.tree.map(lambda x, d=d: x[:d], sub.eigenvectors),
+            jax.tree.map(lambda x, d=d: x[:d], out["next"].eigenvectors)))) for d in cfg.dims}
         log("overlap of top-D eigenspaces at k and k+1 (largest principal angle, degrees): "
-            + ", ".join(f"D={d}: {np.degrees(a):.1f}" for d, a in angles.items()))
+            + ", ".join(f"D={d}: {np.degrees(a):.1f}" for d, a in out["angles"].items()))
+    return out
 
-    # --- stage 2: coefficients (a, c, B) once, for Dmax
-    coef, t_first, t_run = _timed(lambda: ls.increment_coefficients(
-        loss_fn, params, data, k, sub.eigenvectors, microbatch_size=mb, check_mean=False,
-        eigenvalues=sub.eigenvalues), 0)
-    timings["coefficients"] = t_first
-    log(f"coefficients (a, c, B) for D={Dmax}: {t_first:.1f} s ({Dmax} single-sample "
-        "Hessian-vector products, 2 gradients; U H^(k) U^T = diag(Ritz values))")
 
-    # --- stage 3: evaluation over the grid
-    d1 = float(jnp.abs(coef.a))
-    sigj = jnp.asarray(sig, jnp.float32)
+def coefficient_stage(cfg, stages: Stages, params, data, sub, log):
+    """``(a, c, B)`` for ``Dmax``: one gradient and ``Dmax`` single-sample products."""
+    compiled, t_compile = stages.get("coefficients")
+    coef, t_run = _timed(compiled, params, data, sub.eigenvectors, sub.eigenvalues)
+    log(f"coefficients (a, c, B) for D={max(cfg.dims)}: {t_run:.2f} s + {t_compile:.1f} s "
+        f"compile (one gradient of the increment, {max(cfg.dims)} single-sample Hessian-vector "
+        "products; U H^(k) U^T = diag(Ritz values))")
+    return coef, t_compile, t_run
 
-    def gm_all():
-        return [ls.delta2_closed_form_terms(*coef.prefix(d), sigj) for d in dims]
 
-    gm_jit = jax.jit(lambda a, c, B, s: [
-        ls.delta2_closed_form_terms(a, c[:d], B[:d, :d], s) for d in dims])
-    terms, t_gm_first, t_gm = _timed(lambda: gm_jit(coef.a, coef.c, coef.B, sigj),
-                                     max(cfg.timing_repeats, 20))
-    del gm_all
-    gm = np.array([np.asarray(t.constant + t.sigma2 + t.sigma4) for t in terms])  # (nD, nS)
+def evaluation_stage(cfg, stages: Stages, params, data, sub, coef, keys):
+    """GM, quadratic MC, direct MC (every D) and full-space MC on the sigma grid; timed."""
+    sig = jnp.asarray(cfg.sigmas, jnp.float32)
+    k_q, k_full = keys
+    gm_c, gm_compile = stages.get("closed_form")
+    terms, _ = _timed(gm_c, coef.a, coef.c, coef.B, sig)
+    gm_run = _best(gm_c, (coef.a, coef.c, coef.B, sig), max(cfg.timing_repeats, 20))
+    quad_c, quad_compile = stages.get("quadratic_mc")
+    quad, _ = _timed(quad_c, coef.a, coef.c, coef.B, sig, k_q)
+    quad_run = _best(quad_c, (coef.a, coef.c, coef.B, sig, k_q), cfg.timing_repeats)
+    # direct MC with the quadratic MC's key: the same draws, so their difference is the
+    # quadratic model's own error
+    direct_c, direct_compile = stages.get("direct_mc")
+    direct, direct_run = [], 0.0
+    for D in cfg.dims:
+        est, t = _timed(direct_c, params, data, sub.eigenvectors, sig, k_q, D)
+        direct.append(est)
+        direct_run += t
+    full_c, full_compile = stages.get("full_mc")
+    full, full_run = _timed(full_c, params, data, sig, k_full)
+    timings = dict(closed_form=gm_run, closed_form_compile=gm_compile, quadratic_mc=quad_run,
+                   quadratic_mc_compile=quad_compile, direct_mc=direct_run,
+                   direct_mc_compile=direct_compile, full_mc=full_run,
+                   full_mc_compile=full_compile)
+    return terms, quad, direct, full, timings
 
-    def quad_all():
-        return [ls.delta2_quadratic_mc(*coef.prefix(d), sigj, key=k_q,
-                                       num_samples=cfg.num_samples) for d in dims]
 
-    quad, _, t_quad = _timed(quad_all, cfg.timing_repeats)
+def run_probe(cfg: ProbeConfig, log=print) -> dict[str, Any]:
+    """Run the whole probe; returns the report (also written as JSON and PNG under ``cfg.out``).
 
-    def direct_all():
-        return [ls.delta2_direct_mc(loss_fn, params, data, k, sub.eigenvectors, sigj, key=k_q,
-                                    num_samples=cfg.num_samples, dim=d, microbatch_size=mb,
-                                    sample_batch_size=cfg.sample_batch_size, check_mean=False)
-                for d in dims]
+    ``log`` receives the console lines (each at most 100 columns).
+    """
+    log = _report.wrapped(log)
+    t_start = time.perf_counter()
+    corpus = _data.load_corpus(max_chars=cfg.max_chars)
+    cfg.validate(corpus)
+    dims = tuple(int(d) for d in cfg.dims)
+    sig = cfg.sigmas
+    k = cfg.k
+    # k + 2 ordered sequences: the subspace at k + 1 needs sample k + 2; the coefficients
+    # and the Monte Carlo estimators need only the first k + 1
+    data = jnp.asarray(_data.sequence_samples(corpus.train, k + 2, cfg.seq_len, cfg.seed))
+    data_k1 = data[: k + 1]
+    keys = jax.random.split(jax.random.PRNGKey(cfg.seed + 17), 5)
+    initial = init_transformer(cfg, corpus)
+    stages = Stages(cfg, initial[2], initial[1], data, data_k1, keys[0])  # compiles meanwhile
+    try:
+        model, params, loss_fn, corpus, train_info = train_transformer(cfg, log, corpus,
+                                                                       initial)
+        report: dict[str, Any] = dict(config=dataclasses.asdict(cfg), sigmas=sig.tolist(),
+                                      dims=list(dims), k=k, model=train_info)
+        report["config"]["dims"] = list(dims)
+        ls.check_mean_loss(loss_fn, params, data, k, microbatch_size=cfg.microbatch_size)
 
-    direct, t_direct_first, t_direct = _timed(direct_all, max(0, min(1, cfg.timing_repeats)))
-    full, t_full_first, t_full = _timed(lambda: ls.delta2_full_mc(
-        loss_fn, params, data, k, sigj, key=k_full, num_samples=cfg.full_samples,
-        microbatch_size=mb, sample_batch_size=cfg.sample_batch_size, check_mean=False), 0)
-    timings.update(closed_form=t_gm, closed_form_compile=t_gm_first, quadratic_mc=t_quad,
-                   direct_mc=t_direct, direct_mc_compile=t_direct_first, full_mc=t_full_first)
-
-    dm = np.array([np.asarray(e.mean) for e in direct])
-    dse = np.array([np.asarray(e.stderr) for e in direct])
-    qm = np.array([np.asarray(e.mean) for e in quad])
-    qse = np.array([np.asarray(e.stderr) for e in quad])
-    fm, fse = np.asarray(full.mean), np.asarray(full.stderr)
-    rel_err = np.abs(dm - gm) / np.abs(gm)
-    # quadratic and direct MC share their draws (same key): their difference is the
-    # quadratic model's own error with the Monte Carlo spread of q^2 cancelled
-    model_err = np.abs(dm - qm) / np.abs(gm)
-    speedup = t_direct / t_gm
-    report.update(
-        delta1=d1,
-        delta1_squared=d1 * d1,
-        delta2_full=dict(mean=fm.tolist(), stderr=fse.tolist(), num_samples=cfg.full_samples),
-        closed_form={str(d): gm[j].tolist() for j, d in enumerate(dims)},
-        terms={str(d): dict(constant=np.asarray(t.constant).tolist(),
-                            sigma2=np.asarray(t.sigma2).tolist(),
-                            sigma4=np.asarray(t.sigma4).tolist())
-               for d, t in zip(dims, terms, strict=True)},
-        quadratic_mc={str(d): dict(mean=qm[j].tolist(), stderr=qse[j].tolist())
-                      for j, d in enumerate(dims)},
-        direct_mc={str(d): dict(mean=dm[j].tolist(), stderr=dse[j].tolist())
-                   for j, d in enumerate(dims)},
-        ratio_to_full={str(d): (gm[j] / fm).tolist() for j, d in enumerate(dims)},
-        ratio_direct_to_full={str(d): (dm[j] / fm).tolist() for j, d in enumerate(dims)},
-        direct_vs_closed_form_rel_error={str(d): rel_err[j].tolist() for j, d in enumerate(dims)},
-        model_error_same_draws={str(d): model_err[j].tolist() for j, d in enumerate(dims)},
-        direct_control_variate={str(d): (gm[j] + dm[j] - qm[j]).tolist()
-                                for j, d in enumerate(dims)},
-        direct_rel_stderr={str(d): (dse[j] / np.abs(gm[j])).tolist()
-                           for j, d in enumerate(dims)},
-        timings=timings,
-        speedup_closed_form_vs_direct=speedup,
-        speedup_quadratic_mc_vs_direct=t_direct / t_quad,
-        coefficients=dict(a=float(coef.a), c_norm=float(jnp.linalg.norm(coef.c)),
-                          trace_B=float(jnp.trace(coef.B)),
-                          B_fro=float(jnp.linalg.norm(coef.B))),
-    )
-    _print_report(report, log)
+        s = subspace_stage(cfg, stages, params, data, keys[:2], log)
+        sub = s["sub"]
+        report["eigenvalues"] = np.asarray(sub.eigenvalues).tolist()
+        report["eigsh"] = dict(num_matvecs=int(sub.num_matvecs),
+                               num_restarts=int(sub.num_restarts),
+                               converged=bool(sub.converged),
+                               max_relative_residual=float(jnp.max(
+                                   sub.residual_norms / jnp.abs(sub.eigenvalues))))
+        if cfg.next_subspace:
+            report["eigenvalues_next"] = np.asarray(s["next"].eigenvalues).tolist()
+            report["max_principal_angle"] = {str(d): a for d, a in s["angles"].items()}
+        coef, coef_compile, coef_run = coefficient_stage(cfg, stages, params, data_k1, sub, log)
+        terms, quad, direct, full, ev_times = evaluation_stage(cfg, stages, params, data_k1,
+                                                               sub, coef, (keys[2], keys[4]))
+    finally:
+        stages.close()
+    timings = dict(subspace=s["run"], subspace_compile=s["compile"],
+                   coefficients=coef_run, coefficients_compile=coef_compile, **ev_times)
+    if cfg.next_subspace:
+        timings["subspace_next"] = s["run_next"]
+    report.update(_estimates(dims, terms, quad, direct, full, coef, cfg))
+    report["timings"] = timings
+    report.update(_speedups(timings))
+    _report.print_probe_report(report, log)
     os.makedirs(cfg.out, exist_ok=True)
     json_path = os.path.join(cfg.out, "delta2_transformer.json")
     report["total_seconds"] = time.perf_counter() - t_start
     if cfg.plot:
         png = os.path.join(cfg.out, "delta2_transformer.png")
-        plot_report(report, png)
+        _report.plot_probe_report(report, png)
         report["figure"] = png
     with open(json_path, "w") as f:
         json.dump(report, f, indent=1)
@@ -256,98 +429,59 @@ def run_probe(cfg: ProbeConfig, log=print) -> dict[str, Any]:
     return report
 
 
-def _print_report(r, log):
-    sig = np.asarray(r["sigmas"])
-    dims = r["dims"]
-    log(f"\nk = {r['k']}:  Delta1 = |L_(k+1) - L_k| = {r['delta1']:.4e}   "
-        f"(Delta1^2 = {r['delta1_squared']:.4e}); ||c|| = {r['coefficients']['c_norm']:.3e}, "
-        f"tr B = {r['coefficients']['trace_B']:.3e}")
-    log("top eigenvalues of H^(k) (signed): "
-        + " ".join(f"{v:.3g}" for v in r["eigenvalues"][: min(8, len(r['eigenvalues']))]))
-    head = f"{'sigma':>9} {'Delta2 full':>12} " + " ".join(
-        f"{'GM D=' + str(d):>11} {'direct':>11} {'quadMC':>11} {'ratio':>7} {'relerr':>8} "
-        f"{'model':>8}"
-        for d in dims)
-    log(head)
-    for i, s in enumerate(sig):
-        row = f"{s:9.2e} {r['delta2_full']['mean'][i]:12.4e} "
-        for d in dims:
-            d = str(d)
-            row += (f"{r['closed_form'][d][i]:11.4e} {r['direct_mc'][d]['mean'][i]:11.4e} "
-                    f"{r['quadratic_mc'][d]['mean'][i]:11.4e} {r['ratio_to_full'][d][i]:7.3f} "
-                    f"{r['direct_vs_closed_form_rel_error'][d][i]:8.1e} "
-                    f"{r['model_error_same_draws'][d][i]:8.1e} ")
-        log(row)
-    dl = str(dims[-1])
-    log(f"\nsigma-terms of the closed form, D = {dl} (constant a^2 | sigma^2 term | sigma^4 term):")
-    for i, s in enumerate(sig):
-        t = r["terms"][dl]
-        log(f"  sigma {s:8.2e}: {t['constant'][i]:11.4e} | {t['sigma2'][i]:+11.4e} | "
-            f"{t['sigma4'][i]:11.4e}")
-    t = r["timings"]
-    log("\nstage times (s): subspace {:.2f}, coefficients {:.2f}, closed form {:.2e} "
-        "(compiled, all D and sigma), quadratic MC {:.2e}, direct MC {:.2f} (compile+run {:.2f}), "
-        "full-space MC {:.2f}".format(t["subspace"], t["coefficients"], t["closed_form"],
-                                      t["quadratic_mc"], t["direct_mc"], t["direct_mc_compile"],
-                                      t["full_mc"]))
-    log("relerr = |direct - GM| / GM (includes Monte Carlo noise); model = |direct - quadMC| / GM "
-        "on the same draws (the quadratic model's own error); ratio = GM / Delta2(full)")
-    log(f"closed form vs direct MC at evaluation: {r['speedup_closed_form_vs_direct']:.3g}x "
-        f"faster (quadratic MC {r['speedup_quadratic_mc_vs_direct']:.3g}x)")
+def _estimates(dims, terms, quad, direct, full, coef, cfg) -> dict:
+    """Every estimate on the grid, and the comparisons between them, as JSON-ready lists."""
+    gm = np.array([np.asarray(t.constant + t.sigma2 + t.sigma4) for t in terms])  # (nD, nS)
+    dm = np.array([np.asarray(e.mean) for e in direct])
+    dse = np.array([np.asarray(e.stderr) for e in direct])
+    qm = np.array([np.asarray(e.mean) for e in quad])
+    qse = np.array([np.asarray(e.stderr) for e in quad])
+    fm, fse = np.asarray(full.mean), np.asarray(full.stderr)
+    per_d = lambda a: {str(d): a[j].tolist() for j, d in enumerate(dims)}
+    d1 = float(jnp.abs(coef.a))
+    return dict(
+        delta1=d1,
+        delta1_squared=d1 * d1,
+        delta2_full=dict(mean=fm.tolist(), stderr=fse.tolist(), num_samples=cfg.full_samples),
+        closed_form=per_d(gm),
+        terms={str(d): dict(constant=np.asarray(t.constant).tolist(),
+                            sigma2=np.asarray(t.sigma2).tolist(),
+                            sigma4=np.asarray(t.sigma4).tolist())
+               for d, t in zip(dims, terms, strict=True)},
+        quadratic_mc={str(d): dict(mean=qm[j].tolist(), stderr=qse[j].tolist())
+                      for j, d in enumerate(dims)},
+        direct_mc={str(d): dict(mean=dm[j].tolist(), stderr=dse[j].tolist())
+                   for j, d in enumerate(dims)},
+        ratio_to_full=per_d(gm / fm),
+        ratio_direct_to_full=per_d(dm / fm),
+        direct_vs_closed_form_rel_error=per_d(np.abs(dm - gm) / np.abs(gm)),
+        # quadratic and direct MC share their draws (same key): their difference is the
+        # quadratic model's own error with the Monte Carlo spread of q^2 cancelled
+        model_error_same_draws=per_d(np.abs(dm - qm) / np.abs(gm)),
+        direct_control_variate=per_d(gm + dm - qm),
+        direct_rel_stderr=per_d(dse / np.abs(gm)),
+        coefficients=dict(a=float(coef.a), c_norm=float(jnp.linalg.norm(coef.c)),
+                          trace_B=float(jnp.trace(coef.B)),
+                          B_fro=float(jnp.linalg.norm(coef.B))),
+    )
 
 
-def plot_report(r, path):
-    """Four panels: ratio to full-space, model validity, sigma-terms, stage times."""
-    import matplotlib
+def _speedups(t: dict) -> dict:
+    """Closed-form route vs direct-MC route, every stage counted; and the evaluation alone.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sig = np.asarray(r["sigmas"])
-    dims = [str(d) for d in r["dims"]]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    ax = axes[0, 0]
-    for j, d in enumerate(dims):
-        ax.semilogx(sig, r["ratio_to_full"][d], f"C{j}-o", ms=3, label=f"GM D={d}")
-        ax.semilogx(sig, r["ratio_direct_to_full"][d], f"C{j}x", ms=5)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.axhspan(0.8, 1.1, color="0.9", zorder=0, label="paper's 0.8-1.1 band")
-    ax.set_yscale("log")
-    ax.set(xlabel="sigma", ylabel="Delta2(D) / Delta2(full)",
-           title="curvature-aligned vs full-space (x: direct MC)")
-    ax.legend(fontsize=8)
-    ax = axes[0, 1]
-    for j, d in enumerate(dims):
-        e = np.maximum(np.asarray(r["direct_vs_closed_form_rel_error"][d]), 1e-12)
-        ax.loglog(sig, e, f"C{j}-o", ms=3, label=f"|direct - GM| / GM, D={d}")
-        ax.loglog(sig, np.asarray(r["direct_rel_stderr"][d]), f"C{j}:", lw=1)
-        ax.loglog(sig, np.maximum(np.asarray(r["model_error_same_draws"][d]), 1e-12),
-                  f"C{j}--", lw=1)
-    ax.axhline(1e-2, color="0.5", lw=0.8, ls="-.", label="1%")
-    ax.set(xlabel="sigma", ylabel="relative error",
-           title="validity of the quadratic model")
-    ax.plot([], [], "k:", lw=1, label="MC standard error / GM")
-    ax.plot([], [], "k--", lw=1, label="|direct - quad MC| / GM (same draws)")
-    ax.legend(fontsize=8)
-    ax = axes[1, 0]
-    dl = dims[-1]
-    t = r["terms"][dl]
-    ax.loglog(sig, t["constant"], "k-", label="a^2 (= Delta1^2)")
-    ax.loglog(sig, np.abs(t["sigma2"]), "C0-o", ms=3, label="|sigma^2 (a tr B + ||c||^2)|")
-    ax.loglog(sig, t["sigma4"], "C1-o", ms=3, label="sigma^4 (2 tr B^2 + tr^2 B)/4")
-    ax.loglog(sig, r["closed_form"][dl], "C3--", label="GM total")
-    ax.set(xlabel="sigma", ylabel="term", title=f"sigma-decomposition of GM, D={dl}")
-    ax.legend(fontsize=8)
-    ax = axes[1, 1]
-    tm = r["timings"]
-    names = ["subspace", "coefficients", "direct_mc", "full_mc", "quadratic_mc", "closed_form"]
-    vals = [tm[n] for n in names]
-    ax.barh(names, vals, color=[f"C{i}" for i in range(len(names))])
-    ax.set_xscale("log")
-    ax.set(xlabel="seconds", title=f"stage times; GM {r['speedup_closed_form_vs_direct']:.2g}x "
-           "faster than direct MC")
-    fig.suptitle(f"Delta2(D) probe of a {r['model']['parameters']:,}-parameter transformer, "
-                 f"k = {r['k']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    GM route: subspace + coefficients + closed form; direct route: subspace +
+    direct MC (all D, whole sigma grid). ``*_with_compile`` adds each stage's
+    compilation.
+    """
+    gm_route = t["subspace"] + t["coefficients"] + t["closed_form"]
+    direct_route = t["subspace"] + t["direct_mc"]
+    gm_c = gm_route + t["subspace_compile"] + t["coefficients_compile"] + t["closed_form_compile"]
+    direct_c = direct_route + t["subspace_compile"] + t["direct_mc_compile"]
+    return dict(
+        route_seconds=dict(closed_form=gm_route, direct_mc=direct_route,
+                           closed_form_with_compile=gm_c, direct_mc_with_compile=direct_c),
+        speedup_end_to_end=direct_route / gm_route,
+        speedup_end_to_end_with_compile=direct_c / gm_c,
+        speedup_closed_form_vs_direct=t["direct_mc"] / t["closed_form"],
+        speedup_quadratic_mc_vs_direct=t["direct_mc"] / t["quadratic_mc"],
+    )

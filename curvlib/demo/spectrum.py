@@ -16,10 +16,13 @@ import curvlib
 from curvlib import _tree
 from curvlib.demo import data as _data
 from curvlib.demo import models as _models
+from curvlib.demo import report as _report
 
 
 @dataclasses.dataclass
 class SpectrumConfig:
+    """Options of the spectrum demo (the CLI's ``--task spectrum`` flags)."""
+
     hidden: int = 32
     train_steps: int = 300
     batch_size: int = 128
@@ -30,9 +33,26 @@ class SpectrumConfig:
     out: str = "demo_output"
     plot: bool = True
 
+    def validate(self) -> None:
+        """Check every option before any work; ``ValueError`` names the option and its flag."""
+        flags = {"hidden": "--hidden", "top_k": "--top-k", "train_steps": "--mlp-steps",
+                 "batch_size": "batch_size", "num_matvecs": "num_matvecs",
+                 "num_probes": "num_probes", "seed": "--seed"}
+        for name, low in (("hidden", 1), ("top_k", 1), ("train_steps", 0), ("batch_size", 1),
+                          ("num_matvecs", 2), ("num_probes", 1), ("seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                raise ValueError(f"{name} ({flags[name]}) must be an int >= {low}; got {v!r}.")
+        n = (64 + 1) * self.hidden + (self.hidden + 1) * 10  # the 64-hidden-10 MLP
+        if self.top_k >= n:
+            raise ValueError(f"top_k (--top-k) = {self.top_k} must be smaller than the MLP's "
+                             f"parameter count N = {n}.")
+
 
 def run_spectrum(cfg: SpectrumConfig, log=print) -> dict[str, Any]:
     """Train an MLP on scikit-learn's digits, then eigsh and SLQ on its full-batch Hessian."""
+    cfg.validate()
+    log = _report.wrapped(log)
     t_start = time.perf_counter()
     d = _data.load_digits(seed=cfg.seed)
     model = _models.MLP(hidden=(cfg.hidden,))
@@ -100,23 +120,8 @@ def run_spectrum(cfg: SpectrumConfig, log=print) -> dict[str, Any]:
                                density=np.asarray(sd.density).tolist()))
     os.makedirs(cfg.out, exist_ok=True)
     if cfg.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        ax.semilogy(np.asarray(sd.grid), np.maximum(np.asarray(sd.density), 1e-8), "C0-",
-                    label="spectral density (SLQ)")
-        for v in lam:
-            ax.axvline(v, color="C3", lw=0.8, alpha=0.7)
-        ax.set(xlabel="eigenvalue", ylabel="density",
-               title=f"Hessian of an MLP on digits (red: top-{cfg.top_k} by eigsh)")
-        ax.legend()
-        fig.tight_layout()
         png = os.path.join(cfg.out, "spectrum_mlp.png")
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
+        _report.plot_spectrum(sd.grid, sd.density, lam, cfg.top_k, png)
         report["figure"] = png
     path = os.path.join(cfg.out, "spectrum_mlp.json")
     report["total_seconds"] = time.perf_counter() - t_start

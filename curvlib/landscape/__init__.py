@@ -10,12 +10,31 @@ one more sample is added? ``curvlib.landscape`` measures the increment field
 * estimators: :func:`delta2_closed_form` (+ :func:`delta2_closed_form_terms`),
   :func:`delta2_quadratic_mc`, :func:`delta2_direct_mc`, :func:`delta2_full_mc`,
   :func:`delta1`, :func:`delta2_spectral`, :func:`delta2_bound`;
-* :func:`k_curve` — the whole curve over ``k``, with tables, JSON, a log-log plot
-  and the principal angles between consecutive subspaces.
+* :func:`k_curve` — the whole curve over ``k`` (a :class:`KCurve`), with the
+  principal angles between consecutive subspaces; :mod:`curvlib.landscape.report`
+  turns it into tables, JSON and a log-log plot.
 
 Data convention: ``loss_fn(params, batch)`` is the mean loss over the leading
 axis of ``batch``; ``data`` is a pytree whose leading axis is the sample order;
-``L_k(w) = loss_fn(w, data[:k])``. The mathematics: ``shared/spec/delta2.md``.
+``L_k(w) = loss_fn(w, data[:k])``. The sample count ``k`` is data, not shape:
+every compiled program serves all ``k``. Compiled programs are cached by
+``loss_fn`` (its identity), the shapes and the static options, so an eager
+call repeated with the same ``loss_fn`` costs only its run time; a new lambda
+on every call compiles again (define ``loss_fn`` once).
+
+The criteria, for ``w`` drawn from a probe law ``q`` concentrated at ``w*``::
+
+    Delta_p(k+1) = E_{w ~ q} |L_{k+1}(w) - L_k(w)|^p
+    Delta_1:       p = 1, q = point mass at w*
+    Delta_2:       p = 2, w = w* + e,      e ~ N(0, sigma^2 I_N)
+    Delta_2^(D):   p = 2, w = w* + U_D z,  z ~ N(0, sigma^2 I_D)
+
+with ``U_D`` the orthonormal top-``D`` (algebraic) eigenvectors of ``H^(k)``,
+the Hessian of ``L_k``. Around ``w*`` the increment is modelled as
+``a + c^T z + z^T B z / 2`` in subspace coordinates, and its Gaussian moment is
+``a^2 + sigma^2 (a tr B + ||c||^2) + sigma^4 (2 tr B^2 + (tr B)^2) / 4``.
+``docs/landscape.md`` has the full mathematics, the stated bound and the
+facts the tests check.
 
 References:
   N. Kiselev and A. Grabovoy, *Curvature-Aligned Probing for Local Loss-Landscape
@@ -28,16 +47,7 @@ from curvlib.landscape.coefficients import (
     increment_coefficients,
     loss_increment,
 )
-from curvlib.landscape.curve import (
-    KCurve,
-    curve_slopes,
-    curve_table,
-    curve_to_dict,
-    fit_slope,
-    k_curve,
-    plot_curve,
-    save_curve_json,
-)
+from curvlib.landscape.curve import KCurve, KCurveConfig, curve_slopes, fit_slope, k_curve
 from curvlib.landscape.estimators import (
     ClosedFormTerms,
     MonteCarloEstimate,
@@ -51,6 +61,7 @@ from curvlib.landscape.estimators import (
     delta2_spectral,
     subspace_normals,
 )
+from curvlib.landscape.report import curve_table, curve_to_dict, plot_curve, save_curve_json
 from curvlib.landscape.subspace import curvature_subspace, principal_angles
 
 __all__ = [
@@ -76,6 +87,7 @@ __all__ = [
     "subspace_normals",
     # the k-curve
     "KCurve",
+    "KCurveConfig",
     "k_curve",
     "fit_slope",
     "curve_slopes",

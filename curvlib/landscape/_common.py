@@ -1,8 +1,36 @@
-"""Shared helpers of :mod:`curvlib.landscape`: the data convention and input checks.
+"""Shared helpers of :mod:`curvlib.landscape`: the data convention, sample weights, input checks.
 
-Data convention (issue 4): ``loss_fn(params, batch)`` is the *mean* loss over
-the leading axis of ``batch``; ``data`` is a pytree of arrays whose leading axis
-is the sample order, and ``L_k(w) = loss_fn(w, data[:k])``.
+Data convention: ``loss_fn(params, batch)`` is the *mean* loss over the leading
+axis of ``batch``; ``data`` is a pytree of arrays whose leading axis is the
+sample order, and ``L_m(w) = loss_fn(w, data[:m])``.
+
+The sample count is data, not shape
+-----------------------------------
+Every quantity of the landscape module is a weighted sum of per-sample losses
+``sum_i w_i l_i(w)`` over the fixed-size ``data`` array, with ``l_i(w) =
+loss_fn(w, data[i:i+1])`` evaluated under ``jax.vmap``:
+
+============================  ==================================================
+quantity                      weights ``w_i`` (``i = 0 .. n-1``)
+============================  ==================================================
+``L_k``                       ``1/k`` for ``i < k``, else 0
+``L_{k+1} - L_k``             ``-1/(k(k+1))`` for ``i < k``, ``1/(k+1)`` at ``i = k``
+``l_{k+1}``                   1 at ``i = k``, else 0
+============================  ==================================================
+
+The weights are computed inside the compiled program from ``k``, so one program
+serves every ``k``: a curve over many ``k`` compiles once. The second row is the
+exact identity ``L_{k+1} - L_k = (l_{k+1} - L_k) / (k + 1)`` for mean losses: no
+two nearly equal means are ever subtracted. Samples that carry no weight are
+replaced by sample ``k + 1`` before the loss sees them, so values beyond the
+first ``k + 1`` samples of ``data`` (padding, NaN) never reach a result or a
+gradient.
+
+Cost: without microbatching every pass evaluates all ``n`` samples of ``data``
+(those beyond ``k + 1`` at zero weight). With ``microbatch_size = m`` a pass
+runs a ``lax.fori_loop`` over only the chunks of ``m`` samples that hold
+weighted samples (``ceil((k + 1) / m)`` of them for an increment), so peak
+memory is one chunk and no chunk past sample ``k + 1`` is evaluated.
 """
 
 from __future__ import annotations
@@ -16,9 +44,17 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from curvlib import _tree
-from curvlib.operators import microbatch_mean
 
 PyTree = Any
+
+MEAN, INCREMENT, SAMPLE = "mean", "increment", "sample"
+
+
+# ----------------------------------------------------------------- checks
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def num_samples(data: PyTree) -> int:
@@ -38,45 +74,25 @@ def num_samples(data: PyTree) -> int:
     return int(n)
 
 
-def take(data: PyTree, start: int, stop: int) -> PyTree:
-    """``data[start:stop]`` along the sample axis (static bounds).
+def check_k(k, data: PyTree):
+    """Validate the sample count ``k``: ``1 <= k`` and ``k + 1 <= n`` (``L_{k+1}`` must exist).
 
-    A leaf whose sample axis is split over mesh axes of an explicit sharding
-    type (``AxisType.Explicit``) stays split when ``stop - start`` is a multiple
-    of the number of devices it is split over. Otherwise (JAX cannot slice a
-    sharded axis into a length that does not split evenly) the smallest
-    evenly-splitting window holding the samples is gathered, so the slice has
-    its sample axis unsplit (each device then holds, and evaluates the loss on,
-    all of its ``stop - start`` samples); its other axes keep their sharding.
-    Values are those of the single-device slice.
+    ``k`` is data, not shape: a Python or NumPy int (or a concrete integer
+    array) is checked here and passed to the compiled programs as a traced
+    scalar. A traced ``k`` (inside the user's ``jax.jit``) is accepted as is;
+    out-of-range values then give NaN results (:func:`sample_weights`).
     """
-    return jax.tree.map(lambda x: _take_leaf(x, start, stop), data)
-
-
-def _take_leaf(x, start: int, stop: int):
-    s = _tree.explicit_sharding(x)
-    spec = None if s is None else tuple(s.spec) + (None,) * (jnp.ndim(x) - len(s.spec))
-    if spec is None or spec[0] is None:
-        return x[start:stop]
-    names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
-    shards = int(np.prod([s.mesh.shape[a] for a in names]))
-    m, n = stop - start, jnp.shape(x)[0]
-    if m % shards == 0:
-        return jax.lax.slice_in_dim(x, start, stop)
-    # an evenly splitting window [lo, lo + w) around the samples (w <= n: an
-    # explicitly sharded axis splits evenly), gathered, then cut to length
-    w = -(-m // shards) * shards
-    lo = min(start, n - w)
-    window = jax.lax.slice_in_dim(x, lo, lo + w)
-    unsplit = NamedSharding(s.mesh, PartitionSpec(None, *spec[1:]))
-    return jax.lax.slice_in_dim(jax.sharding.reshard(window, unsplit), start - lo, stop - lo)
-
-
-def check_k(k, data: PyTree) -> int:
-    """Validate ``1 <= k`` and ``k + 1 <= n``: both ``L_k`` and ``L_{k+1}`` must exist."""
     n = num_samples(data)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise ValueError(f"`k` must be a Python int (a static sample count); got {k!r}.")
+    if isinstance(k, jax.core.Tracer):
+        if not jnp.issubdtype(k.dtype, jnp.integer) or k.ndim:
+            raise ValueError(f"`k` must be an integer scalar; got a traced {k.dtype}{k.shape}.")
+        return k
+    if isinstance(k, (jax.Array, np.ndarray)) and k.ndim == 0 and jnp.issubdtype(
+        k.dtype, jnp.integer
+    ):
+        k = int(k)
+    if not _is_int(k):
+        raise ValueError(f"`k` (the sample count) must be an int; got {k!r}.")
     k = int(k)
     if k < 1:
         raise ValueError(f"`k` must be >= 1 (L_k is a mean over the first k samples); got {k}.")
@@ -89,36 +105,55 @@ def check_k(k, data: PyTree) -> int:
 
 
 def check_dim(dim, params: PyTree, name: str = "dim") -> int:
-    """Validate ``1 <= dim < N`` (N = parameter count)."""
+    """Validate a subspace dimension ``1 <= D < N`` (``N`` = parameter count)."""
     n = _tree.size(params)
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-        raise ValueError(f"`{name}` must be a positive int; got {dim!r}.")
+    if not _is_int(dim) or dim < 1:
+        raise ValueError(
+            f"`{name}` (the subspace dimension D) must be a positive int; got {dim!r}."
+        )
     if dim >= n:
         raise ValueError(
-            f"`{name}` = {dim} must be smaller than the parameter count ({n}); with dim = N "
-            "the full-space criterion `delta2_full_mc` is the same quantity."
+            f"`{name}` = {dim} (the subspace dimension D) must be smaller than the parameter "
+            f"count N = {n}; with D = N the full-space criterion `delta2_full_mc` is the same "
+            "quantity."
         )
     return int(dim)
 
 
-def check_microbatch(microbatch_size) -> int | None:
+def check_basis_size(basis_size, dim: int, params: PyTree) -> int | None:
+    """Validate a Krylov basis size for ``dim`` wanted eigenvectors: ``D < basis_size <= N``."""
+    if basis_size is None:
+        return None
+    n = _tree.size(params)
+    if not _is_int(basis_size):
+        raise ValueError(
+            f"`basis_size` (the Krylov basis size) must be an int; got {basis_size!r}."
+        )
+    if not dim < basis_size <= n:
+        raise ValueError(
+            f"`basis_size` = {basis_size} must satisfy D < basis_size <= N: the Krylov basis "
+            f"holds more vectors than the D = {dim} wanted eigenvectors and at most as many as "
+            f"the N = {n} parameters."
+        )
+    return int(basis_size)
+
+
+def check_microbatch(microbatch_size, name: str = "microbatch_size") -> int | None:
     if microbatch_size is None:
         return None
-    if isinstance(microbatch_size, bool) or not isinstance(microbatch_size, (int, np.integer)):
-        raise ValueError(
-            f"`microbatch_size` must be a positive int or None; got {microbatch_size!r}."
-        )
+    if not _is_int(microbatch_size):
+        raise ValueError(f"`{name}` must be a positive int or None; got {microbatch_size!r}.")
     if microbatch_size < 1:
-        raise ValueError(f"`microbatch_size` must be >= 1; got {microbatch_size}.")
+        raise ValueError(f"`{name}` must be >= 1; got {microbatch_size}.")
     return int(microbatch_size)
 
 
-def check_num_samples(num_samples) -> int:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
-        raise ValueError(f"`num_samples` must be a positive int; got {num_samples!r}.")
+def check_num_samples(num_samples, name: str = "num_samples") -> int:
+    if not _is_int(num_samples):
+        raise ValueError(f"`{name}` must be a positive int; got {num_samples!r}.")
     if num_samples < 2:
         raise ValueError(
-            f"`num_samples` must be >= 2 (a standard error needs two draws); got {num_samples}."
+            f"`{name}` must be >= 2 (a standard error needs two draws); got {num_samples}."
         )
     return int(num_samples)
 
@@ -146,6 +181,285 @@ def check_key(key) -> jax.Array:
     if key is None:
         raise ValueError("`key` is required (an explicit PRNG key; there is no default key).")
     return key
+
+
+def check_mode(mode, microbatch_size) -> str:
+    """The Hessian product mode: ``linearize`` (default) or ``fwd-rev`` when microbatching."""
+    if mode is None:
+        return "linearize" if microbatch_size is None else "fwd-rev"
+    if mode not in ("linearize", "fwd-rev", "rev-rev"):
+        raise ValueError(f"`mode` must be 'linearize', 'fwd-rev' or 'rev-rev'; got {mode!r}.")
+    if mode == "linearize" and microbatch_size is not None:
+        raise ValueError(
+            "`mode='linearize'` stores every microbatch's residuals; use 'fwd-rev' or "
+            "'rev-rev' with `microbatch_size`."
+        )
+    return mode
+
+
+# ----------------------------------------------------------- static slices
+
+
+def take(data: PyTree, start: int, stop: int) -> PyTree:
+    """``data[start:stop]`` along the sample axis (static bounds).
+
+    A leaf whose sample axis is split over mesh axes of an explicit sharding
+    type (``AxisType.Explicit``) stays split when ``stop - start`` is a multiple
+    of the number of devices it is split over. Otherwise (JAX cannot slice a
+    sharded axis into a length that does not split evenly) the smallest
+    evenly-splitting window holding the samples is gathered, so the slice has
+    its sample axis unsplit (each device then holds, and evaluates the loss on,
+    all of its ``stop - start`` samples); its other axes keep their sharding.
+    Values are those of the single-device slice.
+    """
+    return jax.tree.map(lambda x: _take_leaf(x, start, stop), data)
+
+
+def _sample_shards(x) -> tuple[NamedSharding | None, tuple | None, int]:
+    """``(sharding, full spec, devices the sample axis is split over)`` of an explicit leaf."""
+    s = _tree.explicit_sharding(x)
+    if s is None:
+        return None, None, 1
+    spec = tuple(s.spec) + (None,) * (jnp.ndim(x) - len(s.spec))
+    if spec[0] is None:
+        return s, spec, 1
+    names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    return s, spec, int(np.prod([s.mesh.shape[a] for a in names]))
+
+
+def _take_leaf(x, start: int, stop: int):
+    s, spec, shards = _sample_shards(x)
+    if shards == 1:
+        return x[start:stop]
+    m, n = stop - start, jnp.shape(x)[0]
+    if m % shards == 0:
+        return jax.lax.slice_in_dim(x, start, stop)
+    # an evenly splitting window [lo, lo + w) around the samples (w <= n: an
+    # explicitly sharded axis splits evenly), gathered, then cut to length
+    w = -(-m // shards) * shards
+    lo = min(start, n - w)
+    window = jax.lax.slice_in_dim(x, lo, lo + w)
+    unsplit = NamedSharding(s.mesh, PartitionSpec(None, *spec[1:]))
+    return jax.lax.slice_in_dim(jax.sharding.reshard(window, unsplit), start - lo, stop - lo)
+
+
+# --------------------------------------------------------- sample weights
+
+
+def weight_dtype(params: PyTree):
+    """The dtype of sample weights and accumulated losses: the params' dtype, at least float32."""
+    return _tree.acc_dtype(_tree.dtype(params))
+
+
+def sample_weights(n: int, k, kind: str, dtype) -> jax.Array:
+    """Weights ``w`` (``(n,)``) making ``sum_i w_i l_i`` ``L_k``, ``L_{k+1} - L_k`` or ``l_{k+1}``.
+
+    ``kind`` is ``"mean"``, ``"increment"`` or ``"sample"`` (module docstring).
+    ``k`` may be traced; an out-of-range ``k`` (``k < 1`` or ``k + 1 > n``) gives
+    NaN weights, hence NaN results, never a plausible number.
+    """
+    i = jnp.arange(n)
+    k = jnp.asarray(k, jnp.int32)
+    kf = k.astype(dtype)
+    zero = jnp.zeros((), dtype)
+    if kind == MEAN:
+        w = jnp.where(i < k, 1.0 / kf, zero)
+    elif kind == INCREMENT:
+        w = jnp.where(i < k, -1.0 / (kf * (kf + 1.0)), jnp.where(i == k, 1.0 / (kf + 1.0), zero))
+    elif kind == SAMPLE:
+        w = jnp.where(i == k, jnp.ones((), dtype), zero)
+    else:  # pragma: no cover - internal
+        raise ValueError(kind)
+    ok = (k >= 1) & (k + 1 <= n)
+    return jnp.where(ok, w, jnp.nan).astype(dtype)
+
+
+def sample_at(data: PyTree, k) -> PyTree:
+    """Sample ``k`` of ``data`` without its sample axis (``k`` may be traced).
+
+    A masked sum rather than a dynamic index, so it also works on a sample axis
+    split over devices of an explicit sharding type.
+    """
+    def one(x):
+        hit = (jnp.arange(x.shape[0]) == k).reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.sum(jnp.where(hit, x, jnp.zeros((), x.dtype)), axis=0).astype(x.dtype)
+
+    return jax.tree.map(one, data)
+
+
+def per_sample_losses(loss_fn: Callable, params: PyTree, batch: PyTree) -> jax.Array:
+    """``l_i = loss_fn(params, batch[i:i+1])`` for every sample of ``batch`` (one ``vmap``)."""
+    one = lambda x: loss_fn(params, jax.tree.map(lambda a: a[None], x))
+    return jax.vmap(one)(batch)
+
+
+def _substitute(batch: PyTree, used: jax.Array, safe: PyTree) -> PyTree:
+    """Samples with ``used = False`` replaced by ``safe`` (one sample, no leading axis)."""
+    def one(x, s):
+        u = used.reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.where(u, x, s[None].astype(x.dtype))
+
+    return jax.tree.map(one, batch, safe)
+
+
+def weighted_loss(loss_fn: Callable, params: PyTree, batch: PyTree, weights: jax.Array,
+                  safe: PyTree) -> jax.Array:
+    """``sum_i w_i l_i(params)`` over ``batch``, in :func:`weight_dtype` (at least float32).
+
+    Samples of zero weight are replaced by ``safe`` (a sample that does carry
+    weight) first, so their values, finite or not, never reach the result or
+    its derivatives.
+    """
+    x = _substitute(batch, weights != 0, safe)
+    l = per_sample_losses(loss_fn, params, x)
+    dt = jnp.promote_types(weights.dtype, l.dtype)
+    return jnp.sum(weights.astype(dt) * l.astype(dt))
+
+
+# ------------------------------------------------------------- chunking
+
+
+def chunkable(data: PyTree, microbatch_size: int | None) -> PyTree:
+    """``data`` prepared for :func:`accumulate`'s dynamic chunk slices.
+
+    A leaf whose sample axis is split over devices of an explicit sharding
+    type is gathered along that axis (its other axes keep their sharding) when
+    chunks of ``microbatch_size`` samples cannot split evenly over them: JAX
+    cannot take such a slice of a split axis. Everything else is unchanged.
+    """
+    n = num_samples(data)
+    if microbatch_size is None or microbatch_size >= n:
+        return data
+
+    def one(x):
+        s, spec, shards = _sample_shards(x)
+        if shards == 1 or microbatch_size % shards == 0:
+            return x
+        return jax.sharding.reshard(x, NamedSharding(s.mesh, PartitionSpec(None, *spec[1:])))
+
+    return jax.tree.map(one, data)
+
+
+def accumulate(fn: Callable, init: PyTree, data: PyTree, weights: jax.Array,
+               microbatch_size: int | None, lo, hi) -> PyTree:
+    """``init + sum_c fn(chunk_c, weights_c)`` over the chunks holding samples ``[lo, hi)``.
+
+    ``weights`` has shape ``(..., n)`` (one or more weight vectors over the
+    samples). Without microbatching (or ``microbatch_size >= n``) this is
+    ``init + fn(data, weights)``. Otherwise the chunks ``c = lo // m, ...,
+    ceil(hi / m) - 1`` of ``m`` samples run in a ``lax.fori_loop`` whose trip
+    count is data (``lo``, ``hi`` may be traced): ``fn`` is traced once and no
+    chunk outside ``[lo, hi)`` is evaluated. The last chunk is the window
+    ``[n - m, n)``; samples it shares with the previous chunk get weight 0 there.
+    ``fn`` must return a pytree shaped like ``init`` (its sums are accumulated
+    in ``init``'s dtypes).
+
+    ``data`` must have gone through :func:`chunkable`.
+    """
+    n = num_samples(data)
+    m = microbatch_size
+    add = lambda acc, out: jax.tree.map(lambda a, o: a + o.astype(a.dtype), acc, out)
+    if m is None or m >= n:
+        return add(init, fn(data, weights))
+
+    def body(c, acc):
+        start = jnp.minimum(c * m, n - m)
+        xs = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, m), data)
+        ws = jax.lax.dynamic_slice_in_dim(weights, start, m, axis=weights.ndim - 1)
+        ws = jnp.where(start + jnp.arange(m) >= c * m, ws, jnp.zeros((), ws.dtype))
+        return add(acc, fn(xs, ws))
+
+    lo = jnp.asarray(lo, jnp.int32)
+    hi = jnp.asarray(hi, jnp.int32)
+    return jax.lax.fori_loop(lo // m, (hi + m - 1) // m, body, init)
+
+
+def sample_range(k, kind: str):
+    """``[lo, hi)``: the samples that carry weight for ``kind`` at count ``k``."""
+    k = jnp.asarray(k, jnp.int32)
+    if kind == MEAN:
+        return 0, k
+    if kind == INCREMENT:
+        return 0, k + 1
+    return k, k + 1
+
+
+def weighted_value_fn(loss_fn: Callable, data: PyTree, k, kind: str,
+                      microbatch_size: int | None, dtype) -> Callable:
+    """``params -> sum_i w_i l_i(params)`` for the weights of ``kind`` at count ``k``.
+
+    The weights and the substitute sample are computed once, outside the
+    returned function (which may then be vmapped over many ``params``).
+    """
+    data = chunkable(data, microbatch_size)
+    w = sample_weights(num_samples(data), k, kind, dtype)
+    safe = sample_at(data, k)
+    lo, hi = sample_range(k, kind)
+
+    def value(params):
+        fn = lambda xs, ws: weighted_loss(loss_fn, params, xs, ws, safe)
+        return accumulate(fn, jnp.zeros((), dtype), data, w, microbatch_size, lo, hi)
+
+    return value
+
+
+def increment_fn(loss_fn: Callable, data: PyTree, k, microbatch_size: int | None,
+                 dtype) -> Callable:
+    """``params -> L_{k+1}(params) - L_k(params)`` through the exact mean identity.
+
+    ``(l_{k+1} - L_k) / (k + 1)`` as one weighted sum of per-sample losses over
+    the first ``k + 1`` samples: no subtraction of two nearly equal means.
+    """
+    return weighted_value_fn(loss_fn, data, k, INCREMENT, microbatch_size, dtype)
+
+
+def increment(loss_fn: Callable, params: PyTree, data: PyTree, k,
+              microbatch_size: int | None) -> jax.Array:
+    """``L_{k+1}(params) - L_k(params)`` (:func:`increment_fn` at one point)."""
+    return increment_fn(loss_fn, data, k, microbatch_size, weight_dtype(params))(params)
+
+
+# ------------------------------------------------------------- layouts
+
+
+def param_layout(params: PyTree) -> tuple | None:
+    """The ``NamedSharding`` of every leaf of concrete, partitioned ``params`` on ``Auto`` meshes.
+
+    ``None`` for traced params (inside ``jit``), single-device, replicated or
+    explicitly typed arrays: those already carry their layout. For the rest the
+    partitioner may return vectors replicated where the parameters were split
+    (FSDP), so the landscape programs constrain their parameter-shaped vectors
+    (start vector, products, eigenvectors) to this layout.
+    """
+    out = []
+    for x in jax.tree.leaves(params):
+        s = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
+        if isinstance(x, jax.core.Tracer) or not isinstance(s, NamedSharding):
+            return None
+        if any(t != jax.sharding.AxisType.Auto for t in s.mesh.axis_types):
+            return None
+        out.append(s)
+    if all(s.is_fully_replicated for s in out):
+        return None
+    return tuple(out)
+
+
+def constrain(tree: PyTree, layout: tuple | None, stacked: bool = False) -> PyTree:
+    """``tree``'s leaves constrained to ``layout`` (with a leading unsplit axis if ``stacked``)."""
+    if layout is None:
+        return tree
+    leaves, treedef = jax.tree.flatten(tree)
+
+    def one(x, s):
+        if stacked:
+            spec = tuple(s.spec) + (None,) * (x.ndim - 1 - len(s.spec))
+            s = NamedSharding(s.mesh, PartitionSpec(None, *spec))
+        return jax.lax.with_sharding_constraint(x, s)
+
+    return jax.tree.unflatten(treedef, [one(x, s) for x, s in zip(leaves, layout, strict=True)])
+
+
+# --------------------------------------------------------------- random
 
 
 def normal_like(key: jax.Array, like: PyTree) -> PyTree:
@@ -178,21 +492,3 @@ def _typed_like(y: jax.Array, x) -> jax.Array:
     """``y`` resharded to ``x``'s explicit sharding type, if ``x`` has one."""
     s = _tree.explicit_sharding(x)
     return y if s is None else jax.sharding.reshard(y, s)
-
-
-def mean_loss(loss_fn: Callable, params: PyTree, batch: PyTree, microbatch_size) -> jax.Array:
-    """``loss_fn(params, batch)``, accumulated over microbatches when asked."""
-    return microbatch_mean(lambda b: loss_fn(params, b), batch, microbatch_size)
-
-
-def increment(
-    loss_fn: Callable, params: PyTree, data: PyTree, k: int, microbatch_size
-) -> jax.Array:
-    """``L_{k+1}(w) - L_k(w)`` through the identity ``(l_{k+1}(w) - L_k(w)) / (k + 1)``.
-
-    For a mean loss the identity is exact; it costs ``k + 1`` per-sample
-    evaluations instead of ``2k + 1`` and never subtracts two nearly equal means.
-    """
-    Lk = mean_loss(loss_fn, params, take(data, 0, k), microbatch_size)
-    l1 = loss_fn(params, take(data, k, k + 1))
-    return (l1 - Lk) / (k + 1)

@@ -1,6 +1,6 @@
 """The increment field ``L_{k+1} - L_k`` and its local quadratic coefficients ``(a, c, B)``.
 
-Around ``w*`` (Kiselev & Grabovoy 2026, spec ``delta2.md``)::
+Around ``w*`` (Kiselev & Grabovoy 2026; ``docs/landscape.md``)::
 
     L_{k+1}(w) - L_k(w) ~= a + b^T (w - w*) + 1/2 (w - w*)^T A (w - w*)
     a = L_{k+1}(w*) - L_k(w*),  b = g^(k+1)(w*) - g^(k)(w*),  A = H^(k+1)(w*) - H^(k)(w*)
@@ -10,10 +10,13 @@ and, compressed to an orthonormal basis ``U`` (rows = eigenvectors),
 
 For a mean loss every difference above follows from the exact identity
 ``L_{k+1} - L_k = (l_{k+1} - L_k) / (k + 1)``, which is how they are computed:
-one pass over the first ``k`` samples plus one over sample ``k + 1``, and no
+``a``, ``b`` and ``A`` are the value, gradient and Hessian of one weighted sum
+of per-sample losses, ``sum_{i<k} -l_i / (k (k+1)) + l_{k+1} / (k+1)``, with no
 subtraction of two nearly equal means (which in float32 would cancel most
-digits of ``b`` and ``A``). The identity is checked on the probe point first
-(:func:`check_mean_loss`), which is what catches a ``loss_fn`` that sums.
+digits of ``b`` and ``A``). ``k`` enters as data, so one compiled program
+serves every ``k``. That ``loss_fn`` is a mean over its batch is checked at
+the probe point first (:func:`check_mean_loss`), which is what catches a
+``loss_fn`` that sums.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import numpy as np
 
 from curvlib import _tree
 from curvlib.landscape import _common
-from curvlib.operators import gradient, hessian_matvec
 
 PyTree = Any
 
@@ -54,19 +56,40 @@ class IncrementCoefficients(NamedTuple):
         """
         d = int(self.c.shape[-1])
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= d:
-            raise ValueError(f"`dim` must be an int in [1, {d}]; got {dim!r}.")
+            raise ValueError(
+                f"`dim` (the nested subspace dimension) must be an int in [1, D] with D = {d} "
+                f"the size of these coefficients; got {dim!r}."
+            )
         return IncrementCoefficients(self.a, self.c[..., :dim], self.B[..., :dim, :dim])
 
 
-# ------------------------------------------------------------ the identity
+# --------------------------------------------------- the mean-loss check
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "k", "microbatch_size"))
-def _identity_parts(loss_fn, params, data, k, microbatch_size):
-    L1 = _common.mean_loss(loss_fn, params, _common.take(data, 0, k + 1), microbatch_size)
-    Lk = _common.mean_loss(loss_fn, params, _common.take(data, 0, k), microbatch_size)
-    l1 = loss_fn(params, _common.take(data, k, k + 1))
-    return L1, Lk, l1
+@functools.partial(jax.jit, static_argnames=("loss_fn", "microbatch_size"))
+def _mean_check(loss_fn, params, data, k, microbatch_size):
+    """Per chunk holding the first ``k + 1`` samples: ``|loss_fn(chunk) - mean_j l_j|``.
+
+    Also returns ``L_k`` and ``l_{k+1}`` (from the per-sample losses) and the
+    largest ``|l_j|``, for the messages and the tolerance.
+    """
+    data = _common.chunkable(data, microbatch_size)
+    n = _common.num_samples(data)
+    dt = _common.weight_dtype(params)
+    W = jnp.stack([_common.sample_weights(n, k, _common.MEAN, dt),
+                   _common.sample_weights(n, k, _common.SAMPLE, dt)])
+    safe = _common.sample_at(data, k)
+
+    def chunk(xs, ws):
+        x = _common._substitute(xs, jnp.any(ws != 0, axis=0), safe)
+        per = _common.per_sample_losses(loss_fn, params, x).astype(dt)
+        batched = jnp.asarray(loss_fn(params, x)).astype(dt)
+        dev = jnp.abs(batched - jnp.mean(per))
+        return jnp.stack([dev, jnp.sum(ws[0] * per), jnp.sum(ws[1] * per),
+                          jnp.max(jnp.abs(per))])
+
+    out = _common.accumulate(chunk, jnp.zeros(4, dt), data, W, microbatch_size, 0, k + 1)
+    return out[0], out[1], out[2], out[3]
 
 
 def check_mean_loss(
@@ -80,45 +103,64 @@ def check_mean_loss(
 ) -> None:
     """Raise ``ValueError`` unless ``loss_fn`` behaves as a mean over the sample axis.
 
-    Checks the increment identity ``L_{k+1} - L_k = (l_{k+1} - L_k) / (k + 1)`` at
-    ``params`` (three forward passes). A loss that sums over the batch, or weights
-    samples unequally, fails it by an amount of the order of the loss itself. A
-    sample-independent term (a weight-decay penalty) passes: it cancels from every
-    increment, so the criteria are unchanged by it.
+    Every landscape quantity is a weighted sum of per-sample losses
+    ``l_i = loss_fn(params, data[i:i+1])``; this checks the assumption behind
+    that at ``params``: on the samples that ``L_{k+1}`` uses (the whole
+    ``data``, samples past ``k + 1`` replaced by sample ``k + 1``; or each
+    chunk of ``microbatch_size`` samples), the batched loss equals the mean of
+    the per-sample losses. A loss that sums over the batch, or weights samples
+    unequally, fails by an amount of the order of the loss itself. A
+    sample-independent term (a weight-decay penalty) passes: it cancels from
+    every increment, so the criteria are unchanged by it. With
+    ``microbatch_size=1`` every chunk is a single sample and the check cannot
+    fail.
+
+    One compiled program for every ``k`` (the sample count is data). Cost:
+    two forward passes over the samples (batched and per sample).
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``.
       params: the probe point.
       data: the ordered samples.
       k: sample count, ``1 <= k < n``.
-      microbatch_size: optional chunk size for the two means.
-      rtol: tolerance relative to the largest of the three losses; default
+      microbatch_size: optional chunk size over the samples.
+      rtol: tolerance relative to the largest per-sample loss; default
         ``10 sqrt(eps)`` of the loss dtype.
 
     Raises:
-      ValueError: if the identity fails, or for a bad ``k``; also if any of the
-        three losses is NaN/Inf, where the identity cannot be checked: the
-        message names the source (``params``, the first ``k + 1`` samples of
+      ValueError: if ``loss_fn`` is not a mean, or for a bad ``k``; also if the
+        loss is NaN/Inf at ``params``, where the check cannot run: the message
+        names the source (``params``, the first ``k + 1`` samples of
         ``data``, or ``loss_fn`` itself). The estimators' ``check_mean=False``
         skips the check, and the NaN/Inf then propagates into their results.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.landscape import check_mean_loss
+      >>> x = jnp.array([0.0, 1.0, 2.0, 3.0])
+      >>> check_mean_loss(lambda w, b: jnp.mean((b - w) ** 2), 0.5, x, 2)  # passes
+      >>> check_mean_loss(lambda w, b: jnp.sum((b - w) ** 2), 0.5, x, 2)
+      Traceback (most recent call last):
+      ...
+      ValueError: `loss_fn` does not behave as a mean over the leading axis of its batch: ...
     """
     k = _common.check_k(k, data)
     mb = _common.check_microbatch(microbatch_size)
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, data))):
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, data, k))):
         return  # inside a user's jit: nothing concrete to compare
-    L1, Lk, l1 = (float(x) for x in _identity_parts(loss_fn, params, data, k, mb))
-    if not all(np.isfinite(v) for v in (L1, Lk, l1)):
+    dev, Lk, l1, scale = (float(x) for x in _mean_check(loss_fn, params, data, k, mb))
+    L1 = (k * Lk + l1) / (k + 1)
+    if not all(np.isfinite(v) for v in (Lk, l1, scale)):
         raise ValueError(_non_finite_message(params, data, k, L1, Lk, l1))
     dt = jnp.result_type(*jax.tree.leaves(params))
     eps = float(jnp.finfo(dt).eps)
     rtol = 10.0 * np.sqrt(eps) if rtol is None else float(rtol)
-    lhs, rhs = L1 - Lk, (l1 - Lk) / (k + 1)
-    scale = max(abs(L1), abs(Lk), abs(l1), np.finfo(np.float64).tiny)
-    if not np.isfinite(lhs) or abs(lhs - rhs) > rtol * scale:
+    if not np.isfinite(dev) or dev > rtol * max(scale, np.finfo(np.float64).tiny):
         raise ValueError(
-            "`loss_fn` does not behave as a mean over the leading axis of its batch: at the "
-            f"probe point L_{{k+1}} - L_k = {lhs:.6g} but (l_{{k+1}} - L_k)/(k+1) = {rhs:.6g} "
-            f"(k={k}, L_k={Lk:.6g}, L_{{k+1}}={L1:.6g}, l_{{k+1}}={l1:.6g}). The landscape "
+            "`loss_fn` does not behave as a mean over the leading axis of its batch: on the "
+            f"first k+1 = {k + 1} samples the batched loss differs from the mean of the "
+            f"per-sample losses loss_fn(params, data[i:i+1]) by {dev:.6g} (per-sample losses "
+            f"up to {scale:.6g}; L_k = {Lk:.6g}, l_{{k+1}} = {l1:.6g}). The landscape "
             "criteria assume L_m(w) = (1/m) sum_i l_i(w); reduce the batch with a mean "
             "(e.g. jnp.mean) instead of a sum."
         )
@@ -151,7 +193,10 @@ def _non_finite_message(params, data, k, L1, Lk, l1) -> str:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "k", "microbatch_size"))
+# -------------------------------------------------------- the increment
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "microbatch_size"))
 def _loss_increment(loss_fn, params, data, k, microbatch_size):
     return _common.increment(loss_fn, params, data, k, microbatch_size)
 
@@ -166,11 +211,25 @@ def loss_increment(
 ) -> jax.Array:
     """The increment field ``L_{k+1}(w) - L_k(w)`` at ``w = params``.
 
-    Computed as ``(l_{k+1}(w) - L_k(w)) / (k + 1)``, exact for a mean loss, at the
-    cost of ``k + 1`` per-sample losses.
+    Computed as ``(l_{k+1}(w) - L_k(w)) / (k + 1)``, exact for a mean loss and
+    free of the cancellation of ``L_{k+1} - L_k``, as one weighted sum of
+    per-sample losses (``k`` is data: one compiled program for every ``k``).
+    Cost: ``k + 1`` per-sample losses (all ``n`` samples of ``data`` without
+    microbatching).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch)``, the mean loss over the batch's leading axis.
+      params: the point ``w``.
+      data: ordered samples (pytree, leading axis = sample order).
+      k: sample count, ``1 <= k < n``.
+      microbatch_size: chunk size over the samples (bounds memory).
+
+    Returns:
+      A scalar in the loss dtype (at least float32).
 
     Examples:
       >>> import jax.numpy as jnp
+      >>> from curvlib.landscape import loss_increment
       >>> loss = lambda w, x: jnp.mean((x - w) ** 2)
       >>> x = jnp.array([0.0, 1.0, 2.0])
       >>> round(float(loss_increment(loss, jnp.array(0.0), x, 2)), 4)  # 5/3 - 1/2
@@ -183,32 +242,71 @@ def loss_increment(
 # ----------------------------------------------------------- coefficients
 
 
-def _block(matvec, U, sequential):
-    return jax.lax.map(matvec, U) if sequential else jax.vmap(matvec)(U)
+def _block(fn, U, sequential):
+    """``fn`` on every basis vector: all at once (``vmap``) or one at a time (``lax.map``)."""
+    return jax.lax.map(fn, U) if sequential else jax.vmap(fn)(U)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "k", "microbatch_size", "mode"))
+def _zeros_acc(tree):
+    return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _tree.acc_dtype(p.dtype)), tree)
+
+
+def _value_grad_products(f, params, U, mode, sequential):
+    """``(f(params), grad f(params), H U)`` with ``H`` the Hessian of ``f``; one call site.
+
+    ``mode`` ``None``/``"linearize"``: one linearisation of ``value_and_grad``
+    and a tangent pass per vector; ``"fwd-rev"``/``"rev-rev"``: the products are
+    recomputed from scratch (no stored residuals).
+    """
+    if mode in (None, "linearize"):
+        (v, g), lin = jax.linearize(jax.value_and_grad(f), params)
+        return v, g, _block(lambda u: lin(u)[1], U, sequential)
+    v, g = jax.value_and_grad(f)(params)
+    if mode == "fwd-rev":
+        prod = lambda u: jax.jvp(jax.grad(f), (params,), (u,))[1]
+    else:
+        prod = lambda u: jax.grad(lambda p: _tree.vdot(jax.grad(f)(p), u))(params)
+    return v, g, _block(prod, U, sequential)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "microbatch_size", "mode"))
 def _coefficients(loss_fn, params, data, k, U, microbatch_size, mode, ritz_values=None):
-    data_k = _common.take(data, 0, k)
-    data_1 = _common.take(data, k, k + 1)
-    Lk, gk = gradient(loss_fn, params, data_k, microbatch_size=microbatch_size)
-    l1, g1 = jax.value_and_grad(loss_fn)(params, data_1)
-    a = (l1 - Lk) / (k + 1)
-    b = jax.tree.map(lambda x, y: (x - y) / (k + 1), g1, gk)
-    c = _tree.basis_project(U, b)
-    mv_1 = hessian_matvec(loss_fn, params, data_1, mode=mode)
+    data = _common.chunkable(data, microbatch_size)
+    n = _common.num_samples(data)
+    dt = _common.weight_dtype(params)
+    safe = _common.sample_at(data, k)
     seq = microbatch_size is not None
-    HU_1 = _block(mv_1, U, seq)
-    G1 = _tree.basis_gram(U, HU_1)
+    k1 = jnp.asarray(k, jnp.int32) + 1
+    w_inc = _common.sample_weights(n, k, _common.INCREMENT, dt)
+    zero = jnp.zeros((), dt)
     if ritz_values is None:
-        mv_k = hessian_matvec(loss_fn, params, data_k, mode=mode,
-                              microbatch_size=microbatch_size)
-        Gk = _tree.basis_gram(U, _block(mv_k, U, seq))
-    else:  # U are Ritz vectors of H^(k): U H^(k) U^T = diag(theta), no product needed
-        Gk = jnp.diag(jnp.asarray(ritz_values).astype(G1.dtype))
-    M = (G1 - Gk) / (k + 1)
-    B = 0.5 * (M + M.T)
-    return IncrementCoefficients(a, c, B)
+        # a, b and A U from one objective: the increment's weighted per-sample sum
+        def chunk(xs, ws):
+            f = lambda p: _common.weighted_loss(loss_fn, p, xs, ws, safe)
+            return _value_grad_products(f, params, U, mode, seq)
+
+        a, b, AU = _common.accumulate(chunk, (zero, _zeros_acc(params), _zeros_acc(U)), data,
+                                      w_inc, microbatch_size, 0, k1)
+        M = _tree.basis_gram(U, AU)
+    else:
+        # U are Ritz vectors of H^(k): U H^(k) U^T = diag(theta), so only the products
+        # with the single-sample Hessian are needed
+        def grad_chunk(xs, ws):
+            return jax.value_and_grad(
+                lambda p: _common.weighted_loss(loss_fn, p, xs, ws, safe))(params)
+
+        a, b = _common.accumulate(grad_chunk, (zero, _zeros_acc(params)), data, w_inc,
+                                  microbatch_size, 0, k1)
+        # sample k+1 alone (a static one-sample batch whatever k is): D products cost one
+        # sample each
+        one = jax.tree.map(lambda x: x[None], safe)
+        f1 = lambda p: jnp.asarray(loss_fn(p, one)).astype(dt)
+        HU = _value_grad_products(f1, params, U, mode, seq)[2]
+        theta = jnp.asarray(ritz_values).astype(dt)
+        M = (_tree.basis_gram(U, HU).astype(dt) - jnp.diag(theta)) / k1.astype(dt)
+    c = _tree.basis_project(U, b)
+    M = M.astype(dt)
+    return IncrementCoefficients(a.astype(dt), c.astype(dt), 0.5 * (M + M.T))
 
 
 def increment_coefficients(
@@ -227,39 +325,45 @@ def increment_coefficients(
 
     ``a = L_{k+1} - L_k``, ``c = U (g^(k+1) - g^(k))``,
     ``B = sym(U (H^(k+1) - H^(k)) U^T)``, with ``U`` the rows of ``eigenvectors``
-    (e.g. :func:`curvature_subspace`'s, orthonormal). One compiled program.
+    (e.g. :func:`curvature_subspace`'s, orthonormal). By the mean identity
+    ``a``, ``b = g^(k+1) - g^(k)`` and ``A = H^(k+1) - H^(k)`` are the value,
+    gradient and Hessian of one weighted sum of per-sample losses
+    (``-1/(k(k+1))`` for the first ``k`` samples, ``1/(k+1)`` for sample
+    ``k + 1``): one linearisation gives ``a`` and ``b``, and ``D`` tangent
+    passes give ``A U``. One compiled program for every ``k``.
 
-    Cost: one gradient over ``k`` samples and one over sample ``k + 1``;
-    ``D`` Hessian-vector products with ``H^(k)`` (microbatched over the ``k``
-    samples when ``microbatch_size`` is set) and ``D`` with the single-sample
-    Hessian; ``O(D^2 N)`` for the projections. Memory: ``3D`` parameter-sized
-    vectors (products run one at a time when microbatching, all ``D`` at once
-    under ``vmap`` otherwise).
+    Cost: one gradient and ``D`` Hessian-vector products of that sum, each
+    over all ``n`` samples of ``data`` (over the ``ceil((k+1)/m)`` chunks
+    holding the first ``k + 1`` with ``microbatch_size = m``); ``O(D^2 N)`` for
+    the projections. Memory: ``2D`` parameter-sized vectors plus the
+    linearisation's residuals; the ``D`` products run all at once under
+    ``vmap``, or one at a time when microbatching.
 
     With ``eigenvalues`` (the Ritz values that came with ``eigenvectors`` from
     :func:`curvature_subspace` on the same ``params``, ``data`` and ``k``) the
-    ``D`` products with ``H^(k)``, the expensive ones (``k`` samples each), are
-    skipped: Rayleigh-Ritz makes ``x_i^T H^(k) x_j = theta_i delta_ij`` for
-    Ritz pairs *whatever their residual* (``x_i = Q^T y_i`` with ``y_i``
-    eigenvectors of ``T = Q H^(k) Q^T``), so ``U H^(k) U^T = diag(theta)`` to
-    rounding. Pass them only for such Ritz pairs; for any other basis the
-    result would be wrong.
+    ``D`` products are taken with the Hessian of the single sample ``k + 1``
+    only (one sample each, whatever ``k``), and ``U H^(k) U^T = diag(theta)``:
+    Rayleigh-Ritz makes ``x_i^T H^(k) x_j = theta_i delta_ij`` for Ritz pairs
+    *whatever their residual* (``x_i = Q^T y_i`` with ``y_i`` eigenvectors of
+    ``T = Q H^(k) Q^T``). The cheap route after :func:`curvature_subspace`;
+    the program then holds a gradient and a separate single-sample product
+    (a little more to compile). Pass them only for such Ritz pairs; for any
+    other basis the result would be wrong.
 
     Args:
       loss_fn: ``loss_fn(params, batch)``, the mean loss over the batch's leading axis.
       params: the point ``w*``.
       data: ordered samples (pytree, leading axis = sample order).
-      k: ``1 <= k < n``.
+      k: sample count, ``1 <= k < n``.
       eigenvectors: basis pytree shaped like ``params`` with a leading axis ``D``.
         Any ``D`` (up to ``N``) is accepted here; for nested subspaces compute
         once at ``Dmax`` and use :meth:`IncrementCoefficients.prefix`.
-      microbatch_size: chunk size for the ``k``-sample gradient and products.
-      mode: Hessian product mode of :func:`curvlib.hessian_matvec`.
-      check_mean: verify the increment identity on ``params`` first
-        (:func:`check_mean_loss`).
+      microbatch_size: chunk size over the samples (bounds memory).
+      mode: ``None``/``"linearize"`` (one linearisation per chunk, then tangent
+        passes), or ``"fwd-rev"``/``"rev-rev"`` (each product from scratch).
+      check_mean: verify that ``loss_fn`` is a mean first (:func:`check_mean_loss`).
       eigenvalues: optional Ritz values of ``H^(k)`` for ``eigenvectors``
-        (shape ``(D,)``), e.g. ``curvature_subspace(...).eigenvalues``; saves
-        the ``D`` products with ``H^(k)``.
+        (shape ``(D,)``), e.g. ``curvature_subspace(...).eigenvalues``.
 
     Returns:
       :class:`IncrementCoefficients`.
@@ -268,19 +372,33 @@ def increment_coefficients(
       ValueError: bad ``k``, a basis that does not match ``params``, or a
         ``loss_fn`` that is not a mean; with ``check_mean``, also NaN/Inf
         losses at ``params`` (:func:`check_mean_loss` names the source).
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> from curvlib.landscape import increment_coefficients
+      >>> loss = lambda w, x: 0.5 * jnp.mean((x @ w - 1.0) ** 2)
+      >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
+      >>> coef = increment_coefficients(loss, jnp.zeros(2), x, 2, jnp.eye(2))
+      >>> float(coef.a)  # L_3 - L_2 at w = 0: 0.5 - 0.5
+      0.0
+      >>> np.round(np.asarray(coef.c, float), 4).tolist()  # U (g^(3) - g^(2))
+      [-0.5, 0.1667]
+      >>> np.round(np.asarray(coef.B, float), 4).tolist()  # U (H^(3) - H^(2)) U^T
+      [[1.1667, 0.0], [0.0, -0.1667]]
     """
     k = _common.check_k(k, data)
     mb = _common.check_microbatch(microbatch_size)
+    if mode not in (None, "linearize", "fwd-rev", "rev-rev"):
+        raise ValueError(f"`mode` must be 'linearize', 'fwd-rev' or 'rev-rev'; got {mode!r}.")
     _tree.check_float_tree(params, "params")
-    _check_basis(eigenvectors, params)
-    if check_mean:
-        check_mean_loss(loss_fn, params, data, k, microbatch_size=mb)
     D = _check_basis(eigenvectors, params)
     if eigenvalues is not None and jnp.shape(eigenvalues) != (D,):
         raise ValueError(
             f"`eigenvalues` must have shape ({D},), one per eigenvector; got "
             f"{jnp.shape(eigenvalues)}."
         )
+    if check_mean:
+        check_mean_loss(loss_fn, params, data, k, microbatch_size=mb)
     U = _cast_basis(eigenvectors, params)
     return _coefficients(loss_fn, params, data, k, U, mb, mode, eigenvalues)
 
@@ -291,21 +409,26 @@ def _cast_basis(eigenvectors: PyTree, params: PyTree) -> PyTree:
                         params)
 
 
-def _check_basis(eigenvectors: PyTree, params: PyTree) -> int:
-    lp, le = jax.tree.leaves(params), jax.tree.leaves(eigenvectors)
+def _check_basis(eigenvectors: PyTree, params: PyTree, name: str = "eigenvectors") -> int:
+    """The basis size ``D``; raises unless ``eigenvectors`` is ``params`` with a leading axis."""
     if jax.tree.structure(params) != jax.tree.structure(eigenvectors):
         raise ValueError(
-            "`eigenvectors` must have the structure of `params` with a leading axis D "
+            f"`{name}` must have the structure of `params` with a leading axis D "
             f"(got {jax.tree.structure(eigenvectors)} vs {jax.tree.structure(params)})."
         )
-    dims = set()
-    for p, e in zip(lp, le, strict=True):
-        if jnp.shape(e)[1:] != jnp.shape(p) or jnp.ndim(e) != jnp.ndim(p) + 1:
+    paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    dims = {}
+    for (path, p), e in zip(paths, jax.tree.leaves(eigenvectors), strict=True):
+        if jnp.ndim(e) != jnp.ndim(p) + 1 or jnp.shape(e)[1:] != jnp.shape(p):
             raise ValueError(
-                "every leaf of `eigenvectors` must be the matching `params` leaf with one extra "
-                f"leading axis; got {jnp.shape(e)} for a parameter of shape {jnp.shape(p)}."
+                f"every leaf of `{name}` must be the matching `params` leaf with one extra "
+                f"leading axis D; at `{name}{jax.tree_util.keystr(path)}` got shape "
+                f"{jnp.shape(e)} for a parameter of shape {jnp.shape(p)}."
             )
-        dims.add(jnp.shape(e)[0])
-    if len(dims) != 1 or 0 in dims:
-        raise ValueError(f"`eigenvectors` leaves disagree on the leading axis D: {sorted(dims)}.")
-    return dims.pop()
+        dims[jax.tree_util.keystr(path)] = jnp.shape(e)[0]
+    if len(set(dims.values())) != 1 or 0 in dims.values():
+        raise ValueError(
+            f"`{name}` leaves disagree on the leading axis D (the number of vectors): "
+            + ", ".join(f"{name}{p}: {d}" for p, d in dims.items()) + "."
+        )
+    return next(iter(dims.values()))

@@ -7,11 +7,15 @@ overlap), the coefficients ``(a, c, B)`` once, and evaluates on the whole
 terms, the spectral corollary, optionally direct subspace Monte Carlo and the
 full-space ``Delta_2``. The stabilisation theory predicts ``Delta_1 = O(1/k)``
 and ``Delta_2 = O(1/k^2)`` (Kiselev & Grabovoy 2026).
+
+The sample count is data in every compiled program of :mod:`curvlib.landscape`,
+so a curve over any number of ``k`` compiles each program once. Tables, JSON
+and plots of a :class:`KCurve` are in :mod:`curvlib.landscape.report`.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -21,16 +25,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib.landscape import _common
-from curvlib.landscape.coefficients import check_mean_loss, increment_coefficients
+from curvlib.landscape.coefficients import (
+    IncrementCoefficients,
+    check_mean_loss,
+    increment_coefficients,
+)
 from curvlib.landscape.estimators import (
     delta2_closed_form_terms,
     delta2_direct_mc,
     delta2_full_mc,
     delta2_spectral,
 )
-from curvlib.landscape.subspace import curvature_subspace, principal_angles
+from curvlib.landscape.subspace import _basis_size_argument, curvature_subspace, principal_angles
 
 PyTree = Any
+
+STAGES = ("subspace", "coefficients", "closed_form", "direct_mc", "full_mc")
 
 
 class KCurve(NamedTuple):
@@ -54,7 +64,8 @@ class KCurve(NamedTuple):
         eigenspaces of ``H^(k)`` and ``H^(k+1)`` (NaN if k+2 > n).
       converged: ``(K,)`` whether the eigensolver converged at k (and k+1).
       timings: stage -> ``(K,)`` seconds (``subspace``, ``coefficients``,
-        ``closed_form``, ``direct_mc``, ``full_mc``), each including compilation.
+        ``closed_form``, ``direct_mc``, ``full_mc``); the first ``k`` includes
+        the compilation of each stage's program (one for the whole curve).
     """
 
     ks: np.ndarray
@@ -77,6 +88,224 @@ class KCurve(NamedTuple):
     timings: dict
 
 
+class KCurveConfig(NamedTuple):
+    """Options of :func:`k_curve` (every field can also be passed to it as a keyword).
+
+    Attributes:
+      num_samples: direct subspace MC draws per ``(k, D, sigma)``; 0 skips it.
+      full_samples: full-space MC draws per ``(k, sigma)``; 0 skips it.
+      antithetic: antithetic MC pairs ``(z, -z)``.
+      microbatch_size: chunk size over the samples for losses, gradients and
+        products (bounds memory; with it, a step at ``k`` evaluates only the
+        chunks holding the first ``k + 2`` samples).
+      sample_batch_size: MC evaluations per vectorised chunk.
+      basis_size: Krylov basis size of :func:`curvature_subspace`.
+      tol: eigensolver tolerance.
+      next_subspace: also build the subspace at ``k + 1`` (for the corollary and the
+        principal angles); skipped automatically where ``k + 2 > n``.
+      flatten: passed to :func:`curvature_subspace` (faster compiles for small models).
+      progress: show a tqdm progress bar (if tqdm is installed).
+    """
+
+    num_samples: int = 0
+    full_samples: int = 0
+    antithetic: bool = True
+    microbatch_size: int | None = None
+    sample_batch_size: int | None = None
+    basis_size: int | None = None
+    tol: float | None = None
+    next_subspace: bool = True
+    flatten: bool = False
+    progress: bool = True
+
+
+class _Plan(NamedTuple):
+    """Validated inputs of a curve."""
+
+    ks: list
+    dims: list
+    sigmas: np.ndarray
+    data: PyTree  # trimmed to the samples the curve uses
+    n: int
+    config: KCurveConfig
+
+
+# ---------------------------------------------------------------- steps
+
+
+def _config(config: KCurveConfig | None, options: dict) -> KCurveConfig:
+    """``config`` with keyword ``options`` applied (``num_matvecs`` = deprecated ``basis_size``)."""
+    config = KCurveConfig() if config is None else config
+    if not isinstance(config, KCurveConfig):
+        raise TypeError(f"`config` must be a KCurveConfig; got {type(config).__name__}.")
+    if "num_matvecs" in options:
+        options = dict(options)
+        options["basis_size"] = _basis_size_argument(
+            options.get("basis_size"), options.pop("num_matvecs"), stacklevel=4)
+    unknown = sorted(set(options) - set(KCurveConfig._fields))
+    if unknown:
+        raise TypeError(
+            f"k_curve() got unexpected keyword argument(s) {unknown}; its options are "
+            f"{list(KCurveConfig._fields)} (fields of KCurveConfig)."
+        )
+    return config._replace(**options)
+
+
+def plan_curve(params: PyTree, data: PyTree, ks: Sequence[int], dims: Sequence[int], sigmas,
+               config: KCurveConfig) -> _Plan:
+    """Validate a curve's inputs and trim ``data`` to the samples it needs.
+
+    Raises ``ValueError`` for empty or out-of-range ``ks``, bad ``dims``,
+    ``sigmas`` or options, before any computation.
+    """
+    ks = [int(_common.check_k(k, data)) for k in ks]
+    if not ks:
+        raise ValueError("`ks` is empty.")
+    dims = [d for d in dims]
+    if not dims or not all(_common._is_int(d) and d >= 1 for d in dims):
+        raise ValueError(f"`dims` must be positive ints (nested subspace dimensions); got {dims}.")
+    dims = [int(d) for d in dims]
+    if not callable(params):
+        _common.check_dim(max(dims), params, "max(dims)")
+        _common.check_basis_size(config.basis_size, max(dims), params)
+    sig = np.atleast_1d(np.asarray(_common.check_sigma(sigmas)))
+    for name in ("num_samples", "full_samples"):
+        v = getattr(config, name)
+        if v:
+            _common.check_num_samples(v, name)
+    _common.check_microbatch(config.microbatch_size)
+    _common.check_microbatch(config.sample_batch_size, "sample_batch_size")
+    n = _common.num_samples(data)
+    # one static slice for the whole curve, to the power of two holding the samples it
+    # needs: later samples are never touched, and curves whose largest k differ a little
+    # share their compiled programs (at most twice the samples that a step needs)
+    need = max(ks) + (2 if config.next_subspace else 1)
+    used = min(n, 1 << (need - 1).bit_length())
+    if used < n:
+        data = _common.take(data, 0, used)
+    return _Plan(ks, dims, sig, data, used, config)
+
+
+@functools.partial(jax.jit, static_argnames=("dims",))
+def _closed_form_grid(a, c, B, sig, dims):
+    """``(nD, nS)`` arrays of the three closed-form terms for every nested ``D``."""
+    terms = [delta2_closed_form_terms(a, c[:d], B[:d, :d], sig) for d in dims]
+    return tuple(jnp.stack([getattr(t, f) for t in terms]) for f in ("constant", "sigma2",
+                                                                       "sigma4"))
+
+
+@functools.partial(jax.jit, static_argnames=("dims",))
+def _spectral_grid(lam_k, lam_k1, sig, dims):
+    return jnp.stack([delta2_spectral(lam_k[:d], lam_k1[:d], sig) for d in dims])
+
+
+def subspace_step(loss_fn, params, plan: _Plan, k: int, key) -> dict:
+    """Top-``Dmax`` eigenpairs at ``k`` and, when asked and possible, at ``k + 1``; their angles."""
+    c = plan.config
+    Dmax = max(plan.dims)
+    k_sub, k_next = jax.random.split(key)
+    kw = dict(microbatch_size=c.microbatch_size, basis_size=c.basis_size, tol=c.tol,
+              flatten=c.flatten)
+    sub = jax.block_until_ready(curvature_subspace(loss_fn, params, plan.data, k, Dmax,
+                                                   key=k_sub, **kw))
+    out = dict(sub=sub, next=None, eigenvalues=np.asarray(sub.eigenvalues),
+               eigenvalues_next=np.full(Dmax, np.nan), max_angle=np.full(len(plan.dims), np.nan),
+               converged=bool(sub.converged))
+    if c.next_subspace and k + 2 <= plan.n:
+        nxt = jax.block_until_ready(curvature_subspace(loss_fn, params, plan.data, k + 1, Dmax,
+                                                       key=k_next, **kw))
+        out.update(next=nxt, eigenvalues_next=np.asarray(nxt.eigenvalues),
+                   converged=out["converged"] and bool(nxt.converged))
+        for j, d in enumerate(plan.dims):
+            U = jax.tree.map(lambda x, d=d: x[:d], sub.eigenvectors)
+            V = jax.tree.map(lambda x, d=d: x[:d], nxt.eigenvectors)
+            out["max_angle"][j] = float(jnp.max(principal_angles(U, V)))
+    return out
+
+
+def coefficient_step(loss_fn, params, plan: _Plan, k: int, sub) -> IncrementCoefficients:
+    """``(a, c, B)`` for the ``Dmax`` subspace (the mean-loss check has already run).
+
+    The Ritz values stand in for ``U H^(k) U^T``, so the ``Dmax`` products are
+    single-sample ones.
+    """
+    return jax.block_until_ready(increment_coefficients(
+        loss_fn, params, plan.data, k, sub.eigenvectors,
+        microbatch_size=plan.config.microbatch_size, check_mean=False,
+        eigenvalues=sub.eigenvalues))
+
+
+def closed_form_step(coef: IncrementCoefficients, plan: _Plan, eigenvalues, eigenvalues_next):
+    """The closed form's three terms ``(3, nD, nS)`` and the spectral corollary ``(nD, nS)``."""
+    sig = jnp.asarray(plan.sigmas, coef.c.dtype)
+    dims = tuple(plan.dims)
+    terms = np.asarray(jax.block_until_ready(_closed_form_grid(coef.a, coef.c, coef.B, sig,
+                                                               dims)))
+    spectral = np.full(terms.shape[1:], np.nan)
+    if np.all(np.isfinite(eigenvalues_next)):
+        spectral = np.asarray(_spectral_grid(jnp.asarray(eigenvalues), jnp.asarray(
+            eigenvalues_next), sig, dims))
+    return terms, spectral
+
+
+def direct_mc_step(loss_fn, params, plan: _Plan, k: int, sub, key):
+    """Direct subspace MC on the whole ``sigma`` grid for each nested ``D``: ``(2, nD, nS)``."""
+    c = plan.config
+    out = np.full((2, len(plan.dims), len(plan.sigmas)), np.nan)
+    for j, d in enumerate(plan.dims):
+        est = jax.block_until_ready(delta2_direct_mc(
+            loss_fn, params, plan.data, k, sub.eigenvectors, plan.sigmas, key=key,
+            num_samples=c.num_samples, dim=d, antithetic=c.antithetic,
+            microbatch_size=c.microbatch_size, sample_batch_size=c.sample_batch_size,
+            check_mean=False))
+        out[:, j] = np.asarray(est.mean), np.asarray(est.stderr)
+    return out
+
+
+def full_mc_step(loss_fn, params, plan: _Plan, k: int, key):
+    """Full-space ``Delta_2`` on the ``sigma`` grid: ``(2, nS)``."""
+    c = plan.config
+    est = jax.block_until_ready(delta2_full_mc(
+        loss_fn, params, plan.data, k, plan.sigmas, key=key, num_samples=c.full_samples,
+        antithetic=c.antithetic, microbatch_size=c.microbatch_size,
+        sample_batch_size=c.sample_batch_size, check_mean=False))
+    return np.stack([np.asarray(est.mean), np.asarray(est.stderr)])
+
+
+def curve_point(loss_fn, params, plan: _Plan, k: int, key) -> tuple[dict, dict]:
+    """Every criterion at one ``k``: ``(values, stage seconds)``."""
+    c = plan.config
+    _common.check_dim(max(plan.dims), params, "max(dims)")
+    k_sub, k_mc, k_full = jax.random.split(jax.random.fold_in(key, k), 3)
+    check_mean_loss(loss_fn, params, plan.data, k, microbatch_size=c.microbatch_size)
+    seconds = dict.fromkeys(STAGES, 0.0)
+
+    t0 = time.perf_counter()
+    s = subspace_step(loss_fn, params, plan, k, k_sub)
+    seconds["subspace"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    coef = coefficient_step(loss_fn, params, plan, k, s["sub"])
+    seconds["coefficients"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    terms, spectral = closed_form_step(coef, plan, s["eigenvalues"], s["eigenvalues_next"])
+    seconds["closed_form"] = time.perf_counter() - t0
+    values = dict(delta1=abs(float(coef.a)), constant=terms[0], sigma2=terms[1],
+                  sigma4=terms[2], closed_form=terms.sum(0), spectral=spectral,
+                  eigenvalues=s["eigenvalues"], eigenvalues_next=s["eigenvalues_next"],
+                  max_angle=s["max_angle"], converged=s["converged"])
+    if c.num_samples:
+        t0 = time.perf_counter()
+        values["direct_mean"], values["direct_stderr"] = direct_mc_step(
+            loss_fn, params, plan, k, s["sub"], k_mc)
+        seconds["direct_mc"] = time.perf_counter() - t0
+    if c.full_samples:
+        t0 = time.perf_counter()
+        values["full_mean"], values["full_stderr"] = full_mc_step(loss_fn, params, plan, k,
+                                                                  k_full)
+        seconds["full_mc"] = time.perf_counter() - t0
+    return values, seconds
+
+
 def _progress(iterable, enabled, desc):
     if not enabled:
         return iterable
@@ -87,8 +316,25 @@ def _progress(iterable, enabled, desc):
     return tqdm(iterable, desc=desc)
 
 
-def _block(x):
-    return jax.block_until_ready(x)
+def _assemble(plan: _Plan, points: list[dict], seconds: list[dict]) -> KCurve:
+    """Stack the per-``k`` values into a :class:`KCurve` (NaN where a stage did not run)."""
+    K, nD, nS = len(plan.ks), len(plan.dims), len(plan.sigmas)
+    shapes = dict(delta1=(), closed_form=(nD, nS), constant=(nD, nS), sigma2=(nD, nS),
+                  sigma4=(nD, nS), spectral=(nD, nS), direct_mean=(nD, nS),
+                  direct_stderr=(nD, nS), full_mean=(nS,), full_stderr=(nS,),
+                  eigenvalues=(max(plan.dims),), eigenvalues_next=(max(plan.dims),),
+                  max_angle=(nD,))
+    out = {name: np.full((K,) + shape, np.nan) for name, shape in shapes.items()}
+    for i, p in enumerate(points):
+        for name in shapes:
+            if name in p:
+                out[name][i] = p[name]
+    return KCurve(ks=np.asarray(plan.ks), dims=np.asarray(plan.dims), sigmas=plan.sigmas,
+                  converged=np.array([p["converged"] for p in points], bool),
+                  timings={s: np.array([t[s] for t in seconds]) for s in STAGES}, **out)
+
+
+# ---------------------------------------------------------------- driver
 
 
 def k_curve(
@@ -100,150 +346,79 @@ def k_curve(
     dims: Sequence[int],
     sigmas,
     key: jax.Array,
-    num_samples: int = 0,
-    full_samples: int = 0,
-    antithetic: bool = True,
-    microbatch_size: int | None = None,
-    sample_batch_size: int | None = None,
-    num_matvecs: int | None = None,
-    tol: float | None = None,
-    next_subspace: bool = True,
-    flatten: bool = False,
-    progress: bool = True,
+    config: KCurveConfig | None = None,
+    **options,
 ) -> KCurve:
     """Run every landscape criterion along a grid of sample counts ``k``.
 
-    Per ``k``: :func:`curvature_subspace` at ``k`` (and at ``k + 1`` when
-    ``next_subspace``), :func:`increment_coefficients` once, then the closed form
-    and its terms for every ``(D, sigma)``, the spectral corollary, ``Delta_1``,
-    and, when asked, :func:`delta2_direct_mc` (one compiled program for all
-    ``D``) and :func:`delta2_full_mc`. Compilation happens once per distinct
-    ``k`` (the slice ``data[:k]`` is static).
+    Per ``k`` (:func:`curve_point`, a list of named steps):
+
+    1. :func:`check_mean_loss` at the point;
+    2. :func:`subspace_step`: :func:`curvature_subspace` at ``k`` (and at
+       ``k + 1`` when ``next_subspace``) and the principal angles between the
+       nested subspaces;
+    3. :func:`coefficient_step`: :func:`increment_coefficients` once for ``Dmax``;
+    4. :func:`closed_form_step`: the closed form and its three terms for every
+       ``(D, sigma)``, and the spectral corollary;
+    5. when asked, :func:`direct_mc_step` (:func:`delta2_direct_mc`, one
+       compiled program for all ``D``) and :func:`full_mc_step`
+       (:func:`delta2_full_mc`).
+
+    ``k`` is data in every compiled program, so the whole curve compiles each
+    stage once, however many ``k`` it has. ``data`` is cut once to the first
+    ``2^ceil(log2(max(ks) + 2))`` samples (so curves with nearby largest ``k``
+    share programs); without ``microbatch_size`` each step evaluates all of
+    them (unused ones at zero weight), with it only the chunks holding the
+    samples that step needs.
 
     Args:
       loss_fn: ``loss_fn(params, batch)``, mean over the batch's leading axis.
       params: the point, or a function ``k -> params`` (e.g. checkpoints of a
         model trained online on the first ``k`` samples).
       data: ordered samples.
-      ks: increasing sample counts, each ``1 <= k < n``.
+      ks: sample counts, each ``1 <= k < n``.
       dims: nested subspace dimensions; ``max(dims) < N``.
       sigmas: probe scales (> 0).
       key: PRNG key (folded with ``k`` per step).
-      num_samples: direct subspace MC draws per ``(k, D, sigma)``; 0 skips it.
-      full_samples: full-space MC draws per ``(k, sigma)``; 0 skips it.
-      antithetic: antithetic MC pairs.
-      microbatch_size: chunk size for losses, gradients and products over ``k`` samples.
-      sample_batch_size: MC evaluations per vectorised chunk.
-      num_matvecs: Lanczos basis size for the subspaces.
-      tol: eigensolver tolerance.
-      next_subspace: also build the subspace at ``k + 1`` (for the corollary and the
-        principal angles); skipped automatically where ``k + 2 > n``.
-      flatten: passed to :func:`curvature_subspace` (faster compiles for small models).
-      progress: show a tqdm progress bar (if tqdm is installed).
+      config: a :class:`KCurveConfig`; default ``KCurveConfig()``.
+      **options: any :class:`KCurveConfig` field (``num_samples``,
+        ``full_samples``, ``antithetic``, ``microbatch_size``,
+        ``sample_batch_size``, ``basis_size``, ``tol``, ``next_subspace``,
+        ``flatten``, ``progress``), overriding ``config``; ``num_matvecs`` is
+        the deprecated name of ``basis_size``.
 
     Returns:
-      :class:`KCurve`.
+      :class:`KCurve`; :mod:`curvlib.landscape.report` turns it into tables,
+      JSON and plots.
+
+    Raises:
+      ValueError: for bad ``ks``, ``dims``, ``sigmas`` or options, before any
+        computation; from :func:`check_mean_loss` for a loss that is not a mean.
+      TypeError: for an unknown option.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from curvlib.landscape import k_curve
+      >>> loss = lambda w, b: 0.5 * jnp.mean((b[0] @ w - b[1]) ** 2)
+      >>> x = jax.random.normal(jax.random.PRNGKey(0), (12, 4))
+      >>> data = (x, x @ jnp.arange(4.0))
+      >>> curve = k_curve(loss, 0.1 * jnp.ones(4), data, [2, 4, 8], dims=[1, 2],
+      ...                 sigmas=[1e-3, 1e-1], key=jax.random.PRNGKey(1), progress=False)
+      >>> curve.closed_form.shape, bool(curve.converged.all())  # (k, D, sigma)
+      ((3, 2, 2), True)
     """
-    ks = [int(k) for k in ks]
-    if not ks:
-        raise ValueError("`ks` is empty.")
-    n = _common.num_samples(data)
-    for k in ks:
-        _common.check_k(k, data)
-    dims = [int(d) for d in dims]
-    if not dims or min(dims) < 1:
-        raise ValueError(f"`dims` must be positive ints; got {dims}.")
-    Dmax = max(dims)
-    sig = np.atleast_1d(np.asarray(_common.check_sigma(sigmas)))
+    plan = plan_curve(params, data, ks, dims, sigmas, _config(config, options))
     _common.check_key(key)
     get_params = params if callable(params) else (lambda k: params)
-    K, nD, nS = len(ks), len(dims), len(sig)
-    nan = lambda *s: np.full(s, np.nan)
-    out = dict(
-        delta1=nan(K), closed_form=nan(K, nD, nS), constant=nan(K, nD, nS),
-        sigma2=nan(K, nD, nS), sigma4=nan(K, nD, nS), spectral=nan(K, nD, nS),
-        direct_mean=nan(K, nD, nS), direct_stderr=nan(K, nD, nS),
-        full_mean=nan(K, nS), full_stderr=nan(K, nS), eigenvalues=nan(K, Dmax),
-        eigenvalues_next=nan(K, Dmax), max_angle=nan(K, nD),
-    )
-    converged = np.zeros(K, bool)
-    stages = ("subspace", "coefficients", "closed_form", "direct_mc", "full_mc")
-    timings = {s: np.zeros(K) for s in stages}
-
-    for i in _progress(range(K), progress, "k-curve"):
-        k = ks[i]
-        p = get_params(k)
-        _common.check_dim(Dmax, p, "max(dims)")
-        kk = jax.random.fold_in(key, k)
-        k_sub, k_next, k_mc, k_full = jax.random.split(kk, 4)
-        check_mean_loss(loss_fn, p, data, k, microbatch_size=microbatch_size)
-
-        t0 = time.perf_counter()
-        sub = _block(curvature_subspace(loss_fn, p, data, k, Dmax, key=k_sub,
-                                        microbatch_size=microbatch_size,
-                                        num_matvecs=num_matvecs, tol=tol,
-                                        flatten=flatten))
-        conv = bool(sub.converged)
-        out["eigenvalues"][i] = np.asarray(sub.eigenvalues)
-        if next_subspace and k + 2 <= n:
-            nxt = _block(curvature_subspace(loss_fn, p, data, k + 1, Dmax, key=k_next,
-                                            microbatch_size=microbatch_size,
-                                            num_matvecs=num_matvecs, tol=tol,
-                                        flatten=flatten))
-            conv = conv and bool(nxt.converged)
-            out["eigenvalues_next"][i] = np.asarray(nxt.eigenvalues)
-            for j, d in enumerate(dims):
-                U = jax.tree.map(lambda x, d=d: x[:d], sub.eigenvectors)
-                V = jax.tree.map(lambda x, d=d: x[:d], nxt.eigenvectors)
-                out["max_angle"][i, j] = float(jnp.max(principal_angles(U, V)))
-        converged[i] = conv
-        timings["subspace"][i] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        # Ritz values of H^(k) for these vectors: the D products with H^(k) are skipped
-        coef = _block(increment_coefficients(loss_fn, p, data, k, sub.eigenvectors,
-                                              microbatch_size=microbatch_size,
-                                              check_mean=False, eigenvalues=sub.eigenvalues))
-        timings["coefficients"][i] = time.perf_counter() - t0
-        out["delta1"][i] = abs(float(coef.a))
-
-        t0 = time.perf_counter()
-        for j, d in enumerate(dims):
-            cf = coef.prefix(d)
-            t = _block(delta2_closed_form_terms(cf.a, cf.c, cf.B, sig))
-            out["constant"][i, j], out["sigma2"][i, j], out["sigma4"][i, j] = map(np.asarray, t)
-            out["closed_form"][i, j] = np.asarray(t.constant + t.sigma2 + t.sigma4)
-            if not np.isnan(out["eigenvalues_next"][i, 0]):
-                out["spectral"][i, j] = np.asarray(delta2_spectral(
-                    out["eigenvalues"][i, :d], out["eigenvalues_next"][i, :d], sig))
-        timings["closed_form"][i] = time.perf_counter() - t0
-
-        if num_samples:
-            t0 = time.perf_counter()
-            for j, d in enumerate(dims):
-                est = _block(delta2_direct_mc(
-                    loss_fn, p, data, k, sub.eigenvectors, sig, key=k_mc,
-                    num_samples=num_samples, dim=d, antithetic=antithetic,
-                    microbatch_size=microbatch_size, sample_batch_size=sample_batch_size,
-                    check_mean=False))
-                out["direct_mean"][i, j] = np.asarray(est.mean)
-                out["direct_stderr"][i, j] = np.asarray(est.stderr)
-            timings["direct_mc"][i] = time.perf_counter() - t0
-        if full_samples:
-            t0 = time.perf_counter()
-            est = _block(delta2_full_mc(
-                loss_fn, p, data, k, sig, key=k_full, num_samples=full_samples,
-                antithetic=antithetic, microbatch_size=microbatch_size,
-                sample_batch_size=sample_batch_size, check_mean=False))
-            out["full_mean"][i] = np.asarray(est.mean)
-            out["full_stderr"][i] = np.asarray(est.stderr)
-            timings["full_mc"][i] = time.perf_counter() - t0
-
-    return KCurve(ks=np.asarray(ks), dims=np.asarray(dims), sigmas=sig, converged=converged,
-                  timings=timings, **out)
+    points, seconds = [], []
+    for k in _progress(plan.ks, plan.config.progress, "k-curve"):
+        values, secs = curve_point(loss_fn, get_params(k), plan, k, key)
+        points.append(values)
+        seconds.append(secs)
+    return _assemble(plan, points, seconds)
 
 
-# --------------------------------------------------------------- reporting
+# --------------------------------------------------------------- analysis
 
 
 def fit_slope(ks, values) -> tuple[float, float]:
@@ -252,6 +427,7 @@ def fit_slope(ks, values) -> tuple[float, float]:
     Returns ``(slope, intercept)``; ``(nan, nan)`` with fewer than two usable points.
 
     Examples:
+      >>> from curvlib.landscape import fit_slope
       >>> ks = [1, 10, 100]
       >>> round(fit_slope(ks, [1.0, 1e-2, 1e-4])[0], 6)
       -2.0
@@ -265,112 +441,35 @@ def fit_slope(ks, values) -> tuple[float, float]:
     return float(slope), float(intercept)
 
 
-def _sigma_index(curve: KCurve, sigma) -> int:
+def sigma_index(curve: KCurve, sigma) -> int:
+    """Index of the grid value nearest ``sigma`` (log scale); 0 for ``None``."""
     if sigma is None:
         return 0
     return int(np.argmin(np.abs(np.log(curve.sigmas) - np.log(float(sigma)))))
 
 
 def curve_slopes(curve: KCurve, sigma=None) -> dict:
-    """Fitted log-log slopes in ``k`` of every criterion at one ``sigma`` (nearest grid value)."""
-    s = _sigma_index(curve, sigma)
+    """Fitted log-log slopes in ``k`` of every criterion at one ``sigma`` (nearest grid value).
+
+    Keys: ``delta1``, ``delta2_full``, and ``delta2_D{d}_closed_form`` /
+    ``delta2_D{d}_direct`` for each nested ``D``; NaN where a criterion was not
+    computed.
+
+    Examples:
+      >>> import numpy as np
+      >>> from curvlib.landscape import KCurve, curve_slopes
+      >>> ks = np.array([1, 10, 100]); nan = np.full((3, 1, 1), np.nan)
+      >>> c = KCurve(ks, np.array([1]), np.array([1e-3]), 1.0 / ks, 1e-2 / ks[:, None, None]**2,
+      ...            nan, nan, nan, nan, nan, nan, np.full((3, 1), np.nan),
+      ...            np.full((3, 1), np.nan), nan[..., 0], nan[..., 0], nan[..., 0],
+      ...            np.ones(3, bool), {})
+      >>> {k: round(v, 3) for k, v in curve_slopes(c).items() if np.isfinite(v)}
+      {'delta1': -1.0, 'delta2_D1_closed_form': -2.0}
+    """
+    s = sigma_index(curve, sigma)
     out = {"delta1": fit_slope(curve.ks, curve.delta1)[0],
            "delta2_full": fit_slope(curve.ks, curve.full_mean[:, s])[0]}
     for j, d in enumerate(curve.dims):
         out[f"delta2_D{d}_closed_form"] = fit_slope(curve.ks, curve.closed_form[:, j, s])[0]
         out[f"delta2_D{d}_direct"] = fit_slope(curve.ks, curve.direct_mean[:, j, s])[0]
     return out
-
-
-def curve_to_dict(curve: KCurve) -> dict:
-    """A JSON-serialisable dict of every field (NaN becomes ``None``)."""
-    def conv(x):
-        if isinstance(x, dict):
-            return {k: conv(v) for k, v in x.items()}
-        a = np.asarray(x)
-        if a.dtype == bool:
-            return a.tolist()
-        a = a.astype(float)
-        return np.where(np.isfinite(a), a, np.nan).tolist() if a.ndim else float(a)
-
-    d = {f: conv(getattr(curve, f)) for f in curve._fields}
-    d = json.loads(json.dumps(d).replace("NaN", "null"))
-    d["slopes"] = {
-        f"sigma={s:.3g}": {k: (None if not np.isfinite(v) else v)
-                           for k, v in curve_slopes(curve, s).items()}
-        for s in curve.sigmas
-    }
-    return d
-
-
-def save_curve_json(curve: KCurve, path) -> None:
-    """Write :func:`curve_to_dict` to ``path``."""
-    with open(path, "w") as f:
-        json.dump(curve_to_dict(curve), f, indent=1)
-
-
-def curve_table(curve: KCurve, sigma=None) -> str:
-    """A plain-text table of every criterion along ``k`` at one ``sigma``."""
-    s = _sigma_index(curve, sigma)
-    cols = ["k", "Delta1", "Delta2(full)"]
-    for d in curve.dims:
-        cols += [f"GM D={d}", f"MC D={d}"]
-    cols += [f"angle D={d}" for d in curve.dims]
-    lines = [f"sigma = {curve.sigmas[s]:.3g}", "  ".join(f"{c:>12}" for c in cols)]
-    for i, k in enumerate(curve.ks):
-        row = [f"{k:>12d}", f"{curve.delta1[i]:12.4e}", f"{curve.full_mean[i, s]:12.4e}"]
-        for j in range(len(curve.dims)):
-            row += [f"{curve.closed_form[i, j, s]:12.4e}", f"{curve.direct_mean[i, j, s]:12.4e}"]
-        row += [f"{curve.max_angle[i, j]:12.4f}" for j in range(len(curve.dims))]
-        lines.append("  ".join(row))
-    slopes = curve_slopes(curve, curve.sigmas[s])
-    lines.append("slopes: " + ", ".join(f"{k} {v:+.2f}" for k, v in slopes.items()
-                                        if np.isfinite(v)))
-    return "\n".join(lines)
-
-
-def plot_curve(curve: KCurve, sigma=None, path=None, ax=None):
-    """Log-log plot of the criteria along ``k`` with ``k^-1`` and ``k^-2`` references.
-
-    Plots ``Delta_1^2`` (squared, to share the axis with the mean-squared
-    criteria; its fitted slope is reported for ``Delta_1`` itself),
-    full-space ``Delta_2``, and ``Delta_2^(D)`` (closed form; direct MC as
-    markers) for each ``D``; legends carry the fitted slopes. Needs matplotlib.
-
-    Returns:
-      The matplotlib figure.
-    """
-    import matplotlib
-
-    if path is not None and ax is None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    s = _sigma_index(curve, sigma)
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    else:
-        fig = ax.figure
-    ks = curve.ks.astype(float)
-    sl = lambda v: fit_slope(ks, v)[0]
-    ax.loglog(ks, curve.delta1**2, "k-o", ms=3,
-              label=f"Delta1^2 (Delta1 slope {sl(curve.delta1):+.2f})")
-    if np.isfinite(curve.full_mean[:, s]).any():
-        ax.loglog(ks, curve.full_mean[:, s], "C0-s", ms=3,
-                  label=f"Delta2 full (slope {sl(curve.full_mean[:, s]):+.2f})")
-    for j, d in enumerate(curve.dims):
-        ax.loglog(ks, curve.closed_form[:, j, s], f"C{j + 1}-", lw=1.5,
-                  label=f"Delta2(D={d}) GM (slope {sl(curve.closed_form[:, j, s]):+.2f})")
-        if np.isfinite(curve.direct_mean[:, j, s]).any():
-            ax.loglog(ks, curve.direct_mean[:, j, s], f"C{j + 1}x", ms=5)
-    ref = np.nanmax(curve.delta1**2) if np.isfinite(curve.delta1).any() else 1.0
-    ax.loglog(ks, ref * (ks / ks[0]) ** -1.0, "k:", lw=1, label="k^-1")
-    ax.loglog(ks, ref * (ks / ks[0]) ** -2.0, "k--", lw=1, label="k^-2")
-    ax.set_xlabel("k (samples)")
-    ax.set_ylabel("criterion")
-    ax.set_title(f"Stabilisation of the loss landscape, sigma = {curve.sigmas[s]:.2g}")
-    ax.legend(fontsize=7)
-    if path is not None:
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-    return fig

@@ -70,22 +70,54 @@ class ClosedFormTerms(NamedTuple):
 # ------------------------------------------------------------ closed form
 
 
-def delta2_closed_form_terms(a, c, B, sigma) -> ClosedFormTerms:
-    """The three ``sigma``-terms of :func:`delta2_closed_form`, each shaped like ``sigma``.
-
-    Near ``sigma -> 0`` the sum tends to ``a^2``, which hides the curvature
-    part unless the terms are shown on their own.
-    """
-    a = jnp.asarray(a)
-    c = jnp.asarray(c)
-    B = jnp.asarray(B)
-    s2 = _common.check_sigma(sigma, jnp.result_type(a, c, B)) ** 2
+@jax.jit
+def _terms(a, c, B, sigma):
+    s2 = sigma * sigma
     trB = jnp.trace(B)
     trB2 = jnp.sum(B * B.T)  # tr(B B) without forming the product
     constant = jnp.broadcast_to(a * a, s2.shape)
     sigma2 = s2 * (a * trB + jnp.dot(c, c))
     sigma4 = s2 * s2 * (2.0 * trB2 + trB * trB) / 4.0
     return ClosedFormTerms(constant, sigma2, sigma4)
+
+
+def _check_coefficients(a, c, B):
+    a, c, B = jnp.asarray(a), jnp.asarray(c), jnp.asarray(B)
+    if c.ndim != 1 or B.shape != (c.shape[0], c.shape[0]) or a.ndim != 0:
+        raise ValueError(
+            f"expected coefficients a (scalar), c of shape (D,) and B of shape (D, D); got "
+            f"{a.shape}, {c.shape}, {B.shape}."
+        )
+    dt = jnp.result_type(a, c, B)
+    if not jnp.issubdtype(dt, jnp.floating):
+        dt = jnp.result_type(float)
+    return a.astype(dt), c.astype(dt), B.astype(dt)
+
+
+def delta2_closed_form_terms(a, c, B, sigma) -> ClosedFormTerms:
+    """The three ``sigma``-terms of :func:`delta2_closed_form`, each shaped like ``sigma``.
+
+    ``a^2``, ``sigma^2 (a tr B + ||c||^2)`` and ``sigma^4 (2 tr B^2 + (tr B)^2) / 4``.
+    Near ``sigma -> 0`` the sum tends to ``a^2``, which hides the curvature
+    part unless the terms are shown on their own. One compiled program (reused
+    by eager calls) for every ``sigma`` grid of a given length.
+
+    Args:
+      a, c, B: coefficients from :func:`increment_coefficients`.
+      sigma: scalar or 1-D grid (> 0).
+
+    Returns:
+      :class:`ClosedFormTerms`, each term shaped like ``sigma``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.landscape import delta2_closed_form_terms
+      >>> t = delta2_closed_form_terms(0.5, jnp.ones(2), jnp.eye(2), 0.1)
+      >>> [round(float(x), 6) for x in t]  # a^2, s^2 (a trB + |c|^2), s^4 (2*2 + 2^2)/4
+      [0.25, 0.03, 0.0002]
+    """
+    a, c, B = _check_coefficients(a, c, B)
+    return _terms(a, c, B, _common.check_sigma(sigma, a.dtype))
 
 
 def delta2_closed_form(a, c, B, sigma) -> jax.Array:
@@ -111,8 +143,11 @@ def delta2_closed_form(a, c, B, sigma) -> jax.Array:
 
     Examples:
       >>> import jax.numpy as jnp
+      >>> from curvlib.landscape import delta2_closed_form
       >>> float(delta2_closed_form(0.0, jnp.zeros(2), jnp.eye(2), 1.0))  # (2*2 + 2^2)/4
       2.0
+      >>> delta2_closed_form(0.0, jnp.zeros(2), jnp.eye(2), jnp.array([1.0, 2.0])).tolist()
+      [2.0, 32.0]
 
     References:
       N. Kiselev and A. Grabovoy, *Curvature-Aligned Probing for Local
@@ -137,6 +172,13 @@ def delta2_spectral(eigenvalues_k, eigenvalues_k1, sigma) -> jax.Array:
 
     Returns:
       An array shaped like ``sigma``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.landscape import delta2_spectral
+      >>> # delta = (1, 1): sigma^4 / 4 (2 * 2 + 2^2) = 2 at sigma = 1
+      >>> float(delta2_spectral(jnp.array([3.0, 2.0]), jnp.array([4.0, 3.0]), 1.0))
+      2.0
     """
     lk = jnp.asarray(eigenvalues_k)
     lk1 = jnp.asarray(eigenvalues_k1)
@@ -162,6 +204,14 @@ def delta2_bound(k, sigma, dim, max_loss, max_grad, max_hess) -> jax.Array:
       sigma: scalar or grid.
       dim: subspace dimension ``D``.
       max_loss, max_grad, max_hess: ``M_l``, ``M_g``, ``M_H``.
+
+    Returns:
+      The bound, broadcast over ``k`` and ``sigma``.
+
+    Examples:
+      >>> from curvlib.landscape import delta2_bound
+      >>> float(delta2_bound(1, 1.0, 1, max_loss=1.0, max_grad=0.0, max_hess=0.0))  # 12 / 2^2
+      3.0
     """
     s2 = _common.check_sigma(sigma) ** 2
     k = jnp.asarray(k)
@@ -175,7 +225,16 @@ def delta2_bound(k, sigma, dim, max_loss, max_grad, max_hess) -> jax.Array:
 def subspace_normals(key: jax.Array, num_samples: int, dim: int, dtype=jnp.float32) -> jax.Array:
     """Standard normal draws ``(num_samples, dim)``, column ``i`` from ``fold_in(key, i)``.
 
-    Prefix-consistent: the first ``d`` columns do not depend on ``dim >= d``.
+    Prefix-consistent: the first ``d`` columns do not depend on ``dim >= d``,
+    so nested subspaces see nested draws.
+
+    Examples:
+      >>> import jax, numpy as np
+      >>> from curvlib.landscape import subspace_normals
+      >>> z4 = subspace_normals(jax.random.PRNGKey(0), 5, 4)
+      >>> z2 = subspace_normals(jax.random.PRNGKey(0), 5, 2)
+      >>> z4.shape, bool(np.array_equal(z4[:, :2], z2))
+      ((5, 4), True)
     """
     cols = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (num_samples,), dtype))(
         jnp.arange(dim)
@@ -267,19 +326,21 @@ def delta2_quadratic_mc(
 
     Returns:
       :class:`MonteCarloEstimate` shaped like ``sigma``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from curvlib.landscape import delta2_closed_form, delta2_quadratic_mc
+      >>> a, c, B = 0.1, jnp.array([1.0, 0.5]), jnp.eye(2)
+      >>> est = delta2_quadratic_mc(a, c, B, 0.5, key=jax.random.PRNGKey(0), num_samples=20_000)
+      >>> gm = delta2_closed_form(a, c, B, 0.5)
+      >>> bool(abs(est.mean - gm) < 4 * est.stderr), est.num_evaluations
+      (True, 40000)
     """
-    a, c, B = jnp.asarray(a), jnp.asarray(c), jnp.asarray(B)
-    if c.ndim != 1 or B.shape != (c.shape[0], c.shape[0]) or a.ndim != 0:
-        raise ValueError(
-            f"expected a scalar, c of shape (D,), B of shape (D, D); got {a.shape}, "
-            f"{c.shape}, {B.shape}."
-        )
+    a, c, B = _check_coefficients(a, c, B)
     S = _common.check_num_samples(num_samples)
     _common.check_key(key)
-    dt = jnp.result_type(a, c, B)
-    s0, sig = _grid(sigma, dt)
-    mean, se = _quadratic_mc(a.astype(dt), c.astype(dt), B.astype(dt), sig, key, S,
-                             bool(antithetic))
+    s0, sig = _grid(sigma, a.dtype)
+    mean, se = _quadratic_mc(a, c, B, sig, key, S, bool(antithetic))
     return _estimate(mean, se, s0, S, antithetic)
 
 
@@ -294,7 +355,7 @@ def _evaluate(f, xs, sample_batch_size):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("loss_fn", "k", "num_samples", "antithetic", "microbatch_size",
+    static_argnames=("loss_fn", "num_samples", "antithetic", "microbatch_size",
                      "sample_batch_size"),
 )
 def _direct_mc(loss_fn, params, data, k, U, dim, sig, key, num_samples, antithetic,
@@ -308,10 +369,11 @@ def _direct_mc(loss_fn, params, data, k, U, dim, sig, key, num_samples, antithet
     # flatten (sigma, sample, sign) so one map covers the whole grid
     coef = (sig[:, None, None] * sg[None, None, :])[..., None] * z[None, :, None, :]
     coef = coef.reshape(G * num_samples * P, D)
+    inc = _common.increment_fn(loss_fn, data, k, microbatch_size, _common.weight_dtype(params))
 
     def one(zc):
         w = jax.tree.map(jnp.add, params, _tree.basis_combine(U, zc, like=params))
-        f = _common.increment(loss_fn, w, data, k, microbatch_size) ** 2
+        f = inc(w) ** 2
         if control is None:
             return f
         a, c, B = control
@@ -366,7 +428,7 @@ def delta2_direct_mc(
       key: PRNG key; the same key as :func:`delta2_quadratic_mc` gives the same draws.
       num_samples: independent draws ``S``.
       dim: use only the first ``dim`` vectors (nested subspaces share one compiled
-        program); default all.
+        program; under ``jax.jit`` it may be traced); default all.
       antithetic: evaluate each draw at ``z`` and ``-z``.
       microbatch_size: chunk size over the ``k`` samples.
       sample_batch_size: evaluations per vectorised chunk (default: all at once).
@@ -376,18 +438,41 @@ def delta2_direct_mc(
         unbiased for the direct value, but its standard error measures only the
         quadratic model's error on the draws, not the spread of ``q^2`` itself
         (orders of magnitude smaller wherever the model is good).
-      check_mean: verify the mean-loss identity at ``params`` first.
+      check_mean: verify that ``loss_fn`` is a mean at ``params`` first
+        (:func:`check_mean_loss`).
 
     Returns:
       :class:`MonteCarloEstimate` shaped like ``sigma``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from curvlib.landscape import delta2_direct_mc, delta2_quadratic_mc
+      >>> from curvlib.landscape import increment_coefficients
+      >>> loss = lambda w, b: 0.5 * jnp.mean((b[0] @ w - b[1]) ** 2)  # exactly quadratic
+      >>> x = jax.random.normal(jax.random.PRNGKey(0), (6, 3)); data = (x, x @ jnp.ones(3))
+      >>> w, U = jnp.zeros(3), jnp.eye(3)[:2]
+      >>> key = jax.random.PRNGKey(1)
+      >>> est = delta2_direct_mc(loss, w, data, 4, U, 0.1, key=key, num_samples=64)
+      >>> quad = delta2_quadratic_mc(*increment_coefficients(loss, w, data, 4, U), 0.1,
+      ...                            key=key, num_samples=64)  # the same draws
+      >>> bool(jnp.allclose(est.mean, quad.mean, rtol=1e-4))
+      True
     """
     st = _check_sampled(params, data, k, sigma, key, num_samples, microbatch_size,
                         sample_batch_size)
     Dmax = _check_basis(eigenvectors, params)
     if dim is None:
         dim = Dmax
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= Dmax:
-        raise ValueError(f"`dim` must be an int in [1, {Dmax}]; got {dim!r}.")
+    if isinstance(dim, jax.core.Tracer):
+        if dim.ndim or not jnp.issubdtype(dim.dtype, jnp.integer):
+            raise ValueError(
+                f"`dim` must be an integer scalar; got a traced {dim.dtype}{dim.shape}."
+            )
+    elif isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= Dmax:
+        raise ValueError(
+            f"`dim` (the nested subspace dimension) must be an int in [1, D] with D = {Dmax} "
+            f"the number of `eigenvectors`; got {dim!r}."
+        )
     if check_mean:
         check_mean_loss(loss_fn, params, data, st.k, microbatch_size=st.microbatch_size)
     U = _cast_basis(eigenvectors, params)
@@ -411,7 +496,7 @@ def delta2_direct_mc(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("loss_fn", "k", "num_samples", "antithetic", "microbatch_size",
+    static_argnames=("loss_fn", "num_samples", "antithetic", "microbatch_size",
                      "sample_batch_size"),
 )
 def _full_mc(loss_fn, params, data, k, sig, key, num_samples, antithetic, microbatch_size,
@@ -424,12 +509,13 @@ def _full_mc(loss_fn, params, data, k, sig, key, num_samples, antithetic, microb
                               indexing="ij")
     scale = (sig[gi] * sg[pi]).reshape(-1)
     ks = keys[si.reshape(-1)]
+    inc = _common.increment_fn(loss_fn, data, k, microbatch_size, _common.weight_dtype(params))
 
     def one(x):
         s, kk = x
         e = _common.normal_like(kk, params)
         w = jax.tree.map(lambda p, n: p + (s * n).astype(p.dtype), params, e)
-        return _common.increment(loss_fn, w, data, k, microbatch_size) ** 2
+        return inc(w) ** 2
 
     vals = _evaluate(one, (scale, ks), sample_batch_size).reshape(G, num_samples, P)
     return _summarise(vals, num_samples)
@@ -464,10 +550,24 @@ def delta2_full_mc(
       antithetic: evaluate each draw at ``e`` and ``-e``.
       microbatch_size: chunk size over the ``k`` samples.
       sample_batch_size: evaluations per vectorised chunk (default: all at once).
-      check_mean: verify the mean-loss identity at ``params`` first.
+      check_mean: verify that ``loss_fn`` is a mean at ``params`` first
+        (:func:`check_mean_loss`).
 
     Returns:
       :class:`MonteCarloEstimate` shaped like ``sigma``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from curvlib.landscape import delta2_closed_form, delta2_full_mc
+      >>> from curvlib.landscape import increment_coefficients
+      >>> loss = lambda w, b: 0.5 * jnp.mean((b[0] @ w - b[1]) ** 2)  # exactly quadratic
+      >>> x = jax.random.normal(jax.random.PRNGKey(0), (6, 3)); data = (x, x @ jnp.ones(3))
+      >>> w = jnp.zeros(3)
+      >>> est = delta2_full_mc(loss, w, data, 4, 0.1, key=jax.random.PRNGKey(1),
+      ...                      num_samples=2000)
+      >>> gm = delta2_closed_form(*increment_coefficients(loss, w, data, 4, jnp.eye(3)), 0.1)
+      >>> bool(abs(est.mean - gm) < 4 * est.stderr)  # D = N: the full-space value
+      True
     """
     st = _check_sampled(params, data, k, sigma, key, num_samples, microbatch_size,
                         sample_batch_size)
@@ -492,8 +592,28 @@ def delta1(
 ) -> jax.Array:
     """Pointwise criterion ``Delta_1(k+1) = |L_{k+1}(params) - L_k(params)|``.
 
-    Cost: ``k + 1`` per-sample forward passes (the mean identity). Its square is
-    the ``sigma -> 0`` limit of every ``Delta_2`` variant.
+    Cost: ``k + 1`` per-sample forward passes (the mean identity,
+    :func:`loss_increment`; all ``n`` samples of ``data`` without
+    microbatching). Its square is the ``sigma -> 0`` limit of every
+    ``Delta_2`` variant. One compiled program for every ``k``.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch)``, the mean loss over the batch's leading axis.
+      params: the point ``w*``.
+      data: ordered samples.
+      k: sample count, ``1 <= k < n``.
+      microbatch_size: chunk size over the samples.
+      check_mean: verify that ``loss_fn`` is a mean at ``params`` first.
+
+    Returns:
+      A non-negative scalar.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.landscape import delta1
+      >>> loss = lambda w, x: jnp.mean((x - w) ** 2)
+      >>> round(float(delta1(loss, 0.0, jnp.array([2.0, 1.0, 0.0]), 2)), 4)  # |5/3 - 5/2|
+      0.8333
     """
     from curvlib.landscape.coefficients import _loss_increment
 

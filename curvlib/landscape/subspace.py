@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -18,32 +19,86 @@ from curvlib.operators import hessian_matvec
 PyTree = Any
 
 
+# ------------------------------------------------------------ the operator
+
+
+def weighted_hessian_matvec(loss_fn: Callable, params: PyTree, data: PyTree, k, kind: str,
+                            microbatch_size: int | None, mode: str) -> Callable:
+    """``v -> H v`` for ``H`` the Hessian of ``sum_i w_i l_i`` (weights of ``kind`` at ``k``).
+
+    ``kind="mean"`` gives ``H^(k)``, the Hessian of ``L_k``. Without
+    microbatching the weighted loss over all of ``data`` goes to
+    :func:`curvlib.hessian_matvec` (``mode="linearize"`` by default: one
+    linearisation, then a tangent pass per product). With ``microbatch_size``
+    every product loops over the chunks holding the weighted samples
+    (``fwd-rev`` or ``rev-rev`` per chunk), so memory is one chunk's.
+    """
+    data = _common.chunkable(data, microbatch_size)
+    dt = _common.weight_dtype(params)
+    w = _common.sample_weights(_common.num_samples(data), k, kind, dt)
+    safe = _common.sample_at(data, k)
+    if microbatch_size is None:
+        obj = lambda p, x, w_, s: _common.weighted_loss(loss_fn, p, x, w_, s)
+        return hessian_matvec(obj, params, data, w, safe, mode=mode)
+    lo, hi = _common.sample_range(k, kind)
+
+    def matvec(v):
+        def chunk(xs, ws):
+            f = lambda p: _common.weighted_loss(loss_fn, p, xs, ws, safe)
+            if mode == "fwd-rev":
+                return jax.jvp(jax.grad(f), (params,), (v,))[1]
+            return jax.grad(lambda p: _tree.vdot(jax.grad(f)(p), v))(params)
+
+        init = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _tree.acc_dtype(p.dtype)), params)
+        out = _common.accumulate(chunk, init, data, w, microbatch_size, lo, hi)
+        return jax.tree.map(lambda o, p: o.astype(jnp.result_type(p)), out, params)
+
+    return matvec
+
+
+# ------------------------------------------------------------ the subspace
+
+
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "loss_fn", "k", "dim", "microbatch_size", "mode", "num_matvecs", "tol", "max_restarts",
-        "flatten",
-    ),
+    static_argnames=("loss_fn", "dim", "microbatch_size", "mode", "basis_size", "tol",
+                     "max_restarts", "flatten", "layout"),
 )
-def _subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, num_matvecs, tol,
-              max_restarts, flatten):
-    batch = _common.take(data, 0, k)
+def _subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, basis_size, tol,
+              max_restarts, flatten, layout=None):
     if not flatten:
-        matvec = hessian_matvec(loss_fn, params, batch, mode=mode, microbatch_size=microbatch_size)
-        v0 = _common.normal_like(key, params)
-        return eigsh(matvec, v0, dim, which="LA", num_matvecs=num_matvecs, tol=tol,
-                     max_restarts=max_restarts)
+        product = weighted_hessian_matvec(loss_fn, params, data, k, _common.MEAN,
+                                          microbatch_size, mode)
+        matvec = lambda v: _common.constrain(product(v), layout)
+        v0 = _common.constrain(_common.normal_like(key, params), layout)
+        res = eigsh(matvec, v0, dim, which="LA", num_matvecs=basis_size, tol=tol,
+                    max_restarts=max_restarts)
+        return res._replace(eigenvectors=_common.constrain(res.eigenvectors, layout, True))
     flat, unravel = ravel_pytree(params)
-    flat_loss = _flat_loss(loss_fn, unravel)
-    matvec = hessian_matvec(flat_loss, flat, batch, mode=mode, microbatch_size=microbatch_size)
+    flat_loss = lambda theta, batch: loss_fn(unravel(theta), batch)
+    matvec = weighted_hessian_matvec(flat_loss, flat, data, k, _common.MEAN, microbatch_size,
+                                     mode)
     v0 = jax.random.normal(key, flat.shape, flat.dtype)
-    res = eigsh(matvec, v0, dim, which="LA", num_matvecs=num_matvecs, tol=tol,
+    res = eigsh(matvec, v0, dim, which="LA", num_matvecs=basis_size, tol=tol,
                 max_restarts=max_restarts)
     return res._replace(eigenvectors=jax.vmap(unravel)(res.eigenvectors))
 
 
-def _flat_loss(loss_fn, unravel):
-    return lambda theta, batch: loss_fn(unravel(theta), batch)
+def _basis_size_argument(basis_size, num_matvecs, stacklevel: int = 3):
+    """``basis_size``, or the deprecated ``num_matvecs`` (the same quantity) with a warning."""
+    if num_matvecs is None:
+        return basis_size
+    warnings.warn(
+        "`num_matvecs` is deprecated here: it is the Krylov basis size, now called "
+        "`basis_size` (`num_matvecs` names an exact number of products elsewhere in curvlib).",
+        DeprecationWarning, stacklevel=stacklevel,
+    )
+    if basis_size is not None and basis_size != num_matvecs:
+        raise ValueError(
+            f"got `basis_size={basis_size!r}` and the deprecated `num_matvecs={num_matvecs!r}`; "
+            "pass `basis_size` only."
+        )
+    return num_matvecs
 
 
 def curvature_subspace(
@@ -56,53 +111,78 @@ def curvature_subspace(
     key: jax.Array,
     microbatch_size: int | None = None,
     mode: str | None = None,
-    num_matvecs: int | None = None,
+    basis_size: int | None = None,
     tol: float | None = None,
     max_restarts: int = 200,
     flatten: bool = False,
+    num_matvecs: int | None = None,
 ) -> EigshResult:
     """Top-``dim`` eigenpairs of ``H^(k)(params)``, the Hessian of ``L_k = loss_fn(., data[:k])``.
 
-    Thick-restart Lanczos (:func:`curvlib.eigsh`, ``which="LA"``) on Hessian-vector
-    products over the full first-``k`` samples, microbatched when asked: the
-    eigenvalues are *signed* and ordered algebraically, largest first, and the
-    eigenvectors orthonormal (a pytree shaped like ``params`` with a leading axis
-    ``dim``). This is the ``U_D`` of ``Delta_2^(D)``; nested subspaces are its
-    prefixes. The reference implementation's deflated power iteration estimates
-    ``||H v||`` (sign-blind, largest magnitude) with 20-30 products per vector; a
-    Krylov basis of ``~2 dim + 1`` vectors serves all ``dim`` at once.
+    Thick-restart Lanczos (:func:`curvlib.eigsh`, ``which="LA"``) on
+    Hessian-vector products of ``L_k``: the eigenvalues are *signed* and ordered
+    algebraically, largest first, and the eigenvectors orthonormal (a pytree
+    shaped like ``params`` with a leading axis ``dim``). This is the ``U_D`` of
+    ``Delta_2^(D)``; nested subspaces are its prefixes. Deflated power
+    iteration (the reference implementation of the criterion) estimates
+    ``||H v||`` (sign-blind, largest magnitude) with 20-30 products per vector;
+    one Krylov basis serves all ``dim`` vectors at once.
 
-    One compiled program (the whole restart loop is a ``lax.while_loop``).
-    Cost: ``num_matvecs + restarts * (num_matvecs - num_keep)`` products; memory
-    ``num_matvecs + 2`` parameter-sized vectors.
+    ``L_k = (1/k) sum_{i<k} l_i`` is a weighted sum of per-sample losses over
+    the fixed-size ``data`` with ``k`` as data: one compiled program serves
+    every ``k`` (a curve over ``k``, or ``k`` and ``k + 1``), and an eager
+    second call with the same ``loss_fn`` and shapes reuses it.
+
+    Cost: the products of :func:`curvlib.eigsh` (``basis_size`` plus
+    ``basis_size - keep`` per restart, fewer when it converges early); each
+    product evaluates all ``n`` samples of ``data``, or with
+    ``microbatch_size = m`` the ``ceil(k / m)`` chunks holding the first ``k``.
+    Memory: ``basis_size + 2`` parameter-sized vectors plus one product's
+    activations (one chunk's when microbatching).
 
     Args:
       loss_fn: ``loss_fn(params, batch)``, the mean loss over the batch's leading axis.
       params: the point ``w*`` (any pytree of float arrays).
-      data: ordered samples; the Hessian uses ``data[:k]``.
-      k: ``1 <= k`` and ``k + 1 <= n`` (the subspace is always built for an increment).
+      data: ordered samples (pytree, leading axis = sample order); the Hessian
+        uses ``data[:k]``.
+      k: sample count, ``1 <= k`` and ``k + 1 <= n`` (the subspace serves an increment).
       dim: number of eigenpairs ``D``, ``1 <= D < N``.
       key: PRNG key for Lanczos' start vector.
-      microbatch_size: chunk size for the Hessian products over ``k`` samples.
-      mode: Hessian product mode (see :func:`curvlib.hessian_matvec`).
-      num_matvecs: Lanczos basis size (default ``max(2 dim + 1, 20)`` capped at ``N``).
-      tol: relative residual tolerance (default ``sqrt(eps)``).
+      microbatch_size: chunk size ``m`` over the samples (bounds memory).
+      mode: Hessian product mode: ``"linearize"`` (default without
+        microbatching), ``"fwd-rev"`` (default with) or ``"rev-rev"``.
+      basis_size: Krylov basis size, ``D < basis_size <= N``; default
+        :func:`curvlib.eigsh`'s.
+      tol: relative residual tolerance (default :func:`curvlib.eigsh`'s, ``sqrt(eps)``).
       max_restarts: cap on thick restarts.
       flatten: run the eigensolver on the ravelled parameter vector (the
         eigenvectors are returned as a pytree all the same). The Krylov vector
         algebra is per leaf, and XLA's compile time grows with the number of
         leaves: for a small, unsharded model with tens of leaves ``True``
-        compiles about ten times faster. Leave ``False`` for sharded or large
+        compiles several times faster. Leave ``False`` for sharded or large
         models (ravelling gathers and copies every parameter); parameters
         with explicit sharding types (a mesh with ``AxisType.Explicit`` axes)
         cannot be ravelled at all.
+      num_matvecs: deprecated name of ``basis_size``.
 
     Returns:
       :class:`curvlib.EigshResult`; check ``converged``.
 
     Raises:
-      ValueError: ``k < 1``, ``k + 1 > n``, ``dim >= N``, a missing key, or
-        ``flatten=True`` with explicitly sharded ``params``.
+      ValueError: ``k < 1``, ``k + 1 > n``, ``dim >= N``, a basis size outside
+        ``(D, N]``, a missing key, or ``flatten=True`` with explicitly sharded
+        ``params``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from curvlib.landscape import curvature_subspace
+      >>> loss = lambda w, x: 0.5 * jnp.mean((x @ w) ** 2)  # H^(k) = X_k^T X_k / k
+      >>> x = jnp.array([[3.0, 0, 0], [0, 2.0, 0], [0, 0, 1.0], [1.0, 1.0, 1.0]])
+      >>> sub = curvature_subspace(loss, jnp.zeros(3), x, 3, 2, key=jax.random.PRNGKey(0))
+      >>> [round(v, 4) for v in sub.eigenvalues.tolist()], bool(sub.converged)  # 9/3, 4/3
+      ([3.0, 1.3333], True)
+      >>> sub.eigenvectors.shape
+      (2, 3)
     """
     k = _common.check_k(k, data)
     _tree.check_float_tree(params, "params")
@@ -116,26 +196,106 @@ def curvature_subspace(
                     "`flatten=False` on a mesh with AxisType.Explicit axes."
                 )
     dim = _common.check_dim(dim, params)
+    basis_size = _common.check_basis_size(
+        _basis_size_argument(basis_size, num_matvecs), dim, params)
     _common.check_key(key)
     mb = _common.check_microbatch(microbatch_size)
-    return _subspace(loss_fn, params, data, k, dim, key, mb, mode, num_matvecs, tol,
-                     int(max_restarts), bool(flatten))
+    mode = _common.check_mode(mode, mb)
+    return _subspace(loss_fn, params, data, k, dim, key, mb, mode, basis_size,
+                     None if tol is None else float(tol), int(max_restarts), bool(flatten),
+                     None if flatten else _common.param_layout(params))
+
+
+# ------------------------------------------------------------ principal angles
+
+
+def _tsqr_r(R: PyTree) -> jax.Array:
+    """The ``q x q`` triangular factor of ``R^T = Q T`` for a basis ``R`` (``q`` vectors).
+
+    Tall-skinny QR over the leaves: each leaf's ``(n_leaf, q)`` block is
+    reduced by a Householder QR to its triangular factor, and the stacked
+    factors are reduced once more. Backward stable like one QR of the
+    ravelled ``N x q`` matrix, without ravelling the model.
+    """
+    q = _tree.basis_size(R)
+    blocks = []
+    for x in jax.tree.leaves(R):
+        a = x.reshape(q, -1).T
+        blocks.append(jnp.linalg.qr(a, mode="r") if a.shape[0] > q else a)
+    stacked = jnp.concatenate(blocks, axis=0)
+    return jnp.linalg.qr(stacked, mode="r")[:q]
+
+
+@jax.jit
+def _principal_angles(U, V):
+    p, q = _tree.basis_size(U), _tree.basis_size(V)
+    G = _tree.basis_gram(U, V)  # (p, q): cosines as singular values
+    # residual of V's vectors after projecting out span(U), twice (the second
+    # pass removes what rounding left along U when the residual is tiny)
+    R = _tree.basis_matmul(jnp.eye(q, dtype=G.dtype), V)
+    for _ in range(2):
+        C = _tree.basis_gram(U, R)  # (p, q)
+        R = jax.tree.map(lambda r, u: r - jnp.tensordot(C.T.astype(u.dtype), u, axes=1), R, U)
+    m = min(p, q)
+    cos = jnp.linalg.svd(G, compute_uv=False)[:m]  # descending
+    sin = jnp.sort(jnp.linalg.svd(_tsqr_r(R), compute_uv=False))[:m]  # ascending
+    # angle i (ascending) has the i-th largest cosine and the i-th smallest sine;
+    # atan2 takes each from the one that determines it well
+    return jnp.arctan2(jnp.clip(sin, 0.0, 1.0), jnp.clip(cos, 0.0, 1.0))
 
 
 def principal_angles(U: PyTree, V: PyTree) -> jax.Array:
     """Principal angles (radians, ascending) between ``span(U)`` and ``span(V)``.
 
-    ``U`` and ``V`` are orthonormal bases (pytrees with leading axes ``p`` and
-    ``q``); the cosines are the singular values of the Gram matrix ``U V^T``
-    (Björck & Golub 1973). ``min(p, q)`` angles; 0 means a shared direction and
-    ``pi/2`` an orthogonal one.
+    ``U`` and ``V`` are orthonormal bases: pytrees with leading axes ``p`` and
+    ``q`` (e.g. two ``curvature_subspace(...).eigenvectors``); there are
+    ``min(p, q)`` angles, 0 for a shared direction and ``pi/2`` for an
+    orthogonal one.
+
+    The cosines are the singular values of the Gram matrix ``U V^T`` and the
+    sines those of the residual ``(I - U^T U) V^T`` (Björck & Golub 1973);
+    each angle is ``atan2(sin, cos)``. The cosine alone loses small angles:
+    ``cos(1e-4) = 1 - 5e-9`` is 1 in float32, so ``arccos`` returns 0 (or
+    ``~3e-4`` after rounding) where the sine form keeps them to about ``eps``
+    absolute. The residual's singular values come from a tall-skinny QR over
+    the leaves (no ravelling of the model).
+
+    Cost: ``O((p + q) q N)`` for the Gram matrices and the two projections,
+    ``O(q^2 N)`` for the QR; memory ``q`` parameter-sized vectors.
+
+    Args:
+      U: orthonormal basis, leading axis ``p``.
+      V: orthonormal basis of the same structure, leading axis ``q``.
+
+    Returns:
+      ``(min(p, q),)`` angles in ``[0, pi/2]``, ascending.
+
+    References:
+      Å. Björck and G. H. Golub, *Numerical methods for computing angles
+      between linear subspaces*, Math. Comp. 1973.
+      A. V. Knyazev and M. E. Argentati, *Principal angles between subspaces
+      in an A-based scalar product*, SIAM J. Sci. Comput. 2002.
 
     Examples:
       >>> import jax.numpy as jnp
+      >>> from curvlib.landscape import principal_angles
       >>> U = jnp.eye(3)[:2]; V = jnp.eye(3)[1:]
       >>> [round(float(t), 4) for t in principal_angles(U, V)]
       [0.0, 1.5708]
+      >>> t = 1e-4  # a small angle survives in float32
+      >>> V = jnp.array([[1.0, 0.0, 0.0], [0.0, jnp.cos(t), jnp.sin(t)]], jnp.float32)
+      >>> round(float(principal_angles(U, V)[-1]) / t, 4)  # arccos of the cosine gives 0
+      1.0
     """
-    G = _tree.basis_gram(U, V)
-    s = jnp.linalg.svd(G, compute_uv=False)
-    return jnp.sort(jnp.arccos(jnp.clip(s, -1.0, 1.0)))
+    if jax.tree.structure(U) != jax.tree.structure(V):
+        raise ValueError(
+            f"`U` and `V` must have the same pytree structure; got {jax.tree.structure(U)} and "
+            f"{jax.tree.structure(V)}."
+        )
+    for i, (u, v) in enumerate(zip(jax.tree.leaves(U), jax.tree.leaves(V), strict=True)):
+        if jnp.ndim(u) < 1 or jnp.shape(u)[1:] != jnp.shape(v)[1:]:
+            raise ValueError(
+                "`U` and `V` must be bases of the same vectors (a leading basis axis, then "
+                f"matching shapes); leaf {i} has shapes {jnp.shape(u)} and {jnp.shape(v)}."
+            )
+    return _principal_angles(U, V)
