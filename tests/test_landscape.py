@@ -168,7 +168,7 @@ def test_coefficients_with_ritz_values_skip_the_k_sample_products(lsq):
     w = _unflat(theta)
     # loose tolerance and a tiny basis: Ritz pairs, not eigenpairs
     sub = ls.curvature_subspace(ls_loss, w, (x, y), k, D, key=jax.random.PRNGKey(0),
-                                basis_size=D + 1, tol=0.5, max_restarts=0)
+                                basis_size=D + 2, tol=0.5, max_restarts=0)
     E = sub.eigenvectors
     U = np.concatenate([np.asarray(E["w"]), np.asarray(E["b"])[:, None]], axis=1)
     _, _, B = np_coefficients(theta, np.asarray(x), np.asarray(y), k, U)
@@ -778,9 +778,9 @@ def test_bad_input_raises_clear_errors(lsq):
     with pytest.raises(ValueError, match=r"`dim` = 6 \(the subspace dimension D\) must be "
                                          r"smaller than the parameter count N = 6"):
         ls.curvature_subspace(ls_loss, w, (x, y), 5, 6, key=key)
-    with pytest.raises(ValueError, match=r"`basis_size` = 3 must satisfy D < basis_size <= N"
-                                         r".* D = 3 wanted eigenvectors .* N = 6 parameters"):
-        ls.curvature_subspace(ls_loss, w, (x, y), 5, 3, key=key, basis_size=3)
+    with pytest.raises(ValueError, match=r"`basis_size` = 4 must satisfy D \+ 2 <= basis_size <= N"
+                                         r".* D = 3 wanted eigenvectors.* N = 6 parameters"):
+        ls.curvature_subspace(ls_loss, w, (x, y), 5, 3, key=key, basis_size=4)
     with pytest.raises(ValueError, match=r"`basis_size` = 7 must satisfy"):
         ls.curvature_subspace(ls_loss, w, (x, y), 5, 3, key=key, basis_size=7)
     with pytest.raises(ValueError, match=r"`mode='linearize'` stores every microbatch"):

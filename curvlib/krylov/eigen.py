@@ -256,7 +256,8 @@ def _update(cfg: _Cfg, s: _State, product) -> _State:
     # (a basis of dim rows spans the space: the last remainders are zero, no restart needed)
     full = ~_band.has_room(band) & (band.nbas < cfg.dim)
     last = count >= s.max_matvecs  # the final answer is read from this step's test
-    due = full | last | ((since % cfg.check_every == 0) & (jnp.sum(band.mult) > k))
+    spans = jnp.sum(band.mult) >= cfg.dim  # every row of a full-space basis multiplied
+    due = full | last | spans | ((since % cfg.check_every == 0) & (jnp.sum(band.mult) > k))
     s_now = s._replace(since=since, fresh=s.fresh + 1)
     ev = jax.lax.cond(due, lambda b: _evaluate(cfg, s_now, b), lambda b: _no_eval(cfg, s_now, b),
                       band)
@@ -281,8 +282,10 @@ def _update(cfg: _Cfg, s: _State, product) -> _State:
     to_inject = jnp.where(new_round, ev.n_inject, s.to_inject)
     _, some = _band.next_row(band)
     want = (to_inject > 0) | ~some
-    # (a fresh row must leave a free row for the remainder of the next product)
-    band = _band.inject(band, zq, want & z_ok & (band.nbas < cfg.m - 1))
+    # (a fresh row must leave a free row for the remainder of the next product, unless the
+    # basis can span the whole space: then the last row's remainder is zero)
+    room = (band.nbas < cfg.m - 1) if cfg.m < cfg.dim else jnp.asarray(True)
+    band = _band.inject(band, zq, want & z_ok & room)
     used_z = want & z_ok
     # a used (or unusable) direction is replaced by a new draw; no draw otherwise
     redraw = want

@@ -121,7 +121,7 @@ def check_dim(dim, params: PyTree, name: str = "dim") -> int:
 
 
 def check_basis_size(basis_size, dim: int, params: PyTree) -> int | None:
-    """Validate a Krylov basis size for ``dim`` wanted eigenvectors: ``D < basis_size <= N``."""
+    """Validate a Krylov basis size for ``dim`` wanted eigenvectors: ``D + 2 <= basis_size <= N``."""
     if basis_size is None:
         return None
     n = _tree.size(params)
@@ -129,11 +129,11 @@ def check_basis_size(basis_size, dim: int, params: PyTree) -> int | None:
         raise ValueError(
             f"`basis_size` (the Krylov basis size) must be an int; got {basis_size!r}."
         )
-    if not dim < basis_size <= n:
+    if not min(dim + 2, n) <= basis_size <= n:
         raise ValueError(
-            f"`basis_size` = {basis_size} must satisfy D < basis_size <= N: the Krylov basis "
-            f"holds more vectors than the D = {dim} wanted eigenvectors and at most as many as "
-            f"the N = {n} parameters."
+            f"`basis_size` = {basis_size} must satisfy D + 2 <= basis_size <= N (or = N): the "
+            f"Krylov basis holds the D = {dim} wanted eigenvectors, a guard and a remainder, "
+            f"and at most as many vectors as the N = {n} parameters."
         )
     return int(basis_size)
 

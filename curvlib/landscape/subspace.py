@@ -71,7 +71,7 @@ def _subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, basis_s
                                           microbatch_size, mode)
         matvec = lambda v: _common.constrain(product(v), layout)
         v0 = _common.constrain(_common.normal_like(key, params), layout)
-        res = eigsh(matvec, v0, dim, which="LA", num_matvecs=basis_size, tol=tol,
+        res = eigsh(matvec, v0, dim, which="LA", basis_size=basis_size, tol=tol,
                     max_restarts=max_restarts)
         return res._replace(eigenvectors=_common.constrain(res.eigenvectors, layout, True))
     flat, unravel = ravel_pytree(params)
@@ -79,7 +79,7 @@ def _subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, basis_s
     matvec = weighted_hessian_matvec(flat_loss, flat, data, k, _common.MEAN, microbatch_size,
                                      mode)
     v0 = jax.random.normal(key, flat.shape, flat.dtype)
-    res = eigsh(matvec, v0, dim, which="LA", num_matvecs=basis_size, tol=tol,
+    res = eigsh(matvec, v0, dim, which="LA", basis_size=basis_size, tol=tol,
                 max_restarts=max_restarts)
     return res._replace(eigenvectors=jax.vmap(unravel)(res.eigenvectors))
 
@@ -151,7 +151,7 @@ def curvature_subspace(
       microbatch_size: chunk size ``m`` over the samples (bounds memory).
       mode: Hessian product mode: ``"linearize"`` (default without
         microbatching), ``"fwd-rev"`` (default with) or ``"rev-rev"``.
-      basis_size: Krylov basis size, ``D < basis_size <= N``; default
+      basis_size: Krylov basis size, ``D + 2 <= basis_size <= N``; default
         :func:`curvlib.eigsh`'s.
       tol: relative residual tolerance (default :func:`curvlib.eigsh`'s, ``sqrt(eps)``).
       max_restarts: cap on thick restarts.

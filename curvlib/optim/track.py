@@ -65,6 +65,9 @@ class TrackCurvatureInfo(NamedTuple):
       num_matvecs: Hessian-vector products spent by the last refresh (eigsh
         plus trace probes).
       eigsh_matvecs: the eigsh part of ``num_matvecs``.
+      verification_matvecs: the part of ``eigsh_matvecs`` spent verifying
+        that no copy of a repeated eigenvalue was missed (fresh random blocks:
+        a warm start does not shorten it).
       converged: whether eigsh met its tolerance at the last refresh.
       num_refreshes: successful refreshes so far.
       skipped: ``True`` if the most recent refresh met a non-finite loss,
@@ -82,6 +85,7 @@ class TrackCurvatureInfo(NamedTuple):
     loss: jax.Array
     num_matvecs: jax.Array
     eigsh_matvecs: jax.Array
+    verification_matvecs: jax.Array
     converged: jax.Array
     num_refreshes: jax.Array
     skipped: jax.Array
@@ -120,6 +124,7 @@ def _empty_info(k: int, dt) -> TrackCurvatureInfo:
         loss=nan,
         num_matvecs=jnp.asarray(0, jnp.int32),
         eigsh_matvecs=jnp.asarray(0, jnp.int32),
+        verification_matvecs=jnp.asarray(0, jnp.int32),
         converged=jnp.asarray(False),
         num_refreshes=jnp.asarray(0, jnp.int32),
         skipped=jnp.asarray(False),
@@ -272,6 +277,7 @@ def _measure(loss, params, extra_args, state: TrackCurvatureState, cfg: _Config)
             loss=jnp.asarray(loss_value).astype(dt),
             num_matvecs=(res.num_matvecs + cfg.num_probes).astype(jnp.int32),
             eigsh_matvecs=res.num_matvecs.astype(jnp.int32),
+            verification_matvecs=res.verification_matvecs.astype(jnp.int32),
             converged=res.converged,
             num_refreshes=old.num_refreshes + 1,
             skipped=jnp.asarray(False),
