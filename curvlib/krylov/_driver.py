@@ -66,16 +66,66 @@ def drive(request, update, running, cfg, matvec, state):
     return run(request, update, running, cfg, matvec, state)
 
 
-def while_loop(cond, body, init, *, host: bool):
+class Slot:
+    """The one product call site of a loop body, swappable by :func:`while_loop`.
+
+    A body calls ``slot(v)`` where it would call ``matvec(v)``; on the host
+    path :func:`while_loop` traces the body twice, once with a slot that
+    records ``v`` and once with one that returns the product computed outside.
+    """
+
+    def __init__(self, matvec: Callable):
+        self.matvec = matvec
+        self._fn = matvec
+
+    def __call__(self, v):
+        return self._fn(v)
+
+    def _trace_with(self, fn, body, s):
+        self._fn = fn
+        try:
+            return body(s)
+        finally:
+            self._fn = self.matvec
+
+
+def while_loop(cond, body, init, *, host: bool, slot: Slot | None = None):
     """``lax.while_loop``, or for a host-driven operator the same loop run from Python.
 
-    For algorithms written as one loop body (CG, power iteration): with a
-    host-driven product the body cannot be traced, so it runs eagerly, its
-    vector algebra dispatched op by op (each op compiled once and cached).
+    For algorithms written as one loop body (CG, power iteration) whose product
+    goes through ``slot``: with a host-driven product the body cannot be traced
+    whole, so each iteration is split at the product into two jitted programs,
+    the part that names the vector (the body traced with a recording slot; the
+    rest is dead code) and the whole body given the product. Both close over
+    the call's constants, so they compile once per call; the work between two
+    products is never dispatched op by op. Without a slot the body runs
+    eagerly.
     """
     if not host:
         return jax.lax.while_loop(cond, body, init)
     state = init
-    while bool(cond(state)):
-        state = body(state)
+    if slot is None:
+        while bool(cond(state)):
+            state = body(state)
+        return state
+
+    def request(s):
+        seen = []
+
+        def record(v):
+            seen.append(v)
+            return jax.tree.map(jax.numpy.zeros_like, v)
+
+        slot._trace_with(record, body, s)
+        if len(seen) != 1:
+            raise RuntimeError(f"a loop body must call its product once; it called it {len(seen)}"
+                               " times.")
+        return seen[0]
+
+    def update(s, w):
+        return slot._trace_with(lambda v: w, body, s)
+
+    req, upd, more = jax.jit(request), jax.jit(update), jax.jit(cond)
+    while bool(more(state)):
+        state = upd(state, slot.matvec(req(state)))
     return state

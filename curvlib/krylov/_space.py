@@ -150,7 +150,10 @@ class Space:
             u1 = _uniform(idx, seed, counter, jnp.uint32(0x68E31DA4))
             u2 = _uniform(idx, seed, counter, jnp.uint32(0xB5297A4D))
             r = jnp.sqrt(-2.0 * jnp.log(u1))
-            return (r * jnp.cos(2.0 * np.pi * u2)).astype(jnp.result_type(x))
+            out = (r * jnp.cos(2.0 * np.pi * u2)).astype(jnp.result_type(x))
+            # iota is replicated: on an Explicit mesh the draw takes the leaf's sharding type
+            s = _tree.explicit_sharding(x)
+            return out if s is None else _tree._like(out, s, out.ndim)
 
         if self.layout == "identity":
             leaves = self.treedef.flatten_up_to(self.like)

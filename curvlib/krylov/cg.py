@@ -104,7 +104,7 @@ def _check_max_steps(max_steps, n: int):
     return min(static_int(max_steps, "max_steps", minimum=1), _MAX_STEPS_CAP)
 
 
-def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False):
+def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False, slot=None):
     """CG on ``op x = rhs`` with every product at one call site; returns ``(x, aux)``.
 
     One ``lax.while_loop`` whose body applies ``op`` once, to the vector its phase
@@ -186,7 +186,7 @@ def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False):
             negdir=_tree.where(negcurv, p, s.negdir), finite=finite,
         )
 
-    s = _driver.while_loop(cond, body, init, host=host)
+    s = _driver.while_loop(cond, body, init, host=host, slot=slot)
     converged = s.finite & (s.rnorm <= tol)
     aux = (s.step, s.num_matvecs, s.rnorm, converged, s.negcurv, s.negdir, s.finite)
     return s.x, aux
@@ -324,8 +324,10 @@ def cg(
     precond = preconditioner if preconditioner is not None else (lambda v: v)
     acc = jnp.promote_types(_tree.dtype(b), jnp.float32)
 
+    slot = _driver.Slot(matvec)
+
     def op(v):
-        out = matvec(v)
+        out = slot(v)
         # checked here, at the operator's first (abstract) trace: no extra trace of it
         _tree.check_same_structure(b, out, "b", "matvec(b)")
         return jax.tree.map(lambda a, x: (a + damping * x).astype(x.dtype), _cast_like(out, v), v)
@@ -336,7 +338,7 @@ def cg(
 
     if _driver.is_host_driven(matvec):  # streamed data: a host loop, no derivative rule
         x, aux = _cg_solve(op, b, x0=x0, precond=precond, rtol=rtol, atol=atol,
-                           max_steps=max_steps, acc=acc, host=True)
+                           max_steps=max_steps, acc=acc, host=True, slot=slot)
     else:
         x, aux = jax.lax.custom_linear_solve(op, b, solve, symmetric=True, has_aux=True)
     step, nmv, rnorm, converged, negcurv, negdir, finite = jax.lax.stop_gradient(aux)

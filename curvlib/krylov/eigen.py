@@ -66,8 +66,8 @@ class EigshResult(NamedTuple):
     num_restarts: jax.Array
     converged: jax.Array
     finite: jax.Array
-    num_verifications: jax.Array
-    verification_matvecs: jax.Array
+    num_verifications: jax.Array = 0  # (defaults: results built by hand, e.g. given eigenpairs)
+    verification_matvecs: jax.Array = 0
 
 
 class _Cfg(NamedTuple):

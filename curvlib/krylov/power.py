@@ -207,8 +207,10 @@ def power_iteration(
     X = _tree.basis_zeros(v0, k)
     x, ok = _start(X, 0, v0, key, acc)
 
+    slot = _driver.Slot(matvec)
+
     def product(x):
-        out = matvec(x)
+        out = slot(x)
         # checked at the operator's (only) trace: no separate shape-checking trace
         _tree.check_same_structure(v0, out, "v0", "matvec(v0)")
         return jax.tree.map(lambda a, b: jnp.asarray(a).astype(b.dtype), out, x)
@@ -255,7 +257,7 @@ def power_iteration(
         i=jnp.zeros((), jnp.int32), x=x, it=jnp.zeros((), jnp.int32),
         total=jnp.zeros((), jnp.int32), started=ok, finite=finite0,
     )
-    s = _driver.while_loop(cond, body, init, host=_driver.is_host_driven(matvec))
+    s = _driver.while_loop(cond, body, init, host=_driver.is_host_driven(matvec), slot=slot)
     found = jnp.arange(k) < s.i
     X, thetas, res, conv = s.X, s.thetas, s.res, s.conv
     if k > 1:
