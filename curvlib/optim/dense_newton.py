@@ -344,10 +344,12 @@ def newton(
     :func:`optax.lbfgs` (:func:`optax.value_and_grad_from_state`) works
     unchanged. ``linesearch=None`` gives the pure (modified) Newton iteration.
 
+    The arguments ``damping``, ``min_eigenvalue``, ``eigenvalue_rtol``,
+    ``modification``, ``max_params``, ``ggn`` and ``hvp_mode`` are those of
+    :func:`scale_by_newton`.
+
     Args:
       learning_rate: optional scale or schedule; ``None`` means 1.
-      damping, min_eigenvalue, eigenvalue_rtol, modification, max_params, ggn,
-      hvp_mode: see :func:`scale_by_newton`.
       has_aux: ``value_fn`` returns ``(loss, aux)``.
       linesearch: an optax line search, ``None``, or the default.
 
