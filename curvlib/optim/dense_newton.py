@@ -81,7 +81,12 @@ class NewtonInfo(NamedTuple):
 
 
 class ScaleByNewtonState(NamedTuple):
-    """State of :func:`scale_by_newton`: a step counter and :class:`NewtonInfo`."""
+    """State of :func:`scale_by_newton`: a step counter and :class:`NewtonInfo`.
+
+    Attributes:
+      count: steps taken.
+      info: the :class:`NewtonInfo` diagnostics of the last step.
+    """
 
     count: jax.Array
     info: NewtonInfo
