@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 
+import _pytest.doctest as _pytest_doctest
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -152,12 +153,14 @@ def test_every_public_function_has_an_example_with_its_imports():
 
 
 @pytest.mark.parametrize("module_name", doctest_modules())
-def test_examples_run(module_name):
+def test_examples_run(module_name, request):
     module = importlib.import_module(module_name)
     # empty globals: every example imports what it uses
     finder = doctest.DocTestFinder(exclude_empty=True)
-    runner = doctest.DocTestRunner(
-        optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    # the flags pyproject.toml sets for doctests (NORMALIZE_WHITESPACE, ELLIPSIS and pytest's
+    # NUMBER: a float matches to the digits written, so float32 prints like float64)
+    runner = doctest.DocTestRunner(checker=_pytest_doctest._get_checker(),
+                                   optionflags=_pytest_doctest.get_optionflags(request.config))
     tests = [t for t in finder.find(module, module_name, globs={}) if t.examples]
     for test in tests:
         runner.run(test)
