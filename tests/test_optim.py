@@ -708,26 +708,3 @@ def test_multisteps_rho_compares_the_last_batch_with_its_own_model():
     info = s.inner_opt_state[0].info
     np.testing.assert_allclose(ravel_pytree(u)[0], -p, rtol=1e-7)
     np.testing.assert_allclose(info.rho, rho, rtol=1e-6)
-
-
-# --------------------------------------------------------------- documentation
-
-
-def test_every_public_function_in_optim_has_a_runnable_example():
-    import doctest
-    import importlib
-    import inspect
-
-    names = ["hessian_free", "dense_newton", "quasi_newton", "variance_reduced", "track",
-             "report"]
-    missing = []
-    for name in names:
-        module = importlib.import_module(f"curvlib.optim.{name}")
-        for fname, fn in inspect.getmembers(module, inspect.isfunction):
-            if fn.__module__ == module.__name__ and not fname.startswith("_"):
-                if "Examples:" not in (fn.__doc__ or "") or ">>> " not in fn.__doc__:
-                    missing.append(f"{name}.{fname}")
-        flags = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
-        result = doctest.testmod(module, optionflags=flags)
-        assert result.attempted > 0 and result.failed == 0, name
-    assert not missing, missing

@@ -167,7 +167,30 @@ def parse_config(argv=None, parser: argparse.ArgumentParser | None = None):
 
 
 def main(argv=None) -> dict:
-    """Run the demo; returns the report dict."""
+    """Run the demo; returns the report dict.
+
+    Args:
+      argv: the command line (without the program name); ``None`` reads
+        ``sys.argv``. ``main(["--help"])`` lists every option with its default.
+
+    Returns:
+      The report (the dict the JSON file holds).
+
+    Examples:
+      >>> from curvlib.demo import main
+      >>> report = main(["--quick", "--out", "demo_output"])  # doctest: +SKIP
+
+      Every option is checked before any work starts:
+
+      >>> import contextlib, io
+      >>> err = io.StringIO()
+      >>> with contextlib.redirect_stderr(err):
+      ...     main(["--num-sigmas", "0"])
+      Traceback (most recent call last):
+      SystemExit: 2
+      >>> print(err.getvalue().splitlines()[-1])
+      python -m curvlib.demo: error: ...--num-sigmas... got 0.
+    """
     a, cfg = parse_config(argv)
     if not a.no_compilation_cache:
         enable_compilation_cache(a.compilation_cache_dir)

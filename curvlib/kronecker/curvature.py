@@ -75,8 +75,12 @@ INVERSES = METHODS + ("ekfac",)
 class Factors(NamedTuple):
     """Per-layer Kronecker factors and per-leaf diagonal blocks.
 
-    ``A[i]``: ``(a_dim, a_dim)`` (a vector ``(vocab,)`` for an embedding);
-    ``G[i]``: ``(d_out, d_out)``; ``D[j]``: shaped like the ``j``-th diagonal leaf.
+    Attributes:
+      A: per layer, the input factor: ``(a_dim, a_dim)`` (a vector ``(vocab,)``
+        for an embedding).
+      G: per layer, the output-gradient factor: ``(d_out, d_out)``.
+      D: per diagonal leaf, its diagonal block, shaped like the ``j``-th
+        diagonal leaf.
     """
 
     A: tuple
@@ -477,6 +481,16 @@ class KfacCurvature:
       layers: the :class:`~curvlib.kronecker.KfacLayers` structure.
       matvec: ``v -> C v`` (a :class:`jax.tree_util.Partial`), ``v`` shaped like
         the parameters. Cost: two matrix products per layer.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from curvlib.kronecker import kfac_curvature
+      >>> model = lambda p, x: x @ p["w"]
+      >>> C = kfac_curvature(model, {"w": jnp.zeros((2, 1))}, jnp.eye(2), likelihood="gaussian")
+      >>> C.layers, C.factors.A[0].tolist(), C.factors.G[0].tolist()  # A = x^T x / n, G = I
+      (KfacLayers(1 dense; 0 diagonal leaves), [[0.5, 0.0], [0.0, 0.5]], [[1.0]])
+      >>> jax.jit(lambda C, v: C.matvec(v))(C, {"w": jnp.ones((2, 1))})["w"].tolist()
+      [[0.5], [0.5]]
     """
 
     def __init__(self, factors: Factors, layers: KfacLayers, shardings=None):

@@ -194,7 +194,14 @@ class Layer(NamedTuple):
 
 
 class Fallback(NamedTuple):
-    """A parameter leaf that gets a diagonal block, and why."""
+    """A parameter leaf that gets a diagonal block, and why.
+
+    Attributes:
+      leaf: the leaf's index in the flattened parameters.
+      path: the leaf's pytree path, e.g. ``"['scale']"``.
+      shape: the leaf's shape.
+      reason: why no Kronecker factor applies, e.g. ``"enters `mul`"``.
+    """
 
     leaf: int
     path: str
@@ -216,6 +223,19 @@ class KfacLayers:
       treedef: the parameters' tree structure.
       shapes: the parameter leaves' shapes.
       num_examples: batch size of the traced call.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.kronecker import find_layers
+      >>> model = lambda p, x: jnp.tanh(x @ p["w"] + p["b"]) * p["s"]
+      >>> p = {"w": jnp.ones((3, 2)), "b": jnp.ones(2), "s": jnp.ones(2)}
+      >>> found = find_layers(model, p, jnp.ones((4, 3)))
+      >>> found
+      KfacLayers(1 dense; 1 diagonal leaves)
+      >>> found.factor_shapes()  # A is (3 + 1) x (3 + 1) with the bias; s is diagonal
+      ((((4, 4), (2, 2)),), ((2,),))
+      >>> found == find_layers(model, p, jnp.zeros((4, 3)))  # the same model trace
+      True
     """
 
     def __init__(self, program, layers, diagonal, treedef, shapes, dtypes, paths, out_aval,

@@ -220,7 +220,8 @@ def scale_by_kfac(
       damping_every: steps between damping adaptations.
       damping_decay: per-step factor ``omega_1``; ``lambda`` moves by
         ``damping_decay ** damping_every`` per adaptation.
-      min_damping, max_damping: clip of the adapted ``lambda``.
+      min_damping: lower clip of the adapted ``lambda``.
+      max_damping: upper clip of the adapted ``lambda``.
       ema_decay: decay ``beta`` of the factor averages, in ``[0, 1)``.
       statistics_every: steps between factor statistics.
       inverse_every: steps between eigendecompositions.

@@ -293,6 +293,7 @@ def cg(
 
     Examples:
       >>> import jax, jax.numpy as jnp
+      >>> from curvlib import cg
       >>> A = jnp.array([[4.0, 1.0], [1.0, 3.0]])
       >>> x = cg(lambda v: A @ v, jnp.array([1.0, 2.0]), rtol=1e-6).x
       >>> [round(float(xi), 4) for xi in x]

@@ -83,6 +83,7 @@ def check_symmetric(
 
     Examples:
       >>> import jax, jax.numpy as jnp
+      >>> from curvlib import check_symmetric
       >>> A = jnp.array([[2.0, 1.0], [0.0, 3.0]])
       >>> chk = check_symmetric(lambda v: A @ v, jnp.zeros(2), jax.random.PRNGKey(0))
       >>> bool(chk.symmetric)

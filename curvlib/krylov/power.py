@@ -166,6 +166,7 @@ def power_iteration(
 
     Examples:
       >>> import jax, jax.numpy as jnp
+      >>> from curvlib import power_iteration
       >>> A = jnp.diag(jnp.array([-3.0, 2.0, 1.0, 0.5]))
       >>> res = power_iteration(lambda v: A @ v, jnp.ones(4), k=2, num_iters=500, tol=1e-5)
       >>> res.eigenvalues.round(4).tolist()  # signed, by magnitude

@@ -282,6 +282,7 @@ def hutchinson_trace(
 
     Examples:
       >>> import jax, jax.numpy as jnp
+      >>> from curvlib import hutchinson_trace
       >>> d = jnp.linspace(0.0, 2.0, 100)  # tr = 100
       >>> key = jax.random.PRNGKey(0)
       >>> est = hutchinson_trace(lambda v: d * v, jnp.zeros(100), key, 30)  # Hutch++
@@ -437,6 +438,7 @@ def hutchinson_diag(
 
     Examples:
       >>> import jax, jax.numpy as jnp
+      >>> from curvlib import hutchinson_diag
       >>> A = jnp.array([[2.0, 1.0], [1.0, 3.0]])
       >>> est = hutchinson_diag(lambda v: A @ v, jnp.zeros(2), jax.random.PRNGKey(0), 2000)
       >>> bool(jnp.all(jnp.abs(est.estimate - jnp.diag(A)) < 4 * est.stderr))

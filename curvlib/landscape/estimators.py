@@ -103,7 +103,9 @@ def delta2_closed_form_terms(a, c, B, sigma) -> ClosedFormTerms:
     by eager calls) for every ``sigma`` grid of a given length.
 
     Args:
-      a, c, B: coefficients from :func:`increment_coefficients`.
+      a: scalar ``L_{k+1}(w*) - L_k(w*)`` (from :func:`increment_coefficients`).
+      c: ``(D,)`` projected gradient increment.
+      B: ``(D, D)`` projected, symmetrised Hessian increment.
       sigma: scalar or 1-D grid (> 0).
 
     Returns:
@@ -203,7 +205,9 @@ def delta2_bound(k, sigma, dim, max_loss, max_grad, max_hess) -> jax.Array:
       k: sample count (scalar or array).
       sigma: scalar or grid.
       dim: subspace dimension ``D``.
-      max_loss, max_grad, max_hess: ``M_l``, ``M_g``, ``M_H``.
+      max_loss: ``M_l`` (bounds ``|l_i(w*)|``).
+      max_grad: ``M_g`` (bounds the gradient increment, see above).
+      max_hess: ``M_H`` (bounds ``||H_i(w*)||_2``).
 
     Returns:
       The bound, broadcast over ``k`` and ``sigma``.
@@ -318,7 +322,9 @@ def delta2_quadratic_mc(
     for the whole ``sigma`` grid; cost ``O(S D^2)``.
 
     Args:
-      a, c, B: coefficients from :func:`increment_coefficients`.
+      a: scalar ``L_{k+1}(w*) - L_k(w*)`` (from :func:`increment_coefficients`).
+      c: ``(D,)`` projected gradient increment.
+      B: ``(D, D)`` projected, symmetrised Hessian increment.
       sigma: scalar or 1-D grid (> 0).
       key: PRNG key.
       num_samples: independent draws ``S`` (antithetic pairs when ``antithetic``).
@@ -543,7 +549,10 @@ def delta2_full_mc(
     buffer). Cost as :func:`delta2_direct_mc`.
 
     Args:
-      loss_fn, params, data, k: as :func:`delta2_direct_mc`.
+      loss_fn: as :func:`delta2_direct_mc`.
+      params: as :func:`delta2_direct_mc`.
+      data: as :func:`delta2_direct_mc`.
+      k: as :func:`delta2_direct_mc`.
       sigma: scalar or 1-D grid (> 0).
       key: PRNG key.
       num_samples: independent draws ``S``.

@@ -264,6 +264,21 @@ class StreamMatvec:
     * ``op.params``: the point (the shapes and dtypes of ``v``);
     * ``op.num_examples`` / ``op.num_batches``: what the last pass saw (``None``
       before the first); a later pass over a stream of another size raises.
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> import curvlib
+      >>> x = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 0.0]])
+      >>> loss = lambda w, xb: jnp.mean((xb @ w) ** 2)            # H = 2 x^T x / n
+      >>> H = curvlib.stream_matvec(lambda w, xb: curvlib.hessian_matvec(loss, w, xb),
+      ...                           jnp.zeros(2), [x[:3], x[3:]])
+      >>> H.matmat(jnp.eye(2)).tolist()  # two products in one pass over the batches
+      [[1.0, 0.5], [0.5, 2.5]]
+      >>> H.num_examples, H.num_batches
+      (4, 2)
+      >>> top = curvlib.eigsh(H, jnp.ones(2), k=1)  # a host loop, one pass per product
+      >>> round(float(top.eigenvalues[0]), 4), bool(top.converged)  # (3.5 + 13 ** 0.5) / 2
+      (2.6514, True)
     """
 
     host_driven = True

@@ -81,7 +81,12 @@ class NewtonInfo(NamedTuple):
 
 
 class ScaleByNewtonState(NamedTuple):
-    """State of :func:`scale_by_newton`: a step counter and :class:`NewtonInfo`."""
+    """State of :func:`scale_by_newton`: a step counter and :class:`NewtonInfo`.
+
+    Attributes:
+      count: steps taken.
+      info: the :class:`NewtonInfo` diagnostics of the last step.
+    """
 
     count: jax.Array
     info: NewtonInfo
@@ -344,10 +349,12 @@ def newton(
     :func:`optax.lbfgs` (:func:`optax.value_and_grad_from_state`) works
     unchanged. ``linesearch=None`` gives the pure (modified) Newton iteration.
 
+    The arguments ``damping``, ``min_eigenvalue``, ``eigenvalue_rtol``,
+    ``modification``, ``max_params``, ``ggn`` and ``hvp_mode`` are those of
+    :func:`scale_by_newton`.
+
     Args:
       learning_rate: optional scale or schedule; ``None`` means 1.
-      damping, min_eigenvalue, eigenvalue_rtol, modification, max_params, ggn,
-      hvp_mode: see :func:`scale_by_newton`.
       has_aux: ``value_fn`` returns ``(loss, aux)``.
       linesearch: an optax line search, ``None``, or the default.
 

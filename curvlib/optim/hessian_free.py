@@ -490,13 +490,15 @@ def newton_cg(
     to evaluate them afresh; ``optax.chain(scale_by_newton_cg(...),
     optax.scale(-lr))`` does without it.
 
+    The arguments ``damping_increase``, ``damping_decrease``, ``min_damping``,
+    ``max_damping``, ``cg_rtol``, ``max_cg_steps``, ``warm_start_decay``,
+    ``ggn``, ``hvp_mode`` and ``microbatch_size`` are those of
+    :func:`scale_by_newton_cg`.
+
     Args:
       learning_rate: optional scale or schedule; ``None`` means 1.
       damping: initial Levenberg-Marquardt damping (a new injected value takes
         effect at the next step, see :func:`scale_by_newton_cg`).
-      damping_increase, damping_decrease, min_damping, max_damping, cg_rtol,
-      max_cg_steps, warm_start_decay, ggn, hvp_mode, microbatch_size: see
-        :func:`scale_by_newton_cg`.
       has_aux: ``value_fn`` returns ``(loss, aux)``.
       linesearch: optional optax line search appended to the chain.
 

@@ -284,7 +284,8 @@ def bfgs(
 
     Args:
       learning_rate: optional scale or schedule; ``None`` means 1.
-      curvature_rtol, max_params: see :func:`scale_by_bfgs`.
+      curvature_rtol: see :func:`scale_by_bfgs`.
+      max_params: see :func:`scale_by_bfgs`.
       has_aux: ``value_fn`` returns ``(loss, aux)``.
       linesearch: an optax line search, ``None``, or the default
         (:func:`default_linesearch`).
