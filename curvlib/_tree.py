@@ -195,34 +195,28 @@ def all_finite(a: PyTree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def _sharding_kw(x) -> dict:
-    """``{"out_sharding": ...}`` for a leaf with an explicit sharding type, else ``{}``."""
-    s = explicit_sharding(x)
-    return {} if s is None else {"out_sharding": s}
-
-
 def _draw_like(sampler, key: jax.Array, a: PyTree, dt=None) -> PyTree:
     """``sampler(key, shape, dtype, **sharding)`` shaped like ``a``.
 
     One draw of ``N`` numbers split over the leaves (one random-bits call site:
     XLA compiles each generator call separately, so a per-leaf draw costs a
-    model with many leaves seconds of compile time). Leaves with explicit
-    sharding types get their own draws, created with their sharding.
+    model with many leaves seconds of compile time). The numbers depend only on
+    ``key`` and the shapes, not on the layout: leaves with explicit sharding
+    types get their part of the same draw, resharded to their type (the draw
+    itself is replicated: a transient ``N`` numbers per device).
     """
     leaves, treedef = jax.tree.flatten(a)
     if not leaves:
         return a
-    if any(explicit_sharding(x) is not None for x in leaves):
-        keys = jax.random.split(key, len(leaves))
-        out = [sampler(k, jnp.shape(x), dt or jnp.result_type(x), **_sharding_kw(x))
-               for k, x in zip(keys, leaves, strict=True)]
-        return jax.tree.unflatten(treedef, out)
     sizes = [int(np.prod(jnp.shape(x), dtype=np.int64)) for x in leaves]
     wide = jnp.result_type(*[dt or jnp.result_type(x) for x in leaves])
     flat = sampler(key, (sum(sizes),), wide)
     parts = jnp.split(flat, np.cumsum(sizes)[:-1].tolist()) if len(sizes) > 1 else [flat]
-    out = [p.reshape(jnp.shape(x)).astype(dt or jnp.result_type(x))
-           for p, x in zip(parts, leaves, strict=True)]
+    out = []
+    for p, x in zip(parts, leaves, strict=True):
+        y = p.reshape(jnp.shape(x)).astype(dt or jnp.result_type(x))
+        sx = explicit_sharding(x)
+        out.append(y if sx is None else _like(y, sx, jnp.ndim(x)))
     return jax.tree.unflatten(treedef, out)
 
 

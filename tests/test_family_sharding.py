@@ -22,9 +22,6 @@ WORKER = textwrap.dedent('''
     import curvlib
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-# one worker runs this module: its module-scoped fixture is computed once, not per worker
-pytestmark = pytest.mark.xdist_group("test_family_sharding")
-
     k = jax.random.split(jax.random.PRNGKey(0), 4)
     params = {"w1": jax.random.normal(k[0], (8, 16)) / 3,
               "w2": jax.random.normal(k[1], (16, 8)) / 4}

@@ -36,9 +36,6 @@ FACTOR_LAYOUT = {
     "data_x_model": ["()", "('model',)", "('model',)", "()"],
 }
 
-# one worker runs this module: its module-scoped fixture is computed once, not per worker
-pytestmark = pytest.mark.xdist_group("test_kfac_sharding")
-
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):

@@ -57,9 +57,6 @@ SCALARS = (
 # float64 throughout; sums are reordered across devices, and eigsh/cg iterate
 TOL = 1e-10
 
-# one worker runs this module: its module-scoped fixture is computed once, not per worker
-pytestmark = pytest.mark.xdist_group("test_sharding")
-
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):

@@ -27,9 +27,6 @@ import optax
 import pytest
 from flax import serialization
 
-# one worker runs this module: its module-scoped fixture is computed once, not per worker
-pytestmark = pytest.mark.xdist_group("test_state")
-
 import curvlib
 from curvlib import landscape, optim
 
