@@ -23,3 +23,15 @@ if os.environ.get("CURVLIB_TEST_CACHE", "1") != "0":
 @pytest.fixture
 def key():
     return jax.random.PRNGKey(0)
+
+
+# Under mutation testing (mutmut sets MUTANT_UNDER_TEST) every test retraces: a mutant worker
+# is forked from a process whose in-memory jit caches hold the unmutated programs, and a cache
+# hit would run the original code instead of the mutant. The persistent cache still serves the
+# programs a mutant leaves unchanged.
+if "MUTANT_UNDER_TEST" in os.environ:
+
+    @pytest.fixture(autouse=True)
+    def _fresh_jit_caches():
+        jax.clear_caches()
+        yield
