@@ -169,3 +169,19 @@ def test_examples_run(module_name, request):
     defines_public = any(obj.__module__ == module_name for obj in public_objects().values()
                          if not is_record(obj))
     assert result.attempted > 0 or not defines_public, f"{module_name} has no examples"
+
+
+def test_no_public_name_shadows_a_submodule():
+    """``pkg.name`` is the module ``pkg/name.py`` or nothing: a function re-exported under its
+    submodule's name makes ``pkg.name`` mean two things (and docs tools resolve the module)."""
+    import pkgutil
+    import types
+
+    clashes = []
+    for pkg in PACKAGES + ["curvlib.landscape", "curvlib.kronecker"]:
+        mod = importlib.import_module(pkg)
+        for info in pkgutil.iter_modules(mod.__path__):
+            attr = getattr(mod, info.name, None)
+            if attr is not None and not isinstance(attr, types.ModuleType):
+                clashes.append(f"{pkg}.{info.name}")
+    assert not clashes

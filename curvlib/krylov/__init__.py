@@ -2,17 +2,17 @@
 
 Modules: :mod:`~curvlib.krylov.tridiag` (``lanczos``), :mod:`~curvlib.krylov.eigen`
 (``eigsh``), :mod:`~curvlib.krylov.power` (``power_iteration``),
-:mod:`~curvlib.krylov.cg` (``cg``), :mod:`~curvlib.krylov.stochastic` (Hutchinson
+:mod:`~curvlib.krylov.linear` (``cg``), :mod:`~curvlib.krylov.stochastic` (Hutchinson
 trace and diagonal), :mod:`~curvlib.krylov.density` (``spectral_density``),
 :mod:`~curvlib.krylov.checks` (``check_symmetric``). The Lanczos-type algorithms
 share one engine (:mod:`~curvlib.krylov._band`) and one product loop
 (:mod:`~curvlib.krylov._driver`), which also drives host-streamed operators.
 """
 
-from curvlib.krylov.cg import CGResult, cg
 from curvlib.krylov.checks import SymmetryCheck, check_symmetric
 from curvlib.krylov.density import SpectralDensity, spectral_density
 from curvlib.krylov.eigen import EigshResult, eigsh
+from curvlib.krylov.linear import CGResult, cg
 from curvlib.krylov.power import PowerIterationResult, power_iteration
 from curvlib.krylov.stochastic import StochasticEstimate, hutchinson_diag, hutchinson_trace
 from curvlib.krylov.tridiag import LanczosResult, lanczos
