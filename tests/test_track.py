@@ -397,10 +397,21 @@ def test_vmap_over_seeds_matches_unbatched():
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("every,k", [(0, 2), (-3, 2), (2, 0), (1.5, 2), (2, 2.5)])
-def test_bad_static_arguments(every, k):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("every,k,name", [(0, 2, "every"), (-3, 2, "every"), (2, 0, "k"),
+                                          (1.5, 2, "every"), (2, 2.5, "k")])
+def test_bad_static_arguments(every, k, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
         curvlib.track_curvature(every, k, key=jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_hutchpp_needs_three_probes_and_says_so_at_construction(n):
+    with pytest.raises(ValueError, match=rf"`num_probes` must be 0 .* >= 3 .*hutch\+\+.*got {n}"):
+        curvlib.track_curvature(5, 2, key=jax.random.PRNGKey(0), num_probes=n,
+                                trace_method="hutch++")
+    # plain Hutchinson takes any count
+    curvlib.track_curvature(5, 2, key=jax.random.PRNGKey(0), num_probes=n,
+                            trace_method="hutchinson")
 
 
 def test_k_at_least_parameter_count_raises_at_init():
@@ -408,9 +419,9 @@ def test_k_at_least_parameter_count_raises_at_init():
     with pytest.raises(ValueError, match="number of parameters"):
         curvlib.track_curvature(5, 12, key=jax.random.PRNGKey(0)).init(params)
     curvlib.track_curvature(5, 11, key=jax.random.PRNGKey(0), num_probes=0).init(params)
-    # the Lanczos basis size: more than k vectors, at most the parameter count
-    with pytest.raises(ValueError, match=r"`basis_size` must be an integer >= 4"):
-        curvlib.track_curvature(5, 3, key=jax.random.PRNGKey(0), basis_size=3)
+    # the Lanczos basis size: at least k + 2 vectors, at most the parameter count
+    with pytest.raises(ValueError, match=r"`basis_size` must be an integer >= 5"):
+        curvlib.track_curvature(5, 3, key=jax.random.PRNGKey(0), basis_size=4)
     with pytest.raises(ValueError, match=r"`basis_size`=13 exceeds the number of parameters"):
         curvlib.track_curvature(5, 3, key=jax.random.PRNGKey(0), basis_size=13).init(params)
 

@@ -308,11 +308,17 @@ def _validate(every, k, which, basis_size, tol, max_restarts, num_probes, trace_
     num_probes = _common.static_int("num_probes", num_probes, 0)
     max_restarts = _common.static_int("max_restarts", max_restarts, 0)
     if basis_size is not None:
-        basis_size = _common.static_int("basis_size", basis_size, k + 1)
+        basis_size = _common.static_int("basis_size", basis_size, k + 2)
     if which not in ("LA", "SA", "LM"):
         raise ValueError(f"`which` must be 'LA', 'SA' or 'LM'; got {which!r}.")
     if trace_method not in TRACE_METHODS:
         raise ValueError(f"`trace_method` must be one of {TRACE_METHODS}; got {trace_method!r}.")
+    if trace_method == "hutch++" and 0 < num_probes < 3:
+        raise ValueError(
+            f"`num_probes` must be 0 (no trace) or >= 3 with trace_method='hutch++' (a sketch, "
+            f"its exact trace and the residual estimate take a third each); got {num_probes}. "
+            "Use trace_method='hutchinson' for fewer probes."
+        )
     _common.check_positive("tol", tol)
     _common.check_nonnegative("warm_noise", warm_noise)
     _common.check_hvp_mode(hvp_mode)
