@@ -130,6 +130,25 @@ def test_thresholds_are_the_documented_formula(m, basis_dtype, tol):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
 
 
+def test_thresholds_follow_the_accumulation_dtype_and_scale():
+    """float32 accumulation: float32 eps and a float32 result; tiny operators scale down."""
+    m, eps32 = 10, float(jnp.finfo(jnp.float32).eps)
+    theta = np.array([4.0, 1.0, 0.0], np.float32)
+    valid = np.array([True, True, False])
+    band = SimpleNamespace(H=jnp.zeros((m, m), jnp.float32), anorm=jnp.float32(2.0))
+    got = eigen._thresholds(_cfg(m), band, jnp.asarray(theta), jnp.asarray(valid),
+                            jnp.float32(0.0))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), 10 * m * eps32 * 4.0, rtol=1e-6)
+    # an operator of norm 1e-3: the floor is relative to it (invalid entries count as zero)
+    small = np.array([1e-3, 5e-4, 0.0, 7.0])
+    band = SimpleNamespace(H=jnp.zeros((m, m), jnp.float64), anorm=jnp.float64(2e-4))
+    valid = np.array([True, True, True, False])
+    got = eigen._thresholds(_cfg(m), band, jnp.asarray(small), jnp.asarray(valid),
+                            jnp.float64(0.0))
+    np.testing.assert_allclose(np.asarray(got), 10 * m * 2.0**-52 * 1e-3, rtol=1e-12)
+
+
 def test_thresholds_hand_values():
     """Two values worked out by hand: ``10 m eps ||A||`` and ``tol |theta|``."""
     eps = 2.0**-52
@@ -161,10 +180,10 @@ def test_unseen_unlikely_is_the_kuczynski_wozniakowski_bound(which):
     """True exactly when the KW failure probability is at most 1e-6, in the verify phase."""
     sign = 1.0 if which == "LA" else -1.0
     k, dim = 2, 100
-    # wanted first: 10, 9, then the guard 8.5 and the rest; an invalid far value is ignored
-    theta = sign * np.array([10.0, 9.0, 8.5, 1.0, 0.0, 300.0])
+    # wanted first: 10, 9, then the guard 8 and the rest; an invalid far value is ignored
+    theta = sign * np.array([10.0, 9.0, 8.0, 1.0, 0.0, 300.0])
     valid = np.array([True, True, True, True, True, False])
-    thr = np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.06])
+    thr = np.array([0.01, 0.02, 0.03, 0.5, 0.05, 0.06])
     cfg = _cfg(which=which, k=k, dim=dim)
 
     def call(b, fresh, phase=1, th=theta, th_thr=thr):
@@ -175,9 +194,12 @@ def test_unseen_unlikely_is_the_kuczynski_wozniakowski_bound(which):
     for b in (1, 2, 3):
         p = [_kw_probability(theta, valid, thr, k, which, b, f, dim) for f in range(400)]
         first = next(f for f in range(400) if p[f] <= 1e-6)  # first product count certified
-        # exact at the boundary: one product earlier is not enough, the boundary is
-        assert not call(b, first - 1), (b, first)
-        assert call(b, first), (b, first)
+        # exact around the boundary: j counts whole products per chain of the block
+        for f in range(first - 2 * b, first + 2):
+            assert call(b, f) == (p[f] <= 1e-6), (b, f, first)
+        # the bound is scale-free: the same decisions for the operator times 1e-3
+        assert not call(b, first - 1, th=theta * 1e-3, th_thr=thr * 1e-3), (b, first)
+        assert call(b, first, th=theta * 1e-3, th_thr=thr * 1e-3), (b, first)
         assert call(b, first + 5)
         assert not call(b, first + 5, phase=0)  # only while verifying
         assert not call(b, first + 5, phase=2)
@@ -189,6 +211,13 @@ def test_unseen_unlikely_is_the_kuczynski_wozniakowski_bound(which):
     near = theta.copy()
     near[2] = near[1]
     assert not call(1, first, th=near)
+    # a gap wider than the spread (a threshold larger than the spread): eps is capped at 1
+    wide = sign * np.array([10.0, 9.9, 9.8, 9.8, 9.8, 300.0])
+    wide_thr = np.array([0.01, 1.0, 0.01, 0.01, 0.01, 0.01])
+    p = [_kw_probability(wide, valid, wide_thr, k, which, 1, f, dim) for f in range(40)]
+    first = next(f for f in range(40) if p[f] <= 1e-6)
+    assert not call(1, first - 1, th=wide, th_thr=wide_thr)
+    assert call(1, first, th=wide, th_thr=wide_thr)
 
 
 def test_unseen_unlikely_never_for_lm():
@@ -196,3 +225,37 @@ def test_unseen_unlikely_never_for_lm():
     s = SimpleNamespace(injected=jnp.int32(1), fresh=jnp.int32(10**6), phase=jnp.int32(1))
     theta = jnp.asarray([10.0, -9.0, 0.1])
     assert not bool(eigen._unseen_unlikely(cfg, s, theta, jnp.ones(3, bool), jnp.zeros(3)))
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_eigsh_certifies_a_repeated_zero_eigenvalue_and_the_next_one():
+    """SA, k=4 on a rotated ``diag(0, 0, 0, 2, ...)``: three null directions and then 2, as ``eigh``.
+
+    One chain sees one null direction; verification must find the other two (a
+    block as large as the cluster) and the threshold floor must let exact zeros
+    converge at ``tol=0``.
+    """
+    import jax
+
+    import curvlib
+
+    n = 40
+    rng = np.random.default_rng(3)
+    d = np.concatenate([np.zeros(3), [2.0], np.linspace(2.5, 6.0, n - 4)])
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = (Q * d) @ Q.T
+    A = (A + A.T) / 2
+    Aj = jnp.asarray(A)
+    res = curvlib.eigsh(lambda v: Aj @ v, jnp.asarray(rng.standard_normal(n)), 4, which="SA",
+                        tol=0.0, basis_size=12, key=jax.random.PRNGKey(0))
+    want = np.linalg.eigh(A)[0][:4]
+    assert bool(res.converged)
+    assert int(res.num_verifications) >= 1
+    np.testing.assert_allclose(np.asarray(res.eigenvalues), want, atol=1e-12)
+    X = np.asarray(res.eigenvectors)
+    np.testing.assert_allclose(X @ X.T, np.eye(4), atol=1e-10)
+    true_res = np.linalg.norm(X @ A - np.asarray(res.eigenvalues)[:, None] * X, axis=1)
+    floor = 10 * 12 * np.finfo(float).eps * 6.0  # 10 m eps ||A||, the tol=0 threshold
+    assert np.all(true_res <= 10 * floor)
