@@ -1,0 +1,261 @@
+"""The pieces behind eigsh's ``converged=True``, each against hand-computed values.
+
+``eigsh`` certifies a pair when its residual is below a threshold, and ends
+verification when a fresh random block finds fewer new wanted values than it
+holds; the probabilistic guard of Kuczynski & Wozniakowski decides when no
+eigenvalue beyond the wanted ones is likely missed. These are pure functions of
+a few small arrays, so they are checked directly (no products, nothing compiled
+but a few tiny eager ops) against values worked out by hand or written out from
+the formulas of their docstrings in NumPy, at the boundaries where a changed
+comparison or constant flips the answer. Written against the mutants of
+mutation run 3 (docs/testing.md); the end-to-end checks of these decisions are
+in test_eigsh_certified.py.
+"""
+
+from types import SimpleNamespace
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from curvlib.krylov import _band, eigen
+
+# ------------------------------------------------------------------ _count_new
+
+
+def _count(which, new, ref, thr_new, thr_ref):
+    f = jnp.float64
+    return int(eigen._count_new(_band.Order(which), jnp.asarray(new, f), jnp.asarray(ref, f),
+                                jnp.asarray(thr_new, f), jnp.asarray(thr_ref, f)))
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_count_new_counts_the_values_no_old_value_accounts_for(which):
+    """Multiset difference of wanted values, for every ordering (hand-computed counts)."""
+    s = -1.0 if which == "SA" else 1.0  # SA: the same cases mirrored
+    z = [0.0, 0.0, 0.0]
+    # nothing new: the same values again
+    assert _count(which, [s * 3, s * 2, s * 1], [s * 3, s * 2, s * 1], z, z) == 0
+    # a second copy of 3 pushes 1 out: one new value
+    assert _count(which, [s * 3, s * 3, s * 2], [s * 3, s * 2, s * 1], z, z) == 1
+    # three copies of 3 replace 2 and 1: two new values
+    assert _count(which, [s * 3, s * 3, s * 3], [s * 3, s * 2, s * 1], z, z) == 2
+    # a value pushing in from beyond the old best: one new value
+    assert _count(which, [s * 4, s * 3, s * 2], [s * 3, s * 2, s * 1], z, z) == 1
+    # old values better than every new one (never from Rayleigh-Ritz): zero, not negative
+    assert _count(which, [s * 2, s * 1, s * 0.5], [s * 3, s * 3, s * 3], z, z) == 0
+    # two copies of the best: two new, none accounted for
+    assert _count(which, [s * 5, s * 5, s * 3], [s * 3, s * 2, s * 1], z, z) == 2
+
+
+def test_count_new_tolerance_is_twice_the_summed_thresholds_inclusive():
+    """Old ``r`` accounts for new ``t`` iff ``r >= t - 2 (thr_t + thr_r)`` (binary-exact cases)."""
+    # gap 0.5, thresholds 0.125 + 0.125: exactly at the tolerance -> accounted for
+    assert _count("LA", [1.5], [1.0], [0.125], [0.125]) == 0
+    # a gap beyond it -> new
+    assert _count("LA", [1.625], [1.0], [0.125], [0.125]) == 1
+    # the two thresholds add (not subtract): one of them alone is not enough
+    assert _count("LA", [1.5], [1.0], [0.25], [0.0]) == 0
+    assert _count("LA", [1.5], [1.0], [0.0], [0.25]) == 0
+    assert _count("LA", [1.5], [1.0], [0.125], [0.0]) == 1
+    # the tolerance widens the old value towards the new one only: an old value far *beyond*
+    # a new one accounts for it (it was there before), and SA mirrors LA
+    assert _count("SA", [-1.5], [-1.0], [0.125], [0.125]) == 0
+    assert _count("SA", [-1.625], [-1.0], [0.125], [0.125]) == 1
+    # LM compares magnitudes: -1.5 is as new against 1.0 as 1.5 is
+    assert _count("LM", [-1.625], [1.0], [0.125], [0.125]) == 1
+    assert _count("LM", [-1.5], [1.0], [0.125], [0.125]) == 0
+
+
+# ------------------------------------------------------------ _largest_cluster
+
+
+def _cluster(theta, thr):
+    return int(eigen._largest_cluster(jnp.asarray(theta, jnp.float64),
+                                      jnp.asarray(thr, jnp.float64)))
+
+
+def test_largest_cluster_is_the_largest_group_equal_within_thresholds():
+    """``|theta_i - theta_j| <= 2 (thr_i + thr_j)``, inclusive; the largest row count."""
+    t = [0.125] * 4
+    assert _cluster([5.0, 4.0, 3.0, 2.0], t) == 1  # all separated
+    assert _cluster([5.0, 5.0, 5.0, 2.0], t) == 3  # three copies
+    assert _cluster([5.0, 5.0, 2.0, 2.0], t) == 2  # two pairs: the largest group, not the sum
+    # exactly 2 (0.125 + 0.125) = 0.5 apart: equal; 0.75 apart: not
+    assert _cluster([3.0, 3.5, 4.25, -7.0], t) == 2
+    # thresholds add: 3.0 and 3.5 with thresholds (0.25, 0) are equal, with (0.125, 0) not
+    assert _cluster([3.0, 3.5], [0.25, 0.0]) == 2
+    assert _cluster([3.0, 3.5], [0.125, 0.0]) == 1
+    # values of opposite sign are not close because their magnitudes are
+    assert _cluster([2.0, -2.0], [0.125, 0.125]) == 1
+
+
+# ----------------------------------------------------------------- _thresholds
+
+
+def _cfg(m=10, basis_dtype=None, which="LA", k=2, dim=100):
+    return eigen._Cfg(k=k, which=which, m=m, keep=m - 2, check_every=1, max_inject=4,
+                      layout="tree", basis_dtype=basis_dtype, dim=dim)
+
+
+def _thresholds_np(m, eps, anorm, theta, valid, tol):
+    """The docstring's formula in NumPy: ``max(tol |theta|, max(min(10 m eps, sqrt eps), tol eps^(2/3)) ||A||)``."""
+    anorm = max(anorm, np.max(np.where(valid, np.abs(theta), 0.0)))
+    floor = max(min(10 * m * eps, np.sqrt(eps)), tol * eps ** (2 / 3)) * anorm
+    return np.maximum(tol * np.abs(theta), floor)
+
+
+@pytest.mark.parametrize(
+    "m, basis_dtype, tol",
+    [
+        (10, None, 0.0),  # machine precision: the 10 m eps floor
+        (10, None, 1e-3),  # ARPACK's tol eps^(2/3) floor exceeds 10 m eps
+        (10, None, 1e-8),  # tol |theta| above the floor for large theta only
+        (10, jnp.float32, 1e-9),  # eps of a coarser basis storage
+        (1000, jnp.float32, 0.0),  # 10 m eps capped at sqrt(eps)
+        (10, jnp.bfloat16, 0.0),  # sqrt(eps) cap for a very coarse basis
+    ],
+)
+def test_thresholds_are_the_documented_formula(m, basis_dtype, tol):
+    theta = np.array([40.0, -3.0, 1e-9, 0.0, -250.0])
+    valid = np.array([True, True, True, True, False])  # the invalid value must not count
+    eps = float(jnp.finfo(jnp.float64).eps)
+    if basis_dtype is not None:
+        eps = max(eps, float(jnp.finfo(basis_dtype).eps))
+    for anorm in (7.0, 100.0):  # below and above the largest valid |theta|
+        band = SimpleNamespace(H=jnp.zeros((m, m), jnp.float64), anorm=jnp.float64(anorm))
+        got = np.asarray(eigen._thresholds(_cfg(m, basis_dtype), band, jnp.asarray(theta),
+                                           jnp.asarray(valid), jnp.float64(tol)))
+        want = _thresholds_np(m, eps, anorm, theta, valid, tol)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+
+
+def test_thresholds_follow_the_accumulation_dtype_and_scale():
+    """float32 accumulation: float32 eps and a float32 result; tiny operators scale down."""
+    m, eps32 = 10, float(jnp.finfo(jnp.float32).eps)
+    theta = np.array([4.0, 1.0, 0.0], np.float32)
+    valid = np.array([True, True, False])
+    band = SimpleNamespace(H=jnp.zeros((m, m), jnp.float32), anorm=jnp.float32(2.0))
+    got = eigen._thresholds(_cfg(m), band, jnp.asarray(theta), jnp.asarray(valid),
+                            jnp.float32(0.0))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), 10 * m * eps32 * 4.0, rtol=1e-6)
+    # an operator of norm 1e-3: the floor is relative to it (invalid entries count as zero)
+    small = np.array([1e-3, 5e-4, 0.0, 7.0])
+    band = SimpleNamespace(H=jnp.zeros((m, m), jnp.float64), anorm=jnp.float64(2e-4))
+    valid = np.array([True, True, True, False])
+    got = eigen._thresholds(_cfg(m), band, jnp.asarray(small), jnp.asarray(valid),
+                            jnp.float64(0.0))
+    np.testing.assert_allclose(np.asarray(got), 10 * m * 2.0**-52 * 1e-3, rtol=1e-12)
+
+
+def test_thresholds_hand_values():
+    """Two values worked out by hand: ``10 m eps ||A||`` and ``tol |theta|``."""
+    eps = 2.0**-52
+    band = SimpleNamespace(H=jnp.zeros((4, 4), jnp.float64), anorm=jnp.float64(2.0))
+    thr = eigen._thresholds(_cfg(4), band, jnp.asarray([8.0, 1.0]), jnp.asarray([True, True]),
+                            jnp.float64(0.0))
+    np.testing.assert_allclose(np.asarray(thr), [40 * eps * 8.0] * 2, rtol=1e-15)
+    thr = eigen._thresholds(_cfg(4), band, jnp.asarray([8.0, 1.0]), jnp.asarray([True, True]),
+                            jnp.float64(1e-2))
+    floor = 1e-2 * eps ** (2 / 3) * 8.0
+    np.testing.assert_allclose(np.asarray(thr), [8e-2, max(1e-2, floor)], rtol=1e-15)
+
+
+# ------------------------------------------------------------ _unseen_unlikely
+
+
+def _kw_probability(theta, valid, thr, k, which, b, fresh, dim):
+    """Kuczynski-Wozniakowski's bound ``1.648 sqrt(N) exp(-sqrt(eps) (2 j - 1))``, NumPy."""
+    sign = 1.0 if which == "LA" else -1.0
+    spread = np.max(theta[valid]) - np.min(theta[valid])
+    gap = sign * (theta[k - 1] - theta[k]) + thr[k - 1]
+    eps = np.clip(gap / spread, 0.0, 1.0)
+    j = max(fresh - b + 1, 0) // b
+    return 1.648 * np.sqrt(dim) * np.exp(-np.sqrt(eps) * (2 * j - 1))
+
+
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_unseen_unlikely_is_the_kuczynski_wozniakowski_bound(which):
+    """True exactly when the KW failure probability is at most 1e-6, in the verify phase."""
+    sign = 1.0 if which == "LA" else -1.0
+    k, dim = 2, 100
+    # wanted first: 10, 9, then the guard 8 and the rest; an invalid far value is ignored
+    theta = sign * np.array([10.0, 9.0, 8.0, 1.0, 0.0, 300.0])
+    valid = np.array([True, True, True, True, True, False])
+    thr = np.array([0.01, 0.02, 0.03, 0.5, 0.05, 0.06])
+    cfg = _cfg(which=which, k=k, dim=dim)
+
+    def call(b, fresh, phase=1, th=theta, th_thr=thr):
+        s = SimpleNamespace(injected=jnp.int32(b), fresh=jnp.int32(fresh), phase=jnp.int32(phase))
+        return bool(eigen._unseen_unlikely(cfg, s, jnp.asarray(th), jnp.asarray(valid),
+                                           jnp.asarray(th_thr)))
+
+    for b in (1, 2, 3):
+        p = [_kw_probability(theta, valid, thr, k, which, b, f, dim) for f in range(400)]
+        first = next(f for f in range(400) if p[f] <= 1e-6)  # first product count certified
+        # exact around the boundary: j counts whole products per chain of the block
+        for f in range(first - 2 * b, first + 2):
+            assert call(b, f) == (p[f] <= 1e-6), (b, f, first)
+        # the bound is scale-free: the same decisions for the operator times 1e-3
+        assert not call(b, first - 1, th=theta * 1e-3, th_thr=thr * 1e-3), (b, first)
+        assert call(b, first, th=theta * 1e-3, th_thr=thr * 1e-3), (b, first)
+        assert call(b, first + 5)
+        assert not call(b, first + 5, phase=0)  # only while verifying
+        assert not call(b, first + 5, phase=2)
+    # injected = 0 counts as a block of one
+    p = [_kw_probability(theta, valid, thr, k, which, 1, f, dim) for f in range(400)]
+    first = next(f for f in range(400) if p[f] <= 1e-6)
+    assert not call(0, first - 1) and call(0, first)
+    # a guard equal to the last wanted value (gap = its threshold only) needs far more products
+    near = theta.copy()
+    near[2] = near[1]
+    assert not call(1, first, th=near)
+    # a gap wider than the spread (a threshold larger than the spread): eps is capped at 1
+    wide = sign * np.array([10.0, 9.9, 9.8, 9.8, 9.8, 300.0])
+    wide_thr = np.array([0.01, 1.0, 0.01, 0.01, 0.01, 0.01])
+    p = [_kw_probability(wide, valid, wide_thr, k, which, 1, f, dim) for f in range(40)]
+    first = next(f for f in range(40) if p[f] <= 1e-6)
+    assert not call(1, first - 1, th=wide, th_thr=wide_thr)
+    assert call(1, first, th=wide, th_thr=wide_thr)
+
+
+def test_unseen_unlikely_never_for_lm():
+    cfg = _cfg(which="LM")
+    s = SimpleNamespace(injected=jnp.int32(1), fresh=jnp.int32(10**6), phase=jnp.int32(1))
+    theta = jnp.asarray([10.0, -9.0, 0.1])
+    assert not bool(eigen._unseen_unlikely(cfg, s, theta, jnp.ones(3, bool), jnp.zeros(3)))
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_eigsh_certifies_a_repeated_zero_eigenvalue_and_the_next_one():
+    """SA, k=4 on a rotated ``diag(0, 0, 0, 2, ...)``: three null directions and then 2, as ``eigh``.
+
+    One chain sees one null direction; verification must find the other two (a
+    block as large as the cluster) and the threshold floor must let exact zeros
+    converge at ``tol=0``.
+    """
+    import jax
+
+    import curvlib
+
+    n = 40
+    rng = np.random.default_rng(3)
+    d = np.concatenate([np.zeros(3), [2.0], np.linspace(2.5, 6.0, n - 4)])
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = (Q * d) @ Q.T
+    A = (A + A.T) / 2
+    Aj = jnp.asarray(A)
+    res = curvlib.eigsh(lambda v: Aj @ v, jnp.asarray(rng.standard_normal(n)), 4, which="SA",
+                        tol=0.0, basis_size=12, key=jax.random.PRNGKey(0))
+    want = np.linalg.eigh(A)[0][:4]
+    assert bool(res.converged)
+    assert int(res.num_verifications) >= 1
+    np.testing.assert_allclose(np.asarray(res.eigenvalues), want, atol=1e-12)
+    X = np.asarray(res.eigenvectors)
+    np.testing.assert_allclose(X @ X.T, np.eye(4), atol=1e-10)
+    true_res = np.linalg.norm(X @ A - np.asarray(res.eigenvalues)[:, None] * X, axis=1)
+    floor = 10 * 12 * np.finfo(float).eps * 6.0  # 10 m eps ||A||, the tol=0 threshold
+    assert np.all(true_res <= 10 * floor)
