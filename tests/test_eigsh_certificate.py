@@ -220,6 +220,17 @@ def test_unseen_unlikely_is_the_kuczynski_wozniakowski_bound(which):
     assert call(1, first, th=wide, th_thr=wide_thr)
 
 
+def test_unseen_unlikely_gives_no_certificate_without_a_spread():
+    """Every Ritz value equal: no relative gap exists, so the bound must not certify (whatever
+    the scale of the operator), only a certified guard can."""
+    cfg = _cfg(which="LA", k=2, dim=100)
+    s = SimpleNamespace(injected=jnp.int32(1), fresh=jnp.int32(10**6), phase=jnp.int32(1))
+    for scale in (1e-3, 1.0, 1e6):
+        theta = jnp.full(4, 5.0 * scale)
+        assert not bool(eigen._unseen_unlikely(cfg, s, theta, jnp.ones(4, bool),
+                                               jnp.full(4, 1e-3 * scale)))
+
+
 def test_unseen_unlikely_never_for_lm():
     cfg = _cfg(which="LM")
     s = SimpleNamespace(injected=jnp.int32(1), fresh=jnp.int32(10**6), phase=jnp.int32(1))

@@ -182,7 +182,8 @@ def _unseen_unlikely(cfg: _Cfg, s: _State, theta, valid, thr):
     small = jnp.where(valid, theta, jnp.inf)
     spread = jnp.max(big) - jnp.min(small)
     gap = order.gain(theta[k - 1], theta[k]) + thr[k - 1]
-    eps = jnp.clip(gap / jnp.where(spread > 0, spread, 1.0), 0.0, 1.0)
+    # no spread (every Ritz value equal): no relative gap to measure, no probabilistic certificate
+    eps = jnp.where(spread > 0, jnp.clip(gap / jnp.where(spread > 0, spread, 1.0), 0.0, 1.0), 0.0)
     b = jnp.maximum(s.injected, 1)
     j = (jnp.maximum(s.fresh - b + 1, 0) // b).astype(theta.dtype)  # products per fresh chain
     need = float(np.log(1.648 * np.sqrt(cfg.dim) / FAILURE_PROBABILITY))
@@ -395,8 +396,9 @@ def eigsh(
     eigenvalues never displace its largest positive ones.
 
     A pair is certified when its residual is at most
-    ``max(tol |theta_i|, max(10 m eps, tol eps^(2/3)) ||A||)``: relative
-    to the eigenvalue, with a floor the floating-point format can reach, so
+    ``max(tol |theta_i|, max(min(10 m eps, sqrt(eps)), tol eps^(2/3)) ||A||)``
+    (``eps`` of the basis storage when it is coarser): relative to the
+    eigenvalue, with a floor the floating-point format can reach, so
     eigenvalues at (numerical) zero converge and ``tol=0`` means machine
     precision as in SciPy. Then **verification** runs (module docstring): the
     certified pairs are locked and a fresh block of random vectors from
