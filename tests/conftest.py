@@ -9,8 +9,11 @@ jax.config.update("jax_enable_x64", True)
 
 # JAX's persistent compilation cache, shared by the xdist workers of one run (and by later
 # runs on the same machine): a program one worker compiled is loaded by the other.
-# CURVLIB_TEST_CACHE=0 turns it off; CURVLIB_CACHE_DIR chooses the directory.
-if os.environ.get("CURVLIB_TEST_CACHE", "1") != "0":
+# Opt-in with CURVLIB_TEST_CACHE=1 (CURVLIB_CACHE_DIR chooses the directory). Off by default:
+# with jaxlib 0.10.2 on XLA:CPU, writing an entry (``executable.serialize()``) segfaulted an
+# xdist worker once in four full runs (not reproducible in isolation), and a crashed worker
+# fails the run.
+if os.environ.get("CURVLIB_TEST_CACHE", "0") == "1":
     import curvlib
 
     curvlib.enable_compilation_cache(
