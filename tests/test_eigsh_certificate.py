@@ -99,7 +99,10 @@ def _cfg(m=10, basis_dtype=None, which="LA", k=2, dim=100):
 
 
 def _thresholds_np(m, eps, anorm, theta, valid, tol):
-    """The docstring's formula in NumPy: ``max(tol |theta|, max(min(10 m eps, sqrt eps), tol eps^(2/3)) ||A||)``."""
+    """The docstring's formula in NumPy.
+
+    ``max(tol |theta|, max(min(10 m eps, sqrt eps), tol eps^(2/3)) ||A||)``.
+    """
     anorm = max(anorm, np.max(np.where(valid, np.abs(theta), 0.0)))
     floor = max(min(10 * m * eps, np.sqrt(eps)), tol * eps ** (2 / 3)) * anorm
     return np.maximum(tol * np.abs(theta), floor)
@@ -242,7 +245,7 @@ def test_unseen_unlikely_never_for_lm():
 
 
 def test_eigsh_certifies_a_repeated_zero_eigenvalue_and_the_next_one():
-    """SA, k=4 on a rotated ``diag(0, 0, 0, 2, ...)``: three null directions and then 2, as ``eigh``.
+    """SA, k=4 on a rotated ``diag(0, 0, 0, 2, ...)``: three null directions, then 2, as ``eigh``.
 
     One chain sees one null direction; verification must find the other two (a
     block as large as the cluster) and the threshold floor must let exact zeros

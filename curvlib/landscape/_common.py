@@ -121,7 +121,7 @@ def check_dim(dim, params: PyTree, name: str = "dim") -> int:
 
 
 def check_basis_size(basis_size, dim: int, params: PyTree) -> int | None:
-    """Validate a Krylov basis size for ``dim`` wanted eigenvectors: ``D + 2 <= basis_size <= N``."""
+    """Validate a Krylov basis size for ``dim`` wanted vectors: ``D + 2 <= basis_size <= N``."""
     if basis_size is None:
         return None
     n = _tree.size(params)
