@@ -158,7 +158,8 @@ def run(quick: bool = False) -> dict:
                    "eager second = the same call with a freshly built operator (build time apart); "
                    "warm = the call inside jax.jit, compiled, median of 7.",
                    f"matfree: jax.jit(eig.eigh_partial(decomp.tridiag_sym({M}))) on the ravelled "
-                   "product; ARPACK: scipy eigsh (k=5, which='LA', tol=1e-3) on the jitted product.",
+                   "product; ARPACK: scipy eigsh (k=5, which='LA', tol=1e-3) on the jitted "
+                   "product.",
                ]}
     C.write_result("first_answer", payload)
     return payload
@@ -183,8 +184,8 @@ def _headline(rows: dict) -> list:
         ["spectral_density (30 x 8) first call vs 3x matfree's first call", _fmt(slq["first_s"]),
          "3 x matfree first call", _fmt(3 * mf["first_s"]), f"{r2:.2f}x", "-",
          "1 / 1 (fresh processes)", f">=1.0x: {'met' if r2 >= 1 else 'MISSED'}"],
-        ["eager second call minus warm jitted call, worst algorithm", f"{1e3 * extra[worst]:.1f} ms "
-         f"({worst})", "-", "-", "-", "-", "1 / 7",
+        ["eager second call minus warm jitted call, worst algorithm",
+         f"{1e3 * extra[worst]:.1f} ms ({worst})", "-", "-", "-", "-", "1 / 7",
          f"<= a few ms: {'met' if extra[worst] <= 0.01 else 'MISSED'}"],
         [f"eigsh k={K} eager second call vs scipy ARPACK (eager)", _fmt(eg["eager_second_s"]),
          "scipy eigsh (ARPACK)", _fmt(ar["eager_second_s"]),
