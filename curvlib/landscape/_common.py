@@ -44,6 +44,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from curvlib import _tree
+from curvlib.operators._common import param_shardings
 
 PyTree = Any
 
@@ -431,17 +432,8 @@ def param_layout(params: PyTree) -> tuple | None:
     (FSDP), so the landscape programs constrain their parameter-shaped vectors
     (start vector, products, eigenvectors) to this layout.
     """
-    out = []
-    for x in jax.tree.leaves(params):
-        s = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
-        if isinstance(x, jax.core.Tracer) or not isinstance(s, NamedSharding):
-            return None
-        if any(t != jax.sharding.AxisType.Auto for t in s.mesh.axis_types):
-            return None
-        out.append(s)
-    if all(s.is_fully_replicated for s in out):
-        return None
-    return tuple(out)
+    got = param_shardings(params)
+    return None if got is None else got[1]
 
 
 def constrain(tree: PyTree, layout: tuple | None, stacked: bool = False) -> PyTree:
