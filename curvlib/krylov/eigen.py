@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _compile, _tree, _validate
-from curvlib.krylov import _band, _driver, _space
+from curvlib.krylov import _band, _driver, _space, tridiag
 
 PyTree = Any
 
@@ -514,7 +514,7 @@ def eigsh(
         max_matvecs = _validate.static_int(max_matvecs, "max_matvecs", minimum=1)
     if not isinstance(max_restarts, jax.core.Tracer):
         max_restarts = _validate.static_int(max_restarts, "max_restarts", minimum=0)
-    basis_dtype = _check_basis_dtype(basis_dtype)
+    basis_dtype = tridiag.check_basis_dtype(basis_dtype)
     if tol is None:
         eps_max = max(float(jnp.finfo(x.dtype).eps) for x in jax.tree.leaves(v0))
         if basis_dtype is not None:
@@ -542,16 +542,3 @@ def _solve_host(cfg, matvec, v0, key, tol, max_matvecs, max_restarts):
     state = setup(v0, key, tol, max_matvecs, max_restarts)
     state = _driver.run_host(_request, _update, _running, cfg, matvec, state)
     return finish(state)
-
-
-def _check_basis_dtype(basis_dtype):
-    """``None`` or a real floating dtype (the storage type of the Krylov basis)."""
-    if basis_dtype is None:
-        return None
-    try:
-        dt = jnp.dtype(basis_dtype)
-    except TypeError:
-        raise ValueError(f"`basis_dtype` must be a floating dtype; got {basis_dtype!r}.") from None
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise ValueError(f"`basis_dtype` must be a real floating dtype; got {dt}.")
-    return dt
