@@ -235,6 +235,49 @@ def test_lanczos_relation_and_orthonormality(lanczos_operator):
     assert np.isclose(np.linalg.eigvalsh(_tridiag(res))[-1], 100.0, rtol=1e-12)
 
 
+@pytest.mark.parametrize("p", [1, 3, 8, 9])
+def test_basis_gram_of_long_rows(p):
+    # up to 8 long rows go through one matrix-vector product each, more through one
+    # matrix-matrix product: both are P Q^T
+    from curvlib import _tree
+
+    rng = np.random.default_rng(p)
+    n = 1 << 15
+    P = {"a": rng.standard_normal((p, n)), "b": rng.standard_normal((p, 3, 5))}
+    Q = {"a": rng.standard_normal((7, n)), "b": rng.standard_normal((7, 3, 5))}
+    want = P["a"] @ Q["a"].T + P["b"].reshape(p, -1) @ Q["b"].reshape(7, -1).T
+    got = _tree.basis_gram(jax.tree.map(jnp.asarray, P), jax.tree.map(jnp.asarray, Q))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-10)
+
+
+def test_lanczos_relation_on_long_vectors():
+    # vectors of 2^16 entries take the Gram path of a few matrix-vector products (the one
+    # XLA:CPU runs fast); the same relation and orthonormality as the dense test above
+    n, m = 1 << 16, 24
+    rng = np.random.default_rng(3)
+    d = np.concatenate([[5.0, 4.0, 4.0], rng.uniform(-1.0, 1.0, n - 3)])
+    v0 = {"a": jnp.asarray(rng.standard_normal(n // 2)),
+          "b": jnp.asarray(rng.standard_normal((2, n // 4)))}
+    dt = {"a": jnp.asarray(d[: n // 2]), "b": jnp.asarray(d[n // 2:].reshape(2, n // 4))}
+    res = jax.jit(lambda v: lanczos(lambda x: jax.tree.map(jnp.multiply, dt, x), v, m))(v0)
+    Q = _rows(res.basis)
+    assert np.max(np.abs(Q @ Q.T - np.eye(m))) <= 1e-12
+    r = np.asarray(ravel_pytree(res.residual)[0])
+    E = d[:, None] * Q.T - Q.T @ _tridiag(res)
+    E[:, -1] -= r
+    assert np.max(np.abs(E)) <= 1e-12 * np.sqrt(n)
+    assert np.max(np.abs(Q @ r)) <= 1e-12 * np.linalg.norm(r)
+    # eigsh on the same vectors: a verification round drops its chain (the stored dropped
+    # vectors' Gram with the basis takes the same path), and finds the second copy of 4
+    out = jax.jit(lambda v: eigsh(lambda x: jax.tree.map(jnp.multiply, dt, x), v, 3,
+                                  basis_size=12, key=jax.random.PRNGKey(1)))(v0)
+    assert bool(out.converged) and int(out.num_verifications) >= 1
+    np.testing.assert_allclose(np.asarray(out.eigenvalues), [5.0, 4.0, 4.0], atol=1e-8)
+    X = _rows(out.eigenvectors)
+    true = np.linalg.norm(d * X - np.asarray(out.eigenvalues)[:, None] * X, axis=1)
+    np.testing.assert_allclose(np.asarray(out.residual_norms), true, rtol=1e-6, atol=1e-13)
+
+
 def test_lanczos_without_reorthogonalisation_loses_orthogonality(lanczos_operator):
     m = 60
     v0 = _start(_like(200), 2)

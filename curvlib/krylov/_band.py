@@ -39,9 +39,9 @@ basis; the couplings ``c`` are kept as a column of ``E`` (one signed column per
 dropped vector, later ones folded into the last by absolute values), and
 residual norms become the rigorous bound ``||F y|| + sum_c |E[:, c] . y|``.
 
-Fresh directions are orthogonalised together with the product of the step
-(one block Gram-Schmidt for both), so starting a chain costs no extra pass
-over the basis and the compiled program holds one orthogonalisation.
+A fresh direction is orthogonalised (:func:`fresh`) only at the steps that
+use one, under a ``lax.cond``: every Gram-Schmidt pass reads the whole basis,
+which at large ``N`` is the cost of a step.
 """
 
 from __future__ import annotations
@@ -139,12 +139,14 @@ def breakdown_threshold(band: Band):
 
 
 def _write_row(Q, slot, q, ok):
-    return jax.tree.map(
-        lambda Qi, qi: Qi.at[slot].set(jnp.where(ok, qi.astype(Qi.dtype), Qi[slot])), Q, q
-    )
+    # an out-of-range index drops the write: no read of the old row, so XLA can
+    # update the basis in place (a `where` against ``Q[slot]`` costs a copy of Q)
+    m = jax.tree.leaves(Q)[0].shape[0]
+    idx = jnp.where(ok, slot, m)
+    return jax.tree.map(lambda Qi, qi: Qi.at[idx].set(qi.astype(Qi.dtype), mode="drop"), Q, q)
 
 
-def absorb(band: Band, w: PyTree, z: PyTree | None = None):
+def absorb(band: Band, w: PyTree) -> Band:
     """Record the product ``w = A q`` of the row ``q`` requested last.
 
     Orthogonalises ``w`` against the basis (two passes), stores the
@@ -154,11 +156,6 @@ def absorb(band: Band, w: PyTree, z: PyTree | None = None):
     subspace) or the basis is full (callers compress first: :func:`has_room`).
     A non-finite product is replaced by zero and clears ``finite``. If no row
     was pending the request was zero, and nothing changes but the count.
-
-    With ``z`` (a candidate fresh direction), ``z`` is orthogonalised in the
-    same block passes and returned as a unit vector orthogonal to the new basis
-    together with whether it is usable (it may lie in the span), ready for
-    :func:`inject`; otherwise ``(band, None, None)``.
     """
     acc = band.H.dtype
     m = size(band)
@@ -166,9 +163,7 @@ def absorb(band: Band, w: PyTree, z: PyTree | None = None):
     finite = band.finite & _tree.all_finite(w)
     w = _tree.where(finite, w, _tree.zeros_like(w))
     anorm = jnp.maximum(band.anorm, _tree.norm(w).astype(acc))
-    stack = lambda *vs: jax.tree.map(lambda *x: jnp.stack(x), *vs)
-    W = stack(w) if z is None else stack(w, z)
-    W, h = _orthogonalize_block(band.Q, W, acc)
+    W, h = _orthogonalize_block(band.Q, jax.tree.map(lambda x: x[None], w), acc)
     w = _tree.basis_get(W, 0)
     rows = jnp.arange(m)
     H = band.H.at[:, j].set(jnp.where(some & (rows < band.nbas), h[0], band.H[:, j]))
@@ -180,22 +175,35 @@ def absorb(band: Band, w: PyTree, z: PyTree | None = None):
     slot = jnp.minimum(band.nbas, m - 1)
     Q = _write_row(band.Q, slot, q, append)
     H = H.at[slot, j].set(jnp.where(append, beta, H[slot, j]))
-    band = band._replace(
+    return band._replace(
         Q=Q, H=H, mult=band.mult.at[j].set(band.mult[j] | some),
         nbas=band.nbas + append.astype(jnp.int32), finite=finite,
         breakdowns=band.breakdowns + (some & broke & finite).astype(jnp.int32),
     )
-    if z is None:
-        return band, None, None
-    zp = _tree.basis_get(W, 1)
-    # orthogonal to the old rows; now also to the row just appended
-    c = jnp.where(append, _tree.vdot(q, zp).astype(acc), 0.0)
-    zp = _tree.add_scale(zp, -c, q)
-    nz = _tree.norm(z).astype(acc)
-    nr = _tree.norm(zp).astype(acc)
-    eps = jnp.finfo(acc).eps
-    usable = (nr > 10 * eps * jnp.sqrt(jnp.asarray(m, acc)) * nz) & jnp.isfinite(nr)
-    return band, _tree.scale(1.0 / jnp.where(usable, nr, 1.0), zp), usable
+
+
+def fresh(band: Band, z: PyTree, want):
+    """``(q, usable)``: the candidate direction ``z`` as a unit vector orthogonal to the basis.
+
+    The two Gram-Schmidt passes run only when ``want`` (a ``lax.cond``): a
+    fresh direction is needed for a breakdown or a verification block, rarely
+    at every step, and each pass reads the whole basis. ``usable`` is false
+    when ``z`` lies numerically in the span (or was not wanted); ready for
+    :func:`inject`.
+    """
+    acc = band.H.dtype
+    m = size(band)
+
+    def orthogonalize(z):
+        Z, _ = _orthogonalize_block(band.Q, jax.tree.map(lambda x: x[None], z), acc)
+        zp = _tree.basis_get(Z, 0)
+        nz = _tree.norm(z).astype(acc)
+        nr = _tree.norm(zp).astype(acc)
+        eps = jnp.finfo(acc).eps
+        usable = (nr > 10 * eps * jnp.sqrt(jnp.asarray(m, acc)) * nz) & jnp.isfinite(nr)
+        return _tree.scale(1.0 / jnp.where(usable, nr, 1.0), zp), usable
+
+    return jax.lax.cond(want, orthogonalize, lambda z: (z, jnp.asarray(False)), z)
 
 
 def inject(band: Band, q: PyTree, ok) -> Band:
@@ -209,6 +217,18 @@ def inject(band: Band, q: PyTree, ok) -> Band:
     slot = jnp.minimum(band.nbas, m - 1)
     return band._replace(Q=_write_row(band.Q, slot, q, ok),
                          nbas=band.nbas + ok.astype(jnp.int32))
+
+
+def apply_if(pred, fn, band: Band) -> Band:
+    """``fn(band)`` if ``pred`` else ``band``, without a copy of the basis when not applied.
+
+    A ``lax.cond`` whose other branch returns its operand makes XLA copy that
+    operand, the whole ``(m, N)`` basis, at every call; a loop of at most one
+    trip keeps its carry in place, so a restart taken once in tens of steps
+    costs nothing at the other steps.
+    """
+    return jax.lax.while_loop(lambda c: c[0], lambda c: (jnp.asarray(False), fn(c[1])),
+                              (jnp.asarray(pred), band))[1]
 
 
 def has_room(band: Band):

@@ -252,7 +252,7 @@ def _update(cfg: _Cfg, s: _State, product) -> _State:
     """Absorb one product, test convergence, restart or start a verification round."""
     space = _space.Space(s.like, cfg.layout)
     k = cfg.k
-    band, zq, z_ok = _band.absorb(s.band, space.flatten(product), s.z)
+    band = _band.absorb(s.band, space.flatten(product))
     count, since = s.count + 1, s.since + 1
     # (a basis of dim rows spans the space: the last remainders are zero, no restart needed)
     full = ~_band.has_room(band) & (band.nbas < cfg.dim)
@@ -271,7 +271,7 @@ def _update(cfg: _Cfg, s: _State, product) -> _State:
         K = jnp.where(new_round, k, jnp.minimum(cfg.keep, cfg.m - rest - 1))
         return _band.compress(band, ev.Y, K, drop_pending=new_round)
 
-    band = jax.lax.cond(new_round | restart, compress, lambda b: b, band)
+    band = _band.apply_if(new_round | restart, compress, band)
     # after a restart the kept Ritz vectors are the first rows, in the same order
     m = cfg.m
     kept = jnp.where(new_round, k, jnp.sum(band.mult))
@@ -286,6 +286,7 @@ def _update(cfg: _Cfg, s: _State, product) -> _State:
     # (a fresh row must leave a free row for the remainder of the next product, unless the
     # basis can span the whole space: then the last row's remainder is zero)
     room = (band.nbas < cfg.m - 1) if cfg.m < cfg.dim else jnp.asarray(True)
+    zq, z_ok = _band.fresh(band, s.z, want)
     band = _band.inject(band, zq, want & z_ok & room)
     used_z = want & z_ok
     # a used (or unusable) direction is replaced by a new draw; no draw otherwise

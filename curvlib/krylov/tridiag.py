@@ -64,11 +64,12 @@ def _request(cfg: _Cfg, s: _State):
 def _update(cfg: _Cfg, s: _State, product) -> _State:
     space = _space.Space(s.like, cfg.layout)
     if not cfg.restart:  # quadrature: a broken chain continues with zeros, no draw at all
-        band, _, _ = _band.absorb(s.band, space.flatten(product))
+        band = _band.absorb(s.band, space.flatten(product))
         return s._replace(band=band, steps=s.steps + 1)
-    band, zq, z_ok = _band.absorb(s.band, space.flatten(product), s.z)
+    band = _band.absorb(s.band, space.flatten(product))
     _, some = _band.next_row(band)
     want = ~some & _band.has_room(band)
+    zq, z_ok = _band.fresh(band, s.z, want)
     band = _band.inject(band, zq, want & z_ok)
     z = jax.lax.cond(want, lambda: space.gaussian(s.key, s.draws), lambda: s.z)
     return s._replace(band=band, z=z, draws=s.draws + want.astype(jnp.int32), steps=s.steps + 1)
