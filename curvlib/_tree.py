@@ -195,28 +195,35 @@ def all_finite(a: PyTree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def _draw_like(sampler, key: jax.Array, a: PyTree, dt=None) -> PyTree:
-    """``sampler(key, shape, dtype, **sharding)`` shaped like ``a``.
+def _draw_like(sampler, key: jax.Array, a: PyTree, dt=None, rows: int | None = None) -> PyTree:
+    """``sampler(key, shape, dtype, **sharding)`` shaped like ``a`` (``rows`` of them if given).
 
-    One draw of ``N`` numbers split over the leaves (one random-bits call site:
-    XLA compiles each generator call separately, so a per-leaf draw costs a
-    model with many leaves seconds of compile time). The numbers depend only on
-    ``key`` and the shapes, not on the layout: leaves with explicit sharding
-    types get their part of the same draw, resharded to their type (the draw
-    itself is replicated: a transient ``N`` numbers per device).
+    One draw of ``N`` numbers (``rows x N``) split over the leaves (one
+    random-bits call site: XLA compiles each generator call separately, so a
+    per-leaf draw costs a model with many leaves seconds of compile time). The
+    numbers depend only on ``key`` and the shapes, not on the layout: leaves
+    with explicit sharding types get their part of the same draw, resharded to
+    their type (the draw itself is replicated: a transient ``N`` numbers per
+    device and row).
     """
     leaves, treedef = jax.tree.flatten(a)
     if not leaves:
         return a
     sizes = [int(np.prod(jnp.shape(x), dtype=np.int64)) for x in leaves]
     wide = jnp.result_type(*[dt or jnp.result_type(x) for x in leaves])
-    flat = sampler(key, (sum(sizes),), wide)
-    parts = jnp.split(flat, np.cumsum(sizes)[:-1].tolist()) if len(sizes) > 1 else [flat]
+    lead = () if rows is None else (rows,)
+    flat = sampler(key, lead + (sum(sizes),), wide)
+    axis = len(lead)
+    parts = (jnp.split(flat, np.cumsum(sizes)[:-1].tolist(), axis=axis) if len(sizes) > 1
+             else [flat])
     out = []
     for p, x in zip(parts, leaves, strict=True):
-        y = p.reshape(jnp.shape(x)).astype(dt or jnp.result_type(x))
+        y = p.reshape(lead + jnp.shape(x)).astype(dt or jnp.result_type(x))
         sx = explicit_sharding(x)
-        out.append(y if sx is None else _like(y, sx, jnp.ndim(x)))
+        if sx is not None:
+            nd = jnp.ndim(x)
+            y = _like(y, sx, nd) if rows is None else _like(y, _stacked(sx, nd), nd + 1)
+        out.append(y)
     return jax.tree.unflatten(treedef, out)
 
 
@@ -225,9 +232,12 @@ def normal_like(key: jax.Array, a: PyTree, dt=None) -> PyTree:
     return _draw_like(jax.random.normal, key, a, dt)
 
 
-def rademacher_like(key: jax.Array, a: PyTree, dt=None) -> PyTree:
-    """Rademacher (+-1) pytree shaped (and explicitly sharded) like ``a``."""
-    return _draw_like(jax.random.rademacher, key, a, dt)
+def rademacher_like(key: jax.Array, a: PyTree, dt=None, rows: int | None = None) -> PyTree:
+    """Rademacher (+-1) pytree shaped (and explicitly sharded) like ``a``.
+
+    With ``rows``, a basis of ``rows`` such vectors (leading axis) from one draw.
+    """
+    return _draw_like(jax.random.rademacher, key, a, dt, rows)
 
 
 # --------------------------------------------------------- basis (leading m)

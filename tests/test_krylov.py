@@ -278,6 +278,27 @@ def test_lanczos_relation_on_long_vectors():
     np.testing.assert_allclose(np.asarray(out.residual_norms), true, rtol=1e-6, atol=1e-13)
 
 
+def test_eigsh_then_multiplies_vectors_built_from_the_answer_in_the_same_loop():
+    from curvlib.krylov import eigen
+
+    rng = np.random.default_rng(5)
+    n = 40
+    Qm = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    A = (Qm * np.concatenate([[6.0, 5.0, 5.0], np.linspace(-2.0, 2.0, n - 3)])) @ Qm.T
+    mv = lambda v: {"a": jnp.asarray(A) @ v["a"]}
+    v0 = {"a": jnp.asarray(rng.standard_normal(n))}
+    key = jax.random.PRNGKey(2)
+    then = lambda r: {"a": r.eigenvectors["a"][:2] + 1.0}  # depends on the answer
+    res, rows, products = jax.jit(
+        lambda v: eigen.eigsh_then(mv, v, 3, then, 2, key=key, tol=1e-10))(v0)
+    ref = eigsh(mv, v0, 3, key=key, tol=1e-10)
+    np.testing.assert_array_equal(res.eigenvalues, ref.eigenvalues)
+    assert int(res.num_matvecs) == int(ref.num_matvecs) and bool(res.converged)
+    np.testing.assert_allclose(rows["a"], np.asarray(ref.eigenvectors["a"][:2]) + 1.0,
+                               rtol=1e-12)
+    np.testing.assert_allclose(products["a"], np.asarray(rows["a"]) @ A, rtol=1e-12)
+
+
 def test_lanczos_without_reorthogonalisation_loses_orthogonality(lanczos_operator):
     m = 60
     v0 = _start(_like(200), 2)

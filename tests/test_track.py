@@ -315,6 +315,31 @@ def test_a_refresh_traces_the_loss_once():
     assert len(calls) == 1, len(calls)
 
 
+def test_a_refresh_compiles_the_product_once():
+    """The deflated trace's probe products run in eigsh's own loop: a tracked step with
+    6 probes holds as many copies of the model's tangent program as one without a
+    trace, while a separate probe block (``trace_method="hutchinson"``) adds one."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((7, 13)), jnp.float32)
+    params = {"w": jnp.asarray(rng.standard_normal((13, 11)), jnp.float32) / 4}
+
+    def loss(p):
+        return jnp.mean(jnp.tanh(x @ p["w"]) ** 2)
+
+    def model_dots(**kw):
+        opt = curvlib.track_curvature(3, 2, key=jax.random.PRNGKey(0), **kw)
+        step = jax.jit(lambda p, s: opt.update(p, s, p, value_fn=loss))
+        text = step.lower(params, opt.init(params)).as_text()
+        # dot products with the data matrix (7 x 13) belong to the model, nothing else
+        return sum("dot_general" in line and "tensor<7x13xf32>" in line
+                   for line in text.splitlines())
+
+    none = model_dots(num_probes=0)
+    assert none > 0
+    assert model_dots(num_probes=6) == none
+    assert model_dots(num_probes=6, trace_method="hutchinson") > none
+
+
 def test_nan_loss_at_refresh_keeps_previous_values_with_flag():
     opt, step, params = _shared_step()
     state = opt.init(params)

@@ -219,8 +219,10 @@ def inject(band: Band, q: PyTree, ok) -> Band:
                          nbas=band.nbas + ok.astype(jnp.int32))
 
 
-def apply_if(pred, fn, band: Band) -> Band:
+def apply_if(pred, fn, band):
     """``fn(band)`` if ``pred`` else ``band``, without a copy of the basis when not applied.
+
+    ``band`` may be any pytree holding a basis (a :class:`Band`, a solver state).
 
     A ``lax.cond`` whose other branch returns its operand makes XLA copy that
     operand, the whole ``(m, N)`` basis, at every call; a loop of at most one

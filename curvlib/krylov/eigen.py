@@ -481,15 +481,6 @@ def eigsh(
       *Implementation aspects of band Lanczos algorithms for computation of
       eigenvalues of large sparse symmetric matrices*, Math. Comp. 1979.
     """
-    _tree.check_float_tree(v0, "v0")
-    n = _tree.size(v0)
-    _validate.one_of(which, "which", WHICH)
-    k = _validate.static_int(k, "k", minimum=1)
-    if k > n - 1:
-        raise ValueError(
-            f"`k`={k} must be smaller than dim = {n} (the size of `v0`); for all eigenpairs "
-            "use a dense eigendecomposition (jnp.linalg.eigh)."
-        )
     if num_matvecs is not None:
         if basis_size is not None:
             raise ValueError("pass `basis_size` only (`num_matvecs` is its deprecated name).")
@@ -501,6 +492,25 @@ def eigsh(
             DeprecationWarning, stacklevel=2,
         )
         basis_size = num_matvecs
+    cfg, tol, max_matvecs, max_restarts = _configure(
+        matvec, v0, k, which, tol, basis_size, max_matvecs, max_restarts, num_keep, basis_dtype)
+    if _driver.is_host_driven(matvec):
+        return _solve_host(cfg, matvec, v0, key, tol, max_matvecs, max_restarts)
+    return _compiled(cfg, matvec, v0, key, tol, max_matvecs, max_restarts)
+
+
+def _configure(matvec, v0, k, which, tol, basis_size, max_matvecs, max_restarts, num_keep,
+               basis_dtype):
+    """Validated ``(cfg, tol, max_matvecs, max_restarts)`` for :func:`eigsh`'s arguments."""
+    _tree.check_float_tree(v0, "v0")
+    n = _tree.size(v0)
+    _validate.one_of(which, "which", WHICH)
+    k = _validate.static_int(k, "k", minimum=1)
+    if k > n - 1:
+        raise ValueError(
+            f"`k`={k} must be smaller than dim = {n} (the size of `v0`); for all eigenpairs "
+            "use a dense eigendecomposition (jnp.linalg.eigh)."
+        )
     if basis_size is None:
         m = min(n, max(4 * k, 20))
     else:
@@ -532,9 +542,7 @@ def eigsh(
         k=k, which=which, m=m, keep=keep, check_every=max(1, -(-m // 64)),
         max_inject=max(1, min(k, (m - k) // 2)), layout=layout, basis_dtype=basis_dtype, dim=n,
     )
-    if _driver.is_host_driven(matvec):
-        return _solve_host(cfg, matvec, v0, key, tol, max_matvecs, max_restarts)
-    return _compiled(cfg, matvec, v0, key, tol, max_matvecs, max_restarts)
+    return cfg, tol, max_matvecs, max_restarts
 
 
 def _solve_host(cfg, matvec, v0, key, tol, max_matvecs, max_restarts):
@@ -543,3 +551,79 @@ def _solve_host(cfg, matvec, v0, key, tol, max_matvecs, max_restarts):
     state = setup(v0, key, tol, max_matvecs, max_restarts)
     state = _driver.run_host(_request, _update, _running, cfg, matvec, state)
     return finish(state)
+
+
+# ----------------------------------------------- eigsh, then products that depend on it
+
+
+class _ThenState(NamedTuple):
+    eig: _State
+    result: EigshResult  # eigsh's answer, from the step its loop stopped
+    rows: PyTree  # (t, ...) the vectors ``then(result)`` to multiply
+    products: PyTree  # (t, ...) their products, filled in order
+    done: jax.Array  # int32: rows multiplied so far
+
+
+def eigsh_then(matvec, v0, k, then, num_rows, **kwargs):
+    """:func:`eigsh`, then the products of ``num_rows`` vectors built from its result: one loop.
+
+    ``then(result)`` returns a pytree of ``num_rows`` vectors shaped like ``v0``
+    (leading axis ``num_rows``); the loop multiplies them one by one after
+    eigsh's last product, through the same call site of ``matvec``, so the
+    compiled program holds the operator once (a separate block of products
+    would compile the model a second time: ``track_curvature``'s trace
+    probes). Returns ``(result, rows, products)``. ``kwargs`` are
+    :func:`eigsh`'s; ``matvec`` must be traceable (not host-driven).
+    """
+    if _driver.is_host_driven(matvec):
+        raise TypeError("eigsh_then needs a traceable `matvec`, not a host-driven operator.")
+    cfg, tol, max_matvecs, max_restarts = _configure(
+        matvec, v0, k, kwargs.pop("which", "LA"), kwargs.pop("tol", None),
+        kwargs.pop("basis_size", None), kwargs.pop("max_matvecs", None),
+        kwargs.pop("max_restarts", 1000), kwargs.pop("num_keep", None),
+        kwargs.pop("basis_dtype", None))
+    key = kwargs.pop("key", None)
+    if kwargs:
+        raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
+    num_rows = _validate.static_int(num_rows, "num_rows", minimum=1)
+    _compile.check_operator(matvec, v0, "matvec")
+    eig = _setup(cfg, v0, key, tol, max_matvecs, max_restarts)
+    result = _zeros(jax.eval_shape(lambda e: _finish(cfg, e), eig))
+    rows = _zeros(jax.eval_shape(then, result))
+    state = _ThenState(eig=eig, result=result, rows=rows, products=rows,
+                       done=jnp.zeros((), jnp.int32))
+
+    def switch(s):  # eigsh has stopped: its answer and the rows that depend on it
+        res = _finish(cfg, s.eig)
+        return s._replace(result=res, rows=then(res))
+
+    def row(s):
+        return jax.tree.map(lambda r: r[jnp.minimum(s.done, num_rows - 1)], s.rows)
+
+    def body(s):
+        searching = _running(cfg, s.eig)
+        v = jax.lax.cond(searching, lambda: _request(cfg, s.eig), lambda: row(s))
+        w = jax.tree.map(lambda a, b: jnp.asarray(a).astype(b.dtype), matvec(v), v)
+        eig = _band.apply_if(searching, lambda e: _update(cfg, e, w), s.eig)
+        s = s._replace(eig=eig)
+        s = _band.apply_if(searching & ~_running(cfg, eig), switch, s)
+        slot = jnp.where(searching, num_rows, s.done)  # out of range: dropped
+        products = jax.tree.map(lambda P, x: P.at[slot].set(x, mode="drop"), s.products, w)
+        return s._replace(products=products, done=s.done + (~searching).astype(jnp.int32))
+
+    state = _band.apply_if(~_running(cfg, eig), switch, state)
+    state = jax.lax.while_loop(lambda s: _running(cfg, s.eig) | (s.done < num_rows), body,
+                               state)
+    return state.result, state.rows, state.products
+
+
+def _zeros(shapes):
+    """Zeros for ``jax.eval_shape`` results, keeping explicit sharding types."""
+    def zeros(a):
+        s = getattr(a, "sharding", None)
+        mesh = getattr(s, "mesh", None)
+        explicit = (mesh is not None and not mesh.empty
+                    and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types))
+        return jnp.zeros(a.shape, a.dtype, out_sharding=s if explicit else None)
+
+    return jax.tree.map(zeros, shapes)

@@ -12,6 +12,7 @@ import numpy as np
 
 from curvlib import _compile, _tree
 from curvlib._validate import one_of, optional_int, static_int
+from curvlib.krylov import _space
 
 PyTree = Any
 
@@ -112,8 +113,8 @@ def _rowdots(P, Q, acc):
 
 
 def _probes(key, v_like, num):
-    keys = jax.random.split(key, num)
-    return jax.vmap(lambda k: _tree.rademacher_like(k, v_like))(keys)
+    """``num`` Rademacher probes shaped like ``v_like`` (leading axis): one draw of ``num x N``."""
+    return _tree.rademacher_like(key, v_like, rows=num)
 
 
 def _deflate_rows(Q, V, acc):
@@ -316,11 +317,14 @@ def hutchinson_trace(
     batch_size = optional_int(batch_size, "batch_size", minimum=1)
     _tree.check_float_tree(v_like, "v_like")
     acc = jnp.promote_types(_tree.dtype(v_like), jnp.float32)
-    block = lambda V: _block_matvec(matvec, V, batch_size, v_like)
+    space = probe_space(v_like)
+    like = space.flatten(v_like)
+    block = lambda V: space.flatten_basis(
+        _block_matvec(matvec, space.unflatten_basis(V), batch_size, v_like))
     if deflate is not None:
-        return _deflated_trace(block, v_like, key, num_probes, deflate, deflate_trace, acc)
+        return _deflated_trace(block, space, key, num_probes, deflate, deflate_trace, acc)
     if method == "hutchinson":
-        Z = _probes(key, v_like, num_probes)
+        Z = _probes(key, like, num_probes)
         AZ = block(Z)
         est, se = _quadratic_forms(Z, Z, AZ, AZ, acc)
         finite = _tree.all_finite(AZ)
@@ -329,9 +333,9 @@ def hutchinson_trace(
     s = num_probes // 3
     g = num_probes - 2 * s
     k1, k2 = jax.random.split(key)
-    Y = block(_probes(k1, v_like, s))
+    Y = block(_probes(k1, like, s))
     Q = _orthonormal_rows(Y, acc)
-    G = _probes(k2, v_like, g)
+    G = _probes(k2, like, g)
     Gd = _deflate_rows(Q, G, acc)
     AQ, AGd = _split_rows(block(_concat_rows(Q, Gd)), s)
     exact = jnp.trace(_tree.basis_gram(Q, AQ, acc))
@@ -341,8 +345,32 @@ def hutchinson_trace(
     return StochasticEstimate(est, se, num_probes, finite)
 
 
-def _deflated_trace(block, v_like, key, num_probes, Q, exact, acc):
-    """``tr(Q A Q^T)`` plus Hutchinson on ``P A P``, ``P = I - Q^T Q`` (``hutchinson_trace``)."""
+def probe_space(v_like) -> _space.Space:
+    """The layout the estimators work in: one flat array where the leaves allow.
+
+    Every probe-block operation (deflation, Gram matrices, quadratic forms) is
+    then one operation, not one per leaf: XLA compiles a per-leaf version of a
+    model with tens of leaves into tens of kernels each. Probes are the same
+    numbers in every layout (one draw of ``N`` numbers in leaf order).
+    """
+    return _space.Space(v_like, _space.choose_layout(v_like))
+
+
+def deflated_probes(space: _space.Space, key, num_probes, Q, acc):
+    """``(Z, P Z)``: the Rademacher probes of the deflated estimator and their projections.
+
+    In ``space``'s layout; ``P = I - Q^T Q`` with ``Q`` the (validated, see
+    :func:`_deflation_basis`) orthonormal rows. The products ``A P z_j`` may be
+    computed elsewhere (``track_curvature`` runs them in eigsh's loop) and
+    handed back through ``block``.
+    """
+    Z = _probes(key, space.flatten(space.like), num_probes)
+    return Z, _deflate_rows(Q, Z, acc)
+
+
+def _deflation_basis(space: _space.Space, Q):
+    """``deflate`` checked against ``v_like``, cast to its dtypes, in ``space``'s layout."""
+    v_like = space.like
     lv, lq = jax.tree.structure(v_like), jax.tree.structure(Q)
     if lv != lq:
         raise ValueError(
@@ -355,9 +383,17 @@ def _deflated_trace(block, v_like, key, num_probes, Q, exact, acc):
                 f"{jnp.shape(q)} for a leaf of shape {jnp.shape(x)}."
             )
     Q = jax.tree.map(lambda q, x: jnp.asarray(q).astype(jnp.result_type(x)), Q, v_like)
+    return space.flatten_basis(Q)
+
+
+def _deflated_trace(block, space, key, num_probes, Q, exact, acc):
+    """``tr(Q A Q^T)`` plus Hutchinson on ``P A P``, ``P = I - Q^T Q`` (``hutchinson_trace``).
+
+    ``block`` multiplies rows in ``space``'s layout; ``Q`` is the user's basis.
+    """
+    Q = _deflation_basis(space, Q)
     d = _tree.basis_size(Q)
-    G = _probes(key, v_like, num_probes)
-    Gd = _deflate_rows(Q, G, acc)
+    G, Gd = deflated_probes(space, key, num_probes, Q, acc)
     finite = jnp.asarray(True)
     used = num_probes
     if exact is None:
@@ -456,8 +492,10 @@ def hutchinson_diag(
     num_probes = _check_probes(num_probes)
     batch_size = optional_int(batch_size, "batch_size", minimum=1)
     _tree.check_float_tree(v_like, "v_like")
-    Z = _probes(key, v_like, num_probes)
-    AZ = _block_matvec(matvec, Z, batch_size, v_like)
+    space = probe_space(v_like)
+    Z = _probes(key, space.flatten(v_like), num_probes)
+    AZ = space.flatten_basis(
+        _block_matvec(matvec, space.unflatten_basis(Z), batch_size, v_like))
     prod = jax.tree.map(jnp.multiply, Z, AZ)
     est = jax.tree.map(lambda x: jnp.mean(x, axis=0), prod)
     if num_probes > 1:
@@ -466,6 +504,7 @@ def hutchinson_diag(
             lambda x: widen * jnp.std(x, axis=0, ddof=1) / np.sqrt(num_probes), prod)
     else:
         se = jax.tree.map(lambda x: jnp.full(x.shape[1:], jnp.inf, x.dtype), prod)
+    est, se = space.unflatten(est), space.unflatten(se)
     finite = _tree.all_finite(AZ)
     est, se = _nan_unless(finite, est, se)
     return StochasticEstimate(est, se, num_probes, finite)

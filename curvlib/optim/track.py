@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from curvlib import _tree
-from curvlib.krylov import eigsh, hutchinson_trace
+from curvlib.krylov import eigen, eigsh, hutchinson_trace, stochastic
 from curvlib.optim import _common
 
 PyTree = Any
@@ -257,12 +257,30 @@ def _measure(loss, params, extra_args, state: TrackCurvatureState, cfg: _Config)
         v0 = warm_start_vector(k_start, state.eigenvectors, params, cfg.warm_noise)
         # eigsh stops at the first Krylov depth certifying the k pairs, so a warm
         # start (few steps) and a cold one (more steps) share one basis size
-        res = eigsh(
-            matvec, v0, cfg.k, which=cfg.which, basis_size=cfg.basis_size, tol=cfg.tol,
-            max_restarts=cfg.max_restarts, key=jax.random.fold_in(k_start, 1),
-        )
+        opts = dict(which=cfg.which, basis_size=cfg.basis_size, tol=cfg.tol,
+                    max_restarts=cfg.max_restarts, key=jax.random.fold_in(k_start, 1))
+        if cfg.num_probes and cfg.trace_method == "deflated":
+            # the trace probes depend on the eigenvectors: their products run in eigsh's
+            # own loop, so the refresh compiles the product once
+            acc = jnp.promote_types(_tree.dtype(params), jnp.float32)
+            space = stochastic.probe_space(params)
+
+            def probes(r):  # the deflated probes P z_j, as vectors shaped like params
+                Q = stochastic._deflation_basis(space, r.eigenvectors)
+                _, PZ = stochastic.deflated_probes(space, k_trace, cfg.num_probes, Q, acc)
+                return space.unflatten_basis(PZ)
+
+            res, _, products = eigen.eigsh_then(matvec, v0, cfg.k, probes, cfg.num_probes,
+                                                **opts)
+            # the estimator draws the same probes again and takes their products from the loop
+            tr = stochastic._deflated_trace(
+                lambda rows: space.flatten_basis(products), space, k_trace, cfg.num_probes,
+                res.eigenvectors, jnp.sum(res.eigenvalues), acc)
+            trace, trace_se = tr.estimate, tr.stderr
+        else:
+            res = eigsh(matvec, v0, cfg.k, **opts)
+            trace, trace_se = _trace(matvec, params, k_trace, res, cfg, dt)
         vecs = jax.tree.map(lambda e, x: e.astype(x.dtype), res.eigenvectors, state.eigenvectors)
-        trace, trace_se = _trace(matvec, params, k_trace, res, cfg, dt)
         ok = res.finite & jnp.all(jnp.isfinite(res.eigenvalues))
         if cfg.num_probes:
             ok = ok & jnp.isfinite(trace)
@@ -370,9 +388,13 @@ def track_curvature(
 
     Compilation: a refresh linearises ``value_and_grad`` of the loss once; the
     loss, the gradient and every Hessian product of eigsh and of the trace come
-    from that one linearisation, so the model is traced and compiled once for
-    the refresh (the step's own gradient is a second copy). The refresh sits in
-    one ``lax.cond`` branch; the other branch computes nothing.
+    from that one linearisation, so the model is traced once for the refresh
+    (the step's own gradient is a second copy). The default trace's probe
+    products run in eigsh's own loop after its last product, so the compiled
+    refresh holds the product once; ``trace_method="hutch++"`` or
+    ``"hutchinson"`` multiply their probes as a separate ``vmap``-ed block, a
+    second compiled copy of the product. The refresh sits in one ``lax.cond``
+    branch; the other branch computes nothing.
 
     Cost: between refreshes nothing. A refresh costs one gradient, the eigsh
     products (eigsh stops at the first Krylov depth certifying the ``k`` pairs)
