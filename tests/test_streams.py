@@ -126,6 +126,42 @@ def test_one_compilation_per_batch_shape():
     assert sorted(traces) == [3, 5]  # a second product: no new trace
 
 
+def test_batches_per_call_stacks_equal_batches_into_one_call():
+    # 13 examples in batches of 2: six of 2 and a ragged 1. With batches_per_call=4 the
+    # pass runs as calls of 4, 2 and 1 batches: the same operator, keys and gradient
+    params, x, y, model, ce, loss, _ = _setup()
+    batches = lambda: ((x[i:i + 2], y[i:i + 2]) for i in range(0, N, 2))
+    traces = []
+
+    def build(p, b):
+        traces.append(b[0].shape[0])
+        return curvlib.hessian_matvec(loss, p, b)
+
+    v = jax.tree.map(jnp.ones_like, params)
+    one = curvlib.stream_matvec(build, params, batches)(v)
+    del traces[:]
+    H = curvlib.stream_matvec(build, params, batches, batches_per_call=4)
+    got = H(v)
+    _close(got, one)
+    _close(got, curvlib.hessian_matvec(loss, params, (jnp.asarray(x), jnp.asarray(y)))(v))
+    assert (H.num_examples, H.num_batches) == (N, 7)
+    # new programs: a scan over 4 stacked batches of 2 and one over 2; the ragged batch
+    # of 1 runs alone, in the per-batch program the first operator compiled already
+    assert sorted(traces) == [2, 2]
+    H(v)
+    assert sorted(traces) == [2, 2]  # no new trace on the next pass
+    key = jax.random.key(3)
+    mc = lambda p, b, k: curvlib.fisher_matvec(model, p, b[0], key=k)
+    _close(curvlib.stream_matvec(mc, params, batches, key=key, batches_per_call=3)(v),
+           curvlib.stream_matvec(mc, params, batches, key=key)(v))
+    value, grad = curvlib.stream_gradient(loss, params, batches, batches_per_call=5)
+    value1, grad1 = curvlib.stream_gradient(loss, params, batches)
+    assert abs(float(value) - float(value1)) <= 1e-12 * abs(float(value1))
+    _close(grad, grad1)
+    with pytest.raises(ValueError, match="batches_per_call"):
+        curvlib.stream_matvec(build, params, batches, batches_per_call=0)
+
+
 def test_a_host_driven_eigensolver_on_a_streamed_hessian():
     """SciPy's ARPACK drives the streamed operator from the host: it finds the top
     eigenvalue of the full-batch Hessian."""
