@@ -240,6 +240,19 @@ def rademacher_like(key: jax.Array, a: PyTree, dt=None, rows: int | None = None)
     return _draw_like(jax.random.rademacher, key, a, dt, rows)
 
 
+def apply_if(pred, fn, x):
+    """``fn(x)`` if ``pred`` else ``x``, without a copy of ``x`` when not applied.
+
+    A ``lax.cond`` whose other branch returns its operand makes XLA copy that
+    operand (a Krylov basis, Kronecker factors) at every call; a loop of at most
+    one trip keeps its carry in place, so work taken once in many steps costs
+    nothing at the other steps. ``fn`` may ignore ``x`` (then ``x`` is the value
+    to keep, shaped like ``fn``'s result).
+    """
+    return jax.lax.while_loop(lambda c: c[0], lambda c: (jnp.asarray(False), fn(c[1])),
+                              (jnp.asarray(pred), x))[1]
+
+
 # --------------------------------------------------------- basis (leading m)
 
 

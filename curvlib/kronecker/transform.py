@@ -476,13 +476,15 @@ def scale_by_kfac(
 
 
 def _every(every, count, run, skip):
-    """``run()`` when ``count % every == 0`` (in a ``lax.cond``), else ``skip()``.
+    """``run()`` when ``count % every == 0``, else ``skip()`` (the state kept as it is).
 
-    A static ``every == 1`` runs unconditionally (no ``cond``).
+    A static ``every == 1`` runs unconditionally. Otherwise a loop of at most one
+    trip (:func:`curvlib._tree.apply_if`), not a ``lax.cond``: a ``cond`` whose
+    skip branch returns the factors or inverses copies them at every step.
     """
     if isinstance(every, (int, np.integer)) and int(every) == 1:
         return run()
-    return jax.lax.cond(count % every == 0, run, skip)
+    return _tree.apply_if(count % every == 0, lambda _: run(), skip())
 
 
 def _state_shardings(layers, shardings, state, params):

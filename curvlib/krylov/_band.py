@@ -219,20 +219,6 @@ def inject(band: Band, q: PyTree, ok) -> Band:
                          nbas=band.nbas + ok.astype(jnp.int32))
 
 
-def apply_if(pred, fn, band):
-    """``fn(band)`` if ``pred`` else ``band``, without a copy of the basis when not applied.
-
-    ``band`` may be any pytree holding a basis (a :class:`Band`, a solver state).
-
-    A ``lax.cond`` whose other branch returns its operand makes XLA copy that
-    operand, the whole ``(m, N)`` basis, at every call; a loop of at most one
-    trip keeps its carry in place, so a restart taken once in tens of steps
-    costs nothing at the other steps.
-    """
-    return jax.lax.while_loop(lambda c: c[0], lambda c: (jnp.asarray(False), fn(c[1])),
-                              (jnp.asarray(pred), band))[1]
-
-
 def has_room(band: Band):
     """Whether the next product's remainder can be stored (a free row exists)."""
     return band.nbas < size(band)

@@ -271,7 +271,7 @@ def _update(cfg: _Cfg, s: _State, product) -> _State:
         K = jnp.where(new_round, k, jnp.minimum(cfg.keep, cfg.m - rest - 1))
         return _band.compress(band, ev.Y, K, drop_pending=new_round)
 
-    band = _band.apply_if(new_round | restart, compress, band)
+    band = _tree.apply_if(new_round | restart, compress, band)
     # after a restart the kept Ritz vectors are the first rows, in the same order
     m = cfg.m
     kept = jnp.where(new_round, k, jnp.sum(band.mult))
@@ -604,14 +604,14 @@ def eigsh_then(matvec, v0, k, then, num_rows, **kwargs):
         searching = _running(cfg, s.eig)
         v = jax.lax.cond(searching, lambda: _request(cfg, s.eig), lambda: row(s))
         w = jax.tree.map(lambda a, b: jnp.asarray(a).astype(b.dtype), matvec(v), v)
-        eig = _band.apply_if(searching, lambda e: _update(cfg, e, w), s.eig)
+        eig = _tree.apply_if(searching, lambda e: _update(cfg, e, w), s.eig)
         s = s._replace(eig=eig)
-        s = _band.apply_if(searching & ~_running(cfg, eig), switch, s)
+        s = _tree.apply_if(searching & ~_running(cfg, eig), switch, s)
         slot = jnp.where(searching, num_rows, s.done)  # out of range: dropped
         products = jax.tree.map(lambda P, x: P.at[slot].set(x, mode="drop"), s.products, w)
         return s._replace(products=products, done=s.done + (~searching).astype(jnp.int32))
 
-    state = _band.apply_if(~_running(cfg, eig), switch, state)
+    state = _tree.apply_if(~_running(cfg, eig), switch, state)
     state = jax.lax.while_loop(lambda s: _running(cfg, s.eig) | (s.done < num_rows), body,
                                state)
     return state.result, state.rows, state.products
