@@ -15,6 +15,7 @@ from curvlib import kronecker as kronecker  # K-FAC; its own namespace: curvlib.
 from curvlib import landscape as landscape  # its own namespace: curvlib.landscape.*
 from curvlib import optim
 from curvlib._compile import enable_compilation_cache
+from curvlib._status import CurvatureError, Status, raise_if_failed, status_message
 from curvlib.kronecker import (
     KfacCurvature,
     KfacInfo,
@@ -65,6 +66,11 @@ from curvlib.optim import *  # noqa: F403  (the names in optim.__all__, listed t
 __all__ = [
     "__version__",
     "enable_compilation_cache",
+    # one status convention for every result
+    "Status",
+    "status_message",
+    "raise_if_failed",
+    "CurvatureError",
     # operators
     "hvp",
     "hessian_matvec",

@@ -1,0 +1,147 @@
+"""One status vocabulary for every algorithm result and every transform ``Info``.
+
+Every result curvlib returns (``EigshResult``, ``LanczosResult``, ``CGResult``, ...,
+``NewtonCGInfo``, ``KfacInfo``, the Monte Carlo estimates) reports through the same fields:
+
+- ``converged``: the algorithm did what was asked (tolerance met, certificate given);
+- ``finite``: every input and every product it saw was finite;
+- ``num_matvecs``: operator products used;
+- ``status``: one ``int32`` code from :class:`Status`, whose message
+  :func:`status_message` returns.
+
+The codes are ordered by precedence: when several things happened, the status is the most
+serious one (:func:`from_flags`). Inside ``jax.jit`` the status is an array like every other
+field; an eager user who wants an exception calls :func:`raise_if_failed` on the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+
+class Status:
+    """Status codes shared by every curvlib result (``result.status``).
+
+    Attributes:
+      SUCCESS: the requested tolerance was met (or the result is exact).
+      MAX_STEPS: the product or step budget ran out before the tolerance was met.
+      BREAKDOWN: the Krylov recursion met an invariant subspace that left the answer
+        incomplete (e.g. fewer eigenpairs exist in the reachable space than asked for).
+      NONFINITE: an input, a product or a step was NaN or infinite.
+      NEGATIVE_CURVATURE: a direction of non-positive curvature was met where positive
+        curvature was assumed (CG's Steihaug exit; informational for Newton-CG).
+      STALLED: progress stopped without meeting the tolerance (a line search's step fell
+        below its floor, a step was rejected).
+    """
+
+    SUCCESS = 0
+    MAX_STEPS = 1
+    BREAKDOWN = 2
+    NONFINITE = 3
+    NEGATIVE_CURVATURE = 4
+    STALLED = 5
+
+
+_MESSAGES = (
+    "success",
+    "the product or step budget ran out before the tolerance was met",
+    "Krylov breakdown: an invariant subspace left the answer incomplete",
+    "a non-finite (NaN or inf) input, product or step was met",
+    "negative curvature: a direction with non-positive curvature was met",
+    "stalled: progress stopped before the tolerance was met",
+)
+
+_NAMES = ("SUCCESS", "MAX_STEPS", "BREAKDOWN", "NONFINITE", "NEGATIVE_CURVATURE", "STALLED")
+
+
+def status_message(code) -> str:
+    """The human message of a status code (a Python int or a concrete array).
+
+    Examples:
+      >>> from curvlib import Status, status_message
+      >>> status_message(Status.MAX_STEPS)
+      'MAX_STEPS: the product or step budget ran out before the tolerance was met'
+    """
+    c = int(np.asarray(code))
+    if not 0 <= c < len(_MESSAGES):
+        raise ValueError(f"`code` must be a curvlib Status code in [0, {len(_MESSAGES) - 1}]; "
+                         f"got {c}.")
+    return f"{_NAMES[c]}: {_MESSAGES[c]}"
+
+
+def from_flags(*, finite=True, converged=True, breakdown=False, negative_curvature=False,
+               stalled=False):
+    """The status code of a run from its flags, most serious first (traceable).
+
+    Precedence: ``NONFINITE`` > ``NEGATIVE_CURVATURE`` > ``BREAKDOWN`` > ``STALLED`` >
+    ``MAX_STEPS`` (not ``converged``) > ``SUCCESS``. A flag may be a Python bool or a
+    (possibly batched) array; the result is an ``int32`` array of the broadcast shape.
+    """
+    code = jnp.where(jnp.asarray(converged), Status.SUCCESS, Status.MAX_STEPS)
+    code = jnp.where(jnp.asarray(stalled), Status.STALLED, code)
+    code = jnp.where(jnp.asarray(breakdown), Status.BREAKDOWN, code)
+    code = jnp.where(jnp.asarray(negative_curvature), Status.NEGATIVE_CURVATURE, code)
+    code = jnp.where(jnp.asarray(finite), code, Status.NONFINITE)
+    return code.astype(jnp.int32)
+
+
+class CurvatureError(RuntimeError):
+    """Raised by :func:`raise_if_failed` for a result whose status is not a success.
+
+    Attributes:
+      status: the offending code(s) (a NumPy array).
+      result: the result object, so a caller can still inspect it.
+    """
+
+    def __init__(self, message: str, status, result):
+        super().__init__(message)
+        self.status = status
+        self.result = result
+
+
+def raise_if_failed(result: Any, *, allow=()):
+    """Return ``result`` if its ``status`` is ``SUCCESS`` (or in ``allow``), else raise.
+
+    The opt-in raise for eager code: every curvlib result and ``Info`` carries a
+    ``status`` field. Batched results (e.g. under ``vmap``) fail if any entry fails.
+    Do not call it inside ``jax.jit`` (the status is traced there; check it after the
+    call instead).
+
+    Args:
+      result: a curvlib result or ``Info`` (anything with a ``status`` attribute).
+      allow: codes that count as success too, e.g. ``(Status.NEGATIVE_CURVATURE,)``
+        for a CG solve whose Steihaug exit the caller handles.
+
+    Returns:
+      ``result`` unchanged.
+
+    Raises:
+      CurvatureError: naming the result's type and the message of the first failing code.
+      TypeError: if ``result`` has no ``status`` field, or it is traced.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib import cg, raise_if_failed
+      >>> res = raise_if_failed(cg(lambda v: 2.0 * v, jnp.ones(3)))
+      >>> res.x
+      Array([0.5, 0.5, 0.5], dtype=float32)
+    """
+    if not hasattr(result, "status"):
+        raise TypeError(f"`result` must be a curvlib result with a `status` field; got "
+                        f"{type(result).__name__}.")
+    try:
+        codes = np.asarray(result.status)
+    except Exception as e:  # a tracer
+        raise TypeError("`raise_if_failed` needs a concrete result: call it outside "
+                        "`jax.jit` (on the jitted function's output).") from e
+    ok = np.isin(codes, (Status.SUCCESS, *allow))
+    if not np.all(ok):
+        first = int(codes.reshape(-1)[np.argmin(ok.reshape(-1))])
+        n_bad = int(np.size(ok) - np.count_nonzero(ok))
+        where = "" if codes.ndim == 0 else f" ({n_bad} of {codes.size} entries)"
+        raise CurvatureError(f"{type(result).__name__} failed{where}: {status_message(first)}",
+                             codes, result)
+    return result
