@@ -1,12 +1,23 @@
 """curvlib: curvature for JAX.
 
-Three layers, each built only on the one below:
+Layers, each built only on those below it (as its imports say):
 
-1. operators (:mod:`curvlib.operators`): Hessian-, Gauss-Newton- and
-   microbatched curvature products on pytrees;
-2. algorithms (:mod:`curvlib.krylov`): Lanczos, thick-restart eigsh, power
+0. the base, private top-level modules every package shares: pytree algebra
+   and layouts (``_tree``), argument checks (``_validate``), compile caching
+   and operator properties (``_compile``), the routing of an optax
+   transform's ``value_fn`` (``_loss``) and the status codes (``_status``);
+1. algorithms (:mod:`curvlib.krylov`): Lanczos, thick-restart eigsh, power
    iteration, CG, Hutchinson and stochastic Lanczos quadrature on any matvec;
-3. uses: second-order optax transforms and :mod:`curvlib.landscape`.
+   they know nothing about losses;
+2. operators (:mod:`curvlib.operators`): Hessian-, Gauss-Newton- and
+   microbatched curvature products on pytrees, and the operators built on
+   layer 1 (``inverse_matvec`` on CG or eigsh, ``block_eigsh``);
+3. uses: second-order optax transforms (:mod:`curvlib.optim`, and K-FAC in
+   :mod:`curvlib.kronecker`, which needs only the base) and
+   :mod:`curvlib.landscape`.
+
+No package imports another's private modules or names: what two packages
+share lives in the base.
 """
 
 __version__ = "0.1.0"

@@ -30,13 +30,106 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 from jax.tree_util import Partial
 
+from curvlib import _validate
+
 PyTree = Any
+
+
+# ------------------------------------------------------------ weak caching
+
+
+def weak_cache(factory: Callable) -> Callable:
+    """Memoise ``factory(fn, *rest)`` without keeping ``fn`` (a user callable) alive.
+
+    The product builders return closures over a user function; caching them
+    makes equal calls return the *same* object, so a
+    :class:`~jax.tree_util.Partial` built on it has an equal tree definition and
+    jitted code taking it is not recompiled. ``functools.lru_cache`` would hold
+    every user function (and the arrays its closure captures) until evicted.
+    Here the entries are keyed *weakly* by ``fn`` and hold the results weakly
+    too (a result closes over ``fn``, so a strong value would keep its own key
+    alive): an entry lives exactly as long as something else (a matvec in use,
+    a jit cache holding its tree definition) uses the result. ``fn`` that cannot
+    be weakly referenced or hashed, unhashable ``rest`` and results that cannot
+    be weakly referenced are simply not cached.
+    """
+    cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @functools.wraps(factory)
+    def cached(fn, *rest):
+        try:
+            entries = cache.get(fn)
+            if entries is None:
+                entries = cache[fn] = weakref.WeakValueDictionary()
+            out = entries.get(rest)
+        except TypeError:  # unhashable, or not weakly referenceable
+            return factory(fn, *rest)
+        if out is None:
+            out = factory(fn, *rest)
+            try:
+                entries[rest] = out
+            except TypeError:  # a result that cannot be weakly referenced
+                pass
+        return out
+
+    return cached
+
+
+# ------------------------------------------------------ operator properties
+
+
+def is_host_driven(matvec) -> bool:
+    """Whether ``matvec`` is a *host-driven* operator: the one operator property curvlib reads.
+
+    An operator declares it with a class attribute ``host_driven = True``
+    (:class:`curvlib.StreamMatvec`, a restriction of one, an inverse of one):
+    each product runs Python on the host (it streams batches), so the
+    operator cannot be traced, jitted or differentiated, and an algorithm on
+    it runs its loop on the host, one compiled step per product. Every other
+    callable (a function, a :class:`~jax.tree_util.Partial`) is traceable.
+    Every layer asks this function, never the attribute itself.
+    """
+    return bool(getattr(matvec, "host_driven", False))
+
+
+# ---------------------------------------------------- stable linearisations
+
+
+class SameProgram:
+    """A linearised function's static part, equal to another that replays the same program.
+
+    ``jax.linearize`` returns a :class:`~jax.tree_util.Partial` whose residuals
+    are leaves but whose function (holding the tangent jaxpr) is a fresh object
+    on every call, so two linearisations at different points would make a
+    jitted consumer recompile. Comparing by the printed program instead lets
+    every product with the same model and shapes share one compilation.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.key = repr(fn)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __eq__(self, other):
+        return isinstance(other, SameProgram) and self.key == other.key
+
+    def __hash__(self):
+        return hash(self.key)
+
+
+def stable_linearized(lin):
+    if isinstance(lin, Partial):
+        return Partial(SameProgram(lin.func), *lin.args, **lin.keywords)
+    return lin
 
 
 # ------------------------------------------------------------------ operators
@@ -100,32 +193,12 @@ def as_operator(fn: Callable | None, example: PyTree, name: str = "matvec",
     if is_pytree_operator(fn):
         return fn
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(example)
-    check_shaped_like(example, out_shape, name, example_name)
+    _validate.same_structure(example, out_shape, example_name, f"{name}({example_name})")
     in_tree = jax.tree.structure(example)
     out_tree = jax.tree.structure(out_shape)
     key = (str(closed.jaxpr), in_tree, out_tree)
     program = _Program(closed.jaxpr, len(closed.consts), in_tree, out_tree, key)
     return Partial(program, *closed.consts)
-
-
-def check_shaped_like(example: PyTree, out: PyTree, name: str, example_name: str = "v0") -> None:
-    """Raise ``ValueError`` unless ``out`` (shapes) has ``example``'s structure and leaf shapes."""
-    te, to = jax.tree.structure(example), jax.tree.structure(out)
-    call = f"{name}({example_name})"
-    if te != to:
-        raise ValueError(
-            f"`{call}` must have the pytree structure of `{example_name}`: `{example_name}` has "
-            f"{te} but `{call}` has {to}."
-        )
-    paths = jax.tree_util.tree_leaves_with_path(example)
-    for (path, x), y in zip(paths, jax.tree.leaves(out), strict=True):
-        if tuple(jax.numpy.shape(x)) != tuple(y.shape):
-            where = jax.tree_util.keystr(path) or " (the root)"
-            raise ValueError(
-                f"`{call}` must have the leaf shapes of `{example_name}`: at {example_name}{where} "
-                f"the shape is {tuple(jax.numpy.shape(x))} but {call}{where} has "
-                f"{tuple(y.shape)}."
-            )
 
 
 _CHECKED: dict = {}  # operator/vector signatures whose shape check passed (bounded)
@@ -141,18 +214,21 @@ def check_operator(op, example: PyTree, name: str = "matvec", example_name: str 
     if op is None:
         return
     if not is_pytree_operator(op):
-        check_shaped_like(example, jax.eval_shape(op, example), name, example_name)
+        _validate.same_structure(example, jax.eval_shape(op, example), example_name,
+                                 f"{name}({example_name})")
         return
     try:
         sig = (jax.tree.structure(op), _avals(op), jax.tree.structure(example), _avals(example),
                name)
         hash(sig)
     except TypeError:  # unhashable static parts: check every time
-        check_shaped_like(example, jax.eval_shape(op, example), name, example_name)
+        _validate.same_structure(example, jax.eval_shape(op, example), example_name,
+                                 f"{name}({example_name})")
         return
     if sig in _CHECKED:
         return
-    check_shaped_like(example, jax.eval_shape(op, example), name, example_name)
+    _validate.same_structure(example, jax.eval_shape(op, example), example_name,
+                             f"{name}({example_name})")
     if len(_CHECKED) >= 512:
         _CHECKED.clear()
     _CHECKED[sig] = True
@@ -278,7 +354,7 @@ def function(*, static: Sequence[str] = (), operators: Mapping[str, str] | None 
             ops = [a[n] for n in operators]
             if is_traced(dynamic) or any(
                 o is not None and is_pytree_operator(o) and is_traced(o) for o in ops
-            ) or any(getattr(o, "host_driven", False) for o in ops):
+            ) or any(is_host_driven(o) for o in ops):
                 return public(**a)
             for op_name, ex_name in operators.items():
                 a[op_name] = as_operator(a[op_name], a[ex_name], op_name, ex_name)

@@ -1,9 +1,28 @@
-"""Eager argument checks shared by every layer: one rule per kind of argument.
+"""Eager argument checks shared by every layer: one function per kind of argument.
 
-Static integer options (``k``, ``basis_size``, ``num_probes``, ...) are all
-checked by :func:`static_int`, so they accept the same things everywhere
-(Python and NumPy integers) and fail the same way (a ``ValueError`` that names
-the argument, the value and the allowed range).
+Every public entry point of curvlib checks its arguments here, once, at its
+boundary, and calls unchecked internals below it. Each kind of argument has one
+rule, so it is accepted and refused the same way everywhere, with one message
+form::
+
+    `name` must be <what it must be>; got <what it is>.
+
+naming the pytree path (:func:`jax.tree_util.keystr`) when one leaf is at fault.
+
+=============================  =====================================================
+check                          for
+=============================  =====================================================
+:func:`static_int`             ints that fix a shape or a program (``k``, ``basis_size``)
+:func:`number`                 real hyperparameters: ``>= 0``, ``> 0``, in a range
+:func:`one_of`                 an option among fixed choices (``which``, ``mode``)
+:func:`prng_key`               one PRNG key; required unless optional (never a default)
+:func:`float_leaves`           a non-empty pytree of real floating arrays (``params``)
+:func:`same_structure`         a pytree shaped like another (tangents, ``v0``, ``matvec(v0)``)
+:func:`scalar_loss`            a loss's output: one real floating scalar (not per-sample)
+=============================  =====================================================
+
+Numeric hyperparameters stay traceable (``optax.inject_hyperparams``): a traced
+value passes :func:`number` unchecked. Static ints cannot be traced.
 """
 
 from __future__ import annotations
@@ -11,15 +30,26 @@ from __future__ import annotations
 import operator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import keystr
+
+
+class ArgumentError(ValueError, TypeError):
+    """A bad argument whose type or shape is wrong (a dtype, a loss's output shape).
+
+    Both a ``ValueError`` (what curvlib raises for a bad argument) and a
+    ``TypeError`` (what Python raises for a value of the wrong kind), so either
+    ``except`` catches it.
+    """
 
 
 def static_int(x, name: str, *, minimum: int | None = None, maximum: int | None = None,
-               what: str | None = None) -> int:
+               what: str | None = None, optional: bool = False, hint: str = "") -> int | None:
     """``x`` as a Python ``int`` in ``[minimum, maximum]``, else a ``ValueError`` naming ``name``.
 
     Accepts Python and NumPy integers (and 0-d integer NumPy arrays); rejects
-    bools, floats, strings and traced values (a static option cannot be a
+    bools, floats, strings and JAX arrays, traced or not (a static option cannot be a
     ``jit`` argument: it fixes a shape or a program).
 
     Args:
@@ -28,9 +58,11 @@ def static_int(x, name: str, *, minimum: int | None = None, maximum: int | None 
       minimum: smallest allowed value (inclusive), or ``None``.
       maximum: largest allowed value (inclusive), or ``None``.
       what: optional words for what the bound means (e.g. ``"the dimension of v0"``).
+      optional: accept (and return) ``None``.
+      hint: a sentence appended to the message for a traced value.
 
     Returns:
-      ``int(x)``.
+      ``int(x)`` (``None`` for an optional ``None``).
 
     Raises:
       ValueError: for a non-integer or out-of-range value.
@@ -44,13 +76,16 @@ def static_int(x, name: str, *, minimum: int | None = None, maximum: int | None 
       ...
       ValueError: `k` must be an int; got True (bool).
     """
-    if isinstance(x, jax.core.Tracer):
+    if x is None and optional:
+        return None
+    if isinstance(x, (jax.core.Tracer, jax.Array)):
         raise ValueError(
-            f"`{name}` must be a static Python int, not a traced value: it fixes the shape of "
+            f"`{name}` must be a static Python int, not a JAX array ({x!r}): it fixes the shape of "
             f"the computation. Pass it as a Python int (under `jax.jit`, mark it static with "
-            f"`static_argnames=({name!r},)` or bind it with functools.partial); curvlib's "
+            f"`static_argnames=({name!r},)` or bind it with functools.partial; under "
+            f"`optax.inject_hyperparams`, list it in `static_args=({name!r},)`); curvlib's "
             "functions are compiled and cached by themselves, so an eager call is as fast as "
-            "a jitted one from the second call on."
+            "a jitted one from the second call on." + (" " + hint if hint else "")
         )
     if isinstance(x, (bool, np.bool_)):
         raise ValueError(f"`{name}` must be an int; got {x!r} (bool).")
@@ -58,36 +93,244 @@ def static_int(x, name: str, *, minimum: int | None = None, maximum: int | None 
         v = operator.index(x)
     except TypeError:
         raise ValueError(f"`{name}` must be an int; got {x!r} ({type(x).__name__}).") from None
-    lo, hi = minimum, maximum
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        if lo is not None and hi is not None:
-            rng = f"in [{lo}, {hi}]"
-        elif lo is not None:
-            rng = f">= {lo}"
-        else:
-            rng = f"<= {hi}"
+    if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
         extra = f" ({what})" if what else ""
-        raise ValueError(f"`{name}` must be {rng}{extra}; got {v}.")
+        raise ValueError(f"`{name}` must be {_range(minimum, maximum)}{extra}; got {v}.")
     return int(v)
 
 
-def optional_int(x, name: str, **bounds) -> int | None:
-    """``None`` or :func:`static_int`."""
-    return None if x is None else static_int(x, name, **bounds)
+def _range(lo, hi, exclusive: bool = False) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if exclusive else '['}{lo}, {hi}]"
+    if lo is not None:
+        return f"{'>' if exclusive else '>='} {lo}"
+    return f"<= {hi}"
 
 
-def one_of(x, name: str, choices) -> str:
-    """``x`` if it is one of ``choices``, else a ``ValueError`` listing them."""
-    if x not in choices:
+def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
+           finite: bool = True, optional: bool = False, integer: bool = False,
+           what: str | None = None):
+    """A real hyperparameter in a range; concrete values are checked, traced ones pass.
+
+    ``x`` may be a scalar or an array (every entry is checked): ``minimum`` is
+    exclusive with ``exclusive`` (``> 0``), ``maximum`` inclusive. A traced
+    value (``optax.inject_hyperparams`` under ``jit``) is returned as is.
+
+    Args:
+      x: the value.
+      name: the argument's name.
+      minimum, maximum: the bounds, or ``None``.
+      exclusive: ``minimum`` itself is refused.
+      finite: refuse NaN and infinities.
+      optional: accept ``None``.
+      integer: refuse non-integral values (a traceable count such as ``every``).
+      what: optional words after the range (e.g. ``"for method='lowrank'"``).
+
+    Returns:
+      ``x`` unchanged.
+
+    Raises:
+      ValueError: for a complex, non-numeric, NaN/Inf (with ``finite``) or
+        out-of-range value.
+
+    Examples:
+      >>> number(0.5, "ema_decay", minimum=0.0, maximum=1.0)
+      0.5
+      >>> number(-1.0, "damping", minimum=0)
+      Traceback (most recent call last):
+      ...
+      ValueError: `damping` must be >= 0; got -1.0.
+    """
+    if (x is None and optional) or isinstance(x, jax.core.Tracer):
+        return x
+    rng = _range(minimum, maximum, exclusive) if (minimum, maximum) != (None, None) else ""
+    rng = rng + (f" {what}" if what else "")
+    kind = "an integer" if integer else "a real number"
+    try:
+        v = np.asarray(x)
+        ok_type = v.dtype.kind in ("iu" if integer else "iuf") and not isinstance(x, bool)
+        if integer and v.dtype.kind == "f":  # an integral float (from a config file)
+            ok_type = bool(np.all(np.isfinite(v)) and np.all(v == np.round(v)))
+    except (TypeError, ValueError):
+        ok_type = False
+    if not ok_type:
+        raise ValueError(f"`{name}` must be {kind}{' ' + rng if rng else ''}; got {x!r}.")
+    v = v.astype(np.float64)
+    if finite and not np.all(np.isfinite(v)):
+        raise ValueError(f"`{name}` must be finite{' and ' + rng if rng else ''}; got {x!r}.")
+    low = minimum is not None and not np.all(v > minimum if exclusive else v >= minimum)
+    if low or (maximum is not None and not np.all(v <= maximum)):
+        raise ValueError(f"`{name}` must be {(kind + ' ') if integer else ''}{rng}; got {x!r}.")
+    return x
+
+
+def one_of(x, name: str, choices):
+    """``x`` if it is one of ``choices``, else a ``ValueError`` listing them.
+
+    A bool is only equal to a bool choice (``1`` is not ``True`` here).
+    """
+    if not any(x is c or (type(x) is type(c) and x == c) for c in choices):
         raise ValueError(f"`{name}` must be one of {tuple(choices)}; got {x!r}.")
     return x
 
 
-def nonneg_number(x, name: str):
-    """A concrete real number must be finite and ``>= 0`` (a traced value is taken as is)."""
-    if isinstance(x, jax.core.Tracer):
-        return x
-    v = np.asarray(x)
-    if v.ndim != 0 or not np.isreal(v) or not np.isfinite(v) or v < 0:
-        raise ValueError(f"`{name}` must be a finite number >= 0; got {x!r}.")
-    return x
+def prng_key(key, name: str = "key", *, optional: bool = False):
+    """``key`` if it is one PRNG key (typed ``jax.random.key`` or raw ``uint32[2]``).
+
+    curvlib never draws from a silent default key: a ``key`` without a
+    default is required (``None`` is refused unless ``optional``).
+
+    Raises:
+      ValueError: for ``None`` (unless ``optional``), a key array or a non-key.
+    """
+    if key is None:
+        if optional:
+            return None
+        raise ValueError(f"`{name}` is required (an explicit PRNG key; there is no default "
+                         "key); got None.")
+    dt = getattr(key, "dtype", None)
+    if dt is not None and is_key_dtype(dt):
+        if jnp.shape(key) != ():
+            raise ValueError(f"`{name}` must be a single PRNG key; got a key array of shape "
+                             f"{jnp.shape(key)} (vmap over keys instead).")
+        return key
+    if dt is not None and dt == jnp.uint32 and tuple(jnp.shape(key)) == (2,):
+        return key
+    raise ValueError(f"`{name}` must be a PRNG key (`jax.random.key(0)` or "
+                     f"`jax.random.PRNGKey(0)`); got {key!r}.")
+
+
+def is_key_dtype(dt) -> bool:
+    """Whether ``dt`` is a typed PRNG key dtype (``jax.random.key``)."""
+    return jax.dtypes.issubdtype(dt, jax.dtypes.prng_key)
+
+
+_KEY_ADVICE = ("A key is not a parameter. Do not cast it: pass the key to the function as an "
+               "extra argument after the parameters (or close over it).")
+_ADVICE = ("If the leaf is a trainable parameter, cast it to a floating dtype (float32, "
+           "float64, bfloat16, ...); if it is not (a PRNG key, a step counter, integer state, "
+           "a mask), do not cast it: take it out of the parameters and pass it to the function "
+           "as an extra argument after them.")
+
+
+def float_leaves(tree, name: str, *, prefix: str = "", key_advice: str = _KEY_ADVICE,
+                 advice: str = _ADVICE) -> None:
+    """Raise unless ``tree`` is a non-empty pytree of real floating arrays.
+
+    The message names the offending leaf by its pytree path
+    (``params['dense']['kernel']``) and gives the fix that fits the leaf: a
+    typed PRNG key, a raw ``uint32`` key or other integer state must leave
+    the tree (be passed as an extra argument), never be cast; a complex leaf
+    is stored as two real ones.
+
+    Args:
+      tree: the pytree.
+      name: its argument name.
+      prefix: words before the message (e.g. ``"scale_by_newton_cg.init: "``).
+      key_advice: the fix for a PRNG-key leaf.
+      advice: the fix for another non-floating leaf.
+
+    Raises:
+      ArgumentError: (a ``ValueError`` and a ``TypeError``) for an empty tree or
+        a leaf that is not real floating.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    if not flat:
+        raise ArgumentError(f"{prefix}`{name}` must hold at least one floating array; got an "
+                            "empty pytree.")
+    for path, x in flat:
+        dt = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+        where = f"{prefix}`{name}{keystr(path)}` must be a real floating array; got"
+        if is_key_dtype(dt):
+            raise ArgumentError(f"{where} a PRNG key (dtype {dt}). {key_advice}")
+        if jnp.issubdtype(dt, jnp.complexfloating):
+            raise ArgumentError(
+                f"{where} dtype {dt}. The curvature of a real loss in complex parameters is a "
+                "real operator on their real and imaginary parts: store those as two real "
+                "leaves."
+            )
+        if not jnp.issubdtype(dt, jnp.floating):
+            raw_key = dt == jnp.uint32 and tuple(jnp.shape(x))[-1:] == (2,)
+            raw = (" It looks like a raw uint32 PRNG key (trailing axis 2): do not cast it."
+                   if raw_key else "")
+            raise ArgumentError(f"{where} dtype {jnp.dtype(dt).name}.{raw} {advice}")
+
+
+def same_structure(a, b, name_a: str, name_b: str, *, what: str = "") -> None:
+    """Raise ``ValueError`` unless ``b`` has ``a``'s pytree structure and leaf shapes.
+
+    ``a`` and ``b`` may hold arrays or ``jax.ShapeDtypeStruct`` s (the output of
+    ``jax.eval_shape``). The message names the leaves only one of them has,
+    or the first leaf (by its path) whose shapes differ.
+
+    Args:
+      a, b: the reference pytree and the one checked against it.
+      name_a, name_b: their names in the message (``"params"``, ``"tangent"``).
+      what: optional words appended to the message (the fix).
+    """
+    tail = (" " + what) if what else ""
+    ta, tb = jax.tree.structure(a), jax.tree.structure(b)
+    fa = jax.tree_util.tree_flatten_with_path(a)[0]
+    fb = jax.tree_util.tree_flatten_with_path(b)[0]
+    if ta != tb:
+        pa, pb = [keystr(p) for p, _ in fa], [keystr(p) for p, _ in fb]
+        only_a = [p for p in pa if p not in pb][:3]
+        only_b = [p for p in pb if p not in pa][:3]
+        detail = ""
+        if only_a or only_b:
+            detail = (f" Leaves only in {name_a}: {only_a or 'none'}; only in {name_b}: "
+                      f"{only_b or 'none'}.")
+        raise ValueError(
+            f"`{name_b}` must match `{name_a}` in pytree structure and leaf shapes; got "
+            f"{name_a}: {ta} and {name_b}: {tb}.{detail}{tail}"
+        )
+    for (path, x), (_, y) in zip(fa, fb, strict=True):
+        if tuple(jnp.shape(x)) != tuple(jnp.shape(y)):
+            p = keystr(path)
+            raise ValueError(
+                f"`{name_b}` must match `{name_a}` in pytree structure and leaf shapes; got "
+                f"{name_b}{p} of shape {tuple(jnp.shape(y))} where {name_a}{p} has shape "
+                f"{tuple(jnp.shape(x))}.{tail}"
+            )
+
+
+def scalar_loss(out, name: str, *, has_aux: bool = False):
+    """The loss inside a loss function's output ``out``, checked to be one real floating scalar.
+
+    ``out`` is what the function returned (arrays, or ``jax.ShapeDtypeStruct`` s
+    from ``jax.eval_shape``): the loss, or ``(loss, aux)`` with ``has_aux``.
+    Every curvlib entry point that takes a loss refuses a per-sample (vector)
+    loss through this check: curvature, gradients and the landscape's sample
+    weighting are defined for the scalar (mean) loss only.
+
+    Returns:
+      The loss (``out`` or ``out[0]``).
+
+    Raises:
+      ArgumentError: (a ``ValueError`` and a ``TypeError``) for a missing
+        ``(loss, aux)`` pair, a non-scalar or a non-floating loss.
+    """
+    one_of(has_aux, "has_aux", (True, False))
+    if has_aux:
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise ArgumentError(
+                f"`{name}` must return a pair `(loss, aux)` (it was declared with "
+                f"`has_aux=True`); got {jax.tree.structure(out)}."
+            )
+        out = out[0]
+    leaves = jax.tree.leaves(out)
+    if len(leaves) != 1 or tuple(jnp.shape(leaves[0])) != ():
+        got = (f"shape {tuple(jnp.shape(leaves[0]))}" if len(leaves) == 1
+               else f"{len(leaves)} leaves of shapes {[tuple(jnp.shape(x)) for x in leaves]}")
+        hint = ""
+        if not has_aux and isinstance(out, (tuple, list)) and len(out) == 2:
+            hint = " If it returns `(loss, aux)`, pass `has_aux=True`."
+        raise ArgumentError(
+            f"`{name}` must return a scalar loss (shape ()); it returned {got}. A per-sample "
+            "loss is not accepted: reduce it over the batch (e.g. `jnp.mean`) before asking "
+            f"for curvature.{hint}"
+        )
+    dt = jnp.result_type(leaves[0])
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ArgumentError(f"`{name}` must return a real floating scalar; got dtype {dt}.")
+    return out

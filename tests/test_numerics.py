@@ -212,11 +212,11 @@ def test_cg_refuses_bad_damping_and_tolerances():
     I = lambda v: v
     b = jnp.ones(3)
     for bad in (-1e-3, float("nan"), np.float64(-2.0)):
-        with pytest.raises(ValueError, match="`damping` must be a finite number >= 0"):
+        with pytest.raises(ValueError, match=r"`damping` must be (finite and )?>= 0"):
             cg(I, b, damping=bad)
-    with pytest.raises(ValueError, match="`rtol` must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"`rtol` must be (finite and )?>= 0"):
         cg(I, b, rtol=-1.0)
-    with pytest.raises(ValueError, match="`atol` must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"`atol` must be (finite and )?>= 0"):
         cg(I, b, atol=float("inf"))
     # a traced damping is taken as it is (it may be computed, e.g. by an optimizer)
     out = jax.jit(lambda lam: cg(I, b, damping=lam).x)(1.0)

@@ -561,11 +561,12 @@ def test_params_dtype_errors_name_the_leaf_and_never_advise_casting_a_key():
     for make in (optim.newton_cg, optim.newton, optim.bfgs, lambda: optim.svrg(0.1),
                  lambda: optim.track_curvature(1, 1, key=jax.random.PRNGKey(0))):
         tx = make()
-        with pytest.raises(ValueError, match=r"`params\['rngs'\]\['default'\]` is a PRNG key") \
-                as err:
+        with pytest.raises(ValueError, match=r"`params\['rngs'\]\['default'\]` must be a real "
+                                             r"floating array; got a PRNG key") as err:
             tx.init(keyed)
         assert "cast" not in str(err.value) and "nnx.Param" in str(err.value)
-        with pytest.raises(ValueError, match=r"`params\['step'\]` has dtype int32.*outside "
+        with pytest.raises(ValueError, match=r"`params\['step'\]` must be a real floating array; "
+                                             r"got dtype int32.*outside "
                                              r"`params`.*only if it really is a parameter"):
             tx.init(counted)
 

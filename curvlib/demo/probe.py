@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _tree
+from curvlib import _tree, _validate
 from curvlib import landscape as ls
 from curvlib.demo import data as _data
 from curvlib.demo import models as _models
@@ -81,22 +81,21 @@ class ProbeConfig:
         configuration (:func:`parameter_count`), the corpus size from the text
         (``corpus`` is loaded when not given).
         """
-        _positive_ints(self, "d_model", "num_layers", "num_heads", "seq_len", "batch_size", "k",
-                       "num_sigmas", "basis_size", "sample_batch_size")
-        _nonnegative_ints(self, "train_steps", "timing_repeats", "seed")
+        _ints(self, ("d_model", "num_layers", "num_heads", "seq_len", "batch_size", "k",
+                     "num_sigmas", "basis_size", "sample_batch_size"), 1)
+        _ints(self, ("train_steps", "timing_repeats", "seed"), 0)
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model (--d-model) = {self.d_model} must be a multiple of num_heads "
                 f"(--heads) = {self.num_heads}: each head gets d_model / num_heads features."
             )
         for name in ("num_samples", "full_samples"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 2:
-                raise ValueError(f"{_flag(name)} must be an int >= 2 (a standard error needs "
-                                 f"two draws); got {v!r}.")
-        if self.microbatch_size is not None:
-            _positive_ints(self, "microbatch_size")
-        _positive_floats(self, "learning_rate", "sigma_min", "sigma_max", "eig_tol")
+            _validate.static_int(getattr(self, name), _flag(name), minimum=2,
+                                 what="a standard error needs two draws")
+        _validate.static_int(self.microbatch_size, _flag("microbatch_size"), minimum=1,
+                             optional=True)
+        for name in ("learning_rate", "sigma_min", "sigma_max", "eig_tol"):
+            _validate.number(getattr(self, name), _flag(name), minimum=0, exclusive=True)
         if self.sigma_max < self.sigma_min or (self.num_sigmas > 1
                                                and self.sigma_max == self.sigma_min):
             raise ValueError(
@@ -104,7 +103,8 @@ class ProbeConfig:
                 f"(--sigma-min) = {self.sigma_min!r} (equal only with --num-sigmas 1)."
             )
         dims = tuple(self.dims)
-        if not dims or not all(_is_int(d) and d >= 1 for d in dims):
+        if not dims or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+                               and d >= 1 for d in dims):
             raise ValueError(f"dims (--dims) must be positive ints, e.g. 1,4,16; got {dims!r}.")
         if list(dims) != sorted(set(dims)):
             raise ValueError(f"dims (--dims) must be increasing (nested subspaces); got {dims!r}.")
@@ -131,34 +131,14 @@ class ProbeConfig:
         return n
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
 def _flag(name: str) -> str:
     flags = {"num_layers": "--layers", "num_heads": "--heads", "basis_size": "--basis-size"}
     return f"{name} ({flags.get(name, '--' + name.replace('_', '-'))})"
 
 
-def _positive_ints(cfg, *names):
+def _ints(cfg, names, minimum):
     for name in names:
-        v = getattr(cfg, name)
-        if not _is_int(v) or v < 1:
-            raise ValueError(f"{_flag(name)} must be a positive int; got {v!r}.")
-
-
-def _nonnegative_ints(cfg, *names):
-    for name in names:
-        v = getattr(cfg, name)
-        if not _is_int(v) or v < 0:
-            raise ValueError(f"{_flag(name)} must be an int >= 0; got {v!r}.")
-
-
-def _positive_floats(cfg, *names):
-    for name in names:
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
-            raise ValueError(f"{_flag(name)} must be a finite number > 0; got {v!r}.")
+        _validate.static_int(getattr(cfg, name), _flag(name), minimum=minimum)
 
 
 def parameter_count(config: _models.TransformerConfig) -> int:

@@ -1,4 +1,8 @@
-"""K-FAC: Kronecker-factored curvature without layer tags, and the optax transform."""
+"""Layer 3: K-FAC, Kronecker-factored curvature without layer tags, and the optax transform.
+
+Built on the base only (``curvlib._tree``, ``_validate``, ``_loss``): it computes its
+own curvature factors and needs neither the operators nor the Krylov algorithms.
+"""
 
 from curvlib.kronecker.curvature import Factors, KfacCurvature, kfac_curvature
 from curvlib.kronecker.discovery import Fallback, KfacLayers, Layer, find_layers

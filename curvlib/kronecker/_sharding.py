@@ -18,27 +18,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from curvlib._tree import param_shardings  # noqa: F401  (this module's callers use it here)
 from curvlib.kronecker.discovery import KfacLayers, apply_chain
-
-
-def param_shardings(params):
-    """The leaves' ``NamedSharding``s on one multi-device Auto mesh, else ``None``."""
-    out = []
-    mesh = None
-    for x in jax.tree.leaves(params):
-        s = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
-        if isinstance(x, jax.core.Tracer) or not isinstance(s, NamedSharding):
-            return None
-        if any(t != jax.sharding.AxisType.Auto for t in s.mesh.axis_types):
-            return None
-        if mesh is None:
-            mesh = s.mesh
-        elif s.mesh != mesh:
-            return None
-        out.append(s)
-    if mesh is None or mesh.size == 1:
-        return None
-    return out
 
 
 def _spec(s: NamedSharding, ndim: int) -> tuple:

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial, register_pytree_node_class
 
-from curvlib import _validate
+from curvlib import _tree, _validate
 from curvlib.kronecker import _likelihood, _program, _sharding
 from curvlib.kronecker.discovery import (
     KfacLayers,
@@ -660,7 +660,7 @@ def kfac_curvature(
     factors, _ = _statistics_jit(layers, params, batch_leaves(args),
                                  tuple(layers.program.consts.values()), likelihood, key,
                                  num_samples, convention, variance)
-    return KfacCurvature(factors, layers, _sharding.param_shardings(params))
+    return KfacCurvature(factors, layers, _tree.param_shardings(params))
 
 
 def batch_leaves(args) -> list:

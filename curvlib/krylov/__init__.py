@@ -1,4 +1,4 @@
-"""Layer 2: matrix-free algorithms on any symmetric matvec over pytrees.
+"""Layer 1: matrix-free algorithms on any symmetric matvec over pytrees (built on the base only).
 
 Modules: :mod:`~curvlib.krylov.tridiag` (``lanczos``), :mod:`~curvlib.krylov.eigen`
 (``eigsh``), :mod:`~curvlib.krylov.power` (``power_iteration``),

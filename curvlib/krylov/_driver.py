@@ -22,12 +22,9 @@ from typing import Any
 
 import jax
 
+from curvlib._compile import is_host_driven  # noqa: F401  (the operator property)
+
 PyTree = Any
-
-
-def is_host_driven(matvec) -> bool:
-    """Whether ``matvec`` is a host-driven operator (``host_driven = True``): not traceable."""
-    return bool(getattr(matvec, "host_driven", False))
 
 
 def run(request: Callable, update: Callable, running: Callable, cfg, matvec: Callable, state):

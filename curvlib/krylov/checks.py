@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _compile, _tree
-from curvlib._validate import nonneg_number, static_int
+from curvlib import _compile, _tree, _validate
 
 PyTree = Any
 
@@ -37,7 +36,7 @@ class SymmetryCheck(NamedTuple):
 
 def _precheck(matvec, v_like, key, num_pairs, rtol):
     if rtol is not None and not isinstance(rtol, jax.Array):
-        nonneg_number(rtol, "rtol")
+        _validate.number(rtol, "rtol", minimum=0)
 
 
 @_compile.function(static=("num_pairs",), operators={"matvec": "v_like"}, precheck=_precheck)
@@ -92,10 +91,10 @@ def check_symmetric(
       >>> bool(check_symmetric(lambda v: S @ v, jnp.zeros(2), jax.random.PRNGKey(0)).symmetric)
       True
     """
-    _tree.check_float_tree(v_like, "v_like")
-    num_pairs = static_int(num_pairs, "num_pairs", minimum=1)
+    _validate.float_leaves(v_like, "v_like")
+    num_pairs = _validate.static_int(num_pairs, "num_pairs", minimum=1)
     if rtol is not None and not isinstance(rtol, jax.Array):
-        nonneg_number(rtol, "rtol")
+        _validate.number(rtol, "rtol", minimum=0)
     acc = _tree.acc_dtype(*jax.tree.leaves(v_like))
     if rtol is None:
         rtol = float(np.sqrt(np.finfo(acc).eps))
@@ -105,10 +104,10 @@ def check_symmetric(
     def product(v):
         out = matvec(v)
         # checked at the operator's (only) trace
-        _tree.check_same_structure(v_like, out, "v_like", "matvec(v_like)")
+        _validate.same_structure(v_like, out, "v_like", "matvec(v_like)")
         return jax.tree.map(lambda y, x: jnp.asarray(y).astype(x.dtype), out, v)
 
-    if getattr(matvec, "host_driven", False):  # streamed data: one pass for the whole block
+    if _compile.is_host_driven(matvec):  # streamed data: one pass for the whole block
         products = matvec.matmat(probes) if hasattr(matvec, "matmat") else jax.tree.map(
             lambda *r: jnp.stack(r),
             *[matvec(jax.tree.map(lambda x, i=i: x[i], probes)) for i in range(2 * num_pairs)])

@@ -6,7 +6,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from curvlib import _compile, _tree, _validate
 from curvlib.krylov import _driver, _space, tridiag
@@ -34,15 +33,6 @@ class SpectralDensity(NamedTuple):
     weights: jax.Array
     sigma: jax.Array
     finite: Any = True
-
-
-def _check_sigma(sigma):
-    """A concrete ``sigma`` must be a positive finite scalar (a traced one is taken as is)."""
-    if sigma is None or isinstance(sigma, jax.core.Tracer):
-        return
-    s = np.asarray(sigma)
-    if s.ndim != 0 or not np.isfinite(s) or not s > 0:
-        raise ValueError(f"`sigma` must be a positive, finite scalar; got {sigma!r}.")
 
 
 def _quadrature(cfg, matvec, v):
@@ -149,8 +139,8 @@ def spectral_density(
     """
     num_probes = _validate.static_int(num_probes, "num_probes", minimum=1)
     num_points = _validate.static_int(num_points, "num_points", minimum=1)
-    _check_sigma(sigma)
-    _tree.check_float_tree(v_like, "v_like")
+    _validate.number(sigma, "sigma", minimum=0, exclusive=True, optional=True)
+    _validate.float_leaves(v_like, "v_like")
     n = _tree.size(v_like)
     m = _validate.static_int(num_matvecs, "num_matvecs", minimum=1, maximum=n,
                              what=f"the dimension of v_like is {n}")

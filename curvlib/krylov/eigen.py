@@ -502,7 +502,7 @@ def eigsh(
 def _configure(matvec, v0, k, which, tol, basis_size, max_matvecs, max_restarts, num_keep,
                basis_dtype):
     """Validated ``(cfg, tol, max_matvecs, max_restarts)`` for :func:`eigsh`'s arguments."""
-    _tree.check_float_tree(v0, "v0")
+    _validate.float_leaves(v0, "v0")
     n = _tree.size(v0)
     _validate.one_of(which, "which", WHICH)
     k = _validate.static_int(k, "k", minimum=1)
@@ -532,7 +532,7 @@ def _configure(matvec, v0, k, which, tol, basis_size, max_matvecs, max_restarts,
             eps_max = max(eps_max, float(jnp.finfo(basis_dtype).eps))
         tol = float(np.sqrt(eps_max))
     else:
-        _validate.nonneg_number(tol, "tol")
+        _validate.number(tol, "tol", minimum=0)
     if _driver.is_host_driven(matvec):
         layout = _space.choose_layout(v0)
     else:

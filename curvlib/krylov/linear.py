@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _compile, _tree
-from curvlib._validate import nonneg_number, static_int
+from curvlib import _compile, _tree, _validate
 from curvlib.krylov import _driver
 
 PyTree = Any
@@ -78,7 +77,7 @@ def _check_config(x, name: str) -> None:
     show up in the result's flags, not as an exception in the middle of a run.
     """
     if not isinstance(x, jax.Array):
-        nonneg_number(x, name)
+        _validate.number(x, name, minimum=0)
 
 
 def _cast_like(y: PyTree, like: PyTree) -> PyTree:
@@ -101,7 +100,7 @@ def _check_max_steps(max_steps, n: int):
                 f"{list(ms.shape)}."
             )
         return jnp.minimum(ms, _MAX_STEPS_CAP).astype(jnp.int32)
-    return min(static_int(max_steps, "max_steps", minimum=1), _MAX_STEPS_CAP)
+    return min(_validate.static_int(max_steps, "max_steps", minimum=1), _MAX_STEPS_CAP)
 
 
 def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False, slot=None):
@@ -315,9 +314,9 @@ def cg(
       method and trust regions in large scale optimization*, SIAM J. Numer.
       Anal. 1983.
     """
-    _tree.check_float_tree(b, "b")
+    _validate.float_leaves(b, "b")
     if x0 is not None:
-        _tree.check_same_structure(b, x0, "b", "x0")
+        _validate.same_structure(b, x0, "b", "x0")
     _check_config(damping, "damping")
     _check_config(rtol, "rtol")
     _check_config(atol, "atol")
@@ -330,7 +329,7 @@ def cg(
     def op(v):
         out = slot(v)
         # checked here, at the operator's first (abstract) trace: no extra trace of it
-        _tree.check_same_structure(b, out, "b", "matvec(b)")
+        _validate.same_structure(b, out, "b", "matvec(b)")
         return jax.tree.map(lambda a, x: (a + damping * x).astype(x.dtype), _cast_like(out, v), v)
 
     def solve(op_, rhs):

@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _compile, _tree
-from curvlib._validate import nonneg_number, optional_int, static_int
+from curvlib import _compile, _tree, _validate
 from curvlib.krylov import _driver
 
 PyTree = Any
@@ -94,7 +93,7 @@ def _start(X, i, v0, key, acc):
 
 def _precheck(matvec, v0, k, key, max_matvecs, num_iters, tol):
     if not isinstance(tol, jax.Array):  # a JAX array may be computed at run time
-        nonneg_number(tol, "tol")
+        _validate.number(tol, "tol", minimum=0)
 
 
 @_compile.function(static=("k", "max_matvecs", "num_iters"), operators={"matvec": "v0"},
@@ -187,13 +186,13 @@ def power_iteration(
       R. von Mises and H. Pollaczek-Geiringer, *Praktische Verfahren der
       Gleichungsaufloesung*, ZAMM 1929; Yao et al., *PyHessian*, 2020.
     """
-    _tree.check_float_tree(v0, "v0")
+    _validate.float_leaves(v0, "v0")
     n = _tree.size(v0)
-    k = static_int(k, "k", minimum=1, maximum=n - 1, what=f"the dimension of v0 is {n}")
-    num_iters = optional_int(num_iters, "num_iters", minimum=1)
-    max_matvecs = optional_int(max_matvecs, "max_matvecs", minimum=1)
+    k = _validate.static_int(k, "k", minimum=1, maximum=n - 1, what=f"the dimension of v0 is {n}")
+    num_iters = _validate.static_int(num_iters, "num_iters", optional=True, minimum=1)
+    max_matvecs = _validate.static_int(max_matvecs, "max_matvecs", optional=True, minimum=1)
     if not isinstance(tol, jax.Array):  # a JAX array may be computed at run time
-        nonneg_number(tol, "tol")
+        _validate.number(tol, "tol", minimum=0)
     if max_matvecs is None:
         num_iters = 100 if num_iters is None else num_iters
         max_matvecs = k * num_iters
@@ -213,7 +212,7 @@ def power_iteration(
     def product(x):
         out = slot(x)
         # checked at the operator's (only) trace: no separate shape-checking trace
-        _tree.check_same_structure(v0, out, "v0", "matvec(v0)")
+        _validate.same_structure(v0, out, "v0", "matvec(v0)")
         return jax.tree.map(lambda a, b: jnp.asarray(a).astype(b.dtype), out, x)
 
     def cond(s: _PowerState):

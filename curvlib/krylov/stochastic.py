@@ -10,8 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _compile, _tree
-from curvlib._validate import one_of, optional_int, static_int
+from curvlib import _compile, _tree, _validate
 from curvlib.krylov import _space
 
 PyTree = Any
@@ -36,10 +35,6 @@ class StochasticEstimate(NamedTuple):
     stderr: Any
     num_matvecs: int
     finite: Any = True
-
-
-def _check_probes(num_probes, minimum=1, why=""):
-    return static_int(num_probes, "num_probes", minimum=minimum, what=why or None)
 
 
 _Z975 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -82,7 +77,7 @@ def _block_matvec(matvec, V, batch_size, like):
     A host-driven operator (data streamed from the host) takes the whole block
     in one pass over its data (``matvec.matmat``), or row by row.
     """
-    if getattr(matvec, "host_driven", False):
+    if _compile.is_host_driven(matvec):
         if hasattr(matvec, "matmat"):
             out = matvec.matmat(V)
         else:
@@ -94,7 +89,7 @@ def _block_matvec(matvec, V, batch_size, like):
     def one(v):
         out = matvec(v)
         # checked at the operator's trace (no separate shape-checking trace)
-        _tree.check_same_structure(like, out, "v_like", "matvec(v_like)")
+        _validate.same_structure(like, out, "v_like", "matvec(v_like)")
         return jax.tree.map(lambda a, b: jnp.asarray(a).astype(b.dtype), out, v)
 
     if batch_size is None:
@@ -301,7 +296,7 @@ def hutchinson_trace(
       C. Musco and D. P. Woodruff, *Hutch++: optimal stochastic trace
       estimation*, SOSA 2021.
     """
-    one_of(method, "method", (None, "hutch++", "hutchinson"))
+    _validate.one_of(method, "method", (None, "hutch++", "hutchinson"))
     if deflate is not None and method == "hutch++":
         raise ValueError(
             "`deflate` replaces the Hutch++ sketch: use method='hutchinson' (or leave "
@@ -309,20 +304,21 @@ def hutchinson_trace(
         )
     method = method or ("hutchinson" if deflate is not None else "hutch++")
     if method == "hutch++":
-        num_probes = _check_probes(
-            num_probes, 3, "Hutch++ spends them on a sketch, its exact trace and the "
-            "remainder; method='hutchinson' takes 1 or more")
+        num_probes = _validate.static_int(
+            num_probes, "num_probes", minimum=3,
+            what="Hutch++ spends them on a sketch, its exact trace and the remainder; "
+                 "method='hutchinson' takes 1 or more")
     else:
-        num_probes = _check_probes(num_probes)
-    batch_size = optional_int(batch_size, "batch_size", minimum=1)
-    _tree.check_float_tree(v_like, "v_like")
+        num_probes = _validate.static_int(num_probes, "num_probes", minimum=1)
+    batch_size = _validate.static_int(batch_size, "batch_size", optional=True, minimum=1)
+    _validate.float_leaves(v_like, "v_like")
     acc = jnp.promote_types(_tree.dtype(v_like), jnp.float32)
     space = probe_space(v_like)
     like = space.flatten(v_like)
     block = lambda V: space.flatten_basis(
         _block_matvec(matvec, space.unflatten_basis(V), batch_size, v_like))
     if deflate is not None:
-        return _deflated_trace(block, space, key, num_probes, deflate, deflate_trace, acc)
+        return deflated_trace(block, space, key, num_probes, deflate, deflate_trace, acc)
     if method == "hutchinson":
         Z = _probes(key, like, num_probes)
         AZ = block(Z)
@@ -360,7 +356,7 @@ def deflated_probes(space: _space.Space, key, num_probes, Q, acc):
     """``(Z, P Z)``: the Rademacher probes of the deflated estimator and their projections.
 
     In ``space``'s layout; ``P = I - Q^T Q`` with ``Q`` the (validated, see
-    :func:`_deflation_basis`) orthonormal rows. The products ``A P z_j`` may be
+    :func:`deflation_basis`) orthonormal rows. The products ``A P z_j`` may be
     computed elsewhere (``track_curvature`` runs them in eigsh's loop) and
     handed back through ``block``.
     """
@@ -368,7 +364,7 @@ def deflated_probes(space: _space.Space, key, num_probes, Q, acc):
     return Z, _deflate_rows(Q, Z, acc)
 
 
-def _deflation_basis(space: _space.Space, Q):
+def deflation_basis(space: _space.Space, Q):
     """``deflate`` checked against ``v_like``, cast to its dtypes, in ``space``'s layout."""
     v_like = space.like
     lv, lq = jax.tree.structure(v_like), jax.tree.structure(Q)
@@ -386,12 +382,12 @@ def _deflation_basis(space: _space.Space, Q):
     return space.flatten_basis(Q)
 
 
-def _deflated_trace(block, space, key, num_probes, Q, exact, acc):
+def deflated_trace(block, space, key, num_probes, Q, exact, acc):
     """``tr(Q A Q^T)`` plus Hutchinson on ``P A P``, ``P = I - Q^T Q`` (``hutchinson_trace``).
 
     ``block`` multiplies rows in ``space``'s layout; ``Q`` is the user's basis.
     """
-    Q = _deflation_basis(space, Q)
+    Q = deflation_basis(space, Q)
     d = _tree.basis_size(Q)
     G, Gd = deflated_probes(space, key, num_probes, Q, acc)
     finite = jnp.asarray(True)
@@ -489,9 +485,9 @@ def hutchinson_diag(
       matrix*, Appl. Numer. Math. 2007; W. S. Gosset ("Student"), *The probable
       error of a mean*, Biometrika 1908.
     """
-    num_probes = _check_probes(num_probes)
-    batch_size = optional_int(batch_size, "batch_size", minimum=1)
-    _tree.check_float_tree(v_like, "v_like")
+    num_probes = _validate.static_int(num_probes, "num_probes", minimum=1)
+    batch_size = _validate.static_int(batch_size, "batch_size", optional=True, minimum=1)
+    _validate.float_leaves(v_like, "v_like")
     space = probe_space(v_like)
     Z = _probes(key, space.flatten(v_like), num_probes)
     AZ = space.flatten_basis(

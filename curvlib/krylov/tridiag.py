@@ -200,7 +200,7 @@ def lanczos(
       C. Lanczos, *An iteration method for the solution of the eigenvalue problem
       of linear differential and integral operators*, J. Res. NBS 1950.
     """
-    _tree.check_float_tree(v0, "v0")
+    _validate.float_leaves(v0, "v0")
     n = _tree.size(v0)
     m = _validate.static_int(num_matvecs, "num_matvecs", minimum=1, maximum=n,
                              what=f"the dimension of v0 is {n}")

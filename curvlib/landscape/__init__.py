@@ -1,5 +1,8 @@
 """Layer 3: ``Delta_2^(D)``, curvature-aligned probing of loss-landscape stabilisation.
 
+Built on :mod:`curvlib.operators` (``hessian_matvec``), :mod:`curvlib.krylov`
+(``eigsh``) and the base.
+
 How much does the empirical loss surface near a trained point still move when
 one more sample is added? ``curvlib.landscape`` measures the increment field
 ``L_{k+1}(w) - L_k(w)`` with the criteria of Kiselev & Grabovoy (2026):

@@ -43,19 +43,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from curvlib import _tree
-from curvlib.operators._common import param_shardings
+from curvlib import _tree, _validate
 
 PyTree = Any
 
 MEAN, INCREMENT, SAMPLE = "mean", "increment", "sample"
+TWO_DRAWS = "a standard error needs two draws"
 
 
 # ----------------------------------------------------------------- checks
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def num_samples(data: PyTree) -> int:
@@ -92,7 +88,7 @@ def check_k(k, data: PyTree):
         k.dtype, jnp.integer
     ):
         k = int(k)
-    if not _is_int(k):
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
         raise ValueError(f"`k` (the sample count) must be an int; got {k!r}.")
     k = int(k)
     if k < 1:
@@ -108,7 +104,7 @@ def check_k(k, data: PyTree):
 def check_dim(dim, params: PyTree, name: str = "dim") -> int:
     """Validate a subspace dimension ``1 <= D < N`` (``N`` = parameter count)."""
     n = _tree.size(params)
-    if not _is_int(dim) or dim < 1:
+    if isinstance(dim, (bool, np.bool_)) or not isinstance(dim, (int, np.integer)) or dim < 1:
         raise ValueError(
             f"`{name}` (the subspace dimension D) must be a positive int; got {dim!r}."
         )
@@ -126,7 +122,7 @@ def check_basis_size(basis_size, dim: int, params: PyTree) -> int | None:
     if basis_size is None:
         return None
     n = _tree.size(params)
-    if not _is_int(basis_size):
+    if isinstance(basis_size, (bool, np.bool_)) or not isinstance(basis_size, (int, np.integer)):
         raise ValueError(
             f"`basis_size` (the Krylov basis size) must be an int; got {basis_size!r}."
         )
@@ -139,24 +135,21 @@ def check_basis_size(basis_size, dim: int, params: PyTree) -> int | None:
     return int(basis_size)
 
 
-def check_microbatch(microbatch_size, name: str = "microbatch_size") -> int | None:
-    if microbatch_size is None:
-        return None
-    if not _is_int(microbatch_size):
-        raise ValueError(f"`{name}` must be a positive int or None; got {microbatch_size!r}.")
-    if microbatch_size < 1:
-        raise ValueError(f"`{name}` must be >= 1; got {microbatch_size}.")
-    return int(microbatch_size)
+def check_problem(loss_fn: Callable, params: PyTree, data: PyTree, k):
+    """The checks every landscape entry point makes at its boundary; returns ``k`` checked.
 
-
-def check_num_samples(num_samples, name: str = "num_samples") -> int:
-    if not _is_int(num_samples):
-        raise ValueError(f"`{name}` must be a positive int; got {num_samples!r}.")
-    if num_samples < 2:
-        raise ValueError(
-            f"`{name}` must be >= 2 (a standard error needs two draws); got {num_samples}."
-        )
-    return int(num_samples)
+    ``k`` (:func:`check_k`), ``params`` (real floating leaves) and ``loss_fn``:
+    ``loss_fn(params, data)`` must be one scalar, the mean loss over the batch
+    (one abstract evaluation, ``jax.eval_shape``: no computation). A per-sample
+    loss (shape ``(n,)``) is refused here, as by every curvlib entry point
+    that takes a loss; the weighted sums of per-sample losses would otherwise
+    broadcast it into wrong numbers. Internals below the boundary do not
+    check again.
+    """
+    k = check_k(k, data)
+    _validate.float_leaves(params, "params")
+    _validate.scalar_loss(jax.eval_shape(loss_fn, params, data), "loss_fn")
+    return k
 
 
 def check_sigma(sigma, dtype=None) -> jax.Array:
@@ -178,18 +171,11 @@ def check_sigma(sigma, dtype=None) -> jax.Array:
     return s
 
 
-def check_key(key) -> jax.Array:
-    if key is None:
-        raise ValueError("`key` is required (an explicit PRNG key; there is no default key).")
-    return key
-
-
 def check_mode(mode, microbatch_size) -> str:
     """The Hessian product mode: ``linearize`` (default) or ``fwd-rev`` when microbatching."""
     if mode is None:
         return "linearize" if microbatch_size is None else "fwd-rev"
-    if mode not in ("linearize", "fwd-rev", "rev-rev"):
-        raise ValueError(f"`mode` must be 'linearize', 'fwd-rev' or 'rev-rev'; got {mode!r}.")
+    _validate.one_of(mode, "mode", ("linearize", "fwd-rev", "rev-rev"))
     if mode == "linearize" and microbatch_size is not None:
         raise ValueError(
             "`mode='linearize'` stores every microbatch's residuals; use 'fwd-rev' or "
@@ -423,19 +409,6 @@ def increment(loss_fn: Callable, params: PyTree, data: PyTree, k,
 # ------------------------------------------------------------- layouts
 
 
-def param_layout(params: PyTree) -> tuple | None:
-    """The ``NamedSharding`` of every leaf of concrete, partitioned ``params`` on ``Auto`` meshes.
-
-    ``None`` for traced params (inside ``jit``), single-device, replicated or
-    explicitly typed arrays: those already carry their layout. For the rest the
-    partitioner may return vectors replicated where the parameters were split
-    (FSDP), so the landscape programs constrain their parameter-shaped vectors
-    (start vector, products, eigenvectors) to this layout.
-    """
-    got = param_shardings(params)
-    return None if got is None else got[1]
-
-
 def constrain(tree: PyTree, layout: tuple | None, stacked: bool = False) -> PyTree:
     """``tree``'s leaves constrained to ``layout`` (with a leading unsplit axis if ``stacked``)."""
     if layout is None:
@@ -449,38 +422,3 @@ def constrain(tree: PyTree, layout: tuple | None, stacked: bool = False) -> PyTr
         return jax.lax.with_sharding_constraint(x, s)
 
     return jax.tree.unflatten(treedef, [one(x, s) for x, s in zip(leaves, layout, strict=True)])
-
-
-# --------------------------------------------------------------- random
-
-
-def normal_like(key: jax.Array, like: PyTree) -> PyTree:
-    """Standard normal pytree shaped like ``like`` from *one* draw of ``N`` numbers.
-
-    Same distribution as :func:`curvlib._tree.normal_like` (independent entries),
-    but a single random-bits call site instead of one per leaf: for a model with
-    tens of leaves this keeps XLA compile time of the enclosing program low.
-
-    A leaf of ``like`` with an explicit sharding type (a mesh with
-    ``AxisType.Explicit`` axes) gets its part resharded to that type, so the
-    vector can be a tangent of such parameters. The numbers are the same on
-    every layout (a key gives the single-device draw); the price is that the
-    ``N`` numbers are drawn unsplit (replicated) before each device keeps its
-    shard.
-    """
-    leaves, treedef = jax.tree.flatten(like)
-    dt = _tree.dtype(like)
-    sizes = [int(np.prod(jnp.shape(x), dtype=np.int64)) for x in leaves]
-    flat = jax.random.normal(key, (sum(sizes),), dt)
-    parts = jnp.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) > 1 else [flat]
-    out = [
-        _typed_like(p.reshape(jnp.shape(x)).astype(jnp.result_type(x)), x)
-        for p, x in zip(parts, leaves, strict=True)
-    ]
-    return jax.tree.unflatten(treedef, out)
-
-
-def _typed_like(y: jax.Array, x) -> jax.Array:
-    """``y`` resharded to ``x``'s explicit sharding type, if ``x`` has one."""
-    s = _tree.explicit_sharding(x)
-    return y if s is None else jax.sharding.reshard(y, s)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _tree
+from curvlib import _tree, _validate
 from curvlib.landscape import _common
 
 PyTree = Any
@@ -144,8 +144,13 @@ def check_mean_loss(
       ...
       ValueError: `loss_fn` does not behave as a mean over the leading axis of its batch: ...
     """
-    k = _common.check_k(k, data)
-    mb = _common.check_microbatch(microbatch_size)
+    k = _common.check_problem(loss_fn, params, data, k)
+    mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
+    mean_check(loss_fn, params, data, k, mb, rtol)
+
+
+def mean_check(loss_fn, params, data, k, mb, rtol=None) -> None:
+    """:func:`check_mean_loss` on checked arguments: no argument checks."""
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, data, k))):
         return  # inside a user's jit: nothing concrete to compare
     dev, Lk, l1, scale = (float(x) for x in _mean_check(loss_fn, params, data, k, mb))
@@ -235,8 +240,9 @@ def loss_increment(
       >>> round(float(loss_increment(loss, jnp.array(0.0), x, 2)), 4)  # 5/3 - 1/2
       1.1667
     """
-    k = _common.check_k(k, data)
-    return _loss_increment(loss_fn, params, data, k, _common.check_microbatch(microbatch_size))
+    k = _common.check_problem(loss_fn, params, data, k)
+    mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
+    return _loss_increment(loss_fn, params, data, k, mb)
 
 
 # ----------------------------------------------------------- coefficients
@@ -386,11 +392,9 @@ def increment_coefficients(
       >>> np.round(np.asarray(coef.B, float), 4).tolist()  # U (H^(3) - H^(2)) U^T
       [[1.1667, 0.0], [0.0, -0.1667]]
     """
-    k = _common.check_k(k, data)
-    mb = _common.check_microbatch(microbatch_size)
-    if mode not in (None, "linearize", "fwd-rev", "rev-rev"):
-        raise ValueError(f"`mode` must be 'linearize', 'fwd-rev' or 'rev-rev'; got {mode!r}.")
-    _tree.check_float_tree(params, "params")
+    k = _common.check_problem(loss_fn, params, data, k)
+    mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
+    _validate.one_of(mode, "mode", (None, "linearize", "fwd-rev", "rev-rev"))
     D = _check_basis(eigenvectors, params)
     if eigenvalues is not None and jnp.shape(eigenvalues) != (D,):
         raise ValueError(
@@ -398,7 +402,7 @@ def increment_coefficients(
             f"{jnp.shape(eigenvalues)}."
         )
     if check_mean:
-        check_mean_loss(loss_fn, params, data, k, microbatch_size=mb)
+        mean_check(loss_fn, params, data, k, mb)
     U = _cast_basis(eigenvectors, params)
     return _coefficients(loss_fn, params, data, k, U, mb, mode, eigenvalues)
 

@@ -24,19 +24,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from curvlib import _tree, _validate
 from curvlib.landscape import _common
 from curvlib.landscape.coefficients import (
     IncrementCoefficients,
-    check_mean_loss,
-    increment_coefficients,
+    _cast_basis,
+    _coefficients,
+    mean_check,
 )
 from curvlib.landscape.estimators import (
+    _direct_mc,
+    _estimate,
+    _full_mc,
+    _grid,
     delta2_closed_form_terms,
-    delta2_direct_mc,
-    delta2_full_mc,
     delta2_spectral,
 )
-from curvlib.landscape.subspace import _basis_size_argument, curvature_subspace, principal_angles
+from curvlib.landscape.subspace import _basis_size_argument, principal_angles, subspace
 
 PyTree = Any
 
@@ -162,7 +166,8 @@ def plan_curve(params: PyTree, data: PyTree, ks: Sequence[int], dims: Sequence[i
     if not ks:
         raise ValueError("`ks` is empty.")
     dims = [d for d in dims]
-    if not dims or not all(_common._is_int(d) and d >= 1 for d in dims):
+    if not dims or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+                          and d >= 1 for d in dims):
         raise ValueError(f"`dims` must be positive ints (nested subspace dimensions); got {dims}.")
     dims = [int(d) for d in dims]
     if not callable(params):
@@ -172,9 +177,9 @@ def plan_curve(params: PyTree, data: PyTree, ks: Sequence[int], dims: Sequence[i
     for name in ("num_samples", "full_samples"):
         v = getattr(config, name)
         if v:
-            _common.check_num_samples(v, name)
-    _common.check_microbatch(config.microbatch_size)
-    _common.check_microbatch(config.sample_batch_size, "sample_batch_size")
+            _validate.static_int(v, name, minimum=2, what=_common.TWO_DRAWS)
+    _validate.static_int(config.microbatch_size, "microbatch_size", minimum=1, optional=True)
+    _validate.static_int(config.sample_batch_size, "sample_batch_size", minimum=1, optional=True)
     n = _common.num_samples(data)
     # one static slice for the whole curve, to the power of two holding the samples it
     # needs: later samples are never touched, and curves whose largest k differ a little
@@ -204,16 +209,19 @@ def subspace_step(loss_fn, params, plan: _Plan, k: int, key) -> dict:
     c = plan.config
     Dmax = max(plan.dims)
     k_sub, k_next = jax.random.split(key)
-    kw = dict(microbatch_size=c.microbatch_size, basis_size=c.basis_size, tol=c.tol,
-              flatten=c.flatten)
-    sub = jax.block_until_ready(curvature_subspace(loss_fn, params, plan.data, k, Dmax,
-                                                   key=k_sub, **kw))
+    mode = _common.check_mode(None, c.microbatch_size)
+
+    def solve(kk, key):  # the inputs were checked once, by k_curve
+        return jax.block_until_ready(subspace(loss_fn, params, plan.data, kk, Dmax, key,
+                                              c.microbatch_size, mode, c.basis_size, c.tol,
+                                              200, c.flatten))
+
+    sub = solve(k, k_sub)
     out = dict(sub=sub, next=None, eigenvalues=np.asarray(sub.eigenvalues),
                eigenvalues_next=np.full(Dmax, np.nan), max_angle=np.full(len(plan.dims), np.nan),
                converged=bool(sub.converged))
     if c.next_subspace and k + 2 <= plan.n:
-        nxt = jax.block_until_ready(curvature_subspace(loss_fn, params, plan.data, k + 1, Dmax,
-                                                       key=k_next, **kw))
+        nxt = solve(k + 1, k_next)
         out.update(next=nxt, eigenvalues_next=np.asarray(nxt.eigenvalues),
                    converged=out["converged"] and bool(nxt.converged))
         for j, d in enumerate(plan.dims):
@@ -229,10 +237,10 @@ def coefficient_step(loss_fn, params, plan: _Plan, k: int, sub) -> IncrementCoef
     The Ritz values stand in for ``U H^(k) U^T``, so the ``Dmax`` products are
     single-sample ones.
     """
-    return jax.block_until_ready(increment_coefficients(
-        loss_fn, params, plan.data, k, sub.eigenvectors,
-        microbatch_size=plan.config.microbatch_size, check_mean=False,
-        eigenvalues=sub.eigenvalues))
+    U = _cast_basis(sub.eigenvectors, params)
+    return jax.block_until_ready(_coefficients(loss_fn, params, plan.data, k, U,
+                                               plan.config.microbatch_size, None,
+                                               sub.eigenvalues))
 
 
 def closed_form_step(coef: IncrementCoefficients, plan: _Plan, eigenvalues, eigenvalues_next):
@@ -252,12 +260,13 @@ def direct_mc_step(loss_fn, params, plan: _Plan, k: int, sub, key):
     """Direct subspace MC on the whole ``sigma`` grid for each nested ``D``: ``(2, nD, nS)``."""
     c = plan.config
     out = np.full((2, len(plan.dims), len(plan.sigmas)), np.nan)
+    U = _cast_basis(sub.eigenvectors, params)
+    sigma, grid = _grid(plan.sigmas, _tree.dtype(params))
     for j, d in enumerate(plan.dims):
-        est = jax.block_until_ready(delta2_direct_mc(
-            loss_fn, params, plan.data, k, sub.eigenvectors, plan.sigmas, key=key,
-            num_samples=c.num_samples, dim=d, antithetic=c.antithetic,
-            microbatch_size=c.microbatch_size, sample_batch_size=c.sample_batch_size,
-            check_mean=False))
+        mean, se = jax.block_until_ready(_direct_mc(
+            loss_fn, params, plan.data, k, U, jnp.asarray(d), grid, key, c.num_samples,
+            bool(c.antithetic), c.microbatch_size, c.sample_batch_size, None))
+        est = _estimate(mean, se, sigma, c.num_samples, c.antithetic)
         out[:, j] = np.asarray(est.mean), np.asarray(est.stderr)
     return out
 
@@ -265,19 +274,19 @@ def direct_mc_step(loss_fn, params, plan: _Plan, k: int, sub, key):
 def full_mc_step(loss_fn, params, plan: _Plan, k: int, key):
     """Full-space ``Delta_2`` on the ``sigma`` grid: ``(2, nS)``."""
     c = plan.config
-    est = jax.block_until_ready(delta2_full_mc(
-        loss_fn, params, plan.data, k, plan.sigmas, key=key, num_samples=c.full_samples,
-        antithetic=c.antithetic, microbatch_size=c.microbatch_size,
-        sample_batch_size=c.sample_batch_size, check_mean=False))
+    sigma, grid = _grid(plan.sigmas, _tree.dtype(params))
+    mean, se = jax.block_until_ready(_full_mc(
+        loss_fn, params, plan.data, k, grid, key, c.full_samples, bool(c.antithetic),
+        c.microbatch_size, c.sample_batch_size))
+    est = _estimate(mean, se, sigma, c.full_samples, c.antithetic)
     return np.stack([np.asarray(est.mean), np.asarray(est.stderr)])
 
 
 def curve_point(loss_fn, params, plan: _Plan, k: int, key) -> tuple[dict, dict]:
     """Every criterion at one ``k``: ``(values, stage seconds)``."""
     c = plan.config
-    _common.check_dim(max(plan.dims), params, "max(dims)")
     k_sub, k_mc, k_full = jax.random.split(jax.random.fold_in(key, k), 3)
-    check_mean_loss(loss_fn, params, plan.data, k, microbatch_size=c.microbatch_size)
+    mean_check(loss_fn, params, plan.data, k, c.microbatch_size)
     seconds = dict.fromkeys(STAGES, 0.0)
 
     t0 = time.perf_counter()
@@ -408,11 +417,17 @@ def k_curve(
       ((3, 2, 2), True)
     """
     plan = plan_curve(params, data, ks, dims, sigmas, _config(config, options))
-    _common.check_key(key)
+    _validate.prng_key(key)
     get_params = params if callable(params) else (lambda k: params)
+    if not callable(params):  # the public boundary: checked once, the steps below do not
+        _common.check_problem(loss_fn, params, plan.data, plan.ks[0])
     points, seconds = [], []
     for k in _progress(plan.ks, plan.config.progress, "k-curve"):
-        values, secs = curve_point(loss_fn, get_params(k), plan, k, key)
+        p = get_params(k)
+        if callable(params):  # a new point at every k
+            _common.check_problem(loss_fn, p, plan.data, k)
+            _common.check_dim(max(plan.dims), p, "max(dims)")
+        values, secs = curve_point(loss_fn, p, plan, k, key)
         points.append(values)
         seconds.append(secs)
     return _assemble(plan, points, seconds)

@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _tree
+from curvlib import _tree, _validate
 from curvlib.landscape import _common
-from curvlib.landscape.coefficients import _cast_basis, _check_basis, check_mean_loss
+from curvlib.landscape.coefficients import _cast_basis, _check_basis, mean_check
 
 PyTree = Any
 
@@ -281,16 +281,15 @@ class _SampledSetup(NamedTuple):
     grid: jax.Array  # 1-D
 
 
-def _check_sampled(params, data, k, sigma, key, num_samples, microbatch_size,
+def _check_sampled(loss_fn, params, data, k, sigma, key, num_samples, microbatch_size,
                    sample_batch_size) -> _SampledSetup:
     """Input checks shared by the loss-sampling estimators (direct and full-space MC)."""
-    k = _common.check_k(k, data)
-    mb = _common.check_microbatch(microbatch_size)
-    S = _common.check_num_samples(num_samples)
-    _common.check_key(key)
-    _tree.check_float_tree(params, "params")
-    if sample_batch_size is not None:
-        sample_batch_size = _common.check_microbatch(sample_batch_size)
+    k = _common.check_problem(loss_fn, params, data, k)
+    mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
+    S = _validate.static_int(num_samples, "num_samples", minimum=2, what=_common.TWO_DRAWS)
+    _validate.prng_key(key)
+    sample_batch_size = _validate.static_int(sample_batch_size, "sample_batch_size", minimum=1,
+                                             optional=True)
     dt = _tree.dtype(params)
     s0, sig = _grid(sigma, dt)
     return _SampledSetup(k, mb, S, sample_batch_size, dt, s0, sig)
@@ -343,8 +342,8 @@ def delta2_quadratic_mc(
       (True, 40000)
     """
     a, c, B = _check_coefficients(a, c, B)
-    S = _common.check_num_samples(num_samples)
-    _common.check_key(key)
+    S = _validate.static_int(num_samples, "num_samples", minimum=2, what=_common.TWO_DRAWS)
+    _validate.prng_key(key)
     s0, sig = _grid(sigma, a.dtype)
     mean, se = _quadratic_mc(a, c, B, sig, key, S, bool(antithetic))
     return _estimate(mean, se, s0, S, antithetic)
@@ -464,7 +463,7 @@ def delta2_direct_mc(
       >>> bool(jnp.allclose(est.mean, quad.mean, rtol=1e-4))
       True
     """
-    st = _check_sampled(params, data, k, sigma, key, num_samples, microbatch_size,
+    st = _check_sampled(loss_fn, params, data, k, sigma, key, num_samples, microbatch_size,
                         sample_batch_size)
     Dmax = _check_basis(eigenvectors, params)
     if dim is None:
@@ -480,7 +479,7 @@ def delta2_direct_mc(
             f"the number of `eigenvectors`; got {dim!r}."
         )
     if check_mean:
-        check_mean_loss(loss_fn, params, data, st.k, microbatch_size=st.microbatch_size)
+        mean_check(loss_fn, params, data, st.k, st.microbatch_size)
     U = _cast_basis(eigenvectors, params)
     control = None
     if control_variate is not None:
@@ -519,7 +518,7 @@ def _full_mc(loss_fn, params, data, k, sig, key, num_samples, antithetic, microb
 
     def one(x):
         s, kk = x
-        e = _common.normal_like(kk, params)
+        e = _tree.flat_normal_like(kk, params)
         w = jax.tree.map(lambda p, n: p + (s * n).astype(p.dtype), params, e)
         return inc(w) ** 2
 
@@ -578,10 +577,10 @@ def delta2_full_mc(
       >>> bool(abs(est.mean - gm) < 4 * est.stderr)  # D = N: the full-space value
       True
     """
-    st = _check_sampled(params, data, k, sigma, key, num_samples, microbatch_size,
+    st = _check_sampled(loss_fn, params, data, k, sigma, key, num_samples, microbatch_size,
                         sample_batch_size)
     if check_mean:
-        check_mean_loss(loss_fn, params, data, st.k, microbatch_size=st.microbatch_size)
+        mean_check(loss_fn, params, data, st.k, st.microbatch_size)
     mean, se = _full_mc(loss_fn, params, data, st.k, st.grid, key, st.num_samples,
                         bool(antithetic), st.microbatch_size, st.sample_batch_size)
     return _estimate(mean, se, st.sigma, st.num_samples, antithetic)
@@ -626,8 +625,8 @@ def delta1(
     """
     from curvlib.landscape.coefficients import _loss_increment
 
-    k = _common.check_k(k, data)
-    mb = _common.check_microbatch(microbatch_size)
+    k = _common.check_problem(loss_fn, params, data, k)
+    mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
     if check_mean:
-        check_mean_loss(loss_fn, params, data, k, microbatch_size=mb)
+        mean_check(loss_fn, params, data, k, mb)
     return jnp.abs(_loss_increment(loss_fn, params, data, k, mb))

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from curvlib import _tree
+from curvlib import _tree, _validate
 from curvlib.krylov.eigen import EigshResult, eigsh
 from curvlib.landscape import _common
 from curvlib.operators import hessian_matvec
@@ -70,7 +70,7 @@ def _subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, basis_s
         product = weighted_hessian_matvec(loss_fn, params, data, k, _common.MEAN,
                                           microbatch_size, mode)
         matvec = lambda v: _common.constrain(product(v), layout)
-        v0 = _common.constrain(_common.normal_like(key, params), layout)
+        v0 = _common.constrain(_tree.flat_normal_like(key, params), layout)
         res = eigsh(matvec, v0, dim, which="LA", basis_size=basis_size, tol=tol,
                     max_restarts=max_restarts)
         return res._replace(eigenvectors=_common.constrain(res.eigenvectors, layout, True))
@@ -184,8 +184,7 @@ def curvature_subspace(
       >>> sub.eigenvectors.shape
       (2, 3)
     """
-    k = _common.check_k(k, data)
-    _tree.check_float_tree(params, "params")
+    k = _common.check_problem(loss_fn, params, data, k)
     if flatten:
         for i, x in enumerate(jax.tree.leaves(params)):
             if _tree.explicit_sharding(x) is not None:
@@ -198,12 +197,19 @@ def curvature_subspace(
     dim = _common.check_dim(dim, params)
     basis_size = _common.check_basis_size(
         _basis_size_argument(basis_size, num_matvecs), dim, params)
-    _common.check_key(key)
-    mb = _common.check_microbatch(microbatch_size)
+    _validate.prng_key(key)
+    mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
     mode = _common.check_mode(mode, mb)
-    return _subspace(loss_fn, params, data, k, dim, key, mb, mode, basis_size,
+    return subspace(loss_fn, params, data, k, dim, key, mb, mode, basis_size, tol,
+                    max_restarts, flatten)
+
+
+def subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, basis_size, tol,
+             max_restarts, flatten):
+    """:func:`curvature_subspace` on checked arguments (``mode`` resolved): no checks."""
+    return _subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, basis_size,
                      None if tol is None else float(tol), int(max_restarts), bool(flatten),
-                     None if flatten else _common.param_layout(params))
+                     None if flatten else _tree.param_shardings(params))
 
 
 # ------------------------------------------------------------ principal angles

@@ -1,4 +1,5 @@
-"""Layer 1: curvature operators on pytrees.
+"""Layer 2: curvature operators on pytrees (built on the base and, for inverses and
+blocks, on :mod:`curvlib.krylov`).
 
 Every operator turns a loss (or a model and an output loss, or a model and a
 likelihood) at a point into a *linear function on pytrees*: ``v -> C v`` with
@@ -42,7 +43,6 @@ Examples:
   [1.0, 1.0]
 """
 
-from curvlib.operators._common import _weak_cache  # noqa: F401  (used by curvlib.optim)
 from curvlib.operators.blocks import block_eigsh, restrict
 from curvlib.operators.gauss_newton import empirical_fisher_matvec, fisher_matvec, ggn_matvec
 from curvlib.operators.hessian import MODES, gradient, hessian_matvec, hvp  # noqa: F401

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial, keystr
 
-from curvlib import _tree
+from curvlib import _tree, _validate
+from curvlib._compile import is_host_driven, weak_cache
 from curvlib.krylov import EigshResult, eigsh
 from curvlib.operators import _common as C
 
@@ -100,7 +101,7 @@ def _restricted(treedef, mask, specs, sub_sig):
     return apply
 
 
-@C._weak_cache
+@weak_cache
 def _closed(matvec, fn):
     """``fn`` with a plain (non-pytree) ``matvec`` bound statically, cached per ``matvec``."""
 
@@ -199,7 +200,7 @@ def restrict(matvec: Callable, params: PyTree, where) -> Partial:
     specs = tuple(_leaf_spec(x) for x in leaves)
     sub = _sub_tree(treedef, leaves, mask)
     fn = _restricted(treedef, mask, specs, C.signature(sub))
-    if getattr(matvec, "host_driven", False):
+    if is_host_driven(matvec):
         return HostDrivenRestriction(fn, matvec, sub)
     if isinstance(matvec, Partial):
         return Partial(fn, matvec)
@@ -328,10 +329,10 @@ def block_eigsh(
       >>> {name: r.eigenvalues.round(4).tolist() for name, r in spectra.items()}
       {'u': [6.0, 5.0], 'w': [15.0, 14.0]}
     """
-    k = C.static_int(k, "k", minimum=1)
+    k = _validate.static_int(k, "k", minimum=1)
     if batch_size is not None:
-        batch_size = C.static_int(batch_size, "batch_size", minimum=1)
-    C.check_params(params)
+        batch_size = _validate.static_int(batch_size, "batch_size", minimum=1)
+    _validate.float_leaves(params, "params")
     labels = tuple(_labels(params, blocks))
     order = _block_order(labels)
     if not order:
@@ -347,7 +348,7 @@ def block_eigsh(
                 f"block {names[lab]!r} has {dim} entries; k={k} eigenpairs need more than k. "
                 "Lower `k`, or merge the block with another (`blocks=`)."
             )
-    if getattr(matvec, "host_driven", False):
+    if is_host_driven(matvec):
         return _block_eigsh_host(matvec, params, k, key, labels, order, names, which,
                                  eigsh_options)
     if not isinstance(matvec, Partial):

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
+from curvlib import _validate
+from curvlib._compile import stable_linearized, weak_cache
 from curvlib.operators import _common as C
 from curvlib.operators.microbatch import (
     batch_size,
@@ -56,7 +58,7 @@ LIKELIHOODS = ("categorical", "gaussian")
 def _resolve_mode(mode, microbatch_size):
     if mode is None:
         mode = "linearize" if microbatch_size is None else "recompute"
-    C.check_mode(mode, MODES)
+    _validate.one_of(mode, "mode", MODES)
     if mode == "linearize" and microbatch_size is not None:
         raise ValueError(
             "`mode='linearize'` stores every microbatch's residuals; use mode='recompute' "
@@ -67,7 +69,7 @@ def _resolve_mode(mode, microbatch_size):
 
 def _linearize(model_fn, params, args):
     outputs, lin = jax.linearize(lambda p: model_fn(p, *args), params)
-    return outputs, C.stable_linearized(lin)
+    return outputs, stable_linearized(lin)
 
 
 # ------------------------------------------------------------------------ GGN
@@ -77,7 +79,7 @@ def _loss_hvp(loss_fn, outputs, loss_args, t):
     return jax.jvp(lambda o: jax.grad(loss_fn)(o, *loss_args), (outputs,), (t,))[1]
 
 
-@C._weak_cache
+@weak_cache
 def _ggn_linearized(loss_fn):
     def matvec(params, outputs, lin, loss_args, v):
         jv = lin(C.cast_like(v, params))
@@ -86,7 +88,7 @@ def _ggn_linearized(loss_fn):
     return matvec
 
 
-@C._weak_cache
+@weak_cache
 def _ggn_recompute(model_fn, loss_fn, num_model_args):
     def matvec(params, all_args, v):
         args, loss_args = all_args[:num_model_args], all_args[num_model_args:]
@@ -163,13 +165,13 @@ def ggn_matvec(
       gradient descent*, Neural Comput. 2002; J. Martens, *Deep learning via
       Hessian-free optimization*, ICML 2010.
     """
-    C.check_params(params)
+    _validate.float_leaves(params, "params")
     loss_args = tuple(loss_args)
     if _check_model(model_fn, params, args, has_aux):
         model_fn = C.value_only(model_fn)
     out_shape = jax.eval_shape(lambda p: model_fn(p, *args), params)
     example_out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
-    C.check_scalar(loss_fn, "loss_fn", example_out, *loss_args)
+    _validate.scalar_loss(jax.eval_shape(loss_fn, example_out, *loss_args), "loss_fn")
     mode = _resolve_mode(mode, microbatch_size)
     if mode == "linearize":
         outputs, lin = _linearize(model_fn, params, args)
@@ -177,7 +179,7 @@ def ggn_matvec(
     product = _ggn_recompute(model_fn, loss_fn, len(args))
     all_args = tuple(args) + loss_args
     if microbatch_size is not None:
-        size = C.static_int(microbatch_size, "microbatch_size", minimum=1)
+        size = _validate.static_int(microbatch_size, "microbatch_size", minimum=1)
         if not args:
             raise ValueError("`microbatch_size` needs batched inputs in `args`.")
         argnums = normalize_argnums(batch_argnums, len(args))
@@ -189,7 +191,7 @@ def ggn_matvec(
 
 def _check_model(model_fn, params, args, has_aux) -> bool:
     """Validate ``has_aux`` against what ``model_fn`` returns; True when it has an aux part."""
-    C.check_has_aux(has_aux)
+    _validate.one_of(has_aux, "has_aux", (True, False))
     if has_aux:
         out = jax.eval_shape(lambda p: model_fn(p, *args), params)
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
@@ -272,7 +274,7 @@ def _fisher_linearized(likelihood: str, mc: bool):
     return matvec
 
 
-@C._weak_cache
+@weak_cache
 def _fisher_recompute(model_fn, likelihood, mc, num_model_args):
     def matvec(params, all_args, v):
         args = all_args[:num_model_args]
@@ -284,21 +286,6 @@ def _fisher_recompute(model_fn, likelihood, mc, num_model_args):
         return C.transpose(lin, params, _output_product(likelihood, mc, state, jv))
 
     return matvec
-
-
-def _check_key(key):
-    dt = getattr(key, "dtype", None)
-    if dt is not None and C._is_key_dtype(dt):
-        if jnp.shape(key) != ():
-            raise ValueError(f"`key` must be a single PRNG key; got a key array of shape "
-                             f"{jnp.shape(key)} (vmap over keys instead).")
-        return
-    if dt is not None and dt == jnp.uint32 and jnp.ndim(key) == 1:
-        return
-    raise ValueError(
-        "`key` must be a PRNG key (`jax.random.key(0)` or `jax.random.PRNGKey(0)`) or None for "
-        f"the exact Fisher; got {key!r}."
-    )
 
 
 def _check_outputs(likelihood, out_shape):
@@ -423,18 +410,18 @@ def fisher_matvec(
       Comput. 1998; J. Martens, *New insights and perspectives on the natural
       gradient method*, JMLR 2020.
     """
-    C.check_params(params)
+    _validate.float_leaves(params, "params")
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"`likelihood` must be one of {LIKELIHOODS}; got {likelihood!r}.")
     mc = key is not None
-    S = C.static_int(num_samples, "num_samples", minimum=1)
+    S = _validate.static_int(num_samples, "num_samples", minimum=1)
     if not mc and S != 1:
         raise ValueError(
             "`num_samples` applies to the Monte-Carlo Fisher only; pass a `key` to sample "
             "targets (the exact Fisher, key=None, needs no samples)."
         )
     if mc:
-        _check_key(key)
+        _validate.prng_key(key, optional=True)
     if variance is not None and likelihood != "gaussian":
         raise ValueError("`variance` applies to likelihood='gaussian' only.")
     if variance is None:
@@ -462,7 +449,7 @@ def fisher_matvec(
     product = _fisher_recompute(model_fn, likelihood, mc, len(args))
     all_args = tuple(args) + ((noise,) if mc else ()) + (jnp.asarray(variance),)
     if microbatch_size is not None:
-        size = C.static_int(microbatch_size, "microbatch_size", minimum=1)
+        size = _validate.static_int(microbatch_size, "microbatch_size", minimum=1)
         if not args:
             raise ValueError("`microbatch_size` needs batched inputs in `args`.")
         argnums = normalize_argnums(batch_argnums, len(args))
@@ -498,7 +485,7 @@ def _draw_noise(likelihood, key, S, out_shape):
 # ------------------------------------------------------------ empirical Fisher
 
 
-@C._weak_cache
+@weak_cache
 def _per_example_losses(per_example_loss):
     def losses(params, batch):
         return jax.vmap(per_example_loss, in_axes=(None, 0))(params, batch)
@@ -512,7 +499,7 @@ def _ef_product(params, lin, v):
     return C.transpose(lin, params, jv / jv.shape[0])
 
 
-@C._weak_cache
+@weak_cache
 def _ef_recompute(losses):
     def matvec(params, args, v):
         (batch,) = args
@@ -583,11 +570,12 @@ def empirical_fisher_matvec(
       F. Kunstner, L. Balles and P. Hennig, *Limitations of the empirical Fisher
       approximation for natural gradient descent*, NeurIPS 2019.
     """
-    C.check_params(params)
+    _validate.float_leaves(params, "params")
     batch_size(batch, "batch")
     example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], x.dtype), batch)
     try:
-        C.check_scalar(per_example_loss, "per_example_loss", params, example, has_aux=has_aux)
+        _validate.scalar_loss(jax.eval_shape(per_example_loss, params, example),
+                              "per_example_loss", has_aux=has_aux)
     except TypeError as e:
         raise TypeError(
             f"{e} `per_example_loss` is called on ONE example (the leaves of `batch` without "
@@ -599,9 +587,9 @@ def empirical_fisher_matvec(
     mode = _resolve_mode(mode, microbatch_size)
     if mode == "linearize":
         _, lin = jax.linearize(lambda p: losses(p, batch), params)
-        return C.params_operator(_ef_product, params, params, C.stable_linearized(lin))
+        return C.params_operator(_ef_product, params, params, stable_linearized(lin))
     product = _ef_recompute(losses)
     if microbatch_size is not None:
-        size = C.static_int(microbatch_size, "microbatch_size", minimum=1)
+        size = _validate.static_int(microbatch_size, "microbatch_size", minimum=1)
         product = microbatched(product, size, (0,))
     return C.params_operator(product, params, params, (batch,))

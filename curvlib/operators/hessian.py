@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
-from curvlib import _tree
+from curvlib import _tree, _validate
+from curvlib._compile import stable_linearized, weak_cache
 from curvlib.operators import _common as C
 from curvlib.operators.microbatch import (
     _replace,
@@ -43,7 +44,7 @@ PyTree = Any
 MODES = ("linearize", "fwd-rev", "rev-rev")
 
 
-@C._weak_cache
+@weak_cache
 def _hvp_fwd_rev(fun):
     def matvec(params, args, v):
         grad = lambda p: jax.grad(fun)(p, *args)
@@ -52,7 +53,7 @@ def _hvp_fwd_rev(fun):
     return matvec
 
 
-@C._weak_cache
+@weak_cache
 def _hvp_rev_rev(fun):
     def matvec(params, args, v):
         v = C.cast_like(v, params)
@@ -92,9 +93,9 @@ def hvp(fun: Callable, params: PyTree, tangent: PyTree, *args, has_aux: bool = F
       >>> hvp(f, {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([1.0, 0.0])})["w"].tolist()
       [6.0, 0.0]
     """
-    C.check_params(params)
-    C.check_same_tree(params, tangent, "params", "tangent")
-    C.check_scalar(fun, "fun", params, *args, has_aux=has_aux)
+    _validate.float_leaves(params, "params")
+    _validate.same_structure(params, tangent, "params", "tangent")
+    _validate.scalar_loss(jax.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
     fun = C.drop_aux(fun, has_aux)
     return _hvp_fwd_rev(fun)(params, args, C.cast_like(tangent, params))
 
@@ -103,7 +104,7 @@ def _check_microbatch(microbatch_size, args, batch_argnums, what: str = "fun"):
     """Validated ``(microbatch_size, argnums)``, or ``(None, None)`` without microbatching."""
     if microbatch_size is None:
         return None, None
-    size = C.static_int(microbatch_size, "microbatch_size", minimum=1)
+    size = _validate.static_int(microbatch_size, "microbatch_size", minimum=1)
     if not args:
         raise ValueError(
             f"`microbatch_size` needs a batch: pass the batch as an extra argument of `{what}` "
@@ -194,12 +195,12 @@ def hessian_matvec(
       >>> Hmb({"w": jnp.array([1.0, 1.0])})["w"].tolist()
       [1.0, 4.0]
     """
-    C.check_params(params)
-    C.check_scalar(fun, "fun", params, *args, has_aux=has_aux)
+    _validate.float_leaves(params, "params")
+    _validate.scalar_loss(jax.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
     fun = C.drop_aux(fun, has_aux)
     if mode is None:
         mode = "linearize" if microbatch_size is None else "fwd-rev"
-    C.check_mode(mode, MODES)
+    _validate.one_of(mode, "mode", MODES)
     size, argnums = _check_microbatch(microbatch_size, args, batch_argnums)
     if size is not None and mode == "linearize":
         raise ValueError(
@@ -208,7 +209,7 @@ def hessian_matvec(
         )
     if mode == "linearize":
         _, lin = jax.linearize(lambda p: jax.grad(fun)(p, *args), params)
-        return C.params_operator(C.call_linearized, params, C.stable_linearized(lin))
+        return C.params_operator(C.call_linearized, params, stable_linearized(lin))
     product = _hvp_fwd_rev(fun) if mode == "fwd-rev" else _hvp_rev_rev(fun)
     if size is not None:
         product = microbatched(product, size, argnums)
@@ -277,8 +278,8 @@ def gradient(
       >>> round(float(aux["mean_x"]), 6)
       2.0
     """
-    C.check_params(params)
-    C.check_scalar(fun, "fun", params, *args, has_aux=has_aux)
+    _validate.float_leaves(params, "params")
+    _validate.scalar_loss(jax.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
     size, argnums = _check_microbatch(microbatch_size, args, batch_argnums)
     vg = _value_and_grad(fun, has_aux)
     if size is None:

@@ -25,10 +25,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.tree_util import Partial
 
-from curvlib import _tree
+from curvlib import _tree, _validate
+from curvlib._compile import is_host_driven
 from curvlib.krylov import cg, eigsh
 from curvlib.operators import _common as C
 
@@ -119,7 +119,7 @@ class InverseMatvec:
     @property
     def host_driven(self) -> bool:
         """Whether the underlying operator streams data from the host (then so does this one)."""
-        return bool(getattr(self.matvec, "host_driven", False))
+        return is_host_driven(self.matvec)
 
     def __repr__(self):
         return f"InverseMatvec(method={self.method!r}, damping={self.damping!r})"
@@ -166,21 +166,6 @@ class InverseMatvec:
 
 # compiled at the boundary: eager solves with an equal operator type and shapes reuse the program
 _solve_jit = jax.jit(lambda op, b, x0: op._solve(b, x0))
-
-
-def _check_damping(damping, method):
-    if isinstance(damping, jax.core.Tracer):
-        return
-    d = np.asarray(damping)
-    if d.shape != ():
-        raise ValueError(f"`damping` must be a scalar; got shape {d.shape}.")
-    if method == "lowrank" and not float(d) > 0:
-        raise ValueError(
-            f"`damping` must be > 0 for method='lowrank' (the complement of the eigenspace is "
-            f"inverted as 1 / damping); got {damping!r}."
-        )
-    if not float(d) >= 0:
-        raise ValueError(f"`damping` must be >= 0; got {damping!r}.")
 
 
 def inverse_matvec(
@@ -257,11 +242,13 @@ def inverse_matvec(
     """
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
-    _check_damping(damping, method)
+    lowrank = method == "lowrank"  # the complement is inverted as 1 / damping
+    _validate.number(damping, "damping", minimum=0, exclusive=lowrank,
+                     what="for method='lowrank'" if lowrank else None)
     matvec = _as_partial(matvec, "matvec")
     preconditioner = _as_partial(preconditioner, "preconditioner")
     if max_steps is not None and not isinstance(max_steps, jax.core.Tracer):
-        max_steps = C.static_int(max_steps, "max_steps", minimum=1)
+        max_steps = _validate.static_int(max_steps, "max_steps", minimum=1)
     if method == "cg":
         if rank is not None or v0 is not None or eigenpairs is not None or eigsh_options:
             raise ValueError(
@@ -275,7 +262,7 @@ def inverse_matvec(
                 "method='lowrank' needs the eigenpairs of `matvec`: pass `rank` and a start "
                 "vector `v0` (to compute them with curvlib.eigsh), or `eigenpairs`."
             )
-        res = eigsh(matvec, v0, C.static_int(rank, "rank", minimum=1), **eigsh_options)
+        res = eigsh(matvec, v0, _validate.static_int(rank, "rank", minimum=1), **eigsh_options)
         vals, vecs, conv = res.eigenvalues, res.eigenvectors, res.converged & res.finite
     else:
         if rank is not None or v0 is not None or eigsh_options:

@@ -15,6 +15,8 @@ from typing import Any
 import jax
 from jax.tree_util import Partial
 
+from curvlib import _validate
+from curvlib._compile import stable_linearized
 from curvlib.operators import _common as C
 from curvlib.operators.gauss_newton import _check_model
 
@@ -30,12 +32,12 @@ def _jtu(params, outputs, lin, u):
 
 
 def _linearized_model(model_fn, params, args, has_aux):
-    C.check_params(params)
+    _validate.float_leaves(params, "params")
     if _check_model(model_fn, params, args, has_aux):
         model_fn = C.value_only(model_fn)
     outputs, lin = jax.linearize(lambda p: model_fn(p, *args), params)
-    C.check_params(outputs, "outputs of model_fn")
-    return outputs, C.stable_linearized(lin)
+    _validate.float_leaves(outputs, "outputs of model_fn")
+    return outputs, stable_linearized(lin)
 
 
 def jacobian_matvec(model_fn: Callable, params: PyTree, *args, has_aux: bool = False) -> Partial:
@@ -110,6 +112,6 @@ def jacobian_transpose_matvec(
       [6.0, 8.0]
     """
     outputs, lin = _linearized_model(model_fn, params, args, has_aux)
-    product = C.sharded(_jtu, C.param_shardings(params))
+    product = C.sharded(_jtu, _tree.param_shardings(params))
     fn = C.checked(product, C.signature(outputs), "outputs of model_fn", "cotangent")
     return Partial(fn, params, outputs, lin)

@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _tree
-from curvlib.operators._common import _is_key_dtype, _weak_cache, leaves_with_paths
+from curvlib._compile import weak_cache
+from curvlib._validate import is_key_dtype
+from curvlib.operators._common import leaves_with_paths
 
 PyTree = Any
 
@@ -32,7 +34,7 @@ def _leading_axis(x):
 
 def _describe(x) -> str:
     dt = getattr(x, "dtype", None)
-    if dt is not None and _is_key_dtype(dt):
+    if dt is not None and is_key_dtype(dt):
         return f"a PRNG key of shape {tuple(jnp.shape(x))}"
     return f"shape {tuple(jnp.shape(x))}"
 
@@ -256,7 +258,7 @@ def _replace(args: tuple, argnums: tuple[int, ...], values: tuple) -> tuple:
     return tuple(out)
 
 
-@_weak_cache
+@weak_cache
 def microbatched(product: Callable, microbatch_size: int, argnums: tuple[int, ...]) -> Callable:
     """``product(params, args, *rest, v)`` averaged over chunks of ``args[i]``, ``i in argnums``.
 

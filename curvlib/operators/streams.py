@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _tree
-from curvlib._validate import static_int
+from curvlib import _tree, _validate
+from curvlib._compile import weak_cache
 from curvlib.operators import _common as C
 from curvlib.operators.hessian import _value_and_grad
 from curvlib.operators.microbatch import batch_size
@@ -303,7 +303,7 @@ def stream_mean(fn: Callable, batches, *args, key=None, sharding=None,
       3.5
     """
     _check_concrete(args, "args")
-    per_call = static_int(batches_per_call, "batches_per_call", minimum=1)
+    per_call = _validate.static_int(batches_per_call, "batches_per_call", minimum=1)
     acc, total, _, out_shape = _stream_sum(fn, "mean", batches, args, key=key,
                                            sharding=sharding, what="stream_mean",
                                            per_call=per_call)
@@ -354,7 +354,7 @@ class StreamMatvec:
         self._key = key
         self._sharding = sharding
         self._signature = C.signature(params)
-        self._layout = C.param_shardings(params)
+        self._layout = _tree.param_shardings(params)
         # held here: products never retrace, whatever the cache does with `build`
         self._steps = {kind: _step(build, kind, key is not None) for kind in ("product", "block")}
         self._groups = {kind: _group_step(build, kind, key is not None)
@@ -466,11 +466,23 @@ def stream_matvec(build: Callable, params: PyTree, batches, *, key=None,
     """
     if not callable(build):
         raise TypeError(f"`build` must be callable; got {type(build).__name__}.")
-    C.check_params(params)
+    _validate.float_leaves(params, "params")
     _check_concrete(params, "params")
     _pass_factory(batches)  # one-shot iterators are refused now, not at the first product
-    per_call = static_int(batches_per_call, "batches_per_call", minimum=1)
+    per_call = _validate.static_int(batches_per_call, "batches_per_call", minimum=1)
     return StreamMatvec(build, params, batches, key, sharding, per_call)
+
+
+@weak_cache
+def _scalar_checked(fun: Callable, has_aux: bool) -> Callable:
+    """``fun`` whose output is checked to be a scalar loss when traced (no run-time cost)."""
+
+    def f(params, *args):
+        out = fun(params, *args)
+        _validate.scalar_loss(out, "fun", has_aux=has_aux)
+        return out
+
+    return f
 
 
 def stream_gradient(fun: Callable, params: PyTree, batches, *, has_aux: bool = False,
@@ -508,12 +520,12 @@ def stream_gradient(fun: Callable, params: PyTree, batches, *, has_aux: bool = F
       >>> round(float(value), 6), round(float(g), 6)
       (3.0, -2.0)
     """
-    C.check_has_aux(has_aux)
+    _validate.one_of(has_aux, "has_aux", (True, False))
     _check_concrete(params, "params")
     kind = "value_and_grad_aux" if has_aux else "value_and_grad"
-    per_call = static_int(batches_per_call, "batches_per_call", minimum=1)
-    acc, total, _, out_shape = _stream_sum(fun, kind, batches, (params,), key=None,
-                                           sharding=sharding, what="stream_gradient",
-                                           per_call=per_call)
+    per_call = _validate.static_int(batches_per_call, "batches_per_call", minimum=1)
+    acc, total, _, out_shape = _stream_sum(_scalar_checked(fun, has_aux), kind, batches,
+                                           (params,), key=None, sharding=sharding,
+                                           what="stream_gradient", per_call=per_call)
     out = _mean(acc, total, out_shape)
     return ((out[0], out[1]), out[2]) if has_aux else out

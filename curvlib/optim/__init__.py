@@ -1,5 +1,8 @@
 """Layer 3: second-order optimisers as optax transforms, and curvature monitoring.
 
+Built on :mod:`curvlib.operators` (curvature products), :mod:`curvlib.krylov`
+(CG, eigsh, Hutchinson) and the base (``curvlib._loss``: the ``value_fn`` routing).
+
 Every transform follows optax's contract: ``scale_by_<algo>(...)`` returns an
 :class:`optax.GradientTransformationExtraArgs` whose
 ``update(updates, state, params, *, value_fn, **extra_args)`` takes the loss on

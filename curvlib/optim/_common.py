@@ -9,11 +9,12 @@ signature (all of them, but the reserved ``value``/``grad``, when it takes
 (the loss and its gradient at ``params``), when passed, are reused; otherwise
 the transform computes what it needs from ``value_fn``. The same routing feeds
 the model and output-loss functions of a Gauss-Newton split. A ``value_fn``
-returning ``(loss, aux)`` is accepted with ``has_aux=True``.
+returning ``(loss, aux)`` is accepted with ``has_aux=True``. The routing itself
+(:func:`bind_loss`, :func:`kwargs_for`) lives one layer down, in
+:mod:`curvlib._loss`, shared with :mod:`curvlib.kronecker`.
 
-This module holds the steps every transform shares: argument checks
-(:func:`check_params`, ...), the routing (:func:`bind_loss`,
-:func:`kwargs_for`), the loss and its gradient (:func:`value_and_grad`,
+This module holds the steps every transform of :mod:`curvlib.optim` shares:
+``init``'s check (:func:`check_params`), the loss and its gradient (:func:`value_and_grad`,
 :func:`linearized_loss`), the curvature product (:func:`curvature_matvec`,
 microbatched over every batched argument) and the alias wrapper
 (:func:`alias`) that makes a chain with a line search work with ``value_fn``
@@ -23,75 +24,59 @@ alone, in optax's ``value_and_grad_from_state`` loop and inside
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.tree_util import Partial
 
-from curvlib import _tree
-from curvlib import operators as _operators
-from curvlib.operators import _weak_cache, ggn_matvec, hessian_matvec, microbatch_mean
+from curvlib import _tree, _validate
+from curvlib._compile import stable_linearized, weak_cache
+from curvlib._loss import (  # noqa: F401  (the routing, shared with curvlib.kronecker)
+    RESERVED,
+    Loss,
+    bind_loss,
+    call,
+    check_call,
+    kw_call,
+    kwargs_for,
+    passed_names,
+    require_params,
+    require_value_fn,
+    strip_aux,
+)
+from curvlib.operators import ggn_matvec, hessian_matvec, microbatch_mean
 
 PyTree = Any
 
-# extra arguments that optax's line searches consume and that are never routed to value_fn
-RESERVED = ("value", "grad")
 
 
 # ----------------------------------------------------------------- validation
 
+HVP_MODES = (None, "linearize", "fwd-rev", "rev-rev")
 
-def is_concrete(x) -> bool:
-    """True unless ``x`` is a tracer (a hyperparameter injected under ``jit``)."""
-    return not isinstance(x, jax.core.Tracer)
-
-
-def check_nonnegative(name: str, x) -> None:
-    if x is not None and is_concrete(x) and not bool(np.all(np.asarray(x) >= 0)):
-        raise ValueError(f"`{name}` must be >= 0; got {x}.")
-
-
-def check_positive(name: str, x) -> None:
-    if x is not None and is_concrete(x) and not bool(np.all(np.asarray(x) > 0)):
-        raise ValueError(f"`{name}` must be > 0; got {x}.")
-
-
-def check_in_range(name: str, x, lo, hi) -> None:
-    if is_concrete(x) and not (lo <= float(np.asarray(x)) <= hi):
-        raise ValueError(f"`{name}` must lie in [{lo}, {hi}]; got {x}.")
+_KEY_ADVICE = (
+    "Keys are not trainable: pass only the parameters (flax nnx: `nnx.state(model, nnx.Param)` "
+    "or `nnx.Optimizer(model, tx, wrt=nnx.Param)`; linen: `variables['params']`) and give the "
+    "key to the loss as an extra argument of `update`."
+)
+_ADVICE = (
+    "Non-trainable leaves (step counters, raw uint32 PRNG keys, masks, batch statistics) "
+    "belong outside `params` (flax nnx: `nnx.state(model, nnx.Param)` or `wrt=nnx.Param`; "
+    "linen: `variables['params']`); cast a leaf to a real floating dtype (float32, float64, "
+    "bfloat16) only if it really is a parameter."
+)
 
 
-def check_int(name: str, x, minimum: int) -> None:
-    """``x`` (when concrete) is an integer ``>= minimum``; tracers pass (injected values)."""
-    if x is None or not is_concrete(x):
-        return
-    v = np.asarray(x)
-    if isinstance(x, bool) or v.shape != () or int(v) != v or int(v) < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {x!r}.")
+def check_params(name: str, params) -> None:
+    """``init``'s check of ``params`` (:func:`curvlib._validate.float_leaves`), flax-aware advice.
 
-
-def static_int(name: str, x, minimum: int) -> int:
-    """``x`` as a Python int ``>= minimum``; tracers, bools and floats are refused.
-
-    For arguments that fix shapes or loop bounds. Under
-    ``optax.inject_hyperparams`` such an argument must be listed in
-    ``static_args`` (the message says so).
+    ``name`` is the transform, for the message (``scale_by_newton_cg.init: ...``).
     """
-    if isinstance(x, (jax.core.Tracer, jax.Array)):
-        raise ValueError(
-            f"`{name}` fixes array shapes or loop bounds and must be a static Python int; got "
-            f"a JAX array ({x!r}). With `optax.inject_hyperparams` list it in "
-            f"`static_args=('{name}',)`."
-        )
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)) or x < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {x!r}.")
-    return int(x)
+    _validate.float_leaves(params, "params", prefix=f"{name}.init: ", key_advice=_KEY_ADVICE,
+                           advice=_ADVICE)
 
 
 def check_ggn(ggn) -> None:
@@ -104,227 +89,6 @@ def check_ggn(ggn) -> None:
             f"got {ggn!r}."
         )
 
-
-def check_hvp_mode(hvp_mode) -> None:
-    if hvp_mode not in (None, "linearize", "fwd-rev", "rev-rev"):
-        raise ValueError(
-            f"`hvp_mode` must be None, 'linearize', 'fwd-rev' or 'rev-rev'; got {hvp_mode!r}."
-        )
-
-
-def check_microbatch_size(microbatch_size) -> int | None:
-    if microbatch_size is None:
-        return None
-    return static_int("microbatch_size", microbatch_size, 1)
-
-
-def require_value_fn(name: str, value_fn) -> Callable:
-    if value_fn is None:
-        raise TypeError(
-            f"`{name}.update` needs the loss: call "
-            "`update(grads, state, params, value_fn=loss_fn, **batch_kwargs)` where "
-            "`loss_fn(params, **batch_kwargs)` returns the scalar loss on the current batch "
-            "(the convention of optax's line searches)."
-        )
-    if not callable(value_fn):
-        raise TypeError(f"`value_fn` must be callable; got {type(value_fn).__name__}.")
-    return value_fn
-
-
-def require_params(name: str, params) -> PyTree:
-    if params is None:
-        raise ValueError(f"`{name}.update` needs `params` (the current parameters).")
-    return params
-
-
-class ParamsDtypeError(ValueError, TypeError):
-    """``params`` with a leaf that is not real floating, refused by an optimizer's ``init``.
-
-    A ``ValueError`` (what ``init`` documents) and a ``TypeError`` (what the rest
-    of curvlib raises for a dtype, e.g. :func:`curvlib.hessian_matvec`).
-    """
-
-
-def _is_key(dt) -> bool:
-    return jax.dtypes.issubdtype(dt, jax.dtypes.prng_key)
-
-
-def check_params(name: str, params) -> None:
-    """Raise unless ``params`` is a non-empty pytree of real floating arrays (``init``'s check).
-
-    The message names the offending leaf by its pytree path (``params['dense']['kernel']``)
-    and gives the fix that fits it: a PRNG key or another non-trainable leaf
-    (integer counters, raw ``uint32`` keys, boolean masks) belongs outside the
-    parameters (flax nnx: ``nnx.state(model, nnx.Param)`` or
-    ``nnx.Optimizer(..., wrt=nnx.Param)``; linen: ``variables["params"]``),
-    never cast to float. ``name`` is the transform, for the message.
-    """
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    if not flat:
-        raise ParamsDtypeError(
-            f"{name}.init: `params` is an empty pytree; expected at least one floating array."
-        )
-    for path, x in flat:
-        dt = jnp.result_type(x) if not hasattr(x, "dtype") else x.dtype
-        if _is_key(dt):
-            raise ParamsDtypeError(
-                f"{name}.init: `params` must hold only real floating arrays; "
-                f"`params{jax.tree_util.keystr(path)}` is a PRNG key ({dt}). Keys are not "
-                "trainable: pass only the parameters (flax nnx: `nnx.state(model, nnx.Param)` "
-                "or `nnx.Optimizer(model, tx, wrt=nnx.Param)`; linen: `variables['params']`) "
-                "and give the key to the loss as an extra argument of `update`."
-            )
-        if not jnp.issubdtype(dt, jnp.floating):
-            raise ParamsDtypeError(
-                f"{name}.init: `params` must hold only real floating arrays; "
-                f"`params{jax.tree_util.keystr(path)}` has dtype {jnp.dtype(dt).name}. "
-                "Non-trainable leaves (step counters, raw uint32 PRNG keys, masks, batch "
-                "statistics) belong outside `params` (flax nnx: `nnx.state(model, nnx.Param)` "
-                "or `wrt=nnx.Param`; linen: `variables['params']`); cast a leaf to a real "
-                "floating dtype (float32, float64, bfloat16) only if it really is a parameter."
-            )
-
-
-# -------------------------------------------------------------- kwarg routing
-
-
-def _signature(fn: Callable) -> inspect.Signature | None:
-    try:
-        return inspect.signature(fn)
-    except (TypeError, ValueError):  # builtins, some C callables
-        return None
-
-
-def _takes_var_kwargs(sig: inspect.Signature) -> bool:
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
-
-
-def kwargs_for(fn: Callable, extra_args: dict) -> dict:
-    """The entries of ``extra_args`` that ``fn`` accepts by name (never ``value``/``grad``)."""
-    sig = _signature(fn)
-    if sig is None:
-        return {}
-    if _takes_var_kwargs(sig):
-        return {k: v for k, v in extra_args.items() if k not in RESERVED}
-    return {k: v for k, v in extra_args.items() if k in sig.parameters and k not in RESERVED}
-
-
-def _fn_name(fn: Callable) -> str:
-    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
-
-
-def passed_names(extra_args: dict) -> list[str]:
-    """The extra arguments of ``update`` that a loss function could receive, sorted."""
-    return sorted(k for k in extra_args if k not in RESERVED)
-
-
-def check_call(fn: Callable, role: str, kw: dict, extra_args: dict, *, hint: str = "") -> None:
-    """Raise a ``TypeError`` listing what ``update`` received when ``fn(x, **kw)`` cannot bind.
-
-    ``role`` names the function in the message (``"value_fn"``, ``"ggn model_fn"``).
-    The check binds the signature only (no call, no trace).
-    """
-    sig = _signature(fn)
-    if sig is None:
-        return
-    try:
-        sig.bind(None, **kw)
-    except TypeError as e:
-        params = [p for p in sig.parameters]
-        raise TypeError(
-            f"`{role}` ({_fn_name(fn)}{sig}) cannot be called as `{role}(x, **kw)` with the "
-            f"extra arguments of `update` it names: {e}. `update` received the extra arguments "
-            f"{passed_names(extra_args)} (besides `value_fn`); each function gets those whose "
-            f"names appear in its own signature ({params}). Pass every input it needs to "
-            "`update` by that name, e.g. `opt.update(grads, state, params, value_fn=loss, "
-            "batch=batch)` for `loss(params, batch)`." + (" " + hint if hint else "")
-        ) from None
-
-
-def _check_loss_output(out, role: str, has_aux: bool):
-    """The scalar loss inside ``out`` (``out`` or ``out[0]`` with ``has_aux``), checked."""
-    if has_aux:
-        if not (isinstance(out, (tuple, list)) and len(out) == 2):
-            raise TypeError(
-                f"`{role}` was declared with `has_aux=True` and must return a pair "
-                f"`(loss, aux)`; it returned {type(out).__name__}."
-            )
-        out = out[0]
-    elif isinstance(out, (tuple, list)):
-        raise TypeError(
-            f"`{role}` returned a {type(out).__name__} of length {len(out)}; it must return "
-            "the scalar loss. For a loss returning `(loss, aux)` pass `has_aux=True` to the "
-            "transform."
-        )
-    shape = jnp.shape(out)
-    if shape != ():
-        raise TypeError(
-            f"`{role}` must return a scalar loss (shape ()); it returned shape {shape}. "
-            "Reduce it over the batch (e.g. `jnp.mean`) before asking for curvature."
-        )
-    dt = jnp.result_type(out)
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise TypeError(f"`{role}` must return a real floating scalar; got dtype {dt}.")
-    return out
-
-
-@_weak_cache
-def _scalar_loss(fn: Callable, has_aux: bool) -> Callable:
-    """``fn`` with its output checked (and ``aux`` dropped); keeps ``fn``'s signature.
-
-    Cached weakly by ``fn``, so the products built on it keep one tree
-    definition per ``fn`` (no recompilation of jitted consumers).
-    """
-
-    @functools.wraps(fn)
-    def loss(params, **kw):
-        return _check_loss_output(fn(params, **kw), "value_fn", has_aux)
-
-    return loss
-
-
-class Loss(NamedTuple):
-    """A loss bound to its routed extra arguments: ``Loss(fn, kw)(params) == fn(params, **kw)``.
-
-    ``fn`` returns the checked scalar loss (any ``aux`` dropped), ``kw`` the
-    extra arguments of ``update`` that ``value_fn`` names.
-    """
-
-    fn: Callable
-    kw: dict
-
-    def __call__(self, params):
-        return self.fn(params, **self.kw)
-
-
-def bind_loss(name: str, value_fn, extra_args: dict, *, has_aux: bool = False) -> Loss:
-    """Check ``value_fn`` and route its extra arguments (the opening of every ``update``)."""
-    value_fn = require_value_fn(name, value_fn)
-    kw = kwargs_for(value_fn, extra_args)
-    check_call(value_fn, "value_fn", kw, extra_args)
-    return Loss(_scalar_loss(value_fn, bool(has_aux)), kw)
-
-
-def strip_aux(value_fn: Callable, has_aux: bool) -> Callable:
-    """``value_fn`` returning only its checked scalar loss (routing signature kept)."""
-    return _scalar_loss(value_fn, bool(has_aux))
-
-
-@_weak_cache
-def _kw_call(fn: Callable) -> Callable:
-    """``(x, kw) -> fn(x, **kw)``; cached so operator-level caches see one object per ``fn``.
-
-    Weakly (:func:`curvlib.operators._weak_cache`): the cache does not keep ``fn`` alive.
-    """
-
-    def call(x, kw):
-        return fn(x, **kw)
-
-    return call
-
-
-def call(fn: Callable, x, extra_args: dict):
-    return fn(x, **kwargs_for(fn, extra_args))
 
 
 # ------------------------------------------------------- the loss and gradient
@@ -365,8 +129,7 @@ def linearized_loss(loss: Loss, params: PyTree):
     """
     (value, grad), lin = jax.linearize(jax.value_and_grad(loss), params)
     # the same tree definition for the same program: eager consumers hit their compile cache
-    stable = getattr(_operators, "_stable_linearized", lambda f: f)
-    return value, grad, Partial(_linear_hvp, stable(lin))
+    return value, grad, Partial(_linear_hvp, stable_linearized(lin))
 
 
 # ------------------------------------------------------------ microbatching
@@ -417,19 +180,19 @@ def _merge(treedef, mask, batched, other) -> dict:
     return jax.tree.unflatten(treedef, [next(it_b) if b else next(it_o) for b in mask])
 
 
-@_weak_cache
+@weak_cache
 def _mb_hessian(fn: Callable, treedef, mask, mode: str, size: int) -> Callable:
     def matvec(params, batched, other, v):
         def chunk_product(b):
             kw = _merge(treedef, mask, b, other)
-            return hessian_matvec(_kw_call(fn), params, kw, mode=mode)(v)
+            return hessian_matvec(kw_call(fn), params, kw, mode=mode)(v)
 
         return microbatch_mean(chunk_product, batched, size)
 
     return matvec
 
 
-@_weak_cache
+@weak_cache
 def _mb_ggn(model_fn: Callable, loss_fn: Callable, treedef, mask, mnames, lnames, size: int):
     def matvec(params, batched, other, v):
         def chunk_product(b):
@@ -437,7 +200,7 @@ def _mb_ggn(model_fn: Callable, loss_fn: Callable, treedef, mask, mnames, lnames
             mkw = {k: kw[k] for k in mnames}
             lkw = {k: kw[k] for k in lnames}
             return ggn_matvec(
-                _kw_call(model_fn), _kw_call(loss_fn), params, mkw, loss_args=(lkw,)
+                kw_call(model_fn), kw_call(loss_fn), params, mkw, loss_args=(lkw,)
             )(v)
 
         return microbatch_mean(chunk_product, batched, size)
@@ -480,7 +243,7 @@ def curvature_matvec(
     if ggn is None:
         kw = kwargs_for(value_fn, extra_args)
         if microbatch_size is None:
-            return hessian_matvec(_kw_call(value_fn), params, kw, mode=hvp_mode)
+            return hessian_matvec(kw_call(value_fn), params, kw, mode=hvp_mode)
         mode = "fwd-rev" if hvp_mode in (None, "linearize") else hvp_mode
         treedef, mask, batched, other = split_batched(kw)
         product = _mb_hessian(value_fn, treedef, mask, mode, int(microbatch_size))
@@ -488,7 +251,7 @@ def curvature_matvec(
     model_fn, loss_fn = ggn
     mkw, lkw = _ggn_kwargs(model_fn, loss_fn, extra_args)
     if microbatch_size is None:
-        return ggn_matvec(_kw_call(model_fn), _kw_call(loss_fn), params, mkw, loss_args=(lkw,))
+        return ggn_matvec(kw_call(model_fn), kw_call(loss_fn), params, mkw, loss_args=(lkw,))
     kw = {**mkw, **lkw}
     treedef, mask, batched, other = split_batched(kw, "ggn=(model_fn, loss_fn)")
     product = _mb_ggn(model_fn, loss_fn, treedef, mask, tuple(mkw), tuple(lkw),
@@ -671,44 +434,8 @@ def learning_rate_link(learning_rate) -> optax.GradientTransformation:
 # -------------------------------------------------------------------- misc
 
 
-def normal_like(key: jax.Array, like: PyTree) -> PyTree:
-    """Standard normal pytree shaped like ``like``, drawn by *one* generator call.
-
-    :func:`curvlib._tree.normal_like` draws one key per leaf; on XLA:CPU every
-    threefry call site is compiled on its own (about 0.8 s each on a 2-core
-    machine), so a model with many leaves pays seconds of compile time for a
-    start vector. Here one flat draw (in the leaves' common dtype) is split
-    into the leaves. Leaves with an explicit sharding type keep the per-leaf
-    draw (a flat vector would not carry their sharding).
-    """
-    leaves, treedef = jax.tree.flatten(like)
-    if any(_tree.explicit_sharding(x) is not None for x in leaves):
-        return _tree.normal_like(key, like)
-    dt = jnp.result_type(*[jnp.result_type(x) for x in leaves])
-    flat = jax.random.normal(key, (sum(int(np.prod(jnp.shape(x))) for x in leaves),), dt)
-    out, start = [], 0
-    for x in leaves:
-        size = int(np.prod(jnp.shape(x)))
-        out.append(flat[start:start + size].reshape(jnp.shape(x)).astype(jnp.result_type(x)))
-        start += size
-    return jax.tree.unflatten(treedef, out)
-
-
 def float_dtype(params: PyTree):
     return jnp.result_type(*[jnp.result_type(x) for x in jax.tree.leaves(params)])
-
-
-def select_tree(c, a: PyTree, b: PyTree) -> PyTree:
-    """``a`` where ``c`` else ``b``, leafwise, keeping ``b``'s dtypes."""
-    return jax.tree.map(lambda x, y: jnp.where(c, x, y).astype(jnp.result_type(y)), a, b)
-
-
-def all_finite(*trees) -> jax.Array:
-    out = jnp.asarray(True)
-    for t in trees:
-        if jax.tree.leaves(t):
-            out = out & _tree.all_finite(t)
-    return out
 
 
 def _strong(x):
@@ -735,3 +462,27 @@ def strongly_typed(tx):
     if isinstance(tx, optax.GradientTransformationExtraArgs):
         return optax.GradientTransformationExtraArgs(init_fn, tx.update)
     return optax.GradientTransformation(init_fn, tx.update)
+
+
+# ------------------------------------------ bridge for curvlib/kronecker/transform.py
+# transform.py (being rewritten on another branch) still imports this module; at the merge it
+# imports curvlib._loss, curvlib._tree and curvlib._validate directly and this block goes.
+
+all_finite = _tree.all_finite
+select_tree = _tree.select_tree
+
+
+def is_concrete(x) -> bool:  # noqa: D103
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_positive(name: str, x) -> None:  # noqa: D103
+    _validate.number(x, name, minimum=0, exclusive=True, finite=False, optional=True)
+
+
+def check_in_range(name: str, x, lo, hi) -> None:  # noqa: D103
+    _validate.number(x, name, minimum=lo, maximum=hi, finite=False)
+
+
+def check_int(name: str, x, minimum: int) -> None:  # noqa: D103
+    _validate.number(x, name, minimum=minimum, integer=True, optional=True)

@@ -52,8 +52,8 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from curvlib import _tree
-from curvlib.operators import _weak_cache
+from curvlib import _tree, _validate
+from curvlib._compile import weak_cache
 from curvlib.optim import _common
 
 PyTree = Any
@@ -218,14 +218,14 @@ def scale_by_newton(
       >>> [round(float(x), 5) for x in p - u]  # the exact minimiser A^-1 1
       [0.2, 0.4]
     """
-    _common.check_nonnegative("damping", damping)
-    _common.check_nonnegative("min_eigenvalue", min_eigenvalue)
-    _common.check_nonnegative("eigenvalue_rtol", eigenvalue_rtol)
+    _validate.number(damping, "damping", minimum=0, finite=False, optional=True)
+    _validate.number(min_eigenvalue, "min_eigenvalue", minimum=0, finite=False, optional=True)
+    _validate.number(eigenvalue_rtol, "eigenvalue_rtol", minimum=0, finite=False, optional=True)
     if modification not in MODIFICATIONS:
         raise ValueError(f"`modification` must be one of {MODIFICATIONS}; got {modification!r}.")
-    _common.static_int("max_params", max_params, 1)
+    _validate.static_int(max_params, "max_params", minimum=1)
     _common.check_ggn(ggn)
-    _common.check_hvp_mode(hvp_mode)
+    _validate.one_of(hvp_mode, "hvp_mode", _common.HVP_MODES)
     name = "scale_by_newton"
 
     def init_fn(params):
@@ -271,7 +271,7 @@ def scale_by_newton(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-@_weak_cache
+@weak_cache
 def _loss_in_default_float(fn: Callable) -> Callable:
     """``fn`` with its value cast to JAX's default float (``jnp.result_type(float)``).
 

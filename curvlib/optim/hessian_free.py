@@ -113,7 +113,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from curvlib import _tree
+from curvlib import _tree, _validate
 from curvlib.krylov import cg
 from curvlib.optim import _common
 
@@ -167,21 +167,21 @@ class ScaleByNewtonCGState(NamedTuple):
     info: NewtonCGInfo
 
 
-def _validate(damping, damping_increase, damping_decrease, min_damping, max_damping,
+def _check_options(damping, damping_increase, damping_decrease, min_damping, max_damping,
               cg_rtol, warm_start_decay, max_cg_steps, microbatch_size, hvp_mode, ggn):
-    _common.check_nonnegative("damping", damping)
-    _common.check_nonnegative("min_damping", min_damping)
-    _common.check_positive("max_damping", max_damping)
-    _common.check_positive("cg_rtol", cg_rtol)
+    _validate.number(damping, "damping", minimum=0, finite=False, optional=True)
+    _validate.number(min_damping, "min_damping", minimum=0, finite=False, optional=True)
+    for name, x in (("max_damping", max_damping), ("cg_rtol", cg_rtol)):
+        _validate.number(x, name, minimum=0, exclusive=True, finite=False, optional=True)
     if _common.is_concrete(damping_increase) and float(np.asarray(damping_increase)) < 1:
         raise ValueError(f"`damping_increase` must be >= 1; got {damping_increase}.")
     if _common.is_concrete(damping_decrease) and not 0 < float(np.asarray(damping_decrease)) <= 1:
         raise ValueError(f"`damping_decrease` must lie in (0, 1]; got {damping_decrease}.")
-    _common.check_in_range("warm_start_decay", warm_start_decay, 0.0, 1.0)
+    _validate.number(warm_start_decay, "warm_start_decay", minimum=0.0, maximum=1.0, finite=False)
     if max_cg_steps is not None:
-        _common.static_int("max_cg_steps", max_cg_steps, 1)
-    _common.check_microbatch_size(microbatch_size)
-    _common.check_hvp_mode(hvp_mode)
+        _validate.static_int(max_cg_steps, "max_cg_steps", minimum=1)
+    _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
+    _validate.one_of(hvp_mode, "hvp_mode", _common.HVP_MODES)
     _common.check_ggn(ggn)
 
 
@@ -373,7 +373,7 @@ def scale_by_newton_cg(
     References:
       Martens, *Deep learning via Hessian-free optimization*, ICML 2010.
     """
-    _validate(damping, damping_increase, damping_decrease, min_damping, max_damping,
+    _check_options(damping, damping_increase, damping_decrease, min_damping, max_damping,
               cg_rtol, warm_start_decay, max_cg_steps, microbatch_size, hvp_mode, ggn)
     name = "scale_by_newton_cg"
 
@@ -414,7 +414,7 @@ def scale_by_newton_cg(
         trial = jnp.asarray(setup.loss(_tree.sub(params, p))).astype(dt)
         rho = reduction_ratio(trial - setup.value, predicted, dt)
         finite = (
-            _common.all_finite(setup.value, setup.grad, updates, p)
+            _tree.all_finite(setup.value, setup.grad, updates, p)
             & res.finite & jnp.isfinite(pcp)
         )
         accepted = finite & jnp.isfinite(trial) & (trial - setup.value <= 0)
@@ -439,7 +439,7 @@ def scale_by_newton_cg(
 
 def _commit(updates, state, p, lam_next, finite, accepted, info, damping):
     """Output ``p`` if accepted (else zeros); advance the state unless the step was non-finite."""
-    out = _common.select_tree(accepted, p, _tree.zeros_like(p))
+    out = _tree.select_tree(accepted, p, _tree.zeros_like(p))
     out = jax.tree.map(lambda o, u: o.astype(jnp.result_type(u)), out, updates)
     dt = state.damping.dtype
     setting = jnp.asarray(damping).astype(dt)
@@ -447,7 +447,7 @@ def _commit(updates, state, p, lam_next, finite, accepted, info, damping):
         count=optax.safe_increment(state.count),
         damping=jnp.where(finite, lam_next, state.damping).astype(dt),
         damping_setting=jnp.where(finite, setting, state.damping_setting).astype(dt),
-        solution=_common.select_tree(finite, p, state.solution),
+        solution=_tree.select_tree(finite, p, state.solution),
         info=info,
     )
     return out, new_state

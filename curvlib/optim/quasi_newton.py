@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from curvlib import _tree
+from curvlib import _tree, _validate
 from curvlib.optim import _common
 
 PyTree = Any
@@ -197,8 +197,8 @@ def scale_by_bfgs(
       >>> bool(jnp.allclose(s.inv_hessian @ (A @ (p1 - p0)), p1 - p0, atol=1e-6))
       True
     """
-    _common.check_nonnegative("curvature_rtol", curvature_rtol)
-    _common.static_int("max_params", max_params, 1)
+    _validate.number(curvature_rtol, "curvature_rtol", minimum=0, finite=False, optional=True)
+    _validate.static_int(max_params, "max_params", minimum=1)
     name = "scale_by_bfgs"
 
     def init_fn(params):
@@ -236,8 +236,8 @@ def scale_by_bfgs(
             count=optax.safe_increment(state.count),
             num_updates=jnp.where(finite, num_updates, state.num_updates),
             inv_hessian=jnp.where(finite, H_new, state.inv_hessian).astype(dt),
-            prev_params=_common.select_tree(finite, params, state.prev_params),
-            prev_grad=_common.select_tree(finite, updates, state.prev_grad),
+            prev_params=_tree.select_tree(finite, params, state.prev_params),
+            prev_grad=_tree.select_tree(finite, updates, state.prev_grad),
             info=BFGSInfo(
                 curvature=jnp.where(finite, sy, 0.0).astype(dt),
                 updated=ok & finite,

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvlib import _tree
+from curvlib import _tree, _validate
 from curvlib.krylov import eigen, eigsh, hutchinson_trace, stochastic
 from curvlib.optim import _common
 
@@ -162,7 +162,7 @@ def warm_start_vector(key: jax.Array, eigenvectors: PyTree, like: PyTree, noise)
       >>> v["w"].tolist()
       [1.0, 1.0, 0.0]
     """
-    z = _common.normal_like(key, like)  # one generator call (compile time)
+    z = _tree.flat_normal_like(key, like)  # one generator call (compile time)
     z = _tree.scale(1.0 / _tree.norm(z), z)
     acc = jnp.promote_types(_tree.dtype(like), jnp.float32)
     norms = jnp.sqrt(jnp.diagonal(_tree.basis_gram(eigenvectors, eigenvectors, acc)))
@@ -266,14 +266,14 @@ def _measure(loss, params, extra_args, state: TrackCurvatureState, cfg: _Config)
             space = stochastic.probe_space(params)
 
             def probes(r):  # the deflated probes P z_j, as vectors shaped like params
-                Q = stochastic._deflation_basis(space, r.eigenvectors)
+                Q = stochastic.deflation_basis(space, r.eigenvectors)
                 _, PZ = stochastic.deflated_probes(space, k_trace, cfg.num_probes, Q, acc)
                 return space.unflatten_basis(PZ)
 
             res, _, products = eigen.eigsh_then(matvec, v0, cfg.k, probes, cfg.num_probes,
                                                 **opts)
             # the estimator draws the same probes again and takes their products from the loop
-            tr = stochastic._deflated_trace(
+            tr = stochastic.deflated_trace(
                 lambda rows: space.flatten_basis(products), space, k_trace, cfg.num_probes,
                 res.eigenvectors, jnp.sum(res.eigenvalues), acc)
             trace, trace_se = tr.estimate, tr.stderr
@@ -319,14 +319,15 @@ def _commit(ok, vecs, info, state):
     return vecs, info
 
 
-def _validate(every, k, which, basis_size, tol, max_restarts, num_probes, trace_method,
+def _check_options(every, k, which, basis_size, tol, max_restarts, num_probes, trace_method,
               hvp_mode, microbatch_size, warm_noise) -> _Config:
-    _common.check_int("every", every, 1)  # traceable: may be injected
-    k = _common.static_int("k", k, 1)
-    num_probes = _common.static_int("num_probes", num_probes, 0)
-    max_restarts = _common.static_int("max_restarts", max_restarts, 0)
+    # traceable: may be injected
+    _validate.number(every, "every", minimum=1, integer=True, optional=True)
+    k = _validate.static_int(k, "k", minimum=1)
+    num_probes = _validate.static_int(num_probes, "num_probes", minimum=0)
+    max_restarts = _validate.static_int(max_restarts, "max_restarts", minimum=0)
     if basis_size is not None:
-        basis_size = _common.static_int("basis_size", basis_size, k + 2)
+        basis_size = _validate.static_int(basis_size, "basis_size", minimum=k + 2)
     if which not in ("LA", "SA", "LM"):
         raise ValueError(f"`which` must be 'LA', 'SA' or 'LM'; got {which!r}.")
     if trace_method not in TRACE_METHODS:
@@ -337,10 +338,11 @@ def _validate(every, k, which, basis_size, tol, max_restarts, num_probes, trace_
             f"its exact trace and the residual estimate take a third each); got {num_probes}. "
             "Use trace_method='hutchinson' for fewer probes."
         )
-    _common.check_positive("tol", tol)
-    _common.check_nonnegative("warm_noise", warm_noise)
-    _common.check_hvp_mode(hvp_mode)
-    microbatch_size = _common.check_microbatch_size(microbatch_size)
+    _validate.number(tol, "tol", minimum=0, exclusive=True, finite=False, optional=True)
+    _validate.number(warm_noise, "warm_noise", minimum=0, finite=False, optional=True)
+    _validate.one_of(hvp_mode, "hvp_mode", _common.HVP_MODES)
+    microbatch_size = _validate.static_int(microbatch_size, "microbatch_size", minimum=1,
+                                           optional=True)
     return _Config(k, which, basis_size, tol, max_restarts, num_probes, trace_method,
                    hvp_mode, microbatch_size, warm_noise)
 
@@ -499,7 +501,7 @@ def track_curvature(
       Cohen et al., ICLR 2021; Gur-Ari, Roberts & Dyer 2018; Meyer, Musco,
       Musco & Woodruff, *Hutch++*, SOSA 2021; Sorensen 1992.
     """
-    cfg = _validate(every, k, which, basis_size, tol, max_restarts, num_probes, trace_method,
+    cfg = _check_options(every, k, which, basis_size, tol, max_restarts, num_probes, trace_method,
                     hvp_mode, microbatch_size, warm_noise)
     name = "track_curvature"
 

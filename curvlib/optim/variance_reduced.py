@@ -65,7 +65,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvlib import _tree
+from curvlib import _tree, _validate
 from curvlib.optim import _common
 
 PyTree = Any
@@ -175,7 +175,7 @@ def scale_by_svrg(
       >>> bool(full(w) < 1e-8)
       True
     """
-    _common.check_int("snapshot_every", snapshot_every, 1)
+    _validate.number(snapshot_every, "snapshot_every", minimum=1, integer=True, optional=True)
     name = "scale_by_svrg"
 
     def init_fn(params):
@@ -209,15 +209,15 @@ def scale_by_svrg(
         g_snap = jax.grad(loss)(snap)
         correction = _tree.sub(updates, g_snap)
         v = _tree.add(correction, mu)
-        finite = _common.all_finite(v, mu)
+        finite = _tree.all_finite(v, mu)
 
-        out = _common.select_tree(finite, v, _tree.zeros_like(updates))
+        out = _tree.select_tree(finite, v, _tree.zeros_like(updates))
         since = jnp.where(refresh, 1, state.since_snapshot + 1)
         new_state = ScaleBySVRGState(
             count=optax.safe_increment(state.count),
             since_snapshot=jnp.where(finite, since, state.since_snapshot).astype(jnp.int32),
-            snapshot_params=_common.select_tree(finite, snap, state.snapshot_params),
-            snapshot_grad=_common.select_tree(finite, mu, state.snapshot_grad),
+            snapshot_params=_tree.select_tree(finite, snap, state.snapshot_params),
+            snapshot_grad=_tree.select_tree(finite, mu, state.snapshot_grad),
             info=SVRGInfo(
                 refreshed=refresh & finite,
                 correction_norm=jnp.where(finite, _tree.norm(correction), 0.0).astype(dt),

@@ -1,0 +1,156 @@
+"""A loss passed to an optax transform: its extra arguments routed by name, its output checked.
+
+Every curvlib transform (:mod:`curvlib.optim`, :mod:`curvlib.kronecker`) takes
+the loss as ``update(..., value_fn=loss, **extra_args)``: ``value_fn(params,
+**kw)`` receives the entries of ``extra_args`` whose names appear in its
+signature (all of them, but the reserved ``value``/``grad``, when it takes
+``**kwargs``): the routing of optax's line searches. :func:`bind_loss` checks
+``value_fn`` and binds it; its output is checked to be one scalar
+(:func:`curvlib._validate.scalar_loss`) wherever it is evaluated.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from curvlib import _validate
+from curvlib._compile import weak_cache
+
+PyTree = Any
+
+# extra arguments that optax's line searches consume and that are never routed to value_fn
+RESERVED = ("value", "grad")
+
+
+def require_value_fn(name: str, value_fn) -> Callable:
+    if value_fn is None:
+        raise TypeError(
+            f"`{name}.update` needs the loss: call "
+            "`update(grads, state, params, value_fn=loss_fn, **batch_kwargs)` where "
+            "`loss_fn(params, **batch_kwargs)` returns the scalar loss on the current batch "
+            "(the convention of optax's line searches)."
+        )
+    if not callable(value_fn):
+        raise TypeError(f"`value_fn` must be callable; got {type(value_fn).__name__}.")
+    return value_fn
+
+
+def require_params(name: str, params) -> PyTree:
+    if params is None:
+        raise ValueError(f"`{name}.update` needs `params` (the current parameters).")
+    return params
+
+
+def _signature(fn: Callable) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins, some C callables
+        return None
+
+
+def _takes_var_kwargs(sig: inspect.Signature) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def kwargs_for(fn: Callable, extra_args: dict) -> dict:
+    """The entries of ``extra_args`` that ``fn`` accepts by name (never ``value``/``grad``)."""
+    sig = _signature(fn)
+    if sig is None:
+        return {}
+    if _takes_var_kwargs(sig):
+        return {k: v for k, v in extra_args.items() if k not in RESERVED}
+    return {k: v for k, v in extra_args.items() if k in sig.parameters and k not in RESERVED}
+
+
+def _fn_name(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def passed_names(extra_args: dict) -> list[str]:
+    """The extra arguments of ``update`` that a loss function could receive, sorted."""
+    return sorted(k for k in extra_args if k not in RESERVED)
+
+
+def check_call(fn: Callable, role: str, kw: dict, extra_args: dict, *, hint: str = "") -> None:
+    """Raise a ``TypeError`` listing what ``update`` received when ``fn(x, **kw)`` cannot bind.
+
+    ``role`` names the function in the message (``"value_fn"``, ``"ggn model_fn"``).
+    The check binds the signature only (no call, no trace).
+    """
+    sig = _signature(fn)
+    if sig is None:
+        return
+    try:
+        sig.bind(None, **kw)
+    except TypeError as e:
+        params = [p for p in sig.parameters]
+        raise TypeError(
+            f"`{role}` ({_fn_name(fn)}{sig}) cannot be called as `{role}(x, **kw)` with the "
+            f"extra arguments of `update` it names: {e}. `update` received the extra arguments "
+            f"{passed_names(extra_args)} (besides `value_fn`); each function gets those whose "
+            f"names appear in its own signature ({params}). Pass every input it needs to "
+            "`update` by that name, e.g. `opt.update(grads, state, params, value_fn=loss, "
+            "batch=batch)` for `loss(params, batch)`." + (" " + hint if hint else "")
+        ) from None
+
+
+@weak_cache
+def _scalar_loss(fn: Callable, has_aux: bool) -> Callable:
+    """``fn`` with its output checked (and ``aux`` dropped); keeps ``fn``'s signature.
+
+    Cached weakly by ``fn``, so the products built on it keep one tree
+    definition per ``fn`` (no recompilation of jitted consumers).
+    """
+
+    @functools.wraps(fn)
+    def loss(params, **kw):
+        return _validate.scalar_loss(fn(params, **kw), "value_fn", has_aux=has_aux)
+
+    return loss
+
+
+class Loss(NamedTuple):
+    """A loss bound to its routed extra arguments: ``Loss(fn, kw)(params) == fn(params, **kw)``.
+
+    ``fn`` returns the checked scalar loss (any ``aux`` dropped), ``kw`` the
+    extra arguments of ``update`` that ``value_fn`` names.
+    """
+
+    fn: Callable
+    kw: dict
+
+    def __call__(self, params):
+        return self.fn(params, **self.kw)
+
+
+def bind_loss(name: str, value_fn, extra_args: dict, *, has_aux: bool = False) -> Loss:
+    """Check ``value_fn`` and route its extra arguments (the opening of every ``update``)."""
+    value_fn = require_value_fn(name, value_fn)
+    kw = kwargs_for(value_fn, extra_args)
+    check_call(value_fn, "value_fn", kw, extra_args)
+    return Loss(_scalar_loss(value_fn, bool(has_aux)), kw)
+
+
+def strip_aux(value_fn: Callable, has_aux: bool) -> Callable:
+    """``value_fn`` returning only its checked scalar loss (routing signature kept)."""
+    return _scalar_loss(value_fn, bool(has_aux))
+
+
+@weak_cache
+def kw_call(fn: Callable) -> Callable:
+    """``(x, kw) -> fn(x, **kw)``; cached so operator-level caches see one object per ``fn``.
+
+    Weakly (:func:`curvlib._compile.weak_cache`): the cache does not keep ``fn`` alive.
+    """
+
+    def call(x, kw):
+        return fn(x, **kw)
+
+    return call
+
+
+def call(fn: Callable, x, extra_args: dict):
+    return fn(x, **kwargs_for(fn, extra_args))
