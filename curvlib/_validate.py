@@ -314,8 +314,8 @@ def scalar_loss(out, name: str, *, has_aux: bool = False):
     if has_aux:
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise ArgumentError(
-                f"`{name}` must return a pair `(loss, aux)` (it was declared with "
-                f"`has_aux=True`); got {jax.tree.structure(out)}."
+                f"`{name}` was declared with `has_aux=True`, so it must return a pair "
+                f"`(loss, aux)`; got {jax.tree.structure(out)}."
             )
         out = out[0]
     leaves = jax.tree.leaves(out)
