@@ -31,9 +31,7 @@ LIKELIHOODS = ("categorical", "gaussian", "bernoulli")
 
 def check(likelihood: str, variance) -> None:
     _validate.one_of(likelihood, "likelihood", LIKELIHOODS)
-    if variance is not None and not isinstance(variance, jax.core.Tracer):
-        if not float(variance) > 0:
-            raise ValueError(f"`variance` must be > 0; got {variance}.")
+    _validate.number(variance, "variance", minimum=0, exclusive=True, optional=True)
 
 
 def num_columns(likelihood: str, out_shape: tuple) -> int:

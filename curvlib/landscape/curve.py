@@ -360,6 +360,10 @@ def k_curve(
 ) -> KCurve:
     """Run every landscape criterion along a grid of sample counts ``k``.
 
+    The inputs (``loss_fn`` a scalar mean loss, ``params``, every ``k``, the
+    options) are checked once, here; the steps call the computations of the
+    public functions they name without checking again.
+
     Per ``k`` (:func:`curve_point`, a list of named steps):
 
     1. :func:`check_mean_loss` at the point;
