@@ -16,6 +16,7 @@ field; an eager user who wants an exception calls :func:`raise_if_failed` on the
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax.numpy as jnp
@@ -145,3 +146,19 @@ def raise_if_failed(result: Any, *, allow=()):
         raise CurvatureError(f"{type(result).__name__} failed{where}: {status_message(first)}",
                              codes, result)
     return result
+
+
+def worst(*codes):
+    """The most serious of several status codes (by :func:`from_flags`'s precedence; traceable).
+
+    Examples:
+      >>> from curvlib._status import Status, worst
+      >>> int(worst(Status.MAX_STEPS, Status.NONFINITE, Status.STALLED))
+      3
+    """
+    codes = [jnp.asarray(c) for c in codes]
+    has = lambda s: functools.reduce(jnp.logical_or, [c == s for c in codes])
+    return from_flags(finite=~has(Status.NONFINITE), converged=~has(Status.MAX_STEPS),
+                      breakdown=has(Status.BREAKDOWN),
+                      negative_curvature=has(Status.NEGATIVE_CURVATURE),
+                      stalled=has(Status.STALLED))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _compile, _tree
+from curvlib._status import Status, from_flags
 from curvlib._validate import nonneg_number, optional_int, static_int
 from curvlib.krylov import _driver
 
@@ -39,6 +40,10 @@ class PowerIterationResult(NamedTuple):
         with ``converged=False``. (A pair is also NaN, with ``finite=True``, when
         the product budget ran out before it started, or when its start was
         degenerate and no ``key`` was given.)
+      status: the :class:`curvlib.Status` code summarising all pairs: ``NONFINITE``
+        (not ``finite``), ``MAX_STEPS`` (some pair not ``converged``: the budget
+        ran out, or a pair was never computed), else ``SUCCESS`` (every pair
+        converged).
     """
 
     eigenvalues: jax.Array
@@ -47,6 +52,7 @@ class PowerIterationResult(NamedTuple):
     num_matvecs: jax.Array
     converged: jax.Array
     finite: jax.Array
+    status: jax.Array = Status.SUCCESS
 
 
 class _PowerState(NamedTuple):
@@ -280,6 +286,7 @@ def power_iteration(
         num_matvecs=s.total,
         converged=found & conv,
         finite=s.finite,
+        status=from_flags(finite=s.finite, converged=jnp.all(found & conv)),
     )
 
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from curvlib._status import worst
 from curvlib.landscape import _common
 from curvlib.landscape.coefficients import (
     IncrementCoefficients,
@@ -66,6 +67,9 @@ class KCurve(NamedTuple):
       timings: stage -> ``(K,)`` seconds (``subspace``, ``coefficients``,
         ``closed_form``, ``direct_mc``, ``full_mc``); the first ``k`` includes
         the compilation of each stage's program (one for the whole curve).
+      status: ``(K,)`` int32 :class:`curvlib.Status` of the eigensolves at k
+        (and k+1): the most serious of their ``status`` (``None`` for a curve
+        built by hand).
     """
 
     ks: np.ndarray
@@ -86,6 +90,7 @@ class KCurve(NamedTuple):
     max_angle: np.ndarray
     converged: np.ndarray
     timings: dict
+    status: np.ndarray | None = None
 
 
 class KCurveConfig(NamedTuple):
@@ -210,12 +215,13 @@ def subspace_step(loss_fn, params, plan: _Plan, k: int, key) -> dict:
                                                    key=k_sub, **kw))
     out = dict(sub=sub, next=None, eigenvalues=np.asarray(sub.eigenvalues),
                eigenvalues_next=np.full(Dmax, np.nan), max_angle=np.full(len(plan.dims), np.nan),
-               converged=bool(sub.converged))
+               converged=bool(sub.converged), status=int(sub.status))
     if c.next_subspace and k + 2 <= plan.n:
         nxt = jax.block_until_ready(curvature_subspace(loss_fn, params, plan.data, k + 1, Dmax,
                                                        key=k_next, **kw))
         out.update(next=nxt, eigenvalues_next=np.asarray(nxt.eigenvalues),
-                   converged=out["converged"] and bool(nxt.converged))
+                   converged=out["converged"] and bool(nxt.converged),
+                   status=int(worst(out["status"], nxt.status)))
         for j, d in enumerate(plan.dims):
             U = jax.tree.map(lambda x, d=d: x[:d], sub.eigenvectors)
             V = jax.tree.map(lambda x, d=d: x[:d], nxt.eigenvectors)
@@ -258,7 +264,7 @@ def direct_mc_step(loss_fn, params, plan: _Plan, k: int, sub, key):
             num_samples=c.num_samples, dim=d, antithetic=c.antithetic,
             microbatch_size=c.microbatch_size, sample_batch_size=c.sample_batch_size,
             check_mean=False))
-        out[:, j] = np.asarray(est.mean), np.asarray(est.stderr)
+        out[:, j] = np.asarray(est.estimate), np.asarray(est.stderr)
     return out
 
 
@@ -269,7 +275,7 @@ def full_mc_step(loss_fn, params, plan: _Plan, k: int, key):
         loss_fn, params, plan.data, k, plan.sigmas, key=key, num_samples=c.full_samples,
         antithetic=c.antithetic, microbatch_size=c.microbatch_size,
         sample_batch_size=c.sample_batch_size, check_mean=False))
-    return np.stack([np.asarray(est.mean), np.asarray(est.stderr)])
+    return np.stack([np.asarray(est.estimate), np.asarray(est.stderr)])
 
 
 def curve_point(loss_fn, params, plan: _Plan, k: int, key) -> tuple[dict, dict]:
@@ -292,7 +298,7 @@ def curve_point(loss_fn, params, plan: _Plan, k: int, key) -> tuple[dict, dict]:
     values = dict(delta1=abs(float(coef.a)), constant=terms[0], sigma2=terms[1],
                   sigma4=terms[2], closed_form=terms.sum(0), spectral=spectral,
                   eigenvalues=s["eigenvalues"], eigenvalues_next=s["eigenvalues_next"],
-                  max_angle=s["max_angle"], converged=s["converged"])
+                  max_angle=s["max_angle"], converged=s["converged"], status=s["status"])
     if c.num_samples:
         t0 = time.perf_counter()
         values["direct_mean"], values["direct_stderr"] = direct_mc_step(
@@ -331,6 +337,7 @@ def _assemble(plan: _Plan, points: list[dict], seconds: list[dict]) -> KCurve:
                 out[name][i] = p[name]
     return KCurve(ks=np.asarray(plan.ks), dims=np.asarray(plan.dims), sigmas=plan.sigmas,
                   converged=np.array([p["converged"] for p in points], bool),
+                  status=np.array([p["status"] for p in points], np.int32),
                   timings={s: np.array([t[s] for t in seconds]) for s in STAGES}, **out)
 
 
