@@ -36,6 +36,15 @@ class Status:
         curvature was assumed (CG's Steihaug exit; informational for Newton-CG).
       STALLED: progress stopped without meeting the tolerance (a line search's step fell
         below its floor, a step was rejected).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib import Status, cg
+      >>> int(cg(lambda v: 2.0 * v, jnp.ones(3)).status) == Status.SUCCESS
+      True
+      >>> d = jnp.arange(1.0, 9.0)  # eight distinct eigenvalues: CG needs eight steps
+      >>> int(cg(lambda v: d * v, jnp.ones(8), max_steps=2).status) == Status.MAX_STEPS
+      True
     """
 
     SUCCESS = 0
@@ -95,6 +104,15 @@ class CurvatureError(RuntimeError):
     Attributes:
       status: the offending code(s) (a NumPy array).
       result: the result object, so a caller can still inspect it.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib import CurvatureError, cg, raise_if_failed
+      >>> try:
+      ...     raise_if_failed(cg(lambda v: jnp.nan * v, jnp.ones(3)))
+      ... except CurvatureError as e:
+      ...     print(e)
+      CGResult failed: NONFINITE: a non-finite (NaN or inf) input, product or step was met
     """
 
     def __init__(self, message: str, status, result):
@@ -127,8 +145,8 @@ def raise_if_failed(result: Any, *, allow=()):
       >>> import jax.numpy as jnp
       >>> from curvlib import cg, raise_if_failed
       >>> res = raise_if_failed(cg(lambda v: 2.0 * v, jnp.ones(3)))
-      >>> res.x
-      Array([0.5, 0.5, 0.5], dtype=float32)
+      >>> res.x.tolist()
+      [0.5, 0.5, 0.5]
     """
     if not hasattr(result, "status"):
         raise TypeError(f"`result` must be a curvlib result with a `status` field; got "

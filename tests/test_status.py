@@ -359,3 +359,21 @@ def test_newton_stalled_line_search_is_a_status_and_the_state_stays_usable():
     p2, s2 = step(far, s)
     assert int(s2[0].info.status) == Status.SUCCESS
     assert float(loss(p2)) - losses[-1] < 1e-3 * (float(loss(far)) - losses[-1])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: curvlib.newton(),
+    lambda: curvlib.bfgs(),
+    lambda: curvlib.newton_cg(linesearch=optax.scale_by_zoom_linesearch(
+        max_linesearch_steps=20, initial_guess_strategy="one")),
+], ids=["newton", "bfgs", "newton_cg+zoom"])
+def test_line_search_below_the_loss_resolution_is_stalled(make):
+    """``1 + ||p||^2 / 2`` in float32: at ``p = 1e-4`` the decrease (1.5e-8) is below eps."""
+    f = lambda p: 1.0 + 0.5 * jnp.sum(p**2)
+    opt = make()
+    for start, want in ((1.0, Status.SUCCESS), (1e-4, Status.STALLED)):
+        p = jnp.full(3, start, jnp.float32)
+        v, g = jax.value_and_grad(f)(p)
+        u, s = opt.update(g, opt.init(p), p, value=v, grad=g, value_fn=f)
+        assert int(s[0].info.status) == want, start
+        assert bool(s[0].info.finite) and bool(jnp.all(jnp.isfinite(u)))
