@@ -349,7 +349,7 @@ def run(quick: bool = False) -> dict:
 
     dmc_t = C.time_fn(direct_all, repeats=reps, number=1)
     dmc_vals = direct_all()
-    mc_dev = {D: float(np.max(np.abs(np.asarray(r.mean) - np.asarray(v))
+    mc_dev = {D: float(np.max(np.abs(np.asarray(r.estimate) - np.asarray(v))
                               / np.asarray(v)))
               for D, r, v in zip(DIMS, dmc_vals, [vals[D] for D in DIMS], strict=True)}
     vec_np = [jax.tree.map(lambda a, i=i: np.asarray(a[i]), sub.eigenvectors)

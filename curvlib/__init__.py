@@ -41,7 +41,7 @@ from curvlib.krylov import (
     LanczosResult,
     PowerIterationResult,
     SpectralDensity,
-    StochasticEstimate,
+    MonteCarloEstimate,
     SymmetryCheck,
     cg,
     check_symmetric,
@@ -114,7 +114,7 @@ __all__ = [
     "SymmetryCheck",
     "hutchinson_trace",
     "hutchinson_diag",
-    "StochasticEstimate",
+    "MonteCarloEstimate",
     "spectral_density",
     "SpectralDensity",
 ]
@@ -123,3 +123,11 @@ __all__ += optim.__all__
 # K-FAC (curvlib.kronecker: layer discovery, factors, the optax transform)
 __all__ += ["kfac_curvature", "KfacCurvature", "scale_by_kfac", "kfac", "ScaleByKfacState",
             "KfacInfo"]
+
+
+def __getattr__(name):
+    if name == "StochasticEstimate":  # deprecated alias of MonteCarloEstimate (warns)
+        from curvlib.krylov import stochastic
+
+        return stochastic.__getattr__(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

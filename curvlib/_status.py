@@ -16,6 +16,7 @@ field; an eager user who wants an exception calls :func:`raise_if_failed` on the
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax.numpy as jnp
@@ -35,6 +36,15 @@ class Status:
         curvature was assumed (CG's Steihaug exit; informational for Newton-CG).
       STALLED: progress stopped without meeting the tolerance (a line search's step fell
         below its floor, a step was rejected).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib import Status, cg
+      >>> int(cg(lambda v: 2.0 * v, jnp.ones(3)).status) == Status.SUCCESS
+      True
+      >>> d = jnp.arange(1.0, 9.0)  # eight distinct eigenvalues: CG needs eight steps
+      >>> int(cg(lambda v: d * v, jnp.ones(8), max_steps=2).status) == Status.MAX_STEPS
+      True
     """
 
     SUCCESS = 0
@@ -94,6 +104,15 @@ class CurvatureError(RuntimeError):
     Attributes:
       status: the offending code(s) (a NumPy array).
       result: the result object, so a caller can still inspect it.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib import CurvatureError, cg, raise_if_failed
+      >>> try:
+      ...     raise_if_failed(cg(lambda v: jnp.nan * v, jnp.ones(3)))
+      ... except CurvatureError as e:
+      ...     print(e)
+      CGResult failed: NONFINITE: a non-finite (NaN or inf) input, product or step was met
     """
 
     def __init__(self, message: str, status, result):
@@ -126,8 +145,8 @@ def raise_if_failed(result: Any, *, allow=()):
       >>> import jax.numpy as jnp
       >>> from curvlib import cg, raise_if_failed
       >>> res = raise_if_failed(cg(lambda v: 2.0 * v, jnp.ones(3)))
-      >>> res.x
-      Array([0.5, 0.5, 0.5], dtype=float32)
+      >>> res.x.tolist()
+      [0.5, 0.5, 0.5]
     """
     if not hasattr(result, "status"):
         raise TypeError(f"`result` must be a curvlib result with a `status` field; got "
@@ -145,3 +164,19 @@ def raise_if_failed(result: Any, *, allow=()):
         raise CurvatureError(f"{type(result).__name__} failed{where}: {status_message(first)}",
                              codes, result)
     return result
+
+
+def worst(*codes):
+    """The most serious of several status codes (by :func:`from_flags`'s precedence; traceable).
+
+    Examples:
+      >>> from curvlib._status import Status, worst
+      >>> int(worst(Status.MAX_STEPS, Status.NONFINITE, Status.STALLED))
+      3
+    """
+    codes = [jnp.asarray(c) for c in codes]
+    has = lambda s: functools.reduce(jnp.logical_or, [c == s for c in codes])
+    return from_flags(finite=~has(Status.NONFINITE), converged=~has(Status.MAX_STEPS),
+                      breakdown=has(Status.BREAKDOWN),
+                      negative_curvature=has(Status.NEGATIVE_CURVATURE),
+                      stalled=has(Status.STALLED))

@@ -227,11 +227,11 @@ def test_quadratic_mc_converges_to_closed_form(antithetic):
     big = ls.delta2_quadratic_mc(a, c, B, sig, key=key, num_samples=40_000,
                                  antithetic=antithetic)
     for est in (small, big):
-        assert np.all(np.abs(est.mean - gm) <= 5 * est.stderr)
+        assert np.all(np.abs(est.estimate - gm) <= 5 * est.stderr)
     # standard error shrinks like S^-1/2 (x100 samples -> /10)
     ratio = np.asarray(small.stderr / big.stderr)
     assert np.all((ratio > 7) & (ratio < 14)), ratio  # 10 up to the spread of 400 draws
-    assert np.all(np.abs(big.mean - gm) / gm < 0.03)
+    assert np.all(np.abs(big.estimate - gm) / gm < 0.03)
     assert big.num_evaluations == 40_000 * (2 if antithetic else 1)
 
 
@@ -254,10 +254,10 @@ def test_direct_mc_equals_closed_form_on_least_squares(lsq):
                                  num_samples=4000)
     quad = ls.delta2_quadratic_mc(*coef, sig, key=key, num_samples=4000)
     # the quadratic model is exact: same draws give the same numbers
-    np.testing.assert_allclose(direct.mean, quad.mean, rtol=1e-9)
+    np.testing.assert_allclose(direct.estimate, quad.estimate, rtol=1e-9)
     np.testing.assert_allclose(direct.stderr, quad.stderr, rtol=1e-7)
     # and both equal the closed form in expectation
-    assert np.all(np.abs(direct.mean - gm) <= 5 * direct.stderr + 1e-12 * gm)
+    assert np.all(np.abs(direct.estimate - gm) <= 5 * direct.stderr + 1e-12 * gm)
     # gradient of L_k vanishes at w*, so c is the projected single-sample gradient / (k+1)
     _, g1, _ = np_loss_grad_hess(theta, x[k: k + 1], y[k: k + 1])
     U = np.asarray(jax.vmap(_flat)(sub.eigenvectors))
@@ -275,10 +275,10 @@ def test_nested_direct_mc_and_batching(lsq):
                                  num_samples=64, dim=2)
     prefix = jax.tree.map(lambda v: v[:2], sub.eigenvectors)
     direct = ls.delta2_direct_mc(ls_loss, w, (x, y), k, prefix, sig, key=key, num_samples=64)
-    np.testing.assert_allclose(masked.mean, direct.mean, rtol=1e-10)
+    np.testing.assert_allclose(masked.estimate, direct.estimate, rtol=1e-10)
     chunked = ls.delta2_direct_mc(ls_loss, w, (x, y), k, prefix, sig, key=key, num_samples=64,
                                   microbatch_size=3, sample_batch_size=16)
-    np.testing.assert_allclose(chunked.mean, direct.mean, rtol=1e-10)
+    np.testing.assert_allclose(chunked.estimate, direct.estimate, rtol=1e-10)
     np.testing.assert_allclose(chunked.stderr, direct.stderr, rtol=1e-8)
 
 
@@ -299,10 +299,10 @@ def test_full_dimension_equals_full_space(lsq):
     np.testing.assert_allclose(vals[2], vals[0], rtol=1e-10)
     full = ls.delta2_full_mc(ls_loss, w, (x, y), k, sig, key=jax.random.PRNGKey(4),
                              num_samples=4000)
-    assert np.all(np.abs(full.mean - vals[0]) <= 5 * full.stderr)
+    assert np.all(np.abs(full.estimate - vals[0]) <= 5 * full.stderr)
     direct = ls.delta2_direct_mc(ls_loss, w, (x, y), k, _unflat(_random_orthonormal(rng, N, N)),
                                  sig, key=jax.random.PRNGKey(5), num_samples=4000)
-    assert np.all(np.abs(direct.mean - vals[0]) <= 5 * direct.stderr)
+    assert np.all(np.abs(direct.estimate - vals[0]) <= 5 * direct.stderr)
 
 
 # ------------------------------- fact 5: commuting Hessians, corollary, extremality
@@ -343,7 +343,7 @@ def test_commuting_hessians_reproduce_the_corollary():
     # direct MC (exact quadratic) agrees too
     mc = ls.delta2_direct_mc(loss, w0, h, k, sub.eigenvectors, sig, key=jax.random.PRNGKey(1),
                              num_samples=2000)
-    assert np.all(np.abs(mc.mean - spectral) <= 5 * mc.stderr)
+    assert np.all(np.abs(mc.estimate - spectral) <= 5 * mc.stderr)
 
 
 def test_extremality_of_the_top_d_set():
@@ -639,7 +639,7 @@ def test_microbatched_chunks_and_samples_past_k(lsq):
         coef = ls.increment_coefficients(ls_loss, w, data, k, U, microbatch_size=mb)
         mc = ls.delta2_direct_mc(ls_loss, w, data, k, U, sig, key=key, num_samples=4,
                                  microbatch_size=mb)
-        return sub.eigenvalues, *coef, mc.mean
+        return sub.eigenvalues, *coef, mc.estimate
 
     U = ls.curvature_subspace(ls_loss, w, (x, y), 8, 2, key=key).eigenvectors
     for k, data in ((4, bad), (6, bad), (12, bad), (20, (x, y)), (22, (x, y))):
@@ -837,7 +837,7 @@ def test_control_variate_is_unbiased_and_tighter(lsq):
                                 key=jax.random.PRNGKey(1), num_samples=3000)
     cv = ls.delta2_direct_mc(_tanh_loss, w, (x, y), k, sub.eigenvectors, sig,
                              key=jax.random.PRNGKey(2), num_samples=300, control_variate=coef)
-    assert np.all(np.abs(cv.mean - plain.mean) <= 5 * np.hypot(cv.stderr, plain.stderr))
+    assert np.all(np.abs(cv.estimate - plain.estimate) <= 5 * np.hypot(cv.stderr, plain.stderr))
     same_s = ls.delta2_direct_mc(_tanh_loss, w, (x, y), k, sub.eigenvectors, sig,
                                  key=jax.random.PRNGKey(2), num_samples=300)
     # in the local regime (small sigma) the control variate is far tighter
@@ -846,14 +846,14 @@ def test_control_variate_is_unbiased_and_tighter(lsq):
     cv1 = ls.delta2_direct_mc(_tanh_loss, w, (x, y), k, sub.eigenvectors, 1e-4,
                               key=jax.random.PRNGKey(3), num_samples=8, dim=1,
                               control_variate=coef)
-    np.testing.assert_allclose(cv1.mean, ls.delta2_closed_form(*coef.prefix(1), 1e-4),
+    np.testing.assert_allclose(cv1.estimate, ls.delta2_closed_form(*coef.prefix(1), 1e-4),
                                rtol=1e-6)
     # exact quadratic: the control variate removes all Monte Carlo noise
     exact = ls.increment_coefficients(ls_loss, w, (x, y), k, sub.eigenvectors)
     e = ls.delta2_direct_mc(ls_loss, w, (x, y), k, sub.eigenvectors, sig,
                             key=jax.random.PRNGKey(4), num_samples=8, control_variate=exact)
-    np.testing.assert_allclose(e.mean, ls.delta2_closed_form(*exact, sig), rtol=1e-9)
-    assert np.all(e.stderr < 1e-9 * e.mean)
+    np.testing.assert_allclose(e.estimate, ls.delta2_closed_form(*exact, sig), rtol=1e-9)
+    assert np.all(e.stderr < 1e-9 * e.estimate)
 
 
 def test_every_public_function_has_an_example_and_docs_stay_in_the_repository():

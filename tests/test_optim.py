@@ -479,7 +479,7 @@ def test_cg_step_cap_is_static_under_inject_hyperparams():
     )
     s = opt.init(p)
     _, s = jax.jit(lambda p, s: opt.update(jax.grad(f)(p), s, p, value_fn=f))(p, s)
-    assert int(s.inner_state[0].info.num_cg_steps) <= 2
+    assert int(s.inner_state[0].info.num_steps) <= 2
     traced = optax.inject_hyperparams(optim.newton_cg)(learning_rate=1.0, max_cg_steps=2)
     with pytest.raises(ValueError, match="static_args"):
         jax.jit(lambda p, s: traced.update(jax.grad(f)(p), s, p, value_fn=f))(p, traced.init(p))

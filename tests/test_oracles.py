@@ -76,14 +76,14 @@ def test_quadratic_mc_is_the_sample_mean_of_its_own_draws(antithetic):
             x = sg * s * z
             q = a + x @ c + 0.5 * np.einsum("si,ij,sj->s", x, B, x)
             per[g] += q**2 / len(signs)
-    np.testing.assert_allclose(est.mean, per.mean(1), rtol=1e-13)
+    np.testing.assert_allclose(est.estimate, per.mean(1), rtol=1e-13)
     np.testing.assert_allclose(est.stderr, per.std(1, ddof=1) / np.sqrt(S), rtol=1e-12)
-    assert est.mean.shape == sig.shape and est.stderr.shape == sig.shape
+    assert est.estimate.shape == sig.shape and est.stderr.shape == sig.shape
     assert (est.num_samples, est.num_evaluations) == (S, S * len(signs))
     # a scalar sigma gives scalar results
     one = ls.delta2_quadratic_mc(a, c, B, 1.3, key=key, num_samples=S, antithetic=antithetic)
-    assert one.mean.shape == () and one.stderr.shape == ()
-    np.testing.assert_allclose(one.mean, est.mean[1], rtol=1e-13)
+    assert one.estimate.shape == () and one.stderr.shape == ()
+    np.testing.assert_allclose(one.estimate, est.estimate[1], rtol=1e-13)
 
 
 def test_closed_form_terms_are_shaped_like_sigma_and_exact():

@@ -100,7 +100,7 @@ def test_quadratic_matches_dense_oracle():
     info = curvlib.curvature_info(state)
     evals, evecs = np.linalg.eigh(A)
     np.testing.assert_allclose(info.eigenvalues, evals[::-1][:k], rtol=1e-10)
-    assert int(info.step) == 0 and bool(info.converged) and not bool(info.skipped)
+    assert int(info.count) == 0 and bool(info.converged) and not bool(info.skipped)
     # trace: Hutch++ on n=12 with 12 probes spans the whole space exactly up to rounding
     assert abs(float(info.trace) - np.trace(A)) <= 5 * float(info.trace_stderr) + 1e-8
     # gradient fraction in the top-k eigenspace, from the dense eigenvectors
@@ -153,7 +153,7 @@ def test_tracked_eigenvalues_match_cold_eigsh_and_warm_start_is_cheaper():
         if t % every:
             continue
         info = curvlib.curvature_info(state)
-        assert int(info.step) == t and bool(info.converged)
+        assert int(info.count) == t and bool(info.converged)
         exact = cold(before, jax.random.PRNGKey(100 + t), 1e-10)
         np.testing.assert_allclose(info.eigenvalues, exact.eigenvalues, rtol=2e-5)
         same_tol = cold(before, jax.random.PRNGKey(200 + t), tol)
@@ -217,7 +217,7 @@ def test_refresh_schedule_zero_cost_between_and_no_recompilation():
         params, state = step(params, state, False)
         jax.block_until_ready(state)
         states.append(state)
-        steps.append(int(curvlib.curvature_info(state).step))
+        steps.append(int(curvlib.curvature_info(state).count))
         assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == shapes
     assert len(_TRACES) - num_traces <= 1  # no recompilation after the first step
     assert steps == [0, 0, 0, 0, 4, 4, 4, 4, 8, 8]
@@ -292,7 +292,7 @@ def test_nnx_optimizer_history_has_one_row_per_refresh():
     for _ in range(5):
         step(model, optimizer)
         infos.append(curvlib.curvature_info(optimizer.opt_state))
-    assert [int(i.step) for i in infos] == [0, 0, 2, 2, 4]
+    assert [int(i.count) for i in infos] == [0, 0, 2, 2, 4]
     hist = curvlib.curvature_history(infos)
     np.testing.assert_array_equal(hist["step"], [0, 2, 4])
     assert len(set(np.round(hist["loss"], 12))) == 3  # three different points
@@ -351,7 +351,7 @@ def test_nan_loss_at_refresh_keeps_previous_values_with_flag():
     params, state = step(params, state, True)  # the refresh at step 4 sees a NaN loss
     bad = curvlib.curvature_info(state)
     assert bool(bad.skipped) and int(bad.num_skipped) == 1
-    assert int(bad.step) == 0 and int(bad.num_refreshes) == 1
+    assert int(bad.count) == 0 and int(bad.num_refreshes) == 1
     np.testing.assert_array_equal(bad.eigenvalues, good.eigenvalues)
     jax.tree.map(np.testing.assert_array_equal, state[0].eigenvectors, vecs_before)
     # training continued: the update was applied
@@ -359,7 +359,7 @@ def test_nan_loss_at_refresh_keeps_previous_values_with_flag():
     for _ in range(4):
         params, state = step(params, state, False)  # the refresh at step 8 succeeds again
     info = curvlib.curvature_info(state)
-    assert not bool(info.skipped) and int(info.step) == 8 and int(info.num_skipped) == 1
+    assert not bool(info.skipped) and int(info.count) == 8 and int(info.num_skipped) == 1
 
 
 def test_readable_with_tree_get_and_through_wrappers():
@@ -380,7 +380,7 @@ def test_readable_with_tree_get_and_through_wrappers():
         p = optax.apply_updates(p, u)
     info = curvlib.curvature_info(state)
     assert isinstance(info, TrackCurvatureInfo)
-    assert int(info.step) == 3 and int(info.num_refreshes) == 2
+    assert int(info.count) == 3 and int(info.num_refreshes) == 2
     assert float(info.eigenvalues[0]) == pytest.approx(9.0, rel=1e-6)
     got = optax.tree_utils.tree_get(inner.init(params), "info")
     assert isinstance(got, TrackCurvatureInfo)
@@ -406,7 +406,7 @@ def test_vmap_over_seeds_matches_unbatched():
         p_b, s_b = vstep(p_b, s_b)
     info_b = curvlib.curvature_info(s_b)
     assert info_b.eigenvalues.shape == (2, 2)
-    assert np.all(np.asarray(info_b.step) == 2) and np.all(np.asarray(info_b.num_refreshes) == 2)
+    assert np.all(np.asarray(info_b.count) == 2) and np.all(np.asarray(info_b.num_refreshes) == 2)
     one = jax.jit(step)
     for i, p in enumerate(params):
         s = opt.init(p)

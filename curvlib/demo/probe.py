@@ -412,11 +412,11 @@ def run_probe(cfg: ProbeConfig, log=print) -> dict[str, Any]:
 def _estimates(dims, terms, quad, direct, full, coef, cfg) -> dict:
     """Every estimate on the grid, and the comparisons between them, as JSON-ready lists."""
     gm = np.array([np.asarray(t.constant + t.sigma2 + t.sigma4) for t in terms])  # (nD, nS)
-    dm = np.array([np.asarray(e.mean) for e in direct])
+    dm = np.array([np.asarray(e.estimate) for e in direct])
     dse = np.array([np.asarray(e.stderr) for e in direct])
-    qm = np.array([np.asarray(e.mean) for e in quad])
+    qm = np.array([np.asarray(e.estimate) for e in quad])
     qse = np.array([np.asarray(e.stderr) for e in quad])
-    fm, fse = np.asarray(full.mean), np.asarray(full.stderr)
+    fm, fse = np.asarray(full.estimate), np.asarray(full.stderr)
     per_d = lambda a: {str(d): a[j].tolist() for j, d in enumerate(dims)}
     d1 = float(jnp.abs(coef.a))
     return dict(

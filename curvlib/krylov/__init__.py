@@ -14,7 +14,7 @@ from curvlib.krylov.density import SpectralDensity, spectral_density
 from curvlib.krylov.eigen import EigshResult, eigsh
 from curvlib.krylov.linear import CGResult, cg
 from curvlib.krylov.power import PowerIterationResult, power_iteration
-from curvlib.krylov.stochastic import StochasticEstimate, hutchinson_diag, hutchinson_trace
+from curvlib.krylov.stochastic import MonteCarloEstimate, hutchinson_diag, hutchinson_trace
 from curvlib.krylov.tridiag import LanczosResult, lanczos
 
 __all__ = [
@@ -29,8 +29,16 @@ __all__ = [
     "PowerIterationResult",
     "power_iteration",
     "SpectralDensity",
-    "StochasticEstimate",
+    "MonteCarloEstimate",
     "hutchinson_diag",
     "hutchinson_trace",
     "spectral_density",
 ]
+
+
+def __getattr__(name):
+    if name == "StochasticEstimate":  # deprecated alias of MonteCarloEstimate (warns)
+        from curvlib.krylov import stochastic
+
+        return stochastic.__getattr__(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _compile, _tree, _validate
+from curvlib._status import Status, from_flags
 
 PyTree = Any
 
@@ -24,14 +25,20 @@ class SymmetryCheck(NamedTuple):
         ``relative`` are NaN when a product was not finite.
       symmetric: ``relative <= rtol`` and every product finite.
       finite: every product was finite.
-      num_matvecs: products used (``2 * num_pairs``).
+      num_matvecs: products used (``2 * num_pairs``; int32).
+      converged: the check reached its verdict (``== finite``). An asymmetric
+        operator is a verdict (``symmetric=False``), not a failure of the check.
+      status: the :class:`curvlib.Status` code: ``NONFINITE`` or ``SUCCESS``
+        (read ``symmetric`` for the verdict).
     """
 
     asymmetry: jax.Array
     relative: jax.Array
     symmetric: jax.Array
     finite: jax.Array
-    num_matvecs: int
+    num_matvecs: jax.Array
+    converged: jax.Array = True
+    status: jax.Array = Status.SUCCESS
 
 
 def _precheck(matvec, v_like, key, num_pairs, rtol):
@@ -132,5 +139,7 @@ def check_symmetric(
         relative=jnp.where(finite, rel_max, jnp.nan),
         symmetric=finite & (rel_max <= rtol),
         finite=finite,
-        num_matvecs=2 * num_pairs,
+        num_matvecs=jnp.asarray(2 * num_pairs, jnp.int32),
+        converged=finite,
+        status=from_flags(finite=finite),
     )

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from curvlib import _compile, _tree, _validate
+from curvlib._status import Status, from_flags
 from curvlib.krylov import _driver, _space, tridiag
 
 PyTree = Any
@@ -25,6 +26,11 @@ class SpectralDensity(NamedTuple):
       sigma: broadening width used.
       finite: every product was finite (if not, ``density``, ``nodes`` and
         ``weights`` are NaN).
+      num_matvecs: products used (``num_probes * num_matvecs``; int32).
+      converged: the quadrature was computed (``== finite``): stochastic Lanczos
+        quadrature has no tolerance, and a probe whose chain meets an invariant
+        subspace gives an exact quadrature of that subspace, not a failure.
+      status: the :class:`curvlib.Status` code: ``NONFINITE`` or ``SUCCESS``.
     """
 
     grid: jax.Array
@@ -33,6 +39,9 @@ class SpectralDensity(NamedTuple):
     weights: jax.Array
     sigma: jax.Array
     finite: Any = True
+    num_matvecs: Any = 0
+    converged: Any = True
+    status: Any = Status.SUCCESS
 
 
 def _quadrature(cfg, matvec, v):
@@ -60,7 +69,9 @@ def _density(nodes, weights, finite, sigma, grid, num_points):
     density = jnp.sum(kern * weights[None], axis=(1, 2)) / nodes.shape[0]
     ok = jnp.all(finite)
     nan = lambda x: jnp.where(ok, x, jnp.nan)
-    return SpectralDensity(grid, nan(density), nan(nodes), nan(weights), s, ok)
+    return SpectralDensity(grid, nan(density), nan(nodes), nan(weights), s, ok,
+                           num_matvecs=jnp.asarray(nodes.size, jnp.int32), converged=ok,
+                           status=from_flags(finite=ok))
 
 
 def _solve(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid):

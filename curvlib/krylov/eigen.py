@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _compile, _tree, _validate
+from curvlib._status import Status, from_flags
 from curvlib.krylov import _band, _driver, _space, tridiag
 
 PyTree = Any
@@ -57,6 +58,9 @@ class EigshResult(NamedTuple):
       num_verifications: verification rounds run (each one fresh random block).
       verification_matvecs: the part of ``num_matvecs`` spent after the wanted
         pairs were first certified, on verification (its cost).
+      status: the :class:`curvlib.Status` code, most serious first: ``NONFINITE``
+        (not ``finite``), ``MAX_STEPS`` (the product or restart budget ran out
+        before ``converged``), else ``SUCCESS``.
     """
 
     eigenvalues: jax.Array
@@ -68,6 +72,7 @@ class EigshResult(NamedTuple):
     finite: jax.Array
     num_verifications: jax.Array = 0  # (defaults: results built by hand, e.g. given eigenpairs)
     verification_matvecs: jax.Array = 0
+    status: jax.Array = Status.SUCCESS
 
 
 class _Cfg(NamedTuple):
@@ -353,6 +358,7 @@ def _finish(cfg: _Cfg, s: _State) -> EigshResult:
         finite=finite,
         num_verifications=s.rounds,
         verification_matvecs=s.verify_count,
+        status=from_flags(finite=finite, converged=(s.phase == 2) & ok),
     )
 
 

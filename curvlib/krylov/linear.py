@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _compile, _tree, _validate
+from curvlib._status import Status, from_flags
 from curvlib.krylov import _driver
 
 PyTree = Any
@@ -38,6 +39,9 @@ class CGResult(NamedTuple):
         finite iterate and ``converged=False``.
       num_matvecs: products used: ``num_steps``, plus one for a warm start
         ``x0``, plus one for the true residual when ``x`` moved.
+      status: the :class:`curvlib.Status` code, most serious first: ``NONFINITE``,
+        ``NEGATIVE_CURVATURE`` (the Steihaug exit), ``MAX_STEPS`` (not
+        ``converged``: ``max_steps`` ran out), else ``SUCCESS``.
     """
 
     x: PyTree
@@ -48,6 +52,7 @@ class CGResult(NamedTuple):
     curvature_direction: PyTree
     finite: jax.Array
     num_matvecs: jax.Array = 0
+    status: jax.Array = Status.SUCCESS
 
 
 # phases of the single product loop
@@ -351,4 +356,5 @@ def cg(
         curvature_direction=negdir,
         finite=finite,
         num_matvecs=nmv,
+        status=from_flags(finite=finite, converged=converged, negative_curvature=negcurv),
     )

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _compile, _tree, _validate
+from curvlib._status import Status, from_flags
 from curvlib.krylov import _driver
 
 PyTree = Any
@@ -38,6 +39,10 @@ class PowerIterationResult(NamedTuple):
         with ``converged=False``. (A pair is also NaN, with ``finite=True``, when
         the product budget ran out before it started, or when its start was
         degenerate and no ``key`` was given.)
+      status: the :class:`curvlib.Status` code summarising all pairs: ``NONFINITE``
+        (not ``finite``), ``MAX_STEPS`` (some pair not ``converged``: the budget
+        ran out, or a pair was never computed), else ``SUCCESS`` (every pair
+        converged).
     """
 
     eigenvalues: jax.Array
@@ -46,6 +51,7 @@ class PowerIterationResult(NamedTuple):
     num_matvecs: jax.Array
     converged: jax.Array
     finite: jax.Array
+    status: jax.Array = Status.SUCCESS
 
 
 class _PowerState(NamedTuple):
@@ -279,6 +285,7 @@ def power_iteration(
         num_matvecs=s.total,
         converged=found & conv,
         finite=s.finite,
+        status=from_flags(finite=s.finite, converged=jnp.all(found & conv)),
     )
 
 

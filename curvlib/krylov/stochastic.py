@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -11,30 +12,79 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _compile, _tree, _validate
+from curvlib._status import Status, from_flags
 from curvlib.krylov import _space
 
 PyTree = Any
 
 
-class StochasticEstimate(NamedTuple):
-    """A Monte Carlo estimate with its error bar.
+class MonteCarloEstimate(NamedTuple):
+    """A Monte Carlo estimate with its error bar: the one type of every stochastic estimate.
+
+    Returned by :func:`hutchinson_trace`, :func:`hutchinson_diag` and the Monte
+    Carlo estimators of :mod:`curvlib.landscape` (``delta2_quadratic_mc``,
+    ``delta2_direct_mc``, ``delta2_full_mc``). It carries the status fields of
+    every curvlib result (``converged``, ``finite``, ``num_matvecs``, ``status``).
 
     Attributes:
-      estimate: the estimate (scalar for a trace, pytree for a diagonal); NaN if
-        a product was not finite.
+      estimate: the estimate (scalar for a trace, pytree for a diagonal, shaped
+        like ``sigma`` for a ``Delta_2`` grid); NaN if a product or an evaluation
+        was not finite.
       stderr: its standard error (same structure as ``estimate``), computed so
         that ``estimate +- 2 * stderr`` covers the true value in about 95% of
-        runs even at the smallest probe counts (each estimator says how);
-        ``inf`` where the products carry no information on the error (a single
-        probe of a diagonal); NaN if a product was not finite.
-      num_matvecs: products used.
-      finite: every product was finite (if not, ``estimate`` and ``stderr`` are NaN).
+        runs (each estimator says how); ``inf`` where the samples carry no
+        information on the error (a single probe of a diagonal); NaN if a
+        product was not finite.
+      num_samples: independent random draws behind the estimate: probes for
+        Hutchinson (``num_probes``), draws (antithetic pairs when antithetic)
+        for ``Delta_2``.
+      num_evaluations: evaluations of the estimated quantity: operator products
+        for Hutchinson (Hutch++'s sketch and exact part included), loss-increment
+        (or quadratic-model) evaluations per ``sigma`` for ``Delta_2``.
+      num_matvecs: operator products used (``0`` for the ``Delta_2``
+        estimators, which evaluate losses, not products).
+      finite: every product and evaluation was finite (if not, ``estimate`` and
+        ``stderr`` are NaN).
+      converged: the estimate and its error bar were computed (a Monte Carlo
+        estimate has no tolerance to meet: ``converged == finite``).
+      status: the :class:`curvlib.Status` code: ``NONFINITE`` or ``SUCCESS``.
     """
 
     estimate: Any
     stderr: Any
-    num_matvecs: int
+    num_samples: Any = 0
+    num_evaluations: Any = 0
+    num_matvecs: Any = 0
     finite: Any = True
+    converged: Any = True
+    status: Any = Status.SUCCESS
+
+    @property
+    def mean(self):
+        """Deprecated: the old name of ``estimate`` (Delta_2 estimators)."""
+        warnings.warn("`MonteCarloEstimate.mean` is deprecated; use `.estimate`.",
+                      DeprecationWarning, stacklevel=2)
+        return self.estimate
+
+
+def monte_carlo_estimate(estimate, stderr, *, num_samples, num_evaluations, num_matvecs,
+                         finite) -> MonteCarloEstimate:
+    """A :class:`MonteCarloEstimate` with ``converged`` and ``status`` derived from ``finite``."""
+    finite = jnp.asarray(finite)
+    return MonteCarloEstimate(
+        estimate=estimate, stderr=stderr, num_samples=num_samples,
+        num_evaluations=num_evaluations, num_matvecs=jnp.asarray(num_matvecs, jnp.int32),
+        finite=finite, converged=finite, status=from_flags(finite=finite),
+    )
+
+
+def __getattr__(name):
+    if name == "StochasticEstimate":
+        warnings.warn("`StochasticEstimate` is deprecated; use `MonteCarloEstimate` (the same "
+                      "type: one Monte Carlo estimate for every stochastic estimator).",
+                      DeprecationWarning, stacklevel=2)
+        return MonteCarloEstimate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _Z975 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -197,7 +247,7 @@ def hutchinson_trace(
     batch_size: int | None = None,
     deflate: PyTree | None = None,
     deflate_trace: jax.Array | None = None,
-) -> StochasticEstimate:
+) -> MonteCarloEstimate:
     r"""Unbiased estimate of ``tr(A)``, with an honest standard error, from products.
 
     ``"hutchinson"``: ``tr(A) ~ (1/s) sum_i z_i^T A z_i`` with Rademacher ``z_i``
@@ -266,7 +316,7 @@ def hutchinson_trace(
       deflate_trace: optional known ``tr(Q A Q^T)`` for ``deflate``.
 
     Returns:
-      :class:`StochasticEstimate` with scalar ``estimate`` and ``stderr`` (NaN,
+      :class:`MonteCarloEstimate` with scalar ``estimate`` and ``stderr`` (NaN,
       with ``finite=False``, if a product was not finite).
 
     Raises:
@@ -325,7 +375,8 @@ def hutchinson_trace(
         est, se = _quadratic_forms(Z, Z, AZ, AZ, acc)
         finite = _tree.all_finite(AZ)
         est, se = _nan_unless(finite, est, se)
-        return StochasticEstimate(est, se, num_probes, finite)
+        return monte_carlo_estimate(est, se, num_samples=num_probes, num_evaluations=num_probes,
+                                num_matvecs=num_probes, finite=finite)
     s = num_probes // 3
     g = num_probes - 2 * s
     k1, k2 = jax.random.split(key)
@@ -338,7 +389,8 @@ def hutchinson_trace(
     rest, se = _quadratic_forms(G, Gd, AGd, _deflate_rows(Q, AGd, acc), acc)
     finite = _tree.all_finite(Y) & _tree.all_finite(AQ) & _tree.all_finite(AGd)
     est, se = _nan_unless(finite, exact + rest, se)
-    return StochasticEstimate(est, se, num_probes, finite)
+    return monte_carlo_estimate(est, se, num_samples=num_probes, num_evaluations=num_probes,
+                                num_matvecs=num_probes, finite=finite)
 
 
 def probe_space(v_like) -> _space.Space:
@@ -402,7 +454,8 @@ def deflated_trace(block, space, key, num_probes, Q, exact, acc):
     rest, se = _quadratic_forms(G, Gd, AGd, _deflate_rows(Q, AGd, acc), acc)
     finite = finite & _tree.all_finite(AGd)
     est, se = _nan_unless(finite, jnp.asarray(exact, acc) + rest, se)
-    return StochasticEstimate(est, se, used, finite)
+    return monte_carlo_estimate(est, se, num_samples=num_probes, num_evaluations=used,
+                                num_matvecs=used, finite=finite)
 
 
 def _orthonormal_rows(Y, acc):
@@ -426,7 +479,7 @@ def hutchinson_diag(
     num_probes: int,
     *,
     batch_size: int | None = None,
-) -> StochasticEstimate:
+) -> MonteCarloEstimate:
     r"""Unbiased estimate of ``diag(A)`` as a pytree: ``(1/s) sum_i z_i * (A z_i)``.
 
     With Rademacher probes, entry ``j`` of one sample is
@@ -460,7 +513,7 @@ def hutchinson_diag(
       batch_size: optional chunking of the block product (static, ``>= 1``).
 
     Returns:
-      :class:`StochasticEstimate` whose ``estimate`` and ``stderr`` are pytrees
+      :class:`MonteCarloEstimate` whose ``estimate`` and ``stderr`` are pytrees
       (NaN, with ``finite=False``, if a product was not finite).
 
     Raises:
@@ -503,4 +556,5 @@ def hutchinson_diag(
     est, se = space.unflatten(est), space.unflatten(se)
     finite = _tree.all_finite(AZ)
     est, se = _nan_unless(finite, est, se)
-    return StochasticEstimate(est, se, num_probes, finite)
+    return monte_carlo_estimate(est, se, num_samples=num_probes, num_evaluations=num_probes,
+                                num_matvecs=num_probes, finite=finite)

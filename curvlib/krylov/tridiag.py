@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from curvlib import _compile, _tree, _validate
+from curvlib._status import Status, from_flags
 from curvlib.krylov import _band, _driver, _space
 
 PyTree = Any
@@ -25,9 +26,18 @@ class LanczosResult(NamedTuple):
         ``A Q^T = Q^T T + r e_m^T``.
       residual_norm: ``||r|| = beta_m``.
       breakdown: whether an invariant subspace was met (``beta_j`` ~ 0 for some ``j < m``).
-      num_matvecs: products used (``m``).
+        With ``reortho="full"`` the recursion continued from a fresh direction, so a
+        breakdown is information, not a failure; with ``reortho="none"`` it is not
+        recovered (later rows are not a basis) and fails the run.
+      num_matvecs: products used (``m``; int32).
       finite: whether every product was finite; if not, ``alphas``, ``betas``
         and ``residual_norm`` are NaN.
+      converged: the requested depth was completed: ``finite``, and all ``m`` rows
+        of ``basis`` are orthonormal Lanczos vectors whose products are in ``T``
+        (no breakdown left it incomplete: a fresh direction continued every
+        breakdown, which only ``reortho="none"`` cannot do).
+      status: the :class:`curvlib.Status` code: ``NONFINITE``, ``BREAKDOWN`` (an
+        unrecovered breakdown left the depth incomplete), else ``SUCCESS``.
     """
 
     basis: PyTree
@@ -36,8 +46,10 @@ class LanczosResult(NamedTuple):
     residual: PyTree
     residual_norm: jax.Array
     breakdown: jax.Array
-    num_matvecs: int
+    num_matvecs: jax.Array
     finite: jax.Array
+    converged: jax.Array = True
+    status: jax.Array = Status.SUCCESS
 
 
 class _Cfg(NamedTuple):
@@ -123,10 +135,12 @@ def _finish(cfg: _Cfg, s: _State) -> LanczosResult:
     residual = jax.tree.map(lambda r, x: r.astype(jnp.result_type(x)), residual, s.like)
     fin = band.finite
     nan = lambda x: jnp.where(fin, x, jnp.nan)
+    complete = jnp.all(band.mult[:m])  # every row was multiplied: no breakdown was left open
     return LanczosResult(
         basis=basis, alphas=nan(jnp.diag(T)), betas=nan(jnp.diag(T, -1)), residual=residual,
         residual_norm=nan(beta), breakdown=(band.breakdowns > 0) & fin,
-        num_matvecs=m, finite=fin,
+        num_matvecs=jnp.asarray(m, jnp.int32), finite=fin, converged=fin & complete,
+        status=from_flags(finite=fin, breakdown=~complete),
     )
 
 
@@ -256,8 +270,12 @@ def _lanczos_plain(m, matvec, v0) -> LanczosResult:
     )
     Q, alphas, betas, q, _, b, fin = jax.lax.fori_loop(0, m, body, init)
     nan = lambda x: jnp.where(fin, x, jnp.nan)
+    # an invariant subspace ends the recurrence: a remainder at rounding level of ||T||
+    scale = jnp.max(jnp.abs(alphas) + betas)
+    broke = jnp.any(betas[:-1] <= 100 * jnp.finfo(acc).eps * scale) & fin
     return LanczosResult(Q, nan(alphas), nan(betas[:-1]), _tree.scale(b, q), nan(b),
-                         jnp.asarray(False), m, fin)
+                         broke, jnp.asarray(m, jnp.int32), fin, converged=fin & ~broke,
+                         status=from_flags(finite=fin, breakdown=broke))
 
 
 _plain_compiled = _compile.entry(static=("m",), operators={"matvec": "v0"})(_lanczos_plain)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _tree, _validate
+from curvlib._status import worst
 from curvlib.landscape import _common
 from curvlib.landscape.coefficients import (
     IncrementCoefficients,
@@ -70,6 +71,9 @@ class KCurve(NamedTuple):
       timings: stage -> ``(K,)`` seconds (``subspace``, ``coefficients``,
         ``closed_form``, ``direct_mc``, ``full_mc``); the first ``k`` includes
         the compilation of each stage's program (one for the whole curve).
+      status: ``(K,)`` int32 :class:`curvlib.Status` of the eigensolves at k
+        (and k+1): the most serious of their ``status`` (``None`` for a curve
+        built by hand).
     """
 
     ks: np.ndarray
@@ -90,6 +94,7 @@ class KCurve(NamedTuple):
     max_angle: np.ndarray
     converged: np.ndarray
     timings: dict
+    status: np.ndarray | None = None
 
 
 class KCurveConfig(NamedTuple):
@@ -219,11 +224,12 @@ def subspace_step(loss_fn, params, plan: _Plan, k: int, key) -> dict:
     sub = solve(k, k_sub)
     out = dict(sub=sub, next=None, eigenvalues=np.asarray(sub.eigenvalues),
                eigenvalues_next=np.full(Dmax, np.nan), max_angle=np.full(len(plan.dims), np.nan),
-               converged=bool(sub.converged))
+               converged=bool(sub.converged), status=int(sub.status))
     if c.next_subspace and k + 2 <= plan.n:
         nxt = solve(k + 1, k_next)
         out.update(next=nxt, eigenvalues_next=np.asarray(nxt.eigenvalues),
-                   converged=out["converged"] and bool(nxt.converged))
+                   converged=out["converged"] and bool(nxt.converged),
+                   status=int(worst(out["status"], nxt.status)))
         for j, d in enumerate(plan.dims):
             U = jax.tree.map(lambda x, d=d: x[:d], sub.eigenvectors)
             V = jax.tree.map(lambda x, d=d: x[:d], nxt.eigenvectors)
@@ -267,7 +273,7 @@ def direct_mc_step(loss_fn, params, plan: _Plan, k: int, sub, key):
             loss_fn, params, plan.data, k, U, jnp.asarray(d), grid, key, c.num_samples,
             bool(c.antithetic), c.microbatch_size, c.sample_batch_size, None))
         est = _estimate(mean, se, sigma, c.num_samples, c.antithetic)
-        out[:, j] = np.asarray(est.mean), np.asarray(est.stderr)
+        out[:, j] = np.asarray(est.estimate), np.asarray(est.stderr)
     return out
 
 
@@ -279,7 +285,7 @@ def full_mc_step(loss_fn, params, plan: _Plan, k: int, key):
         loss_fn, params, plan.data, k, grid, key, c.full_samples, bool(c.antithetic),
         c.microbatch_size, c.sample_batch_size))
     est = _estimate(mean, se, sigma, c.full_samples, c.antithetic)
-    return np.stack([np.asarray(est.mean), np.asarray(est.stderr)])
+    return np.stack([np.asarray(est.estimate), np.asarray(est.stderr)])
 
 
 def curve_point(loss_fn, params, plan: _Plan, k: int, key) -> tuple[dict, dict]:
@@ -301,7 +307,7 @@ def curve_point(loss_fn, params, plan: _Plan, k: int, key) -> tuple[dict, dict]:
     values = dict(delta1=abs(float(coef.a)), constant=terms[0], sigma2=terms[1],
                   sigma4=terms[2], closed_form=terms.sum(0), spectral=spectral,
                   eigenvalues=s["eigenvalues"], eigenvalues_next=s["eigenvalues_next"],
-                  max_angle=s["max_angle"], converged=s["converged"])
+                  max_angle=s["max_angle"], converged=s["converged"], status=s["status"])
     if c.num_samples:
         t0 = time.perf_counter()
         values["direct_mean"], values["direct_stderr"] = direct_mc_step(
@@ -340,6 +346,7 @@ def _assemble(plan: _Plan, points: list[dict], seconds: list[dict]) -> KCurve:
                 out[name][i] = p[name]
     return KCurve(ks=np.asarray(plan.ks), dims=np.asarray(plan.dims), sigmas=plan.sigmas,
                   converged=np.array([p["converged"] for p in points], bool),
+                  status=np.array([p["status"] for p in points], np.int32),
                   timings={s: np.array([t[s] for t in seconds]) for s in STAGES}, **out)
 
 

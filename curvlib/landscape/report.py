@@ -35,6 +35,8 @@ def curve_to_dict(curve: KCurve) -> dict:
     def conv(x):
         if isinstance(x, dict):
             return {k: conv(v) for k, v in x.items()}
+        if x is None:
+            return None
         a = np.asarray(x)
         if a.dtype == bool:
             return a.tolist()
@@ -44,6 +46,8 @@ def curve_to_dict(curve: KCurve) -> dict:
         return np.where(np.isfinite(a), a, None).tolist()
 
     d = {f: conv(getattr(curve, f)) for f in curve._fields}
+    if curve.status is not None:  # Status codes stay ints
+        d["status"] = np.asarray(curve.status).tolist()
     d["slopes"] = {
         f"sigma={s:.3g}": {k: (float(v) if np.isfinite(v) else None)
                            for k, v in curve_slopes(curve, s).items()}

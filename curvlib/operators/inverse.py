@@ -29,6 +29,7 @@ from jax.tree_util import Partial
 
 from curvlib import _tree, _validate
 from curvlib._compile import is_host_driven
+from curvlib._status import Status, from_flags
 from curvlib.krylov import cg, eigsh
 from curvlib.operators import _common as C
 
@@ -49,6 +50,10 @@ class InverseSolve(NamedTuple):
       converged: CG reached ``max(rtol ||b||, atol)`` on a positive definite
         system; for ``"lowrank"``, the eigenpairs were certified by eigsh (or given).
       finite: every product (and the result) was finite.
+      status: the :class:`curvlib.Status` code, most serious first: ``NONFINITE``,
+        ``NEGATIVE_CURVATURE`` (CG met a direction of non-positive curvature: the
+        system is not positive definite), ``MAX_STEPS`` (CG's budget ran out, or
+        for ``"lowrank"`` eigsh's pairs were not certified), else ``SUCCESS``.
     """
 
     x: PyTree
@@ -56,6 +61,7 @@ class InverseSolve(NamedTuple):
     residual_norm: jax.Array
     converged: jax.Array
     finite: jax.Array
+    status: jax.Array = Status.SUCCESS
 
 
 def _as_partial(f, name):
@@ -147,7 +153,7 @@ class InverseMatvec:
         ok = res.finite & ~res.negative_curvature
         x = _tree.where(ok, res.x, jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), res.x))
         return InverseSolve(x, res.num_steps + 1, res.residual_norm, res.converged & ok,
-                            res.finite)
+                            res.finite, status=res.status)
 
     def _solve_lowrank(self, b):
         U, theta = self.eigenvectors, self.eigenvalues
@@ -157,8 +163,10 @@ class InverseMatvec:
         x = _tree.add_scale(_tree.basis_combine(U, coef, like=b), 1.0 / lam, b)
         x = jax.tree.map(lambda a, r: a.astype(jnp.result_type(r)), x, b)
         finite = _tree.all_finite(x)
-        return InverseSolve(x, jnp.asarray(0), jnp.asarray(jnp.nan, theta.dtype),
-                            finite & self.eig_converged, finite)
+        converged = finite & self.eig_converged
+        return InverseSolve(x, jnp.asarray(0, jnp.int32), jnp.asarray(jnp.nan, theta.dtype),
+                            converged, finite,
+                            status=from_flags(finite=finite, converged=converged))
 
     def __call__(self, v: PyTree) -> PyTree:
         return self.solve(v).x

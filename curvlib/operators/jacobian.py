@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from jax.tree_util import Partial
 
-from curvlib import _validate
+from curvlib import _tree, _validate
 from curvlib._compile import stable_linearized
 from curvlib.operators import _common as C
 from curvlib.operators.gauss_newton import _check_model

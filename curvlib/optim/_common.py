@@ -48,6 +48,7 @@ from curvlib._loss import (  # noqa: F401  (the routing, shared with curvlib.kro
     strip_aux,
 )
 from curvlib.operators import ggn_matvec, hessian_matvec, microbatch_mean
+from curvlib._status import Status, worst
 
 PyTree = Any
 
@@ -402,6 +403,9 @@ def alias(
     * Without a line search a :func:`recompute_marker` link makes the alias
       usable in the loop :func:`optax.lbfgs` documents
       (:func:`optax.value_and_grad_from_state`).
+    * With a line search, a search that made no progress
+      (:func:`linesearch_stalled`) is reported as ``Status.STALLED`` in the
+      ``status`` of the first link's ``info`` (when it has one).
 
     The state is the chain's (a tuple, one entry per link).
     """
@@ -419,9 +423,56 @@ def alias(
         ):
             value, grad = jax.value_and_grad(loss)(params)
             extra_args = {**extra_args, "value": value, "grad": grad}
-        return inner.update(updates, state, params, value_fn=value_fn, **extra_args)
+        out, new_state = inner.update(updates, state, params, value_fn=value_fn, **extra_args)
+        if linesearch is not None:
+            stalled = linesearch_stalled(new_state[-1], extra_args["value"], extra_args["grad"],
+                                         out)
+            new_state = flag_stalled(new_state, stalled)
+        return out, new_state
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def linesearch_stalled(ls_state, value, grad, step) -> jax.Array:
+    """Whether an optax line search made no progress this step (traceable).
+
+    True when the search reports a failure (``info.decrease_error`` positive or
+    not finite: no step within its budget met its decrease condition), when its
+    step is zero or not finite, or when it accepted a descent step (``step^T
+    grad < 0``) whose loss ``ls_state.value`` is not below ``value`` (the
+    condition held only through rounding: the loss's dtype cannot resolve the
+    decrease). A zero step at a zero gradient is not a stall.
+
+    Args:
+      ls_state: the line search's state after its ``update`` (optax's
+        backtracking and zoom states: ``learning_rate``, ``value``, ``info``).
+      value: the loss at the incoming parameters.
+      grad: the gradient there.
+      step: the update the chain output (``new_params = params + step``).
+    """
+    stalled = jnp.asarray(False)
+    err = getattr(getattr(ls_state, "info", None), "decrease_error", None)
+    if err is not None:
+        stalled = stalled | ~(jnp.asarray(err) <= 0)
+    lr = getattr(ls_state, "learning_rate", None)
+    if lr is not None:
+        stalled = stalled | ~(jnp.asarray(lr) > 0)
+    new_value = getattr(ls_state, "value", None)
+    if new_value is not None and grad is not None:
+        descent = _tree.vdot(step, grad) < 0
+        stalled = stalled | (descent & ~(jnp.asarray(new_value) < jnp.asarray(value)))
+    grad_zero = ~(_tree.norm(grad) > 0) if grad is not None else jnp.asarray(False)
+    return stalled & ~grad_zero
+
+
+def flag_stalled(states: tuple, stalled) -> tuple:
+    """``states`` with ``Status.STALLED`` folded into the first link's ``info.status``."""
+    info = getattr(states[0], "info", None)
+    if info is None or "status" not in getattr(info, "_fields", ()):
+        return states
+    code = jnp.where(stalled, Status.STALLED, Status.SUCCESS)
+    info = info._replace(status=worst(info.status, code))
+    return (states[0]._replace(info=info), *states[1:])
 
 
 def learning_rate_link(learning_rate) -> optax.GradientTransformation:

@@ -54,6 +54,7 @@ from jax.flatten_util import ravel_pytree
 
 from curvlib import _tree, _validate
 from curvlib._compile import weak_cache
+from curvlib._status import Status, from_flags
 from curvlib.optim import _common
 
 PyTree = Any
@@ -71,6 +72,16 @@ class NewtonInfo(NamedTuple):
       skipped: the loss, gradient or curvature was non-finite; the step output
         zeros.
       loss: the loss at the incoming ``params``.
+      converged: the Newton system was solved (a dense eigendecomposition: exact
+        whenever ``finite``).
+      finite: the loss, gradient, curvature and step were finite (``~skipped``).
+      num_matvecs: curvature products of the step (``n``, one per parameter).
+      status: the :class:`curvlib.Status` code: ``NONFINITE`` (skipped), else
+        ``SUCCESS``; inside :func:`newton` (or any alias with a line search)
+        ``STALLED`` when the line search failed to decrease the loss (its step
+        fell to its floor, or the accepted step did not lower the loss): the
+        iteration makes no progress from this point, typically at the precision
+        floor of the loss's dtype. The parameters and state stay usable.
     """
 
     min_eigenvalue: jax.Array
@@ -78,6 +89,10 @@ class NewtonInfo(NamedTuple):
     num_modified: jax.Array
     skipped: jax.Array
     loss: jax.Array
+    converged: jax.Array = True
+    finite: jax.Array = True
+    num_matvecs: jax.Array = 0
+    status: jax.Array = Status.SUCCESS
 
 
 class ScaleByNewtonState(NamedTuple):
@@ -241,7 +256,10 @@ def scale_by_newton(
         zero = jnp.zeros((), dt)
         return ScaleByNewtonState(
             count=jnp.zeros((), jnp.int32),
-            info=NewtonInfo(zero, zero, jnp.zeros((), jnp.int32), jnp.asarray(False), zero),
+            info=NewtonInfo(zero, zero, jnp.zeros((), jnp.int32), jnp.asarray(False), zero,
+                            converged=jnp.asarray(True), finite=jnp.asarray(True),
+                            num_matvecs=jnp.zeros((), jnp.int32),
+                            status=jnp.asarray(Status.SUCCESS, jnp.int32)),
         )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
@@ -265,6 +283,10 @@ def scale_by_newton(
             num_modified=jnp.sum(w < floor).astype(jnp.int32),
             skipped=~finite,
             loss=setup.value,
+            converged=finite,
+            finite=finite,
+            num_matvecs=jnp.asarray(g.size, jnp.int32),
+            status=from_flags(finite=finite),
         )
         return unravel(p), ScaleByNewtonState(optax.safe_increment(state.count), info)
 
@@ -293,7 +315,8 @@ def default_linesearch() -> optax.GradientTransformationExtraArgs:
     """The line search of :func:`newton`: Armijo backtracking from the full step, storing grad.
 
     optax's :func:`optax.scale_by_backtracking_linesearch` (halving, at most 20
-    backtracking steps) with ``store_grad=True``: the loss and gradient at the
+    backtracking steps), restarted from the full step ``1`` at every search
+    (Nocedal & Wright 2006, Alg. 3.1), with ``store_grad=True``: the loss and gradient at the
     accepted point stay in the state, so the loop :func:`optax.lbfgs`
     documents (:func:`optax.value_and_grad_from_state`) reuses them instead of
     evaluating the gradient again (with ``store_grad=False`` that loop fails:
@@ -315,6 +338,11 @@ def default_linesearch() -> optax.GradientTransformationExtraArgs:
     )
 
     def update_fn(updates, state, params=None, *, value_fn, **extra_args):
+        # every search starts from the full Newton step: optax's state carries the last
+        # accepted step, so one backtracking would cap every later search below it, and
+        # after a failed search (at the precision floor of the loss) the step would shrink
+        # by 2^-20 per iteration until the parameters silently stop moving
+        state = state._replace(learning_rate=jnp.ones_like(state.learning_rate))
         return ls.update(updates, state, params, value_fn=_loss_in_default_float(value_fn),
                          **extra_args)
 

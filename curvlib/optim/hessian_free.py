@@ -105,6 +105,7 @@ References:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -114,6 +115,7 @@ import numpy as np
 import optax
 
 from curvlib import _tree, _validate
+from curvlib._status import Status, from_flags
 from curvlib.krylov import cg
 from curvlib.optim import _common
 
@@ -122,11 +124,25 @@ PyTree = Any
 DEFAULT_MAX_CG_STEPS = 100
 
 
+def _deprecated_field(cls: str, old: str, new: str):
+    """A read-only property ``old`` that warns and returns the field ``new``."""
+
+    def get(self):
+        warnings.warn(f"`{cls}.{old}` is deprecated; use `{cls}.{new}`.", DeprecationWarning,
+                      stacklevel=2)
+        return getattr(self, new)
+
+    get.__doc__ = f"Deprecated: the old name of ``{new}``."
+    return property(get)
+
+
 class NewtonCGInfo(NamedTuple):
     """Diagnostics of the last :func:`scale_by_newton_cg` step.
 
     Attributes:
-      num_cg_steps: CG iterations (curvature products) of the solve.
+      num_steps: CG iterations of the solve (the name of :class:`curvlib.CGResult`'s
+        field; ``num_cg_steps``, its old name, still reads it with a
+        ``DeprecationWarning``).
       residual_norm: final CG residual ``||g - (C + lambda I) p||``.
       damping: the ``lambda`` used in this step.
       rho: reduction ratio ``(f(theta - p) - f(theta)) / q(-p)``.
@@ -135,9 +151,19 @@ class NewtonCGInfo(NamedTuple):
       skipped: the loss, the gradient or a curvature product was non-finite;
         the step output zeros and the state was left as it was.
       loss: the loss at the incoming ``params``.
+      converged: CG met its tolerance ``cg_rtol`` (forcing term) within ``max_cg_steps``.
+      finite: the loss, gradient, products and step were finite (``~skipped``).
+      num_matvecs: curvature products of the step: CG's, one for the model decrease
+        ``p^T C p``, and one for the gradient fallback when CG's iterate was not a
+        descent direction.
+      status: the :class:`curvlib.Status` code, most serious first: ``NONFINITE``
+        (skipped), ``NEGATIVE_CURVATURE`` (CG met it; informational: the step
+        handles it), ``STALLED`` (the step was rejected: zeros were output; inside
+        an alias with a line search, also a line search that failed to decrease
+        the loss), ``MAX_STEPS`` (CG not ``converged``), else ``SUCCESS``.
     """
 
-    num_cg_steps: jax.Array
+    num_steps: jax.Array
     residual_norm: jax.Array
     damping: jax.Array
     rho: jax.Array
@@ -145,6 +171,12 @@ class NewtonCGInfo(NamedTuple):
     accepted: jax.Array
     skipped: jax.Array
     loss: jax.Array
+    converged: jax.Array = True
+    finite: jax.Array = True
+    num_matvecs: jax.Array = 0
+    status: jax.Array = Status.SUCCESS
+
+    num_cg_steps = _deprecated_field("NewtonCGInfo", "num_cg_steps", "num_steps")
 
 
 class ScaleByNewtonCGState(NamedTuple):
@@ -388,7 +420,7 @@ def scale_by_newton_cg(
             damping_setting=lam,
             solution=_tree.zeros_like(params),
             info=NewtonCGInfo(
-                num_cg_steps=jnp.zeros((), jnp.int32),
+                num_steps=jnp.zeros((), jnp.int32),
                 residual_norm=zero,
                 damping=lam,
                 rho=zero,
@@ -396,6 +428,10 @@ def scale_by_newton_cg(
                 accepted=jnp.asarray(False),
                 skipped=jnp.asarray(False),
                 loss=zero,
+                converged=jnp.asarray(True),
+                finite=jnp.asarray(True),
+                num_matvecs=jnp.zeros((), jnp.int32),
+                status=jnp.asarray(Status.SUCCESS, jnp.int32),
             ),
         )
 
@@ -422,8 +458,9 @@ def scale_by_newton_cg(
             lam, rho, accepted, pcp, p, increase=damping_increase, decrease=damping_decrease,
             min_damping=min_damping, max_damping=max_damping,
         )
+        fallback = ~(_tree.vdot(updates, res.x) > 0)  # _solve's gradient fallback: one product
         info = NewtonCGInfo(
-            num_cg_steps=jnp.asarray(res.num_steps, jnp.int32),
+            num_steps=jnp.asarray(res.num_steps, jnp.int32),
             residual_norm=jnp.asarray(res.residual_norm, dt),
             damping=jnp.asarray(lam, dt),
             rho=rho,
@@ -431,6 +468,11 @@ def scale_by_newton_cg(
             accepted=accepted,
             skipped=~finite,
             loss=setup.value,
+            converged=res.converged,
+            finite=finite,
+            num_matvecs=(res.num_matvecs + 1 + fallback).astype(jnp.int32),
+            status=from_flags(finite=finite, converged=res.converged,
+                              negative_curvature=res.negative_curvature, stalled=~accepted),
         )
         return _commit(updates, state, p, lam_next, finite, accepted, info, damping)
 

@@ -35,6 +35,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from curvlib import _tree, _validate
+from curvlib._status import Status, from_flags
 from curvlib.optim import _common
 
 PyTree = Any
@@ -49,12 +50,23 @@ class BFGSInfo(NamedTuple):
       skipped: the loss or gradient was non-finite; the step output zeros and
         the state was left as it was.
       loss: the loss at the incoming ``params``.
+      converged: the direction was computed (a product with the stored inverse
+        Hessian: no inner solve, so ``== finite``).
+      finite: the loss, gradient, parameters and step were finite (``~skipped``).
+      num_matvecs: curvature products of the step (``0``: BFGS uses gradients only).
+      status: the :class:`curvlib.Status` code: ``NONFINITE`` (skipped), else
+        ``SUCCESS``; inside :func:`bfgs` (or any alias with a line search)
+        ``STALLED`` when the line search failed to decrease the loss.
     """
 
     curvature: jax.Array
     updated: jax.Array
     skipped: jax.Array
     loss: jax.Array
+    converged: jax.Array = True
+    finite: jax.Array = True
+    num_matvecs: jax.Array = 0
+    status: jax.Array = Status.SUCCESS
 
 
 class ScaleByBFGSState(NamedTuple):
@@ -217,7 +229,10 @@ def scale_by_bfgs(
             inv_hessian=jnp.eye(n, dtype=dt),
             prev_params=_tree.zeros_like(params),
             prev_grad=_tree.zeros_like(params),
-            info=BFGSInfo(zero, jnp.asarray(False), jnp.asarray(False), zero),
+            info=BFGSInfo(zero, jnp.asarray(False), jnp.asarray(False), zero,
+                          converged=jnp.asarray(True), finite=jnp.asarray(True),
+                          num_matvecs=jnp.zeros((), jnp.int32),
+                          status=jnp.asarray(Status.SUCCESS, jnp.int32)),
         )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
@@ -243,6 +258,10 @@ def scale_by_bfgs(
                 updated=ok & finite,
                 skipped=~finite,
                 loss=value,
+                converged=finite,
+                finite=finite,
+                num_matvecs=jnp.zeros((), jnp.int32),
+                status=from_flags(finite=finite),
             ),
         )
         return unravel(p.astype(jnp.result_type(g))), new_state

@@ -28,6 +28,7 @@ References:
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from curvlib import _tree, _validate
+from curvlib._status import Status, from_flags
 from curvlib.krylov import eigen, eigsh, hutchinson_trace, stochastic
 from curvlib.optim import _common
 
@@ -47,11 +49,13 @@ class TrackCurvatureInfo(NamedTuple):
     """Diagnostics of the last refresh of :func:`track_curvature`.
 
     Every field keeps its value between refreshes; before the first refresh
-    ``step`` is ``-1`` and the values are NaN.
+    ``count`` is ``-1`` and the values are NaN.
 
     Attributes:
-      step: optimiser step (0-based count of ``update`` calls) of the last
-        successful refresh; ``-1`` before the first.
+      count: optimiser step (0-based count of ``update`` calls) of the last
+        successful refresh; ``-1`` before the first. (Named like every state's
+        ``count``; ``step``, its old name, still reads it with a
+        ``DeprecationWarning``.)
       eigenvalues: top-``k`` Hessian eigenvalues, largest first (shape ``(k,)``);
         ``eigenvalues[0]`` is the sharpness.
       residual_norms: ``||H x_i - lambda_i x_i||`` of the tracked pairs (shape ``(k,)``).
@@ -73,9 +77,13 @@ class TrackCurvatureInfo(NamedTuple):
       skipped: ``True`` if the most recent refresh met a non-finite loss,
         gradient or curvature and kept the previous values (training goes on).
       num_skipped: refreshes skipped so far.
+      finite: the most recent refresh met only finite values (``~skipped``).
+      status: the :class:`curvlib.Status` code of the most recent refresh:
+        ``NONFINITE`` (skipped), ``MAX_STEPS`` (eigsh not ``converged``), else
+        ``SUCCESS`` (also before the first refresh, when nothing was measured).
     """
 
-    step: jax.Array
+    count: jax.Array
     eigenvalues: jax.Array
     residual_norms: jax.Array
     trace: jax.Array
@@ -90,6 +98,15 @@ class TrackCurvatureInfo(NamedTuple):
     num_refreshes: jax.Array
     skipped: jax.Array
     num_skipped: jax.Array
+    finite: jax.Array = True
+    status: jax.Array = Status.SUCCESS
+
+    @property
+    def step(self):
+        """Deprecated: the old name of ``count``."""
+        warnings.warn("`TrackCurvatureInfo.step` is deprecated; use `TrackCurvatureInfo.count`.",
+                      DeprecationWarning, stacklevel=2)
+        return self.count
 
 
 class TrackCurvatureState(NamedTuple):
@@ -114,7 +131,7 @@ class TrackCurvatureState(NamedTuple):
 def _empty_info(k: int, dt) -> TrackCurvatureInfo:
     nan = jnp.asarray(jnp.nan, dt)
     return TrackCurvatureInfo(
-        step=jnp.asarray(-1, jnp.int32),
+        count=jnp.asarray(-1, jnp.int32),
         eigenvalues=jnp.full((k,), jnp.nan, dt),
         residual_norms=jnp.full((k,), jnp.nan, dt),
         trace=nan,
@@ -129,6 +146,8 @@ def _empty_info(k: int, dt) -> TrackCurvatureInfo:
         num_refreshes=jnp.asarray(0, jnp.int32),
         skipped=jnp.asarray(False),
         num_skipped=jnp.asarray(0, jnp.int32),
+        finite=jnp.asarray(True),
+        status=jnp.asarray(Status.SUCCESS, jnp.int32),
     )
 
 
@@ -285,7 +304,7 @@ def _measure(loss, params, extra_args, state: TrackCurvatureState, cfg: _Config)
         if cfg.num_probes:
             ok = ok & jnp.isfinite(trace)
         info = TrackCurvatureInfo(
-            step=state.count.astype(jnp.int32),
+            count=state.count.astype(jnp.int32),
             eigenvalues=res.eigenvalues.astype(dt),
             residual_norms=res.residual_norms.astype(dt),
             trace=jnp.asarray(trace).astype(dt),
@@ -300,6 +319,8 @@ def _measure(loss, params, extra_args, state: TrackCurvatureState, cfg: _Config)
             num_refreshes=old.num_refreshes + 1,
             skipped=jnp.asarray(False),
             num_skipped=old.num_skipped,
+            finite=jnp.asarray(True),
+            status=from_flags(converged=res.converged),
         )
         return _commit(ok, vecs, info, state)
 
@@ -313,7 +334,9 @@ def _measure(loss, params, extra_args, state: TrackCurvatureState, cfg: _Config)
 def _commit(ok, vecs, info, state):
     """New values where ``ok``; otherwise the previous ones, flagged as skipped."""
     old = state.info
-    kept = old._replace(skipped=jnp.asarray(True), num_skipped=old.num_skipped + 1)
+    kept = old._replace(skipped=jnp.asarray(True), num_skipped=old.num_skipped + 1,
+                        finite=jnp.asarray(False),
+                        status=jnp.asarray(Status.NONFINITE, jnp.int32))
     info = jax.tree.map(lambda a, b: jnp.where(ok, a, b), info, kept)
     vecs = jax.tree.map(lambda a, b: jnp.where(ok, a, b), vecs, state.eigenvectors)
     return vecs, info
@@ -494,7 +517,7 @@ def track_curvature(
       ...     return optax.apply_updates(params, updates), state
       >>> params, state = step(params, state)
       >>> info = curvlib.curvature_info(state)
-      >>> [round(float(x), 3) for x in info.eigenvalues], int(info.step)
+      >>> [round(float(x), 3) for x in info.eigenvalues], int(info.count)
       ([3.0, 2.0], 0)
 
     References:
@@ -589,7 +612,7 @@ def curvature_info(state: PyTree) -> TrackCurvatureInfo:
       >>> p = jnp.array([1.0, 2.0]); loss = lambda p: jnp.sum(p ** 2)
       >>> _, state = opt.update(jax.grad(loss)(p), opt.init(p), p, value_fn=loss)
       >>> info = curvlib.curvature_info(state)
-      >>> int(info.step), round(float(info.eigenvalues[0]), 4)
+      >>> int(info.count), round(float(info.eigenvalues[0]), 4)
       (0, 2.0)
     """
     found = []

@@ -66,6 +66,7 @@ import jax.numpy as jnp
 import optax
 
 from curvlib import _tree, _validate
+from curvlib._status import Status, from_flags
 from curvlib.optim import _common
 
 PyTree = Any
@@ -78,11 +79,21 @@ class SVRGInfo(NamedTuple):
       refreshed: the snapshot and its full gradient were refreshed this step.
       correction_norm: ``||grad f_B(theta) - grad f_B(snapshot)||``.
       skipped: a non-finite gradient; the step output zeros, the state was kept.
+      converged: the direction was computed (no inner solve: ``== finite``).
+      finite: the corrected gradient and the snapshot gradient were finite
+        (``~skipped``).
+      num_matvecs: curvature products of the step (``0``: gradients only).
+      status: the :class:`curvlib.Status` code: ``NONFINITE`` (skipped), else
+        ``SUCCESS``.
     """
 
     refreshed: jax.Array
     correction_norm: jax.Array
     skipped: jax.Array
+    converged: jax.Array = True
+    finite: jax.Array = True
+    num_matvecs: jax.Array = 0
+    status: jax.Array = Status.SUCCESS
 
 
 class ScaleBySVRGState(NamedTuple):
@@ -186,7 +197,10 @@ def scale_by_svrg(
             since_snapshot=jnp.asarray(snapshot_every, jnp.int32),
             snapshot_params=_tree.zeros_like(params),
             snapshot_grad=_tree.zeros_like(params),
-            info=SVRGInfo(jnp.asarray(False), jnp.zeros((), dt), jnp.asarray(False)),
+            info=SVRGInfo(jnp.asarray(False), jnp.zeros((), dt), jnp.asarray(False),
+                          converged=jnp.asarray(True), finite=jnp.asarray(True),
+                          num_matvecs=jnp.zeros((), jnp.int32),
+                          status=jnp.asarray(Status.SUCCESS, jnp.int32)),
         )
 
     def update_fn(updates, state, params=None, *, value_fn=None, full_value_fn=None,
@@ -222,6 +236,10 @@ def scale_by_svrg(
                 refreshed=refresh & finite,
                 correction_norm=jnp.where(finite, _tree.norm(correction), 0.0).astype(dt),
                 skipped=~finite,
+                converged=finite,
+                finite=finite,
+                num_matvecs=jnp.zeros((), jnp.int32),
+                status=from_flags(finite=finite),
             ),
         )
         return out, new_state

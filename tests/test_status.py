@@ -1,0 +1,379 @@
+"""One status convention: every result and transform Info reports converged/finite/num_matvecs/status.
+
+Oracles: dense linear algebra (``numpy.linalg``) for the answers, designed spectra for the
+situations (a budget too small, a NaN operator, an indefinite system, an invariant subspace).
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import curvlib
+from curvlib import CurvatureError, Status, raise_if_failed
+from curvlib import landscape as ls
+
+N = 12
+
+
+def _spd(n=N, seed=0, cond=10.0):
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    ev = np.geomspace(1.0, cond, n)
+    return jnp.asarray((Q * ev) @ Q.T), ev
+
+
+def _op(A):
+    return lambda v: A @ v
+
+
+def _nan_op(v):
+    return jnp.full_like(v, jnp.nan)
+
+
+def _check_fields(r):
+    for name in ("converged", "finite", "num_matvecs", "status"):
+        assert hasattr(r, name), (type(r).__name__, name)
+    assert jnp.asarray(r.converged).dtype == jnp.bool_, type(r).__name__
+    assert jnp.asarray(r.finite).dtype == jnp.bool_, type(r).__name__
+    assert jnp.asarray(r.num_matvecs).dtype == jnp.int32, type(r).__name__
+    assert jnp.asarray(r.status).dtype == jnp.int32, type(r).__name__
+    assert jnp.shape(r.status) == ()
+
+
+def _algorithms(A, key):
+    v = jnp.ones(A.shape[0])
+    inv = curvlib.inverse_matvec(_op(A), damping=0.1)
+    return {
+        "eigsh": curvlib.eigsh(_op(A), v, 2),
+        "lanczos": curvlib.lanczos(_op(A), v, 4),
+        "power_iteration": curvlib.power_iteration(_op(A), v, 1),
+        "cg": curvlib.cg(_op(A), v),
+        "hutchinson_trace": curvlib.hutchinson_trace(_op(A), v, key, 6),
+        "hutchinson_diag": curvlib.hutchinson_diag(_op(A), v, key, 4),
+        "spectral_density": curvlib.spectral_density(_op(A), v, key, num_matvecs=4,
+                                                     num_probes=2),
+        "check_symmetric": curvlib.check_symmetric(_op(A), v, key),
+        "inverse_solve": inv.solve(v),
+        "delta2_quadratic_mc": ls.delta2_quadratic_mc(
+            jnp.asarray(0.1), jnp.ones(3), jnp.eye(3), 0.5, key=key, num_samples=8),
+    }
+
+
+def test_every_algorithm_result_has_the_four_fields():
+    A, _ = _spd()
+    for name, r in _algorithms(A, jax.random.PRNGKey(0)).items():
+        _check_fields(r)
+        assert int(r.status) == Status.SUCCESS, name
+        assert bool(r.converged) and bool(r.finite), name
+
+
+def test_num_matvecs_counts_products():
+    A, _ = _spd()
+    v, key = jnp.ones(N), jax.random.PRNGKey(0)
+    assert int(curvlib.lanczos(_op(A), v, 5).num_matvecs) == 5
+    assert int(curvlib.check_symmetric(_op(A), v, key, num_pairs=3).num_matvecs) == 6
+    sd = curvlib.spectral_density(_op(A), v, key, num_matvecs=4, num_probes=3)
+    assert int(sd.num_matvecs) == 12
+    tr = curvlib.hutchinson_trace(_op(A), v, key, 9)
+    assert int(tr.num_matvecs) == int(tr.num_evaluations) == 9 and int(tr.num_samples) == 9
+    mc = ls.delta2_quadratic_mc(jnp.asarray(0.1), jnp.ones(3), jnp.eye(3), 0.5,
+                                key=key, num_samples=8)
+    assert int(mc.num_matvecs) == 0 and int(mc.num_evaluations) == 16  # antithetic pairs
+    assert int(mc.num_samples) == 8
+
+
+# ------------------------------------------------------------ oracle situations
+
+
+def test_eigsh_statuses():
+    A, ev = _spd(cond=100.0)
+    v = jnp.ones(N)
+    ok = curvlib.eigsh(_op(A), v, 2)
+    np.testing.assert_allclose(ok.eigenvalues, ev[::-1][:2], rtol=1e-6)
+    assert int(ok.status) == Status.SUCCESS
+    short = curvlib.eigsh(_op(A), v, 2, basis_size=4, max_matvecs=3)
+    assert not bool(short.converged) and int(short.status) == Status.MAX_STEPS
+    bad = curvlib.eigsh(_nan_op, v, 2)
+    assert not bool(bad.finite) and int(bad.status) == Status.NONFINITE
+
+
+def test_cg_statuses():
+    A, _ = _spd(cond=1e4)
+    b = jnp.arange(1.0, N + 1.0)
+    ok = curvlib.cg(_op(A), b, rtol=1e-10)
+    np.testing.assert_allclose(ok.x, np.linalg.solve(np.asarray(A), np.asarray(b)), rtol=1e-6)
+    assert int(ok.status) == Status.SUCCESS
+    short = curvlib.cg(_op(A), b, rtol=1e-10, max_steps=2)
+    assert int(short.status) == Status.MAX_STEPS and not bool(short.converged)
+    indefinite = jnp.diag(jnp.linspace(-1.0, 2.0, N))
+    neg = curvlib.cg(_op(indefinite), b)
+    assert bool(neg.negative_curvature) and int(neg.status) == Status.NEGATIVE_CURVATURE
+    assert int(curvlib.cg(_nan_op, b).status) == Status.NONFINITE
+
+
+def test_lanczos_breakdown_is_a_status_only_when_it_is_not_recovered():
+    d = jnp.arange(1.0, N + 1.0)
+    e0 = jnp.zeros(N).at[0].set(1.0)  # an eigenvector: K(A, e0) is invariant after one step
+    full = curvlib.lanczos(lambda v: d * v, e0, 4)
+    # a fresh direction continued the recursion: Q is orthonormal and A Q^T = Q^T T + r e_m^T
+    T = np.diag(full.alphas) + np.diag(full.betas, 1) + np.diag(full.betas, -1)
+    Q = np.asarray(full.basis)
+    assert abs(float(full.alphas[0]) - 1.0) < 1e-12 and abs(float(full.betas[0])) < 1e-12
+    np.testing.assert_allclose(Q @ Q.T, np.eye(4), atol=1e-12)
+    E = np.diag(np.asarray(d)) @ Q.T - Q.T @ T
+    E[:, -1] -= np.asarray(full.residual)
+    assert np.abs(E).max() < 1e-12
+    assert bool(full.breakdown) and bool(full.converged)
+    assert int(full.status) == Status.SUCCESS
+    plain = curvlib.lanczos(lambda v: d * v, e0, 4, reortho="none")
+    assert bool(plain.breakdown) and not bool(plain.converged)
+    assert int(plain.status) == Status.BREAKDOWN
+    generic = curvlib.lanczos(lambda v: d * v, jnp.ones(N), 4, reortho="none")
+    assert not bool(generic.breakdown) and int(generic.status) == Status.SUCCESS
+    assert int(curvlib.lanczos(_nan_op, jnp.ones(N), 4).status) == Status.NONFINITE
+
+
+def test_power_iteration_status_summarises_every_pair():
+    d = jnp.asarray([10.0, 1.0] + list(np.linspace(0.9, 0.1, N - 2)))
+    ok = curvlib.power_iteration(lambda v: d * v, jnp.ones(N), 2, tol=1e-6, max_matvecs=3000)
+    np.testing.assert_allclose(ok.eigenvalues, [10.0, 1.0], rtol=1e-6)
+    assert bool(jnp.all(ok.converged)) and int(ok.status) == Status.SUCCESS
+    # the budget covers the first pair only: one pair converged, the status says the run did not
+    short = curvlib.power_iteration(lambda v: d * v, jnp.ones(N), 2, tol=1e-6, max_matvecs=40)
+    assert bool(short.converged[0]) and not bool(short.converged[1])
+    assert int(short.status) == Status.MAX_STEPS
+
+
+def test_nonfinite_operators_give_nonfinite_status_everywhere():
+    v, key = jnp.ones(N), jax.random.PRNGKey(1)
+    results = [
+        curvlib.power_iteration(_nan_op, v, 1),
+        curvlib.hutchinson_trace(_nan_op, v, key, 6),
+        curvlib.hutchinson_diag(_nan_op, v, key, 3),
+        curvlib.spectral_density(_nan_op, v, key, num_matvecs=4, num_probes=2),
+        curvlib.check_symmetric(_nan_op, v, key),
+        curvlib.inverse_matvec(_nan_op, damping=1.0).solve(v),
+    ]
+    for r in results:
+        assert not bool(r.finite) and not bool(r.converged), type(r).__name__
+        assert int(r.status) == Status.NONFINITE, type(r).__name__
+
+
+def test_asymmetry_is_a_verdict_not_a_failure():
+    A = jnp.triu(jnp.ones((N, N)))
+    chk = curvlib.check_symmetric(_op(A), jnp.zeros(N), jax.random.PRNGKey(0))
+    assert not bool(chk.symmetric) and int(chk.status) == Status.SUCCESS
+
+
+def test_inverse_solve_reports_negative_curvature():
+    indefinite = jnp.diag(jnp.linspace(-1.0, 2.0, N))
+    inv = curvlib.inverse_matvec(_op(indefinite), damping=0.0)
+    out = inv.solve(jnp.ones(N))
+    assert int(out.status) == Status.NEGATIVE_CURVATURE and not bool(out.converged)
+
+
+# ------------------------------------------------------------ raising, jit, vmap
+
+
+def test_raise_if_failed():
+    A, _ = _spd()
+    ok = curvlib.cg(_op(A), jnp.ones(N))
+    assert raise_if_failed(ok) is ok
+    with pytest.raises(CurvatureError, match="CGResult failed: MAX_STEPS"):
+        raise_if_failed(curvlib.cg(_op(A), jnp.ones(N), rtol=1e-12, max_steps=1))
+    with pytest.raises(CurvatureError, match="EigshResult failed: NONFINITE"):
+        raise_if_failed(curvlib.eigsh(_nan_op, jnp.ones(N), 1))
+    neg = curvlib.cg(_op(jnp.diag(jnp.linspace(-1.0, 2.0, N))), jnp.ones(N))
+    assert raise_if_failed(neg, allow=(Status.NEGATIVE_CURVATURE,)) is neg
+    with pytest.raises(CurvatureError, match="MonteCarloEstimate failed: NONFINITE"):
+        raise_if_failed(curvlib.hutchinson_trace(_nan_op, jnp.ones(N), jax.random.PRNGKey(0), 3))
+
+
+def test_status_under_jit_and_vmap():
+    A, _ = _spd()
+
+    @jax.jit
+    def solve(b, scale):
+        return curvlib.cg(lambda v: scale * (A @ v), b)
+
+    out = solve(jnp.ones(N), 1.0)
+    assert isinstance(out.status, jax.Array) and int(out.status) == Status.SUCCESS
+    batched = jax.vmap(solve)(jnp.ones((3, N)), jnp.asarray([1.0, jnp.nan, -1.0]))
+    assert batched.status.dtype == jnp.int32
+    assert batched.status.tolist() == [Status.SUCCESS, Status.NONFINITE,
+                                       Status.NEGATIVE_CURVATURE]
+    with pytest.raises(CurvatureError, match=r"\(2 of 3 entries\): NONFINITE"):
+        raise_if_failed(batched)
+    lz = jax.jit(lambda v: curvlib.lanczos(_op(A), v, 3))(jnp.ones(N))
+    assert isinstance(lz.num_matvecs, jax.Array) and int(lz.num_matvecs) == 3
+
+
+# ------------------------------------------------------------ transforms
+
+
+def _quadratic():
+    A, _ = _spd(n=6, seed=3)
+    return A, lambda p: 0.5 * p @ A @ p - jnp.sum(p)
+
+
+def test_every_transform_info_has_the_four_fields():
+    A, f = _quadratic()
+    p = jnp.zeros(6)
+    g = jax.grad(f)(p)
+    infos = {}
+    for name, tx in [("newton", curvlib.scale_by_newton()),
+                     ("newton_cg", curvlib.scale_by_newton_cg()),
+                     ("bfgs", curvlib.scale_by_bfgs())]:
+        _, s = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, value_fn=f))(g, tx.init(p), p)
+        infos[name] = s.info
+    svrg = curvlib.scale_by_svrg(snapshot_every=2)
+    _, s = svrg.update(g, svrg.init(p), p, value_fn=f, full_value_fn=f)
+    infos["svrg"] = s.info
+    tr = curvlib.track_curvature(1, 1, key=jax.random.PRNGKey(0), num_probes=0)
+    _, s = tr.update(g, tr.init(p), p, value_fn=f)
+    infos["track"] = curvlib.curvature_info(s)
+    for name, info in infos.items():
+        _check_fields(info)
+        assert int(info.status) == Status.SUCCESS, name
+    assert int(infos["newton"].num_matvecs) == 6  # one product per parameter: the dense matrix
+    assert int(infos["bfgs"].num_matvecs) == 0 and int(infos["svrg"].num_matvecs) == 0
+    # Newton-CG: CG's products (steps, plus its true residual) and one for the model decrease
+    ncg = infos["newton_cg"]
+    assert int(ncg.num_matvecs) >= int(ncg.num_steps) + 1
+
+
+def test_transform_infos_report_nonfinite():
+    _, f = _quadratic()
+    p = jnp.full(6, jnp.nan)
+    g = jnp.full(6, jnp.nan)
+    for tx in (curvlib.scale_by_newton(), curvlib.scale_by_newton_cg(), curvlib.scale_by_bfgs()):
+        _, s = tx.update(g, tx.init(jnp.zeros(6)), p, value_fn=f)
+        assert bool(s.info.skipped) and not bool(s.info.finite)
+        assert int(s.info.status) == Status.NONFINITE
+        with pytest.raises(CurvatureError, match="failed: NONFINITE"):
+            raise_if_failed(s.info)
+
+
+def test_newton_cg_rejected_step_is_stalled():
+    # a loss whose quadratic model is exact but whose trial point is worse: f has a kink
+    f = lambda p: jnp.sum(p**2) + 100.0 * jnp.sum(jnp.abs(p - 0.5) > 0.25)
+    tx = curvlib.scale_by_newton_cg(damping=1e-8)
+    p = jnp.full(4, 0.5)  # the Newton step lands at 0, on the far side of the kink
+    _, s = tx.update(jax.grad(f)(p), tx.init(p), p, value_fn=f)
+    assert not bool(s.info.accepted) and bool(s.info.finite)
+    assert int(s.info.status) == Status.STALLED
+
+
+def test_renamed_info_fields_keep_their_old_names_with_a_warning():
+    _, f = _quadratic()
+    p = jnp.zeros(6)
+    tx = curvlib.scale_by_newton_cg()
+    _, s = tx.update(jax.grad(f)(p), tx.init(p), p, value_fn=f)
+    with pytest.warns(DeprecationWarning, match="use `NewtonCGInfo.num_steps`"):
+        old = s.info.num_cg_steps
+    assert int(old) == int(s.info.num_steps) > 0
+    tr = curvlib.track_curvature(1, 1, key=jax.random.PRNGKey(0), num_probes=0)
+    _, s = tr.update(jax.grad(f)(p), tr.init(p), p, value_fn=f)
+    info = curvlib.curvature_info(s)
+    with pytest.warns(DeprecationWarning, match="use `TrackCurvatureInfo.count`"):
+        assert int(info.step) == int(info.count) == 0
+
+
+def test_one_monte_carlo_estimate_type():
+    assert ls.MonteCarloEstimate is curvlib.MonteCarloEstimate
+    with pytest.warns(DeprecationWarning, match="use `MonteCarloEstimate`"):
+        old = curvlib.StochasticEstimate
+    assert old is curvlib.MonteCarloEstimate
+    with pytest.warns(DeprecationWarning, match="use `MonteCarloEstimate`"):
+        assert curvlib.krylov.StochasticEstimate is curvlib.MonteCarloEstimate
+    est = curvlib.hutchinson_trace(lambda v: 3.0 * v, jnp.zeros(5), jax.random.PRNGKey(0), 3,
+                                   method="hutchinson")
+    assert isinstance(est, curvlib.MonteCarloEstimate)
+    assert float(est.estimate) == pytest.approx(15.0)  # Rademacher z^T (3I) z = 3 N exactly
+    with pytest.warns(DeprecationWarning, match="use `.estimate`"):
+        assert float(est.mean) == float(est.estimate)
+    with warnings.catch_warnings():  # no deprecated name is exported
+        warnings.simplefilter("error")
+        for name in curvlib.__all__ + ls.__all__ + curvlib.krylov.__all__:
+            assert "StochasticEstimate" not in name
+            getattr(curvlib, name, None)
+
+
+# ------------------------------------------------------------ a stalled line search
+
+
+def _digits_softmax():
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = jnp.asarray(X / 16.0, jnp.float32)
+    Y = jax.nn.one_hot(y, 10, dtype=jnp.float32)
+
+    def loss(p):  # L2-regularised softmax regression, bias unregularised
+        logits = X @ p["W"] + p["b"]
+        return (jnp.mean(optax.softmax_cross_entropy(logits, Y))
+                + 0.5e-3 * jnp.sum(p["W"] ** 2))
+
+    return loss, {"W": jnp.zeros((64, 10), jnp.float32), "b": jnp.zeros(10, jnp.float32)}
+
+
+def test_newton_stalled_line_search_is_a_status_and_the_state_stays_usable():
+    """float32: at the precision floor of the loss the Armijo search fails; that is STALLED.
+
+    Before: the line search silently carried its failed step down (2^-20 per iteration,
+    to ~1e-27), parameters stopped with ``skipped=False`` and never moved again, even
+    from a point far from the minimiser.
+    """
+    loss, p = _digits_softmax()
+    opt = curvlib.newton()
+    s = opt.init(p)
+
+    @jax.jit
+    def step(p, s):
+        v, g = jax.value_and_grad(loss)(p)
+        u, s = opt.update(g, s, p, value=v, grad=g, value_fn=loss)
+        return optax.apply_updates(p, u), s
+
+    statuses, losses = [], [float(loss(p))]
+    for _ in range(10):
+        p, s = step(p, s)
+        statuses.append(int(s[0].info.status))
+        losses.append(float(loss(p)))
+        assert not bool(s[0].info.skipped)
+    first = statuses.index(Status.STALLED)  # the run does reach the floor and says so
+    assert all(c == Status.SUCCESS for c in statuses[:first])
+    assert all(b <= a for a, b in zip(losses[:first], losses[1:first + 1], strict=True))
+    assert losses[first] < 0.12 * losses[0]  # Newton converged first (2.30 -> 0.2619)
+    assert losses[first + 1] >= losses[first]  # honest: that step made no progress
+    g = jax.grad(loss)(p)
+    assert float(optax.tree.norm(g)) < 1e-4
+    assert all(c == Status.STALLED for c in statuses[first:])
+    with pytest.raises(CurvatureError, match="NewtonInfo failed: STALLED"):
+        raise_if_failed(s[0].info)
+    # the state stays usable: from a perturbed point the next step is a full Newton step again
+    far = jax.tree.map(lambda x: x + 0.05, p)
+    p2, s2 = step(far, s)
+    assert int(s2[0].info.status) == Status.SUCCESS
+    assert float(loss(p2)) - losses[-1] < 1e-3 * (float(loss(far)) - losses[-1])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: curvlib.newton(),
+    lambda: curvlib.bfgs(),
+    lambda: curvlib.newton_cg(linesearch=optax.scale_by_zoom_linesearch(
+        max_linesearch_steps=20, initial_guess_strategy="one")),
+], ids=["newton", "bfgs", "newton_cg+zoom"])
+def test_line_search_below_the_loss_resolution_is_stalled(make):
+    """``1 + ||p||^2 / 2`` in float32: at ``p = 1e-4`` the decrease (1.5e-8) is below eps."""
+    f = lambda p: 1.0 + 0.5 * jnp.sum(p**2)
+    opt = make()
+    for start, want in ((1.0, Status.SUCCESS), (1e-4, Status.STALLED)):
+        p = jnp.full(3, start, jnp.float32)
+        v, g = jax.value_and_grad(f)(p)
+        u, s = opt.update(g, opt.init(p), p, value=v, grad=g, value_fn=f)
+        assert int(s[0].info.status) == want, start
+        assert bool(s[0].info.finite) and bool(jnp.all(jnp.isfinite(u)))
