@@ -21,7 +21,6 @@ import optax
 import pytest
 
 from curvlib import kronecker
-from curvlib.optim._common import RecomputeState
 
 # the problem of tests/test_optim_contract.py (softmax regression on a dict pytree)
 N, D, K = 24, 4, 3
@@ -50,16 +49,6 @@ def _signature(tree):
 
 
 def _all_finite(tree):
-    """Every floating leaf finite, but the documented ``+inf`` of the aliases' recompute marker.
-
-    (``kfac`` is built as the other aliases are: ``RecomputeState.value = +inf`` tells
-    ``optax.value_and_grad_from_state`` to evaluate the loss and gradient itself.)
-    """
-    tree = jax.tree.map(
-        lambda s: s._replace(value=jnp.zeros_like(s.value))
-        if isinstance(s, RecomputeState) else s,
-        tree, is_leaf=lambda s: isinstance(s, RecomputeState),
-    )
     return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
                if jnp.issubdtype(jnp.result_type(x), jnp.inexact))
 

@@ -919,16 +919,18 @@ def kfac(
 ) -> optax.GradientTransformationExtraArgs:
     r"""K-FAC optimiser: ``chain(scale_by_kfac(..., learning_rate), scale(-1))``.
 
-    Built as curvlib's other aliases are (:func:`curvlib.newton_cg`,
+    Built as curvlib's other aliases chain their links (:func:`curvlib.newton_cg`,
     :func:`curvlib.newton`): the direction transform, then the learning-rate
     link, with no line search. The step length enters :func:`scale_by_kfac`
     itself (the quadratic model and the damping ratio need the step taken), so
-    the link is the sign flip (the link of ``learning_rate=None``).
+    the link is the sign flip (the link of ``learning_rate=None``). No
+    recompute-marker link (a sharded state would retrace its second jitted step on
+    the marker's unplaced scalar), so ``value_fn`` is needed only for the damping.
     ``learning_rate=None`` (the default) takes the step length and momentum from
     the quadratic model (Martens & Grosse 2015, section 7); a scalar or
     schedule fixes the step length. Works under
     ``optax.inject_hyperparams(kfac)(learning_rate=...)``. All other arguments:
-    :func:`scale_by_kfac`. ``update`` needs ``value_fn`` (as every alias does).
+    :func:`scale_by_kfac`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; its state is the
@@ -967,4 +969,4 @@ def kfac(
         inverse=inverse, key=key, num_samples=num_samples, convention=convention,
         variance=variance, norm_constraint=norm_constraint,
     )
-    return _common.alias("kfac", [direction, _common.learning_rate_link(None)])
+    return optax.chain(direction, _common.learning_rate_link(None))
