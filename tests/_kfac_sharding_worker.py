@@ -86,6 +86,42 @@ def _run(params, x, y, model, loss):
     return out, meta
 
 
+def _shared_transform(params, plain, x, y, model, loss):
+    """One transform, two ``init`` calls (sharded ``params``, then unsharded ``plain``): the
+    sharded state stepped by that transform and by a rebuilt one that never saw ``init``
+    (as after a restart) keeps its factors' layout and traces once."""
+    import jax
+    import optax
+
+    from curvlib import kronecker
+
+    def make():
+        return kronecker.kfac(model_fn=model, example_inputs={"x": x}, likelihood="gaussian",
+                              key=jax.random.PRNGKey(1), damping=0.5, damping_every=2,
+                              inverse_every=2)
+
+    tx = make()
+    state = tx.init(params)
+    tx.init(plain)  # a second init must not change how the first state is placed
+    out = {}
+    for name, t in (("same", tx), ("rebuilt", make())):
+        traces = []
+
+        @jax.jit
+        def step(p, s, x, y, t=t, traces=traces):
+            traces.append(1)
+            value, g = jax.value_and_grad(loss)(p, x, y)
+            u, s = t.update(g, s, p, value=value, value_fn=loss, x=x, y=y)
+            return optax.apply_updates(p, u), s
+
+        p, s = params, state
+        for _ in range(3):
+            p, s = step(p, s, x, y)
+        out[name] = {"traces": len(traces),
+                     "factor_layout_after": [_spec(a) for a in jax.tree.leaves(s[0].factors)]}
+    return out
+
+
 def _spec(a):
     s = getattr(a, "sharding", None)
     spec = getattr(s, "spec", None)
@@ -142,6 +178,7 @@ def main(path):
         rec = {key: {"err": _compare(ref[key], got[key])} for key in got}
         for key in ("matvec", "inverse_exact", "inverse_factored", "update", "params_after"):
             rec[key]["layout"] = _layout(got[key], specs)
+        meta["shared_transform"] = _shared_transform(sp, params, sx, sy, model, loss)
         rec["meta"] = meta
         result["layouts"][name] = rec
     with open(path, "w") as f:

@@ -10,7 +10,9 @@ Asserted here: agreement to float64 round-off; products and updates keep the
 parameters' ``PartitionSpec`` (each device holds 1/8 or 1/4 of a split
 parameter); the factors are placed as the parameters are (split by rows where
 the weight's input or output axis is split and the size divides) and stay put,
-so the second jitted step does not retrace.
+so the second jitted step does not retrace; and that placement lives in the state:
+a second ``init`` on the same transform, or a transform rebuilt without ``init``, steps
+the sharded state with its layout kept and one trace.
 """
 
 from __future__ import annotations
@@ -80,3 +82,13 @@ def test_factors_placed_as_the_parameters_and_no_retrace(report, layout):
     assert meta["factor_layout_init"] == FACTOR_LAYOUT[layout]
     assert meta["factor_layout_after"] == FACTOR_LAYOUT[layout]
     assert meta["traces"] == 1 and not meta["skipped"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_placement_lives_in_the_state_not_in_the_transform(report, layout):
+    """A second ``init`` on the same transform, or a transform rebuilt without ``init``,
+    steps a sharded state with its placement: the layout kept, one trace."""
+    shared = report["layouts"][layout]["meta"]["shared_transform"]
+    for name in ("same", "rebuilt"):
+        assert shared[name]["factor_layout_after"] == FACTOR_LAYOUT[layout], (layout, name)
+        assert shared[name]["traces"] == 1, (layout, name)

@@ -72,7 +72,7 @@ def test_quadratic_model_step_solves_the_two_by_two_system():
     delta = jax.tree.map(lambda t: 0.3 * t + 0.01, g)
     u_prev = jax.tree.map(lambda t: jnp.cos(jnp.arange(t.size)).reshape(t.shape) / 10, g)
     lam = 0.2
-    alpha, mu, quad = T._quadratic_step(model, "categorical", 1.0, params, {"x": x}, g, delta,
+    alpha, mu, quad = T.quadratic_step(model, "categorical", 1.0, params, {"x": x}, g, delta,
                                         u_prev, lam, None, None, jnp.float64)
     # dense oracle: the Gauss-Newton matrix of the mean cross-entropy (= the exact Fisher)
     ce = lambda o: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(o, y))
@@ -88,7 +88,7 @@ def test_quadratic_model_step_solves_the_two_by_two_system():
     np.testing.assert_allclose(quad, -gv @ step + 0.5 * step @ F @ step, rtol=1e-10)
     # the first step (no velocity yet): alpha alone, mu = 0
     zeros = _tree.zeros_like(u_prev)
-    a1, m1, _ = T._quadratic_step(model, "categorical", 1.0, params, {"x": x}, g, delta, zeros,
+    a1, m1, _ = T.quadratic_step(model, "categorical", 1.0, params, {"x": x}, g, delta, zeros,
                                   lam, None, None, jnp.float64)
     np.testing.assert_allclose(a1, (D[:, 0] @ gv) / M[0, 0], rtol=1e-10)
     assert float(m1) == 0.0
@@ -106,7 +106,7 @@ def test_levenberg_marquardt_rule():
     h0 = quadratic(params)
 
     def adapt(value_fn):
-        return T._adapt_damping(lin, "gaussian", 1.0, value_fn, params, {"x": x}, {}, g, u,
+        return T.adapt_damping(lin, "gaussian", 1.0, value_fn, params, {"x": x}, {}, g, u,
                                 None, 1.0, h0, 0.5, 1e-6, 1e6, jnp.float64)
 
     lam, rho, quad, adapted = adapt(quadratic)

@@ -1,41 +1,49 @@
 r"""K-FAC as an optax transform that lives inside the user's ``jit``.
 
-Each ``update`` is a list of named steps (Martens & Grosse 2015):
+Each ``update`` is a list of calls to the named, pure steps below (Martens &
+Grosse 2015), each tested alone:
 
-1. **Statistics** (every ``statistics_every`` steps, in a ``lax.cond``): the
-   batch's Kronecker factors (:func:`~curvlib.kronecker.curvature.statistics`,
-   exact Fisher or Monte Carlo with the state's key) enter a bias-corrected
-   exponential moving average, :math:`\bar F_t = \beta \bar F_{t-1} + (1 - \beta) F_t`
-   normalised by :math:`1 - \beta^t`. A non-finite batch leaves the average as it was.
-2. **Refresh** (every ``inverse_every`` steps, in a ``lax.cond``): with
+1. **Statistics** (every ``statistics_every`` steps): :func:`batch_statistics`
+   (exact Fisher or Monte Carlo with the state's key) then :func:`moving_average`:
+   :math:`\bar F_t = \beta \bar F_{t-1} + (1 - \beta) F_t`, its weight
+   :math:`w_t = \beta w_{t-1} + (1 - \beta)` (the average is read as
+   :math:`\bar F_t / w_t`, bias-corrected). A non-finite batch leaves both as they were.
+2. **Refresh** (every ``inverse_every`` steps): :func:`refresh`. With
    ``inverse="factored"`` (default) the inverses :math:`(A + \pi\sqrt\lambda I)^{-1}`
    and :math:`(G + \sqrt\lambda/\pi\, I)^{-1}` (Martens & Grosse's factored
    Tikhonov damping, by Cholesky, with the damping of that step); with
    ``"exact"`` or ``"ekfac"`` the eigendecompositions of the averaged factors
    (EK-FAC's eigenbasis scalings restart from :math:`\lambda_A \lambda_G^\top`).
-3. **Precondition**: :math:`\Delta = (\tilde F + \lambda I)^{-1} g`: two small
-   matrix products per layer with the stored inverses, or, through the
-   eigendecompositions, the damped Kronecker block inverted exactly with the
-   current damping (``"exact"``) or with EK-FAC's scalings (``"ekfac"``, George
-   et al. 2018; the scalings are a moving average of the squared per-example
-   gradients in the eigenbasis, updated with the statistics).
-4. **Step from the quadratic model** (``learning_rate=None``): the update
-   :math:`u = \alpha \Delta + \mu u_{t-1}` with :math:`(\alpha, \mu)` minimising
-   the damped quadratic model
+3. **Precondition**: :math:`\Delta = (\tilde F + \lambda I)^{-1} g`
+   (:func:`~curvlib.kronecker.curvature.precondition`): two small matrix products
+   per layer with the stored inverses, or, through the eigendecompositions, the
+   damped Kronecker block inverted exactly with the current damping (``"exact"``)
+   or with EK-FAC's scalings (``"ekfac"``, George et al. 2018; the scalings are a
+   moving average of the squared per-example gradients in the eigenbasis, updated
+   with the statistics).
+4. **Step coefficients**: with ``learning_rate=None``, :func:`quadratic_step`:
+   the update :math:`u = \alpha \Delta + \mu u_{t-1}` with :math:`(\alpha, \mu)`
+   minimising the damped quadratic model
    :math:`m(-u) = -g^\top u + \tfrac12 u^\top (F + \lambda I) u` of the exact
-   Fisher :math:`F` of the current batch: a 2x2 linear system whose entries
-   need :math:`J\Delta` and :math:`J u_{t-1}` (one linearisation of the model,
-   two tangent passes). With a fixed ``learning_rate`` and ``momentum``:
-   :math:`u = \text{lr}\,\Delta + \mu u_{t-1}`.
-5. **Levenberg-Marquardt damping** (every ``damping_every`` steps, in a
-   ``lax.cond``): :math:`\rho = (h(\theta - u) - h(\theta)) / q(-u)` against the
-   undamped model :math:`q(-u) = -g^\top u + \tfrac12 u^\top F u`;
+   Fisher :math:`F` of the current batch (:func:`fisher_gram` then the 2x2 system
+   of :func:`model_coefficients`). With a fixed ``learning_rate`` and ``momentum``:
+   :func:`fixed_coefficients`, :math:`u = \text{lr}\,\Delta + \mu u_{t-1}`.
+5. **Levenberg-Marquardt damping** (every ``damping_every`` steps):
+   :func:`adapt_damping`: :func:`reduction_ratio`
+   :math:`\rho = (h(\theta - u) - h(\theta)) / q(-u)` against the undamped model
+   :math:`q(-u) = -g^\top u + \tfrac12 u^\top F u`, then :func:`levenberg_marquardt`:
    :math:`\lambda \leftarrow \omega\lambda` if :math:`\rho > 3/4`,
    :math:`\lambda/\omega` if :math:`\rho < 1/4`, with
    :math:`\omega = \texttt{damping\_decay}^{\texttt{damping\_every}}`, clipped to
    ``[min_damping, max_damping]`` (as :func:`curvlib.newton_cg` adapts its damping).
-6. **Guard**: a non-finite gradient, step or loss outputs zeros and keeps the
-   state (``info.skipped``), so params and state stay usable.
+6. **Guard**: :func:`step_is_finite` and :func:`guard`: a non-finite gradient,
+   step or loss outputs zeros and keeps the state (``info.skipped``), so params
+   and state stay usable.
+
+Everything a step needs is in :class:`ScaleByKfacState` or follows from the
+transform's static settings and the structure of ``params``: two states from two
+``init`` calls can share one transform, and a state restored from a checkpoint
+(or rebuilt leaf by leaf) steps exactly as the original.
 
 The output is the *step* :math:`u` with the gradient's sign (the quadratic
 model needs the step length, so the learning rate is applied here);
@@ -61,6 +69,8 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -69,7 +79,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from curvlib import _tree
+from curvlib import _status, _tree
 from curvlib.kronecker import _likelihood, _sharding
 from curvlib.kronecker.curvature import (
     INVERSES,
@@ -109,7 +119,16 @@ class KfacInfo(NamedTuple):
       statistics_updated: the factor averages took this batch's statistics.
       refreshed: the eigendecompositions were recomputed.
       skipped: the gradient, the step or the loss was non-finite; the step
-        output zeros and the state was kept.
+        output zeros and the state was kept (``skipped == ~finite``).
+      converged: the step was taken. K-FAC's solve is direct (no tolerance to
+        meet), so a step converges exactly when it is finite.
+      finite: the gradient, the step, its coefficients and the loss were finite.
+      num_matvecs: model Jacobian-vector products (tangent passes) of this step:
+        2 for the quadratic model (``J Delta``, ``J u_prev``), plus 1 when the
+        damping was adapted without it (``J u`` for ``q(-u)``). The statistics'
+        backward passes are not counted (see the module docstring for those).
+      status: ``int32`` :class:`curvlib.Status`: ``SUCCESS``, or ``NONFINITE``
+        for a skipped step (:func:`curvlib._status.from_flags`).
     """
 
     loss: jax.Array
@@ -122,6 +141,59 @@ class KfacInfo(NamedTuple):
     statistics_updated: jax.Array
     refreshed: jax.Array
     skipped: jax.Array
+    converged: jax.Array
+    finite: jax.Array
+    num_matvecs: jax.Array
+    status: jax.Array
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a state whose ``params`` were sharded lives: static, no array leaves.
+
+    Part of the state's tree structure (so it travels through ``jit``, flatten and
+    unflatten, ``jax.tree.map`` and checkpoints restored into a template), never a
+    leaf. ``None`` in the state of unsharded parameters.
+
+    Attributes:
+      state: a ``NamedSharding`` per leaf of the state (``placement`` excluded).
+      params: a ``NamedSharding`` per parameter leaf (the updates' placement).
+    """
+
+    state: tuple
+    params: tuple
+
+    def __reduce__(self):  # devices do not pickle: keep their ids
+        return (_placement_from_ids, (_sharding_ids(self.state), _sharding_ids(self.params)))
+
+
+def _sharding_ids(shardings) -> tuple:
+    return tuple((tuple(int(d.id) for d in s.mesh.devices.flat), tuple(s.mesh.devices.shape),
+                  tuple(s.mesh.axis_names), tuple(t.name for t in s.mesh.axis_types), s.spec)
+                 for s in shardings)
+
+
+def _placement_from_ids(state, params) -> Placement:
+    devices = {d.id: d for d in jax.devices()}
+
+    def build(ids, shape, names, types, spec):
+        grid = np.array([devices[i] for i in ids], dtype=object).reshape(shape)
+        mesh = jax.sharding.Mesh(grid, names,
+                                 axis_types=tuple(getattr(jax.sharding.AxisType, t) for t in types))
+        return jax.sharding.NamedSharding(mesh, spec)
+
+    return Placement(tuple(build(*s) for s in state), tuple(build(*s) for s in params))
+
+
+def _register_flax_placement() -> None:
+    """Let ``flax.serialization`` save a :class:`Placement` as nothing (the template's is kept)."""
+    if importlib.util.find_spec("flax") is None:
+        return
+    from flax import serialization
+
+    serialization.register_serialization_state(
+        Placement, lambda p: {}, lambda target, state: target, override=True)
 
 
 class ScaleByKfacState(NamedTuple):
@@ -141,6 +213,8 @@ class ScaleByKfacState(NamedTuple):
       velocity: the last step ``u`` (the momentum direction).
       key: PRNG key data for the Monte-Carlo statistics (unused for the exact Fisher).
       info: :class:`KfacInfo` of the last step.
+      placement: ``None``, or the :class:`Placement` of a state whose ``params``
+        were sharded on a mesh at ``init`` (static: it has no leaves).
     """
 
     count: jax.Array
@@ -152,16 +226,316 @@ class ScaleByKfacState(NamedTuple):
     velocity: PyTree
     key: jax.Array
     info: KfacInfo
+    placement: Placement | None = None
 
 
-def _check_every(name, value):
-    if value is None:
-        raise ValueError(f"`{name}` must be an integer >= 1; got None.")
-    _common.check_int(name, value, 1)
+# ------------------------------------------------------------------ step 1: statistics
 
 
-def _discover(model_fn, params, kw, name="update"):
-    return _find_layers(lambda p, kw: model_fn(p, **kw), params, (kw,))
+def batch_statistics(layers: KfacLayers, params: PyTree, kw: dict, key_data, eigenbasis, *,
+                     likelihood: str, num_samples: int, convention: str, variance, dt):
+    r"""The Kronecker factors of one batch and, for EK-FAC, its scalings in ``eigenbasis``.
+
+    Per layer :math:`A = \tfrac1n \sum_i a_i a_i^\top` (layer inputs) and
+    :math:`G = \tfrac1n \sum_i \sum_s b_{is} b_{is}^\top` (output cotangents: the
+    columns of the likelihood Hessian's square root, exact, ``key_data=None``, or
+    ``num_samples`` sampled gradients, weighted ``1/num_samples``), diagonal blocks
+    for the rest (:func:`~curvlib.kronecker.curvature.statistics`).
+
+    Cost: one forward pass, one backward pass per output entry (exact) or per
+    sample; ``O(n d^2)`` per factor.
+
+    Returns:
+      ``(factors, scales, finite)``: ``scales`` is ``()`` without ``eigenbasis``;
+      ``finite`` says every entry of both is finite.
+    """
+    key = None if key_data is None else jax.random.wrap_key_data(key_data)
+    out = statistics(layers, params, batch_leaves((kw,)),
+                     consts=tuple(layers.program.consts.values()), likelihood=likelihood,
+                     key=key, num_samples=num_samples, convention=convention,
+                     variance=variance, eigenbasis=eigenbasis)
+    scales = tuple(x.astype(dt) for x in out[2]) if eigenbasis is not None else ()
+    return out[0], scales, _common.all_finite(out[0]) & _common.all_finite(scales)
+
+
+def moving_average(average: PyTree, batch: PyTree, finite, decay) -> PyTree:
+    r"""The exponential moving average :math:`\beta\,\bar x + (1 - \beta)\,x`, leafwise.
+
+    Where ``finite`` is false the average is returned as it was. The result has
+    the average's dtypes. Cost: two multiply-adds per entry.
+
+    Args:
+      average: :math:`\bar x` (any pytree of arrays).
+      batch: :math:`x`, the same structure.
+      finite: a boolean scalar; false keeps ``average``.
+      decay: :math:`\beta \in [0, 1)` (traceable).
+    """
+    def one(old, new):
+        beta = jnp.asarray(decay, old.dtype)
+        return jnp.where(finite, beta * old + (1 - beta) * new.astype(old.dtype), old)
+
+    return jax.tree.map(one, average, batch)
+
+
+def _statistics_step(settings, layers, state, params, kw, key_data, dt):
+    """Step 1: ``(factors, ema_weight, finite, batch_scales)`` after this batch."""
+    basis = state.inverses if settings.inverse == "ekfac" else None
+    f, scales, ok = batch_statistics(layers, params, kw, key_data, basis,
+                                     likelihood=settings.likelihood,
+                                     num_samples=settings.num_samples,
+                                     convention=settings.convention,
+                                     variance=settings.variance, dt=dt)
+    factors = moving_average(state.factors, f, ok, settings.ema_decay)
+    weight = moving_average(state.ema_weight, jnp.ones((), dt), ok, settings.ema_decay)
+    return factors, weight, ok, scales
+
+
+# ------------------------------------------------------------------ step 2: refresh
+
+
+def refresh(layers: KfacLayers, factors: Factors, weight, damping, inverse: str):
+    r"""The preconditioner of the bias-corrected average :math:`\bar F / w`.
+
+    ``"factored"``: :math:`((A/w) + \pi\sqrt\lambda I)^{-1}` and
+    :math:`((G/w) + \sqrt\lambda/\pi\, I)^{-1}` by Cholesky
+    (:func:`~curvlib.kronecker.curvature.factored_inverses`); ``"exact"``: the
+    eigendecompositions :math:`A/w = Q_A \Lambda_A Q_A^\top`,
+    :math:`G/w = Q_G \Lambda_G Q_G^\top`; ``"ekfac"``: those, and EK-FAC's scalings
+    restarted at :math:`\lambda_A \lambda_G^\top`. A zero ``weight`` (no statistics
+    yet) reads the factors as they are.
+
+    Cost: ``O(d^3)`` per factor (Cholesky or ``eigh``).
+
+    Returns:
+      ``(preconditioner, scales)``: :class:`Inverses` or :class:`Eigen`, and the
+      per-layer scalings (``()`` unless ``inverse="ekfac"``).
+    """
+    w = jnp.maximum(weight, jnp.finfo(weight.dtype).tiny)
+    factors = jax.tree.map(lambda f: f / w, factors)
+    if inverse == "factored":
+        return factored_inverses(layers, factors, damping), ()
+    eig = eigen(layers, factors)
+    if inverse == "exact":
+        return eig, ()
+    return eig, tuple(la[:, None] * lg[None, :] for la, lg in zip(eig.lA, eig.lG, strict=True))
+
+
+# ------------------------------------------------------------------ step 4: coefficients
+
+
+def fisher_gram(model_fn: Callable, likelihood: str, variance, params: PyTree, kw: dict,
+                tangents: PyTree, dt):
+    r"""The Gram matrix :math:`t_i^\top F t_j` of the exact Fisher of the batch.
+
+    :math:`F = \tfrac1n \sum_i J_i^\top H_i J_i` (``H_i`` the likelihood's Hessian
+    in the outputs), for the ``k`` tangents stacked on the leading axis of
+    ``tangents``. Cost: one linearisation of the model (a forward pass) and
+    ``k`` tangent passes (``J t_j``, under ``vmap``); ``O(k^2 n d_out)`` more.
+
+    Returns:
+      A ``k x k`` nested tuple of scalars in ``dt`` (symmetric).
+    """
+    out, jvp_fn = jax.linearize(lambda p: model_fn(p, **kw), params)
+    jt = jax.vmap(jvp_fn)(tangents)
+    n = out.shape[0]
+    k = jax.tree.leaves(tangents)[0].shape[0]
+    out = jax.lax.stop_gradient(out)
+    q = [[None] * k for _ in range(k)]
+    for i in range(k):
+        for j in range(i, k):
+            q[i][j] = q[j][i] = (
+                _likelihood.quadratic(likelihood, out, jt[i], jt[j], variance) / n
+            ).astype(dt)
+    return tuple(tuple(row) for row in q)
+
+
+def model_coefficients(fisher, inner, grad, damping, fixed_alpha=None, fixed_mu=None):
+    r"""``(alpha, mu, q)`` minimising the damped quadratic model over :math:`u = \alpha\Delta + \mu v`.
+
+    With :math:`M = D^\top (F + \lambda I) D`, :math:`D = [\Delta, v]`,
+    :math:`b = D^\top g`, the model :math:`-b^\top c + \tfrac12 c^\top M c` is
+    minimised by :math:`c = M^{-1} b` (Martens & Grosse, section 7). With
+    ``fixed_alpha`` only :math:`\mu` is free, :math:`\mu = (b_2 - \alpha M_{12}) / M_{22}`;
+    with ``fixed_mu``, :math:`\alpha = (b_1 - \mu M_{12}) / M_{11}`. Without a
+    previous step (:math:`v^\top v = 0`) or with a (numerically) singular
+    :math:`M`, :math:`\mu = 0` and :math:`\alpha = b_1 / M_{11}`.
+    ``q = -b^\top c + \tfrac12 c^\top D^\top F D c`` is the *undamped* change.
+    Cost: ``O(1)``.
+
+    Args:
+      fisher: ``((Δ'FΔ, Δ'Fv), (v'FΔ, v'Fv))`` (:func:`fisher_gram`).
+      inner: ``((Δ'Δ, Δ'v), (v'Δ, v'v))``.
+      grad: ``(g'Δ, g'v)``.
+      damping: :math:`\lambda`.
+      fixed_alpha: the step length, or ``None`` (from the model).
+      fixed_mu: the momentum, or ``None`` (from the model).
+    """
+    (dd, du), (_, uu) = fisher
+    (vdd, vdu), (_, vuu) = inner
+    gd, gu = grad
+    dt = jnp.result_type(dd)
+    a11, a12, a22 = dd + damping * vdd, du + damping * vdu, uu + damping * vuu
+    tiny = jnp.finfo(dt).tiny
+    has_u = vuu > 0
+    if fixed_alpha is None and fixed_mu is None:
+        det = a11 * a22 - a12 * a12
+        ok2 = has_u & (det > 1e-12 * jnp.abs(a11 * a22))
+        det_safe = jnp.where(ok2, det, 1.0)
+        alpha = jnp.where(ok2, (a22 * gd - a12 * gu) / det_safe, gd / jnp.maximum(a11, tiny))
+        mu = jnp.where(ok2, (a11 * gu - a12 * gd) / det_safe, 0.0)
+    elif fixed_mu is None:  # alpha fixed, mu from the model
+        alpha = fixed_alpha
+        mu = jnp.where(has_u, (gu - alpha * a12) / jnp.where(has_u, a22, 1.0), 0.0)
+    else:  # mu fixed, alpha from the model
+        mu = fixed_mu
+        alpha = (gd - mu * a12) / jnp.maximum(a11, tiny)
+    quad = -(alpha * gd + mu * gu) + 0.5 * (alpha**2 * dd + 2 * alpha * mu * du + mu**2 * uu)
+    return jnp.asarray(alpha).astype(dt), jnp.asarray(mu).astype(dt), quad.astype(dt)
+
+
+def quadratic_step(model_fn, likelihood, variance, params, kw, g, delta, u_prev, lam,
+                   fixed_alpha, fixed_mu, dt):
+    r"""Step 4 from the quadratic model: :func:`fisher_gram` of ``[delta, u_prev]``, then
+    :func:`model_coefficients`.
+
+    Cost: one forward and two tangent passes of the model; five inner products.
+
+    Returns:
+      ``(alpha, mu, q)``: the coefficients and the undamped model change.
+    """
+    tangents = _stack(_tree.astype(delta, dt), _tree.astype(u_prev, dt))
+    fisher = fisher_gram(model_fn, likelihood, variance, params, kw, tangents, dt)
+    vdd = _tree.vdot(delta, delta).astype(dt)
+    vdu = _tree.vdot(delta, u_prev).astype(dt)
+    vuu = _tree.vdot(u_prev, u_prev).astype(dt)
+    grad = (_tree.vdot(g, delta).astype(dt), _tree.vdot(g, u_prev).astype(dt))
+    return model_coefficients(fisher, ((vdd, vdu), (vdu, vuu)), grad, lam, fixed_alpha, fixed_mu)
+
+
+def fixed_coefficients(learning_rate, momentum, g, delta, norm_constraint, dt):
+    r"""Step 4 with a given step length: ``(alpha, mu, 0)``.
+
+    :math:`\alpha = \text{lr}`, scaled by
+    :math:`\min(1, \sqrt{c / (\text{lr}^2 g^\top\Delta)})` with a ``norm_constraint``
+    :math:`c` (so :math:`\alpha^2 g^\top \Delta \le c`); :math:`\mu` = ``momentum``.
+    The model change is not computed (0). Cost: one inner product with a constraint.
+    """
+    alpha = jnp.asarray(learning_rate, dt)
+    if norm_constraint is not None:
+        sq = alpha**2 * _tree.vdot(g, delta).astype(dt)
+        alpha = alpha * jnp.minimum(1.0, jnp.sqrt(norm_constraint / jnp.maximum(sq, 1e-30)))
+    return alpha, jnp.asarray(momentum, dt), jnp.zeros((), dt)
+
+
+def _coefficients(settings, params, kw, g, delta, u_prev, lam, count, dt):
+    """Step 4: ``(alpha, mu, quad)`` from the model or the given rate and momentum."""
+    lr = settings.learning_rate
+    lr = None if lr is None else jnp.asarray(lr(count) if callable(lr) else lr, dt)
+    mu = None if isinstance(settings.momentum, str) else jnp.asarray(settings.momentum, dt)
+    if lr is None or mu is None:
+        return quadratic_step(settings.model_fn, settings.likelihood, settings.variance, params,
+                              kw, g, delta, u_prev, lam, lr, mu, dt)
+    return fixed_coefficients(lr, mu, g, delta, settings.norm_constraint, dt)
+
+
+# ------------------------------------------------------------------ step 5: damping
+
+
+def loss_value(value_fn, params, extra_args: dict, dt):
+    """The loss at ``params``: ``value=`` when passed, else ``value_fn``, else NaN (unknown).
+
+    Cost: nothing with ``value=``, else one forward pass.
+    """
+    if extra_args.get("value") is not None:
+        return jnp.asarray(extra_args["value"]).astype(dt)
+    if value_fn is not None:
+        return jnp.asarray(_common.call(value_fn, params, extra_args)).astype(dt)
+    return jnp.full((), jnp.nan, dt)
+
+
+def reduction_ratio(trial, value, quad):
+    r""":math:`\rho = (h(\theta - u) - h(\theta)) / q(-u)`, ``-inf`` when not finite.
+
+    The predicted change ``quad`` is capped at ``-tiny`` (a model that predicts
+    no decrease gives a huge ratio of the right sign). Cost: ``O(1)``.
+    """
+    tiny = jnp.finfo(jnp.result_type(quad)).tiny
+    rho = (trial - value) / jnp.minimum(quad, -tiny)
+    return jnp.where(jnp.isfinite(rho), rho, -jnp.inf).astype(jnp.result_type(quad))
+
+
+def levenberg_marquardt(damping, rho, value, decay, min_damping, max_damping):
+    r"""The Levenberg-Marquardt rule: :math:`\lambda \omega` if :math:`\rho > 3/4`,
+    :math:`\lambda / \omega` if :math:`\rho < 1/4`, else :math:`\lambda`, clipped to
+    ``[min_damping, max_damping]``; kept when the loss ``value`` is not finite.
+
+    Args:
+      damping: :math:`\lambda`.
+      rho: the reduction ratio (:func:`reduction_ratio`).
+      value: the loss at the current parameters.
+      decay: :math:`\omega \in (0, 1)`.
+      min_damping: lower clip.
+      max_damping: upper clip.
+    """
+    factor = jnp.where(rho > 0.75, decay, jnp.where(rho < 0.25, 1.0 / decay, 1.0))
+    new = jnp.clip(damping * factor, min_damping, max_damping).astype(jnp.result_type(damping))
+    return jnp.where(jnp.isfinite(value), new, damping)
+
+
+def adapt_damping(model_fn, likelihood, variance, value_fn, params, kw, extra_args, g, u, quad,
+                  lam, value, decay, min_damping, max_damping, dt):
+    """Step 5: ``(new lambda, rho, quad, True)``.
+
+    The trial loss ``h(params - u)`` (one forward pass), the undamped model change
+    ``quad`` (computed here from the exact Fisher, one tangent pass, when ``None``),
+    then :func:`reduction_ratio` and :func:`levenberg_marquardt`.
+    """
+    trial = jnp.asarray(_common.call(value_fn, _tree.sub(params, u), extra_args)).astype(dt)
+    if quad is None:
+        gram = fisher_gram(model_fn, likelihood, variance, params, kw,
+                           _stack(_tree.astype(u, dt)), dt)
+        quad = -_tree.vdot(g, u).astype(dt) + 0.5 * gram[0][0]
+    rho = reduction_ratio(trial, value, jnp.asarray(quad, dt))
+    new_lam = levenberg_marquardt(jnp.asarray(lam, dt), rho, value, decay, min_damping,
+                                  max_damping)
+    return new_lam, rho, jnp.asarray(quad, dt), jnp.asarray(True)
+
+
+# ------------------------------------------------------------------ step 6: guard
+
+
+def step_is_finite(g, u, alpha, mu, value, check_value: bool):
+    """Whether the gradient, the step, its coefficients and (``check_value``) the loss are finite."""
+    finite = _common.all_finite(g, u) & jnp.isfinite(alpha) & jnp.isfinite(mu)
+    return finite & jnp.isfinite(value) if check_value else finite
+
+
+def guard(finite, u: PyTree, u_prev: PyTree, updates: PyTree):
+    """``(output, velocity)``: ``u`` and ``u`` when ``finite``, else zeros and ``u_prev``.
+
+    The output has the dtypes of ``updates`` (the incoming gradient). Cost: two selects.
+    """
+    out = _common.select_tree(finite, u, _tree.zeros_like(u))
+    out = jax.tree.map(lambda o, x: o.astype(jnp.result_type(x)), out, updates)
+    return out, _common.select_tree(finite, u, u_prev)
+
+
+# ------------------------------------------------------------------ the transform
+
+
+class _Settings(NamedTuple):
+    """The static configuration of one :func:`scale_by_kfac` (hyperparameters may be traced)."""
+
+    model_fn: Callable
+    likelihood: str
+    variance: Any
+    num_samples: int
+    convention: str
+    inverse: str
+    ema_decay: Any
+    learning_rate: Any
+    momentum: Any
+    norm_constraint: Any
 
 
 def scale_by_kfac(
@@ -270,6 +644,145 @@ def scale_by_kfac(
       >>> jnp.round(optax.apply_updates(p, u)["w"], 3).tolist()  # one natural-gradient step
       [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
     """
+    num_samples, momentum = _check_settings(
+        likelihood, convention, num_samples, variance, damping_every, statistics_every,
+        inverse_every, damping, min_damping, max_damping, ema_decay, damping_decay, inverse,
+        example_inputs, learning_rate, momentum, norm_constraint)
+    settings = _Settings(model_fn, likelihood, variance, num_samples, convention, inverse,
+                         ema_decay, learning_rate, momentum, norm_constraint)
+    key_data = _key_data(key)
+
+    def init_fn(params):
+        _common.check_params("scale_by_kfac", params)
+        layers, _ = _layers_for(model_fn, params, example_inputs)
+        return place_state(layers, init_state(layers, params, damping, key_data, inverse), params)
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        params = _common.require_params("scale_by_kfac", params)
+        if adaptive_damping:
+            value_fn = _common.require_value_fn("scale_by_kfac", value_fn)
+        layers, kw = _layers_for(model_fn, params, extra_args)
+        _check_state(layers, state)
+        dt = factor_dtype(layers)
+        g, count, lam, u_prev = updates, state.count, state.damping, state.velocity
+        stat_key, next_key = _split(state.key) if key is not None else (None, state.key)
+        factors, weight, stats_ok, batch_scales = _every(
+            statistics_every, count,
+            lambda: _statistics_step(settings, layers, state, params, kw, stat_key, dt),
+            lambda: (state.factors, state.ema_weight, jnp.asarray(False), state.scales))
+        pre, scales = _every(
+            inverse_every, count, lambda: refresh(layers, factors, weight, lam, inverse),
+            lambda: (state.inverses, _ekfac_scales(inverse, state, batch_scales, stats_ok,
+                                                   ema_decay)))
+        delta = precondition(layers, pre, g, lam, dt, scales if inverse == "ekfac" else None)
+        alpha, mu, quad = _coefficients(settings, params, kw, g, delta, u_prev, lam, count, dt)
+        u = _tree.add(_tree.scale(alpha, delta), _tree.scale(mu, u_prev))
+        value = loss_value(value_fn, params, extra_args, dt)
+        needs_quad = learning_rate is None or isinstance(momentum, str)
+        new_lam, rho, quad, adapted = _every(
+            damping_every if adaptive_damping else None, count + 1,
+            lambda: adapt_damping(model_fn, likelihood, variance, value_fn, params, kw,
+                                  extra_args, g, u, quad if needs_quad else None, lam, value,
+                                  damping_decay**damping_every, min_damping, max_damping, dt),
+            lambda: (lam, jnp.zeros((), dt), quad, jnp.asarray(False)))
+        finite = step_is_finite(g, u, alpha, mu, value,
+                                value_fn is not None or extra_args.get("value") is not None)
+        out, velocity = guard(finite, u, u_prev, updates)
+        info = _info(value, lam, alpha, mu, quad, rho, adapted, stats_ok,
+                     count % inverse_every == 0, finite, 2 * needs_quad, dt)
+        new_state = ScaleByKfacState(
+            optax.safe_increment(count), factors, weight.astype(dt), pre, scales,
+            jnp.where(finite & jnp.isfinite(new_lam), new_lam, lam).astype(dt), velocity,
+            next_key, info, state.placement)
+        return _place(new_state, out)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def init_state(layers: KfacLayers, params: PyTree, damping, key_data, inverse: str
+               ) -> ScaleByKfacState:
+    """The state before the first step: zero factors and weight, the preconditioner of zero
+    factors at ``damping``, zero velocity, ``key_data``, an empty :class:`KfacInfo`."""
+    dt = factor_dtype(layers)
+    zeros = zero_factors(layers, dt)
+    lam = jnp.asarray(damping, dt)
+    pre, scales = refresh(layers, zeros, jnp.ones((), dt), lam, inverse)
+    zero, no = jnp.zeros((), dt), jnp.asarray(False)
+    info = KfacInfo(
+        loss=zero, damping=lam, learning_rate=zero, momentum=zero, quad_change=zero, rho=zero,
+        damping_adapted=no, statistics_updated=no, refreshed=no, skipped=no,
+        converged=no, finite=jnp.asarray(True), num_matvecs=jnp.zeros((), jnp.int32),
+        status=_status.from_flags(),
+    )
+    return ScaleByKfacState(
+        count=jnp.zeros((), jnp.int32), factors=zeros, ema_weight=zero, inverses=pre,
+        scales=scales, damping=lam, velocity=_tree.zeros_like(params),
+        key=jnp.asarray(key_data), info=info,
+    )
+
+
+def place_state(layers: KfacLayers, state: ScaleByKfacState, params: PyTree) -> ScaleByKfacState:
+    """``state`` placed as ``params`` are, with its :class:`Placement`, when they are sharded.
+
+    For parameters on one multi-device ``Auto`` mesh (:mod:`curvlib.kronecker._sharding`);
+    otherwise ``state`` unchanged (``placement=None``).
+    """
+    shardings = _sharding.param_shardings(params)
+    if shardings is None:
+        return state
+    _register_flax_placement()
+    placement = Placement(tuple(jax.tree.leaves(_state_shardings(layers, shardings, state))),
+                          tuple(shardings))
+    return _place(state._replace(placement=placement), None)[1]
+
+
+def _place(state: ScaleByKfacState, out):
+    """``(out, state)`` constrained to ``state.placement`` (nothing without one)."""
+    placement = state.placement
+    if placement is None:
+        return out, state
+    core, treedef = jax.tree.flatten(state._replace(placement=None))
+    core = jax.tree.unflatten(treedef, [
+        _sharding.with_shardings(x, s) for x, s in zip(core, placement.state, strict=True)])
+    if out is not None:
+        leaves, treedef = jax.tree.flatten(out)
+        out = jax.tree.unflatten(treedef, [
+            _sharding.with_shardings(x, s) for x, s in zip(leaves, placement.params, strict=True)])
+    return out, core._replace(placement=placement)
+
+
+def _info(value, lam, alpha, mu, quad, rho, adapted, stats_ok, refreshed, finite, needs_quad,
+          dt) -> KfacInfo:
+    """The :class:`KfacInfo` of a step, with the shared status fields."""
+    tangents = jnp.asarray(2, jnp.int32) if needs_quad else adapted.astype(jnp.int32)
+    return KfacInfo(
+        loss=jnp.asarray(value, dt), damping=jnp.asarray(lam, dt),
+        learning_rate=jnp.asarray(alpha, dt), momentum=jnp.asarray(mu, dt),
+        quad_change=jnp.asarray(quad, dt), rho=jnp.asarray(rho, dt),
+        damping_adapted=adapted, statistics_updated=stats_ok,
+        refreshed=jnp.asarray(refreshed), skipped=~finite, converged=finite, finite=finite,
+        num_matvecs=tangents, status=_status.from_flags(finite=finite, converged=finite),
+    )
+
+
+def _ekfac_scales(inverse, state, batch_scales, ok, decay):
+    """EK-FAC's scalings between refreshes: their moving average (``inverse="ekfac"``)."""
+    if inverse != "ekfac":
+        return state.scales
+    return moving_average(state.scales, batch_scales, ok, decay)
+
+
+def _check_every(name, value):
+    if value is None:
+        raise ValueError(f"`{name}` must be an integer >= 1; got None.")
+    _common.check_int(name, value, 1)
+
+
+def _check_settings(likelihood, convention, num_samples, variance, damping_every,
+                    statistics_every, inverse_every, damping, min_damping, max_damping,
+                    ema_decay, damping_decay, inverse, example_inputs, learning_rate, momentum,
+                    norm_constraint):
+    """Validate :func:`scale_by_kfac`'s settings; returns ``(num_samples, momentum)`` resolved."""
     num_samples = check_options(likelihood, convention, num_samples, variance)
     for name, value in (("damping_every", damping_every), ("statistics_every", statistics_every),
                         ("inverse_every", inverse_every)):
@@ -292,202 +805,45 @@ def scale_by_kfac(
         momentum = "adaptive" if learning_rate is None else 0.0
     if isinstance(momentum, str) and momentum != "adaptive":
         raise ValueError(f"`momentum` must be 'adaptive', a float or None; got {momentum!r}.")
-    adaptive_lr = learning_rate is None
-    adaptive_mu = isinstance(momentum, str)
-    needs_quad = adaptive_lr or adaptive_mu
     if norm_constraint is not None:
         _common.check_positive("norm_constraint", norm_constraint)
-    monte_carlo = key is not None
-    key_data = (
-        jax.random.key_data(key) if monte_carlo and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-        else (jnp.asarray(key) if monte_carlo else jnp.zeros((2,), jnp.uint32))
-    )
-
-    # where the state lives when `init` saw parameters sharded on a mesh (_sharding module)
-    placement: dict = {}
-
-    def layers_for(params, kw):
-        kw = _common.kwargs_for(model_fn, kw)
-        try:
-            return _discover(model_fn, params, kw), kw
-        except ValueError as e:
-            raise ValueError(f"scale_by_kfac: {e}") from None
-
-    def init_fn(params):
-        _common.check_params("scale_by_kfac", params)
-        layers, _ = layers_for(params, example_inputs)
-        dt = factor_dtype(layers)
-        zeros = zero_factors(layers, dt)
-        pre, scales = _refresh(layers, zeros, jnp.asarray(damping, dt))
-        zero = jnp.zeros((), dt)
-        state = ScaleByKfacState(
-            count=jnp.zeros((), jnp.int32),
-            factors=zeros,
-            ema_weight=zero,
-            inverses=pre,
-            scales=scales,
-            damping=jnp.asarray(damping, dt),
-            velocity=_tree.zeros_like(params),
-            key=jnp.asarray(key_data),
-            info=KfacInfo(
-                loss=zero, damping=jnp.asarray(damping, dt), learning_rate=zero, momentum=zero,
-                quad_change=zero, rho=zero, damping_adapted=jnp.asarray(False),
-                statistics_updated=jnp.asarray(False),
-                refreshed=jnp.asarray(False), skipped=jnp.asarray(False),
-            ),
-        )
-        shardings = _sharding.param_shardings(params)
-        placement.clear()
-        if shardings is not None:
-            placement["layers"] = layers
-            placement["state"] = _state_shardings(layers, shardings, state, params)
-            placement["params"] = jax.tree.unflatten(layers.treedef, shardings)
-            state = _sharding.with_shardings(state, placement["state"])
-        return state
-
-    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        params = _common.require_params("scale_by_kfac", params)
-        if adaptive_damping:
-            value_fn = _common.require_value_fn("scale_by_kfac", value_fn)
-        layers, kw = layers_for(params, extra_args)
-        _check_state(layers, state)
-        dt = factor_dtype(layers)
-        g = updates
-        count = state.count
-        lam = state.damping
-        batched = batch_leaves((kw,))
-        consts = tuple(layers.program.consts.values())
-
-        # 1. statistics (EK-FAC: with the scalings in the current eigenbasis)
-        stat_key, next_key = _split(state.key) if monte_carlo else (None, state.key)
-        factors, weight, stats_ok, batch_scales = _every(
-            statistics_every, count,
-            lambda: _accumulate(layers, state, params, batched, consts, stat_key, dt),
-            lambda: (state.factors, state.ema_weight, jnp.asarray(False), state.scales),
-        )
-        # 2. refresh (EK-FAC: a new eigenbasis restarts the scalings from lA lG^T)
-        refresh = count % inverse_every == 0
-        pre, scales = _every(
-            inverse_every, count,
-            lambda: _refresh(layers, _normalised(factors, weight), lam),
-            lambda: (state.inverses, _scales_average(state.scales, batch_scales, stats_ok, dt)),
-        )
-        # 3. precondition
-        delta = precondition(layers, pre, g, lam, dt, scales if inverse == "ekfac" else None)
-        # 4. step
-        u_prev = state.velocity
-        if needs_quad:
-            alpha, mu, quad = _quadratic_step(
-                model_fn, likelihood, variance, params, kw, g, delta, u_prev, lam,
-                None if adaptive_lr else _lr(learning_rate, count, dt),
-                None if adaptive_mu else jnp.asarray(momentum, dt), dt,
-            )
-        else:
-            alpha = _lr(learning_rate, count, dt)
-            mu = jnp.asarray(momentum, dt)
-            quad = jnp.zeros((), dt)
-            if norm_constraint is not None:
-                sq = alpha**2 * _tree.vdot(g, delta).astype(dt)
-                alpha = alpha * jnp.minimum(1.0, jnp.sqrt(norm_constraint / jnp.maximum(sq, 1e-30)))
-        u = _tree.add(_tree.scale(alpha, delta), _tree.scale(mu, u_prev))
-        # 5. damping
-        value = _value(value_fn, params, extra_args, dt)
-        if adaptive_damping:
-            new_lam, rho, quad, adapted = _every(
-                damping_every, count + 1,
-                lambda: _adapt_damping(
-                    model_fn, likelihood, variance, value_fn, params, kw, extra_args, g, u,
-                    quad if needs_quad else None, lam, value, damping_decay**damping_every,
-                    min_damping, max_damping, dt,
-                ),
-                lambda: (lam, jnp.zeros((), dt), quad, jnp.asarray(False)),
-            )
-        else:
-            new_lam, rho, adapted = lam, jnp.zeros((), dt), jnp.asarray(False)
-        # 6. guard
-        finite = _common.all_finite(g, u) & jnp.isfinite(alpha) & jnp.isfinite(mu)
-        if value_fn is not None or extra_args.get("value") is not None:
-            finite = finite & jnp.isfinite(value)
-        new_lam = jnp.where(finite & jnp.isfinite(new_lam), new_lam, lam)
-        out = _common.select_tree(finite, u, _tree.zeros_like(u))
-        out = jax.tree.map(lambda o, x: o.astype(jnp.result_type(x)), out, updates)
-        velocity = _common.select_tree(finite, u, u_prev)
-        info = KfacInfo(
-            loss=jnp.asarray(value, dt), damping=jnp.asarray(lam, dt),
-            learning_rate=jnp.asarray(alpha, dt), momentum=jnp.asarray(mu, dt),
-            quad_change=jnp.asarray(quad, dt), rho=jnp.asarray(rho, dt),
-            damping_adapted=adapted, statistics_updated=stats_ok,
-            refreshed=jnp.asarray(refresh), skipped=~finite,
-        )
-        new_state = ScaleByKfacState(
-            count=optax.safe_increment(count),
-            factors=factors,
-            ema_weight=weight,
-            inverses=pre,
-            scales=scales,
-            damping=jnp.asarray(new_lam, dt),
-            velocity=velocity,
-            key=next_key,
-            info=info,
-        )
-        if placement.get("layers") == layers:
-            new_state = _sharding.with_shardings(new_state, placement["state"])
-            out = _sharding.with_shardings(out, placement["params"])
-        return out, new_state
-
-    def _accumulate(layers, state, params, batched, consts, k, dt):
-        if k is not None:
-            k = jax.random.wrap_key_data(k)
-        basis = state.inverses if inverse == "ekfac" else None
-        out = statistics(layers, params, batched, consts=consts, likelihood=likelihood, key=k,
-                         num_samples=num_samples, convention=convention, variance=variance,
-                         eigenbasis=basis)
-        f = out[0]
-        batch_scales = tuple(x.astype(dt) for x in out[2]) if basis is not None else ()
-        ok = _common.all_finite(f) & _common.all_finite(batch_scales)
-        beta = jnp.asarray(ema_decay, dt)
-        new = jax.tree.map(lambda old, x: beta * old + (1 - beta) * x.astype(dt),
-                           state.factors, f)
-        new = _common.select_tree(ok, new, state.factors)
-        weight = jnp.where(ok, beta * state.ema_weight + (1 - beta), state.ema_weight)
-        return new, weight.astype(dt), ok, batch_scales
-
-    def _scales_average(old, batch, ok, dt):
-        if inverse != "ekfac":
-            return old
-        beta = jnp.asarray(ema_decay, dt)
-        return tuple(jnp.where(ok, beta * o + (1 - beta) * b, o) for o, b in
-                     zip(old, batch, strict=True))
-
-    def _refresh(layers, factors, lam):
-        """The new preconditioner and EK-FAC scalings (``()`` unless ``inverse="ekfac"``)."""
-        if inverse == "factored":
-            return factored_inverses(layers, factors, lam), ()
-        eig = eigen(layers, factors)
-        if inverse == "exact":
-            return eig, ()
-        return eig, tuple(la[:, None] * lg[None, :] for la, lg in
-                          zip(eig.lA, eig.lG, strict=True))
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return num_samples, momentum
 
 
-# --------------------------------------------------------------------------- named steps
+def _key_data(key):
+    """The raw data of ``key`` (typed or legacy), or zeros for the exact Fisher (``None``)."""
+    if key is None:
+        return jnp.zeros((2,), jnp.uint32)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return jnp.asarray(key)
+
+
+def _layers_for(model_fn, params, extra_args):
+    """The layers of ``model_fn`` at ``params`` and the extra arguments it takes."""
+    kw = _common.kwargs_for(model_fn, extra_args)
+    try:
+        return _find_layers(lambda p, kw: model_fn(p, **kw), params, (kw,)), kw
+    except ValueError as e:
+        raise ValueError(f"scale_by_kfac: {e}") from None
 
 
 def _every(every, count, run, skip):
     """``run()`` when ``count % every == 0``, else ``skip()`` (the state kept as it is).
 
-    A static ``every == 1`` runs unconditionally. Otherwise a loop of at most one
-    trip (:func:`curvlib._tree.apply_if`), not a ``lax.cond``: a ``cond`` whose
-    skip branch returns the factors or inverses copies them at every step.
+    ``every=None`` never runs. A static ``every == 1`` runs unconditionally.
+    Otherwise a loop of at most one trip (:func:`curvlib._tree.apply_if`), not a
+    ``lax.cond``: a ``cond`` whose skip branch returns the factors or inverses
+    copies them at every step.
     """
+    if every is None:
+        return skip()
     if isinstance(every, (int, np.integer)) and int(every) == 1:
         return run()
     return _tree.apply_if(count % every == 0, lambda _: run(), skip())
 
 
-def _state_shardings(layers, shardings, state, params):
+def _state_shardings(layers, shardings, state):
     """The :class:`ScaleByKfacState` of shardings: factors as the parameters are."""
     A, G, D = _sharding.factor_shardings(layers, shardings)
     rep = _sharding.replicated(shardings)
@@ -534,103 +890,8 @@ def _check_state(layers: KfacLayers, state) -> None:
         )
 
 
-def _normalised(factors: Factors, weight):
-    w = jnp.maximum(weight, jnp.finfo(weight.dtype).tiny)
-    return jax.tree.map(lambda f: f / w, factors)
-
-
-def _lr(learning_rate, count, dt):
-    lr = learning_rate(count) if callable(learning_rate) else learning_rate
-    return jnp.asarray(lr, dt)
-
-
-def _fisher_quadratics(model_fn, likelihood, variance, params, kw, tangents, dt):
-    """Entries ``t_i^T F t_j`` of the exact Fisher of the batch for stacked tangents."""
-    out, jvp_fn = jax.linearize(lambda p: model_fn(p, **kw), params)
-    jt = jax.vmap(jvp_fn)(tangents)
-    n = out.shape[0]
-    k = jax.tree.leaves(tangents)[0].shape[0]
-    out = jax.lax.stop_gradient(out)
-    q = [[None] * k for _ in range(k)]
-    for i in range(k):
-        for j in range(i, k):
-            q[i][j] = q[j][i] = (
-                _likelihood.quadratic(likelihood, out, jt[i], jt[j], variance) / n
-            ).astype(dt)
-    return q
-
-
 def _stack(*trees):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def _quadratic_step(model_fn, likelihood, variance, params, kw, g, delta, u_prev, lam,
-                    fixed_alpha, fixed_mu, dt):
-    """``(alpha, mu, q)``: coefficients minimising the damped model and its undamped change."""
-    q = _fisher_quadratics(model_fn, likelihood, variance, params,
-                           kw, _stack(_tree.astype(delta, dt), _tree.astype(u_prev, dt)), dt)
-    dd, du, uu = q[0][0], q[0][1], q[1][1]
-    vdd = _tree.vdot(delta, delta).astype(dt)
-    vdu = _tree.vdot(delta, u_prev).astype(dt)
-    vuu = _tree.vdot(u_prev, u_prev).astype(dt)
-    gd = _tree.vdot(g, delta).astype(dt)
-    gu = _tree.vdot(g, u_prev).astype(dt)
-    a11, a12, a22 = dd + lam * vdd, du + lam * vdu, uu + lam * vuu
-    tiny = jnp.finfo(dt).tiny
-    has_u = vuu > 0
-    if fixed_alpha is None and fixed_mu is None:
-        det = a11 * a22 - a12 * a12
-        ok2 = has_u & (det > 1e-12 * jnp.abs(a11 * a22))
-        det_safe = jnp.where(ok2, det, 1.0)
-        alpha2 = (a22 * gd - a12 * gu) / det_safe
-        mu2 = (a11 * gu - a12 * gd) / det_safe
-        alpha1 = gd / jnp.maximum(a11, tiny)
-        alpha = jnp.where(ok2, alpha2, alpha1)
-        mu = jnp.where(ok2, mu2, 0.0)
-    elif fixed_mu is None:  # alpha fixed, mu from the model
-        alpha = fixed_alpha
-        mu = jnp.where(has_u, (gu - alpha * a12) / jnp.where(has_u, a22, 1.0), 0.0)
-    else:  # mu fixed, alpha from the model
-        mu = fixed_mu
-        alpha = (gd - mu * a12) / jnp.maximum(a11, tiny)
-    quad = -(alpha * gd + mu * gu) + 0.5 * (alpha**2 * dd + 2 * alpha * mu * du + mu**2 * uu)
-    return alpha.astype(dt), mu.astype(dt), quad.astype(dt)
-
-
-def _value(value_fn, params, extra_args, dt):
-    """The loss at ``params``: ``value=`` when passed, else ``value_fn``, else NaN (unknown)."""
-    if extra_args.get("value") is not None:
-        return jnp.asarray(extra_args["value"]).astype(dt)
-    if value_fn is not None:
-        return jnp.asarray(_common.call(value_fn, params, extra_args)).astype(dt)
-    return jnp.full((), jnp.nan, dt)
-
-
-def _adapt_damping(model_fn, likelihood, variance, value_fn, params, kw, extra_args, g, u, quad,
-                   lam, value, decay, min_damping, max_damping, dt):
-    """``(new lambda, rho, quad, True)`` by the Levenberg-Marquardt rule.
-
-    ``rho = (h(params - u) - h(params)) / q(-u)`` against the undamped model
-    change ``quad`` (computed here from the exact Fisher when ``None``); ``lambda``
-    shrinks by ``decay`` when ``rho > 3/4`` and grows by ``1 / decay`` when
-    ``rho < 1/4`` (a non-finite trial loss gives ``rho = -inf``).
-    """
-    trial = jnp.asarray(_common.call(value_fn, _tree.sub(params, u), extra_args)).astype(dt)
-    if quad is None:
-        quad = _undamped_change(model_fn, likelihood, variance, params, kw, g, u, dt)
-    tiny = jnp.finfo(dt).tiny
-    rho = (trial - value) / jnp.minimum(quad, -tiny)
-    rho = jnp.where(jnp.isfinite(rho), rho, -jnp.inf).astype(dt)
-    factor = jnp.where(rho > 0.75, decay, jnp.where(rho < 0.25, 1.0 / decay, 1.0))
-    new_lam = jnp.clip(lam * factor, min_damping, max_damping).astype(dt)
-    new_lam = jnp.where(jnp.isfinite(value), new_lam, lam)
-    return new_lam, rho, jnp.asarray(quad, dt), jnp.asarray(True)
-
-
-def _undamped_change(model_fn, likelihood, variance, params, kw, g, u, dt):
-    q = _fisher_quadratics(model_fn, likelihood, variance, params, kw,
-                           _stack(_tree.astype(u, dt)), dt)
-    return -_tree.vdot(g, u).astype(dt) + 0.5 * q[0][0]
 
 
 def kfac(
@@ -658,6 +919,13 @@ def kfac(
 ) -> optax.GradientTransformationExtraArgs:
     r"""K-FAC optimiser: ``chain(scale_by_kfac(..., learning_rate), scale(-1))``.
 
+    Built as curvlib's other aliases chain their links (:func:`curvlib.newton_cg`,
+    :func:`curvlib.newton`): the direction transform, then the learning-rate
+    link, with no line search. The step length enters :func:`scale_by_kfac`
+    itself (the quadratic model and the damping ratio need the step taken), so
+    the link is the sign flip (the link of ``learning_rate=None``). No
+    recompute-marker link (a sharded state would retrace its second jitted step on
+    the marker's unplaced scalar), so ``value_fn`` is needed only for the damping.
     ``learning_rate=None`` (the default) takes the step length and momentum from
     the quadratic model (Martens & Grosse 2015, section 7); a scalar or
     schedule fixes the step length. Works under
@@ -665,7 +933,8 @@ def kfac(
     :func:`scale_by_kfac`.
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs`.
+      An :class:`optax.GradientTransformationExtraArgs`; its state is the
+      chain's tuple, ``state[0]`` the :class:`ScaleByKfacState`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -691,28 +960,13 @@ def kfac(
       >>> float(loss(p, x, y)) < 0.5 * first
       True
     """
-    return optax.chain(
-        scale_by_kfac(
-            model_fn,
-            example_inputs=example_inputs,
-            likelihood=likelihood,
-            learning_rate=learning_rate,
-            momentum=momentum,
-            damping=damping,
-            adaptive_damping=adaptive_damping,
-            damping_every=damping_every,
-            damping_decay=damping_decay,
-            min_damping=min_damping,
-            max_damping=max_damping,
-            ema_decay=ema_decay,
-            statistics_every=statistics_every,
-            inverse_every=inverse_every,
-            inverse=inverse,
-            key=key,
-            num_samples=num_samples,
-            convention=convention,
-            variance=variance,
-            norm_constraint=norm_constraint,
-        ),
-        optax.scale(-1.0),
+    direction = scale_by_kfac(
+        model_fn, example_inputs=example_inputs, likelihood=likelihood,
+        learning_rate=learning_rate, momentum=momentum, damping=damping,
+        adaptive_damping=adaptive_damping, damping_every=damping_every,
+        damping_decay=damping_decay, min_damping=min_damping, max_damping=max_damping,
+        ema_decay=ema_decay, statistics_every=statistics_every, inverse_every=inverse_every,
+        inverse=inverse, key=key, num_samples=num_samples, convention=convention,
+        variance=variance, norm_constraint=norm_constraint,
     )
+    return optax.chain(direction, _common.learning_rate_link(None))
