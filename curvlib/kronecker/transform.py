@@ -79,7 +79,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from curvlib import _status, _tree
+from curvlib import _chain, _loss, _status, _tree, _validate
 from curvlib.kronecker import _likelihood, _sharding
 from curvlib.kronecker.curvature import (
     INVERSES,
@@ -96,7 +96,6 @@ from curvlib.kronecker.curvature import (
     zero_factors,
 )
 from curvlib.kronecker.discovery import KfacLayers, _find_layers
-from curvlib.optim import _common
 
 PyTree = Any
 
@@ -255,7 +254,7 @@ def batch_statistics(layers: KfacLayers, params: PyTree, kw: dict, key_data, eig
                      key=key, num_samples=num_samples, convention=convention,
                      variance=variance, eigenbasis=eigenbasis)
     scales = tuple(x.astype(dt) for x in out[2]) if eigenbasis is not None else ()
-    return out[0], scales, _common.all_finite(out[0]) & _common.all_finite(scales)
+    return out[0], scales, _tree.all_finite(out[0]) & _tree.all_finite(scales)
 
 
 def moving_average(average: PyTree, batch: PyTree, finite, decay) -> PyTree:
@@ -449,7 +448,7 @@ def loss_value(value_fn, params, extra_args: dict, dt):
     if extra_args.get("value") is not None:
         return jnp.asarray(extra_args["value"]).astype(dt)
     if value_fn is not None:
-        return jnp.asarray(_common.call(value_fn, params, extra_args)).astype(dt)
+        return jnp.asarray(_loss.call(value_fn, params, extra_args)).astype(dt)
     return jnp.full((), jnp.nan, dt)
 
 
@@ -490,7 +489,7 @@ def adapt_damping(model_fn, likelihood, variance, value_fn, params, kw, extra_ar
     ``quad`` (computed here from the exact Fisher, one tangent pass, when ``None``),
     then :func:`reduction_ratio` and :func:`levenberg_marquardt`.
     """
-    trial = jnp.asarray(_common.call(value_fn, _tree.sub(params, u), extra_args)).astype(dt)
+    trial = jnp.asarray(_loss.call(value_fn, _tree.sub(params, u), extra_args)).astype(dt)
     if quad is None:
         gram = fisher_gram(model_fn, likelihood, variance, params, kw,
                            _stack(_tree.astype(u, dt)), dt)
@@ -506,7 +505,7 @@ def adapt_damping(model_fn, likelihood, variance, value_fn, params, kw, extra_ar
 
 def step_is_finite(g, u, alpha, mu, value, check_value: bool):
     """Whether the gradient, the step, its coefficients and (``check_value``) the loss are finite."""
-    finite = _common.all_finite(g, u) & jnp.isfinite(alpha) & jnp.isfinite(mu)
+    finite = _tree.all_finite(g, u) & jnp.isfinite(alpha) & jnp.isfinite(mu)
     return finite & jnp.isfinite(value) if check_value else finite
 
 
@@ -515,9 +514,9 @@ def guard(finite, u: PyTree, u_prev: PyTree, updates: PyTree):
 
     The output has the dtypes of ``updates`` (the incoming gradient). Cost: two selects.
     """
-    out = _common.select_tree(finite, u, _tree.zeros_like(u))
+    out = _tree.select_tree(finite, u, _tree.zeros_like(u))
     out = jax.tree.map(lambda o, x: o.astype(jnp.result_type(x)), out, updates)
-    return out, _common.select_tree(finite, u, u_prev)
+    return out, _tree.select_tree(finite, u, u_prev)
 
 
 # ------------------------------------------------------------------ the transform
@@ -653,14 +652,14 @@ def scale_by_kfac(
     key_data = _key_data(key)
 
     def init_fn(params):
-        _common.check_params("scale_by_kfac", params)
+        _chain.check_params("scale_by_kfac", params)
         layers, _ = _layers_for(model_fn, params, example_inputs)
         return place_state(layers, init_state(layers, params, damping, key_data, inverse), params)
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        params = _common.require_params("scale_by_kfac", params)
+        params = _loss.require_params("scale_by_kfac", params)
         if adaptive_damping:
-            value_fn = _common.require_value_fn("scale_by_kfac", value_fn)
+            value_fn = _loss.require_value_fn("scale_by_kfac", value_fn)
         layers, kw = _layers_for(model_fn, params, extra_args)
         _check_state(layers, state)
         dt = factor_dtype(layers)
@@ -775,7 +774,7 @@ def _ekfac_scales(inverse, state, batch_scales, ok, decay):
 def _check_every(name, value):
     if value is None:
         raise ValueError(f"`{name}` must be an integer >= 1; got None.")
-    _common.check_int(name, value, 1)
+    _validate.number(value, name, minimum=1, integer=True)
 
 
 def _check_settings(likelihood, convention, num_samples, variance, damping_every,
@@ -787,15 +786,14 @@ def _check_settings(likelihood, convention, num_samples, variance, damping_every
     for name, value in (("damping_every", damping_every), ("statistics_every", statistics_every),
                         ("inverse_every", inverse_every)):
         _check_every(name, value)
-    _common.check_positive("damping", damping)
-    _common.check_positive("min_damping", min_damping)
-    _common.check_positive("max_damping", max_damping)
-    _common.check_in_range("ema_decay", ema_decay, 0.0, 1.0)
-    if _common.is_concrete(ema_decay) and float(np.asarray(ema_decay)) >= 1:
+    for name, value in (("damping", damping), ("min_damping", min_damping),
+                        ("max_damping", max_damping)):
+        _validate.number(value, name, minimum=0, exclusive=True, finite=False, optional=True)
+    _validate.number(ema_decay, "ema_decay", minimum=0.0, maximum=1.0, finite=False)
+    if not isinstance(ema_decay, jax.core.Tracer) and float(np.asarray(ema_decay)) >= 1:
         raise ValueError(f"`ema_decay` must lie in [0, 1); got {ema_decay}.")
-    _common.check_in_range("damping_decay", damping_decay, 0.0, 1.0)
-    if inverse not in INVERSES:
-        raise ValueError(f"`inverse` must be one of {INVERSES}; got {inverse!r}.")
+    _validate.number(damping_decay, "damping_decay", minimum=0.0, maximum=1.0, finite=False)
+    _validate.one_of(inverse, "inverse", INVERSES)
     if not isinstance(example_inputs, dict):
         raise ValueError(
             "`example_inputs` must be a dict of the extra arguments `update` will receive "
@@ -806,7 +804,8 @@ def _check_settings(likelihood, convention, num_samples, variance, damping_every
     if isinstance(momentum, str) and momentum != "adaptive":
         raise ValueError(f"`momentum` must be 'adaptive', a float or None; got {momentum!r}.")
     if norm_constraint is not None:
-        _common.check_positive("norm_constraint", norm_constraint)
+        _validate.number(norm_constraint, "norm_constraint", minimum=0, exclusive=True,
+                         finite=False)
     return num_samples, momentum
 
 
@@ -821,7 +820,7 @@ def _key_data(key):
 
 def _layers_for(model_fn, params, extra_args):
     """The layers of ``model_fn`` at ``params`` and the extra arguments it takes."""
-    kw = _common.kwargs_for(model_fn, extra_args)
+    kw = _loss.kwargs_for(model_fn, extra_args)
     try:
         return _find_layers(lambda p, kw: model_fn(p, **kw), params, (kw,)), kw
     except ValueError as e:
@@ -969,4 +968,4 @@ def kfac(
         inverse=inverse, key=key, num_samples=num_samples, convention=convention,
         variance=variance, norm_constraint=norm_constraint,
     )
-    return optax.chain(direction, _common.learning_rate_link(None))
+    return optax.chain(direction, _chain.learning_rate_link(None))

@@ -1,0 +1,236 @@
+"""The optax links every curvlib transform shares (private base layer, below every package).
+
+An alias is ``chain(scale_by_<algo>, learning rate, line search)`` that works with ``value_fn``
+alone (:func:`alias`); the links around it keep the ``optax.lbfgs`` loop usable
+(:func:`recompute_marker`), feed a line search only the extra arguments its ``value_fn`` takes
+(:func:`linesearch_link`), report a stalled search as ``Status.STALLED`` (:func:`flag_stalled`),
+and keep a jitted step from retracing on weakly typed state (:func:`strongly_typed`). Both
+:mod:`curvlib.optim` and :mod:`curvlib.kronecker` build their transforms from these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from curvlib import _tree, _validate
+from curvlib._loss import RESERVED, bind_loss, kwargs_for, require_params, strip_aux
+from curvlib._status import Status, worst
+
+PyTree = Any
+
+_KEY_ADVICE = (
+    "Keys are not trainable: pass only the parameters (flax nnx: `nnx.state(model, nnx.Param)` "
+    "or `nnx.Optimizer(model, tx, wrt=nnx.Param)`; linen: `variables['params']`) and give the "
+    "key to the loss as an extra argument of `update`."
+)
+_ADVICE = (
+    "Non-trainable leaves (step counters, raw uint32 PRNG keys, masks, batch statistics) "
+    "belong outside `params` (flax nnx: `nnx.state(model, nnx.Param)` or `wrt=nnx.Param`; "
+    "linen: `variables['params']`); cast a leaf to a real floating dtype (float32, float64, "
+    "bfloat16) only if it really is a parameter."
+)
+
+
+def check_params(name: str, params) -> None:
+    """``init``'s check of ``params`` (:func:`curvlib._validate.float_leaves`), flax-aware advice.
+
+    ``name`` is the transform, for the message (``scale_by_newton_cg.init: ...``).
+    """
+    _validate.float_leaves(params, "params", prefix=f"{name}.init: ", key_advice=_KEY_ADVICE,
+                           advice=_ADVICE)
+
+
+# ------------------------------------------------------------ alias wrapper
+
+
+class RecomputeState(NamedTuple):
+    """State of :func:`recompute_marker`: tells ``optax.value_and_grad_from_state`` to recompute.
+
+    ``value`` is ``+inf``, so :func:`optax.value_and_grad_from_state` evaluates
+    the loss and gradient at the new parameters itself (as it does at the first
+    step of :func:`optax.lbfgs`); ``grad`` is a zero placeholder shaped like
+    the parameters.
+    """
+
+    value: jax.Array
+    grad: PyTree
+
+
+def recompute_marker() -> optax.GradientTransformation:
+    """Identity link whose state makes an alias usable in the ``optax.lbfgs`` loop.
+
+    Without a line search an alias stores no loss or gradient at the new
+    parameters; :func:`optax.value_and_grad_from_state` would raise "Value or
+    gradient not found". This link stores ``value = +inf`` (with a zero
+    gradient placeholder), which that helper reads as "not available: compute
+    it". Memory: one parameter-sized pytree of zeros.
+    """
+
+    def init_fn(params):
+        return RecomputeState(jnp.asarray(jnp.inf, float_dtype(params)), _tree.zeros_like(params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        return updates, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def linesearch_link(linesearch, has_aux: bool = False) -> optax.GradientTransformationExtraArgs:
+    """An optax line search fed only the extra arguments its ``value_fn`` takes.
+
+    optax's line searches raise on extra arguments ``value_fn`` does not
+    consume; a curvlib alias also receives those of a Gauss-Newton split or
+    of another link. With ``has_aux`` the line search sees the loss only. Its
+    ``init`` returns no weakly typed leaf (so a jitted step does not retrace,
+    :func:`strongly_typed`).
+    """
+    ls = strongly_typed(linesearch)
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        kw = kwargs_for(value_fn, extra_args) if value_fn is not None else {}
+        if value_fn is not None:
+            value_fn = strip_aux(value_fn, has_aux)
+        reserved = {k: extra_args[k] for k in RESERVED if k in extra_args}
+        return ls.update(updates, state, params, value_fn=value_fn, **reserved, **kw)
+
+    return optax.GradientTransformationExtraArgs(ls.init, update_fn)
+
+
+def alias(
+    name: str,
+    parts: Sequence[Any],
+    *,
+    linesearch=None,
+    has_aux: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """``chain(*parts, linesearch)`` that works with ``value_fn`` alone.
+
+    * ``update(..., value_fn=loss)`` without ``value=``/``grad=``: when the
+      chain holds a line search, the loss and gradient at ``params`` are
+      computed once here (one gradient evaluation) and passed on as
+      ``value=``/``grad=``; every link reuses them.
+    * ``has_aux=True``: ``value_fn`` returns ``(loss, aux)``; the ``parts``
+      were built with the same ``has_aux``, the line search sees the loss only.
+    * The line search gets only the extra arguments its ``value_fn`` takes
+      (:func:`linesearch_link`).
+    * Without a line search a :func:`recompute_marker` link makes the alias
+      usable in the loop :func:`optax.lbfgs` documents
+      (:func:`optax.value_and_grad_from_state`).
+    * With a line search, a search that made no progress
+      (:func:`linesearch_stalled`) is reported as ``Status.STALLED`` in the
+      ``status`` of the first link's ``info`` (when it has one).
+
+    The state is the chain's (a tuple, one entry per link).
+    """
+    links = list(parts)
+    links.append(
+        recompute_marker() if linesearch is None else linesearch_link(linesearch, has_aux)
+    )
+    inner = optax.chain(*links)
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        loss = bind_loss(name, value_fn, extra_args, has_aux=has_aux)
+        params = require_params(name, params)
+        if linesearch is not None and (
+            extra_args.get("value") is None or extra_args.get("grad") is None
+        ):
+            value, grad = jax.value_and_grad(loss)(params)
+            extra_args = {**extra_args, "value": value, "grad": grad}
+        out, new_state = inner.update(updates, state, params, value_fn=value_fn, **extra_args)
+        if linesearch is not None:
+            stalled = linesearch_stalled(new_state[-1], extra_args["value"], extra_args["grad"],
+                                         out)
+            new_state = flag_stalled(new_state, stalled)
+        return out, new_state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def linesearch_stalled(ls_state, value, grad, step) -> jax.Array:
+    """Whether an optax line search made no progress this step (traceable).
+
+    True when the search reports a failure (``info.decrease_error`` positive or
+    not finite: no step within its budget met its decrease condition), when its
+    step is zero or not finite, or when it accepted a descent step (``step^T
+    grad < 0``) whose loss ``ls_state.value`` is not below ``value`` (the
+    condition held only through rounding: the loss's dtype cannot resolve the
+    decrease). A zero step at a zero gradient is not a stall.
+
+    Args:
+      ls_state: the line search's state after its ``update`` (optax's
+        backtracking and zoom states: ``learning_rate``, ``value``, ``info``).
+      value: the loss at the incoming parameters.
+      grad: the gradient there.
+      step: the update the chain output (``new_params = params + step``).
+    """
+    stalled = jnp.asarray(False)
+    err = getattr(getattr(ls_state, "info", None), "decrease_error", None)
+    if err is not None:
+        stalled = stalled | ~(jnp.asarray(err) <= 0)
+    lr = getattr(ls_state, "learning_rate", None)
+    if lr is not None:
+        stalled = stalled | ~(jnp.asarray(lr) > 0)
+    new_value = getattr(ls_state, "value", None)
+    if new_value is not None and grad is not None:
+        descent = _tree.vdot(step, grad) < 0
+        stalled = stalled | (descent & ~(jnp.asarray(new_value) < jnp.asarray(value)))
+    grad_zero = ~(_tree.norm(grad) > 0) if grad is not None else jnp.asarray(False)
+    return stalled & ~grad_zero
+
+
+def flag_stalled(states: tuple, stalled) -> tuple:
+    """``states`` with ``Status.STALLED`` folded into the first link's ``info.status``."""
+    info = getattr(states[0], "info", None)
+    if info is None or "status" not in getattr(info, "_fields", ()):
+        return states
+    code = jnp.where(stalled, Status.STALLED, Status.SUCCESS)
+    info = info._replace(status=worst(info.status, code))
+    return (states[0]._replace(info=info), *states[1:])
+
+
+def learning_rate_link(learning_rate) -> optax.GradientTransformation:
+    """``scale(-1)`` for ``None`` (the full step), else ``scale_by_learning_rate``."""
+    if learning_rate is None:
+        return optax.scale(-1.0)
+    return optax.scale_by_learning_rate(learning_rate)
+
+
+# -------------------------------------------------------------------- misc
+
+
+def float_dtype(params: PyTree):
+    return jnp.result_type(*[jnp.result_type(x) for x in jax.tree.leaves(params)])
+
+
+def _strong(x):
+    if isinstance(x, jax.Array) and getattr(x, "weak_type", False):
+        return jnp.array(x, dtype=x.dtype)
+    return x
+
+
+def strongly_typed(tx):
+    """``tx`` whose ``init`` returns no weakly-typed leaves.
+
+    optax's line searches initialise some ``info`` scalars as weakly typed and
+    return them strongly typed from ``update``; under ``jax.jit`` that flips the
+    state's abstract signature and retraces the second step. Wrapping the line
+    search of an alias keeps one compiled step.
+    """
+    if tx is None:
+        return None
+    init = tx.init
+
+    def init_fn(params):
+        return jax.tree.map(_strong, init(params))
+
+    if isinstance(tx, optax.GradientTransformationExtraArgs):
+        return optax.GradientTransformationExtraArgs(init_fn, tx.update)
+    return optax.GradientTransformation(init_fn, tx.update)
+
+
