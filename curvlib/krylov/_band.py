@@ -237,7 +237,19 @@ def residual_norms(band: Band, Y):
     """
     F = jnp.where(pending(band)[:, None] & band.mult[None, :], band.H, 0.0)
     E = jnp.where(band.mult[:, None], band.E, 0.0)
-    return jnp.sqrt(jnp.sum((F @ Y) ** 2, axis=0)) + jnp.sum(jnp.abs(E.T @ Y), axis=0)
+    return column_norms(F @ Y) + jnp.sum(jnp.abs(E.T @ Y), axis=0)
+
+
+def column_norms(X):
+    """Euclidean norms of the columns of a small matrix, free of overflow and underflow.
+
+    Each column is divided by its largest entry before it is squared (``H`` and its
+    residual couplings scale with the operator: a float32 operator of norm ``1e25`` or
+    ``1e-25`` has squares outside the range).
+    """
+    s = jnp.max(jnp.abs(X), axis=0)
+    d = jnp.where((s > 0) & jnp.isfinite(s), s, 1.0)
+    return jnp.where(jnp.isfinite(s), d * jnp.sqrt(jnp.sum((X / d) ** 2, axis=0)), s)
 
 
 class Order:
@@ -359,8 +371,12 @@ def exact_residuals(band: Band, Y):
     Gd = _tree.basis_gram(Dp, Dp, acc)
     e = jnp.where(live[:, None], E.T @ Y, 0.0)  # (c, cols)
     a = F @ Y  # (m, cols): pending-row coordinates of the Krylov part
+    # a and e scale with the operator: divided by their largest entry before squaring
+    sc = jnp.maximum(jnp.max(jnp.abs(a), axis=0), jnp.max(jnp.abs(e), axis=0))
+    sc = jnp.where((sc > 0) & jnp.isfinite(sc), sc, 1.0)
+    a, e = a / sc, e / sc
     # ||Q^T a + sum_c e_c Dp_c||^2 = ||a||^2 + 2 a . (Gp^T e) + e^T Gd e
     sq = jnp.sum(a * a, axis=0) + 2 * jnp.sum(a * (Gp.T @ e), axis=0) + jnp.sum(e * (Gd @ e),
                                                                                    axis=0)
-    exact = jnp.sqrt(jnp.maximum(sq, 0.0))
+    exact = sc * jnp.sqrt(jnp.maximum(sq, 0.0))
     return jnp.where(band.ndrop <= c, exact, residual_norms(band, Y))

@@ -113,16 +113,25 @@ def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False, s
     the operator once, however many roles its products play.
     """
     zeros = _tree.zeros_like(rhs)
-    rnorm0 = _tree.norm(rhs).astype(acc)
-    tol = jnp.maximum(rtol * rnorm0, atol)
-    finite0 = jnp.isfinite(rnorm0)
-    rnorm0 = jnp.where(finite0, rnorm0, jnp.nan)  # a non-finite b has no residual to report
+    rnorm0 = _tree.norm(rhs).astype(acc)  # scale-safe: no overflow or underflow of squares
+    # An infinite norm may come from a finite b too large to measure: ask its entries then
+    # (and scale by its largest entry); only a NaN or an infinite entry makes b non-finite.
+    finite0, sigma = _tree.apply_if(
+        jnp.isinf(rnorm0), lambda r: (_tree.all_finite(rhs), _tree.max_abs(rhs, acc)),
+        (jnp.isfinite(rnorm0), rnorm0))
+    # CG is linear in b: it runs on b / sigma (residuals and inner products of order one,
+    # whatever the scale of b) and scales x and the residual back; sigma = ||b|| (a zero
+    # or non-finite b is not scaled). tol and atol are compared in the same units.
+    sigma = jnp.where(finite0 & (sigma > 0), sigma, 1.0).astype(acc)
+    rhs = _tree.scale(1.0 / sigma, rhs)
+    tol = jnp.maximum(rtol * (rnorm0 / sigma), atol / sigma)
+    rnorm0 = jnp.where(finite0, rnorm0 / sigma, jnp.nan)  # a non-finite b has no residual
     if x0 is None:
         x0, phase0 = zeros, jnp.where(max_steps >= 1, _STEP, _DONE)
     else:
         # a non-finite warm start is dropped (x0 = 0), not multiplied
         ok = _tree.all_finite(x0)
-        x0 = _tree.where(ok, x0, zeros)
+        x0 = _tree.where(ok, _tree.scale(1.0 / sigma, x0), zeros)
         phase0 = jnp.where(ok, _WARM, _STEP).astype(jnp.int32)
     phase0 = jnp.where(finite0 & ~(rnorm0 <= tol), phase0, _DONE).astype(jnp.int32)
     init = _CGState(
@@ -188,8 +197,8 @@ def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False, s
 
     s = _driver.while_loop(cond, body, init, host=host, slot=slot)
     converged = s.finite & (s.rnorm <= tol)
-    aux = (s.step, s.num_matvecs, s.rnorm, converged, s.negcurv, s.negdir, s.finite)
-    return s.x, aux
+    aux = (s.step, s.num_matvecs, s.rnorm * sigma, converged, s.negcurv, s.negdir, s.finite)
+    return _tree.scale(sigma, s.x), aux
 
 
 def _precheck(matvec, b, x0, damping, rtol, atol, max_steps, preconditioner):

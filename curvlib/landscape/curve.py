@@ -36,7 +36,8 @@ from curvlib.landscape.estimators import (
     delta2_full_mc,
     delta2_spectral,
 )
-from curvlib.landscape.subspace import _basis_size_argument, curvature_subspace, principal_angles
+from curvlib.landscape.subspace import (_basis_size_argument, curvature_subspace, principal_angles,
+                                        unique_prefixes)
 
 PyTree = Any
 
@@ -63,6 +64,13 @@ class KCurve(NamedTuple):
       max_angle: ``(K, nD)`` largest principal angle (radians) between the top-D
         eigenspaces of ``H^(k)`` and ``H^(k+1)`` (NaN if k+2 > n).
       converged: ``(K,)`` whether the eigensolver converged at k (and k+1).
+      unique: ``(K, nD)`` whether the top-``D`` subspace of ``H^(k)`` is unique
+        (:func:`curvlib.landscape.subspace.unique_prefixes`): ``False`` when
+        ``lambda_D`` ties ``lambda_{D+1}`` within the certificate or is
+        numerically zero (``D`` beyond the rank of ``H^(k)``). There ``Delta_2^(D)``
+        and the principal angles depend on the basis the eigensolver returned,
+        not on ``H^(k)`` alone (see docs/landscape.md). ``None`` for a curve built
+        by hand.
       timings: stage -> ``(K,)`` seconds (``subspace``, ``coefficients``,
         ``closed_form``, ``direct_mc``, ``full_mc``); the first ``k`` includes
         the compilation of each stage's program (one for the whole curve).
@@ -86,6 +94,7 @@ class KCurve(NamedTuple):
     max_angle: np.ndarray
     converged: np.ndarray
     timings: dict
+    unique: np.ndarray | None = None
 
 
 class KCurveConfig(NamedTuple):
@@ -210,7 +219,8 @@ def subspace_step(loss_fn, params, plan: _Plan, k: int, key) -> dict:
                                                    key=k_sub, **kw))
     out = dict(sub=sub, next=None, eigenvalues=np.asarray(sub.eigenvalues),
                eigenvalues_next=np.full(Dmax, np.nan), max_angle=np.full(len(plan.dims), np.nan),
-               converged=bool(sub.converged))
+               converged=bool(sub.converged),
+               unique=unique_prefixes(sub.eigenvalues, sub.residual_norms, plan.dims, c.tol))
     if c.next_subspace and k + 2 <= plan.n:
         nxt = jax.block_until_ready(curvature_subspace(loss_fn, params, plan.data, k + 1, Dmax,
                                                        key=k_next, **kw))
@@ -292,7 +302,7 @@ def curve_point(loss_fn, params, plan: _Plan, k: int, key) -> tuple[dict, dict]:
     values = dict(delta1=abs(float(coef.a)), constant=terms[0], sigma2=terms[1],
                   sigma4=terms[2], closed_form=terms.sum(0), spectral=spectral,
                   eigenvalues=s["eigenvalues"], eigenvalues_next=s["eigenvalues_next"],
-                  max_angle=s["max_angle"], converged=s["converged"])
+                  max_angle=s["max_angle"], converged=s["converged"], unique=s["unique"])
     if c.num_samples:
         t0 = time.perf_counter()
         values["direct_mean"], values["direct_stderr"] = direct_mc_step(
@@ -331,6 +341,7 @@ def _assemble(plan: _Plan, points: list[dict], seconds: list[dict]) -> KCurve:
                 out[name][i] = p[name]
     return KCurve(ks=np.asarray(plan.ks), dims=np.asarray(plan.dims), sigmas=plan.sigmas,
                   converged=np.array([p["converged"] for p in points], bool),
+                  unique=np.array([p["unique"] for p in points], bool).reshape(K, nD),
                   timings={s: np.array([t[s] for t in seconds]) for s in STAGES}, **out)
 
 
