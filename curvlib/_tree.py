@@ -178,6 +178,16 @@ def norm(a: PyTree) -> jax.Array:
     return apply_if(~safe, lambda r: _scaled_norm(a, r.dtype), jnp.sqrt(ss))
 
 
+def plain_norm(a: PyTree) -> jax.Array:
+    """``sqrt(<a, a>)``: one inner product, for vectors known to be of order one.
+
+    Only where the entries cannot be far from one (a normalised residual, a Gaussian
+    direction): there it is :func:`norm` without its range test. Anywhere a vector
+    scales with an operator or with user data, use :func:`norm`.
+    """
+    return jnp.sqrt(vdot(a, a))
+
+
 @norm.defjvp
 def _norm_jvp(primals, tangents):
     (a,), (da,) = primals, tangents

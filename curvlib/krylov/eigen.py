@@ -313,7 +313,7 @@ def _setup(cfg: _Cfg, v0, key, tol, max_matvecs, max_restarts) -> _State:
     seed = _space.seed_from_vector(v0) if key is None else _space.seed_from_key(key)
     z0 = space.gaussian(seed, 0)
     x0 = space.flatten(v0)
-    nv = _tree.norm(x0)
+    nv = _tree.max_abs(x0)  # a test for zero at any scale (no square to underflow)
     usable = (nv > 0) & jnp.isfinite(nv)  # a zero or non-finite v0: start at random instead
     x0 = _tree.where(usable, x0, z0)
     acc = _band.acc_dtype(x0)
