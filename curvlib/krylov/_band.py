@@ -88,8 +88,11 @@ def init(v0, m: int, acc, basis_dtype=None, num_external: int = 0) -> Band:
     stored, so that :func:`exact_residuals` can report true residual norms.
     """
     Q = _tree.basis_zeros(v0, m, basis_dtype)
-    nv = _tree.norm(v0).astype(acc)
-    Q = _tree.basis_set(Q, 0, _tree.scale(1.0 / jnp.where(nv > 0, nv, 1.0), v0))
+    # v0 / ||v0|| at any scale: divided by its largest entry first (then 1 <= ||.|| <= sqrt(N))
+    c = _tree.max_abs(v0, acc)
+    u = _tree.scale(1.0 / jnp.where((c > 0) & jnp.isfinite(c), c, 1.0), v0)
+    nv = _tree.plain_norm(u).astype(acc)
+    Q = _tree.basis_set(Q, 0, _tree.scale(1.0 / jnp.where(nv > 0, nv, 1.0), u))
     f = jnp.zeros(m, bool)
     return Band(
         Q=Q, H=jnp.zeros((m, m), acc), E=jnp.zeros((m, max(num_external, 1)), acc),
@@ -162,12 +165,15 @@ def absorb(band: Band, w: PyTree) -> Band:
     j, some = next_row(band)
     finite = band.finite & _tree.all_finite(w)
     w = _tree.where(finite, w, _tree.zeros_like(w))
-    anorm = jnp.maximum(band.anorm, _tree.norm(w).astype(acc))
     W, h = _orthogonalize_block(band.Q, jax.tree.map(lambda x: x[None], w), acc)
     w = _tree.basis_get(W, 0)
     rows = jnp.arange(m)
     H = band.H.at[:, j].set(jnp.where(some & (rows < band.nbas), h[0], band.H[:, j]))
+    # the one norm over N numbers per product; scale-safe (see _tree.norm): its square
+    # would overflow or underflow for an operator of norm beyond ~1e+-19 (float32)
     beta = _tree.norm(w).astype(acc)
+    # ||A q|| = ||(h, beta)|| (its parts along the basis and off it), from m + 1 numbers
+    anorm = jnp.maximum(band.anorm, column_norms(jnp.append(h[0], beta)[:, None])[0])
     band = band._replace(anorm=anorm)
     broke = ~(beta > breakdown_threshold(band)) | ~jnp.isfinite(beta)
     append = some & ~broke & (band.nbas < m)
@@ -197,8 +203,9 @@ def fresh(band: Band, z: PyTree, want):
     def orthogonalize(z):
         Z, _ = _orthogonalize_block(band.Q, jax.tree.map(lambda x: x[None], z), acc)
         zp = _tree.basis_get(Z, 0)
-        nz = _tree.norm(z).astype(acc)
-        nr = _tree.norm(zp).astype(acc)
+        # z is a Gaussian direction (entries of order one): no range test needed
+        nz = _tree.plain_norm(z).astype(acc)
+        nr = _tree.plain_norm(zp).astype(acc)
         eps = jnp.finfo(acc).eps
         usable = (nr > 10 * eps * jnp.sqrt(jnp.asarray(m, acc)) * nz) & jnp.isfinite(nr)
         return _tree.scale(1.0 / jnp.where(usable, nr, 1.0), zp), usable
@@ -237,7 +244,19 @@ def residual_norms(band: Band, Y):
     """
     F = jnp.where(pending(band)[:, None] & band.mult[None, :], band.H, 0.0)
     E = jnp.where(band.mult[:, None], band.E, 0.0)
-    return jnp.sqrt(jnp.sum((F @ Y) ** 2, axis=0)) + jnp.sum(jnp.abs(E.T @ Y), axis=0)
+    return column_norms(F @ Y) + jnp.sum(jnp.abs(E.T @ Y), axis=0)
+
+
+def column_norms(X):
+    """Euclidean norms of the columns of a small matrix, free of overflow and underflow.
+
+    Each column is divided by its largest entry before it is squared (``H`` and its
+    residual couplings scale with the operator: a float32 operator of norm ``1e25`` or
+    ``1e-25`` has squares outside the range).
+    """
+    s = jnp.max(jnp.abs(X), axis=0)
+    d = jnp.where((s > 0) & jnp.isfinite(s), s, 1.0)
+    return jnp.where(jnp.isfinite(s), d * jnp.sqrt(jnp.sum((X / d) ** 2, axis=0)), s)
 
 
 class Order:
@@ -359,8 +378,12 @@ def exact_residuals(band: Band, Y):
     Gd = _tree.basis_gram(Dp, Dp, acc)
     e = jnp.where(live[:, None], E.T @ Y, 0.0)  # (c, cols)
     a = F @ Y  # (m, cols): pending-row coordinates of the Krylov part
+    # a and e scale with the operator: divided by their largest entry before squaring
+    sc = jnp.maximum(jnp.max(jnp.abs(a), axis=0), jnp.max(jnp.abs(e), axis=0))
+    sc = jnp.where((sc > 0) & jnp.isfinite(sc), sc, 1.0)
+    a, e = a / sc, e / sc
     # ||Q^T a + sum_c e_c Dp_c||^2 = ||a||^2 + 2 a . (Gp^T e) + e^T Gd e
     sq = jnp.sum(a * a, axis=0) + 2 * jnp.sum(a * (Gp.T @ e), axis=0) + jnp.sum(e * (Gd @ e),
                                                                                    axis=0)
-    exact = jnp.sqrt(jnp.maximum(sq, 0.0))
+    exact = sc * jnp.sqrt(jnp.maximum(sq, 0.0))
     return jnp.where(band.ndrop <= c, exact, residual_norms(band, Y))

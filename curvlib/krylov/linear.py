@@ -117,16 +117,24 @@ def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False, s
     the operator once, however many roles its products play.
     """
     zeros = _tree.zeros_like(rhs)
-    rnorm0 = _tree.norm(rhs).astype(acc)
-    tol = jnp.maximum(rtol * rnorm0, atol)
-    finite0 = jnp.isfinite(rnorm0)
+    # CG is linear in b: it runs on b / sigma, sigma = max |b_i| (residuals and inner
+    # products of order one whatever the scale of b: no square overflows or underflows),
+    # and scales x and the residual back. A zero or non-finite b is not scaled; only a
+    # NaN or an infinite entry makes b non-finite. tol and atol are compared in b / sigma's
+    # units. (Two passes over b, once per solve; no product.)
+    sigma = _tree.max_abs(rhs, acc)
+    finite0 = jnp.isfinite(sigma)
+    sigma = jnp.where(finite0 & (sigma > 0), sigma, 1.0).astype(acc)
+    rhs = _tree.scale(1.0 / sigma, rhs)
+    rnorm0 = _tree.plain_norm(rhs).astype(acc)  # in [1, sqrt(N)] for a non-zero b
+    tol = jnp.maximum(rtol * rnorm0, atol / sigma)
     rnorm0 = jnp.where(finite0, rnorm0, jnp.nan)  # a non-finite b has no residual to report
     if x0 is None:
         x0, phase0 = zeros, jnp.where(max_steps >= 1, _STEP, _DONE)
     else:
         # a non-finite warm start is dropped (x0 = 0), not multiplied
         ok = _tree.all_finite(x0)
-        x0 = _tree.where(ok, x0, zeros)
+        x0 = _tree.where(ok, _tree.scale(1.0 / sigma, x0), zeros)
         phase0 = jnp.where(ok, _WARM, _STEP).astype(jnp.int32)
     phase0 = jnp.where(finite0 & ~(rnorm0 <= tol), phase0, _DONE).astype(jnp.int32)
     init = _CGState(
@@ -173,7 +181,8 @@ def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False, s
         x = _tree.where(is_warm, x_warm, _tree.where(good, x_step, s.x))
         r = _tree.where(is_warm, r_warm, _tree.where(
             good, r_step, _tree.where(is_check & fin, r_true, s.r)))
-        rnorm = _tree.norm(r).astype(acc)
+        # residuals of the scaled system b / sigma: of order one down to rtol, no range test
+        rnorm = _tree.plain_norm(r).astype(acc)
         rnorm = jnp.where(is_check & ~fin, jnp.nan, rnorm)
         step = s.step + in_step.astype(jnp.int32)
         negcurv_all = s.negcurv | negcurv
@@ -192,8 +201,8 @@ def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False, s
 
     s = _driver.while_loop(cond, body, init, host=host, slot=slot)
     converged = s.finite & (s.rnorm <= tol)
-    aux = (s.step, s.num_matvecs, s.rnorm, converged, s.negcurv, s.negdir, s.finite)
-    return s.x, aux
+    aux = (s.step, s.num_matvecs, s.rnorm * sigma, converged, s.negcurv, s.negdir, s.finite)
+    return _tree.scale(sigma, s.x), aux
 
 
 def _precheck(matvec, b, x0, damping, rtol, atol, max_steps, preconditioner):

@@ -301,7 +301,12 @@ def _rayleigh_ritz(X, AX, acc):
     theta, Y = theta[order], Y[:, order]
     Xr = _tree.basis_matmul(Y.T, X)
     AXr = _tree.basis_matmul(Y.T, AX)
+    # residuals divided by the largest |theta| before they are squared (no overflow or
+    # underflow of the squares at any operator scale), multiplied back after
+    c = jnp.max(jnp.abs(theta))
+    c = jnp.where((c > 0) & jnp.isfinite(c), c, 1.0)
     R = jax.tree.map(
-        lambda a, x: a - theta.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype) * x, AXr, Xr)
-    res = jnp.sqrt(jnp.diagonal(_tree.basis_gram(R, R, acc)))
+        lambda a, x: ((a - theta.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype) * x)
+                      / c.astype(x.dtype)), AXr, Xr)
+    res = c * jnp.sqrt(jnp.maximum(jnp.diagonal(_tree.basis_gram(R, R, acc)), 0.0))
     return Xr, theta, res

@@ -99,7 +99,7 @@ def setup(cfg: _Cfg, v0, key) -> _State:
     if cfg.restart:
         key = _space.seed_from_vector(v0) if key is None else _space.seed_from_key(key)
         z = space.gaussian(key, 0)
-        nv = _tree.norm(x0)
+        nv = _tree.max_abs(x0)  # a test for zero at any scale (no square to underflow)
         usable = (nv > 0) & jnp.isfinite(nv)
         x0 = _tree.where(usable, x0, z)
         z = jax.lax.cond(usable, lambda: z, lambda: space.gaussian(key, 1))

@@ -41,7 +41,12 @@ from curvlib.landscape.estimators import (
     delta2_closed_form_terms,
     delta2_spectral,
 )
-from curvlib.landscape.subspace import _basis_size_argument, principal_angles, subspace
+from curvlib.landscape.subspace import (
+    _basis_size_argument,
+    principal_angles,
+    subspace,
+    unique_prefixes,
+)
 
 PyTree = Any
 
@@ -68,6 +73,13 @@ class KCurve(NamedTuple):
       max_angle: ``(K, nD)`` largest principal angle (radians) between the top-D
         eigenspaces of ``H^(k)`` and ``H^(k+1)`` (NaN if k+2 > n).
       converged: ``(K,)`` whether the eigensolver converged at k (and k+1).
+      unique: ``(K, nD)`` whether the top-``D`` subspace of ``H^(k)`` is unique
+        (:func:`curvlib.landscape.subspace.unique_prefixes`): ``False`` when
+        ``lambda_D`` ties ``lambda_{D+1}`` within the certificate or is
+        numerically zero (``D`` beyond the rank of ``H^(k)``). There ``Delta_2^(D)``
+        and the principal angles depend on the basis the eigensolver returned,
+        not on ``H^(k)`` alone (see docs/landscape.md). ``None`` for a curve built
+        by hand.
       timings: stage -> ``(K,)`` seconds (``subspace``, ``coefficients``,
         ``closed_form``, ``direct_mc``, ``full_mc``); the first ``k`` includes
         the compilation of each stage's program (one for the whole curve).
@@ -95,6 +107,7 @@ class KCurve(NamedTuple):
     converged: np.ndarray
     timings: dict
     status: np.ndarray | None = None
+    unique: np.ndarray | None = None
 
 
 class KCurveConfig(NamedTuple):
@@ -224,7 +237,8 @@ def subspace_step(loss_fn, params, plan: _Plan, k: int, key) -> dict:
     sub = solve(k, k_sub)
     out = dict(sub=sub, next=None, eigenvalues=np.asarray(sub.eigenvalues),
                eigenvalues_next=np.full(Dmax, np.nan), max_angle=np.full(len(plan.dims), np.nan),
-               converged=bool(sub.converged), status=int(sub.status))
+               converged=bool(sub.converged), status=int(sub.status),
+               unique=unique_prefixes(sub.eigenvalues, sub.residual_norms, plan.dims, c.tol))
     if c.next_subspace and k + 2 <= plan.n:
         nxt = solve(k + 1, k_next)
         out.update(next=nxt, eigenvalues_next=np.asarray(nxt.eigenvalues),
@@ -307,7 +321,8 @@ def curve_point(loss_fn, params, plan: _Plan, k: int, key) -> tuple[dict, dict]:
     values = dict(delta1=abs(float(coef.a)), constant=terms[0], sigma2=terms[1],
                   sigma4=terms[2], closed_form=terms.sum(0), spectral=spectral,
                   eigenvalues=s["eigenvalues"], eigenvalues_next=s["eigenvalues_next"],
-                  max_angle=s["max_angle"], converged=s["converged"], status=s["status"])
+                  max_angle=s["max_angle"], converged=s["converged"], status=s["status"],
+                  unique=s["unique"])
     if c.num_samples:
         t0 = time.perf_counter()
         values["direct_mean"], values["direct_stderr"] = direct_mc_step(
@@ -347,6 +362,7 @@ def _assemble(plan: _Plan, points: list[dict], seconds: list[dict]) -> KCurve:
     return KCurve(ks=np.asarray(plan.ks), dims=np.asarray(plan.dims), sigmas=plan.sigmas,
                   converged=np.array([p["converged"] for p in points], bool),
                   status=np.array([p["status"] for p in points], np.int32),
+                  unique=np.array([p["unique"] for p in points], bool).reshape(K, nD),
                   timings={s: np.array([t[s] for t in seconds]) for s in STAGES}, **out)
 
 

@@ -33,6 +33,8 @@ def curve_to_dict(curve: KCurve) -> dict:
       -1.0
     """
     def conv(x):
+        if x is None:
+            return None
         if isinstance(x, dict):
             return {k: conv(v) for k, v in x.items()}
         if x is None:

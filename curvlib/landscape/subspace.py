@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from curvlib import _tree, _validate
@@ -210,6 +211,62 @@ def subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, basis_si
     return _subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, basis_size,
                      None if tol is None else float(tol), int(max_restarts), bool(flatten),
                      None if flatten else _tree.param_shardings(params))
+
+
+# ------------------------------------------------------------ uniqueness
+
+
+def unique_prefixes(eigenvalues, residual_norms, dims, tol=None) -> np.ndarray:
+    """Whether each nested top-``D`` subspace is unique (host-side, per ``D`` in ``dims``).
+
+    The span of the top ``D`` eigenvectors of ``H^(k)`` is a property of ``H^(k)`` only
+    when ``lambda_D > lambda_{D+1}``. It is *not* unique, and ``Delta_2^(D)`` depends on
+    which basis the eigensolver happened to return, when
+
+    * ``lambda_D`` and ``lambda_{D+1}`` are tied within the certificate: their gap is at
+      most ``r_D + r_{D+1} + tol (|lambda_D| + |lambda_{D+1}|)`` plus the rounding floor
+      ``sqrt(eps) max_i |lambda_i|`` (``r`` the residual norms, ``tol`` the eigensolver's
+      relative tolerance, default ``sqrt(eps)``), or
+    * ``lambda_D`` is numerically zero (``|lambda_D| <= r_D + floor``): ``D`` exceeds the
+      numerical rank of ``H^(k)`` (e.g. ``k = 2`` samples of a rank-one-per-sample loss
+      and ``D = 3``), and the subspace holds an arbitrary null-space direction.
+
+    For the largest ``D`` (``lambda_{D+1}`` not computed) only the second test applies:
+    a tie with the next, uncomputed eigenvalue is not detected (ask for one more ``D``).
+
+    Args:
+      eigenvalues: the top eigenvalues, algebraically largest first (``(Dmax,)``).
+      residual_norms: their residual norms (``(Dmax,)``).
+      dims: nested dimensions ``D``, each ``<= Dmax``.
+      tol: the eigensolver's relative tolerance (``None``: ``sqrt(eps)`` of the dtype).
+
+    Returns:
+      bool array, one entry per ``D``.
+
+    Examples:
+      >>> import numpy as np
+      >>> from curvlib.landscape.subspace import unique_prefixes
+      >>> lam = np.array([3.0, 1.0, 1.0, 0.0])
+      >>> unique_prefixes(lam, np.zeros(4), [1, 2, 3, 4]).tolist()
+      [True, False, True, False]
+    """
+    lam = np.asarray(eigenvalues)
+    dt = lam.dtype if np.issubdtype(lam.dtype, np.floating) else np.float64
+    lam = lam.astype(np.float64)
+    res = np.nan_to_num(np.asarray(residual_norms, np.float64), nan=np.inf)
+    eps = float(np.finfo(dt).eps)
+    tol = np.sqrt(eps) if tol is None else float(tol)
+    floor = np.sqrt(eps) * np.max(np.abs(lam), initial=0.0)
+    out = []
+    for d in dims:
+        i = int(d) - 1
+        zero = abs(lam[i]) <= res[i] + floor
+        tie = False
+        if i + 1 < lam.size:
+            gap = lam[i] - lam[i + 1]
+            tie = gap <= res[i] + res[i + 1] + tol * (abs(lam[i]) + abs(lam[i + 1])) + floor
+        out.append(not (zero or tie) and bool(np.isfinite(lam[i])))
+    return np.asarray(out, bool)
 
 
 # ------------------------------------------------------------ principal angles

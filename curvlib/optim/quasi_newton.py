@@ -139,7 +139,7 @@ def secant_update(state: ScaleByBFGSState, x, g, finite, curvature_rtol):
     ok = (
         finite
         & (state.count > 0)
-        & (sy > curvature_rtol * jnp.sqrt(s @ s) * jnp.sqrt(yy))
+        & (sy > curvature_rtol * _tree.norm(s) * _tree.norm(y))  # scale-safe norms
         & (yy > 0)
     )
     H = state.inv_hessian
@@ -162,7 +162,7 @@ def bfgs_direction(inv_hessian, g, num_updates):
       >>> bfgs_direction(2.0 * jnp.eye(2), g, 1).tolist()
       [6.0, 8.0]
     """
-    gnorm = jnp.sqrt(g @ g)
+    gnorm = _tree.norm(g)  # scale-safe: a gradient of norm 1e25 (float32) is not infinite
     first_scale = jnp.minimum(1.0, 1.0 / jnp.where(gnorm > 0, gnorm, 1.0))
     return jnp.where(num_updates == 0, first_scale * g, inv_hessian @ g)
 

@@ -310,7 +310,7 @@ def _measure(loss, params, extra_args, state: TrackCurvatureState, cfg: _Config)
             trace=jnp.asarray(trace).astype(dt),
             trace_stderr=jnp.asarray(trace_se).astype(dt),
             grad_fraction=grad_fraction(vecs, grad, dt).astype(dt),
-            grad_norm=jnp.sqrt(_tree.vdot(grad, grad)).astype(dt),
+            grad_norm=_tree.norm(grad).astype(dt),
             loss=jnp.asarray(loss_value).astype(dt),
             num_matvecs=(res.num_matvecs + cfg.num_probes).astype(jnp.int32),
             eigsh_matvecs=res.num_matvecs.astype(jnp.int32),

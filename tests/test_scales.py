@@ -1,0 +1,174 @@
+"""Certificates at every scale: each result is right or flagged, and its residuals are true.
+
+An operator ``s A`` has the eigenvectors of ``A``, eigenvalues ``s lambda``; ``(s A) x = s b``
+has the solution of ``A x = b``. Norms taken as ``sqrt(<v, v>)`` overflow above about
+``1.8e19`` (float32) / ``1.3e154`` (float64) and underflow below the reciprocals, and a
+zero or infinite norm then reads as a Krylov breakdown, a zero tolerance or a non-finite
+input. Every test runs one small operator at scales from both ends of each dtype's range
+(``s`` chosen so that the answer is representable), and compares with dense oracles in
+NumPy float64 whose norms are computed scale-safe (:func:`_norm`).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import curvlib
+
+F32 = [1e-30, 1e-20, 1e20, 1e30]
+F64 = [1e-300, 1e-160, 1e160, 1e300]
+SCALES = ([pytest.param(np.float32, s, id=f"f32-{s:.0e}") for s in F32]
+          + [pytest.param(np.float64, s, id=f"f64-{s:.0e}") for s in F64])
+
+N = 40
+
+
+def _norm(x, axis=None):
+    """``||x||`` in float64, scaled by the largest entry first (a scale-safe oracle)."""
+    x = np.asarray(x, np.float64)
+    m = np.max(np.abs(x), axis=axis, keepdims=True)
+    m = np.where(m > 0, m, 1.0)
+    return np.squeeze(m, axis=axis) * np.sqrt(np.sum((x / m) ** 2, axis=axis))
+
+
+def _close(reported, true, dt, s):
+    """Reported residual norms equal true ones to 10%, or both are at rounding level."""
+    floor = 100 * np.finfo(dt).eps * s
+    return np.all(np.abs(np.asarray(reported, np.float64) - true) <= 0.1 * true + floor)
+
+
+def _sym(dt):
+    rng = np.random.default_rng(7)
+    B = rng.standard_normal((N, N))
+    return ((B + B.T) / (2 * np.sqrt(N))).astype(dt)
+
+
+@pytest.mark.parametrize("dt,s", SCALES)
+def test_eigsh_right_with_true_residuals_at_every_scale(dt, s):
+    d = np.linspace(0.1, 1.0, N) * s
+    dj = jnp.asarray(d.astype(dt))
+    v0 = {"a": jnp.ones(N // 2, dt), "b": jnp.asarray(np.linspace(1, 2, N // 2).astype(dt))}
+    split = lambda v: jnp.concatenate([v["a"], v["b"]])
+    mv = lambda v: {"a": dj[: N // 2] * v["a"], "b": dj[N // 2:] * v["b"]}
+    r = curvlib.eigsh(mv, v0, k=3)
+    assert bool(r.finite)
+    fi = np.finfo(dt)
+    # right (below), so not merely flagged; flagged only where residuals at rounding level
+    # (eps ||A||) are subnormal and cannot certify anything (float64 1e-300)
+    assert bool(r.converged) == (s * fi.eps >= fi.tiny)
+    want = np.sort(d)[::-1][:3]
+    np.testing.assert_allclose(np.asarray(r.eigenvalues, np.float64), want, rtol=1e-3)
+    X = np.stack([np.asarray(split(jax.tree.map(lambda x: x[i], r.eigenvectors)), np.float64)
+                  for i in range(3)])
+    ev = np.asarray(r.eigenvalues, np.float64)
+    true = _norm(d[None] * X - ev[:, None] * X, axis=1)
+    if bool(r.converged):
+        assert _close(r.residual_norms, true, dt, s), (r.residual_norms, true)
+    else:  # no residual below the normal range is claimed (it would read as a certificate)
+        assert np.all(np.isnan(np.asarray(r.residual_norms)))
+
+
+@pytest.mark.parametrize("dt,s", SCALES)
+def test_lanczos_relation_and_residual_at_every_scale(dt, s):
+    d = (np.linspace(0.1, 1.0, N) * s).astype(dt)
+    dj = jnp.asarray(d)
+    m = 8
+    r = curvlib.lanczos(lambda v: dj * v, jnp.ones(N, dt), m)
+    assert bool(r.finite) and not bool(r.breakdown)
+    Q = np.asarray(r.basis, np.float64)
+    T = np.diag(np.asarray(r.alphas, np.float64))
+    b = np.asarray(r.betas, np.float64)
+    T += np.diag(b, 1) + np.diag(b, -1)
+    res = np.asarray(r.residual, np.float64)
+    # A Q^T - Q^T T = r e_m^T, to rounding relative to ||A|| = s
+    E = d.astype(np.float64)[:, None] * Q.T - Q.T @ T
+    E[:, -1] -= res
+    assert _norm(E) <= 1e3 * np.finfo(dt).eps * s
+    np.testing.assert_allclose(Q @ Q.T, np.eye(m), atol=1e2 * np.finfo(dt).eps)
+    assert np.all(b > 0.01 * s)  # no spurious breakdown: the betas are those of the scaled chain
+    assert _close(r.residual_norm, _norm(res), dt, s)
+
+
+@pytest.mark.parametrize("dt,s", SCALES)
+def test_power_iteration_right_with_true_residual_at_every_scale(dt, s):
+    d = np.concatenate([[1.0, 0.5], np.linspace(0.05, 0.2, N - 2)]) * s
+    dj = jnp.asarray(d.astype(dt))
+    r = curvlib.power_iteration(lambda v: dj * v, jnp.ones(N, dt), k=2, tol=1e-3)
+    assert bool(r.finite) and bool(jnp.all(r.converged))
+    ev = np.asarray(r.eigenvalues, np.float64)
+    np.testing.assert_allclose(ev, [s, 0.5 * s], rtol=1e-3)
+    X = np.asarray(r.eigenvectors, np.float64)
+    true = _norm(d[None] * X - ev[:, None] * X, axis=1)
+    assert _close(r.residual_norms, true, dt, s)
+
+
+# An operator scaled towards the bottom of the range (float32 1e-30) makes p^T A p underflow
+# as CG's directions shrink: the right-hand side spans the range, the operator 1e+-20 there.
+CG_SCALES = ([pytest.param(np.float32, s, False, id=f"f32-b{s:.0e}") for s in F32]
+             + [pytest.param(np.float64, s, False, id=f"f64-b{s:.0e}") for s in F64]
+             + [pytest.param(np.float32, s, True, id=f"f32-A{s:.0e}") for s in (1e-20, 1e20)]
+             + [pytest.param(np.float64, s, True, id=f"f64-A{s:.0e}") for s in (1e-160, 1e300)])
+
+
+@pytest.mark.parametrize("dt,s,scale_a", CG_SCALES)
+def test_cg_right_with_true_residual_at_every_scale(dt, s, scale_a):
+    a = np.linspace(1.0, 10.0, N) * (s if scale_a else 1.0)
+    bvec = np.full(N, 1.0 if scale_a else s)
+    aj, bj = jnp.asarray(a.astype(dt)), jnp.asarray(bvec.astype(dt))
+    r = curvlib.cg(lambda v: aj * v, bj, rtol=1e-4)
+    assert bool(r.finite)  # a finite b is never called non-finite
+    assert bool(r.converged) and int(r.num_steps) > 0
+    x = np.asarray(r.x, np.float64)
+    xt = bvec / a
+    assert _norm(x - xt) <= 1e-3 * _norm(xt)
+    true = _norm(bvec - a * x)
+    assert _close(r.residual_norm, true, dt, np.max(bvec))
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+def test_cg_zero_rhs_is_exact(dt):
+    r = curvlib.cg(lambda v: 2.0 * v, jnp.zeros(N, dt))
+    assert bool(r.converged) and bool(r.finite)
+    assert int(r.num_steps) == 0 and float(r.residual_norm) == 0.0
+    assert not np.any(np.asarray(r.x))
+
+
+@pytest.mark.parametrize("dt,s", SCALES)
+def test_hutchinson_estimates_scale_with_the_operator(dt, s, key):
+    M = _sym(dt)
+    Mj, Ms = jnp.asarray(M), jnp.asarray((M.astype(np.float64) * s).astype(dt))
+    for method in ("hutchinson", "hutch++"):
+        one = curvlib.hutchinson_trace(lambda v: Mj @ v, jnp.zeros(N, dt), key, 9, method=method)
+        big = curvlib.hutchinson_trace(lambda v: Ms @ v, jnp.zeros(N, dt), key, 9, method=method)
+        assert bool(big.finite)
+        # the same probes: estimate and standard error are those at scale one, times s
+        np.testing.assert_allclose(float(big.estimate) / s, float(one.estimate), rtol=1e-3,
+                                   atol=1e-3 * float(one.stderr))
+        np.testing.assert_allclose(float(big.stderr) / s, float(one.stderr), rtol=1e-3)
+        assert float(one.stderr) > 0
+    one = curvlib.hutchinson_diag(lambda v: Mj @ v, jnp.zeros(N, dt), key, 6)
+    big = curvlib.hutchinson_diag(lambda v: Ms @ v, jnp.zeros(N, dt), key, 6)
+    assert bool(big.finite)
+    e1, s1 = np.asarray(one.estimate, np.float64), np.asarray(one.stderr, np.float64)
+    np.testing.assert_allclose(np.asarray(big.estimate, np.float64) / s, e1, rtol=1e-3,
+                               atol=1e-3 * np.max(s1))
+    np.testing.assert_allclose(np.asarray(big.stderr, np.float64) / s, s1, rtol=1e-3,
+                               atol=1e-4 * np.max(s1))
+
+
+@pytest.mark.parametrize("dt,s", SCALES)
+def test_spectral_density_nodes_span_the_spectrum_at_every_scale(dt, s, key):
+    d = np.linspace(0.1, 1.0, N) * s
+    dj = jnp.asarray(d.astype(dt))
+    r = curvlib.spectral_density(lambda v: dj * v, jnp.zeros(N, dt), key, num_matvecs=12,
+                                 num_probes=2, num_points=64)
+    assert bool(r.finite)
+    nodes = np.asarray(r.nodes, np.float64)
+    w = np.asarray(r.weights, np.float64)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-4)
+    # Gauss nodes of 12 steps on [0.1 s, s]: extremes within 1% of the spectrum's ends,
+    # all inside it (a spurious breakdown leaves zero nodes carrying weight)
+    np.testing.assert_allclose(nodes.max(axis=1), s, rtol=1e-2)
+    np.testing.assert_allclose(nodes.min(axis=1), 0.1 * s, rtol=1e-1)
+    assert np.all(nodes[w > 1e-6] >= 0.1 * s * (1 - 1e-3))
