@@ -8,19 +8,25 @@ linearisation residuals) are pytree leaves, so passing a matvec into a
 ``jax.jit``-compiled function keeps those arrays traced inputs instead of
 baking them into the program as constants.
 
-==================================  =====================================================
-module                              operators
-==================================  =====================================================
-:mod:`~curvlib.operators.hessian`   :func:`hvp`, :func:`hessian_matvec`, :func:`gradient`
-:mod:`~.gauss_newton`               :func:`ggn_matvec`, :func:`fisher_matvec`,
-                                    :func:`empirical_fisher_matvec`
-:mod:`~.jacobian`                   :func:`jacobian_matvec`, :func:`jacobian_transpose_matvec`
-:mod:`~.blocks`                     :func:`restrict`, :func:`block_eigsh`
-:mod:`~.inverse`                    :func:`inverse_matvec`
-:mod:`~.streams`                    :func:`stream_matvec`, :func:`stream_gradient`,
-                                    :func:`stream_mean` (data streamed from the host)
-:mod:`~.microbatch`                 :func:`microbatch_mean`
-==================================  =====================================================
+| module | operator |
+|---|---|
+| :mod:`~curvlib.operators.hessian` | :func:`hvp` |
+| | :func:`hessian_matvec` |
+| | :func:`gradient` |
+| :mod:`~.gauss_newton` | :func:`ggn_matvec` |
+| | :func:`fisher_matvec` |
+| | :func:`empirical_fisher_matvec` |
+| :mod:`~.jacobian` | :func:`jacobian_matvec` |
+| | :func:`jacobian_transpose_matvec` |
+| :mod:`~.blocks` | :func:`restrict` |
+| | :func:`block_eigsh` |
+| :mod:`~.inverse` | :func:`inverse_matvec` |
+| :mod:`~.streams` | :func:`stream_matvec` |
+| | :func:`stream_gradient` |
+| | :func:`stream_mean` |
+| :mod:`~.microbatch` | :func:`microbatch_mean` |
+
+(``streams``: data streamed from the host.)
 
 Conventions shared by all of them:
 

@@ -3,13 +3,11 @@
 All three are ``J^T M J`` with ``J`` the Jacobian of some outputs with respect
 to the parameters and ``M`` a positive semi-definite matrix in output space:
 
-=============================  ===========================  ============================
-operator                       outputs                      ``M`` (per example ``i``)
-=============================  ===========================  ============================
-:func:`ggn_matvec`             ``model_fn(params, *args)``  ``d^2 loss / d outputs^2``
-:func:`fisher_matvec`          logits / Gaussian means      ``E_{y~p(.|f_i)}[g g^T]``
-:func:`empirical_fisher_matvec`  per-example losses         ``1 / n`` (identity)
-=============================  ===========================  ============================
+| operator | outputs | ``M`` (per example ``i``) |
+|---|---|---|
+| :func:`ggn_matvec` | ``model_fn(params, *args)`` | ``d^2 loss / d outputs^2`` |
+| :func:`fisher_matvec` | logits / Gaussian means | ``E_{y~p(.|f_i)}[g g^T]`` |
+| :func:`empirical_fisher_matvec` | per-example losses | ``1 / n`` (identity) |
 
 Each product is one tangent (``jvp``) pass, an output-space product and one
 transposed (``vjp``) pass. With the default ``mode="linearize"`` the model is

@@ -2,13 +2,11 @@
 
 ``H v = d/de grad f(params + e v) |_{e=0}`` (Pearlmutter 1994), in three modes:
 
-=================  ==========================  ==============================
-mode               one product                 memory held between products
-=================  ==========================  ==============================
-``"linearize"``    ~1 G (tangent pass only)    the linearisation residuals
-``"fwd-rev"``      ~2-3 G (forward-over-rev)   params and batch only
-``"rev-rev"``      ~3-4 G (reverse-over-rev)   params and batch only
-=================  ==========================  ==============================
+| mode | one product | memory held between products |
+|---|---|---|
+| ``"linearize"`` | ~1 G (tangent pass only) | the linearisation residuals |
+| ``"fwd-rev"`` | ~2-3 G (forward-over-rev) | params and batch only |
+| ``"rev-rev"`` | ~3-4 G (reverse-over-rev) | params and batch only |
 
 (``G``: one gradient evaluation.) Every function here accepts a loss that
 returns ``(loss, aux)`` with ``has_aux=True`` (the auxiliary output is ignored
