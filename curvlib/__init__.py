@@ -2,11 +2,11 @@
 
 Three layers, each built only on the one below:
 
-1. operators (:mod:`curvlib.operators`): Hessian-, Gauss-Newton- and
+1. operators ([`curvlib.operators`][curvlib.operators]): Hessian-, Gauss-Newton- and
    microbatched curvature products on pytrees;
-2. algorithms (:mod:`curvlib.krylov`): Lanczos, thick-restart eigsh, power
+2. algorithms ([`curvlib.krylov`][curvlib.krylov]): Lanczos, thick-restart eigsh, power
    iteration, CG, Hutchinson and stochastic Lanczos quadrature on any matvec;
-3. uses: second-order optax transforms and :mod:`curvlib.landscape`.
+3. uses: second-order optax transforms and [`curvlib.landscape`][curvlib.landscape].
 """
 
 __version__ = "0.1.0"

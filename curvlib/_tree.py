@@ -137,7 +137,7 @@ def acc_dtype(*dts):
 def vdot(a: PyTree, b: PyTree) -> jax.Array:
     """Real inner product ``<a, b>`` summed over all leaves.
 
-    Accumulates in :func:`acc_dtype` of the leaves (float32 for bfloat16 leaves).
+    Accumulates in `acc_dtype` of the leaves (float32 for bfloat16 leaves).
     """
     parts = [_leaf_vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
     return sum(parts[1:], parts[0])

@@ -1,7 +1,7 @@
 """Eager argument checks shared by every layer: one rule per kind of argument.
 
 Static integer options (``k``, ``basis_size``, ``num_probes``, ...) are all
-checked by :func:`static_int`, so they accept the same things everywhere
+checked by `static_int`, so they accept the same things everywhere
 (Python and NumPy integers) and fail the same way (a ``ValueError`` that names
 the argument, the value and the allowed range).
 """
@@ -72,7 +72,7 @@ def static_int(x, name: str, *, minimum: int | None = None, maximum: int | None 
 
 
 def optional_int(x, name: str, **bounds) -> int | None:
-    """``None`` or :func:`static_int`."""
+    """``None`` or `static_int`."""
     return None if x is None else static_int(x, name, **bounds)
 
 

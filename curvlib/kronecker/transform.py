@@ -3,49 +3,49 @@ r"""K-FAC as an optax transform that lives inside the user's ``jit``.
 Each ``update`` is a list of named steps (Martens & Grosse 2015):
 
 1. **Statistics** (every ``statistics_every`` steps, in a ``lax.cond``): the
-   batch's Kronecker factors (:func:`~curvlib.kronecker.curvature.statistics`,
+   batch's Kronecker factors (`statistics`,
    exact Fisher or Monte Carlo with the state's key) enter a bias-corrected
-   exponential moving average, :math:`\bar F_t = \beta \bar F_{t-1} + (1 - \beta) F_t`
-   normalised by :math:`1 - \beta^t`. A non-finite batch leaves the average as it was.
+   exponential moving average, $\bar F_t = \beta \bar F_{t-1} + (1 - \beta) F_t$
+   normalised by $1 - \beta^t$. A non-finite batch leaves the average as it was.
 2. **Refresh** (every ``inverse_every`` steps, in a ``lax.cond``): with
-   ``inverse="factored"`` (default) the inverses :math:`(A + \pi\sqrt\lambda I)^{-1}`
-   and :math:`(G + \sqrt\lambda/\pi\, I)^{-1}` (Martens & Grosse's factored
+   ``inverse="factored"`` (default) the inverses $(A + \pi\sqrt\lambda I)^{-1}$
+   and $(G + \sqrt\lambda/\pi\, I)^{-1}$ (Martens & Grosse's factored
    Tikhonov damping, by Cholesky, with the damping of that step); with
    ``"exact"`` or ``"ekfac"`` the eigendecompositions of the averaged factors
-   (EK-FAC's eigenbasis scalings restart from :math:`\lambda_A \lambda_G^\top`).
-3. **Precondition**: :math:`\Delta = (\tilde F + \lambda I)^{-1} g`: two small
+   (EK-FAC's eigenbasis scalings restart from $\lambda_A \lambda_G^\top$).
+3. **Precondition**: $\Delta = (\tilde F + \lambda I)^{-1} g$: two small
    matrix products per layer with the stored inverses, or, through the
    eigendecompositions, the damped Kronecker block inverted exactly with the
    current damping (``"exact"``) or with EK-FAC's scalings (``"ekfac"``, George
    et al. 2018; the scalings are a moving average of the squared per-example
    gradients in the eigenbasis, updated with the statistics).
 4. **Step from the quadratic model** (``learning_rate=None``): the update
-   :math:`u = \alpha \Delta + \mu u_{t-1}` with :math:`(\alpha, \mu)` minimising
+   $u = \alpha \Delta + \mu u_{t-1}$ with $(\alpha, \mu)$ minimising
    the damped quadratic model
-   :math:`m(-u) = -g^\top u + \tfrac12 u^\top (F + \lambda I) u` of the exact
-   Fisher :math:`F` of the current batch: a 2x2 linear system whose entries
-   need :math:`J\Delta` and :math:`J u_{t-1}` (one linearisation of the model,
+   $m(-u) = -g^\top u + \tfrac12 u^\top (F + \lambda I) u$ of the exact
+   Fisher $F$ of the current batch: a 2x2 linear system whose entries
+   need $J\Delta$ and $J u_{t-1}$ (one linearisation of the model,
    two tangent passes). With a fixed ``learning_rate`` and ``momentum``:
-   :math:`u = \text{lr}\,\Delta + \mu u_{t-1}`.
+   $u = \text{lr}\,\Delta + \mu u_{t-1}$.
 5. **Levenberg-Marquardt damping** (every ``damping_every`` steps, in a
-   ``lax.cond``): :math:`\rho = (h(\theta - u) - h(\theta)) / q(-u)` against the
-   undamped model :math:`q(-u) = -g^\top u + \tfrac12 u^\top F u`;
-   :math:`\lambda \leftarrow \omega\lambda` if :math:`\rho > 3/4`,
-   :math:`\lambda/\omega` if :math:`\rho < 1/4`, with
-   :math:`\omega = \texttt{damping\_decay}^{\texttt{damping\_every}}`, clipped to
-   ``[min_damping, max_damping]`` (as :func:`curvlib.newton_cg` adapts its damping).
+   ``lax.cond``): $\rho = (h(\theta - u) - h(\theta)) / q(-u)$ against the
+   undamped model $q(-u) = -g^\top u + \tfrac12 u^\top F u$;
+   $\lambda \leftarrow \omega\lambda$ if $\rho > 3/4$,
+   $\lambda/\omega$ if $\rho < 1/4$, with
+   $\omega = \texttt{damping\_decay}^{\texttt{damping\_every}}$, clipped to
+   ``[min_damping, max_damping]`` (as [`curvlib.newton_cg`][curvlib.newton_cg] adapts its damping).
 6. **Guard**: a non-finite gradient, step or loss outputs zeros and keeps the
    state (``info.skipped``), so params and state stay usable.
 
-The output is the *step* :math:`u` with the gradient's sign (the quadratic
+The output is the *step* $u$ with the gradient's sign (the quadratic
 model needs the step length, so the learning rate is applied here);
-:func:`kfac` chains it with ``optax.scale(-1)``.
+[`kfac`][curvlib.kfac] chains it with ``optax.scale(-1)``.
 
 Cost per step, in forward/backward passes of the model on the batch: the
 statistics one forward and one backward per sample (Monte Carlo) or per
 output entry (exact, ``key=None``), one forward and two tangent passes for the
 quadratic model (``learning_rate=None``), one forward pass for
-:math:`\rho` every ``damping_every`` steps (and one per step to report
+$\rho$ every ``damping_every`` steps (and one per step to report
 the loss when ``value=`` is not passed); ``O(d^3)`` per factor every
 ``inverse_every`` steps; two (factored) or four (exact, EK-FAC) ``(d x d)``
 matrix products per layer. Memory: the factors and their inverses or
@@ -92,7 +92,7 @@ PyTree = Any
 
 
 class KfacInfo(NamedTuple):
-    """Diagnostics of the last :func:`scale_by_kfac` step.
+    """Diagnostics of the last [`scale_by_kfac`][curvlib.scale_by_kfac] step.
 
     Attributes:
       loss: the loss at the incoming ``params`` (``value=`` when passed, else
@@ -125,22 +125,22 @@ class KfacInfo(NamedTuple):
 
 
 class ScaleByKfacState(NamedTuple):
-    """State of :func:`scale_by_kfac`.
+    """State of [`scale_by_kfac`][curvlib.scale_by_kfac].
 
     Attributes:
       count: number of ``update`` calls.
-      factors: exponentially weighted sums of the factors (:class:`Factors`).
+      factors: exponentially weighted sums of the factors ([`Factors`][curvlib.kronecker.Factors]).
       ema_weight: the sum of their weights (``1 - ema_decay^t``).
       inverses: the preconditioner refreshed every ``inverse_every`` steps: the
-        factors' eigendecompositions (:class:`~curvlib.kronecker.curvature.Eigen`,
+        factors' eigendecompositions (`Eigen`,
         ``inverse="exact"``) or their damped inverses
-        (:class:`~curvlib.kronecker.curvature.Inverses`, ``"factored"``).
+        (`Inverses`, ``"factored"``).
       scales: EK-FAC's per-layer scalings in the eigenbasis (``(a_dim, d_out)``;
         an empty tuple unless ``inverse="ekfac"``).
       damping: the Levenberg-Marquardt ``lambda`` for the next step.
       velocity: the last step ``u`` (the momentum direction).
       key: PRNG key data for the Monte-Carlo statistics (unused for the exact Fisher).
-      info: :class:`KfacInfo` of the last step.
+      info: [`KfacInfo`][curvlib.KfacInfo] of the last step.
     """
 
     count: jax.Array
@@ -205,7 +205,7 @@ def scale_by_kfac(
     Args:
       model_fn: ``model_fn(params, **kw) -> outputs`` (logits or means), leading
         axis = examples. Its layers are found from its jaxpr
-        (:func:`~curvlib.kronecker.find_layers`); print
+        ([`find_layers`][curvlib.kronecker.find_layers]); print
         ``curvlib.kronecker.format_layers(find_layers(...))`` to see them.
       example_inputs: a dict of the extra arguments ``update`` will receive
         (arrays or ``jax.ShapeDtypeStruct``; any batch size): ``init`` traces the
@@ -246,8 +246,8 @@ def scale_by_kfac(
         ``lr^2 g^T Delta <= norm_constraint`` (``None``: no constraint).
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs` with state
-      :class:`ScaleByKfacState`.
+      An `optax.GradientTransformationExtraArgs` with state
+      [`ScaleByKfacState`][curvlib.ScaleByKfacState].
 
     Raises:
       ValueError: at construction, for invalid settings; from ``init``, for
@@ -479,7 +479,7 @@ def _every(every, count, run, skip):
     """``run()`` when ``count % every == 0``, else ``skip()`` (the state kept as it is).
 
     A static ``every == 1`` runs unconditionally. Otherwise a loop of at most one
-    trip (:func:`curvlib._tree.apply_if`), not a ``lax.cond``: a ``cond`` whose
+    trip (`curvlib._tree.apply_if`), not a ``lax.cond``: a ``cond`` whose
     skip branch returns the factors or inverses copies them at every step.
     """
     if isinstance(every, (int, np.integer)) and int(every) == 1:
@@ -488,7 +488,7 @@ def _every(every, count, run, skip):
 
 
 def _state_shardings(layers, shardings, state, params):
-    """The :class:`ScaleByKfacState` of shardings: factors as the parameters are."""
+    """The `ScaleByKfacState` of shardings: factors as the parameters are."""
     A, G, D = _sharding.factor_shardings(layers, shardings)
     rep = _sharding.replicated(shardings)
     if isinstance(state.inverses, Eigen):
@@ -662,10 +662,10 @@ def kfac(
     the quadratic model (Martens & Grosse 2015, section 7); a scalar or
     schedule fixes the step length. Works under
     ``optax.inject_hyperparams(kfac)(learning_rate=...)``. All other arguments:
-    :func:`scale_by_kfac`.
+    [`scale_by_kfac`][curvlib.scale_by_kfac].
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs`.
+      An `optax.GradientTransformationExtraArgs`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax

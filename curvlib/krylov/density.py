@@ -15,7 +15,7 @@ PyTree = Any
 
 
 class SpectralDensity(NamedTuple):
-    """Output of :func:`spectral_density`.
+    """Output of [`spectral_density`][curvlib.spectral_density].
 
     Attributes:
       grid: evaluation points ``t`` (shape ``(num_points,)``).
@@ -123,7 +123,7 @@ def spectral_density(
       grid: explicit evaluation points (overrides ``num_points``).
 
     Returns:
-      :class:`SpectralDensity`.
+      [`SpectralDensity`][curvlib.SpectralDensity].
 
     Raises:
       ValueError: if ``num_probes < 1``, ``num_matvecs`` is not in ``[1, dim]``, or

@@ -214,15 +214,16 @@ def hutchinson_trace(
     products run Hutchinson on the deflated remainder ``B = P A P``,
     ``P = I - Q^T Q`` (Meyer et al. 2021):
 
-    .. math::
-        \widehat{\mathrm{tr}}(A) = \mathrm{tr}(Q A Q^T)
-            + \frac{1}{g} \sum_{j=1}^{g} (P z_j)^T A (P z_j).
+    $$
+    \widehat{\mathrm{tr}}(A) = \mathrm{tr}(Q A Q^T)
+        + \frac{1}{g} \sum_{j=1}^{g} (P z_j)^T A (P z_j).
+    $$
 
     For matrices with decaying spectra, such as neural-network Hessians, the
     error falls like ``1/s`` instead of ``1/sqrt(s)``.
 
     Deflated (``deflate=Q`` given, orthonormal rows ``q_1 .. q_d``, e.g. the
-    eigenvectors from :func:`curvlib.eigsh`): the same estimator with that
+    eigenvectors from [`curvlib.eigsh`][curvlib.eigsh]): the same estimator with that
     ``Q``; all ``num_probes`` products go to the remainder, and
     ``tr(Q A Q^T)`` is ``deflate_trace`` when known (for Ritz vectors it is
     the sum of their Ritz values, so the sketch costs nothing), else ``d``
@@ -271,8 +272,8 @@ def hutchinson_trace(
       deflate_trace: optional known ``tr(Q A Q^T)`` for ``deflate``.
 
     Returns:
-      :class:`StochasticEstimate` with scalar ``estimate`` and ``stderr`` (NaN,
-      with ``finite=False``, if a product was not finite).
+      [`StochasticEstimate`][curvlib.StochasticEstimate] with scalar ``estimate`` and ``stderr``
+      (NaN, with ``finite=False``, if a product was not finite).
 
     Raises:
       ValueError: if ``num_probes`` is not an int ``>= 1`` (``>= 3`` for
@@ -360,7 +361,7 @@ def deflated_probes(space: _space.Space, key, num_probes, Q, acc):
     """``(Z, P Z)``: the Rademacher probes of the deflated estimator and their projections.
 
     In ``space``'s layout; ``P = I - Q^T Q`` with ``Q`` the (validated, see
-    :func:`_deflation_basis`) orthonormal rows. The products ``A P z_j`` may be
+    `_deflation_basis`) orthonormal rows. The products ``A P z_j`` may be
     computed elsewhere (``track_curvature`` runs them in eigsh's loop) and
     handed back through ``block``.
     """
@@ -441,8 +442,9 @@ def hutchinson_diag(
     ``sd_j`` of the ``s`` samples (its only source: ``(A z)_j^2 = (z_j (A z)_j)^2``
     carries nothing more), widened for its ``s - 1`` degrees of freedom:
 
-    .. math::
-        \mathrm{stderr}_j = \frac{t_{0.975,\,s-1}}{z_{0.975}} \frac{sd_j}{\sqrt{s}},
+    $$
+    \mathrm{stderr}_j = \frac{t_{0.975,\,s-1}}{z_{0.975}} \frac{sd_j}{\sqrt{s}},
+    $$
 
     so that ``estimate +- 1.96 stderr`` is the Student-``t`` 95% interval and
     ``+- 2 stderr`` covers ``diag(A)`` in about 95% of runs at every ``s >= 2``
@@ -464,8 +466,8 @@ def hutchinson_diag(
       batch_size: optional chunking of the block product (static, ``>= 1``).
 
     Returns:
-      :class:`StochasticEstimate` whose ``estimate`` and ``stderr`` are pytrees
-      (NaN, with ``finite=False``, if a product was not finite).
+      [`StochasticEstimate`][curvlib.StochasticEstimate] whose ``estimate`` and ``stderr`` are
+      pytrees (NaN, with ``finite=False``, if a product was not finite).
 
     Raises:
       ValueError: if ``num_probes`` or ``batch_size`` is not an int ``>= 1``, or

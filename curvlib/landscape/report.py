@@ -1,7 +1,7 @@
-"""Reports of a :class:`~curvlib.landscape.KCurve`: text tables, JSON and a log-log plot.
+"""Reports of a [`KCurve`][curvlib.landscape.KCurve]: text tables, JSON and a log-log plot.
 
 Nothing here computes a criterion: the functions read a finished curve
-(:func:`curvlib.landscape.k_curve`). Plotting needs matplotlib (the ``demo``
+([`curvlib.landscape.k_curve`][curvlib.landscape.k_curve]). Plotting needs matplotlib (the ``demo``
 extra) and never changes its backend.
 """
 
@@ -53,7 +53,7 @@ def curve_to_dict(curve: KCurve) -> dict:
 
 
 def save_curve_json(curve: KCurve, path) -> None:
-    """Write :func:`curve_to_dict` to ``path`` (strict JSON: no ``NaN`` literals).
+    """Write `curve_to_dict` to ``path`` (strict JSON: no ``NaN`` literals).
 
     Examples:
       >>> import json, os, tempfile
@@ -138,7 +138,7 @@ def plot_curve(curve: KCurve, sigma=None, path=None, ax=None):
     the fitted slopes. Needs matplotlib.
 
     Args:
-      curve: a :class:`KCurve`.
+      curve: a [`KCurve`][curvlib.landscape.KCurve].
       sigma: the probe scale to show (nearest grid value; default the first).
       path: save the figure there (PNG, PDF, ... by extension).
       ax: draw into this matplotlib axes. Without ``ax`` and ``path`` a new

@@ -28,7 +28,7 @@ def _weak_cache(factory: Callable) -> Callable:
 
     The product builders return closures over a user function; caching them
     makes equal calls return the *same* object, so a
-    :class:`~jax.tree_util.Partial` built on it has an equal tree definition and
+    `Partial` built on it has an equal tree definition and
     jitted code taking it is not recompiled. ``functools.lru_cache`` would hold
     every user function (and the arrays its closure captures) until evicted.
     Here the entries are keyed *weakly* by ``fn`` and hold the results weakly
@@ -282,7 +282,7 @@ def checked(product: Callable, sig, like: str = "params", name: str = "tangent")
     """``product(*data, v)`` that first checks ``v`` against the signature ``sig``.
 
     Cached so that the same product and signature give the *same* function object:
-    a :class:`~jax.tree_util.Partial` built on it has an equal tree definition
+    a `Partial` built on it has an equal tree definition
     across calls, and jitted code taking it as an argument is not recompiled.
     The check is static (structure and shapes), so it costs nothing under jit
     and sees per-example shapes under ``vmap``. Where the reference carries an
@@ -313,7 +313,7 @@ def call_linearized(lin, v):
 class SameProgram:
     """A linearised function's static part, equal to another that replays the same program.
 
-    ``jax.linearize`` returns a :class:`~jax.tree_util.Partial` whose residuals
+    ``jax.linearize`` returns a `Partial` whose residuals
     are leaves but whose function (holding the tangent jaxpr) is a fresh object
     on every call, so two linearisations at different points would make a
     jitted consumer recompile. Comparing by the printed program instead lets
@@ -374,7 +374,7 @@ def param_shardings(params: PyTree):
 
 @_weak_cache
 def sharded(product, layout):
-    """``product`` with its output constrained to ``layout`` (from :func:`param_shardings`)."""
+    """``product`` with its output constrained to ``layout`` (from `param_shardings`)."""
     if layout is None:
         return product
     treedef, shardings = layout

@@ -1,4 +1,4 @@
-"""Shared plumbing of the optax transforms in :mod:`curvlib.optim`.
+"""Shared plumbing of the optax transforms in [`curvlib.optim`][curvlib.optim].
 
 **One calling convention.** Every transform's ``update`` is
 ``update(updates, state, params, *, value_fn, **extra_args)`` where
@@ -12,11 +12,11 @@ the model and output-loss functions of a Gauss-Newton split. A ``value_fn``
 returning ``(loss, aux)`` is accepted with ``has_aux=True``.
 
 This module holds the steps every transform shares: argument checks
-(:func:`check_params`, ...), the routing (:func:`bind_loss`,
-:func:`kwargs_for`), the loss and its gradient (:func:`value_and_grad`,
-:func:`linearized_loss`), the curvature product (:func:`curvature_matvec`,
+(`check_params`, ...), the routing (`bind_loss`,
+`kwargs_for`), the loss and its gradient (`value_and_grad`,
+`linearized_loss`), the curvature product (`curvature_matvec`,
 microbatched over every batched argument) and the alias wrapper
-(:func:`alias`) that makes a chain with a line search work with ``value_fn``
+(`alias`) that makes a chain with a line search work with ``value_fn``
 alone, in optax's ``value_and_grad_from_state`` loop and inside
 ``nnx.Optimizer.update``.
 """
@@ -141,7 +141,7 @@ class ParamsDtypeError(ValueError, TypeError):
     """``params`` with a leaf that is not real floating, refused by an optimizer's ``init``.
 
     A ``ValueError`` (what ``init`` documents) and a ``TypeError`` (what the rest
-    of curvlib raises for a dtype, e.g. :func:`curvlib.hessian_matvec`).
+    of curvlib raises for a dtype, e.g. [`curvlib.hessian_matvec`][curvlib.hessian_matvec]).
     """
 
 
@@ -314,7 +314,7 @@ def strip_aux(value_fn: Callable, has_aux: bool) -> Callable:
 def _kw_call(fn: Callable) -> Callable:
     """``(x, kw) -> fn(x, **kw)``; cached so operator-level caches see one object per ``fn``.
 
-    Weakly (:func:`curvlib.operators._weak_cache`): the cache does not keep ``fn`` alive.
+    Weakly (`curvlib.operators._weak_cache`): the cache does not keep ``fn`` alive.
     """
 
     def call(x, kw):
@@ -359,7 +359,7 @@ def linearized_loss(loss: Loss, params: PyTree):
     ``jax.linearize(jax.value_and_grad(loss), params)`` evaluates the loss and
     its gradient (the primal outputs) and records the tangent program of the
     gradient, so the Hessian product ``v -> H v`` replays only that program (as
-    :func:`curvlib.hessian_matvec` in its ``"linearize"`` mode): the model is
+    [`curvlib.hessian_matvec`][curvlib.hessian_matvec] in its ``"linearize"`` mode): the model is
     traced and compiled once for the value, the gradient and every product.
     Memory: the linearisation residuals.
     """
@@ -471,10 +471,10 @@ def curvature_matvec(
 ):
     """``v -> C v``: the Hessian of ``value_fn`` or the GGN of a ``(model_fn, loss_fn)`` split.
 
-    Each function receives the extra arguments it names (:func:`kwargs_for`);
+    Each function receives the extra arguments it names (`kwargs_for`);
     a split whose functions cannot bind them raises a ``TypeError`` saying what
     to pass. With ``microbatch_size``, every product is a mean over chunks of
-    *every* batched extra argument (:func:`split_batched`: the leaves sharing
+    *every* batched extra argument (`split_batched`: the leaves sharing
     the batch's leading axis), by ``lax.scan``; memory is that of one chunk.
     """
     if ggn is None:
@@ -500,7 +500,7 @@ def microbatched_value_and_grad(loss: Loss, params: PyTree, microbatch_size: int
     """``(value, grad)`` of a mean loss accumulated over chunks of every batched argument.
 
     Equals ``jax.value_and_grad(loss)(params)`` (up to rounding) at the memory
-    of one chunk (:func:`split_batched`, :func:`curvlib.microbatch_mean`).
+    of one chunk (`split_batched`, [`curvlib.microbatch_mean`][curvlib.microbatch_mean]).
     """
     treedef, mask, batched, other = split_batched(loss.kw)
 
@@ -511,10 +511,10 @@ def microbatched_value_and_grad(loss: Loss, params: PyTree, microbatch_size: int
 
 
 class CurvatureSetup(NamedTuple):
-    """What :func:`curvature_setup` hands a curvature transform's ``update``.
+    """What `curvature_setup` hands a curvature transform's ``update``.
 
     Attributes:
-      loss: the bound loss (:class:`Loss`).
+      loss: the bound loss (`Loss`).
       dtype: the parameters' floating dtype (diagnostics are kept in it).
       value: the loss at ``params``.
       grad: the gradient of the loss at ``params`` (not the incoming updates).
@@ -544,9 +544,9 @@ def curvature_setup(
     Checks ``value_fn``, its routing and ``params`` (errors name the transform
     ``name``), then returns the loss, its value and gradient at ``params``
     and the curvature product. For the default Hessian product one
-    linearisation serves all three (:func:`linearized_loss`); otherwise the
+    linearisation serves all three (`linearized_loss`); otherwise the
     loss and gradient are reused from ``value=``/``grad=`` (or computed) and
-    the product comes from :func:`curvature_matvec`.
+    the product comes from `curvature_matvec`.
     """
     loss = bind_loss(name, value_fn, extra_args, has_aux=has_aux)
     params = require_params(name, params)
@@ -566,11 +566,11 @@ def curvature_setup(
 
 
 class RecomputeState(NamedTuple):
-    """State of :func:`recompute_marker`: tells ``optax.value_and_grad_from_state`` to recompute.
+    """State of `recompute_marker`: tells ``optax.value_and_grad_from_state`` to recompute.
 
-    ``value`` is ``+inf``, so :func:`optax.value_and_grad_from_state` evaluates
+    ``value`` is ``+inf``, so `optax.value_and_grad_from_state` evaluates
     the loss and gradient at the new parameters itself (as it does at the first
-    step of :func:`optax.lbfgs`); ``grad`` is a zero placeholder shaped like
+    step of `optax.lbfgs`); ``grad`` is a zero placeholder shaped like
     the parameters.
     """
 
@@ -582,7 +582,7 @@ def recompute_marker() -> optax.GradientTransformation:
     """Identity link whose state makes an alias usable in the ``optax.lbfgs`` loop.
 
     Without a line search an alias stores no loss or gradient at the new
-    parameters; :func:`optax.value_and_grad_from_state` would raise "Value or
+    parameters; `optax.value_and_grad_from_state` would raise "Value or
     gradient not found". This link stores ``value = +inf`` (with a zero
     gradient placeholder), which that helper reads as "not available: compute
     it". Memory: one parameter-sized pytree of zeros.
@@ -605,7 +605,7 @@ def linesearch_link(linesearch, has_aux: bool = False) -> optax.GradientTransfor
     consume; a curvlib alias also receives those of a Gauss-Newton split or
     of another link. With ``has_aux`` the line search sees the loss only. Its
     ``init`` returns no weakly typed leaf (so a jitted step does not retrace,
-    :func:`strongly_typed`).
+    `strongly_typed`).
     """
     ls = strongly_typed(linesearch)
 
@@ -635,10 +635,10 @@ def alias(
     * ``has_aux=True``: ``value_fn`` returns ``(loss, aux)``; the ``parts``
       were built with the same ``has_aux``, the line search sees the loss only.
     * The line search gets only the extra arguments its ``value_fn`` takes
-      (:func:`linesearch_link`).
-    * Without a line search a :func:`recompute_marker` link makes the alias
-      usable in the loop :func:`optax.lbfgs` documents
-      (:func:`optax.value_and_grad_from_state`).
+      (`linesearch_link`).
+    * Without a line search a `recompute_marker` link makes the alias
+      usable in the loop `optax.lbfgs` documents
+      (`optax.value_and_grad_from_state`).
 
     The state is the chain's (a tuple, one entry per link).
     """
@@ -674,7 +674,7 @@ def learning_rate_link(learning_rate) -> optax.GradientTransformation:
 def normal_like(key: jax.Array, like: PyTree) -> PyTree:
     """Standard normal pytree shaped like ``like``, drawn by *one* generator call.
 
-    :func:`curvlib._tree.normal_like` draws one key per leaf; on XLA:CPU every
+    `curvlib._tree.normal_like` draws one key per leaf; on XLA:CPU every
     threefry call site is compiled on its own (about 0.8 s each on a 2-core
     machine), so a model with many leaves pays seconds of compile time for a
     start vector. Here one flat draw (in the leaves' common dtype) is split
