@@ -524,6 +524,13 @@ class KfacCurvature:
         Cost, when called: one ``eigh`` (exact) or one Cholesky factorisation
         (factored) per factor, ``O(d^3)``; per application, four (exact) or two
         (factored) matrix products per layer.
+
+        Args:
+          damping: ``lambda >= 0`` added to the curvature (traceable).
+          method: ``"exact"`` or ``"factored"``.
+
+        Returns:
+          The inverse operator (callable on pytrees shaped like the parameters).
         """
         if method not in METHODS:
             raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")

@@ -53,6 +53,12 @@ class IncrementCoefficients(NamedTuple):
 
         ``c[:dim]`` and ``B[:dim, :dim]``: no new products, so one subspace of
         size ``Dmax`` serves every ``D <= Dmax``.
+
+        Args:
+          dim: the nested dimension, ``1 <= dim <= Dmax``.
+
+        Returns:
+          The [`IncrementCoefficients`][curvlib.landscape.IncrementCoefficients] of that subspace.
         """
         d = int(self.c.shape[-1])
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= d:

@@ -428,7 +428,12 @@ def k_curve(
 def fit_slope(ks, values) -> tuple[float, float]:
     """Least-squares fit ``log v = slope log k + intercept`` over finite, positive values.
 
-    Returns ``(slope, intercept)``; ``(nan, nan)`` with fewer than two usable points.
+    Args:
+      ks: the sample counts ``k`` (positive).
+      values: the criterion at each ``k``; non-finite and non-positive values are skipped.
+
+    Returns:
+      ``(slope, intercept)``; ``(nan, nan)`` with fewer than two usable points.
 
     Examples:
       >>> from curvlib.landscape import fit_slope
@@ -458,6 +463,13 @@ def curve_slopes(curve: KCurve, sigma=None) -> dict:
     Keys: ``delta1``, ``delta2_full``, and ``delta2_D{d}_closed_form`` /
     ``delta2_D{d}_direct`` for each nested ``D``; NaN where a criterion was not
     computed.
+
+    Args:
+      curve: a [`KCurve`][curvlib.landscape.KCurve] from [`k_curve`][curvlib.landscape.k_curve].
+      sigma: the ``sigma`` to read (the nearest grid value); ``None``: the first grid value.
+
+    Returns:
+      ``{criterion: slope}``.
 
     Examples:
       >>> import numpy as np

@@ -234,6 +234,15 @@ def subspace_normals(key: jax.Array, num_samples: int, dim: int, dtype=jnp.float
     Prefix-consistent: the first ``d`` columns do not depend on ``dim >= d``,
     so nested subspaces see nested draws.
 
+    Args:
+      key: PRNG key.
+      num_samples: rows (Monte-Carlo samples).
+      dim: columns (subspace dimension).
+      dtype: the draws' dtype.
+
+    Returns:
+      The ``(num_samples, dim)`` draws.
+
     Examples:
       >>> import jax, numpy as np
       >>> from curvlib.landscape import subspace_normals

@@ -18,6 +18,12 @@ from curvlib.landscape.curve import KCurve, curve_slopes, fit_slope, sigma_index
 def curve_to_dict(curve: KCurve) -> dict:
     """A JSON-serialisable dict of every field (NaN becomes ``None``), plus the fitted slopes.
 
+    Args:
+      curve: a [`KCurve`][curvlib.landscape.KCurve] from [`k_curve`][curvlib.landscape.k_curve].
+
+    Returns:
+      The dict (lists of numbers and ``None``).
+
     Examples:
       >>> import numpy as np
       >>> from curvlib.landscape import KCurve, curve_to_dict
@@ -53,7 +59,13 @@ def curve_to_dict(curve: KCurve) -> dict:
 
 
 def save_curve_json(curve: KCurve, path) -> None:
-    """Write `curve_to_dict` to ``path`` (strict JSON: no ``NaN`` literals).
+    """Write [`curve_to_dict`][curvlib.landscape.curve_to_dict] to ``path`` (strict JSON).
+
+    No ``NaN`` literals: NaN becomes ``null``.
+
+    Args:
+      curve: a [`KCurve`][curvlib.landscape.KCurve] from [`k_curve`][curvlib.landscape.k_curve].
+      path: the JSON file to write.
 
     Examples:
       >>> import json, os, tempfile
@@ -86,6 +98,13 @@ def curve_table(curve: KCurve, sigma=None) -> str:
     (degrees) between the top-``D`` eigenspaces at ``k`` and ``k + 1``; then
     the fitted slopes. Ten characters per number: three nested ``D`` fit in
     100 columns. ``-`` marks a value that was not computed.
+
+    Args:
+      curve: a [`KCurve`][curvlib.landscape.KCurve] from [`k_curve`][curvlib.landscape.k_curve].
+      sigma: the ``sigma`` to show (the nearest grid value); ``None``: the first grid value.
+
+    Returns:
+      The tables as one string.
 
     Examples:
       >>> import numpy as np

@@ -396,7 +396,14 @@ class StreamMatvec:
         return self._run("product", C.cast_like(v, self.params))
 
     def matmat(self, V: PyTree) -> PyTree:
-        """``C V`` for a block of vectors ``V`` (leaves with a leading axis ``k``): one pass."""
+        """``C V`` for a block of vectors ``V`` (leaves with a leading axis ``k``): one pass.
+
+        Args:
+          V: ``k`` vectors shaped like ``params``, stacked on a leading axis of every leaf.
+
+        Returns:
+          ``C V``, stacked the same way.
+        """
         _check_concrete(V, "V")
         rows = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(V)}
         if len(rows) != 1 or None in rows:

@@ -349,12 +349,19 @@ def newton(
     `optax.lbfgs` (`optax.value_and_grad_from_state`) works
     unchanged. ``linesearch=None`` gives the pure (modified) Newton iteration.
 
-    The arguments ``damping``, ``min_eigenvalue``, ``eigenvalue_rtol``,
-    ``modification``, ``max_params``, ``ggn`` and ``hvp_mode`` are those of
-    [`scale_by_newton`][curvlib.scale_by_newton].
+    The arguments from ``damping`` to ``has_aux`` are those of
+    [`scale_by_newton`][curvlib.scale_by_newton], which has the details.
 
     Args:
       learning_rate: optional scale or schedule; ``None`` means 1.
+      damping: ``lambda >= 0`` added to the modified eigenvalues (traceable).
+      min_eigenvalue: absolute floor ``>= 0`` of the modified eigenvalues.
+      eigenvalue_rtol: relative floor ``>= 0`` of the modified eigenvalues (default
+        ``n * eps``, the numerical-rank threshold).
+      modification: ``"abs"`` (``|mu|``, saddle-free) or ``"clip"`` (``max(mu, mu_min)``).
+      max_params: refuse (``ValueError`` at ``init``) above this many parameters.
+      ggn: optional ``(model_fn, loss_fn)`` Gauss-Newton split.
+      hvp_mode: Hessian product mode of [`curvlib.hessian_matvec`][curvlib.hessian_matvec].
       has_aux: ``value_fn`` returns ``(loss, aux)``.
       linesearch: an optax line search, ``None``, or the default.
 

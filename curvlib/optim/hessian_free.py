@@ -490,15 +490,26 @@ def newton_cg(
     to evaluate them afresh; ``optax.chain(scale_by_newton_cg(...),
     optax.scale(-lr))`` does without it.
 
-    The arguments ``damping_increase``, ``damping_decrease``, ``min_damping``,
-    ``max_damping``, ``cg_rtol``, ``max_cg_steps``, ``warm_start_decay``,
-    ``ggn``, ``hvp_mode`` and ``microbatch_size`` are those of
-    [`scale_by_newton_cg`][curvlib.scale_by_newton_cg].
+    The arguments from ``damping`` to ``has_aux`` are those of
+    [`scale_by_newton_cg`][curvlib.scale_by_newton_cg], which has the details.
 
     Args:
       learning_rate: optional scale or schedule; ``None`` means 1.
       damping: initial Levenberg-Marquardt damping (a new injected value takes
         effect at the next step, see [`scale_by_newton_cg`][curvlib.scale_by_newton_cg]).
+      damping_increase: factor (``>= 1``) applied to the damping when ``rho < 1/4``.
+      damping_decrease: factor in ``(0, 1]`` applied when ``rho > 3/4``.
+      min_damping: lower clip of the adapted damping.
+      max_damping: upper clip of the adapted damping.
+      cg_rtol: relative residual tolerance cap of the truncated CG solve.
+      max_cg_steps: static CG step cap (default ``min(100, dim)``).
+      warm_start_decay: CG starts from ``warm_start_decay *`` the previous
+        solution (``0`` disables the warm start).
+      ggn: ``None`` for the Hessian of ``value_fn``, or ``(model_fn, loss_fn)``
+        for the Gauss-Newton matrix of that split.
+      hvp_mode: Hessian product mode of [`curvlib.hessian_matvec`][curvlib.hessian_matvec].
+      microbatch_size: accumulate curvature products over chunks of every
+        batched extra argument, at the memory of one chunk.
       has_aux: ``value_fn`` returns ``(loss, aux)``.
       linesearch: optional optax line search appended to the chain.
 
