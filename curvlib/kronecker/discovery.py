@@ -368,10 +368,39 @@ def find_layers(model_fn: Callable, params: PyTree, *args) -> KfacLayers:
     return _find_layers(model_fn, params, args)
 
 
+def _describe_args(args) -> str:
+    """What a model's arguments after ``params`` hold: keyword names, or leaf types."""
+    if len(args) == 1 and isinstance(args[0], dict):
+        return f"the keyword arguments {sorted(args[0])}" if args[0] else "no arguments"
+    return f"{len(args)} argument(s) holding {[type(x).__name__ for x in jax.tree.leaves(args)]}"
+
+
+def _no_batch_error(model_fn, params, args) -> ValueError:
+    """A model given no batch array: what it received and, from its own signature, what it
+    expected (the ``TypeError`` of the call, which names the missing parameter)."""
+    expected = ""
+    try:
+        jax.eval_shape(lambda p: model_fn(p, *args), params)
+    except TypeError as e:
+        expected = f" Called that way, the model raises TypeError: {e}."
+    except Exception:  # noqa: BLE001  (any other failure says nothing about the arguments)
+        pass
+    return ValueError(
+        f"what the model receives besides the parameters holds no arrays "
+        f"({_describe_args(args)}); "
+        "K-FAC needs a batch whose array leaves share a leading example axis." + expected
+        + " Extra arguments reach the model by the parameter names of its signature: with "
+        "`kfac`/`scale_by_kfac`, name the keys of `example_inputs` (and of `update`'s extra "
+        "arguments) after them, e.g. `example_inputs={'x': x}` for `model_fn(params, x)`."
+    )
+
+
 def _find_layers(model_fn, params, args) -> KfacLayers:
     p_paths, p_treedef = jax.tree_util.tree_flatten_with_path(params)
     p_leaves = [x for _, x in p_paths]
     paths = [jax.tree_util.keystr(k) for k, _ in p_paths]
+    if not any(hasattr(x, "shape") and hasattr(x, "dtype") for x in jax.tree.leaves(args)):
+        raise _no_batch_error(model_fn, params, args)
     a_leaves, a_treedef, arrays, n = _split_args(args)
     fn = per_example_fn(model_fn, a_treedef, a_leaves, arrays, p_treedef)
     p_structs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in p_leaves]
