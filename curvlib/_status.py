@@ -36,6 +36,13 @@ class Status:
         curvature was assumed (CG's Steihaug exit; informational for Newton-CG).
       STALLED: progress stopped without meeting the tolerance (a line search's step fell
         below its floor, a step was rejected).
+
+    Examples:
+      >>> from curvlib import Status, status_message
+      >>> Status.SUCCESS, Status.MAX_STEPS
+      (0, 1)
+      >>> status_message(Status.MAX_STEPS)
+      'MAX_STEPS: the product or step budget ran out before the tolerance was met'
     """
 
     SUCCESS = 0
@@ -95,6 +102,12 @@ class CurvatureError(RuntimeError):
     Attributes:
       status: the offending code(s) (a NumPy array).
       result: the result object, so a caller can still inspect it.
+
+    Examples:
+      >>> from curvlib import CurvatureError, Status
+      >>> err = CurvatureError("eigsh: not converged", Status.MAX_STEPS, None)
+      >>> isinstance(err, RuntimeError), err.status
+      (True, 1)
     """
 
     def __init__(self, message: str, status, result):
