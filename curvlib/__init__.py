@@ -6,15 +6,15 @@ Layers, each built only on those below it (as its imports say):
    and layouts (``_tree``), argument checks (``_validate``), compile caching
    and operator properties (``_compile``), the routing of an optax
    transform's ``value_fn`` (``_loss``) and the status codes (``_status``);
-1. algorithms (:mod:`curvlib.krylov`): Lanczos, thick-restart eigsh, power
+1. algorithms ([`curvlib.krylov`][curvlib.krylov]): Lanczos, thick-restart eigsh, power
    iteration, CG, Hutchinson and stochastic Lanczos quadrature on any matvec;
    they know nothing about losses;
-2. operators (:mod:`curvlib.operators`): Hessian-, Gauss-Newton- and
+2. operators ([`curvlib.operators`][curvlib.operators]): Hessian-, Gauss-Newton- and
    microbatched curvature products on pytrees, and the operators built on
    layer 1 (``inverse_matvec`` on CG or eigsh, ``block_eigsh``);
-3. uses: second-order optax transforms (:mod:`curvlib.optim`, and K-FAC in
-   :mod:`curvlib.kronecker`, which needs only the base) and
-   :mod:`curvlib.landscape`.
+3. uses: second-order optax transforms ([`curvlib.optim`][curvlib.optim], and K-FAC in
+   [`curvlib.kronecker`][curvlib.kronecker], which needs only the base) and
+   [`curvlib.landscape`][curvlib.landscape].
 
 No package imports another's private modules or names: what two packages
 share lives in the base.

@@ -1,11 +1,12 @@
 """The optax links every curvlib transform shares (private base layer, below every package).
 
 An alias is ``chain(scale_by_<algo>, learning rate, line search)`` that works with ``value_fn``
-alone (:func:`alias`); the links around it keep the ``optax.lbfgs`` loop usable
-(:func:`recompute_marker`), feed a line search only the extra arguments its ``value_fn`` takes
-(:func:`linesearch_link`), report a stalled search as ``Status.STALLED`` (:func:`flag_stalled`),
-and keep a jitted step from retracing on weakly typed state (:func:`strongly_typed`). Both
-:mod:`curvlib.optim` and :mod:`curvlib.kronecker` build their transforms from these.
+alone (`alias`); the links around it keep the ``optax.lbfgs`` loop usable
+(`recompute_marker`), feed a line search only the extra arguments its ``value_fn`` takes
+(`linesearch_link`), report a stalled search as ``Status.STALLED`` (`flag_stalled`),
+and keep a jitted step from retracing on weakly typed state (`strongly_typed`). Both
+[`curvlib.optim`][curvlib.optim] and [`curvlib.kronecker`][curvlib.kronecker] build their transforms
+from these.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ _ADVICE = (
 
 
 def check_params(name: str, params) -> None:
-    """``init``'s check of ``params`` (:func:`curvlib._validate.float_leaves`), flax-aware advice.
+    """``init``'s check of ``params`` (`curvlib._validate.float_leaves`), flax-aware advice.
 
     ``name`` is the transform, for the message (``scale_by_newton_cg.init: ...``).
     """
@@ -49,11 +50,11 @@ def check_params(name: str, params) -> None:
 
 
 class RecomputeState(NamedTuple):
-    """State of :func:`recompute_marker`: tells ``optax.value_and_grad_from_state`` to recompute.
+    """State of `recompute_marker`: tells ``optax.value_and_grad_from_state`` to recompute.
 
-    ``value`` is ``+inf``, so :func:`optax.value_and_grad_from_state` evaluates
+    ``value`` is ``+inf``, so `optax.value_and_grad_from_state` evaluates
     the loss and gradient at the new parameters itself (as it does at the first
-    step of :func:`optax.lbfgs`); ``grad`` is a zero placeholder shaped like
+    step of `optax.lbfgs`); ``grad`` is a zero placeholder shaped like
     the parameters.
     """
 
@@ -65,7 +66,7 @@ def recompute_marker() -> optax.GradientTransformation:
     """Identity link whose state makes an alias usable in the ``optax.lbfgs`` loop.
 
     Without a line search an alias stores no loss or gradient at the new
-    parameters; :func:`optax.value_and_grad_from_state` would raise "Value or
+    parameters; `optax.value_and_grad_from_state` would raise "Value or
     gradient not found". This link stores ``value = +inf`` (with a zero
     gradient placeholder), which that helper reads as "not available: compute
     it". Memory: one parameter-sized pytree of zeros.
@@ -88,7 +89,7 @@ def linesearch_link(linesearch, has_aux: bool = False) -> optax.GradientTransfor
     consume; a curvlib alias also receives those of a Gauss-Newton split or
     of another link. With ``has_aux`` the line search sees the loss only. Its
     ``init`` returns no weakly typed leaf (so a jitted step does not retrace,
-    :func:`strongly_typed`).
+    `strongly_typed`).
     """
     ls = strongly_typed(linesearch)
 
@@ -118,12 +119,12 @@ def alias(
     * ``has_aux=True``: ``value_fn`` returns ``(loss, aux)``; the ``parts``
       were built with the same ``has_aux``, the line search sees the loss only.
     * The line search gets only the extra arguments its ``value_fn`` takes
-      (:func:`linesearch_link`).
-    * Without a line search a :func:`recompute_marker` link makes the alias
-      usable in the loop :func:`optax.lbfgs` documents
-      (:func:`optax.value_and_grad_from_state`).
+      (`linesearch_link`).
+    * Without a line search a `recompute_marker` link makes the alias
+      usable in the loop `optax.lbfgs` documents
+      (`optax.value_and_grad_from_state`).
     * With a line search, a search that made no progress
-      (:func:`linesearch_stalled`) is reported as ``Status.STALLED`` in the
+      (`linesearch_stalled`) is reported as ``Status.STALLED`` in the
       ``status`` of the first link's ``info`` (when it has one).
 
     The state is the chain's (a tuple, one entry per link).

@@ -4,12 +4,12 @@ A notebook calls ``curvlib.eigsh(matvec, v0, k=5)`` un-jitted, again and again,
 with a *freshly built* matvec each time. Three things make the second call hit
 the compile cache instead of recompiling:
 
-1. **Static options are separated from traced operands** (:func:`entry`): the
+1. **Static options are separated from traced operands** (`entry`): the
    public function validates its options eagerly and calls one module-level
    ``jax.jit`` with them as static arguments; arrays, tolerances and keys are
    traced arguments (changing them never recompiles).
-2. **Operators are pytrees** (:func:`as_operator`). curvlib's own operators are
-   :class:`jax.tree_util.Partial` objects whose function is cached, so a fresh
+2. **Operators are pytrees** (`as_operator`). curvlib's own operators are
+   `jax.tree_util.Partial` objects whose function is cached, so a fresh
    product of the same kind and shapes has an *equal* tree definition. A plain
    function or closure (``lambda v: A @ v``) is traced once per call
    (``jax.make_jaxpr``, a few milliseconds for a small model) and turned into a
@@ -21,8 +21,8 @@ the compile cache instead of recompiling:
    the user's own function) nothing of this is needed: the implementation is
    called directly and becomes part of the user's program.
 
-:func:`enable_compilation_cache` additionally keeps compiled programs on disk
-across Python sessions (JAX's persistent compilation cache).
+[`enable_compilation_cache`][curvlib.enable_compilation_cache] additionally keeps compiled programs
+on disk across Python sessions (JAX's persistent compilation cache).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def weak_cache(factory: Callable) -> Callable:
 
     The product builders return closures over a user function; caching them
     makes equal calls return the *same* object, so a
-    :class:`~jax.tree_util.Partial` built on it has an equal tree definition and
+    `Partial` built on it has an equal tree definition and
     jitted code taking it is not recompiled. ``functools.lru_cache`` would hold
     every user function (and the arrays its closure captures) until evicted.
     Here the entries are keyed *weakly* by ``fn`` and hold the results weakly
@@ -89,11 +89,11 @@ def is_host_driven(matvec) -> bool:
     """Whether ``matvec`` is a *host-driven* operator: the one operator property curvlib reads.
 
     An operator declares it with a class attribute ``host_driven = True``
-    (:class:`curvlib.StreamMatvec`, a restriction of one, an inverse of one):
+    ([`curvlib.StreamMatvec`][curvlib.StreamMatvec], a restriction of one, an inverse of one):
     each product runs Python on the host (it streams batches), so the
     operator cannot be traced, jitted or differentiated, and an algorithm on
     it runs its loop on the host, one compiled step per product. Every other
-    callable (a function, a :class:`~jax.tree_util.Partial`) is traceable.
+    callable (a function, a `Partial`) is traceable.
     Every layer asks this function, never the attribute itself.
     """
     return bool(getattr(matvec, "host_driven", False))
@@ -105,7 +105,7 @@ def is_host_driven(matvec) -> bool:
 class SameProgram:
     """A linearised function's static part, equal to another that replays the same program.
 
-    ``jax.linearize`` returns a :class:`~jax.tree_util.Partial` whose residuals
+    ``jax.linearize`` returns a `Partial` whose residuals
     are leaves but whose function (holding the tangent jaxpr) is a fresh object
     on every call, so two linearisations at different points would make a
     jitted consumer recompile. Comparing by the printed program instead lets
@@ -139,7 +139,7 @@ class _Program:
     """A traced function's program: hashable and comparable by what it computes.
 
     Called as ``program(*consts, v)``: ``consts`` are the arrays the original
-    function closed over (the leaves of the :class:`Partial` that holds this
+    function closed over (the leaves of the `Partial` that holds this
     program), ``v`` the vector.
     """
 
@@ -168,7 +168,7 @@ class _Program:
 
 
 def is_pytree_operator(fn) -> bool:
-    """Whether ``fn`` is already a pytree with array leaves (e.g. a :class:`Partial`)."""
+    """Whether ``fn`` is already a pytree with array leaves (e.g. a `Partial`)."""
     treedef = jax.tree.structure(fn)
     return not jax.tree_util.treedef_is_leaf(treedef)
 
@@ -177,7 +177,7 @@ def as_operator(fn: Callable | None, example: PyTree, name: str = "matvec",
                 example_name: str = "v0"):
     """``fn`` as a pytree whose static part identifies its program (see module docs).
 
-    A :class:`~jax.tree_util.Partial` (or any pytree-registered callable) is
+    A `Partial` (or any pytree-registered callable) is
     returned unchanged. A plain callable is traced on ``example`` and becomes
     ``Partial(program, *closed_over_arrays)``; its output must have
     ``example``'s structure and leaf shapes (checked here, once).
@@ -255,7 +255,7 @@ def entry(*, static: Sequence[str] = (), operators: Mapping[str, str] | None = N
     The returned function binds its arguments to ``impl``'s signature; if any
     traced argument holds a tracer it calls ``impl`` directly (the user's own
     ``jit``/``vmap``/``grad`` compiles it); otherwise it converts the operator
-    arguments with :func:`as_operator` (``operators`` maps an operator argument
+    arguments with `as_operator` (``operators`` maps an operator argument
     to the argument it acts on) and calls ``jax.jit(impl, static_argnames=static)``.
     Validation of the options is the caller's job (it happens before, eagerly).
     """
@@ -330,7 +330,7 @@ def function(*, static: Sequence[str] = (), operators: Mapping[str, str] | None 
              precheck: Callable | None = None):
     """Decorate a *public* function so that its eager calls are compiled once and cached.
 
-    Like :func:`entry`, but the whole function (its shape and option checks
+    Like `entry`, but the whole function (its shape and option checks
     included) runs under ``jax.jit``: checks that depend only on static options
     and shapes then run once per compilation. Checks of concrete *values* that
     stay traced inside (a negative ``damping``, say) go in ``precheck``, which

@@ -1,12 +1,12 @@
 """A loss passed to an optax transform: its extra arguments routed by name, its output checked.
 
-Every curvlib transform (:mod:`curvlib.optim`, :mod:`curvlib.kronecker`) takes
-the loss as ``update(..., value_fn=loss, **extra_args)``: ``value_fn(params,
+Every curvlib transform ([`curvlib.optim`][curvlib.optim], [`curvlib.kronecker`][curvlib.kronecker])
+takes the loss as ``update(..., value_fn=loss, **extra_args)``: ``value_fn(params,
 **kw)`` receives the entries of ``extra_args`` whose names appear in its
 signature (all of them, but the reserved ``value``/``grad``, when it takes
-``**kwargs``): the routing of optax's line searches. :func:`bind_loss` checks
+``**kwargs``): the routing of optax's line searches. `bind_loss` checks
 ``value_fn`` and binds it; its output is checked to be one scalar
-(:func:`curvlib._validate.scalar_loss`) wherever it is evaluated.
+(`curvlib._validate.scalar_loss`) wherever it is evaluated.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def strip_aux(value_fn: Callable, has_aux: bool) -> Callable:
 def kw_call(fn: Callable) -> Callable:
     """``(x, kw) -> fn(x, **kw)``; cached so operator-level caches see one object per ``fn``.
 
-    Weakly (:func:`curvlib._compile.weak_cache`): the cache does not keep ``fn`` alive.
+    Weakly (`curvlib._compile.weak_cache`): the cache does not keep ``fn`` alive.
     """
 
     def call(x, kw):

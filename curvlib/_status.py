@@ -6,12 +6,13 @@ Every result curvlib returns (``EigshResult``, ``LanczosResult``, ``CGResult``, 
 - ``converged``: the algorithm did what was asked (tolerance met, certificate given);
 - ``finite``: every input and every product it saw was finite;
 - ``num_matvecs``: operator products used;
-- ``status``: one ``int32`` code from :class:`Status`, whose message
-  :func:`status_message` returns.
+- ``status``: one ``int32`` code from [`Status`][curvlib.Status], whose message
+  [`status_message`][curvlib.status_message] returns.
 
 The codes are ordered by precedence: when several things happened, the status is the most
-serious one (:func:`from_flags`). Inside ``jax.jit`` the status is an array like every other
-field; an eager user who wants an exception calls :func:`raise_if_failed` on the result.
+serious one (`from_flags`). Inside ``jax.jit`` the status is an array like every other
+field; an eager user who wants an exception calls [`raise_if_failed`][curvlib.raise_if_failed] on
+the result.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def from_flags(*, finite=True, converged=True, breakdown=False, negative_curvatu
 
 
 class CurvatureError(RuntimeError):
-    """Raised by :func:`raise_if_failed` for a result whose status is not a success.
+    """Raised by `raise_if_failed` for a result whose status is not a success.
 
     Attributes:
       status: the offending code(s) (a NumPy array).
@@ -167,7 +168,7 @@ def raise_if_failed(result: Any, *, allow=()):
 
 
 def worst(*codes):
-    """The most serious of several status codes (by :func:`from_flags`'s precedence; traceable).
+    """The most serious of several status codes (by `from_flags`'s precedence; traceable).
 
     Examples:
       >>> from curvlib._status import Status, worst

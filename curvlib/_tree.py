@@ -128,7 +128,7 @@ def acc_dtype(*dts):
 def vdot(a: PyTree, b: PyTree) -> jax.Array:
     """Real inner product ``<a, b>`` summed over all leaves.
 
-    Accumulates in :func:`acc_dtype` of the leaves (float32 for bfloat16 leaves).
+    Accumulates in `acc_dtype` of the leaves (float32 for bfloat16 leaves).
     """
     parts = [_leaf_vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
     return sum(parts[1:], parts[0])
@@ -160,7 +160,7 @@ def norm(a: PyTree) -> jax.Array:
     cost on the common path, none under ``vmap`` when no entry needs it). A
     float32 vector of norm ``1e25`` or ``1e-25`` has its norm, not ``inf``
     or ``0``; ``inf`` for infinite entries, ``NaN`` for NaN ones, ``0`` only
-    for the zero vector. Accumulates in :func:`acc_dtype`.
+    for the zero vector. Accumulates in `acc_dtype`.
     """
     ss = vdot(a, a)
     fi = jnp.finfo(ss.dtype)
@@ -173,8 +173,8 @@ def plain_norm(a: PyTree) -> jax.Array:
     """``sqrt(<a, a>)``: one inner product, for vectors known to be of order one.
 
     Only where the entries cannot be far from one (a normalised residual, a Gaussian
-    direction): there it is :func:`norm` without its range test. Anywhere a vector
-    scales with an operator or with user data, use :func:`norm`.
+    direction): there it is `norm` without its range test. Anywhere a vector
+    scales with an operator or with user data, use `norm`.
     """
     return jnp.sqrt(vdot(a, a))
 
@@ -187,14 +187,14 @@ def _norm_jvp(primals, tangents):
 
 
 def max_abs(a: PyTree, dt=None) -> jax.Array:
-    """``max_i |a_i|`` over all leaves (``0`` for an all-zero tree), in ``dt`` or :func:`acc_dtype`."""
+    """``max_i |a_i|`` over all leaves (``0`` for an all-zero tree), in ``dt`` or `acc_dtype`."""
     leaves = jax.tree.leaves(a)
     dt = dt or acc_dtype(*leaves)
     return jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(dt) for x in leaves]))
 
 
 def _scaled_norm(a: PyTree, dt) -> jax.Array:
-    """``s ||a / s||`` with ``s = max |a_i|`` (see :func:`norm`)."""
+    """``s ||a / s||`` with ``s = max |a_i|`` (see `norm`)."""
     s = max_abs(a, dt)
     usable = (s > 0) & jnp.isfinite(s)
     d = jnp.where(usable, s, 1)
@@ -284,7 +284,7 @@ def normal_like(key: jax.Array, a: PyTree, dt=None) -> PyTree:
 def flat_normal_like(key: jax.Array, like: PyTree) -> PyTree:
     """Standard normal pytree shaped like ``like`` from *one* draw of ``N`` numbers.
 
-    Same distribution as :func:`normal_like` (independent entries),
+    Same distribution as `normal_like` (independent entries),
     but a single random-bits call site instead of one per leaf: for a model with
     tens of leaves this keeps XLA compile time of the enclosing program low (on
     XLA:CPU every threefry call site compiles on its own, about 0.8 s each on

@@ -3,26 +3,26 @@
 Every public entry point of curvlib checks its arguments here, once, at its
 boundary, and calls unchecked internals below it. Each kind of argument has one
 rule, so it is accepted and refused the same way everywhere, with one message
-form::
+form:
 
     `name` must be <what it must be>; got <what it is>.
 
-naming the pytree path (:func:`jax.tree_util.keystr`) when one leaf is at fault.
+naming the pytree path (`jax.tree_util.keystr`) when one leaf is at fault.
 
 =============================  =====================================================
 check                          for
 =============================  =====================================================
-:func:`static_int`             ints that fix a shape or a program (``k``, ``basis_size``)
-:func:`number`                 real hyperparameters: ``>= 0``, ``> 0``, in a range
-:func:`one_of`                 an option among fixed choices (``which``, ``mode``)
-:func:`prng_key`               one PRNG key; required unless optional (never a default)
-:func:`float_leaves`           a non-empty pytree of real floating arrays (``params``)
-:func:`same_structure`         a pytree shaped like another (tangents, ``v0``, ``matvec(v0)``)
-:func:`scalar_loss`            a loss's output: one real floating scalar (not per-sample)
+`static_int`             ints that fix a shape or a program (``k``, ``basis_size``)
+`number`                 real hyperparameters: ``>= 0``, ``> 0``, in a range
+`one_of`                 an option among fixed choices (``which``, ``mode``)
+`prng_key`               one PRNG key; required unless optional (never a default)
+`float_leaves`           a non-empty pytree of real floating arrays (``params``)
+`same_structure`         a pytree shaped like another (tangents, ``v0``, ``matvec(v0)``)
+`scalar_loss`            a loss's output: one real floating scalar (not per-sample)
 =============================  =====================================================
 
 Numeric hyperparameters stay traceable (``optax.inject_hyperparams``): a traced
-value passes :func:`number` unchecked. Static ints cannot be traced.
+value passes `number` unchecked. Static ints cannot be traced.
 """
 
 from __future__ import annotations

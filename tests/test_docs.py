@@ -136,6 +136,69 @@ def test_site_has_the_guides_and_the_notebooks_with_their_committed_outputs(site
             assert line in rendered, f"{nb_path.name}: output {line!r} not rendered"
 
 
+# reStructuredText the site does not render: a role (``:func:`x``` shows as literal text, the
+# backquotes turned into a code span) or a directive (``.. math::``, ``.. note::``) left in a
+# docstring or a guide. Docstrings use Markdown: ``[`x`][curvlib.x]`` cross-references,
+# ``$...$`` / ``$$...$$`` math (pymdownx.arithmatex), admonitions.
+_RAW_ROLE = re.compile(r":(?:func|class|mod|meth|attr|data|obj|exc|math|py:\w+):(?:`|<code)")
+_RAW_DIRECTIVE = re.compile(r"^\s*\.\. [a-z][\w-]*::", re.M)
+
+
+def _page_text(page: pathlib.Path) -> str:
+    """The text of a built page: tags become line breaks, entities are decoded."""
+    return html.unescape(re.sub(r"<[^>]+>", "\n", page.read_text()))
+
+
+def test_site_renders_no_raw_rst_markup(site):
+    raw = []
+    for page in sorted(site.rglob("*.html")):
+        name = str(page.relative_to(site))
+        raw += [f"{name}: {m.group()}" for m in _RAW_ROLE.finditer(page.read_text())]
+        raw += [f"{name}: {m.group().strip()}" for m in _RAW_DIRECTIVE.finditer(_page_text(page))]
+    assert not raw, f"{len(raw)} raw reStructuredText roles/directives in the site: {raw[:20]}"
+
+
+def test_site_renders_math_and_cross_references(site):
+    algorithms = (site / "api" / "algorithms" / "index.html").read_text()
+    # hutchinson_trace's Hutch++ formula: a display block typeset by MathJax
+    assert re.search(r'<div class="arithmatex">\\\[\s*\\widehat', algorithms)
+    # ``[`curvlib.eigsh`][curvlib.eigsh]`` in hutchinson_trace resolves to eigsh's entry
+    assert 'href="#curvlib.eigsh"><code>curvlib.eigsh</code></a>' in algorithms
+
+
+def _parameters(page_html: str, identifier: str) -> list[str]:
+    """The names in the Parameters table of ``identifier``'s entry on a built page."""
+    start = page_html.index(f'id="{identifier}"')
+    end = page_html.find('<div class="doc doc-object doc-', start)
+    entry = page_html[start:end if end > 0 else None]
+    if 'doc-section-title">Parameters:' not in entry:
+        return []
+    table = entry.split('doc-section-title">Parameters:', 1)[1].split("</table>", 1)[0]
+    return re.findall(r'<tr class="doc-section-item">\s*<td>\s*<code>(\w+)</code>', table)
+
+
+@pytest.mark.parametrize("page, identifier", [
+    ("kfac", "curvlib.kfac"), ("optim", "curvlib.newton_cg"), ("optim", "curvlib.newton"),
+    ("optim", "curvlib.bfgs"), ("optim", "curvlib.svrg")])
+def test_alias_pages_list_their_parameters(site, page, identifier):
+    """An alias's entry documents every parameter of its signature (not only a pointer)."""
+    listed = _parameters((site / "api" / page / "index.html").read_text(), identifier)
+    wanted = list(inspect.signature(_resolve(identifier)).parameters)
+    assert listed == wanted, f"{identifier}: the page lists {listed}, the signature has {wanted}"
+
+
+def test_returns_sections_name_no_article(site):
+    """A Google ``Returns:`` read as ``name: description`` turned "An :class:`X`" into a
+    returned value named "An"; every Returns table has a type and description only."""
+    bad = []
+    for page in sorted((site / "api").rglob("*.html")):
+        for section in re.findall(r'doc-section-title">Returns:</span>.*?</table>',
+                                  page.read_text(), re.S):
+            if "<th>Name</th>" in section:
+                bad.append(f"{page.parent.name}: {section[:200]}")
+    assert not bad, bad
+
+
 # ------------------------------------------------------------------ docstrings
 
 

@@ -251,3 +251,27 @@ def test_public_names():
     for name in ("find_layers", "format_layers", "kfac_curvature", "scale_by_kfac", "kfac",
                  "ScaleByKfacState", "KfacInfo", "KfacCurvature", "KfacLayers"):
         assert hasattr(kronecker, name), name
+
+
+def test_a_model_given_no_batch_names_what_it_expected():
+    """``example_inputs={"inputs": x}`` for ``model_fn(p, x)``: no extra argument reaches the
+    model (they are routed by its parameter names); the error names the missing parameter
+    ``x`` and how the names are matched, instead of only "`args` holds no arrays"."""
+    from curvlib import kfac
+
+    def model_fn(p, x):
+        return jnp.tanh(x @ p["w1"]) @ p["w2"]
+
+    p = {"w1": jnp.ones((8, 4)), "w2": jnp.ones((4, 3))}
+    x = jnp.ones((16, 8))
+    opt = kfac(model_fn=model_fn, example_inputs={"inputs": x}, key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"(?s)holds no arrays \(no arguments\).*"
+                       r"missing 1 required positional argument: 'x'.*"
+                       r"keys of `example_inputs`.*example_inputs=\{'x': x\}"):
+        opt.init(p)
+    # named as the signature names it, the same input is found
+    layers = find_layers(model_fn, p, x)
+    assert len(layers.layers) == 2
+    # the public find_layers with a non-array argument says what it received
+    with pytest.raises(ValueError, match=r"holds no arrays \(1 argument\(s\) holding \['str'\]\)"):
+        find_layers(model_fn, p, "x")

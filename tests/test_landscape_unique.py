@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from curvlib.landscape import curve_to_dict, k_curve
 from curvlib.landscape.subspace import unique_prefixes

@@ -1,4 +1,4 @@
-"""One status convention: every result and transform Info reports converged/finite/num_matvecs/status.
+"""One status convention: every result and transform Info reports the same four fields.
 
 Oracles: dense linear algebra (``numpy.linalg``) for the answers, designed spectra for the
 situations (a budget too small, a NaN operator, an indefinite system, an invariant subspace).

@@ -1,16 +1,16 @@
 """``python -m curvlib.demo``: the Delta2(D) probe of a small transformer, and a spectrum demo.
 
-* :mod:`curvlib.demo.data` — offline data: the Python documentation text
+* `curvlib.demo.data` — offline data: the Python documentation text
   (``pydoc_data``, shipped with CPython) and scikit-learn's bundled digits;
-* :mod:`curvlib.demo.models` — a flax decoder-only transformer and an MLP, their
+* `curvlib.demo.models` — a flax decoder-only transformer and an MLP, their
   mean losses, and a compiled training loop (reused by the benchmarks);
-* :mod:`curvlib.demo.probe` — the transformer probe (the default task), its
-  options (:class:`~curvlib.demo.probe.ProbeConfig`, checked before any work)
+* `curvlib.demo.probe` — the transformer probe (the default task), its
+  options (`ProbeConfig`, checked before any work)
   and its stages, compiled in a background thread while the model trains;
-* :mod:`curvlib.demo.spectrum` — top Hessian eigenvalues and spectral density
+* `curvlib.demo.spectrum` — top Hessian eigenvalues and spectral density
   (``--task spectrum``);
-* :mod:`curvlib.demo.report` — console tables (100 columns) and figures;
-* :mod:`curvlib.demo.cli` — the command line (``--help``, ``--quick``, the
+* `curvlib.demo.report` — console tables (100 columns) and figures;
+* `curvlib.demo.cli` — the command line (``--help``, ``--quick``, the
   persistent compilation cache).
 
 Needs the ``demo`` extra (flax, scikit-learn, matplotlib, tqdm).

@@ -65,7 +65,7 @@ def load_corpus(held_out_fraction: float = 0.1, max_chars: int | None = None) ->
 def sequence_samples(tokens: np.ndarray, num: int, length: int, seed: int) -> np.ndarray:
     """``num`` non-overlapping windows of ``length + 1`` tokens, in a seeded random order.
 
-    These are the ordered samples ``data`` of :mod:`curvlib.landscape`: sample ``i``
+    These are the ordered samples ``data`` of [`curvlib.landscape`][curvlib.landscape]: sample ``i``
     is one token sequence (inputs ``[:-1]``, targets ``[1:]``), and ``L_k`` is the
     mean token loss over the first ``k`` of them.
     """

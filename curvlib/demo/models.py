@@ -2,7 +2,7 @@
 
 Both are plain ``flax.linen`` modules, so their parameters are an ordinary
 pytree and every curvlib operator applies to ``model.apply`` directly. The loss
-functions follow :mod:`curvlib.landscape`'s convention: ``loss_fn(params, batch)``
+functions follow [`curvlib.landscape`][curvlib.landscape]'s convention: ``loss_fn(params, batch)``
 is the *mean* loss over the batch's leading axis.
 """
 
@@ -18,7 +18,7 @@ import optax
 
 @dataclass(frozen=True)
 class TransformerConfig:
-    """Size of :class:`DecoderLM` (defaults: ~0.1M parameters, trains in a minute on 2 cores)."""
+    """Size of `DecoderLM` (defaults: ~0.1M parameters, trains in a minute on 2 cores)."""
 
     vocab_size: int = 96
     seq_len: int = 64
@@ -77,7 +77,7 @@ class DecoderLM(nn.Module):
 
 
 def init_transformer(config: TransformerConfig, key: jax.Array):
-    """``(model, params)`` for a :class:`DecoderLM` of the given size."""
+    """``(model, params)`` for a `DecoderLM` of the given size."""
     model = DecoderLM(config)
     params = model.init(key, jnp.zeros((1, config.seq_len), jnp.int32))["params"]
     return model, params

@@ -13,7 +13,7 @@ then at ``k`` ordered sequences measure, over a sigma grid and nested D:
   route (subspace + direct MC), every stage counted,
 * the overlap (principal angles) of the top-D eigenspaces at ``k`` and ``k + 1``.
 
-The console summary and the figure come from :mod:`curvlib.demo.report`.
+The console summary and the figure come from `curvlib.demo.report`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from curvlib.demo import report as _report
 
 @dataclasses.dataclass
 class ProbeConfig:
-    """Options of the transformer probe (the CLI's flags); :meth:`validate` checks them all."""
+    """Options of the transformer probe (the CLI's flags); `validate` checks them all."""
 
     d_model: int = 64
     num_layers: int = 2
@@ -78,7 +78,7 @@ class ProbeConfig:
 
         Raises ``ValueError`` naming the option (and its CLI flag) and what was
         expected. Cheap (milliseconds): the parameter count is counted from the
-        configuration (:func:`parameter_count`), the corpus size from the text
+        configuration (`parameter_count`), the corpus size from the text
         (``corpus`` is loaded when not given).
         """
         _ints(self, ("d_model", "num_layers", "num_heads", "seq_len", "batch_size", "k",
@@ -142,7 +142,7 @@ def _ints(cfg, names, minimum):
 
 
 def parameter_count(config: _models.TransformerConfig) -> int:
-    """Parameters of :class:`~curvlib.demo.models.DecoderLM`, counted without building it.
+    """Parameters of `DecoderLM`, counted without building it.
 
     Embeddings ``V d + T d``; per block two LayerNorms ``4 d``, attention
     ``4 d^2`` (no biases) and the MLP ``2 r d^2 + r d + d``; the final
@@ -177,7 +177,7 @@ def _timed(compiled, *args):
 class Stages:
     """The probe's compiled stages, compiled in one background thread.
 
-    Every stage is ``jax.jit`` of a call to the public :mod:`curvlib.landscape`
+    Every stage is ``jax.jit`` of a call to the public [`curvlib.landscape`][curvlib.landscape]
     function, lowered from the shapes alone (the initial parameters have the
     trained ones' shapes), so compilation runs while the model trains: on two
     cores the compile work overlaps the training instead of following it.
@@ -251,7 +251,7 @@ def init_transformer(cfg: ProbeConfig, corpus: _data.CharCorpus):
 def train_transformer(cfg: ProbeConfig, log=print, corpus=None, initial=None):
     """Train the demo transformer; returns ``(model, params, loss_fn, corpus, info)``.
 
-    ``initial``: ``(model, params, loss_fn)`` from :func:`init_transformer`.
+    ``initial``: ``(model, params, loss_fn)`` from `init_transformer`.
     """
     corpus = corpus if corpus is not None else _data.load_corpus(max_chars=cfg.max_chars)
     model, params, loss_fn = initial if initial is not None else init_transformer(cfg, corpus)

@@ -15,7 +15,7 @@ WIDTH = 100
 
 
 def wrapped(log):
-    """``log`` with lines longer than :data:`WIDTH` wrapped (shorter lines pass unchanged)."""
+    """``log`` with lines longer than `WIDTH` wrapped (shorter lines pass unchanged)."""
     import textwrap
 
     def out(text: str = "") -> None:
@@ -39,7 +39,7 @@ def _figure(**kw):
 
 
 def probe_table(r: dict) -> list[str]:
-    """The per-``D`` tables of the probe report (each line at most :data:`WIDTH` columns)."""
+    """The per-``D`` tables of the probe report (each line at most `WIDTH` columns)."""
     sig = np.asarray(r["sigmas"])
     full = r["delta2_full"]["mean"]
     lines = []

@@ -6,7 +6,7 @@ in output space, since these are canonical-link likelihoods):
 
 * ``"categorical"``: softmax over the last axis of ``f``, every other axis an
   independent position, the NLL *averaged* over positions (a mean
-  cross-entropy over tokens, as :func:`curvlib.fisher_matvec` defines it);
+  cross-entropy over tokens, as [`curvlib.fisher_matvec`][curvlib.fisher_matvec] defines it);
   ``H = (diag(p) - p p^T) / T`` per position, ``T`` positions per example.
 * ``"gaussian"``: ``N(f, variance I)``, ``l = ||f - y||^2 / (2 variance)``;
   ``H = I / variance``.

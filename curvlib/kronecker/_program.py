@@ -1,15 +1,15 @@
 """A model function as a flat list of primitive applications, re-evaluated with hooks.
 
-:func:`trace` turns ``fn(*args)`` into a :class:`Program`: the equations of its
+`trace` turns ``fn(*args)`` into a `Program`: the equations of its
 jaxpr with every call-like sub-jaxpr (``jit``/``pjit``, ``closed_call``,
 ``core_call``, ``checkpoint``/``remat``) inlined, so that a ``dot_general``
 inside ``jnp.einsum`` or a ``flax`` module's jitted helper sits at top level.
-Values are numbered; each :class:`Op` reads and writes numbers. Everything
+Values are numbered; each `Op` reads and writes numbers. Everything
 else (``scan``, ``while``, ``cond``, ``custom_jvp_call``, ``custom_vjp_call``,
 ...) stays one opaque op, evaluated by binding its primitive as JAX's own
 ``eval_jaxpr`` does.
 
-:func:`evaluate` replays a program on new inputs (tracers welcome: it runs
+`evaluate` replays a program on new inputs (tracers welcome: it runs
 under ``vmap``, ``jvp``, ``vjp`` and ``jit``), optionally *recording* an input
 operand of chosen ops and *adding a probe* to their output: the two hooks
 K-FAC needs (the layer inputs ``a`` and, by differentiating with respect to the
@@ -49,7 +49,7 @@ class Lit(NamedTuple):
 class Op(NamedTuple):
     """One primitive application: ``outs = primitive.bind(*ins, **params)``.
 
-    ``ins`` holds value numbers (``int``) or :class:`Lit`; ``in_avals`` and
+    ``ins`` holds value numbers (``int``) or `Lit`; ``in_avals`` and
     ``out_avals`` are the abstract values seen at trace time.
     """
 
@@ -89,7 +89,7 @@ class Program(NamedTuple):
 
 
 def trace(fn: Callable, *args) -> Program:
-    """The flat :class:`Program` of ``fn(*args)`` (``args``: arrays or ``ShapeDtypeStruct``).
+    """The flat `Program` of ``fn(*args)`` (``args``: arrays or ``ShapeDtypeStruct``).
 
     Inputs are numbered in ``jax.tree.leaves(args)`` order.
     """
@@ -172,7 +172,7 @@ def evaluate(
     """Run ``program`` on ``inputs``.
 
     Args:
-      program: from :func:`trace`.
+      program: from `trace`.
       inputs: one value per program input.
       consts: values replacing ``program.consts`` (in its order), e.g. traced copies.
       record: ``{op index: operand position}``: that operand's value is returned.

@@ -1,37 +1,37 @@
 r"""Kronecker-factored curvature: the factors, the operator and its damped inverse.
 
-For a layer with input rows :math:`a` and output gradients :math:`g` (the
+For a layer with input rows $a$ and output gradients $g$ (the
 gradient of the per-example negative log-likelihood with respect to the
 layer's pre-activation), K-FAC approximates the layer's block of the Fisher of
-the *mean* loss over :math:`N` examples by
+the *mean* loss over $N$ examples by
 
-.. math::
+$$
+F_\ell \approx A \otimes G, \qquad
+A = \tfrac1N \textstyle\sum_n a_n a_n^\top, \qquad
+G = \tfrac1N \textstyle\sum_n \sum_c g_{n,c}\, g_{n,c}^\top,
+$$
 
-    F_\ell \approx A \otimes G, \qquad
-    A = \tfrac1N \textstyle\sum_n a_n a_n^\top, \qquad
-    G = \tfrac1N \textstyle\sum_n \sum_c g_{n,c}\, g_{n,c}^\top,
-
-acting on the weight as a ``(d_in, d_out)`` matrix :math:`W` as
-:math:`W \mapsto A W G`. A bias joins the weight as a last row and
-:math:`a` gets a homogeneous coordinate, :math:`[a; 1]` (Martens & Grosse
-2015). The exact Fisher takes :math:`g_{n,c} = J_n^\top b_{n,c}` for the
-columns of a symmetric factorisation :math:`H_n = B_n B_n^\top` of the output
-Hessian (:mod:`curvlib.kronecker._likelihood`); the Monte-Carlo Fisher takes
+acting on the weight as a ``(d_in, d_out)`` matrix $W$ as
+$W \mapsto A W G$. A bias joins the weight as a last row and
+$a$ gets a homogeneous coordinate, $[a; 1]$ (Martens & Grosse
+2015). The exact Fisher takes $g_{n,c} = J_n^\top b_{n,c}$ for the
+columns of a symmetric factorisation $H_n = B_n B_n^\top$ of the output
+Hessian (`curvlib.kronecker._likelihood`); the Monte-Carlo Fisher takes
 the gradients at targets sampled from the model (averaged over samples).
 
-Weight sharing (a layer applied at :math:`R` positions per example:
+Weight sharing (a layer applied at $R$ positions per example:
 sequences, convolutions, reused layers) follows Eschenhagen et al. (2023):
 
-* ``"expand"``: positions are more examples: :math:`A` averages :math:`a a^\top`
-  over examples *and* positions, :math:`G = \tfrac1N\sum_{n,r} g g^\top`;
-* ``"reduce"``: :math:`\bar a_n = \tfrac1R\sum_r a_{n,r}`,
-  :math:`\hat g_n = \sum_r g_{n,r}`, then the formulas above.
+* ``"expand"``: positions are more examples: $A$ averages $a a^\top$
+  over examples *and* positions, $G = \tfrac1N\sum_{n,r} g g^\top$;
+* ``"reduce"``: $\bar a_n = \tfrac1R\sum_r a_{n,r}$,
+  $\hat g_n = \sum_r g_{n,r}$, then the formulas above.
 
-Without weight sharing (:math:`R = 1`) both are the K-FAC of Martens & Grosse.
+Without weight sharing ($R = 1$) both are the K-FAC of Martens & Grosse.
 Embeddings always use ``"expand"`` (their input factor is then diagonal:
 token frequencies). Parameters that are not in a Kronecker-factored layer get
 a diagonal block: the mean over examples of the squared per-example gradients
-(summed over the columns of :math:`B`, or averaged over samples).
+(summed over the columns of $B$, or averaged over samples).
 
 References:
   J. Martens and R. Grosse, *Optimizing neural networks with Kronecker-factored
@@ -130,10 +130,10 @@ def statistics(
     One forward pass of the model on the batch (per example, under ``vmap``)
     recording every layer input, then one backward pass per column of the
     output Hessian's square root (exact, ``key=None``) or per sample.
-    ``batched``: the array leaves of the batch (:func:`batch_leaves`);
+    ``batched``: the array leaves of the batch (`batch_leaves`);
     ``consts``: the program's constants (default: those traced).
     With ``eigenbasis``, also returns the batch's EK-FAC scalings in that basis
-    (:func:`eigenbasis_scales`) as a third output.
+    (`eigenbasis_scales`) as a third output.
     """
     n = batched[0].shape[0]
 
@@ -162,9 +162,9 @@ def statistics(
 def eigenbasis_scales(layers: KfacLayers, eig: Eigen, rows_a, rows_g, weight, dt) -> tuple:
     r"""EK-FAC's second moments of per-example gradients in the Kronecker eigenbasis.
 
-    Per layer, :math:`s = \tfrac1N \sum_n \sum_c (Q_A^\top \nabla_n Q_G)^{\odot 2}`
+    Per layer, $s = \tfrac1N \sum_n \sum_c (Q_A^\top \nabla_n Q_G)^{\odot 2}$
     (times ``weight``: ``1 / S`` for ``S`` Monte-Carlo samples), where
-    :math:`\nabla_n = \sum_r a_{n,r} g_{n,c,r}^\top` is example ``n``'s gradient of
+    $\nabla_n = \sum_r a_{n,r} g_{n,c,r}^\top$ is example ``n``'s gradient of
     the layer's matrix: the exact diagonal of the Fisher in that basis (George et
     al. 2018), whatever the weight-sharing convention. Embeddings use the
     per-position squares ("expand"), which avoids ``(N, vocab, d)`` per-example
@@ -291,7 +291,7 @@ def to_blocks(layers: KfacLayers, tree: PyTree, dtype=None):
 
 
 def from_blocks(layers: KfacLayers, mats, diag, like: PyTree) -> PyTree:
-    """Inverse of :func:`to_blocks`; leaves are cast to ``like``'s dtypes."""
+    """Inverse of `to_blocks`; leaves are cast to ``like``'s dtypes."""
     like_leaves = jax.tree.leaves(like)
     out = [None] * len(like_leaves)
     for l, m in zip(layers.layers, mats, strict=True):
@@ -399,7 +399,7 @@ class Inverses(NamedTuple):
 
 
 def pi_factor(trace_a, dim_a, trace_g, dim_g):
-    r"""Martens & Grosse's :math:`\pi = \sqrt{(\mathrm{tr}A / \dim A) / (\mathrm{tr}G / \dim G)}`.
+    r"""Martens & Grosse's $\pi = \sqrt{(\mathrm{tr}A / \dim A) / (\mathrm{tr}G / \dim G)}$.
 
     ``1`` when either mean eigenvalue is zero.
     """
@@ -411,8 +411,8 @@ def pi_factor(trace_a, dim_a, trace_g, dim_g):
 def factored_inverses(layers: KfacLayers, factors: Factors, damping) -> Inverses:
     r"""Invert the factors with factored Tikhonov damping (Martens & Grosse 2015, sec. 6.3).
 
-    :math:`(A \otimes G + \lambda I)^{-1} \approx (A + \pi\sqrt\lambda I)^{-1} \otimes
-    (G + \sqrt\lambda/\pi\, I)^{-1}`. Cost: one Cholesky factorisation and
+    $(A \otimes G + \lambda I)^{-1} \approx (A + \pi\sqrt\lambda I)^{-1} \otimes
+    (G + \sqrt\lambda/\pi\, I)^{-1}$. Cost: one Cholesky factorisation and
     triangular solve per factor, ``O(d^3)`` (several times cheaper than ``eigh``).
     """
     Ai, Gi = [], []
@@ -473,13 +473,14 @@ def multiply_blocks(layers, factors: Factors, mats, diag):
 class KfacCurvature:
     r"""K-FAC curvature: block-diagonal, a Kronecker product per layer, diagonal elsewhere.
 
-    A pytree (its factors are leaves, its :class:`~curvlib.kronecker.KfacLayers`
+    A pytree (its factors are leaves, its [`KfacLayers`][curvlib.kronecker.KfacLayers]
     static), so it passes into jitted functions as an argument.
 
     Attributes:
-      factors: the :class:`Factors` (``A``, ``G`` per layer, ``D`` per diagonal leaf).
-      layers: the :class:`~curvlib.kronecker.KfacLayers` structure.
-      matvec: ``v -> C v`` (a :class:`jax.tree_util.Partial`), ``v`` shaped like
+      factors: the [`Factors`][curvlib.kronecker.Factors] (``A``, ``G`` per layer, ``D`` per
+        diagonal leaf).
+      layers: the [`KfacLayers`][curvlib.kronecker.KfacLayers] structure.
+      matvec: ``v -> C v`` (a `jax.tree_util.Partial`), ``v`` shaped like
         the parameters. Cost: two matrix products per layer.
 
     Examples:
@@ -513,16 +514,23 @@ class KfacCurvature:
         r"""The damped inverse ``v -> (C + damping I)^{-1} v`` as an operator.
 
         ``method="exact"`` inverts the damped block exactly through the
-        factors' eigendecompositions, :math:`(Q_A \otimes Q_G)(\Lambda_A
-        \otimes \Lambda_G + \lambda)^{-1}(Q_A \otimes Q_G)^\top`;
+        factors' eigendecompositions, $(Q_A \otimes Q_G)(\Lambda_A
+        \otimes \Lambda_G + \lambda)^{-1}(Q_A \otimes Q_G)^\top$;
         ``"factored"`` is Martens & Grosse's factored Tikhonov damping
-        :math:`(A + \pi\sqrt\lambda I)^{-1} \otimes (G + \sqrt\lambda/\pi\, I)^{-1}`
-        with :math:`\pi^2 = (\operatorname{tr} A / \dim A) / (\operatorname{tr} G / \dim G)`
+        $(A + \pi\sqrt\lambda I)^{-1} \otimes (G + \sqrt\lambda/\pi\, I)^{-1}$
+        with $\pi^2 = (\operatorname{tr} A / \dim A) / (\operatorname{tr} G / \dim G)$
         (an approximation of the former). Diagonal blocks: ``v / (D + damping)``.
 
         Cost, when called: one ``eigh`` (exact) or one Cholesky factorisation
         (factored) per factor, ``O(d^3)``; per application, four (exact) or two
         (factored) matrix products per layer.
+
+        Args:
+          damping: ``lambda >= 0`` added to the curvature (traceable).
+          method: ``"exact"`` or ``"factored"``.
+
+        Returns:
+          The inverse operator (callable on pytrees shaped like the parameters).
         """
         if method not in METHODS:
             raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
@@ -551,8 +559,8 @@ def _like_params(tree, layers, shardings):
 
 
 def precondition(layers, pre, tree, damping, dtype=None, scales=None):
-    """``(C + damping I)^{-1} tree`` from :class:`Eigen` (exact; EK-FAC with ``scales``)
-    or :class:`Inverses` (factored)."""
+    """``(C + damping I)^{-1} tree`` from `Eigen` (exact; EK-FAC with ``scales``)
+    or `Inverses` (factored)."""
     mats, diag = to_blocks(layers, tree, factor_dtype(layers) if dtype is None else dtype)
     if isinstance(pre, Eigen):
         out_m, out_d = precondition_eigen(layers, pre, mats, diag, damping, scales)
@@ -599,18 +607,18 @@ def kfac_curvature(
 ) -> KfacCurvature:
     r"""The K-FAC approximation of the Fisher of a mean negative log-likelihood.
 
-    The layers are found from the model's jaxpr (:func:`~curvlib.kronecker.find_layers`,
+    The layers are found from the model's jaxpr ([`find_layers`][curvlib.kronecker.find_layers],
     no tags). With ``key=None`` the factors are those of the exact Fisher (the
     Gauss-Newton matrix of the matching loss): for one example and one dense
-    layer, :math:`A \otimes G` *is* that layer's Fisher block. With a ``key``
+    layer, $A \otimes G$ *is* that layer's Fisher block. With a ``key``
     the output gradients come from ``num_samples`` targets sampled from the
     model (Monte-Carlo Fisher, unbiased for ``G`` given the inputs).
 
     The loss whose curvature this is: ``mean over examples of NLL(y | f)`` with
-    ``f = model_fn(params, *args)`` (the normalisation of :func:`curvlib.fisher_matvec`):
-    ``"categorical"``, softmax cross-entropy over the last axis, averaged over
-    any other (position) axes, i.e. the mean over tokens; ``"gaussian"``,
-    ``||f - y||^2 / (2 variance)`` summed over the output entries;
+    ``f = model_fn(params, *args)`` (the normalisation of
+    [`curvlib.fisher_matvec`][curvlib.fisher_matvec]): ``"categorical"``, softmax cross-entropy over
+    the last axis, averaged over any other (position) axes, i.e. the mean over tokens;
+    ``"gaussian"``, ``||f - y||^2 / (2 variance)`` summed over the output entries;
     ``"bernoulli"``, sigmoid cross-entropy summed over the output entries.
 
     Cost: one forward pass over the batch and one backward pass per column of
@@ -630,7 +638,7 @@ def kfac_curvature(
       variance: the Gaussian likelihood's variance.
 
     Returns:
-      A :class:`KfacCurvature` (``.matvec``, ``.inverse_matvec(damping)``).
+      A [`KfacCurvature`][curvlib.KfacCurvature] (``.matvec``, ``.inverse_matvec(damping)``).
 
     Raises:
       ValueError: for an unknown ``likelihood`` or ``convention``, a bad

@@ -1,7 +1,7 @@
 r"""Layer discovery without tags: which parameters K-FAC can Kronecker-factor.
 
-:func:`find_layers` traces the model on *one example* (every array argument
-sliced to a batch of one) into a flat program (:mod:`curvlib.kronecker._program`,
+[`find_layers`][curvlib.kronecker.find_layers] traces the model on *one example* (every array
+argument sliced to a batch of one) into a flat program (`curvlib.kronecker._program`,
 sub-jaxprs of ``jit``/``einsum``/``checkpoint`` inlined) and follows every
 parameter leaf through the ops that only move its entries around (its
 *views*: ``transpose``, ``reshape``, ``squeeze``/``expand_dims``, a
@@ -12,8 +12,8 @@ sharding annotations). Where a view enters
   ``dot_general`` batch dimensions (dense layers, ``x @ W.T``, attention
   projections ``einsum('btd,dhk->bthk')``, flax ``Dense``/``DenseGeneral``/
   ``nnx.Linear``/``nnx.LinearGeneral``): a **dense** layer whose matrix is
-  the weight with its contracted axes as rows, :math:`W \in
-  \mathbb{R}^{d_\text{in} \times d_\text{out}}`;
+  the weight with its contracted axes as rows, $W \in
+  \mathbb{R}^{d_\text{in} \times d_\text{out}}$;
 * ``conv_general_dilated`` as the kernel, with ``feature_group_count ==
   batch_group_count == 1`` (any dimension numbers, strides, padding,
   dilations): a **conv** layer, rows = (input channel, window position);
@@ -26,7 +26,7 @@ sharing) is one layer with more positions per example (Eschenhagen et al.
 2023). A leaf that is added to the output of exactly the ops of one layer,
 broadcast along every axis but the output features (``y = x @ W + b``), is
 that layer's **bias**: K-FAC treats it as the homogeneous coordinate of the
-input, :math:`[a; 1]`.
+input, $[a; 1]$.
 
 Everything else falls back to a **diagonal** block, with a reason: biases
 that are not attached that way, norm scales, a parameter used by different
@@ -169,7 +169,7 @@ class Layer(NamedTuple):
       chain: the view chain from the weight leaf to its ``(d_in, d_out)`` matrix.
       in_dim: ``d_in`` (rows of the weight matrix; the vocabulary for embeddings).
       out_dim: ``d_out``.
-      uses: the :class:`Use` of each application (several = weight sharing).
+      uses: the `Use` of each application (several = weight sharing).
     """
 
     kind: str
@@ -210,16 +210,16 @@ class Fallback(NamedTuple):
 
 
 class KfacLayers:
-    """What :func:`find_layers` found: Kronecker-factored layers and diagonal fallbacks.
+    """What `find_layers` found: Kronecker-factored layers and diagonal fallbacks.
 
     A static description (hashable by identity; equal when built from the same
-    model trace), used as the structure of :class:`~curvlib.kronecker.KfacCurvature`
-    and of the :func:`~curvlib.kronecker.scale_by_kfac` state.
-    :func:`curvlib.kronecker.format_layers` prints it as a table.
+    model trace), used as the structure of [`KfacCurvature`][curvlib.KfacCurvature]
+    and of the [`scale_by_kfac`][curvlib.scale_by_kfac] state.
+    [`curvlib.kronecker.format_layers`][curvlib.kronecker.format_layers] prints it as a table.
 
     Attributes:
-      layers: the :class:`Layer` tuple.
-      diagonal: the :class:`Fallback` tuple (diagonal blocks).
+      layers: the [`Layer`][curvlib.kronecker.Layer] tuple.
+      diagonal: the [`Fallback`][curvlib.kronecker.Fallback] tuple (diagonal blocks).
       treedef: the parameters' tree structure.
       shapes: the parameter leaves' shapes.
       num_examples: batch size of the traced call.
@@ -345,7 +345,7 @@ def find_layers(model_fn: Callable, params: PyTree, *args) -> KfacLayers:
         over unbatched arrays in ``model_fn``).
 
     Returns:
-      A :class:`KfacLayers`.
+      A [`KfacLayers`][curvlib.kronecker.KfacLayers].
 
     Raises:
       ValueError: for arguments without a shared leading axis, or a model whose
@@ -368,10 +368,39 @@ def find_layers(model_fn: Callable, params: PyTree, *args) -> KfacLayers:
     return _find_layers(model_fn, params, args)
 
 
+def _describe_args(args) -> str:
+    """What a model's arguments after ``params`` hold: keyword names, or leaf types."""
+    if len(args) == 1 and isinstance(args[0], dict):
+        return f"the keyword arguments {sorted(args[0])}" if args[0] else "no arguments"
+    return f"{len(args)} argument(s) holding {[type(x).__name__ for x in jax.tree.leaves(args)]}"
+
+
+def _no_batch_error(model_fn, params, args) -> ValueError:
+    """A model given no batch array: what it received and, from its own signature, what it
+    expected (the ``TypeError`` of the call, which names the missing parameter)."""
+    expected = ""
+    try:
+        jax.eval_shape(lambda p: model_fn(p, *args), params)
+    except TypeError as e:
+        expected = f" Called that way, the model raises TypeError: {e}."
+    except Exception:  # noqa: BLE001  (any other failure says nothing about the arguments)
+        pass
+    return ValueError(
+        f"what the model receives besides the parameters holds no arrays "
+        f"({_describe_args(args)}); "
+        "K-FAC needs a batch whose array leaves share a leading example axis." + expected
+        + " Extra arguments reach the model by the parameter names of its signature: with "
+        "`kfac`/`scale_by_kfac`, name the keys of `example_inputs` (and of `update`'s extra "
+        "arguments) after them, e.g. `example_inputs={'x': x}` for `model_fn(params, x)`."
+    )
+
+
 def _find_layers(model_fn, params, args) -> KfacLayers:
     p_paths, p_treedef = jax.tree_util.tree_flatten_with_path(params)
     p_leaves = [x for _, x in p_paths]
     paths = [jax.tree_util.keystr(k) for k, _ in p_paths]
+    if not any(hasattr(x, "shape") and hasattr(x, "dtype") for x in jax.tree.leaves(args)):
+        raise _no_batch_error(model_fn, params, args)
     a_leaves, a_treedef, arrays, n = _split_args(args)
     fn = per_example_fn(model_fn, a_treedef, a_leaves, arrays, p_treedef)
     p_structs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in p_leaves]

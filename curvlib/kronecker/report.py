@@ -11,7 +11,8 @@ def format_layers(found: KfacLayers) -> str:
     """A table of the Kronecker-factored layers and of the diagonal fallbacks with reasons.
 
     Args:
-      found: from :func:`curvlib.kronecker.find_layers` (or ``KfacCurvature.layers``).
+      found: from [`curvlib.kronecker.find_layers`][curvlib.kronecker.find_layers] (or
+        ``KfacCurvature.layers``).
 
     Returns:
       A multi-line string.

@@ -3,57 +3,57 @@ r"""K-FAC as an optax transform that lives inside the user's ``jit``.
 Each ``update`` is a list of calls to the named, pure steps below (Martens &
 Grosse 2015), each tested alone:
 
-1. **Statistics** (every ``statistics_every`` steps): :func:`batch_statistics`
-   (exact Fisher or Monte Carlo with the state's key) then :func:`moving_average`:
-   :math:`\bar F_t = \beta \bar F_{t-1} + (1 - \beta) F_t`, its weight
-   :math:`w_t = \beta w_{t-1} + (1 - \beta)` (the average is read as
-   :math:`\bar F_t / w_t`, bias-corrected). A non-finite batch leaves both as they were.
-2. **Refresh** (every ``inverse_every`` steps): :func:`refresh`. With
-   ``inverse="factored"`` (default) the inverses :math:`(A + \pi\sqrt\lambda I)^{-1}`
-   and :math:`(G + \sqrt\lambda/\pi\, I)^{-1}` (Martens & Grosse's factored
+1. **Statistics** (every ``statistics_every`` steps): `batch_statistics`
+   (exact Fisher or Monte Carlo with the state's key) then `moving_average`:
+   $\bar F_t = \beta \bar F_{t-1} + (1 - \beta) F_t$, its weight
+   $w_t = \beta w_{t-1} + (1 - \beta)$ (the average is read as
+   $\bar F_t / w_t$, bias-corrected). A non-finite batch leaves both as they were.
+2. **Refresh** (every ``inverse_every`` steps): `refresh`. With
+   ``inverse="factored"`` (default) the inverses $(A + \pi\sqrt\lambda I)^{-1}$
+   and $(G + \sqrt\lambda/\pi\, I)^{-1}$ (Martens & Grosse's factored
    Tikhonov damping, by Cholesky, with the damping of that step); with
    ``"exact"`` or ``"ekfac"`` the eigendecompositions of the averaged factors
-   (EK-FAC's eigenbasis scalings restart from :math:`\lambda_A \lambda_G^\top`).
-3. **Precondition**: :math:`\Delta = (\tilde F + \lambda I)^{-1} g`
-   (:func:`~curvlib.kronecker.curvature.precondition`): two small matrix products
+   (EK-FAC's eigenbasis scalings restart from $\lambda_A \lambda_G^\top$).
+3. **Precondition**: $\Delta = (\tilde F + \lambda I)^{-1} g$
+   (`precondition`): two small matrix products
    per layer with the stored inverses, or, through the eigendecompositions, the
    damped Kronecker block inverted exactly with the current damping (``"exact"``)
    or with EK-FAC's scalings (``"ekfac"``, George et al. 2018; the scalings are a
    moving average of the squared per-example gradients in the eigenbasis, updated
    with the statistics).
-4. **Step coefficients**: with ``learning_rate=None``, :func:`quadratic_step`:
-   the update :math:`u = \alpha \Delta + \mu u_{t-1}` with :math:`(\alpha, \mu)`
+4. **Step coefficients**: with ``learning_rate=None``, `quadratic_step`:
+   the update $u = \alpha \Delta + \mu u_{t-1}$ with $(\alpha, \mu)$
    minimising the damped quadratic model
-   :math:`m(-u) = -g^\top u + \tfrac12 u^\top (F + \lambda I) u` of the exact
-   Fisher :math:`F` of the current batch (:func:`fisher_gram` then the 2x2 system
-   of :func:`model_coefficients`). With a fixed ``learning_rate`` and ``momentum``:
-   :func:`fixed_coefficients`, :math:`u = \text{lr}\,\Delta + \mu u_{t-1}`.
+   $m(-u) = -g^\top u + \tfrac12 u^\top (F + \lambda I) u$ of the exact
+   Fisher $F$ of the current batch (`fisher_gram` then the 2x2 system
+   of `model_coefficients`). With a fixed ``learning_rate`` and ``momentum``:
+   `fixed_coefficients`, $u = \text{lr}\,\Delta + \mu u_{t-1}$.
 5. **Levenberg-Marquardt damping** (every ``damping_every`` steps):
-   :func:`adapt_damping`: :func:`reduction_ratio`
-   :math:`\rho = (h(\theta - u) - h(\theta)) / q(-u)` against the undamped model
-   :math:`q(-u) = -g^\top u + \tfrac12 u^\top F u`, then :func:`levenberg_marquardt`:
-   :math:`\lambda \leftarrow \omega\lambda` if :math:`\rho > 3/4`,
-   :math:`\lambda/\omega` if :math:`\rho < 1/4`, with
-   :math:`\omega = \texttt{damping\_decay}^{\texttt{damping\_every}}`, clipped to
-   ``[min_damping, max_damping]`` (as :func:`curvlib.newton_cg` adapts its damping).
-6. **Guard**: :func:`step_is_finite` and :func:`guard`: a non-finite gradient,
+   `adapt_damping`: `reduction_ratio`
+   $\rho = (h(\theta - u) - h(\theta)) / q(-u)$ against the undamped model
+   $q(-u) = -g^\top u + \tfrac12 u^\top F u$, then `levenberg_marquardt`:
+   $\lambda \leftarrow \omega\lambda$ if $\rho > 3/4$,
+   $\lambda/\omega$ if $\rho < 1/4$, with
+   $\omega = \texttt{damping\_decay}^{\texttt{damping\_every}}$, clipped to
+   ``[min_damping, max_damping]`` (as [`curvlib.newton_cg`][curvlib.newton_cg] adapts its damping).
+6. **Guard**: `step_is_finite` and `guard`: a non-finite gradient,
    step or loss outputs zeros and keeps the state (``info.skipped``), so params
    and state stay usable.
 
-Everything a step needs is in :class:`ScaleByKfacState` or follows from the
+Everything a step needs is in [`ScaleByKfacState`][curvlib.ScaleByKfacState] or follows from the
 transform's static settings and the structure of ``params``: two states from two
 ``init`` calls can share one transform, and a state restored from a checkpoint
 (or rebuilt leaf by leaf) steps exactly as the original.
 
-The output is the *step* :math:`u` with the gradient's sign (the quadratic
+The output is the *step* $u$ with the gradient's sign (the quadratic
 model needs the step length, so the learning rate is applied here);
-:func:`kfac` chains it with ``optax.scale(-1)``.
+[`kfac`][curvlib.kfac] chains it with ``optax.scale(-1)``.
 
 Cost per step, in forward/backward passes of the model on the batch: the
 statistics one forward and one backward per sample (Monte Carlo) or per
 output entry (exact, ``key=None``), one forward and two tangent passes for the
 quadratic model (``learning_rate=None``), one forward pass for
-:math:`\rho` every ``damping_every`` steps (and one per step to report
+$\rho$ every ``damping_every`` steps (and one per step to report
 the loss when ``value=`` is not passed); ``O(d^3)`` per factor every
 ``inverse_every`` steps; two (factored) or four (exact, EK-FAC) ``(d x d)``
 matrix products per layer. Memory: the factors and their inverses or
@@ -101,7 +101,7 @@ PyTree = Any
 
 
 class KfacInfo(NamedTuple):
-    """Diagnostics of the last :func:`scale_by_kfac` step.
+    """Diagnostics of the last [`scale_by_kfac`][curvlib.scale_by_kfac] step.
 
     Attributes:
       loss: the loss at the incoming ``params`` (``value=`` when passed, else
@@ -126,8 +126,8 @@ class KfacInfo(NamedTuple):
         2 for the quadratic model (``J Delta``, ``J u_prev``), plus 1 when the
         damping was adapted without it (``J u`` for ``q(-u)``). The statistics'
         backward passes are not counted (see the module docstring for those).
-      status: ``int32`` :class:`curvlib.Status`: ``SUCCESS``, or ``NONFINITE``
-        for a skipped step (:func:`curvlib._status.from_flags`).
+      status: ``int32`` [`curvlib.Status`][curvlib.Status]: ``SUCCESS``, or ``NONFINITE``
+        for a skipped step (`curvlib._status.from_flags`).
     """
 
     loss: jax.Array
@@ -186,7 +186,7 @@ def _placement_from_ids(state, params) -> Placement:
 
 
 def _register_flax_placement() -> None:
-    """Let ``flax.serialization`` save a :class:`Placement` as nothing (the template's is kept)."""
+    """Let ``flax.serialization`` save a `Placement` as nothing (the template's is kept)."""
     if importlib.util.find_spec("flax") is None:
         return
     from flax import serialization
@@ -196,23 +196,23 @@ def _register_flax_placement() -> None:
 
 
 class ScaleByKfacState(NamedTuple):
-    """State of :func:`scale_by_kfac`.
+    """State of [`scale_by_kfac`][curvlib.scale_by_kfac].
 
     Attributes:
       count: number of ``update`` calls.
-      factors: exponentially weighted sums of the factors (:class:`Factors`).
+      factors: exponentially weighted sums of the factors ([`Factors`][curvlib.kronecker.Factors]).
       ema_weight: the sum of their weights (``1 - ema_decay^t``).
       inverses: the preconditioner refreshed every ``inverse_every`` steps: the
-        factors' eigendecompositions (:class:`~curvlib.kronecker.curvature.Eigen`,
+        factors' eigendecompositions (`Eigen`,
         ``inverse="exact"``) or their damped inverses
-        (:class:`~curvlib.kronecker.curvature.Inverses`, ``"factored"``).
+        (`Inverses`, ``"factored"``).
       scales: EK-FAC's per-layer scalings in the eigenbasis (``(a_dim, d_out)``;
         an empty tuple unless ``inverse="ekfac"``).
       damping: the Levenberg-Marquardt ``lambda`` for the next step.
       velocity: the last step ``u`` (the momentum direction).
       key: PRNG key data for the Monte-Carlo statistics (unused for the exact Fisher).
-      info: :class:`KfacInfo` of the last step.
-      placement: ``None``, or the :class:`Placement` of a state whose ``params``
+      info: [`KfacInfo`][curvlib.KfacInfo] of the last step.
+      placement: ``None``, or the `Placement` of a state whose ``params``
         were sharded on a mesh at ``init`` (static: it has no leaves).
     """
 
@@ -235,11 +235,11 @@ def batch_statistics(layers: KfacLayers, params: PyTree, kw: dict, key_data, eig
                      likelihood: str, num_samples: int, convention: str, variance, dt):
     r"""The Kronecker factors of one batch and, for EK-FAC, its scalings in ``eigenbasis``.
 
-    Per layer :math:`A = \tfrac1n \sum_i a_i a_i^\top` (layer inputs) and
-    :math:`G = \tfrac1n \sum_i \sum_s b_{is} b_{is}^\top` (output cotangents: the
+    Per layer $A = \tfrac1n \sum_i a_i a_i^\top$ (layer inputs) and
+    $G = \tfrac1n \sum_i \sum_s b_{is} b_{is}^\top$ (output cotangents: the
     columns of the likelihood Hessian's square root, exact, ``key_data=None``, or
     ``num_samples`` sampled gradients, weighted ``1/num_samples``), diagonal blocks
-    for the rest (:func:`~curvlib.kronecker.curvature.statistics`).
+    for the rest (`statistics`).
 
     Cost: one forward pass, one backward pass per output entry (exact) or per
     sample; ``O(n d^2)`` per factor.
@@ -258,16 +258,16 @@ def batch_statistics(layers: KfacLayers, params: PyTree, kw: dict, key_data, eig
 
 
 def moving_average(average: PyTree, batch: PyTree, finite, decay) -> PyTree:
-    r"""The exponential moving average :math:`\beta\,\bar x + (1 - \beta)\,x`, leafwise.
+    r"""The exponential moving average $\beta\,\bar x + (1 - \beta)\,x$, leafwise.
 
     Where ``finite`` is false the average is returned as it was. The result has
     the average's dtypes. Cost: two multiply-adds per entry.
 
     Args:
-      average: :math:`\bar x` (any pytree of arrays).
-      batch: :math:`x`, the same structure.
+      average: $\bar x$ (any pytree of arrays).
+      batch: $x$, the same structure.
       finite: a boolean scalar; false keeps ``average``.
-      decay: :math:`\beta \in [0, 1)` (traceable).
+      decay: $\beta \in [0, 1)$ (traceable).
     """
     def one(old, new):
         beta = jnp.asarray(decay, old.dtype)
@@ -293,20 +293,20 @@ def _statistics_step(settings, layers, state, params, kw, key_data, dt):
 
 
 def refresh(layers: KfacLayers, factors: Factors, weight, damping, inverse: str):
-    r"""The preconditioner of the bias-corrected average :math:`\bar F / w`.
+    r"""The preconditioner of the bias-corrected average $\bar F / w$.
 
-    ``"factored"``: :math:`((A/w) + \pi\sqrt\lambda I)^{-1}` and
-    :math:`((G/w) + \sqrt\lambda/\pi\, I)^{-1}` by Cholesky
-    (:func:`~curvlib.kronecker.curvature.factored_inverses`); ``"exact"``: the
-    eigendecompositions :math:`A/w = Q_A \Lambda_A Q_A^\top`,
-    :math:`G/w = Q_G \Lambda_G Q_G^\top`; ``"ekfac"``: those, and EK-FAC's scalings
-    restarted at :math:`\lambda_A \lambda_G^\top`. A zero ``weight`` (no statistics
+    ``"factored"``: $((A/w) + \pi\sqrt\lambda I)^{-1}$ and
+    $((G/w) + \sqrt\lambda/\pi\, I)^{-1}$ by Cholesky
+    (`factored_inverses`); ``"exact"``: the
+    eigendecompositions $A/w = Q_A \Lambda_A Q_A^\top$,
+    $G/w = Q_G \Lambda_G Q_G^\top$; ``"ekfac"``: those, and EK-FAC's scalings
+    restarted at $\lambda_A \lambda_G^\top$. A zero ``weight`` (no statistics
     yet) reads the factors as they are.
 
     Cost: ``O(d^3)`` per factor (Cholesky or ``eigh``).
 
     Returns:
-      ``(preconditioner, scales)``: :class:`Inverses` or :class:`Eigen`, and the
+      ``(preconditioner, scales)``: `Inverses` or `Eigen`, and the
       per-layer scalings (``()`` unless ``inverse="ekfac"``).
     """
     w = jnp.maximum(weight, jnp.finfo(weight.dtype).tiny)
@@ -324,9 +324,9 @@ def refresh(layers: KfacLayers, factors: Factors, weight, damping, inverse: str)
 
 def fisher_gram(model_fn: Callable, likelihood: str, variance, params: PyTree, kw: dict,
                 tangents: PyTree, dt):
-    r"""The Gram matrix :math:`t_i^\top F t_j` of the exact Fisher of the batch.
+    r"""The Gram matrix $t_i^\top F t_j$ of the exact Fisher of the batch.
 
-    :math:`F = \tfrac1n \sum_i J_i^\top H_i J_i` (``H_i`` the likelihood's Hessian
+    $F = \tfrac1n \sum_i J_i^\top H_i J_i$ (``H_i`` the likelihood's Hessian
     in the outputs), for the ``k`` tangents stacked on the leading axis of
     ``tangents``. Cost: one linearisation of the model (a forward pass) and
     ``k`` tangent passes (``J t_j``, under ``vmap``); ``O(k^2 n d_out)`` more.
@@ -349,23 +349,23 @@ def fisher_gram(model_fn: Callable, likelihood: str, variance, params: PyTree, k
 
 
 def model_coefficients(fisher, inner, grad, damping, fixed_alpha=None, fixed_mu=None):
-    r"""``(alpha, mu, q)`` minimising the damped quadratic model over :math:`u = \alpha\Delta + \mu v`.
+    r"""``(alpha, mu, q)`` minimising the damped quadratic model over $u = \alpha\Delta + \mu v$.
 
-    With :math:`M = D^\top (F + \lambda I) D`, :math:`D = [\Delta, v]`,
-    :math:`b = D^\top g`, the model :math:`-b^\top c + \tfrac12 c^\top M c` is
-    minimised by :math:`c = M^{-1} b` (Martens & Grosse, section 7). With
-    ``fixed_alpha`` only :math:`\mu` is free, :math:`\mu = (b_2 - \alpha M_{12}) / M_{22}`;
-    with ``fixed_mu``, :math:`\alpha = (b_1 - \mu M_{12}) / M_{11}`. Without a
-    previous step (:math:`v^\top v = 0`) or with a (numerically) singular
-    :math:`M`, :math:`\mu = 0` and :math:`\alpha = b_1 / M_{11}`.
+    With $M = D^\top (F + \lambda I) D$, $D = [\Delta, v]$,
+    $b = D^\top g$, the model $-b^\top c + \tfrac12 c^\top M c$ is
+    minimised by $c = M^{-1} b$ (Martens & Grosse, section 7). With
+    ``fixed_alpha`` only $\mu$ is free, $\mu = (b_2 - \alpha M_{12}) / M_{22}$;
+    with ``fixed_mu``, $\alpha = (b_1 - \mu M_{12}) / M_{11}$. Without a
+    previous step ($v^\top v = 0$) or with a (numerically) singular
+    $M$, $\mu = 0$ and $\alpha = b_1 / M_{11}$.
     ``q = -b^\top c + \tfrac12 c^\top D^\top F D c`` is the *undamped* change.
     Cost: ``O(1)``.
 
     Args:
-      fisher: ``((Δ'FΔ, Δ'Fv), (v'FΔ, v'Fv))`` (:func:`fisher_gram`).
+      fisher: ``((Δ'FΔ, Δ'Fv), (v'FΔ, v'Fv))`` (`fisher_gram`).
       inner: ``((Δ'Δ, Δ'v), (v'Δ, v'v))``.
       grad: ``(g'Δ, g'v)``.
-      damping: :math:`\lambda`.
+      damping: $\lambda$.
       fixed_alpha: the step length, or ``None`` (from the model).
       fixed_mu: the momentum, or ``None`` (from the model).
     """
@@ -394,8 +394,8 @@ def model_coefficients(fisher, inner, grad, damping, fixed_alpha=None, fixed_mu=
 
 def quadratic_step(model_fn, likelihood, variance, params, kw, g, delta, u_prev, lam,
                    fixed_alpha, fixed_mu, dt):
-    r"""Step 4 from the quadratic model: :func:`fisher_gram` of ``[delta, u_prev]``, then
-    :func:`model_coefficients`.
+    r"""Step 4 from the quadratic model: `fisher_gram` of ``[delta, u_prev]``, then
+    `model_coefficients`.
 
     Cost: one forward and two tangent passes of the model; five inner products.
 
@@ -414,9 +414,9 @@ def quadratic_step(model_fn, likelihood, variance, params, kw, g, delta, u_prev,
 def fixed_coefficients(learning_rate, momentum, g, delta, norm_constraint, dt):
     r"""Step 4 with a given step length: ``(alpha, mu, 0)``.
 
-    :math:`\alpha = \text{lr}`, scaled by
-    :math:`\min(1, \sqrt{c / (\text{lr}^2 g^\top\Delta)})` with a ``norm_constraint``
-    :math:`c` (so :math:`\alpha^2 g^\top \Delta \le c`); :math:`\mu` = ``momentum``.
+    $\alpha = \text{lr}$, scaled by
+    $\min(1, \sqrt{c / (\text{lr}^2 g^\top\Delta)})$ with a ``norm_constraint``
+    $c$ (so $\alpha^2 g^\top \Delta \le c$); $\mu$ = ``momentum``.
     The model change is not computed (0). Cost: one inner product with a constraint.
     """
     alpha = jnp.asarray(learning_rate, dt)
@@ -453,7 +453,7 @@ def loss_value(value_fn, params, extra_args: dict, dt):
 
 
 def reduction_ratio(trial, value, quad):
-    r""":math:`\rho = (h(\theta - u) - h(\theta)) / q(-u)`, ``-inf`` when not finite.
+    r"""$\rho = (h(\theta - u) - h(\theta)) / q(-u)$, ``-inf`` when not finite.
 
     The predicted change ``quad`` is capped at ``-tiny`` (a model that predicts
     no decrease gives a huge ratio of the right sign). Cost: ``O(1)``.
@@ -464,15 +464,15 @@ def reduction_ratio(trial, value, quad):
 
 
 def levenberg_marquardt(damping, rho, value, decay, min_damping, max_damping):
-    r"""The Levenberg-Marquardt rule: :math:`\lambda \omega` if :math:`\rho > 3/4`,
-    :math:`\lambda / \omega` if :math:`\rho < 1/4`, else :math:`\lambda`, clipped to
+    r"""The Levenberg-Marquardt rule: $\lambda \omega$ if $\rho > 3/4$,
+    $\lambda / \omega$ if $\rho < 1/4$, else $\lambda$, clipped to
     ``[min_damping, max_damping]``; kept when the loss ``value`` is not finite.
 
     Args:
-      damping: :math:`\lambda`.
-      rho: the reduction ratio (:func:`reduction_ratio`).
+      damping: $\lambda$.
+      rho: the reduction ratio (`reduction_ratio`).
       value: the loss at the current parameters.
-      decay: :math:`\omega \in (0, 1)`.
+      decay: $\omega \in (0, 1)$.
       min_damping: lower clip.
       max_damping: upper clip.
     """
@@ -487,7 +487,7 @@ def adapt_damping(model_fn, likelihood, variance, value_fn, params, kw, extra_ar
 
     The trial loss ``h(params - u)`` (one forward pass), the undamped model change
     ``quad`` (computed here from the exact Fisher, one tangent pass, when ``None``),
-    then :func:`reduction_ratio` and :func:`levenberg_marquardt`.
+    then `reduction_ratio` and `levenberg_marquardt`.
     """
     trial = jnp.asarray(_loss.call(value_fn, _tree.sub(params, u), extra_args)).astype(dt)
     if quad is None:
@@ -504,7 +504,7 @@ def adapt_damping(model_fn, likelihood, variance, value_fn, params, kw, extra_ar
 
 
 def step_is_finite(g, u, alpha, mu, value, check_value: bool):
-    """Whether the gradient, the step, its coefficients and (``check_value``) the loss are finite."""
+    """Whether the gradient, step, its coefficients and (``check_value``) the loss are finite."""
     finite = _tree.all_finite(g, u) & jnp.isfinite(alpha) & jnp.isfinite(mu)
     return finite & jnp.isfinite(value) if check_value else finite
 
@@ -523,7 +523,7 @@ def guard(finite, u: PyTree, u_prev: PyTree, updates: PyTree):
 
 
 class _Settings(NamedTuple):
-    """The static configuration of one :func:`scale_by_kfac` (hyperparameters may be traced)."""
+    """The static configuration of one `scale_by_kfac` (hyperparameters may be traced)."""
 
     model_fn: Callable
     likelihood: str
@@ -578,7 +578,7 @@ def scale_by_kfac(
     Args:
       model_fn: ``model_fn(params, **kw) -> outputs`` (logits or means), leading
         axis = examples. Its layers are found from its jaxpr
-        (:func:`~curvlib.kronecker.find_layers`); print
+        ([`find_layers`][curvlib.kronecker.find_layers]); print
         ``curvlib.kronecker.format_layers(find_layers(...))`` to see them.
       example_inputs: a dict of the extra arguments ``update`` will receive
         (arrays or ``jax.ShapeDtypeStruct``; any batch size): ``init`` traces the
@@ -619,8 +619,8 @@ def scale_by_kfac(
         ``lr^2 g^T Delta <= norm_constraint`` (``None``: no constraint).
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs` with state
-      :class:`ScaleByKfacState`.
+      An `optax.GradientTransformationExtraArgs` with state
+      [`ScaleByKfacState`][curvlib.ScaleByKfacState].
 
     Raises:
       ValueError: at construction, for invalid settings; from ``init``, for
@@ -701,7 +701,7 @@ def scale_by_kfac(
 def init_state(layers: KfacLayers, params: PyTree, damping, key_data, inverse: str
                ) -> ScaleByKfacState:
     """The state before the first step: zero factors and weight, the preconditioner of zero
-    factors at ``damping``, zero velocity, ``key_data``, an empty :class:`KfacInfo`."""
+    factors at ``damping``, zero velocity, ``key_data``, an empty [`KfacInfo`][curvlib.KfacInfo]."""
     dt = factor_dtype(layers)
     zeros = zero_factors(layers, dt)
     lam = jnp.asarray(damping, dt)
@@ -721,9 +721,9 @@ def init_state(layers: KfacLayers, params: PyTree, damping, key_data, inverse: s
 
 
 def place_state(layers: KfacLayers, state: ScaleByKfacState, params: PyTree) -> ScaleByKfacState:
-    """``state`` placed as ``params`` are, with its :class:`Placement`, when they are sharded.
+    """``state`` placed as ``params`` are, with its `Placement`, when they are sharded.
 
-    For parameters on one multi-device ``Auto`` mesh (:mod:`curvlib.kronecker._sharding`);
+    For parameters on one multi-device ``Auto`` mesh (`curvlib.kronecker._sharding`);
     otherwise ``state`` unchanged (``placement=None``).
     """
     shardings = _sharding.param_shardings(params)
@@ -752,7 +752,7 @@ def _place(state: ScaleByKfacState, out):
 
 def _info(value, lam, alpha, mu, quad, rho, adapted, stats_ok, refreshed, finite, needs_quad,
           dt) -> KfacInfo:
-    """The :class:`KfacInfo` of a step, with the shared status fields."""
+    """The [`KfacInfo`][curvlib.KfacInfo] of a step, with the shared status fields."""
     tangents = jnp.asarray(2, jnp.int32) if needs_quad else adapted.astype(jnp.int32)
     return KfacInfo(
         loss=jnp.asarray(value, dt), damping=jnp.asarray(lam, dt),
@@ -781,7 +781,7 @@ def _check_settings(likelihood, convention, num_samples, variance, damping_every
                     statistics_every, inverse_every, damping, min_damping, max_damping,
                     ema_decay, damping_decay, inverse, example_inputs, learning_rate, momentum,
                     norm_constraint):
-    """Validate :func:`scale_by_kfac`'s settings; returns ``(num_samples, momentum)`` resolved."""
+    """Validate `scale_by_kfac`'s settings; returns ``(num_samples, momentum)`` resolved."""
     num_samples = check_options(likelihood, convention, num_samples, variance)
     for name, value in (("damping_every", damping_every), ("statistics_every", statistics_every),
                         ("inverse_every", inverse_every)):
@@ -831,7 +831,7 @@ def _every(every, count, run, skip):
     """``run()`` when ``count % every == 0``, else ``skip()`` (the state kept as it is).
 
     ``every=None`` never runs. A static ``every == 1`` runs unconditionally.
-    Otherwise a loop of at most one trip (:func:`curvlib._tree.apply_if`), not a
+    Otherwise a loop of at most one trip (`curvlib._tree.apply_if`), not a
     ``lax.cond``: a ``cond`` whose skip branch returns the factors or inverses
     copies them at every step.
     """
@@ -843,7 +843,7 @@ def _every(every, count, run, skip):
 
 
 def _state_shardings(layers, shardings, state):
-    """The :class:`ScaleByKfacState` of shardings: factors as the parameters are."""
+    """The `ScaleByKfacState` of shardings: factors as the parameters are."""
     A, G, D = _sharding.factor_shardings(layers, shardings)
     rep = _sharding.replicated(shardings)
     if isinstance(state.inverses, Eigen):
@@ -918,9 +918,9 @@ def kfac(
 ) -> optax.GradientTransformationExtraArgs:
     r"""K-FAC optimiser: ``chain(scale_by_kfac(..., learning_rate), scale(-1))``.
 
-    Built as curvlib's other aliases chain their links (:func:`curvlib.newton_cg`,
-    :func:`curvlib.newton`): the direction transform, then the learning-rate
-    link, with no line search. The step length enters :func:`scale_by_kfac`
+    Built as curvlib's other aliases chain their links ([`curvlib.newton_cg`][curvlib.newton_cg],
+    [`curvlib.newton`][curvlib.newton]): the direction transform, then the learning-rate
+    link, with no line search. The step length enters [`scale_by_kfac`][curvlib.scale_by_kfac]
     itself (the quadratic model and the damping ratio need the step taken), so
     the link is the sign flip (the link of ``learning_rate=None``). No
     recompute-marker link (a sharded state would retrace its second jitted step on
@@ -929,11 +929,11 @@ def kfac(
     the quadratic model (Martens & Grosse 2015, section 7); a scalar or
     schedule fixes the step length. Works under
     ``optax.inject_hyperparams(kfac)(learning_rate=...)``. All other arguments:
-    :func:`scale_by_kfac`.
+    [`scale_by_kfac`][curvlib.scale_by_kfac].
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs`; its state is the
-      chain's tuple, ``state[0]`` the :class:`ScaleByKfacState`.
+      An `optax.GradientTransformationExtraArgs`; its state is the
+      chain's tuple, ``state[0]`` the [`ScaleByKfacState`][curvlib.ScaleByKfacState].
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax

@@ -1,12 +1,12 @@
 """Layer 1: matrix-free algorithms on any symmetric matvec over pytrees (built on the base only).
 
-Modules: :mod:`~curvlib.krylov.tridiag` (``lanczos``), :mod:`~curvlib.krylov.eigen`
-(``eigsh``), :mod:`~curvlib.krylov.power` (``power_iteration``),
-:mod:`~curvlib.krylov.linear` (``cg``), :mod:`~curvlib.krylov.stochastic` (Hutchinson
-trace and diagonal), :mod:`~curvlib.krylov.density` (``spectral_density``),
-:mod:`~curvlib.krylov.checks` (``check_symmetric``). The Lanczos-type algorithms
-share one engine (:mod:`~curvlib.krylov._band`) and one product loop
-(:mod:`~curvlib.krylov._driver`), which also drives host-streamed operators.
+Modules: `tridiag` (``lanczos``), `eigen`
+(``eigsh``), `power` (``power_iteration``),
+`linear` (``cg``), `stochastic` (Hutchinson
+trace and diagonal), `density` (``spectral_density``),
+`checks` (``check_symmetric``). The Lanczos-type algorithms
+share one engine (`_band`) and one product loop
+(`_driver`), which also drives host-streamed operators.
 """
 
 from curvlib.krylov.checks import SymmetryCheck, check_symmetric

@@ -32,14 +32,14 @@ vector appended as a new pending row has zero coupling to every multiplied
 row (their products lie in the span of the basis), so new chains can start at
 any time without breaking the relation.
 
-A restart may also *drop* the pending rows (:func:`curvlib.eigsh` does, to run
+A restart may also *drop* the pending rows ([`curvlib.eigsh`][curvlib.eigsh] does, to run
 a verification block against locked pairs without the old chain). A kept
 vector ``x_i`` then has ``A x_i = theta_i x_i + c_i d`` with ``d`` outside the
 basis; the couplings ``c`` are kept as a column of ``E`` (one signed column per
 dropped vector, later ones folded into the last by absolute values), and
 residual norms become the rigorous bound ``||F y|| + sum_c |E[:, c] . y|``.
 
-A fresh direction is orthogonalised (:func:`fresh`) only at the steps that
+A fresh direction is orthogonalised (`fresh`) only at the steps that
 use one, under a ``lax.cond``: every Gram-Schmidt pass reads the whole basis,
 which at large ``N`` is the cost of a step.
 """
@@ -84,8 +84,8 @@ def size(band: Band) -> int:
 def init(v0, m: int, acc, basis_dtype=None, num_external: int = 0) -> Band:
     """A basis of ``m`` rows holding ``v0 / ||v0||`` as its one pending row (``v0 != 0``).
 
-    ``num_external`` dropped vectors (:func:`compress` with ``drop_pending``) are
-    stored, so that :func:`exact_residuals` can report true residual norms.
+    ``num_external`` dropped vectors (`compress` with ``drop_pending``) are
+    stored, so that `exact_residuals` can report true residual norms.
     """
     Q = _tree.basis_zeros(v0, m, basis_dtype)
     # v0 / ||v0|| at any scale: divided by its largest entry first (then 1 <= ||.|| <= sqrt(N))
@@ -156,7 +156,7 @@ def absorb(band: Band, w: PyTree) -> Band:
     coefficients as that row's column of ``H``, marks it multiplied, and
     appends the normalised remainder as a new pending row unless it is
     numerically zero (a *breakdown*: the chain has reached an invariant
-    subspace) or the basis is full (callers compress first: :func:`has_room`).
+    subspace) or the basis is full (callers compress first: `has_room`).
     A non-finite product is replaced by zero and clears ``finite``. If no row
     was pending the request was zero, and nothing changes but the count.
     """
@@ -195,7 +195,7 @@ def fresh(band: Band, z: PyTree, want):
     fresh direction is needed for a breakdown or a verification block, rarely
     at every step, and each pass reads the whole basis. ``usable`` is false
     when ``z`` lies numerically in the span (or was not wanted); ready for
-    :func:`inject`.
+    `inject`.
     """
     acc = band.H.dtype
     m = size(band)
@@ -358,11 +358,11 @@ def compress(band: Band, Y, K, drop_pending=False) -> Band:
 def exact_residuals(band: Band, Y):
     """True ``||A x_i - theta_i x_i||`` for Ritz vectors ``x_i = Q^T Y[:, i]`` (columns of ``Y``).
 
-    Without dropped vectors this is :func:`residual_norms`. With them,
+    Without dropped vectors this is `residual_norms`. With them,
     ``A x - theta x = Q_pend^T F y + sum_c (E[:, c] . y) (I - P_mul) d_c``:
     the dropped vectors are projected off the multiplied rows once (``O(c m N)``)
     and the norms follow from a small Gram matrix. If more vectors were dropped
-    than stored, the bound of :func:`residual_norms` is returned instead.
+    than stored, the bound of `residual_norms` is returned instead.
     """
     if band.D is None:
         return residual_norms(band, Y)

@@ -6,9 +6,9 @@ ARPACK is): ``request(cfg, state)`` names the vector to multiply,
 between two products, ``running(cfg, state)`` says whether to go on. Two
 drivers run it:
 
-* :func:`run` — one ``lax.while_loop`` whose body holds the *only* call site of
+* `run` — one ``lax.while_loop`` whose body holds the *only* call site of
   the user's product, so the compiled program contains the model once;
-* :func:`run_host` — a Python loop for *host-driven* operators (data streamed
+* `run_host` — a Python loop for *host-driven* operators (data streamed
   from the host, which cannot be traced): the product is the operator's own
   host loop over batches, while ``request``, ``update`` and ``running`` are
   each one jitted program, compiled once per configuration and shapes.
@@ -43,7 +43,7 @@ def _jitted(fn: Callable, cfg):
 
 def run_host(request: Callable, update: Callable, running: Callable, cfg, matvec: Callable,
              state):
-    """The loop of :func:`run` driven from Python, for a host-driven ``matvec``.
+    """The loop of `run` driven from Python, for a host-driven ``matvec``.
 
     ``request``, ``update`` and ``running`` are module-level functions and
     ``cfg`` is hashable, so each is compiled once per configuration and
@@ -57,17 +57,17 @@ def run_host(request: Callable, update: Callable, running: Callable, cfg, matvec
 
 
 def drive(request, update, running, cfg, matvec, state):
-    """:func:`run_host` for host-driven operators, :func:`run` otherwise."""
+    """`run_host` for host-driven operators, `run` otherwise."""
     if is_host_driven(matvec):
         return run_host(request, update, running, cfg, matvec, state)
     return run(request, update, running, cfg, matvec, state)
 
 
 class Slot:
-    """The one product call site of a loop body, swappable by :func:`while_loop`.
+    """The one product call site of a loop body, swappable by `while_loop`.
 
     A body calls ``slot(v)`` where it would call ``matvec(v)``; on the host
-    path :func:`while_loop` traces the body twice, once with a slot that
+    path `while_loop` traces the body twice, once with a slot that
     records ``v`` and once with one that returns the product computed outside.
     """
 

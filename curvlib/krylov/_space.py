@@ -16,7 +16,7 @@ Semantics never depend on the layout; compile time and memory traffic do.
 * ``"identity"``: leaves keep their shapes: parameters sharded over several
   devices (a ravel would gather them) or typed with explicit shardings.
 
-The choice is made from where the arrays live (:func:`choose_layout`) when
+The choice is made from where the arrays live (`choose_layout`) when
 they are concrete; inside the user's own ``jit`` (tracers carry no placement
 unless their sharding is explicit) it is made from the process's device count.
 """

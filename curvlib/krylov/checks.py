@@ -16,7 +16,7 @@ PyTree = Any
 
 
 class SymmetryCheck(NamedTuple):
-    """Output of :func:`check_symmetric`.
+    """Output of [`check_symmetric`][curvlib.check_symmetric].
 
     Attributes:
       asymmetry: ``max_i |<u_i, A v_i> - <v_i, A u_i>|`` over the probe pairs.
@@ -28,7 +28,7 @@ class SymmetryCheck(NamedTuple):
       num_matvecs: products used (``2 * num_pairs``; int32).
       converged: the check reached its verdict (``== finite``). An asymmetric
         operator is a verdict (``symmetric=False``), not a failure of the check.
-      status: the :class:`curvlib.Status` code: ``NONFINITE`` or ``SUCCESS``
+      status: the [`curvlib.Status`][curvlib.Status] code: ``NONFINITE`` or ``SUCCESS``
         (read ``symmetric`` for the verdict).
     """
 
@@ -57,7 +57,7 @@ def check_symmetric(
 ) -> SymmetryCheck:
     """Test ``<u, A v> = <v, A u>`` on random Gaussian pairs: a symmetric-operator smoke test.
 
-    Every algorithm in :mod:`curvlib.krylov` assumes ``A = A^T``. A Hessian or
+    Every algorithm in [`curvlib.krylov`][curvlib.krylov] assumes ``A = A^T``. A Hessian or
     Gauss-Newton product is symmetric up to rounding, but a hand-written matvec
     (a transposed Jacobian product applied the wrong way round, a
     non-symmetric preconditioned operator, a stochastic product that redraws
@@ -79,7 +79,7 @@ def check_symmetric(
         bfloat16), far above the rounding of a symmetric product.
 
     Returns:
-      A :class:`SymmetryCheck`.
+      A [`SymmetryCheck`][curvlib.SymmetryCheck].
 
     Raises:
       ValueError: if ``num_pairs`` is not an int ``>= 1`` (``np.int64`` is

@@ -15,7 +15,7 @@ PyTree = Any
 
 
 class SpectralDensity(NamedTuple):
-    """Output of :func:`spectral_density`.
+    """Output of [`spectral_density`][curvlib.spectral_density].
 
     Attributes:
       grid: evaluation points ``t`` (shape ``(num_points,)``).
@@ -30,7 +30,7 @@ class SpectralDensity(NamedTuple):
       converged: the quadrature was computed (``== finite``): stochastic Lanczos
         quadrature has no tolerance, and a probe whose chain meets an invariant
         subspace gives an exact quadrature of that subspace, not a failure.
-      status: the :class:`curvlib.Status` code: ``NONFINITE`` or ``SUCCESS``.
+      status: the [`curvlib.Status`][curvlib.Status] code: ``NONFINITE`` or ``SUCCESS``.
     """
 
     grid: jax.Array
@@ -124,7 +124,7 @@ def spectral_density(
       grid: explicit evaluation points (overrides ``num_points``).
 
     Returns:
-      :class:`SpectralDensity`.
+      [`SpectralDensity`][curvlib.SpectralDensity].
 
     Raises:
       ValueError: if ``num_probes < 1``, ``num_matvecs`` is not in ``[1, dim]``, or

@@ -1,7 +1,7 @@
 """``eigsh``: a few extreme eigenpairs of a symmetric operator, certified.
 
 Thick-restart Lanczos (Wu & Simon 2000) on the band Krylov engine of
-:mod:`curvlib.krylov._band`, written as one product loop (the user's product
+`curvlib.krylov._band`, written as one product loop (the user's product
 appears once in the compiled program), with
 
 * a convergence test after every product (an ``m x m`` ``eigh``, no product),
@@ -39,7 +39,7 @@ WHICH = ("LA", "SA", "LM")
 
 
 class EigshResult(NamedTuple):
-    """Output of :func:`eigsh`.
+    """Output of [`eigsh`][curvlib.eigsh].
 
     Attributes:
       eigenvalues: shape ``(k,)``; for ``"LA"`` algebraically largest first, for
@@ -51,14 +51,14 @@ class EigshResult(NamedTuple):
         (convergence is judged on rigorous upper bounds of them).
       num_matvecs: products used (int32 scalar).
       num_restarts: thick restarts performed (verification restarts included).
-      converged: every residual is below its threshold (see :func:`eigsh`) *and*
+      converged: every residual is below its threshold (see [`eigsh`][curvlib.eigsh]) *and*
         the verification phase found no missing eigenvalue.
       finite: every product was finite; if not, eigenvalues are NaN and
         ``converged=False``.
       num_verifications: verification rounds run (each one fresh random block).
       verification_matvecs: the part of ``num_matvecs`` spent after the wanted
         pairs were first certified, on verification (its cost).
-      status: the :class:`curvlib.Status` code, most serious first: ``NONFINITE``
+      status: the [`curvlib.Status`][curvlib.Status] code, most serious first: ``NONFINITE``
         (not ``finite``), ``MAX_STEPS`` (the product or restart budget ran out
         before ``converged``), else ``SUCCESS``.
     """
@@ -207,7 +207,7 @@ class _Eval(NamedTuple):
 
 
 def _evaluate(cfg: _Cfg, s: _State, band: _band.Band) -> _Eval:
-    """Ritz pairs, thresholds, and the phase decisions of :func:`_update` (one ``m x m`` eigh)."""
+    """Ritz pairs, thresholds, and the phase decisions of `_update` (one ``m x m`` eigh)."""
     order = _band.Order(cfg.which)
     theta, Y, res, valid = _band.ritz(band, order)
     thr = _thresholds(cfg, band, theta, valid, s.tol)
@@ -435,7 +435,7 @@ def eigsh(
 
     Args:
       matvec: symmetric linear operator on pytrees shaped like ``v0``: a curvlib
-        operator (a :class:`jax.tree_util.Partial`), a host-driven operator
+        operator (a `jax.tree_util.Partial`), a host-driven operator
         over streamed data (``host_driven = True``), or any function. A plain
         function or closure is traced once per call to identify its program
         (a few milliseconds) and the arrays it closes over become inputs, so
@@ -467,7 +467,7 @@ def eigsh(
       num_matvecs: deprecated name of ``basis_size`` (it was never a product count).
 
     Returns:
-      An :class:`EigshResult`.
+      An [`EigshResult`][curvlib.EigshResult].
 
     Raises:
       ValueError: for ``k``, ``basis_size``, ``num_keep`` or ``max_matvecs`` out of
@@ -518,7 +518,7 @@ def eigsh(
 
 def _configure(matvec, v0, k, which, tol, basis_size, max_matvecs, max_restarts, num_keep,
                basis_dtype):
-    """Validated ``(cfg, tol, max_matvecs, max_restarts)`` for :func:`eigsh`'s arguments."""
+    """Validated ``(cfg, tol, max_matvecs, max_restarts)`` for `eigsh`'s arguments."""
     _validate.float_leaves(v0, "v0")
     n = _tree.size(v0)
     _validate.one_of(which, "which", WHICH)
@@ -582,7 +582,7 @@ class _ThenState(NamedTuple):
 
 
 def eigsh_then(matvec, v0, k, then, num_rows, **kwargs):
-    """:func:`eigsh`, then the products of ``num_rows`` vectors built from its result: one loop.
+    """`eigsh`, then the products of ``num_rows`` vectors built from its result: one loop.
 
     ``then(result)`` returns a pytree of ``num_rows`` vectors shaped like ``v0``
     (leading axis ``num_rows``); the loop multiplies them one by one after
@@ -590,7 +590,7 @@ def eigsh_then(matvec, v0, k, then, num_rows, **kwargs):
     compiled program holds the operator once (a separate block of products
     would compile the model a second time: ``track_curvature``'s trace
     probes). Returns ``(result, rows, products)``. ``kwargs`` are
-    :func:`eigsh`'s; ``matvec`` must be traceable (not host-driven).
+    [`eigsh`][curvlib.eigsh]'s; ``matvec`` must be traceable (not host-driven).
     """
     if _driver.is_host_driven(matvec):
         raise TypeError("eigsh_then needs a traceable `matvec`, not a host-driven operator.")

@@ -21,7 +21,7 @@ _MAX_STEPS_CAP = int(np.iinfo(np.int32).max) - 2
 
 
 class CGResult(NamedTuple):
-    """Output of :func:`cg`.
+    """Output of [`cg`][curvlib.cg].
 
     Attributes:
       x: the approximate solution of ``(A + damping I) x = b``; always finite.
@@ -39,7 +39,7 @@ class CGResult(NamedTuple):
         finite iterate and ``converged=False``.
       num_matvecs: products used: ``num_steps``, plus one for a warm start
         ``x0``, plus one for the true residual when ``x`` moved.
-      status: the :class:`curvlib.Status` code, most serious first: ``NONFINITE``,
+      status: the [`curvlib.Status`][curvlib.Status] code, most serious first: ``NONFINITE``,
         ``NEGATIVE_CURVATURE`` (the Steihaug exit), ``MAX_STEPS`` (not
         ``converged``: ``max_steps`` ran out), else ``SUCCESS``.
     """
@@ -206,7 +206,7 @@ def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False, s
 
 
 def _precheck(matvec, b, x0, damping, rtol, atol, max_steps, preconditioner):
-    """The value checks of :func:`cg` that must run eagerly (the rest runs at trace time)."""
+    """The value checks of `cg` that must run eagerly (the rest runs at trace time)."""
     _check_config(damping, "damping")
     _check_config(rtol, "rtol")
     _check_config(atol, "atol")
@@ -253,11 +253,12 @@ def cg(
 
     **Derivatives.** ``cg`` is differentiable, in forward and reverse mode, with
     respect to ``b``, ``damping`` and every array the operator depends on
-    (arrays it closes over, or the leaves of a :class:`jax.tree_util.Partial`),
+    (arrays it closes over, or the leaves of a `jax.tree_util.Partial`),
     by implicit differentiation of the exact solution (``jax.lax.custom_linear_solve``):
 
-    .. math::
-        dx = (A + \lambda I)^{-1} (db - dA\,x - d\lambda\,x),
+    $$
+    dx = (A + \lambda I)^{-1} (db - dA\,x - d\lambda\,x),
+    $$
 
     where the solve is one more ``cg`` call with the same settings (``A`` is
     symmetric, so the transposed solve is the solve). ``x0``, ``rtol``,
@@ -296,7 +297,7 @@ def cg(
       preconditioner: optional SPD ``M^{-1}`` applied to residuals.
 
     Returns:
-      A :class:`CGResult`.
+      A [`CGResult`][curvlib.CGResult].
 
     Raises:
       ValueError: if ``x0`` or ``matvec(b)`` does not match ``b``, a concrete

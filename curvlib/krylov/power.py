@@ -19,7 +19,7 @@ _INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 class PowerIterationResult(NamedTuple):
-    """Output of :func:`power_iteration`.
+    """Output of [`power_iteration`][curvlib.power_iteration].
 
     Attributes:
       eigenvalues: signed Rayleigh quotients ``theta_i = x_i^T A x_i`` (shape
@@ -39,7 +39,7 @@ class PowerIterationResult(NamedTuple):
         with ``converged=False``. (A pair is also NaN, with ``finite=True``, when
         the product budget ran out before it started, or when its start was
         degenerate and no ``key`` was given.)
-      status: the :class:`curvlib.Status` code summarising all pairs: ``NONFINITE``
+      status: the [`curvlib.Status`][curvlib.Status] code summarising all pairs: ``NONFINITE``
         (not ``finite``), ``MAX_STEPS`` (some pair not ``converged``: the budget
         ran out, or a pair was never computed), else ``SUCCESS`` (every pair
         converged).
@@ -123,7 +123,7 @@ def power_iteration(
     code use; it finds the largest-*magnitude* eigenvalues (a dominant negative
     Hessian eigenvalue comes first) and converges at the rate
     ``|lambda_{i+1} / lambda_i|``. It is kept as a baseline:
-    :func:`curvlib.eigsh` is faster and targets the algebraically largest values.
+    [`curvlib.eigsh`][curvlib.eigsh] is faster and targets the algebraically largest values.
 
     A pair stops iterating when the residual of the *deflated* operator,
     ``||P A x - theta x||``, is at most ``tol |theta|`` (iterating further
@@ -161,7 +161,7 @@ def power_iteration(
         non-finite Python/NumPy number is refused).
 
     Returns:
-      A :class:`PowerIterationResult`.
+      A [`PowerIterationResult`][curvlib.PowerIterationResult].
 
     Raises:
       ValueError: if ``k`` is not an int in ``[1, dim)``, ``max_matvecs`` or

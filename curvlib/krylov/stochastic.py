@@ -21,10 +21,11 @@ PyTree = Any
 class MonteCarloEstimate(NamedTuple):
     """A Monte Carlo estimate with its error bar: the one type of every stochastic estimate.
 
-    Returned by :func:`hutchinson_trace`, :func:`hutchinson_diag` and the Monte
-    Carlo estimators of :mod:`curvlib.landscape` (``delta2_quadratic_mc``,
-    ``delta2_direct_mc``, ``delta2_full_mc``). It carries the status fields of
-    every curvlib result (``converged``, ``finite``, ``num_matvecs``, ``status``).
+    Returned by [`hutchinson_trace`][curvlib.hutchinson_trace],
+    [`hutchinson_diag`][curvlib.hutchinson_diag] and the Monte Carlo estimators of
+    [`curvlib.landscape`][curvlib.landscape] (``delta2_quadratic_mc``, ``delta2_direct_mc``,
+    ``delta2_full_mc``). It carries the status fields of every curvlib result (``converged``,
+    ``finite``, ``num_matvecs``, ``status``).
 
     Attributes:
       estimate: the estimate (scalar for a trace, pytree for a diagonal, shaped
@@ -47,7 +48,7 @@ class MonteCarloEstimate(NamedTuple):
         ``stderr`` are NaN).
       converged: the estimate and its error bar were computed (a Monte Carlo
         estimate has no tolerance to meet: ``converged == finite``).
-      status: the :class:`curvlib.Status` code: ``NONFINITE`` or ``SUCCESS``.
+      status: the [`curvlib.Status`][curvlib.Status] code: ``NONFINITE`` or ``SUCCESS``.
     """
 
     estimate: Any
@@ -69,7 +70,7 @@ class MonteCarloEstimate(NamedTuple):
 
 def monte_carlo_estimate(estimate, stderr, *, num_samples, num_evaluations, num_matvecs,
                          finite) -> MonteCarloEstimate:
-    """A :class:`MonteCarloEstimate` with ``converged`` and ``status`` derived from ``finite``."""
+    """A `MonteCarloEstimate` with ``converged`` and ``status`` derived from ``finite``."""
     finite = jnp.asarray(finite)
     return MonteCarloEstimate(
         estimate=estimate, stderr=stderr, num_samples=num_samples,
@@ -275,15 +276,16 @@ def hutchinson_trace(
     products run Hutchinson on the deflated remainder ``B = P A P``,
     ``P = I - Q^T Q`` (Meyer et al. 2021):
 
-    .. math::
-        \widehat{\mathrm{tr}}(A) = \mathrm{tr}(Q A Q^T)
-            + \frac{1}{g} \sum_{j=1}^{g} (P z_j)^T A (P z_j).
+    $$
+    \widehat{\mathrm{tr}}(A) = \mathrm{tr}(Q A Q^T)
+        + \frac{1}{g} \sum_{j=1}^{g} (P z_j)^T A (P z_j).
+    $$
 
     For matrices with decaying spectra, such as neural-network Hessians, the
     error falls like ``1/s`` instead of ``1/sqrt(s)``.
 
     Deflated (``deflate=Q`` given, orthonormal rows ``q_1 .. q_d``, e.g. the
-    eigenvectors from :func:`curvlib.eigsh`): the same estimator with that
+    eigenvectors from [`curvlib.eigsh`][curvlib.eigsh]): the same estimator with that
     ``Q``; all ``num_probes`` products go to the remainder, and
     ``tr(Q A Q^T)`` is ``deflate_trace`` when known (for Ritz vectors it is
     the sum of their Ritz values, so the sketch costs nothing), else ``d``
@@ -337,8 +339,8 @@ def hutchinson_trace(
       deflate_trace: optional known ``tr(Q A Q^T)`` for ``deflate``.
 
     Returns:
-      :class:`MonteCarloEstimate` with scalar ``estimate`` and ``stderr`` (NaN,
-      with ``finite=False``, if a product was not finite).
+      [`MonteCarloEstimate`][curvlib.MonteCarloEstimate] with scalar ``estimate`` and ``stderr``
+      (NaN, with ``finite=False``, if a product was not finite).
 
     Raises:
       ValueError: if ``num_probes`` is not an int ``>= 1`` (``>= 3`` for
@@ -429,7 +431,7 @@ def deflated_probes(space: _space.Space, key, num_probes, Q, acc):
     """``(Z, P Z)``: the Rademacher probes of the deflated estimator and their projections.
 
     In ``space``'s layout; ``P = I - Q^T Q`` with ``Q`` the (validated, see
-    :func:`deflation_basis`) orthonormal rows. The products ``A P z_j`` may be
+    `deflation_basis`) orthonormal rows. The products ``A P z_j`` may be
     computed elsewhere (``track_curvature`` runs them in eigsh's loop) and
     handed back through ``block``.
     """
@@ -514,8 +516,9 @@ def hutchinson_diag(
     ``sd_j`` of the ``s`` samples (its only source: ``(A z)_j^2 = (z_j (A z)_j)^2``
     carries nothing more), widened for its ``s - 1`` degrees of freedom:
 
-    .. math::
-        \mathrm{stderr}_j = \frac{t_{0.975,\,s-1}}{z_{0.975}} \frac{sd_j}{\sqrt{s}},
+    $$
+    \mathrm{stderr}_j = \frac{t_{0.975,\,s-1}}{z_{0.975}} \frac{sd_j}{\sqrt{s}},
+    $$
 
     so that ``estimate +- 1.96 stderr`` is the Student-``t`` 95% interval and
     ``+- 2 stderr`` covers ``diag(A)`` in about 95% of runs at every ``s >= 2``
@@ -537,8 +540,8 @@ def hutchinson_diag(
       batch_size: optional chunking of the block product (static, ``>= 1``).
 
     Returns:
-      :class:`MonteCarloEstimate` whose ``estimate`` and ``stderr`` are pytrees
-      (NaN, with ``finite=False``, if a product was not finite).
+      [`MonteCarloEstimate`][curvlib.MonteCarloEstimate] whose ``estimate`` and ``stderr`` are
+      pytrees (NaN, with ``finite=False``, if a product was not finite).
 
     Raises:
       ValueError: if ``num_probes`` or ``batch_size`` is not an int ``>= 1``, or

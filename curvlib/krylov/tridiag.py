@@ -15,7 +15,7 @@ PyTree = Any
 
 
 class LanczosResult(NamedTuple):
-    """Output of :func:`lanczos`.
+    """Output of [`lanczos`][curvlib.lanczos].
 
     Attributes:
       basis: orthonormal Lanczos vectors ``q_0 .. q_{m-1}`` (pytree, leading axis ``m``).
@@ -36,7 +36,7 @@ class LanczosResult(NamedTuple):
         of ``basis`` are orthonormal Lanczos vectors whose products are in ``T``
         (no breakdown left it incomplete: a fresh direction continued every
         breakdown, which only ``reortho="none"`` cannot do).
-      status: the :class:`curvlib.Status` code: ``NONFINITE``, ``BREAKDOWN`` (an
+      status: the [`curvlib.Status`][curvlib.Status] code: ``NONFINITE``, ``BREAKDOWN`` (an
         unrecovered breakdown left the depth incomplete), else ``SUCCESS``.
     """
 
@@ -178,7 +178,7 @@ def lanczos(
 
     Args:
       matvec: symmetric linear operator on pytrees shaped like ``v0`` (see
-        :func:`curvlib.eigsh` for the kinds accepted and what a plain closure costs).
+        [`curvlib.eigsh`][curvlib.eigsh] for the kinds accepted and what a plain closure costs).
       v0: start vector (any non-zero pytree; normalised internally).
       num_matvecs: Krylov depth ``m`` (static), ``1 <= m <= dim``.
       reortho: ``"full"`` (default) or ``"none"`` (three-term recurrence only,
@@ -192,7 +192,7 @@ def lanczos(
         from ``v0``'s values (deterministic).
 
     Returns:
-      A :class:`LanczosResult`.
+      A [`LanczosResult`][curvlib.LanczosResult].
 
     Raises:
       ValueError: if ``num_matvecs`` is not in ``[1, dim]``, ``reortho`` is

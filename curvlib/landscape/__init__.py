@@ -1,21 +1,27 @@
 """Layer 3: ``Delta_2^(D)``, curvature-aligned probing of loss-landscape stabilisation.
 
-Built on :mod:`curvlib.operators` (``hessian_matvec``), :mod:`curvlib.krylov`
-(``eigsh``) and the base.
+Built on [`curvlib.operators`][curvlib.operators] (``hessian_matvec``),
+[`curvlib.krylov`][curvlib.krylov] (``eigsh``) and the base.
 
 How much does the empirical loss surface near a trained point still move when
 one more sample is added? ``curvlib.landscape`` measures the increment field
 ``L_{k+1}(w) - L_k(w)`` with the criteria of Kiselev & Grabovoy (2026):
 
-* :func:`curvature_subspace` — the top-``D`` (signed, algebraic) eigenpairs of
-  ``H^(k)`` by thick-restart Lanczos on Hessian-vector products;
-* :func:`increment_coefficients` — the local quadratic model ``(a, c, B)``;
-* estimators: :func:`delta2_closed_form` (+ :func:`delta2_closed_form_terms`),
-  :func:`delta2_quadratic_mc`, :func:`delta2_direct_mc`, :func:`delta2_full_mc`,
-  :func:`delta1`, :func:`delta2_spectral`, :func:`delta2_bound`;
-* :func:`k_curve` — the whole curve over ``k`` (a :class:`KCurve`), with the
-  principal angles between consecutive subspaces; :mod:`curvlib.landscape.report`
-  turns it into tables, JSON and a log-log plot.
+* [`curvature_subspace`][curvlib.landscape.curvature_subspace] — the top-``D`` (signed, algebraic)
+  eigenpairs of ``H^(k)`` by thick-restart Lanczos on Hessian-vector products;
+* [`increment_coefficients`][curvlib.landscape.increment_coefficients] — the local quadratic model
+  ``(a, c, B)``;
+* estimators: [`delta2_closed_form`][curvlib.landscape.delta2_closed_form] (+
+  [`delta2_closed_form_terms`][curvlib.landscape.delta2_closed_form_terms]),
+  [`delta2_quadratic_mc`][curvlib.landscape.delta2_quadratic_mc],
+  [`delta2_direct_mc`][curvlib.landscape.delta2_direct_mc],
+  [`delta2_full_mc`][curvlib.landscape.delta2_full_mc], [`delta1`][curvlib.landscape.delta1],
+  [`delta2_spectral`][curvlib.landscape.delta2_spectral],
+  [`delta2_bound`][curvlib.landscape.delta2_bound];
+* [`k_curve`][curvlib.landscape.k_curve] — the whole curve over ``k`` (a
+  [`KCurve`][curvlib.landscape.KCurve]), with the principal angles between consecutive subspaces;
+  [`curvlib.landscape.report`][curvlib.landscape.report] turns it into tables, JSON and a log-log
+  plot.
 
 Data convention: ``loss_fn(params, batch)`` is the mean loss over the leading
 axis of ``batch``; ``data`` is a pytree whose leading axis is the sample order;
@@ -25,7 +31,7 @@ every compiled program serves all ``k``. Compiled programs are cached by
 call repeated with the same ``loss_fn`` costs only its run time; a new lambda
 on every call compiles again (define ``loss_fn`` once).
 
-The criteria, for ``w`` drawn from a probe law ``q`` concentrated at ``w*``::
+The criteria, for ``w`` drawn from a probe law ``q`` concentrated at ``w*``:
 
     Delta_p(k+1) = E_{w ~ q} |L_{k+1}(w) - L_k(w)|^p
     Delta_1:       p = 1, q = point mass at w*

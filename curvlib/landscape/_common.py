@@ -1,4 +1,4 @@
-"""Shared helpers of :mod:`curvlib.landscape`: the data convention, sample weights, input checks.
+"""Shared helpers of `curvlib.landscape`: the data convention, sample weights, input checks.
 
 Data convention: ``loss_fn(params, batch)`` is the *mean* loss over the leading
 axis of ``batch``; ``data`` is a pytree of arrays whose leading axis is the
@@ -77,7 +77,7 @@ def check_k(k, data: PyTree):
     ``k`` is data, not shape: a Python or NumPy int (or a concrete integer
     array) is checked here and passed to the compiled programs as a traced
     scalar. A traced ``k`` (inside the user's ``jax.jit``) is accepted as is;
-    out-of-range values then give NaN results (:func:`sample_weights`).
+    out-of-range values then give NaN results (`sample_weights`).
     """
     n = num_samples(data)
     if isinstance(k, jax.core.Tracer):
@@ -138,7 +138,7 @@ def check_basis_size(basis_size, dim: int, params: PyTree) -> int | None:
 def check_problem(loss_fn: Callable, params: PyTree, data: PyTree, k):
     """The checks every landscape entry point makes at its boundary; returns ``k`` checked.
 
-    ``k`` (:func:`check_k`), ``params`` (real floating leaves) and ``loss_fn``:
+    ``k`` (`check_k`), ``params`` (real floating leaves) and ``loss_fn``:
     ``loss_fn(params, data)`` must be one scalar, the mean loss over the batch
     (one abstract evaluation, ``jax.eval_shape``: no computation). A per-sample
     loss (shape ``(n,)``) is refused here, as by every curvlib entry point
@@ -291,7 +291,7 @@ def _substitute(batch: PyTree, used: jax.Array, safe: PyTree) -> PyTree:
 
 def weighted_loss(loss_fn: Callable, params: PyTree, batch: PyTree, weights: jax.Array,
                   safe: PyTree) -> jax.Array:
-    """``sum_i w_i l_i(params)`` over ``batch``, in :func:`weight_dtype` (at least float32).
+    """``sum_i w_i l_i(params)`` over ``batch``, in `weight_dtype` (at least float32).
 
     Samples of zero weight are replaced by ``safe`` (a sample that does carry
     weight) first, so their values, finite or not, never reach the result or
@@ -307,7 +307,7 @@ def weighted_loss(loss_fn: Callable, params: PyTree, batch: PyTree, weights: jax
 
 
 def chunkable(data: PyTree, microbatch_size: int | None) -> PyTree:
-    """``data`` prepared for :func:`accumulate`'s dynamic chunk slices.
+    """``data`` prepared for `accumulate`'s dynamic chunk slices.
 
     A leaf whose sample axis is split over devices of an explicit sharding
     type is gathered along that axis (its other axes keep their sharding) when
@@ -341,7 +341,7 @@ def accumulate(fn: Callable, init: PyTree, data: PyTree, weights: jax.Array,
     ``fn`` must return a pytree shaped like ``init`` (its sums are accumulated
     in ``init``'s dtypes).
 
-    ``data`` must have gone through :func:`chunkable`.
+    ``data`` must have gone through `chunkable`.
     """
     n = num_samples(data)
     m = microbatch_size
@@ -402,7 +402,7 @@ def increment_fn(loss_fn: Callable, data: PyTree, k, microbatch_size: int | None
 
 def increment(loss_fn: Callable, params: PyTree, data: PyTree, k,
               microbatch_size: int | None) -> jax.Array:
-    """``L_{k+1}(params) - L_k(params)`` (:func:`increment_fn` at one point)."""
+    """``L_{k+1}(params) - L_k(params)`` (`increment_fn` at one point)."""
     return increment_fn(loss_fn, data, k, microbatch_size, weight_dtype(params))(params)
 
 

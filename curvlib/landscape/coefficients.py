@@ -1,6 +1,6 @@
 """The increment field ``L_{k+1} - L_k`` and its local quadratic coefficients ``(a, c, B)``.
 
-Around ``w*`` (Kiselev & Grabovoy 2026; ``docs/landscape.md``)::
+Around ``w*`` (Kiselev & Grabovoy 2026; ``docs/landscape.md``):
 
     L_{k+1}(w) - L_k(w) ~= a + b^T (w - w*) + 1/2 (w - w*)^T A (w - w*)
     a = L_{k+1}(w*) - L_k(w*),  b = g^(k+1)(w*) - g^(k)(w*),  A = H^(k+1)(w*) - H^(k)(w*)
@@ -15,8 +15,8 @@ of per-sample losses, ``sum_{i<k} -l_i / (k (k+1)) + l_{k+1} / (k+1)``, with no
 subtraction of two nearly equal means (which in float32 would cancel most
 digits of ``b`` and ``A``). ``k`` enters as data, so one compiled program
 serves every ``k``. That ``loss_fn`` is a mean over its batch is checked at
-the probe point first (:func:`check_mean_loss`), which is what catches a
-``loss_fn`` that sums.
+the probe point first ([`check_mean_loss`][curvlib.landscape.check_mean_loss]), which is what
+catches a ``loss_fn`` that sums.
 """
 
 from __future__ import annotations
@@ -53,6 +53,12 @@ class IncrementCoefficients(NamedTuple):
 
         ``c[:dim]`` and ``B[:dim, :dim]``: no new products, so one subspace of
         size ``Dmax`` serves every ``D <= Dmax``.
+
+        Args:
+          dim: the nested dimension, ``1 <= dim <= Dmax``.
+
+        Returns:
+          The [`IncrementCoefficients`][curvlib.landscape.IncrementCoefficients] of that subspace.
         """
         d = int(self.c.shape[-1])
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= d:
@@ -150,7 +156,7 @@ def check_mean_loss(
 
 
 def mean_check(loss_fn, params, data, k, mb, rtol=None) -> None:
-    """:func:`check_mean_loss` on checked arguments: no argument checks."""
+    """`check_mean_loss` on checked arguments: no argument checks."""
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, data, k))):
         return  # inside a user's jit: nothing concrete to compare
     dev, Lk, l1, scale = (float(x) for x in _mean_check(loss_fn, params, data, k, mb))
@@ -172,7 +178,7 @@ def mean_check(loss_fn, params, data, k, mb, rtol=None) -> None:
 
 
 def _non_finite_message(params, data, k, L1, Lk, l1) -> str:
-    """Why the losses of :func:`check_mean_loss` are NaN/Inf: ``params``, ``data`` or the loss."""
+    """Why the losses of `check_mean_loss` are NaN/Inf: ``params``, ``data`` or the loss."""
     causes = []
     if not _tree.all_finite(params):
         causes.append("`params` has NaN/Inf entries")
@@ -331,8 +337,8 @@ def increment_coefficients(
 
     ``a = L_{k+1} - L_k``, ``c = U (g^(k+1) - g^(k))``,
     ``B = sym(U (H^(k+1) - H^(k)) U^T)``, with ``U`` the rows of ``eigenvectors``
-    (e.g. :func:`curvature_subspace`'s, orthonormal). By the mean identity
-    ``a``, ``b = g^(k+1) - g^(k)`` and ``A = H^(k+1) - H^(k)`` are the value,
+    (e.g. [`curvature_subspace`][curvlib.landscape.curvature_subspace]'s, orthonormal). By the mean
+    identity ``a``, ``b = g^(k+1) - g^(k)`` and ``A = H^(k+1) - H^(k)`` are the value,
     gradient and Hessian of one weighted sum of per-sample losses
     (``-1/(k(k+1))`` for the first ``k`` samples, ``1/(k+1)`` for sample
     ``k + 1``): one linearisation gives ``a`` and ``b``, and ``D`` tangent
@@ -346,15 +352,15 @@ def increment_coefficients(
     ``vmap``, or one at a time when microbatching.
 
     With ``eigenvalues`` (the Ritz values that came with ``eigenvectors`` from
-    :func:`curvature_subspace` on the same ``params``, ``data`` and ``k``) the
-    ``D`` products are taken with the Hessian of the single sample ``k + 1``
+    [`curvature_subspace`][curvlib.landscape.curvature_subspace] on the same ``params``, ``data``
+    and ``k``) the ``D`` products are taken with the Hessian of the single sample ``k + 1``
     only (one sample each, whatever ``k``), and ``U H^(k) U^T = diag(theta)``:
     Rayleigh-Ritz makes ``x_i^T H^(k) x_j = theta_i delta_ij`` for Ritz pairs
     *whatever their residual* (``x_i = Q^T y_i`` with ``y_i`` eigenvectors of
-    ``T = Q H^(k) Q^T``). The cheap route after :func:`curvature_subspace`;
-    the program then holds a gradient and a separate single-sample product
-    (a little more to compile). Pass them only for such Ritz pairs; for any
-    other basis the result would be wrong.
+    ``T = Q H^(k) Q^T``). The cheap route after
+    [`curvature_subspace`][curvlib.landscape.curvature_subspace]; the program then holds a gradient
+    and a separate single-sample product (a little more to compile). Pass them only for such Ritz
+    pairs; for any other basis the result would be wrong.
 
     Args:
       loss_fn: ``loss_fn(params, batch)``, the mean loss over the batch's leading axis.
@@ -363,21 +369,24 @@ def increment_coefficients(
       k: sample count, ``1 <= k < n``.
       eigenvectors: basis pytree shaped like ``params`` with a leading axis ``D``.
         Any ``D`` (up to ``N``) is accepted here; for nested subspaces compute
-        once at ``Dmax`` and use :meth:`IncrementCoefficients.prefix`.
+        once at ``Dmax`` and use
+        [`IncrementCoefficients.prefix`][curvlib.landscape.IncrementCoefficients.prefix].
       microbatch_size: chunk size over the samples (bounds memory).
       mode: ``None``/``"linearize"`` (one linearisation per chunk, then tangent
         passes), or ``"fwd-rev"``/``"rev-rev"`` (each product from scratch).
-      check_mean: verify that ``loss_fn`` is a mean first (:func:`check_mean_loss`).
+      check_mean: verify that ``loss_fn`` is a mean first
+        ([`check_mean_loss`][curvlib.landscape.check_mean_loss]).
       eigenvalues: optional Ritz values of ``H^(k)`` for ``eigenvectors``
         (shape ``(D,)``), e.g. ``curvature_subspace(...).eigenvalues``.
 
     Returns:
-      :class:`IncrementCoefficients`.
+      [`IncrementCoefficients`][curvlib.landscape.IncrementCoefficients].
 
     Raises:
       ValueError: bad ``k``, a basis that does not match ``params``, or a
         ``loss_fn`` that is not a mean; with ``check_mean``, also NaN/Inf
-        losses at ``params`` (:func:`check_mean_loss` names the source).
+        losses at ``params`` ([`check_mean_loss`][curvlib.landscape.check_mean_loss] names the
+        source).
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np

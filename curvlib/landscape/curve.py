@@ -8,9 +8,10 @@ terms, the spectral corollary, optionally direct subspace Monte Carlo and the
 full-space ``Delta_2``. The stabilisation theory predicts ``Delta_1 = O(1/k)``
 and ``Delta_2 = O(1/k^2)`` (Kiselev & Grabovoy 2026).
 
-The sample count is data in every compiled program of :mod:`curvlib.landscape`,
+The sample count is data in every compiled program of [`curvlib.landscape`][curvlib.landscape],
 so a curve over any number of ``k`` compiles each program once. Tables, JSON
-and plots of a :class:`KCurve` are in :mod:`curvlib.landscape.report`.
+and plots of a [`KCurve`][curvlib.landscape.KCurve] are in
+[`curvlib.landscape.report`][curvlib.landscape.report].
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class KCurve(NamedTuple):
         eigenspaces of ``H^(k)`` and ``H^(k+1)`` (NaN if k+2 > n).
       converged: ``(K,)`` whether the eigensolver converged at k (and k+1).
       unique: ``(K, nD)`` whether the top-``D`` subspace of ``H^(k)`` is unique
-        (:func:`curvlib.landscape.subspace.unique_prefixes`): ``False`` when
+        (`curvlib.landscape.subspace.unique_prefixes`): ``False`` when
         ``lambda_D`` ties ``lambda_{D+1}`` within the certificate or is
         numerically zero (``D`` beyond the rank of ``H^(k)``). There ``Delta_2^(D)``
         and the principal angles depend on the basis the eigensolver returned,
@@ -83,7 +84,7 @@ class KCurve(NamedTuple):
       timings: stage -> ``(K,)`` seconds (``subspace``, ``coefficients``,
         ``closed_form``, ``direct_mc``, ``full_mc``); the first ``k`` includes
         the compilation of each stage's program (one for the whole curve).
-      status: ``(K,)`` int32 :class:`curvlib.Status` of the eigensolves at k
+      status: ``(K,)`` int32 [`curvlib.Status`][curvlib.Status] of the eigensolves at k
         (and k+1): the most serious of their ``status`` (``None`` for a curve
         built by hand).
     """
@@ -111,7 +112,7 @@ class KCurve(NamedTuple):
 
 
 class KCurveConfig(NamedTuple):
-    """Options of :func:`k_curve` (every field can also be passed to it as a keyword).
+    """Options of `k_curve` (every field can also be passed to it as a keyword).
 
     Attributes:
       num_samples: direct subspace MC draws per ``(k, D, sigma)``; 0 skips it.
@@ -121,11 +122,12 @@ class KCurveConfig(NamedTuple):
         products (bounds memory; with it, a step at ``k`` evaluates only the
         chunks holding the first ``k + 2`` samples).
       sample_batch_size: MC evaluations per vectorised chunk.
-      basis_size: Krylov basis size of :func:`curvature_subspace`.
+      basis_size: Krylov basis size of [`curvature_subspace`][curvlib.landscape.curvature_subspace].
       tol: eigensolver tolerance.
       next_subspace: also build the subspace at ``k + 1`` (for the corollary and the
         principal angles); skipped automatically where ``k + 2 > n``.
-      flatten: passed to :func:`curvature_subspace` (faster compiles for small models).
+      flatten: passed to [`curvature_subspace`][curvlib.landscape.curvature_subspace] (faster
+        compiles for small models).
       progress: show a tqdm progress bar (if tqdm is installed).
     """
 
@@ -347,7 +349,7 @@ def _progress(iterable, enabled, desc):
 
 
 def _assemble(plan: _Plan, points: list[dict], seconds: list[dict]) -> KCurve:
-    """Stack the per-``k`` values into a :class:`KCurve` (NaN where a stage did not run)."""
+    """Stack the per-``k`` values into a `KCurve` (NaN where a stage did not run)."""
     K, nD, nS = len(plan.ks), len(plan.dims), len(plan.sigmas)
     shapes = dict(delta1=(), closed_form=(nD, nS), constant=(nD, nS), sigma2=(nD, nS),
                   sigma4=(nD, nS), spectral=(nD, nS), direct_mean=(nD, nS),
@@ -387,18 +389,19 @@ def k_curve(
     options) are checked once, here; the steps call the computations of the
     public functions they name without checking again.
 
-    Per ``k`` (:func:`curve_point`, a list of named steps):
+    Per ``k`` (`curve_point`, a list of named steps):
 
-    1. :func:`check_mean_loss` at the point;
-    2. :func:`subspace_step`: :func:`curvature_subspace` at ``k`` (and at
-       ``k + 1`` when ``next_subspace``) and the principal angles between the
+    1. [`check_mean_loss`][curvlib.landscape.check_mean_loss] at the point;
+    2. `subspace_step`: [`curvature_subspace`][curvlib.landscape.curvature_subspace] at ``k`` (and
+       at ``k + 1`` when ``next_subspace``) and the principal angles between the
        nested subspaces;
-    3. :func:`coefficient_step`: :func:`increment_coefficients` once for ``Dmax``;
-    4. :func:`closed_form_step`: the closed form and its three terms for every
+    3. `coefficient_step`: [`increment_coefficients`][curvlib.landscape.increment_coefficients] once
+      for ``Dmax``;
+    4. `closed_form_step`: the closed form and its three terms for every
        ``(D, sigma)``, and the spectral corollary;
-    5. when asked, :func:`direct_mc_step` (:func:`delta2_direct_mc`, one
-       compiled program for all ``D``) and :func:`full_mc_step`
-       (:func:`delta2_full_mc`).
+    5. when asked, `direct_mc_step` ([`delta2_direct_mc`][curvlib.landscape.delta2_direct_mc], one
+       compiled program for all ``D``) and `full_mc_step`
+       ([`delta2_full_mc`][curvlib.landscape.delta2_full_mc]).
 
     ``k`` is data in every compiled program, so the whole curve compiles each
     stage once, however many ``k`` it has. ``data`` is cut once to the first
@@ -416,20 +419,21 @@ def k_curve(
       dims: nested subspace dimensions; ``max(dims) < N``.
       sigmas: probe scales (> 0).
       key: PRNG key (folded with ``k`` per step).
-      config: a :class:`KCurveConfig`; default ``KCurveConfig()``.
-      **options: any :class:`KCurveConfig` field (``num_samples``,
+      config: a [`KCurveConfig`][curvlib.landscape.KCurveConfig]; default ``KCurveConfig()``.
+      **options: any [`KCurveConfig`][curvlib.landscape.KCurveConfig] field (``num_samples``,
         ``full_samples``, ``antithetic``, ``microbatch_size``,
         ``sample_batch_size``, ``basis_size``, ``tol``, ``next_subspace``,
         ``flatten``, ``progress``), overriding ``config``; ``num_matvecs`` is
         the deprecated name of ``basis_size``.
 
     Returns:
-      :class:`KCurve`; :mod:`curvlib.landscape.report` turns it into tables,
-      JSON and plots.
+      [`KCurve`][curvlib.landscape.KCurve]; [`curvlib.landscape.report`][curvlib.landscape.report]
+      turns it into tables, JSON and plots.
 
     Raises:
       ValueError: for bad ``ks``, ``dims``, ``sigmas`` or options, before any
-        computation; from :func:`check_mean_loss` for a loss that is not a mean.
+        computation; from [`check_mean_loss`][curvlib.landscape.check_mean_loss] for a loss that is
+        not a mean.
       TypeError: for an unknown option.
 
     Examples:

@@ -79,7 +79,7 @@ def _check_coefficients(a, c, B):
 
 
 def delta2_closed_form_terms(a, c, B, sigma) -> ClosedFormTerms:
-    """The three ``sigma``-terms of :func:`delta2_closed_form`, each shaped like ``sigma``.
+    """The three ``sigma``-terms of `delta2_closed_form`, each shaped like ``sigma``.
 
     ``a^2``, ``sigma^2 (a tr B + ||c||^2)`` and ``sigma^4 (2 tr B^2 + (tr B)^2) / 4``.
     Near ``sigma -> 0`` the sum tends to ``a^2``, which hides the curvature
@@ -87,13 +87,14 @@ def delta2_closed_form_terms(a, c, B, sigma) -> ClosedFormTerms:
     by eager calls) for every ``sigma`` grid of a given length.
 
     Args:
-      a: scalar ``L_{k+1}(w*) - L_k(w*)`` (from :func:`increment_coefficients`).
+      a: scalar ``L_{k+1}(w*) - L_k(w*)`` (from
+        [`increment_coefficients`][curvlib.landscape.increment_coefficients]).
       c: ``(D,)`` projected gradient increment.
       B: ``(D, D)`` projected, symmetrised Hessian increment.
       sigma: scalar or 1-D grid (> 0).
 
     Returns:
-      :class:`ClosedFormTerms`, each term shaped like ``sigma``.
+      [`ClosedFormTerms`][curvlib.landscape.ClosedFormTerms], each term shaped like ``sigma``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -110,13 +111,14 @@ def delta2_closed_form(a, c, B, sigma) -> jax.Array:
     """Gaussian-moment closed form of ``Delta_2^(D)``: the exact mean of the quadratic surrogate.
 
     For ``q(z) = a + c^T z + 1/2 z^T B z`` and ``z ~ N(0, sigma^2 I_D)``
-    (Isserlis' theorem)::
+    (Isserlis' theorem):
 
         E q^2 = a^2 + sigma^2 (a tr B + ||c||^2) + sigma^4 (2 tr B^2 + (tr B)^2) / 4
 
-    Cost ``O(D^2)`` once ``(a, c, B)`` exist (:func:`increment_coefficients`);
-    a ``sigma`` grid is one vectorised call. Nested ``D``: pass ``c[:D]``,
-    ``B[:D, :D]`` (:meth:`IncrementCoefficients.prefix`).
+    Cost ``O(D^2)`` once ``(a, c, B)`` exist
+    ([`increment_coefficients`][curvlib.landscape.increment_coefficients]); a ``sigma`` grid is one
+    vectorised call. Nested ``D``: pass ``c[:D]``, ``B[:D, :D]``
+    ([`IncrementCoefficients.prefix`][curvlib.landscape.IncrementCoefficients.prefix]).
 
     Args:
       a: scalar ``L_{k+1}(w*) - L_k(w*)``.
@@ -216,6 +218,15 @@ def subspace_normals(key: jax.Array, num_samples: int, dim: int, dtype=jnp.float
     Prefix-consistent: the first ``d`` columns do not depend on ``dim >= d``,
     so nested subspaces see nested draws.
 
+    Args:
+      key: PRNG key.
+      num_samples: rows (Monte-Carlo samples).
+      dim: columns (subspace dimension).
+      dtype: the draws' dtype.
+
+    Returns:
+      The ``(num_samples, dim)`` draws.
+
     Examples:
       >>> import jax, numpy as np
       >>> from curvlib.landscape import subspace_normals
@@ -248,7 +259,7 @@ def _grid(sigma, dtype):
 
 
 def _estimate(mean, stderr, sigma, num_samples, antithetic) -> MonteCarloEstimate:
-    """Package grid results as a :class:`MonteCarloEstimate` shaped like ``sigma``."""
+    """Package grid results as a `MonteCarloEstimate` shaped like ``sigma``."""
     P = 2 if antithetic else 1
     finite = jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(stderr))
     return monte_carlo_estimate(
@@ -301,13 +312,14 @@ def delta2_quadratic_mc(
 ) -> MonteCarloEstimate:
     """Monte Carlo mean of ``(a + c^T z + 1/2 z^T B z)^2``, ``z ~ N(0, sigma^2 I_D)``.
 
-    Converges to :func:`delta2_closed_form` at rate ``num_samples^-1/2``; useful
-    as a check of the closed form and as the quadratic model's share of
-    :func:`delta2_direct_mc` (same ``key`` = same draws). One compiled program
-    for the whole ``sigma`` grid; cost ``O(S D^2)``.
+    Converges to [`delta2_closed_form`][curvlib.landscape.delta2_closed_form] at rate
+    ``num_samples^-1/2``; useful as a check of the closed form and as the quadratic model's share of
+    [`delta2_direct_mc`][curvlib.landscape.delta2_direct_mc] (same ``key`` = same draws). One
+    compiled program for the whole ``sigma`` grid; cost ``O(S D^2)``.
 
     Args:
-      a: scalar ``L_{k+1}(w*) - L_k(w*)`` (from :func:`increment_coefficients`).
+      a: scalar ``L_{k+1}(w*) - L_k(w*)`` (from
+        [`increment_coefficients`][curvlib.landscape.increment_coefficients]).
       c: ``(D,)`` projected gradient increment.
       B: ``(D, D)`` projected, symmetrised Hessian increment.
       sigma: scalar or 1-D grid (> 0).
@@ -316,7 +328,7 @@ def delta2_quadratic_mc(
       antithetic: evaluate each draw at ``z`` and ``-z``.
 
     Returns:
-      :class:`MonteCarloEstimate` shaped like ``sigma``.
+      [`MonteCarloEstimate`][curvlib.landscape.MonteCarloEstimate] shaped like ``sigma``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -416,7 +428,8 @@ def delta2_direct_mc(
       eigenvectors: orthonormal basis (leading axis ``Dmax``), e.g.
         ``curvature_subspace(...).eigenvectors``.
       sigma: scalar or 1-D grid (> 0).
-      key: PRNG key; the same key as :func:`delta2_quadratic_mc` gives the same draws.
+      key: PRNG key; the same key as [`delta2_quadratic_mc`][curvlib.landscape.delta2_quadratic_mc]
+        gives the same draws.
       num_samples: independent draws ``S``.
       dim: use only the first ``dim`` vectors (nested subspaces share one compiled
         program; under ``jax.jit`` it may be traced); default all.
@@ -424,16 +437,17 @@ def delta2_direct_mc(
       microbatch_size: chunk size over the ``k`` samples.
       sample_batch_size: evaluations per vectorised chunk (default: all at once).
       control_variate: optional ``(a, c, B)`` of the same basis
-        (:func:`increment_coefficients`). The quadratic model is then a control
+        ([`increment_coefficients`][curvlib.landscape.increment_coefficients]). The quadratic model
+        is then a control
         variate: the estimate is ``GM + mean_s (f(z_s) - q(z_s)^2)``, still
         unbiased for the direct value, but its standard error measures only the
         quadratic model's error on the draws, not the spread of ``q^2`` itself
         (orders of magnitude smaller wherever the model is good).
       check_mean: verify that ``loss_fn`` is a mean at ``params`` first
-        (:func:`check_mean_loss`).
+        ([`check_mean_loss`][curvlib.landscape.check_mean_loss]).
 
     Returns:
-      :class:`MonteCarloEstimate` shaped like ``sigma``.
+      [`MonteCarloEstimate`][curvlib.landscape.MonteCarloEstimate] shaped like ``sigma``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -531,13 +545,13 @@ def delta2_full_mc(
     ``E ||w - w*||^2 = N sigma^2`` (versus ``D sigma^2`` in a subspace). The
     baseline that ``Delta_2^(D)`` is compared with. One compiled program for the
     grid; each draw regenerates its ``N`` normals from its own key (no ``S x N``
-    buffer). Cost as :func:`delta2_direct_mc`.
+    buffer). Cost as [`delta2_direct_mc`][curvlib.landscape.delta2_direct_mc].
 
     Args:
-      loss_fn: as :func:`delta2_direct_mc`.
-      params: as :func:`delta2_direct_mc`.
-      data: as :func:`delta2_direct_mc`.
-      k: as :func:`delta2_direct_mc`.
+      loss_fn: as [`delta2_direct_mc`][curvlib.landscape.delta2_direct_mc].
+      params: as [`delta2_direct_mc`][curvlib.landscape.delta2_direct_mc].
+      data: as [`delta2_direct_mc`][curvlib.landscape.delta2_direct_mc].
+      k: as [`delta2_direct_mc`][curvlib.landscape.delta2_direct_mc].
       sigma: scalar or 1-D grid (> 0).
       key: PRNG key.
       num_samples: independent draws ``S``.
@@ -545,10 +559,10 @@ def delta2_full_mc(
       microbatch_size: chunk size over the ``k`` samples.
       sample_batch_size: evaluations per vectorised chunk (default: all at once).
       check_mean: verify that ``loss_fn`` is a mean at ``params`` first
-        (:func:`check_mean_loss`).
+        ([`check_mean_loss`][curvlib.landscape.check_mean_loss]).
 
     Returns:
-      :class:`MonteCarloEstimate` shaped like ``sigma``.
+      [`MonteCarloEstimate`][curvlib.landscape.MonteCarloEstimate] shaped like ``sigma``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -587,7 +601,7 @@ def delta1(
     """Pointwise criterion ``Delta_1(k+1) = |L_{k+1}(params) - L_k(params)|``.
 
     Cost: ``k + 1`` per-sample forward passes (the mean identity,
-    :func:`loss_increment`; all ``n`` samples of ``data`` without
+    [`loss_increment`][curvlib.landscape.loss_increment]; all ``n`` samples of ``data`` without
     microbatching). Its square is the ``sigma -> 0`` limit of every
     ``Delta_2`` variant. One compiled program for every ``k``.
 

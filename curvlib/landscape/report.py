@@ -1,7 +1,7 @@
-"""Reports of a :class:`~curvlib.landscape.KCurve`: text tables, JSON and a log-log plot.
+"""Reports of a [`KCurve`][curvlib.landscape.KCurve]: text tables, JSON and a log-log plot.
 
 Nothing here computes a criterion: the functions read a finished curve
-(:func:`curvlib.landscape.k_curve`). Plotting needs matplotlib (the ``demo``
+([`curvlib.landscape.k_curve`][curvlib.landscape.k_curve]). Plotting needs matplotlib (the ``demo``
 extra) and never changes its backend.
 """
 
@@ -17,6 +17,12 @@ from curvlib.landscape.curve import KCurve, curve_slopes, fit_slope, sigma_index
 
 def curve_to_dict(curve: KCurve) -> dict:
     """A JSON-serialisable dict of every field (NaN becomes ``None``), plus the fitted slopes.
+
+    Args:
+      curve: a [`KCurve`][curvlib.landscape.KCurve] from [`k_curve`][curvlib.landscape.k_curve].
+
+    Returns:
+      The dict (lists of numbers and ``None``).
 
     Examples:
       >>> import numpy as np
@@ -59,7 +65,13 @@ def curve_to_dict(curve: KCurve) -> dict:
 
 
 def save_curve_json(curve: KCurve, path) -> None:
-    """Write :func:`curve_to_dict` to ``path`` (strict JSON: no ``NaN`` literals).
+    """Write [`curve_to_dict`][curvlib.landscape.curve_to_dict] to ``path`` (strict JSON).
+
+    No ``NaN`` literals: NaN becomes ``null``.
+
+    Args:
+      curve: a [`KCurve`][curvlib.landscape.KCurve] from [`k_curve`][curvlib.landscape.k_curve].
+      path: the JSON file to write.
 
     Examples:
       >>> import json, os, tempfile
@@ -92,6 +104,13 @@ def curve_table(curve: KCurve, sigma=None) -> str:
     (degrees) between the top-``D`` eigenspaces at ``k`` and ``k + 1``; then
     the fitted slopes. Ten characters per number: three nested ``D`` fit in
     100 columns. ``-`` marks a value that was not computed.
+
+    Args:
+      curve: a [`KCurve`][curvlib.landscape.KCurve] from [`k_curve`][curvlib.landscape.k_curve].
+      sigma: the ``sigma`` to show (the nearest grid value); ``None``: the first grid value.
+
+    Returns:
+      The tables as one string.
 
     Examples:
       >>> import numpy as np
@@ -144,7 +163,7 @@ def plot_curve(curve: KCurve, sigma=None, path=None, ax=None):
     the fitted slopes. Needs matplotlib.
 
     Args:
-      curve: a :class:`KCurve`.
+      curve: a [`KCurve`][curvlib.landscape.KCurve].
       sigma: the probe scale to show (nearest grid value; default the first).
       path: save the figure there (PNG, PDF, ... by extension).
       ax: draw into this matplotlib axes. Without ``ax`` and ``path`` a new

@@ -29,7 +29,7 @@ def weighted_hessian_matvec(loss_fn: Callable, params: PyTree, data: PyTree, k, 
 
     ``kind="mean"`` gives ``H^(k)``, the Hessian of ``L_k``. Without
     microbatching the weighted loss over all of ``data`` goes to
-    :func:`curvlib.hessian_matvec` (``mode="linearize"`` by default: one
+    [`curvlib.hessian_matvec`][curvlib.hessian_matvec] (``mode="linearize"`` by default: one
     linearisation, then a tangent pass per product). With ``microbatch_size``
     every product loops over the chunks holding the weighted samples
     (``fwd-rev`` or ``rev-rev`` per chunk), so memory is one chunk's.
@@ -120,7 +120,7 @@ def curvature_subspace(
 ) -> EigshResult:
     """Top-``dim`` eigenpairs of ``H^(k)(params)``, the Hessian of ``L_k = loss_fn(., data[:k])``.
 
-    Thick-restart Lanczos (:func:`curvlib.eigsh`, ``which="LA"``) on
+    Thick-restart Lanczos ([`curvlib.eigsh`][curvlib.eigsh], ``which="LA"``) on
     Hessian-vector products of ``L_k``: the eigenvalues are *signed* and ordered
     algebraically, largest first, and the eigenvectors orthonormal (a pytree
     shaped like ``params`` with a leading axis ``dim``). This is the ``U_D`` of
@@ -134,7 +134,7 @@ def curvature_subspace(
     every ``k`` (a curve over ``k``, or ``k`` and ``k + 1``), and an eager
     second call with the same ``loss_fn`` and shapes reuses it.
 
-    Cost: the products of :func:`curvlib.eigsh` (``basis_size`` plus
+    Cost: the products of [`curvlib.eigsh`][curvlib.eigsh] (``basis_size`` plus
     ``basis_size - keep`` per restart, fewer when it converges early); each
     product evaluates all ``n`` samples of ``data``, or with
     ``microbatch_size = m`` the ``ceil(k / m)`` chunks holding the first ``k``.
@@ -153,8 +153,8 @@ def curvature_subspace(
       mode: Hessian product mode: ``"linearize"`` (default without
         microbatching), ``"fwd-rev"`` (default with) or ``"rev-rev"``.
       basis_size: Krylov basis size, ``D + 2 <= basis_size <= N``; default
-        :func:`curvlib.eigsh`'s.
-      tol: relative residual tolerance (default :func:`curvlib.eigsh`'s, ``sqrt(eps)``).
+        [`curvlib.eigsh`][curvlib.eigsh]'s.
+      tol: relative residual tolerance (default [`curvlib.eigsh`][curvlib.eigsh]'s, ``sqrt(eps)``).
       max_restarts: cap on thick restarts.
       flatten: run the eigensolver on the ravelled parameter vector (the
         eigenvectors are returned as a pytree all the same). The Krylov vector
@@ -167,7 +167,7 @@ def curvature_subspace(
       num_matvecs: deprecated name of ``basis_size``.
 
     Returns:
-      :class:`curvlib.EigshResult`; check ``converged``.
+      [`curvlib.EigshResult`][curvlib.EigshResult]; check ``converged``.
 
     Raises:
       ValueError: ``k < 1``, ``k + 1 > n``, ``dim >= N``, a basis size outside
@@ -207,7 +207,7 @@ def curvature_subspace(
 
 def subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, basis_size, tol,
              max_restarts, flatten):
-    """:func:`curvature_subspace` on checked arguments (``mode`` resolved): no checks."""
+    """`curvature_subspace` on checked arguments (``mode`` resolved): no checks."""
     return _subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, basis_size,
                      None if tol is None else float(tol), int(max_restarts), bool(flatten),
                      None if flatten else _tree.param_shardings(params))

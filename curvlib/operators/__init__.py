@@ -1,27 +1,33 @@
 """Layer 2: curvature operators on pytrees (built on the base and, for inverses and
-blocks, on :mod:`curvlib.krylov`).
+blocks, on [`curvlib.krylov`][curvlib.krylov]).
 
 Every operator turns a loss (or a model and an output loss, or a model and a
 likelihood) at a point into a *linear function on pytrees*: ``v -> C v`` with
 ``v`` shaped like the parameters. The returned matvecs are
-:class:`jax.tree_util.Partial` objects: their arrays (parameters, batch,
+`jax.tree_util.Partial` objects: their arrays (parameters, batch,
 linearisation residuals) are pytree leaves, so passing a matvec into a
 ``jax.jit``-compiled function keeps those arrays traced inputs instead of
 baking them into the program as constants.
 
-==================================  =====================================================
-module                              operators
-==================================  =====================================================
-:mod:`~curvlib.operators.hessian`   :func:`hvp`, :func:`hessian_matvec`, :func:`gradient`
-:mod:`~.gauss_newton`               :func:`ggn_matvec`, :func:`fisher_matvec`,
-                                    :func:`empirical_fisher_matvec`
-:mod:`~.jacobian`                   :func:`jacobian_matvec`, :func:`jacobian_transpose_matvec`
-:mod:`~.blocks`                     :func:`restrict`, :func:`block_eigsh`
-:mod:`~.inverse`                    :func:`inverse_matvec`
-:mod:`~.streams`                    :func:`stream_matvec`, :func:`stream_gradient`,
-                                    :func:`stream_mean` (data streamed from the host)
-:mod:`~.microbatch`                 :func:`microbatch_mean`
-==================================  =====================================================
+| module | operator |
+|---|---|
+| `hessian` | [`hvp`][curvlib.hvp] |
+| | [`hessian_matvec`][curvlib.hessian_matvec] |
+| | [`gradient`][curvlib.gradient] |
+| `gauss_newton` | [`ggn_matvec`][curvlib.ggn_matvec] |
+| | [`fisher_matvec`][curvlib.fisher_matvec] |
+| | [`empirical_fisher_matvec`][curvlib.empirical_fisher_matvec] |
+| `jacobian` | [`jacobian_matvec`][curvlib.jacobian_matvec] |
+| | [`jacobian_transpose_matvec`][curvlib.jacobian_transpose_matvec] |
+| `blocks` | [`restrict`][curvlib.restrict] |
+| | [`block_eigsh`][curvlib.block_eigsh] |
+| `inverse` | [`inverse_matvec`][curvlib.inverse_matvec] |
+| `streams` | [`stream_matvec`][curvlib.stream_matvec] |
+| | [`stream_gradient`][curvlib.stream_gradient] |
+| | [`stream_mean`][curvlib.stream_mean] |
+| `microbatch` | [`microbatch_mean`][curvlib.microbatch_mean] |
+
+(``streams``: data streamed from the host.)
 
 Conventions shared by all of them:
 

@@ -109,7 +109,7 @@ def checked(product: Callable, sig, like: str = "params", name: str = "tangent")
     """``product(*data, v)`` that first checks ``v`` against the signature ``sig``.
 
     Cached so that the same product and signature give the *same* function object:
-    a :class:`~jax.tree_util.Partial` built on it has an equal tree definition
+    a `Partial` built on it has an equal tree definition
     across calls, and jitted code taking it as an argument is not recompiled.
     The check is static (structure and shapes), so it costs nothing under jit
     and sees per-example shapes under ``vmap``. Where the reference carries an

@@ -6,11 +6,11 @@ all biases). Its *sub-pytree* is ``params`` with every other leaf replaced by
 subtree, so ``jax.tree.leaves`` and every curvlib algorithm see only the
 block's leaves).
 
-* :func:`restrict` turns any operator ``C`` on ``params`` into the diagonal
+* [`restrict`][curvlib.restrict] turns any operator ``C`` on ``params`` into the diagonal
   block ``C_BB = P_B C P_B^T`` acting on the block's sub-pytree;
-* :func:`block_eigsh` computes the top-``k`` eigenpairs of every block of a
+* [`block_eigsh`][curvlib.block_eigsh] computes the top-``k`` eigenpairs of every block of a
   partition in one call, running blocks of equal shapes as one vmapped
-  :func:`curvlib.eigsh`.
+  [`curvlib.eigsh`][curvlib.eigsh].
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def _closed(matvec, fn):
 
 
 class HostDrivenRestriction:
-    """:func:`restrict` of a host-driven operator: host-driven too (``host_driven = True``).
+    """`restrict` of a host-driven operator: host-driven too (``host_driven = True``).
 
     ``op(v_B)`` makes one pass of the underlying operator; ``op.params`` is the
     block's sub-pytree (the shapes of ``v_B``).
@@ -169,11 +169,11 @@ def restrict(matvec: Callable, params: PyTree, where) -> Partial:
         of Python bools with the structure of ``params`` or a prefix of it.
 
     Returns:
-      A :class:`jax.tree_util.Partial` ``matvec_B`` with
+      A `jax.tree_util.Partial` ``matvec_B`` with
       ``matvec_B(v_B) = C_BB v_B`` on sub-pytrees (pass it into jitted code: its
       arrays stay traced inputs when ``matvec`` is itself a ``Partial``); for a
-      host-driven ``matvec`` (:func:`curvlib.stream_matvec`), a host-driven
-      :class:`HostDrivenRestriction`.
+      host-driven ``matvec`` ([`curvlib.stream_matvec`][curvlib.stream_matvec]), a host-driven
+      `HostDrivenRestriction`.
 
     Raises:
       ValueError: when ``where`` selects no leaf, is not a pytree of bools
@@ -270,8 +270,8 @@ def block_eigsh(
 
     The parameters are partitioned into blocks (by default one per leaf; or
     by a labelling of the leaves, e.g. one block per layer) and
-    :func:`curvlib.eigsh` runs on every :func:`restrict`-ed operator ``C_BB``.
-    Blocks whose leaves have equal shapes and dtypes (the layers of a
+    [`curvlib.eigsh`][curvlib.eigsh] runs on every [`restrict`][curvlib.restrict]-ed operator
+    ``C_BB``. Blocks whose leaves have equal shapes and dtypes (the layers of a
     transformer, all bias vectors of one width) run as *one* ``jax.vmap``-ped
     eigsh (or ``batch_size`` at a time): their products are evaluated
     together as a batch of tangents, and the program holds one product call
@@ -295,7 +295,7 @@ def block_eigsh(
         label`` (``None`` leaves the leaf out of every block), or a pytree of
         labels with the structure of ``params`` or a prefix of it. Labels must
         be strings or other values whose ``str`` names the block.
-      which: ``"LA"``, ``"SA"`` or ``"LM"``, as in :func:`curvlib.eigsh`.
+      which: ``"LA"``, ``"SA"`` or ``"LM"``, as in [`curvlib.eigsh`][curvlib.eigsh].
       batch_size: how many equal-shaped blocks one vmapped eigsh solves together
         (as in ``jax.lax.map``): ``None`` (default) all of a group, ``1`` one
         after another (``lax.map``; still one compiled eigsh per shape). On CPU
@@ -305,7 +305,7 @@ def block_eigsh(
         per-layer spectra: 0.42 s sequential vs 0.70 s vmapped); batching pays
         where a batch of tangents costs less than as many products
         (accelerators, small models).
-      **eigsh_options: passed to :func:`curvlib.eigsh` unchanged (``tol``, the
+      **eigsh_options: passed to [`curvlib.eigsh`][curvlib.eigsh] unchanged (``tol``, the
         basis size, ``max_restarts``, ...).
 
     Returns:
@@ -366,7 +366,7 @@ def block_eigsh(
 
 
 def _block_eigsh_host(matvec, params, k, key, labels, order, names, which, options):
-    """Host-driven operators: one :func:`curvlib.eigsh` per block, driven from the host."""
+    """Host-driven operators: one `curvlib.eigsh` per block, driven from the host."""
     leaves, treedef = jax.tree.flatten(params)
     out = {}
     for n, (lab, idx) in enumerate(order.items()):
@@ -388,7 +388,7 @@ def _block_order(labels) -> dict:
 
 
 def _block_eigsh(matvec, params, key, labels, k, which, options, batch_size):
-    """The computation of :func:`block_eigsh`: a tuple of results in block order."""
+    """The computation of `block_eigsh`: a tuple of results in block order."""
     leaves, treedef = jax.tree.flatten(params)
     order = _block_order(labels)
     specs = tuple(_leaf_spec(x) for x in leaves)

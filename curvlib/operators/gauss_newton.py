@@ -3,13 +3,11 @@
 All three are ``J^T M J`` with ``J`` the Jacobian of some outputs with respect
 to the parameters and ``M`` a positive semi-definite matrix in output space:
 
-=============================  ===========================  ============================
-operator                       outputs                      ``M`` (per example ``i``)
-=============================  ===========================  ============================
-:func:`ggn_matvec`             ``model_fn(params, *args)``  ``d^2 loss / d outputs^2``
-:func:`fisher_matvec`          logits / Gaussian means      ``E_{y~p(.|f_i)}[g g^T]``
-:func:`empirical_fisher_matvec`  per-example losses         ``1 / n`` (identity)
-=============================  ===========================  ============================
+| operator | outputs | ``M`` (per example ``i``) |
+|---|---|---|
+| [`ggn_matvec`][curvlib.ggn_matvec] | ``model_fn(params, *args)`` | ``d^2 loss / d outputs^2`` |
+| [`fisher_matvec`][curvlib.fisher_matvec] | logits / Gaussian means | ``E_{y~p(.|f_i)}[g g^T]`` |
+| `empirical_fisher_matvec` | per-example losses | ``1 / n`` (identity) |
 
 Each product is one tangent (``jvp``) pass, an output-space product and one
 transposed (``vjp``) pass. With the default ``mode="linearize"`` the model is
@@ -141,7 +139,7 @@ def ggn_matvec(
         collections); ``aux`` is ignored.
 
     Returns:
-      ``matvec`` (a :class:`jax.tree_util.Partial`) with ``matvec(v) = G v``.
+      ``matvec`` (a `jax.tree_util.Partial`) with ``matvec(v) = G v``.
 
     Raises:
       TypeError: if ``loss_fn`` does not return a float scalar or ``params``
@@ -377,14 +375,14 @@ def fisher_matvec(
       num_samples: targets drawn per example (Monte-Carlo only; a static int).
       variance: the Gaussian's ``sigma^2`` (``"gaussian"`` only; default 1).
       mode: ``"linearize"`` (default) or ``"recompute"`` (default with
-        ``microbatch_size``), as in :func:`ggn_matvec`.
+        ``microbatch_size``), as in [`ggn_matvec`][curvlib.ggn_matvec].
       microbatch_size: optional chunk size over the leading axis of the batched
         ``args``; the model's outputs must carry the same leading axis.
       batch_argnums: which of ``args`` are batched; default all of them.
       has_aux: ``model_fn`` returns ``(f, aux)``; ``aux`` is ignored.
 
     Returns:
-      ``matvec`` (a :class:`jax.tree_util.Partial`) with ``matvec(v) = F v``.
+      ``matvec`` (a `jax.tree_util.Partial`) with ``matvec(v) = F v``.
 
     Raises:
       ValueError: for an unknown ``likelihood`` or ``mode``, a bad ``key`` or
@@ -531,7 +529,7 @@ def empirical_fisher_matvec(
     ``microbatch_size`` bounds the activations to one chunk.
 
     The empirical Fisher uses the *observed* targets; it is not the Fisher
-    (:func:`fisher_matvec`) and can be a poor curvature model away from a
+    ([`fisher_matvec`][curvlib.fisher_matvec]) and can be a poor curvature model away from a
     minimum (Kunstner et al. 2019); it is what Adam-style second moments and
     TracIn-style influence scores build on.
 
@@ -550,7 +548,7 @@ def empirical_fisher_matvec(
       has_aux: ``per_example_loss`` returns ``(loss, aux)``; ``aux`` is ignored.
 
     Returns:
-      ``matvec`` (a :class:`jax.tree_util.Partial`) with ``matvec(v) = (1/n) sum_i g_i g_i^T v``.
+      ``matvec`` (a `jax.tree_util.Partial`) with ``matvec(v) = (1/n) sum_i g_i g_i^T v``.
 
     Raises:
       TypeError: if ``per_example_loss`` does not return a float scalar for one

@@ -2,18 +2,16 @@
 
 ``H v = d/de grad f(params + e v) |_{e=0}`` (Pearlmutter 1994), in three modes:
 
-=================  ==========================  ==============================
-mode               one product                 memory held between products
-=================  ==========================  ==============================
-``"linearize"``    ~1 G (tangent pass only)    the linearisation residuals
-``"fwd-rev"``      ~2-3 G (forward-over-rev)   params and batch only
-``"rev-rev"``      ~3-4 G (reverse-over-rev)   params and batch only
-=================  ==========================  ==============================
+| mode | one product | memory held between products |
+|---|---|---|
+| ``"linearize"`` | ~1 G (tangent pass only) | the linearisation residuals |
+| ``"fwd-rev"`` | ~2-3 G (forward-over-rev) | params and batch only |
+| ``"rev-rev"`` | ~3-4 G (reverse-over-rev) | params and batch only |
 
 (``G``: one gradient evaluation.) Every function here accepts a loss that
 returns ``(loss, aux)`` with ``has_aux=True`` (the auxiliary output is ignored
-by curvature products and returned by :func:`gradient`), and microbatching
-over every batched argument (:mod:`curvlib.operators.microbatch`).
+by curvature products and returned by [`gradient`][curvlib.gradient]), and microbatching
+over every batched argument (`curvlib.operators.microbatch`).
 
 References:
   B. Pearlmutter, *Fast exact multiplication by the Hessian*, Neural Comput. 1994.
@@ -143,7 +141,7 @@ def hessian_matvec(
     chunk. The default mode is then ``"fwd-rev"`` (a linearisation would store
     every chunk's residuals).
 
-    The result is a :class:`jax.tree_util.Partial`: pass it as an argument to
+    The result is a `jax.tree_util.Partial`: pass it as an argument to
     jitted code and its arrays stay traced inputs. It composes with ``jax.vmap``
     over tangents (a block product ``V -> H V``).
 

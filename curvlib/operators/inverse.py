@@ -1,12 +1,12 @@
 """Inverse curvature products ``v -> (C + lambda I)^{-1} v`` as operators.
 
-Two methods, one object (:class:`InverseMatvec`):
+Two methods, one object ([`InverseMatvec`][curvlib.InverseMatvec]):
 
 * ``"cg"``: every product solves ``(C + lambda I) x = v`` by conjugate
-  gradients (:func:`curvlib.cg`) to ``rtol``; ``solve(b, x0=...)`` accepts a
+  gradients ([`curvlib.cg`][curvlib.cg]) to ``rtol``; ``solve(b, x0=...)`` accepts a
   warm start and returns the diagnostics;
 * ``"lowrank"``: the top eigenpairs ``C ~ U diag(theta) U^T`` (from
-  :func:`curvlib.eigsh`, computed once when the operator is built, or given)
+  [`curvlib.eigsh`][curvlib.eigsh], computed once when the operator is built, or given)
   make every product closed-form and product-free:
   ``U diag(1/(theta + lambda) - 1/lambda) U^T v + v / lambda``, the exact
   inverse of the damped rank-``r`` approximation ``U diag(theta) U^T + lambda I``.
@@ -39,7 +39,7 @@ METHODS = ("cg", "lowrank")
 
 
 class InverseSolve(NamedTuple):
-    """Output of :meth:`InverseMatvec.solve`.
+    """Output of [`InverseMatvec.solve`][curvlib.InverseMatvec.solve].
 
     Attributes:
       x: the solution of ``(C + lambda I) x = b``; NaN where the solve failed
@@ -50,7 +50,7 @@ class InverseSolve(NamedTuple):
       converged: CG reached ``max(rtol ||b||, atol)`` on a positive definite
         system; for ``"lowrank"``, the eigenpairs were certified by eigsh (or given).
       finite: every product (and the result) was finite.
-      status: the :class:`curvlib.Status` code, most serious first: ``NONFINITE``,
+      status: the [`curvlib.Status`][curvlib.Status] code, most serious first: ``NONFINITE``,
         ``NEGATIVE_CURVATURE`` (CG met a direction of non-positive curvature: the
         system is not positive definite), ``MAX_STEPS`` (CG's budget ran out, or
         for ``"lowrank"`` eigsh's pairs were not certified), else ``SUCCESS``.
@@ -74,15 +74,15 @@ def _as_partial(f, name):
 
 @jax.tree_util.register_pytree_node_class
 class InverseMatvec:
-    """The operator ``v -> (C + lambda I)^{-1} v``; build it with :func:`inverse_matvec`.
+    """The operator ``v -> (C + lambda I)^{-1} v``; build it with `inverse_matvec`.
 
     A pytree (its arrays are leaves: pass it into jitted code as an argument),
     immutable, with two methods:
 
     * ``inv(v)``: the product, shaped like ``v`` (``vmap`` it over right-hand
-      sides); NaN where the solve failed (see :meth:`solve`);
+      sides); NaN where the solve failed (see [`solve`][curvlib.InverseMatvec.solve]);
     * ``inv.solve(b, x0=None)``: the same solve with a warm start ``x0`` and an
-      :class:`InverseSolve` with its diagnostics. Warm starting is functional:
+      [`InverseSolve`][curvlib.InverseSolve] with its diagnostics. Warm starting is functional:
       keep the previous solution and pass it back (for a slowly changing
       right-hand side or operator, as in a training loop).
 
@@ -139,7 +139,7 @@ class InverseMatvec:
             ``"lowrank"`` (which needs none).
 
         Returns:
-          An :class:`InverseSolve`.
+          An [`InverseSolve`][curvlib.InverseSolve].
         """
         if self.host_driven:  # products stream data from the host: no compiled boundary
             return self._solve(b, x0)
@@ -192,16 +192,16 @@ def inverse_matvec(
 ) -> InverseMatvec:
     """The damped inverse ``v -> (C + lambda I)^{-1} v`` of a symmetric operator, as an operator.
 
-    ``method="cg"`` (default): each product runs :func:`curvlib.cg` on
+    ``method="cg"`` (default): each product runs [`curvlib.cg`][curvlib.cg] on
     ``(C + lambda I) x = v`` to ``||r|| <= max(rtol ||v||, atol)``; ``C + lambda
     I`` must be positive definite (a direction of non-positive curvature makes
     the product NaN and ``solve(...).converged`` false). Cost: one product of
     ``C`` per CG step (about ``sqrt(kappa) log(1/rtol)`` steps for condition
-    number ``kappa``); memory: five vectors. :meth:`InverseMatvec.solve` takes a
-    warm start ``x0``.
+    number ``kappa``); memory: five vectors. [`InverseMatvec.solve`][curvlib.InverseMatvec.solve]
+    takes a warm start ``x0``.
 
     ``method="lowrank"``: with the top-``rank`` eigenpairs ``(theta_i, u_i)`` of
-    ``C`` (computed here by :func:`curvlib.eigsh` from ``v0``, or passed as
+    ``C`` (computed here by [`curvlib.eigsh`][curvlib.eigsh] from ``v0``, or passed as
     ``eigenpairs``), ``C`` is replaced by ``U diag(theta) U^T`` and
 
         ``(C + lambda I)^{-1} v ~ U diag(1/(theta + lambda) - 1/lambda) U^T v + v / lambda``,
@@ -217,16 +217,16 @@ def inverse_matvec(
       method: ``"cg"`` or ``"lowrank"``.
       rtol: CG's relative tolerance on ``||r|| / ||v||``.
       atol: CG's absolute tolerance on ``||r||``.
-      max_steps: CG's iteration cap (default ``10 * dim``, as in :func:`curvlib.cg`).
+      max_steps: CG's iteration cap (default ``10 * dim``, as in [`curvlib.cg`][curvlib.cg]).
       preconditioner: optional SPD ``M^{-1}`` for CG.
       rank: eigenpairs to compute for ``"lowrank"`` (static).
       v0: start vector of that eigsh (e.g. ``jax.random.normal``-filled params).
-      eigenpairs: instead of ``rank``/``v0``: an :class:`~curvlib.EigshResult` or a
+      eigenpairs: instead of ``rank``/``v0``: an [`EigshResult`][curvlib.EigshResult] or a
         pair ``(eigenvalues (r,), eigenvectors with a leading axis r)`` of ``C``.
-      **eigsh_options: passed to :func:`curvlib.eigsh` (``which``, ``tol``, ...).
+      **eigsh_options: passed to [`curvlib.eigsh`][curvlib.eigsh] (``which``, ``tol``, ...).
 
     Returns:
-      An :class:`InverseMatvec` ``inv`` with ``inv(v) = (C + lambda I)^{-1} v``.
+      An [`InverseMatvec`][curvlib.InverseMatvec] ``inv`` with ``inv(v) = (C + lambda I)^{-1} v``.
 
     Raises:
       ValueError: for an unknown ``method``, a negative (or, for ``"lowrank"``,

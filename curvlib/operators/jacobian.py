@@ -56,7 +56,7 @@ def jacobian_matvec(model_fn: Callable, params: PyTree, *args, has_aux: bool = F
       has_aux: ``model_fn`` returns ``(outputs, aux)``; ``aux`` is ignored.
 
     Returns:
-      ``matvec`` (a :class:`jax.tree_util.Partial`) with ``matvec(v) = J v``
+      ``matvec`` (a `jax.tree_util.Partial`) with ``matvec(v) = J v``
       for ``v`` shaped like ``params``.
 
     Raises:
@@ -94,7 +94,7 @@ def jacobian_transpose_matvec(
       has_aux: ``model_fn`` returns ``(outputs, aux)``; ``aux`` is ignored.
 
     Returns:
-      ``matvec`` (a :class:`jax.tree_util.Partial`) with ``matvec(u) = J^T u``
+      ``matvec`` (a `jax.tree_util.Partial`) with ``matvec(u) = J^T u``
       for ``u`` shaped like the outputs.
 
     Raises:

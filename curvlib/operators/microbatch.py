@@ -1,6 +1,6 @@
 """Microbatching: means over chunks of a batch, and which arguments of a loss are batched.
 
-Every operator of :mod:`curvlib.operators` that takes ``microbatch_size``
+Every operator of [`curvlib.operators`][curvlib.operators] that takes ``microbatch_size``
 chunks its *batched* arguments along their leading (sample) axis and passes the
 others whole to every chunk. By default every extra argument is batched (a loss
 ``loss(params, x, y)`` is chunked in ``x`` and ``y`` together); ``batch_argnums``

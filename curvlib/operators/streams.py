@@ -14,11 +14,12 @@ shape: a ragged last batch adds one compilation, no more), and the running
 sum stays on the device. Dispatch is asynchronous, so the host reads the next
 batch while the device computes.
 
-* :func:`stream_mean`: the weighted mean over a stream of any jitted per-batch function;
-* :func:`stream_matvec`: an operator ``v -> C v`` over a stream (a
-  :class:`StreamMatvec`, *host-driven*: ``host_driven = True``), from any
+* [`stream_mean`][curvlib.stream_mean]: the weighted mean over a stream of any jitted per-batch
+  function;
+* [`stream_matvec`][curvlib.stream_matvec]: an operator ``v -> C v`` over a stream (a
+  [`StreamMatvec`][curvlib.StreamMatvec], *host-driven*: ``host_driven = True``), from any
   in-memory builder: ``lambda p, batch: curvlib.hessian_matvec(loss, p, batch)``;
-* :func:`stream_gradient`: the loss and its gradient over a stream.
+* [`stream_gradient`][curvlib.stream_gradient]: the loss and its gradient over a stream.
 
 A host-driven operator cannot run inside ``jit``/``vmap`` (it loops over host
 data); curvlib's Krylov algorithms drive it from the host, keeping their
@@ -140,7 +141,7 @@ def _step(user_fn: Callable, kind: str, with_key: bool):
 
 
 def _group_step(user_fn: Callable, kind: str, with_key: bool):
-    """The jitted step of :func:`_step` over a stack of batches: one ``lax.scan``, in order."""
+    """The jitted step of `_step` over a stack of batches: one ``lax.scan``, in order."""
     entries, get = _entries(user_fn)
     if ("group", kind, with_key) not in entries:
 
@@ -255,7 +256,7 @@ def stream_mean(fn: Callable, batches, *args, key=None, sharding=None,
                 batches_per_call: int = 1) -> PyTree:
     """The weighted mean ``sum_b (n_b / n) fn(batch_b, *args)`` over a stream of batches.
 
-    The streaming counterpart of :func:`curvlib.microbatch_mean`: for an ``fn``
+    The streaming counterpart of [`curvlib.microbatch_mean`][curvlib.microbatch_mean]: for an ``fn``
     that is a mean over its batch (a mean loss, its gradient, a curvature
     product), the result is ``fn`` of the whole dataset. One pass over
     ``batches``; ``fn`` runs as one jitted call per batch (compiled once per
@@ -316,7 +317,7 @@ def stream_mean(fn: Callable, batches, *args, key=None, sharding=None,
 class StreamMatvec:
     """A host-driven operator ``v -> C v = sum_b (n_b / n) C_b v`` over a stream of batches.
 
-    Build it with :func:`stream_matvec`. The interface every host-driven
+    Build it with [`stream_matvec`][curvlib.stream_matvec]. The interface every host-driven
     operator offers (what curvlib's algorithms detect):
 
     * ``host_driven = True`` (a class attribute);
@@ -395,7 +396,14 @@ class StreamMatvec:
         return self._run("product", C.cast_like(v, self.params))
 
     def matmat(self, V: PyTree) -> PyTree:
-        """``C V`` for a block of vectors ``V`` (leaves with a leading axis ``k``): one pass."""
+        """``C V`` for a block of vectors ``V`` (leaves with a leading axis ``k``): one pass.
+
+        Args:
+          V: ``k`` vectors shaped like ``params``, stacked on a leading axis of every leaf.
+
+        Returns:
+          ``C V``, stacked the same way.
+        """
         _check_concrete(V, "V")
         rows = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(V)}
         if len(rows) != 1 or None in rows:
@@ -415,7 +423,7 @@ def stream_matvec(build: Callable, params: PyTree, batches, *, key=None,
     ``build(params, batch)`` returns the in-memory operator of one batch (a
     mean over it), e.g. ``curvlib.hessian_matvec(loss, params, batch)``,
     ``curvlib.ggn_matvec(...)``, ``curvlib.fisher_matvec(...)``,
-    ``curvlib.empirical_fisher_matvec(...)`` or a :func:`curvlib.restrict` of
+    ``curvlib.empirical_fisher_matvec(...)`` or a [`curvlib.restrict`][curvlib.restrict] of
     one of them. Every product of the result makes one pass over ``batches``:
 
         ``C v = sum_b (n_b / n) build(params, batch_b)(v)``,
@@ -437,15 +445,15 @@ def stream_matvec(build: Callable, params: PyTree, batches, *, key=None,
         with ``key``); must be traceable (it runs inside ``jax.jit``).
       params: the point.
       batches: a function returning a fresh iterable of batches, or a
-        re-iterable (see :func:`stream_mean`). Every pass must yield the same
+        re-iterable (see [`stream_mean`][curvlib.stream_mean]). Every pass must yield the same
         examples.
       key: optional PRNG key (see above).
-      sharding: optional placement of every batch (see :func:`stream_mean`).
+      sharding: optional placement of every batch (see [`stream_mean`][curvlib.stream_mean]).
       batches_per_call: consecutive batches of equal shapes per jitted call
-        (see :func:`stream_mean`): fewer, larger calls, more device memory.
+        (see [`stream_mean`][curvlib.stream_mean]): fewer, larger calls, more device memory.
 
     Returns:
-      A :class:`StreamMatvec` (``host_driven = True``).
+      A [`StreamMatvec`][curvlib.StreamMatvec] (``host_driven = True``).
 
     Raises:
       TypeError: for a one-shot iterator; when called, for traced vectors.
@@ -500,9 +508,9 @@ def stream_gradient(fun: Callable, params: PyTree, batches, *, has_aux: bool = F
       params: the point.
       batches: a function returning a fresh iterable of batches, or a re-iterable.
       has_aux: ``fun`` returns ``(loss, aux)``.
-      sharding: optional placement of every batch (see :func:`stream_mean`).
+      sharding: optional placement of every batch (see [`stream_mean`][curvlib.stream_mean]).
       batches_per_call: consecutive batches of equal shapes per jitted call
-        (see :func:`stream_mean`).
+        (see [`stream_mean`][curvlib.stream_mean]).
 
     Returns:
       ``(value, grad)`` or ``((value, aux), grad)``.

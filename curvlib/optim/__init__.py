@@ -1,18 +1,19 @@
 """Layer 3: second-order optimisers as optax transforms, and curvature monitoring.
 
-Built on :mod:`curvlib.operators` (curvature products), :mod:`curvlib.krylov`
-(CG, eigsh, Hutchinson) and the base (``curvlib._loss``: the ``value_fn`` routing).
+Built on [`curvlib.operators`][curvlib.operators] (curvature products),
+[`curvlib.krylov`][curvlib.krylov] (CG, eigsh, Hutchinson) and the base (``curvlib._loss``: the
+``value_fn`` routing).
 
 Every transform follows optax's contract: ``scale_by_<algo>(...)`` returns an
-:class:`optax.GradientTransformationExtraArgs` whose
+`optax.GradientTransformationExtraArgs` whose
 ``update(updates, state, params, *, value_fn, **extra_args)`` takes the loss on
 the current batch as ``value_fn(params, **kw)`` (``kw``: the extra arguments
 ``value_fn`` names, the convention of optax's line searches) and outputs a
 direction with the gradient's sign; ``<algo>(learning_rate, ...)`` is the
 ``optax.chain`` with the learning rate (sign flip) and an optional line search,
-as :func:`optax.lbfgs` is built. States are ``ScaleBy<Algo>State`` with an
+as `optax.lbfgs` is built. States are ``ScaleBy<Algo>State`` with an
 ``info`` NamedTuple of diagnostics. L-BFGS is not re-implemented: use
-:func:`optax.lbfgs` in the same loop.
+`optax.lbfgs` in the same loop.
 
 One calling convention for all of them (``newton_cg``, ``newton``, ``bfgs``,
 ``svrg``, ``track_curvature``): ``value_fn`` is the only extra argument they
@@ -20,8 +21,8 @@ need. ``value=``/``grad=`` (the loss and gradient at ``params``) are reused
 when passed, so they run unchanged in
 
 * a plain step: ``opt.update(grads, state, params, value_fn=loss, batch=batch)``;
-* the loop :func:`optax.lbfgs` documents, with
-  :func:`optax.value_and_grad_from_state`;
+* the loop `optax.lbfgs` documents, with
+  `optax.value_and_grad_from_state`;
 * flax: ``nnx.Optimizer(model, opt, wrt=nnx.Param).update(model, grads,
   value_fn=loss)`` (``loss`` then takes the ``nnx.Param`` state) or a linen
   ``TrainState`` step.

@@ -1,4 +1,4 @@
-"""Shared plumbing of the optax transforms in :mod:`curvlib.optim`.
+"""Shared plumbing of the optax transforms in [`curvlib.optim`][curvlib.optim].
 
 **One calling convention.** Every transform's ``update`` is
 ``update(updates, state, params, *, value_fn, **extra_args)`` where
@@ -10,14 +10,14 @@ signature (all of them, but the reserved ``value``/``grad``, when it takes
 the transform computes what it needs from ``value_fn``. The same routing feeds
 the model and output-loss functions of a Gauss-Newton split. A ``value_fn``
 returning ``(loss, aux)`` is accepted with ``has_aux=True``. The routing itself
-(:func:`bind_loss`, :func:`kwargs_for`) lives one layer down, in
-:mod:`curvlib._loss`, shared with :mod:`curvlib.kronecker`.
+(`bind_loss`, `kwargs_for`) lives one layer down, in
+`curvlib._loss`, shared with [`curvlib.kronecker`][curvlib.kronecker].
 
-This module holds the steps every transform of :mod:`curvlib.optim` shares:
-``init``'s check (:func:`check_params`), the loss and its gradient (:func:`value_and_grad`,
-:func:`linearized_loss`), the curvature product (:func:`curvature_matvec`,
+This module holds the steps every transform of [`curvlib.optim`][curvlib.optim] shares:
+``init``'s check (`check_params`), the loss and its gradient (`value_and_grad`,
+`linearized_loss`), the curvature product (`curvature_matvec`,
 microbatched over every batched argument) and the alias wrapper
-(:func:`alias`) that makes a chain with a line search work with ``value_fn``
+(`alias`) that makes a chain with a line search work with ``value_fn``
 alone, in optax's ``value_and_grad_from_state`` loop and inside
 ``nnx.Optimizer.update``.
 """
@@ -111,7 +111,7 @@ def linearized_loss(loss: Loss, params: PyTree):
     ``jax.linearize(jax.value_and_grad(loss), params)`` evaluates the loss and
     its gradient (the primal outputs) and records the tangent program of the
     gradient, so the Hessian product ``v -> H v`` replays only that program (as
-    :func:`curvlib.hessian_matvec` in its ``"linearize"`` mode): the model is
+    [`curvlib.hessian_matvec`][curvlib.hessian_matvec] in its ``"linearize"`` mode): the model is
     traced and compiled once for the value, the gradient and every product.
     Memory: the linearisation residuals.
     """
@@ -222,10 +222,10 @@ def curvature_matvec(
 ):
     """``v -> C v``: the Hessian of ``value_fn`` or the GGN of a ``(model_fn, loss_fn)`` split.
 
-    Each function receives the extra arguments it names (:func:`kwargs_for`);
+    Each function receives the extra arguments it names (`kwargs_for`);
     a split whose functions cannot bind them raises a ``TypeError`` saying what
     to pass. With ``microbatch_size``, every product is a mean over chunks of
-    *every* batched extra argument (:func:`split_batched`: the leaves sharing
+    *every* batched extra argument (`split_batched`: the leaves sharing
     the batch's leading axis), by ``lax.scan``; memory is that of one chunk.
     """
     if ggn is None:
@@ -251,7 +251,7 @@ def microbatched_value_and_grad(loss: Loss, params: PyTree, microbatch_size: int
     """``(value, grad)`` of a mean loss accumulated over chunks of every batched argument.
 
     Equals ``jax.value_and_grad(loss)(params)`` (up to rounding) at the memory
-    of one chunk (:func:`split_batched`, :func:`curvlib.microbatch_mean`).
+    of one chunk (`split_batched`, [`curvlib.microbatch_mean`][curvlib.microbatch_mean]).
     """
     treedef, mask, batched, other = split_batched(loss.kw)
 
@@ -262,10 +262,10 @@ def microbatched_value_and_grad(loss: Loss, params: PyTree, microbatch_size: int
 
 
 class CurvatureSetup(NamedTuple):
-    """What :func:`curvature_setup` hands a curvature transform's ``update``.
+    """What `curvature_setup` hands a curvature transform's ``update``.
 
     Attributes:
-      loss: the bound loss (:class:`Loss`).
+      loss: the bound loss (`Loss`).
       dtype: the parameters' floating dtype (diagnostics are kept in it).
       value: the loss at ``params``.
       grad: the gradient of the loss at ``params`` (not the incoming updates).
@@ -295,9 +295,9 @@ def curvature_setup(
     Checks ``value_fn``, its routing and ``params`` (errors name the transform
     ``name``), then returns the loss, its value and gradient at ``params``
     and the curvature product. For the default Hessian product one
-    linearisation serves all three (:func:`linearized_loss`); otherwise the
+    linearisation serves all three (`linearized_loss`); otherwise the
     loss and gradient are reused from ``value=``/``grad=`` (or computed) and
-    the product comes from :func:`curvature_matvec`.
+    the product comes from `curvature_matvec`.
     """
     loss = bind_loss(name, value_fn, extra_args, has_aux=has_aux)
     params = require_params(name, params)

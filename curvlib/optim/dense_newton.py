@@ -2,28 +2,28 @@ r"""Exact dense Newton's method for small models, as an optax transform.
 
 Each step forms the full curvature matrix ``C`` (the Hessian of ``value_fn``,
 or the Gauss-Newton matrix of a ``(model_fn, loss_fn)`` split, see
-:mod:`curvlib.optim.hessian_free`) column by column as ``vmap`` of the product
+`curvlib.optim.hessian_free`) column by column as ``vmap`` of the product
 operator over the identity, takes its eigendecomposition
-:math:`C = Q \Lambda Q^\top` and outputs
+$C = Q \Lambda Q^\top$ and outputs
 
-.. math::
+$$
+p = Q\,\operatorname{diag}\!\big(1 / (\phi(\Lambda) + \lambda)\big)\,Q^\top g,
+\qquad
+\phi(\mu) = \begin{cases}
+  \max(|\mu|, \mu_{\min}) & \texttt{"abs"} \\
+  \max(\mu, \mu_{\min})   & \texttt{"clip"}
+\end{cases}
+$$
 
-    p = Q\,\operatorname{diag}\!\big(1 / (\phi(\Lambda) + \lambda)\big)\,Q^\top g,
-    \qquad
-    \phi(\mu) = \begin{cases}
-      \max(|\mu|, \mu_{\min}) & \texttt{"abs"} \\
-      \max(\mu, \mu_{\min})   & \texttt{"clip"}
-    \end{cases}
-
-with the floor :math:`\mu_{\min} = \max(\texttt{min\_eigenvalue},
-\texttt{eigenvalue\_rtol}\cdot\max_i|\mu_i|)`. The default relative floor is
-:math:`n\,\epsilon` (``n`` parameters, ``epsilon`` the dtype's machine
+with the floor $\mu_{\min} = \max(\texttt{min\_eigenvalue},
+\texttt{eigenvalue\_rtol}\cdot\max_i|\mu_i|)$. The default relative floor is
+$n\,\epsilon$ (``n`` parameters, ``epsilon`` the dtype's machine
 epsilon): the numerical-rank threshold of a symmetric eigensolver
 (``numpy.linalg.matrix_rank``'s default), below which a computed eigenvalue is
 indistinguishable from zero, so null directions of a singular Hessian (e.g.
 softmax's shift invariance) do not blow up the step while every eigenvalue the
 dtype resolves is used as it is (Brown's badly scaled function, condition
-:math:`10^{12}`, is solved in float64). Both floors can be raised or lowered
+$10^{12}$, is solved in float64). Both floors can be raised or lowered
 (``0`` disables them); a direction whose modified eigenvalue plus ``damping``
 is exactly zero is left out of the step (the pseudo-inverse). Indefinite
 Hessians give a descent direction (eigenvalue modification,
@@ -63,7 +63,7 @@ MODIFICATIONS = ("abs", "clip")
 
 
 class NewtonInfo(NamedTuple):
-    """Diagnostics of the last :func:`scale_by_newton` step.
+    """Diagnostics of the last [`scale_by_newton`][curvlib.scale_by_newton] step.
 
     Attributes:
       min_eigenvalue: smallest eigenvalue of the unmodified curvature.
@@ -76,8 +76,8 @@ class NewtonInfo(NamedTuple):
         whenever ``finite``).
       finite: the loss, gradient, curvature and step were finite (``~skipped``).
       num_matvecs: curvature products of the step (``n``, one per parameter).
-      status: the :class:`curvlib.Status` code: ``NONFINITE`` (skipped), else
-        ``SUCCESS``; inside :func:`newton` (or any alias with a line search)
+      status: the [`curvlib.Status`][curvlib.Status] code: ``NONFINITE`` (skipped), else
+        ``SUCCESS``; inside [`newton`][curvlib.newton] (or any alias with a line search)
         ``STALLED`` when the line search failed to decrease the loss (its step
         fell to its floor, or the accepted step did not lower the loss): the
         iteration makes no progress from this point, typically at the precision
@@ -96,11 +96,11 @@ class NewtonInfo(NamedTuple):
 
 
 class ScaleByNewtonState(NamedTuple):
-    """State of :func:`scale_by_newton`: a step counter and :class:`NewtonInfo`.
+    """State of [`scale_by_newton`][curvlib.scale_by_newton]: a step counter and `NewtonInfo`.
 
     Attributes:
       count: steps taken.
-      info: the :class:`NewtonInfo` diagnostics of the last step.
+      info: the [`NewtonInfo`][curvlib.NewtonInfo] diagnostics of the last step.
     """
 
     count: jax.Array
@@ -193,7 +193,7 @@ def scale_by_newton(
     r"""Dense Newton direction with damping and eigenvalue modification.
 
     ``update(updates, state, params, *, value_fn, **extra_args)`` with the
-    routing of :mod:`curvlib.optim` (``value=`` is reused when given).
+    routing of [`curvlib.optim`][curvlib.optim] (``value=`` is reused when given).
 
     Args:
       damping: ``lambda >= 0`` added to the modified eigenvalues (traceable).
@@ -209,18 +209,18 @@ def scale_by_newton(
       max_params: refuse (``ValueError`` at ``init``) above this many
         parameters: the method is ``O(n^3)`` time and ``O(n^2)`` memory.
       ggn: optional ``(model_fn, loss_fn)`` Gauss-Newton split.
-      hvp_mode: Hessian product mode of :func:`curvlib.hessian_matvec`.
+      hvp_mode: Hessian product mode of [`curvlib.hessian_matvec`][curvlib.hessian_matvec].
       has_aux: ``value_fn`` returns ``(loss, aux)``; ``aux`` is ignored.
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs` with state
-      :class:`ScaleByNewtonState`.
+      An `optax.GradientTransformationExtraArgs` with state
+      [`ScaleByNewtonState`][curvlib.ScaleByNewtonState].
 
     Raises:
       ValueError: invalid settings at construction; too many parameters at
         ``init``.
       ValueError: from ``init``, for ``params`` with integer, bool, complex or
-        key leaves (a :class:`TypeError` too) or an empty ``params``.
+        key leaves (a `TypeError` too) or an empty ``params``.
       TypeError: from ``update`` when ``value_fn`` is missing, cannot take the
         extra arguments passed, or does not return a scalar loss.
 
@@ -312,18 +312,18 @@ def _loss_in_default_float(fn: Callable) -> Callable:
 
 
 def default_linesearch() -> optax.GradientTransformationExtraArgs:
-    """The line search of :func:`newton`: Armijo backtracking from the full step, storing grad.
+    """The line search of `newton`: Armijo backtracking from the full step, storing grad.
 
-    optax's :func:`optax.scale_by_backtracking_linesearch` (halving, at most 20
+    optax's `optax.scale_by_backtracking_linesearch` (halving, at most 20
     backtracking steps), restarted from the full step ``1`` at every search
     (Nocedal & Wright 2006, Alg. 3.1), with ``store_grad=True``: the loss and gradient at the
-    accepted point stay in the state, so the loop :func:`optax.lbfgs`
-    documents (:func:`optax.value_and_grad_from_state`) reuses them instead of
+    accepted point stay in the state, so the loop `optax.lbfgs`
+    documents (`optax.value_and_grad_from_state`) reuses them instead of
     evaluating the gradient again (with ``store_grad=False`` that loop fails:
     "Value or gradient not found").
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs` with optax's
+      An `optax.GradientTransformationExtraArgs` with optax's
       ``ScaleByBacktrackingLinesearchState``.
 
     Examples:
@@ -365,21 +365,21 @@ def newton(
     has_aux: bool = False,
     linesearch: Any = _DEFAULT,
 ) -> optax.GradientTransformationExtraArgs:
-    """Dense Newton: ``chain(scale_by_newton, -lr, linesearch)`` (see :func:`scale_by_newton`).
+    """Dense Newton: ``chain(scale_by_newton, -lr, linesearch)`` (see `scale_by_newton`).
 
-    The default line search (:func:`default_linesearch`) is optax's Armijo
+    The default line search (`default_linesearch`) is optax's Armijo
     backtracking starting from the full Newton step (so a quadratic is still
     solved in one step, while the far field of e.g. a logistic loss, where
     pure Newton overshoots, is globalised). ``update(grads, state, params,
     value_fn=loss, **batch)`` is all it needs: the loss and gradient the line
     search takes are computed when ``value=``/``grad=`` are not passed. It
     stores the loss and gradient at the new point, so the loop of
-    :func:`optax.lbfgs` (:func:`optax.value_and_grad_from_state`) works
+    `optax.lbfgs` (`optax.value_and_grad_from_state`) works
     unchanged. ``linesearch=None`` gives the pure (modified) Newton iteration.
 
     The arguments ``damping``, ``min_eigenvalue``, ``eigenvalue_rtol``,
     ``modification``, ``max_params``, ``ggn`` and ``hvp_mode`` are those of
-    :func:`scale_by_newton`.
+    [`scale_by_newton`][curvlib.scale_by_newton].
 
     Args:
       learning_rate: optional scale or schedule; ``None`` means 1.
@@ -387,8 +387,8 @@ def newton(
       linesearch: an optax line search, ``None``, or the default.
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs`; ``state[0]`` is the
-      :class:`ScaleByNewtonState`.
+      An `optax.GradientTransformationExtraArgs`; ``state[0]`` is the
+      [`ScaleByNewtonState`][curvlib.ScaleByNewtonState].
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax

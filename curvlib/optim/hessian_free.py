@@ -2,34 +2,34 @@ r"""Newton-CG / Hessian-free optimisation as an optax transform (Martens 2010).
 
 Each step solves the damped Newton system
 
-.. math::
+$$
+(C + \lambda I)\, p = g
+$$
 
-    (C + \lambda I)\, p = g
-
-by truncated conjugate gradients (:func:`curvlib.cg`), with ``C`` the Hessian of
+by truncated conjugate gradients ([`curvlib.cg`][curvlib.cg]), with ``C`` the Hessian of
 the loss (default) or a generalised Gauss-Newton matrix, and outputs ``p`` (the
 gradient's sign; the learning rate and sign flip are the next link of the
 chain). The Hessian-free ingredients of Martens (2010):
 
 * **Levenberg-Marquardt damping from the reduction ratio.** After the solve the
   transform evaluates the loss at the full step and compares it with the
-  undamped quadratic model :math:`q(-p) = -g^\top p + \tfrac12 p^\top C p`:
+  undamped quadratic model $q(-p) = -g^\top p + \tfrac12 p^\top C p$:
 
-  .. math::
-
-      \rho = \frac{f(\theta - p) - f(\theta)}{q(-p)},\qquad
-      \lambda \leftarrow \begin{cases}
-        \lambda \cdot \texttt{damping\_increase} & \rho < 1/4 \\
-        \lambda \cdot \texttt{damping\_decrease} & \rho > 3/4 \\
-        \lambda & \text{otherwise,}
-      \end{cases}
+  $$
+  \rho = \frac{f(\theta - p) - f(\theta)}{q(-p)},\qquad
+  \lambda \leftarrow \begin{cases}
+    \lambda \cdot \texttt{damping\_increase} & \rho < 1/4 \\
+    \lambda \cdot \texttt{damping\_decrease} & \rho > 3/4 \\
+    \lambda & \text{otherwise,}
+  \end{cases}
+  $$
 
   clipped to ``[min_damping, max_damping]``. A step that does not decrease the
   loss (``rho <= 0`` or a non-finite trial loss) is *rejected*: the transform
   outputs zeros, so the parameters stay put and the next step retries with more
   damping (a trust-region safeguard; ``info.accepted`` reports it); ``lambda``
   is then also raised at least to the curvature scale of the rejected
-  direction, :math:`|p^\top C p| / \|p\|^2`, which roughly halves the next
+  direction, $|p^\top C p| / \|p\|^2$, which roughly halves the next
   step whatever ``lambda`` was.
 * **CG warm start** from ``warm_start_decay`` times the previous solution.
 * **CG step cap** (``max_cg_steps``) and **relative-residual tolerance**
@@ -39,14 +39,14 @@ chain). The Hessian-free ingredients of Martens (2010):
   before a direction of non-positive curvature. Should that iterate not be a
   descent direction (a negative direction at the very first CG step, a bad warm
   start) the transform falls back to the gradient scaled by its absolute
-  Rayleigh quotient, :math:`p = g\,\|g\|^2 / (|g^\top C g| + \lambda\|g\|^2)`
+  Rayleigh quotient, $p = g\,\|g\|^2 / (|g^\top C g| + \lambda\|g\|^2)$
   (one extra product, inside a ``lax.cond``: paid only when taken, except
   under ``vmap`` where both branches run).
 
 Gauss-Newton curvature (``ggn=(model_fn, loss_fn)``)
 ---------------------------------------------------
 The user splits the loss into a model and an output loss with the *same*
-keyword routing as ``value_fn``::
+keyword routing as ``value_fn``:
 
     value_fn(params, **kw) == loss_fn(model_fn(params, **kw), **kw)
 
@@ -55,11 +55,11 @@ of ``update`` whose names appear in its own signature (e.g. ``model_fn(params,
 x)``, ``loss_fn(logits, y)``, ``value_fn(params, x, y)`` and
 ``update(..., value_fn=value_fn, x=x, y=y)``), so a jitted training step passes
 its batch once. ``C = J^T H_l J`` with ``J`` the Jacobian of ``model_fn`` and
-``H_l`` the Hessian of ``loss_fn`` in the outputs (:func:`curvlib.ggn_matvec`):
+``H_l`` the Hessian of ``loss_fn`` in the outputs ([`curvlib.ggn_matvec`][curvlib.ggn_matvec]):
 positive semi-definite for a convex output loss (Schraudolph 2002).
 
 The reduction ratio compares the loss ``value_fn`` with *its own* quadratic
-model: ``g`` in :math:`q` is the gradient of ``value_fn`` at ``params``
+model: ``g`` in $q$ is the gradient of ``value_fn`` at ``params``
 (``grad=`` when passed), not the incoming update, so ``rho`` stays meaningful
 when the update is a clipped or accumulated gradient.
 
@@ -86,7 +86,7 @@ Hyperparameters and wrappers
 
 Cost per step (``k`` CG steps): one linearisation of the loss's gradient (it
 also gives the loss and gradient at ``params``), ``k + 1`` curvature products
-(one for :math:`\rho`), one loss evaluation at the trial point. With a
+(one for $\rho$), one loss evaluation at the trial point. With a
 Gauss-Newton split, another ``hvp_mode`` or ``microbatch_size``, the loss and
 gradient at ``params`` cost one gradient evaluation unless ``value=`` and
 ``grad=`` are passed. Memory: the linearisation residuals plus five
@@ -137,10 +137,10 @@ def _deprecated_field(cls: str, old: str, new: str):
 
 
 class NewtonCGInfo(NamedTuple):
-    """Diagnostics of the last :func:`scale_by_newton_cg` step.
+    """Diagnostics of the last [`scale_by_newton_cg`][curvlib.scale_by_newton_cg] step.
 
     Attributes:
-      num_steps: CG iterations of the solve (the name of :class:`curvlib.CGResult`'s
+      num_steps: CG iterations of the solve (the name of [`curvlib.CGResult`][curvlib.CGResult]'s
         field; ``num_cg_steps``, its old name, still reads it with a
         ``DeprecationWarning``).
       residual_norm: final CG residual ``||g - (C + lambda I) p||``.
@@ -156,7 +156,7 @@ class NewtonCGInfo(NamedTuple):
       num_matvecs: curvature products of the step: CG's, one for the model decrease
         ``p^T C p``, and one for the gradient fallback when CG's iterate was not a
         descent direction.
-      status: the :class:`curvlib.Status` code, most serious first: ``NONFINITE``
+      status: the [`curvlib.Status`][curvlib.Status] code, most serious first: ``NONFINITE``
         (skipped), ``NEGATIVE_CURVATURE`` (CG met it; informational: the step
         handles it), ``STALLED`` (the step was rejected: zeros were output; inside
         an alias with a line search, also a line search that failed to decrease
@@ -180,7 +180,7 @@ class NewtonCGInfo(NamedTuple):
 
 
 class ScaleByNewtonCGState(NamedTuple):
-    """State of :func:`scale_by_newton_cg`.
+    """State of [`scale_by_newton_cg`][curvlib.scale_by_newton_cg].
 
     Attributes:
       count: number of ``update`` calls.
@@ -189,7 +189,7 @@ class ScaleByNewtonCGState(NamedTuple):
         argument changes (e.g. a new value injected with
         ``optax.inject_hyperparams``) the adapted ``damping`` restarts from it.
       solution: the last CG solution (the next warm start, before decay).
-      info: :class:`NewtonCGInfo` of the last step.
+      info: [`NewtonCGInfo`][curvlib.NewtonCGInfo] of the last step.
     """
 
     count: jax.Array
@@ -265,7 +265,7 @@ def _solve(matvec, g, x0, damping, rtol, max_steps):
 def model_decrease(grad, p, matvec):
     r"""``(q(-p), p^T C p)``: the undamped quadratic model of the loss along the step ``-p``.
 
-    :math:`q(-p) = -\nabla f^\top p + \tfrac12 p^\top C p`, with ``grad`` the
+    $q(-p) = -\nabla f^\top p + \tfrac12 p^\top C p$, with ``grad`` the
     gradient of the loss whose curvature ``C`` is (so the model and the
     measured decrease describe the same function). One product.
 
@@ -302,7 +302,7 @@ def new_damping(lam, rho, accepted, pcp, p, *, increase, decrease, min_damping, 
 
     ``lam * increase`` for ``rho < 1/4``, ``lam * decrease`` for ``rho > 3/4``;
     a rejected step raises ``lam`` at least to the curvature scale of its
-    direction, :math:`|p^\top C p| / \|p\|^2`, so recovery from a tiny ``lam``
+    direction, $|p^\top C p| / \|p\|^2$, so recovery from a tiny ``lam``
     takes O(1) steps instead of O(log(1/lam)); clipped to
     ``[min_damping, max_damping]``.
 
@@ -342,7 +342,7 @@ def scale_by_newton_cg(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Hessian-free / truncated Newton-CG direction with adaptive LM damping.
 
-    Outputs :math:`p \approx (C + \lambda I)^{-1} u` where ``u`` is the incoming
+    Outputs $p \approx (C + \lambda I)^{-1} u$ where ``u`` is the incoming
     update (usually the gradient); see the module docstring for the damping
     rule, the step acceptance and the Gauss-Newton split.
 
@@ -374,21 +374,21 @@ def scale_by_newton_cg(
         solution (``0`` disables the warm start).
       ggn: ``None`` for the Hessian of ``value_fn``, or ``(model_fn, loss_fn)``
         for the Gauss-Newton matrix of that split (module docstring).
-      hvp_mode: Hessian product mode of :func:`curvlib.hessian_matvec`.
+      hvp_mode: Hessian product mode of [`curvlib.hessian_matvec`][curvlib.hessian_matvec].
       microbatch_size: accumulate curvature products over chunks of every
         batched extra argument (the leaves sharing the batch's leading axis;
         other arguments are passed whole), at the memory of one chunk.
       has_aux: ``value_fn`` returns ``(loss, aux)``; ``aux`` is ignored.
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs` with state
-      :class:`ScaleByNewtonCGState`.
+      An `optax.GradientTransformationExtraArgs` with state
+      [`ScaleByNewtonCGState`][curvlib.ScaleByNewtonCGState].
 
     Raises:
       ValueError: at construction, for negative damping, ``max_cg_steps < 1``
         and other invalid static settings.
       ValueError: from ``init``, for ``params`` with integer, bool, complex or
-        key leaves (a :class:`TypeError` too) or an empty ``params``.
+        key leaves (a `TypeError` too) or an empty ``params``.
       TypeError: from ``update`` when ``value_fn`` is missing, cannot take the
         extra arguments passed, or does not return a scalar loss.
 
@@ -514,39 +514,50 @@ def newton_cg(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Newton-CG / Hessian-free optimiser: ``chain(scale_by_newton_cg, -lr, linesearch)``.
 
-    Built as :func:`optax.lbfgs` is: the direction of
-    :func:`scale_by_newton_cg`, then :func:`optax.scale_by_learning_rate` (or
+    Built as `optax.lbfgs` is: the direction of
+    [`scale_by_newton_cg`][curvlib.scale_by_newton_cg], then `optax.scale_by_learning_rate` (or
     ``scale(-1)`` when ``learning_rate`` is ``None``: the full Newton step,
     globalised by the adaptive damping and step rejection), then an optional
-    optax line search (e.g. :func:`optax.scale_by_zoom_linesearch`).
+    optax line search (e.g. `optax.scale_by_zoom_linesearch`).
 
     ``update(grads, state, params, value_fn=loss, **batch)`` is all it needs:
     with a line search and no ``value=``/``grad=``, the loss and gradient are
     computed once and shared by every link. It runs in the loop
-    :func:`optax.lbfgs` documents (:func:`optax.value_and_grad_from_state`),
+    `optax.lbfgs` documents (`optax.value_and_grad_from_state`),
     under ``optax.inject_hyperparams(newton_cg)(learning_rate=..., damping=...)``
     and inside ``nnx.Optimizer.update(model, grads, value_fn=...)``. For the
     ``optax.lbfgs`` loop the state holds, without a line search, a
     ``value = +inf`` marker with a zero gradient placeholder (one
-    parameter-sized buffer) that tells :func:`optax.value_and_grad_from_state`
+    parameter-sized buffer) that tells `optax.value_and_grad_from_state`
     to evaluate them afresh; ``optax.chain(scale_by_newton_cg(...),
     optax.scale(-lr))`` does without it.
 
-    The arguments ``damping_increase``, ``damping_decrease``, ``min_damping``,
-    ``max_damping``, ``cg_rtol``, ``max_cg_steps``, ``warm_start_decay``,
-    ``ggn``, ``hvp_mode`` and ``microbatch_size`` are those of
-    :func:`scale_by_newton_cg`.
+    The arguments from ``damping`` to ``has_aux`` are those of
+    [`scale_by_newton_cg`][curvlib.scale_by_newton_cg], which has the details.
 
     Args:
       learning_rate: optional scale or schedule; ``None`` means 1.
       damping: initial Levenberg-Marquardt damping (a new injected value takes
-        effect at the next step, see :func:`scale_by_newton_cg`).
+        effect at the next step, see [`scale_by_newton_cg`][curvlib.scale_by_newton_cg]).
+      damping_increase: factor (``>= 1``) applied to the damping when ``rho < 1/4``.
+      damping_decrease: factor in ``(0, 1]`` applied when ``rho > 3/4``.
+      min_damping: lower clip of the adapted damping.
+      max_damping: upper clip of the adapted damping.
+      cg_rtol: relative residual tolerance cap of the truncated CG solve.
+      max_cg_steps: static CG step cap (default ``min(100, dim)``).
+      warm_start_decay: CG starts from ``warm_start_decay *`` the previous
+        solution (``0`` disables the warm start).
+      ggn: ``None`` for the Hessian of ``value_fn``, or ``(model_fn, loss_fn)``
+        for the Gauss-Newton matrix of that split.
+      hvp_mode: Hessian product mode of [`curvlib.hessian_matvec`][curvlib.hessian_matvec].
+      microbatch_size: accumulate curvature products over chunks of every
+        batched extra argument, at the memory of one chunk.
       has_aux: ``value_fn`` returns ``(loss, aux)``.
       linesearch: optional optax line search appended to the chain.
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs`; its state is the
-      chain's tuple, ``state[0]`` the :class:`ScaleByNewtonCGState`.
+      An `optax.GradientTransformationExtraArgs`; its state is the
+      chain's tuple, ``state[0]`` the [`ScaleByNewtonCGState`][curvlib.ScaleByNewtonCGState].
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax

@@ -1,25 +1,25 @@
 r"""Dense BFGS (inverse-Hessian form) as an optax transform.
 
-Keeps the dense inverse-Hessian approximation :math:`H_k \approx \nabla^2
-f^{-1}` and outputs :math:`p_k = H_k g_k`. With :math:`s = \theta_k -
-\theta_{k-1}`, :math:`y = g_k - g_{k-1}` and :math:`\rho = 1/(s^\top y)` the
+Keeps the dense inverse-Hessian approximation $H_k \approx \nabla^2
+f^{-1}$ and outputs $p_k = H_k g_k$. With $s = \theta_k -
+\theta_{k-1}$, $y = g_k - g_{k-1}$ and $\rho = 1/(s^\top y)$ the
 update (Nocedal & Wright 2006, eq. 6.17) is
 
-.. math::
-
-    H_k = (I - \rho\, s y^\top) H_{k-1} (I - \rho\, y s^\top) + \rho\, s s^\top,
+$$
+H_k = (I - \rho\, s y^\top) H_{k-1} (I - \rho\, y s^\top) + \rho\, s s^\top,
+$$
 
 applied only when the curvature condition
-:math:`s^\top y > \texttt{curvature\_rtol}\,\|s\|\,\|y\|` holds (otherwise the
+$s^\top y > \texttt{curvature\_rtol}\,\|s\|\,\|y\|$ holds (otherwise the
 pair is skipped, ``info.updated`` is ``False``). Before the first accepted
-pair, :math:`H_0 = (s^\top y / y^\top y) I` (eq. 6.20); before any pair exists
+pair, $H_0 = (s^\top y / y^\top y) I$ (eq. 6.20); before any pair exists
 the direction is the gradient scaled by ``min(1, 1/||g||)`` (as
-:func:`optax.scale_by_lbfgs`).
+`optax.scale_by_lbfgs`).
 
-Like :func:`optax.scale_by_lbfgs`, the state is updated from the parameters and
+Like `optax.scale_by_lbfgs`, the state is updated from the parameters and
 gradient it *receives*, so a line search later in the chain sees only
 accepted steps. Cost: ``O(n^2)`` time and memory per step (no extra loss or
-gradient evaluations); for large models use :func:`optax.lbfgs`.
+gradient evaluations); for large models use `optax.lbfgs`.
 
 References:
   J. Nocedal and S. Wright, *Numerical Optimization*, 2nd ed., 2006, ch. 6.
@@ -42,7 +42,7 @@ PyTree = Any
 
 
 class BFGSInfo(NamedTuple):
-    """Diagnostics of the last :func:`scale_by_bfgs` step.
+    """Diagnostics of the last [`scale_by_bfgs`][curvlib.scale_by_bfgs] step.
 
     Attributes:
       curvature: ``s^T y`` of the last pair.
@@ -54,8 +54,8 @@ class BFGSInfo(NamedTuple):
         Hessian: no inner solve, so ``== finite``).
       finite: the loss, gradient, parameters and step were finite (``~skipped``).
       num_matvecs: curvature products of the step (``0``: BFGS uses gradients only).
-      status: the :class:`curvlib.Status` code: ``NONFINITE`` (skipped), else
-        ``SUCCESS``; inside :func:`bfgs` (or any alias with a line search)
+      status: the [`curvlib.Status`][curvlib.Status] code: ``NONFINITE`` (skipped), else
+        ``SUCCESS``; inside [`bfgs`][curvlib.bfgs] (or any alias with a line search)
         ``STALLED`` when the line search failed to decrease the loss.
     """
 
@@ -70,7 +70,7 @@ class BFGSInfo(NamedTuple):
 
 
 class ScaleByBFGSState(NamedTuple):
-    """State of :func:`scale_by_bfgs`.
+    """State of [`scale_by_bfgs`][curvlib.scale_by_bfgs].
 
     Attributes:
       count: number of ``update`` calls.
@@ -78,8 +78,8 @@ class ScaleByBFGSState(NamedTuple):
       inv_hessian: the dense ``(n, n)`` inverse-Hessian approximation.
       prev_params: the parameters at the last (finite) step.
       prev_grad: the gradient at the last (finite) step (named so that
-        :func:`optax.value_and_grad_from_state` finds only the line search's).
-      info: :class:`BFGSInfo`.
+        `optax.value_and_grad_from_state` finds only the line search's).
+      info: [`BFGSInfo`][curvlib.BFGSInfo].
     """
 
     count: jax.Array
@@ -113,9 +113,9 @@ def bfgs_inverse_update(H, s, y, rho):
 def secant_update(state: ScaleByBFGSState, x, g, finite, curvature_rtol):
     r"""The inverse Hessian after the pair ``s = x - x_prev``, ``y = g - g_prev``.
 
-    Skipped (the old matrix kept) unless :math:`s^\top y > \texttt{curvature\_rtol}
-    \|s\|\|y\|` and the step is finite; before the first accepted pair the
-    matrix is first reset to :math:`(s^\top y / y^\top y) I` (Nocedal & Wright,
+    Skipped (the old matrix kept) unless $s^\top y > \texttt{curvature\_rtol}
+    \|s\|\|y\|$ and the step is finite; before the first accepted pair the
+    matrix is first reset to $(s^\top y / y^\top y) I$ (Nocedal & Wright,
     eq. 6.20).
 
     Returns:
@@ -151,7 +151,7 @@ def secant_update(state: ScaleByBFGSState, x, g, finite, curvature_rtol):
 
 
 def bfgs_direction(inv_hessian, g, num_updates):
-    """``H g``, or before any pair ``min(1, 1/||g||) g`` (as :func:`optax.scale_by_lbfgs`).
+    """``H g``, or before any pair ``min(1, 1/||g||) g`` (as `optax.scale_by_lbfgs`).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -186,13 +186,13 @@ def scale_by_bfgs(
       has_aux: ``value_fn`` returns ``(loss, aux)``; ``aux`` is ignored.
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs` with state
-      :class:`ScaleByBFGSState`.
+      An `optax.GradientTransformationExtraArgs` with state
+      [`ScaleByBFGSState`][curvlib.ScaleByBFGSState].
 
     Raises:
       ValueError: invalid settings at construction; too many parameters at init.
       ValueError: from ``init``, for ``params`` with integer, bool, complex or
-        key leaves (a :class:`TypeError` too) or an empty ``params``.
+        key leaves (a `TypeError` too) or an empty ``params``.
       TypeError: from ``update`` when ``value_fn`` is missing, cannot take the
         extra arguments passed, or does not return a scalar loss.
 
@@ -270,7 +270,7 @@ def scale_by_bfgs(
 
 
 def default_linesearch() -> optax.GradientTransformationExtraArgs:
-    """The line search of :func:`bfgs`: optax's zoom (strong Wolfe), as in :func:`optax.lbfgs`.
+    """The line search of [`bfgs`][curvlib.bfgs]: optax's zoom (strong Wolfe), as in `optax.lbfgs`.
 
     Examples:
       >>> from curvlib.optim.quasi_newton import default_linesearch
@@ -293,25 +293,25 @@ def bfgs(
     has_aux: bool = False,
     linesearch: Any = _DEFAULT,
 ) -> optax.GradientTransformationExtraArgs:
-    """Dense BFGS: ``chain(scale_by_bfgs, -lr, zoom line search)``, built as :func:`optax.lbfgs`.
+    """Dense BFGS: ``chain(scale_by_bfgs, -lr, zoom line search)``, built as `optax.lbfgs`.
 
     ``update(grads, state, params, value_fn=loss, **batch)`` is all it needs:
     the loss and gradient the zoom line search takes are computed when
-    ``value=``/``grad=`` are not passed. In the loop of :func:`optax.lbfgs`,
-    :func:`optax.value_and_grad_from_state` reuses the ones the line search
+    ``value=``/``grad=`` are not passed. In the loop of `optax.lbfgs`,
+    `optax.value_and_grad_from_state` reuses the ones the line search
     stored.
 
     Args:
       learning_rate: optional scale or schedule; ``None`` means 1.
-      curvature_rtol: see :func:`scale_by_bfgs`.
-      max_params: see :func:`scale_by_bfgs`.
+      curvature_rtol: see [`scale_by_bfgs`][curvlib.scale_by_bfgs].
+      max_params: see [`scale_by_bfgs`][curvlib.scale_by_bfgs].
       has_aux: ``value_fn`` returns ``(loss, aux)``.
       linesearch: an optax line search, ``None``, or the default
-        (:func:`default_linesearch`).
+        (`default_linesearch`).
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs`; ``state[0]`` is the
-      :class:`ScaleByBFGSState`.
+      An `optax.GradientTransformationExtraArgs`; ``state[0]`` is the
+      [`ScaleByBFGSState`][curvlib.ScaleByBFGSState].
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax

@@ -1,11 +1,12 @@
-"""Reports of :func:`curvlib.track_curvature`: history columns, a text table, a figure.
+"""Reports of `curvlib.track_curvature`: history columns, a text table, a figure.
 
 Nothing here runs inside a training step: these functions take the
-:class:`~curvlib.optim.track.TrackCurvatureInfo` read out of optimiser states
-(:func:`curvlib.curvature_info`) and turn them into NumPy columns
-(:func:`curvature_history`), a plain-text table (:func:`format_curvature_table`)
-or a matplotlib figure (:func:`plot_curvature`; matplotlib is imported when
-called, and the backend is left to the caller).
+[`TrackCurvatureInfo`][curvlib.TrackCurvatureInfo] read out of optimiser states
+([`curvlib.curvature_info`][curvlib.curvature_info]) and turn them into NumPy columns
+([`curvature_history`][curvlib.curvature_history]), a plain-text table
+([`format_curvature_table`][curvlib.format_curvature_table]) or a matplotlib figure
+([`plot_curvature`][curvlib.plot_curvature]; matplotlib is imported when called, and the backend is
+left to the caller).
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ def curvature_history(records: Any) -> dict[str, np.ndarray]:
     """Collect tracked values over a run into NumPy columns, one row per refresh.
 
     Args:
-      records: a sequence of optimiser states or :class:`TrackCurvatureInfo`
+      records: a sequence of optimiser states or [`TrackCurvatureInfo`][curvlib.TrackCurvatureInfo]
         (e.g. ``curvature_info(state)`` appended after every step; flax nnx
-        optimizer states are read out by :func:`curvlib.curvature_info`, so
+        optimizer states are read out by [`curvlib.curvature_info`][curvlib.curvature_info], so
         rows are never aliases of the last step), or one info/state whose
         leaves carry a leading time axis (the stacked output of ``lax.scan``).
         Rows that repeat a step (the values held between refreshes) or precede
@@ -55,7 +56,7 @@ def curvature_history(records: Any) -> dict[str, np.ndarray]:
       (``(T, k)``), ``residual_norms``, ``trace``, ``trace_stderr``,
       ``grad_fraction``, ``grad_norm``, ``num_matvecs``, ``eigsh_matvecs``,
       ``converged``, ``skipped``. ``pandas.DataFrame({c: h[c] for c in ...})``
-      or :func:`format_curvature_table` turn it into a table.
+      or [`format_curvature_table`][curvlib.format_curvature_table] turn it into a table.
 
     Raises:
       ValueError: for an empty sequence, or vmapped records (index one seed first).
@@ -96,10 +97,10 @@ TABLE_COLUMNS = ("step", "loss", "sharpness", "trace", "grad_fraction", "num_mat
 
 
 def format_curvature_table(history: dict[str, np.ndarray], max_rows: int | None = None) -> str:
-    """A plain-text table of :func:`curvature_history`, one line per refresh (84 columns).
+    """A plain-text table of `curvature_history`, one line per refresh (84 columns).
 
     Args:
-      history: the output of :func:`curvature_history`.
+      history: the output of [`curvature_history`][curvlib.curvature_history].
       max_rows: print at most this many rows (the first ones).
 
     Returns:
@@ -133,7 +134,7 @@ def plot_curvature(
     learning_rate: float | None = None,
     axes: Sequence[Any] | None = None,
 ):
-    """Plot a :func:`curvature_history`: loss, top-k eigenvalues (with ``2/eta``), trace, alignment.
+    """Plot a `curvature_history`: loss, top-k eigenvalues (with ``2/eta``), trace, alignment.
 
     The trace panel draws the estimate with error bars of one standard error
     (``trace_stderr``, when the history has it); the estimate is whatever
@@ -141,7 +142,7 @@ def plot_curvature(
     default).
 
     Args:
-      history: the output of :func:`curvature_history`.
+      history: the output of [`curvature_history`][curvlib.curvature_history].
       learning_rate: if given, the edge-of-stability line ``2 / learning_rate``
         is drawn on the eigenvalue panel.
       axes: four matplotlib axes to draw on; a new 1 x 4 figure by default.

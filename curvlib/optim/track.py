@@ -1,7 +1,7 @@
 """Curvature monitoring inside a jitted optax chain: sharpness, trace and gradient alignment.
 
-:func:`track_curvature` is an optax transform that leaves the updates alone and,
-every ``every`` steps, measures the Hessian of the loss at the current
+[`track_curvature`][curvlib.track_curvature] is an optax transform that leaves the updates alone
+and, every ``every`` steps, measures the Hessian of the loss at the current
 parameters: its top-``k`` eigenvalues (the largest is the *sharpness*), an
 estimate of its trace (the Ritz values plus Hutchinson on the complement of
 the tracked eigenspace: Hutch++ with the eigsh result as its sketch), and the
@@ -10,11 +10,11 @@ Each refresh warm-starts the Lanczos process from the eigenvectors kept in the
 state, so once training moves slowly a refresh costs a handful of
 Hessian-vector products instead of a cold solve.
 
-:func:`curvature_info` reads the diagnostics out of any (nested) optimiser
-state, flax nnx's mutable optimizer state included; :mod:`curvlib.optim.report`
-collects them over a run (:func:`~curvlib.optim.report.curvature_history`),
-prints (:func:`~curvlib.optim.report.format_curvature_table`) and draws them
-(:func:`~curvlib.optim.report.plot_curvature`).
+[`curvature_info`][curvlib.curvature_info] reads the diagnostics out of any (nested) optimiser
+state, flax nnx's mutable optimizer state included; [`curvlib.optim.report`][curvlib.optim.report]
+collects them over a run ([`curvature_history`][curvlib.curvature_history]),
+prints ([`format_curvature_table`][curvlib.format_curvature_table]) and draws them
+([`plot_curvature`][curvlib.plot_curvature]).
 
 References:
   J. Cohen, S. Kaur, Y. Li, J. Z. Kolter and A. Talwalkar, *Gradient descent on
@@ -46,7 +46,7 @@ TRACE_METHODS = ("deflated", "hutch++", "hutchinson")
 
 
 class TrackCurvatureInfo(NamedTuple):
-    """Diagnostics of the last refresh of :func:`track_curvature`.
+    """Diagnostics of the last refresh of [`track_curvature`][curvlib.track_curvature].
 
     Every field keeps its value between refreshes; before the first refresh
     ``count`` is ``-1`` and the values are NaN.
@@ -78,7 +78,7 @@ class TrackCurvatureInfo(NamedTuple):
         gradient or curvature and kept the previous values (training goes on).
       num_skipped: refreshes skipped so far.
       finite: the most recent refresh met only finite values (``~skipped``).
-      status: the :class:`curvlib.Status` code of the most recent refresh:
+      status: the [`curvlib.Status`][curvlib.Status] code of the most recent refresh:
         ``NONFINITE`` (skipped), ``MAX_STEPS`` (eigsh not ``converged``), else
         ``SUCCESS`` (also before the first refresh, when nothing was measured).
     """
@@ -110,16 +110,16 @@ class TrackCurvatureInfo(NamedTuple):
 
 
 class TrackCurvatureState(NamedTuple):
-    """State of :func:`track_curvature`.
+    """State of [`track_curvature`][curvlib.track_curvature].
 
     Attributes:
       count: number of ``update`` calls so far (int32).
-      key: the PRNG key given to :func:`track_curvature`; refresh ``t`` uses
+      key: the PRNG key given to [`track_curvature`][curvlib.track_curvature]; refresh ``t`` uses
         ``fold_in(key, t)``.
       eigenvectors: the tracked eigenvectors, a pytree shaped like the
         parameters with a leading axis ``k`` (zeros before the first refresh);
         the warm start of the next refresh.
-      info: a :class:`TrackCurvatureInfo`.
+      info: a [`TrackCurvatureInfo`][curvlib.TrackCurvatureInfo].
     """
 
     count: jax.Array
@@ -195,7 +195,7 @@ def warm_start_vector(key: jax.Array, eigenvectors: PyTree, like: PyTree, noise)
 
 
 class _Config(NamedTuple):
-    """The static and traced settings of one :func:`track_curvature`."""
+    """The static and traced settings of one [`track_curvature`][curvlib.track_curvature]."""
 
     k: int
     which: str
@@ -265,7 +265,7 @@ def _measure(loss, params, extra_args, state: TrackCurvatureState, cfg: _Config)
     """One refresh: loss, gradient and products, eigsh (warm-started), trace, alignment.
 
     Returns ``(eigenvectors, info)``; on a non-finite loss, gradient or product
-    the previous ones, flagged (:func:`_commit`).
+    the previous ones, flagged (`_commit`).
     """
     old = state.info
     dt = old.eigenvalues.dtype
@@ -391,11 +391,11 @@ def track_curvature(
     An identity transform (``updates`` pass through unchanged) that, every
     ``every`` calls of ``update``, measures the Hessian ``H`` of
     ``value_fn(params, **kw)`` (``kw``: the extra arguments ``value_fn`` names,
-    the convention of optax's line searches and :mod:`curvlib.optim`):
+    the convention of optax's line searches and [`curvlib.optim`][curvlib.optim]):
 
     * the top-``k`` eigenpairs ``H x_i = lambda_i x_i`` by thick-restart
-      Lanczos (:func:`curvlib.eigsh`), warm-started from the eigenvectors of
-      the previous refresh (:func:`warm_start_vector`); ``lambda_1`` is the
+      Lanczos ([`curvlib.eigsh`][curvlib.eigsh]), warm-started from the eigenvectors of
+      the previous refresh (`warm_start_vector`); ``lambda_1`` is the
       sharpness, which full-batch gradient descent with step ``eta`` drives to
       ``2 / eta`` (the edge of stability, Cohen et al. 2021);
     * ``tr(H)``: the sum of the ``k`` Ritz values (exact on the tracked
@@ -403,13 +403,13 @@ def track_curvature(
       orthogonal complement (Hutch++ of Meyer et al. 2021 with the eigsh
       result as the sketch, so the sketch costs no product);
     * the gradient's alignment ``||V g||^2 / ||g||^2``, ``V = [x_1 .. x_k]``
-      (Gur-Ari et al. 2018, :func:`grad_fraction`).
+      (Gur-Ari et al. 2018, `grad_fraction`).
 
-    The results live in the state's ``info`` (:class:`TrackCurvatureInfo`),
-    readable after a jitted step with :func:`curvature_info` (also from a flax
+    The results live in the state's ``info`` ([`TrackCurvatureInfo`][curvlib.TrackCurvatureInfo]),
+    readable after a jitted step with [`curvature_info`][curvlib.curvature_info] (also from a flax
     ``nnx.Optimizer``'s ``opt_state``). Place it anywhere in an
-    :func:`optax.chain`; the loss arrives as the keyword extra argument
-    ``value_fn``, as for every transform of :mod:`curvlib.optim`.
+    `optax.chain`; the loss arrives as the keyword extra argument
+    ``value_fn``, as for every transform of [`curvlib.optim`][curvlib.optim].
 
     Compilation: a refresh linearises ``value_and_grad`` of the loss once; the
     loss, the gradient and every Hessian product of eigsh and of the trace come
@@ -480,7 +480,7 @@ def track_curvature(
       trace_method: ``"deflated"`` (default: Ritz values plus Hutchinson on the
         complement), ``"hutch++"`` (its own sketch, a third of the probes) or
         ``"hutchinson"``.
-      hvp_mode: product mode of :func:`curvlib.hessian_matvec`
+      hvp_mode: product mode of [`curvlib.hessian_matvec`][curvlib.hessian_matvec]
         (``"linearize"`` by default; ``"fwd-rev"`` holds no residuals).
       microbatch_size: accumulate the gradient and every product over chunks of
         every batched extra argument of ``value_fn`` (static; the loss must be
@@ -490,8 +490,8 @@ def track_curvature(
         unit eigenvector (traceable).
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs` with state
-      :class:`TrackCurvatureState`.
+      An `optax.GradientTransformationExtraArgs` with state
+      [`TrackCurvatureState`][curvlib.TrackCurvatureState].
 
     Raises:
       ValueError: ``every < 1`` or ``k < 1`` (here), ``k >=`` the number of
@@ -584,7 +584,7 @@ def _is_variable(x) -> bool:
 
 
 def curvature_info(state: PyTree) -> TrackCurvatureInfo:
-    """The :class:`TrackCurvatureInfo` inside any (nested) optimiser state, as plain arrays.
+    """The `TrackCurvatureInfo` inside any (nested) optimiser state, as plain arrays.
 
     Works through ``optax.chain``, ``inject_hyperparams``, ``MultiSteps``,
     ``vmap`` (leaves then carry the batch axis) and flax: a
@@ -597,13 +597,14 @@ def curvature_info(state: PyTree) -> TrackCurvatureInfo:
 
     Args:
       state: an optimiser state (any pytree) holding one
-        :class:`TrackCurvatureState`.
+        [`TrackCurvatureState`][curvlib.TrackCurvatureState].
 
     Returns:
-      Its :class:`TrackCurvatureInfo`, every field a plain ``jax.Array``.
+      Its [`TrackCurvatureInfo`][curvlib.TrackCurvatureInfo], every field a plain ``jax.Array``.
 
     Raises:
-      KeyError: if the state holds no :class:`TrackCurvatureInfo`, or several.
+      KeyError: if the state holds no [`TrackCurvatureInfo`][curvlib.TrackCurvatureInfo], or
+        several.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, curvlib

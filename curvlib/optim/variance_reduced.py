@@ -1,15 +1,15 @@
 r"""Stochastic variance-reduced gradient (SVRG) as an optax transform.
 
-With a snapshot :math:`\tilde\theta` and its full-data gradient
-:math:`\mu = \nabla F(\tilde\theta)`, the direction at :math:`\theta` for the
-minibatch loss :math:`f_B` is (Johnson & Zhang 2013)
+With a snapshot $\tilde\theta$ and its full-data gradient
+$\mu = \nabla F(\tilde\theta)$, the direction at $\theta$ for the
+minibatch loss $f_B$ is (Johnson & Zhang 2013)
 
-.. math::
+$$
+v = \nabla f_B(\theta) - \nabla f_B(\tilde\theta) + \mu,
+$$
 
-    v = \nabla f_B(\theta) - \nabla f_B(\tilde\theta) + \mu,
-
-an unbiased gradient estimate whose variance vanishes as :math:`\theta` and
-:math:`\tilde\theta` approach the optimum, so a *constant* step converges
+an unbiased gradient estimate whose variance vanishes as $\theta$ and
+$\tilde\theta$ approach the optimum, so a *constant* step converges
 linearly on strongly convex problems where SGD stalls at its noise floor.
 
 Extra-argument contract (works inside one jitted training step)
@@ -17,17 +17,17 @@ Extra-argument contract (works inside one jitted training step)
 ``update(updates, state, params, *, value_fn, full_value_fn=None,
 full_grad_fn=None, **extra_args)``:
 
-* ``updates``: :math:`\nabla f_B(\theta)`, the minibatch gradient;
-* ``value_fn(params, **kw)``: the minibatch loss :math:`f_B` (routed extra
-  arguments as everywhere in :mod:`curvlib.optim`); the transform
+* ``updates``: $\nabla f_B(\theta)$, the minibatch gradient;
+* ``value_fn(params, **kw)``: the minibatch loss $f_B$ (routed extra
+  arguments as everywhere in [`curvlib.optim`][curvlib.optim]); the transform
   differentiates it at the snapshot, one extra gradient per step;
 * exactly one of ``full_value_fn(params)`` (the full-data or large-batch loss
-  :math:`F`, differentiated with ``jax.grad``) or ``full_grad_fn(params)``
-  (returning :math:`\nabla F` directly, e.g. accumulated with
-  :func:`curvlib.gradient` and ``microbatch_size`` for bounded memory). It is
+  $F$, differentiated with ``jax.grad``) or ``full_grad_fn(params)``
+  (returning $\nabla F$ directly, e.g. accumulated with
+  [`curvlib.gradient`][curvlib.gradient] and ``microbatch_size`` for bounded memory). It is
   called inside a ``lax.cond`` that runs only on refresh steps: when
   ``snapshot_every`` successful steps have passed since the last snapshot, and
-  on the first step. Close it over the dataset in the jitted step::
+  on the first step. Close it over the dataset in the jitted step:
 
       @jax.jit
       def step(params, state, batch, data):
@@ -48,7 +48,7 @@ Cost per step: one extra minibatch gradient, plus a full gradient every
 Wrappers: ``snapshot_every`` is read at every step (``optax.inject_hyperparams``
 may schedule it). Under ``optax.MultiSteps`` the incoming update is the mean of
 the micro-batch gradients while ``value_fn`` is the last micro-batch's loss, so
-the correction :math:`\nabla f_B(\tilde\theta)` would not match the
+the correction $\nabla f_B(\tilde\theta)$ would not match the
 averaged gradient: pass a ``value_fn`` over the whole accumulated batch at the
 last micro-step (or give SVRG the larger batch directly).
 
@@ -73,7 +73,7 @@ PyTree = Any
 
 
 class SVRGInfo(NamedTuple):
-    """Diagnostics of the last :func:`scale_by_svrg` step.
+    """Diagnostics of the last [`scale_by_svrg`][curvlib.scale_by_svrg] step.
 
     Attributes:
       refreshed: the snapshot and its full gradient were refreshed this step.
@@ -83,7 +83,7 @@ class SVRGInfo(NamedTuple):
       finite: the corrected gradient and the snapshot gradient were finite
         (``~skipped``).
       num_matvecs: curvature products of the step (``0``: gradients only).
-      status: the :class:`curvlib.Status` code: ``NONFINITE`` (skipped), else
+      status: the [`curvlib.Status`][curvlib.Status] code: ``NONFINITE`` (skipped), else
         ``SUCCESS``.
     """
 
@@ -97,15 +97,15 @@ class SVRGInfo(NamedTuple):
 
 
 class ScaleBySVRGState(NamedTuple):
-    """State of :func:`scale_by_svrg`.
+    """State of [`scale_by_svrg`][curvlib.scale_by_svrg].
 
     Attributes:
       count: number of ``update`` calls.
       since_snapshot: successful steps since the last refresh (starts at
         ``snapshot_every`` so that the first step refreshes).
-      snapshot_params: the snapshot :math:`\\tilde\\theta`.
-      snapshot_grad: its full gradient :math:`\\mu`.
-      info: :class:`SVRGInfo`.
+      snapshot_params: the snapshot $\\tilde\\theta$.
+      snapshot_grad: its full gradient $\\mu$.
+      info: [`SVRGInfo`][curvlib.SVRGInfo].
     """
 
     count: jax.Array
@@ -156,13 +156,13 @@ def scale_by_svrg(
         ``aux`` is ignored.
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs` with state
-      :class:`ScaleBySVRGState`.
+      An `optax.GradientTransformationExtraArgs` with state
+      [`ScaleBySVRGState`][curvlib.ScaleBySVRGState].
 
     Raises:
       ValueError: if ``snapshot_every < 1``.
       ValueError: from ``init``, for ``params`` with integer, bool, complex or
-        key leaves (a :class:`TypeError` too) or an empty ``params``.
+        key leaves (a `TypeError` too) or an empty ``params``.
       TypeError: from ``update`` when ``value_fn`` or both of
         ``full_value_fn``/``full_grad_fn`` are missing, or ``value_fn`` cannot
         take the extra arguments passed.
@@ -255,20 +255,20 @@ def svrg(
 ) -> optax.GradientTransformationExtraArgs:
     """SVRG: ``chain(scale_by_svrg(snapshot_every), scale_by_learning_rate(learning_rate))``.
 
-    See :mod:`curvlib.optim.variance_reduced` for the ``full_value_fn`` /
+    See `curvlib.optim.variance_reduced` for the ``full_value_fn`` /
     ``full_grad_fn`` extra-argument contract. The state also holds a
     ``value = +inf`` marker, so the alias runs unchanged in the loop
-    :func:`optax.lbfgs` documents (:func:`optax.value_and_grad_from_state`
+    `optax.lbfgs` documents (`optax.value_and_grad_from_state`
     then evaluates the loss and gradient itself).
 
     Args:
       learning_rate: scale or schedule.
-      snapshot_every: see :func:`scale_by_svrg`.
+      snapshot_every: see [`scale_by_svrg`][curvlib.scale_by_svrg].
       has_aux: ``value_fn`` and ``full_value_fn`` return ``(loss, aux)``.
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs`; ``state[0]`` is the
-      :class:`ScaleBySVRGState`.
+      An `optax.GradientTransformationExtraArgs`; ``state[0]`` is the
+      [`ScaleBySVRGState`][curvlib.ScaleBySVRGState].
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
