@@ -24,15 +24,20 @@ COLUMNS = (
 )
 
 
+def _column(info: TrackCurvatureInfo, c: str):
+    """Column ``c`` of ``info`` (the ``step`` column is the info's ``count`` field)."""
+    return np.asarray(getattr(info, "count" if c == "step" else c))
+
+
 def _stack(records: Any) -> dict[str, np.ndarray]:
     """The info columns of ``records`` with a leading time axis (one entry per record)."""
     if isinstance(records, (list, tuple)) and not isinstance(records, TrackCurvatureInfo):
         infos = [r if isinstance(r, TrackCurvatureInfo) else curvature_info(r) for r in records]
         if not infos:
             raise ValueError("`records` is empty; expected states or infos appended per step.")
-        return {c: np.stack([np.asarray(getattr(i, c)) for i in infos]) for c in COLUMNS}
+        return {c: np.stack([_column(i, c) for i in infos]) for c in COLUMNS}
     info = curvature_info(records)
-    stacked = {c: np.asarray(getattr(info, c)) for c in COLUMNS}
+    stacked = {c: _column(info, c) for c in COLUMNS}
     if stacked["step"].ndim == 0:
         stacked = {c: v[None] for c, v in stacked.items()}
     return stacked
