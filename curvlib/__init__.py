@@ -25,6 +25,10 @@ from curvlib.kronecker import (
     scale_by_kfac,
 )
 from curvlib.krylov import (
+    CG,
+    Eigsh,
+    Lanczos,
+    PowerIteration,
     CGResult,
     EigshResult,
     LanczosResult,
@@ -90,7 +94,11 @@ __all__ = [
     "stream_matvec",
     "stream_gradient",
     "StreamMatvec",
-    # algorithms
+    # algorithms; their options as solver values (one place of defaults and checks)
+    "Eigsh",
+    "CG",
+    "PowerIteration",
+    "Lanczos",
     "lanczos",
     "LanczosResult",
     "eigsh",

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _tree
+from curvlib import _deprecation, _tree
 from curvlib.landscape import _common
 
 PyTree = Any
@@ -92,11 +92,12 @@ def _mean_check(loss_fn, params, data, k, microbatch_size):
     return out[0], out[1], out[2], out[3]
 
 
+@_deprecation.renamed("curvlib.landscape.check_mean_loss", k="num_examples")
 def check_mean_loss(
     loss_fn: Callable,
     params: PyTree,
     data: PyTree,
-    k: int,
+    num_examples: int,
     *,
     microbatch_size: int | None = None,
     rtol: float | None = None,
@@ -122,7 +123,8 @@ def check_mean_loss(
       loss_fn: ``loss_fn(params, batch) -> scalar``.
       params: the probe point.
       data: the ordered samples.
-      k: sample count, ``1 <= k < n``.
+      num_examples: ``k``, the number of examples averaged in ``L_k`` (the paper's sample count),
+        ``1 <= k < n``.
       microbatch_size: optional chunk size over the samples.
       rtol: tolerance relative to the largest per-sample loss; default
         ``10 sqrt(eps)`` of the loss dtype.
@@ -144,6 +146,7 @@ def check_mean_loss(
       ...
       ValueError: `loss_fn` does not behave as a mean over the leading axis of its batch: ...
     """
+    k = num_examples  # the paper's k
     k = _common.check_k(k, data)
     mb = _common.check_microbatch(microbatch_size)
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, data, k))):
@@ -201,11 +204,12 @@ def _loss_increment(loss_fn, params, data, k, microbatch_size):
     return _common.increment(loss_fn, params, data, k, microbatch_size)
 
 
+@_deprecation.renamed("curvlib.landscape.loss_increment", k="num_examples")
 def loss_increment(
     loss_fn: Callable,
     params: PyTree,
     data: PyTree,
-    k: int,
+    num_examples: int,
     *,
     microbatch_size: int | None = None,
 ) -> jax.Array:
@@ -221,7 +225,8 @@ def loss_increment(
       loss_fn: ``loss_fn(params, batch)``, the mean loss over the batch's leading axis.
       params: the point ``w``.
       data: ordered samples (pytree, leading axis = sample order).
-      k: sample count, ``1 <= k < n``.
+      num_examples: ``k``, the number of examples averaged in ``L_k`` (the paper's sample count),
+        ``1 <= k < n``.
       microbatch_size: chunk size over the samples (bounds memory).
 
     Returns:
@@ -235,6 +240,7 @@ def loss_increment(
       >>> round(float(loss_increment(loss, jnp.array(0.0), x, 2)), 4)  # 5/3 - 1/2
       1.1667
     """
+    k = num_examples  # the paper's k
     k = _common.check_k(k, data)
     return _loss_increment(loss_fn, params, data, k, _common.check_microbatch(microbatch_size))
 
@@ -309,11 +315,12 @@ def _coefficients(loss_fn, params, data, k, U, microbatch_size, mode, ritz_value
     return IncrementCoefficients(a.astype(dt), c.astype(dt), 0.5 * (M + M.T))
 
 
+@_deprecation.renamed("curvlib.landscape.increment_coefficients", k="num_examples")
 def increment_coefficients(
     loss_fn: Callable,
     params: PyTree,
     data: PyTree,
-    k: int,
+    num_examples: int,
     eigenvectors: PyTree,
     *,
     microbatch_size: int | None = None,
@@ -354,7 +361,8 @@ def increment_coefficients(
       loss_fn: ``loss_fn(params, batch)``, the mean loss over the batch's leading axis.
       params: the point ``w*``.
       data: ordered samples (pytree, leading axis = sample order).
-      k: sample count, ``1 <= k < n``.
+      num_examples: ``k``, the number of examples averaged in ``L_k`` (the paper's sample count),
+        ``1 <= k < n``.
       eigenvectors: basis pytree shaped like ``params`` with a leading axis ``D``.
         Any ``D`` (up to ``N``) is accepted here; for nested subspaces compute
         once at ``Dmax`` and use :meth:`IncrementCoefficients.prefix`.
@@ -386,6 +394,7 @@ def increment_coefficients(
       >>> np.round(np.asarray(coef.B, float), 4).tolist()  # U (H^(3) - H^(2)) U^T
       [[1.1667, 0.0], [0.0, -0.1667]]
     """
+    k = num_examples  # the paper's k
     k = _common.check_k(k, data)
     mb = _common.check_microbatch(microbatch_size)
     if mode not in (None, "linearize", "fwd-rev", "rev-rev"):

@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from curvlib import _tree
-from curvlib.krylov import cg, eigsh
+from curvlib import _deprecation, _tree
+from curvlib.krylov import cg, eigen
+from curvlib.krylov.solvers import CG, Eigsh, resolve
 from curvlib.operators import _common as C
 
 PyTree = Any
@@ -183,18 +184,25 @@ def _check_damping(damping, method):
         raise ValueError(f"`damping` must be >= 0; got {damping!r}.")
 
 
+_EIGSH_RENAMES = {"tol": "rtol", "num_matvecs": "basis_size"}
+# (`rtol=` here was CG's: it moves into `cg=`, not into `eigsh=`)
+_deprecation.register_folded("curvlib.inverse_matvec", "eigsh", Eigsh, _EIGSH_RENAMES,
+                             exclude=("rtol",))
+
+
+@_deprecation.moved_to_solver("curvlib.inverse_matvec", "cg", CG,
+                              rtol="rtol", atol="atol", max_steps="max_steps")
 def inverse_matvec(
     matvec: Callable,
     *,
     damping,
     method: str = "cg",
-    rtol=1e-6,
-    atol=0.0,
-    max_steps: int | None = None,
+    cg: CG | None = None,
     preconditioner: Callable | None = None,
     rank: int | None = None,
     v0: PyTree | None = None,
     eigenpairs=None,
+    eigsh: Eigsh | None = None,
     **eigsh_options,
 ) -> InverseMatvec:
     """The damped inverse ``v -> (C + lambda I)^{-1} v`` of a symmetric operator, as an operator.
@@ -222,15 +230,19 @@ def inverse_matvec(
       matvec: a symmetric linear operator on pytrees (a Hessian, GGN, Fisher, ...).
       damping: ``lambda`` (traceable scalar): ``>= 0`` for ``"cg"``, ``> 0`` for ``"lowrank"``.
       method: ``"cg"`` or ``"lowrank"``.
-      rtol: CG's relative tolerance on ``||r|| / ||v||``.
-      atol: CG's absolute tolerance on ``||r||``.
-      max_steps: CG's iteration cap (default ``10 * dim``, as in :func:`curvlib.cg`).
+      cg: CG's options, a :class:`curvlib.CG` (default ``CG()``: ``rtol=1e-5``,
+        ``atol=0``, ``max_steps`` ``10 * dim``, the defaults of :func:`curvlib.cg`).
+        The former keywords ``rtol``, ``atol`` and ``max_steps`` still work,
+        with a warning (the former default ``rtol`` was ``1e-6``).
       preconditioner: optional SPD ``M^{-1}`` for CG.
       rank: eigenpairs to compute for ``"lowrank"`` (static).
       v0: start vector of that eigsh (e.g. ``jax.random.normal``-filled params).
       eigenpairs: instead of ``rank``/``v0``: an :class:`~curvlib.EigshResult` or a
         pair ``(eigenvalues (r,), eigenvectors with a leading axis r)`` of ``C``.
-      **eigsh_options: passed to :func:`curvlib.eigsh` (``which``, ``tol``, ...).
+      eigsh: the options of that eigsh, a :class:`curvlib.Eigsh` (default ``Eigsh()``).
+      **eigsh_options: the remaining arguments of :func:`curvlib.eigsh`
+        (``which``, ``key``); its solver options as keywords (``tol``,
+        ``basis_size``, ...) still work, with a warning.
 
     Returns:
       An :class:`InverseMatvec` ``inv`` with ``inv(v) = (C + lambda I)^{-1} v``.
@@ -241,9 +253,10 @@ def inverse_matvec(
 
     Examples:
       >>> import jax, jax.numpy as jnp
+      >>> import curvlib
       >>> from curvlib import inverse_matvec
       >>> A = jnp.diag(jnp.array([4.0, 2.0, 1.0]))
-      >>> inv = inverse_matvec(lambda v: A @ v, damping=1.0, rtol=1e-6)
+      >>> inv = inverse_matvec(lambda v: A @ v, damping=1.0, cg=curvlib.CG(rtol=1e-6))
       >>> inv(jnp.array([5.0, 3.0, 2.0])).round(4).tolist()     # (A + I)^{-1} b
       [1.0, 1.0, 1.0]
       >>> res = inv.solve(jnp.array([5.0, 3.0, 2.0]), x0=jnp.ones(3))   # warm start
@@ -260,10 +273,13 @@ def inverse_matvec(
     _check_damping(damping, method)
     matvec = _as_partial(matvec, "matvec")
     preconditioner = _as_partial(preconditioner, "preconditioner")
+    cg = resolve(CG, cg, "cg")
+    rtol, atol, max_steps = cg.rtol, cg.atol, cg.max_steps
     if max_steps is not None and not isinstance(max_steps, jax.core.Tracer):
         max_steps = C.static_int(max_steps, "max_steps", minimum=1)
     if method == "cg":
-        if rank is not None or v0 is not None or eigenpairs is not None or eigsh_options:
+        if (rank is not None or v0 is not None or eigenpairs is not None or eigsh_options
+                or eigsh is not None):
             raise ValueError(
                 "`rank`, `v0`, `eigenpairs` and eigsh options apply to method='lowrank' only."
             )
@@ -275,10 +291,13 @@ def inverse_matvec(
                 "method='lowrank' needs the eigenpairs of `matvec`: pass `rank` and a start "
                 "vector `v0` (to compute them with curvlib.eigsh), or `eigenpairs`."
             )
-        res = eigsh(matvec, v0, C.static_int(rank, "rank", minimum=1), **eigsh_options)
+        eigsh, rest = _deprecation.fold_options("curvlib.inverse_matvec", "eigsh", Eigsh, eigsh,
+                                                eigsh_options, _EIGSH_RENAMES)
+        res = eigen.eigsh(matvec, v0, C.static_int(rank, "rank", minimum=1), solver=eigsh,
+                          **rest)
         vals, vecs, conv = res.eigenvalues, res.eigenvectors, res.converged & res.finite
     else:
-        if rank is not None or v0 is not None or eigsh_options:
+        if rank is not None or v0 is not None or eigsh_options or eigsh is not None:
             raise ValueError("pass either `eigenpairs` or `rank`/`v0` (with eigsh options).")
         if hasattr(eigenpairs, "eigenvalues"):
             vals, vecs = eigenpairs.eigenvalues, eigenpairs.eigenvectors

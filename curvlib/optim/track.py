@@ -34,8 +34,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvlib import _tree
-from curvlib.krylov import eigen, eigsh, hutchinson_trace, stochastic
+from curvlib import _deprecation, _tree
+from curvlib._validate import one_of
+from curvlib.krylov import eigen, eigsh, hutchinson_trace, solvers, stochastic
+from curvlib.operators import hessian
 from curvlib.optim import _common
 
 PyTree = Any
@@ -180,9 +182,7 @@ class _Config(NamedTuple):
 
     k: int
     which: str
-    basis_size: int | None
-    tol: Any
-    max_restarts: int
+    eigsh: solvers.Eigsh
     num_probes: int
     trace_method: str
     hvp_mode: str | None
@@ -257,8 +257,7 @@ def _measure(loss, params, extra_args, state: TrackCurvatureState, cfg: _Config)
         v0 = warm_start_vector(k_start, state.eigenvectors, params, cfg.warm_noise)
         # eigsh stops at the first Krylov depth certifying the k pairs, so a warm
         # start (few steps) and a cold one (more steps) share one basis size
-        opts = dict(which=cfg.which, basis_size=cfg.basis_size, tol=cfg.tol,
-                    max_restarts=cfg.max_restarts, key=jax.random.fold_in(k_start, 1))
+        opts = dict(which=cfg.which, solver=cfg.eigsh, key=jax.random.fold_in(k_start, 1))
         if cfg.num_probes and cfg.trace_method == "deflated":
             # the trace probes depend on the eigenvectors: their products run in eigsh's
             # own loop, so the refresh compiles the product once
@@ -319,14 +318,14 @@ def _commit(ok, vecs, info, state):
     return vecs, info
 
 
-def _validate(every, k, which, basis_size, tol, max_restarts, num_probes, trace_method,
+def _validate(every, k, which, eigsh, num_probes, trace_method,
               hvp_mode, microbatch_size, warm_noise) -> _Config:
     _common.check_int("every", every, 1)  # traceable: may be injected
     k = _common.static_int("k", k, 1)
     num_probes = _common.static_int("num_probes", num_probes, 0)
-    max_restarts = _common.static_int("max_restarts", max_restarts, 0)
-    if basis_size is not None:
-        basis_size = _common.static_int("basis_size", basis_size, k + 2)
+    eigsh = solvers.resolve(solvers.Eigsh, eigsh, "eigsh")
+    if eigsh.basis_size is not None:
+        _common.static_int("basis_size", eigsh.basis_size, k + 2)
     if which not in ("LA", "SA", "LM"):
         raise ValueError(f"`which` must be 'LA', 'SA' or 'LM'; got {which!r}.")
     if trace_method not in TRACE_METHODS:
@@ -337,26 +336,26 @@ def _validate(every, k, which, basis_size, tol, max_restarts, num_probes, trace_
             f"its exact trace and the residual estimate take a third each); got {num_probes}. "
             "Use trace_method='hutchinson' for fewer probes."
         )
-    _common.check_positive("tol", tol)
     _common.check_nonnegative("warm_noise", warm_noise)
-    _common.check_hvp_mode(hvp_mode)
+    one_of(hvp_mode, "mode", (None, *hessian.MODES))
     microbatch_size = _common.check_microbatch_size(microbatch_size)
-    return _Config(k, which, basis_size, tol, max_restarts, num_probes, trace_method,
+    return _Config(k, which, eigsh, num_probes, trace_method,
                    hvp_mode, microbatch_size, warm_noise)
 
 
+@_deprecation.renamed("curvlib.track_curvature", hvp_mode="mode")
+@_deprecation.moved_to_solver("curvlib.track_curvature", "eigsh", solvers.Eigsh,
+                              tol="rtol", basis_size="basis_size", max_restarts="max_restarts")
 def track_curvature(
     every,
     k: int,
     *,
     key: jax.Array,
     which: str = "LA",
-    basis_size: int | None = None,
-    tol=1e-3,
-    max_restarts: int = 100,
+    eigsh: solvers.Eigsh | None = None,
     num_probes: int = 6,
     trace_method: str = "deflated",
-    hvp_mode: str | None = None,
+    mode: str | None = None,
     microbatch_size: int | None = None,
     has_aux: bool = False,
     warm_noise=1e-2,
@@ -399,7 +398,7 @@ def track_curvature(
     Cost: between refreshes nothing. A refresh costs one gradient, the eigsh
     products (eigsh stops at the first Krylov depth certifying the ``k`` pairs)
     and ``num_probes`` trace products, as reported in ``info.num_matvecs``. On
-    a tanh MLP a warm refresh with ``k = 3`` and ``tol = 1e-3`` needs fewer
+    a tanh MLP a warm refresh with ``k = 3`` and ``rtol = 1e-3`` needs fewer
     products than a cold eigsh at the same point and tolerance
     (``tests/test_track.py`` asserts at most 0.8x); the saving shrinks for
     tight tolerances and clustered spectra (near the edge of stability).
@@ -413,7 +412,8 @@ def track_curvature(
     ``benchmarks/track_overhead.py`` (``k = 5``, ``every = 100``, the step's
     own mini-batch as ``value_fn``) measured 26 products and 70 steps per
     refresh on an MLP, 39 products and 57 steps on a small transformer: 64%
-    average overhead (48% with ``tol=1e-2, num_probes=0``). Since even a
+    average overhead (48% with ``rtol=1e-2, num_probes=0``; these runs used
+    ``Eigsh(rtol=1e-3, max_restarts=100)``, the tracker's defaults before 0.2). Since even a
     perfect warm start needs ``k`` products for one Rayleigh-Ritz step, the
     overhead at ``every = 100`` cannot fall below about ``k`` steps per
     refresh; for an overhead below 10% choose ``every`` of several hundred
@@ -431,11 +431,10 @@ def track_curvature(
     ``every`` large.
 
     Wrappers: under ``optax.inject_hyperparams`` the traced arguments
-    (``every``, ``tol``, ``warm_noise``) take effect at the next step; ``key``
+    (``every``, ``warm_noise``) take effect at the next step; ``key``
     is the *initial* key, copied into ``state.key`` at ``init`` (to change it,
-    replace ``state.key``); ``k``, ``basis_size``, ``max_restarts``,
-    ``num_probes`` and ``microbatch_size`` fix shapes and loops and belong in
-    ``static_args``. Under ``optax.MultiSteps`` the tracker measures the
+    replace ``state.key``); ``k``, ``eigsh``, ``num_probes`` and
+    ``microbatch_size`` fix shapes and loops and belong in ``static_args``. Under ``optax.MultiSteps`` the tracker measures the
     ``value_fn`` of the micro-step at which the accumulated update is emitted.
 
     Args:
@@ -445,18 +444,21 @@ def track_curvature(
       key: PRNG key for the cold start, the warm-start noise and the trace
         probes; refresh ``t`` uses ``fold_in(key, t)``.
       which: ``"LA"`` (largest algebraic, default), ``"SA"`` or ``"LM"``.
-      basis_size: Lanczos basis size ``m`` (static); default eigsh's
-        ``max(4k, 20)``. eigsh stops as soon as the ``k`` pairs are certified,
-        so a larger basis costs memory, not products.
-      tol: relative residual tolerance of eigsh (traceable); the eigenvalue
-        error is about ``tol**2 * lambda**2 / gap``.
-      max_restarts: cap on eigsh's thick restarts per refresh (static).
+      eigsh: the eigensolver's options, a :class:`curvlib.Eigsh` (default
+        ``Eigsh()``, the defaults of :func:`curvlib.eigsh`). Its ``rtol`` is
+        the relative residual tolerance (the eigenvalue error is about
+        ``rtol**2 * lambda**2 / gap``; a looser ``Eigsh(rtol=1e-3)`` spends
+        fewer products per refresh); its
+        ``basis_size`` costs memory, not products (eigsh stops as soon as the
+        ``k`` pairs are certified). The former keywords ``tol``,
+        ``basis_size`` and ``max_restarts`` still work, with a warning.
       num_probes: trace products per refresh (static); ``0`` skips the trace.
       trace_method: ``"deflated"`` (default: Ritz values plus Hutchinson on the
         complement), ``"hutch++"`` (its own sketch, a third of the probes) or
         ``"hutchinson"``.
-      hvp_mode: product mode of :func:`curvlib.hessian_matvec`
+      mode: product mode of :func:`curvlib.hessian_matvec`
         (``"linearize"`` by default; ``"fwd-rev"`` holds no residuals).
+        (Renamed from ``hvp_mode``, which still works with a warning.)
       microbatch_size: accumulate the gradient and every product over chunks of
         every batched extra argument of ``value_fn`` (static; the loss must be
         a mean over the batch).
@@ -499,8 +501,8 @@ def track_curvature(
       Cohen et al., ICLR 2021; Gur-Ari, Roberts & Dyer 2018; Meyer, Musco,
       Musco & Woodruff, *Hutch++*, SOSA 2021; Sorensen 1992.
     """
-    cfg = _validate(every, k, which, basis_size, tol, max_restarts, num_probes, trace_method,
-                    hvp_mode, microbatch_size, warm_noise)
+    cfg = _validate(every, k, which, eigsh, num_probes, trace_method,
+                    mode, microbatch_size, warm_noise)
     name = "track_curvature"
 
     def init_fn(params):
@@ -510,9 +512,9 @@ def track_curvature(
             raise ValueError(
                 f"`k`={cfg.k} must be smaller than the number of parameters ({n})."
             )
-        if cfg.basis_size is not None and cfg.basis_size > n:
+        if cfg.eigsh.basis_size is not None and cfg.eigsh.basis_size > n:
             raise ValueError(
-                f"`basis_size`={cfg.basis_size} exceeds the number of parameters ({n})."
+                f"`basis_size`={cfg.eigsh.basis_size} exceeds the number of parameters ({n})."
             )
         dt = jnp.promote_types(_tree.dtype(params), jnp.float32)
         return TrackCurvatureState(
