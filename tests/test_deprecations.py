@@ -173,7 +173,8 @@ def test_tools_that_bind_by_signature_still_accept_the_old_names():
     params = inspect.signature(curvlib.track_curvature).parameters
     assert params["tol"].default is _deprecation.NOT_GIVEN
     with pytest.warns(DeprecationWarning, match="`tol` is deprecated"):
-        tx = optax.inject_hyperparams(curvlib.track_curvature, static_args=("k",))(
+        tx = optax.inject_hyperparams(curvlib.track_curvature,
+                                      static_args=("k", "num_probes"))(
             every=1, k=2, key=jax.random.PRNGKey(0), tol=1e-9, num_probes=0)
         state = tx.init(V0)
         _, state = jax.jit(lambda s: tx.update(V0, s, V0, value_fn=quad))(state)
@@ -275,12 +276,13 @@ def test_built_on_eigensolvers_match_the_dense_oracle_and_their_old_keywords():
         old = _track(tol=1e-11, basis_size=8, max_restarts=200)
     np.testing.assert_array_equal(old, _track(eigsh=e))
 
+    e = Eigsh(rtol=1e-11, basis_size=6, max_restarts=200)  # N = 6 parameters
     sub = ls.curvature_subspace(lsq, W, (X, Y), 5, 2, key=jax.random.PRNGKey(0), eigsh=e)
     np.testing.assert_allclose(sub.eigenvalues, np.linalg.eigvalsh(_hk(5))[::-1][:2],
                                rtol=1e-9)
     with pytest.warns(DeprecationWarning):
         old = ls.curvature_subspace(lsq, W, (X, Y), k=5, dim=2, key=jax.random.PRNGKey(0),
-                                    tol=1e-11, basis_size=8, max_restarts=200)
+                                    tol=1e-11, basis_size=6, max_restarts=200)
     np.testing.assert_array_equal(old.eigenvalues, sub.eigenvalues)
 
     kw = dict(dims=[2], sigmas=[0.1], key=jax.random.PRNGKey(0), progress=False,

@@ -457,7 +457,8 @@ def test_microbatched_curvature_matches_the_full_batch():
     value_fn = lambda p, X, Y: loss_fn(model_fn(p, X), Y)
     p0 = {"w": jnp.full((64, 10), 0.01, jnp.float64), "b": jnp.zeros(10, jnp.float64)}
     g = jax.grad(value_fn)(p0, X, Y)
-    kw = dict(damping=0.1, cg=curvlib.CG(rtol=1e-12, max_steps=100))  # well conditioned: CG converges
+    # well conditioned: CG converges
+    kw = dict(damping=0.1, cg=curvlib.CG(rtol=1e-12, max_steps=100))
 
     @functools.partial(jax.jit, static_argnums=(0, 1))
     def direction(ggn, microbatch_size):

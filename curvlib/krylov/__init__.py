@@ -2,9 +2,10 @@
 
 Modules: :mod:`~curvlib.krylov.tridiag` (``lanczos``), :mod:`~curvlib.krylov.eigen`
 (``eigsh``), :mod:`~curvlib.krylov.power` (``power_iteration``),
-:mod:`~curvlib.krylov.linear` (``cg``), :mod:`~curvlib.krylov.solvers` (the solver values ``Eigsh``, ``CG``,
-``PowerIteration``, ``Lanczos``), :mod:`~curvlib.krylov.stochastic` (Hutchinson
-trace and diagonal), :mod:`~curvlib.krylov.density` (``spectral_density``),
+:mod:`~curvlib.krylov.linear` (``cg``), :mod:`~curvlib.krylov.solvers` (the solver
+values ``Eigsh``, ``CG``, ``PowerIteration``, ``Lanczos``),
+:mod:`~curvlib.krylov.stochastic` (Hutchinson trace and diagonal),
+:mod:`~curvlib.krylov.density` (``spectral_density``),
 :mod:`~curvlib.krylov.checks` (``check_symmetric``). The Lanczos-type algorithms
 share one engine (:mod:`~curvlib.krylov._band`) and one product loop
 (:mod:`~curvlib.krylov._driver`), which also drives host-streamed operators.

@@ -93,7 +93,7 @@ def _start(X, i, v0, key, acc):
 
 
 def _options(solver, max_matvecs, num_iters, rtol):
-    """``(max_matvecs, num_iters, rtol)`` of ``solver`` (default :class:`curvlib.PowerIteration`)."""
+    """``(max_matvecs, num_iters, rtol)`` of ``solver`` (default ``PowerIteration()``)."""
     s = solvers.resolve(solvers.PowerIteration, solver, max_matvecs=max_matvecs,
                         num_iters=num_iters, rtol=rtol)
     return s.max_matvecs, s.num_iters, s.rtol

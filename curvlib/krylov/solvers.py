@@ -9,8 +9,9 @@ it under the algorithm's name (``eigsh=``, ``cg=``) and forwards it, so each
 option has exactly one default, the one written below.
 
     >>> import curvlib
-    >>> curvlib.Eigsh(rtol=1e-6, basis_size=30)
-    Eigsh(rtol=1e-06, basis_size=30, num_keep=None, max_matvecs=None, max_restarts=1000, basis_dtype=None)
+    >>> opts = curvlib.Eigsh(rtol=1e-6, basis_size=30)
+    >>> opts.rtol, opts.basis_size, opts.max_restarts  # the rest keep their one default
+    (1e-06, 30, 1000)
     >>> curvlib.CG(max_steps=0)
     Traceback (most recent call last):
     ...

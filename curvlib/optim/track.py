@@ -434,8 +434,10 @@ def track_curvature(
     (``every``, ``warm_noise``) take effect at the next step; ``key``
     is the *initial* key, copied into ``state.key`` at ``init`` (to change it,
     replace ``state.key``); ``k``, ``eigsh``, ``num_probes`` and
-    ``microbatch_size`` fix shapes and loops and belong in ``static_args``. Under ``optax.MultiSteps`` the tracker measures the
-    ``value_fn`` of the micro-step at which the accumulated update is emitted.
+    ``microbatch_size`` fix shapes and loops (``eigsh`` is static by itself, not
+    being a number; the others belong in ``static_args``). Under
+    ``optax.MultiSteps`` the tracker measures the ``value_fn`` of the micro-step
+    at which the accumulated update is emitted.
 
     Args:
       every: refresh period in steps (``>= 1``); refreshes happen at steps
