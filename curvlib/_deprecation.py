@@ -75,6 +75,15 @@ def warn(where: str, old: str, new: str, stacklevel: int = 3) -> None:
     )
 
 
+def warn_moved(where: str, old: str, arg: str, cls: str, field: str, stacklevel: int = 3):
+    """The message for a solver option that moved into the solver value ``arg``."""
+    warnings.warn(
+        f"`{old}` is deprecated in {where}(): pass it as the option `{field}` of the solver "
+        f"value, `{arg}=curvlib.{cls}({field}=...)` ({REMOVAL}).",
+        DeprecationWarning, stacklevel=stacklevel,
+    )
+
+
 def _both(where: str, old: str, new: str):
     return ValueError(
         f"{where}() got both `{old}` and its new name `{new}`: pass `{new}` only."
@@ -90,6 +99,7 @@ def renamed(where: str, **old_to_new: str):
 
     Examples:
       >>> import warnings
+      >>> from curvlib._deprecation import renamed
       >>> @renamed("f", tol="rtol")
       ... def f(*, rtol=1.0):
       ...     return rtol
@@ -144,7 +154,7 @@ def moved_to_solver(where: str, arg: str, cls, **old_to_field: str):
             for old, field in old_to_field.items():
                 was_given, value = _pop(kwargs, old)
                 if was_given:
-                    warn(where, old, f"{arg}=curvlib.{name}({field}=...)")
+                    warn_moved(where, old, arg, name, field)
                     if value is not None:
                         if field in given and given[field] != value:
                             raise ValueError(
@@ -177,7 +187,7 @@ def fold_options(where: str, arg: str, cls, value, options: dict, renames=None):
     for name, v in options.items():
         field = renames.get(name, name)
         if field in fields:
-            warn(where, name, f"{arg}=curvlib.{cls.__name__}({field}=...)", stacklevel=4)
+            warn_moved(where, name, arg, cls.__name__, field, stacklevel=4)
             if v is not None:
                 given[field] = v
         else:

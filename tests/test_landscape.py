@@ -491,7 +491,7 @@ def test_k_curve_options(lsq):
         ls.k_curve(ls_loss, w, (x, y), [4], **{**kw, "dims": [0, 2]})
     with pytest.raises(ValueError, match=r"`num_samples` must be >= 2"):
         ls.k_curve(ls_loss, w, (x, y), [4], num_samples=1, **kw)
-    with pytest.raises(ValueError, match=r"`k \+ 1` = 25 exceeds"):
+    with pytest.raises(ValueError, match=r"`num_examples \+ 1` \(k \+ 1\) = 25 exceeds"):
         ls.k_curve(ls_loss, w, (x, y), [4, 24], **kw)
     with pytest.raises(ValueError, match=r"`max\(dims\)` = 6 \(the subspace dimension D\)"):
         ls.k_curve(ls_loss, w, (x, y), [4], **{**kw, "dims": [1, 6]})

@@ -79,6 +79,18 @@ class Eigsh:
       max_restarts: cap on thick restarts. Traceable.
       basis_dtype: dtype of the stored basis (e.g. ``jnp.bfloat16``); ``None``
         is ``v0``'s. Static.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import curvlib
+      >>> A = jnp.diag(jnp.arange(1.0, 41.0))
+      >>> opts = curvlib.Eigsh(rtol=1e-8, basis_size=12)
+      >>> curvlib.eigsh(lambda v: A @ v, jnp.ones(40), k=2, solver=opts).eigenvalues.tolist()
+      [40.0, 39.0]
+      >>> curvlib.Eigsh(basis_size=0)
+      Traceback (most recent call last):
+      ...
+      ValueError: `basis_size` must be >= 1; got 0.
     """
 
     rtol: Any = None
@@ -107,6 +119,14 @@ class CG:
       atol: absolute tolerance on ``||r||``. Traceable.
       max_steps: iteration cap; ``None`` is ``min(10 dim, 2**31 - 3)``. Static
         (:func:`curvlib.cg` also takes a traced cap as its own keyword).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import curvlib
+      >>> A = jnp.array([[4.0, 1.0], [1.0, 3.0]])
+      >>> inv = curvlib.inverse_matvec(lambda v: A @ v, damping=0.0, cg=curvlib.CG(rtol=1e-8))
+      >>> inv(jnp.array([1.0, 2.0])).round(4).tolist()
+      [0.0909, 0.6364]
     """
 
     rtol: Any = 1e-5
@@ -129,6 +149,14 @@ class PowerIteration:
         ``k * num_iters``. Static.
       num_iters: product cap per pair; ``None`` is 100 when ``max_matvecs`` is
         not given either, else no per-pair cap. Static.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import curvlib
+      >>> A = jnp.diag(jnp.array([-3.0, 2.0, 1.0]))
+      >>> opts = curvlib.PowerIteration(rtol=1e-6, num_iters=500)
+      >>> curvlib.power_iteration(lambda v: A @ v, jnp.ones(3), solver=opts).eigenvalues.tolist()
+      [-3.0]
     """
 
     rtol: Any = 1e-4
@@ -149,6 +177,14 @@ class Lanczos:
       num_matvecs: Krylov depth ``m`` = products used (required). Static.
       reortho: ``"full"`` (reorthogonalise against the whole basis) or ``"none"``. Static.
       basis_dtype: dtype of the stored basis; ``None`` is ``v0``'s. Static.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import curvlib
+      >>> A = jnp.diag(jnp.arange(1.0, 11.0))
+      >>> res = curvlib.lanczos(lambda v: A @ v, jnp.ones(10), solver=curvlib.Lanczos(10))
+      >>> int(res.num_matvecs), round(float(res.alphas.sum()), 4)  # trace(T) = trace(A)
+      (10, 55.0)
     """
 
     num_matvecs: int
