@@ -23,6 +23,7 @@ appears once in the compiled program), with
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -578,9 +579,11 @@ def eigsh_then(matvec, v0, k, then, num_rows, **kwargs):
     """
     if _driver.is_host_driven(matvec):
         raise TypeError("eigsh_then needs a traceable `matvec`, not a host-driven operator.")
+    options = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(solvers.Eigsh)
+               if f.name in kwargs}  # eigsh's keywords for the fields of its solver value
     cfg, tol, max_matvecs, max_restarts = _configure(
         matvec, v0, k, kwargs.pop("which", "LA"),
-        solvers.resolve(solvers.Eigsh, kwargs.pop("solver", None)))
+        solvers.resolve(solvers.Eigsh, kwargs.pop("solver", None), **options))
     key = kwargs.pop("key", None)
     if kwargs:
         raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
