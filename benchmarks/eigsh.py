@@ -97,8 +97,8 @@ def curvlib_solver(prob, *, num_matvecs=None, tol=TARGET, num_keep=None, max_res
     @jax.jit
     def solve(params, v0, *batch):
         mv = curvlib.hessian_matvec(loss, params, *batch)
-        return curvlib.eigsh(mv, v0, K, num_matvecs=num_matvecs, tol=tol, num_keep=num_keep,
-                            max_restarts=max_restarts)
+        return curvlib.eigsh(mv, v0, K, basis_size=num_matvecs, rtol=tol, num_keep=num_keep,
+                             max_restarts=max_restarts)
 
     return solve
 

@@ -92,7 +92,7 @@ def optimisers(model, out_loss, x):
     out["kfac (amortised)"] = (
         curvlib.kfac(0.1, momentum=0.9, statistics_every=INVERSE_EVERY,
                      damping_every=INVERSE_EVERY, **kw), "kfac_amortised")
-    out["newton_cg (GGN)"] = (curvlib.newton_cg(ggn=(model, out_loss), max_cg_steps=20),
+    out["newton_cg (GGN)"] = (curvlib.newton_cg(ggn=(model, out_loss), cg=curvlib.CG(max_steps=20)),
                               "newton_cg")
     return out
 

@@ -61,10 +61,11 @@ def _loss(prob):
 
 
 def curvlib_pipeline(loss, params, data, tol):
+    import curvlib
     from curvlib import landscape as L
 
     sub = L.curvature_subspace(loss, params, data, K_SAMPLES, D_MAX, key=jax.random.PRNGKey(0),
-                               tol=tol)
+                               eigsh=curvlib.Eigsh(rtol=tol))
     coef = L.increment_coefficients(loss, params, data, K_SAMPLES, sub.eigenvectors,
                                     check_mean=False, eigenvalues=sub.eigenvalues)
     vals = {D: L.delta2_closed_form(*coef.prefix(D), jnp.asarray(SIGMAS)) for D in DIMS}
@@ -167,6 +168,7 @@ def _first_answer_worker(npz_path: str, tol: float, flatten: bool, out_path: str
     import jax.numpy as jnp
     import numpy as np
 
+    import curvlib
     from curvlib import landscape as L
 
     z = np.load(npz_path)
@@ -179,7 +181,8 @@ def _first_answer_worker(npz_path: str, tol: float, flatten: bool, out_path: str
         return M.cross_entropy(M.transformer_apply(p, batch[0], heads=heads), batch[1])
 
     def pipeline(params, data, key):
-        sub = L.curvature_subspace(loss, params, data, K, D, key=key, tol=tol, flatten=flatten)
+        sub = L.curvature_subspace(loss, params, data, K, D, key=key, eigsh=curvlib.Eigsh(rtol=tol),
+                                   flatten=flatten)
         coef = L.increment_coefficients(loss, params, data, K, sub.eigenvectors,
                                         check_mean=False, eigenvalues=sub.eigenvalues)
         vals = [L.delta2_closed_form(*coef.prefix(d), sig) for d in FA_CONFIG["dims"]]
@@ -291,7 +294,8 @@ def first_answer(quick: bool = False) -> dict:
 
 def run(quick: bool = False) -> dict:
     try:
-        from curvlib import landscape as L
+        import curvlib
+    from curvlib import landscape as L
     except ImportError:
         payload = {"title": "3. Delta2(D) end to end", "skipped": True,
                    "notes": ["curvlib.landscape does not exist yet: case skipped."]}

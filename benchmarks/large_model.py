@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     setup_s = time.perf_counter() - t0
     rss_before = C.current_rss_mb()
 
-    opts = dict(num_matvecs=args.num_matvecs, max_restarts=args.max_restarts, tol=args.tol)
+    opts = dict(basis_size=args.num_matvecs, max_restarts=args.max_restarts, rtol=args.tol)
     if args.basis_dtype is not None:
         if "basis_dtype" not in inspect.signature(curvlib.eigsh).parameters:
             raise SystemExit("this curvlib's eigsh has no `basis_dtype` option")

@@ -44,7 +44,7 @@ def worker(width: int, reps: int) -> dict:
 
     def solve(params, v0, *batch):
         mv = curvlib.hessian_matvec(loss, params, *batch)
-        return curvlib.eigsh(mv, v0, 10, tol=1e-3)
+        return curvlib.eigsh(mv, v0, 10, rtol=1e-3)
 
     rss0 = C.current_rss_mb()
     t0 = time.perf_counter()

@@ -32,6 +32,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -108,15 +109,21 @@ def _chunk_runner(opt, loss_fn, sample, tracked: bool, fixed_batch=None):
 def _measure(name, params, loss_fn, sample, lr, repeats):
     import curvlib
 
+    former = curvlib.Eigsh(rtol=1e-3, max_restarts=100)  # track_curvature's defaults before 0.2
+
     base = optax.sgd(lr, momentum=0.9)
     key = jax.random.PRNGKey(1)
     variants = {
         "plain": (base, False),
-        # defaults: tol=1e-3, trace: Ritz values + 6 deflated Hutchinson probes
-        "tracked": (optax.chain(curvlib.track_curvature(EVERY, K, key=key), base), True),
+        # the tracker's former defaults (rtol=1e-3, max_restarts=100), trace: Ritz values + 6
+        # deflated Hutchinson probes
+        "tracked": (optax.chain(curvlib.track_curvature(EVERY, K, key=key, eigsh=former), base),
+                    True),
         # eigenvalues only, looser tolerance (eigenvalue error ~ tol^2)
         "tracked_lean": (
-            optax.chain(curvlib.track_curvature(EVERY, K, key=key, tol=1e-2, num_probes=0), base),
+            optax.chain(curvlib.track_curvature(
+                EVERY, K, key=key, eigsh=dataclasses.replace(former, rtol=1e-2), num_probes=0),
+                base),
             True,
         ),
         # defaults, value_fn on a fixed measurement batch (the warm start's case)
@@ -269,7 +276,7 @@ def _first_step_child(variant: str) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     if variant == "eigsh":
         solve = jax.jit(lambda p, x, y: curvlib.eigsh(
-            curvlib.hessian_matvec(value_fn, p, x, y), p, K, tol=1e-3))
+            curvlib.hessian_matvec(value_fn, p, x, y), p, K, rtol=1e-3))
         jax.block_until_ready(solve(nnx.as_pure(params), x, y))
     else:
         tx = optax.adam(1e-3)

@@ -36,10 +36,14 @@ from curvlib.kronecker import (
     scale_by_kfac,
 )
 from curvlib.krylov import (
+    CG,
     CGResult,
+    Eigsh,
     EigshResult,
+    Lanczos,
     LanczosResult,
     MonteCarloEstimate,
+    PowerIteration,
     PowerIterationResult,
     SpectralDensity,
     SymmetryCheck,
@@ -101,7 +105,11 @@ __all__ = [
     "stream_matvec",
     "stream_gradient",
     "StreamMatvec",
-    # algorithms
+    # algorithms; their options as solver values (one place of defaults and checks)
+    "Eigsh",
+    "CG",
+    "PowerIteration",
+    "Lanczos",
     "lanczos",
     "LanczosResult",
     "eigsh",

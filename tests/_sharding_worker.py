@@ -116,9 +116,10 @@ def _optional_uses(params, x, y, loss, hv):
     """The use layer: one jitted Newton-CG step and the Delta2(D) pipeline."""
     import jax
 
+    import curvlib
     from curvlib import optim
 
-    tx = optim.scale_by_newton_cg(damping=0.1, max_cg_steps=10)
+    tx = optim.scale_by_newton_cg(damping=0.1, cg=curvlib.CG(max_steps=10))
 
     @jax.jit
     def step(p, s, x, y):

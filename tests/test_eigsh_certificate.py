@@ -263,7 +263,7 @@ def test_eigsh_certifies_a_repeated_zero_eigenvalue_and_the_next_one():
     A = (A + A.T) / 2
     Aj = jnp.asarray(A)
     res = curvlib.eigsh(lambda v: Aj @ v, jnp.asarray(rng.standard_normal(n)), 4, which="SA",
-                        tol=0.0, basis_size=12, key=jax.random.PRNGKey(0))
+                        rtol=0.0, basis_size=12, key=jax.random.PRNGKey(0))
     want = np.linalg.eigh(A)[0][:4]
     assert bool(res.converged)
     assert int(res.num_verifications) >= 1

@@ -107,7 +107,7 @@ def test_zero_eigenvalues_converge_within_twice_arpack(softmax_null_space, tol):
     mv, H, unravel, v0 = softmax_null_space
     evals = np.linalg.eigvalsh(H)
     assert np.sum(np.abs(evals) < 1e-12) >= 5
-    res = curvlib.eigsh(mv, unravel(jnp.asarray(v0)), 5, which="SA", tol=tol,
+    res = curvlib.eigsh(mv, unravel(jnp.asarray(v0)), 5, which="SA", rtol=tol,
                         key=jax.random.PRNGKey(0))
     assert bool(res.converged)
     scale = np.max(np.abs(evals))

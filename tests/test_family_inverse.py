@@ -31,7 +31,7 @@ def test_cg_inverse_matches_numpy_solve():
     G = curvlib.ggn_matvec(model, lambda o, y: jnp.mean((o - y) ** 2), params, x, loss_args=(y,))
     D, unravel = _dense(G, params)
     lam = 1e-2
-    inv = inverse_matvec(G, damping=lam, rtol=1e-12)
+    inv = inverse_matvec(G, damping=lam, cg=curvlib.CG(rtol=1e-12))
     # densified by vmap over right-hand sides, and passed into jit as an argument
     Dinv = np.asarray(jax.jit(jax.vmap(lambda op, e: ravel_pytree(op(unravel(e)))[0],
                                        (None, 0)))(inv, jnp.eye(D.shape[0]))).T
@@ -60,7 +60,7 @@ def test_cg_inverse_of_an_indefinite_operator_is_nan_with_a_flag():
     assert not bool(res.converged)
     assert all(bool(jnp.all(jnp.isnan(a))) for a in jax.tree.leaves(res.x))
     shift = -np.linalg.eigvalsh(D).min() + 1.0  # enough damping makes it definite
-    x_ok = inverse_matvec(H, damping=shift, rtol=1e-12)(b)
+    x_ok = inverse_matvec(H, damping=shift, cg=curvlib.CG(rtol=1e-12))(b)
     bf = np.asarray(ravel_pytree(b)[0])
     assert np.allclose(ravel_pytree(x_ok)[0], np.linalg.solve(D + shift * np.eye(len(bf)), bf),
                        rtol=1e-9)
@@ -77,7 +77,8 @@ def test_lowrank_inverse_is_the_inverse_of_the_damped_projection():
     b = np.random.default_rng(1).standard_normal(P)
     v0 = unravel(jnp.asarray(np.random.default_rng(2).standard_normal(P)))
     # rank 3 = rank(EF): exact
-    exact = inverse_matvec(EF, damping=lam, method="lowrank", rank=3, v0=v0, tol=1e-10)
+    exact = inverse_matvec(EF, damping=lam, method="lowrank", rank=3, v0=v0,
+                           eigsh=curvlib.Eigsh(rtol=1e-10))
 
     got = np.asarray(ravel_pytree(exact(unravel(jnp.asarray(b))))[0])
     assert np.allclose(got, np.linalg.solve(D + lam * np.eye(P), b), rtol=1e-8, atol=1e-10)

@@ -42,7 +42,7 @@ WORKER = textwrap.dedent('''
                               {"w1": False, "w2": True})
         S = curvlib.stream_matvec(lambda p, b: curvlib.fisher_matvec(model, p, b[0]), params,
                                   host, sharding=sharding)
-        inv = curvlib.inverse_matvec(F, damping=0.1, rtol=1e-12)
+        inv = curvlib.inverse_matvec(F, damping=0.1, cg=curvlib.CG(rtol=1e-12))
         apply = jax.jit(lambda mv, a: mv(a))
         return {"fisher": apply(F, v), "empirical_fisher": apply(EF, v), "jt_u": apply(JT, u),
                 "restricted": {"w2": apply(Hb, {"w1": None, "w2": v["w2"]})["w2"]},

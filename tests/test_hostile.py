@@ -412,7 +412,7 @@ def test_zero_start_vector_restarts_from_a_random_direction():
     c = curvlib.cg(mv, z)
     assert bool(c.converged) and int(c.num_steps) == 0
     np.testing.assert_array_equal(c.x["a"], 0.0)
-    p = curvlib.power_iteration(mv, z, 1, num_iters=500, tol=1e-10, key=jax.random.PRNGKey(0))
+    p = curvlib.power_iteration(mv, z, 1, num_iters=500, rtol=1e-10, key=jax.random.PRNGKey(0))
     np.testing.assert_allclose(p.eigenvalues, [10.0], rtol=1e-3)
 
 

@@ -290,8 +290,8 @@ def test_eigsh_then_multiplies_vectors_built_from_the_answer_in_the_same_loop():
     key = jax.random.PRNGKey(2)
     then = lambda r: {"a": r.eigenvectors["a"][:2] + 1.0}  # depends on the answer
     res, rows, products = jax.jit(
-        lambda v: eigen.eigsh_then(mv, v, 3, then, 2, key=key, tol=1e-10))(v0)
-    ref = eigsh(mv, v0, 3, key=key, tol=1e-10)
+        lambda v: eigen.eigsh_then(mv, v, 3, then, 2, key=key, rtol=1e-10))(v0)
+    ref = eigsh(mv, v0, 3, key=key, rtol=1e-10)
     np.testing.assert_array_equal(res.eigenvalues, ref.eigenvalues)
     assert int(res.num_matvecs) == int(ref.num_matvecs) and bool(res.converged)
     np.testing.assert_allclose(rows["a"], np.asarray(ref.eigenvectors["a"][:2]) + 1.0,
@@ -466,7 +466,7 @@ def test_power_iteration_signed_and_deflated():
     A = jnp.asarray(_sym(ev, seed=31))
     like = _like(40)
     op = _tree_op(A, like)
-    res = jax.jit(lambda v: power_iteration(op, v, 3, num_iters=300, tol=1e-8))(_start(like, 1))
+    res = jax.jit(lambda v: power_iteration(op, v, 3, num_iters=300, rtol=1e-8))(_start(like, 1))
     assert np.allclose(np.asarray(res.eigenvalues), [-30.0, 20.0, 10.0], rtol=1e-10)
     assert bool(np.all(res.converged)) and bool(res.finite)
     X = _rows(res.eigenvectors)
@@ -692,7 +692,7 @@ def test_zero_start_vectors():
     lz = lanczos(op, z, 5)
     Q = np.asarray(lz.basis)
     assert np.max(np.abs(Q @ Q.T - np.eye(5))) <= 1e-12 and bool(lz.finite)
-    p = power_iteration(op, z, 1, num_iters=2000, tol=1e-8, key=jax.random.PRNGKey(0))
+    p = power_iteration(op, z, 1, num_iters=2000, rtol=1e-8, key=jax.random.PRNGKey(0))
     assert np.isclose(float(p.eigenvalues[0]), 20.0, rtol=1e-8)
     c = cg(op, z)
     assert bool(c.converged) and int(c.num_steps) == 0
@@ -715,7 +715,7 @@ def test_eigsh_stops_at_the_smallest_certifying_depth():
     v0 = np.random.default_rng(4).standard_normal(300)
     k, tol = 5, 1e-6
     # m <= 64: the test runs after every step (above, every ceil(m / 64) steps)
-    res = eigsh(lambda v: jnp.asarray(A) @ v, jnp.asarray(v0), k, basis_size=64, tol=tol)
+    res = eigsh(lambda v: jnp.asarray(A) @ v, jnp.asarray(v0), k, basis_size=64, rtol=tol)
     assert bool(res.converged) and int(res.num_verifications) == 1
     search = int(res.num_matvecs) - int(res.verification_matvecs)
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from scipy.linalg import subspace_angles
 
+from curvlib import Eigsh
 from curvlib import landscape as ls
 
 # ------------------------------------------------------------------ problems
@@ -167,7 +168,7 @@ def test_coefficients_with_ritz_values_skip_the_k_sample_products(lsq):
     w = _unflat(theta)
     # loose tolerance and a tiny basis: Ritz pairs, not eigenpairs
     sub = ls.curvature_subspace(ls_loss, w, (x, y), k, D, key=jax.random.PRNGKey(0),
-                                basis_size=D + 2, tol=0.5, max_restarts=0)
+                                eigsh=Eigsh(basis_size=D + 2, rtol=0.5, max_restarts=0))
     E = sub.eigenvectors
     U = np.concatenate([np.asarray(E["w"]), np.asarray(E["b"])[:, None]], axis=1)
     _, _, B = np_coefficients(theta, np.asarray(x), np.asarray(y), k, U)
@@ -490,7 +491,7 @@ def test_k_curve_options(lsq):
         ls.k_curve(ls_loss, w, (x, y), [4], **{**kw, "dims": [0, 2]})
     with pytest.raises(ValueError, match=r"`num_samples` must be >= 2"):
         ls.k_curve(ls_loss, w, (x, y), [4], num_samples=1, **kw)
-    with pytest.raises(ValueError, match=r"`k \+ 1` = 25 exceeds"):
+    with pytest.raises(ValueError, match=r"`num_examples \+ 1` \(k \+ 1\) = 25 exceeds"):
         ls.k_curve(ls_loss, w, (x, y), [4, 24], **kw)
     with pytest.raises(ValueError, match=r"`max\(dims\)` = 6 \(the subspace dimension D\)"):
         ls.k_curve(ls_loss, w, (x, y), [4], **{**kw, "dims": [1, 6]})
@@ -498,7 +499,7 @@ def test_k_curve_options(lsq):
         c = ls.k_curve(ls_loss, w, (x, y), [4], num_matvecs=4, progress=False,
                        next_subspace=False, **kw)
     c2 = ls.k_curve(ls_loss, w, (x, y), [4], config=ls.KCurveConfig(
-        basis_size=4, progress=False, next_subspace=False), **kw)
+        eigsh=Eigsh(basis_size=4), progress=False, next_subspace=False), **kw)
     np.testing.assert_array_equal(c.eigenvalues, c2.eigenvalues)
 
 
@@ -685,7 +686,7 @@ def test_subspace_matches_dense_eigh(flatten):
     lam, V = np.linalg.eigh(Hd)
     assert lam[0] < 0  # indefinite: signs matter
     sub = ls.curvature_subspace(_mlp_loss, params, (x, y), k, D, key=jax.random.PRNGKey(0),
-                                flatten=flatten, tol=1e-10)
+                                flatten=flatten, eigsh=Eigsh(rtol=1e-10))
     assert bool(sub.converged)
     np.testing.assert_allclose(sub.eigenvalues, lam[::-1][:D], rtol=1e-7, atol=1e-9)
     U = np.asarray(jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(sub.eigenvectors))
@@ -767,11 +768,13 @@ def test_bad_input_raises_clear_errors(lsq):
     w = _unflat(theta)
     key = jax.random.PRNGKey(0)
     U = jax.tree.map(lambda p: jnp.zeros((2,) + p.shape).at[0].set(1.0), w)
-    with pytest.raises(ValueError, match=r"`k` must be >= 1 .*got 0"):
+    with pytest.raises(ValueError, match=r"`num_examples` \(k\) must be >= 1 .*got 0"):
         ls.delta1(ls_loss, w, (x, y), 0)
-    with pytest.raises(ValueError, match=r"`k` \(the sample count\) must be an int; got 2.0"):
+    with pytest.raises(ValueError,
+                       match=r"`num_examples` \(k, the sample count\) must be an int; got 2.0"):
         ls.loss_increment(ls_loss, w, (x, y), 2.0)
-    with pytest.raises(ValueError, match=r"`k \+ 1` = 25 exceeds the number of samples .*\(24\)"):
+    with pytest.raises(ValueError, match=r"`num_examples \+ 1` \(k \+ 1\) = 25 exceeds the number "
+                                         r"of samples .*\(24\)"):
         ls.curvature_subspace(ls_loss, w, (x, y), 24, 2, key=key)
     # D and N are named as what they are (not eigsh's `k=..., dim=...`)
     with pytest.raises(ValueError, match=r"`dim` = 6 \(the subspace dimension D\) must be "
@@ -779,9 +782,9 @@ def test_bad_input_raises_clear_errors(lsq):
         ls.curvature_subspace(ls_loss, w, (x, y), 5, 6, key=key)
     with pytest.raises(ValueError, match=r"`basis_size` = 4 must satisfy D \+ 2 <= basis_size <= N"
                                          r".* D = 3 wanted eigenvectors.* N = 6 parameters"):
-        ls.curvature_subspace(ls_loss, w, (x, y), 5, 3, key=key, basis_size=4)
+        ls.curvature_subspace(ls_loss, w, (x, y), 5, 3, key=key, eigsh=Eigsh(basis_size=4))
     with pytest.raises(ValueError, match=r"`basis_size` = 7 must satisfy"):
-        ls.curvature_subspace(ls_loss, w, (x, y), 5, 3, key=key, basis_size=7)
+        ls.curvature_subspace(ls_loss, w, (x, y), 5, 3, key=key, eigsh=Eigsh(basis_size=7))
     with pytest.raises(ValueError, match=r"`mode='linearize'` stores every microbatch"):
         ls.curvature_subspace(ls_loss, w, (x, y), 5, 2, key=key, microbatch_size=2,
                               mode="linearize")
@@ -810,7 +813,7 @@ def test_num_matvecs_is_a_deprecated_basis_size(lsq):
     x, y, theta = lsq
     w = _unflat(theta)
     key = jax.random.PRNGKey(0)
-    new = ls.curvature_subspace(ls_loss, w, (x, y), 8, 3, key=key, basis_size=5)
+    new = ls.curvature_subspace(ls_loss, w, (x, y), 8, 3, key=key, eigsh=Eigsh(basis_size=5))
     with pytest.warns(DeprecationWarning, match=r"`num_matvecs` is deprecated.*`basis_size`"):
         old = ls.curvature_subspace(ls_loss, w, (x, y), 8, 3, key=key, num_matvecs=5)
     np.testing.assert_array_equal(old.eigenvalues, new.eigenvalues)

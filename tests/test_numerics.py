@@ -289,20 +289,20 @@ def test_power_iteration_converged_is_judged_on_the_true_residual():
     A = np.diag([-3.0, 2.0, 1.0, 0.5])
     tol = 1e-5
     for kwargs in ({"num_iters": 500}, {"max_matvecs": 36}):
-        res = power_iteration(lambda v: jnp.asarray(A) @ v, jnp.ones(4), 2, tol=tol, **kwargs)
+        res = power_iteration(lambda v: jnp.asarray(A) @ v, jnp.ones(4), 2, rtol=tol, **kwargs)
         X = np.asarray(res.eigenvectors)
         theta = np.asarray(res.eigenvalues)
         true = np.linalg.norm(X @ A - theta[:, None] * X, axis=1)
         np.testing.assert_allclose(np.asarray(res.residual_norms), true, rtol=1e-6, atol=1e-15)
         np.testing.assert_array_equal(np.asarray(res.converged), true <= tol * np.abs(theta))
         np.testing.assert_allclose(X @ X.T, np.eye(2), atol=1e-12)
-    full = power_iteration(lambda v: jnp.asarray(A) @ v, jnp.ones(4), 2, tol=tol, num_iters=500)
+    full = power_iteration(lambda v: jnp.asarray(A) @ v, jnp.ones(4), 2, rtol=tol, num_iters=500)
     assert bool(np.all(full.converged))  # the final Rayleigh-Ritz step removes the leak
     np.testing.assert_allclose(np.asarray(full.eigenvalues), [-3.0, 2.0], rtol=1e-9)
-    cut = power_iteration(lambda v: jnp.asarray(A) @ v, jnp.ones(4), 2, tol=tol, max_matvecs=36)
+    cut = power_iteration(lambda v: jnp.asarray(A) @ v, jnp.ones(4), 2, rtol=tol, max_matvecs=36)
     assert int(cut.num_matvecs) == 36 and not bool(cut.converged[1])
     # a budget that ends before the second pair starts: NaN for it, not a made-up pair
-    short = power_iteration(lambda v: jnp.asarray(A) @ v, jnp.ones(4), 2, tol=tol,
+    short = power_iteration(lambda v: jnp.asarray(A) @ v, jnp.ones(4), 2, rtol=tol,
                             max_matvecs=30)
     assert np.isnan(float(short.eigenvalues[1])) and not bool(short.converged[1])
     assert np.all(np.isnan(np.asarray(short.eigenvectors[1])))
@@ -335,7 +335,7 @@ def test_power_iteration_randomness_comes_from_the_key():
     a2 = power_iteration(op, z, 2, key=jax.random.PRNGKey(1), max_matvecs=4)
     assert not np.allclose(np.asarray(a.eigenvectors[0]), np.asarray(b.eigenvectors[0]))
     np.testing.assert_array_equal(np.asarray(a.eigenvectors), np.asarray(a2.eigenvectors))
-    full = power_iteration(op, z, 2, key=jax.random.PRNGKey(1), num_iters=3000, tol=1e-9)
+    full = power_iteration(op, z, 2, key=jax.random.PRNGKey(1), num_iters=3000, rtol=1e-9)
     np.testing.assert_allclose(np.asarray(full.eigenvalues), [20.0, 19.0], rtol=1e-8)
     nokey = power_iteration(op, z, 2)
     assert np.all(np.isnan(np.asarray(nokey.eigenvalues))) and not np.any(nokey.converged)
@@ -343,7 +343,7 @@ def test_power_iteration_randomness_comes_from_the_key():
     # v0 equal to an eigenvector: the second pair's start comes from the key
     e = np.linalg.eigh(np.asarray(A))[1][:, -1]
     ev = power_iteration(op, jnp.asarray(e), 2, key=jax.random.PRNGKey(3), num_iters=3000,
-                         tol=1e-9)
+                         rtol=1e-9)
     np.testing.assert_allclose(np.asarray(ev.eigenvalues), [20.0, 19.0], rtol=1e-8)
     assert np.isnan(float(power_iteration(op, jnp.asarray(e), 2).eigenvalues[1]))
 
@@ -356,7 +356,7 @@ def test_power_iteration_non_finite_products_give_nan_pairs():
     def mv(v):  # NaN for vectors orthogonal to e_0, i.e. every start of pair 2
         return jnp.where(jnp.abs(v[0]) < 1e-3, jnp.nan, 1.0) * d * v
 
-    res = power_iteration(mv, jnp.ones(5), 2, num_iters=400, tol=1e-9)
+    res = power_iteration(mv, jnp.ones(5), 2, num_iters=400, rtol=1e-9)
     assert not bool(res.finite)
     np.testing.assert_allclose(float(res.eigenvalues[0]), 10.0, rtol=1e-9)
     assert bool(res.converged[0]) and not bool(res.converged[1])

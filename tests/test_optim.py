@@ -89,7 +89,7 @@ def test_newton_and_newton_cg_solve_a_quadratic_in_one_step():
     for opt in (
         optim.newton(),
         optim.newton(linesearch=None),
-        optim.newton_cg(damping=0.0, cg_rtol=1e-12, max_cg_steps=7),
+        optim.newton_cg(damping=0.0, cg=curvlib.CG(rtol=1e-12, max_steps=7)),
     ):
         p1, _, _ = _run(opt, f, p0, 1)
         np.testing.assert_allclose(ravel_pytree(p1)[0], x_star, rtol=1e-8, atol=1e-10)
@@ -234,7 +234,7 @@ def test_gauss_newton_split_equals_hessian_for_a_linear_model():
     loss_fn = lambda logits, Y: jnp.mean(optax.softmax_cross_entropy(logits, Y))
     value_fn = lambda p, X, Y: loss_fn(model_fn(p, X), Y)
     g = jax.grad(value_fn)(p0, X, Y)
-    kw = dict(damping=1e-2, cg_rtol=1e-10, max_cg_steps=50)
+    kw = dict(damping=1e-2, cg=curvlib.CG(rtol=1e-10, max_steps=50))
     hess = optim.scale_by_newton_cg(**kw)
     ggn = optim.scale_by_newton_cg(ggn=(model_fn, loss_fn), **kw)
     u1, s1 = jax.jit(lambda: hess.update(g, hess.init(p0), p0, value_fn=value_fn, X=X, Y=Y))()
@@ -377,12 +377,12 @@ def test_update_without_value_fn_is_a_type_error(name):
     "make",
     [
         lambda: optim.scale_by_newton_cg(damping=-1.0),
-        lambda: optim.scale_by_newton_cg(max_cg_steps=0),
+        lambda: optim.scale_by_newton_cg(cg=curvlib.CG(max_steps=0)),
         lambda: optim.scale_by_newton_cg(damping_decrease=2.0),
         lambda: optim.scale_by_newton_cg(warm_start_decay=1.5),
         lambda: optim.scale_by_newton_cg(ggn=lambda p: p),
-        lambda: optim.scale_by_newton_cg(hvp_mode="bogus"),
-        lambda: optim.newton_cg(max_cg_steps=0),
+        lambda: optim.scale_by_newton_cg(mode="bogus"),
+        lambda: optim.newton_cg(cg=curvlib.CG(max_steps=0)),
         lambda: optim.scale_by_newton(damping=-1e-3),
         lambda: optim.scale_by_newton(modification="flip"),
         lambda: optim.scale_by_bfgs(max_params=0),
@@ -434,7 +434,7 @@ def test_non_finite_loss_or_curvature_skips_the_step():
 def test_newton_cg_rejects_a_step_that_increases_the_loss():
     f = lambda x: jnp.sum(jnp.sqrt(1.0 + x**2))  # Newton overshoots far from 0
     p = jnp.array([3.0, -2.0], jnp.float64)
-    tx = optim.scale_by_newton_cg(damping=0.0, cg_rtol=1e-12)
+    tx = optim.scale_by_newton_cg(damping=0.0, cg=curvlib.CG(rtol=1e-12))
     u, s = tx.update(jax.grad(f)(p), tx.init(p), p, value_fn=f)
     assert not bool(s.info.accepted) and float(s.info.rho) < 0
     assert bool(jnp.all(u == 0)) and float(s.damping) > 0
@@ -457,7 +457,8 @@ def test_microbatched_curvature_matches_the_full_batch():
     value_fn = lambda p, X, Y: loss_fn(model_fn(p, X), Y)
     p0 = {"w": jnp.full((64, 10), 0.01, jnp.float64), "b": jnp.zeros(10, jnp.float64)}
     g = jax.grad(value_fn)(p0, X, Y)
-    kw = dict(damping=0.1, cg_rtol=1e-12, max_cg_steps=100)  # well conditioned: CG converges
+    # well conditioned: CG converges
+    kw = dict(damping=0.1, cg=curvlib.CG(rtol=1e-12, max_steps=100))
 
     @functools.partial(jax.jit, static_argnums=(0, 1))
     def direction(ggn, microbatch_size):
@@ -474,14 +475,23 @@ def test_microbatched_curvature_matches_the_full_batch():
 def test_cg_step_cap_is_static_under_inject_hyperparams():
     f = lambda p: jnp.sum((p - 1.0) ** 2) + jnp.sum(p**4)
     p = jnp.zeros(4, jnp.float64)
-    opt = optax.inject_hyperparams(optim.newton_cg, static_args=("max_cg_steps",))(
-        learning_rate=1.0, max_cg_steps=2
+    # a solver value is static by itself (not a number: inject_hyperparams leaves it alone)
+    opt = optax.inject_hyperparams(optim.newton_cg)(
+        learning_rate=1.0, cg=curvlib.CG(max_steps=2)
     )
     s = opt.init(p)
     _, s = jax.jit(lambda p, s: opt.update(jax.grad(f)(p), s, p, value_fn=f))(p, s)
     assert int(s.inner_state[0].info.num_steps) <= 2
+    # the deprecated keyword: static only when listed in static_args
+    with pytest.warns(DeprecationWarning, match="max_cg_steps"):
+        old = optax.inject_hyperparams(optim.newton_cg, static_args=("max_cg_steps",))(
+            learning_rate=1.0, max_cg_steps=2
+        )
+        s = old.init(p)
+        _, s = jax.jit(lambda p, s: old.update(jax.grad(f)(p), s, p, value_fn=f))(p, s)
+    assert int(s.inner_state[0].info.num_steps) <= 2
     traced = optax.inject_hyperparams(optim.newton_cg)(learning_rate=1.0, max_cg_steps=2)
-    with pytest.raises(ValueError, match="static_args"):
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="static_args"):
         jax.jit(lambda p, s: traced.update(jax.grad(f)(p), s, p, value_fn=f))(p, traced.init(p))
 
 
@@ -630,7 +640,7 @@ def test_microbatching_splits_every_batched_argument_and_passes_the_rest_whole()
 
     @functools.partial(jax.jit, static_argnums=(0, 1))
     def direction(ggn, microbatch_size):
-        tx = optim.scale_by_newton_cg(damping=0.1, cg_rtol=1e-12, max_cg_steps=8, ggn=ggn,
+        tx = optim.scale_by_newton_cg(damping=0.1, cg=curvlib.CG(rtol=1e-12, max_steps=8), ggn=ggn,
                                       microbatch_size=microbatch_size)
         return tx.update(g, tx.init(params), params, value_fn=value_fn, **kw)[0]
 
@@ -641,7 +651,8 @@ def test_microbatching_splits_every_batched_argument_and_passes_the_rest_whole()
     # the tracker: gradient and products accumulated over chunks, same eigenvalues
     infos = []
     for mb in (None, 4):
-        tr = optim.track_curvature(1, 2, key=jax.random.PRNGKey(0), tol=1e-8, num_probes=0,
+        tr = optim.track_curvature(1, 2, key=jax.random.PRNGKey(0), eigsh=curvlib.Eigsh(rtol=1e-8),
+                                   num_probes=0,
                                    microbatch_size=mb)
         _, s = jax.jit(lambda p, s, tr=tr: tr.update(g, s, p, value_fn=value_fn, **kw))(
             params, tr.init(params))
@@ -691,7 +702,7 @@ def test_multisteps_rho_compares_the_last_batch_with_its_own_model():
     value_fn = lambda p, x, y: loss_fn(model_fn(p, x), y)
     batches = [(x[:8], y[:8]), (x[8:], y[8:])]
     lam = 0.3
-    opt = optax.MultiSteps(optim.newton_cg(damping=lam, cg_rtol=1e-13, max_cg_steps=8), 2)
+    opt = optax.MultiSteps(optim.newton_cg(damping=lam, cg=curvlib.CG(rtol=1e-13, max_steps=8)), 2)
     step = jax.jit(lambda p, s, bx, by: opt.update(
         jax.grad(value_fn)(p, bx, by), s, p, value_fn=value_fn, x=bx, y=by))
     s = opt.init(params)

@@ -192,7 +192,7 @@ def _train(tx, params, x, y, steps, state=None):
 def test_checkpoint_resume_is_bit_identical(name, how, tmp_path):
     params, x, y = _problem()
     make = {
-        "newton_cg": lambda: optim.newton_cg(1.0, damping=0.5, max_cg_steps=8),
+        "newton_cg": lambda: optim.newton_cg(1.0, damping=0.5, cg=curvlib.CG(max_steps=8)),
         "newton": lambda: optim.newton(0.5),
         "bfgs": lambda: optim.bfgs(0.5),
         "svrg": lambda: optim.svrg(0.1, snapshot_every=2),

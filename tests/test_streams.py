@@ -249,7 +249,8 @@ def test_restricted_and_block_spectra_of_a_streamed_operator():
     V = {"w": None, "head": (jnp.stack([u, jnp.eye(5, C)]), None)}
     block = Hb.matmat(V)
     _close(jax.tree.map(lambda a: a[1], block), ref({"w": None, "head": (jnp.eye(5, C), None)}))
-    spectra = curvlib.block_eigsh(H, params, 2, key=jax.random.key(0), tol=1e-10)
+    spectra = curvlib.block_eigsh(H, params, 2, key=jax.random.key(0),
+                                  eigsh=curvlib.Eigsh(rtol=1e-10))
     flat, unravel = ravel_pytree(params)
     dense = np.asarray(jax.hessian(lambda f: loss(unravel(f), full))(flat))
     mask = ravel_pytree({"w": jnp.ones((4, 5)), "head": (jnp.zeros((5, C)), jnp.zeros(C))})[0]
@@ -268,7 +269,7 @@ def test_krylov_algorithms_run_on_a_streamed_operator():
     v0 = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape) + 0.1,
                       params)
     key = jax.random.key(3)
-    es, em = (curvlib.eigsh(op, v0, 3, key=key, tol=1e-10) for op in (H, M))
+    es, em = (curvlib.eigsh(op, v0, 3, key=key, rtol=1e-10) for op in (H, M))
     assert bool(es.converged) and bool(em.converged)
     np.testing.assert_allclose(np.asarray(es.eigenvalues), np.asarray(em.eigenvalues), rtol=1e-9)
     ls, lm = (curvlib.lanczos(op, v0, 6) for op in (H, M))

@@ -80,7 +80,7 @@ def _gd_step(opt, loss):
 
 def _cold(loss, params, k, key, tol):
     return curvlib.eigsh(
-        curvlib.hessian_matvec(loss, params), curvlib._tree.normal_like(key, params), k, tol=tol
+        curvlib.hessian_matvec(loss, params), curvlib._tree.normal_like(key, params), k, rtol=tol
     )
 
 
@@ -90,8 +90,8 @@ def _cold(loss, params, k, key, tol):
 def test_quadratic_matches_dense_oracle():
     loss, params, A, b, flat = _quadratic()
     k = 3
-    opt = curvlib.track_curvature(every=1, k=k, key=jax.random.PRNGKey(0), tol=1e-8,
-                                  num_probes=12)
+    opt = curvlib.track_curvature(every=1, k=k, key=jax.random.PRNGKey(0),
+                                  eigsh=curvlib.Eigsh(rtol=1e-8), num_probes=12)
     state = opt.init(params)
     g = jax.grad(loss)(params)
     updates, state = jax.jit(functools.partial(opt.update, value_fn=loss))(g, state, params)
@@ -140,7 +140,8 @@ def test_tracked_eigenvalues_match_cold_eigsh_and_warm_start_is_cheaper():
     loss, params = _mlp()
     k, every, tol = 3, 10, 1e-3
     opt = optax.chain(
-        curvlib.track_curvature(every, k, key=jax.random.PRNGKey(1), tol=tol, num_probes=0),
+        curvlib.track_curvature(every, k, key=jax.random.PRNGKey(1),
+                                eigsh=curvlib.Eigsh(rtol=tol, max_restarts=100), num_probes=0),
         optax.sgd(0.5),
     )
     step = _gd_step(opt, loss)
@@ -367,8 +368,8 @@ def test_readable_with_tree_get_and_through_wrappers():
     # inject_hyperparams around the tracker itself (shape-fixing ints are static_args),
     # next to an injected optimiser, inside apply_if_finite and MultiSteps
     tracker = optax.inject_hyperparams(
-        curvlib.track_curvature, static_args=("k", "num_probes", "max_restarts")
-    )(every=3, k=2, key=jax.random.PRNGKey(0), tol=1e-6, num_probes=0)
+        curvlib.track_curvature, static_args=("k", "num_probes")
+    )(every=3, k=2, key=jax.random.PRNGKey(0), eigsh=curvlib.Eigsh(rtol=1e-6), num_probes=0)
     inner = optax.chain(tracker, optax.inject_hyperparams(optax.sgd)(learning_rate=0.05))
     opt = optax.MultiSteps(optax.apply_if_finite(inner, 3), every_k_schedule=1)
     update = jax.jit(functools.partial(opt.update, value_fn=loss))
@@ -446,9 +447,11 @@ def test_k_at_least_parameter_count_raises_at_init():
     curvlib.track_curvature(5, 11, key=jax.random.PRNGKey(0), num_probes=0).init(params)
     # the Lanczos basis size: at least k + 2 vectors, at most the parameter count
     with pytest.raises(ValueError, match=r"`basis_size` must be >= 5"):
-        curvlib.track_curvature(5, 3, key=jax.random.PRNGKey(0), basis_size=4)
+        curvlib.track_curvature(5, 3, key=jax.random.PRNGKey(0),
+                                eigsh=curvlib.Eigsh(basis_size=4))
     with pytest.raises(ValueError, match=r"`basis_size`=13 exceeds the number of parameters"):
-        curvlib.track_curvature(5, 3, key=jax.random.PRNGKey(0), basis_size=13).init(params)
+        curvlib.track_curvature(5, 3, key=jax.random.PRNGKey(0),
+                                eigsh=curvlib.Eigsh(basis_size=13)).init(params)
 
 
 def test_missing_value_fn_raises():

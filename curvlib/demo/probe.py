@@ -33,6 +33,7 @@ from curvlib import landscape as ls
 from curvlib.demo import data as _data
 from curvlib.demo import models as _models
 from curvlib.demo import report as _report
+from curvlib.krylov import Eigsh
 
 
 @dataclasses.dataclass
@@ -199,8 +200,9 @@ class Stages:
         mc = dict(microbatch_size=mb, sample_batch_size=cfg.sample_batch_size, check_mean=False)
         self.stages = {
             "subspace": (lambda p, d, k, key: ls.curvature_subspace(
-                loss_fn, p, d, k, Dmax, key=key, microbatch_size=mb, basis_size=cfg.basis_size,
-                tol=cfg.eig_tol, flatten=True), (p, d, k, key)),
+                loss_fn, p, d, k, Dmax, key=key, microbatch_size=mb,
+                eigsh=Eigsh(rtol=cfg.eig_tol, basis_size=cfg.basis_size),
+                flatten=True), (p, d, k, key)),
             # the Ritz values give U H^(k) U^T = diag(theta): only sample k+1's Hessian is used
             "coefficients": (lambda p, d, U, e: ls.increment_coefficients(
                 loss_fn, p, d, k, U, microbatch_size=mb, check_mean=False, eigenvalues=e),

@@ -2,8 +2,10 @@
 
 Modules: `tridiag` (``lanczos``), `eigen`
 (``eigsh``), `power` (``power_iteration``),
-`linear` (``cg``), `stochastic` (Hutchinson
-trace and diagonal), `density` (``spectral_density``),
+`linear` (``cg``), `solvers` (the solver
+values ``Eigsh``, ``CG``, ``PowerIteration``, ``Lanczos``),
+`stochastic` (Hutchinson trace and diagonal),
+`density` (``spectral_density``),
 `checks` (``check_symmetric``). The Lanczos-type algorithms
 share one engine (`_band`) and one product loop
 (`_driver`), which also drives host-streamed operators.
@@ -14,10 +16,16 @@ from curvlib.krylov.density import SpectralDensity, spectral_density
 from curvlib.krylov.eigen import EigshResult, eigsh
 from curvlib.krylov.linear import CGResult, cg
 from curvlib.krylov.power import PowerIterationResult, power_iteration
+from curvlib.krylov.solvers import CG, Eigsh, Lanczos, PowerIteration
 from curvlib.krylov.stochastic import MonteCarloEstimate, hutchinson_diag, hutchinson_trace
 from curvlib.krylov.tridiag import LanczosResult, lanczos
 
 __all__ = [
+    # solver values: the options of each algorithm, defaulted and checked once
+    "Eigsh",
+    "CG",
+    "PowerIteration",
+    "Lanczos",
     "CGResult",
     "cg",
     "SymmetryCheck",

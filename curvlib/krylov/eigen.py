@@ -23,15 +23,16 @@ appears once in the compiled program), with
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _compile, _tree, _validate
+from curvlib import _compile, _deprecation, _tree, _validate
 from curvlib._status import Status, from_flags
-from curvlib.krylov import _band, _driver, _space, tridiag
+from curvlib.krylov import _band, _driver, _space, solvers, tridiag
 
 PyTree = Any
 
@@ -385,6 +386,7 @@ _compiled = _compile.entry(static=("cfg",), operators={"matvec": "v0"})(_solve)
 # --------------------------------------------------------------------- public
 
 
+@_deprecation.renamed("curvlib.eigsh", tol="rtol", num_matvecs="basis_size")
 def eigsh(
     matvec,
     v0: PyTree,
@@ -392,13 +394,13 @@ def eigsh(
     *,
     which: str = "LA",
     key: jax.Array | None = None,
-    tol: float | None = None,
+    solver: solvers.Eigsh | None = None,
+    rtol: float | None = None,
     basis_size: int | None = None,
     max_matvecs: int | None = None,
-    max_restarts: int = 1000,
+    max_restarts: int | None = None,
     num_keep: int | None = None,
     basis_dtype=None,
-    num_matvecs: int | None = None,
 ) -> EigshResult:
     """Top-``k`` eigenpairs of a symmetric operator by certified thick-restart Lanczos.
 
@@ -414,10 +416,10 @@ def eigsh(
     eigenvalues never displace its largest positive ones.
 
     A pair is certified when its residual is at most
-    ``max(tol |theta_i|, max(min(10 m eps, sqrt(eps)), tol eps^(2/3)) ||A||)``
+    ``max(rtol |theta_i|, max(min(10 m eps, sqrt(eps)), rtol eps^(2/3)) ||A||)``
     (``eps`` of the basis storage when it is coarser): relative to the
     eigenvalue, with a floor the floating-point format can reach, so
-    eigenvalues at (numerical) zero converge and ``tol=0`` means machine
+    eigenvalues at (numerical) zero converge and ``rtol=0`` means machine
     precision as in SciPy. Then **verification** runs (module docstring): the
     certified pairs are locked and a fresh block of random vectors from
     ``key`` is run until the best remaining Ritz value is certified to lie
@@ -447,15 +449,18 @@ def eigsh(
         ``"LM"`` (largest magnitude).
       key: PRNG key for the verification blocks and for restarts after a
         breakdown; default: derived from ``v0``'s values (deterministic).
-      tol: relative residual tolerance; default ``sqrt(eps)`` of the least
-        precise leaf dtype of ``v0`` (or of ``basis_dtype``); ``0`` for machine
-        precision. May be traced.
+      solver: a [`curvlib.Eigsh`][curvlib.Eigsh] holding the options below (their one
+        place of defaults and checks); the keywords below override its fields.
+      rtol: relative residual tolerance; ``None``: [`curvlib.Eigsh`][curvlib.Eigsh]'s,
+        ``sqrt(eps)`` of the least precise leaf dtype of ``v0`` (or of
+        ``basis_dtype``); ``0`` for machine precision. May be traced.
+        (Renamed from ``tol``, which still works with a warning.)
       basis_size: Krylov basis size ``m`` (vectors stored), ``k + 2 <= m <= dim``;
         default ``min(dim, max(4k, 20))``. With ``m = dim`` the basis spans the
         whole space and the answer is exact without verification (``dim``
-        products at most).
+        products at most). (``num_matvecs`` is its deprecated name.)
       max_matvecs: product budget; default ``100 m``. May be traced.
-      max_restarts: cap on thick restarts. May be traced.
+      max_restarts: cap on thick restarts; default 1000. May be traced.
       num_keep: Ritz vectors kept per restart, ``k <= num_keep < m - 1``;
         default ``k + (m - k) // 2``.
       basis_dtype: storage dtype of the Krylov basis (default: ``v0``'s). A
@@ -463,8 +468,7 @@ def eigsh(
         products and the projected matrix accumulate in float32 or wider; the
         attainable relative residual is then about ``sqrt(eps)`` of
         ``basis_dtype`` (float32: ~3e-4; bfloat16: ~9e-2), which is also the
-        default ``tol``. Eigenvectors are returned in ``v0``'s dtypes.
-      num_matvecs: deprecated name of ``basis_size`` (it was never a product count).
+        default ``rtol``. Eigenvectors are returned in ``v0``'s dtypes.
 
     Returns:
       An [`EigshResult`][curvlib.EigshResult].
@@ -492,33 +496,31 @@ def eigsh(
       >>> res.eigenvalues.round(6).tolist(), bool(res.converged)
       ([5.0, 5.0, 5.0, 5.0], True)
 
+      The options as one value, the form every function built on eigsh takes:
+
+      >>> opts = curvlib.Eigsh(rtol=1e-6, basis_size=30)
+      >>> curvlib.eigsh(lambda v: A @ v, jnp.ones(100), k=3, solver=opts).eigenvalues.tolist()
+      [49.0, 48.0, 47.0]
+
     References:
       K. Wu and H. Simon, *Thick-restart Lanczos method for large symmetric
       eigenvalue problems*, SIAM J. Matrix Anal. Appl. 2000; A. Ruhe,
       *Implementation aspects of band Lanczos algorithms for computation of
       eigenvalues of large sparse symmetric matrices*, Math. Comp. 1979.
     """
-    if num_matvecs is not None:
-        if basis_size is not None:
-            raise ValueError("pass `basis_size` only (`num_matvecs` is its deprecated name).")
-        import warnings
-
-        warnings.warn(
-            "eigsh(num_matvecs=...) is deprecated: it was the Krylov basis size, not a number of "
-            "products; use basis_size= (and max_matvecs= for a product budget).",
-            DeprecationWarning, stacklevel=2,
-        )
-        basis_size = num_matvecs
-    cfg, tol, max_matvecs, max_restarts = _configure(
-        matvec, v0, k, which, tol, basis_size, max_matvecs, max_restarts, num_keep, basis_dtype)
+    solver = solvers.resolve(
+        solvers.Eigsh, solver, rtol=rtol, basis_size=basis_size, max_matvecs=max_matvecs,
+        max_restarts=max_restarts, num_keep=num_keep, basis_dtype=basis_dtype)
+    cfg, tol, max_matvecs, max_restarts = _configure(matvec, v0, k, which, solver)
     if _driver.is_host_driven(matvec):
         return _solve_host(cfg, matvec, v0, key, tol, max_matvecs, max_restarts)
     return _compiled(cfg, matvec, v0, key, tol, max_matvecs, max_restarts)
 
 
-def _configure(matvec, v0, k, which, tol, basis_size, max_matvecs, max_restarts, num_keep,
-               basis_dtype):
+def _configure(matvec, v0, k, which, solver: solvers.Eigsh):
     """Validated ``(cfg, tol, max_matvecs, max_restarts)`` for `eigsh`'s arguments."""
+    tol, basis_size, max_matvecs = solver.rtol, solver.basis_size, solver.max_matvecs
+    max_restarts, num_keep, basis_dtype = solver.max_restarts, solver.num_keep, solver.basis_dtype
     _validate.float_leaves(v0, "v0")
     n = _tree.size(v0)
     _validate.one_of(which, "which", WHICH)
@@ -549,7 +551,7 @@ def _configure(matvec, v0, k, which, tol, basis_size, max_matvecs, max_restarts,
             eps_max = max(eps_max, float(jnp.finfo(basis_dtype).eps))
         tol = float(np.sqrt(eps_max))
     else:
-        _validate.number(tol, "tol", minimum=0)
+        _validate.number(tol, "rtol", minimum=0)
     if _driver.is_host_driven(matvec):
         layout = _space.choose_layout(v0)
     else:
@@ -594,11 +596,11 @@ def eigsh_then(matvec, v0, k, then, num_rows, **kwargs):
     """
     if _driver.is_host_driven(matvec):
         raise TypeError("eigsh_then needs a traceable `matvec`, not a host-driven operator.")
+    options = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(solvers.Eigsh)
+               if f.name in kwargs}  # eigsh's keywords for the fields of its solver value
     cfg, tol, max_matvecs, max_restarts = _configure(
-        matvec, v0, k, kwargs.pop("which", "LA"), kwargs.pop("tol", None),
-        kwargs.pop("basis_size", None), kwargs.pop("max_matvecs", None),
-        kwargs.pop("max_restarts", 1000), kwargs.pop("num_keep", None),
-        kwargs.pop("basis_dtype", None))
+        matvec, v0, k, kwargs.pop("which", "LA"),
+        solvers.resolve(solvers.Eigsh, kwargs.pop("solver", None), **options))
     key = kwargs.pop("key", None)
     if kwargs:
         raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")

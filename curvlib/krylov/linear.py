@@ -11,7 +11,7 @@ import numpy as np
 
 from curvlib import _compile, _tree, _validate
 from curvlib._status import Status, from_flags
-from curvlib.krylov import _driver
+from curvlib.krylov import _driver, solvers
 
 PyTree = Any
 
@@ -205,8 +205,15 @@ def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False, s
     return _tree.scale(sigma, s.x), aux
 
 
-def _precheck(matvec, b, x0, damping, rtol, atol, max_steps, preconditioner):
+def _options(solver, rtol, atol, max_steps):
+    """``(rtol, atol, max_steps)`` of ``solver`` (default `curvlib.CG`) with overrides."""
+    s = solvers.resolve(solvers.CG, solver, rtol=rtol, atol=atol, max_steps=max_steps)
+    return s.rtol, s.atol, s.max_steps
+
+
+def _precheck(matvec, b, x0, damping, solver, rtol, atol, max_steps, preconditioner):
     """The value checks of `cg` that must run eagerly (the rest runs at trace time)."""
+    rtol, atol, max_steps = _options(solver, rtol, atol, max_steps)
     _check_config(damping, "damping")
     _check_config(rtol, "rtol")
     _check_config(atol, "atol")
@@ -220,8 +227,9 @@ def cg(
     *,
     x0: PyTree | None = None,
     damping=0.0,
-    rtol=1e-5,
-    atol=0.0,
+    solver: solvers.CG | None = None,
+    rtol=None,
+    atol=None,
     max_steps: int | None = None,
     preconditioner: Callable[[PyTree], PyTree] | None = None,
 ) -> CGResult:
@@ -284,10 +292,13 @@ def cg(
         non-finite Python/NumPy number is refused; a JAX array is not checked
         (it may be computed at run time: a negative value makes ``A + lambda I``
         what it is, and the negative-curvature exit handles it).
+      solver: a [`curvlib.CG`][curvlib.CG] holding ``rtol``, ``atol`` and
+        ``max_steps`` (their one place of defaults and checks); the keywords
+        below override its fields.
       rtol: relative tolerance on ``||r|| / ||b||`` (traceable, ``>= 0``; checked
-        like ``damping``).
+        like ``damping``); ``None``: [`curvlib.CG`][curvlib.CG]'s, ``1e-5``.
       atol: absolute tolerance on ``||r||`` (traceable, ``>= 0``; checked like
-        ``damping``).
+        ``damping``); ``None``: [`curvlib.CG`][curvlib.CG]'s, ``0``.
       max_steps: iteration cap; default ``min(10 * dim, 2**31 - 3)`` (SciPy's
         ``10 * dim``: in floating point CG can need more than ``dim`` steps;
         capped so the int32 counters cannot overflow on huge models). May be a
@@ -307,6 +318,7 @@ def cg(
 
     Examples:
       >>> import jax, jax.numpy as jnp
+      >>> import curvlib
       >>> from curvlib import cg
       >>> A = jnp.array([[4.0, 1.0], [1.0, 3.0]])
       >>> x = cg(lambda v: A @ v, jnp.array([1.0, 2.0]), rtol=1e-6).x
@@ -323,6 +335,12 @@ def cg(
       >>> [round(float(gi), 4) for gi in g]
       [0.1818, 0.2727]
 
+      The options as one value, the form the functions built on cg take:
+
+      >>> x = cg(lambda v: A @ v, jnp.array([1.0, 2.0]), solver=curvlib.CG(rtol=1e-6)).x
+      >>> [round(float(xi), 4) for xi in x]
+      [0.0909, 0.6364]
+
     References:
       M. R. Hestenes and E. Stiefel, *Methods of conjugate gradients for solving
       linear systems*, J. Res. NBS 1952; T. Steihaug, *The conjugate gradient
@@ -332,6 +350,7 @@ def cg(
     _validate.float_leaves(b, "b")
     if x0 is not None:
         _validate.same_structure(b, x0, "b", "x0")
+    rtol, atol, max_steps = _options(solver, rtol, atol, max_steps)
     _check_config(damping, "damping")
     _check_config(rtol, "rtol")
     _check_config(atol, "atol")

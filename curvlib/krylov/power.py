@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _compile, _tree, _validate
+from curvlib import _compile, _deprecation, _tree, _validate
 from curvlib._status import Status, from_flags
-from curvlib.krylov import _driver
+from curvlib.krylov import _driver, solvers
 
 PyTree = Any
 
@@ -32,7 +32,7 @@ class PowerIterationResult(NamedTuple):
         ``(k,)``), from the pairs' products (no recurrence); NaN for pairs never
         computed.
       num_matvecs: products used in total.
-      converged: per pair, ``residual_norms[i] <= tol |theta_i|`` (the true
+      converged: per pair, ``residual_norms[i] <= rtol |theta_i|`` (the true
         residual, not the deflated operator's).
       finite: ``v0`` and every product were finite. If not, the pairs completed
         before the first non-finite product are kept and every later one is NaN
@@ -97,11 +97,20 @@ def _start(X, i, v0, key, acc):
     return _unit(_tree.where(good, v, rnd), acc), jnp.asarray(True)
 
 
-def _precheck(matvec, v0, k, key, max_matvecs, num_iters, tol):
-    if not isinstance(tol, jax.Array):  # a JAX array may be computed at run time
-        _validate.number(tol, "tol", minimum=0)
+def _options(solver, max_matvecs, num_iters, rtol):
+    """``(max_matvecs, num_iters, rtol)`` of ``solver`` (default ``PowerIteration()``)."""
+    s = solvers.resolve(solvers.PowerIteration, solver, max_matvecs=max_matvecs,
+                        num_iters=num_iters, rtol=rtol)
+    return s.max_matvecs, s.num_iters, s.rtol
 
 
+def _precheck(matvec, v0, k, key, solver, max_matvecs, num_iters, rtol):
+    max_matvecs, num_iters, rtol = _options(solver, max_matvecs, num_iters, rtol)
+    if not isinstance(rtol, jax.Array):  # a JAX array may be computed at run time
+        _validate.number(rtol, "rtol", minimum=0)
+
+
+@_deprecation.renamed("curvlib.power_iteration", tol="rtol")
 @_compile.function(static=("k", "max_matvecs", "num_iters"), operators={"matvec": "v0"},
                    precheck=_precheck)
 def power_iteration(
@@ -110,9 +119,10 @@ def power_iteration(
     k: int = 1,
     *,
     key: jax.Array | None = None,
+    solver: solvers.PowerIteration | None = None,
     max_matvecs: int | None = None,
     num_iters: int | None = None,
-    tol=1e-4,
+    rtol=None,
 ) -> PowerIterationResult:
     """``k`` dominant eigenpairs by power iteration with deflation.
 
@@ -126,10 +136,10 @@ def power_iteration(
     [`curvlib.eigsh`][curvlib.eigsh] is faster and targets the algebraically largest values.
 
     A pair stops iterating when the residual of the *deflated* operator,
-    ``||P A x - theta x||``, is at most ``tol |theta|`` (iterating further
+    ``||P A x - theta x||``, is at most ``rtol |theta|`` (iterating further
     cannot lower the true residual: its component along the pairs already found
     is fixed by their own residuals), or at its product cap. ``converged``
-    judges the *true* residual ``||A x - theta x|| <= tol |theta|`` of the
+    judges the *true* residual ``||A x - theta x|| <= rtol |theta|`` of the
     returned pairs.
 
     When all ``k`` pairs are found, a final Rayleigh-Ritz step on their span
@@ -157,7 +167,12 @@ def power_iteration(
         current (unconverged) values; pairs never started are NaN.
       num_iters: product cap per pair (static, ``>= 1``); default 100 when
         ``max_matvecs`` is not given either, else no per-pair cap.
-      tol: relative residual tolerance (traceable, ``>= 0``; a negative or
+      solver: a [`curvlib.PowerIteration`][curvlib.PowerIteration] holding ``max_matvecs``,
+        ``num_iters`` and ``rtol`` (their one place of defaults and checks); the
+        keywords below override its fields.
+      rtol: relative residual tolerance; ``None``:
+        [`curvlib.PowerIteration`][curvlib.PowerIteration]'s, ``1e-4`` (renamed from ``tol``, which
+        still works with a warning; traceable, ``>= 0``; a negative or
         non-finite Python/NumPy number is refused).
 
     Returns:
@@ -165,7 +180,7 @@ def power_iteration(
 
     Raises:
       ValueError: if ``k`` is not an int in ``[1, dim)``, ``max_matvecs`` or
-        ``num_iters`` is not an int ``>= 1``, ``tol`` is a negative Python/NumPy
+        ``num_iters`` is not an int ``>= 1``, ``rtol`` is a negative Python/NumPy
         number, or ``matvec(v0)`` does not match ``v0``.
       TypeError: for non-float leaves of ``v0``.
 
@@ -173,7 +188,7 @@ def power_iteration(
       >>> import jax, jax.numpy as jnp
       >>> from curvlib import power_iteration
       >>> A = jnp.diag(jnp.array([-3.0, 2.0, 1.0, 0.5]))
-      >>> res = power_iteration(lambda v: A @ v, jnp.ones(4), k=2, num_iters=500, tol=1e-5)
+      >>> res = power_iteration(lambda v: A @ v, jnp.ones(4), k=2, num_iters=500, rtol=1e-5)
       >>> res.eigenvalues.round(4).tolist()  # signed, by magnitude
       [-3.0, 2.0]
       >>> res.converged.tolist()  # judged on the true residuals ||A x - theta x||
@@ -184,7 +199,7 @@ def power_iteration(
       A zero start needs a key to draw a direction from:
 
       >>> res = power_iteration(lambda v: A @ v, jnp.zeros(4), key=jax.random.PRNGKey(0),
-      ...                       max_matvecs=1000, tol=1e-6)
+      ...                       max_matvecs=1000, rtol=1e-6)
       >>> round(float(res.eigenvalues[0]), 4)
       -3.0
 
@@ -195,10 +210,11 @@ def power_iteration(
     _validate.float_leaves(v0, "v0")
     n = _tree.size(v0)
     k = _validate.static_int(k, "k", minimum=1, maximum=n - 1, what=f"the dimension of v0 is {n}")
+    max_matvecs, num_iters, tol = _options(solver, max_matvecs, num_iters, rtol)
     num_iters = _validate.static_int(num_iters, "num_iters", optional=True, minimum=1)
     max_matvecs = _validate.static_int(max_matvecs, "max_matvecs", optional=True, minimum=1)
     if not isinstance(tol, jax.Array):  # a JAX array may be computed at run time
-        _validate.number(tol, "tol", minimum=0)
+        _validate.number(tol, "rtol", minimum=0)
     if max_matvecs is None:
         num_iters = 100 if num_iters is None else num_iters
         max_matvecs = k * num_iters

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from curvlib import _compile, _tree, _validate
 from curvlib._status import Status, from_flags
-from curvlib.krylov import _band, _driver, _space
+from curvlib.krylov import _band, _driver, _space, solvers
 
 PyTree = Any
 
@@ -154,11 +154,12 @@ _compiled = _compile.entry(static=("cfg",), operators={"matvec": "v0"})(_solve)
 def lanczos(
     matvec,
     v0: PyTree,
-    num_matvecs: int,
+    num_matvecs: int | None = None,
     *,
-    reortho: str = "full",
+    reortho: str | None = None,
     basis_dtype=None,
     key: jax.Array | None = None,
+    solver: solvers.Lanczos | None = None,
 ) -> LanczosResult:
     """Lanczos tridiagonalisation ``A Q^T = Q^T T + r e_m^T`` of a symmetric operator.
 
@@ -180,9 +181,11 @@ def lanczos(
       matvec: symmetric linear operator on pytrees shaped like ``v0`` (see
         [`curvlib.eigsh`][curvlib.eigsh] for the kinds accepted and what a plain closure costs).
       v0: start vector (any non-zero pytree; normalised internally).
-      num_matvecs: Krylov depth ``m`` (static), ``1 <= m <= dim``.
-      reortho: ``"full"`` (default) or ``"none"`` (three-term recurrence only,
-        for comparison; loses orthogonality as eigenvalues converge).
+      num_matvecs: Krylov depth ``m`` (static), ``1 <= m <= dim``; required
+        unless ``solver`` holds it.
+      reortho: ``"full"`` ([`curvlib.Lanczos`][curvlib.Lanczos]'s default) or ``"none"``
+        (three-term recurrence only, for comparison; loses orthogonality as
+        eigenvalues converge).
       basis_dtype: storage dtype of the basis (default: that of ``v0``'s leaves).
         A lower precision halves the stored ``m N`` basis; inner products and
         ``T`` still accumulate in ``float32`` or wider, but orthogonality, and so
@@ -190,6 +193,8 @@ def lanczos(
         basis dtype's epsilon times ``||A||``. The basis is returned in this dtype.
       key: PRNG key for the fresh direction after a breakdown; default derived
         from ``v0``'s values (deterministic).
+      solver: a [`curvlib.Lanczos`][curvlib.Lanczos] holding ``num_matvecs``, ``reortho``
+        and ``basis_dtype``; the keywords above override its fields.
 
     Returns:
       A [`LanczosResult`][curvlib.LanczosResult].
@@ -214,6 +219,12 @@ def lanczos(
       C. Lanczos, *An iteration method for the solution of the eigenvalue problem
       of linear differential and integral operators*, J. Res. NBS 1950.
     """
+    if solver is None and num_matvecs is None:
+        raise ValueError("`num_matvecs` (the Krylov depth) is required; pass it, or "
+                         "`solver=curvlib.Lanczos(num_matvecs)`.")
+    solver = solvers.resolve(solvers.Lanczos, solver, num_matvecs=num_matvecs,
+                             reortho=reortho, basis_dtype=basis_dtype)
+    num_matvecs, reortho, basis_dtype = solver.num_matvecs, solver.reortho, solver.basis_dtype
     _validate.float_leaves(v0, "v0")
     n = _tree.size(v0)
     m = _validate.static_int(num_matvecs, "num_matvecs", minimum=1, maximum=n,

@@ -82,20 +82,24 @@ def check_k(k, data: PyTree):
     n = num_samples(data)
     if isinstance(k, jax.core.Tracer):
         if not jnp.issubdtype(k.dtype, jnp.integer) or k.ndim:
-            raise ValueError(f"`k` must be an integer scalar; got a traced {k.dtype}{k.shape}.")
+            raise ValueError(f"`num_examples` (k) must be an integer scalar; got a traced "
+                             f"{k.dtype}{k.shape}.")
         return k
     if isinstance(k, (jax.Array, np.ndarray)) and k.ndim == 0 and jnp.issubdtype(
         k.dtype, jnp.integer
     ):
         k = int(k)
     if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
-        raise ValueError(f"`k` (the sample count) must be an int; got {k!r}.")
+        raise ValueError(f"`num_examples` (k, the sample count) must be an int; got {k!r}.")
     k = int(k)
     if k < 1:
-        raise ValueError(f"`k` must be >= 1 (L_k is a mean over the first k samples); got {k}.")
+        raise ValueError(
+            f"`num_examples` (k) must be >= 1 (L_k is a mean over the first k samples); got {k}."
+        )
     if k + 1 > n:
         raise ValueError(
-            f"`k + 1` = {k + 1} exceeds the number of samples in `data` ({n}); the increment "
+            f"`num_examples + 1` (k + 1) = {k + 1} exceeds the number of samples in `data` "
+            f"({n}); the increment "
             "L_{k+1} - L_k needs sample k+1."
         )
     return k

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _tree, _validate
+from curvlib import _deprecation, _tree, _validate
 from curvlib.landscape import _common
 
 PyTree = Any
@@ -98,11 +98,12 @@ def _mean_check(loss_fn, params, data, k, microbatch_size):
     return out[0], out[1], out[2], out[3]
 
 
+@_deprecation.renamed("curvlib.landscape.check_mean_loss", k="num_examples")
 def check_mean_loss(
     loss_fn: Callable,
     params: PyTree,
     data: PyTree,
-    k: int,
+    num_examples: int,
     *,
     microbatch_size: int | None = None,
     rtol: float | None = None,
@@ -128,7 +129,8 @@ def check_mean_loss(
       loss_fn: ``loss_fn(params, batch) -> scalar``.
       params: the probe point.
       data: the ordered samples.
-      k: sample count, ``1 <= k < n``.
+      num_examples: ``k``, the number of examples averaged in ``L_k`` (the paper's sample count),
+        ``1 <= k < n``.
       microbatch_size: optional chunk size over the samples.
       rtol: tolerance relative to the largest per-sample loss; default
         ``10 sqrt(eps)`` of the loss dtype.
@@ -150,7 +152,7 @@ def check_mean_loss(
       ...
       ValueError: `loss_fn` does not behave as a mean over the leading axis of its batch: ...
     """
-    k = _common.check_problem(loss_fn, params, data, k)
+    k = _common.check_problem(loss_fn, params, data, num_examples)
     mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
     mean_check(loss_fn, params, data, k, mb, rtol)
 
@@ -212,11 +214,12 @@ def _loss_increment(loss_fn, params, data, k, microbatch_size):
     return _common.increment(loss_fn, params, data, k, microbatch_size)
 
 
+@_deprecation.renamed("curvlib.landscape.loss_increment", k="num_examples")
 def loss_increment(
     loss_fn: Callable,
     params: PyTree,
     data: PyTree,
-    k: int,
+    num_examples: int,
     *,
     microbatch_size: int | None = None,
 ) -> jax.Array:
@@ -232,7 +235,8 @@ def loss_increment(
       loss_fn: ``loss_fn(params, batch)``, the mean loss over the batch's leading axis.
       params: the point ``w``.
       data: ordered samples (pytree, leading axis = sample order).
-      k: sample count, ``1 <= k < n``.
+      num_examples: ``k``, the number of examples averaged in ``L_k`` (the paper's sample count),
+        ``1 <= k < n``.
       microbatch_size: chunk size over the samples (bounds memory).
 
     Returns:
@@ -246,7 +250,7 @@ def loss_increment(
       >>> round(float(loss_increment(loss, jnp.array(0.0), x, 2)), 4)  # 5/3 - 1/2
       1.1667
     """
-    k = _common.check_problem(loss_fn, params, data, k)
+    k = _common.check_problem(loss_fn, params, data, num_examples)
     mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
     return _loss_increment(loss_fn, params, data, k, mb)
 
@@ -321,11 +325,12 @@ def _coefficients(loss_fn, params, data, k, U, microbatch_size, mode, ritz_value
     return IncrementCoefficients(a.astype(dt), c.astype(dt), 0.5 * (M + M.T))
 
 
+@_deprecation.renamed("curvlib.landscape.increment_coefficients", k="num_examples")
 def increment_coefficients(
     loss_fn: Callable,
     params: PyTree,
     data: PyTree,
-    k: int,
+    num_examples: int,
     eigenvectors: PyTree,
     *,
     microbatch_size: int | None = None,
@@ -366,7 +371,8 @@ def increment_coefficients(
       loss_fn: ``loss_fn(params, batch)``, the mean loss over the batch's leading axis.
       params: the point ``w*``.
       data: ordered samples (pytree, leading axis = sample order).
-      k: sample count, ``1 <= k < n``.
+      num_examples: ``k``, the number of examples averaged in ``L_k`` (the paper's sample count),
+        ``1 <= k < n``.
       eigenvectors: basis pytree shaped like ``params`` with a leading axis ``D``.
         Any ``D`` (up to ``N``) is accepted here; for nested subspaces compute
         once at ``Dmax`` and use
@@ -401,7 +407,7 @@ def increment_coefficients(
       >>> np.round(np.asarray(coef.B, float), 4).tolist()  # U (H^(3) - H^(2)) U^T
       [[1.1667, 0.0], [0.0, -0.1667]]
     """
-    k = _common.check_problem(loss_fn, params, data, k)
+    k = _common.check_problem(loss_fn, params, data, num_examples)
     mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
     _validate.one_of(mode, "mode", (None, "linearize", "fwd-rev", "rev-rev"))
     D = _check_basis(eigenvectors, params)

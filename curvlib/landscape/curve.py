@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _tree, _validate
+from curvlib import _deprecation, _tree, _validate
 from curvlib._status import worst
+from curvlib.krylov.solvers import Eigsh, resolve
 from curvlib.landscape import _common
 from curvlib.landscape.coefficients import (
     IncrementCoefficients,
@@ -42,12 +43,7 @@ from curvlib.landscape.estimators import (
     delta2_closed_form_terms,
     delta2_spectral,
 )
-from curvlib.landscape.subspace import (
-    _basis_size_argument,
-    principal_angles,
-    subspace,
-    unique_prefixes,
-)
+from curvlib.landscape.subspace import principal_angles, subspace, unique_prefixes
 
 PyTree = Any
 
@@ -122,13 +118,16 @@ class KCurveConfig(NamedTuple):
         products (bounds memory; with it, a step at ``k`` evaluates only the
         chunks holding the first ``k + 2`` samples).
       sample_batch_size: MC evaluations per vectorised chunk.
-      basis_size: Krylov basis size of [`curvature_subspace`][curvlib.landscape.curvature_subspace].
-      tol: eigensolver tolerance.
+      basis_size: deprecated: use ``eigsh=curvlib.Eigsh(basis_size=...)``.
+      tol: deprecated: use ``eigsh=curvlib.Eigsh(rtol=...)``.
       next_subspace: also build the subspace at ``k + 1`` (for the corollary and the
         principal angles); skipped automatically where ``k + 2 > n``.
       flatten: passed to [`curvature_subspace`][curvlib.landscape.curvature_subspace] (faster
         compiles for small models).
       progress: show a tqdm progress bar (if tqdm is installed).
+      eigsh: the eigensolver's options for
+        [`curvature_subspace`][curvlib.landscape.curvature_subspace], a
+        [`curvlib.Eigsh`][curvlib.Eigsh] (default ``Eigsh()``).
     """
 
     num_samples: int = 0
@@ -141,6 +140,14 @@ class KCurveConfig(NamedTuple):
     next_subspace: bool = True
     flatten: bool = False
     progress: bool = True
+    eigsh: Eigsh | None = None
+
+
+# the options of KCurveConfig/k_curve that moved into its `eigsh` value
+_MOVED = {"basis_size": "basis_size", "tol": "rtol", "num_matvecs": "basis_size"}
+for _old, _field in _MOVED.items():
+    _deprecation.RENAMES.append(
+        _deprecation.Rename("curvlib.landscape.k_curve", _old, f"eigsh=Eigsh({_field}=...)"))
 
 
 class _Plan(NamedTuple):
@@ -162,17 +169,34 @@ def _config(config: KCurveConfig | None, options: dict) -> KCurveConfig:
     config = KCurveConfig() if config is None else config
     if not isinstance(config, KCurveConfig):
         raise TypeError(f"`config` must be a KCurveConfig; got {type(config).__name__}.")
-    if "num_matvecs" in options:
-        options = dict(options)
-        options["basis_size"] = _basis_size_argument(
-            options.get("basis_size"), options.pop("num_matvecs"), stacklevel=4)
+    options = dict(options)
+    moved = {}
+    for old, field in _MOVED.items():  # the deprecated solver options, as keywords
+        if old in options:
+            _deprecation.warn_moved("curvlib.landscape.k_curve", old, "eigsh", "Eigsh", field,
+                                    stacklevel=4)
+            value = options.pop(old)
+            if value is not None:
+                if moved.get(field, value) != value:
+                    raise ValueError(f"k_curve() got two values for `{field}`: pass `{field}` "
+                                     f"once, as `eigsh=curvlib.Eigsh({field}=...)`.")
+                moved[field] = value
     unknown = sorted(set(options) - set(KCurveConfig._fields))
     if unknown:
         raise TypeError(
             f"k_curve() got unexpected keyword argument(s) {unknown}; its options are "
             f"{list(KCurveConfig._fields)} (fields of KCurveConfig)."
         )
-    return config._replace(**options)
+    config = config._replace(**options)
+    for old in ("basis_size", "tol"):  # ... or as fields of the config
+        value = getattr(config, old)
+        if value is not None:
+            if old not in moved and _MOVED[old] not in moved:
+                _deprecation.warn_moved("curvlib.landscape.KCurveConfig", old, "eigsh", "Eigsh",
+                                        _MOVED[old], stacklevel=4)
+            moved.setdefault(_MOVED[old], value)
+    eigsh = resolve(Eigsh, config.eigsh, "eigsh", **moved)
+    return config._replace(basis_size=None, tol=None, eigsh=eigsh)
 
 
 def plan_curve(params: PyTree, data: PyTree, ks: Sequence[int], dims: Sequence[int], sigmas,
@@ -192,7 +216,7 @@ def plan_curve(params: PyTree, data: PyTree, ks: Sequence[int], dims: Sequence[i
     dims = [int(d) for d in dims]
     if not callable(params):
         _common.check_dim(max(dims), params, "max(dims)")
-        _common.check_basis_size(config.basis_size, max(dims), params)
+        _common.check_basis_size(config.eigsh.basis_size, max(dims), params)
     sig = np.atleast_1d(np.asarray(_common.check_sigma(sigmas)))
     for name in ("num_samples", "full_samples"):
         v = getattr(config, name)
@@ -233,14 +257,14 @@ def subspace_step(loss_fn, params, plan: _Plan, k: int, key) -> dict:
 
     def solve(kk, key):  # the inputs were checked once, by k_curve
         return jax.block_until_ready(subspace(loss_fn, params, plan.data, kk, Dmax, key,
-                                              c.microbatch_size, mode, c.basis_size, c.tol,
-                                              200, c.flatten))
+                                              c.microbatch_size, mode, c.eigsh, c.flatten))
 
     sub = solve(k, k_sub)
     out = dict(sub=sub, next=None, eigenvalues=np.asarray(sub.eigenvalues),
                eigenvalues_next=np.full(Dmax, np.nan), max_angle=np.full(len(plan.dims), np.nan),
                converged=bool(sub.converged), status=int(sub.status),
-               unique=unique_prefixes(sub.eigenvalues, sub.residual_norms, plan.dims, c.tol))
+               unique=unique_prefixes(sub.eigenvalues, sub.residual_norms, plan.dims,
+                                      c.eigsh.rtol))
     if c.next_subspace and k + 2 <= plan.n:
         nxt = solve(k + 1, k_next)
         out.update(next=nxt, eigenvalues_next=np.asarray(nxt.eigenvalues),
@@ -422,9 +446,10 @@ def k_curve(
       config: a [`KCurveConfig`][curvlib.landscape.KCurveConfig]; default ``KCurveConfig()``.
       **options: any [`KCurveConfig`][curvlib.landscape.KCurveConfig] field (``num_samples``,
         ``full_samples``, ``antithetic``, ``microbatch_size``,
-        ``sample_batch_size``, ``basis_size``, ``tol``, ``next_subspace``,
-        ``flatten``, ``progress``), overriding ``config``; ``num_matvecs`` is
-        the deprecated name of ``basis_size``.
+        ``sample_batch_size``, ``next_subspace``, ``flatten``, ``progress``,
+        ``eigsh``), overriding ``config``. The former ``basis_size``, ``tol``
+        and ``num_matvecs`` still work, with a warning (use
+        ``eigsh=curvlib.Eigsh(basis_size=..., rtol=...)``).
 
     Returns:
       [`KCurve`][curvlib.landscape.KCurve]; [`curvlib.landscape.report`][curvlib.landscape.report]

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _tree, _validate
+from curvlib import _deprecation, _tree, _validate
 from curvlib.krylov.stochastic import MonteCarloEstimate, monte_carlo_estimate
 from curvlib.landscape import _common
 from curvlib.landscape.coefficients import _cast_basis, _check_basis, mean_check
@@ -179,7 +179,8 @@ def delta2_spectral(eigenvalues_k, eigenvalues_k1, sigma) -> jax.Array:
     return s2 * s2 / 4.0 * (2.0 * jnp.sum(d * d) + jnp.sum(d) ** 2)
 
 
-def delta2_bound(k, sigma, dim, max_loss, max_grad, max_hess) -> jax.Array:
+@_deprecation.renamed("curvlib.landscape.delta2_bound", k="num_examples")
+def delta2_bound(num_examples, sigma, dim, max_loss, max_grad, max_hess) -> jax.Array:
     """The theorem's bound ``(12 M_l^2 + 3 sigma^2 M_g^2 + 3 sigma^4 (D^2 + 2D) M_H^2) / (k+1)^2``.
 
     Holds for the quadratic model under the Gaussian probe when
@@ -188,7 +189,8 @@ def delta2_bound(k, sigma, dim, max_loss, max_grad, max_hess) -> jax.Array:
     ``w*`` is stationary for ``L_k``; ``2 max_i ||grad l_i(w*)||`` always works).
 
     Args:
-      k: sample count (scalar or array).
+      num_examples: ``k``, the number of examples averaged in ``L_k`` (the paper's sample count)
+        (scalar or array).
       sigma: scalar or grid.
       dim: subspace dimension ``D``.
       max_loss: ``M_l`` (bounds ``|l_i(w*)|``).
@@ -203,6 +205,7 @@ def delta2_bound(k, sigma, dim, max_loss, max_grad, max_hess) -> jax.Array:
       >>> float(delta2_bound(1, 1.0, 1, max_loss=1.0, max_grad=0.0, max_hess=0.0))  # 12 / 2^2
       3.0
     """
+    k = num_examples  # the paper's k
     s2 = _common.check_sigma(sigma) ** 2
     k = jnp.asarray(k)
     num = 12 * max_loss**2 + 3 * s2 * max_grad**2 + 3 * s2 * s2 * (dim**2 + 2 * dim) * max_hess**2
@@ -393,11 +396,12 @@ def _direct_mc(loss_fn, params, data, k, U, dim, sig, key, num_samples, antithet
     return mean, se
 
 
+@_deprecation.renamed("curvlib.landscape.delta2_direct_mc", k="num_examples")
 def delta2_direct_mc(
     loss_fn: Callable,
     params: PyTree,
     data: PyTree,
-    k: int,
+    num_examples: int,
     eigenvectors: PyTree,
     sigma,
     *,
@@ -424,7 +428,7 @@ def delta2_direct_mc(
       loss_fn: ``loss_fn(params, batch)``, the mean loss over the batch's leading axis.
       params: the point ``w*``.
       data: ordered samples.
-      k: ``1 <= k < n``.
+      num_examples: ``k``, the number of examples averaged in ``L_k``, ``1 <= k < n``.
       eigenvectors: orthonormal basis (leading axis ``Dmax``), e.g.
         ``curvature_subspace(...).eigenvectors``.
       sigma: scalar or 1-D grid (> 0).
@@ -463,7 +467,8 @@ def delta2_direct_mc(
       >>> bool(jnp.allclose(est.estimate, quad.estimate, rtol=1e-4))
       True
     """
-    st = _check_sampled(loss_fn, params, data, k, sigma, key, num_samples, microbatch_size,
+    st = _check_sampled(loss_fn, params, data, num_examples, sigma, key, num_samples,
+                        microbatch_size,
                         sample_batch_size)
     Dmax = _check_basis(eigenvectors, params)
     if dim is None:
@@ -526,11 +531,12 @@ def _full_mc(loss_fn, params, data, k, sig, key, num_samples, antithetic, microb
     return _summarise(vals, num_samples)
 
 
+@_deprecation.renamed("curvlib.landscape.delta2_full_mc", k="num_examples")
 def delta2_full_mc(
     loss_fn: Callable,
     params: PyTree,
     data: PyTree,
-    k: int,
+    num_examples: int,
     sigma,
     *,
     key: jax.Array,
@@ -551,7 +557,7 @@ def delta2_full_mc(
       loss_fn: as [`delta2_direct_mc`][curvlib.landscape.delta2_direct_mc].
       params: as [`delta2_direct_mc`][curvlib.landscape.delta2_direct_mc].
       data: as [`delta2_direct_mc`][curvlib.landscape.delta2_direct_mc].
-      k: as [`delta2_direct_mc`][curvlib.landscape.delta2_direct_mc].
+      num_examples: ``k``, as [`delta2_direct_mc`][curvlib.landscape.delta2_direct_mc].
       sigma: scalar or 1-D grid (> 0).
       key: PRNG key.
       num_samples: independent draws ``S``.
@@ -577,7 +583,8 @@ def delta2_full_mc(
       >>> bool(abs(est.estimate - gm) < 4 * est.stderr)  # D = N: the full-space value
       True
     """
-    st = _check_sampled(loss_fn, params, data, k, sigma, key, num_samples, microbatch_size,
+    st = _check_sampled(loss_fn, params, data, num_examples, sigma, key, num_samples,
+                        microbatch_size,
                         sample_batch_size)
     if check_mean:
         mean_check(loss_fn, params, data, st.k, st.microbatch_size)
@@ -589,11 +596,12 @@ def delta2_full_mc(
 # --------------------------------------------------------------- pointwise
 
 
+@_deprecation.renamed("curvlib.landscape.delta1", k="num_examples")
 def delta1(
     loss_fn: Callable,
     params: PyTree,
     data: PyTree,
-    k: int,
+    num_examples: int,
     *,
     microbatch_size: int | None = None,
     check_mean: bool = True,
@@ -609,7 +617,8 @@ def delta1(
       loss_fn: ``loss_fn(params, batch)``, the mean loss over the batch's leading axis.
       params: the point ``w*``.
       data: ordered samples.
-      k: sample count, ``1 <= k < n``.
+      num_examples: ``k``, the number of examples averaged in ``L_k`` (the paper's sample count),
+        ``1 <= k < n``.
       microbatch_size: chunk size over the samples.
       check_mean: verify that ``loss_fn`` is a mean at ``params`` first.
 
@@ -623,6 +632,7 @@ def delta1(
       >>> round(float(delta1(loss, 0.0, jnp.array([2.0, 1.0, 0.0]), 2)), 4)  # |5/3 - 5/2|
       0.8333
     """
+    k = num_examples  # the paper's k
     from curvlib.landscape.coefficients import _loss_increment
 
     k = _common.check_problem(loss_fn, params, data, k)

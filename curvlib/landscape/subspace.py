@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from curvlib import _tree, _validate
-from curvlib.krylov.eigen import EigshResult, eigsh
+from curvlib import _deprecation, _tree, _validate
+from curvlib.krylov import eigen
+from curvlib.krylov.eigen import EigshResult
+from curvlib.krylov.solvers import Eigsh, resolve
 from curvlib.landscape import _common
 from curvlib.operators import hessian_matvec
 
@@ -62,61 +64,51 @@ def weighted_hessian_matvec(loss_fn: Callable, params: PyTree, data: PyTree, k, 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("loss_fn", "dim", "microbatch_size", "mode", "basis_size", "tol",
-                     "max_restarts", "flatten", "layout"),
+    static_argnames=("loss_fn", "dim", "microbatch_size", "mode", "eigsh", "flatten", "layout"),
 )
-def _subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, basis_size, tol,
-              max_restarts, flatten, layout=None):
+def _subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, eigsh, flatten,
+              layout=None):
     if not flatten:
         product = weighted_hessian_matvec(loss_fn, params, data, k, _common.MEAN,
                                           microbatch_size, mode)
         matvec = lambda v: _common.constrain(product(v), layout)
         v0 = _common.constrain(_tree.flat_normal_like(key, params), layout)
-        res = eigsh(matvec, v0, dim, which="LA", basis_size=basis_size, tol=tol,
-                    max_restarts=max_restarts)
+        res = eigen.eigsh(matvec, v0, dim, which="LA", solver=eigsh)
         return res._replace(eigenvectors=_common.constrain(res.eigenvectors, layout, True))
     flat, unravel = ravel_pytree(params)
     flat_loss = lambda theta, batch: loss_fn(unravel(theta), batch)
     matvec = weighted_hessian_matvec(flat_loss, flat, data, k, _common.MEAN, microbatch_size,
                                      mode)
     v0 = jax.random.normal(key, flat.shape, flat.dtype)
-    res = eigsh(matvec, v0, dim, which="LA", basis_size=basis_size, tol=tol,
-                max_restarts=max_restarts)
+    res = eigen.eigsh(matvec, v0, dim, which="LA", solver=eigsh)
     return res._replace(eigenvectors=jax.vmap(unravel)(res.eigenvectors))
 
 
-def _basis_size_argument(basis_size, num_matvecs, stacklevel: int = 3):
-    """``basis_size``, or the deprecated ``num_matvecs`` (the same quantity) with a warning."""
-    if num_matvecs is None:
-        return basis_size
-    warnings.warn(
-        "`num_matvecs` is deprecated here: it is the Krylov basis size, now called "
-        "`basis_size` (`num_matvecs` names an exact number of products elsewhere in curvlib).",
-        DeprecationWarning, stacklevel=stacklevel,
-    )
-    if basis_size is not None and basis_size != num_matvecs:
-        raise ValueError(
-            f"got `basis_size={basis_size!r}` and the deprecated `num_matvecs={num_matvecs!r}`; "
-            "pass `basis_size` only."
-        )
-    return num_matvecs
+def _static(eigsh: Eigsh) -> Eigsh:
+    """``eigsh`` with concrete numbers as Python scalars (a hashable static argument)."""
+    def py(x, cast):
+        return cast(x) if x is not None and not isinstance(x, jax.core.Tracer) else x
+    return dataclasses.replace(eigsh, rtol=py(eigsh.rtol, float),
+                               max_matvecs=py(eigsh.max_matvecs, int),
+                               max_restarts=py(eigsh.max_restarts, int))
 
 
+@_deprecation.moved_to_solver("curvlib.landscape.curvature_subspace", "eigsh", Eigsh,
+                              basis_size="basis_size", tol="rtol", max_restarts="max_restarts",
+                              num_matvecs="basis_size")
+@_deprecation.renamed("curvlib.landscape.curvature_subspace", k="num_examples")
 def curvature_subspace(
     loss_fn: Callable,
     params: PyTree,
     data: PyTree,
-    k: int,
+    num_examples: int,
     dim: int,
     *,
     key: jax.Array,
     microbatch_size: int | None = None,
     mode: str | None = None,
-    basis_size: int | None = None,
-    tol: float | None = None,
-    max_restarts: int = 200,
+    eigsh: Eigsh | None = None,
     flatten: bool = False,
-    num_matvecs: int | None = None,
 ) -> EigshResult:
     """Top-``dim`` eigenpairs of ``H^(k)(params)``, the Hessian of ``L_k = loss_fn(., data[:k])``.
 
@@ -146,16 +138,18 @@ def curvature_subspace(
       params: the point ``w*`` (any pytree of float arrays).
       data: ordered samples (pytree, leading axis = sample order); the Hessian
         uses ``data[:k]``.
-      k: sample count, ``1 <= k`` and ``k + 1 <= n`` (the subspace serves an increment).
+      num_examples: ``k``, the number of examples averaged in ``L_k`` (the paper's sample count),
+        ``1 <= k`` and ``k + 1 <= n`` (the subspace serves an increment).
       dim: number of eigenpairs ``D``, ``1 <= D < N``.
       key: PRNG key for Lanczos' start vector.
       microbatch_size: chunk size ``m`` over the samples (bounds memory).
       mode: Hessian product mode: ``"linearize"`` (default without
         microbatching), ``"fwd-rev"`` (default with) or ``"rev-rev"``.
-      basis_size: Krylov basis size, ``D + 2 <= basis_size <= N``; default
-        [`curvlib.eigsh`][curvlib.eigsh]'s.
-      tol: relative residual tolerance (default [`curvlib.eigsh`][curvlib.eigsh]'s, ``sqrt(eps)``).
-      max_restarts: cap on thick restarts.
+      eigsh: the eigensolver's options, a [`curvlib.Eigsh`][curvlib.Eigsh] (default
+        ``Eigsh()``, the defaults of [`curvlib.eigsh`][curvlib.eigsh]); its ``basis_size``
+        must satisfy ``D + 2 <= basis_size <= N``. The former keywords
+        ``basis_size``, ``tol``, ``max_restarts`` and ``num_matvecs`` still
+        work, with a warning.
       flatten: run the eigensolver on the ravelled parameter vector (the
         eigenvectors are returned as a pytree all the same). The Krylov vector
         algebra is per leaf, and XLA's compile time grows with the number of
@@ -164,7 +158,6 @@ def curvature_subspace(
         models (ravelling gathers and copies every parameter); parameters
         with explicit sharding types (a mesh with ``AxisType.Explicit`` axes)
         cannot be ravelled at all.
-      num_matvecs: deprecated name of ``basis_size``.
 
     Returns:
       [`curvlib.EigshResult`][curvlib.EigshResult]; check ``converged``.
@@ -185,7 +178,7 @@ def curvature_subspace(
       >>> sub.eigenvectors.shape
       (2, 3)
     """
-    k = _common.check_problem(loss_fn, params, data, k)
+    k = _common.check_problem(loss_fn, params, data, num_examples)
     if flatten:
         for i, x in enumerate(jax.tree.leaves(params)):
             if _tree.explicit_sharding(x) is not None:
@@ -196,21 +189,19 @@ def curvature_subspace(
                     "`flatten=False` on a mesh with AxisType.Explicit axes."
                 )
     dim = _common.check_dim(dim, params)
-    basis_size = _common.check_basis_size(
-        _basis_size_argument(basis_size, num_matvecs), dim, params)
+    eigsh = resolve(Eigsh, eigsh, "eigsh")
+    _common.check_basis_size(eigsh.basis_size, dim, params)
     _validate.prng_key(key)
     mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
     mode = _common.check_mode(mode, mb)
-    return subspace(loss_fn, params, data, k, dim, key, mb, mode, basis_size, tol,
-                    max_restarts, flatten)
+    return subspace(loss_fn, params, data, k, dim, key, mb, mode, eigsh, flatten)
 
 
-def subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, basis_size, tol,
-             max_restarts, flatten):
-    """`curvature_subspace` on checked arguments (``mode`` resolved): no checks."""
-    return _subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, basis_size,
-                     None if tol is None else float(tol), int(max_restarts), bool(flatten),
-                     None if flatten else _tree.param_shardings(params))
+def subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, eigsh, flatten):
+    """`curvature_subspace` on checked arguments (``mode`` resolved, ``eigsh`` an
+    [`Eigsh`][curvlib.Eigsh]): no checks."""
+    return _subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, _static(eigsh),
+                     bool(flatten), None if flatten else _tree.param_shardings(params))
 
 
 # ------------------------------------------------------------ uniqueness

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial, keystr
 
-from curvlib import _tree, _validate
+from curvlib import _deprecation, _tree, _validate
 from curvlib._compile import is_host_driven, weak_cache
-from curvlib.krylov import EigshResult, eigsh
+from curvlib.krylov import Eigsh, EigshResult, eigsh
 from curvlib.operators import _common as C
 
 PyTree = Any
@@ -255,6 +255,10 @@ def _group_product(matvec, treedef, specs, slots):
     return product
 
 
+_EIGSH_RENAMES = {"tol": "rtol", "num_matvecs": "basis_size"}
+_deprecation.register_folded("curvlib.block_eigsh", "eigsh", Eigsh, _EIGSH_RENAMES)
+
+
 def block_eigsh(
     matvec: Callable,
     params: PyTree,
@@ -264,6 +268,7 @@ def block_eigsh(
     blocks=None,
     which: str = "LA",
     batch_size: int | None = None,
+    eigsh: Eigsh | None = None,
     **eigsh_options,
 ) -> dict[str, EigshResult]:
     """Top-``k`` eigenpairs of every diagonal block ``C_BB`` of an operator, in one call.
@@ -305,8 +310,10 @@ def block_eigsh(
         per-layer spectra: 0.42 s sequential vs 0.70 s vmapped); batching pays
         where a batch of tangents costs less than as many products
         (accelerators, small models).
-      **eigsh_options: passed to [`curvlib.eigsh`][curvlib.eigsh] unchanged (``tol``, the
-        basis size, ``max_restarts``, ...).
+      eigsh: the eigensolver's options, a [`curvlib.Eigsh`][curvlib.Eigsh] (default
+        ``Eigsh()``, the defaults of [`curvlib.eigsh`][curvlib.eigsh]), the same for every block.
+      **eigsh_options: deprecated: the fields of [`curvlib.Eigsh`][curvlib.Eigsh] (and
+        ``tol``) as keywords still work, with a warning.
 
     Returns:
       ``{block name: EigshResult}`` in the order the blocks first appear among
@@ -348,14 +355,18 @@ def block_eigsh(
                 f"block {names[lab]!r} has {dim} entries; k={k} eigenpairs need more than k. "
                 "Lower `k`, or merge the block with another (`blocks=`)."
             )
+    eigsh, rest = _deprecation.fold_options("curvlib.block_eigsh", "eigsh", Eigsh, eigsh,
+                                            eigsh_options, _EIGSH_RENAMES)
+    if rest:
+        raise TypeError(f"block_eigsh() got unexpected keyword arguments {sorted(rest)}.")
     if is_host_driven(matvec):
         return _block_eigsh_host(matvec, params, k, key, labels, order, names, which,
-                                 eigsh_options)
+                                 {"solver": eigsh})
     if not isinstance(matvec, Partial):
         if not callable(matvec):
             raise TypeError(f"`matvec` must be callable; got {type(matvec).__name__}.")
         matvec = Partial(matvec)  # static: the jit cache keys on the function
-    options = tuple(sorted(eigsh_options.items()))
+    options = (("solver", eigsh),)
     try:
         hash(options)
     except TypeError:  # traced or array-valued options: run without the compiled entry point

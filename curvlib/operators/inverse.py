@@ -27,10 +27,11 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
-from curvlib import _tree, _validate
+from curvlib import _deprecation, _tree, _validate
 from curvlib._compile import is_host_driven
 from curvlib._status import Status, from_flags
-from curvlib.krylov import cg, eigsh
+from curvlib.krylov import cg, eigen
+from curvlib.krylov.solvers import CG, Eigsh, resolve
 from curvlib.operators import _common as C
 
 PyTree = Any
@@ -176,18 +177,25 @@ class InverseMatvec:
 _solve_jit = jax.jit(lambda op, b, x0: op._solve(b, x0))
 
 
+_EIGSH_RENAMES = {"tol": "rtol", "num_matvecs": "basis_size"}
+# (`rtol=` here was CG's: it moves into `cg=`, not into `eigsh=`)
+_deprecation.register_folded("curvlib.inverse_matvec", "eigsh", Eigsh, _EIGSH_RENAMES,
+                             exclude=("rtol",))
+
+
+@_deprecation.moved_to_solver("curvlib.inverse_matvec", "cg", CG,
+                              rtol="rtol", atol="atol", max_steps="max_steps")
 def inverse_matvec(
     matvec: Callable,
     *,
     damping,
     method: str = "cg",
-    rtol=1e-6,
-    atol=0.0,
-    max_steps: int | None = None,
+    cg: CG | None = None,
     preconditioner: Callable | None = None,
     rank: int | None = None,
     v0: PyTree | None = None,
     eigenpairs=None,
+    eigsh: Eigsh | None = None,
     **eigsh_options,
 ) -> InverseMatvec:
     """The damped inverse ``v -> (C + lambda I)^{-1} v`` of a symmetric operator, as an operator.
@@ -215,15 +223,19 @@ def inverse_matvec(
       matvec: a symmetric linear operator on pytrees (a Hessian, GGN, Fisher, ...).
       damping: ``lambda`` (traceable scalar): ``>= 0`` for ``"cg"``, ``> 0`` for ``"lowrank"``.
       method: ``"cg"`` or ``"lowrank"``.
-      rtol: CG's relative tolerance on ``||r|| / ||v||``.
-      atol: CG's absolute tolerance on ``||r||``.
-      max_steps: CG's iteration cap (default ``10 * dim``, as in [`curvlib.cg`][curvlib.cg]).
+      cg: CG's options, a [`curvlib.CG`][curvlib.CG] (default ``CG()``: ``rtol=1e-5``,
+        ``atol=0``, ``max_steps`` ``10 * dim``, the defaults of [`curvlib.cg`][curvlib.cg]).
+        The former keywords ``rtol``, ``atol`` and ``max_steps`` still work,
+        with a warning (the former default ``rtol`` was ``1e-6``).
       preconditioner: optional SPD ``M^{-1}`` for CG.
       rank: eigenpairs to compute for ``"lowrank"`` (static).
       v0: start vector of that eigsh (e.g. ``jax.random.normal``-filled params).
       eigenpairs: instead of ``rank``/``v0``: an [`EigshResult`][curvlib.EigshResult] or a
         pair ``(eigenvalues (r,), eigenvectors with a leading axis r)`` of ``C``.
-      **eigsh_options: passed to [`curvlib.eigsh`][curvlib.eigsh] (``which``, ``tol``, ...).
+      eigsh: the options of that eigsh, a [`curvlib.Eigsh`][curvlib.Eigsh] (default ``Eigsh()``).
+      **eigsh_options: the remaining arguments of [`curvlib.eigsh`][curvlib.eigsh]
+        (``which``, ``key``); its solver options as keywords (``tol``,
+        ``basis_size``, ...) still work, with a warning.
 
     Returns:
       An [`InverseMatvec`][curvlib.InverseMatvec] ``inv`` with ``inv(v) = (C + lambda I)^{-1} v``.
@@ -234,9 +246,10 @@ def inverse_matvec(
 
     Examples:
       >>> import jax, jax.numpy as jnp
+      >>> import curvlib
       >>> from curvlib import inverse_matvec
       >>> A = jnp.diag(jnp.array([4.0, 2.0, 1.0]))
-      >>> inv = inverse_matvec(lambda v: A @ v, damping=1.0, rtol=1e-6)
+      >>> inv = inverse_matvec(lambda v: A @ v, damping=1.0, cg=curvlib.CG(rtol=1e-6))
       >>> inv(jnp.array([5.0, 3.0, 2.0])).round(4).tolist()     # (A + I)^{-1} b
       [1.0, 1.0, 1.0]
       >>> res = inv.solve(jnp.array([5.0, 3.0, 2.0]), x0=jnp.ones(3))   # warm start
@@ -255,10 +268,13 @@ def inverse_matvec(
                      what="for method='lowrank'" if lowrank else None)
     matvec = _as_partial(matvec, "matvec")
     preconditioner = _as_partial(preconditioner, "preconditioner")
+    cg = resolve(CG, cg, "cg")
+    rtol, atol, max_steps = cg.rtol, cg.atol, cg.max_steps
     if max_steps is not None and not isinstance(max_steps, jax.core.Tracer):
         max_steps = _validate.static_int(max_steps, "max_steps", minimum=1)
     if method == "cg":
-        if rank is not None or v0 is not None or eigenpairs is not None or eigsh_options:
+        if (rank is not None or v0 is not None or eigenpairs is not None or eigsh_options
+                or eigsh is not None):
             raise ValueError(
                 "`rank`, `v0`, `eigenpairs` and eigsh options apply to method='lowrank' only."
             )
@@ -270,10 +286,13 @@ def inverse_matvec(
                 "method='lowrank' needs the eigenpairs of `matvec`: pass `rank` and a start "
                 "vector `v0` (to compute them with curvlib.eigsh), or `eigenpairs`."
             )
-        res = eigsh(matvec, v0, _validate.static_int(rank, "rank", minimum=1), **eigsh_options)
+        eigsh, rest = _deprecation.fold_options("curvlib.inverse_matvec", "eigsh", Eigsh, eigsh,
+                                                eigsh_options, _EIGSH_RENAMES)
+        res = eigen.eigsh(matvec, v0, _validate.static_int(rank, "rank", minimum=1), solver=eigsh,
+                          **rest)
         vals, vecs, conv = res.eigenvalues, res.eigenvectors, res.converged & res.finite
     else:
-        if rank is not None or v0 is not None or eigsh_options:
+        if rank is not None or v0 is not None or eigsh_options or eigsh is not None:
             raise ValueError("pass either `eigenpairs` or `rank`/`v0` (with eigsh options).")
         if hasattr(eigenpairs, "eigenvalues"):
             vals, vecs = eigenpairs.eigenvalues, eigenpairs.eigenvectors

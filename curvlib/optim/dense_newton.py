@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from curvlib import _tree, _validate
+from curvlib import _deprecation, _tree, _validate
 from curvlib._compile import weak_cache
 from curvlib._status import Status, from_flags
 from curvlib.optim import _common
@@ -179,6 +179,7 @@ def eigenvalue_floor(w, min_eigenvalue, eigenvalue_rtol=None):
     return jnp.maximum(jnp.asarray(min_eigenvalue, w.dtype), rel)
 
 
+@_deprecation.renamed("curvlib.scale_by_newton", hvp_mode="mode")
 def scale_by_newton(
     damping: float = 0.0,
     *,
@@ -187,7 +188,7 @@ def scale_by_newton(
     modification: str = "abs",
     max_params: int = 4096,
     ggn: tuple[Callable, Callable] | None = None,
-    hvp_mode: str | None = None,
+    mode: str | None = None,
     has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Dense Newton direction with damping and eigenvalue modification.
@@ -209,7 +210,8 @@ def scale_by_newton(
       max_params: refuse (``ValueError`` at ``init``) above this many
         parameters: the method is ``O(n^3)`` time and ``O(n^2)`` memory.
       ggn: optional ``(model_fn, loss_fn)`` Gauss-Newton split.
-      hvp_mode: Hessian product mode of [`curvlib.hessian_matvec`][curvlib.hessian_matvec].
+      mode: Hessian product mode of [`curvlib.hessian_matvec`][curvlib.hessian_matvec] (renamed from
+        ``hvp_mode``, which still works with a warning).
       has_aux: ``value_fn`` returns ``(loss, aux)``; ``aux`` is ignored.
 
     Returns:
@@ -240,7 +242,7 @@ def scale_by_newton(
         raise ValueError(f"`modification` must be one of {MODIFICATIONS}; got {modification!r}.")
     _validate.static_int(max_params, "max_params", minimum=1)
     _common.check_ggn(ggn)
-    _validate.one_of(hvp_mode, "hvp_mode", _common.HVP_MODES)
+    _validate.one_of(mode, "mode", _common.HVP_MODES)
     name = "scale_by_newton"
 
     def init_fn(params):
@@ -265,7 +267,7 @@ def scale_by_newton(
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         setup = _common.curvature_setup(
             name, value_fn, params, extra_args,
-            ggn=ggn, hvp_mode=hvp_mode, microbatch_size=None, has_aux=has_aux,
+            ggn=ggn, hvp_mode=mode, microbatch_size=None, has_aux=has_aux,
         )
         C = dense_curvature(setup.matvec, params)
         g, unravel = ravel_pytree(updates)
@@ -352,6 +354,7 @@ def default_linesearch() -> optax.GradientTransformationExtraArgs:
 _DEFAULT = object()
 
 
+@_deprecation.renamed("curvlib.newton", hvp_mode="mode")
 def newton(
     learning_rate: optax.ScalarOrSchedule | None = None,
     damping: float = 0.0,
@@ -361,7 +364,7 @@ def newton(
     modification: str = "abs",
     max_params: int = 4096,
     ggn: tuple[Callable, Callable] | None = None,
-    hvp_mode: str | None = None,
+    mode: str | None = None,
     has_aux: bool = False,
     linesearch: Any = _DEFAULT,
 ) -> optax.GradientTransformationExtraArgs:
@@ -378,7 +381,7 @@ def newton(
     unchanged. ``linesearch=None`` gives the pure (modified) Newton iteration.
 
     The arguments ``damping``, ``min_eigenvalue``, ``eigenvalue_rtol``,
-    ``modification``, ``max_params``, ``ggn`` and ``hvp_mode`` are those of
+    ``modification``, ``max_params``, ``ggn`` and ``mode`` are those of
     [`scale_by_newton`][curvlib.scale_by_newton].
 
     Args:
@@ -410,7 +413,7 @@ def newton(
         linesearch = default_linesearch()
     direction = scale_by_newton(
         damping, min_eigenvalue=min_eigenvalue, eigenvalue_rtol=eigenvalue_rtol,
-        modification=modification, max_params=max_params, ggn=ggn, hvp_mode=hvp_mode,
+        modification=modification, max_params=max_params, ggn=ggn, mode=mode,
         has_aux=has_aux,
     )
     return _common.alias(

@@ -32,9 +32,9 @@ chain). The Hessian-free ingredients of Martens (2010):
   direction, $|p^\top C p| / \|p\|^2$, which roughly halves the next
   step whatever ``lambda`` was.
 * **CG warm start** from ``warm_start_decay`` times the previous solution.
-* **CG step cap** (``max_cg_steps``) and **relative-residual tolerance**
+* **CG step cap** (``cg.max_steps``) and **relative-residual tolerance**
   ``||r|| <= eta ||g||`` with the superlinear forcing
-  ``eta = min(cg_rtol, sqrt(||g||))`` (Nocedal & Wright 2006, Alg. 7.1).
+  ``eta = min(cg.rtol, sqrt(||g||))`` (Nocedal & Wright 2006, Alg. 7.1).
 * **Negative-curvature exit** (Steihaug 1983): CG stops at the last iterate
   before a direction of non-positive curvature. Should that iterate not be a
   descent direction (a negative direction at the very first CG step, a bad warm
@@ -69,9 +69,9 @@ Hyperparameters and wrappers
   argument is read at each step; ``damping`` is the *initial* value of an
   adapted quantity kept in the state, and a newly injected value (different
   from the one seen at the previous step, ``state.damping_setting``) replaces
-  the adapted damping, which then adapts from it. ``max_cg_steps`` and
-  ``microbatch_size`` fix loop bounds and shapes: list them in
-  ``static_args``.
+  the adapted damping, which then adapts from it. The ``cg`` value (a
+  [`curvlib.CG`][curvlib.CG]) and ``microbatch_size`` fix loop bounds and shapes:
+  they are static.
 * ``optax.MultiSteps(newton_cg(), k)`` averages the gradient over ``k``
   micro-batches but passes the inner update only the last micro-step's extra
   arguments. The step then solves ``(C_B + lambda I) p = mean gradient`` with
@@ -87,7 +87,7 @@ Hyperparameters and wrappers
 Cost per step (``k`` CG steps): one linearisation of the loss's gradient (it
 also gives the loss and gradient at ``params``), ``k + 1`` curvature products
 (one for $\rho$), one loss evaluation at the trial point. With a
-Gauss-Newton split, another ``hvp_mode`` or ``microbatch_size``, the loss and
+Gauss-Newton split, another ``mode`` or ``microbatch_size``, the loss and
 gradient at ``params`` cost one gradient evaluation unless ``value=`` and
 ``grad=`` are passed. Memory: the linearisation residuals plus five
 parameter-sized CG vectors and the stored warm start.
@@ -111,13 +111,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from curvlib import _tree, _validate
+from curvlib import _deprecation, _tree, _validate
 from curvlib._status import Status, from_flags
 from curvlib.krylov import cg
+from curvlib.krylov.solvers import CG, resolve
 from curvlib.optim import _common
+
+# the inner solve of a truncated Newton step: a forcing-term cap of 1/2, not an exact solve
+TRUNCATED_CG = CG(rtol=0.5)
 
 PyTree = Any
 
@@ -200,21 +203,22 @@ class ScaleByNewtonCGState(NamedTuple):
 
 
 def _check_options(damping, damping_increase, damping_decrease, min_damping, max_damping,
-              cg_rtol, warm_start_decay, max_cg_steps, microbatch_size, hvp_mode, ggn):
+                   cg, warm_start_decay, microbatch_size, hvp_mode, ggn):
     _validate.number(damping, "damping", minimum=0, finite=False, optional=True)
     _validate.number(min_damping, "min_damping", minimum=0, finite=False, optional=True)
-    for name, x in (("max_damping", max_damping), ("cg_rtol", cg_rtol)):
-        _validate.number(x, name, minimum=0, exclusive=True, finite=False, optional=True)
-    if _common.is_concrete(damping_increase) and float(np.asarray(damping_increase)) < 1:
-        raise ValueError(f"`damping_increase` must be >= 1; got {damping_increase}.")
-    if _common.is_concrete(damping_decrease) and not 0 < float(np.asarray(damping_decrease)) <= 1:
-        raise ValueError(f"`damping_decrease` must lie in (0, 1]; got {damping_decrease}.")
+    _validate.number(max_damping, "max_damping", minimum=0, exclusive=True, finite=False,
+                     optional=True)
+    cg = resolve(CG, cg, "cg")
+    _validate.number(damping_increase, "damping_increase", minimum=1, finite=False)
+    _validate.number(damping_decrease, "damping_decrease", minimum=0, maximum=1, exclusive=True,
+                     finite=False)
     _validate.number(warm_start_decay, "warm_start_decay", minimum=0.0, maximum=1.0, finite=False)
-    if max_cg_steps is not None:
-        _validate.static_int(max_cg_steps, "max_cg_steps", minimum=1)
+    if cg.max_steps is not None:
+        _validate.static_int(cg.max_steps, "max_steps", minimum=1)
     _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
-    _validate.one_of(hvp_mode, "hvp_mode", _common.HVP_MODES)
+    _validate.one_of(hvp_mode, "mode", _common.HVP_MODES)
     _common.check_ggn(ggn)
+    return cg
 
 
 # ------------------------------------------------------------- named steps
@@ -240,7 +244,7 @@ def current_damping(state: ScaleByNewtonCGState, damping) -> jax.Array:
     return jnp.where(setting != state.damping_setting, setting, state.damping)
 
 
-def _solve(matvec, g, x0, damping, rtol, max_steps):
+def _solve(matvec, g, x0, damping, rtol, max_steps, atol=0.0):
     """Truncated CG for ``(C + damping I) p = g`` with the descent fallback.
 
     Returns ``(p, cg_result)``. When CG's iterate is not a descent direction
@@ -249,7 +253,7 @@ def _solve(matvec, g, x0, damping, rtol, max_steps):
     ``g ||g||^2 / (|g^T C g| + damping ||g||^2)`` (one product, in a ``lax.cond``
     branch).
     """
-    res = cg(matvec, g, x0=x0, damping=damping, rtol=rtol, max_steps=max_steps)
+    res = cg(matvec, g, x0=x0, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps)
     descent = _tree.vdot(g, res.x) > 0
 
     def fallback(_):
@@ -325,6 +329,9 @@ def new_damping(lam, rho, accepted, pcp, p, *, increase, decrease, min_damping, 
     return jnp.clip(lam_new, min_damping, max_damping).astype(dt)
 
 
+@_deprecation.renamed("curvlib.scale_by_newton_cg", hvp_mode="mode")
+@_deprecation.moved_to_solver("curvlib.scale_by_newton_cg", "cg", CG,
+                              cg_rtol="rtol", max_cg_steps="max_steps")
 def scale_by_newton_cg(
     damping: float = 1.0,
     *,
@@ -332,11 +339,10 @@ def scale_by_newton_cg(
     damping_decrease: float = 1.0 / 3.0,
     min_damping: float = 1e-8,
     max_damping: float = 1e8,
-    cg_rtol: float = 0.5,
-    max_cg_steps: int | None = None,
+    cg: CG = TRUNCATED_CG,
     warm_start_decay: float = 0.95,
     ggn: tuple[Callable, Callable] | None = None,
-    hvp_mode: str | None = None,
+    mode: str | None = None,
     microbatch_size: int | None = None,
     has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -350,7 +356,7 @@ def scale_by_newton_cg(
     is the loss on the current batch, called as ``value_fn(params, **kw)`` with
     the extra arguments it names (optax's line-search convention). Its loss and
     gradient at ``params`` come free from the linearisation that serves the
-    default Hessian products; with a Gauss-Newton split, another ``hvp_mode``
+    default Hessian products; with a Gauss-Newton split, another ``mode``
     or ``microbatch_size``, ``value=`` and ``grad=`` are reused when given
     (else one gradient evaluation).
 
@@ -367,14 +373,19 @@ def scale_by_newton_cg(
       min_damping: lower clip of the adapted ``lambda`` (the first step uses
         ``damping`` as given).
       max_damping: upper clip of the adapted ``lambda``.
-      cg_rtol: relative residual tolerance cap; the solve stops at
-        ``||r|| <= min(cg_rtol, sqrt(||u||)) ||u||``.
-      max_cg_steps: static CG step cap (default ``min(100, dim)``).
+      cg: the inner CG's options, a [`curvlib.CG`][curvlib.CG]. Its ``rtol`` is the
+        cap of the forcing term: the solve stops at
+        ``||r|| <= max(min(rtol, sqrt(||u||)) ||u||, atol)`` (a truncated
+        Newton solve, so the default value is ``TRUNCATED_CG = CG(rtol=0.5)``,
+        not ``CG()``); its ``max_steps`` (static) caps the CG steps, ``None``
+        meaning ``min(100, dim)`` here. The former ``cg_rtol`` and
+        ``max_cg_steps`` still work, with a warning.
       warm_start_decay: CG starts from ``warm_start_decay *`` the previous
         solution (``0`` disables the warm start).
       ggn: ``None`` for the Hessian of ``value_fn``, or ``(model_fn, loss_fn)``
         for the Gauss-Newton matrix of that split (module docstring).
-      hvp_mode: Hessian product mode of [`curvlib.hessian_matvec`][curvlib.hessian_matvec].
+      mode: Hessian product mode of [`curvlib.hessian_matvec`][curvlib.hessian_matvec] (renamed
+        from ``hvp_mode``, which still works with a warning).
       microbatch_size: accumulate curvature products over chunks of every
         batched extra argument (the leaves sharing the batch's leading axis;
         other arguments are passed whole), at the memory of one chunk.
@@ -385,7 +396,7 @@ def scale_by_newton_cg(
       [`ScaleByNewtonCGState`][curvlib.ScaleByNewtonCGState].
 
     Raises:
-      ValueError: at construction, for negative damping, ``max_cg_steps < 1``
+      ValueError: at construction, for negative damping, ``cg.max_steps < 1``
         and other invalid static settings.
       ValueError: from ``init``, for ``params`` with integer, bool, complex or
         key leaves (a `TypeError` too) or an empty ``params``.
@@ -394,9 +405,10 @@ def scale_by_newton_cg(
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
+      >>> from curvlib import CG
       >>> from curvlib.optim import scale_by_newton_cg
       >>> f = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 10.0]) * p ** 2)
-      >>> tx = optax.chain(scale_by_newton_cg(damping=0.0, cg_rtol=1e-6), optax.scale(-1.0))
+      >>> tx = optax.chain(scale_by_newton_cg(damping=0.0, cg=CG(rtol=1e-6)), optax.scale(-1.0))
       >>> p = jnp.array([1.0, 1.0]); state = tx.init(p)
       >>> u, state = tx.update(jax.grad(f)(p), state, p, value_fn=f)
       >>> bool(jnp.allclose(optax.apply_updates(p, u), 0.0, atol=1e-6))  # the minimiser
@@ -405,8 +417,9 @@ def scale_by_newton_cg(
     References:
       Martens, *Deep learning via Hessian-free optimization*, ICML 2010.
     """
-    _check_options(damping, damping_increase, damping_decrease, min_damping, max_damping,
-              cg_rtol, warm_start_decay, max_cg_steps, microbatch_size, hvp_mode, ggn)
+    hvp_mode = mode
+    cg = _check_options(damping, damping_increase, damping_decrease, min_damping, max_damping,
+                        cg, warm_start_decay, microbatch_size, hvp_mode, ggn)
     name = "scale_by_newton_cg"
 
     def init_fn(params):
@@ -442,10 +455,10 @@ def scale_by_newton_cg(
         )
         dt = setup.dtype
         lam = current_damping(state, damping)
-        max_steps = max_cg_steps or min(DEFAULT_MAX_CG_STEPS, _tree.size(params))
-        rtol = jnp.minimum(cg_rtol, jnp.sqrt(_tree.norm(updates)))
+        max_steps = cg.max_steps or min(DEFAULT_MAX_CG_STEPS, _tree.size(params))
+        rtol = jnp.minimum(cg.rtol, jnp.sqrt(_tree.norm(updates)))
         x0 = _tree.scale(jnp.asarray(warm_start_decay, dt), state.solution)
-        p, res = _solve(setup.matvec, updates, x0, lam, rtol, int(max_steps))
+        p, res = _solve(setup.matvec, updates, x0, lam, rtol, int(max_steps), cg.atol)
         predicted, pcp = model_decrease(setup.grad, p, setup.matvec)
         trial = jnp.asarray(setup.loss(_tree.sub(params, p))).astype(dt)
         rho = reduction_ratio(trial - setup.value, predicted, dt)
@@ -495,6 +508,9 @@ def _commit(updates, state, p, lam_next, finite, accepted, info, damping):
     return out, new_state
 
 
+@_deprecation.renamed("curvlib.newton_cg", hvp_mode="mode")
+@_deprecation.moved_to_solver("curvlib.newton_cg", "cg", CG,
+                              cg_rtol="rtol", max_cg_steps="max_steps")
 def newton_cg(
     learning_rate: optax.ScalarOrSchedule | None = None,
     damping: float = 1.0,
@@ -503,11 +519,10 @@ def newton_cg(
     damping_decrease: float = 1.0 / 3.0,
     min_damping: float = 1e-8,
     max_damping: float = 1e8,
-    cg_rtol: float = 0.5,
-    max_cg_steps: int | None = None,
+    cg: CG = TRUNCATED_CG,
     warm_start_decay: float = 0.95,
     ggn: tuple[Callable, Callable] | None = None,
-    hvp_mode: str | None = None,
+    mode: str | None = None,
     microbatch_size: int | None = None,
     has_aux: bool = False,
     linesearch: optax.GradientTransformationExtraArgs | optax.GradientTransformation | None = None,
@@ -532,8 +547,10 @@ def newton_cg(
     to evaluate them afresh; ``optax.chain(scale_by_newton_cg(...),
     optax.scale(-lr))`` does without it.
 
-    The arguments from ``damping`` to ``has_aux`` are those of
-    [`scale_by_newton_cg`][curvlib.scale_by_newton_cg], which has the details.
+    The arguments ``damping_increase``, ``damping_decrease``, ``min_damping``,
+    ``max_damping``, ``cg``, ``warm_start_decay``,
+    ``ggn``, ``mode`` and ``microbatch_size`` are those of
+    [`scale_by_newton_cg`][curvlib.scale_by_newton_cg].
 
     Args:
       learning_rate: optional scale or schedule; ``None`` means 1.
@@ -579,11 +596,10 @@ def newton_cg(
         damping_decrease=damping_decrease,
         min_damping=min_damping,
         max_damping=max_damping,
-        cg_rtol=cg_rtol,
-        max_cg_steps=max_cg_steps,
+        cg=cg,
         warm_start_decay=warm_start_decay,
         ggn=ggn,
-        hvp_mode=hvp_mode,
+        mode=mode,
         microbatch_size=microbatch_size,
         has_aux=has_aux,
     )

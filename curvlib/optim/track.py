@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvlib import _tree, _validate
+from curvlib import _deprecation, _tree, _validate
 from curvlib._status import Status, from_flags
-from curvlib.krylov import eigen, eigsh, hutchinson_trace, stochastic
+from curvlib.krylov import eigen, eigsh, hutchinson_trace, solvers, stochastic
 from curvlib.optim import _common
 
 PyTree = Any
@@ -199,9 +199,7 @@ class _Config(NamedTuple):
 
     k: int
     which: str
-    basis_size: int | None
-    tol: Any
-    max_restarts: int
+    eigsh: solvers.Eigsh
     num_probes: int
     trace_method: str
     hvp_mode: str | None
@@ -276,8 +274,7 @@ def _measure(loss, params, extra_args, state: TrackCurvatureState, cfg: _Config)
         v0 = warm_start_vector(k_start, state.eigenvectors, params, cfg.warm_noise)
         # eigsh stops at the first Krylov depth certifying the k pairs, so a warm
         # start (few steps) and a cold one (more steps) share one basis size
-        opts = dict(which=cfg.which, basis_size=cfg.basis_size, tol=cfg.tol,
-                    max_restarts=cfg.max_restarts, key=jax.random.fold_in(k_start, 1))
+        opts = dict(which=cfg.which, solver=cfg.eigsh, key=jax.random.fold_in(k_start, 1))
         if cfg.num_probes and cfg.trace_method == "deflated":
             # the trace probes depend on the eigenvectors: their products run in eigsh's
             # own loop, so the refresh compiles the product once
@@ -342,15 +339,15 @@ def _commit(ok, vecs, info, state):
     return vecs, info
 
 
-def _check_options(every, k, which, basis_size, tol, max_restarts, num_probes, trace_method,
-              hvp_mode, microbatch_size, warm_noise) -> _Config:
+def _check_options(every, k, which, eigsh, num_probes, trace_method,
+                   hvp_mode, microbatch_size, warm_noise) -> _Config:
     # traceable: may be injected
     _validate.number(every, "every", minimum=1, integer=True, optional=True)
     k = _validate.static_int(k, "k", minimum=1)
     num_probes = _validate.static_int(num_probes, "num_probes", minimum=0)
-    max_restarts = _validate.static_int(max_restarts, "max_restarts", minimum=0)
-    if basis_size is not None:
-        basis_size = _validate.static_int(basis_size, "basis_size", minimum=k + 2)
+    eigsh = solvers.resolve(solvers.Eigsh, eigsh, "eigsh")
+    if eigsh.basis_size is not None:
+        _validate.static_int(eigsh.basis_size, "basis_size", minimum=k + 2)
     if which not in ("LA", "SA", "LM"):
         raise ValueError(f"`which` must be 'LA', 'SA' or 'LM'; got {which!r}.")
     if trace_method not in TRACE_METHODS:
@@ -361,27 +358,27 @@ def _check_options(every, k, which, basis_size, tol, max_restarts, num_probes, t
             f"its exact trace and the residual estimate take a third each); got {num_probes}. "
             "Use trace_method='hutchinson' for fewer probes."
         )
-    _validate.number(tol, "tol", minimum=0, exclusive=True, finite=False, optional=True)
     _validate.number(warm_noise, "warm_noise", minimum=0, finite=False, optional=True)
-    _validate.one_of(hvp_mode, "hvp_mode", _common.HVP_MODES)
+    _validate.one_of(hvp_mode, "mode", _common.HVP_MODES)
     microbatch_size = _validate.static_int(microbatch_size, "microbatch_size", minimum=1,
                                            optional=True)
-    return _Config(k, which, basis_size, tol, max_restarts, num_probes, trace_method,
+    return _Config(k, which, eigsh, num_probes, trace_method,
                    hvp_mode, microbatch_size, warm_noise)
 
 
+@_deprecation.renamed("curvlib.track_curvature", hvp_mode="mode")
+@_deprecation.moved_to_solver("curvlib.track_curvature", "eigsh", solvers.Eigsh,
+                              tol="rtol", basis_size="basis_size", max_restarts="max_restarts")
 def track_curvature(
     every,
     k: int,
     *,
     key: jax.Array,
     which: str = "LA",
-    basis_size: int | None = None,
-    tol=1e-3,
-    max_restarts: int = 100,
+    eigsh: solvers.Eigsh | None = None,
     num_probes: int = 6,
     trace_method: str = "deflated",
-    hvp_mode: str | None = None,
+    mode: str | None = None,
     microbatch_size: int | None = None,
     has_aux: bool = False,
     warm_noise=1e-2,
@@ -424,7 +421,7 @@ def track_curvature(
     Cost: between refreshes nothing. A refresh costs one gradient, the eigsh
     products (eigsh stops at the first Krylov depth certifying the ``k`` pairs)
     and ``num_probes`` trace products, as reported in ``info.num_matvecs``. On
-    a tanh MLP a warm refresh with ``k = 3`` and ``tol = 1e-3`` needs fewer
+    a tanh MLP a warm refresh with ``k = 3`` and ``rtol = 1e-3`` needs fewer
     products than a cold eigsh at the same point and tolerance
     (``tests/test_track.py`` asserts at most 0.8x); the saving shrinks for
     tight tolerances and clustered spectra (near the edge of stability).
@@ -438,7 +435,8 @@ def track_curvature(
     ``benchmarks/track_overhead.py`` (``k = 5``, ``every = 100``, the step's
     own mini-batch as ``value_fn``) measured 26 products and 70 steps per
     refresh on an MLP, 39 products and 57 steps on a small transformer: 64%
-    average overhead (48% with ``tol=1e-2, num_probes=0``). Since even a
+    average overhead (48% with ``rtol=1e-2, num_probes=0``; these runs used
+    ``Eigsh(rtol=1e-3, max_restarts=100)``, the tracker's defaults before 0.2). Since even a
     perfect warm start needs ``k`` products for one Rayleigh-Ritz step, the
     overhead at ``every = 100`` cannot fall below about ``k`` steps per
     refresh; for an overhead below 10% choose ``every`` of several hundred
@@ -456,12 +454,13 @@ def track_curvature(
     ``every`` large.
 
     Wrappers: under ``optax.inject_hyperparams`` the traced arguments
-    (``every``, ``tol``, ``warm_noise``) take effect at the next step; ``key``
+    (``every``, ``warm_noise``) take effect at the next step; ``key``
     is the *initial* key, copied into ``state.key`` at ``init`` (to change it,
-    replace ``state.key``); ``k``, ``basis_size``, ``max_restarts``,
-    ``num_probes`` and ``microbatch_size`` fix shapes and loops and belong in
-    ``static_args``. Under ``optax.MultiSteps`` the tracker measures the
-    ``value_fn`` of the micro-step at which the accumulated update is emitted.
+    replace ``state.key``); ``k``, ``eigsh``, ``num_probes`` and
+    ``microbatch_size`` fix shapes and loops (``eigsh`` is static by itself, not
+    being a number; the others belong in ``static_args``). Under
+    ``optax.MultiSteps`` the tracker measures the ``value_fn`` of the micro-step
+    at which the accumulated update is emitted.
 
     Args:
       every: refresh period in steps (``>= 1``); refreshes happen at steps
@@ -470,18 +469,21 @@ def track_curvature(
       key: PRNG key for the cold start, the warm-start noise and the trace
         probes; refresh ``t`` uses ``fold_in(key, t)``.
       which: ``"LA"`` (largest algebraic, default), ``"SA"`` or ``"LM"``.
-      basis_size: Lanczos basis size ``m`` (static); default eigsh's
-        ``max(4k, 20)``. eigsh stops as soon as the ``k`` pairs are certified,
-        so a larger basis costs memory, not products.
-      tol: relative residual tolerance of eigsh (traceable); the eigenvalue
-        error is about ``tol**2 * lambda**2 / gap``.
-      max_restarts: cap on eigsh's thick restarts per refresh (static).
+      eigsh: the eigensolver's options, a [`curvlib.Eigsh`][curvlib.Eigsh] (default
+        ``Eigsh()``, the defaults of [`curvlib.eigsh`][curvlib.eigsh]). Its ``rtol`` is
+        the relative residual tolerance (the eigenvalue error is about
+        ``rtol**2 * lambda**2 / gap``; a looser ``Eigsh(rtol=1e-3)`` spends
+        fewer products per refresh); its
+        ``basis_size`` costs memory, not products (eigsh stops as soon as the
+        ``k`` pairs are certified). The former keywords ``tol``,
+        ``basis_size`` and ``max_restarts`` still work, with a warning.
       num_probes: trace products per refresh (static); ``0`` skips the trace.
       trace_method: ``"deflated"`` (default: Ritz values plus Hutchinson on the
         complement), ``"hutch++"`` (its own sketch, a third of the probes) or
         ``"hutchinson"``.
-      hvp_mode: product mode of [`curvlib.hessian_matvec`][curvlib.hessian_matvec]
+      mode: product mode of [`curvlib.hessian_matvec`][curvlib.hessian_matvec]
         (``"linearize"`` by default; ``"fwd-rev"`` holds no residuals).
+        (Renamed from ``hvp_mode``, which still works with a warning.)
       microbatch_size: accumulate the gradient and every product over chunks of
         every batched extra argument of ``value_fn`` (static; the loss must be
         a mean over the batch).
@@ -524,8 +526,8 @@ def track_curvature(
       Cohen et al., ICLR 2021; Gur-Ari, Roberts & Dyer 2018; Meyer, Musco,
       Musco & Woodruff, *Hutch++*, SOSA 2021; Sorensen 1992.
     """
-    cfg = _check_options(every, k, which, basis_size, tol, max_restarts, num_probes, trace_method,
-                    hvp_mode, microbatch_size, warm_noise)
+    cfg = _check_options(every, k, which, eigsh, num_probes, trace_method,
+                         mode, microbatch_size, warm_noise)
     name = "track_curvature"
 
     def init_fn(params):
@@ -535,9 +537,9 @@ def track_curvature(
             raise ValueError(
                 f"`k`={cfg.k} must be smaller than the number of parameters ({n})."
             )
-        if cfg.basis_size is not None and cfg.basis_size > n:
+        if cfg.eigsh.basis_size is not None and cfg.eigsh.basis_size > n:
             raise ValueError(
-                f"`basis_size`={cfg.basis_size} exceeds the number of parameters ({n})."
+                f"`basis_size`={cfg.eigsh.basis_size} exceeds the number of parameters ({n})."
             )
         dt = jnp.promote_types(_tree.dtype(params), jnp.float32)
         return TrackCurvatureState(

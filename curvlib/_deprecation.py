@@ -1,0 +1,210 @@
+"""Renamed arguments: one mechanism, one message, one registry.
+
+A renamed keyword keeps working for one release: the call goes through with
+the value moved to its new name and a ``DeprecationWarning`` that names the
+new one. Two kinds of rename:
+
+* `renamed` — a keyword renamed in place (``hvp_mode`` -> ``mode``);
+* `moved_to_solver` — a solver option that a function built on a Krylov
+  algorithm used to re-expose (``track_curvature(tol=...)``); it moves into
+  that function's solver value (``eigsh=curvlib.Eigsh(rtol=...)``).
+
+Every rename is recorded in `RENAMES` (``where, old, new``): the tests
+call each one and ``CHANGELOG.md`` must list each one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import warnings
+from typing import NamedTuple
+
+
+class Rename(NamedTuple):
+    """One deprecated keyword: ``where(old=...)`` is now ``where(new=...)``."""
+
+    where: str  # the public function, e.g. "curvlib.eigsh"
+    old: str
+    new: str  # e.g. "rtol", or "eigsh=Eigsh(rtol=...)"
+
+
+RENAMES: list[Rename] = []
+
+
+class _NotGiven:
+    def __repr__(self):
+        return "<deprecated>"
+
+
+NOT_GIVEN = _NotGiven()  # the default of a deprecated keyword in the advertised signature
+
+
+def _signature(fn, olds):
+    """``fn``'s signature with the deprecated keywords appended (keyword-only, not given).
+
+    Tools that bind arguments by signature (``optax.inject_hyperparams``) keep
+    accepting the old names for the release they are deprecated in.
+    """
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    names = {p.name for p in params}
+    params += [inspect.Parameter(o, inspect.Parameter.KEYWORD_ONLY, default=NOT_GIVEN)
+               for o in olds if o not in names]
+    return sig.replace(parameters=params + var_kw)
+
+
+def _pop(kwargs, old):
+    """``(given, value)`` of the deprecated keyword ``old``, removed from ``kwargs``."""
+    if old not in kwargs:
+        return False, None
+    value = kwargs.pop(old)
+    return value is not NOT_GIVEN, value
+
+REMOVAL = "it will be removed in the next release"
+
+
+def warn(where: str, old: str, new: str, stacklevel: int = 3) -> None:
+    """The one deprecation message: ```old` is deprecated in where(); use `new```."""
+    warnings.warn(
+        f"`{old}` is deprecated in {where}(): use `{new}` ({REMOVAL}).",
+        DeprecationWarning, stacklevel=stacklevel,
+    )
+
+
+def warn_moved(where: str, old: str, arg: str, cls: str, field: str, stacklevel: int = 3):
+    """The message for a solver option that moved into the solver value ``arg``."""
+    warnings.warn(
+        f"`{old}` is deprecated in {where}(): pass it as the option `{field}` of the solver "
+        f"value, `{arg}=curvlib.{cls}({field}=...)` ({REMOVAL}).",
+        DeprecationWarning, stacklevel=stacklevel,
+    )
+
+
+def _both(where: str, old: str, new: str):
+    return ValueError(
+        f"{where}() got both `{old}` and its new name `{new}`: pass `{new}` only."
+    )
+
+
+def renamed(where: str, **old_to_new: str):
+    """Decorator: keywords ``old`` of ``where`` are accepted as ``new`` with a warning.
+
+    Args:
+      where: public name of the function (``"curvlib.eigsh"``), for the message.
+      **old_to_new: ``old="new"`` pairs.
+
+    Examples:
+      >>> import warnings
+      >>> from curvlib._deprecation import renamed
+      >>> @renamed("f", tol="rtol")
+      ... def f(*, rtol=1.0):
+      ...     return rtol
+      >>> with warnings.catch_warnings(record=True) as w:
+      ...     warnings.simplefilter("always")
+      ...     f(tol=0.5), str(w[0].message)
+      (0.5, '`tol` is deprecated in f(): use `rtol` (it will be removed in the next release).')
+    """
+    for old, new in old_to_new.items():
+        RENAMES.append(Rename(where, old, new))
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            for old, new in old_to_new.items():
+                given, value = _pop(kwargs, old)
+                if given:
+                    warn(where, old, new)
+                    if new in kwargs:
+                        raise _both(where, old, new)
+                    kwargs[new] = value
+            return fn(*args, **kwargs)
+
+        call.__signature__ = _signature(fn, old_to_new)
+        return call
+
+    return deco
+
+
+def moved_to_solver(where: str, arg: str, cls, **old_to_field: str):
+    """Decorator: solver options ``old`` of ``where`` fold into its solver value ``arg``.
+
+    ``where(old=x)`` becomes ``where(arg=dataclasses.replace(arg or cls(), field=x))``
+    with a warning naming the new spelling. An explicit ``arg`` value and an
+    old option together are merged the same way (the old option wins, as it
+    is the more specific).
+
+    Args:
+      where: public name of the function, for the message.
+      arg: the keyword holding the solver value (``"eigsh"``, ``"cg"``).
+      cls: the solver value type ([`curvlib.Eigsh`][curvlib.Eigsh], [`curvlib.CG`][curvlib.CG]).
+      **old_to_field: ``old="field"`` pairs.
+    """
+    name = cls.__name__
+    for old, field in old_to_field.items():
+        RENAMES.append(Rename(where, old, f"{arg}={name}({field}=...)"))
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            given = {}
+            for old, field in old_to_field.items():
+                was_given, value = _pop(kwargs, old)
+                if was_given:
+                    warn_moved(where, old, arg, name, field)
+                    if value is not None:
+                        if field in given and given[field] != value:
+                            raise ValueError(
+                                f"{where}() got two values for `{field}`: pass `{field}` "
+                                f"once, as `{arg}=curvlib.{name}({field}=...)`."
+                            )
+                        given[field] = value
+            if given:
+                base = kwargs.get(arg)
+                kwargs[arg] = dataclasses.replace(cls() if base is None else base, **given)
+            return fn(*args, **kwargs)
+
+        call.__signature__ = _signature(fn, old_to_field)
+        return call
+
+    return deco
+
+
+def fold_options(where: str, arg: str, cls, value, options: dict, renames=None):
+    """``(value, rest)``: the ``cls`` fields among ``options`` folded into ``value``, with warnings.
+
+    For functions that used to forward ``**options`` to an algorithm: each
+    option that is a field of ``cls`` (or an old name in ``renames``) moves
+    into the solver value ``value`` (default ``cls()``) with a warning naming
+    ``arg=curvlib.<cls>(field=...)``; the other options are returned as they came.
+    """
+    renames = dict(renames or {})
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given, rest = {}, {}
+    for name, v in options.items():
+        field = renames.get(name, name)
+        if field in fields:
+            warn_moved(where, name, arg, cls.__name__, field, stacklevel=4)
+            if v is not None:
+                given[field] = v
+        else:
+            rest[name] = v
+    if given:
+        value = dataclasses.replace(cls() if value is None else value, **given)
+    return (cls() if value is None else value), rest
+
+
+def register_folded(where: str, arg: str, cls, renames=None, exclude=()) -> None:
+    """Record in `RENAMES` the options `fold_options` moves for ``where``.
+
+    ``exclude``: fields whose keyword ``where`` gives another meaning (not folded).
+    """
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        RENAMES.append(Rename(where, f.name, f"{arg}={cls.__name__}({f.name}=...)"))
+    for old, field in (renames or {}).items():
+        RENAMES.append(Rename(where, old, f"{arg}={cls.__name__}({field}=...)"))
