@@ -172,8 +172,13 @@ def _read_names(p: str) -> list[str]:
 
 def _generate() -> None:
     # mutmut 3.8.1's generation step of ``mutmut run``, without the stats and test passes.
-    from mutmut.__main__ import (copy_also_copy_files, copy_src_dir, create_mutants,
-                                 setup_source_paths, store_lines_covered_by_tests)
+    from mutmut.__main__ import (
+        copy_also_copy_files,
+        copy_src_dir,
+        create_mutants,
+        setup_source_paths,
+        store_lines_covered_by_tests,
+    )
     from mutmut.mutation.trampoline import set_mutant_under_test
 
     set_mutant_under_test("mutant_generation")
