@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 from curvlib import kronecker as kronecker  # K-FAC; its own namespace: curvlib.kronecker.*
 from curvlib import landscape as landscape  # its own namespace: curvlib.landscape.*
-from curvlib import optim
+from curvlib import operators, optim
 from curvlib._compile import enable_compilation_cache
 from curvlib._status import CurvatureError, Status, raise_if_failed, status_message
 from curvlib.kronecker import (
@@ -56,26 +56,7 @@ from curvlib.krylov import (
     power_iteration,
     spectral_density,
 )
-from curvlib.operators import (
-    InverseMatvec,
-    InverseSolve,
-    StreamMatvec,
-    block_eigsh,
-    empirical_fisher_matvec,
-    fisher_matvec,
-    ggn_matvec,
-    gradient,
-    hessian_matvec,
-    hvp,
-    inverse_matvec,
-    jacobian_matvec,
-    jacobian_transpose_matvec,
-    microbatch_mean,
-    restrict,
-    stream_gradient,
-    stream_matvec,
-    stream_mean,
-)
+from curvlib.operators import *  # noqa: F403  (the names in operators.__all__, listed there once)
 from curvlib.optim import *  # noqa: F403  (the names in optim.__all__, listed there once)
 
 __all__ = [
@@ -86,25 +67,8 @@ __all__ = [
     "status_message",
     "raise_if_failed",
     "CurvatureError",
-    # operators
-    "hvp",
-    "hessian_matvec",
-    "ggn_matvec",
-    "gradient",
-    "microbatch_mean",
-    "fisher_matvec",
-    "empirical_fisher_matvec",
-    "jacobian_matvec",
-    "jacobian_transpose_matvec",
-    "restrict",
-    "block_eigsh",
-    "inverse_matvec",
-    "InverseMatvec",
-    "InverseSolve",
-    "stream_mean",
-    "stream_matvec",
-    "stream_gradient",
-    "StreamMatvec",
+    # operators: the names in operators.__all__, listed there once
+    *operators.__all__,
     # algorithms; their options as solver values (one place of defaults and checks)
     "Eigsh",
     "CG",

@@ -249,6 +249,46 @@ def is_traced(*trees) -> bool:
     return any(isinstance(x, jax.core.Tracer) for t in trees for x in jax.tree.leaves(t))
 
 
+def _wrap(fn: Callable, static: tuple, operators: Mapping[str, str], *,
+          precheck: Callable | None = None, strict: bool = False) -> Callable:
+    """``fn`` bound by name and called through ``jax.jit`` unless an argument is traced.
+
+    The one call path of `entry` and `function`: bind the arguments (defaults
+    filled in), run ``precheck`` eagerly, call ``fn`` directly when a traced
+    argument or a pytree operator holds a tracer, else convert the operator
+    arguments with `as_operator` and call the jitted ``fn``. With ``strict``
+    (`function`'s rules) a host-driven operator or an unhashable static option
+    also calls ``fn`` directly (same result, no caching).
+    """
+    sig = inspect.signature(fn)
+    jitted = jax.jit(fn, static_argnames=static)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = dict(bound.arguments)
+        if precheck is not None:
+            precheck(**a)
+        dynamic = [v for n, v in a.items() if n not in static and n not in operators]
+        ops = [a[n] for n in operators]
+        if is_traced(dynamic) or any(
+            o is not None and is_pytree_operator(o) and is_traced(o) for o in ops
+        ) or (strict and any(is_host_driven(o) for o in ops)):
+            return fn(**a)
+        for op_name, ex_name in operators.items():
+            a[op_name] = as_operator(a[op_name], a[ex_name], op_name, ex_name)
+        if strict:
+            try:
+                hash(tuple(a[n] for n in static))
+            except TypeError:  # an unhashable static option: no caching, same result
+                return fn(**a)
+        return jitted(**a)
+
+    call.jitted = jitted
+    return call
+
+
 def entry(*, static: Sequence[str] = (), operators: Mapping[str, str] | None = None):
     """Decorate an implementation ``impl(**kwargs)`` as a compiled, cached entry point.
 
@@ -263,26 +303,8 @@ def entry(*, static: Sequence[str] = (), operators: Mapping[str, str] | None = N
     static = tuple(static)
 
     def deco(impl):
-        sig = inspect.signature(impl)
-        jitted = jax.jit(impl, static_argnames=static)
-
-        @functools.wraps(impl)
-        def call(*args, **kwargs):
-            bound = sig.bind(*args, **kwargs)
-            bound.apply_defaults()
-            a = dict(bound.arguments)
-            dynamic = [v for n, v in a.items() if n not in static and n not in operators]
-            ops = [a[n] for n in operators]
-            if is_traced(dynamic) or any(
-                o is not None and is_pytree_operator(o) and is_traced(o) for o in ops
-            ):
-                return impl(**a)
-            for op_name, ex_name in operators.items():
-                a[op_name] = as_operator(a[op_name], a[ex_name], op_name, ex_name)
-            return jitted(**a)
-
+        call = _wrap(impl, static, operators)
         call.impl = impl
-        call.jitted = jitted
         return call
 
     return deco
@@ -340,32 +362,8 @@ def function(*, static: Sequence[str] = (), operators: Mapping[str, str] | None 
     static = tuple(static)
 
     def deco(public):
-        sig = inspect.signature(public)
-        jitted = jax.jit(public, static_argnames=static)
-
-        @functools.wraps(public)
-        def call(*args, **kwargs):
-            bound = sig.bind(*args, **kwargs)
-            bound.apply_defaults()
-            a = dict(bound.arguments)
-            if precheck is not None:
-                precheck(**a)
-            dynamic = [v for n, v in a.items() if n not in static and n not in operators]
-            ops = [a[n] for n in operators]
-            if is_traced(dynamic) or any(
-                o is not None and is_pytree_operator(o) and is_traced(o) for o in ops
-            ) or any(is_host_driven(o) for o in ops):
-                return public(**a)
-            for op_name, ex_name in operators.items():
-                a[op_name] = as_operator(a[op_name], a[ex_name], op_name, ex_name)
-            try:
-                hash(tuple(a[n] for n in static))
-            except TypeError:  # an unhashable static option: no caching, same result
-                return public(**a)
-            return jitted(**a)
-
+        call = _wrap(public, static, operators, precheck=precheck, strict=True)
         call.uncached = public
-        call.jitted = jitted
         return call
 
     return deco

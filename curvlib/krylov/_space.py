@@ -91,14 +91,26 @@ class Space:
         return jnp.concatenate([p.astype(self.dtypes[0]) for p in parts])
 
     def unflatten(self, x) -> PyTree:
+        return self._unflatten(x, batched=False)
+
+    def _unflatten(self, x, batched: bool) -> PyTree:
+        """``x`` in the user's leaf shapes: one vector, or with ``batched`` a basis.
+
+        A basis keeps its leading axis ``m`` and its dtype; a vector in the
+        ``concat`` layout is cast back to each leaf's dtype.
+        """
         if self.layout == "identity":
             return x
+        k = int(batched)  # leading axes kept: 0 for a vector, 1 (``m``) for a basis
         if self.layout == "leaves":
             parts = self.treedef.flatten_up_to(x)
             return jax.tree.unflatten(
-                self.treedef, [jnp.reshape(p, s) for p, s in zip(parts, self.shapes, strict=True)]
+                self.treedef,
+                [jnp.reshape(p, jnp.shape(p)[:k] + s)
+                 for p, s in zip(parts, self.shapes, strict=True)],
             )
-        return jax.tree.unflatten(self.treedef, self._split(x, axis=0, lead=()))
+        return jax.tree.unflatten(
+            self.treedef, self._split(x, axis=k, lead=jnp.shape(x)[:k], cast=not batched))
 
     def _split(self, x, axis, lead, cast=True):
         out, start = [], 0
@@ -170,17 +182,7 @@ class Space:
 
     def unflatten_basis(self, Q) -> PyTree:
         """A basis (leading axis ``m``) back in the user's leaf shapes (dtype kept)."""
-        if self.layout == "identity":
-            return Q
-        if self.layout == "leaves":
-            parts = self.treedef.flatten_up_to(Q)
-            return jax.tree.unflatten(
-                self.treedef,
-                [jnp.reshape(p, (p.shape[0],) + s) for p, s in zip(parts, self.shapes,
-                                                                      strict=True)],
-            )
-        m = Q.shape[0]
-        return jax.tree.unflatten(self.treedef, self._split(Q, axis=1, lead=(m,), cast=False))
+        return self._unflatten(Q, batched=True)
 
     def flatten_basis(self, U: PyTree):
         """A user basis (leading axis) in the internal layout."""
