@@ -61,6 +61,7 @@ def enable_compilation_cache(path: str | None = None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The demo's argument parser: the common options, then one group per stage."""
     p = argparse.ArgumentParser(
         prog="python -m curvlib.demo",
         description=(
@@ -74,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     dc, sc = ProbeConfig(), SpectrumConfig()
+    _add_common_options(p, dc)
+    _add_training_options(p, dc)
+    _add_probe_options(p, dc)
+    _add_spectrum_options(p, sc)
+    return p
+
+
+def _add_common_options(p: argparse.ArgumentParser, dc: ProbeConfig) -> None:
+    """Add the task, output, seed, plot and compilation-cache options."""
     p.add_argument("--task", choices=("delta2", "spectrum"), default="delta2",
                    help="delta2: the transformer probe; spectrum: eigsh + SLQ of an MLP")
     p.add_argument("--quick", action="store_true",
@@ -88,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compilation-cache-dir", default=None,
                    help="folder of the persistent compilation cache (default: "
                    "$CURVLIB_CACHE_DIR, else ~/.cache/curvlib/jax)")
+
+
+def _add_training_options(p: argparse.ArgumentParser, dc: ProbeConfig) -> None:
+    """Add the delta2 task's transformer and training options."""
     g = p.add_argument_group("model and training (delta2)")
     g.add_argument("--d-model", type=int, default=dc.d_model,
                    help="transformer width (a multiple of --heads)")
@@ -100,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training sequences per step")
     g.add_argument("--learning-rate", type=float, default=dc.learning_rate,
                    help="peak learning rate (warmup-cosine schedule)")
+
+
+def _add_probe_options(p: argparse.ArgumentParser, dc: ProbeConfig) -> None:
+    """Add the delta2 task's probe options (k, D, sigma grid, samples)."""
     g = p.add_argument_group("probe (delta2)")
     g.add_argument("--k", type=int, default=dc.k, help="sample count k (sequences in L_k)")
     g.add_argument("--dims", type=int_list, default=dc.dims,
@@ -127,11 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeats of the sub-millisecond stages when timing them")
     g.add_argument("--no-overlap", action="store_true",
                    help="skip the subspace at k+1 (principal angles)")
+
+
+def _add_spectrum_options(p: argparse.ArgumentParser, sc: SpectrumConfig) -> None:
+    """Add the spectrum task's MLP options."""
     g = p.add_argument_group("spectrum task")
     g.add_argument("--hidden", type=int, default=sc.hidden, help="MLP hidden width")
     g.add_argument("--top-k", type=int, default=sc.top_k, help="top Hessian eigenvalues")
     g.add_argument("--mlp-steps", type=int, default=sc.train_steps, help="MLP training steps")
-    return p
 
 
 def parse_config(argv=None, parser: argparse.ArgumentParser | None = None):

@@ -58,8 +58,27 @@ def run_spectrum(cfg: SpectrumConfig, log=print) -> dict[str, Any]:
     model = _models.MLP(hidden=(cfg.hidden,))
     key = jax.random.PRNGKey(cfg.seed)
     k_init, k_train, k_eig, k_slq = jax.random.split(key, 4)
-    params = model.init(k_init, jnp.zeros((1, d.x_train.shape[1])))["params"]
     loss_fn = _models.classifier_loss_fn(model)
+    xtr, ytr = jnp.asarray(d.x_train), jnp.asarray(d.y_train)
+    params, acc, t_train = _train_mlp(cfg, d, model, loss_fn, k_init, k_train, log)
+    n = _tree.size(params)
+    res, low, sd, t_eig, t_slq = _spectra(cfg, loss_fn, params, (xtr, ytr), k_eig, k_slq)
+    lam = np.asarray(res.eigenvalues)
+    _log_spectra(cfg, res, low, sd, t_eig, t_slq, log)
+    report = dict(config=dataclasses.asdict(cfg), parameters=n, test_accuracy=acc,
+                  train_seconds=t_train, eigenvalues=lam.tolist(),
+                  smallest_eigenvalues=np.asarray(low.eigenvalues).tolist(),
+                  residual_norms=np.asarray(res.residual_norms).tolist(),
+                  converged=bool(res.converged), num_matvecs=int(res.num_matvecs),
+                  eigsh_seconds=t_eig, slq_seconds=t_slq,
+                  density=dict(grid=np.asarray(sd.grid).tolist(),
+                               density=np.asarray(sd.density).tolist()))
+    return _write_report(cfg, report, sd, lam, t_start, log)
+
+
+def _train_mlp(cfg: SpectrumConfig, d, model, loss_fn, k_init, k_train, log):
+    """``(params, test accuracy, seconds)``: the MLP trained by minibatch steps, logged."""
+    params = model.init(k_init, jnp.zeros((1, d.x_train.shape[1])))["params"]
     xtr, ytr = jnp.asarray(d.x_train), jnp.asarray(d.y_train)
 
     def sample_batch(k):
@@ -76,8 +95,11 @@ def run_spectrum(cfg: SpectrumConfig, log=print) -> dict[str, Any]:
     n = _tree.size(params)
     log(f"MLP 64-{cfg.hidden}-10 ({n:,} parameters) on digits: {t_train:.1f} s, "
         f"train loss {float(losses[-10:].mean()):.3f}, test accuracy {acc:.3f}")
+    return params, acc, t_train
 
-    batch = (xtr, ytr)
+
+def _spectra(cfg: SpectrumConfig, loss_fn, params, batch, k_eig, k_slq):
+    """``(top, bottom, density, eigsh seconds, SLQ seconds)`` of the full-batch Hessian."""
 
     @jax.jit
     def top(params, key):
@@ -103,6 +125,11 @@ def run_spectrum(cfg: SpectrumConfig, log=print) -> dict[str, Any]:
     t0 = time.perf_counter()
     sd = jax.block_until_ready(density(params, k_slq))
     t_slq = time.perf_counter() - t0
+    return res, low, sd, t_eig, t_slq
+
+
+def _log_spectra(cfg: SpectrumConfig, res, low, sd, t_eig, t_slq, log) -> None:
+    """Log the top and bottom eigenvalues and the spectral density's range."""
     lam = np.asarray(res.eigenvalues)
     log(f"top-{cfg.top_k} Hessian eigenvalues (eigsh, {int(res.num_matvecs)} products, "
         f"{t_eig:.1f} s, converged={bool(res.converged)}): " + " ".join(f"{v:.4g}" for v in lam))
@@ -110,14 +137,10 @@ def run_spectrum(cfg: SpectrumConfig, log=print) -> dict[str, Any]:
     log(f"spectral density: SLQ with {cfg.num_probes} probes x {cfg.num_matvecs} steps, "
         f"{t_slq:.1f} s; Ritz nodes span [{float(sd.nodes.min()):.3g}, "
         f"{float(sd.nodes.max()):.3g}]")
-    report = dict(config=dataclasses.asdict(cfg), parameters=n, test_accuracy=acc,
-                  train_seconds=t_train, eigenvalues=lam.tolist(),
-                  smallest_eigenvalues=np.asarray(low.eigenvalues).tolist(),
-                  residual_norms=np.asarray(res.residual_norms).tolist(),
-                  converged=bool(res.converged), num_matvecs=int(res.num_matvecs),
-                  eigsh_seconds=t_eig, slq_seconds=t_slq,
-                  density=dict(grid=np.asarray(sd.grid).tolist(),
-                               density=np.asarray(sd.density).tolist()))
+
+
+def _write_report(cfg: SpectrumConfig, report, sd, lam, t_start, log) -> dict[str, Any]:
+    """``report`` with the figure (if plotting) and JSON written under ``cfg.out``."""
     os.makedirs(cfg.out, exist_ok=True)
     if cfg.plot:
         png = os.path.join(cfg.out, "spectrum_mlp.png")

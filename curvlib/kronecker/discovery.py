@@ -440,6 +440,27 @@ def _aval_of(program, atom):
 
 
 def _classify(program, num_leaves, paths, shapes):
+    """``(layers, diagonal)``: the leaves that are Kronecker-factored layers, and the rest."""
+    views, uses = _trace_views(program, num_leaves)
+    layer_of = {}  # leaf -> (kind, chain, dims, [Use])
+    reasons = {}
+    for leaf in range(num_leaves):
+        found = _leaf_layer(program, views, uses[leaf])
+        if isinstance(found, str):
+            reasons[leaf] = found
+        else:
+            layer_of[leaf] = found
+    bias_of, reasons = _find_biases(program, num_leaves, uses, layer_of, reasons, shapes)
+    return _assemble(num_leaves, layer_of, bias_of, reasons, paths, shapes)
+
+
+def _trace_views(program, num_leaves):
+    """``(views, uses)``: each value that is a view of a leaf, and each leaf's non-view uses.
+
+    ``views`` maps a value to ``(leaf, chain, broadcast)`` (the view steps from the
+    leaf); ``uses`` maps a leaf to ``[(op index, operand, chain, broadcast)]``, op index
+    ``-1`` for a program output.
+    """
     views = {}  # value -> (leaf, chain, broadcast)
     for leaf, v in enumerate(program.inputs[:num_leaves]):
         views[v] = (leaf, (), False)
@@ -463,43 +484,43 @@ def _classify(program, num_leaves, paths, shapes):
         if isinstance(a, int) and a in views:
             leaf, chain, bc = views[a]
             uses[leaf].append((-1, pos, chain, bc))
+    return views, uses
 
+
+def _leaf_layer(program, views, leaf_uses):
+    """``(kind, chain, dims, [Use])`` when all of a leaf's uses are one layer, else the reason."""
+    if not leaf_uses:
+        return "unused by the model"
+    cands = [_layer_use(program, views, i, pos, chain, bc) for i, pos, chain, bc in leaf_uses]
+    bad = [c for c in cands if isinstance(c, str)]
+    good_kinds = sorted({c[0] for c in cands if not isinstance(c, str)})
+    if bad and good_kinds:
+        return (
+            f"used as a {good_kinds[0]} weight and elsewhere ({bad[0]}): shared with "
+            "another op, e.g. tied weights"
+        )
+    if bad:
+        return bad[0]
+    kinds = {c[0] for c in cands}
+    mats = {(c[1], c[2]) for c in cands}
+    if len(kinds) > 1 or len(mats) > 1:
+        return (
+            f"used by {len(cands)} ops of different kinds or layouts "
+            f"({', '.join(sorted(kinds))}); weight sharing across different operations "
+            "(e.g. tied input/output embeddings) is not Kronecker-factored"
+        )
+    kind, chain, dims = cands[0][:3]
+    return (kind, chain, dims, [c[3] for c in cands])
+
+
+def _find_biases(program, num_leaves, uses, layer_of, reasons, shapes):
+    """``(bias_of, reasons)``: leaf -> layer leaf for each bias, and the updated reasons.
+
+    A bias is a leaf added to the (sole-consumer) outputs of all uses of one layer.
+    """
+    reasons = dict(reasons)
     consumers = program.consumers()
     producer = {o: i for i, op in enumerate(program.ops) for o in op.outs}
-    layer_of = {}  # leaf -> (kind, chain, dims, [Use])
-    reasons = {}
-    for leaf in range(num_leaves):
-        if not uses[leaf]:
-            reasons[leaf] = "unused by the model"
-            continue
-        cands = []
-        for i, pos, chain, bc in uses[leaf]:
-            c = _layer_use(program, views, i, pos, chain, bc)
-            cands.append(c)
-        bad = [c for c in cands if isinstance(c, str)]
-        good_kinds = sorted({c[0] for c in cands if not isinstance(c, str)})
-        if bad and good_kinds:
-            reasons[leaf] = (
-                f"used as a {good_kinds[0]} weight and elsewhere ({bad[0]}): shared with "
-                "another op, e.g. tied weights"
-            )
-            continue
-        if bad:
-            reasons[leaf] = bad[0]
-            continue
-        kinds = {c[0] for c in cands}
-        mats = {(c[1], c[2]) for c in cands}
-        if len(kinds) > 1 or len(mats) > 1:
-            reasons[leaf] = (
-                f"used by {len(cands)} ops of different kinds or layouts "
-                f"({', '.join(sorted(kinds))}); weight sharing across different operations "
-                "(e.g. tied input/output embeddings) is not Kronecker-factored"
-            )
-            continue
-        kind, chain, dims = cands[0][:3]
-        layer_of[leaf] = (kind, chain, dims, [c[3] for c in cands])
-
-    # biases: a leaf added to the (sole-consumer) outputs of all uses of one layer
     bias_of = {}
     op_to_leaf = {u.op: leaf for leaf, (_, _, _, us) in layer_of.items() for u in us}
     for leaf in range(num_leaves):
@@ -515,7 +536,11 @@ def _classify(program, num_leaves, paths, shapes):
                 continue
             bias_of[leaf] = target
             reasons.pop(leaf, None)
+    return bias_of, reasons
 
+
+def _assemble(num_leaves, layer_of, bias_of, reasons, paths, shapes):
+    """``(layers, diagonal)``: a `Layer` per weight (with its bias), a `Fallback` per other leaf."""
     layers = []
     bias_for = {w: b for b, w in bias_of.items()}
     for leaf in sorted(layer_of):

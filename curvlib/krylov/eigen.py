@@ -260,44 +260,19 @@ def _update(cfg: _Cfg, s: _State, product) -> _State:
     k = cfg.k
     band = _band.absorb(s.band, space.flatten(product))
     count, since = s.count + 1, s.since + 1
-    # (a basis of dim rows spans the space: the last remainders are zero, no restart needed)
-    full = ~_band.has_room(band) & (band.nbas < cfg.dim)
-    last = count >= s.max_matvecs  # the final answer is read from this step's test
-    spans = jnp.sum(band.mult) >= cfg.dim  # every row of a full-space basis multiplied
-    due = full | last | spans | ((since % cfg.check_every == 0) & (jnp.sum(band.mult) > k))
+    full, due = _due(cfg, s, band, count, since)
     s_now = s._replace(since=since, fresh=s.fresh + 1)
     ev = jax.lax.cond(due, lambda b: _evaluate(cfg, s_now, b), lambda b: _no_eval(cfg, s_now, b),
                       band)
     finish = ev.finish
     new_round = ev.search_cert | (ev.verify_cert & ~finish)
     restart = full & ~finish & ~new_round
-
-    def compress(band):
-        rest = jnp.sum(_band.pending(band))
-        K = jnp.where(new_round, k, jnp.minimum(cfg.keep, cfg.m - rest - 1))
-        return _band.compress(band, ev.Y, K, drop_pending=new_round)
-
-    band = _tree.apply_if(new_round | restart, compress, band)
-    # after a restart the kept Ritz vectors are the first rows, in the same order
-    m = cfg.m
-    kept = jnp.where(new_round, k, jnp.sum(band.mult))
-    eye = jnp.where((jnp.arange(m) < kept)[None, :], jnp.eye(m, dtype=ev.Y.dtype), 0.0)
-    Y = jnp.where(new_round | restart, eye, jnp.where(due, ev.Y, s.Y))
+    band, Y = _compress(cfg, band, ev, new_round, restart, jnp.where(due, ev.Y, s.Y))
     theta = jnp.where(due, ev.theta, s.theta)
     # one fresh direction per product: the verification block, or a new chain when the
     # only chain broke down
     to_inject = jnp.where(new_round, ev.n_inject, s.to_inject)
-    _, some = _band.next_row(band)
-    want = (to_inject > 0) | ~some
-    # (a fresh row must leave a free row for the remainder of the next product, unless the
-    # basis can span the whole space: then the last row's remainder is zero)
-    room = (band.nbas < cfg.m - 1) if cfg.m < cfg.dim else jnp.asarray(True)
-    zq, z_ok = _band.fresh(band, s.z, want)
-    band = _band.inject(band, zq, want & z_ok & room)
-    used_z = want & z_ok
-    # a used (or unusable) direction is replaced by a new draw; no draw otherwise
-    redraw = want
-    z = jax.lax.cond(redraw, lambda: space.gaussian(s.key, s.draws), lambda: s.z)
+    band, z, used_z, redraw = _inject_fresh(cfg, s, space, band, to_inject)
     phase = jnp.where(finish, 2, jnp.where(new_round, 1, s.phase))
     return s._replace(
         band=band, z=z, draws=s.draws + redraw.astype(jnp.int32),
@@ -311,6 +286,61 @@ def _update(cfg: _Cfg, s: _State, product) -> _State:
         restarts=s.restarts + (new_round | restart).astype(jnp.int32),
         since=jnp.where(new_round | restart, 0, since), count=count, theta=theta, Y=Y,
     )
+
+
+def _due(cfg: _Cfg, s: _State, band: _band.Band, count, since):
+    """``(full, due)``: the basis must restart, and this product's step runs a test.
+
+    A test is due when the basis is full, the budget is spent (the final answer is read
+    from this step's test), the multiplied rows span the space, or every
+    ``check_every`` products once more than ``k`` rows are multiplied.
+    """
+    # (a basis of dim rows spans the space: the last remainders are zero, no restart needed)
+    full = ~_band.has_room(band) & (band.nbas < cfg.dim)
+    last = count >= s.max_matvecs
+    spans = jnp.sum(band.mult) >= cfg.dim  # every row of a full-space basis multiplied
+    due = full | last | spans | ((since % cfg.check_every == 0) & (jnp.sum(band.mult) > cfg.k))
+    return full, due
+
+
+def _compress(cfg: _Cfg, band: _band.Band, ev: _Eval, new_round, restart, Y):
+    """``(band, Y)``: the basis after a thick restart or a new round, and its Ritz vectors.
+
+    A new verification round keeps the ``k`` wanted Ritz vectors (pending rows dropped);
+    a restart keeps ``min(keep, m - pending - 1)``. After either, the kept Ritz vectors
+    are the first rows in the same order, so ``Y`` is the identity on them; otherwise
+    ``Y`` is returned as given.
+    """
+    k, m = cfg.k, cfg.m
+
+    def compress(band):
+        rest = jnp.sum(_band.pending(band))
+        K = jnp.where(new_round, k, jnp.minimum(cfg.keep, cfg.m - rest - 1))
+        return _band.compress(band, ev.Y, K, drop_pending=new_round)
+
+    band = _tree.apply_if(new_round | restart, compress, band)
+    kept = jnp.where(new_round, k, jnp.sum(band.mult))
+    eye = jnp.where((jnp.arange(m) < kept)[None, :], jnp.eye(m, dtype=ev.Y.dtype), 0.0)
+    return band, jnp.where(new_round | restart, eye, Y)
+
+
+def _inject_fresh(cfg: _Cfg, s: _State, space, band: _band.Band, to_inject):
+    """``(band, z, used, redraw)``: a fresh random row added where wanted, and the next draw.
+
+    A row is wanted while ``to_inject > 0`` or when no chain is left to continue; it is
+    added only if the basis keeps a free row for the next product's remainder (unless
+    the basis can span the whole space). A used or unusable direction is redrawn.
+    """
+    _, some = _band.next_row(band)
+    want = (to_inject > 0) | ~some
+    room = (band.nbas < cfg.m - 1) if cfg.m < cfg.dim else jnp.asarray(True)
+    zq, z_ok = _band.fresh(band, s.z, want)
+    band = _band.inject(band, zq, want & z_ok & room)
+    used_z = want & z_ok
+    # a used (or unusable) direction is replaced by a new draw; no draw otherwise
+    redraw = want
+    z = jax.lax.cond(redraw, lambda: space.gaussian(s.key, s.draws), lambda: s.z)
+    return band, z, used_z, redraw
 
 
 def _setup(cfg: _Cfg, v0, key, tol, max_matvecs, max_restarts) -> _State:

@@ -116,18 +116,48 @@ def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False, s
     final iterate for the true residual (``_CHECK``). A compiled program thus holds
     the operator once, however many roles its products play.
     """
-    zeros = _tree.zeros_like(rhs)
-    # CG is linear in b: it runs on b / sigma, sigma = max |b_i| (residuals and inner
-    # products of order one whatever the scale of b: no square overflows or underflows),
-    # and scales x and the residual back. A zero or non-finite b is not scaled; only a
-    # NaN or an infinite entry makes b non-finite. tol and atol are compared in b / sigma's
-    # units. (Two passes over b, once per solve; no product.)
+    rhs, sigma, rnorm0, tol, finite0 = _cg_scale(rhs, rtol, atol, acc)
+    init, x0 = _cg_init(rhs, x0, sigma, rnorm0, tol, finite0, max_steps, acc)
+
+    def cond(s: _CGState):
+        return s.phase != _DONE
+
+    def body(s: _CGState):
+        p, rz, v = _cg_direction(s, x0, precond, acc)
+        w = op(v)  # the one product of this iteration
+        return _cg_advance(s, rhs, x0, p, rz, v, w, tol, max_steps, acc)
+
+    s = _driver.while_loop(cond, body, init, host=host, slot=slot)
+    converged = s.finite & (s.rnorm <= tol)
+    aux = (s.step, s.num_matvecs, s.rnorm * sigma, converged, s.negcurv, s.negdir, s.finite)
+    return _tree.scale(sigma, s.x), aux
+
+
+def _cg_scale(rhs, rtol, atol, acc):
+    """``(b / sigma, sigma, ||b / sigma||, tol, finite)`` with ``sigma = max |b_i|``.
+
+    CG is linear in b: it runs on b / sigma (residuals and inner products of order one
+    whatever the scale of b: no square overflows or underflows), and scales x and the
+    residual back. A zero or non-finite b is not scaled; only a NaN or an infinite entry
+    makes b non-finite. ``tol = max(rtol ||b / sigma||, atol / sigma)`` is in b / sigma's
+    units. Cost: two passes over b, no product.
+    """
     sigma = _tree.max_abs(rhs, acc)
     finite0 = jnp.isfinite(sigma)
     sigma = jnp.where(finite0 & (sigma > 0), sigma, 1.0).astype(acc)
     rhs = _tree.scale(1.0 / sigma, rhs)
     rnorm0 = _tree.plain_norm(rhs).astype(acc)  # in [1, sqrt(N)] for a non-zero b
     tol = jnp.maximum(rtol * rnorm0, atol / sigma)
+    return rhs, sigma, rnorm0, tol, finite0
+
+
+def _cg_init(rhs, x0, sigma, rnorm0, tol, finite0, max_steps, acc):
+    """``(state, x0)``: the loop's start at ``x = 0`` and the scaled, finite warm start.
+
+    The first phase is ``_WARM`` for a finite ``x0``, else ``_STEP``; ``_DONE`` when
+    ``b`` is not finite, ``b = 0`` already meets ``tol``, or ``max_steps < 1``.
+    """
+    zeros = _tree.zeros_like(rhs)
     rnorm0 = jnp.where(finite0, rnorm0, jnp.nan)  # a non-finite b has no residual to report
     if x0 is None:
         x0, phase0 = zeros, jnp.where(max_steps >= 1, _STEP, _DONE)
@@ -143,66 +173,71 @@ def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False, s
         num_matvecs=jnp.zeros((), jnp.int32), negcurv=jnp.asarray(False), negdir=zeros,
         finite=finite0,
     )
+    return init, x0
 
-    def cond(s: _CGState):
-        return s.phase != _DONE
 
-    def body(s: _CGState):
-        in_step = s.phase == _STEP
-        # the next search direction p = M r + beta p_prev (used only in the _STEP phase)
-        z = jax.lax.cond(in_step, lambda r: _cast_like(precond(r), r), lambda r: r, s.r)
-        rz = _tree.vdot(s.r, z).astype(acc)
-        beta = jnp.where(s.step > 0, rz / jnp.where(s.rz != 0, s.rz, 1.0), 0.0)
-        p = _tree.add_scale(z, beta, s.p)
-        v = _tree.where(in_step, p, _tree.where(s.phase == _WARM, x0, s.x))
-        w = op(v)  # the one product of this iteration
-        fin = _tree.all_finite(w)
-        vw = _tree.vdot(v, w).astype(acc)
+def _cg_direction(s: _CGState, x0, precond, acc):
+    """``(p, rz, v)``: the search direction ``p = M r + beta p_prev``, ``<r, M r>``, and the
+    vector ``v`` this phase's product is applied to (``p``, ``x0`` or ``x``)."""
+    in_step = s.phase == _STEP
+    # (the preconditioner is applied only in the _STEP phase)
+    z = jax.lax.cond(in_step, lambda r: _cast_like(precond(r), r), lambda r: r, s.r)
+    rz = _tree.vdot(s.r, z).astype(acc)
+    beta = jnp.where(s.step > 0, rz / jnp.where(s.rz != 0, s.rz, 1.0), 0.0)
+    p = _tree.add_scale(z, beta, s.p)
+    v = _tree.where(in_step, p, _tree.where(s.phase == _WARM, x0, s.x))
+    return p, rz, v
 
-        # _WARM: x = c x0 with c minimising the quadratic model along x0 (0 when the
-        # curvature along x0 is not positive or the product is not finite)
-        c = jnp.where(fin & (vw > 0), _tree.vdot(x0, rhs).astype(acc)
-                      / jnp.where(vw > 0, vw, 1.0), 0.0)
-        w_safe = _tree.where(fin, w, zeros)
-        x_warm = _tree.scale(c, x0)
-        r_warm = _tree.add_scale(rhs, -c, w_safe)
 
-        # _STEP: a CG step, rejected on non-positive curvature or a non-finite product
-        negcurv = in_step & fin & (vw <= 0) & (s.rnorm > 0)
-        good = in_step & fin & ~negcurv
-        alpha = rz / jnp.where(good, vw, 1.0)
-        x_step = _tree.add_scale(s.x, alpha, p)
-        r_step = _tree.add_scale(s.r, -alpha, w_safe)
+def _cg_advance(s: _CGState, rhs, x0, p, rz, v, w, tol, max_steps, acc):
+    """The next state from the product ``w = A v``: warm start, CG step or true residual.
 
-        # _CHECK: the true residual of the returned iterate
-        r_true = _tree.sub(rhs, w_safe)
+    Cost: no product (``w`` is the iteration's one); a few vector updates.
+    """
+    in_step = s.phase == _STEP
+    zeros = _tree.zeros_like(rhs)
+    fin = _tree.all_finite(w)
+    vw = _tree.vdot(v, w).astype(acc)
 
-        is_warm, is_check = s.phase == _WARM, s.phase == _CHECK
-        x = _tree.where(is_warm, x_warm, _tree.where(good, x_step, s.x))
-        r = _tree.where(is_warm, r_warm, _tree.where(
-            good, r_step, _tree.where(is_check & fin, r_true, s.r)))
-        # residuals of the scaled system b / sigma: of order one down to rtol, no range test
-        rnorm = _tree.plain_norm(r).astype(acc)
-        rnorm = jnp.where(is_check & ~fin, jnp.nan, rnorm)
-        step = s.step + in_step.astype(jnp.int32)
-        negcurv_all = s.negcurv | negcurv
-        # a non-finite warm-start product only drops the warm start
-        finite = s.finite & (fin | is_warm)
-        moved = jnp.where(is_warm | is_check, False, s.moved | good)
-        stop = ~(rnorm > tol) | (step >= max_steps) | negcurv_all | ~finite
-        after = jnp.where(stop, jnp.where(moved, _CHECK, _DONE), _STEP)
-        phase = jnp.where(is_check, _DONE, after).astype(jnp.int32)
-        return _CGState(
-            phase=phase, x=x, r=r, p=_tree.where(good, p, s.p),
-            rz=jnp.where(good, rz, s.rz), rnorm=rnorm, moved=moved, step=step,
-            num_matvecs=s.num_matvecs + 1, negcurv=negcurv_all,
-            negdir=_tree.where(negcurv, p, s.negdir), finite=finite,
-        )
+    # _WARM: x = c x0 with c minimising the quadratic model along x0 (0 when the
+    # curvature along x0 is not positive or the product is not finite)
+    c = jnp.where(fin & (vw > 0), _tree.vdot(x0, rhs).astype(acc)
+                  / jnp.where(vw > 0, vw, 1.0), 0.0)
+    w_safe = _tree.where(fin, w, zeros)
+    x_warm = _tree.scale(c, x0)
+    r_warm = _tree.add_scale(rhs, -c, w_safe)
 
-    s = _driver.while_loop(cond, body, init, host=host, slot=slot)
-    converged = s.finite & (s.rnorm <= tol)
-    aux = (s.step, s.num_matvecs, s.rnorm * sigma, converged, s.negcurv, s.negdir, s.finite)
-    return _tree.scale(sigma, s.x), aux
+    # _STEP: a CG step, rejected on non-positive curvature or a non-finite product
+    negcurv = in_step & fin & (vw <= 0) & (s.rnorm > 0)
+    good = in_step & fin & ~negcurv
+    alpha = rz / jnp.where(good, vw, 1.0)
+    x_step = _tree.add_scale(s.x, alpha, p)
+    r_step = _tree.add_scale(s.r, -alpha, w_safe)
+
+    # _CHECK: the true residual of the returned iterate
+    r_true = _tree.sub(rhs, w_safe)
+
+    is_warm, is_check = s.phase == _WARM, s.phase == _CHECK
+    x = _tree.where(is_warm, x_warm, _tree.where(good, x_step, s.x))
+    r = _tree.where(is_warm, r_warm, _tree.where(
+        good, r_step, _tree.where(is_check & fin, r_true, s.r)))
+    # residuals of the scaled system b / sigma: of order one down to rtol, no range test
+    rnorm = _tree.plain_norm(r).astype(acc)
+    rnorm = jnp.where(is_check & ~fin, jnp.nan, rnorm)
+    step = s.step + in_step.astype(jnp.int32)
+    negcurv_all = s.negcurv | negcurv
+    # a non-finite warm-start product only drops the warm start
+    finite = s.finite & (fin | is_warm)
+    moved = jnp.where(is_warm | is_check, False, s.moved | good)
+    stop = ~(rnorm > tol) | (step >= max_steps) | negcurv_all | ~finite
+    after = jnp.where(stop, jnp.where(moved, _CHECK, _DONE), _STEP)
+    phase = jnp.where(is_check, _DONE, after).astype(jnp.int32)
+    return _CGState(
+        phase=phase, x=x, r=r, p=_tree.where(good, p, s.p),
+        rz=jnp.where(good, rz, s.rz), rnorm=rnorm, moved=moved, step=step,
+        num_matvecs=s.num_matvecs + 1, negcurv=negcurv_all,
+        negdir=_tree.where(negcurv, p, s.negdir), finite=finite,
+    )
 
 
 def _options(solver, rtol, atol, max_steps):

@@ -215,20 +215,9 @@ def power_iteration(
     max_matvecs = _validate.static_int(max_matvecs, "max_matvecs", optional=True, minimum=1)
     if not isinstance(tol, jax.Array):  # a JAX array may be computed at run time
         _validate.number(tol, "rtol", minimum=0)
-    if max_matvecs is None:
-        num_iters = 100 if num_iters is None else num_iters
-        max_matvecs = k * num_iters
-    elif num_iters is None:
-        num_iters = max_matvecs
-    max_matvecs = min(max_matvecs, _INT32_MAX)
-    num_iters = min(num_iters, _INT32_MAX)
+    max_matvecs, num_iters = _budgets(k, max_matvecs, num_iters)
     acc = _tree.acc_dtype(_tree.dtype(v0))
-
-    finite0 = _tree.all_finite(v0)
-    v0 = _tree.where(finite0, v0, _tree.zeros_like(v0))
-    X = _tree.basis_zeros(v0, k)
-    x, ok = _start(X, 0, v0, key, acc)
-
+    init, v0 = _power_init(v0, k, key, acc)
     slot = _driver.Slot(matvec)
 
     def product(x):
@@ -241,45 +230,85 @@ def power_iteration(
         return (s.i < k) & s.started & s.finite & (s.total < max_matvecs)
 
     def body(s: _PowerState):
-        raw = product(s.x)  # the one product of this iteration
-        fin = _tree.all_finite(raw)
-        raw = _tree.where(fin, raw, _tree.zeros_like(raw))
-        theta = _tree.vdot(s.x, raw).astype(acc)
-        true_res = _tree.norm(_tree.add_scale(raw, -theta, s.x)).astype(acc)
-        # the deflated product P A x (x is already in range(P)); rows of X past i are zero
-        defl = _tree.sub(raw, _tree.basis_combine(s.X, _tree.basis_project(s.X, raw, acc),
-                                                  like=raw))
-        defl_res = _tree.norm(_tree.add_scale(defl, -theta, s.x)).astype(acc)
-        it, total = s.it + 1, s.total + 1
-        done = fin & ((defl_res <= tol * jnp.abs(theta)) | (it >= num_iters)
-                      | (total >= max_matvecs))
-        store = lambda B, v: jax.tree.map(
-            lambda q, y: jnp.where(done, q.at[s.i].set(y.astype(q.dtype)), q), B, v)
-        X, AX = store(s.X, s.x), store(s.AX, raw)
-        thetas = jnp.where(done, s.thetas.at[s.i].set(theta), s.thetas)
-        res = jnp.where(done, s.res.at[s.i].set(true_res), s.res)
-        conv = jnp.where(done, s.conv.at[s.i].set(true_res <= tol * jnp.abs(theta)), s.conv)
-        i = s.i + done.astype(jnp.int32)
+        return _power_step(s, product(s.x), v0, key, k, tol, num_iters, max_matvecs, acc)
 
-        def next_pair(_):
-            return _start(X, i, v0, key, acc)
+    s = _driver.while_loop(cond, body, init, host=_driver.is_host_driven(matvec), slot=slot)
+    return _power_result(s, k, tol, acc)
 
-        def same_pair(_):
-            return _unit(defl, acc), jnp.asarray(True)
 
-        x, started = jax.lax.cond(done & (i < k), next_pair, same_pair, None)
-        return _PowerState(
-            X=X, AX=AX, thetas=thetas, res=res, conv=conv, i=i, x=x,
-            it=jnp.where(done, 0, it).astype(jnp.int32), total=total, started=started,
-            finite=s.finite & fin,
-        )
+def _budgets(k, max_matvecs, num_iters):
+    """``(max_matvecs, num_iters)``: the total and per-pair product caps, defaults filled in."""
+    if max_matvecs is None:
+        num_iters = 100 if num_iters is None else num_iters
+        max_matvecs = k * num_iters
+    elif num_iters is None:
+        num_iters = max_matvecs
+    return min(max_matvecs, _INT32_MAX), min(num_iters, _INT32_MAX)
 
+
+def _power_init(v0, k, key, acc):
+    """``(state, v0)``: the loop's start (no pair found, pair 0 started) and the finite ``v0``."""
+    finite0 = _tree.all_finite(v0)
+    v0 = _tree.where(finite0, v0, _tree.zeros_like(v0))
+    X = _tree.basis_zeros(v0, k)
+    x, ok = _start(X, 0, v0, key, acc)
     init = _PowerState(
         X=X, AX=X, thetas=jnp.zeros(k, acc), res=jnp.zeros(k, acc), conv=jnp.zeros(k, bool),
         i=jnp.zeros((), jnp.int32), x=x, it=jnp.zeros((), jnp.int32),
         total=jnp.zeros((), jnp.int32), started=ok, finite=finite0,
     )
-    s = _driver.while_loop(cond, body, init, host=_driver.is_host_driven(matvec), slot=slot)
+    return init, v0
+
+
+def _power_measure(s: _PowerState, raw, acc):
+    """``(raw, fin, theta, true_res, defl, defl_res)`` of the iterate from its product ``raw``.
+
+    ``theta = x^T A x``, ``true_res = ||A x - theta x||``, ``defl = P A x`` (``x`` is
+    already in ``range(P)``; the rows of ``X`` past ``i`` are zero) and
+    ``defl_res = ||P A x - theta x||``; a non-finite ``raw`` is replaced by zeros.
+    """
+    fin = _tree.all_finite(raw)
+    raw = _tree.where(fin, raw, _tree.zeros_like(raw))
+    theta = _tree.vdot(s.x, raw).astype(acc)
+    true_res = _tree.norm(_tree.add_scale(raw, -theta, s.x)).astype(acc)
+    defl = _tree.sub(raw, _tree.basis_combine(s.X, _tree.basis_project(s.X, raw, acc), like=raw))
+    defl_res = _tree.norm(_tree.add_scale(defl, -theta, s.x)).astype(acc)
+    return raw, fin, theta, true_res, defl, defl_res
+
+
+def _power_step(s: _PowerState, raw, v0, key, k, tol, num_iters, max_matvecs, acc):
+    """One iteration from the product ``raw = A x``: store the pair when done, else iterate.
+
+    Cost: no product (``raw`` is the iteration's one); two projections onto ``X``.
+    """
+    raw, fin, theta, true_res, defl, defl_res = _power_measure(s, raw, acc)
+    it, total = s.it + 1, s.total + 1
+    done = fin & ((defl_res <= tol * jnp.abs(theta)) | (it >= num_iters)
+                  | (total >= max_matvecs))
+    store = lambda B, v: jax.tree.map(
+        lambda q, y: jnp.where(done, q.at[s.i].set(y.astype(q.dtype)), q), B, v)
+    X, AX = store(s.X, s.x), store(s.AX, raw)
+    thetas = jnp.where(done, s.thetas.at[s.i].set(theta), s.thetas)
+    res = jnp.where(done, s.res.at[s.i].set(true_res), s.res)
+    conv = jnp.where(done, s.conv.at[s.i].set(true_res <= tol * jnp.abs(theta)), s.conv)
+    i = s.i + done.astype(jnp.int32)
+
+    def next_pair(_):
+        return _start(X, i, v0, key, acc)
+
+    def same_pair(_):
+        return _unit(defl, acc), jnp.asarray(True)
+
+    x, started = jax.lax.cond(done & (i < k), next_pair, same_pair, None)
+    return _PowerState(
+        X=X, AX=AX, thetas=thetas, res=res, conv=conv, i=i, x=x,
+        it=jnp.where(done, 0, it).astype(jnp.int32), total=total, started=started,
+        finite=s.finite & fin,
+    )
+
+
+def _power_result(s: _PowerState, k, tol, acc) -> PowerIterationResult:
+    """The result from the final state: Ritz pairs of the span when all ``k`` were found."""
     found = jnp.arange(k) < s.i
     X, thetas, res, conv = s.X, s.thetas, s.res, s.conv
     if k > 1:

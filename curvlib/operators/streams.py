@@ -185,6 +185,44 @@ def _acc_zeros(out_shape: PyTree) -> PyTree:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, _tree.acc_dtype(s.dtype)), out_shape)
 
 
+def _run_pending(step, group, acc, pending, args, key):
+    """``acc`` plus the pending batches' sum: one ``step``, or one ``group`` call on their stack."""
+    if len(pending) == 1:
+        batch, n, i = pending[0]
+        return step(acc, batch, n, args, key, i)
+    if pending:
+        stacked = _stack([b for b, _, _ in pending])
+        ns = np.asarray([n for _, n, _ in pending], np.int32)
+        idx = np.asarray([i for _, _, i in pending], np.int32)
+        return group(acc, stacked, ns, args, key, idx)
+    return acc
+
+
+def _checked_batch(batch, i: int, treedef, sharding):
+    """``(batch, n)``: batch ``i`` checked (structure ``treedef``, non-empty) and placed."""
+    if jax.tree.structure(batch) != treedef:
+        raise ValueError(
+            f"batch {i} of the stream has structure {jax.tree.structure(batch)} but the "
+            f"first batch had {treedef}; every batch must have the same pytree structure."
+        )
+    n = batch_size(batch, f"batch {i}")
+    if n < 1:
+        raise ValueError(f"batch {i} of the stream is empty.")
+    if sharding is not None:
+        batch = jax.device_put(batch, sharding)
+    return batch, n
+
+
+def _check_float_outputs(out_shape, what: str) -> None:
+    """Raise a `TypeError` unless every per-batch output is floating (a mean to average)."""
+    for path, o in C.leaves_with_paths(out_shape):
+        if not jnp.issubdtype(o.dtype, jnp.floating):
+            raise TypeError(
+                f"{what} averages its per-batch outputs over the stream, so they must "
+                f"be floating means; output{path} has dtype {o.dtype}."
+            )
+
+
 def _stream_sum(user_fn, kind, batches, args, *, key, sharding, what: str, out_shape=None,
                 step=None, per_call: int = 1, group=None):
     """``(sum_b n_b fn(batch_b, *args), n, number of batches, output shapes)``: one host pass.
@@ -206,39 +244,17 @@ def _stream_sum(user_fn, kind, batches, args, *, key, sharding, what: str, out_s
     pending = []  # (batch, n, index) of equal shapes, not yet run
 
     def flush(acc):
-        if len(pending) == 1:
-            batch, n, i = pending[0]
-            acc = step(acc, batch, n, args, key, i)
-        elif pending:
-            stacked = _stack([b for b, _, _ in pending])
-            ns = np.asarray([n for _, n, _ in pending], np.int32)
-            idx = np.asarray([i for _, _, i in pending], np.int32)
-            acc = group(acc, stacked, ns, args, key, idx)
+        acc = _run_pending(step, group, acc, pending, args, key)
         pending.clear()
         return acc
 
     for i, batch in enumerate(start()):
-        if treedef is None:
-            treedef = jax.tree.structure(batch)
-        elif jax.tree.structure(batch) != treedef:
-            raise ValueError(
-                f"batch {i} of the stream has structure {jax.tree.structure(batch)} but the "
-                f"first batch had {treedef}; every batch must have the same pytree structure."
-            )
-        n = batch_size(batch, f"batch {i}")
-        if n < 1:
-            raise ValueError(f"batch {i} of the stream is empty.")
-        if sharding is not None:
-            batch = jax.device_put(batch, sharding)
+        treedef = jax.tree.structure(batch) if treedef is None else treedef
+        batch, n = _checked_batch(batch, i, treedef, sharding)
         if acc is None and out_shape is None:
             out_shape = _out_shape(user_fn, kind, with_key, batch, args, key)
         if acc is None:
-            for path, o in C.leaves_with_paths(out_shape):
-                if not jnp.issubdtype(o.dtype, jnp.floating):
-                    raise TypeError(
-                        f"{what} averages its per-batch outputs over the stream, so they must "
-                        f"be floating means; output{path} has dtype {o.dtype}."
-                    )
+            _check_float_outputs(out_shape, what)
             acc = _acc_zeros(out_shape)
         if pending and _avals(batch) != _avals(pending[0][0]):
             acc = flush(acc)

@@ -424,29 +424,7 @@ def scale_by_newton_cg(
 
     def init_fn(params):
         _common.check_params(name, params)
-        dt = _common.float_dtype(params)
-        zero = jnp.zeros((), dt)
-        lam = jnp.asarray(damping, dt)
-        return ScaleByNewtonCGState(
-            count=jnp.zeros((), jnp.int32),
-            damping=lam,
-            damping_setting=lam,
-            solution=_tree.zeros_like(params),
-            info=NewtonCGInfo(
-                num_steps=jnp.zeros((), jnp.int32),
-                residual_norm=zero,
-                damping=lam,
-                rho=zero,
-                negative_curvature=jnp.asarray(False),
-                accepted=jnp.asarray(False),
-                skipped=jnp.asarray(False),
-                loss=zero,
-                converged=jnp.asarray(True),
-                finite=jnp.asarray(True),
-                num_matvecs=jnp.zeros((), jnp.int32),
-                status=jnp.asarray(Status.SUCCESS, jnp.int32),
-            ),
-        )
+        return _init_state(params, damping)
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         setup = _common.curvature_setup(
@@ -472,24 +450,56 @@ def scale_by_newton_cg(
             min_damping=min_damping, max_damping=max_damping,
         )
         fallback = ~(_tree.vdot(updates, res.x) > 0)  # _solve's gradient fallback: one product
-        info = NewtonCGInfo(
-            num_steps=jnp.asarray(res.num_steps, jnp.int32),
-            residual_norm=jnp.asarray(res.residual_norm, dt),
-            damping=jnp.asarray(lam, dt),
-            rho=rho,
-            negative_curvature=res.negative_curvature,
-            accepted=accepted,
-            skipped=~finite,
-            loss=setup.value,
-            converged=res.converged,
-            finite=finite,
-            num_matvecs=(res.num_matvecs + 1 + fallback).astype(jnp.int32),
-            status=from_flags(finite=finite, converged=res.converged,
-                              negative_curvature=res.negative_curvature, stalled=~accepted),
-        )
+        info = _step_info(res, lam, rho, accepted, finite, setup.value, fallback, dt)
         return _commit(updates, state, p, lam_next, finite, accepted, info, damping)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _init_state(params, damping) -> ScaleByNewtonCGState:
+    """The state before the first step: damping ``damping``, a zero warm start, neutral info."""
+    dt = _common.float_dtype(params)
+    zero = jnp.zeros((), dt)
+    lam = jnp.asarray(damping, dt)
+    return ScaleByNewtonCGState(
+        count=jnp.zeros((), jnp.int32),
+        damping=lam,
+        damping_setting=lam,
+        solution=_tree.zeros_like(params),
+        info=NewtonCGInfo(
+            num_steps=jnp.zeros((), jnp.int32),
+            residual_norm=zero,
+            damping=lam,
+            rho=zero,
+            negative_curvature=jnp.asarray(False),
+            accepted=jnp.asarray(False),
+            skipped=jnp.asarray(False),
+            loss=zero,
+            converged=jnp.asarray(True),
+            finite=jnp.asarray(True),
+            num_matvecs=jnp.zeros((), jnp.int32),
+            status=jnp.asarray(Status.SUCCESS, jnp.int32),
+        ),
+    )
+
+
+def _step_info(res, lam, rho, accepted, finite, value, fallback, dt) -> NewtonCGInfo:
+    """The step's `NewtonCGInfo` from the CG result; products: CG's, the model's, a fallback."""
+    return NewtonCGInfo(
+        num_steps=jnp.asarray(res.num_steps, jnp.int32),
+        residual_norm=jnp.asarray(res.residual_norm, dt),
+        damping=jnp.asarray(lam, dt),
+        rho=rho,
+        negative_curvature=res.negative_curvature,
+        accepted=accepted,
+        skipped=~finite,
+        loss=value,
+        converged=res.converged,
+        finite=finite,
+        num_matvecs=(res.num_matvecs + 1 + fallback).astype(jnp.int32),
+        status=from_flags(finite=finite, converged=res.converged,
+                          negative_curvature=res.negative_curvature, stalled=~accepted),
+    )
 
 
 def _commit(updates, state, p, lam_next, finite, accepted, info, damping):

@@ -272,53 +272,12 @@ def _measure(loss, params, extra_args, state: TrackCurvatureState, cfg: _Config)
 
     def solve(_):
         v0 = warm_start_vector(k_start, state.eigenvectors, params, cfg.warm_noise)
-        # eigsh stops at the first Krylov depth certifying the k pairs, so a warm
-        # start (few steps) and a cold one (more steps) share one basis size
-        opts = dict(which=cfg.which, solver=cfg.eigsh, key=jax.random.fold_in(k_start, 1))
-        if cfg.num_probes and cfg.trace_method == "deflated":
-            # the trace probes depend on the eigenvectors: their products run in eigsh's
-            # own loop, so the refresh compiles the product once
-            acc = jnp.promote_types(_tree.dtype(params), jnp.float32)
-            space = stochastic.probe_space(params)
-
-            def probes(r):  # the deflated probes P z_j, as vectors shaped like params
-                Q = stochastic.deflation_basis(space, r.eigenvectors)
-                _, PZ = stochastic.deflated_probes(space, k_trace, cfg.num_probes, Q, acc)
-                return space.unflatten_basis(PZ)
-
-            res, _, products = eigen.eigsh_then(matvec, v0, cfg.k, probes, cfg.num_probes,
-                                                **opts)
-            # the estimator draws the same probes again and takes their products from the loop
-            tr = stochastic.deflated_trace(
-                lambda rows: space.flatten_basis(products), space, k_trace, cfg.num_probes,
-                res.eigenvectors, jnp.sum(res.eigenvalues), acc)
-            trace, trace_se = tr.estimate, tr.stderr
-        else:
-            res = eigsh(matvec, v0, cfg.k, **opts)
-            trace, trace_se = _trace(matvec, params, k_trace, res, cfg, dt)
+        res, trace, trace_se = _eigsh_and_trace(matvec, params, v0, k_start, k_trace, cfg, dt)
         vecs = jax.tree.map(lambda e, x: e.astype(x.dtype), res.eigenvectors, state.eigenvectors)
         ok = res.finite & jnp.all(jnp.isfinite(res.eigenvalues))
         if cfg.num_probes:
             ok = ok & jnp.isfinite(trace)
-        info = TrackCurvatureInfo(
-            count=state.count.astype(jnp.int32),
-            eigenvalues=res.eigenvalues.astype(dt),
-            residual_norms=res.residual_norms.astype(dt),
-            trace=jnp.asarray(trace).astype(dt),
-            trace_stderr=jnp.asarray(trace_se).astype(dt),
-            grad_fraction=grad_fraction(vecs, grad, dt).astype(dt),
-            grad_norm=_tree.norm(grad).astype(dt),
-            loss=jnp.asarray(loss_value).astype(dt),
-            num_matvecs=(res.num_matvecs + cfg.num_probes).astype(jnp.int32),
-            eigsh_matvecs=res.num_matvecs.astype(jnp.int32),
-            verification_matvecs=res.verification_matvecs.astype(jnp.int32),
-            converged=res.converged,
-            num_refreshes=old.num_refreshes + 1,
-            skipped=jnp.asarray(False),
-            num_skipped=old.num_skipped,
-            finite=jnp.asarray(True),
-            status=from_flags(converged=res.converged),
-        )
+        info = _refresh_info(state, res, trace, trace_se, vecs, grad, loss_value, cfg, dt)
         return _commit(ok, vecs, info, state)
 
     def skip(_):
@@ -326,6 +285,57 @@ def _measure(loss, params, extra_args, state: TrackCurvatureState, cfg: _Config)
 
     finite = jnp.isfinite(loss_value) & _tree.all_finite(grad)
     return jax.lax.cond(finite, solve, skip, None)
+
+
+def _eigsh_and_trace(matvec, params, v0, k_start, k_trace, cfg: _Config, dt):
+    """``(eigsh result, trace, trace stderr)`` from ``v0``; the trace is 0 without probes."""
+    # eigsh stops at the first Krylov depth certifying the k pairs, so a warm
+    # start (few steps) and a cold one (more steps) share one basis size
+    opts = dict(which=cfg.which, solver=cfg.eigsh, key=jax.random.fold_in(k_start, 1))
+    if not (cfg.num_probes and cfg.trace_method == "deflated"):
+        res = eigsh(matvec, v0, cfg.k, **opts)
+        trace, trace_se = _trace(matvec, params, k_trace, res, cfg, dt)
+        return res, trace, trace_se
+    # the trace probes depend on the eigenvectors: their products run in eigsh's
+    # own loop, so the refresh compiles the product once
+    acc = jnp.promote_types(_tree.dtype(params), jnp.float32)
+    space = stochastic.probe_space(params)
+
+    def probes(r):  # the deflated probes P z_j, as vectors shaped like params
+        Q = stochastic.deflation_basis(space, r.eigenvectors)
+        _, PZ = stochastic.deflated_probes(space, k_trace, cfg.num_probes, Q, acc)
+        return space.unflatten_basis(PZ)
+
+    res, _, products = eigen.eigsh_then(matvec, v0, cfg.k, probes, cfg.num_probes, **opts)
+    # the estimator draws the same probes again and takes their products from the loop
+    tr = stochastic.deflated_trace(
+        lambda rows: space.flatten_basis(products), space, k_trace, cfg.num_probes,
+        res.eigenvectors, jnp.sum(res.eigenvalues), acc)
+    return res, tr.estimate, tr.stderr
+
+
+def _refresh_info(state, res, trace, trace_se, vecs, grad, loss_value, cfg: _Config, dt):
+    """The `TrackCurvatureInfo` of a refresh from its eigsh result, trace and gradient."""
+    old = state.info
+    return TrackCurvatureInfo(
+        count=state.count.astype(jnp.int32),
+        eigenvalues=res.eigenvalues.astype(dt),
+        residual_norms=res.residual_norms.astype(dt),
+        trace=jnp.asarray(trace).astype(dt),
+        trace_stderr=jnp.asarray(trace_se).astype(dt),
+        grad_fraction=grad_fraction(vecs, grad, dt).astype(dt),
+        grad_norm=_tree.norm(grad).astype(dt),
+        loss=jnp.asarray(loss_value).astype(dt),
+        num_matvecs=(res.num_matvecs + cfg.num_probes).astype(jnp.int32),
+        eigsh_matvecs=res.num_matvecs.astype(jnp.int32),
+        verification_matvecs=res.verification_matvecs.astype(jnp.int32),
+        converged=res.converged,
+        num_refreshes=old.num_refreshes + 1,
+        skipped=jnp.asarray(False),
+        num_skipped=old.num_skipped,
+        finite=jnp.asarray(True),
+        status=from_flags(converged=res.converged),
+    )
 
 
 def _commit(ok, vecs, info, state):
