@@ -38,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _tree, _validate
-from curvlib._compile import weak_cache
 from curvlib.operators import _common as C
 from curvlib.operators.hessian import _value_and_grad
 from curvlib.operators.microbatch import batch_size
@@ -93,7 +92,13 @@ def _per_batch(kind: str, user_fn: Callable) -> Callable:
     if kind == "block":
         return lambda batch, params, V, *key: jax.vmap(user_fn(params, batch, *key))(V)
     has_aux = kind == "value_and_grad_aux"  # user_fn = fun(params, batch)
-    return lambda batch, params: _value_and_grad(user_fn, has_aux)(params, batch)
+
+    def loss(params, batch):  # the output checked when traced: no run-time cost
+        out = user_fn(params, batch)
+        _validate.scalar_loss(out, "fun", has_aux=has_aux)
+        return out
+
+    return lambda batch, params: _value_and_grad(loss, has_aux)(params, batch)
 
 
 # jitted per-batch steps, keyed weakly by the user's function; a step refers to that function
@@ -497,18 +502,6 @@ def stream_matvec(build: Callable, params: PyTree, batches, *, key=None,
     return StreamMatvec(build, params, batches, key, sharding, per_call)
 
 
-@weak_cache
-def _scalar_checked(fun: Callable, has_aux: bool) -> Callable:
-    """``fun`` whose output is checked to be a scalar loss when traced (no run-time cost)."""
-
-    def f(params, *args):
-        out = fun(params, *args)
-        _validate.scalar_loss(out, "fun", has_aux=has_aux)
-        return out
-
-    return f
-
-
 def stream_gradient(fun: Callable, params: PyTree, batches, *, has_aux: bool = False,
                     sharding=None, batches_per_call: int = 1):
     """``(value, grad)`` of a mean loss over a dataset streamed from the host.
@@ -548,7 +541,7 @@ def stream_gradient(fun: Callable, params: PyTree, batches, *, has_aux: bool = F
     _check_concrete(params, "params")
     kind = "value_and_grad_aux" if has_aux else "value_and_grad"
     per_call = _validate.static_int(batches_per_call, "batches_per_call", minimum=1)
-    acc, total, _, out_shape = _stream_sum(_scalar_checked(fun, has_aux), kind, batches,
+    acc, total, _, out_shape = _stream_sum(fun, kind, batches,
                                            (params,), key=None, sharding=sharding,
                                            what="stream_gradient", per_call=per_call)
     out = _mean(acc, total, out_shape)
