@@ -18,13 +18,13 @@ TINY = ["--d-model", "8", "--layers", "1", "--heads", "2", "--seq-len", "8",
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--sigma-min", "-1"], r"sigma_min \(--sigma-min\) must be a finite number > 0; got -1.0"),
+    (["--sigma-min", "-1"], r"sigma_min \(--sigma-min\)` must be > 0; got -1.0"),
     (["--sigma-max", "1e-6"], r"sigma_max \(--sigma-max\) = 1e-06 must be larger than "
                               r"sigma_min \(--sigma-min\) = 1e-05"),
-    (["--num-sigmas", "0"], r"num_sigmas \(--num-sigmas\) must be a positive int; got 0"),
+    (["--num-sigmas", "0"], r"num_sigmas \(--num-sigmas\)` must be >= 1; got 0"),
     (["--heads", "3"], r"d_model \(--d-model\) = 64 must be a multiple of num_heads "
                        r"\(--heads\) = 3"),
-    (["--num-samples", "1"], r"num_samples \(--num-samples\) must be an int >= 2"),
+    (["--num-samples", "1"], r"num_samples \(--num-samples\)` must be >= 2"),
     (["--dims", "4,1"], r"dims \(--dims\) must be increasing"),
     (["--dims", "1,200000", "--basis-size", "300000"],
      r"max\(dims\) \(--dims\) = 200000 must be smaller than the model's parameter count "
@@ -32,10 +32,10 @@ TINY = ["--d-model", "8", "--layers", "1", "--heads", "2", "--seq-len", "8",
     (["--basis-size", "16"], r"basis_size \(--basis-size\) = 16 must exceed the largest "
                              r"subspace dimension max\(dims\) = 16"),
     (["--k", "100000"], r"k \(--k\) = 100000 needs k \+ 2 = 100002 sequences"),
-    (["--eig-tol", "0"], r"eig_tol \(--eig-tol\) must be a finite number > 0"),
-    (["--microbatch-size", "0"], r"microbatch_size \(--microbatch-size\) must be a positive int"),
-    (["--train-steps", "-5"], r"train_steps \(--train-steps\) must be an int >= 0"),
-    (["--task", "spectrum", "--top-k", "0"], r"top_k \(--top-k\) must be an int >= 1"),
+    (["--eig-tol", "0"], r"eig_tol \(--eig-tol\)` must be > 0"),
+    (["--microbatch-size", "0"], r"microbatch_size \(--microbatch-size\)` must be >= 1"),
+    (["--train-steps", "-5"], r"train_steps \(--train-steps\)` must be >= 0"),
+    (["--task", "spectrum", "--top-k", "0"], r"top_k \(--top-k\)` must be >= 1"),
     (["--task", "spectrum", "--hidden", "1", "--top-k", "100"],
      r"top_k \(--top-k\) = 100 must be smaller than the MLP's parameter count N = 85"),
 ])

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import curvlib
-from curvlib import _tree
+from curvlib import _tree, _validate
 from curvlib.demo import data as _data
 from curvlib.demo import models as _models
 from curvlib.demo import report as _report
@@ -40,9 +40,7 @@ class SpectrumConfig:
                  "num_probes": "num_probes", "seed": "--seed"}
         for name, low in (("hidden", 1), ("top_k", 1), ("train_steps", 0), ("batch_size", 1),
                           ("num_matvecs", 2), ("num_probes", 1), ("seed", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-                raise ValueError(f"{name} ({flags[name]}) must be an int >= {low}; got {v!r}.")
+            _validate.static_int(getattr(self, name), f"{name} ({flags[name]})", minimum=low)
         n = (64 + 1) * self.hidden + (self.hidden + 1) * 10  # the 64-hidden-10 MLP
         if self.top_k >= n:
             raise ValueError(f"top_k (--top-k) = {self.top_k} must be smaller than the MLP's "
