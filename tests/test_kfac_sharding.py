@@ -49,7 +49,7 @@ def report(tmp_path_factory):
     root = Path(__file__).resolve().parent.parent
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=1800)
     if proc.returncode != 0:
         pytest.fail(f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return json.loads(out.read_text())

@@ -49,7 +49,7 @@ def test_readme_runs_as_one_notebook(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CURVLIB_CACHE_DIR", str(tmp_path / "jax_cache"))
         client = nbclient.NotebookClient(
-            nb, timeout=600, kernel_name="python3",
+            nb, timeout=1200, kernel_name="python3",
             resources={"metadata": {"path": str(tmp_path)}})
         try:
             client.execute()

@@ -70,7 +70,7 @@ def report(tmp_path_factory):
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, str(WORKER), str(out)],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env, capture_output=True, text=True, timeout=1800,
     )
     if proc.returncode != 0:
         pytest.fail(f"sharding worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
