@@ -190,7 +190,7 @@ def max_abs(a: PyTree, dt=None) -> jax.Array:
     """``max_i |a_i|`` over all leaves (``0`` for an all-zero tree), in ``dt`` or `acc_dtype`."""
     leaves = jax.tree.leaves(a)
     dt = dt or acc_dtype(*leaves)
-    return jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(dt) for x in leaves]))
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dt) for x in leaves]))
 
 
 def _scaled_norm(a: PyTree, dt) -> jax.Array:
