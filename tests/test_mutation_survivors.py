@@ -232,5 +232,21 @@ def test_increment_coefficients_mode_linearize_is_the_default():
         got = ls.increment_coefficients(loss, w, data, 4, U, mode=mode)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
-    with pytest.raises(TypeError, match=r"^`params` must be a real floating array"):
+    with pytest.raises(TypeError, match=r"^`params` must be a real floating"):
         ls.increment_coefficients(loss, jnp.zeros(3, jnp.int32), data, 4, U)
+
+
+@pytest.mark.parametrize("atol", [-1.0, float("nan")])
+def test_cg_rejects_a_bad_atol_override_eagerly(atol):
+    """``cg(..., atol=x)`` checks the override itself, not only the solver's default.
+
+    Kills ``linear._precheck__mutmut_4`` (the eager check read ``atol=None``, i.e. the
+    default of `curvlib.CG`, so a negative or NaN ``atol`` ran, flagged nothing or stopped at
+    step 0). A valid override still solves the system (dense ``np.linalg.solve``).
+    """
+    A = np.diag([1.0, 2.0, 4.0]) + 0.1
+    b = np.array([1.0, -1.0, 0.5])
+    with pytest.raises(ValueError, match=r"^`atol` must be (finite and )?>= 0"):
+        curvlib.cg(lambda v: jnp.asarray(A) @ v, jnp.asarray(b), atol=atol)
+    res = curvlib.cg(lambda v: jnp.asarray(A) @ v, jnp.asarray(b), atol=1e-13, rtol=0.0)
+    np.testing.assert_allclose(np.asarray(res.x), np.linalg.solve(A, b), rtol=1e-10)
