@@ -570,13 +570,16 @@ def newton_cg(
       damping_decrease: factor in ``(0, 1]`` applied when ``rho > 3/4``.
       min_damping: lower clip of the adapted damping.
       max_damping: upper clip of the adapted damping.
-      cg_rtol: relative residual tolerance cap of the truncated CG solve.
-      max_cg_steps: static CG step cap (default ``min(100, dim)``).
+      cg: the inner solve's options, a [`CG`][curvlib.CG] (default ``TRUNCATED_CG =
+        CG(rtol=0.5)``, a truncated Newton forcing term; ``max_steps=None`` means
+        ``min(100, dim)``). The former ``cg_rtol`` and ``max_cg_steps`` still work, with a
+        warning.
       warm_start_decay: CG starts from ``warm_start_decay *`` the previous
         solution (``0`` disables the warm start).
       ggn: ``None`` for the Hessian of ``value_fn``, or ``(model_fn, loss_fn)``
         for the Gauss-Newton matrix of that split.
-      hvp_mode: Hessian product mode of [`curvlib.hessian_matvec`][curvlib.hessian_matvec].
+      mode: Hessian product mode of [`curvlib.hessian_matvec`][curvlib.hessian_matvec]
+        (renamed from ``hvp_mode``, which still works with a warning).
       microbatch_size: accumulate curvature products over chunks of every
         batched extra argument, at the memory of one chunk.
       has_aux: ``value_fn`` returns ``(loss, aux)``.
