@@ -928,8 +928,41 @@ def kfac(
     ``learning_rate=None`` (the default) takes the step length and momentum from
     the quadratic model (Martens & Grosse 2015, section 7); a scalar or
     schedule fixes the step length. Works under
-    ``optax.inject_hyperparams(kfac)(learning_rate=...)``. All other arguments:
-    [`scale_by_kfac`][curvlib.scale_by_kfac].
+    ``optax.inject_hyperparams(kfac)(learning_rate=...)``. The arguments are those of
+    [`scale_by_kfac`][curvlib.scale_by_kfac], which has the details.
+
+    Args:
+      learning_rate: ``None`` for the step length (and momentum) from the quadratic model,
+        else a scalar or schedule.
+      model_fn: ``model_fn(params, **kw) -> outputs`` (logits or means), leading axis =
+        examples; its layers are found in its jaxpr
+        ([`find_layers`][curvlib.kronecker.find_layers]).
+      example_inputs: a dict of the extra arguments ``update`` will receive, by the names
+        ``model_fn``'s signature uses (arrays or ``jax.ShapeDtypeStruct``; any batch size):
+        ``init`` traces the model on them to size the factors.
+      likelihood: ``"categorical"``, ``"gaussian"`` or ``"bernoulli"``.
+      momentum: ``"adaptive"`` (from the quadratic model), a float, or ``None``: adaptive
+        when ``learning_rate`` is ``None``, else ``0``.
+      damping: initial ``lambda > 0`` (traceable).
+      adaptive_damping: adapt ``lambda`` by the Levenberg-Marquardt rule.
+      damping_every: steps between damping adaptations.
+      damping_decay: per-step factor; ``lambda`` moves by ``damping_decay ** damping_every``
+        per adaptation.
+      min_damping: lower clip of the adapted ``lambda``.
+      max_damping: upper clip of the adapted ``lambda``.
+      ema_decay: decay of the factor averages, in ``[0, 1)``.
+      statistics_every: steps between factor statistics.
+      inverse_every: steps between refreshes of the inverses.
+      inverse: ``"factored"`` (factored Tikhonov damping), ``"exact"`` (the damped
+        Kronecker block inverted through the factors' eigendecompositions) or ``"ekfac"``
+        (that eigenbasis with EK-FAC's rescaled eigenvalues).
+      key: ``None`` for exact-Fisher statistics, or a PRNG key for Monte-Carlo statistics
+        with ``num_samples`` sampled targets.
+      num_samples: Monte-Carlo targets per example.
+      convention: weight sharing, ``"reduce"`` or ``"expand"``.
+      variance: the Gaussian likelihood's variance.
+      norm_constraint: with a fixed ``learning_rate`` and ``momentum``, scale the step so
+        that ``lr^2 g^T Delta <= norm_constraint`` (``None``: no constraint).
 
     Returns:
       An `optax.GradientTransformationExtraArgs`; its state is the

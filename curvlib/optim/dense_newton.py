@@ -386,6 +386,15 @@ def newton(
 
     Args:
       learning_rate: optional scale or schedule; ``None`` means 1.
+      damping: ``lambda >= 0`` added to the modified eigenvalues (traceable).
+      min_eigenvalue: absolute floor ``>= 0`` of the modified eigenvalues.
+      eigenvalue_rtol: relative floor ``>= 0`` of the modified eigenvalues (default
+        ``n * eps``, the numerical-rank threshold).
+      modification: ``"abs"`` (``|mu|``, saddle-free) or ``"clip"`` (``max(mu, mu_min)``).
+      max_params: refuse (``ValueError`` at ``init``) above this many parameters.
+      ggn: optional ``(model_fn, loss_fn)`` Gauss-Newton split.
+      mode: Hessian product mode of [`curvlib.hessian_matvec`][curvlib.hessian_matvec]
+        (renamed from ``hvp_mode``, which still works with a warning).
       has_aux: ``value_fn`` returns ``(loss, aux)``.
       linesearch: an optax line search, ``None``, or the default.
 
