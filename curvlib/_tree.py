@@ -53,7 +53,7 @@ def explicit_sharding(x) -> NamedSharding | None:
     return s
 
 
-def param_shardings(params: PyTree) -> tuple | None:
+def param_shardings(params: PyTree, *, replicated: bool = False) -> tuple | None:
     """The ``NamedSharding`` of every leaf of concrete, partitioned ``params``, else ``None``.
 
     Recorded only for leaves placed with ``NamedSharding`` s on one multi-device
@@ -63,7 +63,9 @@ def param_shardings(params: PyTree) -> tuple | None:
     constrain their products, the landscape its parameter-shaped vectors and
     K-FAC its factors back to the parameters' layout. ``None`` for traced
     params (inside ``jit``), single-device, replicated or explicitly typed
-    arrays: those already carry their layout.
+    arrays: those already carry their layout. ``replicated=True`` records
+    fully replicated parameters too (K-FAC places its factors from them, so a
+    jitted step keeps one layout and does not retrace).
 
     Returns:
       A tuple of shardings in leaf order, or ``None``.
@@ -80,7 +82,8 @@ def param_shardings(params: PyTree) -> tuple | None:
         elif s.mesh != mesh:
             return None
         out.append(s)
-    if mesh is None or mesh.size == 1 or all(s.is_fully_replicated for s in out):
+    if mesh is None or mesh.size == 1 or (
+            not replicated and all(s.is_fully_replicated for s in out)):
         return None
     return tuple(out)
 

@@ -18,8 +18,13 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from curvlib._tree import param_shardings  # noqa: F401  (this module's callers use it here)
+from curvlib import _tree
 from curvlib.kronecker.discovery import KfacLayers, apply_chain
+
+
+def param_shardings(params):
+    """The parameters' ``NamedSharding``s on one multi-device Auto mesh, replicated ones too."""
+    return _tree.param_shardings(params, replicated=True)
 
 
 def _spec(s: NamedSharding, ndim: int) -> tuple:

@@ -668,7 +668,7 @@ def kfac_curvature(
     factors, _ = _statistics_jit(layers, params, batch_leaves(args),
                                  tuple(layers.program.consts.values()), likelihood, key,
                                  num_samples, convention, variance)
-    return KfacCurvature(factors, layers, _tree.param_shardings(params))
+    return KfacCurvature(factors, layers, _sharding.param_shardings(params))
 
 
 def batch_leaves(args) -> list:
