@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial, register_pytree_node_class
 
-from curvlib import _tree, _validate
+from curvlib import _validate
 from curvlib.kronecker import _likelihood, _program, _sharding
 from curvlib.kronecker.discovery import (
     KfacLayers,
