@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-from scipy.sparse.linalg import LinearOperator
+from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator
 from scipy.sparse.linalg import eigsh as arpack
 
 import curvlib
@@ -26,8 +26,12 @@ def _arpack(matvec_np, n, k, which, v0, tol=0.0):
         count[0] += 1
         return matvec_np(x)
 
-    vals = arpack(LinearOperator((n, n), matvec=f, dtype=np.float64), k=k, which=which,
-                  v0=v0, tol=tol)[0]
+    try:
+        vals = arpack(LinearOperator((n, n), matvec=f, dtype=np.float64), k=k, which=which,
+                      v0=v0, tol=tol)[0]
+    except ArpackNoConvergence as e:
+        e.count = count[0]
+        raise
     return np.sort(vals)[::-1] if which == "LA" else np.sort(vals), count[0]
 
 
@@ -116,7 +120,10 @@ def test_zero_eigenvalues_converge_within_twice_arpack(softmax_null_space, tol):
                   for i in range(5)])
     explicit = _explicit_residuals(lambda x: H @ x, np.asarray(res.eigenvalues), X)
     assert np.all(explicit <= 1e-12 * scale)
-    _, count = _arpack(lambda x: H @ x, H.shape[0], 5, "SA", v0, tol=tol or 0.0)
+    try:
+        _, count = _arpack(lambda x: H @ x, H.shape[0], 5, "SA", v0, tol=tol or 0.0)
+    except ArpackNoConvergence as e:  # some OpenBLAS builds: ARPACK gives up on the zeros
+        count = e.count  # the products it spent without an answer (set by _arpack)
     assert int(res.num_matvecs) <= 2 * count
 
 
