@@ -376,7 +376,8 @@ class StreamMatvec:
         self._key = key
         self._sharding = sharding
         self._signature = C.signature(params)
-        self._layout = _tree.param_shardings(params)
+        shardings = _tree.param_shardings(params)
+        self._layout = None if shardings is None else (jax.tree.structure(params), shardings)
         # held here: products never retrace, whatever the cache does with `build`
         self._steps = {kind: _step(build, kind, key is not None) for kind in ("product", "block")}
         self._groups = {kind: _group_step(build, kind, key is not None)
