@@ -10,7 +10,9 @@ new one. Two kinds of rename:
   that function's solver value (``eigsh=curvlib.Eigsh(rtol=...)``).
 
 Every rename is recorded in `RENAMES` (``where, old, new``): the tests
-call each one and ``CHANGELOG.md`` must list each one.
+call each one and ``CHANGELOG.md`` must list each one. A wrapper calls the
+function it wraps through its ``__wrapped__`` attribute, so a test can stand in
+for the function and see the exact call each spelling makes.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def renamed(where: str, **old_to_new: str):
                     if new in kwargs:
                         raise _both(where, old, new)
                     kwargs[new] = value
-            return fn(*args, **kwargs)
+            return call.__wrapped__(*args, **kwargs)  # `fn`, looked up so it can be observed
 
         call.__signature__ = _signature(fn, old_to_new)
         return call
@@ -165,7 +167,7 @@ def moved_to_solver(where: str, arg: str, cls, **old_to_field: str):
             if given:
                 base = kwargs.get(arg)
                 kwargs[arg] = dataclasses.replace(cls() if base is None else base, **given)
-            return fn(*args, **kwargs)
+            return call.__wrapped__(*args, **kwargs)  # `fn` (see `renamed`)
 
         call.__signature__ = _signature(fn, old_to_field)
         return call

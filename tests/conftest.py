@@ -23,6 +23,38 @@ if os.environ.get("CURVLIB_TEST_CACHE", "0") == "1":
     )
 
 
+def _mapped_regions() -> int:
+    """Memory mappings of this process (Linux), 0 where ``/proc`` is not there."""
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+def _map_limit() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65530
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bounded_executable_mappings():
+    """Drop the compiled programs between test modules once they fill a third of the limit.
+
+    Every XLA:CPU executable keeps about three memory mappings until its jit cache entry goes.
+    One xdist worker compiles tens of thousands of programs over the suite; past the kernel's
+    ``vm.max_map_count`` (65530 by default) the next compile cannot map its code and the worker
+    segfaults inside ``backend_compile_and_load`` (seen in full runs, never in one file alone).
+    A user process that compiles that many programs needs the same ``jax.clear_caches()``.
+    """
+    yield
+    if _mapped_regions() > _map_limit() // 3:
+        jax.clear_caches()
+
+
 @pytest.fixture
 def key():
     return jax.random.PRNGKey(0)
