@@ -293,14 +293,7 @@ def first_answer(quick: bool = False) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    try:
-        import curvlib
     from curvlib import landscape as L
-    except ImportError:
-        payload = {"title": "3. Delta2(D) end to end", "skipped": True,
-                   "notes": ["curvlib.landscape does not exist yet: case skipped."]}
-        C.write_result("landscape", payload)
-        return payload
 
     reps = C.repeats(5)
     prob = M.make_transformer()

@@ -94,7 +94,7 @@ def test_lanczos_relation_and_residual_at_every_scale(dt, s):
 def test_power_iteration_right_with_true_residual_at_every_scale(dt, s):
     d = np.concatenate([[1.0, 0.5], np.linspace(0.05, 0.2, N - 2)]) * s
     dj = jnp.asarray(d.astype(dt))
-    r = curvlib.power_iteration(lambda v: dj * v, jnp.ones(N, dt), k=2, tol=1e-3)
+    r = curvlib.power_iteration(lambda v: dj * v, jnp.ones(N, dt), k=2, rtol=1e-3)
     assert bool(r.finite) and bool(jnp.all(r.converged))
     ev = np.asarray(r.eigenvalues, np.float64)
     np.testing.assert_allclose(ev, [s, 0.5 * s], rtol=1e-3)

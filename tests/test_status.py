@@ -139,11 +139,11 @@ def test_lanczos_breakdown_is_a_status_only_when_it_is_not_recovered():
 
 def test_power_iteration_status_summarises_every_pair():
     d = jnp.asarray([10.0, 1.0] + list(np.linspace(0.9, 0.1, N - 2)))
-    ok = curvlib.power_iteration(lambda v: d * v, jnp.ones(N), 2, tol=1e-6, max_matvecs=3000)
+    ok = curvlib.power_iteration(lambda v: d * v, jnp.ones(N), 2, rtol=1e-6, max_matvecs=3000)
     np.testing.assert_allclose(ok.eigenvalues, [10.0, 1.0], rtol=1e-6)
     assert bool(jnp.all(ok.converged)) and int(ok.status) == Status.SUCCESS
     # the budget covers the first pair only: one pair converged, the status says the run did not
-    short = curvlib.power_iteration(lambda v: d * v, jnp.ones(N), 2, tol=1e-6, max_matvecs=40)
+    short = curvlib.power_iteration(lambda v: d * v, jnp.ones(N), 2, rtol=1e-6, max_matvecs=40)
     assert bool(short.converged[0]) and not bool(short.converged[1])
     assert int(short.status) == Status.MAX_STEPS
 
