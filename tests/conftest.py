@@ -12,7 +12,8 @@ jax.config.update("jax_enable_x64", True)
 # Opt-in with CURVLIB_TEST_CACHE=1 (CURVLIB_CACHE_DIR chooses the directory). Off by default:
 # with jaxlib 0.10.2 on XLA:CPU, writing an entry (``executable.serialize()``) segfaulted an
 # xdist worker once in four full runs (not reproducible in isolation), and a crashed worker
-# fails the run.
+# fails the run. Very likely the memory-mapping limit that `_bounded_executable_mappings`
+# (below) now keeps the workers under: worth retrying.
 if os.environ.get("CURVLIB_TEST_CACHE", "0") == "1":
     import curvlib
 
