@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 from curvlib import kronecker as kronecker  # K-FAC; its own namespace: curvlib.kronecker.*
 from curvlib import landscape as landscape  # its own namespace: curvlib.landscape.*
 from curvlib import operators, optim
-from curvlib._compile import enable_compilation_cache
+from curvlib._compile import compile_behind, enable_compilation_cache
 from curvlib._status import CurvatureError, Status, raise_if_failed, status_message
 from curvlib.kronecker import (
     KfacCurvature,
@@ -62,6 +62,7 @@ from curvlib.optim import *  # noqa: F403  (the names in optim.__all__, listed t
 __all__ = [
     "__version__",
     "enable_compilation_cache",
+    "compile_behind",
     # one status convention for every result
     "Status",
     "status_message",

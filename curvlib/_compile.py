@@ -27,9 +27,12 @@ on disk across Python sessions (JAX's persistent compilation cache).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import functools
 import inspect
 import os
+import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -249,8 +252,135 @@ def is_traced(*trees) -> bool:
     return any(isinstance(x, jax.core.Tracer) for t in trees for x in jax.tree.leaves(t))
 
 
+# ------------------------------------------------------ answer now, compile behind
+
+
+class _Behind:
+    """Fused programs compiled in a background thread, looked up by call signature.
+
+    An eager entry with an *answer-now* path (``now``) does not wait for XLA to
+    compile its single fused program on a signature it has not seen: it answers
+    through ``now`` (the same algorithm driven from the host, its steps as small
+    model-independent programs), then submits the fused compile to one
+    background thread. Calls with that signature answer through ``now`` (warm by
+    then) until the compile is done, and run the fused program after. At most one compile runs and one waits: a newer signature
+    replaces a waiting one (the user has moved on), so a loop over many
+    configurations never builds a backlog. Bounded: the oldest entries are
+    dropped past `_MAX_ENTRIES`.
+    """
+
+    _MAX_ENTRIES = 64
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._waiting = None  # the submitted future not yet started
+        self._pool = None
+
+    def _executor(self):
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="curvlib-compile")
+        return self._pool
+
+    def call(self, jitted, static: tuple, a: dict, now: Callable):
+        key = _signature(jitted, static, a)
+        if key is None:
+            return jitted(**a)
+        with self._lock:
+            fut = self._entries.get(key)
+            if fut is not None:
+                self._entries.move_to_end(key)
+        if fut is None or fut.cancelled():
+            # the answer first, then the compile: XLA:CPU compiles on every core, so a
+            # compile started alongside would only slow the answer down
+            out = jax.block_until_ready(now(**a))
+            with self._lock:
+                if self._waiting is not None:
+                    self._waiting.cancel()
+                self._waiting = self._entries[key] = self._executor().submit(
+                    _lower_and_compile, jitted, dict(a))
+                while len(self._entries) > self._MAX_ENTRIES:
+                    self._entries.popitem(last=False)
+            return out
+        if fut.done() and not fut.cancelled():
+            if fut.exception() is not None:
+                return jitted(**a)  # compiling in front reports the error where it belongs
+            compiled = fut.result()
+            try:
+                return compiled(**{n: v for n, v in a.items() if n not in static})
+            except (TypeError, ValueError):  # a signature detail the key missed
+                return jitted(**a)
+        return now(**a)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every submitted compile has finished (tests, benchmarks)."""
+        with self._lock:
+            futs = [f for f in self._entries.values() if not f.cancelled()]
+        concurrent.futures.wait(futs, timeout=timeout)
+
+    def clear(self) -> None:
+        """Forget every compiled program (they hold executables until dropped)."""
+        with self._lock:
+            if self._waiting is not None:
+                self._waiting.cancel()
+            self._entries.clear()
+
+
+def _lower_and_compile(jitted, a):
+    return jitted.lower(**a).compile()
+
+
+def _signature(jitted, static: tuple, a: dict):
+    """A hashable key of what a compiled program depends on, or ``None``."""
+    dyn = {n: v for n, v in a.items() if n not in static}
+    leaves, treedef = jax.tree.flatten(dyn)
+    try:
+        avals = tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves)
+        key = (jitted, tuple(a[n] for n in static), treedef, avals)
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+BEHIND = _Behind()
+
+
+def compile_behind(enabled: bool | None = None) -> bool:
+    """Whether eager calls answer now and compile their fused program in the background.
+
+    On by default (``CURVLIB_COMPILE_BEHIND=0`` in the environment turns it
+    off). For the algorithms that have an answer-now path
+    ([`eigsh`][curvlib.eigsh]), the first eager call with a new model, size,
+    ``k`` or option runs the algorithm driven from the host, each step a small
+    program that depends on the problem's size and dtype but not on the model
+    (so it is compiled once per session and size, not once per model), while
+    the single fused program compiles in a background thread; later calls run
+    the fused program once it is ready. Both give the same answer. Inside the
+    user's own ``jax.jit`` nothing changes. Off: every eager call compiles and
+    runs the fused program in front (one more compile wait, no background
+    thread).
+
+    Args:
+      enabled: the new setting; ``None`` only reads it.
+
+    Returns:
+      The setting in force (after the change).
+    """
+    global _BEHIND_ENABLED
+    if enabled is not None:
+        _BEHIND_ENABLED = bool(enabled)
+    return _BEHIND_ENABLED
+
+
+_BEHIND_ENABLED = os.environ.get("CURVLIB_COMPILE_BEHIND", "1").strip().lower() not in (
+    "0", "false", "no", "off")
+
+
 def _wrap(fn: Callable, static: tuple, operators: Mapping[str, str], *,
-          precheck: Callable | None = None, strict: bool = False) -> Callable:
+          precheck: Callable | None = None, strict: bool = False,
+          now: Callable | None = None, now_when: Callable | None = None) -> Callable:
     """``fn`` bound by name and called through ``jax.jit`` unless an argument is traced.
 
     The one call path of `entry` and `function`: bind the arguments (defaults
@@ -283,13 +413,16 @@ def _wrap(fn: Callable, static: tuple, operators: Mapping[str, str], *,
                 hash(tuple(a[n] for n in static))
             except TypeError:  # an unhashable static option: no caching, same result
                 return fn(**a)
+        if now is not None and _BEHIND_ENABLED and (now_when is None or now_when(**a)):
+            return BEHIND.call(jitted, static, a, now)
         return jitted(**a)
 
     call.jitted = jitted
     return call
 
 
-def entry(*, static: Sequence[str] = (), operators: Mapping[str, str] | None = None):
+def entry(*, static: Sequence[str] = (), operators: Mapping[str, str] | None = None,
+          now: Callable | None = None, now_when: Callable | None = None):
     """Decorate an implementation ``impl(**kwargs)`` as a compiled, cached entry point.
 
     The returned function binds its arguments to ``impl``'s signature; if any
@@ -298,12 +431,15 @@ def entry(*, static: Sequence[str] = (), operators: Mapping[str, str] | None = N
     arguments with `as_operator` (``operators`` maps an operator argument
     to the argument it acts on) and calls ``jax.jit(impl, static_argnames=static)``.
     Validation of the options is the caller's job (it happens before, eagerly).
+    With ``now`` (a function of the same arguments that answers without the
+    fused compile), eager calls for which ``now_when`` (same arguments; default:
+    always) holds go through `compile_behind`.
     """
     operators = dict(operators or {})
     static = tuple(static)
 
     def deco(impl):
-        call = _wrap(impl, static, operators)
+        call = _wrap(impl, static, operators, now=now, now_when=now_when)
         call.impl = impl
         return call
 

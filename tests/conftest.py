@@ -7,6 +7,15 @@ import pytest
 
 jax.config.update("jax_enable_x64", True)
 
+# Eager calls compile their fused program in front here, not behind (`curvlib.compile_behind`):
+# the suite pins the fused programs, and a background compile per new signature would compete
+# with the xdist workers for the two cores. tests/test_first_answer.py turns it on and checks the
+# answer-now path against the fused one.
+if "CURVLIB_COMPILE_BEHIND" not in os.environ:
+    import curvlib
+
+    curvlib.compile_behind(False)
+
 # JAX's persistent compilation cache, shared by the xdist workers of one run (and by later
 # runs on the same machine): a program one worker compiled is loaded by the other.
 # Opt-in with CURVLIB_TEST_CACHE=1 (CURVLIB_CACHE_DIR chooses the directory). Off by default:

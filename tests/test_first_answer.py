@@ -120,3 +120,129 @@ def test_no_step_copies_the_krylov_basis(name):
     # and the in-place row writes are there (so the pattern above can match at all)
     assert re.search(rf"f32\[{rows},{n}\]\{{[^}}]*\}} (fusion|dynamic-update-slice|scatter)\(",
                      hlo)
+
+
+# ------------------------------------------------------------ answer now, compile behind
+
+
+@pytest.fixture
+def behind():
+    """`curvlib.compile_behind` on (the suite runs with it off), every entry forgotten after."""
+    from curvlib import _compile
+
+    was = curvlib.compile_behind(True)
+    _compile.BEHIND.clear()
+    yield _compile.BEHIND
+    _compile.BEHIND.wait()
+    _compile.BEHIND.clear()
+    curvlib.compile_behind(was)
+
+
+def _steps_compiled():
+    from curvlib.krylov import _driver
+
+    return _driver._jitted.cache_info()
+
+
+def _same_answer(a, b, atol=1e-12):
+    for field in ("num_matvecs", "num_restarts", "num_verifications", "verification_matvecs",
+                  "converged", "finite", "status"):
+        assert int(getattr(a, field)) == int(getattr(b, field)), field
+    np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=0, atol=atol)
+    if bool(jnp.all(jnp.isfinite(a.eigenvalues))):
+        # residuals at rounding level, and the same invariant subspace: eigenvectors of a
+        # repeated eigenvalue are any basis of its eigenspace, and eigh picks each sign
+        scale = float(jnp.max(jnp.abs(a.eigenvalues)))
+        np.testing.assert_allclose(a.residual_norms, b.residual_norms, rtol=0, atol=1e-6 * scale)
+        rows = jax.vmap(lambda t: jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(t)]))
+        A, B = rows(a.eigenvectors), rows(b.eigenvectors)
+        np.testing.assert_allclose(A.T @ A, B.T @ B, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+@pytest.mark.parametrize("with_key", [False, True])
+def test_the_first_eager_answer_is_the_fused_programs_answer(behind, which, with_key):
+    params, x, y, loss = _problem()
+    mv = curvlib.hessian_matvec(loss, params, x, y)
+    v0 = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape),
+                      params)
+    key = KEY if with_key else None
+    before = len(behind._entries)
+    now = curvlib.eigsh(mv, v0, 3, which=which, key=key)  # answered now, compile submitted
+    assert len(behind._entries) == before + 1
+    cfg, tol, mm, mr = eigen._configure(mv, v0, 3, which, curvlib.Eigsh())
+    fused = eigen._compiled.jitted(cfg, mv, v0, key, tol, mm, mr)
+    _same_answer(now, fused)
+    # the answer is right, too (dense Hessian of the 18-parameter model)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    H = jax.hessian(lambda f: loss(unravel(f), x, y))(flat)
+    ev = np.linalg.eigvalsh(np.asarray(H))
+    want = {"LA": ev[::-1], "SA": ev, "LM": ev[np.argsort(-np.abs(ev))]}[which][:3]
+    np.testing.assert_allclose(now.eigenvalues, want, atol=1e-8)
+
+
+def _hostile_cases():
+    D = jnp.concatenate([jnp.full(4, 5.0), jnp.linspace(0.0, 4.5, 56)])  # a fourfold top value
+    S = jnp.linspace(-2.0, 6.0, 60) ** 3  # distinct values: one answer, up to sign
+    return {
+        "repeated": (lambda v: D * v, jnp.ones(60), dict(k=4)),
+        "zero_start": (lambda v: S * v, jnp.zeros(60), dict(k=2)),
+        "budget": (lambda v: S * v, jnp.ones(60), dict(k=3, max_matvecs=7)),
+        "whole_space": (lambda v: S[:12] * v, jnp.ones(12), dict(k=3, basis_size=12)),
+        "non_finite": (lambda v: (S * jnp.nan) * v, jnp.ones(60), dict(k=2)),
+        "restarts": (lambda v: S * v, jnp.ones(60), dict(k=3, basis_size=8, which="SA")),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_hostile_cases()))
+def test_answer_now_and_fused_agree_on_hard_cases(behind, case):
+    mv, v0, kw = _hostile_cases()[case]
+    now = curvlib.eigsh(mv, v0, **kw)
+    behind.wait()
+    fused = curvlib.eigsh(mv, v0, **kw)  # the compile is done: the fused program answers
+    _same_answer(now, fused)
+    if case == "repeated":
+        assert bool(now.converged) and now.eigenvalues.tolist() == pytest.approx([5.0] * 4)
+    if case == "non_finite":
+        assert not bool(now.finite) and int(now.status) == int(curvlib.Status.NONFINITE)
+    if case == "budget":
+        assert int(now.status) == int(curvlib.Status.MAX_STEPS)
+
+
+def test_calls_run_the_fused_program_once_it_is_ready(behind):
+    D = jnp.linspace(-1.0, 2.0, 48)
+    first = curvlib.eigsh(lambda v: D * v, jnp.ones(48), 2, key=KEY)  # answered now
+    assert _steps_compiled().hits > 0
+    behind.wait()
+    steps = _steps_compiled()
+    third = curvlib.eigsh(lambda v: D * v, jnp.ones(48), 2, key=KEY)
+    assert _steps_compiled() == steps  # no host-driven step ran: the fused program answered
+    _same_answer(first, third)
+
+
+def test_a_new_model_of_the_same_size_compiles_only_its_product(behind):
+    rng = np.random.default_rng(3)
+    M = jnp.asarray(rng.standard_normal((30, 30)))
+    S = M + M.T
+    first = curvlib.eigsh(lambda v: S @ v, jnp.ones(30), 3, key=KEY)
+    misses = _steps_compiled().misses
+    # a different model (another program) of the same size: the engine's steps are reused
+    second = curvlib.eigsh(lambda v: jnp.tanh(1.0) * (S @ v) + v, jnp.ones(30), 3, key=KEY)
+    assert _steps_compiled().misses == misses
+    np.testing.assert_allclose(second.eigenvalues, np.tanh(1.0) * first.eigenvalues + 1.0,
+                               rtol=1e-10)
+
+
+def test_compile_behind_off_compiles_in_front(behind):
+    curvlib.compile_behind(False)
+    D = jnp.linspace(0.0, 1.0, 44)
+    before = len(behind._entries)
+    curvlib.eigsh(lambda v: D * v, jnp.ones(44), 2, key=KEY)
+    assert len(behind._entries) == before
+
+
+def test_mixed_dtypes_go_straight_to_the_fused_program(behind):
+    v0 = {"a": jnp.ones(20, jnp.float32), "b": jnp.ones(20, jnp.float64)}
+    res = curvlib.eigsh(lambda v: jax.tree.map(lambda x: 2.0 * x, v), v0, 2, key=KEY)
+    assert len(behind._entries) == 0
+    assert res.eigenvalues.tolist() == pytest.approx([2.0, 2.0])

@@ -36,21 +36,29 @@ def run(request: Callable, update: Callable, running: Callable, cfg, matvec: Cal
     return jax.lax.while_loop(lambda s: running(cfg, s), body, state)
 
 
+# XLA options of the answer-now steps (`run_host` with ``quick``): they run only until the
+# fused program is compiled, so they trade run-time optimisation for half the compile time.
+QUICK = {"xla_backend_optimization_level": 0}
+
+
 @functools.lru_cache(maxsize=128)
-def _jitted(fn: Callable, cfg):
-    return jax.jit(functools.partial(fn, cfg))
+def _jitted(fn: Callable, cfg, quick: bool = False):
+    return jax.jit(functools.partial(fn, cfg), compiler_options=QUICK if quick else None)
 
 
 def run_host(request: Callable, update: Callable, running: Callable, cfg, matvec: Callable,
-             state):
+             state, *, quick: bool = False):
     """The loop of `run` driven from Python, for a host-driven ``matvec``.
 
     ``request``, ``update`` and ``running`` are module-level functions and
     ``cfg`` is hashable, so each is compiled once per configuration and
     shapes. One host synchronisation per product (``running``), which a
-    product streamed from the host pays anyway.
+    product streamed from the host pays anyway. ``quick`` compiles the steps
+    with less backend optimisation (`QUICK`): for the answer-now path of an
+    eager call, which runs only until its fused program is ready.
     """
-    req, upd, run_ = _jitted(request, cfg), _jitted(update, cfg), _jitted(running, cfg)
+    req, upd = _jitted(request, cfg, quick), _jitted(update, cfg, quick)
+    run_ = _jitted(running, cfg, quick)
     while bool(run_(state)):
         state = upd(state, matvec(req(state)))
     return state
