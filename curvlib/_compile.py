@@ -33,6 +33,7 @@ import functools
 import inspect
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -263,7 +264,10 @@ class _Behind:
     through ``now`` (the same algorithm driven from the host, its steps as small
     model-independent programs), then submits the fused compile to one
     background thread. Calls with that signature answer through ``now`` (warm by
-    then) until the compile is done, and run the fused program after. At most one compile runs and one waits: a newer signature
+    then) until the compile is done, and run the fused program after. The compile
+    starts once no eager call has run for `_QUIET_S` and runs at the lowest CPU
+    priority: XLA:CPU compiles on every core, so a compile alongside an answer the
+    user waits for would only slow that answer down. At most one compile runs and one waits: a newer signature
     replaces a waiting one (the user has moved on), so a loop over many
     configurations never builds a backlog. Bounded: the oldest entries are
     dropped past `_MAX_ENTRIES`.
@@ -271,11 +275,16 @@ class _Behind:
 
     _MAX_ENTRIES = 64
 
+    _QUIET_S = 0.25  # a compile starts once no eager call has run for this long
+
     def __init__(self):
         self._lock = threading.Lock()
         self._entries: collections.OrderedDict = collections.OrderedDict()
         self._waiting = None  # the submitted future not yet started
         self._pool = None
+        self._busy = 0  # eager calls in progress
+        self._idle = threading.Event()
+        self._idle.set()
 
     def _executor(self):
         if self._pool is None:
@@ -288,6 +297,30 @@ class _Behind:
         if key is None:
             return jitted(**a)
         with self._lock:
+            self._busy += 1
+            self._idle.clear()
+        try:
+            return self._call(jitted, static, a, now, key)
+        finally:
+            with self._lock:
+                self._busy -= 1
+                if self._busy == 0:
+                    self._idle.set()
+
+    def _quiet(self) -> None:
+        """Wait until no eager call has run for `_QUIET_S` (the user is reading an answer)."""
+        while True:
+            self._idle.wait()
+            time.sleep(self._QUIET_S)
+            if self._idle.is_set():
+                return
+
+    def _compile(self, jitted, a):
+        self._quiet()
+        return _lower_and_compile(jitted, a)
+
+    def _call(self, jitted, static: tuple, a: dict, now: Callable, key):
+        with self._lock:
             fut = self._entries.get(key)
             if fut is not None:
                 self._entries.move_to_end(key)
@@ -299,7 +332,7 @@ class _Behind:
                 if self._waiting is not None:
                     self._waiting.cancel()
                 self._waiting = self._entries[key] = self._executor().submit(
-                    _lower_and_compile, jitted, dict(a))
+                    self._compile, jitted, dict(a))
                 while len(self._entries) > self._MAX_ENTRIES:
                     self._entries.popitem(last=False)
             return out
@@ -328,7 +361,22 @@ class _Behind:
 
 
 def _lower_and_compile(jitted, a):
+    _yield_cpu()
     return jitted.lower(**a).compile()
+
+
+def _yield_cpu():
+    """Run this (background) thread at the lowest CPU priority where the OS allows it.
+
+    On Linux a thread has its own nice value (and threads it starts inherit it), so
+    the compile takes only the CPU the user's foreground work leaves idle: an answer
+    the user is waiting for is never slowed by a compile that merely prepares a later
+    one. Elsewhere a no-op.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux-like, or not permitted
+        pass
 
 
 def _signature(jitted, static: tuple, a: dict):
