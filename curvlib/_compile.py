@@ -267,9 +267,9 @@ class _Behind:
     then) until the compile is done, and run the fused program after. The compile
     starts once no eager call has run for `_QUIET_S` and runs at the lowest CPU
     priority: XLA:CPU compiles on every core, so a compile alongside an answer the
-    user waits for would only slow that answer down. At most one compile runs and one waits: a newer signature
-    replaces a waiting one (the user has moved on), so a loop over many
-    configurations never builds a backlog. Bounded: the oldest entries are
+    user waits for would only slow that answer down. At most one compile runs and
+    one waits: a newer signature replaces a waiting one (the user has moved on),
+    so a loop over many configurations never builds a backlog. Bounded: the oldest entries are
     dropped past `_MAX_ENTRIES`.
     """
 

@@ -345,7 +345,7 @@ def _inject_fresh(cfg: _Cfg, s: _State, space, band: _band.Band, to_inject):
 
 
 def _seed(v0, key):
-    """The ``uint32`` seed of every random direction: from ``key``, or without one from v0's values."""
+    """The ``uint32`` seed of the random directions: from ``key``, else from v0's values."""
     return _space.seed_from_vector(v0) if key is None else _space.seed_from_key(key)
 
 
