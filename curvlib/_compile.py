@@ -27,11 +27,13 @@ on disk across Python sessions (JAX's persistent compilation cache).
 
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures
 import functools
 import inspect
 import os
+import queue
 import threading
 import time
 import weakref
@@ -285,11 +287,12 @@ class _Behind:
         self._busy = 0  # eager calls in progress
         self._idle = threading.Event()
         self._idle.set()
+        self._closing = False
+        atexit.register(self._close)
 
     def _executor(self):
         if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="curvlib-compile")
+            self._pool = _DaemonWorker()
         return self._pool
 
     def call(self, jitted, static: tuple, a: dict, now: Callable):
@@ -317,7 +320,20 @@ class _Behind:
 
     def _compile(self, jitted, a):
         self._quiet()
+        if self._closing:
+            return None
         return _lower_and_compile(jitted, a)
+
+    def _close(self) -> None:
+        """At interpreter exit: drop compiles not started, let a started one finish.
+
+        (The worker is a daemon thread; one stopped inside XLA's compiler while the
+        interpreter tears down would crash the exit.)
+        """
+        self._closing = True
+        self.clear()
+        if self._pool is not None:
+            self._pool.drain()
 
     def _call(self, jitted, static: tuple, a: dict, now: Callable, key):
         with self._lock:
@@ -340,6 +356,8 @@ class _Behind:
             if fut.exception() is not None:
                 return jitted(**a)  # compiling in front reports the error where it belongs
             compiled = fut.result()
+            if compiled is None:
+                return jitted(**a)
             try:
                 return compiled(**{n: v for n, v in a.items() if n not in static})
             except (TypeError, ValueError):  # a signature detail the key missed
@@ -360,8 +378,51 @@ class _Behind:
             self._entries.clear()
 
 
+class _DaemonWorker:
+    """One daemon thread running submitted calls in order (``submit`` returns a `Future`).
+
+    A daemon, unlike `concurrent.futures.ThreadPoolExecutor`'s thread, does not make the
+    interpreter's exit run every queued call: a script that got its answer waits at
+    most for a compile already started (`_Behind._close`), never for queued ones.
+    """
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._current = None  # the future being computed
+        self._thread = threading.Thread(target=self._work, name="curvlib-compile", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((fut, fn, args))
+        return fut
+
+    def drain(self) -> None:
+        """Wait for the call in progress, if any (calls not started are cancelled first)."""
+        with self._lock:
+            current = self._current
+        if current is not None:
+            concurrent.futures.wait([current])
+
+    def _work(self):
+        _yield_cpu()
+        while True:
+            fut, fn, args = self._queue.get()
+            with self._lock:
+                if not fut.set_running_or_notify_cancel():
+                    continue
+                self._current = fut
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # reported to the caller through the future
+                fut.set_exception(e)
+            finally:
+                with self._lock:
+                    self._current = None
+
+
 def _lower_and_compile(jitted, a):
-    _yield_cpu()
     return jitted.lower(**a).compile()
 
 
@@ -410,11 +471,25 @@ def compile_behind(enabled: bool | None = None) -> bool:
     runs the fused program in front (one more compile wait, no background
     thread).
 
+    The background compile starts once no eager call has run for a quarter of a
+    second and runs at the lowest CPU priority (Linux): XLA:CPU compiles on every
+    core, so it would otherwise slow down the next answer the user waits for. At
+    most one compile runs and one waits. At exit, a compile not yet started is
+    dropped; one already running is finished first (a thread stopped inside the
+    compiler would crash the exit), so a script may exit up to one compile later.
+
     Args:
       enabled: the new setting; ``None`` only reads it.
 
     Returns:
       The setting in force (after the change).
+
+    Examples:
+      >>> import curvlib
+      >>> was = curvlib.compile_behind(False)  # compile in front from here on
+      >>> curvlib.compile_behind()
+      False
+      >>> _ = curvlib.compile_behind(was)  # as it was
     """
     global _BEHIND_ENABLED
     if enabled is not None:
