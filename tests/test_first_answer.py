@@ -247,3 +247,29 @@ def test_mixed_dtypes_go_straight_to_the_fused_program(behind):
     res = curvlib.eigsh(lambda v: jax.tree.map(lambda x: 2.0 * x, v), v0, 2, key=KEY)
     assert len(behind._entries) == 0
     assert res.eigenvalues.tolist() == pytest.approx([2.0, 2.0])
+
+
+@pytest.mark.parametrize("case", ["model", "breakdown"])
+def test_lanczos_answers_now_with_the_fused_programs_answer(behind, case):
+    if case == "model":
+        params, x, y, loss = _problem()
+        mv, v0, m = curvlib.hessian_matvec(loss, params, x, y), params, 12
+    else:  # five distinct values: the chain breaks down and restarts from fresh directions
+        D = jnp.repeat(jnp.arange(1.0, 6.0), 8)
+        mv, v0, m = (lambda v: D * v), jnp.ones(40), 9
+    lookups = sum(_steps_compiled()[:2])
+    now = curvlib.lanczos(mv, v0, m)
+    assert sum(_steps_compiled()[:2]) > lookups  # answered by the host-driven steps
+    cfg = tridiag._Cfg(m=m, layout=eigen._space.choose_layout(v0), basis_dtype=None,
+                       restart=True)
+    from curvlib import _compile
+
+    fused = tridiag._compiled.jitted(cfg, _compile.as_operator(mv, v0), v0, None)
+    for f in ("num_matvecs", "finite", "converged", "breakdown", "status"):
+        assert int(getattr(now, f)) == int(getattr(fused, f)), f
+    assert bool(now.breakdown) == (case == "breakdown")
+    np.testing.assert_allclose(now.alphas, fused.alphas, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(now.betas, fused.betas, rtol=0, atol=1e-12)
+    for a, b in zip(jax.tree.leaves((now.basis, now.residual)),
+                    jax.tree.leaves((fused.basis, fused.residual)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)

@@ -21,8 +21,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
+from curvlib import _tree
 from curvlib._compile import is_host_driven  # noqa: F401  (the operator property)
+from curvlib.krylov import _space
 
 PyTree = Any
 
@@ -62,6 +65,70 @@ def run_host(request: Callable, update: Callable, running: Callable, cfg, matvec
     while bool(run_(state)):
         state = upd(state, matvec(req(state)))
     return state
+
+
+# ------------------------------------------------------------------ answer now
+
+NOW_MAX_DIM = 1 << 22  # beyond: compiling is a small part of the first answer; fused only
+
+
+def answers_now(layout: str, v0) -> bool:
+    """Whether `solve_now` applies: ``v0`` is one flat vector of one dtype on one device.
+
+    True for the ``concat`` layout and for a single 1-D leaf not sharded; false for
+    mixed dtypes, sharded leaves and sizes beyond `NOW_MAX_DIM`.
+    """
+    leaves = jax.tree.leaves(v0)
+    if sum(int(jnp.size(x)) for x in leaves) > NOW_MAX_DIM or layout == "leaves":
+        return False
+    if layout == "identity":
+        return (len(leaves) == 1 and jnp.ndim(leaves[0]) <= 1
+                and _space.choose_layout(v0) == "identity"
+                and _space._on_one_device(leaves[0]) is True
+                and _tree.explicit_sharding(leaves[0]) is None)
+    return True
+
+
+@jax.jit
+def _flat_product(matvec, like, x):
+    space = _space.Space(like, "concat")
+    return space.flatten(matvec(space.unflatten(x)))
+
+
+@jax.jit
+def _flat_start(v0, key):
+    return _space.Space(v0, "concat").flatten(v0), _space.seed(v0, key)
+
+
+@jax.jit
+def _user_layout(like, bases, vectors):
+    space = _space.Space(like, "concat")
+    return ([space.unflatten_basis(X) for X in bases], [space.unflatten(x) for x in vectors])
+
+
+def solve_now(setup, request, update, running, finish, cfg, matvec, v0, key, *args,
+              bases: tuple = (), vectors: tuple = ()):
+    """An algorithm's ``finish(run(setup(v0, key, *args)))``, answered without its fused compile.
+
+    The state machine runs on ``v0`` ravelled into one vector (the ``concat``
+    layout the fused program uses too; ``cfg.layout`` becomes ``"identity"``), so
+    its steps are programs of the size and dtype only: compiled once per
+    session (and per persistent cache) for every model of that size, each with
+    less backend optimisation (`QUICK`), and driven from the host (`run_host`).
+    The model's product is compiled alone. ``setup(cfg, x0, key, *args, seed)``
+    receives the seed the fused program draws from ``v0`` (or ``key``), so the
+    random directions are the same; the result fields named in ``bases``
+    (leading axis) and ``vectors`` return to ``v0``'s layout. Same arithmetic as
+    the fused program: the same answer to rounding, the same certificate.
+    """
+    flat = cfg._replace(layout="identity")
+    x0, seed = _flat_start(v0, key)
+    state = _jitted(setup, flat, True)(x0, None, *args, seed)
+    product = functools.partial(_flat_product, matvec, v0)
+    state = run_host(request, update, running, flat, product, state, quick=True)
+    res = _jitted(finish, flat, True)(state)
+    B, V = _user_layout(v0, [getattr(res, f) for f in bases], [getattr(res, f) for f in vectors])
+    return res._replace(**dict(zip(bases, B, strict=True)), **dict(zip(vectors, V, strict=True)))
 
 
 def drive(request, update, running, cfg, matvec, state):

@@ -223,6 +223,11 @@ def _uniform(idx, seed, counter, salt):
     return ((h >> jnp.uint32(8)).astype(jnp.float32) + 1.0) * (1.0 / 16777216.0)
 
 
+def seed(v0, key):
+    """The ``uint32`` seed of an algorithm's random directions: from ``key``, else from ``v0``."""
+    return seed_from_vector(v0) if key is None else seed_from_key(key)
+
+
 def seed_from_key(key):
     """A ``uint32`` seed from a PRNG key (typed or raw ``uint32`` data)."""
     data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key

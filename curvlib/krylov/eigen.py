@@ -24,7 +24,6 @@ appears once in the compiled program), with
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -344,14 +343,9 @@ def _inject_fresh(cfg: _Cfg, s: _State, space, band: _band.Band, to_inject):
     return band, z, used_z, redraw
 
 
-def _seed(v0, key):
-    """The ``uint32`` seed of the random directions: from ``key``, else from v0's values."""
-    return _space.seed_from_vector(v0) if key is None else _space.seed_from_key(key)
-
-
 def _setup(cfg: _Cfg, v0, key, tol, max_matvecs, max_restarts, seed=None) -> _State:
     space = _space.Space(v0, cfg.layout)
-    seed = _seed(v0, key) if seed is None else seed
+    seed = _space.seed(v0, key) if seed is None else seed
     z0 = space.gaussian(seed, 0)
     x0 = space.flatten(v0)
     nv = _tree.max_abs(x0)  # a test for zero at any scale (no square to underflow)
@@ -415,63 +409,15 @@ def _solve(cfg: _Cfg, matvec, v0, key, tol, max_matvecs, max_restarts) -> EigshR
     return _finish(cfg, state)
 
 
-# ------------------------------------------------------------------ answer now
-
-NOW_MAX_DIM = 1 << 22  # beyond: compiling is a small part of the first answer; fused only
-
-
-def _answers_now(cfg: _Cfg, v0) -> bool:
-    """Whether `_solve_now` applies: one flat vector of one dtype on one device."""
-    if cfg.dim > NOW_MAX_DIM or cfg.layout == "leaves":
-        return False
-    if cfg.layout == "identity":  # a single 1-D leaf, unless sharded (then fused only)
-        leaves = jax.tree.leaves(v0)
-        return (len(leaves) == 1 and jnp.ndim(leaves[0]) <= 1
-                and _space.choose_layout(v0) == "identity"
-                and _space._on_one_device(leaves[0]) is True
-                and _tree.explicit_sharding(leaves[0]) is None)
-    return True
-
-
-@jax.jit
-def _flat_product(matvec, like, x):
-    space = _space.Space(like, "concat")
-    return space.flatten(matvec(space.unflatten(x)))
-
-
-@jax.jit
-def _flat_start(v0, key):
-    return _space.Space(v0, "concat").flatten(v0), _seed(v0, key)
-
-
-@jax.jit
-def _user_basis(like, X):
-    return _space.Space(like, "concat").unflatten_basis(X)
-
-
 def _solve_now(cfg: _Cfg, matvec, v0, key, tol, max_matvecs, max_restarts) -> EigshResult:
-    """`_solve`, answered without compiling it: the same steps on one flat vector, host-driven.
-
-    The state machine runs on ``v0`` ravelled into one vector (the ``concat``
-    layout `_solve` uses too), so its steps are programs of the size and dtype
-    only: compiled once per session (and per persistent cache) for every model
-    of that size, each with less backend optimisation (`_driver.QUICK`). The
-    model's product is compiled alone (``_flat_product``). Same arithmetic as
-    `_solve`, so the same answer to rounding, and the same certificate.
-    """
-    flat = cfg._replace(layout="identity")
-    x0, seed = _flat_start(v0, key)
-    setup = _driver._jitted(_setup, flat, True)
-    state = setup(x0, None, tol, max_matvecs, max_restarts, seed)
-    product = functools.partial(_flat_product, matvec, v0)
-    state = _driver.run_host(_request, _update, _running, flat, product, state, quick=True)
-    res = _driver._jitted(_finish, flat, True)(state)
-    return res._replace(eigenvectors=_user_basis(v0, res.eigenvectors))
+    """`_solve` answered without compiling it (`_driver.solve_now`): the same certificate."""
+    return _driver.solve_now(_setup, _request, _update, _running, _finish, cfg, matvec, v0, key,
+                             tol, max_matvecs, max_restarts, bases=("eigenvectors",))
 
 
 _compiled = _compile.entry(
     static=("cfg",), operators={"matvec": "v0"}, now=_solve_now,
-    now_when=lambda cfg, v0, **_: _answers_now(cfg, v0))(_solve)
+    now_when=lambda cfg, v0, **_: _driver.answers_now(cfg.layout, v0))(_solve)
 
 
 # --------------------------------------------------------------------- public

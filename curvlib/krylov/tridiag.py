@@ -91,13 +91,13 @@ def _running(cfg: _Cfg, s: _State):
     return s.steps < cfg.m
 
 
-def setup(cfg: _Cfg, v0, key) -> _State:
-    """Initial state (shared with stochastic Lanczos quadrature)."""
+def setup(cfg: _Cfg, v0, key, seed=None) -> _State:
+    """Initial state (shared with stochastic Lanczos quadrature); ``seed`` overrides ``key``."""
     space = _space.Space(v0, cfg.layout)
     x0 = space.flatten(v0)
     acc = _band.acc_dtype(x0)
     if cfg.restart:
-        key = _space.seed_from_vector(v0) if key is None else _space.seed_from_key(key)
+        key = _space.seed(v0, key) if seed is None else seed
         z = space.gaussian(key, 0)
         nv = _tree.max_abs(x0)  # a test for zero at any scale (no square to underflow)
         usable = (nv > 0) & jnp.isfinite(nv)
@@ -148,7 +148,15 @@ def _solve(cfg: _Cfg, matvec, v0, key) -> LanczosResult:
     return _finish(cfg, run(cfg, matvec, setup(cfg, v0, key)))
 
 
-_compiled = _compile.entry(static=("cfg",), operators={"matvec": "v0"})(_solve)
+def _solve_now(cfg: _Cfg, matvec, v0, key) -> LanczosResult:
+    """`_solve` answered without compiling it (`_driver.solve_now`)."""
+    return _driver.solve_now(setup, _request, _update, _running, _finish, cfg, matvec, v0, key,
+                             bases=("basis",), vectors=("residual",))
+
+
+_compiled = _compile.entry(
+    static=("cfg",), operators={"matvec": "v0"}, now=_solve_now,
+    now_when=lambda cfg, v0, **_: _driver.answers_now(cfg.layout, v0))(_solve)
 
 
 def lanczos(
