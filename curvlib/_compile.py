@@ -271,8 +271,8 @@ class _Behind:
     priority: XLA:CPU compiles on every core, so a compile alongside an answer the
     user waits for would only slow that answer down. At most one compile runs and
     one waits: a newer signature replaces a waiting one (the user has moved on),
-    so a loop over many configurations never builds a backlog. Bounded: the oldest entries are
-    dropped past `_MAX_ENTRIES`.
+    so a loop over many configurations never builds a backlog. Bounded: the
+    oldest entries are dropped past `_MAX_ENTRIES`.
     """
 
     _MAX_ENTRIES = 64
@@ -420,6 +420,7 @@ class _DaemonWorker:
             finally:
                 with self._lock:
                     self._current = None
+                del fut, fn, args  # the user's arrays are not kept until the next compile
 
 
 def _lower_and_compile(jitted, a):
@@ -461,15 +462,16 @@ def compile_behind(enabled: bool | None = None) -> bool:
 
     On by default (``CURVLIB_COMPILE_BEHIND=0`` in the environment turns it
     off). For the algorithms that have an answer-now path
-    ([`eigsh`][curvlib.eigsh]), the first eager call with a new model, size,
-    ``k`` or option runs the algorithm driven from the host, each step a small
-    program that depends on the problem's size and dtype but not on the model
-    (so it is compiled once per session and size, not once per model), while
-    the single fused program compiles in a background thread; later calls run
-    the fused program once it is ready. Both give the same answer. Inside the
-    user's own ``jax.jit`` nothing changes. Off: every eager call compiles and
-    runs the fused program in front (one more compile wait, no background
-    thread).
+    ([`eigsh`][curvlib.eigsh], [`lanczos`][curvlib.lanczos]), the first eager
+    call with a new model, size, ``k`` or option runs the algorithm driven from
+    the host, each step a small program that depends on the problem's size and
+    dtype but not on the model (so it is compiled once per session and size,
+    not once per model); then the single fused program compiles in a
+    background thread, and later calls run it once it is ready (until then
+    they take the host-driven path again, warm). Both give the same answer.
+    Inside the user's own ``jax.jit`` nothing changes. Off: every eager call
+    compiles and runs the fused program in front (one more compile wait, no
+    background thread).
 
     The background compile starts once no eager call has run for a quarter of a
     second and runs at the lowest CPU priority (Linux): XLA:CPU compiles on every
