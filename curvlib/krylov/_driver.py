@@ -49,21 +49,42 @@ def _jitted(fn: Callable, cfg, quick: bool = False):
     return jax.jit(functools.partial(fn, cfg), compiler_options=QUICK if quick else None)
 
 
+@functools.lru_cache(maxsize=128)
+def _host_steps(request: Callable, update: Callable, running: Callable, cfg, quick: bool):
+    """``(begin, advance)``: the two programs of `run_host`, compiled once per ``cfg`` and shapes.
+
+    ``begin(s) = (request(s), running(s))``; ``advance(s, w)`` absorbs the product
+    ``w`` and returns the next state with *its* request and running flag, so each
+    product costs two dispatches (the product and ``advance``) and one
+    synchronisation (the flag).
+    """
+    def begin(s):
+        return request(cfg, s), running(cfg, s)
+
+    def advance(s, w):
+        s = update(cfg, s, w)
+        return s, request(cfg, s), running(cfg, s)
+
+    opts = QUICK if quick else None
+    return jax.jit(begin, compiler_options=opts), jax.jit(advance, compiler_options=opts)
+
+
 def run_host(request: Callable, update: Callable, running: Callable, cfg, matvec: Callable,
              state, *, quick: bool = False):
     """The loop of `run` driven from Python, for a host-driven ``matvec``.
 
     ``request``, ``update`` and ``running`` are module-level functions and
-    ``cfg`` is hashable, so each is compiled once per configuration and
-    shapes. One host synchronisation per product (``running``), which a
-    product streamed from the host pays anyway. ``quick`` compiles the steps
-    with less backend optimisation (`QUICK`): for the answer-now path of an
-    eager call, which runs only until its fused program is ready.
+    ``cfg`` is hashable, so the loop's two programs (`_host_steps`) are
+    compiled once per configuration and shapes. One host synchronisation per
+    product (the running flag), which a product streamed from the host pays
+    anyway. ``quick`` compiles the steps with less backend optimisation
+    (`QUICK`): for the answer-now path of an eager call, which runs only until
+    its fused program is ready.
     """
-    req, upd = _jitted(request, cfg, quick), _jitted(update, cfg, quick)
-    run_ = _jitted(running, cfg, quick)
-    while bool(run_(state)):
-        state = upd(state, matvec(req(state)))
+    begin, advance = _host_steps(request, update, running, cfg, quick)
+    x, more = begin(state)
+    while bool(more):
+        state, x, more = advance(state, matvec(x))
     return state
 
 
