@@ -468,7 +468,9 @@ def compile_behind(enabled: bool | None = None) -> bool:
     dtype but not on the model (so it is compiled once per session and size,
     not once per model); then the single fused program compiles in a
     background thread, and later calls run it once it is ready (until then
-    they take the host-driven path again, warm). Both give the same answer.
+    they take the host-driven path again, warm). Both give the same answer to
+    rounding, not bit for bit: turn it off where repeated calls in one process
+    must agree bitwise.
     Inside the user's own ``jax.jit`` nothing changes. Off: every eager call
     compiles and runs the fused program in front (one more compile wait, no
     background thread).

@@ -9,9 +9,12 @@ jax.config.update("jax_enable_x64", True)
 
 # Eager calls compile their fused program in front here, not behind (`curvlib.compile_behind`):
 # the suite pins the fused programs, and a background compile per new signature would compete
-# with the xdist workers for the two cores. tests/test_first_answer.py turns it on and checks the
-# answer-now path against the fused one.
+# with the xdist workers for the two cores. Set in the environment, so the subprocesses the suite
+# starts (a fresh interpreter that must reproduce this one's bits, the sharding workers, the
+# notebooks) take the same path: the answer-now path agrees with the fused program to rounding,
+# not bit for bit. tests/test_first_answer.py turns it on and checks the two against each other.
 if "CURVLIB_COMPILE_BEHIND" not in os.environ:
+    os.environ["CURVLIB_COMPILE_BEHIND"] = "0"
     import curvlib
 
     curvlib.compile_behind(False)
