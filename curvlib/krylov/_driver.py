@@ -102,9 +102,8 @@ def answers_now(layout: str, v0) -> bool:
     leaves = jax.tree.leaves(v0)
     if sum(int(jnp.size(x)) for x in leaves) > NOW_MAX_DIM or layout == "leaves":
         return False
-    if layout == "identity":
+    if layout == "identity":  # (`choose_layout`'s answer for v0: a single 1-D leaf, or sharded)
         return (len(leaves) == 1 and jnp.ndim(leaves[0]) <= 1
-                and _space.choose_layout(v0) == "identity"
                 and _space._on_one_device(leaves[0]) is True
                 and _tree.explicit_sharding(leaves[0]) is None)
     return True
