@@ -16,6 +16,8 @@ Leaves on single devices or ``Auto`` meshes take exactly the old path.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import jax
@@ -158,18 +160,25 @@ def norm(a: PyTree) -> jax.Array:
     ``sqrt(<a, a>)`` as one inner product when the sum of squares is a normal
     number well inside the range (``N tiny / eps <= <a, a> < max``: then no square
     overflowed and the squares that underflowed weigh less than one rounding);
-    otherwise, like LAPACK's ``nrm2``, ``s ||a / s||`` with ``s = max |a_i|``, at
-    one more pass over ``a`` taken only then (a loop of at most one trip: no
-    cost on the common path, none under ``vmap`` when no entry needs it). A
-    float32 vector of norm ``1e25`` or ``1e-25`` has its norm, not ``inf``
-    or ``0``; ``inf`` for infinite entries, ``NaN`` for NaN ones, ``0`` only
-    for the zero vector. Accumulates in `acc_dtype`.
+    otherwise the inner product again of ``c a`` with a fixed power of two ``c``
+    (``2^-76`` / ``2^75`` in float32, ``2^-538`` / ``2^537`` in float64: the big and
+    small scales of Blue's algorithm that LAPACK's ``nrm2`` uses), so ``||c a||``
+    is exact to rounding and ``||a|| = ||c a|| / c``. The second inner product is
+    taken only when needed (a loop of at most one trip: no cost on the common path,
+    none under ``vmap`` when no entry needs it). A float32 vector of norm ``1e25``
+    or ``1e-25`` has its norm, not ``inf`` or ``0``; ``inf`` for infinite entries,
+    ``NaN`` for NaN ones, ``0`` for the zero vector (and for one whose entries
+    all fall below the smallest normal number, which XLA:CPU flushes to zero).
+    Accumulates in `acc_dtype`.
+
+    Cost: one inner product; two at extreme scales. The fixed scales keep the
+    rescue to one product and one scaling, no pass for ``max |a_i|``.
     """
     ss = vdot(a, a)
     fi = jnp.finfo(ss.dtype)
     lo = max(size(a), 1) * float(fi.tiny) / float(fi.eps)
-    safe = (ss >= lo) & (ss < fi.max)  # False for NaN: the rescue pass reports it
-    return apply_if(~safe, lambda r: _scaled_norm(a, r.dtype), jnp.sqrt(ss))
+    safe = (ss >= lo) & (ss < fi.max)  # False for NaN: the rescue reports it
+    return apply_if(~safe, lambda r: _rescaled_norm(a, ss), jnp.sqrt(ss))
 
 
 def plain_norm(a: PyTree) -> jax.Array:
@@ -196,13 +205,26 @@ def max_abs(a: PyTree, dt=None) -> jax.Array:
     return jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dt) for x in leaves]))
 
 
-def _scaled_norm(a: PyTree, dt) -> jax.Array:
-    """``s ||a / s||`` with ``s = max |a_i|`` (see `norm`)."""
-    s = max_abs(a, dt)
-    usable = (s > 0) & jnp.isfinite(s)
-    d = jnp.where(usable, s, 1)
-    b = jax.tree.map(lambda x: x.astype(dt) / d, a)
-    return jnp.where(usable, s * jnp.sqrt(vdot(b, b)), s)
+def _blue_scales(dt) -> tuple[float, float]:
+    """``(small, big)``: the powers of two that bring tiny and huge entries into range.
+
+    From the format alone (``p`` digits, exponents ``emin..emax``, as in LAPACK's
+    ``nrm2``): ``2^-floor((emin + 1 - p) / 2)`` scales entries whose squares
+    underflow up, ``2^-ceil((emax + p - 1) / 2)`` scales entries whose squares
+    overflow down, both so the scaled squares and their sum stay normal.
+    """
+    fi = jnp.finfo(dt)
+    p = int(fi.nmant) + 1
+    return (2.0 ** -math.floor((int(fi.minexp) + 1 - p) / 2),
+            2.0 ** -math.ceil((int(fi.maxexp) + p - 1) / 2))
+
+
+def _rescaled_norm(a: PyTree, ss: jax.Array) -> jax.Array:
+    """``||c a|| / c`` with ``c`` the big scale when ``<a, a>`` overflowed, else the small one."""
+    small, big = _blue_scales(ss.dtype)
+    c = jnp.where(ss < 1, small, big).astype(ss.dtype)
+    b = jax.tree.map(lambda x: x.astype(ss.dtype) * c, a)
+    return jnp.sqrt(vdot(b, b)) / c
 
 
 def add(a: PyTree, b: PyTree) -> PyTree:

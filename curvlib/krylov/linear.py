@@ -134,19 +134,22 @@ def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False, s
 
 
 def _cg_scale(rhs, rtol, atol, acc):
-    """``(b / sigma, sigma, ||b / sigma||, tol, finite)`` with ``sigma = max |b_i|``.
+    """``(b / sigma, sigma, ||b / sigma||, tol, finite)`` with ``sigma = ||b||``.
 
-    CG is linear in b: it runs on b / sigma (residuals and inner products of order one
-    whatever the scale of b: no square overflows or underflows), and scales x and the
-    residual back. A zero or non-finite b is not scaled; only a NaN or an infinite entry
-    makes b non-finite. ``tol = max(rtol ||b / sigma||, atol / sigma)`` is in b / sigma's
-    units. Cost: two passes over b, no product.
+    CG is linear in b: it runs on the unit vector b / sigma (residuals and inner products
+    of order one whatever the scale of b: no square overflows or underflows), and scales x
+    and the residual back. ``sigma`` is the scale-safe norm (one inner product; a second
+    only at extreme scales). A zero b is not scaled; a NaN or an infinite entry makes b
+    non-finite (as does a b whose norm exceeds the format's largest number: its residual
+    has no value to report). ``tol = max(rtol ||b / sigma||, atol / sigma)`` is in
+    b / sigma's units. Cost: one pass over b (two at extreme scales), no product.
     """
-    sigma = _tree.max_abs(rhs, acc)
+    sigma = _tree.norm(rhs).astype(acc)
     finite0 = jnp.isfinite(sigma)
-    sigma = jnp.where(finite0 & (sigma > 0), sigma, 1.0).astype(acc)
+    nonzero = finite0 & (sigma > 0)
+    sigma = jnp.where(nonzero, sigma, 1.0).astype(acc)
     rhs = _tree.scale(1.0 / sigma, rhs)
-    rnorm0 = _tree.plain_norm(rhs).astype(acc)  # in [1, sqrt(N)] for a non-zero b
+    rnorm0 = nonzero.astype(acc)  # ||b / sigma||: 1, or 0 for b = 0
     tol = jnp.maximum(rtol * rnorm0, atol / sigma)
     return rhs, sigma, rnorm0, tol, finite0
 

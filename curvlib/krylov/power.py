@@ -75,25 +75,27 @@ def _project_out(X, v, acc):
     return v
 
 
-def _unit(v, acc):
-    nv = _tree.norm(v).astype(acc)
+def _unit(v, acc, norm=_tree.plain_norm):
+    """``v / ||v||`` (``v`` when zero); the plain norm for vectors of order one."""
+    nv = norm(v).astype(acc)
     return _tree.scale(1.0 / jnp.where(nv > 0, nv, 1.0), v)
 
 
-def _start(X, i, v0, key, acc):
-    """Unit start for pair ``i``: ``v0`` deflated, or a keyed random direction if that vanishes.
+def _start(X, i, u0, key, acc):
+    """Unit start for pair ``i``: ``u0`` deflated, or a keyed random direction if that vanishes.
 
-    Returns ``(x, ok)``; ``ok`` is False when the deflated ``v0`` is negligible
-    (``<= 10 eps ||v0||``: ``v0`` is zero or lies in the span of the pairs found)
-    and there is no ``key`` to draw another direction from.
+    ``u0`` is the unit (or zero) start vector, so every norm here is of a vector
+    of order one (no scale-safe norm needed). Returns ``(x, ok)``; ``ok`` is
+    False when the deflated ``u0`` is negligible (``<= 10 eps``: ``v0`` is zero or
+    lies in the span of the pairs found) and there is no ``key`` to draw another
+    direction from.
     """
     eps = jnp.finfo(acc).eps
-    v = _project_out(X, v0, acc)
-    n0 = _tree.norm(v0).astype(acc)
-    good = _tree.norm(v).astype(acc) > 10 * eps * n0
+    v = _project_out(X, u0, acc)
+    good = _tree.plain_norm(v).astype(acc) > 10 * eps
     if key is None:
         return _unit(v, acc), good
-    rnd = _project_out(X, _tree.normal_like(jax.random.fold_in(key, i), v0), acc)
+    rnd = _project_out(X, _tree.normal_like(jax.random.fold_in(key, i), u0), acc)
     return _unit(_tree.where(good, v, rnd), acc), jnp.asarray(True)
 
 
@@ -217,7 +219,7 @@ def power_iteration(
         _validate.number(tol, "rtol", minimum=0)
     max_matvecs, num_iters = _budgets(k, max_matvecs, num_iters)
     acc = _tree.acc_dtype(_tree.dtype(v0))
-    init, v0 = _power_init(v0, k, key, acc)
+    init, u0 = _power_init(v0, k, key, acc)
     slot = _driver.Slot(matvec)
 
     def product(x):
@@ -230,7 +232,7 @@ def power_iteration(
         return (s.i < k) & s.started & s.finite & (s.total < max_matvecs)
 
     def body(s: _PowerState):
-        return _power_step(s, product(s.x), v0, key, k, tol, num_iters, max_matvecs, acc)
+        return _power_step(s, product(s.x), u0, key, k, tol, num_iters, max_matvecs, acc)
 
     s = _driver.while_loop(cond, body, init, host=_driver.is_host_driven(matvec), slot=slot)
     return _power_result(s, k, tol, acc)
@@ -247,36 +249,43 @@ def _budgets(k, max_matvecs, num_iters):
 
 
 def _power_init(v0, k, key, acc):
-    """``(state, v0)``: the loop's start (no pair found, pair 0 started) and the finite ``v0``."""
+    """``(state, u0)``: the loop's start (no pair found, pair 0 started) and the unit ``v0``."""
     finite0 = _tree.all_finite(v0)
     v0 = _tree.where(finite0, v0, _tree.zeros_like(v0))
     X = _tree.basis_zeros(v0, k)
-    x, ok = _start(X, 0, v0, key, acc)
+    u0 = _unit(v0, acc, _tree.norm)  # the one scale-safe norm of the start
+    x, ok = _start(X, 0, u0, key, acc)
     init = _PowerState(
         X=X, AX=X, thetas=jnp.zeros(k, acc), res=jnp.zeros(k, acc), conv=jnp.zeros(k, bool),
         i=jnp.zeros((), jnp.int32), x=x, it=jnp.zeros((), jnp.int32),
         total=jnp.zeros((), jnp.int32), started=ok, finite=finite0,
     )
-    return init, v0
+    return init, u0
 
 
 def _power_measure(s: _PowerState, raw, acc):
     """``(raw, fin, theta, true_res, defl, defl_res)`` of the iterate from its product ``raw``.
 
-    ``theta = x^T A x``, ``true_res = ||A x - theta x||``, ``defl = P A x`` (``x`` is
-    already in ``range(P)``; the rows of ``X`` past ``i`` are zero) and
+    ``theta = x^T A x``, ``true_res = ||A x - theta x||``, ``defl = P A x / ||A x||``
+    (``x`` is already in ``range(P)``; the rows of ``X`` past ``i`` are zero) and
     ``defl_res = ||P A x - theta x||``; a non-finite ``raw`` is replaced by zeros.
+    Everything is computed on ``u = A x / ||A x||`` (one scale-safe norm per
+    iteration; the vectors after it are of order one, their plain norms neither
+    overflow nor underflow at any operator scale) and scaled back.
     """
     fin = _tree.all_finite(raw)
     raw = _tree.where(fin, raw, _tree.zeros_like(raw))
-    theta = _tree.vdot(s.x, raw).astype(acc)
-    true_res = _tree.norm(_tree.add_scale(raw, -theta, s.x)).astype(acc)
-    defl = _tree.sub(raw, _tree.basis_combine(s.X, _tree.basis_project(s.X, raw, acc), like=raw))
-    defl_res = _tree.norm(_tree.add_scale(defl, -theta, s.x)).astype(acc)
-    return raw, fin, theta, true_res, defl, defl_res
+    c = _tree.norm(raw).astype(acc)
+    c = jnp.where((c > 0) & jnp.isfinite(c), c, 1.0)
+    u = jax.tree.map(lambda y: y / c.astype(y.dtype), raw)
+    theta = _tree.vdot(s.x, u).astype(acc)
+    true_res = c * _tree.plain_norm(_tree.add_scale(u, -theta, s.x)).astype(acc)
+    defl = _tree.sub(u, _tree.basis_combine(s.X, _tree.basis_project(s.X, u, acc), like=u))
+    defl_res = c * _tree.plain_norm(_tree.add_scale(defl, -theta, s.x)).astype(acc)
+    return raw, fin, c * theta, true_res, defl, defl_res
 
 
-def _power_step(s: _PowerState, raw, v0, key, k, tol, num_iters, max_matvecs, acc):
+def _power_step(s: _PowerState, raw, u0, key, k, tol, num_iters, max_matvecs, acc):
     """One iteration from the product ``raw = A x``: store the pair when done, else iterate.
 
     Cost: no product (``raw`` is the iteration's one); two projections onto ``X``.
@@ -294,7 +303,7 @@ def _power_step(s: _PowerState, raw, v0, key, k, tol, num_iters, max_matvecs, ac
     i = s.i + done.astype(jnp.int32)
 
     def next_pair(_):
-        return _start(X, i, v0, key, acc)
+        return _start(X, i, u0, key, acc)
 
     def same_pair(_):
         return _unit(defl, acc), jnp.asarray(True)
