@@ -62,23 +62,28 @@ def _launch(out_dir: Path, mode: str, ranks) -> list[subprocess.Popen]:
         env["JAX_PLATFORMS"] = "cpu"
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         out = out_dir / f"process_{pid}_of_{num}.json"
-        procs.append(subprocess.Popen(
+        # output to files, not pipes: a full pipe would stall a worker and then its peer
+        log = open(out.with_suffix(".log"), "w")  # closed in _wait
+        p = subprocess.Popen(
             [sys.executable, str(WORKER), str(out), str(pid), str(num), str(port), mode],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        p.log = log
+        procs.append(p)
     return procs
 
 
 def _wait(procs, timeout: float):
-    """``[(returncode, stderr, seconds)]``; every process still running at ``timeout`` is killed."""
+    """``[(returncode, output, seconds)]``; every process still running at ``timeout`` is killed."""
     start, done = time.monotonic(), []
     for p in procs:
         try:
-            _, err = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))
+            p.wait(timeout=max(1.0, timeout - (time.monotonic() - start)))
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            _, err = p.communicate()
-        done.append((p.returncode, err, time.monotonic() - start))
+            p.wait()
+        p.log.close()
+        done.append((p.returncode, Path(p.log.name).read_text(), time.monotonic() - start))
     return done
 
 
