@@ -252,25 +252,26 @@ def _agreed(batches: Iterable, sharding) -> Iterator:
 
     Each step costs one all-gather of one integer per process (a host sync), so
     that every process takes the same branch: all have a batch (assemble it), all
-    are done (stop), or some are not (raise on every process, never a hang).
+    are done (stop), or not (raise on every process, never a hang): a stream that
+    ends early, or a batch that is malformed or whose loader raised on one process.
     """
     it = iter(batches)
     treedef = None
     for i in itertools.count():
-        batch, error = next(it, _END), None
-        status = -1
-        if batch is not _END:
-            try:
+        error, status = None, -1
+        try:  # the loader's and the checks' errors are raised below, once the others know
+            batch = next(it, _END)
+            if batch is not _END:
                 treedef = jax.tree.structure(batch) if treedef is None else treedef
                 batch, status = _checked_batch(batch, i, treedef, None)
-            except ValueError as e:  # raised below, after the others heard of it
-                error, status = e, -2
+        except Exception as e:  # re-raised after the all-gather
+            error, status = e, -2
         sizes = _process_sizes(status)
         if error is not None:
             raise error
         if (sizes == -2).any():
             raise ValueError(
-                f"batch {i} of the stream is malformed on process(es) "
+                f"batch {i} of the stream failed on process(es) "
                 f"{np.flatnonzero(sizes == -2).tolist()} (see the error there).")
         if (sizes == -1).all():
             return
