@@ -473,7 +473,12 @@ def compile_behind(enabled: bool | None = None) -> bool:
     must agree bitwise.
     Inside the user's own ``jax.jit`` nothing changes. Off: every eager call
     compiles and runs the fused program in front (one more compile wait, no
-    background thread).
+    background thread). Always off in a multi-process run
+    (``jax.process_count() > 1``, ``jax.distributed``): each process would find
+    its own background compile ready at its own moment, and one process running
+    the fused program while another runs the host-driven steps would issue
+    collectives that do not match (a hang or a wrong answer); there every eager
+    call compiles in front, the same program on every process.
 
     The background compile starts once no eager call has run for a quarter of a
     second and runs at the lowest CPU priority (Linux): XLA:CPU compiles on every
@@ -540,7 +545,8 @@ def _wrap(fn: Callable, static: tuple, operators: Mapping[str, str], *,
                 hash(tuple(a[n] for n in static))
             except TypeError:  # an unhashable static option: no caching, same result
                 return fn(**a)
-        if now is not None and _BEHIND_ENABLED and (now_when is None or now_when(**a)):
+        if (now is not None and _BEHIND_ENABLED and jax.process_count() == 1
+                and (now_when is None or now_when(**a))):
             return BEHIND.call(jitted, static, a, now)
         return jitted(**a)
 

@@ -49,21 +49,36 @@ def _setup():
 
 def _computations(params, x, y, model, out_loss, loss, v0, b):
     """Every quantity compared between layouts: name -> (value pytree, kind)."""
+    out = _products(params, x, y, model, out_loss, loss, v0)
+    hv, gv = _operators(params, x, y, model, out_loss, loss)
+    out.update(_solvers(hv, gv, v0, b))
+    out.update(_stochastic(hv, v0))
+    out.update(_optional_uses(params, x, y, loss, hv))
+    return out
+
+
+def _operators(params, x, y, model, out_loss, loss):
+    """The Hessian and GGN operators of the test problem."""
+    import curvlib
+
+    hv = curvlib.hessian_matvec(loss, params, x, y)
+    gv = curvlib.ggn_matvec(model, out_loss, params, x, loss_args=(y,))
+    return hv, gv
+
+
+def _products(params, x, y, model, out_loss, loss, v0):
+    """Hessian (linearize, fwd-rev, microbatched; eager and jitted) and GGN products."""
     import jax
 
     import curvlib
 
-    hv = curvlib.hessian_matvec(loss, params, x, y)
+    hv, gv = _operators(params, x, y, model, out_loss, loss)
     hv_fr = curvlib.hessian_matvec(loss, params, x, y, mode="fwd-rev")
     hv_mb = curvlib.hessian_matvec(
         lambda p, batch: loss(p, *batch), params, (x, y), microbatch_size=16
     )
-    gv = curvlib.ggn_matvec(model, out_loss, params, x, loss_args=(y,))
     jit_apply = jax.jit(lambda mv, v: mv(v))
-    eig = jax.jit(lambda mv, v: curvlib.eigsh(mv, v, 3, basis_size=20, max_restarts=50))
-    lz = jax.jit(lambda mv, v: curvlib.lanczos(mv, v, 12))
-    cg = jax.jit(lambda mv, b: curvlib.cg(mv, b, damping=0.5, rtol=1e-10))
-    out = {
+    return {
         "hvp_linearize": hv(v0),
         "hvp_linearize_jit": jit_apply(hv, v0),
         "hvp_fwd_rev": hv_fr(v0),
@@ -71,6 +86,18 @@ def _computations(params, x, y, model, out_loss, loss, v0, b):
         "ggn": gv(v0),
         "ggn_jit": jit_apply(gv, v0),
     }
+
+
+def _solvers(hv, gv, v0, b):
+    """Jitted ``eigsh`` and ``lanczos`` on the Hessian, a damped ``cg`` solve on the GGN."""
+    import jax
+
+    import curvlib
+
+    eig = jax.jit(lambda mv, v: curvlib.eigsh(mv, v, 3, basis_size=20, max_restarts=50))
+    lz = jax.jit(lambda mv, v: curvlib.lanczos(mv, v, 12))
+    cg = jax.jit(lambda mv, b: curvlib.cg(mv, b, damping=0.5, rtol=1e-10))
+    out = {}
     e = eig(hv, v0)
     out["eigsh_values"] = e.eigenvalues
     out["eigsh_vectors"] = e.eigenvectors
@@ -81,8 +108,6 @@ def _computations(params, x, y, model, out_loss, loss, v0, b):
     c = cg(gv, b)
     out["cg_x"] = c.x
     out["cg_converged"] = c.converged
-    out.update(_stochastic(hv, v0))
-    out.update(_optional_uses(params, x, y, loss, hv))
     return out
 
 
@@ -114,6 +139,16 @@ def _stochastic(hv, v0):
 
 def _optional_uses(params, x, y, loss, hv):
     """The use layer: one jitted Newton-CG step and the Delta2(D) pipeline."""
+    out = _newton_cg(params, x, y, loss)
+    try:
+        out.update(_landscape(params, x, y, loss))
+    except Exception as e:  # recorded; test_sharding.py decides which layouts may fail
+        out["landscape_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    return out
+
+
+def _newton_cg(params, x, y, loss):
+    """One jitted ``scale_by_newton_cg`` step."""
     import jax
 
     import curvlib
@@ -126,16 +161,11 @@ def _optional_uses(params, x, y, loss, hv):
         return tx.update(jax.grad(loss)(p, x, y), s, p, value_fn=loss, x=x, y=y)
 
     u, s = step(params, tx.init(params), x, y)
-    out = {
+    return {
         "newton_cg_update": u,
         "newton_cg_solution": s.solution,
         "newton_cg_accepted": s.info.accepted,
     }
-    try:
-        out.update(_landscape(params, x, y, loss))
-    except Exception as e:  # recorded; test_sharding.py decides which layouts may fail
-        out["landscape_error"] = f"{type(e).__name__}: {str(e)[:400]}"
-    return out
 
 
 def _landscape(params, x, y, loss):

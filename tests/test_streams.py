@@ -288,3 +288,29 @@ def test_krylov_algorithms_run_on_a_streamed_operator():
     _close(cs.x, cm.x, tol=1e-9)
     ps, pm = (curvlib.power_iteration(op, v0, 1, key=key, num_iters=50) for op in (H, M))
     np.testing.assert_allclose(np.asarray(ps.eigenvalues), np.asarray(pm.eigenvalues), rtol=1e-9)
+
+
+def test_process_local_streams_in_one_process():
+    """``process_local=True`` in one process: each batch is this process's whole part, placed
+    by ``sharding``; the same products, gradient and mean (tests/test_multiprocess.py runs
+    two processes). Without ``sharding`` it is refused."""
+    params, x, y, model, ce, loss, batches = _setup()
+    full = (jnp.asarray(x), jnp.asarray(y))
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    v = jax.tree.map(jnp.ones_like, params)
+    H = curvlib.stream_matvec(lambda p, b: curvlib.hessian_matvec(loss, p, b), params, batches,
+                              sharding=sharding, process_local=True)
+    _close(H(v), curvlib.hessian_matvec(loss, params, full)(v))
+    assert (H.num_examples, H.num_batches) == (N, 3)
+    _close(curvlib.stream_gradient(loss, params, batches, sharding=sharding,
+                                   process_local=True)[1], jax.grad(loss)(params, full))
+    mean = curvlib.stream_mean(lambda b: jnp.mean(b[0], 0), batches, sharding=sharding,
+                               process_local=True)
+    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-12)
+    for fn in (lambda: curvlib.stream_mean(lambda b: b[0].mean(), batches, process_local=True),
+               lambda: curvlib.stream_matvec(lambda p, b: curvlib.hessian_matvec(loss, p, b),
+                                             params, batches, process_local=True)):
+        with pytest.raises(ValueError, match="`process_local=True` needs `sharding`"):
+            fn()
+    with pytest.raises(ValueError, match="`process_local`"):
+        curvlib.stream_mean(lambda b: b[0].mean(), batches, sharding=sharding, process_local=1)

@@ -29,6 +29,7 @@ rounding (the test suite checks ``1e-12`` in float64).
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -218,6 +219,129 @@ def _checked_batch(batch, i: int, treedef, sharding):
     return batch, n
 
 
+_END = object()  # a stream's end
+
+
+def _placed(batches: Iterable, sharding) -> Iterator:
+    """``(batch, n)`` per batch of a stream every process holds whole, checked and placed."""
+    treedef = None
+    for i, batch in enumerate(batches):
+        treedef = jax.tree.structure(batch) if treedef is None else treedef
+        yield _checked_batch(batch, i, treedef, sharding)
+
+
+def _leaf_shardings(batch, sharding):
+    """One sharding per leaf of ``batch`` (``sharding``: one for all, or a matching pytree)."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        return [sharding] * len(jax.tree.leaves(batch))
+    return jax.tree.structure(batch).flatten_up_to(sharding)
+
+
+def _process_sizes(status: int) -> np.ndarray:
+    """Every process's ``status`` (a batch's local size, or a negative code), in process order."""
+    if jax.process_count() == 1:
+        return np.asarray([status])
+    from jax.experimental import multihost_utils
+
+    sizes = multihost_utils.process_allgather(np.asarray([status], np.int64))
+    return np.asarray(sizes).reshape(-1)
+
+
+def _agreed(batches: Iterable, sharding) -> Iterator:
+    """``(global batch, n)`` per step of per-process streams, the processes agreeing first.
+
+    Each step costs one all-gather of one integer per process (a host sync), so
+    that every process takes the same branch: all have a batch (assemble it), all
+    are done (stop), or not (raise on every process, never a hang): a stream that
+    ends early, or a batch that is malformed or whose loader raised on one process.
+    """
+    it = iter(batches)
+    treedef = None
+    for i in itertools.count():
+        error, status = None, -1
+        try:  # the loader's and the checks' errors are raised below, once the others know
+            batch = next(it, _END)
+            if batch is not _END:
+                treedef = jax.tree.structure(batch) if treedef is None else treedef
+                batch, status = _checked_batch(batch, i, treedef, None)
+        except Exception as e:  # re-raised after the all-gather
+            error, status = e, -2
+        sizes = _process_sizes(status)
+        if error is not None:
+            raise error
+        if (sizes == -2).any():
+            raise ValueError(
+                f"batch {i} of the stream failed on process(es) "
+                f"{np.flatnonzero(sizes == -2).tolist()} (see the error there).")
+        if (sizes == -1).all():
+            return
+        if (sizes == -1).any():
+            raise ValueError(
+                f"the processes' streams have different lengths: process(es) "
+                f"{np.flatnonzero(sizes == -1).tolist()} ended after {i} batches, process(es) "
+                f"{np.flatnonzero(sizes >= 0).tolist()} yielded more. With `process_local=True` "
+                "every process must yield the same number of batches.")
+        yield _assemble(batch, sizes, sharding), int(sizes.sum())
+
+
+def _assemble(batch, sizes: np.ndarray, sharding):
+    """The global batch: this process's rows and the others', placed by ``sharding``.
+
+    Equal local sizes that split over the sharding: JAX's own assembly
+    (``jax.make_array_from_process_local_data``), nothing leaves its process.
+    Otherwise (a ragged batch): every process's rows are gathered to every process
+    (padded to the largest) and the batch is placed by ``sharding`` where its size
+    splits, else replicated on the sharding's mesh: correct, and a one-off cost.
+    """
+    n = int(sizes.sum())
+    leaves = jax.tree.leaves(batch)
+    shardings = _leaf_shardings(batch, sharding)
+    if len(set(sizes.tolist())) == 1 and all(
+            _splits(s, (n,) + np.shape(x)[1:]) for x, s in zip(leaves, shardings, strict=True)):
+        out = [jax.make_array_from_process_local_data(s, np.asarray(x), (n,) + np.shape(x)[1:])
+               for x, s in zip(leaves, shardings, strict=True)]
+        return jax.tree.unflatten(jax.tree.structure(batch), out)
+    from jax.experimental import multihost_utils
+
+    top, out = int(sizes.max()), []
+    for x, s in zip(leaves, shardings, strict=True):
+        x = np.asarray(x)
+        pad = np.zeros((top - x.shape[0],) + x.shape[1:], x.dtype)
+        rows = np.asarray(multihost_utils.process_allgather(np.concatenate([x, pad])))
+        full = np.concatenate([r[:k] for r, k in zip(rows, sizes, strict=True)])
+        if not _splits(s, full.shape):
+            s = _replicated(s)
+        out.append(jax.make_array_from_callback(full.shape, s, lambda idx, f=full: f[idx]))
+    return jax.tree.unflatten(jax.tree.structure(batch), out)
+
+
+def _splits(sharding, shape) -> bool:
+    try:
+        sharding.shard_shape(tuple(shape))
+    except ValueError:
+        return False
+    return True
+
+
+def _replicated(sharding):
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        raise ValueError(
+            "a ragged batch of per-process streams (`process_local=True`) that does not split "
+            f"over `sharding` is replicated over its mesh, which needs a NamedSharding; got "
+            f"{type(sharding).__name__}.")
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+
+
+def _check_process_local(process_local, sharding) -> bool:
+    _validate.one_of(process_local, "process_local", (True, False))
+    if process_local and sharding is None:
+        raise ValueError(
+            "`process_local=True` needs `sharding`: the placement of the global batch (e.g. "
+            "`NamedSharding(mesh, P('data'))` on a mesh over every process's devices), from "
+            "which each process's rows are assembled.")
+    return process_local
+
+
 def _check_float_outputs(out_shape, what: str) -> None:
     """Raise a `TypeError` unless every per-batch output is floating (a mean to average)."""
     for path, o in C.leaves_with_paths(out_shape):
@@ -229,14 +353,16 @@ def _check_float_outputs(out_shape, what: str) -> None:
 
 
 def _stream_sum(user_fn, kind, batches, args, *, key, sharding, what: str, out_shape=None,
-                step=None, per_call: int = 1, group=None):
+                step=None, per_call: int = 1, group=None, process_local: bool = False):
     """``(sum_b n_b fn(batch_b, *args), n, number of batches, output shapes)``: one host pass.
 
     Batch ``b`` (0-based) gets the key ``fold_in(key, b)`` when ``key`` is given.
     ``out_shape`` (``fn``'s output shapes and dtypes), when known, spares a trace
     of ``fn`` per pass; ``step`` (``group``) is the jitted step (over a stack of
     batches) when the caller holds it. Up to ``per_call`` consecutive batches
-    of equal shapes run as one call (the same sum, in the same order).
+    of equal shapes run as one call (the same sum, in the same order). With
+    ``process_local`` each process's ``batches`` yields its own rows of each
+    global batch (`_agreed`).
     """
     start = _pass_factory(batches)
     with_key = key is not None
@@ -244,7 +370,7 @@ def _stream_sum(user_fn, kind, batches, args, *, key, sharding, what: str, out_s
     if group is None and per_call > 1:
         group = _group_step(user_fn, kind, with_key)
     key = jnp.zeros((2,), jnp.uint32) if key is None else key
-    acc = treedef = None
+    acc = None
     total = count = 0
     pending = []  # (batch, n, index) of equal shapes, not yet run
 
@@ -253,9 +379,8 @@ def _stream_sum(user_fn, kind, batches, args, *, key, sharding, what: str, out_s
         pending.clear()
         return acc
 
-    for i, batch in enumerate(start()):
-        treedef = jax.tree.structure(batch) if treedef is None else treedef
-        batch, n = _checked_batch(batch, i, treedef, sharding)
+    placed = _agreed(start(), sharding) if process_local else _placed(start(), sharding)
+    for i, (batch, n) in enumerate(placed):
         if acc is None and out_shape is None:
             out_shape = _out_shape(user_fn, kind, with_key, batch, args, key)
         if acc is None:
@@ -274,7 +399,7 @@ def _stream_sum(user_fn, kind, batches, args, *, key, sharding, what: str, out_s
 
 
 def stream_mean(fn: Callable, batches, *args, key=None, sharding=None,
-                batches_per_call: int = 1) -> PyTree:
+                batches_per_call: int = 1, process_local: bool = False) -> PyTree:
     """The weighted mean ``sum_b (n_b / n) fn(batch_b, *args)`` over a stream of batches.
 
     The streaming counterpart of [`curvlib.microbatch_mean`][curvlib.microbatch_mean]: for an ``fn``
@@ -306,6 +431,21 @@ def stream_mean(fn: Callable, batches, *args, key=None, sharding=None,
         617 ms as 2 calls of 4 and 566 ms as one call, the in-memory figure.
         The price is device memory: that many batches at once. A batch of
         another shape (a ragged last batch) runs in a call of its own.
+      process_local: ``True`` when each process of a multi-process run
+        (``jax.distributed``) reads only its own part of the data: batch ``b``
+        of the stream is then the union over processes of each process's
+        ``b``-th batch (``n_b = sum_p n_{b,p}``), assembled into a global array
+        with ``jax.make_array_from_process_local_data(sharding, local_batch)``
+        (``sharding`` is required, e.g. ``NamedSharding(mesh, P("data"))`` on a
+        mesh over every process's devices). Cost: one all-gather of one integer
+        per process per batch (a host sync), so that all processes agree on
+        each batch's size and on the stream's end; a batch whose parts differ in
+        size across processes, or whose total does not split over ``sharding``
+        (a ragged last batch), is all-gathered whole to every process and
+        placed replicated: the same mean, at the price of that batch's copy on
+        every device. Processes whose streams differ in length raise a
+        ``ValueError`` on every process (never a hang). In a single process it
+        is ``sharding``'s placement of each batch.
 
     Returns:
       The weighted mean, shaped like ``fn``'s output.
@@ -314,7 +454,9 @@ def stream_mean(fn: Callable, batches, *args, key=None, sharding=None,
       TypeError: for a one-shot iterator (a product needs a fresh pass) or
         traced ``args``.
       ValueError: for an empty stream, an empty batch, batches of differing
-        structures or leaves without a shared leading axis (named by batch and path).
+        structures or leaves without a shared leading axis (named by batch and path);
+        with ``process_local``, for a missing ``sharding`` or streams of different
+        lengths across processes.
 
     Examples:
       >>> import numpy as np
@@ -326,9 +468,10 @@ def stream_mean(fn: Callable, batches, *args, key=None, sharding=None,
     """
     _check_concrete(args, "args")
     per_call = _validate.static_int(batches_per_call, "batches_per_call", minimum=1)
+    local = _check_process_local(process_local, sharding)
     acc, total, _, out_shape = _stream_sum(fn, "mean", batches, args, key=key,
                                            sharding=sharding, what="stream_mean",
-                                           per_call=per_call)
+                                           per_call=per_call, process_local=local)
     return _mean(acc, total, out_shape)
 
 
@@ -368,8 +511,10 @@ class StreamMatvec:
 
     host_driven = True
 
-    def __init__(self, build, params, batches, key, sharding, batches_per_call=1):
+    def __init__(self, build, params, batches, key, sharding, batches_per_call=1,
+                 process_local=False):
         self.params = params
+        self._process_local = process_local
         self._per_call = batches_per_call
         self._build = build
         self._batches = batches
@@ -395,6 +540,7 @@ class StreamMatvec:
             self._build, kind, self._batches, (self.params, v), key=self._key,
             sharding=self._sharding, what="a streamed product", out_shape=out_shape,
             step=self._steps[kind], per_call=self._per_call, group=self._groups.get(kind),
+            process_local=self._process_local,
         )
         if self.num_examples is not None and (total, count) != (
                 self.num_examples, self.num_batches):
@@ -439,7 +585,8 @@ class StreamMatvec:
 
 
 def stream_matvec(build: Callable, params: PyTree, batches, *, key=None,
-                  sharding=None, batches_per_call: int = 1) -> StreamMatvec:
+                  sharding=None, batches_per_call: int = 1,
+                  process_local: bool = False) -> StreamMatvec:
     """Any curvature operator over a dataset streamed from the host, as a host-driven operator.
 
     ``build(params, batch)`` returns the in-memory operator of one batch (a
@@ -473,6 +620,11 @@ def stream_matvec(build: Callable, params: PyTree, batches, *, key=None,
       sharding: optional placement of every batch (see [`stream_mean`][curvlib.stream_mean]).
       batches_per_call: consecutive batches of equal shapes per jitted call
         (see [`stream_mean`][curvlib.stream_mean]): fewer, larger calls, more device memory.
+      process_local: each process's ``batches`` yields only its own rows of
+        each global batch (multi-process runs; see
+        [`stream_mean`][curvlib.stream_mean]): ``C v`` is then the operator of the
+        union of every process's data, and ``params`` and ``v`` are global
+        arrays. Needs ``sharding``; costs one small all-gather per batch.
 
     Returns:
       A [`StreamMatvec`][curvlib.StreamMatvec] (``host_driven = True``).
@@ -500,11 +652,12 @@ def stream_matvec(build: Callable, params: PyTree, batches, *, key=None,
     _check_concrete(params, "params")
     _pass_factory(batches)  # one-shot iterators are refused now, not at the first product
     per_call = _validate.static_int(batches_per_call, "batches_per_call", minimum=1)
-    return StreamMatvec(build, params, batches, key, sharding, per_call)
+    local = _check_process_local(process_local, sharding)
+    return StreamMatvec(build, params, batches, key, sharding, per_call, local)
 
 
 def stream_gradient(fun: Callable, params: PyTree, batches, *, has_aux: bool = False,
-                    sharding=None, batches_per_call: int = 1):
+                    sharding=None, batches_per_call: int = 1, process_local: bool = False):
     """``(value, grad)`` of a mean loss over a dataset streamed from the host.
 
     ``fun(params, batch)`` is a mean over its batch; the result is the
@@ -521,6 +674,9 @@ def stream_gradient(fun: Callable, params: PyTree, batches, *, has_aux: bool = F
       sharding: optional placement of every batch (see [`stream_mean`][curvlib.stream_mean]).
       batches_per_call: consecutive batches of equal shapes per jitted call
         (see [`stream_mean`][curvlib.stream_mean]).
+      process_local: each process's ``batches`` yields only its own rows of
+        each global batch (multi-process runs; see
+        [`stream_mean`][curvlib.stream_mean]). Needs ``sharding``.
 
     Returns:
       ``(value, grad)`` or ``((value, aux), grad)``.
@@ -542,8 +698,10 @@ def stream_gradient(fun: Callable, params: PyTree, batches, *, has_aux: bool = F
     _check_concrete(params, "params")
     kind = "value_and_grad_aux" if has_aux else "value_and_grad"
     per_call = _validate.static_int(batches_per_call, "batches_per_call", minimum=1)
+    local = _check_process_local(process_local, sharding)
     acc, total, _, out_shape = _stream_sum(fun, kind, batches,
                                            (params,), key=None, sharding=sharding,
-                                           what="stream_gradient", per_call=per_call)
+                                           what="stream_gradient", per_call=per_call,
+                                           process_local=local)
     out = _mean(acc, total, out_shape)
     return ((out[0], out[1]), out[2]) if has_aux else out
