@@ -17,7 +17,6 @@ Leaves on single devices or ``Auto`` meshes take exactly the old path.
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
 import jax

@@ -123,10 +123,16 @@ def test_nonfinite_start_vector_is_flagged(bad):
 
 
 def test_nonfinite_product_mid_run_keeps_last_finite_iterate():
-    """A matvec that goes non-finite on some inputs (here: large ones): cg stops, says
-    so, and returns the last finite iterate, never a NaN-laden vector."""
+    """A matvec that goes non-finite on some inputs (here: any not along ``b``, so the
+    first step's product is finite and the second's is not, whatever scaling cg applies
+    to the vectors it multiplies): cg stops, says so, and returns the last finite
+    iterate, never a NaN-laden vector."""
     d = jnp.arange(1.0, 31.0)
-    mv = lambda v: {"a": jnp.where(jnp.linalg.norm(v["a"]) > 3.0, jnp.nan, 1.0) * d * v["a"]}
+
+    def mv(v):
+        along_b = jnp.abs(jnp.sum(v["a"])) >= (1 - 1e-9) * jnp.sqrt(30.0) * jnp.linalg.norm(v["a"])
+        return {"a": jnp.where(along_b, 1.0, jnp.nan) * d * v["a"]}
+
     c = curvlib.cg(mv, {"a": jnp.ones(30) * 2.0}, rtol=1e-12)
     assert not bool(c.finite) and not bool(c.converged)
     assert _all_finite(c.x) and _all_finite(c.curvature_direction)

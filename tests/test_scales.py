@@ -103,12 +103,15 @@ def test_power_iteration_right_with_true_residual_at_every_scale(dt, s):
     assert _close(r.residual_norms, true, dt, s)
 
 
-# An operator scaled towards the bottom of the range (float32 1e-30) makes p^T A p underflow
-# as CG's directions shrink: the right-hand side spans the range, the operator 1e+-20 there.
+# The right-hand side spans the range; so does the operator, down to float32 1e-30 (where
+# p^T A p of CG's shrinking directions underflowed before the products were taken of unit
+# directions) and float64 1e-300.
 CG_SCALES = ([pytest.param(np.float32, s, False, id=f"f32-b{s:.0e}") for s in F32]
              + [pytest.param(np.float64, s, False, id=f"f64-b{s:.0e}") for s in F64]
-             + [pytest.param(np.float32, s, True, id=f"f32-A{s:.0e}") for s in (1e-20, 1e20)]
-             + [pytest.param(np.float64, s, True, id=f"f64-A{s:.0e}") for s in (1e-160, 1e300)])
+             + [pytest.param(np.float32, s, True, id=f"f32-A{s:.0e}")
+                for s in (1e-30, 1e-20, 1e20, 1e30)]
+             + [pytest.param(np.float64, s, True, id=f"f64-A{s:.0e}")
+                for s in (1e-300, 1e-160, 1e300)])
 
 
 @pytest.mark.parametrize("dt,s,scale_a", CG_SCALES)
@@ -172,3 +175,23 @@ def test_spectral_density_nodes_span_the_spectrum_at_every_scale(dt, s, key):
     np.testing.assert_allclose(nodes.max(axis=1), s, rtol=1e-2)
     np.testing.assert_allclose(nodes.min(axis=1), 0.1 * s, rtol=1e-1)
     assert np.all(nodes[w > 1e-6] >= 0.1 * s * (1 - 1e-3))
+
+
+@pytest.mark.parametrize("dt,s", [pytest.param(np.float32, s, id=f"f32-{s:.0e}")
+                                  for s in (1e-30, 1e-20, 1.0, 1e20, 1e30)]
+                         + [pytest.param(np.float64, s, id=f"f64-{s:.0e}")
+                            for s in (1e-300, 1.0, 1e300)])
+def test_newton_cg_gradient_fallback_at_every_gradient_scale(dt, s):
+    # negative curvature at CG's first step: the step falls back to the gradient scaled by
+    # its absolute Rayleigh quotient, g / (|u^T C u| + damping) with u = g / ||g||
+    from curvlib.optim.hessian_free import _solve
+
+    c = np.array([-2.0, 1.0, 3.0])
+    g = np.array([1.0, 0.5, 0.25]) * s
+    cj, gj = jnp.asarray(c.astype(dt)), jnp.asarray(g.astype(dt))
+    p, res = _solve(lambda v: cj * v, gj, None, 0.5, 1e-6, 10)
+    u = np.array([1.0, 0.5, 0.25]) / np.linalg.norm([1.0, 0.5, 0.25])
+    expect = g / (abs(np.sum(c * u * u)) + 0.5)
+    got = np.asarray(p, np.float64)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, expect, rtol=1e-5 if dt == np.float32 else 1e-12)

@@ -123,9 +123,9 @@ def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False, s
         return s.phase != _DONE
 
     def body(s: _CGState):
-        p, rz, v = _cg_direction(s, x0, precond, acc)
+        p, rz, v, pn = _cg_direction(s, x0, precond, acc)
         w = op(v)  # the one product of this iteration
-        return _cg_advance(s, rhs, x0, p, rz, v, w, tol, max_steps, acc)
+        return _cg_advance(s, rhs, x0, p, rz, v, pn, w, tol, max_steps, acc)
 
     s = _driver.while_loop(cond, body, init, host=host, slot=slot)
     converged = s.finite & (s.rnorm <= tol)
@@ -134,24 +134,38 @@ def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False, s
 
 
 def _cg_scale(rhs, rtol, atol, acc):
-    """``(b / sigma, sigma, ||b / sigma||, tol, finite)`` with ``sigma = ||b||``.
+    """``(b / sigma, sigma, ||b / sigma||, tol, finite)`` with ``sigma ~ ||b||``.
 
-    CG is linear in b: it runs on the unit vector b / sigma (residuals and inner products
-    of order one whatever the scale of b: no square overflows or underflows), and scales x
-    and the residual back. ``sigma`` is the scale-safe norm (one inner product; a second
-    only at extreme scales). A zero b is not scaled; a NaN or an infinite entry makes b
-    non-finite (as does a b whose norm exceeds the format's largest number: its residual
-    has no value to report). ``tol = max(rtol ||b / sigma||, atol / sigma)`` is in
-    b / sigma's units. Cost: one pass over b (two at extreme scales), no product.
+    CG is linear in b: it runs on b / sigma with ``||b / sigma||`` in ``[1, 2)`` (residuals
+    and inner products of order one whatever the scale of b: no square overflows or
+    underflows), and scales x and the residual back. ``sigma`` is the power of two below
+    the scale-safe norm (one inner product; a second only at extreme scales), so the
+    scaling is exact: CG's arithmetic is that on b itself, scaled. A zero b is not
+    scaled; a NaN or an infinite entry makes b non-finite (as does a b whose norm
+    exceeds the format's largest number: its residual has no value to report).
+    ``tol = max(rtol ||b / sigma||, atol / sigma)`` is in b / sigma's units.
+    Cost: one pass over b (two at extreme scales), no product.
     """
     sigma = _tree.norm(rhs).astype(acc)
     finite0 = jnp.isfinite(sigma)
-    nonzero = finite0 & (sigma > 0)
-    sigma = jnp.where(nonzero, sigma, 1.0).astype(acc)
-    rhs = _tree.scale(1.0 / sigma, rhs)
-    rnorm0 = nonzero.astype(acc)  # ||b / sigma||: 1, or 0 for b = 0
+    sigma = _pow2(sigma)
+    rhs = _tree.scale(1.0 / sigma, rhs)  # exact: sigma is a power of two
+    rnorm0 = _tree.plain_norm(rhs).astype(acc)  # in [1, 2) for a non-zero b
     tol = jnp.maximum(rtol * rnorm0, atol / sigma)
     return rhs, sigma, rnorm0, tol, finite0
+
+
+def _pow2(x):
+    """The power of two ``2^floor(log2 x)``: ``x`` divided by it is in ``[1, 2)``, exactly.
+
+    ``x``'s exponent bits alone (its mantissa bits cleared); ``1`` for a zero, subnormal
+    or non-finite ``x``.
+    """
+    fi = jnp.finfo(x.dtype)
+    ok = jnp.isfinite(x) & (x >= fi.tiny)
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{fi.bits}"))
+    mask = jnp.asarray(~((1 << int(fi.nmant)) - 1) & ((1 << fi.bits) - 1), bits.dtype)
+    return jnp.where(ok, jax.lax.bitcast_convert_type(bits & mask, x.dtype), 1.0).astype(x.dtype)
 
 
 def _cg_init(rhs, x0, sigma, rnorm0, tol, finite0, max_steps, acc):
@@ -180,19 +194,30 @@ def _cg_init(rhs, x0, sigma, rnorm0, tol, finite0, max_steps, acc):
 
 
 def _cg_direction(s: _CGState, x0, precond, acc):
-    """``(p, rz, v)``: the search direction ``p = M r + beta p_prev``, ``<r, M r>``, and the
-    vector ``v`` this phase's product is applied to (``p``, ``x0`` or ``x``)."""
+    """``(p, rz, v, pn)``: the search direction ``p = M r + beta p_prev``, ``<r, M r>``, the
+    vector ``v`` this phase's product is applied to (``p / ||p||``, ``x0`` or ``x``) and
+    ``pn = ||p||``.
+
+    The product is taken of the direction scaled to norm ``[1, 2)`` by a power of two
+    ``pn`` (exact: the same products, scaled): ``p`` shrinks with the residual, and
+    ``p^T A p`` of a small ``p`` and a small operator (``||A|| ~ 1e-30`` in float32)
+    underflows where ``v^T A v`` does not; the step is ``(rz / pn) / v^T A v`` along
+    ``v`` (the same step as ``rz / p^T A p`` along ``p``). One plain norm (``p`` is of
+    the order of the scaled residual), no product.
+    """
     in_step = s.phase == _STEP
     # (the preconditioner is applied only in the _STEP phase)
     z = jax.lax.cond(in_step, lambda r: _cast_like(precond(r), r), lambda r: r, s.r)
     rz = _tree.vdot(s.r, z).astype(acc)
     beta = jnp.where(s.step > 0, rz / jnp.where(s.rz != 0, s.rz, 1.0), 0.0)
     p = _tree.add_scale(z, beta, s.p)
-    v = _tree.where(in_step, p, _tree.where(s.phase == _WARM, x0, s.x))
-    return p, rz, v
+    pn = _pow2(_tree.plain_norm(p).astype(acc))
+    u = _tree.scale(1.0 / pn, p)  # exact: pn is a power of two
+    v = _tree.where(in_step, u, _tree.where(s.phase == _WARM, x0, s.x))
+    return p, rz, v, pn
 
 
-def _cg_advance(s: _CGState, rhs, x0, p, rz, v, w, tol, max_steps, acc):
+def _cg_advance(s: _CGState, rhs, x0, p, rz, v, pn, w, tol, max_steps, acc):
     """The next state from the product ``w = A v``: warm start, CG step or true residual.
 
     Cost: no product (``w`` is the iteration's one); a few vector updates.
@@ -213,8 +238,10 @@ def _cg_advance(s: _CGState, rhs, x0, p, rz, v, w, tol, max_steps, acc):
     # _STEP: a CG step, rejected on non-positive curvature or a non-finite product
     negcurv = in_step & fin & (vw <= 0) & (s.rnorm > 0)
     good = in_step & fin & ~negcurv
-    alpha = rz / jnp.where(good, vw, 1.0)
-    x_step = _tree.add_scale(s.x, alpha, p)
+    # the step along the unit v = p / ||p||: rz / (p^T A p) along p, in an order that
+    # neither underflows nor overflows
+    alpha = (rz / pn) / jnp.where(good, vw, 1.0)
+    x_step = _tree.add_scale(s.x, alpha, v)
     r_step = _tree.add_scale(s.r, -alpha, w_safe)
 
     # _CHECK: the true residual of the returned iterate

@@ -257,10 +257,12 @@ def _solve(matvec, g, x0, damping, rtol, max_steps, atol=0.0):
     descent = _tree.vdot(g, res.x) > 0
 
     def fallback(_):
-        gg = _tree.vdot(g, g)
-        gcg = _tree.vdot(g, matvec(g))
-        den = jnp.abs(gcg) + damping * gg
-        return _tree.scale(gg / jnp.where(den > 0, den, 1.0), g)
+        # g ||g||^2 / (|g^T C g| + damping ||g||^2) = g / (|u^T C u| + damping) with the unit
+        # u = g / ||g||: no square of g to overflow or underflow at any gradient scale
+        gn = _tree.norm(g)
+        u = _tree.scale(1.0 / jnp.where(gn > 0, gn, 1.0), g)
+        den = jnp.abs(_tree.vdot(u, matvec(u))) + damping
+        return _tree.scale(1.0 / jnp.where(den > 0, den, 1.0), g)
 
     p = jax.lax.cond(descent, lambda _: res.x, fallback, None)
     return p, res
