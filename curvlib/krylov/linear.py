@@ -195,8 +195,8 @@ def _cg_init(rhs, x0, sigma, rnorm0, tol, finite0, max_steps, acc):
 
 def _cg_direction(s: _CGState, x0, precond, acc):
     """``(p, rz, v, pn)``: the search direction ``p = M r + beta p_prev``, ``<r, M r>``, the
-    vector ``v`` this phase's product is applied to (``p / ||p||``, ``x0`` or ``x``) and
-    ``pn = ||p||``.
+    vector ``v`` this phase's product is applied to (``p / pn``, ``x0`` or ``x``) and
+    ``pn``, the power of two below ``||p||`` (so ``||p / pn||`` is in ``[1, 2)``).
 
     The product is taken of the direction scaled to norm ``[1, 2)`` by a power of two
     ``pn`` (exact: the same products, scaled): ``p`` shrinks with the residual, and
@@ -238,8 +238,8 @@ def _cg_advance(s: _CGState, rhs, x0, p, rz, v, pn, w, tol, max_steps, acc):
     # _STEP: a CG step, rejected on non-positive curvature or a non-finite product
     negcurv = in_step & fin & (vw <= 0) & (s.rnorm > 0)
     good = in_step & fin & ~negcurv
-    # the step along the unit v = p / ||p||: rz / (p^T A p) along p, in an order that
-    # neither underflows nor overflows
+    # the step along v = p / pn (pn a power of two, ||v|| in [1, 2)): rz / (p^T A p)
+    # along p, in an order that neither underflows nor overflows
     alpha = (rz / pn) / jnp.where(good, vw, 1.0)
     x_step = _tree.add_scale(s.x, alpha, v)
     r_step = _tree.add_scale(s.r, -alpha, w_safe)
