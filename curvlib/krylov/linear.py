@@ -63,9 +63,10 @@ class _CGState(NamedTuple):
     phase: jax.Array  # which vector the next product is applied to (see _WARM ... _DONE)
     x: PyTree
     r: PyTree  # residual of x: exact after _WARM/_CHECK, recurrence after _STEP
-    p: PyTree  # last search direction
+    p: PyTree  # last search direction p, held as p / pn (pn = _pow2(pnorm))
     rz: jax.Array  # <r, M r> of the last accepted step (1 before the first)
-    rnorm: jax.Array
+    pnorm: jax.Array  # the recurrence's estimate of ||p|| (0 before the first step)
+    rnorm: jax.Array  # ||r||
     moved: jax.Array  # x changed since its residual was last computed by a product
     step: jax.Array
     num_matvecs: jax.Array
@@ -123,9 +124,9 @@ def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False, s
         return s.phase != _DONE
 
     def body(s: _CGState):
-        p, rz, v, pn = _cg_direction(s, x0, precond, acc)
+        d, rz, v, pn, pnorm = _cg_direction(s, x0, precond, acc)
         w = op(v)  # the one product of this iteration
-        return _cg_advance(s, rhs, x0, p, rz, v, pn, w, tol, max_steps, acc)
+        return _cg_advance(s, rhs, x0, d, rz, v, pn, pnorm, w, tol, max_steps, acc)
 
     s = _driver.while_loop(cond, body, init, host=host, slot=slot)
     converged = s.finite & (s.rnorm <= tol)
@@ -185,7 +186,8 @@ def _cg_init(rhs, x0, sigma, rnorm0, tol, finite0, max_steps, acc):
         phase0 = jnp.where(ok, _WARM, _STEP).astype(jnp.int32)
     phase0 = jnp.where(finite0 & ~(rnorm0 <= tol), phase0, _DONE).astype(jnp.int32)
     init = _CGState(
-        phase=phase0, x=zeros, r=rhs, p=zeros, rz=jnp.ones((), acc), rnorm=rnorm0,
+        phase=phase0, x=zeros, r=rhs, p=zeros, rz=jnp.ones((), acc),
+        pnorm=jnp.zeros((), acc), rnorm=rnorm0,
         moved=jnp.asarray(False), step=jnp.zeros((), jnp.int32),
         num_matvecs=jnp.zeros((), jnp.int32), negcurv=jnp.asarray(False), negdir=zeros,
         finite=finite0,
@@ -194,30 +196,37 @@ def _cg_init(rhs, x0, sigma, rnorm0, tol, finite0, max_steps, acc):
 
 
 def _cg_direction(s: _CGState, x0, precond, acc):
-    """``(p, rz, v, pn)``: the search direction ``p = M r + beta p_prev``, ``<r, M r>``, the
-    vector ``v`` this phase's product is applied to (``p / pn``, ``x0`` or ``x``) and
-    ``pn``, the power of two below ``||p||`` (so ``||p / pn||`` is in ``[1, 2)``).
+    """``(d, rz, v, pn, pnorm)``: the search direction ``p = M r + beta p_prev`` held as
+    ``d = p / pn``, ``<r, M r>``, the vector ``v`` this phase's product is applied to
+    (``d``, ``x0`` or ``x``), ``pn``, a power of two near ``||p||``, and ``pnorm``, the
+    estimate of ``||p||`` it is taken from.
 
-    The product is taken of the direction scaled to norm ``[1, 2)`` by a power of two
-    ``pn`` (exact: the same products, scaled): ``p`` shrinks with the residual, and
-    ``p^T A p`` of a small ``p`` and a small operator (``||A|| ~ 1e-30`` in float32)
-    underflows where ``v^T A v`` does not; the step is ``(rz / pn) / v^T A v`` along
-    ``v`` (the same step as ``rz / p^T A p`` along ``p``). One plain norm (``p`` is of
-    the order of the scaled residual), no product.
+    The direction is kept scaled by a power of two ``pn`` to norm of order one (exact:
+    the same products, scaled): ``p`` shrinks with the residual, and ``p^T A p`` of a
+    small ``p`` and a small operator (``||A|| ~ 1e-30`` in float32) underflows where
+    ``d^T A d`` does not; the step is ``(rz / pn) / d^T A d`` along ``d`` (the same step
+    as ``rz / p^T A p`` along ``p``, whatever power of two ``pn`` is). ``||p||`` is not
+    measured: CG keeps ``r`` orthogonal to ``p_prev``, so
+    ``||p||^2 = ||z||^2 + beta^2 ||p_prev||^2`` with ``z = M r``, and ``||z||`` is
+    ``<r, z> / ||r||`` (exact without a preconditioner, a lower bound with one). Cost:
+    no product; ``<r, z>`` and the update ``d = z / pn + beta (pn_prev / pn) d_prev``
+    (the scalings are exact), as for the unscaled ``p``.
     """
     in_step = s.phase == _STEP
     # (the preconditioner is applied only in the _STEP phase)
     z = jax.lax.cond(in_step, lambda r: _cast_like(precond(r), r), lambda r: r, s.r)
     rz = _tree.vdot(s.r, z).astype(acc)
     beta = jnp.where(s.step > 0, rz / jnp.where(s.rz != 0, s.rz, 1.0), 0.0)
-    p = _tree.add_scale(z, beta, s.p)
-    pn = _pow2(_tree.plain_norm(p).astype(acc))
-    u = _tree.scale(1.0 / pn, p)  # exact: pn is a power of two
-    v = _tree.where(in_step, u, _tree.where(s.phase == _WARM, x0, s.x))
-    return p, rz, v, pn
+    znorm = jnp.abs(rz) / jnp.where(s.rnorm > 0, s.rnorm, 1.0)
+    pnorm = jnp.hypot(znorm, beta * s.pnorm)
+    pn = _pow2(pnorm)
+    # s.p holds d_prev = p_prev / pn_prev, pn_prev = _pow2(s.pnorm) (both kept together)
+    d = _tree.add_scale(_tree.scale(1.0 / pn, z), beta * (_pow2(s.pnorm) / pn), s.p)
+    v = _tree.where(in_step, d, _tree.where(s.phase == _WARM, x0, s.x))
+    return d, rz, v, pn, pnorm
 
 
-def _cg_advance(s: _CGState, rhs, x0, p, rz, v, pn, w, tol, max_steps, acc):
+def _cg_advance(s: _CGState, rhs, x0, d, rz, v, pn, pnorm, w, tol, max_steps, acc):
     """The next state from the product ``w = A v``: warm start, CG step or true residual.
 
     Cost: no product (``w`` is the iteration's one); a few vector updates.
@@ -238,7 +247,7 @@ def _cg_advance(s: _CGState, rhs, x0, p, rz, v, pn, w, tol, max_steps, acc):
     # _STEP: a CG step, rejected on non-positive curvature or a non-finite product
     negcurv = in_step & fin & (vw <= 0) & (s.rnorm > 0)
     good = in_step & fin & ~negcurv
-    # the step along v = p / pn (pn a power of two, ||v|| in [1, 2)): rz / (p^T A p)
+    # the step along v = d = p / pn (pn a power of two, ||d|| of order one): rz / (p^T A p)
     # along p, in an order that neither underflows nor overflows
     alpha = (rz / pn) / jnp.where(good, vw, 1.0)
     x_step = _tree.add_scale(s.x, alpha, v)
@@ -263,10 +272,10 @@ def _cg_advance(s: _CGState, rhs, x0, p, rz, v, pn, w, tol, max_steps, acc):
     after = jnp.where(stop, jnp.where(moved, _CHECK, _DONE), _STEP)
     phase = jnp.where(is_check, _DONE, after).astype(jnp.int32)
     return _CGState(
-        phase=phase, x=x, r=r, p=_tree.where(good, p, s.p),
-        rz=jnp.where(good, rz, s.rz), rnorm=rnorm, moved=moved, step=step,
+        phase=phase, x=x, r=r, p=_tree.where(good, d, s.p), rz=jnp.where(good, rz, s.rz),
+        pnorm=jnp.where(good, pnorm, s.pnorm), rnorm=rnorm, moved=moved, step=step,
         num_matvecs=s.num_matvecs + 1, negcurv=negcurv_all,
-        negdir=_tree.where(negcurv, p, s.negdir), finite=finite,
+        negdir=_tree.where(negcurv, _tree.scale(pn, d), s.negdir), finite=finite,
     )
 
 
