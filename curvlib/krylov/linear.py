@@ -145,13 +145,13 @@ def _cg_scale(rhs, rtol, atol, acc):
     scaled; a NaN or an infinite entry makes b non-finite (as does a b whose norm
     exceeds the format's largest number: its residual has no value to report).
     ``tol = max(rtol ||b / sigma||, atol / sigma)`` is in b / sigma's units.
-    Cost: one pass over b (two at extreme scales), no product.
+    Cost: one pass over b (two at extreme scales) and the scaling, no product.
     """
-    sigma = _tree.norm(rhs).astype(acc)
-    finite0 = jnp.isfinite(sigma)
-    sigma = _pow2(sigma)
+    bnorm = _tree.norm(rhs).astype(acc)
+    finite0 = jnp.isfinite(bnorm)
+    sigma = _pow2(bnorm)
     rhs = _tree.scale(1.0 / sigma, rhs)  # exact: sigma is a power of two
-    rnorm0 = _tree.plain_norm(rhs).astype(acc)  # in [1, 2) for a non-zero b
+    rnorm0 = bnorm / sigma  # ||b / sigma||, in [1, 2) for a non-zero b (exact scaling)
     tol = jnp.maximum(rtol * rnorm0, atol / sigma)
     return rhs, sigma, rnorm0, tol, finite0
 
