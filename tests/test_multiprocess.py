@@ -3,7 +3,8 @@
 ``tests/_multiprocess_worker.py`` runs the same code three times at once: as two
 processes with 4 CPU devices each, joined by ``jax.distributed.initialize``
 (gloo collectives, a coordinator on a free local port), and as one reference
-process with 8 CPU devices. The 8-device mesh then spans both processes, in two
+process with one CPU device (each family once: the layouts place the same numbers).
+The 8-device mesh of the two processes spans both, in two
 layouts: ``data_parallel`` (batch over all 8 devices, parameters replicated) and
 ``param_sharded`` (parameters split by rows over the same 8 devices, so each
 process holds half of each). The computations are those of
@@ -16,7 +17,9 @@ here we assert agreement to ``1e-12`` in float64.
 
 The suite's default profile (``quick``) runs each family once, some on one layout
 and some on the other (the split is ``PROFILES`` in the worker), to keep the harness
-near two minutes on two CPU cores: every program is compiled by all three processes.
+within two minutes on two CPU cores: every program is compiled by all three
+processes, so they compile at XLA's lowest backend optimisation level (the harness
+checks agreement, not speed; the reference compiles the same way).
 ``CURVLIB_MULTIPROCESS=full`` runs every family on both layouts.
 
 The dead-process test starts two processes of which one exits before the first
@@ -43,6 +46,8 @@ TOL = 1e-12
 # a hang never blocks the suite: every process is killed after this long
 TIMEOUT_S = 900
 PROFILE = os.environ.get("CURVLIB_MULTIPROCESS", "quick")
+# compile time is most of the harness's time: the backend's cheapest setting
+XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _free_port() -> int:
@@ -57,7 +62,7 @@ def _launch(out_dir: Path, mode: str, ranks) -> list[subprocess.Popen]:
     procs = []
     for pid, num, devices in ranks:
         env = dict(os.environ)
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" {XLA_FLAGS}"
                             + f" --xla_force_host_platform_device_count={devices}").strip()
         env["JAX_PLATFORMS"] = "cpu"
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -96,7 +101,7 @@ def _tail(err: str, n: int = 4000) -> str:
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("multiprocess")
     start = time.monotonic()
-    procs = _launch(out, PROFILE, [(0, 2, 4), (1, 2, 4)]) + _launch(out, PROFILE, [(0, 1, 8)])
+    procs = _launch(out, PROFILE, [(0, 2, 4), (1, 2, 4)]) + _launch(out, PROFILE, [(0, 1, 1)])
     done = _wait(procs, TIMEOUT_S)
     seconds = time.monotonic() - start
     if any(rc != 0 for rc, _, _ in done):
@@ -134,7 +139,7 @@ def _diff(ref, got, name: str) -> float:
 
 
 def test_each_process_saw_four_of_eight_devices(runs):
-    assert runs["reference"]["process_count"] == 1 and runs["reference"]["devices"] == 8
+    assert runs["reference"]["process_count"] == 1 and runs["reference"]["devices"] == 1
     for i, rec in enumerate(runs["processes"]):
         assert (rec["process_index"], rec["process_count"], rec["devices"]) == (i, 2, 8)
     for rec in [runs["reference"], *runs["processes"]]:  # this checkout's curvlib
@@ -143,7 +148,7 @@ def test_each_process_saw_four_of_eight_devices(runs):
 
 @pytest.mark.parametrize("layout", ("data_parallel", "param_sharded"))
 def test_two_processes_equal_one(runs, layout):
-    """Every result, read back by each process, equals the 8-device one-process run."""
+    """Every result, read back by each process, equals the one-device, one-process run."""
     ref = runs["reference"]["layouts"][layout]
     assert len(ref) > 20, sorted(ref)
     for rec in runs["processes"]:
