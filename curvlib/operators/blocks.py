@@ -35,41 +35,8 @@ PyTree = Any
 # ------------------------------------------------------------------ masks
 
 
-def _static_bool(x, where: str) -> bool:
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, jax.core.Tracer) or jnp.shape(x) != ():
-        raise ValueError(
-            f"`where{where}` must be a Python bool (a static choice of leaves); got {x!r}."
-        )
-    return bool(x)
-
-
-def leaf_mask(params: PyTree, where) -> tuple[bool, ...]:
-    """One bool per leaf of ``params``: is it selected by ``where``?
-
-    ``where`` is a predicate ``where(path, leaf) -> bool`` on key paths (as in
-    ``jax.tree_util.tree_map_with_path``) or a pytree of bools with the
-    structure of ``params`` or a prefix of it (a bool for a whole subtree).
-    """
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    if callable(where):
-        return tuple(_static_bool(where(path, x), f"({keystr(path)})") for path, x in flat)
-    try:
-        full = jax.tree.map(lambda w, sub: jax.tree.map(lambda _: w, sub), where, params)
-    except (ValueError, TypeError):
-        raise ValueError(
-            "`where` must be a predicate `where(path, leaf) -> bool` or a pytree of bools with "
-            "the structure of `params` (or a prefix of it); got structure "
-            f"{jax.tree.structure(where)} for params {jax.tree.structure(params)}."
-        ) from None
-    fflat, _ = jax.tree_util.tree_flatten_with_path(full)
-    return tuple(_static_bool(w, keystr(path)) for path, w in fflat)
-
-
-def _sub_tree(treedef, leaves, mask):
-    return jax.tree.unflatten(treedef, [x if m else None for x, m in zip(leaves, mask,
-                                                                             strict=True)])
+leaf_mask = C.leaf_mask
+_sub_tree = C.sub_tree
 
 
 def _zeros(spec):

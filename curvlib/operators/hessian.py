@@ -29,6 +29,7 @@ from jax.tree_util import Partial
 from curvlib import _tree, _validate
 from curvlib._compile import stable_linearized, weak_cache
 from curvlib.operators import _common as C
+from curvlib.operators import _wrt
 from curvlib.operators.microbatch import (
     _replace,
     check_batched,
@@ -121,6 +122,7 @@ def hessian_matvec(
     microbatch_size: int | None = None,
     batch_argnums: int | tuple[int, ...] | None = None,
     has_aux: bool = False,
+    wrt=None,
 ) -> Partial:
     """The Hessian of ``fun(params, *args)`` as a reusable linear function ``v -> H v``.
 
@@ -194,6 +196,10 @@ def hessian_matvec(
       [1.0, 4.0]
     """
     _validate.float_leaves(params, "params")
+    if wrt is not None:
+        return _wrt.block_operator(hessian_matvec, fun, params, args, wrt, mode=mode,
+                                   microbatch_size=microbatch_size,
+                                   batch_argnums=batch_argnums, has_aux=has_aux)
     _validate.scalar_loss(jax.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
     fun = C.drop_aux(fun, has_aux)
     if mode is None:
