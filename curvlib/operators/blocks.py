@@ -227,7 +227,7 @@ _deprecation.register_folded("curvlib.block_eigsh", "eigsh", Eigsh, _EIGSH_RENAM
 
 
 def block_eigsh(
-    matvec: Callable,
+    matvec: Callable | None,
     params: PyTree,
     k: int,
     *,
@@ -236,6 +236,7 @@ def block_eigsh(
     which: str = "LA",
     batch_size: int | None = None,
     eigsh: Eigsh | None = None,
+    block_matvec: Callable | None = None,
     **eigsh_options,
 ) -> dict[str, EigshResult]:
     """Top-``k`` eigenpairs of every diagonal block ``C_BB`` of an operator, in one call.
@@ -326,21 +327,58 @@ def block_eigsh(
                                             eigsh_options, _EIGSH_RENAMES)
     if rest:
         raise TypeError(f"block_eigsh() got unexpected keyword arguments {sorted(rest)}.")
-    if is_host_driven(matvec):
+    per_group = block_matvec is not None
+    if per_group:
+        if matvec is not None:
+            raise ValueError("pass either `matvec` or `block_matvec`, not both.")
+        matvec = _group_operators(block_matvec, params, labels)
+    elif matvec is None:
+        raise TypeError("block_eigsh() needs an operator: `matvec` or `block_matvec`.")
+    elif is_host_driven(matvec):
         return _block_eigsh_host(matvec, params, k, key, labels, order, names, which,
                                  {"solver": eigsh})
-    if not isinstance(matvec, Partial):
-        if not callable(matvec):
-            raise TypeError(f"`matvec` must be callable; got {type(matvec).__name__}.")
-        matvec = Partial(matvec)  # static: the jit cache keys on the function
+    else:
+        matvec = _as_partial(matvec, "matvec")
     options = (("solver", eigsh),)
     try:
         hash(options)
     except TypeError:  # traced or array-valued options: run without the compiled entry point
-        out = _block_eigsh(matvec, params, key, labels, k, which, options, batch_size)
+        out = _block_eigsh(matvec, params, key, labels, k, which, options, batch_size,
+                           per_group)
     else:
-        out = _block_eigsh_jit(matvec, params, key, labels, k, which, options, batch_size)
+        out = _block_eigsh_jit(matvec, params, key, labels, k, which, options, batch_size,
+                               per_group)
     return {names[lab]: out[i] for i, lab in enumerate(order)}
+
+
+def _as_partial(matvec, name: str) -> Partial:
+    if isinstance(matvec, Partial):
+        return matvec
+    if not callable(matvec):
+        raise TypeError(f"`{name}` must be callable; got {type(matvec).__name__}.")
+    return Partial(matvec)  # static: the jit cache keys on the function
+
+
+def _group_operators(block_matvec, params, labels) -> tuple:
+    """``block_matvec(where)`` for the union of every group of equal-shaped blocks."""
+    if not callable(block_matvec):
+        raise TypeError(
+            f"`block_matvec` must be a function `where -> operator`; got "
+            f"{type(block_matvec).__name__}."
+        )
+    leaves, treedef = jax.tree.flatten(params)
+    order, groups = _groups(params, labels)
+    ops = []
+    for labs in groups:
+        where = jax.tree.unflatten(treedef, list(_union_mask(order, labs, len(leaves))))
+        op = block_matvec(where)
+        if is_host_driven(op):
+            raise TypeError(
+                "`block_matvec` returned a host-driven operator; pass it as `matvec` instead "
+                "(restricted as a black box)."
+            )
+        ops.append(_as_partial(op, "block_matvec(where)"))
+    return tuple(ops)
 
 
 def _block_eigsh_host(matvec, params, k, key, labels, order, names, which, options):
@@ -365,19 +403,45 @@ def _block_order(labels) -> dict:
     return order
 
 
-def _block_eigsh(matvec, params, key, labels, k, which, options, batch_size):
-    """The computation of `block_eigsh`: a tuple of results in block order."""
-    leaves, treedef = jax.tree.flatten(params)
+def _groups(params, labels) -> tuple[dict, list[list]]:
+    """``(order, groups)``: the blocks, and their labels grouped by equal leaf shapes/dtypes."""
     order = _block_order(labels)
-    specs = tuple(_leaf_spec(x) for x in leaves)
+    leaves = jax.tree.leaves(params)
     groups: dict = {}
     for lab, idx in order.items():
-        sig = tuple((specs[i][0], specs[i][1]) for i in idx)
+        sig = tuple((tuple(jnp.shape(leaves[i])), jnp.result_type(leaves[i])) for i in idx)
         groups.setdefault(sig, []).append(lab)
+    return order, list(groups.values())
+
+
+def _union_mask(order, labs, num_leaves) -> tuple[bool, ...]:
+    """The leaves of any block of a group."""
+    chosen = {i for lab in labs for i in order[lab]}
+    return tuple(i in chosen for i in range(num_leaves))
+
+
+def _block_eigsh(matvec, params, key, labels, k, which, options, batch_size, per_group=False):
+    """The computation of `block_eigsh`: a tuple of results in block order.
+
+    With ``per_group``, ``matvec`` is a tuple of operators, one per group of
+    equal-shaped blocks, each acting on the union of its group's blocks (a
+    sub-pytree); otherwise one operator on the whole of ``params``.
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    specs = tuple(_leaf_spec(x) for x in leaves)
+    order, groups = _groups(params, labels)
     results = {}
-    for labs in groups.values():
+    for gi, labs in enumerate(groups):
         slots = tuple(tuple(order[lab]) for lab in labs)
-        product = _group_product(matvec, treedef, specs, slots)
+        if per_group:  # the group's operator lives on the union of its blocks
+            umask = _union_mask(order, labs, len(leaves))
+            union = [i for i, m in enumerate(umask) if m]
+            pos = {i: n for n, i in enumerate(union)}
+            product = _group_product(
+                matvec[gi], jax.tree.structure(C.sub_tree(treedef, leaves, umask)),
+                tuple(specs[i] for i in union), tuple(tuple(pos[i] for i in s) for s in slots))
+        else:
+            product = _group_product(matvec, treedef, specs, slots)
         firsts = [list(order).index(lab) for lab in labs]
         v0 = jax.vmap(
             lambda n, idx=slots[0]: _tree.normal_like(
@@ -411,4 +475,4 @@ def _block_eigsh(matvec, params, key, labels, k, which, options, batch_size):
 
 # compiled at the boundary: a second eager call with equal static configuration (block
 # labels, k, which, options) and equally shaped operands reuses the compiled program
-_block_eigsh_jit = jax.jit(_block_eigsh, static_argnums=(3, 4, 5, 6, 7))
+_block_eigsh_jit = jax.jit(_block_eigsh, static_argnums=(3, 4, 5, 6, 7, 8))
