@@ -139,9 +139,16 @@ def ggn_matvec(
       batch_argnums: which of ``args`` are batched; default all of them.
       has_aux: ``model_fn`` returns ``(outputs, aux)`` (e.g. flax's mutable
         collections); ``aux`` is ignored.
+      wrt: ``None``, or a parameter block (as ``where`` of
+        [`restrict`][curvlib.restrict]): the block ``G_BB = J_B^T H_l J_B``, with
+        ``J_B`` the Jacobian with respect to the block's leaves only (the tangent
+        pass starts at the block, the transposed pass stops at it), on the block's
+        sub-pytree; equal to ``restrict(ggn_matvec(...), params, wrt)`` at the
+        block's cost.
 
     Returns:
-      ``matvec`` (a `jax.tree_util.Partial`) with ``matvec(v) = G v``.
+      ``matvec`` (a `jax.tree_util.Partial`) with ``matvec(v) = G v`` (with
+      ``wrt``: ``G_BB v_B``).
 
     Raises:
       TypeError: if ``loss_fn`` does not return a float scalar or ``params``
@@ -389,9 +396,14 @@ def fisher_matvec(
         ``args``; the model's outputs must carry the same leading axis.
       batch_argnums: which of ``args`` are batched; default all of them.
       has_aux: ``model_fn`` returns ``(f, aux)``; ``aux`` is ignored.
+      wrt: ``None``, or a parameter block (as ``where`` of
+        [`restrict`][curvlib.restrict]): the block ``F_BB`` on the block's
+        sub-pytree, from the Jacobian with respect to the block's leaves only;
+        equal to ``restrict(fisher_matvec(...), params, wrt)`` at the block's cost.
 
     Returns:
-      ``matvec`` (a `jax.tree_util.Partial`) with ``matvec(v) = F v``.
+      ``matvec`` (a `jax.tree_util.Partial`) with ``matvec(v) = F v`` (with
+      ``wrt``: ``F_BB v_B``).
 
     Raises:
       ValueError: for an unknown ``likelihood`` or ``mode``, a bad ``key`` or
