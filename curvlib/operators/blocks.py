@@ -267,9 +267,11 @@ def block_eigsh(
       program per distinct block shape, as on the black-box path); a group's
       products then differentiate with respect to ``U`` only, so a block product
       costs the tangent and reverse passes from the group's first leaf on, not a
-      full product (the head of a network: a fraction of a full product; a
-      transformer's 4 blocks: 1.6x one full eigsh vs 2.5x for the black box, see
-      ``benchmarks/family.py``). Within a group a block product costs ``C_UU``'s.
+      full product (the head of a network: a fraction of a full product). Within
+      a group a block product costs ``C_UU``'s, and a block at the bottom (the
+      embeddings) still costs nearly a full product: on the benchmark
+      transformer's 4 blocks, 2.25x one full eigsh vs 2.48x for the black box
+      (``benchmarks/family.py``, CPU).
 
     A vmapped group runs until its slowest block has converged; a batch of
     tangents costs less than as many single products on accelerators and small
