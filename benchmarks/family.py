@@ -15,7 +15,10 @@ ratios come from interleaved A/B pairs (``_common.time_paired``):
    ``block_eigsh(H, params, 5, blocks=<one label per layer>)`` (embeddings, each transformer
    layer, head; the equal-shaped layers run as one vmapped eigsh) against
    ``eigsh(H, v0, 5)`` on the same Hessian, both jitted end to end (linearisation included),
-   default tolerances. Compile times are reported too.
+   default tolerances. Compile times are reported too. Twice: with the Hessian as a black box
+   (``restrict``-ed: every block product is a full-model product) and on the loss path
+   (``block_matvec=lambda where: hessian_matvec(loss, params, *batch, wrt=where)``: each group of
+   equal-shaped blocks gets an operator that differentiates with respect to its blocks only).
 4. **Streamed eigsh over 8 batches vs in-memory microbatched eigsh** (goal <= 1.2x): the same
    8 batches, as a host-driven ``stream_matvec`` over NumPy batches, and as one in-memory
    batch with ``hessian_matvec(..., microbatch_size=batch)``; top-5. The streamed case needs
@@ -24,7 +27,8 @@ ratios come from interleaved A/B pairs (``_common.time_paired``):
    Also with ``batches_per_call=4`` (four host batches stacked into one jitted call).
 
 Run: ``python -m benchmarks.family`` (``--tiny`` for a seconds-long smoke run of the script
-on a tiny transformer, its numbers mean nothing; ``--streams-only`` reruns case 4 alone).
+on a tiny transformer, its numbers mean nothing; ``--streams-only`` reruns case 4 alone,
+``--spectra-only`` case 3).
 """
 
 from __future__ import annotations
@@ -132,14 +136,31 @@ def bench_block_spectra(prob: M.Problem, reps: int) -> dict:
         return curvlib.block_eigsh(H, params, K, key=key, blocks=layer_label,
                                    batch_size=batch_size)
 
+    @functools.partial(jax.jit, static_argnames="batch_size")
+    def per_layer_loss(params, *batch, batch_size=None):  # products differentiate blocks only
+        return curvlib.block_eigsh(
+            None, params, K, key=key, blocks=layer_label, batch_size=batch_size,
+            block_matvec=lambda where: curvlib.hessian_matvec(prob.loss, params, *batch,
+                                                              wrt=where))
+
     t0 = time.perf_counter()
     f = jax.block_until_ready(full(params, v0, *batch))
     first_full = time.perf_counter() - t0
     t0 = time.perf_counter()
     b = jax.block_until_ready(per_layer(params, *batch))
     first_blocks = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bl = jax.block_until_ready(per_layer_loss(params, *batch))
+    first_loss = time.perf_counter() - t0
+    pair_loss = C.time_paired(lambda: full(params, v0, *batch),
+                              lambda: per_layer_loss(params, *batch),
+                              repeats=max(reps, 7), number=1)
     pair = C.time_paired(lambda: full(params, v0, *batch), lambda: per_layer(params, *batch),
                          repeats=max(reps, 7), number=1)
+    jax.block_until_ready(per_layer_loss(params, *batch, batch_size=1))
+    pair_loss_seq = C.time_paired(lambda: full(params, v0, *batch),
+                                  lambda: per_layer_loss(params, *batch, batch_size=1),
+                                  repeats=max(reps, 7), number=1)
     # the equal-shaped layers one after another (lax.map) instead of one vmapped eigsh
     jax.block_until_ready(per_layer(params, *batch, batch_size=1))
     sequential = C.time_paired(lambda: full(params, v0, *batch),
@@ -147,7 +168,20 @@ def bench_block_spectra(prob: M.Problem, reps: int) -> dict:
                                repeats=max(reps, 7), number=1)
     blocks = {name: {"eigenvalues": np.asarray(r.eigenvalues), "num_matvecs": int(r.num_matvecs),
                      "converged": bool(r.converged)} for name, r in b.items()}
+    blocks_loss = {name: {"eigenvalues": np.asarray(r.eigenvalues),
+                          "num_matvecs": int(r.num_matvecs), "converged": bool(r.converged),
+                          "max_rel_diff_vs_black_box": float(np.max(
+                              np.abs(np.asarray(r.eigenvalues) - blocks[name]["eigenvalues"])
+                              / np.abs(blocks[name]["eigenvalues"])))}
+                   for name, r in bl.items()}
     return {
+        "loss_path": {
+            "blocks": blocks_loss,
+            "compile_s": max(first_loss - pair_loss["b"]["median_s"], 0.0),
+            "block_products_total": int(sum(r["num_matvecs"] for r in blocks_loss.values())),
+            "paired": pair_loss,
+            "paired_batch_size_1": pair_loss_seq,
+        },
         "full": {"eigenvalues": np.asarray(f.eigenvalues), "num_matvecs": int(f.num_matvecs),
                  "converged": bool(f.converged),
                  "compile_s": max(first_full - pair["a"]["median_s"], 0.0)},
@@ -241,16 +275,21 @@ def bench_stream(prob: M.Problem, reps: int) -> dict:
 # ------------------------------------------------------------------ report
 
 
-def run(quick: bool = False, tiny: bool = False, streams_only: bool = False) -> dict:
-    """Measure everything (or, with ``streams_only``, the streams again, keeping the rest of
-    the last committed results) and write the results."""
+def run(quick: bool = False, tiny: bool = False, streams_only: bool = False,
+        spectra_only: bool = False) -> dict:
+    """Measure everything (or, with ``streams_only`` / ``spectra_only``, case 4 / case 3 again,
+    keeping the rest of the last committed results) and write the results."""
     reps = C.repeats(7)
     prob = M.make_transformer(**TINY) if tiny else M.make_transformer()
     C.log(f"transformer: {M.num_params(prob.params):,} parameters, config {prob.config}")
-    if streams_only:
+    if streams_only or spectra_only:
         last = C.load_results()["family"]
         products, spectra = last["products"], last["block_spectra"]
-    else:
+    if spectra_only:
+        spectra = bench_block_spectra(prob, reps)
+        C.log("  block spectra done")
+        return _report(prob, products, spectra, last["stream"], tiny)
+    if not streams_only:
         products = bench_products(prob, reps)
         C.log("  products done")
         spectra = bench_block_spectra(prob, reps)
@@ -285,6 +324,31 @@ def _report(prob, products, spectra, stream, tiny) -> dict:
         f"{spectra['block_products_total']} vs {spectra['full']['num_matvecs']} products",
         sp["repeats"], "<= 1.5x: " + ("met" if r <= 1.5 else "MISSED"),
     ])
+    if "loss_path" in spectra:
+        lp = spectra["loss_path"]
+        sp = lp["paired"]
+        r = sp["ratio_b_over_a_median"]
+        headline.append([
+            f"per-layer top-{K} spectra, {len(lp['blocks'])} blocks in one call, products on "
+            f"each block only (`block_matvec=`, hessian_matvec(..., wrt=)) vs one full-model "
+            f"eigsh", C._fmt_s(sp["b"]["median_s"]), f"eigsh top-{K}",
+            C._fmt_s(sp["a"]["median_s"]), C._fmt_x(r) + " of one eigsh",
+            f"{lp['block_products_total']} block products vs {spectra['full']['num_matvecs']}",
+            sp["repeats"], "<= 1.5x: " + ("met" if r <= 1.5 else "MISSED"),
+        ])
+        sq = lp["paired_batch_size_1"]
+        notes.append(
+            f"per-layer spectra on the loss path with batch_size=1: "
+            f"{C._fmt_s(sq['b']['median_s'])}, {C._fmt_x(sq['ratio_b_over_a_median'])} of one "
+            f"eigsh (vmapped default: {C._fmt_x(r)})."
+        )
+        notes.append(
+            f"per-layer spectra on the loss path: compile {lp['compile_s']:.1f} s; eigenvalues "
+            f"vs the black-box path: max rel. diff "
+            f"{max(b['max_rel_diff_vs_black_box'] for b in lp['blocks'].values()):.1e}; blocks "
+            + ", ".join(f"{n} ({b['num_matvecs']} products, converged {b['converged']})"
+                        for n, b in lp["blocks"].items()) + "."
+        )
     sq = spectra["paired_batch_size_1"]
     notes.append(
         f"per-layer spectra with batch_size=1 (equal-shaped layers one after another): "
@@ -348,9 +412,12 @@ def main(argv=None) -> int:
                     help="a tiny transformer: checks that the script runs (numbers mean nothing)")
     ap.add_argument("--streams-only", action="store_true",
                     help="rerun the streamed case only (the rest from the committed results)")
+    ap.add_argument("--spectra-only", action="store_true",
+                    help="rerun the per-layer spectra only (the rest from the committed results)")
     args = ap.parse_args(argv)
     C.QUICK = args.quick or args.tiny
-    out = run(quick=args.quick, tiny=args.tiny, streams_only=args.streams_only)
+    out = run(quick=args.quick, tiny=args.tiny, streams_only=args.streams_only,
+              spectra_only=args.spectra_only)
     for row in out["headline"]:
         C.log(" | ".join(str(c) for c in row))
     for note in out["notes"]:

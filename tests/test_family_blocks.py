@@ -2,6 +2,7 @@
 ``block_eigsh`` gives numpy's eigenpairs of every block and batches equal shapes."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -189,3 +190,174 @@ def test_block_eigsh_one_block_at_a_time():
     np.testing.assert_allclose(got["a"], [8.0, 7.0], rtol=1e-10)
     np.testing.assert_allclose(got["b"], [18.0, 17.0], rtol=1e-10)
     np.testing.assert_allclose(got["c"], [7.0, 6.0], rtol=1e-10)
+
+
+# ------------------------------------------------- block operators at block cost (`wrt=`)
+
+_WHERE = {"in": False, "mid": {"w": True, "b": False}, "out": True}  # mid/w and out/w
+
+
+def _block_sub(params, selected):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, a: a if jax.tree_util.keystr(p, simple=True, separator="/") in selected
+        else None, params)
+
+
+def _dense(op, sub):
+    """The matrix of an operator on a sub-pytree, column by column (jitted, `op` traced)."""
+    flat, unravel = ravel_pytree(sub)
+    apply = jax.jit(lambda mv, v: mv(v))
+    return np.asarray([ravel_pytree(apply(op, unravel(e)))[0] for e in np.eye(flat.size)]).T
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"mode": "fwd-rev"}, {"mode": "rev-rev"},
+    {"mode": "fwd-rev", "microbatch_size": 5}, {"has_aux": True},
+])
+def test_hessian_wrt_is_the_dense_diagonal_block(options):
+    """``hessian_matvec(..., wrt=where)`` is ``H_BB`` of ``jax.hessian`` (1e-12) and equals
+    ``restrict`` of the full operator, in every mode, microbatched and with an aux output."""
+    loss, params, x, y, H = _problem()
+    fun = (lambda p, x, y: (loss(p, x, y), {"x": x})) if options.get("has_aux") else loss
+    Hb = curvlib.hessian_matvec(fun, params, x, y, wrt=_WHERE, **options)
+    sub = _block_sub(params, {"mid/w", "out/w"})
+    idx = _indices(params, {"mid/w", "out/w"})
+    np.testing.assert_allclose(_dense(Hb, sub), H[np.ix_(idx, idx)], rtol=0, atol=1e-12)
+    R = restrict(curvlib.hessian_matvec(fun, params, x, y, **options), params, _WHERE)
+    v = jax.tree.map(lambda a: jnp.cos(jnp.arange(a.size, dtype=a.dtype).reshape(a.shape)), sub)
+    for got, want in zip(jax.tree.leaves(Hb(v)), jax.tree.leaves(R(v)), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    # the same vector conventions as `restrict`: None for a whole unselected subtree
+    out = Hb({"in": None, "mid": {"w": v["mid"]["w"], "b": None}, "out": v["out"]})
+    assert out["in"] is None and out["mid"]["b"] is None
+
+
+def test_ggn_and_fisher_wrt_equal_restrict():
+    loss, params, x, y, _ = _problem()
+
+    def model(p, x):
+        h = jnp.tanh(x @ p["in"]["w"] + p["in"]["b"])
+        return jnp.tanh(h @ p["mid"]["w"] + p["mid"]["b"]) @ p["out"]["w"]
+
+    mse = lambda o, y: jnp.mean((o - y) ** 2)
+    sub = _block_sub(params, {"mid/w", "out/w"})
+    v = jax.tree.map(lambda a: jnp.sin(jnp.arange(a.size, dtype=a.dtype).reshape(a.shape)), sub)
+    cases = {
+        "ggn": lambda **kw: curvlib.ggn_matvec(model, mse, params, x, loss_args=(y,), **kw),
+        "ggn recompute mb": lambda **kw: curvlib.ggn_matvec(
+            model, mse, params, x, loss_args=(y,), mode="recompute", microbatch_size=4, **kw),
+        "fisher": lambda **kw: curvlib.fisher_matvec(model, params, x, **kw),
+        "fisher mc mb": lambda **kw: curvlib.fisher_matvec(
+            model, params, x, key=jax.random.key(1), num_samples=2, mode="recompute",
+            microbatch_size=6, **kw),
+    }
+    for name, build in cases.items():
+        got, want = build(wrt=_WHERE)(v), restrict(build(), params, _WHERE)(v)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-12, err_msg=name)
+
+
+def test_wrt_operator_is_traced_data_under_jit():
+    """A block operator is a Partial: a new point reuses the compiled product."""
+    loss, params, x, y, H = _problem()
+    traces = []
+    apply = jax.jit(lambda mv, v: (traces.append(1), mv(v))[1])
+    sub = _block_sub(params, {"mid/w", "out/w"})
+    apply(curvlib.hessian_matvec(loss, params, x, y, wrt=_WHERE), sub)
+    params2 = jax.tree.map(lambda a: 0.9 * a, params)
+    out = apply(curvlib.hessian_matvec(loss, params2, x, y, wrt=_WHERE), sub)
+    assert len(traces) == 1
+    want = restrict(curvlib.hessian_matvec(loss, params2, x, y), params2, _WHERE)(sub)
+    np.testing.assert_allclose(out["out"]["w"], want["out"]["w"], atol=1e-12)
+    # built inside jit too
+    inside = jax.jit(lambda p: curvlib.hessian_matvec(loss, p, x, y, wrt=_WHERE)(sub))(params2)
+    np.testing.assert_allclose(inside["mid"]["w"], want["mid"]["w"], atol=1e-12)
+
+
+def _count(jaxpr, prim):
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == prim
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            n += _count(sub, prim)
+    return n
+
+
+def test_wrt_product_skips_the_layers_below_the_block():
+    """Cost without timing: the product on the last layer has no tangent or cotangent pass
+    through the layers before it. The black-box product (restrict of the full operator)
+    differentiates through all three layers' tanh and matmuls; the block product does not."""
+    loss, params, x, y, _ = _problem()
+    last = {"in": False, "mid": False, "out": True}
+    sub = _block_sub(params, {"out/w"})
+    for mode in ("linearize", "fwd-rev"):
+        block = curvlib.hessian_matvec(loss, params, x, y, wrt=last, mode=mode)
+        box = restrict(curvlib.hessian_matvec(loss, params, x, y, mode=mode), params, last)
+        jb = jax.make_jaxpr(lambda mv, v: mv(v))(block, sub).jaxpr
+        jf = jax.make_jaxpr(lambda mv, v: mv(v))(box, sub).jaxpr
+        nb, nf = _count(jb, "dot_general"), _count(jf, "dot_general")
+        # below the block: 2 layers x (x @ W tangent, W tangent-of-input, 2 gradient matmuls)
+        assert nb + 4 <= nf, (mode, nb, nf)
+        if mode == "linearize":  # residuals only: no tanh of the first layers is recomputed
+            assert _count(jb, "tanh") == 0 and len(jb.eqns) < len(jf.eqns) / 2, mode
+
+
+def test_wrt_errors_name_the_argument():
+    loss, params, x, y, _ = _problem()
+    with pytest.raises(ValueError, match="`wrt` selects no leaf"):
+        curvlib.hessian_matvec(loss, params, x, y, wrt=lambda p, a: False)
+    with pytest.raises(ValueError, match=r"`wrt` must be a predicate .* pytree of bools"):
+        curvlib.hessian_matvec(loss, params, x, y, wrt={"in": True})
+    with pytest.raises(ValueError, match=r"`wrt\['in'\]\['b'\]` must be a Python bool"):
+        curvlib.ggn_matvec(lambda p, x: x @ p["out"]["w"], lambda o: jnp.sum(o ** 2), params,
+                           x, wrt={"in": {"w": True, "b": jnp.ones(2)}, "mid": False,
+                                   "out": True})
+    with pytest.raises(ValueError, match=r"block vector\[.out.\]\[.w.\] has shape \(8,\)"):
+        curvlib.hessian_matvec(loss, params, x, y, wrt=_WHERE)(
+            {"mid": {"w": jnp.ones((4, 4))}, "out": {"w": jnp.ones(8)}})
+    with pytest.raises(ValueError, match="`microbatch_size` needs a batch"):
+        curvlib.hessian_matvec(lambda p: loss(p, x, y), params, wrt=_WHERE,
+                               microbatch_size=2)
+    Hv = curvlib.hessian_matvec(loss, params, x, y)
+    with pytest.raises(ValueError, match="either `matvec` or `block_matvec`"):
+        block_eigsh(Hv, params, 1, key=jax.random.key(0), block_matvec=lambda w: Hv)
+    with pytest.raises(TypeError, match="`block_matvec` must be a function"):
+        block_eigsh(None, params, 1, key=jax.random.key(0), block_matvec=3)
+
+
+@pytest.mark.parametrize("batch_size", [None, 1])
+def test_block_eigsh_on_the_loss_path(batch_size):
+    """``block_matvec=`` (one operator per block, differentiating that block only) gives the
+    black-box path's eigenvalues and numpy's of every dense block; one operator per block."""
+    loss, params, x, y, H = _problem()
+    Hv = curvlib.hessian_matvec(loss, params, x, y)
+    built = []
+
+    def factory(where):
+        built.append(where)
+        return curvlib.hessian_matvec(loss, params, x, y, wrt=where)
+
+    opts = dict(key=jax.random.key(0), eigsh=curvlib.Eigsh(rtol=1e-10), batch_size=batch_size)
+    by_layer = {"in": "in", "mid": "mid", "out": "out"}
+    for blocks in (None, by_layer):
+        built.clear()
+        fast = block_eigsh(None, params, 2, blocks=blocks, block_matvec=factory, **opts)
+        slow = block_eigsh(Hv, params, 2, blocks=blocks, **opts)
+        assert list(fast) == list(slow)
+        assert len(built) == (5 if blocks is None else 3)  # one operator per block
+        for name, res in fast.items():
+            sel = {name} if blocks is None else {f"{name}/{leaf}" for leaf in ("w", "b")}
+            idx = _indices(params, sel)
+            evals = np.linalg.eigh(H[np.ix_(idx, idx)])[0][::-1][:2]
+            np.testing.assert_allclose(res.eigenvalues, evals, rtol=1e-9, atol=1e-12,
+                                       err_msg=name)
+            np.testing.assert_allclose(res.eigenvalues, slow[name].eigenvalues, rtol=1e-9,
+                                       atol=1e-12, err_msg=name)
+            assert jax.tree.structure(res.eigenvectors) == jax.tree.structure(
+                slow[name].eigenvectors)
+            assert bool(res.converged), name
+    # under jit, the operators built from traced parameters
+    jitted = jax.jit(lambda p: block_eigsh(
+        None, p, 2, blocks=by_layer,
+        block_matvec=lambda w: curvlib.hessian_matvec(loss, p, x, y, wrt=w), **opts))(params)
+    np.testing.assert_allclose(jitted["mid"].eigenvalues, fast["mid"].eigenvalues, rtol=1e-9)

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.tree_util import Partial, keystr
 
 from curvlib import _tree
@@ -39,6 +40,49 @@ def value_only(fun: Callable) -> Callable:
 
 def drop_aux(fun: Callable, has_aux: bool) -> Callable:
     return value_only(fun) if has_aux else fun
+
+
+# ----------------------------------------------------------------- blocks
+
+
+def _static_bool(x, where: str, name: str) -> bool:
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, jax.core.Tracer) or jnp.shape(x) != ():
+        raise ValueError(
+            f"`{name}{where}` must be a Python bool (a static choice of leaves); got {x!r}."
+        )
+    return bool(x)
+
+
+def leaf_mask(params: PyTree, where, name: str = "where") -> tuple[bool, ...]:
+    """One bool per leaf of ``params``: is it selected by ``where``?
+
+    ``where`` is a predicate ``where(path, leaf) -> bool`` on key paths (as in
+    ``jax.tree_util.tree_map_with_path``) or a pytree of bools with the
+    structure of ``params`` or a prefix of it (a bool for a whole subtree).
+    ``name`` is the argument's name in the error messages.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    if callable(where):
+        return tuple(_static_bool(where(path, x), f"({keystr(path)})", name)
+                     for path, x in flat)
+    try:
+        full = jax.tree.map(lambda w, sub: jax.tree.map(lambda _: w, sub), where, params)
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"`{name}` must be a predicate `{name}(path, leaf) -> bool` or a pytree of bools "
+            "with the structure of `params` (or a prefix of it); got structure "
+            f"{jax.tree.structure(where)} for params {jax.tree.structure(params)}."
+        ) from None
+    fflat, _ = jax.tree_util.tree_flatten_with_path(full)
+    return tuple(_static_bool(w, keystr(path), name) for path, w in fflat)
+
+
+def sub_tree(treedef, leaves, mask):
+    """The leaves where ``mask`` holds, ``None`` elsewhere, in the structure ``treedef``."""
+    return jax.tree.unflatten(treedef, [x if m else None for x, m in zip(leaves, mask,
+                                                                             strict=True)])
 
 
 # --------------------------------------------------------- tangent checks

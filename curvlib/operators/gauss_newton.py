@@ -40,6 +40,7 @@ from jax.tree_util import Partial
 from curvlib import _validate
 from curvlib._compile import stable_linearized, weak_cache
 from curvlib.operators import _common as C
+from curvlib.operators import _wrt
 from curvlib.operators.microbatch import (
     batch_size,
     check_batched,
@@ -107,6 +108,7 @@ def ggn_matvec(
     microbatch_size: int | None = None,
     batch_argnums: int | tuple[int, ...] | None = None,
     has_aux: bool = False,
+    wrt=None,
 ) -> Partial:
     """Generalised Gauss-Newton product ``v -> J^T H_l J v``.
 
@@ -137,9 +139,16 @@ def ggn_matvec(
       batch_argnums: which of ``args`` are batched; default all of them.
       has_aux: ``model_fn`` returns ``(outputs, aux)`` (e.g. flax's mutable
         collections); ``aux`` is ignored.
+      wrt: ``None``, or a parameter block (as ``where`` of
+        [`restrict`][curvlib.restrict]): the block ``G_BB = J_B^T H_l J_B``, with
+        ``J_B`` the Jacobian with respect to the block's leaves only (the tangent
+        pass starts at the block, the transposed pass stops at it), on the block's
+        sub-pytree; equal to ``restrict(ggn_matvec(...), params, wrt)`` at the
+        block's cost.
 
     Returns:
-      ``matvec`` (a `jax.tree_util.Partial`) with ``matvec(v) = G v``.
+      ``matvec`` (a `jax.tree_util.Partial`) with ``matvec(v) = G v`` (with
+      ``wrt``: ``G_BB v_B``).
 
     Raises:
       TypeError: if ``loss_fn`` does not return a float scalar or ``params``
@@ -165,6 +174,12 @@ def ggn_matvec(
     """
     _validate.float_leaves(params, "params")
     loss_args = tuple(loss_args)
+    if wrt is not None:
+        build = lambda f, p, *a, **kw: ggn_matvec(f, loss_fn, p, *a, **kw)
+        return _wrt.block_operator(build, model_fn, params, args, wrt, loss_args=loss_args,
+                                   mode=mode,
+                                   microbatch_size=microbatch_size,
+                                   batch_argnums=batch_argnums, has_aux=has_aux)
     if _check_model(model_fn, params, args, has_aux):
         model_fn = C.value_only(model_fn)
     out_shape = jax.eval_shape(lambda p: model_fn(p, *args), params)
@@ -320,6 +335,7 @@ def fisher_matvec(
     microbatch_size: int | None = None,
     batch_argnums: int | tuple[int, ...] | None = None,
     has_aux: bool = False,
+    wrt=None,
 ) -> Partial:
     """The Fisher information of the model's predictive distribution, ``v -> F v``.
 
@@ -380,9 +396,14 @@ def fisher_matvec(
         ``args``; the model's outputs must carry the same leading axis.
       batch_argnums: which of ``args`` are batched; default all of them.
       has_aux: ``model_fn`` returns ``(f, aux)``; ``aux`` is ignored.
+      wrt: ``None``, or a parameter block (as ``where`` of
+        [`restrict`][curvlib.restrict]): the block ``F_BB`` on the block's
+        sub-pytree, from the Jacobian with respect to the block's leaves only;
+        equal to ``restrict(fisher_matvec(...), params, wrt)`` at the block's cost.
 
     Returns:
-      ``matvec`` (a `jax.tree_util.Partial`) with ``matvec(v) = F v``.
+      ``matvec`` (a `jax.tree_util.Partial`) with ``matvec(v) = F v`` (with
+      ``wrt``: ``F_BB v_B``).
 
     Raises:
       ValueError: for an unknown ``likelihood`` or ``mode``, a bad ``key`` or
@@ -409,6 +430,12 @@ def fisher_matvec(
       gradient method*, JMLR 2020.
     """
     _validate.float_leaves(params, "params")
+    if wrt is not None:
+        return _wrt.block_operator(fisher_matvec, model_fn, params, args, wrt,
+                                   likelihood=likelihood, key=key, num_samples=num_samples,
+                                   variance=variance, mode=mode,
+                                   microbatch_size=microbatch_size,
+                                   batch_argnums=batch_argnums, has_aux=has_aux)
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"`likelihood` must be one of {LIKELIHOODS}; got {likelihood!r}.")
     mc = key is not None

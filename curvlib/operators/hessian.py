@@ -29,6 +29,7 @@ from jax.tree_util import Partial
 from curvlib import _tree, _validate
 from curvlib._compile import stable_linearized, weak_cache
 from curvlib.operators import _common as C
+from curvlib.operators import _wrt
 from curvlib.operators.microbatch import (
     _replace,
     check_batched,
@@ -121,6 +122,7 @@ def hessian_matvec(
     microbatch_size: int | None = None,
     batch_argnums: int | tuple[int, ...] | None = None,
     has_aux: bool = False,
+    wrt=None,
 ) -> Partial:
     """The Hessian of ``fun(params, *args)`` as a reusable linear function ``v -> H v``.
 
@@ -145,6 +147,17 @@ def hessian_matvec(
     jitted code and its arrays stay traced inputs. It composes with ``jax.vmap``
     over tangents (a block product ``V -> H V``).
 
+    Blocks: with ``wrt=where`` the result is the diagonal block ``H_BB`` of the
+    Hessian for the leaves ``B`` that ``where`` selects, differentiated with
+    respect to those leaves only: ``f_B(p_B) = f(p_B, p_rest)`` with the other
+    leaves closed over as constants, so the tangent pass starts at the block and
+    the reverse pass stops at it (a linearisation stores only the residuals that
+    depend on ``p_B``). It acts on the block's sub-pytree (``params`` with
+    ``None`` outside the block) exactly like
+    ``restrict(hessian_matvec(fun, params, *args), params, where)``, at the cost
+    of the block: for the last layer of a deep network, a fraction of one full
+    product.
+
     Sharding: when ``params`` are arrays placed with ``NamedSharding`` on an
     ``Auto`` mesh (FSDP-style), every product is constrained to the parameters'
     layout, so ``H v`` stays sharded like ``params`` instead of being
@@ -160,17 +173,23 @@ def hessian_matvec(
       batch_argnums: which of ``args`` are batched (an int or a tuple of
         ints); default all of them. Used only with ``microbatch_size``.
       has_aux: ``fun`` returns ``(loss, aux)``; ``aux`` is ignored.
+      wrt: ``None`` (the whole Hessian) or a parameter block, as ``where`` of
+        [`restrict`][curvlib.restrict]: a predicate ``wrt(path, leaf) -> bool`` on
+        key paths or a pytree of Python bools with the structure of ``params``
+        (or a prefix of it).
 
     Returns:
-      ``matvec`` with ``matvec(v) == H v`` for ``v`` shaped like ``params``.
+      ``matvec`` with ``matvec(v) == H v`` for ``v`` shaped like ``params``; with
+      ``wrt``, ``matvec(v_B) == H_BB v_B`` on the block's sub-pytree.
 
     Raises:
       TypeError: if ``fun`` does not return a float scalar, or ``params`` has a
         non-real-floating leaf (named by its path).
       ValueError: for an unknown ``mode``, a microbatched linearisation or a
-        batched argument without the shared leading axis (named by its path);
-        when called, for a tangent whose structure or shapes differ from
-        ``params``.
+        batched argument without the shared leading axis (named by its path), a
+        ``wrt`` that selects no leaf or is not a pytree of bools matching
+        ``params``; when called, for a tangent whose structure or shapes differ
+        from ``params`` (with ``wrt``: from the block's sub-pytree).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -192,8 +211,21 @@ def hessian_matvec(
       ...                      microbatch_size=1)
       >>> Hmb({"w": jnp.array([1.0, 1.0])})["w"].tolist()
       [1.0, 4.0]
+
+      One block (here the leaf ``"b"``) differentiated alone, on its sub-pytree:
+
+      >>> loss3 = lambda p, x: jnp.mean((x @ p["w"] + p["b"]) ** 2)
+      >>> Hb = hessian_matvec(loss3, {"w": jnp.zeros(2), "b": jnp.array(0.0)}, x,
+      ...                     wrt={"w": False, "b": True})
+      >>> out = Hb({"w": None, "b": jnp.array(1.0)})
+      >>> out["w"] is None, float(out["b"])
+      (True, 2.0)
     """
     _validate.float_leaves(params, "params")
+    if wrt is not None:
+        return _wrt.block_operator(hessian_matvec, fun, params, args, wrt, mode=mode,
+                                   microbatch_size=microbatch_size,
+                                   batch_argnums=batch_argnums, has_aux=has_aux)
     _validate.scalar_loss(jax.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
     fun = C.drop_aux(fun, has_aux)
     if mode is None:
