@@ -136,27 +136,46 @@ def statistics(
     (`eigenbasis_scales`) as a third output.
     """
     n = batched[0].shape[0]
+    cotangents = likelihood_cotangents(likelihood, num_samples, variance)
+    keys = None if key is None else jax.random.split(key, n)
+    outs, rows_a, rows_g, dsq = layer_rows(layers, params, batched, cotangents, keys=keys,
+                                           consts=consts)
+    weight = 1.0 if key is None else 1.0 / num_samples
+    factors, scales = factors_from_rows(layers, rows_a, rows_g, dsq, weight=weight,
+                                        convention=convention, eigenbasis=eigenbasis)
+    if eigenbasis is not None:
+        return factors, outs, scales
+    return factors, outs
 
+
+def likelihood_cotangents(likelihood: str, num_samples: int, variance) -> Callable:
+    """``cotangents(out, key) -> (S, *out.shape)`` for one example: the columns of the output
+    Hessian's square root (``key=None``, exact Fisher) or ``num_samples`` sampled gradients."""
     def cotangents(out, k):
         if k is None:
             return _likelihood.sqrt_hessian(likelihood, out, variance)
         return _likelihood.sampled_gradients(likelihood, out, k, num_samples, variance)
 
-    keys = None if key is None else jax.random.split(key, n)
-    outs, rows_a, rows_g, dsq = layer_rows(layers, params, batched, cotangents, keys=keys,
-                                           consts=consts)
+    return cotangents
+
+
+def factors_from_rows(layers: KfacLayers, rows_a, rows_g, dsq, *, weight, convention: str,
+                      eigenbasis: Eigen | None = None) -> tuple[Factors, tuple]:
+    """``(factors, scales)`` of one batch from `layer_rows`' rows (``weight``: ``1 / S`` for
+    ``S`` Monte-Carlo samples, else 1); ``scales`` is ``()`` without ``eigenbasis``.
+
+    Cost: ``O(N R d^2)`` per factor (and one per-example gradient per layer for EK-FAC).
+    """
     dt = factor_dtype(layers)
-    weight = 1.0 if key is None else 1.0 / num_samples
     A, G = [], []
     for l, a, g in zip(layers.layers, rows_a, rows_g, strict=True):
         A_l, G_l = _layer_factors(l, a, g.astype(dt), convention, dt)
         A.append(A_l)
         G.append(G_l * weight)
     D = tuple(jnp.mean(d, axis=0) * weight for d in dsq)
-    if eigenbasis is not None:
-        scales = eigenbasis_scales(layers, eigenbasis, rows_a, rows_g, weight, dt)
-        return Factors(tuple(A), tuple(G), D), outs, scales
-    return Factors(tuple(A), tuple(G), D), outs
+    scales = () if eigenbasis is None else eigenbasis_scales(layers, eigenbasis, rows_a,
+                                                             rows_g, weight, dt)
+    return Factors(tuple(A), tuple(G), D), scales
 
 
 def eigenbasis_scales(layers: KfacLayers, eig: Eigen, rows_a, rows_g, weight, dt) -> tuple:
@@ -242,6 +261,83 @@ def layer_rows(layers: KfacLayers, params, batched, cotangents, *, keys=None, co
     if keys is None:
         return jax.vmap(lambda e: one(e, None))(list(batched))
     return jax.vmap(one)(list(batched), keys)
+
+
+def value_grad_and_rows(layers: KfacLayers, params, batched, loss_fn: Callable, cotangents, *,
+                        keys=None, consts=None):
+    r"""The loss, its gradient and `layer_rows`' rows from one forward pass of the model.
+
+    One forward pass over the batch (the model replayed per example under
+    ``vmap``, recording every layer input), then, from its residuals, the
+    backward pass of the loss cotangent $\partial \ell / \partial f$ (the
+    gradient) and one batched backward pass of the statistics' cotangents
+    (``cotangents(out, key) -> (S, *out.shape)`` per example, as in
+    `layer_rows`), which never forms parameter gradients. Together they are what
+    ``jax.value_and_grad`` of the loss plus `layer_rows` cost, less one forward pass.
+
+    Args:
+      layers: the model's [`KfacLayers`][curvlib.kronecker.KfacLayers].
+      params: the point.
+      batched: the array leaves of the batch (`batch_leaves`).
+      loss_fn: ``loss_fn(outputs) -> scalar`` on the batch's outputs ``(N, ...)``.
+      cotangents: as in `layer_rows`.
+      keys: ``(N,)`` keys, one per example, or ``None``.
+      consts: the program's constants (default: those traced).
+
+    Returns:
+      ``(value, grads, outputs, rows_a, rows_g, diag_sq)``: the loss, its gradient
+      (shaped like ``params``), then as `layer_rows`.
+    """
+    p_leaves = jax.tree.leaves(params)
+    prog = layers.program
+    record = {u.op: u.operand for l in layers.layers for u in l.uses}
+    probe_avals = {u.op: prog.ops[u.op].out_avals[0] for l in layers.layers for u in l.uses}
+    diag_idx = [f.leaf for f in layers.diagonal]
+    rest_idx = [i for i in range(len(p_leaves)) if i not in set(diag_idx)]
+    dt = factor_dtype(layers)
+    n = batched[0].shape[0]
+
+    def one(rest, dleaves, probes, example):
+        leaves = [None] * len(p_leaves)
+        for j, v in zip(rest_idx, rest, strict=True):
+            leaves[j] = v
+        for j, v in zip(diag_idx, dleaves, strict=True):
+            leaves[j] = v
+        outs, rec = _program.evaluate(prog, leaves + [x[None] for x in example],
+                                      consts=consts, record=record, probes=probes)
+        return outs[0][0], rec
+
+    def forward(rest, dleaves, probes):  # diagonal leaves per example: per-example gradients
+        return jax.vmap(one, in_axes=(None, 0, 0, 0))(rest, dleaves, probes, list(batched))
+
+    rest = [p_leaves[j] for j in rest_idx]
+    dleaves = [jnp.broadcast_to(p_leaves[j], (n,) + p_leaves[j].shape) for j in diag_idx]
+    probes = {i: jnp.zeros((n,) + a.shape, a.dtype) for i, a in probe_avals.items()}
+    out, vjp_fn, rec = jax.vjp(forward, rest, dleaves, probes, has_aux=True)
+    value, ct = jax.value_and_grad(loss_fn)(out)
+    g_rest, g_diag, _ = vjp_fn(ct.astype(out.dtype))
+    grads = [None] * len(p_leaves)
+    for j, v in zip(rest_idx, g_rest, strict=True):
+        grads[j] = v
+    for j, v in zip(diag_idx, g_diag, strict=True):
+        grads[j] = jnp.sum(v, axis=0)
+    grads = jax.tree.unflatten(jax.tree.structure(params), grads)
+
+    out = jax.lax.stop_gradient(out)
+    if keys is None:
+        cots = jax.vmap(lambda o: cotangents(o, None))(out)
+    else:
+        cots = jax.vmap(cotangents)(out, keys)
+    _, dgrads, pgrads = jax.vmap(vjp_fn)(jnp.moveaxis(cots, 1, 0).astype(out.dtype))
+    rows_a, rows_g = [], []
+    for l in layers.layers:
+        rows_a.append(jnp.concatenate(
+            [jax.vmap(lambda x, u=u: use_rows(u, x))(rec[u.op]) for u in l.uses], axis=1))
+        rows_g.append(jnp.concatenate(
+            [jax.vmap(jax.vmap(lambda y, u=u, l=l: out_rows(u, l.out_dim, y)))(
+                jnp.moveaxis(pgrads[u.op], 0, 1)) for u in l.uses], axis=2))
+    dsq = [jnp.sum(jnp.square(d.astype(dt)), axis=0) for d in dgrads]
+    return value, grads, out, rows_a, rows_g, dsq
 
 
 def _layer_factors(layer: Layer, a, g, convention, dt):
