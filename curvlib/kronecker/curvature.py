@@ -268,12 +268,15 @@ def value_grad_and_rows(layers: KfacLayers, params, batched, loss_fn: Callable, 
     r"""The loss, its gradient and `layer_rows`' rows from one forward pass of the model.
 
     One forward pass over the batch (the model replayed per example under
-    ``vmap``, recording every layer input), then, from its residuals, the
-    backward pass of the loss cotangent $\partial \ell / \partial f$ (the
-    gradient) and one batched backward pass of the statistics' cotangents
-    (``cotangents(out, key) -> (S, *out.shape)`` per example, as in
-    `layer_rows`), which never forms parameter gradients. Together they are what
-    ``jax.value_and_grad`` of the loss plus `layer_rows` cost, less one forward pass.
+    ``vmap``, as in `layer_rows`, recording every layer input and keeping each
+    example's pullback), the loss $\ell(f)$ and its cotangent
+    $\partial \ell / \partial f$ at the outputs, then one backward pass per
+    example of the loss cotangent stacked with the statistics' cotangents
+    (``cotangents(out, key) -> (S, *out.shape)``): ``S + 1`` pulled-back output
+    gradients per layer. The gradient of a layer's matrix is
+    $\sum_{n,r} a_{n,r} g_{n,r}^\top$ of the loss row (bias: $\sum g$), that of a
+    diagonal leaf the sum of its per-example gradients. The cost is that of
+    ``jax.value_and_grad`` plus `layer_rows` less one forward pass.
 
     Args:
       layers: the model's [`KfacLayers`][curvlib.kronecker.KfacLayers].
@@ -286,49 +289,40 @@ def value_grad_and_rows(layers: KfacLayers, params, batched, loss_fn: Callable, 
 
     Returns:
       ``(value, grads, outputs, rows_a, rows_g, diag_sq)``: the loss, its gradient
-      (shaped like ``params``), then as `layer_rows`.
+      (shaped like ``params``), then as `layer_rows` (the statistics' rows only).
     """
     p_leaves = jax.tree.leaves(params)
     prog = layers.program
     record = {u.op: u.operand for l in layers.layers for u in l.uses}
     probe_avals = {u.op: prog.ops[u.op].out_avals[0] for l in layers.layers for u in l.uses}
     diag_idx = [f.leaf for f in layers.diagonal]
-    rest_idx = [i for i in range(len(p_leaves)) if i not in set(diag_idx)]
     dt = factor_dtype(layers)
+
     n = batched[0].shape[0]
 
-    def one(rest, dleaves, probes, example):
-        leaves = [None] * len(p_leaves)
-        for j, v in zip(rest_idx, rest, strict=True):
-            leaves[j] = v
+    def one(dleaves, probes, example):
+        leaves = list(p_leaves)
         for j, v in zip(diag_idx, dleaves, strict=True):
             leaves[j] = v
-        outs, rec = _program.evaluate(prog, leaves + [x[None] for x in example],
-                                      consts=consts, record=record, probes=probes)
+        outs, rec = _program.evaluate(prog, leaves + [x[None] for x in example], consts=consts,
+                                      record=record, probes=probes)
         return outs[0][0], rec
 
-    def forward(rest, dleaves, probes):  # diagonal leaves per example: per-example gradients
-        return jax.vmap(one, in_axes=(None, 0, 0, 0))(rest, dleaves, probes, list(batched))
+    def forward(dleaves, probes):  # per example: the diagonal leaves' per-example gradients
+        return jax.vmap(one)(dleaves, probes, list(batched))
 
-    rest = [p_leaves[j] for j in rest_idx]
     dleaves = [jnp.broadcast_to(p_leaves[j], (n,) + p_leaves[j].shape) for j in diag_idx]
     probes = {i: jnp.zeros((n,) + a.shape, a.dtype) for i, a in probe_avals.items()}
-    out, vjp_fn, rec = jax.vjp(forward, rest, dleaves, probes, has_aux=True)
-    value, ct = jax.value_and_grad(loss_fn)(out)
-    g_rest, g_diag, _ = vjp_fn(ct.astype(out.dtype))
-    grads = [None] * len(p_leaves)
-    for j, v in zip(rest_idx, g_rest, strict=True):
-        grads[j] = v
-    for j, v in zip(diag_idx, g_diag, strict=True):
-        grads[j] = jnp.sum(v, axis=0)
-    grads = jax.tree.unflatten(jax.tree.structure(params), grads)
-
-    out = jax.lax.stop_gradient(out)
+    outs, vjp_fn, rec = jax.vjp(forward, dleaves, probes, has_aux=True)
+    value, ct = jax.value_and_grad(loss_fn)(outs)
+    sg = jax.lax.stop_gradient(outs)
     if keys is None:
-        cots = jax.vmap(lambda o: cotangents(o, None))(out)
+        cots = jax.vmap(lambda o: cotangents(o, None))(sg)
     else:
-        cots = jax.vmap(cotangents)(out, keys)
-    _, dgrads, pgrads = jax.vmap(vjp_fn)(jnp.moveaxis(cots, 1, 0).astype(out.dtype))
+        cots = jax.vmap(cotangents)(sg, keys)
+    cots = jnp.concatenate([ct[None].astype(sg.dtype), jnp.moveaxis(cots, 1, 0).astype(sg.dtype)])
+    dgrads, pgrads = jax.vmap(vjp_fn)(cots)  # (S + 1, N, ...): the weights stay unbatched
+    dgrads = [jnp.moveaxis(d, 0, 1) for d in dgrads]
     rows_a, rows_g = [], []
     for l in layers.layers:
         rows_a.append(jnp.concatenate(
@@ -336,8 +330,30 @@ def value_grad_and_rows(layers: KfacLayers, params, batched, loss_fn: Callable, 
         rows_g.append(jnp.concatenate(
             [jax.vmap(jax.vmap(lambda y, u=u, l=l: out_rows(u, l.out_dim, y)))(
                 jnp.moveaxis(pgrads[u.op], 0, 1)) for u in l.uses], axis=2))
-    dsq = [jnp.sum(jnp.square(d.astype(dt)), axis=0) for d in dgrads]
-    return value, grads, out, rows_a, rows_g, dsq
+    mats = [_rows_gradient(l, a, g[:, 0], dt) for l, a, g in zip(layers.layers, rows_a, rows_g,
+                                                                 strict=True)]
+    diag = [jnp.sum(d[:, 0], axis=0) for d in dgrads]
+    grads = from_blocks(layers, mats, diag, params)
+    rows_g = [g[:, 1:] for g in rows_g]
+    dsq = [jnp.sum(jnp.square(d[:, 1:].astype(dt)), axis=1) for d in dgrads]
+    return value, grads, outs, rows_a, rows_g, dsq
+
+
+def _rows_gradient(layer: Layer, a, g, dt):
+    """A layer's ``(a_dim, d_out)`` gradient $\sum_{n,r} a_{n,r} g_{n,r}^\top$ from its rows
+    ``a`` ``(N, R, d_in)`` (ids ``(N, R)``) and ``g`` ``(N, R, d_out)`` (bias: last row)."""
+    hi = jax.lax.Precision.HIGHEST
+    g = g.astype(dt)
+    if layer.kind == "embedding":
+        ids = a.reshape(-1)
+        if layer.uses[0].act[1] != "fill":
+            ids = jnp.clip(ids, 0, layer.in_dim - 1)
+        return jnp.zeros((layer.in_dim, layer.out_dim), dt).at[ids].add(
+            g.reshape(-1, layer.out_dim), mode="drop")
+    a = a.astype(dt)
+    if layer.bias is not None:
+        a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), dt)], axis=-1)
+    return jnp.einsum("nri,nro->io", a, g, precision=hi)
 
 
 def _layer_factors(layer: Layer, a, g, convention, dt):
