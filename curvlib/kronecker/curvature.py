@@ -340,7 +340,7 @@ def value_grad_and_rows(layers: KfacLayers, params, batched, loss_fn: Callable, 
 
 
 def _rows_gradient(layer: Layer, a, g, dt):
-    """A layer's ``(a_dim, d_out)`` gradient $\sum_{n,r} a_{n,r} g_{n,r}^\top$ from its rows
+    """A layer's ``(a_dim, d_out)`` gradient $\\sum_{n,r} a_{n,r} g_{n,r}^\top$ from its rows
     ``a`` ``(N, R, d_in)`` (ids ``(N, R)``) and ``g`` ``(N, R, d_out)`` (bias: last row)."""
     hi = jax.lax.Precision.HIGHEST
     g = g.astype(dt)
