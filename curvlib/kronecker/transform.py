@@ -51,8 +51,10 @@ model needs the step length, so the learning rate is applied here);
 
 Cost per step, in forward/backward passes of the model on the batch: the
 statistics one forward and one backward per sample (Monte Carlo) or per
-output entry (exact, ``key=None``), one forward and two tangent passes for the
-quadratic model (``learning_rate=None``), one forward pass for
+output entry (exact, ``key=None``), the forward shared with the gradient's
+when they come from the transform's ``value_and_grad``
+(``update(statistics=)``); one forward and two tangent passes for the
+quadratic model (``learning_rate=None``); one forward pass for
 $\rho$ every ``damping_every`` steps (and one per step to report
 the loss when ``value=`` is not passed); ``O(d^3)`` per factor every
 ``inverse_every`` steps; two (factored) or four (exact, EK-FAC) ``(d x d)``
@@ -630,7 +632,11 @@ def scale_by_kfac(
     ``value_fn(params, x, y)``, ``update(..., x=x, y=y)``); every array that
     reaches ``model_fn`` has the leading example axis. ``value_fn`` is needed
     only for the damping adaptation; ``value=``, when given, is reused as the
-    loss at ``params``.
+    loss at ``params``; ``statistics=``, the
+    [`KfacStatistics`][curvlib.kronecker.KfacStatistics] of the returned
+    transform's ``value_and_grad`` (the gradient and the statistics from one
+    forward pass, [`KfacTransformation`][curvlib.kronecker.KfacTransformation]),
+    replaces the step's own statistics pass.
 
     Args:
       model_fn: ``model_fn(params, **kw) -> outputs`` (logits or means), leading
@@ -676,7 +682,8 @@ def scale_by_kfac(
         ``lr^2 g^T Delta <= norm_constraint`` (``None``: no constraint).
 
     Returns:
-      An `optax.GradientTransformationExtraArgs` with state
+      A [`KfacTransformation`][curvlib.kronecker.KfacTransformation] (an
+      `optax.GradientTransformationExtraArgs` with ``value_and_grad``) with state
       [`ScaleByKfacState`][curvlib.ScaleByKfacState].
 
     Raises:
@@ -1008,6 +1015,47 @@ class KfacTransformation(optax.GradientTransformationExtraArgs):
     of the parameters is added by the caller (its value and gradient).
     The rest is an ordinary ``optax.GradientTransformationExtraArgs``
     (``init, update = opt`` still unpacks).
+
+    Attributes:
+      init: optax's ``init(params) -> state``.
+      update: optax's ``update(updates, state, params, *, value_fn=None,
+        statistics=None, **extra_args) -> (updates, state)``.
+      value_and_grad: ``value_and_grad(loss_fn) -> fn``, the one-pass gradient and
+        statistics (above); not a tuple field, so ``optax`` wrappers
+        (``inject_hyperparams``, ``MultiSteps``) return transforms without it.
+
+    Cost of ``value_and_grad`` on a statistics step: one forward pass of the model,
+    one backward pass for the gradient and one per sample (Monte Carlo) or per
+    output entry (exact Fisher), batched into one pullback; the factor products
+    ``O(n d^2)`` per factor. That is ``jax.value_and_grad`` plus `batch_statistics`
+    less one forward pass.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from curvlib.kronecker import kfac
+      >>> def model(p, x):
+      ...     return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+      >>> def out_loss(logits, y):  # the loss on the model's outputs
+      ...     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+      >>> def loss(p, x, y):
+      ...     return out_loss(model(p, x), y)
+      >>> kx, k1, k2 = jax.random.split(jax.random.PRNGKey(0), 3)
+      >>> x = jax.random.normal(kx, (64, 5)); y = (x[:, 0] > 0).astype(jnp.int32)
+      >>> p = {"w1": jax.random.normal(k1, (5, 8)) / 3, "b1": jnp.zeros(8),
+      ...      "w2": jax.random.normal(k2, (8, 2)) / 3}
+      >>> opt = kfac(model_fn=model, example_inputs={"x": x}, key=jax.random.PRNGKey(1))
+      >>> state = opt.init(p)
+      >>> @jax.jit
+      ... def step(p, state):
+      ...     (value, g), stats = opt.value_and_grad(out_loss)(p, state, x=x, y=y)
+      ...     u, state = opt.update(g, state, p, value=value, value_fn=loss,
+      ...                           statistics=stats, x=x, y=y)
+      ...     return optax.apply_updates(p, u), state
+      >>> first = float(loss(p, x, y))
+      >>> for _ in range(20):
+      ...     p, state = step(p, state)
+      >>> float(loss(p, x, y)) < 0.5 * first
+      True
     """
 
     def __new__(cls, init, update, value_and_grad=None):
@@ -1131,8 +1179,10 @@ def kfac(
         that ``lr^2 g^T Delta <= norm_constraint`` (``None``: no constraint).
 
     Returns:
-      An `optax.GradientTransformationExtraArgs`; its state is the
-      chain's tuple, ``state[0]`` the [`ScaleByKfacState`][curvlib.ScaleByKfacState].
+      A [`KfacTransformation`][curvlib.kronecker.KfacTransformation] (an
+      `optax.GradientTransformationExtraArgs` with ``value_and_grad``, the
+      one-pass gradient and statistics); its state is the chain's tuple,
+      ``state[0]`` the [`ScaleByKfacState`][curvlib.ScaleByKfacState].
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
