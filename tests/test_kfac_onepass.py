@@ -9,12 +9,15 @@
 * the one-pass gradient equals ``jax.grad`` for dense layers with biases, a
   diagonal leaf, an embedding and a shared (weight-tied) layer;
 * the one-pass step runs the model forward once: the step's jaxpr holds one
-  ``tanh`` per ``tanh`` of the model (the two-pass step holds two);
+  ``tanh`` per ``tanh`` of the model (the two-pass step holds two), and with the
+  adaptive step's quadratic model the compiled step still holds one;
 * statistics that do not match the layers, a wrong type, and a state without a
   K-FAC state raise named errors.
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -226,3 +229,26 @@ def test_statistics_that_do_not_match_raise():
         opt.value_and_grad(lambda o, y: o)(p, s, x=x, y=y)
     with pytest.raises(TypeError, match="must be callable"):
         opt.value_and_grad(None)
+
+
+def test_one_pass_step_computes_one_forward_with_the_quadratic_model():
+    """Compiled: the adaptive step's quadratic model replays the one-pass forward (the same
+    program), and XLA keeps one forward for the whole step: one ``tanh`` (two-pass: two)."""
+    p, x, y = _problem()
+    opt = kfac(adaptive_damping=False, model_fn=model, example_inputs={"x": x},
+               key=jax.random.PRNGKey(0))
+    s = opt.init(p)
+
+    def one(p, s):
+        (v, g), st = opt.value_and_grad(out_loss)(p, s, x=x, y=y)
+        return opt.update(g, s, p, value=v, statistics=st, x=x, y=y)
+
+    def two(p, s):
+        v, g = jax.value_and_grad(loss)(p, x, y)
+        return opt.update(g, s, p, value=v, x=x, y=y)
+
+    def tanh_ops(fn):
+        return len(re.findall(r" tanh\(", jax.jit(fn).lower(p, s).compile().as_text()))
+
+    assert tanh_ops(one) == 1
+    assert tanh_ops(two) == 2

@@ -339,6 +339,20 @@ def value_grad_and_rows(layers: KfacLayers, params, batched, loss_fn: Callable, 
     return value, grads, outs, rows_a, rows_g, dsq
 
 
+def replay(layers: KfacLayers, params, kw: dict, consts=None):
+    """``model_fn(params, **kw)`` replayed from the layers' program, per example under ``vmap``:
+    the forward pass `value_grad_and_rows` runs (so XLA can share it)."""
+    prog = layers.program
+    p_leaves = jax.tree.leaves(params)
+    batched = batch_leaves((kw,))
+
+    def one(example):
+        outs, _ = _program.evaluate(prog, p_leaves + [x[None] for x in example], consts=consts)
+        return outs[0][0]
+
+    return jax.vmap(one)(list(batched))
+
+
 def _rows_gradient(layer: Layer, a, g, dt):
     """A layer's ``(a_dim, d_out)`` gradient $\\sum_{n,r} a_{n,r} g_{n,r}^\top$ from its rows
     ``a`` ``(N, R, d_in)`` (ids ``(N, R)``) and ``g`` ``(N, R, d_out)`` (bias: last row)."""

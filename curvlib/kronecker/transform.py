@@ -96,6 +96,7 @@ from curvlib.kronecker.curvature import (
     factors_from_rows,
     likelihood_cotangents,
     precondition,
+    replay,
     statistics,
     value_grad_and_rows,
     zero_factors,
@@ -741,7 +742,15 @@ def scale_by_kfac(
             lambda: (state.inverses, _ekfac_scales(inverse, state, batch_scales, stats_ok,
                                                    ema_decay)))
         delta = precondition(layers, pre, g, lam, dt, scales if inverse == "ekfac" else None)
-        alpha, mu, quad = _coefficients(settings, params, kw, g, delta, u_prev, lam, count, dt)
+        if statistics is not None:  # the quadratic model on value_and_grad's forward replay:
+            # the same program, so XLA computes that forward once for the whole step
+            consts = tuple(layers.program.consts.values())
+            settings_q = settings._replace(
+                model_fn=lambda p, **kw: replay(layers, p, kw, consts))
+        else:
+            settings_q = settings
+        alpha, mu, quad = _coefficients(settings_q, params, kw, g, delta, u_prev, lam, count,
+                                        dt)
         u = _tree.add(_tree.scale(alpha, delta), _tree.scale(mu, u_prev))
         value = loss_value(value_fn, params, extra_args, dt)
         needs_quad = learning_rate is None or isinstance(momentum, str)
