@@ -455,7 +455,9 @@ def model_coefficients(fisher, inner, grad, damping, fixed_alpha=None, fixed_mu=
 def quadratic_step(model_fn, likelihood, variance, params, kw, g, delta, u_prev, lam,
                    fixed_alpha, fixed_mu, dt):
     r"""Step 4 from the quadratic model: `fisher_gram` of ``[delta, u_prev]``, then
-    `model_coefficients`.
+    `model_coefficients`. With ``update(statistics=)`` ``model_fn`` is the layers'
+    replay (`curvlib.kronecker.curvature.replay`), the forward ``value_and_grad`` ran,
+    so XLA shares that forward pass.
 
     Cost: one forward and two tangent passes of the model; five inner products.
 
