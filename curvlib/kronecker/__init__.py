@@ -7,7 +7,14 @@ own curvature factors and needs neither the operators nor the Krylov algorithms.
 from curvlib.kronecker.curvature import Factors, KfacCurvature, kfac_curvature
 from curvlib.kronecker.discovery import Fallback, KfacLayers, Layer, find_layers
 from curvlib.kronecker.report import format_layers
-from curvlib.kronecker.transform import KfacInfo, ScaleByKfacState, kfac, scale_by_kfac
+from curvlib.kronecker.transform import (
+    KfacInfo,
+    KfacStatistics,
+    KfacTransformation,
+    ScaleByKfacState,
+    kfac,
+    scale_by_kfac,
+)
 
 __all__ = [
     "find_layers",
@@ -22,4 +29,6 @@ __all__ = [
     "kfac",
     "ScaleByKfacState",
     "KfacInfo",
+    "KfacStatistics",
+    "KfacTransformation",
 ]

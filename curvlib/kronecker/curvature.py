@@ -136,27 +136,46 @@ def statistics(
     (`eigenbasis_scales`) as a third output.
     """
     n = batched[0].shape[0]
+    cotangents = likelihood_cotangents(likelihood, num_samples, variance)
+    keys = None if key is None else jax.random.split(key, n)
+    outs, rows_a, rows_g, dsq = layer_rows(layers, params, batched, cotangents, keys=keys,
+                                           consts=consts)
+    weight = 1.0 if key is None else 1.0 / num_samples
+    factors, scales = factors_from_rows(layers, rows_a, rows_g, dsq, weight=weight,
+                                        convention=convention, eigenbasis=eigenbasis)
+    if eigenbasis is not None:
+        return factors, outs, scales
+    return factors, outs
 
+
+def likelihood_cotangents(likelihood: str, num_samples: int, variance) -> Callable:
+    """``cotangents(out, key) -> (S, *out.shape)`` for one example: the columns of the output
+    Hessian's square root (``key=None``, exact Fisher) or ``num_samples`` sampled gradients."""
     def cotangents(out, k):
         if k is None:
             return _likelihood.sqrt_hessian(likelihood, out, variance)
         return _likelihood.sampled_gradients(likelihood, out, k, num_samples, variance)
 
-    keys = None if key is None else jax.random.split(key, n)
-    outs, rows_a, rows_g, dsq = layer_rows(layers, params, batched, cotangents, keys=keys,
-                                           consts=consts)
+    return cotangents
+
+
+def factors_from_rows(layers: KfacLayers, rows_a, rows_g, dsq, *, weight, convention: str,
+                      eigenbasis: Eigen | None = None) -> tuple[Factors, tuple]:
+    """``(factors, scales)`` of one batch from `layer_rows`' rows (``weight``: ``1 / S`` for
+    ``S`` Monte-Carlo samples, else 1); ``scales`` is ``()`` without ``eigenbasis``.
+
+    Cost: ``O(N R d^2)`` per factor (and one per-example gradient per layer for EK-FAC).
+    """
     dt = factor_dtype(layers)
-    weight = 1.0 if key is None else 1.0 / num_samples
     A, G = [], []
     for l, a, g in zip(layers.layers, rows_a, rows_g, strict=True):
         A_l, G_l = _layer_factors(l, a, g.astype(dt), convention, dt)
         A.append(A_l)
         G.append(G_l * weight)
     D = tuple(jnp.mean(d, axis=0) * weight for d in dsq)
-    if eigenbasis is not None:
-        scales = eigenbasis_scales(layers, eigenbasis, rows_a, rows_g, weight, dt)
-        return Factors(tuple(A), tuple(G), D), outs, scales
-    return Factors(tuple(A), tuple(G), D), outs
+    scales = () if eigenbasis is None else eigenbasis_scales(layers, eigenbasis, rows_a,
+                                                             rows_g, weight, dt)
+    return Factors(tuple(A), tuple(G), D), scales
 
 
 def eigenbasis_scales(layers: KfacLayers, eig: Eigen, rows_a, rows_g, weight, dt) -> tuple:
@@ -242,6 +261,113 @@ def layer_rows(layers: KfacLayers, params, batched, cotangents, *, keys=None, co
     if keys is None:
         return jax.vmap(lambda e: one(e, None))(list(batched))
     return jax.vmap(one)(list(batched), keys)
+
+
+def value_grad_and_rows(layers: KfacLayers, params, batched, loss_fn: Callable, cotangents, *,
+                        keys=None, consts=None):
+    r"""The loss, its gradient and `layer_rows`' rows from one forward pass of the model.
+
+    One forward pass over the batch (the model replayed per example under
+    ``vmap``, as in `layer_rows`, recording every layer input and keeping each
+    example's pullback), the loss $\ell(f)$ and its cotangent
+    $\partial \ell / \partial f$ at the outputs, then one backward pass per
+    example of the loss cotangent stacked with the statistics' cotangents
+    (``cotangents(out, key) -> (S, *out.shape)``): ``S + 1`` pulled-back output
+    gradients per layer. The gradient of a layer's matrix is
+    $\sum_{n,r} a_{n,r} g_{n,r}^\top$ of the loss row (bias: $\sum g$), that of a
+    diagonal leaf the sum of its per-example gradients. The cost is that of
+    ``jax.value_and_grad`` plus `layer_rows` less one forward pass.
+
+    Args:
+      layers: the model's [`KfacLayers`][curvlib.kronecker.KfacLayers].
+      params: the point.
+      batched: the array leaves of the batch (`batch_leaves`).
+      loss_fn: ``loss_fn(outputs) -> scalar`` on the batch's outputs ``(N, ...)``.
+      cotangents: as in `layer_rows`.
+      keys: ``(N,)`` keys, one per example, or ``None``.
+      consts: the program's constants (default: those traced).
+
+    Returns:
+      ``(value, grads, outputs, rows_a, rows_g, diag_sq)``: the loss, its gradient
+      (shaped like ``params``), then as `layer_rows` (the statistics' rows only).
+    """
+    p_leaves = jax.tree.leaves(params)
+    prog = layers.program
+    record = {u.op: u.operand for l in layers.layers for u in l.uses}
+    probe_avals = {u.op: prog.ops[u.op].out_avals[0] for l in layers.layers for u in l.uses}
+    diag_idx = [f.leaf for f in layers.diagonal]
+    dt = factor_dtype(layers)
+
+    n = batched[0].shape[0]
+
+    def one(dleaves, probes, example):
+        leaves = list(p_leaves)
+        for j, v in zip(diag_idx, dleaves, strict=True):
+            leaves[j] = v
+        outs, rec = _program.evaluate(prog, leaves + [x[None] for x in example], consts=consts,
+                                      record=record, probes=probes)
+        return outs[0][0], rec
+
+    def forward(dleaves, probes):  # per example: the diagonal leaves' per-example gradients
+        return jax.vmap(one)(dleaves, probes, list(batched))
+
+    dleaves = [jnp.broadcast_to(p_leaves[j], (n,) + p_leaves[j].shape) for j in diag_idx]
+    probes = {i: jnp.zeros((n,) + a.shape, a.dtype) for i, a in probe_avals.items()}
+    outs, vjp_fn, rec = jax.vjp(forward, dleaves, probes, has_aux=True)
+    value, ct = jax.value_and_grad(loss_fn)(outs)
+    sg = jax.lax.stop_gradient(outs)
+    if keys is None:
+        cots = jax.vmap(lambda o: cotangents(o, None))(sg)
+    else:
+        cots = jax.vmap(cotangents)(sg, keys)
+    cots = jnp.concatenate([ct[None].astype(sg.dtype), jnp.moveaxis(cots, 1, 0).astype(sg.dtype)])
+    dgrads, pgrads = jax.vmap(vjp_fn)(cots)  # (S + 1, N, ...): the weights stay unbatched
+    dgrads = [jnp.moveaxis(d, 0, 1) for d in dgrads]
+    rows_a, rows_g = [], []
+    for l in layers.layers:
+        rows_a.append(jnp.concatenate(
+            [jax.vmap(lambda x, u=u: use_rows(u, x))(rec[u.op]) for u in l.uses], axis=1))
+        rows_g.append(jnp.concatenate(
+            [jax.vmap(jax.vmap(lambda y, u=u, l=l: out_rows(u, l.out_dim, y)))(
+                jnp.moveaxis(pgrads[u.op], 0, 1)) for u in l.uses], axis=2))
+    mats = [_rows_gradient(l, a, g[:, 0], dt) for l, a, g in zip(layers.layers, rows_a, rows_g,
+                                                                 strict=True)]
+    diag = [jnp.sum(d[:, 0], axis=0) for d in dgrads]
+    grads = from_blocks(layers, mats, diag, params)
+    rows_g = [g[:, 1:] for g in rows_g]
+    dsq = [jnp.sum(jnp.square(d[:, 1:].astype(dt)), axis=1) for d in dgrads]
+    return value, grads, outs, rows_a, rows_g, dsq
+
+
+def replay(layers: KfacLayers, params, kw: dict, consts=None):
+    """``model_fn(params, **kw)`` replayed from the layers' program, per example under ``vmap``:
+    the forward pass `value_grad_and_rows` runs (so XLA can share it)."""
+    prog = layers.program
+    p_leaves = jax.tree.leaves(params)
+    batched = batch_leaves((kw,))
+
+    def one(example):
+        outs, _ = _program.evaluate(prog, p_leaves + [x[None] for x in example], consts=consts)
+        return outs[0][0]
+
+    return jax.vmap(one)(list(batched))
+
+
+def _rows_gradient(layer: Layer, a, g, dt):
+    """A layer's ``(a_dim, d_out)`` gradient $\\sum_{n,r} a_{n,r} g_{n,r}^\top$ from its rows
+    ``a`` ``(N, R, d_in)`` (ids ``(N, R)``) and ``g`` ``(N, R, d_out)`` (bias: last row)."""
+    hi = jax.lax.Precision.HIGHEST
+    g = g.astype(dt)
+    if layer.kind == "embedding":
+        ids = a.reshape(-1)
+        if layer.uses[0].act[1] != "fill":
+            ids = jnp.clip(ids, 0, layer.in_dim - 1)
+        return jnp.zeros((layer.in_dim, layer.out_dim), dt).at[ids].add(
+            g.reshape(-1, layer.out_dim), mode="drop")
+    a = a.astype(dt)
+    if layer.bias is not None:
+        a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), dt)], axis=-1)
+    return jnp.einsum("nri,nro->io", a, g, precision=hi)
 
 
 def _layer_factors(layer: Layer, a, g, convention, dt):

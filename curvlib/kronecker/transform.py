@@ -51,8 +51,10 @@ model needs the step length, so the learning rate is applied here);
 
 Cost per step, in forward/backward passes of the model on the batch: the
 statistics one forward and one backward per sample (Monte Carlo) or per
-output entry (exact, ``key=None``), one forward and two tangent passes for the
-quadratic model (``learning_rate=None``), one forward pass for
+output entry (exact, ``key=None``), the forward shared with the gradient's
+when they come from the transform's ``value_and_grad``
+(``update(statistics=)``); one forward and two tangent passes for the
+quadratic model (``learning_rate=None``); one forward pass for
 $\rho$ every ``damping_every`` steps (and one per step to report
 the loss when ``value=`` is not passed); ``O(d^3)`` per factor every
 ``inverse_every`` steps; two (factored) or four (exact, EK-FAC) ``(d x d)``
@@ -91,8 +93,12 @@ from curvlib.kronecker.curvature import (
     eigen,
     factor_dtype,
     factored_inverses,
+    factors_from_rows,
+    likelihood_cotangents,
     precondition,
+    replay,
     statistics,
+    value_grad_and_rows,
     zero_factors,
 )
 from curvlib.kronecker.discovery import KfacLayers, _find_layers
@@ -228,6 +234,22 @@ class ScaleByKfacState(NamedTuple):
     placement: Placement | None = None
 
 
+class KfacStatistics(NamedTuple):
+    """One batch's K-FAC statistics, from ``opt.value_and_grad``, for ``update(statistics=...)``.
+
+    Attributes:
+      factors: the batch's [`Factors`][curvlib.kronecker.Factors] (means over its examples;
+        zeros on a step that takes no statistics).
+      scales: EK-FAC's scalings of the batch in the state's eigenbasis (``()`` unless
+        ``inverse="ekfac"``).
+      finite: every entry of both is finite (``False`` on a step without statistics).
+    """
+
+    factors: Factors
+    scales: tuple
+    finite: jax.Array
+
+
 # ------------------------------------------------------------------ step 1: statistics
 
 
@@ -257,6 +279,38 @@ def batch_statistics(layers: KfacLayers, params: PyTree, kw: dict, key_data, eig
     return out[0], scales, _tree.all_finite(out[0]) & _tree.all_finite(scales)
 
 
+def batch_value_grad_statistics(layers: KfacLayers, params: PyTree, kw: dict, loss_fn: Callable,
+                                key_data, eigenbasis, *, likelihood: str, num_samples: int,
+                                convention: str, variance, dt):
+    r"""The loss, its gradient and `batch_statistics`' statistics from one forward pass.
+
+    ``loss_fn(outputs) -> scalar`` on the batch's model outputs. The model runs
+    forward once; from its residuals one backward pass of the loss cotangent
+    (the gradient) and one batched backward pass of the statistics' cotangents
+    (`curvlib.kronecker.curvature.value_grad_and_rows`). Same factors as
+    `batch_statistics` (with the same ``key_data``) and the gradient of
+    ``jax.value_and_grad``, to round-off.
+
+    Cost: one forward pass, one backward pass for the gradient and one per
+    output entry (exact) or per sample; ``O(n d^2)`` per factor.
+
+    Returns:
+      ``(value, grads, statistics)``: the loss, its gradient, a `KfacStatistics`.
+    """
+    key = None if key_data is None else jax.random.wrap_key_data(key_data)
+    batched = batch_leaves((kw,))
+    keys = None if key is None else jax.random.split(key, batched[0].shape[0])
+    value, grads, _, rows_a, rows_g, dsq = value_grad_and_rows(
+        layers, params, batched, loss_fn, likelihood_cotangents(likelihood, num_samples, variance),
+        keys=keys, consts=tuple(layers.program.consts.values()))
+    weight = 1.0 if key is None else 1.0 / num_samples
+    factors, scales = factors_from_rows(layers, rows_a, rows_g, dsq, weight=weight,
+                                        convention=convention, eigenbasis=eigenbasis)
+    scales = tuple(x.astype(dt) for x in scales)
+    ok = _tree.all_finite(factors) & _tree.all_finite(scales)
+    return value, grads, KfacStatistics(factors, scales, ok)
+
+
 def moving_average(average: PyTree, batch: PyTree, finite, decay) -> PyTree:
     r"""The exponential moving average $\beta\,\bar x + (1 - \beta)\,x$, leafwise.
 
@@ -276,14 +330,20 @@ def moving_average(average: PyTree, batch: PyTree, finite, decay) -> PyTree:
     return jax.tree.map(one, average, batch)
 
 
-def _statistics_step(settings, layers, state, params, kw, key_data, dt):
-    """Step 1: ``(factors, ema_weight, finite, batch_scales)`` after this batch."""
-    basis = state.inverses if settings.inverse == "ekfac" else None
-    f, scales, ok = batch_statistics(layers, params, kw, key_data, basis,
-                                     likelihood=settings.likelihood,
-                                     num_samples=settings.num_samples,
-                                     convention=settings.convention,
-                                     variance=settings.variance, dt=dt)
+def _statistics_step(settings, layers, state, params, kw, key_data, dt, given=None):
+    """Step 1: ``(factors, ema_weight, finite, batch_scales)`` after this batch.
+
+    ``given``: the batch's `KfacStatistics` from ``value_and_grad`` (no statistics pass here).
+    """
+    if given is not None:
+        f, scales, ok = given.factors, given.scales, given.finite
+    else:
+        basis = state.inverses if settings.inverse == "ekfac" else None
+        f, scales, ok = batch_statistics(layers, params, kw, key_data, basis,
+                                         likelihood=settings.likelihood,
+                                         num_samples=settings.num_samples,
+                                         convention=settings.convention,
+                                         variance=settings.variance, dt=dt)
     factors = moving_average(state.factors, f, ok, settings.ema_decay)
     weight = moving_average(state.ema_weight, jnp.ones((), dt), ok, settings.ema_decay)
     return factors, weight, ok, scales
@@ -395,7 +455,9 @@ def model_coefficients(fisher, inner, grad, damping, fixed_alpha=None, fixed_mu=
 def quadratic_step(model_fn, likelihood, variance, params, kw, g, delta, u_prev, lam,
                    fixed_alpha, fixed_mu, dt):
     r"""Step 4 from the quadratic model: `fisher_gram` of ``[delta, u_prev]``, then
-    `model_coefficients`.
+    `model_coefficients`. With ``update(statistics=)`` ``model_fn`` is the layers'
+    replay (`curvlib.kronecker.curvature.replay`), the forward ``value_and_grad`` ran,
+    so XLA shares that forward pass.
 
     Cost: one forward and two tangent passes of the model; five inner products.
 
@@ -559,7 +621,7 @@ def scale_by_kfac(
     convention: str = "reduce",
     variance: float = 1.0,
     norm_constraint: float | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> KfacTransformation:
     r"""K-FAC step: Kronecker-factored natural gradient with quadratic-model step and damping.
 
     See the module docstring for the steps. The model and its likelihood
@@ -573,7 +635,11 @@ def scale_by_kfac(
     ``value_fn(params, x, y)``, ``update(..., x=x, y=y)``); every array that
     reaches ``model_fn`` has the leading example axis. ``value_fn`` is needed
     only for the damping adaptation; ``value=``, when given, is reused as the
-    loss at ``params``.
+    loss at ``params``; ``statistics=``, the
+    [`KfacStatistics`][curvlib.kronecker.KfacStatistics] of the returned
+    transform's ``value_and_grad`` (the gradient and the statistics from one
+    forward pass, [`KfacTransformation`][curvlib.kronecker.KfacTransformation]),
+    replaces the step's own statistics pass.
 
     Args:
       model_fn: ``model_fn(params, **kw) -> outputs`` (logits or means), leading
@@ -619,7 +685,8 @@ def scale_by_kfac(
         ``lr^2 g^T Delta <= norm_constraint`` (``None``: no constraint).
 
     Returns:
-      An `optax.GradientTransformationExtraArgs` with state
+      A [`KfacTransformation`][curvlib.kronecker.KfacTransformation] (an
+      `optax.GradientTransformationExtraArgs` with ``value_and_grad``) with state
       [`ScaleByKfacState`][curvlib.ScaleByKfacState].
 
     Raises:
@@ -656,25 +723,36 @@ def scale_by_kfac(
         layers, _ = _layers_for(model_fn, params, example_inputs)
         return place_state(layers, init_state(layers, params, damping, key_data, inverse), params)
 
-    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+    def update_fn(updates, state, params=None, *, value_fn=None, statistics=None, **extra_args):
         params = _loss.require_params("scale_by_kfac", params)
         if adaptive_damping:
             value_fn = _loss.require_value_fn("scale_by_kfac", value_fn)
         layers, kw = _layers_for(model_fn, params, extra_args)
         _check_state(layers, state)
+        if statistics is not None:
+            _check_statistics(layers, state, statistics)
         dt = factor_dtype(layers)
         g, count, lam, u_prev = updates, state.count, state.damping, state.velocity
         stat_key, next_key = _split(state.key) if key is not None else (None, state.key)
         factors, weight, stats_ok, batch_scales = _every(
             statistics_every, count,
-            lambda: _statistics_step(settings, layers, state, params, kw, stat_key, dt),
+            lambda: _statistics_step(settings, layers, state, params, kw, stat_key, dt,
+                                     statistics),
             lambda: (state.factors, state.ema_weight, jnp.asarray(False), state.scales))
         pre, scales = _every(
             inverse_every, count, lambda: refresh(layers, factors, weight, lam, inverse),
             lambda: (state.inverses, _ekfac_scales(inverse, state, batch_scales, stats_ok,
                                                    ema_decay)))
         delta = precondition(layers, pre, g, lam, dt, scales if inverse == "ekfac" else None)
-        alpha, mu, quad = _coefficients(settings, params, kw, g, delta, u_prev, lam, count, dt)
+        if statistics is not None:  # the quadratic model on value_and_grad's forward replay:
+            # the same program, so XLA computes that forward once for the whole step
+            consts = tuple(layers.program.consts.values())
+            settings_q = settings._replace(
+                model_fn=lambda p, **kw: replay(layers, p, kw, consts))
+        else:
+            settings_q = settings
+        alpha, mu, quad = _coefficients(settings_q, params, kw, g, delta, u_prev, lam, count,
+                                        dt)
         u = _tree.add(_tree.scale(alpha, delta), _tree.scale(mu, u_prev))
         value = loss_value(value_fn, params, extra_args, dt)
         needs_quad = learning_rate is None or isinstance(momentum, str)
@@ -695,7 +773,45 @@ def scale_by_kfac(
             next_key, info, state.placement)
         return _place(new_state, out)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    def value_and_grad(loss_fn: Callable) -> Callable:
+        """``fn(params, state, **extra_args) -> ((value, grads), statistics)``: see above."""
+        if not callable(loss_fn):
+            raise TypeError(f"value_and_grad: `loss_fn` must be callable; got {loss_fn!r}.")
+
+        def fn(params, state, **extra_args):
+            kstate = _kfac_state(state)
+            layers, kw = _layers_for(model_fn, params, extra_args)
+            _check_state(layers, kstate)
+            dt = factor_dtype(layers)
+            lkw = _loss.kwargs_for(loss_fn, extra_args)
+
+            def out_loss(out):
+                return _validate_scalar(loss_fn(out, **lkw))
+
+            def full():
+                stat_key = _split(kstate.key)[0] if key is not None else None
+                basis = kstate.inverses if inverse == "ekfac" else None
+                return batch_value_grad_statistics(
+                    layers, params, kw, out_loss, stat_key, basis, likelihood=likelihood,
+                    num_samples=num_samples, convention=convention, variance=variance, dt=dt)
+
+            def plain():  # a step without statistics: the gradient alone
+                value, grads = jax.value_and_grad(lambda p: out_loss(model_fn(p, **kw)))(params)
+                zeros = KfacStatistics(zero_factors(layers, dt),
+                                       jax.tree.map(jnp.zeros_like, kstate.scales),
+                                       jnp.asarray(False))
+                return value, grads, zeros
+
+            if isinstance(statistics_every, (int, np.integer)) and int(statistics_every) == 1:
+                value, grads, stats = full()
+            else:
+                value, grads, stats = jax.lax.cond(kstate.count % statistics_every == 0,
+                                                   full, plain)
+            return (value, grads), stats
+
+        return fn
+
+    return KfacTransformation(init_fn, update_fn, value_and_grad)
 
 
 def init_state(layers: KfacLayers, params: PyTree, damping, key_data, inverse: str
@@ -889,6 +1005,115 @@ def _check_state(layers: KfacLayers, state) -> None:
         )
 
 
+class KfacTransformation(optax.GradientTransformationExtraArgs):
+    r"""An optax transform with K-FAC's one-pass gradient: ``init``, ``update``, ``value_and_grad``.
+
+    ``value_and_grad(loss_fn)`` returns
+    ``fn(params, state, **extra_args) -> ((value, grads), statistics)``:
+    the loss $\ell(f)$ with ``loss_fn(outputs, **kw) -> scalar`` (``kw``: the
+    entries of ``extra_args`` its signature names) at the outputs
+    $f$ = ``model_fn(params, **kw)``, its gradient, and the
+    batch's [`KfacStatistics`][curvlib.kronecker.KfacStatistics], from *one*
+    forward pass of the model (``state``: this transform's state, or a state
+    holding it, e.g. a chain's). Pass them on as
+    ``update(grads, state, params, value=value, statistics=statistics, ...)``:
+    the step then takes no statistics pass of its own and equals the two-pass
+    step (``jax.value_and_grad`` then ``update`` without ``statistics``) to
+    round-off. On steps that take no statistics (``count % statistics_every``
+    not 0) it is ``jax.value_and_grad`` alone (a ``lax.cond``).
+
+    ``loss_fn`` must be the loss of ``likelihood`` on the outputs; a regulariser
+    of the parameters is added by the caller (its value and gradient).
+    The rest is an ordinary ``optax.GradientTransformationExtraArgs``
+    (``init, update = opt`` still unpacks).
+
+    Attributes:
+      init: optax's ``init(params) -> state``.
+      update: optax's ``update(updates, state, params, *, value_fn=None,
+        statistics=None, **extra_args) -> (updates, state)``.
+      value_and_grad: ``value_and_grad(loss_fn) -> fn``, the one-pass gradient and
+        statistics (above); not a tuple field, so ``optax`` wrappers
+        (``inject_hyperparams``, ``MultiSteps``) return transforms without it.
+
+    Cost of ``value_and_grad`` on a statistics step: one forward pass of the model,
+    one backward pass for the gradient and one per sample (Monte Carlo) or per
+    output entry (exact Fisher), batched into one pullback; the factor products
+    ``O(n d^2)`` per factor. That is ``jax.value_and_grad`` plus `batch_statistics`
+    less one forward pass.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from curvlib.kronecker import kfac
+      >>> def model(p, x):
+      ...     return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+      >>> def out_loss(logits, y):  # the loss on the model's outputs
+      ...     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+      >>> def loss(p, x, y):
+      ...     return out_loss(model(p, x), y)
+      >>> kx, k1, k2 = jax.random.split(jax.random.PRNGKey(0), 3)
+      >>> x = jax.random.normal(kx, (64, 5)); y = (x[:, 0] > 0).astype(jnp.int32)
+      >>> p = {"w1": jax.random.normal(k1, (5, 8)) / 3, "b1": jnp.zeros(8),
+      ...      "w2": jax.random.normal(k2, (8, 2)) / 3}
+      >>> opt = kfac(model_fn=model, example_inputs={"x": x}, key=jax.random.PRNGKey(1))
+      >>> state = opt.init(p)
+      >>> @jax.jit
+      ... def step(p, state):
+      ...     (value, g), stats = opt.value_and_grad(out_loss)(p, state, x=x, y=y)
+      ...     u, state = opt.update(g, state, p, value=value, value_fn=loss,
+      ...                           statistics=stats, x=x, y=y)
+      ...     return optax.apply_updates(p, u), state
+      >>> first = float(loss(p, x, y))
+      >>> for _ in range(20):
+      ...     p, state = step(p, state)
+      >>> float(loss(p, x, y)) < 0.5 * first
+      True
+    """
+
+    def __new__(cls, init, update, value_and_grad=None):
+        self = super().__new__(cls, init, update)
+        self.value_and_grad = value_and_grad
+        return self
+
+    def __getnewargs__(self):
+        return (self.init, self.update, self.value_and_grad)
+
+
+def _validate_scalar(value):
+    value = jnp.asarray(value)
+    if value.shape != ():
+        raise ValueError(f"value_and_grad: `loss_fn` must return a scalar; got shape "
+                         f"{value.shape}.")
+    return value
+
+
+def _kfac_state(state) -> ScaleByKfacState:
+    """The one `ScaleByKfacState` in ``state`` (itself, or inside a chain's state)."""
+    found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, ScaleByKfacState))
+             if isinstance(s, ScaleByKfacState)]
+    if len(found) != 1:
+        raise ValueError(
+            "value_and_grad: `state` must be the K-FAC transform's state or hold exactly one "
+            f"ScaleByKfacState (e.g. a chain's); found {len(found)} in {type(state).__name__}.")
+    return found[0]
+
+
+def _check_statistics(layers: KfacLayers, state: ScaleByKfacState, stats) -> None:
+    """``statistics=`` must be a `KfacStatistics` shaped as the state's factors and scalings."""
+    if not isinstance(stats, KfacStatistics):
+        raise TypeError(
+            "scale_by_kfac: `statistics` must be the KfacStatistics returned by the "
+            f"transform's `value_and_grad`; got {type(stats).__name__}.")
+    shapes = lambda t: tuple(tuple(jnp.shape(x)) for x in jax.tree.leaves(t))  # noqa: E731
+    want = (shapes(state.factors), shapes(state.scales), ())
+    have = (shapes(stats.factors), shapes(stats.scales), tuple(jnp.shape(stats.finite)))
+    if have != want or jax.tree.structure(stats.factors) != jax.tree.structure(state.factors):
+        raise ValueError(
+            "scale_by_kfac: `statistics` do not match this model's layers: factor shapes "
+            f"{have[0]} and scalings {have[1]} given, {want[0]} and {want[1]} expected. "
+            "Pass the statistics `value_and_grad` of this transform returned for these "
+            "params and this batch.")
+
+
 def _stack(*trees):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
@@ -915,7 +1140,7 @@ def kfac(
     convention: str = "reduce",
     variance: float = 1.0,
     norm_constraint: float | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> KfacTransformation:
     r"""K-FAC optimiser: ``chain(scale_by_kfac(..., learning_rate), scale(-1))``.
 
     Built as curvlib's other aliases chain their links ([`curvlib.newton_cg`][curvlib.newton_cg],
@@ -965,8 +1190,10 @@ def kfac(
         that ``lr^2 g^T Delta <= norm_constraint`` (``None``: no constraint).
 
     Returns:
-      An `optax.GradientTransformationExtraArgs`; its state is the
-      chain's tuple, ``state[0]`` the [`ScaleByKfacState`][curvlib.ScaleByKfacState].
+      A [`KfacTransformation`][curvlib.kronecker.KfacTransformation] (an
+      `optax.GradientTransformationExtraArgs` with ``value_and_grad``, the
+      one-pass gradient and statistics); its state is the chain's tuple,
+      ``state[0]`` the [`ScaleByKfacState`][curvlib.ScaleByKfacState].
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -1001,4 +1228,5 @@ def kfac(
         inverse=inverse, key=key, num_samples=num_samples, convention=convention,
         variance=variance, norm_constraint=norm_constraint,
     )
-    return optax.chain(direction, _chain.learning_rate_link(None))
+    chain = optax.chain(direction, _chain.learning_rate_link(None))
+    return KfacTransformation(chain.init, chain.update, direction.value_and_grad)
