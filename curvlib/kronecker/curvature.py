@@ -214,6 +214,31 @@ def eigenbasis_scales(layers: KfacLayers, eig: Eigen, rows_a, rows_g, weight, dt
     return tuple(out)
 
 
+def _example_replay(layers: KfacLayers, params, consts):
+    """``(p_leaves, diag_idx, probe_avals, evaluate)``: one example's replay of the model.
+
+    ``evaluate(dleaves, probes, example) -> (output, recorded)`` runs the layers'
+    program on one example (its leaves without the example axis) with the diagonal
+    leaves ``dleaves`` in place of theirs and ``probes`` added to the layer outputs
+    (zeros whose cotangents are the output gradients), recording the layer inputs.
+    """
+    p_leaves = jax.tree.leaves(params)
+    prog = layers.program
+    record = {u.op: u.operand for l in layers.layers for u in l.uses}
+    probe_avals = {u.op: prog.ops[u.op].out_avals[0] for l in layers.layers for u in l.uses}
+    diag_idx = [f.leaf for f in layers.diagonal]
+
+    def evaluate(dleaves, probes, example):
+        leaves = list(p_leaves)
+        for j, v in zip(diag_idx, dleaves, strict=True):
+            leaves[j] = v
+        outs, rec = _program.evaluate(prog, leaves + [x[None] for x in example], consts=consts,
+                                      record=record, probes=probes)
+        return outs[0][0], rec
+
+    return p_leaves, diag_idx, probe_avals, evaluate
+
+
 def layer_rows(layers: KfacLayers, params, batched, cotangents, *, keys=None, consts=None):
     """Per-example layer inputs and output gradients (the raw material of the factors).
 
@@ -226,26 +251,13 @@ def layer_rows(layers: KfacLayers, params, batched, cotangents, *, keys=None, co
     the pulled-back output gradients ``(N, S, R, d_out)``, and per diagonal leaf
     the per-example squared gradients summed over the ``S`` vectors ``(N, *shape)``.
     """
-    p_leaves = jax.tree.leaves(params)
-    prog = layers.program
-    record = {u.op: u.operand for l in layers.layers for u in l.uses}
-    probe_avals = {u.op: prog.ops[u.op].out_avals[0] for l in layers.layers for u in l.uses}
-    diag_idx = [f.leaf for f in layers.diagonal]
+    p_leaves, diag_idx, probe_avals, evaluate = _example_replay(layers, params, consts)
     dt = factor_dtype(layers)
 
     def one(example, k):
-        ex = [x[None] for x in example]
         probes0 = {i: jnp.zeros(a.shape, a.dtype) for i, a in probe_avals.items()}
-
-        def f(dleaves, probes):
-            leaves = list(p_leaves)
-            for j, v in zip(diag_idx, dleaves, strict=True):
-                leaves[j] = v
-            outs, rec = _program.evaluate(prog, leaves + ex, consts=consts, record=record,
-                                          probes=probes)
-            return outs[0][0], rec
-
-        out, vjp_fn, rec = jax.vjp(f, [p_leaves[j] for j in diag_idx], probes0, has_aux=True)
+        out, vjp_fn, rec = jax.vjp(lambda d, p: evaluate(d, p, example),
+                                   [p_leaves[j] for j in diag_idx], probes0, has_aux=True)
         out = jax.lax.stop_gradient(out)
         cots = cotangents(out, k)
         dgrads, pgrads = jax.vmap(vjp_fn)(cots.astype(out.dtype))
@@ -291,25 +303,12 @@ def value_grad_and_rows(layers: KfacLayers, params, batched, loss_fn: Callable, 
       ``(value, grads, outputs, rows_a, rows_g, diag_sq)``: the loss, its gradient
       (shaped like ``params``), then as `layer_rows` (the statistics' rows only).
     """
-    p_leaves = jax.tree.leaves(params)
-    prog = layers.program
-    record = {u.op: u.operand for l in layers.layers for u in l.uses}
-    probe_avals = {u.op: prog.ops[u.op].out_avals[0] for l in layers.layers for u in l.uses}
-    diag_idx = [f.leaf for f in layers.diagonal]
+    p_leaves, diag_idx, probe_avals, evaluate = _example_replay(layers, params, consts)
     dt = factor_dtype(layers)
-
     n = batched[0].shape[0]
 
-    def one(dleaves, probes, example):
-        leaves = list(p_leaves)
-        for j, v in zip(diag_idx, dleaves, strict=True):
-            leaves[j] = v
-        outs, rec = _program.evaluate(prog, leaves + [x[None] for x in example], consts=consts,
-                                      record=record, probes=probes)
-        return outs[0][0], rec
-
     def forward(dleaves, probes):  # per example: the diagonal leaves' per-example gradients
-        return jax.vmap(one)(dleaves, probes, list(batched))
+        return jax.vmap(evaluate)(dleaves, probes, list(batched))
 
     dleaves = [jnp.broadcast_to(p_leaves[j], (n,) + p_leaves[j].shape) for j in diag_idx]
     probes = {i: jnp.zeros((n,) + a.shape, a.dtype) for i, a in probe_avals.items()}

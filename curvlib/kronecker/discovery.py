@@ -37,9 +37,8 @@ weight axis, a product of two parameters, grouped convolutions, and unused
 leaves. Nothing is guessed: a pattern that is not recognised exactly is a
 diagonal block.
 
-References:
-  J. Martens and R. Grosse, *Optimizing neural networks with Kronecker-factored
-  approximate curvature*, ICML 2015.
+References (the layer kinds and the weight-sharing conventions recognised; the
+factors themselves are in `curvlib.kronecker.curvature`):
   R. Grosse and J. Martens, *A Kronecker-factored approximate Fisher matrix for
   convolution layers*, ICML 2016.
   R. Eschenhagen, A. Immer, R. Turner, F. Schneider and P. Hennig,
