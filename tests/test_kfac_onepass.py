@@ -180,6 +180,21 @@ def _count(jaxpr, name):
     return total
 
 
+def _one_and_two_pass_steps(opt, x, y):
+    """``(one, two)``: ``(p, s) -> update`` from the one-pass statistics, and from a separate
+    gradient pass (``update`` then takes its own statistics)."""
+
+    def one(p, s):
+        (v, g), st = opt.value_and_grad(out_loss)(p, s, x=x, y=y)
+        return opt.update(g, s, p, value=v, statistics=st, x=x, y=y)
+
+    def two(p, s):
+        v, g = jax.value_and_grad(loss)(p, x, y)
+        return opt.update(g, s, p, value=v, x=x, y=y)
+
+    return one, two
+
+
 @pytest.mark.parametrize("key", [None, 1], ids=["exact", "monte-carlo"])
 def test_one_pass_runs_the_model_forward_once(key):
     """One ``tanh`` in the model: one in the one-pass step, two in the two-pass step.
@@ -193,13 +208,7 @@ def test_one_pass_runs_the_model_forward_once(key):
                example_inputs={"x": x}, key=None if key is None else jax.random.PRNGKey(key))
     s = opt.init(p)
 
-    def one(p, s):
-        (v, g), st = opt.value_and_grad(out_loss)(p, s, x=x, y=y)
-        return opt.update(g, s, p, value=v, statistics=st, x=x, y=y)
-
-    def two(p, s):
-        v, g = jax.value_and_grad(loss)(p, x, y)
-        return opt.update(g, s, p, value=v, x=x, y=y)
+    one, two = _one_and_two_pass_steps(opt, x, y)
 
     assert _count(jax.make_jaxpr(one)(p, s).jaxpr, "tanh") == 1
     assert _count(jax.make_jaxpr(two)(p, s).jaxpr, "tanh") == 2
@@ -239,13 +248,7 @@ def test_one_pass_step_computes_one_forward_with_the_quadratic_model():
                key=jax.random.PRNGKey(0))
     s = opt.init(p)
 
-    def one(p, s):
-        (v, g), st = opt.value_and_grad(out_loss)(p, s, x=x, y=y)
-        return opt.update(g, s, p, value=v, statistics=st, x=x, y=y)
-
-    def two(p, s):
-        v, g = jax.value_and_grad(loss)(p, x, y)
-        return opt.update(g, s, p, value=v, x=x, y=y)
+    one, two = _one_and_two_pass_steps(opt, x, y)
 
     def tanh_ops(fn):
         return len(re.findall(r" tanh\(", jax.jit(fn).lower(p, s).compile().as_text()))
