@@ -197,6 +197,30 @@ def _norm_jvp(primals, tangents):
     return n, jnp.where(n > 0, vdot(a, da) / jnp.where(n > 0, n, 1), 0).astype(n.dtype)
 
 
+def unit(v: PyTree, acc, norm=plain_norm) -> PyTree:
+    """``v / ||v||`` (``v`` itself when zero), the norm taken in ``acc``.
+
+    ``norm`` is `plain_norm` by default, for vectors of order one; pass `norm` for a
+    vector that scales with an operator or with user data.
+    """
+    nv = norm(v).astype(acc)
+    return scale(1.0 / jnp.where(nv > 0, nv, 1.0), v)
+
+
+def pow2_floor(x: jax.Array) -> jax.Array:
+    """The power of two ``2^floor(log2 x)``: ``x`` divided by it is in ``[1, 2)``, exactly.
+
+    ``x``'s exponent bits alone (its mantissa bits cleared); ``1`` for a zero, subnormal
+    or non-finite ``x``. Scaling by it is exact (no rounding), so an algorithm run on
+    ``v / pow2_floor(||v||)`` does the arithmetic of ``v``, scaled.
+    """
+    fi = jnp.finfo(x.dtype)
+    ok = jnp.isfinite(x) & (x >= fi.tiny)
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{fi.bits}"))
+    mask = jnp.asarray(~((1 << int(fi.nmant)) - 1) & ((1 << fi.bits) - 1), bits.dtype)
+    return jnp.where(ok, jax.lax.bitcast_convert_type(bits & mask, x.dtype), 1.0).astype(x.dtype)
+
+
 def max_abs(a: PyTree, dt=None) -> jax.Array:
     """``max_i |a_i|`` over all leaves (``0`` for an all-zero tree), in ``dt`` or `acc_dtype`."""
     leaves = jax.tree.leaves(a)

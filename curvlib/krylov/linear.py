@@ -63,7 +63,7 @@ class _CGState(NamedTuple):
     phase: jax.Array  # which vector the next product is applied to (see _WARM ... _DONE)
     x: PyTree
     r: PyTree  # residual of x: exact after _WARM/_CHECK, recurrence after _STEP
-    p: PyTree  # last search direction p, held as p / pn (pn = _pow2(pnorm))
+    p: PyTree  # last search direction p, held as p / pn (pn = _tree.pow2_floor(pnorm))
     rz: jax.Array  # <r, M r> of the last accepted step (1 before the first)
     pnorm: jax.Array  # the recurrence's estimate of ||p|| (0 before the first step)
     rnorm: jax.Array  # ||r||
@@ -149,24 +149,11 @@ def _cg_scale(rhs, rtol, atol, acc):
     """
     bnorm = _tree.norm(rhs).astype(acc)
     finite0 = jnp.isfinite(bnorm)
-    sigma = _pow2(bnorm)
+    sigma = _tree.pow2_floor(bnorm)
     rhs = _tree.scale(1.0 / sigma, rhs)  # exact: sigma is a power of two
     rnorm0 = bnorm / sigma  # ||b / sigma||, in [1, 2) for a non-zero b (exact scaling)
     tol = jnp.maximum(rtol * rnorm0, atol / sigma)
     return rhs, sigma, rnorm0, tol, finite0
-
-
-def _pow2(x):
-    """The power of two ``2^floor(log2 x)``: ``x`` divided by it is in ``[1, 2)``, exactly.
-
-    ``x``'s exponent bits alone (its mantissa bits cleared); ``1`` for a zero, subnormal
-    or non-finite ``x``.
-    """
-    fi = jnp.finfo(x.dtype)
-    ok = jnp.isfinite(x) & (x >= fi.tiny)
-    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{fi.bits}"))
-    mask = jnp.asarray(~((1 << int(fi.nmant)) - 1) & ((1 << fi.bits) - 1), bits.dtype)
-    return jnp.where(ok, jax.lax.bitcast_convert_type(bits & mask, x.dtype), 1.0).astype(x.dtype)
 
 
 def _cg_init(rhs, x0, sigma, rnorm0, tol, finite0, max_steps, acc):
@@ -219,9 +206,9 @@ def _cg_direction(s: _CGState, x0, precond, acc):
     beta = jnp.where(s.step > 0, rz / jnp.where(s.rz != 0, s.rz, 1.0), 0.0)
     znorm = jnp.abs(rz) / jnp.where(s.rnorm > 0, s.rnorm, 1.0)
     pnorm = jnp.hypot(znorm, beta * s.pnorm)
-    pn = _pow2(pnorm)
-    # s.p holds d_prev = p_prev / pn_prev, pn_prev = _pow2(s.pnorm) (both kept together)
-    d = _tree.add_scale(_tree.scale(1.0 / pn, z), beta * (_pow2(s.pnorm) / pn), s.p)
+    pn = _tree.pow2_floor(pnorm)
+    # s.p holds d_prev = p_prev / pn_prev, pn_prev = _tree.pow2_floor(s.pnorm) (both kept together)
+    d = _tree.add_scale(_tree.scale(1.0 / pn, z), beta * (_tree.pow2_floor(s.pnorm) / pn), s.p)
     v = _tree.where(in_step, d, _tree.where(s.phase == _WARM, x0, s.x))
     return d, rz, v, pn, pnorm
 

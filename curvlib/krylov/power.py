@@ -75,12 +75,6 @@ def _project_out(X, v, acc):
     return v
 
 
-def _unit(v, acc, norm=_tree.plain_norm):
-    """``v / ||v||`` (``v`` when zero); the plain norm for vectors of order one."""
-    nv = norm(v).astype(acc)
-    return _tree.scale(1.0 / jnp.where(nv > 0, nv, 1.0), v)
-
-
 def _start(X, i, u0, key, acc):
     """Unit start for pair ``i``: ``u0`` deflated, or a keyed random direction if that vanishes.
 
@@ -94,9 +88,9 @@ def _start(X, i, u0, key, acc):
     v = _project_out(X, u0, acc)
     good = _tree.plain_norm(v).astype(acc) > 10 * eps
     if key is None:
-        return _unit(v, acc), good
+        return _tree.unit(v, acc), good
     rnd = _project_out(X, _tree.normal_like(jax.random.fold_in(key, i), u0), acc)
-    return _unit(_tree.where(good, v, rnd), acc), jnp.asarray(True)
+    return _tree.unit(_tree.where(good, v, rnd), acc), jnp.asarray(True)
 
 
 def _options(solver, max_matvecs, num_iters, rtol):
@@ -253,7 +247,7 @@ def _power_init(v0, k, key, acc):
     finite0 = _tree.all_finite(v0)
     v0 = _tree.where(finite0, v0, _tree.zeros_like(v0))
     X = _tree.basis_zeros(v0, k)
-    u0 = _unit(v0, acc, _tree.norm)  # the one scale-safe norm of the start
+    u0 = _tree.unit(v0, acc, _tree.norm)  # the one scale-safe norm of the start
     x, ok = _start(X, 0, u0, key, acc)
     init = _PowerState(
         X=X, AX=X, thetas=jnp.zeros(k, acc), res=jnp.zeros(k, acc), conv=jnp.zeros(k, bool),
@@ -306,7 +300,7 @@ def _power_step(s: _PowerState, raw, u0, key, k, tol, num_iters, max_matvecs, ac
         return _start(X, i, u0, key, acc)
 
     def same_pair(_):
-        return _unit(defl, acc), jnp.asarray(True)
+        return _tree.unit(defl, acc), jnp.asarray(True)
 
     x, started = jax.lax.cond(done & (i < k), next_pair, same_pair, None)
     return _PowerState(
