@@ -136,10 +136,10 @@ def bench_block_spectra(prob: M.Problem, reps: int) -> dict:
         return curvlib.block_eigsh(H, params, K, key=key, blocks=layer_label,
                                    batch_size=batch_size)
 
-    @functools.partial(jax.jit, static_argnames="batch_size")
-    def per_layer_loss(params, *batch, batch_size=None):  # products differentiate blocks only
+    @jax.jit
+    def per_layer_loss(params, *batch):  # products differentiate blocks only (one per block)
         return curvlib.block_eigsh(
-            None, params, K, key=key, blocks=layer_label, batch_size=batch_size,
+            None, params, K, key=key, blocks=layer_label,
             block_matvec=lambda where: curvlib.hessian_matvec(prob.loss, params, *batch,
                                                               wrt=where))
 
@@ -157,10 +157,6 @@ def bench_block_spectra(prob: M.Problem, reps: int) -> dict:
                               repeats=max(reps, 7), number=1)
     pair = C.time_paired(lambda: full(params, v0, *batch), lambda: per_layer(params, *batch),
                          repeats=max(reps, 7), number=1)
-    jax.block_until_ready(per_layer_loss(params, *batch, batch_size=1))
-    pair_loss_seq = C.time_paired(lambda: full(params, v0, *batch),
-                                  lambda: per_layer_loss(params, *batch, batch_size=1),
-                                  repeats=max(reps, 7), number=1)
     # the equal-shaped layers one after another (lax.map) instead of one vmapped eigsh
     jax.block_until_ready(per_layer(params, *batch, batch_size=1))
     sequential = C.time_paired(lambda: full(params, v0, *batch),
@@ -180,7 +176,6 @@ def bench_block_spectra(prob: M.Problem, reps: int) -> dict:
             "compile_s": max(first_loss - pair_loss["b"]["median_s"], 0.0),
             "block_products_total": int(sum(r["num_matvecs"] for r in blocks_loss.values())),
             "paired": pair_loss,
-            "paired_batch_size_1": pair_loss_seq,
         },
         "full": {"eigenvalues": np.asarray(f.eigenvalues), "num_matvecs": int(f.num_matvecs),
                  "converged": bool(f.converged),
@@ -336,12 +331,6 @@ def _report(prob, products, spectra, stream, tiny) -> dict:
             f"{lp['block_products_total']} block products vs {spectra['full']['num_matvecs']}",
             sp["repeats"], "<= 1.5x: " + ("met" if r <= 1.5 else "MISSED"),
         ])
-        sq = lp["paired_batch_size_1"]
-        notes.append(
-            f"per-layer spectra on the loss path with batch_size=1: "
-            f"{C._fmt_s(sq['b']['median_s'])}, {C._fmt_x(sq['ratio_b_over_a_median'])} of one "
-            f"eigsh (vmapped default: {C._fmt_x(r)})."
-        )
         notes.append(
             f"per-layer spectra on the loss path: compile {lp['compile_s']:.1f} s; eigenvalues "
             f"vs the black-box path: max rel. diff "
