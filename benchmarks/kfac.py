@@ -256,7 +256,7 @@ def _race(problem, quick, kfac_jax_python):
         losses, times, comp, cpu = _train(opt, batch, p0, loss, steps[key], reps, out_loss)
         runs[name] = {"losses": losses, "step_times": times, "compile_s": comp,
                       "repeats": reps, "cpu_s_per_step": cpu}
-        C.log(f"{problem} {name:22s} loss {losses[0]:.4g} -> {losses[-1]:.4g}, median step "
+        C.log(f"{problem} {name:22s} loss {losses[0]:.4g} -> {losses[-1] + 0.0:.4g}, median step "
               f"{1e3 * np.median(times):.2f} ms ({1e3 * cpu:.2f} CPU ms), compile {comp:.1f} s")
         if name == "kfac":  # kfac-jax right after, to keep the machine's load comparable
             kj = _kfac_jax(kfac_jax_python, steps["kfac_jax"], quick, problem)
@@ -290,8 +290,10 @@ def _race(problem, quick, kfac_jax_python):
 
 
 def _fmt_loss(problem):
+    """A loss for the tables: 3 decimals (the autoencoder's ~16), else 3 significant digits
+    (the classifier's cross-entropy falls to ~1e-5 and, in float32, to 0)."""
     return (lambda v: f"{float(v):.3f}") if problem == "autoencoder" else (
-        lambda v: f"{float(v):.3g}")
+        lambda v: f"{float(v) + 0.0:.3g}")  # + 0.0: no "-0"
 
 
 def _kfac_jax_row(problem, race):
