@@ -1,4 +1,4 @@
-"""K-FAC (issue 15) on the deep autoencoder: step time, and loss against steps and wall-clock.
+"""K-FAC (issues 15, 22) on the digits autoencoder and classifier: step time, loss by step and time.
 
 The problem (``benchmarks/_autoencoder.py``): scikit-learn's digits, a
 64-32-16-8-16-32-64 tanh autoencoder, Bernoulli negative log-likelihood, full
@@ -31,9 +31,27 @@ steps and wall-clock to the target (goal: fewer and less than Adam), and
 curvlib's K-FAC against kfac-jax at equal settings (goal: no slower). Compile
 times are excluded from the step times and reported apart.
 
+The classifier (issue 22, ``benchmarks/_classifier.py``, ``--only classifier``):
+the same digits with their labels, a 64-128-64-10 tanh MLP, softmax cross-entropy
+(``likelihood="categorical"``), full batch of 1792, float32. Tuned Adam over
+``CLASSIFIER_ADAM_LRS`` (3000 steps; its best final loss is the target) against
+``curvlib.kfac`` at its default settings (adaptive step, momentum and damping,
+Monte-Carlo Fisher with one sample, the one-pass ``opt.value_and_grad`` step) and
+kfac-jax at the same settings (``kfac_jax_ref.py --only classifier``, read from
+``results/kfac_jax_classifier.json``): steps (goal: <= 1/3 of Adam's) and wall-clock
+(goal: less than Adam's) to the target, as headline rows of ``results/kfac.json``
+(plot ``results/kfac_classifier.png``). The cross-entropy keeps falling under Adam
+(the network fits the 1792 images), so the target is set by Adam's horizon; K-FAC's
+steps cost a few Adam steps each, so its wall-clock lead holds only at small losses
+(the plot's right panel; measured numbers in ``docs/kfac.md``).
+
+``results/kfac.json`` keeps each problem's results under ``parts``; ``--only`` reruns one
+problem and keeps the other's from the last file.
+
 Usage::
 
-    python -m benchmarks.kfac [--quick] [--kfac-jax-python /work/kfacenv/bin/python]
+    python -m benchmarks.kfac [--quick] [--only {autoencoder,classifier}] \
+        [--kfac-jax-python /work/kfacenv/bin/python]
 """
 
 from __future__ import annotations
@@ -48,6 +66,7 @@ import time
 import numpy as np
 
 from . import _autoencoder as AE
+from . import _classifier as CL
 from . import _common as C
 
 DAMPING = 1.0
@@ -55,6 +74,10 @@ INVERSE_EVERY = 5
 ADAM_LRS = (1e-2, 2e-2, 3e-2, 5e-2)
 STEPS = {"adam": 3000, "kfac": 400, "kfac_amortised": 1000, "newton_cg": 200, "kfac_jax": 400}
 QUICK_STEPS = {"adam": 300, "kfac": 60, "kfac_amortised": 100, "newton_cg": 20, "kfac_jax": 60}
+CLASSIFIER_ADAM_LRS = (3e-3, 1e-2, 3e-2, 1e-1)
+CLASSIFIER_STEPS = {"adam": 3000, "kfac": 400, "kfac_jax": 400}
+CLASSIFIER_QUICK_STEPS = {"adam": 300, "kfac": 150, "kfac_jax": 150}
+PROBLEMS = ("autoencoder", "classifier")
 
 
 def _limit_blas_threads():
@@ -76,25 +99,41 @@ def _limit_blas_threads():
         return False
 
 
-def _problem():
+def _problem(problem: str = "autoencoder"):
+    """``(batch, p0, model, loss, out_loss)``: ``batch`` the dict of extra arguments
+    (``{"x"}``, or ``{"x", "y"}`` for the classifier), ``loss(p, **batch)`` and
+    ``out_loss(logits, ...)`` for ``KfacTransformation.value_and_grad``."""
     import jax
     import jax.numpy as jnp
 
+    if problem == "classifier":
+        x, y = (jnp.asarray(a) for a in CL.data())
+        p0 = jax.tree.map(jnp.asarray, CL.init_params(0))
+        model = lambda p, x: CL.model(p, x, jnp)
+        loss = lambda p, x, y: CL.softmax_xent(model(p, x), y, jnp)
+        out_loss = lambda logits, y: CL.softmax_xent(logits, y, jnp)
+        return {"x": x, "y": y}, p0, model, loss, out_loss
     x = jnp.asarray(AE.data())
     p0 = jax.tree.map(jnp.asarray, AE.init_params(0))
     model = lambda p, x: AE.model(p, x, jnp)
     loss = lambda p, x: AE.bernoulli_nll(model(p, x), x, jnp)
     out_loss = lambda logits, x: AE.bernoulli_nll(logits, x, jnp)
-    return x, p0, model, loss, out_loss
+    return {"x": x}, p0, model, loss, out_loss
 
 
-def optimisers(model, out_loss, x):
-    """name -> (optax transform, steps key)."""
+def optimisers(model, out_loss, x, problem: str = "autoencoder"):
+    """name -> (optax transform, steps key). The classifier races the Adam grid against
+    ``curvlib.kfac`` at its default settings only."""
     import jax
     import optax
 
     import curvlib
 
+    if problem == "classifier":
+        out = {f"adam({lr:g})": (optax.adam(lr), "adam") for lr in CLASSIFIER_ADAM_LRS}
+        out["kfac"] = (curvlib.kfac(model_fn=model, example_inputs={"x": x[:4]},
+                                    likelihood="categorical", key=jax.random.PRNGKey(0)), "kfac")
+        return out
     kw = dict(model_fn=model, likelihood="bernoulli", example_inputs={"x": x[:4]},
               key=jax.random.PRNGKey(0), damping=DAMPING, inverse_every=INVERSE_EVERY)
     out = {f"adam({lr:g})": (optax.adam(lr), "adam") for lr in ADAM_LRS}
@@ -107,22 +146,30 @@ def optimisers(model, out_loss, x):
     return out
 
 
+def _batch(x) -> dict:
+    """The extra arguments of a step: ``x`` itself when a dict, else ``{"x": x}``."""
+    return x if isinstance(x, dict) else {"x": x}
+
+
 def _make_step(opt, loss, x, out_loss=None):
-    """The jitted training step: with ``out_loss`` and a K-FAC transform, the one-pass
-    gradient and statistics (``opt.value_and_grad``, issue 22), else ``jax.value_and_grad``."""
+    """The jitted training step on the batch ``x`` (an array, or a dict of the extra
+    arguments): with ``out_loss`` and a K-FAC transform, the one-pass gradient and
+    statistics (``opt.value_and_grad``, issue 22), else ``jax.value_and_grad``."""
     import jax
     import optax
+
+    batch = _batch(x)
 
     one_pass = out_loss is not None and getattr(opt, "value_and_grad", None) is not None
 
     @jax.jit
     def step(p, s):
         if one_pass:
-            (v, g), st = opt.value_and_grad(out_loss)(p, s, x=x)
-            u, s = opt.update(g, s, p, value=v, value_fn=loss, statistics=st, x=x)
+            (v, g), st = opt.value_and_grad(out_loss)(p, s, **batch)
+            u, s = opt.update(g, s, p, value=v, value_fn=loss, statistics=st, **batch)
         else:
-            v, g = jax.value_and_grad(loss)(p, x)
-            u, s = opt.update(g, s, p, value=v, value_fn=loss, x=x)
+            v, g = jax.value_and_grad(lambda p: loss(p, **batch))(p)
+            u, s = opt.update(g, s, p, value=v, value_fn=loss, **batch)
         return optax.apply_updates(p, u), s, v
 
     return step
@@ -190,10 +237,13 @@ def _to_target(losses, step_times, target):
     return k, float(np.sum(step_times[: k + 1]))
 
 
-def _kfac_jax(python, steps, quick):
-    path = C.RESULTS / "kfac_jax.json"
+KFAC_JAX_RESULTS = {"autoencoder": "kfac_jax.json", "classifier": "kfac_jax_classifier.json"}
+
+
+def _kfac_jax(python, steps, quick, problem="autoencoder"):
+    path = C.RESULTS / KFAC_JAX_RESULTS[problem]
     if python:
-        cmd = [python, "-m", "benchmarks.kfac_jax_ref", "--only", "autoencoder",
+        cmd = [python, "-m", "benchmarks.kfac_jax_ref", "--only", problem,
                "--steps", str(steps), "--damping", str(DAMPING),
                "--repeats", "1" if quick else "3"]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX", "XLA"))}
@@ -211,52 +261,103 @@ def _kfac_jax(python, steps, quick):
             "cpu_s_per_step": cpu}
 
 
-def run(quick: bool = False, kfac_jax_python: str | None = None) -> dict:
-    blas_limited = _limit_blas_threads()
-    import jax
-
-    steps = QUICK_STEPS if quick else STEPS
+def _race(problem, quick, kfac_jax_python):
+    """Train every optimiser of ``problem``; the tuned Adam, its target and each run's
+    steps and time to it. kfac-jax runs right after curvlib's ``kfac``."""
+    steps = {"autoencoder": QUICK_STEPS if quick else STEPS,
+             "classifier": CLASSIFIER_QUICK_STEPS if quick else CLASSIFIER_STEPS}[problem]
     repeats = 1 if quick else 3
-    x, p0, model, loss, out_loss = _problem()
+    batch, p0, model, loss, out_loss = _problem(problem)
     runs, kj = {}, None
-    for name, (opt, key) in optimisers(model, out_loss, x).items():
+    for name, (opt, key) in optimisers(model, out_loss, batch["x"], problem).items():
         reps = repeats if not name.startswith("adam") else 1
-        losses, times, comp, cpu = _train(opt, x, p0, loss, steps[key], reps, out_loss)
+        losses, times, comp, cpu = _train(opt, batch, p0, loss, steps[key], reps, out_loss)
         runs[name] = {"losses": losses, "step_times": times, "compile_s": comp,
                       "repeats": reps, "cpu_s_per_step": cpu}
-        C.log(f"{name:22s} loss {losses[0]:.3f} -> {losses[-1]:.3f}, median step "
+        C.log(f"{problem} {name:22s} loss {losses[0]:.4g} -> {losses[-1] + 0.0:.4g}, median step "
               f"{1e3 * np.median(times):.2f} ms ({1e3 * cpu:.2f} CPU ms), compile {comp:.1f} s")
         if name == "kfac":  # kfac-jax right after, to keep the machine's load comparable
-            kj = _kfac_jax(kfac_jax_python, steps["kfac_jax"], quick)
+            kj = _kfac_jax(kfac_jax_python, steps["kfac_jax"], quick, problem)
     adams = {k: v for k, v in runs.items() if k.startswith("adam")}
     best = min(adams, key=lambda k: adams[k]["losses"].min())
     # the tuned Adam: its timing re-measured with the same number of repeats as the others
-    _, times, _, cpu = _train(optimisers(model, out_loss, x)[best][0], x, p0, loss,
-                              steps["adam"], repeats)
+    _, times, _, cpu = _train(optimisers(model, out_loss, batch["x"], problem)[best][0], batch,
+                              p0, loss, steps["adam"], repeats)
     runs[best].update(step_times=times, repeats=repeats, cpu_s_per_step=cpu)
     target = float(runs[best]["losses"].min())
     if kj is not None:
         runs["kfac-jax"] = {"losses": kj["losses"], "step_times": kj["step_times"],
                             "compile_s": kj["compile_s"], "repeats": len(kj["raw"]["runs"]),
                             "cpu_s_per_step": kj["cpu_s_per_step"]}
-
-    adam_step = float(np.median(runs[best]["step_times"][1:]))
+    fmt = _fmt_loss(problem)
     table, reached = [], {}
     for name, r in runs.items():
         k, t = _to_target(r["losses"], r["step_times"], target)
         reached[name] = (k, t)
-        table.append([name, len(r["losses"]), f"{r['losses'][-1]:.3f}",
+        table.append([name, len(r["losses"]), fmt(r["losses"][-1]),
                       C._fmt_s(np.median(r["step_times"][1:])), C._fmt_s(r["cpu_s_per_step"]),
                       "-" if k is None else k + 1, C._fmt_s(t), f"{r['compile_s']:.1f} s"])
+    summary = "\n\n".join([
+        f"Target: the tuned Adam ({best}, best of {', '.join(adams)}) after "
+        f"{steps['adam']} steps: loss {fmt(target)}.",
+        C.md_table(["optimiser", "steps run", "final loss", "median step", "CPU time / step",
+                    "steps to target", "time to target", "compile"], table),
+    ])
+    return {"runs": runs, "best": best, "target": target, "reached": reached, "kj": kj,
+            "summary": summary, "repeats": repeats, "problem": (batch, p0, model, loss, out_loss)}
+
+
+def _fmt_loss(problem):
+    """A loss for the tables: 3 decimals (the autoencoder's ~16), else 3 significant digits
+    (the classifier's cross-entropy falls to ~1e-5 and, in float32, to 0)."""
+    return (lambda v: f"{float(v):.3f}") if problem == "autoencoder" else (
+        lambda v: f"{float(v) + 0.0:.3g}")  # + 0.0: no "-0"
+
+
+def _kfac_jax_row(problem, race):
+    """The headline row of curvlib's kfac against kfac-jax at equal settings, or None."""
+    runs, reached = race["runs"], race["reached"]
+    if "kfac-jax" not in runs:
+        return None
+    k, t = reached["kfac"]
+    kk, tk = reached["kfac-jax"]
+    cpu_ratio = runs["kfac-jax"]["cpu_s_per_step"] / runs["kfac"]["cpu_s_per_step"]
+    return [
+        f"{problem}, equal settings: curvlib kfac vs kfac-jax (to the target)",
+        C._fmt_s(t), "kfac-jax 0.0.8", C._fmt_s(tk), C._fmt_x(C.ratio(tk, t)),
+        f"{'-' if k is None else k + 1} / {'-' if kk is None else kk + 1} steps; CPU time "
+        f"per step kfac-jax / curvlib {cpu_ratio:.2f}x",
+        f"{race['repeats']} / {runs['kfac-jax']['repeats']}",
+        ">= 1x: " + ("met" if t is not None and tk is not None and t <= tk else "MISSED"),
+    ]
+
+
+def _notes(kj):
+    import jax
+
+    return [
+        "Every step is timed alone (blocking on its loss); curvlib's side runs in this "
+        "process, kfac-jax's in its own (jax 0.9.1), both with one OpenBLAS thread.",
+        f"jax {jax.__version__}; kfac-jax: {kj['raw']['versions'] if kj else 'not run'}.",
+    ]
+
+
+def _autoencoder(quick, kfac_jax_python, blas_limited) -> dict:
+    """The autoencoder part of ``results/kfac.json``."""
+    race = _race("autoencoder", quick, kfac_jax_python)
+    runs, best, target, reached = race["runs"], race["best"], race["target"], race["reached"]
+    repeats = race["repeats"]
+    batch, p0, model, loss, out_loss = race["problem"]
+    adam_step = float(np.median(runs[best]["step_times"][1:]))
 
     step_rows, ratios = [], {}
     import optax
 
     adam = optax.adam(float(best[5:-1]))
-    opts = optimisers(model, out_loss, x)
+    opts = optimisers(model, out_loss, batch["x"])
     for name, label, ol in (("kfac", "kfac", out_loss), ("kfac", "kfac (two-pass)", None),
                             ("kfac (amortised)", "kfac (amortised)", out_loss)):
-        costs = _step_costs(opts[name][0], adam, x, p0, loss, 5 if quick else 15, ol)
+        costs = _step_costs(opts[name][0], adam, batch, p0, loss, 5 if quick else 15, ol)
         ratios[label] = (costs["between"], costs["amortised"])
         if label in runs:
             runs[label]["step_costs"] = costs
@@ -290,24 +391,12 @@ def run(quick: bool = False, kfac_jax_python: str | None = None) -> dict:
         best, C._fmt_s(adam_step), f"{one:.2f}x (two-pass {two:.2f}x)", "-", "interleaved pairs",
         "<= 2x: " + ("met" if one <= 2 else "MISSED"),
     ])
-    if "kfac-jax" in runs:
-        k, t = reached["kfac"]
-        kk, tk = reached["kfac-jax"]
-        cpu_ratio = runs["kfac-jax"]["cpu_s_per_step"] / runs["kfac"]["cpu_s_per_step"]
-        headline.append([
-            "autoencoder, equal settings: curvlib kfac vs kfac-jax (to the target)",
-            C._fmt_s(t), "kfac-jax 0.0.8", C._fmt_s(tk), C._fmt_x(C.ratio(tk, t)),
-            f"{'-' if k is None else k + 1} / {'-' if kk is None else kk + 1} steps; CPU time "
-            f"per step kfac-jax / curvlib {cpu_ratio:.2f}x",
-            f"{repeats} / {runs['kfac-jax']['repeats']}",
-            ">= 1x: " + ("met" if t is not None and tk is not None and t <= tk else "MISSED"),
-        ])
+    row = _kfac_jax_row("autoencoder", race)
+    if row is not None:
+        headline.append(row)
     plot = _plot(runs, target, best)
     summary = "\n\n".join([
-        f"Target: the tuned Adam ({best}, best of {', '.join(adams)}) after "
-        f"{steps['adam']} steps: loss {target:.3f}.",
-        C.md_table(["optimiser", "steps run", "final loss", "median step", "CPU time / step",
-                    "steps to target", "time to target", "compile"], table),
+        race["summary"],
         "K-FAC step time / Adam step time, interleaved pairs (median ratio of 15), by the "
         f"step's position in a refresh cycle of {INVERSE_EVERY}: steps 1-{INVERSE_EVERY - 2} "
         f"are between refreshes, step {INVERSE_EVERY - 1} adapts the damping, step "
@@ -315,7 +404,7 @@ def run(quick: bool = False, kfac_jax_python: str | None = None) -> dict:
         C.md_table(["K-FAC setting"] + [f"step {i + 1}" for i in range(INVERSE_EVERY)]
                    + ["between refreshes", "amortised"], step_rows),
     ])
-    payload = {
+    return {
         "title": "K-FAC on the digits autoencoder (issues 15, 22)",
         "headline": headline,
         "summary_md": summary,
@@ -324,11 +413,80 @@ def run(quick: bool = False, kfac_jax_python: str | None = None) -> dict:
         "tuned_adam": best,
         "blas_threads_limited": blas_limited,
         "runs": {k: _compact(v) for k, v in runs.items()},
-        "notes": [
-            "Every step is timed alone (blocking on its loss); curvlib's side runs in this "
-            "process, kfac-jax's in its own (jax 0.9.1), both with one OpenBLAS thread.",
-            f"jax {jax.__version__}; kfac-jax: {kj['raw']['versions'] if kj else 'not run'}.",
-        ],
+        "notes": _notes(race["kj"]),
+        "meta": C.metadata(),
+    }
+
+
+def _classifier(quick, kfac_jax_python, blas_limited) -> dict:
+    """The classifier part of ``results/kfac.json``: steps and wall time to the tuned
+    Adam's loss, ``curvlib.kfac`` at its default settings (and kfac-jax when run)."""
+    race = _race("classifier", quick, kfac_jax_python)
+    runs, best, target, reached = race["runs"], race["best"], race["target"], race["reached"]
+    repeats = race["repeats"]
+    k_a, t_a = reached[best]
+    k, t = reached["kfac"]
+    what = f"classifier to the tuned {best}'s loss {target:.3g}: kfac (default settings) vs Adam"
+    steps = f"{'-' if k is None else k + 1} / {k_a + 1} steps"
+    headline = [
+        [f"{what}, steps", "-" if k is None else f"{k + 1} steps", best, f"{k_a + 1} steps",
+         C._fmt_x(None if k is None else (k_a + 1) / (k + 1)), steps, repeats,
+         "<= 1/3 of Adam's steps: " + ("met" if k is not None and 3 * (k + 1) <= k_a + 1
+                                        else "MISSED")],
+        [f"{what}, wall time", C._fmt_s(t), best, C._fmt_s(t_a), C._fmt_x(C.ratio(t_a, t)),
+         steps, repeats,
+         "less wall time than Adam: " + ("met" if t is not None and t < t_a else "MISSED")],
+    ]
+    row = _kfac_jax_row("classifier", race)
+    if row is not None:
+        headline.append(row)
+    plot = _plot(runs, target, best, "classifier")
+    return {
+        "title": "K-FAC on the digits classifier (issue 22)",
+        "headline": headline,
+        "summary_md": race["summary"],
+        "plots": [plot],
+        "target": target,
+        "tuned_adam": best,
+        "blas_threads_limited": blas_limited,
+        "runs": {k: _compact(v) for k, v in runs.items()},
+        "notes": _notes(race["kj"]),
+        "meta": C.metadata(),
+    }
+
+
+def _previous_parts() -> dict:
+    """The parts of the last ``results/kfac.json`` (one written before the classifier
+    was added is the autoencoder part)."""
+    path = C.RESULTS / "kfac.json"
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    if "parts" in old:
+        return old["parts"]
+    keys = ("title", "headline", "summary_md", "plots", "target", "tuned_adam",
+            "blas_threads_limited", "runs", "notes", "meta")
+    return {"autoencoder": {k: old[k] for k in keys if k in old}}
+
+
+def run(quick: bool = False, kfac_jax_python: str | None = None,
+        only: str | None = None) -> dict:
+    """Race the problems (``only`` one of them: the other's part of the last
+    ``results/kfac.json`` is kept) and write ``results/kfac.json``."""
+    blas_limited = _limit_blas_threads()
+    parts = _previous_parts() if only else {}
+    for problem in PROBLEMS if only is None else (only,):
+        make = _autoencoder if problem == "autoencoder" else _classifier
+        parts[problem] = make(quick, kfac_jax_python, blas_limited)
+    parts = {p: parts[p] for p in PROBLEMS if p in parts}
+    payload = {
+        "title": "K-FAC on the digits autoencoder and classifier (issues 15, 22)",
+        "headline": [row for part in parts.values() for row in part["headline"]],
+        "summary_md": "\n\n".join(f"### {part['title']}\n\n{part['summary_md']}"
+                                   for part in parts.values()),
+        "plots": [plot for part in parts.values() for plot in part["plots"]],
+        "notes": list(dict.fromkeys(n for part in parts.values() for n in part["notes"])),
+        "parts": parts,
     }
     path = C.write_result("kfac", payload)
     C.log(f"wrote {path}")
@@ -347,7 +505,7 @@ def _compact(run: dict) -> dict:
     return out
 
 
-def _plot(runs, target, best):
+def _plot(runs, target, best, problem="autoencoder"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -363,14 +521,20 @@ def _plot(runs, target, best):
     for ax, xl in zip(axes, ("step", "wall-clock (s, compile excluded)"), strict=True):
         ax.axhline(target, color="gray", ls=":", lw=1)
         ax.set_xscale("log")
-        ax.set_ylim(target - 1.0, 30)
+        if problem == "classifier":
+            ax.set_yscale("log")
+            ax.set_ylim(target / 10, 3)
+            ax.set_ylabel("training loss (softmax cross-entropy)")
+        else:
+            ax.set_ylim(target - 1.0, 30)
+            ax.set_ylabel("training loss (Bernoulli NLL)")
         ax.set_xlabel(xl)
-        ax.set_ylabel("training loss (Bernoulli NLL)")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle("digits autoencoder 64-32-16-8-16-32-64, full batch")
+    fig.suptitle({"autoencoder": "digits autoencoder 64-32-16-8-16-32-64, full batch",
+                  "classifier": "digits classifier 64-128-64-10, full batch"}[problem])
     fig.tight_layout()
-    path = C.RESULTS / "kfac_autoencoder.png"
+    path = C.RESULTS / f"kfac_{problem}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name
@@ -379,11 +543,13 @@ def _plot(runs, target, best):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=PROBLEMS, default=None,
+                    help="race one problem (default both); the other's results are kept")
     ap.add_argument("--kfac-jax-python", default=None,
                     help="python of the kfac-jax environment: run kfac_jax_ref.py first")
     args = ap.parse_args(argv)
     C.QUICK = args.quick
-    run(quick=args.quick, kfac_jax_python=args.kfac_jax_python)
+    run(quick=args.quick, kfac_jax_python=args.kfac_jax_python, only=args.only)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ root::
     python3 -m venv /work/kfacenv
     /work/kfacenv/bin/pip install jax==0.9.1 jaxlib==0.9.1 kfac-jax==0.0.8 \
         optax scikit-learn
-    OPENBLAS_NUM_THREADS=1 /work/kfacenv/bin/python -m benchmarks.kfac_jax_ref  # both parts
+    OPENBLAS_NUM_THREADS=1 /work/kfacenv/bin/python -m benchmarks.kfac_jax_ref  # all parts
     OPENBLAS_NUM_THREADS=1 /work/kfacenv/bin/python -m benchmarks.kfac_jax_ref --only factors
 
 It writes
@@ -27,6 +27,10 @@ It writes
    the loss after every step, the wall-clock of every step (after a warm-up run that
    compiles kfac-jax's step variants) and the compile time.
    ``benchmarks/kfac.py`` reads it.
+3. ``benchmarks/results/kfac_jax_classifier.json`` (``--only classifier``): the
+   same optimizer and settings on the digits classifier
+   (``benchmarks/_classifier.py``, 64-128-64-10 tanh MLP, softmax cross-entropy,
+   full batch); ``benchmarks/kfac.py --only classifier`` reads it.
 
 ``OPENBLAS_NUM_THREADS=1``: jaxlib's CPU linear algebra (``eigh``, ``cholesky``)
 calls scipy's OpenBLAS, whose threads fight XLA's on a small machine; both sides
@@ -46,7 +50,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTORS_PATH = ROOT / "tests" / "data" / "kfac_jax_reference.npz"
-RESULTS_PATH = ROOT / "benchmarks" / "results" / "kfac_jax.json"
+RESULTS_PATHS = {
+    "autoencoder": ROOT / "benchmarks" / "results" / "kfac_jax.json",
+    "classifier": ROOT / "benchmarks" / "results" / "kfac_jax_classifier.json",
+}
 
 # the small MLP of the factor comparison: 5 -> 7 (tanh) -> 4, batch of 6
 D_IN, D_HID, D_OUT, N = 5, 7, 4, 6
@@ -137,11 +144,30 @@ def factors():
     print(f"wrote {FACTORS_PATH} ({len(out)} arrays)")
 
 
-def autoencoder(num_steps: int, initial_damping: float, seed: int, repeats: int):
+def _problem(problem: str, seed: int):
+    """``(batch, params, loss_fn, value_fn, description)`` of the autoencoder or the
+    classifier: ``loss_fn`` registers the loss with kfac-jax, ``value_fn`` does not."""
     import jax
     import jax.numpy as jnp
     import kfac_jax
 
+    if problem == "classifier":
+        from benchmarks import _classifier as CL
+
+        x, y = (jnp.asarray(a) for a in CL.data())
+        params = jax.tree.map(jnp.asarray, CL.init_params(seed))
+
+        def loss_fn(p, batch):
+            x, y = batch
+            logits = CL.model(p, x, jnp)
+            kfac_jax.register_softmax_cross_entropy_loss(logits, y)
+            return CL.softmax_xent(logits, y, jnp)
+
+        def value_fn(p, batch):
+            return CL.softmax_xent(CL.model(p, batch[0], jnp), batch[1], jnp)
+
+        return (x, y), params, loss_fn, value_fn, (
+            "digits classifier 64-128-64-10, full batch 1792, softmax cross-entropy")
     from benchmarks import _autoencoder as AE
 
     x = jnp.asarray(AE.data())
@@ -151,6 +177,22 @@ def autoencoder(num_steps: int, initial_damping: float, seed: int, repeats: int)
         logits = AE.model(p, batch, jnp)
         kfac_jax.register_sigmoid_cross_entropy_loss(logits, batch)
         return AE.bernoulli_nll(logits, batch, jnp)
+
+    def value_fn(p, batch):
+        return AE.bernoulli_nll(AE.model(p, batch, jnp), batch, jnp)
+
+    return x, params, loss_fn, value_fn, (
+        "digits autoencoder 64-32-16-8-16-32-64, full batch 1792, Bernoulli NLL")
+
+
+def optimizer_run(problem: str, num_steps: int, initial_damping: float, seed: int,
+                  repeats: int):
+    """kfac-jax's optimizer on ``problem`` ("autoencoder" or "classifier")."""
+    import jax
+    import jax.numpy as jnp
+    import kfac_jax
+
+    batch, params, loss_fn, value_fn, description = _problem(problem, seed)
 
     def make():
         return kfac_jax.Optimizer(
@@ -178,18 +220,18 @@ def autoencoder(num_steps: int, initial_damping: float, seed: int, repeats: int)
     for r in range(repeats + 1):  # run 0 warms up (kfac-jax compiles several step variants)
         t0 = time.perf_counter()
         p = jax.tree.map(jnp.copy, params)  # kfac-jax donates the params' buffers
-        state = opt.init(p, rng, x)
+        state = opt.init(p, rng, batch)
         losses, step_times = [], []
         c0 = time.process_time()
         for step in range(num_steps):
             ts = time.perf_counter()
-            p, state, stats = opt.step(p, state, jax.random.fold_in(rng, step), batch=x,
+            p, state, stats = opt.step(p, state, jax.random.fold_in(rng, step), batch=batch,
                                        global_step_int=step)
             loss = float(stats["loss"])  # blocks: the loss of the step's incoming params
             step_times.append(time.perf_counter() - ts)
             losses.append(loss)
         cpu_per_step = (time.process_time() - c0) / num_steps
-        final = float(AE.bernoulli_nll(AE.model(p, x, jnp), x, jnp))
+        final = float(value_fn(p, batch))
         if r == 0:
             compile_s = time.perf_counter() - t0 - float(np.median(step_times)) * num_steps
             warm = losses
@@ -198,10 +240,10 @@ def autoencoder(num_steps: int, initial_damping: float, seed: int, repeats: int)
         assert losses == warm, "kfac-jax's run is not deterministic"
         runs.append({"losses": losses, "step_times": step_times, "final_loss": final,
                      "cpu_s_per_step": cpu_per_step})
-        print(f"repeat {r}: loss {losses[0]:.3f} -> {final:.3f}; median step "
+        print(f"repeat {r}: loss {losses[0]:.4g} -> {final:.4g}; median step "
               f"{1e3 * np.median(step_times):.2f} ms")
     return {
-        "model": "digits autoencoder 64-32-16-8-16-32-64, full batch 1792, Bernoulli NLL",
+        "model": description,
         "optimizer": "kfac_jax.Optimizer(adaptive lr, momentum, damping; fisher_gradients)",
         "initial_damping": initial_damping,
         "num_steps": num_steps,
@@ -216,7 +258,7 @@ def autoencoder(num_steps: int, initial_damping: float, seed: int, repeats: int)
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=("factors", "autoencoder"))
+    ap.add_argument("--only", choices=("factors",) + tuple(RESULTS_PATHS))
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--damping", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=3)
@@ -224,11 +266,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.only in (None, "factors"):
         factors()
-    if args.only in (None, "autoencoder"):
-        res = autoencoder(args.steps, args.damping, args.seed, args.repeats)
-        RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_PATH.write_text(json.dumps(res, indent=1))
-        print(f"wrote {RESULTS_PATH}")
+    for problem, path in RESULTS_PATHS.items():
+        if args.only in (None, problem):
+            res = optimizer_run(problem, args.steps, args.damping, args.seed, args.repeats)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(res, indent=1))
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":
