@@ -436,23 +436,7 @@ def fisher_matvec(
                                    variance=variance, mode=mode,
                                    microbatch_size=microbatch_size,
                                    batch_argnums=batch_argnums, has_aux=has_aux)
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"`likelihood` must be one of {LIKELIHOODS}; got {likelihood!r}.")
-    mc = key is not None
-    S = _validate.static_int(num_samples, "num_samples", minimum=1)
-    if not mc and S != 1:
-        raise ValueError(
-            "`num_samples` applies to the Monte-Carlo Fisher only; pass a `key` to sample "
-            "targets (the exact Fisher, key=None, needs no samples)."
-        )
-    if mc:
-        _validate.prng_key(key, optional=True)
-    if variance is not None and likelihood != "gaussian":
-        raise ValueError("`variance` applies to likelihood='gaussian' only.")
-    if variance is None:
-        variance = 1.0
-    if not isinstance(variance, jax.core.Tracer) and not np.all(np.asarray(variance) > 0):
-        raise ValueError(f"`variance` must be positive; got {variance!r}.")
+    mc, S, variance = _fisher_options(likelihood, key, num_samples, variance)
     if _check_model(model_fn, params, args, has_aux):
         model_fn = C.value_only(model_fn)
     out_shape = jax.eval_shape(lambda p: model_fn(p, *args), params)
@@ -491,6 +475,32 @@ def fisher_matvec(
             argnums = argnums + (len(args),)
         product = microbatched(product, size, tuple(sorted(argnums)))
     return C.params_operator(product, params, params, all_args)
+
+
+def _fisher_options(likelihood, key, num_samples, variance):
+    """``(mc, S, variance)``: `fisher_matvec`'s likelihood options, checked.
+
+    ``mc`` is whether targets are sampled (a ``key``), ``S`` the samples per
+    example, ``variance`` the Gaussian variance (``1`` by default).
+    """
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"`likelihood` must be one of {LIKELIHOODS}; got {likelihood!r}.")
+    mc = key is not None
+    S = _validate.static_int(num_samples, "num_samples", minimum=1)
+    if not mc and S != 1:
+        raise ValueError(
+            "`num_samples` applies to the Monte-Carlo Fisher only; pass a `key` to sample "
+            "targets (the exact Fisher, key=None, needs no samples)."
+        )
+    if mc:
+        _validate.prng_key(key, optional=True)
+    if variance is not None and likelihood != "gaussian":
+        raise ValueError("`variance` applies to likelihood='gaussian' only.")
+    if variance is None:
+        variance = 1.0
+    if not isinstance(variance, jax.core.Tracer) and not np.all(np.asarray(variance) > 0):
+        raise ValueError(f"`variance` must be positive; got {variance!r}.")
+    return mc, S, variance
 
 
 def _draw_noise(likelihood, key, S, out_shape):
