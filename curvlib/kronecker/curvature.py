@@ -321,20 +321,23 @@ def value_grad_and_rows(layers: KfacLayers, params, batched, loss_fn: Callable, 
         cots = jax.vmap(cotangents)(sg, keys)
     cots = jnp.concatenate([ct[None].astype(sg.dtype), jnp.moveaxis(cots, 1, 0).astype(sg.dtype)])
     dgrads, pgrads = jax.vmap(vjp_fn)(cots)  # (S + 1, N, ...): the weights stay unbatched
-    dgrads = [jnp.moveaxis(d, 0, 1) for d in dgrads]
-    rows_a, rows_g = [], []
+    # the loss's entry 0 and the statistics' 1: taken on the leading axis (contiguous)
+    # before the example axis moves to the front
+    rows_a, rows_loss, rows_g = [], [], []
     for l in layers.layers:
         rows_a.append(jnp.concatenate(
             [jax.vmap(lambda x, u=u: use_rows(u, x))(rec[u.op]) for u in l.uses], axis=1))
+        rows_loss.append(jnp.concatenate(
+            [jax.vmap(lambda y, u=u, l=l: out_rows(u, l.out_dim, y))(pgrads[u.op][0])
+             for u in l.uses], axis=1))
         rows_g.append(jnp.concatenate(
             [jax.vmap(jax.vmap(lambda y, u=u, l=l: out_rows(u, l.out_dim, y)))(
-                jnp.moveaxis(pgrads[u.op], 0, 1)) for u in l.uses], axis=2))
-    mats = [_rows_gradient(l, a, g[:, 0], dt) for l, a, g in zip(layers.layers, rows_a, rows_g,
-                                                                 strict=True)]
-    diag = [jnp.sum(d[:, 0], axis=0) for d in dgrads]
+                jnp.moveaxis(pgrads[u.op][1:], 0, 1)) for u in l.uses], axis=2))
+    mats = [_rows_gradient(l, a, g, dt) for l, a, g in zip(layers.layers, rows_a, rows_loss,
+                                                           strict=True)]
+    diag = [jnp.sum(d[0], axis=0) for d in dgrads]
     grads = from_blocks(layers, mats, diag, params)
-    rows_g = [g[:, 1:] for g in rows_g]
-    dsq = [jnp.sum(jnp.square(d[:, 1:].astype(dt)), axis=1) for d in dgrads]
+    dsq = [jnp.sum(jnp.square(d[1:].astype(dt)), axis=0) for d in dgrads]
     return value, grads, outs, rows_a, rows_g, dsq
 
 
