@@ -597,6 +597,14 @@ class _Settings(NamedTuple):
     learning_rate: Any
     momentum: Any
     norm_constraint: Any
+    sampled: bool = False  # Monte-Carlo statistics (a key was given)
+    adaptive_damping: bool = True
+    damping_every: int = 5
+    damping_decay: Any = 0.95
+    min_damping: Any = 1e-8
+    max_damping: Any = 1e8
+    statistics_every: int = 1
+    inverse_every: int = 5
 
 
 def scale_by_kfac(
@@ -715,7 +723,9 @@ def scale_by_kfac(
         inverse_every, damping, min_damping, max_damping, ema_decay, damping_decay, inverse,
         example_inputs, learning_rate, momentum, norm_constraint)
     settings = _Settings(model_fn, likelihood, variance, num_samples, convention, inverse,
-                         ema_decay, learning_rate, momentum, norm_constraint)
+                         ema_decay, learning_rate, momentum, norm_constraint, key is not None,
+                         adaptive_damping, damping_every, damping_decay, min_damping, max_damping,
+                         statistics_every, inverse_every)
     key_data = _key_data(key)
 
     def init_fn(params):
@@ -724,94 +734,115 @@ def scale_by_kfac(
         return place_state(layers, init_state(layers, params, damping, key_data, inverse), params)
 
     def update_fn(updates, state, params=None, *, value_fn=None, statistics=None, **extra_args):
-        params = _loss.require_params("scale_by_kfac", params)
-        if adaptive_damping:
-            value_fn = _loss.require_value_fn("scale_by_kfac", value_fn)
-        layers, kw = _layers_for(model_fn, params, extra_args)
-        _check_state(layers, state)
-        if statistics is not None:
-            _check_statistics(layers, state, statistics)
-        dt = factor_dtype(layers)
-        g, count, lam, u_prev = updates, state.count, state.damping, state.velocity
-        stat_key, next_key = _split(state.key) if key is not None else (None, state.key)
-        factors, weight, stats_ok, batch_scales = _every(
-            statistics_every, count,
-            lambda: _statistics_step(settings, layers, state, params, kw, stat_key, dt,
-                                     statistics),
-            lambda: (state.factors, state.ema_weight, jnp.asarray(False), state.scales))
-        pre, scales = _every(
-            inverse_every, count, lambda: refresh(layers, factors, weight, lam, inverse),
-            lambda: (state.inverses, _ekfac_scales(inverse, state, batch_scales, stats_ok,
-                                                   ema_decay)))
-        delta = precondition(layers, pre, g, lam, dt, scales if inverse == "ekfac" else None)
-        if statistics is not None:  # the quadratic model on value_and_grad's forward replay:
-            # the same program, so XLA computes that forward once for the whole step
-            consts = tuple(layers.program.consts.values())
-            settings_q = settings._replace(
-                model_fn=lambda p, **kw: replay(layers, p, kw, consts))
-        else:
-            settings_q = settings
-        alpha, mu, quad = _coefficients(settings_q, params, kw, g, delta, u_prev, lam, count,
-                                        dt)
-        u = _tree.add(_tree.scale(alpha, delta), _tree.scale(mu, u_prev))
-        value = loss_value(value_fn, params, extra_args, dt)
-        needs_quad = learning_rate is None or isinstance(momentum, str)
-        new_lam, rho, quad, adapted = _every(
-            damping_every if adaptive_damping else None, count + 1,
-            lambda: adapt_damping(model_fn, likelihood, variance, value_fn, params, kw,
-                                  extra_args, g, u, quad if needs_quad else None, lam, value,
-                                  damping_decay**damping_every, min_damping, max_damping, dt),
-            lambda: (lam, jnp.zeros((), dt), quad, jnp.asarray(False)))
-        finite = step_is_finite(g, u, alpha, mu, value,
-                                value_fn is not None or extra_args.get("value") is not None)
-        out, velocity = guard(finite, u, u_prev, updates)
-        info = _info(value, lam, alpha, mu, quad, rho, adapted, stats_ok,
-                     count % inverse_every == 0, finite, 2 * needs_quad, dt)
-        new_state = ScaleByKfacState(
-            optax.safe_increment(count), factors, weight.astype(dt), pre, scales,
-            jnp.where(finite & jnp.isfinite(new_lam), new_lam, lam).astype(dt), velocity,
-            next_key, info, state.placement)
-        return _place(new_state, out)
+        return _kfac_update(settings, updates, state, params, value_fn, statistics, extra_args)
 
     def value_and_grad(loss_fn: Callable) -> Callable:
         """``fn(params, state, **extra_args) -> ((value, grads), statistics)``: see above."""
-        if not callable(loss_fn):
-            raise TypeError(f"value_and_grad: `loss_fn` must be callable; got {loss_fn!r}.")
-
-        def fn(params, state, **extra_args):
-            kstate = _kfac_state(state)
-            layers, kw = _layers_for(model_fn, params, extra_args)
-            _check_state(layers, kstate)
-            dt = factor_dtype(layers)
-            lkw = _loss.kwargs_for(loss_fn, extra_args)
-
-            def out_loss(out):
-                return _validate_scalar(loss_fn(out, **lkw))
-
-            def full():
-                stat_key = _split(kstate.key)[0] if key is not None else None
-                basis = kstate.inverses if inverse == "ekfac" else None
-                return batch_value_grad_statistics(
-                    layers, params, kw, out_loss, stat_key, basis, likelihood=likelihood,
-                    num_samples=num_samples, convention=convention, variance=variance, dt=dt)
-
-            def plain():  # a step without statistics: the gradient alone
-                value, grads = jax.value_and_grad(lambda p: out_loss(model_fn(p, **kw)))(params)
-                zeros = KfacStatistics(zero_factors(layers, dt),
-                                       jax.tree.map(jnp.zeros_like, kstate.scales),
-                                       jnp.asarray(False))
-                return value, grads, zeros
-
-            if isinstance(statistics_every, (int, np.integer)) and int(statistics_every) == 1:
-                value, grads, stats = full()
-            else:
-                value, grads, stats = jax.lax.cond(kstate.count % statistics_every == 0,
-                                                   full, plain)
-            return (value, grads), stats
-
-        return fn
+        return _value_and_grad(settings, loss_fn)
 
     return KfacTransformation(init_fn, update_fn, value_and_grad)
+
+
+def _kfac_update(c: _Settings, updates, state: ScaleByKfacState, params, value_fn, statistics,
+                 extra_args: dict):
+    """`scale_by_kfac`'s ``update``: its steps, each a named function of this module.
+
+    The factors' statistics (`_statistics_step`, every ``statistics_every``), the
+    inverses (`refresh`, every ``inverse_every``), the preconditioned direction
+    (`precondition`), the step's coefficients (`_coefficients`), the damping
+    (`adapt_damping`, every ``damping_every``), the finiteness guard (`guard`), then
+    the new state, placed as the parameters are (`_place`).
+    """
+    params = _loss.require_params("scale_by_kfac", params)
+    if c.adaptive_damping:
+        value_fn = _loss.require_value_fn("scale_by_kfac", value_fn)
+    layers, kw = _layers_for(c.model_fn, params, extra_args)
+    _check_state(layers, state)
+    if statistics is not None:
+        _check_statistics(layers, state, statistics)
+    dt = factor_dtype(layers)
+    g, count, lam, u_prev = updates, state.count, state.damping, state.velocity
+    stat_key, next_key = _split(state.key) if c.sampled else (None, state.key)
+    factors, weight, stats_ok, batch_scales = _every(
+        c.statistics_every, count,
+        lambda: _statistics_step(c, layers, state, params, kw, stat_key, dt, statistics),
+        lambda: (state.factors, state.ema_weight, jnp.asarray(False), state.scales))
+    pre, scales = _every(
+        c.inverse_every, count, lambda: refresh(layers, factors, weight, lam, c.inverse),
+        lambda: (state.inverses, _ekfac_scales(c.inverse, state, batch_scales, stats_ok,
+                                               c.ema_decay)))
+    delta = precondition(layers, pre, g, lam, dt, scales if c.inverse == "ekfac" else None)
+    alpha, mu, quad = _coefficients(_quadratic_settings(c, layers, statistics), params, kw, g,
+                                    delta, u_prev, lam, count, dt)
+    u = _tree.add(_tree.scale(alpha, delta), _tree.scale(mu, u_prev))
+    value = loss_value(value_fn, params, extra_args, dt)
+    needs_quad = c.learning_rate is None or isinstance(c.momentum, str)
+    new_lam, rho, quad, adapted = _every(
+        c.damping_every if c.adaptive_damping else None, count + 1,
+        lambda: adapt_damping(c.model_fn, c.likelihood, c.variance, value_fn, params, kw,
+                              extra_args, g, u, quad if needs_quad else None, lam, value,
+                              c.damping_decay**c.damping_every, c.min_damping, c.max_damping,
+                              dt),
+        lambda: (lam, jnp.zeros((), dt), quad, jnp.asarray(False)))
+    finite = step_is_finite(g, u, alpha, mu, value,
+                            value_fn is not None or extra_args.get("value") is not None)
+    out, velocity = guard(finite, u, u_prev, updates)
+    info = _info(value, lam, alpha, mu, quad, rho, adapted, stats_ok,
+                 count % c.inverse_every == 0, finite, 2 * needs_quad, dt)
+    new_state = ScaleByKfacState(
+        optax.safe_increment(count), factors, weight.astype(dt), pre, scales,
+        jnp.where(finite & jnp.isfinite(new_lam), new_lam, lam).astype(dt), velocity,
+        next_key, info, state.placement)
+    return _place(new_state, out)
+
+
+def _quadratic_settings(c: _Settings, layers: KfacLayers, statistics) -> _Settings:
+    """The settings of the quadratic model: with one-pass ``statistics`` its model is
+    `value_and_grad`'s forward replay (`replay`: the same program, so XLA computes that
+    forward once for the whole step)."""
+    if statistics is None:
+        return c
+    consts = tuple(layers.program.consts.values())
+    return c._replace(model_fn=lambda p, **kw: replay(layers, p, kw, consts))
+
+
+def _value_and_grad(c: _Settings, loss_fn: Callable) -> Callable:
+    """`KfacTransformation.value_and_grad` of the transform configured by ``c``."""
+    if not callable(loss_fn):
+        raise TypeError(f"value_and_grad: `loss_fn` must be callable; got {loss_fn!r}.")
+
+    def fn(params, state, **extra_args):
+        kstate = _kfac_state(state)
+        layers, kw = _layers_for(c.model_fn, params, extra_args)
+        _check_state(layers, kstate)
+        dt = factor_dtype(layers)
+        lkw = _loss.kwargs_for(loss_fn, extra_args)
+
+        def out_loss(out):
+            return _validate_scalar(loss_fn(out, **lkw))
+
+        def full():
+            stat_key = _split(kstate.key)[0] if c.sampled else None
+            basis = kstate.inverses if c.inverse == "ekfac" else None
+            return batch_value_grad_statistics(
+                layers, params, kw, out_loss, stat_key, basis, likelihood=c.likelihood,
+                num_samples=c.num_samples, convention=c.convention, variance=c.variance, dt=dt)
+
+        def plain():  # a step without statistics: the gradient alone
+            value, grads = jax.value_and_grad(lambda p: out_loss(c.model_fn(p, **kw)))(params)
+            zeros = KfacStatistics(zero_factors(layers, dt),
+                                   jax.tree.map(jnp.zeros_like, kstate.scales),
+                                   jnp.asarray(False))
+            return value, grads, zeros
+
+        if isinstance(c.statistics_every, (int, np.integer)) and int(c.statistics_every) == 1:
+            value, grads, stats = full()
+        else:
+            value, grads, stats = jax.lax.cond(kstate.count % c.statistics_every == 0,
+                                               full, plain)
+        return (value, grads), stats
+
+    return fn
 
 
 def init_state(layers: KfacLayers, params: PyTree, damping, key_data, inverse: str
