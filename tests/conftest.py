@@ -7,6 +7,18 @@ import pytest
 
 jax.config.update("jax_enable_x64", True)
 
+# The suite checks answers, not speed, and compiling is most of its time: XLA:CPU's backend at
+# its cheapest setting (LLVM's optimisation level 0, its expensive passes off). The HLO passes
+# (fusion, the programs the tests inspect) are unchanged; the machine code is slower to run and
+# much faster to produce. Set before the first backend use (nothing above creates one), and in
+# the environment, so the subprocesses the suite starts (sharding workers, the multi-process
+# harness, notebooks, the fresh interpreter that must reproduce this one's bits) compile the same
+# way. CURVLIB_TEST_XLA_OPT=1 keeps XLA's defaults.
+_CHEAP_BACKEND = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if os.environ.get("CURVLIB_TEST_XLA_OPT", "0") != "1" and _CHEAP_BACKEND not in os.environ.get(
+        "XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _CHEAP_BACKEND).strip()
+
 # Eager calls compile their fused program in front here, not behind (`curvlib.compile_behind`):
 # the suite pins the fused programs, and a background compile per new signature would compete
 # with the xdist workers for the two cores. Set in the environment, so the subprocesses the suite
