@@ -207,7 +207,7 @@ def _cg_direction(s: _CGState, x0, precond, acc):
     znorm = jnp.abs(rz) / jnp.where(s.rnorm > 0, s.rnorm, 1.0)
     pnorm = jnp.hypot(znorm, beta * s.pnorm)
     pn = _tree.pow2_floor(pnorm)
-    # s.p holds d_prev = p_prev / pn_prev, pn_prev = _tree.pow2_floor(s.pnorm) (both kept together)
+    # s.p holds d_prev = p_prev / pn_prev, pn_prev = pow2_floor(s.pnorm) (kept together)
     d = _tree.add_scale(_tree.scale(1.0 / pn, z), beta * (_tree.pow2_floor(s.pnorm) / pn), s.p)
     v = _tree.where(in_step, d, _tree.where(s.phase == _WARM, x0, s.x))
     return d, rz, v, pn, pnorm
