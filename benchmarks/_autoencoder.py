@@ -31,11 +31,12 @@ def data() -> np.ndarray:
     return x.astype(np.float32)
 
 
-def init_params(seed: int = 0) -> list:
-    """Glorot-normal weights and zero biases, as numpy float32 (a list of ``{"w", "b"}``)."""
+def init_params(seed: int = 0, sizes: tuple = SIZES) -> list:
+    """Glorot-normal weights and zero biases, as numpy float32 (a list of ``{"w", "b"}``),
+    for the layer widths ``sizes`` (default: the autoencoder's)."""
     rng = np.random.default_rng(seed)
     params = []
-    for din, dout in zip(SIZES[:-1], SIZES[1:], strict=True):
+    for din, dout in zip(sizes[:-1], sizes[1:], strict=True):
         std = np.sqrt(2.0 / (din + dout))
         params.append({
             "w": (std * rng.standard_normal((din, dout))).astype(np.float32),

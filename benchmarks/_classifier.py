@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _autoencoder
+
 SIZES = (64, 128, 64, 10)
 NUM_EXAMPLES = 1792  # digits has 1797 images; the autoencoder's 1792
 NUM_CLASSES = 10
@@ -32,16 +34,8 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 
 
 def init_params(seed: int = 0) -> list:
-    """Glorot-normal weights and zero biases, as numpy float32 (a list of ``{"w", "b"}``)."""
-    rng = np.random.default_rng(seed)
-    params = []
-    for din, dout in zip(SIZES[:-1], SIZES[1:], strict=True):
-        std = np.sqrt(2.0 / (din + dout))
-        params.append({
-            "w": (std * rng.standard_normal((din, dout))).astype(np.float32),
-            "b": np.zeros((dout,), np.float32),
-        })
-    return params
+    """Glorot-normal weights and zero biases for `SIZES` (`_autoencoder.init_params`)."""
+    return _autoencoder.init_params(seed, SIZES)
 
 
 def model(params, x, jnp):

@@ -404,18 +404,8 @@ def _autoencoder(quick, kfac_jax_python, blas_limited) -> dict:
         C.md_table(["K-FAC setting"] + [f"step {i + 1}" for i in range(INVERSE_EVERY)]
                    + ["between refreshes", "amortised"], step_rows),
     ])
-    return {
-        "title": "K-FAC on the digits autoencoder (issues 15, 22)",
-        "headline": headline,
-        "summary_md": summary,
-        "plots": [plot],
-        "target": target,
-        "tuned_adam": best,
-        "blas_threads_limited": blas_limited,
-        "runs": {k: _compact(v) for k, v in runs.items()},
-        "notes": _notes(race["kj"]),
-        "meta": C.metadata(),
-    }
+    return _part("K-FAC on the digits autoencoder (issues 15, 22)", headline, summary, plot,
+                 race, blas_limited)
 
 
 def _classifier(quick, kfac_jax_python, blas_limited) -> dict:
@@ -441,15 +431,21 @@ def _classifier(quick, kfac_jax_python, blas_limited) -> dict:
     if row is not None:
         headline.append(row)
     plot = _plot(runs, target, best, "classifier")
+    return _part("K-FAC on the digits classifier (issue 22)", headline, race["summary"], plot,
+                 race, blas_limited)
+
+
+def _part(title, headline, summary, plot, race, blas_limited) -> dict:
+    """One problem's part of ``results/kfac.json``."""
     return {
-        "title": "K-FAC on the digits classifier (issue 22)",
+        "title": title,
         "headline": headline,
-        "summary_md": race["summary"],
+        "summary_md": summary,
         "plots": [plot],
-        "target": target,
-        "tuned_adam": best,
+        "target": race["target"],
+        "tuned_adam": race["best"],
         "blas_threads_limited": blas_limited,
-        "runs": {k: _compact(v) for k, v in runs.items()},
+        "runs": {k: _compact(v) for k, v in race["runs"].items()},
         "notes": _notes(race["kj"]),
         "meta": C.metadata(),
     }
