@@ -250,3 +250,148 @@ def test_cg_rejects_a_bad_atol_override_eagerly(atol):
         curvlib.cg(lambda v: jnp.asarray(A) @ v, jnp.asarray(b), atol=atol)
     res = curvlib.cg(lambda v: jnp.asarray(A) @ v, jnp.asarray(b), atol=1e-13, rtol=0.0)
     np.testing.assert_allclose(np.asarray(res.x), np.linalg.solve(A, b), rtol=1e-10)
+
+
+# ---- survivors of the AFTER run of run 4 (docs/testing.md, "Run 4: AFTER") ----
+
+
+def _rotated(d, seed=0):
+    """``Q diag(d) Q^T`` for a random orthogonal ``Q``: a dense symmetric test operator."""
+    Q = np.linalg.qr(np.random.default_rng(seed).standard_normal((len(d),) * 2))[0]
+    return Q @ np.diag(d) @ Q.T
+
+
+def test_eigsh_names_a_matvec_that_does_not_return_v0s_shape():
+    """The product's output is checked against ``v0`` before the solve starts.
+
+    Kills ``eigen._configure__mutmut_157`` (the check given ``None``: skipped, and the solve
+    failed later, inside the algorithm, without naming the argument).
+    """
+    A = jnp.asarray(_rotated(np.arange(1.0, 11.0)))
+    v0 = {"a": jnp.ones(10)}
+    with pytest.raises(ValueError, match=r"^`matvec\(v0\)` must match `v0`.*shape \(9,\)"):
+        curvlib.eigsh(lambda v: {"a": (A @ v["a"])[:9]}, v0, 2)
+    with pytest.raises(ValueError, match=r"^`matvec\(v0\)` must match `v0` in pytree structure"):
+        curvlib.eigsh(lambda v: A @ v["a"], v0, 2)
+
+
+def test_eigsh_num_keep_must_be_at_least_k():
+    """``num_keep`` (the Ritz vectors a restart keeps) below ``k`` is refused, with the rule.
+
+    Kills ``eigen._configure__mutmut_82`` (no lower bound: a restart dropped wanted vectors)
+    and ``_84`` (the rule left out of the message).
+    """
+    A = jnp.asarray(_rotated(np.arange(1.0, 21.0)))
+    mv, v0 = (lambda v: A @ v), jnp.ones(20)
+    with pytest.raises(ValueError, match=re_escape(
+            "`num_keep` must be in [3, 6] (k <= num_keep < basis_size - 1); got 2")):
+        curvlib.eigsh(mv, v0, 3, solver=curvlib.Eigsh(basis_size=8, num_keep=2))
+    res = curvlib.eigsh(mv, v0, 3, solver=curvlib.Eigsh(basis_size=8, num_keep=3, rtol=1e-10))
+    np.testing.assert_allclose(np.asarray(res.eigenvalues), [20.0, 19.0, 18.0], rtol=1e-9)
+
+
+def re_escape(s: str) -> str:
+    import re
+
+    return re.escape(s)
+
+
+def test_eigsh_status_says_why_it_stopped():
+    """``status``: SUCCESS when certified, MAX_STEPS when the budget ran out, NONFINITE for a
+    NaN product (with ``status_message`` naming it).
+
+    Kills ``eigen._finish__mutmut_73`` (the status left at its default, SUCCESS, for a run
+    that did not converge).
+    """
+    A = jnp.asarray(_rotated(np.linspace(1.0, 10.0, 40)))
+    v0 = jnp.asarray(np.random.default_rng(1).standard_normal(40))
+    ok = curvlib.eigsh(lambda v: A @ v, v0, 3)
+    assert bool(ok.converged) and int(ok.status) == curvlib.Status.SUCCESS
+    short = curvlib.eigsh(lambda v: A @ v, v0, 3,
+                          solver=curvlib.Eigsh(rtol=1e-10, basis_size=8, max_restarts=0))
+    assert not bool(short.converged) and int(short.status) == curvlib.Status.MAX_STEPS
+    assert curvlib.status_message(short.status).startswith("MAX_STEPS")
+    bad = curvlib.eigsh(lambda v: (A @ v) * jnp.nan, v0, 3)
+    assert not bool(bad.finite) and int(bad.status) == curvlib.Status.NONFINITE
+
+
+def test_eigsh_from_a_zero_start_draws_a_random_one():
+    """``v0 = 0`` (no direction to start from) starts from a random direction and still finds
+    the top eigenpairs (dense ``eigh``).
+
+    Kills ``eigen._setup__mutmut_25`` (``&`` -> ``|``: a zero start counted as usable).
+    """
+    d = np.linspace(1.0, 10.0, 30)
+    A = jnp.asarray(_rotated(d, seed=2))
+    res = curvlib.eigsh(lambda v: A @ v, jnp.zeros(30), 2, solver=curvlib.Eigsh(rtol=1e-10))
+    assert bool(res.converged)
+    np.testing.assert_allclose(np.asarray(res.eigenvalues), d[::-1][:2], rtol=1e-9)
+
+
+def test_eigsh_basis_dtype_stores_the_basis_in_that_dtype():
+    """``basis_dtype=float32`` on a float64 problem: the answer is float32-accurate (the basis
+    holds float32 numbers), certified at its documented ``sqrt(eps_float32)`` floor, and the
+    vectors come back in the problem's dtype.
+
+    Kills ``eigen._configure__mutmut_173`` and ``eigen._setup__mutmut_42`` (the option
+    dropped: a float64 basis, float64-accurate answers).
+    """
+    d = np.linspace(1.0, 10.0, 40)
+    A = jnp.asarray(_rotated(d))
+    v0 = jnp.asarray(np.random.default_rng(0).standard_normal(40))
+    full = curvlib.eigsh(lambda v: A @ v, v0, 3, solver=curvlib.Eigsh(rtol=1e-10))
+    low = curvlib.eigsh(lambda v: A @ v, v0, 3,
+                        solver=curvlib.Eigsh(rtol=1e-10, basis_dtype=jnp.float32))
+    err_full = np.max(np.abs(np.asarray(full.eigenvalues) - d[::-1][:3]))
+    err_low = np.max(np.abs(np.asarray(low.eigenvalues) - d[::-1][:3]))
+    assert err_full < 1e-12 and 1e-10 < err_low < 1e-5, (err_full, err_low)
+    assert bool(low.converged) and low.eigenvectors.dtype == jnp.float64
+
+
+def test_power_iteration_from_a_zero_start_uses_its_key():
+    """``v0 = 0`` with a ``key``: each pair starts from a keyed random direction and the
+    signed top pairs are found (dense ``eigh``); without a key the pairs are not found, and
+    the result says so.
+
+    Kills ``power._start__mutmut_28`` (the draw given no key).
+    """
+    d = np.array([10.0, -6.0, 2.0, 1.0, 0.5, 0.25, 0.1, 0.05])
+    A = jnp.asarray(_rotated(d, seed=3))
+    res = curvlib.power_iteration(lambda v: A @ v, jnp.zeros(8), 2, key=jax.random.PRNGKey(0))
+    assert bool(np.all(res.converged))
+    np.testing.assert_allclose(np.asarray(res.eigenvalues), [10.0, -6.0], rtol=1e-6)
+    none = curvlib.power_iteration(lambda v: A @ v, jnp.zeros(8), 2)
+    assert not bool(np.any(none.converged))
+
+
+def test_sampled_estimators_check_microbatch_size():
+    """``microbatch_size`` of the loss-sampling estimators must be a positive int.
+
+    Kills ``estimators._check_sampled__mutmut_11`` (the value never reached the check).
+    """
+    loss, w, data = _lsq()
+    U = jnp.eye(3)[:2]
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match=r"^`microbatch_size` must be"):
+            ls.delta2_direct_mc(loss, w, data, 4, U, 0.1, key=jax.random.PRNGKey(0),
+                                num_samples=2, microbatch_size=bad)
+        with pytest.raises(ValueError, match=r"^`microbatch_size` must be"):
+            ls.delta2_full_mc(loss, w, data, 4, 0.1, key=jax.random.PRNGKey(0), num_samples=2,
+                              microbatch_size=bad)
+
+
+def test_quadratic_mc_keeps_the_coefficients_dtype():
+    """float32 ``(a, c, B)`` give a float32 estimate and standard error under x64 (the
+    ``sigma`` grid follows ``a``'s dtype), within 5 standard errors of the closed form.
+
+    Kills ``estimators.delta2_quadratic_mc__mutmut_24`` (the grid in the default dtype). It
+    also found the standard error promoted to float64 by a NumPy scalar (``np.sqrt(S)``).
+    """
+    a, c = jnp.asarray(0.3), jnp.asarray([0.5, -1.0])
+    B = jnp.asarray([[2.0, 0.1], [0.1, 1.0]])
+    f32 = [x.astype(jnp.float32) for x in (a, c, B)]
+    key = jax.random.PRNGKey(0)
+    lo = ls.delta2_quadratic_mc(*f32, [0.1, 1.0], key=key, num_samples=64)
+    assert lo.estimate.dtype == jnp.float32 and lo.stderr.dtype == jnp.float32
+    exact = np.asarray(ls.delta2_closed_form(a, c, B, jnp.asarray([0.1, 1.0])))
+    assert np.all(np.abs(np.asarray(lo.estimate) - exact) < 5 * np.asarray(lo.stderr))

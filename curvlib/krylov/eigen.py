@@ -589,11 +589,9 @@ def _configure(matvec, v0, k, which, solver: solvers.Eigsh):
         tol = float(np.sqrt(eps_max))
     else:
         _validate.number(tol, "rtol", minimum=0)
-    if _driver.is_host_driven(matvec):
-        layout = _space.choose_layout(v0)
-    else:
-        layout = _space.choose_layout(v0)
-        _compile.check_operator(matvec, v0, "matvec")
+    # the product's shapes are checked once, at the compiled entry (`_compiled`) or by
+    # `eigsh_then`, not here as well
+    layout = _space.choose_layout(v0)
     cfg = _Cfg(
         k=k, which=which, m=m, keep=keep, check_every=max(1, -(-m // 64)),
         max_inject=max(1, min(k, (m - k) // 2)), layout=layout, basis_dtype=basis_dtype, dim=n,

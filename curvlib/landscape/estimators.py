@@ -22,6 +22,7 @@ Carlo estimators see identical samples, and nested ``D`` are nested draws.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -253,7 +254,7 @@ def _summarise(vals, num_samples):
     per = jnp.mean(vals, axis=-1)
     mean = jnp.mean(per, axis=-1)
     std = jnp.std(per, axis=-1, ddof=1)
-    return mean, std / np.sqrt(num_samples)
+    return mean, std / math.sqrt(num_samples)  # a Python float: keeps std's dtype
 
 
 def _grid(sigma, dtype):
