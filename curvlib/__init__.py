@@ -26,6 +26,7 @@ from curvlib import kronecker as kronecker  # K-FAC; its own namespace: curvlib.
 from curvlib import landscape as landscape  # its own namespace: curvlib.landscape.*
 from curvlib import operators, optim
 from curvlib._compile import compile_behind, enable_compilation_cache
+from curvlib._progress import show_progress
 from curvlib._status import CurvatureError, Status, raise_if_failed, status_message
 from curvlib.kronecker import (
     KfacCurvature,
@@ -63,6 +64,7 @@ __all__ = [
     "__version__",
     "enable_compilation_cache",
     "compile_behind",
+    "show_progress",
     # one status convention for every result
     "Status",
     "status_message",

@@ -43,7 +43,7 @@ from typing import Any
 import jax
 from jax.tree_util import Partial
 
-from curvlib import _validate
+from curvlib import _progress, _validate
 
 PyTree = Any
 
@@ -545,8 +545,10 @@ def _wrap(fn: Callable, static: tuple, operators: Mapping[str, str], *,
                 hash(tuple(a[n] for n in static))
             except TypeError:  # an unhashable static option: no caching, same result
                 return fn(**a)
-        if (now is not None and _BEHIND_ENABLED and jax.process_count() == 1
-                and (now_when is None or now_when(**a))):
+        if (now is not None and (_BEHIND_ENABLED or _progress.enabled())
+                and jax.process_count() == 1 and (now_when is None or now_when(**a))):
+            if _progress.enabled():  # the host-driven path, whose loop can report
+                return now(**a)
             return BEHIND.call(jitted, static, a, now)
         return jitted(**a)
 

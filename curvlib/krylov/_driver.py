@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from curvlib import _tree
+from curvlib import _progress, _tree
 from curvlib._compile import is_host_driven  # noqa: F401  (the operator property)
 from curvlib.krylov import _space
 
@@ -70,7 +70,7 @@ def _host_steps(request: Callable, update: Callable, running: Callable, cfg, qui
 
 
 def run_host(request: Callable, update: Callable, running: Callable, cfg, matvec: Callable,
-             state, *, quick: bool = False):
+             state, *, quick: bool = False, report: Callable | None = None):
     """The loop of `run` driven from Python, for a host-driven ``matvec``.
 
     ``request``, ``update`` and ``running`` are module-level functions and
@@ -79,13 +79,30 @@ def run_host(request: Callable, update: Callable, running: Callable, cfg, matvec
     product (the running flag), which a product streamed from the host pays
     anyway. ``quick`` compiles the steps with less backend optimisation
     (`QUICK`): for the answer-now path of an eager call, which runs only until
-    its fused program is ready.
+    its fused program is ready. ``report(cfg, state)`` (a module-level function)
+    gives ``(products, budget, rounds, worst residual)`` for the progress bar
+    (`curvlib.show_progress`); it runs only while a bar is shown.
     """
     begin, advance = _host_steps(request, update, running, cfg, quick)
+    bar = None if report is None else _progress.bar(desc="eigsh", unit="product")
+    read = None if bar is None else _jitted(report, cfg, quick)
     x, more = begin(state)
-    while bool(more):
-        state, x, more = advance(state, matvec(x))
+    try:
+        while bool(more):
+            state, x, more = advance(state, matvec(x))
+            if bar is not None:
+                _show(bar, *read(state))
+    finally:
+        if bar is not None:
+            bar.close()
     return state
+
+
+def _show(bar, done, budget, rounds, worst) -> None:
+    """Products done against the budget, verification rounds, the worst relative residual."""
+    bar.total = int(budget)
+    bar.set_postfix_str(f"rounds={int(rounds)} worst residual={float(worst):.1e}", refresh=False)
+    bar.update(int(done) - bar.n)  # redrawn at tqdm's own pace (`mininterval`), not per product
 
 
 # ------------------------------------------------------------------ answer now
@@ -127,7 +144,7 @@ def _user_layout(like, bases, vectors):
 
 
 def solve_now(setup, request, update, running, finish, cfg, matvec, v0, key, *args,
-              bases: tuple = (), vectors: tuple = ()):
+              bases: tuple = (), vectors: tuple = (), report: Callable | None = None):
     """An algorithm's ``finish(run(setup(v0, key, *args)))``, answered without its fused compile.
 
     The state machine runs on ``v0`` ravelled into one vector (the ``concat``
@@ -140,12 +157,13 @@ def solve_now(setup, request, update, running, finish, cfg, matvec, v0, key, *ar
     random directions are the same; the result fields named in ``bases``
     (leading axis) and ``vectors`` return to ``v0``'s layout. Same arithmetic as
     the fused program: the same answer to rounding, the same certificate.
+    ``report`` feeds the progress bar (`run_host`).
     """
     flat = cfg._replace(layout="identity")
     x0, seed = _flat_start(v0, key)
     state = _jitted(setup, flat, True)(x0, None, *args, seed)
     product = functools.partial(_flat_product, matvec, v0)
-    state = run_host(request, update, running, flat, product, state, quick=True)
+    state = run_host(request, update, running, flat, product, state, quick=True, report=report)
     res = _jitted(finish, flat, True)(state)
     B, V = _user_layout(v0, [getattr(res, f) for f in bases], [getattr(res, f) for f in vectors])
     return res._replace(**dict(zip(bases, B, strict=True)), **dict(zip(vectors, V, strict=True)))

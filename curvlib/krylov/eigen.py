@@ -412,7 +412,17 @@ def _solve(cfg: _Cfg, matvec, v0, key, tol, max_matvecs, max_restarts) -> EigshR
 def _solve_now(cfg: _Cfg, matvec, v0, key, tol, max_matvecs, max_restarts) -> EigshResult:
     """`_solve` answered without compiling it (`_driver.solve_now`): the same certificate."""
     return _driver.solve_now(_setup, _request, _update, _running, _finish, cfg, matvec, v0, key,
-                             tol, max_matvecs, max_restarts, bases=("eigenvectors",))
+                             tol, max_matvecs, max_restarts, bases=("eigenvectors",),
+                             report=_report)
+
+
+def _report(cfg: _Cfg, s: _State):
+    """``(products, budget, verification rounds, worst relative residual)`` for the progress
+    bar: the residual bounds of the wanted Ritz pairs at the last test, over ``|theta|``."""
+    res = _band.residual_norms(s.band, s.Y)[: cfg.k]
+    theta = jnp.abs(s.theta[: cfg.k])
+    worst = jnp.max(res / jnp.where(theta > 0, theta, 1.0))
+    return s.count, s.max_matvecs, s.rounds, worst
 
 
 _compiled = _compile.entry(
@@ -603,7 +613,7 @@ def _solve_host(cfg, matvec, v0, key, tol, max_matvecs, max_restarts):
     setup = _driver._jitted(_setup, cfg)
     finish = _driver._jitted(_finish, cfg)
     state = setup(v0, key, tol, max_matvecs, max_restarts)
-    state = _driver.run_host(_request, _update, _running, cfg, matvec, state)
+    state = _driver.run_host(_request, _update, _running, cfg, matvec, state, report=_report)
     return finish(state)
 
 

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _tree, _validate
+from curvlib import _progress, _tree, _validate
 from curvlib.operators import _common as C
 from curvlib.operators.hessian import _value_and_grad
 from curvlib.operators.microbatch import batch_size
@@ -380,7 +380,7 @@ def _stream_sum(user_fn, kind, batches, args, *, key, sharding, what: str, out_s
         return acc
 
     placed = _agreed(start(), sharding) if process_local else _placed(start(), sharding)
-    for i, (batch, n) in enumerate(placed):
+    for i, (batch, n) in enumerate(_progress.batches(placed, what)):
         if acc is None and out_shape is None:
             out_shape = _out_shape(user_fn, kind, with_key, batch, args, key)
         if acc is None:
