@@ -45,6 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-12
 # a hang never blocks the suite: every process is killed after this long
 TIMEOUT_S = 900
+# no worker wrote a line (one per family, the slowest about 25 s) for this long: stuck
+STALL_S = 240
 PROFILE = os.environ.get("CURVLIB_MULTIPROCESS", "quick")
 # compile time is most of the harness's time: the backend's cheapest setting
 XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -77,19 +79,38 @@ def _launch(out_dir: Path, mode: str, ranks) -> list[subprocess.Popen]:
     return procs
 
 
-def _wait(procs, timeout: float):
-    """``[(returncode, output, seconds)]``; every process still running at ``timeout`` is killed."""
-    start, done = time.monotonic(), []
-    for p in procs:
-        try:
-            p.wait(timeout=max(1.0, timeout - (time.monotonic() - start)))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            p.wait()
+def _wait(procs, timeout: float, stall: float | None = None):
+    """``[(returncode, output, seconds)]`` and whether the run stalled.
+
+    Every process still running at ``timeout`` is killed; with ``stall``, so is every one when
+    none of them has written a line for ``stall`` seconds (the workers print one per family).
+    """
+    start, ended, stalled = time.monotonic(), {}, False
+    logs = [Path(p.log.name) for p in procs]
+    seen, last = None, start
+    while len(ended) < len(procs):
+        now = time.monotonic()
+        for i, p in enumerate(procs):
+            if i not in ended and p.poll() is not None:
+                ended[i] = now - start
+        sizes = [log.stat().st_size for log in logs]
+        if sizes != seen:
+            seen, last = sizes, now
+        stuck = stall is not None and now - last > stall
+        if len(ended) < len(procs) and (now - start > timeout or stuck):
+            stalled = stuck
+            for i, p in enumerate(procs):
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                    ended[i] = now - start
+            break
+        time.sleep(0.5)
+    done = []
+    for i, p in enumerate(procs):
         p.log.close()
-        done.append((p.returncode, Path(p.log.name).read_text(), time.monotonic() - start))
-    return done
+        done.append((p.returncode, Path(p.log.name).read_text(), ended[i]))
+    return done, stalled
 
 
 def _tail(err: str, n: int = 4000) -> str:
@@ -99,10 +120,19 @@ def _tail(err: str, n: int = 4000) -> str:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("multiprocess")
     start = time.monotonic()
-    procs = _launch(out, PROFILE, [(0, 2, 4), (1, 2, 4)]) + _launch(out, PROFILE, [(0, 1, 1)])
-    done = _wait(procs, TIMEOUT_S)
+    for attempt in (1, 2):
+        out = tmp_path_factory.mktemp("multiprocess")
+        procs = (_launch(out, PROFILE, [(0, 2, 4), (1, 2, 4)])
+                 + _launch(out, PROFILE, [(0, 1, 1)]))
+        done, stalled = _wait(procs, TIMEOUT_S, STALL_S)
+        if not stalled:
+            break
+        # XLA:CPU's gloo collectives can deadlock two processes on an overloaded host (both
+        # inside one all-reduce, one device's launch waiting on the client's semaphore): a
+        # runtime fault, not curvlib's; the run is repeated once, and said so
+        print(f"multi-process harness: no output for {STALL_S} s (attempt {attempt}); "
+              "the processes were stopped" + ("; rerunning" if attempt == 1 else ""))
     seconds = time.monotonic() - start
     if any(rc != 0 for rc, _, _ in done):
         pytest.fail("multi-process workers failed:\n" + "\n".join(
@@ -202,8 +232,8 @@ def test_a_dead_process_stops_the_others_within_the_heartbeat(tmp_path):
     from _multiprocess_worker import HEARTBEAT_S
 
     launched = time.time()
-    (rc0, err0, t0), (rc1, err1, _) = _wait(_launch(tmp_path, "die", [(0, 2, 4), (1, 2, 4)]),
-                                            TIMEOUT_S)
+    ((rc0, err0, t0), (rc1, err1, _)), _ = _wait(
+        _launch(tmp_path, "die", [(0, 2, 4), (1, 2, 4)]), TIMEOUT_S)
     assert rc1 == 3, _tail(err1)
     assert rc0 != 0 and "solved without its peer" not in err0, _tail(err0)
     exited = float(err1.split("process 1: exiting at ")[1].split()[0])
