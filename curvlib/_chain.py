@@ -18,33 +18,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvlib import _tree, _validate
+from curvlib import _tree
 from curvlib._loss import RESERVED, bind_loss, kwargs_for, require_params, strip_aux
 from curvlib._status import Status, worst
 
 PyTree = Any
-
-_KEY_ADVICE = (
-    "Keys are not trainable: pass only the parameters (flax nnx: `nnx.state(model, nnx.Param)` "
-    "or `nnx.Optimizer(model, tx, wrt=nnx.Param)`; linen: `variables['params']`) and give the "
-    "key to the loss as an extra argument of `update`."
-)
-_ADVICE = (
-    "Non-trainable leaves (step counters, raw uint32 PRNG keys, masks, batch statistics) "
-    "belong outside `params` (flax nnx: `nnx.state(model, nnx.Param)` or `wrt=nnx.Param`; "
-    "linen: `variables['params']`); cast a leaf to a real floating dtype (float32, float64, "
-    "bfloat16) only if it really is a parameter."
-)
-
-
-def check_params(name: str, params) -> None:
-    """``init``'s check of ``params`` (`curvlib._validate.float_leaves`), flax-aware advice.
-
-    ``name`` is the transform, for the message (``scale_by_newton_cg.init: ...``).
-    """
-    _validate.float_leaves(params, "params", prefix=f"{name}.init: ", key_advice=_KEY_ADVICE,
-                           advice=_ADVICE)
-
 
 # ------------------------------------------------------------ alias wrapper
 

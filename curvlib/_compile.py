@@ -207,46 +207,6 @@ def as_operator(fn: Callable | None, example: PyTree, name: str = "matvec",
     return Partial(program, *closed.consts)
 
 
-_CHECKED: dict = {}  # operator/vector signatures whose shape check passed (bounded)
-
-
-def check_operator(op, example: PyTree, name: str = "matvec", example_name: str = "v0") -> None:
-    """Check ``op(example)`` has ``example``'s shapes; traced once per operator signature.
-
-    Plain callables are traced every time (their closure may have changed);
-    pytree operators are traced once per (structure, leaf shapes and dtypes)
-    of operator and vector.
-    """
-    if op is None:
-        return
-    if not is_pytree_operator(op):
-        _validate.same_structure(example, jax.eval_shape(op, example), example_name,
-                                 f"{name}({example_name})")
-        return
-    try:
-        sig = (jax.tree.structure(op), _avals(op), jax.tree.structure(example), _avals(example),
-               name)
-        hash(sig)
-    except TypeError:  # unhashable static parts: check every time
-        _validate.same_structure(example, jax.eval_shape(op, example), example_name,
-                                 f"{name}({example_name})")
-        return
-    if sig in _CHECKED:
-        return
-    _validate.same_structure(example, jax.eval_shape(op, example), example_name,
-                             f"{name}({example_name})")
-    if len(_CHECKED) >= 512:
-        _CHECKED.clear()
-    _CHECKED[sig] = True
-
-
-def _avals(tree) -> tuple:
-    return tuple(
-        (tuple(jax.numpy.shape(x)), str(jax.numpy.result_type(x)))
-        for x in jax.tree.leaves(tree)
-    )
-
-
 # ------------------------------------------------------------------ entries
 
 

@@ -513,3 +513,12 @@ def basis_gram(P: PyTree, Q: PyTree, acc_dtype=None) -> jax.Array:
 
 def basis_size(Q: PyTree) -> int:
     return int(jax.tree.leaves(Q)[0].shape[0])
+
+
+def explicit_spec(x):
+    """``(mesh axis names, padded spec)`` of an explicitly typed leaf, else ``None``."""
+    s = explicit_sharding(x)
+    if s is None:
+        return None
+    spec = tuple(s.spec) + (None,) * (jnp.ndim(x) - len(s.spec))
+    return tuple(s.mesh.axis_names), spec

@@ -19,6 +19,14 @@ check                          for
 `float_leaves`           a non-empty pytree of real floating arrays (``params``)
 `same_structure`         a pytree shaped like another (tangents, ``v0``, ``matvec(v0)``)
 `scalar_loss`            a loss's output: one real floating scalar (not per-sample)
+`tangent`                a vector shaped (and sharded) like its reference, by leaf path
+`batched`                batched arguments sharing one leading (sample) axis
+`concrete`               a pytree with no traced leaf (host-driven operators)
+`float_outputs`          per-batch outputs to average: floating leaves
+`float_dtype`            a dtype option (``basis_dtype``): a real floating dtype
+`positive_grid`          a scale or a 1-D grid of them, finite and > 0 (``sigma``)
+`functions`              a callable, or a tuple of them (``ggn=(model_fn, loss_fn)``)
+`operator`               a linear operator mapping a vector to one shaped like it
 =============================  =====================================================
 
 Numeric hyperparameters stay traceable (``optax.inject_hyperparams``): a traced
@@ -27,12 +35,14 @@ value passes `number` unchecked. Static ints cannot be traced.
 
 from __future__ import annotations
 
-import operator
+from operator import index as _index
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import keystr
+
+from curvlib import _tree
 
 
 class ArgumentError(ValueError, TypeError):
@@ -90,7 +100,7 @@ def static_int(x, name: str, *, minimum: int | None = None, maximum: int | None 
     if isinstance(x, (bool, np.bool_)):
         raise ValueError(f"`{name}` must be an int; got {x!r} (bool).")
     try:
-        v = operator.index(x)
+        v = _index(x)
     except TypeError:
         raise ValueError(f"`{name}` must be an int; got {x!r} ({type(x).__name__}).") from None
     if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
@@ -213,8 +223,20 @@ _ADVICE = ("If the leaf is a trainable parameter, cast it to a floating dtype (f
            "as an extra argument after them.")
 
 
-def float_leaves(tree, name: str, *, prefix: str = "", key_advice: str = _KEY_ADVICE,
-                 advice: str = _ADVICE) -> None:
+_INIT_KEY_ADVICE = (
+    "Keys are not trainable: pass only the parameters (flax nnx: `nnx.state(model, nnx.Param)` "
+    "or `nnx.Optimizer(model, tx, wrt=nnx.Param)`; linen: `variables['params']`) and give the "
+    "key to the loss as an extra argument of `update`."
+)
+_INIT_ADVICE = (
+    "Non-trainable leaves (step counters, raw uint32 PRNG keys, masks, batch statistics) "
+    "belong outside `params` (flax nnx: `nnx.state(model, nnx.Param)` or `wrt=nnx.Param`; "
+    "linen: `variables['params']`); cast a leaf to a real floating dtype (float32, float64, "
+    "bfloat16) only if it really is a parameter."
+)
+
+
+def float_leaves(tree, name: str, *, init: str | None = None) -> None:
     """Raise unless ``tree`` is a non-empty pytree of real floating arrays.
 
     The message names the offending leaf by its pytree path
@@ -226,14 +248,16 @@ def float_leaves(tree, name: str, *, prefix: str = "", key_advice: str = _KEY_AD
     Args:
       tree: the pytree.
       name: its argument name.
-      prefix: words before the message (e.g. ``"scale_by_newton_cg.init: "``).
-      key_advice: the fix for a PRNG-key leaf.
-      advice: the fix for another non-floating leaf.
+      init: the optax transform whose ``init`` checks its ``params``
+        (``"scale_by_newton_cg"``): the message starts ``"scale_by_newton_cg.init: "``
+        and its advice is about optimizer states (flax ``nnx.Param`` filters).
 
     Raises:
       ArgumentError: (a ``ValueError`` and a ``TypeError``) for an empty tree or
         a leaf that is not real floating.
     """
+    prefix = f"{init}.init: " if init else ""
+    key_advice, advice = (_INIT_KEY_ADVICE, _INIT_ADVICE) if init else (_KEY_ADVICE, _ADVICE)
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     if not flat:
         raise ArgumentError(f"{prefix}`{name}` must hold at least one floating array; got an "
@@ -334,3 +358,268 @@ def scalar_loss(out, name: str, *, has_aux: bool = False):
     if not jnp.issubdtype(dt, jnp.floating):
         raise ArgumentError(f"`{name}` must return a real floating scalar; got dtype {dt}.")
     return out
+
+
+def tangent(v, sig, like: str = "params", name: str = "tangent", *,
+            by_path: bool = False) -> None:
+    """Raise ``ValueError`` unless the vector ``v`` is shaped (and typed) like its reference.
+
+    ``sig`` is the reference's ``(treedef, key paths, leaf shapes, explicit
+    specs)`` (``curvlib.operators._common.signature``): ``v`` must have the
+    same pytree structure and leaf shapes (with ``by_path``, only the same key
+    paths and shapes: ``None`` subtrees may sit at any level, as in a block's
+    sub-pytree), and where a reference leaf carries an explicit sharding type
+    the same one. The check is static, so it costs nothing under ``jit``. The
+    message names the leaf by its path.
+    """
+    treedef, paths, shapes, specs = sig
+    vleaves = _paths(v)
+    leaves = [x for _, x in vleaves]
+    if by_path:
+        vpaths = tuple(p for p, _ in vleaves)
+        if vpaths != paths:
+            raise ValueError(
+                f"the {name} must have the leaves of `{like}` (by key path, in order): "
+                f"{list(paths)}; got {list(vpaths)}."
+            )
+    elif jax.tree.structure(v) != treedef:
+        raise ValueError(
+            f"the {name} must match `{like}` in pytree structure and leaf shapes; got "
+            f"{like}: {treedef} and {name}: {jax.tree.structure(v)}."
+        )
+    for path, x, want in zip(paths, leaves, shapes, strict=True):
+        if tuple(jnp.shape(x)) != want:
+            raise ValueError(
+                f"the {name} must match `{like}` in pytree structure and leaf shapes; "
+                f"{name}{path} has shape {tuple(jnp.shape(x))} but {like}{path} has shape "
+                f"{want}."
+            )
+    for path, x, want in zip(paths, leaves, specs, strict=True):
+        if want is not None and _tree.explicit_spec(x) != want:
+            raise ValueError(
+                f"`{like}` have explicit sharding types (a mesh with AxisType.Explicit axes), "
+                f"so the {name} must carry the same sharding; {name}{path} is typed "
+                f"{jax.typeof(x).str_short()} but {like}{path} has spec {want[1]} on mesh axes "
+                f"{want[0]}. Place vectors like the {like} (`jax.device_put(v, sharding)` or "
+                "`jax.sharding.reshard`)."
+            )
+
+
+def _paths(tree) -> list:
+    """``[(keystr(path), leaf), ...]`` in leaf order."""
+    return [(keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def leading_axis(x):
+    """The length of ``x``'s leading axis, or ``None`` for a scalar."""
+    shape = tuple(jnp.shape(x))
+    return shape[0] if shape else None
+
+
+def describe_shape(x) -> str:
+    """``"shape (...)"``, or ``"a PRNG key of shape (...)"`` for a typed key."""
+    dt = getattr(x, "dtype", None)
+    if dt is not None and is_key_dtype(dt):
+        return f"a PRNG key of shape {tuple(jnp.shape(x))}"
+    return f"shape {tuple(jnp.shape(x))}"
+
+
+def batched(args: tuple, argnums: tuple[int, ...], name: str = "args",
+            extra: tuple = (), extra_name: str = "loss_args") -> int:
+    """The batch size ``n`` that every batched argument carries as its leading axis.
+
+    Accepts ``args[i]`` for ``i`` in ``argnums`` (and every entry of ``extra``,
+    the loss arguments of a Gauss-Newton split) when at least one leaf exists
+    and every leaf carries the same leading axis length ``n``. The message
+    names the first leaf that does not and suggests the ``batch_argnums`` that
+    would fit.
+    """
+    named = [(f"{name}[{i}]", args[i]) for i in argnums]
+    named += [(f"{extra_name}[{j}]", a) for j, a in enumerate(extra)]
+    flat = [(f"{base}{path}", x) for base, tree in named for path, x in _paths(tree)]
+    if not flat:
+        raise ValueError(
+            f"microbatching needs batched arrays, but the batched arguments ({name}"
+            f"{list(argnums)}) hold no array."
+        )
+    axes = [leading_axis(x) for _, x in flat]
+    counts = {}
+    for a in axes:
+        if a is not None:
+            counts[a] = counts.get(a, 0) + 1
+    # the batch size: the leading axis most batched leaves share (the first such on ties)
+    n = max(counts, key=lambda a: (counts[a], -axes.index(a))) if counts else None
+    where0 = next((w for (w, _), a in zip(flat, axes, strict=True) if a == n), flat[0][0])
+    for (where, x), a in zip(flat, axes, strict=True):
+        if n is not None and a == n:
+            continue
+        arg = where[: where.index("]") + 1]
+        whole = all(leading_axis(y) != n for w, y in flat if w[: w.index("]") + 1] == arg)
+        fits = tuple(
+            i for i, t in enumerate(args)
+            if jax.tree.leaves(t) and all(leading_axis(y) == n for y in jax.tree.leaves(t))
+        )
+        if whole and arg.startswith(name) and fits:
+            fix = (f"Pass `batch_argnums` to name the batched arguments (here "
+                   f"`batch_argnums={fits}`); the others are passed whole to every microbatch.")
+        elif whole:
+            fix = "Close over it (unbatched constants of the loss are not chunked)."
+        else:
+            fix = (f"Take it out of `{arg}` (pass it as a separate argument, left out of "
+                   "`batch_argnums`) or close over it.")
+        what = ("a leading sample axis" if n is None
+                else f"the batch size {n} (leading axis of `{where0}`)")
+        raise ValueError(
+            f"`microbatch_size` chunks every batched argument along its leading (sample) "
+            f"axis, but `{where}` has {describe_shape(x)}, which does not carry {what}. {fix}"
+        )
+    return int(n)
+
+
+def concrete(tree, name: str) -> None:
+    """Raise ``TypeError`` if any leaf of ``tree`` is traced (a host-driven call).
+
+    Accepts a pytree of concrete values: a host-driven operator (data streamed
+    from the host) loops over host data in every product, so it cannot run
+    inside ``jax.jit``, ``vmap``, ``grad`` or ``eval_shape``.
+    """
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree)):
+        raise TypeError(
+            f"a host-driven operator (data streamed from the host) cannot be called with traced "
+            f"`{name}` (inside jax.jit, vmap, grad or eval_shape): every product loops over "
+            "host data. Call it eagerly, or hand it to a curvlib algorithm that drives "
+            "host-driven operators from the host."
+        )
+
+
+def float_outputs(out, what: str) -> None:
+    """Raise ``TypeError`` unless every leaf of ``out`` is floating (a mean to average).
+
+    Accepts arrays or ``jax.ShapeDtypeStruct`` s (``jax.eval_shape``) of any
+    floating dtype; ``what`` names the caller (``"a streamed operator"``) and the
+    message names the offending output by its pytree path.
+    """
+    for path, o in _paths(out):
+        if not jnp.issubdtype(o.dtype, jnp.floating):
+            raise TypeError(
+                f"{what} averages its per-batch outputs over the stream, so they must "
+                f"be floating means; output{path} has dtype {o.dtype}."
+            )
+
+
+def float_dtype(x, name: str, *, optional: bool = False):
+    """``x`` as a real floating ``jnp.dtype``, else a ``ValueError`` naming ``name``.
+
+    Accepts anything ``jnp.dtype`` understands (``jnp.float32``, ``"bfloat16"``)
+    that is a real floating type, and ``None`` when ``optional`` (returned as is).
+
+    Examples:
+      >>> float_dtype("float32", "basis_dtype")
+      dtype('float32')
+      >>> float_dtype("int32", "basis_dtype")
+      Traceback (most recent call last):
+      ...
+      ValueError: `basis_dtype` must be a real floating dtype; got int32.
+    """
+    if x is None and optional:
+        return None
+    try:
+        dt = jnp.dtype(x)
+    except TypeError:
+        raise ValueError(f"`{name}` must be a floating dtype; got {x!r}.") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"`{name}` must be a real floating dtype; got {dt}.")
+    return dt
+
+
+def positive_grid(x, name: str, *, dtype=None, what: str = ""):
+    """``x`` as a floating array, a scalar or a non-empty 1-D grid of finite values ``> 0``.
+
+    Accepts a Python or NumPy number, a sequence or an array (cast to ``dtype``,
+    else kept if floating, else the default float); concrete values are
+    checked, traced ones pass. ``what`` says what the value is, in the message
+    (``"the probe's per-coordinate standard deviation"``).
+
+    Examples:
+      >>> positive_grid([0.1, 1.0], "sigma").tolist()
+      [0.1, 1.0]
+      >>> positive_grid(0.0, "sigma")
+      Traceback (most recent call last):
+      ...
+      ValueError: `sigma` must be finite and > 0; got 0.0.
+    """
+    s = jnp.asarray(x) if dtype is None else jnp.asarray(x, dtype)
+    if not jnp.issubdtype(s.dtype, jnp.floating):
+        s = s.astype(jnp.result_type(float))
+    if s.ndim > 1:
+        raise ValueError(f"`{name}` must be a scalar or a 1-D grid; got shape {s.shape}.")
+    if not isinstance(s, jax.core.Tracer):
+        v = np.asarray(s)
+        if v.size == 0:
+            raise ValueError(f"`{name}` must be a scalar or a non-empty 1-D grid; got an empty "
+                             "array.")
+        if not np.all(np.isfinite(v)) or np.any(v <= 0):
+            about = f" ({what})" if what else ""
+            raise ValueError(f"`{name}`{about} must be finite and > 0; got {v.tolist()}.")
+    return s
+
+
+def functions(x, name: str, count: int = 1, *, what: str = "callable", optional: bool = False):
+    """``x`` if it is a callable (``count == 1``) or a tuple of ``count`` callables.
+
+    Accepts ``None`` when ``optional``; ``what`` describes the expected value in
+    the message (``"a pair `(model_fn, loss_fn)`"``).
+
+    Examples:
+      >>> functions(None, "ggn", 2, optional=True) is None
+      True
+      >>> functions(len, "ggn", 2, what="a pair `(model_fn, loss_fn)`")
+      Traceback (most recent call last):
+      ...
+      ValueError: `ggn` must be a pair `(model_fn, loss_fn)`; got <built-in function len>.
+    """
+    if x is None and optional:
+        return None
+    ok = (callable(x) if count == 1 else
+          isinstance(x, tuple) and len(x) == count and all(callable(f) for f in x))
+    if not ok:
+        raise ValueError(f"`{name}` must be {what}; got {x!r}.")
+    return x
+
+
+_CHECKED_OPERATORS: dict = {}  # operator/vector signatures whose shape check passed (bounded)
+
+
+def operator(op, example, name: str = "matvec", example_name: str = "v0") -> None:
+    """Raise ``ValueError`` unless ``op(example)`` has ``example``'s structure and shapes.
+
+    Accepts ``None`` (no operator) and any callable whose output, by
+    ``jax.eval_shape``, is shaped like its input (`same_structure`). Plain
+    callables are traced every time (their closure may have changed); pytree
+    operators (a ``Partial``) are traced once per structure, leaf shapes and
+    dtypes of operator and vector.
+    """
+    if op is None:
+        return
+
+    def check():
+        same_structure(example, jax.eval_shape(op, example), example_name,
+                       f"{name}({example_name})")
+
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(op)):  # a plain callable
+        return check()
+    try:
+        sig = (jax.tree.structure(op), _avals(op), jax.tree.structure(example), _avals(example),
+               name)
+        hash(sig)
+    except TypeError:  # unhashable static parts: check every time
+        return check()
+    if sig not in _CHECKED_OPERATORS:
+        check()
+        if len(_CHECKED_OPERATORS) >= 512:
+            _CHECKED_OPERATORS.clear()
+        _CHECKED_OPERATORS[sig] = True
+
+
+def _avals(tree) -> tuple:
+    return tuple((tuple(jnp.shape(x)), str(jnp.result_type(x))) for x in jax.tree.leaves(tree))

@@ -24,14 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from curvlib import _validate
-
 LIKELIHOODS = ("categorical", "gaussian", "bernoulli")
-
-
-def check(likelihood: str, variance) -> None:
-    _validate.one_of(likelihood, "likelihood", LIKELIHOODS)
-    _validate.number(variance, "variance", minimum=0, exclusive=True, optional=True)
 
 
 def num_columns(likelihood: str, out_shape: tuple) -> int:

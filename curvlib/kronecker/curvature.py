@@ -107,7 +107,8 @@ def zero_factors(layers: KfacLayers, dtype=None) -> Factors:
 
 def check_options(likelihood, convention, num_samples, variance) -> int:
     """Validate the shared options; returns ``num_samples`` as an int (it fixes shapes)."""
-    _likelihood.check(likelihood, variance)
+    _validate.one_of(likelihood, "likelihood", _likelihood.LIKELIHOODS)
+    _validate.number(variance, "variance", minimum=0, exclusive=True, optional=True)
     _validate.one_of(convention, "convention", CONVENTIONS)
     return _validate.static_int(num_samples, "num_samples", minimum=1)
 

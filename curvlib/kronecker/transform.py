@@ -718,10 +718,30 @@ def scale_by_kfac(
       >>> jnp.round(optax.apply_updates(p, u)["w"], 3).tolist()  # one natural-gradient step
       [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
     """
-    num_samples, momentum = _check_settings(
-        likelihood, convention, num_samples, variance, damping_every, statistics_every,
-        inverse_every, damping, min_damping, max_damping, ema_decay, damping_decay, inverse,
-        example_inputs, learning_rate, momentum, norm_constraint)
+    num_samples = check_options(likelihood, convention, num_samples, variance)
+    for name, value in (("damping_every", damping_every), ("statistics_every", statistics_every),
+                        ("inverse_every", inverse_every)):
+        _validate.number(value, name, minimum=1, integer=True)  # None refused
+    for name, value in (("damping", damping), ("min_damping", min_damping),
+                        ("max_damping", max_damping)):
+        _validate.number(value, name, minimum=0, exclusive=True, finite=False, optional=True)
+    _validate.number(ema_decay, "ema_decay", minimum=0.0, maximum=1.0, finite=False)
+    if not isinstance(ema_decay, jax.core.Tracer) and float(np.asarray(ema_decay)) >= 1:
+        raise ValueError(f"`ema_decay` must lie in [0, 1); got {ema_decay}.")
+    _validate.number(damping_decay, "damping_decay", minimum=0.0, maximum=1.0, finite=False)
+    _validate.one_of(inverse, "inverse", INVERSES)
+    if not isinstance(example_inputs, dict):
+        raise ValueError(
+            "`example_inputs` must be a dict of the extra arguments `update` will receive "
+            f"(e.g. {{'x': x}}); got {type(example_inputs).__name__}."
+        )
+    if momentum is None:
+        momentum = "adaptive" if learning_rate is None else 0.0
+    if isinstance(momentum, str) and momentum != "adaptive":
+        raise ValueError(f"`momentum` must be 'adaptive', a float or None; got {momentum!r}.")
+    if norm_constraint is not None:
+        _validate.number(norm_constraint, "norm_constraint", minimum=0, exclusive=True,
+                         finite=False)
     settings = _Settings(model_fn, likelihood, variance, num_samples, convention, inverse,
                          ema_decay, learning_rate, momentum, norm_constraint, key is not None,
                          adaptive_damping, damping_every, damping_decay, min_damping, max_damping,
@@ -729,7 +749,7 @@ def scale_by_kfac(
     key_data = _key_data(key)
 
     def init_fn(params):
-        _chain.check_params("scale_by_kfac", params)
+        _validate.float_leaves(params, "params", init="scale_by_kfac")
         layers, _ = _layers_for(model_fn, params, example_inputs)
         return place_state(layers, init_state(layers, params, damping, key_data, inverse), params)
 
@@ -819,7 +839,7 @@ def _value_and_grad(c: _Settings, loss_fn: Callable) -> Callable:
         lkw = _loss.kwargs_for(loss_fn, extra_args)
 
         def out_loss(out):
-            return _validate_scalar(loss_fn(out, **lkw))
+            return jnp.asarray(_validate.scalar_loss(loss_fn(out, **lkw), "loss_fn"))
 
         def full():
             stat_key = _split(kstate.key)[0] if c.sampled else None
@@ -916,44 +936,6 @@ def _ekfac_scales(inverse, state, batch_scales, ok, decay):
     if inverse != "ekfac":
         return state.scales
     return moving_average(state.scales, batch_scales, ok, decay)
-
-
-def _check_every(name, value):
-    if value is None:
-        raise ValueError(f"`{name}` must be an integer >= 1; got None.")
-    _validate.number(value, name, minimum=1, integer=True)
-
-
-def _check_settings(likelihood, convention, num_samples, variance, damping_every,
-                    statistics_every, inverse_every, damping, min_damping, max_damping,
-                    ema_decay, damping_decay, inverse, example_inputs, learning_rate, momentum,
-                    norm_constraint):
-    """Validate `scale_by_kfac`'s settings; returns ``(num_samples, momentum)`` resolved."""
-    num_samples = check_options(likelihood, convention, num_samples, variance)
-    for name, value in (("damping_every", damping_every), ("statistics_every", statistics_every),
-                        ("inverse_every", inverse_every)):
-        _check_every(name, value)
-    for name, value in (("damping", damping), ("min_damping", min_damping),
-                        ("max_damping", max_damping)):
-        _validate.number(value, name, minimum=0, exclusive=True, finite=False, optional=True)
-    _validate.number(ema_decay, "ema_decay", minimum=0.0, maximum=1.0, finite=False)
-    if not isinstance(ema_decay, jax.core.Tracer) and float(np.asarray(ema_decay)) >= 1:
-        raise ValueError(f"`ema_decay` must lie in [0, 1); got {ema_decay}.")
-    _validate.number(damping_decay, "damping_decay", minimum=0.0, maximum=1.0, finite=False)
-    _validate.one_of(inverse, "inverse", INVERSES)
-    if not isinstance(example_inputs, dict):
-        raise ValueError(
-            "`example_inputs` must be a dict of the extra arguments `update` will receive "
-            f"(e.g. {{'x': x}}); got {type(example_inputs).__name__}."
-        )
-    if momentum is None:
-        momentum = "adaptive" if learning_rate is None else 0.0
-    if isinstance(momentum, str) and momentum != "adaptive":
-        raise ValueError(f"`momentum` must be 'adaptive', a float or None; got {momentum!r}.")
-    if norm_constraint is not None:
-        _validate.number(norm_constraint, "norm_constraint", minimum=0, exclusive=True,
-                         finite=False)
-    return num_samples, momentum
 
 
 def _key_data(key):
@@ -1107,14 +1089,6 @@ class KfacTransformation(optax.GradientTransformationExtraArgs):
 
     def __getnewargs__(self):
         return (self.init, self.update, self.value_and_grad)
-
-
-def _validate_scalar(value):
-    value = jnp.asarray(value)
-    if value.shape != ():
-        raise ValueError(f"value_and_grad: `loss_fn` must return a scalar; got shape "
-                         f"{value.shape}.")
-    return value
 
 
 def _kfac_state(state) -> ScaleByKfacState:

@@ -159,7 +159,7 @@ def spectral_density(
                        restart=False)
     if _driver.is_host_driven(matvec):
         return _host(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid)
-    _compile.check_operator(matvec, v_like, "matvec", "v_like")
+    _validate.operator(matvec, v_like, "matvec", "v_like")
     return _compiled(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid)
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from curvlib import _compile, _deprecation, _tree, _validate
 from curvlib._status import Status, from_flags
-from curvlib.krylov import _band, _driver, _space, solvers, tridiag
+from curvlib.krylov import _band, _driver, _space, solvers
 
 PyTree = Any
 
@@ -591,7 +591,7 @@ def _configure(matvec, v0, k, which, solver: solvers.Eigsh):
         max_matvecs = _validate.static_int(max_matvecs, "max_matvecs", minimum=1)
     if not isinstance(max_restarts, jax.core.Tracer):
         max_restarts = _validate.static_int(max_restarts, "max_restarts", minimum=0)
-    basis_dtype = tridiag.check_basis_dtype(basis_dtype)
+    basis_dtype = _validate.float_dtype(basis_dtype, "basis_dtype", optional=True)
     if tol is None:
         eps_max = max(float(jnp.finfo(x.dtype).eps) for x in jax.tree.leaves(v0))
         if basis_dtype is not None:
@@ -650,7 +650,7 @@ def eigsh_then(matvec, v0, k, then, num_rows, **kwargs):
     if kwargs:
         raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
     num_rows = _validate.static_int(num_rows, "num_rows", minimum=1)
-    _compile.check_operator(matvec, v0, "matvec")
+    _validate.operator(matvec, v0, "matvec")
     eig = _setup(cfg, v0, key, tol, max_matvecs, max_restarts)
     result = _zeros(jax.eval_shape(lambda e: _finish(cfg, e), eig))
     rows = _zeros(jax.eval_shape(then, result))

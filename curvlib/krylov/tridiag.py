@@ -238,11 +238,11 @@ def lanczos(
     m = _validate.static_int(num_matvecs, "num_matvecs", minimum=1, maximum=n,
                              what=f"the dimension of v0 is {n}")
     _validate.one_of(reortho, "reortho", ("full", "none"))
-    basis_dtype = check_basis_dtype(basis_dtype)
+    basis_dtype = _validate.float_dtype(basis_dtype, "basis_dtype", optional=True)
     if basis_dtype is not None and reortho != "full":
         raise ValueError("`basis_dtype` needs reortho='full'.")
     if not _driver.is_host_driven(matvec):
-        _compile.check_operator(matvec, v0, "matvec")
+        _validate.operator(matvec, v0, "matvec")
     if reortho == "none":
         return _plain_compiled(m, matvec, v0)
     cfg = _Cfg(m=m, layout=_space.choose_layout(v0), basis_dtype=basis_dtype, restart=True)
@@ -251,19 +251,6 @@ def lanczos(
         state = _driver.run_host(_request, _update, _running, cfg, matvec, state)
         return _driver._jitted(_finish, cfg)(state)
     return _compiled(cfg, matvec, v0, key)
-
-
-def check_basis_dtype(basis_dtype):
-    """``None`` or a real floating dtype (the storage type of the Krylov basis)."""
-    if basis_dtype is None:
-        return None
-    try:
-        dt = jnp.dtype(basis_dtype)
-    except TypeError:
-        raise ValueError(f"`basis_dtype` must be a floating dtype; got {basis_dtype!r}.") from None
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise ValueError(f"`basis_dtype` must be a real floating dtype; got {dt}.")
-    return dt
 
 
 def _lanczos_plain(m, matvec, v0) -> LanczosResult:

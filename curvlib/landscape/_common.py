@@ -49,6 +49,7 @@ PyTree = Any
 
 MEAN, INCREMENT, SAMPLE = "mean", "increment", "sample"
 TWO_DRAWS = "a standard error needs two draws"
+SIGMA = "the probe's per-coordinate standard deviation"  # `sigma` in the messages
 
 
 # ----------------------------------------------------------------- checks
@@ -154,38 +155,6 @@ def check_problem(loss_fn: Callable, params: PyTree, data: PyTree, k):
     _validate.float_leaves(params, "params")
     _validate.scalar_loss(jax.eval_shape(loss_fn, params, data), "loss_fn")
     return k
-
-
-def check_sigma(sigma, dtype=None) -> jax.Array:
-    """``sigma`` as an array (scalar or 1-D grid); concrete values must be finite and > 0."""
-    s = jnp.asarray(sigma) if dtype is None else jnp.asarray(sigma, dtype)
-    if not jnp.issubdtype(s.dtype, jnp.floating):
-        s = s.astype(jnp.result_type(float))
-    if s.ndim > 1:
-        raise ValueError(f"`sigma` must be a scalar or a 1-D grid; got shape {s.shape}.")
-    if not isinstance(s, jax.core.Tracer):
-        v = np.asarray(s)
-        if v.size == 0:
-            raise ValueError("`sigma` is empty.")
-        if not np.all(np.isfinite(v)) or np.any(v <= 0):
-            raise ValueError(
-                f"`sigma` (the probe's per-coordinate standard deviation) must be finite and "
-                f"> 0; got {v.tolist()}."
-            )
-    return s
-
-
-def check_mode(mode, microbatch_size) -> str:
-    """The Hessian product mode: ``linearize`` (default) or ``fwd-rev`` when microbatching."""
-    if mode is None:
-        return "linearize" if microbatch_size is None else "fwd-rev"
-    _validate.one_of(mode, "mode", ("linearize", "fwd-rev", "rev-rev"))
-    if mode == "linearize" and microbatch_size is not None:
-        raise ValueError(
-            "`mode='linearize'` stores every microbatch's residuals; use 'fwd-rev' or "
-            "'rev-rev' with `microbatch_size`."
-        )
-    return mode
 
 
 # ----------------------------------------------------------- static slices

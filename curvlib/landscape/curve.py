@@ -217,7 +217,8 @@ def plan_curve(params: PyTree, data: PyTree, ks: Sequence[int], dims: Sequence[i
     if not callable(params):
         _common.check_dim(max(dims), params, "max(dims)")
         _common.check_basis_size(config.eigsh.basis_size, max(dims), params)
-    sig = np.atleast_1d(np.asarray(_common.check_sigma(sigmas)))
+    sig = np.atleast_1d(np.asarray(_validate.positive_grid(sigmas, "sigma",
+                                                           what=_common.SIGMA)))
     for name in ("num_samples", "full_samples"):
         v = getattr(config, name)
         if v:
@@ -253,7 +254,7 @@ def subspace_step(loss_fn, params, plan: _Plan, k: int, key) -> dict:
     c = plan.config
     Dmax = max(plan.dims)
     k_sub, k_next = jax.random.split(key)
-    mode = _common.check_mode(None, c.microbatch_size)
+    mode = "linearize" if c.microbatch_size is None else "fwd-rev"  # as curvature_subspace
 
     def solve(kk, key):  # the inputs were checked once, by k_curve
         return jax.block_until_ready(subspace(loss_fn, params, plan.data, kk, Dmax, key,

@@ -105,7 +105,8 @@ def delta2_closed_form_terms(a, c, B, sigma) -> ClosedFormTerms:
       [0.25, 0.03, 0.0002]
     """
     a, c, B = _check_coefficients(a, c, B)
-    return _terms(a, c, B, _common.check_sigma(sigma, a.dtype))
+    s = _validate.positive_grid(sigma, "sigma", dtype=a.dtype, what=_common.SIGMA)
+    return _terms(a, c, B, s)
 
 
 def delta2_closed_form(a, c, B, sigma) -> jax.Array:
@@ -176,7 +177,7 @@ def delta2_spectral(eigenvalues_k, eigenvalues_k1, sigma) -> jax.Array:
             f"eigenvalue vectors must be 1-D of equal length; got {lk.shape} and {lk1.shape}."
         )
     d = lk1 - lk
-    s2 = _common.check_sigma(sigma, d.dtype) ** 2
+    s2 = _validate.positive_grid(sigma, "sigma", dtype=d.dtype, what=_common.SIGMA) ** 2
     return s2 * s2 / 4.0 * (2.0 * jnp.sum(d * d) + jnp.sum(d) ** 2)
 
 
@@ -207,7 +208,7 @@ def delta2_bound(num_examples, sigma, dim, max_loss, max_grad, max_hess) -> jax.
       3.0
     """
     k = num_examples  # the paper's k
-    s2 = _common.check_sigma(sigma) ** 2
+    s2 = _validate.positive_grid(sigma, "sigma", what=_common.SIGMA) ** 2
     k = jnp.asarray(k)
     num = 12 * max_loss**2 + 3 * s2 * max_grad**2 + 3 * s2 * s2 * (dim**2 + 2 * dim) * max_hess**2
     return num / (k + 1.0) ** 2
@@ -258,7 +259,7 @@ def _summarise(vals, num_samples):
 
 
 def _grid(sigma, dtype):
-    s = _common.check_sigma(sigma, dtype)
+    s = _validate.positive_grid(sigma, "sigma", dtype=dtype, what=_common.SIGMA)
     return s, jnp.atleast_1d(s)
 
 

@@ -193,7 +193,12 @@ def curvature_subspace(
     _common.check_basis_size(eigsh.basis_size, dim, params)
     _validate.prng_key(key)
     mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
-    mode = _common.check_mode(mode, mb)
+    if mode is None:
+        mode = "linearize" if mb is None else "fwd-rev"
+    _validate.one_of(mode, "mode", ("linearize", "fwd-rev", "rev-rev"))
+    if mode == "linearize" and mb is not None:
+        raise ValueError("`mode='linearize'` stores every microbatch's residuals; use "
+                         "'fwd-rev' or 'rev-rev' with `microbatch_size`.")
     return subspace(loss_fn, params, data, k, dim, key, mb, mode, eigsh, flatten)
 
 

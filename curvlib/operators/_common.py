@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial, keystr
 
-from curvlib import _tree
+from curvlib import _tree, _validate
 from curvlib._compile import weak_cache
 
 PyTree = Any
@@ -95,57 +95,8 @@ def signature(tree: PyTree):
         jax.tree.structure(tree),
         tuple(p for p, _ in leaves),
         tuple(tuple(jnp.shape(x)) for _, x in leaves),
-        tuple(explicit_spec(x) for _, x in leaves),
+        tuple(_tree.explicit_spec(x) for _, x in leaves),
     )
-
-
-def explicit_spec(x):
-    """``(mesh axis names, padded spec)`` of an explicitly typed leaf, else ``None``."""
-    s = _tree.explicit_sharding(x)
-    if s is None:
-        return None
-    spec = tuple(s.spec) + (None,) * (jnp.ndim(x) - len(s.spec))
-    return tuple(s.mesh.axis_names), spec
-
-
-def check_tangent(v: PyTree, sig, like: str = "params", name: str = "tangent",
-                  by_path: bool = False) -> None:
-    """Static check of ``v`` against ``signature(like)``; errors name the leaf path.
-
-    With ``by_path`` only the leaves' key paths and shapes must match (``None``
-    subtrees may be written at any level, as in a block's sub-pytree).
-    """
-    treedef, paths, shapes, specs = sig
-    vleaves = leaves_with_paths(v)
-    leaves = [x for _, x in vleaves]
-    vshapes = tuple(tuple(jnp.shape(x)) for x in leaves)
-    if by_path:
-        vpaths = tuple(p for p, _ in vleaves)
-        if vpaths != paths:
-            raise ValueError(
-                f"the {name} must have the leaves of `{like}` (by key path, in order): "
-                f"{list(paths)}; got {list(vpaths)}."
-            )
-    elif jax.tree.structure(v) != treedef:
-        raise ValueError(
-            f"the {name} must match `{like}` in pytree structure and leaf shapes; got "
-            f"{like}: {treedef} and {name}: {jax.tree.structure(v)}."
-        )
-    for path, got, want in zip(paths, vshapes, shapes, strict=True):
-        if got != want:
-            raise ValueError(
-                f"the {name} must match `{like}` in pytree structure and leaf shapes; "
-                f"{name}{path} has shape {got} but {like}{path} has shape {want}."
-            )
-    for path, x, want in zip(paths, leaves, specs, strict=True):
-        if want is not None and explicit_spec(x) != want:
-            raise ValueError(
-                f"`{like}` have explicit sharding types (a mesh with AxisType.Explicit axes), "
-                f"so the {name} must carry the same sharding; {name}{path} is typed "
-                f"{jax.typeof(x).str_short()} but {like}{path} has spec {want[1]} on mesh axes "
-                f"{want[0]}. Place vectors like the {like} (`jax.device_put(v, sharding)` or "
-                "`jax.sharding.reshard`)."
-            )
 
 
 @weak_cache
@@ -164,7 +115,7 @@ def checked(product: Callable, sig, like: str = "params", name: str = "tangent")
 
     def matvec(*args):
         *data, v = args
-        check_tangent(v, sig, like, name)
+        _validate.tangent(v, sig, like, name)
         return product(*data, v)
 
     return matvec

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import jax
 from jax.tree_util import Partial
 
+from curvlib import _validate
 from curvlib._compile import weak_cache
 from curvlib.operators import _common as C
 from curvlib.operators.microbatch import normalize_argnums
@@ -68,7 +69,7 @@ def _by_path(sig):
     treedef = sig[0]
 
     def apply(op, v):
-        C.check_tangent(v, sig, "the block", "block vector", by_path=True)
+        _validate.tangent(v, sig, "the block", "block vector", by_path=True)
         out = op(jax.tree.unflatten(treedef, jax.tree.leaves(v)))
         return jax.tree.unflatten(jax.tree.structure(v), jax.tree.leaves(out))
 

@@ -59,7 +59,7 @@ def _restricted(treedef, mask, specs, sub_sig):
     """``(matvec, sub_v) -> P_B matvec(P_B^T sub_v)`` for a fixed block (static description)."""
 
     def apply(matvec, sub_v):
-        C.check_tangent(sub_v, sub_sig, "the block", "restricted vector", by_path=True)
+        _validate.tangent(sub_v, sub_sig, "the block", "restricted vector", by_path=True)
         it = iter(jax.tree.leaves(sub_v))
         full = [next(it) if m else _zeros(s) for m, s in zip(mask, specs, strict=True)]
         out = jax.tree.leaves(matvec(jax.tree.unflatten(treedef, full)))

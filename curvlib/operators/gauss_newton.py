@@ -43,7 +43,6 @@ from curvlib.operators import _common as C
 from curvlib.operators import _wrt
 from curvlib.operators.microbatch import (
     batch_size,
-    check_batched,
     microbatched,
     normalize_argnums,
 )
@@ -196,7 +195,7 @@ def ggn_matvec(
         if not args:
             raise ValueError("`microbatch_size` needs batched inputs in `args`.")
         argnums = normalize_argnums(batch_argnums, len(args))
-        check_batched(args, argnums, extra=loss_args)
+        _validate.batched(args, argnums, extra=loss_args)
         argnums = argnums + tuple(range(len(args), len(all_args)))
         product = microbatched(product, size, argnums)
     return C.params_operator(product, params, params, all_args)
@@ -462,7 +461,7 @@ def fisher_matvec(
         if not args:
             raise ValueError("`microbatch_size` needs batched inputs in `args`.")
         argnums = normalize_argnums(batch_argnums, len(args))
-        n = check_batched(args, argnums)
+        n = _validate.batched(args, argnums)
         if out_shape.shape[:1] != (n,):
             raise ValueError(
                 f"microbatching the Fisher needs the model's outputs to keep the batch axis "

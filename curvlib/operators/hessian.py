@@ -32,7 +32,6 @@ from curvlib.operators import _common as C
 from curvlib.operators import _wrt
 from curvlib.operators.microbatch import (
     _replace,
-    check_batched,
     microbatch_mean,
     microbatched,
     normalize_argnums,
@@ -110,7 +109,7 @@ def _check_microbatch(microbatch_size, args, batch_argnums, what: str = "fun"):
             f"(`{what}(params, batch, ...)`)."
         )
     argnums = normalize_argnums(batch_argnums, len(args))
-    check_batched(args, argnums)
+    _validate.batched(args, argnums)
     return size, argnums
 
 

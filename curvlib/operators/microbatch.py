@@ -21,22 +21,11 @@ import numpy as np
 
 from curvlib import _tree
 from curvlib._compile import weak_cache
-from curvlib._validate import is_key_dtype
+from curvlib._validate import describe_shape as _describe
+from curvlib._validate import leading_axis as _leading_axis
 from curvlib.operators._common import leaves_with_paths
 
 PyTree = Any
-
-
-def _leading_axis(x):
-    shape = tuple(jnp.shape(x))
-    return shape[0] if shape else None
-
-
-def _describe(x) -> str:
-    dt = getattr(x, "dtype", None)
-    if dt is not None and is_key_dtype(dt):
-        return f"a PRNG key of shape {tuple(jnp.shape(x))}"
-    return f"shape {tuple(jnp.shape(x))}"
 
 
 def batch_size(tree: PyTree, name: str) -> int:
@@ -91,65 +80,6 @@ def normalize_argnums(batch_argnums, num_args: int, name: str = "args") -> tuple
     if not out:
         raise ValueError("`batch_argnums` names no argument; microbatching needs a batch.")
     return tuple(sorted(set(out)))
-
-
-def check_batched(args: tuple, argnums: tuple[int, ...], name: str = "args",
-                  extra: tuple = (), extra_name: str = "loss_args") -> int:
-    """Validate the batched arguments; return the batch size ``n``.
-
-    Every leaf of ``args[i]`` for ``i`` in ``argnums`` (and of every entry of
-    ``extra``, for the loss arguments of a Gauss-Newton split) must carry the
-    same leading axis length ``n``. The error names the first leaf that does
-    not, and suggests the ``batch_argnums`` that would fit.
-    """
-    named = [(f"{name}[{i}]", args[i]) for i in argnums]
-    named += [(f"{extra_name}[{j}]", a) for j, a in enumerate(extra)]
-    flat = [(f"{base}{path}", x) for base, tree in named for path, x in leaves_with_paths(tree)]
-    if not flat:
-        raise ValueError(
-            f"microbatching needs batched arrays, but the batched arguments ({name}"
-            f"{list(argnums)}) hold no array."
-        )
-    axes = [_leading_axis(x) for _, x in flat]
-    counts = {}
-    for a in axes:
-        if a is not None:
-            counts[a] = counts.get(a, 0) + 1
-    # the batch size: the leading axis most batched leaves share (the first such on ties)
-    n = max(counts, key=lambda a: (counts[a], -axes.index(a))) if counts else None
-    where0 = next((w for (w, _), a in zip(flat, axes, strict=True) if a == n), flat[0][0])
-    for (where, x), a in zip(flat, axes, strict=True):
-        if n is not None and a == n:
-            continue
-        arg = where[: where.index("]") + 1]
-        whole = all(
-            _leading_axis(y) != n for w, y in flat if w[: w.index("]") + 1] == arg
-        )
-        fits = tuple(
-            i for i, t in enumerate(args)
-            if jax.tree.leaves(t) and all(_leading_axis(y) == n for y in jax.tree.leaves(t))
-        )
-        if whole and arg.startswith(name) and fits:
-            fix = (
-                f"Pass `batch_argnums` to name the batched arguments (here "
-                f"`batch_argnums={fits}`); the others are passed whole to every microbatch."
-            )
-        elif whole:
-            fix = "Close over it (unbatched constants of the loss are not chunked)."
-        else:
-            fix = (
-                f"Take it out of `{arg}` (pass it as a separate argument, left out of "
-                "`batch_argnums`) or close over it."
-            )
-        what = (
-            "a leading sample axis" if n is None
-            else f"the batch size {n} (leading axis of `{where0}`)"
-        )
-        raise ValueError(
-            f"`microbatch_size` chunks every batched argument along its leading (sample) "
-            f"axis, but `{where}` has {_describe(x)}, which does not carry {what}. {fix}"
-        )
-    return int(n)
 
 
 def microbatch_mean(fn: Callable, batch: PyTree, microbatch_size: int | None) -> PyTree:

@@ -68,16 +68,6 @@ def _pass_factory(batches) -> Callable[[], Iterable]:
     )
 
 
-def _check_concrete(tree: PyTree, name: str) -> None:
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree)):
-        raise TypeError(
-            f"a host-driven operator (data streamed from the host) cannot be called with traced "
-            f"`{name}` (inside jax.jit, vmap, grad or eval_shape): every product loops over "
-            "host data. Call it eagerly, or hand it to a curvlib algorithm that drives "
-            "host-driven operators from the host."
-        )
-
-
 def _call(fn, with_key: bool, batch, args, key, index):
     if with_key:
         return fn(batch, *args, jax.random.fold_in(key, index))
@@ -342,16 +332,6 @@ def _check_process_local(process_local, sharding) -> bool:
     return process_local
 
 
-def _check_float_outputs(out_shape, what: str) -> None:
-    """Raise a `TypeError` unless every per-batch output is floating (a mean to average)."""
-    for path, o in C.leaves_with_paths(out_shape):
-        if not jnp.issubdtype(o.dtype, jnp.floating):
-            raise TypeError(
-                f"{what} averages its per-batch outputs over the stream, so they must "
-                f"be floating means; output{path} has dtype {o.dtype}."
-            )
-
-
 def _stream_sum(user_fn, kind, batches, args, *, key, sharding, what: str, out_shape=None,
                 step=None, per_call: int = 1, group=None, process_local: bool = False):
     """``(sum_b n_b fn(batch_b, *args), n, number of batches, output shapes)``: one host pass.
@@ -384,7 +364,7 @@ def _stream_sum(user_fn, kind, batches, args, *, key, sharding, what: str, out_s
         if acc is None and out_shape is None:
             out_shape = _out_shape(user_fn, kind, with_key, batch, args, key)
         if acc is None:
-            _check_float_outputs(out_shape, what)
+            _validate.float_outputs(out_shape, what)
             acc = _acc_zeros(out_shape)
         if pending and _avals(batch) != _avals(pending[0][0]):
             acc = flush(acc)
@@ -466,7 +446,7 @@ def stream_mean(fn: Callable, batches, *args, key=None, sharding=None,
       >>> float(stream_mean(lambda b, c: (b - c).mean(), batches, 1.0))
       3.5
     """
-    _check_concrete(args, "args")
+    _validate.concrete(args, "args")
     per_call = _validate.static_int(batches_per_call, "batches_per_call", minimum=1)
     local = _check_process_local(process_local, sharding)
     acc, total, _, out_shape = _stream_sum(fn, "mean", batches, args, key=key,
@@ -559,8 +539,8 @@ class StreamMatvec:
         return out
 
     def __call__(self, v: PyTree) -> PyTree:
-        _check_concrete(v, "v")
-        C.check_tangent(v, self._signature, "params", "vector")
+        _validate.concrete(v, "v")
+        _validate.tangent(v, self._signature, "params", "vector")
         return self._run("product", C.cast_like(v, self.params))
 
     def matmat(self, V: PyTree) -> PyTree:
@@ -572,14 +552,14 @@ class StreamMatvec:
         Returns:
           ``C V``, stacked the same way.
         """
-        _check_concrete(V, "V")
+        _validate.concrete(V, "V")
         rows = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(V)}
         if len(rows) != 1 or None in rows:
             raise ValueError(
                 "`V` must hold vectors shaped like `params` stacked on a shared leading axis; "
                 f"got leading axes {sorted(map(str, rows))}."
             )
-        C.check_tangent(jax.tree.map(lambda x: x[0], V), self._signature, "params", "vector")
+        _validate.tangent(jax.tree.map(lambda x: x[0], V), self._signature, "params", "vector")
         V = jax.tree.map(lambda x, p: jnp.asarray(x).astype(jnp.result_type(p)), V, self.params)
         return self._run("block", V)
 
@@ -649,7 +629,7 @@ def stream_matvec(build: Callable, params: PyTree, batches, *, key=None,
     if not callable(build):
         raise TypeError(f"`build` must be callable; got {type(build).__name__}.")
     _validate.float_leaves(params, "params")
-    _check_concrete(params, "params")
+    _validate.concrete(params, "params")
     _pass_factory(batches)  # one-shot iterators are refused now, not at the first product
     per_call = _validate.static_int(batches_per_call, "batches_per_call", minimum=1)
     local = _check_process_local(process_local, sharding)
@@ -695,7 +675,7 @@ def stream_gradient(fun: Callable, params: PyTree, batches, *, has_aux: bool = F
       (3.0, -2.0)
     """
     _validate.one_of(has_aux, "has_aux", (True, False))
-    _check_concrete(params, "params")
+    _validate.concrete(params, "params")
     kind = "value_and_grad_aux" if has_aux else "value_and_grad"
     per_call = _validate.static_int(batches_per_call, "batches_per_call", minimum=1)
     local = _check_process_local(process_local, sharding)

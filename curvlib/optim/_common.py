@@ -14,12 +14,13 @@ returning ``(loss, aux)`` is accepted with ``has_aux=True``. The routing itself
 `curvlib._loss`, shared with [`curvlib.kronecker`][curvlib.kronecker].
 
 This module holds the steps every transform of [`curvlib.optim`][curvlib.optim] shares:
-``init``'s check (`check_params`), the loss and its gradient (`value_and_grad`,
-`linearized_loss`), the curvature product (`curvature_matvec`,
-microbatched over every batched argument) and the alias wrapper
+the loss and its gradient (`value_and_grad`, `linearized_loss`), the
+curvature product (`curvature_matvec`, microbatched over every batched
+argument) and the alias wrapper
 (`alias`) that makes a chain with a line search work with ``value_fn``
 alone, in optax's ``value_and_grad_from_state`` loop and inside
-``nnx.Optimizer.update``.
+``nnx.Optimizer.update``. ``init`` checks ``params`` with
+`curvlib._validate.float_leaves` (``init=`` the transform's name).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from jax.tree_util import Partial
 from curvlib._chain import (  # noqa: F401  (the optax links, shared with curvlib.kronecker)
     RecomputeState,
     alias,
-    check_params,
     flag_stalled,
     float_dtype,
     learning_rate_link,
@@ -61,23 +61,9 @@ from curvlib.operators import ggn_matvec, hessian_matvec, microbatch_mean
 
 PyTree = Any
 
-
-
-# ----------------------------------------------------------------- validation
-
 HVP_MODES = (None, "linearize", "fwd-rev", "rev-rev")
-
-def check_ggn(ggn) -> None:
-    if ggn is None:
-        return
-    if not (isinstance(ggn, tuple) and len(ggn) == 2 and all(callable(f) for f in ggn)):
-        raise ValueError(
-            "`ggn` must be a pair `(model_fn, loss_fn)` with "
-            "`loss_fn(model_fn(params, **kw), **kw) == value_fn(params, **kw)`; "
-            f"got {ggn!r}."
-        )
-
-
+GGN = ("a pair `(model_fn, loss_fn)` with `loss_fn(model_fn(params, **kw), **kw) == "
+       "value_fn(params, **kw)`")  # what `ggn` must be, in the messages
 
 # ------------------------------------------------------- the loss and gradient
 

@@ -241,12 +241,12 @@ def scale_by_newton(
     if modification not in MODIFICATIONS:
         raise ValueError(f"`modification` must be one of {MODIFICATIONS}; got {modification!r}.")
     _validate.static_int(max_params, "max_params", minimum=1)
-    _common.check_ggn(ggn)
+    _validate.functions(ggn, "ggn", 2, what=_common.GGN, optional=True)
     _validate.one_of(mode, "mode", _common.HVP_MODES)
     name = "scale_by_newton"
 
     def init_fn(params):
-        _common.check_params(name, params)
+        _validate.float_leaves(params, "params", init=name)
         n = _tree.size(params)
         if n > int(max_params):
             raise ValueError(

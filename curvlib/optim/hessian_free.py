@@ -202,25 +202,6 @@ class ScaleByNewtonCGState(NamedTuple):
     info: NewtonCGInfo
 
 
-def _check_options(damping, damping_increase, damping_decrease, min_damping, max_damping,
-                   cg, warm_start_decay, microbatch_size, hvp_mode, ggn):
-    _validate.number(damping, "damping", minimum=0, finite=False, optional=True)
-    _validate.number(min_damping, "min_damping", minimum=0, finite=False, optional=True)
-    _validate.number(max_damping, "max_damping", minimum=0, exclusive=True, finite=False,
-                     optional=True)
-    cg = resolve(CG, cg, "cg")
-    _validate.number(damping_increase, "damping_increase", minimum=1, finite=False)
-    _validate.number(damping_decrease, "damping_decrease", minimum=0, maximum=1, exclusive=True,
-                     finite=False)
-    _validate.number(warm_start_decay, "warm_start_decay", minimum=0.0, maximum=1.0, finite=False)
-    if cg.max_steps is not None:
-        _validate.static_int(cg.max_steps, "max_steps", minimum=1)
-    _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
-    _validate.one_of(hvp_mode, "mode", _common.HVP_MODES)
-    _common.check_ggn(ggn)
-    return cg
-
-
 # ------------------------------------------------------------- named steps
 
 
@@ -420,12 +401,24 @@ def scale_by_newton_cg(
       Martens, *Deep learning via Hessian-free optimization*, ICML 2010.
     """
     hvp_mode = mode
-    cg = _check_options(damping, damping_increase, damping_decrease, min_damping, max_damping,
-                        cg, warm_start_decay, microbatch_size, hvp_mode, ggn)
+    _validate.number(damping, "damping", minimum=0, finite=False, optional=True)
+    _validate.number(min_damping, "min_damping", minimum=0, finite=False, optional=True)
+    _validate.number(max_damping, "max_damping", minimum=0, exclusive=True, finite=False,
+                     optional=True)
+    cg = resolve(CG, cg, "cg")
+    _validate.number(damping_increase, "damping_increase", minimum=1, finite=False)
+    _validate.number(damping_decrease, "damping_decrease", minimum=0, maximum=1, exclusive=True,
+                     finite=False)
+    _validate.number(warm_start_decay, "warm_start_decay", minimum=0.0, maximum=1.0, finite=False)
+    if cg.max_steps is not None:
+        _validate.static_int(cg.max_steps, "max_steps", minimum=1)
+    _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
+    _validate.one_of(hvp_mode, "mode", _common.HVP_MODES)
+    _validate.functions(ggn, "ggn", 2, what=_common.GGN, optional=True)
     name = "scale_by_newton_cg"
 
     def init_fn(params):
-        _common.check_params(name, params)
+        _validate.float_leaves(params, "params", init=name)
         return _init_state(params, damping)
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):

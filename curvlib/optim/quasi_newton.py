@@ -214,7 +214,7 @@ def scale_by_bfgs(
     name = "scale_by_bfgs"
 
     def init_fn(params):
-        _common.check_params(name, params)
+        _validate.float_leaves(params, "params", init=name)
         n = _tree.size(params)
         if n > int(max_params):
             raise ValueError(

@@ -541,7 +541,7 @@ def track_curvature(
     name = "track_curvature"
 
     def init_fn(params):
-        _common.check_params(name, params)
+        _validate.float_leaves(params, "params", init=name)
         n = _tree.size(params)
         if cfg.k >= n:
             raise ValueError(

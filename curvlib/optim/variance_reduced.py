@@ -190,7 +190,7 @@ def scale_by_svrg(
     name = "scale_by_svrg"
 
     def init_fn(params):
-        _common.check_params(name, params)
+        _validate.float_leaves(params, "params", init=name)
         dt = _common.float_dtype(params)
         return ScaleBySVRGState(
             count=jnp.zeros((), jnp.int32),
