@@ -21,6 +21,8 @@ check                          for
 `scalar_loss`            a loss's output: one real floating scalar (not per-sample)
 `tangent`                a vector shaped (and sharded) like its reference, by leaf path
 `batched`                batched arguments sharing one leading (sample) axis
+`batch_argnums`          which extra arguments are batched (``batch_argnums``)
+`microbatch`             ``microbatch_size`` with its batch (`batch_argnums`, `batched`)
 `concrete`               a pytree with no traced leaf (host-driven operators)
 `float_outputs`          per-batch outputs to average: floating leaves
 `float_dtype`            a dtype option (``basis_dtype``): a real floating dtype
@@ -119,7 +121,7 @@ def _range(lo, hi, exclusive: bool = False) -> str:
 
 def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
            finite: bool = True, optional: bool = False, integer: bool = False,
-           what: str | None = None):
+           what: str | None = None, runtime_arrays: bool = False):
     """A real hyperparameter in a range; concrete values are checked, traced ones pass.
 
     ``x`` may be a scalar or an array (every entry is checked): ``minimum`` is
@@ -135,6 +137,9 @@ def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
       optional: accept ``None``.
       integer: refuse non-integral values (a traceable count such as ``every``).
       what: optional words after the range (e.g. ``"for method='lowrank'"``).
+      runtime_arrays: pass every JAX array unchecked, concrete or traced: a value
+        computed at run time (an optimizer's adaptive damping) must show up in the
+        result's flags, not as an exception in the middle of a run.
 
     Returns:
       ``x`` unchanged.
@@ -152,6 +157,8 @@ def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
       ValueError: `damping` must be >= 0; got -1.0.
     """
     if (x is None and optional) or isinstance(x, jax.core.Tracer):
+        return x
+    if runtime_arrays and isinstance(x, jax.Array):
         return x
     rng = _range(minimum, maximum, exclusive) if (minimum, maximum) != (None, None) else ""
     rng = rng + (f" {what}" if what else "")
@@ -623,3 +630,55 @@ def operator(op, example, name: str = "matvec", example_name: str = "v0") -> Non
 
 def _avals(tree) -> tuple:
     return tuple((tuple(jnp.shape(x)), str(jnp.result_type(x))) for x in jax.tree.leaves(tree))
+
+
+def batch_argnums(batch_argnums, num_args: int, name: str = "args") -> tuple[int, ...]:
+    """``batch_argnums`` as a sorted tuple of indices into ``num_args`` extra arguments.
+
+    Accepts ``None`` (every argument is batched), an int or a sequence of ints,
+    negative ones counting from the end; refuses bools, out-of-range indices
+    and an empty selection (microbatching needs a batch).
+    """
+    if batch_argnums is None:
+        return tuple(range(num_args))
+    nums = (batch_argnums,) if isinstance(batch_argnums, (int, np.integer)) else batch_argnums
+    try:
+        nums = tuple(nums)
+    except TypeError:
+        raise ValueError(
+            f"`batch_argnums` must be None, an int or a tuple of ints; got {batch_argnums!r}."
+        ) from None
+    out = []
+    for i in nums:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise ValueError(f"`batch_argnums` must hold ints; got {batch_argnums!r}.")
+        j = int(i) + num_args if int(i) < 0 else int(i)
+        if not 0 <= j < num_args:
+            raise ValueError(
+                f"`batch_argnums` entry {int(i)} is out of range: the function receives "
+                f"{num_args} extra argument(s) `{name}`."
+            )
+        out.append(j)
+    if not out:
+        raise ValueError("`batch_argnums` names no argument; microbatching needs a batch.")
+    return tuple(sorted(set(out)))
+
+
+def microbatch(microbatch_size, args: tuple, argnums, *, what: str = "fun", extra: tuple = ()):
+    """``(size, batch argnums, batch size)`` of a microbatched call; ``(None,) * 3`` without.
+
+    Accepts ``microbatch_size=None`` (no microbatching) or a static int ``>= 1``
+    with at least one extra argument of ``what`` (the batch), ``argnums`` as
+    `batch_argnums` accepts them, and batched arguments (and ``extra``, the
+    loss arguments of a Gauss-Newton split) sharing a leading axis (`batched`).
+    """
+    if microbatch_size is None:
+        return None, None, None
+    size = static_int(microbatch_size, "microbatch_size", minimum=1)
+    if not args:
+        raise ValueError(
+            f"`microbatch_size` needs a batch: pass the batch as an extra argument of `{what}` "
+            f"(`{what}(params, batch, ...)`)."
+        )
+    nums = batch_argnums(argnums, len(args))
+    return size, nums, batched(args, nums, extra=extra)

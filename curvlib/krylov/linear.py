@@ -75,17 +75,6 @@ class _CGState(NamedTuple):
     finite: jax.Array
 
 
-def _check_config(x, name: str) -> None:
-    """A Python/NumPy number given by the user must be finite and ``>= 0``.
-
-    JAX arrays (traced or not) are taken as they are: they may be computed at run
-    time (an optimizer's adaptive damping or tolerance), where a bad value must
-    show up in the result's flags, not as an exception in the middle of a run.
-    """
-    if not isinstance(x, jax.Array):
-        _validate.number(x, name, minimum=0)
-
-
 def _cast_like(y: PyTree, like: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.asarray(a).astype(b.dtype), y, like)
 
@@ -275,9 +264,8 @@ def _options(solver, rtol, atol, max_steps):
 def _precheck(matvec, b, x0, damping, solver, rtol, atol, max_steps, preconditioner):
     """The value checks of `cg` that must run eagerly (the rest runs at trace time)."""
     rtol, atol, max_steps = _options(solver, rtol, atol, max_steps)
-    _check_config(damping, "damping")
-    _check_config(rtol, "rtol")
-    _check_config(atol, "atol")
+    for opt, val in (("damping", damping), ("rtol", rtol), ("atol", atol)):
+        _validate.number(val, opt, minimum=0, runtime_arrays=True)
     _check_max_steps(max_steps, _tree.size(b))
 
 
@@ -412,9 +400,8 @@ def cg(
     if x0 is not None:
         _validate.same_structure(b, x0, "b", "x0")
     rtol, atol, max_steps = _options(solver, rtol, atol, max_steps)
-    _check_config(damping, "damping")
-    _check_config(rtol, "rtol")
-    _check_config(atol, "atol")
+    for opt, val in (("damping", damping), ("rtol", rtol), ("atol", atol)):
+        _validate.number(val, opt, minimum=0, runtime_arrays=True)
     max_steps = _check_max_steps(max_steps, _tree.size(b))
     precond = preconditioner if preconditioner is not None else (lambda v: v)
     acc = jnp.promote_types(_tree.dtype(b), jnp.float32)

@@ -106,8 +106,12 @@ def check_k(k, data: PyTree):
     return k
 
 
-def check_dim(dim, params: PyTree, name: str = "dim") -> int:
-    """Validate a subspace dimension ``1 <= D < N`` (``N`` = parameter count)."""
+def check_subspace(dim, params: PyTree, basis_size=None, name: str = "dim") -> int:
+    """``dim`` checked: a subspace dimension ``1 <= D < N`` (``N`` = parameter count).
+
+    With ``basis_size`` (a Krylov basis size for the ``D`` wanted vectors),
+    also ``D + 2 <= basis_size <= N``.
+    """
     n = _tree.size(params)
     if isinstance(dim, (bool, np.bool_)) or not isinstance(dim, (int, np.integer)) or dim < 1:
         raise ValueError(
@@ -119,14 +123,8 @@ def check_dim(dim, params: PyTree, name: str = "dim") -> int:
             f"count N = {n}; with D = N the full-space criterion `delta2_full_mc` is the same "
             "quantity."
         )
-    return int(dim)
-
-
-def check_basis_size(basis_size, dim: int, params: PyTree) -> int | None:
-    """Validate a Krylov basis size for ``dim`` wanted vectors: ``D + 2 <= basis_size <= N``."""
     if basis_size is None:
-        return None
-    n = _tree.size(params)
+        return int(dim)
     if isinstance(basis_size, (bool, np.bool_)) or not isinstance(basis_size, (int, np.integer)):
         raise ValueError(
             f"`basis_size` (the Krylov basis size) must be an int; got {basis_size!r}."
@@ -137,7 +135,7 @@ def check_basis_size(basis_size, dim: int, params: PyTree) -> int | None:
             f"Krylov basis holds the D = {dim} wanted eigenvectors, a guard and a remainder, "
             f"and at most as many vectors as the N = {n} parameters."
         )
-    return int(basis_size)
+    return int(dim)
 
 
 def check_problem(loss_fn: Callable, params: PyTree, data: PyTree, k):

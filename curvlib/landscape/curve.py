@@ -215,8 +215,7 @@ def plan_curve(params: PyTree, data: PyTree, ks: Sequence[int], dims: Sequence[i
         raise ValueError(f"`dims` must be positive ints (nested subspace dimensions); got {dims}.")
     dims = [int(d) for d in dims]
     if not callable(params):
-        _common.check_dim(max(dims), params, "max(dims)")
-        _common.check_basis_size(config.eigsh.basis_size, max(dims), params)
+        _common.check_subspace(max(dims), params, config.eigsh.basis_size, "max(dims)")
     sig = np.atleast_1d(np.asarray(_validate.positive_grid(sigmas, "sigma",
                                                            what=_common.SIGMA)))
     for name in ("num_samples", "full_samples"):
@@ -483,7 +482,7 @@ def k_curve(
         p = get_params(k)
         if callable(params):  # a new point at every k
             _common.check_problem(loss_fn, p, plan.data, k)
-            _common.check_dim(max(plan.dims), p, "max(dims)")
+            _common.check_subspace(max(plan.dims), p, name="max(dims)")
         values, secs = curve_point(loss_fn, p, plan, k, key)
         points.append(values)
         seconds.append(secs)

@@ -188,9 +188,8 @@ def curvature_subspace(
                     f"{i} of `params` is typed {jax.typeof(x).str_short()}. Use the default "
                     "`flatten=False` on a mesh with AxisType.Explicit axes."
                 )
-    dim = _common.check_dim(dim, params)
     eigsh = resolve(Eigsh, eigsh, "eigsh")
-    _common.check_basis_size(eigsh.basis_size, dim, params)
+    dim = _common.check_subspace(dim, params, eigsh.basis_size)
     _validate.prng_key(key)
     mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
     if mode is None:

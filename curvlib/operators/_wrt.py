@@ -21,7 +21,6 @@ from jax.tree_util import Partial
 from curvlib import _validate
 from curvlib._compile import weak_cache
 from curvlib.operators import _common as C
-from curvlib.operators.microbatch import normalize_argnums
 
 PyTree = Any
 
@@ -92,7 +91,7 @@ def block_operator(build: Callable, fun: Callable, params: PyTree, args: tuple, 
                 "`microbatch_size` needs a batch: pass the batch as an extra argument "
                 "(`fun(params, batch, ...)`)."
             )
-        nums = tuple(i + 1 for i in normalize_argnums(batch_argnums, len(args)))
+        nums = tuple(i + 1 for i in _validate.batch_argnums(batch_argnums, len(args)))
     op = build(on_block(fun, blk.treedef, blk.mask), blk.sub, blk.rest, *args,
                microbatch_size=microbatch_size, batch_argnums=nums, **options)
     return Partial(_by_path(C.signature(blk.sub)), op)

@@ -44,7 +44,6 @@ from curvlib.operators import _wrt
 from curvlib.operators.microbatch import (
     batch_size,
     microbatched,
-    normalize_argnums,
 )
 
 PyTree = Any
@@ -190,12 +189,9 @@ def ggn_matvec(
         return C.params_operator(_ggn_linearized(loss_fn), params, params, outputs, lin, loss_args)
     product = _ggn_recompute(model_fn, loss_fn, len(args))
     all_args = tuple(args) + loss_args
-    if microbatch_size is not None:
-        size = _validate.static_int(microbatch_size, "microbatch_size", minimum=1)
-        if not args:
-            raise ValueError("`microbatch_size` needs batched inputs in `args`.")
-        argnums = normalize_argnums(batch_argnums, len(args))
-        _validate.batched(args, argnums, extra=loss_args)
+    size, argnums, _ = _validate.microbatch(microbatch_size, args, batch_argnums,
+                                            what="model_fn", extra=loss_args)
+    if size is not None:
         argnums = argnums + tuple(range(len(args), len(all_args)))
         product = microbatched(product, size, argnums)
     return C.params_operator(product, params, params, all_args)
@@ -456,12 +452,9 @@ def fisher_matvec(
         return C.params_operator(_fisher_linearized(likelihood, mc), params, params, state, lin)
     product = _fisher_recompute(model_fn, likelihood, mc, len(args))
     all_args = tuple(args) + ((noise,) if mc else ()) + (jnp.asarray(variance),)
-    if microbatch_size is not None:
-        size = _validate.static_int(microbatch_size, "microbatch_size", minimum=1)
-        if not args:
-            raise ValueError("`microbatch_size` needs batched inputs in `args`.")
-        argnums = normalize_argnums(batch_argnums, len(args))
-        n = _validate.batched(args, argnums)
+    size, argnums, n = _validate.microbatch(microbatch_size, args, batch_argnums,
+                                            what="model_fn")
+    if size is not None:
         if out_shape.shape[:1] != (n,):
             raise ValueError(
                 f"microbatching the Fisher needs the model's outputs to keep the batch axis "

@@ -34,7 +34,6 @@ from curvlib.operators.microbatch import (
     _replace,
     microbatch_mean,
     microbatched,
-    normalize_argnums,
 )
 
 PyTree = Any
@@ -96,21 +95,6 @@ def hvp(fun: Callable, params: PyTree, tangent: PyTree, *args, has_aux: bool = F
     _validate.scalar_loss(jax.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
     fun = C.drop_aux(fun, has_aux)
     return _hvp_fwd_rev(fun)(params, args, C.cast_like(tangent, params))
-
-
-def _check_microbatch(microbatch_size, args, batch_argnums, what: str = "fun"):
-    """Validated ``(microbatch_size, argnums)``, or ``(None, None)`` without microbatching."""
-    if microbatch_size is None:
-        return None, None
-    size = _validate.static_int(microbatch_size, "microbatch_size", minimum=1)
-    if not args:
-        raise ValueError(
-            f"`microbatch_size` needs a batch: pass the batch as an extra argument of `{what}` "
-            f"(`{what}(params, batch, ...)`)."
-        )
-    argnums = normalize_argnums(batch_argnums, len(args))
-    _validate.batched(args, argnums)
-    return size, argnums
 
 
 def hessian_matvec(
@@ -230,7 +214,7 @@ def hessian_matvec(
     if mode is None:
         mode = "linearize" if microbatch_size is None else "fwd-rev"
     _validate.one_of(mode, "mode", MODES)
-    size, argnums = _check_microbatch(microbatch_size, args, batch_argnums)
+    size, argnums, _ = _validate.microbatch(microbatch_size, args, batch_argnums)
     if size is not None and mode == "linearize":
         raise ValueError(
             "`mode='linearize'` stores every microbatch's residuals; use 'fwd-rev' or "
@@ -309,7 +293,7 @@ def gradient(
     """
     _validate.float_leaves(params, "params")
     _validate.scalar_loss(jax.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
-    size, argnums = _check_microbatch(microbatch_size, args, batch_argnums)
+    size, argnums, _ = _validate.microbatch(microbatch_size, args, batch_argnums)
     vg = _value_and_grad(fun, has_aux)
     if size is None:
         out = vg(params, *args)

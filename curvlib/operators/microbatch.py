@@ -55,33 +55,6 @@ def batch_size(tree: PyTree, name: str) -> int:
     return int(n)
 
 
-def normalize_argnums(batch_argnums, num_args: int, name: str = "args") -> tuple[int, ...]:
-    """``batch_argnums`` (``None``, an int or a sequence of ints) as a sorted tuple of indices."""
-    if batch_argnums is None:
-        return tuple(range(num_args))
-    nums = (batch_argnums,) if isinstance(batch_argnums, (int, np.integer)) else batch_argnums
-    try:
-        nums = tuple(nums)
-    except TypeError:
-        raise ValueError(
-            f"`batch_argnums` must be None, an int or a tuple of ints; got {batch_argnums!r}."
-        ) from None
-    out = []
-    for i in nums:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise ValueError(f"`batch_argnums` must hold ints; got {batch_argnums!r}.")
-        j = int(i) + num_args if int(i) < 0 else int(i)
-        if not 0 <= j < num_args:
-            raise ValueError(
-                f"`batch_argnums` entry {int(i)} is out of range: the function receives "
-                f"{num_args} extra argument(s) `{name}`."
-            )
-        out.append(j)
-    if not out:
-        raise ValueError("`batch_argnums` names no argument; microbatching needs a batch.")
-    return tuple(sorted(set(out)))
-
-
 def microbatch_mean(fn: Callable, batch: PyTree, microbatch_size: int | None) -> PyTree:
     """Mean of ``fn`` over microbatches of ``batch``, weighted by their sizes.
 
