@@ -19,6 +19,7 @@ check                          for
 `float_leaves`           a non-empty pytree of real floating arrays (``params``)
 `same_structure`         a pytree shaped like another (tangents, ``v0``, ``matvec(v0)``)
 `scalar_loss`            a loss's output: one real floating scalar (not per-sample)
+`aux_output`             a function's output: ``(primary, aux)`` with ``has_aux``
 `tangent`                a vector shaped (and sharded) like its reference, by leaf path
 `batched`                batched arguments sharing one leading (sample) axis
 `batch_argnums`          which extra arguments are batched (``batch_argnums``)
@@ -341,14 +342,7 @@ def scalar_loss(out, name: str, *, has_aux: bool = False):
       ArgumentError: (a ``ValueError`` and a ``TypeError``) for a missing
         ``(loss, aux)`` pair, a non-scalar or a non-floating loss.
     """
-    one_of(has_aux, "has_aux", (True, False))
-    if has_aux:
-        if not (isinstance(out, (tuple, list)) and len(out) == 2):
-            raise ArgumentError(
-                f"`{name}` was declared with `has_aux=True`, so it must return a pair "
-                f"`(loss, aux)`; got {jax.tree.structure(out)}."
-            )
-        out = out[0]
+    out = aux_output(out, name, has_aux)
     leaves = jax.tree.leaves(out)
     if len(leaves) != 1 or tuple(jnp.shape(leaves[0])) != ():
         got = (f"shape {tuple(jnp.shape(leaves[0]))}" if len(leaves) == 1
@@ -682,3 +676,23 @@ def microbatch(microbatch_size, args: tuple, argnums, *, what: str = "fun", extr
         )
     nums = batch_argnums(argnums, len(args))
     return size, nums, batched(args, nums, extra=extra)
+
+
+def aux_output(out, name: str, has_aux, *, what: str = "loss"):
+    """The primary part of a function's output: ``out``, or ``out[0]`` with ``has_aux``.
+
+    Accepts ``has_aux`` as a Python bool and, with ``has_aux=True``, an ``out``
+    (arrays or ``jax.ShapeDtypeStruct`` s) that is a pair ``(what, aux)``.
+
+    Raises:
+      ArgumentError: (a ``ValueError`` and a ``TypeError``) for a missing pair.
+    """
+    one_of(has_aux, "has_aux", (True, False))
+    if not has_aux:
+        return out
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise ArgumentError(
+            f"`{name}` was declared with `has_aux=True`, so it must return a pair "
+            f"`({what}, aux)`; got {jax.tree.structure(out)}."
+        )
+    return out[0]

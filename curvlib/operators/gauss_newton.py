@@ -178,9 +178,9 @@ def ggn_matvec(
                                    mode=mode,
                                    microbatch_size=microbatch_size,
                                    batch_argnums=batch_argnums, has_aux=has_aux)
-    if _check_model(model_fn, params, args, has_aux):
-        model_fn = C.value_only(model_fn)
-    out_shape = jax.eval_shape(lambda p: model_fn(p, *args), params)
+    out_shape = _validate.aux_output(jax.eval_shape(lambda p: model_fn(p, *args), params),
+                                     "model_fn", has_aux, what="outputs")
+    model_fn = C.value_only(model_fn) if has_aux else model_fn
     example_out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
     _validate.scalar_loss(jax.eval_shape(loss_fn, example_out, *loss_args), "loss_fn")
     mode = _resolve_mode(mode, microbatch_size)
@@ -195,19 +195,6 @@ def ggn_matvec(
         argnums = argnums + tuple(range(len(args), len(all_args)))
         product = microbatched(product, size, argnums)
     return C.params_operator(product, params, params, all_args)
-
-
-def _check_model(model_fn, params, args, has_aux) -> bool:
-    """Validate ``has_aux`` against what ``model_fn`` returns; True when it has an aux part."""
-    _validate.one_of(has_aux, "has_aux", (True, False))
-    if has_aux:
-        out = jax.eval_shape(lambda p: model_fn(p, *args), params)
-        if not (isinstance(out, (tuple, list)) and len(out) == 2):
-            raise TypeError(
-                "`model_fn` was declared with `has_aux=True`, so it must return a pair "
-                f"`(outputs, aux)`; it returned {jax.tree.structure(out)}."
-            )
-    return has_aux
 
 
 # --------------------------------------------------------------------- Fisher
@@ -432,9 +419,9 @@ def fisher_matvec(
                                    microbatch_size=microbatch_size,
                                    batch_argnums=batch_argnums, has_aux=has_aux)
     mc, S, variance = _fisher_options(likelihood, key, num_samples, variance)
-    if _check_model(model_fn, params, args, has_aux):
-        model_fn = C.value_only(model_fn)
-    out_shape = jax.eval_shape(lambda p: model_fn(p, *args), params)
+    out_shape = _validate.aux_output(jax.eval_shape(lambda p: model_fn(p, *args), params),
+                                     "model_fn", has_aux, what="outputs")
+    model_fn = C.value_only(model_fn) if has_aux else model_fn
     _check_outputs(likelihood, out_shape)
     if likelihood == "gaussian":
         try:

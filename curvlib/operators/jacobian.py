@@ -18,7 +18,6 @@ from jax.tree_util import Partial
 from curvlib import _tree, _validate
 from curvlib._compile import stable_linearized
 from curvlib.operators import _common as C
-from curvlib.operators.gauss_newton import _check_model
 
 PyTree = Any
 
@@ -33,7 +32,9 @@ def _jtu(params, outputs, lin, u):
 
 def _linearized_model(model_fn, params, args, has_aux):
     _validate.float_leaves(params, "params")
-    if _check_model(model_fn, params, args, has_aux):
+    if _validate.one_of(has_aux, "has_aux", (True, False)):
+        _validate.aux_output(jax.eval_shape(lambda p: model_fn(p, *args), params), "model_fn",
+                             True, what="outputs")
         model_fn = C.value_only(model_fn)
     outputs, lin = jax.linearize(lambda p: model_fn(p, *args), params)
     _validate.float_leaves(outputs, "outputs of model_fn")
