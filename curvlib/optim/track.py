@@ -349,33 +349,6 @@ def _commit(ok, vecs, info, state):
     return vecs, info
 
 
-def _check_options(every, k, which, eigsh, num_probes, trace_method,
-                   hvp_mode, microbatch_size, warm_noise) -> _Config:
-    # traceable: may be injected
-    _validate.number(every, "every", minimum=1, integer=True, optional=True)
-    k = _validate.static_int(k, "k", minimum=1)
-    num_probes = _validate.static_int(num_probes, "num_probes", minimum=0)
-    eigsh = solvers.resolve(solvers.Eigsh, eigsh, "eigsh")
-    if eigsh.basis_size is not None:
-        _validate.static_int(eigsh.basis_size, "basis_size", minimum=k + 2)
-    if which not in ("LA", "SA", "LM"):
-        raise ValueError(f"`which` must be 'LA', 'SA' or 'LM'; got {which!r}.")
-    if trace_method not in TRACE_METHODS:
-        raise ValueError(f"`trace_method` must be one of {TRACE_METHODS}; got {trace_method!r}.")
-    if trace_method == "hutch++" and 0 < num_probes < 3:
-        raise ValueError(
-            f"`num_probes` must be 0 (no trace) or >= 3 with trace_method='hutch++' (a sketch, "
-            f"its exact trace and the residual estimate take a third each); got {num_probes}. "
-            "Use trace_method='hutchinson' for fewer probes."
-        )
-    _validate.number(warm_noise, "warm_noise", minimum=0, finite=False, optional=True)
-    _validate.one_of(hvp_mode, "mode", _common.HVP_MODES)
-    microbatch_size = _validate.static_int(microbatch_size, "microbatch_size", minimum=1,
-                                           optional=True)
-    return _Config(k, which, eigsh, num_probes, trace_method,
-                   hvp_mode, microbatch_size, warm_noise)
-
-
 @_deprecation.renamed("curvlib.track_curvature", hvp_mode="mode")
 @_deprecation.moved_to_solver("curvlib.track_curvature", "eigsh", solvers.Eigsh,
                               tol="rtol", basis_size="basis_size", max_restarts="max_restarts")
@@ -536,8 +509,25 @@ def track_curvature(
       Cohen et al., ICLR 2021; Gur-Ari, Roberts & Dyer 2018; Meyer, Musco,
       Musco & Woodruff, *Hutch++*, SOSA 2021; Sorensen 1992.
     """
-    cfg = _check_options(every, k, which, eigsh, num_probes, trace_method,
-                         mode, microbatch_size, warm_noise)
+    _validate.number(every, "every", minimum=1, integer=True, optional=True)  # traceable
+    k = _validate.static_int(k, "k", minimum=1)
+    num_probes = _validate.static_int(num_probes, "num_probes", minimum=0)
+    eigsh = solvers.resolve(solvers.Eigsh, eigsh, "eigsh")
+    if eigsh.basis_size is not None:
+        _validate.static_int(eigsh.basis_size, "basis_size", minimum=k + 2)
+    _validate.one_of(which, "which", ("LA", "SA", "LM"))
+    _validate.one_of(trace_method, "trace_method", TRACE_METHODS)
+    if trace_method == "hutch++" and 0 < num_probes < 3:
+        raise ValueError(
+            f"`num_probes` must be 0 (no trace) or >= 3 with trace_method='hutch++' (a sketch, "
+            f"its exact trace and the residual estimate take a third each); got {num_probes}. "
+            "Use trace_method='hutchinson' for fewer probes."
+        )
+    _validate.number(warm_noise, "warm_noise", minimum=0, finite=False, optional=True)
+    _validate.one_of(mode, "mode", _common.HVP_MODES)
+    microbatch_size = _validate.static_int(microbatch_size, "microbatch_size", minimum=1,
+                                           optional=True)
+    cfg = _Config(k, which, eigsh, num_probes, trace_method, mode, microbatch_size, warm_noise)
     name = "track_curvature"
 
     def init_fn(params):
