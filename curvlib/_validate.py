@@ -20,6 +20,7 @@ check                          for
 `same_structure`         a pytree shaped like another (tangents, ``v0``, ``matvec(v0)``)
 `scalar_loss`            a loss's output: one real floating scalar (not per-sample)
 `aux_output`             a function's output: ``(primary, aux)`` with ``has_aux``
+`basis`                  a stack of ``D`` vectors shaped like ``params`` (eigenvectors)
 `tangent`                a vector shaped (and sharded) like its reference, by leaf path
 `batched`                batched arguments sharing one leading (sample) axis
 `batch_argnums`          which extra arguments are batched (``batch_argnums``)
@@ -696,3 +697,33 @@ def aux_output(out, name: str, has_aux, *, what: str = "loss"):
             f"`({what}, aux)`; got {jax.tree.structure(out)}."
         )
     return out[0]
+
+
+def basis(eigenvectors, params, name: str = "eigenvectors") -> int:
+    """The number ``D`` of vectors in ``eigenvectors``, a stack of vectors shaped like ``params``.
+
+    Accepts a pytree with ``params``' structure whose every leaf is the
+    matching ``params`` leaf with one extra leading axis of the same length
+    ``D >= 1`` on every leaf; the message names the leaf at fault.
+    """
+    if jax.tree.structure(params) != jax.tree.structure(eigenvectors):
+        raise ValueError(
+            f"`{name}` must have the structure of `params` with a leading axis D "
+            f"(got {jax.tree.structure(eigenvectors)} vs {jax.tree.structure(params)})."
+        )
+    paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    dims = {}
+    for (path, p), e in zip(paths, jax.tree.leaves(eigenvectors), strict=True):
+        if jnp.ndim(e) != jnp.ndim(p) + 1 or jnp.shape(e)[1:] != jnp.shape(p):
+            raise ValueError(
+                f"every leaf of `{name}` must be the matching `params` leaf with one extra "
+                f"leading axis D; at `{name}{jax.tree_util.keystr(path)}` got shape "
+                f"{jnp.shape(e)} for a parameter of shape {jnp.shape(p)}."
+            )
+        dims[jax.tree_util.keystr(path)] = jnp.shape(e)[0]
+    if len(set(dims.values())) != 1 or 0 in dims.values():
+        raise ValueError(
+            f"`{name}` leaves disagree on the leading axis D (the number of vectors): "
+            + ", ".join(f"{name}{p}: {d}" for p, d in dims.items()) + "."
+        )
+    return next(iter(dims.values()))

@@ -410,7 +410,7 @@ def increment_coefficients(
     k = _common.check_problem(loss_fn, params, data, num_examples)
     mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
     _validate.one_of(mode, "mode", (None, "linearize", "fwd-rev", "rev-rev"))
-    D = _check_basis(eigenvectors, params)
+    D = _validate.basis(eigenvectors, params)
     if eigenvalues is not None and jnp.shape(eigenvalues) != (D,):
         raise ValueError(
             f"`eigenvalues` must have shape ({D},), one per eigenvector; got "
@@ -428,26 +428,3 @@ def _cast_basis(eigenvectors: PyTree, params: PyTree) -> PyTree:
                         params)
 
 
-def _check_basis(eigenvectors: PyTree, params: PyTree, name: str = "eigenvectors") -> int:
-    """The basis size ``D``; raises unless ``eigenvectors`` is ``params`` with a leading axis."""
-    if jax.tree.structure(params) != jax.tree.structure(eigenvectors):
-        raise ValueError(
-            f"`{name}` must have the structure of `params` with a leading axis D "
-            f"(got {jax.tree.structure(eigenvectors)} vs {jax.tree.structure(params)})."
-        )
-    paths = jax.tree_util.tree_flatten_with_path(params)[0]
-    dims = {}
-    for (path, p), e in zip(paths, jax.tree.leaves(eigenvectors), strict=True):
-        if jnp.ndim(e) != jnp.ndim(p) + 1 or jnp.shape(e)[1:] != jnp.shape(p):
-            raise ValueError(
-                f"every leaf of `{name}` must be the matching `params` leaf with one extra "
-                f"leading axis D; at `{name}{jax.tree_util.keystr(path)}` got shape "
-                f"{jnp.shape(e)} for a parameter of shape {jnp.shape(p)}."
-            )
-        dims[jax.tree_util.keystr(path)] = jnp.shape(e)[0]
-    if len(set(dims.values())) != 1 or 0 in dims.values():
-        raise ValueError(
-            f"`{name}` leaves disagree on the leading axis D (the number of vectors): "
-            + ", ".join(f"{name}{p}: {d}" for p, d in dims.items()) + "."
-        )
-    return next(iter(dims.values()))

@@ -33,7 +33,7 @@ import numpy as np
 from curvlib import _deprecation, _tree, _validate
 from curvlib.krylov.stochastic import MonteCarloEstimate, monte_carlo_estimate
 from curvlib.landscape import _common
-from curvlib.landscape.coefficients import _cast_basis, _check_basis, mean_check
+from curvlib.landscape.coefficients import _cast_basis, mean_check
 
 PyTree = Any
 
@@ -472,7 +472,7 @@ def delta2_direct_mc(
     st = _check_sampled(loss_fn, params, data, num_examples, sigma, key, num_samples,
                         microbatch_size,
                         sample_batch_size)
-    Dmax = _check_basis(eigenvectors, params)
+    Dmax = _validate.basis(eigenvectors, params)
     if dim is None:
         dim = Dmax
     if isinstance(dim, jax.core.Tracer):
