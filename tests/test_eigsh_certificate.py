@@ -23,10 +23,24 @@ from curvlib.krylov import _band, eigen
 # ------------------------------------------------------------------ _count_new
 
 
-def _count(which, new, ref, thr_new, thr_ref):
+def _count(which, new, ref, thr_new, thr_ref, pad=(7.0, -7.0, 0.0)):
+    """`_count_new` on the values as given, checked against the same values padded beyond
+    ``k`` with values that would count (the padding of the answer-now steps), and against
+    ``which`` given as its traced code."""
     f = jnp.float64
-    return int(eigen._count_new(_band.Order(which), jnp.asarray(new, f), jnp.asarray(ref, f),
-                                jnp.asarray(thr_new, f), jnp.asarray(thr_ref, f)))
+    k = len(new)
+
+    def count(order, extra):
+        def arr(x, fill):
+            return jnp.asarray(list(x) + [fill] * len(extra), f)
+        return int(eigen._count_new(order, jnp.asarray(list(new) + list(extra), f),
+                                    arr(ref, -9.0), arr(thr_new, 9.0), arr(thr_ref, 0.0),
+                                    jnp.int32(k)))
+
+    plain = count(_band.Order(which), [])
+    assert count(_band.Order(which), pad) == plain
+    assert count(_band.Order(jnp.int32(_band.Order.CODES[which])), pad) == plain
+    return plain
 
 
 @pytest.mark.parametrize("which", ["LA", "SA", "LM"])
@@ -71,8 +85,14 @@ def test_count_new_tolerance_is_twice_the_summed_thresholds_inclusive():
 
 
 def _cluster(theta, thr):
-    return int(eigen._largest_cluster(jnp.asarray(theta, jnp.float64),
-                                      jnp.asarray(thr, jnp.float64)))
+    """`_largest_cluster` of the values, the same with copies padded beyond ``k``."""
+    f = jnp.float64
+    plain = int(eigen._largest_cluster(jnp.asarray(theta, f), jnp.asarray(thr, f),
+                                       jnp.int32(len(theta))))
+    padded = eigen._largest_cluster(jnp.asarray(list(theta) + [theta[0]] * 5, f),
+                                    jnp.asarray(list(thr) + [1.0] * 5, f), jnp.int32(len(theta)))
+    assert int(padded) == plain
+    return plain
 
 
 def test_largest_cluster_is_the_largest_group_equal_within_thresholds():
@@ -126,7 +146,8 @@ def test_thresholds_are_the_documented_formula(m, basis_dtype, tol):
     if basis_dtype is not None:
         eps = max(eps, float(jnp.finfo(basis_dtype).eps))
     for anorm in (7.0, 100.0):  # below and above the largest valid |theta|
-        band = SimpleNamespace(H=jnp.zeros((m, m), jnp.float64), anorm=jnp.float64(anorm))
+        band = SimpleNamespace(H=jnp.zeros((m, m), jnp.float64), anorm=jnp.float64(anorm),
+                               limit=jnp.int32(m))
         got = np.asarray(eigen._thresholds(_cfg(m, basis_dtype), band, jnp.asarray(theta),
                                            jnp.asarray(valid), jnp.float64(tol)))
         want = _thresholds_np(m, eps, anorm, theta, valid, tol)
@@ -138,14 +159,16 @@ def test_thresholds_follow_the_accumulation_dtype_and_scale():
     m, eps32 = 10, float(jnp.finfo(jnp.float32).eps)
     theta = np.array([4.0, 1.0, 0.0], np.float32)
     valid = np.array([True, True, False])
-    band = SimpleNamespace(H=jnp.zeros((m, m), jnp.float32), anorm=jnp.float32(2.0))
+    band = SimpleNamespace(H=jnp.zeros((m, m), jnp.float32), anorm=jnp.float32(2.0),
+                           limit=jnp.int32(m))
     got = eigen._thresholds(_cfg(m), band, jnp.asarray(theta), jnp.asarray(valid),
                             jnp.float32(0.0))
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), 10 * m * eps32 * 4.0, rtol=1e-6)
     # an operator of norm 1e-3: the floor is relative to it (invalid entries count as zero)
     small = np.array([1e-3, 5e-4, 0.0, 7.0])
-    band = SimpleNamespace(H=jnp.zeros((m, m), jnp.float64), anorm=jnp.float64(2e-4))
+    band = SimpleNamespace(H=jnp.zeros((m, m), jnp.float64), anorm=jnp.float64(2e-4),
+                           limit=jnp.int32(m))
     valid = np.array([True, True, True, False])
     got = eigen._thresholds(_cfg(m), band, jnp.asarray(small), jnp.asarray(valid),
                             jnp.float64(0.0))
@@ -155,7 +178,8 @@ def test_thresholds_follow_the_accumulation_dtype_and_scale():
 def test_thresholds_hand_values():
     """Two values worked out by hand: ``10 m eps ||A||`` and ``tol |theta|``."""
     eps = 2.0**-52
-    band = SimpleNamespace(H=jnp.zeros((4, 4), jnp.float64), anorm=jnp.float64(2.0))
+    band = SimpleNamespace(H=jnp.zeros((4, 4), jnp.float64), anorm=jnp.float64(2.0),
+                           limit=jnp.int32(4))
     thr = eigen._thresholds(_cfg(4), band, jnp.asarray([8.0, 1.0]), jnp.asarray([True, True]),
                             jnp.float64(0.0))
     np.testing.assert_allclose(np.asarray(thr), [40 * eps * 8.0] * 2, rtol=1e-15)
@@ -190,7 +214,8 @@ def test_unseen_unlikely_is_the_kuczynski_wozniakowski_bound(which):
     cfg = _cfg(which=which, k=k, dim=dim)
 
     def call(b, fresh, phase=1, th=theta, th_thr=thr):
-        s = SimpleNamespace(injected=jnp.int32(b), fresh=jnp.int32(fresh), phase=jnp.int32(phase))
+        s = SimpleNamespace(injected=jnp.int32(b), fresh=jnp.int32(fresh), phase=jnp.int32(phase),
+                            k=jnp.int32(k))
         return bool(eigen._unseen_unlikely(cfg, s, jnp.asarray(th), jnp.asarray(valid),
                                            jnp.asarray(th_thr)))
 
@@ -227,7 +252,8 @@ def test_unseen_unlikely_gives_no_certificate_without_a_spread():
     """Every Ritz value equal: no relative gap exists, so the bound must not certify (whatever
     the scale of the operator), only a certified guard can."""
     cfg = _cfg(which="LA", k=2, dim=100)
-    s = SimpleNamespace(injected=jnp.int32(1), fresh=jnp.int32(10**6), phase=jnp.int32(1))
+    s = SimpleNamespace(injected=jnp.int32(1), fresh=jnp.int32(10**6), phase=jnp.int32(1),
+                        k=jnp.int32(2))
     for scale in (1e-3, 1.0, 1e6):
         theta = jnp.full(4, 5.0 * scale)
         assert not bool(eigen._unseen_unlikely(cfg, s, theta, jnp.ones(4, bool),
@@ -236,9 +262,15 @@ def test_unseen_unlikely_gives_no_certificate_without_a_spread():
 
 def test_unseen_unlikely_never_for_lm():
     cfg = _cfg(which="LM")
-    s = SimpleNamespace(injected=jnp.int32(1), fresh=jnp.int32(10**6), phase=jnp.int32(1))
+    s = SimpleNamespace(injected=jnp.int32(1), fresh=jnp.int32(10**6), phase=jnp.int32(1),
+                        k=jnp.int32(2))
     theta = jnp.asarray([10.0, -9.0, 0.1])
     assert not bool(eigen._unseen_unlikely(cfg, s, theta, jnp.ones(3, bool), jnp.zeros(3)))
+    # the answer-now steps: ``which`` as the state's code; where "LA" certifies, "LM" does not
+    cfg, theta = _cfg(which=""), jnp.asarray([10.0, 9.0, 0.1])
+    for which, want in (("LM", False), ("LA", True)):
+        s.which = jnp.int32(_band.Order.CODES[which])
+        assert bool(eigen._unseen_unlikely(cfg, s, theta, jnp.ones(3, bool), jnp.zeros(3))) is want
 
 
 # ---------------------------------------------------------------- end to end

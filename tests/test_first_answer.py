@@ -236,6 +236,40 @@ def test_a_new_model_of_the_same_size_compiles_only_its_product(behind):
                                rtol=1e-10)
 
 
+def test_a_new_k_which_or_basis_size_of_the_size_class_compiles_no_step(behind):
+    """The answer-now steps take ``k``, ``which`` and the basis size as data: in a running
+    session a new one of the same size class (`eigen.capacity`) reuses every step program,
+    and each answer is still the fused program's (and the dense one's)."""
+    rng = np.random.default_rng(5)
+    M = jnp.asarray(rng.standard_normal((60, 60)))
+    S = M + M.T
+    ev = np.linalg.eigvalsh(np.asarray(S))
+    curvlib.eigsh(lambda v: S @ v, jnp.ones(60), 3, key=KEY)  # k=3: m=20, class 24
+    misses = _steps_compiled()[1]
+    calls = [dict(k=5), dict(k=6), dict(k=2, which="SA"), dict(k=4, which="LM"),
+             dict(k=3, basis_size=22), dict(k=1, basis_size=17)]
+    for kw in calls:
+        assert eigen.capacity(eigen._configure(None, jnp.ones(60), kw["k"],
+                                               kw.get("which", "LA"),
+                                               curvlib.Eigsh(basis_size=kw.get("basis_size"))
+                                               )[0].m, 60) == 24
+        now = curvlib.eigsh(lambda v: S @ v, jnp.ones(60), key=KEY, **kw)
+        assert _steps_compiled()[1] == misses, kw
+        behind.wait()
+        _same_answer(now, curvlib.eigsh(lambda v: S @ v, jnp.ones(60), key=KEY, **kw))
+        k, which = kw["k"], kw.get("which", "LA")
+        want = {"LA": ev[::-1], "SA": ev, "LM": ev[np.argsort(-np.abs(ev))]}[which][:k]
+        assert bool(now.converged), kw
+        np.testing.assert_allclose(now.eigenvalues, want, rtol=1e-6, atol=1e-6)
+
+
+def test_size_classes_pad_by_at_most_half():
+    caps = [eigen.capacity(m, 10**6) for m in range(1, 1000)]
+    assert sorted(set(caps))[:8] == [16, 24, 32, 48, 64, 96, 128, 192]
+    assert all(m <= c <= max(16, 1.5 * m) for m, c in zip(range(1, 1000), caps, strict=True))
+    assert eigen.capacity(20, 18) == 18  # never beyond the dimension
+
+
 def test_compile_behind_off_compiles_in_front(behind):
     curvlib.compile_behind(False)
     D = jnp.linspace(0.0, 1.0, 44)

@@ -60,7 +60,7 @@ PyTree = Any
 class Band(NamedTuple):
     """State of a band Krylov basis (see the module docstring)."""
 
-    Q: PyTree  # (m, ...) rows; zero beyond nbas
+    Q: PyTree  # (m, ...) rows (m: the capacity); zero beyond nbas
     H: jax.Array  # (m, m) H[i, j] = <q_i, A q_j> for multiplied j
     E: jax.Array  # (m, c) couplings of multiplied rows to dropped vectors (c >= 1 columns)
     D: PyTree | None  # (c, ...) the dropped unit vectors (None when dropping is not used)
@@ -70,6 +70,7 @@ class Band(NamedTuple):
     anorm: jax.Array  # running max ||A q_j|| (a lower bound of ||A||)
     finite: jax.Array  # every product finite so far
     breakdowns: jax.Array  # int32: products whose remainder was numerically zero
+    limit: jax.Array  # int32: rows the basis may use (<= m; below it the rest is padding)
 
 
 def acc_dtype(v):
@@ -81,11 +82,14 @@ def size(band: Band) -> int:
     return int(band.H.shape[0])
 
 
-def init(v0, m: int, acc, basis_dtype=None, num_external: int = 0) -> Band:
+def init(v0, m: int, acc, basis_dtype=None, num_external: int = 0, limit=None) -> Band:
     """A basis of ``m`` rows holding ``v0 / ||v0||`` as its one pending row (``v0 != 0``).
 
     ``num_external`` dropped vectors (`compress` with ``drop_pending``) are
-    stored, so that `exact_residuals` can report true residual norms.
+    stored, so that `exact_residuals` can report true residual norms. ``limit``
+    (``<= m``, may be traced; default ``m``) caps the rows used: the other rows are
+    padding that never enters the arithmetic, so one program serves every basis
+    size up to its capacity ``m``.
     """
     Q = _tree.basis_zeros(v0, m, basis_dtype)
     # v0 / ||v0|| at any scale: divided by its largest entry first (then 1 <= ||.|| <= sqrt(N))
@@ -101,6 +105,7 @@ def init(v0, m: int, acc, basis_dtype=None, num_external: int = 0) -> Band:
         nbas=jnp.asarray(1, jnp.int32),
         anorm=jnp.zeros((), acc), finite=_tree.all_finite(v0),
         breakdowns=jnp.zeros((), jnp.int32),
+        limit=jnp.asarray(m if limit is None else limit, jnp.int32),
     )
 
 
@@ -138,7 +143,7 @@ def breakdown_threshold(band: Band):
     """``10 sqrt(m) eps ||A||``: below it a remainder is numerically zero."""
     acc = band.H.dtype
     eps = jnp.finfo(acc).eps
-    return 10 * eps * jnp.sqrt(jnp.asarray(size(band), acc)) * band.anorm
+    return 10 * eps * jnp.sqrt(band.limit.astype(acc)) * band.anorm
 
 
 def _write_row(Q, slot, q, ok):
@@ -176,7 +181,7 @@ def absorb(band: Band, w: PyTree) -> Band:
     anorm = jnp.maximum(band.anorm, column_norms(jnp.append(h[0], beta)[:, None])[0])
     band = band._replace(anorm=anorm)
     broke = ~(beta > breakdown_threshold(band)) | ~jnp.isfinite(beta)
-    append = some & ~broke & (band.nbas < m)
+    append = some & ~broke & (band.nbas < band.limit)
     q = _tree.scale(1.0 / jnp.where(append, beta, 1.0), w)
     slot = jnp.minimum(band.nbas, m - 1)
     Q = _write_row(band.Q, slot, q, append)
@@ -198,7 +203,6 @@ def fresh(band: Band, z: PyTree, want):
     `inject`.
     """
     acc = band.H.dtype
-    m = size(band)
 
     def orthogonalize(z):
         Z, _ = _orthogonalize_block(band.Q, jax.tree.map(lambda x: x[None], z), acc)
@@ -207,7 +211,7 @@ def fresh(band: Band, z: PyTree, want):
         nz = _tree.plain_norm(z).astype(acc)
         nr = _tree.plain_norm(zp).astype(acc)
         eps = jnp.finfo(acc).eps
-        usable = (nr > 10 * eps * jnp.sqrt(jnp.asarray(m, acc)) * nz) & jnp.isfinite(nr)
+        usable = (nr > 10 * eps * jnp.sqrt(band.limit.astype(acc)) * nz) & jnp.isfinite(nr)
         return _tree.scale(1.0 / jnp.where(usable, nr, 1.0), zp), usable
 
     return jax.lax.cond(want, orthogonalize, lambda z: (z, jnp.asarray(False)), z)
@@ -220,7 +224,7 @@ def inject(band: Band, q: PyTree, ok) -> Band:
     span of the basis), so ``H`` gets no new entries.
     """
     m = size(band)
-    ok = ok & (band.nbas < m)
+    ok = ok & (band.nbas < band.limit)
     slot = jnp.minimum(band.nbas, m - 1)
     return band._replace(Q=_write_row(band.Q, slot, q, ok),
                          nbas=band.nbas + ok.astype(jnp.int32))
@@ -228,7 +232,7 @@ def inject(band: Band, q: PyTree, ok) -> Band:
 
 def has_room(band: Band):
     """Whether the next product's remainder can be stored (a free row exists)."""
-    return band.nbas < size(band)
+    return band.nbas < band.limit
 
 
 def projected(band: Band):
@@ -260,22 +264,35 @@ def column_norms(X):
 
 
 class Order:
-    """Wanted-first ordering of Ritz values for ``which`` in ``("LA", "SA", "LM")``."""
+    """Wanted-first ordering of Ritz values for ``which`` in ``("LA", "SA", "LM")``.
 
-    def __init__(self, which: str):
+    ``which`` is the name, or its code (`CODES`) as a traced integer: one program
+    then serves all three orders.
+    """
+
+    CODES = {"LA": 0, "SA": 1, "LM": 2}
+
+    def __init__(self, which):
         self.which = which
+
+    def _pick(self, la, sa, lm):
+        if isinstance(self.which, str):
+            return {"LA": la, "SA": sa, "LM": lm}[self.which]()
+        c = self.which
+        return jnp.where(c == 0, la(), jnp.where(c == 1, sa(), lm()))
 
     def key(self, theta):
         """Ascending key: wanted values first."""
-        return {"LA": -theta, "SA": theta, "LM": -jnp.abs(theta)}[self.which]
+        return self._pick(lambda: -theta, lambda: theta, lambda: -jnp.abs(theta))
 
     def sentinel(self, span):
         """A diagonal value for unused rows beyond the unwanted end of the spectrum."""
-        return {"LA": -2 * span, "SA": 2 * span, "LM": 0.0 * span}[self.which]
+        return self._pick(lambda: -2 * span, lambda: 2 * span, lambda: 0.0 * span)
 
     def gain(self, new, old):
         """How much more wanted ``new`` is than ``old`` (positive = better)."""
-        return {"LA": new - old, "SA": old - new, "LM": jnp.abs(new) - jnp.abs(old)}[self.which]
+        return self._pick(lambda: new - old, lambda: old - new,
+                          lambda: jnp.abs(new) - jnp.abs(old))
 
 
 def ritz(band: Band, order: Order):

@@ -77,7 +77,15 @@ class EigshResult(NamedTuple):
 
 
 class _Cfg(NamedTuple):
-    """Static configuration (hashable: a compile-cache key)."""
+    """Static configuration (hashable: a compile-cache key).
+
+    The fused program is keyed on all of it. The answer-now steps (`_solve_now`) are
+    keyed on `_shape_cfg`'s: ``k``, ``keep``, ``check_every``, ``max_inject`` zero,
+    ``which`` empty and ``m`` the capacity of a size class (`capacity`); the values
+    themselves are data in the state (`_sizes`), so one set of step programs serves
+    every ``k``, ``which`` and basis size of the class. The steps read ``k``, ``keep``,
+    ``check_every``, ``max_inject`` and the basis size (``band.limit``) from the state.
+    """
 
     k: int
     which: str
@@ -111,6 +119,11 @@ class _State(NamedTuple):
     theta: jax.Array  # (m,) Ritz values of the last test, wanted first
     Y: jax.Array  # (m, m) their vectors in the current basis
     like: PyTree  # zeros shaped like v0 (user layout): dtypes and shapes of products
+    k: jax.Array  # int32: wanted pairs (the basis size is ``band.limit``)
+    keep: jax.Array  # int32: Ritz vectors kept by a thick restart
+    check_every: jax.Array  # int32: products between convergence tests
+    max_inject: jax.Array  # int32: largest verification block
+    which: jax.Array  # int32: ``cfg.which``'s code (`_band.Order.CODES`)
 
 
 # --------------------------------------------------------------------- pieces
@@ -131,14 +144,16 @@ def _thresholds(cfg: _Cfg, band: _band.Band, theta, valid, tol):
         eps = max(float(eps), float(jnp.finfo(cfg.basis_dtype).eps))
     eps = jnp.asarray(eps, acc)
     anorm = jnp.maximum(band.anorm, jnp.max(jnp.where(valid, jnp.abs(theta), 0.0)))
-    c = 10 * jnp.asarray(cfg.m, acc)
+    c = 10 * band.limit.astype(acc)
     # (capped at sqrt(eps) ||A||: for a coarse basis dtype c eps would exceed the spectrum)
     floor = jnp.maximum(jnp.minimum(c * eps, jnp.sqrt(eps)), tol * eps ** (2.0 / 3.0)) * anorm
     return jnp.maximum(tol * jnp.abs(theta), floor)
 
 
-def _count_new(order, new, ref, thr_new, thr_ref):
+def _count_new(order, new, ref, thr_new, thr_ref, k):
     """Wanted values in ``new`` that no value of ``ref`` accounts for (within tolerance).
+
+    Only the first ``k`` entries of each (traced ``k``) take part.
 
     Rayleigh-Ritz values only improve as the space grows, so a new value
     either matches an old one or pushes in from beyond: with ``n(t)`` the
@@ -147,15 +162,17 @@ def _count_new(order, new, ref, thr_new, thr_ref):
     over the new values ``t`` (a multiset difference, vectorised).
     """
     tol = 2 * (thr_new[:, None] + thr_ref[None, :])
-    n_at = jnp.sum(order.gain(new[None, :], new[:, None]) >= 0, axis=1)  # new_j at least new_i
-    r_at = jnp.sum(order.gain(ref[None, :], new[:, None]) >= -tol, axis=1)
-    return jnp.maximum(jnp.max(n_at - r_at), 0)
+    wanted = jnp.arange(new.shape[0]) < k
+    n_at = jnp.sum(wanted[None, :] & (order.gain(new[None, :], new[:, None]) >= 0), axis=1)
+    r_at = jnp.sum(wanted[None, :] & (order.gain(ref[None, :], new[:, None]) >= -tol), axis=1)
+    return jnp.maximum(jnp.max(jnp.where(wanted, n_at - r_at, 0)), 0)
 
 
-def _largest_cluster(theta, thr):
-    """Size of the largest group of wanted values equal within their thresholds."""
+def _largest_cluster(theta, thr, k):
+    """Size of the largest group of the first ``k`` values equal within their thresholds."""
+    wanted = jnp.arange(theta.shape[0]) < k
     close = jnp.abs(theta[None, :] - theta[:, None]) <= 2 * (thr[None, :] + thr[:, None])
-    return jnp.max(jnp.sum(close, axis=1))
+    return jnp.max(jnp.where(wanted, jnp.sum(close & wanted[None, :], axis=1), 0))
 
 
 FAILURE_PROBABILITY = 1e-6  # of the verification's probabilistic certificate
@@ -182,8 +199,8 @@ def _unseen_unlikely(cfg: _Cfg, s: _State, theta, valid, thr):
     """
     if cfg.which == "LM":
         return jnp.asarray(False)
-    k = cfg.k
-    order = _band.Order(cfg.which)
+    k = s.k
+    order = _order(cfg, s)
     big = jnp.where(valid, theta, -jnp.inf)
     small = jnp.where(valid, theta, jnp.inf)
     spread = jnp.max(big) - jnp.min(small)
@@ -193,7 +210,13 @@ def _unseen_unlikely(cfg: _Cfg, s: _State, theta, valid, thr):
     b = jnp.maximum(s.injected, 1)
     j = (jnp.maximum(s.fresh - b + 1, 0) // b).astype(theta.dtype)  # products per fresh chain
     need = float(np.log(1.648 * np.sqrt(cfg.dim) / FAILURE_PROBABILITY))
-    return (s.phase == 1) & (jnp.sqrt(eps) * (2 * j - 1) >= need)
+    unlikely = (s.phase == 1) & (jnp.sqrt(eps) * (2 * j - 1) >= need)
+    return unlikely if cfg.which else unlikely & (s.which != _band.Order.CODES["LM"])
+
+
+def _order(cfg: _Cfg, s: _State) -> _band.Order:
+    """``cfg.which``'s order, or (answer-now steps) the one the state names."""
+    return _band.Order(cfg.which or s.which)
 
 
 class _Eval(NamedTuple):
@@ -209,27 +232,28 @@ class _Eval(NamedTuple):
 
 def _evaluate(cfg: _Cfg, s: _State, band: _band.Band) -> _Eval:
     """Ritz pairs, thresholds, and the phase decisions of `_update` (one ``m x m`` eigh)."""
-    order = _band.Order(cfg.which)
+    order = _order(cfg, s)
     theta, Y, res, valid = _band.ritz(band, order)
     thr = _thresholds(cfg, band, theta, valid, s.tol)
-    k = cfg.k
+    k = s.k
     ok = valid & (res <= thr)
     nmul = jnp.sum(band.mult)
-    certified = jnp.all(ok[:k]) & (nmul > k)
+    wanted = jnp.arange(cfg.m) < k
+    certified = jnp.all(ok | ~wanted) & (nmul > k)
     guard_ok = valid[k] & (ok[k] | _unseen_unlikely(cfg, s, theta, valid, thr))
     # a basis spanning the whole space holds every eigenpair: nothing to verify. When the
     # basis can hold it (basis_size == dim), the chain simply runs until it does.
     whole = certified & (nmul >= cfg.dim)
-    search_cert = certified & (s.phase == 0) & ~whole & (cfg.m < cfg.dim)
+    search_cert = certified & (s.phase == 0) & ~whole & (band.limit < cfg.dim)
     verify_cert = certified & guard_ok & (s.phase == 1) & (s.to_inject == 0) & (
         nmul >= k + s.injected)
-    thr_ref = _thresholds(cfg, band, s.ref, jnp.ones(k, bool), s.tol)
-    n_new = _count_new(order, theta[:k], s.ref, thr[:k], thr_ref)
-    cluster = _largest_cluster(theta[:k], thr[:k])
+    thr_ref = _thresholds(cfg, band, s.ref, wanted, s.tol)
+    n_new = _count_new(order, theta, s.ref, thr, thr_ref, k)
+    cluster = _largest_cluster(theta, thr, k)
     return _Eval(
         search_cert=search_cert, verify_cert=verify_cert,
         finish=(verify_cert & (n_new < s.injected)) | whole,
-        n_inject=jnp.clip(cluster, 1, cfg.max_inject).astype(jnp.int32), theta=theta, Y=Y,
+        n_inject=jnp.clip(cluster, 1, s.max_inject).astype(jnp.int32), theta=theta, Y=Y,
     )
 
 
@@ -257,7 +281,6 @@ def _running(cfg: _Cfg, s: _State):
 def _update(cfg: _Cfg, s: _State, product) -> _State:
     """Absorb one product, test convergence, restart or start a verification round."""
     space = _space.Space(s.like, cfg.layout)
-    k = cfg.k
     band = _band.absorb(s.band, space.flatten(product))
     count, since = s.count + 1, s.since + 1
     full, due = _due(cfg, s, band, count, since)
@@ -267,7 +290,7 @@ def _update(cfg: _Cfg, s: _State, product) -> _State:
     finish = ev.finish
     new_round = ev.search_cert | (ev.verify_cert & ~finish)
     restart = full & ~finish & ~new_round
-    band, Y = _compress(cfg, band, ev, new_round, restart, jnp.where(due, ev.Y, s.Y))
+    band, Y = _compress(cfg, s, band, ev, new_round, restart, jnp.where(due, ev.Y, s.Y))
     theta = jnp.where(due, ev.theta, s.theta)
     # one fresh direction per product: the verification block, or a new chain when the
     # only chain broke down
@@ -277,7 +300,7 @@ def _update(cfg: _Cfg, s: _State, product) -> _State:
     return s._replace(
         band=band, z=z, draws=s.draws + redraw.astype(jnp.int32),
         phase=phase.astype(jnp.int32),
-        ref=jnp.where(new_round, ev.theta[:k], s.ref),
+        ref=jnp.where(new_round, ev.theta, s.ref),
         injected=jnp.where(new_round, ev.n_inject, s.injected),
         to_inject=jnp.maximum(to_inject - used_z.astype(jnp.int32), 0),
         fresh=jnp.where(new_round, 0, s.fresh + 1),
@@ -299,11 +322,11 @@ def _due(cfg: _Cfg, s: _State, band: _band.Band, count, since):
     full = ~_band.has_room(band) & (band.nbas < cfg.dim)
     last = count >= s.max_matvecs
     spans = jnp.sum(band.mult) >= cfg.dim  # every row of a full-space basis multiplied
-    due = full | last | spans | ((since % cfg.check_every == 0) & (jnp.sum(band.mult) > cfg.k))
+    due = full | last | spans | ((since % s.check_every == 0) & (jnp.sum(band.mult) > s.k))
     return full, due
 
 
-def _compress(cfg: _Cfg, band: _band.Band, ev: _Eval, new_round, restart, Y):
+def _compress(cfg: _Cfg, s: _State, band: _band.Band, ev: _Eval, new_round, restart, Y):
     """``(band, Y)``: the basis after a thick restart or a new round, and its Ritz vectors.
 
     A new verification round keeps the ``k`` wanted Ritz vectors (pending rows dropped);
@@ -311,11 +334,11 @@ def _compress(cfg: _Cfg, band: _band.Band, ev: _Eval, new_round, restart, Y):
     are the first rows in the same order, so ``Y`` is the identity on them; otherwise
     ``Y`` is returned as given.
     """
-    k, m = cfg.k, cfg.m
+    k, m = s.k, cfg.m
 
     def compress(band):
         rest = jnp.sum(_band.pending(band))
-        K = jnp.where(new_round, k, jnp.minimum(cfg.keep, cfg.m - rest - 1))
+        K = jnp.where(new_round, k, jnp.minimum(s.keep, band.limit - rest - 1))
         return _band.compress(band, ev.Y, K, drop_pending=new_round)
 
     band = _tree.apply_if(new_round | restart, compress, band)
@@ -333,7 +356,7 @@ def _inject_fresh(cfg: _Cfg, s: _State, space, band: _band.Band, to_inject):
     """
     _, some = _band.next_row(band)
     want = (to_inject > 0) | ~some
-    room = (band.nbas < cfg.m - 1) if cfg.m < cfg.dim else jnp.asarray(True)
+    room = (band.nbas < band.limit - 1) | (band.limit >= cfg.dim)
     zq, z_ok = _band.fresh(band, s.z, want)
     band = _band.inject(band, zq, want & z_ok & room)
     used_z = want & z_ok
@@ -343,7 +366,10 @@ def _inject_fresh(cfg: _Cfg, s: _State, space, band: _band.Band, to_inject):
     return band, z, used_z, redraw
 
 
-def _setup(cfg: _Cfg, v0, key, tol, max_matvecs, max_restarts, seed=None) -> _State:
+def _setup(cfg: _Cfg, v0, key, tol, max_matvecs, max_restarts, sizes=None, seed=None) -> _State:
+    """The first state. ``sizes``: `_sizes`, traced in the answer-now steps (`_shape_cfg`);
+    default ``cfg``'s."""
+    k, m, keep, check_every, max_inject, which = _sizes(cfg) if sizes is None else sizes
     space = _space.Space(v0, cfg.layout)
     seed = _space.seed(v0, key) if seed is None else seed
     z0 = space.gaussian(seed, 0)
@@ -352,34 +378,63 @@ def _setup(cfg: _Cfg, v0, key, tol, max_matvecs, max_restarts, seed=None) -> _St
     usable = (nv > 0) & jnp.isfinite(nv)  # a zero or non-finite v0: start at random instead
     x0 = _tree.where(usable, x0, z0)
     acc = _band.acc_dtype(x0)
-    band = _band.init(x0, cfg.m, acc, cfg.basis_dtype, num_external=NUM_DROPPED)
+    band = _band.init(x0, cfg.m, acc, cfg.basis_dtype, num_external=NUM_DROPPED, limit=m)
     band = band._replace(finite=_tree.all_finite(v0))
     z = jnp.zeros((), jnp.int32)
     return _State(
         band=band, z=jax.lax.cond(usable, lambda: z0, lambda: space.gaussian(seed, 1)),
         key=seed, draws=jnp.where(usable, 1, 2).astype(jnp.int32), phase=z,
-        ref=jnp.zeros(cfg.k, acc),
+        ref=jnp.zeros(cfg.m, acc),
         injected=z, to_inject=z, fresh=z, rounds=z, verify_count=z, restarts=z, since=z,
         count=z,
         tol=jnp.asarray(tol, acc), max_matvecs=jnp.asarray(max_matvecs, jnp.int32),
         max_restarts=jnp.asarray(max_restarts, jnp.int32), theta=jnp.zeros(cfg.m, acc),
         Y=jnp.zeros((cfg.m, cfg.m), acc), like=_tree.zeros_like(v0),
+        k=jnp.asarray(k, jnp.int32), keep=jnp.asarray(keep, jnp.int32),
+        check_every=jnp.asarray(check_every, jnp.int32),
+        max_inject=jnp.asarray(max_inject, jnp.int32), which=jnp.asarray(which, jnp.int32),
     )
+
+
+def _sizes(cfg: _Cfg):
+    """``(k, m, keep, check_every, max_inject, which)``: the options the state carries as data
+    (``which`` as its code)."""
+    return cfg.k, cfg.m, cfg.keep, cfg.check_every, cfg.max_inject, _band.Order.CODES[cfg.which]
+
+
+def capacity(m: int, dim: int) -> int:
+    """The basis capacity of ``m``'s size class: the next of 16, 24, 32, 48, 64, 96, ...
+
+    (``2^j`` and ``1.5 * 2^j``, at most ``dim``). The answer-now steps are compiled
+    once per class, so a new ``k`` or ``basis_size`` in a running session reuses them;
+    the padding rows never enter the arithmetic and cost at most half the basis.
+    """
+    c = 16
+    while c < m:
+        c = c * 3 // 2 if c & (c - 1) == 0 else c * 4 // 3
+    return min(c, dim)
+
+
+def _shape_cfg(cfg: _Cfg) -> _Cfg:
+    """The key of the answer-now steps: the size class, with the sizes moved into the state."""
+    return cfg._replace(k=0, keep=0, check_every=0, max_inject=0, which="",
+                        m=capacity(cfg.m, cfg.dim))
 
 
 def _finish(cfg: _Cfg, s: _State) -> EigshResult:
     space = _space.Space(s.like, cfg.layout)
-    k = cfg.k
+    r = cfg.k or cfg.m  # rows returned: k, or (answer-now steps) all of them, cut on the host
     band = s.band
-    theta, Y = s.theta, s.Y  # the last test's Ritz pairs (the loop ends on a tested step)
+    theta, Y = s.theta[:r], s.Y[:, :r]  # the last test's Ritz pairs (the loop ends on a test)
+    wanted = jnp.arange(r) < s.k
     valid = jnp.sum(jnp.where(band.mult[:, None], Y**2, 0.0), axis=0) > 0.5
-    res = _band.exact_residuals(band, Y[:, :k])
-    X = space.unflatten_basis(_tree.basis_matmul(Y[:, :k].T, band.Q))
+    res = _band.exact_residuals(band, Y)
+    X = space.unflatten_basis(_tree.basis_matmul(Y.T, band.Q))
     X = jax.tree.map(lambda q, x: q.astype(jnp.result_type(x)), X, s.like)
-    finite = band.finite & jnp.all(jnp.isfinite(theta[:k]))
-    ok = finite & jnp.all(valid[:k])
+    finite = band.finite & jnp.all(jnp.isfinite(theta) | ~wanted)
+    ok = finite & jnp.all(valid | ~wanted)
     return EigshResult(
-        eigenvalues=jnp.where(ok, theta[:k], jnp.nan),
+        eigenvalues=jnp.where(ok, theta, jnp.nan),
         eigenvectors=X,
         residual_norms=jnp.where(ok & _certifiable(band), res, jnp.nan),
         num_matvecs=s.count,
@@ -410,18 +465,24 @@ def _solve(cfg: _Cfg, matvec, v0, key, tol, max_matvecs, max_restarts) -> EigshR
 
 
 def _solve_now(cfg: _Cfg, matvec, v0, key, tol, max_matvecs, max_restarts) -> EigshResult:
-    """`_solve` answered without compiling it (`_driver.solve_now`): the same certificate."""
-    return _driver.solve_now(_setup, _request, _update, _running, _finish, cfg, matvec, v0, key,
-                             tol, max_matvecs, max_restarts, bases=("eigenvectors",),
-                             report=_report)
+    """`_solve` answered without compiling it (`_driver.solve_now`): the same certificate.
+
+    The steps are those of ``cfg``'s size class (`_shape_cfg`), shared by every ``k`` and
+    basis size of the class; the result's ``k`` rows are cut from the class's on the host.
+    """
+    return _driver.solve_now(_setup, _request, _update, _running, _finish, _shape_cfg(cfg),
+                             matvec, v0, key, tol, max_matvecs, max_restarts, _sizes(cfg),
+                             bases=("eigenvectors",), cut=("eigenvalues", "residual_norms"),
+                             rows=cfg.k, report=_report)
 
 
 def _report(cfg: _Cfg, s: _State):
     """``(products, budget, verification rounds, worst relative residual)`` for the progress
     bar: the residual bounds of the wanted Ritz pairs at the last test, over ``|theta|``."""
-    res = _band.residual_norms(s.band, s.Y)[: cfg.k]
-    theta = jnp.abs(s.theta[: cfg.k])
-    worst = jnp.max(res / jnp.where(theta > 0, theta, 1.0))
+    res = _band.residual_norms(s.band, s.Y)
+    theta = jnp.abs(s.theta)
+    wanted = jnp.arange(theta.shape[0]) < s.k
+    worst = jnp.max(jnp.where(wanted, res / jnp.where(theta > 0, theta, 1.0), 0.0))
     return s.count, s.max_matvecs, s.rounds, worst
 
 
