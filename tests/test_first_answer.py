@@ -246,8 +246,8 @@ def test_a_new_k_which_or_basis_size_of_the_size_class_compiles_no_step(behind):
     ev = np.linalg.eigvalsh(np.asarray(S))
     curvlib.eigsh(lambda v: S @ v, jnp.ones(60), 3, key=KEY)  # k=3: m=20, class 24
     misses = _steps_compiled()[1]
-    calls = [dict(k=5), dict(k=6), dict(k=2, which="SA"), dict(k=4, which="LM"),
-             dict(k=3, basis_size=22), dict(k=1, basis_size=17)]
+    calls = [dict(k=6), dict(k=2, which="SA", basis_size=22), dict(k=4, which="LM"),
+             dict(k=1, basis_size=17)]
     for kw in calls:
         assert eigen.capacity(eigen._configure(None, jnp.ones(60), kw["k"],
                                                kw.get("which", "LA"),
@@ -255,8 +255,9 @@ def test_a_new_k_which_or_basis_size_of_the_size_class_compiles_no_step(behind):
                                                )[0].m, 60) == 24
         now = curvlib.eigsh(lambda v: S @ v, jnp.ones(60), key=KEY, **kw)
         assert _steps_compiled()[1] == misses, kw
-        behind.wait()
-        _same_answer(now, curvlib.eigsh(lambda v: S @ v, jnp.ones(60), key=KEY, **kw))
+        if kw in (dict(k=6), dict(k=4, which="LM"), dict(k=1, basis_size=17)):
+            behind.wait()  # (each fused program compiles for ~2 s: three of the four)
+            _same_answer(now, curvlib.eigsh(lambda v: S @ v, jnp.ones(60), key=KEY, **kw))
         k, which = kw["k"], kw.get("which", "LA")
         want = {"LA": ev[::-1], "SA": ev, "LM": ev[np.argsort(-np.abs(ev))]}[which][:k]
         assert bool(now.converged), kw
