@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import curvlib
-from curvlib.krylov import density, eigen, tridiag
+from curvlib.krylov import _band, density, eigen, tridiag
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -238,7 +238,7 @@ def test_a_new_model_of_the_same_size_compiles_only_its_product(behind):
 
 def test_a_new_k_which_or_basis_size_of_the_size_class_compiles_no_step(behind):
     """The answer-now steps take ``k``, ``which`` and the basis size as data: in a running
-    session a new one of the same size class (`eigen.capacity`) reuses every step program,
+    session a new one of the same size class (`_band.capacity`) reuses every step program,
     and each answer is still the fused program's (and the dense one's)."""
     rng = np.random.default_rng(5)
     M = jnp.asarray(rng.standard_normal((60, 60)))
@@ -249,7 +249,7 @@ def test_a_new_k_which_or_basis_size_of_the_size_class_compiles_no_step(behind):
     calls = [dict(k=6), dict(k=2, which="SA", basis_size=22), dict(k=4, which="LM"),
              dict(k=1, basis_size=17)]
     for kw in calls:
-        assert eigen.capacity(eigen._configure(None, jnp.ones(60), kw["k"],
+        assert _band.capacity(eigen._configure(None, jnp.ones(60), kw["k"],
                                                kw.get("which", "LA"),
                                                curvlib.Eigsh(basis_size=kw.get("basis_size"))
                                                )[0].m, 60) == 24
@@ -265,10 +265,10 @@ def test_a_new_k_which_or_basis_size_of_the_size_class_compiles_no_step(behind):
 
 
 def test_size_classes_pad_by_at_most_half():
-    caps = [eigen.capacity(m, 10**6) for m in range(1, 1000)]
+    caps = [_band.capacity(m, 10**6) for m in range(1, 1000)]
     assert sorted(set(caps))[:8] == [16, 24, 32, 48, 64, 96, 128, 192]
     assert all(m <= c <= max(16, 1.5 * m) for m, c in zip(range(1, 1000), caps, strict=True))
-    assert eigen.capacity(20, 18) == 18  # never beyond the dimension
+    assert _band.capacity(20, 18) == 18  # never beyond the dimension
 
 
 def test_compile_behind_off_compiles_in_front(behind):
@@ -310,3 +310,30 @@ def test_lanczos_answers_now_with_the_fused_programs_answer(behind, case):
     for a, b in zip(jax.tree.leaves((now.basis, now.residual)),
                     jax.tree.leaves((fused.basis, fused.residual)), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
+
+
+def test_lanczos_a_new_depth_of_the_size_class_compiles_no_step(behind):
+    """The answer-now steps take the depth as data: depths 16 to 23 (rows 17-24, class 24)
+    share one set of step programs, and each is the fused program's answer (breakdowns
+    and fresh directions included: five distinct values)."""
+    from curvlib import _compile
+
+    D = jnp.repeat(jnp.arange(1.0, 6.0), 10)
+    mv, v0 = (lambda v: D * v), jnp.ones(50)
+    curvlib.lanczos(mv, v0, 16)
+    misses = _steps_compiled()[1]
+    for m in (17, 20, 23):
+        now = curvlib.lanczos(mv, v0, m)
+        assert _steps_compiled()[1] == misses, m
+        assert now.alphas.shape == (m,) and now.betas.shape == (m - 1,)
+        assert now.basis.shape == (m, 50) and int(now.num_matvecs) == m
+        cfg = tridiag._Cfg(m=m, layout="identity", basis_dtype=None, restart=True)
+        fused = tridiag._compiled.jitted(cfg, _compile.as_operator(mv, v0), v0, None)
+        for f in ("num_matvecs", "finite", "converged", "breakdown", "status"):
+            assert int(getattr(now, f)) == int(getattr(fused, f)), (m, f)
+        assert bool(now.breakdown)
+        np.testing.assert_allclose(now.alphas, fused.alphas, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(now.betas, fused.betas, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(now.residual_norm, fused.residual_norm, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(now.basis, fused.basis, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(now.residual, fused.residual, rtol=0, atol=1e-10)

@@ -109,6 +109,20 @@ def init(v0, m: int, acc, basis_dtype=None, num_external: int = 0, limit=None) -
     )
 
 
+def capacity(m: int, dim: int | None = None) -> int:
+    """The basis capacity of ``m`` rows' size class: the next of 16, 24, 32, 48, 64, 96, ...
+
+    (``2^j`` and ``1.5 * 2^j``; at most ``dim`` when given). Programs that take the
+    rows used as data (`init`'s ``limit``) are compiled once per class, so a new
+    ``k``, depth or basis size in a running session reuses them; the padding rows
+    never enter the arithmetic and add at most half the basis.
+    """
+    c = 16
+    while c < m:
+        c = c * 3 // 2 if c & (c - 1) == 0 else c * 4 // 3
+    return c if dim is None else min(c, dim)
+
+
 def used(band: Band):
     return jnp.arange(size(band)) < band.nbas
 

@@ -137,17 +137,18 @@ def _flat_start(v0, key):
     return _space.Space(v0, "concat").flatten(v0), _space.seed(v0, key)
 
 
-@functools.partial(jax.jit, static_argnames="rows")
-def _user_layout(like, bases, vectors, cut, rows=None):
-    """Bases and vectors in ``like``'s layout; bases and ``cut`` arrays cut to ``rows``."""
+@functools.partial(jax.jit, static_argnames=("rows", "cut_rows"))
+def _user_layout(like, bases, vectors, cut, rows=None, cut_rows=()):
+    """Bases (cut to ``rows``) and vectors in ``like``'s layout; ``cut[i]`` to ``cut_rows[i]``."""
     space = _space.Space(like, "concat")
     return ([space.unflatten_basis(X[:rows]) for X in bases],
-            [space.unflatten(x) for x in vectors], [c[:rows] for c in cut])
+            [space.unflatten(x) for x in vectors],
+            [c[:r] for c, r in zip(cut, cut_rows, strict=True)])
 
 
 def solve_now(setup, request, update, running, finish, cfg, matvec, v0, key, *args,
-              bases: tuple = (), vectors: tuple = (), cut: tuple = (), rows: int | None = None,
-              report: Callable | None = None):
+              bases: tuple = (), vectors: tuple = (), cut: dict | None = None,
+              rows: int | None = None, report: Callable | None = None):
     """An algorithm's ``finish(run(setup(v0, key, *args)))``, answered without its fused compile.
 
     The state machine runs on ``v0`` ravelled into one vector (the ``concat``
@@ -159,10 +160,11 @@ def solve_now(setup, request, update, running, finish, cfg, matvec, v0, key, *ar
     receives the seed the fused program draws from ``v0`` (or ``key``), so the
     random directions are the same; the result fields named in ``bases``
     (leading axis) and ``vectors`` return to ``v0``'s layout. With ``rows``, the
-    bases and the fields named in ``cut`` keep their first ``rows`` rows (for steps
-    keyed on a size class that answer for its whole capacity), in the same small
-    program. Same arithmetic as the fused program: the same answer to rounding, the
-    same certificate. ``report`` feeds the progress bar (`run_host`).
+    bases keep their first ``rows`` rows, and each field of ``cut`` (a mapping of
+    field name to rows) its first rows (for steps keyed on a size class that answer
+    for its whole capacity), in the same small program. Same arithmetic as the
+    fused program: the same answer to rounding, the same certificate. ``report``
+    feeds the progress bar (`run_host`).
     """
     flat = cfg._replace(layout="identity")
     x0, seed = _flat_start(v0, key)
@@ -170,9 +172,10 @@ def solve_now(setup, request, update, running, finish, cfg, matvec, v0, key, *ar
     product = functools.partial(_flat_product, matvec, v0)
     state = run_host(request, update, running, flat, product, state, quick=True, report=report)
     res = _jitted(finish, flat, True)(state)
+    cut = cut or {}
     B, V, C = _user_layout(v0, [getattr(res, f) for f in bases],
                            [getattr(res, f) for f in vectors], [getattr(res, f) for f in cut],
-                           rows=rows)
+                           rows=rows, cut_rows=tuple(cut.values()))
     return res._replace(**dict(zip(bases, B, strict=True)), **dict(zip(vectors, V, strict=True)),
                         **dict(zip(cut, C, strict=True)))
 

@@ -81,7 +81,7 @@ class _Cfg(NamedTuple):
 
     The fused program is keyed on all of it. The answer-now steps (`_solve_now`) are
     keyed on `_shape_cfg`'s: ``k``, ``keep``, ``check_every``, ``max_inject`` zero,
-    ``which`` empty and ``m`` the capacity of a size class (`capacity`); the values
+    ``which`` empty and ``m`` the capacity of a size class (`_band.capacity`); the values
     themselves are data in the state (`_sizes`), so one set of step programs serves
     every ``k``, ``which`` and basis size of the class. The steps read ``k``, ``keep``,
     ``check_every``, ``max_inject`` and the basis size (``band.limit``) from the state.
@@ -402,23 +402,10 @@ def _sizes(cfg: _Cfg):
     return cfg.k, cfg.m, cfg.keep, cfg.check_every, cfg.max_inject, _band.Order.CODES[cfg.which]
 
 
-def capacity(m: int, dim: int) -> int:
-    """The basis capacity of ``m``'s size class: the next of 16, 24, 32, 48, 64, 96, ...
-
-    (``2^j`` and ``1.5 * 2^j``, at most ``dim``). The answer-now steps are compiled
-    once per class, so a new ``k`` or ``basis_size`` in a running session reuses them;
-    the padding rows never enter the arithmetic and cost at most half the basis.
-    """
-    c = 16
-    while c < m:
-        c = c * 3 // 2 if c & (c - 1) == 0 else c * 4 // 3
-    return min(c, dim)
-
-
 def _shape_cfg(cfg: _Cfg) -> _Cfg:
     """The key of the answer-now steps: the size class, with the sizes moved into the state."""
     return cfg._replace(k=0, keep=0, check_every=0, max_inject=0, which="",
-                        m=capacity(cfg.m, cfg.dim))
+                        m=_band.capacity(cfg.m, cfg.dim))
 
 
 def _finish(cfg: _Cfg, s: _State) -> EigshResult:
@@ -472,7 +459,8 @@ def _solve_now(cfg: _Cfg, matvec, v0, key, tol, max_matvecs, max_restarts) -> Ei
     """
     return _driver.solve_now(_setup, _request, _update, _running, _finish, _shape_cfg(cfg),
                              matvec, v0, key, tol, max_matvecs, max_restarts, _sizes(cfg),
-                             bases=("eigenvectors",), cut=("eigenvalues", "residual_norms"),
+                             bases=("eigenvectors",),
+                             cut={"eigenvalues": cfg.k, "residual_norms": cfg.k},
                              rows=cfg.k, report=_report)
 
 

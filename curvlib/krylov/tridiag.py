@@ -53,6 +53,9 @@ class LanczosResult(NamedTuple):
 
 
 class _Cfg(NamedTuple):
+    """Static configuration. ``m`` is the depth of the fused program; the answer-now steps
+    are keyed on a size class's (`_shape_cfg`) and read the depth from the state."""
+
     m: int
     layout: str
     basis_dtype: Any
@@ -66,6 +69,7 @@ class _State(NamedTuple):
     draws: jax.Array
     steps: jax.Array  # products so far (a zero product after a breakdown counts too)
     like: PyTree
+    depth: jax.Array  # int32: the Krylov depth (``cfg.m`` but in the answer-now steps)
 
 
 def _request(cfg: _Cfg, s: _State):
@@ -88,11 +92,15 @@ def _update(cfg: _Cfg, s: _State, product) -> _State:
 
 
 def _running(cfg: _Cfg, s: _State):
-    return s.steps < cfg.m
+    return s.steps < s.depth
 
 
-def setup(cfg: _Cfg, v0, key, seed=None) -> _State:
-    """Initial state (shared with stochastic Lanczos quadrature); ``seed`` overrides ``key``."""
+def setup(cfg: _Cfg, v0, key, depth=None, seed=None) -> _State:
+    """Initial state (shared with stochastic Lanczos quadrature); ``seed`` overrides ``key``.
+
+    ``depth`` (traced in the answer-now steps, at most ``cfg.m``; default ``cfg.m``).
+    """
+    depth = cfg.m if depth is None else depth
     space = _space.Space(v0, cfg.layout)
     x0 = space.flatten(v0)
     acc = _band.acc_dtype(x0)
@@ -106,10 +114,10 @@ def setup(cfg: _Cfg, v0, key, seed=None) -> _State:
         draws = jnp.where(usable, 1, 2).astype(jnp.int32)
     else:
         z, key, draws = None, None, jnp.zeros((), jnp.int32)
-    band = _band.init(x0, cfg.m + 1, acc, cfg.basis_dtype)
+    band = _band.init(x0, cfg.m + 1, acc, cfg.basis_dtype, limit=depth + 1)
     band = band._replace(finite=_tree.all_finite(v0))
     return _State(band=band, z=z, key=key, draws=draws, steps=jnp.zeros((), jnp.int32),
-                  like=_tree.zeros_like(v0))
+                  like=_tree.zeros_like(v0), depth=jnp.asarray(depth, jnp.int32))
 
 
 def run(cfg: _Cfg, matvec, state: _State) -> _State:
@@ -117,10 +125,13 @@ def run(cfg: _Cfg, matvec, state: _State) -> _State:
 
 
 def tridiagonal(cfg: _Cfg, s: _State):
-    """``(T, beta_m)``: the ``m x m`` projected matrix and the residual norm."""
+    """``(T, beta_m)``: the ``m x m`` projected matrix and the residual norm.
+
+    (With a depth below ``cfg.m``, the answer-now steps, ``T`` is zero beyond it.)
+    """
     m = cfg.m
     T = _band.projected(s.band)[:m, :m]
-    return T, s.band.H[m, m - 1]
+    return T, s.band.H[s.depth, s.depth - 1]
 
 
 def _finish(cfg: _Cfg, s: _State) -> LanczosResult:
@@ -130,16 +141,17 @@ def _finish(cfg: _Cfg, s: _State) -> LanczosResult:
     T, beta = tridiagonal(cfg, s)
     Q = jax.tree.map(lambda q: q[:m], band.Q)
     basis = space.unflatten_basis(Q)
-    last = _tree.basis_get(band.Q, m)
+    last = _tree.basis_get(band.Q, s.depth)
     residual = space.unflatten(jax.tree.map(lambda q: (beta * q).astype(q.dtype), last))
     residual = jax.tree.map(lambda r, x: r.astype(jnp.result_type(x)), residual, s.like)
     fin = band.finite
     nan = lambda x: jnp.where(fin, x, jnp.nan)
-    complete = jnp.all(band.mult[:m])  # every row was multiplied: no breakdown was left open
+    # every row was multiplied: no breakdown was left open
+    complete = jnp.all(band.mult[:m] | (jnp.arange(m) >= s.depth))
     return LanczosResult(
         basis=basis, alphas=nan(jnp.diag(T)), betas=nan(jnp.diag(T, -1)), residual=residual,
         residual_norm=nan(beta), breakdown=(band.breakdowns > 0) & fin,
-        num_matvecs=jnp.asarray(m, jnp.int32), finite=fin, converged=fin & complete,
+        num_matvecs=s.depth, finite=fin, converged=fin & complete,
         status=from_flags(finite=fin, breakdown=~complete),
     )
 
@@ -149,9 +161,21 @@ def _solve(cfg: _Cfg, matvec, v0, key) -> LanczosResult:
 
 
 def _solve_now(cfg: _Cfg, matvec, v0, key) -> LanczosResult:
-    """`_solve` answered without compiling it (`_driver.solve_now`)."""
-    return _driver.solve_now(setup, _request, _update, _running, _finish, cfg, matvec, v0, key,
-                             bases=("basis",), vectors=("residual",))
+    """`_solve` answered without compiling it (`_driver.solve_now`).
+
+    The steps are those of the depth's size class (`_shape_cfg`), shared by every depth
+    of the class; the result is cut to the depth on the host.
+    """
+    m = cfg.m
+    return _driver.solve_now(setup, _request, _update, _running, _finish, _shape_cfg(cfg),
+                             matvec, v0, key, m, bases=("basis",), vectors=("residual",),
+                             rows=m, cut={"alphas": m, "betas": m - 1})
+
+
+def _shape_cfg(cfg: _Cfg) -> _Cfg:
+    """The key of the answer-now steps: the basis of ``m + 1`` rows padded to its size
+    class (`_band.capacity`: at most half again), the depth moved into the state."""
+    return cfg._replace(m=_band.capacity(cfg.m + 1) - 1)
 
 
 _compiled = _compile.entry(
