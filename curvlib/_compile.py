@@ -472,7 +472,8 @@ _BEHIND_ENABLED = os.environ.get("CURVLIB_COMPILE_BEHIND", "1").strip().lower() 
 
 def _wrap(fn: Callable, static: tuple, operators: Mapping[str, str], *,
           precheck: Callable | None = None, strict: bool = False,
-          now: Callable | None = None, now_when: Callable | None = None) -> Callable:
+          now: Callable | None = None, now_when: Callable | None = None,
+          now_reports: bool = False) -> Callable:
     """``fn`` bound by name and called through ``jax.jit`` unless an argument is traced.
 
     The one call path of `entry` and `function`: bind the arguments (defaults
@@ -505,9 +506,10 @@ def _wrap(fn: Callable, static: tuple, operators: Mapping[str, str], *,
                 hash(tuple(a[n] for n in static))
             except TypeError:  # an unhashable static option: no caching, same result
                 return fn(**a)
-        if (now is not None and (_BEHIND_ENABLED or _progress.enabled())
+        reporting = now_reports and _progress.enabled()
+        if (now is not None and (_BEHIND_ENABLED or reporting)
                 and jax.process_count() == 1 and (now_when is None or now_when(**a))):
-            if _progress.enabled():  # the host-driven path, whose loop can report
+            if reporting:  # the host-driven path, whose loop draws the progress bar
                 return now(**a)
             return BEHIND.call(jitted, static, a, now)
         return jitted(**a)
@@ -517,7 +519,8 @@ def _wrap(fn: Callable, static: tuple, operators: Mapping[str, str], *,
 
 
 def entry(*, static: Sequence[str] = (), operators: Mapping[str, str] | None = None,
-          now: Callable | None = None, now_when: Callable | None = None):
+          now: Callable | None = None, now_when: Callable | None = None,
+          now_reports: bool = False):
     """Decorate an implementation ``impl(**kwargs)`` as a compiled, cached entry point.
 
     The returned function binds its arguments to ``impl``'s signature; if any
@@ -528,13 +531,15 @@ def entry(*, static: Sequence[str] = (), operators: Mapping[str, str] | None = N
     Validation of the options is the caller's job (it happens before, eagerly).
     With ``now`` (a function of the same arguments that answers without the
     fused compile), eager calls for which ``now_when`` (same arguments; default:
-    always) holds go through `compile_behind`.
+    always) holds go through `compile_behind`; with ``now_reports`` (``now`` draws a
+    progress bar), they take ``now`` whenever `show_progress` is on.
     """
     operators = dict(operators or {})
     static = tuple(static)
 
     def deco(impl):
-        call = _wrap(impl, static, operators, now=now, now_when=now_when)
+        call = _wrap(impl, static, operators, now=now, now_when=now_when,
+                     now_reports=now_reports)
         call.impl = impl
         return call
 

@@ -51,6 +51,27 @@ def test_eager_eigsh_shows_products_budget_and_residual(progress, capsys):
     assert bool(res.converged) and bool(fused.converged)
 
 
+def test_algorithms_without_a_bar_keep_their_usual_path(progress, capsys):
+    """``lanczos`` draws no bar: with progress on it is not diverted to its host-driven path
+    (which would show nothing and skip the fused program), and its answer is unchanged."""
+    from curvlib.krylov import _driver
+
+    def host_steps():
+        info = _driver._host_steps.cache_info()
+        return info.hits + info.misses
+
+    mv, v0, _ = _problem(30, seed=2)
+    before = host_steps()
+    res = curvlib.lanczos(mv, v0, 8)
+    assert capsys.readouterr().err == ""
+    assert host_steps() == before  # (the suite compiles in front: the fused program answered)
+    curvlib.eigsh(mv, v0, 2)  # while eigsh, which draws one, takes the host-driven path
+    assert host_steps() > before
+    curvlib.show_progress(False)
+    np.testing.assert_allclose(np.asarray(res.alphas),
+                               np.asarray(curvlib.lanczos(mv, v0, 8).alphas), rtol=1e-13)
+
+
 def test_nothing_is_shown_inside_jit(progress, capsys):
     mv, v0, d = _problem(40, seed=1)
     res = jax.jit(lambda v: curvlib.eigsh(mv, v, 2))(v0)

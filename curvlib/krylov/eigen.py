@@ -475,7 +475,7 @@ def _report(cfg: _Cfg, s: _State):
 
 
 _compiled = _compile.entry(
-    static=("cfg",), operators={"matvec": "v0"}, now=_solve_now,
+    static=("cfg",), operators={"matvec": "v0"}, now=_solve_now, now_reports=True,
     now_when=lambda cfg, v0, **_: _driver.answers_now(cfg.layout, v0))(_solve)
 
 
