@@ -49,7 +49,8 @@ TIMEOUT_S = 900
 STALL_S = 240
 PROFILE = os.environ.get("CURVLIB_MULTIPROCESS", "quick")
 # compile time is most of the harness's time: the backend's cheapest setting
-XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+             " --xla_cpu_use_fusion_emitters=false")
 
 
 def _free_port() -> int:
