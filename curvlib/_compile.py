@@ -237,7 +237,7 @@ class _Behind:
 
     _MAX_ENTRIES = 64
 
-    _QUIET_S = 0.25  # a compile starts once no eager call has run for this long
+    _QUIET_S = 1.0  # a compile starts once no eager call has run for this long
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -440,9 +440,11 @@ def compile_behind(enabled: bool | None = None) -> bool:
     collectives that do not match (a hang or a wrong answer); there every eager
     call compiles in front, the same program on every process.
 
-    The background compile starts once no eager call has run for a quarter of a
-    second and runs at the lowest CPU priority (Linux): XLA:CPU compiles on every
-    core, so it would otherwise slow down the next answer the user waits for. At
+    The background compile starts once no eager call has run for a second (a
+    notebook cell re-run with a new batch size right after an answer still answers
+    at full speed) and runs at the lowest CPU priority (Linux): XLA:CPU compiles on
+    every core, and its tracing holds Python's lock, so it would otherwise slow down
+    the next answer the user waits for. At
     most one compile runs and one waits. At exit, a compile not yet started is
     dropped; one already running is finished first (a thread stopped inside the
     compiler would crash the exit), so a script may exit up to one compile later.

@@ -132,10 +132,15 @@ def behind():
 
     was = curvlib.compile_behind(True)
     _compile.BEHIND.clear()
-    yield _compile.BEHIND
-    _compile.BEHIND.wait()
-    _compile.BEHIND.clear()
-    curvlib.compile_behind(was)
+    # the tests check answers and which program gives them, not when a compile starts
+    _compile.BEHIND._QUIET_S = 0.05
+    try:
+        yield _compile.BEHIND
+        _compile.BEHIND.wait()
+    finally:
+        _compile.BEHIND.clear()
+        del _compile.BEHIND._QUIET_S  # the class's value again
+        curvlib.compile_behind(was)
 
 
 def _steps_compiled():
@@ -269,6 +274,28 @@ def test_size_classes_pad_by_at_most_half():
     assert sorted(set(caps))[:8] == [16, 24, 32, 48, 64, 96, 128, 192]
     assert all(m <= c <= max(16, 1.5 * m) for m, c in zip(range(1, 1000), caps, strict=True))
     assert _band.capacity(20, 18) == 18  # never beyond the dimension
+
+
+def test_the_background_compile_waits_for_a_quiet_second(behind, monkeypatch):
+    """The fused compile starts only once no eager call has run for `_QUIET_S` (1 s): a call
+    right after an answer (a new batch size) does not share the cores with it."""
+    import time
+
+    from curvlib import _compile
+
+    started = []
+    compile_now = _compile._lower_and_compile
+    monkeypatch.setattr(_compile, "_lower_and_compile",
+                        lambda j, a: started.append(time.monotonic()) or compile_now(j, a))
+    monkeypatch.setattr(behind, "_QUIET_S", _compile._Behind._QUIET_S)
+    assert behind._QUIET_S == 1.0
+    D = jnp.linspace(-1.0, 3.0, 52)
+    curvlib.eigsh(lambda v: D * v, jnp.ones(52), 2, key=KEY)  # answered now
+    curvlib.eigsh(lambda v: 2 * D * v, jnp.ones(52), 3, key=KEY)  # the next call, at once
+    again = time.monotonic()
+    behind.wait()
+    # (the first compile may have been replaced by the second's: one waits at most)
+    assert started and started[0] >= again + 0.9  # after a quiet second, never before
 
 
 def test_compile_behind_off_compiles_in_front(behind):
