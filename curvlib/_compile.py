@@ -247,6 +247,7 @@ class _Behind:
         self._busy = 0  # eager calls in progress
         self._idle = threading.Event()
         self._idle.set()
+        self._last = -float("inf")  # `time.monotonic()` when the last eager call ended
         self._closing = False
         atexit.register(self._close)
 
@@ -268,15 +269,22 @@ class _Behind:
             with self._lock:
                 self._busy -= 1
                 if self._busy == 0:
+                    self._last = time.monotonic()
                     self._idle.set()
 
     def _quiet(self) -> None:
-        """Wait until no eager call has run for `_QUIET_S` (the user is reading an answer)."""
+        """Wait until no eager call has run for `_QUIET_S` (the user is reading an answer).
+
+        Measured from the end of the last eager call, whichever call that was: a call
+        that starts and ends while this thread sleeps restarts the quiet period.
+        """
         while True:
             self._idle.wait()
-            time.sleep(self._QUIET_S)
-            if self._idle.is_set():
-                return
+            with self._lock:
+                left = self._last + self._QUIET_S - time.monotonic()
+                if left <= 0 and self._busy == 0:
+                    return
+            time.sleep(max(left, 0.0))
 
     def _compile(self, jitted, a):
         self._quiet()
@@ -453,19 +461,24 @@ def compile_behind(enabled: bool | None = None) -> bool:
       enabled: the new setting; ``None`` only reads it.
 
     Returns:
-      The setting in force (after the change).
+      The setting before the call (with ``None``, the setting in force), so
+      ``was = compile_behind(False)`` ... ``compile_behind(was)`` restores it.
 
     Examples:
       >>> import curvlib
       >>> was = curvlib.compile_behind(False)  # compile in front from here on
       >>> curvlib.compile_behind()
       False
-      >>> _ = curvlib.compile_behind(was)  # as it was
+      >>> curvlib.compile_behind(was)  # as it was; returns the setting it replaces
+      False
+      >>> curvlib.compile_behind() == was
+      True
     """
     global _BEHIND_ENABLED
+    before = _BEHIND_ENABLED
     if enabled is not None:
         _BEHIND_ENABLED = bool(enabled)
-    return _BEHIND_ENABLED
+    return before
 
 
 _BEHIND_ENABLED = os.environ.get("CURVLIB_COMPILE_BEHIND", "1").strip().lower() not in (

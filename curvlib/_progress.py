@@ -33,7 +33,8 @@ def show_progress(enabled: bool | None = None) -> bool:
       enabled: ``True`` or ``False`` to switch; ``None`` (default) only reads the setting.
 
     Returns:
-      The setting in force after the call.
+      The setting before the call (with ``None``, the setting in force), so
+      ``was = show_progress(True)`` ... ``show_progress(was)`` restores it.
 
     Raises:
       ImportError: ``enabled=True`` without ``tqdm`` installed (``pip install tqdm``).
@@ -50,8 +51,10 @@ def show_progress(enabled: bool | None = None) -> bool:
                 import tqdm  # noqa: F401
             except ImportError as e:
                 raise ImportError("`show_progress(True)` needs tqdm: pip install tqdm") from e
+    before = _ENABLED
+    if enabled is not None:
         _ENABLED = bool(enabled)
-    return _ENABLED
+    return before
 
 
 def enabled() -> bool:

@@ -83,6 +83,22 @@ def _bounded_executable_mappings():
         jax.clear_caches()
 
 
+@pytest.fixture(autouse=True)
+def _switches_restored():
+    """Every test leaves curvlib's process-wide switches as it found them.
+
+    (`compile_behind` left on by one test file once sent every later eager call of that
+    xdist worker through the answer-now path: a test of the fused program then checked the
+    other path.)
+    """
+    import curvlib
+
+    was = curvlib.compile_behind(), curvlib.show_progress()
+    yield
+    now = curvlib.compile_behind(), curvlib.show_progress()
+    assert now == was, f"(compile_behind, show_progress) was {was}, left at {now}"
+
+
 @pytest.fixture
 def key():
     return jax.random.PRNGKey(0)

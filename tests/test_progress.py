@@ -110,3 +110,15 @@ def test_off_by_default_and_needs_tqdm(monkeypatch):
     with pytest.raises(ImportError, match="needs tqdm"):
         curvlib.show_progress(True)
     assert curvlib.show_progress() is False
+
+
+@pytest.mark.parametrize("switch", ["show_progress", "compile_behind"])
+def test_a_switch_returns_the_setting_it_replaces(switch):
+    """``was = switch(x)`` ... ``switch(was)`` restores the setting, whatever it was."""
+    flip = getattr(curvlib, switch)
+    start = flip()
+    assert flip() is start  # reading changes nothing
+    was = flip(not start)
+    assert was is start and flip() is (not start)
+    assert flip(was) is (not start)
+    assert flip() is start
