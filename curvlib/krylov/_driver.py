@@ -16,6 +16,7 @@ drivers run it:
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -149,6 +150,23 @@ def _user_layout(like, bases, vectors, cut, rows=None, cut_rows=()):
             [c[:r] for c, r in zip(cut, cut_rows, strict=True)])
 
 
+@functools.cache
+def _ahead() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that compiles an answer-now call's later programs ahead of their use."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="curvlib-ahead")
+
+
+def _precompile(jitted, *args) -> None:
+    """Trace, lower and compile ``jitted`` for ``args`` (its call then finds the executable).
+
+    Errors are left to the call itself, which raises them where they belong.
+    """
+    try:
+        jitted.lower(*args).compile()
+    except Exception:  # noqa: BLE001  (the call that follows reports it)
+        pass
+
+
 def solve_now(setup, request, update, running, finish, cfg, matvec, v0, key, *args,
               bases: tuple = (), vectors: tuple = (), cut: dict | None = None,
               rows: int | None = None, report: Callable | None = None):
@@ -171,10 +189,19 @@ def solve_now(setup, request, update, running, finish, cfg, matvec, v0, key, *ar
     """
     flat = cfg._replace(layout="identity")
     x0, seed = _flat_start(v0, key)
+    # the model's product and `finish` compile on a second thread while this one traces and
+    # compiles `setup` and the loop's steps (XLA compiles without Python's lock: on two cores
+    # the first answer waits for the longest chain, not for the sum)
+    ahead = _ahead()
+    product_ready = ahead.submit(_precompile, _flat_product, matvec, v0, x0)
     state = _jitted(setup, flat, True)(x0, None, *args, seed)
+    end = _jitted(finish, flat, True)
+    finish_ready = ahead.submit(_precompile, end, state)
+    product_ready.result()
     product = functools.partial(_flat_product, matvec, v0)
     state = run_host(request, update, running, flat, product, state, quick=True, report=report)
-    res = _jitted(finish, flat, True)(state)
+    finish_ready.result()
+    res = end(state)
     cut = cut or {}
     B, V, C = _user_layout(v0, [getattr(res, f) for f in bases],
                            [getattr(res, f) for f in vectors], [getattr(res, f) for f in cut],
