@@ -430,7 +430,8 @@ def compile_behind(enabled: bool | None = None) -> bool:
 
     On by default (``CURVLIB_COMPILE_BEHIND=0`` in the environment turns it
     off). For the algorithms that have an answer-now path
-    ([`eigsh`][curvlib.eigsh], [`lanczos`][curvlib.lanczos]), the first eager
+    ([`eigsh`][curvlib.eigsh], [`lanczos`][curvlib.lanczos], and
+    [`cg`][curvlib.cg] without a warm start or preconditioner), the first eager
     call with a new model, size, ``k`` or option runs the algorithm driven from
     the host, each step a small program that depends on the problem's size and
     dtype but not on the model (so it is compiled once per session and size,
@@ -600,20 +601,23 @@ def enable_compilation_cache(path: str | os.PathLike | None = None, *,
 
 
 def function(*, static: Sequence[str] = (), operators: Mapping[str, str] | None = None,
-             precheck: Callable | None = None):
+             precheck: Callable | None = None, now: Callable | None = None,
+             now_when: Callable | None = None):
     """Decorate a *public* function so that its eager calls are compiled once and cached.
 
     Like `entry`, but the whole function (its shape and option checks
     included) runs under ``jax.jit``: checks that depend only on static options
     and shapes then run once per compilation. Checks of concrete *values* that
     stay traced inside (a negative ``damping``, say) go in ``precheck``, which
-    is called eagerly with the bound arguments on every call.
+    is called eagerly with the bound arguments on every call. ``now`` and
+    ``now_when``: an answer-now path, as for `entry`.
     """
     operators = dict(operators or {})
     static = tuple(static)
 
     def deco(public):
-        call = _wrap(public, static, operators, precheck=precheck, strict=True)
+        call = _wrap(public, static, operators, precheck=precheck, strict=True, now=now,
+                     now_when=now_when)
         call.uncached = public
         return call
 

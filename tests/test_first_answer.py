@@ -364,3 +364,94 @@ def test_lanczos_a_new_depth_of_the_size_class_compiles_no_step(behind):
         np.testing.assert_allclose(now.residual_norm, fused.residual_norm, rtol=0, atol=1e-12)
         np.testing.assert_allclose(now.basis, fused.basis, rtol=0, atol=1e-10)
         np.testing.assert_allclose(now.residual, fused.residual, rtol=0, atol=1e-10)
+
+
+# ----------------------------------------------------------------- cg answers now
+
+
+def _cg_cases():
+    rng = np.random.default_rng(7)
+    M = jnp.asarray(rng.standard_normal((40, 40)))
+    spd = M @ M.T / 40 + 0.1 * jnp.eye(40)
+    indefinite = jnp.diag(jnp.linspace(-1.0, 3.0, 40))
+    b = jnp.asarray(rng.standard_normal(40))
+    params, x, y, loss = _problem()
+    return {
+        "spd": (lambda v: spd @ v, b, dict(rtol=1e-10)),
+        "damped_array": (lambda v: spd @ v, b, dict(damping=jnp.asarray(0.5), atol=1e-9)),
+        "negative_curvature": (lambda v: indefinite @ v, b, {}),
+        "zero_rhs": (lambda v: spd @ v, jnp.zeros(40), {}),
+        "tiny_rhs": (lambda v: spd @ v, 1e-200 * b, dict(rtol=1e-8)),
+        "budget": (lambda v: spd @ v, b, dict(max_steps=3)),
+        "solver_value": (lambda v: spd @ v, b, dict(solver=curvlib.CG(rtol=1e-6))),
+        "model": (curvlib.hessian_matvec(loss, params, x, y), params, dict(damping=1e-2)),
+        "non_finite": (lambda v: (spd * jnp.nan) @ v, b, {}),
+    }
+
+
+def _same_cg(a, b):
+    for f in ("num_steps", "num_matvecs", "converged", "negative_curvature", "finite", "status"):
+        assert int(getattr(a, f)) == int(getattr(b, f)), f
+    scale = max(float(np.max(np.abs(np.concatenate(
+        [np.ravel(t) for t in jax.tree.leaves(b.x)])))), 1e-300)
+    for u, v in zip(jax.tree.leaves((a.x, a.curvature_direction)),
+                    jax.tree.leaves((b.x, b.curvature_direction)), strict=True):
+        np.testing.assert_allclose(u, v, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(a.residual_norm, b.residual_norm, rtol=1e-9,
+                               atol=1e-12 * float(np.nan_to_num(b.residual_norm, nan=1.0)))
+
+
+@pytest.mark.parametrize("case", sorted(_cg_cases()))
+def test_cg_answers_now_with_the_fused_programs_answer(behind, case):
+    """An eager first `cg` answers through the host-driven steps (no fused compile in front);
+    its iterates, certificate and flags are the fused program's (float64, to rounding)."""
+    mv, b, kw = _cg_cases()[case]
+    lookups = sum(_steps_compiled()[:2])
+    entries = len(behind._entries)
+    now = curvlib.cg(mv, b, **kw)
+    assert sum(_steps_compiled()[:2]) > lookups  # answered by the host-driven steps
+    assert len(behind._entries) == entries + 1  # and the fused program submitted
+    behind.wait()
+    steps = _steps_compiled()
+    fused = curvlib.cg(mv, b, **kw)
+    assert _steps_compiled() == steps  # the fused program answered
+    _same_cg(now, fused)
+    if case == "spd":
+        np.testing.assert_allclose(now.x, np.linalg.solve(np.asarray(mv(jnp.eye(40))),
+                                                          np.asarray(b)), rtol=1e-8)
+    if case == "negative_curvature":
+        assert bool(now.negative_curvature)
+    if case == "non_finite":
+        assert not bool(now.finite)
+
+
+def test_cg_with_a_warm_start_or_preconditioner_compiles_in_front(behind):
+    """Options the answer-now steps do not carry take the fused program, as before."""
+    D = jnp.linspace(1.0, 2.0, 30)
+    lookups = sum(_steps_compiled()[:2])
+    a = curvlib.cg(lambda v: D * v, jnp.ones(30), x0=jnp.ones(30))
+    b = curvlib.cg(lambda v: D * v, jnp.ones(30), preconditioner=lambda r: r / D)
+    assert sum(_steps_compiled()[:2]) == lookups and len(behind._entries) == 0
+    np.testing.assert_allclose(a.x, 1 / D, rtol=1e-5)
+    np.testing.assert_allclose(b.x, 1 / D, rtol=1e-5)
+
+
+def test_cg_a_new_model_or_option_of_the_same_size_compiles_no_step(behind):
+    """The steps depend on b's size and dtype only: a new operator, damping, tolerance or
+    step cap reuses them."""
+    rng = np.random.default_rng(9)
+    M = jnp.asarray(rng.standard_normal((36, 36)))
+    A = M @ M.T / 36 + jnp.eye(36)
+    b = jnp.asarray(rng.standard_normal(36))
+    curvlib.cg(lambda v: A @ v, b)
+    misses = _steps_compiled()[1]
+    for kw in (dict(damping=0.3, rtol=1e-10), dict(rtol=1e-9), dict(max_steps=4),
+               dict(atol=1e-3)):
+        res = curvlib.cg(lambda v: jnp.tanh(1.0) * (A @ v), b, **kw)
+        assert _steps_compiled()[1] == misses, kw
+        want = np.linalg.solve(np.tanh(1.0) * np.asarray(A) + kw.get("damping", 0.0) * np.eye(36),
+                               np.asarray(b))
+        if "rtol" in kw:
+            np.testing.assert_allclose(res.x, want, rtol=1e-6)
+        else:
+            assert int(res.num_steps) <= kw.get("max_steps", 36 * 10)

@@ -269,7 +269,91 @@ def _precheck(matvec, b, x0, damping, solver, rtol, atol, max_steps, preconditio
     _check_max_steps(max_steps, _tree.size(b))
 
 
-@_compile.function(operators={"matvec": "b", "preconditioner": "b"}, precheck=_precheck)
+# ------------------------------------------------------------------ answer now
+#
+# An eager first call answers through the same CG driven from the host
+# (`_driver.solve_now`): the loop's steps are programs of b's size and dtype only (the
+# options are data), compiled once per session for every model of that size, with the
+# model's product compiled alone; the fused program compiles behind (`compile_behind`).
+
+
+class _NowCfg(NamedTuple):
+    """The answer-now steps' static configuration: the accumulation dtype."""
+
+    acc: str
+    layout: str = "identity"  # (`solve_now` runs the steps on one flat vector)
+
+
+class _NowState(NamedTuple):
+    cg: _CGState
+    rhs: jax.Array  # b / sigma
+    sigma: jax.Array
+    tol: jax.Array  # in b / sigma's units
+    max_steps: jax.Array
+    damping: jax.Array
+
+
+def _now_setup(cfg: _NowCfg, b, _key, damping, rtol, atol, max_steps, _seed) -> _NowState:
+    acc = jnp.dtype(cfg.acc)
+    rhs, sigma, rnorm0, tol, finite0 = _cg_scale(b, rtol, atol, acc)
+    init, _ = _cg_init(rhs, None, sigma, rnorm0, tol, finite0, max_steps, acc)
+    return _NowState(cg=init, rhs=rhs, sigma=sigma, tol=tol, max_steps=max_steps,
+                     damping=damping)
+
+
+def _now_direction(cfg: _NowCfg, s: _NowState):
+    return _cg_direction(s.cg, jnp.zeros_like(s.rhs), lambda r: r, jnp.dtype(cfg.acc))
+
+
+def _now_request(cfg: _NowCfg, s: _NowState):
+    return _now_direction(cfg, s)[2]
+
+
+def _now_update(cfg: _NowCfg, s: _NowState, w) -> _NowState:
+    d, rz, v, pn, pnorm = _now_direction(cfg, s)
+    w = (w + s.damping * v).astype(v.dtype)  # the damped product, as `cg`'s operator forms it
+    return s._replace(cg=_cg_advance(s.cg, s.rhs, jnp.zeros_like(s.rhs), d, rz, v, pn, pnorm,
+                                     w, s.tol, s.max_steps, jnp.dtype(cfg.acc)))
+
+
+def _now_running(cfg: _NowCfg, s: _NowState):
+    return s.cg.phase != _DONE
+
+
+def _now_finish(cfg: _NowCfg, s: _NowState) -> CGResult:
+    c = s.cg
+    converged = c.finite & (c.rnorm <= s.tol)
+    return CGResult(
+        x=_tree.scale(s.sigma, c.x), num_steps=c.step, residual_norm=c.rnorm * s.sigma,
+        converged=converged, negative_curvature=c.negcurv, curvature_direction=c.negdir,
+        finite=c.finite, num_matvecs=c.num_matvecs,
+        status=from_flags(finite=c.finite, converged=converged, negative_curvature=c.negcurv),
+    )
+
+
+def _answers_now(matvec, b, x0, damping, solver, rtol, atol, max_steps, preconditioner):
+    """Whether an eager call may answer now: no warm start or preconditioner, one flat b."""
+    return (x0 is None and preconditioner is None and not _driver.is_host_driven(matvec)
+            and _driver.answers_now(_space.choose_layout(b), b))
+
+
+def _cg_now(matvec, b, x0, damping, solver, rtol, atol, max_steps, preconditioner) -> CGResult:
+    """`cg` answered without its fused compile (`_driver.solve_now`): the same iterates."""
+    _validate.float_leaves(b, "b")
+    _validate.operator(matvec, b, "matvec", "b")
+    rtol, atol, max_steps = _options(solver, rtol, atol, max_steps)
+    max_steps = _check_max_steps(max_steps, _tree.size(b))
+    acc = jnp.promote_types(_tree.dtype(b), jnp.float32)
+    # (damping, rtol and atol enter the steps as the fused program receives them: as given)
+    return _driver.solve_now(
+        _now_setup, _now_request, _now_update, _now_running, _now_finish,
+        _NowCfg(acc=jnp.dtype(acc).name), matvec, b, None,
+        damping, rtol, atol, jnp.asarray(max_steps, jnp.int32),
+        vectors=("x", "curvature_direction"))
+
+
+@_compile.function(operators={"matvec": "b", "preconditioner": "b"}, precheck=_precheck,
+                   now=_cg_now, now_when=_answers_now)
 def cg(
     matvec: Callable[[PyTree], PyTree],
     b: PyTree,
@@ -331,7 +415,9 @@ def cg(
     the curvature direction), plus a step's temporaries. Runs as one
     ``lax.while_loop`` that applies the operator at a single call site (the
     compiled program holds the operator once); jit- and vmap-compatible. The
-    backward pass costs one more solve.
+    backward pass costs one more solve. An eager first call without ``x0`` or
+    ``preconditioner`` answers through the same iteration driven from the host
+    while its program compiles behind ([`compile_behind`][curvlib.compile_behind]).
 
     Args:
       matvec: symmetric linear operator on pytrees shaped like ``b``.
