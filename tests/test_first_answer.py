@@ -455,3 +455,59 @@ def test_cg_a_new_model_or_option_of_the_same_size_compiles_no_step(behind):
             np.testing.assert_allclose(res.x, want, rtol=1e-6)
         else:
             assert int(res.num_steps) <= kw.get("max_steps", 36 * 10)
+
+
+# ---------------------------------------------------- power_iteration answers now
+
+
+def _power_cases():
+    S = jnp.linspace(-2.0, 6.0, 50) ** 3 / 100
+    D = jnp.concatenate([jnp.array([-9.0, 7.0, 5.0]), jnp.linspace(0.0, 3.0, 47)])
+    params, x, y, loss = _problem()
+    return {
+        "model": (curvlib.hessian_matvec(loss, params, x, y), params, dict(k=2, key=KEY)),
+        "signed": (lambda v: D * v, jnp.ones(50), dict(k=3, rtol=1e-8, num_iters=400)),
+        "zero_start_keyed": (lambda v: S * v, jnp.zeros(50), dict(k=2, key=KEY)),
+        "zero_start_no_key": (lambda v: S * v, jnp.zeros(50), dict(k=2)),
+        "budget": (lambda v: S * v, jnp.ones(50), dict(k=3, max_matvecs=20)),
+        "non_finite": (lambda v: (S * jnp.nan) * v, jnp.ones(50), dict(k=2)),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_power_cases()))
+def test_power_iteration_answers_now_with_the_fused_programs_answer(behind, case):
+    mv, v0, kw = _power_cases()[case]
+    lookups = sum(_steps_compiled()[:2])
+    now = curvlib.power_iteration(mv, v0, **kw)
+    assert sum(_steps_compiled()[:2]) > lookups  # answered by the host-driven steps
+    behind.wait()
+    steps = _steps_compiled()
+    fused = curvlib.power_iteration(mv, v0, **kw)
+    assert _steps_compiled() == steps  # the fused program answered
+    for f in ("num_matvecs", "finite", "status"):
+        assert int(getattr(now, f)) == int(getattr(fused, f)), f
+    np.testing.assert_array_equal(now.converged, fused.converged)
+    scale = float(np.nanmax(np.abs(np.concatenate([fused.eigenvalues, [1.0]]))))
+    np.testing.assert_allclose(now.eigenvalues, fused.eigenvalues, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(now.residual_norms, fused.residual_norms, rtol=1e-6,
+                               atol=1e-12 * scale)
+    for a, b in zip(jax.tree.leaves(now.eigenvectors), jax.tree.leaves(fused.eigenvectors),
+                    strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
+    if case == "signed":
+        np.testing.assert_allclose(now.eigenvalues, [-9.0, 7.0, 5.0], rtol=1e-6)
+    if case == "zero_start_no_key":
+        assert np.all(np.isnan(now.eigenvalues))
+
+
+def test_power_iteration_a_new_model_or_budget_compiles_no_step(behind):
+    """The steps depend on v0's size and dtype and on ``k``: a new operator, tolerance or
+    budget reuses them."""
+    S = jnp.linspace(-2.0, 6.0, 44) ** 3 / 100
+    curvlib.power_iteration(lambda v: S * v, jnp.ones(44), 2)
+    misses = _steps_compiled()[1]
+    for kw in (dict(rtol=1e-6), dict(num_iters=50), dict(max_matvecs=30)):
+        res = curvlib.power_iteration(lambda v: jnp.tanh(1.0) * (S * v), jnp.ones(44), 2, **kw)
+        assert _steps_compiled()[1] == misses, kw
+        assert float(res.eigenvalues[0]) == pytest.approx(float(jnp.tanh(1.0) * S[-1]), rel=1e-3)

@@ -106,9 +106,80 @@ def _precheck(matvec, v0, k, key, solver, max_matvecs, num_iters, rtol):
         _validate.number(rtol, "rtol", minimum=0)
 
 
+# ------------------------------------------------------------------ answer now
+#
+# An eager first call answers through the same iteration driven from the host
+# (`_driver.solve_now`): its steps are programs of v0's size, dtype and ``k`` only (the
+# budgets and the tolerance are data), with the model's product compiled alone; the fused
+# program compiles behind (`compile_behind`).
+
+
+class _NowCfg(NamedTuple):
+    k: int
+    acc: str
+    layout: str = "identity"  # (`solve_now` runs the steps on one flat vector)
+
+
+class _NowState(NamedTuple):
+    power: _PowerState
+    u0: jax.Array
+    key: jax.Array | None
+    tol: jax.Array
+    num_iters: jax.Array
+    max_matvecs: jax.Array
+
+
+def _now_setup(cfg: _NowCfg, v0, _none, key, tol, num_iters, max_matvecs,
+               _seed) -> _NowState:
+    init, u0 = _power_init(v0, cfg.k, key, jnp.dtype(cfg.acc))
+    return _NowState(init, u0, key, tol, num_iters, max_matvecs)
+
+
+def _now_request(cfg: _NowCfg, s: _NowState):
+    return s.power.x
+
+
+def _now_update(cfg: _NowCfg, s: _NowState, w) -> _NowState:
+    power = _power_step(s.power, w, s.u0, s.key, cfg.k, s.tol, s.num_iters, s.max_matvecs,
+                        jnp.dtype(cfg.acc))
+    return s._replace(power=power)
+
+
+def _now_running(cfg: _NowCfg, s: _NowState):
+    p = s.power
+    return (p.i < cfg.k) & p.started & p.finite & (p.total < s.max_matvecs)
+
+
+def _now_finish(cfg: _NowCfg, s: _NowState) -> PowerIterationResult:
+    return _power_result(s.power, cfg.k, s.tol, jnp.dtype(cfg.acc))
+
+
+def _answers_now(matvec, v0, k, key, solver, max_matvecs, num_iters, rtol) -> bool:
+    return (not _driver.is_host_driven(matvec)
+            and _driver.answers_now(_space.choose_layout(v0), v0))
+
+
+def _power_now(matvec, v0, k, key, solver, max_matvecs, num_iters, rtol):
+    """`power_iteration` answered without its fused compile (`_driver.solve_now`)."""
+    _validate.float_leaves(v0, "v0")
+    n = _tree.size(v0)
+    k = _validate.static_int(k, "k", minimum=1, maximum=n - 1, what=f"the dimension of v0 is {n}")
+    max_matvecs, num_iters, tol = _options(solver, max_matvecs, num_iters, rtol)
+    num_iters = _validate.static_int(num_iters, "num_iters", optional=True, minimum=1)
+    max_matvecs = _validate.static_int(max_matvecs, "max_matvecs", optional=True, minimum=1)
+    max_matvecs, num_iters = _budgets(k, max_matvecs, num_iters)
+    _validate.operator(matvec, v0, "matvec", "v0")
+    cfg = _NowCfg(k=k, acc=jnp.dtype(_tree.acc_dtype(_tree.dtype(v0))).name)
+    # (the key travels as the fused program receives it, in the steps' state)
+    return _driver.solve_now(
+        _now_setup, _now_request, _now_update, _now_running, _now_finish, cfg, matvec, v0, None,
+        key, tol, jnp.asarray(num_iters, jnp.int32), jnp.asarray(max_matvecs, jnp.int32),
+        bases=("eigenvectors",))
+
+
 @_deprecation.renamed("curvlib.power_iteration", tol="rtol")
 @_compile.function(static=("k", "max_matvecs", "num_iters"), operators={"matvec": "v0"},
-                   precheck=_precheck)
+                   precheck=_precheck, now=_power_now, now_when=_answers_now)
 def power_iteration(
     matvec: Callable[[PyTree], PyTree],
     v0: PyTree,
