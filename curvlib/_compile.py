@@ -431,7 +431,8 @@ def compile_behind(enabled: bool | None = None) -> bool:
     On by default (``CURVLIB_COMPILE_BEHIND=0`` in the environment turns it
     off). For the algorithms that have an answer-now path
     ([`eigsh`][curvlib.eigsh], [`lanczos`][curvlib.lanczos],
-    [`power_iteration`][curvlib.power_iteration], and [`cg`][curvlib.cg] without a
+    [`power_iteration`][curvlib.power_iteration],
+    [`spectral_density`][curvlib.spectral_density], and [`cg`][curvlib.cg] without a
     warm start or preconditioner), the first eager
     call with a new model, size, ``k`` or option runs the algorithm driven from
     the host, each step a small program that depends on the problem's size and

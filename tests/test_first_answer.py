@@ -511,3 +511,41 @@ def test_power_iteration_a_new_model_or_budget_compiles_no_step(behind):
         res = curvlib.power_iteration(lambda v: jnp.tanh(1.0) * (S * v), jnp.ones(44), 2, **kw)
         assert _steps_compiled()[1] == misses, kw
         assert float(res.eigenvalues[0]) == pytest.approx(float(jnp.tanh(1.0) * S[-1]), rel=1e-3)
+
+
+# --------------------------------------------------- spectral_density answers now
+
+
+def _slq_cases():
+    params, x, y, loss = _problem()
+    D = jnp.repeat(jnp.arange(1.0, 6.0), 8)  # five distinct values: every chain breaks down
+    return {
+        "model": (curvlib.hessian_matvec(loss, params, x, y), params, dict(num_matvecs=8)),
+        "breakdown": (lambda v: D * v, jnp.ones(40), dict(num_matvecs=9)),
+        "grid": (lambda v: D * v, jnp.ones(40),
+                 dict(num_matvecs=6, grid=jnp.linspace(0.0, 6.0, 7), sigma=0.3)),
+        "non_finite": (lambda v: (D * jnp.nan) * v, jnp.ones(40), dict(num_matvecs=5)),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_slq_cases()))
+def test_spectral_density_answers_now_with_the_fused_programs_answer(behind, case):
+    mv, v_like, kw = _slq_cases()[case]
+    lookups = sum(_steps_compiled()[:2])
+    now = curvlib.spectral_density(mv, v_like, KEY, num_probes=3, **kw)
+    assert sum(_steps_compiled()[:2]) > lookups  # answered by the host-driven steps
+    behind.wait()
+    steps = _steps_compiled()
+    fused = curvlib.spectral_density(mv, v_like, KEY, num_probes=3, **kw)
+    assert _steps_compiled() == steps  # the fused program answered
+    for f in ("finite", "num_matvecs", "converged", "status"):
+        assert int(getattr(now, f)) == int(getattr(fused, f)), f
+    for f in ("grid", "nodes", "weights", "density", "sigma"):
+        a, b = np.asarray(getattr(now, f)), np.asarray(getattr(fused, f))
+        scale = float(np.nanmax(np.abs(np.concatenate([b.ravel(), [1.0]]))))
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-10 * scale, err_msg=f)
+    if case == "breakdown":  # exact quadrature of the five-point spectrum: z^T D z / z^T z
+        D = np.repeat(np.arange(1.0, 6.0), 8)
+        want = [float(z @ (D * z) / (z @ z)) for z in map(np.asarray, density._flat_probes(
+            KEY, v_like, 3))]
+        np.testing.assert_allclose(np.sum(now.weights * now.nodes, axis=1), want, rtol=1e-10)

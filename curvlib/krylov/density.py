@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -81,8 +82,37 @@ def _solve(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid):
     return _density(nodes, weights, finite, sigma, grid, num_points)
 
 
-_compiled = _compile.entry(static=("cfg", "num_probes", "num_points"),
-                           operators={"matvec": "v_like"})(_solve)
+def _solve_now(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid):
+    """`_solve` answered without compiling it: the probes one after another, each a Lanczos
+    chain driven from the host on one flat vector (steps of the size, dtype and depth only,
+    the model's product compiled alone), the same probes and arithmetic as the fused
+    program."""
+    flat = cfg._replace(layout="identity")
+    setup = _driver._jitted(tridiag.setup, flat, True)
+    nodes_of = _driver._jitted(_probe_nodes, flat, True)
+    product = functools.partial(_driver._flat_product, matvec, v_like)
+    out = []
+    for x in _flat_probes(key, v_like, num_probes):
+        state = _driver.run_host(tridiag._request, tridiag._update, tridiag._running, flat,
+                                 product, setup(x, None), quick=True)
+        out.append(nodes_of(state))
+    nodes, weights, finite = (jnp.stack(x) for x in zip(*out, strict=True))
+    return _density_now(nodes, weights, finite, sigma, grid, num_points)
+
+
+@functools.partial(jax.jit, static_argnames="num_probes", compiler_options=_driver.QUICK)
+def _flat_probes(key, v_like, num_probes):
+    """The fused program's probes, each ravelled into one vector (rows of one array)."""
+    keys = jax.random.split(key, num_probes)
+    probes = jax.vmap(lambda k: _tree.normal_like(k, v_like))(keys)
+    return list(_space.Space(v_like, "concat").flatten_basis(probes))
+
+
+_density_now = jax.jit(_density, static_argnames="num_points", compiler_options=_driver.QUICK)
+
+_compiled = _compile.entry(
+    static=("cfg", "num_probes", "num_points"), operators={"matvec": "v_like"}, now=_solve_now,
+    now_when=lambda cfg, v_like, **_: _driver.answers_now(cfg.layout, v_like))(_solve)
 
 
 def spectral_density(
