@@ -83,29 +83,53 @@ def _solve(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid):
 
 
 def _solve_now(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid):
-    """`_solve` answered without compiling it: the probes one after another, each a Lanczos
-    chain driven from the host on one flat vector (steps of the size, dtype and depth only,
-    the model's product compiled alone), the same probes and arithmetic as the fused
-    program."""
+    """`_solve` answered without compiling it: the probes' Lanczos chains driven from the host
+    together (one product of all probes per step, as the fused program's ``vmap``), each on
+    one flat vector, with steps of the size, dtype, depth and probe count only and the
+    model's product compiled alone; the same probes and arithmetic as the fused program."""
     flat = cfg._replace(layout="identity")
-    setup = _driver._jitted(tridiag.setup, flat, True)
-    nodes_of = _driver._jitted(_probe_nodes, flat, True)
-    product = functools.partial(_driver._flat_product, matvec, v_like)
-    out = []
-    for x in _flat_probes(key, v_like, num_probes):
-        state = _driver.run_host(tridiag._request, tridiag._update, tridiag._running, flat,
-                                 product, setup(x, None), quick=True)
-        out.append(nodes_of(state))
-    nodes, weights, finite = (jnp.stack(x) for x in zip(*out, strict=True))
+    X = _flat_probes(key, v_like, num_probes)
+    product = functools.partial(_flat_products, matvec, v_like)
+    state = _driver._jitted(_setup_all, flat, True)(X)
+    state = _driver.run_host(_request_all, _update_all, _running_all, flat, product, state,
+                             quick=True)
+    nodes, weights, finite = _driver._jitted(_nodes_all, flat, True)(state)
     return _density_now(nodes, weights, finite, sigma, grid, num_points)
 
 
 @functools.partial(jax.jit, static_argnames="num_probes", compiler_options=_driver.QUICK)
 def _flat_probes(key, v_like, num_probes):
-    """The fused program's probes, each ravelled into one vector (rows of one array)."""
+    """The fused program's probes, each ravelled into one vector (the rows of one array)."""
     keys = jax.random.split(key, num_probes)
     probes = jax.vmap(lambda k: _tree.normal_like(k, v_like))(keys)
-    return list(_space.Space(v_like, "concat").flatten_basis(probes))
+    return _space.Space(v_like, "concat").flatten_basis(probes)
+
+
+@jax.jit
+def _flat_products(matvec, like, X):
+    space = _space.Space(like, "concat")
+    return jax.vmap(lambda x: space.flatten(matvec(space.unflatten(x))))(X)
+
+
+# the Lanczos steps of every probe at once (module-level: their programs are cached)
+def _setup_all(cfg, X):
+    return jax.vmap(lambda x: tridiag.setup(cfg, x, None))(X)
+
+
+def _request_all(cfg, s):
+    return jax.vmap(lambda t: tridiag._request(cfg, t))(s)
+
+
+def _update_all(cfg, s, W):
+    return jax.vmap(lambda t, w: tridiag._update(cfg, t, w))(s, W)
+
+
+def _running_all(cfg, s):
+    return jnp.any(jax.vmap(lambda t: tridiag._running(cfg, t))(s))
+
+
+def _nodes_all(cfg, s):
+    return jax.vmap(lambda t: _probe_nodes(cfg, t))(s)
 
 
 _density_now = jax.jit(_density, static_argnames="num_points", compiler_options=_driver.QUICK)
