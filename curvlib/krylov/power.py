@@ -161,13 +161,7 @@ def _answers_now(matvec, v0, k, key, solver, max_matvecs, num_iters, rtol) -> bo
 
 def _power_now(matvec, v0, k, key, solver, max_matvecs, num_iters, rtol):
     """`power_iteration` answered without its fused compile (`_driver.solve_now`)."""
-    _validate.float_leaves(v0, "v0")
-    n = _tree.size(v0)
-    k = _validate.static_int(k, "k", minimum=1, maximum=n - 1, what=f"the dimension of v0 is {n}")
-    max_matvecs, num_iters, tol = _options(solver, max_matvecs, num_iters, rtol)
-    num_iters = _validate.static_int(num_iters, "num_iters", optional=True, minimum=1)
-    max_matvecs = _validate.static_int(max_matvecs, "max_matvecs", optional=True, minimum=1)
-    max_matvecs, num_iters = _budgets(k, max_matvecs, num_iters)
+    k, max_matvecs, num_iters, tol = _checked(v0, k, solver, max_matvecs, num_iters, rtol)
     _validate.operator(matvec, v0, "matvec", "v0")
     cfg = _NowCfg(k=k, acc=jnp.dtype(_tree.acc_dtype(_tree.dtype(v0))).name)
     # (the key travels as the fused program receives it, in the steps' state)
@@ -274,15 +268,7 @@ def power_iteration(
       R. von Mises and H. Pollaczek-Geiringer, *Praktische Verfahren der
       Gleichungsaufloesung*, ZAMM 1929; Yao et al., *PyHessian*, 2020.
     """
-    _validate.float_leaves(v0, "v0")
-    n = _tree.size(v0)
-    k = _validate.static_int(k, "k", minimum=1, maximum=n - 1, what=f"the dimension of v0 is {n}")
-    max_matvecs, num_iters, tol = _options(solver, max_matvecs, num_iters, rtol)
-    num_iters = _validate.static_int(num_iters, "num_iters", optional=True, minimum=1)
-    max_matvecs = _validate.static_int(max_matvecs, "max_matvecs", optional=True, minimum=1)
-    if not isinstance(tol, jax.Array):  # a JAX array may be computed at run time
-        _validate.number(tol, "rtol", minimum=0)
-    max_matvecs, num_iters = _budgets(k, max_matvecs, num_iters)
+    k, max_matvecs, num_iters, tol = _checked(v0, k, solver, max_matvecs, num_iters, rtol)
     acc = _tree.acc_dtype(_tree.dtype(v0))
     host = _driver.is_host_driven(matvec)
     # on one device with one dtype, the iteration runs on the leaves concatenated into one
@@ -317,6 +303,19 @@ def power_iteration(
     s = _driver.while_loop(cond, body, init, host=host, slot=slot)
     res = _power_result(s, k, tol, acc)
     return res._replace(eigenvectors=space.unflatten_basis(res.eigenvectors))
+
+
+def _checked(v0, k, solver, max_matvecs, num_iters, rtol):
+    """``(k, max_matvecs, num_iters, rtol)`` validated, the budgets' defaults filled in."""
+    _validate.float_leaves(v0, "v0")
+    n = _tree.size(v0)
+    k = _validate.static_int(k, "k", minimum=1, maximum=n - 1, what=f"the dimension of v0 is {n}")
+    max_matvecs, num_iters, tol = _options(solver, max_matvecs, num_iters, rtol)
+    num_iters = _validate.static_int(num_iters, "num_iters", optional=True, minimum=1)
+    max_matvecs = _validate.static_int(max_matvecs, "max_matvecs", optional=True, minimum=1)
+    if not isinstance(tol, jax.Array):  # a JAX array may be computed at run time
+        _validate.number(tol, "rtol", minimum=0)
+    return (k, *_budgets(k, max_matvecs, num_iters), tol)
 
 
 def _budgets(k, max_matvecs, num_iters):
