@@ -432,8 +432,10 @@ def compile_behind(enabled: bool | None = None) -> bool:
     off). For the algorithms that have an answer-now path
     ([`eigsh`][curvlib.eigsh], [`lanczos`][curvlib.lanczos],
     [`power_iteration`][curvlib.power_iteration],
-    [`spectral_density`][curvlib.spectral_density], and [`cg`][curvlib.cg] without a
-    warm start or preconditioner), the first eager
+    [`spectral_density`][curvlib.spectral_density], [`cg`][curvlib.cg] without a
+    warm start or preconditioner, [`hutchinson_trace`][curvlib.hutchinson_trace] and
+    [`hutchinson_diag`][curvlib.hutchinson_diag] without ``deflate`` or ``batch_size``),
+    the first eager
     call with a new model, size, ``k`` or option runs the algorithm driven from
     the host, each step a small program that depends on the problem's size and
     dtype but not on the model (so it is compiled once per session and size,

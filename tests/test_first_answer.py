@@ -549,3 +549,61 @@ def test_spectral_density_answers_now_with_the_fused_programs_answer(behind, cas
         want = [float(z @ (D * z) / (z @ z)) for z in map(np.asarray, density._flat_probes(
             KEY, v_like, 3))]
         np.testing.assert_allclose(np.sum(now.weights * now.nodes, axis=1), want, rtol=1e-10)
+
+
+# ------------------------------------------------- the Hutchinson estimators answer now
+
+
+def _hutch_cases():
+    params, x, y, loss = _problem()
+    rng = np.random.default_rng(11)
+    M = jnp.asarray(rng.standard_normal((30, 30)))
+    S = M + M.T
+    return {
+        "model": (curvlib.hessian_matvec(loss, params, x, y), params),
+        "vector": ((lambda v: S @ v), jnp.ones(30)),
+        "non_finite": ((lambda v: (S * jnp.nan) @ v), jnp.ones(30)),
+    }
+
+
+def _same_estimate(a, b):
+    for f in ("num_samples", "num_evaluations", "num_matvecs", "finite", "converged", "status"):
+        assert int(getattr(a, f)) == int(getattr(b, f)), f
+    for u, v in zip(jax.tree.leaves((a.estimate, a.stderr)),
+                    jax.tree.leaves((b.estimate, b.stderr)), strict=True):
+        scale = float(np.nanmax(np.abs(np.concatenate([np.ravel(v), [1.0]]))))
+        np.testing.assert_allclose(u, v, rtol=0, atol=1e-12 * scale)
+
+
+@pytest.mark.parametrize("case", sorted(_hutch_cases()))
+@pytest.mark.parametrize("estimator", ["hutch++", "hutchinson", "diag"])
+def test_hutchinson_answers_now_with_the_fused_programs_answer(behind, case, estimator):
+    """The estimator cut at its products (probes, the model's block product, the arithmetic
+    between) gives the fused program's estimate and error bar, from the same probes."""
+    mv, v_like = _hutch_cases()[case]
+    if estimator == "diag":
+        call = lambda: curvlib.hutchinson_diag(mv, v_like, KEY, 7)  # noqa: E731
+    else:
+        call = lambda: curvlib.hutchinson_trace(mv, v_like, KEY, 7, method=estimator)  # noqa: E731
+    entries = len(behind._entries)
+    now = call()
+    assert len(behind._entries) == entries + 1  # answered now, the fused program submitted
+    behind.wait()
+    fused = call()
+    _same_estimate(now, fused)
+    if case == "vector" and estimator != "diag":
+        S = mv(jnp.eye(30))
+        truth = float(jnp.trace(S))
+        assert abs(float(now.estimate) - truth) <= 6 * float(now.stderr) + 1e-9
+    if case == "non_finite":
+        assert not bool(now.finite)
+
+
+def test_hutchinson_with_deflation_or_batches_compiles_in_front(behind):
+    D = jnp.linspace(1.0, 2.0, 30)
+    est = curvlib.hutchinson_trace(lambda v: D * v, jnp.ones(30), KEY, 6, batch_size=2,
+                                   method="hutchinson")
+    diag = curvlib.hutchinson_diag(lambda v: D * v, jnp.ones(30), KEY, 6, batch_size=3)
+    assert len(behind._entries) == 0  # not the answer-now path: the fused program, in front
+    np.testing.assert_allclose(diag.estimate, D, rtol=1e-12)
+    assert abs(float(est.estimate) - float(D.sum())) < 1e-9  # diagonal: every probe exact

@@ -136,6 +136,13 @@ def _flat_product(matvec, like, x):
     return space.flatten(matvec(space.unflatten(x)))
 
 
+@jax.jit
+def flat_products(matvec, like, X):
+    """``matvec`` applied to every row of ``X`` (rows: ``like`` ravelled), one ``vmap``."""
+    space = _space.Space(like, "concat")
+    return jax.vmap(lambda x: space.flatten(matvec(space.unflatten(x))))(X)
+
+
 @functools.partial(jax.jit, compiler_options=QUICK)  # (once per call: compiled cheaply)
 def _flat_start(v0, key):
     return _space.Space(v0, "concat").flatten(v0), _space.seed(v0, key)
@@ -151,18 +158,18 @@ def _user_layout(like, bases, vectors, cut, rows=None, cut_rows=()):
 
 
 @functools.cache
-def _ahead() -> concurrent.futures.ThreadPoolExecutor:
+def ahead() -> concurrent.futures.ThreadPoolExecutor:
     """The one thread that compiles an answer-now call's later programs ahead of their use."""
     return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="curvlib-ahead")
 
 
-def _precompile(jitted, *args) -> None:
+def precompile(jitted, *args, **static) -> None:
     """Trace, lower and compile ``jitted`` for ``args`` (its call then finds the executable).
 
     Errors are left to the call itself, which raises them where they belong.
     """
     try:
-        jitted.lower(*args).compile()
+        jitted.lower(*args, **static).compile()
     except Exception:  # noqa: BLE001  (the call that follows reports it)
         pass
 
@@ -192,11 +199,10 @@ def solve_now(setup, request, update, running, finish, cfg, matvec, v0, key, *ar
     # the model's product and `finish` compile on a second thread while this one traces and
     # compiles `setup` and the loop's steps (XLA compiles without Python's lock: on two cores
     # the first answer waits for the longest chain, not for the sum)
-    ahead = _ahead()
-    product_ready = ahead.submit(_precompile, _flat_product, matvec, v0, x0)
+    product_ready = ahead().submit(precompile, _flat_product, matvec, v0, x0)
     state = _jitted(setup, flat, True)(x0, None, *args, seed)
     end = _jitted(finish, flat, True)
-    finish_ready = ahead.submit(_precompile, end, state)
+    finish_ready = ahead().submit(precompile, end, state)
     product_ready.result()
     product = functools.partial(_flat_product, matvec, v0)
     state = run_host(request, update, running, flat, product, state, quick=True, report=report)

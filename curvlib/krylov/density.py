@@ -89,7 +89,7 @@ def _solve_now(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid):
     model's product compiled alone; the same probes and arithmetic as the fused program."""
     flat = cfg._replace(layout="identity")
     X = _flat_probes(key, v_like, num_probes)
-    product = functools.partial(_flat_products, matvec, v_like)
+    product = functools.partial(_driver.flat_products, matvec, v_like)
     state = _driver._jitted(_setup_all, flat, True)(X)
     state = _driver.run_host(_request_all, _update_all, _running_all, flat, product, state,
                              quick=True)
@@ -103,12 +103,6 @@ def _flat_probes(key, v_like, num_probes):
     keys = jax.random.split(key, num_probes)
     probes = jax.vmap(lambda k: _tree.normal_like(k, v_like))(keys)
     return _space.Space(v_like, "concat").flatten_basis(probes)
-
-
-@jax.jit
-def _flat_products(matvec, like, X):
-    space = _space.Space(like, "concat")
-    return jax.vmap(lambda x: space.flatten(matvec(space.unflatten(x))))(X)
 
 
 # the Lanczos steps of every probe at once (module-level: their programs are cached)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -13,7 +14,7 @@ import numpy as np
 
 from curvlib import _compile, _tree, _validate
 from curvlib._status import Status, from_flags
-from curvlib.krylov import _space
+from curvlib.krylov import _driver, _space
 
 PyTree = Any
 
@@ -252,8 +253,157 @@ def _nan_unless(finite, est, se):
     return jax.tree.map(nan, est), jax.tree.map(nan, se)
 
 
+# The steps of the estimators between their products, shared by the fused programs and the
+# answer-now path (each a program of its own there, see `_answer_now`).
+
+
+def _hutchinson_estimate(Z, AZ) -> MonteCarloEstimate:
+    num_probes = jax.tree.leaves(Z)[0].shape[0]
+    est, se = _quadratic_forms(Z, Z, AZ, AZ, _acc(Z))
+    finite = _tree.all_finite(AZ)
+    est, se = _nan_unless(finite, est, se)
+    return monte_carlo_estimate(est, se, num_samples=num_probes, num_evaluations=num_probes,
+                                num_matvecs=num_probes, finite=finite)
+
+
+def _sketch_probes(key, like, num_probes):
+    """Hutch++'s sketch probes ``S`` (``num_probes // 3`` rows) and the key of the rest."""
+    k1, k2 = jax.random.split(key)
+    return _probes(k1, like, num_probes // 3), k2
+
+
+def _hutchpp_rest(Y, k2, like, num_probes):
+    """``(rows to multiply, Q, G, Gd)``: the sketch's basis ``Q = orth(Y)``, the remaining
+    probes ``G`` and ``Gd = (I - Q^T Q) G``; their products come in one block."""
+    s = num_probes // 3
+    acc = _acc(Y)
+    Q = _orthonormal_rows(Y, acc)
+    G = _probes(k2, like, num_probes - 2 * s)
+    Gd = _deflate_rows(Q, G, acc)
+    return _concat_rows(Q, Gd), Q, G, Gd
+
+
+def _hutchpp_estimate(Y, Q, G, Gd, AQG) -> MonteCarloEstimate:
+    s = jax.tree.leaves(Q)[0].shape[0]
+    num_probes = 2 * s + jax.tree.leaves(G)[0].shape[0]
+    acc = _acc(Y)
+    AQ, AGd = _split_rows(AQG, s)
+    exact = jnp.trace(_tree.basis_gram(Q, AQ, acc))
+    rest, se = _quadratic_forms(G, Gd, AGd, _deflate_rows(Q, AGd, acc), acc)
+    finite = _tree.all_finite(Y) & _tree.all_finite(AQ) & _tree.all_finite(AGd)
+    est, se = _nan_unless(finite, exact + rest, se)
+    return monte_carlo_estimate(est, se, num_samples=num_probes, num_evaluations=num_probes,
+                                num_matvecs=num_probes, finite=finite)
+
+
+def _acc(V):
+    return jnp.promote_types(_tree.dtype(V), jnp.float32)
+
+
+def _diag_estimate(v_like, Z, AZ, layout) -> MonteCarloEstimate:
+    """`hutchinson_diag`'s estimate from its probes and their products (``layout``'s)."""
+    space = _space.Space(v_like, layout)
+    num_probes = jax.tree.leaves(Z)[0].shape[0]
+    prod = jax.tree.map(jnp.multiply, Z, AZ)
+    est = jax.tree.map(lambda x: jnp.mean(x, axis=0), prod)
+    if num_probes > 1:
+        widen = _t975(num_probes - 1) / _Z975
+        se = jax.tree.map(lambda x: widen * _scaled_std(x) / np.sqrt(num_probes), prod)
+    else:
+        se = jax.tree.map(lambda x: jnp.full(x.shape[1:], jnp.inf, x.dtype), prod)
+    est, se = space.unflatten(est), space.unflatten(se)
+    finite = _tree.all_finite(AZ)
+    est, se = _nan_unless(finite, est, se)
+    return monte_carlo_estimate(est, se, num_samples=num_probes, num_evaluations=num_probes,
+                                num_matvecs=num_probes, finite=finite)
+
+
+def _trace_options(method, num_probes, deflate):
+    """``(method, num_probes)`` of `hutchinson_trace`, validated (``method`` defaulted)."""
+    _validate.one_of(method, "method", (None, "hutch++", "hutchinson"))
+    if deflate is not None and method == "hutch++":
+        raise ValueError(
+            "`deflate` replaces the Hutch++ sketch: use method='hutchinson' (or leave "
+            "`method` unset) with `deflate`."
+        )
+    method = method or ("hutchinson" if deflate is not None else "hutch++")
+    if method == "hutch++":
+        num_probes = _validate.static_int(
+            num_probes, "num_probes", minimum=3,
+            what="Hutch++ spends them on a sketch, its exact trace and the remainder; "
+                 "method='hutchinson' takes 1 or more")
+    else:
+        num_probes = _validate.static_int(num_probes, "num_probes", minimum=1)
+    return method, num_probes
+
+
+# ------------------------------------------------------------------ answer now
+#
+# An eager first call answers through the same estimator cut at its products: the probes,
+# the model's block product (compiled alone) and the arithmetic between and after (each a
+# small program of the size, dtype and probe count only, compiled on a second thread while
+# the product compiles); the fused program compiles behind (`compile_behind`).
+
+
+def _answers_now(matvec, v_like, key, num_probes, batch_size=None, deflate=None, **_):
+    return (deflate is None and batch_size is None and not _compile.is_host_driven(matvec)
+            and _driver.answers_now(_space.choose_layout(v_like), v_like))
+
+
+_quick = functools.partial(jax.jit, compiler_options=_driver.QUICK)
+_now_probes = _quick(_probes, static_argnames="num")
+_now_sketch = _quick(_sketch_probes, static_argnames="num_probes")
+_now_rest = _quick(_hutchpp_rest, static_argnames="num_probes")
+_now_hutchinson = _quick(_hutchinson_estimate)
+_now_hutchpp = _quick(_hutchpp_estimate)
+_now_diag = _quick(_diag_estimate, static_argnames="layout")
+
+
+def _ahead(program, *args, **static):
+    """``program`` compiled for ``args`` on the second thread (`_driver.precompile`)."""
+    return _driver.ahead().submit(_driver.precompile, program, *args, **static)
+
+
+def _trace_now(matvec, v_like, key, num_probes, method=None, batch_size=None, deflate=None,
+               deflate_trace=None) -> MonteCarloEstimate:
+    """`hutchinson_trace` answered without its fused compile: the same probes and arithmetic."""
+    method, num_probes = _trace_options(method, num_probes, deflate)
+    _validate.float_leaves(v_like, "v_like")
+    _validate.operator(matvec, v_like, "matvec", "v_like")
+    like = probe_space(v_like).flatten(v_like)
+    block = functools.partial(_driver.flat_products, matvec, v_like)
+    if method == "hutchinson":
+        Z = _now_probes(key, like, num=num_probes)
+        done = _ahead(_now_hutchinson, Z, Z)
+        AZ = block(Z)
+        done.result()
+        return _now_hutchinson(Z, AZ)
+    S, k2 = _now_sketch(key, like, num_probes=num_probes)
+    rest = _ahead(_now_rest, S, k2, like, num_probes=num_probes)
+    Y = block(S)
+    rest.result()
+    QG, Q, G, Gd = _now_rest(Y, k2, like, num_probes=num_probes)
+    done = _ahead(_now_hutchpp, Y, Q, G, Gd, QG)
+    AQG = block(QG)
+    done.result()
+    return _now_hutchpp(Y, Q, G, Gd, AQG)
+
+
+def _diag_now(matvec, v_like, key, num_probes, batch_size=None) -> MonteCarloEstimate:
+    """`hutchinson_diag` answered without its fused compile: the same probes and arithmetic."""
+    num_probes = _validate.static_int(num_probes, "num_probes", minimum=1)
+    _validate.float_leaves(v_like, "v_like")
+    _validate.operator(matvec, v_like, "matvec", "v_like")
+    space = probe_space(v_like)
+    Z = _now_probes(key, space.flatten(v_like), num=num_probes)
+    done = _ahead(_now_diag, v_like, Z, Z, layout=space.layout)
+    AZ = _driver.flat_products(matvec, v_like, Z)
+    done.result()
+    return _now_diag(v_like, Z, AZ, layout=space.layout)
+
+
 @_compile.function(static=("num_probes", "method", "batch_size"),
-                   operators={"matvec": "v_like"})
+                   operators={"matvec": "v_like"}, now=_trace_now, now_when=_answers_now)
 def hutchinson_trace(
     matvec: Callable[[PyTree], PyTree],
     v_like: PyTree,
@@ -369,20 +519,7 @@ def hutchinson_trace(
       C. Musco and D. P. Woodruff, *Hutch++: optimal stochastic trace
       estimation*, SOSA 2021.
     """
-    _validate.one_of(method, "method", (None, "hutch++", "hutchinson"))
-    if deflate is not None and method == "hutch++":
-        raise ValueError(
-            "`deflate` replaces the Hutch++ sketch: use method='hutchinson' (or leave "
-            "`method` unset) with `deflate`."
-        )
-    method = method or ("hutchinson" if deflate is not None else "hutch++")
-    if method == "hutch++":
-        num_probes = _validate.static_int(
-            num_probes, "num_probes", minimum=3,
-            what="Hutch++ spends them on a sketch, its exact trace and the remainder; "
-                 "method='hutchinson' takes 1 or more")
-    else:
-        num_probes = _validate.static_int(num_probes, "num_probes", minimum=1)
+    method, num_probes = _trace_options(method, num_probes, deflate)
     batch_size = _validate.static_int(batch_size, "batch_size", optional=True, minimum=1)
     _validate.float_leaves(v_like, "v_like")
     acc = jnp.promote_types(_tree.dtype(v_like), jnp.float32)
@@ -394,26 +531,13 @@ def hutchinson_trace(
         return deflated_trace(block, space, key, num_probes, deflate, deflate_trace, acc)
     if method == "hutchinson":
         Z = _probes(key, like, num_probes)
-        AZ = block(Z)
-        est, se = _quadratic_forms(Z, Z, AZ, AZ, acc)
-        finite = _tree.all_finite(AZ)
-        est, se = _nan_unless(finite, est, se)
-        return monte_carlo_estimate(est, se, num_samples=num_probes, num_evaluations=num_probes,
-                                num_matvecs=num_probes, finite=finite)
-    s = num_probes // 3
-    g = num_probes - 2 * s
-    k1, k2 = jax.random.split(key)
-    Y = block(_probes(k1, like, s))
-    Q = _orthonormal_rows(Y, acc)
-    G = _probes(k2, like, g)
-    Gd = _deflate_rows(Q, G, acc)
-    AQ, AGd = _split_rows(block(_concat_rows(Q, Gd)), s)
-    exact = jnp.trace(_tree.basis_gram(Q, AQ, acc))
-    rest, se = _quadratic_forms(G, Gd, AGd, _deflate_rows(Q, AGd, acc), acc)
-    finite = _tree.all_finite(Y) & _tree.all_finite(AQ) & _tree.all_finite(AGd)
-    est, se = _nan_unless(finite, exact + rest, se)
-    return monte_carlo_estimate(est, se, num_samples=num_probes, num_evaluations=num_probes,
-                                num_matvecs=num_probes, finite=finite)
+        return _hutchinson_estimate(Z, block(Z))
+    S, k2 = _sketch_probes(key, like, num_probes)
+    Y = block(S)
+    QG, Q, G, Gd = _hutchpp_rest(Y, k2, like, num_probes)
+    return _hutchpp_estimate(Y, Q, G, Gd, block(QG))
+
+
 
 
 def probe_space(v_like) -> _space.Space:
@@ -497,7 +621,8 @@ def _orthonormal_rows(Y, acc):
     return chol_qr(chol_qr(Y))
 
 
-@_compile.function(static=("num_probes", "batch_size"), operators={"matvec": "v_like"})
+@_compile.function(static=("num_probes", "batch_size"), operators={"matvec": "v_like"},
+                   now=_diag_now, now_when=_answers_now)
 def hutchinson_diag(
     matvec: Callable[[PyTree], PyTree],
     v_like: PyTree,
@@ -572,15 +697,6 @@ def hutchinson_diag(
     Z = _probes(key, space.flatten(v_like), num_probes)
     AZ = space.flatten_basis(
         _block_matvec(matvec, space.unflatten_basis(Z), batch_size, v_like))
-    prod = jax.tree.map(jnp.multiply, Z, AZ)
-    est = jax.tree.map(lambda x: jnp.mean(x, axis=0), prod)
-    if num_probes > 1:
-        widen = _t975(num_probes - 1) / _Z975
-        se = jax.tree.map(lambda x: widen * _scaled_std(x) / np.sqrt(num_probes), prod)
-    else:
-        se = jax.tree.map(lambda x: jnp.full(x.shape[1:], jnp.inf, x.dtype), prod)
-    est, se = space.unflatten(est), space.unflatten(se)
-    finite = _tree.all_finite(AZ)
-    est, se = _nan_unless(finite, est, se)
-    return monte_carlo_estimate(est, se, num_samples=num_probes, num_evaluations=num_probes,
-                                num_matvecs=num_probes, finite=finite)
+    return _diag_estimate(v_like, Z, AZ, space.layout)
+
+
