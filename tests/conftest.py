@@ -16,8 +16,27 @@ jax.config.update("jax_enable_x64", True)
 # the environment, so the subprocesses the suite starts (sharding workers, the multi-process
 # harness, notebooks, the fresh interpreter that must reproduce this one's bits) compile the same
 # way. CURVLIB_TEST_XLA_OPT=1 keeps XLA's defaults.
-_CHEAP_BACKEND = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-                  " --xla_cpu_use_fusion_emitters=false")
+# The emitter flag exists only in XLA:CPU builds (a GPU or TPU jaxlib aborts on an unknown flag
+# in XLA_FLAGS), so it is added only where no accelerator plugin is installed and the jaxlib is
+# one it was seen in (0.10); the subprocesses read the choice from CURVLIB_TEST_XLA_FLAGS.
+
+
+def _cpu_only_jaxlib() -> bool:
+    import importlib.metadata as md
+
+    names = {(d.metadata["Name"] or "").lower().replace("_", "-") for d in md.distributions()}
+    if any(n.startswith(("jax-cuda", "jax-rocm", "libtpu", "jax-tpu")) for n in names):
+        return False
+    try:
+        major, minor = (int(p) for p in md.version("jaxlib").split(".")[:2])
+    except (md.PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) <= (0, 10)
+
+
+_CHEAP_BACKEND = os.environ.setdefault("CURVLIB_TEST_XLA_FLAGS", (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    + (" --xla_cpu_use_fusion_emitters=false" if _cpu_only_jaxlib() else "")))
 if os.environ.get("CURVLIB_TEST_XLA_OPT", "0") != "1" and _CHEAP_BACKEND not in os.environ.get(
         "XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _CHEAP_BACKEND).strip()

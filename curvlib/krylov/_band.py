@@ -255,6 +255,7 @@ def projected(band: Band):
     return jnp.where(mm, jnp.triu(band.H) + jnp.triu(band.H, 1).T, 0.0)
 
 
+@_tree.full_precision
 def residual_norms(band: Band, Y):
     """Bounds of ``||A x_i - theta_i x_i||`` for Ritz vectors ``x_i = Q^T Y[:, i]``.
 
@@ -326,6 +327,7 @@ def ritz(band: Band, order: Order):
     return theta, Y, residual_norms(band, Y), valid
 
 
+@_tree.full_precision
 def compress(band: Band, Y, K, drop_pending=False) -> Band:
     """Thick restart: keep the ``K`` (traced) Ritz vectors ``Q^T Y[:, :K]`` and the pending rows.
 
@@ -386,6 +388,7 @@ def compress(band: Band, Y, K, drop_pending=False) -> Band:
                          nbas=(K + n_car).astype(jnp.int32))
 
 
+@_tree.full_precision
 def exact_residuals(band: Band, Y):
     """True ``||A x_i - theta_i x_i||`` for Ritz vectors ``x_i = Q^T Y[:, i]`` (columns of ``Y``).
 

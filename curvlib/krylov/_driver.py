@@ -43,14 +43,52 @@ def run(request: Callable, update: Callable, running: Callable, cfg, matvec: Cal
 # XLA options of the answer-now steps (`run_host` with ``quick``): they run only until the
 # fused program is compiled, so they trade run-time optimisation for a quarter of the compile
 # time (eigsh's step: 0.30 s of CPU instead of 1.28 s with the first option alone). The second
-# is XLA:CPU's classic elemental emitter in place of its fusion emitters (an option of the CPU
-# compiler's debug settings; other backends ignore it).
-QUICK = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+# is XLA:CPU's classic elemental emitter in place of its fusion emitters, an option only the
+# CPU compiler accepts (the GPU compiler refuses a program that names it): `quick_options`
+# gives it on CPU only, decided at the first answer-now call (never at import, which must not
+# start a backend).
+QUICK = {"xla_backend_optimization_level": 0}
+QUICK_CPU = {**QUICK, "xla_cpu_use_fusion_emitters": False}
+
+
+@functools.cache
+def quick_options() -> dict:
+    """`QUICK` for the default backend: with the classic-emitter option on CPU where the
+    installed XLA accepts it (tried once on a one-line program; a refusal leaves `QUICK`)."""
+    if jax.default_backend() != "cpu":
+        return dict(QUICK)
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=QUICK_CPU).lower(1.0).compile()
+    except Exception:  # noqa: BLE001  (an XLA without the option)
+        return dict(QUICK)
+    return dict(QUICK_CPU)
+
+
+class quick_jit:  # noqa: N801  (used as a decorator, like ``jax.jit``)
+    """``jax.jit(fn, compiler_options=quick_options(), **kwargs)``, made at its first use."""
+
+    def __init__(self, fn: Callable | None = None, **kwargs):
+        self.fn, self.kwargs, self._jitted = fn, kwargs, None
+        if fn is not None:
+            functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        if self.fn is None:  # ``@quick_jit(static_argnames=...)``
+            return quick_jit(args[0], **self.kwargs)
+        return self.jitted()(*args, **kwargs)
+
+    def jitted(self):
+        if self._jitted is None:
+            self._jitted = jax.jit(self.fn, compiler_options=quick_options(), **self.kwargs)
+        return self._jitted
+
+    def lower(self, *args, **kwargs):
+        return self.jitted().lower(*args, **kwargs)
 
 
 @functools.lru_cache(maxsize=128)
 def _jitted(fn: Callable, cfg, quick: bool = False):
-    return jax.jit(functools.partial(fn, cfg), compiler_options=QUICK if quick else None)
+    return jax.jit(functools.partial(fn, cfg), compiler_options=quick_options() if quick else None)
 
 
 @functools.lru_cache(maxsize=128)
@@ -69,7 +107,7 @@ def _host_steps(request: Callable, update: Callable, running: Callable, cfg, qui
         s = update(cfg, s, w)
         return s, request(cfg, s), running(cfg, s)
 
-    opts = QUICK if quick else None
+    opts = quick_options() if quick else None
     return jax.jit(begin, compiler_options=opts), jax.jit(advance, compiler_options=opts)
 
 
@@ -118,10 +156,17 @@ def answers_now(layout: str, v0) -> bool:
     """Whether `solve_now` applies: ``v0`` is one flat vector of one dtype on one device.
 
     True for the ``concat`` layout and for a single 1-D leaf not sharded; false for
-    mixed dtypes, sharded leaves and sizes beyond `NOW_MAX_DIM`.
+    mixed dtypes, sharded leaves, sizes beyond `NOW_MAX_DIM` and arrays on a device
+    that is not of the default backend.
     """
     leaves = jax.tree.leaves(v0)
     if sum(int(jnp.size(x)) for x in leaves) > NOW_MAX_DIM or layout == "leaves":
+        return False
+    # the steps compile for the default backend (`quick_options`): arrays elsewhere (a CPU
+    # array beside a GPU) take the fused program
+    default = jax.default_backend()
+    if any(d.platform != default for x in leaves
+           for d in getattr(getattr(x, "sharding", None), "device_set", ())):
         return False
     if layout == "identity":  # (`choose_layout`'s answer for v0: a single 1-D leaf, or sharded)
         return (len(leaves) == 1 and jnp.ndim(leaves[0]) <= 1
@@ -143,12 +188,12 @@ def flat_products(matvec, like, X):
     return jax.vmap(lambda x: space.flatten(matvec(space.unflatten(x))))(X)
 
 
-@functools.partial(jax.jit, compiler_options=QUICK)  # (once per call: compiled cheaply)
+@quick_jit  # (once per call: compiled cheaply)
 def _flat_start(v0, key):
     return _space.Space(v0, "concat").flatten(v0), _space.seed(v0, key)
 
 
-@functools.partial(jax.jit, static_argnames=("rows", "cut_rows"), compiler_options=QUICK)
+@quick_jit(static_argnames=("rows", "cut_rows"))
 def _user_layout(like, bases, vectors, cut, rows=None, cut_rows=()):
     """Bases (cut to ``rows``) and vectors in ``like``'s layout; ``cut[i]`` to ``cut_rows[i]``."""
     space = _space.Space(like, "concat")

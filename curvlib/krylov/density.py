@@ -97,7 +97,7 @@ def _solve_now(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid):
     return _density_now(nodes, weights, finite, sigma, grid, num_points)
 
 
-@functools.partial(jax.jit, static_argnames="num_probes", compiler_options=_driver.QUICK)
+@_driver.quick_jit(static_argnames="num_probes")
 def _flat_probes(key, v_like, num_probes):
     """The fused program's probes, each ravelled into one vector (the rows of one array)."""
     keys = jax.random.split(key, num_probes)
@@ -126,7 +126,7 @@ def _nodes_all(cfg, s):
     return jax.vmap(lambda t: _probe_nodes(cfg, t))(s)
 
 
-_density_now = jax.jit(_density, static_argnames="num_points", compiler_options=_driver.QUICK)
+_density_now = _driver.quick_jit(_density, static_argnames="num_points")
 
 _compiled = _compile.entry(
     static=("cfg", "num_probes", "num_points"), operators={"matvec": "v_like"}, now=_solve_now,

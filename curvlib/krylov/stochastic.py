@@ -350,7 +350,7 @@ def _answers_now(matvec, v_like, key, num_probes, batch_size=None, deflate=None,
             and _driver.answers_now(_space.choose_layout(v_like), v_like))
 
 
-_quick = functools.partial(jax.jit, compiler_options=_driver.QUICK)
+_quick = _driver.quick_jit
 _now_probes = _quick(_probes, static_argnames="num")
 _now_sketch = _quick(_sketch_probes, static_argnames="num_probes")
 _now_rest = _quick(_hutchpp_rest, static_argnames="num_probes")
