@@ -254,7 +254,7 @@ def _nan_unless(finite, est, se):
 
 
 # The steps of the estimators between their products, shared by the fused programs and the
-# answer-now path (each a program of its own there, see `_answer_now`).
+# answer-now path (each a program of its own there: the "answer now" section below).
 
 
 def _hutchinson_estimate(Z, AZ) -> MonteCarloEstimate:
