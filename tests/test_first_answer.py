@@ -607,3 +607,51 @@ def test_hutchinson_with_deflation_or_batches_compiles_in_front(behind):
     assert len(behind._entries) == 0  # not the answer-now path: the fused program, in front
     np.testing.assert_allclose(diag.estimate, D, rtol=1e-12)
     assert abs(float(est.estimate) - float(D.sum())) < 1e-9  # diagonal: every probe exact
+
+
+def test_the_quick_options_name_the_cpu_emitter_only_on_cpu(monkeypatch):
+    """The GPU compiler refuses a program that names XLA:CPU's emitter option (every eager
+    eigsh failed on an H200 when it was always given): it is asked for only on a CPU."""
+    from curvlib.krylov import _driver
+
+    _driver.quick_options.cache_clear()
+    try:
+        assert jax.default_backend() != "cpu" or "xla_cpu_use_fusion_emitters" in (
+            _driver.quick_options())
+        _driver.quick_options.cache_clear()
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        assert _driver.quick_options() == _driver.QUICK
+        assert not any(k.startswith("xla_cpu_") for k in _driver.QUICK)
+    finally:
+        _driver.quick_options.cache_clear()
+
+
+def test_curvlibs_own_inner_products_ask_for_full_precision():
+    """curvlib's inner products and basis operations run at full matmul precision (TF32 on a
+    GPU cost float32 eigsh its orthogonality); the user's product keeps its own."""
+    from curvlib import _tree
+
+    def precisions(f, *args):
+        eqns = jax.make_jaxpr(f)(*args).jaxpr.eqns
+        found = []
+
+        def walk(eqns):
+            for e in eqns:
+                if e.primitive.name == "dot_general":
+                    found.append(e.params["precision"])
+                for p in e.params.values():
+                    for j in (p if isinstance(p, (list, tuple)) else [p]):
+                        inner = getattr(j, "jaxpr", None)
+                        if inner is not None:
+                            walk(getattr(inner, "eqns", []))
+        walk(eqns)
+        return found
+
+    v, Q = jnp.ones(6, jnp.float32), jnp.ones((3, 6), jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    for f, args in ((_tree.vdot, (v, v)), (_tree.basis_project, (Q, v)),
+                    (_tree.basis_gram, (Q, Q)), (_tree.basis_combine, (Q, jnp.ones(3)))):
+        found = precisions(f, *args)
+        assert found and all(p == (hi, hi) for p in found), (f.__name__, found)
+    user = precisions(lambda x: curvlib.eigsh(lambda u: Q.T @ (Q @ u), x, 1).eigenvalues, v)
+    assert any(p is None or p == (None, None) for p in found + user)  # the user's @ is untouched
