@@ -286,6 +286,7 @@ class _NowCfg(NamedTuple):
 
 class _NowState(NamedTuple):
     cg: _CGState
+    direction: tuple  # `_cg_direction`'s (d, rz, v, pn, pnorm) for the next product, once
     rhs: jax.Array  # b / sigma
     sigma: jax.Array
     tol: jax.Array  # in b / sigma's units
@@ -297,23 +298,24 @@ def _now_setup(cfg: _NowCfg, b, _key, damping, rtol, atol, max_steps, _seed) -> 
     acc = jnp.dtype(cfg.acc)
     rhs, sigma, rnorm0, tol, finite0 = _cg_scale(b, rtol, atol, acc)
     init, _ = _cg_init(rhs, None, sigma, rnorm0, tol, finite0, max_steps, acc)
-    return _NowState(cg=init, rhs=rhs, sigma=sigma, tol=tol, max_steps=max_steps,
-                     damping=damping)
+    return _NowState(cg=init, direction=_now_direction(cfg, init, rhs), rhs=rhs, sigma=sigma,
+                     tol=tol, max_steps=max_steps, damping=damping)
 
 
-def _now_direction(cfg: _NowCfg, s: _NowState):
-    return _cg_direction(s.cg, jnp.zeros_like(s.rhs), lambda r: r, jnp.dtype(cfg.acc))
+def _now_direction(cfg: _NowCfg, cg: _CGState, rhs):
+    return _cg_direction(cg, jnp.zeros_like(rhs), lambda r: r, jnp.dtype(cfg.acc))
 
 
 def _now_request(cfg: _NowCfg, s: _NowState):
-    return _now_direction(cfg, s)[2]
+    return s.direction[2]
 
 
 def _now_update(cfg: _NowCfg, s: _NowState, w) -> _NowState:
-    d, rz, v, pn, pnorm = _now_direction(cfg, s)
+    d, rz, v, pn, pnorm = s.direction
     w = (w + s.damping * v).astype(v.dtype)  # the damped product, as `cg`'s operator forms it
-    return s._replace(cg=_cg_advance(s.cg, s.rhs, jnp.zeros_like(s.rhs), d, rz, v, pn, pnorm,
-                                     w, s.tol, s.max_steps, jnp.dtype(cfg.acc)))
+    cg = _cg_advance(s.cg, s.rhs, jnp.zeros_like(s.rhs), d, rz, v, pn, pnorm, w, s.tol,
+                     s.max_steps, jnp.dtype(cfg.acc))
+    return s._replace(cg=cg, direction=_now_direction(cfg, cg, s.rhs))
 
 
 def _now_running(cfg: _NowCfg, s: _NowState):
