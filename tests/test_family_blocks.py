@@ -361,3 +361,35 @@ def test_block_eigsh_on_the_loss_path(batch_size):
         None, p, 2, blocks=by_layer,
         block_matvec=lambda w: curvlib.hessian_matvec(loss, p, x, y, wrt=w), **opts))(params)
     np.testing.assert_allclose(jitted["mid"].eigenvalues, fast["mid"].eigenvalues, rtol=1e-9)
+
+
+def _batched_loops(jaxpr) -> int:
+    """While loops whose predicate is a batch's (``vmap`` of a loop: every step selects
+    between the old and new state of the whole carry)."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "while":  # a batch's predicate: one flag per lane
+            n += eqn.params["cond_jaxpr"].jaxpr.outvars[0].aval.shape != ()
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            n += _batched_loops(sub)
+    return n
+
+
+def test_a_block_alone_in_its_group_runs_an_unbatched_eigsh():
+    """A block with no equal-shaped partner (every block on the loss path) runs a plain
+    eigsh: a vmapped loop over one lane would copy its whole basis at every step. Blocks
+    of equal shapes still share one batched loop."""
+    loss, params, x, y, H = _problem()
+    Hv = curvlib.hessian_matvec(loss, params, x, y)
+    by_layer = {"in": "in", "mid": "mid", "out": "out"}
+    opts = dict(key=jax.random.key(0), blocks=by_layer)
+    loss_path = jax.make_jaxpr(lambda p: block_eigsh(
+        None, p, 2, block_matvec=lambda w: curvlib.hessian_matvec(loss, p, x, y, wrt=w),
+        **opts))(params).jaxpr
+    assert _count(loss_path, "while") > 0 and _batched_loops(loss_path) == 0
+    # black box: "in" and "mid" (equal shapes) batched together, "out" alone
+    box = jax.make_jaxpr(lambda p: block_eigsh(Hv, p, 2, **opts))(params).jaxpr
+    per_shape = jax.make_jaxpr(lambda p: block_eigsh(
+        Hv, p, 2, key=jax.random.key(0), blocks={"in": "in", "mid": "mid", "out": None}))(
+        params).jaxpr
+    assert _batched_loops(box) == _batched_loops(per_shape) > 0

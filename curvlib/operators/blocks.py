@@ -213,6 +213,12 @@ def _group_product(matvec, treedef, specs, slots):
 
     def product(vals, g):
         full = [None] * len(specs)
+        if G == 1:  # a group of one block: no lane to select
+            for j, s in enumerate(slots[0]):
+                full[s] = vals[j].astype(specs[s][1])
+            full = [x if x is not None else _zeros(sp) for x, sp in zip(full, specs, strict=True)]
+            out = jax.tree.leaves(matvec(jax.tree.unflatten(treedef, full)))
+            return tuple(out[s] for s in slots[0])
         for b in range(G):
             for j, s in enumerate(slots[b]):
                 full[s] = jnp.where(g == b, vals[j], 0).astype(specs[s][1])
@@ -251,7 +257,8 @@ def block_eigsh(
     transformer, all bias vectors of one width) run as *one* ``jax.vmap``-ped
     eigsh (or ``batch_size`` at a time): their products are evaluated
     together as a batch of tangents, and the program holds one product call
-    site per distinct block shape.
+    site per distinct block shape. A block with no equal-shaped partner runs a
+    plain (unbatched) eigsh.
 
     Two ways to give the operator:
 
@@ -494,7 +501,9 @@ def _block_eigsh(matvec, params, key, labels, k, which, options, batch_size, per
         def solve(v, g, product=product):
             return eigsh(lambda t: product(t, g), v, k, which=which, **dict(options))
 
-        if batch_size is None or batch_size >= len(labs):
+        if len(labs) == 1:  # one block: its eigsh unbatched (a vmapped loop selects its state)
+            res = jax.tree.map(lambda x: x[None], solve(jax.tree.map(lambda x: x[0], v0), 0))
+        elif batch_size is None or batch_size >= len(labs):
             res = jax.vmap(solve)(v0, jnp.arange(len(labs)))
         else:
             res = jax.lax.map(lambda a: solve(*a), (v0, jnp.arange(len(labs))),
