@@ -118,9 +118,30 @@ def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False, s
         return _cg_advance(s, rhs, x0, d, rz, v, pn, pnorm, w, tol, max_steps, acc)
 
     s = _driver.while_loop(cond, body, init, host=host, slot=slot)
+    return _cg_finish(s, sigma, tol)
+
+
+def _cg_finish(s: _CGState, sigma, tol):
+    """``(x, aux)`` of a finished loop, ``x`` and the residual scaled back by ``sigma``.
+
+    ``aux = (num_steps, num_matvecs, residual_norm, converged, negative_curvature,
+    curvature_direction, finite)``, the arguments of `_result` after ``x``.
+    """
     converged = s.finite & (s.rnorm <= tol)
     aux = (s.step, s.num_matvecs, s.rnorm * sigma, converged, s.negcurv, s.negdir, s.finite)
     return _tree.scale(sigma, s.x), aux
+
+
+def _result(x, num_steps, num_matvecs, residual_norm, converged, negcurv, negdir,
+            finite) -> CGResult:
+    """The `CGResult` of a finished solve (``x`` and `_cg_finish`'s ``aux``), its status
+    from the flags: `cg` and its answer-now path report alike."""
+    return CGResult(
+        x=x, num_steps=num_steps, residual_norm=residual_norm, converged=converged,
+        negative_curvature=negcurv, curvature_direction=negdir, finite=finite,
+        num_matvecs=num_matvecs,
+        status=from_flags(finite=finite, converged=converged, negative_curvature=negcurv),
+    )
 
 
 def _cg_scale(rhs, rtol, atol, acc):
@@ -323,14 +344,8 @@ def _now_running(cfg: _NowCfg, s: _NowState):
 
 
 def _now_finish(cfg: _NowCfg, s: _NowState) -> CGResult:
-    c = s.cg
-    converged = c.finite & (c.rnorm <= s.tol)
-    return CGResult(
-        x=_tree.scale(s.sigma, c.x), num_steps=c.step, residual_norm=c.rnorm * s.sigma,
-        converged=converged, negative_curvature=c.negcurv, curvature_direction=c.negdir,
-        finite=c.finite, num_matvecs=c.num_matvecs,
-        status=from_flags(finite=c.finite, converged=converged, negative_curvature=c.negcurv),
-    )
+    x, aux = _cg_finish(s.cg, s.sigma, s.tol)
+    return _result(x, *aux)
 
 
 def _answers_now(matvec, b, x0, damping, solver, rtol, atol, max_steps, preconditioner):
@@ -523,15 +538,4 @@ def cg(
                            max_steps=max_steps, acc=acc, host=True, slot=slot)
     else:
         x, aux = jax.lax.custom_linear_solve(op, b, solve, symmetric=True, has_aux=True)
-    step, nmv, rnorm, converged, negcurv, negdir, finite = jax.lax.stop_gradient(aux)
-    return CGResult(
-        x=x,
-        num_steps=step,
-        residual_norm=rnorm,
-        converged=converged,
-        negative_curvature=negcurv,
-        curvature_direction=negdir,
-        finite=finite,
-        num_matvecs=nmv,
-        status=from_flags(finite=finite, converged=converged, negative_curvature=negcurv),
-    )
+    return _result(x, *jax.lax.stop_gradient(aux))
