@@ -6,10 +6,13 @@ freshly built operator. Three figures per public algorithm, each measured in a
 the persistent compilation cache is off):
 
 * ``first_s``: the first eager call (trace + compile + run);
-* ``eager_second_s``: the same eager call again with a freshly built operator of
-  the same kind (what re-running the cell costs); ``build_s`` is the time to
-  build that operator (the user's model traced by ``jax.linearize``), shown
-  apart because it is the user's cost, not the algorithm's;
+* ``eager_second_s``: the same eager call again right away, with a freshly built
+  operator of the same kind, while the fused program still compiles behind (so
+  the answer-now path runs again); ``build_s`` is the time to build that
+  operator (the user's model traced by ``jax.linearize``), shown apart because
+  it is the user's cost, not the algorithm's;
+* ``eager_ready_s``: the eager call once the fused program is ready (what
+  re-running the cell costs from then on), median of repeats, build time apart;
 * ``warm_jit_s``: the call inside ``jax.jit``, compiled, median of repeats.
 
 Peers in the same run: matfree's ``eig.eigh_partial(decomp.tridiag_sym(m))``
@@ -74,6 +77,11 @@ _CURVLIB = _PRELUDE + textwrap.dedent("""
     out["eager_second_s"], _ = timed(lambda: call(mv2))
     from curvlib import _compile
     _compile.BEHIND.wait()  # (a compile behind would share the cores with the warm timings)
+    ts = []
+    for _ in range(7):
+        mv3 = build(); block(mv3)
+        ts.append(timed(lambda: call(mv3))[0])
+    out["eager_ready_s"] = float(np.median(ts))
     jitted = jax.jit(lambda mv: call(mv))
     block(jitted(mv))
     ts = []
@@ -202,6 +210,10 @@ def run(quick: bool = False) -> dict:
             n: 1e3 * (r["eager_second_s"] - r["warm_jit_s"]) for n, r in rows.items()
             if r.get("eager_second_s") is not None and r.get("warm_jit_s") is not None
         },
+        "eager_ready_minus_warm_ms": {
+            n: 1e3 * (r["eager_ready_s"] - r["warm_jit_s"]) for n, r in rows.items()
+            if r.get("eager_ready_s") is not None and r.get("warm_jit_s") is not None
+        },
     }
     payload = {"model": f"tanh MLP {WIDTH}x{DEPTH} on digits", "k": K, "matfree_depth": M,
                "rows": rows, "ratios": ratios, "title": "Time to first answer (issue 11)",
@@ -209,7 +221,9 @@ def run(quick: bool = False) -> dict:
                "notes": [
                    "Each figure comes from a fresh Python process without the persistent "
                    "compilation cache: first = trace + compile + run of the first eager call; "
-                   "eager second = the same call with a freshly built operator (build time apart); "
+                   "eager second = the same call right away with a freshly built operator "
+                   "(build time apart), while the fused program still compiles behind; eager "
+                   "ready = the eager call once the fused program is ready, median of 7; "
                    "warm = the call inside jax.jit, compiled, median of 7.",
                    f"matfree: jax.jit(eig.eigh_partial(decomp.tridiag_sym({M}))) on the ravelled "
                    "product; ARPACK: scipy eigsh (k=5, which='LA', tol=1e-3) on the jitted "
@@ -226,9 +240,14 @@ def _fmt(x):
 def _headline(rows: dict) -> list:
     mf, ar, eg = rows["matfree_eigh_partial"], rows["scipy_arpack"], rows["eigsh"]
     slq = rows["spectral_density"]
-    extra = {n: r["eager_second_s"] - r["warm_jit_s"] for n, r in rows.items()
-             if r.get("eager_second_s") is not None and r.get("warm_jit_s") is not None}
-    worst = max(extra, key=extra.get)
+    def worst_over_warm(field):
+        extra = {n: r[field] - r["warm_jit_s"] for n, r in rows.items()
+                 if r.get(field) is not None and r.get("warm_jit_s") is not None}
+        worst = max(extra, key=extra.get)
+        return worst, extra[worst]
+
+    worst, over = worst_over_warm("eager_ready_s")
+    worst_now, over_now = worst_over_warm("eager_second_s")
     r1 = mf["first_s"] / eg["first_s"]
     r2 = 3 * mf["first_s"] / slq["first_s"]
     return [
@@ -238,9 +257,12 @@ def _headline(rows: dict) -> list:
         ["spectral_density (30 x 8) first call vs 3x matfree's first call", _fmt(slq["first_s"]),
          "3 x matfree first call", _fmt(3 * mf["first_s"]), f"{r2:.2f}x", "-",
          "1 / 1 (fresh processes)", f">=1.0x: {'met' if r2 >= 1 else 'MISSED'}"],
-        ["eager second call minus warm jitted call, worst algorithm",
-         f"{1e3 * extra[worst]:.1f} ms ({worst})", "-", "-", "-", "-", "1 / 7",
-         f"<= a few ms: {'met' if extra[worst] <= 0.01 else 'MISSED'}"],
+        ["eager call (fused program ready) minus warm jitted call, worst algorithm",
+         f"{1e3 * over:.1f} ms ({worst})", "-", "-", "-", "-", "7 / 7",
+         f"<= a few ms: {'met' if over <= 0.005 else 'MISSED'}"],
+        ["eager second call right after the first (answer now again, the fused program still "
+         "compiling) minus warm jitted call, worst algorithm",
+         f"{1e3 * over_now:.1f} ms ({worst_now})", "-", "-", "-", "-", "1 / 7", "-"],
         *_notebook_headline(rows),
         [f"eigsh k={K} eager second call vs scipy ARPACK (eager)", _fmt(eg["eager_second_s"]),
          "scipy eigsh (ARPACK)", _fmt(ar["eager_second_s"]),
@@ -272,10 +294,12 @@ def _notebook_headline(rows: dict) -> list:
 
 
 def _table(rows: dict) -> str:
-    lines = ["| algorithm | first call | eager second call | operator build | warm jitted call "
-             "| products |", "|---|---|---|---|---|---|"]
+    lines = ["| algorithm | first call | eager second call (right away) | eager call (fused "
+             "ready) | operator build | warm jitted call | products |",
+             "|---|---|---|---|---|---|---|"]
     for n, r in rows.items():
         lines.append(f"| {n} | {_fmt(r.get('first_s'))} | {_fmt(r.get('eager_second_s'))} | "
+                     f"{_fmt(r.get('eager_ready_s'))} | "
                      f"{_fmt(r.get('build_s'))} | {_fmt(r.get('warm_jit_s'))} | "
                      f"{r.get('num_matvecs', '')} |")
     return "\n".join(lines)
