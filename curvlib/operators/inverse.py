@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -74,6 +75,7 @@ def _as_partial(f, name):
 
 
 @jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(eq=False)  # __init__ from the fields; compared by identity (holds arrays)
 class InverseMatvec:
     """The operator ``v -> (C + lambda I)^{-1} v``; build it with `inverse_matvec`.
 
@@ -100,18 +102,16 @@ class InverseMatvec:
       (1, True, [1.0, 2.0])
     """
 
-    def __init__(self, matvec, damping, method, rtol, atol, max_steps, preconditioner,
-                 eigenvalues, eigenvectors, eig_converged):
-        self.matvec = matvec
-        self.damping = damping
-        self.method = method
-        self.rtol = rtol
-        self.atol = atol
-        self.max_steps = max_steps
-        self.preconditioner = preconditioner
-        self.eigenvalues = eigenvalues
-        self.eigenvectors = eigenvectors
-        self.eig_converged = eig_converged
+    matvec: Callable
+    damping: Any
+    method: str
+    rtol: Any
+    atol: Any
+    max_steps: Any
+    preconditioner: Callable | None
+    eigenvalues: jax.Array | None
+    eigenvectors: PyTree
+    eig_converged: jax.Array | None
 
     def tree_flatten(self):
         children = (self.matvec, self.damping, self.rtol, self.atol, self.max_steps,
