@@ -112,7 +112,7 @@ def _host_steps(request: Callable, update: Callable, running: Callable, cfg, qui
 
 
 def run_host(request: Callable, update: Callable, running: Callable, cfg, matvec: Callable,
-             state, *, quick: bool = False, report: Callable | None = None):
+             state, *, quick: bool = False, report: Callable | None = None, first=None):
     """The loop of `run` driven from Python, for a host-driven ``matvec``.
 
     ``request``, ``update`` and ``running`` are module-level functions and
@@ -124,11 +124,13 @@ def run_host(request: Callable, update: Callable, running: Callable, cfg, matvec
     its fused program is ready. ``report(cfg, state)`` (a module-level function)
     gives ``(products, budget, rounds, worst residual)`` for the progress bar
     (`curvlib.show_progress`); it runs only while a bar is shown.
+    ``first``: the first request and running flag when the caller computed them with
+    the state (`solve_now`'s `_start`).
     """
     begin, advance = _host_steps(request, update, running, cfg, quick)
     bar = None if report is None else _progress.bar(desc="eigsh", unit="product")
     read = None if bar is None else _jitted(report, cfg, quick)
-    x, more = begin(state)
+    x, more = begin(state) if first is None else first
     try:
         while bool(more):
             state, x, more = advance(state, matvec(x))
@@ -193,6 +195,18 @@ def _flat_start(v0, key):
     return _space.Space(v0, "concat").flatten(v0), _space.seed(v0, key)
 
 
+@functools.lru_cache(maxsize=128)
+def _start(setup: Callable, request: Callable, running: Callable, cfg):
+    """``setup``, then the first request and running flag: one program (`run_host`'s
+    ``begin`` folded in, one compile fewer before the first product)."""
+
+    def start(*args):
+        s = setup(cfg, *args)
+        return s, request(cfg, s), running(cfg, s)
+
+    return jax.jit(start, compiler_options=quick_options())
+
+
 @quick_jit(static_argnames=("rows", "cut_rows"))
 def _user_layout(like, bases, vectors, cut, rows=None, cut_rows=()):
     """Bases (cut to ``rows``) and vectors in ``like``'s layout; ``cut[i]`` to ``cut_rows[i]``."""
@@ -240,25 +254,41 @@ def solve_now(setup, request, update, running, finish, cfg, matvec, v0, key, *ar
     feeds the progress bar (`run_host`).
     """
     flat = cfg._replace(layout="identity")
+    cut = cut or {}
+    # the model's product, `finish` and the return to v0's layout compile on a second thread
+    # while this one traces and compiles the loop's steps (XLA compiles without Python's
+    # lock: on two cores the first answer waits for the longest chain, not for the sum)
     x0, seed = _flat_start(v0, key)
-    # the model's product and `finish` compile on a second thread while this one traces and
-    # compiles `setup` and the loop's steps (XLA compiles without Python's lock: on two cores
-    # the first answer waits for the longest chain, not for the sum)
     product_ready = ahead().submit(precompile, _flat_product, matvec, v0, x0)
-    state = _jitted(setup, flat, True)(x0, None, *args, seed)
+    state, *first = _start(setup, request, running, flat)(x0, None, *args, seed)
     end = _jitted(finish, flat, True)
-    finish_ready = ahead().submit(precompile, end, state)
+    finish_ready = ahead().submit(_precompile_end, end, state, v0, bases, vectors, cut, rows)
     product_ready.result()
     product = functools.partial(_flat_product, matvec, v0)
-    state = run_host(request, update, running, flat, product, state, quick=True, report=report)
+    state = run_host(request, update, running, flat, product, state, quick=True, report=report,
+                     first=first)
     finish_ready.result()
     res = end(state)
-    cut = cut or {}
-    B, V, C = _user_layout(v0, [getattr(res, f) for f in bases],
-                           [getattr(res, f) for f in vectors], [getattr(res, f) for f in cut],
-                           rows=rows, cut_rows=tuple(cut.values()))
+    B, V, C = _user_layout(v0, *_fields(res, bases, vectors, cut), rows=rows,
+                           cut_rows=tuple(cut.values()))
     return res._replace(**dict(zip(bases, B, strict=True)), **dict(zip(vectors, V, strict=True)),
                         **dict(zip(cut, C, strict=True)))
+
+
+def _fields(res, bases, vectors, cut) -> tuple[list, list, list]:
+    return ([getattr(res, f) for f in bases], [getattr(res, f) for f in vectors],
+            [getattr(res, f) for f in cut])
+
+
+def _precompile_end(end, state, v0, bases, vectors, cut, rows) -> None:
+    """`precompile` ``end`` (the algorithm's finish) and `_user_layout` for its result."""
+    precompile(end, state)
+    try:
+        res = jax.eval_shape(end, state)
+    except Exception:  # noqa: BLE001  (the call that follows reports it)
+        return
+    precompile(_user_layout, v0, *_fields(res, bases, vectors, cut), rows=rows,
+               cut_rows=tuple(cut.values()))
 
 
 def drive(request, update, running, cfg, matvec, state):

@@ -365,7 +365,7 @@ def _cg_now(matvec, b, x0, damping, solver, rtol, atol, max_steps, preconditione
     return _driver.solve_now(
         _now_setup, _now_request, _now_update, _now_running, _now_finish,
         _NowCfg(acc=jnp.dtype(acc).name), matvec, b, None,
-        damping, rtol, atol, jnp.asarray(max_steps, jnp.int32),
+        damping, rtol, atol, np.int32(max_steps),
         vectors=("x", "curvature_direction"))
 
 

@@ -167,7 +167,7 @@ def _power_now(matvec, v0, k, key, solver, max_matvecs, num_iters, rtol):
     # (the key travels as the fused program receives it, in the steps' state)
     return _driver.solve_now(
         _now_setup, _now_request, _now_update, _now_running, _now_finish, cfg, matvec, v0, None,
-        key, tol, jnp.asarray(num_iters, jnp.int32), jnp.asarray(max_matvecs, jnp.int32),
+        key, tol, np.int32(num_iters), np.int32(max_matvecs),
         bases=("eigenvectors",))
 
 
