@@ -147,8 +147,8 @@ def _steps_compiled():
     """``(hits, misses)`` of the caches of the host-driven steps (`_driver`)."""
     from curvlib.krylov import _driver
 
-    a, b = _driver._jitted.cache_info(), _driver._host_steps.cache_info()
-    return a.hits + b.hits, a.misses + b.misses
+    infos = [f.cache_info() for f in (_driver._jitted, _driver._host_steps, _driver._start)]
+    return sum(i.hits for i in infos), sum(i.misses for i in infos)
 
 
 def _same_answer(a, b, atol=1e-12):

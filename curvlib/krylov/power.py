@@ -75,21 +75,30 @@ def _project_out(X, v, acc):
     return v
 
 
-def _start(X, i, u0, key, acc):
-    """Unit start for pair ``i``: ``u0`` deflated, or a keyed random direction if that vanishes.
+def _keyed_draw(key, like):
+    """``i -> `` pair ``i``'s random direction, drawn from ``key`` folded with ``i`` (``None``
+    without a key): the same numbers whether drawn at the pair's start or all at once."""
+    if key is None:
+        return None
+    return lambda i: _tree.normal_like(jax.random.fold_in(key, i), like)
+
+
+def _start(X, i, u0, draw, acc):
+    """Unit start for pair ``i``: ``u0`` deflated, or its random direction ``draw(i)`` if that
+    vanishes (`_keyed_draw`).
 
     ``u0`` is the unit (or zero) start vector, so every norm here is of a vector
     of order one (no scale-safe norm needed). Returns ``(x, ok)``; ``ok`` is
     False when the deflated ``u0`` is negligible (``<= 10 eps``: ``v0`` is zero or
-    lies in the span of the pairs found) and there is no ``key`` to draw another
+    lies in the span of the pairs found) and there is no ``draw`` (no key) to take another
     direction from.
     """
     eps = jnp.finfo(acc).eps
     v = _project_out(X, u0, acc)
     good = _tree.plain_norm(v).astype(acc) > 10 * eps
-    if key is None:
+    if draw is None:
         return _tree.unit(v, acc), good
-    rnd = _project_out(X, _tree.normal_like(jax.random.fold_in(key, i), u0), acc)
+    rnd = _project_out(X, draw(i), acc)
     return _tree.unit(_tree.where(good, v, rnd), acc), jnp.asarray(True)
 
 
@@ -123,7 +132,7 @@ class _NowCfg(NamedTuple):
 class _NowState(NamedTuple):
     power: _PowerState
     u0: jax.Array
-    key: jax.Array | None
+    draws: jax.Array | None  # (k, n): every pair's random direction, drawn at the setup
     tol: jax.Array
     num_iters: jax.Array
     max_matvecs: jax.Array
@@ -131,8 +140,17 @@ class _NowState(NamedTuple):
 
 def _now_setup(cfg: _NowCfg, v0, _none, key, tol, num_iters, max_matvecs,
                _seed) -> _NowState:
-    init, u0 = _power_init(v0, cfg.k, key, jnp.dtype(cfg.acc))
-    return _NowState(init, u0, key, tol, num_iters, max_matvecs)
+    # all k draws in the setup, one vmapped call site: the step then holds no random-bits
+    # program (on XLA:CPU the largest part of its compile)
+    draw = _keyed_draw(key, v0)
+    draws = None if draw is None else jax.vmap(draw)(jnp.arange(cfg.k))
+    init, u0 = _power_init(v0, cfg.k, _rows(draws), jnp.dtype(cfg.acc))
+    return _NowState(init, u0, draws, tol, num_iters, max_matvecs)
+
+
+def _rows(draws):
+    """``i -> draws[i]`` (``None`` for no draws)."""
+    return None if draws is None else (lambda i: draws[i])
 
 
 def _now_request(cfg: _NowCfg, s: _NowState):
@@ -140,8 +158,8 @@ def _now_request(cfg: _NowCfg, s: _NowState):
 
 
 def _now_update(cfg: _NowCfg, s: _NowState, w) -> _NowState:
-    power = _power_step(s.power, w, s.u0, s.key, cfg.k, s.tol, s.num_iters, s.max_matvecs,
-                        jnp.dtype(cfg.acc))
+    power = _power_step(s.power, w, s.u0, _rows(s.draws), cfg.k, s.tol, s.num_iters,
+                        s.max_matvecs, jnp.dtype(cfg.acc))
     return s._replace(power=power)
 
 
@@ -164,7 +182,7 @@ def _power_now(matvec, v0, k, key, solver, max_matvecs, num_iters, rtol):
     k, max_matvecs, num_iters, tol = _checked(v0, k, solver, max_matvecs, num_iters, rtol)
     _validate.operator(matvec, v0, "matvec", "v0")
     cfg = _NowCfg(k=k, acc=jnp.dtype(_tree.acc_dtype(_tree.dtype(v0))).name)
-    # (the key travels as the fused program receives it, in the steps' state)
+    # (the key reaches the setup as the fused program receives it: the same draws)
     return _driver.solve_now(
         _now_setup, _now_request, _now_update, _now_running, _now_finish, cfg, matvec, v0, None,
         key, tol, np.int32(num_iters), np.int32(max_matvecs),
@@ -285,7 +303,9 @@ def power_iteration(
 
     flat = space.layout == "concat"
     slot = _driver.Slot(space.wrap(checked) if flat else matvec)
-    init, u0 = _power_init(space.flatten(v0), k, key, acc)
+    start = space.flatten(v0)
+    draw = _keyed_draw(key, start)
+    init, u0 = _power_init(start, k, draw, acc)
 
     def product(x):
         out = slot(x)
@@ -298,7 +318,7 @@ def power_iteration(
         return (s.i < k) & s.started & s.finite & (s.total < max_matvecs)
 
     def body(s: _PowerState):
-        return _power_step(s, product(s.x), u0, key, k, tol, num_iters, max_matvecs, acc)
+        return _power_step(s, product(s.x), u0, draw, k, tol, num_iters, max_matvecs, acc)
 
     s = _driver.while_loop(cond, body, init, host=host, slot=slot)
     res = _power_result(s, k, tol, acc)
@@ -328,13 +348,13 @@ def _budgets(k, max_matvecs, num_iters):
     return min(max_matvecs, _INT32_MAX), min(num_iters, _INT32_MAX)
 
 
-def _power_init(v0, k, key, acc):
+def _power_init(v0, k, draw, acc):
     """``(state, u0)``: the loop's start (no pair found, pair 0 started) and the unit ``v0``."""
     finite0 = _tree.all_finite(v0)
     v0 = _tree.where(finite0, v0, _tree.zeros_like(v0))
     X = _tree.basis_zeros(v0, k)
     u0 = _tree.unit(v0, acc, _tree.norm)  # the one scale-safe norm of the start
-    x, ok = _start(X, 0, u0, key, acc)
+    x, ok = _start(X, 0, u0, draw, acc)
     init = _PowerState(
         X=X, AX=X, thetas=jnp.zeros(k, acc), res=jnp.zeros(k, acc), conv=jnp.zeros(k, bool),
         i=jnp.zeros((), jnp.int32), x=x, it=jnp.zeros((), jnp.int32),
@@ -365,7 +385,7 @@ def _power_measure(s: _PowerState, raw, acc):
     return raw, fin, c * theta, true_res, defl, defl_res
 
 
-def _power_step(s: _PowerState, raw, u0, key, k, tol, num_iters, max_matvecs, acc):
+def _power_step(s: _PowerState, raw, u0, draw, k, tol, num_iters, max_matvecs, acc):
     """One iteration from the product ``raw = A x``: store the pair when done, else iterate.
 
     Cost: no product (``raw`` is the iteration's one); two projections onto ``X``.
@@ -383,7 +403,7 @@ def _power_step(s: _PowerState, raw, u0, key, k, tol, num_iters, max_matvecs, ac
     i = s.i + done.astype(jnp.int32)
 
     def next_pair(_):
-        return _start(X, i, u0, key, acc)
+        return _start(X, i, u0, draw, acc)
 
     def same_pair(_):
         return _tree.unit(defl, acc), jnp.asarray(True)
