@@ -655,3 +655,30 @@ def test_curvlibs_own_inner_products_ask_for_full_precision():
         assert found and all(p == (hi, hi) for p in found), (f.__name__, found)
     user = precisions(lambda x: curvlib.eigsh(lambda u: Q.T @ (Q @ u), x, 1).eigenvalues, v)
     assert any(p is None or p == (None, None) for p in found + user)  # the user's @ is untouched
+
+
+def test_an_answer_now_call_pauses_the_garbage_collector(behind):
+    """The answer-now path traces with Python's cyclic collector paused (its collections
+    took a fifth of a first eigsh); the collector is on again after the call, and one the
+    user turned off stays off."""
+    import gc
+
+    seen = []
+    D = jnp.linspace(1.0, 2.0, 37)
+
+    def product(d, v):
+        seen.append(gc.isenabled())  # at the product's traces, inside the call
+        return d * v
+
+    mv = jax.tree_util.Partial(product, D)  # (a plain function is traced once, up front)
+
+    assert gc.isenabled()
+    res = curvlib.eigsh(mv, jnp.ones(37), 2)
+    np.testing.assert_allclose(res.eigenvalues, [2.0, D[-2]], rtol=1e-6)
+    assert seen and not any(seen) and gc.isenabled()
+    gc.disable()
+    try:
+        curvlib.eigsh(mv, jnp.ones(37), 3)  # a new k: the answer-now path again
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
