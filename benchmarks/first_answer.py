@@ -109,18 +109,26 @@ _MATFREE = _PRELUDE + textwrap.dedent(f"""
     print("RESULT" + json.dumps(out))
 """)
 
-_ARPACK = _PRELUDE + textwrap.dedent(f"""
-    from scipy.sparse.linalg import LinearOperator, eigsh as arpack
-    from jax.flatten_util import ravel_pytree
-    flat0, unravel = ravel_pytree(v0)
-    mv = build()
-    prod = jax.jit(lambda mv, x: ravel_pytree(mv(unravel(x)))[0])
-    count = [0]
-    def f(x):
-        count[0] += 1
-        return np.asarray(prod(mv, jnp.asarray(x, flat0.dtype)), np.float64)
-    op = LinearOperator((flat0.size,) * 2, matvec=f, dtype=np.float64)
-    x0 = np.asarray(flat0, np.float64)
+def _scipy_operator(shift: str = "") -> str:
+    """Child code: ``op``, SciPy's `LinearOperator` on the jitted product (``shift`` added to
+    it), its products counted in ``count``; ``x0``, ``v0`` ravelled in float64."""
+    return textwrap.dedent(f"""
+        from scipy.sparse.linalg import LinearOperator
+        from jax.flatten_util import ravel_pytree
+        flat0, unravel = ravel_pytree(v0)
+        mv = build()
+        prod = jax.jit(lambda mv, x: ravel_pytree(mv(unravel(x)))[0]{shift})
+        count = [0]
+        def f(x):
+            count[0] += 1
+            return np.asarray(prod(mv, jnp.asarray(x, flat0.dtype)), np.float64)
+        op = LinearOperator((flat0.size,) * 2, matvec=f, dtype=np.float64)
+        x0 = np.asarray(flat0, np.float64)
+    """)
+
+
+_ARPACK = _PRELUDE + _scipy_operator() + textwrap.dedent(f"""
+    from scipy.sparse.linalg import eigsh as arpack
     out["first_s"], _ = timed(lambda: arpack(op, k={K}, which="LA", v0=x0, tol=1e-3))
     count[0] = 0
     out["eager_second_s"], _ = timed(lambda: arpack(op, k={K}, which="LA", v0=x0, tol=1e-3))
@@ -145,21 +153,11 @@ _MATFREE_STOCHTRACE = _PRELUDE + textwrap.dedent("""
     print("RESULT" + json.dumps(out))
 """)
 
-_SCIPY_CG = _PRELUDE + textwrap.dedent("""
-    from scipy.sparse.linalg import LinearOperator, cg as scipy_cg
-    from jax.flatten_util import ravel_pytree
-    flat0, unravel = ravel_pytree(v0)
-    mv = build()
-    prod = jax.jit(lambda mv, x: ravel_pytree(mv(unravel(x)))[0] + 1e-2 * x)
-    count = [0]
-    def f(x):
-        count[0] += 1
-        return np.asarray(prod(mv, jnp.asarray(x, flat0.dtype)), np.float64)
-    op = LinearOperator((flat0.size,) * 2, matvec=f, dtype=np.float64)
-    b = np.asarray(flat0, np.float64)
-    out["first_s"], _ = timed(lambda: scipy_cg(op, b, rtol=1e-5, maxiter={maxiter}))
+_SCIPY_CG = _PRELUDE + _scipy_operator(" + 1e-2 * x") + textwrap.dedent("""
+    from scipy.sparse.linalg import cg as scipy_cg
+    out["first_s"], _ = timed(lambda: scipy_cg(op, x0, rtol=1e-5, maxiter={maxiter}))
     count[0] = 0
-    out["eager_second_s"], _ = timed(lambda: scipy_cg(op, b, rtol=1e-5, maxiter={maxiter}))
+    out["eager_second_s"], _ = timed(lambda: scipy_cg(op, x0, rtol=1e-5, maxiter={maxiter}))
     out["num_matvecs"] = count[0]
     print("RESULT" + json.dumps(out))
 """)
