@@ -23,6 +23,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from curvlib._xp import xp
+
 
 class Status:
     """Status codes shared by every curvlib result (``result.status``).
@@ -40,7 +42,8 @@ class Status:
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from curvlib import Status, cg
+      >>> from curvlib._xp import xp
+from curvlib import Status, cg
       >>> int(cg(lambda v: 2.0 * v, jnp.ones(3)).status) == Status.SUCCESS
       True
       >>> d = jnp.arange(1.0, 9.0)  # eight distinct eigenvalues: CG needs eight steps
@@ -91,12 +94,12 @@ def from_flags(*, finite=True, converged=True, breakdown=False, negative_curvatu
     ``MAX_STEPS`` (not ``converged``) > ``SUCCESS``. A flag may be a Python bool or a
     (possibly batched) array; the result is an ``int32`` array of the broadcast shape.
     """
-    code = jnp.where(jnp.asarray(converged), Status.SUCCESS, Status.MAX_STEPS)
-    code = jnp.where(jnp.asarray(stalled), Status.STALLED, code)
-    code = jnp.where(jnp.asarray(breakdown), Status.BREAKDOWN, code)
-    code = jnp.where(jnp.asarray(negative_curvature), Status.NEGATIVE_CURVATURE, code)
-    code = jnp.where(jnp.asarray(finite), code, Status.NONFINITE)
-    return code.astype(jnp.int32)
+    code = xp.where(xp.asarray(converged), Status.SUCCESS, Status.MAX_STEPS)
+    code = xp.where(xp.asarray(stalled), Status.STALLED, code)
+    code = xp.where(xp.asarray(breakdown), Status.BREAKDOWN, code)
+    code = xp.where(xp.asarray(negative_curvature), Status.NEGATIVE_CURVATURE, code)
+    code = xp.where(xp.asarray(finite), code, Status.NONFINITE)
+    return code.astype(xp.int32)
 
 
 class CurvatureError(RuntimeError):

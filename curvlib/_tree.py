@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from curvlib._xp import at_set, on_host, xp
+
 PyTree = Any
 
 
@@ -48,6 +50,8 @@ def explicit_sharding(x) -> NamedSharding | None:
     Single-device arrays, NumPy arrays, Python scalars and arrays on all-``Auto``
     meshes give ``None``: for them every function here takes its default path.
     """
+    if isinstance(x, np.ndarray | np.generic):
+        return None
     s = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(s, "mesh", None)
     if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
@@ -127,7 +131,7 @@ def acc_dtype(*dts):
     Half-precision leaves (bfloat16, float16) are *stored* as they are but their
     inner products, norms and projections accumulate in float32.
     """
-    return jnp.promote_types(jnp.result_type(*dts), jnp.float32)
+    return xp.promote_types(xp.result_type(*dts), xp.float32)
 
 
 def full_precision(fn):
@@ -142,6 +146,8 @@ def full_precision(fn):
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
+        if on_host():  # (NumPy's products are at the full precision of their dtype)
+            return fn(*args, **kwargs)
         with jax.default_matmul_precision("highest"):
             return fn(*args, **kwargs)
 
@@ -162,17 +168,16 @@ def _leaf_vdot(x, y):
     dt = acc_dtype(x, y)
     s = explicit_sharding(x) or explicit_sharding(y)
     if s is None:
-        return jnp.vdot(x, y, preferred_element_type=dt)
+        return xp.vdot(x, y, preferred_element_type=dt)
     # explicit types: no ravel (it would merge sharded axes); contract every axis,
     # the scalar result replicated
-    nd = jnp.ndim(x)
-    return jnp.tensordot(
+    nd = xp.ndim(x)
+    return xp.tensordot(
         _like(x, s, nd), _like(y, s, nd), axes=nd,
         preferred_element_type=dt, out_sharding=_replicated(s),
     )
 
 
-@jax.custom_jvp
 def norm(a: PyTree) -> jax.Array:
     """Euclidean norm ``||a||`` over all leaves, free of overflow and underflow.
 
@@ -193,11 +198,15 @@ def norm(a: PyTree) -> jax.Array:
     Cost: one inner product; two at extreme scales. The fixed scales keep the
     rescue to one product and one scaling, no pass for ``max |a_i|``.
     """
+    return _norm(a) if on_host() else _norm_differentiable(a)
+
+
+def _norm(a: PyTree) -> jax.Array:
     ss = vdot(a, a)
-    fi = jnp.finfo(ss.dtype)
+    fi = xp.finfo(ss.dtype)
     lo = max(size(a), 1) * float(fi.tiny) / float(fi.eps)
     safe = (ss >= lo) & (ss < fi.max)  # False for NaN: the rescue reports it
-    return apply_if(~safe, lambda r: _rescaled_norm(a, ss), jnp.sqrt(ss))
+    return apply_if(~safe, lambda r: _rescaled_norm(a, ss), xp.sqrt(ss))
 
 
 def plain_norm(a: PyTree) -> jax.Array:
@@ -207,14 +216,17 @@ def plain_norm(a: PyTree) -> jax.Array:
     direction): there it is `norm` without its range test. Anywhere a vector
     scales with an operator or with user data, use `norm`.
     """
-    return jnp.sqrt(vdot(a, a))
+    return xp.sqrt(vdot(a, a))
 
 
-@norm.defjvp
+_norm_differentiable = jax.custom_jvp(_norm)
+
+
+@_norm_differentiable.defjvp
 def _norm_jvp(primals, tangents):
     (a,), (da,) = primals, tangents
     n = norm(a)
-    return n, jnp.where(n > 0, vdot(a, da) / jnp.where(n > 0, n, 1), 0).astype(n.dtype)
+    return n, xp.where(n > 0, vdot(a, da) / xp.where(n > 0, n, 1), 0).astype(n.dtype)
 
 
 def unit(v: PyTree, acc, norm=plain_norm) -> PyTree:
@@ -224,7 +236,7 @@ def unit(v: PyTree, acc, norm=plain_norm) -> PyTree:
     vector that scales with an operator or with user data.
     """
     nv = norm(v).astype(acc)
-    return scale(1.0 / jnp.where(nv > 0, nv, 1.0), v)
+    return scale(1.0 / xp.where(nv > 0, nv, 1.0), v)
 
 
 def pow2_floor(x: jax.Array) -> jax.Array:
@@ -234,18 +246,18 @@ def pow2_floor(x: jax.Array) -> jax.Array:
     or non-finite ``x``. Scaling by it is exact (no rounding), so an algorithm run on
     ``v / pow2_floor(||v||)`` does the arithmetic of ``v``, scaled.
     """
-    fi = jnp.finfo(x.dtype)
-    ok = jnp.isfinite(x) & (x >= fi.tiny)
-    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{fi.bits}"))
-    mask = jnp.asarray(~((1 << int(fi.nmant)) - 1) & ((1 << fi.bits) - 1), bits.dtype)
-    return jnp.where(ok, jax.lax.bitcast_convert_type(bits & mask, x.dtype), 1.0).astype(x.dtype)
+    fi = xp.finfo(x.dtype)
+    ok = xp.isfinite(x) & (x >= fi.tiny)
+    bits = jax.lax.bitcast_convert_type(x, xp.dtype(f"uint{fi.bits}"))
+    mask = xp.asarray(~((1 << int(fi.nmant)) - 1) & ((1 << fi.bits) - 1), bits.dtype)
+    return xp.where(ok, jax.lax.bitcast_convert_type(bits & mask, x.dtype), 1.0).astype(x.dtype)
 
 
 def max_abs(a: PyTree, dt=None) -> jax.Array:
     """``max_i |a_i|`` over all leaves (``0`` for an all-zero tree), in ``dt`` or `acc_dtype`."""
     leaves = jax.tree.leaves(a)
     dt = dt or acc_dtype(*leaves)
-    return jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dt) for x in leaves]))
+    return xp.max(xp.stack([xp.max(xp.abs(x), initial=0).astype(dt) for x in leaves]))
 
 
 def _blue_scales(dt) -> tuple[float, float]:
@@ -256,7 +268,7 @@ def _blue_scales(dt) -> tuple[float, float]:
     underflow up, ``2^-ceil((emax + p - 1) / 2)`` scales entries whose squares
     overflow down, both so the scaled squares and their sum stay normal.
     """
-    fi = jnp.finfo(dt)
+    fi = xp.finfo(dt)
     p = int(fi.nmant) + 1
     return (2.0 ** -math.floor((int(fi.minexp) + 1 - p) / 2),
             2.0 ** -math.ceil((int(fi.maxexp) + p - 1) / 2))
@@ -265,17 +277,17 @@ def _blue_scales(dt) -> tuple[float, float]:
 def _rescaled_norm(a: PyTree, ss: jax.Array) -> jax.Array:
     """``||c a|| / c`` with ``c`` the big scale when ``<a, a>`` overflowed, else the small one."""
     small, big = _blue_scales(ss.dtype)
-    c = jnp.where(ss < 1, small, big).astype(ss.dtype)
+    c = xp.where(ss < 1, small, big).astype(ss.dtype)
     b = jax.tree.map(lambda x: x.astype(ss.dtype) * c, a)
-    return jnp.sqrt(vdot(b, b)) / c
+    return xp.sqrt(vdot(b, b)) / c
 
 
 def add(a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree.map(jnp.add, a, b)
+    return jax.tree.map(xp.add, a, b)
 
 
 def sub(a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree.map(jnp.subtract, a, b)
+    return jax.tree.map(xp.subtract, a, b)
 
 
 def scale(s, a: PyTree) -> PyTree:
@@ -288,11 +300,11 @@ def add_scale(a: PyTree, s, b: PyTree) -> PyTree:
 
 
 def zeros_like(a: PyTree) -> PyTree:
-    return jax.tree.map(jnp.zeros_like, a)
+    return jax.tree.map(xp.zeros_like, a)
 
 
 def where(c, a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
+    return jax.tree.map(lambda x, y: xp.where(c, x, y), a, b)
 
 
 def astype(a: PyTree, dt) -> PyTree:
@@ -303,8 +315,8 @@ def all_finite(*trees: PyTree) -> jax.Array:
     """Whether every entry of every leaf of ``trees`` is finite (``True`` for no leaves)."""
     leaves = jax.tree.leaves(trees)
     if not leaves:
-        return jnp.asarray(True)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+        return xp.asarray(True)
+    return xp.all(xp.stack([xp.all(xp.isfinite(x)) for x in leaves]))
 
 
 def select_tree(c, a: PyTree, b: PyTree) -> PyTree:
@@ -400,8 +412,10 @@ def apply_if(pred, fn, x):
     nothing at the other steps. ``fn`` may ignore ``x`` (then ``x`` is the value
     to keep, shaped like ``fn``'s result).
     """
-    return jax.lax.while_loop(lambda c: c[0], lambda c: (jnp.asarray(False), fn(c[1])),
-                              (jnp.asarray(pred), x))[1]
+    if on_host():
+        return fn(x) if bool(pred) else x
+    return jax.lax.while_loop(lambda c: c[0], lambda c: (xp.asarray(False), fn(c[1])),
+                              (xp.asarray(pred), x))[1]
 
 
 # --------------------------------------------------------- basis (leading m)
@@ -414,11 +428,11 @@ def basis_zeros(a: PyTree, m: int, dt=None) -> PyTree:
     the leading (basis) axis unsplit: ``P(None, *spec)``.
     """
     def zeros(x):
-        shape = (m,) + jnp.shape(x)
+        shape = (m,) + xp.shape(x)
         s = explicit_sharding(x)
         if s is None:
-            return jnp.zeros(shape, dt or x.dtype)
-        return jnp.zeros(shape, dt or x.dtype, out_sharding=_stacked(s, jnp.ndim(x)))
+            return xp.zeros(shape, dt or x.dtype)
+        return xp.zeros(shape, dt or x.dtype, out_sharding=_stacked(s, xp.ndim(x)))
 
     return jax.tree.map(zeros, a)
 
@@ -428,7 +442,7 @@ def basis_get(Q: PyTree, i) -> PyTree:
 
 
 def basis_set(Q: PyTree, i, v: PyTree) -> PyTree:
-    return jax.tree.map(lambda q, x: q.at[i].set(x.astype(q.dtype)), Q, v)
+    return jax.tree.map(lambda q, x: at_set(q, i, x.astype(q.dtype)), Q, v)
 
 
 @full_precision
@@ -439,19 +453,19 @@ def basis_project(Q: PyTree, v: PyTree, acc_dtype=None) -> jax.Array:
         sx, sq = explicit_sharding(x), explicit_sharding(q)
         if sx is not None or sq is not None:
             # explicit types: contract all vector axes in place (no reshape)
-            nd = jnp.ndim(x)
+            nd = xp.ndim(x)
             s = sx if sx is not None else _unstacked(sq, nd + 1)
-            dt = acc_dtype or jnp.result_type(q, x)
-            parts.append(jnp.tensordot(
+            dt = acc_dtype or xp.result_type(q, x)
+            parts.append(xp.tensordot(
                 _like(q, _stacked(s, nd), nd + 1), _like(x, s, nd).astype(q.dtype), axes=nd,
                 preferred_element_type=dt, out_sharding=_replicated(s),
             ))
             continue
         q2 = q.reshape(q.shape[0], -1)
         x1 = x.reshape(-1)
-        dt = acc_dtype or jnp.result_type(q2, x1)
+        dt = acc_dtype or xp.result_type(q2, x1)
         parts.append(
-            jnp.dot(q2, x1.astype(q2.dtype), preferred_element_type=_dot_dtype(q2, dt)).astype(dt)
+            xp.dot(q2, x1.astype(q2.dtype), preferred_element_type=_dot_dtype(q2, dt)).astype(dt)
         )
     return sum(parts[1:], parts[0])
 
@@ -465,7 +479,7 @@ def _dot_dtype(q, dt):
     storage saving, while the basis itself only carries float32 accuracy.
     Narrower storage (bfloat16) keeps the float32-or-wider accumulation.
     """
-    if jnp.dtype(q.dtype).itemsize >= 4 and jnp.dtype(q.dtype).itemsize < jnp.dtype(dt).itemsize:
+    if xp.dtype(q.dtype).itemsize >= 4 and xp.dtype(q.dtype).itemsize < xp.dtype(dt).itemsize:
         return q.dtype
     return dt
 
@@ -479,11 +493,11 @@ def basis_combine(Q: PyTree, c: jax.Array, like: PyTree | None = None) -> PyTree
     rounding the result to the storage dtype.
     """
     if like is None:
-        return jax.tree.map(lambda q: jnp.tensordot(c.astype(q.dtype), q, axes=1), Q)
+        return jax.tree.map(lambda q: xp.tensordot(c.astype(q.dtype), q, axes=1), Q)
 
     def comb(q, x):
-        dt = jnp.result_type(x)
-        out = jnp.tensordot(c.astype(q.dtype), q, axes=1,
+        dt = xp.result_type(x)
+        out = xp.tensordot(c.astype(q.dtype), q, axes=1,
                             preferred_element_type=_dot_dtype(q, dt))
         return out.astype(dt)
 
@@ -493,7 +507,7 @@ def basis_combine(Q: PyTree, c: jax.Array, like: PyTree | None = None) -> PyTree
 @full_precision
 def basis_matmul(C: jax.Array, Q: PyTree) -> PyTree:
     """``C Q``: a new basis whose rows are combinations of ``Q``'s rows."""
-    return jax.tree.map(lambda q: jnp.tensordot(C.astype(q.dtype), q, axes=1), Q)
+    return jax.tree.map(lambda q: xp.tensordot(C.astype(q.dtype), q, axes=1), Q)
 
 
 _GEMV_ROWS = 8  # basis_gram: at most this many rows of P ...
@@ -509,29 +523,29 @@ def basis_gram(P: PyTree, Q: PyTree, acc_dtype=None) -> jax.Array:
         if s is not None:
             # explicit types: contract all vector axes in place (no reshape); both
             # bases laid out as P(None, *vector spec)
-            nd = jnp.ndim(a)
+            nd = xp.ndim(a)
             s = _stacked(_unstacked(s, nd), nd - 1)
-            dt = acc_dtype or jnp.result_type(a, b)
+            dt = acc_dtype or xp.result_type(a, b)
             axes = tuple(range(1, nd))
-            parts.append(jnp.tensordot(
+            parts.append(xp.tensordot(
                 _like(a, s, nd), _like(b, s, nd), axes=(axes, axes),
                 preferred_element_type=dt, out_sharding=_replicated(s),
             ))
             continue
         a2 = a.reshape(a.shape[0], -1)
         b2 = b.reshape(b.shape[0], -1)
-        dt = acc_dtype or jnp.result_type(a2, b2)
+        dt = acc_dtype or xp.result_type(a2, b2)
         if a2.shape[0] <= _GEMV_ROWS and a2.shape[1] >= _GEMV_MIN_SIZE:
             # a few long rows: one matrix-vector product each. XLA:CPU runs a
             # (p, N) x (N, q) product with small p and large N up to 15x slower
             # than p products Q v (measured at N = 470k, q = 80); each contracts as
             # basis_project does (a narrower basis is not widened into a copy)
             acc = _dot_dtype(b2, dt)
-            parts.append(jnp.stack([
-                jnp.dot(b2, a2[i].astype(b2.dtype), preferred_element_type=acc).astype(dt)
+            parts.append(xp.stack([
+                xp.dot(b2, a2[i].astype(b2.dtype), preferred_element_type=acc).astype(dt)
                 for i in range(a2.shape[0])]))
             continue
-        parts.append(jnp.dot(a2, b2.T, preferred_element_type=dt))
+        parts.append(xp.dot(a2, b2.T, preferred_element_type=dt))
     return sum(parts[1:], parts[0])
 
 

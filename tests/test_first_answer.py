@@ -144,17 +144,32 @@ def behind():
 
 
 def _steps_compiled():
-    """``(hits, misses)`` of the caches of the host-driven steps (`_driver`)."""
+    """``(runs, misses)``: answer-now steps run (hits of the caches of the compiled steps, and
+    steps run on NumPy), and step programs compiled (misses) (`_driver`)."""
     from curvlib.krylov import _driver
 
     infos = [f.cache_info() for f in (_driver._jitted, _driver._host_steps, _driver._start)]
-    return sum(i.hits for i in infos), sum(i.misses for i in infos)
+    return sum(i.hits for i in infos) + _driver.HOST_STEPS[0], sum(i.misses for i in infos)
+
+
+@pytest.fixture(params=["numpy", "compiled"])
+def engine(request, monkeypatch):
+    """The answer-now steps of eigsh, cg and power_iteration on NumPy (every problem of
+    these tests is small enough), or compiled (`_driver.HOST_MAX_ENTRIES` zero: the path of
+    large problems)."""
+    from curvlib.krylov import _driver
+
+    if request.param == "compiled":
+        monkeypatch.setattr(_driver, "HOST_MAX_ENTRIES", 0)
+    return request.param
 
 
 def _same_answer(a, b, atol=1e-12):
     for field in ("num_matvecs", "num_restarts", "num_verifications", "verification_matvecs",
                   "converged", "finite", "status"):
         assert int(getattr(a, field)) == int(getattr(b, field)), field
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):  # same types
+        assert isinstance(x, jax.Array) and x.dtype == y.dtype and x.shape == y.shape
     np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=0, atol=atol)
     if bool(jnp.all(jnp.isfinite(a.eigenvalues))):
         # residuals at rounding level, and the same invariant subspace: eigenvectors of a
@@ -168,7 +183,8 @@ def _same_answer(a, b, atol=1e-12):
 
 @pytest.mark.parametrize("which", ["LA", "SA", "LM"])
 @pytest.mark.parametrize("with_key", [False, True])
-def test_the_first_eager_answer_is_the_fused_programs_answer(behind, which, with_key):
+def test_the_first_eager_answer_is_the_fused_programs_answer(behind, engine, which,
+                                                               with_key):
     params, x, y, loss = _problem()
     mv = curvlib.hessian_matvec(loss, params, x, y)
     v0 = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape),
@@ -202,7 +218,7 @@ def _hostile_cases():
 
 
 @pytest.mark.parametrize("case", sorted(_hostile_cases()))
-def test_answer_now_and_fused_agree_on_hard_cases(behind, case):
+def test_answer_now_and_fused_agree_on_hard_cases(behind, engine, case):
     mv, v0, kw = _hostile_cases()[case]
     now = curvlib.eigsh(mv, v0, **kw)
     behind.wait()

@@ -49,9 +49,9 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from curvlib import _tree
+from curvlib._xp import at_set, cond, xp
 
 PyTree = Any
 
@@ -75,7 +75,7 @@ class Band(NamedTuple):
 
 def acc_dtype(v):
     """Accumulation dtype of inner products and of ``H``: the vector dtype, at least float32."""
-    return jnp.promote_types(_tree.dtype(v), jnp.float32)
+    return xp.promote_types(_tree.dtype(v), xp.float32)
 
 
 def size(band: Band) -> int:
@@ -94,18 +94,18 @@ def init(v0, m: int, acc, basis_dtype=None, num_external: int = 0, limit=None) -
     Q = _tree.basis_zeros(v0, m, basis_dtype)
     # v0 / ||v0|| at any scale: divided by its largest entry first (then 1 <= ||.|| <= sqrt(N))
     c = _tree.max_abs(v0, acc)
-    u = _tree.scale(1.0 / jnp.where((c > 0) & jnp.isfinite(c), c, 1.0), v0)
+    u = _tree.scale(1.0 / xp.where((c > 0) & xp.isfinite(c), c, 1.0), v0)
     nv = _tree.plain_norm(u).astype(acc)
-    Q = _tree.basis_set(Q, 0, _tree.scale(1.0 / jnp.where(nv > 0, nv, 1.0), u))
-    f = jnp.zeros(m, bool)
+    Q = _tree.basis_set(Q, 0, _tree.scale(1.0 / xp.where(nv > 0, nv, 1.0), u))
+    f = xp.zeros(m, bool)
     return Band(
-        Q=Q, H=jnp.zeros((m, m), acc), E=jnp.zeros((m, max(num_external, 1)), acc),
+        Q=Q, H=xp.zeros((m, m), acc), E=xp.zeros((m, max(num_external, 1)), acc),
         D=_tree.basis_zeros(v0, num_external, basis_dtype) if num_external else None,
-        ndrop=jnp.zeros((), jnp.int32), mult=f,
-        nbas=jnp.asarray(1, jnp.int32),
-        anorm=jnp.zeros((), acc), finite=_tree.all_finite(v0),
-        breakdowns=jnp.zeros((), jnp.int32),
-        limit=jnp.asarray(m if limit is None else limit, jnp.int32),
+        ndrop=xp.zeros((), xp.int32), mult=f,
+        nbas=xp.asarray(1, xp.int32),
+        anorm=xp.zeros((), acc), finite=_tree.all_finite(v0),
+        breakdowns=xp.zeros((), xp.int32),
+        limit=xp.asarray(m if limit is None else limit, xp.int32),
     )
 
 
@@ -124,7 +124,7 @@ def capacity(m: int, dim: int | None = None) -> int:
 
 
 def used(band: Band):
-    return jnp.arange(size(band)) < band.nbas
+    return xp.arange(size(band)) < band.nbas
 
 
 def pending(band: Band):
@@ -134,14 +134,14 @@ def pending(band: Band):
 def next_row(band: Band):
     """``(j, any)``: the first pending row and whether there is one."""
     p = pending(band)
-    return jnp.argmax(p), jnp.any(p)
+    return xp.argmax(p), xp.any(p)
 
 
 def request(band: Band, like: PyTree) -> PyTree:
     """The next vector to multiply (the first pending row), or zero if none is pending."""
     j, some = next_row(band)
     q = _tree.basis_get(band.Q, j)
-    return jax.tree.map(lambda a, b: jnp.where(some, a, 0).astype(jnp.result_type(b)), q, like)
+    return jax.tree.map(lambda a, b: xp.where(some, a, 0).astype(xp.result_type(b)), q, like)
 
 
 def _orthogonalize_block(Q, W, acc):
@@ -156,16 +156,16 @@ def _orthogonalize_block(Q, W, acc):
 def breakdown_threshold(band: Band):
     """``10 sqrt(m) eps ||A||``: below it a remainder is numerically zero."""
     acc = band.H.dtype
-    eps = jnp.finfo(acc).eps
-    return 10 * eps * jnp.sqrt(band.limit.astype(acc)) * band.anorm
+    eps = xp.finfo(acc).eps
+    return 10 * eps * xp.sqrt(band.limit.astype(acc)) * band.anorm
 
 
 def _write_row(Q, slot, q, ok):
     # an out-of-range index drops the write: no read of the old row, so XLA can
     # update the basis in place (a `where` against ``Q[slot]`` costs a copy of Q)
     m = jax.tree.leaves(Q)[0].shape[0]
-    idx = jnp.where(ok, slot, m)
-    return jax.tree.map(lambda Qi, qi: Qi.at[idx].set(qi.astype(Qi.dtype), mode="drop"), Q, q)
+    idx = xp.where(ok, slot, m)
+    return jax.tree.map(lambda Qi, qi: at_set(Qi, idx, qi.astype(Qi.dtype), mode="drop"), Q, q)
 
 
 def absorb(band: Band, w: PyTree) -> Band:
@@ -186,24 +186,25 @@ def absorb(band: Band, w: PyTree) -> Band:
     w = _tree.where(finite, w, _tree.zeros_like(w))
     W, h = _orthogonalize_block(band.Q, jax.tree.map(lambda x: x[None], w), acc)
     w = _tree.basis_get(W, 0)
-    rows = jnp.arange(m)
-    H = band.H.at[:, j].set(jnp.where(some & (rows < band.nbas), h[0], band.H[:, j]))
+    rows = xp.arange(m)
+    H = at_set(band.H, (slice(None), j),
+               xp.where(some & (rows < band.nbas), h[0], band.H[:, j]))
     # the one norm over N numbers per product; scale-safe (see _tree.norm): its square
     # would overflow or underflow for an operator of norm beyond ~1e+-19 (float32)
     beta = _tree.norm(w).astype(acc)
     # ||A q|| = ||(h, beta)|| (its parts along the basis and off it), from m + 1 numbers
-    anorm = jnp.maximum(band.anorm, column_norms(jnp.append(h[0], beta)[:, None])[0])
+    anorm = xp.maximum(band.anorm, column_norms(xp.append(h[0], beta)[:, None])[0])
     band = band._replace(anorm=anorm)
-    broke = ~(beta > breakdown_threshold(band)) | ~jnp.isfinite(beta)
+    broke = ~(beta > breakdown_threshold(band)) | ~xp.isfinite(beta)
     append = some & ~broke & (band.nbas < band.limit)
-    q = _tree.scale(1.0 / jnp.where(append, beta, 1.0), w)
-    slot = jnp.minimum(band.nbas, m - 1)
+    q = _tree.scale(1.0 / xp.where(append, beta, 1.0), w)
+    slot = xp.minimum(band.nbas, m - 1)
     Q = _write_row(band.Q, slot, q, append)
-    H = H.at[slot, j].set(jnp.where(append, beta, H[slot, j]))
+    H = at_set(H, (slot, j), xp.where(append, beta, H[slot, j]))
     return band._replace(
-        Q=Q, H=H, mult=band.mult.at[j].set(band.mult[j] | some),
-        nbas=band.nbas + append.astype(jnp.int32), finite=finite,
-        breakdowns=band.breakdowns + (some & broke & finite).astype(jnp.int32),
+        Q=Q, H=H, mult=at_set(band.mult, j, band.mult[j] | some),
+        nbas=band.nbas + append.astype(xp.int32), finite=finite,
+        breakdowns=band.breakdowns + (some & broke & finite).astype(xp.int32),
     )
 
 
@@ -224,11 +225,11 @@ def fresh(band: Band, z: PyTree, want):
         # z is a Gaussian direction (entries of order one): no range test needed
         nz = _tree.plain_norm(z).astype(acc)
         nr = _tree.plain_norm(zp).astype(acc)
-        eps = jnp.finfo(acc).eps
-        usable = (nr > 10 * eps * jnp.sqrt(band.limit.astype(acc)) * nz) & jnp.isfinite(nr)
-        return _tree.scale(1.0 / jnp.where(usable, nr, 1.0), zp), usable
+        eps = xp.finfo(acc).eps
+        usable = (nr > 10 * eps * xp.sqrt(band.limit.astype(acc)) * nz) & xp.isfinite(nr)
+        return _tree.scale(1.0 / xp.where(usable, nr, 1.0), zp), usable
 
-    return jax.lax.cond(want, orthogonalize, lambda z: (z, jnp.asarray(False)), z)
+    return cond(want, orthogonalize, lambda z: (z, xp.asarray(False)), z)
 
 
 def inject(band: Band, q: PyTree, ok) -> Band:
@@ -239,9 +240,9 @@ def inject(band: Band, q: PyTree, ok) -> Band:
     """
     m = size(band)
     ok = ok & (band.nbas < band.limit)
-    slot = jnp.minimum(band.nbas, m - 1)
+    slot = xp.minimum(band.nbas, m - 1)
     return band._replace(Q=_write_row(band.Q, slot, q, ok),
-                         nbas=band.nbas + ok.astype(jnp.int32))
+                         nbas=band.nbas + ok.astype(xp.int32))
 
 
 def has_room(band: Band):
@@ -252,7 +253,7 @@ def has_room(band: Band):
 def projected(band: Band):
     """``T = Q_mul A Q_mul^T`` (``m x m``, zero outside the multiplied rows and columns)."""
     mm = band.mult[:, None] & band.mult[None, :]
-    return jnp.where(mm, jnp.triu(band.H) + jnp.triu(band.H, 1).T, 0.0)
+    return xp.where(mm, xp.triu(band.H) + xp.triu(band.H, 1).T, 0.0)
 
 
 @_tree.full_precision
@@ -261,9 +262,9 @@ def residual_norms(band: Band, Y):
 
     ``||F y||`` exactly, plus ``sum_c |E[:, c] . y|`` when vectors were dropped.
     """
-    F = jnp.where(pending(band)[:, None] & band.mult[None, :], band.H, 0.0)
-    E = jnp.where(band.mult[:, None], band.E, 0.0)
-    return column_norms(F @ Y) + jnp.sum(jnp.abs(E.T @ Y), axis=0)
+    F = xp.where(pending(band)[:, None] & band.mult[None, :], band.H, 0.0)
+    E = xp.where(band.mult[:, None], band.E, 0.0)
+    return column_norms(F @ Y) + xp.sum(xp.abs(E.T @ Y), axis=0)
 
 
 def column_norms(X):
@@ -273,9 +274,9 @@ def column_norms(X):
     residual couplings scale with the operator: a float32 operator of norm ``1e25`` or
     ``1e-25`` has squares outside the range).
     """
-    s = jnp.max(jnp.abs(X), axis=0)
-    d = jnp.where((s > 0) & jnp.isfinite(s), s, 1.0)
-    return jnp.where(jnp.isfinite(s), d * jnp.sqrt(jnp.sum((X / d) ** 2, axis=0)), s)
+    s = xp.max(xp.abs(X), axis=0)
+    d = xp.where((s > 0) & xp.isfinite(s), s, 1.0)
+    return xp.where(xp.isfinite(s), d * xp.sqrt(xp.sum((X / d) ** 2, axis=0)), s)
 
 
 class Order:
@@ -294,11 +295,11 @@ class Order:
         if isinstance(self.which, str):
             return {"LA": la, "SA": sa, "LM": lm}[self.which]()
         c = self.which
-        return jnp.where(c == 0, la(), jnp.where(c == 1, sa(), lm()))
+        return xp.where(c == 0, la(), xp.where(c == 1, sa(), lm()))
 
     def key(self, theta):
         """Ascending key: wanted values first."""
-        return self._pick(lambda: -theta, lambda: theta, lambda: -jnp.abs(theta))
+        return self._pick(lambda: -theta, lambda: theta, lambda: -xp.abs(theta))
 
     def sentinel(self, span):
         """A diagonal value for unused rows beyond the unwanted end of the spectrum."""
@@ -307,7 +308,7 @@ class Order:
     def gain(self, new, old):
         """How much more wanted ``new`` is than ``old`` (positive = better)."""
         return self._pick(lambda: new - old, lambda: old - new,
-                          lambda: jnp.abs(new) - jnp.abs(old))
+                          lambda: xp.abs(new) - xp.abs(old))
 
 
 def ritz(band: Band, order: Order):
@@ -318,11 +319,11 @@ def ritz(band: Band, order: Order):
     1/2, and invalid ones sort last whatever their value. One ``m x m`` ``eigh``.
     """
     T = projected(band)
-    span = jnp.max(jnp.sum(jnp.abs(T), axis=1)) + jnp.finfo(T.dtype).tiny
-    T = T + jnp.diag(jnp.where(band.mult, 0.0, order.sentinel(span)).astype(T.dtype))
-    theta, Y = jnp.linalg.eigh(T)
-    valid = jnp.sum(jnp.where(band.mult[:, None], Y**2, 0.0), axis=0) > 0.5
-    idx = jnp.argsort(jnp.where(valid, order.key(theta), jnp.inf), stable=True)
+    span = xp.max(xp.sum(xp.abs(T), axis=1)) + xp.finfo(T.dtype).tiny
+    T = T + xp.diag(xp.where(band.mult, 0.0, order.sentinel(span)).astype(T.dtype))
+    theta, Y = xp.linalg.eigh(T)
+    valid = xp.sum(xp.where(band.mult[:, None], Y**2, 0.0), axis=0) > 0.5
+    idx = xp.argsort(xp.where(valid, order.key(theta), xp.inf), stable=True)
     theta, Y, valid = theta[idx], Y[:, idx], valid[idx]
     return theta, Y, residual_norms(band, Y), valid
 
@@ -344,48 +345,48 @@ def compress(band: Band, Y, K, drop_pending=False) -> Band:
     """
     m = size(band)
     acc = band.H.dtype
-    rows = jnp.arange(m)
+    rows = xp.arange(m)
     pend = pending(band)
     keep = rows < K
-    Yk = jnp.where(keep[None, :] & band.mult[:, None], Y, 0.0)  # (old rows, new cols)
-    F = jnp.where(pend[:, None] & band.mult[None, :], band.H, 0.0) @ Yk  # old pending x new cols
-    E = Yk.T @ jnp.where(band.mult[:, None], band.E, 0.0)  # new cols x c
-    D, ndrop, drop = band.D, band.ndrop, jnp.zeros(m, bool)
+    Yk = xp.where(keep[None, :] & band.mult[:, None], Y, 0.0)  # (old rows, new cols)
+    F = xp.where(pend[:, None] & band.mult[None, :], band.H, 0.0) @ Yk  # old pending x new cols
+    E = Yk.T @ xp.where(band.mult[:, None], band.E, 0.0)  # new cols x c
+    D, ndrop, drop = band.D, band.ndrop, xp.zeros(m, bool)
     if band.D is not None:
         c = E.shape[1]
         # (I - P_Q) d_c: the parts along current rows move into F (pending) or vanish
         # into T (multiplied: already in the Ritz values); the rest stays external
-        G = jnp.where(used(band)[None, :], _tree.basis_gram(band.D, band.Q, acc), 0.0)  # (c, m)
+        G = xp.where(used(band)[None, :], _tree.basis_gram(band.D, band.Q, acc), 0.0)  # (c, m)
         Dp = _tree.sub(band.D, _tree.basis_matmul(G, band.Q))
-        nu = jnp.sqrt(jnp.maximum(jnp.diagonal(_tree.basis_gram(Dp, Dp, acc)), 0.0))
-        live = (jnp.arange(c) < band.ndrop) & (nu > 0)
-        F = F + jnp.where(pend[:, None], G.T @ E.T, 0.0)
-        E = jnp.where(live[None, :], E * nu[None, :], 0.0)
-        scale = jnp.where(live, 1.0 / jnp.where(nu > 0, nu, 1.0), 0.0)
-        D = _tree.basis_matmul(jnp.diag(scale), Dp)
+        nu = xp.sqrt(xp.maximum(xp.diagonal(_tree.basis_gram(Dp, Dp, acc)), 0.0))
+        live = (xp.arange(c) < band.ndrop) & (nu > 0)
+        F = F + xp.where(pend[:, None], G.T @ E.T, 0.0)
+        E = xp.where(live[None, :], E * nu[None, :], 0.0)
+        scale = xp.where(live, 1.0 / xp.where(nu > 0, nu, 1.0), 0.0)
+        D = _tree.basis_matmul(xp.diag(scale), Dp)
         # dropped pending row p takes the free column ndrop + (its rank among pending rows)
-        slot = band.ndrop + jnp.cumsum(pend) - 1
+        slot = band.ndrop + xp.cumsum(pend) - 1
         drop = pend & (slot < c) & drop_pending
-        S = ((jnp.arange(c)[:, None] == slot[None, :]) & drop[None, :]).astype(acc)  # (c, m)
+        S = ((xp.arange(c)[:, None] == slot[None, :]) & drop[None, :]).astype(acc)  # (c, m)
         E = E + F.T @ S.T
-        taken = jnp.any(S > 0, axis=1)
+        taken = xp.any(S > 0, axis=1)
         D = jax.tree.map(
-            lambda d, new: jnp.where(taken.reshape((-1,) + (1,) * (d.ndim - 1)),
+            lambda d, new: xp.where(taken.reshape((-1,) + (1,) * (d.ndim - 1)),
                                      new.astype(d.dtype), d),
             D, _tree.basis_matmul(S, band.Q))
-        ndrop = band.ndrop + jnp.sum(drop).astype(jnp.int32)
+        ndrop = band.ndrop + xp.sum(drop).astype(xp.int32)
     carried = pend & ~drop  # contiguous: the first pending rows that were not dropped... any order
-    n_car = jnp.sum(carried)
-    src = jnp.argsort(jnp.where(carried, rows, m + rows))  # carried rows in index order
+    n_car = xp.sum(carried)
+    src = xp.argsort(xp.where(carried, rows, m + rows))  # carried rows in index order
     t = rows - K
     moved = (rows >= K) & (t < n_car)
-    P = jnp.where(moved[:, None] & (rows[None, :] == src[jnp.clip(t, 0, m - 1)][:, None]),
+    P = xp.where(moved[:, None] & (rows[None, :] == src[xp.clip(t, 0, m - 1)][:, None]),
                   1.0, 0.0).astype(acc)
     Q = _tree.basis_matmul(Yk.T + P, band.Q)
     newT = Yk.T @ projected(band) @ Yk
-    H = jnp.where(keep[:, None] & keep[None, :], newT, 0.0) + P @ F
+    H = xp.where(keep[:, None] & keep[None, :], newT, 0.0) + P @ F
     return band._replace(Q=Q, H=H, E=E, D=D, ndrop=ndrop, mult=keep,
-                         nbas=(K + n_car).astype(jnp.int32))
+                         nbas=(K + n_car).astype(xp.int32))
 
 
 @_tree.full_precision
@@ -402,22 +403,22 @@ def exact_residuals(band: Band, Y):
         return residual_norms(band, Y)
     acc = band.H.dtype
     pend = pending(band)
-    F = jnp.where(pend[:, None] & band.mult[None, :], band.H, 0.0)
-    E = jnp.where(band.mult[:, None], band.E, 0.0)
+    F = xp.where(pend[:, None] & band.mult[None, :], band.H, 0.0)
+    E = xp.where(band.mult[:, None], band.E, 0.0)
     c = E.shape[1]
-    live = jnp.arange(c) < band.ndrop
-    G = jnp.where(band.mult[None, :], _tree.basis_gram(band.D, band.Q, acc), 0.0)  # (c, m)
+    live = xp.arange(c) < band.ndrop
+    G = xp.where(band.mult[None, :], _tree.basis_gram(band.D, band.Q, acc), 0.0)  # (c, m)
     Dp = _tree.sub(band.D, _tree.basis_matmul(G, band.Q))  # (I - P_mul) d_c
     Gp = _tree.basis_gram(Dp, band.Q, acc)  # components on the pending rows (and zero else)
     Gd = _tree.basis_gram(Dp, Dp, acc)
-    e = jnp.where(live[:, None], E.T @ Y, 0.0)  # (c, cols)
+    e = xp.where(live[:, None], E.T @ Y, 0.0)  # (c, cols)
     a = F @ Y  # (m, cols): pending-row coordinates of the Krylov part
     # a and e scale with the operator: divided by their largest entry before squaring
-    sc = jnp.maximum(jnp.max(jnp.abs(a), axis=0), jnp.max(jnp.abs(e), axis=0))
-    sc = jnp.where((sc > 0) & jnp.isfinite(sc), sc, 1.0)
+    sc = xp.maximum(xp.max(xp.abs(a), axis=0), xp.max(xp.abs(e), axis=0))
+    sc = xp.where((sc > 0) & xp.isfinite(sc), sc, 1.0)
     a, e = a / sc, e / sc
     # ||Q^T a + sum_c e_c Dp_c||^2 = ||a||^2 + 2 a . (Gp^T e) + e^T Gd e
-    sq = jnp.sum(a * a, axis=0) + 2 * jnp.sum(a * (Gp.T @ e), axis=0) + jnp.sum(e * (Gd @ e),
+    sq = xp.sum(a * a, axis=0) + 2 * xp.sum(a * (Gp.T @ e), axis=0) + xp.sum(e * (Gd @ e),
                                                                                    axis=0)
-    exact = sc * jnp.sqrt(jnp.maximum(sq, 0.0))
-    return jnp.where(band.ndrop <= c, exact, residual_norms(band, Y))
+    exact = sc * xp.sqrt(xp.maximum(sq, 0.0))
+    return xp.where(band.ndrop <= c, exact, residual_norms(band, Y))

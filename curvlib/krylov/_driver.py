@@ -23,8 +23,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from curvlib import _progress, _tree
+from curvlib import _progress, _tree, _xp
 from curvlib._compile import is_host_driven  # noqa: F401  (the operator property)
 from curvlib.krylov import _space
 
@@ -235,7 +236,8 @@ def precompile(jitted, *args, **static) -> None:
 
 def solve_now(setup, request, update, running, finish, cfg, matvec, v0, key, *args,
               bases: tuple = (), vectors: tuple = (), cut: dict | None = None,
-              rows: int | None = None, report: Callable | None = None):
+              rows: int | None = None, report: Callable | None = None,
+              host_rows: int | None = None):
     """An algorithm's ``finish(run(setup(v0, key, *args)))``, answered without its fused compile.
 
     The state machine runs on ``v0`` ravelled into one vector (the ``concat``
@@ -252,9 +254,16 @@ def solve_now(setup, request, update, running, finish, cfg, matvec, v0, key, *ar
     for its whole capacity), in the same small program. Same arithmetic as the
     fused program: the same answer to rounding, the same certificate. ``report``
     feeds the progress bar (`run_host`).
+
+    ``host_rows``: for an algorithm written against `curvlib._xp.xp`, the number of
+    vectors its state stores. When they fit in `HOST_MAX_ENTRIES` numbers (`on_host_ok`),
+    the steps run on NumPy (`_solve_on_host`): nothing but the product compiles.
     """
     flat = cfg._replace(layout="identity")
     cut = cut or {}
+    if host_rows is not None and on_host_ok(v0, host_rows):
+        return _solve_on_host(setup, request, update, running, finish, flat, matvec, v0, key,
+                              args, bases, vectors, cut, rows, report)
     # the model's product, `finish` and the return to v0's layout compile on a second thread
     # while this one traces and compiles the loop's steps (XLA compiles without Python's
     # lock: on two cores the first answer waits for the longest chain, not for the sum)
@@ -273,6 +282,64 @@ def solve_now(setup, request, update, running, finish, cfg, matvec, v0, key, *ar
                            cut_rows=tuple(cut.values()))
     return res._replace(**dict(zip(bases, B, strict=True)), **dict(zip(vectors, V, strict=True)),
                         **dict(zip(cut, C, strict=True)))
+
+
+# basis entries (vectors stored x their size) up to which the answer-now steps run on NumPy:
+# 32 vectors of 131k numbers; there a step's Gram-Schmidt passes take about a millisecond
+HOST_MAX_ENTRIES = 1 << 22
+HOST_STEPS = [0]  # steps run on NumPy in this process (for tests: which path answered)
+
+
+def on_host_ok(v0, rows: int) -> bool:
+    """Whether an answer-now call with ``rows`` stored vectors shaped like ``v0`` runs on NumPy.
+
+    ``v0``'s leaves are float32 or float64 (one dtype: `answers_now`), and the stored
+    vectors hold at most `HOST_MAX_ENTRIES` numbers. Beyond, a step's passes over the basis
+    outweigh its compile, and the steps compile (`run_host` with ``quick``).
+    """
+    leaves = jax.tree.leaves(v0)
+    if jnp.result_type(*leaves) not in (jnp.float32, jnp.float64):
+        return False
+    return rows * sum(int(jnp.size(x)) for x in leaves) <= HOST_MAX_ENTRIES
+
+
+def _solve_on_host(setup, request, update, running, finish, cfg, matvec, v0, key, args,
+                   bases, vectors, cut, rows, report):
+    """`solve_now` with the algorithm's own functions run on NumPy arrays (`curvlib._xp`).
+
+    The start vector and the seed come from the program the fused one shares
+    (`_flat_start`), so the random directions are the same bits; the model's product
+    compiles on the ahead thread meanwhile, and each product is one jitted call on the
+    vector the NumPy state machine names. The result returns to ``v0``'s layout (on
+    NumPy too) and becomes JAX arrays.
+    """
+    flat = jax.ShapeDtypeStruct((_tree.size(v0),), _tree.dtype(v0))
+    product_ready = ahead().submit(precompile, _flat_product, matvec, v0, flat)
+    x0, seed = jax.device_get(_flat_start(v0, key))
+    with _xp.host():
+        state = setup(cfg, x0, None, *args, seed)
+        x, more = request(cfg, state), running(cfg, state)
+    product_ready.result()
+    bar = None if report is None else _progress.bar(desc="eigsh", unit="product")
+    try:
+        while bool(more):
+            w = np.asarray(_flat_product(matvec, v0, x))
+            HOST_STEPS[0] += 1
+            with _xp.host():
+                state = update(cfg, state, w)
+                x, more = request(cfg, state), running(cfg, state)
+                if bar is not None:
+                    _show(bar, *report(cfg, state))
+    finally:
+        if bar is not None:
+            bar.close()
+    with _xp.host():
+        res = finish(cfg, state)
+        B, V, C = _user_layout.fn(v0, *_fields(res, bases, vectors, cut), rows=rows,
+                                  cut_rows=tuple(cut.values()))
+    res = res._replace(**dict(zip(bases, B, strict=True)), **dict(zip(vectors, V, strict=True)),
+                       **dict(zip(cut, C, strict=True)))
+    return jax.tree.map(jnp.asarray, res)
 
 
 def _fields(res, bases, vectors, cut) -> tuple[list, list, list]:

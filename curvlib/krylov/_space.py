@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _tree
+from curvlib._xp import iota, xp
 
 PyTree = Any
 
@@ -83,12 +84,12 @@ class Space:
     def flatten(self, v: PyTree):
         if self.layout == "identity":
             return v
-        parts = [jnp.reshape(x, (-1,)) for x in self.treedef.flatten_up_to(v)]
+        parts = [xp.reshape(x, (-1,)) for x in self.treedef.flatten_up_to(v)]
         if self.layout == "leaves":
             return jax.tree.unflatten(self.treedef, parts)
         if len(parts) == 1:
             return parts[0].astype(self.dtypes[0])
-        return jnp.concatenate([p.astype(self.dtypes[0]) for p in parts])
+        return xp.concatenate([p.astype(self.dtypes[0]) for p in parts])
 
     def unflatten(self, x) -> PyTree:
         return self._unflatten(x, batched=False)
@@ -106,17 +107,17 @@ class Space:
             parts = self.treedef.flatten_up_to(x)
             return jax.tree.unflatten(
                 self.treedef,
-                [jnp.reshape(p, jnp.shape(p)[:k] + s)
+                [xp.reshape(p, xp.shape(p)[:k] + s)
                  for p, s in zip(parts, self.shapes, strict=True)],
             )
         return jax.tree.unflatten(
-            self.treedef, self._split(x, axis=k, lead=jnp.shape(x)[:k], cast=not batched))
+            self.treedef, self._split(x, axis=k, lead=xp.shape(x)[:k], cast=not batched))
 
     def _split(self, x, axis, lead, cast=True):
         out, start = [], 0
         for size, shape, dt in zip(self.sizes, self.shapes, self.dtypes, strict=True):
-            part = jax.lax.slice_in_dim(x, start, start + size, axis=axis)
-            part = jnp.reshape(part, lead + shape)
+            part = x[(slice(None),) * axis + (slice(start, start + size),)]
+            part = xp.reshape(part, lead + shape)
             out.append(part.astype(dt) if cast else part)
             start += size
         return out
@@ -149,20 +150,20 @@ class Space:
         is not used. The statistical quality is that of the hash: ample for
         Krylov start vectors, not meant for cryptography or Monte Carlo.
         """
-        seed = jnp.asarray(seed, jnp.uint32)
-        counter = jnp.asarray(counter, jnp.uint32)
+        seed = xp.asarray(seed, xp.uint32)
+        counter = xp.asarray(counter, xp.uint32)
         offsets = np.cumsum([0] + self.sizes[:-1]).tolist()
 
         def draw(x, offset):
-            shape = jnp.shape(x)
-            idx = jnp.zeros(shape, jnp.uint32)
+            shape = xp.shape(x)
+            idx = xp.zeros(shape, xp.uint32)
             for ax in range(len(shape)):
-                idx = idx * jnp.uint32(shape[ax]) + jax.lax.broadcasted_iota(jnp.uint32, shape, ax)
-            idx = idx + jnp.uint32(offset)
-            u1 = _uniform(idx, seed, counter, jnp.uint32(0x68E31DA4))
-            u2 = _uniform(idx, seed, counter, jnp.uint32(0xB5297A4D))
-            r = jnp.sqrt(-2.0 * jnp.log(u1))
-            out = (r * jnp.cos(2.0 * np.pi * u2)).astype(jnp.result_type(x))
+                idx = idx * xp.uint32(shape[ax]) + iota(xp.uint32, shape, ax)
+            idx = idx + xp.uint32(offset)
+            u1 = _uniform(idx, seed, counter, xp.uint32(0x68E31DA4))
+            u2 = _uniform(idx, seed, counter, xp.uint32(0xB5297A4D))
+            r = xp.sqrt(-2.0 * xp.log(u1))
+            out = (r * xp.cos(2.0 * np.pi * u2)).astype(xp.result_type(x))
             # iota is replicated: on an Explicit mesh the draw takes the leaf's sharding type
             s = _tree.explicit_sharding(x)
             return out if s is None else _tree._like(out, s, out.ndim)
@@ -172,9 +173,9 @@ class Space:
             return jax.tree.unflatten(
                 self.treedef, [draw(x, o) for x, o in zip(leaves, offsets, strict=True)])
         if self.layout == "concat":
-            return draw(jnp.zeros((self.dim,), self.dtypes[0]), 0)
+            return draw(xp.zeros((self.dim,), self.dtypes[0]), 0)
         return jax.tree.unflatten(self.treedef, [
-            draw(jnp.zeros((n,), d), o)
+            draw(xp.zeros((n,), d), o)
             for n, d, o in zip(self.sizes, self.dtypes, offsets, strict=True)
         ])
 
@@ -188,12 +189,12 @@ class Space:
         """A user basis (leading axis) in the internal layout."""
         if self.layout == "identity":
             return U
-        parts = [jnp.reshape(x, (x.shape[0], -1)) for x in self.treedef.flatten_up_to(U)]
+        parts = [xp.reshape(x, (x.shape[0], -1)) for x in self.treedef.flatten_up_to(U)]
         if self.layout == "leaves":
             return jax.tree.unflatten(self.treedef, parts)
         if len(parts) == 1:
             return parts[0].astype(self.dtypes[0])
-        return jnp.concatenate([p.astype(self.dtypes[0]) for p in parts], axis=1)
+        return xp.concatenate([p.astype(self.dtypes[0]) for p in parts], axis=1)
 
     # -------------------------------------------------------------- operators
 
@@ -209,18 +210,18 @@ class Space:
 
 def _mix(h):
     """murmur3's 32-bit finaliser: a bijection that avalanches every input bit."""
-    h = h ^ (h >> jnp.uint32(16))
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> jnp.uint32(13))
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> jnp.uint32(16))
+    h = h ^ (h >> xp.uint32(16))
+    h = h * xp.uint32(0x85EBCA6B)
+    h = h ^ (h >> xp.uint32(13))
+    h = h * xp.uint32(0xC2B2AE35)
+    return h ^ (h >> xp.uint32(16))
 
 
 def _uniform(idx, seed, counter, salt):
     """A uniform in ``(0, 1]`` from 24 hashed bits of (index, seed, counter, salt)."""
-    h = _mix(idx * jnp.uint32(0x9E3779B9) + _mix(seed ^ salt))
-    h = _mix(h ^ (counter * jnp.uint32(0x27D4EB2F) + salt))
-    return ((h >> jnp.uint32(8)).astype(jnp.float32) + 1.0) * (1.0 / 16777216.0)
+    h = _mix(idx * xp.uint32(0x9E3779B9) + _mix(seed ^ salt))
+    h = _mix(h ^ (counter * xp.uint32(0x27D4EB2F) + salt))
+    return ((h >> xp.uint32(8)).astype(xp.float32) + 1.0) * (1.0 / 16777216.0)
 
 
 def seed(v0, key):

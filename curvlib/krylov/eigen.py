@@ -32,6 +32,7 @@ import numpy as np
 
 from curvlib import _compile, _deprecation, _tree, _validate
 from curvlib._status import Status, from_flags
+from curvlib._xp import cond, xp
 from curvlib.krylov import _band, _driver, _space, solvers
 
 PyTree = Any
@@ -139,15 +140,15 @@ def _thresholds(cfg: _Cfg, band: _band.Band, theta, valid, tol):
     accumulation type.
     """
     acc = band.H.dtype
-    eps = jnp.finfo(acc).eps
+    eps = xp.finfo(acc).eps
     if cfg.basis_dtype is not None:
-        eps = max(float(eps), float(jnp.finfo(cfg.basis_dtype).eps))
-    eps = jnp.asarray(eps, acc)
-    anorm = jnp.maximum(band.anorm, jnp.max(jnp.where(valid, jnp.abs(theta), 0.0)))
+        eps = max(float(eps), float(xp.finfo(cfg.basis_dtype).eps))
+    eps = xp.asarray(eps, acc)
+    anorm = xp.maximum(band.anorm, xp.max(xp.where(valid, xp.abs(theta), 0.0)))
     c = 10 * band.limit.astype(acc)
     # (capped at sqrt(eps) ||A||: for a coarse basis dtype c eps would exceed the spectrum)
-    floor = jnp.maximum(jnp.minimum(c * eps, jnp.sqrt(eps)), tol * eps ** (2.0 / 3.0)) * anorm
-    return jnp.maximum(tol * jnp.abs(theta), floor)
+    floor = xp.maximum(xp.minimum(c * eps, xp.sqrt(eps)), tol * eps ** (2.0 / 3.0)) * anorm
+    return xp.maximum(tol * xp.abs(theta), floor)
 
 
 def _count_new(order, new, ref, thr_new, thr_ref, k):
@@ -162,17 +163,17 @@ def _count_new(order, new, ref, thr_new, thr_ref, k):
     over the new values ``t`` (a multiset difference, vectorised).
     """
     tol = 2 * (thr_new[:, None] + thr_ref[None, :])
-    wanted = jnp.arange(new.shape[0]) < k
-    n_at = jnp.sum(wanted[None, :] & (order.gain(new[None, :], new[:, None]) >= 0), axis=1)
-    r_at = jnp.sum(wanted[None, :] & (order.gain(ref[None, :], new[:, None]) >= -tol), axis=1)
-    return jnp.maximum(jnp.max(jnp.where(wanted, n_at - r_at, 0)), 0)
+    wanted = xp.arange(new.shape[0]) < k
+    n_at = xp.sum(wanted[None, :] & (order.gain(new[None, :], new[:, None]) >= 0), axis=1)
+    r_at = xp.sum(wanted[None, :] & (order.gain(ref[None, :], new[:, None]) >= -tol), axis=1)
+    return xp.maximum(xp.max(xp.where(wanted, n_at - r_at, 0)), 0)
 
 
 def _largest_cluster(theta, thr, k):
     """Size of the largest group of the first ``k`` values equal within their thresholds."""
-    wanted = jnp.arange(theta.shape[0]) < k
-    close = jnp.abs(theta[None, :] - theta[:, None]) <= 2 * (thr[None, :] + thr[:, None])
-    return jnp.max(jnp.where(wanted, jnp.sum(close & wanted[None, :], axis=1), 0))
+    wanted = xp.arange(theta.shape[0]) < k
+    close = xp.abs(theta[None, :] - theta[:, None]) <= 2 * (thr[None, :] + thr[:, None])
+    return xp.max(xp.where(wanted, xp.sum(close & wanted[None, :], axis=1), 0))
 
 
 FAILURE_PROBABILITY = 1e-6  # of the verification's probabilistic certificate
@@ -198,19 +199,19 @@ def _unseen_unlikely(cfg: _Cfg, s: _State, theta, valid, thr):
     unrestarted Lanczos only.
     """
     if cfg.which == "LM":
-        return jnp.asarray(False)
+        return xp.asarray(False)
     k = s.k
     order = _order(cfg, s)
-    big = jnp.where(valid, theta, -jnp.inf)
-    small = jnp.where(valid, theta, jnp.inf)
-    spread = jnp.max(big) - jnp.min(small)
+    big = xp.where(valid, theta, -xp.inf)
+    small = xp.where(valid, theta, xp.inf)
+    spread = xp.max(big) - xp.min(small)
     gap = order.gain(theta[k - 1], theta[k]) + thr[k - 1]
     # no spread (every Ritz value equal): no relative gap to measure, no probabilistic certificate
-    eps = jnp.where(spread > 0, jnp.clip(gap / jnp.where(spread > 0, spread, 1.0), 0.0, 1.0), 0.0)
-    b = jnp.maximum(s.injected, 1)
-    j = (jnp.maximum(s.fresh - b + 1, 0) // b).astype(theta.dtype)  # products per fresh chain
+    eps = xp.where(spread > 0, xp.clip(gap / xp.where(spread > 0, spread, 1.0), 0.0, 1.0), 0.0)
+    b = xp.maximum(s.injected, 1)
+    j = (xp.maximum(s.fresh - b + 1, 0) // b).astype(theta.dtype)  # products per fresh chain
     need = float(np.log(1.648 * np.sqrt(cfg.dim) / FAILURE_PROBABILITY))
-    unlikely = (s.phase == 1) & (jnp.sqrt(eps) * (2 * j - 1) >= need)
+    unlikely = (s.phase == 1) & (xp.sqrt(eps) * (2 * j - 1) >= need)
     return unlikely if cfg.which else unlikely & (s.which != _band.Order.CODES["LM"])
 
 
@@ -237,9 +238,9 @@ def _evaluate(cfg: _Cfg, s: _State, band: _band.Band) -> _Eval:
     thr = _thresholds(cfg, band, theta, valid, s.tol)
     k = s.k
     ok = valid & (res <= thr)
-    nmul = jnp.sum(band.mult)
-    wanted = jnp.arange(cfg.m) < k
-    certified = jnp.all(ok | ~wanted) & (nmul > k)
+    nmul = xp.sum(band.mult)
+    wanted = xp.arange(cfg.m) < k
+    certified = xp.all(ok | ~wanted) & (nmul > k)
     guard_ok = valid[k] & (ok[k] | _unseen_unlikely(cfg, s, theta, valid, thr))
     # a basis spanning the whole space holds every eigenpair: nothing to verify. When the
     # basis can hold it (basis_size == dim), the chain simply runs until it does.
@@ -253,14 +254,14 @@ def _evaluate(cfg: _Cfg, s: _State, band: _band.Band) -> _Eval:
     return _Eval(
         search_cert=search_cert, verify_cert=verify_cert,
         finish=(verify_cert & (n_new < s.injected)) | whole,
-        n_inject=jnp.clip(cluster, 1, s.max_inject).astype(jnp.int32), theta=theta, Y=Y,
+        n_inject=xp.clip(cluster, 1, s.max_inject).astype(xp.int32), theta=theta, Y=Y,
     )
 
 
 def _no_eval(cfg: _Cfg, s: _State, band: _band.Band) -> _Eval:
     m, acc = cfg.m, band.H.dtype
-    f = jnp.asarray(False)
-    return _Eval(f, f, f, jnp.ones((), jnp.int32), jnp.zeros(m, acc), jnp.zeros((m, m), acc))
+    f = xp.asarray(False)
+    return _Eval(f, f, f, xp.ones((), xp.int32), xp.zeros(m, acc), xp.zeros((m, m), acc))
 
 
 # ---------------------------------------------------------------- the machine
@@ -285,29 +286,29 @@ def _update(cfg: _Cfg, s: _State, product) -> _State:
     count, since = s.count + 1, s.since + 1
     full, due = _due(cfg, s, band, count, since)
     s_now = s._replace(since=since, fresh=s.fresh + 1)
-    ev = jax.lax.cond(due, lambda b: _evaluate(cfg, s_now, b), lambda b: _no_eval(cfg, s_now, b),
+    ev = cond(due, lambda b: _evaluate(cfg, s_now, b), lambda b: _no_eval(cfg, s_now, b),
                       band)
     finish = ev.finish
     new_round = ev.search_cert | (ev.verify_cert & ~finish)
     restart = full & ~finish & ~new_round
-    band, Y = _compress(cfg, s, band, ev, new_round, restart, jnp.where(due, ev.Y, s.Y))
-    theta = jnp.where(due, ev.theta, s.theta)
+    band, Y = _compress(cfg, s, band, ev, new_round, restart, xp.where(due, ev.Y, s.Y))
+    theta = xp.where(due, ev.theta, s.theta)
     # one fresh direction per product: the verification block, or a new chain when the
     # only chain broke down
-    to_inject = jnp.where(new_round, ev.n_inject, s.to_inject)
+    to_inject = xp.where(new_round, ev.n_inject, s.to_inject)
     band, z, used_z, redraw = _inject_fresh(cfg, s, space, band, to_inject)
-    phase = jnp.where(finish, 2, jnp.where(new_round, 1, s.phase))
+    phase = xp.where(finish, 2, xp.where(new_round, 1, s.phase))
     return s._replace(
-        band=band, z=z, draws=s.draws + redraw.astype(jnp.int32),
-        phase=phase.astype(jnp.int32),
-        ref=jnp.where(new_round, ev.theta, s.ref),
-        injected=jnp.where(new_round, ev.n_inject, s.injected),
-        to_inject=jnp.maximum(to_inject - used_z.astype(jnp.int32), 0),
-        fresh=jnp.where(new_round, 0, s.fresh + 1),
-        rounds=s.rounds + new_round.astype(jnp.int32),
-        verify_count=s.verify_count + (s.phase >= 1).astype(jnp.int32),
-        restarts=s.restarts + (new_round | restart).astype(jnp.int32),
-        since=jnp.where(new_round | restart, 0, since), count=count, theta=theta, Y=Y,
+        band=band, z=z, draws=s.draws + redraw.astype(xp.int32),
+        phase=phase.astype(xp.int32),
+        ref=xp.where(new_round, ev.theta, s.ref),
+        injected=xp.where(new_round, ev.n_inject, s.injected),
+        to_inject=xp.maximum(to_inject - used_z.astype(xp.int32), 0),
+        fresh=xp.where(new_round, 0, s.fresh + 1),
+        rounds=s.rounds + new_round.astype(xp.int32),
+        verify_count=s.verify_count + (s.phase >= 1).astype(xp.int32),
+        restarts=s.restarts + (new_round | restart).astype(xp.int32),
+        since=xp.where(new_round | restart, 0, since), count=count, theta=theta, Y=Y,
     )
 
 
@@ -321,8 +322,8 @@ def _due(cfg: _Cfg, s: _State, band: _band.Band, count, since):
     # (a basis of dim rows spans the space: the last remainders are zero, no restart needed)
     full = ~_band.has_room(band) & (band.nbas < cfg.dim)
     last = count >= s.max_matvecs
-    spans = jnp.sum(band.mult) >= cfg.dim  # every row of a full-space basis multiplied
-    due = full | last | spans | ((since % s.check_every == 0) & (jnp.sum(band.mult) > s.k))
+    spans = xp.sum(band.mult) >= cfg.dim  # every row of a full-space basis multiplied
+    due = full | last | spans | ((since % s.check_every == 0) & (xp.sum(band.mult) > s.k))
     return full, due
 
 
@@ -337,14 +338,14 @@ def _compress(cfg: _Cfg, s: _State, band: _band.Band, ev: _Eval, new_round, rest
     k, m = s.k, cfg.m
 
     def compress(band):
-        rest = jnp.sum(_band.pending(band))
-        K = jnp.where(new_round, k, jnp.minimum(s.keep, band.limit - rest - 1))
+        rest = xp.sum(_band.pending(band))
+        K = xp.where(new_round, k, xp.minimum(s.keep, band.limit - rest - 1))
         return _band.compress(band, ev.Y, K, drop_pending=new_round)
 
     band = _tree.apply_if(new_round | restart, compress, band)
-    kept = jnp.where(new_round, k, jnp.sum(band.mult))
-    eye = jnp.where((jnp.arange(m) < kept)[None, :], jnp.eye(m, dtype=ev.Y.dtype), 0.0)
-    return band, jnp.where(new_round | restart, eye, Y)
+    kept = xp.where(new_round, k, xp.sum(band.mult))
+    eye = xp.where((xp.arange(m) < kept)[None, :], xp.eye(m, dtype=ev.Y.dtype), 0.0)
+    return band, xp.where(new_round | restart, eye, Y)
 
 
 def _inject_fresh(cfg: _Cfg, s: _State, space, band: _band.Band, to_inject):
@@ -362,7 +363,7 @@ def _inject_fresh(cfg: _Cfg, s: _State, space, band: _band.Band, to_inject):
     used_z = want & z_ok
     # a used (or unusable) direction is replaced by a new draw; no draw otherwise
     redraw = want
-    z = jax.lax.cond(redraw, lambda: space.gaussian(s.key, s.draws), lambda: s.z)
+    z = cond(redraw, lambda: space.gaussian(s.key, s.draws), lambda: s.z)
     return band, z, used_z, redraw
 
 
@@ -375,24 +376,24 @@ def _setup(cfg: _Cfg, v0, key, tol, max_matvecs, max_restarts, sizes=None, seed=
     z0 = space.gaussian(seed, 0)
     x0 = space.flatten(v0)
     nv = _tree.max_abs(x0)  # a test for zero at any scale (no square to underflow)
-    usable = (nv > 0) & jnp.isfinite(nv)  # a zero or non-finite v0: start at random instead
+    usable = (nv > 0) & xp.isfinite(nv)  # a zero or non-finite v0: start at random instead
     x0 = _tree.where(usable, x0, z0)
     acc = _band.acc_dtype(x0)
     band = _band.init(x0, cfg.m, acc, cfg.basis_dtype, num_external=NUM_DROPPED, limit=m)
     band = band._replace(finite=_tree.all_finite(v0))
-    z = jnp.zeros((), jnp.int32)
+    z = xp.zeros((), xp.int32)
     return _State(
-        band=band, z=jax.lax.cond(usable, lambda: z0, lambda: space.gaussian(seed, 1)),
-        key=seed, draws=jnp.where(usable, 1, 2).astype(jnp.int32), phase=z,
-        ref=jnp.zeros(cfg.m, acc),
+        band=band, z=cond(usable, lambda: z0, lambda: space.gaussian(seed, 1)),
+        key=seed, draws=xp.where(usable, 1, 2).astype(xp.int32), phase=z,
+        ref=xp.zeros(cfg.m, acc),
         injected=z, to_inject=z, fresh=z, rounds=z, verify_count=z, restarts=z, since=z,
         count=z,
-        tol=jnp.asarray(tol, acc), max_matvecs=jnp.asarray(max_matvecs, jnp.int32),
-        max_restarts=jnp.asarray(max_restarts, jnp.int32), theta=jnp.zeros(cfg.m, acc),
-        Y=jnp.zeros((cfg.m, cfg.m), acc), like=_tree.zeros_like(v0),
-        k=jnp.asarray(k, jnp.int32), keep=jnp.asarray(keep, jnp.int32),
-        check_every=jnp.asarray(check_every, jnp.int32),
-        max_inject=jnp.asarray(max_inject, jnp.int32), which=jnp.asarray(which, jnp.int32),
+        tol=xp.asarray(tol, acc), max_matvecs=xp.asarray(max_matvecs, xp.int32),
+        max_restarts=xp.asarray(max_restarts, xp.int32), theta=xp.zeros(cfg.m, acc),
+        Y=xp.zeros((cfg.m, cfg.m), acc), like=_tree.zeros_like(v0),
+        k=xp.asarray(k, xp.int32), keep=xp.asarray(keep, xp.int32),
+        check_every=xp.asarray(check_every, xp.int32),
+        max_inject=xp.asarray(max_inject, xp.int32), which=xp.asarray(which, xp.int32),
     )
 
 
@@ -413,17 +414,17 @@ def _finish(cfg: _Cfg, s: _State) -> EigshResult:
     r = cfg.k or cfg.m  # rows returned: k, or (answer-now steps) all of them, cut on the host
     band = s.band
     theta, Y = s.theta[:r], s.Y[:, :r]  # the last test's Ritz pairs (the loop ends on a test)
-    wanted = jnp.arange(r) < s.k
-    valid = jnp.sum(jnp.where(band.mult[:, None], Y**2, 0.0), axis=0) > 0.5
+    wanted = xp.arange(r) < s.k
+    valid = xp.sum(xp.where(band.mult[:, None], Y**2, 0.0), axis=0) > 0.5
     res = _band.exact_residuals(band, Y)
     X = space.unflatten_basis(_tree.basis_matmul(Y.T, band.Q))
-    X = jax.tree.map(lambda q, x: q.astype(jnp.result_type(x)), X, s.like)
-    finite = band.finite & jnp.all(jnp.isfinite(theta) | ~wanted)
-    ok = finite & jnp.all(valid | ~wanted)
+    X = jax.tree.map(lambda q, x: q.astype(xp.result_type(x)), X, s.like)
+    finite = band.finite & xp.all(xp.isfinite(theta) | ~wanted)
+    ok = finite & xp.all(valid | ~wanted)
     return EigshResult(
-        eigenvalues=jnp.where(ok, theta, jnp.nan),
+        eigenvalues=xp.where(ok, theta, xp.nan),
         eigenvectors=X,
-        residual_norms=jnp.where(ok & _certifiable(band), res, jnp.nan),
+        residual_norms=xp.where(ok & _certifiable(band), res, xp.nan),
         num_matvecs=s.count,
         num_restarts=s.restarts,
         converged=(s.phase == 2) & ok & _certifiable(band),
@@ -441,7 +442,7 @@ def _certifiable(band: _band.Band):
     remainders that certify a pair are subnormal, which XLA flushes to zero: a
     residual of zero there proves nothing, and the pairs are returned unconverged.
     """
-    fi = jnp.finfo(band.H.dtype)
+    fi = xp.finfo(band.H.dtype)
     return band.anorm * fi.eps >= fi.tiny
 
 
@@ -457,20 +458,21 @@ def _solve_now(cfg: _Cfg, matvec, v0, key, tol, max_matvecs, max_restarts) -> Ei
     The steps are those of ``cfg``'s size class (`_shape_cfg`), shared by every ``k`` and
     basis size of the class; the result's ``k`` rows are cut from the class's on the host.
     """
-    return _driver.solve_now(_setup, _request, _update, _running, _finish, _shape_cfg(cfg),
+    shape = _shape_cfg(cfg)
+    return _driver.solve_now(_setup, _request, _update, _running, _finish, shape,
                              matvec, v0, key, tol, max_matvecs, max_restarts, _sizes(cfg),
                              bases=("eigenvectors",),
                              cut={"eigenvalues": cfg.k, "residual_norms": cfg.k},
-                             rows=cfg.k, report=_report)
+                             rows=cfg.k, report=_report, host_rows=shape.m + NUM_DROPPED + 2)
 
 
 def _report(cfg: _Cfg, s: _State):
     """``(products, budget, verification rounds, worst relative residual)`` for the progress
     bar: the residual bounds of the wanted Ritz pairs at the last test, over ``|theta|``."""
     res = _band.residual_norms(s.band, s.Y)
-    theta = jnp.abs(s.theta)
-    wanted = jnp.arange(theta.shape[0]) < s.k
-    worst = jnp.max(jnp.where(wanted, res / jnp.where(theta > 0, theta, 1.0), 0.0))
+    theta = xp.abs(s.theta)
+    wanted = xp.arange(theta.shape[0]) < s.k
+    worst = xp.max(xp.where(wanted, res / xp.where(theta > 0, theta, 1.0), 0.0))
     return s.count, s.max_matvecs, s.rounds, worst
 
 
