@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from curvlib._xp import at_set, on_host, xp
+from curvlib._xp import at_set, bitcast, on_host, xp
 
 PyTree = Any
 
@@ -248,9 +248,9 @@ def pow2_floor(x: jax.Array) -> jax.Array:
     """
     fi = xp.finfo(x.dtype)
     ok = xp.isfinite(x) & (x >= fi.tiny)
-    bits = jax.lax.bitcast_convert_type(x, xp.dtype(f"uint{fi.bits}"))
+    bits = bitcast(x, xp.dtype(f"uint{fi.bits}"))
     mask = xp.asarray(~((1 << int(fi.nmant)) - 1) & ((1 << fi.bits) - 1), bits.dtype)
-    return xp.where(ok, jax.lax.bitcast_convert_type(bits & mask, x.dtype), 1.0).astype(x.dtype)
+    return xp.where(ok, bitcast(bits & mask, x.dtype), 1.0).astype(x.dtype)
 
 
 def max_abs(a: PyTree, dt=None) -> jax.Array:

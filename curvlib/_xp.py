@@ -8,7 +8,7 @@ microseconds per operation, with no XLA compile at all, so the first answer wait
 the user's product to compile (`curvlib.krylov._driver.solve_now`).
 
 Only what the two libraries spell differently needs a helper here: functional updates
-(`at_set`), branches (`cond`), ``iota``, contractions with an accumulation type (NumPy
+(`at_set`), branches (`cond`), ``iota``, `bitcast`, contractions with an accumulation type (NumPy
 accumulates in the operands' type, which is what curvlib asks for on the host: float32
 and float64 vectors only), and ``eigh`` of a non-finite matrix (NumPy raises where XLA
 returns NaN).
@@ -43,14 +43,15 @@ def on_host() -> bool:
 
 
 @contextlib.contextmanager
-def host():
+def host(on: bool = True):
     """Run the engines on NumPy arrays in this thread (other threads are not affected).
 
     Floating-point warnings are off inside: like XLA, the engines compute both sides of a
     ``where`` and keep one (a division by zero on the side not kept is expected).
+    ``host(False)`` returns to ``jax.numpy`` inside (to trace a JAX program from a step).
     """
     was = on_host()
-    _state.host = True
+    _state.host = on
     try:
         with np.errstate(all="ignore"):
             yield
@@ -147,3 +148,10 @@ def iota(dtype, shape, dimension: int):
         return np.broadcast_to(idx.reshape([-1 if a == dimension else 1
                                             for a in range(len(shape))]), shape)
     return jax.lax.broadcasted_iota(dtype, shape, dimension)
+
+
+def bitcast(x, dtype):
+    """``jax.lax.bitcast_convert_type`` between types of one width: the same bits, retyped."""
+    if on_host():
+        return np.asarray(x).view(dtype)
+    return jax.lax.bitcast_convert_type(x, dtype)

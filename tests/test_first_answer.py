@@ -405,20 +405,21 @@ def _cg_cases():
     }
 
 
-def _same_cg(a, b):
+def _same_cg(a, b, atol=1e-12, residual_rtol=1e-9):
     for f in ("num_steps", "num_matvecs", "converged", "negative_curvature", "finite", "status"):
         assert int(getattr(a, f)) == int(getattr(b, f)), f
     scale = max(float(np.max(np.abs(np.concatenate(
         [np.ravel(t) for t in jax.tree.leaves(b.x)])))), 1e-300)
     for u, v in zip(jax.tree.leaves((a.x, a.curvature_direction)),
                     jax.tree.leaves((b.x, b.curvature_direction)), strict=True):
-        np.testing.assert_allclose(u, v, rtol=0, atol=1e-12 * scale)
-    np.testing.assert_allclose(a.residual_norm, b.residual_norm, rtol=1e-9,
-                               atol=1e-12 * float(np.nan_to_num(b.residual_norm, nan=1.0)))
+        np.testing.assert_allclose(u, v, rtol=0, atol=atol * scale)
+    if residual_rtol is not None:
+        np.testing.assert_allclose(a.residual_norm, b.residual_norm, rtol=residual_rtol,
+                                   atol=1e-12 * float(np.nan_to_num(b.residual_norm, nan=1.0)))
 
 
 @pytest.mark.parametrize("case", sorted(_cg_cases()))
-def test_cg_answers_now_with_the_fused_programs_answer(behind, case):
+def test_cg_answers_now_with_the_fused_programs_answer(behind, engine, case):
     """An eager first `cg` answers through the host-driven steps (no fused compile in front);
     its iterates, certificate and flags are the fused program's (float64, to rounding)."""
     mv, b, kw = _cg_cases()[case]
@@ -431,7 +432,20 @@ def test_cg_answers_now_with_the_fused_programs_answer(behind, case):
     steps = _steps_compiled()
     fused = curvlib.cg(mv, b, **kw)
     assert _steps_compiled() == steps  # the fused program answered
-    _same_cg(now, fused)
+    if engine == "compiled":  # XLA's sums, in XLA's order: the fused program's iterates
+        _same_cg(now, fused)
+    else:
+        # NumPy sums inner products in another order than XLA: over tens of CG steps the
+        # rounding differences grow to the solve's own accuracy (4e-8 relative at rtol=1e-6,
+        # 1e-10 at rtol=1e-10). The same steps and flags; iterates within the tolerance;
+        # and the residual reported is the true residual of the iterate returned
+        _same_cg(now, fused, atol=1e-6, residual_rtol=None)
+        if bool(now.finite):
+            flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree.leaves(t)])
+            r = flat(b) - flat(mv(now.x)) - float(kw.get("damping", 0.0)) * flat(now.x)
+            big = np.max(np.abs(r))  # (scaled: the tiny case's squares would underflow)
+            true = big * np.linalg.norm(r / big) if big > 0 else 0.0
+            np.testing.assert_allclose(now.residual_norm, true, rtol=1e-6)
     if case == "spd":
         np.testing.assert_allclose(now.x, np.linalg.solve(np.asarray(mv(jnp.eye(40))),
                                                           np.asarray(b)), rtol=1e-8)
@@ -491,7 +505,7 @@ def _power_cases():
 
 
 @pytest.mark.parametrize("case", sorted(_power_cases()))
-def test_power_iteration_answers_now_with_the_fused_programs_answer(behind, case):
+def test_power_iteration_answers_now_with_the_fused_programs_answer(behind, engine, case):
     mv, v0, kw = _power_cases()[case]
     lookups = sum(_steps_compiled()[:2])
     now = curvlib.power_iteration(mv, v0, **kw)

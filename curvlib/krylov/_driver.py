@@ -287,7 +287,7 @@ def solve_now(setup, request, update, running, finish, cfg, matvec, v0, key, *ar
 # basis entries (vectors stored x their size) up to which the answer-now steps run on NumPy:
 # 32 vectors of 131k numbers; there a step's Gram-Schmidt passes take about a millisecond
 HOST_MAX_ENTRIES = 1 << 22
-HOST_STEPS = [0]  # steps run on NumPy in this process (for tests: which path answered)
+HOST_STEPS = [0]  # setups and steps run on NumPy in this process (for tests: which path ran)
 
 
 def on_host_ok(v0, rows: int) -> bool:
@@ -316,6 +316,8 @@ def _solve_on_host(setup, request, update, running, finish, cfg, matvec, v0, key
     flat = jax.ShapeDtypeStruct((_tree.size(v0),), _tree.dtype(v0))
     product_ready = ahead().submit(precompile, _flat_product, matvec, v0, flat)
     x0, seed = jax.device_get(_flat_start(v0, key))
+    args = [_to_host(a) for a in args]
+    HOST_STEPS[0] += 1
     with _xp.host():
         state = setup(cfg, x0, None, *args, seed)
         x, more = request(cfg, state), running(cfg, state)
@@ -340,6 +342,13 @@ def _solve_on_host(setup, request, update, running, finish, cfg, matvec, v0, key
     res = res._replace(**dict(zip(bases, B, strict=True)), **dict(zip(vectors, V, strict=True)),
                        **dict(zip(cut, C, strict=True)))
     return jax.tree.map(jnp.asarray, res)
+
+
+def _to_host(a):
+    """An option array (a tolerance, a budget) as a NumPy array; a PRNG key as it is."""
+    if isinstance(a, jax.Array) and not jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+        return np.asarray(a)
+    return a
 
 
 def _fields(res, bases, vectors, cut) -> tuple[list, list, list]:

@@ -11,6 +11,7 @@ import numpy as np
 
 from curvlib import _compile, _tree, _validate
 from curvlib._status import Status, from_flags
+from curvlib._xp import cond, xp
 from curvlib.krylov import _driver, _space, solvers
 
 PyTree = Any
@@ -76,7 +77,7 @@ class _CGState(NamedTuple):
 
 
 def _cast_like(y: PyTree, like: PyTree) -> PyTree:
-    return jax.tree.map(lambda a, b: jnp.asarray(a).astype(b.dtype), y, like)
+    return jax.tree.map(lambda a, b: xp.asarray(a).astype(b.dtype), y, like)
 
 
 def _check_max_steps(max_steps, n: int):
@@ -158,11 +159,11 @@ def _cg_scale(rhs, rtol, atol, acc):
     Cost: one pass over b (two at extreme scales) and the scaling, no product.
     """
     bnorm = _tree.norm(rhs).astype(acc)
-    finite0 = jnp.isfinite(bnorm)
+    finite0 = xp.isfinite(bnorm)
     sigma = _tree.pow2_floor(bnorm)
     rhs = _tree.scale(1.0 / sigma, rhs)  # exact: sigma is a power of two
     rnorm0 = bnorm / sigma  # ||b / sigma||, in [1, 2) for a non-zero b (exact scaling)
-    tol = jnp.maximum(rtol * rnorm0, atol / sigma)
+    tol = xp.maximum(rtol * rnorm0, atol / sigma)
     return rhs, sigma, rnorm0, tol, finite0
 
 
@@ -173,20 +174,20 @@ def _cg_init(rhs, x0, sigma, rnorm0, tol, finite0, max_steps, acc):
     ``b`` is not finite, ``b = 0`` already meets ``tol``, or ``max_steps < 1``.
     """
     zeros = _tree.zeros_like(rhs)
-    rnorm0 = jnp.where(finite0, rnorm0, jnp.nan)  # a non-finite b has no residual to report
+    rnorm0 = xp.where(finite0, rnorm0, xp.nan)  # a non-finite b has no residual to report
     if x0 is None:
-        x0, phase0 = zeros, jnp.where(max_steps >= 1, _STEP, _DONE)
+        x0, phase0 = zeros, xp.where(max_steps >= 1, _STEP, _DONE)
     else:
         # a non-finite warm start is dropped (x0 = 0), not multiplied
         ok = _tree.all_finite(x0)
         x0 = _tree.where(ok, _tree.scale(1.0 / sigma, x0), zeros)
-        phase0 = jnp.where(ok, _WARM, _STEP).astype(jnp.int32)
-    phase0 = jnp.where(finite0 & ~(rnorm0 <= tol), phase0, _DONE).astype(jnp.int32)
+        phase0 = xp.where(ok, _WARM, _STEP).astype(xp.int32)
+    phase0 = xp.where(finite0 & ~(rnorm0 <= tol), phase0, _DONE).astype(xp.int32)
     init = _CGState(
-        phase=phase0, x=zeros, r=rhs, p=zeros, rz=jnp.ones((), acc),
-        pnorm=jnp.zeros((), acc), rnorm=rnorm0,
-        moved=jnp.asarray(False), step=jnp.zeros((), jnp.int32),
-        num_matvecs=jnp.zeros((), jnp.int32), negcurv=jnp.asarray(False), negdir=zeros,
+        phase=phase0, x=zeros, r=rhs, p=zeros, rz=xp.ones((), acc),
+        pnorm=xp.zeros((), acc), rnorm=rnorm0,
+        moved=xp.asarray(False), step=xp.zeros((), xp.int32),
+        num_matvecs=xp.zeros((), xp.int32), negcurv=xp.asarray(False), negdir=zeros,
         finite=finite0,
     )
     return init, x0
@@ -211,11 +212,11 @@ def _cg_direction(s: _CGState, x0, precond, acc):
     """
     in_step = s.phase == _STEP
     # (the preconditioner is applied only in the _STEP phase)
-    z = jax.lax.cond(in_step, lambda r: _cast_like(precond(r), r), lambda r: r, s.r)
+    z = cond(in_step, lambda r: _cast_like(precond(r), r), lambda r: r, s.r)
     rz = _tree.vdot(s.r, z).astype(acc)
-    beta = jnp.where(s.step > 0, rz / jnp.where(s.rz != 0, s.rz, 1.0), 0.0)
-    znorm = jnp.abs(rz) / jnp.where(s.rnorm > 0, s.rnorm, 1.0)
-    pnorm = jnp.hypot(znorm, beta * s.pnorm)
+    beta = xp.where(s.step > 0, rz / xp.where(s.rz != 0, s.rz, 1.0), 0.0)
+    znorm = xp.abs(rz) / xp.where(s.rnorm > 0, s.rnorm, 1.0)
+    pnorm = xp.hypot(znorm, beta * s.pnorm)
     pn = _tree.pow2_floor(pnorm)
     # s.p holds d_prev = p_prev / pn_prev, pn_prev = pow2_floor(s.pnorm) (kept together)
     d = _tree.add_scale(_tree.scale(1.0 / pn, z), beta * (_tree.pow2_floor(s.pnorm) / pn), s.p)
@@ -235,8 +236,8 @@ def _cg_advance(s: _CGState, rhs, x0, d, rz, v, pn, pnorm, w, tol, max_steps, ac
 
     # _WARM: x = c x0 with c minimising the quadratic model along x0 (0 when the
     # curvature along x0 is not positive or the product is not finite)
-    c = jnp.where(fin & (vw > 0), _tree.vdot(x0, rhs).astype(acc)
-                  / jnp.where(vw > 0, vw, 1.0), 0.0)
+    c = xp.where(fin & (vw > 0), _tree.vdot(x0, rhs).astype(acc)
+                  / xp.where(vw > 0, vw, 1.0), 0.0)
     w_safe = _tree.where(fin, w, zeros)
     x_warm = _tree.scale(c, x0)
     r_warm = _tree.add_scale(rhs, -c, w_safe)
@@ -246,7 +247,7 @@ def _cg_advance(s: _CGState, rhs, x0, d, rz, v, pn, pnorm, w, tol, max_steps, ac
     good = in_step & fin & ~negcurv
     # the step along v = d = p / pn (pn a power of two, ||d|| of order one): rz / (p^T A p)
     # along p, in an order that neither underflows nor overflows
-    alpha = (rz / pn) / jnp.where(good, vw, 1.0)
+    alpha = (rz / pn) / xp.where(good, vw, 1.0)
     x_step = _tree.add_scale(s.x, alpha, v)
     r_step = _tree.add_scale(s.r, -alpha, w_safe)
 
@@ -259,18 +260,18 @@ def _cg_advance(s: _CGState, rhs, x0, d, rz, v, pn, pnorm, w, tol, max_steps, ac
         good, r_step, _tree.where(is_check & fin, r_true, s.r)))
     # residuals of the scaled system b / sigma: of order one down to rtol, no range test
     rnorm = _tree.plain_norm(r).astype(acc)
-    rnorm = jnp.where(is_check & ~fin, jnp.nan, rnorm)
-    step = s.step + in_step.astype(jnp.int32)
+    rnorm = xp.where(is_check & ~fin, xp.nan, rnorm)
+    step = s.step + in_step.astype(xp.int32)
     negcurv_all = s.negcurv | negcurv
     # a non-finite warm-start product only drops the warm start
     finite = s.finite & (fin | is_warm)
-    moved = jnp.where(is_warm | is_check, False, s.moved | good)
+    moved = xp.where(is_warm | is_check, False, s.moved | good)
     stop = ~(rnorm > tol) | (step >= max_steps) | negcurv_all | ~finite
-    after = jnp.where(stop, jnp.where(moved, _CHECK, _DONE), _STEP)
-    phase = jnp.where(is_check, _DONE, after).astype(jnp.int32)
+    after = xp.where(stop, xp.where(moved, _CHECK, _DONE), _STEP)
+    phase = xp.where(is_check, _DONE, after).astype(xp.int32)
     return _CGState(
-        phase=phase, x=x, r=r, p=_tree.where(good, d, s.p), rz=jnp.where(good, rz, s.rz),
-        pnorm=jnp.where(good, pnorm, s.pnorm), rnorm=rnorm, moved=moved, step=step,
+        phase=phase, x=x, r=r, p=_tree.where(good, d, s.p), rz=xp.where(good, rz, s.rz),
+        pnorm=xp.where(good, pnorm, s.pnorm), rnorm=rnorm, moved=moved, step=step,
         num_matvecs=s.num_matvecs + 1, negcurv=negcurv_all,
         negdir=_tree.where(negcurv, _tree.scale(pn, d), s.negdir), finite=finite,
     )
@@ -316,7 +317,7 @@ class _NowState(NamedTuple):
 
 
 def _now_setup(cfg: _NowCfg, b, _key, damping, rtol, atol, max_steps, _seed) -> _NowState:
-    acc = jnp.dtype(cfg.acc)
+    acc = xp.dtype(cfg.acc)
     rhs, sigma, rnorm0, tol, finite0 = _cg_scale(b, rtol, atol, acc)
     init, _ = _cg_init(rhs, None, sigma, rnorm0, tol, finite0, max_steps, acc)
     return _NowState(cg=init, direction=_now_direction(cfg, init, rhs), rhs=rhs, sigma=sigma,
@@ -324,7 +325,7 @@ def _now_setup(cfg: _NowCfg, b, _key, damping, rtol, atol, max_steps, _seed) -> 
 
 
 def _now_direction(cfg: _NowCfg, cg: _CGState, rhs):
-    return _cg_direction(cg, jnp.zeros_like(rhs), lambda r: r, jnp.dtype(cfg.acc))
+    return _cg_direction(cg, xp.zeros_like(rhs), lambda r: r, xp.dtype(cfg.acc))
 
 
 def _now_request(cfg: _NowCfg, s: _NowState):
@@ -334,8 +335,8 @@ def _now_request(cfg: _NowCfg, s: _NowState):
 def _now_update(cfg: _NowCfg, s: _NowState, w) -> _NowState:
     d, rz, v, pn, pnorm = s.direction
     w = (w + s.damping * v).astype(v.dtype)  # the damped product, as `cg`'s operator forms it
-    cg = _cg_advance(s.cg, s.rhs, jnp.zeros_like(s.rhs), d, rz, v, pn, pnorm, w, s.tol,
-                     s.max_steps, jnp.dtype(cfg.acc))
+    cg = _cg_advance(s.cg, s.rhs, xp.zeros_like(s.rhs), d, rz, v, pn, pnorm, w, s.tol,
+                     s.max_steps, xp.dtype(cfg.acc))
     return s._replace(cg=cg, direction=_now_direction(cfg, cg, s.rhs))
 
 
@@ -366,7 +367,7 @@ def _cg_now(matvec, b, x0, damping, solver, rtol, atol, max_steps, preconditione
         _now_setup, _now_request, _now_update, _now_running, _now_finish,
         _NowCfg(acc=jnp.dtype(acc).name), matvec, b, None,
         damping, rtol, atol, np.int32(max_steps),
-        vectors=("x", "curvature_direction"))
+        vectors=("x", "curvature_direction"), host_rows=6)
 
 
 @_compile.function(operators={"matvec": "b", "preconditioner": "b"}, precheck=_precheck,

@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _compile, _deprecation, _tree, _validate
+from curvlib import _compile, _deprecation, _tree, _validate, _xp
 from curvlib._status import Status, from_flags
+from curvlib._xp import at_set, cond, on_host, xp
 from curvlib.krylov import _driver, _space, solvers
 
 PyTree = Any
@@ -93,13 +94,14 @@ def _start(X, i, u0, draw, acc):
     lies in the span of the pairs found) and there is no ``draw`` (no key) to take another
     direction from.
     """
-    eps = jnp.finfo(acc).eps
+    eps = xp.finfo(acc).eps
     v = _project_out(X, u0, acc)
     good = _tree.plain_norm(v).astype(acc) > 10 * eps
     if draw is None:
         return _tree.unit(v, acc), good
-    rnd = _project_out(X, draw(i), acc)
-    return _tree.unit(_tree.where(good, v, rnd), acc), jnp.asarray(True)
+    # (the random direction is drawn only when needed: rarely, and on the host at a cost)
+    start = cond(good, lambda: v, lambda: _project_out(X, draw(i), acc))
+    return _tree.unit(start, acc), xp.asarray(True)
 
 
 def _options(solver, max_matvecs, num_iters, rtol):
@@ -143,9 +145,30 @@ def _now_setup(cfg: _NowCfg, v0, _none, key, tol, num_iters, max_matvecs,
     # all k draws in the setup, one vmapped call site: the step then holds no random-bits
     # program (on XLA:CPU the largest part of its compile)
     draw = _keyed_draw(key, v0)
-    draws = None if draw is None else jax.vmap(draw)(jnp.arange(cfg.k))
-    init, u0 = _power_init(v0, cfg.k, _rows(draws), jnp.dtype(cfg.acc))
+    if draw is not None:
+        draws = _HostDraws(key, v0) if on_host() else jax.vmap(draw)(xp.arange(cfg.k))
+    else:
+        draws = None
+    init, u0 = _power_init(v0, cfg.k, _rows(draws), xp.dtype(cfg.acc))
     return _NowState(init, u0, draws, tol, num_iters, max_matvecs)
+
+
+class _HostDraws:
+    """The pairs' random directions for steps run on NumPy: ``draws[i]`` is drawn when used
+    (rarely: only for a start that lies in the span of the pairs found), by the program of
+    `_keyed_draw`, so it is the same numbers as the compiled steps' draws."""
+
+    def __init__(self, key, like):
+        self.key, self.like = key, like
+
+    def __getitem__(self, i):
+        with _xp.host(False):
+            return np.asarray(_draw_row(self.key, i, self.like))
+
+
+@jax.jit
+def _draw_row(key, i, like):
+    return _keyed_draw(key, like)(i)
 
 
 def _rows(draws):
@@ -159,7 +182,7 @@ def _now_request(cfg: _NowCfg, s: _NowState):
 
 def _now_update(cfg: _NowCfg, s: _NowState, w) -> _NowState:
     power = _power_step(s.power, w, s.u0, _rows(s.draws), cfg.k, s.tol, s.num_iters,
-                        s.max_matvecs, jnp.dtype(cfg.acc))
+                        s.max_matvecs, xp.dtype(cfg.acc))
     return s._replace(power=power)
 
 
@@ -169,7 +192,7 @@ def _now_running(cfg: _NowCfg, s: _NowState):
 
 
 def _now_finish(cfg: _NowCfg, s: _NowState) -> PowerIterationResult:
-    return _power_result(s.power, cfg.k, s.tol, jnp.dtype(cfg.acc))
+    return _power_result(s.power, cfg.k, s.tol, xp.dtype(cfg.acc))
 
 
 def _answers_now(matvec, v0, k, key, solver, max_matvecs, num_iters, rtol) -> bool:
@@ -186,7 +209,7 @@ def _power_now(matvec, v0, k, key, solver, max_matvecs, num_iters, rtol):
     return _driver.solve_now(
         _now_setup, _now_request, _now_update, _now_running, _now_finish, cfg, matvec, v0, None,
         key, tol, np.int32(num_iters), np.int32(max_matvecs),
-        bases=("eigenvectors",))
+        bases=("eigenvectors",), host_rows=2 * k + 4)
 
 
 @_deprecation.renamed("curvlib.power_iteration", tol="rtol")
@@ -356,9 +379,9 @@ def _power_init(v0, k, draw, acc):
     u0 = _tree.unit(v0, acc, _tree.norm)  # the one scale-safe norm of the start
     x, ok = _start(X, 0, u0, draw, acc)
     init = _PowerState(
-        X=X, AX=X, thetas=jnp.zeros(k, acc), res=jnp.zeros(k, acc), conv=jnp.zeros(k, bool),
-        i=jnp.zeros((), jnp.int32), x=x, it=jnp.zeros((), jnp.int32),
-        total=jnp.zeros((), jnp.int32), started=ok, finite=finite0,
+        X=X, AX=X, thetas=xp.zeros(k, acc), res=xp.zeros(k, acc), conv=xp.zeros(k, bool),
+        i=xp.zeros((), xp.int32), x=x, it=xp.zeros((), xp.int32),
+        total=xp.zeros((), xp.int32), started=ok, finite=finite0,
     )
     return init, u0
 
@@ -376,7 +399,7 @@ def _power_measure(s: _PowerState, raw, acc):
     fin = _tree.all_finite(raw)
     raw = _tree.where(fin, raw, _tree.zeros_like(raw))
     c = _tree.norm(raw).astype(acc)
-    c = jnp.where((c > 0) & jnp.isfinite(c), c, 1.0)
+    c = xp.where((c > 0) & xp.isfinite(c), c, 1.0)
     u = jax.tree.map(lambda y: y / c.astype(y.dtype), raw)
     theta = _tree.vdot(s.x, u).astype(acc)
     true_res = c * _tree.plain_norm(_tree.add_scale(u, -theta, s.x)).astype(acc)
@@ -392,33 +415,33 @@ def _power_step(s: _PowerState, raw, u0, draw, k, tol, num_iters, max_matvecs, a
     """
     raw, fin, theta, true_res, defl, defl_res = _power_measure(s, raw, acc)
     it, total = s.it + 1, s.total + 1
-    done = fin & ((defl_res <= tol * jnp.abs(theta)) | (it >= num_iters)
+    done = fin & ((defl_res <= tol * xp.abs(theta)) | (it >= num_iters)
                   | (total >= max_matvecs))
     store = lambda B, v: jax.tree.map(
-        lambda q, y: jnp.where(done, q.at[s.i].set(y.astype(q.dtype)), q), B, v)
+        lambda q, y: xp.where(done, at_set(q, s.i, y.astype(q.dtype)), q), B, v)
     X, AX = store(s.X, s.x), store(s.AX, raw)
-    thetas = jnp.where(done, s.thetas.at[s.i].set(theta), s.thetas)
-    res = jnp.where(done, s.res.at[s.i].set(true_res), s.res)
-    conv = jnp.where(done, s.conv.at[s.i].set(true_res <= tol * jnp.abs(theta)), s.conv)
-    i = s.i + done.astype(jnp.int32)
+    thetas = xp.where(done, at_set(s.thetas, s.i, theta), s.thetas)
+    res = xp.where(done, at_set(s.res, s.i, true_res), s.res)
+    conv = xp.where(done, at_set(s.conv, s.i, true_res <= tol * xp.abs(theta)), s.conv)
+    i = s.i + done.astype(xp.int32)
 
     def next_pair(_):
         return _start(X, i, u0, draw, acc)
 
     def same_pair(_):
-        return _tree.unit(defl, acc), jnp.asarray(True)
+        return _tree.unit(defl, acc), xp.asarray(True)
 
-    x, started = jax.lax.cond(done & (i < k), next_pair, same_pair, None)
+    x, started = cond(done & (i < k), next_pair, same_pair, None)
     return _PowerState(
         X=X, AX=AX, thetas=thetas, res=res, conv=conv, i=i, x=x,
-        it=jnp.where(done, 0, it).astype(jnp.int32), total=total, started=started,
+        it=xp.where(done, 0, it).astype(xp.int32), total=total, started=started,
         finite=s.finite & fin,
     )
 
 
 def _power_result(s: _PowerState, k, tol, acc) -> PowerIterationResult:
     """The result from the final state: Ritz pairs of the span when all ``k`` were found."""
-    found = jnp.arange(k) < s.i
+    found = xp.arange(k) < s.i
     X, thetas, res, conv = s.X, s.thetas, s.res, s.conv
     if k > 1:
         # Rayleigh-Ritz on the span of the pairs, from their stored products (no new
@@ -426,20 +449,20 @@ def _power_result(s: _PowerState, k, tol, acc) -> PowerIterationResult:
         # residuals leave in the later ones
         Xr, thr, resr = _rayleigh_ritz(s.X, s.AX, acc)
         use = s.finite & (s.i == k)
-        X = jax.tree.map(lambda a, b: jnp.where(use, a, b), Xr, X)
-        thetas = jnp.where(use, thr, thetas)
-        res = jnp.where(use, resr, res)
-        conv = jnp.where(use, resr <= tol * jnp.abs(thr), conv)
-    nan = jnp.asarray(jnp.nan, acc)
+        X = jax.tree.map(lambda a, b: xp.where(use, a, b), Xr, X)
+        thetas = xp.where(use, thr, thetas)
+        res = xp.where(use, resr, res)
+        conv = xp.where(use, resr <= tol * xp.abs(thr), conv)
+    nan = xp.asarray(xp.nan, acc)
     return PowerIterationResult(
-        eigenvalues=jnp.where(found, thetas, nan),
+        eigenvalues=xp.where(found, thetas, nan),
         eigenvectors=jax.tree.map(
-            lambda q: jnp.where(found.reshape((k,) + (1,) * (q.ndim - 1)), q, jnp.nan), X),
-        residual_norms=jnp.where(found, res, nan),
+            lambda q: xp.where(found.reshape((k,) + (1,) * (q.ndim - 1)), q, xp.nan), X),
+        residual_norms=xp.where(found, res, nan),
         num_matvecs=s.total,
         converged=found & conv,
         finite=s.finite,
-        status=from_flags(finite=s.finite, converged=jnp.all(found & conv)),
+        status=from_flags(finite=s.finite, converged=xp.all(found & conv)),
     )
 
 
@@ -450,17 +473,17 @@ def _rayleigh_ritz(X, AX, acc):
     ``X A X^T`` (symmetrised), sorted by decreasing magnitude of ``theta``.
     """
     H = _tree.basis_gram(X, AX, acc)
-    theta, Y = jnp.linalg.eigh(0.5 * (H + H.T))
-    order = jnp.argsort(-jnp.abs(theta), stable=True)
+    theta, Y = xp.linalg.eigh(0.5 * (H + H.T))
+    order = xp.argsort(-xp.abs(theta), stable=True)
     theta, Y = theta[order], Y[:, order]
     Xr = _tree.basis_matmul(Y.T, X)
     AXr = _tree.basis_matmul(Y.T, AX)
     # residuals divided by the largest |theta| before they are squared (no overflow or
     # underflow of the squares at any operator scale), multiplied back after
-    c = jnp.max(jnp.abs(theta))
-    c = jnp.where((c > 0) & jnp.isfinite(c), c, 1.0)
+    c = xp.max(xp.abs(theta))
+    c = xp.where((c > 0) & xp.isfinite(c), c, 1.0)
     R = jax.tree.map(
         lambda a, x: ((a - theta.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype) * x)
                       / c.astype(x.dtype)), AXr, Xr)
-    res = c * jnp.sqrt(jnp.maximum(jnp.diagonal(_tree.basis_gram(R, R, acc)), 0.0))
+    res = c * xp.sqrt(xp.maximum(xp.diagonal(_tree.basis_gram(R, R, acc)), 0.0))
     return Xr, theta, res
