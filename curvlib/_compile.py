@@ -463,7 +463,9 @@ def compile_behind(enabled: bool | None = None) -> bool:
     call with a new model, size, ``k`` or option runs the algorithm driven from
     the host, each step a small program that depends on the problem's size and
     dtype but not on the model (so it is compiled once per session and size,
-    not once per model); then the single fused program compiles in a
+    not once per model; for ``eigsh``, ``cg`` and ``power_iteration`` on problems
+    whose stored vectors hold at most 2^22 numbers the steps run on NumPy and
+    nothing but the model's product compiles); then the single fused program compiles in a
     background thread, and later calls run it once it is ready (until then
     they take the host-driven path again, warm). Both give the same answer to
     rounding, not bit for bit: turn it off where repeated calls in one process

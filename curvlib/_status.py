@@ -42,8 +42,7 @@ class Status:
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from curvlib._xp import xp
-from curvlib import Status, cg
+      >>> from curvlib import Status, cg
       >>> int(cg(lambda v: 2.0 * v, jnp.ones(3)).status) == Status.SUCCESS
       True
       >>> d = jnp.arange(1.0, 9.0)  # eight distinct eigenvalues: CG needs eight steps
