@@ -329,6 +329,24 @@ def test_mixed_dtypes_go_straight_to_the_fused_program(behind):
     assert res.eigenvalues.tolist() == pytest.approx([2.0, 2.0])
 
 
+def test_a_narrower_basis_dtype_answers_through_the_compiled_steps(behind):
+    """NumPy would accumulate a bfloat16 basis's inner products in bfloat16 (XLA accumulates
+    them in float32): such a call takes the compiled steps, with the fused program's answer;
+    a float32 basis for float32 vectors (the same dtype) runs on NumPy."""
+    from curvlib.krylov import _driver
+
+    D = jnp.linspace(-1.0, 3.0, 90, dtype=jnp.float32)
+    v0 = jnp.ones(90, jnp.float32)
+    for dtype, on_numpy in ((jnp.bfloat16, False), (jnp.float32, True)):
+        steps = _driver.HOST_STEPS[0]
+        now = curvlib.eigsh(lambda v: D * v, v0, 3, key=KEY, basis_dtype=dtype)
+        assert (_driver.HOST_STEPS[0] > steps) == on_numpy, dtype
+        behind.wait()
+        fused = curvlib.eigsh(lambda v: D * v, v0, 3, key=KEY, basis_dtype=dtype)
+        assert int(now.num_matvecs) == int(fused.num_matvecs) and bool(now.converged)
+        np.testing.assert_allclose(now.eigenvalues, fused.eigenvalues, rtol=1e-5)
+
+
 @pytest.mark.parametrize("case", ["model", "breakdown"])
 def test_lanczos_answers_now_with_the_fused_programs_answer(behind, case):
     if case == "model":

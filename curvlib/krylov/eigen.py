@@ -459,11 +459,14 @@ def _solve_now(cfg: _Cfg, matvec, v0, key, tol, max_matvecs, max_restarts) -> Ei
     basis size of the class; the result's ``k`` rows are cut from the class's on the host.
     """
     shape = _shape_cfg(cfg)
+    # (NumPy would accumulate a narrower basis dtype's products in that dtype: compiled steps)
+    native = cfg.basis_dtype is None or jnp.dtype(cfg.basis_dtype) == _tree.dtype(v0)
     return _driver.solve_now(_setup, _request, _update, _running, _finish, shape,
                              matvec, v0, key, tol, max_matvecs, max_restarts, _sizes(cfg),
                              bases=("eigenvectors",),
                              cut={"eigenvalues": cfg.k, "residual_norms": cfg.k},
-                             rows=cfg.k, report=_report, host_rows=shape.m + NUM_DROPPED + 2)
+                             rows=cfg.k, report=_report,
+                             host_rows=shape.m + NUM_DROPPED + 2 if native else None)
 
 
 def _report(cfg: _Cfg, s: _State):
