@@ -154,7 +154,7 @@ def _steps_compiled():
 
 @pytest.fixture(params=["numpy", "compiled"])
 def engine(request, monkeypatch):
-    """The answer-now steps of eigsh, cg and power_iteration on NumPy (every problem of
+    """The answer-now steps of eigsh, lanczos, cg and power_iteration on NumPy (every problem of
     these tests is small enough), or compiled (`_driver.HOST_MAX_ENTRIES` zero: the path of
     large problems)."""
     from curvlib.krylov import _driver
@@ -348,7 +348,7 @@ def test_a_narrower_basis_dtype_answers_through_the_compiled_steps(behind):
 
 
 @pytest.mark.parametrize("case", ["model", "breakdown"])
-def test_lanczos_answers_now_with_the_fused_programs_answer(behind, case):
+def test_lanczos_answers_now_with_the_fused_programs_answer(behind, engine, case):
     if case == "model":
         params, x, y, loss = _problem()
         mv, v0, m = curvlib.hessian_matvec(loss, params, x, y), params, 12

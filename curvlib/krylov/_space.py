@@ -148,10 +148,15 @@ class Space:
         sharding, compiles to one small fusion (a counter-based generator such
         as threefry lowers to dozens), and costs nothing but the draw when it
         is not used. The statistical quality is that of the hash: ample for
-        Krylov start vectors, not meant for cryptography or Monte Carlo.
+        Krylov start vectors, not meant for cryptography or Monte Carlo. The
+        entries have float32 precision (in any vector dtype).
         """
         seed = xp.asarray(seed, xp.uint32)
         counter = xp.asarray(counter, xp.uint32)
+        # log and cos in float64 where JAX has it, rounded to float32: XLA's and NumPy's
+        # float64 functions agree to an ulp, so the float32 draws are the same bits on
+        # every engine (`curvlib._xp`), but for a double rounding once in 2^29 entries
+        wide = xp.float64 if jax.config.jax_enable_x64 else xp.float32
         offsets = np.cumsum([0] + self.sizes[:-1]).tolist()
 
         def draw(x, offset):
@@ -160,10 +165,11 @@ class Space:
             for ax in range(len(shape)):
                 idx = idx * xp.uint32(shape[ax]) + iota(xp.uint32, shape, ax)
             idx = idx + xp.uint32(offset)
-            u1 = _uniform(idx, seed, counter, xp.uint32(0x68E31DA4))
-            u2 = _uniform(idx, seed, counter, xp.uint32(0xB5297A4D))
-            r = xp.sqrt(-2.0 * xp.log(u1))
-            out = (r * xp.cos(2.0 * np.pi * u2)).astype(xp.result_type(x))
+            u1 = _uniform(idx, seed, counter, xp.uint32(0x68E31DA4)).astype(wide)
+            u2 = _uniform(idx, seed, counter, xp.uint32(0xB5297A4D)).astype(wide)
+            r = xp.sqrt(-2.0 * xp.log(u1)).astype(xp.float32)
+            c = xp.cos(2.0 * np.pi * u2).astype(xp.float32)
+            out = (r * c).astype(xp.result_type(x))
             # iota is replicated: on an Explicit mesh the draw takes the leaf's sharding type
             s = _tree.explicit_sharding(x)
             return out if s is None else _tree._like(out, s, out.ndim)

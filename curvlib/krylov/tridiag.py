@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from curvlib import _compile, _tree, _validate
 from curvlib._status import Status, from_flags
+from curvlib._xp import cond, xp
 from curvlib.krylov import _band, _driver, _space, solvers
 
 PyTree = Any
@@ -87,8 +88,8 @@ def _update(cfg: _Cfg, s: _State, product) -> _State:
     want = ~some & _band.has_room(band)
     zq, z_ok = _band.fresh(band, s.z, want)
     band = _band.inject(band, zq, want & z_ok)
-    z = jax.lax.cond(want, lambda: space.gaussian(s.key, s.draws), lambda: s.z)
-    return s._replace(band=band, z=z, draws=s.draws + want.astype(jnp.int32), steps=s.steps + 1)
+    z = cond(want, lambda: space.gaussian(s.key, s.draws), lambda: s.z)
+    return s._replace(band=band, z=z, draws=s.draws + want.astype(xp.int32), steps=s.steps + 1)
 
 
 def _running(cfg: _Cfg, s: _State):
@@ -108,16 +109,16 @@ def setup(cfg: _Cfg, v0, key, depth=None, seed=None) -> _State:
         key = _space.seed(v0, key) if seed is None else seed
         z = space.gaussian(key, 0)
         nv = _tree.max_abs(x0)  # a test for zero at any scale (no square to underflow)
-        usable = (nv > 0) & jnp.isfinite(nv)
+        usable = (nv > 0) & xp.isfinite(nv)
         x0 = _tree.where(usable, x0, z)
-        z = jax.lax.cond(usable, lambda: z, lambda: space.gaussian(key, 1))
-        draws = jnp.where(usable, 1, 2).astype(jnp.int32)
+        z = cond(usable, lambda: z, lambda: space.gaussian(key, 1))
+        draws = xp.where(usable, 1, 2).astype(xp.int32)
     else:
-        z, key, draws = None, None, jnp.zeros((), jnp.int32)
+        z, key, draws = None, None, xp.zeros((), xp.int32)
     band = _band.init(x0, cfg.m + 1, acc, cfg.basis_dtype, limit=depth + 1)
     band = band._replace(finite=_tree.all_finite(v0))
-    return _State(band=band, z=z, key=key, draws=draws, steps=jnp.zeros((), jnp.int32),
-                  like=_tree.zeros_like(v0), depth=jnp.asarray(depth, jnp.int32))
+    return _State(band=band, z=z, key=key, draws=draws, steps=xp.zeros((), xp.int32),
+                  like=_tree.zeros_like(v0), depth=xp.asarray(depth, xp.int32))
 
 
 def run(cfg: _Cfg, matvec, state: _State) -> _State:
@@ -143,13 +144,13 @@ def _finish(cfg: _Cfg, s: _State) -> LanczosResult:
     basis = space.unflatten_basis(Q)
     last = _tree.basis_get(band.Q, s.depth)
     residual = space.unflatten(jax.tree.map(lambda q: (beta * q).astype(q.dtype), last))
-    residual = jax.tree.map(lambda r, x: r.astype(jnp.result_type(x)), residual, s.like)
+    residual = jax.tree.map(lambda r, x: r.astype(xp.result_type(x)), residual, s.like)
     fin = band.finite
-    nan = lambda x: jnp.where(fin, x, jnp.nan)
+    nan = lambda x: xp.where(fin, x, xp.nan)
     # every row was multiplied: no breakdown was left open
-    complete = jnp.all(band.mult[:m] | (jnp.arange(m) >= s.depth))
+    complete = xp.all(band.mult[:m] | (xp.arange(m) >= s.depth))
     return LanczosResult(
-        basis=basis, alphas=nan(jnp.diag(T)), betas=nan(jnp.diag(T, -1)), residual=residual,
+        basis=basis, alphas=nan(xp.diag(T)), betas=nan(xp.diag(T, -1)), residual=residual,
         residual_norm=nan(beta), breakdown=(band.breakdowns > 0) & fin,
         num_matvecs=s.depth, finite=fin, converged=fin & complete,
         status=from_flags(finite=fin, breakdown=~complete),
@@ -166,10 +167,13 @@ def _solve_now(cfg: _Cfg, matvec, v0, key) -> LanczosResult:
     The steps are those of the depth's size class (`_shape_cfg`), shared by every depth
     of the class; the result is cut to the depth on the host.
     """
-    m = cfg.m
-    return _driver.solve_now(setup, _request, _update, _running, _finish, _shape_cfg(cfg),
+    m, shape = cfg.m, _shape_cfg(cfg)
+    # (NumPy would accumulate a narrower basis dtype's products in that dtype: compiled steps)
+    native = cfg.basis_dtype is None or jnp.dtype(cfg.basis_dtype) == _tree.dtype(v0)
+    return _driver.solve_now(setup, _request, _update, _running, _finish, shape,
                              matvec, v0, key, m, bases=("basis",), vectors=("residual",),
-                             rows=m, cut={"alphas": m, "betas": m - 1})
+                             rows=m, cut={"alphas": m, "betas": m - 1},
+                             host_rows=shape.m + 3 if native else None)
 
 
 def _shape_cfg(cfg: _Cfg) -> _Cfg:
