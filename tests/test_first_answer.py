@@ -154,9 +154,9 @@ def _steps_compiled():
 
 @pytest.fixture(params=["numpy", "compiled"])
 def engine(request, monkeypatch):
-    """The answer-now steps of eigsh, lanczos, cg and power_iteration on NumPy (every problem of
-    these tests is small enough), or compiled (`_driver.HOST_MAX_ENTRIES` zero: the path of
-    large problems)."""
+    """The answer-now steps of eigsh, lanczos, spectral_density, cg and power_iteration on
+    NumPy (every problem of these tests is small enough), or compiled
+    (`_driver.HOST_MAX_ENTRIES` zero: the path of large problems)."""
     from curvlib.krylov import _driver
 
     if request.param == "compiled":
@@ -577,7 +577,7 @@ def _slq_cases():
 
 
 @pytest.mark.parametrize("case", sorted(_slq_cases()))
-def test_spectral_density_answers_now_with_the_fused_programs_answer(behind, case):
+def test_spectral_density_answers_now_with_the_fused_programs_answer(behind, engine, case):
     mv, v_like, kw = _slq_cases()[case]
     lookups = sum(_steps_compiled()[:2])
     now = curvlib.spectral_density(mv, v_like, KEY, num_probes=3, **kw)

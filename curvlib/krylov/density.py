@@ -7,9 +7,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from curvlib import _compile, _tree, _validate
+from curvlib import _compile, _tree, _validate, _xp
 from curvlib._status import Status, from_flags
+from curvlib._xp import xp
 from curvlib.krylov import _driver, _space, tridiag
 
 PyTree = Any
@@ -59,19 +61,19 @@ def _quadrature(cfg, matvec, v):
 
 
 def _density(nodes, weights, finite, sigma, grid, num_points):
-    lo, hi = jnp.min(nodes), jnp.max(nodes)
-    width = jnp.maximum(hi - lo, jnp.finfo(nodes.dtype).eps * (1 + jnp.abs(hi)))
-    s = width / 100.0 if sigma is None else jnp.asarray(sigma, nodes.dtype)
+    lo, hi = xp.min(nodes), xp.max(nodes)
+    width = xp.maximum(hi - lo, xp.finfo(nodes.dtype).eps * (1 + xp.abs(hi)))
+    s = width / 100.0 if sigma is None else xp.asarray(sigma, nodes.dtype)
     if grid is None:
-        grid = jnp.linspace(lo - 5 * s, hi + 5 * s, num_points)
-    grid = jnp.asarray(grid, nodes.dtype)
+        grid = xp.linspace(lo - 5 * s, hi + 5 * s, num_points)
+    grid = xp.asarray(grid, nodes.dtype)
     z = (grid[:, None, None] - nodes[None]) / s
-    kern = jnp.exp(-0.5 * z**2) / (s * jnp.sqrt(2 * jnp.pi))
-    density = jnp.sum(kern * weights[None], axis=(1, 2)) / nodes.shape[0]
-    ok = jnp.all(finite)
-    nan = lambda x: jnp.where(ok, x, jnp.nan)
+    kern = xp.exp(-0.5 * z**2) / (s * xp.sqrt(2 * xp.pi))
+    density = xp.sum(kern * weights[None], axis=(1, 2)) / nodes.shape[0]
+    ok = xp.all(finite)
+    nan = lambda x: xp.where(ok, x, xp.nan)
     return SpectralDensity(grid, nan(density), nan(nodes), nan(weights), s, ok,
-                           num_matvecs=jnp.asarray(nodes.size, jnp.int32), converged=ok,
+                           num_matvecs=xp.asarray(nodes.size, xp.int32), converged=ok,
                            status=from_flags(finite=ok))
 
 
@@ -88,6 +90,8 @@ def _solve_now(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid):
     one flat vector, with steps of the size, dtype, depth and probe count only and the
     model's product compiled alone; the same probes and arithmetic as the fused program."""
     flat = cfg._replace(layout="identity")
+    if _driver.on_host_ok(v_like, num_probes * (cfg.m + 3)):
+        return _solve_on_host(flat, num_probes, num_points, matvec, v_like, key, sigma, grid)
     X = _flat_probes(key, v_like, num_probes)
     product = functools.partial(_driver.flat_products, matvec, v_like)
     state = _driver._jitted(_setup_all, flat, True)(X)
@@ -95,6 +99,33 @@ def _solve_now(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid):
                              quick=True)
     nodes, weights, finite = _driver._jitted(_nodes_all, flat, True)(state)
     return _density_now(nodes, weights, finite, sigma, grid, num_points)
+
+
+def _solve_on_host(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid):
+    """`_solve_now` with the probes' Lanczos steps run on NumPy (`curvlib._xp`): nothing
+    compiles but the probes' draw (the fused program's numbers) and the model's product,
+    the latter on the ahead thread while the former compiles here."""
+    rows = jax.ShapeDtypeStruct((num_probes, _tree.size(v_like)), _tree.dtype(v_like))
+    ready = _driver.ahead().submit(_driver.precompile, _driver.flat_products, matvec, v_like,
+                                   rows)
+    X = np.asarray(_flat_probes(key, v_like, num_probes))
+    sigma, grid = (None if a is None else np.asarray(a) for a in (sigma, grid))
+    _driver.HOST_STEPS[0] += 1
+    with _xp.host():
+        states = [tridiag.setup(cfg, x, None) for x in X]
+    ready.result()
+    for _ in range(cfg.m):  # (every probe runs the depth: `_running` is steps < depth)
+        with _xp.host():
+            V = np.stack([tridiag._request(cfg, t) for t in states])
+        W = np.asarray(_driver.flat_products(matvec, v_like, V))
+        _driver.HOST_STEPS[0] += 1
+        with _xp.host():
+            states = [tridiag._update(cfg, t, w) for t, w in zip(states, W, strict=True)]
+    with _xp.host():
+        nodes, weights, finite = (np.stack(x) for x in zip(
+            *[_probe_nodes(cfg, t) for t in states], strict=True))
+        res = _density(nodes, weights, finite, sigma, grid, num_points)
+    return jax.tree.map(jnp.asarray, res)
 
 
 @_driver.quick_jit(static_argnames="num_probes")
@@ -229,5 +260,5 @@ def _host(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid):
 
 def _probe_nodes(cfg, state):
     T, _ = tridiag.tridiagonal(cfg, state)
-    theta, Y = jnp.linalg.eigh(T)
+    theta, Y = xp.linalg.eigh(T)
     return theta, Y[0] ** 2, state.band.finite
