@@ -341,7 +341,17 @@ def _solve_on_host(setup, request, update, running, finish, cfg, matvec, v0, key
                                   cut_rows=tuple(cut.values()))
     res = res._replace(**dict(zip(bases, B, strict=True)), **dict(zip(vectors, V, strict=True)),
                        **dict(zip(cut, C, strict=True)))
-    return jax.tree.map(jnp.asarray, res)
+    return to_device(res)
+
+
+def to_device(tree):
+    """A result computed on NumPy as JAX arrays of JAX's dtypes (int64 -> int32 without x64),
+    converted on the host and put on the device in one transfer: no eager op to compile."""
+    def canonical(a):
+        a = np.asarray(a)
+        return a.astype(jax.dtypes.canonicalize_dtype(a.dtype), copy=False)
+
+    return jax.device_put(jax.tree.map(canonical, tree))
 
 
 def _to_host(a):
