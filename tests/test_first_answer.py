@@ -347,6 +347,41 @@ def test_a_narrower_basis_dtype_answers_through_the_compiled_steps(behind):
         np.testing.assert_allclose(now.eigenvalues, fused.eigenvalues, rtol=1e-5)
 
 
+@pytest.mark.parametrize("microbatch_size", [None, 8])
+def test_an_eager_curvature_subspace_answers_now(behind, microbatch_size):
+    """An eager `curvature_subspace` builds its operator and start vector in small programs and
+    calls eigsh eagerly, so the eigensolver answers now (NumPy steps); its answer is the one
+    compiled program's (compile behind off), with the same certificate; inside `jit` the
+    subspace stays one program."""
+    from curvlib import landscape as L
+    from curvlib.krylov import _driver
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((40, 12)))
+    y = jnp.asarray(rng.standard_normal(40))
+    params = {"w": jnp.asarray(rng.standard_normal((12, 3))) / 3,
+              "v": jnp.asarray(rng.standard_normal(3)) / 3}
+
+    def loss(p, batch):
+        return jnp.mean((jnp.tanh(batch[0] @ p["w"]) @ p["v"] - batch[1]) ** 2)
+
+    call = lambda: L.curvature_subspace(loss, params, (x, y), 24, 3, key=KEY,
+                                        microbatch_size=microbatch_size)
+    steps = _driver.HOST_STEPS[0]
+    now = call()
+    assert _driver.HOST_STEPS[0] > steps
+    curvlib.compile_behind(False)
+    one_program = call()
+    curvlib.compile_behind(True)
+    _same_answer(now, one_program)
+    assert bool(now.converged)
+    steps = _driver.HOST_STEPS[0]
+    jitted = jax.jit(lambda p: L.curvature_subspace(loss, p, (x, y), 24, 3, key=KEY,
+                                                    microbatch_size=microbatch_size))(params)
+    assert _driver.HOST_STEPS[0] == steps
+    _same_answer(jitted, one_program)
+
+
 @pytest.mark.parametrize("case", ["model", "breakdown"])
 def test_lanczos_answers_now_with_the_fused_programs_answer(behind, engine, case):
     if case == "model":

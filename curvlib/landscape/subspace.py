@@ -13,6 +13,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from curvlib import _deprecation, _tree, _validate
+from curvlib._compile import compile_behind
 from curvlib.krylov import eigen
 from curvlib.krylov.eigen import EigshResult
 from curvlib.krylov.solvers import Eigsh, resolve
@@ -124,7 +125,11 @@ def curvature_subspace(
     ``L_k = (1/k) sum_{i<k} l_i`` is a weighted sum of per-sample losses over
     the fixed-size ``data`` with ``k`` as data: one compiled program serves
     every ``k`` (a curve over ``k``, or ``k`` and ``k + 1``), and an eager
-    second call with the same ``loss_fn`` and shapes reuses it.
+    second call with the same ``loss_fn`` and shapes reuses it. An eager call
+    (with [`curvlib.compile_behind`][curvlib.compile_behind] on, the default)
+    builds the operator in its own program and calls [`curvlib.eigsh`][curvlib.eigsh]
+    eagerly, so the first answer waits only for the model's product to compile (the
+    eigensolver's own program compiles behind); inside ``jax.jit`` it is one program.
 
     Cost: the products of [`curvlib.eigsh`][curvlib.eigsh] (``basis_size`` plus
     ``basis_size - keep`` per restart, fewer when it converges early); each
@@ -204,8 +209,45 @@ def curvature_subspace(
 def subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, eigsh, flatten):
     """`curvature_subspace` on checked arguments (``mode`` resolved, ``eigsh`` an
     [`Eigsh`][curvlib.Eigsh]): no checks."""
+    layout = None if flatten else _tree.param_shardings(params)
+    if not flatten and layout is None and _eager(params, data, k, key):
+        return _subspace_now(loss_fn, params, data, k, dim, key, microbatch_size, mode, eigsh)
     return _subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, _static(eigsh),
-                     bool(flatten), None if flatten else _tree.param_shardings(params))
+                     bool(flatten), layout)
+
+
+def _eager(*args) -> bool:
+    """An eager call (no traced argument) with [`curvlib.compile_behind`][curvlib.compile_behind]
+    on: the eigensolver can answer now."""
+    return compile_behind() and not any(isinstance(x, jax.core.Tracer)
+                                        for x in jax.tree.leaves(args))
+
+
+def _subspace_now(loss_fn, params, data, k, dim, key, microbatch_size, mode, eigsh):
+    """`_subspace` in eager steps, so the eigensolver answers now.
+
+    The operator is built by its own small program (the model's linearisation), the start
+    vector is the same draw, and [`curvlib.eigsh`][curvlib.eigsh] is called eagerly: its
+    first call compiles only the model's product and runs its steps without compiling them
+    (`curvlib.krylov._driver.solve_now`), while its fused program compiles behind for later
+    calls. The same eigenpairs to rounding, the same certificate.
+    """
+    v0 = _start_vector(key, params)
+    if microbatch_size is None:
+        matvec = _operator(loss_fn, params, data, k, mode)
+    else:  # (a closure over the chunks: eigsh identifies its program by tracing it)
+        matvec = weighted_hessian_matvec(loss_fn, params, data, k, _common.MEAN,
+                                         microbatch_size, mode)
+    return eigen.eigsh(matvec, v0, dim, which="LA", solver=eigsh)
+
+
+_start_vector = jax.jit(_tree.flat_normal_like)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "mode"))
+def _operator(loss_fn, params, data, k, mode):
+    """`weighted_hessian_matvec` without microbatching: an operator (a pytree) built once."""
+    return weighted_hessian_matvec(loss_fn, params, data, k, _common.MEAN, None, mode)
 
 
 # ------------------------------------------------------------ uniqueness
