@@ -380,8 +380,8 @@ class _DaemonWorker:
 
     def __init__(self):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._current = None  # the future being computed
+        self._lock = threading.Condition()
+        self._current = None  # the future being computed (until the thread is idle again)
         self._thread = threading.Thread(target=self._work, name="curvlib-compile", daemon=True)
         self._thread.start()
 
@@ -391,11 +391,14 @@ class _DaemonWorker:
         return fut
 
     def drain(self) -> None:
-        """Wait for the call in progress, if any (calls not started are cancelled first)."""
+        """Wait until the call in progress, if any, has finished and the thread is idle.
+
+        Idle, not merely done: a thread still running Python when the interpreter starts
+        to finalize is stopped there, and one stopped inside native code (jaxlib's) aborts
+        the process (``terminate called ... exception not rethrown``, exit status 134).
+        """
         with self._lock:
-            current = self._current
-        if current is not None:
-            concurrent.futures.wait([current])
+            self._lock.wait_for(lambda: self._current is None)
 
     def _work(self):
         _yield_cpu()
@@ -409,10 +412,10 @@ class _DaemonWorker:
                 fut.set_result(fn(*args))
             except BaseException as e:  # reported to the caller through the future
                 fut.set_exception(e)
-            finally:
-                with self._lock:
-                    self._current = None
-                del fut, fn, args  # the user's arrays are not kept until the next compile
+            del fut, fn, args  # the user's arrays are not kept until the next compile
+            with self._lock:
+                self._current = None
+                self._lock.notify_all()
 
 
 def _lower_and_compile(jitted, a):
