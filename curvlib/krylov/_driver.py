@@ -278,10 +278,9 @@ def solve_now(setup, request, update, running, finish, cfg, matvec, v0, key, *ar
                      first=first)
     finish_ready.result()
     res = end(state)
-    B, V, C = _user_layout(v0, *_fields(res, bases, vectors, cut), rows=rows,
-                           cut_rows=tuple(cut.values()))
-    return res._replace(**dict(zip(bases, B, strict=True)), **dict(zip(vectors, V, strict=True)),
-                        **dict(zip(cut, C, strict=True)))
+    placed = _user_layout(v0, *_fields(res, bases, vectors, cut), rows=rows,
+                          cut_rows=tuple(cut.values()))
+    return _placed(res, (bases, vectors, cut), placed)
 
 
 # basis entries (vectors stored x their size) up to which the answer-now steps run on NumPy:
@@ -337,11 +336,9 @@ def _solve_on_host(setup, request, update, running, finish, cfg, matvec, v0, key
             bar.close()
     with _xp.host():
         res = finish(cfg, state)
-        B, V, C = _user_layout.fn(v0, *_fields(res, bases, vectors, cut), rows=rows,
-                                  cut_rows=tuple(cut.values()))
-    res = res._replace(**dict(zip(bases, B, strict=True)), **dict(zip(vectors, V, strict=True)),
-                       **dict(zip(cut, C, strict=True)))
-    return to_device(res)
+        placed = _user_layout.fn(v0, *_fields(res, bases, vectors, cut), rows=rows,
+                                 cut_rows=tuple(cut.values()))
+    return to_device(_placed(res, (bases, vectors, cut), placed))
 
 
 def to_device(tree):
@@ -359,6 +356,13 @@ def _to_host(a):
     if isinstance(a, jax.Array) and not jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
         return np.asarray(a)
     return a
+
+
+def _placed(res, names: tuple, values: tuple):
+    """``res`` with the fields named in each group of ``names`` replaced by `_user_layout`'s
+    values for that group (bases, vectors, cut fields)."""
+    return res._replace(**{n: v for ns, vs in zip(names, values, strict=True)
+                           for n, v in zip(ns, vs, strict=True)})
 
 
 def _fields(res, bases, vectors, cut) -> tuple[list, list, list]:
