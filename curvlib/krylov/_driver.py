@@ -25,9 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _progress, _tree, _xp
-from curvlib._compile import is_host_driven  # noqa: F401  (the operator property)
-from curvlib.krylov import _space
+from curvlib import _progress, _space, _tree, _xp
+from curvlib._compile import (  # noqa: F401
+    QUICK,
+    QUICK_CPU,
+    is_host_driven,  # noqa: F401  (the operator property)
+    quick_jit,
+    quick_options,
+)
 
 PyTree = Any
 
@@ -39,52 +44,6 @@ def run(request: Callable, update: Callable, running: Callable, cfg, matvec: Cal
         return update(cfg, s, matvec(request(cfg, s)))
 
     return jax.lax.while_loop(lambda s: running(cfg, s), body, state)
-
-
-# XLA options of the answer-now steps (`run_host` with ``quick``): they run only until the
-# fused program is compiled, so they trade run-time optimisation for a quarter of the compile
-# time (eigsh's step: 0.30 s of CPU instead of 1.28 s with the first option alone). The second
-# is XLA:CPU's classic elemental emitter in place of its fusion emitters, an option only the
-# CPU compiler accepts (the GPU compiler refuses a program that names it): `quick_options`
-# gives it on CPU only, decided at the first answer-now call (never at import, which must not
-# start a backend).
-QUICK = {"xla_backend_optimization_level": 0}
-QUICK_CPU = {**QUICK, "xla_cpu_use_fusion_emitters": False}
-
-
-@functools.cache
-def quick_options() -> dict:
-    """`QUICK` for the default backend: with the classic-emitter option on CPU where the
-    installed XLA accepts it (tried once on a one-line program; a refusal leaves `QUICK`)."""
-    if jax.default_backend() != "cpu":
-        return dict(QUICK)
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=QUICK_CPU).lower(1.0).compile()
-    except Exception:  # noqa: BLE001  (an XLA without the option)
-        return dict(QUICK)
-    return dict(QUICK_CPU)
-
-
-class quick_jit:  # noqa: N801  (used as a decorator, like ``jax.jit``)
-    """``jax.jit(fn, compiler_options=quick_options(), **kwargs)``, made at its first use."""
-
-    def __init__(self, fn: Callable | None = None, **kwargs):
-        self.fn, self.kwargs, self._jitted = fn, kwargs, None
-        if fn is not None:
-            functools.update_wrapper(self, fn)
-
-    def __call__(self, *args, **kwargs):
-        if self.fn is None:  # ``@quick_jit(static_argnames=...)``
-            return quick_jit(args[0], **self.kwargs)
-        return self.jitted()(*args, **kwargs)
-
-    def jitted(self):
-        if self._jitted is None:
-            self._jitted = jax.jit(self.fn, compiler_options=quick_options(), **self.kwargs)
-        return self._jitted
-
-    def lower(self, *args, **kwargs):
-        return self.jitted().lower(*args, **kwargs)
 
 
 @functools.lru_cache(maxsize=128)
@@ -178,19 +137,6 @@ def answers_now(layout: str, v0) -> bool:
     return True
 
 
-@jax.jit
-def _flat_product(matvec, like, x):
-    space = _space.Space(like, "concat")
-    return space.flatten(matvec(space.unflatten(x)))
-
-
-@jax.jit
-def flat_products(matvec, like, X):
-    """``matvec`` applied to every row of ``X`` (rows: ``like`` ravelled), one ``vmap``."""
-    space = _space.Space(like, "concat")
-    return jax.vmap(lambda x: space.flatten(matvec(space.unflatten(x))))(X)
-
-
 @quick_jit  # (once per call: compiled cheaply)
 def _flat_start(v0, key):
     return _space.Space(v0, "concat").flatten(v0), _space.seed(v0, key)
@@ -268,12 +214,12 @@ def solve_now(setup, request, update, running, finish, cfg, matvec, v0, key, *ar
     # while this one traces and compiles the loop's steps (XLA compiles without Python's
     # lock: on two cores the first answer waits for the longest chain, not for the sum)
     x0, seed = _flat_start(v0, key)
-    product_ready = ahead().submit(precompile, _flat_product, matvec, v0, x0)
+    product_ready = ahead().submit(precompile, _space.flat_product, matvec, v0, x0)
     state, *first = _start(setup, request, running, flat)(x0, None, *args, seed)
     end = _jitted(finish, flat, True)
     finish_ready = ahead().submit(_precompile_end, end, state, v0, bases, vectors, cut, rows)
     product_ready.result()
-    product = functools.partial(_flat_product, matvec, v0)
+    product = functools.partial(_space.flat_product, matvec, v0)
     state = run_host(request, update, running, flat, product, state, quick=True, report=report,
                      first=first)
     finish_ready.result()
@@ -313,7 +259,7 @@ def _solve_on_host(setup, request, update, running, finish, cfg, matvec, v0, key
     NumPy too) and becomes JAX arrays.
     """
     flat = jax.ShapeDtypeStruct((_tree.size(v0),), _tree.dtype(v0))
-    product_ready = ahead().submit(precompile, _flat_product, matvec, v0, flat)
+    product_ready = ahead().submit(precompile, _space.flat_product, matvec, v0, flat)
     x0, seed = jax.device_get(_flat_start(v0, key))
     args = [_to_host(a) for a in args]
     HOST_STEPS[0] += 1
@@ -324,7 +270,7 @@ def _solve_on_host(setup, request, update, running, finish, cfg, matvec, v0, key
     bar = None if report is None else _progress.bar(desc="eigsh", unit="product")
     try:
         while bool(more):
-            w = np.asarray(_flat_product(matvec, v0, x))
+            w = np.asarray(_space.flat_product(matvec, v0, x))
             HOST_STEPS[0] += 1
             with _xp.host():
                 state = update(cfg, state, w)

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _compile, _tree, _validate, _xp
+from curvlib import _compile, _space, _tree, _validate, _xp
 from curvlib._status import Status, from_flags
 from curvlib._xp import xp
-from curvlib.krylov import _driver, _space, tridiag
+from curvlib.krylov import _driver, tridiag
 
 PyTree = Any
 
@@ -93,7 +93,7 @@ def _solve_now(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid):
     if _driver.on_host_ok(v_like, num_probes * (cfg.m + 3)):
         return _solve_on_host(flat, num_probes, num_points, matvec, v_like, key, sigma, grid)
     X = _flat_probes(key, v_like, num_probes)
-    product = functools.partial(_driver.flat_products, matvec, v_like)
+    product = functools.partial(_space.flat_products, matvec, v_like)
     state = _driver._jitted(_setup_all, flat, True)(X)
     state = _driver.run_host(_request_all, _update_all, _running_all, flat, product, state,
                              quick=True)
@@ -106,7 +106,7 @@ def _solve_on_host(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid
     compiles but the probes' draw (the fused program's numbers) and the model's product,
     the latter on the ahead thread while the former compiles here."""
     rows = jax.ShapeDtypeStruct((num_probes, _tree.size(v_like)), _tree.dtype(v_like))
-    ready = _driver.ahead().submit(_driver.precompile, _driver.flat_products, matvec, v_like,
+    ready = _driver.ahead().submit(_driver.precompile, _space.flat_products, matvec, v_like,
                                    rows)
     X = np.asarray(_flat_probes(key, v_like, num_probes))
     sigma, grid = (None if a is None else np.asarray(a) for a in (sigma, grid))
@@ -117,7 +117,7 @@ def _solve_on_host(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid
     for _ in range(cfg.m):  # (every probe runs the depth: `_running` is steps < depth)
         with _xp.host():
             V = np.stack([tridiag._request(cfg, t) for t in states])
-        W = np.asarray(_driver.flat_products(matvec, v_like, V))
+        W = np.asarray(_space.flat_products(matvec, v_like, V))
         _driver.HOST_STEPS[0] += 1
         with _xp.host():
             states = [tridiag._update(cfg, t, w) for t, w in zip(states, W, strict=True)]

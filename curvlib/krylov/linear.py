@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _compile, _tree, _validate
+from curvlib import _compile, _space, _tree, _validate
 from curvlib._status import Status, from_flags
 from curvlib._xp import cond, xp
-from curvlib.krylov import _driver, _space, solvers
+from curvlib.krylov import _driver, solvers
 
 PyTree = Any
 

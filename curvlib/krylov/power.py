@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _compile, _deprecation, _tree, _validate, _xp
+from curvlib import _compile, _deprecation, _space, _tree, _validate, _xp
 from curvlib._status import Status, from_flags
 from curvlib._xp import at_set, cond, on_host, xp
-from curvlib.krylov import _driver, _space, solvers
+from curvlib.krylov import _driver, solvers
 
 PyTree = Any
 

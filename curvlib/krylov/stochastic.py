@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _compile, _tree, _validate
+from curvlib import _compile, _space, _tree, _validate
 from curvlib._status import Status, from_flags
-from curvlib.krylov import _driver, _space
+from curvlib.krylov import _driver
 
 PyTree = Any
 
@@ -371,7 +371,7 @@ def _trace_now(matvec, v_like, key, num_probes, method=None, batch_size=None, de
     _validate.float_leaves(v_like, "v_like")
     _validate.operator(matvec, v_like, "matvec", "v_like")
     like = probe_space(v_like).flatten(v_like)
-    block = functools.partial(_driver.flat_products, matvec, v_like)
+    block = functools.partial(_space.flat_products, matvec, v_like)
     if method == "hutchinson":
         Z = _now_probes(key, like, num=num_probes)
         done = _ahead(_now_hutchinson, Z, Z)
@@ -397,7 +397,7 @@ def _diag_now(matvec, v_like, key, num_probes, batch_size=None) -> MonteCarloEst
     space = probe_space(v_like)
     Z = _now_probes(key, space.flatten(v_like), num=num_probes)
     done = _ahead(_now_diag, v_like, Z, Z, layout=space.layout)
-    AZ = _driver.flat_products(matvec, v_like, Z)
+    AZ = _space.flat_products(matvec, v_like, Z)
     done.result()
     return _now_diag(v_like, Z, AZ, layout=space.layout)
 

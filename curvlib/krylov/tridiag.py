@@ -7,10 +7,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from curvlib import _compile, _tree, _validate
+from curvlib import _compile, _space, _tree, _validate
 from curvlib._status import Status, from_flags
 from curvlib._xp import cond, xp
-from curvlib.krylov import _band, _driver, _space, solvers
+from curvlib.krylov import _band, _driver, solvers
 
 PyTree = Any
 

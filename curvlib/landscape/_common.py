@@ -43,7 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from curvlib import _tree, _validate
+from curvlib import _tree, _validate, _xp
+from curvlib._compile import compile_behind, quick_jit, stable_linearized
+from curvlib._xp import xp
 
 PyTree = Any
 
@@ -214,22 +216,56 @@ def sample_weights(n: int, k, kind: str, dtype) -> jax.Array:
 
     ``kind`` is ``"mean"``, ``"increment"`` or ``"sample"`` (module docstring).
     ``k`` may be traced; an out-of-range ``k`` (``k < 1`` or ``k + 1 > n``) gives
-    NaN weights, hence NaN results, never a plausible number.
+    NaN weights, hence NaN results, never a plausible number. Inside `curvlib._xp.host`
+    (an eager caller with a concrete ``k``) the weights are a NumPy array: nothing compiles.
     """
-    i = jnp.arange(n)
-    k = jnp.asarray(k, jnp.int32)
+    i = xp.arange(n)
+    k = xp.asarray(k, xp.int32)
     kf = k.astype(dtype)
-    zero = jnp.zeros((), dtype)
+    zero = xp.zeros((), dtype)
     if kind == MEAN:
-        w = jnp.where(i < k, 1.0 / kf, zero)
+        w = xp.where(i < k, 1.0 / kf, zero)
     elif kind == INCREMENT:
-        w = jnp.where(i < k, -1.0 / (kf * (kf + 1.0)), jnp.where(i == k, 1.0 / (kf + 1.0), zero))
+        w = xp.where(i < k, -1.0 / (kf * (kf + 1.0)), xp.where(i == k, 1.0 / (kf + 1.0), zero))
     elif kind == SAMPLE:
-        w = jnp.where(i == k, jnp.ones((), dtype), zero)
+        w = xp.where(i == k, xp.ones((), dtype), zero)
     else:  # pragma: no cover - internal
         raise ValueError(kind)
     ok = (k >= 1) & (k + 1 <= n)
-    return jnp.where(ok, w, jnp.nan).astype(dtype)
+    return xp.where(ok, w, xp.nan).astype(dtype)
+
+
+@quick_jit(static_argnames="loss_fn")  # (once per call: compiled cheaply)
+def linearized(loss_fn: Callable, params: PyTree, data: PyTree, k, weights) -> tuple:
+    """``(value, gradient, v -> H v)`` of ``sum_i w_i l_i`` at ``params``, linearised once.
+
+    The weights are data (`sample_weights`; ``k`` names the substitute sample), so an
+    eager Delta2(D) pipeline compiles this program once: the subspace takes the operator
+    of ``L_k``'s weights, the coefficients the value, gradient and operator of the
+    increment's, and both apply the operator through the same compiled product
+    (`curvlib._space.flat_product`). It runs once per call, so it is compiled with less
+    backend optimisation (`curvlib._compile.QUICK`: about half the compile time, twice the
+    run time). Cost: one linearisation of the gradient over all ``n`` samples of
+    ``data``; each product a tangent pass.
+    """
+    safe = sample_at(data, k)
+    f = lambda p: weighted_loss(loss_fn, p, data, weights, safe)
+    grad_and_value = lambda p: jax.value_and_grad(f)(p)[::-1]  # (the value: aux, no tangent)
+    grad, lin, value = jax.linearize(grad_and_value, params, has_aux=True)
+    return value, grad, stable_linearized(lin)
+
+
+def host_weights(data: PyTree, k, kind: str, params: PyTree) -> np.ndarray:
+    """`sample_weights` of ``kind`` at a concrete ``k``, computed on NumPy (no compile)."""
+    with _xp.host():
+        return sample_weights(num_samples(data), k, kind, weight_dtype(params))
+
+
+def eager(*args) -> bool:
+    """An eager call (no traced argument) with [`curvlib.compile_behind`][curvlib.compile_behind]
+    on: the landscape answers through the eager programs (`linearized`)."""
+    return compile_behind() and not any(isinstance(x, jax.core.Tracer)
+                                        for x in jax.tree.leaves(args))
 
 
 def sample_at(data: PyTree, k) -> PyTree:

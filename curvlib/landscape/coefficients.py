@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _deprecation, _tree, _validate
+from curvlib import _deprecation, _space, _tree, _validate, _xp
+from curvlib._xp import xp
 from curvlib.landscape import _common
 
 PyTree = Any
@@ -66,7 +67,10 @@ class IncrementCoefficients(NamedTuple):
                 f"`dim` (the nested subspace dimension) must be an int in [1, D] with D = {d} "
                 f"the size of these coefficients; got {dim!r}."
             )
-        return IncrementCoefficients(self.a, self.c[..., :dim], self.B[..., :dim, :dim])
+        if any(isinstance(x, jax.core.Tracer) for x in self):
+            return IncrementCoefficients(self.a, self.c[..., :dim], self.B[..., :dim, :dim])
+        c, B = np.asarray(self.c)[..., :dim], np.asarray(self.B)[..., :dim, :dim]
+        return IncrementCoefficients(self.a, *jax.device_put((c, B)))  # (no slice compiles)
 
 
 # --------------------------------------------------- the mean-loss check
@@ -419,7 +423,45 @@ def increment_coefficients(
     if check_mean:
         mean_check(loss_fn, params, data, k, mb)
     U = _cast_basis(eigenvectors, params)
+    if mb is None and mode in (None, "linearize") and _now_ok(params, data, k, U):
+        return _coefficients_now(loss_fn, params, data, k, U)
     return _coefficients(loss_fn, params, data, k, U, mb, mode, eigenvalues)
+
+
+def _now_ok(params, data, k, U) -> bool:
+    """Whether an eager call answers through the subspace's programs (`_coefficients_now`):
+    concrete arguments, one float32/float64 dtype, no explicit sharding."""
+    dts = {jnp.result_type(x) for x in jax.tree.leaves(params)}
+    return (_common.eager(params, data, k, U) and len(dts) == 1
+            and dts <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)}
+            and _tree.param_shardings(params) is None)
+
+
+def _coefficients_now(loss_fn, params, data, k, U) -> IncrementCoefficients:
+    """`_coefficients` for an eager caller, through the programs the subspace compiled.
+
+    The increment's value, gradient and Hessian operator come from `_common.linearized`
+    (the program [`curvature_subspace`][curvlib.landscape.curvature_subspace] compiled for
+    ``L_k``, the weights being data), the ``D`` products from the eigensolver's compiled
+    product, one basis vector at a time; the projections run on NumPy. After an eager
+    subspace nothing compiles. The products are those of the increment's Hessian itself
+    (the route without ``eigenvalues``): exact for any basis.
+    """
+    k = np.int32(k)
+    w = _common.host_weights(data, k, _common.INCREMENT, params)
+    a, b, A = _common.linearized(loss_fn, params, data, k, w)
+    space = _space.Space(params, "concat")
+    with _xp.host():
+        rows = space.flatten_basis(jax.device_get(U))
+        g = space.flatten(jax.device_get(b))
+    AU = np.stack([np.asarray(_space.flat_product(A, params, r)) for r in rows])
+    dt = np.dtype(_common.weight_dtype(params))
+    with _xp.host():
+        acc = _tree.acc_dtype(dt)
+        c = xp.dot(rows, g, preferred_element_type=acc).astype(dt)
+        M = xp.dot(rows, AU.T, preferred_element_type=acc).astype(dt)
+        B = 0.5 * (M + M.T)
+    return IncrementCoefficients(*jax.device_put((np.asarray(a, dt), c, B)))
 
 
 def _cast_basis(eigenvectors: PyTree, params: PyTree) -> PyTree:

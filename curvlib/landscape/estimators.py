@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _deprecation, _tree, _validate
+from curvlib import _deprecation, _tree, _validate, _xp
+from curvlib._xp import xp
 from curvlib.krylov.stochastic import MonteCarloEstimate, monte_carlo_estimate
 from curvlib.landscape import _common
 from curvlib.landscape.coefficients import _cast_basis, mean_check
@@ -55,15 +56,17 @@ class ClosedFormTerms(NamedTuple):
 # ------------------------------------------------------------ closed form
 
 
-@jax.jit
 def _terms(a, c, B, sigma):
     s2 = sigma * sigma
-    trB = jnp.trace(B)
-    trB2 = jnp.sum(B * B.T)  # tr(B B) without forming the product
-    constant = jnp.broadcast_to(a * a, s2.shape)
-    sigma2 = s2 * (a * trB + jnp.dot(c, c))
+    trB = xp.trace(B)
+    trB2 = xp.sum(B * B.T)  # tr(B B) without forming the product
+    constant = xp.broadcast_to(a * a, s2.shape)
+    sigma2 = s2 * (a * trB + xp.dot(c, c))
     sigma4 = s2 * s2 * (2.0 * trB2 + trB * trB) / 4.0
     return ClosedFormTerms(constant, sigma2, sigma4)
+
+
+_traced_terms = jax.jit(_terms)
 
 
 def _check_coefficients(a, c, B):
@@ -84,8 +87,8 @@ def delta2_closed_form_terms(a, c, B, sigma) -> ClosedFormTerms:
 
     ``a^2``, ``sigma^2 (a tr B + ||c||^2)`` and ``sigma^4 (2 tr B^2 + (tr B)^2) / 4``.
     Near ``sigma -> 0`` the sum tends to ``a^2``, which hides the curvature
-    part unless the terms are shown on their own. One compiled program (reused
-    by eager calls) for every ``sigma`` grid of a given length.
+    part unless the terms are shown on their own. Concrete arguments are summed
+    on NumPy (nothing compiles); traced ones in one small program.
 
     Args:
       a: scalar ``L_{k+1}(w*) - L_k(w*)`` (from
@@ -106,7 +109,11 @@ def delta2_closed_form_terms(a, c, B, sigma) -> ClosedFormTerms:
     """
     a, c, B = _check_coefficients(a, c, B)
     s = _validate.positive_grid(sigma, "sigma", dtype=a.dtype, what=_common.SIGMA)
-    return _terms(a, c, B, s)
+    if any(isinstance(x, jax.core.Tracer) for x in (a, c, B, s)):
+        return _traced_terms(a, c, B, s)
+    with _xp.host():  # O(D^2) on concrete numbers: NumPy, no compile
+        t = _terms(*(np.asarray(x) for x in (a, c, B, s)))
+    return ClosedFormTerms(*jax.device_put(tuple(np.asarray(x, a.dtype) for x in t)))
 
 
 def delta2_closed_form(a, c, B, sigma) -> jax.Array:

@@ -13,7 +13,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from curvlib import _deprecation, _tree, _validate
-from curvlib._compile import compile_behind
+from curvlib._compile import quick_jit
 from curvlib.krylov import eigen
 from curvlib.krylov.eigen import EigshResult
 from curvlib.krylov.solvers import Eigsh, resolve
@@ -210,30 +210,28 @@ def subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, eigsh, f
     """`curvature_subspace` on checked arguments (``mode`` resolved, ``eigsh`` an
     [`Eigsh`][curvlib.Eigsh]): no checks."""
     layout = None if flatten else _tree.param_shardings(params)
-    if not flatten and layout is None and _eager(params, data, k, key):
+    if not flatten and layout is None and _common.eager(params, data, k, key):
         return _subspace_now(loss_fn, params, data, k, dim, key, microbatch_size, mode, eigsh)
     return _subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, _static(eigsh),
                      bool(flatten), layout)
 
 
-def _eager(*args) -> bool:
-    """An eager call (no traced argument) with [`curvlib.compile_behind`][curvlib.compile_behind]
-    on: the eigensolver can answer now."""
-    return compile_behind() and not any(isinstance(x, jax.core.Tracer)
-                                        for x in jax.tree.leaves(args))
-
-
 def _subspace_now(loss_fn, params, data, k, dim, key, microbatch_size, mode, eigsh):
     """`_subspace` in eager steps, so the eigensolver answers now.
 
-    The operator is built by its own small program (the model's linearisation), the start
-    vector is the same draw, and [`curvlib.eigsh`][curvlib.eigsh] is called eagerly: its
-    first call compiles only the model's product and runs its steps without compiling them
-    (`curvlib.krylov._driver.solve_now`), while its fused program compiles behind for later
-    calls. The same eigenpairs to rounding, the same certificate.
+    The operator is built by its own small program (the model's linearisation,
+    `_common.linearized`, which the eager coefficients share), the start vector is the
+    same draw, and [`curvlib.eigsh`][curvlib.eigsh] is called eagerly: its first call
+    compiles only the model's product and runs its steps without compiling them, while
+    its fused program compiles behind for later calls. The same eigenpairs to rounding,
+    the same certificate.
     """
     v0 = _start_vector(key, params)
-    if microbatch_size is None:
+    if microbatch_size is None and mode in (None, "linearize"):
+        k = np.int32(k)
+        w = _common.host_weights(data, k, _common.MEAN, params)
+        matvec = _common.linearized(loss_fn, params, data, k, w)[2]
+    elif microbatch_size is None:
         matvec = _operator(loss_fn, params, data, k, mode)
     else:  # (a closure over the chunks: eigsh identifies its program by tracing it)
         matvec = weighted_hessian_matvec(loss_fn, params, data, k, _common.MEAN,
@@ -241,7 +239,7 @@ def _subspace_now(loss_fn, params, data, k, dim, key, microbatch_size, mode, eig
     return eigen.eigsh(matvec, v0, dim, which="LA", solver=eigsh)
 
 
-_start_vector = jax.jit(_tree.flat_normal_like)
+_start_vector = quick_jit(_tree.flat_normal_like)  # (once per call: compiled cheaply)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "mode"))

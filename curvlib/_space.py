@@ -247,3 +247,20 @@ def seed_from_vector(v):
     # only determinism matters here, not accuracy: the plain norm (inf or 0 at extreme
     # scales is still a deterministic seed) keeps the scale-safe rescue out of the program
     return _mix(jax.lax.bitcast_convert_type(_tree.plain_norm(v).astype(jnp.float32), jnp.uint32))
+
+
+# ------------------------------------------------------------- products
+
+@jax.jit
+def flat_product(matvec, like, x):
+    """``matvec`` on ``x``, ``like`` ravelled (``concat``): one program per operator program
+    and size, shared by every eager caller (the answer-now solvers, the landscape)."""
+    space = Space(like, "concat")
+    return space.flatten(matvec(space.unflatten(x)))
+
+
+@jax.jit
+def flat_products(matvec, like, X):
+    """``matvec`` applied to every row of ``X`` (rows: ``like`` ravelled), one ``vmap``."""
+    space = Space(like, "concat")
+    return jax.vmap(lambda x: space.flatten(matvec(space.unflatten(x))))(X)
