@@ -405,6 +405,54 @@ def test_an_eager_curvature_subspace_answers_now(behind, microbatch_size):
     _same_answer(jitted, one_program)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_an_eager_pipeline_compiles_the_models_derivatives_once(behind, dtype):
+    """Eager `curvature_subspace`, `increment_coefficients`, `prefix` and the closed form: the
+    coefficients take the subspace's linearisation program (the weights are data) and the
+    eigensolver's compiled product, so they compile nothing; their values are the compiled
+    program's (with and without the Ritz values) to rounding, and the closed form on NumPy is
+    the traced one's."""
+    from curvlib import _space
+    from curvlib import landscape as L
+    from curvlib.landscape import _common
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((30, 6)), dtype)
+    y = jnp.asarray(rng.standard_normal(30), dtype)
+    params = {"w": jnp.asarray(rng.standard_normal((6, 4)) / 3, dtype),
+              "v": jnp.asarray(rng.standard_normal(4) / 3, dtype)}
+
+    def loss(p, batch):
+        return jnp.mean((jnp.tanh(batch[0] @ p["w"]) @ p["v"] - batch[1]) ** 2)
+
+    sub = L.curvature_subspace(loss, params, (x, y), 20, 3, key=KEY)
+    sizes = lambda: (_common.linearized.jitted()._cache_size(), _space.flat_product._cache_size())
+    before = sizes()
+    coef = L.increment_coefficients(loss, params, (x, y), 20, sub.eigenvectors, check_mean=False,
+                                    eigenvalues=sub.eigenvalues)
+    assert sizes() == before  # no program of its own: the subspace's serve
+    tol = 1e-12 if dtype == jnp.float64 else 2e-5
+    curvlib.compile_behind(False)
+    try:
+        for ritz in (None, sub.eigenvalues):
+            ref = L.increment_coefficients(loss, params, (x, y), 20, sub.eigenvectors,
+                                           check_mean=False, eigenvalues=ritz)
+            for got, want in zip(coef, ref, strict=True):
+                assert isinstance(got, jax.Array) and got.dtype == want.dtype == dtype
+                scale = float(jnp.max(jnp.abs(ref.B)))
+                np.testing.assert_allclose(got, want, rtol=0, atol=tol * scale)
+    finally:
+        curvlib.compile_behind(True)
+    sigma = jnp.asarray([1e-2, 1e-1, 1.0], dtype)
+    for d in (1, 3):
+        part = coef.prefix(d)
+        assert part.c.shape == (d,) and part.B.shape == (d, d)
+        eager = L.delta2_closed_form(*part, sigma)
+        traced = jax.jit(L.delta2_closed_form)(*part, sigma)
+        assert isinstance(eager, jax.Array) and eager.dtype == traced.dtype == dtype
+        np.testing.assert_allclose(eager, traced, rtol=10 * float(jnp.finfo(dtype).eps))
+
+
 @pytest.mark.parametrize("case", ["model", "breakdown"])
 def test_lanczos_answers_now_with_the_fused_programs_answer(behind, engine, case):
     if case == "model":

@@ -218,6 +218,8 @@ def solve_now(setup, request, update, running, finish, cfg, matvec, v0, key, *ar
     state, *first = _start(setup, request, running, flat)(x0, None, *args, seed)
     end = _jitted(finish, flat, True)
     finish_ready = ahead().submit(_precompile_end, end, state, v0, bases, vectors, cut, rows)
+    # the loop's step compiles here meanwhile (the product's output is shaped like x0)
+    precompile(_host_steps(request, update, running, flat, True)[1], state, x0)
     product_ready.result()
     product = functools.partial(_space.flat_product, matvec, v0)
     state = run_host(request, update, running, flat, product, state, quick=True, report=report,
