@@ -273,7 +273,7 @@ def _first_answer_worker(npz_path: str, tol: float, flatten: bool, out_path: str
         jax.block_until_ready(jitted_mc(params, data, sub.eigenvectors, key))
         warm_mc.append(time.perf_counter() - t0)
     out["warm_with_mc_s"] = float(np.median(warm)) + float(np.median(warm_mc))
-    out["direct_mc"] = {str(d): np.asarray(m.mean).tolist()
+    out["direct_mc"] = {str(d): np.asarray(m.estimate).tolist()
                         for d, m in zip(FA_CONFIG["dims"], mc, strict=True)}
     out.update(warm_s=float(np.median(warm)), warm_times_s=warm,
                num_matvecs=int(sub.num_matvecs), converged=bool(sub.converged),

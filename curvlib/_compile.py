@@ -166,7 +166,11 @@ def quick_options() -> dict:
 
 
 class quick_jit:  # noqa: N801  (used as a decorator, like ``jax.jit``)
-    """``jax.jit(fn, compiler_options=quick_options(), **kwargs)``, made at its first use."""
+    """``jax.jit(fn, compiler_options=quick_options(), **kwargs)``, made at its first use.
+
+    Called with traced arguments (inside a caller's ``jit``, where JAX refuses compiler
+    options on a nested ``jit``) it is a plain ``jax.jit``: part of the caller's program.
+    """
 
     def __init__(self, fn: Callable | None = None, **kwargs):
         self.fn, self.kwargs, self._jitted = fn, kwargs, None
@@ -176,12 +180,20 @@ class quick_jit:  # noqa: N801  (used as a decorator, like ``jax.jit``)
     def __call__(self, *args, **kwargs):
         if self.fn is None:  # ``@quick_jit(static_argnames=...)``
             return quick_jit(args[0], **self.kwargs)
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
+            return self.nested()(*args, **kwargs)
         return self.jitted()(*args, **kwargs)
 
     def jitted(self):
         if self._jitted is None:
             self._jitted = jax.jit(self.fn, compiler_options=quick_options(), **self.kwargs)
         return self._jitted
+
+    def nested(self):
+        """The plain ``jax.jit`` of ``fn``, for calls inside another program."""
+        if getattr(self, "_nested", None) is None:
+            self._nested = jax.jit(self.fn, **self.kwargs)
+        return self._nested
 
     def lower(self, *args, **kwargs):
         return self.jitted().lower(*args, **kwargs)

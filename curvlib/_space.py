@@ -48,6 +48,21 @@ def _on_one_device(x) -> bool | None:
     return len(s.device_set) == 1 or s.is_fully_replicated
 
 
+def on_one_device(*trees) -> bool:
+    """Whether every leaf is concrete and on one single device (or a NumPy/Python value).
+
+    The condition for an eager answer computed on the host and put back with ``device_put``:
+    a replicated or multi-process array must keep its placement, so it takes the program.
+    """
+    for x in jax.tree.leaves(trees):
+        if isinstance(x, jax.core.Tracer):
+            return False
+        s = getattr(x, "sharding", None)
+        if s is not None and len(s.device_set) != 1:
+            return False
+    return True
+
+
 def choose_layout(v: PyTree) -> str:
     """The storage layout for vectors shaped like ``v`` (see the module docstring)."""
     leaves = jax.tree.leaves(v)

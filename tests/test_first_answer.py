@@ -453,6 +453,55 @@ def test_an_eager_pipeline_compiles_the_models_derivatives_once(behind, dtype):
         np.testing.assert_allclose(eager, traced, rtol=10 * float(jnp.finfo(dtype).eps))
 
 
+def test_a_quick_program_inside_a_users_jit_is_part_of_it():
+    """The programs compiled with the quick options (the quadratic Monte Carlo here) take no
+    compiler options inside a caller's `jit` (JAX refuses them on a nested `jit`): the same
+    estimate either way."""
+    from curvlib import landscape as L
+
+    a, c, B = jnp.asarray(0.1), jnp.asarray([1.0, -0.5]), jnp.asarray([[2.0, 0.3], [0.3, 1.0]])
+    sigma = jnp.asarray([0.1, 0.2])
+    est = lambda a, c, B: L.delta2_quadratic_mc(a, c, B, sigma, key=KEY, num_samples=8).estimate
+    np.testing.assert_allclose(jax.jit(est)(a, c, B), est(a, c, B), rtol=1e-13)
+
+
+def test_an_eager_k_curve_answers_as_its_compiled_steps(behind, monkeypatch):
+    """`k_curve` called eagerly takes the answer-now subspace and the shared-program
+    coefficients for every k; its curve is the one with every step compiled (compile behind
+    off) to rounding."""
+    from curvlib import landscape as L
+    from curvlib.landscape import coefficients
+
+    shared, real = [], coefficients._coefficients_now
+    monkeypatch.setattr(coefficients, "_coefficients_now",
+                        lambda *args: shared.append(args[3]) or real(*args))
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((24, 5)))
+    y = jnp.asarray(rng.standard_normal(24))
+    params = {"w": jnp.asarray(rng.standard_normal((5, 3)) / 3),
+              "v": jnp.asarray(rng.standard_normal(3) / 3)}
+
+    def loss(p, batch):
+        return jnp.mean((jnp.tanh(batch[0] @ p["w"]) @ p["v"] - batch[1]) ** 2)
+
+    call = lambda: L.k_curve(loss, params, (x, y), [6, 11], dims=[1, 3], sigmas=[1e-2, 0.3],
+                             key=KEY, num_samples=0, progress=False)
+    now = call()
+    assert shared == [6, 11]
+    curvlib.compile_behind(False)
+    try:
+        compiled = call()
+    finally:
+        curvlib.compile_behind(True)
+    assert shared == [6, 11]  # (the compiled curve: its own program)
+    for field in ("eigenvalues", "eigenvalues_next", "closed_form", "delta1", "max_angle",
+                  "spectral"):
+        want = np.asarray(getattr(compiled, field))
+        np.testing.assert_allclose(getattr(now, field), want, rtol=1e-9,
+                                   atol=1e-12 * np.max(np.abs(want)), err_msg=field)
+
+
 @pytest.mark.parametrize("case", ["model", "breakdown"])
 def test_lanczos_answers_now_with_the_fused_programs_answer(behind, engine, case):
     if case == "model":

@@ -67,7 +67,7 @@ class IncrementCoefficients(NamedTuple):
                 f"`dim` (the nested subspace dimension) must be an int in [1, D] with D = {d} "
                 f"the size of these coefficients; got {dim!r}."
             )
-        if any(isinstance(x, jax.core.Tracer) for x in self):
+        if not _space.on_one_device(self):  # traced, or placed on several devices
             return IncrementCoefficients(self.a, self.c[..., :dim], self.B[..., :dim, :dim])
         c, B = np.asarray(self.c)[..., :dim], np.asarray(self.B)[..., :dim, :dim]
         return IncrementCoefficients(self.a, *jax.device_put((c, B)))  # (no slice compiles)
@@ -372,8 +372,8 @@ def increment_coefficients(
     pairs; for any other basis the result would be wrong.
 
     An eager call (concrete arguments, [`curvlib.compile_behind`][curvlib.compile_behind] on,
-    no ``microbatch_size``, ``mode`` ``None``/``"linearize"``, one float dtype, no explicit
-    sharding) takes the programs an eager
+    no ``microbatch_size``, ``mode`` ``None``/``"linearize"``, one float dtype, every array on
+    one device) takes the programs an eager
     [`curvature_subspace`][curvlib.landscape.curvature_subspace] on the same ``loss_fn`` and
     shapes compiled: the linearisation (the weights are data) and the eigensolver's product,
     one basis vector at a time, with the projections on NumPy. After the subspace nothing
@@ -432,7 +432,13 @@ def increment_coefficients(
         )
     if check_mean:
         mean_check(loss_fn, params, data, k, mb)
-    U = _cast_basis(eigenvectors, params)
+    return coefficients(loss_fn, params, data, k, _cast_basis(eigenvectors, params), mb, mode,
+                        eigenvalues)
+
+
+def coefficients(loss_fn, params, data, k, U, mb, mode, eigenvalues) -> IncrementCoefficients:
+    """`increment_coefficients` on checked arguments (``U`` in the parameters' dtypes): through
+    the subspace's programs for an eager caller (`_coefficients_now`), else one program."""
     if mb is None and mode in (None, "linearize") and _now_ok(params, data, k, U):
         return _coefficients_now(loss_fn, params, data, k, U)
     return _coefficients(loss_fn, params, data, k, U, mb, mode, eigenvalues)
@@ -440,11 +446,11 @@ def increment_coefficients(
 
 def _now_ok(params, data, k, U) -> bool:
     """Whether an eager call answers through the subspace's programs (`_coefficients_now`):
-    concrete arguments, one float32/float64 dtype, no explicit sharding."""
+    concrete arguments on one device, one float32/float64 dtype."""
     dts = {jnp.result_type(x) for x in jax.tree.leaves(params)}
     return (_common.eager(params, data, k, U) and len(dts) == 1
             and dts <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)}
-            and _tree.param_shardings(params) is None)
+            and _space.on_one_device(params, data, U))
 
 
 def _coefficients_now(loss_fn, params, data, k, U) -> IncrementCoefficients:

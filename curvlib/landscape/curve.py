@@ -32,7 +32,7 @@ from curvlib.landscape import _common
 from curvlib.landscape.coefficients import (
     IncrementCoefficients,
     _cast_basis,
-    _coefficients,
+    coefficients,
     mean_check,
 )
 from curvlib.landscape.estimators import (
@@ -284,9 +284,9 @@ def coefficient_step(loss_fn, params, plan: _Plan, k: int, sub) -> IncrementCoef
     single-sample ones.
     """
     U = _cast_basis(sub.eigenvectors, params)
-    return jax.block_until_ready(_coefficients(loss_fn, params, plan.data, k, U,
-                                               plan.config.microbatch_size, None,
-                                               sub.eigenvalues))
+    return jax.block_until_ready(coefficients(loss_fn, params, plan.data, k, U,
+                                              plan.config.microbatch_size, None,
+                                              sub.eigenvalues))
 
 
 def closed_form_step(coef: IncrementCoefficients, plan: _Plan, eigenvalues, eigenvalues_next):

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _deprecation, _tree, _validate, _xp
+from curvlib import _deprecation, _space, _tree, _validate, _xp
 from curvlib._compile import quick_jit
 from curvlib._xp import xp
 from curvlib.krylov.stochastic import MonteCarloEstimate, monte_carlo_estimate
@@ -88,8 +88,8 @@ def delta2_closed_form_terms(a, c, B, sigma) -> ClosedFormTerms:
 
     ``a^2``, ``sigma^2 (a tr B + ||c||^2)`` and ``sigma^4 (2 tr B^2 + (tr B)^2) / 4``.
     Near ``sigma -> 0`` the sum tends to ``a^2``, which hides the curvature
-    part unless the terms are shown on their own. Concrete arguments are summed
-    on NumPy (nothing compiles); traced ones in one small program.
+    part unless the terms are shown on their own. Concrete arguments on one device
+    are summed on NumPy (nothing compiles); others in one small program.
 
     Args:
       a: scalar ``L_{k+1}(w*) - L_k(w*)`` (from
@@ -110,7 +110,7 @@ def delta2_closed_form_terms(a, c, B, sigma) -> ClosedFormTerms:
     """
     a, c, B = _check_coefficients(a, c, B)
     s = _validate.positive_grid(sigma, "sigma", dtype=a.dtype, what=_common.SIGMA)
-    if any(isinstance(x, jax.core.Tracer) for x in (a, c, B, s)):
+    if not _space.on_one_device(a, c, B, s):  # traced, or placed on several devices
         return _traced_terms(a, c, B, s)
     with _xp.host():  # O(D^2) on concrete numbers: NumPy, no compile
         t = _terms(*(np.asarray(x) for x in (a, c, B, s)))
@@ -573,24 +573,22 @@ def delta2_full_mc(
       key: PRNG key.
       num_samples: independent draws ``S``.
       antithetic: evaluate each draw at ``e`` and ``-e``.
-      microbatch_size: chunk size over the ``k`` samples.
-      sample_batch_size: evaluations per vectorised chunk (default: all at once).
-      check_mean: verify that ``loss_fn`` is a mean at ``params`` first
-        ([`check_mean_loss`][curvlib.landscape.check_mean_loss]).
+      microbatch_size: as [`delta2_direct_mc`][curvlib.landscape.delta2_direct_mc].
+      sample_batch_size: as [`delta2_direct_mc`][curvlib.landscape.delta2_direct_mc].
+      check_mean: as [`delta2_direct_mc`][curvlib.landscape.delta2_direct_mc].
 
     Returns:
       [`MonteCarloEstimate`][curvlib.landscape.MonteCarloEstimate] shaped like ``sigma``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
-      >>> from curvlib.landscape import delta2_closed_form, delta2_full_mc
-      >>> from curvlib.landscape import increment_coefficients
-      >>> loss = lambda w, b: 0.5 * jnp.mean((b[0] @ w - b[1]) ** 2)  # exactly quadratic
-      >>> x = jax.random.normal(jax.random.PRNGKey(0), (6, 3)); data = (x, x @ jnp.ones(3))
-      >>> w = jnp.zeros(3)
-      >>> est = delta2_full_mc(loss, w, data, 4, 0.1, key=jax.random.PRNGKey(1),
+      >>> from curvlib.landscape import delta2_closed_form, delta2_full_mc, increment_coefficients
+      >>> x = jax.random.normal(jax.random.PRNGKey(0), (6, 3))
+      >>> loss = lambda w, xb: jnp.mean((xb @ w - 1.0) ** 2)  # exactly quadratic in w
+      >>> est = delta2_full_mc(loss, jnp.zeros(3), x, 4, 0.1, key=jax.random.PRNGKey(1),
       ...                      num_samples=2000)
-      >>> gm = delta2_closed_form(*increment_coefficients(loss, w, data, 4, jnp.eye(3)), 0.1)
+      >>> coef = increment_coefficients(loss, jnp.zeros(3), x, 4, jnp.eye(3))  # D = N = 3
+      >>> gm = delta2_closed_form(*coef, 0.1)
       >>> bool(abs(est.estimate - gm) < 4 * est.stderr)  # D = N: the full-space value
       True
     """

@@ -476,10 +476,10 @@ class StreamMatvec:
     Examples:
       >>> import jax.numpy as jnp, numpy as np
       >>> import curvlib
-      >>> x = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 0.0]])
-      >>> loss = lambda w, xb: jnp.mean((xb @ w) ** 2)            # H = 2 x^T x / n
-      >>> H = curvlib.stream_matvec(lambda w, xb: curvlib.hessian_matvec(loss, w, xb),
-      ...                           jnp.zeros(2), [x[:3], x[3:]])
+      >>> batches = [np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]), np.zeros((1, 2))]
+      >>> def build(w, xb):  # one batch's Hessian, 2 xb^T xb / n_b
+      ...     return curvlib.hessian_matvec(lambda w, xb: jnp.mean((xb @ w) ** 2), w, xb)
+      >>> H = curvlib.stream_matvec(build, jnp.zeros(2), batches)
       >>> H.matmat(jnp.eye(2)).tolist()  # two products in one pass over the batches
       [[1.0, 0.5], [0.5, 2.5]]
       >>> H.num_examples, H.num_batches
