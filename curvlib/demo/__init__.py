@@ -6,7 +6,8 @@
   mean losses, and a compiled training loop (reused by the benchmarks);
 * `curvlib.demo.probe` — the transformer probe (the default task), its
   options (`ProbeConfig`, checked before any work)
-  and its stages, compiled in a background thread while the model trains;
+  and its stages: the closed-form route as eager calls (answered on their first call),
+  the Monte Carlo estimators compiled in a background thread while the model trains;
 * `curvlib.demo.spectrum` — top Hessian eigenvalues and spectral density
   (``--task spectrum``);
 * `curvlib.demo.report` — console tables (100 columns) and figures;
