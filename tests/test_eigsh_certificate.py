@@ -110,6 +110,73 @@ def test_largest_cluster_is_the_largest_group_equal_within_thresholds():
     assert _cluster([2.0, -2.0], [0.125, 0.125]) == 1
 
 
+def _cluster_res(theta, res, thr, valid=None):
+    f = jnp.float64
+    valid = [True] * len(theta) if valid is None else valid
+    return np.asarray(eigen._cluster_residuals(jnp.asarray(theta, f), jnp.asarray(res, f),
+                                               jnp.asarray(thr, f), jnp.asarray(valid)))
+
+
+def test_cluster_residuals_are_the_norm_over_each_cluster():
+    """``sqrt(sum_j res_j^2)`` over the valid values equal within thresholds; alone otherwise."""
+    t = [0.125] * 4
+    np.testing.assert_allclose(_cluster_res([5.0, 4.0, 3.0, 2.0], [3.0, 4.0, 0.5, 1.0], t),
+                               [3.0, 4.0, 0.5, 1.0])  # simple values: their own residual
+    np.testing.assert_allclose(_cluster_res([5.0, 5.0, 5.0, 2.0], [3.0, 4.0, 0.0, 1.0], t),
+                               [5.0, 5.0, 5.0, 1.0])  # a triple: the norm of its three
+    # an invalid row neither counts nor is counted
+    np.testing.assert_allclose(
+        _cluster_res([5.0, 5.0, 5.0, 2.0], [3.0, 4.0, 12.0, 1.0], t, [True, True, False, True])[
+            [0, 1, 3]], [5.0, 5.0, 1.0])
+    # scale-safe: residuals whose squares overflow float64
+    np.testing.assert_allclose(_cluster_res([5.0, 5.0], [3e200, 4e200], t[:2]), [5e200] * 2)
+
+
+def test_a_clusters_bound_holds_for_every_rotation_of_its_vectors():
+    """The reason for the cluster norm: rotating a degenerate cluster's Ritz vectors (what
+    another ``eigh`` may return) changes each vector's residual but never beyond the bound."""
+    rng = np.random.default_rng(0)
+    R = rng.standard_normal((50, 3)) * 1e-3  # residual vectors of three equal-valued pairs
+    bound = _cluster_res([5.0] * 3, np.linalg.norm(R, axis=0), [1e-6] * 3)
+    for _ in range(20):
+        U, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+        rotated = np.linalg.norm(R @ U, axis=0)
+        assert np.all(rotated <= bound * (1 + 1e-12))
+        np.testing.assert_allclose(_cluster_res([5.0] * 3, rotated, [1e-6] * 3), bound)
+
+
+def test_dropping_pending_rows_keeps_the_residual_norms():
+    """A verification round drops the pending rows of three chains: the kept pairs' residual
+    bounds stay their norms before the drop, which are the true residuals (dense oracle).
+
+    (A sum of the couplings to each dropped row, instead of their norm, grew by up to
+    ``sqrt(3)`` here: a pair certified before the round could fail after it.)
+    """
+    rng = np.random.default_rng(1)
+    n, m = 30, 16
+    B = rng.standard_normal((n, n))
+    A = jnp.asarray((B + B.T) / 2)
+    v0 = jnp.asarray(rng.standard_normal(n))
+    band = _band.init(v0, m, jnp.float64, num_external=4)
+    for _ in range(2):  # two more chains: three pending rows from here on
+        q, ok = _band.fresh(band, jnp.asarray(rng.standard_normal(n)), jnp.asarray(True))
+        band = _band.inject(band, q, ok)
+    for _ in range(9):
+        band = _band.absorb(band, A @ _band.request(band, v0))
+    assert int(jnp.sum(_band.pending(band))) == 3
+    theta, Y, res, _ = _band.ritz(band, _band.Order("LA"))
+    K = 3
+    Q = np.asarray(band.Q)
+    X = np.asarray(Y[:, :K]).T @ Q
+    true = np.linalg.norm(X @ np.asarray(A) - np.asarray(theta[:K])[:, None] * X, axis=1)
+    np.testing.assert_allclose(np.asarray(res[:K]), true, rtol=1e-8)
+    kept = _band.compress(band, Y, jnp.int32(K), drop_pending=jnp.asarray(True))
+    assert int(kept.ndrop) == 3 and int(jnp.sum(_band.pending(kept))) == 0
+    eye = jnp.eye(m)[:, :K]
+    np.testing.assert_allclose(np.asarray(_band.residual_norms(kept, eye)), true, rtol=1e-8)
+    np.testing.assert_allclose(np.asarray(_band.exact_residuals(kept, eye)), true, rtol=1e-8)
+
+
 # ----------------------------------------------------------------- _thresholds
 
 

@@ -36,8 +36,9 @@ A restart may also *drop* the pending rows ([`curvlib.eigsh`][curvlib.eigsh] doe
 a verification block against locked pairs without the old chain). A kept
 vector ``x_i`` then has ``A x_i = theta_i x_i + c_i d`` with ``d`` outside the
 basis; the couplings ``c`` are kept as a column of ``E`` (one signed column per
-dropped vector, later ones folded into the last by absolute values), and
-residual norms become the rigorous bound ``||F y|| + sum_c |E[:, c] . y|``.
+stored dropped vector ``d_c``; pending rows beyond the stored count stay pending),
+and residual norms become the rigorous bound ``||F y|| + ||sum_c (E[:, c] . y) d_c||``,
+the second term from the dropped vectors' Gram matrix.
 
 A fresh direction is orthogonalised (`fresh`) only at the steps that
 use one, under a ``lax.cond``: every Gram-Schmidt pass reads the whole basis,
@@ -64,6 +65,7 @@ class Band(NamedTuple):
     H: jax.Array  # (m, m) H[i, j] = <q_i, A q_j> for multiplied j
     E: jax.Array  # (m, c) couplings of multiplied rows to dropped vectors (c >= 1 columns)
     D: PyTree | None  # (c, ...) the dropped unit vectors (None when dropping is not used)
+    G: jax.Array  # (c, c) Gram matrix of the stored dropped vectors (zero where none)
     ndrop: jax.Array  # int32: vectors dropped so far (beyond c they are folded: bound only)
     mult: jax.Array  # (m,) bool: multiplied rows
     nbas: jax.Array  # int32: used rows
@@ -101,6 +103,7 @@ def init(v0, m: int, acc, basis_dtype=None, num_external: int = 0, limit=None) -
     return Band(
         Q=Q, H=xp.zeros((m, m), acc), E=xp.zeros((m, max(num_external, 1)), acc),
         D=_tree.basis_zeros(v0, num_external, basis_dtype) if num_external else None,
+        G=xp.zeros((max(num_external, 1),) * 2, acc),
         ndrop=xp.zeros((), xp.int32), mult=f,
         nbas=xp.asarray(1, xp.int32),
         anorm=xp.zeros((), acc), finite=_tree.all_finite(v0),
@@ -260,11 +263,22 @@ def projected(band: Band):
 def residual_norms(band: Band, Y):
     """Bounds of ``||A x_i - theta_i x_i||`` for Ritz vectors ``x_i = Q^T Y[:, i]``.
 
-    ``||F y||`` exactly, plus ``sum_c |E[:, c] . y|`` when vectors were dropped.
+    ``||F y||`` exactly, plus ``||sum_c (E[:, c] . y) d_c|| = sqrt(e^T G e)`` when
+    vectors were dropped (``G`` their Gram matrix, kept by `compress`). The dropped
+    part is the norm the residual had along the pending rows it was dropped from, not
+    inflated by the drop: a pair certified before a verification round stays so.
     """
     F = xp.where(pending(band)[:, None] & band.mult[None, :], band.H, 0.0)
-    E = xp.where(band.mult[:, None], band.E, 0.0)
-    return column_norms(F @ Y) + xp.sum(xp.abs(E.T @ Y), axis=0)
+    krylov = column_norms(F @ Y)
+    if band.D is None:
+        return krylov
+    e = xp.where(band.mult[:, None], band.E, 0.0).T @ Y  # (c, cols)
+    # e scales with the operator: divided by its largest entry before the quadratic form
+    sc = xp.max(xp.abs(e), axis=0)
+    sc = xp.where((sc > 0) & xp.isfinite(sc), sc, 1.0)
+    e = e / sc
+    dropped = sc * xp.sqrt(xp.maximum(xp.sum(e * (band.G @ e), axis=0), 0.0))
+    return krylov + dropped
 
 
 def column_norms(X):
@@ -375,6 +389,10 @@ def compress(band: Band, Y, K, drop_pending=False) -> Band:
                                      new.astype(d.dtype), d),
             D, _tree.basis_matmul(S, band.Q))
         ndrop = band.ndrop + xp.sum(drop).astype(xp.int32)
+        held = xp.arange(c) < ndrop
+        Gram = xp.where(held[:, None] & held[None, :], _tree.basis_gram(D, D, acc), 0.0)
+    else:
+        Gram = band.G
     carried = pend & ~drop  # contiguous: the first pending rows that were not dropped... any order
     n_car = xp.sum(carried)
     src = xp.argsort(xp.where(carried, rows, m + rows))  # carried rows in index order
@@ -385,7 +403,7 @@ def compress(band: Band, Y, K, drop_pending=False) -> Band:
     Q = _tree.basis_matmul(Yk.T + P, band.Q)
     newT = Yk.T @ projected(band) @ Yk
     H = xp.where(keep[:, None] & keep[None, :], newT, 0.0) + P @ F
-    return band._replace(Q=Q, H=H, E=E, D=D, ndrop=ndrop, mult=keep,
+    return band._replace(Q=Q, H=H, E=E, D=D, G=Gram, ndrop=ndrop, mult=keep,
                          nbas=(K + n_car).astype(xp.int32))
 
 
