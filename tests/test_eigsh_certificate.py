@@ -177,6 +177,28 @@ def test_dropping_pending_rows_keeps_the_residual_norms():
     np.testing.assert_allclose(np.asarray(_band.exact_residuals(kept, eye)), true, rtol=1e-8)
 
 
+def test_ritz_flushes_couplings_below_rounding_before_eigh():
+    """A projected matrix ``T`` that eigsh met (ten copies of 5, ``"LM"``; 48 rows, couplings
+    of 1e-27): LAPACK's divide-and-conquer ``eigh`` raised "did not converge" on NumPy and
+    returned NaN on XLA:CPU. `ritz` answers on both, with SciPy's MRRR eigenvalues."""
+    from pathlib import Path
+
+    import jax
+    import scipy.linalg
+
+    from curvlib import _xp
+
+    T = np.load(Path(__file__).parent / "data" / "eigh_divide_and_conquer_T.npy")
+    m = T.shape[0]
+    band = _band.init(jnp.ones(60), m, jnp.float64)._replace(
+        H=jnp.asarray(np.triu(T)), mult=jnp.ones(m, bool), nbas=jnp.int32(m))
+    want = np.sort(np.abs(scipy.linalg.eigh(T, driver="evr", eigvals_only=True)))[::-1]
+    with _xp.host():
+        host = _band.ritz(jax.tree.map(np.asarray, band), _band.Order("LM"))[0]
+    for theta in (host, _band.ritz(band, _band.Order("LM"))[0]):
+        np.testing.assert_allclose(np.abs(np.asarray(theta)), want, rtol=0, atol=1e-13)
+
+
 # ----------------------------------------------------------------- _thresholds
 
 

@@ -331,9 +331,17 @@ def ritz(band: Band, order: Order):
     Other rows get a sentinel diagonal beyond the unwanted end of the spectrum;
     an eigenvector is *valid* when its weight on the multiplied rows exceeds
     1/2, and invalid ones sort last whatever their value. One ``m x m`` ``eigh``.
+
+    Entries below ``eps ||T||_inf`` are set to zero first: they lie below ``T``'s own
+    rounding (moving the Ritz values by at most ``m eps ||T||``, under every
+    threshold), and LAPACK's divide and conquer, which ``eigh`` runs on NumPy and on
+    XLA:CPU, can fail on them (NaN, or NumPy's "did not converge"): a ``48 x 48``
+    ``T`` holding ten equal Ritz values of a repeated eigenvalue did, with two
+    couplings of ``1e-27``.
     """
     T = projected(band)
     span = xp.max(xp.sum(xp.abs(T), axis=1)) + xp.finfo(T.dtype).tiny
+    T = xp.where(xp.abs(T) > xp.finfo(T.dtype).eps * span, T, 0.0)
     T = T + xp.diag(xp.where(band.mult, 0.0, order.sentinel(span)).astype(T.dtype))
     theta, Y = xp.linalg.eigh(T)
     valid = xp.sum(xp.where(band.mult[:, None], Y**2, 0.0), axis=0) > 0.5
