@@ -130,6 +130,13 @@ def test_cluster_residuals_are_the_norm_over_each_cluster():
             [0, 1, 3]], [5.0, 5.0, 1.0])
     # scale-safe: residuals whose squares overflow float64
     np.testing.assert_allclose(_cluster_res([5.0, 5.0], [3e200, 4e200], t[:2]), [5e200] * 2)
+    # equal within 2 (thr_i + thr_j), inclusive (binary-exact gaps), as `_largest_cluster`
+    np.testing.assert_allclose(_cluster_res([3.0, 3.5], [3.0, 4.0], [0.125, 0.125]), [5.0] * 2)
+    np.testing.assert_allclose(_cluster_res([3.0, 3.75], [3.0, 4.0], [0.125, 0.125]),
+                               [3.0, 4.0])
+    # the thresholds add, whichever value holds the larger one
+    np.testing.assert_allclose(_cluster_res([3.0, 3.5], [3.0, 4.0], [0.25, 0.0]), [5.0] * 2)
+    np.testing.assert_allclose(_cluster_res([3.0, 3.5], [3.0, 4.0], [0.0, 0.25]), [5.0] * 2)
 
 
 def test_a_clusters_bound_holds_for_every_rotation_of_its_vectors():
@@ -143,6 +150,75 @@ def test_a_clusters_bound_holds_for_every_rotation_of_its_vectors():
         rotated = np.linalg.norm(R @ U, axis=0)
         assert np.all(rotated <= bound * (1 + 1e-12))
         np.testing.assert_allclose(_cluster_res([5.0] * 3, rotated, [1e-6] * 3), bound)
+
+
+def _two_fives(coupling):
+    """A band whose multiplied rows hold ``diag(5, 5, 1)`` with one pending row coupled to the
+    two fives by ``coupling`` each: the per-vector residuals are ``coupling``, the pair's
+    norm ``sqrt(2) coupling``."""
+    m = 6
+    H = np.zeros((m, m))
+    H[[0, 1, 2], [0, 1, 2]] = 5.0, 5.0, 1.0
+    H[3, :2] = coupling
+    return _band.init(jnp.ones(40), m, jnp.float64)._replace(
+        H=jnp.asarray(H), mult=jnp.asarray([True] * 3 + [False] * 3), nbas=jnp.int32(4),
+        anorm=jnp.float64(5.0))
+
+
+@pytest.mark.parametrize("ratio, certified", [(0.8, False), (0.6, True)])
+def test_a_repeated_value_is_certified_by_its_clusters_norm(ratio, certified):
+    """``k = 2`` wanted copies of 5, ``rtol = 1e-3`` (threshold 5e-3): residuals of 0.8 of the
+    threshold each pass one by one but their norm (1.13) does not; 0.6 each (0.85) does."""
+    cfg = _cfg(m=6, k=2, dim=40)
+    s = SimpleNamespace(k=jnp.int32(2), tol=jnp.float64(1e-3), phase=jnp.int32(0),
+                        to_inject=jnp.int32(0), injected=jnp.int32(0), fresh=jnp.int32(0),
+                        ref=jnp.zeros(6), max_inject=jnp.int32(4), which=jnp.int32(0))
+    band = _two_fives(ratio * 5e-3)
+    res = np.asarray(_band.ritz(band, _band.Order("LA"))[2][:2])
+    np.testing.assert_allclose(res, ratio * 5e-3, rtol=1e-12)  # each below the threshold
+    assert bool(eigen._evaluate(cfg, s, band).search_cert) is certified
+
+
+def test_residual_bounds_hold_with_dropped_and_pending_parts():
+    """After a drop, a fresh chain adds pending rows: the bound ``||F y|| + ||dropped part||``
+    is at least the true residual of every Ritz pair (dense oracle), and at most twice it."""
+    rng = np.random.default_rng(2)
+    n, m = 30, 16
+    B = rng.standard_normal((n, n))
+    A = jnp.asarray((B + B.T) / 2)
+    v0 = jnp.asarray(rng.standard_normal(n))
+    band = _band.init(v0, m, jnp.float64, num_external=4)
+    for _ in range(2):
+        q, ok = _band.fresh(band, jnp.asarray(rng.standard_normal(n)), jnp.asarray(True))
+        band = _band.inject(band, q, ok)
+    for _ in range(9):
+        band = _band.absorb(band, A @ _band.request(band, v0))
+    theta, Y, _, _ = _band.ritz(band, _band.Order("LA"))
+    band = _band.compress(band, Y, jnp.int32(4), drop_pending=jnp.asarray(True))
+    q, ok = _band.fresh(band, jnp.asarray(rng.standard_normal(n)), jnp.asarray(True))
+    band = _band.inject(band, q, ok)
+    for _ in range(3):
+        band = _band.absorb(band, A @ _band.request(band, v0))
+    theta, Y, bound, valid = _band.ritz(band, _band.Order("LA"))
+    X = np.asarray(Y).T @ np.asarray(band.Q)
+    true = np.linalg.norm(X @ np.asarray(A) - np.asarray(theta)[:, None] * X, axis=1)
+    both = np.asarray(valid) & (true > 1e-10)
+    assert both.sum() >= 5
+    bound = np.asarray(bound)[both]
+    assert np.all(bound >= true[both] * (1 - 1e-10))
+    assert np.all(bound <= 2 * true[both])
+    # a second drop: the earlier dropped vectors, projected off the basis, are no longer
+    # orthogonal (Gram entries of 0.2 here); with no pending row left the bound is the norm of
+    # the dropped part alone, through their Gram matrix: the true residual
+    K = 4
+    kept = _band.compress(band, Y, jnp.int32(K), drop_pending=jnp.asarray(True))
+    c = int(kept.ndrop)
+    Dm = np.asarray(kept.D)[:c]
+    assert c == 4 and np.max(np.abs(Dm @ Dm.T - np.eye(c))) > 0.1
+    X = np.asarray(Y[:, :K]).T @ np.asarray(band.Q)
+    true = np.linalg.norm(X @ np.asarray(A) - np.asarray(theta[:K])[:, None] * X, axis=1)
+    np.testing.assert_allclose(np.asarray(_band.residual_norms(kept, jnp.eye(m)[:, :K])), true,
+                               rtol=1e-8)
 
 
 def test_dropping_pending_rows_keeps_the_residual_norms():
