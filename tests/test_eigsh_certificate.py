@@ -179,11 +179,10 @@ def test_a_repeated_value_is_certified_by_its_clusters_norm(ratio, certified):
     assert bool(eigen._evaluate(cfg, s, band).search_cert) is certified
 
 
-def test_residual_bounds_hold_with_dropped_and_pending_parts():
-    """After a drop, a fresh chain adds pending rows: the bound ``||F y|| + ||dropped part||``
-    is at least the true residual of every Ritz pair (dense oracle), and at most twice it."""
-    rng = np.random.default_rng(2)
-    n, m = 30, 16
+def _three_chains(seed, n=30, m=16):
+    """``(rng, A, v0, band)``: a random symmetric ``A`` and a band of ``m`` rows that has run
+    three chains (``v0`` and two fresh rows) for 9 products: three pending rows."""
+    rng = np.random.default_rng(seed)
     B = rng.standard_normal((n, n))
     A = jnp.asarray((B + B.T) / 2)
     v0 = jnp.asarray(rng.standard_normal(n))
@@ -193,6 +192,14 @@ def test_residual_bounds_hold_with_dropped_and_pending_parts():
         band = _band.inject(band, q, ok)
     for _ in range(9):
         band = _band.absorb(band, A @ _band.request(band, v0))
+    return rng, A, v0, band
+
+
+def test_residual_bounds_hold_with_dropped_and_pending_parts():
+    """After a drop, a fresh chain adds pending rows: the bound ``||F y|| + ||dropped part||``
+    is at least the true residual of every Ritz pair (dense oracle), and at most twice it."""
+    rng, A, v0, band = _three_chains(2)
+    n, m = A.shape[0], _band.size(band)
     theta, Y, _, _ = _band.ritz(band, _band.Order("LA"))
     band = _band.compress(band, Y, jnp.int32(4), drop_pending=jnp.asarray(True))
     q, ok = _band.fresh(band, jnp.asarray(rng.standard_normal(n)), jnp.asarray(True))
@@ -228,17 +235,8 @@ def test_dropping_pending_rows_keeps_the_residual_norms():
     (A sum of the couplings to each dropped row, instead of their norm, grew by up to
     ``sqrt(3)`` here: a pair certified before the round could fail after it.)
     """
-    rng = np.random.default_rng(1)
-    n, m = 30, 16
-    B = rng.standard_normal((n, n))
-    A = jnp.asarray((B + B.T) / 2)
-    v0 = jnp.asarray(rng.standard_normal(n))
-    band = _band.init(v0, m, jnp.float64, num_external=4)
-    for _ in range(2):  # two more chains: three pending rows from here on
-        q, ok = _band.fresh(band, jnp.asarray(rng.standard_normal(n)), jnp.asarray(True))
-        band = _band.inject(band, q, ok)
-    for _ in range(9):
-        band = _band.absorb(band, A @ _band.request(band, v0))
+    _, A, _, band = _three_chains(1)
+    m = _band.size(band)
     assert int(jnp.sum(_band.pending(band))) == 3
     theta, Y, res, _ = _band.ritz(band, _band.Order("LA"))
     K = 3
