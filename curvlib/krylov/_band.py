@@ -66,7 +66,7 @@ class Band(NamedTuple):
     E: jax.Array  # (m, c) couplings of multiplied rows to dropped vectors (c >= 1 columns)
     D: PyTree | None  # (c, ...) the dropped unit vectors (None when dropping is not used)
     G: jax.Array  # (c, c) Gram matrix of the stored dropped vectors (zero where none)
-    ndrop: jax.Array  # int32: vectors dropped so far (beyond c they are folded: bound only)
+    ndrop: jax.Array  # int32: dropped vectors stored in D (at most c)
     mult: jax.Array  # (m,) bool: multiplied rows
     nbas: jax.Array  # int32: used rows
     anorm: jax.Array  # running max ||A q_j|| (a lower bound of ||A||)

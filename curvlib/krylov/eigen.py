@@ -541,8 +541,8 @@ def eigsh(
     precision as in SciPy. Copies of a repeated eigenvalue are certified together, by
     the norm of their residuals: a bound for every orthonormal basis of their
     eigenspace that the next test's ``eigh`` may return. Then **verification** runs
-    (module docstring): the certified pairs are locked and a fresh block of random vectors from
-    ``key`` is run until the best remaining Ritz value is certified to lie
+    (module docstring): the certified pairs are locked and a fresh block of random
+    vectors from ``key`` is run until the best remaining Ritz value is certified to lie
     beyond them; copies of repeated eigenvalues that one Krylov chain cannot
     see are found this way, and ``converged`` is ``True`` only after a round
     that finds nothing more than its block could hold.
