@@ -169,6 +169,12 @@ def _count_new(order, new, ref, thr_new, thr_ref, k):
     return xp.maximum(xp.max(xp.where(wanted, n_at - r_at, 0)), 0)
 
 
+def _equal(theta, thr):
+    """``(m, m)``: values equal within their thresholds, ``|theta_i - theta_j| <= 2 (thr_i +
+    thr_j)`` (inclusive): one cluster's rule for the verification block and the certificate."""
+    return xp.abs(theta[None, :] - theta[:, None]) <= 2 * (thr[None, :] + thr[:, None])
+
+
 def _cluster_residuals(theta, res, thr, valid):
     """Each value's residual bound taken over its cluster: ``sqrt(sum_j res_j^2)``.
 
@@ -181,15 +187,14 @@ def _cluster_residuals(theta, res, thr, valid):
     whose pairs kept residuals from an earlier round, frozen in the dropped rows, passed or
     failed with the rotation: it could keep a verification round from ever finishing.)
     """
-    close = valid[None, :] & valid[:, None] & (
-        xp.abs(theta[None, :] - theta[:, None]) <= 2 * (thr[None, :] + thr[:, None]))
+    close = valid[None, :] & valid[:, None] & _equal(theta, thr)
     return _band.column_norms(xp.where(close, res[:, None], 0.0))
 
 
 def _largest_cluster(theta, thr, k):
     """Size of the largest group of the first ``k`` values equal within their thresholds."""
     wanted = xp.arange(theta.shape[0]) < k
-    close = xp.abs(theta[None, :] - theta[:, None]) <= 2 * (thr[None, :] + thr[:, None])
+    close = _equal(theta, thr)
     return xp.max(xp.where(wanted, xp.sum(close & wanted[None, :], axis=1), 0))
 
 
