@@ -381,15 +381,7 @@ def run_probe(cfg: ProbeConfig, log=print) -> dict[str, Any]:
 
         s = subspace_stage(cfg, loss_fn, params, data, keys[:2], log)
         sub = s["sub"]
-        report["eigenvalues"] = np.asarray(sub.eigenvalues).tolist()
-        report["eigsh"] = dict(num_matvecs=int(sub.num_matvecs),
-                               num_restarts=int(sub.num_restarts),
-                               converged=bool(sub.converged),
-                               max_relative_residual=float(jnp.max(
-                                   sub.residual_norms / jnp.abs(sub.eigenvalues))))
-        if cfg.next_subspace:
-            report["eigenvalues_next"] = np.asarray(s["next"].eigenvalues).tolist()
-            report["max_principal_angle"] = {str(d): a for d, a in s["angles"].items()}
+        report.update(_subspace_report(s, cfg.next_subspace))
         coef, coef_first, coef_call = coefficient_stage(cfg, loss_fn, params, data, sub, log)
         # the subspace's own program compiles behind its first answer: wait for it, so that
         # it does not share the cores with the timed stages that follow
@@ -411,9 +403,28 @@ def run_probe(cfg: ProbeConfig, log=print) -> dict[str, Any]:
     report["timings"] = timings
     report.update(_speedups(timings))
     _report.print_probe_report(report, log)
+    report["total_seconds"] = time.perf_counter() - t_start
+    return _write_report(report, cfg, log)
+
+
+def _subspace_report(s: dict, next_subspace: bool) -> dict:
+    """The subspace stage's eigenvalues and eigsh's record, as JSON-ready values."""
+    sub = s["sub"]
+    out = dict(eigenvalues=np.asarray(sub.eigenvalues).tolist(),
+               eigsh=dict(num_matvecs=int(sub.num_matvecs), num_restarts=int(sub.num_restarts),
+                          converged=bool(sub.converged),
+                          max_relative_residual=float(jnp.max(
+                              sub.residual_norms / jnp.abs(sub.eigenvalues)))))
+    if next_subspace:
+        out["eigenvalues_next"] = np.asarray(s["next"].eigenvalues).tolist()
+        out["max_principal_angle"] = {str(d): a for d, a in s["angles"].items()}
+    return out
+
+
+def _write_report(report: dict, cfg: ProbeConfig, log) -> dict[str, Any]:
+    """Write the report as JSON (and the PNG unless ``--no-plot``) under ``cfg.out``."""
     os.makedirs(cfg.out, exist_ok=True)
     json_path = os.path.join(cfg.out, "delta2_transformer.json")
-    report["total_seconds"] = time.perf_counter() - t_start
     if cfg.plot:
         png = os.path.join(cfg.out, "delta2_transformer.png")
         _report.plot_probe_report(report, png)
