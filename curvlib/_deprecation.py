@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
+import sys
 import warnings
 from typing import NamedTuple
 
@@ -69,21 +71,36 @@ def _pop(kwargs, old):
 REMOVAL = "it will be removed in the next release"
 
 
-def warn(where: str, old: str, new: str, stacklevel: int = 3) -> None:
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _inside(filename: str) -> bool:
+    """A frame of curvlib's own code, or of the import machinery (``from curvlib import x``)."""
+    return filename.startswith(_PACKAGE) or filename.startswith("<frozen importlib")
+
+
+def deprecated(message: str) -> None:
+    """Issue ``message`` as a ``DeprecationWarning`` at the first caller outside curvlib.
+
+    However many of curvlib's wrappers lie between (stacked rename decorators, a
+    module ``__getattr__``, an alias calling its transform), the warning names the user's
+    line, which Python's default filters show for a script or notebook (``__main__``).
+    """
+    frame, level = sys._getframe(0), 1
+    while frame is not None and _inside(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, DeprecationWarning, stacklevel=level)
+
+
+def warn(where: str, old: str, new: str) -> None:
     """The one deprecation message: ```old` is deprecated in where(); use `new```."""
-    warnings.warn(
-        f"`{old}` is deprecated in {where}(): use `{new}` ({REMOVAL}).",
-        DeprecationWarning, stacklevel=stacklevel,
-    )
+    deprecated(f"`{old}` is deprecated in {where}(): use `{new}` ({REMOVAL}).")
 
 
-def warn_moved(where: str, old: str, arg: str, cls: str, field: str, stacklevel: int = 3):
+def warn_moved(where: str, old: str, arg: str, cls: str, field: str) -> None:
     """The message for a solver option that moved into the solver value ``arg``."""
-    warnings.warn(
-        f"`{old}` is deprecated in {where}(): pass it as the option `{field}` of the solver "
-        f"value, `{arg}=curvlib.{cls}({field}=...)` ({REMOVAL}).",
-        DeprecationWarning, stacklevel=stacklevel,
-    )
+    deprecated(f"`{old}` is deprecated in {where}(): pass it as the option `{field}` of the "
+               f"solver value, `{arg}=curvlib.{cls}({field}=...)` ({REMOVAL}).")
 
 
 def _both(where: str, old: str, new: str):
@@ -189,7 +206,7 @@ def fold_options(where: str, arg: str, cls, value, options: dict, renames=None):
     for name, v in options.items():
         field = renames.get(name, name)
         if field in fields:
-            warn_moved(where, name, arg, cls.__name__, field, stacklevel=4)
+            warn_moved(where, name, arg, cls.__name__, field)
             if v is not None:
                 given[field] = v
         else:

@@ -4,6 +4,10 @@ Oracles: dense linear algebra (``numpy.linalg``) for the answers, designed spect
 situations (a budget too small, a NaN operator, an indefinite system, an invariant subspace).
 """
 
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import jax
@@ -296,6 +300,35 @@ def test_one_monte_carlo_estimate_type():
     assert float(est.estimate) == pytest.approx(15.0)  # Rademacher z^T (3I) z = 3 N exactly
     with pytest.warns(DeprecationWarning, match="use `.estimate`"):
         assert float(est.mean) == float(est.estimate)
+
+
+def test_deprecated_names_warn_at_the_callers_line_under_the_default_filters(tmp_path):
+    """A script run as ``__main__`` with Python's default warning filters shows every kind of
+    deprecation (a keyword through two stacked rename decorators, a module attribute, an
+    attribute imported with ``from``, a result field): each warning names the script's line."""
+    script = tmp_path / "user_script.py"
+    script.write_text(textwrap.dedent("""
+        import jax, jax.numpy as jnp
+        import curvlib
+        from curvlib import landscape as ls
+        key = jax.random.PRNGKey(0)
+        x = jax.random.normal(key, (8, 3)); p = {"w": jnp.ones(3)}
+        loss = lambda p, x: jnp.mean((x @ p["w"]) ** 2) + jnp.sum(p["w"] ** 4)
+        curvlib.newton_cg(cg_rtol=1e-3)
+        curvlib.track_curvature(1, 2, key=key, tol=1e-2)
+        ls.curvature_subspace(loss, p, x, k=4, dim=1, key=key)
+        curvlib.StochasticEstimate
+        from curvlib import StochasticEstimate
+        est = curvlib.hutchinson_trace(lambda v: v, jnp.zeros(3), key, 2, method="hutchinson")
+        est.mean
+    """))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if "DeprecationWarning" in ln]
+    assert len(lines) == 6, out.stderr
+    assert all(ln.startswith(f"{script}:") for ln in lines), out.stderr
     with warnings.catch_warnings():  # no deprecated name is exported
         warnings.simplefilter("error")
         for name in curvlib.__all__ + ls.__all__ + curvlib.krylov.__all__:

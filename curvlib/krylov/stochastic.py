@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -12,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _compile, _space, _tree, _validate
+from curvlib import _compile, _deprecation, _space, _tree, _validate
 from curvlib._status import Status, from_flags
 from curvlib.krylov import _driver
 
@@ -64,8 +63,7 @@ class MonteCarloEstimate(NamedTuple):
     @property
     def mean(self):
         """Deprecated: the old name of ``estimate`` (Delta_2 estimators)."""
-        warnings.warn("`MonteCarloEstimate.mean` is deprecated; use `.estimate`.",
-                      DeprecationWarning, stacklevel=2)
+        _deprecation.deprecated("`MonteCarloEstimate.mean` is deprecated; use `.estimate`.")
         return self.estimate
 
 
@@ -82,9 +80,9 @@ def monte_carlo_estimate(estimate, stderr, *, num_samples, num_evaluations, num_
 
 def __getattr__(name):
     if name == "StochasticEstimate":
-        warnings.warn("`StochasticEstimate` is deprecated; use `MonteCarloEstimate` (the same "
-                      "type: one Monte Carlo estimate for every stochastic estimator).",
-                      DeprecationWarning, stacklevel=2)
+        _deprecation.deprecated("`StochasticEstimate` is deprecated; use `MonteCarloEstimate` "
+                                "(the same type: one Monte Carlo estimate for every "
+                                "stochastic estimator).")
         return MonteCarloEstimate
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -173,8 +173,7 @@ def _config(config: KCurveConfig | None, options: dict) -> KCurveConfig:
     moved = {}
     for old, field in _MOVED.items():  # the deprecated solver options, as keywords
         if old in options:
-            _deprecation.warn_moved("curvlib.landscape.k_curve", old, "eigsh", "Eigsh", field,
-                                    stacklevel=4)
+            _deprecation.warn_moved("curvlib.landscape.k_curve", old, "eigsh", "Eigsh", field)
             value = options.pop(old)
             if value is not None:
                 if moved.get(field, value) != value:
@@ -193,7 +192,7 @@ def _config(config: KCurveConfig | None, options: dict) -> KCurveConfig:
         if value is not None:
             if old not in moved and _MOVED[old] not in moved:
                 _deprecation.warn_moved("curvlib.landscape.KCurveConfig", old, "eigsh", "Eigsh",
-                                        _MOVED[old], stacklevel=4)
+                                        _MOVED[old])
             moved.setdefault(_MOVED[old], value)
     eigsh = resolve(Eigsh, config.eigsh, "eigsh", **moved)
     return config._replace(basis_size=None, tol=None, eigsh=eigsh)

@@ -105,7 +105,6 @@ References:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -131,8 +130,7 @@ def _deprecated_field(cls: str, old: str, new: str):
     """A read-only property ``old`` that warns and returns the field ``new``."""
 
     def get(self):
-        warnings.warn(f"`{cls}.{old}` is deprecated; use `{cls}.{new}`.", DeprecationWarning,
-                      stacklevel=2)
+        _deprecation.deprecated(f"`{cls}.{old}` is deprecated; use `{cls}.{new}`.")
         return getattr(self, new)
 
     get.__doc__ = f"Deprecated: the old name of ``{new}``."

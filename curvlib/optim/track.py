@@ -28,7 +28,6 @@ References:
 from __future__ import annotations
 
 import sys
-import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -104,8 +103,8 @@ class TrackCurvatureInfo(NamedTuple):
     @property
     def step(self):
         """Deprecated: the old name of ``count``."""
-        warnings.warn("`TrackCurvatureInfo.step` is deprecated; use `TrackCurvatureInfo.count`.",
-                      DeprecationWarning, stacklevel=2)
+        _deprecation.deprecated("`TrackCurvatureInfo.step` is deprecated; use "
+                                "`TrackCurvatureInfo.count`.")
         return self.count
 
 
