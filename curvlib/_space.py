@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _tree
+from curvlib import _tree, _validate
 from curvlib._xp import iota, xp
 
 PyTree = Any
@@ -271,7 +271,9 @@ def flat_product(matvec, like, x):
     """``matvec`` on ``x``, ``like`` ravelled (``concat``): one program per operator program
     and size, shared by every eager caller (the answer-now solvers, the landscape)."""
     space = Space(like, "concat")
-    return space.flatten(matvec(space.unflatten(x)))
+    out = matvec(space.unflatten(x))
+    _validate.same_structure(like, out, "v0", "matvec(v0)")  # (at the trace only)
+    return space.flatten(out)
 
 
 @jax.jit

@@ -311,8 +311,8 @@ def same_structure(a, b, name_a: str, name_b: str, *, what: str = "") -> None:
         only_b = [p for p in pb if p not in pa][:3]
         detail = ""
         if only_a or only_b:
-            detail = (f" Leaves only in {name_a}: {only_a or 'none'}; only in {name_b}: "
-                      f"{only_b or 'none'}.")
+            detail = (f" Leaves only in {name_a}: {', '.join(only_a) or 'none'}; only in "
+                      f"{name_b}: {', '.join(only_b) or 'none'}.")
         raise ValueError(
             f"`{name_b}` must match `{name_a}` in pytree structure and leaf shapes; got "
             f"{name_a}: {ta} and {name_b}: {tb}.{detail}{tail}"

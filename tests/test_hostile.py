@@ -604,3 +604,39 @@ def test_landscape_nonfinite_losses_are_named_not_called_a_non_mean(where):
     if where == "data":
         landscape.check_mean_loss(loss_b, params, (x.at[3].set(0.0).at[5].set(0.0)
                                                    .at[12, 1].set(jnp.nan), y), k)
+
+
+_KEY = jax.random.PRNGKey(0)
+_ALGORITHMS = {
+    "eigsh": lambda mv, q: curvlib.eigsh(mv, q, k=2, key=_KEY),
+    "lanczos": lambda mv, q: curvlib.lanczos(mv, q, num_matvecs=5),
+    "power_iteration": lambda mv, q: curvlib.power_iteration(mv, q, key=_KEY),
+    "cg": lambda mv, q: curvlib.cg(mv, q),
+    "hutchinson_trace": lambda mv, q: curvlib.hutchinson_trace(mv, q, _KEY, 4),
+    "hutchinson_diag": lambda mv, q: curvlib.hutchinson_diag(mv, q, _KEY, 4),
+    "spectral_density": lambda mv, q: curvlib.spectral_density(mv, q, _KEY, num_probes=2,
+                                                               num_matvecs=5),
+}
+
+
+@pytest.mark.parametrize("how", ["eager", "partial", "jit", "vmap"])
+@pytest.mark.parametrize("name", sorted(_ALGORITHMS))
+def test_a_product_of_the_wrong_structure_is_named_on_every_path(name, how):
+    """A product that drops a leaf or changes a leaf's shape is refused with the one message
+    (`must match ... in pytree structure and leaf shapes`, naming the leaf), whether the
+    call is eager, the operator a `Partial` (no tracing of our own), or the call inside the
+    user's ``jit`` or ``vmap``. (``eigsh`` on the last three failed inside the algorithm
+    with JAX's "Dict key mismatch", naming neither argument.)"""
+    call = _ALGORITHMS[name]
+    p = {"a": jnp.ones(30), "b": jnp.ones(40)}
+    for bad, match in [(lambda v: {"a": v["a"]}, r"Leaves only in \w+: \['b'\]"),
+                       (lambda v: {"a": v["a"], "b": v["b"][:3]}, r"\['b'\] of shape \(3,\)")]:
+        run = {
+            "eager": lambda: call(bad, p),
+            "partial": lambda: call(jax.tree_util.Partial(bad), p),
+            "jit": lambda: jax.jit(lambda q: call(bad, q))(p),
+            "vmap": lambda: jax.vmap(lambda q: call(bad, q))(
+                jax.tree.map(lambda a: jnp.ones((2,) + a.shape), p)),
+        }[how]
+        with pytest.raises(ValueError, match=r"must match `\w+` in pytree structure.*" + match):
+            run()

@@ -470,8 +470,21 @@ def _certifiable(band: _band.Band):
 
 def _solve(cfg: _Cfg, matvec, v0, key, tol, max_matvecs, max_restarts) -> EigshResult:
     state = _setup(cfg, v0, key, tol, max_matvecs, max_restarts)
-    state = _driver.run(_request, _update, _running, cfg, matvec, state)
+    state = _driver.run(_request, _update, _running, cfg, _checked(matvec), state)
     return _finish(cfg, state)
+
+
+def _checked(matvec):
+    """``matvec`` whose output is checked against its input (shaped like ``v0``) at its one
+    trace: inside the user's ``jit`` or ``vmap``, and for an operator given as a `Partial`,
+    no other check sees the product's shapes."""
+
+    def product(v):
+        out = matvec(v)
+        _validate.same_structure(v, out, "v0", "matvec(v0)")
+        return out
+
+    return product
 
 
 def _solve_now(cfg: _Cfg, matvec, v0, key, tol, max_matvecs, max_restarts) -> EigshResult:
