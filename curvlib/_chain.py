@@ -103,7 +103,9 @@ def alias(
       (`optax.value_and_grad_from_state`).
     * With a line search, a search that made no progress
       (`linesearch_stalled`) is reported as ``Status.STALLED`` in the
-      ``status`` of the first link's ``info`` (when it has one).
+      ``status`` of the first link's ``info`` (when it has one), and a step
+      whose loss or gradient is not finite leaves the line search's state as
+      it was (`keep_search_if_not_finite`).
 
     The state is the chain's (a tuple, one entry per link).
     """
@@ -123,9 +125,10 @@ def alias(
             extra_args = {**extra_args, "value": value, "grad": grad}
         out, new_state = inner.update(updates, state, params, value_fn=value_fn, **extra_args)
         if linesearch is not None:
-            stalled = linesearch_stalled(new_state[-1], extra_args["value"], extra_args["grad"],
-                                         out)
+            value, grad = extra_args["value"], extra_args["grad"]
+            stalled = linesearch_stalled(new_state[-1], value, grad, out)
             new_state = flag_stalled(new_state, stalled)
+            new_state = keep_search_if_not_finite(new_state, state, value, grad)
         return out, new_state
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
@@ -161,6 +164,19 @@ def linesearch_stalled(ls_state, value, grad, step) -> jax.Array:
         stalled = stalled | (descent & ~(jnp.asarray(new_value) < jnp.asarray(value)))
     grad_zero = ~(_tree.norm(grad) > 0) if grad is not None else jnp.asarray(False)
     return stalled & ~grad_zero
+
+
+def keep_search_if_not_finite(states: tuple, before: tuple, value, grad) -> tuple:
+    """``states`` with the line search's state as it was ``before`` the step when the loss or
+    gradient at the incoming parameters is not finite (traceable).
+
+    The first link skips such a step; the line search would otherwise store what it made of
+    a NaN loss (optax's zoom and backtracking keep a step size of 0, from which they start
+    every later search: the optimiser never moves again). Kept, the next finite batch
+    searches from the last good step size.
+    """
+    finite = jnp.isfinite(value) & _tree.all_finite(grad)
+    return (*states[:-1], _tree.select_tree(finite, states[-1], before[-1]))
 
 
 def flag_stalled(states: tuple, stalled) -> tuple:

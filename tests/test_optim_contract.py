@@ -283,3 +283,49 @@ def test_flax_nnx_optimizer_step_with_value_fn_only(name):
     for _ in range(3):
         last = float(train_step(model, optimizer, (x, y)))
     assert last < first
+
+
+_RECOVERING = {
+    **{name: CASES[name] for name in ("newton_cg", "newton", "bfgs", "svrg")},
+    "newton_cg+zoom": lambda: optim.newton_cg(
+        linesearch=optax.scale_by_zoom_linesearch(10)),
+    "newton_cg+backtracking": lambda: optim.newton_cg(
+        linesearch=optax.scale_by_backtracking_linesearch(15)),
+}
+
+
+@pytest.mark.parametrize("name", list(_RECOVERING))
+def test_a_nan_batch_is_skipped_and_leaves_the_run_as_if_it_never_came(name):
+    """A step on a NaN batch (the first step, or one mid-run) leaves the parameters, and the
+    state the next steps read, as they were: the clean batches that follow take exactly the
+    steps of a run that never saw it. (With an optax line search the NaN step used to leave
+    its step size at 0, from which every later search started: the run never moved again;
+    `bfgs` skipped at its first step used to take the parameters themselves for the first
+    secant pair.)"""
+    x, y = _data(jnp.float64)
+    bad = (x.at[0, 0].set(jnp.nan), y)
+    kind = name.split("+")[0]
+    opt = _RECOVERING[name]()
+    step = jax.jit(_make_step(kind, opt))
+
+    start = jax.tree.map(lambda a: a + 0.3, _params(jnp.float64))  # (not 0: a real pair start)
+
+    def run(batches):
+        params, state, path = start, opt.init(start), []
+        for b in batches:
+            params, state, _ = step(params, state, b, (x, y))
+            path.append(params)
+        return path
+
+    clean = run([(x, y)] * 4)
+    for at in (0, 2):
+        batches = [(x, y)] * 4
+        batches.insert(at, bad)
+        path = run(batches)
+        assert _all_finite(path[at])
+        before = start if at == 0 else path[at - 1]
+        jax.tree.map(np.testing.assert_array_equal, path[at], before)  # skipped
+        for got, want in zip(path[at + 1:], clean[at:], strict=True):
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14),
+                         got, want)
+    assert float(loss(clean[-1], (x, y))) < float(loss(start, (x, y)))

@@ -74,6 +74,8 @@ class ScaleByBFGSState(NamedTuple):
 
     Attributes:
       count: number of ``update`` calls.
+      num_finite: calls whose loss, gradient and step were finite, the ones that store
+        ``prev_params`` and ``prev_grad`` (a pair ``s, y`` needs one before it).
       num_updates: accepted ``(s, y)`` pairs so far.
       inv_hessian: the dense ``(n, n)`` inverse-Hessian approximation.
       prev_params: the parameters at the last (finite) step.
@@ -83,6 +85,7 @@ class ScaleByBFGSState(NamedTuple):
     """
 
     count: jax.Array
+    num_finite: jax.Array
     num_updates: jax.Array
     inv_hessian: jax.Array
     prev_params: PyTree
@@ -126,7 +129,7 @@ def secant_update(state: ScaleByBFGSState, x, g, finite, curvature_rtol):
       >>> from curvlib.optim import scale_by_bfgs
       >>> from curvlib.optim.quasi_newton import secant_update
       >>> state = scale_by_bfgs().init(jnp.zeros(2))
-      >>> state = state._replace(count=jnp.asarray(1))  # one step taken from x_prev = 0
+      >>> state = state._replace(count=jnp.asarray(1), num_finite=jnp.asarray(1))  # from x = 0
       >>> H, n, sy, ok = secant_update(state, jnp.array([1.0, 0.0]), jnp.array([2.0, 1.0]),
       ...                              jnp.asarray(True), 1e-10)
       >>> (H @ jnp.array([2.0, 1.0])).tolist(), int(n), bool(ok)  # H y = s
@@ -138,7 +141,7 @@ def secant_update(state: ScaleByBFGSState, x, g, finite, curvature_rtol):
     sy, yy = s @ y, y @ y
     ok = (
         finite
-        & (state.count > 0)
+        & (state.num_finite > 0)  # (a skipped first step stored no pair start)
         & (sy > curvature_rtol * _tree.norm(s) * _tree.norm(y))  # scale-safe norms
         & (yy > 0)
     )
@@ -225,6 +228,7 @@ def scale_by_bfgs(
         zero = jnp.zeros((), dt)
         return ScaleByBFGSState(
             count=jnp.zeros((), jnp.int32),
+            num_finite=jnp.zeros((), jnp.int32),
             num_updates=jnp.zeros((), jnp.int32),
             inv_hessian=jnp.eye(n, dtype=dt),
             prev_params=_tree.zeros_like(params),
@@ -249,6 +253,7 @@ def scale_by_bfgs(
         p = jnp.where(finite, p, 0.0)
         new_state = ScaleByBFGSState(
             count=optax.safe_increment(state.count),
+            num_finite=jnp.where(finite, optax.safe_increment(state.num_finite), state.num_finite),
             num_updates=jnp.where(finite, num_updates, state.num_updates),
             inv_hessian=jnp.where(finite, H_new, state.inv_hessian).astype(dt),
             prev_params=_tree.select_tree(finite, params, state.prev_params),
