@@ -65,6 +65,37 @@ def kwargs_for(fn: Callable, extra_args: dict) -> dict:
     return {k: v for k, v in extra_args.items() if k in sig.parameters and k not in RESERVED}
 
 
+def check_named_inputs(fn: Callable, role: str, extra_args: dict, given_as: str) -> None:
+    """Raise ``ValueError`` unless ``fn(x, **kwargs_for(fn, extra_args))`` binds.
+
+    For inputs that reach a function by the parameter names of its signature (K-FAC's
+    ``model_fn`` and ``example_inputs``): the message names the keys that match no
+    parameter (dropped, so they never reach ``fn``) and the parameters left without a
+    value. ``given_as`` names where the keys came from (``"example_inputs"``). The check
+    binds the signature only (no call, no trace).
+    """
+    sig = _signature(fn)
+    if sig is None:
+        return
+    kw = kwargs_for(fn, extra_args)
+    try:
+        sig.bind(None, **kw)
+    except TypeError as e:
+        dropped = sorted(k for k in extra_args if k not in kw and k not in RESERVED)
+        names = [p for p in sig.parameters][1:]
+        raise ValueError(
+            f"`{given_as}` must hold the inputs of `{role}` ({_fn_name(fn)}{sig}) by the names "
+            f"of its parameters after the first ({names}); "
+            + (f"its key(s) {dropped} name none of them, so they never reach `{role}`, and "
+               if dropped else "")
+            + f"`{role}` cannot be called with the rest: {e}. E.g. "
+            + (f"`{given_as}=" + "{" + ", ".join(f"'{n}': ..." for n in names[:2]) + "}`"
+               if given_as.isidentifier() else
+               f"`update(grads, state, params, {', '.join(f'{n}=...' for n in names[:2])})`")
+            + "."
+        ) from None
+
+
 def _fn_name(fn: Callable) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
 

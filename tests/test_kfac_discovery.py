@@ -255,8 +255,9 @@ def test_public_names():
 
 def test_a_model_given_no_batch_names_what_it_expected():
     """``example_inputs={"inputs": x}`` for ``model_fn(p, x)``: no extra argument reaches the
-    model (they are routed by its parameter names); the error names the missing parameter
-    ``x`` and how the names are matched, instead of only "`args` holds no arrays"."""
+    model (they are routed by its parameter names); the error, at construction, names the key
+    that matches no parameter (``inputs``), the parameter left without a value (``x``) and the
+    fix, instead of "`args` holds no arrays". The same for ``update``'s extra arguments."""
     from curvlib import kfac
 
     def model_fn(p, x):
@@ -264,11 +265,18 @@ def test_a_model_given_no_batch_names_what_it_expected():
 
     p = {"w1": jnp.ones((8, 4)), "w2": jnp.ones((4, 3))}
     x = jnp.ones((16, 8))
-    opt = kfac(model_fn=model_fn, example_inputs={"inputs": x}, key=jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match=r"(?s)holds no arrays \(no arguments\).*"
-                       r"missing 1 required positional argument: 'x'.*"
-                       r"keys of `example_inputs`.*example_inputs=\{'x': x\}"):
-        opt.init(p)
+    with pytest.raises(ValueError, match=r"(?s)^`example_inputs` must hold the inputs of "
+                       r"`model_fn`.*\['x'\].*key\(s\) \['inputs'\] name none of them.*"
+                       r"missing a required argument: 'x'.*example_inputs=\{'x': \.\.\.\}"):
+        kfac(model_fn=model_fn, example_inputs={"inputs": x}, key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"(?s)^`example_inputs` must hold.*missing a required"):
+        kfac(model_fn=model_fn, example_inputs={}, key=jax.random.PRNGKey(0))
+    opt = kfac(model_fn=model_fn, example_inputs={"x": x, "y": x[:, 0]}, key=jax.random.PRNGKey(0))
+    state = opt.init(p)  # a key for the loss only ("y") is fine
+    loss = lambda p, x, y: jnp.mean((model_fn(p, x)[:, 0] - y) ** 2)
+    with pytest.raises(ValueError, match=r"(?s)^`the extra arguments of update` must hold.*"
+                       r"\['inputs', 'y'\] name none.*update\(grads, state, params, x=\.\.\.\)"):
+        opt.update(p, state, p, value_fn=loss, inputs=x, y=x[:, 0])
     # named as the signature names it, the same input is found
     layers = find_layers(model_fn, p, x)
     assert len(layers.layers) == 2
