@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy.linalg import subspace_angles
 
-from curvlib import Eigsh
+from curvlib import Eigsh, Status
 from curvlib import landscape as ls
 
 # ------------------------------------------------------------------ problems
@@ -459,11 +459,16 @@ def test_k_curve_driver(tmp_path, lsq):
                       + 1e-9 * c.closed_form[i])
     np.testing.assert_allclose(c.constant + c.sigma2 + c.sigma4, c.closed_form, rtol=1e-12)
     assert set(c.timings) == {"subspace", "coefficients", "closed_form", "direct_mc", "full_mc"}
+    # the status fields every result has: finite, products, status
+    assert c.finite.dtype == bool and np.all(c.finite) and np.all(c.status == Status.SUCCESS)
+    assert c.num_matvecs.shape == (2,) and np.all(c.num_matvecs > 0)
     # params as a function of k, options from a config object, and the reports
     cfg = ls.KCurveConfig(next_subspace=False, progress=False)
     c2 = ls.k_curve(ls_loss, lambda k: w, data, ks[:1], dims=[1, 3], sigmas=sig,
                     key=jax.random.PRNGKey(0), config=cfg)
     np.testing.assert_allclose(c2.closed_form[0], c.closed_form[0], rtol=1e-8)
+    # without the subspace at k + 1, the products of the one eigensolve at k: fewer
+    assert 0 < c2.num_matvecs[0] < c.num_matvecs[0]
     assert np.all(np.isnan(c2.max_angle)) and np.all(np.isnan(c2.direct_mean))
     table = ls.curve_table(c, 0.3)
     assert "slopes" in table and "angle D=3" in table
@@ -872,3 +877,25 @@ def test_every_public_function_has_an_example_and_docs_stay_in_the_repository():
                 "curvlib.landscape.curve", "curvlib.landscape.report"):
         src = inspect.getsource(importlib.import_module(mod))
         assert "shared/spec" not in src and "delta2.md" not in src, mod
+
+
+def test_k_curve_counts_the_products_of_its_eigensolves(lsq, monkeypatch):
+    """``KCurve.num_matvecs`` is, per ``k``, the sum of the products its eigensolves report
+    (the subspace at ``k`` and at ``k + 1``); ``finite`` and ``status`` fold theirs."""
+    from curvlib.landscape import curve as curve_module
+
+    x, y, theta = lsq
+    seen = []
+    solve = curve_module.subspace
+
+    def counted(*args):
+        out = solve(*args)
+        seen.append((int(args[3]), int(out.num_matvecs)))
+        return out
+
+    monkeypatch.setattr(curve_module, "subspace", counted)
+    c = ls.k_curve(ls_loss, _unflat(theta), (x, y), [8, 9], dims=[1, 3], sigmas=[1e-3],
+                   key=jax.random.PRNGKey(0), num_samples=0, full_samples=0, progress=False)
+    assert [k for k, _ in seen] == [8, 9, 9, 10]  # k and k + 1 at each point
+    assert c.num_matvecs.tolist() == [seen[0][1] + seen[1][1], seen[2][1] + seen[3][1]]
+    assert c.finite.tolist() == [True, True]

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _deprecation, _tree, _validate
-from curvlib._status import worst
+from curvlib._status import Status, worst
 from curvlib.krylov.solvers import Eigsh, resolve
 from curvlib.landscape import _common
 from curvlib.landscape.coefficients import (
@@ -81,8 +81,12 @@ class KCurve(NamedTuple):
         ``closed_form``, ``direct_mc``, ``full_mc``); the first ``k`` includes
         the compilation of each stage's program (one for the whole curve).
       status: ``(K,)`` int32 [`curvlib.Status`][curvlib.Status] of the eigensolves at k
-        (and k+1): the most serious of their ``status`` (``None`` for a curve
-        built by hand).
+        (and k+1): the most serious of their ``status``, ``NONFINITE`` where ``finite`` is
+        false (``None`` for a curve built by hand).
+      finite: ``(K,)`` whether the eigensolves at k (and k+1), ``delta1`` and the closed
+        form at k were all finite (``None`` for a curve built by hand).
+      num_matvecs: ``(K,)`` Hessian products the eigensolves at k (and k+1) used
+        (``None`` for a curve built by hand).
     """
 
     ks: np.ndarray
@@ -105,6 +109,8 @@ class KCurve(NamedTuple):
     timings: dict
     status: np.ndarray | None = None
     unique: np.ndarray | None = None
+    finite: np.ndarray | None = None
+    num_matvecs: np.ndarray | None = None
 
 
 class KCurveConfig(NamedTuple):
@@ -262,12 +268,15 @@ def subspace_step(loss_fn, params, plan: _Plan, k: int, key) -> dict:
     out = dict(sub=sub, next=None, eigenvalues=np.asarray(sub.eigenvalues),
                eigenvalues_next=np.full(Dmax, np.nan), max_angle=np.full(len(plan.dims), np.nan),
                converged=bool(sub.converged), status=int(sub.status),
+               finite=bool(sub.finite), num_matvecs=int(sub.num_matvecs),
                unique=unique_prefixes(sub.eigenvalues, sub.residual_norms, plan.dims,
                                       c.eigsh.rtol))
     if c.next_subspace and k + 2 <= plan.n:
         nxt = solve(k + 1, k_next)
         out.update(next=nxt, eigenvalues_next=np.asarray(nxt.eigenvalues),
                    converged=out["converged"] and bool(nxt.converged),
+                   finite=out["finite"] and bool(nxt.finite),
+                   num_matvecs=out["num_matvecs"] + int(nxt.num_matvecs),
                    status=int(worst(out["status"], nxt.status)))
         for j, d in enumerate(plan.dims):
             U = jax.tree.map(lambda x, d=d: x[:d], sub.eigenvectors)
@@ -347,7 +356,11 @@ def curve_point(loss_fn, params, plan: _Plan, k: int, key) -> tuple[dict, dict]:
                   sigma4=terms[2], closed_form=terms.sum(0), spectral=spectral,
                   eigenvalues=s["eigenvalues"], eigenvalues_next=s["eigenvalues_next"],
                   max_angle=s["max_angle"], converged=s["converged"], status=s["status"],
-                  unique=s["unique"])
+                  unique=s["unique"], num_matvecs=s["num_matvecs"])
+    values["finite"] = s["finite"] and bool(np.isfinite(values["delta1"])) and bool(
+        np.all(np.isfinite(values["closed_form"])))
+    if not values["finite"]:
+        values["status"] = int(worst(values["status"], Status.NONFINITE))
     if c.num_samples:
         t0 = time.perf_counter()
         values["direct_mean"], values["direct_stderr"] = direct_mc_step(
@@ -387,6 +400,8 @@ def _assemble(plan: _Plan, points: list[dict], seconds: list[dict]) -> KCurve:
     return KCurve(ks=np.asarray(plan.ks), dims=np.asarray(plan.dims), sigmas=plan.sigmas,
                   converged=np.array([p["converged"] for p in points], bool),
                   status=np.array([p["status"] for p in points], np.int32),
+                  finite=np.array([p["finite"] for p in points], bool),
+                  num_matvecs=np.array([p["num_matvecs"] for p in points], np.int32),
                   unique=np.array([p["unique"] for p in points], bool).reshape(K, nD),
                   timings={s: np.array([t[s] for t in seconds]) for s in STAGES}, **out)
 
