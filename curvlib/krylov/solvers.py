@@ -76,7 +76,9 @@ class Eigsh:
         ``min(dim, max(4k, 20))``. Static; ``k + 2 <= m <= dim`` is checked by eigsh.
       num_keep: Ritz vectors kept per restart; ``None`` is ``k + (m - k) // 2``. Static.
       max_matvecs: product budget; ``None`` is ``100 m``. Traceable.
-      max_restarts: cap on thick restarts. Traceable.
+      max_restarts: cap on thick restarts, verification rounds included: the certificate
+        needs one round, so ``0`` returns unconverged (``MAX_STEPS``) unless the basis spans
+        the whole space. Traceable.
       basis_dtype: dtype of the stored basis (e.g. ``jnp.bfloat16``); ``None``
         is ``v0``'s. Static.
 
