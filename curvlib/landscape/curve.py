@@ -489,13 +489,15 @@ def k_curve(
     plan = plan_curve(params, data, ks, dims, sigmas, _config(config, options))
     _validate.prng_key(key)
     get_params = params if callable(params) else (lambda k: params)
-    if not callable(params):  # the public boundary: checked once, the steps below do not
-        _common.check_problem(loss_fn, params, plan.data, plan.ks[0])
+    # the public boundary: checked once (on the data as given, so a message names the user's
+    # shapes), the steps below do not check again
+    if not callable(params):
+        _common.check_problem(loss_fn, params, data, plan.ks[0])
     points, seconds = [], []
     for k in _progress(plan.ks, plan.config.progress, "k-curve"):
         p = get_params(k)
         if callable(params):  # a new point at every k
-            _common.check_problem(loss_fn, p, plan.data, k)
+            _common.check_problem(loss_fn, p, data, k)
             _common.check_subspace(max(plan.dims), p, name="max(dims)")
         values, secs = curve_point(loss_fn, p, plan, k, key)
         points.append(values)
