@@ -95,6 +95,34 @@ def _cluster(theta, thr):
     return plain
 
 
+def _guard(theta, ref, k, thr=1e-3):
+    theta, ref = jnp.asarray(theta), jnp.asarray(ref + [0.0] * (len(theta) - len(ref)))
+    t = jnp.full(len(theta), thr)
+    g, ok = eigen._guard(theta, jnp.ones(len(theta), bool), t, ref, t, k)
+    return int(g) if bool(ok) else None
+
+
+def test_the_guard_skips_the_copies_a_round_pushed_out_of_the_wanted_set():
+    """The guard is the first unwanted value left after skipping, value by value, as many
+    copies as the round displaced from the wanted set (copies in ``ref`` less copies wanted
+    now): a pair certified before the round is not the fresh block's certificate."""
+    # nothing displaced: the guard is theta[k], whatever ref holds
+    assert _guard([9.0, 8.0, 7.0, 6.0], [9.0, 8.0], 2) == 2
+    assert _guard([9.0, 8.0, 8.0, 6.0], [9.0, 8.0], 2) == 2  # a fresh copy of a wanted value
+    # a new 9.5 pushed 8 out: the 8 below is the displaced pair, the 7 is the guard
+    assert _guard([9.5, 9.0, 8.0, 7.0], [9.0, 8.0], 2) == 3
+    # two copies of 8 wanted, one displaced: only one of the unwanted copies is skipped
+    assert _guard([9.5, 8.0, 8.0, 8.0, 7.0], [8.0, 8.0], 2) == 3
+    # every unwanted value repeats a displaced one and there are more copies than displaced
+    # (a deflated space of zeros): no deadlock, the first copy past the displaced ones
+    assert _guard([2.0, 2.0, 2.0, 2.0, 1.0, 0.0, 0.0, 0.0], [2.0, 2.0, 1.0, 0.0], 4) == 6
+    # within thresholds (inclusive, 2 (thr_i + thr_j)): 8.004 repeats 8; 8.005 does not
+    assert _guard([9.5, 9.0, 8.004, 7.0], [9.0, 8.0], 2) == 3
+    assert _guard([9.5, 9.0, 8.0041, 7.0], [9.0, 8.0], 2) == 2
+    # nothing unwanted left but displaced copies: no guard
+    assert _guard([9.5, 9.0, 8.0], [9.0, 8.0], 2) is None
+
+
 def test_largest_cluster_is_the_largest_group_equal_within_thresholds():
     """``|theta_i - theta_j| <= 2 (thr_i + thr_j)``, inclusive; the largest row count."""
     t = [0.125] * 4

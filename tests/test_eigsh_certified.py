@@ -263,3 +263,45 @@ def test_basis_size_and_product_budget_are_different_arguments():
         f(np.int64(3))  # NumPy integers are accepted everywhere
         with pytest.raises(ValueError, match="must be an int; got True"):
             f(True)
+
+
+@pytest.mark.parametrize("route", ["fused", "numpy", "steps"])
+def test_a_verification_block_is_explored_before_its_round_ends(route, monkeypatch):
+    """``diag(2, 2, 2, 2, 1, 0, ..., 0)`` from ``v0 = ones``, ``k=4``: one chain sees one copy of
+    2, and every chain of this operator breaks down within three products. The first
+    verification round (a block of two) used to end as soon as its first fresh chain broke
+    down, before its second fresh vector was multiplied: ``[2, 2, 2, 1]`` certified. A round now
+    gives each fresh vector two products at least, and all four copies are found."""
+    d = jnp.asarray([2.0] * 4 + [1.0] + [0.0] * 25)
+    mv = jax.tree_util.Partial(lambda d, v: d * v, d)
+    res = _eigsh_on(route, monkeypatch, mv, jnp.ones(30), 4, "LA", None)
+    assert bool(res.converged)
+    np.testing.assert_allclose(np.asarray(res.eigenvalues), [2.0] * 4, rtol=1e-12)
+    # the returned vectors span the eigenspace of 2 (the first four coordinates)
+    X = np.asarray(res.eigenvectors)
+    np.testing.assert_allclose(np.linalg.norm(X[:, :4], axis=1), 1.0, rtol=1e-10)
+
+
+@pytest.mark.parametrize("route", ["fused", "numpy", "steps"])
+def test_a_displaced_pair_does_not_end_a_verification_round(route, monkeypatch):
+    """Six copies of 7 above a uniform spectrum in float32, ``v0`` without the top eight
+    eigenvectors, ``k=8``. The search finds some copies of 7 and, in place of the true 8th
+    eigenvalue, later ones. The round that found the other copies of 7 pushed a pair out of
+    the wanted set; certified before the round, it served as the guard and ended the round
+    while the fresh chains' best value was still rising towards the missed eigenvalue: a wrong
+    8th value was certified (seeds 8, 10, 15, 20, 52, 67, 73, 81 of 100 in a plain process;
+    10, 20 and 52 of 60 under this suite's XLA options). The guard is now the best value the
+    round's fresh block found (`eigen._guard`)."""
+    rng = np.random.default_rng(10)
+    n, k = 200, 8
+    d = np.concatenate([np.full(6, 7.0), rng.uniform(-3, 5, n - 6)])
+    Q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    A = ((Q * d) @ Q.T).astype(np.float32)
+    A = (A + A.T) / 2
+    lam, U = np.linalg.eigh(A.astype(np.float64))
+    v = rng.normal(size=n)
+    v = v - U[:, -k:] @ (U[:, -k:].T @ v)
+    mv = jax.tree_util.Partial(lambda A, v: A @ v, jnp.asarray(A))
+    res = _eigsh_on(route, monkeypatch, mv, jnp.asarray(v, jnp.float32), k, "LA", None)
+    assert bool(res.converged), curvlib.status_message(res.status)
+    np.testing.assert_allclose(np.asarray(res.eigenvalues, np.float64), lam[::-1][:k], rtol=2e-4)

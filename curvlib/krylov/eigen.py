@@ -13,8 +13,10 @@ appears once in the compiled program), with
   a single Krylov chain started from ``v0`` sees only one direction of each
   eigenspace, so once the wanted pairs are certified they are locked, the
   chain is dropped, and a *fresh* block of random vectors (from ``key``) is
-  run against them until the best unwanted Ritz value is certified to lie
-  beyond the wanted ones. If the fresh block finds new wanted values, another
+  run against them, two products per fresh vector at least, until the best unwanted
+  Ritz value *of the fresh block* is certified to lie beyond the wanted ones (pairs
+  the round pushed out of the wanted set were certified before it and do not
+  count: `_guard`). If the fresh block finds new wanted values, another
   round follows, with a block as large as the largest cluster of equal
   values found (a block of ``b`` random vectors sees ``b`` directions of every
   eigenspace); a round that finds fewer new values than its block size ends
@@ -172,7 +174,7 @@ def _count_new(order, new, ref, thr_new, thr_ref, k):
 def _equal(theta, thr):
     """``(m, m)``: values equal within their thresholds, ``|theta_i - theta_j| <= 2 (thr_i +
     thr_j)`` (inclusive): one cluster's rule for the verification block and the certificate."""
-    return xp.abs(theta[None, :] - theta[:, None]) <= 2 * (thr[None, :] + thr[:, None])
+    return _close_to(theta, theta, thr, thr)
 
 
 def _cluster_residuals(theta, res, thr, valid):
@@ -191,6 +193,35 @@ def _cluster_residuals(theta, res, thr, valid):
     return _band.column_norms(xp.where(close, res[:, None], 0.0))
 
 
+def _guard(theta, valid, thr, ref, thr_ref, k):
+    """``(g, exists)``: the verification's guard, the best unwanted Ritz value of the round's
+    fresh block.
+
+    When a round finds new wanted values it pushes pairs that were wanted at its start
+    (``ref``) out of the wanted set. They were certified before the round, not by its fresh
+    block; taken as the guard, one ended rounds whose fresh chains had not yet climbed to an
+    eigenvalue above it (float32, ``v0`` without the top eigenvectors: an eigenvalue just
+    inside the wanted ones was missed). So the unwanted values that repeat such a displaced
+    value are skipped, as many copies as were displaced (a multiset count: the copies of the
+    value among ``ref`` less those among the wanted values now, within both thresholds); the
+    guard is the first unwanted value left.
+    """
+    idx = xp.arange(theta.shape[0])
+    wanted, unwanted = idx < k, (idx >= k) & valid
+    same = _equal(theta, thr)  # (m, m)
+    in_ref = xp.sum(wanted[None, :] & _close_to(theta, ref, thr, thr_ref), axis=1)
+    in_wanted = xp.sum(wanted[None, :] & same, axis=1)
+    displaced = xp.maximum(in_ref - in_wanted, 0)
+    rank = xp.sum(unwanted[None, :] & (idx[None, :] < idx[:, None]) & same, axis=1)
+    cand = unwanted & (rank >= displaced)
+    return xp.argmax(cand), xp.any(cand)
+
+
+def _close_to(a, b, thr_a, thr_b):
+    """``(len(a), len(b))``: ``|a_i - b_j| <= 2 (thr_a_i + thr_b_j)`` (`_equal`'s rule)."""
+    return xp.abs(a[:, None] - b[None, :]) <= 2 * (thr_a[:, None] + thr_b[None, :])
+
+
 def _largest_cluster(theta, thr, k):
     """Size of the largest group of the first ``k`` values equal within their thresholds."""
     wanted = xp.arange(theta.shape[0]) < k
@@ -202,7 +233,7 @@ FAILURE_PROBABILITY = 1e-6  # of the verification's probabilistic certificate
 NUM_DROPPED = 4  # dropped chain vectors stored for exact final residuals
 
 
-def _unseen_unlikely(cfg: _Cfg, s: _State, theta, valid, thr):
+def _unseen_unlikely(cfg: _Cfg, s: _State, theta, valid, thr, g=None):
     """Whether, with probability >= 1 - FAILURE_PROBABILITY, no eigenvalue is missed.
 
     After ``j`` Lanczos steps from a random start, the largest Ritz value
@@ -227,7 +258,7 @@ def _unseen_unlikely(cfg: _Cfg, s: _State, theta, valid, thr):
     big = xp.where(valid, theta, -xp.inf)
     small = xp.where(valid, theta, xp.inf)
     spread = xp.max(big) - xp.min(small)
-    gap = order.gain(theta[k - 1], theta[k]) + thr[k - 1]
+    gap = order.gain(theta[k - 1], theta[k if g is None else g]) + thr[k - 1]
     # no spread (every Ritz value equal): no relative gap to measure, no probabilistic certificate
     eps = xp.where(spread > 0, xp.clip(gap / xp.where(spread > 0, spread, 1.0), 0.0, 1.0), 0.0)
     b = xp.maximum(s.injected, 1)
@@ -263,14 +294,18 @@ def _evaluate(cfg: _Cfg, s: _State, band: _band.Band) -> _Eval:
     nmul = xp.sum(band.mult)
     wanted = xp.arange(cfg.m) < k
     certified = xp.all(ok | ~wanted) & (nmul > k)
-    guard_ok = valid[k] & (ok[k] | _unseen_unlikely(cfg, s, theta, valid, thr))
+    thr_ref = _thresholds(cfg, band, s.ref, wanted, s.tol)
+    g, fresh_guard = _guard(theta, valid, thr, s.ref, thr_ref, k)
+    guard_ok = fresh_guard & (ok[g] | _unseen_unlikely(cfg, s, theta, valid, thr, g))
     # a basis spanning the whole space holds every eigenpair: nothing to verify. When the
     # basis can hold it (basis_size == dim), the chain simply runs until it does.
     whole = certified & (nmul >= cfg.dim)
     search_cert = certified & (s.phase == 0) & ~whole & (band.limit < cfg.dim)
+    # (every fresh vector of the round injected, and two products per fresh chain at least:
+    # a round could end before a fresh vector was multiplied, its copies of an eigenvalue
+    # unseen, when an operator with few distinct values broke another chain down at once)
     verify_cert = certified & guard_ok & (s.phase == 1) & (s.to_inject == 0) & (
-        nmul >= k + s.injected)
-    thr_ref = _thresholds(cfg, band, s.ref, wanted, s.tol)
+        nmul >= k + s.injected) & (s.fresh >= 2 * s.injected)
     n_new = _count_new(order, theta, s.ref, thr, thr_ref, k)
     cluster = _largest_cluster(theta, thr, k)
     return _Eval(
