@@ -640,3 +640,14 @@ def test_a_product_of_the_wrong_structure_is_named_on_every_path(name, how):
         }[how]
         with pytest.raises(ValueError, match=r"must match `\w+` in pytree structure.*" + match):
             run()
+
+
+def test_cg_takes_an_x0_of_another_dtype_as_bs():
+    """``x0`` in float64 for a float32 ``b`` (or the reverse) starts CG in ``b``'s dtype, as
+    SciPy does (it raised a raw ``while_loop`` carry TypeError)."""
+    d = jnp.arange(1.0, 4.0, dtype=jnp.float32)
+    for b_dt, x_dt in ((jnp.float32, jnp.float64), (jnp.float64, jnp.float32)):
+        b = jnp.ones(3, b_dt)
+        res = curvlib.cg(lambda v: d.astype(v.dtype) * v, b, x0=jnp.full(3, 0.5, x_dt))
+        assert res.x.dtype == b_dt and int(res.status) == curvlib.Status.SUCCESS
+        np.testing.assert_allclose(np.asarray(res.x), [1.0, 0.5, 1 / 3], rtol=1e-5)

@@ -57,6 +57,9 @@ def test_eigsh_right_with_true_residuals_at_every_scale(dt, s):
     # right (below), so not merely flagged; flagged only where residuals at rounding level
     # (eps ||A||) are subnormal and cannot certify anything (float64 1e-300)
     assert bool(r.converged) == (s * fi.eps >= fi.tiny)
+    # the status agrees (it said SUCCESS below the normal range): STALLED, right but uncertified
+    ok, stalled = curvlib.Status.SUCCESS, curvlib.Status.STALLED
+    assert int(r.status) == (ok if bool(r.converged) else stalled)
     want = np.sort(d)[::-1][:3]
     np.testing.assert_allclose(np.asarray(r.eigenvalues, np.float64), want, rtol=1e-3)
     X = np.stack([np.asarray(split(jax.tree.map(lambda x: x[i], r.eigenvectors)), np.float64)

@@ -63,8 +63,10 @@ class EigshResult(NamedTuple):
       verification_matvecs: the part of ``num_matvecs`` spent after the wanted
         pairs were first certified, on verification (its cost).
       status: the [`curvlib.Status`][curvlib.Status] code, most serious first: ``NONFINITE``
-        (not ``finite``), ``MAX_STEPS`` (the product or restart budget ran out
-        before ``converged``), else ``SUCCESS``.
+        (not ``finite``), ``STALLED`` (finished, but ``||A||`` is below ``tiny / eps``:
+        residuals at rounding level are subnormal and certify nothing, ``converged=False``),
+        ``MAX_STEPS`` (the product or restart budget ran out before ``converged``), else
+        ``SUCCESS``. ``SUCCESS`` exactly when ``converged``.
     """
 
     eigenvalues: jax.Array
@@ -488,7 +490,9 @@ def _finish(cfg: _Cfg, s: _State) -> EigshResult:
         finite=finite,
         num_verifications=s.rounds,
         verification_matvecs=s.verify_count,
-        status=from_flags(finite=finite, converged=(s.phase == 2) & ok),
+        # (a finished run at a scale whose residuals are subnormal: right, not certified)
+        status=from_flags(finite=finite, converged=(s.phase == 2) & ok,
+                          stalled=(s.phase == 2) & ok & ~_certifiable(band)),
     )
 
 

@@ -503,6 +503,7 @@ def cg(
     _validate.float_leaves(b, "b")
     if x0 is not None:
         _validate.same_structure(b, x0, "b", "x0")
+        x0 = jax.tree.map(lambda x, r: jnp.asarray(x).astype(jnp.result_type(r)), x0, b)
     rtol, atol, max_steps = _options(solver, rtol, atol, max_steps)
     for opt, val in (("damping", damping), ("rtol", rtol), ("atol", atol)):
         _validate.number(val, opt, minimum=0, runtime_arrays=True)
