@@ -330,11 +330,12 @@ class _Behind:
         self._idle.set()
         self._last = -float("inf")  # `time.monotonic()` when the last eager call ended
         self._closing = False
+        self._stopped = threading.Event()  # set at interpreter shutdown
         atexit.register(self._close)
 
     def _executor(self):
         if self._pool is None:
-            self._pool = _DaemonWorker()
+            self._pool = _Worker(before_exit=self._stop)
         return self._pool
 
     def call(self, jitted, static: tuple, a: dict, now: Callable):
@@ -357,15 +358,16 @@ class _Behind:
         """Wait until no eager call has run for `_QUIET_S` (the user is reading an answer).
 
         Measured from the end of the last eager call, whichever call that was: a call
-        that starts and ends while this thread sleeps restarts the quiet period.
+        that starts and ends while this thread sleeps restarts the quiet period. The
+        interpreter's shutdown ends the wait at once (`_stop`).
         """
-        while True:
+        while not self._closing:
             self._idle.wait()
             with self._lock:
                 left = self._last + self._QUIET_S - time.monotonic()
                 if left <= 0 and self._busy == 0:
                     return
-            time.sleep(max(left, 0.0))
+            self._stopped.wait(max(left, 0.0))
 
     def _compile(self, jitted, a):
         self._quiet()
@@ -373,14 +375,19 @@ class _Behind:
             return None
         return _lower_and_compile(jitted, a)
 
+    def _stop(self) -> None:
+        """Drop the compiles not started and wake the worker from its quiet period."""
+        self._closing = True
+        self._stopped.set()
+        self.clear()
+
     def _close(self) -> None:
         """At interpreter exit: drop compiles not started, let a started one finish.
 
-        (The worker is a daemon thread; one stopped inside XLA's compiler while the
-        interpreter tears down would crash the exit.)
+        (`_Worker` stops through `_stop` before the interpreter joins its threads; this is
+        the fallback where that hook does not exist.)
         """
-        self._closing = True
-        self.clear()
+        self._stop()
         if self._pool is not None:
             self._pool.drain()
 
@@ -429,20 +436,40 @@ class _Behind:
             self._entries.clear()
 
 
-class _DaemonWorker:
-    """One daemon thread running submitted calls in order (``submit`` returns a `Future`).
+class _Worker:
+    """One thread running submitted calls in order (``submit`` returns a `Future`).
 
-    A daemon, unlike `concurrent.futures.ThreadPoolExecutor`'s thread, does not make the
-    interpreter's exit run every queued call: a script that got its answer waits at
-    most for a compile already started (`_Behind._close`), never for queued ones.
+    At interpreter shutdown, before Python joins its threads (CPython's
+    ``threading._register_atexit``, the hook `concurrent.futures` uses), ``before_exit``
+    runs (`_Behind._stop`: queued compiles are dropped, a quiet wait ends) and the thread
+    returns after the call in progress: a script that got its answer waits at most for a
+    compile already started, never for queued ones. The thread is not a daemon: a daemon
+    thread still alive while the interpreter finalizes is stopped wherever it is, and one
+    stopped inside jaxlib aborted the process (``terminate called ... exception not
+    rethrown``, exit status 134, in 2 of 4 runs of a script of 18 eager ``eigsh`` calls).
+    Where the hook is missing, the thread is a daemon and `_Behind._close` drains it at exit.
     """
 
-    def __init__(self):
+    def __init__(self, before_exit: Callable | None = None):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Condition()
         self._current = None  # the future being computed (until the thread is idle again)
-        self._thread = threading.Thread(target=self._work, name="curvlib-compile", daemon=True)
+        self._before_exit = before_exit
+        register = getattr(threading, "_register_atexit", None)
+        self._thread = threading.Thread(target=self._work, name="curvlib-compile",
+                                        daemon=register is None)
         self._thread.start()
+        if register is not None:
+            try:
+                register(self._exit)
+            except RuntimeError:  # created during shutdown itself: stop at once
+                self._exit()
+
+    def _exit(self) -> None:
+        """Interpreter shutdown: ``before_exit``, then end the thread after its current call."""
+        if self._before_exit is not None:
+            self._before_exit()
+        self._queue.put(None)
 
     def submit(self, fn, *args) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -462,7 +489,10 @@ class _DaemonWorker:
     def _work(self):
         _yield_cpu()
         while True:
-            fut, fn, args = self._queue.get()
+            item = self._queue.get()
+            if item is None:  # interpreter shutdown (`_exit`)
+                return
+            fut, fn, args = item
             with self._lock:
                 if not fut.set_running_or_notify_cancel():
                     continue
@@ -471,7 +501,7 @@ class _DaemonWorker:
                 fut.set_result(fn(*args))
             except BaseException as e:  # reported to the caller through the future
                 fut.set_exception(e)
-            del fut, fn, args  # the user's arrays are not kept until the next compile
+            del item, fut, fn, args  # the user's arrays are not kept until the next compile
             with self._lock:
                 self._current = None
                 self._lock.notify_all()
