@@ -751,7 +751,7 @@ def scale_by_kfac(
 
     def init_fn(params):
         _validate.float_leaves(params, "params", init="scale_by_kfac")
-        layers, _ = _layers_for(model_fn, params, example_inputs, "example_inputs")
+        layers, _ = _layers_for(model_fn, params, example_inputs, checked=True)
         return place_state(layers, init_state(layers, params, damping, key_data, inverse), params)
 
     def update_fn(updates, state, params=None, *, value_fn=None, statistics=None, **extra_args):
@@ -948,9 +948,11 @@ def _key_data(key):
     return jnp.asarray(key)
 
 
-def _layers_for(model_fn, params, extra_args, given_as: str = "the extra arguments of update"):
-    """The layers of ``model_fn`` at ``params`` and the extra arguments it takes."""
-    _loss.check_named_inputs(model_fn, "model_fn", extra_args, given_as)
+def _layers_for(model_fn, params, extra_args, checked: bool = False):
+    """The layers of ``model_fn`` at ``params`` and the extra arguments it takes (``checked``:
+    the names were checked against ``model_fn``'s signature already, at construction)."""
+    if not checked:
+        _loss.check_named_inputs(model_fn, "model_fn", extra_args, "the extra arguments of update")
     kw = _loss.kwargs_for(model_fn, extra_args)
     try:
         return _find_layers(lambda p, kw: model_fn(p, **kw), params, (kw,)), kw
