@@ -200,7 +200,8 @@ def test_a_repeated_value_is_certified_by_its_clusters_norm(ratio, certified):
     cfg = _cfg(m=6, k=2, dim=40)
     s = SimpleNamespace(k=jnp.int32(2), tol=jnp.float64(1e-3), phase=jnp.int32(0),
                         to_inject=jnp.int32(0), injected=jnp.int32(0), fresh=jnp.int32(0),
-                        ref=jnp.zeros(6), max_inject=jnp.int32(4), which=jnp.int32(0))
+                        near=jnp.int32(0), ref=jnp.zeros(6), max_inject=jnp.int32(4),
+                        which=jnp.int32(0))
     band = _two_fives(ratio * 5e-3)
     res = np.asarray(_band.ritz(band, _band.Order("LA"))[2][:2])
     np.testing.assert_allclose(res, ratio * 5e-3, rtol=1e-12)  # each below the threshold
@@ -277,6 +278,43 @@ def test_dropping_pending_rows_keeps_the_residual_norms():
     eye = jnp.eye(m)[:, :K]
     np.testing.assert_allclose(np.asarray(_band.residual_norms(kept, eye)), true, rtol=1e-8)
     np.testing.assert_allclose(np.asarray(_band.exact_residuals(kept, eye)), true, rtol=1e-8)
+
+
+def test_rows_dropped_beyond_the_stored_slots_leave_no_chain_pending():
+    """Three pending chains dropped with one slot for a stored vector: one is stored, the other
+    two are not, and none is carried (a carried chain stayed pending through every later
+    round, and a run with many rounds restarted at every product). Their couplings move to the
+    bound ``U``: every residual bound, at the drop and after a fresh chain has run on, is at
+    least the true residual (dense oracle) and at most twice it."""
+    rng, A, v0, band = _three_chains(3)
+    band = _band.init(v0, _band.size(band), jnp.float64, num_external=1)
+    for _ in range(2):
+        q, ok = _band.fresh(band, jnp.asarray(rng.standard_normal(A.shape[0])), jnp.asarray(True))
+        band = _band.inject(band, q, ok)
+    for _ in range(9):
+        band = _band.absorb(band, A @ _band.request(band, v0))
+    n, m, K = A.shape[0], _band.size(band), 3
+    theta, Y, _, _ = _band.ritz(band, _band.Order("LA"))
+    X = np.asarray(Y[:, :K]).T @ np.asarray(band.Q)
+    true = np.linalg.norm(X @ np.asarray(A) - np.asarray(theta[:K])[:, None] * X, axis=1)
+    kept = _band.compress(band, Y, jnp.int32(K), drop_pending=jnp.asarray(True))
+    assert int(kept.ndrop) == 1 and int(jnp.sum(_band.pending(kept))) == 0
+    assert float(jnp.max(kept.U)) > 0
+    eye = jnp.eye(m)[:, :K]
+    for bound in (_band.residual_norms(kept, eye), _band.exact_residuals(kept, eye)):
+        bound = np.asarray(bound)
+        assert np.all(bound >= true * (1 - 1e-10)) and np.all(bound <= 2 * true)
+    q, ok = _band.fresh(kept, jnp.asarray(rng.standard_normal(n)), jnp.asarray(True))
+    band = _band.inject(kept, q, ok)
+    for _ in range(4):
+        band = _band.absorb(band, A @ _band.request(band, v0))
+    theta, Y, bound, valid = _band.ritz(band, _band.Order("LA"))
+    X = np.asarray(Y).T @ np.asarray(band.Q)
+    true = np.linalg.norm(X @ np.asarray(A) - np.asarray(theta)[:, None] * X, axis=1)
+    both = np.asarray(valid) & (true > 1e-10)
+    assert both.sum() >= 5
+    for b in (np.asarray(bound), np.asarray(_band.exact_residuals(band, Y))):
+        assert np.all(b[both] >= true[both] * (1 - 1e-10)) and np.all(b[both] <= 2 * true[both])
 
 
 def test_ritz_flushes_couplings_below_rounding_before_eigh():

@@ -36,9 +36,11 @@ A restart may also *drop* the pending rows ([`curvlib.eigsh`][curvlib.eigsh] doe
 a verification block against locked pairs without the old chain). A kept
 vector ``x_i`` then has ``A x_i = theta_i x_i + c_i d`` with ``d`` outside the
 basis; the couplings ``c`` are kept as a column of ``E`` (one signed column per
-stored dropped vector ``d_c``; pending rows beyond the stored count stay pending),
-and residual norms become the rigorous bound ``||F y|| + ||sum_c (E[:, c] . y) d_c||``,
-the second term from the dropped vectors' Gram matrix.
+stored dropped vector ``d_c``), and residual norms become the rigorous bound ``||F y|| +
+||sum_c (E[:, c] . y) d_c||``, the second term from the dropped vectors' Gram matrix. Pending
+rows dropped once every slot is taken are not stored: their couplings add to a bound ``U``
+per row (a unit vector's part outside the basis has norm at most one), and the residual
+bound gains ``|y| . U``.
 
 A fresh direction is orthogonalised (`fresh`) only at the steps that
 use one, under a ``lax.cond``: every Gram-Schmidt pass reads the whole basis,
@@ -66,12 +68,14 @@ class Band(NamedTuple):
     E: jax.Array  # (m, c) couplings of multiplied rows to dropped vectors (c >= 1 columns)
     D: PyTree | None  # (c, ...) the dropped unit vectors (None when dropping is not used)
     G: jax.Array  # (c, c) Gram matrix of the stored dropped vectors (zero where none)
+    U: jax.Array  # (m,) bound of each multiplied row's coupling to dropped vectors not stored
     ndrop: jax.Array  # int32: dropped vectors stored in D (at most c)
     mult: jax.Array  # (m,) bool: multiplied rows
     nbas: jax.Array  # int32: used rows
     anorm: jax.Array  # running max ||A q_j|| (a lower bound of ||A||)
     finite: jax.Array  # every product finite so far
     breakdowns: jax.Array  # int32: products whose remainder was numerically zero
+    near: jax.Array  # int32: products whose remainder was below sqrt(eps) ||A|| (breakdowns too)
     limit: jax.Array  # int32: rows the basis may use (<= m; below it the rest is padding)
 
 
@@ -103,11 +107,11 @@ def init(v0, m: int, acc, basis_dtype=None, num_external: int = 0, limit=None) -
     return Band(
         Q=Q, H=xp.zeros((m, m), acc), E=xp.zeros((m, max(num_external, 1)), acc),
         D=_tree.basis_zeros(v0, num_external, basis_dtype) if num_external else None,
-        G=xp.zeros((max(num_external, 1),) * 2, acc),
+        G=xp.zeros((max(num_external, 1),) * 2, acc), U=xp.zeros(m, acc),
         ndrop=xp.zeros((), xp.int32), mult=f,
         nbas=xp.asarray(1, xp.int32),
         anorm=xp.zeros((), acc), finite=_tree.all_finite(v0),
-        breakdowns=xp.zeros((), xp.int32),
+        breakdowns=xp.zeros((), xp.int32), near=xp.zeros((), xp.int32),
         limit=xp.asarray(m if limit is None else limit, xp.int32),
     )
 
@@ -208,6 +212,8 @@ def absorb(band: Band, w: PyTree) -> Band:
         Q=Q, H=H, mult=at_set(band.mult, j, band.mult[j] | some),
         nbas=band.nbas + append.astype(xp.int32), finite=finite,
         breakdowns=band.breakdowns + (some & broke & finite).astype(xp.int32),
+        near=band.near + (some & finite & ~(beta > xp.sqrt(xp.finfo(acc).eps) * anorm)).astype(
+            xp.int32),
     )
 
 
@@ -264,14 +270,16 @@ def residual_norms(band: Band, Y):
     """Bounds of ``||A x_i - theta_i x_i||`` for Ritz vectors ``x_i = Q^T Y[:, i]``.
 
     ``||F y||`` exactly, plus ``||sum_c (E[:, c] . y) d_c|| = sqrt(e^T G e)`` when
-    vectors were dropped (``G`` their Gram matrix, kept by `compress`). The dropped
-    part is the norm the residual had along the pending rows it was dropped from, not
-    inflated by the drop: a pair certified before a verification round stays so.
+    vectors were dropped (``G`` their Gram matrix, kept by `compress`), plus ``|y| . U``
+    for the dropped vectors that were not stored. The dropped part is the norm the
+    residual had along the pending rows it was dropped from, not inflated by the drop: a
+    pair certified before a verification round stays so.
     """
     F = xp.where(pending(band)[:, None] & band.mult[None, :], band.H, 0.0)
     krylov = column_norms(F @ Y)
     if band.D is None:
         return krylov
+    krylov = krylov + _unstored(band, Y)
     e = xp.where(band.mult[:, None], band.E, 0.0).T @ Y  # (c, cols)
     # e scales with the operator: divided by its largest entry before the quadratic form
     sc = xp.max(xp.abs(e), axis=0)
@@ -279,6 +287,12 @@ def residual_norms(band: Band, Y):
     e = e / sc
     dropped = sc * xp.sqrt(xp.maximum(xp.sum(e * (band.G @ e), axis=0), 0.0))
     return krylov + dropped
+
+
+def _unstored(band: Band, Y):
+    """``|y| . U`` per column: the bound of the residual part along dropped vectors that
+    were not stored (`compress`), ``||sum_i y_i sum_c u_ic d_c|| <= sum_i |y_i| U_i``."""
+    return xp.where(band.mult, band.U, 0.0) @ xp.abs(Y)
 
 
 def column_norms(X):
@@ -357,8 +371,9 @@ def compress(band: Band, Y, K, drop_pending=False) -> Band:
     New rows: ``[0, K)`` the Ritz vectors (multiplied, ``H`` block ``Y^T T Y``:
     diagonal for Ritz vectors), then the pending rows with their coupling
     ``F Y`` to the kept vectors. With ``drop_pending`` (traced) the pending rows
-    are dropped instead (as many as there are free slots for stored dropped
-    vectors; any others stay pending), their coupling moving to ``E``.
+    are dropped instead, their coupling moving to ``E`` (as many as there are free slots
+    for stored dropped vectors) or, beyond the slots, to the bound ``U``: a drop never
+    leaves an old chain pending to crowd the basis.
 
     Stored dropped vectors are first projected off the current basis (their
     components along kept and pending rows are accounted for exactly in the
@@ -389,6 +404,9 @@ def compress(band: Band, Y, K, drop_pending=False) -> Band:
         # dropped pending row p takes the free column ndrop + (its rank among pending rows)
         slot = band.ndrop + xp.cumsum(pend) - 1
         drop = pend & (slot < c) & drop_pending
+        lost = pend & (slot >= c) & drop_pending
+        U = xp.abs(Yk).T @ xp.where(band.mult, band.U, 0.0) + xp.sum(
+            xp.where(lost[:, None], xp.abs(F), 0.0), axis=0)
         S = ((xp.arange(c)[:, None] == slot[None, :]) & drop[None, :]).astype(acc)  # (c, m)
         E = E + F.T @ S.T
         taken = xp.any(S > 0, axis=1)
@@ -400,8 +418,8 @@ def compress(band: Band, Y, K, drop_pending=False) -> Band:
         held = xp.arange(c) < ndrop
         Gram = xp.where(held[:, None] & held[None, :], _tree.basis_gram(D, D, acc), 0.0)
     else:
-        Gram = band.G
-    carried = pend & ~drop  # contiguous: the first pending rows that were not dropped... any order
+        Gram, U, lost = band.G, band.U, drop
+    carried = pend & ~drop & ~lost  # (none after a drop)
     n_car = xp.sum(carried)
     src = xp.argsort(xp.where(carried, rows, m + rows))  # carried rows in index order
     t = rows - K
@@ -411,7 +429,8 @@ def compress(band: Band, Y, K, drop_pending=False) -> Band:
     Q = _tree.basis_matmul(Yk.T + P, band.Q)
     newT = Yk.T @ projected(band) @ Yk
     H = xp.where(keep[:, None] & keep[None, :], newT, 0.0) + P @ F
-    return band._replace(Q=Q, H=H, E=E, D=D, G=Gram, ndrop=ndrop, mult=keep,
+    return band._replace(Q=Q, H=H, E=E, D=D, G=Gram, U=xp.where(keep, U, 0.0), ndrop=ndrop,
+                         mult=keep,
                          nbas=(K + n_car).astype(xp.int32))
 
 
@@ -422,8 +441,8 @@ def exact_residuals(band: Band, Y):
     Without dropped vectors this is `residual_norms`. With them,
     ``A x - theta x = Q_pend^T F y + sum_c (E[:, c] . y) (I - P_mul) d_c``:
     the dropped vectors are projected off the multiplied rows once (``O(c m N)``)
-    and the norms follow from a small Gram matrix. If more vectors were dropped
-    than stored, the bound of `residual_norms` is returned instead.
+    and the norms follow from a small Gram matrix. Dropped vectors that were not
+    stored add their bound ``|y| . U`` (zero unless more were dropped than stored).
     """
     if band.D is None:
         return residual_norms(band, Y)
@@ -446,5 +465,5 @@ def exact_residuals(band: Band, Y):
     # ||Q^T a + sum_c e_c Dp_c||^2 = ||a||^2 + 2 a . (Gp^T e) + e^T Gd e
     sq = xp.sum(a * a, axis=0) + 2 * xp.sum(a * (Gp.T @ e), axis=0) + xp.sum(e * (Gd @ e),
                                                                                    axis=0)
-    exact = sc * xp.sqrt(xp.maximum(sq, 0.0))
+    exact = sc * xp.sqrt(xp.maximum(sq, 0.0)) + _unstored(band, Y)
     return xp.where(band.ndrop <= c, exact, residual_norms(band, Y))
