@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+import curvlib
 from curvlib import (
     cg,
     eigsh,
@@ -425,6 +426,28 @@ def test_cg_negative_curvature_exit():
     assert bool(damped.converged) and not bool(damped.negative_curvature)
     ref = np.linalg.solve(A + 1.5 * np.eye(40), bf)
     assert np.allclose(np.asarray(ravel_pytree(damped.x)[0]), ref, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize("jit", [False, True])
+def test_cg_stops_at_zero_curvature_on_a_singular_system(dtype, jit):
+    """``diag(1, 2, 0, 0) x = ones``: ``b`` leaves the range, the model is unbounded along the
+    null space, and ``d^T A d`` falls to rounding level (1e-140 here) instead of below zero.
+    CG took those steps: the iterate reached 1e287 under ``jit`` and inf eagerly. A curvature
+    below ``eps`` times the largest one met is zero: the exit returns a finite iterate that
+    decreases the model, and a direction of (numerically) zero curvature along which it is
+    unbounded."""
+    d = jnp.asarray([1.0, 2.0, 0.0, 0.0], dtype)
+    b = jnp.ones(4, dtype)
+    solve = lambda b: curvlib.cg(lambda v: d * v, b)
+    res = (jax.jit(solve) if jit else solve)(b)
+    assert bool(res.negative_curvature) and bool(res.finite) and not bool(res.converged)
+    assert int(res.status) == curvlib.Status.NEGATIVE_CURVATURE
+    x, p, dd = (np.asarray(a, np.float64) for a in (res.x, res.curvature_direction, d))
+    assert np.all(np.isfinite(x)) and np.max(np.abs(x)) < 100
+    assert 0.5 * x @ (dd * x) - x.sum() < 0  # below q(0) = 0
+    assert np.linalg.norm(p) > 0 and p @ (dd * p) <= 1e-6 * (p @ p) and abs(p.sum()) > 0
+    np.testing.assert_allclose(float(res.residual_norm), np.linalg.norm(1 - dd * x), rtol=1e-5)
 
 
 def test_cg_traced_max_steps_matches_static(spd):

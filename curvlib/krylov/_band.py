@@ -38,9 +38,11 @@ vector ``x_i`` then has ``A x_i = theta_i x_i + c_i d`` with ``d`` outside the
 basis; the couplings ``c`` are kept as a column of ``E`` (one signed column per
 stored dropped vector ``d_c``), and residual norms become the rigorous bound ``||F y|| +
 ||sum_c (E[:, c] . y) d_c||``, the second term from the dropped vectors' Gram matrix. Pending
-rows dropped once every slot is taken are not stored: their couplings add to a bound ``U``
-per row (a unit vector's part outside the basis has norm at most one), and the residual
-bound gains ``|y| . U``.
+rows dropped once every slot is taken are not stored: their couplings are kept as the
+factor ``R`` of their Gram matrix (``R^T R = sum E_c E_c^T`` over those vectors, rotated with
+the basis like ``E``), and the residual bound gains ``sqrt(l) ||R y||`` (``l`` drops left
+vectors unstored; the vectors of one drop are orthonormal, those of different drops need
+not be).
 
 A fresh direction is orthogonalised (`fresh`) only at the steps that
 use one, under a ``lax.cond``: every Gram-Schmidt pass reads the whole basis,
@@ -68,7 +70,8 @@ class Band(NamedTuple):
     E: jax.Array  # (m, c) couplings of multiplied rows to dropped vectors (c >= 1 columns)
     D: PyTree | None  # (c, ...) the dropped unit vectors (None when dropping is not used)
     G: jax.Array  # (c, c) Gram matrix of the stored dropped vectors (zero where none)
-    U: jax.Array  # (m,) bound of each multiplied row's coupling to dropped vectors not stored
+    R: jax.Array  # (m, m) factor of the couplings to dropped vectors that were not stored
+    lost: jax.Array  # int32: drops that left vectors unstored
     ndrop: jax.Array  # int32: dropped vectors stored in D (at most c)
     mult: jax.Array  # (m,) bool: multiplied rows
     nbas: jax.Array  # int32: used rows
@@ -107,7 +110,8 @@ def init(v0, m: int, acc, basis_dtype=None, num_external: int = 0, limit=None) -
     return Band(
         Q=Q, H=xp.zeros((m, m), acc), E=xp.zeros((m, max(num_external, 1)), acc),
         D=_tree.basis_zeros(v0, num_external, basis_dtype) if num_external else None,
-        G=xp.zeros((max(num_external, 1),) * 2, acc), U=xp.zeros(m, acc),
+        G=xp.zeros((max(num_external, 1),) * 2, acc), R=xp.zeros((m, m), acc),
+        lost=xp.zeros((), xp.int32),
         ndrop=xp.zeros((), xp.int32), mult=f,
         nbas=xp.asarray(1, xp.int32),
         anorm=xp.zeros((), acc), finite=_tree.all_finite(v0),
@@ -270,10 +274,10 @@ def residual_norms(band: Band, Y):
     """Bounds of ``||A x_i - theta_i x_i||`` for Ritz vectors ``x_i = Q^T Y[:, i]``.
 
     ``||F y||`` exactly, plus ``||sum_c (E[:, c] . y) d_c|| = sqrt(e^T G e)`` when
-    vectors were dropped (``G`` their Gram matrix, kept by `compress`), plus ``|y| . U``
-    for the dropped vectors that were not stored. The dropped part is the norm the
-    residual had along the pending rows it was dropped from, not inflated by the drop: a
-    pair certified before a verification round stays so.
+    vectors were dropped (``G`` their Gram matrix, kept by `compress`), plus
+    ``sqrt(l) ||R y||`` for the dropped vectors that were not stored (`_unstored`). The
+    dropped part is the norm the residual had along the pending rows it was dropped from,
+    not inflated by the drop: a pair certified before a verification round stays so.
     """
     F = xp.where(pending(band)[:, None] & band.mult[None, :], band.H, 0.0)
     krylov = column_norms(F @ Y)
@@ -290,9 +294,12 @@ def residual_norms(band: Band, Y):
 
 
 def _unstored(band: Band, Y):
-    """``|y| . U`` per column: the bound of the residual part along dropped vectors that
-    were not stored (`compress`), ``||sum_i y_i sum_c u_ic d_c|| <= sum_i |y_i| U_i``."""
-    return xp.where(band.mult, band.U, 0.0) @ xp.abs(Y)
+    """``sqrt(l) ||R y||`` per column: the bound of the residual part ``sum_c (E_c . y) d_c``
+    along the dropped vectors that were not stored (`compress`). The vectors of one drop are
+    orthonormal (pending rows), so each drop's part has norm ``||e_drop||``; over ``l`` drops
+    the sum is at most ``sqrt(l) ||e||``, and ``||e|| = ||R y||``. Exact under rotations of
+    the basis: restarts do not inflate it."""
+    return xp.sqrt(band.lost.astype(band.H.dtype)) * column_norms(band.R @ Y)
 
 
 def column_norms(X):
@@ -372,8 +379,8 @@ def compress(band: Band, Y, K, drop_pending=False) -> Band:
     diagonal for Ritz vectors), then the pending rows with their coupling
     ``F Y`` to the kept vectors. With ``drop_pending`` (traced) the pending rows
     are dropped instead, their coupling moving to ``E`` (as many as there are free slots
-    for stored dropped vectors) or, beyond the slots, to the bound ``U``: a drop never
-    leaves an old chain pending to crowd the basis.
+    for stored dropped vectors) or, beyond the slots, to the factor ``R`` (`_unstored`): a
+    drop never leaves an old chain pending to crowd the basis.
 
     Stored dropped vectors are first projected off the current basis (their
     components along kept and pending rows are accounted for exactly in the
@@ -405,8 +412,10 @@ def compress(band: Band, Y, K, drop_pending=False) -> Band:
         slot = band.ndrop + xp.cumsum(pend) - 1
         drop = pend & (slot < c) & drop_pending
         lost = pend & (slot >= c) & drop_pending
-        U = xp.abs(Yk).T @ xp.where(band.mult, band.U, 0.0) + xp.sum(
-            xp.where(lost[:, None], xp.abs(F), 0.0), axis=0)
+        # R_new^T R_new = Yk^T R^T R Yk + F_lost^T F_lost, by a QR (no squares to overflow)
+        R = xp.linalg.qr(xp.concatenate([band.R @ Yk, xp.where(lost[:, None], F, 0.0)]),
+                         mode="r")
+        nlost = band.lost + xp.any(lost).astype(xp.int32)
         S = ((xp.arange(c)[:, None] == slot[None, :]) & drop[None, :]).astype(acc)  # (c, m)
         E = E + F.T @ S.T
         taken = xp.any(S > 0, axis=1)
@@ -418,7 +427,7 @@ def compress(band: Band, Y, K, drop_pending=False) -> Band:
         held = xp.arange(c) < ndrop
         Gram = xp.where(held[:, None] & held[None, :], _tree.basis_gram(D, D, acc), 0.0)
     else:
-        Gram, U, lost = band.G, band.U, drop
+        Gram, R, nlost, lost = band.G, band.R, band.lost, drop
     carried = pend & ~drop & ~lost  # (none after a drop)
     n_car = xp.sum(carried)
     src = xp.argsort(xp.where(carried, rows, m + rows))  # carried rows in index order
@@ -429,8 +438,7 @@ def compress(band: Band, Y, K, drop_pending=False) -> Band:
     Q = _tree.basis_matmul(Yk.T + P, band.Q)
     newT = Yk.T @ projected(band) @ Yk
     H = xp.where(keep[:, None] & keep[None, :], newT, 0.0) + P @ F
-    return band._replace(Q=Q, H=H, E=E, D=D, G=Gram, U=xp.where(keep, U, 0.0), ndrop=ndrop,
-                         mult=keep,
+    return band._replace(Q=Q, H=H, E=E, D=D, G=Gram, R=R, lost=nlost, ndrop=ndrop, mult=keep,
                          nbas=(K + n_car).astype(xp.int32))
 
 
@@ -442,7 +450,7 @@ def exact_residuals(band: Band, Y):
     ``A x - theta x = Q_pend^T F y + sum_c (E[:, c] . y) (I - P_mul) d_c``:
     the dropped vectors are projected off the multiplied rows once (``O(c m N)``)
     and the norms follow from a small Gram matrix. Dropped vectors that were not
-    stored add their bound ``|y| . U`` (zero unless more were dropped than stored).
+    stored add their bound `_unstored` (zero unless more were dropped than stored).
     """
     if band.D is None:
         return residual_norms(band, Y)

@@ -33,7 +33,9 @@ class CGResult(NamedTuple):
         or that product is not finite.
       converged: ``finite`` and ``residual_norm <= max(rtol ||b||, atol)``.
       negative_curvature: a direction with ``p^T (A + damping I) p <= 0`` was
-        met; ``x`` is the last iterate before it (Steihaug 1983).
+        met (or below ``eps`` times the largest curvature met: zero to rounding, as for a
+        singular system whose ``b`` leaves the range); ``x`` is the last iterate before it
+        (Steihaug 1983).
       curvature_direction: that direction ``p`` (zeros when none was met): a
         descent-and-negative-curvature direction a trust-region method can use.
       finite: ``b`` and every product were finite; if not, ``x`` is the last
@@ -74,6 +76,7 @@ class _CGState(NamedTuple):
     negcurv: jax.Array
     negdir: PyTree
     finite: jax.Array
+    curvmax: jax.Array  # largest curvature d^T A d met by a step (d = p / pn, ||d|| ~ 1)
 
 
 def _cast_like(y: PyTree, like: PyTree) -> PyTree:
@@ -188,7 +191,7 @@ def _cg_init(rhs, x0, sigma, rnorm0, tol, finite0, max_steps, acc):
         pnorm=xp.zeros((), acc), rnorm=rnorm0,
         moved=xp.asarray(False), step=xp.zeros((), xp.int32),
         num_matvecs=xp.zeros((), xp.int32), negcurv=xp.asarray(False), negdir=zeros,
-        finite=finite0,
+        finite=finite0, curvmax=xp.zeros((), acc),
     )
     return init, x0
 
@@ -242,8 +245,12 @@ def _cg_advance(s: _CGState, rhs, x0, d, rz, v, pn, pnorm, w, tol, max_steps, ac
     x_warm = _tree.scale(c, x0)
     r_warm = _tree.add_scale(rhs, -c, w_safe)
 
-    # _STEP: a CG step, rejected on non-positive curvature or a non-finite product
-    negcurv = in_step & fin & (vw <= 0) & (s.rnorm > 0)
+    # _STEP: a CG step, rejected on non-positive curvature or a non-finite product. A
+    # curvature below eps times the largest one met is zero to rounding: a singular system
+    # whose b leaves the range (diag(1, 2, 0, 0), b = ones) drove d^T A d to 1e-140 and the
+    # iterate to 1e287 or inf before one came out negative
+    curvmax = xp.where(in_step & fin, xp.maximum(s.curvmax, xp.abs(vw)), s.curvmax)
+    negcurv = in_step & fin & (vw <= xp.finfo(acc).eps * curvmax) & (s.rnorm > 0)
     good = in_step & fin & ~negcurv
     # the step along v = d = p / pn (pn a power of two, ||d|| of order one): rz / (p^T A p)
     # along p, in an order that neither underflows nor overflows
@@ -274,6 +281,7 @@ def _cg_advance(s: _CGState, rhs, x0, d, rz, v, pn, pnorm, w, tol, max_steps, ac
         pnorm=xp.where(good, pnorm, s.pnorm), rnorm=rnorm, moved=moved, step=step,
         num_matvecs=s.num_matvecs + 1, negcurv=negcurv_all,
         negdir=_tree.where(negcurv, _tree.scale(pn, d), s.negdir), finite=finite,
+        curvmax=curvmax,
     )
 
 
