@@ -20,6 +20,10 @@ class LanczosResult(NamedTuple):
 
     Attributes:
       basis: orthonormal Lanczos vectors ``q_0 .. q_{m-1}`` (pytree, leading axis ``m``).
+        With ``reortho="none"`` they are orthonormal only in exact arithmetic: in floating
+        point they lose orthogonality as Ritz values converge (Paige 1976), and ``T`` then
+        holds spurious copies of them; that mode is for comparison, and its ``converged``
+        says only that the depth completed without a breakdown.
       alphas: diagonal of the tridiagonal ``T`` (shape ``(m,)``).
       betas: off-diagonal of ``T`` (shape ``(m-1,)``); a zero marks a breakdown
         after which the recursion restarted from a fresh orthogonal direction.
@@ -34,9 +38,9 @@ class LanczosResult(NamedTuple):
       finite: whether every product was finite; if not, ``alphas``, ``betas``
         and ``residual_norm`` are NaN.
       converged: the requested depth was completed: ``finite``, and all ``m`` rows
-        of ``basis`` are orthonormal Lanczos vectors whose products are in ``T``
-        (no breakdown left it incomplete: a fresh direction continued every
-        breakdown, which only ``reortho="none"`` cannot do).
+        of ``basis`` are Lanczos vectors whose products are in ``T`` (no breakdown left
+        it incomplete: a fresh direction continued every breakdown, which only
+        ``reortho="none"`` cannot do); orthonormal to rounding with ``reortho="full"``.
       status: the [`curvlib.Status`][curvlib.Status] code: ``NONFINITE``, ``BREAKDOWN`` (an
         unrecovered breakdown left the depth incomplete), else ``SUCCESS``.
     """
