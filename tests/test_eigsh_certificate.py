@@ -224,6 +224,20 @@ def _three_chains(seed, n=30, m=16):
     return rng, A, v0, band
 
 
+def _assert_bounds_hold(band, A, *bounds):
+    """Each of ``bounds(band, Y)`` lies between the true residual of every valid Ritz pair
+    (dense oracle) and twice it; returns `_band.ritz`'s ``(theta, Y, res, valid)``."""
+    theta, Y, res, valid = _band.ritz(band, _band.Order("LA"))
+    X = np.asarray(Y).T @ np.asarray(band.Q)
+    true = np.linalg.norm(X @ np.asarray(A) - np.asarray(theta)[:, None] * X, axis=1)
+    both = np.asarray(valid) & (true > 1e-10)
+    assert both.sum() >= 5
+    for bound in bounds:
+        b = np.asarray(bound(band, Y))[both]
+        assert np.all(b >= true[both] * (1 - 1e-10)) and np.all(b <= 2 * true[both])
+    return theta, Y, res, valid
+
+
 def test_residual_bounds_hold_with_dropped_and_pending_parts():
     """After a drop, a fresh chain adds pending rows: the bound ``||F y|| + ||dropped part||``
     is at least the true residual of every Ritz pair (dense oracle), and at most twice it."""
@@ -235,14 +249,7 @@ def test_residual_bounds_hold_with_dropped_and_pending_parts():
     band = _band.inject(band, q, ok)
     for _ in range(3):
         band = _band.absorb(band, A @ _band.request(band, v0))
-    theta, Y, bound, valid = _band.ritz(band, _band.Order("LA"))
-    X = np.asarray(Y).T @ np.asarray(band.Q)
-    true = np.linalg.norm(X @ np.asarray(A) - np.asarray(theta)[:, None] * X, axis=1)
-    both = np.asarray(valid) & (true > 1e-10)
-    assert both.sum() >= 5
-    bound = np.asarray(bound)[both]
-    assert np.all(bound >= true[both] * (1 - 1e-10))
-    assert np.all(bound <= 2 * true[both])
+    theta, Y, bound, _ = _assert_bounds_hold(band, A, _band.residual_norms)
     # a second drop: the earlier dropped vectors, projected off the basis, are no longer
     # orthogonal (Gram entries of 0.2 here); with no pending row left the bound is the norm of
     # the dropped part alone, through their Gram matrix: the true residual
@@ -308,13 +315,7 @@ def test_rows_dropped_beyond_the_stored_slots_leave_no_chain_pending():
     band = _band.inject(kept, q, ok)
     for _ in range(4):
         band = _band.absorb(band, A @ _band.request(band, v0))
-    theta, Y, bound, valid = _band.ritz(band, _band.Order("LA"))
-    X = np.asarray(Y).T @ np.asarray(band.Q)
-    true = np.linalg.norm(X @ np.asarray(A) - np.asarray(theta)[:, None] * X, axis=1)
-    both = np.asarray(valid) & (true > 1e-10)
-    assert both.sum() >= 5
-    for b in (np.asarray(bound), np.asarray(_band.exact_residuals(band, Y))):
-        assert np.all(b[both] >= true[both] * (1 - 1e-10)) and np.all(b[both] <= 2 * true[both])
+    _assert_bounds_hold(band, A, _band.residual_norms, _band.exact_residuals)
 
 
 def test_ritz_flushes_couplings_below_rounding_before_eigh():
