@@ -52,7 +52,9 @@ class EigshResult(NamedTuple):
       eigenvectors: pytree shaped like ``v0`` with a leading axis ``k``; orthonormal.
       residual_norms: ``||A x_i - theta_i x_i||`` (shape ``(k,)``), from the Krylov
         relation without extra products: the true residuals to rounding
-        (convergence is judged on rigorous upper bounds of them).
+        (convergence is judged on rigorous upper bounds of them). With a lower-precision
+        ``basis_dtype`` the rounding is the basis's: the true residuals can exceed these by
+        up to about ``sqrt(eps) ||A||`` of that dtype, its attainable accuracy.
       num_matvecs: products used (int32 scalar).
       num_restarts: thick restarts performed (verification restarts included).
       converged: every residual is below its threshold (see [`eigsh`][curvlib.eigsh]) *and*
