@@ -225,8 +225,9 @@ def absorb(band: Band, w: PyTree) -> Band:
     anorm = xp.maximum(band.anorm, wnorm)
     band = band._replace(anorm=anorm)
     broke = ~(beta > breakdown_threshold(band)) | ~xp.isfinite(beta)
-    if _lossy(band):
-        broke = broke | ~(beta > _lossy(band) * wnorm)
+    lossy = _lossy(band)
+    if lossy:
+        broke = broke | ~(beta > lossy * wnorm)
     append = some & ~broke & (band.nbas < band.limit)
     q = _tree.scale(1.0 / xp.where(append, beta, 1.0), w)
     slot = xp.minimum(band.nbas, m - 1)
@@ -260,8 +261,9 @@ def fresh(band: Band, z: PyTree, want):
         nr = _tree.plain_norm(zp).astype(acc)
         eps = xp.finfo(acc).eps
         usable = (nr > 10 * eps * xp.sqrt(band.limit.astype(acc)) * nz) & xp.isfinite(nr)
-        if _lossy(band):
-            usable = usable & (nr > _lossy(band) * nz)
+        lossy = _lossy(band)
+        if lossy:
+            usable = usable & (nr > lossy * nz)
         return _tree.scale(1.0 / xp.where(usable, nr, 1.0), zp), usable
 
     return cond(want, orthogonalize, lambda z: (z, xp.asarray(False)), z)
