@@ -617,7 +617,8 @@ def _wrap(fn: Callable, static: tuple, operators: Mapping[str, str], *,
     The one call path of `entry` and `function`: bind the arguments (defaults
     filled in), run ``precheck`` eagerly, call ``fn`` directly when a traced
     argument or a pytree operator holds a tracer, else convert the operator
-    arguments with `as_operator` and call the jitted ``fn``. With ``strict``
+    arguments with `as_operator` and call the jitted ``fn`` (``fn`` directly when the
+    conversion shows a plain closure over a tracer). With ``strict``
     (`function`'s rules) a host-driven operator or an unhashable static option
     also calls ``fn`` directly (same result, no caching).
     """
@@ -637,8 +638,12 @@ def _wrap(fn: Callable, static: tuple, operators: Mapping[str, str], *,
             o is not None and is_pytree_operator(o) and is_traced(o) for o in ops
         ) or (strict and any(is_host_driven(o) for o in ops)):
             return fn(**a)
-        for op_name, ex_name in operators.items():
-            a[op_name] = as_operator(a[op_name], a[ex_name], op_name, ex_name)
+        converted = {n: as_operator(a[n], a[ex], n, ex) for n, ex in operators.items()}
+        if any(is_traced(o) for o in converted.values() if o is not None):
+            # a plain closure over the user's tracers (``v -> hvp(params, v)`` inside
+            # their ``jit``, ``vmap`` or ``grad``): they show only once it is traced
+            return fn(**a)
+        a.update(converted)
         if strict:
             try:
                 hash(tuple(a[n] for n in static))

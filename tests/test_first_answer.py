@@ -404,6 +404,38 @@ def test_compile_behind_off_compiles_in_front(behind):
     assert len(behind._entries) == before
 
 
+@pytest.mark.parametrize("name", sorted(CALLS))
+@pytest.mark.parametrize("transform", ["jit", "vmap"])
+def test_a_closure_over_the_users_tracer_runs_inside_their_transformation(behind, name,
+                                                                         transform):
+    """``v -> H(params) v`` built inside the user's ``jit``/``vmap`` with a concrete start
+    vector: the tracers hide in the closure, so the call is part of the user's program
+    (it raised there: the answer-now path took it for an eager call)."""
+    params, x, y, loss = _problem()
+    call, _ = CALLS[name]
+
+    def answer(p):
+        mv = lambda v: jax.jvp(jax.grad(loss), (p, x, y), (v, jnp.zeros_like(x),
+                                                         jnp.zeros_like(y)))[1]
+        return call(mv, params)
+
+    want = [answer(params), answer(jax.tree.map(lambda t: 2 * t, params))]
+    if transform == "jit":
+        got = [jax.jit(answer)(params), jax.jit(answer)(jax.tree.map(lambda t: 2 * t,
+                                                                      params))]
+    else:
+        both = jax.vmap(answer)(jax.tree.map(lambda t: jnp.stack([t, 2 * t]), params))
+        got = [jax.tree.map(lambda t: t[i], both) for i in range(2)]
+    for w, g in zip(want, got, strict=True):
+        assert jax.tree.structure(w) == jax.tree.structure(g)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(w), jax.tree.leaves(g),
+                                strict=True):
+            a, b = np.asarray(a, float), np.asarray(b, float)
+            if "eigenvectors" in jax.tree_util.keystr(path):  # each up to its sign
+                a, b = np.abs(a), np.abs(b)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_mixed_dtypes_go_straight_to_the_fused_program(behind):
     v0 = {"a": jnp.ones(20, jnp.float32), "b": jnp.ones(20, jnp.float64)}
     res = curvlib.eigsh(lambda v: jax.tree.map(lambda x: 2.0 * x, v), v0, 2, key=KEY)
