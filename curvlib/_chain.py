@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvlib import _tree
+from curvlib import _tree, _validate
 from curvlib._loss import RESERVED, bind_loss, kwargs_for, require_params, strip_aux
 from curvlib._status import Status, worst
 
@@ -117,7 +117,7 @@ def alias(
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         loss = bind_loss(name, value_fn, extra_args, has_aux=has_aux)
-        params = require_params(name, params)
+        params = require_params(name, params, updates)
         if linesearch is not None and (
             extra_args.get("value") is None or extra_args.get("grad") is None
         ):
@@ -189,8 +189,12 @@ def flag_stalled(states: tuple, stalled) -> tuple:
     return (states[0]._replace(info=info), *states[1:])
 
 
-def learning_rate_link(learning_rate) -> optax.GradientTransformation:
-    """``scale(-1)`` for ``None`` (the full step), else ``scale_by_learning_rate``."""
+def learning_rate_link(learning_rate, *, optional: bool = True) -> optax.GradientTransformation:
+    """``scale(-1)`` for ``None`` (the full step), else ``scale_by_learning_rate``.
+
+    A first-order alias (``optional=False``) has no full step: ``None`` is refused.
+    """
+    _validate.learning_rate(learning_rate, optional=optional)
     if learning_rate is None:
         return optax.scale(-1.0)
     return optax.scale_by_learning_rate(learning_rate)

@@ -38,9 +38,14 @@ def require_value_fn(name: str, value_fn) -> Callable:
     return value_fn
 
 
-def require_params(name: str, params) -> PyTree:
+def require_params(name: str, params, updates=None) -> PyTree:
+    """``params``, present and (given ``updates``) of the updates' structure and shapes."""
     if params is None:
         raise ValueError(f"`{name}.update` needs `params` (the current parameters).")
+    if updates is not None:
+        _validate.same_structure(params, updates, "params", "updates",
+                                 what=f"(`{name}.update(updates, state, params)`: the "
+                                 "gradients of the same parameters)")
     return params
 
 

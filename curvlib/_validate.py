@@ -14,6 +14,8 @@ check                          for
 =============================  =====================================================
 `static_int`             ints that fix a shape or a program (``k``, ``basis_size``)
 `number`                 real hyperparameters: ``>= 0``, ``> 0``, in a range
+`learning_rate`          a step size: a real scalar or a schedule (``None``: the caller's)
+`ordered`                two bounds in order (``min_damping <= max_damping``)
 `one_of`                 an option among fixed choices (``which``, ``mode``)
 `prng_key`               one PRNG key; required unless optional (never a default)
 `float_leaves`           a non-empty pytree of real floating arrays (``params``)
@@ -181,6 +183,39 @@ def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
     if low or (maximum is not None and not np.all(v <= maximum)):
         raise ValueError(f"`{name}` must be {(kind + ' ') if integer else ''}{rng}; got {x!r}.")
     return x
+
+
+def learning_rate(x, name: str = "learning_rate", *, optional: bool = True):
+    """A step size: one real finite scalar, or a schedule (a callable of the step count).
+
+    ``None`` (with ``optional``) is the caller's own meaning (the full step of a
+    second-order alias); a traced scalar (``optax.inject_hyperparams``) passes. A
+    string, a bool or an array with more than one entry is refused: a ``(1,)`` array
+    would silently reshape every scalar of the optimizer's state.
+    """
+    what = "a real finite scalar or a schedule (a callable of the step count)"
+    if x is None:
+        if optional:
+            return x
+        raise ValueError(f"`{name}` must be {what}; got None.")
+    if callable(x):
+        return x
+    if isinstance(x, (str, bytes, bool)):
+        raise ValueError(f"`{name}` must be {what}; got {x!r}.")
+    if np.ndim(x) != 0:
+        raise ValueError(f"`{name}` must be {what}; got {describe_shape(x)} {x!r}.")
+    if isinstance(x, jax.core.Tracer):
+        return x
+    return number(x, name)
+
+
+def ordered(lo, hi, name_lo: str, name_hi: str) -> None:
+    """``lo <= hi`` for two concrete bounds (``min_damping``, ``max_damping``); traced or
+    ``None`` bounds pass."""
+    if lo is None or hi is None or any(isinstance(x, jax.core.Tracer) for x in (lo, hi)):
+        return
+    if not np.all(np.asarray(lo, np.float64) <= np.asarray(hi, np.float64)):
+        raise ValueError(f"`{name_lo}` must be <= `{name_hi}`; got {lo!r} > {hi!r}.")
 
 
 def one_of(x, name: str, choices):

@@ -405,12 +405,13 @@ def test_compile_behind_off_compiles_in_front(behind):
 
 
 @pytest.mark.parametrize("name", sorted(CALLS))
-@pytest.mark.parametrize("transform", ["jit", "vmap"])
+@pytest.mark.parametrize("transform", ["jit", "vmap", "jit_of_constants"])
 def test_a_closure_over_the_users_tracer_runs_inside_their_transformation(behind, name,
                                                                          transform):
     """``v -> H(params) v`` built inside the user's ``jit``/``vmap`` with a concrete start
-    vector: the tracers hide in the closure, so the call is part of the user's program
-    (it raised there: the answer-now path took it for an eager call)."""
+    vector, or a ``jit`` of a function of no arguments (every array a constant it closes
+    over): the call is part of the user's program (both raised: the answer-now path
+    took them for eager calls)."""
     params, x, y, loss = _problem()
     call, _ = CALLS[name]
 
@@ -419,10 +420,12 @@ def test_a_closure_over_the_users_tracer_runs_inside_their_transformation(behind
                                                          jnp.zeros_like(y)))[1]
         return call(mv, params)
 
-    want = [answer(params), answer(jax.tree.map(lambda t: 2 * t, params))]
+    double = jax.tree.map(lambda t: 2 * t, params)
+    want = [answer(params), answer(double)]
     if transform == "jit":
-        got = [jax.jit(answer)(params), jax.jit(answer)(jax.tree.map(lambda t: 2 * t,
-                                                                      params))]
+        got = [jax.jit(answer)(params), jax.jit(answer)(double)]
+    elif transform == "jit_of_constants":
+        got = [jax.jit(lambda: answer(params))(), jax.jit(lambda: answer(double))()]
     else:
         both = jax.vmap(answer)(jax.tree.map(lambda t: jnp.stack([t, 2 * t]), params))
         got = [jax.tree.map(lambda t: t[i], both) for i in range(2)]
@@ -434,6 +437,27 @@ def test_a_closure_over_the_users_tracer_runs_inside_their_transformation(behind
             if "eigenvectors" in jax.tree_util.keystr(path):  # each up to its sign
                 a, b = np.abs(a), np.abs(b)
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_landscape_calls_of_constants_inside_a_users_jit_are_part_of_it(behind):
+    """``jax.jit(lambda U: increment_coefficients(loss, params, data, k, U))``: ``params``
+    and ``data`` are constants of the user's program; the eager route (concrete checks,
+    answer-now programs) raised there."""
+    params, x, y, loss = _problem()
+    data = (x, y)
+    L = curvlib.landscape
+
+    def batch_loss(p, batch):
+        return loss(p, *batch)
+
+    sub = L.curvature_subspace(batch_loss, params, data, 6, 2, key=KEY)
+    coef = L.increment_coefficients(batch_loss, params, data, 6, sub.eigenvectors)
+    jit_sub = jax.jit(lambda: L.curvature_subspace(batch_loss, params, data, 6, 2, key=KEY))()
+    jit_coef = jax.jit(lambda U: L.increment_coefficients(batch_loss, params, data, 6, U))(
+        sub.eigenvectors)
+    np.testing.assert_allclose(jit_sub.eigenvalues, sub.eigenvalues, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(coef), jax.tree.leaves(jit_coef), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_mixed_dtypes_go_straight_to_the_fused_program(behind):

@@ -135,6 +135,20 @@ def test_inject_hyperparams():
     assert _all_finite(s1)
 
 
+def test_inject_hyperparams_on_kfac_itself():
+    """``optax.inject_hyperparams(kfac, static_args=("model_fn", "num_samples"))``: optax
+    takes every callable for a schedule and injects every number, so the model and the
+    sample count (a shape) are named static, as kfac's docstring says."""
+    batch = _data(jnp.float64)
+    opt = optax.inject_hyperparams(kronecker.kfac, static_args=("model_fn", "num_samples"))(
+        learning_rate=0.5, model_fn=model, example_inputs={"batch": batch}, damping=0.1,
+        key=jax.random.PRNGKey(0))
+    params = _params(jnp.float64)
+    p1, s1, _ = jax.jit(_step_fn(opt))(params, opt.init(params), batch)
+    assert float(loss(p1, batch)) < float(loss(params, batch))
+    assert _all_finite(s1)
+
+
 def test_apply_if_finite_with_nan_loss():
     x, y = _data(jnp.float64)
     opt = optax.apply_if_finite(make(), max_consecutive_errors=5)

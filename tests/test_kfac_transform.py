@@ -187,14 +187,25 @@ def test_invalid_settings_and_calls_raise_named_errors():
         scale_by_kfac(model, example_inputs=ex, damping=0.0)
     with pytest.raises(ValueError, match="`likelihood` must be one of"):
         scale_by_kfac(model, example_inputs=ex, likelihood="poisson")
+    with pytest.raises(ValueError, match="`learning_rate` must be a real finite scalar"):
+        scale_by_kfac(model, example_inputs=ex, learning_rate=jnp.asarray([0.1]))
+    with pytest.raises(ValueError, match="`damping` must be finite"):
+        scale_by_kfac(model, example_inputs=ex, damping=float("inf"))
+    with pytest.raises(ValueError, match="`min_damping` must be <= `max_damping`"):
+        scale_by_kfac(model, example_inputs=ex, min_damping=1.0, max_damping=0.1)
     tx = scale_by_kfac(model, example_inputs=ex)
     state = tx.init(params)
     g = jax.grad(loss)(params, x, y)
     with pytest.raises(TypeError, match="needs the loss"):
         tx.update(g, state, params, x=x)
-    with pytest.raises(ValueError, match="factor shapes"):
-        tx.update(g, state, {**params, "w1": jnp.zeros((4, 6)), "b1": jnp.zeros(6),
-                             "w2": jnp.zeros((6, 3))}, value_fn=loss, x=x, y=y)
+    per_sample = lambda p, x, y: loss(p, x, y) * jnp.ones(len(x))  # one loss per example
+    with pytest.raises(ValueError, match="`value_fn` must return a scalar loss"):
+        tx.update(g, state, params, value_fn=per_sample, x=x, y=y)
+    wider = {**params, "w1": jnp.zeros((4, 6)), "b1": jnp.zeros(6), "w2": jnp.zeros((6, 3))}
+    with pytest.raises(ValueError, match="factor shapes"):  # params unlike the state's
+        tx.update(jax.tree.map(jnp.zeros_like, wider), state, wider, value_fn=loss, x=x, y=y)
+    with pytest.raises(ValueError, match=r"`updates` must match `params`.*updates\['b1'\]"):
+        tx.update(g, state, wider, value_fn=loss, x=x, y=y)
     with pytest.raises(ValueError, match="scale_by_kfac: .*share the leading example axis"):
         scale_by_kfac(lambda p, x, z: model(p, x), example_inputs={"x": x, "z": x[:3]}).init(
             params)

@@ -446,6 +446,35 @@ def test_newton_cg_rejects_a_step_that_increases_the_loss():
     assert float(jnp.max(jnp.abs(p))) < 1e-6
 
 
+def test_newton_cg_flags_a_step_below_the_precision_of_the_parameters_as_a_stall():
+    """The Newton step ``3e-4`` is below half an ulp of ``1e4`` in float32: the parameters
+    cannot move and the loss stays equal. That is a stall (``STALLED``, zeros output), not
+    an accepted step with ``SUCCESS``; at a stationary point (gradient zero) an equal loss
+    is no stall."""
+    f = lambda x: jnp.sum(0.5e6 * (x - 1e4) ** 2 - 300.0 * (x - 1e4))
+    x = jnp.array([1e4], jnp.float32)
+    tx = optim.scale_by_newton_cg(damping=0.0)
+    u, s = jax.jit(lambda x, s: tx.update(jax.grad(f)(x), s, x, value_fn=f))(x, tx.init(x))
+    assert float(jnp.abs(jax.grad(f)(x))[0]) == 300.0
+    assert not bool(s.info.accepted) and int(s.info.status) == curvlib.Status.STALLED
+    assert bool(jnp.all(u == 0)) and bool(s.info.finite)
+    g = lambda x: jnp.sum((x - 1.0) ** 2)
+    x = jnp.array([1.0, 1.0], jnp.float32)
+    u, s = tx.update(jax.grad(g)(x), tx.init(x), x, value_fn=g)
+    assert bool(s.info.accepted) and int(s.info.status) == curvlib.Status.SUCCESS
+
+
+def test_damping_settings_must_be_finite_and_ordered():
+    for make in (optim.newton_cg, optim.newton):
+        with pytest.raises(ValueError, match="`damping` must be finite"):
+            make(damping=float("inf"))
+    with pytest.raises(ValueError, match="`min_damping` must be finite"):
+        optim.newton_cg(min_damping=float("inf"))
+    with pytest.raises(ValueError, match="`min_damping` must be <= `max_damping`; got 10"):
+        optim.newton_cg(min_damping=10.0, max_damping=0.5)
+    optim.newton_cg(max_damping=float("inf"))  # no cap: allowed
+
+
 def test_public_surface():
     for name in optim.__all__:
         assert getattr(curvlib, name) is getattr(optim, name) or name not in curvlib.__all__

@@ -162,6 +162,43 @@ def test_inject_hyperparams(name):
     assert _all_finite(s1)
 
 
+ALIASES = {"newton_cg": optim.newton_cg, "newton": optim.newton, "bfgs": optim.bfgs,
+           "svrg": lambda learning_rate: optim.svrg(learning_rate, snapshot_every=4)}
+
+
+@pytest.mark.parametrize("name", list(ALIASES))
+def test_inject_hyperparams_on_the_alias_itself(name):
+    """``optax.inject_hyperparams(curvlib.newton)(learning_rate=...)``, as one writes it for
+    ``optax.adam``: every numeric default is injected too (``max_params`` of ``newton`` and
+    ``bfgs`` was refused as "not a static int")."""
+    batch = _data(jnp.float64)
+    opt = optax.inject_hyperparams(ALIASES[name])(learning_rate=0.5)
+    params = _params(jnp.float64)
+    state = opt.init(params)
+    step = jax.jit(_make_step(name, opt))
+    p1, s1, _ = step(params, state, batch, batch)
+    assert float(loss(p1, batch)) < float(loss(params, batch))
+    assert _all_finite(s1)
+
+
+@pytest.mark.parametrize("name", list(ALIASES))
+def test_bad_learning_rates_and_mismatched_updates_are_named(name):
+    make = ALIASES[name]
+    for bad in ("0.1", True, jnp.asarray([0.1]), float("nan")):
+        with pytest.raises(ValueError, match="`learning_rate` must be"):
+            make(bad)
+    if name == "svrg":  # first order: no full step to take for ``None``
+        with pytest.raises(ValueError, match="`learning_rate` must be .*; got None"):
+            make(None)
+    opt = make(0.5)
+    batch = _data(jnp.float64)
+    params = _params(jnp.float64)
+    grads = {"w": params["w"]}  # the gradient of another model
+    with pytest.raises(ValueError, match=r"`updates` must match `params`.*only in params: \['b'\]"):
+        opt.update(grads, opt.init(params), params, value_fn=loss,
+                   **_extra(name, batch, batch))
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_apply_if_finite_with_nan_loss(name):
     x, y = _data(jnp.float64)

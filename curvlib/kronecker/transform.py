@@ -722,9 +722,12 @@ def scale_by_kfac(
     for name, value in (("damping_every", damping_every), ("statistics_every", statistics_every),
                         ("inverse_every", inverse_every)):
         _validate.number(value, name, minimum=1, integer=True)  # None refused
+    _validate.learning_rate(learning_rate)
     for name, value in (("damping", damping), ("min_damping", min_damping),
                         ("max_damping", max_damping)):
-        _validate.number(value, name, minimum=0, exclusive=True, finite=False, optional=True)
+        _validate.number(value, name, minimum=0, exclusive=True, finite=name != "max_damping",
+                         optional=True)
+    _validate.ordered(min_damping, max_damping, "min_damping", "max_damping")
     _validate.number(ema_decay, "ema_decay", minimum=0.0, maximum=1.0, finite=False)
     if not isinstance(ema_decay, jax.core.Tracer) and float(np.asarray(ema_decay)) >= 1:
         raise ValueError(f"`ema_decay` must lie in [0, 1); got {ema_decay}.")
@@ -774,9 +777,11 @@ def _kfac_update(c: _Settings, updates, state: ScaleByKfacState, params, value_f
     (`adapt_damping`, every ``damping_every``), the finiteness guard (`guard`), then
     the new state, placed as the parameters are (`_place`).
     """
-    params = _loss.require_params("scale_by_kfac", params)
+    params = _loss.require_params("scale_by_kfac", params, updates)
     if c.adaptive_damping:
         value_fn = _loss.require_value_fn("scale_by_kfac", value_fn)
+    if value_fn is not None:  # a per-sample loss refused as by every other transform
+        value_fn = _loss.strip_aux(value_fn, False)
     layers, kw = _layers_for(c.model_fn, params, extra_args)
     _check_state(layers, state)
     if statistics is not None:
@@ -1162,7 +1167,9 @@ def kfac(
     ``learning_rate=None`` (the default) takes the step length and momentum from
     the quadratic model (Martens & Grosse 2015, section 7); a scalar or
     schedule fixes the step length. Works under
-    ``optax.inject_hyperparams(kfac)(learning_rate=...)``. The arguments are those of
+    ``optax.inject_hyperparams(kfac, static_args=("model_fn", "num_samples"))(learning_rate=...,
+    model_fn=...)`` (optax takes every callable for a schedule and injects every number;
+    the model and the sample count, a shape, are static). The arguments are those of
     [`scale_by_kfac`][curvlib.scale_by_kfac], which has the details.
 
     Args:

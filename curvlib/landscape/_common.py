@@ -44,7 +44,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from curvlib import _tree, _validate, _xp
-from curvlib._compile import compile_behind, quick_jit, stable_linearized
+from curvlib._compile import compile_behind, quick_jit, stable_linearized, tracing
 from curvlib._xp import xp
 
 PyTree = Any
@@ -262,10 +262,10 @@ def host_weights(data: PyTree, k, kind: str, params: PyTree) -> np.ndarray:
 
 
 def eager(*args) -> bool:
-    """An eager call (no traced argument) with [`curvlib.compile_behind`][curvlib.compile_behind]
-    on: the landscape answers through the eager programs (`linearized`)."""
-    return compile_behind() and not any(isinstance(x, jax.core.Tracer)
-                                        for x in jax.tree.leaves(args))
+    """An eager call (nothing traced: `tracing`) with
+    [`curvlib.compile_behind`][curvlib.compile_behind] on: the landscape answers through
+    the eager programs (`linearized`)."""
+    return compile_behind() and not tracing(args)
 
 
 def sample_at(data: PyTree, k) -> PyTree:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _deprecation, _space, _tree, _validate, _xp
-from curvlib._compile import BEHIND
+from curvlib._compile import BEHIND, tracing
 from curvlib._xp import xp
 from curvlib.landscape import _common
 
@@ -164,7 +164,7 @@ def check_mean_loss(
 
 def mean_check(loss_fn, params, data, k, mb, rtol=None) -> None:
     """`check_mean_loss` on checked arguments: no argument checks."""
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, data, k))):
+    if tracing(params, data, k):
         return  # inside a user's jit: nothing concrete to compare
     dev, Lk, l1, scale = (float(x) for x in _mean_check(loss_fn, params, data, k, mb))
     L1 = (k * Lk + l1) / (k + 1)

@@ -275,6 +275,7 @@ def curvature_setup(
     hvp_mode: str | None,
     microbatch_size: int | None,
     has_aux: bool = False,
+    updates: PyTree = None,
 ) -> CurvatureSetup:
     """The common opening of a Hessian/GGN step (``scale_by_newton_cg``, ``scale_by_newton``).
 
@@ -286,7 +287,7 @@ def curvature_setup(
     the product comes from `curvature_matvec`.
     """
     loss = bind_loss(name, value_fn, extra_args, has_aux=has_aux)
-    params = require_params(name, params)
+    params = require_params(name, params, updates)
     dt = float_dtype(params)
     if ggn is None and microbatch_size is None and hvp_mode in (None, "linearize"):
         # the linearisation evaluates the loss and gradient anyway: value=/grad= add nothing

@@ -235,12 +235,14 @@ def scale_by_newton(
       >>> [round(float(x), 5) for x in p - u]  # the exact minimiser A^-1 1
       [0.2, 0.4]
     """
-    _validate.number(damping, "damping", minimum=0, finite=False, optional=True)
-    _validate.number(min_eigenvalue, "min_eigenvalue", minimum=0, finite=False, optional=True)
+    _validate.number(damping, "damping", minimum=0, optional=True)
+    _validate.number(min_eigenvalue, "min_eigenvalue", minimum=0, optional=True)
     _validate.number(eigenvalue_rtol, "eigenvalue_rtol", minimum=0, finite=False, optional=True)
     if modification not in MODIFICATIONS:
         raise ValueError(f"`modification` must be one of {MODIFICATIONS}; got {modification!r}.")
-    _validate.static_int(max_params, "max_params", minimum=1)
+    # a guard read at ``init`` only: an integer value, concrete there (under
+    # ``optax.inject_hyperparams`` an array, traced when ``update`` rebuilds it)
+    _validate.number(max_params, "max_params", minimum=1, integer=True)
     _validate.functions(ggn, "ggn", 2, what=_common.GGN, optional=True)
     _validate.one_of(mode, "mode", _common.HVP_MODES)
     name = "scale_by_newton"
@@ -268,6 +270,7 @@ def scale_by_newton(
         setup = _common.curvature_setup(
             name, value_fn, params, extra_args,
             ggn=ggn, hvp_mode=mode, microbatch_size=None, has_aux=has_aux,
+            updates=updates,
         )
         C = dense_curvature(setup.matvec, params)
         g, unravel = ravel_pytree(updates)

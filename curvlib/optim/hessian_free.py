@@ -148,7 +148,10 @@ class NewtonCGInfo(NamedTuple):
       damping: the ``lambda`` used in this step.
       rho: reduction ratio ``(f(theta - p) - f(theta)) / q(-p)``.
       negative_curvature: CG met a direction of non-positive curvature.
-      accepted: the step decreased the loss and was output (else zeros).
+      accepted: the step decreased the loss and was output (else zeros); a step that
+        leaves the loss unchanged is accepted only where the quadratic model predicts
+        no decrease either (a stationary point), else it is a stall (below the precision
+        of the parameters or of the loss).
       skipped: the loss, the gradient or a curvature product was non-finite;
         the step output zeros and the state was left as it was.
       loss: the loss at the incoming ``params``.
@@ -158,10 +161,12 @@ class NewtonCGInfo(NamedTuple):
         ``p^T C p``, and one for the gradient fallback when CG's iterate was not a
         descent direction.
       status: the [`curvlib.Status`][curvlib.Status] code, most serious first: ``NONFINITE``
-        (skipped), ``NEGATIVE_CURVATURE`` (CG met it; informational: the step
-        handles it), ``STALLED`` (the step was rejected: zeros were output; inside
+        (skipped), ``STALLED`` (the step was rejected: zeros were output; inside
         an alias with a line search, also a line search that failed to decrease
-        the loss), ``MAX_STEPS`` (CG not ``converged``), else ``SUCCESS``.
+        the loss), ``NEGATIVE_CURVATURE`` (an accepted step on which CG met it;
+        informational: the step handles it), ``MAX_STEPS`` (CG not ``converged``),
+        else ``SUCCESS``. A rejected step reads ``STALLED`` also when CG met
+        negative curvature (``negative_curvature`` still says so).
     """
 
     num_steps: jax.Array
@@ -399,10 +404,11 @@ def scale_by_newton_cg(
       Martens, *Deep learning via Hessian-free optimization*, ICML 2010.
     """
     hvp_mode = mode
-    _validate.number(damping, "damping", minimum=0, finite=False, optional=True)
-    _validate.number(min_damping, "min_damping", minimum=0, finite=False, optional=True)
+    _validate.number(damping, "damping", minimum=0, optional=True)
+    _validate.number(min_damping, "min_damping", minimum=0, optional=True)
     _validate.number(max_damping, "max_damping", minimum=0, exclusive=True, finite=False,
                      optional=True)
+    _validate.ordered(min_damping, max_damping, "min_damping", "max_damping")
     cg = resolve(CG, cg, "cg")
     _validate.number(damping_increase, "damping_increase", minimum=1, finite=False)
     _validate.number(damping_decrease, "damping_decrease", minimum=0, maximum=1, exclusive=True,
@@ -422,7 +428,7 @@ def scale_by_newton_cg(
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         setup = _common.curvature_setup(
             name, value_fn, params, extra_args, ggn=ggn, hvp_mode=hvp_mode,
-            microbatch_size=microbatch_size, has_aux=has_aux,
+            microbatch_size=microbatch_size, has_aux=has_aux, updates=updates,
         )
         dt = setup.dtype
         lam = current_damping(state, damping)
@@ -437,7 +443,11 @@ def scale_by_newton_cg(
             _tree.all_finite(setup.value, setup.grad, updates, p)
             & res.finite & jnp.isfinite(pcp)
         )
-        accepted = finite & jnp.isfinite(trial) & (trial - setup.value <= 0)
+        # a step must lower the loss; one that leaves it equal is accepted only where the
+        # model predicts no decrease either (a stationary point): below the precision of
+        # the parameters or the loss, an equal loss is a stall, not progress
+        accepted = finite & jnp.isfinite(trial) & (
+            (trial < setup.value) | ((trial == setup.value) & ~(predicted < 0)))
         lam_next = new_damping(
             lam, rho, accepted, pcp, p, increase=damping_increase, decrease=damping_decrease,
             min_damping=min_damping, max_damping=max_damping,
@@ -491,7 +501,8 @@ def _step_info(res, lam, rho, accepted, finite, value, fallback, dt) -> NewtonCG
         finite=finite,
         num_matvecs=(res.num_matvecs + 1 + fallback).astype(jnp.int32),
         status=from_flags(finite=finite, converged=res.converged,
-                          negative_curvature=res.negative_curvature, stalled=~accepted),
+                          negative_curvature=res.negative_curvature & accepted,
+                          stalled=~accepted),
     )
 
 

@@ -213,7 +213,9 @@ def scale_by_bfgs(
       True
     """
     _validate.number(curvature_rtol, "curvature_rtol", minimum=0, finite=False, optional=True)
-    _validate.static_int(max_params, "max_params", minimum=1)
+    # a guard read at ``init`` only: an integer value, concrete there (under
+    # ``optax.inject_hyperparams`` an array, traced when ``update`` rebuilds it)
+    _validate.number(max_params, "max_params", minimum=1, integer=True)
     name = "scale_by_bfgs"
 
     def init_fn(params):
@@ -241,7 +243,7 @@ def scale_by_bfgs(
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         loss = _common.bind_loss(name, value_fn, extra_args, has_aux=has_aux)
-        params = _common.require_params(name, params)
+        params = _common.require_params(name, params, updates)
         dt = _common.float_dtype(params)
         value = _common.loss_value(loss, params, extra_args, dt)
         g, unravel = ravel_pytree(updates)

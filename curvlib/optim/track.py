@@ -550,7 +550,7 @@ def track_curvature(
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         loss = _common.bind_loss(name, value_fn, extra_args, has_aux=has_aux)
-        params = _common.require_params(name, params)
+        params = _common.require_params(name, params, updates)
         due = (state.count % jnp.asarray(every, jnp.int32)) == 0
         vecs, info = jax.lax.cond(
             due,

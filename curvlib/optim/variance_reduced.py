@@ -206,7 +206,7 @@ def scale_by_svrg(
     def update_fn(updates, state, params=None, *, value_fn=None, full_value_fn=None,
                   full_grad_fn=None, **extra_args):
         loss = _common.bind_loss(name, value_fn, extra_args, has_aux=has_aux)
-        params = _common.require_params(name, params)
+        params = _common.require_params(name, params, updates)
         if (full_value_fn is None) == (full_grad_fn is None):
             raise TypeError(
                 "`scale_by_svrg.update` needs exactly one of `full_value_fn=` (the full-data "
@@ -293,6 +293,6 @@ def svrg(
     return _common.alias(
         "svrg",
         [scale_by_svrg(snapshot_every, has_aux=has_aux),
-         optax.scale_by_learning_rate(learning_rate)],
+         _common.learning_rate_link(learning_rate, optional=False)],
         has_aux=has_aux,
     )
