@@ -444,6 +444,24 @@ def test_nonsymmetric_matvec_is_detected():
         curvlib.check_symmetric(lambda v: {"a": S @ v["a"]}, v, key, num_pairs=0)
 
 
+@pytest.mark.parametrize("dtype, scales", [(jnp.float32, (1e-20, 1.0, 1e18, 1e25)),
+                                           (jnp.float64, (1e-150, 1.0, 1e155, 1e200))])
+def test_the_symmetry_verdict_does_not_depend_on_the_operators_scale(dtype, scales):
+    """An upper-triangular operator times ``s``: the same relative asymmetry at every
+    ``s`` (its products' squared norms overflowed from 1e18 in float32 and 1e155 in
+    float64, and the check called it symmetric, ``relative = 0``)."""
+    key = jax.random.PRNGKey(0)
+    U = jnp.triu(jnp.ones((30, 30), dtype))
+    v = jnp.zeros(30, dtype)
+    rel = []
+    for s in scales:
+        r = curvlib.check_symmetric(lambda x, s=s: (s * U) @ x, v, key)
+        assert bool(r.finite) and not bool(r.symmetric)
+        rel.append(float(r.relative))
+    np.testing.assert_allclose(rel, rel[1], rtol=1e-4)
+    assert rel[1] > 1e-3
+
+
 def test_hessian_and_ggn_products_pass_the_symmetry_check():
     params, x, y = _problem()
     key = jax.random.PRNGKey(1)

@@ -581,6 +581,25 @@ def test_hutchinson_trace_exact_on_low_rank():
         assert abs(float(est.estimate) - 8.0) <= tol * 8.0
 
 
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_hutchinson_trace_on_a_sketch_of_rank_below_its_rows_is_exact_not_nan(dtype):
+    """Rank 1 and 2 with 30 and 60 probes (a sketch of 10 or 20 rows): every key gives the
+    trace to rounding, finite (Cholesky-QR of the rank-deficient sketch gave NaN with
+    ``finite=False`` for most keys)."""
+    rng = np.random.default_rng(3)
+    n = 100
+    Q = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    keys = jax.random.split(jax.random.PRNGKey(0), 40)
+    for values, probes in (([5.0, 3.0], 30), ([4.0], 60)):
+        A = jnp.asarray((Q[:, :len(values)] * np.asarray(values)) @ Q[:, :len(values)].T,
+                        dtype)
+        like = jnp.zeros(n, dtype)
+        r = jax.vmap(lambda key: hutchinson_trace(lambda v: A @ v, like, key, probes))(keys)
+        assert bool(jnp.all(r.finite))
+        np.testing.assert_allclose(np.asarray(r.estimate), sum(values),
+                                   rtol=1e-12 if dtype == jnp.float64 else 1e-5)
+
+
 def test_hutchinson_diag(decaying_100):
     A = decaying_100
     like = _like(100)
@@ -593,6 +612,27 @@ def test_hutchinson_diag(decaying_100):
     d = jnp.arange(1.0, 101.0)
     exact = hutchinson_diag(lambda v: d * v, jnp.zeros(100), jax.random.PRNGKey(3), 3)
     assert np.allclose(np.asarray(exact.estimate), np.asarray(d), rtol=1e-14)
+
+
+def test_spectral_density_defaults_scale_with_the_operator():
+    """The default ``sigma`` is ``range / 100`` at every scale: ``s A`` gives the density of
+    ``A`` stretched by ``s`` (an absolute floor merged the two atoms of an operator of norm
+    ``4e-10`` into one bump in float32); the zero operator still gets a positive width."""
+    d = jnp.asarray(np.r_[np.zeros(10), np.full(10, 4.0)], jnp.float32)
+    key = jax.random.PRNGKey(0)
+    ref = spectral_density(lambda v: d * v, jnp.zeros(20, jnp.float32), key, num_matvecs=6,
+                           num_probes=2)
+    for s in (1e-6, 1e-11):
+        out = spectral_density(lambda v, s=s: (s * d) * v, jnp.zeros(20, jnp.float32), key,
+                               num_matvecs=6, num_probes=2)
+        np.testing.assert_allclose(float(out.sigma), s * float(ref.sigma), rtol=1e-3)
+        np.testing.assert_allclose(np.asarray(out.grid), s * np.asarray(ref.grid), rtol=1e-3,
+                                   atol=1e-3 * s)
+        np.testing.assert_allclose(s * np.asarray(out.density), np.asarray(ref.density),
+                                   rtol=1e-3, atol=1e-3 * float(jnp.max(ref.density)))
+    zero = spectral_density(lambda v: 0 * v, jnp.zeros(20, jnp.float32), key, num_matvecs=6,
+                            num_probes=2)
+    assert float(zero.sigma) > 0 and bool(jnp.all(jnp.isfinite(zero.density)))
 
 
 def test_spectral_density_integrates_to_one_and_matches_histogram():

@@ -310,6 +310,46 @@ def test_power_iteration_converged_is_judged_on_the_true_residual():
     assert np.all(np.isnan(np.asarray(short.eigenvectors[1])))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_power_iteration_beyond_the_rank_keeps_the_pairs_it_found(dtype):
+    """``k = 3`` on a rank-2 operator: the third pair's product lies (nearly) inside the
+    span of the first two. It stays orthogonal to them, with an eigenvalue of about 0
+    (iterating on that noise turned it into the span, and the final Rayleigh-Ritz step
+    returned 4 and 3 for 3 and 2, vectors of norm 1.41); where the product is rounding
+    noise alone (the diagonal operator) it stops at once, ``BREAKDOWN`` unless exact."""
+    rng = np.random.default_rng(0)
+    Q = np.linalg.qr(rng.standard_normal((40, 40)))[0]
+    A = jnp.asarray((Q[:, :2] * np.array([3.0, 2.0])) @ Q[:, :2].T, dtype)
+    D = jnp.asarray([3.0, 2.0, 0.0, 0.0, 0.0], dtype)
+    for mv, n in ((lambda v: A @ v, 40), (lambda v: D * v, 5)):
+        res = power_iteration(mv, jnp.ones(n, dtype), 3, num_iters=300, rtol=1e-4)
+        X = np.asarray(res.eigenvectors, np.float64)
+        np.testing.assert_allclose(X @ X.T, np.eye(3), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(res.eigenvalues), [3.0, 2.0, 0.0], atol=1e-5)
+        assert bool(res.converged[0]) and bool(res.converged[1])
+        assert (int(res.status) == curvlib.Status.SUCCESS) == bool(np.all(res.converged))
+    assert int(res.num_matvecs) < 100  # (the diagonal) the third pair stops at once
+    assert int(res.status) in (curvlib.Status.SUCCESS, curvlib.Status.BREAKDOWN)
+
+
+def test_power_iteration_converges_on_a_repeated_eigenvalue_within_its_budget():
+    """Eigenvalue 10 three times over a decaying rest, ``k = 3``: the Rayleigh-Ritz step
+    mixes the three pairs, whose residuals then combine; each pair stops at
+    ``rtol / sqrt(k)`` so the mixed ones still meet ``rtol`` (the third read 1.3e-3
+    against 1e-3, ``MAX_STEPS`` with 140 of 9000 products spent)."""
+    rng = np.random.default_rng(0)
+    n = 60
+    Q = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    ev = np.r_[10.0, 10.0, 10.0, np.linspace(6.0, 0.1, n - 3)]
+    A = jnp.asarray((Q * ev) @ Q.T)
+    res = power_iteration(lambda v: A @ v, jnp.ones(n), 3, num_iters=3000, rtol=1e-3)
+    X = np.asarray(res.eigenvectors)
+    true = np.linalg.norm(X @ np.asarray(A) - np.asarray(res.eigenvalues)[:, None] * X, axis=1)
+    assert bool(np.all(res.converged)) and int(res.status) == curvlib.Status.SUCCESS
+    assert np.all(true <= 1e-3 * np.abs(np.asarray(res.eigenvalues)))
+    np.testing.assert_allclose(np.asarray(res.eigenvalues), 10.0, rtol=1e-5)
+
+
 def test_power_iteration_traces_and_compiles_the_product_once():
     """A Python loop over pairs traced the matvec 2k+1 times; now once, for any k."""
     A = jnp.asarray(_sym(np.linspace(1.0, 3.0, 12), seed=8))

@@ -62,7 +62,10 @@ def _quadrature(cfg, matvec, v):
 
 def _density(nodes, weights, finite, sigma, grid, num_points):
     lo, hi = xp.min(nodes), xp.max(nodes)
-    width = xp.maximum(hi - lo, xp.finfo(nodes.dtype).eps * (1 + xp.abs(hi)))
+    # relative to the nodes' own scale (an absolute floor merged two atoms of an operator
+    # of norm 1e-10); 1 only for the zero operator, whose nodes are all 0
+    width = xp.maximum(hi - lo, xp.finfo(nodes.dtype).eps * xp.maximum(xp.abs(lo), xp.abs(hi)))
+    width = xp.where(width > 0, width, xp.ones((), nodes.dtype))
     s = width / 100.0 if sigma is None else xp.asarray(sigma, nodes.dtype)
     if grid is None:
         grid = xp.linspace(lo - 5 * s, hi + 5 * s, num_points)

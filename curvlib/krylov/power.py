@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -41,9 +42,11 @@ class PowerIterationResult(NamedTuple):
         the product budget ran out before it started, or when its start was
         degenerate and no ``key`` was given.)
       status: the [`curvlib.Status`][curvlib.Status] code summarising all pairs: ``NONFINITE``
-        (not ``finite``), ``MAX_STEPS`` (some pair not ``converged``: the budget
-        ran out, or a pair was never computed), else ``SUCCESS`` (every pair
-        converged).
+        (not ``finite``), ``BREAKDOWN`` (some pair not ``converged`` whose deflated
+        product vanished to rounding: ``A``'s rank, numerically, is below ``k``; that
+        pair's eigenvalue is about 0 and its vector orthogonal to the others),
+        ``MAX_STEPS`` (some pair not ``converged``: the budget ran out, or a pair was
+        never computed), else ``SUCCESS`` (every pair converged).
     """
 
     eigenvalues: jax.Array
@@ -67,6 +70,7 @@ class _PowerState(NamedTuple):
     total: jax.Array
     started: jax.Array  # pair i has a usable start
     finite: jax.Array
+    broke: jax.Array  # a pair stopped because its deflated product vanished to rounding
 
 
 def _project_out(X, v, acc):
@@ -238,7 +242,7 @@ def power_iteration(
     [`curvlib.eigsh`][curvlib.eigsh] is faster and targets the algebraically largest values.
 
     A pair stops iterating when the residual of the *deflated* operator,
-    ``||P A x - theta x||``, is at most ``rtol |theta|`` (iterating further
+    ``||P A x - theta x||``, is at most ``rtol |theta| / sqrt(k)`` (iterating further
     cannot lower the true residual: its component along the pairs already found
     is fixed by their own residuals), or at its product cap. ``converged``
     judges the *true* residual ``||A x - theta x|| <= rtol |theta|`` of the
@@ -247,8 +251,10 @@ def power_iteration(
     When all ``k`` pairs are found, a final Rayleigh-Ritz step on their span
     (``X A X^T = Y Theta Y^T``, from the products already computed) rotates
     them into the Ritz pairs of that span: this removes the couplings
-    ``x_j^T A x_i`` that each pair's residual leaves in the later ones, so the
-    later pairs' true residuals drop to their deflated ones.
+    ``x_j^T A x_i`` that each pair's residual leaves in the later ones. A Ritz
+    pair's residual combines up to ``k`` of the pairs' deflated residuals (at most
+    ``sqrt(k)`` times the largest), hence the ``1 / sqrt(k)`` of the stopping rule:
+    a repeated eigenvalue's pairs, mixed by the rotation, still meet ``rtol``.
 
     Every pair runs in one ``lax.while_loop`` with one product per iteration:
     the compiled program holds the operator once, whatever ``k``.
@@ -381,7 +387,7 @@ def _power_init(v0, k, draw, acc):
     init = _PowerState(
         X=X, AX=X, thetas=xp.zeros(k, acc), res=xp.zeros(k, acc), conv=xp.zeros(k, bool),
         i=xp.zeros((), xp.int32), x=x, it=xp.zeros((), xp.int32),
-        total=xp.zeros((), xp.int32), started=ok, finite=finite0,
+        total=xp.zeros((), xp.int32), started=ok, finite=finite0, broke=xp.asarray(False),
     )
     return init, u0
 
@@ -415,7 +421,14 @@ def _power_step(s: _PowerState, raw, u0, draw, k, tol, num_iters, max_matvecs, a
     """
     raw, fin, theta, true_res, defl, defl_res = _power_measure(s, raw, acc)
     it, total = s.it + 1, s.total + 1
-    done = fin & ((defl_res <= tol * xp.abs(theta)) | (it >= num_iters)
+    # each pair to rtol / sqrt(k): the final Rayleigh-Ritz residual of a pair mixes up to
+    # k deflated residuals (a sum bounded by sqrt(k) times the largest)
+    stop = tol / math.sqrt(k) if k > 1 else tol
+    # the deflated product vanished to rounding (``A x`` lies in the span of the pairs
+    # found: the complement is numerically null, rank(A) < k): x is as good as it gets,
+    # and iterating on the noise would only turn it away from the complement
+    broke = fin & (_tree.plain_norm(defl).astype(acc) <= 10 * xp.finfo(acc).eps)
+    done = fin & ((defl_res <= stop * xp.abs(theta)) | broke | (it >= num_iters)
                   | (total >= max_matvecs))
     store = lambda B, v: jax.tree.map(
         lambda q, y: xp.where(done, at_set(q, s.i, y.astype(q.dtype)), q), B, v)
@@ -429,13 +442,18 @@ def _power_step(s: _PowerState, raw, u0, draw, k, tol, num_iters, max_matvecs, a
         return _start(X, i, u0, draw, acc)
 
     def same_pair(_):
-        return _tree.unit(defl, acc), xp.asarray(True)
+        # ``defl`` was projected once; a second pass keeps the iterate orthogonal to X
+        # where ``A x`` lies almost inside span(X) (a null direction's product is rounding
+        # noise: one pass left it far from orthogonal, and the final Rayleigh-Ritz step,
+        # which assumes orthonormal rows, corrupted the pairs already found)
+        v = _tree.sub(defl, _tree.basis_combine(X, _tree.basis_project(X, defl, acc), like=defl))
+        return _tree.unit(v, acc), xp.asarray(True)
 
     x, started = cond(done & (i < k), next_pair, same_pair, None)
     return _PowerState(
         X=X, AX=AX, thetas=thetas, res=res, conv=conv, i=i, x=x,
         it=xp.where(done, 0, it).astype(xp.int32), total=total, started=started,
-        finite=s.finite & fin,
+        finite=s.finite & fin, broke=s.broke | (broke & ~(true_res <= tol * xp.abs(theta))),
     )
 
 
@@ -462,7 +480,8 @@ def _power_result(s: _PowerState, k, tol, acc) -> PowerIterationResult:
         num_matvecs=s.total,
         converged=found & conv,
         finite=s.finite,
-        status=from_flags(finite=s.finite, converged=xp.all(found & conv)),
+        status=from_flags(finite=s.finite, converged=xp.all(found & conv),
+                          breakdown=s.broke & ~xp.all(found & conv)),
     )
 
 

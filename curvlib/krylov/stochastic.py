@@ -604,19 +604,29 @@ def deflated_trace(block, space, key, num_probes, Q, exact, acc):
 
 
 def _orthonormal_rows(Y, acc):
-    """Orthonormalise the rows of a basis by Cholesky-QR applied twice (rank-safe)."""
-    def chol_qr(Y):
+    """An orthonormal basis of the rows' span, as many rows as ``Y``: zero rows where
+    ``Y`` is rank deficient (a low-rank operator's sketch).
+
+    Each pass takes the Gram matrix's eigendecomposition ``G = V diag(w) V^T`` and
+    returns ``diag(w^-1/2) V^T Y``, with the directions whose ``w`` is below
+    ``m eps max(w)`` (no accurate digit left) dropped as zero rows; the second pass
+    restores the orthogonality the first lost to rounding. ``Q^T Q`` stays the
+    orthogonal projector onto the span. (Cholesky-QR broke down to NaN on a sketch of
+    rank below its row count.) Cost: two ``m x m`` Gram matrices and eigendecompositions,
+    ``2 m^2`` vector operations.
+    """
+    def one_pass(Y):
         G = _tree.basis_gram(Y, Y, acc)
-        scale = jnp.trace(G) / G.shape[0]
-        G = G + jnp.eye(G.shape[0], dtype=acc) * jnp.finfo(acc).eps * 10 * (scale + 1e-30)
-        L = jnp.linalg.cholesky(G)
-        Linv = jax.scipy.linalg.solve_triangular(L, jnp.eye(G.shape[0], dtype=acc), lower=True)
-        return _tree.basis_matmul(Linv, Y)
+        G = 0.5 * (G + G.T)
+        w, V = jnp.linalg.eigh(G)
+        tol = jnp.finfo(acc).eps * G.shape[0] * jnp.max(w)
+        inv = jnp.where(w > tol, 1.0 / jnp.sqrt(jnp.where(w > tol, w, 1.0)), 0.0)
+        return _tree.basis_matmul((V * inv).T, Y)
 
     # rows scaled to entries of order one first: their Gram matrix squares them
     c = _tree.max_abs(Y, acc)
     Y = _tree.scale(1.0 / jnp.where((c > 0) & jnp.isfinite(c), c, 1.0), Y)
-    return chol_qr(chol_qr(Y))
+    return one_pass(one_pass(Y))
 
 
 @_compile.function(static=("num_probes", "batch_size"), operators={"matvec": "v_like"},
