@@ -23,6 +23,7 @@ check                          for
 `scalar_loss`            a loss's output: one real floating scalar (not per-sample)
 `aux_output`             a function's output: ``(primary, aux)`` with ``has_aux``
 `basis`                  a stack of ``D`` vectors shaped like ``params`` (eigenvectors)
+`orthonormal`            a concrete basis with orthonormal rows (``U U^T = I``)
 `tangent`                a vector shaped (and sharded) like its reference, by leaf path
 `batched`                batched arguments sharing one leading (sample) axis
 `batch_argnums`          which extra arguments are batched (``batch_argnums``)
@@ -732,6 +733,29 @@ def aux_output(out, name: str, has_aux, *, what: str = "loss"):
             f"`({what}, aux)`; got {jax.tree.structure(out)}."
         )
     return out[0]
+
+
+def orthonormal(basis, name: str = "eigenvectors") -> None:
+    """Refuse a concrete basis whose rows are not orthonormal (``max |U U^T - I|`` above
+    ``max(0.05, 10 sqrt(eps))`` of its dtype): the estimators built on ``U`` assume it,
+    and a basis scaled by 2 or with more vectors than dimensions gave numbers with no
+    meaning. The tolerance catches misuse, not rounding: a Ritz basis kept in bfloat16
+    is orthonormal to about 3e-3. A traced basis passes (nothing to compare). Cost: one
+    ``D x D`` Gram matrix."""
+    leaves = jax.tree.leaves(basis)
+    if not leaves or any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return
+    G = _tree.basis_gram(basis, basis)
+    if isinstance(G, jax.core.Tracer):  # inside a caller's jit of constants
+        return
+    G = np.asarray(G, np.float64)
+    err = float(np.max(np.abs(G - np.eye(G.shape[0])))) if G.size else 0.0
+    tol = max(0.05, 10.0 * float(np.sqrt(jnp.finfo(jnp.result_type(*leaves)).eps)))
+    if not err <= tol:
+        raise ValueError(
+            f"`{name}` must be an orthonormal basis (rows with U U^T = I, as "
+            f"`curvature_subspace` returns them); got max |U U^T - I| = {err:.3g} "
+            f"(tolerance {tol:.2g}).")
 
 
 def basis(eigenvectors, params, name: str = "eigenvectors") -> int:

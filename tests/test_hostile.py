@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import curvlib
 from curvlib import landscape, optim
@@ -601,7 +602,8 @@ def test_landscape_nonfinite_losses_are_named_not_called_a_non_mean(where):
         loss_b = lambda p, b: _loss(p, *b) + jnp.inf
         match = "`loss_fn` returned NaN/Inf on finite `params` and `data`"
     data, k, key = (x, y), 8, jax.random.PRNGKey(0)
-    basis = jax.tree.map(lambda p: jnp.ones((2,) + p.shape, p.dtype), params)
+    flat, unravel = ravel_pytree(params)
+    basis = jax.vmap(unravel)(jnp.eye(flat.size, dtype=flat.dtype)[:2])  # orthonormal
     for call in (
         lambda: landscape.check_mean_loss(loss_b, params, data, k),
         lambda: landscape.increment_coefficients(loss_b, params, data, k, basis),

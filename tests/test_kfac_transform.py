@@ -259,3 +259,20 @@ def test_a_whole_training_loop_in_one_jit():
         (p2, s2), _ = jstep((p2, s2))
     for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p2), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_parameters_of_mixed_float_dtypes_take_a_step():
+    """float32 weights with a bfloat16 bias: the quadratic model's tangents follow each
+    parameter's dtype (one promoted dtype for all made ``jax.linearize`` refuse them)."""
+    params, x, y = _problem()
+    params = {**params, "b1": params["b1"].astype(jnp.bfloat16)}
+    opt = kfac(model_fn=model, example_inputs={"x": x})
+    state = opt.init(params)
+    step = jax.jit(lambda p, s: opt.update(jax.grad(loss)(p, x, y), s, p, value_fn=loss,
+                                           x=x, y=y))
+    p = params
+    for _ in range(3):
+        u, state = step(p, state)
+        p = optax.apply_updates(p, u)
+    assert jax.tree.map(lambda a: a.dtype, p) == jax.tree.map(lambda a: a.dtype, params)
+    assert bool(state[0].info.finite) and float(loss(p, x, y)) < float(loss(params, x, y))

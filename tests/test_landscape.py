@@ -125,7 +125,8 @@ def test_non_mean_loss_is_detected(lsq):
     with pytest.raises(ValueError, match=msg):
         ls.delta1(ls_sum_loss, w, (x, y), 4)
     with pytest.raises(ValueError, match=msg):
-        ls.increment_coefficients(ls_sum_loss, w, (x, y), 4, jax.tree.map(lambda p: p[None], w))
+        ls.increment_coefficients(ls_sum_loss, w, (x, y), 4,
+                                  _unflat(jnp.asarray(theta / np.linalg.norm(theta))[None]))
     # unequal weights of the samples (a weighted mean) are caught too
     weighted = lambda p, b: ls_loss(p, b) * b[0].shape[0] / (b[0].shape[0] + 1.0)
     with pytest.raises(ValueError, match=msg):
@@ -626,7 +627,8 @@ def test_masked_means_equal_plain_means_to_rounding():
         got = float(ls.loss_increment(_offset_loss, w32, data32, k, microbatch_size=mb))
         assert abs(got - exact) <= tol, (mb, got, exact)
         coef = ls.increment_coefficients(_offset_loss, w32, data32, k,
-                                         jax.tree.map(lambda p: jnp.ones((1,) + p.shape), w32),
+                                         jax.tree.map(lambda p: jnp.ones((1,) + p.shape)
+                                                      / np.sqrt(N_FEAT + 1), w32),
                                          microbatch_size=mb)
         assert abs(float(coef.a) - exact) <= tol, mb
 
@@ -772,7 +774,7 @@ def test_bad_input_raises_clear_errors(lsq):
     x, y, theta = lsq
     w = _unflat(theta)
     key = jax.random.PRNGKey(0)
-    U = jax.tree.map(lambda p: jnp.zeros((2,) + p.shape).at[0].set(1.0), w)
+    U = _unflat(jnp.eye(N_FEAT + 1)[:2])
     with pytest.raises(ValueError, match=r"`num_examples` \(k\) must be >= 1 .*got 0"):
         ls.delta1(ls_loss, w, (x, y), 0)
     with pytest.raises(ValueError,
@@ -899,3 +901,63 @@ def test_k_curve_counts_the_products_of_its_eigensolves(lsq, monkeypatch):
     assert [k for k, _ in seen] == [8, 9, 9, 10]  # k and k + 1 at each point
     assert c.num_matvecs.tolist() == [seen[0][1] + seen[1][1], seen[2][1] + seen[3][1]]
     assert c.finite.tolist() == [True, True]
+
+
+# ------------------------------------------------- inputs at the edges (audit)
+
+
+def test_the_closed_form_reads_only_the_symmetric_part_of_B():
+    """``q = a + c^T z + z^T B z / 2`` sees only ``(B + B^T) / 2``: a non-symmetric ``B``
+    gives the closed form of its symmetric part, as the Monte Carlo does (it gave 0 for
+    ``[[0, 1], [0, 0]]``, where the symmetric part's value is ``0.25``)."""
+    B = jnp.asarray([[0.0, 1.0], [0.0, 0.0]])
+    a, c, sig = jnp.asarray(0.0), jnp.zeros(2), jnp.asarray([1.0, 0.3])
+    S = 0.5 * (B + B.T)
+    np.testing.assert_allclose(ls.delta2_closed_form(a, c, B, sig),
+                               ls.delta2_closed_form(a, c, S, sig), rtol=1e-14)
+    np.testing.assert_allclose(float(ls.delta2_closed_form(a, c, B, 1.0)), 0.25, rtol=1e-14)
+    mc = ls.delta2_quadratic_mc(a, c, B, 1.0, key=jax.random.PRNGKey(0), num_samples=40000)
+    assert abs(float(mc.estimate) - 0.25) <= 5 * float(mc.stderr)
+
+
+def test_bound_and_fit_inputs_are_named():
+    for kw, match in (({"num_examples": 0}, "`num_examples` must be an integer >= 1"),
+                      ({"num_examples": 2.5}, "`num_examples` must be an integer"),
+                      ({"dim": 0}, "`dim` must be an integer >= 1"),
+                      ({"max_hess": -1.0}, "`max_hess` must be >= 0")):
+        args = {**dict(num_examples=4, sigma=1.0, dim=2, max_loss=1.0, max_grad=1.0,
+                       max_hess=1.0), **kw}
+        with pytest.raises(ValueError, match=match):
+            ls.delta2_bound(**args)
+    with pytest.raises(ValueError, match="`ks` and `values` must be 1-D sequences of one"):
+        ls.fit_slope([1, 2, 4], [1.0, 0.5])
+    assert ls.fit_slope([0, 1, 2, 4], [5.0, 1.0, 0.25, 0.0625])[0] == pytest.approx(-2.0)
+
+
+def test_check_mean_loss_refuses_a_bad_tolerance(lsq):
+    x, y, theta = lsq
+    for rtol in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="`rtol` must be"):
+            ls.check_mean_loss(ls_loss, _unflat(theta), (x, y), 4, rtol=rtol)
+
+
+def test_a_basis_that_is_not_orthonormal_is_refused(lsq):
+    """The estimators and the angles assume orthonormal rows; a basis scaled by 2, or with
+    more vectors than dimensions, gave numbers with no meaning."""
+    x, y, theta = lsq
+    w = _unflat(theta)
+    U = _random_orthonormal(np.random.default_rng(3), 2, N_FEAT + 1)
+    good = _unflat(jnp.asarray(U))
+    ls.increment_coefficients(ls_loss, w, (x, y), 4, good)  # accepted
+    for bad in (_unflat(2 * jnp.asarray(U)),
+                _unflat(jnp.asarray(np.random.default_rng(4).normal(size=(8, N_FEAT + 1))))):
+        with pytest.raises(ValueError, match="`eigenvectors` must be an orthonormal basis"):
+            ls.increment_coefficients(ls_loss, w, (x, y), 4, bad)
+        with pytest.raises(ValueError, match="`eigenvectors` must be an orthonormal basis"):
+            ls.delta2_direct_mc(ls_loss, w, (x, y), 4, bad, 1e-2, key=jax.random.PRNGKey(0),
+                                num_samples=4)
+    with pytest.raises(ValueError, match="`U` must be an orthonormal basis"):
+        ls.principal_angles(2 * jnp.eye(3)[:1], jnp.eye(3)[:1])
+    # inside a jit the basis is traced: nothing to compare, the call is part of the program
+    jax.jit(lambda U: ls.increment_coefficients(ls_loss, w, (x, y), 4, U,
+                                                check_mean=False).a)(good)

@@ -464,7 +464,10 @@ def quadratic_step(model_fn, likelihood, variance, params, kw, g, delta, u_prev,
     Returns:
       ``(alpha, mu, q)``: the coefficients and the undamped model change.
     """
-    tangents = _stack(_tree.astype(delta, dt), _tree.astype(u_prev, dt))
+    # each tangent leaf in its parameter's dtype (the model is linearised at ``params``,
+    # which may mix float32 weights with bfloat16 biases)
+    like = lambda t: jax.tree.map(lambda x, p: x.astype(jnp.result_type(p)), t, params)
+    tangents = _stack(like(delta), like(u_prev))
     fisher = fisher_gram(model_fn, likelihood, variance, params, kw, tangents, dt)
     vdd = _tree.vdot(delta, delta).astype(dt)
     vdu = _tree.vdot(delta, u_prev).astype(dt)

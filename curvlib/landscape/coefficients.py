@@ -159,6 +159,7 @@ def check_mean_loss(
     """
     k = _common.check_problem(loss_fn, params, data, num_examples)
     mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
+    _validate.number(rtol, "rtol", minimum=0, optional=True)
     mean_check(loss_fn, params, data, k, mb, rtol)
 
 
@@ -427,6 +428,7 @@ def increment_coefficients(
     mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
     _validate.one_of(mode, "mode", (None, "linearize", "fwd-rev", "rev-rev"))
     D = _validate.basis(eigenvectors, params)
+    _validate.orthonormal(eigenvectors)
     if eigenvalues is not None and jnp.shape(eigenvalues) != (D,):
         raise ValueError(
             f"`eigenvalues` must have shape ({D},), one per eigenvector; got "

@@ -511,7 +511,11 @@ def k_curve(
 def fit_slope(ks, values) -> tuple[float, float]:
     """Least-squares fit ``log v = slope log k + intercept`` over finite, positive values.
 
-    Returns ``(slope, intercept)``; ``(nan, nan)`` with fewer than two usable points.
+    Points whose ``k`` or value is not finite and positive are left out. Returns
+    ``(slope, intercept)``; ``(nan, nan)`` with fewer than two usable points.
+
+    Raises:
+      ValueError: if ``ks`` and ``values`` are not 1-D sequences of one length.
 
     Examples:
       >>> from curvlib.landscape import fit_slope
@@ -521,7 +525,10 @@ def fit_slope(ks, values) -> tuple[float, float]:
     """
     k = np.asarray(ks, float)
     v = np.asarray(values, float)
-    ok = np.isfinite(v) & (v > 0) & (k > 0)
+    if k.ndim != 1 or k.shape != v.shape:
+        raise ValueError("`ks` and `values` must be 1-D sequences of one length; got shapes "
+                         f"{k.shape} and {v.shape}.")
+    ok = np.isfinite(v) & (v > 0) & np.isfinite(k) & (k > 0)
     if ok.sum() < 2:
         return float("nan"), float("nan")
     slope, intercept = np.polyfit(np.log(k[ok]), np.log(v[ok]), 1)

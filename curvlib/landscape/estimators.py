@@ -59,8 +59,9 @@ class ClosedFormTerms(NamedTuple):
 
 def _terms(a, c, B, sigma):
     s2 = sigma * sigma
+    B = 0.5 * (B + B.T)  # the quadratic form's matrix: only its symmetric part counts
     trB = xp.trace(B)
-    trB2 = xp.sum(B * B.T)  # tr(B B) without forming the product
+    trB2 = xp.sum(B * B)  # tr(B B) without forming the product
     constant = xp.broadcast_to(a * a, s2.shape)
     sigma2 = s2 * (a * trB + xp.dot(c, c))
     sigma4 = s2 * s2 * (2.0 * trB2 + trB * trB) / 4.0
@@ -210,13 +211,21 @@ def delta2_bound(num_examples, sigma, dim, max_loss, max_grad, max_hess) -> jax.
     Returns:
       The bound, broadcast over ``k`` and ``sigma``.
 
+    Raises:
+      ValueError: for ``num_examples`` or ``dim`` not an integer ``>= 1``, a bound that is
+        negative or not finite, or a ``sigma`` that is not positive and finite.
+
     Examples:
       >>> from curvlib.landscape import delta2_bound
       >>> float(delta2_bound(1, 1.0, 1, max_loss=1.0, max_grad=0.0, max_hess=0.0))  # 12 / 2^2
       3.0
     """
-    k = num_examples  # the paper's k
+    k = _validate.number(num_examples, "num_examples", minimum=1, integer=True)  # paper's k
     s2 = _validate.positive_grid(sigma, "sigma", what=_common.SIGMA) ** 2
+    _validate.number(dim, "dim", minimum=1, integer=True)
+    for name, bound in (("max_loss", max_loss), ("max_grad", max_grad),
+                        ("max_hess", max_hess)):
+        _validate.number(bound, name, minimum=0)
     k = jnp.asarray(k)
     num = 12 * max_loss**2 + 3 * s2 * max_grad**2 + 3 * s2 * s2 * (dim**2 + 2 * dim) * max_hess**2
     return num / (k + 1.0) ** 2
@@ -482,6 +491,7 @@ def delta2_direct_mc(
                         microbatch_size,
                         sample_batch_size)
     Dmax = _validate.basis(eigenvectors, params)
+    _validate.orthonormal(eigenvectors)
     if dim is None:
         dim = Dmax
     if isinstance(dim, jax.core.Tracer):

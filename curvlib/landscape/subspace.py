@@ -396,4 +396,6 @@ def principal_angles(U: PyTree, V: PyTree) -> jax.Array:
                 "`U` and `V` must be bases of the same vectors (a leading basis axis, then "
                 f"matching shapes); leaf {i} has shapes {jnp.shape(u)} and {jnp.shape(v)}."
             )
+    _validate.orthonormal(U, "U")
+    _validate.orthonormal(V, "V")
     return _principal_angles(U, V)
