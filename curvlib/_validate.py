@@ -753,8 +753,8 @@ def orthonormal(basis, name: str = "eigenvectors") -> None:
     tol = max(0.05, 10.0 * float(np.sqrt(jnp.finfo(jnp.result_type(*leaves)).eps)))
     if not err <= tol:
         raise ValueError(
-            f"`{name}` must be an orthonormal basis (rows with U U^T = I, as "
-            f"`curvature_subspace` returns them); got max |U U^T - I| = {err:.3g} "
+            f"`{name}` must be an orthonormal basis (rows with U U^T = I, as `eigsh` and "
+            f"`curvature_subspace` return them); got max |U U^T - I| = {err:.3g} "
             f"(tolerance {tol:.2g}).")
 
 

@@ -42,6 +42,7 @@ class SymmetryCheck(NamedTuple):
 
 
 def _precheck(matvec, v_like, key, num_pairs, rtol):
+    _validate.prng_key(key)
     if rtol is not None and not isinstance(rtol, jax.Array):
         _validate.number(rtol, "rtol", minimum=0)
 

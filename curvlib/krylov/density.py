@@ -233,6 +233,9 @@ def spectral_density(
     num_probes = _validate.static_int(num_probes, "num_probes", minimum=1)
     num_points = _validate.static_int(num_points, "num_points", minimum=1)
     _validate.number(sigma, "sigma", minimum=0, exclusive=True, optional=True)
+    _validate.prng_key(key)
+    if grid is not None and jnp.ndim(grid) != 1:
+        raise ValueError(f"`grid` must be a 1-D array of points; got shape {jnp.shape(grid)}.")
     _validate.float_leaves(v_like, "v_like")
     n = _tree.size(v_like)
     m = _validate.static_int(num_matvecs, "num_matvecs", minimum=1, maximum=n,

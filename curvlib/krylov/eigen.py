@@ -54,7 +54,9 @@ class EigshResult(NamedTuple):
         relation without extra products: the true residuals to rounding
         (convergence is judged on rigorous upper bounds of them). With a lower-precision
         ``basis_dtype`` the rounding is the basis's: the true residuals can exceed these by
-        up to about ``sqrt(eps) ||A||`` of that dtype, its attainable accuracy.
+        up to about ``sqrt(eps) ||A||`` of that dtype, its attainable accuracy. NaN when
+        residuals certify nothing at the operator's scale (``status`` ``STALLED``: ``||A||``
+        below ``tiny / eps``, the zero operator included).
       num_matvecs: products used (int32 scalar).
       num_restarts: thick restarts performed (verification restarts included).
       converged: every residual is below its threshold (see [`eigsh`][curvlib.eigsh]) *and*
@@ -701,6 +703,7 @@ def eigsh(
         solvers.Eigsh, solver, rtol=rtol, basis_size=basis_size, max_matvecs=max_matvecs,
         max_restarts=max_restarts, num_keep=num_keep, basis_dtype=basis_dtype)
     cfg, tol, max_matvecs, max_restarts = _configure(matvec, v0, k, which, solver)
+    _validate.prng_key(key, optional=True)
     if _driver.is_host_driven(matvec):
         return _solve_host(cfg, matvec, v0, key, tol, max_matvecs, max_restarts)
     return _compiled(cfg, matvec, v0, key, tol, max_matvecs, max_restarts)

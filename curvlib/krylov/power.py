@@ -116,6 +116,7 @@ def _options(solver, max_matvecs, num_iters, rtol):
 
 
 def _precheck(matvec, v0, k, key, solver, max_matvecs, num_iters, rtol):
+    _validate.prng_key(key, optional=True)
     max_matvecs, num_iters, rtol = _options(solver, max_matvecs, num_iters, rtol)
     if not isinstance(rtol, jax.Array):  # a JAX array may be computed at run time
         _validate.number(rtol, "rtol", minimum=0)

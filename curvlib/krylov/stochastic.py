@@ -400,8 +400,21 @@ def _diag_now(matvec, v_like, key, num_probes, batch_size=None) -> MonteCarloEst
     return _now_diag(v_like, Z, AZ, layout=space.layout)
 
 
+def _trace_precheck(matvec, v_like, key, num_probes, method=None, batch_size=None,
+                    deflate=None, deflate_trace=None):
+    """Eager checks of values (a traced call checks shapes only)."""
+    _validate.prng_key(key)
+    if deflate is not None:
+        _validate.orthonormal(deflate, "deflate")
+
+
+def _diag_precheck(matvec, v_like, key, num_probes, batch_size=None):
+    _validate.prng_key(key)
+
+
 @_compile.function(static=("num_probes", "method", "batch_size"),
-                   operators={"matvec": "v_like"}, now=_trace_now, now_when=_answers_now)
+                   operators={"matvec": "v_like"}, precheck=_trace_precheck, now=_trace_now,
+                   now_when=_answers_now)
 def hutchinson_trace(
     matvec: Callable[[PyTree], PyTree],
     v_like: PyTree,
@@ -630,7 +643,7 @@ def _orthonormal_rows(Y, acc):
 
 
 @_compile.function(static=("num_probes", "batch_size"), operators={"matvec": "v_like"},
-                   now=_diag_now, now_when=_answers_now)
+                   precheck=_diag_precheck, now=_diag_now, now_when=_answers_now)
 def hutchinson_diag(
     matvec: Callable[[PyTree], PyTree],
     v_like: PyTree,
