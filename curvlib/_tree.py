@@ -514,6 +514,25 @@ _GEMV_ROWS = 8  # basis_gram: at most this many rows of P ...
 _GEMV_MIN_SIZE = 1 << 15  # ... of at least this length go through matrix-vector products
 
 
+def sign_fixed(Q: PyTree) -> PyTree:
+    """``Q`` with each vector's sign chosen so that its entry of largest magnitude is
+    positive (``+a`` where ``a`` and ``-a`` tie): one answer for an eigenvector whatever
+    rotation or eigensolver produced it. Reductions only (no gather: sharded vectors stay
+    in place). Cost: one pass over ``Q``."""
+    leaves, treedef = jax.tree.flatten(Q)
+    if not leaves:
+        return Q
+    k, dt = leaves[0].shape[0], xp.result_type(*leaves)
+    axes = lambda x: tuple(range(1, x.ndim))
+    hi = xp.max(xp.stack([xp.max(x, axis=axes(x), initial=-xp.inf).astype(dt)
+                          for x in leaves]), axis=0)
+    lo = xp.min(xp.stack([xp.min(x, axis=axes(x), initial=xp.inf).astype(dt)
+                          for x in leaves]), axis=0)
+    sign = xp.where(hi >= -lo, 1, -1)  # NaN rows compare False: -1 * NaN is NaN
+    return jax.tree.unflatten(treedef, [x * sign.reshape((k,) + (1,) * (x.ndim - 1)).astype(
+        x.dtype) for x in leaves])
+
+
 @full_precision
 def basis_gram(P: PyTree, Q: PyTree, acc_dtype=None) -> jax.Array:
     """Gram matrix ``P Q^T`` of two bases (shape ``(p, q)``)."""

@@ -460,6 +460,28 @@ def test_landscape_calls_of_constants_inside_a_users_jit_are_part_of_it(behind):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["eigsh", "power_iteration"])
+def test_the_answer_now_and_the_compiled_eigenvectors_have_the_same_signs(behind, engine,
+                                                                           name):
+    """The same call twice, answered now then by the fused program: the same vectors, not
+    only the same spans (LAPACK's and XLA's eigensolvers pick opposite signs; a Δ2(D)
+    direct Monte Carlo on the two subspaces then differed with the same key)."""
+    params, x, y, loss = _problem()
+    mv = curvlib.hessian_matvec(loss, params, x, y)
+    call = CALLS[name][0]
+    now = call(mv, params)
+    behind.wait()
+    fused = call(mv, params)
+    for a, b in zip(jax.tree.leaves(now.eigenvectors), jax.tree.leaves(fused.eigenvectors),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    for t in jax.tree.leaves(fused.eigenvectors):  # the convention itself
+        assert t.shape[0] == 2
+    flat = np.concatenate([np.asarray(t).reshape(2, -1) for t in
+                           jax.tree.leaves(fused.eigenvectors)], axis=1)
+    np.testing.assert_array_less(0.0, flat[np.arange(2), np.argmax(np.abs(flat), axis=1)])
+
+
 def test_mixed_dtypes_go_straight_to_the_fused_program(behind):
     v0 = {"a": jnp.ones(20, jnp.float32), "b": jnp.ones(20, jnp.float64)}
     res = curvlib.eigsh(lambda v: jax.tree.map(lambda x: 2.0 * x, v), v0, 2, key=KEY)

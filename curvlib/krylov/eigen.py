@@ -48,8 +48,11 @@ class EigshResult(NamedTuple):
     Attributes:
       eigenvalues: shape ``(k,)``; for ``"LA"`` algebraically largest first, for
         ``"SA"`` smallest first, for ``"LM"`` largest magnitude first. Signed.
-        NaN if a product was not finite.
-      eigenvectors: pytree shaped like ``v0`` with a leading axis ``k``; orthonormal.
+        NaN if a product was not finite, or when the budget ended before the basis
+        held ``k`` Ritz vectors (``max_matvecs < k``; ``status`` ``MAX_STEPS``).
+      eigenvectors: pytree shaped like ``v0`` with a leading axis ``k``; orthonormal. Each
+        vector's sign is fixed: its entry of largest magnitude is positive (the same
+        vectors from the answer-now steps and the compiled program).
       residual_norms: ``||A x_i - theta_i x_i||`` (shape ``(k,)``), from the Krylov
         relation without extra products: the true residuals to rounding
         (convergence is judged on rigorous upper bounds of them). With a lower-precision
@@ -492,6 +495,7 @@ def _finish(cfg: _Cfg, s: _State) -> EigshResult:
     res = _band.exact_residuals(band, Y)
     X = space.unflatten_basis(_tree.basis_matmul(Y.T, band.Q))
     X = jax.tree.map(lambda q, x: q.astype(xp.result_type(x)), X, s.like)
+    X = _tree.sign_fixed(X)
     finite = band.finite & xp.all(xp.isfinite(theta) | ~wanted)
     ok = finite & xp.all(valid | ~wanted)
     return EigshResult(

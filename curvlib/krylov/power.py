@@ -29,7 +29,8 @@ class PowerIterationResult(NamedTuple):
         all ``k`` were found, else in the order found); NaN for a pair that was
         never computed (see ``finite``).
       eigenvectors: pytree with leading axis ``k``, unit norm, mutually
-        orthogonal; NaN rows for pairs never computed.
+        orthogonal, each signed so that its entry of largest magnitude is positive;
+        NaN rows for pairs never computed.
       residual_norms: the true residuals ``||A x_i - theta_i x_i||`` (shape
         ``(k,)``), from the pairs' products (no recurrence); NaN for pairs never
         computed.
@@ -472,6 +473,7 @@ def _power_result(s: _PowerState, k, tol, acc) -> PowerIterationResult:
         thetas = xp.where(use, thr, thetas)
         res = xp.where(use, resr, res)
         conv = xp.where(use, resr <= tol * xp.abs(thr), conv)
+    X = _tree.sign_fixed(X)  # one sign per vector, as eigsh's (whichever path ran)
     nan = xp.asarray(xp.nan, acc)
     return PowerIterationResult(
         eigenvalues=xp.where(found, thetas, nan),
