@@ -260,8 +260,11 @@ def seed_from_key(key):
 def seed_from_vector(v):
     """A ``uint32`` seed from a vector's values (deterministic default when no key is given)."""
     # only determinism matters here, not accuracy: the plain norm (inf or 0 at extreme
-    # scales is still a deterministic seed) keeps the scale-safe rescue out of the program
-    return _mix(jax.lax.bitcast_convert_type(_tree.plain_norm(v).astype(jnp.float32), jnp.uint32))
+    # scales is still a deterministic seed) keeps the scale-safe rescue out of the program.
+    # Its last 12 bits dropped: the user's jit and an eager call sum in different orders,
+    # and a last-bit difference gave other draws (and other product counts) to the same v0
+    bits = jax.lax.bitcast_convert_type(_tree.plain_norm(v).astype(jnp.float32), jnp.uint32)
+    return _mix(bits >> jnp.uint32(12))
 
 
 # ------------------------------------------------------------- products
