@@ -73,16 +73,28 @@ _NAMES = ("SUCCESS", "MAX_STEPS", "BREAKDOWN", "NONFINITE", "NEGATIVE_CURVATURE"
 def status_message(code) -> str:
     """The human message of a status code (a Python int or a concrete array).
 
+    For an array of codes (a ``vmap``-ed result) the message of the most serious one,
+    with how many entries carry it.
+
     Examples:
+      >>> import numpy as np
       >>> from curvlib import Status, status_message
       >>> status_message(Status.MAX_STEPS)
       'MAX_STEPS: the product or step budget ran out before the tolerance was met'
+      >>> status_message(np.array([0, 3, 0]))[:35]
+      'NONFINITE (1 of 3 entries): a non-f'
     """
-    c = int(np.asarray(code))
-    if not 0 <= c < len(_MESSAGES):
-        raise ValueError(f"`code` must be a curvlib Status code in [0, {len(_MESSAGES) - 1}]; "
-                         f"got {c}.")
-    return f"{_NAMES[c]}: {_MESSAGES[c]}"
+    codes = np.asarray(code)
+    if codes.size == 0 or not np.issubdtype(codes.dtype, np.integer) or np.any(
+            (codes < 0) | (codes >= len(_MESSAGES))):
+        raise ValueError(f"`code` must be curvlib Status codes in [0, {len(_MESSAGES) - 1}]; "
+                         f"got {code!r}.")
+    if codes.size == 1:
+        c = int(codes.reshape(()))
+        return f"{_NAMES[c]}: {_MESSAGES[c]}"
+    c = int(np.asarray(worst(*codes.ravel())))
+    return (f"{_NAMES[c]} ({int(np.sum(codes == c))} of {codes.size} entries): "
+            f"{_MESSAGES[c]}")
 
 
 def from_flags(*, finite=True, converged=True, breakdown=False, negative_curvature=False,

@@ -116,3 +116,21 @@ def test_inverse_matvec_bad_input():
     with pytest.raises(ValueError, match=r"leading axis of length 2.*eigenvectors\['a'\]"):
         inverse_matvec(A, damping=1.0, method="lowrank",
                        eigenpairs=(jnp.ones(2), {"a": jnp.ones((3, 4))}))
+
+
+def test_inverse_of_a_streamed_operator_solves_on_the_host():
+    """``inverse_matvec`` of a `StreamMatvec` keeps its host-driven flag (wrapped in a
+    `Partial` it lost it, and every solve traced the vector the stream cannot take traced)."""
+    model, loss, params, x, y = _problem()
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+    S = curvlib.stream_matvec(lambda p, b: curvlib.hessian_matvec(loss, p, *b), params,
+                              batches)
+    H, unravel = _dense(curvlib.hessian_matvec(loss, params, x, y), params)
+    lam = float(max(0.1, 0.5 - np.linalg.eigvalsh(H)[0]))  # H + lam I positive definite
+    inv = inverse_matvec(S, damping=lam)
+    assert inv.host_driven
+    b = jax.tree.map(jnp.ones_like, params)
+    want = np.linalg.solve(H + lam * np.eye(H.shape[0]), np.ones(H.shape[0]))
+    np.testing.assert_allclose(ravel_pytree(inv(b))[0], want, rtol=1e-4, atol=1e-5)
+    low = inverse_matvec(S, method="lowrank", rank=2, damping=lam, v0=b)
+    assert np.all(np.isfinite(ravel_pytree(low(b))[0]))

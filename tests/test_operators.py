@@ -374,3 +374,27 @@ def test_public_surface():
         assert getattr(curvlib, name) is not None
         if not name.startswith("__") and name[0].islower():
             assert getattr(curvlib, name).__doc__, name
+
+
+def test_the_default_linearised_product_casts_its_tangent_like_the_other_modes(problem):
+    """A float32 tangent for float64 parameters: every mode returns the float64 product (the
+    default ``linearize`` mode raised JAX's "tangent values inconsistent with the primal")."""
+    dtype, params, args, tangents, H = problem
+    if dtype == jnp.float32:
+        pytest.skip("the float64 parameters are the case")
+    v = jax.tree.map(lambda t: t.astype(jnp.float32), tangents[0])
+    for mode in ("linearize", "fwd-rev", "rev-rev"):
+        out = hessian_matvec(_loss, params, *args, mode=mode)(v)
+        assert all(o.dtype == jnp.float64 for o in jax.tree.leaves(out))
+        assert _rel(_flat(out), H @ _flat(v).astype(np.float64)) <= 1e-6
+
+
+def test_an_empty_batch_is_refused_by_name():
+    """A leading sample axis of length 0: ``microbatch_mean`` documented a ``ValueError`` and
+    returned NaN; the microbatched operators returned zero products with no flag."""
+    with pytest.raises(ValueError, match="`batch` is empty"):
+        curvlib.microbatch_mean(jnp.mean, jnp.zeros((0,)), 2)
+    params = {"w": jnp.ones(3)}
+    loss = lambda p, x: jnp.mean((x @ p["w"]) ** 2)
+    with pytest.raises(ValueError, match="is empty"):
+        hessian_matvec(loss, params, jnp.zeros((0, 3)), microbatch_size=2)(params)

@@ -212,6 +212,8 @@ def test_status_under_jit_and_vmap():
                                        Status.NEGATIVE_CURVATURE]
     with pytest.raises(CurvatureError, match=r"\(2 of 3 entries\): NONFINITE"):
         raise_if_failed(batched)
+    # the message of a batched status: the most serious code, and how many carry it
+    assert curvlib.status_message(batched.status).startswith("NONFINITE (1 of 3 entries): ")
     lz = jax.jit(lambda v: curvlib.lanczos(_op(A), v, 3))(jnp.ones(N))
     assert isinstance(lz.num_matvecs, jax.Array) and int(lz.num_matvecs) == 3
 

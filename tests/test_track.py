@@ -491,3 +491,28 @@ def test_edge_of_stability_sharpness_hovers_at_two_over_eta():
     # then hovers at the edge: within +-15% of 2/eta over the last 40% of training
     late = sharp[steps >= 0.6 * num_steps]
     assert np.all(np.abs(late / edge - 1.0) <= 0.15), late / edge
+
+
+def test_history_reads_one_state_of_a_chain_stacked_by_scan():
+    """``curvature_history(states)`` for the stacked state of a ``lax.scan`` of chained steps
+    (a tuple, as every optax chain state) and for one state: it took the tuple for a list of
+    records and raised "found 0"."""
+    loss, params, *_ = _quadratic()
+    tx = optax.chain(curvlib.track_curvature(2, 1, key=jax.random.PRNGKey(0), num_probes=0),
+                     optax.sgd(0.01))
+
+    def step(carry, _):
+        p, s = carry
+        u, s = tx.update(jax.grad(loss)(p), s, p, value_fn=loss)
+        p = optax.apply_updates(p, u)
+        return (p, s), s
+
+    (_, last), states = jax.lax.scan(step, (params, tx.init(params)), None, length=5)
+    hist = curvlib.curvature_history(states)
+    np.testing.assert_array_equal(hist["step"], [0, 2, 4])
+    one = curvlib.curvature_history(last)
+    np.testing.assert_array_equal(one["step"], [4])
+    np.testing.assert_allclose(one["loss"], hist["loss"][-1:])
+    listed = curvlib.curvature_history([jax.tree.map(lambda x, i=i: x[i], states)
+                                        for i in range(5)])
+    np.testing.assert_array_equal(listed["step"], hist["step"])

@@ -5,6 +5,7 @@ Nothing here is public; the operator modules build on it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -128,8 +129,17 @@ def cast_like(v: PyTree, like: PyTree) -> PyTree:
 # ------------------------------------------------------------ linearisation
 
 
-def call_linearized(lin, v):
-    return lin(v)
+@functools.cache
+def call_linearized(dtypes: tuple) -> Callable:
+    """``(lin, v) -> lin(v)`` with ``v``'s leaves cast to ``dtypes`` (the primal's, in leaf
+    order), as the other products cast their tangents: a linearised function refuses a
+    tangent of another dtype. One function per ``dtypes`` (a stable `Partial` definition)."""
+    def call(lin, v):
+        leaves, tree = jax.tree.flatten(v)
+        return lin(jax.tree.unflatten(tree, [jnp.asarray(x).astype(d)
+                                             for x, d in zip(leaves, dtypes, strict=True)]))
+
+    return call
 
 
 def transpose(lin, like: PyTree, cotangent: PyTree) -> PyTree:

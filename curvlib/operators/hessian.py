@@ -222,7 +222,8 @@ def hessian_matvec(
         )
     if mode == "linearize":
         _, lin = jax.linearize(lambda p: jax.grad(fun)(p, *args), params)
-        return C.params_operator(C.call_linearized, params, stable_linearized(lin))
+        dtypes = tuple(jnp.result_type(x) for x in jax.tree.leaves(params))
+        return C.params_operator(C.call_linearized(dtypes), params, stable_linearized(lin))
     product = _hvp_fwd_rev(fun) if mode == "fwd-rev" else _hvp_rev_rev(fun)
     if size is not None:
         product = microbatched(product, size, argnums)

@@ -67,7 +67,9 @@ class InverseSolve(NamedTuple):
 
 
 def _as_partial(f, name):
-    if f is None or isinstance(f, Partial):
+    # a host-driven operator (a stream) stays itself: wrapped, it hid its flag, and every
+    # solve went through a compiled entry that traced the vector it cannot take traced
+    if f is None or isinstance(f, Partial) or is_host_driven(f):
         return f
     if not callable(f):
         raise TypeError(f"`{name}` must be callable; got {type(f).__name__}.")

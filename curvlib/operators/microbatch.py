@@ -32,7 +32,8 @@ def batch_size(tree: PyTree, name: str) -> int:
     """The shared leading (sample) axis length of every leaf of ``tree``.
 
     Raises:
-      ValueError: for an empty tree or a leaf without that leading axis (named by path).
+      ValueError: for an empty tree, a sample axis of length 0, or a leaf without that
+        leading axis (named by path).
     """
     leaves = leaves_with_paths(tree)
     if not leaves:
@@ -52,6 +53,8 @@ def batch_size(tree: PyTree, name: str) -> int:
                 f"every leaf of `{name}` must share the leading sample axis; "
                 f"`{name}{first_path}` has length {n} but `{name}{path}` has {_describe(x)}."
             )
+    if n == 0:  # a mean over no samples: NaN, or zero products with no flag
+        raise ValueError(f"`{name}` is empty: its leading sample axis has length 0.")
     return int(n)
 
 

@@ -572,8 +572,10 @@ def stream_matvec(build: Callable, params: PyTree, batches, *, key=None,
     ``build(params, batch)`` returns the in-memory operator of one batch (a
     mean over it), e.g. ``curvlib.hessian_matvec(loss, params, batch)``,
     ``curvlib.ggn_matvec(...)``, ``curvlib.fisher_matvec(...)``,
-    ``curvlib.empirical_fisher_matvec(...)`` or a [`curvlib.restrict`][curvlib.restrict] of
-    one of them. Every product of the result makes one pass over ``batches``:
+    ``curvlib.empirical_fisher_matvec(...)``, acting on vectors shaped like ``params``
+    (for a block, restrict the stream instead:
+    ``curvlib.restrict(stream_matvec(build, params, batches), params, where)``). Every
+    product of the result makes one pass over ``batches``:
 
         ``C v = sum_b (n_b / n) build(params, batch_b)(v)``,
 

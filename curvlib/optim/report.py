@@ -31,6 +31,11 @@ def _column(info: TrackCurvatureInfo, c: str):
 
 def _stack(records: Any) -> dict[str, np.ndarray]:
     """The info columns of ``records`` with a leading time axis (one entry per record)."""
+    if isinstance(records, tuple) and not isinstance(records, TrackCurvatureInfo):
+        try:  # one state (an optax chain's, a TrackCurvatureState) is a tuple too
+            records = curvature_info(records)
+        except (KeyError, ValueError, TypeError):
+            pass  # a tuple of records
     if isinstance(records, (list, tuple)) and not isinstance(records, TrackCurvatureInfo):
         infos = [r if isinstance(r, TrackCurvatureInfo) else curvature_info(r) for r in records]
         if not infos:
