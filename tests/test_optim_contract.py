@@ -146,37 +146,29 @@ def test_chain_with_other_transforms(name):
     assert float(loss(params, batch)) < first
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_inject_hyperparams(name):
-    batch = _data(jnp.float64)
-    opt = optax.inject_hyperparams(CASES[name])(lr=0.5)
-    params = _params(jnp.float64)
-    state = opt.init(params)
-    step = jax.jit(_make_step(name, opt))
-    p1, s1, _ = step(params, state, batch, batch)
-    state = state._replace(hyperparams={**state.hyperparams, "lr": jnp.asarray(0.0)})
-    p0, _, _ = step(params, state, batch, batch)
-    # a zero learning rate leaves the params; the injected value is a traced input
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), p0, params))
-    assert float(loss(p1, batch)) < float(loss(params, batch))
-    assert _all_finite(s1)
-
-
 ALIASES = {"newton_cg": optim.newton_cg, "newton": optim.newton, "bfgs": optim.bfgs,
            "svrg": lambda learning_rate: optim.svrg(learning_rate, snapshot_every=4)}
 
 
-@pytest.mark.parametrize("name", list(ALIASES))
-def test_inject_hyperparams_on_the_alias_itself(name):
-    """``optax.inject_hyperparams(curvlib.newton)(learning_rate=...)``, as one writes it for
-    ``optax.adam``: every numeric default is injected too (``max_params`` of ``newton`` and
-    ``bfgs`` was refused as "not a static int")."""
+@pytest.mark.parametrize("name, form", [(n, "closure") for n in CASES]
+                         + [(n, "alias") for n in ALIASES])
+def test_inject_hyperparams(name, form):
+    """A closure factory, and the alias itself as one writes it for ``optax.adam``
+    (``inject_hyperparams(curvlib.newton)(learning_rate=...)``: every numeric default is
+    injected too; ``max_params`` of ``newton`` and ``bfgs`` was refused as "not a static
+    int")."""
     batch = _data(jnp.float64)
-    opt = optax.inject_hyperparams(ALIASES[name])(learning_rate=0.5)
+    lr = "lr" if form == "closure" else "learning_rate"
+    opt = optax.inject_hyperparams(CASES[name] if form == "closure" else ALIASES[name])(
+        **{lr: 0.5})
     params = _params(jnp.float64)
     state = opt.init(params)
     step = jax.jit(_make_step(name, opt))
     p1, s1, _ = step(params, state, batch, batch)
+    state = state._replace(hyperparams={**state.hyperparams, lr: jnp.asarray(0.0)})
+    p0, _, _ = step(params, state, batch, batch)
+    # a zero learning rate leaves the params; the injected value is a traced input
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), p0, params))
     assert float(loss(p1, batch)) < float(loss(params, batch))
     assert _all_finite(s1)
 
