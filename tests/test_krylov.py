@@ -635,6 +635,32 @@ def test_spectral_density_defaults_scale_with_the_operator():
     assert float(zero.sigma) > 0 and bool(jnp.all(jnp.isfinite(zero.density)))
 
 
+def test_spectral_density_sets_its_width_from_the_weighted_nodes():
+    """Two atoms, 100 and 101: a probe's Krylov space stops growing after two products, and
+    a depth of 8 leaves six zero-weight nodes at 0. They set the default width and grid
+    (sigma 1.01 on a grid from -5 to 106: one bump); the weighted nodes alone do."""
+    d = jnp.concatenate([jnp.full(50, 100.0), jnp.full(50, 101.0)])
+    key = jax.random.PRNGKey(0)
+    out = [spectral_density(lambda v: d * v, jnp.zeros(100), key, num_matvecs=m, num_probes=4)
+           for m in (2, 8)]
+    assert np.any(np.asarray(out[1].weights) == 0)  # the fillers are there
+    np.testing.assert_allclose(float(out[1].sigma), float(out[0].sigma), rtol=1e-6)
+    np.testing.assert_allclose(float(out[1].sigma), 0.01, rtol=1e-3)
+    grid, dens = np.asarray(out[1].grid), np.asarray(out[1].density)
+    assert grid[0] > 99.0 and grid[-1] < 102.0
+    assert dens[np.argmin(np.abs(grid - 100.5))] < 1e-3 * dens.max()  # two atoms apart
+
+
+def test_lanczos_without_reorthogonalisation_on_a_zero_start_breaks_down_finite():
+    """``reortho="none"`` from a zero ``v0``: a breakdown at once, every number finite (it
+    divided by the zero norm: NaN everywhere, status NONFINITE with every product finite)."""
+    d = jnp.arange(1.0, 21.0)
+    r = lanczos(lambda v: d * v, jnp.zeros(20), 5, reortho="none")
+    assert bool(r.finite) and bool(r.breakdown)
+    assert int(r.status) == curvlib.Status.BREAKDOWN
+    assert np.all(np.isfinite(np.asarray(r.alphas)))
+
+
 def test_spectral_density_integrates_to_one_and_matches_histogram():
     rng = np.random.default_rng(5)
     ev = np.concatenate([

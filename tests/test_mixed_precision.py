@@ -265,3 +265,17 @@ def test_float32_basis_lowers_compiled_memory_of_a_float64_eigsh():
 
     wide, narrow = temp_bytes(None), temp_bytes(jnp.float32)
     assert narrow < wide - (m * n * 8) / 3, (wide, narrow)
+
+
+def test_a_basis_wider_than_the_vectors_runs():
+    """A float32 operator with a float64 basis (``basis_dtype`` accepts it): the fresh
+    direction's orthogonalisation promoted it to float64 inside a ``lax.cond`` whose other
+    branch kept float32, and ``lanczos``/``eigsh`` raised JAX's "cond branches" error."""
+    d = jnp.arange(1.0, 31.0, dtype=jnp.float32)
+    v0 = jnp.ones(30, jnp.float32)
+    for run in (lambda f: f(), lambda f: jax.jit(f)()):
+        res = run(lambda: curvlib.eigsh(lambda v: d * v, v0, 2, basis_dtype=jnp.float64))
+        np.testing.assert_allclose(np.asarray(res.eigenvalues), [30.0, 29.0], rtol=1e-5)
+        assert bool(res.converged)
+        lz = run(lambda: curvlib.lanczos(lambda v: d * v, v0, 10, basis_dtype=jnp.float64))
+        assert bool(lz.finite) and np.all(np.isfinite(np.asarray(lz.alphas)))

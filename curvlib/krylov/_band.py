@@ -264,7 +264,10 @@ def fresh(band: Band, z: PyTree, want):
         lossy = _lossy(band)
         if lossy:
             usable = usable & (nr > lossy * nz)
-        return _tree.scale(1.0 / xp.where(usable, nr, 1.0), zp), usable
+        q = _tree.scale(1.0 / xp.where(usable, nr, 1.0), zp)
+        # in the candidate's dtype, as the other branch (a basis wider than the vectors
+        # promoted it, and the cond refused the two branches)
+        return jax.tree.map(lambda a, b: a.astype(b.dtype), q, z), usable
 
     return cond(want, orthogonalize, lambda z: (z, xp.asarray(False)), z)
 

@@ -24,9 +24,11 @@ class SpectralDensity(NamedTuple):
       grid: evaluation points ``t`` (shape ``(num_points,)``).
       density: Gaussian-broadened spectral density on ``grid``; integrates to ~1.
         NaN if a product was not finite.
-      nodes: Ritz values per probe (shape ``(num_probes, num_matvecs)``).
+      nodes: Ritz values per probe (shape ``(num_probes, num_matvecs)``). A probe whose
+        Krylov space stopped growing (an invariant subspace) has fewer: its other slots
+        hold zero-weight nodes, which count nowhere.
       weights: Gauss quadrature weights per probe (rows sum to 1).
-      sigma: broadening width used.
+      sigma: broadening width used; default ``(max - min) / 100`` of the weighted nodes.
       finite: every product was finite (if not, ``density``, ``nodes`` and
         ``weights`` are NaN).
       num_matvecs: products used (``num_probes * num_matvecs``; int32).
@@ -61,7 +63,13 @@ def _quadrature(cfg, matvec, v):
 
 
 def _density(nodes, weights, finite, sigma, grid, num_points):
-    lo, hi = xp.min(nodes), xp.max(nodes)
+    # the range of the nodes that carry weight: a probe whose Krylov space stopped growing
+    # fills its unused slots with zero-weight nodes at 0, which set the width and the grid
+    # (two atoms at 100 and 101 merged into one bump on a grid from -5 to 106)
+    held = weights > 0
+    lo = xp.min(xp.where(held, nodes, xp.inf))
+    hi = xp.max(xp.where(held, nodes, -xp.inf))
+    lo, hi = xp.where(xp.any(held), lo, xp.min(nodes)), xp.where(xp.any(held), hi, xp.max(nodes))
     # relative to the nodes' own scale (an absolute floor merged two atoms of an operator
     # of norm 1e-10); 1 only for the zero operator, whose nodes are all 0
     width = xp.maximum(hi - lo, xp.finfo(nodes.dtype).eps * xp.maximum(xp.abs(lo), xp.abs(hi)))

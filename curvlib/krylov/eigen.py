@@ -61,7 +61,9 @@ class EigshResult(NamedTuple):
         residuals certify nothing at the operator's scale (``status`` ``STALLED``: ``||A||``
         below ``tiny / eps``, the zero operator included).
       num_matvecs: products used (int32 scalar).
-      num_restarts: thick restarts performed (verification restarts included).
+      num_restarts: thick restarts performed (verification restarts included); a run that
+        the ``max_restarts`` cap stopped reports ``max_restarts + 1``: the restart past the
+        cap is made, then the run ends without another product.
       converged: every residual is below its threshold (see [`eigsh`][curvlib.eigsh]) *and*
         the verification phase found no missing eigenvalue.
       finite: every product was finite; if not, eigenvalues are NaN and

@@ -30,7 +30,9 @@ class LanczosResult(NamedTuple):
       residual: the unnormalised next vector ``r = beta_m q_m`` so that
         ``A Q^T = Q^T T + r e_m^T``.
       residual_norm: ``||r|| = beta_m``.
-      breakdown: whether an invariant subspace was met (``beta_j`` ~ 0 for some ``j < m``).
+      breakdown: whether an invariant subspace was met (``beta_j`` ~ 0 for some ``j < m``;
+        with ``reortho="full"`` also the last remainder ``beta_m`` ~ 0, as at ``m = dim``
+        or at ``m`` = the number of distinct eigenvalues ``v0`` reaches).
         With ``reortho="full"`` the recursion continued from a fresh direction, so a
         breakdown is information, not a failure; with ``reortho="none"`` it is not
         recovered (later rows are not a basis) and fails the run.
@@ -289,7 +291,9 @@ def _lanczos_plain(m, matvec, v0) -> LanczosResult:
     """The three-term recurrence without reorthogonalisation (for comparison only)."""
     acc = _band.acc_dtype(v0)
     nv = _tree.norm(v0)
-    q0 = _tree.scale(1.0 / nv, v0)
+    # a zero v0 starts nothing: zero vectors, a breakdown at once (it gave NaN and
+    # NONFINITE with every product finite; the full mode restarts from a random direction)
+    q0 = _tree.scale(1.0 / jnp.where(nv > 0, nv, 1.0), v0)
 
     def body(j, carry):
         Q, alphas, betas, q, q_prev, beta_prev, fin = carry
