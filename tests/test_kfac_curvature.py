@@ -290,3 +290,20 @@ def test_one_sequence_with_repeated_inputs_equals_fisher_matvec(convention):
     curv = kfac_curvature(model, params, x, likelihood="categorical", convention=convention)
     F = _dense(curvlib.fisher_matvec(model, params, x), params)
     np.testing.assert_allclose(_dense(curv.matvec, params), F, atol=1e-12)
+
+
+def test_a_categorical_likelihood_needs_a_class_axis():
+    """One logit per example (shape ``(N,)``) with ``likelihood="categorical"``: a named
+    error from ``kfac_curvature`` and from the transform's ``init`` (a bare IndexError at
+    the first step before); the one-logit likelihood reads it."""
+    p = {"w": jnp.ones((3, 1)) * 0.1}
+    x = jnp.ones((4, 3))
+    model = lambda p, x: (x @ p["w"])[:, 0]
+    with pytest.raises(ValueError, match="needs logits with a class axis"):
+        kfac_curvature(model, p, x, likelihood="categorical")
+    with pytest.raises(ValueError, match="needs logits with a class axis"):
+        curvlib.kfac(model_fn=model, example_inputs={"x": x}).init(p)
+    kfac_curvature(model, p, x, likelihood="bernoulli")
+    curv = kfac_curvature(model, p, x, likelihood="gaussian")
+    with pytest.raises(ValueError, match="`damping` must be >= 0"):
+        curv.inverse_matvec(-1.0)

@@ -27,6 +27,16 @@ import jax.numpy as jnp
 LIKELIHOODS = ("categorical", "gaussian", "bernoulli")
 
 
+def check_output(likelihood: str, out_shape: tuple) -> None:
+    """Refuse a model output the likelihood cannot read: the categorical one needs a class
+    axis after the example axis (``out_shape`` is the output on a batch of one)."""
+    if likelihood == "categorical" and len(out_shape) < 2:
+        raise ValueError(
+            "likelihood='categorical' needs logits with a class axis after the example axis; "
+            f"`model_fn` returned shape {tuple(out_shape)} on a batch of one (one number per "
+            "example: use likelihood='bernoulli' for one logit, 'gaussian' for a regression).")
+
+
 def num_columns(likelihood: str, out_shape: tuple) -> int:
     """Columns of ``B`` for one example: the number of backward passes of the exact Fisher."""
     size = 1

@@ -655,14 +655,21 @@ class KfacCurvature:
         (factored) matrix products per layer.
 
         Args:
-          damping: ``lambda >= 0`` added to the curvature (traceable).
+          damping: ``lambda >= 0`` added to the curvature (traceable). With ``0`` the
+            inverse exists only where the factors are nonsingular (more examples than a
+            layer's inputs): ``"exact"`` of a singular ``C`` is not finite.
           method: ``"exact"`` or ``"factored"``.
 
         Returns:
           The inverse operator (callable on pytrees shaped like the parameters).
+
+        Raises:
+          ValueError: for an unknown ``method`` or a concrete ``damping`` that is negative
+            or not finite.
         """
         if method not in METHODS:
             raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
+        _validate.number(damping, "damping", minimum=0)
         damping = jnp.asarray(damping)
         if method == "exact":
             pre = eigen(self.layers, self.factors)
@@ -794,6 +801,7 @@ def kfac_curvature(
     """
     num_samples = check_options(likelihood, convention, num_samples, variance)
     layers = _find_layers(model_fn, params, args)
+    _likelihood.check_output(likelihood, layers.out_aval.shape)
     factors, _ = _statistics_jit(layers, params, batch_leaves(args),
                                  tuple(layers.program.consts.values()), likelihood, key,
                                  num_samples, convention, variance)

@@ -37,8 +37,10 @@ Grosse 2015), each tested alone:
    $\omega = \texttt{damping\_decay}^{\texttt{damping\_every}}$, clipped to
    ``[min_damping, max_damping]`` (as [`curvlib.newton_cg`][curvlib.newton_cg] adapts its damping).
 6. **Guard**: `step_is_finite` and `guard`: a non-finite gradient,
-   step or loss outputs zeros and keeps the state (``info.skipped``), so params
-   and state stay usable.
+   step or loss outputs zeros and keeps the damping and the velocity
+   (``info.skipped``); the batch's factor statistics are averaged in only when they
+   are finite themselves (``info.statistics_updated``) and the counters advance, so
+   params and state stay usable.
 
 Everything a step needs is in [`ScaleByKfacState`][curvlib.ScaleByKfacState] or follows from the
 transform's static settings and the structure of ``params``: two states from two
@@ -124,7 +126,9 @@ class KfacInfo(NamedTuple):
       statistics_updated: the factor averages took this batch's statistics.
       refreshed: the eigendecompositions were recomputed.
       skipped: the gradient, the step or the loss was non-finite; the step
-        output zeros and the state was kept (``skipped == ~finite``).
+        output zeros, the damping and the velocity were kept (``skipped == ~finite``);
+        finite factor statistics of the batch were still averaged in
+        (``statistics_updated``).
       converged: the step was taken. K-FAC's solve is direct (no tolerance to
         meet), so a step converges exactly when it is finite.
       finite: the gradient, the step, its coefficients and the loss were finite.
@@ -758,6 +762,7 @@ def scale_by_kfac(
     def init_fn(params):
         _validate.float_leaves(params, "params", init="scale_by_kfac")
         layers, _ = _layers_for(model_fn, params, example_inputs, checked=True)
+        _likelihood.check_output(likelihood, layers.out_aval.shape)
         return place_state(layers, init_state(layers, params, damping, key_data, inverse), params)
 
     def update_fn(updates, state, params=None, *, value_fn=None, statistics=None, **extra_args):
