@@ -763,7 +763,8 @@ def basis(eigenvectors, params, name: str = "eigenvectors") -> int:
 
     Accepts a pytree with ``params``' structure whose every leaf is the
     matching ``params`` leaf with one extra leading axis of the same length
-    ``D >= 1`` on every leaf; the message names the leaf at fault.
+    ``D >= 1`` on every leaf, orthonormal when concrete (`orthonormal`); the message
+    names the leaf at fault.
     """
     if jax.tree.structure(params) != jax.tree.structure(eigenvectors):
         raise ValueError(
@@ -785,4 +786,5 @@ def basis(eigenvectors, params, name: str = "eigenvectors") -> int:
             f"`{name}` leaves disagree on the leading axis D (the number of vectors): "
             + ", ".join(f"{name}{p}: {d}" for p, d in dims.items()) + "."
         )
+    orthonormal(eigenvectors, name)
     return next(iter(dims.values()))

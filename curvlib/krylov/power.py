@@ -74,9 +74,10 @@ class _PowerState(NamedTuple):
     broke: jax.Array  # a pair stopped because its deflated product vanished to rounding
 
 
-def _project_out(X, v, acc):
-    """``v`` minus its components along the rows of ``X``, classical Gram-Schmidt twice."""
-    for _ in range(2):
+def _project_out(X, v, acc, passes: int = 2):
+    """``v`` minus its components along the rows of ``X``, classical Gram-Schmidt ``passes``
+    times (twice by default)."""
+    for _ in range(passes):
         v = _tree.sub(v, _tree.basis_combine(X, _tree.basis_project(X, v, acc), like=v))
     return v
 
@@ -448,8 +449,7 @@ def _power_step(s: _PowerState, raw, u0, draw, k, tol, num_iters, max_matvecs, a
         # where ``A x`` lies almost inside span(X) (a null direction's product is rounding
         # noise: one pass left it far from orthogonal, and the final Rayleigh-Ritz step,
         # which assumes orthonormal rows, corrupted the pairs already found)
-        v = _tree.sub(defl, _tree.basis_combine(X, _tree.basis_project(X, defl, acc), like=defl))
-        return _tree.unit(v, acc), xp.asarray(True)
+        return _tree.unit(_project_out(X, defl, acc, passes=1), acc), xp.asarray(True)
 
     x, started = cond(done & (i < k), next_pair, same_pair, None)
     return _PowerState(

@@ -428,7 +428,6 @@ def increment_coefficients(
     mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
     _validate.one_of(mode, "mode", (None, "linearize", "fwd-rev", "rev-rev"))
     D = _validate.basis(eigenvectors, params)
-    _validate.orthonormal(eigenvectors)
     if eigenvalues is not None and jnp.shape(eigenvalues) != (D,):
         raise ValueError(
             f"`eigenvalues` must have shape ({D},), one per eigenvector; got "

@@ -491,7 +491,6 @@ def delta2_direct_mc(
                         microbatch_size,
                         sample_batch_size)
     Dmax = _validate.basis(eigenvectors, params)
-    _validate.orthonormal(eigenvectors)
     if dim is None:
         dim = Dmax
     if isinstance(dim, jax.core.Tracer):
