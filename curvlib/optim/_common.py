@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
+from curvlib import _tree, _validate
 from curvlib._chain import (  # noqa: F401  (the optax links, shared with curvlib.kronecker)
     RecomputeState,
     alias,
@@ -263,6 +264,22 @@ class CurvatureSetup(NamedTuple):
     value: jax.Array
     grad: PyTree
     matvec: Callable
+
+
+def dense_init(name: str, params: PyTree, max_params, what: str, instead: str):
+    """The opening of a dense transform's ``init``: float leaves, size guard, float dtype.
+
+    Returns ``(n, dtype)``; raises when the ``n x n`` matrix the transform keeps
+    (``what``, formatted with ``n``) would exceed ``max_params`` parameters, naming ``instead``.
+    """
+    _validate.float_leaves(params, "params", init=name)
+    n = _tree.size(params)
+    if n > int(max_params):
+        raise ValueError(
+            f"{name} {what.format(n=n)} ({n} parameters > max_params={int(max_params)}); "
+            f"{instead} or raise `max_params`."
+        )
+    return n, float_dtype(params)
 
 
 def curvature_setup(

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from curvlib import _deprecation, _tree, _validate
+from curvlib import _deprecation, _validate
 from curvlib._compile import weak_cache
 from curvlib._status import Status, from_flags
 from curvlib.optim import _common
@@ -248,15 +248,9 @@ def scale_by_newton(
     name = "scale_by_newton"
 
     def init_fn(params):
-        _validate.float_leaves(params, "params", init=name)
-        n = _tree.size(params)
-        if n > int(max_params):
-            raise ValueError(
-                f"scale_by_newton forms the dense {n} x {n} curvature matrix ({n} parameters > "
-                f"max_params={int(max_params)}); use curvlib.newton_cg for large models "
-                "or raise `max_params`."
-            )
-        dt = _common.float_dtype(params)
+        n, dt = _common.dense_init(
+            name, params, max_params, "forms the dense {n} x {n} curvature matrix",
+            "use curvlib.newton_cg for large models")
         zero = jnp.zeros((), dt)
         return ScaleByNewtonState(
             count=jnp.zeros((), jnp.int32),

@@ -219,14 +219,8 @@ def scale_by_bfgs(
     name = "scale_by_bfgs"
 
     def init_fn(params):
-        _validate.float_leaves(params, "params", init=name)
-        n = _tree.size(params)
-        if n > int(max_params):
-            raise ValueError(
-                f"scale_by_bfgs stores a dense {n} x {n} matrix ({n} parameters > "
-                f"max_params={int(max_params)}); use optax.lbfgs or raise `max_params`."
-            )
-        dt = _common.float_dtype(params)
+        n, dt = _common.dense_init(name, params, max_params, "stores a dense {n} x {n} matrix",
+                                   "use optax.lbfgs")
         zero = jnp.zeros((), dt)
         return ScaleByBFGSState(
             count=jnp.zeros((), jnp.int32),
