@@ -97,10 +97,25 @@ def warn(where: str, old: str, new: str) -> None:
     deprecated(f"`{old}` is deprecated in {where}(): use `{new}` ({REMOVAL}).")
 
 
-def warn_moved(where: str, old: str, arg: str, cls: str, field: str) -> None:
-    """The message for a solver option that moved into the solver value ``arg``."""
+def warn_moved(where: str, old: str, arg: str, cls: str, field: str, keep: str = "") -> None:
+    """The message for a solver option that moved into the solver value ``arg``.
+
+    ``keep``: the options of ``where``'s own default solver value that differ
+    from the class's defaults (``"rtol=0.5, "``), spelled before ``field``.
+    """
     deprecated(f"`{old}` is deprecated in {where}(): pass it as the option `{field}` of the "
-               f"solver value, `{arg}=curvlib.{cls}({field}=...)` ({REMOVAL}).")
+               f"solver value, `{arg}=curvlib.{cls}({keep}{field}=...)` ({REMOVAL}).")
+
+
+def _own_default(fn, arg: str, cls):
+    """``fn``'s declared default for ``arg`` and its fields that differ from ``cls()``'s."""
+    declared = inspect.signature(fn).parameters[arg].default
+    if not isinstance(declared, cls):
+        return None, ""
+    plain = cls()
+    keep = "".join(f"{f.name}={getattr(declared, f.name)!r}, " for f in dataclasses.fields(cls)
+                   if getattr(declared, f.name) != getattr(plain, f.name))
+    return declared, keep
 
 
 def _both(where: str, old: str, new: str):
@@ -151,8 +166,8 @@ def renamed(where: str, **old_to_new: str):
 def moved_to_solver(where: str, arg: str, cls, **old_to_field: str):
     """Decorator: solver options ``old`` of ``where`` fold into its solver value ``arg``.
 
-    ``where(old=x)`` becomes ``where(arg=dataclasses.replace(arg or cls(), field=x))``
-    with a warning naming the new spelling. An explicit ``arg`` value and an
+    ``where(old=x)`` becomes ``where(arg=dataclasses.replace(arg or default, field=x))``,
+    ``default`` being ``where``'s own default solver value (or ``cls()``), with a warning naming the new spelling. An explicit ``arg`` value and an
     old option together are merged the same way (the old option wins, as it
     is the more specific).
 
@@ -167,13 +182,16 @@ def moved_to_solver(where: str, arg: str, cls, **old_to_field: str):
         RENAMES.append(Rename(where, old, f"{arg}={name}({field}=...)"))
 
     def deco(fn):
+        declared, keep = _own_default(fn, arg, cls)
+
         @functools.wraps(fn)
         def call(*args, **kwargs):
             given = {}
             for old, field in old_to_field.items():
                 was_given, value = _pop(kwargs, old)
                 if was_given:
-                    warn_moved(where, old, arg, name, field)
+                    warn_moved(where, old, arg, name, field,
+                               keep if kwargs.get(arg) is None else "")
                     if value is not None:
                         if field in given and given[field] != value:
                             raise ValueError(
@@ -182,8 +200,12 @@ def moved_to_solver(where: str, arg: str, cls, **old_to_field: str):
                             )
                         given[field] = value
             if given:
+                # merged into the solver value the call would have used: the one given, else
+                # ``fn``'s own default (``newton_cg``'s truncated CG keeps its ``rtol``)
                 base = kwargs.get(arg)
-                kwargs[arg] = dataclasses.replace(cls() if base is None else base, **given)
+                if base is None:
+                    base = cls() if declared is None else declared
+                kwargs[arg] = dataclasses.replace(base, **given)
             return call.__wrapped__(*args, **kwargs)  # `fn` (see `renamed`)
 
         call.__signature__ = _signature(fn, old_to_field)

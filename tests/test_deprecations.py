@@ -406,6 +406,24 @@ def test_built_on_solvers_match_the_dense_oracle_and_their_old_keywords():
     np.testing.assert_array_equal(old, u)
 
 
+def test_a_moved_option_alone_keeps_the_function_s_own_solver_default():
+    # newton_cg's inner CG defaults to the truncated-Newton CG(rtol=0.5): the deprecated
+    # `max_cg_steps` alone caps the steps of *that* solve (it used to start from CG(), so
+    # the forcing term silently became rtol=1e-5), and the warning spells the kept rtol
+    for make in (curvlib.scale_by_newton_cg, curvlib.newton_cg):
+        new = _step(make, damping=0.0, cg=CG(rtol=0.5, max_steps=20))
+        with pytest.warns(DeprecationWarning, match=r"cg=curvlib.CG\(rtol=0.5, max_steps="):
+            old = _step(make, damping=0.0, max_cg_steps=20)
+        np.testing.assert_array_equal(old, new)
+        # the old spelling of the old default, given in full, is the same step
+        with pytest.warns(DeprecationWarning):
+            full = _step(make, damping=0.0, max_cg_steps=20, cg_rtol=0.5)
+        np.testing.assert_array_equal(full, new)
+        # an exact CG would differ on this problem: the test can tell the two apart
+        exact = _step(make, damping=0.0, cg=CG(max_steps=20))
+        assert not np.allclose(exact, new)
+
+
 def test_built_on_functions_default_to_the_solver_value_s_defaults():
     # the signature default: None, meaning `Eigsh()` / `CG()`; the truncated-Newton inner
     # solve is the one documented exception (a forcing-term cap, CG(rtol=0.5))
