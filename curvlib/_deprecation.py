@@ -107,15 +107,17 @@ def warn_moved(where: str, old: str, arg: str, cls: str, field: str, keep: str =
                f"solver value, `{arg}=curvlib.{cls}({keep}{field}=...)` ({REMOVAL}).")
 
 
-def _own_default(fn, arg: str, cls):
-    """``fn``'s declared default for ``arg`` and its fields that differ from ``cls()``'s."""
+def _own_default(fn, arg: str, cls, fields):
+    """``fn``'s declared default for ``arg``, and per moved field its other fields that
+    differ from ``cls()``'s, spelled ``"name=value, "``."""
     declared = inspect.signature(fn).parameters[arg].default
     if not isinstance(declared, cls):
-        return None, ""
+        return None, dict.fromkeys(fields, "")
     plain = cls()
-    keep = "".join(f"{f.name}={getattr(declared, f.name)!r}, " for f in dataclasses.fields(cls)
-                   if getattr(declared, f.name) != getattr(plain, f.name))
-    return declared, keep
+    differ = [f.name for f in dataclasses.fields(cls)
+              if getattr(declared, f.name) != getattr(plain, f.name)]
+    return declared, {field: "".join(f"{n}={getattr(declared, n)!r}, " for n in differ
+                                     if n != field) for field in fields}
 
 
 def _both(where: str, old: str, new: str):
@@ -166,8 +168,9 @@ def renamed(where: str, **old_to_new: str):
 def moved_to_solver(where: str, arg: str, cls, **old_to_field: str):
     """Decorator: solver options ``old`` of ``where`` fold into its solver value ``arg``.
 
-    ``where(old=x)`` becomes ``where(arg=dataclasses.replace(arg or default, field=x))``,
-    ``default`` being ``where``'s own default solver value (or ``cls()``), with a warning naming the new spelling. An explicit ``arg`` value and an
+    ``where(old=x)`` becomes ``where(arg=dataclasses.replace(arg or default,
+    field=x))``, ``default`` being ``where``'s own default solver value (or
+    ``cls()``), with a warning naming the new spelling. An explicit ``arg`` value and an
     old option together are merged the same way (the old option wins, as it
     is the more specific).
 
@@ -178,11 +181,11 @@ def moved_to_solver(where: str, arg: str, cls, **old_to_field: str):
       **old_to_field: ``old="field"`` pairs.
     """
     name = cls.__name__
-    for old, field in old_to_field.items():
-        RENAMES.append(Rename(where, old, f"{arg}={name}({field}=...)"))
 
     def deco(fn):
-        declared, keep = _own_default(fn, arg, cls)
+        declared, keep = _own_default(fn, arg, cls, old_to_field.values())
+        for old, field in old_to_field.items():
+            RENAMES.append(Rename(where, old, f"{arg}={name}({keep[field]}{field}=...)"))
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
@@ -191,7 +194,7 @@ def moved_to_solver(where: str, arg: str, cls, **old_to_field: str):
                 was_given, value = _pop(kwargs, old)
                 if was_given:
                     warn_moved(where, old, arg, name, field,
-                               keep if kwargs.get(arg) is None else "")
+                               keep[field] if kwargs.get(arg) is None else "")
                     if value is not None:
                         if field in given and given[field] != value:
                             raise ValueError(

@@ -153,7 +153,8 @@ def raise_if_failed(result: Any, *, allow=()):
       ``result`` unchanged.
 
     Raises:
-      CurvatureError: naming the result's type and the message of the first failing code.
+      CurvatureError: naming the result's type and the message of the most serious
+        failing code (``status_message``'s precedence).
       TypeError: if ``result`` has no ``status`` field, or it is traced.
 
     Examples:
@@ -163,9 +164,10 @@ def raise_if_failed(result: Any, *, allow=()):
       >>> res.x.tolist()
       [0.5, 0.5, 0.5]
     """
-    if not hasattr(result, "status"):
+    if getattr(result, "status", None) is None:
         raise TypeError(f"`result` must be a curvlib result with a `status` field; got "
-                        f"{type(result).__name__}.")
+                        f"{type(result).__name__}"
+                        f"{' whose status is None' if hasattr(result, 'status') else ''}.")
     try:
         codes = np.asarray(result.status)
     except Exception as e:  # a tracer
@@ -173,10 +175,11 @@ def raise_if_failed(result: Any, *, allow=()):
                         "`jax.jit` (on the jitted function's output).") from e
     ok = np.isin(codes, (Status.SUCCESS, *allow))
     if not np.all(ok):
-        first = int(codes.reshape(-1)[np.argmin(ok.reshape(-1))])
-        n_bad = int(np.size(ok) - np.count_nonzero(ok))
+        bad = [int(c) for c in np.unique(codes[~ok])]
+        named = bad[0] if len(bad) == 1 else int(worst(*bad))  # the most serious, as
+        n_bad = int(np.size(ok) - np.count_nonzero(ok))  # status_message names it
         where = "" if codes.ndim == 0 else f" ({n_bad} of {codes.size} entries)"
-        raise CurvatureError(f"{type(result).__name__} failed{where}: {status_message(first)}",
+        raise CurvatureError(f"{type(result).__name__} failed{where}: {status_message(named)}",
                              codes, result)
     return result
 

@@ -363,11 +363,13 @@ def same_structure(a, b, name_a: str, name_b: str, *, what: str = "") -> None:
             )
 
 
-def scalar_loss(out, name: str, *, has_aux: bool = False):
+def scalar_loss(out, name: str, *, has_aux: bool | None = False):
     """The loss inside a loss function's output ``out``, checked to be one real floating scalar.
 
     ``out`` is what the function returned (arrays, or ``jax.ShapeDtypeStruct`` s
     from ``jax.eval_shape``): the loss, or ``(loss, aux)`` with ``has_aux``.
+    ``has_aux=None``: the caller has no ``has_aux`` option (a pair is refused
+    with advice to return the loss alone).
     Every curvlib entry point that takes a loss refuses a per-sample (vector)
     loss through this check: curvature, gradients and the landscape's sample
     weighting are defined for the scalar (mean) loss only.
@@ -379,14 +381,16 @@ def scalar_loss(out, name: str, *, has_aux: bool = False):
       ArgumentError: (a ``ValueError`` and a ``TypeError``) for a missing
         ``(loss, aux)`` pair, a non-scalar or a non-floating loss.
     """
-    out = aux_output(out, name, has_aux)
+    out = aux_output(out, name, bool(has_aux))
     leaves = jax.tree.leaves(out)
     if len(leaves) != 1 or tuple(jnp.shape(leaves[0])) != ():
         got = (f"shape {tuple(jnp.shape(leaves[0]))}" if len(leaves) == 1
                else f"{len(leaves)} leaves of shapes {[tuple(jnp.shape(x)) for x in leaves]}")
         hint = ""
         if not has_aux and isinstance(out, (tuple, list)) and len(out) == 2:
-            hint = " If it returns `(loss, aux)`, pass `has_aux=True`."
+            hint = (" If it returns `(loss, aux)`, pass `has_aux=True`." if has_aux is False
+                    else " If it returns `(loss, aux)`, pass a function that returns the loss "
+                    "alone (this one takes no `has_aux`), e.g. `lambda *a: fn(*a)[0]`.")
         raise ArgumentError(
             f"`{name}` must return a scalar loss (shape ()); it returned {got}. A per-sample "
             "loss is not accepted: reduce it over the batch (e.g. `jnp.mean`) before asking "

@@ -123,11 +123,12 @@ def _base(rename):
 
 def _new_kwargs(rename, value):
     """The new spelling of ``old=value``: a plain keyword, or a field of a solver value."""
-    m = re.fullmatch(r"(\w+)=(\w+)\((\w+)=\.\.\.\)", rename.new)
+    m = re.fullmatch(r"(\w+)=(\w+)\(((?:\w+=[^,]+, )*)(\w+)=\.\.\.\)", rename.new)
     if m is None:
         return {rename.new: value}
-    arg, cls, field = m.groups()
-    return {arg: getattr(curvlib, cls)(**{field: value})}
+    arg, cls, keep, field = m.groups()  # keep: the function's own default ("rtol=0.5, ")
+    kept = {k: float(v) for k, v in (kv.split("=") for kv in keep.split(", ") if kv)}
+    return {arg: getattr(curvlib, cls)(**kept, **{field: value})}
 
 
 def _value(rename):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import json
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -961,3 +962,86 @@ def test_a_basis_that_is_not_orthonormal_is_refused(lsq):
     # inside a jit the basis is traced: nothing to compare, the call is part of the program
     jax.jit(lambda U: ls.increment_coefficients(ls_loss, w, (x, y), 4, U,
                                                 check_mean=False).a)(good)
+
+
+def test_k_curve_reports_a_non_finite_monte_carlo_or_hessian_as_a_failure():
+    import curvlib
+    # the loss is finite at w* but NaN at probe points with x w < 0 (sigma = 10): the Monte
+    # Carlo columns are NaN, which is a failure (finite False, NONFINITE), shown as `nan` in
+    # the table, not as "-" (a stage that did not run)
+    X = jnp.asarray(np.abs(np.random.default_rng(0).normal(size=(8, 3))) + 0.5)
+
+    def log_loss(w, b):
+        return jnp.mean(jnp.log(b @ w) ** 2)
+
+    c = ls.k_curve(log_loss, jnp.ones(3), X, [2, 4], dims=[1], sigmas=[0.01, 10.0],
+                   key=jax.random.PRNGKey(0), progress=False, num_samples=16, full_samples=16)
+    assert np.all(np.isfinite(c.direct_mean[:, 0, 0])) and np.all(np.isnan(c.direct_mean[..., 1]))
+    assert not c.finite.any() and (c.status == Status.NONFINITE).all()
+    with pytest.raises(curvlib.CurvatureError, match="NONFINITE"):
+        curvlib.raise_if_failed(c)
+    row = ls.curve_table(c, 10.0).splitlines()[2].split()
+    assert row[2] == "nan" and row[4] == "nan" and row[3] != "nan", row
+    assert "nan" not in ls.curve_table(c, 0.01)  # everything at sigma = 0.01 is finite
+    # without the Monte Carlo stages the same curve is finite, and "-" marks them
+    quiet = ls.k_curve(log_loss, jnp.ones(3), X, [2, 4], dims=[1], sigmas=[0.01, 10.0],
+                       key=jax.random.PRNGKey(0), progress=False)
+    assert quiet.finite.all() and (quiet.status == Status.SUCCESS).all()
+    assert ls.curve_table(quiet, 10.0).splitlines()[2].split()[2] == "-"
+
+    # a finite loss with a non-finite Hessian (sqrt|x w| at w = 0): the eigensolves say
+    # NONFINITE and the curve reports it, with or without the next subspace (k_curve raised
+    # "`U` must be an orthonormal basis" from the angles between the NaN subspaces)
+    Xs = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 1.0], [1.0, 3.0]])
+
+    def kink(w, b):
+        return jnp.mean(jnp.sqrt(jnp.abs(b @ w)) + (b @ w) ** 2)
+
+    for nxt in (True, False):
+        c = ls.k_curve(kink, jnp.zeros(2), Xs, [1, 2], dims=[1], sigmas=[0.1],
+                       key=jax.random.PRNGKey(0), progress=False, next_subspace=nxt)
+        assert not c.finite.any() and (c.status == Status.NONFINITE).all()
+        assert np.isnan(c.max_angle).all()
+
+
+def test_curve_json_keeps_the_slopes_of_close_sigmas_apart(lsq):
+    x, y, theta = lsq
+    c = ls.k_curve(ls_loss, _unflat(theta), (x, y), [8, 9], dims=[1],
+                   sigmas=[1e-3, 1.0004e-3, 0.5],
+                   key=jax.random.PRNGKey(0), progress=False, next_subspace=False)
+    d = ls.curve_to_dict(c)
+    assert list(d["slopes"]) == ["sigma=0.001", "sigma=0.0010004", "sigma=0.5"]
+    for name, s in zip(d["slopes"], c.sigmas, strict=True):
+        want = ls.curve_slopes(c, s)
+        assert d["slopes"][name] == {k: float(v) if np.isfinite(v) else None
+                                     for k, v in want.items()}
+
+
+def test_landscape_refuses_a_loss_aux_pair_with_advice_it_can_follow():
+    def loss_aux(w, b):
+        v = jnp.mean((b @ w - 1.0) ** 2)
+        return v, {"mse": v}
+
+    x = jnp.arange(12.0).reshape(6, 2) / 10
+    for call in (lambda: ls.delta1(loss_aux, jnp.ones(2), x, 2),
+                 lambda: ls.curvature_subspace(loss_aux, jnp.ones(2), x, 2, 1,
+                                               key=jax.random.PRNGKey(0))):
+        with pytest.raises(ValueError, match="takes no `has_aux`") as e:
+            call()
+        assert "pass `has_aux=True`" not in str(e.value)
+
+
+def test_raise_if_failed_names_the_most_serious_code_and_refuses_a_missing_status():
+    import curvlib
+
+    class Batched(typing.NamedTuple):
+        status: np.ndarray
+
+    with pytest.raises(curvlib.CurvatureError, match="NONFINITE") as e:
+        curvlib.raise_if_failed(Batched(np.array([Status.MAX_STEPS, Status.NONFINITE, 0])))
+    assert "(2 of 3 entries)" in str(e.value)
+    assert curvlib.status_message(np.array([Status.MAX_STEPS, Status.NONFINITE])).startswith(
+        "NONFINITE")
+    # a hand-built KCurve has status None: the documented TypeError, not an int() error
+    with pytest.raises(TypeError, match="status is None"):
+        curvlib.raise_if_failed(Batched(None))

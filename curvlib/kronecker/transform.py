@@ -853,7 +853,8 @@ def _value_and_grad(c: _Settings, loss_fn: Callable) -> Callable:
         lkw = _loss.kwargs_for(loss_fn, extra_args)
 
         def out_loss(out):
-            return jnp.asarray(_validate.scalar_loss(loss_fn(out, **lkw), "loss_fn"))
+            return jnp.asarray(_validate.scalar_loss(loss_fn(out, **lkw), "loss_fn",
+                                                              has_aux=None))
 
         def full():
             stat_key = _split(kstate.key)[0] if c.sampled else None

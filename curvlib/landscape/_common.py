@@ -153,7 +153,7 @@ def check_problem(loss_fn: Callable, params: PyTree, data: PyTree, k):
     """
     k = check_k(k, data)
     _validate.float_leaves(params, "params")
-    _validate.scalar_loss(jax.eval_shape(loss_fn, params, data), "loss_fn")
+    _validate.scalar_loss(jax.eval_shape(loss_fn, params, data), "loss_fn", has_aux=None)
     return k
 
 

@@ -83,8 +83,9 @@ class KCurve(NamedTuple):
       status: ``(K,)`` int32 [`curvlib.Status`][curvlib.Status] of the eigensolves at k
         (and k+1): the most serious of their ``status``, ``NONFINITE`` where ``finite`` is
         false (``None`` for a curve built by hand).
-      finite: ``(K,)`` whether the eigensolves at k (and k+1), ``delta1`` and the closed
-        form at k were all finite (``None`` for a curve built by hand).
+      finite: ``(K,)`` whether the eigensolves at k (and k+1), ``delta1``, the closed
+        form and the Monte Carlo estimates that ran at k were all finite (``None`` for a
+        curve built by hand).
       num_matvecs: ``(K,)`` Hessian products the eigensolves at k (and k+1) used
         (``None`` for a curve built by hand).
     """
@@ -279,6 +280,8 @@ def subspace_step(loss_fn, params, plan: _Plan, k: int, key) -> dict:
                    num_matvecs=out["num_matvecs"] + int(nxt.num_matvecs),
                    status=int(worst(out["status"], nxt.status)))
         for j, d in enumerate(plan.dims):
+            if not out["finite"]:  # NaN eigenvectors have no angle (NaN), the status says why
+                break
             U = jax.tree.map(lambda x, d=d: x[:d], sub.eigenvectors)
             V = jax.tree.map(lambda x, d=d: x[:d], nxt.eigenvectors)
             out["max_angle"][j] = float(jnp.max(principal_angles(U, V)))
@@ -357,10 +360,6 @@ def curve_point(loss_fn, params, plan: _Plan, k: int, key) -> tuple[dict, dict]:
                   eigenvalues=s["eigenvalues"], eigenvalues_next=s["eigenvalues_next"],
                   max_angle=s["max_angle"], converged=s["converged"], status=s["status"],
                   unique=s["unique"], num_matvecs=s["num_matvecs"])
-    values["finite"] = s["finite"] and bool(np.isfinite(values["delta1"])) and bool(
-        np.all(np.isfinite(values["closed_form"])))
-    if not values["finite"]:
-        values["status"] = int(worst(values["status"], Status.NONFINITE))
     if c.num_samples:
         t0 = time.perf_counter()
         values["direct_mean"], values["direct_stderr"] = direct_mc_step(
@@ -371,6 +370,14 @@ def curve_point(loss_fn, params, plan: _Plan, k: int, key) -> tuple[dict, dict]:
         values["full_mean"], values["full_stderr"] = full_mc_step(loss_fn, params, plan, k,
                                                                   k_full)
         seconds["full_mc"] = time.perf_counter() - t0
+    # every value computed at this k is finite, the Monte Carlo estimates included (a NaN
+    # there is a failure, not "not computed": curve_table's "-")
+    estimates = ("delta1", "closed_form", "direct_mean", "direct_stderr", "full_mean",
+                 "full_stderr")
+    values["finite"] = s["finite"] and all(
+        bool(np.all(np.isfinite(values[name]))) for name in estimates if name in values)
+    if not values["finite"]:
+        values["status"] = int(worst(values["status"], Status.NONFINITE))
     return values, seconds
 
 

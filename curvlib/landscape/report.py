@@ -57,11 +57,20 @@ def curve_to_dict(curve: KCurve) -> dict:
     if curve.status is not None:  # Status codes stay ints
         d["status"] = np.asarray(curve.status).tolist()
     d["slopes"] = {
-        f"sigma={s:.3g}": {k: (float(v) if np.isfinite(v) else None)
-                           for k, v in curve_slopes(curve, s).items()}
-        for s in curve.sigmas
+        name: {k: (float(v) if np.isfinite(v) else None)
+               for k, v in curve_slopes(curve, s).items()}
+        for name, s in zip(_sigma_keys(curve.sigmas), curve.sigmas, strict=True)
     }
     return d
+
+
+def _sigma_keys(sigmas) -> list[str]:
+    """``"sigma=<s>"`` names: three significant digits, more where two would collide."""
+    for digits in range(3, 18):
+        names = [f"sigma={float(s):.{digits}g}" for s in sigmas]
+        if len(set(names)) == len(names):
+            return names
+    return [f"sigma={float(s)!r}#{i}" for i, s in enumerate(sigmas)]  # equal values
 
 
 def save_curve_json(curve: KCurve, path) -> None:
@@ -91,8 +100,18 @@ def save_curve_json(curve: KCurve, path) -> None:
         json.dump(curve_to_dict(curve), f, indent=1, allow_nan=False)
 
 
-def _fmt(v, spec="10.3e"):
-    return f"{v:{spec}}" if np.isfinite(v) else f"{'-':>{int(spec.split('.')[0])}}"
+def _fmt(v, spec="10.3e", ran=False):
+    """``v`` in ``spec``; a non-finite value as ``nan``/``inf`` if its stage ran, else ``-``."""
+    width = int(spec.split(".")[0])
+    if np.isfinite(v):
+        return f"{v:{spec}}"
+    return f"{str(float(v)) if ran else '-':>{width}}"
+
+
+def _ran(curve: KCurve, stage: str, i: int) -> bool:
+    """Whether ``stage`` ran at the ``i``-th ``k`` (its timing; a hand-built curve has none)."""
+    t = (curve.timings or {}).get(stage)
+    return t is not None and bool(np.asarray(t)[i] > 0)
 
 
 def curve_table(curve: KCurve, sigma=None) -> str:
@@ -103,7 +122,8 @@ def curve_table(curve: KCurve, sigma=None) -> str:
     second the top eigenvalue of ``H^(k)`` and the largest principal angle
     (degrees) between the top-``D`` eigenspaces at ``k`` and ``k + 1``; then
     the fitted slopes. Ten characters per number: three nested ``D`` fit in
-    100 columns. ``-`` marks a value that was not computed.
+    100 columns. ``-`` marks a value that was not computed; ``nan`` or ``inf`` one
+    that was computed and is not finite (the point's ``finite`` is then ``False``).
 
     Args:
       curve: a [`KCurve`][curvlib.landscape.KCurve] from [`k_curve`][curvlib.landscape.k_curve].
@@ -137,14 +157,17 @@ def curve_table(curve: KCurve, sigma=None) -> str:
         head += [f"{'GM D=' + str(d):>10}", f"{'MC D=' + str(d):>10}"]
     lines = [f"sigma = {curve.sigmas[s]:.3g}", " ".join(head)]
     for i, k in enumerate(curve.ks):
-        row = [f"{k:>6d}", _fmt(curve.delta1[i]), _fmt(curve.full_mean[i, s])]
+        row = [f"{k:>6d}", _fmt(curve.delta1[i], ran=_ran(curve, "coefficients", i)),
+               _fmt(curve.full_mean[i, s], ran=_ran(curve, "full_mc", i))]
         for j in range(len(dims)):
-            row += [_fmt(curve.closed_form[i, j, s]), _fmt(curve.direct_mean[i, j, s])]
+            row += [_fmt(curve.closed_form[i, j, s], ran=_ran(curve, "closed_form", i)),
+                    _fmt(curve.direct_mean[i, j, s], ran=_ran(curve, "direct_mc", i))]
         lines.append(" ".join(row))
     lines.append(" ".join([f"{'k':>6}", f"{'lambda_1':>10}"]
                           + [f"{'angle D=' + str(d):>10}" for d in dims]))
     for i, k in enumerate(curve.ks):
-        lines.append(" ".join([f"{k:>6d}", _fmt(curve.eigenvalues[i, 0])]
+        lines.append(" ".join([f"{k:>6d}", _fmt(curve.eigenvalues[i, 0],
+                                                ran=_ran(curve, "subspace", i))]
                               + [_fmt(np.degrees(curve.max_angle[i, j]), "10.2f")
                                  for j in range(len(dims))]))
     slopes = curve_slopes(curve, curve.sigmas[s])

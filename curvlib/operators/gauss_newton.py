@@ -182,7 +182,8 @@ def ggn_matvec(
                                      "model_fn", has_aux, what="outputs")
     model_fn = C.value_only(model_fn) if has_aux else model_fn
     example_out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
-    _validate.scalar_loss(jax.eval_shape(loss_fn, example_out, *loss_args), "loss_fn")
+    _validate.scalar_loss(jax.eval_shape(loss_fn, example_out, *loss_args), "loss_fn",
+                          has_aux=None)
     mode = _resolve_mode(mode, microbatch_size)
     if mode == "linearize":
         outputs, lin = _linearize(model_fn, params, args)
