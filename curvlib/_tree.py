@@ -109,6 +109,11 @@ def _stacked(s: NamedSharding, ndim: int) -> NamedSharding:
     return NamedSharding(s.mesh, PartitionSpec(None, *_full_spec(s, ndim)))
 
 
+def basis_sharding(s: NamedSharding, ndim: int) -> NamedSharding:
+    """The sharding of ``k`` stacked vectors each placed with ``s`` (``ndim`` axes each)."""
+    return _stacked(s, ndim)
+
+
 def _unstacked(s: NamedSharding, ndim: int) -> NamedSharding:
     """A basis sharding (``ndim`` axes, basis axis first) less its leading axis."""
     return NamedSharding(s.mesh, PartitionSpec(*_full_spec(s, ndim)[1:]))
@@ -132,6 +137,39 @@ def acc_dtype(*dts):
     inner products, norms and projections accumulate in float32.
     """
     return xp.promote_types(xp.result_type(*dts), xp.float32)
+
+
+def zeros_typed(x, dt=None):
+    """Zeros shaped like ``x`` (an array, a tracer or a ``ShapeDtypeStruct``) in ``dt``.
+
+    On an ``Explicit`` mesh the zeros carry ``x``'s sharding type, so an
+    accumulator started from them has the type of what is added to it (a
+    ``while``/``scan`` carry must keep one type); elsewhere plain zeros.
+    """
+    t = jax.typeof(x)
+    dt = t.dtype if dt is None else dt
+    sh = explicit_sharding(x)
+    if sh is not None:
+        return jnp.zeros(t.shape, dt, out_sharding=sh)
+    return jnp.zeros(t.shape, dt)
+
+
+def gathered(x):
+    """``x`` replicated when it is split over an ``Explicit`` mesh, else ``x`` itself.
+
+    For the few dense factorisations (a QR of a basis block) that JAX refuses on
+    operands split along a non-batch axis; on ``Auto`` meshes XLA's partitioner
+    makes the same gather on its own.
+    """
+    s = explicit_sharding(x)
+    if s is None or all(a is None for a in s.spec):
+        return x
+    return jax.sharding.reshard(x, _replicated(s))
+
+
+def acc_zeros_like(tree: PyTree) -> PyTree:
+    """`zeros_typed` of every leaf in its accumulation dtype (`acc_dtype`)."""
+    return jax.tree.map(lambda x: zeros_typed(x, acc_dtype(jax.typeof(x).dtype)), tree)
 
 
 def full_precision(fn):

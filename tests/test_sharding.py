@@ -44,15 +44,23 @@ LANDSCAPE = (
     "landscape_eigenvalues", "landscape_eigenvectors", "landscape_converged",
     "landscape_c", "landscape_B", "landscape_delta2",
 )
+# microbatched landscape and k_curve (the angles between subspaces included)
+LANDSCAPE_MB = ("landscape_mb_eigenvalues", "landscape_curve_closed_form",
+                "landscape_curve_angle")
 VECTORS = (
     "hvp_linearize", "hvp_linearize_jit", "hvp_fwd_rev", "hvp_microbatched", "ggn", "ggn_jit",
     "eigsh_vectors", "lanczos_basis", "cg_x", "hutchinson_diag",
     "newton_cg_update", "newton_cg_solution", "landscape_eigenvectors",
+    # eager: on the answer-now path (replicated parameters) the result is placed like them
+    "eager_eigsh_vectors",
+    # a streamed block product: the vectors' axis unsplit, each vector placed like params
+    "stream_matmat",
 )
 SCALARS = (
     "eigsh_values", "lanczos_alphas",
     "hutchinson_trace", "hutchpp_trace", "slq_nodes", "slq_density",
     "landscape_eigenvalues", "landscape_c", "landscape_B", "landscape_delta2",
+    *LANDSCAPE_MB,
 )
 # float64 throughout; sums are reordered across devices, and eigsh/cg iterate
 TOL = 1e-10
@@ -87,6 +95,9 @@ def _record(report, layout, name):
     if name in LANDSCAPE and "landscape_error" in recs:
         # the worker records the pipeline's exception so the other checks still run
         pytest.fail(f"Delta2(D) pipeline on {layout}: {recs['landscape_error']['message']}")
+    if name in LANDSCAPE_MB and "landscape_mb_error" in recs:
+        pytest.fail(f"microbatched landscape on {layout}: "
+                    f"{recs['landscape_mb_error']['message']}")
     return recs[name]
 
 

@@ -286,17 +286,33 @@ def _solve_on_host(setup, request, update, running, finish, cfg, matvec, v0, key
         res = finish(cfg, state)
         placed = _user_layout.fn(v0, *_fields(res, bases, vectors, cut), rows=rows,
                                  cut_rows=tuple(cut.values()))
-    return to_device(_placed(res, (bases, vectors, cut), placed))
+    return to_device(_placed(res, (bases, vectors, cut), placed), like=v0)
 
 
-def to_device(tree):
+def to_device(tree, like=None):
     """A result computed on NumPy as JAX arrays of JAX's dtypes (int64 -> int32 without x64),
-    converted on the host and put on the device in one transfer: no eager op to compile."""
+    converted on the host and put on the device in one transfer: no eager op to compile.
+
+    Placed like ``like`` (the user's ``v0``) when its leaves are replicated over
+    several devices (data parallelism: the result is replicated there too, as
+    the compiled program returns it); on the default device otherwise.
+    """
     def canonical(a):
         a = np.asarray(a)
         return a.astype(jax.dtypes.canonicalize_dtype(a.dtype), copy=False)
 
-    return jax.device_put(jax.tree.map(canonical, tree))
+    return jax.device_put(jax.tree.map(canonical, tree), _replicated_over(like))
+
+
+def _replicated_over(like):
+    """The sharding every leaf of ``like`` shares when it is replicated on several devices."""
+    shardings = {getattr(x, "sharding", None) for x in jax.tree.leaves(like)}
+    if len(shardings) != 1:
+        return None
+    (s,) = shardings
+    if s is None or len(s.device_set) < 2 or not s.is_fully_replicated:
+        return None
+    return s
 
 
 def _to_host(a):

@@ -270,7 +270,7 @@ def _block(fn, U, sequential):
 
 
 def _zeros_acc(tree):
-    return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _tree.acc_dtype(p.dtype)), tree)
+    return _tree.acc_zeros_like(tree)  # typed like the leaves on an Explicit mesh
 
 
 def _value_grad_products(f, params, U, mode, sequential):

@@ -53,7 +53,7 @@ def weighted_hessian_matvec(loss_fn: Callable, params: PyTree, data: PyTree, k, 
                 return jax.jvp(jax.grad(f), (params,), (v,))[1]
             return jax.grad(lambda p: _tree.vdot(jax.grad(f)(p), v))(params)
 
-        init = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _tree.acc_dtype(p.dtype)), params)
+        init = _tree.acc_zeros_like(params)  # typed like params on an Explicit mesh
         out = _common.accumulate(chunk, init, data, w, microbatch_size, lo, hi)
         return jax.tree.map(lambda o, p: o.astype(jnp.result_type(p)), out, params)
 
@@ -318,7 +318,7 @@ def _tsqr_r(R: PyTree) -> jax.Array:
     q = _tree.basis_size(R)
     blocks = []
     for x in jax.tree.leaves(R):
-        a = x.reshape(q, -1).T
+        a = _tree.gathered(x).reshape(q, -1).T  # a q-vector block (replicated if split)
         blocks.append(jnp.linalg.qr(a, mode="r") if a.shape[0] > q else a)
     stacked = jnp.concatenate(blocks, axis=0)
     return jnp.linalg.qr(stacked, mode="r")[:q]

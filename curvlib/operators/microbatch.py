@@ -103,7 +103,7 @@ def microbatch_mean(fn: Callable, batch: PyTree, microbatch_size: int | None) ->
     out_shape = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], head))
     # accumulate half-precision outputs in float32 (many bfloat16 partial sums lose digits)
     acc_dt = lambda dt: _tree.acc_dtype(dt) if jnp.issubdtype(dt, jnp.floating) else dt
-    init = jax.tree.map(lambda s: _zeros_typed(s, acc_dt(s.dtype)), out_shape)
+    init = jax.tree.map(lambda s: _tree.zeros_typed(s, acc_dt(s.dtype)), out_shape)
 
     def body(acc, chunk):
         return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, fn(chunk)), None
@@ -144,17 +144,6 @@ def _chunks(x, num_full: int, size: int):
         s.mesh, jax.sharding.PartitionSpec(spec[0], None, *spec[1:])
     )
     return jnp.swapaxes(jnp.reshape(x, (size, num_full) + x.shape[1:], out_sharding=strided), 0, 1)
-
-
-def _zeros_typed(s, dt):
-    """Zeros shaped like ``s`` (a ``ShapeDtypeStruct``), keeping an explicit sharding type."""
-    sh = getattr(s, "sharding", None)
-    mesh = getattr(sh, "mesh", None)
-    if mesh is not None and not mesh.empty and jax.sharding.AxisType.Explicit in tuple(
-        mesh.axis_types
-    ):
-        return jnp.zeros(s.shape, dt, out_sharding=sh)
-    return jnp.zeros(s.shape, dt)
 
 
 def _replace(args: tuple, argnums: tuple[int, ...], values: tuple) -> tuple:

@@ -533,9 +533,12 @@ class StreamMatvec:
         self.num_examples, self.num_batches = total, count
         out = _mean(acc, total, out_shape)
         if self._layout is not None and jax.tree.structure(out) == self._layout[0]:
+            # placed like the parameters; a block's leading (vector) axis unsplit
+            place = ((lambda s, o: s) if kind == "product" else
+                     (lambda s, o: _tree.basis_sharding(s, o.ndim - 1)))
             out = jax.tree.unflatten(self._layout[0], [
-                jax.device_put(o, s) for o, s in zip(jax.tree.leaves(out), self._layout[1],
-                                                     strict=True)])
+                jax.device_put(o, place(s, o)) for o, s in zip(
+                    jax.tree.leaves(out), self._layout[1], strict=True)])
         return out
 
     def __call__(self, v: PyTree) -> PyTree:
