@@ -172,6 +172,28 @@ def acc_zeros_like(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: zeros_typed(x, acc_dtype(jax.typeof(x).dtype)), tree)
 
 
+def unaliased(tree: PyTree, *given: PyTree) -> PyTree:
+    """``tree`` with no array object in two leaves, nor one of ``given``'s: those are copies.
+
+    A state whose leaves share one buffer cannot be donated (XLA donates each
+    buffer once): ``jax.jit(step, donate_argnums=...)`` on a fresh ``init``
+    raised "Attempt to donate the same buffer twice". And a state leaf that *is*
+    one of the user's arrays (``given``: a key, a hyperparameter) would be
+    deleted with the donated state. Traced leaves are left alone (a compiled
+    program's outputs are distinct buffers).
+    """
+    seen = {id(x) for x in jax.tree.leaves(given)}
+
+    def one(x):
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            if id(x) in seen:
+                return jnp.copy(x)
+            seen.add(id(x))
+        return x
+
+    return jax.tree.map(one, tree)
+
+
 def full_precision(fn):
     """``fn`` traced with matrix products at the full precision of their dtype.
 

@@ -135,6 +135,45 @@ def test_inject_hyperparams():
     assert _all_finite(s1)
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_an_injected_damping_takes_effect_at_the_next_step(adaptive):
+    # the injected damping was read at init only: a new value left the steps bit-identical
+    batch = _data(jnp.float64)
+
+    def factory(damping, inverse_every):
+        return kronecker.kfac(0.5, model_fn=model, example_inputs={"batch": batch},
+                              damping=damping, adaptive_damping=adaptive, inverse="exact",
+                              inverse_every=inverse_every, key=jax.random.PRNGKey(0))
+
+    params = jax.tree.map(lambda x: x + 0.3, _params(jnp.float64))
+    layers, _ = kronecker.transform._layers_for(model, params, {"batch": batch})
+    for every in (1, 3):
+        opt = optax.inject_hyperparams(factory, static_args=("inverse_every",))(
+            damping=1.0, inverse_every=every)
+        step = jax.jit(_step_fn(opt))
+        p, s, _ = step(params, opt.init(params), batch)  # step 0 at damping 1
+        s = s._replace(hyperparams={**s.hyperparams, "damping": jnp.asarray(100.0)})
+        p1, s1, _ = step(p, s, batch)  # step 1: damping injected as 100
+        kf = s1.inner_state[0]
+        assert float(kf.info.damping) == 100.0 and bool(kf.info.refreshed)
+        # between two scheduled refreshes the preconditioner is refreshed at the new damping
+        pre, _ = kronecker.transform.refresh(layers, kf.factors, kf.ema_weight,
+                                             jnp.asarray(100.0), "exact")
+        for a, b in zip(jax.tree.leaves(kf.inverses), jax.tree.leaves(pre), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+        if every == 1:  # oracle: the step of a kfac built at 100 from the same state
+            inner = s.inner_state[0]._replace(damping=jnp.asarray(100.0),
+                                              damping_setting=jnp.asarray(100.0))
+            want, _, _ = jax.jit(_step_fn(factory(100.0, 1)))(
+                p, (inner,) + tuple(s.inner_state[1:]), batch)
+            assert _same(p1, want)
+            old, _, _ = jax.jit(_step_fn(factory(1.0, 1)))(p, s.inner_state, batch)
+            assert not _same(old, p1)
+        # the next step keeps the new setting (no reset back)
+        _, s2, _ = step(p1, s1, batch)
+        assert float(s2.inner_state[0].damping_setting) == 100.0
+
+
 def test_inject_hyperparams_on_kfac_itself():
     """``optax.inject_hyperparams(kfac, static_args=("model_fn", "num_samples"))``: optax
     takes every callable for a schedule and injects every number, so the model and the
@@ -260,3 +299,16 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
         p_res, s_res = train(step2, restored["opt_state"], restored["params"], 3)
         assert _same(p_res, p_full)
         assert _same(s_res, s_full)
+
+
+def test_a_fresh_state_can_be_donated_and_the_users_key_survives():
+    key = jax.random.PRNGKey(3)
+    opt = make(0.1, key=key)
+    batch = _data(jnp.float32)
+    step = jax.jit(_step_fn(opt), donate_argnums=(0, 1))
+    for _ in range(2):
+        p, s = _params(jnp.float32), opt.init(_params(jnp.float32))
+        for _ in range(2):
+            p, s, _ = step(p, s, batch)
+        assert _all_finite(p)
+    assert not key.is_deleted()

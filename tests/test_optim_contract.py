@@ -358,3 +358,57 @@ def test_a_nan_batch_is_skipped_and_leaves_the_run_as_if_it_never_came(name):
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14),
                          got, want)
     assert float(loss(clean[-1], (x, y))) < float(loss(start, (x, y)))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_fresh_state_can_be_donated_and_the_users_arrays_survive(name):
+    # jax.jit(step, donate_argnums=...) on a fresh init: a state with one buffer in two
+    # leaves raised "Attempt to donate the same buffer twice" (newton_cg, track_curvature),
+    # and a state leaf that was the user's own key or damping array was deleted with it
+    batch = _data(jnp.float32)
+    key, damping = jax.random.PRNGKey(0), jnp.asarray(0.5, jnp.float32)
+    opt = {"newton_cg": lambda: optim.newton_cg(damping=damping),
+           "track_curvature": lambda: optax.chain(
+               optim.track_curvature(1, 1, key=key, num_probes=3), optax.sgd(0.5))}.get(
+        name, CASES[name])()
+    step = jax.jit(_make_step(name, opt), donate_argnums=(0, 1))
+    for _ in range(2):  # a second init after a donated run: nothing shared with the first
+        p, s = _params(jnp.float32), opt.init(_params(jnp.float32))
+        for _ in range(2):
+            p, s, _ = step(p, s, batch, batch)
+        assert _all_finite(p)
+    assert not key.is_deleted() and not damping.is_deleted()
+
+
+def test_newton_runs_on_bfloat16_parameters():
+    # LAPACK has no half precision: the dense eigendecomposition raised NotImplementedError
+    # ("Unsupported dtype bfloat16"); it runs in float32, the step comes back in bfloat16
+    batch = _data(jnp.float32)
+    tx = optim.scale_by_newton(damping=0.1)
+    p32 = jax.tree.map(lambda x: x + 0.1, _params(jnp.float32))
+    p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p32)
+    u16, s16 = tx.update(jax.grad(loss)(p16, batch), tx.init(p16), p16, value_fn=loss,
+                         batch=batch)
+    u32, _ = tx.update(jax.grad(loss)(p32, batch), tx.init(p32), p32, value_fn=loss,
+                       batch=batch)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(u16))
+    assert bool(s16.info.finite)
+    for a, b in zip(jax.tree.leaves(u16), jax.tree.leaves(u32), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0.1, atol=0.02)
+
+
+def test_track_curvature_state_with_a_typed_key_serialises_and_draws_the_same():
+    from flax import serialization
+
+    batch = _data(jnp.float32)
+    params = jax.tree.map(lambda x: x + 0.1, _params(jnp.float32))
+    out = {}
+    for kind, key in (("typed", jax.random.key(0)), ("legacy", jax.random.PRNGKey(0))):
+        tx = optim.track_curvature(1, 1, key=key, num_probes=3)
+        s = tx.init(params)
+        s = serialization.from_bytes(s, serialization.to_bytes(s))  # raised for a typed key
+        _, s = tx.update(jax.grad(loss)(params, batch), s, params, value_fn=loss, batch=batch)
+        out[kind] = s.info
+    # a typed threefry key and the legacy key with the same data draw the same numbers
+    np.testing.assert_array_equal(out["typed"].eigenvalues, out["legacy"].eigenvalues)
+    np.testing.assert_array_equal(out["typed"].trace, out["legacy"].trace)

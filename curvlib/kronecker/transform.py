@@ -222,6 +222,10 @@ class ScaleByKfacState(NamedTuple):
       velocity: the last step ``u`` (the momentum direction).
       key: PRNG key data for the Monte-Carlo statistics (unused for the exact Fisher).
       info: [`KfacInfo`][curvlib.KfacInfo] of the last step.
+      damping_setting: the ``damping`` argument seen at the last step; when it changes
+        (a new value injected with ``optax.inject_hyperparams``) ``damping`` restarts
+        from it and the preconditioner is refreshed at once (``None`` in a state
+        built by hand: no change is detected).
       placement: ``None``, or the `Placement` of a state whose ``params``
         were sharded on a mesh at ``init`` (static: it has no leaves).
     """
@@ -235,6 +239,7 @@ class ScaleByKfacState(NamedTuple):
     velocity: PyTree
     key: jax.Array
     info: KfacInfo
+    damping_setting: jax.Array | None = None
     placement: Placement | None = None
 
 
@@ -612,6 +617,7 @@ class _Settings(NamedTuple):
     max_damping: Any = 1e8
     statistics_every: int = 1
     inverse_every: int = 5
+    damping: Any = 1.0  # the argument (traced under inject_hyperparams): a change resets
 
 
 def scale_by_kfac(
@@ -669,7 +675,9 @@ def scale_by_kfac(
         (Martens & Grosse, section 7), else a scalar or schedule.
       momentum: ``"adaptive"`` (from the quadratic model), a float, or ``None``:
         adaptive when ``learning_rate`` is ``None``, else ``0``.
-      damping: initial ``lambda > 0`` (traceable).
+      damping: initial ``lambda > 0`` (traceable: a new value injected with
+        ``optax.inject_hyperparams`` takes effect at the next step, restarting the
+        adaptation from it and refreshing the preconditioner).
       adaptive_damping: adapt ``lambda`` by the Levenberg-Marquardt rule.
       damping_every: steps between damping adaptations.
       damping_decay: per-step factor ``omega_1``; ``lambda`` moves by
@@ -756,14 +764,15 @@ def scale_by_kfac(
     settings = _Settings(model_fn, likelihood, variance, num_samples, convention, inverse,
                          ema_decay, learning_rate, momentum, norm_constraint, key is not None,
                          adaptive_damping, damping_every, damping_decay, min_damping, max_damping,
-                         statistics_every, inverse_every)
+                         statistics_every, inverse_every, damping)
     key_data = _key_data(key)
 
     def init_fn(params):
         _validate.float_leaves(params, "params", init="scale_by_kfac")
         layers, _ = _layers_for(model_fn, params, example_inputs, checked=True)
         _likelihood.check_output(likelihood, layers.out_aval.shape)
-        return place_state(layers, init_state(layers, params, damping, key_data, inverse), params)
+        state = place_state(layers, init_state(layers, params, damping, key_data, inverse), params)
+        return _tree.unaliased(state, key_data, damping)  # donatable, the user's arrays kept
 
     def update_fn(updates, state, params=None, *, value_fn=None, statistics=None, **extra_args):
         return _kfac_update(settings, updates, state, params, value_fn, statistics, extra_args)
@@ -795,7 +804,8 @@ def _kfac_update(c: _Settings, updates, state: ScaleByKfacState, params, value_f
     if statistics is not None:
         _check_statistics(layers, state, statistics)
     dt = factor_dtype(layers)
-    g, count, lam, u_prev = updates, state.count, state.damping, state.velocity
+    g, count, u_prev = updates, state.count, state.velocity
+    lam, setting, changed = _current_damping(c, state, dt)
     stat_key, next_key = _split(state.key) if c.sampled else (None, state.key)
     factors, weight, stats_ok, batch_scales = _every(
         c.statistics_every, count,
@@ -804,7 +814,7 @@ def _kfac_update(c: _Settings, updates, state: ScaleByKfacState, params, value_f
     pre, scales = _every(
         c.inverse_every, count, lambda: refresh(layers, factors, weight, lam, c.inverse),
         lambda: (state.inverses, _ekfac_scales(c.inverse, state, batch_scales, stats_ok,
-                                               c.ema_decay)))
+                                               c.ema_decay)), also=changed)
     delta = precondition(layers, pre, g, lam, dt, scales if c.inverse == "ekfac" else None)
     alpha, mu, quad = _coefficients(_quadratic_settings(c, layers, statistics), params, kw, g,
                                     delta, u_prev, lam, count, dt)
@@ -821,12 +831,16 @@ def _kfac_update(c: _Settings, updates, state: ScaleByKfacState, params, value_f
     finite = step_is_finite(g, u, alpha, mu, value,
                             value_fn is not None or extra_args.get("value") is not None)
     out, velocity = guard(finite, u, u_prev, updates)
+    refreshed = count % c.inverse_every == 0
     info = _info(value, lam, alpha, mu, quad, rho, adapted, stats_ok,
-                 count % c.inverse_every == 0, finite, 2 * needs_quad, dt)
+                 refreshed if changed is None else refreshed | changed, finite,
+                 2 * needs_quad, dt)
     new_state = ScaleByKfacState(
         optax.safe_increment(count), factors, weight.astype(dt), pre, scales,
         jnp.where(finite & jnp.isfinite(new_lam), new_lam, lam).astype(dt), velocity,
-        next_key, info, state.placement)
+        next_key, info,
+        None if setting is None else jnp.where(finite, setting, state.damping_setting),
+        state.placement)
     return _place(new_state, out)
 
 
@@ -898,7 +912,7 @@ def init_state(layers: KfacLayers, params: PyTree, damping, key_data, inverse: s
     return ScaleByKfacState(
         count=jnp.zeros((), jnp.int32), factors=zeros, ema_weight=zero, inverses=pre,
         scales=scales, damping=lam, velocity=_tree.zeros_like(params),
-        key=jnp.asarray(key_data), info=info,
+        key=jnp.asarray(key_data), info=info, damping_setting=lam,
     )
 
 
@@ -974,8 +988,19 @@ def _layers_for(model_fn, params, extra_args, checked: bool = False):
         raise ValueError(f"scale_by_kfac: {e}") from None
 
 
-def _every(every, count, run, skip):
-    """``run()`` when ``count % every == 0``, else ``skip()`` (the state kept as it is).
+def _current_damping(c: _Settings, state: ScaleByKfacState, dt):
+    """``(lambda, setting, changed)``: the step's damping, the ``damping`` argument, whether it
+    changed since the last step (then ``lambda`` restarts from it); ``setting`` and
+    ``changed`` are ``None`` for a state without a recorded setting."""
+    if state.damping_setting is None:
+        return state.damping, None, None
+    setting = jnp.asarray(c.damping, dt)
+    changed = setting != state.damping_setting
+    return jnp.where(changed, setting, state.damping), setting, changed
+
+
+def _every(every, count, run, skip, also=None):
+    """``run()`` when ``count % every == 0`` (or ``also``), else ``skip()`` (the state kept).
 
     ``every=None`` never runs. A static ``every == 1`` runs unconditionally.
     Otherwise a loop of at most one trip (`curvlib._tree.apply_if`), not a
@@ -986,7 +1011,8 @@ def _every(every, count, run, skip):
         return skip()
     if isinstance(every, (int, np.integer)) and int(every) == 1:
         return run()
-    return _tree.apply_if(count % every == 0, lambda _: run(), skip())
+    due = count % every == 0
+    return _tree.apply_if(due if also is None else due | also, lambda _: run(), skip())
 
 
 def _state_shardings(layers, shardings, state):
@@ -1010,6 +1036,7 @@ def _state_shardings(layers, shardings, state):
         velocity=jax.tree.unflatten(layers.treedef, shardings),
         key=rep,
         info=jax.tree.map(lambda _: rep, state.info),
+        damping_setting=None if state.damping_setting is None else rep,
     )
 
 
@@ -1193,7 +1220,9 @@ def kfac(
       likelihood: ``"categorical"``, ``"gaussian"`` or ``"bernoulli"``.
       momentum: ``"adaptive"`` (from the quadratic model), a float, or ``None``: adaptive
         when ``learning_rate`` is ``None``, else ``0``.
-      damping: initial ``lambda > 0`` (traceable).
+      damping: initial ``lambda > 0`` (traceable: a new value injected with
+        ``optax.inject_hyperparams`` takes effect at the next step, restarting the
+        adaptation from it and refreshing the preconditioner).
       adaptive_damping: adapt ``lambda`` by the Levenberg-Marquardt rule.
       damping_every: steps between damping adaptations.
       damping_decay: per-step factor; ``lambda`` moves by ``damping_decay ** damping_every``

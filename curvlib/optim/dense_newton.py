@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from curvlib import _deprecation, _validate
+from curvlib import _deprecation, _tree, _validate
 from curvlib._compile import weak_cache
 from curvlib._status import Status, from_flags
 from curvlib.optim import _common
@@ -252,13 +252,13 @@ def scale_by_newton(
             name, params, max_params, "forms the dense {n} x {n} curvature matrix",
             "use curvlib.newton_cg for large models")
         zero = jnp.zeros((), dt)
-        return ScaleByNewtonState(
+        return _tree.unaliased(ScaleByNewtonState(
             count=jnp.zeros((), jnp.int32),
             info=NewtonInfo(zero, zero, jnp.zeros((), jnp.int32), jnp.asarray(False), zero,
                             converged=jnp.asarray(True), finite=jnp.asarray(True),
                             num_matvecs=jnp.zeros((), jnp.int32),
                             status=jnp.asarray(Status.SUCCESS, jnp.int32)),
-        )
+        ))  # donatable
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         setup = _common.curvature_setup(
@@ -266,7 +266,9 @@ def scale_by_newton(
             ggn=ggn, hvp_mode=mode, microbatch_size=None, has_aux=has_aux,
             updates=updates,
         )
+        # the dense eigendecomposition runs in at least float32 (LAPACK has no half precision)
         C = dense_curvature(setup.matvec, params)
+        C = C.astype(jnp.promote_types(C.dtype, jnp.float32))
         g, unravel = ravel_pytree(updates)
         finite = jnp.isfinite(setup.value) & jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(C))
         C = jnp.where(finite, C, jnp.eye(C.shape[0], dtype=C.dtype))

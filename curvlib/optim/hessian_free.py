@@ -423,7 +423,7 @@ def scale_by_newton_cg(
 
     def init_fn(params):
         _validate.float_leaves(params, "params", init=name)
-        return _init_state(params, damping)
+        return _tree.unaliased(_init_state(params, damping), damping)  # donatable
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         setup = _common.curvature_setup(

@@ -222,7 +222,7 @@ def scale_by_bfgs(
         n, dt = _common.dense_init(name, params, max_params, "stores a dense {n} x {n} matrix",
                                    "use optax.lbfgs")
         zero = jnp.zeros((), dt)
-        return ScaleByBFGSState(
+        return _tree.unaliased(ScaleByBFGSState(
             count=jnp.zeros((), jnp.int32),
             num_finite=jnp.zeros((), jnp.int32),
             num_updates=jnp.zeros((), jnp.int32),
@@ -233,7 +233,7 @@ def scale_by_bfgs(
                           converged=jnp.asarray(True), finite=jnp.asarray(True),
                           num_matvecs=jnp.zeros((), jnp.int32),
                           status=jnp.asarray(Status.SUCCESS, jnp.int32)),
-        )
+        ))  # donatable
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         loss = _common.bind_loss(name, value_fn, extra_args, has_aux=has_aux)

@@ -113,8 +113,9 @@ class TrackCurvatureState(NamedTuple):
 
     Attributes:
       count: number of ``update`` calls so far (int32).
-      key: the PRNG key given to [`track_curvature`][curvlib.track_curvature]; refresh ``t`` uses
-        ``fold_in(key, t)``.
+      key: the PRNG key given to [`track_curvature`][curvlib.track_curvature] (a typed key's
+        raw data, ``jax.random.key_data``, so the state serialises like any array);
+        refresh ``t`` uses ``fold_in(key, t)``.
       eigenvectors: the tracked eigenvectors, a pytree shaped like the
         parameters with a leading axis ``k`` (zeros before the first refresh);
         the warm start of the next refresh.
@@ -204,6 +205,20 @@ class _Config(NamedTuple):
     hvp_mode: str | None
     microbatch_size: int | None
     warm_noise: Any
+    key_impl: Any = None  # a typed key's implementation (its raw data is what the state keeps)
+
+
+def _raw_key(key) -> jax.Array:
+    """The state's copy of ``key``: a typed key's raw data (serialisable like any array)."""
+    key = jnp.asarray(key)
+    return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+
+
+def _usable_key(stored, impl) -> jax.Array:
+    """The key the refreshes draw from: ``stored`` as given, or rewrapped in ``impl``."""
+    if impl is None or jnp.issubdtype(stored.dtype, jax.dtypes.prng_key):
+        return stored  # a legacy key, or a typed key the user put in the state
+    return jax.random.wrap_key_data(stored, impl=impl)
 
 
 def _loss_grad_and_matvec(loss: _common.Loss, params: PyTree, extra_args: dict, cfg: _Config):
@@ -267,7 +282,8 @@ def _measure(loss, params, extra_args, state: TrackCurvatureState, cfg: _Config)
     old = state.info
     dt = old.eigenvalues.dtype
     loss_value, grad, matvec = _loss_grad_and_matvec(loss, params, extra_args, cfg)
-    k_start, k_trace = jax.random.split(jax.random.fold_in(state.key, state.count))
+    k_start, k_trace = jax.random.split(jax.random.fold_in(_usable_key(state.key, cfg.key_impl),
+                                                           state.count))
 
     def solve(_):
         v0 = warm_start_vector(k_start, state.eigenvectors, params, cfg.warm_noise)
@@ -526,7 +542,9 @@ def track_curvature(
     _validate.one_of(mode, "mode", _common.HVP_MODES)
     microbatch_size = _validate.static_int(microbatch_size, "microbatch_size", minimum=1,
                                            optional=True)
-    cfg = _Config(k, which, eigsh, num_probes, trace_method, mode, microbatch_size, warm_noise)
+    typed = jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key)
+    cfg = _Config(k, which, eigsh, num_probes, trace_method, mode, microbatch_size, warm_noise,
+                  jax.random.key_impl(key) if typed else None)
     name = "track_curvature"
 
     def init_fn(params):
@@ -541,12 +559,12 @@ def track_curvature(
                 f"`basis_size`={cfg.eigsh.basis_size} exceeds the number of parameters ({n})."
             )
         dt = jnp.promote_types(_tree.dtype(params), jnp.float32)
-        return TrackCurvatureState(
+        return _tree.unaliased(TrackCurvatureState(  # donatable: no buffer in two leaves
             count=jnp.zeros([], jnp.int32),
-            key=jnp.asarray(key),
+            key=_raw_key(key),
             eigenvectors=_tree.basis_zeros(params, cfg.k),
             info=_empty_info(cfg.k, dt),
-        )
+        ), key)
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         loss = _common.bind_loss(name, value_fn, extra_args, has_aux=has_aux)

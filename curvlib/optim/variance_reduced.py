@@ -192,7 +192,7 @@ def scale_by_svrg(
     def init_fn(params):
         _validate.float_leaves(params, "params", init=name)
         dt = _common.float_dtype(params)
-        return ScaleBySVRGState(
+        return _tree.unaliased(ScaleBySVRGState(
             count=jnp.zeros((), jnp.int32),
             since_snapshot=jnp.asarray(snapshot_every, jnp.int32),
             snapshot_params=_tree.zeros_like(params),
@@ -201,7 +201,7 @@ def scale_by_svrg(
                           converged=jnp.asarray(True), finite=jnp.asarray(True),
                           num_matvecs=jnp.zeros((), jnp.int32),
                           status=jnp.asarray(Status.SUCCESS, jnp.int32)),
-        )
+        ), snapshot_every)  # donatable
 
     def update_fn(updates, state, params=None, *, value_fn=None, full_value_fn=None,
                   full_grad_fn=None, **extra_args):
