@@ -34,7 +34,15 @@ TINY = ["--d-model", "8", "--layers", "1", "--heads", "2", "--seq-len", "8",
     (["--k", "100000"], r"k \(--k\) = 100000 needs k \+ 2 = 100002 sequences"),
     (["--eig-tol", "0"], r"eig_tol \(--eig-tol\)` must be > 0"),
     (["--microbatch-size", "0"], r"microbatch_size \(--microbatch-size\)` must be >= 1"),
-    (["--train-steps", "-5"], r"train_steps \(--train-steps\)` must be >= 0"),
+    (["--train-steps", "0"], r"train_steps \(--train-steps\)` must be >= 1"),
+    (["--sigma-min", "1e-50"], r"sigma_min \(--sigma-min\) = 1e-50 is 0 in float32"),
+    (["--sigma-max", "1e30"], r"sigma_max \(--sigma-max\) = 1e\+30: sigma\^4 overflows"),
+    (["--task", "spectrum", "--k", "0"], r"--k applies to --task delta2 only"),
+    (["--hidden", "0"], r"--hidden applies to --task spectrum only"),
+    (["--compilation-cache-dir", "/tmp"], r"--compilation-cache-dir and "
+                                          r"--no-compilation-cache contradict"),
+    (["--num-sigmas", "1", "--sigma-max", "0.1"], r"--sigma-max would be ignored"),
+    (["--out", ""], r"--out must name a folder"),
     (["--task", "spectrum", "--top-k", "0"], r"top_k \(--top-k\)` must be >= 1"),
     (["--task", "spectrum", "--hidden", "1", "--top-k", "100"],
      r"top_k \(--top-k\) = 100 must be smaller than the MLP's parameter count N = 85"),
@@ -50,6 +58,32 @@ def test_cli_checks_every_option_before_any_work(argv, message, capsys):
     import re
 
     assert re.search(message, err), err
+
+
+def test_cli_refuses_unusable_folders_before_any_work(tmp_path, monkeypatch, capsys):
+    # a folder under a plain file was found only when the report was written, after all
+    # the work; a cache folder that is a file raised a bare FileExistsError
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    cases = [(["--out", str(afile / "sub"), "--no-compilation-cache"],
+              r"--out '.*afile/sub' cannot be created: '.*afile' is not a folder"),
+             (["--out", str(afile), "--no-compilation-cache"], r"--out '.*afile' exists and is "
+                                                               r"not a folder"),
+             (["--out", str(tmp_path / "o"), "--compilation-cache-dir", str(afile)],
+              r"--compilation-cache-dir '.*afile' exists and is not a folder")]
+    import re
+
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert re.search(message, capsys.readouterr().err)
+    monkeypatch.setenv("CURVLIB_CACHE_DIR", str(afile))
+    with pytest.raises(SystemExit):
+        cli.main(["--out", str(tmp_path / "o")])
+    assert "$CURVLIB_CACHE_DIR" in capsys.readouterr().err
+    # a folder that does not exist yet is fine, and nothing is created by the checks
+    cli.parse_config(["--out", str(tmp_path / "new" / "deeper"), "--no-compilation-cache"])
+    assert not (tmp_path / "new").exists()
 
 
 def test_cli_help_has_text_and_default_for_every_option():

@@ -95,7 +95,7 @@ def _add_common_options(p: argparse.ArgumentParser, dc: ProbeConfig) -> None:
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-compilation-cache", action="store_true",
                    help="do not use JAX's persistent compilation cache")
-    p.add_argument("--compilation-cache-dir", default=None,
+    p.add_argument("--compilation-cache-dir", default=argparse.SUPPRESS,
                    help="folder of the persistent compilation cache (default: "
                    "$CURVLIB_CACHE_DIR, else ~/.cache/curvlib/jax)")
 
@@ -109,7 +109,7 @@ def _add_training_options(p: argparse.ArgumentParser, dc: ProbeConfig) -> None:
     g.add_argument("--heads", type=int, default=dc.num_heads, help="attention heads")
     g.add_argument("--seq-len", type=int, default=dc.seq_len,
                    help="tokens per sample (one sample = one sequence)")
-    g.add_argument("--train-steps", type=int, default=dc.train_steps, help="AdamW steps")
+    g.add_argument("--train-steps", type=int, default=dc.train_steps, help="AdamW steps (>= 1)")
     g.add_argument("--batch-size", type=int, default=dc.batch_size,
                    help="training sequences per step")
     g.add_argument("--learning-rate", type=float, default=dc.learning_rate,
@@ -152,11 +152,73 @@ def _add_spectrum_options(p: argparse.ArgumentParser, sc: SpectrumConfig) -> Non
     g = p.add_argument_group("spectrum task")
     g.add_argument("--hidden", type=int, default=sc.hidden, help="MLP hidden width")
     g.add_argument("--top-k", type=int, default=sc.top_k, help="top Hessian eigenvalues")
-    g.add_argument("--mlp-steps", type=int, default=sc.train_steps, help="MLP training steps")
+    g.add_argument("--mlp-steps", type=int, default=sc.train_steps,
+                   help="MLP training steps (>= 1)")
+
+
+def _given(parser: argparse.ArgumentParser, argv) -> dict:
+    """``dest -> flag`` of the options written on the command line (not defaulted)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    words = {w.split("=", 1)[0] for w in argv if w.startswith("--")}
+    return {act.dest: flag for act in parser._actions for flag in act.option_strings
+            if flag in words}
+
+
+def _task_options(parser: argparse.ArgumentParser) -> dict:
+    """``dest -> task`` of the options that belong to one task (their group's title)."""
+    out = {}
+    for group in parser._action_groups:
+        task = ("delta2" if "(delta2)" in (group.title or "") else
+                "spectrum" if "spectrum" in (group.title or "") else None)
+        if task is not None:
+            out.update({act.dest: task for act in group._group_actions})
+    return out
+
+
+def _check_paths_and_combinations(parser, a, argv) -> None:
+    """The output and cache folders usable, and no option that the run would ignore."""
+    given = _given(parser, argv)
+    for dest, task in _task_options(parser).items():
+        if dest in given and task != a.task:
+            raise ValueError(f"{given[dest]} applies to --task {task} only (this run: "
+                             f"--task {a.task}).")
+    if a.no_compilation_cache and "compilation_cache_dir" in given:
+        raise ValueError("--compilation-cache-dir and --no-compilation-cache contradict "
+                         "each other: pass one.")
+    if a.task == "delta2" and a.num_sigmas == 1 and "sigma_max" in given:
+        raise ValueError("with --num-sigmas 1 the grid is --sigma-min alone: --sigma-max "
+                         "would be ignored.")
+    _usable_folder(a.out, "--out")
+    if not a.no_compilation_cache:
+        cache = getattr(a, "compilation_cache_dir", None)
+        _usable_folder(cache or default_cache_dir(), "--compilation-cache-dir" if cache else
+                       "the compilation cache folder ($CURVLIB_CACHE_DIR or ~/.cache/curvlib/jax;"
+                       " --no-compilation-cache turns it off)")
+
+
+def _usable_folder(path: str, name: str) -> None:
+    """``path`` is a writable folder, or one that can be created (nothing is created here)."""
+    if not path:
+        raise ValueError(f"{name} must name a folder; got {path!r}.")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{name} {path!r} exists and is not a folder.")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):  # the nearest existing ancestor holds the new folders
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{name} {path!r} cannot be created: {parent!r} is not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {path!r} is not writable ({parent!r}).")
 
 
 def parse_config(argv=None, parser: argparse.ArgumentParser | None = None):
-    """``(args, config)`` with every option checked; bad input exits via ``parser.error``."""
+    """``(args, config)`` with every option checked; bad input exits via ``parser.error``.
+
+    Checked before any work: every value of the task's options, the output and
+    compilation-cache folders (writable, or creatable where they do not exist), and
+    options the run would ignore (another task's, a cache folder with
+    ``--no-compilation-cache``, ``--sigma-max`` with a one-point grid).
+    """
     parser = parser or build_parser()
     a = parser.parse_args(argv)
     if a.quick:
@@ -180,8 +242,7 @@ def parse_config(argv=None, parser: argparse.ArgumentParser | None = None):
                               timing_repeats=a.timing_repeats, next_subspace=not a.no_overlap,
                               seed=a.seed, out=a.out, plot=not a.no_plot)
             cfg.validate()
-        if os.path.exists(a.out) and not os.path.isdir(a.out):
-            raise ValueError(f"--out {a.out!r} exists and is not a folder.")
+        _check_paths_and_combinations(parser, a, argv)
     except ValueError as e:
         parser.error(str(e))
     return a, cfg
@@ -214,7 +275,7 @@ def main(argv=None) -> dict:
     """
     a, cfg = parse_config(argv)
     if not a.no_compilation_cache:
-        enable_compilation_cache(a.compilation_cache_dir)
+        enable_compilation_cache(getattr(a, "compilation_cache_dir", None))
     if a.task == "spectrum":
         return run_spectrum(cfg)
     return run_probe(cfg)

@@ -87,8 +87,8 @@ class ProbeConfig:
         (``corpus`` is loaded when not given).
         """
         _ints(self, ("d_model", "num_layers", "num_heads", "seq_len", "batch_size", "k",
-                     "num_sigmas", "basis_size", "sample_batch_size"), 1)
-        _ints(self, ("train_steps", "timing_repeats", "seed"), 0)
+                     "num_sigmas", "basis_size", "sample_batch_size", "train_steps"), 1)
+        _ints(self, ("timing_repeats", "seed"), 0)
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model (--d-model) = {self.d_model} must be a multiple of num_heads "
@@ -107,6 +107,13 @@ class ProbeConfig:
                 f"sigma_max (--sigma-max) = {self.sigma_max!r} must be larger than sigma_min "
                 f"(--sigma-min) = {self.sigma_min!r} (equal only with --num-sigmas 1)."
             )
+        # the probe runs in float32: a sigma must stay > 0 there, and sigma^4 finite
+        if not np.float32(self.sigma_min) > 0:
+            raise ValueError(f"sigma_min (--sigma-min) = {self.sigma_min!r} is 0 in float32, the "
+                             "probe's precision; use a value above 1e-30.")
+        if not np.isfinite(np.float32(self.sigma_max) ** 4):
+            raise ValueError(f"sigma_max (--sigma-max) = {self.sigma_max!r}: sigma^4 overflows "
+                             "float32, the probe's precision; use a value below 1e9.")
         dims = tuple(self.dims)
         if not dims or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
                                and d >= 1 for d in dims):

@@ -38,7 +38,7 @@ class SpectrumConfig:
         flags = {"hidden": "--hidden", "top_k": "--top-k", "train_steps": "--mlp-steps",
                  "batch_size": "batch_size", "num_matvecs": "num_matvecs",
                  "num_probes": "num_probes", "seed": "--seed"}
-        for name, low in (("hidden", 1), ("top_k", 1), ("train_steps", 0), ("batch_size", 1),
+        for name, low in (("hidden", 1), ("top_k", 1), ("train_steps", 1), ("batch_size", 1),
                           ("num_matvecs", 2), ("num_probes", 1), ("seed", 0)):
             _validate.static_int(getattr(self, name), f"{name} ({flags[name]})", minimum=low)
         n = (64 + 1) * self.hidden + (self.hidden + 1) * 10  # the 64-hidden-10 MLP

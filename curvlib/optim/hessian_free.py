@@ -58,10 +58,15 @@ its batch once. ``C = J^T H_l J`` with ``J`` the Jacobian of ``model_fn`` and
 ``H_l`` the Hessian of ``loss_fn`` in the outputs ([`curvlib.ggn_matvec`][curvlib.ggn_matvec]):
 positive semi-definite for a convex output loss (Schraudolph 2002).
 
-The reduction ratio compares the loss ``value_fn`` with *its own* quadratic
-model: ``g`` in $q$ is the gradient of ``value_fn`` at ``params``
-(``grad=`` when passed), not the incoming update, so ``rho`` stays meaningful
-when the update is a clipped or accumulated gradient.
+The reduction ratio measures the objective whose gradient is the incoming
+update. Where the update is ``value_fn``'s own gradient (to rounding) that is
+``value_fn``; where a transform earlier in the chain changed it (weight decay,
+clipping, an accumulated gradient) by ``d = updates - grad``, the difference is
+taken as the gradient of a term linear over the step: the model uses the
+update as its gradient and the measured change is
+$f(w - p) - f(w) - d^\top p$ (`upstream_shift`). So
+``chain(optax.add_decayed_weights(wd), newton_cg())`` converges to the minimiser
+of $f + \tfrac{wd}{2}\|w\|^2$, as optax's first-order chains do.
 
 Hyperparameters and wrappers
 ----------------------------
@@ -75,10 +80,10 @@ Hyperparameters and wrappers
 * ``optax.MultiSteps(newton_cg(), k)`` averages the gradient over ``k``
   micro-batches but passes the inner update only the last micro-step's extra
   arguments. The step then solves ``(C_B + lambda I) p = mean gradient`` with
-  ``C_B`` the curvature of the last micro-batch's ``value_fn``, and ``rho``
-  compares that ``value_fn`` with its own model (consistent: curvature, loss
-  and model gradient all from one batch; a sub-sampled-curvature Newton step,
-  Byrd et al. 2011). MultiSteps also runs the inner update, CG solve included,
+  ``C_B`` the curvature of the last micro-batch's ``value_fn`` (a
+  sub-sampled-curvature Newton step, Byrd et al. 2011), and ``rho`` measures
+  that ``value_fn`` plus the other micro-batches' gradient as a linear term (the
+  mean loss to first order in the other batches, above). MultiSteps also runs the inner update, CG solve included,
   at every micro-step and keeps only the last. To use a large batch at bounded
   memory prefer ``microbatch_size`` (the curvature of the whole batch,
   accumulated chunk by chunk); for the full-batch step under MultiSteps pass a
@@ -271,6 +276,32 @@ def model_decrease(grad, p, matvec):
     return -_tree.vdot(grad, p) + 0.5 * pcp, pcp
 
 
+def upstream_shift(updates, grad) -> PyTree:
+    r"""``updates - grad`` where it exceeds rounding, else zeros: what the chain added upstream.
+
+    A transform before this one (``optax.add_decayed_weights``, clipping) makes
+    the incoming ``updates`` the gradient of another objective than ``value_fn``;
+    the difference ``d`` is taken as the gradient of a term linear over one step,
+    $f(w) + d^\top w$, so the acceptance test and the model measure the objective
+    the direction descends (weight decay: the steps reach the regularised
+    minimiser). A difference within ``sqrt(eps)`` of the gradients' norm is
+    rounding (``value_fn``'s own gradient): zeros, and the test is the plain loss.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from curvlib.optim.hessian_free import upstream_shift
+      >>> g = jnp.array([1.0, -2.0])
+      >>> upstream_shift(g + 0.5 * jnp.array([2.0, 2.0]), g).tolist()  # weight decay 0.5 w
+      [1.0, 1.0]
+      >>> upstream_shift(g * (1 + 1e-7), g).tolist()  # rounding
+      [0.0, 0.0]
+    """
+    d = _tree.sub(updates, grad)
+    eps = jnp.finfo(_tree.dtype(grad)).eps
+    scale = jnp.maximum(_tree.norm(updates), _tree.norm(grad))
+    return _tree.scale((_tree.norm(d) > jnp.sqrt(eps) * scale).astype(_tree.dtype(grad)), d)
+
+
 def reduction_ratio(actual, predicted, dt) -> jax.Array:
     """``rho = actual / predicted``; ``-inf`` when non-finite (a model that never decreases).
 
@@ -436,18 +467,23 @@ def scale_by_newton_cg(
         rtol = jnp.minimum(cg.rtol, jnp.sqrt(_tree.norm(updates)))
         x0 = _tree.scale(jnp.asarray(warm_start_decay, dt), state.solution)
         p, res = _solve(setup.matvec, updates, x0, lam, rtol, int(max_steps), cg.atol)
-        predicted, pcp = model_decrease(setup.grad, p, setup.matvec)
+        # updates changed upstream (weight decay, clipping: ``shift``, beyond rounding)
+        # are the gradient of the loss plus a term linear over the step; the model and
+        # the measured change describe that objective, whose minimiser the steps seek
+        shift = upstream_shift(updates, setup.grad)
+        predicted, pcp = model_decrease(_tree.add(setup.grad, shift), p, setup.matvec)
         trial = jnp.asarray(setup.loss(_tree.sub(params, p))).astype(dt)
-        rho = reduction_ratio(trial - setup.value, predicted, dt)
+        change = (trial - setup.value) - _tree.vdot(shift, p).astype(dt)
+        rho = reduction_ratio(change, predicted, dt)
         finite = (
             _tree.all_finite(setup.value, setup.grad, updates, p)
             & res.finite & jnp.isfinite(pcp)
         )
-        # a step must lower the loss; one that leaves it equal is accepted only where the
-        # model predicts no decrease either (a stationary point): below the precision of
-        # the parameters or the loss, an equal loss is a stall, not progress
+        # a step must lower the objective; one that leaves it equal is accepted only where
+        # the model predicts no decrease either (a stationary point): below the precision
+        # of the parameters or the loss, an equal loss is a stall, not progress
         accepted = finite & jnp.isfinite(trial) & (
-            (trial < setup.value) | ((trial == setup.value) & ~(predicted < 0)))
+            (change < 0) | ((change == 0) & ~(predicted < 0)))
         lam_next = new_damping(
             lam, rho, accepted, pcp, p, increase=damping_increase, decrease=damping_decrease,
             min_damping=min_damping, max_damping=max_damping,
