@@ -83,9 +83,10 @@ Hyperparameters and wrappers
   ``C_B`` the curvature of the last micro-batch's ``value_fn`` (a
   sub-sampled-curvature Newton step, Byrd et al. 2011), and ``rho`` measures
   that ``value_fn`` plus the other micro-batches' gradient as a linear term (the
-  mean loss to first order in the other batches, above). MultiSteps also runs the inner update, CG solve included,
-  at every micro-step and keeps only the last. To use a large batch at bounded
-  memory prefer ``microbatch_size`` (the curvature of the whole batch,
+  mean loss to first order in the other batches, above). MultiSteps also runs the
+  inner update, CG solve included, at every micro-step and keeps only the last.
+  To use a large batch at bounded memory prefer ``microbatch_size`` (the
+  curvature of the whole batch,
   accumulated chunk by chunk); for the full-batch step under MultiSteps pass a
   ``value_fn`` over the whole accumulated batch at the last micro-step.
 
