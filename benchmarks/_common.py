@@ -287,6 +287,36 @@ def load_results() -> dict[str, dict]:
     return out
 
 
+def _head() -> str:
+    """The short commit this summary is rendered at (``?`` without git)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT.parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return out.stdout.strip() or "?"
+
+
+def _round(x):
+    return f"{x:.1f}" if isinstance(x, int | float) else "?"
+
+
+def _commits_since(commit) -> str:
+    """How many commits changed ``curvlib/`` after ``commit`` (``?`` without git)."""
+    import subprocess
+
+    if not commit:
+        return "?"
+    try:
+        out = subprocess.run(["git", "rev-list", "--count", f"{commit}..HEAD", "--", "curvlib"],
+                             cwd=ROOT.parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "?"
+
+
 def render_summary(results: dict[str, dict] | None = None) -> str:
     """Markdown summary of every ``results/*.json`` that carries a ``summary`` block."""
     results = load_results() if results is None else results
@@ -304,8 +334,22 @@ def render_summary(results: dict[str, dict] | None = None) -> str:
             f"Commit {m.get('git_commit')}, {m.get('date_utc')}"
             f"{' (quick mode)' if m.get('quick') else ''}.",
             "",
-            "Times are medians over the listed repeats after warm-up; ratios are "
-            "peer / curvlib (above 1 means curvlib is faster), measured in one run.",
+            "Times are medians over the listed repeats after warm-up. A ratio is peer / "
+            "curvlib (above 1: curvlib is faster) unless its row says otherwise: rows read "
+            "\"x slower\", \"of a gradient\", \"of one eigsh\", \"K-FAC / Adam\" or with a goal "
+            "written \"<= ...\" are curvlib / peer (below 1: curvlib is faster). Peers are "
+            "measured in the same run unless the case's notes say otherwise.",
+            "",
+            "Each case's run (its JSON's `meta`): the commit and date it measured, and how many "
+            f"commits had changed `curvlib/` since when this summary was rendered (at "
+            f"{_head()}; a case measured long ago describes older code: rerun it with "
+            "`python -m benchmarks.run --only <case>`).",
+            "",
+            md_table(["case", "commit", "date (UTC)", "load (1 min)", "curvlib commits since"],
+                     [[name, r["meta"].get("git_commit"), str(r["meta"].get("date_utc"))[:16],
+                       _round(r["meta"].get("load_avg_1m_at_start")), _commits_since(
+                           r["meta"].get("git_commit"))]
+                      for name, r in results.items() if "meta" in r]),
             "",
         ]
     headline = []

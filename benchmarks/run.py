@@ -31,10 +31,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="short run: fewer sizes and repeats")
     ap.add_argument("--only", nargs="*", choices=CASES + EXTRA,
                     help="run only these cases (large_model runs only when named)")
+    ap.add_argument("--compilation-cache", action="store_true",
+                    help="use JAX's persistent compilation cache ($CURVLIB_CACHE_DIR or "
+                         "~/.cache/curvlib/jax); off by default, as the in-process compile "
+                         "columns would then time cache loads (first-call figures are always "
+                         "measured in fresh processes without it)")
     ap.add_argument("--no-compilation-cache", action="store_true",
-                    help="do not use JAX's persistent compilation cache (on by default, in "
-                         "$CURVLIB_CACHE_DIR or ~/.cache/curvlib/jax; first-call figures are "
-                         "always measured in fresh processes without it)")
+                    help="the default (kept for old command lines)")
     ap.add_argument("--threads", type=int, default=None,
                     help="intra-op threads for torch (default: all cores visible, as XLA "
                          "uses); 1 also makes XLA single-threaded")
@@ -47,7 +50,7 @@ def main(argv=None) -> int:
                                    "=false intra_op_parallelism_threads=1").strip()
     from . import _common as C
 
-    if not args.no_compilation_cache:
+    if args.compilation_cache and not args.no_compilation_cache:
         import curvlib
 
         C.log(f"persistent compilation cache: {curvlib.enable_compilation_cache()}")

@@ -10,7 +10,8 @@ set size (``getrusage``) belongs to that size alone. Per size we record:
   default ``num_matvecs``), and time per product;
 * memory: peak RSS minus the RSS before compiling, and XLA's own
   ``memory_analysis()`` of the compiled program (arguments + temporaries);
-* the analytic size of the Krylov basis (``num_matvecs + 2`` vectors).
+* the analytic size of the Krylov basis (eigsh's default ``max(4k, 20)`` rows for
+  ``k = 10``, plus 2 vectors).
 
 The log-log slopes of run time and memory against the parameter count are fitted
 (near 1 means linear scaling).
@@ -63,7 +64,7 @@ def worker(width: int, reps: int) -> dict:
     timing = C.time_fn(lambda: compiled(params, v0, *batch), repeats=reps, number=1, warmup=0)
     n = M.num_params(params)
     nmv = int(r.num_matvecs)
-    m = min(n, 20)
+    m = min(n, max(4 * 10, 20))  # eigsh's default basis for k = 10: max(4k, 20) rows
     return {
         "width": width,
         "num_params": n,
