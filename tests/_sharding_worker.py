@@ -330,7 +330,8 @@ def main(path):
     fsdp_specs = {"w1": P(None, "data"), "b1": P("data"), "w2": P("data")}
     layouts = {
         # batch split over all devices, parameters replicated
-        "data_parallel": (mesh1, P("data"), {"w1": P(), "b1": P(), "w2": P()}),
+        # (replicated leaves annotated per leaf, as flax's partitioning writes them)
+        "data_parallel": (mesh1, P("data"), {"w1": P(None, None), "b1": P(None), "w2": P()}),
         # FSDP: batch and parameters split over the same axis
         "fsdp": (mesh1, P("data"), fsdp_specs),
         # 2-D: batch over "data", parameters over "model"

@@ -462,6 +462,15 @@ def test_newton_cg_flags_a_step_below_the_precision_of_the_parameters_as_a_stall
     x = jnp.array([1.0, 1.0], jnp.float32)
     u, s = tx.update(jax.grad(g)(x), tx.init(x), x, value_fn=g)
     assert bool(s.info.accepted) and int(s.info.status) == curvlib.Status.SUCCESS
+    # with an upstream change of the update (weight decay), the linear term is charged on
+    # the step the parameters can take: none here, so still a stall (it read SUCCESS)
+    h = lambda w: jnp.sum(2e-4 * w + 0.5 * (w - 1e4) ** 2)
+    w = jnp.array([1e4], jnp.float32)
+    chain = optax.chain(optax.add_decayed_weights(1e-8),
+                        optim.scale_by_newton_cg(damping=0.0, min_damping=0.0))
+    u, s = chain.update(jax.grad(h)(w), chain.init(w), w, value_fn=h)
+    assert not bool(s[1].info.accepted) and int(s[1].info.status) == curvlib.Status.STALLED
+    assert bool(jnp.all(u == 0))
 
 
 def test_damping_settings_must_be_finite_and_ordered():

@@ -378,6 +378,11 @@ def test_a_fresh_state_can_be_donated_and_the_users_arrays_survive(name):
             p, s, _ = step(p, s, batch, batch)
         assert _all_finite(p)
     assert not key.is_deleted() and not damping.is_deleted()
+    # a typed key: its raw data is the state's own buffer (key_data shares the key's)
+    typed = jax.random.key(4)
+    tracker = optim.track_curvature(1, 1, key=typed, num_probes=3)
+    jax.jit(lambda s: s, donate_argnums=0)(tracker.init(_params(jnp.float32)))
+    jax.random.split(typed)  # raised "Buffer has been deleted or donated"
 
 
 def test_newton_runs_on_bfloat16_parameters():

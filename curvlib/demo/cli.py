@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Every option is checked before any work."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # a flag is spelled out: the checks see what was given
     )
     dc, sc = ProbeConfig(), SpectrumConfig()
     _add_common_options(p, dc)

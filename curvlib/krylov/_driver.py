@@ -305,14 +305,18 @@ def to_device(tree, like=None):
 
 
 def _replicated_over(like):
-    """The sharding every leaf of ``like`` shares when it is replicated on several devices."""
-    shardings = {getattr(x, "sharding", None) for x in jax.tree.leaves(like)}
-    if len(shardings) != 1:
+    """A sharding of ``like``'s leaves when all are replicated on the same several devices."""
+    shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(like)]
+    if not shardings or any(s is None or not s.is_fully_replicated for s in shardings):
         return None
-    (s,) = shardings
-    if s is None or len(s.device_set) < 2 or not s.is_fully_replicated:
+    devices = {frozenset(s.device_set) for s in shardings}
+    if len(devices) != 1 or len(shardings[0].device_set) < 2:
         return None
-    return s
+    s = shardings[0]
+    if not isinstance(s, jax.sharding.NamedSharding):
+        return None
+    # replicated on the mesh: a spec of no axes places a result of any rank
+    return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
 
 
 def _to_host(a):

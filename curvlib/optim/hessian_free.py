@@ -473,8 +473,12 @@ def scale_by_newton_cg(
         # the measured change describe that objective, whose minimiser the steps seek
         shift = upstream_shift(updates, setup.grad)
         predicted, pcp = model_decrease(_tree.add(setup.grad, shift), p, setup.matvec)
-        trial = jnp.asarray(setup.loss(_tree.sub(params, p))).astype(dt)
-        change = (trial - setup.value) - _tree.vdot(shift, p).astype(dt)
+        trial_params = _tree.sub(params, p)
+        trial = jnp.asarray(setup.loss(trial_params)).astype(dt)
+        # the linear term is charged on the step the parameters can take (a step below
+        # their precision moves nothing, and stays a stall)
+        taken = _tree.sub(params, trial_params)
+        change = (trial - setup.value) - _tree.vdot(shift, taken).astype(dt)
         rho = reduction_ratio(change, predicted, dt)
         finite = (
             _tree.all_finite(setup.value, setup.grad, updates, p)

@@ -211,7 +211,9 @@ class _Config(NamedTuple):
 def _raw_key(key) -> jax.Array:
     """The state's copy of ``key``: a typed key's raw data (serialisable like any array)."""
     key = jnp.asarray(key)
-    return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jnp.copy(jax.random.key_data(key))  # its own buffer: donating it keeps the key
+    return key
 
 
 def _usable_key(stored, impl) -> jax.Array:
