@@ -11,6 +11,7 @@ from these.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -69,6 +70,10 @@ def linesearch_link(linesearch, has_aux: bool = False) -> optax.GradientTransfor
     ``init`` returns no weakly typed leaf (so a jitted step does not retrace,
     `strongly_typed`).
     """
+    if not (hasattr(linesearch, "init") and hasattr(linesearch, "update")):
+        raise TypeError("`linesearch` must be an optax GradientTransformation (e.g. "
+                        "optax.scale_by_zoom_linesearch(...)) or None; got "
+                        f"{type(linesearch).__name__}.")
     ls = strongly_typed(linesearch)
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
@@ -118,6 +123,7 @@ def alias(
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         loss = bind_loss(name, value_fn, extra_args, has_aux=has_aux)
         params = require_params(name, params, updates)
+        check_state(name, inner.init, state, params)
         if linesearch is not None and (
             extra_args.get("value") is None or extra_args.get("grad") is None
         ):
@@ -129,9 +135,30 @@ def alias(
             stalled = linesearch_stalled(new_state[-1], value, grad, out)
             new_state = flag_stalled(new_state, stalled)
             new_state = keep_search_if_not_finite(new_state, state, value, grad)
-        return out, new_state
+        return skip_if_not_finite(out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+_STATE_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_state(name: str, init, state, params) -> None:
+    """Raise unless ``state`` is shaped as ``init(params)`` makes it (a state from ``init``
+    of other parameters failed deep inside, naming internal arguments). The expected
+    shapes are computed once per parameter signature (``jax.eval_shape``: no work)."""
+    sig = (jax.tree.structure(params),
+           tuple((tuple(jnp.shape(x)), str(jnp.result_type(x))) for x in jax.tree.leaves(params)))
+    try:
+        cache = _STATE_SHAPES.setdefault(init, {})
+    except TypeError:  # not weak-referenceable: no cache
+        cache = {}
+    if sig not in cache:
+        if len(cache) > 32:
+            cache.clear()
+        cache[sig] = jax.eval_shape(init, params)
+    _validate.same_structure(cache[sig], state, f"{name}.init(params)", "state",
+                             what="Pass the state that `init` made for these `params`.")
 
 
 def linesearch_stalled(ls_state, value, grad, step) -> jax.Array:
@@ -177,6 +204,29 @@ def keep_search_if_not_finite(states: tuple, before: tuple, value, grad) -> tupl
     """
     finite = jnp.isfinite(value) & _tree.all_finite(grad)
     return (*states[:-1], _tree.select_tree(finite, states[-1], before[-1]))
+
+
+def skip_if_not_finite(out, states: tuple, before: tuple):
+    """``(out, states)``, or zeros and the state ``before`` the step (its first link's
+    ``info`` flagged ``NONFINITE``, ``skipped``) when ``out`` is not finite (traceable).
+
+    The links guard their own inputs; a link after the direction (a learning-rate
+    schedule that returns NaN, a line search) can still make the step non-finite.
+    Skipped, the run goes on as if the step never came, and says so.
+    """
+    ok = _tree.all_finite(out)
+    zero = _tree.zeros_like(out)
+    kept = _tree.select_tree(ok, states, before)
+    info = getattr(states[0], "info", None)  # this step's report, flagged below
+    if info is not None and "status" in getattr(info, "_fields", ()):
+        fix = {"status": jnp.where(ok, info.status, worst(info.status, Status.NONFINITE))}
+        for name in ("finite", "converged"):
+            if name in info._fields:
+                fix[name] = jnp.asarray(getattr(info, name)) & ok
+        if "skipped" in info._fields:
+            fix["skipped"] = jnp.asarray(info.skipped) | ~ok
+        kept = (kept[0]._replace(info=info._replace(**fix)), *kept[1:])
+    return _tree.select_tree(ok, out, zero), kept
 
 
 def flag_stalled(states: tuple, stalled) -> tuple:

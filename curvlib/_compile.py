@@ -255,13 +255,18 @@ def as_operator(fn: Callable | None, example: PyTree, name: str = "matvec",
       ValueError: if ``fn(example)`` is not shaped like ``example``.
     """
     if fn is None:
+        if name == "matvec":  # the one operator every algorithm needs
+            raise TypeError("`matvec` must be a callable v -> A v; got None.")
         return None
     if not callable(fn):
         raise TypeError(f"`{name}` must be a callable v -> A v; got {type(fn).__name__}.")
+    # the vector first: an empty or integer one reached the user's function before
+    _validate.float_leaves(example, example_name)
     if is_pytree_operator(fn):
         return fn
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(example)
     _validate.same_structure(example, out_shape, example_name, f"{name}({example_name})")
+    _validate.real_output(out_shape, f"{name}({example_name})", example_name)
     in_tree = jax.tree.structure(example)
     out_tree = jax.tree.structure(out_shape)
     key = (str(closed.jaxpr), in_tree, out_tree)

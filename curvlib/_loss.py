@@ -46,6 +46,7 @@ def require_params(name: str, params, updates=None) -> PyTree:
         _validate.same_structure(params, updates, "params", "updates",
                                  what=f"(`{name}.update(updates, state, params)`: the "
                                  "gradients of the same parameters)")
+        _validate.float_leaves(updates, "updates")
     return params
 
 

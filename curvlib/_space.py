@@ -276,6 +276,7 @@ def flat_product(matvec, like, x):
     space = Space(like, "concat")
     out = matvec(space.unflatten(x))
     _validate.same_structure(like, out, "v0", "matvec(v0)")  # (at the trace only)
+    _validate.real_output(out, "matvec(v0)", "v0")
     return space.flatten(out)
 
 

@@ -436,6 +436,7 @@ def tangent(v, sig, like: str = "params", name: str = "tangent", *,
                 f"{name}{path} has shape {tuple(jnp.shape(x))} but {like}{path} has shape "
                 f"{want}."
             )
+    not_complex(v, name)
     for path, x, want in zip(paths, leaves, specs, strict=True):
         if want is not None and _tree.explicit_spec(x) != want:
             raise ValueError(
@@ -618,14 +619,14 @@ def functions(x, name: str, count: int = 1, *, what: str = "callable", optional:
       >>> functions(len, "ggn", 2, what="a pair `(model_fn, loss_fn)`")
       Traceback (most recent call last):
       ...
-      ValueError: `ggn` must be a pair `(model_fn, loss_fn)`; got <built-in function len>.
+      curvlib._validate.ArgumentError: `ggn` must be a pair `(model_fn, loss_fn)`; got <built-in ...
     """
     if x is None and optional:
         return None
     ok = (callable(x) if count == 1 else
           isinstance(x, tuple) and len(x) == count and all(callable(f) for f in x))
     if not ok:
-        raise ValueError(f"`{name}` must be {what}; got {x!r}.")
+        raise ArgumentError(f"`{name}` must be {what}; got {x!r}.")
     return x
 
 
@@ -636,7 +637,8 @@ def operator(op, example, name: str = "matvec", example_name: str = "v0") -> Non
     """Raise ``ValueError`` unless ``op(example)`` has ``example``'s structure and shapes.
 
     Accepts ``None`` (no operator) and any callable whose output, by
-    ``jax.eval_shape``, is shaped like its input (`same_structure`). Plain
+    ``jax.eval_shape``, is shaped like its input (`same_structure`) and real
+    floating (an integer or complex output is refused). Plain
     callables are traced every time (their closure may have changed); pytree
     operators (a ``Partial``) are traced once per structure, leaf shapes and
     dtypes of operator and vector.
@@ -645,8 +647,9 @@ def operator(op, example, name: str = "matvec", example_name: str = "v0") -> Non
         return
 
     def check():
-        same_structure(example, jax.eval_shape(op, example), example_name,
-                       f"{name}({example_name})")
+        out = jax.eval_shape(op, example)
+        same_structure(example, out, example_name, f"{name}({example_name})")
+        real_output(out, f"{name}({example_name})", example_name)
 
     if jax.tree_util.treedef_is_leaf(jax.tree.structure(op)):  # a plain callable
         return check()
@@ -661,6 +664,34 @@ def operator(op, example, name: str = "matvec", example_name: str = "v0") -> Non
         if len(_CHECKED_OPERATORS) >= 512:
             _CHECKED_OPERATORS.clear()
         _CHECKED_OPERATORS[sig] = True
+
+
+def real_output(out, name: str, like: str) -> None:
+    """Raise unless every leaf of an operator's output ``out`` is a real floating array.
+
+    An integer product (wrong eigenvalues, "converged") or a complex one (its
+    imaginary part dropped by the cast to the vector's dtype) was taken silently.
+    """
+    for path, y in jax.tree_util.tree_flatten_with_path(out)[0]:
+        dt = jnp.result_type(y)
+        if not jnp.issubdtype(dt, jnp.floating):
+            raise ArgumentError(f"`{name}{keystr(path)}` must be a real floating array like "
+                                f"`{like}`; got dtype {dt}.")
+
+
+def not_complex(tree, name: str) -> None:
+    """Raise for a complex leaf of a vector cast to real parameters (its imaginary part
+    would be dropped by the cast)."""
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if jnp.issubdtype(jnp.result_type(x), jnp.complexfloating):
+            raise ArgumentError(f"`{name}{keystr(path)}` must be a real array (integer or "
+                                f"floating); got dtype {jnp.result_type(x)}.")
+
+
+def scalar(x, name: str) -> None:
+    """Raise unless ``x`` is one number (a Python or NumPy scalar, or a 0-d array)."""
+    if jnp.ndim(x) != 0:
+        raise ArgumentError(f"`{name}` must be a real scalar; got shape {tuple(jnp.shape(x))}.")
 
 
 def _avals(tree) -> tuple:

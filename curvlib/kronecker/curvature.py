@@ -799,6 +799,7 @@ def kfac_curvature(
     References:
       J. Martens and R. Grosse, ICML 2015; R. Eschenhagen et al., NeurIPS 2023.
     """
+    _validate.prng_key(key, optional=True)  # None: the exact Fisher
     num_samples = check_options(likelihood, convention, num_samples, variance)
     layers = _find_layers(model_fn, params, args)
     _likelihood.check_output(likelihood, layers.out_aval.shape)

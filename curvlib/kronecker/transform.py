@@ -738,6 +738,7 @@ def scale_by_kfac(
                         ("inverse_every", inverse_every)):
         _validate.number(value, name, minimum=1, integer=True)  # None refused
     _validate.learning_rate(learning_rate)
+    _validate.prng_key(key, optional=True)  # None: the exact Fisher
     for name, value in (("damping", damping), ("min_damping", min_damping),
                         ("max_damping", max_damping)):
         _validate.number(value, name, minimum=0, exclusive=True, finite=name != "max_damping",

@@ -268,6 +268,7 @@ def lanczos(
                              reortho=reortho, basis_dtype=basis_dtype)
     num_matvecs, reortho, basis_dtype = solver.num_matvecs, solver.reortho, solver.basis_dtype
     _validate.float_leaves(v0, "v0")
+    _validate.prng_key(key, optional=True)
     n = _tree.size(v0)
     m = _validate.static_int(num_matvecs, "num_matvecs", minimum=1, maximum=n,
                              what=f"the dimension of v0 is {n}")

@@ -74,18 +74,19 @@ def num_samples(data: PyTree) -> int:
     return int(n)
 
 
-def check_k(k, data: PyTree):
+def check_k(k, data: PyTree, name: str = "num_examples"):
     """Validate the sample count ``k``: ``1 <= k`` and ``k + 1 <= n`` (``L_{k+1}`` must exist).
 
-    ``k`` is data, not shape: a Python or NumPy int (or a concrete integer
-    array) is checked here and passed to the compiled programs as a traced
-    scalar. A traced ``k`` (inside the user's ``jax.jit``) is accepted as is;
-    out-of-range values then give NaN results (`sample_weights`).
+    ``name`` is the argument's name in the messages. ``k`` is data, not
+    shape: a Python or NumPy int (or a concrete integer array) is checked here
+    and passed to the compiled programs as a traced scalar. A traced ``k``
+    (inside the user's ``jax.jit``) is accepted as is; out-of-range values then
+    give NaN results (`sample_weights`).
     """
     n = num_samples(data)
     if isinstance(k, jax.core.Tracer):
         if not jnp.issubdtype(k.dtype, jnp.integer) or k.ndim:
-            raise ValueError(f"`num_examples` (k) must be an integer scalar; got a traced "
+            raise ValueError(f"`{name}` (k) must be an integer scalar; got a traced "
                              f"{k.dtype}{k.shape}.")
         return k
     if isinstance(k, (jax.Array, np.ndarray)) and k.ndim == 0 and jnp.issubdtype(
@@ -93,15 +94,15 @@ def check_k(k, data: PyTree):
     ):
         k = int(k)
     if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
-        raise ValueError(f"`num_examples` (k, the sample count) must be an int; got {k!r}.")
+        raise ValueError(f"`{name}` (k, the sample count) must be an int; got {k!r}.")
     k = int(k)
     if k < 1:
         raise ValueError(
-            f"`num_examples` (k) must be >= 1 (L_k is a mean over the first k samples); got {k}."
+            f"`{name}` (k) must be >= 1 (L_k is a mean over the first k samples); got {k}."
         )
     if k + 1 > n:
         raise ValueError(
-            f"`num_examples + 1` (k + 1) = {k + 1} exceeds the number of samples in `data` "
+            f"`{name}` (k): k + 1 = {k + 1} exceeds the number of samples in `data` "
             f"({n}); the increment "
             "L_{k+1} - L_k needs sample k+1."
         )
@@ -153,6 +154,7 @@ def check_problem(loss_fn: Callable, params: PyTree, data: PyTree, k):
     """
     k = check_k(k, data)
     _validate.float_leaves(params, "params")
+    _validate.functions(loss_fn, "loss_fn")
     _validate.scalar_loss(jax.eval_shape(loss_fn, params, data), "loss_fn", has_aux=None)
     return k
 

@@ -212,7 +212,10 @@ def plan_curve(params: PyTree, data: PyTree, ks: Sequence[int], dims: Sequence[i
     Raises ``ValueError`` for empty or out-of-range ``ks``, bad ``dims``,
     ``sigmas`` or options, before any computation.
     """
-    ks = [int(_common.check_k(k, data)) for k in ks]
+    if isinstance(ks, (int, np.integer)) or isinstance(dims, (int, np.integer)):
+        raise TypeError("`ks` and `dims` must be sequences of ints (a grid: `[8, 16]`, `[1, 4]`);"
+                        f" got ks={ks!r}, dims={dims!r}.")
+    ks = [int(_common.check_k(k, data, name="ks")) for k in ks]
     if not ks:
         raise ValueError("`ks` is empty.")
     dims = [d for d in dims]
@@ -222,7 +225,7 @@ def plan_curve(params: PyTree, data: PyTree, ks: Sequence[int], dims: Sequence[i
     dims = [int(d) for d in dims]
     if not callable(params):
         _common.check_subspace(max(dims), params, config.eigsh.basis_size, "max(dims)")
-    sig = np.atleast_1d(np.asarray(_validate.positive_grid(sigmas, "sigma",
+    sig = np.atleast_1d(np.asarray(_validate.positive_grid(sigmas, "sigmas",
                                                            what=_common.SIGMA)))
     for name in ("num_samples", "full_samples"):
         v = getattr(config, name)

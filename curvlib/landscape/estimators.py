@@ -179,8 +179,9 @@ def delta2_spectral(eigenvalues_k, eigenvalues_k1, sigma) -> jax.Array:
       >>> float(delta2_spectral(jnp.array([3.0, 2.0]), jnp.array([4.0, 3.0]), 1.0))
       2.0
     """
-    lk = jnp.asarray(eigenvalues_k)
-    lk1 = jnp.asarray(eigenvalues_k1)
+    # (integer eigenvalues compute in the default float: sigma is not cast to an int)
+    lk = jnp.asarray(eigenvalues_k, jnp.promote_types(jnp.result_type(eigenvalues_k), float))
+    lk1 = jnp.asarray(eigenvalues_k1, jnp.promote_types(jnp.result_type(eigenvalues_k1), float))
     if lk.shape != lk1.shape or lk.ndim != 1:
         raise ValueError(
             f"eigenvalue vectors must be 1-D of equal length; got {lk.shape} and {lk1.shape}."
@@ -257,6 +258,9 @@ def subspace_normals(key: jax.Array, num_samples: int, dim: int, dtype=jnp.float
       >>> z4.shape, bool(np.array_equal(z4[:, :2], z2))
       ((5, 4), True)
     """
+    _validate.prng_key(key)
+    num_samples = _validate.static_int(num_samples, "num_samples", minimum=1)
+    dim = _validate.static_int(dim, "dim", minimum=1)
     cols = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (num_samples,), dtype))(
         jnp.arange(dim)
     )

@@ -49,7 +49,14 @@ def drop_aux(fun: Callable, has_aux: bool) -> Callable:
 def _static_bool(x, where: str, name: str) -> bool:
     if isinstance(x, (bool, np.bool_)):
         return bool(x)
-    if isinstance(x, jax.core.Tracer) or jnp.shape(x) != ():
+    if isinstance(x, str):  # a leaf's name is not a selection: it selected everything
+        raise ValueError(
+            f"`{name}{where}` must be a Python bool or a predicate; got the string {x!r}. To "
+            f"select leaves by name pass `lambda path, leaf: {x!r} in "
+            "jax.tree_util.keystr(path)`."
+        )
+    if (isinstance(x, jax.core.Tracer) or jnp.shape(x) != ()
+            or jnp.result_type(x) not in (jnp.bool_, np.bool_)):
         raise ValueError(
             f"`{name}{where}` must be a Python bool (a static choice of leaves); got {x!r}."
         )

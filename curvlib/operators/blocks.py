@@ -355,6 +355,7 @@ def block_eigsh(
     if batch_size is not None:
         batch_size = _validate.static_int(batch_size, "batch_size", minimum=1)
     _validate.float_leaves(params, "params")
+    _validate.prng_key(key)
     labels = tuple(_labels(params, blocks))
     order = _block_order(labels)
     if not order:
@@ -370,6 +371,8 @@ def block_eigsh(
                 f"block {names[lab]!r} has {dim} entries; k={k} eigenpairs need more than k. "
                 "Lower `k`, or merge the block with another (`blocks=`)."
             )
+    if eigsh is not None and not isinstance(eigsh, Eigsh):
+        raise TypeError(f"`eigsh` must be a curvlib.Eigsh; got {type(eigsh).__name__}.")
     eigsh, rest = _deprecation.fold_options("curvlib.block_eigsh", "eigsh", Eigsh, eigsh,
                                             eigsh_options, _EIGSH_RENAMES)
     if rest:

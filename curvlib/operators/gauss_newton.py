@@ -178,10 +178,12 @@ def ggn_matvec(
                                    mode=mode,
                                    microbatch_size=microbatch_size,
                                    batch_argnums=batch_argnums, has_aux=has_aux)
+    _validate.functions(model_fn, "model_fn")
     out_shape = _validate.aux_output(jax.eval_shape(lambda p: model_fn(p, *args), params),
                                      "model_fn", has_aux, what="outputs")
     model_fn = C.value_only(model_fn) if has_aux else model_fn
     example_out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+    _validate.functions(loss_fn, "loss_fn")
     _validate.scalar_loss(jax.eval_shape(loss_fn, example_out, *loss_args), "loss_fn",
                           has_aux=None)
     mode = _resolve_mode(mode, microbatch_size)
@@ -420,6 +422,7 @@ def fisher_matvec(
                                    microbatch_size=microbatch_size,
                                    batch_argnums=batch_argnums, has_aux=has_aux)
     mc, S, variance = _fisher_options(likelihood, key, num_samples, variance)
+    _validate.functions(model_fn, "model_fn")
     out_shape = _validate.aux_output(jax.eval_shape(lambda p: model_fn(p, *args), params),
                                      "model_fn", has_aux, what="outputs")
     model_fn = C.value_only(model_fn) if has_aux else model_fn
@@ -585,6 +588,7 @@ def empirical_fisher_matvec(
       F. Kunstner, L. Balles and P. Hennig, *Limitations of the empirical Fisher
       approximation for natural gradient descent*, NeurIPS 2019.
     """
+    _validate.functions(per_example_loss, "per_example_loss")
     _validate.float_leaves(params, "params")
     batch_size(batch, "batch")
     example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], x.dtype), batch)

@@ -92,6 +92,8 @@ def hvp(fun: Callable, params: PyTree, tangent: PyTree, *args, has_aux: bool = F
     """
     _validate.float_leaves(params, "params")
     _validate.same_structure(params, tangent, "params", "tangent")
+    _validate.not_complex(tangent, "tangent")
+    _validate.functions(fun, "fun")
     _validate.scalar_loss(jax.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
     fun = C.drop_aux(fun, has_aux)
     return _hvp_fwd_rev(fun)(params, args, C.cast_like(tangent, params))
@@ -209,6 +211,7 @@ def hessian_matvec(
         return _wrt.block_operator(hessian_matvec, fun, params, args, wrt, mode=mode,
                                    microbatch_size=microbatch_size,
                                    batch_argnums=batch_argnums, has_aux=has_aux)
+    _validate.functions(fun, "fun")
     _validate.scalar_loss(jax.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
     fun = C.drop_aux(fun, has_aux)
     if mode is None:
@@ -293,6 +296,7 @@ def gradient(
       2.0
     """
     _validate.float_leaves(params, "params")
+    _validate.functions(fun, "fun")
     _validate.scalar_loss(jax.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
     size, argnums, _ = _validate.microbatch(microbatch_size, args, batch_argnums)
     vg = _value_and_grad(fun, has_aux)

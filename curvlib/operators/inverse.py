@@ -26,9 +26,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.tree_util import Partial
 
-from curvlib import _deprecation, _tree, _validate
+from curvlib import _compile, _deprecation, _tree, _validate
 from curvlib._compile import is_host_driven
 from curvlib._status import Status, from_flags
 from curvlib.krylov import cg, eigen
@@ -160,6 +161,8 @@ class InverseMatvec:
 
     def _solve_lowrank(self, b):
         U, theta = self.eigenvectors, self.eigenvalues
+        _validate.same_structure(b, jax.tree.map(lambda u: u[0], U), "b",
+                                 "a row of the eigenvectors")
         lam = jnp.asarray(self.damping, theta.dtype)
         c = _tree.basis_project(U, b)
         coef = (c * (1.0 / (theta + lam) - 1.0 / lam)).astype(theta.dtype)
@@ -263,6 +266,7 @@ def inverse_matvec(
       >>> low(jnp.array([5.0, 3.0, 2.0])).round(4).tolist()     # e_3 is outside the rank-2
       [1.0, 1.0, 2.0]
     """
+    _validate.functions(matvec, "matvec", what="a callable v -> C v")
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
     lowrank = method == "lowrank"  # the complement is inverted as 1 / damping
@@ -288,10 +292,14 @@ def inverse_matvec(
                 "method='lowrank' needs the eigenpairs of `matvec`: pass `rank` and a start "
                 "vector `v0` (to compute them with curvlib.eigsh), or `eigenpairs`."
             )
+        if eigsh is not None and not isinstance(eigsh, Eigsh):
+            raise TypeError(f"`eigsh` must be a curvlib.Eigsh; got {type(eigsh).__name__}.")
         eigsh, rest = _deprecation.fold_options("curvlib.inverse_matvec", "eigsh", Eigsh, eigsh,
                                                 eigsh_options, _EIGSH_RENAMES)
-        res = eigen.eigsh(matvec, v0, _validate.static_int(rank, "rank", minimum=1), solver=eigsh,
-                          **rest)
+        n = _tree.size(v0)
+        rank = _validate.static_int(rank, "rank", minimum=1, maximum=n - 1,
+                                    what="the dimension of `v0` minus one")
+        res = eigen.eigsh(matvec, v0, rank, solver=eigsh, **rest)
         vals, vecs, conv = res.eigenvalues, res.eigenvectors, res.converged & res.finite
     else:
         if rank is not None or v0 is not None or eigsh_options or eigsh is not None:
@@ -299,9 +307,15 @@ def inverse_matvec(
         if hasattr(eigenpairs, "eigenvalues"):
             vals, vecs = eigenpairs.eigenvalues, eigenpairs.eigenvectors
             conv = jnp.asarray(eigenpairs.converged) & jnp.asarray(eigenpairs.finite)
-        else:
+        elif isinstance(eigenpairs, (tuple, list)) and len(eigenpairs) == 2:
             vals, vecs = eigenpairs
             conv = jnp.asarray(True)
+        else:
+            raise TypeError("`eigenpairs` must be an EigshResult or a pair (eigenvalues, "
+                            f"eigenvectors); got {type(eigenpairs).__name__}.")
+        if jnp.ndim(vals) != 1 or not jnp.issubdtype(jnp.result_type(vals), jnp.floating):
+            raise ValueError("`eigenpairs` eigenvalues must be a 1-D real floating array; got "
+                             f"{jnp.result_type(vals)}{tuple(jnp.shape(vals))}.")
         r = jnp.shape(vals)[0]
         for path, leaf in C.leaves_with_paths(vecs):
             if jnp.shape(leaf)[:1] != (r,):
@@ -309,5 +323,14 @@ def inverse_matvec(
                     f"`eigenpairs` eigenvectors must carry a leading axis of length {r} (one "
                     f"row per eigenvalue); eigenvectors{path} has shape {jnp.shape(leaf)}."
                 )
+        # the inverse is (U diag(theta) U^T + lambda)^-1 only for orthonormal U and
+        # theta + lambda > 0: anything else gave answers of the wrong sign, "converged"
+        _validate.orthonormal(vecs, "eigenpairs")
+        if not _compile.tracing(vals, damping):
+            low = float(np.min(np.asarray(vals) + np.asarray(damping))) if r else 1.0
+            if not low > 0:
+                raise ValueError(
+                    "`eigenpairs` eigenvalues plus `damping` must be > 0 (the damped operator "
+                    f"must be positive definite to invert); got min(theta + damping) = {low:.3g}.")
     return InverseMatvec(matvec, damping, "lowrank", rtol, atol, max_steps, preconditioner,
                          jnp.asarray(vals), vecs, conv)

@@ -32,6 +32,7 @@ def _jtu(params, outputs, lin, u):
 
 def _linearized_model(model_fn, params, args, has_aux):
     _validate.float_leaves(params, "params")
+    _validate.functions(model_fn, "model_fn")
     if _validate.one_of(has_aux, "has_aux", (True, False)):
         _validate.aux_output(jax.eval_shape(lambda p: model_fn(p, *args), params), "model_fn",
                              True, what="outputs")

@@ -635,6 +635,7 @@ def stream_matvec(build: Callable, params: PyTree, batches, *, key=None,
         raise TypeError(f"`build` must be callable; got {type(build).__name__}.")
     _validate.float_leaves(params, "params")
     _validate.concrete(params, "params")
+    _validate.prng_key(key, optional=True)
     _pass_factory(batches)  # one-shot iterators are refused now, not at the first product
     per_call = _validate.static_int(batches_per_call, "batches_per_call", minimum=1)
     local = _check_process_local(process_local, sharding)

@@ -533,6 +533,7 @@ def track_curvature(
     if eigsh.basis_size is not None:
         _validate.static_int(eigsh.basis_size, "basis_size", minimum=k + 2)
     _validate.one_of(which, "which", ("LA", "SA", "LM"))
+    _validate.prng_key(key)
     _validate.one_of(trace_method, "trace_method", TRACE_METHODS)
     if trace_method == "hutch++" and 0 < num_probes < 3:
         raise ValueError(
