@@ -698,3 +698,158 @@ def test_keys_grids_and_deflation_bases_are_checked_by_name():
             call()
     exact = curvlib.hutchinson_trace(mv, v, key, 6, deflate=jnp.eye(10)[:2])
     assert float(exact.estimate) == pytest.approx(55.0)
+
+
+# ---------------------------------------------- a systematic pass over the public API
+
+_A = jnp.diag(jnp.arange(1.0, 13.0))
+_V = jnp.ones(12)
+
+
+@pytest.fixture(params=[False, True], ids=["fused", "answer-now"])
+def behind(request):
+    """Both eager paths: the fused program, and (as users get it) answer now, compile behind."""
+    was = curvlib.compile_behind(request.param)
+    try:
+        yield
+    finally:
+        curvlib.compile_behind(was)
+
+
+@pytest.mark.parametrize("call", [
+    lambda mv: curvlib.eigsh(mv, _V, 3),
+    lambda mv: jax.jit(lambda v: curvlib.eigsh(mv, v, 3))(_V),
+    lambda mv: curvlib.power_iteration(mv, _V, 1),
+    lambda mv: curvlib.cg(mv, _V),
+    lambda mv: jax.jit(lambda b: curvlib.cg(mv, b))(_V),
+    lambda mv: curvlib.lanczos(mv, _V, 5),
+    lambda mv: curvlib.hutchinson_trace(mv, _V, jax.random.PRNGKey(0), 6),
+    lambda mv: curvlib.hutchinson_diag(mv, _V, jax.random.PRNGKey(0), 4),
+])
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.complex64])
+def test_an_integer_or_complex_product_is_refused(call, dtype, behind):
+    # an int product gave wrong eigenvalues reported converged; a complex one lost its
+    # imaginary part in the cast to the vector's dtype
+    mv = lambda v: (_A @ v).astype(dtype) if dtype == jnp.int32 else (1 + 1j) * (_A @ v)
+    with pytest.raises(ValueError, match=r"`matvec\(.*\)` must be a real floating array"):
+        call(mv)
+
+
+def test_operator_arguments_are_checked_before_the_users_function_runs():
+    with pytest.raises(ValueError, match=r"`preconditioner\(b\)` must be a real floating"):
+        curvlib.cg(lambda v: _A @ v, _V, preconditioner=lambda v: v.astype(jnp.int32))
+    for call, name in ((lambda: curvlib.cg(lambda v: v, {}), "b"),
+                       (lambda: curvlib.power_iteration(lambda v: v, [], 1), "v0"),
+                       (lambda: curvlib.hutchinson_trace(lambda v: v, {}, jax.random.PRNGKey(0),
+                                                         4), "v_like")):
+        with pytest.raises(ValueError, match=f"`{name}` must hold at least one floating"):
+            call()
+    with pytest.raises(TypeError, match="`matvec` must be a callable"):
+        curvlib.eigsh(None, _V, 2)
+    f = lambda p: jnp.sum(p ** 3)
+    for call, name in ((lambda: curvlib.hvp(3, _V, _V), "fun"),
+                       (lambda: curvlib.hessian_matvec("loss", _V), "fun"),
+                       (lambda: curvlib.ggn_matvec(lambda p: p, 3, _V), "loss_fn"),
+                       (lambda: curvlib.jacobian_matvec(1, _V), "model_fn"),
+                       (lambda: curvlib.inverse_matvec(None, damping=1.0), "matvec"),
+                       (lambda: landscape.delta1(None, _V, jnp.ones((4, 12)), 2), "loss_fn")):
+        with pytest.raises(TypeError, match=f"`{name}` must be"):
+            call()
+    with pytest.raises(TypeError, match="`linesearch` must be an optax"):
+        optim.newton_cg(linesearch=3)
+    # a complex tangent lost its imaginary part
+    for call in (lambda: curvlib.hvp(f, _V, _V * (1 + 1j)),
+                 lambda: curvlib.hessian_matvec(f, _V)(_V * (1 + 1j))):
+        with pytest.raises(TypeError, match="`tangent` must be a real array"):
+            call()
+    with pytest.raises(ValueError, match="`damping` must be a real scalar; got shape"):
+        curvlib.cg(lambda v: _A @ v, _V, damping=jnp.ones(12))
+
+
+def test_keys_are_checked_where_they_are_taken():
+    P = {"u": jnp.zeros(6), "w": jnp.zeros(6)}
+    for call in (lambda: optim.track_curvature(1, 1, key=0),
+                 lambda: curvlib.block_eigsh(lambda v: v, P, 1, key=0),
+                 lambda: curvlib.lanczos(lambda v: v, _V, 4, key=3),
+                 lambda: landscape.subspace_normals(3, 4, 2)):
+        with pytest.raises(ValueError, match="`key` must be a PRNG key"):
+            call()
+    with pytest.raises(ValueError, match="`dim` must be >= 1"):
+        landscape.subspace_normals(jax.random.PRNGKey(0), 4, -1)
+
+
+def test_a_string_selection_of_leaves_is_refused():
+    P = {"u": jnp.zeros(6), "w": jnp.zeros(6)}
+    loss = lambda p: jnp.sum(p["u"] ** 2) + jnp.sum(p["w"] ** 4)
+    with pytest.raises(ValueError, match=r"got the string 'u'.*lambda path, leaf"):
+        curvlib.hessian_matvec(loss, P, wrt="u")
+    with pytest.raises(ValueError, match="got the string"):
+        curvlib.restrict(lambda v: v, P, "u")
+
+
+def test_inverse_matvec_checks_given_eigenpairs():
+    mv = lambda v: _A @ v
+    cases = [((jnp.array([12.0, 11.0]), jnp.ones((2, 12))), "orthonormal"),
+             ((jnp.array([-1.0, 11.0]), jnp.eye(12)[:2]), r"plus `damping` must be > 0"),
+             ("x", "an EigshResult or a pair")]
+    for pairs, message in cases:
+        with pytest.raises((ValueError, TypeError), match=message):
+            curvlib.inverse_matvec(mv, damping=1.0, method="lowrank", eigenpairs=pairs)
+    with pytest.raises(ValueError, match=r"`rank` must be in \[1, 11\]"):
+        curvlib.inverse_matvec(mv, damping=1.0, method="lowrank", rank=12, v0=_V)
+    with pytest.raises(TypeError, match="`eigsh` must be a curvlib.Eigsh; got CG"):
+        curvlib.inverse_matvec(mv, damping=1.0, method="lowrank", rank=2, v0=_V,
+                               eigsh=curvlib.CG())
+    # valid pairs: the exact inverse on their span, (theta + damping)^-1
+    inv = curvlib.inverse_matvec(mv, damping=1.0, method="lowrank",
+                                 eigenpairs=(jnp.array([12.0, 11.0]), jnp.eye(12)[-2:][::-1]))
+    np.testing.assert_allclose(inv(jnp.eye(12)[-1]), jnp.eye(12)[-1] / 13.0, rtol=1e-6)
+
+
+def test_a_state_of_other_params_and_integer_updates_are_named():
+    f = lambda p: jnp.sum((p["w"] - 1.0) ** 4)
+    P = {"w": jnp.zeros(3)}
+    for make in (optim.newton_cg, optim.newton, optim.bfgs):
+        opt = make()
+        with pytest.raises(ValueError, match=r"`state` must match `\w+.init\(params\)`"):
+            opt.update(jax.grad(f)(P), opt.init({"w": jnp.zeros(4)}), P, value_fn=f)
+    opt = optim.newton_cg()
+    with pytest.raises(ValueError, match=r"`updates\['w'\]` must be a real floating"):
+        opt.update({"w": jnp.zeros(3, jnp.int32)}, opt.init(P), P, value_fn=f)
+
+
+@pytest.mark.parametrize("make", [optim.newton_cg, optim.newton, optim.bfgs])
+def test_a_non_finite_learning_rate_skips_the_step_and_says_so(make):
+    # newton_cg gave NaN updates with finite=True and SUCCESS (newton: STALLED)
+    f = lambda p: jnp.sum((p - 1.0) ** 2)
+    p = jnp.zeros(3)
+    opt = make(learning_rate=lambda count: jnp.nan)
+    s0 = opt.init(p)
+    u, s = opt.update(jax.grad(f)(p), s0, p, value_fn=f)
+    assert bool(jnp.all(u == 0))
+    info = s[0].info
+    assert not bool(info.finite) and bool(info.skipped)
+    assert int(info.status) == curvlib.Status.NONFINITE
+    # the rest of the state is the state before the step
+    rest = jax.tree.leaves((s[0]._replace(info=None), *s[1:]))
+    before = jax.tree.leaves((s0[0]._replace(info=None), *s0[1:]))
+    assert all(bool(jnp.array_equal(a, b, equal_nan=True)) for a, b in zip(rest, before,
+                                                                           strict=True))
+
+
+def test_the_landscape_names_the_grid_arguments_and_keeps_sigma_real():
+    def loss(w, b):
+        return jnp.mean((b @ w) ** 2)
+
+    x = jnp.ones((12, 3)) + jnp.arange(36.0).reshape(12, 3) / 36
+    kw = dict(dims=[1], sigmas=[0.1], key=jax.random.PRNGKey(0), progress=False)
+    with pytest.raises(ValueError, match=r"`ks` \(k\): k \+ 1 = 13 exceeds"):
+        landscape.k_curve(loss, jnp.ones(3), x, [2, 12], **kw)
+    with pytest.raises(ValueError, match="`sigmas`"):
+        landscape.k_curve(loss, jnp.ones(3), x, [2], **{**kw, "sigmas": [float("nan")]})
+    with pytest.raises(TypeError, match="`ks` and `dims` must be sequences"):
+        landscape.k_curve(loss, jnp.ones(3), x, [2], **{**kw, "dims": 1})
+    # integer eigenvalues: sigma = 0.1 was cast to the eigenvalues' int dtype (0)
+    got = landscape.delta2_spectral(jnp.array([1, 2]), jnp.array([2, 4]), 0.1)
+    want = landscape.delta2_spectral(jnp.array([1.0, 2.0]), jnp.array([2.0, 4.0]), 0.1)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
