@@ -614,6 +614,7 @@ def compile_behind(enabled: bool | None = None) -> bool:
     global _BEHIND_ENABLED
     before = _BEHIND_ENABLED
     if enabled is not None:
+        _validate.one_of(enabled, "enabled", (True, False, None))
         _BEHIND_ENABLED = bool(enabled)
     return before
 
@@ -733,6 +734,9 @@ def enable_compilation_cache(path: str | os.PathLike | None = None, *,
         path = os.environ.get("CURVLIB_CACHE_DIR") or os.path.join(
             os.path.expanduser("~"), ".cache", "curvlib", "jax"
         )
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"`path` must be a folder (a str or os.PathLike); got {path!r}.")
+    _validate.number(min_compile_time_secs, "min_compile_time_secs", minimum=0)
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)

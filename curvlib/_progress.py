@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+from curvlib import _validate
+
 _ENABLED = os.environ.get("CURVLIB_PROGRESS", "0") == "1"
 
 
@@ -46,6 +48,7 @@ def show_progress(enabled: bool | None = None) -> bool:
     """
     global _ENABLED
     if enabled is not None:
+        _validate.one_of(enabled, "enabled", (True, False, None))
         if enabled:
             try:
                 import tqdm  # noqa: F401

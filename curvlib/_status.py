@@ -168,6 +168,11 @@ def raise_if_failed(result: Any, *, allow=()):
         raise TypeError(f"`result` must be a curvlib result with a `status` field; got "
                         f"{type(result).__name__}"
                         f"{' whose status is None' if hasattr(result, 'status') else ''}.")
+    known = tuple(range(Status.STALLED + 1))
+    if isinstance(allow, (int, np.integer)) or any(
+            isinstance(c, (bool, str)) or c not in known for c in allow):
+        raise ValueError(f"`allow` must be a sequence of curvlib.Status codes (e.g. "
+                         f"`(Status.NEGATIVE_CURVATURE,)`); got {allow!r}.")
     try:
         codes = np.asarray(result.status)
     except Exception as e:  # a tracer

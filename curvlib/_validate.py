@@ -778,7 +778,10 @@ def orthonormal(basis, name: str = "eigenvectors") -> None:
     is orthonormal to about 3e-3. A traced basis passes (nothing to compare). Cost: one
     ``D x D`` Gram matrix."""
     leaves = jax.tree.leaves(basis)
-    if not leaves or any(isinstance(x, jax.core.Tracer) for x in leaves):
+    if not leaves:
+        return
+    float_leaves(basis, name)
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
         return
     G = _tree.basis_gram(basis, basis)
     if isinstance(G, jax.core.Tracer):  # inside a caller's jit of constants

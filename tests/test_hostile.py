@@ -853,3 +853,26 @@ def test_the_landscape_names_the_grid_arguments_and_keeps_sigma_real():
     got = landscape.delta2_spectral(jnp.array([1, 2]), jnp.array([2, 4]), 0.1)
     want = landscape.delta2_spectral(jnp.array([1.0, 2.0]), jnp.array([2.0, 4.0]), 0.1)
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_switches_and_small_options_are_checked():
+    for call in (lambda: curvlib.compile_behind("no"), lambda: curvlib.show_progress(2)):
+        with pytest.raises(ValueError, match="`enabled` must be one of"):
+            call()
+    with pytest.raises(TypeError, match="`path` must be a folder"):
+        curvlib.enable_compilation_cache(3)
+    r = curvlib.cg(lambda v: 2.0 * v, jnp.ones(3))
+    with pytest.raises(ValueError, match="`allow` must be a sequence of curvlib.Status"):
+        curvlib.raise_if_failed(r, allow=("MAXSTEPS",))
+    assert curvlib.raise_if_failed(r, allow=(curvlib.Status.NEGATIVE_CURVATURE,)) is r
+    with pytest.raises(ValueError, match="`deflate` must be a real floating array"):
+        curvlib.hutchinson_trace(lambda v: v, _V, jax.random.PRNGKey(0), 4,
+                                 deflate=jnp.eye(12, dtype=jnp.int32)[:2])
+    w, x = jnp.zeros(3), jnp.ones((6, 3))
+    loss = lambda w, b: jnp.mean((b @ w - 1.0) ** 2)
+    with pytest.raises(ValueError, match="`eigenvectors` must be a real floating array"):
+        landscape.increment_coefficients(loss, w, x, 2, jnp.eye(3, dtype=jnp.int32)[:2])
+    with pytest.raises(TypeError, match="`control_variate` must be"):
+        landscape.delta2_direct_mc(loss, w, x, 2, jnp.eye(3)[:2], 0.1,
+                                   key=jax.random.PRNGKey(0), num_samples=4,
+                                   control_variate="yes")

@@ -512,6 +512,10 @@ def delta2_direct_mc(
     U = _cast_basis(eigenvectors, params)
     control = None
     if control_variate is not None:
+        if not (isinstance(control_variate, (tuple, list)) and len(control_variate) == 3
+                or hasattr(control_variate, "B")):
+            raise TypeError("`control_variate` must be (a, c, B) (an IncrementCoefficients); "
+                            f"got {control_variate!r}.")
         a, c, B = (jnp.asarray(x, st.dtype) for x in control_variate)
         if a.shape != () or c.shape != (Dmax,) or B.shape != (Dmax, Dmax):
             raise ValueError(
