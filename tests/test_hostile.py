@@ -876,3 +876,17 @@ def test_switches_and_small_options_are_checked():
         landscape.delta2_direct_mc(loss, w, x, 2, jnp.eye(3)[:2], 0.1,
                                    key=jax.random.PRNGKey(0), num_samples=4,
                                    control_variate="yes")
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_power_iteration_from_a_zero_start_is_a_breakdown_not_a_budget(on):
+    # it returned NaN with MAX_STEPS after 0 products; with a key it draws a start instead
+    was = curvlib.compile_behind(on)
+    try:
+        r = curvlib.power_iteration(lambda v: _A @ v, jnp.zeros(12), 1)
+        assert int(r.status) == curvlib.Status.BREAKDOWN and int(r.num_matvecs) == 0
+        r = curvlib.power_iteration(lambda v: _A @ v, jnp.zeros(12), 1,
+                                    key=jax.random.PRNGKey(0))
+        assert bool(r.converged[0]) and abs(float(r.eigenvalues[0]) - 12.0) < 1e-2
+    finally:
+        curvlib.compile_behind(was)

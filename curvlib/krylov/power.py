@@ -45,9 +45,11 @@ class PowerIterationResult(NamedTuple):
       status: the [`curvlib.Status`][curvlib.Status] code summarising all pairs: ``NONFINITE``
         (not ``finite``), ``BREAKDOWN`` (some pair not ``converged`` whose deflated
         product vanished to rounding: ``A``'s rank, numerically, is below ``k``; that
-        pair's eigenvalue is about 0 and its vector orthogonal to the others),
-        ``MAX_STEPS`` (some pair not ``converged``: the budget ran out, or a pair was
-        never computed), else ``SUCCESS`` (every pair converged).
+        pair's eigenvalue is about 0 and its vector orthogonal to the others; or a
+        pair had no start, ``v0`` being zero or inside the span of the pairs found,
+        and no ``key`` to draw another), ``MAX_STEPS`` (some pair not ``converged``:
+        the budget ran out, or a pair was never computed), else ``SUCCESS`` (every
+        pair converged).
     """
 
     eigenvalues: jax.Array
@@ -483,8 +485,10 @@ def _power_result(s: _PowerState, k, tol, acc) -> PowerIterationResult:
         num_matvecs=s.total,
         converged=found & conv,
         finite=s.finite,
+        # (no start: v0 zero, or inside the span of the pairs found, and no key to draw
+        # another direction from: the recursion ends there, a breakdown)
         status=from_flags(finite=s.finite, converged=xp.all(found & conv),
-                          breakdown=s.broke & ~xp.all(found & conv)),
+                          breakdown=(s.broke | ~s.started) & ~xp.all(found & conv)),
     )
 
 
