@@ -498,7 +498,7 @@ def test_k_curve_options(lsq):
         ls.k_curve(ls_loss, w, (x, y), [4], **{**kw, "dims": [0, 2]})
     with pytest.raises(ValueError, match=r"`num_samples` must be >= 2"):
         ls.k_curve(ls_loss, w, (x, y), [4], num_samples=1, **kw)
-    with pytest.raises(ValueError, match=r"`num_examples \+ 1` \(k \+ 1\) = 25 exceeds"):
+    with pytest.raises(ValueError, match=r"`ks` \(k\): k \+ 1 = 25 exceeds"):
         ls.k_curve(ls_loss, w, (x, y), [4, 24], **kw)
     with pytest.raises(ValueError, match=r"`max\(dims\)` = 6 \(the subspace dimension D\)"):
         ls.k_curve(ls_loss, w, (x, y), [4], **{**kw, "dims": [1, 6]})
@@ -781,7 +781,7 @@ def test_bad_input_raises_clear_errors(lsq):
     with pytest.raises(ValueError,
                        match=r"`num_examples` \(k, the sample count\) must be an int; got 2.0"):
         ls.loss_increment(ls_loss, w, (x, y), 2.0)
-    with pytest.raises(ValueError, match=r"`num_examples \+ 1` \(k \+ 1\) = 25 exceeds the number "
+    with pytest.raises(ValueError, match=r"`num_examples` \(k\): k \+ 1 = 25 exceeds the number "
                                          r"of samples .*\(24\)"):
         ls.curvature_subspace(ls_loss, w, (x, y), 24, 2, key=key)
     # D and N are named as what they are (not eigsh's `k=..., dim=...`)

@@ -111,7 +111,9 @@ class ProbeConfig:
         if not np.float32(self.sigma_min) > 0:
             raise ValueError(f"sigma_min (--sigma-min) = {self.sigma_min!r} is 0 in float32, the "
                              "probe's precision; use a value above 1e-30.")
-        if not np.isfinite(np.float32(self.sigma_max) ** 4):
+        with np.errstate(over="ignore"):
+            fourth = np.float32(self.sigma_max) ** 4
+        if not np.isfinite(fourth):
             raise ValueError(f"sigma_max (--sigma-max) = {self.sigma_max!r}: sigma^4 overflows "
                              "float32, the probe's precision; use a value below 1e9.")
         dims = tuple(self.dims)
