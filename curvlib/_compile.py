@@ -265,8 +265,7 @@ def as_operator(fn: Callable | None, example: PyTree, name: str = "matvec",
     if is_pytree_operator(fn):
         return fn
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(example)
-    _validate.same_structure(example, out_shape, example_name, f"{name}({example_name})")
-    _validate.real_output(out_shape, f"{name}({example_name})", example_name)
+    _validate.product(example, out_shape, example_name, f"{name}({example_name})")
     in_tree = jax.tree.structure(example)
     out_tree = jax.tree.structure(out_shape)
     key = (str(closed.jaxpr), in_tree, out_tree)

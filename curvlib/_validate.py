@@ -19,12 +19,13 @@ check                          for
 `one_of`                 an option among fixed choices (``which``, ``mode``)
 `prng_key`               one PRNG key; required unless optional (never a default)
 `float_leaves`           a non-empty pytree of real floating arrays (``params``)
-`same_structure`         a pytree shaped like another (tangents, ``v0``, ``matvec(v0)``)
+`same_structure`         a pytree shaped like another (``x0`` like ``b``, ``state``)
+`product`                an operator's output: shaped like its input, real floating
 `scalar_loss`            a loss's output: one real floating scalar (not per-sample)
 `aux_output`             a function's output: ``(primary, aux)`` with ``has_aux``
 `basis`                  a stack of ``D`` vectors shaped like ``params`` (eigenvectors)
 `orthonormal`            a concrete basis with orthonormal rows (``U U^T = I``)
-`tangent`                a vector shaped (and sharded) like its reference, by leaf path
+`tangent`                a real vector shaped (and sharded) like its reference, by leaf path
 `batched`                batched arguments sharing one leading (sample) axis
 `batch_argnums`          which extra arguments are batched (``batch_argnums``)
 `microbatch`             ``microbatch_size`` with its batch (`batch_argnums`, `batched`)
@@ -126,7 +127,7 @@ def _range(lo, hi, exclusive: bool = False) -> str:
 
 def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
            finite: bool = True, optional: bool = False, integer: bool = False,
-           what: str | None = None, runtime_arrays: bool = False):
+           what: str | None = None, runtime_arrays: bool = False, scalar: bool = False):
     """A real hyperparameter in a range; concrete values are checked, traced ones pass.
 
     ``x`` may be a scalar or an array (every entry is checked): ``minimum`` is
@@ -145,6 +146,7 @@ def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
       runtime_arrays: pass every JAX array unchecked, concrete or traced: a value
         computed at run time (an optimizer's adaptive damping) must show up in the
         result's flags, not as an exception in the middle of a run.
+      scalar: refuse anything but one number (its shape is checked, traced or not).
 
     Returns:
       ``x`` unchanged.
@@ -161,6 +163,8 @@ def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
       ...
       ValueError: `damping` must be >= 0; got -1.0.
     """
+    if scalar and x is not None and jnp.ndim(x) != 0:
+        raise ArgumentError(f"`{name}` must be a real scalar; got shape {tuple(jnp.shape(x))}.")
     if (x is None and optional) or isinstance(x, jax.core.Tracer):
         return x
     if runtime_arrays and isinstance(x, jax.Array):
@@ -436,7 +440,11 @@ def tangent(v, sig, like: str = "params", name: str = "tangent", *,
                 f"{name}{path} has shape {tuple(jnp.shape(x))} but {like}{path} has shape "
                 f"{want}."
             )
-    not_complex(v, name)
+    for path, x in zip(paths, leaves, strict=True):
+        if jnp.issubdtype(jnp.result_type(x), jnp.complexfloating):  # the cast to the
+            raise ArgumentError(  # reference's dtype would drop the imaginary part
+                f"`{name}{path}` must be a real array (integer or floating); got dtype "
+                f"{jnp.result_type(x)}.")
     for path, x, want in zip(paths, leaves, specs, strict=True):
         if want is not None and _tree.explicit_spec(x) != want:
             raise ValueError(
@@ -647,9 +655,7 @@ def operator(op, example, name: str = "matvec", example_name: str = "v0") -> Non
         return
 
     def check():
-        out = jax.eval_shape(op, example)
-        same_structure(example, out, example_name, f"{name}({example_name})")
-        real_output(out, f"{name}({example_name})", example_name)
+        product(example, jax.eval_shape(op, example), example_name, f"{name}({example_name})")
 
     if jax.tree_util.treedef_is_leaf(jax.tree.structure(op)):  # a plain callable
         return check()
@@ -666,32 +672,21 @@ def operator(op, example, name: str = "matvec", example_name: str = "v0") -> Non
         _CHECKED_OPERATORS[sig] = True
 
 
-def real_output(out, name: str, like: str) -> None:
-    """Raise unless every leaf of an operator's output ``out`` is a real floating array.
+def product(like, out, like_name: str, name: str) -> None:
+    """Raise unless an operator's output ``out`` is shaped like its input ``like``
+    (`same_structure`) and every leaf is a real floating array.
 
     An integer product (wrong eigenvalues, "converged") or a complex one (its
     imaginary part dropped by the cast to the vector's dtype) was taken silently.
+    ``out`` may hold ``jax.ShapeDtypeStruct`` s; ``name`` is the product's name
+    in the message (``"matvec(v0)"``).
     """
+    same_structure(like, out, like_name, name)
     for path, y in jax.tree_util.tree_flatten_with_path(out)[0]:
         dt = jnp.result_type(y)
         if not jnp.issubdtype(dt, jnp.floating):
             raise ArgumentError(f"`{name}{keystr(path)}` must be a real floating array like "
-                                f"`{like}`; got dtype {dt}.")
-
-
-def not_complex(tree, name: str) -> None:
-    """Raise for a complex leaf of a vector cast to real parameters (its imaginary part
-    would be dropped by the cast)."""
-    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if jnp.issubdtype(jnp.result_type(x), jnp.complexfloating):
-            raise ArgumentError(f"`{name}{keystr(path)}` must be a real array (integer or "
-                                f"floating); got dtype {jnp.result_type(x)}.")
-
-
-def scalar(x, name: str) -> None:
-    """Raise unless ``x`` is one number (a Python or NumPy scalar, or a 0-d array)."""
-    if jnp.ndim(x) != 0:
-        raise ArgumentError(f"`{name}` must be a real scalar; got shape {tuple(jnp.shape(x))}.")
+                                f"`{like_name}`; got dtype {dt}.")
 
 
 def _avals(tree) -> tuple:

@@ -540,8 +540,7 @@ def _checked(matvec):
 
     def product(v):
         out = matvec(v)
-        _validate.same_structure(v, out, "v0", "matvec(v0)")
-        _validate.real_output(out, "matvec(v0)", "v0")
+        _validate.product(v, out, "v0", "matvec(v0)")
         return out
 
     return product

@@ -295,8 +295,7 @@ def _precheck(matvec, b, x0, damping, solver, rtol, atol, max_steps, preconditio
     """The value checks of `cg` that must run eagerly (the rest runs at trace time)."""
     rtol, atol, max_steps = _options(solver, rtol, atol, max_steps)
     for opt, val in (("damping", damping), ("rtol", rtol), ("atol", atol)):
-        _validate.scalar(val, opt)
-        _validate.number(val, opt, minimum=0, runtime_arrays=True)
+        _validate.number(val, opt, minimum=0, runtime_arrays=True, scalar=True)
     _check_max_steps(max_steps, _tree.size(b))
 
 
@@ -515,8 +514,7 @@ def cg(
         x0 = jax.tree.map(lambda x, r: jnp.asarray(x).astype(jnp.result_type(r)), x0, b)
     rtol, atol, max_steps = _options(solver, rtol, atol, max_steps)
     for opt, val in (("damping", damping), ("rtol", rtol), ("atol", atol)):
-        _validate.scalar(val, opt)
-        _validate.number(val, opt, minimum=0, runtime_arrays=True)
+        _validate.number(val, opt, minimum=0, runtime_arrays=True, scalar=True)
     max_steps = _check_max_steps(max_steps, _tree.size(b))
     precond = preconditioner if preconditioner is not None else (lambda v: v)
     if preconditioner is not None:
@@ -528,8 +526,7 @@ def cg(
     def op(v):
         out = slot(v)
         # checked here, at the operator's first (abstract) trace: no extra trace of it
-        _validate.same_structure(b, out, "b", "matvec(b)")
-        _validate.real_output(out, "matvec(b)", "b")
+        _validate.product(b, out, "b", "matvec(b)")
         return jax.tree.map(lambda a, x: (a + damping * x).astype(x.dtype), _cast_like(out, v), v)
 
     def solve(op_, rhs):

@@ -91,8 +91,8 @@ def hvp(fun: Callable, params: PyTree, tangent: PyTree, *args, has_aux: bool = F
       [6.0, 0.0]
     """
     _validate.float_leaves(params, "params")
-    _validate.same_structure(params, tangent, "params", "tangent")
-    _validate.not_complex(tangent, "tangent")
+    _validate.same_structure(params, tangent, "params", "tangent")  # names the leaves
+    _validate.tangent(tangent, C.signature(params))  # and refuses a complex one
     _validate.functions(fun, "fun")
     _validate.scalar_loss(jax.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
     fun = C.drop_aux(fun, has_aux)
