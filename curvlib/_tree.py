@@ -104,14 +104,10 @@ def _replicated(s: NamedSharding) -> NamedSharding:
     return NamedSharding(s.mesh, PartitionSpec())
 
 
-def _stacked(s: NamedSharding, ndim: int) -> NamedSharding:
-    """``s`` with an extra unsplit leading axis (a basis of vectors typed ``s``)."""
-    return NamedSharding(s.mesh, PartitionSpec(None, *_full_spec(s, ndim)))
-
-
 def basis_sharding(s: NamedSharding, ndim: int) -> NamedSharding:
-    """The sharding of ``k`` stacked vectors each placed with ``s`` (``ndim`` axes each)."""
-    return _stacked(s, ndim)
+    """``s`` with an extra unsplit leading axis: ``k`` stacked vectors each placed with ``s``
+    (``ndim`` axes each)."""
+    return NamedSharding(s.mesh, PartitionSpec(None, *_full_spec(s, ndim)))
 
 
 def _unstacked(s: NamedSharding, ndim: int) -> NamedSharding:
@@ -411,7 +407,7 @@ def _draw_like(sampler, key: jax.Array, a: PyTree, dt=None, rows: int | None = N
         sx = explicit_sharding(x)
         if sx is not None:
             nd = jnp.ndim(x)
-            y = _like(y, sx, nd) if rows is None else _like(y, _stacked(sx, nd), nd + 1)
+            y = _like(y, sx, nd) if rows is None else _like(y, basis_sharding(sx, nd), nd + 1)
         out.append(y)
     return jax.tree.unflatten(treedef, out)
 
@@ -492,7 +488,7 @@ def basis_zeros(a: PyTree, m: int, dt=None) -> PyTree:
         s = explicit_sharding(x)
         if s is None:
             return xp.zeros(shape, dt or x.dtype)
-        return xp.zeros(shape, dt or x.dtype, out_sharding=_stacked(s, xp.ndim(x)))
+        return xp.zeros(shape, dt or x.dtype, out_sharding=basis_sharding(s, xp.ndim(x)))
 
     return jax.tree.map(zeros, a)
 
@@ -517,7 +513,7 @@ def basis_project(Q: PyTree, v: PyTree, acc_dtype=None) -> jax.Array:
             s = sx if sx is not None else _unstacked(sq, nd + 1)
             dt = acc_dtype or xp.result_type(q, x)
             parts.append(xp.tensordot(
-                _like(q, _stacked(s, nd), nd + 1), _like(x, s, nd).astype(q.dtype), axes=nd,
+                _like(q, basis_sharding(s, nd), nd + 1), _like(x, s, nd).astype(q.dtype), axes=nd,
                 preferred_element_type=dt, out_sharding=_replicated(s),
             ))
             continue
@@ -603,7 +599,7 @@ def basis_gram(P: PyTree, Q: PyTree, acc_dtype=None) -> jax.Array:
             # explicit types: contract all vector axes in place (no reshape); both
             # bases laid out as P(None, *vector spec)
             nd = xp.ndim(a)
-            s = _stacked(_unstacked(s, nd), nd - 1)
+            s = basis_sharding(_unstacked(s, nd), nd - 1)
             dt = acc_dtype or xp.result_type(a, b)
             axes = tuple(range(1, nd))
             parts.append(xp.tensordot(
