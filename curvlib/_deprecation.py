@@ -217,6 +217,15 @@ def moved_to_solver(where: str, arg: str, cls, **old_to_field: str):
     return deco
 
 
+# solver-value fields added after the options moved into the value: never an old keyword of
+# a function, so neither folded nor listed as a rename
+ADDED_FIELDS = frozenset({"verify"})
+
+
+def _moved_fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.name not in ADDED_FIELDS]
+
+
 def fold_options(where: str, arg: str, cls, value, options: dict, renames=None):
     """``(value, rest)``: the ``cls`` fields among ``options`` folded into ``value``, with warnings.
 
@@ -226,7 +235,7 @@ def fold_options(where: str, arg: str, cls, value, options: dict, renames=None):
     ``arg=curvlib.<cls>(field=...)``; the other options are returned as they came.
     """
     renames = dict(renames or {})
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = set(_moved_fields(cls))
     given, rest = {}, {}
     for name, v in options.items():
         field = renames.get(name, name)
@@ -246,9 +255,9 @@ def register_folded(where: str, arg: str, cls, renames=None, exclude=()) -> None
 
     ``exclude``: fields whose keyword ``where`` gives another meaning (not folded).
     """
-    for f in dataclasses.fields(cls):
-        if f.name in exclude:
+    for name in _moved_fields(cls):
+        if name in exclude:
             continue
-        RENAMES.append(Rename(where, f.name, f"{arg}={cls.__name__}({f.name}=...)"))
+        RENAMES.append(Rename(where, name, f"{arg}={cls.__name__}({name}=...)"))
     for old, field in (renames or {}).items():
         RENAMES.append(Rename(where, old, f"{arg}={cls.__name__}({field}=...)"))

@@ -5,6 +5,7 @@ when handed a solver value, the same answer as their old keywords."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import inspect
@@ -127,7 +128,7 @@ def _new_kwargs(rename, value):
     if m is None:
         return {rename.new: value}
     arg, cls, keep, field = m.groups()  # keep: the function's own default ("rtol=0.5, ")
-    kept = {k: float(v) for k, v in (kv.split("=") for kv in keep.split(", ") if kv)}
+    kept = {k: ast.literal_eval(v) for k, v in (kv.split("=") for kv in keep.split(", ") if kv)}
     return {arg: getattr(curvlib, cls)(**kept, **{field: value})}
 
 
@@ -344,7 +345,8 @@ def test_built_on_eigensolvers_match_the_dense_oracle_and_their_old_keywords():
     np.testing.assert_allclose(_track(eigsh=e), want, rtol=1e-9)
     with pytest.warns(DeprecationWarning):
         old = _track(tol=1e-11, basis_size=8, max_restarts=200)
-    np.testing.assert_array_equal(old, _track(eigsh=e))
+    # (the old keywords fold into the tracker's own default, Eigsh(verify=False))
+    np.testing.assert_array_equal(old, _track(eigsh=dataclasses.replace(e, verify=False)))
 
     e = Eigsh(rtol=1e-11, basis_size=6, max_restarts=200)  # N = 6 parameters
     sub = ls.curvature_subspace(lsq, W, (X, Y), 5, 2, key=jax.random.PRNGKey(0), eigsh=e)
@@ -426,9 +428,10 @@ def test_a_moved_option_alone_keeps_the_function_s_own_solver_default():
 
 
 def test_built_on_functions_default_to_the_solver_value_s_defaults():
-    # the signature default: None, meaning `Eigsh()` / `CG()`; the truncated-Newton inner
-    # solve is the one documented exception (a forcing-term cap, CG(rtol=0.5))
-    for fn, arg in [(curvlib.track_curvature, "eigsh"), (ls.curvature_subspace, "eigsh"),
+    # the signature default: None, meaning `Eigsh()` / `CG()`; the documented exceptions are
+    # the truncated-Newton inner solve (a forcing-term cap, CG(rtol=0.5)) and the tracker's
+    # warm-started refreshes (no verification round, Eigsh(verify=False))
+    for fn, arg in [(ls.curvature_subspace, "eigsh"),
                     (curvlib.block_eigsh, "eigsh"), (curvlib.inverse_matvec, "eigsh"),
                     (curvlib.inverse_matvec, "cg"), (curvlib.eigsh, "solver"),
                     (curvlib.cg, "solver"), (curvlib.power_iteration, "solver"),
@@ -438,6 +441,8 @@ def test_built_on_functions_default_to_the_solver_value_s_defaults():
     for fn in (curvlib.newton_cg, curvlib.scale_by_newton_cg):
         assert inspect.signature(fn).parameters["cg"].default == CG(rtol=0.5)
         assert hessian_free.TRUNCATED_CG == dataclasses.replace(CG(), rtol=0.5)
+    assert inspect.signature(curvlib.track_curvature).parameters["eigsh"].default == Eigsh(
+        verify=False)
     # no public signature re-defaults a solver option: the knobs left on the algorithms
     # default to None ("the value's default")
     knobs = {f.name for c in (Eigsh, CG, PowerIteration, Lanczos) for f in dataclasses.fields(c)}
@@ -454,7 +459,8 @@ def test_built_on_functions_default_to_the_solver_value_s_defaults():
     b = ls.curvature_subspace(lsq, W, (X, Y), 5, 2, key=jax.random.PRNGKey(0), eigsh=Eigsh())
     assert int(a.num_matvecs) == int(b.num_matvecs)
     np.testing.assert_array_equal(a.eigenvalues, b.eigenvalues)
-    np.testing.assert_array_equal(_track(), _track(eigsh=Eigsh()))
+    np.testing.assert_array_equal(_track(), _track(eigsh=Eigsh(verify=False)))
+    np.testing.assert_array_equal(_track(eigsh=None), _track(eigsh=Eigsh(verify=False)))
     assert Eigsh().max_restarts == 1000 and Eigsh().rtol is None and CG().rtol == 1e-5
     assert PowerIteration().rtol == 1e-4
 

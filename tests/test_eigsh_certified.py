@@ -91,6 +91,48 @@ def _repeated_top(case, dtype):
     return mv, v0, k, which, d, jax.random.PRNGKey(case)
 
 
+@pytest.mark.parametrize("route", ["fused", "numpy", "steps"])
+def test_verify_false_stops_at_the_search_certificate(route, monkeypatch):
+    """``Eigsh(verify=False)`` runs the same search and stops where the verification round
+    would begin: the same eigenpairs, the search's products, no round. On a repeated value
+    it certifies residuals only (a chain misses copies), as documented."""
+    from curvlib.krylov import _driver, eigen
+
+    if route == "steps":
+        monkeypatch.setattr(_driver, "HOST_MAX_ENTRIES", 0)
+
+    def run(mv, v0, k, verify):
+        solver = curvlib.Eigsh(verify=verify)
+        if route == "fused":
+            return curvlib.eigsh(mv, v0, k, key=jax.random.PRNGKey(1), solver=solver)
+        cfg, *rest = eigen._configure(mv, v0, k, "LA", solver)
+        return eigen._solve_now(cfg, mv, v0, jax.random.PRNGKey(1), *rest)
+
+    rng = np.random.default_rng(0)
+    Q, _ = np.linalg.qr(rng.standard_normal((150, 150)))
+    d = np.linspace(-2.0, 6.0, 150) ** 3 / 30
+    mv = jax.tree_util.Partial(lambda A, v: A @ v, jnp.asarray((Q * d) @ Q.T))
+    v0 = jnp.asarray(rng.standard_normal(150))
+    full, quick = run(mv, v0, 4, True), run(mv, v0, 4, False)
+    assert bool(full.converged) and bool(quick.converged)
+    assert int(quick.status) == int(curvlib.Status.SUCCESS)
+    np.testing.assert_allclose(np.asarray(quick.eigenvalues), np.sort(d)[::-1][:4], rtol=1e-10)
+    assert int(quick.num_verifications) == 0 == int(quick.verification_matvecs)
+    assert int(full.num_verifications) >= 1
+    assert int(quick.num_matvecs) == int(full.num_matvecs - full.verification_matvecs)
+    np.testing.assert_allclose(np.abs(np.sum(np.asarray(quick.eigenvectors)
+                                             * np.asarray(full.eigenvectors), axis=1)), 1.0,
+                               atol=1e-8)
+    # four copies of 5: the chain from v0 sees one (rounding lets a restarted chain see
+    # another); the round is what finds them all
+    D = jnp.asarray(np.concatenate([np.full(4, 5.0), np.linspace(0.0, 4.5, 196)]))
+    v0 = jnp.asarray(rng.standard_normal(200))
+    mv = jax.tree_util.Partial(lambda D, v: D * v, D)
+    quick, full = run(mv, v0, 4, False), run(mv, v0, 4, True)
+    np.testing.assert_allclose(np.asarray(full.eigenvalues), 5.0, rtol=1e-10)
+    assert bool(quick.converged) and np.sum(np.isclose(np.asarray(quick.eigenvalues), 5.0)) < 4
+
+
 @pytest.mark.parametrize("route", ["fused", "numpy"])
 @pytest.mark.parametrize("case", [135, 181, 197, 253, 269])
 def test_float32_repeated_eigenvalues_certify(case, route, monkeypatch):

@@ -140,8 +140,9 @@ def test_tracked_eigenvalues_match_cold_eigsh_and_warm_start_is_cheaper():
     loss, params = _mlp()
     k, every, tol = 3, 10, 1e-3
     opt = optax.chain(
-        curvlib.track_curvature(every, k, key=jax.random.PRNGKey(1),
-                                eigsh=curvlib.Eigsh(rtol=tol, max_restarts=100), num_probes=0),
+        curvlib.track_curvature(
+            every, k, key=jax.random.PRNGKey(1),
+            eigsh=curvlib.Eigsh(rtol=tol, max_restarts=100, verify=True), num_probes=0),
         optax.sgd(0.5),
     )
     step = _gd_step(opt, loss)
@@ -169,6 +170,39 @@ def test_tracked_eigenvalues_match_cold_eigsh_and_warm_start_is_cheaper():
     counts = (warm_counts, cold_counts)
     assert np.sum(warm_counts) <= 0.8 * np.sum(cold_counts), counts
     assert max(warm_counts) <= max(cold_counts), counts
+
+
+def test_default_refresh_skips_verification_and_agrees_with_a_verified_one():
+    """The tracker's default ``Eigsh(verify=False)``: the same eigenvalues as refreshes that
+    run eigsh's verification round, no verification products, and fewer products in all."""
+    loss, params = _mlp()
+    k, every = 3, 10
+    key = jax.random.PRNGKey(1)
+    runs = {}
+    for name, opts in {"default": {}, "verified": {"eigsh": curvlib.Eigsh(verify=True)}}.items():
+        opt = optax.chain(curvlib.track_curvature(every, k, key=key, num_probes=0, **opts),
+                          optax.sgd(0.5))
+        step, p, state, infos = _gd_step(opt, loss), params, opt.init(params), []
+        for t in range(31):
+            p, state = step(p, state)
+            if t % every == 0:
+                infos.append(curvlib.curvature_info(state))
+        runs[name] = infos
+    for default, verified in zip(runs["default"], runs["verified"], strict=True):
+        assert bool(default.converged) and bool(verified.converged)
+        assert int(default.verification_matvecs) == 0 < int(verified.verification_matvecs)
+        # the same training (the tracker does not touch the updates): the same Hessians
+        np.testing.assert_allclose(default.eigenvalues, verified.eigenvalues, rtol=1e-6)
+        rel = np.asarray(default.residual_norms) / np.abs(np.asarray(default.eigenvalues))
+        assert np.all(rel <= np.sqrt(np.finfo(np.float64).eps) * 1.01), rel
+    used = [sum(int(i.eigsh_matvecs) for i in runs[n]) for n in ("default", "verified")]
+    assert used[0] < used[1], used
+    # the deprecated `tol` folds into the tracker's own default: still no verification
+    with pytest.warns(DeprecationWarning, match="verify=False"):
+        opt = curvlib.track_curvature(every, k, key=key, num_probes=0, tol=1e-3)
+    state = opt.init(params)
+    _, state = opt.update(jax.grad(loss)(params), state, params, value_fn=loss)
+    assert int(curvlib.curvature_info(state).verification_matvecs) == 0
 
 
 # ----------------------------------------------------------- optax contract

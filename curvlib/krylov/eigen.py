@@ -110,6 +110,7 @@ class _Cfg(NamedTuple):
     layout: str
     basis_dtype: Any
     dim: int  # N, for the verification's probability bound
+    verify: bool = True  # run the verification phase (`Eigsh.verify`)
 
 
 class _State(NamedTuple):
@@ -139,6 +140,7 @@ class _State(NamedTuple):
     check_every: jax.Array  # int32: products between convergence tests
     max_inject: jax.Array  # int32: largest verification block
     which: jax.Array  # int32: ``cfg.which``'s code (`_band.Order.CODES`)
+    verify: jax.Array  # bool: certified search pairs start a verification round (else finish)
 
 
 # --------------------------------------------------------------------- pieces
@@ -365,8 +367,8 @@ def _update(cfg: _Cfg, s: _State, product) -> _State:
     s_now = s._replace(since=since, fresh=s.fresh + 1)
     ev = cond(due, lambda b: _evaluate(cfg, s_now, b), lambda b: _no_eval(cfg, s_now, b),
                       band)
-    finish = ev.finish
-    new_round = ev.search_cert | (ev.verify_cert & ~finish)
+    finish = ev.finish | (ev.search_cert & ~s.verify)  # no verification asked: done
+    new_round = (ev.search_cert & s.verify) | (ev.verify_cert & ~finish)
     restart = full & ~finish & ~new_round
     band, Y = _compress(cfg, s, band, ev, new_round, restart, xp.where(due, ev.Y, s.Y))
     theta = xp.where(due, ev.theta, s.theta)
@@ -448,7 +450,7 @@ def _inject_fresh(cfg: _Cfg, s: _State, space, band: _band.Band, to_inject):
 def _setup(cfg: _Cfg, v0, key, tol, max_matvecs, max_restarts, sizes=None, seed=None) -> _State:
     """The first state. ``sizes``: `_sizes`, traced in the answer-now steps (`_shape_cfg`);
     default ``cfg``'s."""
-    k, m, keep, check_every, max_inject, which = _sizes(cfg) if sizes is None else sizes
+    k, m, keep, check_every, max_inject, which, verify = _sizes(cfg) if sizes is None else sizes
     space = _space.Space(v0, cfg.layout)
     seed = _space.seed(v0, key) if seed is None else seed
     z0 = space.gaussian(seed, 0)
@@ -472,18 +474,20 @@ def _setup(cfg: _Cfg, v0, key, tol, max_matvecs, max_restarts, sizes=None, seed=
         k=xp.asarray(k, xp.int32), keep=xp.asarray(keep, xp.int32),
         check_every=xp.asarray(check_every, xp.int32),
         max_inject=xp.asarray(max_inject, xp.int32), which=xp.asarray(which, xp.int32),
+        verify=xp.asarray(verify, bool),
     )
 
 
 def _sizes(cfg: _Cfg):
-    """``(k, m, keep, check_every, max_inject, which)``: the options the state carries as data
-    (``which`` as its code)."""
-    return cfg.k, cfg.m, cfg.keep, cfg.check_every, cfg.max_inject, _band.Order.CODES[cfg.which]
+    """``(k, m, keep, check_every, max_inject, which, verify)``: the options the state carries
+    as data (``which`` as its code)."""
+    return (cfg.k, cfg.m, cfg.keep, cfg.check_every, cfg.max_inject,
+            _band.Order.CODES[cfg.which], cfg.verify)
 
 
 def _shape_cfg(cfg: _Cfg) -> _Cfg:
     """The key of the answer-now steps: the size class, with the sizes moved into the state."""
-    return cfg._replace(k=0, keep=0, check_every=0, max_inject=0, which="",
+    return cfg._replace(k=0, keep=0, check_every=0, max_inject=0, which="", verify=True,
                         m=_band.capacity(cfg.m, cfg.dim))
 
 
@@ -756,6 +760,7 @@ def _configure(matvec, v0, k, which, solver: solvers.Eigsh):
     cfg = _Cfg(
         k=k, which=which, m=m, keep=keep, check_every=max(1, -(-m // 64)),
         max_inject=max(1, min(k, (m - k) // 2)), layout=layout, basis_dtype=basis_dtype, dim=n,
+        verify=bool(solver.verify),
     )
     return cfg, tol, max_matvecs, max_restarts
 

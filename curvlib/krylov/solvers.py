@@ -63,7 +63,7 @@ def _solver(data, meta):
 
 
 @_solver(data=["rtol", "max_matvecs", "max_restarts"],
-         meta=["basis_size", "num_keep", "basis_dtype"])
+         meta=["basis_size", "num_keep", "basis_dtype", "verify"])
 class Eigsh:
     """Options of thick-restart Lanczos, [`curvlib.eigsh`][curvlib.eigsh].
 
@@ -78,9 +78,17 @@ class Eigsh:
       max_matvecs: product budget; ``None`` is ``100 m``. Traceable.
       max_restarts: cap on thick restarts, verification rounds included: the certificate
         needs one round, so ``0`` returns unconverged (``MAX_STEPS``) unless the basis spans
-        the whole space. Traceable.
+        the whole space or ``verify=False``. Traceable.
       basis_dtype: dtype of the stored basis (e.g. ``jnp.bfloat16``); ``None``
         is ``v0``'s. Static.
+      verify: run the verification phase (default ``True``): ``converged=True`` then
+        also certifies that no copy of a wanted eigenvalue, and no eigenvalue beyond the
+        wanted ones, was missed (a fresh random block, about a basis of products more).
+        ``False`` stops at the first Krylov depth whose ``k`` Ritz pairs meet the
+        tolerance: ``converged`` certifies the residuals only, as in ARPACK. Useful when
+        repeated solves start from a good subspace (the refreshes of
+        [`curvlib.track_curvature`][curvlib.track_curvature]), where the round would cost
+        more than the search. Static.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -101,8 +109,11 @@ class Eigsh:
     max_matvecs: Any = None
     max_restarts: Any = 1000
     basis_dtype: Any = None
+    verify: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.verify, (bool, np.bool_)):
+            raise TypeError(f"`verify` must be True or False; got {self.verify!r}.")
         _nonneg(self.rtol, "rtol")
         _int(self.basis_size, "basis_size", 1)
         _int(self.num_keep, "num_keep", 1)

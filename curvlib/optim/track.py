@@ -42,6 +42,9 @@ from curvlib.optim import _common
 PyTree = Any
 
 TRACE_METHODS = ("deflated", "hutch++", "hutchinson")
+# a refresh starts from the last refresh's eigenvectors: the search is short, and eigsh's
+# verification round (a fresh random block) would cost more than it
+DEFAULT_EIGSH = solvers.Eigsh(verify=False)
 
 
 class TrackCurvatureInfo(NamedTuple):
@@ -70,7 +73,8 @@ class TrackCurvatureInfo(NamedTuple):
       eigsh_matvecs: the eigsh part of ``num_matvecs``.
       verification_matvecs: the part of ``eigsh_matvecs`` spent verifying
         that no copy of a repeated eigenvalue was missed (fresh random blocks:
-        a warm start does not shorten it).
+        a warm start does not shorten it); ``0`` with the default
+        ``Eigsh(verify=False)``.
       converged: whether eigsh met its tolerance at the last refresh.
       num_refreshes: successful refreshes so far.
       skipped: ``True`` if the most recent refresh met a non-finite loss,
@@ -375,7 +379,7 @@ def track_curvature(
     *,
     key: jax.Array,
     which: str = "LA",
-    eigsh: solvers.Eigsh | None = None,
+    eigsh: solvers.Eigsh = DEFAULT_EIGSH,
     num_probes: int = 6,
     trace_method: str = "deflated",
     mode: str | None = None,
@@ -470,7 +474,12 @@ def track_curvature(
         probes; refresh ``t`` uses ``fold_in(key, t)``.
       which: ``"LA"`` (largest algebraic, default), ``"SA"`` or ``"LM"``.
       eigsh: the eigensolver's options, a [`curvlib.Eigsh`][curvlib.Eigsh] (default
-        ``Eigsh()``, the defaults of [`curvlib.eigsh`][curvlib.eigsh]). Its ``rtol`` is
+        ``Eigsh(verify=False)``: the defaults of [`curvlib.eigsh`][curvlib.eigsh] without
+        its verification round; ``None`` means the same). A refresh then stops once the
+        ``k`` Ritz pairs meet the tolerance, and ``info.converged`` certifies their
+        residuals; ``Eigsh(verify=True)`` adds eigsh's certificate that no copy of a
+        wanted eigenvalue was missed, about a basis of products more per refresh (the
+        warm start makes the search short, so the round would double its cost). Its ``rtol`` is
         the relative residual tolerance (the eigenvalue error is about
         ``rtol**2 * lambda**2 / gap``; a looser ``Eigsh(rtol=1e-3)`` spends
         fewer products per refresh); its
@@ -529,7 +538,7 @@ def track_curvature(
     _validate.number(every, "every", minimum=1, integer=True, optional=True)  # traceable
     k = _validate.static_int(k, "k", minimum=1)
     num_probes = _validate.static_int(num_probes, "num_probes", minimum=0)
-    eigsh = solvers.resolve(solvers.Eigsh, eigsh, "eigsh")
+    eigsh = solvers.resolve(solvers.Eigsh, DEFAULT_EIGSH if eigsh is None else eigsh, "eigsh")
     if eigsh.basis_size is not None:
         _validate.static_int(eigsh.basis_size, "basis_size", minimum=k + 2)
     _validate.one_of(which, "which", ("LA", "SA", "LM"))
