@@ -308,6 +308,11 @@ def _evaluate(cfg: _Cfg, s: _State, band: _band.Band) -> _Eval:
     nmul = xp.sum(band.mult)
     wanted = xp.arange(cfg.m) < k
     certified = xp.all(ok | ~wanted) & (nmul > k)
+    if not cfg.verify:  # a program without the verification phase: the search's test only
+        f = xp.asarray(False)
+        done = certified & ((nmul >= cfg.dim) | (band.limit < cfg.dim))
+        return _Eval(search_cert=f, verify_cert=f, finish=done,
+                     n_inject=xp.ones((), xp.int32), theta=theta, Y=Y)
     thr_ref = _thresholds(cfg, band, s.ref, wanted, s.tol)
     g, fresh_guard = _guard(theta, valid, thr, s.ref, thr_ref, k)
     guard_ok = fresh_guard & (ok[g] | _unseen_unlikely(cfg, s, theta, valid, thr, g))
