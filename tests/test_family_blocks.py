@@ -393,3 +393,50 @@ def test_a_block_alone_in_its_group_runs_an_unbatched_eigsh():
         Hv, p, 2, key=jax.random.key(0), blocks={"in": "in", "mid": "mid", "out": None}))(
         params).jaxpr
     assert _batched_loops(box) == _batched_loops(per_shape) > 0
+
+
+@pytest.mark.parametrize("batch_size", [None, 1])
+def test_each_block_reports_its_own_status_and_counts(batch_size):
+    """Two equal-shaped blocks run as one group (one with curvature, one without) beside a
+    lone block: every field of a block's result is that block's, as `eigsh` on it alone."""
+    d, c = jnp.arange(1.0, 7.0), jnp.arange(1.0, 9.0)
+
+    def matvec(v):
+        return {"a": d * v["a"], "z": 0.0 * v["z"], "c": c * v["c"]}
+
+    params = {"a": jnp.zeros(6), "z": jnp.zeros(6), "c": jnp.zeros(8)}
+    res = block_eigsh(matvec, params, 2, key=jax.random.PRNGKey(0), batch_size=batch_size)
+    for name, diag in (("a", d), ("z", 0.0 * d), ("c", c)):
+        r = res[name]
+        alone = curvlib.eigsh(lambda v, diag=diag: diag * v, jnp.ones(diag.shape[0]), 2)
+        for field in r._fields:
+            if field != "eigenvectors":
+                assert np.shape(getattr(r, field)) == np.shape(getattr(alone, field)), field
+        assert int(r.status) == int(alone.status), name
+        assert bool(r.converged) == bool(alone.converged), name
+    np.testing.assert_allclose(res["a"].eigenvalues, [6.0, 5.0], rtol=1e-12)
+    assert bool(res["a"].converged)
+    curvlib.raise_if_failed(res["a"])  # the zero block's failure is not block a's
+    assert int(res["z"].status) != int(curvlib.Status.SUCCESS)
+    with pytest.raises(curvlib.CurvatureError):
+        curvlib.raise_if_failed(res["z"])
+
+
+def test_default_blocks_of_leaves_whose_paths_read_alike_stay_apart():
+    """``{"a/b": x, "a": {"b": y}}``: the joined paths coincide; each leaf is its own block."""
+    params = {"a/b": jnp.zeros(4), "a": {"b": jnp.zeros(4)}}
+
+    def matvec(v):
+        return {"a/b": jnp.arange(1.0, 5.0) * v["a/b"],
+                "a": {"b": jnp.arange(10.0, 14.0) * v["a"]["b"]}}
+
+    res = block_eigsh(matvec, params, 2, key=jax.random.PRNGKey(0))
+    assert len(res) == 2
+    values = sorted(tuple(np.round(np.asarray(r.eigenvalues), 8)) for r in res.values())
+    assert values == [(4.0, 3.0), (13.0, 12.0)]
+    for r in res.values():  # each block's eigenvectors live on its own leaf only
+        leaves = [x for x in jax.tree.leaves(r.eigenvectors) if x is not None]
+        assert len(leaves) == 1
+    # names that do not collide keep the short spelling
+    res = block_eigsh(lambda v: v, {"x": {"w": jnp.zeros(4)}}, 2, key=jax.random.PRNGKey(0))
+    assert list(res) == ["x/w"]

@@ -185,8 +185,13 @@ def restrict(matvec: Callable, params: PyTree, where) -> Partial:
 def _labels(params: PyTree, blocks) -> list:
     """One label (hashable, or ``None`` for "in no block") per leaf of ``params``."""
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    if blocks is None:
-        return [keystr(path, simple=True, separator="/") for path, _ in flat]
+    if blocks is None:  # one block per leaf, named by its path ("layer1/w")
+        names = [keystr(path, simple=True, separator="/") for path, _ in flat]
+        # ... unless two paths read alike ({"a/b": x, "a": {"b": y}}): those keep the full
+        # spelling of their path ("['a/b']", "['a']['b']"), each leaf its own block
+        twice = {n for n in names if names.count(n) > 1}
+        return [keystr(path) if n in twice else n for n, (path, _) in zip(names, flat,
+                                                                           strict=True)]
     if callable(blocks):
         return [blocks(path, x) for path, x in flat]
     try:
@@ -323,7 +328,10 @@ def block_eigsh(
       the leaves. A block's eigenvectors are sub-pytrees (``params`` with
       ``None`` outside the block) whose leaves carry a leading axis ``k``.
       Block names are ``str(label)``; the default labels are the leaves' key
-      paths joined by ``"/"`` (``"layer1/w"``).
+      paths joined by ``"/"`` (``"layer1/w"``), or, for leaves whose joined paths
+      coincide (``{"a/b": x, "a": {"b": y}}``), their full key paths
+      (``"['a/b']"``, ``"['a']['b']"``): one block per leaf either way. Each block's
+      ``status``, ``converged`` and counts are its own.
 
     Raises:
       ValueError: for a block with ``k`` or fewer entries, no block at all,
@@ -516,15 +524,9 @@ def _block_eigsh(matvec, params, key, labels, k, which, options, batch_size, per
             vecs = [None] * len(leaves)
             for j, s in enumerate(slots[b]):
                 vecs[s] = res.eigenvectors[j][b]
-            results[lab] = res._replace(
-                eigenvalues=res.eigenvalues[b],
-                eigenvectors=jax.tree.unflatten(treedef, vecs),
-                residual_norms=res.residual_norms[b],
-                num_matvecs=res.num_matvecs[b],
-                num_restarts=res.num_restarts[b],
-                converged=res.converged[b],
-                finite=res.finite[b],
-            )
+            # every field of the group's result has the block axis first: block b's entry
+            one = jax.tree.map(lambda x, b=b: x[b], res._replace(eigenvectors=()))
+            results[lab] = one._replace(eigenvectors=jax.tree.unflatten(treedef, vecs))
     return tuple(results[lab] for lab in order)
 
 
