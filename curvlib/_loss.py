@@ -71,14 +71,16 @@ def kwargs_for(fn: Callable, extra_args: dict) -> dict:
     return {k: v for k, v in extra_args.items() if k in sig.parameters and k not in RESERVED}
 
 
-def check_named_inputs(fn: Callable, role: str, extra_args: dict, given_as: str) -> None:
+def check_named_inputs(fn: Callable, role: str, extra_args: dict, given_as: str, *,
+                       caller: str = "update(grads, state, params, {})") -> None:
     """Raise ``ValueError`` unless ``fn(x, **kwargs_for(fn, extra_args))`` binds.
 
     For inputs that reach a function by the parameter names of its signature (K-FAC's
     ``model_fn`` and ``example_inputs``): the message names the keys that match no
     parameter (dropped, so they never reach ``fn``) and the parameters left without a
-    value. ``given_as`` names where the keys came from (``"example_inputs"``). The check
-    binds the signature only (no call, no trace).
+    value. ``given_as`` names where the keys came from (``"example_inputs"``); ``caller``
+    spells the call that passes them (its ``{}`` the keywords) when they are a call's extra
+    arguments. The check binds the signature only (no call, no trace).
     """
     sig = _signature(fn)
     if sig is None:
@@ -90,14 +92,15 @@ def check_named_inputs(fn: Callable, role: str, extra_args: dict, given_as: str)
         dropped = sorted(k for k in extra_args if k not in kw and k not in RESERVED)
         names = [p for p in sig.parameters][1:]
         raise ValueError(
-            f"`{given_as}` must hold the inputs of `{role}` ({_fn_name(fn)}{sig}) by the names "
+            (f"`{given_as}`" if given_as.isidentifier() else given_as.capitalize())
+            + f" must hold the inputs of `{role}` ({_fn_name(fn)}{sig}) by the names "
             f"of its parameters after the first ({names}); "
             + (f"its key(s) {dropped} name none of them, so they never reach `{role}`, and "
                if dropped else "")
             + f"`{role}` cannot be called with the rest: {e}. E.g. "
             + (f"`{given_as}=" + "{" + ", ".join(f"'{n}': ..." for n in names[:2]) + "}`"
                if given_as.isidentifier() else
-               f"`update(grads, state, params, {', '.join(f'{n}=...' for n in names[:2])})`")
+               "`" + caller.format(", ".join(f"{n}=..." for n in names[:2])) + "`")
             + "."
         ) from None
 
@@ -111,8 +114,9 @@ def passed_names(extra_args: dict) -> list[str]:
     return sorted(k for k in extra_args if k not in RESERVED)
 
 
-def check_call(fn: Callable, role: str, kw: dict, extra_args: dict, *, hint: str = "") -> None:
-    """Raise a ``TypeError`` listing what ``update`` received when ``fn(x, **kw)`` cannot bind.
+def check_call(fn: Callable, role: str, kw: dict, extra_args: dict, *, hint: str = "",
+               caller: str = "update") -> None:
+    """Raise a ``TypeError`` listing what ``caller`` received when ``fn(x, **kw)`` cannot bind.
 
     ``role`` names the function in the message (``"value_fn"``, ``"ggn model_fn"``).
     The check binds the signature only (no call, no trace).
@@ -126,11 +130,14 @@ def check_call(fn: Callable, role: str, kw: dict, extra_args: dict, *, hint: str
         params = [p for p in sig.parameters]
         raise TypeError(
             f"`{role}` ({_fn_name(fn)}{sig}) cannot be called as `{role}(x, **kw)` with the "
-            f"extra arguments of `update` it names: {e}. `update` received the extra arguments "
-            f"{passed_names(extra_args)} (besides `value_fn`); each function gets those whose "
-            f"names appear in its own signature ({params}). Pass every input it needs to "
-            "`update` by that name, e.g. `opt.update(grads, state, params, value_fn=loss, "
-            "batch=batch)` for `loss(params, batch)`." + (" " + hint if hint else "")
+            f"extra arguments of `{caller}` it names: {e}. `{caller}` received the extra "
+            f"arguments {passed_names(extra_args)}"
+            + (" (besides `value_fn`)" if caller == "update" else "")
+            + f"; each function gets those whose names appear in its own signature ({params}). "
+            f"Pass every input it needs to `{caller}` by that name"
+            + (", e.g. `opt.update(grads, state, params, value_fn=loss, batch=batch)` for "
+               "`loss(params, batch)`." if caller == "update" else ".")
+            + (" " + hint if hint else "")
         ) from None
 
 

@@ -274,12 +274,66 @@ def test_a_model_given_no_batch_names_what_it_expected():
     opt = kfac(model_fn=model_fn, example_inputs={"x": x, "y": x[:, 0]}, key=jax.random.PRNGKey(0))
     state = opt.init(p)  # a key for the loss only ("y") is fine
     loss = lambda p, x, y: jnp.mean((model_fn(p, x)[:, 0] - y) ** 2)
-    with pytest.raises(ValueError, match=r"(?s)^`the extra arguments of update` must hold.*"
+    with pytest.raises(ValueError, match=r"(?s)^The extra arguments of update must hold.*"
                        r"\['inputs', 'y'\] name none.*update\(grads, state, params, x=\.\.\.\)"):
         opt.update(p, state, p, value_fn=loss, inputs=x, y=x[:, 0])
+    # value_and_grad's own inputs: its messages name it, not `update`
+    out_loss = lambda out, y: jnp.mean((out[:, 0] - y) ** 2)
+    with pytest.raises(ValueError, match=r"(?s)^The extra arguments of value_and_grad must hold"
+                       r".*\['inputs', 'y'\] name none.*"
+                       r"opt\.value_and_grad\(loss_fn\)\(params, state, x=\.\.\.\)"):
+        opt.value_and_grad(out_loss)(p, state, inputs=x, y=x[:, 0])
+    with pytest.raises(TypeError, match=r"(?s)^`loss_fn` \(.*<lambda>\(out, y\)\) cannot be called"
+                       r".*missing a required argument: 'y'.*`value_and_grad` received the "
+                       r"extra arguments \['x'\]"):
+        opt.value_and_grad(out_loss)(p, state, x=x)
     # named as the signature names it, the same input is found
     layers = find_layers(model_fn, p, x)
     assert len(layers.layers) == 2
     # the public find_layers with a non-array argument says what it received
     with pytest.raises(ValueError, match=r"holds no arrays \(1 argument\(s\) holding \['str'\]\)"):
         find_layers(model_fn, p, "x")
+
+
+def _batch_norm_model(p, x):
+    h = x @ p["w1"]
+    h = (h - h.mean(0)) / jnp.sqrt(h.var(0) + 1e-5)  # normalised over the batch: examples interact
+    return jnp.tanh(h) @ p["w2"]
+
+
+def test_a_model_whose_examples_interact_is_refused():
+    """K-FAC replays the model one example at a time: batch normalisation over the batch
+    would give the factors (and the one-pass loss and gradient) of another model."""
+    import optax
+
+    import curvlib
+
+    ks = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(ks[0], (8, 4))
+    p = {"w1": jax.random.normal(ks[1], (4, 5)), "w2": jax.random.normal(ks[2], (5, 3))}
+    with pytest.raises(ValueError, match="scale_by_kfac: `model_fn`'s output for an example "
+                                         "depends on the other examples"):
+        curvlib.kfac(model_fn=_batch_norm_model, example_inputs={"x": x}).init(p)
+    with pytest.raises(ValueError, match="kfac_curvature: .*batch normalisation"):
+        kronecker.kfac_curvature(_batch_norm_model, p, x)
+
+    # the same model normalising each example alone (LayerNorm-like) is K-FAC's to take
+    def layer_norm_model(p, x):
+        h = x @ p["w1"]
+        h = (h - h.mean(-1, keepdims=True)) / jnp.sqrt(h.var(-1, keepdims=True) + 1e-5)
+        return jnp.tanh(h) @ p["w2"]
+
+    y = jnp.arange(8) % 3
+    opt = curvlib.kfac(model_fn=layer_norm_model, example_inputs={"x": x})
+    state = opt.init(p)
+
+    def ce(o, y):
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(o, y))
+
+    (value, _), _ = opt.value_and_grad(ce)(p, state, x=x, y=y)
+    np.testing.assert_allclose(value, ce(layer_norm_model(p, x), y), rtol=1e-6)
+    # nothing concrete to compare: abstract inputs, one example, a trace
+    spec = {"x": jax.ShapeDtypeStruct(x.shape, x.dtype)}
+    curvlib.kfac(model_fn=_batch_norm_model, example_inputs=spec).init(p)
+    curvlib.kfac(model_fn=_batch_norm_model, example_inputs={"x": x[:1]}).init(p)
+    jax.eval_shape(curvlib.kfac(model_fn=_batch_norm_model, example_inputs={"x": x}).init, p)

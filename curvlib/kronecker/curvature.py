@@ -60,6 +60,7 @@ from curvlib.kronecker.discovery import (
     _find_layers,
     _split_args,
     apply_chain,
+    check_examples_independent,
     invert_chain,
     out_rows,
     use_rows,
@@ -803,6 +804,7 @@ def kfac_curvature(
     num_samples = check_options(likelihood, convention, num_samples, variance)
     layers = _find_layers(model_fn, params, args)
     _likelihood.check_output(likelihood, layers.out_aval.shape)
+    check_examples_independent(model_fn, params, args, "kfac_curvature")
     factors, _ = _statistics_jit(layers, params, batch_leaves(args),
                                  tuple(layers.program.consts.values()), likelihood, key,
                                  num_samples, convention, variance)

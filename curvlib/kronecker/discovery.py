@@ -367,6 +367,62 @@ def find_layers(model_fn: Callable, params: PyTree, *args) -> KfacLayers:
     return _find_layers(model_fn, params, args)
 
 
+def _concrete_arrays(tree) -> bool:
+    """Every leaf a value this process holds whole (not traced, abstract or multi-host)."""
+    return all(not isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct))
+               and getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree))
+
+
+def check_examples_independent(model_fn: Callable, params: PyTree, args: tuple,
+                               where: str) -> None:
+    """Raise ``ValueError`` when the model's output for one example depends on another.
+
+    K-FAC's statistics (and the one-pass gradient of ``value_and_grad``) replay the
+    model one example at a time, as [`find_layers`][curvlib.kronecker.find_layers] traced
+    it: a model whose examples interact (batch normalisation over the batch, in-batch
+    negatives) would get factors, and a one-pass loss and gradient, of another model.
+    Checked on the first two examples of ``args``: the outputs of the pair must equal
+    those of each example alone (to ``sqrt(eps)`` of the outputs' scale). Skipped when
+    nothing is concrete (inside a trace, ``jax.ShapeDtypeStruct`` inputs) or the batch
+    holds one example, or across hosts. Cost: one compiled forward pass on two examples
+    and two on one.
+    """
+    if not (_concrete_arrays(params) and _concrete_arrays(args)):
+        return
+    leaves, treedef, arrays, n = _split_args(args)
+    if n < 2:
+        return
+
+    def outputs(params, batched):
+        def call(lo, hi):
+            full = list(leaves)
+            for i, x in zip(arrays, batched, strict=True):
+                full[i] = x[lo:hi]
+            return jnp.asarray(model_fn(params, *jax.tree.unflatten(treedef, full)))
+
+        return call(0, 2), jnp.concatenate([call(0, 1), call(1, 2)])
+
+    pair, each = (np.asarray(x, np.float64) for x in jax.jit(outputs)(
+        params, [leaves[i][:2] for i in arrays]))
+    if not (np.all(np.isfinite(pair)) and np.all(np.isfinite(each))):
+        return  # non-finite outputs: the steps report them
+    dtype = jnp.result_type(*[jnp.result_type(x) for x in jax.tree.leaves(params)])
+    eps = float(jnp.finfo(dtype).eps)
+    scale = max(float(np.max(np.abs(pair))), float(np.max(np.abs(each))), 1e-30)
+    gap = float(np.max(np.abs(pair - each)))
+    if gap > np.sqrt(eps) * scale:
+        raise ValueError(
+            f"{where}: `model_fn`'s output for an example depends on the other examples of "
+            f"its batch: on the first two examples of the batch, the outputs computed "
+            f"together and one at a time differ by {gap:.3g} (outputs up to {scale:.3g}). "
+            "K-FAC's statistics replay the model one example at a time, so a model whose "
+            "examples interact (batch normalisation over the batch, in-batch negatives) "
+            "would get factors of another model. Use per-example normalisation "
+            "(LayerNorm, or batch statistics held fixed: `use_running_average=True`), or "
+            "a first-order optimiser for this model."
+        )
+
+
 def _describe_args(args) -> str:
     """What a model's arguments after ``params`` hold: keyword names, or leaf types."""
     if len(args) == 1 and isinstance(args[0], dict):

@@ -103,7 +103,7 @@ from curvlib.kronecker.curvature import (
     value_grad_and_rows,
     zero_factors,
 )
-from curvlib.kronecker.discovery import KfacLayers, _find_layers
+from curvlib.kronecker.discovery import KfacLayers, _find_layers, check_examples_independent
 
 PyTree = Any
 
@@ -770,8 +770,10 @@ def scale_by_kfac(
 
     def init_fn(params):
         _validate.float_leaves(params, "params", init="scale_by_kfac")
-        layers, _ = _layers_for(model_fn, params, example_inputs, checked=True)
+        layers, kw = _layers_for(model_fn, params, example_inputs, checked=True)
         _likelihood.check_output(likelihood, layers.out_aval.shape)
+        check_examples_independent(lambda p, kw: model_fn(p, **kw), params, (kw,),
+                                   "scale_by_kfac")
         state = place_state(layers, init_state(layers, params, damping, key_data, inverse), params)
         return _tree.unaliased(state, key_data, damping)  # donatable, the user's arrays kept
 
@@ -862,10 +864,11 @@ def _value_and_grad(c: _Settings, loss_fn: Callable) -> Callable:
 
     def fn(params, state, **extra_args):
         kstate = _kfac_state(state)
-        layers, kw = _layers_for(c.model_fn, params, extra_args)
+        layers, kw = _layers_for(c.model_fn, params, extra_args, caller="value_and_grad")
         _check_state(layers, kstate)
         dt = factor_dtype(layers)
         lkw = _loss.kwargs_for(loss_fn, extra_args)
+        _loss.check_call(loss_fn, "loss_fn", lkw, extra_args, caller="value_and_grad")
 
         def out_loss(out):
             return jnp.asarray(_validate.scalar_loss(loss_fn(out, **lkw), "loss_fn",
@@ -977,11 +980,15 @@ def _key_data(key):
     return jnp.asarray(key)
 
 
-def _layers_for(model_fn, params, extra_args, checked: bool = False):
+def _layers_for(model_fn, params, extra_args, checked: bool = False, caller: str = "update"):
     """The layers of ``model_fn`` at ``params`` and the extra arguments it takes (``checked``:
-    the names were checked against ``model_fn``'s signature already, at construction)."""
+    the names were checked against ``model_fn``'s signature already, at construction;
+    ``caller``: the call the extra arguments came to, ``"update"`` or ``"value_and_grad"``)."""
     if not checked:
-        _loss.check_named_inputs(model_fn, "model_fn", extra_args, "the extra arguments of update")
+        _loss.check_named_inputs(
+            model_fn, "model_fn", extra_args, f"the extra arguments of {caller}",
+            caller="update(grads, state, params, {})" if caller == "update" else
+            "opt.value_and_grad(loss_fn)(params, state, {})")
     kw = _loss.kwargs_for(model_fn, extra_args)
     try:
         return _find_layers(lambda p, kw: model_fn(p, **kw), params, (kw,)), kw
