@@ -43,7 +43,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.extend.core
 import jax.numpy  # noqa: F401  (`tracing`)
+import numpy as np
 from jax.tree_util import Partial
 
 from curvlib import _progress, _validate
@@ -266,11 +268,93 @@ def as_operator(fn: Callable | None, example: PyTree, name: str = "matvec",
         return fn
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(example)
     _validate.product(example, out_shape, example_name, f"{name}({example_name})")
+    if next(_nested_consts(closed.jaxpr), None) is not None:
+        # a `jax.jit` inside ``fn`` closed over arrays: its body evaluated in place makes
+        # them closed-over arrays of ``fn`` itself (inputs, not part of the program)
+        closed = jax.make_jaxpr(functools.partial(_inlined, closed.jaxpr, closed.consts))(
+            *jax.tree.leaves(example))
     in_tree = jax.tree.structure(example)
     out_tree = jax.tree.structure(out_shape)
-    key = (str(closed.jaxpr), in_tree, out_tree)
+    key = (str(closed.jaxpr), in_tree, out_tree, _unprinted(closed.jaxpr))
     program = _Program(closed.jaxpr, len(closed.consts), in_tree, out_tree, key)
     return Partial(program, *closed.consts)
+
+
+def _nested_consts(jaxpr):
+    """The arrays closed over by the sub-programs of ``jaxpr``'s equations, at any depth
+    (not inputs of ``jaxpr``, and not shown by its text)."""
+    for eqn in jaxpr.eqns:
+        for val in eqn.params.values():
+            for v in val if isinstance(val, tuple) else (val,):
+                if isinstance(v, jax.extend.core.ClosedJaxpr):
+                    yield from v.consts
+                    yield from _nested_consts(v.jaxpr)
+                elif isinstance(v, jax.extend.core.Jaxpr):
+                    yield from _nested_consts(v)
+
+
+def _inlined(jaxpr, consts, *args):
+    """``jax.core.eval_jaxpr`` with the body of every ``jit`` equation evaluated in place."""
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, jax.extend.core.Literal) else env[v]
+
+    env.update(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        body = eqn.params.get("jaxpr") if eqn.primitive.name in ("jit", "pjit") else None
+        if isinstance(body, jax.extend.core.ClosedJaxpr):
+            outs = _inlined(body.jaxpr, body.consts, *ins)
+        else:
+            with eqn.ctx.manager:
+                outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+            outs = outs if eqn.primitive.multiple_results else [outs]
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read(v) for v in jaxpr.outvars]
+
+
+_BY_VALUE = 4096  # entries up to which an array the text does not show is keyed by its value
+
+
+class _Same:
+    """Hashable by identity, holding its object (its ``id`` cannot be reused meanwhile)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+
+def _unprinted(jaxpr) -> tuple:
+    """What the program computes that its text does not show: arrays still closed over by
+    sub-programs (a ``jit`` inside a ``scan``; small ones by value, large by identity) and
+    the host functions of callbacks (printed as masked addresses)."""
+    out = []
+    for c in _nested_consts(jaxpr):
+        if getattr(c, "size", _BY_VALUE + 1) <= _BY_VALUE and not isinstance(
+                c, jax.core.Tracer):
+            a = np.asarray(c)
+            out.append((a.shape, str(a.dtype), a.tobytes()))
+        else:
+            out.append(_Same(c))
+    out.extend(_Same(f) for f in _callbacks(jaxpr))
+    return tuple(out)
+
+
+def _callbacks(jaxpr):
+    for eqn in jaxpr.eqns:
+        if "callback" in eqn.params:
+            yield eqn.params["callback"]
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _callbacks(sub)
 
 
 # ------------------------------------------------------------------ entries

@@ -73,6 +73,48 @@ def test_closures_over_new_arrays_share_one_compilation():
     assert all(bool(r.converged) for r in results)
 
 
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_a_jitted_product_closing_over_new_arrays_answers_for_them(name):
+    """``jax.jit(lambda v: hvp(w, v))`` rebuilt at a new ``w`` (a common fast HVP): the
+    arrays its inner ``jit`` closed over are not in the program's text; they must become
+    inputs (one compilation, the new ``w``'s answer), not a key collision that reuses the
+    first operator's program with ``converged=True``."""
+    call, jitted = CALLS[name]
+    rng = np.random.default_rng(3)
+    Q, _ = np.linalg.qr(rng.standard_normal((12, 12)))
+    M1 = jnp.asarray((Q * np.linspace(1.0, 10.0, 12)) @ Q.T)
+    v = jnp.asarray(rng.standard_normal(12))
+    first = call(jax.jit(lambda x: M1 @ x), v)
+    size = jitted()._cache_size()
+    M7 = 7.0 * M1
+    second = call(jax.jit(lambda x: M7 @ x), v)
+    assert jitted()._cache_size() == size  # the same program, the new matrix as an input
+    # the same problem at 7 times the operator: the answer moves with it
+    direct = call(lambda x: M7 @ x, v)
+    for a, b in zip(jax.tree.leaves(second), jax.tree.leaves(direct), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                                   rtol=1e-6, atol=1e-9)
+    assert any(not np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64))
+               for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True))
+
+
+def test_callback_operators_on_different_host_matrices_stay_apart():
+    """Operators through ``jax.pure_callback`` print the same text whatever their host
+    function: each must run its own matrix."""
+    Ms = [np.diag(np.linspace(1.0, s, 12)) for s in (10.0, 30.0)]
+
+    def host(M):
+        return lambda v: jax.pure_callback(lambda x: M @ np.asarray(x),
+                                           jax.ShapeDtypeStruct(v.shape, v.dtype), v)
+
+    for M in Ms + Ms:
+        top = curvlib.eigsh(host(M), jnp.ones(12), k=1, key=KEY)
+        assert bool(top.converged)
+        np.testing.assert_allclose(top.eigenvalues[0], M.max(), rtol=1e-8)
+        x = curvlib.cg(host(M), jnp.ones(12), rtol=1e-10).x
+        np.testing.assert_allclose(x, 1.0 / np.diag(M), rtol=1e-8)
+
+
 def _count_sines(fn, *args):
     return jax.jit(fn).lower(*args).as_text().count("stablehlo.sine")
 
