@@ -437,18 +437,18 @@ def track_curvature(
     gradient's forward-and-backward pass differentiated once more, plus the
     basis reorthogonalisation), so a refresh costs tens of steps.
     ``benchmarks/track_overhead.py`` (``k = 5``, ``every = 100``, the step's
-    own mini-batch as ``value_fn``) measured 26 products and 70 steps per
-    refresh on an MLP, 39 products and 57 steps on a small transformer: 64%
-    average overhead (48% with ``rtol=1e-2, num_probes=0``; these runs used
-    ``Eigsh(rtol=1e-3, max_restarts=100)``, the tracker's defaults before 0.2). Since even a
-    perfect warm start needs ``k`` products for one Rayleigh-Ritz step, the
-    overhead at ``every = 100`` cannot fall below about ``k`` steps per
-    refresh; for an overhead below 10% choose ``every`` of several hundred
-    steps (about 400-800 here), or a smaller ``k``. The warm start pays when
-    the Hessian moves slowly: on the MLP with a fixed measurement batch a warm
-    refresh took 28 products where the cold one took 54; with the step's own
-    mini-batch (the Hessian changes with the batch), or early in training, it
-    saves little.
+    own mini-batch as ``value_fn``, ``Eigsh(rtol=1e-3, max_restarts=100,
+    verify=False)``) measured 27 products and 108 steps per refresh on an MLP,
+    41 products and 92 steps on a small transformer: 100% average overhead (67%
+    with ``rtol=1e-2, num_probes=0``; 145% with eigsh's verification round,
+    ``verify=True``, 41 and 63 products). Since even a perfect warm start needs
+    ``k`` products for one Rayleigh-Ritz step, the overhead at ``every = 100``
+    cannot fall below about ``k`` steps per refresh; for an overhead below 10%
+    choose ``every`` of several hundred steps (about 500-1100 here), or a
+    smaller ``k``. The warm start pays when the Hessian moves slowly: on the MLP
+    with a fixed measurement batch a warm refresh took 26 products where the
+    cold one took 57; with the step's own mini-batch (the Hessian changes with
+    the batch), or early in training, it saves little.
 
     ``vmap``: under ``jax.vmap`` over seeds the step counter is batched and
     ``lax.cond`` becomes a ``select`` that evaluates *both* branches, so every
