@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _compile, _deprecation, _space, _tree, _validate, _xp
+from curvlib import _compile, _deprecation, _space, _tree, _validate
 from curvlib._status import Status, from_flags
-from curvlib._xp import at_set, cond, on_host, xp
+from curvlib._xp import at_set, cond, xp
 from curvlib.krylov import _driver, solvers
 
 PyTree = Any
@@ -40,14 +40,12 @@ class PowerIterationResult(NamedTuple):
       finite: ``v0`` and every product were finite. If not, the pairs completed
         before the first non-finite product are kept and every later one is NaN
         with ``converged=False``. (A pair is also NaN, with ``finite=True``, when
-        the product budget ran out before it started, or when its start was
-        degenerate and no ``key`` was given.)
+        the product budget ran out before it started.)
       status: the [`curvlib.Status`][curvlib.Status] code summarising all pairs: ``NONFINITE``
         (not ``finite``), ``BREAKDOWN`` (some pair not ``converged`` whose deflated
         product vanished to rounding: ``A``'s rank, numerically, is below ``k``; that
         pair's eigenvalue is about 0 and its vector orthogonal to the others; or a
-        pair had no start, ``v0`` being zero or inside the span of the pairs found,
-        and no ``key`` to draw another), ``MAX_STEPS`` (some pair not ``converged``:
+        pair's start vanished to rounding), ``MAX_STEPS`` (some pair not ``converged``:
         the budget ran out, or a pair was never computed), else ``SUCCESS`` (every
         pair converged).
     """
@@ -84,32 +82,31 @@ def _project_out(X, v, acc, passes: int = 2):
     return v
 
 
-def _keyed_draw(key, like):
-    """``i -> `` pair ``i``'s random direction, drawn from ``key`` folded with ``i`` (``None``
-    without a key): the same numbers whether drawn at the pair's start or all at once."""
-    if key is None:
-        return None
-    return lambda i: _tree.normal_like(jax.random.fold_in(key, i), like)
-
-
 def _start(X, i, u0, draw, acc):
-    """Unit start for pair ``i``: ``u0`` deflated, or its random direction ``draw(i)`` if that
-    vanishes (`_keyed_draw`).
+    """Unit start for pair ``i``: the complement of the pairs found of ``u0``, plus for every
+    pair after the first a fresh random direction ``draw(i)``.
 
-    ``u0`` is the unit (or zero) start vector, so every norm here is of a vector
-    of order one (no scale-safe norm needed). Returns ``(x, ok)``; ``ok`` is
-    False when the deflated ``u0`` is negligible (``<= 10 eps``: ``v0`` is zero or
-    lies in the span of the pairs found) and there is no ``draw`` (no key) to take another
-    direction from.
+    A start shared by every pair would fail on a repeated eigenvalue: once one copy is
+    found, the deflated start has no component left along the others (``u0`` projected on
+    the eigenspace *is* that copy), and the next pair converges to the next value instead,
+    reported as converged. The random part sees every direction; ``u0``'s part keeps what a
+    good start knows. A zero ``u0`` (a zero or non-finite ``v0``) starts pair 0 at random
+    too. ``u0`` is the unit (or zero) start vector, so every norm here is of a vector of
+    order one. Returns ``(x, ok)``; ``ok`` is False when the start vanishes to rounding
+    (``<= 10 eps``).
     """
     eps = xp.finfo(acc).eps
-    v = _project_out(X, u0, acc)
+    fresh = (i > 0) | ~(_tree.plain_norm(u0).astype(acc) > 0)
+    g = _tree.unit(draw(i), acc)
+    v = _project_out(X, _tree.add_scale(u0, xp.where(fresh, 1.0, 0.0).astype(acc), g), acc)
     good = _tree.plain_norm(v).astype(acc) > 10 * eps
-    if draw is None:
-        return _tree.unit(v, acc), good
-    # (the random direction is drawn only when needed: rarely, and on the host at a cost)
-    start = cond(good, lambda: v, lambda: _project_out(X, draw(i), acc))
-    return _tree.unit(start, acc), xp.asarray(True)
+    return _tree.unit(v, acc), good
+
+
+def _drawer(space, seed):
+    """``i -> `` pair ``i``'s random direction in ``space``'s layout (`_space.Space.gaussian`:
+    the same numbers on every path)."""
+    return lambda i: space.gaussian(seed, i)
 
 
 def _options(solver, max_matvecs, num_iters, rtol):
@@ -143,46 +140,16 @@ class _NowCfg(NamedTuple):
 class _NowState(NamedTuple):
     power: _PowerState
     u0: jax.Array
-    draws: jax.Array | None  # (k, n): every pair's random direction, drawn at the setup
+    seed: jax.Array  # uint32: the pairs' random directions (`_drawer`)
     tol: jax.Array
     num_iters: jax.Array
     max_matvecs: jax.Array
 
 
-def _now_setup(cfg: _NowCfg, v0, _none, key, tol, num_iters, max_matvecs,
-               _seed) -> _NowState:
-    # all k draws in the setup, one vmapped call site: the step then holds no random-bits
-    # program (on XLA:CPU the largest part of its compile)
-    draw = _keyed_draw(key, v0)
-    if draw is not None:
-        draws = _HostDraws(key, v0) if on_host() else jax.vmap(draw)(xp.arange(cfg.k))
-    else:
-        draws = None
-    init, u0 = _power_init(v0, cfg.k, _rows(draws), xp.dtype(cfg.acc))
-    return _NowState(init, u0, draws, tol, num_iters, max_matvecs)
-
-
-class _HostDraws:
-    """The pairs' random directions for steps run on NumPy: ``draws[i]`` is drawn when used
-    (rarely: only for a start that lies in the span of the pairs found), by the program of
-    `_keyed_draw`, so it is the same numbers as the compiled steps' draws."""
-
-    def __init__(self, key, like):
-        self.key, self.like = key, like
-
-    def __getitem__(self, i):
-        with _xp.host(False):
-            return np.asarray(_draw_row(self.key, i, self.like))
-
-
-@jax.jit
-def _draw_row(key, i, like):
-    return _keyed_draw(key, like)(i)
-
-
-def _rows(draws):
-    """``i -> draws[i]`` (``None`` for no draws)."""
-    return None if draws is None else (lambda i: draws[i])
+def _now_setup(cfg: _NowCfg, v0, _key, tol, num_iters, max_matvecs, seed) -> _NowState:
+    draw = _drawer(_space.Space(v0, cfg.layout), seed)
+    init, u0 = _power_init(v0, cfg.k, draw, xp.dtype(cfg.acc))
+    return _NowState(init, u0, xp.asarray(seed, xp.uint32), tol, num_iters, max_matvecs)
 
 
 def _now_request(cfg: _NowCfg, s: _NowState):
@@ -190,7 +157,8 @@ def _now_request(cfg: _NowCfg, s: _NowState):
 
 
 def _now_update(cfg: _NowCfg, s: _NowState, w) -> _NowState:
-    power = _power_step(s.power, w, s.u0, _rows(s.draws), cfg.k, s.tol, s.num_iters,
+    draw = _drawer(_space.Space(s.u0, cfg.layout), s.seed)
+    power = _power_step(s.power, w, s.u0, draw, cfg.k, s.tol, s.num_iters,
                         s.max_matvecs, xp.dtype(cfg.acc))
     return s._replace(power=power)
 
@@ -214,10 +182,11 @@ def _power_now(matvec, v0, k, key, solver, max_matvecs, num_iters, rtol):
     k, max_matvecs, num_iters, tol = _checked(v0, k, solver, max_matvecs, num_iters, rtol)
     _validate.operator(matvec, v0, "matvec", "v0")
     cfg = _NowCfg(k=k, acc=jnp.dtype(_tree.acc_dtype(_tree.dtype(v0))).name)
-    # (the key reaches the setup as the fused program receives it: the same draws)
+    # (the setup receives the seed the fused program derives from the key or v0: the same
+    # draws)
     return _driver.solve_now(
-        _now_setup, _now_request, _now_update, _now_running, _now_finish, cfg, matvec, v0, None,
-        key, tol, np.int32(num_iters), np.int32(max_matvecs),
+        _now_setup, _now_request, _now_update, _now_running, _now_finish, cfg, matvec, v0, key,
+        tol, np.int32(num_iters), np.int32(max_matvecs),
         bases=("eigenvectors",), host_rows=2 * k + 4)
 
 
@@ -270,11 +239,13 @@ def power_iteration(
 
     Args:
       matvec: symmetric operator on pytrees shaped like ``v0``.
-      v0: start vector, shared by all pairs (deflated per pair).
+      v0: start vector of the first pair; each later pair starts from it plus a fresh
+        random direction, deflated (a start shared by every pair has no component left
+        along the other copies of a repeated eigenvalue once one is found).
       k: number of pairs (static, ``1 <= k < dim``).
-      key: PRNG key for a fresh random start when the deflated ``v0`` vanishes
-        (a zero ``v0``, or one inside the span of the pairs found). Without a key
-        such a pair, and every later one, is NaN with ``converged=False``.
+      key: PRNG key for the random directions of the later pairs' starts (and of the
+        first pair's when ``v0`` is zero); ``None``: a seed derived from ``v0``
+        (deterministic, as in [`curvlib.eigsh`][curvlib.eigsh]).
       max_matvecs: total product budget over all pairs (static, ``>= 1``);
         default ``k * num_iters``. A pair cut short by it is returned with its
         current (unconverged) values; pairs never started are NaN.
@@ -309,7 +280,7 @@ def power_iteration(
       >>> bool(jnp.all(res.residual_norms <= 1e-5 * jnp.abs(res.eigenvalues)))
       True
 
-      A zero start needs a key to draw a direction from:
+      A zero start begins at random:
 
       >>> res = power_iteration(lambda v: A @ v, jnp.zeros(4), key=jax.random.PRNGKey(0),
       ...                       max_matvecs=1000, rtol=1e-6)
@@ -338,7 +309,7 @@ def power_iteration(
     flat = space.layout == "concat"
     slot = _driver.Slot(space.wrap(checked) if flat else matvec)
     start = space.flatten(v0)
-    draw = _keyed_draw(key, start)
+    draw = _drawer(space, _space.seed(v0, key))
     init, u0 = _power_init(start, k, draw, acc)
 
     def product(x):
@@ -485,8 +456,7 @@ def _power_result(s: _PowerState, k, tol, acc) -> PowerIterationResult:
         num_matvecs=s.total,
         converged=found & conv,
         finite=s.finite,
-        # (no start: v0 zero, or inside the span of the pairs found, and no key to draw
-        # another direction from: the recursion ends there, a breakdown)
+        # (a start that vanished to rounding: the recursion ends there, a breakdown)
         status=from_flags(finite=s.finite, converged=xp.all(found & conv),
                           breakdown=(s.broke | ~s.started) & ~xp.all(found & conv)),
     )
