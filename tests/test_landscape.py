@@ -1045,3 +1045,23 @@ def test_raise_if_failed_names_the_most_serious_code_and_refuses_a_missing_statu
     # a hand-built KCurve has status None: the documented TypeError, not an int() error
     with pytest.raises(TypeError, match="status is None"):
         curvlib.raise_if_failed(Batched(None))
+
+
+def test_k_curve_spectral_pairs_eigenvalues_along_eigenvectors():
+    """Two eigenvalues of the shared top-2 subspace swap rank between k and k+1 (H^(k) =
+    diag(2, 1, .2, .1), H^(k+1) = diag(4/3, 11/3, .2, .1)); w* = 0 minimises every sample
+    (a = c = 0), so the corollary is exact with delta along each eigenvector (-2/3, 8/3):
+    it equals the closed form, not the value from eigenvalues paired by rank."""
+    mu = jnp.array([0.0, 0.0, 0.2, 0.1])
+
+    def loss(w, x):
+        return 0.5 * jnp.mean((x @ w) ** 2) + 0.5 * jnp.sum(mu * w**2)
+
+    X = jnp.array([[2.0, 0, 0, 0], [0, np.sqrt(2.0), 0, 0], [0, 3.0, 0, 0], [1.0, 1, 1, 1]])
+    c = ls.k_curve(loss, jnp.zeros(4), X, [2], dims=[2], sigmas=[1.0],
+                   key=jax.random.PRNGKey(0), progress=False, num_samples=0)
+    delta = np.array([4.0 / 3 - 2.0, 11.0 / 3 - 1.0])
+    exact = 0.25 * (2 * np.sum(delta**2) + np.sum(delta) ** 2)  # 43/9
+    np.testing.assert_allclose(c.eigenvalues_next[0], [11.0 / 3, 4.0 / 3], rtol=1e-10)
+    np.testing.assert_allclose(c.spectral[0, 0, 0], exact, rtol=1e-8)
+    np.testing.assert_allclose(c.closed_form[0, 0, 0], exact, rtol=1e-8)

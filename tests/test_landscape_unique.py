@@ -45,3 +45,17 @@ def test_k_curve_flags_a_tie_at_the_boundary():
                 key=jax.random.PRNGKey(3), progress=False)
     np.testing.assert_allclose(c.eigenvalues[0], [4.0, 1.0, 1.0], rtol=1e-6)
     assert c.unique.tolist() == [[True, False, True]]
+
+
+def test_a_small_simple_eigenvalue_with_a_gap_is_unique():
+    """A zero or small ``lambda_D`` is a tie only with its neighbour: an indefinite Hessian's
+    zero eigenvalue between 2 and -1 splits nothing, and a float32 spectrum far below
+    ``||H||`` but with gaps a thousand times the rounding is unique at every ``D``."""
+    assert unique_prefixes(np.array([2.0, 0.0, -1.0]), np.zeros(3), [1, 2]).tolist() == [
+        True, True]
+    lam = np.array([100.0, 0.02, 0.005, 0.001], np.float32)
+    assert unique_prefixes(lam, np.zeros(4, np.float32), [1, 2, 3]).tolist() == [True] * 3
+    # the largest D has no next value to compare: a zero there is still flagged
+    assert unique_prefixes(np.array([2.0, 0.0, -1.0]), np.zeros(3), [2, 3]).tolist() == [
+        True, True]
+    assert unique_prefixes(np.array([2.0, 0.0]), np.zeros(2), [2]).tolist() == [False]

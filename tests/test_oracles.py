@@ -36,6 +36,10 @@ def test_delta2_bound_is_the_theorem_formula():
     total = 12 * Ml**2 + 3 * sig**2 * Mg**2 + 3 * sig**4 * (dim**2 + 2 * dim) * Mh**2
     np.testing.assert_allclose(got, total / (k + 1) ** 2, rtol=1e-14)
     assert got.shape == (2, 2)
+    # grids that do not broadcast: a message naming both and the way to a table
+    with pytest.raises(ValueError, match=r"`num_examples` \(shape \(3,\)\) and `sigma` "
+                                         r"\(shape \(2,\)\) must broadcast.*\[:, None\]"):
+        ls.delta2_bound(np.array([1, 2, 4]), sig, dim, max_loss=Ml, max_grad=Mg, max_hess=Mh)
 
 
 def test_delta2_spectral_equals_the_gaussian_fourth_moments():

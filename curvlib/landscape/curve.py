@@ -62,7 +62,10 @@ class KCurve(NamedTuple):
       delta1: ``(K,)`` ``|L_{k+1} - L_k|`` at the point.
       closed_form: ``(K, nD, nS)`` Gaussian-moment ``Delta_2^(D)``.
       constant, sigma2, sigma4: ``(K, nD, nS)`` its three terms.
-      spectral: ``(K, nD, nS)`` the corollary from the eigenvalues at k and k+1.
+      spectral: ``(K, nD, nS)`` the corollary from the eigenvalues at k and k+1, each
+        ``delta_i`` taken along one eigenvector (``H^(k+1)``'s eigenvalues paired with
+        ``H^(k)``'s vectors by largest overlap, so two values that swap rank between k
+        and k+1 are not mixed up).
       direct_mean, direct_stderr: ``(K, nD, nS)`` direct subspace MC (NaN if not run).
       full_mean, full_stderr: ``(K, nS)`` full-space ``Delta_2`` (NaN if not run).
       eigenvalues: ``(K, Dmax)`` top eigenvalues of ``H^(k)``.
@@ -282,6 +285,10 @@ def subspace_step(loss_fn, params, plan: _Plan, k: int, key) -> dict:
                    finite=out["finite"] and bool(nxt.finite),
                    num_matvecs=out["num_matvecs"] + int(nxt.num_matvecs),
                    status=int(worst(out["status"], nxt.status)))
+        if out["finite"]:  # H^(k+1)'s values in the order of H^(k)'s vectors (the corollary)
+            overlap = np.abs(np.asarray(_tree.basis_gram(sub.eigenvectors, nxt.eigenvectors),
+                                        np.float64))
+            out["eigenvalues_matched"] = out["eigenvalues_next"][_match(overlap)]
         for j, d in enumerate(plan.dims):
             if not out["finite"]:  # NaN eigenvectors have no angle (NaN), the status says why
                 break
@@ -289,6 +296,25 @@ def subspace_step(loss_fn, params, plan: _Plan, k: int, key) -> dict:
             V = jax.tree.map(lambda x, d=d: x[:d], nxt.eigenvectors)
             out["max_angle"][j] = float(jnp.max(principal_angles(U, V)))
     return out
+
+
+def _match(overlap: np.ndarray) -> np.ndarray:
+    """``perm`` pairing each vector at ``k`` (row) with a distinct vector at ``k + 1``
+    (column), greedily by largest ``|u_i . v_j|``: the spectral corollary's ``delta_i``
+    subtracts the eigenvalues of one eigenvector, not those of equal rank, which differ
+    where two eigenvalues cross between ``k`` and ``k + 1``."""
+    n = overlap.shape[0]
+    perm = np.full(n, -1)
+    free_rows, free_cols = set(range(n)), set(range(overlap.shape[1]))
+    for flat in np.argsort(-overlap, axis=None, kind="stable"):
+        i, j = divmod(int(flat), overlap.shape[1])
+        if i in free_rows and j in free_cols:
+            perm[i] = j
+            free_rows.discard(i)
+            free_cols.discard(j)
+            if not free_rows:
+                break
+    return perm
 
 
 def coefficient_step(loss_fn, params, plan: _Plan, k: int, sub) -> IncrementCoefficients:
@@ -304,7 +330,8 @@ def coefficient_step(loss_fn, params, plan: _Plan, k: int, sub) -> IncrementCoef
 
 
 def closed_form_step(coef: IncrementCoefficients, plan: _Plan, eigenvalues, eigenvalues_next):
-    """The closed form's three terms ``(3, nD, nS)`` and the spectral corollary ``(nD, nS)``."""
+    """The closed form's three terms ``(3, nD, nS)`` and the spectral corollary ``(nD, nS)``
+    (``eigenvalues_next``: those of ``H^(k+1)`` matched to ``H^(k)``'s vectors, `_match`)."""
     sig = jnp.asarray(plan.sigmas, coef.c.dtype)
     dims = tuple(plan.dims)
     terms = np.asarray(jax.block_until_ready(_closed_form_grid(coef.a, coef.c, coef.B, sig,
@@ -356,7 +383,8 @@ def curve_point(loss_fn, params, plan: _Plan, k: int, key) -> tuple[dict, dict]:
     coef = coefficient_step(loss_fn, params, plan, k, s["sub"])
     seconds["coefficients"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    terms, spectral = closed_form_step(coef, plan, s["eigenvalues"], s["eigenvalues_next"])
+    terms, spectral = closed_form_step(coef, plan, s["eigenvalues"],
+                                       s.get("eigenvalues_matched", s["eigenvalues_next"]))
     seconds["closed_form"] = time.perf_counter() - t0
     values = dict(delta1=abs(float(coef.a)), constant=terms[0], sigma2=terms[1],
                   sigma4=terms[2], closed_form=terms.sum(0), spectral=spectral,

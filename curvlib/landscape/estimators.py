@@ -210,7 +210,9 @@ def delta2_bound(num_examples, sigma, dim, max_loss, max_grad, max_hess) -> jax.
       max_hess: ``M_H`` (bounds ``||H_i(w*)||_2``).
 
     Returns:
-      The bound, broadcast over ``k`` and ``sigma``.
+      The bound, ``k`` and ``sigma`` broadcast together as NumPy arrays are: two grids of
+      equal length pair up entry by entry; for a table of every ``k`` with every
+      ``sigma`` pass ``k`` as a column (``np.asarray(ks)[:, None]``).
 
     Raises:
       ValueError: for ``num_examples`` or ``dim`` not an integer ``>= 1``, a bound that is
@@ -220,6 +222,10 @@ def delta2_bound(num_examples, sigma, dim, max_loss, max_grad, max_hess) -> jax.
       >>> from curvlib.landscape import delta2_bound
       >>> float(delta2_bound(1, 1.0, 1, max_loss=1.0, max_grad=0.0, max_hess=0.0))  # 12 / 2^2
       3.0
+      >>> import numpy as np
+      >>> delta2_bound(np.array([1, 3])[:, None], [1.0, 2.0], 1, max_loss=1.0, max_grad=1.0,
+      ...              max_hess=0.0).tolist()  # (12 + 3 sigma^2) / (k + 1)^2, k by sigma
+      [[3.75, 6.0], [0.9375, 1.5]]
     """
     k = _validate.number(num_examples, "num_examples", minimum=1, integer=True)  # paper's k
     s2 = _validate.positive_grid(sigma, "sigma", what=_common.SIGMA) ** 2
@@ -229,6 +235,14 @@ def delta2_bound(num_examples, sigma, dim, max_loss, max_grad, max_hess) -> jax.
         _validate.number(bound, name, minimum=0)
     k = jnp.asarray(k)
     num = 12 * max_loss**2 + 3 * s2 * max_grad**2 + 3 * s2 * s2 * (dim**2 + 2 * dim) * max_hess**2
+    try:
+        np.broadcast_shapes(k.shape, jnp.shape(s2))
+    except ValueError:
+        raise ValueError(
+            f"`num_examples` (shape {k.shape}) and `sigma` (shape {jnp.shape(s2)}) must "
+            "broadcast together; for a table of every k with every sigma pass k as a "
+            "column, e.g. np.asarray(ks)[:, None]."
+        ) from None
     return num / (k + 1.0) ** 2
 
 

@@ -260,14 +260,17 @@ def unique_prefixes(eigenvalues, residual_norms, dims, tol=None) -> np.ndarray:
 
     * ``lambda_D`` and ``lambda_{D+1}`` are tied within the certificate: their gap is at
       most ``r_D + r_{D+1} + tol (|lambda_D| + |lambda_{D+1}|)`` plus the rounding floor
-      ``sqrt(eps) max_i |lambda_i|`` (``r`` the residual norms, ``tol`` the eigensolver's
+      ``100 eps max_i |lambda_i|`` (``r`` the residual norms, ``tol`` the eigensolver's
       relative tolerance, default ``sqrt(eps)``), or
-    * ``lambda_D`` is numerically zero (``|lambda_D| <= r_D + floor``): ``D`` exceeds the
-      numerical rank of ``H^(k)`` (e.g. ``k = 2`` samples of a rank-one-per-sample loss
-      and ``D = 3``), and the subspace holds an arbitrary null-space direction.
+    * for the largest ``D`` (``lambda_{D+1}`` not computed), ``lambda_D`` is numerically
+      zero (``|lambda_D| <= r_D + floor``): ``D`` likely exceeds the numerical rank of
+      ``H^(k)`` (e.g. ``k = 2`` samples of a rank-one-per-sample loss and ``D = 3``), and
+      the subspace holds an arbitrary null-space direction.
 
-    For the largest ``D`` (``lambda_{D+1}`` not computed) only the second test applies:
-    a tie with the next, uncomputed eigenvalue is not detected (ask for one more ``D``).
+    A small ``lambda_D`` with a clear gap to ``lambda_{D+1}`` (an indefinite or
+    ill-conditioned Hessian) is unique. For the largest ``D`` a tie with the next,
+    uncomputed eigenvalue is not detected, and a zero ``lambda_D`` is flagged whether or
+    not it is simple (ask for one more ``D``).
 
     Args:
       eigenvalues: the top eigenvalues, algebraically largest first (``(Dmax,)``).
@@ -291,15 +294,16 @@ def unique_prefixes(eigenvalues, residual_norms, dims, tol=None) -> np.ndarray:
     res = np.nan_to_num(np.asarray(residual_norms, np.float64), nan=np.inf)
     eps = float(np.finfo(dt).eps)
     tol = np.sqrt(eps) if tol is None else float(tol)
-    floor = np.sqrt(eps) * np.max(np.abs(lam), initial=0.0)
+    floor = 100 * eps * np.max(np.abs(lam), initial=0.0)
     out = []
     for d in dims:
         i = int(d) - 1
-        zero = abs(lam[i]) <= res[i] + floor
-        tie = False
+        zero = tie = False
         if i + 1 < lam.size:
             gap = lam[i] - lam[i + 1]
             tie = gap <= res[i] + res[i + 1] + tol * (abs(lam[i]) + abs(lam[i + 1])) + floor
+        else:
+            zero = abs(lam[i]) <= res[i] + floor
         out.append(not (zero or tie) and bool(np.isfinite(lam[i])))
     return np.asarray(out, bool)
 
