@@ -266,8 +266,18 @@ def as_operator(fn: Callable | None, example: PyTree, name: str = "matvec",
     _validate.float_leaves(example, example_name)
     if is_pytree_operator(fn):
         return fn
+    return traced_program(fn, example, check=lambda out_shape: _validate.product(
+        example, out_shape, example_name, f"{name}({example_name})"))
+
+
+def traced_program(fn: Callable, example: PyTree, check: Callable | None = None) -> Partial:
+    """``fn`` traced on ``example``: ``Partial(program, *closed_over_arrays)``, whose static
+    part is the program it computes (equal for two closures computing the same thing on
+    different arrays, so a jitted caller compiles once) and whose leaves are the arrays.
+    ``check(out_shape)`` sees the output's shapes first."""
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(example)
-    _validate.product(example, out_shape, example_name, f"{name}({example_name})")
+    if check is not None:
+        check(out_shape)
     if next(_nested_consts(closed.jaxpr), None) is not None:
         # a `jax.jit` inside ``fn`` closed over arrays: its body evaluated in place makes
         # them closed-over arrays of ``fn`` itself (inputs, not part of the program)
@@ -278,6 +288,12 @@ def as_operator(fn: Callable | None, example: PyTree, name: str = "matvec",
     key = (str(closed.jaxpr), in_tree, out_tree, _unprinted(closed.jaxpr))
     program = _Program(closed.jaxpr, len(closed.consts), in_tree, out_tree, key)
     return Partial(program, *closed.consts)
+
+
+@jax.jit
+def run_program(program: Partial, x):
+    """``program(x)`` compiled once per program (`traced_program`) and shapes."""
+    return program(x)
 
 
 def _nested_consts(jaxpr):

@@ -468,7 +468,8 @@ def apply_if(pred, fn, x):
     nothing at the other steps. ``fn`` may ignore ``x`` (then ``x`` is the value
     to keep, shaped like ``fn``'s result).
     """
-    if on_host():
+    if on_host() or not isinstance(pred, jax.core.Tracer):
+        # (eager: decided here; an eager loop would compile its fresh closures every call)
         return fn(x) if bool(pred) else x
     return jax.lax.while_loop(lambda c: c[0], lambda c: (xp.asarray(False), fn(c[1])),
                               (xp.asarray(pred), x))[1]

@@ -133,3 +133,33 @@ if "MUTANT_UNDER_TEST" in os.environ:
     def _fresh_jit_caches():
         jax.clear_caches()
         yield
+
+
+class _Compiles:
+    """Counts XLA compilations while active (JAX's ``jax_log_compiles`` messages)."""
+
+    def __enter__(self):
+        import logging
+
+        self.count, self.was = 0, jax.config.jax_log_compiles
+        outer = self
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                if record.getMessage().startswith("Compiling"):
+                    outer.count += 1
+
+        self.handler, self.logger = Handler(), logging.getLogger("jax")
+        self.logger.addHandler(self.handler)
+        jax.config.update("jax_log_compiles", True)
+        return self
+
+    def __exit__(self, *exc):
+        jax.config.update("jax_log_compiles", self.was)
+        self.logger.removeHandler(self.handler)
+
+
+@pytest.fixture
+def compiles():
+    """``with compiles() as seen: ...``: ``seen.count`` XLA compilations inside the block."""
+    return _Compiles

@@ -134,3 +134,24 @@ def test_inverse_of_a_streamed_operator_solves_on_the_host():
     np.testing.assert_allclose(ravel_pytree(inv(b))[0], want, rtol=1e-4, atol=1e-5)
     low = inverse_matvec(S, method="lowrank", rank=2, damping=lam, v0=b)
     assert np.all(np.isfinite(ravel_pytree(low(b))[0]))
+
+
+def test_a_solve_counts_the_products_it_ran():
+    """``InverseSolve.num_matvecs`` counts the products: the initial residual of a warm
+    start is one more, a zero right-hand side none (it said ``num_steps + 1``)."""
+    A = jnp.asarray(np.diag(np.linspace(1.0, 30.0, 25)))
+    calls = []
+
+    def mv(v):
+        jax.debug.callback(lambda: calls.append(1))
+        return A @ v
+
+    inv = inverse_matvec(jax.jit(mv), damping=0.1, cg=curvlib.CG(rtol=1e-10))
+    b = jnp.ones(25)
+    for x0, rhs in ((None, b), (0.5 * b, b), (None, jnp.zeros(25))):
+        calls.clear()
+        res = jax.block_until_ready(inv.solve(rhs, x0=x0))
+        jax.effects_barrier()
+        assert int(res.num_matvecs) == len(calls), (x0 is None, len(calls))
+        ref = curvlib.cg(mv, rhs, x0=x0, damping=0.1, rtol=1e-10)
+        assert int(res.num_matvecs) == int(ref.num_matvecs)

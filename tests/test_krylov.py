@@ -635,6 +635,21 @@ def test_spectral_density_defaults_scale_with_the_operator():
     assert float(zero.sigma) > 0 and bool(jnp.all(jnp.isfinite(zero.density)))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("c", [1.0, -3.0, 250.0])
+def test_spectral_density_of_one_eigenvalue_integrates_to_one(c, dtype):
+    """``c I``: every node at ``c``. The width floor was one ulp of ``c``: the default grid
+    collapsed to one repeated point and the density, a spike of 1e17, integrated to 0."""
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        pytest.skip("float64 needs jax_enable_x64")
+    out = spectral_density(lambda v: c * v, jnp.zeros(20, dtype), jax.random.PRNGKey(0),
+                           num_matvecs=4, num_probes=2)
+    grid, dens = np.asarray(out.grid, np.float64), np.asarray(out.density, np.float64)
+    assert len(np.unique(grid)) == grid.size
+    np.testing.assert_allclose(np.trapezoid(dens, grid), 1.0, rtol=1e-3)
+    assert abs(grid[np.argmax(dens)] - c) <= 2 * float(out.sigma)
+
+
 def test_spectral_density_sets_its_width_from_the_weighted_nodes():
     """Two atoms, 100 and 101: a probe's Krylov space stops growing after two products, and
     a depth of 8 leaves six zero-weight nodes at 0. They set the default width and grid

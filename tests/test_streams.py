@@ -314,3 +314,43 @@ def test_process_local_streams_in_one_process():
             fn()
     with pytest.raises(ValueError, match="`process_local`"):
         curvlib.stream_mean(lambda b: b[0].mean(), batches, sharding=sharding, process_local=1)
+
+
+@pytest.mark.parametrize("name", ["cg", "power_iteration", "inverse_matvec", "eigsh"])
+def test_a_second_identical_call_on_a_stream_compiles_nothing(name, compiles):
+    """The algorithms whose loop runs from the host on a streamed operator: the loop's
+    pieces are programs keyed by what they compute (they compiled again at every call)."""
+    params, x, y, model, ce, loss, batches = _setup()
+    H = curvlib.stream_matvec(lambda p, b: curvlib.hessian_matvec(loss, p, b), params,
+                              batches)
+    calls = {
+        "cg": lambda: curvlib.cg(H, params, damping=1.0).x,
+        "power_iteration": lambda: curvlib.power_iteration(H, params, 1).eigenvalues,
+        "inverse_matvec": lambda: curvlib.inverse_matvec(H, damping=1.0)(params),
+        "eigsh": lambda: curvlib.eigsh(H, params, 2).eigenvalues,
+    }
+    first = jax.block_until_ready(calls[name]())
+    with compiles() as seen:
+        second = jax.block_until_ready(calls[name]())
+    assert seen.count == 0
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("name", ["eigsh", "cg", "power_iteration", "lanczos", "inverse_matvec"])
+def test_an_algorithm_on_a_stream_inside_jit_says_why_it_cannot(name):
+    """Its loop runs from the host: inside the user's jit it raised JAX's
+    TracerBoolConversionError from the driver; now a message that says what to do."""
+    params, x, y, model, ce, loss, batches = _setup()
+    H = curvlib.stream_matvec(lambda p, b: curvlib.hessian_matvec(loss, p, b), params,
+                              batches)
+    calls = {
+        "eigsh": lambda v: curvlib.eigsh(H, v, 2).eigenvalues,
+        "cg": lambda v: curvlib.cg(H, v, damping=1.0).x,
+        "power_iteration": lambda v: curvlib.power_iteration(H, v, 1).eigenvalues,
+        "lanczos": lambda v: curvlib.lanczos(H, v, 3).alphas,
+        "inverse_matvec": lambda v: curvlib.inverse_matvec(H, damping=1.0)(v),
+    }
+    with pytest.raises(TypeError, match=r"^an algorithm on a host-driven operator .* cannot run "
+                                        r"inside jax\.jit.*Call the algorithm eagerly"):
+        jax.jit(calls[name])(params)

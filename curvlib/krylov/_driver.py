@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _progress, _space, _tree, _xp
+from curvlib import _compile, _progress, _space, _tree, _xp
 from curvlib._compile import (  # noqa: F401
     QUICK,
     QUICK_CPU,
@@ -71,6 +71,17 @@ def _host_steps(request: Callable, update: Callable, running: Callable, cfg, qui
     return jax.jit(begin, compiler_options=opts), jax.jit(advance, compiler_options=opts)
 
 
+def _eager(state) -> None:
+    """Raise ``TypeError`` when a host-driven loop would start from a traced state."""
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state)):
+        raise TypeError(
+            "an algorithm on a host-driven operator (data streamed from the host) cannot run "
+            "inside jax.jit, vmap, grad or eval_shape: its loop runs from the host, one "
+            "compiled step per product. Call the algorithm eagerly (outside your jit); its "
+            "steps are compiled anyway."
+        )
+
+
 def run_host(request: Callable, update: Callable, running: Callable, cfg, matvec: Callable,
              state, *, quick: bool = False, report: Callable | None = None, first=None):
     """The loop of `run` driven from Python, for a host-driven ``matvec``.
@@ -87,6 +98,7 @@ def run_host(request: Callable, update: Callable, running: Callable, cfg, matvec
     ``first``: the first request and running flag when the caller computed them with
     the state (`solve_now`'s `_start`).
     """
+    _eager(state)
     begin, advance = _host_steps(request, update, running, cfg, quick)
     bar = None if report is None else _progress.bar(desc="eigsh", unit="product")
     read = None if bar is None else _jitted(report, cfg, quick)
@@ -386,13 +398,15 @@ def while_loop(cond, body, init, *, host: bool, slot: Slot | None = None):
     goes through ``slot``: with a host-driven product the body cannot be traced
     whole, so each iteration is split at the product into two jitted programs,
     the part that names the vector (the body traced with a recording slot; the
-    rest is dead code) and the whole body given the product. Both close over
-    the call's constants, so they compile once per call; the work between two
-    products is never dispatched op by op. Without a slot the body runs
-    eagerly.
+    rest is dead code) and the whole body given the product. Both are traced
+    into programs keyed by what they compute, the call's constants their inputs
+    (`curvlib._compile.traced_program`), so a second call with equal shapes and
+    options compiles nothing; the work between two products is never dispatched
+    op by op. Without a slot the body runs eagerly.
     """
     if not host:
         return jax.lax.while_loop(cond, body, init)
+    _eager(init)
     state = init
     if slot is None:
         while bool(cond(state)):
@@ -415,7 +429,14 @@ def while_loop(cond, body, init, *, host: bool, slot: Slot | None = None):
     def update(s, w):
         return slot._trace_with(lambda v: w, body, s)
 
-    req, upd, more = jax.jit(request), jax.jit(update), jax.jit(cond)
-    while bool(more(state)):
-        state = upd(state, slot.matvec(req(state)))
+    # each traced once per call into a program keyed by what it computes (the call's
+    # constants its inputs): a second call with equal shapes and options compiles nothing
+    req = _compile.traced_program(request, state)
+    more = _compile.traced_program(cond, state)
+    run, upd = _compile.run_program, None
+    while bool(run(more, state)):
+        w = slot.matvec(run(req, state))
+        if upd is None:  # (traced once the product's dtype is known)
+            upd = _compile.traced_program(lambda a: update(*a), (state, w))
+        state = run(upd, (state, w))
     return state

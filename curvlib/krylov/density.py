@@ -28,7 +28,10 @@ class SpectralDensity(NamedTuple):
         Krylov space stopped growing (an invariant subspace) has fewer: its other slots
         hold zero-weight nodes, which count nowhere.
       weights: Gauss quadrature weights per probe (rows sum to 1).
-      sigma: broadening width used; default ``(max - min) / 100`` of the weighted nodes.
+      sigma: broadening width used; default ``(max - min) / 100`` of the weighted nodes,
+        with ``max - min`` at least ``16 num_points eps max(|min|, |max|)`` (what a grid
+        of 16 ulps a step resolves: a single eigenvalue ``c != 0`` gets a bump the grid
+        can integrate), and ``1`` when every node is 0.
       finite: every product was finite (if not, ``density``, ``nodes`` and
         ``weights`` are NaN).
       num_matvecs: products used (``num_probes * num_matvecs``; int32).
@@ -71,12 +74,16 @@ def _density(nodes, weights, finite, sigma, grid, num_points):
     hi = xp.max(xp.where(held, nodes, -xp.inf))
     lo, hi = xp.where(xp.any(held), lo, xp.min(nodes)), xp.where(xp.any(held), hi, xp.max(nodes))
     # relative to the nodes' own scale (an absolute floor merged two atoms of an operator
-    # of norm 1e-10); 1 only for the zero operator, whose nodes are all 0
-    width = xp.maximum(hi - lo, xp.finfo(nodes.dtype).eps * xp.maximum(xp.abs(lo), xp.abs(hi)))
+    # of norm 1e-10), and at least what a grid of 16 ulps a step resolves (a floor of one
+    # ulp made c I's grid one repeated point and its density a spike that integrated to
+    # 0); 1 only for the zero operator, whose nodes are all 0
+    ulp = 16 * xp.finfo(nodes.dtype).eps * xp.maximum(xp.abs(lo), xp.abs(hi))
+    width = xp.maximum(hi - lo, num_points * ulp)
     width = xp.where(width > 0, width, xp.ones((), nodes.dtype))
     s = width / 100.0 if sigma is None else xp.asarray(sigma, nodes.dtype)
-    if grid is None:
-        grid = xp.linspace(lo - 5 * s, hi + 5 * s, num_points)
+    if grid is None:  # the nodes and 5 sigma beyond, or the least span of distinct points
+        half = xp.maximum((hi - lo) / 2 + 5 * s, (num_points - 1) * ulp / 2)
+        grid = xp.linspace((lo + hi) / 2 - half, (lo + hi) / 2 + half, num_points)
     grid = xp.asarray(grid, nodes.dtype)
     z = (grid[:, None, None] - nodes[None]) / s
     kern = xp.exp(-0.5 * z**2) / (s * xp.sqrt(2 * xp.pi))
@@ -209,8 +216,10 @@ def spectral_density(
       key: PRNG key for the probes.
       num_matvecs: Lanczos depth per probe (static, ``1 <= num_matvecs <= dim``).
       num_probes: number of probes (static, ``>= 1``).
-      num_points: size of the default grid (static).
-      sigma: broadening; default ``(max - min) / 100`` of the Ritz values' range.
+      num_points: size of the default grid (static): the weighted Ritz values' range and
+        5 ``sigma`` beyond, at least ``16 (num_points - 1)`` ulps of their scale wide.
+      sigma: broadening; default ``(max - min) / 100`` of the Ritz values' range (see
+        [`SpectralDensity`][curvlib.SpectralDensity] for its floor).
       grid: explicit evaluation points (overrides ``num_points``).
 
     Returns:

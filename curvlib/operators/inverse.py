@@ -156,7 +156,7 @@ class InverseMatvec:
                  max_steps=self.max_steps, preconditioner=self.preconditioner)
         ok = res.finite & ~res.negative_curvature
         x = _tree.where(ok, res.x, jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), res.x))
-        return InverseSolve(x, res.num_steps + 1, res.residual_norm, res.converged & ok,
+        return InverseSolve(x, res.num_matvecs, res.residual_norm, res.converged & ok,
                             res.finite, status=res.status)
 
     def _solve_lowrank(self, b):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _tree
-from curvlib._compile import weak_cache
+from curvlib._compile import run_program, traced_program, tracing, weak_cache
 from curvlib._validate import describe_shape as _describe
 from curvlib._validate import leading_axis as _leading_axis
 from curvlib.operators._common import leaves_with_paths
@@ -97,6 +97,16 @@ def microbatch_mean(fn: Callable, batch: PyTree, microbatch_size: int | None) ->
             raise ValueError(f"`microbatch_size` must be >= 1; got {microbatch_size}.")
     if microbatch_size is None or microbatch_size >= n:
         return fn(batch)
+    if not tracing(batch):
+        # eager: the scan compiled once per computation (``fn``'s program, the arrays it
+        # closes over its inputs), not once per call for a fresh closure
+        program = traced_program(lambda b: _chunked_mean(fn, b, n, microbatch_size), batch)
+        return run_program(program, batch)
+    return _chunked_mean(fn, batch, n, microbatch_size)
+
+
+def _chunked_mean(fn: Callable, batch: PyTree, n: int, microbatch_size: int) -> PyTree:
+    """`microbatch_mean` on checked arguments, ``1 <= microbatch_size < n``."""
     num_full = n // microbatch_size
     rem = n - num_full * microbatch_size
     head = jax.tree.map(lambda x: _chunks(x, num_full, microbatch_size), batch)
