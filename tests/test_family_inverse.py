@@ -155,3 +155,25 @@ def test_a_solve_counts_the_products_it_ran():
         assert int(res.num_matvecs) == len(calls), (x0 is None, len(calls))
         ref = curvlib.cg(mv, rhs, x0=x0, damping=0.1, rtol=1e-10)
         assert int(res.num_matvecs) == int(ref.num_matvecs)
+
+
+def test_an_inverse_rebuilt_over_a_fresh_closure_compiles_once(compiles):
+    """``inverse_matvec(lambda v: A @ v, ...)`` in a notebook cell run again, over a new
+    ``A``: the solve's program is the closure's program with ``A`` an input (it compiled
+    again for every new lambda), and it answers for the new ``A``."""
+    rng = np.random.default_rng(0)
+    b = jnp.asarray(rng.standard_normal(20))
+    for scale in (1.0, 2.0, 3.0):
+        A = jnp.asarray(np.diag(scale * np.linspace(1.0, 5.0, 20)))
+        D = jnp.diag(A)
+        build = lambda A=A, D=D: inverse_matvec(lambda v: A @ v, damping=0.5,
+                                                preconditioner=lambda r: r / (D + 0.5),
+                                                cg=curvlib.CG(rtol=1e-12))
+        if scale == 1.0:
+            jax.block_until_ready(build()(b))
+            continue
+        with compiles() as seen:
+            x = jax.block_until_ready(build()(b))
+        assert seen.count == 0
+        np.testing.assert_allclose(x, np.linalg.solve(np.asarray(A) + 0.5 * np.eye(20), b),
+                                   rtol=1e-10)

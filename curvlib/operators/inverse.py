@@ -30,7 +30,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from curvlib import _compile, _deprecation, _tree, _validate
-from curvlib._compile import is_host_driven
+from curvlib._compile import as_operator, is_host_driven, is_pytree_operator, tracing
 from curvlib._status import Status, from_flags
 from curvlib.krylov import cg, eigen
 from curvlib.krylov.solvers import CG, Eigsh, resolve
@@ -147,7 +147,19 @@ class InverseMatvec:
         """
         if self.host_driven:  # products stream data from the host: no compiled boundary
             return self._solve(b, x0)
-        return _solve_jit(self, b, x0)
+        return _solve_jit(self._traced_operators(b), b, x0)
+
+    def _traced_operators(self, b) -> InverseMatvec:
+        """``self`` with a plain function's operator as its program (`as_operator`): equal
+        for a new closure over new arrays, so an eager solve compiles once, not per build."""
+        def program(f, name):
+            plain = isinstance(f, Partial) and not f.args and not f.keywords
+            if not plain or is_pytree_operator(f.func) or tracing(b):
+                return f
+            return as_operator(f.func, b, name, "b")
+
+        return dataclasses.replace(self, matvec=program(self.matvec, "matvec"),
+                                   preconditioner=program(self.preconditioner, "preconditioner"))
 
     def _solve(self, b, x0):
         if self.method == "lowrank":
