@@ -322,13 +322,36 @@ def _inlined(jaxpr, consts, *args):
         ins = [read(v) for v in eqn.invars]
         body = eqn.params.get("jaxpr") if eqn.primitive.name in ("jit", "pjit") else None
         if isinstance(body, jax.extend.core.ClosedJaxpr):
-            outs = _inlined(body.jaxpr, body.consts, *ins)
+            # the layouts the inner jit asked for stay asked for
+            ins = _constrained(ins, eqn.params.get("in_shardings", ()))
+            outs = _constrained(_inlined(body.jaxpr, body.consts, *ins),
+                                eqn.params.get("out_shardings", ()))
         else:
             with eqn.ctx.manager:
                 outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
             outs = outs if eqn.primitive.multiple_results else [outs]
         env.update(zip(eqn.outvars, outs, strict=True))
     return [read(v) for v in jaxpr.outvars]
+
+
+def _constrained(values, shardings):
+    """``values``, each constrained to its entry of ``shardings`` where that is a sharding
+    of an ``Auto`` mesh (an inner ``jit``'s ``in_shardings``/``out_shardings``; unspecified
+    ones left free)."""
+    if len(shardings) != len(values):
+        return list(values)
+
+    def constrain(v, s):
+        if not isinstance(s, jax.sharding.Sharding):
+            return v
+        mesh = getattr(s, "mesh", None)
+        explicit = mesh is not None and jax.sharding.AxisType.Explicit in tuple(
+            getattr(mesh, "axis_types", ()))
+        # (an Explicit mesh's layouts travel in the values' types; a reshard would need the
+        # mesh the inner jit carried, which the inlined body has not)
+        return v if explicit else jax.lax.with_sharding_constraint(v, s)
+
+    return [constrain(v, s) for v, s in zip(values, shardings, strict=True)]
 
 
 _BY_VALUE = 4096  # entries up to which an array the text does not show is keyed by its value
@@ -355,14 +378,30 @@ def _unprinted(jaxpr) -> tuple:
     the host functions of callbacks (printed as masked addresses)."""
     out = []
     for c in _nested_consts(jaxpr):
-        if getattr(c, "size", _BY_VALUE + 1) <= _BY_VALUE and not isinstance(
-                c, jax.core.Tracer):
-            a = np.asarray(c)
-            out.append((a.shape, str(a.dtype), a.tobytes()))
-        else:
-            out.append(_Same(c))
-    out.extend(_Same(f) for f in _callbacks(jaxpr))
+        out.append(_value_key(c) if getattr(c, "size", _BY_VALUE + 1) <= _BY_VALUE else None)
+        if out[-1] is None:
+            out[-1] = _Same(c)
+    for f in _callbacks(jaxpr):
+        # JAX wraps the host function anew at every trace, in a value equal for the same
+        # function: keyed by that equality (by identity if it has none)
+        try:
+            hash(f)
+            out.append(f)
+        except TypeError:
+            out.append(_Same(f))
     return tuple(out)
+
+
+def _value_key(c):
+    """``(shape, dtype, bytes)`` of a small concrete array held by this process, else
+    ``None`` (a tracer, a PRNG key, an array spread over processes: keyed by identity)."""
+    if isinstance(c, jax.core.Tracer) or not getattr(c, "is_fully_addressable", True):
+        return None
+    try:
+        a = np.asarray(c)
+    except TypeError:  # typed PRNG keys
+        return None
+    return a.shape, str(a.dtype), a.tobytes()
 
 
 def _callbacks(jaxpr):

@@ -437,6 +437,10 @@ def test_default_blocks_of_leaves_whose_paths_read_alike_stay_apart():
     for r in res.values():  # each block's eigenvectors live on its own leaf only
         leaves = [x for x in jax.tree.leaves(r.eigenvectors) if x is not None]
         assert len(leaves) == 1
+    # a key spelled like another leaf's full path still gets a block of its own
+    params = {"['a/b']": jnp.zeros(2), "a/b": jnp.zeros(2), "a": {"b": jnp.zeros(4)}}
+    res = block_eigsh(lambda v: v, params, 1, key=jax.random.PRNGKey(0))
+    assert len(res) == 3
     # names that do not collide keep the short spelling
     res = block_eigsh(lambda v: v, {"x": {"w": jnp.zeros(4)}}, 2, key=jax.random.PRNGKey(0))
     assert list(res) == ["x/w"]

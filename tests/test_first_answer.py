@@ -115,6 +115,41 @@ def test_callback_operators_on_different_host_matrices_stay_apart():
         np.testing.assert_allclose(x, 1.0 / np.diag(M), rtol=1e-8)
 
 
+def _host_scaled(x):
+    return 3.0 * np.asarray(x)
+
+
+def test_a_fresh_closure_over_the_same_callback_compiles_once(compiles):
+    """JAX wraps a callback's host function anew at every trace: the operator is keyed by
+    that wrapper's equality (the same host function), not its identity (which recompiled
+    at every call)."""
+    def op():
+        return lambda v: jax.pure_callback(_host_scaled, jax.ShapeDtypeStruct(v.shape, v.dtype),
+                                           v)
+
+    b = jnp.ones(12)
+    jax.block_until_ready(curvlib.cg(op(), b).x)
+    with compiles() as seen:
+        x = jax.block_until_ready(curvlib.cg(op(), b).x)
+    assert seen.count == 0
+    np.testing.assert_allclose(x, 1.0 / 3.0, rtol=1e-6)
+
+
+def test_a_typed_key_closed_over_by_a_nested_jit_is_keyed_not_converted():
+    """A ``jax.random.key`` closed over by a ``jit`` inside a ``cond`` stays nested (not
+    inlined): it is keyed by identity (NumPy cannot hold a typed key)."""
+    key = jax.random.key(0)
+    d = jnp.linspace(1.0, 3.0, 8)
+
+    @jax.jit
+    def noisy(v):
+        return d * v + 0.0 * jax.random.normal(key, v.shape, v.dtype)
+
+    op = lambda v: jax.lax.cond(True, noisy, lambda u: u, v)
+    x = curvlib.cg(op, jnp.ones(8), rtol=1e-10).x
+    np.testing.assert_allclose(x, 1.0 / np.asarray(d), rtol=1e-8)
+
+
 def _count_sines(fn, *args):
     return jax.jit(fn).lower(*args).as_text().count("stablehlo.sine")
 

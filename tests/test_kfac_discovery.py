@@ -332,6 +332,14 @@ def test_a_model_whose_examples_interact_is_refused():
 
     (value, _), _ = opt.value_and_grad(ce)(p, state, x=x, y=y)
     np.testing.assert_allclose(value, ce(layer_norm_model(p, x), y), rtol=1e-6)
+    # a class masked with -inf does not hide the interaction (non-finite entries must
+    # agree exactly, the rest to rounding); independent examples with the mask pass
+    def masked(model):
+        return lambda p, x: model(p, x).at[:, 0].set(-jnp.inf)
+
+    with pytest.raises(ValueError, match="depends on the other examples"):
+        curvlib.kfac(model_fn=masked(_batch_norm_model), example_inputs={"x": x}).init(p)
+    curvlib.kfac(model_fn=masked(layer_norm_model), example_inputs={"x": x}).init(p)
     # nothing concrete to compare: abstract inputs, one example, a trace
     spec = {"x": jax.ShapeDtypeStruct(x.shape, x.dtype)}
     curvlib.kfac(model_fn=_batch_norm_model, example_inputs=spec).init(p)

@@ -55,7 +55,8 @@ def test_a_small_simple_eigenvalue_with_a_gap_is_unique():
         True, True]
     lam = np.array([100.0, 0.02, 0.005, 0.001], np.float32)
     assert unique_prefixes(lam, np.zeros(4, np.float32), [1, 2, 3]).tolist() == [True] * 3
-    # the largest D has no next value to compare: a zero there is still flagged
+    # D = 2 with the next value computed is unique; the largest D has no next value to
+    # compare: a zero there is still flagged
     assert unique_prefixes(np.array([2.0, 0.0, -1.0]), np.zeros(3), [2, 3]).tolist() == [
         True, True]
     assert unique_prefixes(np.array([2.0, 0.0]), np.zeros(2), [2]).tolist() == [False]

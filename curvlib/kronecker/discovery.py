@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from curvlib import _compile, _tree
 from curvlib.kronecker import _program
 
 PyTree = Any
@@ -382,18 +383,21 @@ def check_examples_independent(model_fn: Callable, params: PyTree, args: tuple,
     it: a model whose examples interact (batch normalisation over the batch, in-batch
     negatives) would get factors, and a one-pass loss and gradient, of another model.
     Checked on the first two examples of ``args``: the outputs of the pair must equal
-    those of each example alone (to ``sqrt(eps)`` of the outputs' scale). Skipped when
-    nothing is concrete (inside a trace, ``jax.ShapeDtypeStruct`` inputs) or the batch
-    holds one example, or across hosts. Cost: one compiled forward pass on two examples
-    and two on one.
+    those of each example alone (to ``sqrt(eps)`` of the outputs' scale; non-finite entries,
+    a class masked with ``-inf``, exactly). Skipped when nothing is concrete (inside a
+    trace, ``jax.ShapeDtypeStruct`` inputs), when the batch holds one example, across
+    hosts, and on an ``Explicit`` mesh's sharded example axis. Cost: one forward pass on
+    two examples and two on one, compiled once per model program and shapes.
     """
     if not (_concrete_arrays(params) and _concrete_arrays(args)):
         return
     leaves, treedef, arrays, n = _split_args(args)
-    if n < 2:
-        return
+    if n < 2 or any(_tree.explicit_sharding(leaves[i]) is not None for i in arrays):
+        return  # (an Explicit mesh's example axis cannot be sliced to two examples)
 
-    def outputs(params, batched):
+    def outputs(inputs):
+        params, batched = inputs
+
         def call(lo, hi):
             full = list(leaves)
             for i, x in zip(arrays, batched, strict=True):
@@ -402,14 +406,20 @@ def check_examples_independent(model_fn: Callable, params: PyTree, args: tuple,
 
         return call(0, 2), jnp.concatenate([call(0, 1), call(1, 2)])
 
-    pair, each = (np.asarray(x, np.float64) for x in jax.jit(outputs)(
-        params, [leaves[i][:2] for i in arrays]))
-    if not (np.all(np.isfinite(pair)) and np.all(np.isfinite(each))):
-        return  # non-finite outputs: the steps report them
+    # compiled once per model program and shapes (the parameters and examples its inputs)
+    inputs = (params, [leaves[i][:2] for i in arrays])
+    program = _compile.traced_program(outputs, inputs)
+    pair, each = (np.asarray(x, np.float64) for x in _compile.run_program(program, inputs))
+    # non-finite entries (a class masked with -inf) must agree exactly; the rest to rounding
+    fin = np.isfinite(pair) & np.isfinite(each)
+    if not np.array_equal(np.where(fin, 0.0, pair), np.where(fin, 0.0, each), equal_nan=True):
+        gap, scale = np.inf, np.inf
+    else:
+        pair, each = np.where(fin, pair, 0.0), np.where(fin, each, 0.0)
+        scale = max(float(np.max(np.abs(pair), initial=0.0)), 1e-30)
+        gap = float(np.max(np.abs(pair - each), initial=0.0))
     dtype = jnp.result_type(*[jnp.result_type(x) for x in jax.tree.leaves(params)])
     eps = float(jnp.finfo(dtype).eps)
-    scale = max(float(np.max(np.abs(pair))), float(np.max(np.abs(each))), 1e-30)
-    gap = float(np.max(np.abs(pair - each)))
     if gap > np.sqrt(eps) * scale:
         raise ValueError(
             f"{where}: `model_fn`'s output for an example depends on the other examples of "

@@ -29,9 +29,9 @@ class SpectralDensity(NamedTuple):
         hold zero-weight nodes, which count nowhere.
       weights: Gauss quadrature weights per probe (rows sum to 1).
       sigma: broadening width used; default ``(max - min) / 100`` of the weighted nodes,
-        with ``max - min`` at least ``16 num_points eps max(|min|, |max|)`` (what a grid
-        of 16 ulps a step resolves: a single eigenvalue ``c != 0`` gets a bump the grid
-        can integrate), and ``1`` when every node is 0.
+        with ``max - min`` at least ``16 max(num_points, 200) eps max(|min|, |max|)`` (what
+        a grid of 16 ulps a step resolves: a single eigenvalue ``c != 0`` gets a bump the
+        grid can integrate), and ``1`` when every node is 0.
       finite: every product was finite (if not, ``density``, ``nodes`` and
         ``weights`` are NaN).
       num_matvecs: products used (``num_probes * num_matvecs``; int32).
@@ -78,7 +78,7 @@ def _density(nodes, weights, finite, sigma, grid, num_points):
     # ulp made c I's grid one repeated point and its density a spike that integrated to
     # 0); 1 only for the zero operator, whose nodes are all 0
     ulp = 16 * xp.finfo(nodes.dtype).eps * xp.maximum(xp.abs(lo), xp.abs(hi))
-    width = xp.maximum(hi - lo, num_points * ulp)
+    width = xp.maximum(hi - lo, max(num_points, 200) * ulp)  # sigma >= 2 ulp-steps
     width = xp.where(width > 0, width, xp.ones((), nodes.dtype))
     s = width / 100.0 if sigma is None else xp.asarray(sigma, nodes.dtype)
     if grid is None:  # the nodes and 5 sigma beyond, or the least span of distinct points

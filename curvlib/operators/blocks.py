@@ -187,11 +187,11 @@ def _labels(params: PyTree, blocks) -> list:
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     if blocks is None:  # one block per leaf, named by its path ("layer1/w")
         names = [keystr(path, simple=True, separator="/") for path, _ in flat]
-        # ... unless two paths read alike ({"a/b": x, "a": {"b": y}}): those keep the full
-        # spelling of their path ("['a/b']", "['a']['b']"), each leaf its own block
-        twice = {n for n in names if names.count(n) > 1}
-        return [keystr(path) if n in twice else n for n, (path, _) in zip(names, flat,
-                                                                           strict=True)]
+        # ... unless two paths read alike ({"a/b": x, "a": {"b": y}}): then every leaf keeps
+        # the full spelling of its path ("['a/b']", "['a']['b']"), which tells paths apart
+        if len(set(names)) < len(names):
+            return [keystr(path) for path, _ in flat]
+        return names
     if callable(blocks):
         return [blocks(path, x) for path, x in flat]
     try:
@@ -328,8 +328,8 @@ def block_eigsh(
       the leaves. A block's eigenvectors are sub-pytrees (``params`` with
       ``None`` outside the block) whose leaves carry a leading axis ``k``.
       Block names are ``str(label)``; the default labels are the leaves' key
-      paths joined by ``"/"`` (``"layer1/w"``), or, for leaves whose joined paths
-      coincide (``{"a/b": x, "a": {"b": y}}``), their full key paths
+      paths joined by ``"/"`` (``"layer1/w"``), or, when two leaves' joined paths
+      coincide (``{"a/b": x, "a": {"b": y}}``), every leaf's full key path
       (``"['a/b']"``, ``"['a']['b']"``): one block per leaf either way. Each block's
       ``status``, ``converged`` and counts are its own.
 

@@ -21,6 +21,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -151,12 +152,23 @@ class InverseMatvec:
 
     def _traced_operators(self, b) -> InverseMatvec:
         """``self`` with a plain function's operator as its program (`as_operator`): equal
-        for a new closure over new arrays, so an eager solve compiles once, not per build."""
+        for a new closure over new arrays, so an eager solve compiles once, not per build.
+        Traced once per function and vector shapes (`_programs`); ``"lowrank"`` solves use
+        no product and keep theirs."""
+        if self.method == "lowrank" or tracing(b):
+            return self
+
         def program(f, name):
             plain = isinstance(f, Partial) and not f.args and not f.keywords
-            if not plain or is_pytree_operator(f.func) or tracing(b):
+            if not plain or is_pytree_operator(f.func):
                 return f
-            return as_operator(f.func, b, name, "b")
+            shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x),
+                                                                 jnp.result_type(x)), b)
+            key = (name, jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes)))
+            cached = _programs.setdefault(f.func, {})
+            if key not in cached:
+                cached[key] = as_operator(f.func, b, name, "b")
+            return cached[key]
 
         return dataclasses.replace(self, matvec=program(self.matvec, "matvec"),
                                    preconditioner=program(self.preconditioner, "preconditioner"))
@@ -192,6 +204,9 @@ class InverseMatvec:
 
 # compiled at the boundary: eager solves with an equal operator type and shapes reuse the program
 _solve_jit = jax.jit(lambda op, b, x0: op._solve(b, x0))
+
+# a plain function's traced program per vector shapes, kept while the function lives
+_programs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 _EIGSH_RENAMES = {"tol": "rtol", "num_matvecs": "basis_size"}
