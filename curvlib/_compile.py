@@ -378,9 +378,8 @@ def _unprinted(jaxpr) -> tuple:
     the host functions of callbacks (printed as masked addresses)."""
     out = []
     for c in _nested_consts(jaxpr):
-        out.append(_value_key(c) if getattr(c, "size", _BY_VALUE + 1) <= _BY_VALUE else None)
-        if out[-1] is None:
-            out[-1] = _Same(c)
+        key = _value_key(c) if getattr(c, "size", _BY_VALUE + 1) <= _BY_VALUE else None
+        out.append(_Same(c) if key is None else key)
     for f in _callbacks(jaxpr):
         # JAX wraps the host function anew at every trace, in a value equal for the same
         # function: keyed by that equality (by identity if it has none)
@@ -405,8 +404,10 @@ def _value_key(c):
 
 
 def _callbacks(jaxpr):
+    """The host functions of the callbacks whose results the program uses (a
+    ``jax.debug.callback``/``print`` returns nothing: not part of what it computes)."""
     for eqn in jaxpr.eqns:
-        if "callback" in eqn.params:
+        if "callback" in eqn.params and eqn.primitive.name != "debug_callback":
             yield eqn.params["callback"]
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             yield from _callbacks(sub)

@@ -134,6 +134,18 @@ def test_a_fresh_closure_over_the_same_callback_compiles_once(compiles):
     assert seen.count == 0
     np.testing.assert_allclose(x, 1.0 / 3.0, rtol=1e-6)
 
+    # a jax.debug.callback (a print while debugging) returns nothing: not part of the key
+    def printing():
+        def mv(v):
+            jax.debug.callback(lambda: None)
+            return 3.0 * v
+        return mv
+
+    jax.block_until_ready(curvlib.cg(printing(), b).x)
+    with compiles() as seen:
+        jax.block_until_ready(curvlib.cg(printing(), b).x)
+    assert seen.count == 0
+
 
 def test_a_typed_key_closed_over_by_a_nested_jit_is_keyed_not_converted():
     """A ``jax.random.key`` closed over by a ``jit`` inside a ``cond`` stays nested (not
