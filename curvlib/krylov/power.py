@@ -83,8 +83,8 @@ def _project_out(X, v, acc, passes: int = 2):
 
 
 def _start(X, i, u0, draw, acc):
-    """Unit start for pair ``i``: the complement of the pairs found of ``u0``, plus for every
-    pair after the first a fresh random direction ``draw(i)``.
+    """Unit start for pair ``i``: ``u0``, plus for every pair after the first a fresh random
+    direction ``draw(i)``, projected onto the complement of the pairs found.
 
     A start shared by every pair would fail on a repeated eigenvalue: once one copy is
     found, the deflated start has no component left along the others (``u0`` projected on
