@@ -177,3 +177,19 @@ def test_an_inverse_rebuilt_over_a_fresh_closure_compiles_once(compiles):
         assert seen.count == 0
         np.testing.assert_allclose(x, np.linalg.solve(np.asarray(A) + 0.5 * np.eye(20), b),
                                    rtol=1e-10)
+
+
+def test_an_operator_that_cannot_be_weakly_referenced_still_solves():
+    """A callable object with ``__slots__`` (no weak references): traced without a cache."""
+
+    class Scaled:
+        __slots__ = ("c",)
+
+        def __init__(self, c):
+            self.c = c
+
+        def __call__(self, v):
+            return self.c * v
+
+    x = inverse_matvec(Scaled(3.0), damping=1.0)(jnp.ones(6))
+    np.testing.assert_allclose(x, 0.25, rtol=1e-6)

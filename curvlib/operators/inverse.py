@@ -165,7 +165,10 @@ class InverseMatvec:
             shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x),
                                                                  jnp.result_type(x)), b)
             key = (name, jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes)))
-            cached = _programs.setdefault(f.func, {})
+            try:
+                cached = _programs.setdefault(f.func, {})
+            except TypeError:  # a callable that cannot be weakly referenced: not cached
+                return as_operator(f.func, b, name, "b")
             if key not in cached:
                 cached[key] = as_operator(f.func, b, name, "b")
             return cached[key]
@@ -205,7 +208,8 @@ class InverseMatvec:
 # compiled at the boundary: eager solves with an equal operator type and shapes reuse the program
 _solve_jit = jax.jit(lambda op, b, x0: op._solve(b, x0))
 
-# a plain function's traced program per vector shapes, kept while the function lives
+# a plain function's traced program per vector shapes, kept while the function lives (held
+# strongly: `_compile.weak_cache` holds results weakly, and nothing else keeps this one)
 _programs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
