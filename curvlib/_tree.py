@@ -470,9 +470,30 @@ def apply_if(pred, fn, x):
     """
     if on_host() or not isinstance(pred, jax.core.Tracer):
         # (eager: decided here; an eager loop would compile its fresh closures every call)
-        return fn(x) if bool(pred) else x
+        if not bool(pred):
+            return x
+        y = fn(x)
+        _check_same_type(x, y)  # as the traced loop's carry check: both paths agree
+        return y
     return jax.lax.while_loop(lambda c: c[0], lambda c: (xp.asarray(False), fn(c[1])),
                               (xp.asarray(pred), x))[1]
+
+
+def _shape_dtype(a) -> tuple:
+    return np.shape(a), np.dtype(a.dtype if hasattr(a, "dtype") else np.result_type(a))
+
+
+def _check_same_type(x, y):
+    """Raise ``TypeError`` unless ``y`` has ``x``'s tree structure, shapes and dtypes."""
+    sx, sy = jax.tree.structure(x), jax.tree.structure(y)
+    if sx != sy:
+        raise TypeError(f"apply_if: fn(x) must have x's tree structure {sx}; got {sy}")
+    leaves = zip(jax.tree_util.tree_leaves_with_path(x), jax.tree.leaves(y), strict=True)
+    for (path, a), b in leaves:
+        ta, tb = _shape_dtype(a), _shape_dtype(b)
+        if ta != tb:
+            raise TypeError(f"apply_if: fn(x){jax.tree_util.keystr(path)} must have x's shape "
+                            f"and dtype {ta}; got {tb}")
 
 
 # --------------------------------------------------------- basis (leading m)

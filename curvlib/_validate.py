@@ -527,20 +527,30 @@ def batched(args: tuple, argnums: tuple[int, ...], name: str = "args",
     return int(n)
 
 
-def concrete(tree, name: str) -> None:
+def concrete(tree, name: str, *, loop: bool = False) -> None:
     """Raise ``TypeError`` if any leaf of ``tree`` is traced (a host-driven call).
 
     Accepts a pytree of concrete values: a host-driven operator (data streamed
     from the host) loops over host data in every product, so it cannot run
-    inside ``jax.jit``, ``vmap``, ``grad`` or ``eval_shape``.
+    inside ``jax.jit``, ``vmap``, ``grad`` or ``eval_shape``. ``loop=True``: the
+    check of an algorithm's host-driven loop (``tree`` its initial state), whose
+    message names the algorithm rather than the operator.
     """
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree)):
+    if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree)):
+        return
+    if loop:
         raise TypeError(
-            f"a host-driven operator (data streamed from the host) cannot be called with traced "
-            f"`{name}` (inside jax.jit, vmap, grad or eval_shape): every product loops over "
-            "host data. Call it eagerly, or hand it to a curvlib algorithm that drives "
-            "host-driven operators from the host."
+            "an algorithm on a host-driven operator (data streamed from the host) cannot run "
+            "inside jax.jit, vmap, grad or eval_shape: its loop runs from the host, one "
+            "compiled step per product. Call the algorithm eagerly (outside your jit); its "
+            "steps are compiled anyway."
         )
+    raise TypeError(
+        f"a host-driven operator (data streamed from the host) cannot be called with traced "
+        f"`{name}` (inside jax.jit, vmap, grad or eval_shape): every product loops over "
+        "host data. Call it eagerly, or hand it to a curvlib algorithm that drives "
+        "host-driven operators from the host."
+    )
 
 
 def float_outputs(out, what: str) -> None:

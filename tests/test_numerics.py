@@ -558,3 +558,22 @@ def test_integer_arguments_are_validated_the_same_way(name):
 def test_power_iteration_k_range_is_named():
     with pytest.raises(ValueError, match=r"`k` must be in \[1, 9\] \(the dimension of v0 is 10\)"):
         power_iteration(lambda v: v, jnp.ones(10), 10)
+
+
+def test_apply_if_checks_the_applied_value_eagerly_as_the_traced_loop_does():
+    """The eager branch (decided in Python) refuses what the traced loop would refuse."""
+    from curvlib import _tree
+
+    x = {"a": jnp.ones(3)}
+    double = lambda t: {"a": 2 * t["a"]}  # noqa: E731
+    for pred in (True, False):
+        eager = _tree.apply_if(pred, double, x)
+        traced = jax.jit(lambda p: _tree.apply_if(p, double, x))(pred)
+        np.testing.assert_array_equal(eager["a"], traced["a"])
+    for bad, what in [(lambda t: {"a": t["a"][:2]}, r"\['a'\] must have x's shape"),
+                      (lambda t: {"a": t["a"].astype(jnp.int32)}, "shape and dtype"),
+                      (lambda t: (t["a"],), "tree structure")]:
+        with pytest.raises(TypeError, match=what):
+            _tree.apply_if(True, bad, x)
+        with pytest.raises(TypeError):
+            jax.jit(lambda p, bad=bad: _tree.apply_if(p, bad, x))(True)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _compile, _progress, _space, _tree, _xp
+from curvlib import _compile, _progress, _space, _tree, _validate, _xp
 from curvlib._compile import (  # noqa: F401
     QUICK,
     QUICK_CPU,
@@ -71,17 +71,6 @@ def _host_steps(request: Callable, update: Callable, running: Callable, cfg, qui
     return jax.jit(begin, compiler_options=opts), jax.jit(advance, compiler_options=opts)
 
 
-def _eager(state) -> None:
-    """Raise ``TypeError`` when a host-driven loop would start from a traced state."""
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state)):
-        raise TypeError(
-            "an algorithm on a host-driven operator (data streamed from the host) cannot run "
-            "inside jax.jit, vmap, grad or eval_shape: its loop runs from the host, one "
-            "compiled step per product. Call the algorithm eagerly (outside your jit); its "
-            "steps are compiled anyway."
-        )
-
-
 def run_host(request: Callable, update: Callable, running: Callable, cfg, matvec: Callable,
              state, *, quick: bool = False, report: Callable | None = None, first=None):
     """The loop of `run` driven from Python, for a host-driven ``matvec``.
@@ -98,7 +87,7 @@ def run_host(request: Callable, update: Callable, running: Callable, cfg, matvec
     ``first``: the first request and running flag when the caller computed them with
     the state (`solve_now`'s `_start`).
     """
-    _eager(state)
+    _validate.concrete(state, "state", loop=True)
     begin, advance = _host_steps(request, update, running, cfg, quick)
     bar = None if report is None else _progress.bar(desc="eigsh", unit="product")
     read = None if bar is None else _jitted(report, cfg, quick)
@@ -406,7 +395,7 @@ def while_loop(cond, body, init, *, host: bool, slot: Slot | None = None):
     """
     if not host:
         return jax.lax.while_loop(cond, body, init)
-    _eager(init)
+    _validate.concrete(init, "init", loop=True)
     state = init
     if slot is None:
         while bool(cond(state)):
