@@ -135,8 +135,15 @@ def at_set(x, idx, value, mode=None):
 
 
 def cond(pred, true_fn: Callable, false_fn: Callable, *operands):
-    """``jax.lax.cond``; on the host a Python ``if`` (only the branch taken runs)."""
-    if on_host():
+    """``jax.lax.cond``; on the host, or eagerly (``pred`` concrete), a Python ``if``.
+
+    Only the branch taken runs. An eager ``lax.cond`` would compile a program of its
+    two branches keyed on their jaxprs: branches written as closures (over an optax
+    step's state) are new functions at every call, so an eager ``update`` would compile
+    at every step (a tracker's refresh: seconds). Under a trace (``jit``, ``vmap``,
+    ``grad``) this is ``lax.cond``.
+    """
+    if on_host() or not isinstance(pred, jax.core.Tracer):
         return true_fn(*operands) if bool(pred) else false_fn(*operands)
     return jax.lax.cond(pred, true_fn, false_fn, *operands)
 

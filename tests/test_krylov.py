@@ -279,7 +279,7 @@ def test_lanczos_relation_on_long_vectors():
     np.testing.assert_allclose(np.asarray(out.residual_norms), true, rtol=1e-6, atol=1e-13)
 
 
-def test_eigsh_then_multiplies_vectors_built_from_the_answer_in_the_same_loop():
+def test_eigsh_then_multiplies_vectors_built_from_the_answer_in_the_same_loop(compiles):
     from curvlib.krylov import eigen
 
     rng = np.random.default_rng(5)
@@ -289,15 +289,31 @@ def test_eigsh_then_multiplies_vectors_built_from_the_answer_in_the_same_loop():
     mv = lambda v: {"a": jnp.asarray(A) @ v["a"]}
     v0 = {"a": jnp.asarray(rng.standard_normal(n))}
     key = jax.random.PRNGKey(2)
-    then = lambda r: {"a": r.eigenvectors["a"][:2] + 1.0}  # depends on the answer
+    then = lambda r, n, c: {"a": r.eigenvectors["a"][:n] + c}  # depends on the answer
     res, rows, products = jax.jit(
-        lambda v: eigen.eigsh_then(mv, v, 3, then, 2, key=key, rtol=1e-10))(v0)
+        lambda v: eigen.eigsh_then(mv, v, 3, then, 2, 1.0, key=key, rtol=1e-10))(v0)
     ref = eigsh(mv, v0, 3, key=key, rtol=1e-10)
     np.testing.assert_array_equal(res.eigenvalues, ref.eigenvalues)
     assert int(res.num_matvecs) == int(ref.num_matvecs) and bool(res.converged)
     np.testing.assert_allclose(rows["a"], np.asarray(ref.eigenvectors["a"][:2]) + 1.0,
                                rtol=1e-12)
     np.testing.assert_allclose(products["a"], np.asarray(rows["a"]) @ A, rtol=1e-12)
+    # eagerly: the same loop, compiled once for the operator, `then` and the options;
+    # new data for `then` (and a new operator of the same program) compile nothing
+    eager = eigen.eigsh_then(mv, v0, 3, then, 2, jnp.asarray(1.0), key=key, rtol=1e-10)
+    np.testing.assert_allclose(eager[2]["a"], products["a"], rtol=1e-12)
+    product = lambda B, v: {"a": B @ v["a"]}  # an operator as data: a Partial over B
+    eigen.eigsh_then(jax.tree_util.Partial(product, jnp.asarray(A)), v0, 3, then, 2,
+                     jnp.asarray(1.0), key=key, rtol=1e-10)
+    B, c = jnp.asarray(2.0 * A), jnp.asarray(-1.0)
+    with compiles() as seen:
+        again = eigen.eigsh_then(jax.tree_util.Partial(product, B), v0, 3, then, 2, c, key=key,
+                                 rtol=1e-10)
+    assert seen.count == 0
+    np.testing.assert_allclose(again[0].eigenvalues, 2 * np.asarray(ref.eigenvalues),
+                               rtol=1e-9)
+    np.testing.assert_allclose(again[2]["a"], (np.asarray(again[1]["a"])) @ (2 * A),
+                               rtol=1e-10)
 
 
 def test_lanczos_without_reorthogonalisation_loses_orthogonality(lanczos_operator):

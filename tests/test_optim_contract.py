@@ -417,3 +417,23 @@ def test_track_curvature_state_with_a_typed_key_serialises_and_draws_the_same():
     # a typed threefry key and the legacy key with the same data draw the same numbers
     np.testing.assert_array_equal(out["typed"].eigenvalues, out["legacy"].eigenvalues)
     np.testing.assert_array_equal(out["typed"].trace, out["legacy"].trace)
+
+
+@pytest.mark.parametrize("name", list(SCALE_BY))
+def test_eager_steps_compile_nothing_after_the_first_few(name, compiles):
+    """An ``update`` called eagerly (no ``jax.jit`` of the step) compiles its ops once: a
+    branch taken on some steps (a refresh, a fallback) is decided in Python, not by a
+    ``lax.cond`` of fresh closures that compiled again at every step (a tracker: seconds)."""
+    batch = _data(jnp.float64)
+    opt = SCALE_BY[name]()
+    params = _params(jnp.float64)
+    opt = optax.chain(opt, optax.scale(-0.5))
+    state, step = opt.init(params), _make_step(name, opt)
+    for _ in range(5):  # a refresh (svrg every 4) and its skip both taken
+        params, state, _ = step(params, state, batch, batch)
+    with compiles() as seen:
+        for _ in range(5):
+            params, state, value = step(params, state, batch, batch)
+        jax.block_until_ready(value)
+    assert seen.count == 0, f"{seen.count} compilations in five eager steps"
+    assert _all_finite(state)

@@ -83,7 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from curvlib import _chain, _loss, _status, _tree, _validate
+from curvlib import _chain, _loss, _status, _tree, _validate, _xp
 from curvlib.kronecker import _likelihood, _sharding
 from curvlib.kronecker.curvature import (
     INVERSES,
@@ -891,8 +891,8 @@ def _value_and_grad(c: _Settings, loss_fn: Callable) -> Callable:
         if isinstance(c.statistics_every, (int, np.integer)) and int(c.statistics_every) == 1:
             value, grads, stats = full()
         else:
-            value, grads, stats = jax.lax.cond(kstate.count % c.statistics_every == 0,
-                                               full, plain)
+            value, grads, stats = _xp.cond(kstate.count % c.statistics_every == 0,
+                                             full, plain)
         return (value, grads), stats
 
     return fn

@@ -789,16 +789,18 @@ class _ThenState(NamedTuple):
     done: jax.Array  # int32: rows multiplied so far
 
 
-def eigsh_then(matvec, v0, k, then, num_rows, **kwargs):
+def eigsh_then(matvec, v0, k, then, num_rows, *then_args, **kwargs):
     """`eigsh`, then the products of ``num_rows`` vectors built from its result: one loop.
 
-    ``then(result)`` returns a pytree of ``num_rows`` vectors shaped like ``v0``
-    (leading axis ``num_rows``); the loop multiplies them one by one after
+    ``then(result, num_rows, *then_args)`` returns a pytree of ``num_rows`` vectors shaped like
+    ``v0`` (leading axis ``num_rows``); the loop multiplies them one by one after
     eigsh's last product, through the same call site of ``matvec``, so the
     compiled program holds the operator once (a separate block of products
     would compile the model a second time: ``track_curvature``'s trace
     probes). Returns ``(result, rows, products)``. ``kwargs`` are
     [`eigsh`][curvlib.eigsh]'s; ``matvec`` must be traceable (not host-driven).
+    An eager call compiles once per operator program, ``then`` (hashable: a
+    module-level function, its data in ``then_args``) and options, as `eigsh`.
     """
     if _driver.is_host_driven(matvec):
         raise TypeError("eigsh_then needs a traceable `matvec`, not a host-driven operator.")
@@ -812,15 +814,22 @@ def eigsh_then(matvec, v0, k, then, num_rows, **kwargs):
         raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
     num_rows = _validate.static_int(num_rows, "num_rows", minimum=1)
     _validate.operator(matvec, v0, "matvec")
+    return _then_compiled(cfg, matvec, v0, key, tol, max_matvecs, max_restarts, then, num_rows,
+                          then_args)
+
+
+def _then(cfg: _Cfg, matvec, v0, key, tol, max_matvecs, max_restarts, then, num_rows,
+          then_args):
+    """`eigsh_then`'s loop on checked arguments."""
     eig = _setup(cfg, v0, key, tol, max_matvecs, max_restarts)
     result = _zeros(jax.eval_shape(lambda e: _finish(cfg, e), eig))
-    rows = _zeros(jax.eval_shape(then, result))
+    rows = _zeros(jax.eval_shape(lambda r: then(r, num_rows, *then_args), result))
     state = _ThenState(eig=eig, result=result, rows=rows, products=rows,
                        done=jnp.zeros((), jnp.int32))
 
     def switch(s):  # eigsh has stopped: its answer and the rows that depend on it
         res = _finish(cfg, s.eig)
-        return s._replace(result=res, rows=then(res))
+        return s._replace(result=res, rows=then(res, num_rows, *then_args))
 
     def row(s):
         return jax.tree.map(lambda r: r[jnp.minimum(s.done, num_rows - 1)], s.rows)
@@ -840,6 +849,10 @@ def eigsh_then(matvec, v0, k, then, num_rows, **kwargs):
     state = jax.lax.while_loop(lambda s: _running(cfg, s.eig) | (s.done < num_rows), body,
                                state)
     return state.result, state.rows, state.products
+
+
+_then_compiled = _compile.entry(static=("cfg", "then", "num_rows"),
+                                operators={"matvec": "v0"})(_then)
 
 
 def _zeros(shapes):

@@ -118,7 +118,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvlib import _deprecation, _tree, _validate
+from curvlib import _deprecation, _tree, _validate, _xp
 from curvlib._status import Status, from_flags
 from curvlib.krylov import cg
 from curvlib.krylov.solvers import CG, resolve
@@ -254,7 +254,7 @@ def _solve(matvec, g, x0, damping, rtol, max_steps, atol=0.0):
         den = jnp.abs(_tree.vdot(u, matvec(u))) + damping
         return _tree.scale(1.0 / jnp.where(den > 0, den, 1.0), g)
 
-    p = jax.lax.cond(descent, lambda _: res.x, fallback, None)
+    p = _xp.cond(descent, lambda _: res.x, fallback, None)
     return p, res
 
 

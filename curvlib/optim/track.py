@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvlib import _deprecation, _tree, _validate
+from curvlib import _deprecation, _tree, _validate, _xp
 from curvlib._status import Status, from_flags
 from curvlib.krylov import eigen, eigsh, hutchinson_trace, solvers, stochastic
 from curvlib.optim import _common
@@ -305,7 +305,7 @@ def _measure(loss, params, extra_args, state: TrackCurvatureState, cfg: _Config)
         return _commit(jnp.asarray(False), state.eigenvectors, old, state)
 
     finite = jnp.isfinite(loss_value) & _tree.all_finite(grad)
-    return jax.lax.cond(finite, solve, skip, None)
+    return _xp.cond(finite, solve, skip, None)
 
 
 def _eigsh_and_trace(matvec, params, v0, k_start, k_trace, cfg: _Config, dt):
@@ -321,18 +321,23 @@ def _eigsh_and_trace(matvec, params, v0, k_start, k_trace, cfg: _Config, dt):
     # own loop, so the refresh compiles the product once
     acc = jnp.promote_types(_tree.dtype(params), jnp.float32)
     space = stochastic.probe_space(params)
-
-    def probes(r):  # the deflated probes P z_j, as vectors shaped like params
-        Q = stochastic.deflation_basis(space, r.eigenvectors)
-        _, PZ = stochastic.deflated_probes(space, k_trace, cfg.num_probes, Q, acc)
-        return space.unflatten_basis(PZ)
-
-    res, _, products = eigen.eigsh_then(matvec, v0, cfg.k, probes, cfg.num_probes, **opts)
+    res, _, products = eigen.eigsh_then(matvec, v0, cfg.k, _deflated_probes, cfg.num_probes,
+                                        params, k_trace, **opts)
     # the estimator draws the same probes again and takes their products from the loop
     tr = stochastic.deflated_trace(
         lambda rows: space.flatten_basis(products), space, k_trace, cfg.num_probes,
         res.eigenvectors, jnp.sum(res.eigenvalues), acc)
     return res, tr.estimate, tr.stderr
+
+
+def _deflated_probes(res, num_probes: int, params, key):
+    """The ``num_probes`` deflated probes ``P z_j`` of a refresh, shaped like ``params``
+    (``eigsh_then``'s ``then``)."""
+    acc = jnp.promote_types(_tree.dtype(params), jnp.float32)
+    space = stochastic.probe_space(params)
+    Q = stochastic.deflation_basis(space, res.eigenvectors)
+    _, PZ = stochastic.deflated_probes(space, key, num_probes, Q, acc)
+    return space.unflatten_basis(PZ)
 
 
 def _refresh_info(state, res, trace, trace_se, vecs, grad, loss_value, cfg: _Config, dt):
@@ -582,7 +587,7 @@ def track_curvature(
         loss = _common.bind_loss(name, value_fn, extra_args, has_aux=has_aux)
         params = _common.require_params(name, params, updates)
         due = (state.count % jnp.asarray(every, jnp.int32)) == 0
-        vecs, info = jax.lax.cond(
+        vecs, info = _xp.cond(
             due,
             lambda _: _measure(loss, params, extra_args, state, cfg),
             lambda _: (state.eigenvectors, state.info),

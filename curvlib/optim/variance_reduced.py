@@ -65,7 +65,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvlib import _tree, _validate
+from curvlib import _tree, _validate, _xp
 from curvlib._status import Status, from_flags
 from curvlib.optim import _common
 
@@ -139,7 +139,7 @@ def snapshot(refresh, full_grad, params, state):
     def keep(_):
         return state.snapshot_params, state.snapshot_grad
 
-    return jax.lax.cond(refresh, do_refresh, keep, None)
+    return _xp.cond(refresh, do_refresh, keep, None)
 
 
 def scale_by_svrg(
