@@ -775,6 +775,9 @@ def aux_output(out, name: str, has_aux, *, what: str = "loss"):
     return out[0]
 
 
+_gram = jax.jit(_tree.basis_gram)
+
+
 def orthonormal(basis, name: str = "eigenvectors") -> None:
     """Refuse a concrete basis whose rows are not orthonormal (``max |U U^T - I|`` above
     ``max(0.05, 10 sqrt(eps))`` of its dtype): the estimators built on ``U`` assume it,
@@ -788,7 +791,7 @@ def orthonormal(basis, name: str = "eigenvectors") -> None:
     float_leaves(basis, name)
     if any(isinstance(x, jax.core.Tracer) for x in leaves):
         return
-    G = _tree.basis_gram(basis, basis)
+    G = _gram(basis, basis)  # (one small program per shapes: op by op, one per op)
     if isinstance(G, jax.core.Tracer):  # inside a caller's jit of constants
         return
     G = np.asarray(G, np.float64)

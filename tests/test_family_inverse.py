@@ -179,6 +179,25 @@ def test_an_inverse_rebuilt_over_a_fresh_closure_compiles_once(compiles):
                                    rtol=1e-10)
 
 
+def test_a_lowrank_inverse_rebuilt_over_a_fresh_closure_compiles_once(compiles):
+    """The low-rank build's eigsh keys the function on its program, and the low-rank solve
+    (which takes no product) on nothing of the closure: a rebuilt cell compiles nothing."""
+    rng = np.random.default_rng(1)
+    b = jnp.asarray(rng.standard_normal(12))
+    for scale in (1.0, 2.0):
+        d = jnp.asarray(scale * np.linspace(1.0, 5.0, 12))
+        with compiles() as seen:
+            inv = inverse_matvec(lambda v, d=d: d * v, damping=0.5, method="lowrank", rank=3,
+                                 v0=jnp.ones(12))
+            x = jax.block_until_ready(inv(b))
+        if scale == 2.0:
+            assert seen.count == 0
+    top = np.argsort(np.asarray(d))[-3:]  # the top-3 directions: solved; the rest: / damping
+    want = np.asarray(b) / 0.5
+    want[top] = np.asarray(b)[top] / (np.asarray(d)[top] + 0.5)
+    np.testing.assert_allclose(x, want, rtol=1e-4)
+
+
 def test_an_operator_that_cannot_be_weakly_referenced_still_solves():
     """A callable object with ``__slots__`` (no weak references): traced without a cache."""
 

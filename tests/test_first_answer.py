@@ -740,6 +740,32 @@ def test_an_eager_k_curve_answers_as_its_compiled_steps(behind, monkeypatch):
                                    atol=1e-12 * np.max(np.abs(want)), err_msg=field)
 
 
+def test_new_dims_in_a_k_curve_compile_only_their_shaped_programs(compiles):
+    """Other nested dimensions ``D`` (the same largest) compile the programs whose shapes
+    they set (angles, the closed-form and spectral grids), each once, not the overlap and
+    angles op by op (a dozen programs per leaf and ``D``)."""
+    from curvlib import landscape as L
+
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((24, 5)))
+    y = jnp.asarray(rng.standard_normal(24))
+    params = {"w": jnp.asarray(rng.standard_normal((5, 3)) / 3),
+              "v": jnp.asarray(rng.standard_normal(3) / 3), "b": jnp.zeros(())}
+
+    def loss(p, batch):
+        return jnp.mean((jnp.tanh(batch[0] @ p["w"]) @ p["v"] + p["b"] - batch[1]) ** 2)
+
+    def call(dims):
+        return L.k_curve(loss, params, (x, y), [6, 11], dims=dims, sigmas=[1e-2, 0.3],
+                         key=KEY, num_samples=0, progress=False)
+
+    first = call([1, 4])
+    with compiles() as seen:
+        again = call([2, 3, 4])
+    assert seen.count <= 4, seen.count
+    np.testing.assert_allclose(again.max_angle[:, 2], first.max_angle[:, 1], rtol=1e-10)
+
+
 @pytest.mark.parametrize("case", ["model", "breakdown"])
 def test_lanczos_answers_now_with_the_fused_programs_answer(behind, engine, case):
     if case == "model":

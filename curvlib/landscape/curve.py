@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _deprecation, _tree, _validate
+from curvlib._compile import quick_jit
 from curvlib._status import Status, worst
 from curvlib.krylov.solvers import Eigsh, resolve
 from curvlib.landscape import _common
@@ -285,17 +286,23 @@ def subspace_step(loss_fn, params, plan: _Plan, k: int, key) -> dict:
                    finite=out["finite"] and bool(nxt.finite),
                    num_matvecs=out["num_matvecs"] + int(nxt.num_matvecs),
                    status=int(worst(out["status"], nxt.status)))
-        if out["finite"]:  # H^(k+1)'s values in the order of H^(k)'s vectors (the corollary)
-            overlap = np.abs(np.asarray(_tree.basis_gram(sub.eigenvectors, nxt.eigenvectors),
-                                        np.float64))
-            out["eigenvalues_matched"] = out["eigenvalues_next"][_match(overlap)]
-        for j, d in enumerate(plan.dims):
-            if not out["finite"]:  # NaN eigenvectors have no angle (NaN), the status says why
-                break
-            U = jax.tree.map(lambda x, d=d: x[:d], sub.eigenvectors)
-            V = jax.tree.map(lambda x, d=d: x[:d], nxt.eigenvectors)
-            out["max_angle"][j] = float(jnp.max(principal_angles(U, V)))
+        if out["finite"]:  # (NaN eigenvectors have no angle (NaN): the status says why)
+            overlap, angles = jax.device_get(_overlap_and_angles(
+                sub.eigenvectors, nxt.eigenvectors, tuple(int(d) for d in plan.dims)))
+            # H^(k+1)'s values in the order of H^(k)'s vectors (the corollary)
+            out["eigenvalues_matched"] = out["eigenvalues_next"][_match(np.abs(overlap))]
+            out["max_angle"][:] = angles
     return out
+
+
+@functools.partial(quick_jit, static_argnames="dims")  # (one small program per dims)
+def _overlap_and_angles(U, V, dims: tuple):
+    """``(U V^T, [max principal angle of the leading d rows of U and V for d in dims])``."""
+    def top(B, d):
+        return jax.tree.map(lambda x: x[:d], B)
+
+    return _tree.basis_gram(U, V), jnp.stack([jnp.max(principal_angles(top(U, d), top(V, d)))
+                                              for d in dims])
 
 
 def _match(overlap: np.ndarray) -> np.ndarray:

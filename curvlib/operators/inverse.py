@@ -154,9 +154,11 @@ class InverseMatvec:
         """``self`` with a plain function's operator as its program (`as_operator`): equal
         for a new closure over new arrays, so an eager solve compiles once, not per build.
         Traced once per function and vector shapes (`_programs`); ``"lowrank"`` solves use
-        no product and keep theirs."""
-        if self.method == "lowrank" or tracing(b):
+        no product: theirs is replaced by one fixed placeholder."""
+        if tracing(b):
             return self
+        if self.method == "lowrank":  # no product: one program for every operator's pairs
+            return dataclasses.replace(self, matvec=_LOWRANK_PRODUCT, preconditioner=None)
 
         def program(f, name):
             plain = isinstance(f, Partial) and not f.args and not f.keywords
@@ -204,6 +206,12 @@ class InverseMatvec:
     def __call__(self, v: PyTree) -> PyTree:
         return self.solve(v).x
 
+
+def _unused_product(v):
+    raise AssertionError("a low-rank solve takes no product")  # (never called)
+
+
+_LOWRANK_PRODUCT = Partial(_unused_product)
 
 # compiled at the boundary: eager solves with an equal operator type and shapes reuse the program
 _solve_jit = jax.jit(lambda op, b, x0: op._solve(b, x0))
@@ -303,7 +311,7 @@ def inverse_matvec(
     lowrank = method == "lowrank"  # the complement is inverted as 1 / damping
     _validate.number(damping, "damping", minimum=0, exclusive=lowrank,
                      what="for method='lowrank'" if lowrank else None)
-    matvec = _as_partial(matvec, "matvec")
+    given, matvec = matvec, _as_partial(matvec, "matvec")
     preconditioner = _as_partial(preconditioner, "preconditioner")
     cg = resolve(CG, cg, "cg")
     rtol, atol, max_steps = cg.rtol, cg.atol, cg.max_steps
@@ -330,7 +338,8 @@ def inverse_matvec(
         n = _tree.size(v0)
         rank = _validate.static_int(rank, "rank", minimum=1, maximum=n - 1,
                                     what="the dimension of `v0` minus one")
-        res = eigen.eigsh(matvec, v0, rank, solver=eigsh, **rest)
+        # (the function as given: eigsh keys a plain function on its program, not identity)
+        res = eigen.eigsh(given, v0, rank, solver=eigsh, **rest)
         vals, vecs, conv = res.eigenvalues, res.eigenvectors, res.converged & res.finite
     else:
         if rank is not None or v0 is not None or eigsh_options or eigsh is not None:
