@@ -141,13 +141,15 @@ class _Compiles:
     def __enter__(self):
         import logging
 
-        self.count, self.was = 0, jax.config.jax_log_compiles
+        self.count, self.names, self.was = 0, [], jax.config.jax_log_compiles
         outer = self
 
         class Handler(logging.Handler):
             def emit(self, record):
-                if record.getMessage().startswith("Compiling"):
+                message = record.getMessage()
+                if message.startswith("Compiling"):
                     outer.count += 1
+                    outer.names.append(message.split()[1].split(")")[0] + ")")
 
         self.handler, self.logger = Handler(), logging.getLogger("jax")
         self.logger.addHandler(self.handler)
@@ -161,5 +163,6 @@ class _Compiles:
 
 @pytest.fixture
 def compiles():
-    """``with compiles() as seen: ...``: ``seen.count`` XLA compilations inside the block."""
+    """``with compiles() as seen: ...``: ``seen.count`` XLA compilations inside the block,
+    ``seen.names`` their programs (``"jit(name)"``)."""
     return _Compiles

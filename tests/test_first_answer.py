@@ -1160,3 +1160,51 @@ def test_an_answer_now_call_pauses_the_garbage_collector(behind):
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_an_eager_block_eigsh_answers_block_by_block_as_its_compiled_program(behind, compiles,
+                                                                            per_block):
+    """Eagerly, `block_eigsh` solves one block at a time, each `eigsh` answering now from
+    the start vector the compiled program draws: the same pairs, products and status as
+    the program that batches blocks of equal shape; a new ``k`` or ``which`` then compiles
+    no block program (it compiled the whole vmapped program again: seconds)."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((16, 4)))
+    params = {"a": {"w": jnp.asarray(rng.standard_normal((4, 4)) / 2), "b": jnp.zeros(4)},
+              "c": {"w": jnp.asarray(rng.standard_normal((4, 4)) / 2), "b": jnp.zeros(4)}}
+
+    def loss(p):
+        h = jnp.tanh(x @ p["a"]["w"] + p["a"]["b"])
+        return jnp.mean(jnp.sum(jnp.tanh(h @ p["c"]["w"] + p["c"]["b"]) ** 2, axis=1))
+
+    def call(k, which="LA"):
+        if per_block:
+            return curvlib.block_eigsh(
+                None, params, k, key=KEY, which=which, blocks={"a": "a", "c": "c"},
+                block_matvec=lambda where: curvlib.hessian_matvec(loss, params, wrt=where))
+        return curvlib.block_eigsh(curvlib.hessian_matvec(loss, params), params, k, key=KEY,
+                                   which=which)  # per leaf: two groups of two equal blocks
+
+    now = call(3)
+    curvlib.compile_behind(False)
+    try:
+        fused = call(3)
+    finally:
+        curvlib.compile_behind(True)
+    assert list(now) == list(fused)
+    for name in now:
+        a, b = now[name], fused[name]
+        np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=1e-9, err_msg=name)
+        assert int(a.num_matvecs) == int(b.num_matvecs) and int(a.status) == int(b.status)
+        for u, v in zip(jax.tree.leaves(a.eigenvectors), jax.tree.leaves(b.eigenvectors),
+                        strict=True):
+            dots = np.abs(np.sum(np.asarray(u) * np.asarray(v), axis=tuple(range(1, u.ndim))))
+            norms = np.sqrt(np.sum(np.asarray(v) ** 2, axis=tuple(range(1, v.ndim))))
+            np.testing.assert_allclose(dots, norms ** 2, rtol=1e-7, atol=1e-12)
+    behind.wait()
+    with compiles() as seen:
+        two = call(2, "SA")
+    assert "jit(_block_eigsh)" not in seen.names and seen.count <= 4, seen.names
+    for name in two:
+        assert two[name].eigenvalues.shape == (2,) and bool(two[name].converged)

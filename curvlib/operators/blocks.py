@@ -26,7 +26,7 @@ import numpy as np
 from jax.tree_util import Partial, keystr
 
 from curvlib import _deprecation, _tree, _validate
-from curvlib._compile import is_host_driven, weak_cache
+from curvlib._compile import compile_behind, is_host_driven, tracing, weak_cache
 from curvlib.krylov import Eigsh, EigshResult, eigsh
 from curvlib.operators import _common as C
 
@@ -289,11 +289,18 @@ def block_eigsh(
     tangents costs less than as many single products on accelerators and small
     models. Memory: ``G`` Krylov bases of each block's size.
 
+    An eager call (outside ``jax.jit``, with [`curvlib.compile_behind`][curvlib.compile_behind]
+    on, the default) solves the blocks one at a time from the same start vectors,
+    each [`curvlib.eigsh`][curvlib.eigsh] answering now while its own program
+    compiles behind: the same pairs to rounding, and a new ``k`` or ``which`` compiles
+    no block program (the batched program of every block compiled again: seconds).
+
     Args:
       matvec: a symmetric linear operator on pytrees shaped like ``params``, or
         ``None`` with ``block_matvec``.
       params: the parameters (or any pytree shaped like them).
-      k: eigenpairs per block (static); every block needs more than ``k`` entries.
+      k: eigenpairs per block (static inside ``jax.jit``); every block needs more than
+        ``k`` entries.
       key: PRNG key for the random start vectors (one per block).
       blocks: ``None`` (one block per leaf), a function ``blocks(path, leaf) ->
         label`` (``None`` leaves the leaf out of every block), or a pytree of
@@ -398,15 +405,27 @@ def block_eigsh(
     else:
         matvec = _as_partial(matvec, "matvec")
     options = (("solver", eigsh),)
-    try:
-        hash(options)
-    except TypeError:  # traced or array-valued options: run without the compiled entry point
+    if not _hashable(options):  # traced or array-valued options: no compiled entry point
         out = _block_eigsh(matvec, params, key, labels, k, which, options, batch_size,
                            per_block)
+    elif compile_behind() and not tracing(matvec, params, key):
+        # eagerly: one eigsh per block, each answering now (its steps keyed on the size
+        # class, shared by every k and which) while its own program compiles behind; the
+        # vmapped program of every block compiled for each new k or which (seconds)
+        out = _block_eigsh(matvec, params, key, labels, k, which, options, batch_size,
+                           per_block, one_by_one=True)
     else:
         out = _block_eigsh_jit(matvec, params, key, labels, k, which, options, batch_size,
                                per_block)
     return {names[lab]: out[i] for i, lab in enumerate(order)}
+
+
+def _hashable(x) -> bool:
+    try:
+        hash(x)
+    except TypeError:
+        return False
+    return True
 
 
 def _as_partial(matvec, name: str) -> Partial:
@@ -481,12 +500,14 @@ def _union_mask(order, labs, num_leaves) -> tuple[bool, ...]:
     return tuple(i in chosen for i in range(num_leaves))
 
 
-def _block_eigsh(matvec, params, key, labels, k, which, options, batch_size, per_block=False):
+def _block_eigsh(matvec, params, key, labels, k, which, options, batch_size, per_block=False,
+                 one_by_one=False):
     """The computation of `block_eigsh`: a tuple of results in block order.
 
     With ``per_block``, ``matvec`` is a tuple of operators, one per block, each
     acting on its block's sub-pytree (every block a group of its own); otherwise
-    one operator on the whole of ``params``.
+    one operator on the whole of ``params``. With ``one_by_one`` (eager calls), the
+    blocks of a group are solved one at a time, from the same start vectors.
     """
     leaves, treedef = jax.tree.flatten(params)
     specs = tuple(_leaf_spec(x) for x in leaves)
@@ -513,6 +534,11 @@ def _block_eigsh(matvec, params, key, labels, k, which, options, batch_size, per
         def solve(v, g, product=product):
             return eigsh(lambda t: product(t, g), v, k, which=which, **dict(options))
 
+        if one_by_one:
+            for b, lab in enumerate(labs):
+                res = solve(jax.tree.map(lambda x, b=b: x[b], v0), b)
+                results[lab] = _placed(res, res.eigenvectors, slots[b], treedef, len(leaves))
+            continue
         if len(labs) == 1:  # one block: its eigsh unbatched (a vmapped loop selects its state)
             res = jax.tree.map(lambda x: x[None], solve(jax.tree.map(lambda x: x[0], v0), 0))
         elif batch_size is None or batch_size >= len(labs):
@@ -521,13 +547,20 @@ def _block_eigsh(matvec, params, key, labels, k, which, options, batch_size, per
             res = jax.lax.map(lambda a: solve(*a), (v0, jnp.arange(len(labs))),
                               batch_size=None if batch_size == 1 else batch_size)
         for b, lab in enumerate(labs):
-            vecs = [None] * len(leaves)
-            for j, s in enumerate(slots[b]):
-                vecs[s] = res.eigenvectors[j][b]
             # every field of the group's result has the block axis first: block b's entry
             one = jax.tree.map(lambda x, b=b: x[b], res._replace(eigenvectors=()))
-            results[lab] = one._replace(eigenvectors=jax.tree.unflatten(treedef, vecs))
+            results[lab] = _placed(one, [e[b] for e in res.eigenvectors], slots[b], treedef,
+                                   len(leaves))
     return tuple(results[lab] for lab in order)
+
+
+def _placed(res: EigshResult, vectors, slots, treedef, num_leaves: int) -> EigshResult:
+    """``res`` with the block's eigenvectors (``vectors[j]`` of leaf ``slots[j]``) in a
+    pytree shaped like ``params`` (``None`` at the other leaves)."""
+    vecs = [None] * num_leaves
+    for j, s in enumerate(slots):
+        vecs[s] = vectors[j]
+    return res._replace(eigenvectors=jax.tree.unflatten(treedef, vecs))
 
 
 # compiled at the boundary: a second eager call with equal static configuration (block
