@@ -283,6 +283,30 @@ def test_hessian_matvec_keeps_residuals_as_jit_inputs():
     assert len(traces) == 1
 
 
+def test_an_eager_hessian_matvec_rebuilt_from_a_new_closure_compiles_nothing(compiles):
+    """A notebook cell building the operator again (new parameters, a new batch, a new
+    lambda over them) linearises through one compiled program keyed on the loss's program,
+    not op by op; its products are those of the dense Hessian at the new point."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((5, 3))), "b": jnp.zeros(3)}
+    x = jnp.asarray(rng.standard_normal((12, 5)))
+    v = jax.tree.map(jnp.ones_like, params)
+
+    def build(p, x):
+        return hessian_matvec(lambda q, x: jnp.mean(jnp.tanh(x @ q["w"] + q["b"]) ** 2), p, x)
+
+    jax.block_until_ready(build(params, x)(v))
+    p2 = jax.tree.map(lambda a: a + 0.5, params)
+    x2 = x * 2.0
+    with compiles() as seen:
+        got = jax.block_until_ready(build(p2, x2)(v))
+    assert seen.count == 0, seen.names
+    flat, unravel = ravel_pytree(p2)
+    H = jax.hessian(lambda f: jnp.mean(jnp.tanh(x2 @ unravel(f)["w"] + unravel(f)["b"]) ** 2))(
+        flat)
+    np.testing.assert_allclose(ravel_pytree(got)[0], H @ ravel_pytree(v)[0], rtol=1e-10)
+
+
 # ------------------------------------------ caches do not keep user functions alive
 
 
