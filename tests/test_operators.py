@@ -305,6 +305,19 @@ def test_an_eager_hessian_matvec_rebuilt_from_a_new_closure_compiles_nothing(com
     H = jax.hessian(lambda f: jnp.mean(jnp.tanh(x2 @ unravel(f)["w"] + unravel(f)["b"]) ** 2))(
         flat)
     np.testing.assert_allclose(ravel_pytree(got)[0], H @ ravel_pytree(v)[0], rtol=1e-10)
+    # the Gauss-Newton product (mean squared error: 2/n J^T J) goes the same way
+    model = lambda q, x: jnp.tanh(x @ q["w"] + q["b"])  # noqa: E731
+    mse = lambda out, y: jnp.mean((out - y) ** 2)  # noqa: E731
+    y = jnp.asarray(rng.standard_normal((12, 3)))
+    jax.block_until_ready(ggn_matvec(lambda q, x: model(q, x), mse, params, x,
+                                     loss_args=(y,), mode="linearize")(v))
+    with compiles() as seen:
+        got = jax.block_until_ready(ggn_matvec(lambda q, x: model(q, x), mse, p2, x2,
+                                               loss_args=(y,), mode="linearize")(v))
+    assert seen.count == 0, seen.names
+    J = jax.jacobian(lambda f: model(unravel(f), x2).ravel())(flat)
+    np.testing.assert_allclose(ravel_pytree(got)[0], 2 / y.size * J.T @ J @ ravel_pytree(v)[0],
+                               rtol=1e-10)
 
 
 # ------------------------------------------ caches do not keep user functions alive

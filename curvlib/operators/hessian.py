@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
-from curvlib import _space, _tree, _validate
-from curvlib._compile import stable_linearized, traced_program, tracing, weak_cache
+from curvlib import _tree, _validate
+from curvlib._compile import weak_cache
 from curvlib.operators import _common as C
 from curvlib.operators import _wrt
 from curvlib.operators.microbatch import (
@@ -225,34 +225,12 @@ def hessian_matvec(
         )
     if mode == "linearize":
         dtypes = tuple(jnp.result_type(x) for x in jax.tree.leaves(params))
-        return C.params_operator(C.call_linearized(dtypes), params,
-                                 _linearized_gradient(fun, params, args))
+        _, lin = C.linearized(lambda p: jax.grad(fun)(p, *args), params, args)
+        return C.params_operator(C.call_linearized(dtypes), params, lin)
     product = _hvp_fwd_rev(fun) if mode == "fwd-rev" else _hvp_rev_rev(fun)
     if size is not None:
         product = microbatched(product, size, argnums)
     return C.params_operator(product, params, params, tuple(args))
-
-
-def _linearized_gradient(fun: Callable, params: PyTree, args: tuple) -> Partial:
-    """``v -> H v`` of ``fun(params, *args)``: the gradient linearised once at ``params``.
-
-    An eager call on one device runs the linearisation as one compiled program keyed on
-    the loss's traced program (`traced_program`: ``args`` and the arrays ``fun`` closes
-    over are its inputs), so a cell that builds the operator again at new parameters or
-    on a new batch, even from a new closure, reuses it; op by op, the linearisation
-    dispatched hundreds of primitives (79 ms for a 6-layer MLP; now a few ms). Traced
-    (inside the caller's ``jit``) or sharded, it is part of the caller's program.
-    """
-    if tracing(params, args) or not _space.on_one_device(params, args):
-        _, lin = jax.linearize(lambda p: jax.grad(fun)(p, *args), params)
-        return stable_linearized(lin)
-    return _linearize_program(traced_program(lambda p: fun(p, *args), params), params)
-
-
-@jax.jit
-def _linearize_program(program: Partial, params: PyTree) -> Partial:
-    _, lin = jax.linearize(jax.grad(program), params)
-    return stable_linearized(lin)
 
 
 def _value_and_grad(fun, has_aux):
