@@ -143,8 +143,12 @@ def cond(pred, true_fn: Callable, false_fn: Callable, *operands):
     at every step (a tracker's refresh: seconds). Under a trace (``jit``, ``vmap``,
     ``grad``) this is ``lax.cond``.
     """
-    if on_host() or not isinstance(pred, jax.core.Tracer):
+    if on_host():
         return true_fn(*operands) if bool(pred) else false_fn(*operands)
+    if not isinstance(pred, jax.core.Tracer):  # (JAX arrays out, as from lax.cond: a state
+        # restored as NumPy arrays leaves a skipped step as JAX arrays, as a jitted one)
+        return jax.tree.map(jnp.asarray, true_fn(*operands) if bool(pred) else
+                            false_fn(*operands))
     return jax.lax.cond(pred, true_fn, false_fn, *operands)
 
 

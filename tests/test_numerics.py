@@ -577,3 +577,10 @@ def test_apply_if_checks_the_applied_value_eagerly_as_the_traced_loop_does():
             _tree.apply_if(True, bad, x)
         with pytest.raises(TypeError):
             jax.jit(lambda p, bad=bad: _tree.apply_if(p, bad, x))(True)
+    # a value kept or chosen eagerly is a JAX array, as the traced loop's and cond's are
+    # (a state restored as NumPy arrays stays JAX arrays through a skipped step)
+    from curvlib import _xp
+
+    kept = np.ones(3)
+    assert isinstance(_tree.apply_if(False, lambda t: t, kept), jax.Array)
+    assert isinstance(_xp.cond(False, lambda: kept, lambda: kept), jax.Array)

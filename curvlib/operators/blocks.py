@@ -534,9 +534,9 @@ def _block_eigsh(matvec, params, key, labels, k, which, options, batch_size, per
         def solve(v, g, product=product):
             return eigsh(lambda t: product(t, g), v, k, which=which, **dict(options))
 
-        if one_by_one:
+        if one_by_one:  # (the block's index as data: one program for the group's blocks)
             for b, lab in enumerate(labs):
-                res = solve(jax.tree.map(lambda x, b=b: x[b], v0), b)
+                res = solve(jax.tree.map(lambda x, b=b: x[b], v0), jnp.asarray(b, jnp.int32))
                 results[lab] = _placed(res, res.eigenvectors, slots[b], treedef, len(leaves))
             continue
         if len(labs) == 1:  # one block: its eigsh unbatched (a vmapped loop selects its state)
