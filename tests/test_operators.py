@@ -320,6 +320,59 @@ def test_an_eager_hessian_matvec_rebuilt_from_a_new_closure_compiles_nothing(com
                                rtol=1e-10)
 
 
+def test_an_eager_build_tells_custom_derivative_rules_apart(compiles):
+    """A custom JVP rule closing over the batch is not shown by the program's text: the
+    compiled linearisation of one batch's rule must not serve another's. A library's
+    custom derivative (``jax.nn.relu``, softmax) is one rule: a rebuild compiles nothing."""
+    rng = np.random.default_rng(1)
+    p = {"w": jnp.asarray(rng.standard_normal((3, 2)))}
+    v = {"w": jnp.ones((3, 2))}
+
+    def model_on(X):
+        @jax.custom_jvp
+        def f(w):
+            return jnp.tanh(X @ w)
+
+        @f.defjvp
+        def f_jvp(primals, tangents):
+            y = jnp.tanh(X @ primals[0])
+            return y, (1 - y**2) * (X @ tangents[0])
+
+        return lambda q: f(q["w"])
+
+    for _ in range(2):
+        m = model_on(jnp.asarray(rng.standard_normal((4, 3))))
+        np.testing.assert_allclose(curvlib.jacobian_matvec(m, p)(v), jax.jvp(m, (p,), (v,))[1],
+                                   rtol=1e-12)
+
+    def loss_on(X):  # a custom VJP whose backward pass reads the batch
+        @jax.custom_vjp
+        def f(w):
+            return jnp.sum(jnp.tanh(X @ w) ** 2)
+
+        def fwd(w):
+            return jnp.sum(jnp.tanh(X @ w) ** 2), w
+
+        def bwd(w, ct):
+            y = jnp.tanh(X @ w)
+            return (ct * X.T @ (2 * y * (1 - y**2)),)
+
+        f.defvjp(fwd, bwd)
+        return lambda q: f(q["w"])
+
+    for _ in range(2):
+        loss = loss_on(jnp.asarray(rng.standard_normal((4, 3))))
+        H = jax.hessian(lambda w: loss({"w": w}))(p["w"]).reshape(6, 6)
+        np.testing.assert_allclose(hessian_matvec(loss, p)(v)["w"].ravel(),
+                                   H @ np.ones(6), rtol=1e-12)
+    x = jnp.asarray(rng.standard_normal((8, 3)))
+    loss = lambda q, x: jnp.mean(jax.nn.log_softmax(jax.nn.relu(x @ q["w"]) + 0.1) ** 2)  # noqa: E731
+    jax.block_until_ready(hessian_matvec(loss, p, x)(v))
+    with compiles() as seen:
+        jax.block_until_ready(hessian_matvec(loss, jax.tree.map(lambda a: a + 1.0, p), x)(v))
+    assert "jit(_linearize_program)" not in seen.names, seen.names
+
+
 # ------------------------------------------ caches do not keep user functions alive
 
 
