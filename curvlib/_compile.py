@@ -38,7 +38,6 @@ import os
 import queue
 import threading
 import time
-import types
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -375,14 +374,12 @@ class _Same:
 
 def _unprinted(jaxpr) -> tuple:
     """What the program computes that its text does not show: arrays still closed over by
-    sub-programs (a ``jit`` inside a ``scan``; small ones by value, large by identity), the
-    host functions of callbacks (printed as masked addresses) and the custom derivatives
-    (`_custom_rules`)."""
+    sub-programs (a ``jit`` inside a ``scan``; small ones by value, large by identity) and
+    the host functions of callbacks (printed as masked addresses)."""
     out = []
     for c in _nested_consts(jaxpr):
         key = _value_key(c) if getattr(c, "size", _BY_VALUE + 1) <= _BY_VALUE else None
         out.append(_Same(c) if key is None else key)
-    out.extend(_custom_rules(jaxpr))
     for f in _callbacks(jaxpr):
         # JAX wraps the host function anew at every trace, in a value equal for the same
         # function: keyed by that equality (by identity if it has none)
@@ -404,57 +401,6 @@ def _value_key(c):
     except TypeError:  # typed PRNG keys
         return None
     return a.shape, str(a.dtype), a.tobytes()
-
-
-def _custom_rules(jaxpr):
-    """The custom derivatives (``jax.custom_jvp``/``custom_vjp`` objects) of ``jaxpr``'s
-    equations: a rule closing over arrays (a batch) shows neither them nor itself in the
-    program's text, and a program linearised with one rule must not serve another. JAX
-    wraps the rule anew at every trace; the object the user defined is found in the
-    wrapper's closures (`_rule_owner`), else the wrapper keys by identity (a program per
-    trace: correct, compiled again)."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name.startswith(("custom_jvp", "custom_vjp")):
-            for name in sorted(_RULES & set(eqn.params)):
-                owner = _rule_owner(eqn.params[name])
-                yield _Same(eqn.params[name] if owner is None else owner)
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            yield from _custom_rules(sub)
-
-
-# the parameters of custom-derivative equations that hold rules (``out_trees``, a store of
-# one trace's output structure, is not one)
-_RULES = frozenset({"jvp", "jvp_jaxpr_fun", "jvp_jaxpr_thunk", "fwd", "fwd_jaxpr_thunk", "bwd"})
-
-
-def _rule_owner(rule, depth: int = 8):
-    """What the user defined behind ``rule``: the ``jax.custom_jvp``/``custom_vjp`` object,
-    else the first function not of JAX's own modules (a ``custom_vjp``'s ``fwd`` or ``bwd``),
-    reached through closures and wrapped functions (``.f``) breadth first; or ``None``."""
-    kinds = (jax.custom_jvp, jax.custom_vjp)
-    level, seen = [rule], set()
-    for _ in range(depth):
-        nxt = []
-        for obj in level:
-            if id(obj) in seen:
-                continue
-            seen.add(id(obj))
-            if isinstance(obj, kinds) or (
-                    isinstance(obj, types.FunctionType)
-                    and not (obj.__module__ or "").startswith(("jax.", "jaxlib."))):
-                return obj
-            inner = getattr(obj, "f", None)
-            if inner is not None and not isinstance(inner, (int, float, str)):
-                nxt.append(inner)
-            if isinstance(obj, functools.partial):
-                nxt.append(obj.func)
-            for cell in getattr(obj, "__closure__", None) or ():
-                try:
-                    nxt.append(cell.cell_contents)
-                except ValueError:  # an empty cell
-                    pass
-        level = nxt
-    return None
 
 
 def _callbacks(jaxpr):

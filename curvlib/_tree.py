@@ -471,15 +471,17 @@ def apply_if(pred, fn, x):
     if on_host() or not isinstance(pred, jax.core.Tracer):
         # (eager: decided here; an eager loop would compile its fresh closures every call)
         y = fn(x) if bool(pred) else x
+        if on_host():  # (the NumPy steps: checked where their traced twin runs)
+            return y
         if y is not x:
             _check_same_type(x, y)  # as the traced loop's carry check: both paths agree
-        return y if on_host() else jax.tree.map(jnp.asarray, y)  # (JAX arrays, as traced)
+        return jax.tree.map(jnp.asarray, y)  # (JAX arrays, as traced)
     return jax.lax.while_loop(lambda c: c[0], lambda c: (xp.asarray(False), fn(c[1])),
                               (xp.asarray(pred), x))[1]
 
 
 def _shape_dtype(a) -> tuple:
-    return np.shape(a), np.dtype(a.dtype if hasattr(a, "dtype") else np.result_type(a))
+    return np.shape(a), (a.dtype if hasattr(a, "dtype") else np.result_type(a))
 
 
 def _check_same_type(x, y):

@@ -583,4 +583,9 @@ def test_apply_if_checks_the_applied_value_eagerly_as_the_traced_loop_does():
 
     kept = np.ones(3)
     assert isinstance(_tree.apply_if(False, lambda t: t, kept), jax.Array)
+    # a typed PRNG key in the state (an extended dtype) is compared as the traced loop does
+    key = {"key": jax.random.key(0), "x": jnp.ones(2)}
+    new = _tree.apply_if(True, lambda s: {"key": jax.random.split(s["key"])[0], "x": s["x"]},
+                         key)
+    assert jax.dtypes.issubdtype(new["key"].dtype, jax.dtypes.prng_key)
     assert isinstance(_xp.cond(False, lambda: kept, lambda: kept), jax.Array)

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial, keystr
 
-from curvlib import _space, _tree, _validate
-from curvlib._compile import stable_linearized, traced_program, tracing, weak_cache
+from curvlib import _tree, _validate
+from curvlib._compile import weak_cache
 
 PyTree = Any
 
@@ -178,26 +178,3 @@ def params_operator(product: Callable, params: PyTree, *data) -> Partial:
     """``Partial(product, *data)`` checked against ``params`` and constrained to their layout."""
     fn = checked(sharded(product, _tree.param_shardings(params)), signature(params))
     return Partial(fn, *data)
-
-
-def linearized(f: Callable, params: PyTree, inputs: PyTree = ()) -> tuple:
-    """``(f(params), v -> f'(params) v)``: ``f`` linearised once at ``params``.
-
-    ``inputs``: the arrays ``f`` closes over (a batch). An eager call on one device runs
-    the linearisation as one compiled program keyed on ``f``'s traced program
-    (`curvlib._compile.traced_program`: the closed-over arrays are its inputs), so a cell
-    that builds an operator again at new parameters or on a new batch, even from a new
-    closure, reuses it; op by op, a linearisation dispatched hundreds of primitives
-    (79 ms for a 6-layer MLP's Hessian; a few ms compiled). Traced (inside the caller's
-    ``jit``, ``vmap``) or sharded, it is part of the caller's program.
-    """
-    if tracing(params, inputs) or not _space.on_one_device(params, inputs):
-        out, lin = jax.linearize(f, params)
-        return out, stable_linearized(lin)
-    return _linearize_program(traced_program(f, params), params)
-
-
-@jax.jit
-def _linearize_program(program: Partial, params: PyTree) -> tuple:
-    out, lin = jax.linearize(program, params)
-    return out, stable_linearized(lin)

@@ -38,7 +38,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from curvlib import _validate
-from curvlib._compile import weak_cache
+from curvlib._compile import stable_linearized, weak_cache
 from curvlib.operators import _common as C
 from curvlib.operators import _wrt
 from curvlib.operators.microbatch import (
@@ -65,7 +65,8 @@ def _resolve_mode(mode, microbatch_size):
 
 
 def _linearize(model_fn, params, args):
-    return C.linearized(lambda p: model_fn(p, *args), params, args)
+    outputs, lin = jax.linearize(lambda p: model_fn(p, *args), params)
+    return outputs, stable_linearized(lin)
 
 
 # ------------------------------------------------------------------------ GGN
@@ -604,8 +605,8 @@ def empirical_fisher_matvec(
     losses = _per_example_losses(C.drop_aux(per_example_loss, has_aux))
     mode = _resolve_mode(mode, microbatch_size)
     if mode == "linearize":
-        _, lin = C.linearized(lambda p: losses(p, batch), params, batch)
-        return C.params_operator(_ef_product, params, params, lin)
+        _, lin = jax.linearize(lambda p: losses(p, batch), params)
+        return C.params_operator(_ef_product, params, params, stable_linearized(lin))
     product = _ef_recompute(losses)
     if microbatch_size is not None:
         size = _validate.static_int(microbatch_size, "microbatch_size", minimum=1)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.tree_util import Partial
 
 from curvlib import _tree, _validate
-from curvlib._compile import weak_cache
+from curvlib._compile import stable_linearized, weak_cache
 from curvlib.operators import _common as C
 from curvlib.operators import _wrt
 from curvlib.operators.microbatch import (
@@ -224,9 +224,9 @@ def hessian_matvec(
             "'rev-rev' with `microbatch_size`."
         )
     if mode == "linearize":
+        _, lin = jax.linearize(lambda p: jax.grad(fun)(p, *args), params)
         dtypes = tuple(jnp.result_type(x) for x in jax.tree.leaves(params))
-        _, lin = C.linearized(lambda p: jax.grad(fun)(p, *args), params, args)
-        return C.params_operator(C.call_linearized(dtypes), params, lin)
+        return C.params_operator(C.call_linearized(dtypes), params, stable_linearized(lin))
     product = _hvp_fwd_rev(fun) if mode == "fwd-rev" else _hvp_rev_rev(fun)
     if size is not None:
         product = microbatched(product, size, argnums)

@@ -16,6 +16,7 @@ import jax
 from jax.tree_util import Partial
 
 from curvlib import _tree, _validate
+from curvlib._compile import stable_linearized
 from curvlib.operators import _common as C
 
 PyTree = Any
@@ -36,9 +37,9 @@ def _linearized_model(model_fn, params, args, has_aux):
         _validate.aux_output(jax.eval_shape(lambda p: model_fn(p, *args), params), "model_fn",
                              True, what="outputs")
         model_fn = C.value_only(model_fn)
-    outputs, lin = C.linearized(lambda p: model_fn(p, *args), params, args)
+    outputs, lin = jax.linearize(lambda p: model_fn(p, *args), params)
     _validate.float_leaves(outputs, "outputs of model_fn")
-    return outputs, lin
+    return outputs, stable_linearized(lin)
 
 
 def jacobian_matvec(model_fn: Callable, params: PyTree, *args, has_aux: bool = False) -> Partial:
