@@ -27,6 +27,7 @@ from jax.tree_util import Partial, keystr
 
 from curvlib import _deprecation, _tree, _validate
 from curvlib._compile import compile_behind, is_host_driven, tracing, weak_cache
+from curvlib._space import on_one_device
 from curvlib.krylov import Eigsh, EigshResult, eigsh
 from curvlib.operators import _common as C
 
@@ -290,9 +291,9 @@ def block_eigsh(
     models. Memory: ``G`` Krylov bases of each block's size.
 
     An eager call (outside ``jax.jit``, with [`curvlib.compile_behind`][curvlib.compile_behind]
-    on, the default) solves the blocks one at a time from the same start vectors,
-    each [`curvlib.eigsh`][curvlib.eigsh] answering now while its own program
-    compiles behind: the same pairs to rounding, and a new ``k`` or ``which`` compiles
+    on, the default, parameters on one device) solves the blocks one at a time from the
+    same start vectors, each [`curvlib.eigsh`][curvlib.eigsh] answering now while its own
+    program compiles behind: the same pairs to rounding, and a new ``k`` or ``which`` compiles
     no block program (the batched program of every block compiled again: seconds).
 
     Args:
@@ -408,10 +409,11 @@ def block_eigsh(
     if not _hashable(options):  # traced or array-valued options: no compiled entry point
         out = _block_eigsh(matvec, params, key, labels, k, which, options, batch_size,
                            per_block)
-    elif compile_behind() and not tracing(matvec, params, key):
+    elif compile_behind() and not tracing(matvec, params, key) and on_one_device(params):
         # eagerly: one eigsh per block, each answering now (its steps keyed on the size
         # class, shared by every k and which) while its own program compiles behind; the
-        # vmapped program of every block compiled for each new k or which (seconds)
+        # vmapped program of every block compiled for each new k or which (seconds).
+        # (Parameters over several devices keep the program: it keeps their layout.)
         out = _block_eigsh(matvec, params, key, labels, k, which, options, batch_size,
                            per_block, one_by_one=True)
     else:
