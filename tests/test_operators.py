@@ -328,7 +328,7 @@ def test_custom_derivative_rules_closing_over_the_batch_are_told_apart():
     p = {"w": jnp.asarray(rng.standard_normal((3, 2)))}
     v = {"w": jnp.ones((3, 2))}
 
-    def model_on(X):
+    def tanh_on(X, scale=1.0):  # tanh(X w), its derivative scaled (a surrogate gradient)
         @jax.custom_jvp
         def f(w):
             return jnp.tanh(X @ w)
@@ -336,12 +336,13 @@ def test_custom_derivative_rules_closing_over_the_batch_are_told_apart():
         @f.defjvp
         def f_jvp(primals, tangents):
             y = jnp.tanh(X @ primals[0])
-            return y, (1 - y**2) * (X @ tangents[0])
+            return y, scale * (1 - y**2) * (X @ tangents[0])
 
-        return lambda q: f(q["w"])
+        return f
 
     for _ in range(2):
-        m = model_on(jnp.asarray(rng.standard_normal((4, 3))))
+        f = tanh_on(jnp.asarray(rng.standard_normal((4, 3))))
+        m = lambda q, f=f: f(q["w"])  # noqa: E731
         np.testing.assert_allclose(curvlib.jacobian_matvec(m, p)(v), jax.jvp(m, (p,), (v,))[1],
                                    rtol=1e-12)
 
@@ -369,21 +370,9 @@ def test_custom_derivative_rules_closing_over_the_batch_are_told_apart():
     # scaled by a Python number (a surrogate gradient) prints the same program for every
     # scale; each scale's rule must be its own
     X = jnp.asarray(rng.standard_normal((4, 3)))
-
-    def surrogate(scale):
-        @jax.custom_jvp
-        def f(w):
-            return jnp.tanh(X @ w)
-
-        @f.defjvp
-        def f_jvp(primals, tangents):
-            y = jnp.tanh(X @ primals[0])
-            return y, scale * (1 - y**2) * (X @ tangents[0])
-
-        return lambda w: jnp.sum(f(w) ** 2)
-
     for scale in (1.0, 3.0):
-        loss = surrogate(scale)
+        f = tanh_on(X, scale)
+        loss = lambda w, f=f: jnp.sum(f(w) ** 2)  # noqa: E731
         hv = lambda u, loss=loss: {"w": jax.jvp(jax.grad(loss), (p["w"],), (u["w"],))[1]}  # noqa: E731
         H = jax.hessian(loss)(p["w"]).reshape(6, 6)
         res = curvlib.eigsh(hv, v, 2, key=jax.random.PRNGKey(0))

@@ -892,7 +892,7 @@ def _value_and_grad(c: _Settings, loss_fn: Callable) -> Callable:
             value, grads, stats = full()
         else:
             value, grads, stats = _xp.cond(kstate.count % c.statistics_every == 0,
-                                             full, plain)
+                                           full, plain)
         return (value, grads), stats
 
     return fn
