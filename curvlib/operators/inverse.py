@@ -221,6 +221,40 @@ _solve_jit = jax.jit(lambda op, b, x0: op._solve(b, x0))
 _programs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _given_eigenpairs(eigenpairs, damping):
+    """``(eigenvalues, eigenvectors, converged)`` of `inverse_matvec`'s ``eigenpairs``,
+    checked: a 1-D real spectrum, one orthonormal row per value, ``theta + damping > 0``."""
+    if hasattr(eigenpairs, "eigenvalues"):
+        vals, vecs = eigenpairs.eigenvalues, eigenpairs.eigenvectors
+        conv = jnp.asarray(eigenpairs.converged) & jnp.asarray(eigenpairs.finite)
+    elif isinstance(eigenpairs, (tuple, list)) and len(eigenpairs) == 2:
+        vals, vecs = eigenpairs
+        conv = jnp.asarray(True)
+    else:
+        raise TypeError("`eigenpairs` must be an EigshResult or a pair (eigenvalues, "
+                        f"eigenvectors); got {type(eigenpairs).__name__}.")
+    if jnp.ndim(vals) != 1 or not jnp.issubdtype(jnp.result_type(vals), jnp.floating):
+        raise ValueError("`eigenpairs` eigenvalues must be a 1-D real floating array; got "
+                         f"{jnp.result_type(vals)}{tuple(jnp.shape(vals))}.")
+    r = jnp.shape(vals)[0]
+    for path, leaf in C.leaves_with_paths(vecs):
+        if jnp.shape(leaf)[:1] != (r,):
+            raise ValueError(
+                f"`eigenpairs` eigenvectors must carry a leading axis of length {r} (one "
+                f"row per eigenvalue); eigenvectors{path} has shape {jnp.shape(leaf)}."
+            )
+    # the inverse is (U diag(theta) U^T + lambda)^-1 only for orthonormal U and
+    # theta + lambda > 0: anything else gave answers of the wrong sign, "converged"
+    _validate.orthonormal(vecs, "eigenpairs")
+    if not _compile.tracing(vals, damping):
+        low = float(np.min(np.asarray(vals) + np.asarray(damping))) if r else 1.0
+        if not low > 0:
+            raise ValueError(
+                "`eigenpairs` eigenvalues plus `damping` must be > 0 (the damped operator "
+                f"must be positive definite to invert); got min(theta + damping) = {low:.3g}.")
+    return vals, vecs, conv
+
+
 _EIGSH_RENAMES = {"tol": "rtol", "num_matvecs": "basis_size"}
 # (`rtol=` here was CG's: it moves into `cg=`, not into `eigsh=`)
 _deprecation.register_folded("curvlib.inverse_matvec", "eigsh", Eigsh, _EIGSH_RENAMES,
@@ -344,33 +378,6 @@ def inverse_matvec(
     else:
         if rank is not None or v0 is not None or eigsh_options or eigsh is not None:
             raise ValueError("pass either `eigenpairs` or `rank`/`v0` (with eigsh options).")
-        if hasattr(eigenpairs, "eigenvalues"):
-            vals, vecs = eigenpairs.eigenvalues, eigenpairs.eigenvectors
-            conv = jnp.asarray(eigenpairs.converged) & jnp.asarray(eigenpairs.finite)
-        elif isinstance(eigenpairs, (tuple, list)) and len(eigenpairs) == 2:
-            vals, vecs = eigenpairs
-            conv = jnp.asarray(True)
-        else:
-            raise TypeError("`eigenpairs` must be an EigshResult or a pair (eigenvalues, "
-                            f"eigenvectors); got {type(eigenpairs).__name__}.")
-        if jnp.ndim(vals) != 1 or not jnp.issubdtype(jnp.result_type(vals), jnp.floating):
-            raise ValueError("`eigenpairs` eigenvalues must be a 1-D real floating array; got "
-                             f"{jnp.result_type(vals)}{tuple(jnp.shape(vals))}.")
-        r = jnp.shape(vals)[0]
-        for path, leaf in C.leaves_with_paths(vecs):
-            if jnp.shape(leaf)[:1] != (r,):
-                raise ValueError(
-                    f"`eigenpairs` eigenvectors must carry a leading axis of length {r} (one "
-                    f"row per eigenvalue); eigenvectors{path} has shape {jnp.shape(leaf)}."
-                )
-        # the inverse is (U diag(theta) U^T + lambda)^-1 only for orthonormal U and
-        # theta + lambda > 0: anything else gave answers of the wrong sign, "converged"
-        _validate.orthonormal(vecs, "eigenpairs")
-        if not _compile.tracing(vals, damping):
-            low = float(np.min(np.asarray(vals) + np.asarray(damping))) if r else 1.0
-            if not low > 0:
-                raise ValueError(
-                    "`eigenpairs` eigenvalues plus `damping` must be > 0 (the damped operator "
-                    f"must be positive definite to invert); got min(theta + damping) = {low:.3g}.")
+        vals, vecs, conv = _given_eigenpairs(eigenpairs, damping)
     return InverseMatvec(matvec, damping, "lowrank", rtol, atol, max_steps, preconditioner,
                          jnp.asarray(vals), vecs, conv)

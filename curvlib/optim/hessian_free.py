@@ -435,22 +435,8 @@ def scale_by_newton_cg(
     References:
       Martens, *Deep learning via Hessian-free optimization*, ICML 2010.
     """
-    hvp_mode = mode
-    _validate.number(damping, "damping", minimum=0, optional=True)
-    _validate.number(min_damping, "min_damping", minimum=0, optional=True)
-    _validate.number(max_damping, "max_damping", minimum=0, exclusive=True, finite=False,
-                     optional=True)
-    _validate.ordered(min_damping, max_damping, "min_damping", "max_damping")
-    cg = resolve(CG, cg, "cg")
-    _validate.number(damping_increase, "damping_increase", minimum=1, finite=False)
-    _validate.number(damping_decrease, "damping_decrease", minimum=0, maximum=1, exclusive=True,
-                     finite=False)
-    _validate.number(warm_start_decay, "warm_start_decay", minimum=0.0, maximum=1.0, finite=False)
-    if cg.max_steps is not None:
-        _validate.static_int(cg.max_steps, "max_steps", minimum=1)
-    _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
-    _validate.one_of(hvp_mode, "mode", _common.HVP_MODES)
-    _validate.functions(ggn, "ggn", 2, what=_common.GGN, optional=True)
+    cg = _checked_options(damping, min_damping, max_damping, damping_increase,
+                          damping_decrease, warm_start_decay, cg, microbatch_size, mode, ggn)
     name = "scale_by_newton_cg"
 
     def init_fn(params):
@@ -459,7 +445,7 @@ def scale_by_newton_cg(
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         setup = _common.curvature_setup(
-            name, value_fn, params, extra_args, ggn=ggn, hvp_mode=hvp_mode,
+            name, value_fn, params, extra_args, ggn=ggn, hvp_mode=mode,
             microbatch_size=microbatch_size, has_aux=has_aux, updates=updates,
         )
         dt = setup.dtype
@@ -498,6 +484,27 @@ def scale_by_newton_cg(
         return _commit(updates, state, p, lam_next, finite, accepted, info, damping)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _checked_options(damping, min_damping, max_damping, damping_increase, damping_decrease,
+                     warm_start_decay, cg, microbatch_size, mode, ggn) -> CG:
+    """`scale_by_newton_cg`'s options checked at construction; the resolved ``cg``."""
+    _validate.number(damping, "damping", minimum=0, optional=True)
+    _validate.number(min_damping, "min_damping", minimum=0, optional=True)
+    _validate.number(max_damping, "max_damping", minimum=0, exclusive=True, finite=False,
+                     optional=True)
+    _validate.ordered(min_damping, max_damping, "min_damping", "max_damping")
+    cg = resolve(CG, cg, "cg")
+    _validate.number(damping_increase, "damping_increase", minimum=1, finite=False)
+    _validate.number(damping_decrease, "damping_decrease", minimum=0, maximum=1, exclusive=True,
+                     finite=False)
+    _validate.number(warm_start_decay, "warm_start_decay", minimum=0.0, maximum=1.0, finite=False)
+    if cg.max_steps is not None:
+        _validate.static_int(cg.max_steps, "max_steps", minimum=1)
+    _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
+    _validate.one_of(mode, "mode", _common.HVP_MODES)
+    _validate.functions(ggn, "ggn", 2, what=_common.GGN, optional=True)
+    return cg
 
 
 def _init_state(params, damping) -> ScaleByNewtonCGState:
