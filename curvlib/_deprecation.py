@@ -72,22 +72,45 @@ REMOVAL = "it will be removed in the next release"
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# libraries that call curvlib on the user's behalf: `jax.jit` tracing a function,
+# `optax.inject_hyperparams` building a transform, flax and chex wrappers
+_CALLERS = ("jax", "jaxlib", "optax", "flax", "chex")
 
 
-def _inside(filename: str) -> bool:
-    """A frame of curvlib's own code, or of the import machinery (``from curvlib import x``)."""
-    return filename.startswith(_PACKAGE) or filename.startswith("<frozen importlib")
+def _library_dirs() -> tuple[str, ...]:
+    dirs = [_PACKAGE]
+    for name in _CALLERS:
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None)
+        if path:
+            dirs.append(os.path.dirname(os.path.abspath(path)) + os.sep)
+    return tuple(dirs)
+
+
+def _bootstrap(filename: str) -> bool:
+    """A frame `warnings.warn` skips without counting it (the import machinery's)."""
+    return "importlib" in filename and "_bootstrap" in filename
 
 
 def deprecated(message: str) -> None:
     """Issue ``message`` as a ``DeprecationWarning`` at the first caller outside curvlib.
 
     However many of curvlib's wrappers lie between (stacked rename decorators, a
-    module ``__getattr__``, an alias calling its transform), the warning names the user's
-    line, which Python's default filters show for a script or notebook (``__main__``).
+    module ``__getattr__``, an alias calling its transform), and whichever library
+    called curvlib on the user's behalf (``jax.jit`` tracing, ``optax.inject_hyperparams``),
+    the warning names the user's line, which Python's default filters show for a script
+    or notebook (``__main__``). The level is counted as `warnings.warn` counts it: the
+    import machinery's frames (``from curvlib import x`` in a function) are not counted.
     """
+    dirs = _library_dirs()
     frame, level = sys._getframe(0), 1
-    while frame is not None and _inside(frame.f_code.co_filename):
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if _bootstrap(name):
+            frame = frame.f_back
+            continue
+        if not name.startswith(dirs):
+            break
         frame, level = frame.f_back, level + 1
     warnings.warn(message, DeprecationWarning, stacklevel=level)
 
@@ -120,10 +143,36 @@ def _own_default(fn, arg: str, cls, fields):
                                      if n != field) for field in fields}
 
 
+class ArgumentConflict(TypeError, ValueError):
+    """An argument given twice, under its old and its new spelling.
+
+    A ``TypeError`` as Python's own "got multiple values for argument", and a
+    ``ValueError`` as curvlib raised before.
+    """
+
+
 def _both(where: str, old: str, new: str):
-    return ValueError(
+    return ArgumentConflict(
         f"{where}() got both `{old}` and its new name `{new}`: pass `{new}` only."
     )
+
+
+def _differ(a, b) -> bool:
+    """Whether two option values are known to differ (traced values are not known to)."""
+    if a is b:
+        return False
+    try:
+        return bool(a != b)
+    except Exception:  # noqa: BLE001 (a traced or array comparison: not known)
+        return False
+
+
+def _positional(fn, args) -> set:
+    """The parameter names of ``fn`` that the positional ``args`` fill."""
+    try:
+        return set(inspect.signature(fn).bind_partial(*args).arguments)
+    except TypeError:
+        return set()
 
 
 def renamed(where: str, **old_to_new: str):
@@ -148,13 +197,19 @@ def renamed(where: str, **old_to_new: str):
         RENAMES.append(Rename(where, old, new))
 
     def deco(fn):
+        defaults = {name: p.default for name, p in inspect.signature(fn).parameters.items()}
+
         @functools.wraps(fn)
         def call(*args, **kwargs):
             for old, new in old_to_new.items():
                 given, value = _pop(kwargs, old)
                 if given:
                     warn(where, old, new)
-                    if new in kwargs:
+                    # the new name given too: by keyword with a value of its own (a tool
+                    # binding the signature, `optax.inject_hyperparams`, passes its default),
+                    # or by position
+                    if (new in kwargs and _differ(kwargs[new], defaults.get(new, NOT_GIVEN))
+                            or new in _positional(fn, args)):
                         raise _both(where, old, new)
                     kwargs[new] = value
             return call.__wrapped__(*args, **kwargs)  # `fn`, looked up so it can be observed
@@ -172,7 +227,8 @@ def moved_to_solver(where: str, arg: str, cls, **old_to_field: str):
     field=x))``, ``default`` being ``where``'s own default solver value (or
     ``cls()``), with a warning naming the new spelling. An explicit ``arg`` value and an
     old option together are merged the same way (the old option wins, as it
-    is the more specific).
+    is the more specific), unless the value's own field was set to another value: then
+    the option is given twice and the call raises `ArgumentConflict`.
 
     Args:
       where: public name of the function, for the message.
@@ -189,25 +245,22 @@ def moved_to_solver(where: str, arg: str, cls, **old_to_field: str):
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
-            given = {}
+            given, olds = {}, {}
             for old, field in old_to_field.items():
                 was_given, value = _pop(kwargs, old)
                 if was_given:
                     warn_moved(where, old, arg, name, field,
                                keep[field] if kwargs.get(arg) is None else "")
                     if value is not None:
-                        if field in given and given[field] != value:
-                            raise ValueError(
-                                f"{where}() got two values for `{field}`: pass `{field}` "
-                                f"once, as `{arg}=curvlib.{name}({field}=...)`."
-                            )
-                        given[field] = value
+                        _static_field(cls, field, value, old)
+                        add_option(given, olds, field, value, old, where, arg, name)
             if given:
                 # merged into the solver value the call would have used: the one given, else
                 # ``fn``'s own default (``newton_cg``'s truncated CG keeps its ``rtol``)
                 base = kwargs.get(arg)
                 if base is None:
                     base = cls() if declared is None else declared
+                no_conflict(base, (cls(), declared or cls()), given, olds, where, arg, name)
                 kwargs[arg] = dataclasses.replace(base, **given)
             return call.__wrapped__(*args, **kwargs)  # `fn` (see `renamed`)
 
@@ -215,6 +268,47 @@ def moved_to_solver(where: str, arg: str, cls, **old_to_field: str):
         return call
 
     return deco
+
+
+def add_option(given: dict, olds: dict, field: str, value, old: str, where: str, arg: str,
+               cls: str):
+    """Record ``field = value`` from the old keyword ``old``; two values for one field raise."""
+    if field in given and _differ(given[field], value):
+        raise ArgumentConflict(
+            f"{where}() got two values for `{field}` (`{olds[field]}` and `{old}`): pass "
+            f"`{field}` once, as `{arg}=curvlib.{cls}({field}=...)`."
+        )
+    given[field], olds[field] = value, old
+
+
+def no_conflict(base, references, given: dict, olds: dict, where: str, arg: str, cls: str):
+    """Raise if the solver value ``base`` set a moved field (away from each of
+    ``references``: the class's defaults, the function's own default value) to another
+    value than its old keyword's."""
+    for field, value in given.items():
+        own = getattr(base, field)
+        if all(_differ(own, getattr(r, field)) for r in references) and _differ(own, value):
+            raise ArgumentConflict(
+                f"{where}() got `{field}` twice: `{olds[field]}={value!r}` and "
+                f"`{arg}=curvlib.{cls}({field}={own!r}, ...)`: pass it once, in `{arg}=`."
+            )
+
+
+def _static_field(cls, field: str, value, old: str) -> None:
+    """A field that fixes the computation's shape (annotated ``int``) refuses a JAX array,
+    naming the old keyword (what ``optax.inject_hyperparams(static_args=...)`` must list)."""
+    annotation = str({f.name: f.type for f in dataclasses.fields(cls)}[field])
+    if "int" in annotation and "Any" not in annotation and _is_array(value):
+        raise ValueError(
+            f"`{old}` must be a static Python int, not a JAX array ({value!r}): it fixes the "
+            f"shape of the computation. Pass it as a Python int (under `jax.jit`, mark it "
+            f"static; under `optax.inject_hyperparams`, list it in `static_args=({old!r},)`)."
+        )
+
+
+def _is_array(x) -> bool:
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(x, (jax.Array, jax.core.Tracer))
 
 
 # solver-value fields added after the options moved into the value: never an old keyword of
@@ -236,17 +330,19 @@ def fold_options(where: str, arg: str, cls, value, options: dict, renames=None):
     """
     renames = dict(renames or {})
     fields = set(_moved_fields(cls))
-    given, rest = {}, {}
+    given, olds, rest = {}, {}, {}
     for name, v in options.items():
         field = renames.get(name, name)
         if field in fields:
             warn_moved(where, name, arg, cls.__name__, field)
             if v is not None:
-                given[field] = v
+                add_option(given, olds, field, v, name, where, arg, cls.__name__)
         else:
             rest[name] = v
     if given:
-        value = dataclasses.replace(cls() if value is None else value, **given)
+        base = cls() if value is None else value
+        no_conflict(base, (cls(),), given, olds, where, arg, cls.__name__)
+        value = dataclasses.replace(base, **given)
     return (cls() if value is None else value), rest
 
 

@@ -238,6 +238,104 @@ def test_old_and_new_name_together_is_an_error():
                               num_matvecs=6)
 
 
+def test_a_value_given_twice_is_a_conflict_not_a_silent_choice():
+    # an old option and the solver value's own field, two old names of one field, or a new
+    # name given by position: an error naming both (a TypeError, as Python's own "multiple
+    # values", and a ValueError, as before). The old option was merged and won; two old
+    # names kept the last keyword's value
+    conflict = (TypeError, ValueError)
+    cases = [
+        (lambda: curvlib.newton_cg(cg=CG(rtol=0.1), cg_rtol=1e-3), "`rtol` twice"),
+        (lambda: curvlib.inverse_matvec(MV, damping=0.5, cg=CG(rtol=1e-2), rtol=1e-10),
+         "`rtol` twice"),
+        (lambda: curvlib.block_eigsh(BMV, P2, 2, key=jax.random.PRNGKey(0), num_matvecs=5,
+                                     basis_size=4), "two values for `basis_size`"),
+        (lambda: curvlib.block_eigsh(BMV, P2, 2, key=jax.random.PRNGKey(0),
+                                     eigsh=Eigsh(basis_size=6), basis_size=4),
+         "`basis_size` twice"),
+        (lambda: ls.k_curve(lsq, W, (X, Y), [4], dims=[2], sigmas=[0.1],
+                            key=jax.random.PRNGKey(0), eigsh=Eigsh(rtol=1e-3), tol=1e-6),
+         "`rtol` twice"),
+        (lambda: curvlib.eigsh(MV, V0, 2, tol=1e-9, rtol=1e-8), "got both `tol`"),
+        (lambda: ls.delta1(lsq, W, (X, Y), 4, k=5), "got both `k`"),
+    ]
+    for call, match in cases:
+        with pytest.warns(DeprecationWarning), pytest.raises(conflict, match=match) as err:
+            call()
+        assert isinstance(err.value, TypeError) and isinstance(err.value, ValueError)
+    # not a conflict: the value leaves the field at a default (the class's or the
+    # function's own), or sets it to the same value; the old option fills it
+    with pytest.warns(DeprecationWarning):
+        assert curvlib.inverse_matvec(MV, damping=0.5, cg=CG(rtol=1e-10), rtol=1e-10).rtol \
+            == 1e-10
+        assert curvlib.inverse_matvec(MV, damping=0.5, cg=CG(max_steps=7), rtol=1e-9).rtol \
+            == 1e-9
+        curvlib.newton_cg(cg=CG(max_steps=5), cg_rtol=1e-3)
+        curvlib.block_eigsh(BMV, P2, 2, key=jax.random.PRNGKey(0), num_matvecs=5,
+                            basis_size=5)
+
+
+@pytest.mark.parametrize("factory, kw", [
+    (curvlib.newton_cg, dict(learning_rate=1.0)),
+    (curvlib.newton, dict(learning_rate=1.0)),
+    (curvlib.scale_by_newton_cg, {}),
+])
+def test_an_old_name_injected_with_the_new_one_at_its_default(factory, kw):
+    # optax.inject_hyperparams binds the signature and fills in every default, the new
+    # name's included: that is not the new name given twice
+    def steps(**mode):
+        with pytest.warns(DeprecationWarning) if "hvp_mode" in mode else _no_warning():
+            tx = optax.inject_hyperparams(factory)(**kw, **mode)
+            state = tx.init(V0)
+            u, _ = tx.update(jax.grad(quad)(V0), state, V0, value_fn=quad)
+        return u
+
+    np.testing.assert_array_equal(steps(hvp_mode="fwd-rev"), steps(mode="fwd-rev"))
+
+
+def _no_warning():
+    import contextlib  # noqa: PLC0415
+    import warnings  # noqa: PLC0415
+
+    @contextlib.contextmanager
+    def ctx():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            yield
+    return ctx()
+
+
+def test_the_warning_names_the_user_s_line_through_jax_and_optax():
+    import warnings  # noqa: PLC0415
+
+    def where(call):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            call()
+        dep = [w for w in seen if issubclass(w.category, DeprecationWarning)]
+        assert dep, "no DeprecationWarning"
+        return {(pathlib.Path(w.filename).name, w.lineno) for w in dep}
+
+    line = inspect.currentframe().f_lineno
+    jitted = where(lambda: jax.jit(curvlib.eigsh, static_argnames="k")(MV, V0, k=2, tol=1e-6))
+    tx = optax.inject_hyperparams(curvlib.newton_cg)(learning_rate=1.0, cg_rtol=1e-3)
+    injected = where(lambda: tx.init(V0))  # (the factory runs at init)
+
+    def imported():
+        from curvlib import StochasticEstimate  # noqa: F401, PLC0415
+    imported_at = inspect.getsourcelines(imported)[1] + 1
+    here = pathlib.Path(__file__).name
+    assert jitted == {(here, line + 1)}
+    assert injected == {(here, line + 3)}
+    assert where(imported) == {(here, imported_at)}
+
+
+def test_an_injected_moved_option_that_fixes_a_shape_names_its_own_static_arg():
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError,
+                                                         match=r"static_args=\('max_cg_steps',\)"):
+        optax.inject_hyperparams(curvlib.newton_cg)(learning_rate=1.0, max_cg_steps=3).init(V0)
+
+
 def test_tools_that_bind_by_signature_still_accept_the_old_names():
     # optax.inject_hyperparams binds the factory's signature: the old keyword is advertised
     # there (keyword-only, "not given") for the release it is deprecated in

@@ -181,16 +181,14 @@ def _config(config: KCurveConfig | None, options: dict) -> KCurveConfig:
     if not isinstance(config, KCurveConfig):
         raise TypeError(f"`config` must be a KCurveConfig; got {type(config).__name__}.")
     options = dict(options)
-    moved = {}
+    moved, olds = {}, {}
+    where = "curvlib.landscape.k_curve"
     for old, field in _MOVED.items():  # the deprecated solver options, as keywords
         if old in options:
-            _deprecation.warn_moved("curvlib.landscape.k_curve", old, "eigsh", "Eigsh", field)
+            _deprecation.warn_moved(where, old, "eigsh", "Eigsh", field)
             value = options.pop(old)
             if value is not None:
-                if moved.get(field, value) != value:
-                    raise ValueError(f"k_curve() got two values for `{field}`: pass `{field}` "
-                                     f"once, as `eigsh=curvlib.Eigsh({field}=...)`.")
-                moved[field] = value
+                _deprecation.add_option(moved, olds, field, value, old, where, "eigsh", "Eigsh")
     unknown = sorted(set(options) - set(KCurveConfig._fields))
     if unknown:
         raise TypeError(
@@ -204,7 +202,10 @@ def _config(config: KCurveConfig | None, options: dict) -> KCurveConfig:
             if old not in moved and _MOVED[old] not in moved:
                 _deprecation.warn_moved("curvlib.landscape.KCurveConfig", old, "eigsh", "Eigsh",
                                         _MOVED[old])
+            olds.setdefault(_MOVED[old], old)
             moved.setdefault(_MOVED[old], value)
+    if config.eigsh is not None and moved:
+        _deprecation.no_conflict(config.eigsh, (Eigsh(),), moved, olds, where, "eigsh", "Eigsh")
     eigsh = resolve(Eigsh, config.eigsh, "eigsh", **moved)
     return config._replace(basis_size=None, tol=None, eigsh=eigsh)
 

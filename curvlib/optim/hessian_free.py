@@ -161,7 +161,8 @@ class NewtonCGInfo(NamedTuple):
       skipped: the loss, the gradient or a curvature product was non-finite;
         the step output zeros and the state was left as it was.
       loss: the loss at the incoming ``params``.
-      converged: CG met its tolerance ``cg_rtol`` (forcing term) within ``max_cg_steps``.
+      converged: CG met its tolerance (``cg``'s ``rtol``, the forcing term) within its
+        ``max_steps``.
       finite: the loss, gradient, products and step were finite (``~skipped``).
       num_matvecs: curvature products of the step: CG's, one for the model decrease
         ``p^T C p``, and one for the gradient fallback when CG's iterate was not a
