@@ -18,6 +18,7 @@ the result.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -145,7 +146,9 @@ def raise_if_failed(result: Any, *, allow=()):
     call instead).
 
     Args:
-      result: a curvlib result or ``Info`` (anything with a ``status`` attribute).
+      result: a curvlib result or ``Info`` (anything with a ``status`` attribute), or a
+        mapping of them ([`curvlib.block_eigsh`][curvlib.block_eigsh]'s results per block):
+        each is checked, and the error names the first failing key.
       allow: codes that count as success too, e.g. ``(Status.NEGATIVE_CURVATURE,)``
         for a CG solve whose Steihaug exit the caller handles.
 
@@ -164,6 +167,13 @@ def raise_if_failed(result: Any, *, allow=()):
       >>> res.x.tolist()
       [0.5, 0.5, 0.5]
     """
+    if isinstance(result, Mapping) and not hasattr(result, "status"):
+        for name, item in result.items():
+            try:
+                raise_if_failed(item, allow=allow)
+            except CurvatureError as e:
+                raise CurvatureError(f"[{name!r}] {e}", e.status, result) from None
+        return result
     if getattr(result, "status", None) is None:
         raise TypeError(f"`result` must be a curvlib result with a `status` field; got "
                         f"{type(result).__name__}"

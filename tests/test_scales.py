@@ -198,3 +198,35 @@ def test_newton_cg_gradient_fallback_at_every_gradient_scale(dt, s):
     got = np.asarray(p, np.float64)
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, expect, rtol=1e-5 if dt == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("dt,top", [pytest.param(np.float32, 3e38, id="f32-3e38"),
+                                    pytest.param(np.float64, 1.7e308, id="f64-1.7e308")])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_eigsh_and_power_near_the_largest_float(dt, top, jit):
+    # the projected matrix's row sums overflowed from ||A|| ~ fmax / 2: it was zeroed, and
+    # eigsh returned the eigenvalue 0 with the start vector, converged (both paths)
+    d = jnp.asarray(np.array([top, 0.5 * top, 1.0, 0.5, 0.25, 0.1], dt))
+    run = (lambda f: jax.jit(f)) if jit else (lambda f: f)
+    r = run(lambda v0: curvlib.eigsh(lambda v: d * v, v0, k=2))(jnp.ones(6, dt))
+    p = run(lambda v0: curvlib.power_iteration(lambda v: d * v, v0, k=1))(jnp.ones(6, dt))
+    for res, want in ((r, [top, 0.5 * top]), (p, [top])):
+        assert bool(res.converged) and bool(res.finite)
+        np.testing.assert_allclose(np.asarray(res.eigenvalues, np.float64), want, rtol=1e-5)
+    np.testing.assert_allclose(np.abs(np.asarray(r.eigenvectors, np.float64)),
+                               np.eye(6)[:2], atol=1e-5)
+
+
+def test_float16_products_below_their_normal_range_are_not_certified():
+    # a float16 operator of norm 2e-6: its products are float16 subnormals with a few bits;
+    # Ritz values came out 6-10% above its largest eigenvalue, "converged"
+    rng = np.random.default_rng(0)
+    Q = np.linalg.qr(rng.standard_normal((30, 30)))[0]
+    for s, certified in ((1e-6, False), (1.0, True)):
+        A = jnp.asarray((Q * np.linspace(-2, 2, 30)) @ Q.T * s, jnp.float16)
+        r = curvlib.eigsh(lambda v: A @ v, jnp.ones(30, jnp.float16), k=2)
+        want = np.linalg.eigvalsh(np.asarray(A, np.float64))[::-1][:2]
+        assert bool(r.finite) and bool(r.converged) == certified
+        assert int(r.status) == (curvlib.Status.SUCCESS if certified else curvlib.Status.STALLED)
+        if certified:
+            np.testing.assert_allclose(np.asarray(r.eigenvalues, np.float64), want, rtol=0.05)

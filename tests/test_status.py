@@ -141,6 +141,27 @@ def test_lanczos_breakdown_is_a_status_only_when_it_is_not_recovered():
     assert int(curvlib.lanczos(_nan_op, jnp.ones(N), 4).status) == Status.NONFINITE
 
 
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+def test_power_iteration_reports_a_rank_below_k_as_a_breakdown(dt):
+    # a dense rank-one (and rank-two) operator, more pairs asked than its rank: the product
+    # of a null direction is rounding noise; deflated against its own norm it looked like
+    # a direction, and the iteration spent its whole budget, then said MAX_STEPS
+    rng = np.random.default_rng(2)
+    U = np.linalg.qr(rng.standard_normal((N, 2)))[0]
+    for vals in ([3.0], [3.0, -2.0]):
+        A = jnp.asarray((U[:, :len(vals)] * vals) @ U[:, :len(vals)].T, dt)
+        k = len(vals) + 1
+        r = curvlib.power_iteration(_op(A), jnp.asarray(rng.standard_normal(N), dt), k=k)
+        assert int(r.status) == Status.BREAKDOWN and bool(r.finite)
+        assert np.asarray(r.converged).tolist() == [True] * len(vals) + [False]
+        assert int(r.num_matvecs) < 50  # (100 per pair before)
+        np.testing.assert_allclose(np.asarray(r.eigenvalues[:-1], np.float64), vals,
+                                   rtol=1e-5)
+        assert abs(float(r.eigenvalues[-1])) < 1e-5  # about zero, its vector orthogonal
+        X = np.asarray(r.eigenvectors, np.float64)
+        np.testing.assert_allclose(X @ X.T, np.eye(k), atol=1e-5)
+
+
 def test_power_iteration_status_summarises_every_pair():
     d = jnp.asarray([10.0, 1.0] + list(np.linspace(0.9, 0.1, N - 2)))
     ok = curvlib.power_iteration(lambda v: d * v, jnp.ones(N), 2, rtol=1e-6, max_matvecs=3000)
@@ -195,6 +216,21 @@ def test_raise_if_failed():
     assert raise_if_failed(neg, allow=(Status.NEGATIVE_CURVATURE,)) is neg
     with pytest.raises(CurvatureError, match="MonteCarloEstimate failed: NONFINITE"):
         raise_if_failed(curvlib.hutchinson_trace(_nan_op, jnp.ones(N), jax.random.PRNGKey(0), 3))
+
+
+def test_raise_if_failed_checks_each_block_of_block_eigsh():
+    # block_eigsh returns a dict of results, one per block: raise_if_failed refused it
+    # with a TypeError ("no status field")
+    scale = {"a": jnp.linspace(1.0, 2.0, 6), "b": jnp.linspace(3.0, 5.0, 6)}
+    ok = curvlib.block_eigsh(lambda v: jax.tree.map(jnp.multiply, scale, v),
+                             jax.tree.map(jnp.ones_like, scale), 2, key=jax.random.PRNGKey(0))
+    assert raise_if_failed(ok) is ok
+    bad = {"a": scale["a"], "b": scale["b"].at[0].set(jnp.nan)}
+    res = curvlib.block_eigsh(lambda v: jax.tree.map(jnp.multiply, bad, v),
+                              jax.tree.map(jnp.ones_like, bad), 2, key=jax.random.PRNGKey(0))
+    with pytest.raises(CurvatureError, match=r"\['b'\] EigshResult failed: NONFINITE") as e:
+        raise_if_failed(res)
+    assert e.value.result is res
 
 
 def test_status_under_jit_and_vmap():
@@ -412,3 +448,41 @@ def test_line_search_below_the_loss_resolution_is_stalled(make):
         u, s = opt.update(g, opt.init(p), p, value=v, grad=g, value_fn=f)
         assert int(s[0].info.status) == want, start
         assert bool(s[0].info.finite) and bool(jnp.all(jnp.isfinite(u)))
+
+
+def test_built_on_eigsh_reports_eigsh_s_reason_not_a_budget():
+    # a zero Hessian (eigsh: STALLED, the pairs right but not certifiable) read MAX_STEPS
+    # ("the budget ran out") in the tracker and in the low-rank inverse
+    f = lambda p: jnp.sum(jnp.arange(1.0, N + 1.0) * p)  # linear: zero Hessian
+    p = jnp.ones(N)
+    tr = curvlib.track_curvature(every=1, k=2, key=jax.random.PRNGKey(0), num_probes=0)
+    _, s = tr.update(jax.grad(f)(p), tr.init(p), p, value_fn=f)
+    info = curvlib.curvature_info(s)
+    assert int(info.status) == Status.STALLED and not bool(info.converged)
+    np.testing.assert_array_equal(np.asarray(info.eigenvalues), 0.0)
+    tiny = jnp.linspace(1.0, 2.0, N) * 1e-300  # below tiny / eps: right, uncertified
+    inv = curvlib.inverse_matvec(lambda v: tiny * v, damping=1e-300, method="lowrank", rank=2,
+                                 v0=jnp.ones(N))
+    res = inv.solve(jnp.ones(N))
+    assert int(res.status) == Status.STALLED and bool(res.finite) and not bool(res.converged)
+    # a converged low-rank inverse is still a success; a budget is still a budget
+    ok = curvlib.inverse_matvec(lambda v: 1e300 * tiny * v, damping=1.0, method="lowrank",
+                                rank=2, v0=jnp.ones(N)).solve(jnp.ones(N))
+    assert int(ok.status) == Status.SUCCESS
+    short = curvlib.inverse_matvec(lambda v: 1e300 * tiny * v, damping=1.0, method="lowrank",
+                                   rank=2, v0=jnp.ones(N), eigsh=curvlib.Eigsh(max_matvecs=3))
+    assert int(short.solve(jnp.ones(N)).status) == Status.MAX_STEPS
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_cg_below_attainable_accuracy_is_stalled_not_a_budget(jit):
+    # rtol below rounding: the recurrence's residual meets it, the true one cannot; CG stops
+    # long before max_steps, and said MAX_STEPS ("the budget ran out")
+    d = jnp.arange(1.0, 21.0)
+    run = jax.jit if jit else (lambda f: f)
+    r = run(lambda b: curvlib.cg(lambda v: d * v, b, rtol=1e-17))(jnp.ones(20))
+    assert int(r.status) == Status.STALLED and not bool(r.converged) and bool(r.finite)
+    assert int(r.num_steps) < 200
+    np.testing.assert_allclose(np.asarray(r.x), 1.0 / np.arange(1.0, 21.0), rtol=1e-12)
+    short = run(lambda b: curvlib.cg(lambda v: d * v, b, max_steps=3))(jnp.ones(20))
+    assert int(short.status) == Status.MAX_STEPS

@@ -388,10 +388,16 @@ def ritz(band: Band, order: Order):
     couplings of ``1e-27``.
     """
     T = projected(band)
+    # divided by a power of two near its largest entry (exact): the row sums, the sentinel
+    # and eigh's own norms stay in range for an operator near the largest float (the row
+    # sums overflowed from ||A|| ~ fmax / 2 and zeroed T: Ritz value 0, certified)
+    scale = xp.ldexp(xp.ones((), T.dtype), xp.frexp(xp.max(xp.abs(T)))[1] - 1)
+    T = T / scale
     span = xp.max(xp.sum(xp.abs(T), axis=1)) + xp.finfo(T.dtype).tiny
     T = xp.where(xp.abs(T) > xp.finfo(T.dtype).eps * span, T, 0.0)
     T = T + xp.diag(xp.where(band.mult, 0.0, order.sentinel(span)).astype(T.dtype))
     theta, Y = xp.linalg.eigh(T)
+    theta = theta * scale
     valid = xp.sum(xp.where(band.mult[:, None], Y**2, 0.0), axis=0) > 0.5
     idx = xp.argsort(xp.where(valid, order.key(theta), xp.inf), stable=True)
     theta, Y, valid = theta[idx], Y[:, idx], valid[idx]

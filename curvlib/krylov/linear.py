@@ -43,7 +43,9 @@ class CGResult(NamedTuple):
       num_matvecs: products used: ``num_steps``, plus one for a warm start
         ``x0``, plus one for the true residual when ``x`` moved.
       status: the [`curvlib.Status`][curvlib.Status] code, most serious first: ``NONFINITE``,
-        ``NEGATIVE_CURVATURE`` (the Steihaug exit), ``MAX_STEPS`` (not
+        ``NEGATIVE_CURVATURE`` (the Steihaug exit), ``STALLED`` (not ``converged``,
+        stopped before ``max_steps``: the recurrence's residual met the tolerance and the
+        true one did not, an ``rtol`` below what rounding allows), ``MAX_STEPS`` (not
         ``converged``: ``max_steps`` ran out), else ``SUCCESS``.
     """
 
@@ -137,14 +139,21 @@ def _cg_finish(s: _CGState, sigma, tol):
 
 
 def _result(x, num_steps, num_matvecs, residual_norm, converged, negcurv, negdir,
-            finite) -> CGResult:
+            finite, *, max_steps) -> CGResult:
     """The `CGResult` of a finished solve (``x`` and `_cg_finish`'s ``aux``), its status
-    from the flags: `cg` and its answer-now path report alike."""
+    from the flags: `cg` and its answer-now path report alike.
+
+    A finite solve that stopped before ``max_steps`` without meeting the tolerance or
+    negative curvature stopped on its recurrence's residual, which met the tolerance
+    while the true one did not (the attainable accuracy: ``rtol`` below rounding) and
+    reports ``STALLED``, not an exhausted budget."""
+    stalled = finite & ~converged & ~negcurv & (num_steps < max_steps)
     return CGResult(
         x=x, num_steps=num_steps, residual_norm=residual_norm, converged=converged,
         negative_curvature=negcurv, curvature_direction=negdir, finite=finite,
         num_matvecs=num_matvecs,
-        status=from_flags(finite=finite, converged=converged, negative_curvature=negcurv),
+        status=from_flags(finite=finite, converged=converged, negative_curvature=negcurv,
+                          stalled=stalled),
     )
 
 
@@ -354,7 +363,7 @@ def _now_running(cfg: _NowCfg, s: _NowState):
 
 def _now_finish(cfg: _NowCfg, s: _NowState) -> CGResult:
     x, aux = _cg_finish(s.cg, s.sigma, s.tol)
-    return _result(x, *aux)
+    return _result(x, *aux, max_steps=s.max_steps)
 
 
 def _answers_now(matvec, b, x0, damping, solver, rtol, atol, max_steps, preconditioner):
@@ -550,4 +559,4 @@ def cg(
                            max_steps=max_steps, acc=acc, host=True, slot=slot)
     else:
         x, aux = jax.lax.custom_linear_solve(op, b, solve, symmetric=True, has_aux=True)
-    return _result(x, *jax.lax.stop_gradient(aux))
+    return _result(x, *jax.lax.stop_gradient(aux), max_steps=max_steps)

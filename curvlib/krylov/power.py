@@ -369,7 +369,8 @@ def _power_init(v0, k, draw, acc):
 
 
 def _power_measure(s: _PowerState, raw, acc):
-    """``(raw, fin, theta, true_res, defl, defl_res)`` of the iterate from its product ``raw``.
+    """``(raw, fin, theta, true_res, defl, defl_res, c)`` of the iterate from its product
+    ``raw`` (``c = ||A x||``, 1 for a zero or non-finite product).
 
     ``theta = x^T A x``, ``true_res = ||A x - theta x||``, ``defl = P A x / ||A x||``
     (``x`` is already in ``range(P)``; the rows of ``X`` past ``i`` are zero) and
@@ -387,7 +388,7 @@ def _power_measure(s: _PowerState, raw, acc):
     true_res = c * _tree.plain_norm(_tree.add_scale(u, -theta, s.x)).astype(acc)
     defl = _tree.sub(u, _tree.basis_combine(s.X, _tree.basis_project(s.X, u, acc), like=u))
     defl_res = c * _tree.plain_norm(_tree.add_scale(defl, -theta, s.x)).astype(acc)
-    return raw, fin, c * theta, true_res, defl, defl_res
+    return raw, fin, c * theta, true_res, defl, defl_res, c
 
 
 def _power_step(s: _PowerState, raw, u0, draw, k, tol, num_iters, max_matvecs, acc):
@@ -395,15 +396,21 @@ def _power_step(s: _PowerState, raw, u0, draw, k, tol, num_iters, max_matvecs, a
 
     Cost: no product (``raw`` is the iteration's one); two projections onto ``X``.
     """
-    raw, fin, theta, true_res, defl, defl_res = _power_measure(s, raw, acc)
+    raw, fin, theta, true_res, defl, defl_res, c = _power_measure(s, raw, acc)
     it, total = s.it + 1, s.total + 1
     # each pair to rtol / sqrt(k): the final Rayleigh-Ritz residual of a pair mixes up to
     # k deflated residuals (a sum bounded by sqrt(k) times the largest)
     stop = tol / math.sqrt(k) if k > 1 else tol
     # the deflated product vanished to rounding (``A x`` lies in the span of the pairs
     # found: the complement is numerically null, rank(A) < k): x is as good as it gets,
-    # and iterating on the noise would only turn it away from the complement
-    broke = fin & (_tree.plain_norm(defl).astype(acc) <= 10 * xp.finfo(acc).eps)
+    # and iterating on the noise would only turn it away from the complement. Rounding
+    # of ``||A||``'s scale, not of ``A x``'s: a null direction's product is itself
+    # rounding noise (a dense rank-one A), and deflated relative to its own norm it was
+    # of order one: 100 products, then MAX_STEPS instead of the breakdown
+    n = _tree.size(s.x)
+    anorm = xp.maximum(xp.where(s.i > 0, xp.abs(s.thetas[0]), 0.0), c)
+    broke = fin & (c * _tree.plain_norm(defl).astype(acc)
+                   <= 10 * math.sqrt(n) * xp.finfo(acc).eps * anorm)
     done = fin & ((defl_res <= stop * xp.abs(theta)) | broke | (it >= num_iters)
                   | (total >= max_matvecs))
     store = lambda B, v: jax.tree.map(

@@ -32,7 +32,7 @@ from jax.tree_util import Partial
 
 from curvlib import _compile, _deprecation, _tree, _validate
 from curvlib._compile import as_operator, is_host_driven, is_pytree_operator, tracing
-from curvlib._status import Status, from_flags
+from curvlib._status import Status, from_flags, worst
 from curvlib.krylov import cg, eigen
 from curvlib.krylov.solvers import CG, Eigsh, resolve
 from curvlib.operators import _common as C
@@ -57,7 +57,8 @@ class InverseSolve(NamedTuple):
       status: the [`curvlib.Status`][curvlib.Status] code, most serious first: ``NONFINITE``,
         ``NEGATIVE_CURVATURE`` (CG met a direction of non-positive curvature: the
         system is not positive definite), ``MAX_STEPS`` (CG's budget ran out, or
-        for ``"lowrank"`` eigsh's pairs were not certified), else ``SUCCESS``.
+        for ``"lowrank"`` eigsh's pairs were not certified: eigsh's own code where it
+        says why, e.g. ``STALLED``), else ``SUCCESS``.
     """
 
     x: PyTree
@@ -116,16 +117,19 @@ class InverseMatvec:
     eigenvalues: jax.Array | None
     eigenvectors: PyTree
     eig_converged: jax.Array | None
+    eig_status: jax.Array | None = None  # eigsh's status code, for "lowrank"
 
     def tree_flatten(self):
         children = (self.matvec, self.damping, self.rtol, self.atol, self.max_steps,
-                    self.preconditioner, self.eigenvalues, self.eigenvectors, self.eig_converged)
+                    self.preconditioner, self.eigenvalues, self.eigenvectors, self.eig_converged,
+                    self.eig_status)
         return children, self.method
 
     @classmethod
     def tree_unflatten(cls, method, children):
-        matvec, damping, rtol, atol, max_steps, precond, vals, vecs, conv = children
-        return cls(matvec, damping, method, rtol, atol, max_steps, precond, vals, vecs, conv)
+        matvec, damping, rtol, atol, max_steps, precond, vals, vecs, conv, code = children
+        return cls(matvec, damping, method, rtol, atol, max_steps, precond, vals, vecs, conv,
+                   code)
 
     @property
     def host_driven(self) -> bool:
@@ -199,9 +203,11 @@ class InverseMatvec:
         x = jax.tree.map(lambda a, r: a.astype(jnp.result_type(r)), x, b)
         finite = _tree.all_finite(x)
         converged = finite & self.eig_converged
+        status = from_flags(finite=finite, converged=converged)
+        if self.eig_status is not None:  # why the pairs are not certified (STALLED, ...)
+            status = worst(status, self.eig_status)
         return InverseSolve(x, jnp.asarray(0, jnp.int32), jnp.asarray(jnp.nan, theta.dtype),
-                            converged, finite,
-                            status=from_flags(finite=finite, converged=converged))
+                            converged, finite, status=status)
 
     def __call__(self, v: PyTree) -> PyTree:
         return self.solve(v).x
@@ -222,14 +228,15 @@ _programs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _given_eigenpairs(eigenpairs, damping):
-    """``(eigenvalues, eigenvectors, converged)`` of `inverse_matvec`'s ``eigenpairs``,
+    """``(eigenvalues, eigenvectors, converged, status)`` of `inverse_matvec`'s ``eigenpairs``,
     checked: a 1-D real spectrum, one orthonormal row per value, ``theta + damping > 0``."""
     if hasattr(eigenpairs, "eigenvalues"):
         vals, vecs = eigenpairs.eigenvalues, eigenpairs.eigenvectors
         conv = jnp.asarray(eigenpairs.converged) & jnp.asarray(eigenpairs.finite)
+        code = getattr(eigenpairs, "status", None)
     elif isinstance(eigenpairs, (tuple, list)) and len(eigenpairs) == 2:
         vals, vecs = eigenpairs
-        conv = jnp.asarray(True)
+        conv, code = jnp.asarray(True), None
     else:
         raise TypeError("`eigenpairs` must be an EigshResult or a pair (eigenvalues, "
                         f"eigenvectors); got {type(eigenpairs).__name__}.")
@@ -252,7 +259,7 @@ def _given_eigenpairs(eigenpairs, damping):
             raise ValueError(
                 "`eigenpairs` eigenvalues plus `damping` must be > 0 (the damped operator "
                 f"must be positive definite to invert); got min(theta + damping) = {low:.3g}.")
-    return vals, vecs, conv
+    return vals, vecs, conv, code
 
 
 _EIGSH_RENAMES = {"tol": "rtol", "num_matvecs": "basis_size"}
@@ -375,9 +382,10 @@ def inverse_matvec(
         # (the function as given: eigsh keys a plain function on its program, not identity)
         res = eigen.eigsh(given, v0, rank, solver=eigsh, **rest)
         vals, vecs, conv = res.eigenvalues, res.eigenvectors, res.converged & res.finite
+        code = res.status
     else:
         if rank is not None or v0 is not None or eigsh_options or eigsh is not None:
             raise ValueError("pass either `eigenpairs` or `rank`/`v0` (with eigsh options).")
-        vals, vecs, conv = _given_eigenpairs(eigenpairs, damping)
+        vals, vecs, conv, code = _given_eigenpairs(eigenpairs, damping)
     return InverseMatvec(matvec, damping, "lowrank", rtol, atol, max_steps, preconditioner,
-                         jnp.asarray(vals), vecs, conv)
+                         jnp.asarray(vals), vecs, conv, code)

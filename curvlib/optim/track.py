@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from curvlib import _deprecation, _tree, _validate, _xp
-from curvlib._status import Status, from_flags
+from curvlib._status import Status
 from curvlib.krylov import eigen, eigsh, hutchinson_trace, solvers, stochastic
 from curvlib.optim import _common
 
@@ -82,8 +82,9 @@ class TrackCurvatureInfo(NamedTuple):
       num_skipped: refreshes skipped so far.
       finite: the most recent refresh met only finite values (``~skipped``).
       status: the [`curvlib.Status`][curvlib.Status] code of the most recent refresh:
-        ``NONFINITE`` (skipped), ``MAX_STEPS`` (eigsh not ``converged``), else
-        ``SUCCESS`` (also before the first refresh, when nothing was measured).
+        ``NONFINITE`` (skipped), else the eigensolver's own code (``MAX_STEPS`` when its
+        budget ran out, ``STALLED`` for pairs right but not certifiable, e.g. of a zero
+        Hessian; ``SUCCESS`` also before the first refresh, when nothing was measured).
     """
 
     count: jax.Array
@@ -360,7 +361,7 @@ def _refresh_info(state, res, trace, trace_se, vecs, grad, loss_value, cfg: _Con
         skipped=jnp.asarray(False),
         num_skipped=old.num_skipped,
         finite=jnp.asarray(True),
-        status=from_flags(converged=res.converged),
+        status=jnp.asarray(res.status, jnp.int32),  # eigsh's own (why not converged)
     )
 
 
