@@ -970,6 +970,29 @@ def test_a_basis_that_is_not_orthonormal_is_refused(lsq):
                                                 check_mean=False).a)(good)
 
 
+def test_k_curve_refuses_non_finite_samples_before_computing_any_k(lsq, monkeypatch):
+    # a NaN in a sample that only the largest k uses: the curve computed the k's below,
+    # then raised at that k and threw them away
+    from curvlib.landscape import curve as curve_module
+    x, y, theta = lsq
+    w = _unflat(theta)
+    computed = []
+    real = curve_module.curve_point
+    monkeypatch.setattr(curve_module, "curve_point",
+                        lambda *a, **kw: computed.append(1) or real(*a, **kw))
+    bad = (x.at[7, 0].set(jnp.nan), y)
+    with pytest.raises(ValueError, match=r"`data` has NaN/Inf entries in 1 of the first 10 "
+                                         r"samples the curve uses \(sample indices 7\)"):
+        ls.k_curve(ls_loss, w, bad, [2, 4, 8], dims=[1], sigmas=[0.1],
+                   key=jax.random.PRNGKey(0), progress=False)
+    assert not computed
+    # samples past the ones the curve uses are not its concern
+    late = (x.at[12, 0].set(jnp.nan), y)
+    c = ls.k_curve(ls_loss, w, late, [2, 4], dims=[1], sigmas=[0.1], key=jax.random.PRNGKey(0),
+                   progress=False)
+    assert c.finite.all() and len(computed) == 2
+
+
 def test_k_curve_reports_a_non_finite_monte_carlo_or_hessian_as_a_failure():
     import curvlib
     # the loss is finite at w* but NaN at probe points with x w < 0 (sigma = 10): the Monte
