@@ -226,7 +226,7 @@ def skip_if_not_finite(out, states: tuple, before: tuple):
     info = getattr(states[0], "info", None)  # this step's report, flagged below
     if info is not None and "status" in getattr(info, "_fields", ()):
         fix = {"status": jnp.where(ok, info.status, worst(info.status, Status.NONFINITE))}
-        for name in ("finite", "converged"):
+        for name in ("finite", "converged", "accepted"):  # (a skipped step was not taken)
             if name in info._fields:
                 fix[name] = jnp.asarray(getattr(info, name)) & ok
         if "skipped" in info._fields:

@@ -275,7 +275,10 @@ def traced_program(fn: Callable, example: PyTree, check: Callable | None = None)
     part is the program it computes (equal for two closures computing the same thing on
     different arrays, so a jitted caller compiles once) and whose leaves are the arrays.
     ``check(out_shape)`` sees the output's shapes first."""
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(example)
+    # traced through a new function: `jax.make_jaxpr` caches its trace by the function's
+    # identity, and a function called again after a global, a dict or an attribute it
+    # reads changed kept computing the old values (an eager call reads ``fn`` as it is now)
+    closed, out_shape = jax.make_jaxpr(lambda x: fn(x), return_shape=True)(example)
     if check is not None:
         check(out_shape)
     if next(_nested_consts(closed.jaxpr), None) is not None:

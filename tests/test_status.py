@@ -486,3 +486,16 @@ def test_cg_below_attainable_accuracy_is_stalled_not_a_budget(jit):
     np.testing.assert_allclose(np.asarray(r.x), 1.0 / np.arange(1.0, 21.0), rtol=1e-12)
     short = run(lambda b: curvlib.cg(lambda v: d * v, b, max_steps=3))(jnp.ones(20))
     assert int(short.status) == Status.MAX_STEPS
+
+
+def test_a_step_skipped_after_the_direction_is_not_reported_accepted():
+    # a learning-rate schedule that returns NaN: the chain skips the step; its info said
+    # accepted=True beside skipped=True
+    A, f = _quadratic()
+    p = jnp.zeros(6)
+    opt = curvlib.newton_cg(learning_rate=lambda c: jnp.where(c == 0, jnp.nan, 1.0))
+    u, s = opt.update(jax.grad(f)(p), opt.init(p), p, value_fn=f)
+    info = s[0].info
+    assert bool(info.skipped) and not bool(info.accepted) and not bool(info.finite)
+    assert int(info.status) == Status.NONFINITE
+    np.testing.assert_array_equal(np.asarray(u), 0.0)

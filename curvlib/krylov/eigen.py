@@ -653,6 +653,16 @@ def eigsh(
     product: ``O(m N)`` reorthogonalisation and one ``m x m`` ``eigh``; per
     restart ``O(m^2 N)``.
 
+    Derivatives: forward mode (``jax.jvp``, ``jax.jacfwd``) differentiates the whole
+    solve: a simple eigenvalue's tangent is ``v^T dA v``, an eigenvector's that of
+    perturbation theory, to the solve's tolerance. Reverse mode (``jax.grad``) is not
+    supported (the solve is a ``lax.while_loop``; JAX's error suggests ``lax.scan``,
+    which does not apply). For the gradient of a simple eigenvalue (a sharpness
+    penalty), differentiate the Rayleigh quotient at the returned vector held fixed,
+    ``lambda p: v @ hvp(p, v)`` with ``v = jax.lax.stop_gradient(eigenvector)``: by
+    Hellmann-Feynman its gradient is the eigenvalue's, at the cost of one
+    third-order product.
+
     Args:
       matvec: symmetric linear operator on pytrees shaped like ``v0``: a curvlib
         operator (a `jax.tree_util.Partial`), a host-driven operator

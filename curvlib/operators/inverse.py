@@ -21,7 +21,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -157,8 +156,8 @@ class InverseMatvec:
     def _traced_operators(self, b) -> InverseMatvec:
         """``self`` with a plain function's operator as its program (`as_operator`): equal
         for a new closure over new arrays, so an eager solve compiles once, not per build.
-        Traced once per function and vector shapes (`_programs`); ``"lowrank"`` solves use
-        no product: theirs is replaced by one fixed placeholder."""
+        Traced at each solve (a few ms: it computes what the function computes now);
+        ``"lowrank"`` solves use no product: theirs is replaced by one fixed placeholder."""
         if tracing(b):
             return self
         if self.method == "lowrank":  # no product: one program for every operator's pairs
@@ -168,16 +167,9 @@ class InverseMatvec:
             plain = isinstance(f, Partial) and not f.args and not f.keywords
             if not plain or is_pytree_operator(f.func):
                 return f
-            shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x),
-                                                                 jnp.result_type(x)), b)
-            key = (name, jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes)))
-            try:
-                cached = _programs.setdefault(f.func, {})
-            except TypeError:  # a callable that cannot be weakly referenced: not cached
-                return as_operator(f.func, b, name, "b")
-            if key not in cached:
-                cached[key] = as_operator(f.func, b, name, "b")
-            return cached[key]
+            # traced at each solve: what the function computes now (a global or an
+            # attribute it reads may have changed since the last solve)
+            return as_operator(f.func, b, name, "b")
 
         return dataclasses.replace(self, matvec=program(self.matvec, "matvec"),
                                    preconditioner=program(self.preconditioner, "preconditioner"))
@@ -222,9 +214,6 @@ _LOWRANK_PRODUCT = Partial(_unused_product)
 # compiled at the boundary: eager solves with an equal operator type and shapes reuse the program
 _solve_jit = jax.jit(lambda op, b, x0: op._solve(b, x0))
 
-# a plain function's traced program per vector shapes, kept while the function lives (held
-# strongly: `_compile.weak_cache` holds results weakly, and nothing else keeps this one)
-_programs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _given_eigenpairs(eigenpairs, damping):
