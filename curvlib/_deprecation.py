@@ -220,7 +220,7 @@ def renamed(where: str, **old_to_new: str):
     return deco
 
 
-def moved_to_solver(where: str, arg: str, cls, **old_to_field: str):
+def moved_to_solver(where: str, arg: str, cls, static: tuple = (), **old_to_field: str):
     """Decorator: solver options ``old`` of ``where`` fold into its solver value ``arg``.
 
     ``where(old=x)`` becomes ``where(arg=dataclasses.replace(arg or default,
@@ -234,6 +234,9 @@ def moved_to_solver(where: str, arg: str, cls, **old_to_field: str):
       where: public name of the function, for the message.
       arg: the keyword holding the solver value (``"eigsh"``, ``"cg"``).
       cls: the solver value type ([`curvlib.Eigsh`][curvlib.Eigsh], [`curvlib.CG`][curvlib.CG]).
+      static: old keywords that ``where`` needs as Python ints (they fix a shape there):
+        a JAX array (``optax.inject_hyperparams`` makes one of a number) is refused with a
+        message naming the old keyword, the one ``static_args`` must list.
       **old_to_field: ``old="field"`` pairs.
     """
     name = cls.__name__
@@ -252,7 +255,8 @@ def moved_to_solver(where: str, arg: str, cls, **old_to_field: str):
                     warn_moved(where, old, arg, name, field,
                                keep[field] if kwargs.get(arg) is None else "")
                     if value is not None:
-                        _static_field(cls, field, value, old)
+                        if old in static:
+                            _refuse_array(value, old)
                         add_option(given, olds, field, value, old, where, arg, name)
             if given:
                 # merged into the solver value the call would have used: the one given, else
@@ -294,11 +298,10 @@ def no_conflict(base, references, given: dict, olds: dict, where: str, arg: str,
             )
 
 
-def _static_field(cls, field: str, value, old: str) -> None:
-    """A field that fixes the computation's shape (annotated ``int``) refuses a JAX array,
-    naming the old keyword (what ``optax.inject_hyperparams(static_args=...)`` must list)."""
-    annotation = str({f.name: f.type for f in dataclasses.fields(cls)}[field])
-    if "int" in annotation and "Any" not in annotation and _is_array(value):
+def _refuse_array(value, old: str) -> None:
+    """A JAX array for an old keyword that must be static, refused naming that keyword (what
+    ``optax.inject_hyperparams(static_args=...)`` must list)."""
+    if _is_array(value):
         raise ValueError(
             f"`{old}` must be a static Python int, not a JAX array ({value!r}): it fixes the "
             f"shape of the computation. Pass it as a Python int (under `jax.jit`, mark it "

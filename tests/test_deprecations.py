@@ -334,6 +334,12 @@ def test_an_injected_moved_option_that_fixes_a_shape_names_its_own_static_arg():
     with pytest.warns(DeprecationWarning), pytest.raises(ValueError,
                                                          match=r"static_args=\('max_cg_steps',\)"):
         optax.inject_hyperparams(curvlib.newton_cg)(learning_rate=1.0, max_cg_steps=3).init(V0)
+    # CG's own cap may be traced: the old `max_steps` of inverse_matvec still is, under jit
+    b = jnp.ones(12)
+    with pytest.warns(DeprecationWarning):
+        res = jax.jit(lambda ms, b: curvlib.inverse_matvec(MV, damping=1.0, max_steps=ms)
+                      .solve(b))(3, b)
+    assert int(res.num_matvecs) <= 4 and not bool(res.converged)  # (3 steps, the check)
 
 
 def test_tools_that_bind_by_signature_still_accept_the_old_names():

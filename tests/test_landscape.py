@@ -970,7 +970,7 @@ def test_a_basis_that_is_not_orthonormal_is_refused(lsq):
                                                 check_mean=False).a)(good)
 
 
-def test_k_curve_refuses_non_finite_samples_before_computing_any_k(lsq, monkeypatch):
+def test_k_curve_refuses_a_non_finite_loss_before_computing_any_k(lsq, monkeypatch):
     # a NaN in a sample that only the largest k uses: the curve computed the k's below,
     # then raised at that k and threw them away
     from curvlib.landscape import curve as curve_module
@@ -981,16 +981,16 @@ def test_k_curve_refuses_non_finite_samples_before_computing_any_k(lsq, monkeypa
     monkeypatch.setattr(curve_module, "curve_point",
                         lambda *a, **kw: computed.append(1) or real(*a, **kw))
     bad = (x.at[7, 0].set(jnp.nan), y)
-    with pytest.raises(ValueError, match=r"`data` has NaN/Inf entries in 1 of the first 10 "
-                                         r"samples the curve uses \(sample indices 7\)"):
+    with pytest.raises(ValueError, match=r"`data` has NaN/Inf entries in 1 of its first "
+                                         r"k\+1 = 9 samples \(sample indices 7\)"):
         ls.k_curve(ls_loss, w, bad, [2, 4, 8], dims=[1], sigmas=[0.1],
                    key=jax.random.PRNGKey(0), progress=False)
     assert not computed
-    # samples past the ones the curve uses are not its concern
-    late = (x.at[12, 0].set(jnp.nan), y)
-    c = ls.k_curve(ls_loss, w, late, [2, 4], dims=[1], sigmas=[0.1], key=jax.random.PRNGKey(0),
-                   progress=False)
-    assert c.finite.all() and len(computed) == 2
+    # a loss that handles the NaN (a missing-value marker, masked) is the user's right
+    masked = lambda p, b: ls_loss(p, (jnp.where(jnp.isnan(b[0]), 0.0, b[0]), b[1]))
+    c = ls.k_curve(masked, w, bad, [2, 4, 8], dims=[1], sigmas=[0.1],
+                   key=jax.random.PRNGKey(0), progress=False)
+    assert c.finite.all() and len(computed) == 3
 
 
 def test_k_curve_reports_a_non_finite_monte_carlo_or_hessian_as_a_failure():

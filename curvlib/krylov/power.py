@@ -407,10 +407,8 @@ def _power_step(s: _PowerState, raw, u0, draw, k, tol, num_iters, max_matvecs, a
     # of ``||A||``'s scale, not of ``A x``'s: a null direction's product is itself
     # rounding noise (a dense rank-one A), and deflated relative to its own norm it was
     # of order one: 100 products, then MAX_STEPS instead of the breakdown
-    n = _tree.size(s.x)
     anorm = xp.maximum(xp.where(s.i > 0, xp.abs(s.thetas[0]), 0.0), c)
-    broke = fin & (c * _tree.plain_norm(defl).astype(acc)
-                   <= 10 * math.sqrt(n) * xp.finfo(acc).eps * anorm)
+    broke = fin & (c * _tree.plain_norm(defl).astype(acc) <= 10 * xp.finfo(acc).eps * anorm)
     done = fin & ((defl_res <= stop * xp.abs(theta)) | broke | (it >= num_iters)
                   | (total >= max_matvecs))
     store = lambda B, v: jax.tree.map(

@@ -243,16 +243,6 @@ def plan_curve(params: PyTree, data: PyTree, ks: Sequence[int], dims: Sequence[i
     # needs: later samples are never touched, and curves whose largest k differ a little
     # share their compiled programs (at most twice the samples that a step needs)
     need = max(ks) + (2 if config.next_subspace else 1)
-    # every k's losses would be NaN: said before the first k is computed, not after the
-    # curve has spent its time on the k's below the first bad sample
-    bad = [] if callable(params) else _common.nonfinite_samples(data, min(n, need))
-    if bad:
-        raise ValueError(
-            f"`data` has NaN/Inf entries in {len(bad)} of the first {min(n, need)} samples the "
-            f"curve uses (sample indices {_common.shown(bad)}): the losses at every k that "
-            "includes them are not finite. Clean the data (k_curve checks this before "
-            "computing any k)."
-        )
     used = min(n, 1 << (need - 1).bit_length())
     if used < n:
         data = _common.take(data, 0, used)
@@ -542,6 +532,10 @@ def k_curve(
     # shapes), the steps below do not check again
     if not callable(params):
         _common.check_problem(loss_fn, params, data, plan.ks[0])
+        # the mean-loss check of the largest k (its samples hold every smaller k's) before
+        # any k is computed: a non-finite loss there (a NaN sample) raised only at that k,
+        # after the curve had spent its time on the k's below it
+        mean_check(loss_fn, params, plan.data, max(plan.ks), plan.config.microbatch_size)
     points, seconds = [], []
     for k in _progress(plan.ks, plan.config.progress, "k-curve"):
         p = get_params(k)

@@ -156,7 +156,8 @@ class InverseMatvec:
     def _traced_operators(self, b) -> InverseMatvec:
         """``self`` with a plain function's operator as its program (`as_operator`): equal
         for a new closure over new arrays, so an eager solve compiles once, not per build.
-        Traced at each solve (a few ms: it computes what the function computes now);
+        Traced at this operator's first solve of each vector shape and kept with it (a new
+        `inverse_matvec` traces afresh: the function as it computes then);
         ``"lowrank"`` solves use no product: theirs is replaced by one fixed placeholder."""
         if tracing(b):
             return self
@@ -167,9 +168,13 @@ class InverseMatvec:
             plain = isinstance(f, Partial) and not f.args and not f.keywords
             if not plain or is_pytree_operator(f.func):
                 return f
-            # traced at each solve: what the function computes now (a global or an
-            # attribute it reads may have changed since the last solve)
-            return as_operator(f.func, b, name, "b")
+            shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x),
+                                                                 jnp.result_type(x)), b)
+            key = (name, jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes)))
+            traced = self.__dict__.setdefault("_traced", {})  # (this operator's own)
+            if key not in traced:
+                traced[key] = as_operator(f.func, b, name, "b")
+            return traced[key]
 
         return dataclasses.replace(self, matvec=program(self.matvec, "matvec"),
                                    preconditioner=program(self.preconditioner, "preconditioner"))

@@ -349,7 +349,7 @@ def new_damping(lam, rho, accepted, pcp, p, *, increase, decrease, min_damping, 
 
 
 @_deprecation.renamed("curvlib.scale_by_newton_cg", hvp_mode="mode")
-@_deprecation.moved_to_solver("curvlib.scale_by_newton_cg", "cg", CG,
+@_deprecation.moved_to_solver("curvlib.scale_by_newton_cg", "cg", CG, static=("max_cg_steps",),
                               cg_rtol="rtol", max_cg_steps="max_steps")
 def scale_by_newton_cg(
     damping: float = 1.0,
@@ -572,7 +572,7 @@ def _commit(updates, state, p, lam_next, finite, accepted, info, damping):
 
 
 @_deprecation.renamed("curvlib.newton_cg", hvp_mode="mode")
-@_deprecation.moved_to_solver("curvlib.newton_cg", "cg", CG,
+@_deprecation.moved_to_solver("curvlib.newton_cg", "cg", CG, static=("max_cg_steps",),
                               cg_rtol="rtol", max_cg_steps="max_steps")
 def newton_cg(
     learning_rate: optax.ScalarOrSchedule | None = None,
