@@ -977,9 +977,9 @@ def test_k_curve_refuses_a_non_finite_loss_before_computing_any_k(lsq, monkeypat
     x, y, theta = lsq
     w = _unflat(theta)
     computed = []
-    real = curve_module.curve_point
-    monkeypatch.setattr(curve_module, "curve_point",
-                        lambda *a, **kw: computed.append(1) or real(*a, **kw))
+    real = curve_module.subspace_step
+    monkeypatch.setattr(curve_module, "subspace_step",
+                        lambda *a, **kw: computed.append(a[3]) or real(*a, **kw))
     bad = (x.at[7, 0].set(jnp.nan), y)
     with pytest.raises(ValueError, match=r"`data` has NaN/Inf entries in 1 of its first "
                                          r"k\+1 = 9 samples \(sample indices 7\)"):
@@ -990,7 +990,13 @@ def test_k_curve_refuses_a_non_finite_loss_before_computing_any_k(lsq, monkeypat
     masked = lambda p, b: ls_loss(p, (jnp.where(jnp.isnan(b[0]), 0.0, b[0]), b[1]))
     c = ls.k_curve(masked, w, bad, [2, 4, 8], dims=[1], sigmas=[0.1],
                    key=jax.random.PRNGKey(0), progress=False)
-    assert c.finite.all() and len(computed) == 3
+    assert c.finite.all() and computed == [8, 4, 2]  # (the largest first)
+    # each k's values are its own, whatever the order: the same as k by k
+    for i, k in enumerate([2, 4, 8]):
+        one = ls.k_curve(masked, w, bad, [k], dims=[1], sigmas=[0.1],
+                         key=jax.random.PRNGKey(0), progress=False)
+        np.testing.assert_allclose(one.closed_form[0], c.closed_form[i], rtol=1e-10)
+        np.testing.assert_allclose(one.eigenvalues[0], c.eigenvalues[i], rtol=1e-10)
 
 
 def test_k_curve_reports_a_non_finite_monte_carlo_or_hessian_as_a_failure():

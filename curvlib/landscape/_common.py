@@ -162,21 +162,6 @@ def check_problem(loss_fn: Callable, params: PyTree, data: PyTree, k):
 # ----------------------------------------------------------- static slices
 
 
-def nonfinite_samples(data: PyTree, m: int) -> list[int]:
-    """Indices among the first ``m`` samples of concrete ``data`` with a NaN or Inf entry."""
-    bad = set()
-    for x in jax.tree.leaves(data):
-        x = np.asarray(x[:m])
-        if x.size and np.issubdtype(x.dtype, np.inexact):
-            bad.update(np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)).tolist())
-    return sorted(bad)
-
-
-def shown(indices: list[int], most: int = 5) -> str:
-    """``"0, 3, 7, ..."``: the first ``most`` indices of a list, for a message."""
-    return ", ".join(map(str, indices[:most])) + (", ..." if len(indices) > most else "")
-
-
 def take(data: PyTree, start: int, stop: int) -> PyTree:
     """``data[start:stop]`` along the sample axis (static bounds).
 

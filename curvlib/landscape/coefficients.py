@@ -190,11 +190,17 @@ def _non_finite_message(params, data, k, L1, Lk, l1) -> str:
     causes = []
     if not _tree.all_finite(params):
         causes.append("`params` has NaN/Inf entries")
-    idx = _common.nonfinite_samples(data, k + 1)
-    if idx:
+    bad = set()
+    for x in jax.tree.leaves(data):
+        x = np.asarray(x[: k + 1])
+        if x.size and np.issubdtype(x.dtype, np.inexact):
+            bad.update(np.flatnonzero(~np.isfinite(x.reshape(k + 1, -1)).all(axis=1)).tolist())
+    if bad:
+        idx = sorted(bad)
+        shown = ", ".join(map(str, idx[:5])) + (", ..." if len(idx) > 5 else "")
         causes.append(
             f"`data` has NaN/Inf entries in {len(idx)} of its first k+1 = {k + 1} samples "
-            f"(sample indices {_common.shown(idx)})"
+            f"(sample indices {shown})"
         )
     if not causes:
         causes.append("`loss_fn` returned NaN/Inf on finite `params` and `data`")

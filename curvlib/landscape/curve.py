@@ -532,19 +532,18 @@ def k_curve(
     # shapes), the steps below do not check again
     if not callable(params):
         _common.check_problem(loss_fn, params, data, plan.ks[0])
-        # the mean-loss check of the largest k (its samples hold every smaller k's) before
-        # any k is computed: a non-finite loss there (a NaN sample) raised only at that k,
-        # after the curve had spent its time on the k's below it
-        mean_check(loss_fn, params, plan.data, max(plan.ks), plan.config.microbatch_size)
-    points, seconds = [], []
-    for k in _progress(plan.ks, plan.config.progress, "k-curve"):
+    # the largest k first: its samples hold every smaller k's, so a non-finite loss (a NaN
+    # sample only the largest k uses) stops the curve before any work, not after the k's
+    # below it (each k's draws are its own: fold_in(key, k), whatever the order)
+    order = sorted(range(len(plan.ks)), key=lambda i: -plan.ks[i])
+    points, seconds = [None] * len(plan.ks), [None] * len(plan.ks)
+    for i in _progress(order, plan.config.progress, "k-curve"):
+        k = plan.ks[i]
         p = get_params(k)
         if callable(params):  # a new point at every k
             _common.check_problem(loss_fn, p, data, k)
             _common.check_subspace(max(plan.dims), p, name="max(dims)")
-        values, secs = curve_point(loss_fn, p, plan, k, key)
-        points.append(values)
-        seconds.append(secs)
+        points[i], seconds[i] = curve_point(loss_fn, p, plan, k, key)
     return _assemble(plan, points, seconds)
 
 
