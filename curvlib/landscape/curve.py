@@ -135,7 +135,8 @@ class KCurveConfig(NamedTuple):
         principal angles); skipped automatically where ``k + 2 > n``.
       flatten: passed to [`curvature_subspace`][curvlib.landscape.curvature_subspace] (faster
         compiles for small models).
-      progress: show a tqdm progress bar (if tqdm is installed).
+      progress: show a tqdm progress bar (if tqdm is installed). The curve runs from the
+        largest `k` down (a bad sample stops it before any work); results are in `ks` order.
       eigsh: the eigensolver's options for
         [`curvature_subspace`][curvlib.landscape.curvature_subspace], a
         [`curvlib.Eigsh`][curvlib.Eigsh] (default ``Eigsh()``).
