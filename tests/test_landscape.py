@@ -905,8 +905,9 @@ def test_k_curve_counts_the_products_of_its_eigensolves(lsq, monkeypatch):
     monkeypatch.setattr(curve_module, "subspace", counted)
     c = ls.k_curve(ls_loss, _unflat(theta), (x, y), [8, 9], dims=[1, 3], sigmas=[1e-3],
                    key=jax.random.PRNGKey(0), num_samples=0, full_samples=0, progress=False)
-    assert [k for k, _ in seen] == [8, 9, 9, 10]  # k and k + 1 at each point
-    assert c.num_matvecs.tolist() == [seen[0][1] + seen[1][1], seen[2][1] + seen[3][1]]
+    # k and k + 1 at each point, the largest k first
+    assert [k for k, _ in seen] == [9, 10, 8, 9]
+    assert c.num_matvecs.tolist() == [seen[2][1] + seen[3][1], seen[0][1] + seen[1][1]]
     assert c.finite.tolist() == [True, True]
 
 
