@@ -234,9 +234,10 @@ def moved_to_solver(where: str, arg: str, cls, static: tuple = (), **old_to_fiel
       where: public name of the function, for the message.
       arg: the keyword holding the solver value (``"eigsh"``, ``"cg"``).
       cls: the solver value type ([`curvlib.Eigsh`][curvlib.Eigsh], [`curvlib.CG`][curvlib.CG]).
-      static: old keywords that ``where`` needs as Python ints (they fix a shape there):
-        a JAX array (``optax.inject_hyperparams`` makes one of a number) is refused with a
-        message naming the old keyword, the one ``static_args`` must list.
+      static: old keywords that ``where`` needs as Python ints (they fix a shape there),
+        checked under their old name (`curvlib._validate.static_int`): a JAX array
+        (``optax.inject_hyperparams`` makes one of a number) is refused naming the keyword
+        that ``static_args`` must list.
       **old_to_field: ``old="field"`` pairs.
     """
     name = cls.__name__
@@ -255,8 +256,9 @@ def moved_to_solver(where: str, arg: str, cls, static: tuple = (), **old_to_fiel
                     warn_moved(where, old, arg, name, field,
                                keep[field] if kwargs.get(arg) is None else "")
                     if value is not None:
-                        if old in static:
-                            _refuse_array(value, old)
+                        if old in static:  # (named as given: `static_args` lists it)
+                            from curvlib import _validate  # noqa: PLC0415 (jax, lazily)
+                            _validate.static_int(value, old, minimum=1)
                         add_option(given, olds, field, value, old, where, arg, name)
             if given:
                 # merged into the solver value the call would have used: the one given, else
@@ -296,22 +298,6 @@ def no_conflict(base, references, given: dict, olds: dict, where: str, arg: str,
                 f"{where}() got `{field}` twice: `{olds[field]}={value!r}` and "
                 f"`{arg}=curvlib.{cls}({field}={own!r}, ...)`: pass it once, in `{arg}=`."
             )
-
-
-def _refuse_array(value, old: str) -> None:
-    """A JAX array for an old keyword that must be static, refused naming that keyword (what
-    ``optax.inject_hyperparams(static_args=...)`` must list)."""
-    if _is_array(value):
-        raise ValueError(
-            f"`{old}` must be a static Python int, not a JAX array ({value!r}): it fixes the "
-            f"shape of the computation. Pass it as a Python int (under `jax.jit`, mark it "
-            f"static; under `optax.inject_hyperparams`, list it in `static_args=({old!r},)`)."
-        )
-
-
-def _is_array(x) -> bool:
-    jax = sys.modules.get("jax")
-    return jax is not None and isinstance(x, (jax.Array, jax.core.Tracer))
 
 
 # solver-value fields added after the options moved into the value: never an old keyword of
