@@ -230,3 +230,19 @@ def test_float16_products_below_their_normal_range_are_not_certified():
         assert int(r.status) == (curvlib.Status.SUCCESS if certified else curvlib.Status.STALLED)
         if certified:
             np.testing.assert_allclose(np.asarray(r.eigenvalues, np.float64), want, rtol=0.05)
+
+
+@pytest.mark.parametrize("s", [1e33, 1e36], ids=["f32-A1e33", "f32-A1e36"])
+def test_cg_compiled_as_eager_when_the_step_length_is_below_the_normal_range(s):
+    # ||A|| / ||b|| = s: the step length (rz / pn) / (d^T A d) fell below float32's normal
+    # range near convergence; XLA flushed it to zero (the compiled solve stagnated, then at
+    # 1e36 took a positive diagonal for negative curvature) where NumPy kept it
+    a = np.linspace(0.5, 10.0, 20) * s
+    aj, b = jnp.asarray(a.astype(np.float32)), jnp.ones(20, jnp.float32)
+    eager = curvlib.cg(lambda v: aj * v, b)
+    jitted = jax.jit(lambda b: curvlib.cg(lambda v: aj * v, b))(b)
+    for r in (eager, jitted):
+        assert int(r.status) == curvlib.Status.SUCCESS and int(r.num_steps) <= 25
+        x = np.asarray(r.x, np.float64)
+        assert _norm(x - 1.0 / a) <= 1e-4 * _norm(1.0 / a)
+        assert _close(r.residual_norm, _norm(1.0 - a * x), np.float32, 1.0)

@@ -79,6 +79,7 @@ class _CGState(NamedTuple):
     negdir: PyTree
     finite: jax.Array
     curvmax: jax.Array  # largest curvature d^T A d met by a step (d = p / pn, ||d|| ~ 1)
+    xs: jax.Array  # x is held as x * xs, xs a power of two near the first step's curvature
 
 
 def _cast_like(y: PyTree, like: PyTree) -> PyTree:
@@ -135,7 +136,7 @@ def _cg_finish(s: _CGState, sigma, tol):
     """
     converged = s.finite & (s.rnorm <= tol)
     aux = (s.step, s.num_matvecs, s.rnorm * sigma, converged, s.negcurv, s.negdir, s.finite)
-    return _tree.scale(sigma, s.x), aux
+    return _tree.scale(sigma / s.xs, s.x), aux  # (powers of two: exact)
 
 
 def _result(x, num_steps, num_matvecs, residual_norm, converged, negcurv, negdir,
@@ -200,7 +201,7 @@ def _cg_init(rhs, x0, sigma, rnorm0, tol, finite0, max_steps, acc):
         pnorm=xp.zeros((), acc), rnorm=rnorm0,
         moved=xp.asarray(False), step=xp.zeros((), xp.int32),
         num_matvecs=xp.zeros((), xp.int32), negcurv=xp.asarray(False), negdir=zeros,
-        finite=finite0, curvmax=xp.zeros((), acc),
+        finite=finite0, curvmax=xp.zeros((), acc), xs=xp.ones((), acc),
     )
     return init, x0
 
@@ -232,7 +233,8 @@ def _cg_direction(s: _CGState, x0, precond, acc):
     pn = _tree.pow2_floor(pnorm)
     # s.p holds d_prev = p_prev / pn_prev, pn_prev = pow2_floor(s.pnorm) (kept together)
     d = _tree.add_scale(_tree.scale(1.0 / pn, z), beta * (_tree.pow2_floor(s.pnorm) / pn), s.p)
-    v = _tree.where(in_step, d, _tree.where(s.phase == _WARM, x0, s.x))
+    x = _tree.scale(1.0 / s.xs, s.x)  # (the iterate, held scaled: `_CGState.xs`)
+    v = _tree.where(in_step, d, _tree.where(s.phase == _WARM, x0, x))
     return d, rz, v, pn, pnorm
 
 
@@ -262,10 +264,18 @@ def _cg_advance(s: _CGState, rhs, x0, d, rz, v, pn, pnorm, w, tol, max_steps, ac
     negcurv = in_step & fin & (vw <= xp.finfo(acc).eps * curvmax) & (s.rnorm > 0)
     good = in_step & fin & ~negcurv
     # the step along v = d = p / pn (pn a power of two, ||d|| of order one): rz / (p^T A p)
-    # along p, in an order that neither underflows nor overflows
-    alpha = (rz / pn) / xp.where(good, vw, 1.0)
-    x_step = _tree.add_scale(s.x, alpha, v)
-    r_step = _tree.add_scale(s.r, -alpha, w_safe)
+    # along p, ``alpha = (rz / pn) / vw``. It is of size 1 / ||A|| times the residual, and
+    # near the format's ``tiny`` it fell below the normal range, which XLA flushes to zero
+    # and NumPy keeps (float32, ||A|| = 1e33 ||b||: the compiled solve stagnated near a
+    # relative residual of 1e-5, at 1e36 it took a positive diagonal for negative curvature;
+    # the eager one converged). So the step is taken on the scale ``xs``, a power of two
+    # fixed at the first step near its curvature (exact): ``alpha xs`` on ``w / xs``, and the
+    # iterate is held as ``x xs``
+    xs = xp.where(good & (s.step == 0), _tree.pow2_floor(xp.abs(vw)), s.xs)
+    alpha_xs = (rz / pn) / (xp.where(good, vw, 1.0) / xs)
+    x_held = _tree.scale(xs / s.xs, s.x)  # (a power of two: 1, or xs at the first step)
+    x_step = _tree.add_scale(x_held, alpha_xs, v)
+    r_step = _tree.add_scale(s.r, -alpha_xs, _tree.scale(1.0 / xs, w_safe))
 
     # _CHECK: the true residual of the returned iterate
     r_true = _tree.sub(rhs, w_safe)
@@ -290,7 +300,7 @@ def _cg_advance(s: _CGState, rhs, x0, d, rz, v, pn, pnorm, w, tol, max_steps, ac
         pnorm=xp.where(good, pnorm, s.pnorm), rnorm=rnorm, moved=moved, step=step,
         num_matvecs=s.num_matvecs + 1, negcurv=negcurv_all,
         negdir=_tree.where(negcurv, _tree.scale(pn, d), s.negdir), finite=finite,
-        curvmax=curvmax,
+        curvmax=curvmax, xs=xs,
     )
 
 
