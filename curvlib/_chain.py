@@ -250,7 +250,7 @@ def learning_rate_link(learning_rate, *, optional: bool = True) -> optax.Gradien
 
     A first-order alias (``optional=False``) has no full step: ``None`` is refused.
     """
-    _validate.learning_rate(learning_rate, optional=optional)
+    _validate.number(learning_rate, "learning_rate", optional=optional, schedule=True)
     if learning_rate is None:
         return optax.scale(-1.0)
     return optax.scale_by_learning_rate(learning_rate)

@@ -266,8 +266,8 @@ def as_operator(fn: Callable | None, example: PyTree, name: str = "matvec",
     _validate.float_leaves(example, example_name)
     if is_pytree_operator(fn):
         return fn
-    return traced_program(fn, example, check=lambda out_shape: _validate.product(
-        example, out_shape, example_name, f"{name}({example_name})"))
+    return traced_program(fn, example, check=lambda out_shape: _validate.same_structure(
+        example, out_shape, example_name, f"{name}({example_name})", floating=True))
 
 
 def traced_program(fn: Callable, example: PyTree, check: Callable | None = None) -> Partial:

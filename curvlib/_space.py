@@ -275,7 +275,7 @@ def flat_product(matvec, like, x):
     and size, shared by every eager caller (the answer-now solvers, the landscape)."""
     space = Space(like, "concat")
     out = matvec(space.unflatten(x))
-    _validate.product(like, out, "v0", "matvec(v0)")  # (at the trace only)
+    _validate.same_structure(like, out, "v0", "matvec(v0)", floating=True)  # (at the trace only)
     return space.flatten(out)
 
 

@@ -40,6 +40,23 @@ def dtype(tree: PyTree):
     return jnp.result_type(*jax.tree.leaves(tree))
 
 
+def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
+    """``[(keystr(path), leaf), ...]`` in leaf order (the paths messages name)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(jax.tree_util.keystr(path), leaf) for path, leaf in flat]
+
+
+def leading_axis(x) -> int | None:
+    """The length of ``x``'s leading axis, or ``None`` for a scalar."""
+    shape = tuple(jnp.shape(x))
+    return shape[0] if shape else None
+
+
+def avals(tree: PyTree) -> tuple:
+    """``((shape, dtype name), ...)`` of the leaves: a hashable part of a cache key."""
+    return tuple((tuple(jnp.shape(x)), str(jnp.result_type(x))) for x in jax.tree.leaves(tree))
+
+
 # ------------------------------------------------------ explicit sharding types
 
 

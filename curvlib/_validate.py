@@ -13,24 +13,22 @@ naming the pytree path (`jax.tree_util.keystr`) when one leaf is at fault.
 check                          for
 =============================  =====================================================
 `static_int`             ints that fix a shape or a program (``k``, ``basis_size``)
-`number`                 real hyperparameters: ``>= 0``, ``> 0``, in a range
-`learning_rate`          a step size: a real scalar or a schedule (``None``: the caller's)
-`ordered`                two bounds in order (``min_damping <= max_damping``)
+`number`                 real hyperparameters: ``>= 0``, ``> 0``, in a range; a step
+                         size (a scalar or a schedule, with ``schedule``); a bound
+                         above another (``max_damping`` above ``min_damping``)
 `one_of`                 an option among fixed choices (``which``, ``mode``)
 `prng_key`               one PRNG key; required unless optional (never a default)
-`float_leaves`           a non-empty pytree of real floating arrays (``params``)
-`same_structure`         a pytree shaped like another (``x0`` like ``b``, ``state``)
-`product`                an operator's output: shaped like its input, real floating
+`float_leaves`           a non-empty pytree of real floating arrays (``params``, outputs)
+`same_structure`         a pytree shaped like another (``x0`` like ``b``, ``state``,
+                         an operator's output like its input: real floating)
 `scalar_loss`            a loss's output: one real floating scalar (not per-sample)
 `aux_output`             a function's output: ``(primary, aux)`` with ``has_aux``
-`basis`                  a stack of ``D`` vectors shaped like ``params`` (eigenvectors)
-`orthonormal`            a concrete basis with orthonormal rows (``U U^T = I``)
+`basis`                  a stack of ``D`` orthonormal vectors shaped like ``params``
 `tangent`                a real vector shaped (and sharded) like its reference, by leaf path
 `batched`                batched arguments sharing one leading (sample) axis
 `batch_argnums`          which extra arguments are batched (``batch_argnums``)
 `microbatch`             ``microbatch_size`` with its batch (`batch_argnums`, `batched`)
 `concrete`               a pytree with no traced leaf (host-driven operators)
-`float_outputs`          per-batch outputs to average: floating leaves
 `float_dtype`            a dtype option (``basis_dtype``): a real floating dtype
 `positive_grid`          a scale or a 1-D grid of them, finite and > 0 (``sigma``)
 `functions`              a callable, or a tuple of them (``ggn=(model_fn, loss_fn)``)
@@ -127,12 +125,17 @@ def _range(lo, hi, exclusive: bool = False) -> str:
 
 def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
            finite: bool = True, optional: bool = False, integer: bool = False,
-           what: str | None = None, runtime_arrays: bool = False, scalar: bool = False):
+           what: str | None = None, runtime_arrays: bool = False, scalar: bool = False,
+           schedule: bool = False, above: tuple | None = None):
     """A real hyperparameter in a range; concrete values are checked, traced ones pass.
 
     ``x`` may be a scalar or an array (every entry is checked): ``minimum`` is
     exclusive with ``exclusive`` (``> 0``), ``maximum`` inclusive. A traced
-    value (``optax.inject_hyperparams`` under ``jit``) is returned as is.
+    value (``optax.inject_hyperparams`` under ``jit``) is returned as is. With
+    ``schedule``, ``x`` is a step size: one real finite scalar or a schedule (a
+    callable of the step count, returned as is); a string, a bool or an array
+    with more than one entry is refused (a ``(1,)`` array would silently reshape
+    every scalar of an optimizer's state).
 
     Args:
       x: the value.
@@ -147,6 +150,9 @@ def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
         computed at run time (an optimizer's adaptive damping) must show up in the
         result's flags, not as an exception in the middle of a run.
       scalar: refuse anything but one number (its shape is checked, traced or not).
+      schedule: accept a callable (a learning-rate schedule); implies ``scalar``.
+      above: ``(lo, name_lo)``: another argument ``x`` must not be below
+        (``min_damping`` for ``max_damping``); a traced or ``None`` one passes.
 
     Returns:
       ``x`` unchanged.
@@ -163,6 +169,18 @@ def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
       ...
       ValueError: `damping` must be >= 0; got -1.0.
     """
+    if above is not None and x is not None and above[0] is not None and not any(
+            isinstance(b, jax.core.Tracer) for b in (x, above[0])):
+        if not np.all(np.asarray(above[0], np.float64) <= np.asarray(x, np.float64)):
+            raise ValueError(f"`{above[1]}` must be <= `{name}`; got {above[0]!r} > {x!r}.")
+    if schedule:
+        step = "a real finite scalar or a schedule (a callable of the step count)"
+        if x is None and not optional or isinstance(x, (str, bytes, bool)):
+            raise ValueError(f"`{name}` must be {step}; got {x!r}.")
+        if callable(x):
+            return x
+        if x is not None and np.ndim(x) != 0:
+            raise ValueError(f"`{name}` must be {step}; got {describe_shape(x)} {x!r}.")
     if scalar and x is not None and jnp.ndim(x) != 0:
         raise ArgumentError(f"`{name}` must be a real scalar; got shape {tuple(jnp.shape(x))}.")
     if (x is None and optional) or isinstance(x, jax.core.Tracer):
@@ -190,39 +208,6 @@ def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
     return x
 
 
-def learning_rate(x, name: str = "learning_rate", *, optional: bool = True):
-    """A step size: one real finite scalar, or a schedule (a callable of the step count).
-
-    ``None`` (with ``optional``) is the caller's own meaning (the full step of a
-    second-order alias); a traced scalar (``optax.inject_hyperparams``) passes. A
-    string, a bool or an array with more than one entry is refused: a ``(1,)`` array
-    would silently reshape every scalar of the optimizer's state.
-    """
-    what = "a real finite scalar or a schedule (a callable of the step count)"
-    if x is None:
-        if optional:
-            return x
-        raise ValueError(f"`{name}` must be {what}; got None.")
-    if callable(x):
-        return x
-    if isinstance(x, (str, bytes, bool)):
-        raise ValueError(f"`{name}` must be {what}; got {x!r}.")
-    if np.ndim(x) != 0:
-        raise ValueError(f"`{name}` must be {what}; got {describe_shape(x)} {x!r}.")
-    if isinstance(x, jax.core.Tracer):
-        return x
-    return number(x, name)
-
-
-def ordered(lo, hi, name_lo: str, name_hi: str) -> None:
-    """``lo <= hi`` for two concrete bounds (``min_damping``, ``max_damping``); traced or
-    ``None`` bounds pass."""
-    if lo is None or hi is None or any(isinstance(x, jax.core.Tracer) for x in (lo, hi)):
-        return
-    if not np.all(np.asarray(lo, np.float64) <= np.asarray(hi, np.float64)):
-        raise ValueError(f"`{name_lo}` must be <= `{name_hi}`; got {lo!r} > {hi!r}.")
-
-
 def one_of(x, name: str, choices):
     """``x`` if it is one of ``choices``, else a ``ValueError`` listing them.
 
@@ -248,7 +233,7 @@ def prng_key(key, name: str = "key", *, optional: bool = False):
         raise ValueError(f"`{name}` is required (an explicit PRNG key; there is no default "
                          "key); got None.")
     dt = getattr(key, "dtype", None)
-    if dt is not None and is_key_dtype(dt):
+    if dt is not None and jax.dtypes.issubdtype(dt, jax.dtypes.prng_key):
         if jnp.shape(key) != ():
             raise ValueError(f"`{name}` must be a single PRNG key; got a key array of shape "
                              f"{jnp.shape(key)} (vmap over keys instead).")
@@ -257,11 +242,6 @@ def prng_key(key, name: str = "key", *, optional: bool = False):
         return key
     raise ValueError(f"`{name}` must be a PRNG key (`jax.random.key(0)` or "
                      f"`jax.random.PRNGKey(0)`); got {key!r}.")
-
-
-def is_key_dtype(dt) -> bool:
-    """Whether ``dt`` is a typed PRNG key dtype (``jax.random.key``)."""
-    return jax.dtypes.issubdtype(dt, jax.dtypes.prng_key)
 
 
 _KEY_ADVICE = ("A key is not a parameter. Do not cast it: pass the key to the function as an "
@@ -285,7 +265,8 @@ _INIT_ADVICE = (
 )
 
 
-def float_leaves(tree, name: str, *, init: str | None = None) -> None:
+def float_leaves(tree, name: str, *, init: str | None = None,
+                 advice: str | None = None) -> None:
     """Raise unless ``tree`` is a non-empty pytree of real floating arrays.
 
     The message names the offending leaf by its pytree path
@@ -300,13 +281,16 @@ def float_leaves(tree, name: str, *, init: str | None = None) -> None:
       init: the optax transform whose ``init`` checks its ``params``
         (``"scale_by_newton_cg"``): the message starts ``"scale_by_newton_cg.init: "``
         and its advice is about optimizer states (flax ``nnx.Param`` filters).
+      advice: the sentence that ends the message instead of the advice about
+        parameters (outputs a streamed operator averages must be floating means).
 
     Raises:
       ArgumentError: (a ``ValueError`` and a ``TypeError``) for an empty tree or
         a leaf that is not real floating.
     """
     prefix = f"{init}.init: " if init else ""
-    key_advice, advice = (_INIT_KEY_ADVICE, _INIT_ADVICE) if init else (_KEY_ADVICE, _ADVICE)
+    key_advice, default = (_INIT_KEY_ADVICE, _INIT_ADVICE) if init else (_KEY_ADVICE, _ADVICE)
+    key_advice, advice = (advice, advice) if advice else (key_advice, default)
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     if not flat:
         raise ArgumentError(f"{prefix}`{name}` must hold at least one floating array; got an "
@@ -314,7 +298,7 @@ def float_leaves(tree, name: str, *, init: str | None = None) -> None:
     for path, x in flat:
         dt = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
         where = f"{prefix}`{name}{keystr(path)}` must be a real floating array; got"
-        if is_key_dtype(dt):
+        if jax.dtypes.issubdtype(dt, jax.dtypes.prng_key):
             raise ArgumentError(f"{where} a PRNG key (dtype {dt}). {key_advice}")
         if jnp.issubdtype(dt, jnp.complexfloating):
             raise ArgumentError(
@@ -329,7 +313,8 @@ def float_leaves(tree, name: str, *, init: str | None = None) -> None:
             raise ArgumentError(f"{where} dtype {jnp.dtype(dt).name}.{raw} {advice}")
 
 
-def same_structure(a, b, name_a: str, name_b: str, *, what: str = "") -> None:
+def same_structure(a, b, name_a: str, name_b: str, *, what: str = "",
+                   floating: bool = False) -> None:
     """Raise ``ValueError`` unless ``b`` has ``a``'s pytree structure and leaf shapes.
 
     ``a`` and ``b`` may hold arrays or ``jax.ShapeDtypeStruct`` s (the output of
@@ -338,8 +323,13 @@ def same_structure(a, b, name_a: str, name_b: str, *, what: str = "") -> None:
 
     Args:
       a, b: the reference pytree and the one checked against it.
-      name_a, name_b: their names in the message (``"params"``, ``"tangent"``).
+      name_a, name_b: their names in the message (``"params"``, ``"tangent"``,
+        ``"v0"`` and ``"matvec(v0)"``).
       what: optional words appended to the message (the fix).
+      floating: ``b`` is an operator's output for the input ``a``: every leaf
+        must also be a real floating array (an integer product gave wrong
+        eigenvalues marked converged; a complex one lost its imaginary part in
+        the cast to the vector's dtype).
     """
     tail = (" " + what) if what else ""
     ta, tb = jax.tree.structure(a), jax.tree.structure(b)
@@ -358,13 +348,17 @@ def same_structure(a, b, name_a: str, name_b: str, *, what: str = "") -> None:
             f"{name_a}: {ta} and {name_b}: {tb}.{detail}{tail}"
         )
     for (path, x), (_, y) in zip(fa, fb, strict=True):
+        p = keystr(path)
         if tuple(jnp.shape(x)) != tuple(jnp.shape(y)):
-            p = keystr(path)
             raise ValueError(
                 f"`{name_b}` must match `{name_a}` in pytree structure and leaf shapes; got "
                 f"{name_b}{p} of shape {tuple(jnp.shape(y))} where {name_a}{p} has shape "
                 f"{tuple(jnp.shape(x))}.{tail}"
             )
+        dt = jnp.result_type(y)
+        if floating and not jnp.issubdtype(dt, jnp.floating):
+            raise ArgumentError(f"`{name_b}{p}` must be a real floating array like "
+                                f"`{name_a}`; got dtype {dt}.")
 
 
 def scalar_loss(out, name: str, *, has_aux: bool | None = False):
@@ -419,7 +413,7 @@ def tangent(v, sig, like: str = "params", name: str = "tangent", *,
     message names the leaf by its path.
     """
     treedef, paths, shapes, specs = sig
-    vleaves = _paths(v)
+    vleaves = _tree.leaves_with_paths(v)
     leaves = [x for _, x in vleaves]
     if by_path:
         vpaths = tuple(p for p, _ in vleaves)
@@ -456,21 +450,10 @@ def tangent(v, sig, like: str = "params", name: str = "tangent", *,
             )
 
 
-def _paths(tree) -> list:
-    """``[(keystr(path), leaf), ...]`` in leaf order."""
-    return [(keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def leading_axis(x):
-    """The length of ``x``'s leading axis, or ``None`` for a scalar."""
-    shape = tuple(jnp.shape(x))
-    return shape[0] if shape else None
-
-
 def describe_shape(x) -> str:
     """``"shape (...)"``, or ``"a PRNG key of shape (...)"`` for a typed key."""
     dt = getattr(x, "dtype", None)
-    if dt is not None and is_key_dtype(dt):
+    if dt is not None and jax.dtypes.issubdtype(dt, jax.dtypes.prng_key):
         return f"a PRNG key of shape {tuple(jnp.shape(x))}"
     return f"shape {tuple(jnp.shape(x))}"
 
@@ -487,13 +470,14 @@ def batched(args: tuple, argnums: tuple[int, ...], name: str = "args",
     """
     named = [(f"{name}[{i}]", args[i]) for i in argnums]
     named += [(f"{extra_name}[{j}]", a) for j, a in enumerate(extra)]
-    flat = [(f"{base}{path}", x) for base, tree in named for path, x in _paths(tree)]
+    flat = [(f"{base}{path}", x) for base, tree in named
+            for path, x in _tree.leaves_with_paths(tree)]
     if not flat:
         raise ValueError(
             f"microbatching needs batched arrays, but the batched arguments ({name}"
             f"{list(argnums)}) hold no array."
         )
-    axes = [leading_axis(x) for _, x in flat]
+    axes = [_tree.leading_axis(x) for _, x in flat]
     counts = {}
     for a in axes:
         if a is not None:
@@ -505,10 +489,10 @@ def batched(args: tuple, argnums: tuple[int, ...], name: str = "args",
         if n is not None and a == n:
             continue
         arg = where[: where.index("]") + 1]
-        whole = all(leading_axis(y) != n for w, y in flat if w[: w.index("]") + 1] == arg)
+        whole = all(_tree.leading_axis(y) != n for w, y in flat if w[: w.index("]") + 1] == arg)
         fits = tuple(
             i for i, t in enumerate(args)
-            if jax.tree.leaves(t) and all(leading_axis(y) == n for y in jax.tree.leaves(t))
+            if jax.tree.leaves(t) and all(_tree.leading_axis(y) == n for y in jax.tree.leaves(t))
         )
         if whole and arg.startswith(name) and fits:
             fix = (f"Pass `batch_argnums` to name the batched arguments (here "
@@ -551,21 +535,6 @@ def concrete(tree, name: str, *, loop: bool = False) -> None:
         "host data. Call it eagerly, or hand it to a curvlib algorithm that drives "
         "host-driven operators from the host."
     )
-
-
-def float_outputs(out, what: str) -> None:
-    """Raise ``TypeError`` unless every leaf of ``out`` is floating (a mean to average).
-
-    Accepts arrays or ``jax.ShapeDtypeStruct`` s (``jax.eval_shape``) of any
-    floating dtype; ``what`` names the caller (``"a streamed operator"``) and the
-    message names the offending output by its pytree path.
-    """
-    for path, o in _paths(out):
-        if not jnp.issubdtype(o.dtype, jnp.floating):
-            raise TypeError(
-                f"{what} averages its per-batch outputs over the stream, so they must "
-                f"be floating means; output{path} has dtype {o.dtype}."
-            )
 
 
 def float_dtype(x, name: str, *, optional: bool = False):
@@ -665,13 +634,14 @@ def operator(op, example, name: str = "matvec", example_name: str = "v0") -> Non
         return
 
     def check():
-        product(example, jax.eval_shape(op, example), example_name, f"{name}({example_name})")
+        same_structure(example, jax.eval_shape(op, example), example_name,
+                       f"{name}({example_name})", floating=True)
 
     if jax.tree_util.treedef_is_leaf(jax.tree.structure(op)):  # a plain callable
         return check()
     try:
-        sig = (jax.tree.structure(op), _avals(op), jax.tree.structure(example), _avals(example),
-               name)
+        sig = (jax.tree.structure(op), _tree.avals(op), jax.tree.structure(example),
+               _tree.avals(example), name)
         hash(sig)
     except TypeError:  # unhashable static parts: check every time
         return check()
@@ -680,27 +650,6 @@ def operator(op, example, name: str = "matvec", example_name: str = "v0") -> Non
         if len(_CHECKED_OPERATORS) >= 512:
             _CHECKED_OPERATORS.clear()
         _CHECKED_OPERATORS[sig] = True
-
-
-def product(like, out, like_name: str, name: str) -> None:
-    """Raise unless an operator's output ``out`` is shaped like its input ``like``
-    (`same_structure`) and every leaf is a real floating array.
-
-    An integer product (wrong eigenvalues, "converged") or a complex one (its
-    imaginary part dropped by the cast to the vector's dtype) was taken silently.
-    ``out`` may hold ``jax.ShapeDtypeStruct`` s; ``name`` is the product's name
-    in the message (``"matvec(v0)"``).
-    """
-    same_structure(like, out, like_name, name)
-    for path, y in jax.tree_util.tree_flatten_with_path(out)[0]:
-        dt = jnp.result_type(y)
-        if not jnp.issubdtype(dt, jnp.floating):
-            raise ArgumentError(f"`{name}{keystr(path)}` must be a real floating array like "
-                                f"`{like_name}`; got dtype {dt}.")
-
-
-def _avals(tree) -> tuple:
-    return tuple((tuple(jnp.shape(x)), str(jnp.result_type(x))) for x in jax.tree.leaves(tree))
 
 
 def batch_argnums(batch_argnums, num_args: int, name: str = "args") -> tuple[int, ...]:
@@ -778,22 +727,53 @@ def aux_output(out, name: str, has_aux, *, what: str = "loss"):
 _gram = jax.jit(_tree.basis_gram)
 
 
-def orthonormal(basis, name: str = "eigenvectors") -> None:
-    """Refuse a concrete basis whose rows are not orthonormal (``max |U U^T - I|`` above
-    ``max(0.05, 10 sqrt(eps))`` of its dtype): the estimators built on ``U`` assume it,
-    and a basis scaled by 2 or with more vectors than dimensions gave numbers with no
-    meaning. The tolerance catches misuse, not rounding: a Ritz basis kept in bfloat16
-    is orthonormal to about 3e-3. A traced basis passes (nothing to compare). Cost: one
-    ``D x D`` Gram matrix."""
-    leaves = jax.tree.leaves(basis)
+def basis(eigenvectors, params=None, name: str = "eigenvectors") -> int | None:
+    """The number ``D`` of vectors in ``eigenvectors``, an orthonormal stack shaped like ``params``.
+
+    Accepts a pytree with ``params``' structure whose every leaf is the
+    matching ``params`` leaf with one extra leading axis of the same length
+    ``D >= 1`` on every leaf (the message names the leaf at fault); ``params=None``:
+    a basis whose layout its caller has checked, of which only the rows are
+    checked (and ``None`` returned). A concrete basis must have orthonormal rows:
+    ``max |U U^T - I|`` at most ``max(0.05, 10 sqrt(eps))`` of its dtype (the
+    estimators built on ``U`` assume it, and a basis scaled by 2 or with more
+    vectors than dimensions gave numbers with no meaning). The tolerance catches
+    misuse, not rounding: a Ritz basis kept in bfloat16 is orthonormal to about
+    3e-3. A traced basis passes (nothing to compare). Cost: one ``D x D`` Gram
+    matrix.
+    """
+    D = None
+    if params is not None:
+        if jax.tree.structure(params) != jax.tree.structure(eigenvectors):
+            raise ValueError(
+                f"`{name}` must have the structure of `params` with a leading axis D "
+                f"(got {jax.tree.structure(eigenvectors)} vs {jax.tree.structure(params)})."
+            )
+        dims = {}
+        for (path, p), e in zip(_tree.leaves_with_paths(params), jax.tree.leaves(eigenvectors),
+                                strict=True):
+            if jnp.ndim(e) != jnp.ndim(p) + 1 or jnp.shape(e)[1:] != jnp.shape(p):
+                raise ValueError(
+                    f"every leaf of `{name}` must be the matching `params` leaf with one extra "
+                    f"leading axis D; at `{name}{path}` got shape {jnp.shape(e)} for a "
+                    f"parameter of shape {jnp.shape(p)}."
+                )
+            dims[path] = jnp.shape(e)[0]
+        if len(set(dims.values())) != 1 or 0 in dims.values():
+            raise ValueError(
+                f"`{name}` leaves disagree on the leading axis D (the number of vectors): "
+                + ", ".join(f"{name}{p}: {d}" for p, d in dims.items()) + "."
+            )
+        D = next(iter(dims.values()))
+    leaves = jax.tree.leaves(eigenvectors)
     if not leaves:
-        return
-    float_leaves(basis, name)
+        return D
+    float_leaves(eigenvectors, name)
     if any(isinstance(x, jax.core.Tracer) for x in leaves):
-        return
-    G = _gram(basis, basis)  # (one small program per shapes: op by op, one per op)
+        return D
+    G = _gram(eigenvectors, eigenvectors)  # (one small program per shapes: op by op, one per op)
     if isinstance(G, jax.core.Tracer):  # inside a caller's jit of constants
-        return
+        return D
     G = np.asarray(G, np.float64)
     err = float(np.max(np.abs(G - np.eye(G.shape[0])))) if G.size else 0.0
     tol = max(0.05, 10.0 * float(np.sqrt(jnp.finfo(jnp.result_type(*leaves)).eps)))
@@ -802,35 +782,4 @@ def orthonormal(basis, name: str = "eigenvectors") -> None:
             f"`{name}` must be an orthonormal basis (rows with U U^T = I, as `eigsh` and "
             f"`curvature_subspace` return them); got max |U U^T - I| = {err:.3g} "
             f"(tolerance {tol:.2g}).")
-
-
-def basis(eigenvectors, params, name: str = "eigenvectors") -> int:
-    """The number ``D`` of vectors in ``eigenvectors``, a stack of vectors shaped like ``params``.
-
-    Accepts a pytree with ``params``' structure whose every leaf is the
-    matching ``params`` leaf with one extra leading axis of the same length
-    ``D >= 1`` on every leaf, orthonormal when concrete (`orthonormal`); the message
-    names the leaf at fault.
-    """
-    if jax.tree.structure(params) != jax.tree.structure(eigenvectors):
-        raise ValueError(
-            f"`{name}` must have the structure of `params` with a leading axis D "
-            f"(got {jax.tree.structure(eigenvectors)} vs {jax.tree.structure(params)})."
-        )
-    paths = jax.tree_util.tree_flatten_with_path(params)[0]
-    dims = {}
-    for (path, p), e in zip(paths, jax.tree.leaves(eigenvectors), strict=True):
-        if jnp.ndim(e) != jnp.ndim(p) + 1 or jnp.shape(e)[1:] != jnp.shape(p):
-            raise ValueError(
-                f"every leaf of `{name}` must be the matching `params` leaf with one extra "
-                f"leading axis D; at `{name}{jax.tree_util.keystr(path)}` got shape "
-                f"{jnp.shape(e)} for a parameter of shape {jnp.shape(p)}."
-            )
-        dims[jax.tree_util.keystr(path)] = jnp.shape(e)[0]
-    if len(set(dims.values())) != 1 or 0 in dims.values():
-        raise ValueError(
-            f"`{name}` leaves disagree on the leading axis D (the number of vectors): "
-            + ", ".join(f"{name}{p}: {d}" for p, d in dims.items()) + "."
-        )
-    orthonormal(eigenvectors, name)
-    return next(iter(dims.values()))
+    return D

@@ -737,13 +737,12 @@ def scale_by_kfac(
     for name, value in (("damping_every", damping_every), ("statistics_every", statistics_every),
                         ("inverse_every", inverse_every)):
         _validate.number(value, name, minimum=1, integer=True)  # None refused
-    _validate.learning_rate(learning_rate)
+    _validate.number(learning_rate, "learning_rate", optional=True, schedule=True)
     _validate.prng_key(key, optional=True)  # None: the exact Fisher
-    for name, value in (("damping", damping), ("min_damping", min_damping),
-                        ("max_damping", max_damping)):
-        _validate.number(value, name, minimum=0, exclusive=True, finite=name != "max_damping",
-                         optional=True)
-    _validate.ordered(min_damping, max_damping, "min_damping", "max_damping")
+    for name, value in (("damping", damping), ("min_damping", min_damping)):
+        _validate.number(value, name, minimum=0, exclusive=True, optional=True)
+    _validate.number(max_damping, "max_damping", minimum=0, exclusive=True, finite=False,
+                     optional=True, above=(min_damping, "min_damping"))
     _validate.number(ema_decay, "ema_decay", minimum=0.0, maximum=1.0, finite=False)
     if not isinstance(ema_decay, jax.core.Tracer) and float(np.asarray(ema_decay)) >= 1:
         raise ValueError(f"`ema_decay` must lie in [0, 1); got {ema_decay}.")

@@ -564,7 +564,7 @@ def _checked(matvec):
 
     def product(v):
         out = matvec(v)
-        _validate.product(v, out, "v0", "matvec(v0)")
+        _validate.same_structure(v, out, "v0", "matvec(v0)", floating=True)
         return out
 
     return product

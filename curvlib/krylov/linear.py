@@ -545,7 +545,7 @@ def cg(
     def op(v):
         out = slot(v)
         # checked here, at the operator's first (abstract) trace: no extra trace of it
-        _validate.product(b, out, "b", "matvec(b)")
+        _validate.same_structure(b, out, "b", "matvec(b)", floating=True)
         return jax.tree.map(lambda a, x: (a + damping * x).astype(x.dtype), _cast_like(out, v), v)
 
     def solve(op_, rhs):

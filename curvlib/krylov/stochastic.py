@@ -405,7 +405,7 @@ def _trace_precheck(matvec, v_like, key, num_probes, method=None, batch_size=Non
     """Eager checks of values (a traced call checks shapes only)."""
     _validate.prng_key(key)
     if deflate is not None:
-        _validate.orthonormal(deflate, "deflate")
+        _validate.basis(deflate, None, "deflate")
 
 
 def _diag_precheck(matvec, v_like, key, num_probes, batch_size=None):

@@ -400,6 +400,6 @@ def principal_angles(U: PyTree, V: PyTree) -> jax.Array:
                 "`U` and `V` must be bases of the same vectors (a leading basis axis, then "
                 f"matching shapes); leaf {i} has shapes {jnp.shape(u)} and {jnp.shape(v)}."
             )
-    _validate.orthonormal(U, "U")
-    _validate.orthonormal(V, "V")
+    _validate.basis(U, None, "U")
+    _validate.basis(V, None, "V")
     return _principal_angles(U, V)

@@ -20,15 +20,6 @@ from curvlib._compile import weak_cache
 PyTree = Any
 
 
-# ------------------------------------------------------------ pytree paths
-
-
-def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
-    """``[(keystr(path), leaf), ...]`` in leaf order."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(keystr(path), leaf) for path, leaf in flat]
-
-
 @weak_cache
 def value_only(fun: Callable) -> Callable:
     """``fun`` without its auxiliary output: ``(*a) -> fun(*a)[0]`` (cached per ``fun``)."""
@@ -98,7 +89,7 @@ def sub_tree(treedef, leaves, mask):
 
 def signature(tree: PyTree):
     """Hashable (structure, leaf paths, leaf shapes, explicit specs) of ``tree``."""
-    leaves = leaves_with_paths(tree)
+    leaves = _tree.leaves_with_paths(tree)
     return (
         jax.tree.structure(tree),
         tuple(p for p, _ in leaves),

@@ -98,8 +98,8 @@ class HostDrivenRestriction:
     def matmat(self, V):
         """``C_BB V`` for vectors stacked on a leading axis: one pass of the operator."""
         full = self.matvec.matmat(_embed_block(self.matvec.params, self.params, V))
-        paths = {p for p, _ in C.leaves_with_paths(self.params)}
-        picked = [x for p, x in C.leaves_with_paths(full) if p in paths]
+        paths = {p for p, _ in _tree.leaves_with_paths(self.params)}
+        picked = [x for p, x in _tree.leaves_with_paths(full) if p in paths]
         return jax.tree.unflatten(jax.tree.structure(V), picked)
 
 
@@ -107,9 +107,9 @@ def _embed_block(params, sub, V):
     """Stacked block vectors ``V`` placed in stacked zeros shaped like ``params``."""
     k = jnp.shape(jax.tree.leaves(V)[0])[0]
     it = iter(jax.tree.leaves(V))
-    paths = {p for p, _ in C.leaves_with_paths(sub)}
+    paths = {p for p, _ in _tree.leaves_with_paths(sub)}
     leaves = [next(it) if p in paths else jnp.zeros((k,) + jnp.shape(x), jnp.result_type(x))
-              for p, x in C.leaves_with_paths(params)]
+              for p, x in _tree.leaves_with_paths(params)]
     return jax.tree.unflatten(jax.tree.structure(params), leaves)
 
 

@@ -305,7 +305,7 @@ def gradient(
         return ((out[0], out[1]), out[2]) if has_aux else out
     if has_aux:
         aux_shape = jax.eval_shape(fun, params, *args)[1]
-        for path, s in C.leaves_with_paths(aux_shape):
+        for path, s in _tree.leaves_with_paths(aux_shape):
             if not jnp.issubdtype(s.dtype, jnp.floating):
                 raise TypeError(
                     f"under microbatching `aux` is averaged over the chunks like the loss, so "

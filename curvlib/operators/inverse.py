@@ -34,7 +34,6 @@ from curvlib._compile import as_operator, is_host_driven, is_pytree_operator, tr
 from curvlib._status import Status, from_flags, worst
 from curvlib.krylov import cg, eigen
 from curvlib.krylov.solvers import CG, Eigsh, resolve
-from curvlib.operators import _common as C
 
 PyTree = Any
 
@@ -238,7 +237,7 @@ def _given_eigenpairs(eigenpairs, damping):
         raise ValueError("`eigenpairs` eigenvalues must be a 1-D real floating array; got "
                          f"{jnp.result_type(vals)}{tuple(jnp.shape(vals))}.")
     r = jnp.shape(vals)[0]
-    for path, leaf in C.leaves_with_paths(vecs):
+    for path, leaf in _tree.leaves_with_paths(vecs):
         if jnp.shape(leaf)[:1] != (r,):
             raise ValueError(
                 f"`eigenpairs` eigenvectors must carry a leading axis of length {r} (one "
@@ -246,7 +245,7 @@ def _given_eigenpairs(eigenpairs, damping):
             )
     # the inverse is (U diag(theta) U^T + lambda)^-1 only for orthonormal U and
     # theta + lambda > 0: anything else gave answers of the wrong sign, "converged"
-    _validate.orthonormal(vecs, "eigenpairs")
+    _validate.basis(vecs, None, "eigenpairs")
     if not _compile.tracing(vals, damping):
         low = float(np.min(np.asarray(vals) + np.asarray(damping))) if r else 1.0
         if not low > 0:

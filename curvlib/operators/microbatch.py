@@ -22,8 +22,6 @@ import numpy as np
 from curvlib import _tree
 from curvlib._compile import run_program, traced_program, tracing, weak_cache
 from curvlib._validate import describe_shape as _describe
-from curvlib._validate import leading_axis as _leading_axis
-from curvlib.operators._common import leaves_with_paths
 
 PyTree = Any
 
@@ -35,20 +33,20 @@ def batch_size(tree: PyTree, name: str) -> int:
       ValueError: for an empty tree, a sample axis of length 0, or a leaf without that
         leading axis (named by path).
     """
-    leaves = leaves_with_paths(tree)
+    leaves = _tree.leaves_with_paths(tree)
     if not leaves:
         raise ValueError(
             f"`{name}` is an empty pytree; expected arrays with a leading sample axis."
         )
     first_path, first = leaves[0]
-    n = _leading_axis(first)
+    n = _tree.leading_axis(first)
     if n is None:
         raise ValueError(
             f"every leaf of `{name}` needs a leading sample axis; `{name}{first_path}` has "
             f"{_describe(first)}."
         )
     for path, x in leaves[1:]:
-        if _leading_axis(x) != n:
+        if _tree.leading_axis(x) != n:
             raise ValueError(
                 f"every leaf of `{name}` must share the leading sample axis; "
                 f"`{name}{first_path}` has length {n} but `{name}{path}` has {_describe(x)}."

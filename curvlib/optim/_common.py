@@ -110,11 +110,6 @@ def linearized_loss(loss: Loss, params: PyTree):
 # ------------------------------------------------------------ microbatching
 
 
-def _leading(x) -> int | None:
-    shape = jnp.shape(x)
-    return shape[0] if len(shape) >= 1 else None
-
-
 def split_batched(kw: dict, name: str = "value_fn"):
     """Split the leaves of ``kw`` into batched ones (a shared leading axis) and the rest.
 
@@ -131,7 +126,7 @@ def split_batched(kw: dict, name: str = "value_fn"):
       ValueError: if no extra argument has a leading axis to split.
     """
     leaves, treedef = jax.tree.flatten(kw)
-    lengths = [_leading(x) for x in leaves]
+    lengths = [_tree.leading_axis(x) for x in leaves]
     counts: dict[int, int] = {}
     for n in lengths:
         if n is not None:

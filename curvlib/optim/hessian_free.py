@@ -493,8 +493,7 @@ def _checked_options(damping, min_damping, max_damping, damping_increase, dampin
     _validate.number(damping, "damping", minimum=0, optional=True)
     _validate.number(min_damping, "min_damping", minimum=0, optional=True)
     _validate.number(max_damping, "max_damping", minimum=0, exclusive=True, finite=False,
-                     optional=True)
-    _validate.ordered(min_damping, max_damping, "min_damping", "max_damping")
+                     optional=True, above=(min_damping, "min_damping"))
     cg = resolve(CG, cg, "cg")
     _validate.number(damping_increase, "damping_increase", minimum=1, finite=False)
     _validate.number(damping_decrease, "damping_decrease", minimum=0, maximum=1, exclusive=True,
