@@ -40,7 +40,6 @@ from curvlib.landscape.estimators import (
     _direct_mc,
     _estimate,
     _full_mc,
-    _grid,
     delta2_closed_form_terms,
     delta2_spectral,
 )
@@ -350,12 +349,12 @@ def direct_mc_step(loss_fn, params, plan: _Plan, k: int, sub, key):
     c = plan.config
     out = np.full((2, len(plan.dims), len(plan.sigmas)), np.nan)
     U = _cast_basis(sub.eigenvectors, params)
-    sigma, grid = _grid(plan.sigmas, _tree.dtype(params))
+    grid = jnp.asarray(plan.sigmas, _tree.dtype(params))  # (checked by plan_curve)
     for j, d in enumerate(plan.dims):
         mean, se = jax.block_until_ready(_direct_mc(
             loss_fn, params, plan.data, k, U, jnp.asarray(d), grid, key, c.num_samples,
             bool(c.antithetic), c.microbatch_size, c.sample_batch_size, None))
-        est = _estimate(mean, se, sigma, c.num_samples, c.antithetic)
+        est = _estimate(mean, se, grid, c.num_samples, c.antithetic)
         out[:, j] = np.asarray(est.estimate), np.asarray(est.stderr)
     return out
 
@@ -363,11 +362,11 @@ def direct_mc_step(loss_fn, params, plan: _Plan, k: int, sub, key):
 def full_mc_step(loss_fn, params, plan: _Plan, k: int, key):
     """Full-space ``Delta_2`` on the ``sigma`` grid: ``(2, nS)``."""
     c = plan.config
-    sigma, grid = _grid(plan.sigmas, _tree.dtype(params))
+    grid = jnp.asarray(plan.sigmas, _tree.dtype(params))  # (checked by plan_curve)
     mean, se = jax.block_until_ready(_full_mc(
         loss_fn, params, plan.data, k, grid, key, c.full_samples, bool(c.antithetic),
         c.microbatch_size, c.sample_batch_size))
-    est = _estimate(mean, se, sigma, c.full_samples, c.antithetic)
+    est = _estimate(mean, se, grid, c.full_samples, c.antithetic)
     return np.stack([np.asarray(est.estimate), np.asarray(est.stderr)])
 
 

@@ -274,7 +274,11 @@ def subspace_normals(key: jax.Array, num_samples: int, dim: int, dtype=jnp.float
     """
     _validate.prng_key(key)
     num_samples = _validate.static_int(num_samples, "num_samples", minimum=1)
-    dim = _validate.static_int(dim, "dim", minimum=1)
+    return _normals(key, num_samples, _validate.static_int(dim, "dim", minimum=1), dtype)
+
+
+def _normals(key, num_samples: int, dim: int, dtype):
+    """`subspace_normals` of checked arguments (the estimators' own draws)."""
     cols = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (num_samples,), dtype))(
         jnp.arange(dim)
     )
@@ -339,7 +343,7 @@ def _check_sampled(loss_fn, params, data, k, sigma, key, num_samples, microbatch
 @quick_jit(static_argnames=("num_samples", "antithetic"))
 def _quadratic_mc(a, c, B, sig, key, num_samples, antithetic):
     dt = jnp.result_type(a, c, B)
-    z = subspace_normals(key, num_samples, c.shape[0], dt)  # (S, D)
+    z = _normals(key, num_samples, c.shape[0], dt)  # (S, D)
     lin = z @ c  # (S,)
     quad = jnp.einsum("si,ij,sj->s", z, B, z)  # (S,)
     sg = _signs(antithetic, dt)  # (P,)
@@ -406,7 +410,7 @@ def _direct_mc(loss_fn, params, data, k, U, dim, sig, key, num_samples, antithet
                microbatch_size, sample_batch_size, control=None):
     dt = _tree.dtype(params)
     D = _tree.basis_size(U)
-    z = subspace_normals(key, num_samples, D, dt)
+    z = _normals(key, num_samples, D, dt)
     z = jnp.where(jnp.arange(D)[None, :] < dim, z, 0.0)
     sg = _signs(antithetic, dt)
     G, P = sig.shape[0], sg.shape[0]

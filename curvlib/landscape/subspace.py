@@ -69,20 +69,21 @@ def weighted_hessian_matvec(loss_fn: Callable, params: PyTree, data: PyTree, k, 
 )
 def _subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, eigsh, flatten,
               layout=None):
-    if not flatten:
+    if flatten:  # one flat vector: the loss of the unravelled parameters
+        flat, unravel = ravel_pytree(params)
+        flat_loss = lambda theta, batch: loss_fn(unravel(theta), batch)
+        matvec = weighted_hessian_matvec(flat_loss, flat, data, k, _common.MEAN,
+                                         microbatch_size, mode)
+        v0 = jax.random.normal(key, flat.shape, flat.dtype)
+        back = jax.vmap(unravel)
+    else:
         product = weighted_hessian_matvec(loss_fn, params, data, k, _common.MEAN,
                                           microbatch_size, mode)
         matvec = lambda v: _common.constrain(product(v), layout)
         v0 = _common.constrain(_tree.flat_normal_like(key, params), layout)
-        res = eigen.eigsh(matvec, v0, dim, which="LA", solver=eigsh)
-        return res._replace(eigenvectors=_common.constrain(res.eigenvectors, layout, True))
-    flat, unravel = ravel_pytree(params)
-    flat_loss = lambda theta, batch: loss_fn(unravel(theta), batch)
-    matvec = weighted_hessian_matvec(flat_loss, flat, data, k, _common.MEAN, microbatch_size,
-                                     mode)
-    v0 = jax.random.normal(key, flat.shape, flat.dtype)
+        back = lambda U: _common.constrain(U, layout, True)
     res = eigen.eigsh(matvec, v0, dim, which="LA", solver=eigsh)
-    return res._replace(eigenvectors=jax.vmap(unravel)(res.eigenvectors))
+    return res._replace(eigenvectors=back(res.eigenvectors))
 
 
 def _static(eigsh: Eigsh) -> Eigsh:
