@@ -377,9 +377,9 @@ def delta2_quadratic_mc(
       [`MonteCarloEstimate`][curvlib.landscape.MonteCarloEstimate] shaped like ``sigma``; its
       ``stderr`` is the standard error over the ``S`` draws widened by Student's
       ``t_{0.975, S-1} / 1.96``. The draws are squares (right-skewed), so
-      ``estimate +- 1.96 stderr`` covers the true value in fewer than 95% of runs at small
-      ``S`` (60-90% at ``S = 8``, 75-95% at ``S = 32`` on the problems measured): see *Error bars* in
-      `docs/landscape.md`.
+      ``estimate +- 1.96 stderr`` covers the true value in fewer than 95% of runs at
+      small ``S`` (60-90% at ``S = 8``, 75-95% at ``S = 32`` on the problems measured):
+      see *Error bars* in `docs/landscape.md`.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -502,9 +502,9 @@ def delta2_direct_mc(
       [`MonteCarloEstimate`][curvlib.landscape.MonteCarloEstimate] shaped like ``sigma``; its
       ``stderr`` is the standard error over the ``S`` draws widened by Student's
       ``t_{0.975, S-1} / 1.96``. The draws are squares (right-skewed), so
-      ``estimate +- 1.96 stderr`` covers the true value in fewer than 95% of runs at small
-      ``S`` (60-90% at ``S = 8``, 75-95% at ``S = 32`` on the problems measured): see *Error bars* in
-      `docs/landscape.md`.
+      ``estimate +- 1.96 stderr`` covers the true value in fewer than 95% of runs at
+      small ``S`` (60-90% at ``S = 8``, 75-95% at ``S = 32`` on the problems measured):
+      see *Error bars* in `docs/landscape.md`.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -627,9 +627,9 @@ def delta2_full_mc(
       [`MonteCarloEstimate`][curvlib.landscape.MonteCarloEstimate] shaped like ``sigma``; its
       ``stderr`` is the standard error over the ``S`` draws widened by Student's
       ``t_{0.975, S-1} / 1.96``. The draws are squares (right-skewed), so
-      ``estimate +- 1.96 stderr`` covers the true value in fewer than 95% of runs at small
-      ``S`` (60-90% at ``S = 8``, 75-95% at ``S = 32`` on the problems measured): see *Error bars* in
-      `docs/landscape.md`.
+      ``estimate +- 1.96 stderr`` covers the true value in fewer than 95% of runs at
+      small ``S`` (60-90% at ``S = 8``, 75-95% at ``S = 32`` on the problems measured):
+      see *Error bars* in `docs/landscape.md`.
 
     Examples:
       >>> import jax, jax.numpy as jnp
