@@ -490,8 +490,11 @@ def hutchinson_trace(
     seeds (``N = 100``, random eigenvectors): spectrum ``i^-2``: 14.2% at 3
     probes (one remainder probe), 9.5% at 6, 6.2% at 9; ``0.7^i``: 8.1%, 6.1%,
     5.7%; ``1/i``: 3.8%, 6.6%, 6.9%. Other decaying spectra have shown up to
-    about 24% at 3 probes and 12.5% at 6 (200 seeds). Below 9 probes on such a
-    spectrum, read the error bar as a rough scale, not a 95% interval; add probes.
+    about 24% at 3 probes and 12.5% at 6 (200 seeds). Plain Hutchinson with 1-2
+    probes on such spectra misses more too (400 seeds, ``N <= 50``): spectrum
+    ``i^-2`` 19% at 1 probe, 11% at 2; a rank-one ``u u^T`` 24%, 8.5%. Below 9
+    probes on such a spectrum, read the error bar as a rough scale, not a 95%
+    interval; add probes.
 
     Cost: ``num_probes`` products (plus ``d`` for ``deflate`` without
     ``deflate_trace``), as ``vmap``-ed blocks (``lax.map`` chunks of
