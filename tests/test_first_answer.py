@@ -456,6 +456,50 @@ def test_a_script_of_eager_calls_exits_cleanly(tmp_path):
     assert "done True" in out.stdout and "terminate called" not in out.stderr
 
 
+def test_a_second_cache_folder_receives_the_programs_compiled_after_it(tmp_path):
+    """`enable_compilation_cache` called again with another folder: programs compiled from then
+    on are stored there (JAX opens its cache once; the second folder was reported as used
+    while every entry kept going to the first)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    script = tmp_path / "twice.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, jax, jax.numpy as jnp, curvlib
+        curvlib.compile_behind(False)
+        A = jnp.diag(jnp.arange(1.0, 41.0))
+        assert curvlib.enable_compilation_cache({str(one)!r}, min_compile_time_secs=0) \
+            == {str(one)!r}
+        curvlib.eigsh(lambda v: A @ v, jnp.ones(40), k=2)
+        n1 = len(os.listdir({str(one)!r}))
+        curvlib.enable_compilation_cache({str(two)!r}, min_compile_time_secs=0)
+        curvlib.cg(lambda v: A @ v, jnp.ones(40))
+        print("entries", n1, len(os.listdir({str(one)!r})), len(os.listdir({str(two)!r})))
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    n1, n1_after, n2 = map(int, out.stdout.split("entries")[1].split())
+    assert n1 > 0 and n2 > 0 and n1_after == n1, out.stdout
+
+
+def test_a_cache_folder_that_cannot_be_written_is_refused():
+    import tempfile
+
+    folder = "/sys/kernel"  # exists; no file can be created there, not even by root
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pytest.skip("a folder nobody can write is not at hand here")
+    except OSError:
+        pass
+    before = jax.config.jax_compilation_cache_dir
+    with pytest.raises(OSError, match="`path` must be a folder curvlib can write"):
+        curvlib.enable_compilation_cache(folder)
+    assert jax.config.jax_compilation_cache_dir == before  # nothing changed
+
+
 def test_size_classes_pad_by_at_most_half():
     caps = [_band.capacity(m, 10**6) for m in range(1, 1000)]
     assert sorted(set(caps))[:8] == [16, 24, 32, 48, 64, 96, 128, 192]
