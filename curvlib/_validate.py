@@ -41,12 +41,13 @@ value passes `number` unchecked. Static ints cannot be traced.
 
 from __future__ import annotations
 
+import weakref
 from operator import index as _index
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.tree_util import keystr
+from jax.tree_util import Partial, keystr
 
 from curvlib import _tree
 
@@ -617,7 +618,10 @@ def functions(x, name: str, count: int = 1, *, what: str = "callable", optional:
     return x
 
 
-_CHECKED_OPERATORS: dict = {}  # operator/vector signatures whose shape check passed (bounded)
+# the shape checks passed, per operator function (held weakly: a model dropped by the user is
+# not kept alive here), and for other pytree operators (bounded)
+_CHECKED_PARTIALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CHECKED_OTHERS: dict = {}
 
 
 def operator(op, example, name: str = "matvec", example_name: str = "v0") -> None:
@@ -628,7 +632,8 @@ def operator(op, example, name: str = "matvec", example_name: str = "v0") -> Non
     floating (an integer or complex output is refused). Plain
     callables are traced every time (their closure may have changed); pytree
     operators (a ``Partial``) are traced once per structure, leaf shapes and
-    dtypes of operator and vector.
+    dtypes of operator and vector, remembered without keeping the operator's
+    function (and what it closes over) alive.
     """
     if op is None:
         return
@@ -640,16 +645,21 @@ def operator(op, example, name: str = "matvec", example_name: str = "v0") -> Non
     if jax.tree_util.treedef_is_leaf(jax.tree.structure(op)):  # a plain callable
         return check()
     try:
-        sig = (jax.tree.structure(op), _tree.avals(op), jax.tree.structure(example),
+        sig = (str(jax.tree.structure(op)), _tree.avals(op), jax.tree.structure(example),
                _tree.avals(example), name)
         hash(sig)
-    except TypeError:  # unhashable static parts: check every time
+        seen = (_CHECKED_PARTIALS.setdefault(op.func, set()) if isinstance(op, Partial)
+                else _CHECKED_OTHERS)
+    except TypeError:  # unhashable static parts, or a function no weak reference can hold
         return check()
-    if sig not in _CHECKED_OPERATORS:
+    if sig not in seen:
         check()
-        if len(_CHECKED_OPERATORS) >= 512:
-            _CHECKED_OPERATORS.clear()
-        _CHECKED_OPERATORS[sig] = True
+        if len(seen) >= 64:
+            seen.clear()
+        if isinstance(seen, set):
+            seen.add(sig)
+        else:
+            seen[sig] = True
 
 
 def batch_argnums(batch_argnums, num_args: int, name: str = "args") -> tuple[int, ...]:

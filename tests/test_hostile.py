@@ -890,3 +890,91 @@ def test_power_iteration_from_a_zero_start_begins_at_random(on):
             assert int(r.status) == curvlib.Status.SUCCESS
     finally:
         curvlib.compile_behind(was)
+
+
+# -------------------------------------------- one vocabulary (the sixth audit, session 25)
+
+
+def test_an_optimizer_refuses_a_mode_its_product_would_ignore_or_override():
+    """`mode` with a Gauss-Newton split was silently ignored; `mode='linearize'` with
+    microbatches silently became 'fwd-rev' (hessian_matvec refuses it: so do these)."""
+    model = lambda p, x: jnp.tanh(x @ p["w"] + p["b"]) @ p["v"]
+    sq = lambda out, y: 0.5 * jnp.mean((out - y) ** 2)
+    with pytest.raises(ValueError, match="with `ggn=` the curvature is the Gauss-Newton"):
+        curvlib.newton_cg(ggn=(model, sq), mode="rev-rev")
+    with pytest.raises(ValueError, match="with `ggn=` the curvature is the Gauss-Newton"):
+        curvlib.newton(ggn=(model, sq), mode="fwd-rev")
+    for make in (lambda: curvlib.newton_cg(mode="linearize", microbatch_size=4),
+                 lambda: curvlib.track_curvature(10, k=2, key=jax.random.PRNGKey(0),
+                                                 mode="linearize", microbatch_size=4)):
+        with pytest.raises(ValueError, match="`mode='linearize'` stores every microbatch"):
+            make()
+    curvlib.newton_cg(ggn=(model, sq))  # no mode: fine
+    curvlib.newton_cg(mode="fwd-rev", microbatch_size=4)
+
+
+def test_newton_cg_with_cg_none_is_its_default_truncated_solve():
+    """`cg=None` gave a full `CG()` solve (3 steps, residual 5e-7) where leaving it out gives
+    the truncated Newton default (`CG(rtol=0.5)`)."""
+    params, x, y = _problem()
+    vf = lambda p: _loss(p, x, y)
+    g = jax.grad(vf)(params)
+    infos = []
+    for opt in (curvlib.newton_cg(), curvlib.newton_cg(cg=None),
+                curvlib.newton_cg(cg=curvlib.CG())):
+        _, state = opt.update(g, opt.init(params), params, value_fn=vf)
+        infos.append(optax.tree_utils.tree_get(state, "info"))
+    assert int(infos[0].num_steps) == int(infos[1].num_steps)
+    assert float(infos[0].residual_norm) == float(infos[1].residual_norm)
+    assert int(infos[2].num_steps) > int(infos[0].num_steps)  # the full solve differs
+
+
+def test_eigsh_takes_every_field_of_its_solver_as_a_keyword():
+    A = jnp.diag(jnp.arange(1.0, 41.0))
+    mv, v0 = (lambda v: A @ v), jnp.ones(40)
+    kw = curvlib.eigsh(mv, v0, k=2, verify=False)
+    val = curvlib.eigsh(mv, v0, k=2, solver=curvlib.Eigsh(verify=False))
+    full = curvlib.eigsh(mv, v0, k=2)
+    np.testing.assert_array_equal(kw.eigenvalues, val.eigenvalues)
+    assert int(kw.num_matvecs) == int(val.num_matvecs) < int(full.num_matvecs)
+    import dataclasses
+    import inspect
+
+    params = inspect.signature(curvlib.eigsh).parameters
+    assert {f.name for f in dataclasses.fields(curvlib.Eigsh)} <= set(params)
+
+
+def test_kfac_variance_none_is_one_as_in_fisher_matvec():
+    from curvlib.kronecker import kfac_curvature
+
+    W = jax.random.normal(jax.random.PRNGKey(0), (3, 2))
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 3))
+    model = lambda p, x: x @ p
+    none = kfac_curvature(model, W, x, likelihood="gaussian", variance=None)
+    one = kfac_curvature(model, W, x, likelihood="gaussian", variance=1.0)
+    jax.tree.map(np.testing.assert_array_equal, none.factors, one.factors)
+
+
+def test_the_operator_check_does_not_keep_a_dropped_model_alive():
+    """The remembered shape checks held each operator's function (and the arrays it closes
+    over) in a strong dict of up to 512 entries."""
+    import gc
+    import weakref
+
+    from curvlib import _validate
+
+    class Model:  # a user object whose bound method is the loss
+        def __init__(self):
+            self.scale = jnp.ones(())
+
+        def loss(self, p, x):
+            return self.scale * jnp.sum(jnp.tanh(x @ p) ** 2)
+
+    m = Model()
+    probe = weakref.ref(m)
+    op = curvlib.hessian_matvec(m.loss, jnp.ones(3), jnp.ones((4, 3)), mode="fwd-rev")
+    _validate.operator(op, jnp.ones(3))
+    _validate.operator(op, jnp.ones(3))  # remembered: no second trace
+    del m, op
+    gc.collect()
+    assert probe() is None

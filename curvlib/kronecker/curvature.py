@@ -772,7 +772,7 @@ def kfac_curvature(
       key: ``None`` for the exact Fisher, a PRNG key for Monte Carlo.
       num_samples: targets sampled per example (Monte Carlo only).
       convention: weight sharing, ``"reduce"`` or ``"expand"`` (module docstring).
-      variance: the Gaussian likelihood's variance.
+      variance: the Gaussian likelihood's variance (``None``: 1).
 
     Returns:
       A [`KfacCurvature`][curvlib.KfacCurvature] (``.matvec``, ``.inverse_matvec(damping)``).
@@ -802,6 +802,7 @@ def kfac_curvature(
     """
     _validate.prng_key(key, optional=True)  # None: the exact Fisher
     num_samples = check_options(likelihood, convention, num_samples, variance)
+    variance = 1.0 if variance is None else variance  # (as fisher_matvec's None)
     layers = _find_layers(model_fn, params, args)
     _likelihood.check_output(likelihood, layers.out_aval.shape)
     check_examples_independent(model_fn, params, args, "kfac_curvature")

@@ -703,7 +703,7 @@ def scale_by_kfac(
         ``num_samples`` sampled targets (one backward pass per sample).
       num_samples: Monte-Carlo targets per example.
       convention: weight sharing, ``"reduce"`` or ``"expand"``.
-      variance: the Gaussian likelihood's variance.
+      variance: the Gaussian likelihood's variance (``None``: 1).
       norm_constraint: with a fixed ``learning_rate`` and ``momentum``, scale the step so that
         ``lr^2 g^T Delta <= norm_constraint`` (``None``: no constraint).
 
@@ -734,6 +734,7 @@ def scale_by_kfac(
       [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
     """
     num_samples = check_options(likelihood, convention, num_samples, variance)
+    variance = 1.0 if variance is None else variance  # (as fisher_matvec's None)
     for name, value in (("damping_every", damping_every), ("statistics_every", statistics_every),
                         ("inverse_every", inverse_every)):
         _validate.number(value, name, minimum=1, integer=True)  # None refused
@@ -1246,7 +1247,7 @@ def kfac(
         with ``num_samples`` sampled targets.
       num_samples: Monte-Carlo targets per example.
       convention: weight sharing, ``"reduce"`` or ``"expand"``.
-      variance: the Gaussian likelihood's variance.
+      variance: the Gaussian likelihood's variance (``None``: 1).
       norm_constraint: with a fixed ``learning_rate`` and ``momentum``, scale the step so
         that ``lr^2 g^T Delta <= norm_constraint`` (``None``: no constraint).
 

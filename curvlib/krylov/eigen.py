@@ -620,6 +620,7 @@ def eigsh(
     max_restarts: int | None = None,
     num_keep: int | None = None,
     basis_dtype=None,
+    verify: bool | None = None,
 ) -> EigshResult:
     """Top-``k`` eigenpairs of a symmetric operator by certified thick-restart Lanczos.
 
@@ -700,6 +701,11 @@ def eigsh(
         attainable relative residual is then about ``sqrt(eps)`` of
         ``basis_dtype`` (float32: ~3e-4; bfloat16: ~9e-2), which is also the
         default ``rtol``. Eigenvectors are returned in ``v0``'s dtypes.
+      verify: run the verification phase (default ``True``; see
+        [`Eigsh`][curvlib.Eigsh]): it also certifies that no copy of a wanted
+        eigenvalue, and none beyond the wanted ones, was missed (about a basis of
+        products more). ``False`` saves those products, and ``converged`` then
+        certifies the Ritz residuals only, as in ARPACK.
 
     Returns:
       An [`EigshResult`][curvlib.EigshResult].
@@ -741,7 +747,7 @@ def eigsh(
     """
     solver = solvers.resolve(
         solvers.Eigsh, solver, rtol=rtol, basis_size=basis_size, max_matvecs=max_matvecs,
-        max_restarts=max_restarts, num_keep=num_keep, basis_dtype=basis_dtype)
+        max_restarts=max_restarts, num_keep=num_keep, basis_dtype=basis_dtype, verify=verify)
     cfg, tol, max_matvecs, max_restarts = _configure(matvec, v0, k, which, solver)
     _validate.prng_key(key, optional=True)
     if _driver.is_host_driven(matvec):

@@ -211,7 +211,8 @@ def scale_by_newton(
         parameters: the method is ``O(n^3)`` time and ``O(n^2)`` memory.
       ggn: optional ``(model_fn, loss_fn)`` Gauss-Newton split.
       mode: Hessian product mode of [`curvlib.hessian_matvec`][curvlib.hessian_matvec] (renamed from
-        ``hvp_mode``, which still works with a warning).
+        ``hvp_mode``, which still works with a warning); refused with ``ggn=``
+        (the Gauss-Newton product takes none).
       has_aux: ``value_fn`` returns ``(loss, aux)``; ``aux`` is ignored.
 
     Returns:
@@ -244,7 +245,7 @@ def scale_by_newton(
     # ``optax.inject_hyperparams`` an array, traced when ``update`` rebuilds it)
     _validate.number(max_params, "max_params", minimum=1, integer=True)
     _validate.functions(ggn, "ggn", 2, what=_common.GGN, optional=True)
-    _validate.one_of(mode, "mode", _common.HVP_MODES)
+    _common.checked_mode(mode, ggn)
     name = "scale_by_newton"
 
     def init_fn(params):
@@ -393,7 +394,8 @@ def newton(
       max_params: refuse (``ValueError`` at ``init``) above this many parameters.
       ggn: optional ``(model_fn, loss_fn)`` Gauss-Newton split.
       mode: Hessian product mode of [`curvlib.hessian_matvec`][curvlib.hessian_matvec]
-        (renamed from ``hvp_mode``, which still works with a warning).
+        (renamed from ``hvp_mode``, which still works with a warning); refused with
+        ``ggn=`` (the Gauss-Newton product takes none).
       has_aux: ``value_fn`` returns ``(loss, aux)``.
       linesearch: an optax line search, ``None``, or the default.
 

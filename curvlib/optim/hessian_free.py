@@ -396,15 +396,16 @@ def scale_by_newton_cg(
         cap of the forcing term: the solve stops at
         ``||r|| <= max(min(rtol, sqrt(||u||)) ||u||, atol)`` (a truncated
         Newton solve, so the default value is ``TRUNCATED_CG = CG(rtol=0.5)``,
-        not ``CG()``); its ``max_steps`` (static) caps the CG steps, ``None``
-        meaning ``min(100, dim)`` here. The former ``cg_rtol`` and
+        not ``CG()``; ``None`` is the default too); its ``max_steps`` (static) caps
+        the CG steps, ``None`` meaning ``min(100, dim)`` here. The former ``cg_rtol`` and
         ``max_cg_steps`` still work, with a warning.
       warm_start_decay: CG starts from ``warm_start_decay *`` the previous
         solution (``0`` disables the warm start).
       ggn: ``None`` for the Hessian of ``value_fn``, or ``(model_fn, loss_fn)``
         for the Gauss-Newton matrix of that split (module docstring).
       mode: Hessian product mode of [`curvlib.hessian_matvec`][curvlib.hessian_matvec] (renamed
-        from ``hvp_mode``, which still works with a warning).
+        from ``hvp_mode``, which still works with a warning); refused with ``ggn=``
+        (the Gauss-Newton product takes none).
       microbatch_size: accumulate curvature products over chunks of every
         batched extra argument (the leaves sharing the batch's leading axis;
         other arguments are passed whole), at the memory of one chunk.
@@ -494,7 +495,7 @@ def _checked_options(damping, min_damping, max_damping, damping_increase, dampin
     _validate.number(min_damping, "min_damping", minimum=0, optional=True)
     _validate.number(max_damping, "max_damping", minimum=0, exclusive=True, finite=False,
                      optional=True, above=(min_damping, "min_damping"))
-    cg = resolve(CG, cg, "cg")
+    cg = resolve(CG, TRUNCATED_CG if cg is None else cg, "cg")  # None: the default, as left out
     _validate.number(damping_increase, "damping_increase", minimum=1, finite=False)
     _validate.number(damping_decrease, "damping_decrease", minimum=0, maximum=1, exclusive=True,
                      finite=False)
@@ -502,8 +503,8 @@ def _checked_options(damping, min_damping, max_damping, damping_increase, dampin
     if cg.max_steps is not None:
         _validate.static_int(cg.max_steps, "max_steps", minimum=1)
     _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
-    _validate.one_of(mode, "mode", _common.HVP_MODES)
     _validate.functions(ggn, "ggn", 2, what=_common.GGN, optional=True)
+    _common.checked_mode(mode, ggn, microbatch_size)
     return cg
 
 
@@ -631,7 +632,8 @@ def newton_cg(
       ggn: ``None`` for the Hessian of ``value_fn``, or ``(model_fn, loss_fn)``
         for the Gauss-Newton matrix of that split.
       mode: Hessian product mode of [`curvlib.hessian_matvec`][curvlib.hessian_matvec]
-        (renamed from ``hvp_mode``, which still works with a warning).
+        (renamed from ``hvp_mode``, which still works with a warning); refused with
+        ``ggn=`` (the Gauss-Newton product takes none).
       microbatch_size: accumulate curvature products over chunks of every
         batched extra argument, at the memory of one chunk.
       has_aux: ``value_fn`` returns ``(loss, aux)``.
