@@ -579,7 +579,11 @@ def positive_grid(x, name: str, *, dtype=None, what: str = ""):
       ...
       ValueError: `sigma` must be finite and > 0; got 0.0.
     """
-    s = jnp.asarray(x) if dtype is None else jnp.asarray(x, dtype)
+    try:
+        s = jnp.asarray(x) if dtype is None else jnp.asarray(x, dtype)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a positive number or a 1-D grid of them; got "
+                         f"{x!r}.") from None
     if not jnp.issubdtype(s.dtype, jnp.floating):
         s = s.astype(jnp.result_type(float))
     if s.ndim > 1:

@@ -978,3 +978,19 @@ def test_the_operator_check_does_not_keep_a_dropped_model_alive():
     del m, op
     gc.collect()
     assert probe() is None
+
+
+def test_a_microbatched_gradient_names_the_leaf_of_another_length_before_the_loss_runs():
+    """A batch leaf of another length failed inside the user's loss ("sub got incompatible
+    shapes"), naming neither the argument nor the fix."""
+    loss = lambda p, x, y: jnp.mean((x @ p - y) ** 2)
+    p, x, y = jnp.ones(3), jnp.ones((8, 3)), jnp.ones(6)
+    for f in (curvlib.gradient, curvlib.hessian_matvec):
+        with pytest.raises(ValueError, match=r"`args\[1\]` has shape \(6,\), which does not "
+                                             r"carry the batch size 8"):
+            f(loss, p, x, y, microbatch_size=4)
+
+
+def test_a_sigma_that_is_not_a_number_is_named():
+    with pytest.raises(ValueError, match="`sigma` must be a positive number or a 1-D grid"):
+        landscape.delta2_closed_form(0.1, jnp.ones(2), jnp.eye(2), "a")

@@ -212,12 +212,13 @@ def hessian_matvec(
                                    microbatch_size=microbatch_size,
                                    batch_argnums=batch_argnums, has_aux=has_aux)
     _validate.functions(fun, "fun")
+    # the batch's shapes before the loss sees them (a leaf of another length failed inside it)
+    size, argnums, _ = _validate.microbatch(microbatch_size, args, batch_argnums)
     _validate.scalar_loss(jax.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
     fun = C.drop_aux(fun, has_aux)
     if mode is None:
         mode = "linearize" if microbatch_size is None else "fwd-rev"
     _validate.one_of(mode, "mode", MODES)
-    size, argnums, _ = _validate.microbatch(microbatch_size, args, batch_argnums)
     if size is not None and mode == "linearize":
         raise ValueError(
             "`mode='linearize'` stores every microbatch's residuals; use 'fwd-rev' or "
@@ -297,8 +298,9 @@ def gradient(
     """
     _validate.float_leaves(params, "params")
     _validate.functions(fun, "fun")
-    _validate.scalar_loss(jax.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
+    # the batch's shapes before the loss sees them (a leaf of another length failed inside it)
     size, argnums, _ = _validate.microbatch(microbatch_size, args, batch_argnums)
+    _validate.scalar_loss(jax.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
     vg = _value_and_grad(fun, has_aux)
     if size is None:
         out = vg(params, *args)
