@@ -689,8 +689,8 @@ def batch_argnums(batch_argnums, num_args: int, name: str = "args") -> tuple[int
         j = int(i) + num_args if int(i) < 0 else int(i)
         if not 0 <= j < num_args:
             raise ValueError(
-                f"`batch_argnums` entry {int(i)} is out of range: the function receives "
-                f"{num_args} extra argument(s) `{name}`."
+                f"`batch_argnums` entries must index the {num_args} extra argument(s) "
+                f"`{name}` (from {-num_args} to {num_args - 1}); got {int(i)} (out of range)."
             )
         out.append(j)
     if not out:

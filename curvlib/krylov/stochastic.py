@@ -31,15 +31,18 @@ class MonteCarloEstimate(NamedTuple):
       estimate: the estimate (scalar for a trace, pytree for a diagonal, shaped
         like ``sigma`` for a ``Delta_2`` grid); NaN if a product or an evaluation
         was not finite.
-      stderr: its standard error (same structure as ``estimate``), widened by
-        Student's ``t`` for the degrees of freedom of the draws behind it:
-        ``estimate +- 1.96 * stderr`` is the 95% t-interval (so with normal
-        errors it covers the true value in about 95% of runs; each estimator
-        says how many degrees of freedom, and where skewed draws cover less).
-        Multiply by ``1.96 / t_{0.975, dof}`` for the plain standard error (a
-        factor of 0.96 at 30 degrees of freedom, 0.77 at 7, 0.15 at 1).
-        ``inf`` where the samples carry no information on the error (a single
-        probe of a diagonal); NaN if a product was not finite.
+      stderr: its standard error (same structure as ``estimate``); each
+        estimator says how it is formed and how often ``estimate +- 2 stderr``
+        covers the true value. Hutchinson's (trace and diagonal) is widened by
+        Student's ``t`` for its degrees of freedom (``t_{0.975, nu} / 1.96``), so
+        ``+- 2 stderr`` is about a 95% interval from the first probes. The
+        ``Delta_2`` estimators' is the plain standard error of their ``S`` draws
+        (``std / sqrt(S)``, ``S - 1`` degrees of freedom): for an interval use
+        ``+- t_{0.975, S-1} stderr`` (4.30 at ``S = 3``, 2.36 at 8, 2.04 at 32), and
+        read *Error bars* in `docs/landscape.md`: their draws are squares, and at
+        small ``S`` even the t-interval covers less than 95%. ``inf`` where the
+        samples carry no information on the error (a single probe of a
+        diagonal); NaN if a product was not finite.
       num_samples: independent random draws behind the estimate: probes for
         Hutchinson (``num_probes``), draws (antithetic pairs when antithetic)
         for ``Delta_2``.
@@ -72,18 +75,9 @@ class MonteCarloEstimate(NamedTuple):
 
 
 def monte_carlo_estimate(estimate, stderr, *, num_samples, num_evaluations, num_matvecs,
-                         finite, dof: int | None = None) -> MonteCarloEstimate:
-    """A `MonteCarloEstimate` with ``converged`` and ``status`` derived from ``finite``.
-
-    ``dof``: the plain standard error ``stderr`` (sample deviation over ``sqrt(S)``)
-    has ``dof`` degrees of freedom; it is widened by ``t_{0.975, dof} / 1.96`` (the
-    convention of the type: ``estimate +- 1.96 stderr`` is the Student-t 95% interval).
-    ``None``: ``stderr`` already follows the convention.
-    """
+                         finite) -> MonteCarloEstimate:
+    """A `MonteCarloEstimate` with ``converged`` and ``status`` derived from ``finite``."""
     finite = jnp.asarray(finite)
-    if dof is not None:
-        widen = _t975(dof) / _Z975
-        stderr = jax.tree.map(lambda s: s * widen, stderr)
     return MonteCarloEstimate(
         estimate=estimate, stderr=stderr, num_samples=num_samples,
         num_evaluations=num_evaluations, num_matvecs=jnp.asarray(num_matvecs, jnp.int32),

@@ -222,7 +222,7 @@ def plan_curve(params: PyTree, data: PyTree, ks: Sequence[int], dims: Sequence[i
                         f" got ks={ks!r}, dims={dims!r}.")
     ks = [int(_common.check_k(k, data, name="ks")) for k in ks]
     if not ks:
-        raise ValueError("`ks` is empty.")
+        raise ValueError("`ks` must be a non-empty sequence of sample counts; got [].")
     dims = [d for d in dims]
     if not dims or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
                           and d >= 1 for d in dims):
