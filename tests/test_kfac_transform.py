@@ -276,3 +276,46 @@ def test_parameters_of_mixed_float_dtypes_take_a_step():
         p = optax.apply_updates(p, u)
     assert jax.tree.map(lambda a: a.dtype, p) == jax.tree.map(lambda a: a.dtype, params)
     assert bool(state[0].info.finite) and float(loss(p, x, y)) < float(loss(params, x, y))
+
+
+# ------------------------------------- real models as users bring them (session 25's audit)
+
+
+def test_one_logit_with_the_categorical_likelihood_is_refused():
+    """A binary classifier with one logit under the default categorical likelihood got output
+    factors of exactly zero (a softmax over one logit is constant): damped gradient descent
+    under K-FAC's name."""
+    params, x, _ = _problem()
+    params = {**params, "w2": params["w2"][:, :1]}
+    for make in (lambda: kfac_curvature(model, params, x),
+                 lambda: kfac(model_fn=model, example_inputs={"x": x}).init(params),
+                 lambda: curvlib.fisher_matvec(model, params, x)):
+        with pytest.raises(ValueError, match="at least two classes"):
+            make()
+    kfac_curvature(model, params, x, likelihood="bernoulli")  # the binary one: fine
+
+
+def test_a_model_returning_a_dict_is_refused_at_discovery():
+    params, x, _ = _problem()
+    with pytest.raises(ValueError, match="must return one array.*\\['logits'\\]"):
+        kfac_curvature(lambda p, x: {"logits": model(p, x)}, params, x)
+
+
+def test_the_state_can_be_shaped_abstractly_inside_a_trace():
+    """`jax.eval_shape(lambda: opt.init(params))` (how an abstract optimizer state is built for
+    a checkpoint restore) crashed: the example-independence check converted the trace's
+    tracers to NumPy."""
+    params, x, _ = _problem()
+    opt = kfac(model_fn=model, example_inputs={"x": x})
+    shapes = jax.eval_shape(lambda: opt.init(params))
+    state = opt.init(params)
+    assert jax.tree.structure(shapes) == jax.tree.structure(state)
+    jax.tree.map(lambda s, a: (s.shape, s.dtype) == (a.shape, a.dtype) or pytest.fail(), shapes,
+                 state)
+    jax.jit(lambda: opt.init(params))()
+
+
+def test_kfac_curvature_refuses_integer_parameters_as_init_does():
+    params, x, _ = _problem()
+    with pytest.raises(ValueError, match=r"`params\['mask'\]` must be a real floating array"):
+        kfac_curvature(model, {**params, "mask": jnp.ones(3, jnp.int32)}, x)

@@ -35,6 +35,12 @@ def check_output(likelihood: str, out_shape: tuple) -> None:
             "likelihood='categorical' needs logits with a class axis after the example axis; "
             f"`model_fn` returned shape {tuple(out_shape)} on a batch of one (one number per "
             "example: use likelihood='bernoulli' for one logit, 'gaussian' for a regression).")
+    if likelihood == "categorical" and out_shape[-1] == 1:  # softmax of one logit: constant
+        raise ValueError(
+            "likelihood='categorical' needs at least two classes on the last axis; `model_fn` "
+            f"returned shape {tuple(out_shape)} on a batch of one: a softmax over one logit is "
+            "constant, so its Fisher (the output factors) is zero. For a binary classifier "
+            "with one logit use likelihood='bernoulli'.")
 
 
 def num_columns(likelihood: str, out_shape: tuple) -> int:

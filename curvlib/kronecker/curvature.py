@@ -800,6 +800,7 @@ def kfac_curvature(
     References:
       J. Martens and R. Grosse, ICML 2015; R. Eschenhagen et al., NeurIPS 2023.
     """
+    _validate.float_leaves(params, "params")
     _validate.prng_key(key, optional=True)  # None: the exact Fisher
     num_samples = check_options(likelihood, convention, num_samples, variance)
     variance = 1.0 if variance is None else variance  # (as fisher_matvec's None)

@@ -289,21 +289,22 @@ def _split_args(args: tuple, name: str = "args"):
             f"`{name}` holds no arrays; K-FAC needs a batch whose array leaves share a leading "
             "example axis."
         )
-    n = None
+    n = first = None
+    where = [f"{name}{p}" for p, _ in _tree.leaves_with_paths(args)]
     for i in arrays:
         shape = tuple(leaves[i].shape)
         if not shape:
             raise ValueError(
-                f"every array in `{name}` must have a leading example axis; leaf {i} is a "
+                f"every array in `{name}` must have a leading example axis; `{where[i]}` is a "
                 "scalar. Close over unbatched constants in the model function instead."
             )
         if n is None:
-            n = shape[0]
+            n, first = shape[0], i
         elif shape[0] != n:
             raise ValueError(
                 f"every array in `{name}` must share the leading example axis; got {n} and "
-                f"{shape[0]} (leaf {i}, shape {shape}). Close over unbatched arrays in the "
-                "model function instead."
+                f"{shape[0]} (`{where[first]}` has {n} examples, `{where[i]}` has shape "
+                f"{shape}). Close over unbatched arrays in the model function instead."
             )
     return leaves, treedef, arrays, n
 
@@ -389,8 +390,8 @@ def check_examples_independent(model_fn: Callable, params: PyTree, args: tuple,
     hosts, and on an ``Explicit`` mesh's sharded example axis. Cost: one forward pass on
     two examples and two on one, compiled once per model program and shapes.
     """
-    if not (_concrete_arrays(params) and _concrete_arrays(args)):
-        return
+    if _compile.tracing() or not (_concrete_arrays(params) and _concrete_arrays(args)):
+        return  # (inside a trace even closed-over concrete arrays become tracers)
     leaves, treedef, arrays, n = _split_args(args)
     if n < 2 or any(_tree.explicit_sharding(leaves[i]) is not None for i in arrays):
         return  # (an Explicit mesh's example axis cannot be sliced to two examples)
@@ -426,10 +427,12 @@ def check_examples_independent(model_fn: Callable, params: PyTree, args: tuple,
             f"its batch: on the first two examples of the batch, the outputs computed "
             f"together and one at a time differ by {gap:.3g} (outputs up to {scale:.3g}). "
             "K-FAC's statistics replay the model one example at a time, so a model whose "
-            "examples interact (batch normalisation over the batch, in-batch negatives) "
-            "would get factors of another model. Use per-example normalisation "
-            "(LayerNorm, or batch statistics held fixed: `use_running_average=True`), or "
-            "a first-order optimiser for this model."
+            "examples interact (batch normalisation over the batch, in-batch negatives, a "
+            "random mask drawn from one key for the whole batch: dropout) would get factors of "
+            "another model. Use per-example normalisation (LayerNorm, or batch statistics "
+            "held fixed: `use_running_average=True`); for dropout, pass one key per example "
+            "as a batched input (shape (N, 2), split from your key) or turn it off; or use a "
+            "first-order optimiser for this model."
         )
 
 
@@ -471,10 +474,11 @@ def _find_layers(model_fn, params, args) -> KfacLayers:
     p_structs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in p_leaves]
     b_structs = [_example_struct(a_leaves[i]) for i in arrays]
     program = _program.trace(fn, p_structs, b_structs)
-    if len(program.outputs) != 1:
+    if len(program.outputs) != 1 or not jax.tree_util.treedef_is_leaf(program.out_tree):
         raise ValueError(
             f"`model_fn` must return one array (the model's outputs); it returned "
-            f"{len(program.outputs)} leaves."
+            f"{program.out_tree} ({len(program.outputs)} leaves): return the logits or means "
+            "alone (e.g. `lambda p, x: model(p, x)['logits']`)."
         )
     out_aval = _aval_of(program, program.outputs[0])
     if not out_aval.shape or out_aval.shape[0] != 1:

@@ -302,6 +302,12 @@ def _check_outputs(likelihood, out_shape):
             "the categorical Fisher needs logits of shape (examples..., num_classes): the last "
             f"axis holds the classes and the others index examples; got shape {out_shape.shape}."
         )
+    if likelihood == "categorical" and out_shape.shape[-1] == 1:
+        raise ValueError(
+            "the categorical Fisher needs at least two classes on the last axis; got shape "
+            f"{out_shape.shape}: a softmax over one logit is constant (its Fisher is zero). For "
+            "a binary classifier with one logit, take the Gauss-Newton of its sigmoid "
+            "cross-entropy (`ggn_matvec`).")
     if likelihood == "gaussian" and len(out_shape.shape) < 1:
         raise ValueError(
             "the Gaussian Fisher needs means with at least one (example) axis; got a scalar."
