@@ -295,8 +295,9 @@ def _split_args(args: tuple, name: str = "args"):
         shape = tuple(leaves[i].shape)
         if not shape:
             raise ValueError(
-                f"every array in `{name}` must have a leading example axis; `{where[i]}` is a "
-                "scalar. Close over unbatched constants in the model function instead."
+                f"every array in `{name}` must have a leading example axis; leaf {i} is a "
+                f"scalar (`{where[i]}`). Close over unbatched constants in the model function "
+                "instead."
             )
         if n is None:
             n, first = shape[0], i
