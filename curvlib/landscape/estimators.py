@@ -376,12 +376,9 @@ def delta2_quadratic_mc(
       antithetic: evaluate each draw at ``z`` and ``-z``.
 
     Returns:
-      [`MonteCarloEstimate`][curvlib.landscape.MonteCarloEstimate] shaped like ``sigma``; its
-      ``stderr`` is the plain standard error of the ``S`` draws (``S - 1`` degrees of
-      freedom). The draws are squares (right-skewed): ``estimate +- 2 stderr`` covers
-      the true value in fewer than 95% of runs at small ``S`` (57-88% at ``S = 8``,
-      70-93% at ``S = 32`` on the problems measured; ``+- t_{0.975, S-1} stderr`` a
-      little more): see *Error bars* in `docs/landscape.md`.
+      [`MonteCarloEstimate`][curvlib.landscape.MonteCarloEstimate] shaped like ``sigma``, with
+      the plain standard error of the ``S`` draws (skewed: at small ``S`` its intervals
+      cover less than their nominal rate, *Error bars* in `docs/landscape.md`).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -501,12 +498,8 @@ def delta2_direct_mc(
         ([`check_mean_loss`][curvlib.landscape.check_mean_loss]).
 
     Returns:
-      [`MonteCarloEstimate`][curvlib.landscape.MonteCarloEstimate] shaped like ``sigma``; its
-      ``stderr`` is the plain standard error of the ``S`` draws (``S - 1`` degrees of
-      freedom). The draws are squares (right-skewed): ``estimate +- 2 stderr`` covers
-      the true value in fewer than 95% of runs at small ``S`` (57-88% at ``S = 8``,
-      70-93% at ``S = 32`` on the problems measured; ``+- t_{0.975, S-1} stderr`` a
-      little more): see *Error bars* in `docs/landscape.md`.
+      [`MonteCarloEstimate`][curvlib.landscape.MonteCarloEstimate] shaped like ``sigma``;
+      ``stderr`` as in [`delta2_quadratic_mc`][curvlib.landscape.delta2_quadratic_mc].
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -626,12 +619,8 @@ def delta2_full_mc(
       check_mean: as [`delta2_direct_mc`][curvlib.landscape.delta2_direct_mc].
 
     Returns:
-      [`MonteCarloEstimate`][curvlib.landscape.MonteCarloEstimate] shaped like ``sigma``; its
-      ``stderr`` is the plain standard error of the ``S`` draws (``S - 1`` degrees of
-      freedom). The draws are squares (right-skewed): ``estimate +- 2 stderr`` covers
-      the true value in fewer than 95% of runs at small ``S`` (57-88% at ``S = 8``,
-      70-93% at ``S = 32`` on the problems measured; ``+- t_{0.975, S-1} stderr`` a
-      little more): see *Error bars* in `docs/landscape.md`.
+      [`MonteCarloEstimate`][curvlib.landscape.MonteCarloEstimate] shaped like ``sigma``;
+      ``stderr`` as in [`delta2_quadratic_mc`][curvlib.landscape.delta2_quadratic_mc].
 
     Examples:
       >>> import jax, jax.numpy as jnp
