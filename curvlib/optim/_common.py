@@ -65,6 +65,17 @@ PyTree = Any
 HVP_MODES = (None, "linearize", "fwd-rev", "rev-rev")
 
 
+class Default:
+    """A default that is not a value (``None`` means something else), shown by what it
+    stands for in signatures and ``help()`` (``linesearch=<default_linesearch()>``)."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __repr__(self):
+        return f"<{self.what}>"
+
+
 def checked_mode(mode, ggn=None, microbatch_size=None):
     """An optimizer's ``mode``: one of `HVP_MODES`, refused where the curvature product
     would ignore it (a Gauss-Newton split) or override it (``"linearize"`` with

@@ -351,7 +351,7 @@ def default_linesearch() -> optax.GradientTransformationExtraArgs:
     return optax.GradientTransformationExtraArgs(ls.init, update_fn)
 
 
-_DEFAULT = object()
+_DEFAULT = _common.Default("default_linesearch(): Armijo backtracking")
 
 
 @_deprecation.renamed("curvlib.newton", hvp_mode="mode")

@@ -283,7 +283,7 @@ def default_linesearch() -> optax.GradientTransformationExtraArgs:
     return optax.scale_by_zoom_linesearch(max_linesearch_steps=20, initial_guess_strategy="one")
 
 
-_DEFAULT = object()
+_DEFAULT = _common.Default("default_linesearch(): zoom, strong Wolfe")
 
 
 def bfgs(
