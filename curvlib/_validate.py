@@ -41,6 +41,7 @@ value passes `number` unchecked. Static ints cannot be traced.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from operator import index as _index
 
@@ -170,10 +171,6 @@ def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
       ...
       ValueError: `damping` must be >= 0; got -1.0.
     """
-    if above is not None and x is not None and above[0] is not None and not any(
-            isinstance(b, jax.core.Tracer) for b in (x, above[0])):
-        if not np.all(np.asarray(above[0], np.float64) <= np.asarray(x, np.float64)):
-            raise ValueError(f"`{above[1]}` must be <= `{name}`; got {above[0]!r} > {x!r}.")
     if schedule:
         step = "a real finite scalar or a schedule (a callable of the step count)"
         if x is None and not optional or isinstance(x, (str, bytes, bool)):
@@ -206,6 +203,10 @@ def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
     low = minimum is not None and not np.all(v > minimum if exclusive else v >= minimum)
     if low or (maximum is not None and not np.all(v <= maximum)):
         raise ValueError(f"`{name}` must be {(kind + ' ') if integer else ''}{rng}; got {x!r}.")
+    lo = None if above is None else above[0]
+    if lo is not None and not isinstance(lo, jax.core.Tracer) and not np.all(
+            np.asarray(lo, np.float64) <= v):  # (after x's own checks: its range first)
+        raise ValueError(f"`{above[1]}` must be <= `{name}`; got {lo!r} > {x!r}.")
     return x
 
 
@@ -303,9 +304,9 @@ def float_leaves(tree, name: str, *, init: str | None = None,
             raise ArgumentError(f"{where} a PRNG key (dtype {dt}). {key_advice}")
         if jnp.issubdtype(dt, jnp.complexfloating):
             raise ArgumentError(
-                f"{where} dtype {dt}. The curvature of a real loss in complex parameters is a "
-                "real operator on their real and imaginary parts: store those as two real "
-                "leaves."
+                f"{where} dtype {dt}. " + (advice if advice != default else
+                "The curvature of a real loss in complex parameters is a real operator on "
+                "their real and imaginary parts: store those as two real leaves.")
             )
         if not jnp.issubdtype(dt, jnp.floating):
             raw_key = dt == jnp.uint32 and tuple(jnp.shape(x))[-1:] == (2,)
@@ -622,8 +623,8 @@ def functions(x, name: str, count: int = 1, *, what: str = "callable", optional:
     return x
 
 
-# the shape checks passed, per operator function (held weakly: a model dropped by the user is
-# not kept alive here), and for other pytree operators (bounded)
+# the shape checks passed: per operator function, held weakly (a model the user dropped is not
+# kept alive here; a bound method by its object), and for other pytree operators (bounded)
 _CHECKED_PARTIALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _CHECKED_OTHERS: dict = {}
 
@@ -636,7 +637,7 @@ def operator(op, example, name: str = "matvec", example_name: str = "v0") -> Non
     floating (an integer or complex output is refused). Plain
     callables are traced every time (their closure may have changed); pytree
     operators (a ``Partial``) are traced once per structure, leaf shapes and
-    dtypes of operator and vector, remembered without keeping the operator's
+    dtypes of operator and vector, remembered without keeping a ``Partial``'s
     function (and what it closes over) alive.
     """
     if op is None:
@@ -649,21 +650,22 @@ def operator(op, example, name: str = "matvec", example_name: str = "v0") -> Non
     if jax.tree_util.treedef_is_leaf(jax.tree.structure(op)):  # a plain callable
         return check()
     try:
-        sig = (str(jax.tree.structure(op)), _tree.avals(op), jax.tree.structure(example),
-               _tree.avals(example), name)
+        if isinstance(op, Partial):
+            fn = op.func
+            owner, fn = (fn.__self__, fn.__func__) if inspect.ismethod(fn) else (fn, None)
+            seen = _CHECKED_PARTIALS.setdefault(owner, {})
+            static = (fn, jax.tree.structure((op.args, op.keywords)))
+        else:
+            seen, static = _CHECKED_OTHERS, jax.tree.structure(op)
+        sig = (static, _tree.avals(op), jax.tree.structure(example), _tree.avals(example), name)
         hash(sig)
-        seen = (_CHECKED_PARTIALS.setdefault(op.func, set()) if isinstance(op, Partial)
-                else _CHECKED_OTHERS)
     except TypeError:  # unhashable static parts, or a function no weak reference can hold
         return check()
     if sig not in seen:
         check()
         if len(seen) >= 64:
             seen.clear()
-        if isinstance(seen, set):
-            seen.add(sig)
-        else:
-            seen[sig] = True
+        seen[sig] = True
 
 
 def batch_argnums(batch_argnums, num_args: int, name: str = "args") -> tuple[int, ...]:

@@ -963,21 +963,48 @@ def test_the_operator_check_does_not_keep_a_dropped_model_alive():
 
     from curvlib import _validate
 
+    traces = []
+
     class Model:  # a user object whose bound method is the loss
         def __init__(self):
             self.scale = jnp.ones(())
 
         def loss(self, p, x):
+            traces.append(1)
             return self.scale * jnp.sum(jnp.tanh(x @ p) ** 2)
+
+        def product(self, v):  # a bound method as a Partial's function
+            traces.append(1)
+            return self.scale * v
 
     m = Model()
     probe = weakref.ref(m)
     op = curvlib.hessian_matvec(m.loss, jnp.ones(3), jnp.ones((4, 3)), mode="fwd-rev")
+    traces.clear()
     _validate.operator(op, jnp.ones(3))
     _validate.operator(op, jnp.ones(3))  # remembered: no second trace
+    assert len(traces) == 1
+    traces.clear()
+    for _ in range(3):  # a new bound-method object each time, the same model: one trace
+        _validate.operator(jax.tree_util.Partial(m.product), jnp.ones(3))
+    assert len(traces) == 1
     del m, op
     gc.collect()
     assert probe() is None
+
+
+def test_a_bound_is_checked_after_its_own_range():
+    """`max_damping` below `min_damping` because it is negative (or not a number) is told so,
+    not that the two are out of order."""
+    with pytest.raises(ValueError, match="`max_damping` must be > 0; got -1.0"):
+        curvlib.newton_cg(max_damping=-1.0)
+    with pytest.raises(ValueError, match="`max_damping` must be a real number"):
+        curvlib.newton_cg(max_damping="abc")
+    with pytest.raises(ValueError, match="`min_damping` must be <= `max_damping`; got 10"):
+        curvlib.newton_cg(min_damping=10.0, max_damping=1.0)
+    with pytest.raises(ValueError, match="`max_damping` must be > 0"):
+        curvlib.kfac(model_fn=lambda p, x: x @ p, example_inputs={"x": jnp.ones((4, 3))},
+                     max_damping=0.0)
 
 
 def test_a_microbatched_gradient_names_the_leaf_of_another_length_before_the_loss_runs():

@@ -290,13 +290,16 @@ def _split_args(args: tuple, name: str = "args"):
             "example axis."
         )
     n = first = None
-    where = [f"{name}{p}" for p, _ in _tree.leaves_with_paths(args)]
+    if len(args) == 1 and isinstance(args[0], dict):  # keyword inputs (`example_inputs`)
+        where = [f"the input {p}" for p, _ in _tree.leaves_with_paths(args[0])]
+    else:
+        where = [f"{name}{p}" for p, _ in _tree.leaves_with_paths(args)]
     for i in arrays:
         shape = tuple(leaves[i].shape)
         if not shape:
             raise ValueError(
                 f"every array in `{name}` must have a leading example axis; leaf {i} is a "
-                f"scalar (`{where[i]}`). Close over unbatched constants in the model function "
+                f"scalar ({where[i]}). Close over unbatched constants in the model function "
                 "instead."
             )
         if n is None:
@@ -304,7 +307,7 @@ def _split_args(args: tuple, name: str = "args"):
         elif shape[0] != n:
             raise ValueError(
                 f"every array in `{name}` must share the leading example axis; got {n} and "
-                f"{shape[0]} (`{where[first]}` has {n} examples, `{where[i]}` has shape "
+                f"{shape[0]} ({where[first]} has {n} examples, {where[i]} has shape "
                 f"{shape}). Close over unbatched arrays in the model function instead."
             )
     return leaves, treedef, arrays, n

@@ -364,9 +364,10 @@ def _stream_sum(user_fn, kind, batches, args, *, key, sharding, what: str, out_s
         if acc is None and out_shape is None:
             out_shape = _out_shape(user_fn, kind, with_key, batch, args, key)
         if acc is None:
-            _validate.float_leaves(out_shape, "output", advice=(
-                f"The per-batch outputs are averaged over the stream ({what}), so they must "
-                "be floating means."))
+            if jax.tree.leaves(out_shape):  # (an empty output averages to itself)
+                _validate.float_leaves(out_shape, "output", advice=(
+                    f"The per-batch outputs are averaged over the stream ({what}), so they "
+                    "must be floating means."))
             acc = _acc_zeros(out_shape)
         if pending and _avals(batch) != _avals(pending[0][0]):
             acc = flush(acc)
