@@ -191,8 +191,7 @@ def plot_curvature(
     axes[1].legend()
     stderr = history.get("trace_stderr")
     axes[2].errorbar(s, history["trace"], yerr=stderr, capsize=2)
-    axes[2].set_title("Hessian trace (± stderr, t-widened)" if stderr is not None
-                      else "Hessian trace")
+    axes[2].set_title("Hessian trace (± 1 s.e.)" if stderr is not None else "Hessian trace")
     axes[3].plot(s, history["grad_fraction"])
     axes[3].set_ylim(0, 1.05)
     axes[3].set_title("gradient fraction in top-k space")
