@@ -398,3 +398,13 @@ def test_quadratic_mc_keeps_the_coefficients_dtype():
     assert lo.estimate.dtype == jnp.float32 and lo.stderr.dtype == jnp.float32
     exact = np.asarray(ls.delta2_closed_form(a, c, B, jnp.asarray([0.1, 1.0])))
     assert np.all(np.abs(np.asarray(lo.estimate) - exact) < 5 * np.asarray(lo.stderr))
+
+
+def test_subspace_normals_names_each_bad_count():
+    """Kills ``estimators.subspace_normals__mutmut_4`` (session 25's rerun of the sample: the
+    message's name dropped, after the draws moved to an unchecked ``_normals``)."""
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match=r"^`num_samples` must be >= 1"):
+        ls.subspace_normals(key, 0, 2)
+    with pytest.raises(ValueError, match=r"^`dim` must be >= 1"):
+        ls.subspace_normals(key, 3, 0)
