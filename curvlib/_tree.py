@@ -52,6 +52,14 @@ def leading_axis(x) -> int | None:
     return shape[0] if shape else None
 
 
+def describe_shape(x) -> str:
+    """``"shape (...)"``, or ``"a PRNG key of shape (...)"`` for a typed key (in messages)."""
+    dt = getattr(x, "dtype", None)
+    if dt is not None and jax.dtypes.issubdtype(dt, jax.dtypes.prng_key):
+        return f"a PRNG key of shape {tuple(jnp.shape(x))}"
+    return f"shape {tuple(jnp.shape(x))}"
+
+
 def avals(tree: PyTree) -> tuple:
     """``((shape, dtype name), ...)`` of the leaves: a hashable part of a cache key."""
     return tuple((tuple(jnp.shape(x)), str(jnp.result_type(x))) for x in jax.tree.leaves(tree))

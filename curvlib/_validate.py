@@ -16,7 +16,8 @@ check                          for
 `number`                 real hyperparameters: ``>= 0``, ``> 0``, in a range; a step
                          size (a scalar or a schedule, with ``schedule``); a bound
                          above another (``max_damping`` above ``min_damping``)
-`one_of`                 an option among fixed choices (``which``, ``mode``)
+`one_of`                 an option among fixed choices (``which``, ``likelihood``)
+`mode`                   a curvature product's ``mode``, refused where it cannot apply
 `prng_key`               one PRNG key; required unless optional (never a default)
 `float_leaves`           a non-empty pytree of real floating arrays (``params``, outputs)
 `same_structure`         a pytree shaped like another (``x0`` like ``b``, ``state``,
@@ -25,9 +26,8 @@ check                          for
 `aux_output`             a function's output: ``(primary, aux)`` with ``has_aux``
 `basis`                  a stack of ``D`` orthonormal vectors shaped like ``params``
 `tangent`                a real vector shaped (and sharded) like its reference, by leaf path
-`batched`                batched arguments sharing one leading (sample) axis
-`batch_argnums`          which extra arguments are batched (``batch_argnums``)
-`microbatch`             ``microbatch_size`` with its batch (`batch_argnums`, `batched`)
+`microbatch`             ``microbatch_size`` with its batch: which extra arguments are
+                         batched (``batch_argnums``), sharing one leading (sample) axis
 `concrete`               a pytree with no traced leaf (host-driven operators)
 `float_dtype`            a dtype option (``basis_dtype``): a real floating dtype
 `positive_grid`          a scale or a 1-D grid of them, finite and > 0 (``sigma``)
@@ -111,18 +111,8 @@ def static_int(x, name: str, *, minimum: int | None = None, maximum: int | None 
         v = _index(x)
     except TypeError:
         raise ValueError(f"`{name}` must be an int; got {x!r} ({type(x).__name__}).") from None
-    if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
-        extra = f" ({what})" if what else ""
-        raise ValueError(f"`{name}` must be {_range(minimum, maximum)}{extra}; got {v}.")
+    number(int(v), name, minimum=minimum, maximum=maximum, what=f"({what})" if what else None)
     return int(v)
-
-
-def _range(lo, hi, exclusive: bool = False) -> str:
-    if lo is not None and hi is not None:
-        return f"in {'(' if exclusive else '['}{lo}, {hi}]"
-    if lo is not None:
-        return f"{'>' if exclusive else '>='} {lo}"
-    return f"<= {hi}"
 
 
 def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
@@ -178,15 +168,20 @@ def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
         if callable(x):
             return x
         if x is not None and np.ndim(x) != 0:
-            raise ValueError(f"`{name}` must be {step}; got {describe_shape(x)} {x!r}.")
+            raise ValueError(f"`{name}` must be {step}; got {_tree.describe_shape(x)} {x!r}.")
     if scalar and x is not None and jnp.ndim(x) != 0:
         raise ArgumentError(f"`{name}` must be a real scalar; got shape {tuple(jnp.shape(x))}.")
     if (x is None and optional) or isinstance(x, jax.core.Tracer):
         return x
     if runtime_arrays and isinstance(x, jax.Array):
         return x
-    rng = _range(minimum, maximum, exclusive) if (minimum, maximum) != (None, None) else ""
-    rng = rng + (f" {what}" if what else "")
+    if minimum is not None and maximum is not None:
+        rng = f"in {'(' if exclusive else '['}{minimum}, {maximum}]"
+    elif minimum is not None:
+        rng = f"{'>' if exclusive else '>='} {minimum}"
+    else:
+        rng = "" if maximum is None else f"<= {maximum}"
+    rng += f" {what}" if what else ""
     kind = "an integer" if integer else "a real number"
     try:
         v = np.asarray(x)
@@ -218,6 +213,50 @@ def one_of(x, name: str, choices):
     if not any(x is c or (type(x) is type(c) and x == c) for c in choices):
         raise ValueError(f"`{name}` must be one of {tuple(choices)}; got {x!r}.")
     return x
+
+
+HESSIAN_MODES = ("linearize", "fwd-rev", "rev-rev")  # how a Hessian product is computed
+GAUSS_NEWTON_MODES = ("linearize", "recompute")  # how a Gauss-Newton or Fisher product is
+
+
+def mode(x, gauss_newton: bool = False, *, microbatch_size=None, ggn=None,
+         name: str = "mode"):
+    """A curvature product's ``mode``, with its default resolved.
+
+    Accepts ``None`` (the default: ``"linearize"``, or without stored residuals,
+    ``"fwd-rev"`` / ``"recompute"``, when ``microbatch_size`` is given) and one of
+    `HESSIAN_MODES` (`GAUSS_NEWTON_MODES` with ``gauss_newton``). Refuses
+    ``"linearize"`` with ``microbatch_size`` (it would store every microbatch's
+    residuals) and any mode beside a Gauss-Newton split ``ggn`` (whose product
+    takes none).
+
+    Returns:
+      The mode to use (``None`` beside ``ggn``).
+
+    Examples:
+      >>> mode(None), mode(None, microbatch_size=8), mode(None, True, microbatch_size=8)
+      ('linearize', 'fwd-rev', 'recompute')
+      >>> mode("fwd-rev", ggn=(len, len))
+      Traceback (most recent call last):
+      ...
+      ValueError: `mode` chooses how the Hessian product is computed; ... Leave `mode` out.
+    """
+    choices = GAUSS_NEWTON_MODES if gauss_newton else HESSIAN_MODES
+    one_of(x, name, (None, *choices))
+    if ggn is not None:
+        if x is not None:
+            raise ValueError(
+                f"`{name}` chooses how the Hessian product is computed; with `ggn=` the "
+                "curvature is the Gauss-Newton product, which takes no `mode`; got "
+                f"{name}={x!r}. Leave `{name}` out.")
+        return None
+    if microbatch_size is None:
+        return "linearize" if x is None else x
+    if x == "linearize":
+        alt = "mode='recompute' (the default)" if gauss_newton else "'fwd-rev' or 'rev-rev'"
+        raise ValueError(f"`{name}='linearize'` stores every microbatch's residuals; use {alt} "
+                         f"with `microbatch_size`; got microbatch_size={microbatch_size!r}.")
+    return choices[1] if x is None else x
 
 
 def prng_key(key, name: str = "key", *, optional: bool = False):
@@ -452,15 +491,7 @@ def tangent(v, sig, like: str = "params", name: str = "tangent", *,
             )
 
 
-def describe_shape(x) -> str:
-    """``"shape (...)"``, or ``"a PRNG key of shape (...)"`` for a typed key."""
-    dt = getattr(x, "dtype", None)
-    if dt is not None and jax.dtypes.issubdtype(dt, jax.dtypes.prng_key):
-        return f"a PRNG key of shape {tuple(jnp.shape(x))}"
-    return f"shape {tuple(jnp.shape(x))}"
-
-
-def batched(args: tuple, argnums: tuple[int, ...], name: str = "args",
+def _batched(args: tuple, argnums: tuple[int, ...], name: str = "args",
             extra: tuple = (), extra_name: str = "loss_args") -> int:
     """The batch size ``n`` that every batched argument carries as its leading axis.
 
@@ -508,7 +539,7 @@ def batched(args: tuple, argnums: tuple[int, ...], name: str = "args",
                 else f"the batch size {n} (leading axis of `{where0}`)")
         raise ValueError(
             f"`microbatch_size` chunks every batched argument along its leading (sample) "
-            f"axis, but `{where}` has {describe_shape(x)}, which does not carry {what}. {fix}"
+            f"axis, but `{where}` has {_tree.describe_shape(x)}, which does not carry {what}. {fix}"
         )
     return int(n)
 
@@ -668,7 +699,7 @@ def operator(op, example, name: str = "matvec", example_name: str = "v0") -> Non
         seen[sig] = True
 
 
-def batch_argnums(batch_argnums, num_args: int, name: str = "args") -> tuple[int, ...]:
+def _batch_argnums(batch_argnums, num_args: int, name: str = "args") -> tuple[int, ...]:
     """``batch_argnums`` as a sorted tuple of indices into ``num_args`` extra arguments.
 
     Accepts ``None`` (every argument is batched), an int or a sequence of ints,
@@ -705,8 +736,8 @@ def microbatch(microbatch_size, args: tuple, argnums, *, what: str = "fun", extr
 
     Accepts ``microbatch_size=None`` (no microbatching) or a static int ``>= 1``
     with at least one extra argument of ``what`` (the batch), ``argnums`` as
-    `batch_argnums` accepts them, and batched arguments (and ``extra``, the
-    loss arguments of a Gauss-Newton split) sharing a leading axis (`batched`).
+    `_batch_argnums` accepts them, and batched arguments (and ``extra``, the
+    loss arguments of a Gauss-Newton split) sharing a leading axis (`_batched`).
     """
     if microbatch_size is None:
         return None, None, None
@@ -716,8 +747,8 @@ def microbatch(microbatch_size, args: tuple, argnums, *, what: str = "fun", extr
             f"`microbatch_size` needs a batch: pass the batch as an extra argument of `{what}` "
             f"(`{what}(params, batch, ...)`)."
         )
-    nums = batch_argnums(argnums, len(args))
-    return size, nums, batched(args, nums, extra=extra)
+    nums = _batch_argnums(argnums, len(args))
+    return size, nums, _batched(args, nums, extra=extra)
 
 
 def aux_output(out, name: str, has_aux, *, what: str = "loss"):

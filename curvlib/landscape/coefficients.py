@@ -426,7 +426,7 @@ def increment_coefficients(
     """
     k = _common.check_problem(loss_fn, params, data, num_examples)
     mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
-    _validate.one_of(mode, "mode", (None, "linearize", "fwd-rev", "rev-rev"))
+    _validate.mode(mode)  # (with microbatches too: one linearisation per chunk)
     D = _validate.basis(eigenvectors, params)
     if eigenvalues is not None and jnp.shape(eigenvalues) != (D,):
         raise ValueError(

@@ -198,12 +198,7 @@ def curvature_subspace(
     dim = _common.check_subspace(dim, params, eigsh.basis_size)
     _validate.prng_key(key)
     mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
-    if mode is None:
-        mode = "linearize" if mb is None else "fwd-rev"
-    _validate.one_of(mode, "mode", ("linearize", "fwd-rev", "rev-rev"))
-    if mode == "linearize" and mb is not None:
-        raise ValueError("`mode='linearize'` stores every microbatch's residuals; use "
-                         "'fwd-rev' or 'rev-rev' with `microbatch_size`.")
+    mode = _validate.mode(mode, microbatch_size=mb)
     return subspace(loss_fn, params, data, k, dim, key, mb, mode, eigsh, flatten)
 
 

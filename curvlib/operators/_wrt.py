@@ -84,14 +84,8 @@ def block_operator(build: Callable, fun: Callable, params: PyTree, args: tuple, 
     (counted among ``args``) is shifted by one.
     """
     blk = split(params, wrt)
-    nums = None
-    if microbatch_size is not None:
-        if not args:
-            raise ValueError(
-                "`microbatch_size` needs a batch: pass the batch as an extra argument "
-                "(`fun(params, batch, ...)`)."
-            )
-        nums = tuple(i + 1 for i in _validate.batch_argnums(batch_argnums, len(args)))
+    _, nums, _ = _validate.microbatch(microbatch_size, args, batch_argnums)
+    nums = None if nums is None else tuple(i + 1 for i in nums)
     op = build(on_block(fun, blk.treedef, blk.mask), blk.sub, blk.rest, *args,
                microbatch_size=microbatch_size, batch_argnums=nums, **options)
     return Partial(_by_path(C.signature(blk.sub)), op)

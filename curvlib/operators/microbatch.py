@@ -21,7 +21,6 @@ import numpy as np
 
 from curvlib import _tree
 from curvlib._compile import run_program, traced_program, tracing, weak_cache
-from curvlib._validate import describe_shape as _describe
 
 PyTree = Any
 
@@ -43,13 +42,14 @@ def batch_size(tree: PyTree, name: str) -> int:
     if n is None:
         raise ValueError(
             f"every leaf of `{name}` needs a leading sample axis; `{name}{first_path}` has "
-            f"{_describe(first)}."
+            f"{_tree.describe_shape(first)}."
         )
     for path, x in leaves[1:]:
         if _tree.leading_axis(x) != n:
             raise ValueError(
                 f"every leaf of `{name}` must share the leading sample axis; "
-                f"`{name}{first_path}` has length {n} but `{name}{path}` has {_describe(x)}."
+                f"`{name}{first_path}` has length {n} but `{name}{path}` has "
+                f"{_tree.describe_shape(x)}."
             )
     if n == 0:  # a mean over no samples: NaN, or zero products with no flag
         raise ValueError(f"`{name}` is empty: its leading sample axis has length 0.")

@@ -62,9 +62,6 @@ from curvlib.operators import ggn_matvec, hessian_matvec, microbatch_mean
 
 PyTree = Any
 
-HVP_MODES = (None, "linearize", "fwd-rev", "rev-rev")
-
-
 class Default:
     """A default that is not a value (``None`` means something else), shown by what it
     stands for in signatures and ``help()`` (``linesearch=<default_linesearch()>``)."""
@@ -76,21 +73,6 @@ class Default:
         return f"<{self.what}>"
 
 
-def checked_mode(mode, ggn=None, microbatch_size=None):
-    """An optimizer's ``mode``: one of `HVP_MODES`, refused where the curvature product
-    would ignore it (a Gauss-Newton split) or override it (``"linearize"`` with
-    microbatches), as `curvlib.hessian_matvec` refuses the latter."""
-    _validate.one_of(mode, "mode", HVP_MODES)
-    if mode is not None and ggn is not None:
-        raise ValueError(
-            "`mode` chooses how the Hessian product is computed; with `ggn=` the curvature is "
-            f"the Gauss-Newton product, which takes no `mode`; got mode={mode!r}. Leave `mode` "
-            "out.")
-    if mode == "linearize" and microbatch_size is not None:
-        raise ValueError("`mode='linearize'` stores every microbatch's residuals; use 'fwd-rev' "
-                         f"or 'rev-rev' with `microbatch_size`; got microbatch_size="
-                         f"{microbatch_size!r}.")
-    return mode
 GGN = ("a pair `(model_fn, loss_fn)` with `loss_fn(model_fn(params, **kw), **kw) == "
        "value_fn(params, **kw)`")  # what `ggn` must be, in the messages
 

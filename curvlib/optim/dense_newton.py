@@ -245,7 +245,7 @@ def scale_by_newton(
     # ``optax.inject_hyperparams`` an array, traced when ``update`` rebuilds it)
     _validate.number(max_params, "max_params", minimum=1, integer=True)
     _validate.functions(ggn, "ggn", 2, what=_common.GGN, optional=True)
-    _common.checked_mode(mode, ggn)
+    _validate.mode(mode, ggn=ggn)
     name = "scale_by_newton"
 
     def init_fn(params):

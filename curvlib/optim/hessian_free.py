@@ -504,7 +504,7 @@ def _checked_options(damping, min_damping, max_damping, damping_increase, dampin
         _validate.static_int(cg.max_steps, "max_steps", minimum=1)
     _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
     _validate.functions(ggn, "ggn", 2, what=_common.GGN, optional=True)
-    _common.checked_mode(mode, ggn, microbatch_size)
+    _validate.mode(mode, ggn=ggn, microbatch_size=microbatch_size)
     return cg
 
 

@@ -559,7 +559,7 @@ def track_curvature(
     _validate.number(warm_noise, "warm_noise", minimum=0, finite=False, optional=True)
     microbatch_size = _validate.static_int(microbatch_size, "microbatch_size", minimum=1,
                                            optional=True)
-    _common.checked_mode(mode, None, microbatch_size)
+    _validate.mode(mode, microbatch_size=microbatch_size)
     typed = jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key)
     cfg = _Config(k, which, eigsh, num_probes, trace_method, mode, microbatch_size, warm_noise,
                   jax.random.key_impl(key) if typed else None)
