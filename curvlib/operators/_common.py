@@ -15,7 +15,7 @@ import numpy as np
 from jax.tree_util import Partial, keystr
 
 from curvlib import _tree, _validate
-from curvlib._compile import weak_cache
+from curvlib._compile import run_program, traced_program, tracing, weak_cache
 
 PyTree = Any
 
@@ -169,3 +169,31 @@ def params_operator(product: Callable, params: PyTree, *data) -> Partial:
     """``Partial(product, *data)`` checked against ``params`` and constrained to their layout."""
     fn = checked(sharded(product, _tree.param_shardings(params)), signature(params))
     return Partial(fn, *data)
+
+
+def program_operator(product: Callable, params: PyTree, *data) -> Partial:
+    """`params_operator`, keyed by the program ``v -> product(*data, v)`` computes.
+
+    ``product`` closes over the user's functions (a loss, a model), so an
+    operator built on it is identified by those function objects: a new closure
+    each step (``lambda p: loss(p, batch)``) compiled every algorithm that took
+    the operator again, and JAX's caches kept each closure's arrays. Traced once
+    here (eager calls only: under the user's transformation the product is part
+    of the user's program), the operator's static part is its program and every
+    array it uses (``data``, the closures' arrays) is a leaf, so equal programs
+    share their compilations. Cost: one trace of the product (no compile).
+    """
+    if tracing(params, data):
+        return params_operator(product, params, *data)
+    program = traced_program(lambda v: product(*data, v), params)
+    dtypes = tuple(jnp.result_type(x) for x in jax.tree.leaves(params))
+    return params_operator(_call_program(dtypes), params, program)
+
+
+@functools.cache
+def _call_program(dtypes: tuple) -> Callable:
+    """``(program, v) -> program(v)``, compiled once per program and shapes (an eager call
+    too: the program's steps evaluated one by one compiled its loops again for every trace),
+    with ``v``'s leaves cast to ``dtypes`` as `call_linearized` casts them."""
+    call = call_linearized(dtypes)
+    return lambda program, v: run_program(program, call(lambda x: x, v))

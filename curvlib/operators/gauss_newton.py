@@ -48,20 +48,8 @@ from curvlib.operators.microbatch import (
 
 PyTree = Any
 
-MODES = ("linearize", "recompute")
+MODES = _validate.GAUSS_NEWTON_MODES
 LIKELIHOODS = ("categorical", "gaussian")
-
-
-def _resolve_mode(mode, microbatch_size):
-    if mode is None:
-        mode = "linearize" if microbatch_size is None else "recompute"
-    _validate.one_of(mode, "mode", MODES)
-    if mode == "linearize" and microbatch_size is not None:
-        raise ValueError(
-            "`mode='linearize'` stores every microbatch's residuals; use mode='recompute' "
-            "(the default) with `microbatch_size`."
-        )
-    return mode
 
 
 def _linearize(model_fn, params, args):
@@ -186,10 +174,11 @@ def ggn_matvec(
     _validate.functions(loss_fn, "loss_fn")
     _validate.scalar_loss(jax.eval_shape(loss_fn, example_out, *loss_args), "loss_fn",
                           has_aux=None)
-    mode = _resolve_mode(mode, microbatch_size)
+    mode = _validate.mode(mode, gauss_newton=True, microbatch_size=microbatch_size)
     if mode == "linearize":
         outputs, lin = _linearize(model_fn, params, args)
-        return C.params_operator(_ggn_linearized(loss_fn), params, params, outputs, lin, loss_args)
+        return C.program_operator(_ggn_linearized(loss_fn), params, params, outputs, lin,
+                                  loss_args)
     product = _ggn_recompute(model_fn, loss_fn, len(args))
     all_args = tuple(args) + loss_args
     size, argnums, _ = _validate.microbatch(microbatch_size, args, batch_argnums,
@@ -197,7 +186,7 @@ def ggn_matvec(
     if size is not None:
         argnums = argnums + tuple(range(len(args), len(all_args)))
         product = microbatched(product, size, argnums)
-    return C.params_operator(product, params, params, all_args)
+    return C.program_operator(product, params, params, all_args)
 
 
 # --------------------------------------------------------------------- Fisher
@@ -442,7 +431,7 @@ def fisher_matvec(
                 f"shape {out_shape.shape}."
             ) from None
     noise = _draw_noise(likelihood, key, S, out_shape) if mc else None
-    mode = _resolve_mode(mode, microbatch_size)
+    mode = _validate.mode(mode, gauss_newton=True, microbatch_size=microbatch_size)
     if mode == "linearize":
         outputs, lin = _linearize(model_fn, params, args)
         state = _output_state(likelihood, mc, outputs, noise, variance)
@@ -463,7 +452,7 @@ def fisher_matvec(
         if mc:
             argnums = argnums + (len(args),)
         product = microbatched(product, size, tuple(sorted(argnums)))
-    return C.params_operator(product, params, params, all_args)
+    return C.program_operator(product, params, params, all_args)
 
 
 def _fisher_options(likelihood, key, num_samples, variance):
@@ -609,7 +598,7 @@ def empirical_fisher_matvec(
             "`lambda p, ex: f(p, jax.tree.map(lambda a: a[None], ex))[0]`."
         ) from None
     losses = _per_example_losses(C.drop_aux(per_example_loss, has_aux))
-    mode = _resolve_mode(mode, microbatch_size)
+    mode = _validate.mode(mode, gauss_newton=True, microbatch_size=microbatch_size)
     if mode == "linearize":
         _, lin = jax.linearize(lambda p: losses(p, batch), params)
         return C.params_operator(_ef_product, params, params, stable_linearized(lin))
@@ -617,4 +606,4 @@ def empirical_fisher_matvec(
     if microbatch_size is not None:
         size = _validate.static_int(microbatch_size, "microbatch_size", minimum=1)
         product = microbatched(product, size, (0,))
-    return C.params_operator(product, params, params, (batch,))
+    return C.program_operator(product, params, params, (batch,))

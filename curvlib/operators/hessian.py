@@ -38,7 +38,7 @@ from curvlib.operators.microbatch import (
 
 PyTree = Any
 
-MODES = ("linearize", "fwd-rev", "rev-rev")
+MODES = _validate.HESSIAN_MODES
 
 
 @weak_cache
@@ -216,14 +216,7 @@ def hessian_matvec(
     size, argnums, _ = _validate.microbatch(microbatch_size, args, batch_argnums)
     _validate.scalar_loss(jax.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
     fun = C.drop_aux(fun, has_aux)
-    if mode is None:
-        mode = "linearize" if microbatch_size is None else "fwd-rev"
-    _validate.one_of(mode, "mode", MODES)
-    if size is not None and mode == "linearize":
-        raise ValueError(
-            "`mode='linearize'` stores every microbatch's residuals; use 'fwd-rev' or "
-            "'rev-rev' with `microbatch_size`."
-        )
+    mode = _validate.mode(mode, microbatch_size=size)
     if mode == "linearize":
         _, lin = jax.linearize(lambda p: jax.grad(fun)(p, *args), params)
         dtypes = tuple(jnp.result_type(x) for x in jax.tree.leaves(params))
@@ -231,7 +224,7 @@ def hessian_matvec(
     product = _hvp_fwd_rev(fun) if mode == "fwd-rev" else _hvp_rev_rev(fun)
     if size is not None:
         product = microbatched(product, size, argnums)
-    return C.params_operator(product, params, params, tuple(args))
+    return C.program_operator(product, params, params, tuple(args))
 
 
 def _value_and_grad(fun, has_aux):
