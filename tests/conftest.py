@@ -166,3 +166,20 @@ def compiles():
     """``with compiles() as seen: ...``: ``seen.count`` XLA compilations inside the block,
     ``seen.names`` their programs (``"jit(name)"``)."""
     return _Compiles
+
+
+# The files whose own work runs a minute or more on 2 cores (subprocess harnesses with 8
+# devices, notebooks), longest first. `--dist loadfile` hands each worker whole files in
+# collection order as it frees up, so these start first and the short files fill in around
+# them, rather than one long file starting last on one worker while the other sits idle.
+LONG_FILES = (
+    "test_sharding.py", "test_multiprocess.py", "test_notebooks.py", "test_family_sharding.py",
+    "test_family_blocks.py", "test_readme.py", "test_flax.py", "test_streams.py",
+    "test_properties_robust.py", "test_state.py", "test_kfac_sharding.py", "test_demo.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: files
+    # keep their own order, the others theirs
