@@ -49,7 +49,7 @@ import jax.numpy  # noqa: F401  (`tracing`)
 import numpy as np
 from jax.tree_util import Partial
 
-from curvlib import _progress, _validate
+from curvlib import _progress, _tree, _validate
 
 PyTree = Any
 
@@ -142,6 +142,83 @@ def stable_linearized(lin):
     if isinstance(lin, Partial):
         return Partial(SameProgram(lin.func), *lin.args, **lin.keywords)
     return lin
+
+
+class SameFunction:
+    """A user function passed as a static argument, equal to another computing the same thing.
+
+    ``jax.jit`` keys a static function by its identity: a fresh closure each call
+    (``lambda p, b: loss(p, b, lam)`` in a loop) compiles every program it enters
+    again, and JAX's caches keep each one. `same_function` keys it instead by the
+    program it traces to at the shapes it is evaluated at, with every constant it
+    closes over: small arrays and Python numbers by value (they are printed in, or
+    keyed beside, the program), large arrays by identity (a closure over a new
+    large array is still a new function). Two equal ones compute the same thing,
+    so either may stand for the other in a compiled program.
+    """
+
+    __slots__ = ("fn", "key", "_hash", "__weakref__")
+
+    def __init__(self, fn: Callable, key):
+        self.fn = fn
+        self.key = key
+        self._hash = hash(key)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __eq__(self, other):
+        return isinstance(other, SameFunction) and self.key == other.key
+
+    def __hash__(self):
+        return self._hash
+
+    def __repr__(self):
+        return f"<curvlib function {getattr(self.fn, '__name__', type(self.fn).__name__)}>"
+
+
+# `same_function`'s keys per function (weakly: a function the user dropped is not kept; a key
+# holds the function's constants, never the function) and example shapes
+_SAME: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def same_function(fn: Callable, *example) -> Callable:
+    """``fn`` as a `SameFunction` keyed by its program on ``example`` (arrays or
+    ``jax.ShapeDtypeStruct`` s: the shapes it is evaluated at); ``fn`` unchanged inside a
+    trace (the user's program holds it) or when it cannot be keyed. Cost: one trace per
+    function and shapes (remembered, as ``jax.jit`` remembers a function's trace)."""
+    if isinstance(fn, SameFunction) or tracing(*example):
+        return fn
+    shapes = (jax.tree.structure(example), _tree.avals(example))
+    try:
+        key = _SAME.get(fn, {}).get(shapes)
+    except TypeError:  # not weakly referenceable, or unhashable
+        key = None
+    if key is None:
+        key = _program_key(fn, example)
+        if key is None:
+            return fn
+        try:
+            _SAME.setdefault(fn, {})[shapes] = key
+        except TypeError:
+            pass
+    return SameFunction(fn, key)
+
+
+def _program_key(fn: Callable, example: tuple):
+    """What ``fn`` computes on ``example``: its program's text and constants; ``None``
+    where it cannot be keyed."""
+    try:
+        closed = jax.make_jaxpr(lambda *a: fn(*a))(*example)
+        consts = tuple(
+            _Same(c) if getattr(c, "size", _BY_VALUE + 1) > _BY_VALUE or _value_key(c) is None
+            else _value_key(c) for c in closed.consts)
+        key = (str(closed.jaxpr), jax.tree.structure(example), consts,
+               _unprinted(closed.jaxpr))
+        hash(key)
+    except Exception:  # noqa: BLE001  (the caller's own evaluation reports a failing function)
+        return None
+    return key
 
 
 # XLA options of the answer-now programs (the Krylov steps of `curvlib.krylov._driver.run_host`

@@ -584,7 +584,10 @@ def test_k_curve_compiles_once(lsq):
     w = _unflat(theta)
     kw = dict(dims=[1, 2], sigmas=[1e-3, 0.1], key=jax.random.PRNGKey(0), num_samples=4,
               full_samples=4, progress=False)
-    one, six = _Counted(lambda p, b: ls_loss(p, b)), _Counted(lambda p, b: ls_loss(p, b))
+    # two programs no other test compiles (the landscape keys a loss by its program: one
+    # computing what an earlier call computed shares its compilations, with fewer traces)
+    one = _Counted(lambda p, b: 1.000123 * ls_loss(p, b))
+    six = _Counted(lambda p, b: 1.000456 * ls_loss(p, b))
     ls.k_curve(one, w, (x, y), [4], **kw)
     ls.k_curve(six, w, (x, y), [2, 4, 7, 11, 16, 21], **kw)
     assert six.traces == one.traces > 0
@@ -592,6 +595,45 @@ def test_k_curve_compiles_once(lsq):
         c = ls.k_curve(six, w, (x, y), [3, 5, 8, 13, 19, 22], **kw)
     assert compiles.count == 0 and six.traces == one.traces
     assert np.all(np.isfinite(c.closed_form)) and np.all(np.isfinite(c.max_angle))
+
+
+def test_a_fresh_closure_each_call_compiles_nothing_and_keeps_its_constants(lsq):
+    """A new loss closure at every call (``lambda p, b: scale * loss(p, b)`` in a loop over
+    checkpoints or hyperparameters) compiled every landscape program again (1.7-3.5 s a call
+    on a small MLP). The loss is now keyed by its program and what it closes over: the same
+    computation compiles nothing, and another constant (a Python number, a small array, a
+    large one) gives its own answer, checked against the numpy oracle."""
+    x, y, theta = lsq
+    w, data, key, k = _unflat(theta), (x, y), jax.random.PRNGKey(0), 9
+    U = _random_orthonormal(np.random.default_rng(3), 2, N_FEAT + 1)
+    a, c, B = np_coefficients(theta, np.asarray(x), np.asarray(y), k, U)
+
+    def run(fn):
+        sub = ls.curvature_subspace(fn, w, data, k, 2, key=key)
+        coef = ls.increment_coefficients(fn, w, data, k, _unflat(U))
+        d2 = ls.delta2_direct_mc(fn, w, data, k, _unflat(U), jnp.asarray([0.01, 0.1]),
+                                 key=key, num_samples=4)
+        return jax.block_until_ready((sub.eigenvalues, coef, d2.estimate,
+                                      ls.delta1(fn, w, data, k)))
+
+    def closure(scale, arr):
+        return lambda p, b: scale * arr[-1] * ls_loss(p, b)
+
+    ref = run(closure(1.0, jnp.ones(3)))
+    with _Compiles() as compiles:
+        again = run(closure(1.0, jnp.ones(3)))
+    assert compiles.count == 0
+    jax.tree.map(np.testing.assert_array_equal, again, ref)
+    for scale, arr in [(3.0, jnp.ones(3)), (1.0, jnp.full(3, 3.0)), (1.0, jnp.full(5000, 3.0)),
+                       (1.0, jnp.full(5000, 1.0))]:
+        s = scale * float(arr[-1])
+        eigenvalues, coef, d2, d1 = run(closure(scale, arr))
+        np.testing.assert_allclose(coef.a, s * a, rtol=1e-10)
+        np.testing.assert_allclose(coef.c, s * c, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(coef.B, s * B, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(d1, abs(s * a), rtol=1e-10)
+        np.testing.assert_allclose(eigenvalues, s * ref[0], rtol=1e-8)
+        np.testing.assert_allclose(d2, s**2 * ref[2], rtol=1e-8)
 
 
 # ------------------------------------ masked means: rounding, chunks, traced k

@@ -44,7 +44,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from curvlib import _tree, _validate, _xp
-from curvlib._compile import compile_behind, quick_jit, stable_linearized, tracing
+from curvlib._compile import compile_behind, quick_jit, same_function, stable_linearized, tracing
 from curvlib._xp import xp
 
 PyTree = Any
@@ -142,7 +142,7 @@ def check_subspace(dim, params: PyTree, basis_size=None, name: str = "dim") -> i
 
 
 def check_problem(loss_fn: Callable, params: PyTree, data: PyTree, k):
-    """The checks every landscape entry point makes at its boundary; returns ``k`` checked.
+    """The checks every landscape entry point makes at its boundary: ``(k, loss_fn)`` checked.
 
     ``k`` (`check_k`), ``params`` (real floating leaves) and ``loss_fn``:
     ``loss_fn(params, data)`` must be one scalar, the mean loss over the batch
@@ -151,12 +151,18 @@ def check_problem(loss_fn: Callable, params: PyTree, data: PyTree, k):
     that takes a loss; the weighted sums of per-sample losses would otherwise
     broadcast it into wrong numbers. Internals below the boundary do not
     check again.
+
+    The ``loss_fn`` returned is keyed by its program on one sample (the shape
+    every landscape evaluation uses: per-sample losses under ``vmap``), so a
+    fresh closure computing the same loss compiles nothing again
+    (`curvlib._compile.same_function`).
     """
     k = check_k(k, data)
     _validate.float_leaves(params, "params")
     _validate.functions(loss_fn, "loss_fn")
     _validate.scalar_loss(jax.eval_shape(loss_fn, params, data), "loss_fn", has_aux=None)
-    return k
+    one = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *jnp.shape(x)[1:]), x.dtype), data)
+    return k, same_function(loss_fn, params, one)
 
 
 # ----------------------------------------------------------- static slices

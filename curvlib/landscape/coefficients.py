@@ -157,7 +157,7 @@ def check_mean_loss(
       ...
       ValueError: `loss_fn` does not behave as a mean over the leading axis of its batch: ...
     """
-    k = _common.check_problem(loss_fn, params, data, num_examples)
+    k, loss_fn = _common.check_problem(loss_fn, params, data, num_examples)
     mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
     _validate.number(rtol, "rtol", minimum=0, optional=True)
     mean_check(loss_fn, params, data, k, mb, rtol)
@@ -256,7 +256,7 @@ def loss_increment(
       >>> round(float(loss_increment(loss, jnp.array(0.0), x, 2)), 4)  # 5/3 - 1/2
       1.1667
     """
-    k = _common.check_problem(loss_fn, params, data, num_examples)
+    k, loss_fn = _common.check_problem(loss_fn, params, data, num_examples)
     mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
     return _loss_increment(loss_fn, params, data, k, mb)
 
@@ -424,7 +424,7 @@ def increment_coefficients(
       >>> np.round(np.asarray(coef.B, float), 4).tolist()  # U (H^(3) - H^(2)) U^T
       [[1.1667, 0.0], [0.0, -0.1667]]
     """
-    k = _common.check_problem(loss_fn, params, data, num_examples)
+    k, loss_fn = _common.check_problem(loss_fn, params, data, num_examples)
     mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
     _validate.mode(mode)  # (with microbatches too: one linearisation per chunk)
     D = _validate.basis(eigenvectors, params)

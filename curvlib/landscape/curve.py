@@ -531,7 +531,7 @@ def k_curve(
     # the public boundary: checked once (on the data as given, so a message names the user's
     # shapes), the steps below do not check again
     if not callable(params):
-        _common.check_problem(loss_fn, params, data, plan.ks[0])
+        _, loss_fn = _common.check_problem(loss_fn, params, data, plan.ks[0])
     # the largest k first: its samples hold every smaller k's, so a non-finite loss (a NaN
     # sample only the largest k uses) stops the curve before any work, not after the k's
     # below it (each k's draws are its own: fold_in(key, k), whatever the order)
@@ -540,10 +540,11 @@ def k_curve(
     for i in _progress(order, plan.config.progress, "k-curve"):
         k = plan.ks[i]
         p = get_params(k)
+        fn = loss_fn
         if callable(params):  # a new point at every k
-            _common.check_problem(loss_fn, p, data, k)
+            _, fn = _common.check_problem(loss_fn, p, data, k)
             _common.check_subspace(max(plan.dims), p, name="max(dims)")
-        points[i], seconds[i] = curve_point(loss_fn, p, plan, k, key)
+        points[i], seconds[i] = curve_point(fn, p, plan, k, key)
     return _assemble(plan, points, seconds)
 
 

@@ -317,6 +317,7 @@ def _estimate(mean, stderr, sigma, num_samples, antithetic) -> MonteCarloEstimat
 
 class _SampledSetup(NamedTuple):
     k: int
+    loss_fn: Callable  # keyed by its program (`_common.check_problem`)
     microbatch_size: int | None
     num_samples: int
     sample_batch_size: int | None
@@ -328,7 +329,7 @@ class _SampledSetup(NamedTuple):
 def _check_sampled(loss_fn, params, data, k, sigma, key, num_samples, microbatch_size,
                    sample_batch_size) -> _SampledSetup:
     """Input checks shared by the loss-sampling estimators (direct and full-space MC)."""
-    k = _common.check_problem(loss_fn, params, data, k)
+    k, loss_fn = _common.check_problem(loss_fn, params, data, k)
     mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
     S = _validate.static_int(num_samples, "num_samples", minimum=2, what=_common.TWO_DRAWS)
     _validate.prng_key(key)
@@ -336,7 +337,7 @@ def _check_sampled(loss_fn, params, data, k, sigma, key, num_samples, microbatch
                                              optional=True)
     dt = _tree.dtype(params)
     s0, sig = _grid(sigma, dt)
-    return _SampledSetup(k, mb, S, sample_batch_size, dt, s0, sig)
+    return _SampledSetup(k, loss_fn, mb, S, sample_batch_size, dt, s0, sig)
 
 
 # ------------------------------------------------------------ quadratic MC
@@ -518,6 +519,7 @@ def delta2_direct_mc(
     st = _check_sampled(loss_fn, params, data, num_examples, sigma, key, num_samples,
                         microbatch_size,
                         sample_batch_size)
+    loss_fn = st.loss_fn
     Dmax = _validate.basis(eigenvectors, params)
     if dim is None:
         dim = Dmax
@@ -637,6 +639,7 @@ def delta2_full_mc(
     st = _check_sampled(loss_fn, params, data, num_examples, sigma, key, num_samples,
                         microbatch_size,
                         sample_batch_size)
+    loss_fn = st.loss_fn
     if check_mean:
         mean_check(loss_fn, params, data, st.k, st.microbatch_size)
     mean, se = _full_mc(loss_fn, params, data, st.k, st.grid, key, st.num_samples,
@@ -686,7 +689,7 @@ def delta1(
     k = num_examples  # the paper's k
     from curvlib.landscape.coefficients import _loss_increment
 
-    k = _common.check_problem(loss_fn, params, data, k)
+    k, loss_fn = _common.check_problem(loss_fn, params, data, k)
     mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
     if check_mean:
         mean_check(loss_fn, params, data, k, mb)

@@ -184,7 +184,7 @@ def curvature_subspace(
       >>> sub.eigenvectors.shape
       (2, 3)
     """
-    k = _common.check_problem(loss_fn, params, data, num_examples)
+    k, loss_fn = _common.check_problem(loss_fn, params, data, num_examples)
     if flatten:
         for i, x in enumerate(jax.tree.leaves(params)):
             if _tree.explicit_sharding(x) is not None:
