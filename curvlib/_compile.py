@@ -114,36 +114,6 @@ def is_host_driven(matvec) -> bool:
 # ---------------------------------------------------- stable linearisations
 
 
-class SameProgram:
-    """A linearised function's static part, equal to another that replays the same program.
-
-    ``jax.linearize`` returns a `Partial` whose residuals
-    are leaves but whose function (holding the tangent jaxpr) is a fresh object
-    on every call, so two linearisations at different points would make a
-    jitted consumer recompile. Comparing by the printed program instead lets
-    every product with the same model and shapes share one compilation.
-    """
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.key = repr(fn)
-
-    def __call__(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
-
-    def __eq__(self, other):
-        return isinstance(other, SameProgram) and self.key == other.key
-
-    def __hash__(self):
-        return hash(self.key)
-
-
-def stable_linearized(lin):
-    if isinstance(lin, Partial):
-        return Partial(SameProgram(lin.func), *lin.args, **lin.keywords)
-    return lin
-
-
 class SameFunction:
     """A user function passed as a static argument, equal to another computing the same thing.
 
@@ -153,8 +123,9 @@ class SameFunction:
     program it traces to at the shapes it is evaluated at, with every constant it
     closes over: small arrays and Python numbers by value (they are printed in, or
     keyed beside, the program), large arrays by identity (a closure over a new
-    large array is still a new function). Two equal ones compute the same thing,
-    so either may stand for the other in a compiled program.
+    large array is still a new function). A linearisation's replay function is keyed
+    the same way by its printed program (`stable_linearized`). Two equal ones compute
+    the same thing, so either may stand for the other in a compiled program.
     """
 
     __slots__ = ("fn", "key", "_hash", "__weakref__")
@@ -175,6 +146,20 @@ class SameFunction:
 
     def __repr__(self):
         return f"<curvlib function {getattr(self.fn, '__name__', type(self.fn).__name__)}>"
+
+
+def stable_linearized(lin):
+    """A ``jax.linearize`` result whose static part compares by the program it replays.
+
+    ``jax.linearize`` returns a `Partial` whose residuals are leaves but whose
+    function (holding the tangent jaxpr) is a fresh object on every call, so two
+    linearisations at different points would make a jitted consumer recompile.
+    Keyed by the printed program instead (a `SameFunction`), every product with the
+    same model and shapes shares one compilation.
+    """
+    if isinstance(lin, Partial):
+        return Partial(SameFunction(lin.func, repr(lin.func)), *lin.args, **lin.keywords)
+    return lin
 
 
 # `same_function`'s keys per function (weakly: a function the user dropped is not kept; a key
