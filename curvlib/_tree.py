@@ -60,6 +60,17 @@ def describe_shape(x) -> str:
     return f"shape {tuple(jnp.shape(x))}"
 
 
+def path_difference(paths_a, paths_b, name_a: str, name_b: str) -> str:
+    """`` Leaves only in a: ...; only in b: ...`` (up to three each), for a message about two
+    pytrees of different structures; ``""`` when they have the same leaf paths."""
+    only_a = [p for p in paths_a if p not in paths_b][:3]
+    only_b = [p for p in paths_b if p not in paths_a][:3]
+    if not (only_a or only_b):
+        return ""
+    return (f" Leaves only in {name_a}: {', '.join(only_a) or 'none'}; only in {name_b}: "
+            f"{', '.join(only_b) or 'none'}.")
+
+
 def avals(tree: PyTree) -> tuple:
     """``((shape, dtype name), ...)`` of the leaves: a hashable part of a cache key."""
     return tuple((tuple(jnp.shape(x)), str(jnp.result_type(x))) for x in jax.tree.leaves(tree))

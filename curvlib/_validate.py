@@ -377,13 +377,8 @@ def same_structure(a, b, name_a: str, name_b: str, *, what: str = "",
     fa = jax.tree_util.tree_flatten_with_path(a)[0]
     fb = jax.tree_util.tree_flatten_with_path(b)[0]
     if ta != tb:
-        pa, pb = [keystr(p) for p, _ in fa], [keystr(p) for p, _ in fb]
-        only_a = [p for p in pa if p not in pb][:3]
-        only_b = [p for p in pb if p not in pa][:3]
-        detail = ""
-        if only_a or only_b:
-            detail = (f" Leaves only in {name_a}: {', '.join(only_a) or 'none'}; only in "
-                      f"{name_b}: {', '.join(only_b) or 'none'}.")
+        detail = _tree.path_difference([keystr(p) for p, _ in fa], [keystr(p) for p, _ in fb],
+                                       name_a, name_b)
         raise ValueError(
             f"`{name_b}` must match `{name_a}` in pytree structure and leaf shapes; got "
             f"{name_a}: {ta} and {name_b}: {tb}.{detail}{tail}"
@@ -464,9 +459,10 @@ def tangent(v, sig, like: str = "params", name: str = "tangent", *,
                 f"{list(paths)}; got {list(vpaths)}."
             )
     elif jax.tree.structure(v) != treedef:
+        detail = _tree.path_difference(paths, [p for p, _ in vleaves], like, name)
         raise ValueError(
             f"the {name} must match `{like}` in pytree structure and leaf shapes; got "
-            f"{like}: {treedef} and {name}: {jax.tree.structure(v)}."
+            f"{like}: {treedef} and {name}: {jax.tree.structure(v)}.{detail}"
         )
     for path, x, want in zip(paths, leaves, shapes, strict=True):
         if tuple(jnp.shape(x)) != want:
@@ -792,9 +788,13 @@ def basis(eigenvectors, params=None, name: str = "eigenvectors") -> int | None:
     D = None
     if params is not None:
         if jax.tree.structure(params) != jax.tree.structure(eigenvectors):
+            detail = _tree.path_difference(
+                [p for p, _ in _tree.leaves_with_paths(params)],
+                [p for p, _ in _tree.leaves_with_paths(eigenvectors)], "params", name)
             raise ValueError(
                 f"`{name}` must have the structure of `params` with a leading axis D "
                 f"(got {jax.tree.structure(eigenvectors)} vs {jax.tree.structure(params)})."
+                f"{detail}"
             )
         dims = {}
         for (path, p), e in zip(_tree.leaves_with_paths(params), jax.tree.leaves(eigenvectors),

@@ -15,6 +15,8 @@ non-symmetric matvecs.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -1021,3 +1023,19 @@ def test_a_microbatched_gradient_names_the_leaf_of_another_length_before_the_los
 def test_a_sigma_that_is_not_a_number_is_named():
     with pytest.raises(ValueError, match="`sigma` must be a positive number or a 1-D grid"):
         landscape.delta2_closed_form(0.1, jnp.ones(2), jnp.eye(2), "a")
+
+
+def test_a_vector_or_basis_of_another_structure_is_told_which_leaves_differ():
+    """A tangent or a basis with a renamed or missing leaf was shown two tree definitions to
+    compare by eye; the message now names the leaves only one of them has."""
+    from curvlib import landscape
+
+    p = {"w": jnp.ones(3), "b": jnp.ones(())}
+    H = curvlib.hessian_matvec(lambda q: jnp.sum(q["w"] ** 2) + q["b"] ** 2, p)
+    with pytest.raises(ValueError, match=re.escape(
+            "Leaves only in params: ['b']; only in tangent: ['c'].")):
+        H({"w": jnp.ones(3), "c": jnp.ones(())})
+    with pytest.raises(ValueError, match=re.escape(
+            "Leaves only in params: ['b']; only in eigenvectors: none.")):
+        landscape.increment_coefficients(lambda q, d: jnp.mean(d) * jnp.sum(q["w"] ** 2), p,
+                                         jnp.ones(5), 2, {"w": jnp.ones((1, 3))})
