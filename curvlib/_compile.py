@@ -138,6 +138,10 @@ class SameFunction:
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
 
+    @property
+    def __wrapped__(self):  # ``inspect.signature`` reads the function's own signature (optax
+        return self.fn  # routes extra arguments to a ``value_fn`` by its parameter names)
+
     def __eq__(self, other):
         return isinstance(other, SameFunction) and self.key == other.key
 
@@ -167,20 +171,21 @@ def stable_linearized(lin):
 _SAME: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def same_function(fn: Callable, *example) -> Callable:
-    """``fn`` as a `SameFunction` keyed by its program on ``example`` (arrays or
-    ``jax.ShapeDtypeStruct`` s: the shapes it is evaluated at); ``fn`` unchanged inside a
-    trace (the user's program holds it) or when it cannot be keyed. Cost: one trace per
-    function and shapes (remembered, as ``jax.jit`` remembers a function's trace)."""
-    if isinstance(fn, SameFunction) or tracing(*example):
+def same_function(fn: Callable, *example, **kw_example) -> Callable:
+    """``fn`` as a `SameFunction` keyed by its program on ``example`` and ``kw_example``
+    (arrays or ``jax.ShapeDtypeStruct`` s: the arguments it is evaluated on, by shape);
+    ``fn`` unchanged inside a trace (the user's program holds it) or when it cannot be
+    keyed. Cost: one trace per function and shapes (remembered, as ``jax.jit`` remembers a
+    function's trace)."""
+    if isinstance(fn, SameFunction) or tracing(example, kw_example):
         return fn
-    shapes = (jax.tree.structure(example), _tree.avals(example))
+    shapes = (jax.tree.structure((example, kw_example)), _tree.avals((example, kw_example)))
     try:
         key = _SAME.get(fn, {}).get(shapes)
     except TypeError:  # not weakly referenceable, or unhashable
         key = None
     if key is None:
-        key = _program_key(fn, example)
+        key = _program_key(fn, example, kw_example)
         if key is None:
             return fn
         try:
@@ -190,15 +195,15 @@ def same_function(fn: Callable, *example) -> Callable:
     return SameFunction(fn, key)
 
 
-def _program_key(fn: Callable, example: tuple):
+def _program_key(fn: Callable, example: tuple, kw_example: dict):
     """What ``fn`` computes on ``example``: its program's text and constants; ``None``
     where it cannot be keyed."""
     try:
-        closed = jax.make_jaxpr(lambda *a: fn(*a))(*example)
+        closed = jax.make_jaxpr(lambda *a, **k: fn(*a, **k))(*example, **kw_example)
         consts = tuple(
             _Same(c) if getattr(c, "size", _BY_VALUE + 1) > _BY_VALUE or _value_key(c) is None
             else _value_key(c) for c in closed.consts)
-        key = (str(closed.jaxpr), jax.tree.structure(example), consts,
+        key = (str(closed.jaxpr), jax.tree.structure((example, kw_example)), consts,
                _unprinted(closed.jaxpr))
         hash(key)
     except Exception:  # noqa: BLE001  (the caller's own evaluation reports a failing function)
