@@ -114,7 +114,19 @@ def is_host_driven(matvec) -> bool:
 # ---------------------------------------------------- stable linearisations
 
 
-class SameFunction:
+class _Keyed:
+    """Equal to another of its class with the same ``key`` (hashed once, in ``_hash``)."""
+
+    __slots__ = ()
+
+    def __eq__(self, other):
+        return type(other) is type(self) and self.key == other.key
+
+    def __hash__(self):
+        return self._hash
+
+
+class SameFunction(_Keyed):
     """A user function passed as a static argument, equal to another computing the same thing.
 
     ``jax.jit`` keys a static function by its identity: a fresh closure each call
@@ -141,12 +153,6 @@ class SameFunction:
     @property
     def __wrapped__(self):  # ``inspect.signature`` reads the function's own signature (optax
         return self.fn  # routes extra arguments to a ``value_fn`` by its parameter names)
-
-    def __eq__(self, other):
-        return isinstance(other, SameFunction) and self.key == other.key
-
-    def __hash__(self):
-        return self._hash
 
     def __repr__(self):
         return f"<curvlib function {getattr(self.fn, '__name__', type(self.fn).__name__)}>"
@@ -273,7 +279,7 @@ class quick_jit:  # noqa: N801  (used as a decorator, like ``jax.jit``)
 # ------------------------------------------------------------------ operators
 
 
-class _Program:
+class _Program(_Keyed):
     """A traced function's program: hashable and comparable by what it computes.
 
     Called as ``program(*consts, v)``: ``consts`` are the arrays the original
@@ -294,12 +300,6 @@ class _Program:
         leaves = self.in_tree.flatten_up_to(v)
         out = jax.core.eval_jaxpr(self.jaxpr, list(consts), *leaves)
         return jax.tree.unflatten(self.out_tree, out)
-
-    def __eq__(self, other):
-        return isinstance(other, _Program) and self.key == other.key
-
-    def __hash__(self):
-        return self._hash
 
     def __repr__(self):
         return f"<curvlib operator program, {len(self.jaxpr.eqns)} equations>"
