@@ -33,6 +33,7 @@ import concurrent.futures
 import contextlib
 import functools
 import gc
+import hashlib
 import inspect
 import os
 import queue
@@ -177,25 +178,28 @@ def stable_linearized(lin):
 _SAME: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def same_function(fn: Callable, *example, **kw_example) -> Callable:
+def same_function(fn: Callable, *example, also: tuple = (), **kw_example) -> Callable:
     """``fn`` as a `SameFunction` keyed by its program on ``example`` and ``kw_example``
-    (arrays or ``jax.ShapeDtypeStruct`` s: the arguments it is evaluated on, by shape);
-    ``fn`` unchanged inside a trace (the user's program holds it) or when it cannot be
-    keyed. Cost: one trace per function and shapes (remembered, as ``jax.jit`` remembers a
-    function's trace)."""
-    if isinstance(fn, SameFunction) or tracing(example, kw_example):
+    (arrays or ``jax.ShapeDtypeStruct`` s: the arguments it is evaluated on, by shape) and
+    on each argument tuple of ``also`` (every other shape it is evaluated at: a function
+    may branch on a shape in Python); ``fn`` unchanged inside a trace (the user's program
+    holds it) or when it cannot be keyed. Cost: one trace per function and shapes
+    (remembered, as ``jax.jit`` remembers a function's trace)."""
+    if isinstance(fn, SameFunction) or tracing(example, kw_example, also):
         return fn
-    shapes = (jax.tree.structure((example, kw_example)), _tree.avals((example, kw_example)))
+    shapes = (jax.tree.structure((example, kw_example, also)),
+              _tree.avals((example, kw_example, also)))
     try:
         key = _SAME.get(fn, {}).get(shapes)
     except TypeError:  # not weakly referenceable, or unhashable
         key = None
     if key is None:
-        key = _program_key(fn, example, kw_example)
-        if key is None:
+        key = tuple(_program_key(fn, ex, kw_example) for ex in (example, *also))
+        if any(k is None for k in key):
             return fn
-        try:
-            _SAME.setdefault(fn, {})[shapes] = key
+        try:  # (not a key holding host functions: one of them may hold ``fn``, its own key)
+            if not any(k[-1] for k in key):
+                _SAME.setdefault(fn, {})[shapes] = key
         except TypeError:
             pass
     return SameFunction(fn, key)
@@ -206,15 +210,57 @@ def _program_key(fn: Callable, example: tuple, kw_example: dict):
     where it cannot be keyed."""
     try:
         closed = jax.make_jaxpr(lambda *a, **k: fn(*a, **k))(*example, **kw_example)
-        consts = tuple(
-            _Same(c) if getattr(c, "size", _BY_VALUE + 1) > _BY_VALUE or _value_key(c) is None
-            else _value_key(c) for c in closed.consts)
-        key = (str(closed.jaxpr), jax.tree.structure((example, kw_example)), consts,
+        texts = (str(closed.jaxpr),)
+        if _custom_rules(closed.jaxpr):
+            # a custom derivative rule prints as its name only: what it closes over (a
+            # gradient-reversal scale) is keyed through the program of the value, the
+            # gradient and the Hessian product, where the rules are traced out
+            closed = jax.make_jaxpr(_second_order(fn, kw_example))(*example)
+            texts += (str(closed.jaxpr),)
+        consts = tuple(_const_key(c) for c in closed.consts)
+        key = (texts, jax.tree.structure((example, kw_example)), consts,
                _unprinted(closed.jaxpr))
         hash(key)
     except Exception:  # noqa: BLE001  (the caller's own evaluation reports a failing function)
         return None
     return key
+
+
+def _const_key(c):
+    """A closed-over array in a key: small ones and NumPy arrays (mutable in place: their
+    identity does not fix their values) by value, large JAX arrays by identity."""
+    if isinstance(c, np.ndarray):
+        a = np.ascontiguousarray(c)
+        if a.size > _BY_VALUE:
+            return a.shape, str(a.dtype), hashlib.blake2b(a.view(np.uint8)).digest()
+        return a.shape, str(a.dtype), a.tobytes()
+    if getattr(c, "size", _BY_VALUE + 1) > _BY_VALUE:
+        return _Same(c)
+    key = _value_key(c)
+    return _Same(c) if key is None else key
+
+
+_RULES = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin")
+
+
+def _custom_rules(jaxpr) -> bool:
+    """Whether ``jaxpr`` (at any depth) calls a function with a custom derivative rule."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _RULES:
+            return True
+        if any(_custom_rules(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params)):
+            return True
+    return False
+
+
+def _second_order(fn: Callable, kw: dict) -> Callable:
+    """``(x, *rest) -> (fn, grad fn, (grad fn)'(x) x)``: what curvlib evaluates of a loss."""
+    def value_grad_hvp(x, *rest):
+        f = lambda y: fn(y, *rest, **kw)
+        value, grad = jax.value_and_grad(f)(x)
+        return value, grad, jax.jvp(jax.grad(f), (x,), (x,))[1]
+
+    return value_grad_hvp
 
 
 # XLA options of the answer-now programs (the Krylov steps of `curvlib.krylov._driver.run_host`

@@ -636,6 +636,43 @@ def test_a_fresh_closure_each_call_compiles_nothing_and_keeps_its_constants(lsq)
         np.testing.assert_allclose(d2, s**2 * ref[2], rtol=1e-8)
 
 
+def test_keyed_losses_that_print_alike_but_differ_are_kept_apart(lsq):
+    """Cases where two losses have the same program text but compute different things:
+    a custom derivative rule's constant (it prints as a name only), a NumPy array changed in
+    place (same identity, new values), and a batch-size-dependent normaliser (the same on one
+    sample). Each gets its own answer, whatever ran before it."""
+    x, y, theta = lsq
+    w, data, k = _unflat(theta), (x, y), 9
+    U = _random_orthonormal(np.random.default_rng(3), 2, N_FEAT + 1)
+
+    def reversed_gradient(c):  # the identity forward, its gradient scaled by c
+        @jax.custom_jvp
+        def f(z):
+            return z
+
+        f.defjvp(lambda primals, tangents: (f(primals[0]), c * tangents[0]))
+        return lambda p, b: ls_loss(jax.tree.map(f, p), b)
+
+    for c in (1.0, -3.0):
+        coef = ls.increment_coefficients(reversed_gradient(c), w, data, k, _unflat(U))
+        _, c_want, _ = np_coefficients(theta, np.asarray(x), np.asarray(y), k, U)
+        np.testing.assert_allclose(coef.c, c * c_want, rtol=1e-9, atol=1e-12)
+
+    buf = np.ones(5000)  # large: keyed by its values, not its identity
+    for scale in (1.0, 3.0):
+        buf[:] = scale
+        got = ls.loss_increment(lambda p, b: buf[0] * ls_loss(p, b), w, data, k)
+        a_want, _, _ = np_coefficients(theta, np.asarray(x), np.asarray(y), k, U)
+        np.testing.assert_allclose(got, scale * a_want, rtol=1e-10)
+
+    per = lambda p, b: (b[0] @ p["w"] + p["b"] - b[1]) ** 2
+    mean = lambda p, b: jnp.sum(per(p, b)) / b[0].shape[0]
+    unbiased = lambda p, b: jnp.sum(per(p, b)) / max(1, b[0].shape[0] - 1)  # equal at n = 1
+    with pytest.raises(ValueError, match="does not behave as a mean"):
+        ls.check_mean_loss(unbiased, w, data, k)
+    ls.check_mean_loss(mean, w, data, k)
+
+
 # ------------------------------------ masked means: rounding, chunks, traced k
 
 

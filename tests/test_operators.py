@@ -579,3 +579,22 @@ def _weakrefable(x) -> bool:
     except TypeError:
         return False
     return True
+
+
+def test_a_number_argument_stays_an_input_of_the_program(problem, compiles):
+    """A Python or NumPy number passed as an argument (a temperature, a weight) was a leaf of
+    the operator; tracing the operator into a program must not write it in as a constant,
+    or each new value compiles the program again."""
+    dtype, params, args, tangents, H = problem
+    if dtype == jnp.float32:
+        pytest.skip("compilation does not depend on the dtype")
+    v = tangents[0]
+    loss = lambda p, b, lam: lam * _loss_batch(p, b)
+    first = _apply(hessian_matvec(loss, params, args, 1.0, mode="fwd-rev"), v)
+    for number in (float, np.float64):  # (a Python float is weakly typed: its own program)
+        _apply(hessian_matvec(loss, params, args, number(2.0), mode="fwd-rev"), v)
+        with compiles() as seen:
+            got = _apply(hessian_matvec(loss, params, args, number(3.0), mode="fwd-rev"), v)
+        assert seen.count == 0, (number, seen.names)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(first), strict=True):
+            np.testing.assert_allclose(np.asarray(a), 3.0 * np.asarray(b), rtol=1e-10)

@@ -152,17 +152,19 @@ def check_problem(loss_fn: Callable, params: PyTree, data: PyTree, k):
     broadcast it into wrong numbers. Internals below the boundary do not
     check again.
 
-    The ``loss_fn`` returned is keyed by its program on one sample (the shape
-    every landscape evaluation uses: per-sample losses under ``vmap``), so a
-    fresh closure computing the same loss compiles nothing again
-    (`curvlib._compile.same_function`).
+    The ``loss_fn`` returned is keyed by its programs on one sample (the shape
+    of every landscape quantity: per-sample losses under ``vmap``) and on the
+    whole ``data`` (the mean check's batched loss), so a fresh closure
+    computing the same loss compiles nothing again
+    (`curvlib._compile.same_function`); the mean check over microbatches, which
+    evaluates it on chunks, uses the function itself.
     """
     k = check_k(k, data)
     _validate.float_leaves(params, "params")
     _validate.functions(loss_fn, "loss_fn")
     _validate.scalar_loss(jax.eval_shape(loss_fn, params, data), "loss_fn", has_aux=None)
     one = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *jnp.shape(x)[1:]), x.dtype), data)
-    return k, same_function(loss_fn, params, one)
+    return k, same_function(loss_fn, params, one, also=((params, data),))
 
 
 # ----------------------------------------------------------- static slices

@@ -185,9 +185,16 @@ def program_operator(product: Callable, params: PyTree, *data) -> Partial:
     """
     if tracing(params, data):
         return params_operator(product, params, *data)
+    # numbers given as arguments (a temperature, a weight) stay inputs, as they were leaves of
+    # the operator before: traced as constants they would be written into the program, and a
+    # new value each step would compile it again
+    data = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, _NUMBERS) else x, data)
     program = traced_program(lambda v: product(*data, v), params)
     dtypes = tuple(jnp.result_type(x) for x in jax.tree.leaves(params))
     return params_operator(_call_program(dtypes), params, program)
+
+
+_NUMBERS = (int, float, complex, np.generic, np.ndarray)  # (bools included: ints)
 
 
 @functools.cache
