@@ -111,7 +111,10 @@ def static_int(x, name: str, *, minimum: int | None = None, maximum: int | None 
         v = _index(x)
     except TypeError:
         raise ValueError(f"`{name}` must be an int; got {x!r} ({type(x).__name__}).") from None
-    number(int(v), name, minimum=minimum, maximum=maximum, what=f"({what})" if what else None)
+    if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+        # (the message `number` writes; a float past int64 still reads as a number there)
+        number(v if abs(v) < 2**62 else float(v), name, minimum=minimum, maximum=maximum,
+               what=f"({what})" if what else None)
     return int(v)
 
 
