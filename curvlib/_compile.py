@@ -133,10 +133,12 @@ class SameFunction(_Keyed):
     ``jax.jit`` keys a static function by its identity: a fresh closure each call
     (``lambda p, b: loss(p, b, lam)`` in a loop) compiles every program it enters
     again, and JAX's caches keep each one. `same_function` keys it instead by the
-    program it traces to at the shapes it is evaluated at, with every constant it
-    closes over: small arrays and Python numbers by value (they are printed in, or
-    keyed beside, the program), large arrays by identity (a closure over a new
-    large array is still a new function). A linearisation's replay function is keyed
+    program it traces to at the shapes it is evaluated at (and, where it calls a
+    custom derivative rule, which prints as a name only, by the program of its value,
+    gradient and Hessian product), with every constant it closes over: Python
+    numbers, small arrays and NumPy arrays (which can change in place) by value,
+    large JAX arrays by identity (a closure over a new one is still a new
+    function). A linearisation's replay function is keyed
     the same way by its printed program (`stable_linearized`). Two equal ones compute
     the same thing, so either may stand for the other in a compiled program.
     """
@@ -215,7 +217,7 @@ def _program_key(fn: Callable, example: tuple, kw_example: dict):
             # a custom derivative rule prints as its name only: what it closes over (a
             # gradient-reversal scale) is keyed through the program of the value, the
             # gradient and the Hessian product, where the rules are traced out
-            closed = jax.make_jaxpr(_second_order(fn, kw_example))(*example)
+            closed = jax.make_jaxpr(_second_order(fn))(*example, **kw_example)
             texts += (str(closed.jaxpr),)
         consts = tuple(_const_key(c) for c in closed.consts)
         key = (texts, jax.tree.structure((example, kw_example)), consts,
@@ -253,12 +255,12 @@ def _custom_rules(jaxpr) -> bool:
     return False
 
 
-def _second_order(fn: Callable, kw: dict) -> Callable:
+def _second_order(fn: Callable) -> Callable:
     """``(x, *rest) -> (fn, grad fn, (grad fn)'(x) x)``: what curvlib evaluates of a loss."""
-    def value_grad_hvp(x, *rest):
+    def value_grad_hvp(point, /, *rest, **kw):  # (positional: ``kw`` may hold any name)
         f = lambda y: fn(y, *rest, **kw)
-        value, grad = jax.value_and_grad(f)(x)
-        return value, grad, jax.jvp(jax.grad(f), (x,), (x,))[1]
+        value, grad = jax.value_and_grad(f)(point)
+        return value, grad, jax.jvp(jax.grad(f), (point,), (point,))[1]
 
     return value_grad_hvp
 

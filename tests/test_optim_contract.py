@@ -164,23 +164,26 @@ def test_eager_line_searched_steps_compile_nothing_even_for_a_fresh_loss(name, c
 
     x, y = batch  # passed by name, as optax routes them to `value_fn`
 
+    # (relu: a custom derivative rule, keyed through the second-order program, whose
+    # arguments are named x and y here too)
     @jax.jit
-    def step(params, state, scale):
-        fn = lambda p, x, y: scale * loss(p, (x, y))
-        updates, state = opt.update(jax.grad(fn)(params, x, y), state, params, value_fn=fn,
-                                    x=x, y=y)
+    def step(params, state, scale, xs, ys):
+        fn = lambda p, x, y: scale * loss(p, (jax.nn.relu(x), y))
+        updates, state = opt.update(jax.grad(fn)(params, xs, ys), state, params, value_fn=fn,
+                                    x=xs, y=ys)
         return optax.apply_updates(params, updates), state
 
     for i in range(6):
-        fn = lambda p, x, y: 1.5 * loss(p, (x, y))  # a new closure every step (a notebook)
+        fn = lambda p, x, y: 1.5 * loss(p, (jax.nn.relu(x), y))  # new each step (a notebook)
+        xs, ys = x + 1e-3 * i, y  # and a new batch
         with compiles() as seen:
-            updates, state = opt.update(jax.grad(fn)(eager[0], x, y), eager[1], eager[0],
-                                        value_fn=fn, x=x, y=y)
+            updates, state = opt.update(jax.grad(fn)(eager[0], xs, ys), eager[1], eager[0],
+                                        value_fn=fn, x=xs, y=ys)
             eager = (optax.apply_updates(eager[0], updates), state)
             jax.block_until_ready(eager)
         if i >= 2:
             assert seen.count == 0, (i, seen.names)
-        jitted = step(*jitted, 1.5)
+        jitted = step(*jitted, 1.5, xs, ys)
         for a, b in zip(jax.tree.leaves(eager[0]), jax.tree.leaves(jitted[0]), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
     assert float(loss(eager[0], batch)) < float(loss(params0, batch))
