@@ -194,7 +194,8 @@ def program_operator(product: Callable, params: PyTree, *data) -> Partial:
     return params_operator(_call_program(dtypes), params, program)
 
 
-_NUMBERS = (int, float, complex, np.generic, np.ndarray)  # (bools included: ints)
+# (not ints or bools: a loss may use them in Python, as a class count or a training flag)
+_NUMBERS = (float, complex, np.floating, np.complexfloating)
 
 
 @functools.cache
