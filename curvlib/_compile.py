@@ -493,12 +493,9 @@ class _Same:
 
 def _unprinted(jaxpr) -> tuple:
     """What the program computes that its text does not show: arrays still closed over by
-    sub-programs (a ``jit`` inside a ``scan``; small ones by value, large by identity) and
-    the host functions of callbacks (printed as masked addresses)."""
-    out = []
-    for c in _nested_consts(jaxpr):
-        key = _value_key(c) if getattr(c, "size", _BY_VALUE + 1) <= _BY_VALUE else None
-        out.append(_Same(c) if key is None else key)
+    sub-programs (a ``jit`` inside a ``scan``; keyed as `_const_key` keys them) and the
+    host functions of callbacks (printed as masked addresses)."""
+    out = [_const_key(c) for c in _nested_consts(jaxpr)]
     for f in _callbacks(jaxpr):
         # JAX wraps the host function anew at every trace, in a value equal for the same
         # function: keyed by that equality (by identity if it has none)
