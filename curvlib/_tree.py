@@ -79,6 +79,26 @@ def avals(tree: PyTree) -> tuple:
 # ------------------------------------------------------ explicit sharding types
 
 
+def eval_shape(fn, *args):
+    """``jax.eval_shape(fn, *args)`` with Python ints, bools and strings passed as given.
+
+    Only array leaves (and floats) are abstracted: a loss may use an ``int`` or a
+    ``bool`` argument in Python (a class count, a training flag), which traced it
+    cannot, as ``jax.grad(loss)(p, x, 3)`` passes it as given. Cost: one trace.
+    """
+    leaves, tree = jax.tree.flatten(args)
+    kept = {i: x for i, x in enumerate(leaves) if isinstance(x, (int, str))}
+    if not kept:
+        return jax.eval_shape(fn, *args)
+
+    def traced(*arrays):
+        it = iter(arrays)
+        return fn(*jax.tree.unflatten(tree, [kept[i] if i in kept else next(it)
+                                             for i in range(len(leaves))]))
+
+    return jax.eval_shape(traced, *[x for i, x in enumerate(leaves) if i not in kept])
+
+
 def explicit_sharding(x) -> NamedSharding | None:
     """``x``'s sharding *type* when it lives on a mesh with ``Explicit`` axes, else ``None``.
 

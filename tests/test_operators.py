@@ -598,3 +598,68 @@ def test_a_number_argument_stays_an_input_of_the_program(problem, compiles):
         assert seen.count == 0, (number, seen.names)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(first), strict=True):
             np.testing.assert_allclose(np.asarray(a), 3.0 * np.asarray(b), rtol=1e-10)
+
+
+def test_int_and_bool_arguments_are_passed_as_given_in_every_mode():
+    """A loss may use an ``int`` or ``bool`` argument in Python (a class count, a training
+    flag), as ``jax.hessian(loss)(p, x, y, 3, True)`` allows: every operator, mode and
+    microbatching gives the dense Hessian's product (the entry checks traced them)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(12, 4)))
+    y = jnp.asarray(rng.integers(0, 3, size=12))
+    p = {"w": jnp.asarray(rng.normal(size=(4, 3))), "b": jnp.asarray(rng.normal(size=3))}
+    v = {"w": jnp.asarray(rng.normal(size=(4, 3))), "b": jnp.asarray(rng.normal(size=3))}
+
+    def xent(o, y, num_classes, smooth):
+        t = jax.nn.one_hot(y, num_classes)
+        t = 0.9 * t + 0.1 / num_classes if smooth else t  # Python branches on both
+        return -jnp.mean(jnp.sum(t * jax.nn.log_softmax(o), -1))
+
+    model = lambda q, x: x @ q["w"] + q["b"]
+    loss = lambda q, x, y, c, s: xent(model(q, x), y, c, s)
+    flat, unravel = ravel_pytree(p)
+    H = jax.hessian(lambda f: loss(unravel(f), x, y, 3, True))(flat)
+    want = H @ ravel_pytree(v)[0]
+    ops = {
+        mode: hessian_matvec(loss, p, x, y, 3, True, mode=mode)
+        for mode in ("linearize", "fwd-rev", "rev-rev")
+    }
+    ops["microbatched"] = hessian_matvec(loss, p, x, y, 3, True, microbatch_size=4,
+                                         batch_argnums=(0, 1))
+    for mode in ("linearize", "recompute"):  # the cross-entropy is convex in the outputs
+        ops[f"ggn {mode}"] = ggn_matvec(model, xent, p, x, loss_args=(y, 3, True), mode=mode)
+    got = {name: op(v) for name, op in ops.items()}
+    got["hvp"] = hvp(loss, p, v, x, y, 3, True)
+    for name, out in got.items():
+        np.testing.assert_allclose(ravel_pytree(out)[0], want, rtol=1e-10, atol=1e-12,
+                                   err_msg=name)
+    value, g = gradient(loss, p, x, y, 3, True)
+    np.testing.assert_allclose(value, loss(p, x, y, 3, True), rtol=1e-12)
+    np.testing.assert_allclose(ravel_pytree(g)[0],
+                               jax.grad(lambda f: loss(unravel(f), x, y, 3, True))(flat),
+                               rtol=1e-10, atol=1e-14)
+
+
+def test_an_operator_is_the_curvature_at_its_build_even_if_a_numpy_array_changes_after():
+    """An operator is the curvature at the point and data it was built with. A NumPy array
+    the loss closes over (or a NumPy batch) is held by reference by JAX: changed in place
+    after the build, the linearised product read a blend of old residuals and new values,
+    the recomputing modes the new values alone. Every mode now holds its build's values."""
+    x = np.linspace(-1.0, 1.0, 6).reshape(2, 3)
+    scale = np.ones(3)
+    p0, v = jnp.asarray([0.3, -0.2, 0.5]), jnp.asarray([1.0, -2.0, 0.5])
+    loss = lambda p, x: jnp.mean(jnp.tanh(x @ (p * scale)) ** 2)
+    model = lambda p, x: jnp.tanh(x @ (p * scale))
+    half_mse = lambda o: jnp.mean(o ** 2)
+    H = np.asarray(jax.hessian(loss)(p0, x))
+    J = np.asarray(jax.jacobian(model)(p0, x))
+    G = 2.0 / J.shape[0] * J.T @ J  # the GGN of the mean square
+    ops = {m: (hessian_matvec(loss, p0, x, mode=m), H)
+           for m in ("linearize", "fwd-rev", "rev-rev")}
+    ops["microbatched"] = (hessian_matvec(loss, p0, x, microbatch_size=1), H)
+    for m in ("linearize", "recompute"):
+        ops[f"ggn {m}"] = (ggn_matvec(model, half_mse, p0, x, mode=m), G)
+    scale[:] = 5.0  # after the build
+    x[:] = -x
+    for name, (op, M) in ops.items():
+        np.testing.assert_allclose(op(v), M @ np.asarray(v), rtol=1e-10, err_msg=name)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from curvlib import _validate
+from curvlib import _tree, _validate
 from curvlib._compile import stable_linearized, weak_cache
 from curvlib.operators import _common as C
 from curvlib.operators import _wrt
@@ -172,7 +172,7 @@ def ggn_matvec(
     model_fn = C.value_only(model_fn) if has_aux else model_fn
     example_out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
     _validate.functions(loss_fn, "loss_fn")
-    _validate.scalar_loss(jax.eval_shape(loss_fn, example_out, *loss_args), "loss_fn",
+    _validate.scalar_loss(_tree.eval_shape(loss_fn, example_out, *loss_args), "loss_fn",
                           has_aux=None)
     mode = _validate.mode(mode, gauss_newton=True, microbatch_size=microbatch_size)
     if mode == "linearize":
