@@ -94,16 +94,21 @@ def linesearch_link(linesearch, has_aux: bool = False) -> optax.GradientTransfor
             except TypeError:  # a loss that cannot be a static argument: run as it is
                 fn = None
             if fn is not None:
-                return _eager_search(ls, fn, updates, state, params, reserved, kw)
+                # (Python ints, bools and strings, a class count or a flag the loss uses in
+                # Python, as given: static, as `same_function` keys them)
+                static = tuple(sorted((k, x) for k, x in kw.items() if isinstance(x, (int, str))))
+                arrays = {k: x for k, x in kw.items() if not isinstance(x, (int, str))}
+                return _eager_search(ls, fn, static, updates, state, params, reserved, arrays)
         return ls.update(updates, state, params, value_fn=value_fn, **reserved, **kw)
 
     return optax.GradientTransformationExtraArgs(ls.init, update_fn)
 
 
-@functools.partial(jax.jit, static_argnames=("ls", "value_fn"))
-def _eager_search(ls, value_fn, updates, state, params, reserved, kw):
+@functools.partial(jax.jit, static_argnames=("ls", "value_fn", "static"))
+def _eager_search(ls, value_fn, static, updates, state, params, reserved, kw):
     """A line search's ``update`` as one compiled program (`linesearch_link`, eager)."""
-    return ls.update(updates, state, params, value_fn=value_fn, **reserved, **kw)
+    return ls.update(updates, state, params, value_fn=value_fn, **reserved, **kw,
+                     **dict(static))
 
 
 def alias(

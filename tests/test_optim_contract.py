@@ -189,6 +189,38 @@ def test_eager_line_searched_steps_compile_nothing_even_for_a_fresh_loss(name, c
     assert float(loss(eager[0], batch)) < float(loss(params0, batch))
 
 
+@pytest.mark.parametrize("name", ["newton", "bfgs"])
+def test_eager_line_searched_steps_pass_int_and_bool_arguments_as_given(name):
+    """An extra argument the loss uses in Python (an int power, a bool flag) is passed as
+    given to an eager line-searched step, as under ``jax.jit`` with it closed over (it was
+    traced: the step failed); steps with another value use their own program (an int of the
+    same shape and dtype must not be served the first value's search)."""
+    batch = _data(jnp.float64)
+    opt = ALIASES[name](None)
+    x, y = batch
+
+    def fn(p, x, y, power, relu):
+        z = jax.nn.relu(x) if relu else x
+        return loss(p, (z, y)) ** power  # Python uses both
+
+    for power, relu in ((1, True), (2, True), (2, False)):
+        params = _params(jnp.float64)
+        eager = jitted = (params, opt.init(params))
+        step = jax.jit(lambda p, s, power=power, relu=relu: opt.update(
+            jax.grad(fn)(p, x, y, power, relu), s, p, value_fn=lambda q, x, y: fn(
+                q, x, y, power, relu), x=x, y=y))
+        for _ in range(3):
+            updates, state = opt.update(jax.grad(fn)(eager[0], x, y, power, relu), eager[1],
+                                        eager[0], value_fn=fn, x=x, y=y, power=power,
+                                        relu=relu)
+            eager = (optax.apply_updates(eager[0], updates), state)
+            updates, state = step(*jitted)
+            jitted = (optax.apply_updates(jitted[0], updates), state)
+            for a, b in zip(jax.tree.leaves(eager[0]), jax.tree.leaves(jitted[0]), strict=True):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12,
+                                           err_msg=str((power, relu)))
+
+
 @pytest.mark.parametrize("name, form", [(n, "closure") for n in CASES]
                          + [(n, "alias") for n in ALIASES])
 def test_inject_hyperparams(name, form):
