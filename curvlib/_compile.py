@@ -143,15 +143,25 @@ class SameFunction(_Keyed):
     the same thing, so either may stand for the other in a compiled program.
     """
 
-    __slots__ = ("fn", "key", "_hash", "__weakref__")
+    __slots__ = ("fn", "key", "_hash", "_examples", "__weakref__")
 
-    def __init__(self, fn: Callable, key):
+    def __init__(self, fn: Callable, key, examples: tuple | None = None):
         self.fn = fn
         self.key = key
         self._hash = hash(key)
+        self._examples = examples  # ((argument tuples), keywords) it was keyed on, abstract
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
+
+    def changed(self) -> bool:
+        """Whether ``fn`` now traces to another program than its ``key`` says (a NumPy
+        array it closes over was changed in place since): a program traced later than the
+        key was taken (a compile behind) is checked with it. Cost: one trace per shape."""
+        if self._examples is None:
+            return False
+        examples, kw = self._examples
+        return tuple(_program_key(self.fn, ex, kw) for ex in examples) != self.key
 
     @property
     def __wrapped__(self):  # ``inspect.signature`` reads the function's own signature (optax
@@ -168,11 +178,22 @@ def stable_linearized(lin):
     function (holding the tangent jaxpr) is a fresh object on every call, so two
     linearisations at different points would make a jitted consumer recompile.
     Keyed by the printed program instead (a `SameFunction`), every product with the
-    same model and shapes shares one compilation.
+    same model and shapes shares one compilation. A NumPy array the model closes over
+    is a residual held by reference: it is copied here (`held`), so the operator is the
+    linearisation at the point it was taken even if that array changes in place later.
     """
     if isinstance(lin, Partial):
-        return Partial(SameFunction(lin.func, repr(lin.func)), *lin.args, **lin.keywords)
+        return Partial(SameFunction(lin.func, repr(lin.func)), *held(lin.args),
+                       **held(lin.keywords))
     return lin
+
+
+def held(tree):
+    """``tree`` with its NumPy arrays copied to JAX arrays: an operator holds its values as
+    they were when it was built (a NumPy array can change in place; the copy is also the
+    transfer each product would make)."""
+    return jax.tree.map(lambda x: jax.numpy.asarray(x) if isinstance(x, np.ndarray) else x,
+                        tree)
 
 
 # `same_function`'s keys per function (weakly: a function the user dropped is not kept; a key
@@ -190,7 +211,8 @@ def same_function(fn: Callable, *example, also: tuple = (), **kw_example) -> Cal
     if isinstance(fn, SameFunction) or tracing(example, kw_example, also):
         return fn
     shapes = (jax.tree.structure((example, kw_example, also)),
-              _tree.avals((example, kw_example, also)))
+              _tree.avals((example, kw_example, also)),
+              tuple(sorted((k, x) for k, x in kw_example.items() if isinstance(x, (int, str)))))
     try:
         key = _SAME.get(fn, {}).get(shapes)
     except TypeError:  # not weakly referenceable, or unhashable
@@ -204,12 +226,29 @@ def same_function(fn: Callable, *example, also: tuple = (), **kw_example) -> Cal
                 _SAME.setdefault(fn, {})[shapes] = key
         except TypeError:
             pass
-    return SameFunction(fn, key)
+    return SameFunction(fn, key, _abstract(((example, *also), kw_example)))
+
+
+def _abstract(tree):
+    """``tree``'s arrays as ``jax.ShapeDtypeStruct`` s (weak types kept); Python ints, bools
+    and strings as they are: what a key is taken on, without holding the arrays."""
+    def one(x):
+        if isinstance(x, (int, str)):
+            return x
+        t = jax.typeof(x)
+        return jax.ShapeDtypeStruct(t.shape, t.dtype, weak_type=t.weak_type)
+
+    return jax.tree.map(one, tree)
 
 
 def _program_key(fn: Callable, example: tuple, kw_example: dict):
     """What ``fn`` computes on ``example``: its program's text and constants; ``None``
     where it cannot be keyed."""
+    # Python ints, bools and strings among the keywords (a class count, a flag) are passed as
+    # given, not traced (the function may use them in Python), and are part of the key
+    static = {k: x for k, x in kw_example.items() if isinstance(x, (int, str))}
+    kw_example = {k: x for k, x in kw_example.items() if k not in static}
+    fn = functools.partial(fn, **static) if static else fn
     try:
         closed = jax.make_jaxpr(lambda *a, **k: fn(*a, **k))(*example, **kw_example)
         texts = (str(closed.jaxpr),)
@@ -221,7 +260,7 @@ def _program_key(fn: Callable, example: tuple, kw_example: dict):
             texts += (str(closed.jaxpr),)
         consts = tuple(_const_key(c) for c in closed.consts)
         key = (texts, jax.tree.structure((example, kw_example)), consts,
-               _unprinted(closed.jaxpr))
+               _unprinted(closed.jaxpr), tuple(sorted(static.items())))
         hash(key)
     except Exception:  # noqa: BLE001  (the caller's own evaluation reports a failing function)
         return None
@@ -406,7 +445,7 @@ def traced_program(fn: Callable, example: PyTree, check: Callable | None = None)
     out_tree = jax.tree.structure(out_shape)
     key = (str(closed.jaxpr), in_tree, out_tree, _unprinted(closed.jaxpr))
     program = _Program(closed.jaxpr, len(closed.consts), in_tree, out_tree, key)
-    return Partial(program, *closed.consts)
+    return Partial(program, *held(closed.consts))
 
 
 @jax.jit
@@ -640,11 +679,22 @@ class _Behind:
                     return
             self._stopped.wait(max(left, 0.0))
 
-    def _compile(self, jitted, a):
+    def _compile(self, jitted, static: tuple, a: dict):
+        """The fused program, traced here, later than the call that submitted it: a keyed
+        function (`SameFunction`) must still compute what its key says before and after,
+        else ``None`` (a NumPy array it closes over changed in place meanwhile: the
+        program would be another's). Traced through a function of its own, so nothing
+        traced here enters ``jitted``'s own trace cache."""
         self._quiet()
         if self._closing:
             return None
-        return _lower_and_compile(jitted, a)
+        keyed = [a[n] for n in static if isinstance(a[n], SameFunction)]
+        if any(f.changed() for f in keyed):
+            return None
+        fn = jitted.__wrapped__
+        compiled = _lower_and_compile(jax.jit(functools.wraps(fn)(
+            lambda *args, **kw: fn(*args, **kw)), static_argnames=static), a)
+        return None if any(f.changed() for f in keyed) else compiled
 
     def _stop(self) -> None:
         """Drop the compiles not started and wake the worker from its quiet period."""
@@ -676,7 +726,7 @@ class _Behind:
                 if self._waiting is not None:
                     self._waiting.cancel()
                 self._waiting = self._entries[key] = self._executor().submit(
-                    self._compile, jitted, dict(a))
+                    self._compile, jitted, static, dict(a))
                 while len(self._entries) > self._MAX_ENTRIES:
                     self._entries.popitem(last=False)
             return out

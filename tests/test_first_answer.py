@@ -418,7 +418,7 @@ def test_the_compile_thread_is_stopped_before_the_interpreter_joins_its_threads(
     behind._QUIET_S = 60.0  # a compile would wait a minute for quiet
     behind._last = time.monotonic()
     ran = []
-    fut = behind._executor().submit(behind._compile, lambda **a: ran.append(1), {})
+    fut = behind._executor().submit(behind._compile, lambda **a: ran.append(1), (), {})
     worker = behind._pool
     assert not worker._thread.daemon
     time.sleep(0.1)  # the worker is in its quiet period now
@@ -673,6 +673,44 @@ def test_an_eager_curvature_subspace_answers_now(behind, microbatch_size):
                                                     microbatch_size=microbatch_size))(params)
     assert _driver.HOST_STEPS[0] == steps
     _same_answer(jitted, one_program)
+
+
+def test_a_compile_behind_traced_after_a_constant_changed_serves_no_one(behind):
+    """The landscape keys a loss by the NumPy arrays it closes over, by value; its fused
+    program is traced later, behind. An array changed in place in between (the user moved
+    on) gave that program the new values under the old key: back at the old values, a fresh
+    closure got the other values' coefficients. Now that program is dropped and the call
+    compiles in front, with the values it holds."""
+    from curvlib import landscape as L
+
+    rng = np.random.default_rng(0)
+    x, y = jnp.asarray(rng.normal(size=(8, 3))), jnp.asarray(rng.normal(size=8))
+    w0, U = jnp.asarray([0.3, -0.2, 0.5]), jnp.eye(3)[:2]
+    scale = np.ones(3)
+
+    def coefficients():  # a fresh closure each call, as in a notebook
+        loss = lambda w, b: jnp.mean((jnp.tanh(b[0] @ (w * scale)) - b[1]) ** 2)
+        return L.increment_coefficients(loss, w0, (x, y), 4, U)
+
+    def oracle():
+        s = scale.copy()
+        inc = lambda w: (jnp.mean((jnp.tanh(x[:5] @ (w * s)) - y[:5]) ** 2)
+                         - jnp.mean((jnp.tanh(x[:4] @ (w * s)) - y[:4]) ** 2))
+        return float(inc(w0)), np.asarray(U @ jax.grad(inc)(w0))
+
+    first = coefficients()
+    scale[:] = 3.0  # changed in place before the compile behind traces the loss
+    behind.wait()
+    scale[:] = 1.0
+    for _ in range(2):  # (the second call: whatever the first left behind)
+        again = coefficients()
+        a, c = oracle()
+        np.testing.assert_allclose(again.a, a, rtol=1e-10)
+        np.testing.assert_allclose(again.c, c, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(again.a, first.a, rtol=1e-10)
+        behind.wait()
+    scale[:] = 3.0
+    np.testing.assert_allclose(coefficients().a, oracle()[0], rtol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
