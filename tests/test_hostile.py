@@ -572,7 +572,10 @@ def test_landscape_nonfinite_data_is_flagged_or_raises():
     loss_b = lambda p, b: _loss(p, *b)
     key = jax.random.PRNGKey(0)
     xb = x.at[3, 1].set(jnp.nan)
-    e = landscape.curvature_subspace(loss_b, params, (xb, y), 8, 2, key=key)
+    # the mean-loss check (on by default, as in every landscape function) names the samples
+    with pytest.raises(ValueError, match=r"`data` has NaN/Inf entries .* \(sample indices 3\)"):
+        landscape.curvature_subspace(loss_b, params, (xb, y), 8, 2, key=key)
+    e = landscape.curvature_subspace(loss_b, params, (xb, y), 8, 2, key=key, check_mean=False)
     assert not bool(e.finite) and not bool(e.converged)
     # a NaN *beyond* the first k+1 samples is never read
     e2 = landscape.curvature_subspace(loss_b, params, (x.at[12, 1].set(jnp.nan), y), 8, 2,

@@ -128,6 +128,12 @@ def test_non_mean_loss_is_detected(lsq):
     with pytest.raises(ValueError, match=msg):
         ls.increment_coefficients(ls_sum_loss, w, (x, y), 4,
                                   _unflat(jnp.asarray(theta / np.linalg.norm(theta))[None]))
+    # the subspace too: its products weight the per-sample losses, so of a sum it returned
+    # another matrix's eigenvalues (5x too small here) with converged=True
+    for mb in (None, 3):
+        with pytest.raises(ValueError, match=msg):
+            ls.curvature_subspace(ls_sum_loss, w, (x, y), 4, 2, key=jax.random.key(0),
+                                  microbatch_size=mb)
     # unequal weights of the samples (a weighted mean) are caught too
     weighted = lambda p, b: ls_loss(p, b) * b[0].shape[0] / (b[0].shape[0] + 1.0)
     with pytest.raises(ValueError, match=msg):

@@ -27,9 +27,10 @@ Data convention: ``loss_fn(params, batch)`` is the mean loss over the leading
 axis of ``batch``; ``data`` is a pytree whose leading axis is the sample order;
 ``L_k(w) = loss_fn(w, data[:k])``. The sample count ``k`` is data, not shape:
 every compiled program serves all ``k``. Compiled programs are cached by
-``loss_fn`` (its identity), the shapes and the static options, so an eager
-call repeated with the same ``loss_fn`` costs only its run time; a new lambda
-on every call compiles again (define ``loss_fn`` once).
+the program ``loss_fn`` computes (its text and constants: small arrays and NumPy
+arrays by value, large JAX arrays by identity), the shapes and the static
+options, so an eager call repeated with the same loss costs only its run time,
+a fresh closure computing the same thing included.
 
 The criteria, for ``w`` drawn from a probe law ``q`` concentrated at ``w*``:
 

@@ -18,6 +18,7 @@ from curvlib.krylov import eigen
 from curvlib.krylov.eigen import EigshResult
 from curvlib.krylov.solvers import Eigsh, resolve
 from curvlib.landscape import _common
+from curvlib.landscape.coefficients import mean_check
 from curvlib.operators import hessian_matvec
 
 PyTree = Any
@@ -111,6 +112,7 @@ def curvature_subspace(
     mode: str | None = None,
     eigsh: Eigsh | None = None,
     flatten: bool = False,
+    check_mean: bool = True,
 ) -> EigshResult:
     """Top-``dim`` eigenpairs of ``H^(k)(params)``, the Hessian of ``L_k = loss_fn(., data[:k])``.
 
@@ -164,14 +166,19 @@ def curvature_subspace(
         models (ravelling gathers and copies every parameter); parameters
         with explicit sharding types (a mesh with ``AxisType.Explicit`` axes)
         cannot be ravelled at all.
+      check_mean: verify that ``loss_fn`` is a mean at ``params`` first
+        ([`check_mean_loss`][curvlib.landscape.check_mean_loss]), as the other
+        landscape functions do: the products weight the per-sample losses, so
+        of a sum (or any loss that is not a mean) they are another matrix's.
 
     Returns:
       [`curvlib.EigshResult`][curvlib.EigshResult]; check ``converged``.
 
     Raises:
       ValueError: ``k < 1``, ``k + 1 > n``, ``dim >= N``, a basis size outside
-        ``(D, N]``, a missing key, or ``flatten=True`` with explicitly sharded
-        ``params``.
+        ``(D, N]``, a missing key, ``flatten=True`` with explicitly sharded
+        ``params``, or with ``check_mean`` a ``loss_fn`` that is not a mean (or
+        NaN/Inf losses at ``params``).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -199,6 +206,8 @@ def curvature_subspace(
     _validate.prng_key(key)
     mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
     mode = _validate.mode(mode, microbatch_size=mb)
+    if check_mean:
+        mean_check(loss_fn, params, data, k, mb)
     return subspace(loss_fn, params, data, k, dim, key, mb, mode, eigsh, flatten)
 
 
