@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _deprecation, _space, _tree, _validate, _xp
-from curvlib._compile import BEHIND, SameFunction, tracing
+from curvlib._compile import BEHIND, SameFunction, quick_jit, tracing
 from curvlib._xp import xp
 from curvlib.landscape import _common
 
@@ -77,7 +77,7 @@ class IncrementCoefficients(NamedTuple):
 # --------------------------------------------------- the mean-loss check
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "microbatch_size"))
+@quick_jit(static_argnames=("loss_fn", "microbatch_size"))  # (once per call: compiled cheaply)
 def _mean_check(loss_fn, params, data, k, microbatch_size):
     """Per chunk holding the first ``k + 1`` samples: ``|loss_fn(chunk) - mean_j l_j|``.
 
