@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from curvlib import _tree, _validate
-from curvlib._compile import same_function, tracing
+from curvlib._compile import SameFunction, same_function, static_items, tracing
 from curvlib._loss import RESERVED, bind_loss, kwargs_for, require_params, strip_aux
 from curvlib._status import Status, worst
 
@@ -89,15 +89,11 @@ def linesearch_link(linesearch, has_aux: bool = False) -> optax.GradientTransfor
             # whole instead, once per loss program (a fresh closure computing the same
             # loss included) and shapes
             fn = same_function(value_fn, params, **kw)
-            try:
-                hash(fn)
-            except TypeError:  # a loss that cannot be a static argument: run as it is
-                fn = None
-            if fn is not None:
-                # (Python ints, bools and strings, a class count or a flag the loss uses in
-                # Python, as given: static, as `same_function` keys them)
-                static = tuple(sorted((k, x) for k, x in kw.items() if isinstance(x, (int, str))))
-                arrays = {k: x for k, x in kw.items() if not isinstance(x, (int, str))}
+            if isinstance(fn, SameFunction):  # (else run as it is: one call, no caching)
+                # what the loss uses in Python (a class count, a flag: `static_names`) as
+                # given and keyed by value, the rest traced (a step counter compiles nothing)
+                static = static_items({k: kw[k] for k in fn.static_names})
+                arrays = {k: x for k, x in kw.items() if k not in fn.static_names}
                 return _eager_search(ls, fn, static, updates, state, params, reserved, arrays)
         return ls.update(updates, state, params, value_fn=value_fn, **reserved, **kw)
 
@@ -108,7 +104,7 @@ def linesearch_link(linesearch, has_aux: bool = False) -> optax.GradientTransfor
 def _eager_search(ls, value_fn, static, updates, state, params, reserved, kw):
     """A line search's ``update`` as one compiled program (`linesearch_link`, eager)."""
     return ls.update(updates, state, params, value_fn=value_fn, **reserved, **kw,
-                     **dict(static))
+                     **{k: x for k, _, x in static})
 
 
 def alias(

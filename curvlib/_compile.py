@@ -143,25 +143,23 @@ class SameFunction(_Keyed):
     the same thing, so either may stand for the other in a compiled program.
     """
 
-    __slots__ = ("fn", "key", "_hash", "_examples", "__weakref__")
+    __slots__ = ("fn", "key", "_hash", "_arrays", "static_names", "__weakref__")
 
-    def __init__(self, fn: Callable, key, examples: tuple | None = None):
+    def __init__(self, fn: Callable, key, arrays: Sequence = (), static_names: tuple = ()):
         self.fn = fn
         self.key = key
         self._hash = hash(key)
-        self._examples = examples  # ((argument tuples), keywords) it was keyed on, abstract
+        self._arrays = tuple(arrays)  # (NumPy array it closes over, its key part)
+        self.static_names = static_names  # keywords keyed by value, taken as given
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
 
     def changed(self) -> bool:
-        """Whether ``fn`` now traces to another program than its ``key`` says (a NumPy
-        array it closes over was changed in place since): a program traced later than the
-        key was taken (a compile behind) is checked with it. Cost: one trace per shape."""
-        if self._examples is None:
-            return False
-        examples, kw = self._examples
-        return tuple(_program_key(self.fn, ex, kw) for ex in examples) != self.key
+        """Whether a NumPy array ``fn`` closes over was changed in place since it was keyed
+        (its ``key`` then says another program): a program traced later than the key was
+        taken (a compile behind) is checked with it. Cost: hashing those arrays."""
+        return any(_const_key(c) != k for c, k in self._arrays)
 
     @property
     def __wrapped__(self):  # ``inspect.signature`` reads the function's own signature (optax
@@ -190,8 +188,9 @@ def stable_linearized(lin):
 
 def held(tree):
     """``tree`` with its NumPy arrays copied to JAX arrays: an operator holds its values as
-    they were when it was built (a NumPy array can change in place; the copy is also the
-    transfer each product would make)."""
+    they were when it was built (a NumPy array can change in place). The copy is the
+    transfer each product made before, made once, and lives as long as the operator (one
+    copy per operator: a large NumPy data set is better given as one JAX array)."""
     return jax.tree.map(lambda x: jax.numpy.asarray(x) if isinstance(x, np.ndarray) else x,
                         tree)
 
@@ -206,48 +205,71 @@ def same_function(fn: Callable, *example, also: tuple = (), **kw_example) -> Cal
     (arrays or ``jax.ShapeDtypeStruct`` s: the arguments it is evaluated on, by shape) and
     on each argument tuple of ``also`` (every other shape it is evaluated at: a function
     may branch on a shape in Python); ``fn`` unchanged inside a trace (the user's program
-    holds it) or when it cannot be keyed. Cost: one trace per function and shapes
-    (remembered, as ``jax.jit`` remembers a function's trace)."""
+    holds it) or when it cannot be keyed.
+
+    Strings among the keywords are passed as given; ints and bools (Python or NumPy) are
+    traced, as ``jax.jit`` traces them (a step counter compiles nothing new), and passed as
+    given only where ``fn`` cannot trace them (a class count, a flag it branches on): the
+    result's ``static_names`` says which, keyed by value.
+
+    Cost: one trace per function and shapes, remembered as ``jax.jit`` remembers a
+    function's trace, with the NumPy arrays it closes over hashed again at each call (they
+    can change in place)."""
     if isinstance(fn, SameFunction) or tracing(example, kw_example, also):
         return fn
-    shapes = (jax.tree.structure((example, kw_example, also)),
-              _tree.avals((example, kw_example, also)),
-              tuple(sorted((k, x) for k, x in kw_example.items() if isinstance(x, (int, str)))))
+    strings = {k: x for k, x in kw_example.items() if isinstance(x, str)}
+    traced = {k: x for k, x in kw_example.items() if k not in strings}
+    shapes = (jax.tree.structure((example, traced, also)), _tree.avals((example, traced, also)),
+              static_items(strings))
     try:
-        key = _SAME.get(fn, {}).get(shapes)
+        memo = _SAME.get(fn, {}).get(shapes)
     except TypeError:  # not weakly referenceable, or unhashable
-        key = None
-    if key is None:
-        key = tuple(_program_key(fn, ex, kw_example) for ex in (example, *also))
-        if any(k is None for k in key):
+        memo = None
+    if memo is not None and not any(_const_key(c) != k for c, k in memo[1]):
+        key, static, arrays = memo[0], strings, memo[1]
+    else:
+        static = strings
+        key, arrays = _keys(fn, (example, *also), traced, static)
+        ints = {k: x for k, x in traced.items() if _tree.is_static_scalar(x)}
+        if key is None and ints:  # ints the function uses in Python: passed as given
+            static = {**strings, **ints}
+            traced = {k: x for k, x in traced.items() if k not in ints}
+            key, arrays = _keys(fn, (example, *also), traced, static)
+        if key is None:
             return fn
-        try:  # (not a key holding host functions: one of them may hold ``fn``, its own key)
-            if not any(k[-1] for k in key):
-                _SAME.setdefault(fn, {})[shapes] = key
+        arrays = [(c, _const_key(c)) for c in arrays]
+        try:  # (not a key holding host functions: one of them may hold ``fn``, its own key;
+            # nor one of ints by value, whose memo would need their values)
+            if static is strings and not any(k[3] for k in key):
+                _SAME.setdefault(fn, {})[shapes] = (key, arrays)
         except TypeError:
             pass
-    return SameFunction(fn, key, _abstract(((example, *also), kw_example)))
+    return SameFunction(fn, key, arrays, tuple(static))
 
 
-def _abstract(tree):
-    """``tree``'s arrays as ``jax.ShapeDtypeStruct`` s (weak types kept); Python ints, bools
-    and strings as they are: what a key is taken on, without holding the arrays."""
-    def one(x):
-        if isinstance(x, (int, str)):
-            return x
-        t = jax.typeof(x)
-        return jax.ShapeDtypeStruct(t.shape, t.dtype, weak_type=t.weak_type)
-
-    return jax.tree.map(one, tree)
+def static_items(values: dict) -> tuple:
+    """``values`` as a hashable key, ``(name, type, value)`` sorted by name: ``True`` and
+    ``1`` are told apart."""
+    return tuple(sorted((k, type(x).__name__, x) for k, x in values.items()))
 
 
-def _program_key(fn: Callable, example: tuple, kw_example: dict):
-    """What ``fn`` computes on ``example``: its program's text and constants; ``None``
-    where it cannot be keyed."""
-    # Python ints, bools and strings among the keywords (a class count, a flag) are passed as
-    # given, not traced (the function may use them in Python), and are part of the key
-    static = {k: x for k, x in kw_example.items() if isinstance(x, (int, str))}
-    kw_example = {k: x for k, x in kw_example.items() if k not in static}
+def _keys(fn: Callable, examples: tuple, kw: dict, static: dict):
+    """`_program_key` on each argument tuple of ``examples``: ``(key, numpy_constants)``,
+    ``(None, ())`` where one cannot be keyed."""
+    keys, arrays = [], []
+    for ex in examples:
+        key, consts = _program_key(fn, ex, kw, static)
+        if key is None:
+            return None, ()
+        keys.append(key)
+        arrays += [c for c in consts if isinstance(c, np.ndarray)]
+    return tuple(keys), arrays
+
+
+def _program_key(fn: Callable, example: tuple, kw_example: dict, static: dict):
+    """What ``fn`` computes on ``example`` and ``kw_example`` (``static`` passed as given):
+    ``(key, constants)``, its program's text and constants; ``(None, ())`` where it cannot
+    be keyed."""
     fn = functools.partial(fn, **static) if static else fn
     try:
         closed = jax.make_jaxpr(lambda *a, **k: fn(*a, **k))(*example, **kw_example)
@@ -259,12 +281,13 @@ def _program_key(fn: Callable, example: tuple, kw_example: dict):
             closed = jax.make_jaxpr(_second_order(fn))(*example, **kw_example)
             texts += (str(closed.jaxpr),)
         consts = tuple(_const_key(c) for c in closed.consts)
+        # (the host functions it calls at [3]: `same_function` does not remember those)
         key = (texts, jax.tree.structure((example, kw_example)), consts,
-               _unprinted(closed.jaxpr), tuple(sorted(static.items())))
+               _unprinted(closed.jaxpr), static_items(static))
         hash(key)
     except Exception:  # noqa: BLE001  (the caller's own evaluation reports a failing function)
-        return None
-    return key
+        return None, ()
+    return key, (*closed.consts, *_nested_consts(closed.jaxpr))
 
 
 def _const_key(c):

@@ -79,15 +79,22 @@ def avals(tree: PyTree) -> tuple:
 # ------------------------------------------------------ explicit sharding types
 
 
+def is_static_scalar(x) -> bool:
+    """Whether ``x`` is a Python or NumPy int or bool, or a string: a value a function may
+    use in Python (a class count, a flag), passed as given where it must be."""
+    return isinstance(x, (int, str, np.integer, np.bool_))
+
+
 def eval_shape(fn, *args):
-    """``jax.eval_shape(fn, *args)`` with Python ints, bools and strings passed as given.
+    """``jax.eval_shape(fn, *args)`` with ints, bools (Python or NumPy) and strings passed
+    as given (`is_static_scalar`).
 
     Only array leaves (and floats) are abstracted: a loss may use an ``int`` or a
     ``bool`` argument in Python (a class count, a training flag), which traced it
     cannot, as ``jax.grad(loss)(p, x, 3)`` passes it as given. Cost: one trace.
     """
     leaves, tree = jax.tree.flatten(args)
-    kept = {i: x for i, x in enumerate(leaves) if isinstance(x, (int, str))}
+    kept = {i: x for i, x in enumerate(leaves) if is_static_scalar(x)}
     if not kept:
         return jax.eval_shape(fn, *args)
 

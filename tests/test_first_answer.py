@@ -713,6 +713,30 @@ def test_a_compile_behind_traced_after_a_constant_changed_serves_no_one(behind):
     np.testing.assert_allclose(coefficients().a, oracle()[0], rtol=1e-10)
 
 
+def test_a_compile_behind_of_explicitly_sharded_data_is_kept(behind):
+    """The check that a keyed loss still computes its key (above) runs in the compile
+    thread, outside the user's ``jax.set_mesh``: it hashes the NumPy arrays the loss closes
+    over instead of tracing it again (a trace there differed for explicitly sharded data,
+    so every such program was dropped and the next call compiled in front)."""
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from curvlib import landscape as L
+
+    mesh = jax.make_mesh((1,), ("d",), axis_types=(AxisType.Explicit,))
+    rng = np.random.default_rng(0)
+    with jax.set_mesh(mesh):
+        x = jax.device_put(jnp.asarray(rng.normal(size=(8, 3))), NamedSharding(mesh, P("d")))
+        y = jax.device_put(jnp.asarray(rng.normal(size=8)), NamedSharding(mesh, P("d")))
+        w0, U = jnp.asarray([0.3, -0.2, 0.5]), jnp.eye(3)[:2]
+        loss = lambda w, b: jnp.mean((jnp.tanh(b[0] @ w) - b[1]) ** 2)
+        first = L.increment_coefficients(loss, w0, (x, y), 4, U)
+        behind.wait()
+        assert [f.result() is not None for f in behind._entries.values()] == [True]
+        again = L.increment_coefficients(loss, w0, (x, y), 4, U)
+    np.testing.assert_allclose(again.B, first.B, rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 def test_an_eager_pipeline_compiles_the_models_derivatives_once(behind, dtype):
     """Eager `curvature_subspace`, `increment_coefficients`, `prefix` and the closed form: the

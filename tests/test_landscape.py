@@ -665,11 +665,18 @@ def test_keyed_losses_that_print_alike_but_differ_are_kept_apart(lsq):
         np.testing.assert_allclose(coef.c, c * c_want, rtol=1e-9, atol=1e-12)
 
     buf = np.ones(5000)  # large: keyed by its values, not its identity
+    a_want, _, _ = np_coefficients(theta, np.asarray(x), np.asarray(y), k, U)
     for scale in (1.0, 3.0):
         buf[:] = scale
         got = ls.loss_increment(lambda p, b: buf[0] * ls_loss(p, b), w, data, k)
-        a_want, _, _ = np_coefficients(theta, np.asarray(x), np.asarray(y), k, U)
         np.testing.assert_allclose(got, scale * a_want, rtol=1e-10)
+    # the same loss object too, whose key is remembered (the NumPy arrays it computes with
+    # hashed again; a value read from one in Python is fixed at its trace, as under jax.jit)
+    scaled = lambda p, b: jnp.mean(buf) * ls_loss(p, b)
+    for scale in (1.0, 3.0, 1.0):
+        buf[:] = scale
+        np.testing.assert_allclose(ls.loss_increment(scaled, w, data, k), scale * a_want,
+                                   rtol=1e-10)
 
     per = lambda p, b: (b[0] @ p["w"] + p["b"] - b[1]) ** 2
     mean = lambda p, b: jnp.sum(per(p, b)) / b[0].shape[0]

@@ -630,6 +630,8 @@ def test_int_and_bool_arguments_are_passed_as_given_in_every_mode():
         ops[f"ggn {mode}"] = ggn_matvec(model, xent, p, x, loss_args=(y, 3, True), mode=mode)
     got = {name: op(v) for name, op in ops.items()}
     got["hvp"] = hvp(loss, p, v, x, y, 3, True)
+    # NumPy's ints and bools (``y.max() + 1``), as jax.hessian passes them
+    got["numpy scalars"] = hessian_matvec(loss, p, x, y, np.int64(3), np.bool_(True))(v)
     for name, out in got.items():
         np.testing.assert_allclose(ravel_pytree(out)[0], want, rtol=1e-10, atol=1e-12,
                                    err_msg=name)

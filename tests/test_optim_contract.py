@@ -199,11 +199,13 @@ def test_eager_line_searched_steps_pass_int_and_bool_arguments_as_given(name):
     opt = ALIASES[name](None)
     x, y = batch
 
-    def fn(p, x, y, power, relu):
+    def fn(p, x, y, power, relu, reduce="mean"):
         z = jax.nn.relu(x) if relu else x
-        return loss(p, (z, y)) ** power  # Python uses both
+        assert reduce in ("mean", "sum")
+        return loss(p, (z, y)) ** power  # Python uses all three
 
-    for power, relu in ((1, True), (2, True), (2, False)):
+    # (True and 1, 2 and np.int64(2): each its own program)
+    for power, relu in ((1, True), (True, True), (2, True), (np.int64(2), np.bool_(False))):
         params = _params(jnp.float64)
         eager = jitted = (params, opt.init(params))
         step = jax.jit(lambda p, s, power=power, relu=relu: opt.update(
@@ -212,13 +214,31 @@ def test_eager_line_searched_steps_pass_int_and_bool_arguments_as_given(name):
         for _ in range(3):
             updates, state = opt.update(jax.grad(fn)(eager[0], x, y, power, relu), eager[1],
                                         eager[0], value_fn=fn, x=x, y=y, power=power,
-                                        relu=relu)
+                                        relu=relu, reduce="mean")
             eager = (optax.apply_updates(eager[0], updates), state)
             updates, state = step(*jitted)
             jitted = (optax.apply_updates(jitted[0], updates), state)
             for a, b in zip(jax.tree.leaves(eager[0]), jax.tree.leaves(jitted[0]), strict=True):
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12,
                                            err_msg=str((power, relu)))
+
+
+def test_an_int_the_loss_computes_with_is_traced_in_eager_steps(compiles):
+    """An int the loss only computes with (a step counter) is traced, as ``jax.jit`` traces
+    it: a new value each eager step compiles nothing (only ints the loss uses in Python are
+    passed as given, keyed by value)."""
+    batch = _data(jnp.float64)
+    opt = ALIASES["bfgs"](None)
+    x, y = batch
+    fn = lambda p, x, y, step: loss(p, (x, y)) * (1.0 + 0.0 * step)
+    params, state = _params(jnp.float64), opt.init(_params(jnp.float64))
+    for step in range(5):
+        with compiles() as seen:
+            updates, state = opt.update(jax.grad(fn)(params, x, y, step), state, params,
+                                        value_fn=fn, x=x, y=y, step=step)
+            params = jax.block_until_ready(optax.apply_updates(params, updates))
+        if step >= 2:
+            assert seen.count == 0, (step, seen.names)
 
 
 @pytest.mark.parametrize("name, form", [(n, "closure") for n in CASES]
