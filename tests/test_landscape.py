@@ -126,6 +126,8 @@ def test_non_mean_loss_is_detected(lsq):
     with pytest.raises(ValueError, match=msg):
         ls.delta1(ls_sum_loss, w, (x, y), 4)
     with pytest.raises(ValueError, match=msg):
+        ls.loss_increment(ls_sum_loss, w, (x, y), 4)
+    with pytest.raises(ValueError, match=msg):
         ls.increment_coefficients(ls_sum_loss, w, (x, y), 4,
                                   _unflat(jnp.asarray(theta / np.linalg.norm(theta))[None]))
     # the subspace too: its products weight the per-sample losses, so of a sum it returned

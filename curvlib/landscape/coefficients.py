@@ -230,6 +230,7 @@ def loss_increment(
     num_examples: int,
     *,
     microbatch_size: int | None = None,
+    check_mean: bool = True,
 ) -> jax.Array:
     """The increment field ``L_{k+1}(w) - L_k(w)`` at ``w = params``.
 
@@ -246,9 +247,16 @@ def loss_increment(
       num_examples: ``k``, the number of examples averaged in ``L_k`` (the paper's sample count),
         ``1 <= k < n``.
       microbatch_size: chunk size over the samples (bounds memory).
+      check_mean: verify that ``loss_fn`` is a mean at ``params`` first
+        ([`check_mean_loss`][curvlib.landscape.check_mean_loss]): the mean identity
+        above holds for a mean only.
 
     Returns:
       A scalar in the loss dtype (at least float32).
+
+    Raises:
+      ValueError: ``k`` outside ``[1, n)``, or with ``check_mean`` a ``loss_fn``
+        that is not a mean (or NaN/Inf losses at ``params``).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -260,6 +268,8 @@ def loss_increment(
     """
     k, loss_fn = _common.check_problem(loss_fn, params, data, num_examples)
     mb = _validate.static_int(microbatch_size, "microbatch_size", minimum=1, optional=True)
+    if check_mean:
+        mean_check(loss_fn, params, data, k, mb)
     return _loss_increment(loss_fn, params, data, k, mb)
 
 
