@@ -307,3 +307,23 @@ def test_a_categorical_likelihood_needs_a_class_axis():
     curv = kfac_curvature(model, p, x, likelihood="gaussian")
     with pytest.raises(ValueError, match="`damping` must be >= 0"):
         curv.inverse_matvec(-1.0)
+
+
+def test_gaussian_outputs_with_positions_are_normalised_as_documented():
+    """``(N, T, C)`` outputs: K-FAC's Gaussian NLL sums over an example's positions (as
+    kfac-jax's), `fisher_matvec` counts every position as an example, so on a leaf K-FAC
+    treats exactly (a diagonal fallback: the Fisher's diagonal) they differ by ``T``, as the
+    docs say; the categorical NLL is averaged over positions by both (equal)."""
+    def model(p, x):  # (N, T, d) -> (N, T, C)
+        return (jnp.tanh(x @ p["W"]) * p["s"]) @ p["V"]
+
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    p = {"W": jax.random.normal(k[0], (4, 5), jnp.float64) / 2, "s": jnp.ones(5, jnp.float64),
+         "V": jax.random.normal(k[1], (5, 3), jnp.float64) / 2}
+    x = jax.random.normal(k[2], (2, 3, 4), jnp.float64)  # N = 2 examples, T = 3 positions
+    e = jax.tree.map(jnp.zeros_like, p)
+    e["s"] = e["s"].at[1].set(1.0)
+    for likelihood, kw, factor in (("categorical", {}, 1.0), ("gaussian", {"variance": 2.0}, 3.0)):
+        fisher = curvlib.fisher_matvec(model, p, x, likelihood=likelihood, **kw)(e)["s"][1]
+        kfac = curvlib.kfac_curvature(model, p, x, likelihood=likelihood, **kw).matvec(e)["s"][1]
+        np.testing.assert_allclose(kfac, factor * fisher, rtol=1e-12, err_msg=likelihood)

@@ -181,6 +181,14 @@ def test_invalid_settings_and_calls_raise_named_errors():
         scale_by_kfac(model, example_inputs=ex, inverse="cholesky")
     with pytest.raises(ValueError, match="`momentum` must be 'adaptive', a float or None"):
         scale_by_kfac(model, example_inputs=ex, momentum="nesterov")
+    with pytest.raises(TypeError, match="`model_fn` must be callable; got 3"):
+        scale_by_kfac(3, example_inputs=ex)  # (it was refused at `init`, as "no arrays")
+    for lr, mom in ((None, None), (0.1, "adaptive")):  # (it was silently ignored)
+        with pytest.raises(ValueError, match="`norm_constraint` scales a step of fixed"):
+            scale_by_kfac(model, example_inputs=ex, learning_rate=lr, momentum=mom,
+                          norm_constraint=1e-3)
+    scale_by_kfac(model, example_inputs=ex, learning_rate=0.1, momentum=0.9,
+                  norm_constraint=1e-3)
     with pytest.raises(ValueError, match="`ema_decay` must lie in"):
         scale_by_kfac(model, example_inputs=ex, ema_decay=1.0)
     with pytest.raises(ValueError, match="`damping` must be > 0"):

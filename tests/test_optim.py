@@ -570,13 +570,16 @@ def test_ggn_split_without_routed_inputs_says_what_to_pass():
     assert bool(s[0].info.accepted)
 
 
-@pytest.mark.parametrize("name", ["newton_cg", "newton", "bfgs", "svrg", "track_curvature"])
+@pytest.mark.parametrize("name", ["newton_cg", "newton", "bfgs", "svrg", "track_curvature",
+                                  "kfac"])
 def test_value_fn_binding_error_lists_the_extra_arguments(name):
     params, x, y, model_fn, loss_fn = _tiny_regression()
     make = {
         "newton_cg": optim.newton_cg, "newton": optim.newton, "bfgs": optim.bfgs,
         "svrg": lambda: optim.svrg(0.1),
         "track_curvature": lambda: optim.track_curvature(1, 1, key=jax.random.PRNGKey(0)),
+        "kfac": lambda: curvlib.kfac(model_fn=model_fn, example_inputs={"x": x},
+                                     likelihood="gaussian"),
     }[name]
     opt = make()
     value_fn = lambda p, inputs, targets: loss_fn(model_fn(p, inputs), targets)

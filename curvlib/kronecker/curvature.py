@@ -752,10 +752,12 @@ def kfac_curvature(
     model (Monte-Carlo Fisher, unbiased for ``G`` given the inputs).
 
     The loss whose curvature this is: ``mean over examples of NLL(y | f)`` with
-    ``f = model_fn(params, *args)`` (the normalisation of
-    [`curvlib.fisher_matvec`][curvlib.fisher_matvec]): ``"categorical"``, softmax cross-entropy over
-    the last axis, averaged over any other (position) axes, i.e. the mean over tokens;
-    ``"gaussian"``, ``||f - y||^2 / (2 variance)`` summed over the output entries;
+    ``f = model_fn(params, *args)``: ``"categorical"``, softmax cross-entropy over
+    the last axis, averaged over any other (position) axes, i.e. the mean over tokens (the
+    normalisation of [`curvlib.fisher_matvec`][curvlib.fisher_matvec]);
+    ``"gaussian"``, ``||f - y||^2 / (2 variance)`` summed over the output entries (as
+    ``fisher_matvec`` for ``(N, C)`` outputs; for ``(N, T, C)`` outputs ``fisher_matvec``
+    counts each position as an example, ``T`` times less curvature);
     ``"bernoulli"``, sigmoid cross-entropy summed over the output entries.
 
     Cost: one forward pass over the batch and one backward pass per column of

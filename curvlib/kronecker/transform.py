@@ -754,6 +754,7 @@ def scale_by_kfac(
             "`example_inputs` must be a dict of the extra arguments `update` will receive "
             f"(e.g. {{'x': x}}); got {type(example_inputs).__name__}."
         )
+    _validate.functions(model_fn, "model_fn")
     _loss.check_named_inputs(model_fn, "model_fn", example_inputs, "example_inputs")
     if momentum is None:
         momentum = "adaptive" if learning_rate is None else 0.0
@@ -762,6 +763,12 @@ def scale_by_kfac(
     if norm_constraint is not None:
         _validate.number(norm_constraint, "norm_constraint", minimum=0, exclusive=True,
                          finite=False)
+        if learning_rate is None or isinstance(momentum, str):
+            raise ValueError(
+                "`norm_constraint` scales a step of fixed `learning_rate` and `momentum`; "
+                "the adaptive step (learning_rate=None or momentum='adaptive') takes its "
+                "length from the quadratic model, which the constraint would not change; got "
+                f"learning_rate={learning_rate!r}, momentum={momentum!r}.")
     settings = _Settings(model_fn, likelihood, variance, num_samples, convention, inverse,
                          ema_decay, learning_rate, momentum, norm_constraint, key is not None,
                          adaptive_damping, damping_every, damping_decay, min_damping, max_damping,
@@ -801,6 +808,9 @@ def _kfac_update(c: _Settings, updates, state: ScaleByKfacState, params, value_f
     if c.adaptive_damping:
         value_fn = _loss.require_value_fn("scale_by_kfac", value_fn)
     if value_fn is not None:  # a per-sample loss refused as by every other transform
+        # (the extra arguments it names checked as every other transform checks them)
+        _loss.check_call(value_fn, "value_fn", _loss.kwargs_for(value_fn, extra_args),
+                         extra_args)
         value_fn = _loss.strip_aux(value_fn, False)
     layers, kw = _layers_for(c.model_fn, params, extra_args)
     _check_state(layers, state)
