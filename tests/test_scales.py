@@ -192,12 +192,27 @@ def test_newton_cg_gradient_fallback_at_every_gradient_scale(dt, s):
     c = np.array([-2.0, 1.0, 3.0])
     g = np.array([1.0, 0.5, 0.25]) * s
     cj, gj = jnp.asarray(c.astype(dt)), jnp.asarray(g.astype(dt))
-    p, res = _solve(lambda v: cj * v, gj, None, 0.5, 1e-6, 10)
+    p, res, fell_back = _solve(lambda v: cj * v, gj, None, 0.5, 1e-6, 10)
+    assert bool(fell_back)
     u = np.array([1.0, 0.5, 0.25]) / np.linalg.norm([1.0, 0.5, 0.25])
     expect = g / (abs(np.sum(c * u * u)) + 0.5)
     got = np.asarray(p, np.float64)
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, expect, rtol=1e-5 if dt == np.float32 else 1e-12)
+
+
+def test_newton_cg_falls_back_when_cg_leaves_its_warm_start_unimproved():
+    """Negative curvature on CG's first direction from a warm start (the previous step's
+    direction, decayed): CG returns the warm start itself, a descent direction by a hair,
+    which was taken as the step (on a saddle the steps shrank 0.03, 6e-5, 8e-8, ... while
+    the gradient stayed, each reported accepted). The gradient fallback is taken instead."""
+    from curvlib.optim.hessian_free import _solve
+
+    c, g = jnp.asarray([-2.0, 1.0, 3.0]), jnp.asarray([1.0, 0.5, 0.25])
+    p, res, fell_back = _solve(lambda v: c * v, g, 1e-6 * g, 0.5, 1e-6, 10)
+    assert bool(res.negative_curvature) and bool(fell_back)
+    u = g / jnp.linalg.norm(g)
+    np.testing.assert_allclose(p, g / (abs(float(jnp.sum(c * u * u))) + 0.5), rtol=1e-12)
 
 
 @pytest.mark.parametrize("dt,top", [pytest.param(np.float32, 3e38, id="f32-3e38"),

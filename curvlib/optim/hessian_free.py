@@ -37,8 +37,9 @@ chain). The Hessian-free ingredients of Martens (2010):
   ``eta = min(cg.rtol, sqrt(||g||))`` (Nocedal & Wright 2006, Alg. 7.1).
 * **Negative-curvature exit** (Steihaug 1983): CG stops at the last iterate
   before a direction of non-positive curvature. Should that iterate not be a
-  descent direction (a negative direction at the very first CG step, a bad warm
-  start) the transform falls back to the gradient scaled by its absolute
+  descent direction (a bad warm start), or be the warm start itself (a negative
+  direction at the very first CG step) the transform falls back to the gradient
+  scaled by its absolute
   Rayleigh quotient, $p = g\,\|g\|^2 / (|g^\top C g| + \lambda\|g\|^2)$
   (one extra product, inside a ``lax.cond``: paid only when taken, except
   under ``vmap`` where both branches run).
@@ -238,14 +239,19 @@ def current_damping(state: ScaleByNewtonCGState, damping) -> jax.Array:
 def _solve(matvec, g, x0, damping, rtol, max_steps, atol=0.0):
     """Truncated CG for ``(C + damping I) p = g`` with the descent fallback.
 
-    Returns ``(p, cg_result)``. When CG's iterate is not a descent direction
-    (``g^T p <= 0``: negative curvature at the first step, a bad warm start),
+    Returns ``(p, cg_result, fell_back)``. When CG's iterate is not a descent direction
+    (``g^T p <= 0``: a bad warm start) or CG met negative curvature on its first
+    direction (its iterate is then the warm start, unimproved),
     ``p`` is the gradient scaled by its absolute Rayleigh quotient,
     ``g ||g||^2 / (|g^T C g| + damping ||g||^2)`` (one product, in a ``lax.cond``
     branch).
     """
     res = cg(matvec, g, x0=x0, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps)
-    descent = _tree.vdot(g, res.x) > 0
+    # (negative curvature on CG's first direction leaves the warm start as it was: a decayed
+    # old direction, descent by a hair or not, whose steps shrank geometrically while the
+    # gradient stayed, each reported as accepted)
+    stuck = res.negative_curvature & (res.num_steps <= 1)
+    descent = (_tree.vdot(g, res.x) > 0) & ~stuck
 
     def fallback(_):
         # g ||g||^2 / (|g^T C g| + damping ||g||^2) = g / (|u^T C u| + damping) with the unit
@@ -256,7 +262,7 @@ def _solve(matvec, g, x0, damping, rtol, max_steps, atol=0.0):
         return _tree.scale(1.0 / jnp.where(den > 0, den, 1.0), g)
 
     p = _xp.cond(descent, lambda _: res.x, fallback, None)
-    return p, res
+    return p, res, ~descent
 
 
 def model_decrease(grad, p, matvec):
@@ -455,7 +461,8 @@ def scale_by_newton_cg(
         max_steps = cg.max_steps or min(DEFAULT_MAX_CG_STEPS, _tree.size(params))
         rtol = jnp.minimum(cg.rtol, jnp.sqrt(_tree.norm(updates)))
         x0 = _tree.scale(jnp.asarray(warm_start_decay, dt), state.solution)
-        p, res = _solve(setup.matvec, updates, x0, lam, rtol, int(max_steps), cg.atol)
+        p, res, fallback = _solve(setup.matvec, updates, x0, lam, rtol, int(max_steps),
+                                  cg.atol)
         # updates changed upstream (weight decay, clipping: ``shift``, beyond rounding)
         # are the gradient of the loss plus a term linear over the step; the model and
         # the measured change describe that objective, whose minimiser the steps seek
@@ -481,7 +488,6 @@ def scale_by_newton_cg(
             lam, rho, accepted, pcp, p, increase=damping_increase, decrease=damping_decrease,
             min_damping=min_damping, max_damping=max_damping,
         )
-        fallback = ~(_tree.vdot(updates, res.x) > 0)  # _solve's gradient fallback: one product
         info = _step_info(res, lam, rho, accepted, finite, setup.value, fallback, dt)
         return _commit(updates, state, p, lam_next, finite, accepted, info, damping)
 
