@@ -808,11 +808,12 @@ def _kfac_update(c: _Settings, updates, state: ScaleByKfacState, params, value_f
     if c.adaptive_damping:
         value_fn = _loss.require_value_fn("scale_by_kfac", value_fn)
     if value_fn is not None:  # a per-sample loss refused as by every other transform
-        # (the extra arguments it names checked as every other transform checks them)
-        _loss.check_call(value_fn, "value_fn", _loss.kwargs_for(value_fn, extra_args),
-                         extra_args)
         value_fn = _loss.strip_aux(value_fn, False)
     layers, kw = _layers_for(c.model_fn, params, extra_args)
+    if value_fn is not None:  # (after the model's own inputs, whose message is the sharper)
+        # the extra arguments it names checked as every other transform checks them
+        _loss.check_call(value_fn, "value_fn", _loss.kwargs_for(value_fn, extra_args),
+                         extra_args)
     _check_state(layers, state)
     if statistics is not None:
         _check_statistics(layers, state, statistics)
