@@ -6,7 +6,7 @@ takes the loss as ``update(..., value_fn=loss, **extra_args)``: ``value_fn(param
 signature (all of them, but the reserved ``value``/``grad``, when it takes
 ``**kwargs``): the routing of optax's line searches. `bind_loss` checks
 ``value_fn`` and binds it; its output is checked to be one scalar
-(`curvlib._validate.scalar_loss`) wherever it is evaluated.
+(`curvlib._validate.output`) wherever it is evaluated.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def _scalar_loss(fn: Callable, has_aux: bool) -> Callable:
 
     @functools.wraps(fn)
     def loss(params, **kw):
-        return _validate.scalar_loss(fn(params, **kw), "value_fn", has_aux=has_aux)
+        return _validate.output(fn(params, **kw), "value_fn", has_aux=has_aux)
 
     return loss
 

@@ -15,22 +15,22 @@ check                          for
 `static_int`             ints that fix a shape or a program (``k``, ``basis_size``)
 `number`                 real hyperparameters: ``>= 0``, ``> 0``, in a range; a step
                          size (a scalar or a schedule, with ``schedule``); a bound
-                         above another (``max_damping`` above ``min_damping``)
+                         above another (``max_damping`` above ``min_damping``); a
+                         scale or a 1-D grid of them (``sigma``, with ``grid``)
 `one_of`                 an option among fixed choices (``which``, ``likelihood``)
 `mode`                   a curvature product's ``mode``, refused where it cannot apply
 `prng_key`               one PRNG key; required unless optional (never a default)
 `float_leaves`           a non-empty pytree of real floating arrays (``params``, outputs)
 `same_structure`         a pytree shaped like another (``x0`` like ``b``, ``state``,
                          an operator's output like its input: real floating)
-`scalar_loss`            a loss's output: one real floating scalar (not per-sample)
-`aux_output`             a function's output: ``(primary, aux)`` with ``has_aux``
+`output`                 a function's output, ``(primary, aux)`` with ``has_aux``; a
+                         loss: one real floating scalar (not per-sample)
 `basis`                  a stack of ``D`` orthonormal vectors shaped like ``params``
 `tangent`                a real vector shaped (and sharded) like its reference, by leaf path
 `microbatch`             ``microbatch_size`` with its batch: which extra arguments are
                          batched (``batch_argnums``), sharing one leading (sample) axis
 `concrete`               a pytree with no traced leaf (host-driven operators)
 `float_dtype`            a dtype option (``basis_dtype``): a real floating dtype
-`positive_grid`          a scale or a 1-D grid of them, finite and > 0 (``sigma``)
 `functions`              a callable, or a tuple of them (``ggn=(model_fn, loss_fn)``)
 `operator`               a linear operator mapping a vector to one shaped like it
 =============================  =====================================================
@@ -121,7 +121,8 @@ def static_int(x, name: str, *, minimum: int | None = None, maximum: int | None 
 def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
            finite: bool = True, optional: bool = False, integer: bool = False,
            what: str | None = None, runtime_arrays: bool = False, scalar: bool = False,
-           schedule: bool = False, above: tuple | None = None):
+           schedule: bool = False, above: tuple | None = None, grid: bool = False,
+           dtype=None):
     """A real hyperparameter in a range; concrete values are checked, traced ones pass.
 
     ``x`` may be a scalar or an array (every entry is checked): ``minimum`` is
@@ -130,7 +131,11 @@ def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
     ``schedule``, ``x`` is a step size: one real finite scalar or a schedule (a
     callable of the step count, returned as is); a string, a bool or an array
     with more than one entry is refused (a ``(1,)`` array would silently reshape
-    every scalar of an optimizer's state).
+    every scalar of an optimizer's state). With ``grid``, ``x`` is a scale or a
+    grid of them (the probe's ``sigma``): a number, a sequence or an array,
+    returned as a floating array (cast to ``dtype``, else kept if floating,
+    else the default float) that is a scalar or a non-empty 1-D grid, its
+    concrete entries checked against the range.
 
     Args:
       x: the value.
@@ -148,9 +153,11 @@ def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
       schedule: accept a callable (a learning-rate schedule); implies ``scalar``.
       above: ``(lo, name_lo)``: another argument ``x`` must not be below
         (``min_damping`` for ``max_damping``); a traced or ``None`` one passes.
+      grid: accept and return a floating scalar or 1-D array (see above).
+      dtype: with ``grid``, the array's dtype.
 
     Returns:
-      ``x`` unchanged.
+      ``x`` unchanged; with ``grid``, ``x`` as a floating array.
 
     Raises:
       ValueError: for a complex, non-numeric, NaN/Inf (with ``finite``) or
@@ -163,7 +170,11 @@ def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
       Traceback (most recent call last):
       ...
       ValueError: `damping` must be >= 0; got -1.0.
+      >>> number([0.1, 1.0], "sigma", minimum=0, exclusive=True, grid=True).tolist()
+      [0.1, 1.0]
     """
+    if grid:
+        x = _grid(x, name, dtype)
     if schedule:
         step = "a real finite scalar or a schedule (a callable of the step count)"
         if x is None and not optional or isinstance(x, (str, bytes, bool)):
@@ -196,11 +207,12 @@ def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
     if not ok_type:
         raise ValueError(f"`{name}` must be {kind}{' ' + rng if rng else ''}; got {x!r}.")
     v = v.astype(np.float64)
+    got = v.tolist() if grid else repr(x)
     if finite and not np.all(np.isfinite(v)):
-        raise ValueError(f"`{name}` must be finite{' and ' + rng if rng else ''}; got {x!r}.")
+        raise ValueError(f"`{name}` must be finite{' and ' + rng if rng else ''}; got {got}.")
     low = minimum is not None and not np.all(v > minimum if exclusive else v >= minimum)
     if low or (maximum is not None and not np.all(v <= maximum)):
-        raise ValueError(f"`{name}` must be {(kind + ' ') if integer else ''}{rng}; got {x!r}.")
+        raise ValueError(f"`{name}` must be {(kind + ' ') if integer else ''}{rng}; got {got}.")
     lo = None if above is None else above[0]
     if lo is not None and not isinstance(lo, jax.core.Tracer) and not np.all(
             np.asarray(lo, np.float64) <= v):  # (after x's own checks: its range first)
@@ -400,25 +412,36 @@ def same_structure(a, b, name_a: str, name_b: str, *, what: str = "",
                                 f"`{name_a}`; got dtype {dt}.")
 
 
-def scalar_loss(out, name: str, *, has_aux: bool | None = False):
-    """The loss inside a loss function's output ``out``, checked to be one real floating scalar.
+def output(out, name: str, *, has_aux: bool | None = False, scalar: bool = True,
+           what: str = "loss"):
+    """The primary part of a function's output ``out``; a loss checked to be one real scalar.
 
     ``out`` is what the function returned (arrays, or ``jax.ShapeDtypeStruct`` s
-    from ``jax.eval_shape``): the loss, or ``(loss, aux)`` with ``has_aux``.
+    from ``jax.eval_shape``): the primary output (``what``: the loss, a model's
+    outputs), or ``(primary, aux)`` with ``has_aux``.
     ``has_aux=None``: the caller has no ``has_aux`` option (a pair is refused
     with advice to return the loss alone).
-    Every curvlib entry point that takes a loss refuses a per-sample (vector)
-    loss through this check: curvature, gradients and the landscape's sample
-    weighting are defined for the scalar (mean) loss only.
+    With ``scalar`` (a loss), the primary output must be one real floating
+    scalar: every curvlib entry point that takes a loss refuses a per-sample
+    (vector) loss through this check (curvature, gradients and the landscape's
+    sample weighting are defined for the scalar (mean) loss only).
 
     Returns:
-      The loss (``out`` or ``out[0]``).
+      The primary output (``out`` or ``out[0]``).
 
     Raises:
       ArgumentError: (a ``ValueError`` and a ``TypeError``) for a missing
-        ``(loss, aux)`` pair, a non-scalar or a non-floating loss.
+        ``(primary, aux)`` pair, a non-scalar or a non-floating loss.
     """
-    out = aux_output(out, name, bool(has_aux))
+    one_of(bool(has_aux) if has_aux is None else has_aux, "has_aux", (True, False))
+    if has_aux and not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise ArgumentError(
+            f"`{name}` was declared with `has_aux=True`, so it must return a pair "
+            f"`({what}, aux)`; got {jax.tree.structure(out)}."
+        )
+    out = out[0] if has_aux else out
+    if not scalar:
+        return out
     leaves = jax.tree.leaves(out)
     if len(leaves) != 1 or tuple(jnp.shape(leaves[0])) != ():
         got = (f"shape {tuple(jnp.shape(leaves[0]))}" if len(leaves) == 1
@@ -594,22 +617,8 @@ def float_dtype(x, name: str, *, optional: bool = False):
     return dt
 
 
-def positive_grid(x, name: str, *, dtype=None, what: str = ""):
-    """``x`` as a floating array, a scalar or a non-empty 1-D grid of finite values ``> 0``.
-
-    Accepts a Python or NumPy number, a sequence or an array (cast to ``dtype``,
-    else kept if floating, else the default float); concrete values are
-    checked, traced ones pass. ``what`` says what the value is, in the message
-    (``"the probe's per-coordinate standard deviation"``).
-
-    Examples:
-      >>> positive_grid([0.1, 1.0], "sigma").tolist()
-      [0.1, 1.0]
-      >>> positive_grid(0.0, "sigma")
-      Traceback (most recent call last):
-      ...
-      ValueError: `sigma` must be finite and > 0; got 0.0.
-    """
+def _grid(x, name: str, dtype=None):
+    """``x`` as a floating scalar or non-empty 1-D array (`number` with ``grid``)."""
     try:
         s = jnp.asarray(x) if dtype is None else jnp.asarray(x, dtype)
     except (TypeError, ValueError):
@@ -619,14 +628,9 @@ def positive_grid(x, name: str, *, dtype=None, what: str = ""):
         s = s.astype(jnp.result_type(float))
     if s.ndim > 1:
         raise ValueError(f"`{name}` must be a scalar or a 1-D grid; got shape {s.shape}.")
-    if not isinstance(s, jax.core.Tracer):
-        v = np.asarray(s)
-        if v.size == 0:
-            raise ValueError(f"`{name}` must be a scalar or a non-empty 1-D grid; got an empty "
-                             "array.")
-        if not np.all(np.isfinite(v)) or np.any(v <= 0):
-            about = f" ({what})" if what else ""
-            raise ValueError(f"`{name}`{about} must be finite and > 0; got {v.tolist()}.")
+    if not isinstance(s, jax.core.Tracer) and s.size == 0:
+        raise ValueError(f"`{name}` must be a scalar or a non-empty 1-D grid; got an empty "
+                         "array.")
     return s
 
 
@@ -748,26 +752,6 @@ def microbatch(microbatch_size, args: tuple, argnums, *, what: str = "fun", extr
         )
     nums = _batch_argnums(argnums, len(args))
     return size, nums, _batched(args, nums, extra=extra)
-
-
-def aux_output(out, name: str, has_aux, *, what: str = "loss"):
-    """The primary part of a function's output: ``out``, or ``out[0]`` with ``has_aux``.
-
-    Accepts ``has_aux`` as a Python bool and, with ``has_aux=True``, an ``out``
-    (arrays or ``jax.ShapeDtypeStruct`` s) that is a pair ``(what, aux)``.
-
-    Raises:
-      ArgumentError: (a ``ValueError`` and a ``TypeError``) for a missing pair.
-    """
-    one_of(has_aux, "has_aux", (True, False))
-    if not has_aux:
-        return out
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise ArgumentError(
-            f"`{name}` was declared with `has_aux=True`, so it must return a pair "
-            f"`({what}, aux)`; got {jax.tree.structure(out)}."
-        )
-    return out[0]
 
 
 _gram = jax.jit(_tree.basis_gram)

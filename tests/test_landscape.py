@@ -896,11 +896,11 @@ def test_bad_input_raises_clear_errors(lsq):
     with pytest.raises(ValueError, match=r"`mode='linearize'` stores every microbatch"):
         ls.curvature_subspace(ls_loss, w, (x, y), 5, 2, key=key, microbatch_size=2,
                               mode="linearize")
-    with pytest.raises(ValueError, match=r"`sigma` \(the probe's .*\[0.1, 0.0\]"):
+    with pytest.raises(ValueError, match=r"`sigma` must be > 0 \(the probe's .*; got \[0.1, 0.0\]"):
         ls.delta2_closed_form(0.1, jnp.zeros(2), jnp.eye(2), [0.1, 0.0])
-    with pytest.raises(ValueError, match=r"`sigma` \(the probe's .*got -1.0"):
+    with pytest.raises(ValueError, match=r"`sigma` must be > 0 \(the probe's .*; got -1.0"):
         ls.delta2_direct_mc(ls_loss, w, (x, y), 5, U, -1.0, key=key, num_samples=4)
-    with pytest.raises(ValueError, match=r"`sigma` \(the probe's .*got nan"):
+    with pytest.raises(ValueError, match=r"`sigma` must be finite and > 0 \(the probe.*; got nan"):
         ls.delta2_full_mc(ls_loss, w, (x, y), 5, float("nan"), key=key, num_samples=4)
     with pytest.raises(ValueError, match=r"`num_samples` must be >= 2 .*got 1"):
         ls.delta2_quadratic_mc(0.1, jnp.zeros(2), jnp.eye(2), 0.1, key=key, num_samples=1)

@@ -882,8 +882,8 @@ def _value_and_grad(c: _Settings, loss_fn: Callable) -> Callable:
         _loss.check_call(loss_fn, "loss_fn", lkw, extra_args, caller="value_and_grad")
 
         def out_loss(out):
-            return jnp.asarray(_validate.scalar_loss(loss_fn(out, **lkw), "loss_fn",
-                                                              has_aux=None))
+            return jnp.asarray(_validate.output(loss_fn(out, **lkw), "loss_fn",
+                                                         has_aux=None))
 
         def full():
             stat_key = _split(kstate.key)[0] if c.sampled else None

@@ -51,7 +51,7 @@ PyTree = Any
 
 MEAN, INCREMENT, SAMPLE = "mean", "increment", "sample"
 TWO_DRAWS = "a standard error needs two draws"
-SIGMA = "the probe's per-coordinate standard deviation"  # `sigma` in the messages
+SIGMA = "(the probe's per-coordinate standard deviation)"  # `sigma` in the messages
 
 
 # ----------------------------------------------------------------- checks
@@ -162,7 +162,7 @@ def check_problem(loss_fn: Callable, params: PyTree, data: PyTree, k):
     k = check_k(k, data)
     _validate.float_leaves(params, "params")
     _validate.functions(loss_fn, "loss_fn")
-    _validate.scalar_loss(jax.eval_shape(loss_fn, params, data), "loss_fn", has_aux=None)
+    _validate.output(jax.eval_shape(loss_fn, params, data), "loss_fn", has_aux=None)
     one = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *jnp.shape(x)[1:]), x.dtype), data)
     return k, same_function(loss_fn, params, one, also=((params, data),))
 

@@ -230,8 +230,8 @@ def plan_curve(params: PyTree, data: PyTree, ks: Sequence[int], dims: Sequence[i
     dims = [int(d) for d in dims]
     if not callable(params):
         _common.check_subspace(max(dims), params, config.eigsh.basis_size, "max(dims)")
-    sig = np.atleast_1d(np.asarray(_validate.positive_grid(sigmas, "sigmas",
-                                                           what=_common.SIGMA)))
+    sig = np.atleast_1d(np.asarray(_validate.number(
+        sigmas, "sigmas", minimum=0, exclusive=True, grid=True, what=_common.SIGMA)))
     for name in ("num_samples", "full_samples"):
         v = getattr(config, name)
         if v:

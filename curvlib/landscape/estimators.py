@@ -111,7 +111,8 @@ def delta2_closed_form_terms(a, c, B, sigma) -> ClosedFormTerms:
       [0.25, 0.03, 0.0002]
     """
     a, c, B = _check_coefficients(a, c, B)
-    s = _validate.positive_grid(sigma, "sigma", dtype=a.dtype, what=_common.SIGMA)
+    s = _validate.number(sigma, "sigma", minimum=0, exclusive=True, grid=True, dtype=a.dtype,
+                         what=_common.SIGMA)
     if not _space.on_one_device(a, c, B, s):  # traced, or placed on several devices
         return _traced_terms(a, c, B, s)
     with _xp.host():  # O(D^2) on concrete numbers: NumPy, no compile
@@ -189,7 +190,8 @@ def delta2_spectral(eigenvalues_k, eigenvalues_k1, sigma) -> jax.Array:
             f"length; got {lk.shape} and {lk1.shape}."
         )
     d = lk1 - lk
-    s2 = _validate.positive_grid(sigma, "sigma", dtype=d.dtype, what=_common.SIGMA) ** 2
+    s2 = _validate.number(sigma, "sigma", minimum=0, exclusive=True, grid=True, dtype=d.dtype,
+                          what=_common.SIGMA) ** 2
     return s2 * s2 / 4.0 * (2.0 * jnp.sum(d * d) + jnp.sum(d) ** 2)
 
 
@@ -230,7 +232,8 @@ def delta2_bound(num_examples, sigma, dim, max_loss, max_grad, max_hess) -> jax.
       [[3.75, 6.0], [0.9375, 1.5]]
     """
     k = _validate.number(num_examples, "num_examples", minimum=1, integer=True)  # paper's k
-    s2 = _validate.positive_grid(sigma, "sigma", what=_common.SIGMA) ** 2
+    s2 = _validate.number(sigma, "sigma", minimum=0, exclusive=True, grid=True,
+                          what=_common.SIGMA) ** 2
     _validate.number(dim, "dim", minimum=1, integer=True)
     for name, bound in (("max_loss", max_loss), ("max_grad", max_grad),
                         ("max_hess", max_hess)):
@@ -300,7 +303,8 @@ def _summarise(vals, num_samples):
 
 
 def _grid(sigma, dtype):
-    s = _validate.positive_grid(sigma, "sigma", dtype=dtype, what=_common.SIGMA)
+    s = _validate.number(sigma, "sigma", minimum=0, exclusive=True, grid=True, dtype=dtype,
+                         what=_common.SIGMA)
     return s, jnp.atleast_1d(s)
 
 

@@ -167,13 +167,13 @@ def ggn_matvec(
                                    microbatch_size=microbatch_size,
                                    batch_argnums=batch_argnums, has_aux=has_aux)
     _validate.functions(model_fn, "model_fn")
-    out_shape = _validate.aux_output(jax.eval_shape(lambda p: model_fn(p, *args), params),
-                                     "model_fn", has_aux, what="outputs")
+    out_shape = _validate.output(jax.eval_shape(lambda p: model_fn(p, *args), params),
+                                 "model_fn", has_aux=has_aux, scalar=False, what="outputs")
     model_fn = C.value_only(model_fn) if has_aux else model_fn
     example_out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
     _validate.functions(loss_fn, "loss_fn")
-    _validate.scalar_loss(_tree.eval_shape(loss_fn, example_out, *loss_args), "loss_fn",
-                          has_aux=None)
+    _validate.output(_tree.eval_shape(loss_fn, example_out, *loss_args), "loss_fn",
+                     has_aux=None)
     mode = _validate.mode(mode, gauss_newton=True, microbatch_size=microbatch_size)
     if mode == "linearize":
         outputs, lin = _linearize(model_fn, params, args)
@@ -418,8 +418,8 @@ def fisher_matvec(
                                    batch_argnums=batch_argnums, has_aux=has_aux)
     mc, S, variance = _fisher_options(likelihood, key, num_samples, variance)
     _validate.functions(model_fn, "model_fn")
-    out_shape = _validate.aux_output(jax.eval_shape(lambda p: model_fn(p, *args), params),
-                                     "model_fn", has_aux, what="outputs")
+    out_shape = _validate.output(jax.eval_shape(lambda p: model_fn(p, *args), params),
+                                 "model_fn", has_aux=has_aux, scalar=False, what="outputs")
     model_fn = C.value_only(model_fn) if has_aux else model_fn
     _check_outputs(likelihood, out_shape)
     if likelihood == "gaussian":
@@ -588,8 +588,8 @@ def empirical_fisher_matvec(
     batch_size(batch, "batch")
     example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], x.dtype), batch)
     try:
-        _validate.scalar_loss(jax.eval_shape(per_example_loss, params, example),
-                              "per_example_loss", has_aux=has_aux)
+        _validate.output(jax.eval_shape(per_example_loss, params, example),
+                         "per_example_loss", has_aux=has_aux)
     except TypeError as e:
         raise TypeError(
             f"{e} `per_example_loss` is called on ONE example (the leaves of `batch` without "

@@ -94,7 +94,7 @@ def hvp(fun: Callable, params: PyTree, tangent: PyTree, *args, has_aux: bool = F
     _validate.same_structure(params, tangent, "params", "tangent")  # names the leaves
     _validate.tangent(tangent, C.signature(params))  # and refuses a complex one
     _validate.functions(fun, "fun")
-    _validate.scalar_loss(_tree.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
+    _validate.output(_tree.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
     fun = C.drop_aux(fun, has_aux)
     return _hvp_fwd_rev(fun)(params, args, C.cast_like(tangent, params))
 
@@ -214,7 +214,7 @@ def hessian_matvec(
     _validate.functions(fun, "fun")
     # the batch's shapes before the loss sees them (a leaf of another length failed inside it)
     size, argnums, _ = _validate.microbatch(microbatch_size, args, batch_argnums)
-    _validate.scalar_loss(_tree.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
+    _validate.output(_tree.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
     fun = C.drop_aux(fun, has_aux)
     mode = _validate.mode(mode, microbatch_size=size)
     if mode == "linearize":
@@ -293,7 +293,7 @@ def gradient(
     _validate.functions(fun, "fun")
     # the batch's shapes before the loss sees them (a leaf of another length failed inside it)
     size, argnums, _ = _validate.microbatch(microbatch_size, args, batch_argnums)
-    _validate.scalar_loss(_tree.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
+    _validate.output(_tree.eval_shape(fun, params, *args), "fun", has_aux=has_aux)
     vg = _value_and_grad(fun, has_aux)
     if size is None:
         out = vg(params, *args)

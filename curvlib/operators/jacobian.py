@@ -34,8 +34,8 @@ def _linearized_model(model_fn, params, args, has_aux):
     _validate.float_leaves(params, "params")
     _validate.functions(model_fn, "model_fn")
     if _validate.one_of(has_aux, "has_aux", (True, False)):
-        _validate.aux_output(jax.eval_shape(lambda p: model_fn(p, *args), params), "model_fn",
-                             True, what="outputs")
+        _validate.output(jax.eval_shape(lambda p: model_fn(p, *args), params), "model_fn",
+                         has_aux=True, scalar=False, what="outputs")
         model_fn = C.value_only(model_fn)
     outputs, lin = jax.linearize(lambda p: model_fn(p, *args), params)
     _validate.float_leaves(outputs, "outputs of model_fn")

@@ -86,7 +86,7 @@ def _per_batch(kind: str, user_fn: Callable) -> Callable:
 
     def loss(params, batch):  # the output checked when traced: no run-time cost
         out = user_fn(params, batch)
-        _validate.scalar_loss(out, "fun", has_aux=has_aux)
+        _validate.output(out, "fun", has_aux=has_aux)
         return out
 
     return lambda batch, params: _value_and_grad(loss, has_aux)(params, batch)
