@@ -433,7 +433,10 @@ def output(out, name: str, *, has_aux: bool | None = False, scalar: bool = True,
       ArgumentError: (a ``ValueError`` and a ``TypeError``) for a missing
         ``(primary, aux)`` pair, a non-scalar or a non-floating loss.
     """
-    one_of(bool(has_aux) if has_aux is None else has_aux, "has_aux", (True, False))
+    if has_aux is not None and not (isinstance(has_aux, (bool, int, np.bool_, np.integer))
+                                    and has_aux in (0, 1)):
+        raise ValueError(f"`has_aux` must be True or False; got {has_aux!r}.")
+    takes_aux, has_aux = has_aux is not None, bool(has_aux)
     if has_aux and not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise ArgumentError(
             f"`{name}` was declared with `has_aux=True`, so it must return a pair "
@@ -448,7 +451,7 @@ def output(out, name: str, *, has_aux: bool | None = False, scalar: bool = True,
                else f"{len(leaves)} leaves of shapes {[tuple(jnp.shape(x)) for x in leaves]}")
         hint = ""
         if not has_aux and isinstance(out, (tuple, list)) and len(out) == 2:
-            hint = (" If it returns `(loss, aux)`, pass `has_aux=True`." if has_aux is False
+            hint = (" If it returns `(loss, aux)`, pass `has_aux=True`." if takes_aux
                     else " If it returns `(loss, aux)`, pass a function that returns the loss "
                     "alone (this one takes no `has_aux`), e.g. `lambda *a: fn(*a)[0]`.")
         raise ArgumentError(

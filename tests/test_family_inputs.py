@@ -88,8 +88,25 @@ def test_has_aux_mismatches_are_explained():
         curvlib.hessian_matvec(_loss, params, x, y, has_aux=True)
     with pytest.raises(TypeError, match=r"has_aux=True.*pair"):
         curvlib.ggn_matvec(_model, lambda o: jnp.sum(o), params, x, has_aux=True)
-    with pytest.raises(ValueError, match="has_aux"):
+    with pytest.raises(ValueError, match="`has_aux` must be True or False; got 'yes'"):
         curvlib.hessian_matvec(_loss, params, x, y, has_aux="yes")
+    with pytest.raises(ValueError, match="`has_aux` must be True or False; got 2"):
+        curvlib.ggn_matvec(_model, lambda o: jnp.sum(o), params, x, has_aux=2)
+
+
+def test_has_aux_is_read_as_a_flag_the_same_way_for_losses_and_models():
+    """``has_aux`` as a NumPy bool or 0/1 (a config file's value) means the same as the
+    Python bool for a loss (Hessian) and for a model (GGN), as for ``jax.grad``."""
+    params, x, y = _setup()
+    v = jax.tree.map(jnp.ones_like, params)
+    H_ref = curvlib.hessian_matvec(_aux_loss, params, x, y, has_aux=True)(v)
+    aux_model = lambda p, x: (_model(p, x), {"stats": jnp.mean(x)})
+    mse = lambda o, y: jnp.mean((o - y) ** 2)
+    G_ref = curvlib.ggn_matvec(aux_model, mse, params, x, loss_args=(y,), has_aux=True)(v)
+    for flag in (np.bool_(True), 1):
+        _close(curvlib.hessian_matvec(_aux_loss, params, x, y, has_aux=flag)(v), H_ref)
+        _close(curvlib.ggn_matvec(aux_model, mse, params, x, loss_args=(y,), has_aux=flag)(v),
+               G_ref)
 
 
 # -------------------------------------------------------------- microbatching
