@@ -136,11 +136,16 @@ def _own_default(fn, arg: str, cls, fields):
     declared = inspect.signature(fn).parameters[arg].default
     if not isinstance(declared, cls):
         return None, dict.fromkeys(fields, "")
+    return declared, {field: _spelled(declared, cls, (field,)) for field in fields}
+
+
+def _spelled(value, cls, skip) -> str:
+    """The fields of the solver ``value`` that differ from ``cls()``'s, but ``skip``,
+    spelled ``"name=value, "`` (what a call must keep when it adds an option to it)."""
     plain = cls()
-    differ = [f.name for f in dataclasses.fields(cls)
-              if getattr(declared, f.name) != getattr(plain, f.name)]
-    return declared, {field: "".join(f"{n}={getattr(declared, n)!r}, " for n in differ
-                                     if n != field) for field in fields}
+    return "".join(f"{f.name}={getattr(value, f.name)!r}, " for f in dataclasses.fields(cls)
+                   if f.name not in skip and _differ(getattr(value, f.name),
+                                                     getattr(plain, f.name)))
 
 
 class ArgumentConflict(TypeError, ValueError):
@@ -250,22 +255,24 @@ def moved_to_solver(where: str, arg: str, cls, static: tuple = (), **old_to_fiel
         @functools.wraps(fn)
         def call(*args, **kwargs):
             given, olds = {}, {}
+            # the solver value the call would have used: the one given (`inject_hyperparams`
+            # passes the default explicitly), else ``fn``'s own default, else ``cls()``
+            base = kwargs.get(arg)
+            base = (cls() if declared is None else declared) if base is None else base
+            moving = {field for old, field in old_to_field.items()
+                      if kwargs.get(old, NOT_GIVEN) is not NOT_GIVEN}
+            keep_now = _spelled(base, cls, moving) if isinstance(base, cls) else ""
             for old, field in old_to_field.items():
                 was_given, value = _pop(kwargs, old)
                 if was_given:
-                    warn_moved(where, old, arg, name, field,
-                               keep[field] if kwargs.get(arg) is None else "")
+                    warn_moved(where, old, arg, name, field, keep_now)
                     if value is not None:
                         if old in static:  # (named as given: `static_args` lists it)
                             from curvlib import _validate  # noqa: PLC0415 (jax, lazily)
                             _validate.static_int(value, old, minimum=1)
                         add_option(given, olds, field, value, old, where, arg, name)
             if given:
-                # merged into the solver value the call would have used: the one given, else
-                # ``fn``'s own default (``newton_cg``'s truncated CG keeps its ``rtol``)
-                base = kwargs.get(arg)
-                if base is None:
-                    base = cls() if declared is None else declared
+                # merged into that value (``newton_cg``'s truncated CG keeps its ``rtol``)
                 no_conflict(base, (cls(), declared or cls()), given, olds, where, arg, name)
                 kwargs[arg] = dataclasses.replace(base, **given)
             return call.__wrapped__(*args, **kwargs)  # `fn` (see `renamed`)

@@ -529,6 +529,15 @@ def test_a_moved_option_alone_keeps_the_function_s_own_solver_default():
         # an exact CG would differ on this problem: the test can tell the two apart
         exact = _step(make, damping=0.0, cg=CG(max_steps=20))
         assert not np.allclose(exact, new)
+        # `inject_hyperparams` passes every default explicitly (`cg=` and the old keywords'
+        # `None`): the same step, and the same advice (it dropped the kept `rtol=0.5`, and
+        # the advice followed gave the exact CG's step)
+        injected = optax.inject_hyperparams(make, static_args=("max_cg_steps",))
+        with pytest.warns(DeprecationWarning, match=r"cg=curvlib.CG\(rtol=0.5, max_steps="):
+            np.testing.assert_array_equal(_step(injected, damping=0.0, max_cg_steps=20), new)
+    # the advice keeps what an explicit solver value sets beside the moved option
+    with pytest.warns(DeprecationWarning, match=r"cg=curvlib.CG\(rtol=0.1, max_steps="):
+        _step(curvlib.newton_cg, cg=CG(rtol=0.1), max_cg_steps=20)
 
 
 def test_built_on_functions_default_to_the_solver_value_s_defaults():
