@@ -66,6 +66,34 @@ def test_cg_inverse_of_an_indefinite_operator_is_nan_with_a_flag():
                        rtol=1e-9)
 
 
+def test_lowrank_inverse_of_an_indefinite_damped_projection_is_refused_or_flagged():
+    """One rule for computed and given pairs: ``theta + damping <= 0`` has no inverse (the
+    formula gave answers of the wrong sign, ``converged``). Concrete pairs are refused
+    when the operator is built; pairs traced into a solve give NaN and NEGATIVE_CURVATURE,
+    as CG's path does."""
+    d = jnp.concatenate([jnp.array([-5.0]), jnp.linspace(0.1, 1.0, 19)])
+    mv = lambda v: d * v
+    b = jnp.ones(20)
+    v0 = jnp.asarray(np.random.default_rng(0).standard_normal(20))
+    with pytest.raises(ValueError, match=r"eigsh computed .* must be > 0 .* = -4"):
+        inverse_matvec(mv, damping=1.0, method="lowrank", rank=1, v0=v0, which="LM")
+    pairs = curvlib.eigsh(mv, v0, 1, which="LM")
+    with pytest.raises(ValueError, match=r"`eigenpairs` eigenvalues plus `damping` must be > 0"):
+        inverse_matvec(mv, damping=1.0, method="lowrank", eigenpairs=pairs)
+    computed = jax.jit(lambda lam: inverse_matvec(mv, damping=lam, method="lowrank", rank=1,
+                                                  v0=v0, which="LM").solve(b))
+    given = jax.jit(lambda lam: inverse_matvec(mv, damping=lam, method="lowrank",
+                                               eigenpairs=pairs).solve(b))
+    for solve in (computed, given):
+        res = solve(1.0)
+        assert int(res.status) == curvlib.Status.NEGATIVE_CURVATURE
+        assert not bool(res.converged) and bool(jnp.all(jnp.isnan(res.x)))
+        ok = solve(6.0)  # definite: exact on the projection's span, 1/damping off it
+        assert int(ok.status) == curvlib.Status.SUCCESS and bool(ok.converged)
+        np.testing.assert_allclose(ok.x, jnp.concatenate([jnp.array([1.0]),
+                                                          jnp.full(19, 1 / 6.0)]), rtol=1e-9)
+
+
 def test_lowrank_inverse_is_the_inverse_of_the_damped_projection():
     model, loss, params, x, y = _problem(n=3)
     per_example = lambda p, ex: (model(p, ex[0][None])[0] - ex[1]) ** 2

@@ -232,6 +232,23 @@ def behind():
         curvlib.compile_behind(was)
 
 
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_the_answer_now_path_returns_the_compiled_paths_dtypes(behind, monkeypatch, name):
+    """A float32 operator with float64 enabled: the eager answer (steps on NumPy) has the
+    compiled call's dtypes and shapes, field by field (the host path's density came back in
+    float64: NumPy's float64 constant promoted it). The compiled path's are its abstract
+    evaluation's; the fused program itself is not needed (its compile behind is skipped)."""
+    monkeypatch.setattr(behind, "_compile", lambda *args: None)
+    d = jnp.linspace(0.5, 4.0, 40, dtype=jnp.float32)
+    mv = lambda v: {"a": d[:24] * v["a"], "b": d[24:] * v["b"]}
+    v = {"a": jnp.ones(24, jnp.float32), "b": jnp.linspace(1.0, 2.0, 16, dtype=jnp.float32)}
+    call = CALLS[name][0]
+    eager = call(mv, v)
+    traced = jax.eval_shape(lambda v: call(mv, v), v)  # the compiled path's, not compiled
+    shapes = lambda r: jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), r)
+    assert shapes(eager) == shapes(traced)
+
+
 def _steps_compiled():
     """``(runs, misses)``: answer-now steps run (hits of the caches of the compiled steps, and
     steps run on NumPy), and step programs compiled (misses) (`_driver`)."""

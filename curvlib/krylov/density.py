@@ -86,7 +86,8 @@ def _density(nodes, weights, finite, sigma, grid, num_points):
         grid = xp.linspace((lo + hi) / 2 - half, (lo + hi) / 2 + half, num_points)
     grid = xp.asarray(grid, nodes.dtype)
     z = (grid[:, None, None] - nodes[None]) / s
-    kern = xp.exp(-0.5 * z**2) / (s * xp.sqrt(2 * xp.pi))
+    # (the constant in the nodes' dtype: NumPy's float64 pi promoted the host path's density)
+    kern = xp.exp(-0.5 * z**2) / (s * xp.asarray(np.sqrt(2 * np.pi), nodes.dtype))
     density = xp.sum(kern * weights[None], axis=(1, 2)) / nodes.shape[0]
     ok = xp.all(finite)
     nan = lambda x: xp.where(ok, x, xp.nan)

@@ -45,18 +45,23 @@ class InverseSolve(NamedTuple):
 
     Attributes:
       x: the solution of ``(C + lambda I) x = b``; NaN where the solve failed
-        (``finite`` false or, for CG, a direction of non-positive curvature).
+        (``finite`` false, or a direction of non-positive curvature: CG met one, or
+        for ``"lowrank"`` some ``theta_i + lambda <= 0``).
       num_matvecs: products of ``C`` used by this solve (``0`` for ``"lowrank"``).
-      residual_norm: ``||b - (C + lambda I) x||`` from the CG recurrence; NaN for
-        ``"lowrank"`` (not measured: it would cost a product).
+      residual_norm: CG's true residual ``||b - (C + lambda I) x||`` (as
+        [`CGResult`][curvlib.CGResult]'s); NaN for ``"lowrank"`` (not measured: it
+        would cost a product).
       converged: CG reached ``max(rtol ||b||, atol)`` on a positive definite
-        system; for ``"lowrank"``, the eigenpairs were certified by eigsh (or given).
+        system; for ``"lowrank"``, the eigenpairs were certified by eigsh (or given)
+        and every ``theta_i + lambda > 0``.
       finite: every product (and the result) was finite.
       status: the [`curvlib.Status`][curvlib.Status] code, most serious first: ``NONFINITE``,
-        ``NEGATIVE_CURVATURE`` (CG met a direction of non-positive curvature: the
-        system is not positive definite), ``MAX_STEPS`` (CG's budget ran out, or
-        for ``"lowrank"`` eigsh's pairs were not certified: eigsh's own code where it
-        says why, e.g. ``STALLED``), else ``SUCCESS``.
+        ``NEGATIVE_CURVATURE`` (CG met a direction of non-positive curvature, or a
+        low-rank ``theta_i + lambda <= 0``: the system is not positive definite),
+        ``STALLED`` (CG's residual stopped decreasing above the tolerance),
+        ``MAX_STEPS`` (CG's budget ran out, or for ``"lowrank"`` eigsh's pairs were not
+        certified: eigsh's own code where it says why, e.g. ``STALLED``), else
+        ``SUCCESS``.
     """
 
     x: PyTree
@@ -196,10 +201,15 @@ class InverseMatvec:
         c = _tree.basis_project(U, b)
         coef = (c * (1.0 / (theta + lam) - 1.0 / lam)).astype(theta.dtype)
         x = _tree.add_scale(_tree.basis_combine(U, coef, like=b), 1.0 / lam, b)
-        x = jax.tree.map(lambda a, r: a.astype(jnp.result_type(r)), x, b)
+        # (C + lambda I) indefinite (pairs traced into the solve; concrete ones were refused
+        # when the operator was built): no inverse, NaN as CG's negative curvature gives
+        positive = jnp.all(theta + lam > 0) | jnp.any(~jnp.isfinite(theta))
         finite = _tree.all_finite(x)
-        converged = finite & self.eig_converged
-        status = from_flags(finite=finite, converged=converged)
+        x = jax.tree.map(lambda a, r: jnp.where(positive, a, jnp.nan).astype(
+            jnp.result_type(r)), x, b)
+        converged = finite & self.eig_converged & positive
+        status = from_flags(finite=finite, converged=converged,
+                            negative_curvature=~positive)
         if self.eig_status is not None:  # why the pairs are not certified (STALLED, ...)
             status = worst(status, self.eig_status)
         return InverseSolve(x, jnp.asarray(0, jnp.int32), jnp.asarray(jnp.nan, theta.dtype),
@@ -246,13 +256,21 @@ def _given_eigenpairs(eigenpairs, damping):
     # the inverse is (U diag(theta) U^T + lambda)^-1 only for orthonormal U and
     # theta + lambda > 0: anything else gave answers of the wrong sign, "converged"
     _validate.basis(vecs, None, "eigenpairs")
-    if not _compile.tracing(vals, damping):
-        low = float(np.min(np.asarray(vals) + np.asarray(damping))) if r else 1.0
-        if not low > 0:
-            raise ValueError(
-                "`eigenpairs` eigenvalues plus `damping` must be > 0 (the damped operator "
-                f"must be positive definite to invert); got min(theta + damping) = {low:.3g}.")
+    _positive_definite(vals, damping, "`eigenpairs` eigenvalues")
     return vals, vecs, conv, code
+
+
+def _positive_definite(vals, damping, what: str) -> None:
+    """Raise unless ``vals + damping > 0`` (concrete, finite values; traced ones are flagged by
+    the solve: `InverseMatvec._solve_lowrank`)."""
+    if _compile.tracing(vals, damping) or not np.all(np.isfinite(np.asarray(vals))):
+        return
+    low = float(np.min(np.asarray(vals) + np.asarray(damping))) if np.size(vals) else 1.0
+    if not low > 0:
+        raise ValueError(
+            f"{what} plus `damping` must be > 0 (the damped operator must be positive "
+            f"definite to invert); got min(theta + damping) = {low:.3g}. Use a larger "
+            "`damping`, or method='cg', which reports the negative curvature it meets.")
 
 
 _EIGSH_RENAMES = {"tol": "rtol", "num_matvecs": "basis_size"}
@@ -320,7 +338,9 @@ def inverse_matvec(
 
     Raises:
       ValueError: for an unknown ``method``, a negative (or, for ``"lowrank"``,
-        zero) ``damping``, or missing/extra low-rank arguments.
+        zero) ``damping``, missing/extra low-rank arguments, or concrete low-rank
+        eigenvalues (computed or given) with ``min(theta + damping) <= 0`` (traced
+        ones give NaN and ``NEGATIVE_CURVATURE`` in the solve).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -376,6 +396,7 @@ def inverse_matvec(
         res = eigen.eigsh(given, v0, rank, solver=eigsh, **rest)
         vals, vecs, conv = res.eigenvalues, res.eigenvectors, res.converged & res.finite
         code = res.status
+        _positive_definite(vals, damping, "the eigenvalues eigsh computed (`rank`, `which`)")
     else:
         if rank is not None or v0 is not None or eigsh_options or eigsh is not None:
             raise ValueError("pass either `eigenpairs` or `rank`/`v0` (with eigsh options).")

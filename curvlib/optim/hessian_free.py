@@ -92,8 +92,10 @@ Hyperparameters and wrappers
   ``value_fn`` over the whole accumulated batch at the last micro-step.
 
 Cost per step (``k`` CG steps): one linearisation of the loss's gradient (it
-also gives the loss and gradient at ``params``), ``k + 1`` curvature products
-(one for $\rho$), one loss evaluation at the trial point. With a
+also gives the loss and gradient at ``params``), up to ``k + 3`` curvature
+products (``k`` for CG's steps, one for its warm start, one for its true
+residual, one for $\rho$'s model decrease; ``info.num_matvecs`` counts them),
+one loss evaluation at the trial point. With a
 Gauss-Newton split, another ``mode`` or ``microbatch_size``, the loss and
 gradient at ``params`` cost one gradient evaluation unless ``value=`` and
 ``grad=`` are passed. Memory: the linearisation residuals plus five
