@@ -220,7 +220,11 @@ def power_iteration(
     cannot lower the true residual: its component along the pairs already found
     is fixed by their own residuals), or at its product cap. ``converged``
     judges the *true* residual ``||A x - theta x|| <= rtol |theta|`` of the
-    returned pairs.
+    returned pairs: it certifies eigenpairs, not that they are the dominant ones.
+    From a ``v0`` with no component along the dominant eigenvector (another
+    eigenvector, say ``e_1`` of a diagonal operator) pair 0 converges to ``v0``'s
+    own eigenvalue, certified; ``eigsh``'s verification rounds (fresh random
+    directions) find the one such a start misses.
 
     When all ``k`` pairs are found, a final Rayleigh-Ritz step on their span
     (``X A X^T = Y Theta Y^T``, from the products already computed) rotates
