@@ -408,3 +408,43 @@ def test_subspace_normals_names_each_bad_count():
         ls.subspace_normals(key, 0, 2)
     with pytest.raises(ValueError, match=r"^`dim` must be >= 1"):
         ls.subspace_normals(key, 3, 0)
+
+
+@pytest.mark.parametrize("make", [np.array, jnp.array])
+def test_eigsh_names_an_array_rtol_out_of_range(make):
+    """An array ``rtol`` passes `Eigsh`'s own check (arrays may be traced) and is checked
+    where eigsh configures its run, under its name.
+
+    Kills ``eigen._configure__mutmut_157`` (session 28's rerun: the name in that check's
+    message replaced)."""
+    with pytest.raises(ValueError, match=r"^`rtol` must be >= 0; got"):
+        curvlib.eigsh(lambda v: v, jnp.ones(10), 2, solver=curvlib.Eigsh(rtol=make(-1.0)))
+
+
+def test_eigsh_on_the_zero_operator_stops_stalled_at_once():
+    """The zero operator: exact zeros, STALLED (a relative residual certifies nothing at
+    scale 0, as documented) after a handful of products, not the whole budget.
+
+    Kills ``eigen._evaluate__mutmut_33`` (a cluster certified at residual ``< thr`` instead
+    of ``<= thr``: on the zero operator both are 0, and the run went on to MAX_STEPS after
+    every product of the budget)."""
+    v0 = jnp.asarray(np.random.default_rng(0).standard_normal(30))
+    res = curvlib.eigsh(lambda v: 0 * v, v0, 2, solver=curvlib.Eigsh(max_matvecs=400))
+    assert int(res.status) == curvlib.Status.STALLED and not bool(res.converged)
+    assert int(res.num_matvecs) <= 20
+    np.testing.assert_array_equal(np.asarray(res.eigenvalues), [0.0, 0.0])
+
+
+def test_delta2_spectral_keeps_the_eigenvalues_dtype():
+    """float32 eigenvalues give a float32 corollary under x64, equal to its formula.
+
+    Kills ``estimators.delta2_spectral__mutmut_16`` (the result's dtype from the default
+    float, float64 here: read as equivalent in session 25)."""
+    lk = jnp.asarray([2.0, 1.0], jnp.float32)
+    lk1 = jnp.asarray([2.5, 1.2], jnp.float32)
+    sigma = jnp.asarray([0.1, 1.0], jnp.float32)
+    got = ls.delta2_spectral(lk, lk1, sigma)
+    assert got.dtype == jnp.float32
+    want = ls.delta2_spectral(lk.astype(jnp.float64), lk1.astype(jnp.float64),
+                              sigma.astype(jnp.float64))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
