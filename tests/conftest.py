@@ -168,14 +168,21 @@ def compiles():
     return _Compiles
 
 
-# The files whose own work runs a minute or more on 2 cores (subprocess harnesses with 8
-# devices, notebooks), longest first. `--dist loadfile` hands each worker whole files in
+# The files whose own work is longest on 2 cores (a fresh-clone run, per-file seconds summed
+# over their tests), longest first: `--dist loadfile` hands each worker whole files in
 # collection order as it frees up, so these start first and the short files fill in around
-# them, rather than one long file starting last on one worker while the other sits idle.
+# them (longest processing time first), rather than one long file starting last on one
+# worker while the other sits idle. pytest-xdist 3.8 reorders files by their number of tests
+# unless `--no-loadscope-reorder` is given (pyproject.toml's addopts): by that order the
+# subprocess harnesses and notebooks, long files of few tests, ran last.
 LONG_FILES = (
-    "test_sharding.py", "test_multiprocess.py", "test_notebooks.py", "test_family_sharding.py",
-    "test_family_blocks.py", "test_readme.py", "test_flax.py", "test_streams.py",
-    "test_properties_robust.py", "test_state.py", "test_kfac_sharding.py", "test_demo.py",
+    "test_first_answer.py", "test_multiprocess.py", "test_sharding.py", "test_family_blocks.py",
+    "test_krylov.py", "test_optim_contract.py", "test_notebooks.py", "test_eigsh_certified.py",
+    "test_landscape.py", "test_docs.py", "test_status.py", "test_optim.py",
+    "test_family_sharding.py", "test_streams.py", "test_track.py", "test_state.py",
+    "test_properties_robust.py", "test_numerics.py", "test_operators.py", "test_hostile.py",
+    "test_deprecations.py", "test_eigsh_certificate.py", "test_family_inverse.py",
+    "test_mixed_precision.py", "test_readme.py", "test_kfac_sharding.py",
 )
 
 
