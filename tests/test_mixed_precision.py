@@ -279,3 +279,21 @@ def test_a_basis_wider_than_the_vectors_runs():
         assert bool(res.converged)
         lz = run(lambda: curvlib.lanczos(lambda v: d * v, v0, 10, basis_dtype=jnp.float64))
         assert bool(lz.finite) and np.all(np.isfinite(np.asarray(lz.alphas)))
+
+
+@pytest.mark.parametrize("scale", [1e3, 7e3])
+def test_power_iteration_in_float16_past_its_range_finds_the_top_eigenvalue(scale):
+    """float16 vectors whose products have norm ``||A x||`` past float16's largest number
+    (65504) while every entry is finite: the top eigenvalue (7e4), not 0 reported converged
+    with a residual of 0 (the norm cast down to float16 was inf, the iterate zero)."""
+    n = 60
+    rng = np.random.default_rng(0)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    lam = np.concatenate([[10.0, 5.0, 4.0], np.linspace(-1.0, 3.0, n - 3)]) * scale
+    A = jnp.asarray((Q * lam) @ Q.T, jnp.float16)
+    dense = np.asarray(A.astype(jnp.float32), np.float64)
+    top = np.linalg.eigvalsh((dense + dense.T) / 2)[-1]
+    res = curvlib.power_iteration(lambda v: A @ v, jnp.ones(n, jnp.float16),
+                                  key=jax.random.PRNGKey(0))
+    assert bool(res.finite)
+    np.testing.assert_allclose(float(res.eigenvalues[0]), top, rtol=1e-3)

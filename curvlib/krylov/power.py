@@ -387,7 +387,9 @@ def _power_measure(s: _PowerState, raw, acc):
     raw = _tree.where(fin, raw, _tree.zeros_like(raw))
     c = _tree.norm(raw).astype(acc)
     c = xp.where((c > 0) & xp.isfinite(c), c, 1.0)
-    u = jax.tree.map(lambda y: y / c.astype(y.dtype), raw)
+    # (divided in ``acc``: ``||A x||`` may lie past the vector dtype's range, float16's 65504,
+    # where ``c`` cast down was inf and ``u`` zero: theta 0, residual 0, "converged")
+    u = jax.tree.map(lambda y: (y.astype(acc) / c).astype(y.dtype), raw)
     theta = _tree.vdot(s.x, u).astype(acc)
     true_res = c * _tree.plain_norm(_tree.add_scale(u, -theta, s.x)).astype(acc)
     defl = _tree.sub(u, _tree.basis_combine(s.X, _tree.basis_project(s.X, u, acc), like=u))
