@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import json
+import types
 import typing
 
 import jax
@@ -488,6 +489,8 @@ def test_k_curve_driver(tmp_path, lsq):
     assert np.all(np.isnan(c2.max_angle)) and np.all(np.isnan(c2.direct_mean))
     table = ls.curve_table(c, 0.3)
     assert "slopes" in table and "angle D=3" in table
+    # a curve whose ks came back as floats (from JSON) reads the same
+    assert ls.curve_table(c._replace(ks=c.ks.astype(float)), 0.3) == table
     assert max(len(line) for line in table.splitlines()) <= 100
     ls.save_curve_json(c, tmp_path / "curve.json")
     loaded = json.loads((tmp_path / "curve.json").read_text())
@@ -1195,3 +1198,23 @@ def test_k_curve_spectral_pairs_eigenvalues_along_eigenvectors():
     np.testing.assert_allclose(c.eigenvalues_next[0], [11.0 / 3, 4.0 / 3], rtol=1e-10)
     np.testing.assert_allclose(c.spectral[0, 0, 0], exact, rtol=1e-8)
     np.testing.assert_allclose(c.closed_form[0, 0, 0], exact, rtol=1e-8)
+
+
+def test_slopes_need_two_distinct_k_and_sigma_index_a_positive_sigma():
+    """Two points at one ``k`` fix no slope (a least-squares fit through them invented
+    one); a curve refuses repeated ``ks``; ``sigma_index`` refuses what has no logarithm."""
+    assert all(np.isnan(ls.fit_slope([4, 4], [1.0, 2.0])))
+    assert all(np.isnan(ls.fit_slope([4, 4, 8], [1.0, 2.0, float("nan")])))
+    np.testing.assert_allclose(ls.fit_slope([4, 4, 16], [1.0, 1.0, 1 / 16])[0], -2.0)
+    loss = lambda w, b: 0.5 * jnp.mean((b[0] @ w - b[1]) ** 2)
+    x = jax.random.normal(jax.random.PRNGKey(0), (12, 3))
+    with pytest.raises(ValueError, match=r"`ks` must be distinct sample counts; got \[8, 8\]"):
+        ls.k_curve(loss, jnp.ones(3), (x, x @ jnp.ones(3)), [8, 8], dims=[1], sigmas=[0.1],
+                   key=jax.random.PRNGKey(1), progress=False)
+    from curvlib.landscape.curve import sigma_index
+
+    curve = types.SimpleNamespace(sigmas=np.array([1e-3, 1e-2, 1e-1]))
+    assert sigma_index(curve, 0.02) == 1 and sigma_index(curve, None) == 0
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="`sigma` must be"):
+            sigma_index(curve, bad)

@@ -223,6 +223,8 @@ def plan_curve(params: PyTree, data: PyTree, ks: Sequence[int], dims: Sequence[i
     ks = [int(_common.check_k(k, data, name="ks")) for k in ks]
     if not ks:
         raise ValueError("`ks` must be a non-empty sequence of sample counts; got [].")
+    if len(set(ks)) < len(ks):
+        raise ValueError(f"`ks` must be distinct sample counts; got {ks}.")
     dims = [d for d in dims]
     if not dims or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
                           and d >= 1 for d in dims):
@@ -555,7 +557,8 @@ def fit_slope(ks, values) -> tuple[float, float]:
     """Least-squares fit ``log v = slope log k + intercept`` over finite, positive values.
 
     Points whose ``k`` or value is not finite and positive are left out. Returns
-    ``(slope, intercept)``; ``(nan, nan)`` with fewer than two usable points.
+    ``(slope, intercept)``; ``(nan, nan)`` with usable points at fewer than two
+    distinct ``k``.
 
     Raises:
       ValueError: if ``ks`` and ``values`` are not 1-D sequences of one length.
@@ -572,16 +575,21 @@ def fit_slope(ks, values) -> tuple[float, float]:
         raise ValueError("`ks` and `values` must be 1-D sequences of one length; got shapes "
                          f"{k.shape} and {v.shape}.")
     ok = np.isfinite(v) & (v > 0) & np.isfinite(k) & (k > 0)
-    if ok.sum() < 2:
+    if np.unique(k[ok]).size < 2:  # (two points at one k fix no slope)
         return float("nan"), float("nan")
     slope, intercept = np.polyfit(np.log(k[ok]), np.log(v[ok]), 1)
     return float(slope), float(intercept)
 
 
 def sigma_index(curve: KCurve, sigma) -> int:
-    """Index of the grid value nearest ``sigma`` (log scale); 0 for ``None``."""
+    """Index of the grid value nearest ``sigma`` (log scale); 0 for ``None``.
+
+    Raises:
+      ValueError: unless ``sigma`` is ``None`` or a finite number ``> 0``.
+    """
     if sigma is None:
         return 0
+    _validate.number(sigma, "sigma", minimum=0, exclusive=True, scalar=True)
     return int(np.argmin(np.abs(np.log(curve.sigmas) - np.log(float(sigma)))))
 
 

@@ -157,7 +157,7 @@ def curve_table(curve: KCurve, sigma=None) -> str:
         head += [f"{'GM D=' + str(d):>10}", f"{'MC D=' + str(d):>10}"]
     lines = [f"sigma = {curve.sigmas[s]:.3g}", " ".join(head)]
     for i, k in enumerate(curve.ks):
-        row = [f"{k:>6d}", _fmt(curve.delta1[i], ran=_ran(curve, "coefficients", i)),
+        row = [f"{int(k):>6d}", _fmt(curve.delta1[i], ran=_ran(curve, "coefficients", i)),
                _fmt(curve.full_mean[i, s], ran=_ran(curve, "full_mc", i))]
         for j in range(len(dims)):
             row += [_fmt(curve.closed_form[i, j, s], ran=_ran(curve, "closed_form", i)),
@@ -166,7 +166,7 @@ def curve_table(curve: KCurve, sigma=None) -> str:
     lines.append(" ".join([f"{'k':>6}", f"{'lambda_1':>10}"]
                           + [f"{'angle D=' + str(d):>10}" for d in dims]))
     for i, k in enumerate(curve.ks):
-        lines.append(" ".join([f"{k:>6d}", _fmt(curve.eigenvalues[i, 0],
+        lines.append(" ".join([f"{int(k):>6d}", _fmt(curve.eigenvalues[i, 0],
                                                 ran=_ran(curve, "subspace", i))]
                               + [_fmt(np.degrees(curve.max_angle[i, j]), "10.2f")
                                  for j in range(len(dims))]))
