@@ -666,8 +666,11 @@ _CHECKED_PARTIALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _CHECKED_OTHERS: dict = {}
 
 
-def operator(op, example, name: str = "matvec", example_name: str = "v0") -> None:
+def operator(op, example, name: str = "matvec", example_name: str = "v0"):
     """Raise ``ValueError`` unless ``op(example)`` has ``example``'s structure and shapes.
+
+    Returns ``op(example)``'s ``jax.ShapeDtypeStruct`` s (``None`` for ``op=None``): the
+    product's dtypes, which may be narrower than the vector's.
 
     Accepts ``None`` (no operator) and any callable whose output, by
     ``jax.eval_shape``, is shaped like its input (`same_structure`) and real
@@ -681,8 +684,9 @@ def operator(op, example, name: str = "matvec", example_name: str = "v0") -> Non
         return
 
     def check():
-        same_structure(example, jax.eval_shape(op, example), example_name,
-                       f"{name}({example_name})", floating=True)
+        out = jax.eval_shape(op, example)
+        same_structure(example, out, example_name, f"{name}({example_name})", floating=True)
+        return out
 
     if jax.tree_util.treedef_is_leaf(jax.tree.structure(op)):  # a plain callable
         return check()
@@ -699,10 +703,11 @@ def operator(op, example, name: str = "matvec", example_name: str = "v0") -> Non
     except TypeError:  # unhashable static parts, or a function no weak reference can hold
         return check()
     if sig not in seen:
-        check()
+        out = check()
         if len(seen) >= 64:
             seen.clear()
-        seen[sig] = True
+        seen[sig] = out
+    return seen[sig]
 
 
 def _batch_argnums(batch_argnums, num_args: int, name: str = "args") -> tuple[int, ...]:

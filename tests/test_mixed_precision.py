@@ -297,3 +297,26 @@ def test_power_iteration_in_float16_past_its_range_finds_the_top_eigenvalue(scal
                                   key=jax.random.PRNGKey(0))
     assert bool(res.finite)
     np.testing.assert_allclose(float(res.eigenvalues[0]), top, rtol=1e-3)
+
+
+def test_eigsh_certifies_no_more_than_its_products_precision():
+    """A float32 operator given a float64 ``v0`` (x64 on, a float32 model): the default
+    tolerance is float32's ``sqrt(eps)``, and every certified pair's true residual, in
+    float64 against the operator's own float32 matrix, is within it (the tolerance came
+    from ``v0`` alone, float64's, and the true residuals were 10x past it)."""
+    n = 80
+    rng = np.random.default_rng(3)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A32 = jnp.asarray((Q * np.linspace(-1.0, 4.0, n)) @ Q.T, jnp.float32)
+    A = np.asarray(A32, np.float64)
+    mv = lambda v: A32 @ v.astype(jnp.float32)
+    v0 = jnp.asarray(rng.standard_normal(n), jnp.float64)
+    res = curvlib.eigsh(mv, v0, 4, key=jax.random.PRNGKey(0))
+    assert bool(res.converged)
+    rtol = float(np.sqrt(np.finfo(np.float32).eps))
+    same = curvlib.eigsh(mv, v0, 4, key=jax.random.PRNGKey(0), rtol=rtol)  # the default's
+    assert int(same.num_matvecs) == int(res.num_matvecs)
+    np.testing.assert_array_equal(np.asarray(same.eigenvalues), np.asarray(res.eigenvalues))
+    X, theta = np.asarray(res.eigenvectors), np.asarray(res.eigenvalues)
+    true = np.linalg.norm(X @ A - theta[:, None] * X, axis=1)
+    assert np.all(true <= rtol * np.abs(theta)), (true, rtol * np.abs(theta))

@@ -684,8 +684,9 @@ def eigsh(
       solver: a [`curvlib.Eigsh`][curvlib.Eigsh] holding the options below (their one
         place of defaults and checks); the keywords below override its fields.
       rtol: relative residual tolerance; ``None``: [`curvlib.Eigsh`][curvlib.Eigsh]'s,
-        ``sqrt(eps)`` of the least precise leaf dtype of ``v0`` (or of
-        ``basis_dtype``); ``0`` for machine precision. May be traced.
+        ``sqrt(eps)`` of the least precise leaf dtype of ``v0``, of
+        ``basis_dtype`` and of ``matvec``'s products (a float32 model's products of a
+        float64 ``v0`` certify no more than float32's); ``0`` for machine precision. May be traced.
         (Renamed from ``tol``, which still works with a warning.)
       basis_size: Krylov basis size ``m`` (vectors stored), ``k + 2 <= m <= dim``;
         default ``min(dim, max(4k, 20))``. With ``m = dim`` the basis spans the
@@ -784,10 +785,13 @@ def _configure(matvec, v0, k, which, solver: solvers.Eigsh):
         max_restarts = _validate.static_int(max_restarts, "max_restarts", minimum=0)
     basis_dtype = _validate.float_dtype(basis_dtype, "basis_dtype", optional=True)
     if tol is None:
-        eps_max = max(float(jnp.finfo(x.dtype).eps) for x in jax.tree.leaves(v0))
-        if basis_dtype is not None:
-            eps_max = max(eps_max, float(jnp.finfo(basis_dtype).eps))
-        tol = float(np.sqrt(eps_max))
+        # the least precise of v0, the basis and the products: float32 products of a float64
+        # v0 (a float32 model, x64 on) were certified at float64's sqrt(eps), their true
+        # residuals 10x the tolerance (the residuals the basis sees omit the products' rounding)
+        dts = [x.dtype for x in jax.tree.leaves(v0)] + [basis_dtype] * (basis_dtype is not None)
+        if not _driver.is_host_driven(matvec):
+            dts += [x.dtype for x in jax.tree.leaves(_validate.operator(matvec, v0))]
+        tol = float(np.sqrt(max(float(jnp.finfo(d).eps) for d in dts)))
     else:
         _validate.number(tol, "rtol", minimum=0)
     # the product's shapes are checked once, at the compiled entry (`_compiled`) or by

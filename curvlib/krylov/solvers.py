@@ -71,7 +71,8 @@ class Eigsh:
       rtol: relative residual tolerance: a Ritz pair converges when
         ``||A y - theta y|| <= max(rtol |theta|, floor)`` (see [`curvlib.eigsh`][curvlib.eigsh]);
         ``None`` is ``sqrt(eps)`` of the least precise dtype among ``v0``'s
-        leaves and the basis, ``0`` machine precision. Traceable.
+        leaves, the basis and the operator's products, ``0`` machine precision.
+        Traceable.
       basis_size: Krylov basis size ``m`` (vectors stored); ``None`` is
         ``min(dim, max(4k, 20))``. Static; ``k + 2 <= m <= dim`` is checked by eigsh.
       num_keep: Ritz vectors kept per restart; ``None`` is ``k + (m - k) // 2``. Static.
