@@ -790,7 +790,8 @@ def _configure(matvec, v0, k, which, solver: solvers.Eigsh):
         # residuals 10x the tolerance (the residuals the basis sees omit the products' rounding)
         dts = [x.dtype for x in jax.tree.leaves(v0)] + [basis_dtype] * (basis_dtype is not None)
         if not _driver.is_host_driven(matvec):
-            dts += [x.dtype for x in jax.tree.leaves(_validate.operator(matvec, v0))]
+            with _compile.collector_paused():  # (a trace of the product, as the call's own)
+                dts += [x.dtype for x in jax.tree.leaves(_validate.operator(matvec, v0))]
         tol = float(np.sqrt(max(float(jnp.finfo(d).eps) for d in dts)))
     else:
         _validate.number(tol, "rtol", minimum=0)
