@@ -2,14 +2,8 @@
 
 import os
 
-# One BLAS thread per test process (before NumPy and JAX load OpenBLAS): the suite runs two
-# xdist workers on two cores, and the LAPACK calls of NumPy, SciPy and JAX's CPU kernels
-# (dense oracles, eigh of small projected matrices) each started a pool as wide as the
-# machine, four threads fighting for two cores. The subprocesses inherit the setting.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 jax.config.update("jax_enable_x64", True)
 
