@@ -183,6 +183,11 @@ def test_stream_errors():
     v = jax.tree.map(jnp.ones_like, params)
     with pytest.raises(TypeError, match="one-shot iterator"):
         curvlib.stream_matvec(build, params, batches())
+    # a dict (one batch, or a dataset's columns) iterated its keys as batches
+    with pytest.raises(TypeError, match=r"`batches` is a dict: iterating it yields its keys"):
+        curvlib.stream_matvec(build, params, {"x": x, "y": y})
+    with pytest.raises(TypeError, match=r"`batches` is a dict"):
+        curvlib.stream_gradient(loss, params, {"x": x, "y": y})
     with pytest.raises(ValueError, match="yielded no batch"):
         curvlib.stream_matvec(build, params, lambda: iter([]))(v)
     with pytest.raises(ValueError, match=r"`batch 1\[1\]` has shape \(4,\)"):

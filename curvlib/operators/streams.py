@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -60,6 +60,13 @@ def _pass_factory(batches) -> Callable[[], Iterable]:
         )
     if callable(batches):
         return batches
+    if isinstance(batches, Mapping):  # (one batch, or a dataset's columns: not batches)
+        raise TypeError(
+            f"`batches` is a {type(batches).__name__}: iterating it yields its keys "
+            f"({list(batches)[:3]}), not batches. Pass a list of batches "
+            "(`[{'x': x0, 'y': y0}, {'x': x1, 'y': y1}]`) or a function returning an iterator "
+            "over them."
+        )
     if isinstance(batches, Iterable):
         return lambda: batches
     raise TypeError(
