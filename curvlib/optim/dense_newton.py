@@ -66,18 +66,23 @@ class NewtonInfo(NamedTuple):
     """Diagnostics of the last [`scale_by_newton`][curvlib.scale_by_newton] step.
 
     Attributes:
-      min_eigenvalue: smallest eigenvalue of the unmodified curvature.
-      max_eigenvalue: largest eigenvalue of the unmodified curvature.
-      num_modified: eigenvalues below the floor (raised to it, or to ``|mu|``).
+      min_eigenvalue: smallest eigenvalue of the unmodified curvature (NaN on a
+        skipped step).
+      max_eigenvalue: largest eigenvalue of the unmodified curvature (NaN on a
+        skipped step).
+      num_modified: eigenvalues below the floor (raised to it, or to ``|mu|``; 0 on a
+        skipped step).
       skipped: the loss, gradient or curvature was non-finite; the step output
         zeros.
       loss: the loss at the incoming ``params``.
       converged: the Newton system was solved (a dense eigendecomposition: exact
-        whenever ``finite``).
+        whenever ``finite``) to a non-zero step, or the gradient is zero.
       finite: the loss, gradient, curvature and step were finite (``~skipped``).
       num_matvecs: curvature products of the step (``n``, one per parameter).
-      status: the [`curvlib.Status`][curvlib.Status] code: ``NONFINITE`` (skipped), else
-        ``SUCCESS``; inside [`newton`][curvlib.newton] (or any alias with a line search)
+      status: the [`curvlib.Status`][curvlib.Status] code: ``NONFINITE`` (skipped);
+        ``STALLED`` for a zero step at a non-zero gradient (every direction dropped,
+        as on a piecewise-linear loss, whose curvature is zero); else ``SUCCESS``.
+        Inside [`newton`][curvlib.newton] (or any alias with a line search)
         ``STALLED`` when the line search failed to decrease the loss (its step
         fell to its floor, or the accepted step did not lower the loss): the
         iteration makes no progress from this point, typically at the precision
@@ -236,8 +241,8 @@ def scale_by_newton(
       >>> [round(float(x), 5) for x in p - u]  # the exact minimiser A^-1 1
       [0.2, 0.4]
     """
-    _validate.number(damping, "damping", minimum=0, optional=True)
-    _validate.number(min_eigenvalue, "min_eigenvalue", minimum=0, optional=True)
+    _validate.number(damping, "damping", minimum=0)
+    _validate.number(min_eigenvalue, "min_eigenvalue", minimum=0)
     _validate.number(eigenvalue_rtol, "eigenvalue_rtol", minimum=0, finite=False, optional=True)
     if modification not in MODIFICATIONS:
         raise ValueError(f"`modification` must be one of {MODIFICATIONS}; got {modification!r}.")
@@ -255,7 +260,8 @@ def scale_by_newton(
         zero = jnp.zeros((), dt)
         return _tree.unaliased(ScaleByNewtonState(
             count=jnp.zeros((), jnp.int32),
-            info=NewtonInfo(zero, zero, jnp.zeros((), jnp.int32), jnp.asarray(False), zero,
+            info=NewtonInfo(zero, zero, jnp.zeros((), jnp.int32), jnp.asarray(False),
+                            jnp.zeros((), _common.loss_dtype(dt)),
                             converged=jnp.asarray(True), finite=jnp.asarray(True),
                             num_matvecs=jnp.zeros((), jnp.int32),
                             status=jnp.asarray(Status.SUCCESS, jnp.int32)),
@@ -278,17 +284,21 @@ def scale_by_newton(
         )
         finite = finite & jnp.all(jnp.isfinite(p))
         p = jnp.where(finite, p, 0.0).astype(g.dtype)
+        # a zero step for a non-zero gradient (every direction dropped: a curvature of
+        # zero, as a piecewise-linear loss has) makes no progress: a stall, not a solve
+        stalled = finite & (_tree.norm(g) > 0) & ~(_tree.norm(p) > 0)
         floor = eigenvalue_floor(w, min_eigenvalue, eigenvalue_rtol)
-        info = NewtonInfo(
-            min_eigenvalue=w[0].astype(setup.dtype),
-            max_eigenvalue=w[-1].astype(setup.dtype),
-            num_modified=jnp.sum(w < floor).astype(jnp.int32),
+        measured = lambda x: jnp.where(finite, x, jnp.nan).astype(setup.dtype)  # (not the
+        info = NewtonInfo(  # identity put in place of a non-finite curvature)
+            min_eigenvalue=measured(w[0]),
+            max_eigenvalue=measured(w[-1]),
+            num_modified=jnp.where(finite, jnp.sum(w < floor), 0).astype(jnp.int32),
             skipped=~finite,
             loss=setup.value,
-            converged=finite,
+            converged=finite & ~stalled,
             finite=finite,
             num_matvecs=jnp.asarray(g.size, jnp.int32),
-            status=from_flags(finite=finite),
+            status=from_flags(finite=finite, stalled=stalled),
         )
         return unravel(p), ScaleByNewtonState(optax.safe_increment(state.count), info)
 

@@ -471,12 +471,12 @@ def scale_by_newton_cg(
         shift = upstream_shift(updates, setup.grad)
         predicted, pcp = model_decrease(_tree.add(setup.grad, shift), p, setup.matvec)
         trial_params = _tree.sub(params, p)
-        trial = jnp.asarray(setup.loss(trial_params)).astype(dt)
+        trial = jnp.asarray(setup.loss(trial_params)).astype(setup.value.dtype)
         # the linear term is charged on the step the parameters can take (a step below
         # their precision moves nothing, and stays a stall)
         taken = _tree.sub(params, trial_params)
-        change = (trial - setup.value) - _tree.vdot(shift, taken).astype(dt)
-        rho = reduction_ratio(change, predicted, dt)
+        change = (trial - setup.value) - _tree.vdot(shift, taken).astype(trial.dtype)
+        rho = reduction_ratio(change, predicted, trial.dtype).astype(dt)
         finite = (
             _tree.all_finite(setup.value, setup.grad, updates, p)
             & res.finite & jnp.isfinite(pcp)
@@ -499,10 +499,10 @@ def scale_by_newton_cg(
 def _checked_options(damping, min_damping, max_damping, damping_increase, damping_decrease,
                      warm_start_decay, cg, microbatch_size, mode, ggn) -> CG:
     """`scale_by_newton_cg`'s options checked at construction; the resolved ``cg``."""
-    _validate.number(damping, "damping", minimum=0, optional=True)
-    _validate.number(min_damping, "min_damping", minimum=0, optional=True)
+    _validate.number(damping, "damping", minimum=0)
+    _validate.number(min_damping, "min_damping", minimum=0)
     _validate.number(max_damping, "max_damping", minimum=0, exclusive=True, finite=False,
-                     optional=True, above=(min_damping, "min_damping"))
+                     above=(min_damping, "min_damping"))
     cg = resolve(CG, TRUNCATED_CG if cg is None else cg, "cg")  # None: the default, as left out
     _validate.number(damping_increase, "damping_increase", minimum=1, finite=False)
     _validate.number(damping_decrease, "damping_decrease", minimum=0, maximum=1, exclusive=True,
@@ -534,7 +534,7 @@ def _init_state(params, damping) -> ScaleByNewtonCGState:
             negative_curvature=jnp.asarray(False),
             accepted=jnp.asarray(False),
             skipped=jnp.asarray(False),
-            loss=zero,
+            loss=jnp.zeros((), _common.loss_dtype(dt)),
             converged=jnp.asarray(True),
             finite=jnp.asarray(True),
             num_matvecs=jnp.zeros((), jnp.int32),

@@ -18,8 +18,9 @@ the direction is the gradient scaled by ``min(1, 1/||g||)`` (as
 
 Like `optax.scale_by_lbfgs`, the state is updated from the parameters and
 gradient it *receives*, so a line search later in the chain sees only
-accepted steps. Cost: ``O(n^2)`` time and memory per step (no extra loss or
-gradient evaluations); for large models use `optax.lbfgs`.
+accepted steps. Cost: ``O(n^2)`` time and memory per step, no extra gradient
+evaluation, and one loss evaluation (the finiteness check) unless ``value=`` is
+passed; for large models use `optax.lbfgs`.
 
 References:
   J. Nocedal and S. Wright, *Numerical Optimization*, 2nd ed., 2006, ch. 6.
@@ -117,7 +118,9 @@ def secant_update(state: ScaleByBFGSState, x, g, finite, curvature_rtol):
     r"""The inverse Hessian after the pair ``s = x - x_prev``, ``y = g - g_prev``.
 
     Skipped (the old matrix kept) unless $s^\top y > \texttt{curvature\_rtol}
-    \|s\|\|y\|$ and the step is finite; before the first accepted pair the
+    \|s\|\|y\|$, the step is finite and so is the new matrix in the parameters'
+    dtype (formed in at least float32, from $s/\|s\|$ and $y/\|y\|$: no intermediate
+    overflows where $s^\top y$ is tiny); before the first accepted pair the
     matrix is first reset to $(s^\top y / y^\top y) I$ (Nocedal & Wright,
     eq. 6.20).
 
@@ -138,18 +141,32 @@ def secant_update(state: ScaleByBFGSState, x, g, finite, curvature_rtol):
     dt = x.dtype
     s = x - ravel_pytree(state.prev_params)[0].astype(dt)
     y = g - ravel_pytree(state.prev_grad)[0].astype(dt)
-    sy, yy = s @ y, y @ y
+    # In at least float32, on the unit vectors ``u = s/|s|``, ``w = y/|y|``: with
+    # ``c = u^T w`` the update is ``(I - u w^T/c) H (I - w u^T/c) + (|s|/|y|) u u^T/c``,
+    # the same matrix without ``rho = 1/(s^T y)`` and ``rho^2 y^T H y``, which overflow for
+    # pairs the test accepts (float16 steps of 4e-3; float32 ones of 1e-10)
+    acc = jnp.promote_types(dt, jnp.float32)
+    s_norm, y_norm = _tree.norm(s).astype(acc), _tree.norm(y).astype(acc)
+    u = s.astype(acc) / jnp.where(s_norm > 0, s_norm, 1.0)
+    w = y.astype(acc) / jnp.where(y_norm > 0, y_norm, 1.0)
+    c = u @ w
+    sy = s_norm * y_norm * c
     ok = (
         finite
         & (state.num_finite > 0)  # (a skipped first step stored no pair start)
-        & (sy > curvature_rtol * _tree.norm(s) * _tree.norm(y))  # scale-safe norms
-        & (yy > 0)
+        & (c > curvature_rtol)
+        & (s_norm > 0) & (y_norm > 0)
     )
     H = state.inv_hessian
-    eye = jnp.eye(H.shape[0], dtype=dt)
-    H0 = jnp.where(state.num_updates == 0, (sy / jnp.where(yy > 0, yy, 1.0)) * eye, H)
-    rho = 1.0 / jnp.where(ok, sy, 1.0)
-    H_new = jnp.where(ok, bfgs_inverse_update(H0, s, y, rho), H)
+    scale = s_norm / jnp.where(y_norm > 0, y_norm, 1.0)  # (s^T y / y^T y = scale * c)
+    H0 = jnp.where(state.num_updates == 0, scale * c * jnp.eye(H.shape[0], dtype=acc),
+                   H.astype(acc))
+    c_safe = jnp.where(ok, c, 1.0)
+    H_up = bfgs_inverse_update(H0, u, w, 1.0 / c_safe) + ((scale - 1.0) / c_safe) * jnp.outer(
+        u, u)
+    H_up = H_up.astype(dt)
+    ok = ok & jnp.all(jnp.isfinite(H_up))  # (beyond the parameters' range: the pair skipped)
+    H_new = jnp.where(ok, H_up, H)
     return H_new, state.num_updates + ok.astype(jnp.int32), sy, ok
 
 
@@ -212,7 +229,7 @@ def scale_by_bfgs(
       >>> bool(jnp.allclose(s.inv_hessian @ (A @ (p1 - p0)), p1 - p0, atol=1e-6))
       True
     """
-    _validate.number(curvature_rtol, "curvature_rtol", minimum=0, finite=False, optional=True)
+    _validate.number(curvature_rtol, "curvature_rtol", minimum=0, finite=False)
     # a guard read at ``init`` only: an integer value, concrete there (under
     # ``optax.inject_hyperparams`` an array, traced when ``update`` rebuilds it)
     _validate.number(max_params, "max_params", minimum=1, integer=True)
@@ -229,7 +246,8 @@ def scale_by_bfgs(
             inv_hessian=jnp.eye(n, dtype=dt),
             prev_params=_tree.zeros_like(params),
             prev_grad=_tree.zeros_like(params),
-            info=BFGSInfo(zero, jnp.asarray(False), jnp.asarray(False), zero,
+            info=BFGSInfo(zero, jnp.asarray(False), jnp.asarray(False),
+                          jnp.zeros((), _common.loss_dtype(dt)),
                           converged=jnp.asarray(True), finite=jnp.asarray(True),
                           num_matvecs=jnp.zeros((), jnp.int32),
                           status=jnp.asarray(Status.SUCCESS, jnp.int32)),
