@@ -142,7 +142,7 @@ def check_call(fn: Callable, role: str, kw: dict, extra_args: dict, *, hint: str
 
 
 @weak_cache
-def _scalar_loss(fn: Callable, has_aux: bool) -> Callable:
+def _scalar_loss(fn: Callable, has_aux: bool, name: str = "value_fn") -> Callable:
     """``fn`` with its output checked (and ``aux`` dropped); keeps ``fn``'s signature.
 
     Cached weakly by ``fn``, so the products built on it keep one tree
@@ -151,7 +151,7 @@ def _scalar_loss(fn: Callable, has_aux: bool) -> Callable:
 
     @functools.wraps(fn)
     def loss(params, **kw):
-        return _validate.output(fn(params, **kw), "value_fn", has_aux=has_aux)
+        return _validate.output(fn(params, **kw), name, has_aux=has_aux)
 
     return loss
 
@@ -178,9 +178,10 @@ def bind_loss(name: str, value_fn, extra_args: dict, *, has_aux: bool = False) -
     return Loss(_scalar_loss(value_fn, bool(has_aux)), kw)
 
 
-def strip_aux(value_fn: Callable, has_aux: bool) -> Callable:
-    """``value_fn`` returning only its checked scalar loss (routing signature kept)."""
-    return _scalar_loss(value_fn, bool(has_aux))
+def strip_aux(value_fn: Callable, has_aux: bool, name: str = "value_fn") -> Callable:
+    """``value_fn`` returning only its checked scalar loss (routing signature kept); the
+    messages name it ``name``."""
+    return _scalar_loss(value_fn, bool(has_aux), name)
 
 
 @weak_cache

@@ -446,8 +446,10 @@ def output(out, name: str, *, has_aux: bool | None = False, scalar: bool = True,
     if not scalar:
         return out
     leaves = jax.tree.leaves(out)
-    if len(leaves) != 1 or tuple(jnp.shape(leaves[0])) != ():
-        got = (f"shape {tuple(jnp.shape(leaves[0]))}" if len(leaves) == 1
+    container = isinstance(out, (tuple, list, dict))  # (`(loss, {})`: one scalar leaf,
+    if container or len(leaves) != 1 or tuple(jnp.shape(leaves[0])) != ():  # not a loss)
+        got = (f"a {type(out).__name__} {jax.tree.structure(out)}" if container
+               else f"shape {tuple(jnp.shape(leaves[0]))}" if len(leaves) == 1
                else f"{len(leaves)} leaves of shapes {[tuple(jnp.shape(x)) for x in leaves]}")
         hint = ""
         if not has_aux and isinstance(out, (tuple, list)) and len(out) == 2:

@@ -58,8 +58,9 @@ class TrackCurvatureInfo(NamedTuple):
         successful refresh; ``-1`` before the first. (Named like every state's
         ``count``; ``step``, its old name, still reads it with a
         ``DeprecationWarning``.)
-      eigenvalues: top-``k`` Hessian eigenvalues, largest first (shape ``(k,)``);
-        ``eigenvalues[0]`` is the sharpness.
+      eigenvalues: the ``k`` tracked Hessian eigenvalues in ``which``'s order (shape
+        ``(k,)``): largest first for ``"LA"`` (the default; ``eigenvalues[0]`` is the
+        sharpness), smallest first for ``"SA"``, largest magnitude first for ``"LM"``.
       residual_norms: ``||H x_i - lambda_i x_i||`` of the tracked pairs (shape ``(k,)``).
       trace: estimate of ``tr(H)`` (deflated Hutchinson by default, see
         ``trace_method``); NaN when ``num_probes=0``.
@@ -541,7 +542,7 @@ def track_curvature(
       Cohen et al., ICLR 2021; Gur-Ari, Roberts & Dyer 2018; Meyer, Musco,
       Musco & Woodruff, *Hutch++*, SOSA 2021; Sorensen 1992.
     """
-    _validate.number(every, "every", minimum=1, integer=True, optional=True)  # traceable
+    _validate.number(every, "every", minimum=1, integer=True)  # traceable
     k = _validate.static_int(k, "k", minimum=1)
     num_probes = _validate.static_int(num_probes, "num_probes", minimum=0)
     eigsh = solvers.resolve(solvers.Eigsh, DEFAULT_EIGSH if eigsh is None else eigsh, "eigsh")
@@ -556,7 +557,7 @@ def track_curvature(
             f"its exact trace and the residual estimate take a third each); got {num_probes}. "
             "Use trace_method='hutchinson' for fewer probes."
         )
-    _validate.number(warm_noise, "warm_noise", minimum=0, finite=False, optional=True)
+    _validate.number(warm_noise, "warm_noise", minimum=0, finite=False)
     microbatch_size = _validate.static_int(microbatch_size, "microbatch_size", minimum=1,
                                            optional=True)
     _validate.mode(mode, microbatch_size=microbatch_size)

@@ -186,7 +186,7 @@ def scale_by_svrg(
       >>> bool(full(w) < 1e-8)
       True
     """
-    _validate.number(snapshot_every, "snapshot_every", minimum=1, integer=True, optional=True)
+    _validate.number(snapshot_every, "snapshot_every", minimum=1, integer=True)
     name = "scale_by_svrg"
 
     def init_fn(params):
@@ -215,9 +215,12 @@ def scale_by_svrg(
             )
         dt = _common.float_dtype(params)
         if full_grad_fn is not None:
-            full_grad = full_grad_fn
+            def full_grad(p):
+                g = full_grad_fn(p)
+                _validate.same_structure(p, g, "params", "full_grad_fn(params)", floating=True)
+                return g
         else:
-            full_grad = jax.grad(_common.strip_aux(full_value_fn, has_aux))
+            full_grad = jax.grad(_common.strip_aux(full_value_fn, has_aux, "full_value_fn"))
         refresh = state.since_snapshot >= snapshot_every
         snap, mu = snapshot(refresh, full_grad, params, state)
         g_snap = jax.grad(loss)(snap)
