@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.tree_util import Partial, register_pytree_node_class
 
 from curvlib import _validate
@@ -106,12 +107,25 @@ def zero_factors(layers: KfacLayers, dtype=None) -> Factors:
 # ----------------------------------------------------------------- statistics
 
 
-def check_options(likelihood, convention, num_samples, variance) -> int:
-    """Validate the shared options; returns ``num_samples`` as an int (it fixes shapes)."""
+def check_options(likelihood, convention, num_samples, variance, key) -> int:
+    """Validate the shared options; returns ``num_samples`` as an int (it fixes shapes).
+
+    Options that do not apply are refused, as `curvlib.fisher_matvec` refuses them (they
+    were ignored: ``num_samples=64`` without a ``key`` computed the exact Fisher).
+    """
     _validate.one_of(likelihood, "likelihood", _likelihood.LIKELIHOODS)
     _validate.number(variance, "variance", minimum=0, exclusive=True, optional=True)
+    if (likelihood != "gaussian" and variance is not None
+            and not isinstance(variance, jax.core.Tracer) and np.any(np.asarray(variance) != 1)):
+        raise ValueError(f"`variance` applies to likelihood='gaussian' only; got "
+                         f"{variance!r} with likelihood={likelihood!r}.")
     _validate.one_of(convention, "convention", CONVENTIONS)
-    return _validate.static_int(num_samples, "num_samples", minimum=1)
+    num_samples = _validate.static_int(num_samples, "num_samples", minimum=1)
+    if key is None and num_samples != 1:
+        raise ValueError(
+            "`num_samples` applies to the Monte-Carlo Fisher only; pass a `key` to sample "
+            "targets (the exact Fisher, key=None, needs no samples).")
+    return num_samples
 
 
 def statistics(
@@ -682,7 +696,15 @@ class KfacCurvature:
         return f"KfacCurvature({self.layers!r})"
 
 
+def _checked(layers: KfacLayers, v, name: str) -> None:
+    """``v`` shaped like the parameters (static: free under ``jit``); its leaves were read
+    by position (a list for a dict of layers took the other layers' factors)."""
+    _validate.tangent(v, (layers.treedef, layers.paths, layers.shapes,
+                          (None,) * len(layers.shapes)), like="params", name=name)
+
+
 def _matvec(curv: KfacCurvature, v):
+    _checked(curv.layers, v, "vector")
     mats, diag = to_blocks(curv.layers, v, factor_dtype(curv.layers))
     out_m, out_d = multiply_blocks(curv.layers, curv.factors, mats, diag)
     return _like_params(from_blocks(curv.layers, out_m, out_d, v), curv.layers, curv.shardings)
@@ -724,6 +746,7 @@ class KfacInverse:
         return cls(*children, *aux)
 
     def __call__(self, v):
+        _checked(self.layers, v, "vector")
         out = precondition(self.layers, self.pre, v, self.damping)
         return _like_params(out, self.layers, self.shardings)
 
@@ -804,7 +827,7 @@ def kfac_curvature(
     """
     _validate.float_leaves(params, "params")
     _validate.prng_key(key, optional=True)  # None: the exact Fisher
-    num_samples = check_options(likelihood, convention, num_samples, variance)
+    num_samples = check_options(likelihood, convention, num_samples, variance, key)
     variance = 1.0 if variance is None else variance  # (as fisher_matvec's None)
     layers = _find_layers(model_fn, params, args)
     _likelihood.check_output(likelihood, layers.out_aval.shape)

@@ -680,7 +680,7 @@ def scale_by_kfac(
         adaptation from it and refreshing the preconditioner).
       adaptive_damping: adapt ``lambda`` by the Levenberg-Marquardt rule.
       damping_every: steps between damping adaptations.
-      damping_decay: per-step factor ``omega_1``; ``lambda`` moves by
+      damping_decay: per-step factor ``omega_1`` in ``(0, 1]``; ``lambda`` moves by
         ``damping_decay ** damping_every`` per adaptation.
       min_damping: lower clip of the adapted ``lambda``.
       max_damping: upper clip of the adapted ``lambda``.
@@ -733,7 +733,7 @@ def scale_by_kfac(
       >>> jnp.round(optax.apply_updates(p, u)["w"], 3).tolist()  # one natural-gradient step
       [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
     """
-    num_samples = check_options(likelihood, convention, num_samples, variance)
+    num_samples = check_options(likelihood, convention, num_samples, variance, key)
     variance = 1.0 if variance is None else variance  # (as fisher_matvec's None)
     for name, value in (("damping_every", damping_every), ("statistics_every", statistics_every),
                         ("inverse_every", inverse_every)):
@@ -747,7 +747,8 @@ def scale_by_kfac(
     _validate.number(ema_decay, "ema_decay", minimum=0.0, maximum=1.0, finite=False)
     if not isinstance(ema_decay, jax.core.Tracer) and float(np.asarray(ema_decay)) >= 1:
         raise ValueError(f"`ema_decay` must lie in [0, 1); got {ema_decay}.")
-    _validate.number(damping_decay, "damping_decay", minimum=0.0, maximum=1.0, finite=False)
+    _validate.number(damping_decay, "damping_decay", minimum=0.0, maximum=1.0, exclusive=True,
+                     finite=False)
     _validate.one_of(inverse, "inverse", INVERSES)
     if not isinstance(example_inputs, dict):
         raise ValueError(

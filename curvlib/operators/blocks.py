@@ -26,7 +26,13 @@ import numpy as np
 from jax.tree_util import Partial, keystr
 
 from curvlib import _deprecation, _tree, _validate
-from curvlib._compile import compile_behind, is_host_driven, tracing, weak_cache
+from curvlib._compile import (
+    compile_behind,
+    is_host_driven,
+    is_pytree_operator,
+    tracing,
+    weak_cache,
+)
 from curvlib._space import on_one_device
 from curvlib.krylov import Eigsh, EigshResult, eigsh
 from curvlib.operators import _common as C
@@ -431,7 +437,7 @@ def _hashable(x) -> bool:
 
 
 def _as_partial(matvec, name: str) -> Partial:
-    if isinstance(matvec, Partial):
+    if is_pytree_operator(matvec):  # (its arrays stay arguments, as for a Partial)
         return matvec
     if not callable(matvec):
         raise TypeError(f"`{name}` must be callable; got {type(matvec).__name__}.")

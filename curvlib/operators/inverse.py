@@ -74,8 +74,11 @@ class InverseSolve(NamedTuple):
 
 def _as_partial(f, name):
     # a host-driven operator (a stream) stays itself: wrapped, it hid its flag, and every
-    # solve went through a compiled entry that traced the vector it cannot take traced
-    if f is None or isinstance(f, Partial) or is_host_driven(f):
+    # solve went through a compiled entry that traced the vector it cannot take traced;
+    # a callable pytree (a `Partial`, a K-FAC inverse, another InverseMatvec) too: its
+    # arrays stay arguments of the compiled solve (as Partial(f) they were constants, and
+    # every new K-FAC inverse, one per training step, compiled the whole solve again)
+    if f is None or is_pytree_operator(f) or is_host_driven(f):
         return f
     if not callable(f):
         raise TypeError(f"`{name}` must be callable; got {type(f).__name__}.")
