@@ -1,0 +1,232 @@
+"""Edges of the optax transforms and the K-FAC operators a user meets: low-precision
+parameters with a float32 loss, tiny BFGS pairs, a zero Newton step, options that do not
+apply, vectors that do not match, a new K-FAC preconditioner per step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import curvlib
+from curvlib.kronecker import kfac_curvature, scale_by_kfac
+from curvlib.optim import (
+    bfgs,
+    newton,
+    newton_cg,
+    scale_by_bfgs,
+    scale_by_newton,
+    scale_by_newton_cg,
+    scale_by_svrg,
+    track_curvature,
+)
+from curvlib.optim.quasi_newton import secant_update
+
+A = jnp.array([[3.0, 1.0, 0.0], [1.0, 2.0, 0.5], [0.0, 0.5, 1.0]])
+B = jnp.array([1.0, -2.0, 0.5])
+
+
+def _run(opt, p, f, steps):
+    state = opt.init(p)
+    for _ in range(steps):
+        u, state = opt.update(jax.grad(f)(p), state, p, value_fn=f)
+        p = optax.apply_updates(p, u)
+    return p, state[0].info if isinstance(state, tuple) else state.info
+
+
+def test_bfgs_in_float16_keeps_updating_after_small_steps():
+    """The inverse-Hessian update formed ``rho^2 y^T H y`` in the parameters' dtype: in
+    float16 a pair of an ordinary step (|s| ~ 4e-3) overflowed it, the step was flagged
+    non-finite, and every later call met the same pair: zeros and NONFINITE for good."""
+    f = lambda p: (0.5 * p.astype(jnp.float32) @ A @ p.astype(jnp.float32)
+                   - B @ p.astype(jnp.float32))
+    opt, p = bfgs(), jnp.zeros(3, jnp.float16)
+    state = opt.init(p)
+    for _ in range(10):
+        u, state = opt.update(jax.grad(f)(p), state, p, value_fn=f)
+        p = optax.apply_updates(p, u)
+        assert bool(state[0].info.finite) and int(state[0].info.status) != curvlib.Status.NONFINITE
+    want = np.linalg.solve(np.asarray(A, float), np.asarray(B, float))
+    np.testing.assert_allclose(np.asarray(p, float), want, atol=5e-3)
+
+
+def test_the_secant_update_is_the_textbook_formula_at_every_scale():
+    """``(I - rho s y^T) H (I - rho y s^T) + rho s s^T`` (float64 NumPy), for pairs whose
+    ``s^T y`` underflows ``rho`` in float32 (|s|, |y| ~ 1e-20) and for ordinary ones."""
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((4, 4))
+    H = M @ M.T + np.eye(4)
+    for scale in (1.0, 1e-20, 1e18):
+        s = rng.standard_normal(4) * scale
+        y = H @ s + 0.1 * s  # s^T y > 0, and ~ scale^2: it under- or overflows float32
+        state = scale_by_bfgs().init(jnp.zeros(4, jnp.float32))  # the pair starts at 0
+        state = state._replace(count=jnp.asarray(2), num_finite=jnp.asarray(2),
+                               num_updates=jnp.asarray(1), inv_hessian=jnp.asarray(H, jnp.float32))
+        x, g = jnp.asarray(s, jnp.float32), jnp.asarray(y, jnp.float32)
+        H_new, num, sy, ok = secant_update(state, x, g, jnp.asarray(True), 1e-10)
+        s, y = np.asarray(x, float), np.asarray(g, float)
+        rho = 1.0 / (s @ y)
+        E = np.eye(4) - rho * np.outer(s, y)
+        want = E @ np.asarray(jnp.asarray(H, jnp.float32), float) @ E.T + rho * np.outer(s, s)
+        assert bool(ok) and int(num) == 2, scale
+        np.testing.assert_allclose(np.asarray(H_new, float), want, rtol=2e-4,
+                                   atol=2e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("name", ["newton_cg", "newton"])
+def test_bfloat16_parameters_read_a_float32_loss_in_float32(name):
+    """The loss was cast to the parameters' dtype before the acceptance test: in bfloat16
+    a decrease from 100.26 to 100.07 rounds to none, every newton_cg step was rejected
+    (STALLED, damping growing) and the parameters stayed at 0.09 c."""
+    c = jnp.array([1.0, -2.0, 0.5])
+    f = lambda p: 100.0 + 0.05 * jnp.sum((p.astype(jnp.float32) - c) ** 2)
+    opt = {"newton_cg": newton_cg(), "newton": newton()}[name]
+    p, info = _run(opt, jnp.zeros(3, jnp.bfloat16), f, 10)
+    np.testing.assert_allclose(np.asarray(p, float), c, atol=1e-2)
+    assert info.loss.dtype == jnp.float32
+    assert float(info.loss) == pytest.approx(float(f(p)), abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["newton_cg", "newton", "bfgs", "scale_by_newton"])
+def test_float16_parameters_with_a_loss_past_65504_still_step(name):
+    """A finite float32 loss above float16's range became inf in the cast: every step of
+    every transform skipped as NONFINITE, the parameters never moved."""
+    c = jnp.array([1.0, -2.0, 0.5])
+    f = lambda p: 1e5 + jnp.sum((p.astype(jnp.float32) - c) ** 2)
+    opt = {"newton_cg": newton_cg(), "newton": newton(), "bfgs": bfgs(),
+           "scale_by_newton": optax.chain(scale_by_newton(), optax.scale(-1.0))}[name]
+    p, info = _run(opt, jnp.zeros(3, jnp.float16), f, 5)
+    assert bool(info.finite)
+    np.testing.assert_allclose(np.asarray(p, float), c, atol=1e-2)
+
+
+def test_a_zero_newton_step_at_a_non_zero_gradient_is_a_stall():
+    """A piecewise-linear loss (mean absolute error) has zero curvature: every direction is
+    dropped and the step is zero forever; it was reported converged, SUCCESS."""
+    X = jax.random.normal(jax.random.PRNGKey(0), (16, 3))
+    y = X @ jnp.array([1.0, -2.0, 0.5])
+    loss = lambda w: jnp.mean(jnp.abs(X @ w - y))
+    for opt in (optax.chain(scale_by_newton(), optax.scale(-1.0)), newton()):
+        w, info = _run(opt, jnp.zeros(3), loss, 2)
+        assert float(jnp.linalg.norm(jax.grad(loss)(w))) > 0.1
+        assert int(info.status) == curvlib.Status.STALLED and not bool(info.converged)
+    # a zero gradient is no stall
+    _, info = _run(optax.chain(scale_by_newton(), optax.scale(-1.0)), jnp.zeros(3),
+                   lambda w: jnp.sum(w**2), 1)
+    assert int(info.status) == curvlib.Status.SUCCESS
+
+
+def test_a_skipped_newton_step_reports_no_measured_eigenvalues():
+    f = lambda p: jnp.sum(p**2) * jnp.nan
+    tx = scale_by_newton()
+    state = tx.init(jnp.ones(3))
+    _, state = tx.update(jnp.ones(3), state, jnp.ones(3), value_fn=f)
+    info = state.info
+    assert bool(info.skipped) and int(info.num_modified) == 0
+    assert np.isnan(float(info.min_eigenvalue)) and np.isnan(float(info.max_eigenvalue))
+
+
+@pytest.mark.parametrize("build, name", [
+    (lambda: scale_by_svrg(None), "snapshot_every"),
+    (lambda: scale_by_newton(None), "damping"),
+    (lambda: scale_by_newton(min_eigenvalue=None), "min_eigenvalue"),
+    (lambda: scale_by_newton_cg(None), "damping"),
+    (lambda: scale_by_newton_cg(min_damping=None), "min_damping"),
+    (lambda: scale_by_newton_cg(max_damping=None), "max_damping"),
+    (lambda: scale_by_bfgs(curvature_rtol=None), "curvature_rtol"),
+    (lambda: track_curvature(None, 1, key=jax.random.PRNGKey(0)), "every"),
+    (lambda: track_curvature(1, 1, key=jax.random.PRNGKey(0), warm_noise=None), "warm_noise"),
+    (lambda: scale_by_kfac(lambda p, x: x @ p["w"], example_inputs={"x": jnp.ones((2, 2))},
+                           damping_decay=0.0), "damping_decay"),
+])
+def test_options_without_a_meaning_for_none_or_zero_are_refused_by_name(build, name):
+    """None passed construction and failed later ("None is not a valid value for
+    jnp.array"); ``damping_decay=0`` failed at the first adaptation (ZeroDivisionError)."""
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        build()
+
+
+def test_svrg_names_the_full_loss_and_checks_the_full_gradient():
+    p = {"w": jnp.ones(3), "b": jnp.asarray(0.0)}
+    f = lambda p: jnp.sum(p["w"] ** 2) + p["b"] ** 2
+    tx = scale_by_svrg(2)
+    state = tx.init(p)
+    update = lambda **kw: tx.update(jax.grad(f)(p), state, p, value_fn=f, **kw)
+    with pytest.raises(ValueError, match="`full_value_fn` must return a scalar loss"):
+        update(full_value_fn=lambda q: q["w"] ** 2)
+    with pytest.raises(ValueError, match="`full_value_fn` must return a scalar loss.*has_aux"):
+        update(full_value_fn=lambda q: (f(q), {}))
+    with pytest.raises(ValueError, match=r"`full_grad_fn\(params\)` must match `params`"):
+        update(full_grad_fn=lambda q: jnp.ones(4))
+    with pytest.raises(ValueError, match=r"full_grad_fn\(params\)\['w'\] of shape \(2,\)"):
+        update(full_grad_fn=lambda q: {"w": jnp.ones(2), "b": jnp.asarray(0.0)})
+    # the right full gradient: the direction is g(x) - g(snapshot) + full_grad(snapshot)
+    u, _ = update(full_grad_fn=jax.grad(f))
+    np.testing.assert_allclose(u["w"], jax.grad(f)(p)["w"], rtol=1e-6)
+
+
+def _mlp():
+    k = jax.random.split(jax.random.PRNGKey(19), 3)
+    p = {"enc": jax.random.normal(k[0], (6, 8)) / 2, "dec": jax.random.normal(k[1], (8, 3)) / 2}
+    model = lambda p, x: jnp.tanh(x @ p["enc"]) @ p["dec"]
+    return p, model, k[2]
+
+
+def test_kfac_operators_check_their_vector_against_the_parameters():
+    """A list for a dict of layers was read by position (each gradient took the other
+    layer's factors); a transposed leaf was reshaped silently."""
+    p, model, key = _mlp()
+    C = kfac_curvature(model, p, jax.random.normal(key, (20, 6)))
+    v = jax.tree.map(jnp.ones_like, p)
+    for op in (C.matvec, C.inverse_matvec(1e-3)):
+        op(v)  # the right vector
+        with pytest.raises(ValueError, match="must match `params`"):
+            op([v["dec"], v["enc"]])
+        with pytest.raises(ValueError, match=r"\['enc'\] has shape \(8, 6\)"):
+            op({"enc": jnp.ones((8, 6)), "dec": v["dec"]})
+
+
+def test_kfac_refuses_options_that_do_not_apply():
+    p, model, key = _mlp()
+    x = jax.random.normal(key, (20, 6))
+    with pytest.raises(ValueError, match="`num_samples` applies to the Monte-Carlo Fisher"):
+        kfac_curvature(model, p, x, num_samples=64)
+    with pytest.raises(ValueError, match="`variance` applies to likelihood='gaussian'"):
+        kfac_curvature(model, p, x, variance=100.0)
+    kfac_curvature(model, p, x, num_samples=4, key=key)  # sampled: samples apply
+    kfac_curvature(model, p, x, likelihood="gaussian", variance=100.0)
+
+
+def test_a_new_kfac_preconditioner_each_step_compiles_no_new_solve(compiles):
+    """`inverse_matvec(..., preconditioner=P)` with a new K-FAC inverse per step (same
+    shapes, new factors) compiled the whole CG solve again (~2 s a step): the inverse was
+    wrapped as a constant of the program. Each answer is the dense solve's."""
+    p, model, key = _mlp()
+    ce = lambda o: jnp.mean(jax.nn.logsumexp(o, -1) - o[:, 0])
+    b = jax.tree.map(lambda a: jax.random.normal(key, a.shape), p)
+    flat = lambda t: np.concatenate([np.ravel(t["dec"]), np.ravel(t["enc"])])
+
+    def solve(step):
+        x = jax.random.normal(jax.random.fold_in(key, step), (40, 6))
+        G = curvlib.ggn_matvec(model, ce, p, x)
+        P = kfac_curvature(model, p, x).inverse_matvec(1e-3)
+        inv = curvlib.inverse_matvec(G, damping=1e-3, preconditioner=P,
+                                     cg=curvlib.CG(rtol=1e-10))
+        res = inv.solve(b)
+        # the oracle: the dense GGN of this batch plus the damping
+        basis = np.eye(flat(p).size)
+        unflat = lambda e: {"dec": jnp.asarray(e[:24].reshape(8, 3)),
+                            "enc": jnp.asarray(e[24:].reshape(6, 8))}
+        M = np.stack([flat(G(unflat(e))) for e in basis], axis=1) + 1e-3 * np.eye(basis.shape[0])
+        np.testing.assert_allclose(flat(res.x), np.linalg.solve(M, flat(b)), rtol=1e-6,
+                                   atol=1e-6)
+
+    solve(0)
+    with compiles() as seen:
+        x = jax.random.normal(jax.random.fold_in(key, 1), (40, 6))
+        G = curvlib.ggn_matvec(model, ce, p, x)
+        P = kfac_curvature(model, p, x).inverse_matvec(1e-3)
+        jax.block_until_ready(curvlib.inverse_matvec(
+            G, damping=1e-3, preconditioner=P, cg=curvlib.CG(rtol=1e-10)).solve(b).x)
+    assert not any("solve" in n for n in seen.names), seen.names
+    solve(1)
