@@ -214,15 +214,37 @@ def test_no_step_copies_the_krylov_basis(name):
 # ------------------------------------------------------------ answer now, compile behind
 
 
+# The fused programs compiled behind in this file, by the signature `_Behind` keys them with:
+# `engine`'s two paths, and tests that reuse a problem, share one program of a signature
+# instead of each compiling its own (seconds each on two cores). A program compiled earlier
+# under the same key is what the same process would run (`_Behind`'s own entries are per
+# test: `behind` clears them).
+_FUSED: dict = {}
+
+
 @pytest.fixture
-def behind():
-    """`curvlib.compile_behind` on (the suite runs with it off), every entry forgotten after."""
+def behind(monkeypatch):
+    """`curvlib.compile_behind` on (the suite runs with it off), every entry forgotten after;
+    a signature's fused program compiled once for the whole file (`_FUSED`)."""
     from curvlib import _compile
 
     was = curvlib.compile_behind(True)
     _compile.BEHIND.clear()
     # the tests check answers and which program gives them, not when a compile starts
     _compile.BEHIND._QUIET_S = 0.05
+    compile_behind = _compile.BEHIND._compile
+
+    def compile_once(jitted, static, a):
+        key = _compile._signature(jitted, static, a)
+        keyed = [a[n] for n in static if isinstance(a[n], _compile.SameFunction)]
+        if key in _FUSED and not any(f.changed() for f in keyed):
+            return _FUSED[key]
+        compiled = compile_behind(jitted, static, a)
+        if compiled is not None:
+            _FUSED[key] = compiled
+        return compiled
+
+    monkeypatch.setattr(_compile.BEHIND, "_compile", compile_once)
     try:
         yield _compile.BEHIND
         _compile.BEHIND.wait()
@@ -232,13 +254,21 @@ def behind():
         curvlib.compile_behind(was)
 
 
+@pytest.fixture
+def answer_now(behind, monkeypatch):
+    """`behind` with every compile behind skipped, for tests that read answer-now answers
+    only, or compare them with the fused program compiled in front: a compile behind would
+    only be waited for at the end."""
+    monkeypatch.setattr(behind, "_compile", lambda *args: None)
+    return behind
+
+
 @pytest.mark.parametrize("name", sorted(CALLS))
-def test_the_answer_now_path_returns_the_compiled_paths_dtypes(behind, monkeypatch, name):
+def test_the_answer_now_path_returns_the_compiled_paths_dtypes(answer_now, name):
     """A float32 operator with float64 enabled: the eager answer (steps on NumPy) has the
     compiled call's dtypes and shapes, field by field (the host path's density came back in
     float64: NumPy's float64 constant promoted it). The compiled path's are its abstract
     evaluation's; the fused program itself is not needed (its compile behind is skipped)."""
-    monkeypatch.setattr(behind, "_compile", lambda *args: None)
     d = jnp.linspace(0.5, 4.0, 40, dtype=jnp.float32)
     mv = lambda v: {"a": d[:24] * v["a"], "b": d[24:] * v["b"]}
     v = {"a": jnp.ones(24, jnp.float32), "b": jnp.linspace(1.0, 2.0, 16, dtype=jnp.float32)}
@@ -291,16 +321,16 @@ def _same_answer(a, b, atol=1e-12, products=0):
 
 @pytest.mark.parametrize("which", ["LA", "SA", "LM"])
 @pytest.mark.parametrize("with_key", [False, True])
-def test_the_first_eager_answer_is_the_fused_programs_answer(behind, engine, which,
+def test_the_first_eager_answer_is_the_fused_programs_answer(answer_now, engine, which,
                                                                with_key):
     params, x, y, loss = _problem()
     mv = curvlib.hessian_matvec(loss, params, x, y)
     v0 = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape),
                       params)
     key = KEY if with_key else None
-    before = len(behind._entries)
+    before = len(answer_now._entries)
     now = curvlib.eigsh(mv, v0, 3, which=which, key=key)  # answered now, compile submitted
-    assert len(behind._entries) == before + 1
+    assert len(answer_now._entries) == before + 1
     cfg, tol, mm, mr = eigen._configure(mv, v0, 3, which, curvlib.Eigsh())
     fused = eigen._compiled.jitted(cfg, mv, v0, key, tol, mm, mr)
     _same_answer(now, fused)
@@ -356,7 +386,7 @@ def test_calls_run_the_fused_program_once_it_is_ready(behind):
     _same_answer(first, third)
 
 
-def test_a_new_model_of_the_same_size_compiles_only_its_product(behind):
+def test_a_new_model_of_the_same_size_compiles_only_its_product(answer_now):
     rng = np.random.default_rng(3)
     M = jnp.asarray(rng.standard_normal((30, 30)))
     S = M + M.T
@@ -556,7 +586,7 @@ def test_compile_behind_off_compiles_in_front(behind):
 
 @pytest.mark.parametrize("name", sorted(CALLS))
 @pytest.mark.parametrize("transform", ["jit", "vmap", "jit_of_constants"])
-def test_a_closure_over_the_users_tracer_runs_inside_their_transformation(behind, name,
+def test_a_closure_over_the_users_tracer_runs_inside_their_transformation(answer_now, name,
                                                                          transform):
     """``v -> H(params) v`` built inside the user's ``jit``/``vmap`` with a concrete start
     vector, or a ``jit`` of a function of no arguments (every array a constant it closes
@@ -589,7 +619,7 @@ def test_a_closure_over_the_users_tracer_runs_inside_their_transformation(behind
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_landscape_calls_of_constants_inside_a_users_jit_are_part_of_it(behind):
+def test_landscape_calls_of_constants_inside_a_users_jit_are_part_of_it(answer_now):
     """``jax.jit(lambda U: increment_coefficients(loss, params, data, k, U))``: ``params``
     and ``data`` are constants of the user's program; the eager route (concrete checks,
     answer-now programs) raised there."""
@@ -658,7 +688,7 @@ def test_a_narrower_basis_dtype_answers_through_the_compiled_steps(behind):
 
 
 @pytest.mark.parametrize("microbatch_size", [None, 8])
-def test_an_eager_curvature_subspace_answers_now(behind, microbatch_size):
+def test_an_eager_curvature_subspace_answers_now(answer_now, microbatch_size):
     """An eager `curvature_subspace` builds its operator and start vector in small programs and
     calls eigsh eagerly, so the eigensolver answers now (NumPy steps); its answer is the one
     compiled program's (compile behind off), with the same certificate; inside `jit` the
@@ -825,7 +855,7 @@ def test_a_quick_program_inside_a_users_jit_is_part_of_it():
     np.testing.assert_allclose(jax.jit(est)(a, c, B), est(a, c, B), rtol=1e-13)
 
 
-def test_an_eager_k_curve_answers_as_its_compiled_steps(behind, monkeypatch):
+def test_an_eager_k_curve_answers_as_its_compiled_steps(answer_now, monkeypatch):
     """`k_curve` called eagerly takes the answer-now subspace and the shared-program
     coefficients for every k; its curve is the one with every step compiled (compile behind
     off) to rounding."""
@@ -891,7 +921,7 @@ def test_new_dims_in_a_k_curve_compile_only_their_shaped_programs(compiles):
 
 
 @pytest.mark.parametrize("case", ["model", "breakdown"])
-def test_lanczos_answers_now_with_the_fused_programs_answer(behind, engine, case):
+def test_lanczos_answers_now_with_the_fused_programs_answer(answer_now, engine, case):
     if case == "model":
         params, x, y, loss = _problem()
         mv, v0, m = curvlib.hessian_matvec(loss, params, x, y), params, 12
@@ -916,7 +946,7 @@ def test_lanczos_answers_now_with_the_fused_programs_answer(behind, engine, case
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
 
 
-def test_lanczos_a_new_depth_of_the_size_class_compiles_no_step(behind):
+def test_lanczos_a_new_depth_of_the_size_class_compiles_no_step(answer_now):
     """The answer-now steps take the depth as data: depths 16 to 23 (rows 17-24, class 24)
     share one set of step programs, and each is the fused program's answer (breakdowns
     and fresh directions included: five distinct values)."""
@@ -1027,7 +1057,7 @@ def test_cg_with_a_warm_start_or_preconditioner_compiles_in_front(behind):
     np.testing.assert_allclose(b.x, 1 / D, rtol=1e-5)
 
 
-def test_cg_a_new_model_or_option_of_the_same_size_compiles_no_step(behind):
+def test_cg_a_new_model_or_option_of_the_same_size_compiles_no_step(answer_now):
     """The steps depend on b's size and dtype only: a new operator, damping, tolerance or
     step cap reuses them."""
     rng = np.random.default_rng(9)
@@ -1103,7 +1133,7 @@ def test_power_iteration_answers_now_with_the_fused_programs_answer(behind, engi
         np.testing.assert_allclose(now.eigenvalues, [5.0, 5.0], rtol=1e-8)
 
 
-def test_power_iteration_a_new_model_or_budget_compiles_no_step(behind):
+def test_power_iteration_a_new_model_or_budget_compiles_no_step(answer_now):
     """The steps depend on v0's size and dtype and on ``k``: a new operator, tolerance or
     budget reuses them."""
     S = jnp.linspace(-2.0, 6.0, 44) ** 3 / 100
@@ -1259,7 +1289,7 @@ def test_curvlibs_own_inner_products_ask_for_full_precision():
     assert any(p is None or p == (None, None) for p in found + user)  # the user's @ is untouched
 
 
-def test_an_answer_now_call_pauses_the_garbage_collector(behind):
+def test_an_answer_now_call_pauses_the_garbage_collector(answer_now):
     """The answer-now path traces with Python's cyclic collector paused (its collections
     took a fifth of a first eigsh); the collector is on again after the call, and one the
     user turned off stays off."""
