@@ -425,7 +425,9 @@ def to_blocks(layers: KfacLayers, tree: PyTree, dtype=None):
     leaves = jax.tree.leaves(tree)
     mats = []
     for l in layers.layers:
-        m = apply_chain(l.chain, leaves[l.weight])
+        # (a cast inside the model, mixed precision, is not replayed on a vector: it rounded
+        # a float32 gradient to bfloat16, and overflowed float16 past 65504)
+        m = apply_chain(l.chain, leaves[l.weight], convert=False)
         if l.bias is not None:
             m = jnp.concatenate([m, jnp.reshape(leaves[l.bias], (1, l.out_dim)).astype(m.dtype)])
         mats.append(m if dtype is None else m.astype(dtype))

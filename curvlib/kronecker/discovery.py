@@ -107,15 +107,16 @@ def _step(op: _program.Op) -> Step | None:
     return None
 
 
-def apply_chain(chain: tuple, x, xp=jnp):
-    """Replay a view chain on ``x`` (``xp``: ``jnp`` on the hot path, ``np`` for probes)."""
+def apply_chain(chain: tuple, x, xp=jnp, *, convert: bool = True):
+    """Replay a view chain on ``x`` (``xp``: ``jnp`` on the hot path, ``np`` for probes);
+    without ``convert`` its dtype casts are skipped (a vector keeps its digits)."""
     for s in chain:
         if s.kind == "transpose":
             x = xp.transpose(x, s.arg)
         elif s.kind == "reshape":
             x = xp.reshape(x, s.arg)
         elif s.kind == "convert":
-            x = x.astype(s.arg) if xp is jnp else x
+            x = x.astype(s.arg) if xp is jnp and convert else x
         elif s.kind == "broadcast":
             shape, dims = s.arg
             expanded = [1] * len(shape)

@@ -87,6 +87,11 @@ def sub_tree(treedef, leaves, mask):
 # --------------------------------------------------------- tangent checks
 
 
+# the end of the message for a model output that is not floating (an argmax, a mask)
+OUTPUT_ADVICE = ("Derivatives are taken through every output of `model_fn`: return the "
+                 "non-floating ones as `aux` (`has_aux=True`) or leave them out.")
+
+
 def signature(tree: PyTree):
     """Hashable (structure, leaf paths, leaf shapes, explicit specs) of ``tree``."""
     leaves = _tree.leaves_with_paths(tree)

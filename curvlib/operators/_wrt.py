@@ -84,7 +84,9 @@ def block_operator(build: Callable, fun: Callable, params: PyTree, args: tuple, 
     (counted among ``args``) is shifted by one.
     """
     blk = split(params, wrt)
-    _, nums, _ = _validate.microbatch(microbatch_size, args, batch_argnums)
+    # checked here, with the loss arguments, so a message counts ``args`` as the user does
+    _, nums, _ = _validate.microbatch(microbatch_size, args, batch_argnums,
+                                      extra=tuple(options.get("loss_args", ())))
     nums = None if nums is None else tuple(i + 1 for i in nums)
     op = build(on_block(fun, blk.treedef, blk.mask), blk.sub, blk.rest, *args,
                microbatch_size=microbatch_size, batch_argnums=nums, **options)

@@ -170,6 +170,7 @@ def ggn_matvec(
     out_shape = _validate.output(jax.eval_shape(lambda p: model_fn(p, *args), params),
                                  "model_fn", has_aux=has_aux, scalar=False, what="outputs")
     model_fn = C.value_only(model_fn) if has_aux else model_fn
+    _validate.float_leaves(out_shape, "outputs of model_fn", advice=C.OUTPUT_ADVICE)
     example_out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
     _validate.functions(loss_fn, "loss_fn")
     _validate.output(_tree.eval_shape(loss_fn, example_out, *loss_args), "loss_fn",
@@ -421,6 +422,7 @@ def fisher_matvec(
     out_shape = _validate.output(jax.eval_shape(lambda p: model_fn(p, *args), params),
                                  "model_fn", has_aux=has_aux, scalar=False, what="outputs")
     model_fn = C.value_only(model_fn) if has_aux else model_fn
+    _validate.float_leaves(out_shape, "outputs of model_fn", advice=C.OUTPUT_ADVICE)
     _check_outputs(likelihood, out_shape)
     if likelihood == "gaussian":
         try:

@@ -38,7 +38,7 @@ def _linearized_model(model_fn, params, args, has_aux):
                          has_aux=True, scalar=False, what="outputs")
         model_fn = C.value_only(model_fn)
     outputs, lin = jax.linearize(lambda p: model_fn(p, *args), params)
-    _validate.float_leaves(outputs, "outputs of model_fn")
+    _validate.float_leaves(outputs, "outputs of model_fn", advice=C.OUTPUT_ADVICE)
     return outputs, stable_linearized(lin)
 
 
