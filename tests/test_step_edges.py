@@ -230,3 +230,63 @@ def test_a_new_kfac_preconditioner_each_step_compiles_no_new_solve(compiles):
             G, damping=1e-3, preconditioner=P, cg=curvlib.CG(rtol=1e-10)).solve(b).x)
     assert not any("solve" in n for n in seen.names), seen.names
     solve(1)
+
+
+@pytest.mark.parametrize("dt", [jnp.bfloat16, jnp.float16])
+def test_a_cast_inside_the_model_does_not_round_kfac_s_vectors(dt):
+    """float32 parameters cast to a lower precision inside the model: the cast was replayed
+    on every vector the K-FAC operators multiply (bfloat16: 3e-3 relative error with the
+    same factors; float16: a gradient entry of 1e5 became inf)."""
+    from curvlib.kronecker import find_layers
+    from curvlib.kronecker.curvature import KfacCurvature
+
+    k = jax.random.split(jax.random.PRNGKey(16), 3)
+    x = jax.random.normal(k[0], (32, 8))
+    p = {"w": jax.random.normal(k[1], (8, 4))}
+    plain = kfac_curvature(lambda p, x: x @ p["w"], p, x, likelihood="gaussian")
+    model = lambda p, x: (x.astype(dt) @ p["w"].astype(dt)).astype(jnp.float32)
+    mixed = KfacCurvature(plain.factors, find_layers(model, p, x))  # the same factors
+    assert any(s.kind == "convert" for s in mixed.layers.layers[0].chain)
+    v = {"w": 1.0 + 1e-3 * jax.random.normal(k[2], (8, 4))}
+    for a, b in ((mixed.matvec(v), plain.matvec(v)),
+                 (mixed.inverse_matvec(1e-3)(v), plain.inverse_matvec(1e-3)(v)),
+                 (mixed.inverse_matvec(1e-3)({"w": jnp.full((8, 4), 1e5)}),
+                  plain.inverse_matvec(1e-3)({"w": jnp.full((8, 4), 1e5)}))):
+        np.testing.assert_allclose(a["w"], b["w"], rtol=1e-6)
+
+
+def test_gauss_newton_products_name_a_non_floating_output_and_count_args_as_given():
+    """A model returning an argmax beside its logits: `ggn_matvec` leaked JAX's "grad
+    requires real- or complex-valued inputs" (`jacobian_matvec` named the leaf). With
+    ``wrt=``, a loss argument without the batch axis was measured against ``args[1]``
+    (the block's complement counted as argument 0)."""
+    p = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    x = jnp.ones((5, 3))
+    model = lambda p, x: x @ p["w"] + p["b"]
+    both = lambda p, x: {"logits": model(p, x), "pred": jnp.argmax(model(p, x), -1)}
+    for build in (lambda: curvlib.jacobian_matvec(both, p, x),
+                  lambda: curvlib.ggn_matvec(both, lambda o: jnp.mean(o["logits"] ** 2), p, x),
+                  lambda: curvlib.fisher_matvec(both, p, x, likelihood="gaussian")):
+        with pytest.raises(ValueError, match=r"`outputs of model_fn\['pred'\]` must be a real "
+                                             r"floating array.*`aux`"):
+            build()
+    for wrt in (None, {"w": True, "b": False}):
+        with pytest.raises(ValueError, match=r"leading axis of `args\[0\]`"):
+            curvlib.ggn_matvec(model, lambda o, y: jnp.mean(o), p, x, loss_args=(jnp.zeros(3),),
+                               microbatch_size=2, wrt=wrt)
+
+
+@pytest.mark.parametrize("name", ["scale_by_newton_cg", "scale_by_bfgs", "scale_by_svrg",
+                                  "track_curvature"])  # (scale_by_newton keeps no such state)
+def test_a_state_made_for_other_parameters_is_refused_by_name(name):
+    """The aliases checked their state against ``init(params)``; the transforms themselves
+    failed deep inside ("`x0` must match `b`", "sub got incompatible shapes")."""
+    f = lambda p: jnp.sum(p**2)
+    tx = {"scale_by_newton_cg": scale_by_newton_cg, "scale_by_bfgs": scale_by_bfgs,
+          "scale_by_svrg": scale_by_svrg,
+          "track_curvature": lambda: track_curvature(1, 1, key=jax.random.PRNGKey(0))}[name]()
+    kw = {"full_value_fn": f} if name == "scale_by_svrg" else {}
+    p3 = jnp.ones(3)
+    tx.update(jax.grad(f)(p3), tx.init(p3), p3, value_fn=f, **kw)  # its own state
+    with pytest.raises(ValueError, match=rf"`state` must match `{name}.init\(params\)`"):
+        tx.update(jax.grad(f)(p3), tx.init(jnp.ones(4)), p3, value_fn=f, **kw)

@@ -36,6 +36,7 @@ from curvlib import _tree, _validate
 from curvlib._chain import (  # noqa: F401  (the optax links, shared with curvlib.kronecker)
     RecomputeState,
     alias,
+    check_state,
     flag_stalled,
     float_dtype,
     learning_rate_link,

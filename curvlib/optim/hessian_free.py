@@ -458,6 +458,7 @@ def scale_by_newton_cg(
             name, value_fn, params, extra_args, ggn=ggn, hvp_mode=mode,
             microbatch_size=microbatch_size, has_aux=has_aux, updates=updates,
         )
+        _common.check_state(name, init_fn, state, params)
         dt = setup.dtype
         lam = current_damping(state, damping)
         max_steps = cg.max_steps or min(DEFAULT_MAX_CG_STEPS, _tree.size(params))

@@ -256,6 +256,7 @@ def scale_by_bfgs(
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         loss = _common.bind_loss(name, value_fn, extra_args, has_aux=has_aux)
         params = _common.require_params(name, params, updates)
+        _common.check_state(name, init_fn, state, params)
         dt = _common.float_dtype(params)
         value = _common.loss_value(loss, params, extra_args, dt)
         g, unravel = ravel_pytree(updates)

@@ -588,6 +588,7 @@ def track_curvature(
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         loss = _common.bind_loss(name, value_fn, extra_args, has_aux=has_aux)
         params = _common.require_params(name, params, updates)
+        _common.check_state(name, init_fn, state, params)
         due = (state.count % jnp.asarray(every, jnp.int32)) == 0
         vecs, info = _xp.cond(
             due,

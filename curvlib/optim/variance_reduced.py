@@ -207,6 +207,7 @@ def scale_by_svrg(
                   full_grad_fn=None, **extra_args):
         loss = _common.bind_loss(name, value_fn, extra_args, has_aux=has_aux)
         params = _common.require_params(name, params, updates)
+        _common.check_state(name, init_fn, state, params)
         if (full_value_fn is None) == (full_grad_fn is None):
             raise TypeError(
                 "`scale_by_svrg.update` needs exactly one of `full_value_fn=` (the full-data "
