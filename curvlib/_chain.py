@@ -212,7 +212,8 @@ def linesearch_stalled(ls_state, value, grad, step) -> jax.Array:
     lr = getattr(ls_state, "learning_rate", None)
     if lr is not None:
         stalled = stalled | ~(jnp.asarray(lr) > 0)
-    stalled = stalled | ~(_tree.norm(step) > 0)  # (a zero direction: any step length is 0)
+    # a zero direction (any step length gives 0)
+    stalled = stalled | ~jnp.any(jnp.stack([jnp.any(x != 0) for x in jax.tree.leaves(step)]))
     new_value = getattr(ls_state, "value", None)
     if new_value is not None and grad is not None:
         descent = _tree.vdot(step, grad) < 0

@@ -286,7 +286,7 @@ def scale_by_newton(
         p = jnp.where(finite, p, 0.0).astype(g.dtype)
         # a zero step for a non-zero gradient (every direction dropped: a curvature of
         # zero, as a piecewise-linear loss has) makes no progress: a stall, not a solve
-        stalled = finite & (_tree.norm(g) > 0) & ~(_tree.norm(p) > 0)
+        stalled = finite & jnp.any(g != 0) & ~jnp.any(p != 0)
         floor = eigenvalue_floor(w, min_eigenvalue, eigenvalue_rtol)
         measured = lambda x: jnp.where(finite, x, jnp.nan).astype(setup.dtype)  # (not the
         info = NewtonInfo(  # identity put in place of a non-finite curvature)

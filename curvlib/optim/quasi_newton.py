@@ -114,6 +114,15 @@ def bfgs_inverse_update(H, s, y, rho):
     )
 
 
+def _unit(x):
+    """``(x / |x|, |x|)`` free of overflow and underflow (``x`` scaled by ``max |x_i|``
+    first: two reductions, no loop); ``(0, 0)`` for the zero vector."""
+    big = jnp.max(jnp.abs(x))
+    x = x / jnp.where(big > 0, big, 1.0)
+    n = jnp.sqrt(x @ x)
+    return x / jnp.where(n > 0, n, 1.0), big * n
+
+
 def secant_update(state: ScaleByBFGSState, x, g, finite, curvature_rtol):
     r"""The inverse Hessian after the pair ``s = x - x_prev``, ``y = g - g_prev``.
 
@@ -146,9 +155,8 @@ def secant_update(state: ScaleByBFGSState, x, g, finite, curvature_rtol):
     # the same matrix without ``rho = 1/(s^T y)`` and ``rho^2 y^T H y``, which overflow for
     # pairs the test accepts (float16 steps of 4e-3; float32 ones of 1e-10)
     acc = jnp.promote_types(dt, jnp.float32)
-    s_norm, y_norm = _tree.norm(s).astype(acc), _tree.norm(y).astype(acc)
-    u = s.astype(acc) / jnp.where(s_norm > 0, s_norm, 1.0)
-    w = y.astype(acc) / jnp.where(y_norm > 0, y_norm, 1.0)
+    u, s_norm = _unit(s.astype(acc))
+    w, y_norm = _unit(y.astype(acc))
     c = u @ w
     sy = s_norm * y_norm * c
     ok = (
