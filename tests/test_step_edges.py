@@ -290,3 +290,27 @@ def test_a_state_made_for_other_parameters_is_refused_by_name(name):
     tx.update(jax.grad(f)(p3), tx.init(p3), p3, value_fn=f, **kw)  # its own state
     with pytest.raises(ValueError, match=rf"`state` must match `{name}.init\(params\)`"):
         tx.update(jax.grad(f)(p3), tx.init(jnp.ones(4)), p3, value_fn=f, **kw)
+
+
+def test_the_closed_form_is_inf_only_where_its_value_overflows_and_never_nan():
+    """float32: ``sigma^2 a tr B`` overflowed to -inf beside the +inf of ``sigma^4``: NaN for
+    a value that is positive (E q^2 >= 0); and ``sigma^4`` alone overflowed for a term that
+    fits (sigma = 1e12, tr B^2 = 1e-30: 7.5e17)."""
+    L = curvlib.landscape
+    f32 = np.finfo(np.float32).max
+    cases = [(1.0, np.zeros(2), -np.eye(2)), (0.0, np.zeros(1), 1e-15 * np.eye(1)),
+             (0.5, np.array([1e-3, 2.0]), np.array([[2.0, 0.1], [0.1, -1.0]]))]
+    sigmas = np.array([1e-3, 1.0, 1e6, 1e12, 1e19, 1e20], np.float32)
+    for a, c, B in cases:
+        got = np.asarray(L.delta2_closed_form(jnp.float32(a), jnp.asarray(c, jnp.float32),
+                                              jnp.asarray(B, jnp.float32), jnp.asarray(sigmas)))
+        for s, g in zip(sigmas.astype(float), got, strict=True):  # the exact value (floats)
+            Bs = 0.5 * (B + B.T)
+            want = (a * a + s**2 * (a * np.trace(Bs) + c @ c)
+                    + s**4 * (2 * np.sum(Bs * Bs) + np.trace(Bs) ** 2) / 4)
+            assert not np.isnan(g)
+            if want > f32:
+                assert g == np.inf, (a, s)
+            else:
+                np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-37,  # (subnormal: 0)
+                                           err_msg=f"{a} {s}")

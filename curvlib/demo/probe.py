@@ -448,7 +448,7 @@ def _write_report(report: dict, cfg: ProbeConfig, log) -> dict[str, Any]:
 
 def _estimates(dims, terms, quad, direct, full, coef, cfg) -> dict:
     """Every estimate on the grid, and the comparisons between them, as JSON-ready lists."""
-    gm = np.array([np.asarray(t.constant + t.sigma2 + t.sigma4) for t in terms])  # (nD, nS)
+    gm = np.array([np.asarray(t.total()) for t in terms])  # (nD, nS)
     dm = np.array([np.asarray(e.estimate) for e in direct])
     dse = np.array([np.asarray(e.stderr) for e in direct])
     qm = np.array([np.asarray(e.estimate) for e in quad])

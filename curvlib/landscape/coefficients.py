@@ -125,7 +125,10 @@ def check_mean_loss(
     sample-independent term (a weight-decay penalty) passes: it cancels from
     every increment, so the criteria are unchanged by it. With
     ``microbatch_size=1`` every chunk is a single sample and the check cannot
-    fail.
+    fail. It reads values, so it runs on concrete arguments only: inside
+    ``jax.jit`` (``params`` or ``data`` traced) it returns without checking, and so
+    does every landscape function's ``check_mean=True``; run it once eagerly
+    before jitting a loop of landscape calls.
 
     One compiled program for every ``k`` (the sample count is data). Cost:
     two forward passes over the samples (batched and per sample).

@@ -40,6 +40,7 @@ from curvlib.landscape.estimators import (
     _direct_mc,
     _estimate,
     _full_mc,
+    closed_form_total,
     delta2_closed_form_terms,
     delta2_spectral,
 )
@@ -390,7 +391,8 @@ def curve_point(loss_fn, params, plan: _Plan, k: int, key) -> tuple[dict, dict]:
                                        s.get("eigenvalues_matched", s["eigenvalues_next"]))
     seconds["closed_form"] = time.perf_counter() - t0
     values = dict(delta1=abs(float(coef.a)), constant=terms[0], sigma2=terms[1],
-                  sigma4=terms[2], closed_form=terms.sum(0), spectral=spectral,
+                  sigma4=terms[2], closed_form=closed_form_total(*terms, np),
+                  spectral=spectral,
                   eigenvalues=s["eigenvalues"], eigenvalues_next=s["eigenvalues_next"],
                   max_angle=s["max_angle"], converged=s["converged"], status=s["status"],
                   unique=s["unique"], num_matvecs=s["num_matvecs"])
