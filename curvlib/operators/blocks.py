@@ -334,8 +334,10 @@ def block_eigsh(
         trace; return a `jax.tree_util.Partial` (every curvlib
         constructor does) so its arrays stay traced inputs of the compiled
         entry point.
-      **eigsh_options: deprecated: the fields of [`curvlib.Eigsh`][curvlib.Eigsh] (and
-        ``tol``) as keywords still work, with a warning.
+      **eigsh_options: deprecated: the fields of [`curvlib.Eigsh`][curvlib.Eigsh] this
+        function took as keywords before ``eigsh=`` (and ``tol``) still work, with a
+        warning; ``verify``, added with the solver value, is set there only
+        (``eigsh=curvlib.Eigsh(verify=False)``).
 
     Returns:
       ``{block name: EigshResult}`` in the order the blocks first appear among
