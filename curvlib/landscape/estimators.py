@@ -61,8 +61,8 @@ class ClosedFormTerms(NamedTuple):
 
 def closed_form_total(constant, sigma2, sigma4, xp=jnp):
     """The sum of the three terms; ``+inf`` where ``sigma2`` overflowed to ``-inf`` beside an
-    infinite ``sigma4`` (``E q^2 >= sigma^4 tr(B^2) / 2`` then overflows too; the plain sum
-    was NaN)."""
+    infinite ``sigma4`` (the plain sum was NaN): the value, at least ``sigma^4 tr(B^2) / 2``,
+    is then within a factor ``D / 2 + 1`` of the dtype's range or past it."""
     total = constant + sigma2 + sigma4
     return xp.where(xp.isneginf(sigma2) & xp.isposinf(sigma4), xp.inf, total)
 
