@@ -899,11 +899,11 @@ def compile_behind(enabled: bool | None = None) -> bool:
     call with a new model, size, ``k`` or option runs the algorithm driven from
     the host, each step a small program that depends on the problem's size and
     dtype but not on the model (so it is compiled once per session and size,
-    not once per model; for ``eigsh``, ``cg`` and ``power_iteration`` on problems
-    whose stored vectors hold at most 2^22 numbers the steps run on NumPy and
-    nothing but the model's product compiles); then the single fused program compiles in a
-    background thread, and later calls run it once it is ready (until then
-    they take the host-driven path again, warm). Both give the same answer to
+    not once per model; for ``eigsh``, ``lanczos``, ``spectral_density``, ``cg`` and
+    ``power_iteration`` on problems whose stored vectors hold at most 2^22 numbers the
+    steps run on NumPy and nothing but the model's product compiles); then the single
+    fused program compiles in a background thread, and later calls run it once it is
+    ready (until then they take the host-driven path again, warm). Both give the same answer to
     rounding, not bit for bit: turn it off where repeated calls in one process
     must agree bitwise.
     Inside the user's own ``jax.jit`` nothing changes. Off: every eager call
@@ -1085,7 +1085,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None, *,
         )
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"`path` must be a folder (a str or os.PathLike); got {path!r}.")
-    _validate.number(min_compile_time_secs, "min_compile_time_secs", minimum=0)
+    # (one number: an array passed here, then failed in ``float`` after the folder was set)
+    _validate.number(min_compile_time_secs, "min_compile_time_secs", minimum=0, scalar=True)
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     try:  # writable? (os.access says yes to root on a read-only file system)

@@ -11,10 +11,27 @@ loop, and none is added (no callbacks inside compiled loops).
 from __future__ import annotations
 
 import os
+import warnings
 
 from curvlib import _validate
 
-_ENABLED = os.environ.get("CURVLIB_PROGRESS", "0") == "1"
+
+def _from_environment() -> bool:
+    """``CURVLIB_PROGRESS=1``: on, where tqdm is installed. Without it the setting stays off,
+    with a warning: on, every eager `eigsh` and streamed pass failed at its first bar with
+    tqdm's ``ModuleNotFoundError`` (tqdm is optional; `show_progress` refuses it the same)."""
+    if os.environ.get("CURVLIB_PROGRESS", "0") != "1":
+        return False
+    try:
+        import tqdm  # noqa: F401
+    except ImportError:
+        warnings.warn("CURVLIB_PROGRESS=1 needs tqdm (pip install tqdm); progress bars stay "
+                      "off.", stacklevel=2)
+        return False
+    return True
+
+
+_ENABLED = _from_environment()
 
 
 def show_progress(enabled: bool | None = None) -> bool:
@@ -28,8 +45,9 @@ def show_progress(enabled: bool | None = None) -> bool:
     ([`stream_matvec`][curvlib.stream_matvec] and the other ``stream_*`` functions) show the
     batches of each pass. Calls inside the user's ``jax.jit`` never show one (there is
     no host loop to report from), nor do eager calls whose vectors are sharded or
-    mixed-dtype (they run the fused program). ``CURVLIB_PROGRESS=1`` in the environment
-    turns it on at import.
+    mixed-dtype or hold more than 2^22 numbers (they run the fused program).
+    ``CURVLIB_PROGRESS=1`` in the environment turns it on at import (where tqdm is
+    installed; without it, it stays off with a warning).
 
     Args:
       enabled: ``True`` or ``False`` to switch; ``None`` (default) only reads the setting.

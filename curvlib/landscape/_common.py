@@ -273,9 +273,10 @@ def host_weights(data: PyTree, k, kind: str, params: PyTree) -> np.ndarray:
 
 def eager(*args) -> bool:
     """An eager call (nothing traced: `tracing`) with
-    [`curvlib.compile_behind`][curvlib.compile_behind] on: the landscape answers through
-    the eager programs (`linearized`)."""
-    return compile_behind() and not tracing(args)
+    [`curvlib.compile_behind`][curvlib.compile_behind] on, in a single-process run (where
+    it is always off, as for every entry): the landscape answers through the eager programs
+    (`linearized`)."""
+    return compile_behind() and jax.process_count() == 1 and not tracing(args)
 
 
 def sample_at(data: PyTree, k) -> PyTree:
