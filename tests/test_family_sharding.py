@@ -87,8 +87,9 @@ WORKER = textwrap.dedent('''
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     path = tmp_path_factory.mktemp("family_sharding") / "out.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
+    # appended to the suite's XLA_FLAGS (conftest's cheapest backend setting), not in its place
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()}
     proc = subprocess.run([sys.executable, "-c", WORKER, str(path)], env=env,
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
