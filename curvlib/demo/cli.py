@@ -191,8 +191,9 @@ def _check_paths_and_combinations(parser, a, argv) -> None:
                          "would be ignored.")
     _usable_folder(a.out, "--out")
     if not a.no_compilation_cache:
-        cache = getattr(a, "compilation_cache_dir", None)
-        _usable_folder(cache or default_cache_dir(), "--compilation-cache-dir" if cache else
+        cache = getattr(a, "compilation_cache_dir", None)  # (an empty one is refused)
+        _usable_folder(default_cache_dir() if cache is None else cache,
+                       "--compilation-cache-dir" if cache is not None else
                        "the compilation cache folder ($CURVLIB_CACHE_DIR or ~/.cache/curvlib/jax;"
                        " --no-compilation-cache turns it off)")
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -38,6 +37,9 @@ from curvlib.demo import data as _data
 from curvlib.demo import models as _models
 from curvlib.demo import report as _report
 from curvlib.krylov import Eigsh
+
+HELD_OUT_SEQUENCES = 64  # sequences of the held-out loss reported after training
+MAX_SEED = 2**32 - 1  # JAX's PRNG seeds are 32-bit (without x64)
 
 
 @dataclasses.dataclass
@@ -88,7 +90,10 @@ class ProbeConfig:
         """
         _ints(self, ("d_model", "num_layers", "num_heads", "seq_len", "batch_size", "k",
                      "num_sigmas", "basis_size", "sample_batch_size", "train_steps"), 1)
-        _ints(self, ("timing_repeats", "seed"), 0)
+        _ints(self, ("timing_repeats",), 0)
+        # JAX's PRNG seeds are 32-bit here: a larger one wraps onto a smaller seed's keys
+        # (2**32 gives seed 0's) or, from 2**63, fails after the training started
+        _validate.static_int(self.seed, _flag("seed"), minimum=0, maximum=MAX_SEED)
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model (--d-model) = {self.d_model} must be a multiple of num_heads "
@@ -101,21 +106,24 @@ class ProbeConfig:
                              optional=True)
         for name in ("learning_rate", "sigma_min", "sigma_max", "eig_tol"):
             _validate.number(getattr(self, name), _flag(name), minimum=0, exclusive=True)
-        if self.sigma_max < self.sigma_min or (self.num_sigmas > 1
-                                               and self.sigma_max == self.sigma_min):
+        # a one-point grid is sigma_min alone: sigma_max plays no part
+        if self.num_sigmas > 1 and not self.sigma_max > self.sigma_min:
             raise ValueError(
                 f"sigma_max (--sigma-max) = {self.sigma_max!r} must be larger than sigma_min "
-                f"(--sigma-min) = {self.sigma_min!r} (equal only with --num-sigmas 1)."
+                f"(--sigma-min) = {self.sigma_min!r} (with --num-sigmas 1 it is not used)."
             )
         # the probe runs in float32: a sigma must stay > 0 there, and sigma^4 finite
         if not np.float32(self.sigma_min) > 0:
             raise ValueError(f"sigma_min (--sigma-min) = {self.sigma_min!r} is 0 in float32, the "
                              "probe's precision; use a value above 1e-30.")
+        largest = ("sigma_max", "--sigma-max") if self.num_sigmas > 1 else ("sigma_min",
+                                                                              "--sigma-min")
         with np.errstate(over="ignore"):
-            fourth = np.float32(self.sigma_max) ** 4
+            fourth = np.float32(getattr(self, largest[0])) ** 4
         if not np.isfinite(fourth):
-            raise ValueError(f"sigma_max (--sigma-max) = {self.sigma_max!r}: sigma^4 overflows "
-                             "float32, the probe's precision; use a value below 1e9.")
+            raise ValueError(f"{largest[0]} ({largest[1]}) = {getattr(self, largest[0])!r}: "
+                             "sigma^4 overflows float32, the probe's precision; use a value "
+                             "below 1e9.")
         dims = tuple(self.dims)
         if not dims or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
                                and d >= 1 for d in dims):
@@ -128,6 +136,14 @@ class ProbeConfig:
             raise ValueError(
                 f"k (--k) = {self.k} needs k + 2 = {self.k + 2} sequences of seq_len + 1 = "
                 f"{self.seq_len + 1} characters; the corpus holds {windows}."
+            )
+        held = len(corpus.held_out) // (self.seq_len + 1)
+        if held < HELD_OUT_SEQUENCES:
+            raise ValueError(
+                f"seq_len (--seq-len) = {self.seq_len}: the held-out loss needs "
+                f"{HELD_OUT_SEQUENCES} sequences of seq_len + 1 = {self.seq_len + 1} characters; "
+                f"the held-out text holds {held} (at most --seq-len "
+                f"{len(corpus.held_out) // HELD_OUT_SEQUENCES - 1})."
             )
         n = parameter_count(self.model_config(corpus.vocab_size))
         if max(dims) >= n:
@@ -274,7 +290,8 @@ def train_transformer(cfg: ProbeConfig, log=print, corpus=None, initial=None):
                                    num_steps=cfg.train_steps, learning_rate=cfg.learning_rate)
     losses = np.asarray(jax.block_until_ready(losses))
     t_train = time.perf_counter() - t0
-    held = jnp.asarray(_data.sequence_samples(corpus.held_out, 64, cfg.seq_len, cfg.seed + 1))
+    held = jnp.asarray(_data.sequence_samples(corpus.held_out, HELD_OUT_SEQUENCES, cfg.seq_len,
+                                              cfg.seed + 1))
     held_loss = float(jax.jit(loss_fn)(params, held))
     n_params = _tree.size(params)
     first = float(losses[0]) if len(losses) else float("nan")
@@ -438,8 +455,8 @@ def _write_report(report: dict, cfg: ProbeConfig, log) -> dict[str, Any]:
         png = os.path.join(cfg.out, "delta2_transformer.png")
         _report.plot_probe_report(report, png)
         report["figure"] = png
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=1)
+    report["machine"] = _report.machine_info()
+    _report.write_json(report, json_path)
     report["json"] = json_path
     log(f"wrote {json_path}" + (f" and {report['figure']}" if cfg.plot else ""))
     log(f"total {report['total_seconds']:.1f} s")

@@ -9,6 +9,9 @@ or changed.
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 
 WIDTH = 100
@@ -27,6 +30,45 @@ def wrapped(log):
                     log(part)
 
     return out
+
+
+def machine_info() -> dict:
+    """Where the report's numbers and timings come from: versions, platform, JAX devices."""
+    import platform
+    import sys
+    from importlib import metadata
+
+    import jax
+
+    import curvlib
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    versions = {m: version(m) for m in ("jax", "jaxlib", "numpy", "flax", "optax")}
+    return dict(python=sys.version.split()[0], platform=platform.platform(),
+                processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+                jax_backend=jax.default_backend(), jax_devices=[str(d) for d in jax.devices()],
+                versions=dict(curvlib=curvlib.__version__, **versions))
+
+
+def write_json(report: dict, path) -> None:
+    """``report`` as JSON in ``path``, written whole or not at all.
+
+    The text goes to a temporary file that replaces ``path`` once complete: an
+    interrupted run (Ctrl-C) leaves the previous file, or none, never a truncated one.
+    """
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _figure(**kw):
@@ -166,7 +208,7 @@ def plot_probe_report(r: dict, path) -> None:
     if runs:  # a sub-millisecond stage (the closed form) stays visible on the log axis
         ax.set_xlim(left=0.3 * min(runs))
     ax.legend(fontsize=8)
-    ax.set(xlabel="seconds", title=f"stages: GM route {r['speedup_end_to_end']:.2g}x faster "
+    ax.set(xlabel="seconds", title=f"stages: GM route {_times(r['speedup_end_to_end'])} "
            "than direct MC,\nevery stage counted")
     fig.suptitle(f"Delta2(D) probe of a {r['model']['parameters']:,}-parameter transformer, "
                  f"k = {r['k']}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -40,7 +39,8 @@ class SpectrumConfig:
                  "num_probes": "num_probes", "seed": "--seed"}
         for name, low in (("hidden", 1), ("top_k", 1), ("train_steps", 1), ("batch_size", 1),
                           ("num_matvecs", 2), ("num_probes", 1), ("seed", 0)):
-            _validate.static_int(getattr(self, name), f"{name} ({flags[name]})", minimum=low)
+            _validate.static_int(getattr(self, name), f"{name} ({flags[name]})", minimum=low,
+                                 maximum=2**32 - 1 if name == "seed" else None)  # JAX's seeds
         n = (64 + 1) * self.hidden + (self.hidden + 1) * 10  # the 64-hidden-10 MLP
         if self.top_k >= n:
             raise ValueError(f"top_k (--top-k) = {self.top_k} must be smaller than the MLP's "
@@ -146,8 +146,8 @@ def _write_report(cfg: SpectrumConfig, report, sd, lam, t_start, log) -> dict[st
         report["figure"] = png
     path = os.path.join(cfg.out, "spectrum_mlp.json")
     report["total_seconds"] = time.perf_counter() - t_start
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+    report["machine"] = _report.machine_info()
+    _report.write_json(report, path)
     report["json"] = path
     log(f"wrote {path}; total {report['total_seconds']:.1f} s")
     return report
