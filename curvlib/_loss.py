@@ -31,7 +31,10 @@ def require_value_fn(name: str, value_fn) -> Callable:
             f"`{name}.update` needs the loss: call "
             "`update(grads, state, params, value_fn=loss_fn, **batch_kwargs)` where "
             "`loss_fn(params, **batch_kwargs)` returns the scalar loss on the current batch "
-            "(the convention of optax's line searches)."
+            "(the convention of optax's line searches). flax: `nnx.Optimizer.update(model, "
+            "grads, value_fn=loss, **batch)` passes them on; linen's "
+            "`TrainState.apply_gradients(grads=..., **kwargs)` does not (it gives `kwargs` to "
+            "`replace`): override it to call `tx.update(grads, opt_state, params, **kwargs)`."
         )
     if not callable(value_fn):
         raise TypeError(f"`value_fn` must be callable; got {type(value_fn).__name__}.")

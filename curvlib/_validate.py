@@ -20,7 +20,8 @@ check                          for
 `one_of`                 an option among fixed choices (``which``, ``likelihood``)
 `mode`                   a curvature product's ``mode``, refused where it cannot apply
 `prng_key`               one PRNG key; required unless optional (never a default)
-`float_leaves`           a non-empty pytree of real floating arrays (``params``, outputs)
+`float_leaves`           a non-empty pytree of real floating arrays (``params``, outputs),
+                         no flax state beside the parameters (``nnx.BatchStat``)
 `same_structure`         a pytree shaped like another (``x0`` like ``b``, ``state``,
                          an operator's output like its input: real floating)
 `output`                 a function's output, ``(primary, aux)`` with ``has_aux``; a
@@ -42,7 +43,9 @@ value passes `number` unchecked. Static ints cannot be traced.
 from __future__ import annotations
 
 import inspect
+import sys
 import weakref
+from collections.abc import Mapping
 from operator import index as _index
 
 import jax
@@ -321,6 +324,44 @@ _INIT_ADVICE = (
 )
 
 
+# flax's own variable kinds that are state, not parameters (`nnx.Param` and its subclasses,
+# and user-defined kinds, are taken as parameters); linen's collections beside ``params``
+_NNX_STATE = ("BatchStat", "Cache", "Intermediate", "RngState", "OptState")
+_LINEN_STATE = ("batch_stats", "cache", "intermediates")
+
+
+def _flax_state(tree, name: str, prefix: str) -> None:
+    """Raise if ``tree`` holds flax model state that is not a parameter.
+
+    A whole nnx model (or ``nnx.state(model)``) with ``nnx.BatchStat`` leaves, or
+    linen's ``variables`` with ``batch_stats`` beside ``params``, is all floating: the
+    curvature would silently be taken in the running statistics too.
+    """
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None:
+        kinds = tuple(getattr(nnx, k) for k in _NNX_STATE if hasattr(nnx, k))
+        flat, _ = jax.tree_util.tree_flatten_with_path(
+            tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        for path, x in flat:
+            if isinstance(x, kinds):
+                raise ArgumentError(
+                    f"{prefix}`{name}{keystr(path)}` must be a parameter (an `nnx.Param`); "
+                    f"got an `nnx.{type(x).__name__}`, model state that is not trained. Pass "
+                    "the `nnx.Param` state alone (`graphdef, params, rest = nnx.split(model, "
+                    "nnx.Param, ...)`, or `nnx.Optimizer(model, tx, wrt=nnx.Param)`) and give "
+                    "`rest` to the loss as an extra argument."
+                )
+    if isinstance(tree, Mapping) and "params" in tree:
+        extra = sorted(k for k in tree if k in _LINEN_STATE)
+        if extra:
+            raise ArgumentError(
+                f"{prefix}`{name}` must be the parameters alone; got flax linen `variables` "
+                f"with the collections {['params', *extra]}. Pass `variables['params']` and "
+                f"give {extra} to the loss as an extra argument "
+                "(`model.apply({'params': params, **rest}, x)`)."
+            )
+
+
 def float_leaves(tree, name: str, *, init: str | None = None,
                  advice: str | None = None) -> None:
     """Raise unless ``tree`` is a non-empty pytree of real floating arrays.
@@ -341,8 +382,9 @@ def float_leaves(tree, name: str, *, init: str | None = None,
         parameters (outputs a streamed operator averages must be floating means).
 
     Raises:
-      ArgumentError: (a ``ValueError`` and a ``TypeError``) for an empty tree or
-        a leaf that is not real floating.
+      ArgumentError: (a ``ValueError`` and a ``TypeError``) for an empty tree,
+        a leaf that is not real floating, or flax model state that is not a
+        parameter (`_flax_state`: an ``nnx.BatchStat``, linen's ``batch_stats``).
     """
     prefix = f"{init}.init: " if init else ""
     key_advice, default = (_INIT_KEY_ADVICE, _INIT_ADVICE) if init else (_KEY_ADVICE, _ADVICE)
@@ -351,6 +393,7 @@ def float_leaves(tree, name: str, *, init: str | None = None,
     if not flat:
         raise ArgumentError(f"{prefix}`{name}` must hold at least one floating array; got an "
                             "empty pytree.")
+    _flax_state(tree, name, prefix)
     for path, x in flat:
         dt = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
         where = f"{prefix}`{name}{keystr(path)}` must be a real floating array; got"

@@ -565,8 +565,10 @@ def adapt_damping(model_fn, likelihood, variance, value_fn, params, kw, extra_ar
     """
     trial = jnp.asarray(_loss.call(value_fn, _tree.sub(params, u), extra_args)).astype(dt)
     if quad is None:
-        gram = fisher_gram(model_fn, likelihood, variance, params, kw,
-                           _stack(_tree.astype(u, dt)), dt)
+        # the tangent in each parameter's dtype (`quadratic_step`: float32 weights may sit
+        # beside bfloat16 biases)
+        like = jax.tree.map(lambda x, p: x.astype(jnp.result_type(p)), u, params)
+        gram = fisher_gram(model_fn, likelihood, variance, params, kw, _stack(like), dt)
         quad = -_tree.vdot(g, u).astype(dt) + 0.5 * gram[0][0]
     rho = reduction_ratio(trial, value, jnp.asarray(quad, dt))
     new_lam = levenberg_marquardt(jnp.asarray(lam, dt), rho, value, decay, min_damping,

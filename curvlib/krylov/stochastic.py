@@ -375,7 +375,9 @@ def _trace_now(matvec, v_like, key, num_probes, method=None, batch_size=None, de
     method, num_probes = _trace_options(method, num_probes, deflate)
     _validate.float_leaves(v_like, "v_like")
     _validate.operator(matvec, v_like, "matvec", "v_like")
-    like = probe_space(v_like).flatten(v_like)
+    # one flat vector (`_answers_now`), as `flat_products` reads the rows: ``concat``, also
+    # where `probe_space` keeps a single 1-D leaf in its container (``{"w": w}``)
+    like = _space.Space(v_like, "concat").flatten(v_like)
     block = functools.partial(_space.flat_products, matvec, v_like)
     if method == "hutchinson":
         Z = _now_probes(key, like, num=num_probes)
@@ -399,7 +401,7 @@ def _diag_now(matvec, v_like, key, num_probes, batch_size=None) -> MonteCarloEst
     num_probes = _validate.static_int(num_probes, "num_probes", minimum=1)
     _validate.float_leaves(v_like, "v_like")
     _validate.operator(matvec, v_like, "matvec", "v_like")
-    space = probe_space(v_like)
+    space = _space.Space(v_like, "concat")  # the rows `flat_products` reads (`_trace_now`)
     Z = _now_probes(key, space.flatten(v_like), num=num_probes)
     done = _ahead(_now_diag, v_like, Z, Z, layout=space.layout)
     AZ = _space.flat_products(matvec, v_like, Z)

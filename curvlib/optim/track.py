@@ -666,5 +666,13 @@ def curvature_info(state: PyTree) -> TrackCurvatureInfo:
         visit, state, is_leaf=lambda x: isinstance(x, TrackCurvatureInfo) or _is_variable(x)
     )
     if len(found) != 1:
-        raise KeyError(f"expected one TrackCurvatureInfo in the state; found {len(found)}.")
+        raise KeyError(
+            f"`state` must hold one TrackCurvatureInfo (an optimiser state with one "
+            f"`track_curvature` link: `opt_state`, or flax's `nnx.Optimizer` or linen "
+            f"`TrainState` holding it); found {len(found)}."
+            + (" `nnx.state(optimizer)` and `flax.serialization.to_state_dict` turn the state "
+               "into plain dicts without its types: restore it into the optimiser "
+               "(`nnx.update(optimizer, state)`) and pass `optimizer.opt_state`."
+               if not found else "")
+        )
     return jax.tree.map(_snapshot, found[0], is_leaf=_is_variable)
