@@ -784,8 +784,11 @@ def scale_by_kfac(
         _likelihood.check_output(likelihood, layers.out_aval.shape)
         check_examples_independent(lambda p, kw: model_fn(p, **kw), params, (kw,),
                                    "scale_by_kfac")
-        state = place_state(layers, init_state(layers, params, damping, key_data, inverse), params)
-        return _tree.unaliased(state, key_data, damping)  # donatable, the user's arrays kept
+        # donatable, the user's arrays kept: copies made before placing (`jax.device_put` of
+        # one array to two leaves' shardings gave leaves that share their buffers)
+        state = _tree.unaliased(init_state(layers, params, damping, key_data, inverse),
+                                key_data, damping)
+        return place_state(layers, state, params)
 
     def update_fn(updates, state, params=None, *, value_fn=None, statistics=None, **extra_args):
         return _kfac_update(settings, updates, state, params, value_fn, statistics, extra_args)

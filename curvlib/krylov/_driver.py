@@ -287,22 +287,36 @@ def _solve_on_host(setup, request, update, running, finish, cfg, matvec, v0, key
         res = finish(cfg, state)
         placed = _user_layout.fn(v0, *_fields(res, bases, vectors, cut), rows=rows,
                                  cut_rows=tuple(cut.values()))
-    return to_device(_placed(res, (bases, vectors, cut), placed), like=v0)
+    return to_device(_placed(res, (bases, vectors, cut), placed), like=v0, operator=matvec)
 
 
-def to_device(tree, like=None):
+def to_device(tree, like=None, operator=None):
     """A result computed on NumPy as JAX arrays of JAX's dtypes (int64 -> int32 without x64),
     converted on the host and put on the device in one transfer: no eager op to compile.
 
     Placed like ``like`` (the user's ``v0``) when its leaves are replicated over
     several devices (data parallelism: the result is replicated there too, as
-    the compiled program returns it); on the default device otherwise.
+    the compiled program returns it); on the one device the arrays of ``like``
+    and ``operator`` are committed to, if any (a model placed on
+    ``jax.devices()[3]``: there, as the compiled program returns it); on the
+    default device otherwise.
     """
     def canonical(a):
         a = np.asarray(a)
         return a.astype(jax.dtypes.canonicalize_dtype(a.dtype), copy=False)
 
-    return jax.device_put(jax.tree.map(canonical, tree), _replicated_over(like))
+    return jax.device_put(jax.tree.map(canonical, tree),
+                          _replicated_over(like) or _committed_to((like, operator)))
+
+
+def _committed_to(trees):
+    """The one device that the committed arrays among ``trees``' leaves live on, else
+    ``None``: where a jitted call on them computes (uncommitted arrays follow committed
+    ones, and alone give an uncommitted result on the default device)."""
+    devices = {d for x in jax.tree.leaves(trees)
+               if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.committed
+               for d in x.sharding.device_set}
+    return devices.pop() if len(devices) == 1 else None
 
 
 def _replicated_over(like):

@@ -144,7 +144,7 @@ def _solve_on_host(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid
         nodes, weights, finite = (np.stack(x) for x in zip(
             *[_probe_nodes(cfg, t) for t in states], strict=True))
         res = _density(nodes, weights, finite, sigma, grid, num_points)
-    return _driver.to_device(res, like=v_like)
+    return _driver.to_device(res, like=v_like, operator=matvec)
 
 
 @_driver.quick_jit(static_argnames="num_probes")

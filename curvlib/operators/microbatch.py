@@ -98,16 +98,22 @@ def microbatch_mean(fn: Callable, batch: PyTree, microbatch_size: int | None) ->
     if not tracing(batch):
         # eager: the scan compiled once per computation (``fn``'s program, the arrays it
         # closes over its inputs), not once per call for a fresh closure
-        program = traced_program(lambda b: _chunked_mean(fn, b, n, microbatch_size), batch)
+        # (a concrete batch's placement decides the chunks: the trace does not carry it)
+        strided = _strided(batch, n // microbatch_size, microbatch_size)
+        program = traced_program(
+            lambda b: _chunked_mean(fn, b, n, microbatch_size, strided), batch)
         return run_program(program, batch)
     return _chunked_mean(fn, batch, n, microbatch_size)
 
 
-def _chunked_mean(fn: Callable, batch: PyTree, n: int, microbatch_size: int) -> PyTree:
-    """`microbatch_mean` on checked arguments, ``1 <= microbatch_size < n``."""
+def _chunked_mean(fn: Callable, batch: PyTree, n: int, microbatch_size: int,
+                  strided: bool = False) -> PyTree:
+    """`microbatch_mean` on checked arguments, ``1 <= microbatch_size < n``; ``strided``:
+    `_strided` held for the concrete batch this one was traced from."""
     num_full = n // microbatch_size
     rem = n - num_full * microbatch_size
-    head = jax.tree.map(lambda x: _chunks(x, num_full, microbatch_size), batch)
+    strided = strided or _strided(batch, num_full, microbatch_size)
+    head = jax.tree.map(lambda x: _chunks(x, num_full, microbatch_size, strided), batch)
     out_shape = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], head))
     # accumulate half-precision outputs in float32 (many bfloat16 partial sums lose digits)
     acc_dt = lambda dt: _tree.acc_dtype(dt) if jnp.issubdtype(dt, jnp.floating) else dt
@@ -124,19 +130,49 @@ def _chunked_mean(fn: Callable, batch: PyTree, n: int, microbatch_size: int) -> 
     return jax.tree.map(lambda o, s: o.astype(s.dtype), out, out_shape)
 
 
-def _chunks(x, num_full: int, size: int):
+def _strided(batch: PyTree, num_full: int, size: int) -> bool:
+    """Whether the chunks of ``batch`` are taken strided (`_chunks`): some leaf's sample axis
+    is split over several devices, by an explicit sharding type or, for a concrete array,
+    on an ``Auto`` mesh into shards that the chunks split evenly (no remainder).
+
+    One answer for the whole batch: chunk ``c`` must hold the same samples in every leaf
+    (inputs and their labels; a replicated leaf beside a split one).
+    """
+    for x in jax.tree.leaves(batch):
+        s = _tree.explicit_sharding(x)
+        if s is not None:
+            if tuple(s.spec) and s.spec[0] is not None:
+                return True
+            continue
+        s = None if isinstance(x, jax.core.Tracer) else getattr(x, "sharding", None)
+        if not isinstance(s, jax.sharding.NamedSharding) or not tuple(s.spec) or (
+                s.spec[0] is None):
+            continue
+        names = s.spec[0] if isinstance(s.spec[0], tuple) else (s.spec[0],)
+        shards = int(np.prod([s.mesh.shape[a] for a in names]))
+        if shards > 1 and x.shape[0] == num_full * size and size % shards == 0:
+            return True
+    return False
+
+
+def _chunks(x, num_full: int, size: int, strided: bool = False):
     """``x[:num_full * size]`` as chunks of ``size`` samples, shape ``(num_full, size, ...)``.
 
-    Contiguous chunks, except for a leaf whose sample axis is split over mesh
-    axes of an explicit sharding type: there a contiguous chunk would straddle
-    devices (a reshape JAX rejects), so the chunks are taken *strided* (chunk
-    ``c`` holds samples ``c, c + num_full, c + 2 num_full, ...``). Each chunk is
-    then split over the same devices as the batch and no data moves; the mean
-    over chunks is unchanged.
+    Contiguous chunks, except when ``strided`` (`_strided`: some leaf of the batch has
+    its sample axis split over several devices): there a contiguous chunk would straddle
+    devices (a reshape explicit sharding types reject; on an ``Auto`` mesh XLA
+    all-gathered the batch onto every device and evaluated each chunk on a few of them,
+    repeated on the others), so the chunks are taken *strided* (chunk ``c`` holds samples
+    ``c, c + num_full, c + 2 num_full, ...``) in every leaf alike. Each chunk is then split
+    over the same devices as the batch and no data moves; the mean over chunks is
+    unchanged.
     """
     s = _tree.explicit_sharding(x)
     spec = None if s is None else tuple(s.spec) + (None,) * (x.ndim - len(s.spec))
     if spec is None or spec[0] is None:
+        if strided:  # (a leaf not split, beside one that is: the same samples per chunk)
+            head = x[: num_full * size]
+            return jnp.swapaxes(jnp.reshape(head, (size, num_full) + x.shape[1:]), 0, 1)
         return x[: num_full * size].reshape((num_full, size) + x.shape[1:])
     names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
     shards = int(np.prod([s.mesh.shape[a] for a in names]))
