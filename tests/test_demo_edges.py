@@ -107,3 +107,15 @@ def test_interrupted_json_write_keeps_the_previous_report(tmp_path, monkeypatch)
         probe._write_report(_report(3.0), cfg, lambda *a: None)
     assert json.loads(path.read_text())["speedup_end_to_end"] == 2.0
     assert os.listdir(tmp_path) == ["delta2_transformer.json"]
+
+
+def test_json_report_is_strict_json(tmp_path):
+    # NaN and infinities were written as the literals NaN / Infinity, which strict JSON
+    # readers (and the JSON standard) refuse; the landscape's own writer writes null
+    path = tmp_path / "r.json"
+    demo_report.write_json({"a": float("nan"), "b": [1.5, float("inf"), (2.0, -float("inf"))],
+                       "c": {"d": np.float64(np.nan), "e": "text", "f": 3}}, path)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [1.5, None, [2.0, None]],
+                                "c": {"d": None, "e": "text", "f": 3}}

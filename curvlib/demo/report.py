@@ -55,16 +55,29 @@ def machine_info() -> dict:
                 versions=dict(curvlib=curvlib.__version__, **versions))
 
 
-def write_json(report: dict, path) -> None:
-    """``report`` as JSON in ``path``, written whole or not at all.
+def _strict(x):
+    """``x`` with every non-finite float as ``None`` (JSON has no NaN or infinity)."""
+    if isinstance(x, float):
+        return x if np.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(v) for v in x]
+    return x
 
-    The text goes to a temporary file that replaces ``path`` once complete: an
-    interrupted run (Ctrl-C) leaves the previous file, or none, never a truncated one.
+
+def write_json(report: dict, path) -> None:
+    """``report`` as strict JSON in ``path``, written whole or not at all.
+
+    NaN and infinities become ``null`` (as `curvlib.landscape.save_curve_json` writes
+    them; ``NaN`` is not JSON and strict readers refuse it). The text goes to a
+    temporary file that replaces ``path`` once complete: an interrupted run (Ctrl-C)
+    leaves the previous file, or none, never a truncated one.
     """
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
+            json.dump(_strict(report), f, indent=1, allow_nan=False)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
