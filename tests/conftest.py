@@ -123,6 +123,52 @@ def key():
     return jax.random.PRNGKey(0)
 
 
+@pytest.fixture
+def compile_behind_on():
+    """`curvlib.compile_behind` on (the suite runs with it off), every entry forgotten after;
+    yields ``curvlib._compile.BEHIND``."""
+    import curvlib
+    from curvlib import _compile
+
+    was = curvlib.compile_behind(True)
+    _compile.BEHIND.clear()
+    # the tests check answers and which program gives them, not when a compile starts
+    _compile.BEHIND._QUIET_S = 0.05
+    try:
+        yield _compile.BEHIND
+        _compile.BEHIND.wait()
+    finally:
+        _compile.BEHIND.clear()
+        del _compile.BEHIND._QUIET_S  # the class's value again
+        curvlib.compile_behind(was)
+
+
+@pytest.fixture(scope="module")
+def on_eight_devices():
+    """``run(code, out_path, timeout)``: ``python -c code out_path`` in a fresh process with 8
+    CPU devices (appended to this suite's XLA_FLAGS, conftest's cheapest backend setting, not
+    in their place) and this checkout first on the path; fails on a non-zero exit, returns
+    the JSON the code wrote to ``out_path``."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "")
+                         + " --xla_force_host_platform_device_count=8").strip(),
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+    def run(code: str, path, timeout: int = 1800):
+        proc = subprocess.run([sys.executable, "-c", code, str(path)], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        with open(path) as f:
+            return json.load(f)
+
+    return run
+
+
 # Under mutation testing (mutmut sets MUTANT_UNDER_TEST) every test retraces: a mutant worker
 # is forked from a process whose in-memory jit caches hold the unmutated programs, and a cache
 # hit would run the original code instead of the mutant. The persistent cache still serves the

@@ -18,24 +18,6 @@ import curvlib
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-@pytest.fixture
-def behind():
-    """`curvlib.compile_behind` on (the suite runs with it off), every entry forgotten after
-    (as in ``tests/test_first_answer.py``)."""
-    from curvlib import _compile
-
-    was = curvlib.compile_behind(True)
-    _compile.BEHIND.clear()
-    _compile.BEHIND._QUIET_S = 0.05
-    try:
-        yield _compile.BEHIND
-        _compile.BEHIND.wait()
-    finally:
-        _compile.BEHIND.clear()
-        del _compile.BEHIND._QUIET_S  # the class's value again
-        curvlib.compile_behind(was)
-
-
 def test_a_cache_time_that_is_not_one_number_is_refused_before_the_cache_moves(tmp_path):
     """An array of times passed the range check, then failed in ``float`` with NumPy's
     message after the cache folder had been switched (and JAX's cache not reset): the call
@@ -69,7 +51,8 @@ def test_progress_asked_for_by_the_environment_without_tqdm_stays_off(monkeypatc
         curvlib.show_progress(was)
 
 
-def test_the_landscape_does_not_compile_behind_in_a_multi_process_run(behind, monkeypatch):
+def test_the_landscape_does_not_compile_behind_in_a_multi_process_run(compile_behind_on,
+                                                                       monkeypatch):
     """`compile_behind` is always off with several processes (each would find its own
     compile ready at its own moment and run another program than the others): every entry
     checks ``jax.process_count()``, but the landscape's eager coefficients went to the
@@ -82,7 +65,7 @@ def test_the_landscape_does_not_compile_behind_in_a_multi_process_run(behind, mo
     loss = lambda w, b: jnp.mean((jnp.tanh(b[0] @ w) - b[1]) ** 2)
     monkeypatch.setattr(jax, "process_count", lambda *a, **k: 2)
     out = L.increment_coefficients(loss, w0, (x, y), 4, U)
-    assert len(behind._entries) == 0
+    assert len(compile_behind_on._entries) == 0
     inc = lambda w: (jnp.mean((jnp.tanh(x[:5] @ w) - y[:5]) ** 2)
                      - jnp.mean((jnp.tanh(x[:4] @ w) - y[:4]) ** 2))
     np.testing.assert_allclose(out.a, inc(w0), rtol=1e-5)

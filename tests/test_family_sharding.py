@@ -7,10 +7,6 @@ streamed product, a CG inverse) must equal the single-device value and keep the
 parameters' ``PartitionSpec``, so no device holds more than its shard.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -85,15 +81,8 @@ WORKER = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
-    path = tmp_path_factory.mktemp("family_sharding") / "out.json"
-    # appended to the suite's XLA_FLAGS (conftest's cheapest backend setting), not in its place
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()}
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(path)], env=env,
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(path.read_text())
+def sharded(tmp_path_factory, on_eight_devices):
+    return on_eight_devices(WORKER, tmp_path_factory.mktemp("family_sharding") / "out.json")
 
 
 @pytest.mark.parametrize(

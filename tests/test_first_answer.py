@@ -223,15 +223,11 @@ _FUSED: dict = {}
 
 
 @pytest.fixture
-def behind(monkeypatch):
+def behind(monkeypatch, compile_behind_on):
     """`curvlib.compile_behind` on (the suite runs with it off), every entry forgotten after;
     a signature's fused program compiled once for the whole file (`_FUSED`)."""
     from curvlib import _compile
 
-    was = curvlib.compile_behind(True)
-    _compile.BEHIND.clear()
-    # the tests check answers and which program gives them, not when a compile starts
-    _compile.BEHIND._QUIET_S = 0.05
     compile_behind = _compile.BEHIND._compile
 
     def compile_once(jitted, static, a):
@@ -245,13 +241,7 @@ def behind(monkeypatch):
         return compiled
 
     monkeypatch.setattr(_compile.BEHIND, "_compile", compile_once)
-    try:
-        yield _compile.BEHIND
-        _compile.BEHIND.wait()
-    finally:
-        _compile.BEHIND.clear()
-        del _compile.BEHIND._QUIET_S  # the class's value again
-        curvlib.compile_behind(was)
+    yield compile_behind_on  # (conftest's fixture waits, clears and turns it off after)
 
 
 @pytest.fixture

@@ -15,10 +15,6 @@ The pytest process has one CPU device, so the checks run once, in a fresh proces
   share a buffer, so ``jax.jit(step, donate_argnums=(0, 1))`` runs and matches one device.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -129,18 +125,9 @@ WORKER = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sharding_edges") / "out.json"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # appended to the suite's XLA_FLAGS (conftest's cheapest backend setting)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip(),
-           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(path)], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(path) as f:
-        return json.load(f)
+def report(tmp_path_factory, on_eight_devices):
+    return on_eight_devices(WORKER, tmp_path_factory.mktemp("sharding_edges") / "out.json",
+                            timeout=900)
 
 
 def test_eager_answers_stay_on_the_models_device(report):
