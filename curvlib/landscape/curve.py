@@ -82,8 +82,9 @@ class KCurve(NamedTuple):
         not on ``H^(k)`` alone (see docs/landscape.md). ``None`` for a curve built
         by hand.
       timings: stage -> ``(K,)`` seconds (``subspace``, ``coefficients``,
-        ``closed_form``, ``direct_mc``, ``full_mc``); the first ``k`` includes
-        the compilation of each stage's program (one for the whole curve).
+        ``closed_form``, ``direct_mc``, ``full_mc``); the largest ``k`` (the curve runs
+        from it down) includes the compilation of each stage's program (one for the whole
+        curve).
       status: ``(K,)`` int32 [`curvlib.Status`][curvlib.Status] of the eigensolves at k
         (and k+1): the most serious of their ``status``, ``NONFINITE`` where ``finite`` is
         false (``None`` for a curve built by hand).

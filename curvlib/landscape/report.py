@@ -16,7 +16,11 @@ from curvlib.landscape.curve import KCurve, curve_slopes, fit_slope, sigma_index
 
 
 def curve_to_dict(curve: KCurve) -> dict:
-    """A JSON-serialisable dict of every field (NaN becomes ``None``), plus the fitted slopes.
+    """A JSON-serialisable dict of every field, plus the fitted slopes.
+
+    Non-finite numbers (NaN, and infinities, which strict JSON cannot hold either) become
+    ``None``; integer fields (``ks``, ``dims``, ``status``, ``num_matvecs``) stay ints and
+    booleans stay booleans, so a curve read back from JSON has its original types.
 
     Args:
       curve: a [`KCurve`][curvlib.landscape.KCurve] from [`k_curve`][curvlib.landscape.k_curve].
@@ -34,7 +38,7 @@ def curve_to_dict(curve: KCurve) -> dict:
       ...            np.ones(2, bool), {"subspace": np.array([1.0, 0.5])})
       >>> d = curve_to_dict(c)
       >>> d["ks"], d["delta1"], d["full_mean"], d["timings"]["subspace"]
-      ([2.0, 4.0], [0.5, 0.25], [[None], [None]], [1.0, 0.5])
+      ([2, 4], [0.5, 0.25], [[None], [None]], [1.0, 0.5])
       >>> round(d["slopes"]["sigma=0.001"]["delta1"], 6)
       -1.0
     """
@@ -46,8 +50,8 @@ def curve_to_dict(curve: KCurve) -> dict:
         if x is None:
             return None
         a = np.asarray(x)
-        if a.dtype == bool:
-            return a.tolist()
+        if a.dtype == bool or np.issubdtype(a.dtype, np.integer):
+            return a.tolist()  # (counts stay ints: `ks`, `dims`, `num_matvecs`)
         a = a.astype(float)
         if not a.ndim:
             return float(a) if np.isfinite(a) else None
@@ -76,7 +80,7 @@ def _sigma_keys(sigmas) -> list[str]:
 def save_curve_json(curve: KCurve, path) -> None:
     """Write [`curve_to_dict`][curvlib.landscape.curve_to_dict] to ``path`` (strict JSON).
 
-    No ``NaN`` literals: NaN becomes ``null``.
+    No ``NaN`` or ``Infinity`` literals: a non-finite number becomes ``null``.
 
     Args:
       curve: a [`KCurve`][curvlib.landscape.KCurve] from [`k_curve`][curvlib.landscape.k_curve].
@@ -182,8 +186,10 @@ def plot_curve(curve: KCurve, sigma=None, path=None, ax=None):
     Plots ``Delta_1^2`` (squared, to share the axis with the mean-squared
     criteria; its fitted slope is reported for ``Delta_1`` itself),
     full-space ``Delta_2``, and ``Delta_2^(D)`` (closed form; direct MC as
-    markers, with ``2 x`` standard-error bars) for each ``D``; legends carry
-    the fitted slopes. Needs matplotlib.
+    markers, with ``2 x`` standard-error bars) for each ``D``, joined in increasing
+    ``k`` whatever the order of ``curve.ks``; legends carry the fitted slopes. The
+    references start from the largest plotted value at the smallest ``k``. Needs
+    matplotlib.
 
     Args:
       curve: a [`KCurve`][curvlib.landscape.KCurve].
@@ -195,6 +201,9 @@ def plot_curve(curve: KCurve, sigma=None, path=None, ax=None):
 
     Returns:
       The matplotlib figure.
+
+    Raises:
+      ValueError: for a curve with no points (empty ``ks``).
 
     Examples:
       >>> import os, tempfile
@@ -211,6 +220,9 @@ def plot_curve(curve: KCurve, sigma=None, path=None, ax=None):
       True
     """
     s = sigma_index(curve, sigma)
+    if np.size(curve.ks) == 0:
+        raise ValueError("`curve` must have at least one k to plot; got a curve with no points "
+                         "(`ks` is empty).")
     if ax is not None:
         fig = ax.figure
     elif path is not None:
@@ -222,6 +234,10 @@ def plot_curve(curve: KCurve, sigma=None, path=None, ax=None):
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    # lines join the points in increasing k (a curve's `ks` are in the order they were asked)
+    order = np.argsort(np.asarray(curve.ks, float), kind="stable")
+    curve = curve._replace(**{f: np.asarray(getattr(curve, f))[order] for f in (
+        "ks", "delta1", "full_mean", "closed_form", "direct_mean", "direct_stderr")})
     ks = curve.ks.astype(float)
     sl = lambda v: fit_slope(ks, v)[0]
     ax.loglog(ks, curve.delta1**2, "k-o", ms=3,
@@ -235,7 +251,15 @@ def plot_curve(curve: KCurve, sigma=None, path=None, ax=None):
         if np.isfinite(curve.direct_mean[:, j, s]).any():
             ax.errorbar(ks, curve.direct_mean[:, j, s], yerr=2 * curve.direct_stderr[:, j, s],
                         fmt=f"C{j + 1}x", ms=5, lw=0.8)
-    ref = np.nanmax(curve.delta1**2) if np.isfinite(curve.delta1).any() else 1.0
+    # the references start at the largest plotted value (of Delta_1^2 if it has one: at an
+    # interpolating point every Delta_1 is 0, which a log axis does not show)
+    ref = 1.0
+    for v in (curve.delta1**2, np.concatenate([curve.full_mean[:, s],
+                                                np.ravel(curve.closed_form[:, :, s])])):
+        v = v[np.isfinite(v) & (v > 0)]
+        if v.size:
+            ref = float(np.max(v))
+            break
     ax.loglog(ks, ref * (ks / ks[0]) ** -1.0, "k:", lw=1, label="k^-1")
     ax.loglog(ks, ref * (ks / ks[0]) ** -2.0, "k--", lw=1, label="k^-2")
     ax.set_xlabel("k (samples)")
