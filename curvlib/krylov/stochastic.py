@@ -132,13 +132,18 @@ def _block_matvec(matvec, V, batch_size, like):
     """``A v`` for every row of the basis ``V``: one ``vmap`` (or ``lax.map`` chunks).
 
     A host-driven operator (data streamed from the host) takes the whole block
-    in one pass over its data (``matvec.matmat``), or row by row.
+    in one pass over its data (``matvec.matmat``; one pass per chunk of
+    ``batch_size`` rows, each pass holding that many products), or row by row.
     """
     if _compile.is_host_driven(matvec):
+        n = jax.tree.leaves(V)[0].shape[0]
         if hasattr(matvec, "matmat"):
-            out = matvec.matmat(V)
+            step = n if batch_size is None else batch_size
+            parts = [matvec.matmat(jax.tree.map(lambda x, i=i: x[i:i + step], V))
+                     for i in range(0, n, step)]
+            out = parts[0] if len(parts) == 1 else jax.tree.map(
+                lambda *p: jnp.concatenate(p), *parts)
         else:
-            n = jax.tree.leaves(V)[0].shape[0]
             rows = [matvec(jax.tree.map(lambda x, i=i: x[i], V)) for i in range(n)]
             out = jax.tree.map(lambda *r: jnp.stack(r), *rows)
         return jax.tree.map(lambda a, b: jnp.asarray(a).astype(b.dtype), out, V)
@@ -506,7 +511,8 @@ def hutchinson_trace(
         otherwise.
       method: ``"hutch++"`` (default without ``deflate``) or ``"hutchinson"``
         (the only choice with ``deflate``).
-      batch_size: optional chunking of the block products (static, ``>= 1``).
+      batch_size: optional chunking of the block products (static, ``>= 1``);
+        on a streamed operator, one pass over the data per chunk.
       deflate: optional orthonormal basis (pytree shaped like ``v_like`` with a
         leading axis ``d``) whose span is traced exactly.
       deflate_trace: optional known ``tr(Q A Q^T)`` for ``deflate``.
@@ -695,7 +701,8 @@ def hutchinson_diag(
       key: PRNG key.
       num_probes: number of probes (static, ``>= 1``; ``>= 2`` for a finite
         standard error).
-      batch_size: optional chunking of the block product (static, ``>= 1``).
+      batch_size: optional chunking of the block product (static, ``>= 1``);
+        on a streamed operator, one pass over the data per chunk.
 
     Returns:
       [`MonteCarloEstimate`][curvlib.MonteCarloEstimate] whose ``estimate`` and ``stderr`` are

@@ -59,20 +59,34 @@ def _pass_factory(batches) -> Callable[[], Iterable]:
             "a tf.data.Dataset, a grain DataLoader)."
         )
     if callable(batches):
-        return batches
+        return lambda: _iterable(batches(), "`batches()`", "returned")
+    batches = _iterable(batches, "`batches`", "is")
+    return lambda: batches
+
+
+def _iterable(batches, name: str, verb: str) -> Iterable:
+    """``batches`` (``name``: how the message calls it), refused unless an iterable of batches."""
     if isinstance(batches, Mapping):  # (one batch, or a dataset's columns: not batches)
         raise TypeError(
-            f"`batches` is a {type(batches).__name__}: iterating it yields its keys "
+            f"{name} {verb} a {type(batches).__name__}: iterating it yields its keys "
             f"({list(batches)[:3]}), not batches. Pass a list of batches "
             "(`[{'x': x0, 'y': y0}, {'x': x1, 'y': y1}]`) or a function returning an iterator "
             "over them."
         )
-    if isinstance(batches, Iterable):
-        return lambda: batches
-    raise TypeError(
-        "`batches` must be a function returning an iterable of batches, or a re-iterable of "
-        f"batches; got {type(batches).__name__}."
-    )
+    if isinstance(batches, (np.ndarray, jax.Array)):  # (one batch: its rows are not batches)
+        raise TypeError(
+            f"{name} {verb} an array of shape {np.shape(batches)}: iterating it yields its rows "
+            "as batches (each row's leading axis taken as its samples). Pass a list of batches "
+            "(`[x]` for one batch, `list(stacked)` for batches stacked on a leading axis) or a "
+            "function returning an iterator over them "
+            "(`lambda: (x[i:i + b] for i in range(0, len(x), b))`)."
+        )
+    if not isinstance(batches, Iterable):
+        raise TypeError(
+            "`batches` must be a function returning an iterable of batches, or a re-iterable "
+            f"of batches; {name} {verb} a {type(batches).__name__}."
+        )
+    return batches
 
 
 def _call(fn, with_key: bool, batch, args, key, index):
@@ -85,10 +99,22 @@ def _per_batch(kind: str, user_fn: Callable) -> Callable:
     """The per-batch function ``fn(batch, *args[, key_b])`` of a stream of a given ``kind``."""
     if kind == "mean":
         return user_fn
-    if kind == "product":  # user_fn = build(params, batch[, key]) -> matvec
-        return lambda batch, params, v, *key: user_fn(params, batch, *key)(v)
-    if kind == "block":
-        return lambda batch, params, V, *key: jax.vmap(user_fn(params, batch, *key))(V)
+    if kind in ("product", "block"):  # user_fn = build(params, batch[, key]) -> matvec
+        def product(params, batch, key, v):  # the output checked when traced: no run-time cost
+            op = user_fn(params, batch, *key)
+            if not callable(op):
+                raise TypeError("`build(params, batch)` must return an operator (a function "
+                                f"`v -> C v`); got {type(op).__name__}.")
+            out = op(v)
+            _validate.same_structure(v, out, "v", "build(params, batch)(v)", floating=True,
+                                     what="`build` must return the batch's operator on "
+                                          "vectors shaped like `params`.")
+            return out
+
+        if kind == "product":
+            return lambda batch, params, v, *key: product(params, batch, key, v)
+        return lambda batch, params, V, *key: jax.vmap(
+            lambda v: product(params, batch, key, v))(V)
     has_aux = kind == "value_and_grad_aux"  # user_fn = fun(params, batch)
 
     def loss(params, batch):  # the output checked when traced: no run-time cost
@@ -211,6 +237,11 @@ def _checked_batch(batch, i: int, treedef, sharding):
     n = batch_size(batch, f"batch {i}")
     if n < 1:
         raise ValueError(f"batch {i} of the stream is empty.")
+    # a host copy of every writable NumPy leaf: JAX may alias a host buffer until the
+    # computation reading it runs (asynchronously, or a later batch's group call), so a
+    # loader refilling one buffer in place would change batches already handed over
+    batch = jax.tree.map(
+        lambda x: np.array(x) if isinstance(x, np.ndarray) and x.flags.writeable else x, batch)
     if sharding is not None:
         batch = jax.device_put(batch, sharding)
     return batch, n
@@ -384,7 +415,10 @@ def _stream_sum(user_fn, kind, batches, args, *, key, sharding, what: str, out_s
         total += n
         count += 1
     if acc is None:
-        raise ValueError(f"the stream of batches yielded no batch; {what} needs at least one.")
+        raise ValueError(
+            f"the stream of batches yielded no batch; {what} needs at least one (every pass "
+            "needs the whole stream: a function `batches` must return a fresh iterator on "
+            "every call, not one already used).")
     return flush(acc), total, count, out_shape
 
 
@@ -405,8 +439,10 @@ def stream_mean(fn: Callable, batches, *args, key=None, sharding=None,
         key_b)`` when ``key`` is given.
       batches: a function returning a fresh iterable of batches (``lambda:
         iter(loader)``), or a re-iterable (a list, a ``tf.data.Dataset``, a grain
-        ``DataLoader``). A batch is a pytree of NumPy (or JAX) arrays with a
-        shared leading axis ``n_b >= 1``, its weight.
+        ``DataLoader``); not a dict or an array (one batch: iterating it yields
+        its keys, or its rows). A batch is a pytree of NumPy (or JAX) arrays with a
+        shared leading axis ``n_b >= 1``, its weight. Writable NumPy arrays are
+        copied when read, so a loader may refill one buffer in place.
       *args: further arguments of ``fn``.
       key: optional PRNG key; batch ``b`` (counting from 0) then receives
         ``jax.random.fold_in(key, b)`` as ``fn``'s last argument (the same key
@@ -441,8 +477,8 @@ def stream_mean(fn: Callable, batches, *args, key=None, sharding=None,
       The weighted mean, shaped like ``fn``'s output.
 
     Raises:
-      TypeError: for a one-shot iterator (a product needs a fresh pass) or
-        traced ``args``.
+      TypeError: for a one-shot iterator (a product needs a fresh pass), a
+        dict or an array as ``batches`` (or returned by it), or traced ``args``.
       ValueError: for an empty stream, an empty batch, batches of differing
         structures or leaves without a shared leading axis (named by batch and path);
         with ``process_local``, for a missing ``sharding`` or streams of different
@@ -625,9 +661,11 @@ def stream_matvec(build: Callable, params: PyTree, batches, *, key=None,
       A [`StreamMatvec`][curvlib.StreamMatvec] (``host_driven = True``).
 
     Raises:
-      TypeError: for a one-shot iterator; when called, for traced vectors.
+      TypeError: for a one-shot iterator, a dict or an array as ``batches``;
+        when called, for traced vectors, or a ``build`` that returns no operator.
       ValueError: when called, for a vector that does not match ``params``, an
-        empty stream, or a stream whose size changed since the last pass.
+        empty stream, a stream whose size changed since the last pass, or a
+        batch operator whose output is not shaped like ``params``.
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np
@@ -678,7 +716,8 @@ def stream_gradient(fun: Callable, params: PyTree, batches, *, has_aux: bool = F
       ``(value, grad)`` or ``((value, aux), grad)``.
 
     Raises:
-      TypeError: for a one-shot iterator or traced ``params``.
+      TypeError: for a one-shot iterator, a dict or an array as ``batches``, or
+        traced ``params``.
       ValueError: for an empty stream or malformed batches.
 
     Examples:
