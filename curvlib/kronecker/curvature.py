@@ -377,9 +377,7 @@ def _rows_gradient(layer: Layer, a, g, dt):
     hi = jax.lax.Precision.HIGHEST
     g = g.astype(dt)
     if layer.kind == "embedding":
-        ids = a.reshape(-1)
-        if layer.uses[0].act[1] != "fill":
-            ids = jnp.clip(ids, 0, layer.in_dim - 1)
+        ids = a.reshape(-1)  # (`use_rows`: the rows read, out-of-range ones past the table)
         return jnp.zeros((layer.in_dim, layer.out_dim), dt).at[ids].add(
             g.reshape(-1, layer.out_dim), mode="drop")
     a = a.astype(dt)
@@ -394,10 +392,7 @@ def _layer_factors(layer: Layer, a, g, convention, dt):
     hi = jax.lax.Precision.HIGHEST
     if layer.kind == "embedding":
         vocab = layer.in_dim
-        fill = layer.uses[0].act[1] == "fill"
-        ids = a.reshape(-1)
-        if not fill:
-            ids = jnp.clip(ids, 0, vocab - 1)
+        ids = a.reshape(-1)  # (`use_rows`: the rows read, out-of-range ones past the table)
         counts = jnp.zeros((vocab,), dt).at[ids].add(1.0, mode="drop")
         A = counts / ids.shape[0]
         G = jnp.einsum("nsro,nsrp->op", g, g, precision=hi) / n
@@ -431,8 +426,8 @@ def to_blocks(layers: KfacLayers, tree: PyTree, dtype=None):
         if l.bias is not None:
             m = jnp.concatenate([m, jnp.reshape(leaves[l.bias], (1, l.out_dim)).astype(m.dtype)])
         mats.append(m if dtype is None else m.astype(dtype))
-    diag = [leaves[f.leaf] if dtype is None else leaves[f.leaf].astype(dtype)
-            for f in layers.diagonal]
+    # (a Python scalar leaf, as a scalar parameter given as a float, is an array here)
+    diag = [jnp.asarray(leaves[f.leaf], dtype) for f in layers.diagonal]
     return mats, diag
 
 
@@ -806,7 +801,7 @@ def kfac_curvature(
 
     Raises:
       ValueError: for an unknown ``likelihood`` or ``convention``, a bad
-        ``num_samples``, or a batch without a shared leading axis.
+        ``num_samples``, or a batch without a shared leading axis or without examples.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -832,6 +827,8 @@ def kfac_curvature(
     num_samples = check_options(likelihood, convention, num_samples, variance, key)
     variance = 1.0 if variance is None else variance  # (as fisher_matvec's None)
     layers = _find_layers(model_fn, params, args)
+    if layers.num_examples == 0:  # (the factors' means over no examples are 0 / 0)
+        raise ValueError("`args` must hold at least one example; got a batch of 0 examples.")
     _likelihood.check_output(likelihood, layers.out_aval.shape)
     check_examples_independent(model_fn, params, args, "kfac_curvature")
     factors, _ = _statistics_jit(layers, params, batch_leaves(args),

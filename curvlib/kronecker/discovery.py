@@ -805,7 +805,10 @@ def use_rows(use: Use, x) -> jax.Array:
     """The activation operand of ``use`` (one example, batch of 1) as rows.
 
     Dense: ``(positions, d_in)``; conv: the patches ``(positions, d_in)``;
-    embedding: the ids ``(positions,)``.
+    embedding: the ids ``(positions,)`` of the rows the lookup reads: clamped to the table
+    (``"clip"``), or, for a ``"fill"`` lookup, ``vocab`` for an id out of range (a negative
+    one included: a scatter with ``mode="drop"`` drops it, where it would wrap ``-k`` to
+    ``vocab - k``).
     """
     kind = use.act[0]
     if kind == "dense":
@@ -818,8 +821,11 @@ def use_rows(use: Use, x) -> jax.Array:
             dimension_numbers=lax.ConvDimensionNumbers(*dn), precision=lax.Precision.HIGHEST,
         )
         return jnp.reshape(jnp.transpose(patches, out_perm), shape)
-    _, _, _, shape = use.act
-    return jnp.reshape(x, shape)
+    _, mode, vocab, shape = use.act
+    ids = jnp.reshape(x, shape)
+    if mode == "fill":
+        return jnp.where((ids < 0) | (ids >= vocab), vocab, ids)
+    return jnp.clip(ids, 0, vocab - 1)
 
 
 def out_rows(use: Use, d_out: int, y) -> jax.Array:

@@ -54,6 +54,23 @@ def _static_bool(x, where: str, name: str) -> bool:
     return bool(x)
 
 
+def prefix_mismatch(prefix: PyTree, params: PyTree, name: str, none_is_leaf: bool) -> str:
+    """Why ``prefix`` is not a prefix of ``params``, by key path, ending in ``"; "`` (``""``
+    when no path differs: the containers' types do). ``none_is_leaf``: a ``None`` in
+    ``prefix`` covers a subtree (a block label), else it is an empty subtree (a mask)."""
+    is_leaf = (lambda x: x is None) if none_is_leaf else None
+    pre = [tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(prefix, is_leaf=is_leaf)[0]]
+    full = [tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    extra = [keystr(p) for p in pre if not any(q[:len(p)] == p for q in full)]
+    missing = [keystr(q) for q in full if not any(q[:len(p)] == p for p in pre)]
+    said = []
+    if extra:
+        said.append(f"`{name}` has {', '.join(extra)}, which `params` does not")
+    if missing:
+        said.append(f"`{name}` says nothing of {', '.join(missing)} of `params`")
+    return "".join(f"{x}; " for x in said)
+
+
 def leaf_mask(params: PyTree, where, name: str = "where") -> tuple[bool, ...]:
     """One bool per leaf of ``params``: is it selected by ``where``?
 
@@ -71,7 +88,8 @@ def leaf_mask(params: PyTree, where, name: str = "where") -> tuple[bool, ...]:
     except (ValueError, TypeError):
         raise ValueError(
             f"`{name}` must be a predicate `{name}(path, leaf) -> bool` or a pytree of bools "
-            "with the structure of `params` (or a prefix of it); got structure "
+            "with the structure of `params` (or a prefix of it); "
+            f"{prefix_mismatch(where, params, name, none_is_leaf=False)}got structure "
             f"{jax.tree.structure(where)} for params {jax.tree.structure(params)}."
         ) from None
     fflat, _ = jax.tree_util.tree_flatten_with_path(full)

@@ -210,7 +210,8 @@ def _labels(params: PyTree, blocks) -> list:
         raise ValueError(
             "`blocks` must be None (one block per leaf), a function `blocks(path, leaf) -> "
             "label | None`, or a pytree of labels with the structure of `params` (or a prefix "
-            f"of it); got structure {jax.tree.structure(blocks)}."
+            f"of it); {C.prefix_mismatch(blocks, params, 'blocks', none_is_leaf=True)}got "
+            f"structure {jax.tree.structure(blocks)} for params {jax.tree.structure(params)}."
         ) from None
     return jax.tree.leaves(full, is_leaf=lambda x: x is None)
 
@@ -312,7 +313,8 @@ def block_eigsh(
       blocks: ``None`` (one block per leaf), a function ``blocks(path, leaf) ->
         label`` (``None`` leaves the leaf out of every block), or a pytree of
         labels with the structure of ``params`` or a prefix of it. Labels must
-        be strings or other values whose ``str`` names the block.
+        be strings or other values whose ``str`` names the block, not bools (a mask:
+        label its selected leaves with a name and the rest ``None``).
       which: ``"LA"``, ``"SA"`` or ``"LM"``, as in [`curvlib.eigsh`][curvlib.eigsh].
       batch_size: how many equal-shaped blocks one vmapped eigsh solves together
         (as in ``jax.lax.map``): ``None`` (default) all of a group, ``1`` one
@@ -351,7 +353,8 @@ def block_eigsh(
 
     Raises:
       ValueError: for a block with ``k`` or fewer entries, no block at all,
-        a bad ``blocks``/``k``, or both ``matvec`` and ``block_matvec``.
+        a bad ``blocks``/``k`` (bool labels: a mask), or both ``matvec`` and
+        ``block_matvec``.
       TypeError: for a ``matvec``/``block_matvec`` that is not callable, neither
         of them, or a host-driven operator from ``block_matvec``.
 
@@ -381,6 +384,13 @@ def block_eigsh(
     _validate.float_leaves(params, "params")
     _validate.prng_key(key)
     labels = tuple(_labels(params, blocks))
+    flags = sorted({str(lab) for lab in labels if isinstance(lab, (bool, np.bool_))})
+    if flags:  # a mask (restrict's `where`) made a block "False" of the leaves it left out
+        raise ValueError(
+            f"`blocks` must label the leaves with block names, or None for no block; got the "
+            f"bool label(s) {flags}, as from a mask. To solve the leaves a mask selects as "
+            "one block, pass `blocks=jax.tree.map(lambda m: 'name' if m else None, mask)`."
+        )
     order = _block_order(labels)
     if not order:
         raise ValueError("`blocks` puts no leaf of `params` in any block.")
@@ -439,10 +449,10 @@ def _hashable(x) -> bool:
 
 
 def _as_partial(matvec, name: str) -> Partial:
+    if not callable(matvec):  # (a pytree such as a KfacCurvature too: its `.matvec` is)
+        raise TypeError(f"`{name}` must be callable; got {type(matvec).__name__}.")
     if is_pytree_operator(matvec):  # (its arrays stay arguments, as for a Partial)
         return matvec
-    if not callable(matvec):
-        raise TypeError(f"`{name}` must be callable; got {type(matvec).__name__}.")
     return Partial(matvec)  # static: the jit cache keys on the function
 
 
