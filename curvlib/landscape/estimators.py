@@ -325,7 +325,10 @@ def _estimate(mean, stderr, sigma, num_samples, antithetic) -> MonteCarloEstimat
     """Package grid results as a `MonteCarloEstimate` shaped like ``sigma`` (the plain
     standard error over ``num_samples`` draws: ``num_samples - 1`` degrees of freedom)."""
     P = 2 if antithetic else 1
-    finite = jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(stderr))
+    ok = jnp.isfinite(mean) & jnp.isfinite(stderr)
+    finite = jnp.all(ok)
+    # an overflowed entry (inf) is no estimate: NaN, as `MonteCarloEstimate` and Hutchinson's
+    mean, stderr = jnp.where(ok, mean, jnp.nan), jnp.where(ok, stderr, jnp.nan)
     return monte_carlo_estimate(
         mean.reshape(sigma.shape), stderr.reshape(sigma.shape), num_samples=num_samples,
         num_evaluations=num_samples * P, num_matvecs=0, finite=finite,

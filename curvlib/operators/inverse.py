@@ -325,8 +325,8 @@ def inverse_matvec(
       cg: CG's options, a [`curvlib.CG`][curvlib.CG] (default ``CG()``: ``rtol=1e-5``,
         ``atol=0``, ``max_steps`` ``10 * dim``, the defaults of [`curvlib.cg`][curvlib.cg]).
         The former keywords ``rtol``, ``atol`` and ``max_steps`` still work,
-        with a warning (the former default ``rtol`` was ``1e-6``).
-      preconditioner: optional SPD ``M^{-1}`` for CG.
+        with a warning (the former default ``rtol`` was ``1e-6``). ``"cg"`` only.
+      preconditioner: optional SPD ``M^{-1}`` for CG (``"cg"`` only).
       rank: eigenpairs to compute for ``"lowrank"`` (static).
       v0: start vector of that eigsh (e.g. ``jax.random.normal``-filled params).
       eigenpairs: instead of ``rank``/``v0``: an [`EigshResult`][curvlib.EigshResult] or a
@@ -334,14 +334,16 @@ def inverse_matvec(
       eigsh: the options of that eigsh, a [`curvlib.Eigsh`][curvlib.Eigsh] (default ``Eigsh()``).
       **eigsh_options: the remaining arguments of [`curvlib.eigsh`][curvlib.eigsh]
         (``which``, ``key``); its solver options as keywords (``tol``,
-        ``basis_size``, ...) still work, with a warning.
+        ``basis_size``, ...) still work, with a warning; ``verify`` is set in ``eigsh=``
+        only.
 
     Returns:
       An [`InverseMatvec`][curvlib.InverseMatvec] ``inv`` with ``inv(v) = (C + lambda I)^{-1} v``.
 
     Raises:
       ValueError: for an unknown ``method``, a negative (or, for ``"lowrank"``,
-        zero) ``damping``, missing/extra low-rank arguments, or concrete low-rank
+        zero) ``damping``, missing/extra low-rank arguments, CG's options or a
+        ``preconditioner`` with ``"lowrank"``, or concrete low-rank
         eigenvalues (computed or given) with ``min(theta + damping) <= 0`` (traced
         ones give NaN and ``NEGATIVE_CURVATURE`` in the solve).
 
@@ -368,6 +370,13 @@ def inverse_matvec(
     lowrank = method == "lowrank"  # the complement is inverted as 1 / damping
     _validate.number(damping, "damping", minimum=0, exclusive=lowrank,
                      what="for method='lowrank'" if lowrank else None)
+    if lowrank and (cg is not None or preconditioner is not None):
+        # (no CG runs: an option of it was ignored, the old `rtol` too, which arrives as `cg`)
+        raise ValueError(
+            "`cg` (CG's options, also the former `rtol`, `atol` and `max_steps`) and "
+            "`preconditioner` apply to method='cg' only; method='lowrank' runs no CG (its "
+            "accuracy is eigsh's: `eigsh=curvlib.Eigsh(rtol=...)`)."
+        )
     given, matvec = matvec, _as_partial(matvec, "matvec")
     preconditioner = _as_partial(preconditioner, "preconditioner")
     cg = resolve(CG, cg, "cg")
@@ -392,6 +401,13 @@ def inverse_matvec(
             raise TypeError(f"`eigsh` must be a curvlib.Eigsh; got {type(eigsh).__name__}.")
         eigsh, rest = _deprecation.fold_options("curvlib.inverse_matvec", "eigsh", Eigsh, eigsh,
                                                 eigsh_options, _EIGSH_RENAMES)
+        unknown = sorted(set(rest) - {"which", "key"})
+        if unknown:  # (`verify` overrode the `eigsh` value; `k`, `solver`: Python's error)
+            raise TypeError(
+                f"inverse_matvec() got unexpected keyword argument(s) {unknown}: eigsh's "
+                "options are fields of `eigsh=curvlib.Eigsh(...)` (`verify` included), its "
+                "`k` is `rank`; only `which` and `key` pass as keywords."
+            )
         n = _tree.size(v0)
         rank = _validate.static_int(rank, "rank", minimum=1, maximum=n - 1,
                                     what="the dimension of `v0` minus one")
