@@ -11,11 +11,12 @@ left to the caller).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from curvlib import _validate
 from curvlib.optim.track import TrackCurvatureInfo, curvature_info
 
 COLUMNS = (
@@ -31,12 +32,14 @@ def _column(info: TrackCurvatureInfo, c: str):
 
 def _stack(records: Any) -> dict[str, np.ndarray]:
     """The info columns of ``records`` with a leading time axis (one entry per record)."""
-    if isinstance(records, tuple) and not isinstance(records, TrackCurvatureInfo):
+    if isinstance(records, Iterator):
+        records = list(records)  # a generator of records
+    if isinstance(records, Sequence) and not isinstance(records, (list, str, TrackCurvatureInfo)):
         try:  # one state (an optax chain's, a TrackCurvatureState) is a tuple too
             records = curvature_info(records)
         except (KeyError, ValueError, TypeError):
-            pass  # a tuple of records
-    if isinstance(records, (list, tuple)) and not isinstance(records, TrackCurvatureInfo):
+            records = list(records)  # a tuple or a deque of records
+    if isinstance(records, list):
         infos = [r if isinstance(r, TrackCurvatureInfo) else curvature_info(r) for r in records]
         if not infos:
             raise ValueError("`records` is empty; expected states or infos appended per step.")
@@ -52,7 +55,8 @@ def curvature_history(records: Any) -> dict[str, np.ndarray]:
     """Collect tracked values over a run into NumPy columns, one row per refresh.
 
     Args:
-      records: a sequence of optimiser states or [`TrackCurvatureInfo`][curvlib.TrackCurvatureInfo]
+      records: a sequence (list, tuple, ``collections.deque``) or an iterator of optimiser
+        states or [`TrackCurvatureInfo`][curvlib.TrackCurvatureInfo]
         (e.g. ``curvature_info(state)`` appended after every step; flax nnx
         optimizer states are read out by [`curvlib.curvature_info`][curvlib.curvature_info], so
         rows are never aliases of the last step), or one info/state whose
@@ -61,12 +65,15 @@ def curvature_history(records: Any) -> dict[str, np.ndarray]:
         the first refresh are dropped.
 
     Returns:
-      A dict of arrays with one row per refresh, ordered by step: ``step``,
+      A dict of arrays with one row per successful refresh, ordered by step: ``step``,
       ``loss``, ``sharpness`` (``eigenvalues[:, 0]``), ``eigenvalues``
       (``(T, k)``), ``residual_norms``, ``trace``, ``trace_stderr``,
       ``grad_fraction``, ``grad_norm``, ``num_matvecs``, ``eigsh_matvecs``,
-      ``converged``, ``skipped``. ``pandas.DataFrame({c: h[c] for c in ...})``
-      or [`format_curvature_table`][curvlib.format_curvature_table] turn it into a table.
+      ``converged``, ``skipped`` (a later refresh met a non-finite value and was
+      skipped while this row's values were held: the refreshes between this row and
+      the next failed; skipped refreshes before the first successful one leave no row).
+      ``pandas.DataFrame({c: h[c] for c in ...})`` or
+      [`format_curvature_table`][curvlib.format_curvature_table] turn it into a table.
 
     Raises:
       ValueError: for an empty sequence, or vmapped records (index one seed first).
@@ -99,6 +106,10 @@ def curvature_history(records: Any) -> dict[str, np.ndarray]:
     rows = np.sort(first[steps[first] >= 0])
     rows = rows[np.argsort(steps[rows], kind="stable")]
     out = {c: v[rows] for c, v in stacked.items()}
+    # a skipped refresh keeps the last successful one's step and values, flagged: the
+    # first record of a step is the measurement, a later flagged one the failure after it
+    out["skipped"] = np.array([bool(np.any(stacked["skipped"][steps == s])) for s in out["step"]],
+                              bool)
     out["sharpness"] = out["eigenvalues"][:, 0]
     return out
 
@@ -107,11 +118,11 @@ TABLE_COLUMNS = ("step", "loss", "sharpness", "trace", "grad_fraction", "num_mat
 
 
 def format_curvature_table(history: dict[str, np.ndarray], max_rows: int | None = None) -> str:
-    """A plain-text table of `curvature_history`, one line per refresh (84 columns).
+    """A plain-text table of `curvature_history`, one line per refresh (83 columns).
 
     Args:
       history: the output of [`curvature_history`][curvlib.curvature_history].
-      max_rows: print at most this many rows (the first ones).
+      max_rows: print at most this many rows (the first ones; ``>= 0``).
 
     Returns:
       The table, a header line and one line per row.
@@ -126,6 +137,7 @@ def format_curvature_table(history: dict[str, np.ndarray], max_rows: int | None 
             0     1          8     20            0.9           30
            10   0.5        9.5     21            0.7           12
     """
+    max_rows = _validate.static_int(max_rows, "max_rows", minimum=0, optional=True)
     lines = [" ".join(f"{c:>13}" for c in TABLE_COLUMNS)]
     n = len(history["step"]) if max_rows is None else min(max_rows, len(history["step"]))
     for i in range(n):
@@ -146,6 +158,9 @@ def plot_curvature(
 ):
     """Plot a `curvature_history`: loss, top-k eigenvalues (with ``2/eta``), trace, alignment.
 
+    The loss panel has a log scale when every finite loss is positive, else a
+    linear one (a log axis would hide a loss ``<= 0``).
+
     The trace panel draws the estimate with error bars of one standard error
     (``trace_stderr``, when the history has it); the estimate is whatever
     ``trace_method`` the tracker used (the deflated Hutchinson estimator by
@@ -153,9 +168,10 @@ def plot_curvature(
 
     Args:
       history: the output of [`curvature_history`][curvlib.curvature_history].
-      learning_rate: if given, the edge-of-stability line ``2 / learning_rate``
+      learning_rate: if given (``> 0``), the edge-of-stability line ``2 / learning_rate``
         is drawn on the eigenvalue panel.
-      axes: four matplotlib axes to draw on; a new 1 x 4 figure by default.
+      axes: four matplotlib axes to draw on (a sequence, or an array of them such as
+        ``plt.subplots(2, 2)[1]``, in reading order); a new 1 x 4 figure by default.
 
     Returns:
       The matplotlib figure.
@@ -173,13 +189,20 @@ def plot_curvature(
     """
     import matplotlib.pyplot as plt
 
+    _validate.number(learning_rate, "learning_rate", minimum=0, exclusive=True, optional=True)
     if axes is None:
         fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
     else:
+        axes = list(np.ravel(np.asarray(axes, dtype=object)))  # plt.subplots(2, 2)'s grid too
+        if len(axes) != 4:
+            raise ValueError(f"`axes` must be four matplotlib axes; got {len(axes)}.")
         fig = axes[0].figure
     s = history["step"]
-    axes[0].plot(s, history["loss"])
-    axes[0].set_yscale("log")
+    loss = np.asarray(history["loss"], np.float64)
+    axes[0].plot(s, loss)
+    finite = loss[np.isfinite(loss)]
+    if finite.size and np.all(finite > 0):  # a log axis draws no loss <= 0
+        axes[0].set_yscale("log")
     axes[0].set_title("loss")
     ev = history["eigenvalues"]
     for i in range(ev.shape[1]):

@@ -505,7 +505,7 @@ def track_curvature(
         a mean over the batch).
       has_aux: ``value_fn`` returns ``(loss, aux)``; ``aux`` is ignored.
       warm_noise: norm of the random part of a warm start, relative to one
-        unit eigenvector (traceable).
+        unit eigenvector (finite, ``>= 0``; traceable).
 
     Returns:
       An `optax.GradientTransformationExtraArgs` with state
@@ -513,7 +513,8 @@ def track_curvature(
 
     Raises:
       ValueError: ``every < 1`` or ``k < 1`` (here), ``k >=`` the number of
-        parameters (at ``init``), a bad ``which``/``trace_method``/``num_probes``;
+        parameters (at ``init``), a bad ``which``/``trace_method``/``num_probes``/
+        ``warm_noise``;
         non-floating or key leaves in ``params`` (at ``init``, naming the leaf).
       TypeError: at ``update`` when ``value_fn`` is missing, cannot take the
         extra arguments passed, or does not return a scalar loss.
@@ -557,7 +558,7 @@ def track_curvature(
             f"its exact trace and the residual estimate take a third each); got {num_probes}. "
             "Use trace_method='hutchinson' for fewer probes."
         )
-    _validate.number(warm_noise, "warm_noise", minimum=0, finite=False)
+    _validate.number(warm_noise, "warm_noise", minimum=0)  # inf: every warm start non-finite
     microbatch_size = _validate.static_int(microbatch_size, "microbatch_size", minimum=1,
                                            optional=True)
     _validate.mode(mode, microbatch_size=microbatch_size)
@@ -630,7 +631,9 @@ def curvature_info(state: PyTree) -> TrackCurvatureInfo:
     ``nnx.Optimizer``'s ``opt_state`` holds *mutable* ``Variable`` objects
     that the next step overwrites in place, so the values are read out here
     and the returned info is a snapshot (appending ``curvature_info(...)``
-    after every step collects one row per step, not aliases of the last).
+    after every step collects one row per step, not aliases of the last). Its
+    arrays are copies, so they stay readable when the next step donates the
+    state (``jax.jit(step, donate_argnums=...)``).
     Unlike ``optax.tree_utils.tree_get(state, "info")`` it does not clash with
     the ``info`` of another link of the chain.
 
@@ -675,4 +678,6 @@ def curvature_info(state: PyTree) -> TrackCurvatureInfo:
                "(`nnx.update(optimizer, state)`) and pass `optimizer.opt_state`."
                if not found else "")
         )
-    return jax.tree.map(_snapshot, found[0], is_leaf=_is_variable)
+    # copies in their own buffers: a step that donates the state (`donate_argnums`) deletes
+    # the state's, and the infos appended before it must stay readable
+    return jax.tree.map(lambda x: jnp.copy(_snapshot(x)), found[0], is_leaf=_is_variable)
