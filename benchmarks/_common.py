@@ -4,7 +4,8 @@ Method (see README.md): every timed callable is warmed up first (compilation and
 first-call effects excluded), then run ``repeats`` times; each repeat calls it
 ``number`` times and blocks on the result (``jax.block_until_ready``). We report
 the median per-call time and the spread (min, max, IQR) over repeats. Ratios are
-ratios of medians measured in the same process, one after the other.
+ratios of medians measured in the same process, one after the other, or, from
+``time_paired``, the median of the per-pair ratios of interleaved A/B pairs.
 """
 
 from __future__ import annotations
@@ -166,6 +167,20 @@ def _git_commit() -> str | None:
         return None
 
 
+def _git_dirty(root: Path | None = None) -> bool | None:
+    """Whether tracked files under ``curvlib/`` or ``benchmarks/`` (results aside) differ from
+    the commit: the code measured is then not the recorded commit (``None`` without git)."""
+    root = ROOT.parent if root is None else root
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "curvlib",
+             "benchmarks", ":(exclude)benchmarks/results", ":(exclude)benchmarks/README.md"],
+            cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def threads() -> dict:
     """Thread settings in force: env vars, torch intra/inter-op threads, cores visible."""
     out = {
@@ -177,9 +192,8 @@ def threads() -> dict:
         out["sched_affinity"] = len(os.sched_getaffinity(0))
     except AttributeError:
         pass
-    if "torch" in sys.modules:
-        import torch
-
+    torch = sys.modules.get("torch")  # (loaded by a torch peer; None where it was blocked)
+    if torch is not None:
         out["torch_num_threads"] = torch.get_num_threads()
         out["torch_num_interop_threads"] = torch.get_num_interop_threads()
     return out
@@ -191,6 +205,7 @@ def metadata() -> dict:
     meta = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -218,19 +233,26 @@ def metadata() -> dict:
 
 
 def _jsonable(x):
+    """``x`` as strict JSON values: NaN becomes ``None`` and infinities ``"inf"`` /
+    ``"-inf"``, also inside NumPy and JAX scalars and arrays."""
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     if isinstance(x, (np.floating, np.integer, np.bool_)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if hasattr(x, "shape") and hasattr(x, "dtype"):  # jax arrays
-        return np.asarray(x).tolist()
+        x = x.item()
+    elif isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    elif hasattr(x, "shape") and hasattr(x, "dtype"):  # jax arrays
+        return _jsonable(np.asarray(x).tolist())
     if isinstance(x, float) and not np.isfinite(x):
         return None if np.isnan(x) else ("inf" if x > 0 else "-inf")
     return x
+
+
+def dumps(payload) -> str:
+    """Strict JSON text of ``payload`` (no ``NaN`` or ``Infinity`` literals)."""
+    return json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n"
 
 
 def write_result(case: str, payload: dict) -> Path:
@@ -238,7 +260,7 @@ def write_result(case: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"case": case, "meta": metadata(), **payload}
     path = RESULTS / f"{case}.json"
-    path.write_text(json.dumps(_jsonable(out), indent=2) + "\n")
+    path.write_text(dumps(out))
     return path
 
 
@@ -268,6 +290,14 @@ def _fmt_s(s) -> str:
 
 def _fmt_x(r) -> str:
     return "n/a" if r is None else f"{float(r):.2f}x"
+
+
+def fmt_slower(r, digits: int = 2) -> str:
+    """A time ratio ``curvlib / peer`` in words: ``"1.58x slower"``, or ``"2.10x faster"``
+    below 1 (never ``"0.48x slower"``)."""
+    if r is None or not np.isfinite(r) or r <= 0:
+        return "n/a"
+    return f"{r:.{digits}f}x slower" if r >= 1 else f"{1 / r:.{digits}f}x faster"
 
 
 def md_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -317,45 +347,95 @@ def _commits_since(commit) -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "?"
 
 
+def _machine(m: dict) -> str:
+    """The machine and JAX version a JSON's ``meta`` records, as one phrase (the peers'
+    versions are in each JSON's ``meta.versions``, torch's threads in the summary's table)."""
+    th, v = m.get("threads", {}), m.get("versions", {})
+    return (f"{m.get('processor')} / {m.get('platform')}, "
+            f"{th.get('sched_affinity', th.get('os_cpu_count'))} cores visible, "
+            f"{m.get('memory_gb')} GiB; JAX {v.get('jax')} ({m.get('jax_backend')})")
+
+
+def _torch(m: dict) -> str:
+    """torch's version and intra-op threads in a run (``-`` when the run did not use it)."""
+    n = m.get("threads", {}).get("torch_num_threads")
+    return "-" if n is None else f"{m.get('versions', {}).get('torch')}, threads: {n}"
+
+
+def _part_metas(r: dict) -> dict[str, dict]:
+    """The runs of a case's parts kept from earlier runs: ``{part: meta}`` from
+    ``parts[<part>]["meta"]`` and ``parts_meta``."""
+    out = {name: part["meta"] for name, part in r.get("parts", {}).items()
+           if isinstance(part, dict) and isinstance(part.get("meta"), dict)}
+    out.update(r.get("parts_meta", {}))
+    return out
+
+
+def _commit_cell(m: dict, parts: dict[str, dict]) -> str:
+    """A case's commit, flagged when the tree had uncommitted changes, with the runs of the
+    parts measured at another commit or time."""
+    def one(mm):
+        return str(mm.get("git_commit")) + (" (uncommitted changes)" if mm.get("git_dirty")
+                                             else "")
+    cell = one(m)
+    other = [f"{name}: {one(pm)}, {str(pm.get('date_utc'))[:16]}" for name, pm in parts.items()
+             if (pm.get("git_commit"), pm.get("date_utc")) != (m.get("git_commit"),
+                                                               m.get("date_utc"))]
+    return cell + ("; parts measured apart: " + "; ".join(other) if other else "")
+
+
+def _case_label(name: str, r: dict) -> str:
+    """A case's name, marked when it ran in ``--quick`` mode (here or in a kept part)."""
+    metas = [r.get("meta", {}), *_part_metas(r).values()]
+    return name + (" (quick)" if any(m.get("quick") for m in metas) else "")
+
+
 def render_summary(results: dict[str, dict] | None = None) -> str:
     """Markdown summary of every ``results/*.json`` that carries a ``summary`` block."""
     results = load_results() if results is None else results
     parts = ["# curvlib benchmark summary", ""]
-    metas = [r["meta"] for r in results.values() if "meta" in r]
+    metas = {name: r["meta"] for name, r in results.items() if "meta" in r}
     if metas:
-        m = metas[0]
-        th = m.get("threads", {})
+        machines: dict[str, list[str]] = {}
+        for name, m in metas.items():
+            machines.setdefault(_machine(m), []).append(name)
+        if len(machines) == 1:
+            parts += [f"Machine (every case): {next(iter(machines))}. Peer versions "
+                      "(matfree, scipy, torch) are in each JSON's `meta.versions`.", ""]
+        else:
+            parts += ["Machines differ between cases (compare rows of different machines with "
+                      "care):", ""]
+            parts += [f"- {desc}: {', '.join(names)}." for desc, names in machines.items()]
+            parts += ["", "Peer versions (matfree, scipy, torch) are in each JSON's "
+                      "`meta.versions`.", ""]
         parts += [
-            f"Machine: {m.get('processor')} / {m.get('platform')}, "
-            f"{th.get('sched_affinity', th.get('os_cpu_count'))} cores visible, "
-            f"{m.get('memory_gb')} GiB; JAX {m['versions'].get('jax')} ({m.get('jax_backend')}), "
-            f"torch {m['versions'].get('torch')} ({th.get('torch_num_threads')} threads), "
-            f"matfree {m['versions'].get('matfree')}, scipy {m['versions'].get('scipy')}. "
-            f"Commit {m.get('git_commit')}, {m.get('date_utc')}"
-            f"{' (quick mode)' if m.get('quick') else ''}.",
-            "",
             "Times are medians over the listed repeats after warm-up. A ratio is peer / "
-            "curvlib (above 1: curvlib is faster) unless its row says otherwise: rows read "
-            "\"x slower\", \"of a gradient\", \"of one eigsh\", \"K-FAC / Adam\" or with a goal "
-            "written \"<= ...\" are curvlib / peer (below 1: curvlib is faster). Peers are "
+            "curvlib (above 1: curvlib is faster) unless its row says otherwise: \"x slower\" "
+            "and \"x faster\" say which in words; rows read \"of a gradient\", \"of one "
+            "eigsh\", \"K-FAC / Adam\" or with a goal written \"<= ...\" are curvlib / peer "
+            "(below 1: curvlib is faster). Peers are "
             "measured in the same run unless the case's notes say otherwise.",
             "",
             "Each case's run (its JSON's `meta`): the commit and date it measured, and how many "
             f"commits had changed `curvlib/` since when this summary was rendered (at "
             f"{_head()}; a case measured long ago describes older code: rerun it with "
-            "`python -m benchmarks.run --only <case>`).",
+            "`python -m benchmarks.run --only <case>`). Parts of a case kept from an earlier "
+            "run are listed with their own commit; cases run with `--quick` are marked "
+            "(quick) here and in the headline.",
             "",
-            md_table(["case", "commit", "date (UTC)", "load (1 min)", "curvlib commits since"],
-                     [[name, r["meta"].get("git_commit"), str(r["meta"].get("date_utc"))[:16],
-                       _round(r["meta"].get("load_avg_1m_at_start")), _commits_since(
-                           r["meta"].get("git_commit"))]
-                      for name, r in results.items() if "meta" in r]),
+            md_table(["case", "commit", "date (UTC)", "load (1 min)", "curvlib commits since",
+                      "torch (threads)", "mode"],
+                     [[name, _commit_cell(m, _part_metas(results[name])),
+                       str(m.get("date_utc"))[:16], _round(m.get("load_avg_1m_at_start")),
+                       _commits_since(m.get("git_commit")), _torch(m),
+                       "quick" if m.get("quick") else "full"]
+                      for name, m in metas.items()]),
             "",
         ]
     headline = []
     for name, r in results.items():
         for row in r.get("headline", []):
-            headline.append([name] + row)
+            headline.append([_case_label(name, r)] + row)
     if headline:
         parts += ["## Headline", "", md_table(
             ["case", "what", "curvlib", "peer", "peer time", "ratio", "accuracy (curvlib / peer)",

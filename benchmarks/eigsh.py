@@ -22,6 +22,7 @@ when both sides reached the target on the same pairs; otherwise the row says so.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 
 import jax
@@ -156,7 +157,7 @@ def run_matfree(prob, chk, v0, reps, m_lo, m_hi, quick):
         return cache[m]
 
     good = None
-    bad = m_lo - 1
+    bad = K - 1  # below K no top-K; m_lo itself may already be deeper than needed
     for m in range(m_lo, m_hi + 1, 10):
         if attempt(m)[2]["reached"]:
             good = m
@@ -276,26 +277,37 @@ def bench_problem(prob, reps, quick, torch_reps, torch_max_iters, torch_budget):
     res["matfree"], res["matfree_failed"] = run_matfree(
         prob, chk, v0, reps, max(K + 10, 10 * (nm // 20)), 200, quick)
     res["scipy"] = run_scipy(prob, chk, v0, reps)
-    res["torch_power"] = run_torch(prob, chk, v0, torch_reps, torch_max_iters, torch_budget)
+    if importlib.util.find_spec("torch") is None:  # a peer of its own: the others still count
+        res["torch_power"] = None
+        res["torch_power_skipped"] = "torch is not installed (pip install -e '.[bench]')"
+        C.log(f"  torch power iteration skipped: {res['torch_power_skipped']}")
+    else:
+        res["torch_power"] = run_torch(prob, chk, v0, torch_reps, torch_max_iters,
+                                       torch_budget)
     return res
 
 
 def _row(res, peer, label, goal, ours="curvlib"):
     cl = res[ours]
     p = res.get(peer)
+    if res.get(f"{peer}_skipped") and p is None:
+        return [f"2. top-10 eigsh, {res['model']}", C._fmt_s(cl and cl["timing"]["median_s"]),
+                label, f"not run: {res[f'{peer}_skipped']}", "n/a", "-", "-",
+                goal + ": not measured"]
     if not cl or not p or not p.get("reached", True):
         peer_t = p["timing"]["median_s"] if p else None
         why = "did not reach the target"
         if p:
             why = (f"{C._fmt_s(peer_t)}, reached only {p['max_rel_residual']:.1e} after "
                    f"{p['num_matvecs']} products")
-        bound = (f"n/a (accuracy not matched; peer slower by >= "
-                 f"{C._fmt_x(C.ratio(peer_t, cl['timing']['median_s']))} anyway)"
-                 if p and cl else "n/a (accuracy not matched)")
+        bound = "n/a (accuracy not matched)"
+        lower = C.ratio(peer_t, cl["timing"]["median_s"]) if p and cl else None
+        if lower is not None and lower >= 1:  # more time for less accuracy: a lower bound
+            bound = f"n/a (accuracy not matched; peer slower by >= {C._fmt_x(lower)} anyway)"
+        acc = " / ".join("-" if e is None else f"{e['max_rel_residual']:.1e}" for e in (cl, p))
+        reps = " / ".join("-" if e is None else str(e["timing"]["repeats"]) for e in (cl, p))
         return [f"2. top-10 eigsh, {res['model']}", C._fmt_s(cl and cl["timing"]["median_s"]),
-                label, why, bound,
-                f"{cl['max_rel_residual']:.1e} / " if cl else "", "",
-                goal + ": not measurable at equal accuracy"]
+                label, why, bound, acc, reps, goal + ": not measurable at equal accuracy"]
     r = C.ratio(p["timing"]["median_s"], cl["timing"]["median_s"])
     need = float(goal.split(">=")[1].rstrip("x"))
     what = ("" if ours == "curvlib"

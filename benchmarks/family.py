@@ -277,13 +277,16 @@ def run(quick: bool = False, tiny: bool = False, streams_only: bool = False,
     reps = C.repeats(7)
     prob = M.make_transformer(**TINY) if tiny else M.make_transformer()
     C.log(f"transformer: {M.num_params(prob.params):,} parameters, config {prob.config}")
+    kept = {}
     if streams_only or spectra_only:
         last = C.load_results()["family"]
         products, spectra = last["products"], last["block_spectra"]
+        kept = {part: kept_meta(last, part) for part in
+                (("products", "block_spectra") if streams_only else ("products", "stream"))}
     if spectra_only:
         spectra = bench_block_spectra(prob, reps)
         C.log("  block spectra done")
-        return _report(prob, products, spectra, last["stream"], tiny)
+        return _report(prob, products, spectra, last["stream"], tiny, kept)
     if not streams_only:
         products = bench_products(prob, reps)
         C.log("  products done")
@@ -291,10 +294,22 @@ def run(quick: bool = False, tiny: bool = False, streams_only: bool = False,
         C.log("  block spectra done")
     stream = bench_stream(prob, reps)
     C.log("  streams done")
-    return _report(prob, products, spectra, stream, tiny)
+    return _report(prob, products, spectra, stream, tiny, kept)
 
 
-def _report(prob, products, spectra, stream, tiny) -> dict:
+def kept_meta(last: dict, part: str) -> dict:
+    """The run that measured ``part`` of the results ``last`` (its own entry in
+    ``parts_meta`` when it was kept there from an earlier run, else ``last``'s ``meta``)."""
+    if part in last.get("parts_meta", {}):
+        return last["parts_meta"][part]
+    m = last.get("meta", {})
+    return {k: m.get(k) for k in ("git_commit", "git_dirty", "date_utc", "quick")}
+
+
+def _report(prob, products, spectra, stream, tiny, kept=None) -> dict:
+    """The payload of ``results/family.json``; ``kept``: ``{part: meta}`` of the parts
+    (``products``, ``block_spectra``, ``stream``) taken from an earlier run."""
+    kept = kept or {}
     headline, rows, notes = [], [], []
     goals = {"fisher": 1.3, "ggn": 1.3, "empirical_fisher": 2.0}
     for name, goal in goals.items():
@@ -382,12 +397,16 @@ def _report(prob, products, spectra, stream, tiny) -> dict:
             f"{NUM_BATCHES} host batches costs {C._fmt_x(pr['ratio_b_over_a_median'])} of the "
             f"in-memory microbatched product (rel. diff {stream['product_rel_diff']:.1e})."
         )
+    if kept:
+        notes.append("Kept from earlier runs, not measured in this one: " + "; ".join(
+            f"{part} (commit {m.get('git_commit')}, {str(m.get('date_utc'))[:16]})"
+            for part, m in kept.items()) + ".")
     md = C.md_table(["operator", "median", "/ grad", "setup (linearise)", "repeats"], rows)
     payload = {
         "title": "Curvature family (Fisher, GGN, empirical Fisher, block spectra, streams)",
         "model": prob.name, "num_params": M.num_params(prob.params), "config": prob.config,
         "tiny": tiny, "products": products, "block_spectra": spectra, "stream": stream,
-        "headline": headline, "summary_md": md, "notes": notes,
+        "headline": headline, "summary_md": md, "notes": notes, "parts_meta": kept,
     }
     if not tiny:  # a smoke run never overwrites the results
         C.write_result("family", payload)

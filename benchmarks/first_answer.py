@@ -41,6 +41,7 @@ from . import _common as C
 
 WIDTH, DEPTH = 9, 1  # digits 64 -> 9 -> 10: 685 parameters
 K, M = 5, 40  # eigenpairs; matfree's Krylov depth
+PAIRS = 9  # interleaved (eager, warm jitted) pairs per curvlib algorithm
 
 _PRELUDE = textwrap.dedent(f"""
     import json, time, os, sys
@@ -85,7 +86,7 @@ _CURVLIB = _PRELUDE + textwrap.dedent("""
     jitted = jax.jit(lambda mv: call(mv))
     block(jitted(mv))
     eager, warm = [], []  # interleaved pairs: the eager call (fresh operator), the jitted one
-    for _ in range(9):
+    for _ in range({pairs}):
         mv3 = build(); block(mv3)
         eager.append(timed(lambda: call(mv3))[0])
         warm.append(timed(lambda: jitted(mv))[0])
@@ -258,7 +259,8 @@ def _rows_in_rounds(rounds: int) -> dict:
         for name, call in _CASES.items():
             C.log(f"first_answer: {name} (round {r + 1}/{rounds})")
             runs.setdefault(name, []).append(
-                _run(_CURVLIB.replace("{call}", call.format(K=K, M=M))))
+                _run(_CURVLIB.replace("{call}", call.format(K=K, M=M))
+                     .replace("{pairs}", str(PAIRS))))
         peers = {"eigsh_in_jit": _EIGSH_IN_JIT,
                  "matfree_eigh_partial": _MATFREE, "scipy_arpack": _ARPACK,
                  "matfree_trace": _MATFREE_STOCHTRACE.replace("{what}", "trace"),
@@ -310,7 +312,7 @@ def run(quick: bool = False) -> dict:
                    "eager second = the same call right away with a freshly built operator "
                    "(build time apart), while the fused program still compiles behind; eager "
                    "ready = the eager call once the fused program is ready and warm = the call "
-                   "inside jax.jit, compiled: 9 interleaved pairs, medians (and the median "
+                   f"inside jax.jit, compiled: {PAIRS} interleaved pairs, medians (and the median "
                    "difference).",
                    f"matfree: jax.jit(eig.eigh_partial(decomp.tridiag_sym({M}))) on the ravelled "
                    "product; ARPACK: scipy eigsh (k=5, which='LA', tol=1e-3) on the jitted "
@@ -347,7 +349,7 @@ def _headline(rows: dict) -> list:
          f">=1.0x: {'met' if r1 >= 1 else 'MISSED'}"],
         [f"jax.jit(eigsh) k={K} first call (inside the user's jit: trace+compile+run) vs "
          "matfree's", _fmt(jt["first_s"]), f"matfree eigh_partial(tridiag_sym({M}))",
-         _fmt(mf["first_s"]), f"{jt['first_s'] / mf['first_s']:.2f}x slower", "-",
+         _fmt(mf["first_s"]), C.fmt_slower(jt['first_s'] / mf['first_s']), "-",
          f"{len(jt['first_s_rounds'])} (fresh processes, median)",
          f"<=1.5x: {'met' if jt['first_s'] <= 1.5 * mf['first_s'] else 'MISSED'}"],
         ["spectral_density (30 x 8) first call vs 3x matfree's first call", _fmt(slq["first_s"]),
@@ -356,14 +358,15 @@ def _headline(rows: dict) -> list:
          f">=1.0x: {'met' if r2 >= 1 else 'MISSED'}"],
         ["eager call (fused program ready) minus warm jitted call, worst algorithm",
          f"{1e3 * over:.1f} ms ({worst})", "-", "-", "-", "-",
-         "9 interleaved pairs (median difference)",
+         f"{PAIRS} interleaved pairs (median difference)",
          f"<= a few ms: {'met' if over <= 0.005 else 'MISSED'}"],
         ["eager second call right after the first (answer now again, the fused program still "
          "compiling) minus warm jitted call, worst algorithm",
-         f"{1e3 * over_now:.1f} ms ({worst_now})", "-", "-", "-", "-", "1 / 7", "-"],
+         f"{1e3 * over_now:.1f} ms ({worst_now})", "-", "-", "-", "-",
+         f"1 / {PAIRS} (median)", "-"],
         *[[f"{n} eager first call vs its closest peer's first call", _fmt(rows[n]["first_s"]),
            what, _fmt(rows[peer]["first_s"]),
-           f"{rows[n]['first_s'] / rows[peer]['first_s']:.2f}x slower", "-",
+           C.fmt_slower(rows[n]['first_s'] / rows[peer]['first_s']), "-",
            f"{len(rows[n]['first_s_rounds'])} (fresh processes, median)",
            f"<=2x: {'met' if rows[n]['first_s'] <= 2 * rows[peer]['first_s'] else 'MISSED'}"]
           for n, (peer, what) in _PEERS.items()],
@@ -383,10 +386,10 @@ def _notebook_headline(rows: dict) -> list:
     return [
         [f"eigsh k={K} eager first call (answer now) vs ARPACK's first call", _fmt(now["first_s"]),
          "scipy eigsh (ARPACK) on the jitted product", _fmt(ar),
-         f"{now['first_s'] / ar:.1f}x slower", "-", n_now,
+         C.fmt_slower(now['first_s'] / ar, 1), "-", n_now,
          f"<=2x: {'met' if now['first_s'] <= 2 * ar else 'MISSED'}"],
         [f"eigsh k={K} eager first call, warm persistent cache, vs ARPACK", _fmt(warm["first_s"]),
-         "scipy eigsh (ARPACK), no cache", _fmt(ar), f"{warm['first_s'] / ar:.1f}x slower", "-",
+         "scipy eigsh (ARPACK), no cache", _fmt(ar), C.fmt_slower(warm['first_s'] / ar, 1), "-",
          n_now, f"<=1x: {'met' if warm['first_s'] <= ar else 'MISSED'}"],
         ["eigsh first call: answer now vs the fused program compiled in front",
          _fmt(now["first_s"]), "compile_behind(False)", _fmt(front["first_s"]),

@@ -44,9 +44,11 @@ of the comparison run with one OpenBLAS thread.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -263,6 +265,8 @@ def optimizer_run(problem: str, num_steps: int, initial_damping: float, seed: in
         print(f"repeat {r}: loss {losses[0]:.4g} -> {final:.4g}; median step "
               f"{1e3 * np.median(step_times):.2f} ms")
     return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
         "model": description,
         "optimizer": ("kfac_jax.Optimizer(adaptive lr, momentum, damping; fisher_gradients)"
                       if settings == "adaptive" else
@@ -278,6 +282,27 @@ def optimizer_run(problem: str, num_steps: int, initial_damping: float, seed: in
                     "load_avg": os.getloadavg(),
                     "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")},
     }
+
+
+def _strict(x):
+    """``x`` as strict JSON values: a NaN loss (a diverged step) becomes ``None``."""
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(v) for v in x]
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
+def _git_commit() -> str | None:
+    """The short commit of the repository this runs from (``None`` without git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def main(argv=None):
@@ -300,7 +325,7 @@ def main(argv=None):
             if args.settings == "amortised":
                 path = path.with_name(f"kfac_jax_{problem}_amortised.json")
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(res, indent=1))
+            path.write_text(json.dumps(_strict(res), indent=1, allow_nan=False))
             print(f"wrote {path}")
 
 

@@ -24,6 +24,15 @@ CASES = ("first_answer", "products", "eigsh", "landscape", "family", "kfac", "sc
          "optimizers", "track_overhead")
 # long (minutes of compile and a ~5 GiB peak): only when named with --only
 EXTRA = ("large_model",)
+# cases that cannot run without these packages (eigsh skips its torch peer by itself)
+NEEDS = {"landscape": ("torch",)}
+
+
+def missing(name: str) -> list[str]:
+    """The packages case ``name`` needs that are not installed."""
+    import importlib.util
+
+    return [m for m in NEEDS.get(name, ()) if importlib.util.find_spec(m) is None]
 
 
 def main(argv=None) -> int:
@@ -63,8 +72,13 @@ def main(argv=None) -> int:
     except ImportError:
         pass
 
-    failed = []
+    failed, skipped = [], []
     for name in args.only or CASES:
+        if missing(name):
+            C.log(f"== {name}: skipped, needs {', '.join(missing(name))} (not installed; "
+                  "pip install -e '.[bench]') ==")
+            skipped.append(name)
+            continue
         t0 = time.perf_counter()
         C.log(f"== {name} ==")
         try:
@@ -77,7 +91,9 @@ def main(argv=None) -> int:
     C.log(f"summary: {path}")
     if failed:
         C.log(f"FAILED cases: {failed}")
-    return 1 if failed else 0
+    if skipped:
+        C.log(f"SKIPPED cases (packages missing): {skipped}")
+    return 1 if failed or skipped else 0
 
 
 if __name__ == "__main__":
