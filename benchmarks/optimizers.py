@@ -264,9 +264,11 @@ def _run(quick: bool) -> None:
         rows,
     )
     headline = headline_rows(lr, mp, repeats)
-    C.log(f"optax.lbfgs / newton_cg wall-clock (logreg): {C._fmt_x(ratio)}; "
-          f"scipy / newton_cg: {C._fmt_x(ratio_scipy)}; lbfgs / newton_cg(ggn) (MLP): "
-          f"{C._fmt_x(ratio_mlp)} (n/a: a side missed the target)")
+    C.log(f"optax.lbfgs / newton_cg wall-clock (logreg): "
+          f"{_shown(ratio, lr['optax.lbfgs'], lr['curvlib.newton_cg'])}; scipy / newton_cg: "
+          f"{_shown(ratio_scipy, lr['scipy trust-ncg'], lr['curvlib.newton_cg'])}; "
+          "lbfgs / newton_cg(ggn) (MLP): "
+          f"{_shown(ratio_mlp, mp['optax.lbfgs'], mp['curvlib.newton_cg(ggn)'])}")
     path = C.write_result("optimizers", {
         "title": "Second-order optimisers: time and steps to a target",
         "description": __doc__,
