@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -265,36 +266,54 @@ def _leaf_shardings(batch, sharding):
     return jax.tree.structure(batch).flatten_up_to(sharding)
 
 
-def _process_sizes(status: int) -> np.ndarray:
-    """Every process's ``status`` (a batch's local size, or a negative code), in process order."""
+def _process_sizes(status: int, signature: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Every process's ``status`` (a batch's local size, or a negative code) and
+    ``signature`` (`_signature` of its batch), in process order."""
     if jax.process_count() == 1:
-        return np.asarray([status])
+        return np.asarray([status]), np.asarray([signature])
     from jax.experimental import multihost_utils
 
-    sizes = multihost_utils.process_allgather(np.asarray([status], np.int64))
-    return np.asarray(sizes).reshape(-1)
+    got = multihost_utils.process_allgather(np.asarray([status, signature], np.int64))
+    got = np.asarray(got).reshape(-1, 2)
+    return got[:, 0], got[:, 1]
+
+
+def _layout(batch) -> str:
+    """What every process's part of a batch must share: each leaf's shape past the sample
+    axis and dtype (the structure is the user's type, whose text may hold addresses)."""
+    leaves = [f"{np.shape(x)[1:]} {x.dtype if hasattr(x, 'dtype') else np.result_type(x)}"
+              for x in jax.tree.leaves(batch)]
+    return f"{len(leaves)} leaves [{', '.join(leaves)}]"
+
+
+def _signature(batch) -> int:
+    """`_layout` of ``batch`` as a number the processes can all-gather."""
+    return zlib.crc32(_layout(batch).encode())
 
 
 def _agreed(batches: Iterable, sharding) -> Iterator:
     """``(global batch, n)`` per step of per-process streams, the processes agreeing first.
 
-    Each step costs one all-gather of one integer per process (a host sync), so
+    Each step costs one all-gather of two integers per process (a host sync), so
     that every process takes the same branch: all have a batch (assemble it), all
     are done (stop), or not (raise on every process, never a hang): a stream that
-    ends early, or a batch that is malformed or whose loader raised on one process.
+    ends early, a batch that is malformed or whose loader raised on one process, or
+    parts that differ across processes in their leaves' trailing shapes or dtypes (each
+    process would compile another program, and wait in its collectives for the others).
     """
     it = iter(batches)
     treedef = None
     for i in itertools.count():
-        error, status = None, -1
+        error, status, signature = None, -1, 0
         try:  # the loader's and the checks' errors are raised below, once the others know
             batch = next(it, _END)
             if batch is not _END:
                 treedef = jax.tree.structure(batch) if treedef is None else treedef
                 batch, status = _checked_batch(batch, i, treedef, None)
+                signature = _signature(batch)
         except Exception as e:  # re-raised after the all-gather
             error, status = e, -2
-        sizes = _process_sizes(status)
+        sizes, signatures = _process_sizes(status, signature)
         if error is not None:
             raise error
         if (sizes == -2).any():
@@ -309,23 +328,33 @@ def _agreed(batches: Iterable, sharding) -> Iterator:
                 f"{np.flatnonzero(sizes == -1).tolist()} ended after {i} batches, process(es) "
                 f"{np.flatnonzero(sizes >= 0).tolist()} yielded more. With `process_local=True` "
                 "every process must yield the same number of batches.")
+        if (signatures != signatures[0]).any():
+            raise ValueError(
+                f"batch {i} of the stream differs across processes: process(es) "
+                f"{np.flatnonzero(signatures != signatures[0]).tolist()} yielded other leaf "
+                "shapes past the sample axis, dtypes or numbers of leaves than process 0 (on "
+                f"process {jax.process_index()}: {_layout(batch)}). With `process_local=True` the "
+                "processes' parts of a batch must differ only in their number of rows.")
         yield _assemble(batch, sizes, sharding), int(sizes.sum())
 
 
 def _assemble(batch, sizes: np.ndarray, sharding):
     """The global batch: this process's rows and the others', placed by ``sharding``.
 
-    Equal local sizes that split over the sharding: JAX's own assembly
-    (``jax.make_array_from_process_local_data``), nothing leaves its process.
-    Otherwise (a ragged batch): every process's rows are gathered to every process
-    (padded to the largest) and the batch is placed by ``sharding`` where its size
-    splits, else replicated on the sharding's mesh: correct, and a one-off cost.
+    Local sizes equal to the rows each process's devices hold under the sharding:
+    JAX's own assembly (``jax.make_array_from_process_local_data``), nothing leaves its
+    process. Otherwise (a ragged batch, or a sharding under which the processes' devices
+    do not split the rows between them: replicated, a leaf's ``P()``): every process's
+    rows are gathered to every process (padded to the largest) and the batch is placed
+    by ``sharding`` where its size splits, else replicated on the sharding's mesh:
+    correct, and a one-off cost.
     """
     n = int(sizes.sum())
     leaves = jax.tree.leaves(batch)
     shardings = _leaf_shardings(batch, sharding)
-    if len(set(sizes.tolist())) == 1 and all(
-            _splits(s, (n,) + np.shape(x)[1:]) for x, s in zip(leaves, shardings, strict=True)):
+    local = tuple(sizes.tolist())
+    if all(_process_rows(s, (n,) + np.shape(x)[1:]) == local
+           for x, s in zip(leaves, shardings, strict=True)):
         out = [jax.make_array_from_process_local_data(s, np.asarray(x), (n,) + np.shape(x)[1:])
                for x, s in zip(leaves, shardings, strict=True)]
         return jax.tree.unflatten(jax.tree.structure(batch), out)
@@ -341,6 +370,18 @@ def _assemble(batch, sizes: np.ndarray, sharding):
             s = _replicated(s)
         out.append(jax.make_array_from_callback(full.shape, s, lambda idx, f=full: f[idx]))
     return jax.tree.unflatten(jax.tree.structure(batch), out)
+
+
+def _process_rows(sharding, shape) -> tuple[int, ...] | None:
+    """How many rows of a batch of ``shape`` each process's devices hold under
+    ``sharding`` (in process order), or ``None`` where the rows do not split over it.
+    The same on every process (it reads the sharding, not the data)."""
+    if not _splits(sharding, shape):
+        return None
+    rows: dict[int, set] = {}
+    for d, idx in sharding.devices_indices_map(tuple(shape)).items():
+        rows.setdefault(d.process_index, set()).update(range(*idx[0].indices(shape[0])))
+    return tuple(len(rows.get(p, ())) for p in range(jax.process_count()))
 
 
 def _splits(sharding, shape) -> bool:
@@ -463,15 +504,18 @@ def stream_mean(fn: Callable, batches, *args, key=None, sharding=None,
         ``b``-th batch (``n_b = sum_p n_{b,p}``), assembled into a global array
         with ``jax.make_array_from_process_local_data(sharding, local_batch)``
         (``sharding`` is required, e.g. ``NamedSharding(mesh, P("data"))`` on a
-        mesh over every process's devices). Cost: one all-gather of one integer
+        mesh over every process's devices). Cost: one all-gather of two integers
         per process per batch (a host sync), so that all processes agree on
-        each batch's size and on the stream's end; a batch whose parts differ in
-        size across processes, or whose total does not split over ``sharding``
-        (a ragged last batch), is all-gathered whole to every process and
-        placed replicated: the same mean, at the price of that batch's copy on
-        every device. Processes whose streams differ in length raise a
-        ``ValueError`` on every process (never a hang). In a single process it
-        is ``sharding``'s placement of each batch.
+        each batch's size, its leaves' shapes past the sample axis and dtypes, and
+        on the stream's end; a batch whose parts differ in size across processes,
+        or whose total does not split over ``sharding`` (a ragged last batch), is
+        all-gathered whole to every process and placed replicated: the same mean,
+        at the price of that batch's copy on every device (a leaf whose sharding
+        does not split the rows between the processes, e.g. labels placed
+        ``P()``, is gathered too, then placed as asked). Processes whose streams differ in
+        length, or whose parts of a batch differ in a leaf's trailing shape or
+        dtype, raise a ``ValueError`` on every process (never a hang). In a single
+        process it is ``sharding``'s placement of each batch.
 
     Returns:
       The weighted mean, shaped like ``fn``'s output.
@@ -481,8 +525,9 @@ def stream_mean(fn: Callable, batches, *args, key=None, sharding=None,
         dict or an array as ``batches`` (or returned by it), or traced ``args``.
       ValueError: for an empty stream, an empty batch, batches of differing
         structures or leaves without a shared leading axis (named by batch and path);
-        with ``process_local``, for a missing ``sharding`` or streams of different
-        lengths across processes.
+        with ``process_local``, for a missing ``sharding``, streams of different
+        lengths across processes, or parts of a batch whose leaves differ across
+        processes past the sample axis or in dtype.
 
     Examples:
       >>> import numpy as np
