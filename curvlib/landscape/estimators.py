@@ -315,6 +315,14 @@ def _summarise(vals, num_samples):
     return mean, std / math.sqrt(num_samples)  # a Python float: keeps std's dtype
 
 
+def _no_overflow(mean, stderr):
+    """``(mean, stderr)`` with NaN for an entry either of which is not finite: an overflowed
+    entry (inf) is no estimate (`MonteCarloEstimate`, as Hutchinson's). Inside each
+    estimator's program (eager `jnp` ops after it would compile one program each)."""
+    ok = jnp.isfinite(mean) & jnp.isfinite(stderr)
+    return jnp.where(ok, mean, jnp.nan), jnp.where(ok, stderr, jnp.nan)
+
+
 def _grid(sigma, dtype):
     s = _validate.number(sigma, "sigma", minimum=0, exclusive=True, grid=True, dtype=dtype,
                          what=_common.SIGMA)
@@ -325,10 +333,7 @@ def _estimate(mean, stderr, sigma, num_samples, antithetic) -> MonteCarloEstimat
     """Package grid results as a `MonteCarloEstimate` shaped like ``sigma`` (the plain
     standard error over ``num_samples`` draws: ``num_samples - 1`` degrees of freedom)."""
     P = 2 if antithetic else 1
-    ok = jnp.isfinite(mean) & jnp.isfinite(stderr)
-    finite = jnp.all(ok)
-    # an overflowed entry (inf) is no estimate: NaN, as `MonteCarloEstimate` and Hutchinson's
-    mean, stderr = jnp.where(ok, mean, jnp.nan), jnp.where(ok, stderr, jnp.nan)
+    finite = jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(stderr))
     return monte_carlo_estimate(
         mean.reshape(sigma.shape), stderr.reshape(sigma.shape), num_samples=num_samples,
         num_evaluations=num_samples * P, num_matvecs=0, finite=finite,
@@ -373,7 +378,7 @@ def _quadratic_mc(a, c, B, sig, key, num_samples, antithetic):
     sg = _signs(antithetic, dt)  # (P,)
     s = sig[:, None, None]
     q = a + s * sg[None, None, :] * lin[None, :, None] + 0.5 * s * s * quad[None, :, None]
-    return _summarise(q * q, num_samples)
+    return _no_overflow(*_summarise(q * q, num_samples))
 
 
 def delta2_quadratic_mc(
@@ -461,7 +466,7 @@ def _direct_mc(loss_fn, params, data, k, U, dim, sig, key, num_samples, antithet
         m = (jnp.arange(D) < dim).astype(c.dtype)
         t = delta2_closed_form_terms(a, c * m, B * m[:, None] * m[None, :], sig)
         mean = mean + t.total()
-    return mean, se
+    return _no_overflow(mean, se)
 
 
 @_deprecation.renamed("curvlib.landscape.delta2_direct_mc", k="num_examples")
@@ -602,7 +607,7 @@ def _full_mc(loss_fn, params, data, k, sig, key, num_samples, antithetic, microb
         return inc(w) ** 2
 
     vals = _evaluate(one, (scale, ks), sample_batch_size).reshape(G, num_samples, P)
-    return _summarise(vals, num_samples)
+    return _no_overflow(*_summarise(vals, num_samples))
 
 
 @_deprecation.renamed("curvlib.landscape.delta2_full_mc", k="num_examples")
