@@ -29,6 +29,7 @@ rounding (the test suite checks ``1e-12`` in float64).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 import zlib
@@ -372,16 +373,27 @@ def _assemble(batch, sizes: np.ndarray, sharding):
     return jax.tree.unflatten(jax.tree.structure(batch), out)
 
 
+@functools.lru_cache(maxsize=64)
 def _process_rows(sharding, shape) -> tuple[int, ...] | None:
     """How many rows of a batch of ``shape`` each process's devices hold under
     ``sharding`` (in process order), or ``None`` where the rows do not split over it.
-    The same on every process (it reads the sharding, not the data)."""
+    The same on every process (it reads the sharding, not the data). Cached: a stream's
+    batches share a few shapes, and the count is of the devices' row ranges (merged where
+    a process's devices overlap), not of the rows."""
     if not _splits(sharding, shape):
         return None
-    rows: dict[int, set] = {}
+    ranges: dict[int, list] = {}
     for d, idx in sharding.devices_indices_map(tuple(shape)).items():
-        rows.setdefault(d.process_index, set()).update(range(*idx[0].indices(shape[0])))
-    return tuple(len(rows.get(p, ())) for p in range(jax.process_count()))
+        start, stop, _ = idx[0].indices(shape[0])
+        ranges.setdefault(d.process_index, []).append((start, stop))
+    counts = []
+    for p in range(jax.process_count()):
+        held, end = 0, 0
+        for start, stop in sorted(ranges.get(p, ())):
+            held += max(stop - max(start, end), 0)
+            end = max(end, stop)
+        counts.append(held)
+    return tuple(counts)
 
 
 def _splits(sharding, shape) -> bool:
