@@ -1105,12 +1105,21 @@ def test_power_iteration_answers_now_with_the_fused_programs_answer(behind, engi
     np.testing.assert_array_equal(now.converged, fused.converged)
     scale = float(np.nanmax(np.abs(np.concatenate([fused.eigenvalues, [1.0]]))))
     np.testing.assert_allclose(now.eigenvalues, fused.eigenvalues, rtol=0, atol=1e-12 * scale)
-    np.testing.assert_allclose(now.residual_norms, fused.residual_norms, rtol=1e-6,
-                               atol=1e-12 * scale)
-    for a, b in zip(jax.tree.leaves(now.eigenvectors), jax.tree.leaves(fused.eigenvectors),
-                    strict=True):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
+    if case == "repeated":
+        # a repeated eigenvalue's vectors are any basis of its eigenspace: numpy's and XLA's
+        # eigh of the (nearly scalar) Rayleigh-Ritz matrix pick different ones, in either
+        # order. The same eigenspace, and each path's residuals within the tolerance asked.
+        Vn, Vf = (np.stack([np.ravel(a) for a in r.eigenvectors]) for r in (now, fused))
+        np.testing.assert_allclose(Vn.T @ Vn, Vf.T @ Vf, rtol=0, atol=1e-9)
+        for r in (now, fused):
+            assert np.all(np.asarray(r.residual_norms) <= kw["rtol"] * 5.0), r.residual_norms
+    else:
+        np.testing.assert_allclose(now.residual_norms, fused.residual_norms, rtol=1e-6,
+                                   atol=1e-12 * scale)
+        for a, b in zip(jax.tree.leaves(now.eigenvectors), jax.tree.leaves(fused.eigenvectors),
+                        strict=True):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
     if case == "signed":
         np.testing.assert_allclose(now.eigenvalues, [-9.0, 7.0, 5.0], rtol=1e-6)
     if case.startswith("zero_start"):  # a zero start begins at random, key or no key
