@@ -202,8 +202,11 @@ def number(x, name: str, *, minimum=None, maximum=None, exclusive: bool = False,
     kind = "an integer" if integer else "a real number"
     try:
         v = np.asarray(x)
-        ok_type = v.dtype.kind in ("iu" if integer else "iuf") and not isinstance(x, bool)
-        if integer and v.dtype.kind == "f":  # an integral float (from a config file)
+        # (bfloat16 and the other ml_dtypes floats have NumPy kind "V", not "f")
+        floating = v.dtype.kind == "f" or jnp.issubdtype(v.dtype, jnp.floating)
+        ok_type = (v.dtype.kind in "iu" or floating and not integer) and not isinstance(x, bool)
+        if integer and floating:  # an integral float (from a config file)
+            v = v.astype(np.float64)
             ok_type = bool(np.all(np.isfinite(v)) and np.all(v == np.round(v)))
     except (TypeError, ValueError):
         ok_type = False

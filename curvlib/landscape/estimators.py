@@ -194,9 +194,18 @@ def delta2_spectral(eigenvalues_k, eigenvalues_k1, sigma) -> jax.Array:
       >>> float(delta2_spectral(jnp.array([3.0, 2.0]), jnp.array([4.0, 3.0]), 1.0))
       2.0
     """
-    # (integer eigenvalues compute in the default float: sigma is not cast to an int)
-    lk = jnp.asarray(eigenvalues_k, jnp.promote_types(jnp.result_type(eigenvalues_k), float))
-    lk1 = jnp.asarray(eigenvalues_k1, jnp.promote_types(jnp.result_type(eigenvalues_k1), float))
+    def values(given, name):  # (integers compute in the default float: sigma is not cast)
+        try:
+            x = jnp.asarray(given)  # (a list or tuple of numbers too)
+        except (TypeError, ValueError):
+            x = None
+        if x is None or not (jnp.issubdtype(x.dtype, jnp.integer)
+                             or jnp.issubdtype(x.dtype, jnp.floating)):
+            raise ValueError(f"`{name}` must be a 1-D array of real eigenvalues; got {given!r}.")
+        return x.astype(jnp.result_type(float)) if jnp.issubdtype(x.dtype, jnp.integer) else x
+
+    lk = values(eigenvalues_k, "eigenvalues_k")
+    lk1 = values(eigenvalues_k1, "eigenvalues_k1")
     if lk.shape != lk1.shape or lk.ndim != 1:
         raise ValueError(
             f"`eigenvalues_k`, `eigenvalues_k1`: eigenvalue vectors must be 1-D of equal "
@@ -493,9 +502,10 @@ def delta2_direct_mc(
     ``z_s ~ N(0, sigma^2 I_D)``. Every (``sigma``, draw, sign) evaluation runs in
     one compiled program: ``vmap`` over all of them, or ``lax.map`` in chunks of
     ``sample_batch_size`` to bound memory; the ``k``-sample mean is microbatched
-    when ``microbatch_size`` is set. Each increment costs ``k + 1`` per-sample
-    forward passes (the mean identity), so the total is
-    ``len(sigma) * S * (2 if antithetic else 1) * (k + 1)`` sample forwards.
+    when ``microbatch_size`` is set. Each increment is one weighted sum of per-sample
+    losses (the mean identity): ``n`` per-sample forward passes (all of ``data``, those
+    past ``k + 1`` at zero weight), or ``ceil((k + 1) / m) * m`` with ``microbatch_size =
+    m``. The total is ``len(sigma) * S * (2 if antithetic else 1)`` increments.
 
     Args:
       loss_fn: ``loss_fn(params, batch)``, the mean loss over the batch's leading axis.

@@ -335,6 +335,9 @@ def _tsqr_r(R: PyTree) -> jax.Array:
 
 @jax.jit
 def _principal_angles(U, V):
+    # half-precision bases (bfloat16, float16 parameters) in float32: LAPACK has no
+    # half-precision SVD or QR, and the angles accumulate as every inner product does
+    U, V = (jax.tree.map(lambda x: x.astype(_tree.acc_dtype(x.dtype)), B) for B in (U, V))
     p, q = _tree.basis_size(U), _tree.basis_size(V)
     G = _tree.basis_gram(U, V)  # (p, q): cosines as singular values
     # residual of V's vectors after projecting out span(U), twice (the second
