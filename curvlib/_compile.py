@@ -965,6 +965,25 @@ _BEHIND_ENABLED = os.environ.get("CURVLIB_COMPILE_BEHIND", "1").strip().lower() 
     "0", "false", "no", "off")
 
 
+def _key_hint(sig: inspect.Signature, args: tuple, kwargs: dict) -> str:
+    """A sentence for a call that did not bind because a number took the place of ``key``.
+
+    ``hutchinson_trace(H, v, 30)`` binds ``30`` to ``key`` and reports ``num_probes``
+    missing; the message then says where the 30 went.
+    """
+    if "key" not in sig.parameters:
+        return ""
+    try:
+        got = sig.bind_partial(*args, **kwargs).arguments.get("key")
+    except TypeError:
+        return ""
+    if isinstance(got, (int, float)) and not isinstance(got, bool):
+        return (f" The argument {got!r} was taken as `key`, which is a required PRNG key "
+                "(`jax.random.PRNGKey(0)`, `jax.random.key(0)`): pass it before the other "
+                "arguments.")
+    return ""
+
+
 def _wrap(fn: Callable, static: tuple, operators: Mapping[str, str], *,
           precheck: Callable | None = None, strict: bool = False,
           now: Callable | None = None, now_when: Callable | None = None,
@@ -985,7 +1004,12 @@ def _wrap(fn: Callable, static: tuple, operators: Mapping[str, str], *,
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        bound = sig.bind(*args, **kwargs)
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as e:
+            plain = sig.replace(return_annotation=inspect.Signature.empty, parameters=[
+                q.replace(annotation=inspect.Parameter.empty) for q in sig.parameters.values()])
+            raise TypeError(f"{fn.__name__}{plain}: {e}.{_key_hint(sig, args, kwargs)}") from None
         bound.apply_defaults()
         a = dict(bound.arguments)
         if precheck is not None:

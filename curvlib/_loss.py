@@ -131,15 +131,20 @@ def check_call(fn: Callable, role: str, kw: dict, extra_args: dict, *, hint: str
         sig.bind(None, **kw)
     except TypeError as e:
         params = [p for p in sig.parameters]
+        first = params[0] if params else "x"
+        # the names after the first, as keywords (``*args``/``**kw`` cannot be passed so)
+        named = [n for n, p in list(sig.parameters.items())[1:]
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        example = ", ".join(f"{n}=..." for n in named) or "batch=..."
         raise TypeError(
-            f"`{role}` ({_fn_name(fn)}{sig}) cannot be called as `{role}(x, **kw)` with the "
-            f"extra arguments of `{caller}` it names: {e}. `{caller}` received the extra "
-            f"arguments {passed_names(extra_args)}"
+            f"`{role}` ({_fn_name(fn)}{sig}) cannot be called as `{role}({first}, **kw)` "
+            f"with the extra arguments of `{caller}` it names: {e}. `{caller}` received the "
+            f"extra arguments {passed_names(extra_args)}"
             + (" (besides `value_fn`)" if caller == "update" else "")
             + f"; each function gets those whose names appear in its own signature ({params}). "
             f"Pass every input it needs to `{caller}` by that name"
-            + (", e.g. `opt.update(grads, state, params, value_fn=loss, batch=batch)` for "
-               "`loss(params, batch)`." if caller == "update" else ".")
+            + (f", e.g. `opt.update(grads, state, params, value_fn=..., {example})`."
+               if caller == "update" else ".")
             + (" " + hint if hint else "")
         ) from None
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from typing import Any
 
 import jax
@@ -93,6 +94,21 @@ def eval_shape(fn, *args):
     ``bool`` argument in Python (a class count, a training flag), which traced it
     cannot, as ``jax.grad(loss)(p, x, 3)`` passes it as given. Cost: one trace.
     """
+    try:
+        return _eval_shape(fn, args)
+    except Exception as e:  # the function's own error, with a note where a newcomer erred
+        nnx = sys.modules.get("flax.nnx")
+        if nnx is not None and args and isinstance(args[0], nnx.Module) and hasattr(
+                e, "add_note"):
+            e.add_note(
+                "curvlib: the parameters passed are a whole flax `nnx.Module`. A loss written "
+                "against its `nnx.Param` state (`nnx.merge(graphdef, params, rest)`) needs "
+                "that state: pass the `params` of `graphdef, params, rest = nnx.split(model, "
+                "nnx.Param, ...)`.")
+        raise
+
+
+def _eval_shape(fn, args: tuple):
     leaves, tree = jax.tree.flatten(args)
     kept = {i: x for i, x in enumerate(leaves) if is_static_scalar(x)}
     if not kept:

@@ -390,6 +390,12 @@ def float_leaves(tree, name: str, *, init: str | None = None,
         parameter (`_flax_state`: an ``nnx.BatchStat``, linen's ``batch_stats``).
     """
     prefix = f"{init}.init: " if init else ""
+    if isinstance(tree, Partial):  # a pytree of arrays, but an operator: arguments swapped
+        raise ArgumentError(
+            f"{prefix}`{name}` must be a pytree of real floating arrays; got a function (a "
+            f"`jax.tree_util.Partial` of {getattr(tree.func, '__qualname__', tree.func)!r}, "
+            "such as an operator of `hessian_matvec`). Pass the function first and "
+            f"`{name}` after it (`eigsh(matvec, v0, k)`).")
     key_advice, default = (_INIT_KEY_ADVICE, _INIT_ADVICE) if init else (_KEY_ADVICE, _ADVICE)
     key_advice, advice = (advice, advice) if advice else (key_advice, default)
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
@@ -398,8 +404,16 @@ def float_leaves(tree, name: str, *, init: str | None = None,
                             "empty pytree.")
     _flax_state(tree, name, prefix)
     for path, x in flat:
-        dt = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
         where = f"{prefix}`{name}{keystr(path)}` must be a real floating array; got"
+        if not hasattr(x, "dtype") and not isinstance(x, (int, float, complex, np.generic)):
+            # a function or another object: no dtype to name (JAX's "Cannot determine
+            # dtype of <function loss>"); a function here is most often an argument order
+            raise ArgumentError(
+                f"{where} " + (f"a function ({getattr(x, '__qualname__', x)!r}). A function "
+                "is not a parameter: pass the function first and the parameters after it "
+                "(`hessian_matvec(loss, params, *args)`, `eigsh(matvec, v0, k)`)."
+                if callable(x) else f"an object of type {type(x).__name__}. {advice}"))
+        dt = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
         if jax.dtypes.issubdtype(dt, jax.dtypes.prng_key):
             raise ArgumentError(f"{where} a PRNG key (dtype {dt}). {key_advice}")
         if jnp.issubdtype(dt, jnp.complexfloating):
@@ -440,9 +454,10 @@ def same_structure(a, b, name_a: str, name_b: str, *, what: str = "",
     if ta != tb:
         detail = _tree.path_difference([keystr(p) for p, _ in fa], [keystr(p) for p, _ in fb],
                                        name_a, name_b)
+        detail += _module_hint(b, f"`{name_b}`", a, f"`{name_a}`")
         raise ValueError(
             f"`{name_b}` must match `{name_a}` in pytree structure and leaf shapes; got "
-            f"{name_a}: {ta} and {name_b}: {tb}.{detail}{tail}"
+            f"{name_a}: {_short(ta)} and {name_b}: {_short(tb)}.{detail}{tail}"
         )
     for (path, x), (_, y) in zip(fa, fb, strict=True):
         p = keystr(path)
@@ -513,6 +528,24 @@ def output(out, name: str, *, has_aux: bool | None = False, scalar: bool = True,
     return out
 
 
+def _module_hint(*named) -> str:
+    """A sentence for the first of ``tree, name, tree, name, ...`` that is a flax
+    ``nnx.Module`` (the model where its ``nnx.Param`` state belongs), else ``""``."""
+    nnx = sys.modules.get("flax.nnx")
+    for tree, name in zip(named[::2], named[1::2], strict=True):
+        if nnx is not None and isinstance(tree, nnx.Module):
+            return (f" {name} is a flax `nnx.Module`; pass its `nnx.Param` state, the "
+                    "`params` of `graphdef, params, rest = nnx.split(model, nnx.Param, ...)` "
+                    "(or a pytree shaped like it).")
+    return ""
+
+
+def _short(treedef, limit: int = 300) -> str:
+    """``str(treedef)``, cut to ``limit`` characters (a flax module's runs to thousands)."""
+    text = str(treedef)
+    return text if len(text) <= limit else text[:limit] + " ...(cut)"
+
+
 def tangent(v, sig, like: str = "params", name: str = "tangent", *,
             by_path: bool = False) -> None:
     """Raise ``ValueError`` unless the vector ``v`` is shaped (and typed) like its reference.
@@ -537,9 +570,10 @@ def tangent(v, sig, like: str = "params", name: str = "tangent", *,
             )
     elif jax.tree.structure(v) != treedef:
         detail = _tree.path_difference(paths, [p for p, _ in vleaves], like, name)
+        detail += _module_hint(v, f"The {name}")
         raise ValueError(
             f"the {name} must match `{like}` in pytree structure and leaf shapes; got "
-            f"{like}: {treedef} and {name}: {jax.tree.structure(v)}.{detail}"
+            f"{like}: {_short(treedef)} and {name}: {_short(jax.tree.structure(v))}.{detail}"
         )
     for path, x, want in zip(paths, leaves, shapes, strict=True):
         if tuple(jnp.shape(x)) != want:
@@ -730,6 +764,10 @@ def operator(op, example, name: str = "matvec", example_name: str = "v0"):
     """
     if op is None:
         return
+    if not callable(op):
+        raise ArgumentError(f"`{name}` must be a callable v -> A v; got "
+                            f"{type(op).__name__}. Pass the operator first and "
+                            f"`{example_name}` after it.")
 
     def check():
         out = jax.eval_shape(op, example)

@@ -116,7 +116,8 @@ def ggn_matvec(
       loss_fn: ``loss_fn(outputs, *loss_args) -> scalar``.
       params: the point.
       *args: inputs of ``model_fn``.
-      loss_args: extra inputs of ``loss_fn`` (targets, masks).
+      loss_args: a tuple (or list) of the extra inputs of ``loss_fn`` (targets,
+        masks): ``loss_args=(y,)`` for ``loss_fn(outputs, y)``.
       mode: ``"linearize"`` (default; linearise the model once) or
         ``"recompute"`` (default with ``microbatch_size``).
       microbatch_size: optional chunk size over the leading axis of the batched
@@ -137,8 +138,9 @@ def ggn_matvec(
       ``wrt``: ``G_BB v_B``).
 
     Raises:
-      TypeError: if ``loss_fn`` does not return a float scalar or ``params``
-        has a non-real-floating leaf.
+      TypeError: if ``loss_fn`` does not return a float scalar, ``params``
+        has a non-real-floating leaf, or ``loss_args`` is not a tuple or list (an
+        array or a dict would be iterated into rows or keys).
       ValueError: for an unknown ``mode`` or an unbatched leaf under
         microbatching (named by path); when called, for a tangent whose
         structure or shapes differ from ``params``.
@@ -159,6 +161,12 @@ def ggn_matvec(
       Hessian-free optimization*, ICML 2010.
     """
     _validate.float_leaves(params, "params")
+    if not isinstance(loss_args, (tuple, list)):  # an array or a dict would be iterated
+        what = (f"an array of shape {tuple(jnp.shape(loss_args))}"
+                if hasattr(loss_args, "shape") else f"a {type(loss_args).__name__}")
+        raise _validate.ArgumentError(
+            f"`loss_args` must be a tuple of the extra arguments of `loss_fn`, e.g. "
+            f"`loss_args=(y,)` for `loss_fn(outputs, y)`; got {what}.")
     loss_args = tuple(loss_args)
     if wrt is not None:
         build = lambda f, p, *a, **kw: ggn_matvec(f, loss_fn, p, *a, **kw)

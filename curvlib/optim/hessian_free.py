@@ -174,9 +174,12 @@ class NewtonCGInfo(NamedTuple):
         (skipped), ``STALLED`` (the step was rejected: zeros were output; inside
         an alias with a line search, also a line search that failed to decrease
         the loss), ``NEGATIVE_CURVATURE`` (an accepted step on which CG met it;
-        informational: the step handles it), ``MAX_STEPS`` (CG not ``converged``),
-        else ``SUCCESS``. A rejected step reads ``STALLED`` also when CG met
-        negative curvature (``negative_curvature`` still says so).
+        informational: the step handles it), ``STALLED`` also for an accepted step whose
+        CG stopped short of its tolerance before ``max_steps`` (the attainable accuracy,
+        as its [`CGResult`][curvlib.CGResult] reports), ``MAX_STEPS`` (CG spent its
+        ``max_steps`` without converging), else ``SUCCESS``. A rejected step reads
+        ``STALLED`` also when CG met negative curvature (``negative_curvature`` still
+        says so).
     """
 
     num_steps: jax.Array
@@ -558,9 +561,11 @@ def _step_info(res, lam, rho, accepted, finite, value, fallback, dt) -> NewtonCG
         converged=res.converged,
         finite=finite,
         num_matvecs=(res.num_matvecs + 1 + fallback).astype(jnp.int32),
+        # CG stopped short of its tolerance before ``max_steps`` (its own STALLED: the
+        # attainable accuracy) is not an exhausted budget
         status=from_flags(finite=finite, converged=res.converged,
                           negative_curvature=res.negative_curvature & accepted,
-                          stalled=~accepted),
+                          stalled=~accepted | (res.status == Status.STALLED)),
     )
 
 
