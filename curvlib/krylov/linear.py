@@ -25,10 +25,13 @@ class CGResult(NamedTuple):
     """Output of [`cg`][curvlib.cg].
 
     Attributes:
-      x: the approximate solution of ``(A + damping I) x = b``; always finite.
+      x: the approximate solution of ``(A + damping I) x = b``; finite, but where
+        the answer itself is past the dtype's largest number (float16: 65504), whose
+        entries overflow (``finite=False``).
       num_steps: CG iterations taken (one product each).
       residual_norm: the *true* residual ``||b - (A + damping I) x||`` of the
-        returned ``x``, from a direct product at exit (not the recurrence's, which
+        returned ``x`` (as returned: entries below the dtype's range are zeros),
+        from a direct product at exit (not the recurrence's, which
         drifts from it in floating point and on inconsistent systems); NaN if ``b``
         or that product is not finite.
       converged: ``finite`` and ``residual_norm <= max(rtol ||b||, atol)``.
@@ -39,7 +42,7 @@ class CGResult(NamedTuple):
       curvature_direction: that direction ``p`` (zeros when none was met): a
         descent-and-negative-curvature direction a trust-region method can use.
       finite: ``b`` and every product were finite; if not, ``x`` is the last
-        finite iterate and ``converged=False``.
+        finite iterate (or the overflowed answer) and ``converged=False``.
       num_matvecs: products used: ``num_steps``, plus one for a warm start
         ``x0``, plus one for the true residual when ``x`` moved.
       status: the [`curvlib.Status`][curvlib.Status] code, most serious first: ``NONFINITE``,
@@ -120,7 +123,7 @@ def _cg_solve(op, rhs, *, x0, precond, rtol, atol, max_steps, acc, host=False, s
         return s.phase != _DONE
 
     def body(s: _CGState):
-        d, rz, v, pn, pnorm = _cg_direction(s, x0, precond, acc)
+        d, rz, v, pn, pnorm = _cg_direction(s, x0, precond, acc, sigma)
         w = op(v)  # the one product of this iteration
         return _cg_advance(s, rhs, x0, d, rz, v, pn, pnorm, w, tol, max_steps, acc)
 
@@ -136,7 +139,16 @@ def _cg_finish(s: _CGState, sigma, tol):
     """
     converged = s.finite & (s.rnorm <= tol)
     aux = (s.step, s.num_matvecs, s.rnorm * sigma, converged, s.negcurv, s.negdir, s.finite)
-    return _tree.scale(sigma / s.xs, s.x), aux  # (powers of two: exact)
+    return _returned(s, sigma), aux
+
+
+def _returned(s: _CGState, sigma) -> PyTree:
+    """The iterate as `cg` returns it, in ``b``'s units: ``x xs`` scaled by ``sigma / xs``.
+
+    Powers of two, so exact while the answer is in the dtype's range; past it (a float16
+    solution of ``1e-8`` or ``1e5``) entries underflow or overflow here.
+    """
+    return _tree.scale(sigma / s.xs, s.x)
 
 
 def _result(x, num_steps, num_matvecs, residual_norm, converged, negcurv, negdir,
@@ -206,7 +218,7 @@ def _cg_init(rhs, x0, sigma, rnorm0, tol, finite0, max_steps, acc):
     return init, x0
 
 
-def _cg_direction(s: _CGState, x0, precond, acc):
+def _cg_direction(s: _CGState, x0, precond, acc, sigma):
     """``(d, rz, v, pn, pnorm)``: the search direction ``p = M r + beta p_prev`` held as
     ``d = p / pn``, ``<r, M r>``, the vector ``v`` this phase's product is applied to
     (``d``, ``x0`` or ``x``), ``pn``, a power of two near ``||p||``, and ``pnorm``, the
@@ -222,6 +234,11 @@ def _cg_direction(s: _CGState, x0, precond, acc):
     ``<r, z> / ||r||`` (exact without a preconditioner, a lower bound with one). Cost:
     no product; ``<r, z>`` and the update ``d = z / pn + beta (pn_prev / pn) d_prev``
     (the scalings are exact), as for the unscaled ``p``.
+
+    The true residual (``_CHECK``) is that of the iterate as returned (`_returned`, scaled
+    back by ``1 / sigma``: exact in range), so an answer below or beyond the dtype's range
+    (float16 ``x ~ 1e-8``, returned as zeros, or ``~1e5``, as ``inf``) is not certified by
+    the residual of the scaled iterate, which is in range.
     """
     in_step = s.phase == _STEP
     # (the preconditioner is applied only in the _STEP phase)
@@ -233,7 +250,8 @@ def _cg_direction(s: _CGState, x0, precond, acc):
     pn = _tree.pow2_floor(pnorm)
     # s.p holds d_prev = p_prev / pn_prev, pn_prev = pow2_floor(s.pnorm) (kept together)
     d = _tree.add_scale(_tree.scale(1.0 / pn, z), beta * (_tree.pow2_floor(s.pnorm) / pn), s.p)
-    x = _tree.scale(1.0 / s.xs, s.x)  # (the iterate, held scaled: `_CGState.xs`)
+    # (the iterate, held scaled: `_CGState.xs`; as returned, in b / sigma's units)
+    x = _tree.scale(1.0 / sigma, _returned(s, sigma))
     v = _tree.where(in_step, d, _tree.where(s.phase == _WARM, x0, x))
     return d, rz, v, pn, pnorm
 
@@ -347,12 +365,12 @@ def _now_setup(cfg: _NowCfg, b, _key, damping, rtol, atol, max_steps, _seed) -> 
     acc = xp.dtype(cfg.acc)
     rhs, sigma, rnorm0, tol, finite0 = _cg_scale(b, rtol, atol, acc)
     init, _ = _cg_init(rhs, None, sigma, rnorm0, tol, finite0, max_steps, acc)
-    return _NowState(cg=init, direction=_now_direction(cfg, init, rhs), rhs=rhs, sigma=sigma,
-                     tol=tol, max_steps=max_steps, damping=damping)
+    return _NowState(cg=init, direction=_now_direction(cfg, init, rhs, sigma), rhs=rhs,
+                     sigma=sigma, tol=tol, max_steps=max_steps, damping=damping)
 
 
-def _now_direction(cfg: _NowCfg, cg: _CGState, rhs):
-    return _cg_direction(cg, xp.zeros_like(rhs), lambda r: r, xp.dtype(cfg.acc))
+def _now_direction(cfg: _NowCfg, cg: _CGState, rhs, sigma):
+    return _cg_direction(cg, xp.zeros_like(rhs), lambda r: r, xp.dtype(cfg.acc), sigma)
 
 
 def _now_request(cfg: _NowCfg, s: _NowState):
@@ -364,7 +382,7 @@ def _now_update(cfg: _NowCfg, s: _NowState, w) -> _NowState:
     w = (w + s.damping * v).astype(v.dtype)  # the damped product, as `cg`'s operator forms it
     cg = _cg_advance(s.cg, s.rhs, xp.zeros_like(s.rhs), d, rz, v, pn, pnorm, w, s.tol,
                      s.max_steps, xp.dtype(cfg.acc))
-    return s._replace(cg=cg, direction=_now_direction(cfg, cg, s.rhs))
+    return s._replace(cg=cg, direction=_now_direction(cfg, cg, s.rhs, s.sigma))
 
 
 def _now_running(cfg: _NowCfg, s: _NowState):

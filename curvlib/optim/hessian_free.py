@@ -30,7 +30,9 @@ chain). The Hessian-free ingredients of Martens (2010):
   damping (a trust-region safeguard; ``info.accepted`` reports it); ``lambda``
   is then also raised at least to the curvature scale of the rejected
   direction, $|p^\top C p| / \|p\|^2$, which roughly halves the next
-  step whatever ``lambda`` was.
+  step whatever ``lambda`` was. A step the parameters cannot take (below their
+  precision: ``theta - p == theta``) keeps ``lambda``: more damping would only shrink
+  the next step further below it.
 * **CG warm start** from ``warm_start_decay`` times the previous solution.
 * **CG step cap** (``cg.max_steps``) and **relative-residual tolerance**
   ``||r|| <= eta ||g||`` with the superlinear forcing
@@ -331,14 +333,17 @@ def reduction_ratio(actual, predicted, dt) -> jax.Array:
     return jnp.where(jnp.isfinite(rho), rho, -jnp.inf).astype(dt)
 
 
-def new_damping(lam, rho, accepted, pcp, p, *, increase, decrease, min_damping, max_damping):
+def new_damping(lam, rho, accepted, pcp, p, *, increase, decrease, min_damping, max_damping,
+                moved=True):
     r"""The Levenberg-Marquardt rule (Martens 2010, sec. 4.1) with a rejection floor.
 
     ``lam * increase`` for ``rho < 1/4``, ``lam * decrease`` for ``rho > 3/4``;
     a rejected step raises ``lam`` at least to the curvature scale of its
     direction, $|p^\top C p| / \|p\|^2$, so recovery from a tiny ``lam``
     takes O(1) steps instead of O(log(1/lam)); clipped to
-    ``[min_damping, max_damping]``.
+    ``[min_damping, max_damping]``, and to a quarter of the largest number of ``lam``'s
+    dtype (float16: 16376; CG's damped products must stay finite). A step that ``moved``
+    no parameter (below their precision) keeps ``lam``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -356,7 +361,16 @@ def new_damping(lam, rho, accepted, pcp, p, *, increase, decrease, min_damping, 
     lam_new = lam * factor
     rayleigh = jnp.abs(pcp) / jnp.maximum(_tree.vdot(p, p), jnp.finfo(dt).tiny)
     lam_new = jnp.where(accepted, lam_new, jnp.maximum(lam_new, rayleigh))
-    return jnp.clip(lam_new, min_damping, max_damping).astype(dt)
+    # a step below the parameters' precision (none moved) tells nothing of the model: raised,
+    # lambda only pushed the next steps further below it, up to max_damping, where the
+    # parameters stayed for good (at a minimum, then on every later batch)
+    lam_new = jnp.where(moved, lam_new, lam)
+    # and below a quarter of the dtype's largest number: CG's damped products of its
+    # directions (norm < 2) stay finite. float16 cannot hold max_damping = 1e8: rejected steps
+    # (a stall at float16's precision) raised lambda past 32752, where every later product
+    # overflowed and each step was skipped as NONFINITE, the damping frozen there for good
+    top = jnp.minimum(max_damping, float(jnp.finfo(dt).max) / 4)
+    return jnp.clip(lam_new, min_damping, top).astype(dt)
 
 
 @_deprecation.renamed("curvlib.scale_by_newton_cg", hvp_mode="mode")
@@ -402,7 +416,9 @@ def scale_by_newton_cg(
         problems, while rejected steps still raise ``lambda`` quickly.
       min_damping: lower clip of the adapted ``lambda`` (the first step uses
         ``damping`` as given).
-      max_damping: upper clip of the adapted ``lambda``.
+      max_damping: upper clip of the adapted ``lambda`` (which also stays below a quarter
+        of the parameters' dtype's largest number: 16376 for float16, whose CG products
+        overflow past it).
       cg: the inner CG's options, a [`curvlib.CG`][curvlib.CG]. Its ``rtol`` is the
         cap of the forcing term: the solve stops at
         ``||r|| <= max(min(rtol, sqrt(||u||)) ||u||, atol)`` (a truncated
@@ -493,6 +509,7 @@ def scale_by_newton_cg(
         lam_next = new_damping(
             lam, rho, accepted, pcp, p, increase=damping_increase, decrease=damping_decrease,
             min_damping=min_damping, max_damping=max_damping,
+            moved=_tree.max_abs(taken) > 0,
         )
         info = _step_info(res, lam, rho, accepted, finite, setup.value, fallback, dt)
         return _commit(updates, state, p, lam_next, finite, accepted, info, damping)
