@@ -32,8 +32,9 @@ class SpectralDensity(NamedTuple):
         with ``max - min`` at least ``16 max(num_points, 200) eps max(|min|, |max|)`` (what
         a grid of 16 ulps a step resolves: a single eigenvalue ``c != 0`` gets a bump the
         grid can integrate), and ``1`` when every node is 0.
-      finite: every product was finite (if not, ``density``, ``nodes`` and
-        ``weights`` are NaN).
+      finite: every product was finite, and ``sigma`` is a positive finite number (a
+        traced ``sigma`` is not checked on the call); if not, ``density``, ``nodes`` and
+        ``weights`` are NaN.
       num_matvecs: products used (``num_probes * num_matvecs``; int32).
       converged: the quadrature was computed (``== finite``): stochastic Lanczos
         quadrature has no tolerance, and a probe whose chain meets an invariant
@@ -89,7 +90,9 @@ def _density(nodes, weights, finite, sigma, grid, num_points):
     # (the constant in the nodes' dtype: NumPy's float64 pi promoted the host path's density)
     kern = xp.exp(-0.5 * z**2) / (s * xp.asarray(np.sqrt(2 * np.pi), nodes.dtype))
     density = xp.sum(kern * weights[None], axis=(1, 2)) / nodes.shape[0]
-    ok = xp.all(finite)
+    # a given sigma that is traced is not checked: one that is not a positive finite number
+    # (0 made the density NaN, -1 negative, with status SUCCESS) fails the result too
+    ok = xp.all(finite) & xp.isfinite(s) & (s > 0)
     nan = lambda x: xp.where(ok, x, xp.nan)
     return SpectralDensity(grid, nan(density), nan(nodes), nan(weights), s, ok,
                            num_matvecs=xp.asarray(nodes.size, xp.int32), converged=ok,
@@ -250,7 +253,7 @@ def spectral_density(
     """
     num_probes = _validate.static_int(num_probes, "num_probes", minimum=1)
     num_points = _validate.static_int(num_points, "num_points", minimum=1)
-    _validate.number(sigma, "sigma", minimum=0, exclusive=True, optional=True)
+    _validate.number(sigma, "sigma", minimum=0, exclusive=True, optional=True, scalar=True)
     _validate.prng_key(key)
     if grid is not None and jnp.ndim(grid) != 1:
         raise ValueError(f"`grid` must be a 1-D array of points; got shape {jnp.shape(grid)}.")

@@ -42,9 +42,9 @@ class PowerIterationResult(NamedTuple):
         with ``converged=False``. (A pair is also NaN, with ``finite=True``, when
         the product budget ran out before it started.)
       status: the [`curvlib.Status`][curvlib.Status] code summarising all pairs: ``NONFINITE``
-        (not ``finite``), ``BREAKDOWN`` (some pair not ``converged`` whose deflated
-        product vanished to rounding: ``A``'s rank, numerically, is below ``k``; that
-        pair's eigenvalue is about 0 and its vector orthogonal to the others; or a
+        (not ``finite``), ``BREAKDOWN`` (some pair not ``converged``, and a pair's deflated
+        product vanished to rounding, or exactly: ``A``'s rank, numerically, is below ``k``;
+        that pair's eigenvalue is about 0 and its vector orthogonal to the others; or a
         pair's start vanished to rounding), ``MAX_STEPS`` (some pair not ``converged``:
         the budget ran out, or a pair was never computed), else ``SUCCESS`` (every
         pair converged).
@@ -439,7 +439,12 @@ def _power_step(s: _PowerState, raw, u0, draw, k, tol, num_iters, max_matvecs, a
     return _PowerState(
         X=X, AX=AX, thetas=thetas, res=res, conv=conv, i=i, x=x,
         it=xp.where(done, 0, it).astype(xp.int32), total=total, started=started,
-        finite=s.finite & fin, broke=s.broke | (broke & ~(true_res <= tol * xp.abs(theta))),
+        # (every vanished product counts, an exact one too: a pair whose product was exactly
+        # zero met its own test, 0 <= 0, and the final Rayleigh-Ritz step left it
+        # unconverged at rounding level; masked by that test, such a run, the all-ones matrix
+        # from v0 = ones with k = 2, said MAX_STEPS after 2 of 200 products. `_power_result`
+        # reports the breakdown only when some pair is not converged)
+        finite=s.finite & fin, broke=s.broke | broke,
     )
 
 

@@ -420,6 +420,13 @@ def _trace_precheck(matvec, v_like, key, num_probes, method=None, batch_size=Non
     _validate.prng_key(key)
     if deflate is not None:
         _validate.basis(deflate, None, "deflate")
+    elif deflate_trace is not None:  # (it was ignored: the Hutch++ estimate, no word said)
+        raise ValueError("`deflate_trace` is the known trace of `deflate`'s span; pass it "
+                         "with `deflate`, or leave it out.")
+    # one real number (a vector broadcast the estimate into a vector); a JAX array passes
+    # unchecked, and a non-finite one shows in ``finite`` (`deflated_trace`)
+    _validate.number(deflate_trace, "deflate_trace", optional=True, scalar=True,
+                     runtime_arrays=True)
 
 
 def _diag_precheck(matvec, v_like, key, num_probes, batch_size=None):
@@ -446,9 +453,10 @@ def hutchinson_trace(
     (Hutchinson 1989); variance ``2 (||A||_F^2 - sum_i A_ii^2) / s``.
 
     ``"hutch++"`` (default): ``s = num_probes // 3`` products sketch
-    ``Y = A S``; ``Q = orth(Y)`` (Cholesky-QR, twice) is traced exactly,
-    ``tr(Q A Q^T)`` (``s`` products), and the remaining ``g = num_probes - 2s``
-    products run Hutchinson on the deflated remainder ``B = P A P``,
+    ``Y = A S``; ``Q = orth(Y)`` (the rows of ``Y`` orthonormalised through the
+    eigendecomposition of their Gram matrix, then Cholesky-QR; zero rows where ``Y`` is
+    rank deficient) is traced exactly, ``tr(Q A Q^T)`` (``s`` products), and the remaining
+    ``g = num_probes - 2s`` products run Hutchinson on the deflated remainder ``B = P A P``,
     ``P = I - Q^T Q`` (Meyer et al. 2021):
 
     $$
@@ -515,7 +523,9 @@ def hutchinson_trace(
         on a streamed operator, one pass over the data per chunk.
       deflate: optional orthonormal basis (pytree shaped like ``v_like`` with a
         leading axis ``d``) whose span is traced exactly.
-      deflate_trace: optional known ``tr(Q A Q^T)`` for ``deflate``.
+      deflate_trace: optional known ``tr(Q A Q^T)`` for ``deflate`` (one real number, only
+        with ``deflate``; a JAX array is not checked, and a non-finite one gives a NaN
+        estimate with ``finite=False``).
 
     Returns:
       [`MonteCarloEstimate`][curvlib.MonteCarloEstimate] with scalar ``estimate`` and ``stderr``
@@ -525,7 +535,9 @@ def hutchinson_trace(
       ValueError: if ``num_probes`` is not an int ``>= 1`` (``>= 3`` for
         Hutch++), ``method`` is unknown, ``"hutch++"`` is asked for together
         with ``deflate``, ``deflate`` or ``matvec(v_like)`` does not match
-        ``v_like``, or ``batch_size`` is not an int ``>= 1``.
+        ``v_like``, ``batch_size`` is not an int ``>= 1``, or ``deflate_trace`` is
+        given without ``deflate`` or is not one real (for a Python/NumPy number, finite)
+        number.
       TypeError: for non-float leaves of ``v_like``.
 
     Examples:
@@ -627,6 +639,7 @@ def deflated_trace(block, space, key, num_probes, Q, exact, acc):
         finite = _tree.all_finite(AQ)
     else:
         AGd = block(Gd)
+        finite = jnp.isfinite(exact)  # (a NaN given trace made a NaN estimate, "finite")
     rest, se = _quadratic_forms(G, Gd, AGd, _deflate_rows(Q, AGd, acc), acc)
     finite = finite & _tree.all_finite(AGd)
     est, se = _nan_unless(finite, jnp.asarray(exact, acc) + rest, se)
@@ -638,15 +651,18 @@ def _orthonormal_rows(Y, acc):
     """An orthonormal basis of the rows' span, as many rows as ``Y``: zero rows where
     ``Y`` is rank deficient (a low-rank operator's sketch).
 
-    Each pass takes the Gram matrix's eigendecomposition ``G = V diag(w) V^T`` and
+    The first pass takes the Gram matrix's eigendecomposition ``G = V diag(w) V^T`` and
     returns ``diag(w^-1/2) V^T Y``, with the directions whose ``w`` is below
-    ``m eps max(w)`` (no accurate digit left) dropped as zero rows; the second pass
-    restores the orthogonality the first lost to rounding. ``Q^T Q`` stays the
-    orthogonal projector onto the span. (Cholesky-QR broke down to NaN on a sketch of
-    rank below its row count.) Cost: two ``m x m`` Gram matrices and eigendecompositions,
-    ``2 m^2`` vector operations.
+    ``m eps max(w)`` (no accurate digit left) dropped as zero rows. (Cholesky-QR broke
+    down to NaN on a sketch of rank below its row count.) The second pass restores the
+    orthogonality the first lost to rounding, by Cholesky-QR of the rows left (``G ~ I``
+    there; the dropped rows stay zero): an ``eigh`` of that ``G``, whose eigenvalues are all
+    about 1 and often equal to the last bit, has no derivative, and ``jax.grad`` of a
+    Hutch++ estimate was NaN for one key in eight. ``Q^T Q`` stays the orthogonal projector
+    onto the span. Cost: two ``m x m`` Gram matrices, an eigendecomposition and a Cholesky
+    factorisation, ``2 m^2`` vector operations.
     """
-    def one_pass(Y):
+    def first_pass(Y):
         G = _tree.basis_gram(Y, Y, acc)
         G = 0.5 * (G + G.T)
         w, V = jnp.linalg.eigh(G)
@@ -654,10 +670,18 @@ def _orthonormal_rows(Y, acc):
         inv = jnp.where(w > tol, 1.0 / jnp.sqrt(jnp.where(w > tol, w, 1.0)), 0.0)
         return _tree.basis_matmul((V * inv).T, Y)
 
+    def second_pass(Y):
+        G = _tree.basis_gram(Y, Y, acc)
+        G = 0.5 * (G + G.T)
+        dropped = jnp.diagonal(G) == 0  # (exactly zero rows: the first pass's zero weights)
+        L = jnp.linalg.cholesky(G + jnp.diag(dropped.astype(G.dtype)))
+        eye = jnp.eye(G.shape[0], dtype=G.dtype)
+        return _tree.basis_matmul(jax.scipy.linalg.solve_triangular(L, eye, lower=True), Y)
+
     # rows scaled to entries of order one first: their Gram matrix squares them
     c = _tree.max_abs(Y, acc)
     Y = _tree.scale(1.0 / jnp.where((c > 0) & jnp.isfinite(c), c, 1.0), Y)
-    return one_pass(one_pass(Y))
+    return second_pass(first_pass(Y))
 
 
 @_compile.function(static=("num_probes", "batch_size"), operators={"matvec": "v_like"},
