@@ -25,8 +25,10 @@ class LanczosResult(NamedTuple):
         holds spurious copies of them; that mode is for comparison, and its ``converged``
         says only that the depth completed without a breakdown.
       alphas: diagonal of the tridiagonal ``T`` (shape ``(m,)``).
-      betas: off-diagonal of ``T`` (shape ``(m-1,)``); a zero marks a breakdown
-        after which the recursion restarted from a fresh orthogonal direction.
+      betas: off-diagonal of ``T`` (shape ``(m-1,)``); a coupling at rounding level
+        (about ``eps ||A||``, not exactly zero: what was left of the new vector)
+        marks a breakdown after which the recursion restarted from a fresh orthogonal
+        direction; ``breakdown`` says whether one was met.
       residual: the unnormalised next vector ``r = beta_m q_m`` so that
         ``A Q^T = Q^T T + r e_m^T``.
       residual_norm: ``||r|| = beta_m``.
@@ -213,7 +215,8 @@ def lanczos(
     converged eigenvalues that plain Lanczos produces in floating point. If the
     recursion meets an invariant subspace (``beta_j = 0``), it continues from a
     fresh random direction orthogonal to the basis (from ``key``) and records
-    the coupling as zero; ``T`` and the relation stay exact.
+    the coupling it measured (rounding level, not an exact zero), so ``T`` and the
+    relation stay exact to rounding.
 
     Cost: ``num_matvecs`` products, ``O(m N)`` extra work per step for full
     reorthogonalisation, memory ``(m + 2) N``. One compiled program per
