@@ -35,6 +35,7 @@ import functools
 import gc
 import hashlib
 import inspect
+import math
 import os
 import queue
 import tempfile
@@ -154,6 +155,13 @@ class SameFunction(_Keyed):
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
+
+    @property
+    def closes_over_arrays(self) -> bool:
+        """Whether ``fn`` closes over an array of more than one entry (a batch, held by its
+        value or, when large, by identity) or calls a host function: a closure over a new
+        batch each step is then a new function each step."""
+        return any(k[3] or any(_is_array_key(c) for c in k[2]) for k in self.key)
 
     def changed(self) -> bool:
         """Whether a NumPy array ``fn`` closes over was changed in place since it was keyed
@@ -305,6 +313,11 @@ def _const_key(c):
 
 
 _RULES = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin")
+
+
+def _is_array_key(c) -> bool:
+    """Whether a constant's key (`_const_key`) is that of an array of more than one entry."""
+    return isinstance(c, _Same) or math.prod(c[0]) > 1
 
 
 def _custom_rules(jaxpr) -> bool:

@@ -37,6 +37,7 @@ from curvlib._chain import (  # noqa: F401  (the optax links, shared with curvli
     RecomputeState,
     alias,
     check_state,
+    compiled_when_eager,
     flag_stalled,
     float_dtype,
     learning_rate_link,

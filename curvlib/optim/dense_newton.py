@@ -302,7 +302,8 @@ def scale_by_newton(
         )
         return unravel(p), ScaleByNewtonState(optax.safe_increment(state.count), info)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, _common.compiled_when_eager(
+        update_fn, damping, min_eigenvalue, eigenvalue_rtol, max_params))
 
 
 @weak_cache
@@ -438,5 +439,5 @@ def newton(
     )
     return _common.alias(
         "newton", [direction, _common.learning_rate_link(learning_rate)],
-        linesearch=linesearch, has_aux=has_aux,
+        linesearch=linesearch, has_aux=has_aux, options=(learning_rate,),
     )

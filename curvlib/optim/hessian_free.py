@@ -514,7 +514,9 @@ def scale_by_newton_cg(
         info = _step_info(res, lam, rho, accepted, finite, setup.value, fallback, dt)
         return _commit(updates, state, p, lam_next, finite, accepted, info, damping)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, _common.compiled_when_eager(
+        update_fn, damping, damping_increase, damping_decrease, min_damping, max_damping, cg,
+        warm_start_decay))
 
 
 def _checked_options(damping, min_damping, max_damping, damping_increase, damping_decrease,
@@ -703,5 +705,5 @@ def newton_cg(
     )
     return _common.alias(
         "newton_cg", [direction, _common.learning_rate_link(learning_rate)],
-        linesearch=linesearch, has_aux=has_aux,
+        linesearch=linesearch, has_aux=has_aux, options=(learning_rate,),
     )

@@ -294,7 +294,8 @@ def scale_by_bfgs(
         )
         return unravel(p.astype(jnp.result_type(g))), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, _common.compiled_when_eager(
+        update_fn, curvature_rtol, max_params))
 
 
 def default_linesearch() -> optax.GradientTransformationExtraArgs:
@@ -364,5 +365,5 @@ def bfgs(
     )
     return _common.alias(
         "bfgs", [direction, _common.learning_rate_link(learning_rate)],
-        linesearch=linesearch, has_aux=has_aux,
+        linesearch=linesearch, has_aux=has_aux, options=(learning_rate,),
     )
