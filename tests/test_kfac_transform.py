@@ -327,3 +327,44 @@ def test_kfac_curvature_refuses_integer_parameters_as_init_does():
     params, x, _ = _problem()
     with pytest.raises(ValueError, match=r"`params\['mask'\]` must be a real floating array"):
         kfac_curvature(model, {**params, "mask": jnp.ones(3, jnp.int32)}, x)
+
+
+@pytest.mark.parametrize("form", ["kfac", "scale_by_kfac"])
+def test_an_eager_step_is_one_program_with_the_jitted_steps_numbers(form, compiles):
+    """An eager K-FAC ``update`` ran op by op: 142 small programs on its first call (9.4 s
+    for the README's MLP against 4.3 s for the step jitted), about 95 ms a step after, and
+    the first inverse refresh compiled its own ops (1.4 s). Now one program per loss
+    program: the steps after the first (refreshes, damping adaptations and a fresh closure
+    of the same loss included) compile nothing, and each equals the jitted ``update``."""
+    def mlp(params, x):
+        return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"]
+
+    def nll(params, x, y):
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(mlp(params, x), y))
+
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(k1, (64, 5), jnp.float64)
+    y = (x[:, 0] > 0).astype(jnp.int32)
+    params = {"w1": jax.random.normal(k2, (5, 6), jnp.float64) / 3,
+              "b1": jnp.zeros(6, jnp.float64), "w2": jax.random.normal(k3, (6, 2), jnp.float64)}
+    build = kfac if form == "kfac" else scale_by_kfac
+    opt = build(model_fn=mlp, example_inputs={"x": x}, key=jax.random.PRNGKey(1),
+                inverse_every=2, damping_every=2)
+    sign = 1.0 if form == "kfac" else -1.0
+    apply = lambda p, u: optax.apply_updates(p, jax.tree.map(lambda v: sign * v, u))  # noqa: E731
+    jupdate = jax.jit(lambda g, s, p, x, y: opt.update(g, s, p, value_fn=nll, x=x, y=y))
+    eager = jitted = (params, opt.init(params))
+    for i in range(5):
+        xs = x + 1e-3 * i
+        fn = lambda p, x, y: nll(p, x, y)  # noqa: E731  (new each step)
+        g = jax.block_until_ready(jax.grad(nll)(eager[0], xs, y))
+        with compiles() as seen:
+            u, s = opt.update(g, eager[1], eager[0], value_fn=fn, x=xs, y=y)
+            jax.block_until_ready(u)
+        assert seen.count <= (1 if i == 0 else 0), (i, seen.names)
+        eager = (apply(eager[0], u), s)
+        ju, js = jupdate(jax.grad(nll)(jitted[0], xs, y), jitted[1], jitted[0], xs, y)
+        jitted = (apply(jitted[0], ju), js)
+        for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
+    assert float(nll(eager[0], x, y)) < float(nll(params, x, y))

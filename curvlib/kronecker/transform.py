@@ -797,7 +797,8 @@ def scale_by_kfac(
         """``fn(params, state, **extra_args) -> ((value, grads), statistics)``: see above."""
         return _value_and_grad(settings, loss_fn)
 
-    return KfacTransformation(init_fn, update_fn, value_and_grad)
+    return KfacTransformation(init_fn, _chain.compiled_when_eager(update_fn, settings),
+                              value_and_grad)
 
 
 def _kfac_update(c: _Settings, updates, state: ScaleByKfacState, params, value_fn, statistics,
@@ -1308,4 +1309,7 @@ def kfac(
         variance=variance, norm_constraint=norm_constraint,
     )
     chain = optax.chain(direction, _chain.learning_rate_link(None))
-    return KfacTransformation(chain.init, chain.update, direction.value_and_grad)
+    update = chain.update
+    if getattr(direction.update, "compiled_when_eager", False):  # (its options no arrays)
+        update = _chain.compiled_when_eager(update)
+    return KfacTransformation(chain.init, update, direction.value_and_grad)
