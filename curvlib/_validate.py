@@ -702,6 +702,30 @@ def float_dtype(x, name: str, *, optional: bool = False):
     return dt
 
 
+def real_vector(x, name: str, *, what: str = "real numbers"):
+    """``x`` (an array, list or tuple) as a 1-D real array, else a ``ValueError`` naming
+    ``name``; integers become the default float (a float stays in its own dtype).
+
+    Examples:
+      >>> real_vector([3, 2], "eigenvalues_k").dtype == jnp.result_type(float)
+      True
+      >>> real_vector("3 2", "eigenvalues_k")
+      Traceback (most recent call last):
+      ...
+      ValueError: `eigenvalues_k` must be a 1-D array of real numbers; got '3 2'.
+    """
+    try:  # (a string is refused here: NumPy would read it as a dtype)
+        a = None if isinstance(x, str | bytes) else jnp.asarray(x)
+    except (TypeError, ValueError):
+        a = None
+    if a is None or not (jnp.issubdtype(a.dtype, jnp.integer)
+                         or jnp.issubdtype(a.dtype, jnp.floating)):
+        raise ValueError(f"`{name}` must be a 1-D array of {what}; got {x!r}.")
+    if a.ndim != 1:
+        raise ValueError(f"`{name}` must be a 1-D array of {what}; got shape {a.shape}.")
+    return a.astype(jnp.result_type(float)) if jnp.issubdtype(a.dtype, jnp.integer) else a
+
+
 def _grid(x, name: str, dtype=None):
     """``x`` as a floating scalar or non-empty 1-D array (`number` with ``grid``)."""
     try:

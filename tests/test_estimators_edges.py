@@ -166,3 +166,9 @@ def test_delta2_spectral_takes_sequences_and_names_bad_input():
     np.testing.assert_allclose(ls.delta2_spectral([3, 2, 1], [4, 3, 2], 1.0), 15 / 4, rtol=1e-12)
     with pytest.raises(ValueError, match="`eigenvalues_k1` must be a 1-D array of real"):
         ls.delta2_spectral([1.0], ["x"], 1.0)
+    # a string NumPy would read as a dtype ("3 2": a SyntaxError from deep inside) and a
+    # matrix are refused by name, through the shared check
+    with pytest.raises(ValueError, match="`eigenvalues_k` must be a 1-D array of real"):
+        ls.delta2_spectral("3 2", [1.0, 2.0], 1.0)
+    with pytest.raises(ValueError, match=r"`eigenvalues_k` must be a 1-D .*shape \(1, 2\)"):
+        ls.delta2_spectral([[1.0, 2.0]], [1.0, 2.0], 1.0)

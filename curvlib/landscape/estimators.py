@@ -194,19 +194,9 @@ def delta2_spectral(eigenvalues_k, eigenvalues_k1, sigma) -> jax.Array:
       >>> float(delta2_spectral(jnp.array([3.0, 2.0]), jnp.array([4.0, 3.0]), 1.0))
       2.0
     """
-    def values(given, name):  # (integers compute in the default float: sigma is not cast)
-        try:
-            x = jnp.asarray(given)  # (a list or tuple of numbers too)
-        except (TypeError, ValueError):
-            x = None
-        if x is None or not (jnp.issubdtype(x.dtype, jnp.integer)
-                             or jnp.issubdtype(x.dtype, jnp.floating)):
-            raise ValueError(f"`{name}` must be a 1-D array of real eigenvalues; got {given!r}.")
-        return x.astype(jnp.result_type(float)) if jnp.issubdtype(x.dtype, jnp.integer) else x
-
-    lk = values(eigenvalues_k, "eigenvalues_k")
-    lk1 = values(eigenvalues_k1, "eigenvalues_k1")
-    if lk.shape != lk1.shape or lk.ndim != 1:
+    lk = _validate.real_vector(eigenvalues_k, "eigenvalues_k", what="real eigenvalues")
+    lk1 = _validate.real_vector(eigenvalues_k1, "eigenvalues_k1", what="real eigenvalues")
+    if lk.shape != lk1.shape:
         raise ValueError(
             f"`eigenvalues_k`, `eigenvalues_k1`: eigenvalue vectors must be 1-D of equal "
             f"length; got {lk.shape} and {lk1.shape}."
