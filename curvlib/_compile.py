@@ -684,7 +684,7 @@ class _Behind:
             self._pool = _Worker(before_exit=self._stop)
         return self._pool
 
-    def call(self, jitted, static: tuple, a: dict, now: Callable):
+    def call(self, jitted, static: tuple, a: dict, now: Callable, quiet: bool = True):
         key = _signature(jitted, static, a)
         if key is None:
             return jitted(**a)
@@ -692,7 +692,7 @@ class _Behind:
             self._busy += 1
             self._idle.clear()
         try:
-            return self._call(jitted, static, a, now, key)
+            return self._call(jitted, static, a, now, key, quiet)
         finally:
             with self._lock:
                 self._busy -= 1
@@ -715,13 +715,15 @@ class _Behind:
                     return
             self._stopped.wait(max(left, 0.0))
 
-    def _compile(self, jitted, static: tuple, a: dict):
+    def _compile(self, jitted, static: tuple, a: dict, quiet: bool = True):
         """The fused program, traced here, later than the call that submitted it: a keyed
         function (`SameFunction`) must still compute what its key says before and after,
         else ``None`` (a NumPy array it closes over changed in place meanwhile: the
         program would be another's). Traced through a function of its own, so nothing
-        traced here enters ``jitted``'s own trace cache."""
-        self._quiet()
+        traced here enters ``jitted``'s own trace cache. Without ``quiet`` the compile
+        starts at once (for a caller inside a loop that never pauses)."""
+        if quiet:
+            self._quiet()
         if self._closing:
             return None
         keyed = [a[n] for n in static if isinstance(a[n], SameFunction)]
@@ -748,7 +750,7 @@ class _Behind:
         if self._pool is not None:
             self._pool.drain()
 
-    def _call(self, jitted, static: tuple, a: dict, now: Callable, key):
+    def _call(self, jitted, static: tuple, a: dict, now: Callable, key, quiet: bool = True):
         with self._lock:
             fut = self._entries.get(key)
             if fut is not None:
@@ -762,7 +764,7 @@ class _Behind:
                 if self._waiting is not None:
                     self._waiting.cancel()
                 self._waiting = self._entries[key] = self._executor().submit(
-                    self._compile, jitted, static, dict(a))
+                    self._compile, jitted, static, dict(a), quiet)
                 while len(self._entries) > self._MAX_ENTRIES:
                     self._entries.popitem(last=False)
             return out
@@ -1000,7 +1002,7 @@ def _key_hint(sig: inspect.Signature, args: tuple, kwargs: dict) -> str:
 def _wrap(fn: Callable, static: tuple, operators: Mapping[str, str], *,
           precheck: Callable | None = None, strict: bool = False,
           now: Callable | None = None, now_when: Callable | None = None,
-          now_reports: bool = False) -> Callable:
+          now_reports: bool = False, quiet: bool = True) -> Callable:
     """``fn`` bound by name and called through ``jax.jit`` unless an argument is traced.
 
     The one call path of `entry` and `function`: bind the arguments (defaults
@@ -1048,7 +1050,7 @@ def _wrap(fn: Callable, static: tuple, operators: Mapping[str, str], *,
                 and jax.process_count() == 1 and (now_when is None or now_when(**a))):
             if reporting:  # the host-driven path, whose loop draws the progress bar
                 return now(**a)
-            return BEHIND.call(jitted, static, a, now)
+            return BEHIND.call(jitted, static, a, now, quiet)
         return jitted(**a)
 
     call.jitted = jitted
@@ -1057,7 +1059,7 @@ def _wrap(fn: Callable, static: tuple, operators: Mapping[str, str], *,
 
 def entry(*, static: Sequence[str] = (), operators: Mapping[str, str] | None = None,
           now: Callable | None = None, now_when: Callable | None = None,
-          now_reports: bool = False):
+          now_reports: bool = False, quiet: bool = True):
     """Decorate an implementation ``impl(**kwargs)`` as a compiled, cached entry point.
 
     The returned function binds its arguments to ``impl``'s signature; if any
@@ -1069,14 +1071,15 @@ def entry(*, static: Sequence[str] = (), operators: Mapping[str, str] | None = N
     With ``now`` (a function of the same arguments that answers without the
     fused compile), eager calls for which ``now_when`` (same arguments; default:
     always) holds go through `compile_behind`; with ``now_reports`` (``now`` draws a
-    progress bar), they take ``now`` whenever `show_progress` is on.
+    progress bar), they take ``now`` whenever `show_progress` is on. Without ``quiet``
+    the fused program compiles behind at once, not after a quiet second (`_Behind`).
     """
     operators = dict(operators or {})
     static = tuple(static)
 
     def deco(impl):
         call = _wrap(impl, static, operators, now=now, now_when=now_when,
-                     now_reports=now_reports)
+                     now_reports=now_reports, quiet=quiet)
         call.impl = impl
         return call
 

@@ -230,12 +230,12 @@ def behind(monkeypatch, compile_behind_on):
 
     compile_behind = _compile.BEHIND._compile
 
-    def compile_once(jitted, static, a):
+    def compile_once(jitted, static, a, quiet=True):
         key = _compile._signature(jitted, static, a)
         keyed = [a[n] for n in static if isinstance(a[n], _compile.SameFunction)]
         if key in _FUSED and not any(f.changed() for f in keyed):
             return _FUSED[key]
-        compiled = compile_behind(jitted, static, a)
+        compiled = compile_behind(jitted, static, a, quiet)
         if compiled is not None:
             _FUSED[key] = compiled
         return compiled
@@ -1360,3 +1360,46 @@ def test_an_eager_block_eigsh_answers_block_by_block_as_its_compiled_program(beh
     assert "jit(_block_eigsh)" not in seen.names and seen.count <= 4, seen.names
     for name in two:
         assert two[name].eigenvalues.shape == (2,) and bool(two[name].converged)
+
+
+def test_an_eager_tracker_refresh_answers_now_then_runs_the_fused_loop(behind, compiles,
+                                                                       monkeypatch):
+    """An eager `track_curvature` refresh compiled eigsh and its trace probes' products as one
+    fused loop (`eigsh_then`), in front: 5.4 s before a small MLP's first eager step, where
+    eigsh alone answers in 0.4 s. It answers now: eigsh's answer-now path, then the probes'
+    products one by one through the product it compiled alone. The fused loop compiles
+    behind at once, without a quiet second (a training loop never pauses), and serves the
+    refreshes after. Every refresh equals the jitted tracker's (float64)."""
+    waited = []  # the compiles behind that waited for a quiet second
+    monkeypatch.setattr(behind, "_quiet", lambda: waited.append(1))
+    params, x, y, loss = _problem()
+    tx = curvlib.track_curvature(1, 2, key=KEY, num_probes=3)
+
+    @jax.jit
+    def jitted_update(p, s):
+        return tx.update(jax.grad(loss)(p, x, y), s, p, value_fn=loss, x=x, y=y)[1]
+
+    eager = jitted = tx.init(params)
+    for step in range(3):
+        p = jax.tree.map(lambda a: a * (1.0 + 0.05 * step), params)
+        g = jax.block_until_ready(jax.grad(loss)(p, x, y))
+        runs = _steps_compiled()[0]
+        with compiles() as seen:
+            _, eager = tx.update(g, eager, p, value_fn=loss, x=x, y=y)
+            jax.block_until_ready(eager)
+        if step == 0:  # answered now: the loop's steps ran, no fused loop compiled in front
+            assert _steps_compiled()[0] > runs
+            assert "jit(_then)" not in seen.names, seen.names
+            behind.wait()
+            assert not waited  # compiled at once, not after a quiet second
+        else:  # the fused loop, compiled behind, answered: no answer-now step ran
+            assert _steps_compiled()[0] == runs
+        jitted = jitted_update(p, jitted)
+        a, b = curvlib.curvature_info(eager), curvlib.curvature_info(jitted)
+        np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=1e-10)
+        np.testing.assert_allclose(a.trace, b.trace, rtol=1e-9)
+        np.testing.assert_allclose(a.trace_stderr, b.trace_stderr, rtol=1e-7)
+        assert int(a.num_matvecs) == int(b.num_matvecs) and bool(a.converged)
+        for u, w in zip(jax.tree.leaves(eager.eigenvectors), jax.tree.leaves(jitted.eigenvectors),
+                        strict=True):  # (up to sign)
+            np.testing.assert_allclose(np.abs(np.asarray(u)), np.abs(np.asarray(w)), atol=1e-8)

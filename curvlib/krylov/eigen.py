@@ -887,8 +887,37 @@ def _then(cfg: _Cfg, matvec, v0, key, tol, max_matvecs, max_restarts, then, num_
     return state.result, state.rows, state.products
 
 
-_then_compiled = _compile.entry(static=("cfg", "then", "num_rows"),
-                                operators={"matvec": "v0"})(_then)
+def _then_now(cfg: _Cfg, matvec, v0, key, tol, max_matvecs, max_restarts, then, num_rows,
+              then_args):
+    """`_then` answered without compiling it: eigsh's answer-now path (`_solve_now`), then
+    the rows' products one by one through the product it compiled alone (the loop of
+    `_then` multiplies them one by one too: the same arithmetic to rounding)."""
+    result = _solve_now(cfg, matvec, v0, key, tol, max_matvecs, max_restarts)
+    rows, flat = _now_rows(then, result, num_rows, then_args, v0)
+    products = jnp.stack([_space.flat_product(matvec, v0, x) for x in flat])
+    return result, rows, _now_products(v0, rows, products)
+
+
+@_driver.quick_jit(static_argnames=("then", "num_rows"))
+def _now_rows(then, result, num_rows, then_args, v0):
+    """``then``'s rows, and the same rows with ``v0`` ravelled (`_space.flat_product`'s)."""
+    rows = then(result, num_rows, *then_args)
+    return rows, _space.Space(v0, "concat").flatten_basis(rows)
+
+
+@_driver.quick_jit
+def _now_products(v0, rows, products):
+    """The products (rows of ``v0`` ravelled) shaped and typed as ``rows``."""
+    P = _space.Space(v0, "concat").unflatten_basis(products)
+    return jax.tree.map(lambda p, r: p.astype(r.dtype), P, rows)
+
+
+# (an eager `eigsh_then` answers now; its fused program compiles behind at once, without
+# waiting for a quiet second: its caller, a curvature tracker's refresh, runs inside a
+# training loop that never pauses, where the fused program would otherwise never compile)
+_then_compiled = _compile.entry(
+    static=("cfg", "then", "num_rows"), operators={"matvec": "v0"}, now=_then_now,
+    now_when=lambda cfg, v0, **_: _driver.answers_now(cfg.layout, v0), quiet=False)(_then)
 
 
 def _zeros(shapes):
