@@ -550,3 +550,34 @@ def test_history_reads_one_state_of_a_chain_stacked_by_scan():
     listed = curvlib.curvature_history([jax.tree.map(lambda x, i=i: x[i], states)
                                         for i in range(5)])
     np.testing.assert_array_equal(listed["step"], hist["step"])
+
+
+def test_an_eager_refresh_runs_its_work_around_the_eigensolve_as_two_programs(compiles):
+    """An eager refresh ran the work before and after its eigensolve op by op (the start
+    vector, the keys, the info, the commit: about 80 small programs on the first refresh);
+    it is now two compiled programs, and every refresh equals the jitted tracker's."""
+    loss, params, A, _, flat = _quadratic(seed=3)
+    tx = curvlib.track_curvature(1, 2, key=jax.random.PRNGKey(2), num_probes=4)
+    jitted_update = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=loss)[1])
+    eager = jitted = tx.init(params)
+    for step in range(3):
+        p = jax.tree.map(lambda a: a * (1.0 - 0.1 * step), params)
+        g = jax.block_until_ready(jax.grad(loss)(p))
+        with compiles() as seen:
+            _, eager = tx.update(g, eager, p, value_fn=loss)
+            jax.block_until_ready(eager)
+        if step == 0:
+            assert {"jit(_refresh_start)", "jit(_refresh_end)"} <= set(seen.names), seen.names
+            op_level = [n for n in seen.names if n in ("jit(_where)", "jit(isfinite)",
+                                                       "jit(_threefry_split)")]
+            assert not op_level, seen.names
+        else:
+            assert seen.count == 0, seen.names
+        jitted = jitted_update(g, jitted, p)
+        a, b = curvlib.curvature_info(eager), curvlib.curvature_info(jitted)
+        np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=1e-10)
+        np.testing.assert_allclose(a.eigenvalues, np.sort(np.linalg.eigvalsh(A))[::-1][:2],
+                                   rtol=1e-6)
+        np.testing.assert_allclose(a.trace, b.trace, rtol=1e-9)
+        for field in ("num_matvecs", "num_refreshes", "converged", "skipped"):
+            assert int(getattr(a, field)) == int(getattr(b, field)), field

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvlib import _deprecation, _tree, _validate, _xp
+from curvlib import _compile, _deprecation, _tree, _validate, _xp
 from curvlib._status import Status
 from curvlib.krylov import eigen, eigsh, hutchinson_trace, solvers, stochastic
 from curvlib.optim import _common
@@ -285,51 +285,96 @@ def _measure(loss, params, extra_args, state: TrackCurvatureState, cfg: _Config)
     """One refresh: loss, gradient and products, eigsh (warm-started), trace, alignment.
 
     Returns ``(eigenvectors, info)``; on a non-finite loss, gradient or product
-    the previous ones, flagged (`_commit`).
+    the previous ones, flagged (`_commit`). Called eagerly, the work before and after
+    the eigensolve runs as two compiled programs (`_eager_steps`), not op by op.
     """
-    old = state.info
-    dt = old.eigenvalues.dtype
     loss_value, grad, matvec = _loss_grad_and_matvec(loss, params, extra_args, cfg)
-    k_start, k_trace = jax.random.split(jax.random.fold_in(_usable_key(state.key, cfg.key_impl),
-                                                           state.count))
+    eager = _eager_steps(cfg, state, params, extra_args)
+    start, end = (_refresh_start, _refresh_end) if eager is None else eager
+    finite, eig_key, k_trace, v0 = start(state, params, loss_value, grad, cfg)
 
     def solve(_):
-        v0 = warm_start_vector(k_start, state.eigenvectors, params, cfg.warm_noise)
-        res, trace, trace_se = _eigsh_and_trace(matvec, params, v0, k_start, k_trace, cfg, dt)
-        vecs = jax.tree.map(lambda e, x: e.astype(x.dtype), res.eigenvectors, state.eigenvectors)
-        ok = res.finite & jnp.all(jnp.isfinite(res.eigenvalues))
-        if cfg.num_probes:
-            ok = ok & jnp.isfinite(trace)
-        info = _refresh_info(state, res, trace, trace_se, vecs, grad, loss_value, cfg, dt)
-        return _commit(ok, vecs, info, state)
+        res, products, trace = _eigsh_and_trace(matvec, params, v0, eig_key, k_trace, cfg)
+        return end(state, params, res, products, trace, k_trace, grad, loss_value, cfg)
 
     def skip(_):
-        return _commit(jnp.asarray(False), state.eigenvectors, old, state)
+        return _commit(jnp.asarray(False), state.eigenvectors, state.info, state)
 
-    finite = jnp.isfinite(loss_value) & _tree.all_finite(grad)
     return _xp.cond(finite, solve, skip, None)
 
 
-def _eigsh_and_trace(matvec, params, v0, k_start, k_trace, cfg: _Config, dt):
-    """``(eigsh result, trace, trace stderr)`` from ``v0``; the trace is 0 without probes."""
+def _refresh_start(state: TrackCurvatureState, params, loss_value, grad, cfg: _Config):
+    """``(finite, eigsh key, trace key, v0)``: whether the loss and gradient are finite, the
+    refresh's two keys and its warm-started start vector."""
+    k_start, k_trace = jax.random.split(jax.random.fold_in(_usable_key(state.key, cfg.key_impl),
+                                                           state.count))
+    v0 = warm_start_vector(k_start, state.eigenvectors, params, cfg.warm_noise)
+    finite = jnp.isfinite(loss_value) & _tree.all_finite(grad)
+    return finite, jax.random.fold_in(k_start, 1), k_trace, v0
+
+
+def _refresh_end(state: TrackCurvatureState, params, res, products, trace, k_trace, grad,
+                 loss_value, cfg: _Config):
+    """``(eigenvectors, info)`` of a refresh from its eigsh result and either the deflated
+    trace's probe products or the trace itself (`_eigsh_and_trace`), through `_commit`."""
+    dt = state.info.eigenvalues.dtype
+    if products is not None:
+        trace = _deflated_trace(res, products, params, k_trace, cfg)
+    trace, trace_se = trace
+    vecs = jax.tree.map(lambda e, x: e.astype(x.dtype), res.eigenvectors, state.eigenvectors)
+    ok = res.finite & jnp.all(jnp.isfinite(res.eigenvalues))
+    if cfg.num_probes:
+        ok = ok & jnp.isfinite(trace)
+    info = _refresh_info(state, res, trace, trace_se, vecs, grad, loss_value, cfg, dt)
+    return _commit(ok, vecs, info, state)
+
+
+# (compiled with less backend optimisation: small programs, run once per refresh)
+_EAGER_STEPS = (_compile.quick_jit(_refresh_start, static_argnames="cfg"),
+                _compile.quick_jit(_refresh_end, static_argnames="cfg"))
+
+
+def _eager_steps(cfg: _Config, *trees):
+    """`_refresh_start` and `_refresh_end` compiled, for an eager refresh (about 80 small
+    programs compiled op by op on the first refresh otherwise); ``None`` under a trace
+    (the caller's program holds them) or for options that are no static key (an array
+    ``warm_noise``)."""
+    if _compile.tracing(*trees):
+        return None
+    try:
+        hash(cfg)
+    except TypeError:
+        return None
+    return _EAGER_STEPS
+
+
+def _eigsh_and_trace(matvec, params, v0, key, k_trace, cfg: _Config):
+    """``(eigsh result, probe products, trace)`` from ``v0``: with the deflated trace, the
+    products of its probes (the trace is then `_deflated_trace`'s, ``None`` here); else
+    ``None`` and ``(trace, stderr)`` (NaN without probes)."""
     # eigsh stops at the first Krylov depth certifying the k pairs, so a warm
     # start (few steps) and a cold one (more steps) share one basis size
-    opts = dict(which=cfg.which, solver=cfg.eigsh, key=jax.random.fold_in(k_start, 1))
+    opts = dict(which=cfg.which, solver=cfg.eigsh, key=key)
     if not (cfg.num_probes and cfg.trace_method == "deflated"):
         res = eigsh(matvec, v0, cfg.k, **opts)
-        trace, trace_se = _trace(matvec, params, k_trace, res, cfg, dt)
-        return res, trace, trace_se
+        dt = jnp.promote_types(_tree.dtype(params), jnp.float32)
+        return res, None, _trace(matvec, params, k_trace, res, cfg, dt)
     # the trace probes depend on the eigenvectors: their products run in eigsh's
     # own loop, so the refresh compiles the product once
-    acc = jnp.promote_types(_tree.dtype(params), jnp.float32)
-    space = stochastic.probe_space(params)
     res, _, products = eigen.eigsh_then(matvec, v0, cfg.k, _deflated_probes, cfg.num_probes,
                                         params, k_trace, **opts)
-    # the estimator draws the same probes again and takes their products from the loop
+    return res, products, None
+
+
+def _deflated_trace(res, products, params, key, cfg: _Config):
+    """``(estimate, stderr)`` of the deflated trace from its probes' products: the estimator
+    draws the same probes again (``key``) and takes their products from eigsh's loop."""
+    acc = jnp.promote_types(_tree.dtype(params), jnp.float32)
+    space = stochastic.probe_space(params)
     tr = stochastic.deflated_trace(
-        lambda rows: space.flatten_basis(products), space, k_trace, cfg.num_probes,
+        lambda rows: space.flatten_basis(products), space, key, cfg.num_probes,
         res.eigenvectors, jnp.sum(res.eigenvalues), acc)
-    return res, tr.estimate, tr.stderr
+    return tr.estimate, tr.stderr
 
 
 def _deflated_probes(res, num_probes: int, params, key):
