@@ -484,6 +484,58 @@ def traced_program(fn: Callable, example: PyTree, check: Callable | None = None)
     return Partial(program, *held(closed.consts))
 
 
+class NotHoisted(Exception):
+    """A hoisted loss (`hoisted_loss`) called at other shapes than it was traced at."""
+
+
+class HoistedLoss(_Keyed):
+    """How a loss traced by `hoisted_loss` is called back inside a compiled step.
+
+    Static and hashable (its signature, the shapes it was traced at and the keywords it
+    took as given); the program and the arrays it closed over travel beside it as a traced
+    `Partial`, given to `bind`.
+    """
+
+    def __init__(self, signature, avals: tuple, static_names: tuple):
+        self.signature, self.avals, self.static_names = signature, avals, static_names
+        # the names, not the defaults (``lambda p, x=x: ...`` holds this step's batch)
+        names = tuple((q.name, q.kind) for q in signature.parameters.values())
+        self.key = (names, avals, static_names)
+        self._hash = hash(self.key)
+
+    def bind(self, program: Partial) -> Callable:
+        """``loss(params, **kw)`` evaluating ``program``, with the original's signature (optax
+        and curvlib route extra arguments by parameter names). Raises `NotHoisted` when
+        called at other shapes (the program's sizes, a mean's divisor, are fixed)."""
+        def loss(params, /, **kw):
+            traced = {k: x for k, x in kw.items() if k not in self.static_names}
+            if _tree.avals((params, traced)) != self.avals:
+                raise NotHoisted("the loss was called at other shapes than it was traced at")
+            return program((params, traced))
+
+        loss.__signature__ = self.signature
+        return loss
+
+
+def hoisted_loss(fn: Callable, params: PyTree, kw: dict, static: dict):
+    """``fn(params, **kw, **static)`` as ``(HoistedLoss, Partial(program, *arrays))``: the
+    arrays it closes over (a batch captured by a closure) become inputs of its program, so a
+    fresh closure over the next batch computes with the same compiled program. ``None``
+    where that is not sound: a custom derivative rule in the loss (its rule functions are
+    not part of the program's text and may close over the old batch), or no signature.
+
+    Cost: one trace of ``fn`` per call.
+    """
+    try:
+        signature = inspect.signature(fn)
+        program = traced_program(lambda a: fn(a[0], **a[1], **static), (params, kw))
+    except Exception:  # noqa: BLE001  (the caller's own evaluation reports a failing loss)
+        return None
+    if _custom_rules(program.func.jaxpr):
+        return None
+    return HoistedLoss(signature, _tree.avals((params, kw)), tuple(static)), program
+
+
 @jax.jit
 def run_program(program: Partial, x):
     """``program(x)`` compiled once per program (`traced_program`) and shapes."""

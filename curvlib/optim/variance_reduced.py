@@ -248,7 +248,8 @@ def scale_by_svrg(
         )
         return out, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, _common.compiled_when_eager(
+        update_fn, snapshot_every))
 
 
 def svrg(
@@ -298,5 +299,5 @@ def svrg(
         "svrg",
         [scale_by_svrg(snapshot_every, has_aux=has_aux),
          _common.learning_rate_link(learning_rate, optional=False)],
-        has_aux=has_aux,
+        has_aux=has_aux, options=(learning_rate,),
     )
