@@ -96,24 +96,33 @@ def linesearch_link(linesearch, has_aux: bool = False) -> optax.GradientTransfor
             # an eager step: optax builds the search's loop body afresh at every call, so
             # run one by one it compiled its loop again at every step (0.3-1.3 s); compiled
             # whole instead, once per loss program (a fresh closure computing the same
-            # loss included) and shapes
-            fn = same_function(value_fn, params, **kw)
-            if isinstance(fn, SameFunction):  # (else run as it is: one call, no caching)
-                # what the loss uses in Python (a class count, a flag: `static_names`) as
-                # given and keyed by value, the rest traced (a step counter compiles nothing)
-                static = static_items({k: kw[k] for k in fn.static_names})
-                arrays = {k: x for k, x in kw.items() if k not in fn.static_names}
-                return _eager_search(ls, fn, static, updates, state, params, reserved, arrays)
+            # loss included, and one closing over this step's batch: its arrays are inputs)
+            # and shapes. Keyed by the search's ``update`` function, not by this link: an
+            # alias rebuilt at every step (``optax.inject_hyperparams``) with the same
+            # search object shares the program
+            keyed = _keyed_function(value_fn, params, kw)
+            if keyed is not None:  # (else run as it is: one call, no caching)
+                fn, program, ints = keyed
+                # what the loss uses in Python (a class count, a flag) as given and keyed
+                # by value, the rest traced (a step counter compiles nothing)
+                arrays = {k: x for k, x in kw.items() if k not in ints}
+                try:
+                    return _eager_search(linesearch.update, fn, static_items(ints), updates,
+                                         state, params, reserved, arrays, program)
+                except NotHoisted:
+                    pass
         return ls.update(updates, state, params, value_fn=value_fn, **reserved, **kw)
 
     return optax.GradientTransformationExtraArgs(ls.init, update_fn)
 
 
-@functools.partial(jax.jit, static_argnames=("ls", "value_fn", "static"))
-def _eager_search(ls, value_fn, static, updates, state, params, reserved, kw):
+@functools.partial(jax.jit, static_argnames=("search", "value_fn", "static"))
+def _eager_search(search, value_fn, static, updates, state, params, reserved, kw, program):
     """A line search's ``update`` as one compiled program (`linesearch_link`, eager)."""
-    return ls.update(updates, state, params, value_fn=value_fn, **reserved, **kw,
-                     **{k: x for k, _, x in static})
+    if isinstance(value_fn, HoistedLoss):
+        value_fn = value_fn.bind(program)
+    return search(updates, state, params, value_fn=value_fn, **reserved, **kw,
+                  **{k: x for k, _, x in static})
 
 
 def compiled_when_eager(update_fn, *options):

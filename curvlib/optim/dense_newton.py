@@ -324,6 +324,7 @@ def _loss_in_default_float(fn: Callable) -> Callable:
     return loss
 
 
+@functools.cache
 def default_linesearch() -> optax.GradientTransformationExtraArgs:
     """The line search of `newton`: Armijo backtracking from the full step, storing grad.
 
@@ -333,7 +334,9 @@ def default_linesearch() -> optax.GradientTransformationExtraArgs:
     accepted point stay in the state, so the loop `optax.lbfgs`
     documents (`optax.value_and_grad_from_state`) reuses them instead of
     evaluating the gradient again (with ``store_grad=False`` that loop fails:
-    "Value or gradient not found").
+    "Value or gradient not found"). One object for every call (a pure pair of functions):
+    an alias rebuilt at every step (`optax.inject_hyperparams`) shares its eager search's
+    compiled program.
 
     Returns:
       An `optax.GradientTransformationExtraArgs` with optax's

@@ -28,6 +28,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -298,8 +299,12 @@ def scale_by_bfgs(
         update_fn, curvature_rtol, max_params))
 
 
+@functools.cache
 def default_linesearch() -> optax.GradientTransformationExtraArgs:
     """The line search of [`bfgs`][curvlib.bfgs]: optax's zoom (strong Wolfe), as in `optax.lbfgs`.
+
+    One object for every call (a pure pair of functions): an alias rebuilt at every step
+    (`optax.inject_hyperparams`) shares its eager search's compiled program.
 
     Examples:
       >>> from curvlib.optim.quasi_newton import default_linesearch
