@@ -15,7 +15,16 @@ import numpy as np
 from jax.tree_util import Partial, keystr
 
 from curvlib import _tree, _validate
-from curvlib._compile import run_program, traced_program, tracing, weak_cache
+from curvlib._compile import (
+    SameFunction,
+    quick_jit,
+    run_program,
+    same_function,
+    stable_linearized,
+    traced_program,
+    tracing,
+    weak_cache,
+)
 
 PyTree = Any
 
@@ -32,6 +41,40 @@ def value_only(fun: Callable) -> Callable:
 
 def drop_aux(fun: Callable, has_aux: bool) -> Callable:
     return value_only(fun) if has_aux else fun
+
+
+# ----------------------------------------------------------- linearisation
+
+
+def linearize(fn: Callable, params: PyTree, args: tuple, *, gradient: bool = False):
+    """``(out, lin)`` of ``jax.linearize(p -> fn(p, *args), params)`` (of ``p -> grad fn(p,
+    *args)`` with ``gradient``), ``lin`` keyed by the program it replays (`stable_linearized`).
+
+    An eager build linearised op by op: every primitive of the model (and of its gradient)
+    ran as its own program, each compiled on its first use, 1.5-2 s before a small MLP's
+    operator existed and 9 s for a 120k-parameter transformer (0.04 s and 0.55 s for each
+    later build). Here it is one program per function program and shapes, compiled with
+    less backend optimisation (it runs once per build: `curvlib._compile.quick_jit`), the
+    batch its input: 0.28 s and 1.2 s first, 8 ms and 73 ms later. A function that cannot
+    be keyed or that closes over arrays (a new program per closure), arguments that are not
+    arrays (a number a model may use in Python), or a call under a trace (the user's
+    program holds the linearisation) linearise as before.
+    """
+    if not tracing(params, args) and all(
+            isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in jax.tree.leaves(args)):
+        keyed = same_function(fn, params, *args)
+        if isinstance(keyed, SameFunction) and not keyed.closes_over_arrays:
+            return _compiled_linearize(keyed, gradient, params, tuple(args))
+    return _linearize(fn, gradient, params, tuple(args))
+
+
+def _linearize(fn, gradient, params, args):
+    f = (lambda p: jax.grad(fn)(p, *args)) if gradient else (lambda p: fn(p, *args))
+    out, lin = jax.linearize(f, params)
+    return out, stable_linearized(lin)
+
+
+_compiled_linearize = quick_jit(_linearize, static_argnames=("fn", "gradient"))
 
 
 # ----------------------------------------------------------------- blocks

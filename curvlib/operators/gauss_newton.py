@@ -53,8 +53,7 @@ LIKELIHOODS = ("categorical", "gaussian")
 
 
 def _linearize(model_fn, params, args):
-    outputs, lin = jax.linearize(lambda p: model_fn(p, *args), params)
-    return outputs, stable_linearized(lin)
+    return C.linearize(model_fn, params, args)
 
 
 # ------------------------------------------------------------------------ GGN

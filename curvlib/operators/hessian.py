@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.tree_util import Partial
 
 from curvlib import _tree, _validate
-from curvlib._compile import stable_linearized, weak_cache
+from curvlib._compile import weak_cache
 from curvlib.operators import _common as C
 from curvlib.operators import _wrt
 from curvlib.operators.microbatch import (
@@ -218,9 +218,9 @@ def hessian_matvec(
     fun = C.drop_aux(fun, has_aux)
     mode = _validate.mode(mode, microbatch_size=size)
     if mode == "linearize":
-        _, lin = jax.linearize(lambda p: jax.grad(fun)(p, *args), params)
+        _, lin = C.linearize(fun, params, args, gradient=True)
         dtypes = tuple(jnp.result_type(x) for x in jax.tree.leaves(params))
-        return C.params_operator(C.call_linearized(dtypes), params, stable_linearized(lin))
+        return C.params_operator(C.call_linearized(dtypes), params, lin)
     product = _hvp_fwd_rev(fun) if mode == "fwd-rev" else _hvp_rev_rev(fun)
     if size is not None:
         product = microbatched(product, size, argnums)

@@ -16,7 +16,6 @@ import jax
 from jax.tree_util import Partial
 
 from curvlib import _tree, _validate
-from curvlib._compile import stable_linearized
 from curvlib.operators import _common as C
 
 PyTree = Any
@@ -37,9 +36,9 @@ def _linearized_model(model_fn, params, args, has_aux):
         _validate.output(jax.eval_shape(lambda p: model_fn(p, *args), params), "model_fn",
                          has_aux=True, scalar=False, what="outputs")
         model_fn = C.value_only(model_fn)
-    outputs, lin = jax.linearize(lambda p: model_fn(p, *args), params)
+    outputs, lin = C.linearize(model_fn, params, args)
     _validate.float_leaves(outputs, "outputs of model_fn", advice=C.OUTPUT_ADVICE)
-    return outputs, stable_linearized(lin)
+    return outputs, lin
 
 
 def jacobian_matvec(model_fn: Callable, params: PyTree, *args, has_aux: bool = False) -> Partial:
