@@ -496,11 +496,12 @@ class HoistedLoss(_Keyed):
     `Partial`, given to `bind`.
     """
 
-    def __init__(self, signature, avals: tuple, static_names: tuple):
-        self.signature, self.avals, self.static_names = signature, avals, static_names
+    def __init__(self, signature, tree, avals: tuple, static_names: tuple):
+        self.signature, self.tree, self.avals = signature, tree, avals
+        self.static_names = static_names
         # the names, not the defaults (``lambda p, x=x: ...`` holds this step's batch)
         names = tuple((q.name, q.kind) for q in signature.parameters.values())
-        self.key = (names, avals, static_names)
+        self.key = (names, tree, avals, static_names)
         self._hash = hash(self.key)
 
     def bind(self, program: Partial) -> Callable:
@@ -509,7 +510,8 @@ class HoistedLoss(_Keyed):
         called at other shapes (the program's sizes, a mean's divisor, are fixed)."""
         def loss(params, /, **kw):
             traced = {k: x for k, x in kw.items() if k not in self.static_names}
-            if _tree.avals((params, traced)) != self.avals:
+            if (jax.tree.structure((params, traced)) != self.tree
+                    or _tree.avals((params, traced)) != self.avals):
                 raise NotHoisted("the loss was called at other shapes than it was traced at")
             return program((params, traced))
 
@@ -533,7 +535,8 @@ def hoisted_loss(fn: Callable, params: PyTree, kw: dict, static: dict):
         return None
     if _custom_rules(program.func.jaxpr):
         return None
-    return HoistedLoss(signature, _tree.avals((params, kw)), tuple(static)), program
+    return HoistedLoss(signature, jax.tree.structure((params, kw)), _tree.avals((params, kw)),
+                       tuple(static)), program
 
 
 @jax.jit

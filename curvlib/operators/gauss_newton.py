@@ -38,7 +38,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from curvlib import _tree, _validate
-from curvlib._compile import stable_linearized, weak_cache
+from curvlib._compile import quick_jit, weak_cache
 from curvlib.operators import _common as C
 from curvlib.operators import _wrt
 from curvlib.operators.microbatch import (
@@ -221,6 +221,7 @@ def _sample_categorical(p, u):
     return jnp.minimum(y, p.shape[-1] - 1)
 
 
+@quick_jit(static_argnames=("likelihood", "mc"))  # (eagerly: one program, not op by op)
 def _output_state(likelihood, mc, outputs, noise, variance):
     """What a product needs in output space (computed once per linearisation or chunk).
 
@@ -609,8 +610,8 @@ def empirical_fisher_matvec(
     losses = _per_example_losses(C.drop_aux(per_example_loss, has_aux))
     mode = _validate.mode(mode, gauss_newton=True, microbatch_size=microbatch_size)
     if mode == "linearize":
-        _, lin = jax.linearize(lambda p: losses(p, batch), params)
-        return C.params_operator(_ef_product, params, params, stable_linearized(lin))
+        _, lin = C.linearize(losses, params, (batch,))
+        return C.params_operator(_ef_product, params, params, lin)
     product = _ef_recompute(losses)
     if microbatch_size is not None:
         size = _validate.static_int(microbatch_size, "microbatch_size", minimum=1)

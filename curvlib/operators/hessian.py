@@ -114,7 +114,9 @@ def hessian_matvec(
     With the default ``mode="linearize"`` the gradient is linearised once
     (``jax.linearize(jax.grad(fun))``) and each product replays only the
     tangent pass, reusing the stored residuals: the cheapest product when many
-    are needed (Lanczos, CG). ``"fwd-rev"`` recomputes ``jax.jvp(jax.grad)``
+    are needed (Lanczos, CG). Called eagerly, the linearisation is one program
+    compiled per loss program and shapes (not the model op by op), reused by
+    every later build with a new batch. ``"fwd-rev"`` recomputes ``jax.jvp(jax.grad)``
     each time (no residual memory) and ``"rev-rev"`` differentiates
     ``<grad f, v>`` in reverse mode; both are offered for benchmarking and for
     memory-bound models.
