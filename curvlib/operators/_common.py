@@ -60,12 +60,24 @@ def linearize(fn: Callable, params: PyTree, args: tuple, *, gradient: bool = Fal
     arrays (a number a model may use in Python), or a call under a trace (the user's
     program holds the linearisation) linearise as before.
     """
-    if not tracing(params, args) and all(
-            isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in jax.tree.leaves(args)):
-        keyed = same_function(fn, params, *args)
-        if isinstance(keyed, SameFunction) and not keyed.closes_over_arrays:
-            return _compiled_linearize(keyed, gradient, params, tuple(args))
+    keyed = keyed_when_eager(fn, params, args)
+    if keyed is not None:
+        return _compiled_linearize(keyed, gradient, params, tuple(args))
     return _linearize(fn, gradient, params, tuple(args))
+
+
+def keyed_when_eager(fn: Callable, params: PyTree, args: tuple) -> SameFunction | None:
+    """``fn`` keyed by its program (`same_function`) for a compiled eager evaluation at
+    ``(params, *args)``; ``None`` under a trace, for arguments that are not arrays (a number
+    a model may use in Python), and for a function that cannot be keyed or closes over
+    arrays (a new program per closure)."""
+    if tracing(params, args) or not all(
+            isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in jax.tree.leaves(args)):
+        return None
+    keyed = same_function(fn, params, *args)
+    if isinstance(keyed, SameFunction) and not keyed.closes_over_arrays:
+        return keyed
+    return None
 
 
 def _linearize(fn, gradient, params, args):
