@@ -395,7 +395,7 @@ def _notebook_headline(rows: dict) -> list:
          _fmt(now["first_s"]), "compile_behind(False)", _fmt(front["first_s"]),
          f"{front['first_s'] / now['first_s']:.2f}x", "-", n_now, "-"],
         ["hessian_matvec's first build in the same process (the operator ARPACK uses too)",
-         _fmt(now["first_build_s"]), "-", "-", "-", "-", n_now, "-"],
+         _fmt(now.get("first_build_s")), "-", "-", "-", "-", n_now, "-"],
         ["a new k or batch size in a running session, worst", _fmt(worst_new),
          "the same with the fused program in front",
          _fmt(max(front["new_k_s"], front["new_batch_size_s"])), "-", "-", "1 / 1",

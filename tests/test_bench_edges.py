@@ -139,7 +139,8 @@ def _first_answer_rows():
         rows[n] = dict(first_s=t, first_s_rounds=[t] * 3, **cur)
     for n, t in {"eigsh_notebook_answer_now": 0.2, "eigsh_notebook_fused_in_front": 2.8,
                  "eigsh_notebook_warm_persistent_cache": 0.1}.items():
-        rows[n] = dict(first_s=t, first_s_rounds=[t] * 3, new_k_s=0.17, new_batch_size_s=0.1)
+        rows[n] = dict(first_s=t, first_s_rounds=[t] * 3, new_k_s=0.17, new_batch_size_s=0.1,
+                       first_build_s=0.3)
     return rows
 
 
@@ -153,6 +154,13 @@ def test_first_answer_headline_words_and_repeats():
     assert lanczos[4] == "2.00x faster"  # 0.2 s against matfree's 0.4 s
     warm = next(r for r in head if "warm persistent cache" in r[0])
     assert warm[4] == "1.2x faster"  # 0.1 s against ARPACK's 0.125 s
+    build = next(r for r in head if "first build" in r[0])
+    assert build[1] == "0.300 s"
+    # a result written before the build was timed renders without it
+    rows = _first_answer_rows()
+    del rows["eigsh_notebook_answer_now"]["first_build_s"]
+    build = next(r for r in FA._headline(rows) if "first build" in r[0])
+    assert build[1] == FA._fmt(None)
     second = next(r for r in head if r[0].startswith("eager second call"))
     assert second[6] == f"1 / {FA.PAIRS} (median)"  # the warm call is a median of PAIRS
 
