@@ -51,11 +51,11 @@ def linearize(fn: Callable, params: PyTree, args: tuple, *, gradient: bool = Fal
     *args)`` with ``gradient``), ``lin`` keyed by the program it replays (`stable_linearized`).
 
     An eager build linearised op by op: every primitive of the model (and of its gradient)
-    ran as its own program, each compiled on its first use, 1.5-2 s before a small MLP's
-    operator existed and 9 s for a 120k-parameter transformer (0.04 s and 0.55 s for each
+    ran as its own program, each compiled on its first use: 1.8 s before a small MLP's
+    operator existed and 9.4 s for a 120k-parameter transformer (38 ms and 0.63 s for each
     later build). Here it is one program per function program and shapes, compiled with
     less backend optimisation (it runs once per build: `curvlib._compile.quick_jit`), the
-    batch its input: 0.28 s and 1.2 s first, 8 ms and 73 ms later. A function that cannot
+    batch its input: 0.39 s and 1.8 s first, 3 ms and 0.11 s later. A function that cannot
     be keyed or that closes over arrays (a new program per closure), arguments that are not
     arrays (a number a model may use in Python), or a call under a trace (the user's
     program holds the linearisation) linearise as before.
