@@ -22,15 +22,7 @@ import numpy as np
 import optax
 
 from curvlib import _tree, _validate
-from curvlib._compile import (
-    HoistedLoss,
-    NotHoisted,
-    SameFunction,
-    hoisted_loss,
-    same_function,
-    static_items,
-    tracing,
-)
+from curvlib._compile import NotHoisted, bound, keyed_function, static_items, tracing
 from curvlib._loss import RESERVED, bind_loss, kwargs_for, require_params, strip_aux
 from curvlib._status import Status, worst
 
@@ -100,7 +92,7 @@ def linesearch_link(linesearch, has_aux: bool = False) -> optax.GradientTransfor
             # and shapes. Keyed by the search's ``update`` function, not by this link: an
             # alias rebuilt at every step (``optax.inject_hyperparams``) with the same
             # search object shares the program
-            keyed = _keyed_function(value_fn, params, kw)
+            keyed = keyed_function(value_fn, params, kw=kwargs_for(value_fn, kw))
             if keyed is not None:  # (else run as it is: one call, no caching)
                 fn, program, ints = keyed
                 # what the loss uses in Python (a class count, a flag) as given and keyed
@@ -119,9 +111,7 @@ def linesearch_link(linesearch, has_aux: bool = False) -> optax.GradientTransfor
 @functools.partial(jax.jit, static_argnames=("search", "value_fn", "static"))
 def _eager_search(search, value_fn, static, updates, state, params, reserved, kw, program):
     """A line search's ``update`` as one compiled program (`linesearch_link`, eager)."""
-    if isinstance(value_fn, HoistedLoss):
-        value_fn = value_fn.bind(program)
-    return search(updates, state, params, value_fn=value_fn, **reserved, **kw,
+    return search(updates, state, params, value_fn=bound(value_fn, program), **reserved, **kw,
                   **{k: x for k, _, x in static})
 
 
@@ -161,7 +151,7 @@ def compiled_when_eager(update_fn, *options):
     jitted = None
 
     def run(fns, static, updates, state, params, arrays, programs):
-        fns = {k: f.bind(programs[k]) if isinstance(f, HoistedLoss) else f for k, f in fns}
+        fns = {k: bound(f, programs[k]) for k, f in fns}
         return update_fn(updates, state, params, **fns, **arrays,
                          **{k: x for k, _, x in static})
 
@@ -184,7 +174,7 @@ def compiled_when_eager(update_fn, *options):
         for name, fn in given.items():
             if not callable(fn):
                 return eager()  # (its message)
-            keyed = _keyed_function(fn, params, routed)
+            keyed = keyed_function(fn, params, kw=kwargs_for(fn, routed))
             if keyed is None:
                 return eager()
             fns[name], programs[name], ints = keyed
@@ -215,22 +205,6 @@ _ARRAY_LIKE = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
 def _is_function(x) -> bool:
     """A plain function (no pytree with arrays inside, such as a `Partial`: traced)."""
     return callable(x) and jax.tree_util.treedef_is_leaf(jax.tree.structure(x))
-
-
-def _keyed_function(fn, params, routed: dict):
-    """``fn`` as a static argument of a compiled step: ``(keyed, program, ints)``, where
-    ``keyed`` is a `SameFunction` (``program`` None) or, for a function closing over arrays,
-    a `HoistedLoss` whose ``program`` holds them as inputs; ``ints`` are the routed ints the
-    function uses in Python (passed as given). ``None`` where it cannot be keyed."""
-    kw = kwargs_for(fn, routed)
-    same = same_function(fn, params, **kw)
-    if not isinstance(same, SameFunction):
-        return None
-    ints = {k: kw[k] for k in same.static_names}
-    if not same.closes_over_arrays:
-        return same, None, ints
-    hoisted = hoisted_loss(fn, params, {k: x for k, x in kw.items() if k not in ints}, ints)
-    return None if hoisted is None else (*hoisted, ints)
 
 
 def alias(

@@ -505,38 +505,69 @@ class HoistedLoss(_Keyed):
         self._hash = hash(self.key)
 
     def bind(self, program: Partial) -> Callable:
-        """``loss(params, **kw)`` evaluating ``program``, with the original's signature (optax
-        and curvlib route extra arguments by parameter names). Raises `NotHoisted` when
-        called at other shapes (the program's sizes, a mean's divisor, are fixed)."""
-        def loss(params, /, **kw):
+        """``loss(params, *args, **kw)`` evaluating ``program``, with the original's signature
+        (optax and curvlib route extra arguments by parameter names). Raises `NotHoisted`
+        when called at other shapes (the program's sizes, a mean's divisor, are fixed)."""
+        def loss(params, /, *args, **kw):
             traced = {k: x for k, x in kw.items() if k not in self.static_names}
-            if (jax.tree.structure((params, traced)) != self.tree
-                    or _tree.avals((params, traced)) != self.avals):
+            if (jax.tree.structure((params, args, traced)) != self.tree
+                    or _tree.avals((params, args, traced)) != self.avals):
                 raise NotHoisted("the loss was called at other shapes than it was traced at")
-            return program((params, traced))
+            return program((params, args, traced))
 
         loss.__signature__ = self.signature
         return loss
 
 
-def hoisted_loss(fn: Callable, params: PyTree, kw: dict, static: dict):
-    """``fn(params, **kw, **static)`` as ``(HoistedLoss, Partial(program, *arrays))``: the
-    arrays it closes over (a batch captured by a closure) become inputs of its program, so a
-    fresh closure over the next batch computes with the same compiled program. ``None``
+def hoisted_loss(fn: Callable, params: PyTree, kw: dict, static: dict, args: tuple = ()):
+    """``fn(params, *args, **kw, **static)`` as ``(HoistedLoss, Partial(program, *arrays))``:
+    the arrays it closes over (a batch captured by a closure) become inputs of its program,
+    so a fresh closure over the next batch computes with the same compiled program. ``None``
     where that is not sound: a custom derivative rule in the loss (its rule functions are
     not part of the program's text and may close over the old batch), or no signature.
 
     Cost: one trace of ``fn`` per call.
     """
+    args = tuple(args)
     try:
         signature = inspect.signature(fn)
-        program = traced_program(lambda a: fn(a[0], **a[1], **static), (params, kw))
+        program = traced_program(lambda a: fn(a[0], *a[1], **a[2], **static), (params, args, kw))
     except Exception:  # noqa: BLE001  (the caller's own evaluation reports a failing loss)
         return None
     if _custom_rules(program.func.jaxpr):
         return None
-    return HoistedLoss(signature, jax.tree.structure((params, kw)), _tree.avals((params, kw)),
-                       tuple(static)), program
+    return HoistedLoss(signature, jax.tree.structure((params, args, kw)),
+                       _tree.avals((params, args, kw)), tuple(static)), program
+
+
+def keyed_function(fn: Callable, params: PyTree, args: tuple = (), kw: dict | None = None):
+    """``fn`` as a static argument of a compiled eager evaluation at ``(params, *args,
+    **kw)``: ``(keyed, program, ints)``. ``keyed`` is a `SameFunction` (``program`` None) or,
+    for a function closing over arrays (``lambda p: loss(p, x, y)`` over each step's batch,
+    a new function over new arrays every call), a `HoistedLoss` whose ``program`` holds
+    them as inputs (give it to the compiled function as an argument, `HoistedLoss.bind` it
+    inside); ``ints`` are the keywords the function uses in Python (pass them as given).
+    ``None`` where it cannot be keyed (evaluate it as it is).
+
+    Cost: one trace of ``fn`` (remembered per function object and shapes), a second for
+    one closing over arrays.
+    """
+    kw = {} if kw is None else kw
+    same = same_function(fn, params, *args, **kw)
+    if not isinstance(same, SameFunction):
+        return None
+    ints = {k: kw[k] for k in same.static_names}
+    if not same.closes_over_arrays:
+        return same, None, ints
+    hoisted = hoisted_loss(fn, params, {k: x for k, x in kw.items() if k not in ints}, ints,
+                           args)
+    return None if hoisted is None else (*hoisted, ints)
+
+
+def bound(fn: Callable, program) -> Callable:
+    """The function `keyed_function` keyed: ``fn`` itself, or a `HoistedLoss` bound to its
+    ``program``."""
+    return fn.bind(program) if isinstance(fn, HoistedLoss) else fn
 
 
 @jax.jit

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.tree_util import Partial
 
 from curvlib import _tree, _validate
-from curvlib._compile import weak_cache
+from curvlib._compile import bound, weak_cache
 from curvlib.operators import _common as C
 from curvlib.operators import _wrt
 from curvlib.operators.microbatch import (
@@ -243,11 +243,12 @@ def _value_and_grad(fun, has_aux):
 
 
 @functools.partial(jax.jit, static_argnames=("fun", "has_aux"))
-def _compiled_value_and_grad(fun, has_aux, params, args):
-    """`_value_and_grad` of ``fun`` (keyed by its program) at ``params``: one program per loss
-    program and shapes for an eager `gradient` (op by op, every primitive of the model and
-    its gradient compiled on first use: 1 s and 13 programs for a small MLP)."""
-    return _value_and_grad(fun, has_aux)(params, *args)
+def _compiled_value_and_grad(fun, has_aux, params, args, program):
+    """`_value_and_grad` of ``fun`` (keyed by its program, `C.keyed_when_eager`) at
+    ``params``: one program per loss program and shapes for an eager `gradient` (op by op,
+    every primitive of the model and its gradient compiled on first use: 1 s and 13
+    programs for a small MLP)."""
+    return _value_and_grad(bound(fun, program), has_aux)(params, *args)
 
 
 def gradient(
@@ -309,7 +310,7 @@ def gradient(
     if size is None:
         keyed = C.keyed_when_eager(fun, params, args)
         out = (vg(params, *args) if keyed is None  # (eagerly one program, not op by op)
-               else _compiled_value_and_grad(keyed, has_aux, params, tuple(args)))
+               else _compiled_value_and_grad(keyed[0], has_aux, params, tuple(args), keyed[1]))
         return ((out[0], out[1]), out[2]) if has_aux else out
     if has_aux:
         aux_shape = _tree.eval_shape(fun, params, *args)[1]

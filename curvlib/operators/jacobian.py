@@ -22,7 +22,7 @@ PyTree = Any
 
 
 def _jv(params, lin, v):
-    return lin(C.cast_like(v, params))
+    return C.apply_linear(lin, C.cast_like(v, params))
 
 
 def _jtu(params, outputs, lin, u):
