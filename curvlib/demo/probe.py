@@ -106,24 +106,7 @@ class ProbeConfig:
                              optional=True)
         for name in ("learning_rate", "sigma_min", "sigma_max", "eig_tol"):
             _validate.number(getattr(self, name), _flag(name), minimum=0, exclusive=True)
-        # a one-point grid is sigma_min alone: sigma_max plays no part
-        if self.num_sigmas > 1 and not self.sigma_max > self.sigma_min:
-            raise ValueError(
-                f"sigma_max (--sigma-max) = {self.sigma_max!r} must be larger than sigma_min "
-                f"(--sigma-min) = {self.sigma_min!r} (with --num-sigmas 1 it is not used)."
-            )
-        # the probe runs in float32: a sigma must stay > 0 there, and sigma^4 finite
-        if not np.float32(self.sigma_min) > 0:
-            raise ValueError(f"sigma_min (--sigma-min) = {self.sigma_min!r} is 0 in float32, the "
-                             "probe's precision; use a value above 1e-30.")
-        largest = ("sigma_max", "--sigma-max") if self.num_sigmas > 1 else ("sigma_min",
-                                                                              "--sigma-min")
-        with np.errstate(over="ignore"):
-            fourth = np.float32(getattr(self, largest[0])) ** 4
-        if not np.isfinite(fourth):
-            raise ValueError(f"{largest[0]} ({largest[1]}) = {getattr(self, largest[0])!r}: "
-                             "sigma^4 overflows float32, the probe's precision; use a value "
-                             "below 1e9.")
+        self._check_sigma_grid()
         dims = tuple(self.dims)
         if not dims or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
                                and d >= 1 for d in dims):
@@ -159,6 +142,28 @@ class ProbeConfig:
             raise ValueError(f"basis_size (--basis-size) = {self.basis_size} must be at most the "
                              f"model's parameter count N = {n}.")
         return n
+
+    def _check_sigma_grid(self) -> None:
+        """``sigma_min < sigma_max`` (for a grid of more than one point), both usable in
+        float32 (the probe's precision): ``sigma > 0`` and ``sigma^4`` finite."""
+        # a one-point grid is sigma_min alone: sigma_max plays no part
+        if self.num_sigmas > 1 and not self.sigma_max > self.sigma_min:
+            raise ValueError(
+                f"sigma_max (--sigma-max) = {self.sigma_max!r} must be larger than sigma_min "
+                f"(--sigma-min) = {self.sigma_min!r} (with --num-sigmas 1 it is not used)."
+            )
+        # the probe runs in float32: a sigma must stay > 0 there, and sigma^4 finite
+        if not np.float32(self.sigma_min) > 0:
+            raise ValueError(f"sigma_min (--sigma-min) = {self.sigma_min!r} is 0 in float32, the "
+                             "probe's precision; use a value above 1e-30.")
+        largest = ("sigma_max", "--sigma-max") if self.num_sigmas > 1 else ("sigma_min",
+                                                                              "--sigma-min")
+        with np.errstate(over="ignore"):
+            fourth = np.float32(getattr(self, largest[0])) ** 4
+        if not np.isfinite(fourth):
+            raise ValueError(f"{largest[0]} ({largest[1]}) = {getattr(self, largest[0])!r}: "
+                             "sigma^4 overflows float32, the probe's precision; use a value "
+                             "below 1e9.")
 
 
 def _flag(name: str) -> str:

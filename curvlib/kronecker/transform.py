@@ -622,6 +622,55 @@ class _Settings(NamedTuple):
     damping: Any = 1.0  # the argument (traced under inject_hyperparams): a change resets
 
 
+def _settings(model_fn, example_inputs, likelihood, learning_rate, momentum, damping,
+              adaptive_damping, damping_every, damping_decay, min_damping, max_damping, ema_decay,
+              statistics_every, inverse_every, inverse, key, num_samples, convention, variance,
+              norm_constraint) -> _Settings:
+    """`scale_by_kfac`'s arguments checked (each refused with its name and what it must be)
+    and resolved (the momentum's and the variance's defaults) into its `_Settings`."""
+    num_samples = check_options(likelihood, convention, num_samples, variance, key)
+    variance = 1.0 if variance is None else variance  # (as fisher_matvec's None)
+    for name, value in (("damping_every", damping_every), ("statistics_every", statistics_every),
+                        ("inverse_every", inverse_every)):
+        _validate.number(value, name, minimum=1, integer=True)  # None refused
+    _validate.number(learning_rate, "learning_rate", optional=True, schedule=True)
+    _validate.prng_key(key, optional=True)  # None: the exact Fisher
+    for name, value in (("damping", damping), ("min_damping", min_damping)):
+        _validate.number(value, name, minimum=0, exclusive=True, optional=True)
+    _validate.number(max_damping, "max_damping", minimum=0, exclusive=True, finite=False,
+                     optional=True, above=(min_damping, "min_damping"))
+    _validate.number(ema_decay, "ema_decay", minimum=0.0, maximum=1.0, finite=False)
+    if not isinstance(ema_decay, jax.core.Tracer) and float(np.asarray(ema_decay)) >= 1:
+        raise ValueError(f"`ema_decay` must lie in [0, 1); got {ema_decay}.")
+    _validate.number(damping_decay, "damping_decay", minimum=0.0, maximum=1.0, exclusive=True,
+                     finite=False)
+    _validate.one_of(inverse, "inverse", INVERSES)
+    if not isinstance(example_inputs, dict):
+        raise ValueError(
+            "`example_inputs` must be a dict of the extra arguments `update` will receive "
+            f"(e.g. {{'x': x}}); got {type(example_inputs).__name__}."
+        )
+    _validate.functions(model_fn, "model_fn")
+    _loss.check_named_inputs(model_fn, "model_fn", example_inputs, "example_inputs")
+    if momentum is None:
+        momentum = "adaptive" if learning_rate is None else 0.0
+    if isinstance(momentum, str) and momentum != "adaptive":
+        raise ValueError(f"`momentum` must be 'adaptive', a float or None; got {momentum!r}.")
+    if norm_constraint is not None:
+        _validate.number(norm_constraint, "norm_constraint", minimum=0, exclusive=True,
+                         finite=False)
+        if learning_rate is None or isinstance(momentum, str):
+            raise ValueError(
+                "`norm_constraint` scales a step of fixed `learning_rate` and `momentum`; "
+                "the adaptive step (learning_rate=None or momentum='adaptive') takes its "
+                "length from the quadratic model, which the constraint would not change; got "
+                f"learning_rate={learning_rate!r}, momentum={momentum!r}.")
+    return _Settings(model_fn, likelihood, variance, num_samples, convention, inverse,
+                     ema_decay, learning_rate, momentum, norm_constraint, key is not None,
+                     adaptive_damping, damping_every, damping_decay, min_damping, max_damping,
+                     statistics_every, inverse_every, damping)
+
+
 def scale_by_kfac(
     model_fn: Callable,
     *,
@@ -735,47 +784,10 @@ def scale_by_kfac(
       >>> jnp.round(optax.apply_updates(p, u)["w"], 3).tolist()  # one natural-gradient step
       [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
     """
-    num_samples = check_options(likelihood, convention, num_samples, variance, key)
-    variance = 1.0 if variance is None else variance  # (as fisher_matvec's None)
-    for name, value in (("damping_every", damping_every), ("statistics_every", statistics_every),
-                        ("inverse_every", inverse_every)):
-        _validate.number(value, name, minimum=1, integer=True)  # None refused
-    _validate.number(learning_rate, "learning_rate", optional=True, schedule=True)
-    _validate.prng_key(key, optional=True)  # None: the exact Fisher
-    for name, value in (("damping", damping), ("min_damping", min_damping)):
-        _validate.number(value, name, minimum=0, exclusive=True, optional=True)
-    _validate.number(max_damping, "max_damping", minimum=0, exclusive=True, finite=False,
-                     optional=True, above=(min_damping, "min_damping"))
-    _validate.number(ema_decay, "ema_decay", minimum=0.0, maximum=1.0, finite=False)
-    if not isinstance(ema_decay, jax.core.Tracer) and float(np.asarray(ema_decay)) >= 1:
-        raise ValueError(f"`ema_decay` must lie in [0, 1); got {ema_decay}.")
-    _validate.number(damping_decay, "damping_decay", minimum=0.0, maximum=1.0, exclusive=True,
-                     finite=False)
-    _validate.one_of(inverse, "inverse", INVERSES)
-    if not isinstance(example_inputs, dict):
-        raise ValueError(
-            "`example_inputs` must be a dict of the extra arguments `update` will receive "
-            f"(e.g. {{'x': x}}); got {type(example_inputs).__name__}."
-        )
-    _validate.functions(model_fn, "model_fn")
-    _loss.check_named_inputs(model_fn, "model_fn", example_inputs, "example_inputs")
-    if momentum is None:
-        momentum = "adaptive" if learning_rate is None else 0.0
-    if isinstance(momentum, str) and momentum != "adaptive":
-        raise ValueError(f"`momentum` must be 'adaptive', a float or None; got {momentum!r}.")
-    if norm_constraint is not None:
-        _validate.number(norm_constraint, "norm_constraint", minimum=0, exclusive=True,
-                         finite=False)
-        if learning_rate is None or isinstance(momentum, str):
-            raise ValueError(
-                "`norm_constraint` scales a step of fixed `learning_rate` and `momentum`; "
-                "the adaptive step (learning_rate=None or momentum='adaptive') takes its "
-                "length from the quadratic model, which the constraint would not change; got "
-                f"learning_rate={learning_rate!r}, momentum={momentum!r}.")
-    settings = _Settings(model_fn, likelihood, variance, num_samples, convention, inverse,
-                         ema_decay, learning_rate, momentum, norm_constraint, key is not None,
-                         adaptive_damping, damping_every, damping_decay, min_damping, max_damping,
-                         statistics_every, inverse_every, damping)
+    settings = _settings(model_fn, example_inputs, likelihood, learning_rate, momentum, damping,
+                         adaptive_damping, damping_every, damping_decay, min_damping,
+                         max_damping, ema_decay, statistics_every, inverse_every, inverse, key,
+                         num_samples, convention, variance, norm_constraint)
     key_data = _key_data(key)
 
     def init_fn(params):

@@ -257,15 +257,8 @@ def scale_by_newton(
         n, dt = _common.dense_init(
             name, params, max_params, "forms the dense {n} x {n} curvature matrix",
             "use curvlib.newton_cg for large models")
-        zero = jnp.zeros((), dt)
-        return _tree.unaliased(ScaleByNewtonState(
-            count=jnp.zeros((), jnp.int32),
-            info=NewtonInfo(zero, zero, jnp.zeros((), jnp.int32), jnp.asarray(False),
-                            jnp.zeros((), _common.loss_dtype(dt)),
-                            converged=jnp.asarray(True), finite=jnp.asarray(True),
-                            num_matvecs=jnp.zeros((), jnp.int32),
-                            status=jnp.asarray(Status.SUCCESS, jnp.int32)),
-        ))  # donatable
+        return _tree.unaliased(ScaleByNewtonState(  # donatable
+            count=jnp.zeros((), jnp.int32), info=_initial_info(dt)))
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         setup = _common.curvature_setup(
@@ -273,37 +266,57 @@ def scale_by_newton(
             ggn=ggn, hvp_mode=mode, microbatch_size=None, has_aux=has_aux,
             updates=updates,
         )
-        # the dense eigendecomposition runs in at least float32 (LAPACK has no half precision)
-        C = dense_curvature(setup.matvec, params)
-        C = C.astype(jnp.promote_types(C.dtype, jnp.float32))
         g, unravel = ravel_pytree(updates)
-        finite = jnp.isfinite(setup.value) & jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(C))
-        C = jnp.where(finite, C, jnp.eye(C.shape[0], dtype=C.dtype))
-        p, w = modified_newton_direction(
-            C, g.astype(C.dtype), damping, min_eigenvalue, modification, eigenvalue_rtol
-        )
-        finite = finite & jnp.all(jnp.isfinite(p))
-        p = jnp.where(finite, p, 0.0).astype(g.dtype)
-        # a zero step for a non-zero gradient (every direction dropped: a curvature of
-        # zero, as a piecewise-linear loss has) makes no progress: a stall, not a solve
-        stalled = finite & jnp.any(g != 0) & ~jnp.any(p != 0)
-        floor = eigenvalue_floor(w, min_eigenvalue, eigenvalue_rtol)
-        measured = lambda x: jnp.where(finite, x, jnp.nan).astype(setup.dtype)  # (not the
-        info = NewtonInfo(  # identity put in place of a non-finite curvature)
-            min_eigenvalue=measured(w[0]),
-            max_eigenvalue=measured(w[-1]),
-            num_modified=jnp.where(finite, jnp.sum(w < floor), 0).astype(jnp.int32),
-            skipped=~finite,
-            loss=setup.value,
-            converged=finite & ~stalled,
-            finite=finite,
-            num_matvecs=jnp.asarray(g.size, jnp.int32),
-            status=from_flags(finite=finite, stalled=stalled),
-        )
+        p, info = _newton_step(dense_curvature(setup.matvec, params), g, setup, damping,
+                               min_eigenvalue, modification, eigenvalue_rtol)
         return unravel(p), ScaleByNewtonState(optax.safe_increment(state.count), info)
 
     return optax.GradientTransformationExtraArgs(init_fn, _common.compiled_when_eager(
         update_fn, damping, min_eigenvalue, eigenvalue_rtol, max_params))
+
+
+def _initial_info(dt) -> NewtonInfo:
+    """The `NewtonInfo` of a fresh state (parameters of dtype ``dt``): no step taken yet."""
+    zero = jnp.zeros((), dt)
+    return NewtonInfo(zero, zero, jnp.zeros((), jnp.int32), jnp.asarray(False),
+                      jnp.zeros((), _common.loss_dtype(dt)), converged=jnp.asarray(True),
+                      finite=jnp.asarray(True), num_matvecs=jnp.zeros((), jnp.int32),
+                      status=jnp.asarray(Status.SUCCESS, jnp.int32))
+
+
+def _newton_step(C, g, setup, damping, min_eigenvalue, modification, eigenvalue_rtol):
+    """``(p, info)``: the modified Newton step for the flat gradient ``g`` and the dense
+    curvature ``C`` (`modified_newton_direction`), zero where anything is not finite.
+
+    The eigendecomposition runs in at least float32 (LAPACK has no half precision); a
+    non-finite ``C`` is replaced by the identity before it (and the step then zeroed), so
+    the decomposition never sees a NaN.
+    """
+    C = C.astype(jnp.promote_types(C.dtype, jnp.float32))
+    finite = jnp.isfinite(setup.value) & jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(C))
+    C = jnp.where(finite, C, jnp.eye(C.shape[0], dtype=C.dtype))
+    p, w = modified_newton_direction(
+        C, g.astype(C.dtype), damping, min_eigenvalue, modification, eigenvalue_rtol
+    )
+    finite = finite & jnp.all(jnp.isfinite(p))
+    p = jnp.where(finite, p, 0.0).astype(g.dtype)
+    # a zero step for a non-zero gradient (every direction dropped: a curvature of
+    # zero, as a piecewise-linear loss has) makes no progress: a stall, not a solve
+    stalled = finite & jnp.any(g != 0) & ~jnp.any(p != 0)
+    floor = eigenvalue_floor(w, min_eigenvalue, eigenvalue_rtol)
+    # (NaN, not the identity's eigenvalues, where the curvature was not finite)
+    measured = lambda x: jnp.where(finite, x, jnp.nan).astype(setup.dtype)
+    return p, NewtonInfo(
+        min_eigenvalue=measured(w[0]),
+        max_eigenvalue=measured(w[-1]),
+        num_modified=jnp.where(finite, jnp.sum(w < floor), 0).astype(jnp.int32),
+        skipped=~finite,
+        loss=setup.value,
+        converged=finite & ~stalled,
+        finite=finite,
+        num_matvecs=jnp.asarray(g.size, jnp.int32),
+        status=from_flags(finite=finite, stalled=stalled),
+    )
 
 
 @weak_cache

@@ -59,6 +59,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -142,6 +143,45 @@ def snapshot(refresh, full_grad, params, state):
     return _xp.cond(refresh, do_refresh, keep, None)
 
 
+def _full_gradient(full_value_fn, full_grad_fn, has_aux: bool) -> Callable:
+    """The full-data gradient function of a refresh: ``full_grad_fn`` (its output checked
+    against the parameters) or the gradient of ``full_value_fn``."""
+    if full_grad_fn is None:
+        return jax.grad(_common.strip_aux(full_value_fn, has_aux, "full_value_fn"))
+
+    def full_grad(p):
+        g = full_grad_fn(p)
+        _validate.same_structure(p, g, "params", "full_grad_fn(params)", floating=True)
+        return g
+
+    return full_grad
+
+
+def _svrg_step(updates, state, g_snap, snap, mu, refresh, dt):
+    """``(direction, state)`` from the mini-batch gradients at the parameters (``updates``)
+    and at the snapshot ``snap`` (``g_snap``), and the snapshot's full gradient ``mu``: a
+    zero direction and the previous snapshot where anything is not finite."""
+    correction = _tree.sub(updates, g_snap)
+    v = _tree.add(correction, mu)
+    finite = _tree.all_finite(v, mu)
+    since = jnp.where(refresh, 1, state.since_snapshot + 1)
+    return _tree.select_tree(finite, v, _tree.zeros_like(updates)), ScaleBySVRGState(
+        count=optax.safe_increment(state.count),
+        since_snapshot=jnp.where(finite, since, state.since_snapshot).astype(jnp.int32),
+        snapshot_params=_tree.select_tree(finite, snap, state.snapshot_params),
+        snapshot_grad=_tree.select_tree(finite, mu, state.snapshot_grad),
+        info=SVRGInfo(
+            refreshed=refresh & finite,
+            correction_norm=jnp.where(finite, _tree.norm(correction), 0.0).astype(dt),
+            skipped=~finite,
+            converged=finite,
+            finite=finite,
+            num_matvecs=jnp.zeros((), jnp.int32),
+            status=from_flags(finite=finite),
+        ),
+    )
+
+
 def scale_by_svrg(
     snapshot_every: int = 100, *, has_aux: bool = False
 ) -> optax.GradientTransformationExtraArgs:
@@ -214,39 +254,11 @@ def scale_by_svrg(
                 "loss, a function of params) or `full_grad_fn=` (its gradient) to refresh the "
                 "snapshot; see curvlib.optim.variance_reduced."
             )
-        dt = _common.float_dtype(params)
-        if full_grad_fn is not None:
-            def full_grad(p):
-                g = full_grad_fn(p)
-                _validate.same_structure(p, g, "params", "full_grad_fn(params)", floating=True)
-                return g
-        else:
-            full_grad = jax.grad(_common.strip_aux(full_value_fn, has_aux, "full_value_fn"))
+        full_grad = _full_gradient(full_value_fn, full_grad_fn, has_aux)
         refresh = state.since_snapshot >= snapshot_every
         snap, mu = snapshot(refresh, full_grad, params, state)
-        g_snap = jax.grad(loss)(snap)
-        correction = _tree.sub(updates, g_snap)
-        v = _tree.add(correction, mu)
-        finite = _tree.all_finite(v, mu)
-
-        out = _tree.select_tree(finite, v, _tree.zeros_like(updates))
-        since = jnp.where(refresh, 1, state.since_snapshot + 1)
-        new_state = ScaleBySVRGState(
-            count=optax.safe_increment(state.count),
-            since_snapshot=jnp.where(finite, since, state.since_snapshot).astype(jnp.int32),
-            snapshot_params=_tree.select_tree(finite, snap, state.snapshot_params),
-            snapshot_grad=_tree.select_tree(finite, mu, state.snapshot_grad),
-            info=SVRGInfo(
-                refreshed=refresh & finite,
-                correction_norm=jnp.where(finite, _tree.norm(correction), 0.0).astype(dt),
-                skipped=~finite,
-                converged=finite,
-                finite=finite,
-                num_matvecs=jnp.zeros((), jnp.int32),
-                status=from_flags(finite=finite),
-            ),
-        )
-        return out, new_state
+        return _svrg_step(updates, state, jax.grad(loss)(snap), snap, mu, refresh,
+                          _common.float_dtype(params))
 
     return optax.GradientTransformationExtraArgs(init_fn, _common.compiled_when_eager(
         update_fn, snapshot_every))
