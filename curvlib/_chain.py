@@ -22,7 +22,15 @@ import numpy as np
 import optax
 
 from curvlib import _tree, _validate
-from curvlib._compile import NotHoisted, bound, keyed_function, static_items, tracing
+from curvlib._compile import (
+    NotHoisted,
+    bound,
+    eager_jit,
+    eager_options,
+    keyed_function,
+    static_items,
+    tracing,
+)
 from curvlib._loss import RESERVED, bind_loss, kwargs_for, require_params, strip_aux
 from curvlib._status import Status, worst
 
@@ -108,7 +116,7 @@ def linesearch_link(linesearch, has_aux: bool = False) -> optax.GradientTransfor
     return optax.GradientTransformationExtraArgs(ls.init, update_fn)
 
 
-@functools.partial(jax.jit, static_argnames=("search", "value_fn", "static"))
+@eager_jit(static_argnames=("search", "value_fn", "static"))
 def _eager_search(search, value_fn, static, updates, state, params, reserved, kw, program):
     """A line search's ``update`` as one compiled program (`linesearch_link`, eager)."""
     return search(updates, state, params, value_fn=bound(value_fn, program), **reserved, **kw,
@@ -186,7 +194,8 @@ def compiled_when_eager(update_fn, *options):
         except TypeError:  # an unhashable option: no caching, same result
             return eager()
         if jitted is None:
-            jitted = jax.jit(run, static_argnames=("fns", "static"))
+            jitted = jax.jit(run, static_argnames=("fns", "static"),
+                             compiler_options=eager_options() or None)
         try:
             return jitted(tuple(sorted(fns.items())), static, updates, state, params, arrays,
                           programs)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _tree, _validate
+from curvlib._compile import eager_jit
 from curvlib._xp import iota, xp
 
 PyTree = Any
@@ -269,7 +270,7 @@ def seed_from_vector(v):
 
 # ------------------------------------------------------------- products
 
-@jax.jit
+@eager_jit
 def flat_product(matvec, like, x):
     """``matvec`` on ``x``, ``like`` ravelled (``concat``): one program per operator program
     and size, shared by every eager caller (the answer-now solvers, the landscape)."""
@@ -279,7 +280,7 @@ def flat_product(matvec, like, x):
     return space.flatten(out)
 
 
-@jax.jit
+@eager_jit
 def flat_products(matvec, like, X):
     """``matvec`` applied to every row of ``X`` (rows: ``like`` ravelled), one ``vmap``."""
     space = Space(like, "concat")

@@ -1242,19 +1242,46 @@ def test_hutchinson_with_deflation_or_batches_compiles_in_front(behind):
 
 def test_the_quick_options_name_the_cpu_emitter_only_on_cpu(monkeypatch):
     """The GPU compiler refuses a program that names XLA:CPU's emitter option (every eager
-    eigsh failed on an H200 when it was always given): it is asked for only on a CPU."""
+    eigsh failed on an H200 when it was always given): it is asked for only on a CPU, by
+    the answer-now programs (`quick_options`) and by every other program curvlib compiles
+    for an eager call (`eager_options`: the emitter alone, XLA's optimisation kept)."""
+    from curvlib import _compile
     from curvlib.krylov import _driver
 
-    _driver.quick_options.cache_clear()
+    def clear():
+        _compile.eager_options.cache_clear()
+        _compile.quick_options.cache_clear()
+
+    clear()
     try:
-        assert jax.default_backend() != "cpu" or "xla_cpu_use_fusion_emitters" in (
-            _driver.quick_options())
-        _driver.quick_options.cache_clear()
+        if jax.default_backend() == "cpu":
+            assert "xla_cpu_use_fusion_emitters" in _driver.quick_options()
+            assert _compile.eager_options() == {"xla_cpu_use_fusion_emitters": False}
+        clear()
         monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
         assert _driver.quick_options() == _driver.QUICK
+        assert _compile.eager_options() == {}
         assert not any(k.startswith("xla_cpu_") for k in _driver.QUICK)
     finally:
-        _driver.quick_options.cache_clear()
+        monkeypatch.undo()
+        clear()
+
+
+def test_an_eager_program_inside_the_callers_jit_is_part_of_its_program():
+    """`eager_jit` (the programs of eager calls, compiled with `eager_options`) is a plain
+    ``jax.jit`` when called on traced values: JAX refuses compiler options on a nested
+    ``jit``, so the caller's ``jit``, ``vmap`` and ``grad`` of it work and agree with the
+    eager call."""
+    from curvlib._compile import eager_jit
+
+    f = eager_jit(lambda x, n: jnp.sin(x) * n, static_argnames="n")
+    x = jnp.linspace(0.0, 1.0, 7)
+    eager = f(x, n=3)
+    np.testing.assert_allclose(eager, np.sin(np.linspace(0.0, 1.0, 7)) * 3, rtol=1e-15)
+    np.testing.assert_allclose(jax.jit(lambda x: f(x, n=3))(x), eager, rtol=1e-15)
+    np.testing.assert_allclose(jax.vmap(lambda x: f(x, n=3))(x), eager, rtol=1e-15)
+    np.testing.assert_allclose(jax.grad(lambda x: f(x, n=3).sum())(x), 3 * np.cos(x),
+                               rtol=1e-15)
 
 
 def test_curvlibs_own_inner_products_ask_for_full_precision():

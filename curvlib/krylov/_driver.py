@@ -29,6 +29,7 @@ from curvlib import _compile, _progress, _space, _tree, _validate, _xp
 from curvlib._compile import (  # noqa: F401
     QUICK,
     QUICK_CPU,
+    eager_jit,
     is_host_driven,  # noqa: F401  (the operator property)
     quick_jit,
     quick_options,
@@ -48,7 +49,7 @@ def run(request: Callable, update: Callable, running: Callable, cfg, matvec: Cal
 
 @functools.lru_cache(maxsize=128)
 def _jitted(fn: Callable, cfg, quick: bool = False):
-    return jax.jit(functools.partial(fn, cfg), compiler_options=quick_options() if quick else None)
+    return (quick_jit if quick else eager_jit)(functools.partial(fn, cfg))
 
 
 @functools.lru_cache(maxsize=128)
@@ -67,8 +68,8 @@ def _host_steps(request: Callable, update: Callable, running: Callable, cfg, qui
         s = update(cfg, s, w)
         return s, request(cfg, s), running(cfg, s)
 
-    opts = quick_options() if quick else None
-    return jax.jit(begin, compiler_options=opts), jax.jit(advance, compiler_options=opts)
+    jit = quick_jit if quick else eager_jit
+    return jit(begin), jit(advance)
 
 
 def run_host(request: Callable, update: Callable, running: Callable, cfg, matvec: Callable,

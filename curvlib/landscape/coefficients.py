@@ -21,7 +21,6 @@ catches a ``loss_fn`` that sums.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _deprecation, _space, _tree, _validate, _xp
-from curvlib._compile import BEHIND, SameFunction, quick_jit, tracing
+from curvlib._compile import BEHIND, SameFunction, eager_jit, quick_jit, tracing
 from curvlib._xp import xp
 from curvlib.landscape import _common
 
@@ -220,7 +219,7 @@ def _non_finite_message(params, data, k, L1, Lk, l1) -> str:
 # -------------------------------------------------------- the increment
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "microbatch_size"))
+@eager_jit(static_argnames=("loss_fn", "microbatch_size"))
 def _loss_increment(loss_fn, params, data, k, microbatch_size):
     return _common.increment(loss_fn, params, data, k, microbatch_size)
 
@@ -306,7 +305,7 @@ def _value_grad_products(f, params, U, mode, sequential):
     return v, g, _block(prod, U, sequential)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "microbatch_size", "mode"))
+@eager_jit(static_argnames=("loss_fn", "microbatch_size", "mode"))
 def _coefficients(loss_fn, params, data, k, U, microbatch_size, mode, ritz_values=None):
     data = _common.chunkable(data, microbatch_size)
     n = _common.num_samples(data)

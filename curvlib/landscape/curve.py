@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _deprecation, _tree, _validate
-from curvlib._compile import quick_jit
+from curvlib._compile import eager_jit, quick_jit
 from curvlib._status import Status, worst
 from curvlib.krylov.solvers import Eigsh, resolve
 from curvlib.landscape import _common
@@ -253,7 +253,7 @@ def plan_curve(params: PyTree, data: PyTree, ks: Sequence[int], dims: Sequence[i
     return _Plan(ks, dims, sig, data, used, config)
 
 
-@functools.partial(jax.jit, static_argnames=("dims",))
+@eager_jit(static_argnames=("dims",))
 def _closed_form_grid(a, c, B, sig, dims):
     """``(nD, nS)`` arrays of the three closed-form terms for every nested ``D``."""
     terms = [delta2_closed_form_terms(a, c[:d], B[:d, :d], sig) for d in dims]
@@ -261,7 +261,7 @@ def _closed_form_grid(a, c, B, sig, dims):
                                                                        "sigma4"))
 
 
-@functools.partial(jax.jit, static_argnames=("dims",))
+@eager_jit(static_argnames=("dims",))
 def _spectral_grid(lam_k, lam_k1, sig, dims):
     return jnp.stack([delta2_spectral(lam_k[:d], lam_k1[:d], sig) for d in dims])
 

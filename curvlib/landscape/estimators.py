@@ -21,7 +21,6 @@ Carlo estimators see identical samples, and nested ``D`` are nested draws.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvlib import _deprecation, _space, _tree, _validate, _xp
-from curvlib._compile import quick_jit
+from curvlib._compile import eager_jit, quick_jit
 from curvlib._xp import xp
 from curvlib.krylov.stochastic import MonteCarloEstimate, monte_carlo_estimate
 from curvlib.landscape import _common
@@ -82,7 +81,7 @@ def _terms(a, c, B, sigma):
     return ClosedFormTerms(constant, sigma2, sigma4)
 
 
-_traced_terms = jax.jit(_terms)
+_traced_terms = eager_jit(_terms)
 
 
 def _check_coefficients(a, c, B):
@@ -431,8 +430,7 @@ def _evaluate(f, xs, sample_batch_size):
     return jax.lax.map(f, xs, batch_size=sample_batch_size)
 
 
-@functools.partial(
-    jax.jit,
+@eager_jit(
     static_argnames=("loss_fn", "num_samples", "antithetic", "microbatch_size",
                      "sample_batch_size"),
 )
@@ -583,8 +581,7 @@ def delta2_direct_mc(
 # ------------------------------------------------------------- full space
 
 
-@functools.partial(
-    jax.jit,
+@eager_jit(
     static_argnames=("loss_fn", "num_samples", "antithetic", "microbatch_size",
                      "sample_batch_size"),
 )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +12,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from curvlib import _deprecation, _tree, _validate
-from curvlib._compile import quick_jit
+from curvlib._compile import eager_jit, quick_jit
 from curvlib.krylov import eigen
 from curvlib.krylov.eigen import EigshResult
 from curvlib.krylov.solvers import Eigsh, resolve
@@ -64,8 +63,7 @@ def weighted_hessian_matvec(loss_fn: Callable, params: PyTree, data: PyTree, k, 
 # ------------------------------------------------------------ the subspace
 
 
-@functools.partial(
-    jax.jit,
+@eager_jit(
     static_argnames=("loss_fn", "dim", "microbatch_size", "mode", "eigsh", "flatten", "layout"),
 )
 def _subspace(loss_fn, params, data, k, dim, key, microbatch_size, mode, eigsh, flatten,
@@ -247,7 +245,7 @@ def _subspace_now(loss_fn, params, data, k, dim, key, microbatch_size, mode, eig
 _start_vector = quick_jit(_tree.flat_normal_like)  # (once per call: compiled cheaply)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "mode"))
+@eager_jit(static_argnames=("loss_fn", "mode"))
 def _operator(loss_fn, params, data, k, mode):
     """`weighted_hessian_matvec` without microbatching: an operator (a pytree) built once."""
     return weighted_hessian_matvec(loss_fn, params, data, k, _common.MEAN, None, mode)
@@ -333,7 +331,7 @@ def _tsqr_r(R: PyTree) -> jax.Array:
     return jnp.linalg.qr(stacked, mode="r")[:q]
 
 
-@jax.jit
+@eager_jit
 def _principal_angles(U, V):
     # half-precision bases (bfloat16, float16 parameters) in float32: LAPACK has no
     # half-precision SVD or QR, and the angles accumulate as every inner product does

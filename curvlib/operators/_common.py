@@ -17,6 +17,7 @@ from jax.tree_util import Partial, keystr
 from curvlib import _tree, _validate
 from curvlib._compile import (
     bound,
+    eager_jit,
     keyed_function,
     quick_jit,
     run_program,
@@ -240,7 +241,7 @@ def transpose(lin, like: PyTree, cotangent: PyTree) -> PyTree:
     return out
 
 
-@jax.jit
+@eager_jit
 def _compiled_transpose(lin, like, cotangent):
     return transpose(lin, like, cotangent)
 

@@ -28,6 +28,7 @@ from jax.tree_util import Partial, keystr
 from curvlib import _deprecation, _tree, _validate
 from curvlib._compile import (
     compile_behind,
+    eager_jit,
     is_host_driven,
     is_pytree_operator,
     tracing,
@@ -585,4 +586,4 @@ def _placed(res: EigshResult, vectors, slots, treedef, num_leaves: int) -> Eigsh
 
 # compiled at the boundary: a second eager call with equal static configuration (block
 # labels, k, which, options) and equally shaped operands reuses the compiled program
-_block_eigsh_jit = jax.jit(_block_eigsh, static_argnums=(3, 4, 5, 6, 7, 8))
+_block_eigsh_jit = eager_jit(_block_eigsh, static_argnums=(3, 4, 5, 6, 7, 8))

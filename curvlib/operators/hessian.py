@@ -19,7 +19,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 from jax.tree_util import Partial
 
 from curvlib import _tree, _validate
-from curvlib._compile import bound, weak_cache
+from curvlib._compile import bound, eager_jit, weak_cache
 from curvlib.operators import _common as C
 from curvlib.operators import _wrt
 from curvlib.operators.microbatch import (
@@ -242,7 +241,7 @@ def _value_and_grad(fun, has_aux):
     return f
 
 
-@functools.partial(jax.jit, static_argnames=("fun", "has_aux"))
+@eager_jit(static_argnames=("fun", "has_aux"))
 def _compiled_value_and_grad(fun, has_aux, params, args, program):
     """`_value_and_grad` of ``fun`` (keyed by its program, `C.keyed_when_eager`) at
     ``params``: one program per loss program and shapes for an eager `gradient` (op by op,

@@ -30,7 +30,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from curvlib import _compile, _deprecation, _tree, _validate
-from curvlib._compile import as_operator, is_host_driven, is_pytree_operator, tracing
+from curvlib._compile import as_operator, eager_jit, is_host_driven, is_pytree_operator, tracing
 from curvlib._status import Status, from_flags, worst
 from curvlib.krylov import cg, eigen
 from curvlib.krylov.solvers import CG, Eigsh, resolve
@@ -229,7 +229,7 @@ def _unused_product(v):
 _LOWRANK_PRODUCT = Partial(_unused_product)
 
 # compiled at the boundary: eager solves with an equal operator type and shapes reuse the program
-_solve_jit = jax.jit(lambda op, b, x0: op._solve(b, x0))
+_solve_jit = eager_jit(lambda op, b, x0: op._solve(b, x0))
 
 
 
