@@ -445,6 +445,8 @@ class _LazyJit:
         return self._get()(*args, **kwargs)
 
     def __getattr__(self, name):
+        if name.startswith("__") or name in ("_jitted", "_kwargs"):  # (copy, pickle: not set)
+            raise AttributeError(name)
         return getattr(self._get(), name)
 
 

@@ -186,16 +186,21 @@ class _Compiles:
 
     def __enter__(self):
         import logging
+        import threading
 
         self.count, self.names, self.was = 0, [], jax.config.jax_log_compiles
-        outer = self
+        self.in_front = []  # the names compiled on the thread that entered (not behind)
+        outer, caller = self, threading.get_ident()
 
         class Handler(logging.Handler):
             def emit(self, record):
                 message = record.getMessage()
                 if message.startswith("Compiling"):
                     outer.count += 1
-                    outer.names.append(message.split()[1].split(")")[0] + ")")
+                    name = message.split()[1].split(")")[0] + ")"
+                    outer.names.append(name)
+                    if record.thread == caller:
+                        outer.in_front.append(name)
 
         self.handler, self.logger = Handler(), logging.getLogger("jax")
         self.logger.addHandler(self.handler)
@@ -210,7 +215,8 @@ class _Compiles:
 @pytest.fixture
 def compiles():
     """``with compiles() as seen: ...``: ``seen.count`` XLA compilations inside the block,
-    ``seen.names`` their programs (``"jit(name)"``)."""
+    ``seen.names`` their programs (``"jit(name)"``), ``seen.in_front`` those compiled on the
+    calling thread (not by a compile behind, `curvlib.compile_behind`, that started meanwhile)."""
     return _Compiles
 
 

@@ -1416,7 +1416,8 @@ def test_an_eager_tracker_refresh_answers_now_then_runs_the_fused_loop(behind, c
             jax.block_until_ready(eager)
         if step == 0:  # answered now: the loop's steps ran, no fused loop compiled in front
             assert _steps_compiled()[0] > runs
-            assert "jit(_then)" not in seen.names, seen.names
+            # (the compile behind starts at once, and may start inside this block)
+            assert "jit(_then)" not in seen.in_front, seen.in_front
             behind.wait()
             assert not waited  # compiled at once, not after a quiet second
         else:  # the fused loop, compiled behind, answered: no answer-now step ran
