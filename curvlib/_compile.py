@@ -427,29 +427,6 @@ class eager_jit(quick_jit):  # noqa: N801
         return self.jitted()._cache_size()
 
 
-class _LazyJit:
-    """``jax.jit(fn, compiler_options=eager_options(), **kwargs)`` made at its first use (the
-    options are decided at the first eager call, never at import, which must not start a
-    backend); the jitted function's attributes (``lower``, ``_cache_size``) delegated."""
-
-    def __init__(self, fn: Callable, **kwargs):
-        self.__wrapped__, self._kwargs, self._jitted = fn, kwargs, None
-
-    def _get(self):
-        if self._jitted is None:
-            self._jitted = jax.jit(self.__wrapped__, compiler_options=eager_options() or None,
-                                   **self._kwargs)
-        return self._jitted
-
-    def __call__(self, *args, **kwargs):
-        return self._get()(*args, **kwargs)
-
-    def __getattr__(self, name):
-        if name.startswith("__") or name in ("_jitted", "_kwargs"):  # (copy, pickle: not set)
-            raise AttributeError(name)
-        return getattr(self._get(), name)
-
-
 # ------------------------------------------------------------------ operators
 
 
@@ -1153,7 +1130,7 @@ def _wrap(fn: Callable, static: tuple, operators: Mapping[str, str], *,
     also calls ``fn`` directly (same result, no caching).
     """
     sig = inspect.signature(fn)
-    jitted = _LazyJit(fn, static_argnames=static)
+    jitted = eager_jit(fn, static_argnames=static)  # (made at its first eager call)
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
