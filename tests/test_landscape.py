@@ -988,18 +988,18 @@ def test_every_public_function_has_an_example_and_docs_stay_in_the_repository():
 def test_k_curve_counts_the_products_of_its_eigensolves(lsq, monkeypatch):
     """``KCurve.num_matvecs`` is, per ``k``, the sum of the products its eigensolves report
     (the subspace at ``k`` and at ``k + 1``); ``finite`` and ``status`` fold theirs."""
-    from curvlib.landscape import curve as curve_module
+    from curvlib.landscape import subspace as subspace_module
 
     x, y, theta = lsq
     seen = []
-    solve = curve_module.subspace
+    solve = subspace_module.subspace
 
     def counted(*args):
         out = solve(*args)
         seen.append((int(args[3]), int(out.num_matvecs)))
         return out
 
-    monkeypatch.setattr(curve_module, "subspace", counted)
+    monkeypatch.setattr(subspace_module, "subspace", counted)
     c = ls.k_curve(ls_loss, _unflat(theta), (x, y), [8, 9], dims=[1, 3], sigmas=[1e-3],
                    key=jax.random.PRNGKey(0), num_samples=0, full_samples=0, progress=False)
     # k and k + 1 at each point, the largest k first

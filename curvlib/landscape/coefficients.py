@@ -514,3 +514,16 @@ def _cast_basis(eigenvectors: PyTree, params: PyTree) -> PyTree:
                         params)
 
 
+# ----------------------------------------------------------- k_curve's step
+# (the inputs were checked once, by `curvlib.landscape.k_curve`; ``plan`` is its validated
+# grid and options, ``plan.data`` the samples it uses)
+
+def coefficient_step(loss_fn, params, plan, k: int, U: PyTree, eigenvalues):
+    """A curve point's ``(a, c, B)`` for the ``Dmax`` subspace ``U`` (in the parameters'
+    dtypes; the mean-loss check has already run).
+
+    The Ritz values ``eigenvalues`` stand in for ``U H^(k) U^T``, so the ``Dmax``
+    products are single-sample ones.
+    """
+    return jax.block_until_ready(coefficients(loss_fn, params, plan.data, k, U,
+                                              plan.config.microbatch_size, None, eigenvalues))

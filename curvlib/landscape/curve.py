@@ -16,35 +16,25 @@ and plots of a [`KCurve`][curvlib.landscape.KCurve] are in
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _deprecation, _tree, _validate
-from curvlib._compile import eager_jit, quick_jit
+from curvlib import _deprecation, _validate
 from curvlib._status import Status, worst
 from curvlib.krylov.solvers import Eigsh, resolve
 from curvlib.landscape import _common
-from curvlib.landscape.coefficients import (
-    IncrementCoefficients,
-    _cast_basis,
-    coefficients,
-    mean_check,
-)
+from curvlib.landscape.coefficients import _cast_basis, coefficient_step, mean_check
 from curvlib.landscape.estimators import (
-    _direct_mc,
-    _estimate,
-    _full_mc,
+    closed_form_step,
     closed_form_total,
-    delta2_closed_form_terms,
-    delta2_spectral,
+    direct_mc_step,
+    full_mc_step,
 )
-from curvlib.landscape.subspace import principal_angles, subspace, unique_prefixes
+from curvlib.landscape.subspace import subspace_step
 
 PyTree = Any
 
@@ -212,12 +202,13 @@ def _config(config: KCurveConfig | None, options: dict) -> KCurveConfig:
     return config._replace(basis_size=None, tol=None, eigsh=eigsh)
 
 
-def plan_curve(params: PyTree, data: PyTree, ks: Sequence[int], dims: Sequence[int], sigmas,
+def plan_curve(data: PyTree, ks: Sequence[int], dims: Sequence[int], sigmas,
                config: KCurveConfig) -> _Plan:
-    """Validate a curve's inputs and trim ``data`` to the samples it needs.
+    """Validate a curve's grid and options and trim ``data`` to the samples it needs.
 
     Raises ``ValueError`` for empty or out-of-range ``ks``, bad ``dims``,
-    ``sigmas`` or options, before any computation.
+    ``sigmas`` or options, before any computation. The point (``params``) is
+    checked by ``k_curve``, once or once per ``k``.
     """
     if isinstance(ks, (int, np.integer)) or isinstance(dims, (int, np.integer)):
         raise TypeError("`ks` and `dims` must be sequences of ints (a grid: `[8, 16]`, `[1, 4]`);"
@@ -232,8 +223,6 @@ def plan_curve(params: PyTree, data: PyTree, ks: Sequence[int], dims: Sequence[i
                           and d >= 1 for d in dims):
         raise ValueError(f"`dims` must be positive ints (nested subspace dimensions); got {dims}.")
     dims = [int(d) for d in dims]
-    if not callable(params):
-        _common.check_subspace(max(dims), params, config.eigsh.basis_size, "max(dims)")
     sig = np.atleast_1d(np.asarray(_validate.number(
         sigmas, "sigmas", minimum=0, exclusive=True, grid=True, what=_common.SIGMA)))
     for name in ("num_samples", "full_samples"):
@@ -253,127 +242,6 @@ def plan_curve(params: PyTree, data: PyTree, ks: Sequence[int], dims: Sequence[i
     return _Plan(ks, dims, sig, data, used, config)
 
 
-@eager_jit(static_argnames=("dims",))
-def _closed_form_grid(a, c, B, sig, dims):
-    """``(nD, nS)`` arrays of the three closed-form terms for every nested ``D``."""
-    terms = [delta2_closed_form_terms(a, c[:d], B[:d, :d], sig) for d in dims]
-    return tuple(jnp.stack([getattr(t, f) for t in terms]) for f in ("constant", "sigma2",
-                                                                       "sigma4"))
-
-
-@eager_jit(static_argnames=("dims",))
-def _spectral_grid(lam_k, lam_k1, sig, dims):
-    return jnp.stack([delta2_spectral(lam_k[:d], lam_k1[:d], sig) for d in dims])
-
-
-def subspace_step(loss_fn, params, plan: _Plan, k: int, key) -> dict:
-    """Top-``Dmax`` eigenpairs at ``k`` and, when asked and possible, at ``k + 1``; their angles."""
-    c = plan.config
-    Dmax = max(plan.dims)
-    k_sub, k_next = jax.random.split(key)
-    mode = "linearize" if c.microbatch_size is None else "fwd-rev"  # as curvature_subspace
-
-    def solve(kk, key):  # the inputs were checked once, by k_curve
-        return jax.block_until_ready(subspace(loss_fn, params, plan.data, kk, Dmax, key,
-                                              c.microbatch_size, mode, c.eigsh, c.flatten))
-
-    sub = solve(k, k_sub)
-    out = dict(sub=sub, next=None, eigenvalues=np.asarray(sub.eigenvalues),
-               eigenvalues_next=np.full(Dmax, np.nan), max_angle=np.full(len(plan.dims), np.nan),
-               converged=bool(sub.converged), status=int(sub.status),
-               finite=bool(sub.finite), num_matvecs=int(sub.num_matvecs),
-               unique=unique_prefixes(sub.eigenvalues, sub.residual_norms, plan.dims,
-                                      c.eigsh.rtol))
-    if c.next_subspace and k + 2 <= plan.n:
-        nxt = solve(k + 1, k_next)
-        out.update(next=nxt, eigenvalues_next=np.asarray(nxt.eigenvalues),
-                   converged=out["converged"] and bool(nxt.converged),
-                   finite=out["finite"] and bool(nxt.finite),
-                   num_matvecs=out["num_matvecs"] + int(nxt.num_matvecs),
-                   status=int(worst(out["status"], nxt.status)))
-        if out["finite"]:  # (NaN eigenvectors have no angle (NaN): the status says why)
-            overlap, angles = jax.device_get(_overlap_and_angles(
-                sub.eigenvectors, nxt.eigenvectors, tuple(int(d) for d in plan.dims)))
-            # H^(k+1)'s values in the order of H^(k)'s vectors (the corollary)
-            out["eigenvalues_matched"] = out["eigenvalues_next"][_match(np.abs(overlap))]
-            out["max_angle"][:] = angles
-    return out
-
-
-@functools.partial(quick_jit, static_argnames="dims")  # (one small program per dims)
-def _overlap_and_angles(U, V, dims: tuple):
-    """``(U V^T, [max principal angle of the leading d rows of U and V for d in dims])``."""
-    def top(B, d):
-        return jax.tree.map(lambda x: x[:d], B)
-
-    return _tree.basis_gram(U, V), jnp.stack([jnp.max(principal_angles(top(U, d), top(V, d)))
-                                              for d in dims])
-
-
-def _match(overlap: np.ndarray) -> np.ndarray:
-    """``perm`` pairing each vector at ``k`` (row) with a distinct vector at ``k + 1``
-    (column) so that the summed overlap ``sum_i |u_i . v_perm[i]|`` is largest (an optimal
-    assignment): the spectral corollary's ``delta_i`` subtracts the eigenvalues of one
-    eigenvector, not those of equal rank, which differ where two eigenvalues cross between
-    ``k`` and ``k + 1``."""
-    from scipy.optimize import linear_sum_assignment  # noqa: PLC0415 (scipy.optimize: 0.2 s)
-
-    rows, cols = linear_sum_assignment(overlap, maximize=True)
-    return cols[np.argsort(rows)]
-
-
-def coefficient_step(loss_fn, params, plan: _Plan, k: int, sub) -> IncrementCoefficients:
-    """``(a, c, B)`` for the ``Dmax`` subspace (the mean-loss check has already run).
-
-    The Ritz values stand in for ``U H^(k) U^T``, so the ``Dmax`` products are
-    single-sample ones.
-    """
-    U = _cast_basis(sub.eigenvectors, params)
-    return jax.block_until_ready(coefficients(loss_fn, params, plan.data, k, U,
-                                              plan.config.microbatch_size, None,
-                                              sub.eigenvalues))
-
-
-def closed_form_step(coef: IncrementCoefficients, plan: _Plan, eigenvalues, eigenvalues_next):
-    """The closed form's three terms ``(3, nD, nS)`` and the spectral corollary ``(nD, nS)``
-    (``eigenvalues_next``: those of ``H^(k+1)`` matched to ``H^(k)``'s vectors, `_match`)."""
-    sig = jnp.asarray(plan.sigmas, coef.c.dtype)
-    dims = tuple(plan.dims)
-    terms = np.asarray(jax.block_until_ready(_closed_form_grid(coef.a, coef.c, coef.B, sig,
-                                                               dims)))
-    spectral = np.full(terms.shape[1:], np.nan)
-    if np.all(np.isfinite(eigenvalues_next)):
-        spectral = np.asarray(_spectral_grid(jnp.asarray(eigenvalues), jnp.asarray(
-            eigenvalues_next), sig, dims))
-    return terms, spectral
-
-
-def direct_mc_step(loss_fn, params, plan: _Plan, k: int, sub, key):
-    """Direct subspace MC on the whole ``sigma`` grid for each nested ``D``: ``(2, nD, nS)``."""
-    c = plan.config
-    out = np.full((2, len(plan.dims), len(plan.sigmas)), np.nan)
-    U = _cast_basis(sub.eigenvectors, params)
-    grid = jnp.asarray(plan.sigmas, _tree.dtype(params))  # (checked by plan_curve)
-    for j, d in enumerate(plan.dims):
-        mean, se = jax.block_until_ready(_direct_mc(
-            loss_fn, params, plan.data, k, U, jnp.asarray(d), grid, key, c.num_samples,
-            bool(c.antithetic), c.microbatch_size, c.sample_batch_size, None))
-        est = _estimate(mean, se, grid, c.num_samples, c.antithetic)
-        out[:, j] = np.asarray(est.estimate), np.asarray(est.stderr)
-    return out
-
-
-def full_mc_step(loss_fn, params, plan: _Plan, k: int, key):
-    """Full-space ``Delta_2`` on the ``sigma`` grid: ``(2, nS)``."""
-    c = plan.config
-    grid = jnp.asarray(plan.sigmas, _tree.dtype(params))  # (checked by plan_curve)
-    mean, se = jax.block_until_ready(_full_mc(
-        loss_fn, params, plan.data, k, grid, key, c.full_samples, bool(c.antithetic),
-        c.microbatch_size, c.sample_batch_size))
-    est = _estimate(mean, se, grid, c.full_samples, c.antithetic)
-    return np.stack([np.asarray(est.estimate), np.asarray(est.stderr)])
-
-
 def curve_point(loss_fn, params, plan: _Plan, k: int, key) -> tuple[dict, dict]:
     """Every criterion at one ``k``: ``(values, stage seconds)``."""
     c = plan.config
@@ -384,8 +252,9 @@ def curve_point(loss_fn, params, plan: _Plan, k: int, key) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     s = subspace_step(loss_fn, params, plan, k, k_sub)
     seconds["subspace"] = time.perf_counter() - t0
+    U = _cast_basis(s["sub"].eigenvectors, params)  # (once, for the coefficients and the MC)
     t0 = time.perf_counter()
-    coef = coefficient_step(loss_fn, params, plan, k, s["sub"])
+    coef = coefficient_step(loss_fn, params, plan, k, U, s["sub"].eigenvalues)
     seconds["coefficients"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     terms, spectral = closed_form_step(coef, plan, s["eigenvalues"],
@@ -400,7 +269,7 @@ def curve_point(loss_fn, params, plan: _Plan, k: int, key) -> tuple[dict, dict]:
     if c.num_samples:
         t0 = time.perf_counter()
         values["direct_mean"], values["direct_stderr"] = direct_mc_step(
-            loss_fn, params, plan, k, s["sub"], k_mc)
+            loss_fn, params, plan, k, U, k_mc)
         seconds["direct_mc"] = time.perf_counter() - t0
     if c.full_samples:
         t0 = time.perf_counter()
@@ -530,12 +399,12 @@ def k_curve(
       >>> curve.closed_form.shape, bool(curve.converged.all())  # (k, D, sigma)
       ((3, 2, 2), True)
     """
-    plan = plan_curve(params, data, ks, dims, sigmas, _config(config, options))
+    plan = plan_curve(data, ks, dims, sigmas, _config(config, options))
     _validate.prng_key(key)
-    get_params = params if callable(params) else (lambda k: params)
     # the public boundary: checked once (on the data as given, so a message names the user's
     # shapes), the steps below do not check again
     if not callable(params):
+        _common.check_subspace(max(plan.dims), params, plan.config.eigsh.basis_size, "max(dims)")
         _, loss_fn = _common.check_problem(loss_fn, params, data, plan.ks[0])
     # the largest k first: its samples hold every smaller k's, so a non-finite loss (a NaN
     # sample only the largest k uses) stops the curve before any work, not after the k's
@@ -544,9 +413,9 @@ def k_curve(
     points, seconds = [None] * len(plan.ks), [None] * len(plan.ks)
     for i in _progress(order, plan.config.progress, "k-curve"):
         k = plan.ks[i]
-        p = get_params(k)
-        fn = loss_fn
+        p, fn = params, loss_fn
         if callable(params):  # a new point at every k
+            p = params(k)
             _, fn = _common.check_problem(loss_fn, p, data, k)
             _common.check_subspace(max(plan.dims), p, name="max(dims)")
         points[i], seconds[i] = curve_point(fn, p, plan, k, key)

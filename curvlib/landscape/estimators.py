@@ -34,7 +34,7 @@ from curvlib._compile import eager_jit, quick_jit
 from curvlib._xp import xp
 from curvlib.krylov.stochastic import MonteCarloEstimate, monte_carlo_estimate
 from curvlib.landscape import _common
-from curvlib.landscape.coefficients import _cast_basis, mean_check
+from curvlib.landscape.coefficients import IncrementCoefficients, _cast_basis, mean_check
 
 PyTree = Any
 
@@ -716,3 +716,60 @@ def delta1(
     if check_mean:
         mean_check(loss_fn, params, data, k, mb)
     return jnp.abs(_loss_increment(loss_fn, params, data, k, mb))
+
+
+# ----------------------------------------------------------- k_curve's step
+# (the inputs were checked once, by `curvlib.landscape.k_curve`; ``plan`` is its validated
+# grid and options, ``plan.data`` the samples it uses)
+
+@eager_jit(static_argnames=("dims",))
+def _closed_form_grid(a, c, B, sig, dims):
+    """``(nD, nS)`` arrays of the three closed-form terms for every nested ``D``."""
+    terms = [delta2_closed_form_terms(a, c[:d], B[:d, :d], sig) for d in dims]
+    return tuple(jnp.stack([getattr(t, f) for t in terms]) for f in ("constant", "sigma2",
+                                                                       "sigma4"))
+
+
+@eager_jit(static_argnames=("dims",))
+def _spectral_grid(lam_k, lam_k1, sig, dims):
+    return jnp.stack([delta2_spectral(lam_k[:d], lam_k1[:d], sig) for d in dims])
+
+
+def closed_form_step(coef: IncrementCoefficients, plan, eigenvalues, eigenvalues_next):
+    """The closed form's three terms ``(3, nD, nS)`` and the spectral corollary ``(nD, nS)``
+    (``eigenvalues_next``: those of ``H^(k+1)`` matched to ``H^(k)``'s vectors, `_match`)."""
+    sig = jnp.asarray(plan.sigmas, coef.c.dtype)
+    dims = tuple(plan.dims)
+    terms = np.asarray(jax.block_until_ready(_closed_form_grid(coef.a, coef.c, coef.B, sig,
+                                                               dims)))
+    spectral = np.full(terms.shape[1:], np.nan)
+    if np.all(np.isfinite(eigenvalues_next)):
+        spectral = np.asarray(_spectral_grid(jnp.asarray(eigenvalues), jnp.asarray(
+            eigenvalues_next), sig, dims))
+    return terms, spectral
+
+
+def direct_mc_step(loss_fn, params, plan, k: int, U: PyTree, key):
+    """Direct subspace MC on the whole ``sigma`` grid for each nested ``D`` of the ``Dmax``
+    basis ``U`` (in the parameters' dtypes): ``(2, nD, nS)``."""
+    c = plan.config
+    out = np.full((2, len(plan.dims), len(plan.sigmas)), np.nan)
+    grid = jnp.asarray(plan.sigmas, _tree.dtype(params))  # (checked by plan_curve)
+    for j, d in enumerate(plan.dims):
+        mean, se = jax.block_until_ready(_direct_mc(
+            loss_fn, params, plan.data, k, U, jnp.asarray(d), grid, key, c.num_samples,
+            bool(c.antithetic), c.microbatch_size, c.sample_batch_size, None))
+        est = _estimate(mean, se, grid, c.num_samples, c.antithetic)
+        out[:, j] = np.asarray(est.estimate), np.asarray(est.stderr)
+    return out
+
+
+def full_mc_step(loss_fn, params, plan, k: int, key):
+    """Full-space ``Delta_2`` on the ``sigma`` grid: ``(2, nS)``."""
+    c = plan.config
+    grid = jnp.asarray(plan.sigmas, _tree.dtype(params))  # (checked by plan_curve)
+    mean, se = jax.block_until_ready(_full_mc(
+        loss_fn, params, plan.data, k, grid, key, c.full_samples, bool(c.antithetic),
+        c.microbatch_size, c.sample_batch_size))
+    est = _estimate(mean, se, grid, c.full_samples, c.antithetic)
+    return np.stack([np.asarray(est.estimate), np.asarray(est.stderr)])

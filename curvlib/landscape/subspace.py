@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from jax.flatten_util import ravel_pytree
 
 from curvlib import _deprecation, _tree, _validate
 from curvlib._compile import eager_jit, quick_jit
+from curvlib._status import worst
 from curvlib.krylov import eigen
 from curvlib.krylov.eigen import EigshResult
 from curvlib.krylov.solvers import Eigsh, resolve
@@ -409,3 +411,64 @@ def principal_angles(U: PyTree, V: PyTree) -> jax.Array:
     _validate.basis(U, None, "U")
     _validate.basis(V, None, "V")
     return _principal_angles(U, V)
+
+
+# ----------------------------------------------------------- k_curve's step
+# (the inputs were checked once, by `curvlib.landscape.k_curve`; ``plan`` is its validated
+# grid and options, ``plan.data`` the samples it uses)
+
+def subspace_step(loss_fn, params, plan, k: int, key) -> dict:
+    """A curve point's subspace: the top-``Dmax`` eigenpairs at ``k`` and, when asked and
+    possible, at ``k + 1``; the principal angles between the nested subspaces."""
+    c = plan.config
+    Dmax = max(plan.dims)
+    k_sub, k_next = jax.random.split(key)
+    mode = "linearize" if c.microbatch_size is None else "fwd-rev"  # as curvature_subspace
+
+    def solve(kk, key):  # the inputs were checked once, by k_curve
+        return jax.block_until_ready(subspace(loss_fn, params, plan.data, kk, Dmax, key,
+                                              c.microbatch_size, mode, c.eigsh, c.flatten))
+
+    sub = solve(k, k_sub)
+    out = dict(sub=sub, next=None, eigenvalues=np.asarray(sub.eigenvalues),
+               eigenvalues_next=np.full(Dmax, np.nan), max_angle=np.full(len(plan.dims), np.nan),
+               converged=bool(sub.converged), status=int(sub.status),
+               finite=bool(sub.finite), num_matvecs=int(sub.num_matvecs),
+               unique=unique_prefixes(sub.eigenvalues, sub.residual_norms, plan.dims,
+                                      c.eigsh.rtol))
+    if c.next_subspace and k + 2 <= plan.n:
+        nxt = solve(k + 1, k_next)
+        out.update(next=nxt, eigenvalues_next=np.asarray(nxt.eigenvalues),
+                   converged=out["converged"] and bool(nxt.converged),
+                   finite=out["finite"] and bool(nxt.finite),
+                   num_matvecs=out["num_matvecs"] + int(nxt.num_matvecs),
+                   status=int(worst(out["status"], nxt.status)))
+        if out["finite"]:  # (NaN eigenvectors have no angle (NaN): the status says why)
+            overlap, angles = jax.device_get(_overlap_and_angles(
+                sub.eigenvectors, nxt.eigenvectors, tuple(int(d) for d in plan.dims)))
+            # H^(k+1)'s values in the order of H^(k)'s vectors (the corollary)
+            out["eigenvalues_matched"] = out["eigenvalues_next"][_match(np.abs(overlap))]
+            out["max_angle"][:] = angles
+    return out
+
+
+@functools.partial(quick_jit, static_argnames="dims")  # (one small program per dims)
+def _overlap_and_angles(U, V, dims: tuple):
+    """``(U V^T, [max principal angle of the leading d rows of U and V for d in dims])``."""
+    def top(B, d):
+        return jax.tree.map(lambda x: x[:d], B)
+
+    return _tree.basis_gram(U, V), jnp.stack([jnp.max(principal_angles(top(U, d), top(V, d)))
+                                              for d in dims])
+
+
+def _match(overlap: np.ndarray) -> np.ndarray:
+    """``perm`` pairing each vector at ``k`` (row) with a distinct vector at ``k + 1``
+    (column) so that the summed overlap ``sum_i |u_i . v_perm[i]|`` is largest (an optimal
+    assignment): the spectral corollary's ``delta_i`` subtracts the eigenvalues of one
+    eigenvector, not those of equal rank, which differ where two eigenvalues cross between
+    ``k`` and ``k + 1``."""
+    from scipy.optimize import linear_sum_assignment  # noqa: PLC0415 (scipy.optimize: 0.2 s)
+
+    rows, cols = linear_sum_assignment(overlap, maximize=True)
+    return cols[np.argsort(rows)]
