@@ -34,6 +34,7 @@ warm >= 10x faster than torch.
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -329,6 +330,8 @@ def first_answer(quick: bool = False) -> dict:
                 continue
             r = authors_power_iteration(prob, data, cfg["D"], iters, atol)
             if r is None:
+                C.log(f"  ${AUTHORS_ENV} is not set: the rows against the authors' code are "
+                      "left out")
                 break
             if name.startswith("paper"):  # their estimator on their subspace: the pipeline
                 if mc_s is None:
@@ -421,7 +424,14 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--first-answer", action="store_true", required=True)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--without-authors", action="store_true",
+                    help=f"run without the authors' code (${AUTHORS_ENV} unset): their rows "
+                         "are left out of the result")
     args = ap.parse_args(argv)
+    if not os.environ.get(AUTHORS_ENV) and not args.without_authors:
+        ap.error(f"${AUTHORS_ENV} is not set: the rows against the authors' code (their "
+                 "repository's `code` folder, holding `src`) would be missing from the result; "
+                 "set it, or pass --without-authors to leave those rows out")
     C.QUICK = args.quick
     C.write_result("landscape_first_answer", {
         "title": "Delta2(D) time to first answer vs the torch pipeline and the authors' code",
