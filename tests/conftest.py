@@ -10,7 +10,10 @@ jax.config.update("jax_enable_x64", True)
 # The suite checks answers, not speed, and compiling is most of its time: XLA:CPU's backend at
 # its cheapest setting (LLVM's optimisation level 0, its expensive passes off, and the classic
 # elemental emitter instead of the fusion emitters, whose MLIR pipeline is most of a compile:
-# an eigsh program compiles in 0.37 s instead of 2.6 s). The HLO passes (fusion, the programs
+# an eigsh program compiles in 0.37 s instead of 2.6 s), in one piece (XLA:CPU splits a program
+# into up to 32 modules to generate code on several threads; the two xdist workers already hold
+# both cores, and four test files ran 7% faster unsplit: 191-192 s against 205-213 s, -n 2,
+# alternated). The HLO passes (fusion, the programs
 # the tests inspect) are unchanged; the machine code is slower to run and much faster to
 # produce. Set before the first backend use (nothing above creates one), and in
 # the environment, so the subprocesses the suite starts (sharding workers, the multi-process
@@ -36,7 +39,8 @@ def _cpu_only_jaxlib() -> bool:
 
 _CHEAP_BACKEND = os.environ.setdefault("CURVLIB_TEST_XLA_FLAGS", (
     "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    + (" --xla_cpu_use_fusion_emitters=false" if _cpu_only_jaxlib() else "")))
+    + (" --xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
+       if _cpu_only_jaxlib() else "")))
 if os.environ.get("CURVLIB_TEST_XLA_OPT", "0") != "1" and _CHEAP_BACKEND not in os.environ.get(
         "XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _CHEAP_BACKEND).strip()
