@@ -357,7 +357,6 @@ QUICK = {"xla_backend_optimization_level": 0}
 # product 2.4 s -> 2.0 s, 22 ms a product either way). A program inside the user's own
 # ``jit`` is compiled as the user's program is.
 CPU = {"xla_cpu_use_fusion_emitters": False}
-QUICK_CPU = {**QUICK, **CPU}
 
 
 @functools.cache

@@ -28,7 +28,6 @@ import numpy as np
 from curvlib import _compile, _progress, _space, _tree, _validate, _xp
 from curvlib._compile import (  # noqa: F401
     QUICK,
-    QUICK_CPU,
     eager_jit,
     is_host_driven,  # noqa: F401  (the operator property)
     quick_jit,
