@@ -417,7 +417,8 @@ def k_curve(
         if callable(params):  # a new point at every k
             p = params(k)
             _, fn = _common.check_problem(loss_fn, p, data, k)
-            _common.check_subspace(max(plan.dims), p, name="max(dims)")
+            _common.check_subspace(max(plan.dims), p, plan.config.eigsh.basis_size,
+                                   "max(dims)")
         points[i], seconds[i] = curve_point(fn, p, plan, k, key)
     return _assemble(plan, points, seconds)
 
