@@ -41,6 +41,7 @@ import queue
 import tempfile
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -57,6 +58,111 @@ PyTree = Any
 
 
 # ------------------------------------------------------------ weak caching
+
+
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _read(x, path: tuple, depth: int, out: list) -> None:
+    """Append ``(path, key)`` for ``x`` and what it holds (`environment`): Python scalars by
+    value; at ``depth`` > 0 a dict, list or tuple of at most 64 entries by its entries and
+    an object by its attributes (each at ``depth - 1``), a function by what *it* reads;
+    anything else (and the container itself) by identity."""
+    if isinstance(x, _SCALARS):
+        out.append((path, (type(x).__name__, x)))
+        return
+    if isinstance(x, functools.partial) or inspect.ismethod(x) or inspect.isfunction(x):
+        base = x
+        while isinstance(base, functools.partial):
+            base = base.func
+        out.append((path, ("fn", (id(base.__self__), id(base.__func__))
+                           if inspect.ismethod(base) else id(base))))
+        if depth > 0:
+            _reads(x, path, depth - 1, out)
+        return
+    out.append((path, ("id", id(x))))
+    if depth <= 0:
+        return
+    if isinstance(x, dict | list | tuple):
+        items = x.items() if isinstance(x, dict) else tuple(enumerate(x[:65]))
+    elif not isinstance(x, type | types.ModuleType) and isinstance(
+            getattr(x, "__dict__", None), dict):
+        items = vars(x).items()  # an object's attributes (``model.cfg.scale``)
+    else:
+        return
+    if len(items) > 64:
+        return
+    try:
+        for k, v in list(items):
+            _read(v, (*path, k if isinstance(k, _SCALARS) else id(k)), depth - 1, out)
+    except RuntimeError:  # changed while read (another thread): by identity only
+        pass
+
+
+def _code_names(code) -> tuple:
+    """The global names ``code`` and the functions defined in it read."""
+    names = list(code.co_names)
+    for c in code.co_consts:
+        if hasattr(c, "co_names"):
+            names += _code_names(c)
+    return tuple(names)
+
+
+def _reads(fn, path: tuple, depth: int, out: list) -> None:
+    while isinstance(fn, functools.partial):
+        for i, a in enumerate((*fn.args, *fn.keywords.values())):
+            _read(a, (*path, "partial", i), depth, out)
+        fn = fn.func
+        path = (*path, "func")
+    if inspect.ismethod(fn):
+        _read(fn.__self__, (*path, "self"), depth, out)  # its instance's attributes
+        fn = fn.__func__
+    elif not inspect.isfunction(fn) and not isinstance(fn, type):
+        _read(fn, (*path, "self"), depth, out)  # a callable object: its attributes
+        fn = getattr(type(fn), "__call__", None)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return
+    env = getattr(fn, "__globals__", {})
+    for n in _code_names(code):
+        if n in env:
+            _read(env[n], (*path, "global", n), depth, out)
+    for i, cell in enumerate(getattr(fn, "__closure__", None) or ()):
+        try:
+            _read(cell.cell_contents, (*path, "cell", i), depth, out)
+        except ValueError:  # an empty cell
+            pass
+
+
+def environment(fn, depth: int = 2) -> dict:
+    """What ``fn`` reads that can change while ``fn`` stays the same object: ``{path: key}``.
+
+    The globals its code names, the variables it closes over, the arguments a
+    ``functools.partial`` holds, and for a bound method (or a callable object) its
+    instance's attributes (``model.loss`` reading ``self.scale``): Python numbers and
+    strings by value, dicts, lists, tuples and objects by their entries and attributes
+    (``cfg["scale"]``, ``model.cfg.scale``: ``depth`` levels), a function by what it reads
+    in turn (a wrapper closing over the user's function), every other object by identity (a
+    helper redefined in a notebook is a new object). `same_function` keys on it as well, so
+    a changed attribute or global gives a new program, not the old one's numbers (for the
+    bound method ``jax.jit`` too traces again, each ``model.loss`` being a new object; for
+    the global curvlib is stricter than ``jax.jit``). Values read deeper are not seen.
+    Cost: microseconds.
+    """
+    out: list = []
+    _reads(fn, (), depth, out)
+    return dict(out)
+
+
+def _changed(env: dict, old: dict, ignored: frozenset = frozenset()) -> set:
+    """Where ``env`` differs from ``old`` (two `environment` s), but for ``ignored``: a path
+    whose key changed, or the container of an entry added or removed (a list appended to)."""
+    out = set()
+    for p in env.keys() | old.keys():
+        if any(p[:i] in ignored for i in range(len(p) + 1)) or env.get(p) == old.get(p):
+            continue
+        out.add(p if p in env and p in old else p[:-1])
+    return out
 
 
 def weak_cache(factory: Callable) -> Callable:
@@ -82,6 +188,7 @@ def weak_cache(factory: Callable) -> Callable:
             entries = cache.get(fn)
             if entries is None:
                 entries = cache[fn] = weakref.WeakValueDictionary()
+            key = rest
             out = entries.get(rest)
         except TypeError:  # unhashable, or not weakly referenceable
             return factory(fn, *rest)
@@ -229,11 +336,13 @@ def same_function(fn: Callable, *example, also: tuple = (), **kw_example) -> Cal
     traced = {k: x for k, x in kw_example.items() if k not in strings}
     shapes = (jax.tree.structure((example, traced, also)), _tree.avals((example, traced, also)),
               static_items(strings))
+    env = environment(fn)
     try:
         memo = _SAME.get(fn, {}).get(shapes)
     except TypeError:  # not weakly referenceable, or unhashable
         memo = None
-    if memo is not None and not any(_const_key(c) != k for c, k in memo[1]):
+    changed = set() if memo is None else _changed(env, memo[2], memo[3])
+    if memo is not None and not changed and not any(_const_key(c) != k for c, k in memo[1]):
         key, static, arrays = memo[0], strings, memo[1]
     else:
         static = strings
@@ -249,7 +358,14 @@ def same_function(fn: Callable, *example, also: tuple = (), **kw_example) -> Cal
         try:  # (not a key holding host functions: one of them may hold ``fn``, its own key;
             # nor one of ints by value, whose memo would need their values)
             if static is strings and not any(k[3] for k in key):
-                _SAME.setdefault(fn, {})[shapes] = (key, arrays)
+                # What ``fn`` reads, as it is after the traces. What changed while it was
+                # traced (a loss counting its own traces, a list it appends to) is not
+                # compared again, nor a changed value that left the program as it was.
+                after = environment(fn)
+                ignored = (frozenset() if memo is None else memo[3]) | _changed(after, env)
+                if memo is not None and memo[0] == key:
+                    ignored = ignored | changed
+                _SAME.setdefault(fn, {})[shapes] = (key, arrays, after, frozenset(ignored))
         except TypeError:
             pass
     return SameFunction(fn, key, arrays, tuple(static))

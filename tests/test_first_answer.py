@@ -73,6 +73,66 @@ def test_closures_over_new_arrays_share_one_compilation():
     assert all(bool(r.converged) for r in results)
 
 
+class _Scaled:
+    def __init__(self, scale):
+        self.scale = scale
+
+    def loss(self, w, b):
+        return self.scale * jnp.mean((b - w) ** 2)
+
+
+_CFG = {"scale": 1.0}
+
+
+def _global_loss(w, b):
+    return _CFG["scale"] * jnp.mean((b - w) ** 2)
+
+
+_CHANGED = {
+    # the same loss object (a bound method of one model, a global function) reading a
+    # number that changed between two eager calls
+    "attribute": (lambda: _Scaled(1.0), lambda m, s: setattr(m, "scale", s),
+                  lambda m: m.loss),
+    "global": (lambda: _CFG, lambda cfg, s: cfg.__setitem__("scale", s),
+               lambda cfg: _global_loss),
+    # two levels down: an attribute's entry (``model.cfg["scale"]``), a fresh closure's
+    "nested": (lambda: _Scaled({"scale": 1.0}), lambda m, s: m.scale.__setitem__("scale", s),
+               lambda m: lambda w, b: m.scale["scale"] * jnp.mean((b - w) ** 2)),
+}
+
+
+@pytest.mark.parametrize("how", sorted(_CHANGED))
+def test_a_loss_reading_a_changed_attribute_or_global_answers_for_the_new_value(how, compiles):
+    """An eager call re-keys a loss whose attribute or global changed (closed forms: the
+    loss is ``s mean((b - w)^2)``, its Hessian ``2 s`` times the identity); an unchanged one
+    compiles nothing new."""
+    from curvlib import landscape
+
+    make, change, loss_of = _CHANGED[how]
+    obj = make()
+    x = jnp.arange(6.0)
+    w = jnp.asarray(0.5)
+    W, X = jnp.asarray([0.5, 0.1]), jnp.stack([x, x], 1)
+    try:
+        for s in (1.0, 10.0, 1.0):
+            change(obj, s)
+            loss = loss_of(obj)
+            hv = curvlib.hessian_matvec(loss, w, x)(jnp.asarray(1.0))
+            np.testing.assert_allclose(hv, 2 * s, rtol=1e-6)
+            truth = s * (np.mean((np.arange(4.0) - 0.5) ** 2) - np.mean((np.arange(3.0) - 0.5)
+                                                                        ** 2))
+            np.testing.assert_allclose(landscape.delta1(loss, w, x, 3), abs(truth), rtol=1e-6)
+            # the subspace Hessian of the first k = 3 rows: (2 s / 2) I over the 2 columns
+            sub = landscape.curvature_subspace(loss, W, X, 3, 1, key=KEY)
+            np.testing.assert_allclose(sub.eigenvalues, [s], rtol=1e-5)
+        with compiles() as seen:  # the same value again: every program is found
+            curvlib.hessian_matvec(loss_of(obj), w, x)(jnp.asarray(1.0))
+            landscape.delta1(loss_of(obj), w, x, 3)
+        assert seen.count == 0, seen.names
+    finally:
+        change(obj, 1.0)
+
+
 @pytest.mark.parametrize("name", sorted(CALLS))
 def test_a_jitted_product_closing_over_new_arrays_answers_for_them(name):
     """``jax.jit(lambda v: hvp(w, v))`` rebuilt at a new ``w`` (a common fast HVP): the
