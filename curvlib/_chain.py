@@ -111,6 +111,10 @@ def linesearch_link(linesearch, has_aux: bool = False) -> optax.GradientTransfor
                                          state, params, reserved, arrays, program)
                 except NotHoisted:
                     pass
+        if value_fn is not None and kw:
+            # bound here: optax hands a search's ``value_fn`` the extra arguments its
+            # signature names, and refuses the rest (all of them for ``loss(p, **batch)``)
+            value_fn, kw = functools.partial(value_fn, **kw), {}
         return ls.update(updates, state, params, value_fn=value_fn, **reserved, **kw)
 
     return optax.GradientTransformationExtraArgs(ls.init, update_fn)
@@ -119,8 +123,9 @@ def linesearch_link(linesearch, has_aux: bool = False) -> optax.GradientTransfor
 @eager_jit(static_argnames=("search", "value_fn", "static"))
 def _eager_search(search, value_fn, static, updates, state, params, reserved, kw, program):
     """A line search's ``update`` as one compiled program (`linesearch_link`, eager)."""
-    return search(updates, state, params, value_fn=bound(value_fn, program), **reserved, **kw,
-                  **{k: x for k, _, x in static})
+    # (the arguments bound: optax refuses those a ``loss(p, **batch)`` does not name)
+    return search(updates, state, params, **reserved, value_fn=functools.partial(
+        bound(value_fn, program), **kw, **{k: x for k, _, x in static}))
 
 
 def compiled_when_eager(update_fn, *options):
@@ -239,7 +244,8 @@ def alias(
       (`optax.value_and_grad_from_state`).
     * With a line search, a search that made no progress
       (`linesearch_stalled`) is reported as ``Status.STALLED`` in the
-      ``status`` of the first link's ``info`` (when it has one), and a step
+      ``status`` of the first link's ``info`` (when it has one); its step is
+      withheld when it would not lower the loss (`withhold_if_worse`); and a step
       whose loss or gradient is not finite leaves the line search's state as
       it was (`keep_search_if_not_finite`).
 
@@ -268,6 +274,7 @@ def alias(
         if linesearch is not None:
             value, grad = extra_args["value"], extra_args["grad"]
             stalled = linesearch_stalled(new_state[-1], value, grad, out)
+            out, new_state = withhold_if_worse(out, new_state, stalled, value, grad)
             new_state = flag_stalled(new_state, stalled)
             new_state = keep_search_if_not_finite(new_state, state, value, grad)
         return skip_if_not_finite(out, new_state, state)
@@ -372,6 +379,34 @@ def skip_if_not_finite(out, states: tuple, before: tuple):
             fix["skipped"] = jnp.asarray(info.skipped) | ~ok
         kept = (kept[0]._replace(info=info._replace(**fix)), *kept[1:])
     return _tree.select_tree(ok, out, zero), kept
+
+
+def withhold_if_worse(out, states: tuple, stalled, value, grad):
+    """``(out, states)``, or a zero step when a stalled line search's step does not lower the
+    loss (traceable).
+
+    A search that found no step meeting its decrease condition within its budget still
+    returns its last, smallest, step (optax's backtracking and zoom), and that step can
+    raise the loss: Newton's step on ``sum(sqrt(1 + p^2))`` at ``p = 3000`` is ``2.7e10``
+    long, and the default search's last try moved the loss from 3000 to 13380, then on
+    from there. Withheld, the parameters stay where the loss was lowest; the search's
+    state keeps its step size (the next search starts from it: the step it needs may be
+    a few halvings further) and holds the loss and gradient at the unchanged parameters
+    (``optax.value_and_grad_from_state`` reads them).
+    """
+    ls = states[-1]
+    new_value = getattr(ls, "value", None)
+    if new_value is None:  # a search that does not report its loss: its step as it is
+        return out, states
+    worse = stalled & ~(jnp.asarray(new_value) < jnp.asarray(value))
+    fix = {"value": jnp.where(worse, jnp.asarray(value, jnp.result_type(new_value)),
+                              new_value)}
+    if grad is not None and jax.tree.structure(getattr(ls, "grad", None)) == \
+            jax.tree.structure(grad):
+        fix["grad"] = jax.tree.map(lambda g, old: jnp.where(worse, g.astype(old.dtype), old),
+                                   grad, ls.grad)
+    out = _tree.select_tree(worse, _tree.zeros_like(out), out)
+    return out, (*states[:-1], ls._replace(**fix))
 
 
 def flag_stalled(states: tuple, stalled) -> tuple:

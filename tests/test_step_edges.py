@@ -314,3 +314,67 @@ def test_the_closed_form_is_inf_only_where_its_value_overflows_and_never_nan():
             else:
                 np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-37,  # (subnormal: 0)
                                            err_msg=f"{a} {s}")
+
+
+def _far_field(p):
+    """``sum(sqrt(1 + p^2))``: convex, minimiser 0; at ``p = 3000`` Newton's step is
+    ``-p (1 + p^2)`` (``2.7e10`` long), more than 2^20 times too long."""
+    return jnp.sum(jnp.sqrt(1.0 + p**2))
+
+
+@pytest.mark.parametrize("name", ["newton", "newton_backtracking_2", "bfgs_zoom_1"])
+def test_a_failed_line_search_withholds_a_step_that_raises_the_loss(name):
+    """A search that finds no decrease within its budget returns its last, smallest step;
+    applied, it raised the loss (3000 -> 13380, then on). Withheld: the loss never rises, a
+    step that does not move reads STALLED, and the default search goes on halving from
+    where it stopped, down to the minimiser's neighbourhood."""
+    opt = {"newton": newton(),
+           "newton_backtracking_2": newton(linesearch=optax.scale_by_backtracking_linesearch(
+               2, store_grad=True)),
+           "bfgs_zoom_1": bfgs(linesearch=optax.scale_by_zoom_linesearch(1))}[name]
+    p = jnp.array([3000.0]) if name != "bfgs_zoom_1" else jnp.array([3.0, -2.0])
+    f = _far_field
+    state = opt.init(p)
+    step = jax.jit(lambda p, s: opt.update(jax.grad(f)(p), s, p, value_fn=f))
+    stalled = 0
+    for _ in range(8):
+        u, state = step(p, state)
+        new = optax.apply_updates(p, u)
+        assert float(f(new)) <= float(f(p)), (name, p, new)
+        status = int(state[0].info.status)
+        if np.array_equal(new, p):
+            assert status == curvlib.Status.STALLED
+            stalled += 1
+        else:
+            assert status == curvlib.Status.SUCCESS
+        # the search's stored loss and gradient are those at the parameters it leaves
+        np.testing.assert_allclose(state[-1].value, f(new), rtol=1e-12)
+        np.testing.assert_allclose(state[-1].grad, jax.grad(f)(new), rtol=1e-12)
+        p = new
+    assert stalled >= 1
+    if name == "newton":  # out of the far field: the loss falls twentyfold in 8 steps
+        assert float(f(p)) < 150.0
+
+
+@pytest.mark.parametrize("name", ["newton", "bfgs", "newton_cg_zoom", "newton_cg"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_loss_taking_keyword_arguments_works_with_every_line_search(name, jit):
+    """``value_fn(p, **batch)`` receives every extra argument (`kwargs_for`); optax's
+    searches matched them against the named parameters only and refused them all."""
+    x = jnp.array([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]])
+    y = jnp.array([1.0, 0.0, 2.0])
+
+    def loss(p, x, y):
+        return jnp.mean((x @ p - y) ** 2) + 0.1 * jnp.sum(p**4)
+
+    def kwloss(p, **batch):
+        return loss(p, batch["x"], batch["y"])
+
+    opt = {"newton": newton(), "bfgs": bfgs(), "newton_cg": newton_cg(),
+           "newton_cg_zoom": newton_cg(linesearch=optax.scale_by_zoom_linesearch(10))}[name]
+    p = jnp.array([0.3, -0.2])
+    g = jax.grad(loss)(p, x, y)
+    update = jax.jit(opt.update, static_argnames="value_fn") if jit else opt.update
+    got, _ = update(g, opt.init(p), p, value_fn=kwloss, x=x, y=y)
+    want, _ = opt.update(g, opt.init(p), p, value_fn=loss, x=x, y=y)
+    np.testing.assert_allclose(got, want, rtol=1e-10)

@@ -84,9 +84,10 @@ class NewtonInfo(NamedTuple):
         as on a piecewise-linear loss, whose curvature is zero); else ``SUCCESS``.
         Inside [`newton`][curvlib.newton] (or any alias with a line search)
         ``STALLED`` when the line search failed to decrease the loss (its step
-        fell to its floor, or the accepted step did not lower the loss): the
-        iteration makes no progress from this point, typically at the precision
-        floor of the loss's dtype. The parameters and state stay usable.
+        fell to its floor, or the accepted step did not lower the loss): a step
+        that would not lower the loss is withheld (zeros), and the default search
+        goes on halving from there at the next step; STALLED step after step is the
+        precision floor of the loss's dtype. The parameters and state stay usable.
     """
 
     min_eigenvalue: jax.Array
@@ -368,10 +369,15 @@ def default_linesearch() -> optax.GradientTransformationExtraArgs:
 
     def update_fn(updates, state, params=None, *, value_fn, **extra_args):
         # every search starts from the full Newton step: optax's state carries the last
-        # accepted step, so one backtracking would cap every later search below it, and
-        # after a failed search (at the precision floor of the loss) the step would shrink
-        # by 2^-20 per iteration until the parameters silently stop moving
-        state = state._replace(learning_rate=jnp.ones_like(state.learning_rate))
+        # accepted step, so one backtracking would cap every later search below it. After
+        # a failed search (no step within 20 halvings lowered the loss enough: its step is
+        # withheld, `curvlib._chain.withhold_if_worse`) the next one goes on halving from
+        # where it stopped, once: Newton's step far from a minimiser can be more than 2^20
+        # times too long (a success restarts from the full step; at the precision floor of
+        # the loss every search fails, and each reports STALLED)
+        err, lr = state.info.decrease_error, state.learning_rate
+        failed = jnp.isfinite(err) & (err > 0) & (lr > 0)
+        state = state._replace(learning_rate=jnp.where(failed, 0.5 * lr, jnp.ones_like(lr)))
         return ls.update(updates, state, params, value_fn=_loss_in_default_float(value_fn),
                          **extra_args)
 

@@ -58,7 +58,8 @@ class BFGSInfo(NamedTuple):
       num_matvecs: curvature products of the step (``0``: BFGS uses gradients only).
       status: the [`curvlib.Status`][curvlib.Status] code: ``NONFINITE`` (skipped), else
         ``SUCCESS``; inside [`bfgs`][curvlib.bfgs] (or any alias with a line search)
-        ``STALLED`` when the line search failed to decrease the loss.
+        ``STALLED`` when the line search failed to decrease the loss (a step that
+        would not lower it is withheld: zeros).
     """
 
     curvature: jax.Array
