@@ -119,7 +119,7 @@ def _reads(fn, path: tuple, depth: int, out: list) -> None:
         fn = fn.__func__
     elif not inspect.isfunction(fn) and not isinstance(fn, type):
         _read(fn, (*path, "self"), depth, out)  # a callable object: its attributes
-        fn = getattr(type(fn), "__call__", None)
+        fn = vars(type(fn)).get("__call__") or type(fn).__call__
     code = getattr(fn, "__code__", None)
     if code is None:
         return
@@ -188,7 +188,6 @@ def weak_cache(factory: Callable) -> Callable:
             entries = cache.get(fn)
             if entries is None:
                 entries = cache[fn] = weakref.WeakValueDictionary()
-            key = rest
             out = entries.get(rest)
         except TypeError:  # unhashable, or not weakly referenceable
             return factory(fn, *rest)
