@@ -247,6 +247,25 @@ def test_float16_products_below_their_normal_range_are_not_certified():
             np.testing.assert_allclose(np.asarray(r.eigenvalues, np.float64), want, rtol=0.05)
 
 
+def test_power_iteration_below_the_normal_range_is_stalled_as_eigsh_is():
+    """A float32 operator of norm 4e-36 (below tiny / eps = 1e-31): its own products are 6%
+    off (subnormals flushed), the residual power iteration measures is rounding of zeros:
+    it said SUCCESS with an eigenvalue 0.8% off at rtol 1e-4. Now STALLED, not converged;
+    at norm 4 the same operator converges (numpy the oracle)."""
+    rng = np.random.default_rng(15)
+    n = 40
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    B = (Q * np.r_[[3.0, 3.0, -4.0], rng.uniform(-2, 2, n - 3)]) @ Q.T
+    v0 = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    for scale, certified in ((1e-36, False), (1.0, True)):
+        A = jnp.asarray((B + B.T) / 2 * scale, jnp.float32)
+        p = curvlib.power_iteration(lambda v: A @ v, v0, k=1, num_iters=300)
+        assert bool(p.finite) and bool(p.converged[0]) == certified
+        assert int(p.status) == (curvlib.Status.SUCCESS if certified else curvlib.Status.STALLED)
+        want = np.linalg.eigvalsh(np.asarray(A, np.float64))[0]  # -4 scale: largest in modulus
+        np.testing.assert_allclose(float(p.eigenvalues[0]), want, rtol=1e-3 if certified else 0.05)
+
+
 @pytest.mark.parametrize("s", [1e33, 1e36], ids=["f32-A1e33", "f32-A1e36"])
 def test_cg_compiled_as_eager_when_the_step_length_is_below_the_normal_range(s):
     # ||A|| / ||b|| = s: the step length (rz / pn) / (d^T A d) fell below float32's normal
