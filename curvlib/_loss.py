@@ -45,6 +45,7 @@ def require_params(name: str, params, updates=None) -> PyTree:
     """``params``, present and (given ``updates``) of the updates' structure and shapes."""
     if params is None:
         raise ValueError(f"`{name}.update` needs `params` (the current parameters).")
+    _validate.unmasked(params, "params", name)
     if updates is not None:
         _validate.same_structure(params, updates, "params", "updates",
                                  what=f"(`{name}.update(updates, state, params)`: the "

@@ -365,6 +365,26 @@ def _flax_state(tree, name: str, prefix: str) -> None:
             )
 
 
+def unmasked(tree, name: str, transform: str) -> None:
+    """Raise for parameters a mask selected (``optax.masked``, ``optax.multi_transform``): the
+    leaves outside it are ``optax.MaskedNode`` s, and a second-order transform evaluates the
+    loss, which needs every parameter."""
+    optax = sys.modules.get("optax")  # (none without optax imported)
+    node = getattr(optax, "MaskedNode", None)
+    if node is None:
+        return
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, node))[0]
+    masked = [keystr(path) for path, x in flat if isinstance(x, node)]
+    if masked:
+        raise ArgumentError(
+            f"`{name}` must be the model's parameters; got `optax.MaskedNode` at "
+            f"{', '.join(masked[:4])}{' ...' if len(masked) > 4 else ''}: `{transform}` inside "
+            "`optax.masked` or `optax.multi_transform` sees only the leaves the mask "
+            "selects, but its curvature (and line search) evaluate the loss, which needs "
+            "every parameter. Give the second-order transform the whole tree (a first-order "
+            "transform for a part of it can be chained after, with its own mask).")
+
+
 def float_leaves(tree, name: str, *, init: str | None = None,
                  advice: str | None = None) -> None:
     """Raise unless ``tree`` is a non-empty pytree of real floating arrays.
@@ -390,6 +410,8 @@ def float_leaves(tree, name: str, *, init: str | None = None,
         parameter (`_flax_state`: an ``nnx.BatchStat``, linen's ``batch_stats``).
     """
     prefix = f"{init}.init: " if init else ""
+    if init:
+        unmasked(tree, name, init)
     if isinstance(tree, Partial):  # a pytree of arrays, but an operator: arguments swapped
         raise ArgumentError(
             f"{prefix}`{name}` must be a pytree of real floating arrays; got a function (a "

@@ -378,3 +378,27 @@ def test_a_loss_taking_keyword_arguments_works_with_every_line_search(name, jit)
     got, _ = update(g, opt.init(p), p, value_fn=kwloss, x=x, y=y)
     want, _ = opt.update(g, opt.init(p), p, value_fn=loss, x=x, y=y)
     np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["newton_cg", "newton", "bfgs", "svrg"])
+def test_a_masked_second_order_transform_is_refused_naming_the_masked_leaves(name):
+    """Inside ``optax.multi_transform``/``optax.masked`` a transform sees ``optax.MaskedNode``
+    for the leaves outside its mask; the loss needs all of them, and the failure surfaced
+    inside the user's loss ("can only concatenate tuple (not "int") to tuple")."""
+    build = {"newton_cg": newton_cg, "newton": newton, "bfgs": bfgs,
+             "svrg": lambda: curvlib.svrg(0.1)}[name]
+    params = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([0.5])}
+
+    def loss(p, x):
+        return jnp.sum((p["a"] - x) ** 2) + jnp.sum(p["a"] ** 4) + jnp.sum((p["b"] + 1) ** 2)
+
+    with pytest.raises(ValueError, match=r"optax.MaskedNode. at \['b'\].*optax.masked"):
+        optax.masked(build(), {"a": True, "b": False}).init(params)
+    opt = optax.multi_transform({"2nd": build(), "sgd": optax.sgd(0.1)}, {"a": "2nd", "b": "sgd"})
+    with pytest.raises(ValueError, match=r"optax.MaskedNode. at \['b'\]"):
+        opt.init(params)
+    # the whole tree still works
+    whole = build()
+    extra = {"full_value_fn": lambda p: loss(p, 0.0)} if name == "svrg" else {}
+    whole.update(jax.grad(loss)(params, 0.0), whole.init(params), params, value_fn=loss, x=0.0,
+                 **extra)
