@@ -402,3 +402,31 @@ def test_a_masked_second_order_transform_is_refused_naming_the_masked_leaves(nam
     extra = {"full_value_fn": lambda p: loss(p, 0.0)} if name == "svrg" else {}
     whole.update(jax.grad(loss)(params, 0.0), whole.init(params), params, value_fn=loss, x=0.0,
                  **extra)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_newtons_default_search_on_parameters_of_two_dtypes(jit):
+    """A bfloat16 leaf beside a float32 one (flax ``param_dtype=bfloat16`` for one layer):
+    optax's backtracking stepped the bfloat16 leaf in float32 and failed ("cond branches must
+    have equal output types"). The full step is accepted here, so the searched step is the
+    unsearched one; the step and the search's state keep the leaves' dtypes."""
+
+    def loss(p):
+        return sum(jnp.sum((x.astype(jnp.float32) - 0.5) ** 2)
+                   + 0.1 * jnp.sum(x.astype(jnp.float32) ** 4) for x in jax.tree.leaves(p))
+
+    params = {"a": jnp.ones(3, jnp.float32), "h": jnp.ones(2, jnp.bfloat16)}
+    g = jax.grad(loss)(params)
+    searched, plain = newton(), newton(linesearch=None)
+    run = (lambda f: jax.jit(f, static_argnames="value_fn")) if jit else (lambda f: f)
+    state = searched.init(params)
+    u, new = run(searched.update)(g, state, params, value_fn=loss)
+    want, _ = plain.update(g, plain.init(params), params, value_fn=loss)
+    assert jax.tree.map(lambda x: x.dtype, u) == jax.tree.map(lambda x: x.dtype, params)
+    assert jax.tree.structure(new) == jax.tree.structure(state)
+    assert all(a.dtype == b.dtype
+               for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state), strict=True))
+    for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=1e-2)
+    assert float(loss(optax.apply_updates(params, u))) < float(loss(params))

@@ -378,8 +378,27 @@ def default_linesearch() -> optax.GradientTransformationExtraArgs:
         err, lr = state.info.decrease_error, state.learning_rate
         failed = jnp.isfinite(err) & (err > 0) & (lr > 0)
         state = state._replace(learning_rate=jnp.where(failed, 0.5 * lr, jnp.ones_like(lr)))
-        return ls.update(updates, state, params, value_fn=_loss_in_default_float(value_fn),
-                         **extra_args)
+        dts = {jnp.dtype(x.dtype) for x in jax.tree.leaves(params)}
+        if len(dts) < 2:
+            return ls.update(updates, state, params, value_fn=_loss_in_default_float(value_fn),
+                             **extra_args)
+        # parameters of several dtypes (a bfloat16 layer beside float32 ones): optax steps a
+        # bfloat16 leaf in float32 and its gradient branches then disagree on the dtype
+        # ("cond branches must have equal output types"); searched in the common dtype, the
+        # loss seeing each leaf in its own, the step and state handed back in the leaves'
+        common = jnp.result_type(*dts)
+        up = functools.partial(jax.tree.map, lambda x: x.astype(common))
+        like = functools.partial(jax.tree.map, lambda x, o: x.astype(o.dtype))
+        fn = _loss_in_default_float(value_fn)
+
+        @functools.wraps(fn)
+        def loss(p, *args, **kwargs):
+            return fn(like(p, params), *args, **kwargs)
+
+        extra = {k: up(v) if k == "grad" else v for k, v in extra_args.items()}
+        out, new = ls.update(up(updates), state._replace(grad=up(state.grad)), up(params),
+                             value_fn=loss, **extra)
+        return like(out, updates), new._replace(grad=like(new.grad, state.grad))
 
     return optax.GradientTransformationExtraArgs(ls.init, update_fn)
 
