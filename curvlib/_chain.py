@@ -398,7 +398,13 @@ def withhold_if_worse(out, states: tuple, stalled, value, grad):
     new_value = getattr(ls, "value", None)
     if new_value is None:  # a search that does not report its loss: its step as it is
         return out, states
-    worse = stalled & ~(jnp.asarray(new_value) < jnp.asarray(value))
+    new_value, value = jnp.asarray(new_value), jnp.asarray(value)
+    if jnp.finfo(new_value.dtype).bits < jnp.finfo(value.dtype).bits:
+        # stored coarser than the loss (float16 parameters, a float32 loss): past its range
+        # (65504), or rounded, it cannot tell a rise from a fall: the step as it is
+        return out, states
+    # (a non-finite step is `skip_if_not_finite`'s: skipped, the state before it kept)
+    worse = stalled & _tree.all_finite(out) & ~(new_value < value)
     fix = {"value": jnp.where(worse, jnp.asarray(value, jnp.result_type(new_value)),
                               new_value)}
     if grad is not None and jax.tree.structure(getattr(ls, "grad", None)) == \

@@ -369,14 +369,16 @@ def default_linesearch() -> optax.GradientTransformationExtraArgs:
 
     def update_fn(updates, state, params=None, *, value_fn, **extra_args):
         # every search starts from the full Newton step: optax's state carries the last
-        # accepted step, so one backtracking would cap every later search below it. After
-        # a failed search (no step within 20 halvings lowered the loss enough: its step is
-        # withheld, `curvlib._chain.withhold_if_worse`) the next one goes on halving from
-        # where it stopped, once: Newton's step far from a minimiser can be more than 2^20
-        # times too long (a success restarts from the full step; at the precision floor of
-        # the loss every search fails, and each reports STALLED)
+        # accepted step, so one backtracking would cap every later search below it, and
+        # after a failed search at the precision floor of the loss (its last trial's excess
+        # over the Armijo line at rounding level) the step would shrink by 2^-20 per
+        # iteration until the parameters silently stop moving. A search that failed far
+        # above it (its step withheld, `curvlib._chain.withhold_if_worse`: Newton's step far
+        # from a minimiser can be more than 2^20 times too long) is continued instead: the
+        # next one goes on halving from where it stopped
         err, lr = state.info.decrease_error, state.learning_rate
-        failed = jnp.isfinite(err) & (err > 0) & (lr > 0)
+        floor = jnp.sqrt(jnp.finfo(jnp.result_type(state.value)).eps) * jnp.abs(state.value)
+        failed = jnp.isfinite(err) & (err > floor) & (lr > 0)
         state = state._replace(learning_rate=jnp.where(failed, 0.5 * lr, jnp.ones_like(lr)))
         dts = {jnp.dtype(x.dtype) for x in jax.tree.leaves(params)}
         if len(dts) < 2:
