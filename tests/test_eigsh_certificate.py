@@ -14,10 +14,12 @@ in test_eigsh_certified.py.
 
 from types import SimpleNamespace
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import curvlib
 from curvlib.krylov import _band, eigen
 
 # ------------------------------------------------------------------ _count_new
@@ -200,6 +202,7 @@ def test_a_repeated_value_is_certified_by_its_clusters_norm(ratio, certified):
     cfg = _cfg(m=6, k=2, dim=40)
     s = SimpleNamespace(k=jnp.int32(2), tol=jnp.float64(1e-3), phase=jnp.int32(0),
                         to_inject=jnp.int32(0), injected=jnp.int32(0), fresh=jnp.int32(0),
+                        filtered=jnp.int32(0),
                         near=jnp.int32(0), ref=jnp.zeros(6), max_inject=jnp.int32(4),
                         which=jnp.int32(0))
     band = _two_fives(ratio * 5e-3)
@@ -444,7 +447,8 @@ def test_unseen_unlikely_is_the_kuczynski_wozniakowski_bound(which):
     cfg = _cfg(which=which, k=k, dim=dim)
 
     def call(b, fresh, phase=1, th=theta, th_thr=thr):
-        s = SimpleNamespace(injected=jnp.int32(b), fresh=jnp.int32(fresh), phase=jnp.int32(phase),
+        s = SimpleNamespace(injected=jnp.int32(b), fresh=jnp.int32(fresh),
+                            filtered=jnp.int32(fresh), phase=jnp.int32(phase),
                             k=jnp.int32(k))
         return bool(eigen._unseen_unlikely(cfg, s, jnp.asarray(th), jnp.asarray(valid),
                                            jnp.asarray(th_thr)))
@@ -482,7 +486,8 @@ def test_unseen_unlikely_gives_no_certificate_without_a_spread():
     """Every Ritz value equal: no relative gap exists, so the bound must not certify (whatever
     the scale of the operator), only a certified guard can."""
     cfg = _cfg(which="LA", k=2, dim=100)
-    s = SimpleNamespace(injected=jnp.int32(1), fresh=jnp.int32(10**6), phase=jnp.int32(1),
+    s = SimpleNamespace(injected=jnp.int32(1), fresh=jnp.int32(10**6),
+                        filtered=jnp.int32(10**6), phase=jnp.int32(1),
                         k=jnp.int32(2))
     for scale in (1e-3, 1.0, 1e6):
         theta = jnp.full(4, 5.0 * scale)
@@ -492,7 +497,8 @@ def test_unseen_unlikely_gives_no_certificate_without_a_spread():
 
 def test_unseen_unlikely_never_for_lm():
     cfg = _cfg(which="LM")
-    s = SimpleNamespace(injected=jnp.int32(1), fresh=jnp.int32(10**6), phase=jnp.int32(1),
+    s = SimpleNamespace(injected=jnp.int32(1), fresh=jnp.int32(10**6),
+                        filtered=jnp.int32(10**6), phase=jnp.int32(1),
                         k=jnp.int32(2))
     theta = jnp.asarray([10.0, -9.0, 0.1])
     assert not bool(eigen._unseen_unlikely(cfg, s, theta, jnp.ones(3, bool), jnp.zeros(3)))
@@ -535,3 +541,30 @@ def test_eigsh_certifies_a_repeated_zero_eigenvalue_and_the_next_one():
     true_res = np.linalg.norm(X @ A - np.asarray(res.eigenvalues)[:, None] * X, axis=1)
     floor = 10 * 12 * np.finfo(float).eps * 6.0  # 10 m eps ||A||, the tol=0 threshold
     assert np.all(true_res <= 10 * floor)
+
+
+def test_restarts_that_drop_the_fresh_chains_best_vectors_certify_nothing_by_the_bound():
+    """Eigenvalue 3 four times, 2 twice, a bulk in [-1.5, 1.5], k = 3. A thick restart is a
+    filter whose roots are the Ritz values it drops: with a basis of k + 2 rows (or
+    ``num_keep=k``) every restart dropped the fresh block's best vector, the block never
+    climbed to the third copy of 3, and the probability bound, counting its products across
+    those restarts, certified [3, 3, 2] (4 starts in 4). Now the bound counts only products
+    whose chain was kept (the verification keeps ``k + b`` vectors where they fit): never a
+    wrong answer reported converged, and the one that fits certifies (numpy the oracle)."""
+    n = 60
+    d = np.r_[np.full(4, 3.0), np.full(2, 2.0), np.linspace(-1.5, 1.5, n - 6)]
+    want = np.sort(d)[::-1][:3]
+    A = jnp.asarray(d)
+    rng = np.random.default_rng(0)
+    for kw, certifies in (({"basis_size": 5}, False), ({"basis_size": 20, "num_keep": 3}, True),
+                          ({}, True)):
+        for seed in range(3):
+            v0 = jnp.asarray(rng.standard_normal(n))
+            r = curvlib.eigsh(lambda v: A * v, v0, 3, key=jax.random.PRNGKey(seed),
+                              max_matvecs=600, **kw)
+            if bool(r.converged):
+                np.testing.assert_allclose(r.eigenvalues, want, atol=1e-6, err_msg=str(kw))
+            elif certifies:
+                raise AssertionError(f"{kw}: not certified ({curvlib.status_message(r.status)})")
+            else:
+                assert int(r.status) == curvlib.Status.MAX_STEPS

@@ -123,6 +123,8 @@ class _State(NamedTuple):
     injected: jax.Array  # block size of this verification round
     to_inject: jax.Array  # fresh directions still to add (one per product)
     fresh: jax.Array  # products since this verification round started
+    filtered: jax.Array  # of those, the products since a restart last dropped the fresh
+    # block's best Ritz vectors (what the probabilistic certificate may count, `_update`)
     near: jax.Array  # int32: near breakdowns (`_band.Band.near`) when this round started
     rounds: jax.Array
     verify_count: jax.Array  # products since the first verification round started
@@ -276,7 +278,10 @@ def _unseen_unlikely(cfg: _Cfg, s: _State, theta, valid, thr, g=None):
     # no spread (every Ritz value equal): no relative gap to measure, no probabilistic certificate
     eps = xp.where(spread > 0, xp.clip(gap / xp.where(spread > 0, spread, 1.0), 0.0, 1.0), 0.0)
     b = xp.maximum(s.injected, 1)
-    j = (xp.maximum(s.fresh - b + 1, 0) // b).astype(theta.dtype)  # products per fresh chain
+    # products per fresh chain, counted since a restart last dropped the block's best Ritz
+    # vectors (`_update`): a restart that keeps them filters the chain's start, one that
+    # keeps only the wanted pairs starts it afresh
+    j = (xp.maximum(s.filtered - b + 1, 0) // b).astype(theta.dtype)
     need = float(np.log(1.648 * np.sqrt(cfg.dim) / FAILURE_PROBABILITY))
     unlikely = (s.phase == 1) & (xp.sqrt(eps) * (2 * j - 1) >= need)
     return unlikely if cfg.which else unlikely & (s.which != _band.Order.CODES["LM"])
@@ -369,12 +374,15 @@ def _update(cfg: _Cfg, s: _State, product) -> _State:
     band = _band.absorb(s.band, space.flatten(product))
     count, since = s.count + 1, s.since + 1
     full, due = _due(cfg, s, band, count, since)
-    s_now = s._replace(since=since, fresh=s.fresh + 1)
+    s_now = s._replace(since=since, fresh=s.fresh + 1, filtered=s.filtered + 1)
     ev = cond(due, lambda b: _evaluate(cfg, s_now, b), lambda b: _no_eval(cfg, s_now, b),
                       band)
     finish = ev.finish | (ev.search_cert & ~s.verify)  # no verification asked: done
     new_round = (ev.search_cert & s.verify) | (ev.verify_cert & ~finish)
     restart = full & ~finish & ~new_round
+    # a restart keeping fewer than k + b Ritz vectors (a basis of k + 2 rows) drops the best
+    # vectors of the round's b fresh chains: their Lanczos bound starts over
+    lost = restart & (_restart_size(s, band) < s.k + xp.maximum(s.injected, 1))
     band, Y = _compress(cfg, s, band, ev, new_round, restart, xp.where(due, ev.Y, s.Y))
     theta = xp.where(due, ev.theta, s.theta)
     # one fresh direction per product: the verification block, or a new chain when the
@@ -389,6 +397,7 @@ def _update(cfg: _Cfg, s: _State, product) -> _State:
         injected=xp.where(new_round, ev.n_inject, s.injected),
         to_inject=xp.maximum(to_inject - used_z.astype(xp.int32), 0),
         fresh=xp.where(new_round, 0, s.fresh + 1),
+        filtered=xp.where(new_round | lost, 0, s.filtered + 1),
         near=xp.where(new_round, band.near, s.near),
         rounds=s.rounds + new_round.astype(xp.int32),
         verify_count=s.verify_count + (s.phase >= 1).astype(xp.int32),
@@ -412,19 +421,34 @@ def _due(cfg: _Cfg, s: _State, band: _band.Band, count, since):
     return full, due
 
 
+def _restart_size(s: _State, band: _band.Band):
+    """Ritz vectors a thick restart keeps: ``keep``, at least ``k + b`` in a verification
+    round of ``b`` fresh chains, at most ``m - pending - 1``.
+
+    A restart is a polynomial filter on the chains' start whose roots are the Ritz values
+    it drops (exact shifts). Dropping the best vector of a fresh chain damps the very
+    eigenvector the chain is climbing towards, so a round restarted that way never
+    finds an unseen copy of a wanted value, and counting its products for the probability
+    bound certified answers that missed one (``num_keep=k``; a basis of ``k + 2`` rows,
+    where nothing more fits: there the bound starts over at each restart, `_update`).
+    """
+    rest = xp.sum(_band.pending(band))
+    keep = xp.where(s.phase == 1, xp.maximum(s.keep, s.k + xp.maximum(s.injected, 1)), s.keep)
+    return xp.minimum(keep, band.limit - rest - 1)
+
+
 def _compress(cfg: _Cfg, s: _State, band: _band.Band, ev: _Eval, new_round, restart, Y):
     """``(band, Y)``: the basis after a thick restart or a new round, and its Ritz vectors.
 
     A new verification round keeps the ``k`` wanted Ritz vectors (pending rows dropped);
-    a restart keeps ``min(keep, m - pending - 1)``. After either, the kept Ritz vectors
+    a restart keeps `_restart_size`'s. After either, the kept Ritz vectors
     are the first rows in the same order, so ``Y`` is the identity on them; otherwise
     ``Y`` is returned as given.
     """
     k, m = s.k, cfg.m
 
     def compress(band):
-        rest = xp.sum(_band.pending(band))
-        K = xp.where(new_round, k, xp.minimum(s.keep, band.limit - rest - 1))
+        K = xp.where(new_round, k, _restart_size(s, band))
         return _band.compress(band, ev.Y, K, drop_pending=new_round)
 
     band = _tree.apply_if(new_round | restart, compress, band)
@@ -471,8 +495,8 @@ def _setup(cfg: _Cfg, v0, key, tol, max_matvecs, max_restarts, sizes=None, seed=
         band=band, z=cond(usable, lambda: z0, lambda: space.gaussian(seed, 1)),
         key=seed, draws=xp.where(usable, 1, 2).astype(xp.int32), phase=z,
         ref=xp.zeros(cfg.m, acc),
-        injected=z, to_inject=z, fresh=z, near=z, rounds=z, verify_count=z, restarts=z, since=z,
-        count=z,
+        injected=z, to_inject=z, fresh=z, filtered=z, near=z, rounds=z, verify_count=z,
+        restarts=z, since=z, count=z,
         tol=xp.asarray(tol, acc), max_matvecs=xp.asarray(max_matvecs, xp.int32),
         max_restarts=xp.asarray(max_restarts, xp.int32), theta=xp.zeros(cfg.m, acc),
         Y=xp.zeros((cfg.m, cfg.m), acc), like=_tree.zeros_like(v0),
@@ -526,29 +550,8 @@ def _finish(cfg: _Cfg, s: _State) -> EigshResult:
 
 
 def _certifiable(band: _band.Band, like):
-    """Whether residuals at rounding level (``eps ||A||``) are normal numbers, and the
-    products of a coarser vector dtype (``like``'s) are precise enough to certify.
-
-    Below ``||A|| = tiny / eps`` (about ``1e-31`` in float32, ``1e-292`` in float64) the
-    remainders that certify a pair are subnormal, which XLA flushes to zero: a
-    residual of zero there proves nothing, and the pairs are returned unconverged.
-    Products in a dtype whose normal range ends sooner (float16: ``6e-5``) carry a
-    rounding of ``tiny eps`` per subnormal entry, up to ``sqrt(n) tiny eps`` over the
-    ``n`` entries of that dtype, which the residuals do not see: certified only while
-    that stays below ``sqrt(eps) ||A||`` (the default tolerance), else a float16
-    operator of norm ``2e-6`` had Ritz values 6-10% above its largest eigenvalue and
-    residuals 16x the reported ones.
-    """
-    fi = xp.finfo(band.H.dtype)
-    ok = band.anorm * fi.eps >= fi.tiny
-    sizes = {}
-    for x in jax.tree.leaves(like):
-        sizes[np.dtype(x.dtype)] = sizes.get(np.dtype(x.dtype), 0) + int(np.prod(np.shape(x)))
-    for dt, n in sizes.items():  # (static: the coarser ranges than the accumulation's)
-        fv = np.finfo(dt)
-        if float(fv.tiny) > float(fi.tiny):
-            ok = ok & (band.anorm >= float(np.sqrt(n) * fv.tiny * np.sqrt(fv.eps)))
-    return ok
+    """`_band.certifiable` at the basis's norm estimate and accumulation dtype."""
+    return _band.certifiable(band.anorm, band.H.dtype, like)
 
 
 def _solve(cfg: _Cfg, matvec, v0, key, tol, max_matvecs, max_restarts) -> EigshResult:
