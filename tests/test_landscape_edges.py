@@ -151,3 +151,33 @@ def test_curve_json_is_strict_and_round_trips_its_types(tmp_path):
     np.testing.assert_array_equal(loaded.closed_form[1], c.closed_form[1])
     assert ls.curve_table(loaded, 0.1) == ls.curve_table(c, 0.1)
     assert ls.curve_slopes(loaded).keys() == ls.curve_slopes(c).keys()
+
+
+def test_k_curve_takes_the_products_for_a_basis_stored_coarser_than_the_parameters():
+    """Ritz pairs of a bfloat16-stored basis hold ``U H U^T = diag(theta)`` only to bfloat16's
+    rounding: the coefficients' single-sample route (which assumes it) differs from the exact
+    one on the same basis; k_curve passes the Ritz values only where they are exact."""
+    from types import SimpleNamespace
+
+    from curvlib import Eigsh
+    from curvlib.landscape import curve
+
+    r = np.random.RandomState(3)
+    x, y = jnp.asarray(r.randn(40, 6)), jnp.asarray(np.sin(r.randn(40, 1)))
+    params = {"W1": jnp.asarray(0.7 * r.randn(6, 16)), "W2": jnp.asarray(0.7 * r.randn(16, 1))}
+    data = {"x": x, "y": y}
+
+    def loss(p, b):
+        return jnp.mean((jnp.tanh(b["x"] @ p["W1"]) @ p["W2"] - b["y"]) ** 2)
+
+    for basis, exact in ((jnp.bfloat16, False), (None, True)):
+        sub = ls.curvature_subspace(loss, params, data, 30, 4, key=jax.random.PRNGKey(0),
+                                           eigsh=Eigsh(basis_dtype=basis))
+        ritz = ls.increment_coefficients(loss, params, data, 30, sub.eigenvectors,
+                                                eigenvalues=sub.eigenvalues)
+        full = ls.increment_coefficients(loss, params, data, 30, sub.eigenvectors)
+        gap = float(np.max(np.abs(np.asarray(ritz.B) - np.asarray(full.B))))
+        assert (gap < 1e-10) == exact, (basis, gap)
+        plan = SimpleNamespace(config=SimpleNamespace(eigsh=Eigsh(basis_dtype=basis)))
+        chosen = curve._ritz_values(sub, plan, params)
+        assert (chosen is sub.eigenvalues) == exact
