@@ -390,8 +390,9 @@ def withhold_if_worse(out, states: tuple, stalled, value, grad):
     raise the loss: Newton's step on ``sum(sqrt(1 + p^2))`` at ``p = 3000`` is ``2.7e10``
     long, and the default search's last try moved the loss from 3000 to 13380, then on
     from there. Withheld, the parameters stay where the loss was lowest; the search's
-    state keeps its step size (the next search starts from it: the step it needs may be
-    a few halvings further) and holds the loss and gradient at the unchanged parameters
+    state keeps its last step size (the next search starts by its own rule; curvlib's
+    default continues from there a search that failed far above the loss's precision
+    floor) and holds the loss and gradient at the unchanged parameters
     (``optax.value_and_grad_from_state`` reads them).
     """
     ls = states[-1]

@@ -85,9 +85,10 @@ class NewtonInfo(NamedTuple):
         Inside [`newton`][curvlib.newton] (or any alias with a line search)
         ``STALLED`` when the line search failed to decrease the loss (its step
         fell to its floor, or the accepted step did not lower the loss): a step
-        that would not lower the loss is withheld (zeros), and the default search
-        goes on halving from there at the next step; STALLED step after step is the
-        precision floor of the loss's dtype. The parameters and state stay usable.
+        that would not lower the loss is withheld (zeros); after a search that failed
+        far above the loss's precision floor (a Newton step far too long) the default
+        search goes on halving from there at the next step. STALLED step after step is
+        the precision floor of the loss's dtype. The parameters and state stay usable.
     """
 
     min_eigenvalue: jax.Array
