@@ -94,18 +94,27 @@ def check_named_inputs(fn: Callable, role: str, extra_args: dict, given_as: str,
         sig.bind(None, **kw)
     except TypeError as e:
         dropped = sorted(k for k in extra_args if k not in kw and k not in RESERVED)
-        names = [p for p in sig.parameters][1:]
+        # (by name: a `*xs` or `**kw` parameter cannot be given one; a model_fn(p, *xs)
+        # named its `xs` here, the very key that had just failed)
+        names = [n for n, p in list(sig.parameters.items())[1:]
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        star = [n for n, p in sig.parameters.items() if p.kind is p.VAR_POSITIONAL]
+        if star:
+            dropped = dropped or sorted(k for k in extra_args if k == star[0])
         raise ValueError(
             (f"`{given_as}`" if given_as.isidentifier() else given_as.capitalize())
             + f" must hold the inputs of `{role}` ({_fn_name(fn)}{sig}) by the names "
             f"of its parameters after the first ({names}); "
             + (f"its key(s) {dropped} name none of them, so they never reach `{role}`, and "
                if dropped else "")
-            + f"`{role}` cannot be called with the rest: {e}. E.g. "
-            + (f"`{given_as}=" + "{" + ", ".join(f"'{n}': ..." for n in names[:2]) + "}`"
-               if given_as.isidentifier() else
-               "`" + caller.format(", ".join(f"{n}=..." for n in names[:2])) + "`")
-            + "."
+            + f"`{role}` cannot be called with the rest: {e}. "
+            + (f"A `*{star[0]}` parameter takes no input by name: give `{role}` one named "
+               f"parameter per input (`def {role}(params, x)`)." if star and not names else
+               "E.g. "
+               + (f"`{given_as}=" + "{" + ", ".join(f"'{n}': ..." for n in names[:2]) + "}`"
+                  if given_as.isidentifier() else
+                  "`" + caller.format(", ".join(f"{n}=..." for n in names[:2])) + "`")
+               + ".")
         ) from None
 
 

@@ -271,6 +271,12 @@ def test_a_model_given_no_batch_names_what_it_expected():
         kfac(model_fn=model_fn, example_inputs={"inputs": x}, key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=r"(?s)^`example_inputs` must hold.*missing a required"):
         kfac(model_fn=model_fn, example_inputs={}, key=jax.random.PRNGKey(0))
+    # a `*xs` model takes nothing by name: the message said its names were ['xs'] and then
+    # suggested `example_inputs={'xs': ...}`, the key that had just failed
+    with pytest.raises(ValueError, match=r"(?s)after the first \(\[\]\); its key\(s\) \['xs'\]"
+                       r".*A `\*xs` parameter takes no input by name"):
+        kfac(model_fn=lambda p, *xs: model_fn(p, *xs), example_inputs={"xs": x},
+             key=jax.random.PRNGKey(0))
     opt = kfac(model_fn=model_fn, example_inputs={"x": x, "y": x[:, 0]}, key=jax.random.PRNGKey(0))
     state = opt.init(p)  # a key for the loss only ("y") is fine
     loss = lambda p, x, y: jnp.mean((model_fn(p, x)[:, 0] - y) ** 2)

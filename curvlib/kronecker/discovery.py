@@ -478,7 +478,18 @@ def _find_layers(model_fn, params, args) -> KfacLayers:
     fn = per_example_fn(model_fn, a_treedef, a_leaves, arrays, p_treedef)
     p_structs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in p_leaves]
     b_structs = [_example_struct(a_leaves[i]) for i in arrays]
-    program = _program.trace(fn, p_structs, b_structs)
+    try:
+        program = _program.trace(fn, p_structs, b_structs)
+    except (TypeError, ValueError) as e:  # the model on one example: name what was traced
+        if type(e) not in (TypeError, ValueError):  # (curvlib's and JAX's own: as they are)
+            raise
+        shapes = [tuple(jnp.shape(a_leaves[i])) for i in arrays]
+        raise type(e)(
+            f"`model_fn` failed on one example: K-FAC traces it with every array input cut "
+            f"to its first example along the leading axis (inputs of shapes {shapes} as "
+            f"{[tuple(b.shape) for b in b_structs]}), so every array input needs the "
+            f"example axis first, the batch's size (a single example `x[0]` is a batch "
+            f"`x[:1]`); the model raised: {e}") from e
     if len(program.outputs) != 1 or not jax.tree_util.treedef_is_leaf(program.out_tree):
         raise ValueError(
             f"`model_fn` must return one array (the model's outputs); it returned "
