@@ -903,6 +903,33 @@ def test_a_function_reused_after_what_it_reads_changed_is_read_as_it_is_now():
                                    1.0 / (np.arange(1.0, 6.0) + lam + 1.0), rtol=1e-5)
 
 
+def test_restrict_and_block_eigsh_read_a_reused_function_as_it_is_now():
+    """The same for an operator built again from the same plain function: `restrict` kept it
+    as a static function and `block_eigsh`'s compiled program keyed on it, so both returned
+    the first point's spectrum at every step of a loop (192 where 768, 1728, 3072 were
+    right), flagged converged. Diagonal Hessian ``3 p^2`` of ``sum(p^4) / 4``: closed form."""
+    import curvlib
+
+    loss = lambda p: 0.25 * jnp.sum(p["u"] ** 4) + 0.25 * jnp.sum(p["w"] ** 4)
+    point = {}
+
+    def mv(v):  # the Hessian product at the current `point`
+        return jax.jvp(jax.grad(loss), (point["p"],), (v,))[1]
+
+    for step in (1.0, 2.0, 3.0):
+        point["p"] = params = {"u": step * jnp.arange(1.0, 9.0), "w": jnp.arange(1.0, 9.0)}
+        r = curvlib.eigsh(curvlib.restrict(mv, params, {"u": True, "w": False}),
+                          {"u": jnp.ones(8), "w": None}, 1)
+        np.testing.assert_allclose(float(r.eigenvalues[0]), 3 * (8 * step) ** 2, rtol=1e-8)
+        x = curvlib.cg(curvlib.restrict(mv, params, {"u": False, "w": True}),
+                       {"u": None, "w": jnp.ones(8)}).x
+        np.testing.assert_allclose(np.asarray(x["w"]), 1 / (3 * np.arange(1.0, 9.0) ** 2),
+                                   rtol=1e-6)
+        spectra = curvlib.block_eigsh(mv, params, 1, key=jax.random.PRNGKey(0))
+        np.testing.assert_allclose([float(spectra[b].eigenvalues[0]) for b in ("u", "w")],
+                                   [3 * (8 * step) ** 2, 3 * 64.0], rtol=1e-8)
+
+
 def test_eigenvalue_derivatives_forward_mode_and_the_rayleigh_quotient_gradient():
     # the documented routes: jax.jvp through eigsh, and the gradient of v^T H(p) v at the
     # returned vector held fixed (Hellmann-Feynman); both against central differences

@@ -31,6 +31,7 @@ from curvlib._compile import (
     eager_jit,
     is_host_driven,
     is_pytree_operator,
+    traced_program,
     tracing,
     weak_cache,
 )
@@ -184,7 +185,26 @@ def restrict(matvec: Callable, params: PyTree, where) -> Partial:
         return Partial(fn, matvec)
     if not callable(matvec):
         raise TypeError(f"`matvec` must be callable; got {type(matvec).__name__}.")
+    program = _program_of(matvec, params)
+    if program is not None:
+        return Partial(fn, program)
     return Partial(_closed(matvec, fn))
+
+
+def _program_of(matvec, params):
+    """A plain ``matvec`` as the program it computes now (`traced_program`: its arrays are
+    leaves), or ``None`` where it cannot be traced here (it is then kept as it is).
+
+    Kept as a static function, an operator built again from the same function after a
+    global it reads changed (a training loop's ``mv`` at this step's parameters) ran the
+    first program: `restrict` and `block_eigsh` returned the first step's spectrum, each
+    flagged converged.
+    """
+    try:
+        return traced_program(matvec, jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), params))
+    except Exception:  # noqa: BLE001  (a function only the host can run: as given)
+        return None
 
 
 # ------------------------------------------------------------ block spectra
@@ -423,7 +443,9 @@ def block_eigsh(
         return _block_eigsh_host(matvec, params, k, key, labels, order, names, which,
                                  {"solver": eigsh})
     else:
-        matvec = _as_partial(matvec, "matvec")
+        plain = callable(matvec) and not is_pytree_operator(matvec)
+        program = _program_of(matvec, params) if plain else None
+        matvec = program if program is not None else _as_partial(matvec, "matvec")
     options = (("solver", eigsh),)
     if not _hashable(options):  # traced or array-valued options: no compiled entry point
         out = _block_eigsh(matvec, params, key, labels, k, which, options, batch_size,
@@ -454,7 +476,7 @@ def _as_partial(matvec, name: str) -> Partial:
         raise TypeError(f"`{name}` must be callable; got {type(matvec).__name__}.")
     if is_pytree_operator(matvec):  # (its arrays stay arguments, as for a Partial)
         return matvec
-    return Partial(matvec)  # static: the jit cache keys on the function
+    return Partial(matvec)  # static: the jit cache keys on the function (`_program_of` first)
 
 
 def _group_operators(block_matvec, params, labels) -> tuple:
