@@ -316,7 +316,10 @@ def inverse_matvec(
     exact when ``rank(C) <= rank`` (and, for a positive semi-definite ``C``,
     off by at most a factor ``1 + theta_{rank+1} / lambda`` on the complement).
     Cost: the eigsh once, then no product: ``O(rank P)`` per application.
-    ``damping > 0`` is required.
+    ``damping > 0`` is required. Differentiable in the vector and ``damping``; through the
+    operator's own parameters in forward mode only (``jax.jvp``), as eigsh is: its loop is a
+    ``while_loop``, which reverse mode (``jax.grad``) refuses. ``"cg"`` differentiates in
+    both modes.
 
     Args:
       matvec: a symmetric linear operator on pytrees (a Hessian, GGN, Fisher, ...).
