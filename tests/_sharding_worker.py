@@ -79,6 +79,14 @@ def _eager_and_streamed(params, x, y, loss, hv, v0):
                               batches, sharding=split)
     V = jax.tree.map(lambda a, b: jnp.stack([a, 2.0 * b]), v0, v0)
     out["stream_matmat"] = S.matmat(V)
+    # batches of 24, 20, 12 and 8 rows: where the batch is split 8 ways, 20 and 12 rows do
+    # not split and are placed replicated (the (2, 4) mesh splits them 2 ways)
+    ragged = [(xh[a:b], yh[a:b]) for a, b in ((0, 24), (24, 44), (44, 56), (56, 64))]
+    R = curvlib.stream_matvec(lambda p, b: curvlib.hessian_matvec(loss, p, *b), params,
+                              ragged, sharding=split)
+    out["stream_ragged_product"] = R(v0)
+    out["stream_ragged_gradient"] = curvlib.stream_gradient(
+        lambda p, b: loss(p, *b), params, ragged, sharding=split)[1]
     try:
         loss_b = lambda p, b: loss(p, *b)
         # (its microbatched subspace is `curvature_subspace(..., microbatch_size=8)`'s)

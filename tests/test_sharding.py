@@ -55,12 +55,15 @@ VECTORS = (
     "eager_eigsh_vectors",
     # a streamed block product: the vectors' axis unsplit, each vector placed like params
     "stream_matmat",
+    # a stream whose batches of 20 and 12 rows do not split over 8 devices (replicated)
+    "stream_ragged_product",
 )
 SCALARS = (
     "eigsh_values", "lanczos_alphas",
     "hutchinson_trace", "hutchpp_trace", "slq_nodes", "slq_density",
     "landscape_eigenvalues", "landscape_c", "landscape_B", "landscape_delta2",
     *LANDSCAPE_MB,
+    "stream_ragged_gradient",  # compared only
 )
 # float64 throughout; sums are reordered across devices, and eigsh/cg iterate
 TOL = 1e-10

@@ -245,8 +245,17 @@ def _checked_batch(batch, i: int, treedef, sharding):
     batch = jax.tree.map(
         lambda x: np.array(x) if isinstance(x, np.ndarray) and x.flags.writeable else x, batch)
     if sharding is not None:
-        batch = jax.device_put(batch, sharding)
+        batch = _put(batch, sharding)
     return batch, n
+
+
+def _put(batch, sharding):
+    """``batch`` placed by ``sharding``, each leaf whose rows do not split over it (a ragged
+    last batch: 3 rows over 4 devices) replicated over the sharding's devices instead."""
+    leaves = jax.tree.leaves(batch)
+    placed = [jax.device_put(x, s if _splits(s, np.shape(x)) else _replicated(s))
+              for x, s in zip(leaves, _leaf_shardings(batch, sharding), strict=True)]
+    return jax.tree.unflatten(jax.tree.structure(batch), placed)
 
 
 _END = object()  # a stream's end
@@ -405,12 +414,12 @@ def _splits(sharding, shape) -> bool:
 
 
 def _replicated(sharding):
-    if not isinstance(sharding, jax.sharding.NamedSharding):
-        raise ValueError(
-            "a ragged batch of per-process streams (`process_local=True`) that does not split "
-            f"over `sharding` is replicated over its mesh, which needs a NamedSharding; got "
-            f"{type(sharding).__name__}.")
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    """A sharding that replicates over ``sharding``'s devices (its mesh where it has one)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    devices = np.array(sorted(sharding.device_set, key=lambda d: d.id))
+    return jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("devices",)),
+                                      jax.sharding.PartitionSpec())
 
 
 def _check_process_local(process_local, sharding) -> bool:
@@ -502,7 +511,9 @@ def stream_mean(fn: Callable, batches, *args, key=None, sharding=None,
         on every pass over the same stream).
       sharding: optional ``jax.sharding.Sharding`` (or pytree of them matching a
         batch) to place every batch with (``jax.device_put``), e.g.
-        ``NamedSharding(mesh, P("data"))`` for data parallelism.
+        ``NamedSharding(mesh, P("data"))`` for data parallelism. A leaf whose
+        rows do not split over it (a ragged last batch: 3 rows over 4 devices)
+        is placed replicated on its devices instead.
       batches_per_call: run up to this many consecutive batches of equal shapes
         as one jitted call (stacked; a ``lax.scan`` over them, the same sum in
         the same order). Fewer calls cost less: on the benchmark transformer
@@ -527,7 +538,8 @@ def stream_mean(fn: Callable, batches, *args, key=None, sharding=None,
         ``P()``, is gathered too, then placed as asked). Processes whose streams differ in
         length, or whose parts of a batch differ in a leaf's trailing shape or
         dtype, raise a ``ValueError`` on every process (never a hang). In a single
-        process it is ``sharding``'s placement of each batch.
+        process it is ``sharding``'s placement of each batch (a leaf whose rows do
+        not split over it, a ragged last batch, placed replicated on its devices).
 
     Returns:
       The weighted mean, shaped like ``fn``'s output.
