@@ -417,12 +417,15 @@ def withhold_if_worse(out, states: tuple, stalled, value, grad):
 
 
 def flag_stalled(states: tuple, stalled) -> tuple:
-    """``states`` with ``Status.STALLED`` folded into the first link's ``info.status``."""
+    """``states`` with ``Status.STALLED`` folded into the first link's ``info.status`` (and
+    its ``converged``, which a stalled step is not)."""
     info = getattr(states[0], "info", None)
     if info is None or "status" not in getattr(info, "_fields", ()):
         return states
     code = jnp.where(stalled, Status.STALLED, Status.SUCCESS)
     info = info._replace(status=worst(info.status, code))
+    if "converged" in info._fields:
+        info = info._replace(converged=jnp.logical_and(info.converged, jnp.logical_not(stalled)))
     return (states[0]._replace(info=info), *states[1:])
 
 

@@ -448,6 +448,8 @@ def test_line_search_below_the_loss_resolution_is_stalled(make):
         u, s = opt.update(g, opt.init(p), p, value=v, grad=g, value_fn=f)
         assert int(s[0].info.status) == want, start
         assert bool(s[0].info.finite) and bool(jnp.all(jnp.isfinite(u)))
+        # a stalled step has not converged (the line search's stall said only its status)
+        assert bool(s[0].info.converged) == (want == Status.SUCCESS), start
 
 
 def test_built_on_eigsh_reports_eigsh_s_reason_not_a_budget():
