@@ -266,6 +266,40 @@ def test_power_iteration_below_the_normal_range_is_stalled_as_eigsh_is():
         np.testing.assert_allclose(float(p.eigenvalues[0]), want, rtol=1e-3 if certified else 0.05)
 
 
+def test_the_lanczos_family_below_the_normal_range_is_stalled_never_non_finite():
+    """A float32 operator of norm 3e-37 (below tiny / eps): eager eigsh's NumPy steps kept a
+    subnormal remainder XLA flushes, and its reciprocal overflowed: NaN eigenvalues and
+    NONFINITE with every product finite. Compiled, lanczos returned a "tridiagonal" with
+    alphas to -1e-36 and negative betas, and it and spectral_density said SUCCESS. Each is
+    now finite and STALLED; the zero operator and the operator at norm 3 are unchanged."""
+    n = 20
+    Q, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((n, n)))
+    B = (Q * np.linspace(1.0, 3.0, n)) @ Q.T
+    v0 = jnp.asarray(np.random.default_rng(4).standard_normal(n), jnp.float32)
+    key = jax.random.PRNGKey(0)
+    S = curvlib.Status
+    for scale, want in ((1e-37, S.STALLED), (0.0, S.SUCCESS), (1.0, S.SUCCESS)):
+        A = jnp.asarray(B * scale, jnp.float32)
+        runs = {
+            "eigsh": curvlib.eigsh(lambda v: A @ v, v0, k=2),
+            "eigsh_jit": jax.jit(lambda v, A: curvlib.eigsh(lambda u: A @ u, v, k=2))(v0, A),
+            "lanczos": curvlib.lanczos(lambda v: A @ v, v0, 10),
+            "lanczos_jit": jax.jit(lambda v, A: curvlib.lanczos(lambda u: A @ u, v, 10))(v0, A),
+            "spectral_density": curvlib.spectral_density(lambda v: A @ v, v0, num_matvecs=10,
+                                                         num_probes=2, key=key),
+        }
+        for name, r in runs.items():
+            if name.startswith("eigsh") and scale == 0.0:
+                continue  # eigsh: the zero operator is STALLED (nothing certifies a zero)
+            assert bool(r.finite), (scale, name)
+            assert int(r.status) == want, (scale, name, int(r.status))
+            assert bool(jnp.all(r.converged)) == (want == S.SUCCESS), (scale, name)
+        if scale == 1.0:
+            top = np.linalg.eigvalsh(np.asarray(A, np.float64))[::-1][:2]
+            np.testing.assert_allclose(np.asarray(runs["eigsh"].eigenvalues), top, rtol=1e-4)
+        assert np.all(np.isfinite(np.asarray(runs["eigsh"].eigenvalues)))
+
+
 @pytest.mark.parametrize("s", [1e33, 1e36], ids=["f32-A1e33", "f32-A1e36"])
 def test_cg_compiled_as_eager_when_the_step_length_is_below_the_normal_range(s):
     # ||A|| / ||b|| = s: the step length (rz / pn) / (d^T A d) fell below float32's normal

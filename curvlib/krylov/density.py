@@ -36,10 +36,14 @@ class SpectralDensity(NamedTuple):
         traced ``sigma`` is not checked on the call); if not, ``density``, ``nodes`` and
         ``weights`` are NaN.
       num_matvecs: products used (``num_probes * num_matvecs``; int32).
-      converged: the quadrature was computed (``== finite``): stochastic Lanczos
+      converged: the quadrature was computed (``finite``): stochastic Lanczos
         quadrature has no tolerance, and a probe whose chain meets an invariant
-        subspace gives an exact quadrature of that subspace, not a failure.
-      status: the [`curvlib.Status`][curvlib.Status] code: ``NONFINITE`` or ``SUCCESS``.
+        subspace gives an exact quadrature of that subspace, not a failure. False
+        for a non-zero operator of norm below ``tiny / eps`` (``STALLED``).
+      status: the [`curvlib.Status`][curvlib.Status] code: ``NONFINITE``, ``STALLED``
+        (a non-zero ``||A||`` below ``tiny / eps``, about ``1e-31`` in float32: the
+        products' subnormal parts are flushed to zero and the nodes are not the
+        operator's, as in [`lanczos`][curvlib.lanczos]) or ``SUCCESS``.
     """
 
     grid: jax.Array
@@ -63,10 +67,10 @@ def _quadrature(cfg, matvec, v):
     state = tridiag.run(cfg, matvec, tridiag.setup(cfg, v, None))
     T, _ = tridiag.tridiagonal(cfg, state)
     theta, Y = jnp.linalg.eigh(T)
-    return theta, Y[0] ** 2, state.band.finite
+    return theta, Y[0] ** 2, state.band.finite, tridiag.resolved_scale(state)
 
 
-def _density(nodes, weights, finite, sigma, grid, num_points):
+def _density(nodes, weights, finite, resolved, sigma, grid, num_points):
     # the range of the nodes that carry weight: a probe whose Krylov space stopped growing
     # fills its unused slots with zero-weight nodes at 0, which set the width and the grid
     # (two atoms at 100 and 101 merged into one bump on a grid from -5 to 106)
@@ -94,16 +98,19 @@ def _density(nodes, weights, finite, sigma, grid, num_points):
     # (0 made the density NaN, -1 negative, with status SUCCESS) fails the result too
     ok = xp.all(finite) & xp.isfinite(s) & (s > 0)
     nan = lambda x: xp.where(ok, x, xp.nan)
+    # an operator below tiny / eps: the nodes are not its projection's (`tridiag.lanczos`)
+    resolved = xp.all(resolved)
     return SpectralDensity(grid, nan(density), nan(nodes), nan(weights), s, ok,
-                           num_matvecs=xp.asarray(nodes.size, xp.int32), converged=ok,
-                           status=from_flags(finite=ok))
+                           num_matvecs=xp.asarray(nodes.size, xp.int32),
+                           converged=ok & resolved,
+                           status=from_flags(finite=ok, stalled=~resolved))
 
 
 def _solve(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid):
     keys = jax.random.split(key, num_probes)
     probes = jax.vmap(lambda k: _tree.normal_like(k, v_like))(keys)
-    nodes, weights, finite = jax.vmap(lambda v: _quadrature(cfg, matvec, v))(probes)
-    return _density(nodes, weights, finite, sigma, grid, num_points)
+    nodes, weights, finite, resolved = jax.vmap(lambda v: _quadrature(cfg, matvec, v))(probes)
+    return _density(nodes, weights, finite, resolved, sigma, grid, num_points)
 
 
 def _solve_now(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid):
@@ -119,8 +126,8 @@ def _solve_now(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid):
     state = _driver._jitted(_setup_all, flat, True)(X)
     state = _driver.run_host(_request_all, _update_all, _running_all, flat, product, state,
                              quick=True)
-    nodes, weights, finite = _driver._jitted(_nodes_all, flat, True)(state)
-    return _density_now(nodes, weights, finite, sigma, grid, num_points)
+    nodes, weights, finite, resolved = _driver._jitted(_nodes_all, flat, True)(state)
+    return _density_now(nodes, weights, finite, resolved, sigma, grid, num_points)
 
 
 def _solve_on_host(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid):
@@ -144,9 +151,9 @@ def _solve_on_host(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid
         with _xp.host():
             states = [tridiag._update(cfg, t, w) for t, w in zip(states, W, strict=True)]
     with _xp.host():
-        nodes, weights, finite = (np.stack(x) for x in zip(
+        nodes, weights, finite, resolved = (np.stack(x) for x in zip(
             *[_probe_nodes(cfg, t) for t in states], strict=True))
-        res = _density(nodes, weights, finite, sigma, grid, num_points)
+        res = _density(nodes, weights, finite, resolved, sigma, grid, num_points)
     return _driver.to_device(res, like=v_like, operator=matvec)
 
 
@@ -281,11 +288,11 @@ def _host(cfg, num_probes, num_points, matvec, v_like, key, sigma, grid):
         state = _driver.run_host(tridiag._request, tridiag._update, tridiag._running, cfg,
                                  matvec, state)
         out.append(finish(state))
-    nodes, weights, finite = (jnp.stack(x) for x in zip(*out, strict=True))
-    return _density(nodes, weights, finite, sigma, grid, num_points)
+    nodes, weights, finite, resolved = (jnp.stack(x) for x in zip(*out, strict=True))
+    return _density(nodes, weights, finite, resolved, sigma, grid, num_points)
 
 
 def _probe_nodes(cfg, state):
     T, _ = tridiag.tridiagonal(cfg, state)
     theta, Y = xp.linalg.eigh(T)
-    return theta, Y[0] ** 2, state.band.finite
+    return theta, Y[0] ** 2, state.band.finite, tridiag.resolved_scale(state)

@@ -536,43 +536,17 @@ def _finish(cfg: _Cfg, s: _State) -> EigshResult:
     return EigshResult(
         eigenvalues=xp.where(ok, theta, xp.nan),
         eigenvectors=X,
-        residual_norms=xp.where(ok & _certifiable(band, s.like), res, xp.nan),
+        residual_norms=xp.where(ok & _band.certifiable(band, s.like), res, xp.nan),
         num_matvecs=s.count,
         num_restarts=s.restarts,
-        converged=(s.phase == 2) & ok & _certifiable(band, s.like),
+        converged=(s.phase == 2) & ok & _band.certifiable(band, s.like),
         finite=finite,
         num_verifications=s.rounds,
         verification_matvecs=s.verify_count,
         # (a finished run at a scale whose residuals are subnormal: right, not certified)
         status=from_flags(finite=finite, converged=(s.phase == 2) & ok,
-                          stalled=(s.phase == 2) & ok & ~_certifiable(band, s.like)),
+                          stalled=(s.phase == 2) & ok & ~_band.certifiable(band, s.like)),
     )
-
-
-def _certifiable(band: _band.Band, like):
-    """Whether residuals at rounding level (``eps ||A||``) are normal numbers, and the
-    products of a coarser vector dtype (``like``'s) are precise enough to certify.
-
-    Below ``||A|| = tiny / eps`` (about ``1e-31`` in float32, ``1e-292`` in float64) the
-    remainders that certify a pair are subnormal, which XLA flushes to zero: a
-    residual of zero there proves nothing, and the pairs are returned unconverged.
-    Products in a dtype whose normal range ends sooner (float16: ``6e-5``) carry a
-    rounding of ``tiny eps`` per subnormal entry, up to ``sqrt(n) tiny eps`` over the
-    ``n`` entries of that dtype, which the residuals do not see: certified only while
-    that stays below ``sqrt(eps) ||A||`` (the default tolerance), else a float16
-    operator of norm ``2e-6`` had Ritz values 6-10% above its largest eigenvalue and
-    residuals 16x the reported ones.
-    """
-    fi = xp.finfo(band.H.dtype)
-    ok = band.anorm * fi.eps >= fi.tiny
-    sizes = {}
-    for x in jax.tree.leaves(like):
-        sizes[np.dtype(x.dtype)] = sizes.get(np.dtype(x.dtype), 0) + int(np.prod(np.shape(x)))
-    for dt, n in sizes.items():  # (static: the coarser ranges than the accumulation's)
-        fv = np.finfo(dt)
-        if float(fv.tiny) > float(fi.tiny):
-            ok = ok & (band.anorm >= float(np.sqrt(n) * fv.tiny * np.sqrt(fv.eps)))
-    return ok
 
 
 def _solve(cfg: _Cfg, matvec, v0, key, tol, max_matvecs, max_restarts) -> EigshResult:

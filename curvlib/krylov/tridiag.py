@@ -45,8 +45,12 @@ class LanczosResult(NamedTuple):
         of ``basis`` are Lanczos vectors whose products are in ``T`` (no breakdown left
         it incomplete: a fresh direction continued every breakdown, which only
         ``reortho="none"`` cannot do); orthonormal to rounding with ``reortho="full"``.
+        False for a non-zero operator of norm below ``tiny / eps`` (``STALLED``).
       status: the [`curvlib.Status`][curvlib.Status] code: ``NONFINITE``, ``BREAKDOWN`` (an
-        unrecovered breakdown left the depth incomplete), else ``SUCCESS``.
+        unrecovered breakdown left the depth incomplete), ``STALLED`` (``reortho="full"``:
+        a non-zero ``||A||`` below ``tiny / eps``, about ``1e-31`` in float32, where the
+        products' subnormal parts are flushed to zero and ``T`` is not ``A``'s projection),
+        else ``SUCCESS``.
     """
 
     basis: PyTree
@@ -157,12 +161,22 @@ def _finish(cfg: _Cfg, s: _State) -> LanczosResult:
     nan = lambda x: xp.where(fin, x, xp.nan)
     # every row was multiplied: no breakdown was left open
     complete = xp.all(band.mult[:m] | (xp.arange(m) >= s.depth))
+    # a non-zero operator below ``||A|| = tiny / eps``: its products' subnormal parts are
+    # flushed to zero, the rows are not orthonormal and T is not A's projection (float32,
+    # ||A|| = 3e-37: alphas down to -1e-36 and negative betas, converged=True before)
+    resolved = resolved_scale(s)
     return LanczosResult(
         basis=basis, alphas=nan(xp.diag(T)), betas=nan(xp.diag(T, -1)), residual=residual,
         residual_norm=nan(beta), breakdown=(band.breakdowns > 0) & fin,
-        num_matvecs=s.depth, finite=fin, converged=fin & complete,
-        status=from_flags(finite=fin, breakdown=~complete),
+        num_matvecs=s.depth, finite=fin, converged=fin & complete & resolved,
+        status=from_flags(finite=fin, breakdown=~complete, stalled=~resolved),
     )
+
+
+def resolved_scale(s: _State):
+    """Whether the chain's operator is zero or of norm at least ``tiny / eps`` (where its
+    products' rounding, not XLA's flush of subnormals, limits ``T``)."""
+    return (s.band.anorm == 0) | _band.certifiable(s.band, s.like)
 
 
 def _solve(cfg: _Cfg, matvec, v0, key) -> LanczosResult:
