@@ -178,6 +178,12 @@ def test_gaussian_fisher_of_scalar_predictions():
     J = np.asarray(jax.jacfwd(lambda f: scalar(unravel(f), x))(flat))
     F = curvlib.fisher_matvec(scalar, params, x, likelihood="gaussian")
     assert rel(dense(F, unravel, flat.size), J.T @ J / N) < 1e-12
+    # a variance that would widen the outputs (a column (n, 1) for predictions (n,)) is
+    # refused by name: it failed inside the product with JAX's broadcasting message
+    for shape in ((N, 1), (2, N)):
+        with pytest.raises(ValueError, match=r"`variance` of shape .* does not broadcast"):
+            curvlib.fisher_matvec(scalar, params, x, likelihood="gaussian",
+                                  variance=jnp.ones(shape))
 
 
 # ------------------------------------------------------- Monte-Carlo Fisher

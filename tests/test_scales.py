@@ -140,6 +140,19 @@ def test_cg_zero_rhs_is_exact(dt):
     assert not np.any(np.asarray(r.x))
 
 
+def test_hutch_plus_plus_of_a_float16_operator_near_its_range_is_finite(key):
+    """float16 products up to 3e4 (< 65504): Hutch++'s remainder multiplied a deflated
+    probe by its product in float16 before summing in float32, which overflowed: the
+    estimate was inf, ``finite=True``. Now within a few stderr of the float64 trace."""
+    d = jnp.asarray(np.linspace(1000, 30000, N), jnp.float16)
+    true = float(np.sum(np.asarray(d, np.float64)))
+    for method in ("hutchinson", "hutch++"):
+        r = curvlib.hutchinson_trace(lambda v: d * v, jnp.ones(N, jnp.float16), key, 10,
+                                     method=method)
+        assert bool(r.finite) and np.isfinite(float(r.estimate)), method
+        assert abs(float(r.estimate) - true) <= 4 * float(r.stderr) + 1e-3 * true, method
+
+
 @pytest.mark.parametrize("dt,s", SCALES)
 def test_hutchinson_estimates_scale_with_the_operator(dt, s, key):
     M = _sym(dt)

@@ -163,7 +163,8 @@ def _rowdots(P, Q, acc):
     """``(p_i . q_i)_i`` for two bases with the same leading axis: ``O(s N)``, no Gram matrix."""
     # sum over every non-leading axis (no reshape: explicitly sharded axes stay put)
     parts = [
-        jnp.sum(a * b, axis=tuple(range(1, jnp.ndim(a))), dtype=acc)
+        # (the products in ``acc`` too: float16 entries of 3e4 and 4 overflowed to inf)
+        jnp.sum(a.astype(acc) * b.astype(acc), axis=tuple(range(1, jnp.ndim(a))))
         for a, b in zip(jax.tree.leaves(P), jax.tree.leaves(Q), strict=True)
     ]
     return sum(parts[1:], parts[0])

@@ -433,13 +433,15 @@ def fisher_matvec(
     _validate.float_leaves(out_shape, "outputs of model_fn", advice=C.OUTPUT_ADVICE)
     _check_outputs(likelihood, out_shape)
     if likelihood == "gaussian":
-        try:
-            np.broadcast_shapes(np.shape(variance), out_shape.shape)
+        try:  # to the outputs' shape, not beyond it (an (n, 1) for outputs (n,) widened them)
+            fits = np.broadcast_shapes(np.shape(variance), out_shape.shape) == out_shape.shape
         except ValueError:
+            fits = False
+        if not fits:
             raise ValueError(
                 f"`variance` of shape {np.shape(variance)} does not broadcast to the outputs' "
                 f"shape {out_shape.shape}."
-            ) from None
+            )
     noise = _draw_noise(likelihood, key, S, out_shape) if mc else None
     mode = _validate.mode(mode, gauss_newton=True, microbatch_size=microbatch_size)
     if mode == "linearize":
