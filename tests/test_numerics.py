@@ -125,6 +125,26 @@ def test_cg_gradient_wrt_operator_and_damping_matches_finite_differences(spd30):
     np.testing.assert_allclose(float(glam), fd, rtol=1e-6)
 
 
+def test_cg_warm_start_and_preconditioner_carry_no_derivative(spd30):
+    """``x0`` and the preconditioner are documented as not differentiated; a tangent on them
+    alone (a warm start built from the parameters, a Jacobi preconditioner closing over them)
+    crashed inside JAX's ``custom_linear_solve`` rule. Their derivative is zero, and with the
+    operator differentiated as well the derivative is the exact solution's."""
+    A, b = spd30
+    Aj, bj, c = jnp.asarray(A), jnp.asarray(b), jnp.asarray(np.cos(np.arange(30.0)))
+    solve = lambda A, x0=None, pre=None: cg(lambda v: A @ v, bj, x0=x0, preconditioner=pre,
+                                            rtol=1e-12).x
+    d = 1.0 / jnp.diag(Aj)
+    assert float(jnp.max(jnp.abs(jax.grad(lambda x0: c @ solve(Aj, x0=x0))(bj)))) == 0.0
+    assert float(jnp.max(jnp.abs(jax.grad(lambda d: c @ solve(Aj, pre=lambda r: d * r))(d)))) == 0.0
+    assert float(jax.jvp(lambda x0: c @ solve(Aj, x0=x0), (bj,), (bj,))[1]) == 0.0
+    # A(t) = A + t I with x0 and the preconditioner depending on t: d/dt c.A(t)^-1 b at 0
+    want = -c @ np.linalg.solve(A, np.linalg.solve(A, b))
+    for kw in (lambda t: {"x0": t * bj}, lambda t: {"pre": lambda r: r / (jnp.diag(Aj) + t)}):
+        g = jax.grad(lambda t, kw=kw: c @ solve(Aj + t * jnp.eye(30), **kw(t)))(0.0)
+        np.testing.assert_allclose(float(g), want, rtol=1e-9)
+
+
 def test_cg_newton_step_is_differentiable_in_the_model_parameters():
     """A Newton step p(w) = H(w)^{-1} g(w) through curvlib's HVP, against finite differences."""
     x = jax.random.normal(jax.random.PRNGKey(0), (20, 3))

@@ -556,6 +556,13 @@ def cg(
     precond = preconditioner if preconditioner is not None else (lambda v: v)
     if preconditioner is not None:
         _validate.operator(preconditioner, b, "preconditioner", "b")
+        # not differentiated (see Derivatives): its arrays and x0 enter the solve without
+        # tangents (a tangent on them alone crashed JAX's custom_linear_solve rule)
+        pc, consts = jax.closure_convert(preconditioner, b)
+        consts = jax.lax.stop_gradient(consts)
+        precond = lambda v: pc(v, *consts)
+    if x0 is not None:
+        x0 = jax.lax.stop_gradient(x0)
     acc = jnp.promote_types(_tree.dtype(b), jnp.float32)
 
     slot = _driver.Slot(matvec)
