@@ -387,6 +387,28 @@ def test_thresholds_are_the_documented_formula(m, basis_dtype, tol):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
 
 
+def test_an_rtol_below_the_products_precision_certifies_at_their_floor():
+    """float32 products of a float64 ``v0`` (a float32 model with x64 on), ``rtol=1e-10``:
+    the floor was float64's, so the pairs were certified with residuals of 2e-10 that
+    omitted the products' rounding, the true ones 1.4e-7 (500x). The floor is now the
+    products' dtype's: reported residuals are the true ones (float64 oracle on the matrix
+    the float32 products compute), and each is below its documented threshold."""
+    n, m = 40, 20
+    rng = np.random.default_rng(11)
+    M = rng.standard_normal((n, n))
+    A32 = jnp.asarray(M @ M.T / n + 0.1 * np.eye(n), jnp.float32)
+    A = np.asarray(A32, np.float64)
+    r = curvlib.eigsh(lambda v: A32 @ v.astype(jnp.float32), jnp.ones(n), k=2, rtol=1e-10)
+    assert bool(r.converged)
+    X, th = np.asarray(r.eigenvectors, np.float64), np.asarray(r.eigenvalues, np.float64)
+    true = np.linalg.norm(X @ A - th[:, None] * X, axis=1)
+    eps32 = float(jnp.finfo(jnp.float32).eps)
+    thr = _thresholds_np(m, eps32, np.linalg.norm(A, 2), th, np.ones(2, bool), 1e-10)
+    assert np.all(true <= 1.5 * thr), (true, thr)
+    np.testing.assert_allclose(np.asarray(r.residual_norms), true, rtol=0.1, atol=0)
+    np.testing.assert_allclose(th, np.linalg.eigvalsh(A)[::-1][:2], rtol=0, atol=thr.max())
+
+
 def test_thresholds_follow_the_accumulation_dtype_and_scale():
     """float32 accumulation: float32 eps and a float32 result; tiny operators scale down."""
     m, eps32 = 10, float(jnp.finfo(jnp.float32).eps)

@@ -111,6 +111,7 @@ class _Cfg(NamedTuple):
     basis_dtype: Any
     dim: int  # N, for the verification's probability bound
     verify: bool = True  # run the verification phase (`Eigsh.verify`)
+    precision: Any = None  # the coarsest of v0's, the basis' and the products' dtypes
 
 
 class _State(NamedTuple):
@@ -154,13 +155,14 @@ def _thresholds(cfg: _Cfg, band: _band.Band, theta, valid, tol):
     ``c eps ||A||`` (``c = 10 m``) is the residual level rounding
     allows, so ``tol = 0`` (machine precision) and eigenvalues near zero both
     converge; ``tol eps^(2/3) ||A||`` is ARPACK's floor for small eigenvalues.
-    ``eps`` is that of the basis storage when it is coarser than the
-    accumulation type.
+    ``eps`` is that of the basis storage, ``v0`` or the products when one is coarser
+    than the accumulation type (`_Cfg.precision`).
     """
     acc = band.H.dtype
     eps = xp.finfo(acc).eps
-    if cfg.basis_dtype is not None:
-        eps = max(float(eps), float(xp.finfo(cfg.basis_dtype).eps))
+    for dt in (cfg.basis_dtype, cfg.precision):
+        if dt is not None:
+            eps = max(float(eps), float(xp.finfo(dt).eps))
     eps = xp.asarray(eps, acc)
     anorm = xp.maximum(band.anorm, xp.max(xp.where(valid, xp.abs(theta), 0.0)))
     c = 10 * band.limit.astype(acc)
@@ -635,7 +637,8 @@ def eigsh(
 
     A pair is certified when its residual is at most
     ``max(rtol |theta_i|, max(min(10 m eps, sqrt(eps)), rtol eps^(2/3)) ||A||)``
-    (``eps`` of the basis storage when it is coarser): relative to the
+    (``eps`` of the coarsest of the accumulation, the basis storage, ``v0`` and the
+    products: float32 products of a float64 ``v0`` take float32's): relative to the
     eigenvalue, with a floor the floating-point format can reach, so
     eigenvalues at (numerical) zero converge and ``rtol=0`` means machine
     precision as in SciPy. Copies of a repeated eigenvalue are certified together, by
@@ -782,15 +785,17 @@ def _configure(matvec, v0, k, which, solver: solvers.Eigsh):
     if not isinstance(max_restarts, jax.core.Tracer):
         max_restarts = _validate.static_int(max_restarts, "max_restarts", minimum=0)
     basis_dtype = _validate.float_dtype(basis_dtype, "basis_dtype", optional=True)
+    # the least precise of v0, the basis and the products: float32 products of a float64 v0
+    # (a float32 model, x64 on) were certified at float64's sqrt(eps), their true residuals
+    # 10x the tolerance (the residuals the basis sees omit the products' rounding); an
+    # explicit rtol below their precision, 500x (`_thresholds`' floor is this dtype's)
+    dts = [x.dtype for x in jax.tree.leaves(v0)] + [basis_dtype] * (basis_dtype is not None)
+    if not _driver.is_host_driven(matvec):
+        with _compile.collector_paused():  # (a trace of the product, as the call's own)
+            dts += [x.dtype for x in jax.tree.leaves(_validate.operator(matvec, v0))]
+    coarsest = max((np.dtype(d) for d in dts), key=lambda d: float(jnp.finfo(d).eps))
     if tol is None:
-        # the least precise of v0, the basis and the products: float32 products of a float64
-        # v0 (a float32 model, x64 on) were certified at float64's sqrt(eps), their true
-        # residuals 10x the tolerance (the residuals the basis sees omit the products' rounding)
-        dts = [x.dtype for x in jax.tree.leaves(v0)] + [basis_dtype] * (basis_dtype is not None)
-        if not _driver.is_host_driven(matvec):
-            with _compile.collector_paused():  # (a trace of the product, as the call's own)
-                dts += [x.dtype for x in jax.tree.leaves(_validate.operator(matvec, v0))]
-        tol = float(np.sqrt(max(float(jnp.finfo(d).eps) for d in dts)))
+        tol = float(np.sqrt(float(jnp.finfo(coarsest).eps)))
     else:
         _validate.number(tol, "rtol", minimum=0)
     # the product's shapes are checked once, at the compiled entry (`_compiled`) or by
@@ -799,7 +804,7 @@ def _configure(matvec, v0, k, which, solver: solvers.Eigsh):
     cfg = _Cfg(
         k=k, which=which, m=m, keep=keep, check_every=max(1, -(-m // 64)),
         max_inject=max(1, min(k, (m - k) // 2)), layout=layout, basis_dtype=basis_dtype, dim=n,
-        verify=bool(solver.verify),
+        verify=bool(solver.verify), precision=coarsest,
     )
     return cfg, tol, max_matvecs, max_restarts
 
