@@ -43,6 +43,8 @@ from curvlib.operators import _common as C
 from curvlib.operators import _wrt
 from curvlib.operators.microbatch import (
     batch_size,
+    gathered_args,
+    gathered_for_chunks,
     microbatched,
 )
 
@@ -194,6 +196,7 @@ def ggn_matvec(
     if size is not None:
         argnums = argnums + tuple(range(len(args), len(all_args)))
         product = microbatched(product, size, argnums)
+        all_args = gathered_args(all_args, argnums, size)
     return C.program_operator(product, params, params, all_args)
 
 
@@ -464,6 +467,7 @@ def fisher_matvec(
         if mc:
             argnums = argnums + (len(args),)
         product = microbatched(product, size, tuple(sorted(argnums)))
+        all_args = gathered_args(tuple(all_args), argnums, size)
     return C.program_operator(product, params, params, all_args)
 
 
@@ -618,4 +622,5 @@ def empirical_fisher_matvec(
     if microbatch_size is not None:
         size = _validate.static_int(microbatch_size, "microbatch_size", minimum=1)
         product = microbatched(product, size, (0,))
+        batch = gathered_for_chunks(batch, size)
     return C.program_operator(product, params, params, (batch,))

@@ -32,6 +32,7 @@ from curvlib.operators import _common as C
 from curvlib.operators import _wrt
 from curvlib.operators.microbatch import (
     _replace,
+    gathered_args,
     microbatch_mean,
     microbatched,
 )
@@ -226,6 +227,7 @@ def hessian_matvec(
     product = _hvp_fwd_rev(fun) if mode == "fwd-rev" else _hvp_rev_rev(fun)
     if size is not None:
         product = microbatched(product, size, argnums)
+        args = gathered_args(tuple(args), argnums, size)
     return C.program_operator(product, params, params, tuple(args))
 
 

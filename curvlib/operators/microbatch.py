@@ -99,6 +99,7 @@ def microbatch_mean(fn: Callable, batch: PyTree, microbatch_size: int | None) ->
         # eager: the scan compiled once per computation (``fn``'s program, the arrays it
         # closes over its inputs), not once per call for a fresh closure
         # (a concrete batch's placement decides the chunks: the trace does not carry it)
+        batch = gathered_for_chunks(batch, microbatch_size)
         strided = _strided(batch, n // microbatch_size, microbatch_size)
         program = traced_program(
             lambda b: _chunked_mean(fn, b, n, microbatch_size, strided), batch)
@@ -153,6 +154,39 @@ def _strided(batch: PyTree, num_full: int, size: int) -> bool:
         if shards > 1 and x.shape[0] == num_full * size and size % shards == 0:
             return True
     return False
+
+
+def gathered_for_chunks(batch: PyTree, size: int) -> PyTree:
+    """``batch`` with each concrete leaf whose sample axis an ``Auto`` mesh splits over
+    several devices into shards that chunks of ``size`` do not split evenly (`_strided`'s
+    other case) placed replicated on that mesh first.
+
+    Contiguous chunks of such a leaf straddle devices, and XLA gathers the batch onto every
+    device anyway (see `_chunks`); done by XLA, the slice and reshape of the split axis were
+    miscompiled under differentiation (jaxlib 0.10.2, XLA:CPU): 8 examples over 4 devices in
+    chunks of 3, a loss picking each label's log-probability, gave a Hessian product 16%
+    off, a gradient and a GGN product 40% off, with no error. Gathered here, they are exact.
+    """
+    def place(x):
+        if isinstance(x, jax.core.Tracer) or _tree.explicit_sharding(x) is not None:
+            return x
+        s = getattr(x, "sharding", None)
+        if not isinstance(s, jax.sharding.NamedSharding) or not tuple(s.spec) or (
+                s.spec[0] is None) or x.shape[0] <= size:
+            return x
+        names = s.spec[0] if isinstance(s.spec[0], tuple) else (s.spec[0],)
+        shards = int(np.prod([s.mesh.shape[a] for a in names]))
+        if shards == 1 or (x.shape[0] % size == 0 and size % shards == 0):
+            return x
+        return jax.device_put(x, jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec()))
+
+    return jax.tree.map(place, batch)
+
+
+def gathered_args(args: tuple, argnums, size: int) -> tuple:
+    """`gathered_for_chunks` of the batched arguments ``args[i]``, ``i in argnums``."""
+    return tuple(gathered_for_chunks(a, size) if i in argnums else a
+                 for i, a in enumerate(args))
 
 
 def _chunks(x, num_full: int, size: int, strided: bool = False):
