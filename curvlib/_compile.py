@@ -598,6 +598,10 @@ def as_operator(fn: Callable | None, example: PyTree, name: str = "matvec",
     # the vector first: an empty or integer one reached the user's function before
     _validate.float_leaves(example, example_name)
     if is_pytree_operator(fn):
+        # (checked once per structure and shapes: a vector of other leaves is named as
+        # the user passed it, not as "the tangent" of the operator's own check)
+        if not is_host_driven(fn):  # (a stream is checked on its first pass)
+            _validate.operator(fn, example, name, example_name)
         return fn
     return traced_program(fn, example, check=lambda out_shape: _validate.same_structure(
         example, out_shape, example_name, f"{name}({example_name})", floating=True))

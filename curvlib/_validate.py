@@ -42,6 +42,7 @@ value passes `number` unchecked. Static ints cannot be traced.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 import weakref
@@ -568,6 +569,16 @@ def _short(treedef, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + " ...(cut)"
 
 
+class TangentMismatch(ValueError):
+    """`tangent`'s error: a vector not shaped like the operator's. Keeps what the message
+    was made from, so that a function handing the user's argument to the operator
+    (`operator`) names that argument (``v0``, ``b``) instead of "the tangent"."""
+
+    def __init__(self, message, v, sig, like, by_path):
+        super().__init__(message)
+        self.v, self.sig, self.like, self.by_path = v, sig, like, by_path
+
+
 def tangent(v, sig, like: str = "params", name: str = "tangent", *,
             by_path: bool = False) -> None:
     """Raise ``ValueError`` unless the vector ``v`` is shaped (and typed) like its reference.
@@ -580,44 +591,56 @@ def tangent(v, sig, like: str = "params", name: str = "tangent", *,
     the same one. The check is static, so it costs nothing under ``jit``. The
     message names the leaf by its path.
     """
+    message = _tangent_message(v, sig, like, f"the {name}", name, by_path)
+    if message is not None:
+        raise TangentMismatch(message, v, sig, like, by_path)
+    for path, x in zip(sig[1], jax.tree.leaves(v), strict=True):
+        if jnp.issubdtype(jnp.result_type(x), jnp.complexfloating):  # the cast to the
+            raise ArgumentError(  # reference's dtype would drop the imaginary part
+                f"`{name}{path}` must be a real array (integer or floating); got dtype "
+                f"{jnp.result_type(x)}.")
+
+
+@contextlib.contextmanager
+def naming(name: str):
+    """Within it, a curvlib operator's `tangent` error names ``name``, the argument whose
+    vectors the caller hands to the operator (``v0``, ``b``), not "the tangent"."""
+    try:
+        yield
+    except TangentMismatch as e:
+        raise ValueError(_tangent_message(e.v, e.sig, e.like, f"`{name}`", name,
+                                          e.by_path)) from None
+
+
+def _tangent_message(v, sig, like, subject, name, by_path):
+    """`tangent`'s message for ``v`` (called ``subject`` in a sentence, ``name`` before a
+    leaf's path), or ``None`` when its structure, shapes and sharding types fit."""
     treedef, paths, shapes, specs = sig
     vleaves = _tree.leaves_with_paths(v)
     leaves = [x for _, x in vleaves]
     if by_path:
         vpaths = tuple(p for p, _ in vleaves)
         if vpaths != paths:
-            raise ValueError(
-                f"the {name} must have the leaves of `{like}` (by key path, in order): "
-                f"{list(paths)}; got {list(vpaths)}."
-            )
+            return (f"{subject} must have the leaves of `{like}` (by key path, in order): "
+                    f"{list(paths)}; got {list(vpaths)}.")
     elif jax.tree.structure(v) != treedef:
         detail = _tree.path_difference(paths, [p for p, _ in vleaves], like, name)
-        detail += _module_hint(v, f"The {name}")
-        raise ValueError(
-            f"the {name} must match `{like}` in pytree structure and leaf shapes; got "
-            f"{like}: {_short(treedef)} and {name}: {_short(jax.tree.structure(v))}.{detail}"
-        )
+        detail += _module_hint(v, subject[0].upper() + subject[1:])
+        return (f"{subject} must match `{like}` in pytree structure and leaf shapes; got "
+                f"{like}: {_short(treedef)} and {name}: {_short(jax.tree.structure(v))}.{detail}")
     for path, x, want in zip(paths, leaves, shapes, strict=True):
         if tuple(jnp.shape(x)) != want:
-            raise ValueError(
-                f"the {name} must match `{like}` in pytree structure and leaf shapes; "
-                f"{name}{path} has shape {tuple(jnp.shape(x))} but {like}{path} has shape "
-                f"{want}."
-            )
-    for path, x in zip(paths, leaves, strict=True):
-        if jnp.issubdtype(jnp.result_type(x), jnp.complexfloating):  # the cast to the
-            raise ArgumentError(  # reference's dtype would drop the imaginary part
-                f"`{name}{path}` must be a real array (integer or floating); got dtype "
-                f"{jnp.result_type(x)}.")
+            return (f"{subject} must match `{like}` in pytree structure and leaf shapes; "
+                    f"{name}{path} has shape {tuple(jnp.shape(x))} but {like}{path} has shape "
+                    f"{want}.")
     for path, x, want in zip(paths, leaves, specs, strict=True):
         if want is not None and _tree.explicit_spec(x) != want:
-            raise ValueError(
-                f"`{like}` have explicit sharding types (a mesh with AxisType.Explicit axes), "
-                f"so the {name} must carry the same sharding; {name}{path} is typed "
-                f"{jax.typeof(x).str_short()} but {like}{path} has spec {want[1]} on mesh axes "
-                f"{want[0]}. Place vectors like the {like} (`jax.device_put(v, sharding)` or "
-                "`jax.sharding.reshard`)."
-            )
+            return (f"`{like}` have explicit sharding types (a mesh with AxisType.Explicit "
+                    f"axes), so {subject} must carry the same sharding; {name}{path} is typed "
+                    f"{jax.typeof(x).str_short()} but {like}{path} has spec {want[1]} on mesh "
+                    f"axes {want[0]}. Place vectors like the {like} (`jax.device_put(v, "
+                    "sharding)` or `jax.sharding.reshard`).")
+    return None
 
 
 def _batched(args: tuple, argnums: tuple[int, ...], name: str = "args",
@@ -816,7 +839,8 @@ def operator(op, example, name: str = "matvec", example_name: str = "v0"):
                             f"`{example_name}` after it.")
 
     def check():
-        out = jax.eval_shape(op, example)
+        with naming(example_name):  # a curvlib operator's own check names the argument
+            out = jax.eval_shape(op, example)
         same_structure(example, out, example_name, f"{name}({example_name})", floating=True)
         return out
 

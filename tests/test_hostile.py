@@ -172,6 +172,16 @@ def test_mismatched_trees_raise_value_error():
             curvlib.hessian_matvec(_loss, params, x, y)(t)
         with pytest.raises(ValueError, match="x0"):
             curvlib.cg(curvlib.hessian_matvec(_loss, params, x, y), params, x0=t)
+        # a vector an algorithm hands to the operator is named as the user passed it (the
+        # operator's own check said "the tangent", an argument no one passed)
+        H = curvlib.hessian_matvec(_loss, params, x, y)
+        key = jax.random.PRNGKey(0)
+        for arg, call in (("v0", lambda: curvlib.eigsh(H, t, 1)),
+                          ("b", lambda: curvlib.cg(H, t)),
+                          ("v_like", lambda: curvlib.hutchinson_trace(H, t, key, 3))):
+            with pytest.raises(ValueError, match=rf"^`{arg}` must match `params` in pytree "
+                                                 rf"structure and leaf shapes"):
+                call()
     with pytest.raises(ValueError, match="eigenvectors"):
         landscape.increment_coefficients(
             lambda p, b: _loss(p, *b), params, (x, y), 8, {"w": params["w"][None]}

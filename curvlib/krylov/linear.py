@@ -568,7 +568,8 @@ def cg(
     slot = _driver.Slot(matvec)
 
     def op(v):
-        out = slot(v)
+        with _validate.naming("b"):
+            out = slot(v)
         # checked here, at the operator's first (abstract) trace: no extra trace of it
         _validate.same_structure(b, out, "b", "matvec(b)", floating=True)
         return jax.tree.map(lambda a, x: (a + damping * x).astype(x.dtype), _cast_like(out, v), v)
