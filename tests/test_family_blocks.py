@@ -327,6 +327,10 @@ def test_wrt_errors_name_the_argument():
         block_eigsh(Hv, params, 1, key=jax.random.key(0), block_matvec=lambda w: Hv)
     with pytest.raises(TypeError, match="`block_matvec` must be a function"):
         block_eigsh(None, params, 1, key=jax.random.key(0), block_matvec=3)
+    # eigsh's `verify` and its `solver=` argument are fields / the `eigsh=` value here
+    for kw in ({"verify": False}, {"solver": curvlib.Eigsh()}):
+        with pytest.raises(TypeError, match=r"fields of `eigsh=curvlib.Eigsh\(...\)`"):
+            block_eigsh(Hv, params, 1, key=jax.random.key(0), **kw)
 
 
 @pytest.mark.parametrize("batch_size", [None, 1])

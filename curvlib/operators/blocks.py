@@ -431,7 +431,10 @@ def block_eigsh(
     eigsh, rest = _deprecation.fold_options("curvlib.block_eigsh", "eigsh", Eigsh, eigsh,
                                             eigsh_options, _EIGSH_RENAMES)
     if rest:
-        raise TypeError(f"block_eigsh() got unexpected keyword arguments {sorted(rest)}.")
+        raise TypeError(
+            f"block_eigsh() got unexpected keyword argument(s) {sorted(rest)}: eigsh's options "
+            "are fields of `eigsh=curvlib.Eigsh(...)` (`verify` included; `solver` is that "
+            "argument's name in curvlib.eigsh).")
     per_block = block_matvec is not None
     if per_block:
         if matvec is not None:
