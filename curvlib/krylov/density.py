@@ -221,6 +221,8 @@ def spectral_density(
     ``num_probes * (num_matvecs + 2)`` vectors. With a host-driven operator
     (data streamed from the host) the probes run one after another.
 
+    Derivatives: forward mode (``jax.jvp``) only, as for [`lanczos`][curvlib.lanczos].
+
     Args:
       matvec: symmetric operator on pytrees shaped like ``v_like``.
       v_like: pytree with the operator's shapes.

@@ -660,7 +660,11 @@ def eigsh(
 
     Derivatives: forward mode (``jax.jvp``, ``jax.jacfwd``) differentiates the whole
     solve: a simple eigenvalue's tangent is ``v^T dA v``, an eigenvector's that of
-    perturbation theory, to the solve's tolerance. Reverse mode (``jax.grad``) is not
+    perturbation theory, to the solve's tolerance. At a repeated eigenvalue neither is
+    defined (the copies' tangents are the eigenvalues of ``V^T dA V`` over the eigenspace
+    ``V``, which a per-vector formula does not give; only their sum is right, and the
+    eigenvectors' tangents divide by the copies' zero gap): differentiate the block's
+    trace, or ``eigh`` of ``V^T dA V``, there. Reverse mode (``jax.grad``) is not
     supported (the solve is a ``lax.while_loop``; JAX's error suggests ``lax.scan``,
     which does not apply). For the gradient of a simple eigenvalue (a sharpness
     penalty), differentiate the Rayleigh quotient at the returned vector held fixed,

@@ -236,6 +236,10 @@ def lanczos(
     reorthogonalisation, memory ``(m + 2) N``. One compiled program per
     configuration and shapes (eager calls reuse it).
 
+    Derivatives: forward mode (``jax.jvp``) differentiates the recursion, ``T`` and the
+    basis; reverse mode (``jax.grad``) is not supported (the recursion is a
+    ``lax.while_loop``), as for [`eigsh`][curvlib.eigsh].
+
     Args:
       matvec: symmetric linear operator on pytrees shaped like ``v0`` (see
         [`curvlib.eigsh`][curvlib.eigsh] for the kinds accepted and what a plain closure costs).
