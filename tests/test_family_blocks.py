@@ -154,7 +154,8 @@ def test_block_eigsh_batches_blocks_of_equal_shape():
     assert len(calls) == 2 * one_bias
     with pytest.raises(ValueError, match="batch_size"):
         block_eigsh(Hv, params, 1, key=jax.random.key(0), batch_size=0)
-    with pytest.raises(ValueError, match=r"block 'in/b' has 4 entries; k=4"):
+    with pytest.raises(ValueError, match=r"`k` must be in \[1, 3\] \(smaller than the 4 "
+                                         r"entries of block 'in/b'\); got 4"):
         block_eigsh(Hv, params, 4, key=jax.random.key(0))
     with pytest.raises(ValueError, match="no leaf"):
         block_eigsh(Hv, params, 1, key=jax.random.key(0), blocks=lambda p, x: None)

@@ -295,7 +295,8 @@ def test_k_and_num_matvecs_out_of_range_raise():
     key = jax.random.PRNGKey(0)
     cases = [
         (lambda: curvlib.eigsh(mv, v0, 0), r"`k` must be >= 1"),
-        (lambda: curvlib.eigsh(mv, v0, 10), r"`k`=10 must be smaller than dim = 10"),
+        (lambda: curvlib.eigsh(mv, v0, 10),
+         r"`k` must be in \[1, 9\] \(smaller than dim = 10, the size of `v0`\); got 10"),
         (lambda: curvlib.eigsh(mv, v0, 2, basis_size=2), r"`basis_size` must be in \[4, 10\]"),
         (lambda: curvlib.eigsh(mv, v0, 2, basis_size=11), r"`basis_size` must be in \[4, 10\]"),
         (lambda: curvlib.lanczos(mv, v0, 0), r"`num_matvecs` must be >= 1; got 0"),

@@ -771,8 +771,8 @@ def _configure(matvec, v0, k, which, solver: solvers.Eigsh):
     k = _validate.static_int(k, "k", minimum=1)
     if k > n - 1:
         raise ValueError(
-            f"`k`={k} must be smaller than dim = {n} (the size of `v0`); for all eigenpairs "
-            "use a dense eigendecomposition (jnp.linalg.eigh)."
+            f"`k` must be in [1, {n - 1}] (smaller than dim = {n}, the size of `v0`); got {k}. "
+            "For all eigenpairs use a dense eigendecomposition (jnp.linalg.eigh)."
         )
     if basis_size is None:
         m = min(n, max(4 * k, 20))

@@ -423,8 +423,8 @@ def block_eigsh(
                       for i in idx))
         if dim <= k:
             raise ValueError(
-                f"block {names[lab]!r} has {dim} entries; k={k} eigenpairs need more than k. "
-                "Lower `k`, or merge the block with another (`blocks=`)."
+                f"`k` must be in [1, {dim - 1}] (smaller than the {dim} entries of block "
+                f"{names[lab]!r}); got {k}. Lower `k`, or merge the block with another (`blocks=`)."
             )
     if eigsh is not None and not isinstance(eigsh, Eigsh):
         raise TypeError(f"`eigsh` must be a curvlib.Eigsh; got {type(eigsh).__name__}.")

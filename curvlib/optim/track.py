@@ -617,7 +617,8 @@ def track_curvature(
         n = _tree.size(params)
         if cfg.k >= n:
             raise ValueError(
-                f"`k`={cfg.k} must be smaller than the number of parameters ({n})."
+                f"`k` must be in [1, {n - 1}] (smaller than the number of parameters, {n}); "
+                f"got {cfg.k}."
             )
         if cfg.eigsh.basis_size is not None and cfg.eigsh.basis_size > n:
             raise ValueError(
