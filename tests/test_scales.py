@@ -327,3 +327,34 @@ def test_cg_compiled_as_eager_when_the_step_length_is_below_the_normal_range(s):
         x = np.asarray(r.x, np.float64)
         assert _norm(x - 1.0 / a) <= 1e-4 * _norm(1.0 / a)
         assert _close(r.residual_norm, _norm(1.0 - a * x), np.float32, 1.0)
+
+
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_monte_carlo_estimates_of_large_finite_draws_are_finite(key, antithetic):
+    """Draws of ``q^2`` near 1e33 in float32 (representable) gave a NaN estimate with
+    ``finite=False``: the standard deviation squared them again. With ``a = 0, c = 0`` the
+    draws are ``(sigma^2 z^T B z / 2)^2``: the estimate and its standard error scale as
+    ``sigma^4`` exactly, the same draws at every ``sigma``."""
+    from curvlib import landscape
+
+    a, c = jnp.float32(0.0), jnp.zeros(2, jnp.float32)
+    B = jnp.asarray([[1.0, 0.3], [0.3, 0.5]], jnp.float32)
+    kw = dict(key=key, num_samples=64, antithetic=antithetic)
+    unit = landscape.delta2_quadratic_mc(a, c, B, 1.0, **kw)
+    for s in (1e4, 1e8):
+        est = landscape.delta2_quadratic_mc(a, c, B, s, **kw)
+        assert bool(est.finite), s
+        np.testing.assert_allclose(float(est.estimate) / s**4, float(unit.estimate), rtol=1e-5)
+        np.testing.assert_allclose(float(est.stderr) / s**4, float(unit.stderr), rtol=1e-5)
+
+    # the direct estimator: a quadratic loss whose (k+1)-th sample moves the minimum
+    X = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], jnp.float32)
+    loss = lambda w, x: 0.5 * jnp.sum(x * w) ** 2 + 0.25 * jnp.sum(w * w)  # noqa: E731
+    w, U = jnp.zeros(2, jnp.float32), jnp.eye(2, dtype=jnp.float32)
+    direct = lambda s: landscape.delta2_direct_mc(  # noqa: E731
+        loss, w, X, 2, U, s, key=key, num_samples=64, antithetic=antithetic)
+    unit = direct(1.0)
+    est = direct(1e8)
+    assert bool(est.finite)
+    np.testing.assert_allclose(float(est.estimate) / 1e32, float(unit.estimate), rtol=1e-4)
+    np.testing.assert_allclose(float(est.stderr) / 1e32, float(unit.stderr), rtol=1e-4)

@@ -306,10 +306,17 @@ def _signs(antithetic: bool, dtype):
 
 
 def _summarise(vals, num_samples):
-    """``vals`` (G, S, P): average the P antithetic partners, then mean/stderr over S."""
-    per = jnp.mean(vals, axis=-1)
-    mean = jnp.mean(per, axis=-1)
-    std = jnp.std(per, axis=-1, ddof=1)
+    """``vals`` (G, S, P): average the P antithetic partners, then mean/stderr over S.
+
+    Each grid point's draws are divided by their largest magnitude first: at a large
+    ``sigma`` the squares inside the standard deviation (and the sums inside the means)
+    of finite draws overflowed to a NaN estimate where the mean is representable.
+    """
+    c = jnp.max(jnp.abs(vals), axis=(-2, -1))
+    c = jnp.where((c > 0) & jnp.isfinite(c), c, 1.0)
+    per = jnp.mean(vals / c[..., None, None], axis=-1)
+    mean = c * jnp.mean(per, axis=-1)
+    std = c * jnp.std(per, axis=-1, ddof=1)
     return mean, std / math.sqrt(num_samples)  # a Python float: keeps std's dtype
 
 
