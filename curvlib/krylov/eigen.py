@@ -159,16 +159,34 @@ def _thresholds(cfg: _Cfg, band: _band.Band, theta, valid, tol):
     than the accumulation type (`_Cfg.precision`).
     """
     acc = band.H.dtype
-    eps = xp.finfo(acc).eps
-    for dt in (cfg.basis_dtype, cfg.precision):
-        if dt is not None:
-            eps = max(float(eps), float(xp.finfo(dt).eps))
-    eps = xp.asarray(eps, acc)
+    eps = xp.asarray(_eps(cfg, acc), acc)
     anorm = xp.maximum(band.anorm, xp.max(xp.where(valid, xp.abs(theta), 0.0)))
     c = 10 * band.limit.astype(acc)
     # (capped at sqrt(eps) ||A||: for a coarse basis dtype c eps would exceed the spectrum)
     floor = xp.maximum(xp.minimum(c * eps, xp.sqrt(eps)), tol * eps ** (2.0 / 3.0)) * anorm
     return xp.maximum(tol * xp.abs(theta), floor)
+
+
+def _eps(cfg: _Cfg, acc) -> float:
+    """The coarsest of the accumulation type's, the basis storage's and the products' eps."""
+    eps = float(xp.finfo(acc).eps)
+    for dt in (cfg.basis_dtype, cfg.precision):
+        if dt is not None:
+            eps = max(eps, float(xp.finfo(dt).eps))
+    return eps
+
+
+def _cluster_tol(cfg: _Cfg, band: _band.Band, tol):
+    """The relative tolerance whose thresholds say which Ritz values are one cluster:
+    ``min(tol, sqrt(eps))``, the default ``rtol``'s.
+
+    Clusters are values the algorithm cannot tell apart, whatever accuracy was asked of the
+    pairs: with the thresholds of a loose ``rtol`` (``0.05`` and above) distinct eigenvalues
+    within ``4 rtol`` of each other were one cluster, whose pooled residual took in
+    unconverged unwanted Ritz pairs and never passed (every product of the budget spent,
+    the wanted pairs exact). A tolerance at or below ``sqrt(eps)`` is unchanged.
+    """
+    return xp.minimum(tol, xp.asarray(np.sqrt(_eps(cfg, band.H.dtype)), band.H.dtype))
 
 
 def _count_new(order, new, ref, thr_new, thr_ref, k):
@@ -310,8 +328,10 @@ def _evaluate(cfg: _Cfg, s: _State, band: _band.Band) -> _Eval:
     order = _order(cfg, s)
     theta, Y, res, valid = _band.ritz(band, order)
     thr = _thresholds(cfg, band, theta, valid, s.tol)
+    ctol = _cluster_tol(cfg, band, s.tol)
+    thr_c = _thresholds(cfg, band, theta, valid, ctol)  # which values are one cluster
     k = s.k
-    ok = valid & (_cluster_residuals(theta, res, thr, valid) <= thr)
+    ok = valid & (_cluster_residuals(theta, res, thr_c, valid) <= thr)
     nmul = xp.sum(band.mult)
     wanted = xp.arange(cfg.m) < k
     certified = xp.all(ok | ~wanted) & (nmul > k)
