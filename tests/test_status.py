@@ -490,6 +490,18 @@ def test_cg_below_attainable_accuracy_is_stalled_not_a_budget(jit):
     assert int(short.status) == Status.MAX_STEPS
 
 
+def test_a_step_skipped_for_a_nan_loss_with_a_finite_gradient_is_not_converged():
+    # newton_cg said converged=True beside skipped=True (CG solved the finite system)
+    f = lambda w, c: jnp.sum((w - 1.0) ** 2) + c  # noqa: E731
+    w = jnp.zeros(3)
+    for tx in (curvlib.scale_by_newton_cg(), curvlib.scale_by_newton(), curvlib.scale_by_bfgs()):
+        u, s = tx.update(jax.grad(f)(w, jnp.nan), tx.init(w), w, value_fn=f, c=jnp.nan)
+        assert bool(s.info.skipped) and not bool(s.info.finite), tx
+        assert not bool(s.info.converged), tx
+        assert int(s.info.status) == Status.NONFINITE
+        np.testing.assert_array_equal(np.asarray(u), 0.0)
+
+
 def test_a_step_skipped_after_the_direction_is_not_reported_accepted():
     # a learning-rate schedule that returns NaN: the chain skips the step; its info said
     # accepted=True beside skipped=True
@@ -501,3 +513,18 @@ def test_a_step_skipped_after_the_direction_is_not_reported_accepted():
     assert bool(info.skipped) and not bool(info.accepted) and not bool(info.finite)
     assert int(info.status) == Status.NONFINITE
     np.testing.assert_array_equal(np.asarray(u), 0.0)
+
+
+def test_bfgs_reports_no_curvature_before_its_first_pair():
+    # the first call reported x^T g (25 here) as "s^T y of the last pair": the pair's start
+    # buffers are zeros until a finite call stores one
+    f = lambda w: 0.5 * jnp.sum(jnp.asarray([1.0, 3.0]) * w * w)  # noqa: E731
+    tx = curvlib.scale_by_bfgs()
+    w0, s = jnp.asarray([3.0, 4.0]), tx.init(jnp.zeros(2))
+    u, s = tx.update(jax.grad(f)(w0), s, w0, value_fn=f)
+    assert float(s.info.curvature) == 0.0 and not bool(s.info.updated)
+    w1 = w0 - 0.1 * u
+    _, s = tx.update(jax.grad(f)(w1), s, w1, value_fn=f)
+    sy = float(jnp.dot(w1 - w0, jax.grad(f)(w1) - jax.grad(f)(w0)))
+    np.testing.assert_allclose(float(s.info.curvature), sy, rtol=1e-12)
+    assert bool(s.info.updated)

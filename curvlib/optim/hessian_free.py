@@ -577,7 +577,7 @@ def _step_info(res, lam, rho, accepted, finite, value, fallback, dt) -> NewtonCG
         accepted=accepted,
         skipped=~finite,
         loss=value,
-        converged=res.converged,
+        converged=res.converged & finite,  # a skipped step met no tolerance (conventions)
         finite=finite,
         num_matvecs=(res.num_matvecs + 1 + fallback).astype(jnp.int32),
         # CG stopped short of its tolerance before ``max_steps`` (its own STALLED: the

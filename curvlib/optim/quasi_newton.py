@@ -47,7 +47,8 @@ class BFGSInfo(NamedTuple):
     """Diagnostics of the last [`scale_by_bfgs`][curvlib.scale_by_bfgs] step.
 
     Attributes:
-      curvature: ``s^T y`` of the last pair.
+      curvature: ``s^T y`` of the last pair (``0`` before a pair exists: the first
+        finite call).
       updated: the inverse Hessian was updated (curvature condition held).
       skipped: the loss or gradient was non-finite; the step output zeros and
         the state was left as it was.
@@ -284,7 +285,8 @@ def scale_by_bfgs(
             prev_params=_tree.select_tree(finite, params, state.prev_params),
             prev_grad=_tree.select_tree(finite, updates, state.prev_grad),
             info=BFGSInfo(
-                curvature=jnp.where(finite, sy, 0.0).astype(dt),
+                # (no pair before a finite call stored its start: 0, not x^T g)
+                curvature=jnp.where(finite & (state.num_finite > 0), sy, 0.0).astype(dt),
                 updated=ok & finite,
                 skipped=~finite,
                 loss=value,
