@@ -365,7 +365,9 @@ def _check_sampled(loss_fn, params, data, k, sigma, key, num_samples, microbatch
     _validate.prng_key(key)
     sample_batch_size = _validate.static_int(sample_batch_size, "sample_batch_size", minimum=1,
                                              optional=True)
-    dt = _tree.dtype(params)
+    # sigma and the draws in the coefficients' dtype (at least float32): the same key draws
+    # the same numbers as `delta2_quadratic_mc` for bfloat16 / float16 parameters too
+    dt = _common.weight_dtype(params)
     s0, sig = _grid(sigma, dt)
     return _SampledSetup(k, loss_fn, mb, S, sample_batch_size, dt, s0, sig)
 
@@ -443,7 +445,7 @@ def _evaluate(f, xs, sample_batch_size):
 )
 def _direct_mc(loss_fn, params, data, k, U, dim, sig, key, num_samples, antithetic,
                microbatch_size, sample_batch_size, control=None):
-    dt = _tree.dtype(params)
+    dt = _common.weight_dtype(params)  # `delta2_quadratic_mc`'s draws (`_check_sampled`)
     D = _tree.basis_size(U)
     z = _normals(key, num_samples, D, dt)
     z = jnp.where(jnp.arange(D)[None, :] < dim, z, 0.0)
@@ -761,7 +763,7 @@ def direct_mc_step(loss_fn, params, plan, k: int, U: PyTree, key):
     basis ``U`` (in the parameters' dtypes): ``(2, nD, nS)``."""
     c = plan.config
     out = np.full((2, len(plan.dims), len(plan.sigmas)), np.nan)
-    grid = jnp.asarray(plan.sigmas, _tree.dtype(params))  # (checked by plan_curve)
+    grid = jnp.asarray(plan.sigmas, _common.weight_dtype(params))  # (checked by plan_curve)
     for j, d in enumerate(plan.dims):
         mean, se = jax.block_until_ready(_direct_mc(
             loss_fn, params, plan.data, k, U, jnp.asarray(d), grid, key, c.num_samples,
@@ -774,7 +776,7 @@ def direct_mc_step(loss_fn, params, plan, k: int, U: PyTree, key):
 def full_mc_step(loss_fn, params, plan, k: int, key):
     """Full-space ``Delta_2`` on the ``sigma`` grid: ``(2, nS)``."""
     c = plan.config
-    grid = jnp.asarray(plan.sigmas, _tree.dtype(params))  # (checked by plan_curve)
+    grid = jnp.asarray(plan.sigmas, _common.weight_dtype(params))  # (checked by plan_curve)
     mean, se = jax.block_until_ready(_full_mc(
         loss_fn, params, plan.data, k, grid, key, c.full_samples, bool(c.antithetic),
         c.microbatch_size, c.sample_batch_size))
