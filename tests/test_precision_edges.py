@@ -125,6 +125,23 @@ def test_newton_cg_moves_again_after_a_stall_at_the_parameters_precision(dt, dam
     assert f64(p) < 0.01 * before
 
 
+def test_newton_cg_lengthens_a_damped_step_below_the_parameters_precision():
+    """A flat loss far from its minimum, ``1e-6 (w - 10100)^2 / 2`` from ``w = 1e4`` in
+    float32 (spacing 1e-3 there): the damped step (``damping=1``, about 1e-4) moved nothing,
+    the damping was kept, and the parameter stayed at 1e4 for good (STALLED at every step)
+    though the undamped step lands on the minimum (oracle: ``w*`` = 10100, exact)."""
+    f = lambda w: 0.5e-6 * jnp.sum((w.astype(jnp.float32) - 10100.0) ** 2)  # noqa: E731
+    opt = optim.newton_cg(1.0)  # damping=1.0, the default
+    w = jnp.asarray([10000.0], jnp.float32)
+    state = opt.init(w)
+    step = jax.jit(lambda w, s: opt.update(jax.grad(f)(w), s, w, value_fn=f))
+    for _ in range(60):
+        u, state = step(w, state)
+        w = optax.apply_updates(w, u)
+    assert float(w[0]) == 10100.0
+    assert int(state[0].info.status) != curvlib.Status.STALLED
+
+
 _X64_OFF = r"""
 import warnings
 warnings.simplefilter("error")  # a float64 request, truncated with a warning, fails here

@@ -343,7 +343,8 @@ def new_damping(lam, rho, accepted, pcp, p, *, increase, decrease, min_damping, 
     takes O(1) steps instead of O(log(1/lam)); clipped to
     ``[min_damping, max_damping]``, and to a quarter of the largest number of ``lam``'s
     dtype (float16: 16376; CG's damped products must stay finite). A step that ``moved``
-    no parameter (below their precision) keeps ``lam``.
+    no parameter (below their precision) lowers ``lam`` by ``decrease``, lengthening the
+    next one.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -361,10 +362,13 @@ def new_damping(lam, rho, accepted, pcp, p, *, increase, decrease, min_damping, 
     lam_new = lam * factor
     rayleigh = jnp.abs(pcp) / jnp.maximum(_tree.vdot(p, p), jnp.finfo(dt).tiny)
     lam_new = jnp.where(accepted, lam_new, jnp.maximum(lam_new, rayleigh))
-    # a step below the parameters' precision (none moved) tells nothing of the model: raised,
-    # lambda only pushed the next steps further below it, up to max_damping, where the
-    # parameters stayed for good (at a minimum, then on every later batch)
-    lam_new = jnp.where(moved, lam_new, lam)
+    # a step below the parameters' precision (none moved) tells nothing of the model but
+    # that it was too short: raised, lambda pushed the next steps further below it, up to
+    # max_damping, where the parameters stayed for good (at a minimum, then on every later
+    # batch); kept, a damped step below the precision whose undamped step is not (a
+    # flat loss far from its minimum) never moved; lowered, the steps lengthen until they
+    # move the parameters (a rejected step then raises lambda back in O(1) steps)
+    lam_new = jnp.where(moved, lam_new, lam * decrease)
     # and below a quarter of the dtype's largest number: CG's damped products of its
     # directions (norm < 2) stay finite. float16 cannot hold max_damping = 1e8: rejected steps
     # (a stall at float16's precision) raised lambda past 32752, where every later product
