@@ -172,3 +172,22 @@ def test_delta2_spectral_takes_sequences_and_names_bad_input():
         ls.delta2_spectral("3 2", [1.0, 2.0], 1.0)
     with pytest.raises(ValueError, match=r"`eigenvalues_k` must be a 1-D .*shape \(1, 2\)"):
         ls.delta2_spectral([[1.0, 2.0]], [1.0, 2.0], 1.0)
+
+
+def test_k_curve_direct_mc_is_nan_where_the_subspace_failed():
+    """``sqrt|x w|`` at ``w = 0``: a finite loss with infinite derivatives, the eigensolve
+    non-finite. The direct Monte Carlo sampled in the zeroed basis and reported the loss
+    increment at the weights alone (0.0) beside a NaN closed form; now NaN, shown ``nan``."""
+    from curvlib import landscape
+
+    rng = np.random.default_rng(0)
+    X = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32)
+    loss = lambda w, x: jnp.mean(jnp.sqrt(jnp.abs(x @ w)))  # noqa: E731
+    cur = landscape.k_curve(loss, jnp.zeros(5, jnp.float32), X, [3], dims=[1], sigmas=[0.1],
+                            key=jax.random.PRNGKey(0), progress=False, num_samples=4,
+                            full_samples=0)
+    assert not bool(cur.finite[0]) and int(cur.status[0]) == curvlib.Status.NONFINITE
+    assert np.all(np.isnan(cur.closed_form)) and np.all(np.isnan(cur.direct_mean))
+    assert np.all(np.isnan(cur.direct_stderr))
+    row = landscape.curve_table(cur).splitlines()[2].split()
+    assert row[-2:] == ["nan", "nan"], row

@@ -269,8 +269,13 @@ def curve_point(loss_fn, params, plan: _Plan, k: int, key) -> tuple[dict, dict]:
                   unique=s["unique"], num_matvecs=s["num_matvecs"])
     if c.num_samples:
         t0 = time.perf_counter()
-        values["direct_mean"], values["direct_stderr"] = direct_mc_step(
-            loss_fn, params, plan, k, U, k_mc)
+        if s["finite"]:
+            values["direct_mean"], values["direct_stderr"] = direct_mc_step(
+                loss_fn, params, plan, k, U, k_mc)
+        else:  # no subspace to sample in: NaN, a failed stage (its zeroed basis gave the
+            # loss increment at the weights alone, a plausible number)
+            values["direct_mean"], values["direct_stderr"] = np.full(
+                (2, len(plan.dims), len(plan.sigmas)), np.nan)
         seconds["direct_mc"] = time.perf_counter() - t0
     if c.full_samples:
         t0 = time.perf_counter()
