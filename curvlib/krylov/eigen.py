@@ -716,7 +716,11 @@ def eigsh(
       basis_size: Krylov basis size ``m`` (vectors stored), ``k + 2 <= m <= dim``;
         default ``min(dim, max(4k, 20))``. With ``m = dim`` the basis spans the
         whole space and the answer is exact without verification (``dim``
-        products at most). (``num_matvecs`` is its deprecated name.)
+        products at most). Verification wants ``m >= k + 3``: at ``k + 2`` a
+        restart cannot keep a fresh chain's best vector beside the wanted ones, the
+        probability bound starts over at each restart, and the call can spend its
+        budget with ``converged=False`` while the residuals meet ``rtol``.
+        (``num_matvecs`` is its deprecated name.)
       max_matvecs: product budget; default ``100 m``. May be traced.
       max_restarts: cap on thick restarts; default 1000. May be traced.
       num_keep: Ritz vectors kept per restart, ``k <= num_keep < m - 1``;

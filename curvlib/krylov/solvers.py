@@ -74,7 +74,8 @@ class Eigsh:
         leaves, the basis and the operator's products, ``0`` machine precision.
         Traceable.
       basis_size: Krylov basis size ``m`` (vectors stored); ``None`` is
-        ``min(dim, max(4k, 20))``. Static; ``k + 2 <= m <= dim`` is checked by eigsh.
+        ``min(dim, max(4k, 20))``. Static; ``k + 2 <= m <= dim`` is checked by eigsh
+        (``k + 3`` or more for a verified answer: [`curvlib.eigsh`][curvlib.eigsh]).
       num_keep: Ritz vectors kept per restart; ``None`` is ``k + (m - k) // 2``. Static.
       max_matvecs: product budget; ``None`` is ``100 m``. Traceable.
       max_restarts: cap on thick restarts, verification rounds included: the certificate

@@ -68,8 +68,15 @@ clipping, an accumulated gradient) by ``d = updates - grad``, the difference is
 taken as the gradient of a term linear over the step: the model uses the
 update as its gradient and the measured change is
 $f(w - p) - f(w) - d^\top p$ (`upstream_shift`). So
-``chain(optax.add_decayed_weights(wd), newton_cg())`` converges to the minimiser
-of $f + \tfrac{wd}{2}\|w\|^2$, as optax's first-order chains do.
+``chain(optax.add_decayed_weights(wd), newton_cg())`` has the minimiser of
+$f + \tfrac{wd}{2}\|w\|^2$ as its fixed point, as optax's first-order chains do, and
+reaches it while ``wd`` is small beside the curvature of $f$. The decay's own curvature
+$wd\,I$ and the $\tfrac{wd}{2}\|p\|^2$ it adds to a step's change are not in the model
+(only ``value_fn`` is differentiated): where ``wd`` exceeds the smallest curvature of $f$
+the model's steps overshoot along the flat directions, steps that raise the regularised
+objective are accepted, and the iteration can circle without converging (measured: ``wd =
+0.7`` over a quartic whose Hessian's smallest eigenvalue is 0.12). Put such a regulariser
+in ``value_fn`` (``loss(w) + wd / 2 * sum(w**2)``), where the products see it.
 
 Hyperparameters and wrappers
 ----------------------------
