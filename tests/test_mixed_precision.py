@@ -343,3 +343,18 @@ def test_direct_and_quadratic_mc_share_their_draws_at_every_parameter_dtype(dt):
     assert float(quad.stderr) > 0.3 * float(quad.estimate)  # unpaired draws would differ a lot
     np.testing.assert_allclose(float(direct.estimate), float(quad.estimate),
                                rtol=1e-5 if dt == jnp.float32 else 1e-2)
+
+
+def test_the_mean_loss_check_tolerance_is_the_losss_dtype():
+    """bfloat16 parameters under a float32 loss: the tolerance was 10 sqrt(eps) of the
+    parameters' dtype (0.88), and a summed loss passed as a mean; it is the loss's (3.5e-3),
+    as documented. A mean loss still passes."""
+    from curvlib import landscape
+
+    X = jnp.asarray([[3.0, 0.0], [0.3, 0.1], [0.1, 0.2], [0.5, 0.5]], jnp.float32)
+    w = jnp.asarray([1.0, 1.0], jnp.bfloat16)
+    summed = lambda p, x: jnp.sum((x @ p.astype(jnp.float32)) ** 2)  # noqa: E731
+    mean = lambda p, x: jnp.mean((x @ p.astype(jnp.float32)) ** 2)  # noqa: E731
+    with pytest.raises(ValueError, match="does not behave as a mean"):
+        landscape.check_mean_loss(summed, w, X, 2)
+    landscape.check_mean_loss(mean, w, X, 2)

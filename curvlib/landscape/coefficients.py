@@ -80,8 +80,8 @@ class IncrementCoefficients(NamedTuple):
 def _mean_check(loss_fn, params, data, k, microbatch_size):
     """Per chunk holding the first ``k + 1`` samples: ``|loss_fn(chunk) - mean_j l_j|``.
 
-    Also returns ``L_k`` and ``l_{k+1}`` (from the per-sample losses) and the
-    largest ``|l_j|``, for the messages and the tolerance.
+    Also returns ``L_k`` and ``l_{k+1}`` (from the per-sample losses), the
+    largest ``|l_j|``, for the messages and the tolerance, and the eps of the loss's dtype.
     """
     data = _common.chunkable(data, microbatch_size)
     n = _common.num_samples(data)
@@ -89,17 +89,21 @@ def _mean_check(loss_fn, params, data, k, microbatch_size):
     W = jnp.stack([_common.sample_weights(n, k, _common.MEAN, dt),
                    _common.sample_weights(n, k, _common.SAMPLE, dt)])
     safe = _common.sample_at(data, k)
+    loss_dtypes = []  # (seen while tracing `chunk`, below)
 
     def chunk(xs, ws):
         x = _common._substitute(xs, jnp.any(ws != 0, axis=0), safe)
         per = _common.per_sample_losses(loss_fn, params, x).astype(dt)
-        batched = jnp.asarray(loss_fn(params, x)).astype(dt)
-        dev = jnp.abs(batched - jnp.mean(per))
+        batched = jnp.asarray(loss_fn(params, x))
+        loss_dtypes.append(batched.dtype)
+        dev = jnp.abs(batched.astype(dt) - jnp.mean(per))
         return jnp.stack([dev, jnp.sum(ws[0] * per), jnp.sum(ws[1] * per),
                           jnp.max(jnp.abs(per))])
 
     out = _common.accumulate(chunk, jnp.zeros(4, dt), data, W, microbatch_size, 0, k + 1)
-    return out[0], out[1], out[2], out[3]
+    eps = max(float(jnp.finfo(d if jnp.issubdtype(d, jnp.inexact) else dt).eps)
+              for d in loss_dtypes)
+    return out[0], out[1], out[2], out[3], jnp.asarray(eps, dt)
 
 
 @_deprecation.renamed("curvlib.landscape.check_mean_loss", k="num_examples")
@@ -171,12 +175,12 @@ def mean_check(loss_fn, params, data, k, mb, rtol=None) -> None:
         return  # inside a user's jit: nothing concrete to compare
     if mb is not None and isinstance(loss_fn, SameFunction):
         loss_fn = loss_fn.fn  # evaluated on chunks: shapes its key does not cover
-    dev, Lk, l1, scale = (float(x) for x in _mean_check(loss_fn, params, data, k, mb))
+    dev, Lk, l1, scale, eps = (float(x) for x in _mean_check(loss_fn, params, data, k, mb))
     L1 = (k * Lk + l1) / (k + 1)
     if not all(np.isfinite(v) for v in (Lk, l1, scale)):
         raise ValueError(_non_finite_message(params, data, k, L1, Lk, l1))
-    dt = jnp.result_type(*jax.tree.leaves(params))
-    eps = float(jnp.finfo(dt).eps)
+    # (the loss's dtype, as documented: bfloat16 parameters under a float32 loss gave a
+    # tolerance of 0.88, and a summed loss passed)
     rtol = 10.0 * np.sqrt(eps) if rtol is None else float(rtol)
     if not np.isfinite(dev) or dev > rtol * max(scale, np.finfo(np.float64).tiny):
         raise ValueError(
