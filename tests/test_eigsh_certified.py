@@ -398,3 +398,48 @@ def test_a_loose_rtol_certifies_within_a_small_budget(case, verify):
     assert np.all(true_res <= rtol * np.abs(theta) * (1 + 1e-8)), (true_res, theta)
     if verify:  # the top k, each within its tolerance (verify=False certifies residuals only)
         assert np.all(np.abs(theta - lam[:k]) <= rtol * np.abs(theta)), (theta, lam[:k])
+
+
+def _few_distinct(case):
+    """Two 40 x 40 operators of a random search (their generator, draw for draw) on which
+    eigsh spent its whole budget: ``(A, v0)``."""
+    n, pool = 40, [-5.0, -3.0, -1.0, 0.0, 1.0, 2.0, 3.0, 5.0, 7.0]
+    if case == "zeros_x7":  # 0 x7, 1 x6, 2 x11, 5 x6, 7 x10 (eager and compiled failed)
+        rng = np.random.default_rng(24654)
+        vals = rng.choice(pool, int(rng.integers(2, 6)), replace=False)
+        e = rng.choice(vals, n)
+        Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        return (Q * e) @ Q.T, rng.standard_normal(n)
+    # -1 x9, 0 x4, 1 x9, 3 x9, 7 x9 (compiled failed, eager certified)
+    rng = np.random.default_rng(600509)
+    nd = int(rng.integers(1, 6))
+    vals = rng.choice(pool, nd, replace=False)
+    mult = rng.integers(1, 7, nd)
+    rng.uniform(-2, 2, max(0, n - mult.sum()))
+    rng.random()
+    e = np.repeat(vals, n // nd + 1)[:n]
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    rng.choice([1, 8])
+    rng.choice(["SA", "LM"])
+    return (Q * e) @ Q.T, rng.standard_normal(n)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("case", ["zeros_x7", "minus_ones_x9"])
+def test_a_cluster_at_rounding_level_certifies(case, jit):
+    """Seven (nine) copies of the wanted value, each pair's residual at the rounding floor:
+    pooled over the cluster they exceed one floor (sqrt(q) of it), and the call spent its
+    whole budget (3,200 products, ``converged=False``, the values right); the mirrored
+    problem under ``"LA"`` certified in 74. Oracle: dense ``eigvalsh``; true residuals."""
+    A, v0 = _few_distinct(case)
+    f = lambda A, v: curvlib.eigsh(lambda x: A @ x, v, k=8, which="SA")  # noqa: E731
+    res = (jax.jit(f) if jit else f)(jnp.asarray(A), jnp.asarray(v0))
+    assert bool(res.converged), (int(res.status), int(res.num_matvecs))
+    assert int(res.num_matvecs) < 400
+    theta, V = np.asarray(res.eigenvalues), np.asarray(res.eigenvectors)
+    np.testing.assert_allclose(theta, np.linalg.eigvalsh(A)[:8], atol=1e-10)
+    true_res = np.linalg.norm(V @ A - theta[:, None] * V, axis=1)
+    reported = np.asarray(res.residual_norms)
+    # reported residuals bound the true ones, both at rounding level (||A|| = 7)
+    assert np.all(true_res <= 1.1 * reported + 1e-13), (true_res, reported)
+    assert np.all(reported <= 1e-11), reported
