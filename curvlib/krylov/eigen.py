@@ -158,17 +158,13 @@ def _thresholds(cfg: _Cfg, band: _band.Band, theta, valid, tol):
     ``eps`` is that of the basis storage, ``v0`` or the products when one is coarser
     than the accumulation type (`_Cfg.precision`).
     """
-    return xp.maximum(tol * xp.abs(theta), _floor(cfg, band, theta, valid, tol))
-
-
-def _floor(cfg: _Cfg, band: _band.Band, theta, valid, tol):
-    """`_thresholds`' ``floor`` (a scalar): the residual level rounding allows one vector."""
     acc = band.H.dtype
     eps = xp.asarray(_eps(cfg, acc), acc)
     anorm = xp.maximum(band.anorm, xp.max(xp.where(valid, xp.abs(theta), 0.0)))
     c = 10 * band.limit.astype(acc)
     # (capped at sqrt(eps) ||A||: for a coarse basis dtype c eps would exceed the spectrum)
-    return xp.maximum(xp.minimum(c * eps, xp.sqrt(eps)), tol * eps ** (2.0 / 3.0)) * anorm
+    floor = xp.maximum(xp.minimum(c * eps, xp.sqrt(eps)), tol * eps ** (2.0 / 3.0)) * anorm
+    return xp.maximum(tol * xp.abs(theta), floor)
 
 
 def _eps(cfg: _Cfg, acc) -> float:
@@ -331,19 +327,11 @@ def _evaluate(cfg: _Cfg, s: _State, band: _band.Band) -> _Eval:
     """Ritz pairs, thresholds, and the phase decisions of `_update` (one ``m x m`` eigh)."""
     order = _order(cfg, s)
     theta, Y, res, valid = _band.ritz(band, order)
-    floor = _floor(cfg, band, theta, valid, s.tol)
-    thr = xp.maximum(s.tol * xp.abs(theta), floor)  # (`_thresholds`)
+    thr = _thresholds(cfg, band, theta, valid, s.tol)
     ctol = _cluster_tol(cfg, band, s.tol)
     thr_c = _thresholds(cfg, band, theta, valid, ctol)  # which values are one cluster
     k = s.k
-    # Each pair meets its threshold, and its cluster's pooled residual (what any rotation
-    # inside the cluster can return) meets it too, or, at rounding level, the floor of the
-    # cluster's q vectors together, sqrt(q) floor: q copies each at the floor pool to more
-    # than one floor, and a cluster of seven zeros at their rounding level never certified
-    # (`which="SA"`, every product of the budget spent, its mirror under "LA" certified).
-    q = xp.sum(valid[None, :] & valid[:, None] & _equal(theta, thr_c), axis=0)
-    pooled_thr = xp.maximum(thr, xp.sqrt(q.astype(thr.dtype)) * floor)
-    ok = valid & (res <= thr) & (_cluster_residuals(theta, res, thr_c, valid) <= pooled_thr)
+    ok = valid & (_cluster_residuals(theta, res, thr_c, valid) <= thr)
     nmul = xp.sum(band.mult)
     wanted = xp.arange(cfg.m) < k
     certified = xp.all(ok | ~wanted) & (nmul > k)
