@@ -167,6 +167,14 @@ def _thresholds(cfg: _Cfg, band: _band.Band, theta, valid, tol):
     return xp.maximum(tol * xp.abs(theta), floor)
 
 
+def _rounding(band: _band.Band, theta, valid):
+    """``min(c eps, sqrt(eps)) ||A||`` with the accumulation type's ``eps`` (`_thresholds`)."""
+    acc = band.H.dtype
+    eps = float(xp.finfo(acc).eps)
+    anorm = xp.maximum(band.anorm, xp.max(xp.where(valid, xp.abs(theta), 0.0)))
+    return xp.minimum(10 * band.limit.astype(acc) * eps, np.sqrt(eps)) * anorm
+
+
 def _eps(cfg: _Cfg, acc) -> float:
     """The coarsest of the accumulation type's, the basis storage's and the products' eps."""
     eps = float(xp.finfo(acc).eps)
@@ -331,7 +339,15 @@ def _evaluate(cfg: _Cfg, s: _State, band: _band.Band) -> _Eval:
     ctol = _cluster_tol(cfg, band, s.tol)
     thr_c = _thresholds(cfg, band, theta, valid, ctol)  # which values are one cluster
     k = s.k
-    ok = valid & (_cluster_residuals(theta, res, thr_c, valid) <= thr)
+    # Each pair meets its threshold, and its cluster's pooled residual (what any rotation
+    # inside the cluster can return) meets it too, or the rounding level of the cluster's
+    # q vectors together, sqrt(q) c eps ||A|| (eps the accumulation type's: a coarser
+    # storage's floor already bounds each pair): q copies of a wanted value each at
+    # rounding level pool above one floor, and seven zeros never certified (`which="SA"`,
+    # every product of the budget spent; their mirror under "LA" certified).
+    q = xp.sum(valid[None, :] & valid[:, None] & _equal(theta, thr_c), axis=0)
+    pooled = xp.maximum(thr, xp.sqrt(q.astype(thr.dtype)) * _rounding(band, theta, valid))
+    ok = valid & (res <= thr) & (_cluster_residuals(theta, res, thr_c, valid) <= pooled)
     nmul = xp.sum(band.mult)
     wanted = xp.arange(cfg.m) < k
     certified = xp.all(ok | ~wanted) & (nmul > k)
