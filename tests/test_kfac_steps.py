@@ -361,4 +361,12 @@ def test_info_carries_the_shared_status_fields():
     assert int(i.status) == curvlib.Status.NONFINITE
     with pytest.raises(curvlib.CurvatureError, match="NONFINITE"):
         curvlib.raise_if_failed(i)
-    assert int(kfac(model_fn=_mlp_model, example_inputs={"x": x}).init(p)[0].info.status) == 0
+    # an adaptation step that is skipped keeps the damping and says it did (rho not computed)
+    adapt = scale_by_kfac(_mlp_model, damping_every=1, **fixed)
+    i = info(adapt, x.at[0, 0].set(jnp.nan))
+    assert bool(i.skipped) and not bool(i.damping_adapted) and float(i.rho) == 0.0
+    assert float(adapt.update(g, adapt.init(p), p, value_fn=_loss, x=x.at[0, 0].set(jnp.nan),
+                              y=y)[1].damping) == 0.1
+    # a fresh state's info: no step yet, nothing failed (as every transform's)
+    i = kfac(model_fn=_mlp_model, example_inputs={"x": x}).init(p)[0].info
+    assert int(i.status) == curvlib.Status.SUCCESS and bool(i.converged) and bool(i.finite)

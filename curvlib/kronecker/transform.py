@@ -122,7 +122,8 @@ class KfacInfo(NamedTuple):
         adaptations only; 0 when not computed).
       rho: reduction ratio of the damping adaptation (0 when ``damping_adapted``
         is false; ``-inf`` when the trial loss was not finite).
-      damping_adapted: the damping was adapted (``rho`` computed) this step.
+      damping_adapted: the damping was adapted (``rho`` computed) this step; false on a
+        skipped step, which keeps its damping.
       statistics_updated: the factor averages took this batch's statistics.
       refreshed: the eigendecompositions were recomputed.
       skipped: the gradient, the step or the loss was non-finite; the step
@@ -864,13 +865,17 @@ def _kfac_update(c: _Settings, updates, state: ScaleByKfacState, params, value_f
     finite = step_is_finite(g, u, alpha, mu, value,
                             value_fn is not None or extra_args.get("value") is not None)
     out, velocity = guard(finite, u, u_prev, updates)
+    # a skipped step keeps its damping: it was not adapted, whatever the rule computed
+    keep = finite & jnp.isfinite(new_lam)
+    adapted = adapted & keep
+    rho = jnp.where(adapted, rho, jnp.zeros_like(rho))
     refreshed = count % c.inverse_every == 0
     info = _info(value, lam, alpha, mu, quad, rho, adapted, stats_ok,
                  refreshed if changed is None else refreshed | changed, finite,
                  2 * needs_quad, dt)
     new_state = ScaleByKfacState(
         optax.safe_increment(count), factors, weight.astype(dt), pre, scales,
-        jnp.where(finite & jnp.isfinite(new_lam), new_lam, lam).astype(dt), velocity,
+        jnp.where(keep, new_lam, lam).astype(dt), velocity,
         next_key, info,
         None if setting is None else jnp.where(finite, setting, state.damping_setting),
         state.placement)
@@ -940,8 +945,8 @@ def init_state(layers: KfacLayers, params: PyTree, damping, key_data, inverse: s
     info = KfacInfo(
         loss=zero, damping=lam, learning_rate=zero, momentum=zero, quad_change=zero, rho=zero,
         damping_adapted=no, statistics_updated=no, refreshed=no, skipped=no,
-        converged=no, finite=jnp.asarray(True), num_matvecs=jnp.zeros((), jnp.int32),
-        status=_status.from_flags(),
+        converged=jnp.asarray(True), finite=jnp.asarray(True),
+        num_matvecs=jnp.zeros((), jnp.int32), status=_status.from_flags(),
     )
     return ScaleByKfacState(
         count=jnp.zeros((), jnp.int32), factors=zeros, ema_weight=zero, inverses=pre,
