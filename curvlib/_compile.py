@@ -154,7 +154,7 @@ def environment(fn, depth: int = 2) -> dict:
     return dict(out)
 
 
-def _changed(env: dict, old: dict, ignored: frozenset = frozenset()) -> set:
+def changed_reads(env: dict, old: dict, ignored: frozenset = frozenset()) -> set:
     """Where ``env`` differs from ``old`` (two `environment` s), but for ``ignored``: a path
     whose key changed, or the container of an entry added or removed (a list appended to)."""
     out = set()
@@ -340,7 +340,7 @@ def same_function(fn: Callable, *example, also: tuple = (), **kw_example) -> Cal
         memo = _SAME.get(fn, {}).get(shapes)
     except TypeError:  # not weakly referenceable, or unhashable
         memo = None
-    changed = set() if memo is None else _changed(env, memo[2], memo[3])
+    changed = set() if memo is None else changed_reads(env, memo[2], memo[3])
     if memo is not None and not changed and not any(_const_key(c) != k for c, k in memo[1]):
         key, static, arrays = memo[0], strings, memo[1]
     else:
@@ -361,7 +361,7 @@ def same_function(fn: Callable, *example, also: tuple = (), **kw_example) -> Cal
                 # traced (a loss counting its own traces, a list it appends to) is not
                 # compared again, nor a changed value that left the program as it was.
                 after = environment(fn)
-                ignored = (frozenset() if memo is None else memo[3]) | _changed(after, env)
+                ignored = (frozenset() if memo is None else memo[3]) | changed_reads(after, env)
                 if memo is not None and memo[0] == key:
                     ignored = ignored | changed
                 _SAME.setdefault(fn, {})[shapes] = (key, arrays, after, frozenset(ignored))

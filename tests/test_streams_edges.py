@@ -170,3 +170,50 @@ def test_a_function_returning_a_used_iterator_says_why_the_second_pass_is_empty(
                                rtol=1e-12)
     with pytest.raises(ValueError, match="must return a fresh iterator on every call"):
         H(v)
+
+
+SCALE = 1.0  # a setting the loss below reads, as a notebook's global
+
+
+def _scaled_loss(w, batch):
+    xb, yb = batch
+    return SCALE * jnp.mean((jnp.tanh(xb @ w) - yb) ** 2)
+
+
+def _build(w, batch):
+    return curvlib.hessian_matvec(_scaled_loss, w, batch)
+
+
+def test_a_new_stream_on_the_same_function_reads_a_changed_global():
+    """The per-batch steps were cached per function object: after ``SCALE`` changed, a new
+    `stream_matvec`, `stream_gradient` and `stream_mean` on the same functions returned the
+    first ``SCALE``'s numbers (1/10 of the oracle's), where `hessian_matvec` re-reads it.
+    A loss that changes what it reads when traced (a trace counter) keeps its steps."""
+    global SCALE
+    x, y, w, _ = _problem()
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+    v = jnp.ones_like(w)
+    mean = lambda b: jnp.mean(b[1]) + SCALE  # noqa: E731
+    try:
+        for scale in (1.0, 10.0):
+            SCALE = scale
+            H = jax.hessian(_scaled_loss)(w, (x, y))
+            np.testing.assert_allclose(curvlib.stream_matvec(_build, w, batches)(v), H @ v,
+                                       rtol=1e-12)
+            g = curvlib.stream_gradient(_scaled_loss, w, batches)[1]
+            np.testing.assert_allclose(g, jax.grad(_scaled_loss)(w, (x, y)), rtol=1e-12)
+            np.testing.assert_allclose(curvlib.stream_mean(mean, batches), y.mean() + scale,
+                                       rtol=1e-12)
+    finally:
+        SCALE = 1.0
+    traces = []
+
+    def counted(w, batch):
+        traces.append(1)
+        return _scaled_loss(w, batch)
+
+    first = curvlib.stream_gradient(counted, w, batches)[1]
+    n = len(traces)
+    second = curvlib.stream_gradient(counted, w, batches)[1]
+    np.testing.assert_array_equal(first, second)
+    assert len(traces) == n, (n, len(traces))  # the second call traced nothing

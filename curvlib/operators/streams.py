@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvlib import _progress, _tree, _validate
+from curvlib import _compile, _progress, _tree, _validate
 from curvlib.operators import _common as C
 from curvlib.operators.hessian import _value_and_grad
 from curvlib.operators.microbatch import batch_size
@@ -131,14 +131,41 @@ def _per_batch(kind: str, user_fn: Callable) -> Callable:
 # only through a weak reference, so the cache never keeps a user function (or what its
 # closure holds) alive, and an entry lives exactly as long as the function
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# what each function read when its steps were made (`_compile.environment`), and the paths
+# a pass itself changed (a loss counting its traces): ``[environment, ignored paths]``
+_READS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _entries(user_fn: Callable):
-    """``(cache dict for user_fn, a getter of user_fn)``: weakly held when possible."""
+    """``(cache dict for user_fn, a getter of user_fn)``: weakly held when possible.
+
+    The steps are made again when something ``user_fn`` reads changed since they were (a
+    global, a closed-over value, an attribute: `_compile.environment`), as the in-memory
+    operators are: a new stream on the same function reads the values as they are now.
+    An operator holds its own steps (`StreamMatvec`), as ``jax.jit`` holds a trace.
+    """
     try:
-        return _STEPS.setdefault(user_fn, {}), weakref.ref(user_fn)
+        env = _compile.environment(user_fn)
+        memo = _READS.get(user_fn)
+        if memo is None or _compile.changed_reads(env, memo[0], memo[1]):
+            _STEPS[user_fn] = {}
+            _READS[user_fn] = [env, frozenset() if memo is None else memo[1]]
+        return _STEPS[user_fn], weakref.ref(user_fn)
     except TypeError:  # not hashable or not weakly referenceable: not cached
         return {}, (lambda: user_fn)
+
+
+def _settle(user_fn: Callable, before: dict | None) -> None:
+    """After a pass: what ``user_fn`` reads that the pass itself changed (``before`` its
+    environment then) is not compared again, so such a function keeps its steps."""
+    if before is None:
+        return
+    try:
+        memo = _READS.get(user_fn)
+        if memo is not None:
+            memo[1] = memo[1] | _compile.changed_reads(_compile.environment(user_fn), before)
+    except TypeError:
+        pass
 
 
 def _avals(tree):
@@ -446,6 +473,10 @@ def _stream_sum(user_fn, kind, batches, args, *, key, sharding, what: str, out_s
     """
     start = _pass_factory(batches)
     with_key = key is not None
+    try:
+        before = _compile.environment(user_fn)
+    except TypeError:
+        before = None
     step = _step(user_fn, kind, with_key) if step is None else step
     if group is None and per_call > 1:
         group = _group_step(user_fn, kind, with_key)
@@ -481,7 +512,9 @@ def _stream_sum(user_fn, kind, batches, args, *, key, sharding, what: str, out_s
             f"the stream of batches yielded no batch; {what} needs at least one (every pass "
             "needs the whole stream: a function `batches` must return a fresh iterator on "
             "every call, not one already used).")
-    return flush(acc), total, count, out_shape
+    acc = flush(acc)
+    _settle(user_fn, before)
+    return acc, total, count, out_shape
 
 
 def stream_mean(fn: Callable, batches, *args, key=None, sharding=None,
