@@ -160,19 +160,23 @@ def _thresholds(cfg: _Cfg, band: _band.Band, theta, valid, tol):
     """
     acc = band.H.dtype
     eps = xp.asarray(_eps(cfg, acc), acc)
-    anorm = xp.maximum(band.anorm, xp.max(xp.where(valid, xp.abs(theta), 0.0)))
+    anorm = _anorm(band, theta, valid)
     c = 10 * band.limit.astype(acc)
     # (capped at sqrt(eps) ||A||: for a coarse basis dtype c eps would exceed the spectrum)
     floor = xp.maximum(xp.minimum(c * eps, xp.sqrt(eps)), tol * eps ** (2.0 / 3.0)) * anorm
     return xp.maximum(tol * xp.abs(theta), floor)
 
 
+def _anorm(band: _band.Band, theta, valid):
+    """``||A||`` as far as seen: the band's estimate or the largest valid ``|theta|``."""
+    return xp.maximum(band.anorm, xp.max(xp.where(valid, xp.abs(theta), 0.0)))
+
+
 def _rounding(band: _band.Band, theta, valid):
     """``min(c eps, sqrt(eps)) ||A||`` with the accumulation type's ``eps`` (`_thresholds`)."""
     acc = band.H.dtype
     eps = float(xp.finfo(acc).eps)
-    anorm = xp.maximum(band.anorm, xp.max(xp.where(valid, xp.abs(theta), 0.0)))
-    return xp.minimum(10 * band.limit.astype(acc) * eps, np.sqrt(eps)) * anorm
+    return xp.minimum(10 * band.limit.astype(acc) * eps, np.sqrt(eps)) * _anorm(band, theta, valid)
 
 
 def _eps(cfg: _Cfg, acc) -> float:

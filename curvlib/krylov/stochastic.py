@@ -243,8 +243,11 @@ def _quadratic_forms(Z, Zd, AZd, BZ, acc, deflated=False):
     ``V`` is the one-probe bound, and the mean's variance counts each class of ``m_c``
     equal probes as one form: ``V sum_c m_c^2 / g^2``. Where the estimate of ``V`` is
     not positive (``V << ||B||_F^2``, a diagonally dominant ``B``) the forms' sample
-    variance stands in. (A zero error bar on forms that differ was a wrong claim of an
-    exact answer: 2 to 7% of the calls at ``N = 6``.)
+    variance stands in; where the forms are equal too, ``V`` is 0 only when three distinct
+    probes show a diagonal ``B`` (never with ``deflated``, ``P != I``: Hutch++'s remainder
+    and a given basis, whose structure makes forms agree by chance), else the one-probe
+    bound. (A zero error bar on forms that differ was a wrong claim of an exact answer:
+    2 to 7% of the calls at ``N = 6``.)
     """
     g = jax.tree.leaves(Z)[0].shape[0]
     q = _rowdots(Zd, AZd, acc)
