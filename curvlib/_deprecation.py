@@ -93,7 +93,13 @@ def _bootstrap(filename: str) -> bool:
 
 
 def deprecated(message: str) -> None:
-    """Issue ``message`` as a ``DeprecationWarning`` at the first caller outside curvlib.
+    """Issue ``message`` as a ``DeprecationWarning`` at the first caller outside curvlib
+    (`warn_user`)."""
+    warn_user(message, DeprecationWarning)
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """Issue ``message`` as a ``category`` warning at the first caller outside curvlib.
 
     However many of curvlib's wrappers lie between (stacked rename decorators, a
     module ``__getattr__``, an alias calling its transform), and whichever library
@@ -112,7 +118,7 @@ def deprecated(message: str) -> None:
         if not name.startswith(dirs):
             break
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, DeprecationWarning, stacklevel=level)
+    warnings.warn(message, category, stacklevel=level)
 
 
 def warn(where: str, old: str, new: str) -> None:

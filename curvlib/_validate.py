@@ -497,7 +497,7 @@ def same_structure(a, b, name_a: str, name_b: str, *, what: str = "",
 
 
 def output(out, name: str, *, has_aux: bool | None = False, scalar: bool = True,
-           what: str = "loss"):
+           what: str = "loss", advice: str | None = None):
     """The primary part of a function's output ``out``; a loss checked to be one real scalar.
 
     ``out`` is what the function returned (arrays, or ``jax.ShapeDtypeStruct`` s
@@ -508,7 +508,9 @@ def output(out, name: str, *, has_aux: bool | None = False, scalar: bool = True,
     With ``scalar`` (a loss), the primary output must be one real floating
     scalar: every curvlib entry point that takes a loss refuses a per-sample
     (vector) loss through this check (curvature, gradients and the landscape's
-    sample weighting are defined for the scalar (mean) loss only).
+    sample weighting are defined for the scalar (mean) loss only). ``advice``
+    replaces the message's last sentence about reducing over the batch (a function
+    called on one example: `curvlib.empirical_fisher_matvec`).
 
     Returns:
       The primary output (``out`` or ``out[0]``).
@@ -540,10 +542,10 @@ def output(out, name: str, *, has_aux: bool | None = False, scalar: bool = True,
             hint = (" If it returns `(loss, aux)`, pass `has_aux=True`." if takes_aux
                     else " If it returns `(loss, aux)`, pass a function that returns the loss "
                     "alone (this one takes no `has_aux`), e.g. `lambda *a: fn(*a)[0]`.")
+        advice = advice or ("A per-sample loss is not accepted: reduce it over the batch "
+                            "(e.g. `jnp.mean`) before asking for curvature.")
         raise ArgumentError(
-            f"`{name}` must return a scalar loss (shape ()); it returned {got}. A per-sample "
-            "loss is not accepted: reduce it over the batch (e.g. `jnp.mean`) before asking "
-            f"for curvature.{hint}"
+            f"`{name}` must return a scalar loss (shape ()); it returned {got}. {advice}{hint}"
         )
     dt = jnp.result_type(leaves[0])
     if not jnp.issubdtype(dt, jnp.floating):

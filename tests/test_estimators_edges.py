@@ -191,3 +191,44 @@ def test_k_curve_direct_mc_is_nan_where_the_subspace_failed():
     assert np.all(np.isnan(cur.direct_stderr))
     row = landscape.curve_table(cur).splitlines()[2].split()
     assert row[-2:] == ["nan", "nan"], row
+
+
+def test_k_curve_keeps_the_direct_mc_where_only_the_next_subspace_failed():
+    """A NaN in sample ``k + 2`` reaches only the optional subspace at ``k + 1`` (the
+    principal angles): the direct Monte Carlo in the finite subspace at ``k`` was dropped
+    to NaN with it. Now it equals the public `delta2_direct_mc` there, and the point still
+    reports the failed stage (``finite=False``)."""
+    rng = np.random.default_rng(0)
+    n, k = 12, 10
+    X = jnp.asarray(rng.normal(size=(n, 3)))
+    Y = jnp.sin(X.sum(1))
+    loss = lambda w, b: jnp.mean((jnp.tanh(b[0] @ w) - b[1]) ** 2)  # noqa: E731
+    w = jnp.array([0.3, -0.2, 0.5])
+    data = (X.at[k + 1].set(jnp.nan), Y)
+    key = jax.random.PRNGKey(0)
+    kw = dict(dims=[1], sigmas=[0.1], key=key, progress=False, num_samples=50, full_samples=0)
+    cur = ls.k_curve(loss, w, data, [k], **kw)
+    assert not bool(cur.finite[0]) and int(cur.status[0]) == curvlib.Status.NONFINITE
+    assert np.isfinite(cur.closed_form).all() and np.isfinite(cur.direct_mean).all()
+    alone = ls.k_curve(loss, w, data, [k], next_subspace=False, **kw)
+    assert bool(alone.finite[0])
+    np.testing.assert_allclose(cur.direct_mean, alone.direct_mean, rtol=1e-12)
+    np.testing.assert_allclose(cur.closed_form, alone.closed_form, rtol=1e-12)
+
+
+@pytest.mark.parametrize("B_scale, sigma", [(1e20, 1e-15), (1e-30, 1e20), (1e-18, 1e12)])
+def test_the_closed_form_is_finite_and_right_wherever_its_terms_fit(B_scale, sigma):
+    """float32: ``tr B^2`` was formed before ``sigma`` scaled it, so ``B = 1e20 I`` at
+    ``sigma = 1e-15`` gave ``inf`` for 2e-20 and ``B = 1e-30 I`` at ``sigma = 1e20`` gave 0
+    for 2e20 (the squares outside float32's range); likewise ``||c||^2``. The oracle: the
+    same formula in float64."""
+    B = np.diag([B_scale, -0.5 * B_scale]).astype(np.float32)
+    c = np.array([B_scale, 2 * B_scale], np.float32)
+    a = np.float32(0.5 * B_scale)
+    got = ls.delta2_closed_form_terms(a, c, B, jnp.float32(sigma))
+    s, B64, c64, a64 = float(sigma), B.astype(float), c.astype(float), float(a)
+    want = (a64 ** 2, s**2 * (a64 * np.trace(B64) + c64 @ c64),
+            s**4 * (2 * np.sum(B64 * B64) + np.trace(B64) ** 2) / 4)
+    for g, w_ in zip(got, want, strict=True):
+        if abs(w_) > 1e-36 and abs(w_) < 1e37:  # (in float32's normal range)
+            np.testing.assert_allclose(float(g), w_, rtol=1e-5)

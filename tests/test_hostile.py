@@ -1053,3 +1053,101 @@ def test_a_vector_or_basis_of_another_structure_is_told_which_leaves_differ():
             "Leaves only in params: ['b']; only in eigenvectors: none.")):
         landscape.increment_coefficients(lambda q, d: jnp.mean(d) * jnp.sum(q["w"] ** 2), p,
                                          jnp.ones(5), 2, {"w": jnp.ones((1, 3))})
+
+
+# ------------------------------------------ entry points that checked less than their peers
+
+
+def test_block_eigsh_names_the_leaf_a_product_drops():
+    """A product that drops a leaf failed with an IndexError (one block of every leaf) or
+    a message about the shapes of leaves by flat index (one block per leaf)."""
+    A = jnp.diag(jnp.arange(1.0, 6.0))
+    params = {"w": jnp.ones(5), "b": jnp.ones(3)}
+    for blocks in ("all", None):
+        with pytest.raises(ValueError, match=re.escape(
+                "Leaves only in v: ['b']; only in matvec(v): none.")):
+            curvlib.block_eigsh(lambda v: {"w": A @ v["w"]}, params, 2,
+                                key=jax.random.PRNGKey(0), blocks=blocks)
+
+
+def test_streamed_entry_points_check_key_and_params_as_their_in_memory_peers():
+    """``stream_mean(key=1)`` failed inside JAX's PRNG, integer params inside ``jax.grad``,
+    and empty params returned ``(value, {})``: `gradient` and `stream_matvec` refuse all
+    three with the argument's name."""
+    batches = [np.array([[1.0, 0.0], [0.0, 2.0]]), np.ones((1, 2))]
+    loss = lambda w, b: jnp.mean((b @ w) ** 2)
+    with pytest.raises(ValueError, match="`key` must be a PRNG key"):
+        curvlib.stream_mean(lambda b: b.mean(), [np.ones(3)], key=1)
+    with pytest.raises(TypeError, match=r"`params` must be a real floating array; got dtype "
+                                        r"int"):
+        curvlib.stream_gradient(loss, jnp.ones(2, int), batches)
+    with pytest.raises(ValueError, match="`params` must hold at least one floating array"):
+        curvlib.stream_gradient(lambda p, b: jnp.mean(b), {}, batches)
+    value, grad = curvlib.stream_gradient(loss, jnp.ones(2), batches)  # (still answers)
+    x = np.concatenate(batches)
+    np.testing.assert_allclose(grad, 2 * x.T @ (x @ np.ones(2)) / 3, rtol=1e-12)
+    np.testing.assert_allclose(value, np.mean((x @ np.ones(2)) ** 2), rtol=1e-12)
+
+
+def test_find_layers_checks_params_as_kfac_curvature_does():
+    from curvlib.kronecker import find_layers
+
+    model = lambda p, x: x @ p["w"]
+    with pytest.raises(TypeError, match=re.escape("`params['w']` must be a real floating")):
+        find_layers(model, {"w": jnp.zeros((3, 2), int)}, jnp.ones((4, 3)))
+    with pytest.raises(ValueError, match="`params` must hold at least one floating array"):
+        find_layers(model, {}, jnp.ones((4, 3)))
+
+
+@pytest.mark.parametrize("momentum", [-1.0, 1.0, float("nan"), "0.9"])
+def test_kfac_refuses_a_momentum_outside_zero_one(momentum):
+    """``momentum=-1.0`` ran (loss 0.147 after three steps against 6e-10 without): every
+    other K-FAC range was checked."""
+    from curvlib.kronecker import kfac
+
+    with pytest.raises(ValueError, match="`momentum` must"):
+        kfac(1.0, model_fn=lambda p, x: x @ p["w"], example_inputs={"x": jnp.ones((4, 3))},
+             likelihood="gaussian", momentum=momentum)
+
+
+def test_k_curve_refuses_repeated_dims_as_it_refuses_repeated_ks():
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 4))
+    loss = lambda w, b: 0.5 * jnp.mean((b[0] @ w - b[1]) ** 2)
+    with pytest.raises(ValueError, match=re.escape(
+            "`dims` must be distinct subspace dimensions; got [2, 1, 1].")):
+        landscape.k_curve(loss, jnp.ones(4), (x, x[:, 0]), [2], dims=[2, 1, 1], sigmas=[0.1],
+                          key=jax.random.PRNGKey(1))
+
+
+def test_empirical_fisher_refuses_a_batch_loss_as_every_loss_taking_entry_point():
+    """It raised a plain TypeError (``except ValueError`` missed it) telling a function called
+    on one example to "reduce it over the batch"."""
+    with pytest.raises(ValueError) as err:  # (an ArgumentError: a TypeError too)
+        curvlib.empirical_fisher_matvec(lambda p, b: (b * p) ** 2, jnp.ones(5),
+                                        jnp.ones((3, 5)))
+    assert isinstance(err.value, TypeError)
+    msg = str(err.value)
+    assert msg.startswith("`per_example_loss` must return a scalar loss (shape ()); it "
+                          "returned shape (5,).")
+    assert "called on ONE example" in msg and "reduce it over the batch" not in msg
+
+
+def test_eigsh_warns_where_a_basis_of_k_plus_2_leaves_verification_no_room():
+    """At ``basis_size = k + 2 < dim`` with verification the call spends its budget with
+    ``converged=False`` (documented); the user now hears it at the call, before the wait."""
+    M = jax.random.normal(jax.random.PRNGKey(1), (30, 30))
+    M = M @ M.T
+    with pytest.warns(UserWarning, match=r"`basis_size` = k \+ 2 = 5 leaves no room"):
+        r = curvlib.eigsh(lambda v: M @ v, jnp.ones(30), 3, basis_size=5, max_matvecs=60)
+    assert not bool(r.converged)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for kw in ({"basis_size": 5, "verify": False}, {"basis_size": 6}):
+            r = curvlib.eigsh(lambda v: M @ v, jnp.ones(30), 3, **kw)
+            assert bool(r.converged), kw
+            np.testing.assert_allclose(r.eigenvalues, np.linalg.eigvalsh(M)[::-1][:3],
+                                       rtol=1e-6)
+        # a basis spanning the whole space is exact: no warning
+        curvlib.eigsh(lambda v: M[:5, :5] @ v, jnp.ones(5), 3, basis_size=5)

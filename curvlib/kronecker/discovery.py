@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from curvlib import _compile, _tree
+from curvlib import _compile, _tree, _validate
 from curvlib.kronecker import _program
 
 PyTree = Any
@@ -356,6 +356,8 @@ def find_layers(model_fn: Callable, params: PyTree, *args) -> KfacLayers:
     Raises:
       ValueError: for arguments without a shared leading axis, or a model whose
         output does not keep the example axis.
+      ArgumentError: (a ``ValueError`` and a ``TypeError``) for ``params`` that hold no
+        array or a leaf that is not real floating (as `kfac_curvature`).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -371,6 +373,7 @@ def find_layers(model_fn: Callable, params: PyTree, *args) -> KfacLayers:
       >>> [(f.path, f.reason) for f in found.diagonal]
       [("['scale']", 'enters `mul`')]
     """
+    _validate.float_leaves(params, "params")
     return _find_layers(model_fn, params, args)
 
 

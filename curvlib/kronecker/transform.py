@@ -655,8 +655,14 @@ def _settings(model_fn, example_inputs, likelihood, learning_rate, momentum, dam
     _loss.check_named_inputs(model_fn, "model_fn", example_inputs, "example_inputs")
     if momentum is None:
         momentum = "adaptive" if learning_rate is None else 0.0
-    if isinstance(momentum, str) and momentum != "adaptive":
-        raise ValueError(f"`momentum` must be 'adaptive', a float or None; got {momentum!r}.")
+    if isinstance(momentum, str):
+        if momentum != "adaptive":
+            raise ValueError(
+                f"`momentum` must be 'adaptive', a float in [0, 1) or None; got {momentum!r}.")
+    else:  # (a traced value, from inject_hyperparams, passes unchecked)
+        _validate.number(momentum, "momentum", scalar=True)
+        if not isinstance(momentum, jax.core.Tracer) and not 0 <= float(np.asarray(momentum)) < 1:
+            raise ValueError(f"`momentum` must lie in [0, 1); got {momentum}.")
     if norm_constraint is not None:
         _validate.number(norm_constraint, "norm_constraint", minimum=0, exclusive=True,
                          finite=False)
@@ -725,7 +731,7 @@ def scale_by_kfac(
       likelihood: ``"categorical"``, ``"gaussian"`` or ``"bernoulli"``.
       learning_rate: ``None`` for the step length from the quadratic model
         (Martens & Grosse, section 7), else a scalar or schedule.
-      momentum: ``"adaptive"`` (from the quadratic model), a float, or ``None``:
+      momentum: ``"adaptive"`` (from the quadratic model), a float in ``[0, 1)``, or ``None``:
         adaptive when ``learning_rate`` is ``None``, else ``0``.
       damping: initial ``lambda > 0`` (traceable: a new value injected with
         ``optax.inject_hyperparams`` takes effect at the next step, restarting the
@@ -1261,8 +1267,8 @@ def kfac(
         ``model_fn``'s signature uses (arrays or ``jax.ShapeDtypeStruct``; any batch size):
         ``init`` traces the model on them to size the factors.
       likelihood: ``"categorical"``, ``"gaussian"`` or ``"bernoulli"``.
-      momentum: ``"adaptive"`` (from the quadratic model), a float, or ``None``: adaptive
-        when ``learning_rate`` is ``None``, else ``0``.
+      momentum: ``"adaptive"`` (from the quadratic model), a float in ``[0, 1)``, or
+        ``None``: adaptive when ``learning_rate`` is ``None``, else ``0``.
       damping: initial ``lambda > 0`` (traceable: a new value injected with
         ``optax.inject_hyperparams`` takes effect at the next step, restarting the
         adaptation from it and refreshing the preconditioner).

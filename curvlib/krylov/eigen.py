@@ -739,7 +739,8 @@ def eigsh(
         products at most). Verification wants ``m >= k + 3``: at ``k + 2`` a
         restart cannot keep a fresh chain's best vector beside the wanted ones, the
         probability bound starts over at each restart, and the call can spend its
-        budget with ``converged=False`` while the residuals meet ``rtol``.
+        budget with ``converged=False`` while the residuals meet ``rtol`` (a
+        ``UserWarning`` says so when ``k + 2 < dim``).
         (``num_matvecs`` is its deprecated name.)
       max_matvecs: product budget; default ``100 m``. May be traced.
       max_restarts: cap on thick restarts; default 1000. May be traced.
@@ -823,6 +824,12 @@ def _configure(matvec, v0, k, which, solver: solvers.Eigsh):
     else:
         m = _validate.static_int(basis_size, "basis_size", minimum=min(k + 2, n), maximum=n,
                                  what=f"k + 2 <= basis_size <= dim (or = dim), k={k}, dim={n}")
+    if solver.verify and m == k + 2 < n:
+        _deprecation.warn_user(
+            f"eigsh: `basis_size` = k + 2 = {m} leaves no room for verification (a fresh chain "
+            "beside the k wanted vectors): the call will most likely spend its whole budget "
+            "with converged=False, the residuals met. Pass basis_size >= k + 3, or "
+            "verify=False to certify the residuals only.")
     keep = k + (m - k) // 2 if num_keep is None else _validate.static_int(
         num_keep, "num_keep", minimum=k, maximum=m - 2, what="k <= num_keep < basis_size - 1")
     keep = min(keep, m - 2)

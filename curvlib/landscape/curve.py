@@ -70,8 +70,10 @@ class KCurve(NamedTuple):
         ``lambda_D`` ties ``lambda_{D+1}`` within the certificate or is
         numerically zero (``D`` beyond the rank of ``H^(k)``). There ``Delta_2^(D)``
         and the principal angles depend on the basis the eigensolver returned,
-        not on ``H^(k)`` alone (see docs/landscape.md). ``None`` for a curve built
-        by hand.
+        not on ``H^(k)`` alone (see docs/landscape.md). For the largest ``D`` a tie
+        with ``lambda_{D+1}``, which is not computed, is not detected: ask for one
+        more dimension (``dims=[..., D, D + 1]``) to test it. ``None`` for a curve
+        built by hand.
       timings: stage -> ``(K,)`` seconds (``subspace``, ``coefficients``,
         ``closed_form``, ``direct_mc``, ``full_mc``); the largest ``k`` (the curve runs
         from it down) includes the compilation of each stage's program (one for the whole
@@ -224,6 +226,8 @@ def plan_curve(data: PyTree, ks: Sequence[int], dims: Sequence[int], sigmas,
                           and d >= 1 for d in dims):
         raise ValueError(f"`dims` must be positive ints (nested subspace dimensions); got {dims}.")
     dims = [int(d) for d in dims]
+    if len(set(dims)) < len(dims):  # (as `ks`: a repeated D is the same column twice)
+        raise ValueError(f"`dims` must be distinct subspace dimensions; got {dims}.")
     sig = np.atleast_1d(np.asarray(_validate.number(
         sigmas, "sigmas", minimum=0, exclusive=True, grid=True, what=_common.SIGMA)))
     for name in ("num_samples", "full_samples"):
@@ -269,7 +273,9 @@ def curve_point(loss_fn, params, plan: _Plan, k: int, key) -> tuple[dict, dict]:
                   unique=s["unique"], num_matvecs=s["num_matvecs"])
     if c.num_samples:
         t0 = time.perf_counter()
-        if s["finite"]:
+        # (the subspace at k: a non-finite one at k + 1, an optional diagnostic, leaves the
+        # direct estimate in the subspace at k as valid as the closed form)
+        if bool(s["sub"].finite):
             values["direct_mean"], values["direct_stderr"] = direct_mc_step(
                 loss_fn, params, plan, k, U, k_mc)
         else:  # no subspace to sample in: NaN, a failed stage (its zeroed basis gave the
@@ -384,7 +390,7 @@ def k_curve(
         model trained online on the first ``k`` samples).
       data: ordered samples.
       ks: sample counts, each ``1 <= k < n``.
-      dims: nested subspace dimensions; ``max(dims) < N``.
+      dims: distinct nested subspace dimensions; ``max(dims) < N``.
       sigmas: probe scales (> 0).
       key: PRNG key (folded with ``k`` per step).
       config: a [`KCurveConfig`][curvlib.landscape.KCurveConfig]; default ``KCurveConfig()``.

@@ -69,15 +69,26 @@ def closed_form_total(constant, sigma2, sigma4, xp=jnp):
 # ------------------------------------------------------------ closed form
 
 
+def _scale(x):
+    """The largest magnitude of ``x``, or 1 where it is 0 or not finite (a divisor)."""
+    m = xp.max(xp.abs(x))
+    return xp.where((m > 0) & xp.isfinite(m), m, 1.0).astype(m.dtype)
+
+
 def _terms(a, c, B, sigma):
     B = 0.5 * (B + B.T)  # the quadratic form's matrix: only its symmetric part counts
     trB = xp.trace(B)
-    trB2 = xp.sum(B * B)  # tr(B B) without forming the product
     constant = xp.broadcast_to(a * a, sigma.shape)
-    # sigma times (sigma times the coefficient): sigma^2 and sigma^4 alone overflow where
-    # the terms fit (float32, sigma = 1e12, tr B^2 = 1e-30: sigma^4 is 1e48, the term 7.5e17)
-    sigma2 = sigma * (sigma * (a * trB + xp.dot(c, c)))
-    sigma4 = (sigma * (sigma * xp.sqrt((2.0 * trB2 + trB * trB) / 4.0))) ** 2
+    # Each product is formed with sigma already in it, and the squares of B and c of their
+    # entries over the largest (sqrt(2 tr B^2 + (tr B)^2) is of degree one in B): a square,
+    # or sigma^2 and sigma^4, alone overflow or underflow where the terms fit (float32:
+    # sigma = 1e12, tr B^2 = 1e-30: sigma^4 is 1e48, the term 7.5e17; B = 1e20 I and
+    # sigma = 1e-15: tr B^2 is 2e40, the term 2e-20; B = 1e-30 I, sigma = 1e20: tr B^2 is 0)
+    sb, sc = _scale(B), _scale(c)
+    Bn, cn = B / sb, c / sc
+    sigma2 = (sigma * a) * (sigma * trB) + (sigma * sc) ** 2 * xp.dot(cn, cn)
+    root = sb * xp.sqrt((2.0 * xp.sum(Bn * Bn) + xp.trace(Bn) ** 2) / 4.0)
+    sigma4 = (sigma * (sigma * root)) ** 2
     return ClosedFormTerms(constant, sigma2, sigma4)
 
 

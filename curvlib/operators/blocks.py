@@ -251,18 +251,26 @@ def _group_product(matvec, treedef, specs, slots):
             for j, s in enumerate(slots[0]):
                 full[s] = vals[j].astype(specs[s][1])
             full = [x if x is not None else _zeros(sp) for x, sp in zip(full, specs, strict=True)]
-            out = jax.tree.leaves(matvec(jax.tree.unflatten(treedef, full)))
+            out = _product_leaves(matvec, jax.tree.unflatten(treedef, full))
             return tuple(out[s] for s in slots[0])
         for b in range(G):
             for j, s in enumerate(slots[b]):
                 full[s] = jnp.where(g == b, vals[j], 0).astype(specs[s][1])
         full = [x if x is not None else _zeros(sp) for x, sp in zip(full, specs, strict=True)]
-        out = jax.tree.leaves(matvec(jax.tree.unflatten(treedef, full)))
+        out = _product_leaves(matvec, jax.tree.unflatten(treedef, full))
         return tuple(
             jnp.stack([out[slots[b][j]] for b in range(G)])[g] for j in range(len(slots[0]))
         )
 
     return product
+
+
+def _product_leaves(matvec, v):
+    """The leaves of ``matvec(v)``, checked (at its trace) to be shaped like ``v``'s: a
+    product that drops or adds a leaf is named by its path (it indexed the wrong leaves)."""
+    out = matvec(v)
+    _validate.same_structure(v, out, "v", "matvec(v)", floating=True)
+    return jax.tree.leaves(out)
 
 
 _EIGSH_RENAMES = {"tol": "rtol", "num_matvecs": "basis_size"}

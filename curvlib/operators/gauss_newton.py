@@ -603,16 +603,13 @@ def empirical_fisher_matvec(
     _validate.float_leaves(params, "params")
     batch_size(batch, "batch")
     example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], x.dtype), batch)
-    try:
-        _validate.output(jax.eval_shape(per_example_loss, params, example),
-                         "per_example_loss", has_aux=has_aux)
-    except TypeError as e:
-        raise TypeError(
-            f"{e} `per_example_loss` is called on ONE example (the leaves of `batch` without "
+    _validate.output(
+        jax.eval_shape(per_example_loss, params, example), "per_example_loss",
+        has_aux=has_aux, advice=(
+            "`per_example_loss` is called on ONE example (the leaves of `batch` without "
             "their leading axis) and vmapped over the batch; a function that maps a whole "
             "batch to its vector of losses can be wrapped as "
-            "`lambda p, ex: f(p, jax.tree.map(lambda a: a[None], ex))[0]`."
-        ) from None
+            "`lambda p, ex: f(p, jax.tree.map(lambda a: a[None], ex))[0]`."))
     losses = _per_example_losses(C.drop_aux(per_example_loss, has_aux))
     mode = _validate.mode(mode, gauss_newton=True, microbatch_size=microbatch_size)
     if mode == "linearize":

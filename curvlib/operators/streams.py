@@ -580,7 +580,7 @@ def stream_mean(fn: Callable, batches, *args, key=None, sharding=None,
     Raises:
       TypeError: for a one-shot iterator (a product needs a fresh pass), a
         dict or an array as ``batches`` (or returned by it), or traced ``args``.
-      ValueError: for an empty stream, an empty batch, batches of differing
+      ValueError: for a ``key`` that is not one PRNG key, an empty stream, an empty batch, batches of differing
         structures or leaves without a shared leading axis (named by batch and path);
         with ``process_local``, for a missing ``sharding``, streams of different
         lengths across processes, or parts of a batch whose leaves differ across
@@ -595,6 +595,7 @@ def stream_mean(fn: Callable, batches, *args, key=None, sharding=None,
       3.5
     """
     _validate.concrete(args, "args")
+    _validate.prng_key(key, optional=True)  # (as stream_matvec: before the first batch)
     per_call = _validate.static_int(batches_per_call, "batches_per_call", minimum=1)
     local = _check_process_local(process_local, sharding)
     acc, total, _, out_shape = _stream_sum(fn, "mean", batches, args, key=key,
@@ -821,6 +822,8 @@ def stream_gradient(fun: Callable, params: PyTree, batches, *, has_aux: bool = F
       TypeError: for a one-shot iterator, a dict or an array as ``batches``, or
         traced ``params``.
       ValueError: for an empty stream or malformed batches.
+      ArgumentError: (a ``ValueError`` and a ``TypeError``) for ``params`` that hold no
+        array or a leaf that is not real floating.
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np
@@ -832,6 +835,7 @@ def stream_gradient(fun: Callable, params: PyTree, batches, *, has_aux: bool = F
       (3.0, -2.0)
     """
     _validate.one_of(has_aux, "has_aux", (True, False))
+    _validate.float_leaves(params, "params")  # (as `gradient`: no empty or integer params)
     _validate.concrete(params, "params")
     kind = "value_and_grad_aux" if has_aux else "value_and_grad"
     per_call = _validate.static_int(batches_per_call, "batches_per_call", minimum=1)
