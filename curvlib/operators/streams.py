@@ -580,8 +580,9 @@ def stream_mean(fn: Callable, batches, *args, key=None, sharding=None,
     Raises:
       TypeError: for a one-shot iterator (a product needs a fresh pass), a
         dict or an array as ``batches`` (or returned by it), or traced ``args``.
-      ValueError: for a ``key`` that is not one PRNG key, an empty stream, an empty batch, batches of differing
-        structures or leaves without a shared leading axis (named by batch and path);
+      ValueError: for a ``key`` that is not one PRNG key, an empty stream, an empty
+        batch, batches of differing structures or leaves without a shared leading axis
+        (named by batch and path);
         with ``process_local``, for a missing ``sharding``, streams of different
         lengths across processes, or parts of a batch whose leaves differ across
         processes past the sample axis or in dtype.
