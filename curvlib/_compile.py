@@ -1361,8 +1361,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None, *,
     # (one number: an array passed here, then failed in ``float`` after the folder was set)
     _validate.number(min_compile_time_secs, "min_compile_time_secs", minimum=0, scalar=True)
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    try:  # writable? (os.access says yes to root on a read-only file system)
+    try:  # a folder, writable? (os.access says yes to root on a read-only file system)
+        os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:

@@ -1151,3 +1151,19 @@ def test_eigsh_warns_where_a_basis_of_k_plus_2_leaves_verification_no_room():
                                        rtol=1e-6)
         # a basis spanning the whole space is exact: no warning
         curvlib.eigsh(lambda v: M[:5, :5] @ v, jnp.ones(5), 3, basis_size=5)
+
+
+def test_report_helpers_and_small_utilities_name_what_they_were_given(tmp_path):
+    """``curve_table(3)`` and ``curve_to_dict({})`` failed with an AttributeError, an integer
+    ``dtype`` of `subspace_normals` inside JAX's sampler, and a file as the cache folder with
+    a bare FileExistsError."""
+    for f in (landscape.curve_table, landscape.curve_to_dict, landscape.curve_slopes):
+        with pytest.raises(TypeError, match=r"`curve` must be a KCurve \(what `k_curve` "
+                                            r"returns\); got int\."):
+            f(3)
+    with pytest.raises(ValueError, match="`dtype` must be a real floating dtype; got int32"):
+        landscape.subspace_normals(jax.random.PRNGKey(0), 4, 2, dtype=jnp.int32)
+    file = tmp_path / "a_file"
+    file.write_text("")
+    with pytest.raises(OSError, match="`path` must be a folder curvlib can write"):
+        curvlib.enable_compilation_cache(file)

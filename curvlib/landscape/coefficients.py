@@ -411,7 +411,9 @@ def increment_coefficients(
       data: ordered samples (pytree, leading axis = sample order).
       num_examples: ``k``, the number of examples averaged in ``L_k`` (the paper's sample count),
         ``1 <= k < n``.
-      eigenvectors: basis pytree shaped like ``params`` with a leading axis ``D``.
+      eigenvectors: orthonormal basis pytree shaped like ``params`` with a leading
+        axis ``D`` (orthonormality is checked in an eager call; under ``jit`` the basis
+        is taken as given, and a scaled one scales ``c`` and ``B``).
         Any ``D`` (up to ``N``) is accepted here; for nested subspaces compute
         once at ``Dmax`` and use
         [`IncrementCoefficients.prefix`][curvlib.landscape.IncrementCoefficients.prefix].

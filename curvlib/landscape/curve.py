@@ -477,12 +477,23 @@ def fit_slope(ks, values) -> tuple[float, float]:
     return float(slope), float(intercept)
 
 
+def check_curve(curve) -> KCurve:
+    """``curve`` if it is a `KCurve`, else a ``TypeError`` naming it (the report functions
+    read its fields: an int or a dict failed with an ``AttributeError``)."""
+    if not isinstance(curve, KCurve):
+        raise TypeError("`curve` must be a KCurve (what `k_curve` returns); got "
+                        f"{type(curve).__name__}.")
+    return curve
+
+
 def sigma_index(curve: KCurve, sigma) -> int:
     """Index of the grid value nearest ``sigma`` (log scale); 0 for ``None``.
 
     Raises:
+      TypeError: unless ``curve`` is a `KCurve`.
       ValueError: unless ``sigma`` is ``None`` or a finite number ``> 0``.
     """
+    check_curve(curve)
     if sigma is None:
         return 0
     _validate.number(sigma, "sigma", minimum=0, exclusive=True, scalar=True)

@@ -301,6 +301,7 @@ def subspace_normals(key: jax.Array, num_samples: int, dim: int, dtype=jnp.float
     """
     _validate.prng_key(key)
     num_samples = _validate.static_int(num_samples, "num_samples", minimum=1)
+    dtype = _validate.float_dtype(dtype, "dtype")
     return _normals(key, num_samples, _validate.static_int(dim, "dim", minimum=1), dtype)
 
 

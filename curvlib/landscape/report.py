@@ -12,7 +12,7 @@ import textwrap
 
 import numpy as np
 
-from curvlib.landscape.curve import KCurve, curve_slopes, fit_slope, sigma_index
+from curvlib.landscape.curve import KCurve, check_curve, curve_slopes, fit_slope, sigma_index
 
 
 def curve_to_dict(curve: KCurve) -> dict:
@@ -42,6 +42,8 @@ def curve_to_dict(curve: KCurve) -> dict:
       >>> round(d["slopes"]["sigma=0.001"]["delta1"], 6)
       -1.0
     """
+    check_curve(curve)
+
     def conv(x):
         if x is None:
             return None

@@ -374,7 +374,9 @@ def principal_angles(U: PyTree, V: PyTree) -> jax.Array:
     ``O(q^2 N)`` for the QR; memory ``q`` parameter-sized vectors.
 
     Args:
-      U: orthonormal basis, leading axis ``p``.
+      U: orthonormal basis, leading axis ``p`` (checked in an eager call; under ``jit``
+        both bases are taken as given, and a basis that is not orthonormal gives
+        angles with no meaning: ``2 I`` against ``I`` are pi/4 apart).
       V: orthonormal basis of the same structure, leading axis ``q``.
 
     Returns:
