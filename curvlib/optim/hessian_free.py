@@ -31,8 +31,9 @@ chain). The Hessian-free ingredients of Martens (2010):
   is then also raised at least to the curvature scale of the rejected
   direction, $|p^\top C p| / \|p\|^2$, which roughly halves the next
   step whatever ``lambda`` was. A step the parameters cannot take (below their
-  precision: ``theta - p == theta``) keeps ``lambda``: more damping would only shrink
-  the next step further below it.
+  precision: ``theta - p == theta``) lowers ``lambda`` by ``damping_decrease``: more
+  damping would only shrink the next step further below it, and a longer one moves
+  them (a rejected step then raises ``lambda`` back in O(1) steps).
 * **CG warm start** from ``warm_start_decay`` times the previous solution.
 * **CG step cap** (``cg.max_steps``) and **relative-residual tolerance**
   ``||r|| <= eta ||g||`` with the superlinear forcing
