@@ -826,10 +826,10 @@ def _configure(matvec, v0, k, which, solver: solvers.Eigsh):
                                  what=f"k + 2 <= basis_size <= dim (or = dim), k={k}, dim={n}")
     if solver.verify and m == k + 2 < n:
         _deprecation.warn_user(
-            f"eigsh: `basis_size` = k + 2 = {m} leaves no room for verification (a fresh chain "
-            "beside the k wanted vectors): the call will most likely spend its whole budget "
-            "with converged=False, the residuals met. Pass basis_size >= k + 3, or "
-            "verify=False to certify the residuals only.")
+            f"eigsh: `basis_size` = {m}, two more than the {k} wanted eigenpairs, leaves no "
+            "room for verification (a fresh chain beside the wanted vectors): the call will "
+            "most likely spend its whole budget with converged=False, the residuals met. Pass "
+            f"basis_size >= {k + 3}, or verify=False to certify the residuals only.")
     keep = k + (m - k) // 2 if num_keep is None else _validate.static_int(
         num_keep, "num_keep", minimum=k, maximum=m - 2, what="k <= num_keep < basis_size - 1")
     keep = min(keep, m - 2)
