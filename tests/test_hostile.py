@@ -1137,7 +1137,8 @@ def test_eigsh_warns_where_a_basis_of_k_plus_2_leaves_verification_no_room():
     ``converged=False`` (documented); the user now hears it at the call, before the wait."""
     M = jax.random.normal(jax.random.PRNGKey(1), (30, 30))
     M = M @ M.T
-    with pytest.warns(UserWarning, match=r"`basis_size` = 5, two more than the 3 wanted eigenpairs, leaves no room"):
+    with pytest.warns(UserWarning, match=r"`basis_size` = 5, two more than the 3 wanted "
+                                         r"eigenpairs, leaves no room"):
         r = curvlib.eigsh(lambda v: M @ v, jnp.ones(30), 3, basis_size=5, max_matvecs=60)
     assert not bool(r.converged)
     import warnings
