@@ -1168,3 +1168,41 @@ def test_report_helpers_and_small_utilities_name_what_they_were_given(tmp_path):
     file.write_text("")
     with pytest.raises(OSError, match="`path` must be a folder curvlib can write"):
         curvlib.enable_compilation_cache(file)
+
+
+def test_explicit_mesh_monte_carlo_fisher_and_kfacs_refusal():
+    """On a mesh of Explicit axes (one device suffices for the types), the Gaussian
+    Monte-Carlo Fisher failed in its transposed product ("cotangent type does not match":
+    its noise was drawn unsplit beside split outputs); now it equals the unplaced product
+    (the same draws). K-FAC, which places its factors for Auto meshes only (docs/kfac.md),
+    initialised silently and failed at the first update deep inside JAX; now ``init``
+    names the leaf and the mesh."""
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(16, 5)))
+    W = {"w": jnp.asarray(rng.normal(size=(5, 3)))}
+    v = {"w": jnp.asarray(rng.normal(size=(5, 3)))}
+    key = jax.random.key(5)
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Explicit,))
+    models = (("gaussian", lambda p, x: x @ p["w"][:, 0]), ("gaussian", lambda p, x: x @ p["w"]),
+              ("categorical", lambda p, x: x @ p["w"]))
+    for likelihood, model in models:
+        want = curvlib.fisher_matvec(model, W, x, likelihood=likelihood, key=key,
+                                     num_samples=3)(v)
+        with jax.set_mesh(mesh):
+            rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+            got = curvlib.fisher_matvec(model, jax.device_put(W, rep), jax.device_put(x, split),
+                                        likelihood=likelihood, key=key,
+                                        num_samples=3)(jax.device_put(v, rep))
+        np.testing.assert_allclose(got["w"], want["w"], rtol=1e-12, atol=1e-14)
+    opt = curvlib.kfac(0.1, model_fn=lambda p, x: x @ p["w"], likelihood="categorical",
+                       example_inputs={"x": x})
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=re.escape(
+            "scale_by_kfac.init: `params['w']` lives on a mesh with Explicit axes")):
+        opt.init(jax.device_put(W, NamedSharding(mesh, P())))
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=re.escape(
+            "kfac_curvature: `args[0]` lives on a mesh with Explicit axes")):
+        curvlib.kronecker.kfac_curvature(lambda p, x: x @ p["w"], W,
+                                         jax.device_put(x, NamedSharding(mesh, P("data"))))

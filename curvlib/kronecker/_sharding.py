@@ -22,6 +22,27 @@ from curvlib import _tree
 from curvlib.kronecker.discovery import KfacLayers, apply_chain
 
 
+def refuse_explicit(trees: dict, caller: str) -> None:
+    """A ``ValueError`` naming the first leaf that lives on a mesh with ``Explicit`` axes.
+
+    K-FAC's factors are placed for ``Auto`` meshes only: on an ``Explicit`` one the
+    statistics' concatenations of sharded and unsharded arrays failed deep inside JAX
+    (``ShardingTypeError`` at the first ``update``, after a silent ``init``). ``trees``
+    maps argument names to pytrees; works on tracers and arrays alike.
+    """
+    for name, tree in trees.items():
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if isinstance(leaf, jax.ShapeDtypeStruct):  # (an example's shape: no placement)
+                continue
+            s = _tree.explicit_sharding(leaf)
+            if s is not None:
+                raise ValueError(
+                    f"{caller}: `{name}{jax.tree_util.keystr(path)}` lives on a mesh with "
+                    f"Explicit axes ({s.spec}); K-FAC supports meshes of Auto axes only "
+                    "(`jax.make_mesh(..., axis_types=(AxisType.Auto, ...))`, docs/kfac.md, "
+                    "'Sharding').")
+
+
 def param_shardings(params):
     """The parameters' ``NamedSharding``s on one multi-device Auto mesh, replicated ones too."""
     return _tree.param_shardings(params, replicated=True)

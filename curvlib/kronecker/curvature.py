@@ -826,6 +826,7 @@ def kfac_curvature(
     _validate.prng_key(key, optional=True)  # None: the exact Fisher
     num_samples = check_options(likelihood, convention, num_samples, variance, key)
     variance = 1.0 if variance is None else variance  # (as fisher_matvec's None)
+    _sharding.refuse_explicit({"params": params, "args": args}, "kfac_curvature")
     layers = _find_layers(model_fn, params, args)
     if layers.num_examples == 0:  # (the factors' means over no examples are 0 / 0)
         raise ValueError("`args` must hold at least one example; got a batch of 0 examples.")

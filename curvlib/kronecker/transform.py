@@ -1031,6 +1031,9 @@ def _layers_for(model_fn, params, extra_args, checked: bool = False, caller: str
             caller="update(grads, state, params, {})" if caller == "update" else
             "opt.value_and_grad(loss_fn)(params, state, {})")
     kw = _loss.kwargs_for(model_fn, extra_args)
+    _sharding.refuse_explicit({"params": params, **kw}, "scale_by_kfac.init" if checked
+                              else "value_and_grad" if caller == "value_and_grad"
+                              else "scale_by_kfac.update")
     try:
         return _find_layers(lambda p, kw: model_fn(p, **kw), params, (kw,)), kw
     except ValueError as e:

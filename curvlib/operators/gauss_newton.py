@@ -35,6 +35,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 from jax.tree_util import Partial
 
 from curvlib import _tree, _validate
@@ -505,10 +507,20 @@ def _draw_noise(likelihood, key, S, out_shape):
     """
     shape = out_shape.shape
     wide = _wide(out_shape.dtype)
+    # on a mesh of Explicit axes the draws are typed split as the outputs' example axes (an
+    # unsplit draw met split outputs in the transposed product: a cotangent type error)
+    s = getattr(out_shape, "sharding", None)  # (of `jax.eval_shape`'s outputs)
+    mesh = getattr(s, "mesh", None)
+    explicit = mesh is not None and not mesh.empty and AxisType.Explicit in mesh.axis_types
+    spec = tuple(s.spec) + (None,) * (len(shape) - len(s.spec)) if explicit else None
     if likelihood == "categorical":
-        return jax.random.uniform(key, shape[:-1] + (S,), wide)
+        out = None if spec is None else P(*spec[:-1], None)
+        return jax.random.uniform(key, shape[:-1] + (S,), wide, out_sharding=out)
     event = shape if len(shape) > 1 else shape + (1,)
-    return jax.random.normal(key, event[:-1] + (S,) + event[-1:], wide)
+    if spec is not None and len(shape) == 1:
+        spec = spec + (None,)
+    out = None if spec is None else P(*spec[:-1], None, spec[-1])
+    return jax.random.normal(key, event[:-1] + (S,) + event[-1:], wide, out_sharding=out)
 
 
 # ------------------------------------------------------------ empirical Fisher
