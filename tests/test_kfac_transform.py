@@ -179,7 +179,8 @@ def test_invalid_settings_and_calls_raise_named_errors():
         scale_by_kfac(model, example_inputs=ex, inverse_every=0)
     with pytest.raises(ValueError, match="`inverse` must be one of"):
         scale_by_kfac(model, example_inputs=ex, inverse="cholesky")
-    with pytest.raises(ValueError, match="`momentum` must be 'adaptive', a float or None"):
+    with pytest.raises(ValueError,
+                       match=r"`momentum` must be 'adaptive', a float in \[0, 1\) or None"):
         scale_by_kfac(model, example_inputs=ex, momentum="nesterov")
     with pytest.raises(TypeError, match="`model_fn` must be callable; got 3"):
         scale_by_kfac(3, example_inputs=ex)  # (it was refused at `init`, as "no arrays")

@@ -490,10 +490,8 @@ def sigma_index(curve: KCurve, sigma) -> int:
     """Index of the grid value nearest ``sigma`` (log scale); 0 for ``None``.
 
     Raises:
-      TypeError: unless ``curve`` is a `KCurve`.
       ValueError: unless ``sigma`` is ``None`` or a finite number ``> 0``.
     """
-    check_curve(curve)
     if sigma is None:
         return 0
     _validate.number(sigma, "sigma", minimum=0, exclusive=True, scalar=True)
@@ -518,7 +516,7 @@ def curve_slopes(curve: KCurve, sigma=None) -> dict:
       >>> {k: round(v, 3) for k, v in curve_slopes(c).items() if np.isfinite(v)}
       {'delta1': -1.0, 'delta2_D1_closed_form': -2.0}
     """
-    s = sigma_index(curve, sigma)
+    s = sigma_index(check_curve(curve), sigma)
     out = {"delta1": fit_slope(curve.ks, curve.delta1)[0],
            "delta2_full": fit_slope(curve.ks, curve.full_mean[:, s])[0]}
     for j, d in enumerate(curve.dims):

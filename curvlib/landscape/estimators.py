@@ -86,7 +86,9 @@ def _terms(a, c, B, sigma):
     # sigma = 1e-15: tr B^2 is 2e40, the term 2e-20; B = 1e-30 I, sigma = 1e20: tr B^2 is 0)
     sb, sc = _scale(B), _scale(c)
     Bn, cn = B / sb, c / sc
-    sigma2 = (sigma * a) * (sigma * trB) + (sigma * sc) ** 2 * xp.dot(cn, cn)
+    # (an exact zero factor stays 0 beside a sigma^2 that overflows: no 0 * inf)
+    sigma2 = (xp.where((a == 0) | (trB == 0), 0.0, (sigma * a) * (sigma * trB))
+              + (sigma * sc) * ((sigma * sc) * xp.dot(cn, cn)))
     root = sb * xp.sqrt((2.0 * xp.sum(Bn * Bn) + xp.trace(Bn) ** 2) / 4.0)
     sigma4 = (sigma * (sigma * root)) ** 2
     return ClosedFormTerms(constant, sigma2, sigma4)

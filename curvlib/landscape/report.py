@@ -156,7 +156,7 @@ def curve_table(curve: KCurve, sigma=None) -> str:
            4  1.000e+00       5.73
       slopes: delta1 -1.00, delta2_D1_closed_form -2.00
     """
-    s = sigma_index(curve, sigma)
+    s = sigma_index(check_curve(curve), sigma)
     dims = list(curve.dims)
     head = [f"{'k':>6}", f"{'Delta1':>10}", f"{'Delta2full':>10}"]
     for d in dims:
